@@ -1,0 +1,184 @@
+"""Typed settings for every Ferryman node, read from ``FERRYMAN_*`` environment variables.
+
+One ``Settings`` struct holds every knob. Each field maps to the variable
+``FERRYMAN_<FIELD NAME IN CAPITALS>``; the same names (with or without the prefix,
+any case) may also be given in a TOML file named by ``FERRYMAN_CONFIG``. Precedence:
+command-line flag > environment > config file > default. ``VARIABLES`` documents each
+field and is the source of the README table (``ferryman config vars`` prints it).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Any
+
+import msgspec
+
+PREFIX = "FERRYMAN_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    # general
+    data_dir: str = ".ferryman"
+    log_level: str = "info"
+    log_format: str = "text"
+    metrics_addr: str = ""
+    # TLS identity
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # edge
+    edge_listen: str = "0.0.0.0:8443"
+    apps_file: str = ""
+    # connector / client
+    edges: str = "127.0.0.1:8443"
+    connector_tunnels: int = 2
+    connector_group: str = "default"
+    drain_grace: float = 30.0
+    dial_timeout: float = 10.0
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    open_timeout: float = 15.0
+    socks_listen: str = ""
+    # wire limits
+    max_frame: int = 262144
+    flow_window: int = 524288
+    max_flows: int = 16384
+    max_pending_opens: int = 1024
+    keepalive_interval: float = 10.0
+    handshake_timeout: float = 10.0
+    write_buffer_high: int = 1048576
+
+
+VARIABLES: dict[str, str] = {
+    "data_dir": "Directory for node state (certificates written by `ferryman pki init`, fabric files).",
+    "log_level": "Log level: debug, info, warning, error.",
+    "log_format": "`text` for humans, `json` for one JSON object per line.",
+    "metrics_addr": "HOST:PORT serving Prometheus `/metrics` and `/ready`; empty disables it.",
+    "tls_ca": "CA bundle (PEM) that peer certificates must chain to.",
+    "tls_cert": "This node's certificate (PEM).",
+    "tls_key": "This node's private key (PEM, mode 0600).",
+    "edge_listen": "Edge: HOST:PORT on which client and connector tunnels are accepted.",
+    "apps_file": "Edge: application file (JSON or TOML) mapping segments to connector groups.",
+    "edges": "Connector/client: comma-separated HOST:PORT list of edges to dial.",
+    "connector_tunnels": "Connector: outbound tunnels kept open (spread over the edges).",
+    "connector_group": "Connector: connector group this connector serves.",
+    "drain_grace": "Connector: seconds to let flows finish after GOAWAY on SIGTERM.",
+    "dial_timeout": "Connector: seconds to wait for a backend TCP connect.",
+    "reconnect_min": "Connector/client: first reconnect delay in seconds (doubles, with jitter).",
+    "reconnect_max": "Connector/client: ceiling of the reconnect delay in seconds.",
+    "open_timeout": "Client/edge: seconds to wait for OPEN_OK before failing a flow.",
+    "socks_listen": "Client: HOST:PORT for the SOCKS5 listener (localhost only); empty disables it.",
+    "max_frame": "Largest frame payload accepted or sent, bytes.",
+    "flow_window": "Initial per-flow credit window, bytes (per direction).",
+    "max_flows": "Most concurrent flows per tunnel; further OPENs are refused.",
+    "max_pending_opens": "Most OPENs awaiting an answer per tunnel; further OPENs are refused.",
+    "keepalive_interval": "Seconds between PINGs; a tunnel silent for 3 intervals is dead.",
+    "handshake_timeout": "Seconds allowed for the TLS handshake plus HELLO exchange.",
+    "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point).",
+}
+
+_LIMITS: dict[str, tuple[float, float]] = {
+    "connector_tunnels": (1, 64),
+    "max_frame": (1024, 16 * 1024 * 1024),
+    "flow_window": (16384, 1 << 30),
+    "max_flows": (1, 1 << 20),
+    "max_pending_opens": (1, 1 << 20),
+    "keepalive_interval": (0.05, 3600),
+    "handshake_timeout": (0.1, 600),
+    "write_buffer_high": (4096, 1 << 30),
+    "drain_grace": (0, 86400),
+    "dial_timeout": (0.01, 600),
+    "open_timeout": (0.01, 600),
+    "reconnect_min": (0.01, 3600),
+    "reconnect_max": (0.01, 86400),
+}
+
+
+def variable_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def _coerce(field: str, raw: Any, kind: type) -> Any:
+    name = variable_name(field)
+    try:
+        if kind is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            value: Any = int(raw)
+        elif kind is float:
+            value = float(raw)
+        else:
+            value = str(raw)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name}={raw!r}: expected {kind.__name__}") from None
+    if field in _LIMITS:
+        lo, hi = _LIMITS[field]
+        if not lo <= value <= hi:
+            raise SettingsError(f"{name}={raw!r}: must be between {lo:g} and {hi:g}")
+    if field == "log_format" and value not in ("text", "json"):
+        raise SettingsError(f"{name}={raw!r}: must be 'text' or 'json'")
+    if field == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
+        raise SettingsError(f"{name}={raw!r}: must be debug, info, warning or error")
+    return value
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise SettingsError(f"FERRYMAN_CONFIG={path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"FERRYMAN_CONFIG={path!r}: not valid TOML: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        field = key.lower()
+        if field.startswith(PREFIX.lower()):
+            field = field[len(PREFIX):]
+        if field not in VARIABLES:
+            raise SettingsError(f"FERRYMAN_CONFIG={path!r}: unknown setting {key!r}")
+        out[field] = value
+    return out
+
+
+def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Build Settings from defaults, config file, environment and explicit overrides."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_path = env.get("FERRYMAN_CONFIG")
+    if config_path:
+        values.update(_read_config_file(config_path))
+    known = {variable_name(f) for f in VARIABLES} | {"FERRYMAN_CONFIG"}
+    for key in env:
+        if key.startswith(PREFIX) and key not in known:
+            raise SettingsError(f"{key}: unknown Ferryman setting (see `ferryman config vars`)")
+    for field in VARIABLES:
+        raw = env.get(variable_name(field))
+        if raw is not None and raw != "":
+            values[field] = raw
+    for field, value in (overrides or {}).items():
+        if value is not None:
+            values[field] = value
+    types = {f.name: type(f.default) for f in msgspec.structs.fields(Settings)}
+    coerced = {f: _coerce(f, v, types[f]) for f, v in values.items()}
+    settings = Settings(**coerced)
+    if settings.reconnect_max < settings.reconnect_min:
+        raise SettingsError("FERRYMAN_RECONNECT_MAX must not be below FERRYMAN_RECONNECT_MIN")
+    return settings
+
+
+def markdown_table() -> str:
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    defaults = Settings()
+    for field, doc in VARIABLES.items():
+        default = getattr(defaults, field)
+        shown = f"`{default}`" if default != "" else "(empty)"
+        rows.append(f"| `{variable_name(field)}` | {shown} | {doc} |")
+    rows.append("| `FERRYMAN_CONFIG` | (empty) | TOML file with any of these settings (same names). |")
+    return "\n".join(rows)

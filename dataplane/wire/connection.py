@@ -1,0 +1,523 @@
+"""Sans-I/O tunnel state machine: bytes in → events out, method calls → bytes to send.
+
+``TunnelConnection`` owns one tunnel's protocol state: the preamble and HELLO exchange,
+the flows multiplexed on it (ids, open/half-closed states, per-flow credit in both
+directions) and every limit a peer could abuse (frame size, flows, pending OPENs,
+credit). It never touches sockets or clocks: the transport feeds it with
+``receive_data()`` and writes out ``data_to_send()``. A peer violation raises
+``ProtocolError``; the connection then queues a GOAWAY naming the reason (so the peer
+can log why) and refuses any further input. Misuse by the local node raises
+``FlowError`` with a code the node can turn into an OPEN_FAIL or a log line.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from . import events as ev
+from .frames import (
+    DECODERS,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_CONTROL_BODY,
+    MAX_FLOW_ID,
+    MAX_WINDOW,
+    PING_BODY,
+    PREAMBLE,
+    PREAMBLE_SIZE,
+    ROLES,
+    VERSION,
+    WINDOW_BODY,
+    FrameType,
+    GoAway,
+    Hello,
+    Open,
+    OpenFail,
+    OpenOk,
+    Rst,
+    encode_control,
+    encode_header,
+    encode_ping,
+    encode_preamble,
+    encode_window,
+)
+
+_DATA = FrameType.DATA
+_WINDOW = FrameType.WINDOW
+_FIN = FrameType.FIN
+_RST = FrameType.RST
+_OPEN = FrameType.OPEN
+_OPEN_OK = FrameType.OPEN_OK
+_OPEN_FAIL = FrameType.OPEN_FAIL
+_PING = FrameType.PING
+_PONG = FrameType.PONG
+_GOAWAY = FrameType.GOAWAY
+_HELLO = FrameType.HELLO
+_DATAGRAM = FrameType.DATAGRAM
+_FIXED_LENGTH = {_WINDOW: 4, _PING: 8, _PONG: 8, _FIN: 0}
+_unpack_header = HEADER.unpack_from
+_unpack_window = WINDOW_BODY.unpack_from
+_unpack_ping = PING_BODY.unpack_from
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the tunnel must be closed. ``code`` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class FlowError(Exception):
+    """A local request cannot be carried out (limit reached, tunnel draining, unknown flow)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class WireConfig(msgspec.Struct, kw_only=True):
+    """What this side announces in HELLO and enforces on the peer."""
+
+    role: str
+    node: str
+    group: str = ""
+    max_frame: int = 262144
+    window: int = 524288
+    max_flows: int = 16384
+    max_pending_opens: int = 1024
+    features: list[str] = []
+    software: str = ""
+
+
+OPENING = 0
+OPEN = 1
+
+
+class Flow:
+    """Per-flow protocol state. ``local`` is True when this side sent the OPEN."""
+
+    __slots__ = ("id", "local", "state", "send_credit", "recv_credit", "unacked", "sent_fin", "got_fin")
+
+    def __init__(self, flow_id: int, local: bool, send_credit: int, recv_credit: int) -> None:
+        self.id = flow_id
+        self.local = local
+        self.state = OPENING
+        self.send_credit = send_credit
+        self.recv_credit = recv_credit
+        self.unacked = 0
+        self.sent_fin = False
+        self.got_fin = False
+
+
+class TunnelConnection:
+    def __init__(self, config: WireConfig, *, dialer: bool) -> None:
+        self.config = config
+        self.dialer = dialer
+        self.peer: Hello | None = None
+        self.flows: dict[int, Flow] = {}
+        self.goaway_sent = False
+        self.goaway_received = False
+        self.late_frames = 0
+        self.pending_opens = 0
+        self._out: list[bytes | memoryview] = []
+        self._buf = bytearray()
+        self._need_preamble = True
+        self._initiated = False
+        self._dead: ProtocolError | None = None
+        self._next_id = 1 if dialer else 2
+        self._peer_last_id = 0
+        self._peer_parity = 0 if dialer else 1
+        self._ack_threshold = max(1, config.window // 4)
+        self._max_frame = config.max_frame
+
+    # ------------------------------------------------------------------ output
+    def initiate(self) -> None:
+        """Queue the preamble and our HELLO; call once when the byte stream is up."""
+        c = self.config
+        hello = Hello(
+            role=c.role, node=c.node, max_frame=c.max_frame, window=c.window,
+            max_flows=c.max_flows, group=c.group, features=list(c.features), software=c.software,
+        )
+        self._initiated = True
+        self._out.append(encode_preamble() + encode_control(0, hello))
+
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        if len(out) == 1:
+            data = out[0]
+            out.clear()
+            return data if isinstance(data, bytes) else bytes(data)
+        data = b"".join(out)
+        out.clear()
+        return data
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out)
+
+    @property
+    def dead(self) -> ProtocolError | None:
+        return self._dead
+
+    # ------------------------------------------------------------------ local API
+    def open_flow(self, request: Open) -> int:
+        peer = self._require_peer()
+        if self.goaway_received:
+            raise FlowError("draining", f"peer {peer.node} is draining (GOAWAY); no new flows")
+        if self.goaway_sent:
+            raise FlowError("draining", "this tunnel is draining; no new flows")
+        if len(self.flows) >= peer.max_flows:
+            raise FlowError("too_many_flows", f"peer {peer.node} allows at most {peer.max_flows} flows per tunnel")
+        flow_id = self._next_id
+        if flow_id > MAX_FLOW_ID:
+            raise FlowError("flow_ids_exhausted", "flow ids exhausted on this tunnel")
+        self._next_id = flow_id + 2
+        self.flows[flow_id] = Flow(flow_id, True, peer.window, self.config.window)
+        self._out.append(encode_control(flow_id, request))
+        return flow_id
+
+    def accept_flow(self, flow_id: int, bound: str = "") -> None:
+        flow = self._remote_opening(flow_id)
+        flow.state = OPEN
+        self.pending_opens -= 1
+        self._out.append(encode_control(flow_id, OpenOk(bound=bound)))
+
+    def reject_flow(self, flow_id: int, code: str, reason: str) -> None:
+        self._remote_opening(flow_id)
+        del self.flows[flow_id]
+        self.pending_opens -= 1
+        self._out.append(encode_control(flow_id, OpenFail(code=code, reason=reason[:1024])))
+
+    def send_data(self, flow_id: int, data: bytes | memoryview) -> int:
+        """Queue as much of ``data`` as the flow's credit allows; returns the bytes taken."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            raise FlowError("no_flow", f"flow {flow_id} does not exist")
+        if flow.state != OPEN or flow.sent_fin:
+            raise FlowError("flow_state", f"flow {flow_id} cannot send data now")
+        size = len(data)
+        n = size if size <= flow.send_credit else flow.send_credit
+        if n <= 0:
+            return 0
+        flow.send_credit -= n
+        max_frame = self.peer.max_frame  # type: ignore[union-attr]
+        out = self._out
+        if n <= max_frame:
+            out.append(encode_header(_DATA, flow_id, n))
+            out.append(data if n == size else memoryview(data)[:n])
+            return n
+        view = memoryview(data)
+        for start in range(0, n, max_frame):
+            chunk = view[start:min(start + max_frame, n)]
+            out.append(encode_header(_DATA, flow_id, len(chunk)))
+            out.append(chunk)
+        return n
+
+    def credit(self, flow_id: int) -> int:
+        flow = self.flows.get(flow_id)
+        return flow.send_credit if flow is not None else 0
+
+    def send_fin(self, flow_id: int) -> bool:
+        """Half-close our direction. Returns True when the flow is now fully closed."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            raise FlowError("no_flow", f"flow {flow_id} does not exist")
+        if flow.state != OPEN or flow.sent_fin:
+            raise FlowError("flow_state", f"flow {flow_id} cannot be half-closed now")
+        flow.sent_fin = True
+        self._out.append(encode_header(_FIN, flow_id, 0))
+        if flow.got_fin:
+            del self.flows[flow_id]
+            return True
+        return False
+
+    def reset_flow(self, flow_id: int, code: str, reason: str = "") -> None:
+        """Abort a flow in both directions. A flow that is already gone is ignored."""
+        flow = self.flows.pop(flow_id, None)
+        if flow is None:
+            return
+        if not flow.local and flow.state == OPENING:
+            self.pending_opens -= 1
+        self._out.append(encode_control(flow_id, Rst(code=code, reason=reason[:1024])))
+
+    def acknowledge(self, flow_id: int, size: int) -> None:
+        """Tell the connection ``size`` received bytes were consumed; grants credit back."""
+        flow = self.flows.get(flow_id)
+        if flow is None or flow.got_fin:
+            return
+        unacked = flow.unacked + size
+        if unacked >= self._ack_threshold:
+            flow.recv_credit += unacked
+            flow.unacked = 0
+            self._out.append(encode_window(flow_id, unacked))
+        else:
+            flow.unacked = unacked
+
+    def send_datagram(self, flow_id: int, data: bytes) -> None:
+        self._out.append(encode_header(_DATAGRAM, flow_id, len(data)))
+        self._out.append(data)
+
+    def ping(self, value: float) -> None:
+        self._out.append(encode_ping(_PING, value))
+
+    def goaway(self, code: str, reason: str = "") -> None:
+        if not self.goaway_sent:
+            self.goaway_sent = True
+            self._out.append(encode_control(0, GoAway(code=code, reason=reason[:1024])))
+
+    # ------------------------------------------------------------------ input
+    def receive_data(self, data: bytes) -> list[ev.Event]:
+        """Parse bytes from the peer. Raises ProtocolError on any violation."""
+        if self._dead is not None:
+            raise self._dead
+        events: list[ev.Event] = []
+        try:
+            self._receive(data, events)
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            err = ProtocolError("bad_frame", f"undecodable control frame: {exc}")
+            self._fail(err)
+            raise err from None
+        return events
+
+    def _fail(self, exc: ProtocolError) -> None:
+        self._dead = exc
+        self._buf = bytearray()
+        if not self._initiated:
+            self._out.append(encode_preamble())
+        self._out.append(encode_control(0, GoAway(code=exc.code, reason=exc.message[:1024])))
+
+    def _receive(self, data: bytes, events: list[ev.Event]) -> None:
+        n = len(data)
+        pos = 0
+        buf = self._buf
+        if buf:
+            # Finish the unit that the previous chunk left incomplete, then parse in place.
+            while True:
+                need = self._wanted(buf)
+                if len(buf) < need:
+                    take = min(need - len(buf), n - pos)
+                    buf += data[pos:pos + take]
+                    pos += take
+                    if len(buf) < need:
+                        return
+                    continue
+                if self._need_preamble:
+                    self._preamble(buf, 0)
+                else:
+                    whole = bytes(buf)
+                    ftype, _flags, flow_id, _length = _unpack_header(whole, 0)
+                    self._frame(ftype, flow_id, memoryview(whole)[HEADER_SIZE:], events)
+                buf.clear()
+                break
+        view = memoryview(data)
+        while True:
+            remaining = n - pos
+            if self._need_preamble:
+                if remaining < PREAMBLE_SIZE:
+                    break
+                self._preamble(data, pos)
+                pos += PREAMBLE_SIZE
+                continue
+            if remaining < HEADER_SIZE:
+                break
+            ftype, _flags, flow_id, length = _unpack_header(data, pos)
+            self._check_header(ftype, length)
+            end = pos + HEADER_SIZE + length
+            if end > n:
+                break
+            self._frame(ftype, flow_id, view[pos + HEADER_SIZE:end], events)
+            pos = end
+        if pos < n:
+            buf += view[pos:]
+
+    def _wanted(self, buf: bytearray) -> int:
+        if self._need_preamble:
+            return PREAMBLE_SIZE
+        if len(buf) < HEADER_SIZE:
+            return HEADER_SIZE
+        ftype, _flags, _flow_id, length = _unpack_header(buf, 0)
+        self._check_header(ftype, length)
+        return HEADER_SIZE + length
+
+    def _preamble(self, data: bytes | bytearray, pos: int) -> None:
+        magic, version = PREAMBLE.unpack_from(data, pos)
+        if magic != MAGIC:
+            raise ProtocolError("bad_preamble", "not a Ferryman tunnel: bad magic in preamble")
+        if version != VERSION:
+            raise ProtocolError(
+                "unsupported_version",
+                f"peer speaks protocol version {version}; this node speaks version {VERSION}",
+            )
+        self._need_preamble = False
+
+    def _check_header(self, ftype: int, length: int) -> None:
+        if ftype == _DATA or ftype == _DATAGRAM:
+            if length > self._max_frame:
+                raise ProtocolError(
+                    "frame_too_large", f"frame of {length} bytes exceeds the maximum of {self._max_frame}"
+                )
+        elif ftype in _FIXED_LENGTH:
+            if length != _FIXED_LENGTH[ftype]:
+                raise ProtocolError("bad_frame", f"{FrameType(ftype).name} frame with length {length}")
+        elif ftype in DECODERS:
+            if length > MAX_CONTROL_BODY:
+                raise ProtocolError(
+                    "frame_too_large",
+                    f"{FrameType(ftype).name} body of {length} bytes exceeds {MAX_CONTROL_BODY}",
+                )
+        else:
+            raise ProtocolError("unknown_frame", f"unknown frame type {ftype}")
+
+    def _frame(self, ftype: int, flow_id: int, payload: memoryview, events: list[ev.Event]) -> None:
+        if ftype == _DATA:
+            flow = self.flows.get(flow_id)
+            if flow is None:
+                self._late(flow_id, "DATA")
+                return
+            if flow.state != OPEN or flow.got_fin:
+                raise ProtocolError(
+                    "stream_state",
+                    f"DATA on flow {flow_id} {'after FIN' if flow.got_fin else 'before OPEN_OK'}",
+                )
+            length = len(payload)
+            if length > flow.recv_credit:
+                raise ProtocolError(
+                    "flow_control",
+                    f"flow {flow_id}: peer sent {length} bytes with only {flow.recv_credit} bytes of credit",
+                )
+            flow.recv_credit -= length
+            events.append(ev.DataReceived(flow_id, payload))
+            return
+        if ftype == _WINDOW:
+            (increment,) = _unpack_window(payload, 0)
+            if flow_id == 0 or increment == 0:
+                raise ProtocolError("bad_frame", f"WINDOW with flow {flow_id} increment {increment}")
+            flow = self.flows.get(flow_id)
+            if flow is None:
+                self._late(flow_id, "WINDOW")
+                return
+            credit = flow.send_credit + increment
+            if credit > MAX_WINDOW:
+                raise ProtocolError("flow_control", f"flow {flow_id}: credit overflow ({credit} bytes)")
+            flow.send_credit = credit
+            events.append(ev.CreditAvailable(flow_id, credit))
+            return
+        if self.peer is None:
+            if ftype != _HELLO:
+                raise ProtocolError("hello_required", f"{FrameType(ftype).name} frame before HELLO")
+            hello = DECODERS[_HELLO].decode(payload)
+            if hello.role not in ROLES:
+                raise ProtocolError("bad_hello", f"unknown role {hello.role!r} in HELLO")
+            if hello.max_frame < 1024:
+                raise ProtocolError("bad_hello", f"peer max_frame {hello.max_frame} is below 1024")
+            self.peer = hello
+            events.append(ev.HelloReceived(hello))
+            return
+        if ftype == _OPEN:
+            self._remote_open(flow_id, DECODERS[_OPEN].decode(payload), events)
+        elif ftype == _FIN:
+            flow = self.flows.get(flow_id)
+            if flow is None:
+                self._late(flow_id, "FIN")
+                return
+            if flow.state != OPEN or flow.got_fin:
+                raise ProtocolError("stream_state", f"unexpected FIN on flow {flow_id}")
+            flow.got_fin = True
+            events.append(ev.FlowEnded(flow_id))
+            if flow.sent_fin:
+                del self.flows[flow_id]
+                events.append(ev.FlowClosed(flow_id))
+        elif ftype == _RST:
+            body = DECODERS[_RST].decode(payload)
+            flow = self.flows.pop(flow_id, None)
+            if flow is None:
+                self._late(flow_id, "RST")
+                return
+            if not flow.local and flow.state == OPENING:
+                self.pending_opens -= 1
+            events.append(ev.FlowReset(flow_id, body.code, body.reason))
+        elif ftype == _OPEN_OK:
+            body = DECODERS[_OPEN_OK].decode(payload)
+            flow = self._local_opening(flow_id, "OPEN_OK")
+            if flow is not None:
+                flow.state = OPEN
+                events.append(ev.FlowAccepted(flow_id, body.bound))
+        elif ftype == _OPEN_FAIL:
+            body = DECODERS[_OPEN_FAIL].decode(payload)
+            if self._local_opening(flow_id, "OPEN_FAIL") is not None:
+                del self.flows[flow_id]
+                events.append(ev.FlowRejected(flow_id, body.code, body.reason))
+        elif ftype == _PING:
+            self._out.append(encode_header(_PONG, 0, 8))
+            self._out.append(bytes(payload))
+        elif ftype == _PONG:
+            events.append(ev.PongReceived(_unpack_ping(payload, 0)[0]))
+        elif ftype == _GOAWAY:
+            body = DECODERS[_GOAWAY].decode(payload)
+            self.goaway_received = True
+            events.append(ev.GoAwayReceived(body.code, body.reason))
+        elif ftype == _DATAGRAM:
+            flow = self.flows.get(flow_id)
+            if flow is None:
+                self._late(flow_id, "DATAGRAM")
+                return
+            events.append(ev.DatagramReceived(flow_id, payload))
+        elif ftype == _HELLO:
+            raise ProtocolError("bad_hello", "second HELLO on the same tunnel")
+
+    def _remote_open(self, flow_id: int, request: Open, events: list[ev.Event]) -> None:
+        if flow_id % 2 != self._peer_parity or flow_id <= self._peer_last_id:
+            raise ProtocolError(
+                "bad_flow_id", f"OPEN with flow id {flow_id} (ids must be new and {'odd' if self._peer_parity else 'even'})"
+            )
+        self._peer_last_id = flow_id
+        if self.goaway_sent:
+            code, reason = "draining", f"{self.config.role} {self.config.node} is draining"
+        elif len(self.flows) >= self.config.max_flows:
+            code, reason = "too_many_flows", f"at most {self.config.max_flows} flows per tunnel"
+        elif self.pending_opens >= self.config.max_pending_opens:
+            code, reason = "too_many_pending", f"at most {self.config.max_pending_opens} pending OPENs per tunnel"
+        else:
+            self.flows[flow_id] = Flow(flow_id, False, self.peer.window, self.config.window)  # type: ignore[union-attr]
+            self.pending_opens += 1
+            events.append(ev.FlowRequested(flow_id, request))
+            return
+        self._out.append(encode_control(flow_id, OpenFail(code=code, reason=reason)))
+        events.append(ev.OpenRefused(flow_id, code, reason))
+
+    def _local_opening(self, flow_id: int, what: str) -> Flow | None:
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            self._late(flow_id, what)
+            return None
+        if not flow.local or flow.state != OPENING:
+            raise ProtocolError("stream_state", f"unexpected {what} on flow {flow_id}")
+        return flow
+
+    def _remote_opening(self, flow_id: int) -> Flow:
+        flow = self.flows.get(flow_id)
+        if flow is None or flow.local or flow.state != OPENING:
+            raise FlowError("flow_state", f"flow {flow_id} is not awaiting an answer")
+        return flow
+
+    def _late(self, flow_id: int, what: str) -> None:
+        """A frame for a flow that is gone: fine if it existed (a race with RST), else fatal."""
+        ours = flow_id % 2 != self._peer_parity
+        known = flow_id < self._next_id if ours else flow_id <= self._peer_last_id
+        if flow_id == 0 or not known:
+            raise ProtocolError("unknown_flow", f"{what} for flow {flow_id}, which was never opened")
+        self.late_frames += 1
+
+    def _require_peer(self) -> Hello:
+        if self.peer is None:
+            raise FlowError("not_ready", "tunnel handshake (HELLO) has not completed")
+        return self.peer
