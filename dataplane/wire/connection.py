@@ -126,6 +126,8 @@ class TunnelConnection:
         self._out: list[bytes | memoryview] = []
         self._buf = bytearray()
         self._need_preamble = True
+        self._stream_flow = 0  # DATA payload in progress across reads: its flow (0: drop it)
+        self._stream_left = 0  # ... and how many payload bytes are still to come
         self._initiated = False
         self._dead: ProtocolError | None = None
         self._next_id = 1 if dialer else 2
@@ -298,14 +300,30 @@ class TunnelConnection:
     def _receive(self, data: bytes, events: list[ev.Event]) -> None:
         n = len(data)
         pos = 0
+        view = memoryview(data)
+        if self._stream_left:
+            # The rest of a DATA payload whose header came in an earlier chunk: deliver as is.
+            pos = self._stream_take(view, 0, n, events)
+            if self._stream_left:
+                return
         buf = self._buf
         if buf:
             # Finish the unit that the previous chunk left incomplete, then parse in place.
             while True:
                 need = self._wanted(buf)
                 if len(buf) < need:
+                    if len(buf) >= HEADER_SIZE and buf[0] == _DATA:
+                        # A DATA header is complete: stream its payload instead of buffering it.
+                        _t, _f, flow_id, length = _unpack_header(buf, 0)
+                        buf.clear()
+                        self._stream_flow = flow_id if self._data_start(flow_id, length) else 0
+                        self._stream_left = length
+                        pos = self._stream_take(view, pos, n, events)
+                        if self._stream_left:
+                            return
+                        break
                     take = min(need - len(buf), n - pos)
-                    buf += data[pos:pos + take]
+                    buf += view[pos:pos + take]
                     pos += take
                     if len(buf) < need:
                         return
@@ -318,7 +336,6 @@ class TunnelConnection:
                     self._frame(ftype, flow_id, memoryview(whole)[HEADER_SIZE:], events)
                 buf.clear()
                 break
-        view = memoryview(data)
         while True:
             remaining = n - pos
             if self._need_preamble:
@@ -333,11 +350,47 @@ class TunnelConnection:
             self._check_header(ftype, length)
             end = pos + HEADER_SIZE + length
             if end > n:
+                if ftype == _DATA:
+                    self._stream_flow = flow_id if self._data_start(flow_id, length) else 0
+                    self._stream_left = length
+                    self._stream_take(view, pos + HEADER_SIZE, n, events)
+                    return
                 break
-            self._frame(ftype, flow_id, view[pos + HEADER_SIZE:end], events)
+            if ftype == _DATA:
+                if self._data_start(flow_id, length):
+                    events.append(ev.DataReceived(flow_id, view[pos + HEADER_SIZE:end]))
+            else:
+                self._frame(ftype, flow_id, view[pos + HEADER_SIZE:end], events)
             pos = end
         if pos < n:
             buf += view[pos:]
+
+    def _stream_take(self, view: memoryview, pos: int, n: int, events: list[ev.Event]) -> int:
+        take = min(self._stream_left, n - pos)
+        if take:
+            self._stream_left -= take
+            if self._stream_flow and self._stream_flow in self.flows:
+                events.append(ev.DataReceived(self._stream_flow, view[pos:pos + take]))
+        return pos + take
+
+    def _data_start(self, flow_id: int, length: int) -> bool:
+        """Check a DATA header against the flow's state and credit; False for a late frame."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            self._late(flow_id, "DATA")
+            return False
+        if flow.state != OPEN or flow.got_fin:
+            raise ProtocolError(
+                "stream_state",
+                f"DATA on flow {flow_id} {'after FIN' if flow.got_fin else 'before OPEN_OK'}",
+            )
+        if length > flow.recv_credit:
+            raise ProtocolError(
+                "flow_control",
+                f"flow {flow_id}: peer sent {length} bytes with only {flow.recv_credit} bytes of credit",
+            )
+        flow.recv_credit -= length
+        return True
 
     def _wanted(self, buf: bytearray) -> int:
         if self._need_preamble:
@@ -379,23 +432,8 @@ class TunnelConnection:
 
     def _frame(self, ftype: int, flow_id: int, payload: memoryview, events: list[ev.Event]) -> None:
         if ftype == _DATA:
-            flow = self.flows.get(flow_id)
-            if flow is None:
-                self._late(flow_id, "DATA")
-                return
-            if flow.state != OPEN or flow.got_fin:
-                raise ProtocolError(
-                    "stream_state",
-                    f"DATA on flow {flow_id} {'after FIN' if flow.got_fin else 'before OPEN_OK'}",
-                )
-            length = len(payload)
-            if length > flow.recv_credit:
-                raise ProtocolError(
-                    "flow_control",
-                    f"flow {flow_id}: peer sent {length} bytes with only {flow.recv_credit} bytes of credit",
-                )
-            flow.recv_credit -= length
-            events.append(ev.DataReceived(flow_id, payload))
+            if self._data_start(flow_id, len(payload)):
+                events.append(ev.DataReceived(flow_id, payload))
             return
         if ftype == _WINDOW:
             (increment,) = _unpack_window(payload, 0)
