@@ -1,0 +1,383 @@
+"""Observability for every Ferryman node: hot-path counters, Prometheus metrics, health
+endpoints and log setup.
+
+- ``Stats``: plain attributes that nodes bump on the hot path (no locks, no
+  prometheus_client calls per frame); ``StatsCollector`` turns them into ``ferryman_*``
+  metric families only when scraped, in a per-node ``CollectorRegistry``.
+- ``start_metrics_server``: a tiny HTTP/1.1 server for ``/metrics``, ``/ready`` and
+  ``/health`` (``FERRYMAN_METRICS_ADDR``).
+- ``parse_hostport``: the one parser of every ``HOST:PORT`` setting.
+- ``setup_logging``: root logger to stderr as ``text`` or ``json`` lines, with the node's
+  role and name and every ``extra={...}`` field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import ipaddress
+import logging
+import sys
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "Stats", "StatsCollector", "make_registry", "start_metrics_server", "parse_hostport",
+    "setup_logging", "VERSION", "MAX_REQUEST_HEAD", "IDLE_TIMEOUT",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ferryman")
+    except PackageNotFoundError:  # running from a source checkout
+        try:
+            with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as fh:
+                return str(tomllib.load(fh)["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+VERSION = _version()
+
+
+# ---------------------------------------------------------------------------- Stats
+class Stats:
+    """Counters and gauges of one node. Increment the attributes directly on the hot path."""
+
+    __slots__ = ("role", "node", "tunnels_up", "tunnels_opened", "tunnels_closed", "reconnects",
+                 "flows_active", "flows_opened", "flows_closed", "bytes_rx", "bytes_tx",
+                 "open_failures", "protocol_errors", "rtt", "extra")
+
+    def __init__(self, role: str, node: str) -> None:
+        self.role = role
+        self.node = node
+        self.tunnels_up = 0                          # gauge: tunnels currently established
+        self.tunnels_opened = 0
+        self.tunnels_closed: dict[str, int] = {}     # reason -> count
+        self.reconnects = 0
+        self.flows_active = 0                        # gauge
+        self.flows_opened = 0
+        self.flows_closed: dict[str, int] = {}       # reason -> count
+        self.bytes_rx = 0                            # payload bytes received from tunnels
+        self.bytes_tx = 0                            # payload bytes sent into tunnels
+        self.open_failures: dict[str, int] = {}      # reason -> count
+        self.protocol_errors: dict[str, int] = {}    # code -> count
+        self.rtt: dict[str, float] = {}              # tunnel label -> last RTT (seconds)
+        # metric name -> (help, fn): node-specific gauges read at scrape time
+        self.extra: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def count(self, table: dict[str, int], key: str, n: int = 1) -> None:
+        """Add ``n`` to ``table[key]`` (a by-reason counter of this Stats)."""
+        table[key] = table.get(key, 0) + n
+
+
+class StatsCollector(Collector):
+    """Reads a ``Stats`` at scrape time; every sample carries ``role`` and ``node`` labels."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        base = [s.role, s.node]
+        names = ["role", "node"]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=names)
+            g.add_metric(base, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=names)
+            c.add_metric(base, value)
+            return c
+
+        def by(name: str, doc: str, label: str, table: dict[str, int]) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=[*names, label])
+            for key, value in sorted(table.items()):
+                c.add_metric([*base, key], value)
+            return c
+
+        info = GaugeMetricFamily("ferryman_build_info", "Ferryman build; value is always 1",
+                                 labels=[*names, "version"])
+        info.add_metric([*base, VERSION], 1.0)
+        yield info
+        yield gauge("ferryman_tunnels", "Tunnels currently established", s.tunnels_up)
+        yield counter("ferryman_tunnels_opened_total", "Tunnels established", s.tunnels_opened)
+        yield by("ferryman_tunnels_closed_total", "Tunnels closed, by reason", "reason", s.tunnels_closed)
+        yield counter("ferryman_reconnects_total", "Tunnel dial attempts after a loss", s.reconnects)
+        yield gauge("ferryman_flows", "Flows currently open", s.flows_active)
+        yield counter("ferryman_flows_opened_total", "Flows opened", s.flows_opened)
+        yield by("ferryman_flows_closed_total", "Flows closed, by reason", "reason", s.flows_closed)
+        b = CounterMetricFamily("ferryman_bytes_total", "Flow payload bytes through tunnels",
+                                labels=[*names, "direction"])
+        b.add_metric([*base, "rx"], s.bytes_rx)
+        b.add_metric([*base, "tx"], s.bytes_tx)
+        yield b
+        yield by("ferryman_open_failures_total", "Flow opens that failed, by reason", "reason", s.open_failures)
+        yield by("ferryman_protocol_errors_total", "Protocol errors, by code", "code", s.protocol_errors)
+        rtt = GaugeMetricFamily("ferryman_tunnel_rtt_seconds", "Last measured tunnel round-trip time",
+                                labels=[*names, "tunnel"])
+        for label, seconds in sorted(s.rtt.items()):
+            rtt.add_metric([*base, label], seconds)
+        yield rtt
+        for name, (doc, fn) in list(s.extra.items()):
+            try:
+                value = float(fn())
+            except Exception:  # one broken gauge must not break the whole scrape
+                log.exception("metric callback failed", extra={"metric": name})
+                continue
+            yield gauge(name, doc, value)
+
+
+def make_registry(stats: Stats) -> CollectorRegistry:
+    """A fresh registry (never the global one) that exposes ``stats``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(stats))
+    return registry
+
+
+# ---------------------------------------------------------------------------- HOST:PORT
+def parse_hostport(value: str, what: str, allow_zero: bool = False) -> tuple[str, int]:
+    """Split ``host:port`` / ``[v6]:port``; errors name the setting ``what``."""
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{what}={value!r}: {why}")
+
+    text = value.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1:].startswith(":"):
+            raise bad("expected [IPV6]:PORT")
+        host, port_text = text[1:end], text[end + 2:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise bad("expected HOST:PORT")
+        if ":" in host:
+            raise bad("an IPv6 address must be in brackets, e.g. [::1]:9100")
+        if not host:
+            raise bad("host is empty (use 0.0.0.0 or [::] for all interfaces)")
+        if any(c.isspace() or c in "/[]@" for c in host):
+            raise bad(f"{host!r} is not a valid host name or address")
+    lowest = 0 if allow_zero else 1
+    range_text = "port must be 1-65535" + (" (or 0 for any free port)" if allow_zero else "")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise bad(range_text)
+    port = int(port_text)
+    if not lowest <= port <= 65535:
+        raise bad(range_text)
+    return host, port
+
+
+# ---------------------------------------------------------------------------- HTTP
+MAX_REQUEST_HEAD = 8192  # bytes of request line + headers
+IDLE_TIMEOUT = 5.0       # seconds a client may stay silent before it is closed
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+async def start_metrics_server(addr: str, stats: Stats, ready: Callable[[], bool], *,
+                               idle_timeout: float = IDLE_TIMEOUT) -> asyncio.base_events.Server:
+    """Serve ``/metrics``, ``/ready`` and ``/health`` on ``addr`` (HOST:PORT, port 0 allowed)."""
+    host, port = parse_hostport(addr, "FERRYMAN_METRICS_ADDR", allow_zero=True)
+    registry = make_registry(stats)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            status, ctype, body, head_only = await _serve_one(reader, registry, ready, idle_timeout)
+            if status:
+                extra = "Allow: GET, HEAD\r\n" if status == 405 else ""
+                writer.write((f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
+                              f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
+                              ).encode("latin-1") + (b"" if head_only else body))
+                await asyncio.wait_for(writer.drain(), idle_timeout)
+                if status in (400, 431):
+                    await _linger(reader, writer)
+        except (OSError, asyncio.TimeoutError):
+            pass  # client went away or stopped reading
+        except Exception:
+            log.exception("metrics request failed")
+        finally:
+            writer.close()
+
+    try:
+        server = await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_HEAD * 2)
+    except OSError as exc:
+        raise OSError(exc.errno, f"FERRYMAN_METRICS_ADDR={addr!r}: cannot listen: {exc.strerror}") from None
+    return server
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then discard what the client still sends (briefly), so that closing with
+    unread input does not reset the connection before the client has read the answer."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    loop = asyncio.get_running_loop()
+    deadline, left = loop.time() + 1.0, 1 << 20
+    while left > 0 and (wait := deadline - loop.time()) > 0:
+        chunk = await asyncio.wait_for(reader.read(65536), wait)
+        if not chunk:
+            return
+        left -= len(chunk)
+
+
+def _head_end(buf: bytes) -> int:
+    """Offset of the blank line ending a request head (CRLF or bare LF), or -1."""
+    found = [i for i in (buf.find(b"\r\n\r\n"), buf.find(b"\n\n")) if i >= 0]
+    return min(found) if found else -1
+
+
+async def _serve_one(reader: asyncio.StreamReader, registry: CollectorRegistry,
+                     ready: Callable[[], bool], idle_timeout: float) -> tuple[int, str, bytes, bool]:
+    """Read one request head and decide the answer; status 0 means close without answering."""
+    text = "text/plain; charset=utf-8"
+    buf = b""
+    while (end := _head_end(buf)) < 0:
+        if len(buf) > MAX_REQUEST_HEAD:
+            return 431, text, b"request head too large\n", False
+        try:
+            chunk = await asyncio.wait_for(reader.read(4096), idle_timeout)
+        except asyncio.TimeoutError:
+            return 0, "", b"", False
+        if not chunk:
+            return 0, "", b"", False
+        buf += chunk
+    head = buf[:end]
+    if len(head) > MAX_REQUEST_HEAD:
+        return 431, text, b"request head too large\n", False
+    parts = head.split(b"\n", 1)[0].rstrip(b"\r").split(b" ")
+    if len(parts) != 3 or not parts[0].isalpha() or not parts[1] or not parts[2].startswith(b"HTTP/1."):
+        return 400, text, b"bad request\n", False
+    method, target = parts[0].decode("ascii"), parts[1].split(b"?", 1)[0]
+    if method not in ("GET", "HEAD"):
+        return 405, text, b"method not allowed\n", False
+    head_only = method == "HEAD"
+    if target == b"/metrics":
+        return 200, CONTENT_TYPE_LATEST, generate_latest(registry), head_only
+    if target == b"/ready":
+        ok = ready()
+        return (200 if ok else 503), text, (b"ready\n" if ok else b"not ready\n"), head_only
+    if target == b"/health":
+        return 200, text, b"ok\n", head_only
+    return 404, text, b"not found\n", head_only
+
+
+# ---------------------------------------------------------------------------- logging
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName"}
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+class _Formatter(logging.Formatter):
+    """Base for both formats: timestamp, role/node, and the ``extra`` fields of a record."""
+
+    def __init__(self, role: str, node: str) -> None:
+        super().__init__()
+        self.role, self.node = role, node
+
+    @staticmethod
+    def timestamp(record: logging.LogRecord) -> str:
+        t = _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)
+        return t.strftime("%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z"
+
+    @staticmethod
+    def extras(record: logging.LogRecord) -> dict[str, Any]:
+        return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
+
+    def trace(self, record: logging.LogRecord) -> str:
+        parts = []
+        if record.exc_info:
+            parts.append(self.formatException(record.exc_info))
+        elif record.exc_text:
+            parts.append(record.exc_text)
+        if record.stack_info:
+            parts.append(self.formatStack(record.stack_info))
+        return "\n".join(parts)
+
+
+class JsonFormatter(_Formatter):
+    """One JSON object per line: ts, level, role, node, logger, msg, extras, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {"ts": self.timestamp(record), "level": record.levelname, "role": self.role,
+                                "node": self.node, "logger": record.name, "msg": record.getMessage()}
+        for key, value in self.extras(record).items():
+            data[key if key not in data else key + "_"] = _jsonable(value)
+        trace = self.trace(record)
+        if trace:
+            data["exc"] = trace
+        return msgspec.json.encode(data).decode()
+
+
+class TextFormatter(_Formatter):
+    """``TS LEVEL role[node] msg key=value ...`` with the traceback on the following lines."""
+
+    @staticmethod
+    def quote(value: Any) -> str:
+        text = value if isinstance(value, str) else str(value)
+        if text == "" or any(c.isspace() or c in '"=' for c in text):
+            return msgspec.json.encode(text).decode()
+        return text
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{self.timestamp(record)} {record.levelname} {self.role}[{self.node}] {record.getMessage()}"
+        fields = "".join(f" {k}={self.quote(v)}" for k, v in self.extras(record).items())
+        trace = self.trace(record)
+        return line + fields + ("\n" + trace if trace else "")
+
+
+def setup_logging(level: str, fmt: str, role: str, node: str) -> None:
+    """Send the root logger to stderr in ``fmt`` ("text" or "json"); safe to call again."""
+    lvl = _LEVELS.get(level.strip().lower())
+    if lvl is None:
+        raise ValueError(f"FERRYMAN_LOG_LEVEL={level!r}: must be debug, info, warning or error")
+    formatter: logging.Formatter
+    if fmt == "json":
+        formatter = JsonFormatter(role, node)
+    elif fmt == "text":
+        formatter = TextFormatter(role, node)
+    else:
+        raise ValueError(f"FERRYMAN_LOG_FORMAT={fmt!r}: must be 'text' or 'json'")
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root.addHandler(handler)
+    root.setLevel(lvl)
