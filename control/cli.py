@@ -1,0 +1,46 @@
+"""The ``ferryman`` command: one entry point for every role and tool.
+
+Node processes (``edge``, ``connector``, ``client``) and ``pki`` are defined by the data
+plane (``dataplane.run``); ``up`` starts a local fabric; ``bench`` runs the benchmarks;
+``config vars`` prints every ``FERRYMAN_*`` setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dataplane import fabric, settings
+from dataplane.run import add_node_commands, run_command
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="ferryman", description="Ferryman zero-trust private access fabric.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    add_node_commands(sub)
+    up = sub.add_parser("up", help="run edge, connector and client locally; with no forward, show traffic flowing")
+    up.add_argument("--forward", action="append", default=[], metavar="[HOST:]PORT=DEST:PORT",
+                    help="port forward through the fabric (repeatable)")
+    up.add_argument("--workdir", default=None, help="state directory (default: FERRYMAN_DATA_DIR/fabric)")
+    up.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    sub.add_parser("bench", help="benchmarks: Ferryman vs direct, OpenSSH, stunnel (see `ferryman bench -h`)")
+    config = sub.add_parser("config", help="settings")
+    config.add_argument("what", choices=["vars"], help="`vars`: print every FERRYMAN_* variable")
+    args = parser.parse_args(argv)
+    if args.cmd == "up":
+        workdir = args.workdir or os.path.join(settings.load().data_dir, "fabric")
+        return fabric.up(workdir, args.forward, args.duration)
+    if args.cmd == "config":
+        print(settings.markdown_table())
+        return 0
+    return run_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

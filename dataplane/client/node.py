@@ -1,0 +1,297 @@
+"""Client agent: captures local connections and carries them as flows over one edge tunnel.
+
+Capture comes from fixed port forwards (``--forward LISTEN=HOST:PORT``) and a SOCKS5
+listener (CONNECT, localhost only). Each captured connection becomes an OPEN on the
+tunnel; the socket is read only once the edge answers OPEN_OK. A refusal (no
+application, no connector, backend refused, ...) is logged with the edge's reason and,
+for SOCKS, reported in the reply code. The tunnel is kept up with reconnect backoff,
+trying the configured edges in turn. ``ready`` means: tunnel up and every forward's
+destination answered a probe OPEN with OPEN_OK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import msgspec
+
+from ..observability import Stats, parse_hostport, start_metrics_server
+from ..runtime import Backoff, NodeIdentity
+from ..settings import Settings
+from ..socketflow import EndpointNode, SocketFlow
+from ..transport.tunnel import Tunnel, ssl_handshake_error
+from ..wire import events as ev
+from ..wire.connection import FlowError
+from ..wire.frames import Open
+
+log = logging.getLogger("ferryman.client")
+
+# on_opened(flow, code, reason): code "" means the flow is open.
+Opened = Callable[["ClientFlow", str, str], None]
+
+
+class Forward(msgspec.Struct, frozen=True):
+    listen_host: str
+    listen_port: int
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, spec: str) -> "Forward":
+        """``[LISTEN_HOST:]LISTEN_PORT=HOST:PORT``."""
+        if "=" not in spec:
+            raise ValueError(f"--forward {spec!r}: expected [LISTEN_HOST:]LISTEN_PORT=HOST:PORT")
+        listen, dest = spec.split("=", 1)
+        if ":" not in listen or listen.startswith("["):
+            listen = listen if ":" in listen else f"127.0.0.1:{listen}"
+        lhost, lport = parse_hostport(listen, f"--forward {spec!r} listen address", allow_zero=True)
+        host, port = parse_hostport(dest, f"--forward {spec!r} destination")
+        return cls(lhost, lport, host, port)
+
+    def __str__(self) -> str:
+        return f"{self.listen_host}:{self.listen_port}={self.host}:{self.port}"
+
+
+class ClientFlow(SocketFlow):
+    __slots__ = ("dest", "on_opened", "timer")
+
+    def __init__(self, node: "Client", dest: tuple[str, int] | None = None, on_opened: Opened | None = None,
+                 on_connect: Callable[[SocketFlow], None] | None = None) -> None:
+        super().__init__(node, on_connect)
+        self.dest = dest
+        self.on_opened = on_opened
+        self.timer: asyncio.TimerHandle | None = None
+
+    def opened(self, code: str, reason: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        callback, self.on_opened = self.on_opened, None
+        if callback is not None:
+            callback(self, code, reason)
+
+
+class Client(EndpointNode):
+    def __init__(self, settings: Settings, identity: NodeIdentity, forwards: list[Forward]) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.name = identity.name
+        self.forwards = forwards
+        self.stats = Stats("client", identity.name)
+        self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
+        if not self.edges:
+            raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
+        self.tunnel: Tunnel | None = None
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.probe_ok: dict[Forward, str] = {}  # forward -> "" when usable, else the reason
+        self._probes: dict[int, Forward] = {}
+        self._ssl = identity.client_context()
+        self._wire = identity.wire_config()
+        self.stats.extra = {
+            "ferryman_client_forwards_ready": (
+                "Forwards whose destination answered a probe", lambda: float(sum(1 for v in self.probe_ok.values() if not v))),
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        from .socks import Socks5  # the SOCKS front end builds on this module
+
+        loop = asyncio.get_running_loop()
+        for fwd in self.forwards:
+            server = await loop.create_server(lambda f=fwd: self._forward_flow(f), fwd.listen_host, fwd.listen_port,
+                                              backlog=1024, reuse_address=True)
+            port = server.sockets[0].getsockname()[1]
+            if fwd.listen_port == 0:
+                self.forwards[self.forwards.index(fwd)] = fwd = Forward(fwd.listen_host, port, fwd.host, fwd.port)
+            self.listeners.append(server)
+            log.info("forward listening", extra={"forward": str(fwd)})
+        if self.settings.socks_listen:
+            host, port = parse_hostport(self.settings.socks_listen, "FERRYMAN_SOCKS_LISTEN", allow_zero=True)
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                raise ValueError(f"FERRYMAN_SOCKS_LISTEN={self.settings.socks_listen!r}: SOCKS5 listens on localhost only")
+            server = await loop.create_server(lambda: Socks5(self), host, port, backlog=1024, reuse_address=True)
+            self.listeners.append(server)
+            bound = server.sockets[0].getsockname()
+            log.info("socks5 listening", extra={"addr": f"{bound[0]}:{bound[1]}"})
+        metrics = None
+        if self.settings.metrics_addr:
+            metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready)
+        keeper = asyncio.create_task(self._keep_tunnel(stop))
+        await stop.wait()
+        for server in self.listeners:
+            server.close()
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
+        if self.tunnel is not None:
+            self.tunnel.goaway("shutdown", f"client {self.name} stopped")
+            self.tunnel.close("shutdown", "client stopped")
+        if metrics is not None:
+            metrics.close()
+
+    def ready(self) -> bool:
+        t = self.tunnel
+        return (t is not None and t.up and not t.closed
+                and all(self.probe_ok.get(f) == "" for f in self.forwards))
+
+    async def _keep_tunnel(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
+        attempt = 0
+        while not stop.is_set():
+            host, port = self.edges[attempt % len(self.edges)]
+            try:
+                _, tunnel = await loop.create_connection(
+                    lambda: Tunnel(self, self._wire, dialer=True, accept_roles=("edge",),
+                                   keepalive=self.settings.keepalive_interval,
+                                   handshake_timeout=self.settings.handshake_timeout,
+                                   write_buffer_high=self.settings.write_buffer_high, label=f"{host}:{port}"),
+                    host, port, ssl=self._ssl, server_hostname=host,
+                    ssl_handshake_timeout=self.settings.handshake_timeout,
+                )
+                await tunnel.up_waiter
+            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                attempt += 1
+                delay = backoff.next()
+                self.stats.reconnects += 1
+                log.warning("edge unreachable", extra={"edge": f"{host}:{port}", "reason": ssl_handshake_error(exc),
+                                                       "retry_in_s": round(delay, 2)})
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            while not tunnel.done_waiter.done():
+                self._probe_forwards(tunnel)
+                # Until every forward answered, re-probe quickly; afterwards re-check rarely.
+                usable = all(self.probe_ok.get(f) == "" for f in self.forwards)
+                await asyncio.wait([tunnel.done_waiter], timeout=5.0 if usable else 0.5)
+            attempt += 1
+            self.stats.reconnects += 1
+            await asyncio.sleep(backoff.next())
+
+    # ------------------------------------------------------------------ tunnel events
+    def tunnel_up(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+        self.stats.tunnels_up += 1
+        self.stats.tunnels_opened += 1
+        log.info("tunnel up", extra={"edge": tunnel.peer_name, "addr": tunnel.label})
+
+    def tunnel_down(self, tunnel: Tunnel) -> None:
+        if tunnel.up:
+            self.stats.tunnels_up -= 1
+            self.stats.count(self.stats.tunnels_closed, tunnel.close_code)
+            self.stats.rtt.pop(tunnel.label, None)
+        if self.tunnel is tunnel:
+            self.tunnel = None
+        self.probe_ok.clear()
+        self._probes.clear()
+        reason = f"tunnel to edge {tunnel.peer_name} lost: {tunnel.close_reason}"
+        for flow in list(tunnel.routes.values()):
+            if isinstance(flow, ClientFlow) and flow.on_opened is not None:
+                flow.done = True
+                flow.opened("edge_unreachable", reason)
+            else:
+                flow.on_reset("tunnel_lost", reason)
+        tunnel.routes.clear()
+
+    def tunnel_writable(self, tunnel: Tunnel, writable: bool) -> None:
+        """Per-flow credit bounds what each flow queues; nothing else to do."""
+
+    def goaway_received(self, tunnel: Tunnel, event: ev.GoAwayReceived) -> None:
+        """New flows fail with "draining" until the tunnel is replaced after it closes."""
+
+    def flow_requested(self, tunnel: Tunnel, event: ev.FlowRequested) -> None:
+        if event.flow_id not in tunnel.conn.flows:
+            return
+        tunnel.conn.reject_flow(event.flow_id, "not_allowed", "client agents do not accept flows")
+
+    def flow_accepted(self, tunnel: Tunnel, event: ev.FlowAccepted) -> None:
+        fwd = self._probes.pop(event.flow_id, None)
+        if fwd is not None:
+            tunnel.conn.reset_flow(event.flow_id, "probe_done", "readiness probe")
+            if self.probe_ok.get(fwd) != "":
+                log.info("forward ready", extra={"forward": str(fwd)})
+            self.probe_ok[fwd] = ""
+            return
+        flow = tunnel.routes.get(event.flow_id)
+        if flow is not None:
+            flow.activate()
+            flow.opened("", "")
+
+    def flow_rejected(self, tunnel: Tunnel, event: ev.FlowRejected) -> None:
+        self.stats.count(self.stats.open_failures, event.code)
+        fwd = self._probes.pop(event.flow_id, None)
+        if fwd is not None:
+            if self.probe_ok.get(fwd) != event.reason:
+                log.warning("forward not usable", extra={"forward": str(fwd), "code": event.code, "reason": event.reason})
+            self.probe_ok[fwd] = event.reason or event.code
+            return
+        flow = tunnel.routes.pop(event.flow_id, None)
+        if flow is not None:
+            flow.done = True
+            log.warning("flow refused", extra={"dest": "%s:%s" % flow.dest, "source": flow.peer,
+                                               "code": event.code, "reason": event.reason})
+            flow.opened(event.code, event.reason)
+
+    def flow_reset(self, tunnel: Tunnel, event: ev.FlowReset) -> None:
+        if self._probes.pop(event.flow_id, None) is not None:
+            return
+        super().flow_reset(tunnel, event)
+
+    # ------------------------------------------------------------------ opening flows
+    def _probe_forwards(self, tunnel: Tunnel) -> None:
+        for fwd in self.forwards:
+            if self.probe_ok.get(fwd) == "" or fwd in self._probes.values():
+                continue
+            try:
+                fid = tunnel.conn.open_flow(Open(host=fwd.host, port=fwd.port, source="probe"))
+            except FlowError as exc:
+                self.probe_ok[fwd] = exc.message
+                continue
+            self._probes[fid] = fwd
+        tunnel.flush_soon()
+
+    def _forward_flow(self, fwd: Forward) -> ClientFlow:
+        def opened(flow: ClientFlow, code: str, reason: str) -> None:
+            if code:
+                flow.abort(code, reason)
+
+        return ClientFlow(self, (fwd.host, fwd.port), opened,
+                          on_connect=lambda flow: self.open(flow))  # type: ignore[arg-type]
+
+    def open(self, flow: ClientFlow) -> None:
+        """Send OPEN for a captured connection; ``flow.on_opened`` gets the answer."""
+        host, port = flow.dest  # type: ignore[misc]
+        tunnel = self.tunnel
+        if tunnel is None or not tunnel.up or tunnel.closed:
+            self.stats.count(self.stats.open_failures, "edge_unreachable")
+            log.warning("flow refused", extra={"dest": f"{host}:{port}", "code": "edge_unreachable",
+                                               "reason": "no tunnel to an edge is up"})
+            flow.done = True
+            flow.opened("edge_unreachable", "no tunnel to an edge is up")
+            return
+        try:
+            fid = tunnel.conn.open_flow(Open(host=host, port=port, source=flow.peer))
+        except FlowError as exc:
+            self.stats.count(self.stats.open_failures, exc.code)
+            log.warning("flow refused", extra={"dest": f"{host}:{port}", "code": exc.code, "reason": exc.message})
+            flow.done = True
+            flow.opened(exc.code, exc.message)
+            return
+        flow.bind(tunnel, fid)
+        tunnel.flush_soon()
+        flow.timer = asyncio.get_running_loop().call_later(self.settings.open_timeout, self._open_expired, flow)
+
+    def _open_expired(self, flow: ClientFlow) -> None:
+        flow.timer = None
+        if flow.active or flow.done:
+            return
+        reason = f"no answer from the edge within {self.settings.open_timeout:g}s"
+        self.stats.count(self.stats.open_failures, "open_timeout")
+        log.warning("flow refused", extra={"dest": "%s:%s" % flow.dest, "code": "open_timeout", "reason": reason})
+        if flow.tunnel is not None:
+            flow.tunnel.conn.reset_flow(flow.flow_id, "open_timeout", reason)
+            flow.tunnel.routes.pop(flow.flow_id, None)
+            flow.tunnel.flush_soon()
+        flow.done = True
+        flow.opened("open_timeout", reason)

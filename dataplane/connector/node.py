@@ -1,0 +1,195 @@
+"""Connector: keeps outbound tunnels to edges and dials private backends for each OPEN.
+
+The connector never listens for tunnels. It holds ``FERRYMAN_CONNECTOR_TUNNELS`` TLS
+tunnels spread over the configured edges, each kept up by its own reconnect loop
+(exponential backoff with jitter). Every OPEN from an edge becomes a TCP connection
+from this host to the backend (so the backend sees the connector's address), answered
+with OPEN_OK or OPEN_FAIL carrying a specific reason. On SIGTERM it sends GOAWAY on
+every tunnel, lets running flows finish for ``FERRYMAN_DRAIN_GRACE`` seconds, resets
+what is left and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from ..observability import Stats, parse_hostport, start_metrics_server
+from ..runtime import Backoff, NodeIdentity
+from ..settings import Settings
+from ..socketflow import EndpointNode, SocketFlow
+from ..transport.tunnel import Tunnel, ssl_handshake_error
+from ..wire import events as ev
+from ..wire.frames import Open
+
+log = logging.getLogger("ferryman.connector")
+
+
+class Connector(EndpointNode):
+    def __init__(self, settings: Settings, identity: NodeIdentity) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.name = identity.name
+        self.stats = Stats("connector", identity.name)
+        self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
+        if not self.edges:
+            raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
+        self.tunnels: set[Tunnel] = set()
+        self.draining = False
+        self._ssl = identity.client_context()
+        self._wire = identity.wire_config(group=settings.connector_group)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        metrics = None
+        if self.settings.metrics_addr:
+            metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready)
+        slots = [asyncio.create_task(self._slot(i)) for i in range(self.settings.connector_tunnels)]
+        log.info("connector started", extra={"group": self.settings.connector_group,
+                                             "edges": self.settings.edges,
+                                             "tunnels": self.settings.connector_tunnels})
+        await stop.wait()
+        await self.drain()
+        for task in slots:
+            task.cancel()
+        await asyncio.gather(*slots, return_exceptions=True)
+        if metrics is not None:
+            metrics.close()
+
+    def ready(self) -> bool:
+        return not self.draining and any(t.up and not t.closed for t in self.tunnels)
+
+    async def drain(self) -> None:
+        """GOAWAY on every tunnel, wait for flows to finish (bounded), then close."""
+        self.draining = True
+        grace = self.settings.drain_grace
+        live = sum(len(t.routes) for t in self.tunnels)
+        log.info("draining", extra={"flows": live, "grace_s": grace})
+        for tunnel in list(self.tunnels):
+            tunnel.goaway("draining", f"connector {self.name} is shutting down")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while any(t.routes for t in self.tunnels) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for tunnel in list(self.tunnels):
+            left = len(tunnel.routes)
+            if left:
+                log.warning("drain grace expired; resetting flows", extra={"flows": left})
+            for flow in list(tunnel.routes.values()):
+                flow.abort("connector_shutdown", f"connector {self.name} shut down")
+            tunnel.close("shutdown", "connector stopped")
+
+    async def _slot(self, index: int) -> None:
+        """Keep tunnel number ``index`` up, rotating over the edges after failures."""
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
+        attempt = 0
+        while not self.draining:
+            host, port = self.edges[(index + attempt) % len(self.edges)]
+            label = f"t{index}->{host}:{port}"
+            try:
+                _, tunnel = await loop.create_connection(
+                    lambda: Tunnel(self, self._wire, dialer=True, accept_roles=("edge",),
+                                   keepalive=self.settings.keepalive_interval,
+                                   handshake_timeout=self.settings.handshake_timeout,
+                                   write_buffer_high=self.settings.write_buffer_high, label=label),
+                    host, port, ssl=self._ssl, server_hostname=host,
+                    ssl_handshake_timeout=self.settings.handshake_timeout,
+                )
+                await tunnel.up_waiter
+            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                attempt += 1
+                delay = backoff.next()
+                self.stats.reconnects += 1
+                log.warning("edge unreachable", extra={"edge": f"{host}:{port}", "reason": ssl_handshake_error(exc),
+                                                       "retry_in_s": round(delay, 2)})
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            await tunnel.done_waiter
+            if self.draining:
+                return
+            attempt += 1
+            delay = backoff.next()
+            self.stats.reconnects += 1
+            await asyncio.sleep(delay)
+
+    # ------------------------------------------------------------------ tunnel events
+    def tunnel_up(self, tunnel: Tunnel) -> None:
+        self.tunnels.add(tunnel)
+        self.stats.tunnels_up += 1
+        self.stats.tunnels_opened += 1
+        log.info("tunnel up", extra={"tunnel": tunnel.label, "edge": tunnel.peer_name})
+
+    def tunnel_down(self, tunnel: Tunnel) -> None:
+        if tunnel in self.tunnels:
+            self.tunnels.discard(tunnel)
+            self.stats.tunnels_up -= 1
+            self.stats.count(self.stats.tunnels_closed, tunnel.close_code)
+            self.stats.rtt.pop(tunnel.label, None)
+        self.reset_all(tunnel, "tunnel_lost", f"tunnel to edge {tunnel.peer_name} lost: {tunnel.close_reason}")
+
+    def goaway_received(self, tunnel: Tunnel, event: ev.GoAwayReceived) -> None:
+        """The edge drains this tunnel: existing flows continue, the edge sends no new ones."""
+
+    def flow_requested(self, tunnel: Tunnel, event: ev.FlowRequested) -> None:
+        if event.flow_id not in tunnel.conn.flows:
+            return  # OPEN and RST arrived in the same read: already cancelled
+        request = event.open
+        if self.draining:
+            self._refuse(tunnel, event.flow_id, "draining", f"connector {self.name} is shutting down")
+            return
+        if request.protocol != "tcp":
+            self._refuse(tunnel, event.flow_id, "unsupported_protocol",
+                         f"{request.protocol} flows are not supported by connector {self.name}")
+            return
+        flow = SocketFlow(self)
+        flow.bind(tunnel, event.flow_id)
+        asyncio.get_running_loop().create_task(self._dial(tunnel, flow, request))
+
+    def _refuse(self, tunnel: Tunnel, flow_id: int, code: str, reason: str) -> None:
+        tunnel.conn.reject_flow(flow_id, code, reason)
+        tunnel.flush_soon()
+        self.stats.count(self.stats.open_failures, code)
+        log.info("open refused", extra={"flow": flow_id, "code": code, "reason": reason})
+
+    async def _dial(self, tunnel: Tunnel, flow: SocketFlow, request: Open) -> None:
+        loop = asyncio.get_running_loop()
+        target = f"{request.host}:{request.port}"
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: flow, request.host, request.port),
+                self.settings.dial_timeout,
+            )
+        except asyncio.TimeoutError:
+            code, reason = "dial_timeout", f"{target} did not answer within {self.settings.dial_timeout:g}s"
+        except ConnectionRefusedError:
+            code, reason = "dial_refused", f"connection refused by {target}"
+        except socket.gaierror as exc:
+            code, reason = "dns_error", f"cannot resolve {request.host}: {exc.strerror}"
+        except OSError as exc:
+            code, reason = "dial_error", f"{target}: {exc.strerror or exc}"
+        else:
+            if flow.done or tunnel.closed:
+                transport.abort()
+                return
+            local = transport.get_extra_info("sockname")
+            tunnel.conn.accept_flow(flow.flow_id, bound=f"{local[0]}:{local[1]}")
+            tunnel.flush_soon()
+            flow.activate()
+            return
+        tunnel.routes.pop(flow.flow_id, None)
+        if flow.done or tunnel.closed:
+            return
+        flow.done = True
+        self._refuse(tunnel, flow.flow_id, code, reason)
+
+    def tunnel_writable(self, tunnel: Tunnel, writable: bool) -> None:
+        """Credit bounds what each flow may queue; nothing to do on tunnel back-pressure."""
+
+    def flow_accepted(self, tunnel: Tunnel, event: ev.FlowAccepted) -> None:
+        """Connectors never open flows, so there is never an OPEN_OK to handle."""
+
+    def flow_rejected(self, tunnel: Tunnel, event: ev.FlowRejected) -> None:
+        """Connectors never open flows, so there is never an OPEN_FAIL to handle."""

@@ -1,0 +1,356 @@
+"""Edge: accepts client and connector tunnels and switches each flow between them.
+
+For every OPEN from a client the edge finds the application whose segment covers the
+destination, picks the least-loaded healthy connector tunnel of that application's
+connector group (never a draining one), and opens the flow there. From then on it
+splices the two flows: DATA payloads are passed from one tunnel to the other as the
+same slices, credit is returned to the sender only for bytes the other side accepted
+(so the edge holds at most one window per flow and direction), and FIN/RST travel
+through. A lost tunnel resets every flow that used it, with a reason naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from ..apps import AppTable, describe_miss
+from ..observability import Stats, parse_hostport, start_metrics_server
+from ..runtime import NodeIdentity
+from ..settings import Settings
+from ..transport.tunnel import Tunnel, TunnelHandler
+from ..wire import events as ev
+from ..wire.connection import FlowError
+from ..wire.frames import Open
+
+log = logging.getLogger("ferryman.edge")
+
+
+class Splice:
+    """A client flow joined to a connector flow. ``up`` is client→connector."""
+
+    __slots__ = ("client", "cfid", "conn", "kfid", "up_pending", "down_pending",
+                 "up_fin", "down_fin", "accepted", "closed_sides", "dest", "app")
+
+    def __init__(self, client: Tunnel, cfid: int, conn: Tunnel, kfid: int, dest: str, app: str) -> None:
+        self.client = client
+        self.cfid = cfid
+        self.conn = conn
+        self.kfid = kfid
+        self.up_pending: list[memoryview] = []
+        self.down_pending: list[memoryview] = []
+        self.up_fin = False  # FIN from the client waits behind up_pending
+        self.down_fin = False
+        self.accepted = False
+        self.closed_sides = 0
+        self.dest = dest
+        self.app = app
+
+
+class Edge(TunnelHandler):
+    def __init__(self, settings: Settings, identity: NodeIdentity, apps: AppTable) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.name = identity.name
+        self.apps = apps
+        self.stats = Stats("edge", identity.name)
+        self.groups: dict[str, list[Tunnel]] = {}
+        self.clients: set[Tunnel] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self._wire = identity.wire_config()
+        self.stats.extra = {
+            "ferryman_edge_clients": ("Client tunnels connected", lambda: float(len(self.clients))),
+            "ferryman_edge_connector_tunnels": (
+                "Connector tunnels connected", lambda: float(sum(len(v) for v in self.groups.values()))),
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
+        host, port = parse_hostport(self.settings.edge_listen, "FERRYMAN_EDGE_LISTEN", allow_zero=True)
+        s = self.settings
+        self.server = await loop.create_server(
+            lambda: Tunnel(self, self._wire, dialer=False, accept_roles=("client", "connector"),
+                           keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
+                           write_buffer_high=s.write_buffer_high, label="in"),
+            host, port, ssl=self.identity.server_context(), ssl_handshake_timeout=s.handshake_timeout,
+            backlog=1024, reuse_address=True,
+        )
+        bound = self.server.sockets[0].getsockname()
+        metrics = None
+        if s.metrics_addr:
+            metrics = await start_metrics_server(s.metrics_addr, self.stats, self.ready)
+        log.info("edge listening", extra={"addr": f"{bound[0]}:{bound[1]}", "apps": len(self.apps.apps)})
+        await stop.wait()
+        log.info("edge stopping")
+        self.server.close()
+        for tunnel in list(self.clients) + [t for ts in self.groups.values() for t in ts]:
+            tunnel.goaway("shutdown", f"edge {self.name} is shutting down")
+            tunnel.close("shutdown", "edge stopped")
+        if metrics is not None:
+            metrics.close()
+
+    def ready(self) -> bool:
+        return self.server is not None and self.server.is_serving()
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError, asyncio.TimeoutError)):
+            transport = context.get("transport")
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            self.stats.count(self.stats.tunnels_closed, "tls_handshake_failed")
+            log.warning("tunnel refused", extra={"peer_addr": f"{peer[0]}:{peer[1]}" if peer else "?",
+                                                 "reason": f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"})
+            return
+        loop.default_exception_handler(context)
+
+    # ------------------------------------------------------------------ tunnels
+    def tunnel_up(self, tunnel: Tunnel) -> None:
+        peer = tunnel.conn.peer
+        assert peer is not None
+        self.stats.tunnels_up += 1
+        self.stats.tunnels_opened += 1
+        tunnel.label = f"{peer.role}:{peer.node}@{tunnel.peer_addr}"
+        if peer.role == "connector":
+            self.groups.setdefault(peer.group or "default", []).append(tunnel)
+        else:
+            self.clients.add(tunnel)
+        log.info("tunnel up", extra={"tunnel": tunnel.label, "group": peer.group})
+
+    def tunnel_down(self, tunnel: Tunnel) -> None:
+        peer = tunnel.conn.peer
+        if peer is None or not tunnel.up:
+            return
+        self.stats.tunnels_up -= 1
+        self.stats.count(self.stats.tunnels_closed, tunnel.close_code)
+        self.stats.rtt.pop(tunnel.label, None)
+        if peer.role == "connector":
+            group = self.groups.get(peer.group or "default", [])
+            if tunnel in group:
+                group.remove(tunnel)
+            code, reason = "connector_lost", f"connector {peer.node} lost: {tunnel.close_reason}"
+        else:
+            self.clients.discard(tunnel)
+            code, reason = "client_lost", f"client {peer.node} lost: {tunnel.close_reason}"
+        for fid, splice in list(tunnel.routes.items()):
+            if splice.closed_sides == 2:
+                continue
+            if peer.role == "connector":
+                other, ofid = splice.client, splice.cfid
+            else:
+                other, ofid = splice.conn, splice.kfid
+            if peer.role == "connector" and not splice.accepted:
+                if ofid in other.conn.flows:
+                    other.conn.reject_flow(ofid, code, reason)
+                self.stats.count(self.stats.open_failures, code)
+            else:
+                other.conn.reset_flow(ofid, code, reason)
+            other.flush_soon()
+            self._finish(splice, code)
+        tunnel.routes.clear()
+
+    def tunnel_writable(self, tunnel: Tunnel, writable: bool) -> None:
+        """Per-flow credit bounds what each flow queues here; nothing else to do."""
+
+    def goaway_received(self, tunnel: Tunnel, event: ev.GoAwayReceived) -> None:
+        """A draining connector is skipped by pick_connector (Tunnel.draining)."""
+
+    def pick_connector(self, group: str) -> Tunnel | None:
+        """Least-loaded healthy connector of the group, then its least-loaded tunnel."""
+        candidates = [t for t in self.groups.get(group, ()) if t.up and not t.closed and not t.draining]
+        if not candidates:
+            return None
+        load: dict[str, int] = {}
+        for t in candidates:
+            load[t.peer_name] = load.get(t.peer_name, 0) + t.load
+        return min(candidates, key=lambda t: (load[t.peer_name], t.load))
+
+    # ------------------------------------------------------------------ opening
+    def flow_requested(self, tunnel: Tunnel, event: ev.FlowRequested) -> None:
+        fid = event.flow_id
+        request = event.open
+        if fid not in tunnel.conn.flows:
+            return  # OPEN and RST arrived in the same read: already cancelled
+        if tunnel.conn.peer.role != "client":  # type: ignore[union-attr]
+            self._refuse(tunnel, fid, "not_allowed", "connectors cannot open flows")
+            return
+        if request.protocol != "tcp":
+            self._refuse(tunnel, fid, "unsupported_protocol", f"{request.protocol} flows are not supported yet")
+            return
+        match = self.apps.match(request.host, request.port, request.protocol)
+        if match is None:
+            self._refuse(tunnel, fid, "no_application", describe_miss(request.host, request.port, request.protocol))
+            return
+        group = match.app.connector_group
+        connector = self.pick_connector(group)
+        if connector is None:
+            self._refuse(tunnel, fid, "no_connector",
+                         f"no connector of group '{group}' is connected for application '{match.app.name}'")
+            return
+        try:
+            kfid = connector.conn.open_flow(Open(
+                host=request.host, port=request.port, protocol=request.protocol,
+                source=request.source or tunnel.peer_addr, app=match.app.name,
+            ))
+        except FlowError as exc:
+            self._refuse(tunnel, fid, exc.code, f"connector {connector.peer_name}: {exc.message}")
+            return
+        splice = Splice(tunnel, fid, connector, kfid, f"{request.host}:{request.port}", match.app.name)
+        tunnel.routes[fid] = splice
+        connector.routes[kfid] = splice
+        connector.flush_soon()
+
+    def _refuse(self, tunnel: Tunnel, fid: int, code: str, reason: str) -> None:
+        tunnel.conn.reject_flow(fid, code, reason)
+        self.stats.count(self.stats.open_failures, code)
+        log.info("open refused", extra={"client": tunnel.peer_name, "flow": fid, "code": code, "reason": reason})
+
+    def open_refused(self, tunnel: Tunnel, event: ev.OpenRefused) -> None:
+        self.stats.count(self.stats.open_failures, event.code)
+
+    def flow_accepted(self, tunnel: Tunnel, event: ev.FlowAccepted) -> None:
+        splice = tunnel.routes.get(event.flow_id)
+        if splice is None:
+            return
+        splice.accepted = True
+        client = splice.client
+        if splice.cfid in client.conn.flows:
+            client.conn.accept_flow(splice.cfid, bound=event.bound)
+            client.flush_soon()
+            self.stats.flows_active += 1
+            self.stats.flows_opened += 1
+        else:  # the client gave up while the connector was dialing
+            tunnel.conn.reset_flow(event.flow_id, "cancelled", "client cancelled the flow")
+            tunnel.routes.pop(event.flow_id, None)
+
+    def flow_rejected(self, tunnel: Tunnel, event: ev.FlowRejected) -> None:
+        splice = tunnel.routes.pop(event.flow_id, None)
+        if splice is None:
+            return
+        client = splice.client
+        client.routes.pop(splice.cfid, None)
+        if splice.cfid in client.conn.flows:
+            client.conn.reject_flow(splice.cfid, event.code, event.reason)
+            client.flush_soon()
+        self.stats.count(self.stats.open_failures, event.code)
+        log.info("open failed at connector", extra={"connector": tunnel.peer_name, "dest": splice.dest,
+                                                    "code": event.code, "reason": event.reason})
+
+    # ------------------------------------------------------------------ splicing
+    def data_received(self, tunnel: Tunnel, event: ev.DataReceived) -> None:
+        splice = tunnel.routes.get(event.flow_id)
+        if splice is None:
+            return
+        data = event.data
+        if tunnel is splice.client:
+            out, ofid, pending = splice.conn, splice.kfid, splice.up_pending
+            self.stats.bytes_rx += len(data)
+        else:
+            out, ofid, pending = splice.client, splice.cfid, splice.down_pending
+            self.stats.bytes_tx += len(data)
+        if pending:
+            pending.append(data)
+            return
+        try:
+            sent = out.conn.send_data(ofid, data)
+        except FlowError:
+            return  # the other side is being reset; its RST reaches this flow's peer
+        if sent:
+            tunnel.conn.acknowledge(event.flow_id, sent)
+            out.flush_soon()
+        if sent < len(data):
+            pending.append(data[sent:])
+
+    def credit_available(self, tunnel: Tunnel, event: ev.CreditAvailable) -> None:
+        splice = tunnel.routes.get(event.flow_id)
+        if splice is None:
+            return
+        if tunnel is splice.conn:
+            source, sfid, pending, fin = splice.client, splice.cfid, splice.up_pending, splice.up_fin
+        else:
+            source, sfid, pending, fin = splice.conn, splice.kfid, splice.down_pending, splice.down_fin
+        if not pending:
+            return
+        conn = tunnel.conn
+        while pending:
+            chunk = pending[0]
+            sent = conn.send_data(event.flow_id, chunk)
+            if sent:
+                source.conn.acknowledge(sfid, sent)
+            if sent < len(chunk):
+                pending[0] = chunk[sent:]
+                break
+            pending.pop(0)
+        source.flush_soon()
+        if not pending and fin:
+            self._forward_fin(splice, to=tunnel, fid=event.flow_id)
+
+    def flow_ended(self, tunnel: Tunnel, event: ev.FlowEnded) -> None:
+        splice = tunnel.routes.get(event.flow_id)
+        if splice is None:
+            return
+        if tunnel is splice.client:
+            if splice.up_pending:
+                splice.up_fin = True
+            else:
+                self._forward_fin(splice, to=splice.conn, fid=splice.kfid)
+        else:
+            if splice.down_pending:
+                splice.down_fin = True
+            else:
+                self._forward_fin(splice, to=splice.client, fid=splice.cfid)
+
+    def _forward_fin(self, splice: Splice, to: Tunnel, fid: int) -> None:
+        if fid not in to.conn.flows:
+            return
+        if to is splice.conn:
+            splice.up_fin = False
+        else:
+            splice.down_fin = False
+        closed = to.conn.send_fin(fid)
+        to.flush_soon()
+        if closed:
+            self._side_closed(splice, to, fid)
+
+    def flow_closed(self, tunnel: Tunnel, event: ev.FlowClosed) -> None:
+        splice = tunnel.routes.get(event.flow_id)
+        if splice is not None:
+            self._side_closed(splice, tunnel, event.flow_id)
+
+    def _side_closed(self, splice: Splice, tunnel: Tunnel, fid: int) -> None:
+        tunnel.routes.pop(fid, None)
+        splice.closed_sides += 1
+        if splice.closed_sides == 2:
+            self._finish(splice, "fin")
+
+    def flow_reset(self, tunnel: Tunnel, event: ev.FlowReset) -> None:
+        splice = tunnel.routes.pop(event.flow_id, None)
+        if splice is None:
+            return
+        if tunnel is splice.client:
+            other, ofid = splice.conn, splice.kfid
+        else:
+            other, ofid = splice.client, splice.cfid
+        other.routes.pop(ofid, None)
+        if ofid in other.conn.flows:
+            if other is splice.client and not splice.accepted:
+                other.conn.reject_flow(ofid, event.code, event.reason)
+            else:
+                other.conn.reset_flow(ofid, event.code, event.reason)
+            other.flush_soon()
+        self._finish(splice, event.code)
+
+    def _finish(self, splice: Splice, reason: str) -> None:
+        splice.client.routes.pop(splice.cfid, None)
+        splice.conn.routes.pop(splice.kfid, None)
+        splice.up_pending.clear()
+        splice.down_pending.clear()
+        if splice.accepted and splice.closed_sides != -1:
+            self.stats.flows_active -= 1
+            self.stats.count(self.stats.flows_closed, reason)
+        splice.closed_sides = -1
+
+    def datagram_received(self, tunnel: Tunnel, event: ev.DatagramReceived) -> None:
+        self.stats.count(self.stats.protocol_errors, "datagram_unsupported")

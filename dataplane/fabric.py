@@ -1,0 +1,268 @@
+"""Local fabric: edge, connector(s) and client agent as separate OS processes on loopback.
+
+``Fabric`` is what ``ferryman up`` and the benchmarks use: it creates certificates (once,
+under the work directory), writes an application file covering each forward's
+destination, starts every node with ``python -m dataplane ROLE`` exactly as an operator
+would, and waits until each node's ``/ready`` answers 200 (for the client that means its
+tunnel is up and every forward's destination answered a probe). ``stop()`` ends the
+client first, then the connectors (which then drain at once), then the edge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+from . import pki
+
+
+class FabricError(RuntimeError):
+    """A node did not come up; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+class Fabric:
+    def __init__(self, workdir: str, forwards: list[tuple[str, int, str, int]], env: dict[str, str] | None = None,
+                 connectors: int = 1) -> None:
+        self.workdir = os.path.abspath(workdir)
+        self.forwards = [(lh, lp or free_port(), h, p) for lh, lp, h, p in forwards]
+        self.env = dict(env or {})
+        self.connector_names = [f"connector-{i + 1}" for i in range(connectors)]
+        self.edge_port = 0
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.metrics: dict[str, str] = {}
+        self.logs: dict[str, str] = {}
+
+    @property
+    def forward_ports(self) -> list[int]:
+        return [lp for _, lp, _, _ in self.forwards]
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: proc.pid for name, proc in self.procs.items()}
+
+    # ------------------------------------------------------------------ setup
+    def _certificates(self) -> str:
+        directory = os.path.join(self.workdir, "pki")
+        wanted = ["edge-1", "client-1", *self.connector_names]
+        if not all(os.path.exists(os.path.join(directory, f"{n}.pem")) for n in wanted):
+            pki.init_pki(directory, edge_hosts=["127.0.0.1", "localhost"], edges=["edge-1"],
+                         connectors=self.connector_names, clients=["client-1"], force=True)
+        return directory
+
+    def _apps_file(self) -> str:
+        apps = []
+        for i, (_, _, host, port) in enumerate(self.forwards):
+            apps.append({"name": f"forward-{i + 1}", "connector_group": "default",
+                         "segments": [{"destination": host, "ports": str(port), "protocol": "tcp"}]})
+        path = os.path.join(self.workdir, "apps.json")
+        with open(path, "w") as fh:
+            json.dump({"apps": apps}, fh, indent=2)
+        return path
+
+    def _spawn(self, name: str, role: str, args: list[str], certs: str) -> None:
+        port = free_port()
+        self.metrics[name] = f"127.0.0.1:{port}"
+        env = {**os.environ, **self.env,
+               "FERRYMAN_TLS_CA": os.path.join(certs, "ca.pem"),
+               "FERRYMAN_TLS_CERT": os.path.join(certs, f"{name}.pem"),
+               "FERRYMAN_TLS_KEY": os.path.join(certs, f"{name}.key"),
+               "FERRYMAN_METRICS_ADDR": self.metrics[name]}
+        log_path = os.path.join(self.workdir, "logs", f"{name}.log")
+        self.logs[name] = log_path
+        with open(log_path, "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "dataplane", role, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+
+    def start(self, timeout: float = 30.0) -> None:
+        os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
+        certs = self._certificates()
+        apps = self._apps_file()
+        self.edge_port = free_port()
+        edge_addr = f"127.0.0.1:{self.edge_port}"
+        try:
+            self._spawn("edge-1", "edge", ["--listen", edge_addr, "--apps", apps], certs)
+            for name in self.connector_names:
+                self._spawn(name, "connector", ["--edges", edge_addr], certs)
+            fwd_args = [a for lh, lp, h, p in self.forwards for a in ("--forward", f"{lh}:{lp}={h}:{p}")]
+            self._spawn("client-1", "client", ["--edges", edge_addr, *fwd_args], certs)
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = dict(self.metrics)
+        while pending:
+            for name, addr in list(pending.items()):
+                proc = self.procs[name]
+                if proc.poll() is not None:
+                    raise FabricError(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
+                if _http_status(f"http://{addr}/ready") == 200:
+                    del pending[name]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(pending)
+                tails = "\n".join(f"--- {n}\n{self.log_tail(n)}" for n in pending)
+                raise FabricError(f"not ready within {timeout:g}s: {names}\n{tails}")
+            time.sleep(0.05)
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        try:
+            with open(self.logs[name], "rb") as fh:
+                return b"".join(fh.readlines()[-lines:]).decode(errors="replace")
+        except OSError:
+            return "(no log)"
+
+    # ------------------------------------------------------------------ control
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        order = ["client-1", *self.connector_names, "edge-1"]
+        for name in order:
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> "Fabric":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------- ferryman up
+def _echo_backend(port: int) -> subprocess.Popen[bytes]:
+    code = (
+        "import asyncio, uvloop\n"
+        "class Echo(asyncio.Protocol):\n"
+        "    def connection_made(self, t): self.t = t\n"
+        "    def data_received(self, d): self.t.write(d)\n"
+        "    def eof_received(self): self.t.write_eof(); return True\n"
+        "async def main():\n"
+        f"    s = await asyncio.get_running_loop().create_server(Echo, '127.0.0.1', {port})\n"
+        "    await s.serve_forever()\n"
+        "uvloop.run(main())\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _echo_roundtrip(port: int, size: int) -> tuple[float, bool]:
+    payload = os.urandom(size)
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    elapsed = time.perf_counter() - start
+    return elapsed, hashlib.sha256(b"".join(chunks)).digest() == hashlib.sha256(payload).digest()
+
+
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[list[bool]]:
+    stopped = [False]
+
+    def handler(signum: int, frame: object) -> None:
+        stopped[0] = True
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stopped
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def up(workdir: str, forward_specs: list[str], duration: float | None = None) -> int:
+    from .client.node import Forward
+
+    forwards = [Forward.parse(spec) for spec in forward_specs]
+    backend = None
+    if not forwards:
+        backend_port = free_port()
+        backend = _echo_backend(backend_port)
+        forwards = [Forward("127.0.0.1", 0, "127.0.0.1", backend_port)]
+        print(f"sample echo backend on 127.0.0.1:{backend_port}", file=sys.stderr)
+    fabric = Fabric(workdir, [(f.listen_host, f.listen_port, f.host, f.port) for f in forwards])
+    with _signals_stop() as stopped:
+        try:
+            fabric.start()
+        except FabricError as exc:
+            print(f"ferryman up: {exc}", file=sys.stderr)
+            if backend is not None:
+                backend.terminate()
+            return 1
+        for name, proc in fabric.procs.items():
+            print(f"{name:<12} pid {proc.pid:<7} metrics http://{fabric.metrics[name]}/metrics  log {fabric.logs[name]}",
+                  file=sys.stderr)
+        for lh, lp, h, p in fabric.forwards:
+            print(f"forward {lh}:{lp} -> client -> edge -> connector -> {h}:{p}", file=sys.stderr)
+        print("ready", flush=True)
+        started = time.monotonic()
+        try:
+            while not stopped[0] and (duration is None or time.monotonic() - started < duration):
+                if backend is not None:
+                    elapsed, ok = _echo_roundtrip(fabric.forward_ports[0], 256 * 1024)
+                    verdict = "sha256 ok" if ok else "CONTENT MISMATCH"
+                    print(f"traffic: 256 KiB echoed app -> client -> edge -> connector -> backend and back "
+                          f"in {elapsed * 1000:.1f} ms ({verdict})", flush=True)
+                    if not ok:
+                        return 1
+                time.sleep(1.0 if backend is not None else 0.2)
+        except OSError as exc:
+            print(f"ferryman up: traffic failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            fabric.stop()
+            if backend is not None:
+                backend.terminate()
+                backend.wait()
+            print("stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,116 @@
+"""Command-line entry of the data-plane nodes: ``edge``, ``connector``, ``client``, ``pki init``.
+
+``ferryman edge|connector|client|pki`` land here (also ``python -m dataplane ...``). Flags
+override ``FERRYMAN_*`` variables of the same meaning. Errors in settings, certificates
+or the application file end the process with exit code 2 and one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from . import pki
+from .apps import AppsError, AppTable
+from .observability import setup_logging
+from .runtime import NodeIdentity, run_node
+from .settings import Settings, SettingsError, load
+
+
+def _tls_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca", dest="tls_ca", help="CA bundle (FERRYMAN_TLS_CA)")
+    parser.add_argument("--cert", dest="tls_cert", help="node certificate (FERRYMAN_TLS_CERT)")
+    parser.add_argument("--key", dest="tls_key", help="node private key (FERRYMAN_TLS_KEY)")
+    parser.add_argument("--metrics", dest="metrics_addr", help="HOST:PORT for /metrics and /ready")
+
+
+def add_node_commands(sub: Any) -> None:
+    edge = sub.add_parser("edge", help="run an edge: accepts client and connector tunnels")
+    _tls_flags(edge)
+    edge.add_argument("--listen", dest="edge_listen", help="HOST:PORT for tunnels (FERRYMAN_EDGE_LISTEN)")
+    edge.add_argument("--apps", dest="apps_file", help="application file (FERRYMAN_APPS_FILE)")
+    edge.set_defaults(node="edge")
+
+    conn = sub.add_parser("connector", help="run a connector: dials edges, reaches private backends")
+    _tls_flags(conn)
+    conn.add_argument("--edges", help="comma-separated edge HOST:PORT list (FERRYMAN_EDGES)")
+    conn.add_argument("--group", dest="connector_group", help="connector group (FERRYMAN_CONNECTOR_GROUP)")
+    conn.add_argument("--tunnels", dest="connector_tunnels", type=int, help="tunnels to keep (FERRYMAN_CONNECTOR_TUNNELS)")
+    conn.set_defaults(node="connector")
+
+    client = sub.add_parser("client", help="run the client agent: port forwards and SOCKS5 into the fabric")
+    _tls_flags(client)
+    client.add_argument("--edges", help="comma-separated edge HOST:PORT list (FERRYMAN_EDGES)")
+    client.add_argument("--forward", action="append", default=[], metavar="[HOST:]PORT=DEST:PORT",
+                        help="local port forward (repeatable)")
+    client.add_argument("--socks", dest="socks_listen", help="SOCKS5 listen HOST:PORT (FERRYMAN_SOCKS_LISTEN)")
+    client.set_defaults(node="client")
+
+    p = sub.add_parser("pki", help="certificates for nodes until the control plane issues them")
+    psub = p.add_subparsers(dest="pki_cmd", required=True)
+    init = psub.add_parser("init", help="create a CA and edge/connector/client certificates in DIR")
+    init.add_argument("dir")
+    init.add_argument("--edge-host", action="append", default=[], help="name or IP clients dial (repeatable)")
+    init.add_argument("--edge", action="append", default=[], help="edge name (repeatable; default edge-1)")
+    init.add_argument("--connector", action="append", default=[], help="connector name (repeatable; default connector-1)")
+    init.add_argument("--client", action="append", default=[], help="client name (repeatable; default client-1)")
+    init.add_argument("--force", action="store_true", help="overwrite existing node certificates")
+    init.set_defaults(node="pki")
+
+
+_SETTING_FLAGS = ("tls_ca", "tls_cert", "tls_key", "metrics_addr", "edge_listen", "apps_file", "edges",
+                  "connector_group", "connector_tunnels", "socks_listen")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    try:
+        if args.node == "pki":
+            return _pki_init(args)
+        overrides = {k: getattr(args, k, None) for k in _SETTING_FLAGS}
+        settings = load(overrides)
+        identity = NodeIdentity(settings, args.node)
+        setup_logging(settings.log_level, settings.log_format, args.node, identity.name)
+        node = _build(args, settings, identity)
+    except (SettingsError, AppsError, pki.PkiError, ValueError) as exc:
+        print(f"ferryman {args.node}: {exc}", file=sys.stderr)
+        return 2
+    run_node(node.run)
+    return 0
+
+
+def _build(args: argparse.Namespace, settings: Settings, identity: NodeIdentity) -> Any:
+    if args.node == "edge":
+        from .edge.node import Edge
+
+        if not settings.apps_file:
+            raise SettingsError("FERRYMAN_APPS_FILE (or --apps) is required: the edge needs its applications")
+        return Edge(settings, identity, AppTable.load(settings.apps_file))
+    if args.node == "connector":
+        from .connector.node import Connector
+
+        return Connector(settings, identity)
+    from .client.node import Client, Forward
+
+    return Client(settings, identity, [Forward.parse(f) for f in args.forward])
+
+
+def _pki_init(args: argparse.Namespace) -> int:
+    created = pki.init_pki(
+        args.dir,
+        edge_hosts=args.edge_host or ["localhost", "127.0.0.1"],
+        edges=args.edge or ["edge-1"],
+        connectors=args.connector or ["connector-1"],
+        clients=args.client or ["client-1"],
+        force=args.force,
+    )
+    for name, files in created.items():
+        print(f"{files.role:<10} {name:<16} {files.cert}  {files.key}")
+    print(f"CA: {args.dir}/ca.pem")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dataplane")
+    add_node_commands(parser.add_subparsers(dest="cmd", required=True))
+    return run_command(parser.parse_args(argv))

@@ -1,0 +1,95 @@
+"""Process bootstrap shared by every node: TLS identity, wire limits, signals, reconnect backoff.
+
+A node process (edge, connector, client) is started by ``dataplane.run``; this module
+turns ``Settings`` into what the node needs and runs its main coroutine on uvloop with
+SIGINT/SIGTERM wired to a stop event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import resource
+import signal
+import ssl
+from collections.abc import Awaitable, Callable
+
+import uvloop
+
+from . import pki
+from .settings import Settings, SettingsError
+from .wire.connection import WireConfig
+
+SOFTWARE = "ferryman/0.1.0"
+
+
+class NodeIdentity:
+    """This node's certificate-backed identity and TLS contexts."""
+
+    def __init__(self, settings: Settings, role: str) -> None:
+        missing = [name for name, value in (("FERRYMAN_TLS_CA", settings.tls_ca),
+                                            ("FERRYMAN_TLS_CERT", settings.tls_cert),
+                                            ("FERRYMAN_TLS_KEY", settings.tls_key)) if not value]
+        if missing:
+            raise SettingsError(
+                f"{', '.join(missing)} not set: run `ferryman pki init DIR` and point the "
+                f"FERRYMAN_TLS_* variables (or --ca/--cert/--key) at its files"
+            )
+        me = pki.load_identity(settings.tls_cert)
+        if me.role != role:
+            raise SettingsError(f"{settings.tls_cert} is a {me.role} certificate; a {role} needs a {role} certificate")
+        self.role = role
+        self.name = me.name
+        self.settings = settings
+
+    def server_context(self) -> ssl.SSLContext:
+        s = self.settings
+        return pki.server_context(s.tls_cert, s.tls_key, s.tls_ca)
+
+    def client_context(self) -> ssl.SSLContext:
+        s = self.settings
+        return pki.client_context(s.tls_cert, s.tls_key, s.tls_ca)
+
+    def wire_config(self, group: str = "") -> WireConfig:
+        s = self.settings
+        return WireConfig(
+            role=self.role, node=self.name, group=group, max_frame=s.max_frame, window=s.flow_window,
+            max_flows=s.max_flows, max_pending_opens=s.max_pending_opens, software=SOFTWARE,
+        )
+
+
+class Backoff:
+    """Exponential reconnect delay with full jitter: uniform(0, min(max, base * 2**attempt))."""
+
+    def __init__(self, base: float, ceiling: float) -> None:
+        self.base = base
+        self.ceiling = ceiling
+        self.attempt = 0
+
+    def next(self) -> float:
+        cap = min(self.ceiling, self.base * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        return random.uniform(self.base / 2, max(self.base / 2, cap))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def raise_nofile_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run_node(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)`` on uvloop; SIGINT/SIGTERM set ``stop``."""
+    raise_nofile_limit()
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    uvloop.run(runner())

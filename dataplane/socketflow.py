@@ -1,0 +1,266 @@
+"""One local TCP connection bridged to one tunnel flow, for the client agent and the connector.
+
+``SocketFlow`` is the asyncio Protocol of the local socket (the app's connection at the
+client, the backend connection at the connector). Bytes read from the socket go out as
+DATA within the flow's credit; when credit runs out the socket stops being read. Bytes
+from the tunnel are written to the socket and acknowledged (credit returned) only while
+the socket's write buffer is below its high-water mark, so a reader that stops holds at
+most one window of its own data and never slows the other flows of the tunnel.
+Half-close maps to FIN both ways; a reset maps to RST and to a TCP reset of the socket.
+
+``EndpointNode`` is the shared part of the client and connector nodes: it routes a
+tunnel's flow events to the SocketFlow registered for that flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+from .observability import Stats
+from .transport.tunnel import Tunnel, TunnelHandler
+from .wire import events as ev
+from .wire.connection import FlowError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = logging.getLogger("ferryman.flow")
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class SocketFlow(asyncio.Protocol):
+    __slots__ = (
+        "node", "tunnel", "flow_id", "transport", "active", "pending", "fin_pending",
+        "sent_fin", "got_fin", "write_paused", "unacked", "done", "on_connect", "peer",
+    )
+
+    def __init__(self, node: "EndpointNode", on_connect: "Callable[[SocketFlow], None] | None" = None) -> None:
+        self.node = node
+        self.tunnel: Tunnel | None = None
+        self.flow_id = 0
+        self.transport: asyncio.Transport | None = None
+        self.active = False
+        self.pending: memoryview | None = None
+        self.fin_pending = False
+        self.sent_fin = False
+        self.got_fin = False
+        self.write_paused = False
+        self.unacked = 0
+        self.done = False
+        self.on_connect = on_connect
+        self.peer = ""
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, tunnel: Tunnel, flow_id: int) -> None:
+        self.tunnel = tunnel
+        self.flow_id = flow_id
+        tunnel.routes[flow_id] = self
+
+    def activate(self) -> None:
+        """The flow is open on the tunnel and the socket is connected: start relaying."""
+        self.active = True
+        self.node.stats.flows_active += 1
+        self.node.stats.flows_opened += 1
+        if self.pending is not None:
+            self.on_credit()  # early bytes first; then FIN or reading resumes
+        elif self.fin_pending:
+            self._send_fin()
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ local socket
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        high = self.node.socket_buffer
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        if not self.active:
+            transport.pause_reading()
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        if self.on_connect is not None:
+            self.on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active:
+            # uvloop starts reading right after connection_made even if it paused: keep
+            # what arrives before OPEN_OK (one read at most) and stop reading.
+            self.pending = memoryview(bytes(self.pending) + data) if self.pending is not None else memoryview(data)
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            return
+        tunnel = self.tunnel
+        if tunnel is None or self.done:
+            return
+        try:
+            n = tunnel.conn.send_data(self.flow_id, data)
+        except FlowError:
+            self.abort()
+            return
+        self.node.stats.bytes_tx += n
+        tunnel.flush_soon()
+        if n < len(data):
+            self.pending = memoryview(data)[n:]
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        if self.pending is not None or not self.active:
+            self.fin_pending = True
+        else:
+            self._send_fin()
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.unacked and self.tunnel is not None:
+            self.tunnel.conn.acknowledge(self.flow_id, self.unacked)
+            self.unacked = 0
+            self.tunnel.flush_soon()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.done:
+            return
+        tunnel = self.tunnel
+        if tunnel is not None and self.flow_id in tunnel.conn.flows:
+            reason = f"local connection reset: {exc}" if exc else "local connection closed"
+            tunnel.conn.reset_flow(self.flow_id, "reset", reason)
+            tunnel.flush_soon()
+        self._finish("reset" if exc or not (self.sent_fin and self.got_fin) else "fin")
+
+    # ------------------------------------------------------------------ tunnel side
+    def on_data(self, data: memoryview) -> None:
+        n = len(data)
+        self.node.stats.bytes_rx += n
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if self.write_paused:
+            self.unacked += n
+        else:
+            self.tunnel.conn.acknowledge(self.flow_id, n)  # type: ignore[union-attr]
+
+    def on_credit(self) -> None:
+        pending = self.pending
+        if pending is None or self.done:
+            return
+        n = self.tunnel.conn.send_data(self.flow_id, pending)  # type: ignore[union-attr]
+        self.node.stats.bytes_tx += n
+        if n < len(pending):
+            self.pending = pending[n:]
+            return
+        self.pending = None
+        if self.fin_pending:
+            self._send_fin()
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def on_fin(self) -> None:
+        self.got_fin = True
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+
+    def on_closed(self) -> None:
+        """FIN went both ways: the flow is finished cleanly."""
+        self._finish("fin")
+        if self.transport is not None:
+            self.transport.close()
+
+    def on_reset(self, code: str, reason: str) -> None:
+        log.info("flow reset", extra={"flow": self.flow_id, "peer": self.peer, "code": code, "reason": reason})
+        self._finish(code)
+        self._reset_socket()
+
+    # ------------------------------------------------------------------ helpers
+    def abort(self, code: str = "reset", reason: str = "aborted") -> None:
+        """Reset both the flow and the socket (local decision)."""
+        if self.tunnel is not None and self.flow_id in self.tunnel.conn.flows:
+            self.tunnel.conn.reset_flow(self.flow_id, code, reason)
+            self.tunnel.flush_soon()
+        self._finish(code)
+        self._reset_socket()
+
+    def _send_fin(self) -> None:
+        self.fin_pending = False
+        tunnel = self.tunnel
+        if tunnel is None or self.sent_fin or self.flow_id not in tunnel.conn.flows:
+            return
+        self.sent_fin = True
+        closed = tunnel.conn.send_fin(self.flow_id)
+        tunnel.flush_soon()
+        if closed:
+            self.on_closed()
+
+    def _reset_socket(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        transport.abort()
+
+    def _finish(self, reason: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.tunnel is not None:
+            self.tunnel.routes.pop(self.flow_id, None)
+        stats = self.node.stats
+        if self.active:
+            stats.flows_active -= 1
+            stats.count(stats.flows_closed, reason)
+
+
+class EndpointNode(TunnelHandler):
+    """Routes flow events of a tunnel to the SocketFlow bound to each flow id."""
+
+    stats: Stats
+    socket_buffer: int = 262144
+
+    def data_received(self, tunnel: Tunnel, event: ev.DataReceived) -> None:
+        flow = tunnel.routes.get(event.flow_id)
+        if flow is not None:
+            flow.on_data(event.data)
+
+    def credit_available(self, tunnel: Tunnel, event: ev.CreditAvailable) -> None:
+        flow = tunnel.routes.get(event.flow_id)
+        if flow is not None:
+            flow.on_credit()
+
+    def flow_ended(self, tunnel: Tunnel, event: ev.FlowEnded) -> None:
+        flow = tunnel.routes.get(event.flow_id)
+        if flow is not None:
+            flow.on_fin()
+
+    def flow_closed(self, tunnel: Tunnel, event: ev.FlowClosed) -> None:
+        flow = tunnel.routes.get(event.flow_id)
+        if flow is not None:
+            flow.on_closed()
+
+    def flow_reset(self, tunnel: Tunnel, event: ev.FlowReset) -> None:
+        flow = tunnel.routes.get(event.flow_id)
+        if flow is not None:
+            flow.on_reset(event.code, event.reason)
+
+    def open_refused(self, tunnel: Tunnel, event: ev.OpenRefused) -> None:
+        self.stats.count(self.stats.open_failures, event.code)
+
+    def datagram_received(self, tunnel: Tunnel, event: ev.DatagramReceived) -> None:
+        self.stats.count(self.stats.protocol_errors, "datagram_unsupported")
+
+    def reset_all(self, tunnel: Tunnel, code: str, reason: str) -> None:
+        """The tunnel is gone: reset every local socket that rode on it."""
+        for flow in list(tunnel.routes.values()):
+            flow.on_reset(code, reason)
+        tunnel.routes.clear()

@@ -1,0 +1,302 @@
+"""Asyncio adapter that runs one ``TunnelConnection`` over a mutually authenticated TLS stream.
+
+``Tunnel`` is an ``asyncio.Protocol``: it feeds received bytes to the sans-I/O connection,
+dispatches the resulting events to its node (``TunnelHandler``), writes what the
+connection queued (coalesced into one write per loop iteration, which over TLS means
+as few records as possible), and owns the tunnel's timers: the handshake deadline
+(TLS + HELLO) and keepalive (PING every interval, dead after three silent intervals).
+It checks that the peer certificate's role matches the role announced in HELLO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any, Callable
+
+from ..observability import Stats
+from ..pki import PeerIdentity, PkiError, peer_identity
+from ..wire import events as ev
+from ..wire.connection import ProtocolError, TunnelConnection, WireConfig
+
+log = logging.getLogger("ferryman.tunnel")
+
+
+class TunnelHandler:
+    """What a node implements to receive a tunnel's life cycle and flow events."""
+
+    stats: Stats
+
+    def tunnel_up(self, tunnel: "Tunnel") -> None: ...
+
+    def tunnel_down(self, tunnel: "Tunnel") -> None: ...
+
+    def tunnel_writable(self, tunnel: "Tunnel", writable: bool) -> None: ...
+
+    def flow_requested(self, tunnel: "Tunnel", event: ev.FlowRequested) -> None: ...
+
+    def open_refused(self, tunnel: "Tunnel", event: ev.OpenRefused) -> None: ...
+
+    def flow_accepted(self, tunnel: "Tunnel", event: ev.FlowAccepted) -> None: ...
+
+    def flow_rejected(self, tunnel: "Tunnel", event: ev.FlowRejected) -> None: ...
+
+    def data_received(self, tunnel: "Tunnel", event: ev.DataReceived) -> None: ...
+
+    def flow_ended(self, tunnel: "Tunnel", event: ev.FlowEnded) -> None: ...
+
+    def flow_closed(self, tunnel: "Tunnel", event: ev.FlowClosed) -> None: ...
+
+    def flow_reset(self, tunnel: "Tunnel", event: ev.FlowReset) -> None: ...
+
+    def credit_available(self, tunnel: "Tunnel", event: ev.CreditAvailable) -> None: ...
+
+    def datagram_received(self, tunnel: "Tunnel", event: ev.DatagramReceived) -> None: ...
+
+    def goaway_received(self, tunnel: "Tunnel", event: ev.GoAwayReceived) -> None: ...
+
+
+class Tunnel(asyncio.Protocol):
+    def __init__(
+        self,
+        handler: TunnelHandler,
+        config: WireConfig,
+        *,
+        dialer: bool,
+        accept_roles: tuple[str, ...],
+        keepalive: float,
+        handshake_timeout: float,
+        write_buffer_high: int,
+        label: str = "",
+    ) -> None:
+        self.handler = handler
+        self.conn = TunnelConnection(config, dialer=dialer)
+        self.accept_roles = accept_roles
+        self.keepalive = keepalive
+        self.handshake_timeout = handshake_timeout
+        self.write_buffer_high = write_buffer_high
+        self.label = label
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.identity: PeerIdentity | None = None
+        self.peer_addr = ""
+        self.up = False
+        self.closed = False
+        self.close_code = ""
+        self.close_reason = ""
+        self.rtt: float | None = None
+        self.writable = True
+        self.routes: dict[int, Any] = {}  # flow id -> the node's per-flow object
+        self._last_rx = self.loop.time()
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_ping = 0.0
+        self._down_sent = False
+        self.up_waiter: asyncio.Future[None] = self.loop.create_future()
+        self.done_waiter: asyncio.Future[None] = self.loop.create_future()
+        self._dispatch: dict[type, Callable[[Tunnel, Any], None]] = {
+            ev.DataReceived: handler.data_received,
+            ev.CreditAvailable: handler.credit_available,
+            ev.FlowRequested: handler.flow_requested,
+            ev.FlowAccepted: handler.flow_accepted,
+            ev.FlowRejected: handler.flow_rejected,
+            ev.FlowEnded: handler.flow_ended,
+            ev.FlowClosed: handler.flow_closed,
+            ev.FlowReset: handler.flow_reset,
+            ev.OpenRefused: handler.open_refused,
+            ev.DatagramReceived: handler.datagram_received,
+            ev.GoAwayReceived: self._on_goaway,
+            ev.PongReceived: self._on_pong,
+            ev.HelloReceived: self._on_hello,
+        }
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def peer_name(self) -> str:
+        if self.conn.peer is not None:
+            return self.conn.peer.node
+        return self.identity.name if self.identity else self.peer_addr
+
+    @property
+    def draining(self) -> bool:
+        return self.conn.goaway_received or self.conn.goaway_sent
+
+    @property
+    def load(self) -> int:
+        return len(self.conn.flows)
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer_addr = f"{peer[0]}:{peer[1]}" if peer else "?"
+        transport.set_write_buffer_limits(high=self.write_buffer_high, low=self.write_buffer_high // 4)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            self.close("tls_required", "tunnel is not TLS")
+            return
+        try:
+            self.identity = peer_identity(ssl_object)
+        except PkiError as exc:
+            self.close("bad_certificate", str(exc))
+            return
+        if self.identity.role not in self.accept_roles:
+            self.close(
+                "role_refused",
+                f"peer certificate role {self.identity.role!r} not accepted here (expected {'/'.join(self.accept_roles)})",
+            )
+            return
+        self._last_rx = self.loop.time()
+        self._timer = self.loop.call_later(self.handshake_timeout, self._handshake_expired)
+        self.conn.initiate()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self.loop.time()
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as exc:
+            self.close(exc.code, exc.message, error=True)
+            return
+        dispatch = self._dispatch
+        for event in events:
+            dispatch[type(event)](self, event)
+            if self.closed:
+                return
+        if self.conn.has_output:
+            self._flush()
+
+    def eof_received(self) -> bool:
+        if not self.closed:
+            self.close("peer_closed", "peer closed the tunnel")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_code = "connection_lost"
+            self.close_reason = f"connection lost: {exc}" if exc else "connection closed"
+        self._finish()
+
+    def pause_writing(self) -> None:
+        self.writable = False
+        self.handler.tunnel_writable(self, False)
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        self.handler.tunnel_writable(self, True)
+
+    # ------------------------------------------------------------------ sending
+    def flush_soon(self) -> None:
+        """Write the connection's queued frames at the end of this loop iteration."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.transport is not None and not self.transport.is_closing():
+            data = self.conn.data_to_send()
+            if data:
+                self.transport.write(data)
+
+    # ------------------------------------------------------------------ control
+    def close(self, code: str, reason: str, *, error: bool = False, abort: bool = False) -> None:
+        """Close the tunnel, sending whatever is queued (incl. a GOAWAY explaining an error)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_code = code
+        self.close_reason = reason
+        level = logging.WARNING if error or code not in ("peer_closed", "shutdown", "goaway") else logging.INFO
+        log.log(level, "tunnel closed", extra={"tunnel": self.label, "peer": self.peer_name,
+                                               "peer_addr": self.peer_addr, "code": code, "reason": reason})
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self._flush()
+                self.transport.close()
+        self._finish()
+
+    def goaway(self, code: str, reason: str) -> None:
+        self.conn.goaway(code, reason)
+        self.flush_soon()
+
+    def _finish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.up_waiter.done():
+            self.up_waiter.set_exception(ConnectionError(f"{self.close_code}: {self.close_reason}"))
+            self.up_waiter.exception()  # retrieved: nobody may be waiting
+        if not self._down_sent:
+            self._down_sent = True
+            self.handler.tunnel_down(self)
+            self.done_waiter.set_result(None)
+
+    # ------------------------------------------------------------------ internal events
+    def _on_hello(self, tunnel: "Tunnel", event: ev.HelloReceived) -> None:
+        hello = event.hello
+        assert self.identity is not None
+        if hello.role != self.identity.role:
+            self.close("role_mismatch",
+                       f"HELLO says role {hello.role!r} but the certificate says {self.identity.role!r}",
+                       error=True)
+            return
+        if hello.node != self.identity.name:
+            self.close("name_mismatch",
+                       f"HELLO says node {hello.node!r} but the certificate names {self.identity.name!r}",
+                       error=True)
+            return
+        self.up = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(self.keepalive / 4, self._keepalive)
+        self.up_waiter.set_result(None)
+        self.handler.tunnel_up(self)
+
+    def _on_pong(self, tunnel: "Tunnel", event: ev.PongReceived) -> None:
+        self.rtt = max(0.0, self.loop.time() - event.sent_at)
+        self.handler.stats.rtt[self.label] = self.rtt
+
+    def _on_goaway(self, tunnel: "Tunnel", event: ev.GoAwayReceived) -> None:
+        log.info("peer draining", extra={"tunnel": self.label, "peer": self.peer_name,
+                                         "code": event.code, "reason": event.reason})
+        self.handler.goaway_received(self, event)
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if not self.up:
+            self.close("handshake_timeout", f"no HELLO within {self.handshake_timeout:g}s", abort=True)
+
+    def _keepalive(self) -> None:
+        """Runs every quarter interval: PING once per interval; a peer silent for
+        2.75 intervals is dead, so a dead tunnel is detected within 3 intervals."""
+        self._timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        silent = now - self._last_rx
+        if silent > 2.75 * self.keepalive:
+            self.close("keepalive_timeout", f"no frame from peer for {silent:.1f}s", abort=True)
+            return
+        if now - self._last_ping >= self.keepalive * 0.99:
+            self._last_ping = now
+            self.conn.ping(now)
+            self._flush()
+        self._timer = self.loop.call_later(self.keepalive / 4, self._keepalive)
+
+
+def ssl_handshake_error(exc: BaseException) -> str:
+    """A short, specific description of a failed TLS/TCP dial for logs and status."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc) or type(exc).__name__
