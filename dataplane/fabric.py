@@ -57,6 +57,7 @@ class Fabric:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.metrics: dict[str, str] = {}
         self.logs: dict[str, str] = {}
+        self._specs: dict[str, tuple[str, list[str], str]] = {}
 
     @property
     def forward_ports(self) -> list[int]:
@@ -86,8 +87,9 @@ class Fabric:
         return path
 
     def _spawn(self, name: str, role: str, args: list[str], certs: str) -> None:
-        port = free_port()
-        self.metrics[name] = f"127.0.0.1:{port}"
+        self._specs[name] = (role, args, certs)
+        if name not in self.metrics:
+            self.metrics[name] = f"127.0.0.1:{free_port()}"
         env = {**os.environ, **self.env,
                "FERRYMAN_TLS_CA": os.path.join(certs, "ca.pem"),
                "FERRYMAN_TLS_CERT": os.path.join(certs, f"{name}.pem"),
@@ -151,6 +153,20 @@ class Fabric:
         if sig in (signal.SIGKILL, signal.SIGTERM):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
+
+    def restart(self, name: str, timeout: float = 30.0) -> None:
+        """Start a node again (after kill/stop) with the same arguments, ports and files."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            raise FabricError(f"{name} is still running")
+        self._spawn(name, *self._specs[name])
+        deadline = time.monotonic() + timeout
+        while _http_status(f"http://{self.metrics[name]}/ready") != 200:
+            if self.procs[name].poll() is not None:
+                raise FabricError(f"{name} exited with code {self.procs[name].returncode}:\n{self.log_tail(name)}")
+            if time.monotonic() > deadline:
+                raise FabricError(f"{name} not ready within {timeout:g}s:\n{self.log_tail(name)}")
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:
         order = ["client-1", *self.connector_names, "edge-1"]
