@@ -196,7 +196,7 @@ def _echo_backend(port: int) -> subprocess.Popen[bytes]:
         "class Echo(asyncio.Protocol):\n"
         "    def connection_made(self, t): self.t = t\n"
         "    def data_received(self, d): self.t.write(d)\n"
-        "    def eof_received(self): self.t.write_eof(); return True\n"
+        "    def eof_received(self): self.t.close()\n"
         "async def main():\n"
         f"    s = await asyncio.get_running_loop().create_server(Echo, '127.0.0.1', {port})\n"
         "    await s.serve_forever()\n"

@@ -158,11 +158,9 @@ class Connector(EndpointNode):
         loop = asyncio.get_running_loop()
         target = f"{request.host}:{request.port}"
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: flow, request.host, request.port),
-                self.settings.dial_timeout,
-            )
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.settings.dial_timeout):
+                transport, _ = await loop.create_connection(lambda: flow, request.host, request.port)
+        except TimeoutError:
             code, reason = "dial_timeout", f"{target} did not answer within {self.settings.dial_timeout:g}s"
         except ConnectionRefusedError:
             code, reason = "dial_refused", f"connection refused by {target}"

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 
 from ..apps import AppTable, describe_miss
 from ..observability import Stats, parse_hostport, start_metrics_server
 from ..runtime import NodeIdentity
 from ..settings import Settings
-from ..transport.tunnel import Tunnel, TunnelHandler
+from ..transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from ..wire import events as ev
 from ..wire.connection import FlowError
 from ..wire.frames import Open
@@ -57,7 +58,9 @@ class Edge(TunnelHandler):
         self.stats = Stats("edge", identity.name)
         self.groups: dict[str, list[Tunnel]] = {}
         self.clients: set[Tunnel] = set()
-        self.server: asyncio.AbstractServer | None = None
+        self.listener: socket.socket | None = None
+        self._accepting = False
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._wire = identity.wire_config()
         self.stats.extra = {
             "ferryman_edge_clients": ("Client tunnels connected", lambda: float(len(self.clients))),
@@ -71,21 +74,20 @@ class Edge(TunnelHandler):
         loop.set_exception_handler(self._loop_exception)
         host, port = parse_hostport(self.settings.edge_listen, "FERRYMAN_EDGE_LISTEN", allow_zero=True)
         s = self.settings
-        self.server = await loop.create_server(
-            lambda: Tunnel(self, self._wire, dialer=False, accept_roles=("client", "connector"),
-                           keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
-                           write_buffer_high=s.write_buffer_high, label="in"),
-            host, port, ssl=self.identity.server_context(), ssl_handshake_timeout=s.handshake_timeout,
-            backlog=1024, reuse_address=True,
-        )
-        bound = self.server.sockets[0].getsockname()
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        self.listener = socket.create_server((host, port), family=family, backlog=1024)
+        self.listener.setblocking(False)
+        accepting = loop.create_task(self._accept(self.listener, self.identity.server_context()))
+        bound = self.listener.getsockname()
         metrics = None
         if s.metrics_addr:
             metrics = await start_metrics_server(s.metrics_addr, self.stats, self.ready)
         log.info("edge listening", extra={"addr": f"{bound[0]}:{bound[1]}", "apps": len(self.apps.apps)})
         await stop.wait()
         log.info("edge stopping")
-        self.server.close()
+        accepting.cancel()
+        await asyncio.gather(accepting, return_exceptions=True)
+        self.listener.close()
         for tunnel in list(self.clients) + [t for ts in self.groups.values() for t in ts]:
             tunnel.goaway("shutdown", f"edge {self.name} is shutting down")
             tunnel.close("shutdown", "edge stopped")
@@ -93,7 +95,44 @@ class Edge(TunnelHandler):
             metrics.close()
 
     def ready(self) -> bool:
-        return self.server is not None and self.server.is_serving()
+        return self._accepting
+
+    async def _accept(self, listener: socket.socket, ctx: ssl.SSLContext) -> None:
+        """Accept TCP connections; each one's TLS handshake runs in its own task.
+
+        The handshake is not left to ``create_server(ssl=...)``: there a failed or timed-out
+        handshake never reaches the node (uvloop drops it silently), and an operator must
+        see who was refused and why.
+        """
+        loop = asyncio.get_running_loop()
+        self._accepting = True
+        try:
+            while True:
+                try:
+                    sock, addr = await loop.sock_accept(listener)
+                except OSError as exc:  # e.g. out of file descriptors: keep serving the others
+                    log.warning("accept failed", extra={"reason": exc.strerror or str(exc)})
+                    await asyncio.sleep(0.1)
+                    continue
+                task = loop.create_task(self._handshake(sock, addr, ctx))
+                self._handshakes.add(task)
+                task.add_done_callback(self._handshakes.discard)
+        finally:
+            self._accepting = False
+
+    async def _handshake(self, sock: socket.socket, addr: tuple, ctx: ssl.SSLContext) -> None:
+        s = self.settings
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: Tunnel(self, self._wire, dialer=False, accept_roles=("client", "connector"),
+                               keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
+                               write_buffer_high=s.write_buffer_high, label="in"),
+                sock, ssl=ctx, ssl_handshake_timeout=s.handshake_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError
+            self.stats.count(self.stats.tunnels_closed, "tls_handshake_failed")
+            log.warning("tunnel refused", extra={"peer_addr": f"{addr[0]}:{addr[1]}",
+                                                 "reason": f"TLS handshake failed: {ssl_handshake_error(exc)}"})
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         exc = context.get("exception")
@@ -134,6 +173,9 @@ class Edge(TunnelHandler):
         else:
             self.clients.discard(tunnel)
             code, reason = "client_lost", f"client {peer.node} lost: {tunnel.close_reason}"
+        live = sum(1 for splice in tunnel.routes.values() if splice.closed_sides != 2)
+        if live:
+            log.warning("flows reset", extra={"tunnel": tunnel.label, "flows": live, "code": code, "reason": reason})
         for fid, splice in list(tunnel.routes.items()):
             if splice.closed_sides == 2:
                 continue

@@ -157,6 +157,8 @@ class Tunnel(asyncio.Protocol):
         try:
             events = self.conn.receive_data(data)
         except ProtocolError as exc:
+            stats = self.handler.stats
+            stats.count(stats.protocol_errors, exc.code)
             self.close(exc.code, exc.message, error=True)
             return
         dispatch = self._dispatch
@@ -224,6 +226,11 @@ class Tunnel(asyncio.Protocol):
         self.conn.goaway(code, reason)
         self.flush_soon()
 
+    def _refuse(self, code: str, reason: str) -> None:
+        """Close the tunnel for an error after a GOAWAY naming it, so that the peer can log why."""
+        self.conn.goaway(code, reason)
+        self.close(code, reason, error=True)
+
     def _finish(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -241,14 +248,12 @@ class Tunnel(asyncio.Protocol):
         hello = event.hello
         assert self.identity is not None
         if hello.role != self.identity.role:
-            self.close("role_mismatch",
-                       f"HELLO says role {hello.role!r} but the certificate says {self.identity.role!r}",
-                       error=True)
+            self._refuse("role_mismatch",
+                         f"HELLO says role {hello.role!r} but the certificate says {self.identity.role!r}")
             return
         if hello.node != self.identity.name:
-            self.close("name_mismatch",
-                       f"HELLO says node {hello.node!r} but the certificate names {self.identity.name!r}",
-                       error=True)
+            self._refuse("name_mismatch",
+                         f"HELLO says node {hello.node!r} but the certificate names {self.identity.name!r}")
             return
         self.up = True
         if self._timer is not None:
