@@ -64,59 +64,64 @@ class Socks5(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if len(self.buf) > MAX_HANDSHAKE:
+        if not self._parse() and len(self.buf) > MAX_HANDSHAKE:
             self._fail(REP_FAILURE, "SOCKS handshake too long")
-            return
+
+    def _parse(self) -> bool:
+        """Advance the handshake; True once it is finished (answered or handed to a flow)."""
+        buf = self.buf
         if not self.greeted:
-            if len(self.buf) < 2:
-                return
-            if self.buf[0] != 5:
-                self._close(f"not a SOCKS5 client (version byte {self.buf[0]})")
-                return
-            n = self.buf[1]
-            if len(self.buf) < 2 + n:
-                return
-            methods = bytes(self.buf[2:2 + n])
-            del self.buf[:2 + n]
+            if len(buf) < 2:
+                return False
+            if buf[0] != 5:
+                self._close(f"not a SOCKS5 client (version byte {buf[0]})")
+                return True
+            n = buf[1]
+            if len(buf) < 2 + n:
+                return False
+            methods = bytes(buf[2:2 + n])
+            del buf[:2 + n]
             if 0 not in methods:
                 self.transport.write(b"\x05\xff")  # type: ignore[union-attr]
                 self._close("client offers no supported authentication method (only 'no authentication')")
-                return
+                return True
             self.greeted = True
             self.transport.write(b"\x05\x00")  # type: ignore[union-attr]
-        self._request()
-
-    def _request(self) -> None:
-        buf = self.buf
         if len(buf) < 5:
-            return
+            return False
         if buf[0] != 5:
             self._fail(REP_FAILURE, f"bad SOCKS request version {buf[0]}")
-            return
+            return True
         cmd, atyp = buf[1], buf[3]
         if atyp == 1:
             end = 4 + 4
-            host = str(ipaddress.IPv4Address(bytes(buf[4:8]))) if len(buf) >= end else ""
         elif atyp == 4:
             end = 4 + 16
-            host = str(ipaddress.IPv6Address(bytes(buf[4:20]))) if len(buf) >= end else ""
         elif atyp == 3:
             end = 5 + buf[4]
-            host = bytes(buf[5:end]).decode("idna", errors="replace") if len(buf) >= end else ""
         else:
             self._fail(REP_ADDRESS, f"address type {atyp} not supported")
-            return
+            return True
         if len(buf) < end + 2:
-            return
+            return False
+        if atyp == 1:
+            host = str(ipaddress.IPv4Address(bytes(buf[4:8])))
+        elif atyp == 4:
+            host = str(ipaddress.IPv6Address(bytes(buf[4:20])))
+        else:
+            try:  # (the idna codec has no errors="replace": a bad name is an address error)
+                host = bytes(buf[5:end]).decode("idna")
+            except UnicodeError:
+                self._fail(REP_ADDRESS, "domain name is not a valid host name")
+                return True
         (port,) = struct.unpack_from("!H", buf, end)
-        rest = bytes(buf[end + 2:])
         if cmd != 1:
             self._fail(REP_COMMAND, f"SOCKS command {cmd} not supported (only CONNECT)")
-            return
-        if not host or port == 0:
+        elif not host or port == 0:
             self._fail(REP_ADDRESS, "empty host or port 0")
-            return
-        self._connect(host, port, rest)
+        else:
+            self._connect(host, port, bytes(buf[end + 2:]))
+        return True
 
     def _connect(self, host: str, port: int, rest: bytes) -> None:
         transport = self.transport
