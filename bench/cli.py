@@ -1,0 +1,132 @@
+"""``ferryman bench`` (also ``python -m bench``): Ferryman against the direct path, OpenSSH, stunnel and haproxy.
+
+Starts the backend (``bench.backend``, its own process) and every selected path, runs
+bulk, rr1, rr64, connect and idle workloads on each path in interleaved rounds, prints
+progress on stderr, then a table of medians with Ferryman's ratios and the target checks
+on stdout, and writes everything to a JSON file. Exit status 0 unless a path failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+from dataclasses import asdict
+
+from . import report
+from .paths import PATHS, Path, PathError
+from .procfs import raise_nofile_limit
+from .runner import Backend, Bench, Parameters, PathRun, progress
+
+PEER_PACKAGES = ["openssh-server", "openssh-client", "stunnel4", "haproxy"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    about = __doc__.split("\n\n")[1].replace("``", "").replace("\n", " ")
+    parser = argparse.ArgumentParser(prog="ferryman bench", description=about)
+    parser.add_argument("--paths", default=None, metavar="NAME,...",
+                        help=f"paths to run, from {','.join(PATHS)} (default: every available one)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds; medians are reported (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 round, 8 MiB bulk, 1 s timed workloads, 500 idle flows")
+    parser.add_argument("--bulk-mib", type=int, default=None, help="bytes per bulk transfer, MiB (default 256)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds of rr64 and connect (default 5)")
+    parser.add_argument("--idle-flows", type=int, default=None, help="concurrent idle flows (default 10000)")
+    parser.add_argument("--json", default="bench-results.json", metavar="PATH",
+                        help="results file (default %(default)s)")
+    parser.add_argument("--install-peers", action="store_true",
+                        help=f"first run apt-get update && apt-get install -y {' '.join(PEER_PACKAGES)}")
+    args = parser.parse_args(argv)
+    if args.paths is not None:
+        args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+        unknown = [p for p in args.paths if p not in PATHS]
+        if unknown:
+            parser.error(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(PATHS)}")
+    for name in ("rounds", "bulk_mib", "idle_flows"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.duration is not None and args.duration <= 0:
+        parser.error("--duration must be positive")
+    return args
+
+
+def parameters(args: argparse.Namespace) -> Parameters:
+    params = Parameters.quick() if args.quick else Parameters()
+    if args.rounds is not None:
+        params.rounds = args.rounds
+    if args.bulk_mib is not None:
+        params.bulk_bytes = args.bulk_mib << 20
+    if args.duration is not None:
+        params.duration = args.duration
+    if args.idle_flows is not None:
+        params.idle_flows = args.idle_flows
+    return params
+
+
+def install_peers() -> None:
+    progress(f"installing {' '.join(PEER_PACKAGES)} with apt-get ...")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update"], ["apt-get", "install", "-y", *PEER_PACKAGES]):
+        if subprocess.run(argv, env=env).returncode != 0:
+            progress(f"warning: `{' '.join(argv)}` failed; continuing with what is installed")
+            return
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM ends the bench like Ctrl-C does, so that every started process is stopped."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = parameters(args)
+    signal.signal(signal.SIGTERM, _terminate)
+    nofile = raise_nofile_limit()
+    if args.install_peers:
+        install_peers()
+    names = args.paths or list(PATHS)
+    runs = {name: PathRun(name) for name in names}
+    backend = Backend()
+    started: list[Path] = []
+    try:
+        progress(f"backend on 127.0.0.1:{backend.port}; open-file limit {nofile}")
+        for name in names:
+            path, run = PATHS[name](backend.port), runs[name]
+            reason = path.available()
+            if reason:
+                run.status, run.reason = "unavailable", reason
+                progress(f"{name}: unavailable: {reason}")
+                continue
+            run.version = path.version()
+            progress(f"starting {name} {run.version} ... ", end="")
+            try:
+                path.start()
+            except (OSError, PathError, RuntimeError) as exc:
+                run.status, run.reason = "failed", f"start: {exc}"
+                progress(f"FAILED: {exc}")
+                continue
+            started.append(path)
+            progress(f"{path.address[0]}:{path.address[1]}, {len(path.pids())} proxy processes")
+        Bench(params, backend, started, runs).run()
+    finally:
+        for path in started:
+            path.stop()
+        backend.stop()
+
+    meds = {name: report.medians(run) for name, run in runs.items() if run.status != "unavailable"}
+    rats = report.ratios(meds)
+    checks = report.targets(meds, rats)
+    text = report.table(runs, meds, rats, checks)
+    print(text)
+    doc = report.document({**asdict(params), "nofile_limit": nofile, "paths": names}, runs, meds, rats, checks, text)
+    with open(args.json, "w") as fh:
+        json.dump(doc, fh, indent=2)
+    progress(f"results written to {os.path.abspath(args.json)}")
+    failed = [name for name, run in runs.items()
+              if run.status == "failed" or any(rnd.errors for rnd in run.rounds)
+              or (run.status == "unavailable" and args.paths)]
+    if failed:
+        progress(f"paths with failures: {', '.join(failed)}")
+    return 1 if failed else 0
