@@ -71,7 +71,6 @@ class Edge(TunnelHandler):
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        loop.set_exception_handler(self._loop_exception)
         host, port = parse_hostport(self.settings.edge_listen, "FERRYMAN_EDGE_LISTEN", allow_zero=True)
         s = self.settings
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
@@ -133,17 +132,6 @@ class Edge(TunnelHandler):
             self.stats.count(self.stats.tunnels_closed, "tls_handshake_failed")
             log.warning("tunnel refused", extra={"peer_addr": f"{addr[0]}:{addr[1]}",
                                                  "reason": f"TLS handshake failed: {ssl_handshake_error(exc)}"})
-
-    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError, asyncio.TimeoutError)):
-            transport = context.get("transport")
-            peer = transport.get_extra_info("peername") if transport is not None else None
-            self.stats.count(self.stats.tunnels_closed, "tls_handshake_failed")
-            log.warning("tunnel refused", extra={"peer_addr": f"{peer[0]}:{peer[1]}" if peer else "?",
-                                                 "reason": f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"})
-            return
-        loop.default_exception_handler(context)
 
     # ------------------------------------------------------------------ tunnels
     def tunnel_up(self, tunnel: Tunnel) -> None:
