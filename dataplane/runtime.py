@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import logging
 import random
 import resource
 import signal
@@ -20,7 +21,10 @@ import uvloop
 
 from . import pki
 from .settings import Settings, SettingsError
+from .transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from .wire.connection import WireConfig
+
+log = logging.getLogger("ferryman.dial")
 
 SOFTWARE = "ferryman/0.1.0"
 
@@ -75,6 +79,50 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+async def keep_tunnel(
+    node: TunnelHandler,
+    settings: Settings,
+    wire: WireConfig,
+    ssl_ctx: ssl.SSLContext,
+    edges: list[tuple[str, int]],
+    session: Callable[[Tunnel], Awaitable[None]],
+    running: Callable[[], bool],
+    *,
+    first: int = 0,
+    label: str = "",
+) -> None:
+    """Keep one tunnel to an edge up while ``running()``: dial (moving to the next edge
+    after a failure), wait for the HELLO exchange, run ``session(tunnel)`` until it
+    returns (normally when the tunnel ends), then back off with jitter and dial again."""
+    loop = asyncio.get_running_loop()
+    backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
+    attempt = 0
+    while running():
+        host, port = edges[(first + attempt) % len(edges)]
+        name = f"{label}{host}:{port}"
+        try:
+            _, tunnel = await loop.create_connection(
+                lambda: Tunnel(node, wire, dialer=True, accept_roles=("edge",),
+                               keepalive=settings.keepalive_interval, handshake_timeout=settings.handshake_timeout,
+                               write_buffer_high=settings.write_buffer_high, label=name),
+                host, port, ssl=ssl_ctx, server_hostname=host, ssl_handshake_timeout=settings.handshake_timeout,
+            )
+            await tunnel.up_waiter
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            delay = backoff.next()
+            log.warning("edge unreachable", extra={"edge": f"{host}:{port}", "reason": ssl_handshake_error(exc),
+                                                   "retry_in_s": round(delay, 2)})
+        else:
+            backoff.reset()
+            await session(tunnel)
+            if not running():
+                return
+            delay = backoff.next()
+        attempt += 1
+        node.stats.reconnects += 1
+        await asyncio.sleep(delay)
 
 
 def raise_nofile_limit() -> None:

@@ -18,10 +18,10 @@ from collections.abc import Callable
 import msgspec
 
 from ..observability import Stats, parse_hostport, start_metrics_server
-from ..runtime import Backoff, NodeIdentity
+from ..runtime import NodeIdentity, keep_tunnel
 from ..settings import Settings
 from ..socketflow import EndpointNode, SocketFlow
-from ..transport.tunnel import Tunnel, ssl_handshake_error
+from ..transport.tunnel import Tunnel
 from ..wire import events as ev
 from ..wire.connection import FlowError
 from ..wire.frames import Open
@@ -118,7 +118,8 @@ class Client(EndpointNode):
         metrics = None
         if self.settings.metrics_addr:
             metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready)
-        keeper = asyncio.create_task(self._keep_tunnel(stop))
+        keeper = asyncio.create_task(keep_tunnel(self, self.settings, self._wire, self._ssl, self.edges,
+                                                 self._session, lambda: not stop.is_set()))
         await stop.wait()
         for server in self.listeners:
             server.close()
@@ -135,39 +136,12 @@ class Client(EndpointNode):
         return (t is not None and t.up and not t.closed
                 and all(self.probe_ok.get(f) == "" for f in self.forwards))
 
-    async def _keep_tunnel(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
-        attempt = 0
-        while not stop.is_set():
-            host, port = self.edges[attempt % len(self.edges)]
-            try:
-                _, tunnel = await loop.create_connection(
-                    lambda: Tunnel(self, self._wire, dialer=True, accept_roles=("edge",),
-                                   keepalive=self.settings.keepalive_interval,
-                                   handshake_timeout=self.settings.handshake_timeout,
-                                   write_buffer_high=self.settings.write_buffer_high, label=f"{host}:{port}"),
-                    host, port, ssl=self._ssl, server_hostname=host,
-                    ssl_handshake_timeout=self.settings.handshake_timeout,
-                )
-                await tunnel.up_waiter
-            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-                attempt += 1
-                delay = backoff.next()
-                self.stats.reconnects += 1
-                log.warning("edge unreachable", extra={"edge": f"{host}:{port}", "reason": ssl_handshake_error(exc),
-                                                       "retry_in_s": round(delay, 2)})
-                await asyncio.sleep(delay)
-                continue
-            backoff.reset()
-            while not tunnel.done_waiter.done():
-                self._probe_forwards(tunnel)
-                # Until every forward answered, re-probe quickly; afterwards re-check rarely.
-                usable = all(self.probe_ok.get(f) == "" for f in self.forwards)
-                await asyncio.wait([tunnel.done_waiter], timeout=5.0 if usable else 0.5)
-            attempt += 1
-            self.stats.reconnects += 1
-            await asyncio.sleep(backoff.next())
+    async def _session(self, tunnel: Tunnel) -> None:
+        """While the tunnel lasts: probe forwards quickly until all answer, then rarely."""
+        while not tunnel.done_waiter.done():
+            self._probe_forwards(tunnel)
+            usable = all(self.probe_ok.get(f) == "" for f in self.forwards)
+            await asyncio.wait([tunnel.done_waiter], timeout=5.0 if usable else 0.5)
 
     # ------------------------------------------------------------------ tunnel events
     def tunnel_up(self, tunnel: Tunnel) -> None:

@@ -16,10 +16,10 @@ import logging
 import socket
 
 from ..observability import Stats, parse_hostport, start_metrics_server
-from ..runtime import Backoff, NodeIdentity
+from ..runtime import NodeIdentity, keep_tunnel
 from ..settings import Settings
 from ..socketflow import EndpointNode, SocketFlow
-from ..transport.tunnel import Tunnel, ssl_handshake_error
+from ..transport.tunnel import Tunnel
 from ..wire import events as ev
 from ..wire.frames import Open
 
@@ -45,7 +45,9 @@ class Connector(EndpointNode):
         metrics = None
         if self.settings.metrics_addr:
             metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready)
-        slots = [asyncio.create_task(self._slot(i)) for i in range(self.settings.connector_tunnels)]
+        slots = [asyncio.create_task(keep_tunnel(self, self.settings, self._wire, self._ssl, self.edges,
+                                                 self._session, lambda: not self.draining, first=i, label=f"t{i}->"))
+                 for i in range(self.settings.connector_tunnels)]
         log.info("connector started", extra={"group": self.settings.connector_group,
                                              "edges": self.settings.edges,
                                              "tunnels": self.settings.connector_tunnels})
@@ -56,6 +58,10 @@ class Connector(EndpointNode):
         await asyncio.gather(*slots, return_exceptions=True)
         if metrics is not None:
             metrics.close()
+
+    @staticmethod
+    async def _session(tunnel: Tunnel) -> None:
+        await tunnel.done_waiter
 
     def ready(self) -> bool:
         return not self.draining and any(t.up and not t.closed for t in self.tunnels)
@@ -79,41 +85,6 @@ class Connector(EndpointNode):
             for flow in list(tunnel.routes.values()):
                 flow.abort("connector_shutdown", f"connector {self.name} shut down")
             tunnel.close("shutdown", "connector stopped")
-
-    async def _slot(self, index: int) -> None:
-        """Keep tunnel number ``index`` up, rotating over the edges after failures."""
-        loop = asyncio.get_running_loop()
-        backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
-        attempt = 0
-        while not self.draining:
-            host, port = self.edges[(index + attempt) % len(self.edges)]
-            label = f"t{index}->{host}:{port}"
-            try:
-                _, tunnel = await loop.create_connection(
-                    lambda: Tunnel(self, self._wire, dialer=True, accept_roles=("edge",),
-                                   keepalive=self.settings.keepalive_interval,
-                                   handshake_timeout=self.settings.handshake_timeout,
-                                   write_buffer_high=self.settings.write_buffer_high, label=label),
-                    host, port, ssl=self._ssl, server_hostname=host,
-                    ssl_handshake_timeout=self.settings.handshake_timeout,
-                )
-                await tunnel.up_waiter
-            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-                attempt += 1
-                delay = backoff.next()
-                self.stats.reconnects += 1
-                log.warning("edge unreachable", extra={"edge": f"{host}:{port}", "reason": ssl_handshake_error(exc),
-                                                       "retry_in_s": round(delay, 2)})
-                await asyncio.sleep(delay)
-                continue
-            backoff.reset()
-            await tunnel.done_waiter
-            if self.draining:
-                return
-            attempt += 1
-            delay = backoff.next()
-            self.stats.reconnects += 1
-            await asyncio.sleep(delay)
 
     # ------------------------------------------------------------------ tunnel events
     def tunnel_up(self, tunnel: Tunnel) -> None:
