@@ -80,16 +80,16 @@ def init_pki(
     nodes = [("edge", n) for n in edges] + [("connector", n) for n in connectors] + [("client", n) for n in clients]
     seen: set[str] = set()
     for role, name in nodes:
-        _check_request(role, name, edge_hosts if role == "edge" else None, days)
+        check_request(role, name, edge_hosts if role == "edge" else None, days)
         if name in seen:
             raise PkiError(f"node name {name!r} given twice: every node needs its own name")
         seen.add(name)
         if not force:
-            for path in _node_paths(directory, name):
+            for path in node_paths(directory, name):
                 _refuse_existing(path)
-    _make_directory(directory)
+    make_directory(directory)
     if not os.path.exists(os.path.join(directory, CA_CERT)):
-        _create_ca(directory)  # otherwise the existing CA is reused
+        create_ca(directory)  # otherwise the existing CA is reused
     return {
         name: issue_node(directory, role, name, hosts=edge_hosts if role == "edge" else None, days=days, force=force)
         for role, name in nodes
@@ -110,12 +110,12 @@ def issue_node(
     ``hosts`` (edges only) become the certificate's subjectAltName entries; an edge
     without hosts gets ``localhost`` and ``127.0.0.1``.
     """
-    san = _check_request(role, name, hosts, days)
-    key_path, cert_path = _node_paths(directory, name)
+    san = check_request(role, name, hosts, days)
+    key_path, cert_path = node_paths(directory, name)
     if not force:
         _refuse_existing(key_path)
         _refuse_existing(cert_path)
-    ca_cert, ca_key = _load_ca(directory)
+    ca_cert, ca_key = load_ca(directory)
 
     if role == "edge":
         usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -136,23 +136,23 @@ def issue_node(
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(key_usage(digital_signature=True), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(san), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write(key_path, _key_pem(key), 0o600)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_file(key_path, key_pem(key), 0o600)
+    write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return NodeFiles(role=role, name=name, cert=cert_path, key=key_path, ca=os.path.join(directory, CA_CERT))
 
 
-def _check_request(role: str, name: str, hosts: Sequence[str] | None, days: int) -> list[x509.GeneralName]:
+def check_request(role: str, name: str, hosts: Sequence[str] | None, days: int) -> list[x509.GeneralName]:
     """Validate what a node certificate would say; returns its subjectAltName entries."""
     if role not in ROLES:
         raise PkiError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
-    _check_name(name)
+    check_name(name)
     if days < 1:
         raise PkiError(f"days must be at least 1, not {days}")
     if role != "edge":
@@ -162,7 +162,7 @@ def _check_request(role: str, name: str, hosts: Sequence[str] | None, days: int)
     return [_general_name(h) for h in (hosts or ("localhost", "127.0.0.1"))]
 
 
-def _create_ca(directory: str) -> None:
+def create_ca(directory: str) -> None:
     key_path = os.path.join(directory, CA_KEY)
     if os.path.exists(key_path):
         raise PkiError(f"{key_path} exists but {os.path.join(directory, CA_CERT)} does not: not replacing a CA key")
@@ -182,21 +182,21 @@ def _create_ca(directory: str) -> None:
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write(key_path, _key_pem(key), 0o600)
-    _write(os.path.join(directory, CA_CERT), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_file(key_path, key_pem(key), 0o600)
+    write_file(os.path.join(directory, CA_CERT), cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
-def _load_ca(directory: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def load_ca(directory: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert_path, key_path = os.path.join(directory, CA_CERT), os.path.join(directory, CA_KEY)
     if not os.path.exists(cert_path):
         raise PkiError(f"no CA in {directory}: run `ferryman pki init {directory}` first")
     if not os.path.exists(key_path):
         raise PkiError(f"CA key {key_path}: file not found (the CA certificate is there, its key is not)")
-    cert = _read_certificates(cert_path)[0]
+    cert = read_certificates(cert_path)[0]
     key = _read_key(key_path)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise PkiError(f"CA key {key_path}: not an ECDSA key")
@@ -204,7 +204,7 @@ def _load_ca(directory: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
     return cert, key
 
 
-def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
+def key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=digital_signature, content_commitment=False, key_encipherment=False,
         data_encipherment=False, key_agreement=False, key_cert_sign=key_cert_sign, crl_sign=crl_sign,
@@ -222,7 +222,7 @@ def _general_name(host: str) -> x509.GeneralName:
     return x509.DNSName(host.rstrip(".").lower())
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     if not _NAME_RE.fullmatch(name) or name == "ca":
         raise PkiError(
             f"node name {name!r} is not usable: use 1-63 letters, digits, '.', '_' or '-', "
@@ -230,7 +230,7 @@ def _check_name(name: str) -> None:
         )
 
 
-def _node_paths(directory: str, name: str) -> tuple[str, str]:
+def node_paths(directory: str, name: str) -> tuple[str, str]:
     return os.path.join(directory, f"{name}.key"), os.path.join(directory, f"{name}.pem")
 
 
@@ -239,20 +239,20 @@ def _refuse_existing(path: str) -> None:
         raise PkiError(f"{path} already exists: not overwriting it (use --force to replace it)")
 
 
-def _make_directory(directory: str) -> None:
+def make_directory(directory: str) -> None:
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
     except OSError as exc:
         raise PkiError(f"cannot create directory {directory}: {exc.strerror}") from None
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
-def _write(path: str, data: bytes, mode: int) -> None:
+def write_file(path: str, data: bytes, mode: int) -> None:
     """Write atomically: a new file, created with ``mode`` from the start, replaces ``path``."""
     tmp = f"{path}.{os.urandom(4).hex()}.tmp"
     try:
@@ -283,7 +283,7 @@ def _read(path: str, what: str) -> bytes:
         raise PkiError(f"{what} {path}: {exc.strerror}") from None
 
 
-def _read_certificates(path: str, what: str = "certificate") -> list[x509.Certificate]:
+def read_certificates(path: str, what: str = "certificate") -> list[x509.Certificate]:
     data = _read(path, what)
     try:
         return x509.load_pem_x509_certificates(data)
@@ -308,17 +308,17 @@ def _check_key_matches(cert: x509.Certificate, key: PrivateKeyTypes, cert_path: 
 
 def _check_node_files(cert_path: str, key_path: str, ca_path: str) -> None:
     """Fail early, with a clear reason, where OpenSSL would fail late or obscurely."""
-    cert = _read_certificates(cert_path)[0]
+    cert = read_certificates(cert_path)[0]
     _check_key_matches(cert, _read_key(key_path), cert_path, key_path)
-    authorities = _read_certificates(ca_path, "CA")
-    if not any(_issued_by(cert, ca) for ca in authorities):
+    authorities = read_certificates(ca_path, "CA")
+    if not any(issued_by(cert, ca) for ca in authorities):
         raise PkiError(f"certificate {cert_path} is not signed by the CA in {ca_path}")
     now = datetime.datetime.now(datetime.timezone.utc)
     if cert.not_valid_after_utc < now:
         raise PkiError(f"certificate {cert_path} expired at {cert.not_valid_after_utc.isoformat()}")
 
 
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
@@ -367,16 +367,16 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> PeerIdentity:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
         raise PkiError("peer certificate cannot be parsed") from None
-    return _identity(cert, der, "peer certificate")
+    return certificate_identity(cert, der, "peer certificate")
 
 
 def load_identity(cert_path: str) -> PeerIdentity:
     """The role and name in one's own certificate (the first one in a PEM file)."""
-    cert = _read_certificates(cert_path)[0]
-    return _identity(cert, cert.public_bytes(serialization.Encoding.DER), f"certificate {cert_path}")
+    cert = read_certificates(cert_path)[0]
+    return certificate_identity(cert, cert.public_bytes(serialization.Encoding.DER), f"certificate {cert_path}")
 
 
-def _identity(cert: x509.Certificate, der: bytes, what: str) -> PeerIdentity:
+def certificate_identity(cert: x509.Certificate, der: bytes, what: str) -> PeerIdentity:
     roles = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     if not roles:
         raise PkiError(f"{what} has no role (OU)")
