@@ -28,6 +28,8 @@ class Settings(msgspec.Struct, kw_only=True):
     log_level: str = "info"
     log_format: str = "text"
     metrics_addr: str = ""
+    # control plane
+    database_url: str = ""
     # TLS identity
     tls_ca: str = ""
     tls_cert: str = ""
@@ -60,6 +62,7 @@ VARIABLES: dict[str, str] = {
     "log_level": "Log level: debug, info, warning, error.",
     "log_format": "`text` for humans, `json` for one JSON object per line.",
     "metrics_addr": "HOST:PORT serving Prometheus `/metrics` and `/ready`; empty disables it.",
+    "database_url": "Control plane: SQLAlchemy database URL (e.g. `postgresql://user:pw@host/db`); empty means an SQLite file `control.db` in FERRYMAN_DATA_DIR.",
     "tls_ca": "CA bundle (PEM) that peer certificates must chain to.",
     "tls_cert": "This node's certificate (PEM).",
     "tls_key": "This node's private key (PEM, mode 0600).",

@@ -1,0 +1,275 @@
+"""The control plane's tables as SQLAlchemy 2 typed models (one class per table).
+
+The schema itself is created and changed only by the Alembic migrations in
+``control/migrations/versions``; these classes must describe exactly what the migrations
+build (``tests/test_store.py`` compares them on SQLite and PostgreSQL). Types are the
+portable ones: strings, integers, booleans, JSON and ``UTCDateTime`` (timezone-aware UTC
+on both databases). Constraint names are given explicitly so both databases carry the same
+names and later migrations can refer to them (``Base.metadata``'s naming convention, and
+explicit names for check constraints).
+
+Rules that the schema enforces (the service layer in ``repo.py`` checks them first to give
+precise errors): unique names, at most one quick-access application, at most one default
+connector group, known kinds / roles / protocols, single-row ``config_version``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+APP_KINDS = ("per_app", "quick_access")
+SEGMENT_KINDS = ("hostname", "wildcard", "ip", "cidr", "range")
+TOKEN_ROLES = ("connector", "edge")
+DEFAULT_GROUP = "default"
+# A node is inactive once this many heartbeats in a row did not arrive.
+MISSED_HEARTBEATS = 3
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every database.
+
+    PostgreSQL stores ``timestamp with time zone``; SQLite has no time zones, so the value is
+    stored as UTC and marked UTC again when read. Naive datetimes are refused, not guessed.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given; the store keeps aware UTC datetimes")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention={
+        "pk": "pk_%(table_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    })
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class ConnectorGroup(Base):
+    """Connectors that reach the same private network; an application names one group."""
+
+    __tablename__ = "connector_groups"
+    __table_args__ = (
+        # At most one default group: the one new connectors join.
+        Index("uq_connector_groups_one_default", "is_default", unique=True,
+              sqlite_where=text("is_default"), postgresql_where=text("is_default")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    region: Mapped[str] = mapped_column(String(100), default="")
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Application(Base):
+    """A per-app application, or the one catch-all quick-access application."""
+
+    __tablename__ = "applications"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", APP_KINDS), name="ck_applications_kind"),
+        Index("uq_applications_one_quick_access", "kind", unique=True,
+              sqlite_where=text("kind = 'quick_access'"), postgresql_where=text("kind = 'quick_access'")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    connector_group_id: Mapped[int] = mapped_column(ForeignKey("connector_groups.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    connector_group: Mapped[ConnectorGroup] = relationship(lazy="joined")
+    segments: Mapped[list[Segment]] = relationship(
+        back_populates="application", cascade="all, delete-orphan", order_by="Segment.id", lazy="selectin",
+    )
+
+
+class Segment(Base):
+    """Destination + ports + protocol of an application.
+
+    ``destination`` and ``kind`` are as normalised by ``dataplane.apps``; ``ports`` is the
+    canonical text form (sorted, merged ranges: ``"80,443,8000-8100"``).
+    """
+
+    __tablename__ = "segments"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", SEGMENT_KINDS), name="ck_segments_kind"),
+        CheckConstraint(_one_of("protocol", ("tcp", "udp")), name="ck_segments_protocol"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    application_id: Mapped[int] = mapped_column(
+        ForeignKey("applications.id", ondelete="CASCADE"), index=True,
+    )
+    destination: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))
+    ports: Mapped[str] = mapped_column(Text)
+    protocol: Mapped[str] = mapped_column(String(3))
+
+    application: Mapped[Application] = relationship(back_populates="segments")
+
+
+def node_status(last_seen: datetime | None, now: datetime, heartbeat_interval: float) -> str:
+    """``active`` while fewer than ``MISSED_HEARTBEATS`` heartbeats were missed, else ``inactive``."""
+    if last_seen is None or now - last_seen > timedelta(seconds=MISSED_HEARTBEATS * heartbeat_interval):
+        return "inactive"
+    return "active"
+
+
+class Connector(Base):
+    """A registered connector; ``last_seen`` is its latest heartbeat (see ``node_status``)."""
+
+    __tablename__ = "connectors"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # a UUID, also the certificate's name
+    name: Mapped[str] = mapped_column(String(200))
+    group_id: Mapped[int] = mapped_column(ForeignKey("connector_groups.id"), index=True)
+    version: Mapped[str] = mapped_column(String(64), default="")
+    external_addr: Mapped[str] = mapped_column(String(255), default="")
+    internal_addr: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime | None]
+    cert_serial: Mapped[str | None] = mapped_column(String(64))  # lower-case hex
+    cert_not_after: Mapped[datetime | None]
+
+    group: Mapped[ConnectorGroup] = relationship(lazy="joined")
+
+    def status(self, now: datetime, heartbeat_interval: float) -> str:
+        return node_status(self.last_seen, now, heartbeat_interval)
+
+
+class Edge(Base):
+    """A registered edge; ``last_seen`` is its latest heartbeat (see ``node_status``)."""
+
+    __tablename__ = "edges"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # a UUID, also the certificate's name
+    name: Mapped[str] = mapped_column(String(200))
+    address: Mapped[str] = mapped_column(String(255))  # HOST:PORT that connectors and clients dial
+    version: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime | None]
+    cert_serial: Mapped[str | None] = mapped_column(String(64))  # lower-case hex
+    cert_not_after: Mapped[datetime | None]
+
+    def status(self, now: datetime, heartbeat_interval: float) -> str:
+        return node_status(self.last_seen, now, heartbeat_interval)
+
+
+class DnsSuffix(Base):
+    """A private DNS suffix: names under it are resolved by connectors, not by the client's DNS."""
+
+    __tablename__ = "dns_suffixes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    suffix: Mapped[str] = mapped_column(String(253), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AdminKey(Base):
+    """An admin API key. Only the SHA-256 of the key is stored (see ``repo.create_admin_key``)."""
+
+    __tablename__ = "admin_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # hex SHA-256
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200))
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class AuditRecord(Base):
+    """One change: who (``actor``), what (``action`` on ``object_type`` ``object_id``), before/after."""
+
+    __tablename__ = "audit_records"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    object_type: Mapped[str] = mapped_column(String(64))
+    object_id: Mapped[str] = mapped_column(String(64))
+    before: Mapped[dict[str, Any] | None]
+    after: Mapped[dict[str, Any] | None]
+
+
+class RegistrationToken(Base):
+    """A one-time token with which a connector or an edge obtains its certificate."""
+
+    __tablename__ = "registration_tokens"
+    __table_args__ = (CheckConstraint(_one_of("role", TOKEN_ROLES), name="ck_registration_tokens_role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # hex SHA-256
+    role: Mapped[str] = mapped_column(String(16))
+    group_id: Mapped[int | None] = mapped_column(ForeignKey("connector_groups.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    used_by: Mapped[str | None] = mapped_column(String(200))
+
+    group: Mapped[ConnectorGroup | None] = relationship(lazy="joined")
+
+
+class Revocation(Base):
+    """A revoked certificate, by serial number (lower-case hex)."""
+
+    __tablename__ = "revocations"
+
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    reason: Mapped[str] = mapped_column(String(200), default="")
+
+
+class ConfigVersion(Base):
+    """The single row (id 1) counting changes to what nodes are configured from."""
+
+    __tablename__ = "config_version"
+    __table_args__ = (CheckConstraint("id = 1", name="ck_config_version_single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    changed_at: Mapped[datetime]

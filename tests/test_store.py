@@ -1,0 +1,672 @@
+"""Tests of control/store: migrations, schema/model agreement, every change with its audit
+record and configuration version, segment validation and overlap errors, registration
+tokens, admin keys hashed at rest, and concurrent writers.
+
+Every test runs on SQLite (a file in ``tmp_path``) and on PostgreSQL. The PostgreSQL runs
+need ``TEST_POSTGRES_URL`` (a server URL whose role may create databases, e.g.
+``postgresql+psycopg://ferryman:PASSWORD@127.0.0.1:5432/postgres``; ``.ci/run`` sets it);
+each test gets a fresh database there, dropped afterwards. Without it they are skipped,
+except under ``CI=true``, where they fail: CI must not skip a database silently. (The
+variable is not ``FERRYMAN_*``: node settings refuse unknown ``FERRYMAN_*`` variables.)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy.exc import IntegrityError
+
+from control.store import Store, StoreError, database_url, open_store, repo
+from control.store.db import MIGRATIONS_DIR
+from control.store.models import Application, AuditRecord, Base, ConnectorGroup, utcnow
+from dataplane.apps import MAX_SEGMENTS
+
+pytestmark = pytest.mark.timeout(60)
+
+POSTGRES_VARIABLE = "TEST_POSTGRES_URL"
+TABLES = {"alembic_version", "connector_groups", "applications", "segments", "connectors", "edges", "dns_suffixes",
+          "admin_keys", "audit_records", "registration_tokens", "revocations", "config_version"}
+ACTOR = "admin-key:tests"
+
+
+# ---------------------------------------------------------------------------- databases
+
+
+@contextmanager
+def _postgres_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database on the ``TEST_POSTGRES_URL`` server; dropped afterwards."""
+    server = os.environ.get(POSTGRES_VARIABLE, "").strip()
+    if not server:
+        reason = (f"PostgreSQL store tests need {POSTGRES_VARIABLE}=postgresql+psycopg://USER:PASSWORD@HOST:PORT/"
+                  f"postgres (a role allowed to create databases; .ci/run sets it up)")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and {POSTGRES_VARIABLE} is not set: {reason}")
+        pytest.skip(reason)
+    server_url = sa.make_url(server).set(drivername="postgresql+psycopg")
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    name = f"ferryman_test_{secrets.token_hex(6)}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        yield server_url.set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'data' / 'control.db'}"
+    else:
+        with _postgres_database() as database:
+            yield database
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    with _postgres_database() as database:
+        yield database
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[Store]:
+    with open_store(url) as opened:
+        yield opened
+
+
+def seg(destination: str, ports: Any = "1-65535", protocol: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"destination": destination, "ports": ports}
+    if protocol is not None:
+        out["protocol"] = protocol
+    return out
+
+
+def refused(code: str, call: Callable[[], object]) -> str:
+    """Run ``call``, expect a StoreError with ``code``; return its message."""
+    with pytest.raises(StoreError) as info:
+        call()
+    assert info.value.code == code, str(info.value)
+    return str(info.value)
+
+
+def audit(store: Store) -> list[AuditRecord]:
+    """Every audit record, oldest first."""
+    with store.read() as session:
+        return list(reversed(repo.list_audit(session, limit=1000)))
+
+
+def version(store: Store) -> int:
+    with store.read() as session:
+        return repo.config_version(session)
+
+
+# ---------------------------------------------------------------------------- migrations and schema
+
+
+def test_migrations_build_the_schema_on_an_empty_database(url: str) -> None:
+    with open_store(url) as store:
+        assert store.migrations_applied == ("0001",)
+        assert set(sa.inspect(store.engine).get_table_names()) == TABLES
+        with store.read() as session:
+            groups = repo.list_groups(session)
+            assert [(g.name, g.is_default) for g in groups] == [("default", True)]
+            assert repo.default_group(session).name == "default"
+            assert repo.config_version(session) == 0
+            assert repo.list_audit(session) == []
+
+
+def test_models_and_migrated_schema_agree(store: Store) -> None:
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+        # The comparison does see differences: a column the migrations never made is reported.
+        changed = sa.MetaData()
+        for table in Base.metadata.tables.values():
+            table.to_metadata(changed)
+        changed.tables["segments"].append_column(sa.Column("note", sa.String(10)))
+        assert [d[0] for d in compare_metadata(context, changed)] == ["add_column"]
+
+
+def test_reopening_keeps_data_and_does_not_migrate_again(url: str) -> None:
+    with open_store(url) as store, store.begin() as session:
+        repo.create_application(session, ACTOR, "web", segments=[seg("web.corp.example", "443")])
+    with open_store(url) as store:
+        assert store.migrations_applied == ()
+        with store.read() as session:
+            assert [a.name for a in repo.list_applications(session)] == ["web"]
+            assert len(repo.list_groups(session)) == 1
+            assert repo.config_version(session) == 1
+
+
+def test_downgrade_removes_every_table(store: Store) -> None:
+    with store.engine.begin() as conn:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        config.attributes["connection"] = conn
+        command.downgrade(config, "base")
+    assert set(sa.inspect(store.engine).get_table_names()) <= {"alembic_version"}
+
+
+def test_a_schema_newer_than_the_code_is_refused(url: str) -> None:
+    with open_store(url) as store, store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    message = refused("invalid", lambda: open_store(url))
+    assert message == ("the database schema is at revision '9999', which this version of Ferryman does not know "
+                       "(was it written by a newer version?)")
+
+
+def test_database_url_from_the_environment_or_sqlite_in_the_data_dir(tmp_path: Path) -> None:
+    assert database_url(str(tmp_path), {}) == f"sqlite:///{tmp_path / 'control.db'}"
+    assert database_url(str(tmp_path), {"FERRYMAN_DATABASE_URL": " "}) == f"sqlite:///{tmp_path / 'control.db'}"
+    pg = "postgresql://ferryman:pw@db.internal:5432/ferryman"
+    assert database_url(str(tmp_path), {"FERRYMAN_DATABASE_URL": pg}) == pg
+
+
+def test_unsupported_database_urls_are_refused() -> None:
+    assert "'mysql' is not supported" in refused("invalid", lambda: open_store("mysql://u:p@host/db"))
+    assert refused("invalid", lambda: open_store("not a url")) == \
+        "FERRYMAN_DATABASE_URL: 'not a url' is not a database URL"
+
+
+def test_plain_postgresql_urls_use_psycopg(postgres_url: str) -> None:
+    plain = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with open_store(plain) as store:
+        assert store.engine.dialect.driver == "psycopg"
+        assert store.migrations_applied == ("0001",)
+
+
+def test_times_are_aware_utc_and_naive_times_are_refused(store: Store) -> None:
+    with store.begin() as session:
+        app = repo.create_application(session, ACTOR, "web")
+    with store.read() as session:
+        created = repo.get_application(session, "web").created_at
+    assert created.tzinfo is UTC and created == app.created_at
+    with pytest.raises(sa.exc.StatementError, match="naive datetime"), store.begin() as session:
+        session.add(ConnectorGroup(name="naive", region="", is_default=False, created_at=datetime(2030, 1, 1)))
+        session.flush()
+
+
+# ---------------------------------------------------------------------------- applications and segments
+
+
+def test_application_create_update_delete_with_audit(store: Store) -> None:
+    with store.begin() as session:
+        repo.create_group(session, ACTOR, "branch", region="eu-west")
+        app = repo.create_application(session, ACTOR, " intranet ", segments=[
+            seg("*.Corp.Example.", "443,80,81,8000-8100,8050"), seg("10.20.0.0/16", [22, "3389"], "tcp"),
+        ])
+        app_id = app.id
+    assert app.name == "intranet" and app.kind == "per_app" and app.connector_group.name == "default"
+    assert [(s.destination, s.kind, s.ports, s.protocol) for s in app.segments] == [
+        ("*.corp.example", "wildcard", "80-81,443,8000-8100", "tcp"),
+        ("10.20.0.0/16", "cidr", "22,3389", "tcp"),
+    ]
+    assert [r.action for r in audit(store)] == ["connector_group.create", "application.create"]
+    created = audit(store)[-1]
+    assert (created.actor, created.action, created.object_type, created.object_id) == (
+        ACTOR, "application.create", "application", str(app_id))
+    assert created.before is None
+    assert created.after is not None and created.after["name"] == "intranet"
+    assert created.after["connector_group"] == "default"
+    assert [s["destination"] for s in created.after["segments"]] == ["*.corp.example", "10.20.0.0/16"]
+
+    with store.begin() as session:
+        repo.update_application(session, "admin-key:other", "intranet", new_name="intra", connector_group="branch",
+                                segments=[seg("10.20.0.0/16", "22")])
+    update = audit(store)[-1]
+    assert (update.actor, update.action, update.object_id) == ("admin-key:other", "application.update", str(app_id))
+    assert update.before is not None and update.after is not None
+    assert (update.before["name"], update.after["name"]) == ("intranet", "intra")
+    assert (update.before["connector_group"], update.after["connector_group"]) == ("default", "branch")
+    assert [s["ports"] for s in update.before["segments"]] == ["80-81,443,8000-8100", "22,3389"]
+    assert [s["ports"] for s in update.after["segments"]] == ["22"]
+    assert update.after["updated_at"] > update.before["updated_at"]
+
+    records = len(audit(store))
+    with store.begin() as session:  # a change that changes nothing is not one
+        repo.update_application(session, ACTOR, "intra", new_name="intra", connector_group="branch",
+                                segments=[seg("10.20.0.0/16", 22)])
+    assert len(audit(store)) == records
+
+    with store.begin() as session:
+        repo.delete_application(session, ACTOR, "intra")
+    deleted = audit(store)[-1]
+    assert (deleted.action, deleted.object_id, deleted.after) == ("application.delete", str(app_id), None)
+    assert deleted.before is not None and deleted.before["name"] == "intra"
+    with store.read() as session:
+        assert repo.list_applications(session) == []
+        assert session.scalar(sa.select(sa.func.count()).select_from(sa.table("segments"))) == 0
+
+
+def test_application_refusals(store: Store) -> None:
+    with store.begin() as session:
+        repo.create_application(session, ACTOR, "web")
+    with store.begin() as session:
+        assert refused("conflict", lambda: repo.create_application(session, ACTOR, "web")) == \
+            "application 'web' already exists"
+        assert refused("invalid", lambda: repo.create_application(session, ACTOR, "  ")) == \
+            "application name must be a non-empty string"
+        assert refused("invalid", lambda: repo.create_application(session, ACTOR, "x", kind="vpn")) == \
+            "application kind 'vpn' is not one of per_app, quick_access"
+        assert refused("not_found", lambda: repo.create_application(session, ACTOR, "x", connector_group="nope")) == \
+            "connector group 'nope' does not exist"
+        assert refused("not_found", lambda: repo.update_application(session, ACTOR, "nope", new_name="y")) == \
+            "application 'nope' does not exist"
+        assert refused("not_found", lambda: repo.delete_application(session, ACTOR, "nope")) == \
+            "application 'nope' does not exist"
+        assert refused("invalid", lambda: repo.create_application(session, "", "x")) == \
+            "every change needs an actor (who makes it)"
+    with store.read() as session:
+        assert [a.name for a in repo.list_applications(session)] == ["web"]
+
+
+def test_segment_errors_name_the_app_and_the_segment(store: Store) -> None:
+    with store.begin() as session:
+        message = refused("invalid", lambda: repo.create_application(
+            session, ACTOR, "web", segments=[seg("a.corp.example", "80"), seg("bad..name", "80")]))
+        assert message == "app 'web' segment 2: 'bad..name' is not a valid host name or IP address"
+        message = refused("invalid", lambda: repo.create_application(session, ACTOR, "web",
+                                                                     segments=[seg("10.0.0.0/8", "0")]))
+        assert message == "app 'web' segment 1: port 0 out of range 1-65535"
+        message = refused("invalid", lambda: repo.create_application(
+            session, ACTOR, "web", segments=[seg("10.0.0.1", "80,443"), seg("10.0.0.1", "443,80")]))
+        assert message == "app 'web' segment 2 repeats segment 1 (10.0.0.1:80,443/tcp)"
+        repo.create_application(session, ACTOR, "web", segments=[seg("10.0.0.1", "80"), seg("10.0.0.2", "80")])
+        message = refused("invalid", lambda: repo.add_segment(session, ACTOR, "web", seg("10.0.0.3", "80", "sctp")))
+        assert message == "app 'web' segment 3: protocol 'sctp' is not tcp or udp"
+
+
+def test_add_and_remove_segments_with_audit(store: Store) -> None:
+    with store.begin() as session:
+        repo.create_application(session, ACTOR, "web", segments=[seg("10.0.0.1", "80")])
+        added = repo.add_segment(session, ACTOR, "web", seg("db.corp.example", "5432", "TCP"))
+        added_id = added.id
+    record = audit(store)[-1]
+    assert (record.action, record.object_type, record.object_id, record.before) == (
+        "segment.create", "segment", str(added_id), None)
+    assert record.after == {"application": "web", "id": added_id, "destination": "db.corp.example",
+                            "kind": "hostname", "ports": "5432", "protocol": "tcp"}
+    with store.begin() as session:
+        repo.remove_segment(session, ACTOR, "web", added_id)
+        assert refused("not_found", lambda: repo.remove_segment(session, ACTOR, "web", added_id)) == \
+            f"application 'web' has no segment {added_id}"
+    record = audit(store)[-1]
+    assert (record.action, record.after) == ("segment.delete", None)
+    assert record.before is not None and record.before["destination"] == "db.corp.example"
+    with store.read() as session:
+        assert [s.destination for s in repo.get_application(session, "web").segments] == ["10.0.0.1"]
+
+
+OVERLAPS = [
+    # (segment of app 'a', segment of app 'b', expected refusal of 'b' or None)
+    (seg("10.0.0.5", "20-30"), seg("10.0.0.0/24", "22"),
+     "segment 10.0.0.0/24:22/tcp of app 'b' overlaps segment 10.0.0.5:20-30/tcp of app 'a'"),
+    (seg("10.0.0.0/24", "22"), seg("10.0.0.5", "20-30"),
+     "segment 10.0.0.5:20-30/tcp of app 'b' overlaps segment 10.0.0.0/24:22/tcp of app 'a'"),
+    (seg("10.0.0.0/24", "22"), seg("10.0.0.5", "23-30"), None),  # same addresses, other ports
+    (seg("10.0.0.0/24", "53", "udp"), seg("10.0.0.5", "53"), None),  # other protocol
+    (seg("10.0.0.0/24"), seg("10.0.1.0-10.0.1.255"), None),  # adjacent, not overlapping
+    (seg("10.0.1.0/24", "443"), seg("10.0.0.250-10.0.1.5", "1-1024"),
+     "segment 10.0.0.250-10.0.1.5:1-1024/tcp of app 'b' overlaps segment 10.0.1.0/24:443/tcp of app 'a'"),
+    (seg("db.corp.example", "5432"), seg("DB.corp.example.", "5000-6000"),
+     "segment db.corp.example:5000-6000/tcp of app 'b' overlaps segment db.corp.example:5432/tcp of app 'a'"),
+    (seg("db.corp.example", "5432"), seg("db.corp.example", "5433"), None),
+    (seg("*.corp.example", "443"), seg("db.corp.example", "443"),
+     "segment db.corp.example:443/tcp of app 'b' overlaps segment *.corp.example:443/tcp of app 'a'"),
+    (seg("db.eu.corp.example", "443"), seg("*.corp.example", "80,443"),
+     "segment *.corp.example:80,443/tcp of app 'b' overlaps segment db.eu.corp.example:443/tcp of app 'a'"),
+    (seg("*.corp.example", "443"), seg("corp.example", "443"), None),  # a wildcard is strictly under its suffix
+    (seg("*.corp.example", "443"), seg("*.eu.corp.example", "443"),
+     "segment *.eu.corp.example:443/tcp of app 'b' overlaps segment *.corp.example:443/tcp of app 'a'"),
+    (seg("*.eu.corp.example", "443"), seg("*.corp.example", "443"),
+     "segment *.corp.example:443/tcp of app 'b' overlaps segment *.eu.corp.example:443/tcp of app 'a'"),
+    (seg("*.corp.example", "443"), seg("*.corp.example", "443"),
+     "segment *.corp.example:443/tcp of app 'b' overlaps segment *.corp.example:443/tcp of app 'a'"),
+    (seg("*.corp.example"), seg("*.xcorp.example"), None),  # label boundaries, not string suffixes
+    (seg("*.corp.example"), seg("x.example"), None),
+    (seg("10.0.0.1"), seg("*.corp.example"), None),  # names are never resolved
+    (seg("fd00::/64", "443"), seg("fd00::5", "443"),
+     "segment [fd00::5]:443/tcp of app 'b' overlaps segment [fd00::/64]:443/tcp of app 'a'"),
+    (seg("0.0.0.0/0"), seg("::/0"), None),  # IPv4 and IPv6 never overlap
+]
+
+
+@pytest.mark.parametrize(("first", "second", "expected"), OVERLAPS)
+def test_overlaps_between_per_app_applications(store: Store, first: dict[str, Any], second: dict[str, Any],
+                                               expected: str | None) -> None:
+    with store.begin() as session:
+        repo.create_application(session, ACTOR, "a", segments=[first])
+    with store.begin() as session:
+        if expected is None:
+            repo.create_application(session, ACTOR, "b", segments=[second])
+            return
+        assert refused("conflict", lambda: repo.create_application(session, ACTOR, "b", segments=[second])) == expected
+        repo.create_application(session, ACTOR, "b")
+        assert refused("conflict", lambda: repo.add_segment(session, ACTOR, "b", second)) == expected
+        assert refused("conflict", lambda: repo.update_application(session, ACTOR, "b", segments=[second])) == expected
+
+
+def test_the_first_overlapping_segment_is_reported(store: Store) -> None:
+    with store.begin() as session:
+        repo.create_application(session, ACTOR, "z", segments=[seg("10.0.0.0/16", "8443")])
+        repo.create_application(session, ACTOR, "m", segments=[seg("10.0.0.7", "22"), seg("10.0.0.0/24", "443")])
+        message = refused("conflict", lambda: repo.create_application(
+            session, ACTOR, "new", segments=[seg("10.1.0.1", "443"), seg("10.0.0.7", "1-10000")]))
+    # the new app's first overlapping segment, against the others' segments in app name, then segment order
+    assert message == "segment 10.0.0.7:1-10000/tcp of app 'new' overlaps segment 10.0.0.7:22/tcp of app 'm'"
+
+
+def test_an_application_does_not_overlap_itself(store: Store) -> None:
+    with store.begin() as session:
+        repo.create_application(session, ACTOR, "a", segments=[seg("10.0.0.0/24", "443"), seg("10.0.0.5", "443")])
+        repo.update_application(session, ACTOR, "a", segments=[seg("10.0.0.0/24", "1-1024")])
+        repo.add_segment(session, ACTOR, "a", seg("10.0.0.9", "443"))
+
+
+def test_quick_access_may_overlap_per_app_applications(store: Store) -> None:
+    with store.begin() as session:
+        repo.create_application(session, ACTOR, "ssh", segments=[seg("10.0.0.5", "22")])
+        repo.create_application(session, ACTOR, "Quick Access", kind="quick_access",
+                                segments=[seg("10.0.0.0/8"), seg("*.corp.example")])
+        repo.add_segment(session, ACTOR, "Quick Access", seg("10.0.0.5", "22"))
+        repo.create_application(session, ACTOR, "wiki", segments=[seg("wiki.corp.example", "443")])
+        repo.update_application(session, ACTOR, "wiki", segments=[seg("wiki.corp.example", "80,443")])
+    with store.read() as session:
+        qa = repo.get_application(session, "Quick Access")
+        assert qa.kind == "quick_access" and len(qa.segments) == 3
+
+
+def test_at_most_one_quick_access_application(store: Store) -> None:
+    with store.begin() as session:
+        repo.create_application(session, ACTOR, "qa", kind="quick_access")
+        assert refused("conflict", lambda: repo.create_application(session, ACTOR, "qa2", kind="quick_access")) == \
+            "there is already a quick access application: 'qa'"
+    # The schema enforces it as well.
+    with pytest.raises(IntegrityError), store.begin() as session:
+        session.add(Application(name="qa3", kind="quick_access", connector_group=repo.default_group(session),
+                                created_at=utcnow(), updated_at=utcnow()))
+        session.flush()
+
+
+def test_at_most_500_segments_per_application(store: Store) -> None:
+    assert MAX_SEGMENTS == 500
+    full = [seg(f"10.0.{n // 250}.{n % 250}", "443") for n in range(MAX_SEGMENTS)]
+    with store.begin() as session:
+        message = refused("invalid", lambda: repo.create_application(
+            session, ACTOR, "big", segments=[*full, seg("10.9.9.9", "443")]))
+        assert message == "app 'big' has 501 segments; at most 500 are allowed"
+        repo.create_application(session, ACTOR, "big", segments=full)
+        message = refused("invalid", lambda: repo.add_segment(session, ACTOR, "big", seg("10.9.9.9", "443")))
+        assert message == "app 'big' has 501 segments; at most 500 are allowed"
+    with store.read() as session:
+        assert len(repo.get_application(session, "big").segments) == 500
+
+
+def test_a_refused_change_leaves_nothing_behind(store: Store) -> None:
+    before = version(store)
+    with store.begin() as session:
+        repo.create_application(session, ACTOR, "web", segments=[seg("10.0.0.1", "80")])
+        # renames first, then fails on the segments: the rename is undone too
+        refused("invalid", lambda: repo.update_application(session, ACTOR, "web", new_name="renamed",
+                                                          segments=[seg("bad..name", "80")]))
+        repo.add_dns_suffix(session, ACTOR, "corp.example")  # the transaction goes on
+    with store.read() as session:
+        assert [a.name for a in repo.list_applications(session)] == ["web"]
+        assert [s.suffix for s in repo.list_dns_suffixes(session)] == ["corp.example"]
+    assert [r.action for r in audit(store)] == ["application.create", "dns_suffix.create"]
+    assert version(store) == before + 2
+
+
+# ---------------------------------------------------------------------------- groups, DNS, nodes, revocations
+
+
+def test_connector_groups(store: Store) -> None:
+    with store.begin() as session:
+        group = repo.create_group(session, ACTOR, "branch", region="eu-west")
+        assert refused("conflict", lambda: repo.create_group(session, ACTOR, "branch")) == \
+            "connector group 'branch' already exists"
+        assert refused("not_found", lambda: repo.get_group(session, "nope")) == "connector group 'nope' does not exist"
+        repo.create_application(session, ACTOR, "web", connector_group="branch")
+    assert (group.name, group.region, group.is_default) == ("branch", "eu-west", False)
+    record = audit(store)[0]
+    assert (record.action, record.object_type, record.before) == ("connector_group.create", "connector_group", None)
+    assert record.after is not None and record.after["name"] == "branch" and record.after["region"] == "eu-west"
+    with store.read() as session:
+        assert [g.name for g in repo.list_groups(session)] == ["branch", "default"]
+        assert repo.get_application(session, "web").connector_group.name == "branch"
+
+
+def test_dns_suffixes(store: Store) -> None:
+    with store.begin() as session:
+        assert repo.add_dns_suffix(session, ACTOR, " .Corp.Example. ").suffix == "corp.example"
+        assert refused("conflict", lambda: repo.add_dns_suffix(session, ACTOR, "corp.example")) == \
+            "DNS suffix 'corp.example' already exists"
+        for bad in ("10.0.0.1", "*.corp.example", "a..b"):
+            assert refused("invalid", functools.partial(repo.add_dns_suffix, session, ACTOR, bad)) == \
+                f"DNS suffix {bad!r} is not a domain name"
+        assert refused("invalid", lambda: repo.add_dns_suffix(session, ACTOR, ".")) == \
+            "DNS suffix '.' must be a non-empty domain name"
+    with store.begin() as session:
+        repo.remove_dns_suffix(session, ACTOR, "corp.example")
+        assert refused("not_found", lambda: repo.remove_dns_suffix(session, ACTOR, "corp.example")) == \
+            "DNS suffix 'corp.example' does not exist"
+    assert [(r.action, r.before is None, r.after is None) for r in audit(store)] == [
+        ("dns_suffix.create", True, False), ("dns_suffix.delete", False, True)]
+
+
+def test_connectors_and_edges_with_heartbeats(store: Store) -> None:
+    not_after = datetime(2031, 1, 1, tzinfo=UTC)
+    with store.begin() as session:
+        repo.create_group(session, ACTOR, "branch")
+        connector = repo.add_connector(session, "registration", "conn-a", cert_serial=0xABC, cert_not_after=not_after)
+        other = repo.add_connector(session, "registration", "conn-b", group="branch")
+        edge = repo.add_edge(session, "registration", "edge-1", "edge.example.com:8443", cert_serial=77)
+    assert connector.group.name == "default" and other.group.name == "branch"
+    assert connector.cert_serial == "abc" and connector.cert_not_after == not_after and edge.cert_serial == "4d"
+    assert [r.action for r in audit(store)][-3:] == ["connector.create", "connector.create", "edge.create"]
+
+    now = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
+    assert connector.status(now, heartbeat_interval=10) == "inactive"  # never seen
+    with store.begin() as session:
+        repo.record_connector_heartbeat(session, connector.id, version="1.2.3", external_addr="198.51.100.7:40000",
+                                        internal_addr="10.0.0.9", now=now)
+        repo.record_edge_heartbeat(session, edge.id, version="1.2.3", now=now)
+        assert refused("not_found", lambda: repo.record_connector_heartbeat(
+            session, "nope", version="", external_addr="", internal_addr="", now=now)) == \
+            "connector 'nope' does not exist"
+    with store.read() as session:
+        seen = repo.get_connector(session, connector.id)
+        assert (seen.version, seen.external_addr, seen.internal_addr, seen.last_seen) == (
+            "1.2.3", "198.51.100.7:40000", "10.0.0.9", now)
+        assert seen.status(now + timedelta(seconds=30), heartbeat_interval=10) == "active"
+        assert seen.status(now + timedelta(seconds=31), heartbeat_interval=10) == "inactive"
+        assert repo.get_edge(session, edge.id).status(now + timedelta(seconds=5), heartbeat_interval=10) == "active"
+        assert [c.name for c in repo.list_connectors(session)] == ["conn-a", "conn-b"]
+        assert [e.address for e in repo.list_edges(session)] == ["edge.example.com:8443"]
+
+
+def test_certificate_revocations(store: Store) -> None:
+    serial = 0x1F2E3D4C5B6A79880123456789ABCDEF01234567  # 160 bits, the largest X.509 allows
+    with store.begin() as session:
+        repo.revoke_certificate(session, ACTOR, serial, reason="laptop lost")
+        assert refused("conflict", lambda: repo.revoke_certificate(session, ACTOR, serial)) == \
+            f"certificate {serial:x} is already revoked"
+        assert refused("invalid", lambda: repo.revoke_certificate(session, ACTOR, -1)) == \
+            "certificate serial -1 must be a positive integer"
+    with store.read() as session:
+        assert repo.is_revoked(session, serial) and not repo.is_revoked(session, serial + 1)
+        assert [(r.serial, r.reason) for r in repo.list_revocations(session)] == [(f"{serial:x}", "laptop lost")]
+    record = audit(store)[-1]
+    assert (record.action, record.object_type, record.object_id) == ("certificate.revoke", "certificate", f"{serial:x}")
+
+
+def test_configuration_changes_bump_the_version(store: Store) -> None:
+    steps: list[tuple[Callable[[Any], object], int]] = [
+        (lambda s: repo.create_group(s, ACTOR, "branch"), 1),
+        (lambda s: repo.create_application(s, ACTOR, "web", segments=[seg("10.0.0.1", "80")]), 1),
+        (lambda s: repo.add_segment(s, ACTOR, "web", seg("10.0.0.2", "80")), 1),
+        (lambda s: repo.update_application(s, ACTOR, "web", connector_group="branch"), 1),
+        (lambda s: repo.update_application(s, ACTOR, "web", connector_group="branch"), 0),  # no change
+        (lambda s: repo.add_dns_suffix(s, ACTOR, "corp.example"), 1),
+        (lambda s: repo.add_connector(s, ACTOR, "c1"), 1),
+        (lambda s: repo.revoke_certificate(s, ACTOR, 5), 1),
+        (lambda s: repo.delete_application(s, ACTOR, "web"), 1),
+        (lambda s: repo.create_admin_key(s, ACTOR, "ops"), 0),  # not configuration
+        (lambda s: repo.create_registration_token(s, ACTOR, "connector"), 0),
+    ]
+    expected = version(store)
+    assert expected == 0
+    for step, bump in steps:
+        with store.begin() as session:
+            step(session)
+        expected += bump
+        assert version(store) == expected
+    with store.begin() as session:  # refused: no bump
+        refused("conflict", lambda: repo.create_group(session, ACTOR, "branch"))
+    assert version(store) == expected
+
+
+# ---------------------------------------------------------------------------- admin keys and tokens
+
+
+def test_admin_keys_are_hashed_at_rest(store: Store, url: str) -> None:
+    with store.begin() as session:
+        key, plaintext = repo.create_admin_key(session, ACTOR, "ops")
+    assert plaintext.startswith("fmk_") and len(plaintext) > 40
+    dumped = []
+    with store.read() as session:
+        for table in Base.metadata.sorted_tables:
+            dumped += [repr(tuple(row)) for row in session.execute(sa.select(table))]
+    assert dumped and not any(plaintext in row or plaintext[4:] in row for row in dumped)
+    if url.startswith("sqlite"):
+        files = list(Path(sa.make_url(url).database or "").parent.glob("control.db*"))
+        assert files and all(plaintext[4:].encode() not in f.read_bytes() for f in files)
+    record = audit(store)[-1]
+    assert record.action == "admin_key.create" and record.after is not None and "key_hash" not in record.after
+
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    with store.begin() as session:
+        found = repo.verify_admin_key(session, plaintext, now=now)
+        assert found is not None and found.id == key.id and found.last_used_at == now
+        assert repo.verify_admin_key(session, plaintext[:-1] + ("A" if plaintext[-1] != "A" else "B")) is None
+        assert repo.verify_admin_key(session, "") is None
+        assert refused("conflict", lambda: repo.create_admin_key(session, ACTOR, "ops")) == \
+            "admin key 'ops' already exists"
+    with store.begin() as session:
+        repo.revoke_admin_key(session, ACTOR, "ops")
+        assert repo.verify_admin_key(session, plaintext) is None
+        assert "admin key 'ops' was already revoked at" in refused("conflict",
+                                                                  lambda: repo.revoke_admin_key(session, ACTOR, "ops"))
+        assert refused("not_found", lambda: repo.revoke_admin_key(session, ACTOR, "nope")) == \
+            "admin key 'nope' does not exist"
+    revoked = audit(store)[-1]
+    assert revoked.action == "admin_key.revoke" and revoked.before is not None and revoked.after is not None
+    assert revoked.before["revoked_at"] is None and revoked.after["revoked_at"] is not None
+
+
+def test_registration_tokens_are_single_use(store: Store) -> None:
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    with store.begin() as session:
+        repo.create_group(session, ACTOR, "branch")
+        token, plaintext = repo.create_registration_token(session, ACTOR, "connector", group="branch",
+                                                          ttl=timedelta(hours=1), now=now)
+        _, default_token = repo.create_registration_token(session, ACTOR, "connector", now=now)
+    assert plaintext.startswith("fmr_") and token.expires_at == now + timedelta(hours=1)
+    with store.begin() as session:
+        used = repo.consume_registration_token(session, plaintext, "connector", used_by="connector:c1",
+                                               now=now + timedelta(minutes=59))
+        assert used.group is not None and used.group.name == "branch"
+        assert repo.consume_registration_token(session, default_token, "connector", used_by="connector:c2",
+                                               now=now).group == repo.default_group(session)
+    with store.begin() as session:
+        message = refused("token_used", lambda: repo.consume_registration_token(
+            session, plaintext, "connector", used_by="connector:c3", now=now + timedelta(minutes=59)))
+    assert message == "registration token was already used at 2030-01-01 00:59:00 UTC by connector:c1"
+    record = audit(store)[-2]
+    assert (record.actor, record.action, record.object_id) == ("connector:c1", "registration_token.use", str(token.id))
+    assert record.after is not None and "token_hash" not in record.after
+
+
+def test_registration_token_refusals_are_distinct(store: Store) -> None:
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    with store.begin() as session:
+        _, expiring = repo.create_registration_token(session, ACTOR, "connector", ttl=timedelta(minutes=10), now=now)
+        _, edge_token = repo.create_registration_token(session, ACTOR, "edge", now=now)
+    with store.begin() as session:
+        expired = refused("token_expired", lambda: repo.consume_registration_token(
+            session, expiring, "connector", used_by="c", now=now + timedelta(minutes=10)))
+        unknown = refused("token_unknown", lambda: repo.consume_registration_token(
+            session, "fmr_" + secrets.token_urlsafe(32), "connector", used_by="c", now=now))
+        wrong_role = refused("invalid", lambda: repo.consume_registration_token(
+            session, edge_token, "connector", used_by="c", now=now))
+        assert refused("invalid", lambda: repo.create_registration_token(session, ACTOR, "client")) == \
+            "registration token role 'client' is not one of connector, edge"
+        assert refused("invalid", lambda: repo.create_registration_token(session, ACTOR, "edge", group="default")) == \
+            "an edge registration token has no connector group"
+        assert refused("invalid", lambda: repo.create_registration_token(
+            session, ACTOR, "connector", ttl=timedelta(0))) == "registration token lifetime 0:00:00 must be positive"
+    assert expired == "registration token expired at 2030-01-01 00:10:00 UTC"
+    assert unknown == "registration token is not known (mistyped, or never issued here)"
+    assert wrong_role == "registration token is for an edge, not for a connector"
+    with store.begin() as session:  # refusals used nothing up
+        assert repo.consume_registration_token(session, expiring, "connector", used_by="c",
+                                               now=now + timedelta(minutes=9)).used_by == "c"
+
+
+# ---------------------------------------------------------------------------- concurrent writers
+
+
+def _race(store: Store, workers: int, work: Callable[[Any, int], object]) -> list[str]:
+    """Run ``work(session, n)`` in ``workers`` threads at once, each in its own transaction;
+    return ``ok``, the StoreError code or the unexpected exception of each worker, sorted."""
+    barrier = threading.Barrier(workers)
+    results: list[str] = [""] * workers
+
+    def run(n: int) -> None:
+        barrier.wait(timeout=10)
+        try:
+            with store.begin() as session:
+                work(session, n)
+            results[n] = "ok"
+        except StoreError as exc:
+            results[n] = exc.code
+        except Exception as exc:  # reported in the assertion, not lost in the thread
+            results[n] = repr(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return sorted(results)
+
+
+def test_a_token_used_concurrently_succeeds_once(store: Store) -> None:
+    with store.begin() as session:
+        _, plaintext = repo.create_registration_token(session, ACTOR, "connector")
+    results = _race(store, 4, lambda s, n: repo.consume_registration_token(s, plaintext, "connector",
+                                                                           used_by=f"connector:{n}"))
+    assert results == ["ok", "token_used", "token_used", "token_used"]
+
+
+def test_concurrent_overlapping_applications_one_wins(store: Store) -> None:
+    results = _race(store, 4, lambda s, n: repo.create_application(s, ACTOR, f"app-{n}",
+                                                                   segments=[seg("10.0.0.0/24", "443")]))
+    assert results == ["conflict", "conflict", "conflict", "ok"]
+    assert version(store) == 1
