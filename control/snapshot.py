@@ -1,0 +1,236 @@
+"""Compiling the store into configuration snapshots, and handing them to waiting nodes.
+
+- ``build_snapshot(session, edges=...)``: the ``dataplane.snapshot.ConfigSnapshot`` of the
+  store as seen by ``session``. Its ``version`` is the store's configuration version and its
+  ``issued_at`` the time of the change that made that version, and every list is sorted, so
+  the same configuration always encodes to the same bytes (on any control-plane node).
+- ``SnapshotHub``: the newest snapshot and the long-poll waiters for a newer one (pure
+  asyncio; the HTTP endpoint calls ``wait_newer`` with the version the node holds).
+- ``refresh`` / ``follow_store``: rebuild and publish when the store's version moved.
+  ``follow_store`` polls the one-row version table (every ``FOLLOW_INTERVAL`` seconds), so
+  changes made through any control-plane node sharing the database reach the hub, and
+  from there every waiting node, well within the two seconds a change may take.
+
+The ``edges`` of a snapshot are given by the caller (the addresses nodes should dial); they
+are not part of the store's version, so changing them without a store change does not
+make nodes fetch a new snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dataplane.snapshot import ConfigSnapshot, SnapApp, SnapGroup, SnapSegment, encode
+
+from .store import Store, repo
+from .store.models import ConfigVersion
+from .store.segments import ports_from_text
+
+log = logging.getLogger("ferryman.snapshot")
+
+DEFAULT_MAX_WAITERS = 10_000
+FOLLOW_INTERVAL = 0.5  # seconds between checks of the store's configuration version
+
+
+def iso_utc(moment: datetime) -> str:
+    """``2030-01-02T03:04:05.000006Z``: fixed width, so equal moments give equal text."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def build_snapshot(session: Session, *, edges: Iterable[str]) -> ConfigSnapshot:
+    """The configuration in the store as seen by ``session`` (use one transaction: ``store.read()``).
+
+    Applications (with their segments), connector groups, DNS suffixes, revoked serials and
+    ``edges`` (duplicates dropped) are sorted, so equal configurations give equal bytes.
+    """
+    version, changed_at = session.execute(
+        select(ConfigVersion.version, ConfigVersion.changed_at).where(ConfigVersion.id == 1)).one()
+    applications = [
+        SnapApp(
+            name=app.name,
+            kind=app.kind,  # type: ignore[arg-type]  # the schema's check constraint keeps it a known kind
+            connector_group=app.connector_group.name,
+            segments=[
+                SnapSegment(destination=s.destination, ports=s.ports, protocol=s.protocol)  # type: ignore[arg-type]
+                for s in sorted(app.segments, key=lambda s: (s.protocol, s.destination, ports_from_text(s.ports)))
+            ],
+        )
+        for app in sorted(repo.list_applications(session), key=lambda a: a.name)
+    ]
+    groups = [SnapGroup(name=g.name, region=g.region) for g in sorted(repo.list_groups(session), key=lambda g: g.name)]
+    return ConfigSnapshot(
+        version=version,
+        issued_at=iso_utc(changed_at),
+        applications=applications,
+        groups=groups,
+        dns_suffixes=sorted(row.suffix for row in repo.list_dns_suffixes(session)),
+        revoked_serials=sorted((row.serial for row in repo.list_revocations(session)), key=lambda s: int(s, 16)),
+        edges=sorted(set(edges)),
+    )
+
+
+def build_from_store(store: Store, *, edges: Iterable[str]) -> ConfigSnapshot:
+    """``build_snapshot`` in a read transaction of its own (blocking: run it in a thread from asyncio)."""
+    with store.read() as session:
+        return build_snapshot(session, edges=edges)
+
+
+def _store_version(store: Store) -> int:
+    with store.read() as session:
+        return repo.config_version(session)
+
+
+# ---------------------------------------------------------------------------- distribution
+
+
+class TooManyWaiters(RuntimeError):
+    """``SnapshotHub.wait_newer`` refused: the hub already holds its maximum of waiters."""
+
+
+class SnapshotHub:
+    """The newest snapshot, and the nodes waiting (long-poll) for a newer one than theirs.
+
+    ``publish`` and ``wait_newer`` must be called from the event loop's thread. A published
+    snapshot that is not newer than the current one is ignored, so publishers may race.
+    """
+
+    def __init__(self, snapshot: ConfigSnapshot | None = None, *, max_waiters: int = DEFAULT_MAX_WAITERS) -> None:
+        if max_waiters < 1:
+            raise ValueError(f"max_waiters must be at least 1, not {max_waiters}")
+        self.max_waiters = max_waiters
+        self._current: ConfigSnapshot | None = None
+        self._encoded: bytes | None = None
+        self._waiting = 0
+        self._wakeups: set[asyncio.Future[None]] = set()
+        self._closed = False
+        if snapshot is not None:
+            self.publish(snapshot)
+
+    @property
+    def current(self) -> ConfigSnapshot | None:
+        """The newest published snapshot (None before the first one)."""
+        return self._current
+
+    @property
+    def encoded(self) -> bytes | None:
+        """``encode(current)``, computed once per snapshot (for serving it to many nodes)."""
+        return self._encoded
+
+    @property
+    def version(self) -> int | None:
+        return None if self._current is None else self._current.version
+
+    @property
+    def waiters(self) -> int:
+        """How many ``wait_newer`` calls are waiting now."""
+        return self._waiting
+
+    def publish(self, snapshot: ConfigSnapshot) -> bool:
+        """Make ``snapshot`` current and wake every waiter, if it is newer; return whether it was."""
+        if self._current is not None and snapshot.version <= self._current.version:
+            return False
+        self._current = snapshot
+        self._encoded = encode(snapshot)
+        self._wake()
+        return True
+
+    async def wait_newer(self, version: int, timeout: float) -> ConfigSnapshot | None:
+        """The current snapshot as soon as its version is above ``version``; None after ``timeout`` seconds.
+
+        Returns at once when the current snapshot is already newer (a node that is behind, or
+        one that holds none: pass -1), and None at once once the hub is closed. Raises
+        ``TooManyWaiters`` when ``max_waiters`` calls are already waiting.
+        """
+        current = self._current
+        if current is not None and current.version > version:
+            return current
+        if self._closed or timeout <= 0:
+            return None
+        if self._waiting >= self.max_waiters:
+            raise TooManyWaiters(f"{self._waiting} nodes are already waiting for a configuration change, "
+                                 f"the most this control plane accepts (max_waiters); retry later")
+        loop = asyncio.get_running_loop()
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    wakeup = loop.create_future()
+                    self._wakeups.add(wakeup)
+                    try:
+                        await wakeup
+                    finally:
+                        self._wakeups.discard(wakeup)
+                    current = self._current
+                    if current is not None and current.version > version:
+                        return current
+                    if self._closed:
+                        return None
+        except TimeoutError:
+            return None
+        finally:
+            self._waiting -= 1
+
+    def close(self) -> None:
+        """Release every waiter (they get None) and answer later calls at once (shutdown)."""
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        wakeups, self._wakeups = self._wakeups, set()
+        for wakeup in wakeups:
+            if not wakeup.done():
+                wakeup.set_result(None)
+
+
+# ---------------------------------------------------------------------------- following the store
+
+
+async def refresh(store: Store, hub: SnapshotHub, *, edges: Iterable[str]) -> bool:
+    """Build a snapshot from ``store`` (in a thread) and publish it; return whether it was newer."""
+    edges = list(edges)
+    snapshot = await asyncio.to_thread(build_from_store, store, edges=edges)
+    return hub.publish(snapshot)
+
+
+async def follow_store(store: Store, hub: SnapshotHub, *, edges: Iterable[str],
+                       interval: float = FOLLOW_INTERVAL) -> None:
+    """Keep ``hub`` at the store's configuration version until cancelled.
+
+    Every ``interval`` seconds the version is read (one row); when it differs from the hub's
+    the snapshot is rebuilt and published. A database error is logged (once per outage) and
+    retried at the next tick: the hub keeps serving the last snapshot meanwhile.
+    """
+    edges = list(edges)
+    failing = False
+    built: int | None = None  # the store version last built (rebuilt only when it moves)
+    while True:
+        try:
+            version = await asyncio.to_thread(_store_version, store)
+            if version != built and version != hub.version:
+                snapshot = await asyncio.to_thread(build_from_store, store, edges=edges)
+                built = snapshot.version
+                if hub.publish(snapshot):
+                    log.info("configuration snapshot published", extra={"version": snapshot.version})
+                else:
+                    log.warning("the store's configuration version %d is below the published %s "
+                                "(database replaced or restored?); nodes keep the newer snapshot",
+                                snapshot.version, hub.version)
+            if failing:
+                log.info("configuration store reachable again", extra={"version": version})
+                failing = False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the database is down or refusing: keep serving what we have
+            if not failing:
+                log.warning("cannot read the configuration store: %s", exc)
+                failing = True
+        await asyncio.sleep(interval)

@@ -1,0 +1,431 @@
+"""Tests of the configuration snapshot: compiling it from a real (SQLite) store
+(control/snapshot.py), its encoding and use at the edge (dataplane/snapshot.py: segment
+matching with per-app before quick access, revocations), the on-disk cache a node restarts
+from, and the long-poll hub that hands new versions to waiting nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control.snapshot import SnapshotHub, TooManyWaiters, build_from_store, build_snapshot, follow_store, refresh
+from control.store import Store, open_store, repo
+from dataplane.apps import AppTable
+from dataplane.snapshot import (
+    ConfigSnapshot,
+    SnapApp,
+    SnapGroup,
+    SnapSegment,
+    SnapshotCache,
+    SnapshotError,
+    app_table,
+    decode,
+    encode,
+    is_revoked,
+    revoked_set,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+ACTOR = "admin-key:tests"
+EDGES = ["edge-b.example:8443", "edge-a.example:8443", "edge-b.example:8443"]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with open_store(f"sqlite:///{tmp_path / 'data' / 'control.db'}") as opened:
+        yield opened
+
+
+def seg(destination: str, ports: Any = "1-65535", protocol: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"destination": destination, "ports": ports}
+    if protocol is not None:
+        out["protocol"] = protocol
+    return out
+
+
+def populate(store: Store) -> None:
+    """Per-app apps (created out of name order), a quick access app whose name sorts first,
+    an app without segments, groups, DNS suffixes and revocations."""
+    with store.begin() as session:
+        repo.create_group(session, ACTOR, "branch", region="eu-west")
+        repo.create_application(session, ACTOR, "all-private", kind="quick_access", segments=[
+            seg("10.0.0.0/8"), seg("*.corp.example"), seg("10.1.1.5", "3389"), seg("10.9.0.53", "53", "udp"),
+        ])
+        repo.create_application(session, ACTOR, "rdp", connector_group="branch", segments=[
+            seg("10.1.1.0/24", "3389"), seg("rdp.corp.example", "3389"),
+        ])
+        repo.create_application(session, ACTOR, "intranet", segments=[
+            seg("*.intra.corp.example", "443,80"), seg("10.2.0.0/16", "8000-8100,22"),
+        ])
+        repo.create_application(session, ACTOR, "placeholder")
+        repo.add_dns_suffix(session, ACTOR, "corp.example")
+        repo.add_dns_suffix(session, ACTOR, ".branch.example")
+        repo.revoke_certificate(session, ACTOR, 0xBEEF, reason="lost laptop")
+        repo.revoke_certificate(session, ACTOR, 0x1F)
+
+
+def snapshot_of(store: Store) -> ConfigSnapshot:
+    return build_from_store(store, edges=EDGES)
+
+
+def app_of(table: AppTable, host: str, port: int, protocol: str = "tcp") -> str | None:
+    found = table.match(host, port, protocol)
+    return found.app.name if found else None
+
+
+# ---------------------------------------------------------------------------- building from the store
+
+
+def test_build_from_a_store_gives_every_field_sorted(store: Store) -> None:
+    populate(store)
+    with store.read() as session:
+        version = repo.config_version(session)
+        snap = build_snapshot(session, edges=EDGES)
+    assert version == 9  # 1 group + 4 applications + 2 DNS suffixes + 2 revocations
+    assert snap.version == version
+    assert snap.issued_at.endswith("Z") and snap.issued_at.startswith("20")
+    assert [(a.name, a.kind, a.connector_group) for a in snap.applications] == [
+        ("all-private", "quick_access", "default"),
+        ("intranet", "per_app", "default"),
+        ("placeholder", "per_app", "default"),
+        ("rdp", "per_app", "branch"),
+    ]
+    intranet = snap.applications[1]
+    assert intranet.segments == [
+        SnapSegment(destination="*.intra.corp.example", ports="80,443", protocol="tcp"),
+        SnapSegment(destination="10.2.0.0/16", ports="22,8000-8100", protocol="tcp"),
+    ]
+    assert [(s.destination, s.ports, s.protocol) for s in snap.applications[0].segments] == [
+        ("*.corp.example", "1-65535", "tcp"), ("10.0.0.0/8", "1-65535", "tcp"), ("10.1.1.5", "3389", "tcp"),
+        ("10.9.0.53", "53", "udp"),
+    ]
+    assert snap.applications[2].segments == []
+    assert snap.groups == [SnapGroup(name="branch", region="eu-west"), SnapGroup(name="default", region="")]
+    assert snap.dns_suffixes == ["branch.example", "corp.example"]
+    assert snap.revoked_serials == ["1f", "beef"]
+    assert snap.edges == ["edge-a.example:8443", "edge-b.example:8443"]
+
+
+def test_equal_configurations_encode_to_equal_bytes(store: Store) -> None:
+    populate(store)
+    first, second = snapshot_of(store), snapshot_of(store)
+    assert first is not second
+    assert encode(first) == encode(second)
+    assert decode(encode(first)) == first
+    # Edge order given by the caller does not matter either.
+    assert encode(build_from_store(store, edges=list(reversed(EDGES)))) == encode(first)
+
+
+def test_a_store_change_bumps_the_version_and_changes_the_snapshot(store: Store) -> None:
+    populate(store)
+    before = snapshot_of(store)
+    with store.begin() as session:
+        repo.add_segment(session, ACTOR, "intranet", seg("db.corp.example", "5432"))
+    after = snapshot_of(store)
+    assert after.version == before.version + 1
+    assert after.issued_at >= before.issued_at
+    assert encode(after) != encode(before)
+    assert app_of(app_table(before), "db.corp.example", 5432) == "all-private"
+    assert app_of(app_table(after), "db.corp.example", 5432) == "intranet"
+    # A change that is not configuration (an admin key) leaves the snapshot alone.
+    with store.begin() as session:
+        repo.create_admin_key(session, ACTOR, "ops")
+    assert encode(snapshot_of(store)) == encode(after)
+
+
+def test_a_new_store_gives_an_empty_snapshot_of_version_zero(store: Store) -> None:
+    snap = build_from_store(store, edges=[])
+    assert (snap.version, snap.applications, snap.dns_suffixes, snap.revoked_serials, snap.edges) == (0, [], [], [], [])
+    assert snap.groups == [SnapGroup(name="default", region="")]
+    assert app_table(snap).match("10.0.0.1", 22) is None
+
+
+# ---------------------------------------------------------------------------- matching at the edge
+
+
+def test_per_app_beats_quick_access_and_quick_access_catches_the_rest(store: Store) -> None:
+    populate(store)
+    table = app_table(snapshot_of(store))
+    # "all-private" (quick access) sorts before "rdp" by name and covers 10.1.1.0/24 too.
+    assert app_of(table, "10.1.1.7", 3389) == "rdp"
+    # ... even where quick access names a narrower destination (a single address).
+    assert app_of(table, "10.1.1.5", 3389) == "rdp"
+    assert app_of(table, "rdp.corp.example", 3389) == "rdp"
+    assert app_of(table, "git.intra.corp.example", 443) == "intranet"
+    assert app_of(table, "10.2.3.4", 8050) == "intranet"
+    # Quick access catches what no per-app segment covers.
+    assert app_of(table, "10.1.1.7", 22) == "all-private"
+    assert app_of(table, "10.2.3.4", 443) == "all-private"
+    assert app_of(table, "rdp.corp.example", 443) == "all-private"
+    assert app_of(table, "10.9.0.53", 53, "udp") == "all-private"
+    # Nothing covers these.
+    assert app_of(table, "192.168.1.1", 22) is None
+    assert app_of(table, "www.example.com", 443) is None
+    assert app_of(table, "10.1.1.7", 3389, "udp") is None
+    # Applications without segments are left out; the rest keep their connector group.
+    assert sorted(a.name for a in table.apps) == ["all-private", "intranet", "rdp"]
+    assert table.groups() == {"default", "branch"}
+    assert table.match("10.1.1.7", 3389).app.connector_group == "branch"  # type: ignore[union-attr]
+
+
+def test_per_app_wins_over_an_identical_quick_access_segment() -> None:
+    identical = [SnapSegment(destination="10.5.0.0/16", ports="22", protocol="tcp"),
+                 SnapSegment(destination="ssh.corp.example", ports="22", protocol="tcp")]
+    snap = ConfigSnapshot(version=3, issued_at="2030-01-01T00:00:00.000000Z", applications=[
+        SnapApp(name="a-quick", kind="quick_access", connector_group="default", segments=list(identical)),
+        SnapApp(name="b-ssh", kind="per_app", connector_group="default", segments=list(identical)),
+    ])
+    table = app_table(snap)
+    assert app_of(table, "10.5.1.1", 22) == "b-ssh"
+    assert app_of(table, "SSH.corp.example.", 22) == "b-ssh"
+    # The same two applications in one plain table, in name order, go the other way.
+    plain = AppTable.from_obj({"apps": [
+        {"name": a.name, "segments": [{"destination": s.destination, "ports": s.ports} for s in a.segments]}
+        for a in snap.applications]})
+    assert app_of(plain, "10.5.1.1", 22) == "a-quick"
+
+
+def test_invalid_segments_in_a_snapshot_are_reported() -> None:
+    snap = ConfigSnapshot(version=9, issued_at="2030-01-01T00:00:00.000000Z", applications=[
+        SnapApp(name="web", kind="per_app", connector_group="default",
+                segments=[SnapSegment(destination="10.0.0.1/8", ports="443")]),
+    ])
+    with pytest.raises(SnapshotError) as info:
+        app_table(snap)
+    assert str(info.value) == "snapshot version 9: app 'web' segment 1: '10.0.0.1/8' has host bits set"
+
+
+# ---------------------------------------------------------------------------- revocations
+
+
+def test_is_revoked(store: Store) -> None:
+    populate(store)
+    snap = decode(encode(snapshot_of(store)))
+    assert is_revoked(snap, 0xBEEF) and is_revoked(snap, 31)
+    assert not is_revoked(snap, 0xBEEE) and not is_revoked(snap, 0x1F0)
+    assert revoked_set(snap) is revoked_set(snap)  # computed once per snapshot
+    assert b"_revoked" not in encode(snap)  # the cache is never sent or stored
+    with store.begin() as session:
+        repo.revoke_certificate(session, ACTOR, 0xBEEE)
+    assert is_revoked(snapshot_of(store), 0xBEEE)
+    assert not is_revoked(ConfigSnapshot(version=0, issued_at=""), 1)
+
+
+# ---------------------------------------------------------------------------- encoding errors
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"", "configuration snapshot is not valid JSON: Input data was truncated"),
+    (b"{not json", "configuration snapshot is not valid JSON: "),
+    (b'{"version": "7", "issued_at": ""}', "invalid configuration snapshot: Expected `int`, got `str` - at `$.version`"),
+    (b'{"issued_at": ""}', "invalid configuration snapshot: Object missing required field `version`"),
+    (b'{"version": -1, "issued_at": ""}', "invalid configuration snapshot: Expected `int` >= 0 - at `$.version`"),
+    (b'{"version": 1, "issued_at": "", "applications": [{"name": "x", "kind": "vpn", "connector_group": "d"}]}',
+     "invalid configuration snapshot: Invalid enum value 'vpn' - at `$.applications[0].kind`"),
+    (b'{"version": 1, "issued_at": "", "revoked_serials": ["xyz"]}',
+     "invalid configuration snapshot: Expected `str` matching regex '^[0-9a-fA-F]{1,64}$' - at `$.revoked_serials[0]`"),
+])
+def test_decode_errors_say_what_is_wrong(data: bytes, message: str) -> None:
+    with pytest.raises(SnapshotError) as info:
+        decode(data)
+    assert str(info.value).startswith(message)
+
+
+def test_unknown_fields_from_a_newer_control_plane_are_ignored() -> None:
+    snap = decode(b'{"version": 4, "issued_at": "t", "policies": [1, 2], "edges": ["e:1"]}')
+    assert (snap.version, snap.edges, snap.applications) == (4, ["e:1"], [])
+
+
+# ---------------------------------------------------------------------------- the on-disk cache
+
+
+def test_cache_round_trip_mode_and_node_restart(store: Store, tmp_path: Path) -> None:
+    populate(store)
+    snap = snapshot_of(store)
+    path = tmp_path / "node" / "state" / "snapshot.json"
+    cache = SnapshotCache(path)
+    assert cache.load() is None
+    assert cache.save(snap) is True
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["snapshot.json", "snapshot.json.lock"]
+    # A node restarted while the control plane is down forwards with what it saved.
+    restarted = SnapshotCache(str(path)).load()
+    assert restarted == snap
+    assert restarted is not None and app_of(app_table(restarted), "10.1.1.7", 3389) == "rdp"
+    assert is_revoked(restarted, 0xBEEF)
+
+
+def test_cache_keeps_the_newest_version(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.json"
+    cache = SnapshotCache(path)
+
+    def snap(version: int, edge: str) -> ConfigSnapshot:
+        return ConfigSnapshot(version=version, issued_at="2030-01-01T00:00:00.000000Z", edges=[edge])
+
+    assert cache.save(snap(5, "five:1"))
+    assert cache.save(snap(4, "four:1")) is False  # older: refused
+    assert cache.save(snap(5, "other:1")) is False  # same version: refused
+    assert cache.load() == snap(5, "five:1")
+    assert cache.save(snap(6, "six:1")) is True
+    assert SnapshotCache(path).load() == snap(6, "six:1")
+    assert cache.stored_version() == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot.json", "snapshot.json.lock"]  # no temp files
+
+
+def test_a_corrupt_cache_is_reported_with_its_path_and_replaced_by_the_next_save(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.json"
+    path.write_bytes(b'{"version": 12, "issued_at": "2030-01-01T00:00:00.000000Z", "applications": [')
+    cache = SnapshotCache(path)
+    with pytest.raises(SnapshotError) as info:
+        cache.load()
+    assert str(info.value).startswith(f"snapshot cache {path} is corrupt: configuration snapshot is not valid JSON")
+    assert cache.stored_version() is None
+    assert cache.save(ConfigSnapshot(version=1, issued_at="t")) is True
+    assert cache.load() == ConfigSnapshot(version=1, issued_at="t")
+    path.write_bytes(b'{"version": 2}')
+    with pytest.raises(SnapshotError, match=r"is corrupt: invalid configuration snapshot: Object missing required "
+                                            r"field `issued_at`"):
+        cache.load()
+
+
+def test_an_unreadable_cache_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.json"
+    path.mkdir()
+    with pytest.raises(SnapshotError) as info:
+        SnapshotCache(path).load()
+    assert str(info.value) == f"cannot read snapshot cache {path}: Is a directory"
+
+
+# ---------------------------------------------------------------------------- the long-poll hub
+
+
+def snap_v(version: int) -> ConfigSnapshot:
+    return ConfigSnapshot(version=version, issued_at=f"v{version}")
+
+
+def test_a_waiter_is_released_within_100ms_of_a_publish() -> None:
+    async def main() -> None:
+        hub = SnapshotHub(snap_v(1))
+        released: list[tuple[float, ConfigSnapshot | None]] = []
+
+        async def node() -> None:
+            got = await hub.wait_newer(1, timeout=10)
+            released.append((time.monotonic(), got))
+
+        waiters = [asyncio.create_task(node()) for _ in range(50)]
+        await asyncio.sleep(0.2)
+        assert hub.waiters == 50 and released == []
+        hub.publish(snap_v(1))  # not newer: ignored, nobody released
+        await asyncio.sleep(0.05)
+        assert released == [] and hub.current == snap_v(1)
+        published = time.monotonic()
+        assert hub.publish(snap_v(2)) is True
+        await asyncio.wait_for(asyncio.gather(*waiters), 1)
+        assert len(released) == 50
+        assert all(got == snap_v(2) for _, got in released)
+        assert max(at for at, _ in released) - published < 0.1
+        assert hub.waiters == 0
+        assert hub.encoded == encode(snap_v(2))
+
+    asyncio.run(main())
+
+
+def test_wait_newer_times_out_with_none_and_returns_at_once_when_behind() -> None:
+    async def main() -> None:
+        hub = SnapshotHub()
+        start = time.monotonic()
+        assert await hub.wait_newer(-1, timeout=0.2) is None  # nothing published yet
+        assert 0.2 <= time.monotonic() - start < 1.0
+        hub.publish(snap_v(7))
+        start = time.monotonic()
+        assert await hub.wait_newer(-1, timeout=10) == snap_v(7)  # a node holding nothing
+        assert await hub.wait_newer(3, timeout=10) == snap_v(7)  # a node that is behind
+        assert time.monotonic() - start < 0.1
+        start = time.monotonic()
+        assert await hub.wait_newer(7, timeout=0.1) is None  # up to date: waits, then None
+        assert await hub.wait_newer(7, timeout=0) is None
+        assert 0.1 <= time.monotonic() - start < 1.0
+        assert hub.waiters == 0
+
+    asyncio.run(main())
+
+
+def test_a_node_ahead_of_a_publish_keeps_waiting() -> None:
+    async def main() -> None:
+        hub = SnapshotHub(snap_v(3))
+        waiter = asyncio.create_task(hub.wait_newer(5, timeout=10))
+        await asyncio.sleep(0.05)
+        hub.publish(snap_v(4))
+        await asyncio.sleep(0.05)
+        assert not waiter.done() and hub.waiters == 1
+        hub.publish(snap_v(6))
+        assert await asyncio.wait_for(waiter, 1) == snap_v(6)
+
+    asyncio.run(main())
+
+
+def test_waiters_beyond_the_limit_are_refused() -> None:
+    async def main() -> None:
+        hub = SnapshotHub(snap_v(1), max_waiters=3)
+        waiters = [asyncio.create_task(hub.wait_newer(1, timeout=10)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(TooManyWaiters) as info:
+            await hub.wait_newer(1, timeout=10)
+        assert str(info.value) == ("3 nodes are already waiting for a configuration change, the most this control "
+                                   "plane accepts (max_waiters); retry later")
+        assert await hub.wait_newer(0, timeout=10) == snap_v(1)  # a node that is behind needs no wait
+        waiters[0].cancel()  # a node that hangs up frees its place
+        await asyncio.gather(waiters[0], return_exceptions=True)
+        assert hub.waiters == 2
+        extra = asyncio.create_task(hub.wait_newer(1, timeout=10))
+        await asyncio.sleep(0.05)
+        assert hub.waiters == 3
+        hub.close()  # shutdown releases everyone with None
+        assert await asyncio.wait_for(asyncio.gather(*waiters[1:], extra), 1) == [None, None, None]
+        assert await hub.wait_newer(1, timeout=10) is None
+        assert hub.waiters == 0
+
+    asyncio.run(main())
+    with pytest.raises(ValueError, match="max_waiters must be at least 1, not 0"):
+        SnapshotHub(max_waiters=0)
+
+
+def test_a_store_change_reaches_a_waiting_node_within_2_seconds(store: Store) -> None:
+    populate(store)
+
+    async def main() -> None:
+        hub = SnapshotHub()
+        assert await refresh(store, hub, edges=EDGES) is True
+        assert await refresh(store, hub, edges=EDGES) is False  # same version: nothing new
+        held = hub.current
+        assert held is not None
+        follower = asyncio.create_task(follow_store(store, hub, edges=EDGES, interval=0.1))
+        try:
+            node = asyncio.create_task(hub.wait_newer(held.version, timeout=10))
+            await asyncio.sleep(0.3)
+            assert not node.done()
+
+            def change() -> None:
+                with store.begin() as session:
+                    repo.create_application(session, ACTOR, "db", segments=[seg("db.corp.example", "5432")])
+
+            await asyncio.to_thread(change)
+            changed = time.monotonic()
+            got = await asyncio.wait_for(node, 10)
+            assert time.monotonic() - changed < 2.0
+            assert got is not None and got.version == held.version + 1
+            assert got == build_from_store(store, edges=EDGES)
+            assert app_of(app_table(got), "db.corp.example", 5432) == "db"
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    asyncio.run(main())
