@@ -2,7 +2,8 @@
 
 Node processes (``edge``, ``connector``, ``client``) and ``pki`` are defined by the data
 plane (``dataplane.run``); ``up`` starts a local fabric; ``bench`` runs the benchmarks;
-``config vars`` prints every ``FERRYMAN_*`` setting.
+``config vars`` prints every ``FERRYMAN_*`` setting; ``control`` serves the control plane's
+API (``control.server``).
 """
 
 from __future__ import annotations
@@ -30,16 +31,36 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--workdir", default=None, help="state directory (default: FERRYMAN_DATA_DIR/fabric)")
     up.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     sub.add_parser("bench", help="benchmarks: Ferryman vs direct, OpenSSH, stunnel (see `ferryman bench -h`)")
+    control = sub.add_parser("control", help="run the control plane: admin REST API and node registration")
+    control.add_argument("--listen", default=None, metavar="HOST:PORT",
+                         help="address of the HTTP API (default 127.0.0.1:8080)")
+    control.add_argument("--edge", action="append", default=[], metavar="HOST:PORT",
+                         help="public edge address handed to registering nodes (repeatable)")
     config = sub.add_parser("config", help="settings")
     config.add_argument("what", choices=["vars"], help="`vars`: print every FERRYMAN_* variable")
     args = parser.parse_args(argv)
     if args.cmd == "up":
         workdir = args.workdir or os.path.join(settings.load().data_dir, "fabric")
         return fabric.up(workdir, args.forward, args.duration)
+    if args.cmd == "control":
+        return _control(args)
     if args.cmd == "config":
         print(settings.markdown_table())
         return 0
     return run_command(args)
+
+
+def _control(args: argparse.Namespace) -> int:
+    from control.ca import CaError
+    from control.server import serve
+    from control.store import StoreError
+
+    try:
+        serve(settings.load({"control_listen": args.listen}), edges_public=args.edge)
+    except (settings.SettingsError, StoreError, CaError, ValueError, OSError) as exc:
+        print(f"ferryman control: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

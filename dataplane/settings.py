@@ -29,6 +29,7 @@ class Settings(msgspec.Struct, kw_only=True):
     log_format: str = "text"
     metrics_addr: str = ""
     # control plane
+    control_listen: str = "127.0.0.1:8080"
     database_url: str = ""
     # TLS identity
     tls_ca: str = ""
@@ -62,6 +63,7 @@ VARIABLES: dict[str, str] = {
     "log_level": "Log level: debug, info, warning, error.",
     "log_format": "`text` for humans, `json` for one JSON object per line.",
     "metrics_addr": "HOST:PORT serving Prometheus `/metrics` and `/ready`; empty disables it.",
+    "control_listen": "Control plane: HOST:PORT of its HTTP API (admin API, registration).",
     "database_url": "Control plane: SQLAlchemy database URL (e.g. `postgresql://user:pw@host/db`); empty means an SQLite file `control.db` in FERRYMAN_DATA_DIR.",
     "tls_ca": "CA bundle (PEM) that peer certificates must chain to.",
     "tls_cert": "This node's certificate (PEM).",

@@ -151,7 +151,7 @@ def _now(now: datetime | None) -> datetime:
     return now
 
 
-def _hash(secret: str) -> str:
+def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -479,7 +479,7 @@ def create_admin_key(session: Session, actor: str, name: str) -> tuple[AdminKey,
     if session.scalar(select(AdminKey.id).where(AdminKey.name == name)) is not None:
         raise StoreError("conflict", f"admin key {name!r} already exists")
     plaintext = ADMIN_KEY_PREFIX + secrets.token_urlsafe(32)
-    key = AdminKey(name=name, key_hash=_hash(plaintext), created_at=utcnow(), created_by=actor)
+    key = AdminKey(name=name, key_hash=hash_secret(plaintext), created_at=utcnow(), created_by=actor)
     session.add(key)
     session.flush()
     _record(session, actor, "admin_key.create", "admin_key", key.id, None, _state(key), config=False)
@@ -488,7 +488,7 @@ def create_admin_key(session: Session, actor: str, name: str) -> tuple[AdminKey,
 
 def verify_admin_key(session: Session, plaintext: str, now: datetime | None = None) -> AdminKey | None:
     """The live (not revoked) admin key whose plain text this is, else None; notes its last use."""
-    key = session.scalar(select(AdminKey).where(AdminKey.key_hash == _hash(plaintext)))
+    key = session.scalar(select(AdminKey).where(AdminKey.key_hash == hash_secret(plaintext)))
     if key is None or key.revoked_at is not None:
         return None
     now = _now(now)
@@ -533,7 +533,7 @@ def create_registration_token(session: Session, actor: str, role: str, *, group:
     target = _group_or_default(session, group) if role == "connector" else None
     now = _now(now)
     plaintext = REGISTRATION_TOKEN_PREFIX + secrets.token_urlsafe(32)
-    token = RegistrationToken(token_hash=_hash(plaintext), role=role, group=target, created_at=now,
+    token = RegistrationToken(token_hash=hash_secret(plaintext), role=role, group=target, created_at=now,
                               created_by=actor, expires_at=now + ttl)
     session.add(token)
     session.flush()
@@ -552,7 +552,7 @@ def consume_registration_token(session: Session, plaintext: str, role: str, *, u
     concurrent uses cannot both succeed.
     """
     now = _now(now)
-    token = session.scalar(select(RegistrationToken).where(RegistrationToken.token_hash == _hash(plaintext))
+    token = session.scalar(select(RegistrationToken).where(RegistrationToken.token_hash == hash_secret(plaintext))
                            .with_for_update(of=RegistrationToken))
     if token is None:
         raise StoreError("token_unknown", "registration token is not known (mistyped, or never issued here)")

@@ -1,0 +1,16 @@
+"""The control plane's REST API: admin resources under ``/v1`` and node registration.
+
+- ``app``: ``create_app(store, ca, edges_public=...)``, the Litestar application.
+- ``admin``: the admin routes (applications, connector groups, connectors, edges, DNS
+  suffixes, registration tokens, admin keys, revocations, audit, configuration version).
+- ``register``: ``POST /v1/register``, a node's one-time token + CSR → its certificate.
+- ``deps``: the shared context and admin-key authentication.
+- ``schemas``: request/response bodies (msgspec Structs).
+- ``errors``: one JSON error shape; store error codes → HTTP statuses.
+
+``control.server.serve`` runs it under uvicorn on uvloop.
+"""
+
+from .app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,264 @@
+"""The admin API's request and response bodies (msgspec Structs; Litestar validates and documents them).
+
+Request bodies refuse unknown fields (``forbid_unknown_fields``): a mistyped field name is an
+error (400 naming it), never silently ignored. Times are RFC 3339 UTC. Secrets (admin keys,
+registration tokens) appear in a response once, when they are created; the store keeps only
+their hashes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+Role = Literal["connector", "edge"]
+MAX_TOKEN_TTL = 365 * 86400  # seconds
+NodeStatus = Literal["active", "inactive"]
+
+
+class _Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of request bodies: unknown fields are refused."""
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class ErrorDetail(msgspec.Struct):
+    message: str
+    key: str | None = None
+    source: str | None = None
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """Every error response: ``error`` for people, ``code`` for programs, ``detail`` per field."""
+
+    error: str
+    code: str
+    detail: list[ErrorDetail] | None = None
+
+
+# ---------------------------------------------------------------------------- applications
+
+
+class SegmentIn(_Request):
+    """As in an application file: ``ports`` is ``"80,443,8000-8100"``, a port, or a list of ports/ranges."""
+
+    destination: str
+    ports: str | int | list[int | str]
+    protocol: str = "tcp"
+
+
+class SegmentOut(msgspec.Struct):
+    id: int
+    destination: str
+    kind: str
+    ports: str
+    protocol: str
+
+
+class ApplicationCreate(_Request):
+    name: str
+    kind: Literal["per_app", "quick_access"] = "per_app"
+    connector_group: str | None = None  # default: the default connector group
+    segments: list[SegmentIn] = []
+
+
+class ApplicationUpdate(_Request):
+    """Fields left out (or null) stay as they are; ``segments`` replaces every segment."""
+
+    name: str | None = None
+    connector_group: str | None = None
+    segments: list[SegmentIn] | None = None
+
+
+class ApplicationOut(msgspec.Struct):
+    id: int
+    name: str
+    kind: str
+    connector_group: str
+    segments: list[SegmentOut]
+    created_at: datetime
+    updated_at: datetime
+
+
+# ---------------------------------------------------------------------------- connector groups, nodes
+
+
+class GroupCreate(_Request):
+    name: str
+    region: str = ""
+
+
+class GroupOut(msgspec.Struct):
+    id: int
+    name: str
+    region: str
+    is_default: bool
+    created_at: datetime
+
+
+class ConnectorOut(msgspec.Struct):
+    id: str
+    name: str
+    group: str
+    status: NodeStatus
+    last_seen: datetime | None
+    version: str
+    external_addr: str
+    internal_addr: str
+    created_at: datetime
+    cert_serial: str | None
+    cert_not_after: datetime | None
+    revoked: bool
+
+
+class EdgeOut(msgspec.Struct):
+    id: str
+    name: str
+    address: str
+    status: NodeStatus
+    last_seen: datetime | None
+    version: str
+    created_at: datetime
+    cert_serial: str | None
+    cert_not_after: datetime | None
+    revoked: bool
+
+
+# ---------------------------------------------------------------------------- DNS suffixes
+
+
+class DnsSuffixCreate(_Request):
+    suffix: str
+
+
+class DnsSuffixOut(msgspec.Struct):
+    id: int
+    suffix: str
+    created_at: datetime
+
+
+# ---------------------------------------------------------------------------- registration tokens
+
+
+class TokenCreate(_Request):
+    role: Role
+    group: str | None = None  # connectors only; default: the default connector group
+    ttl_seconds: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKEN_TTL)] = 86400
+
+
+class TokenCreated(msgspec.Struct):
+    """``token`` is shown this once; only its hash is stored."""
+
+    id: int
+    token: str
+    role: str
+    group: str | None
+    expires_at: datetime
+
+
+class TokenOut(msgspec.Struct):
+    id: int
+    role: str
+    group: str | None
+    created_at: datetime
+    created_by: str
+    expires_at: datetime
+    used_at: datetime | None
+    used_by: str | None
+    state: Literal["unused", "used", "expired"]
+
+
+# ---------------------------------------------------------------------------- admin keys
+
+
+class AdminKeyCreate(_Request):
+    name: str
+
+
+class AdminKeyOut(msgspec.Struct):
+    id: int
+    name: str
+    created_at: datetime
+    created_by: str
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class AdminKeyCreated(msgspec.Struct):
+    """``key`` is shown this once; only its hash is stored."""
+
+    id: int
+    name: str
+    key: str
+    created_at: datetime
+    created_by: str
+
+
+# ---------------------------------------------------------------------------- revocations, audit, config
+
+
+class RevocationCreate(_Request):
+    """Revoke the current certificate of connector or edge ``node_id``."""
+
+    node_type: Role
+    node_id: str
+    reason: str = ""
+
+
+class RevocationOut(msgspec.Struct):
+    serial: str
+    at: datetime
+    reason: str
+    node_type: Role | None  # the connector or edge the certificate was issued to, when known
+    node_id: str | None
+    node_name: str | None
+
+
+class AuditOut(msgspec.Struct):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    object_type: str
+    object_id: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+class ConfigVersionOut(msgspec.Struct):
+    version: int
+    changed_at: datetime
+
+
+class Health(msgspec.Struct):
+    status: str
+
+
+# ---------------------------------------------------------------------------- node registration
+
+
+class RegisterRequest(_Request):
+    """A node's one-time registration. ``addresses``: for an edge, the HOST:PORT addresses
+    connectors and clients dial (the first is its address; their hosts go in its certificate);
+    for a connector, informational (its internal addresses)."""
+
+    token: str
+    csr_pem: str
+    name: str
+    version: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    addresses: Annotated[list[str], msgspec.Meta(max_length=16)] = []
+
+
+class RegisterResponse(msgspec.Struct):
+    node_id: str
+    role: Role
+    name: str
+    group: str | None
+    certificate_pem: str
+    ca_pem: str
+    serial: str
+    not_after: datetime
+    edges: list[str]

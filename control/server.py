@@ -1,0 +1,119 @@
+"""Serving the control plane: open the store and the CA, make sure an admin can get in, run uvicorn on uvloop.
+
+``serve(settings, edges_public=...)`` (``ferryman control``):
+
+- database: ``FERRYMAN_DATABASE_URL`` (environment or config file), else SQLite
+  ``<data_dir>/control.db`` (``control.store.db.database_url``), migrated on open;
+- CA: ``<data_dir>/ca`` (``CertificateAuthority.open``; created on first start);
+- first start: when the database has no admin key at all, one named ``bootstrap`` is made
+  and its plain text written to ``<data_dir>/admin.key`` (mode 0600). Only the path is
+  printed; the key itself never goes to a log;
+- HTTP: uvicorn with ``loop="uvloop"`` on ``FERRYMAN_CONTROL_LISTEN`` (default ``127.0.0.1:8080``), logging
+  through Ferryman's log setup. Plain HTTP: put it on loopback or behind a TLS proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+from control.api import create_app
+from control.ca import CertificateAuthority
+from control.store import Store, StoreError, database_url, open_store, repo
+from control.store.models import AdminKey
+from dataplane.observability import parse_hostport, setup_logging
+from dataplane.settings import Settings
+
+BOOTSTRAP_KEY_NAME = "bootstrap"
+ADMIN_KEY_FILE = "admin.key"
+CA_DIR = "ca"
+_BOOTSTRAP_ACTOR = "control-plane:first-start"
+
+log = logging.getLogger("ferryman.control")
+
+
+def _write_secret(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 from the start; replaces an old file only when complete."""
+    tmp = f"{path}.new"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    os.replace(tmp, path)
+
+
+def ensure_admin_key(store: Store, data_dir: str) -> str | None:
+    """Create the ``bootstrap`` admin key if the database has none; return the file holding it, or None."""
+    path = os.path.join(data_dir, ADMIN_KEY_FILE)
+    try:
+        with store.begin() as session:
+            if session.scalar(select(func.count()).select_from(AdminKey)):
+                return None
+            _key, plaintext = repo.create_admin_key(session, _BOOTSTRAP_ACTOR, BOOTSTRAP_KEY_NAME)
+            _write_secret(path, plaintext)  # inside the transaction: a failed write creates no key
+    except StoreError as exc:
+        if exc.code == "conflict":  # another control-plane node sharing the database made it first
+            return None
+        raise
+    return path
+
+
+def _drop_color_message(record: logging.LogRecord) -> bool:
+    """uvicorn adds a ``color_message`` extra for its own console format; ours would print it."""
+    record.__dict__.pop("color_message", None)
+    return True
+
+
+def _setup_logging(settings: Settings) -> None:
+    setup_logging(settings.log_level, settings.log_format, "control", "control")
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(_drop_color_message)
+    if settings.log_level.lower() != "debug":  # Alembic narrates every migration context at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for a log line; open_store reports bad URLs
+        return "<unparsable database URL>"
+
+
+def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
+    """Run the control plane's API until interrupted (SIGINT/SIGTERM)."""
+    _setup_logging(settings)
+    host, port = parse_hostport(settings.control_listen, "FERRYMAN_CONTROL_LISTEN")
+    edges = [edge.strip() for edge in edges_public]
+    for edge in edges:
+        parse_hostport(edge, "--edge")
+    os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
+    url = database_url(settings.data_dir, {"FERRYMAN_DATABASE_URL": settings.database_url})
+    store = open_store(url)
+    if store.migrations_applied:
+        log.info("database schema migrated: %s", " -> ".join(store.migrations_applied))
+    try:
+        ca = CertificateAuthority.open(os.path.join(settings.data_dir, CA_DIR))
+        key_file = ensure_admin_key(store, settings.data_dir)
+        if key_file is not None:
+            print(f"ferryman control: created admin key {BOOTSTRAP_KEY_NAME!r}; its secret is in {key_file} "
+                  f"(mode 0600). Use it as 'Authorization: Bearer <key>'.", file=sys.stderr, flush=True)
+        app = create_app(store, ca, edges_public=edges)
+        log.info("control plane: database %s, CA %s, edges handed to nodes: %s", _safe_url(url), ca.directory,
+                 ", ".join(edges) or "(registered edges only)")
+        config = uvicorn.Config(app, host=host, port=port, loop="uvloop", log_config=None, server_header=False,
+                                proxy_headers=False, lifespan="on", timeout_graceful_shutdown=10)
+        try:
+            uvicorn.Server(config).run()
+        except KeyboardInterrupt:  # uvicorn re-raises SIGINT once it has shut down gracefully
+            pass
+    finally:
+        store.close()
