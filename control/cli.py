@@ -3,7 +3,7 @@
 Node processes (``edge``, ``connector``, ``client``) and ``pki`` are defined by the data
 plane (``dataplane.run``); ``up`` starts a local fabric; ``bench`` runs the benchmarks;
 ``config vars`` prints every ``FERRYMAN_*`` setting; ``control`` serves the control plane's
-API (``control.server``).
+API (``control.server``); ``admin`` administers it over that API (``control.admin_cli``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.cli import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["admin"]:
+        from control.admin_cli import main as admin_main
+
+        return admin_main(argv[1:])
     parser = argparse.ArgumentParser(prog="ferryman", description="Ferryman zero-trust private access fabric.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_node_commands(sub)
@@ -36,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="address of the HTTP API (default 127.0.0.1:8080)")
     control.add_argument("--edge", action="append", default=[], metavar="HOST:PORT",
                          help="public edge address handed to registering nodes (repeatable)")
+    sub.add_parser("admin", help="administer the control plane over its API: apps, segments, groups, connectors, "
+                                 "tokens, apply, audit (see `ferryman admin -h`)")
     config = sub.add_parser("config", help="settings")
     config.add_argument("what", choices=["vars"], help="`vars`: print every FERRYMAN_* variable")
     args = parser.parse_args(argv)

@@ -88,7 +88,7 @@ def describe_miss(host: str, port: int, protocol: str = "tcp") -> str:
 # ---------------------------------------------------------------------------- parsing
 
 
-def _read(path: str) -> Any:
+def read_file(path: str) -> Any:
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -415,7 +415,7 @@ class AppTable:
     @classmethod
     def load(cls, path: str) -> AppTable:
         """Read a JSON or TOML application file."""
-        return cls.from_obj(_read(path), source=path)
+        return cls.from_obj(read_file(path), source=path)
 
     @classmethod
     def from_obj(cls, obj: Any, source: str = "<apps>") -> AppTable:

@@ -1,0 +1,983 @@
+"""``ferryman admin``: the control plane's admin REST API from the command line.
+
+Every command is one or a few calls to ``/v1/...`` (``control.api``) over HTTP with the
+standard library (urllib); nothing here touches the database. Output is an aligned table
+for people, or with ``--json`` the API's own JSON for scripts.
+
+Where it connects and with which key:
+
+- ``--control URL`` (``http://HOST:PORT``; a bare ``HOST:PORT`` gets ``http://``). Default:
+  built from ``FERRYMAN_CONTROL_LISTEN`` (a wildcard listen address such as ``0.0.0.0``
+  or ``[::]`` becomes the loopback address), so on the control plane's own host no flag is
+  needed;
+- ``--key-file PATH`` (default ``FERRYMAN_DATA_DIR/admin.key``, the bootstrap key the
+  control plane writes on first start) or ``--key KEY`` (visible to other local users in
+  the process list: prefer the file).
+
+Commands: ``apps``, ``segments``, ``groups``, ``connectors``, ``edges``, ``dns``,
+``tokens``, ``keys``, ``audit`` and ``apply FILE``. ``apply`` takes the data plane's
+application file (``dataplane.apps``; each app may also say ``kind = "quick_access"``) as
+the declared state and makes the control plane match it, like ``kubectl apply``:
+
+1. the file is validated locally first, with the store's own rules (segment syntax,
+   duplicates, overlaps between per-app applications, at most one quick-access
+   application, connector groups that exist, an application's kind never changes); a
+   file that fails changes nothing;
+2. the plan compares canonical forms (normalised destinations, merged port ranges, in
+   file order): applications that already match are not touched (no audit record, no
+   configuration version bump); ``--prune`` deletes the applications the file does not
+   name, otherwise they are kept and listed;
+3. changes run as deletions, then updates, then creations, so segments can move between
+   applications; when updates would swap segments between two applications, the ones
+   involved are first narrowed to the segments they keep (an extra audited step).
+   The API has no multi-change transaction: if the control plane refuses a change (say,
+   another admin added an overlapping segment meanwhile) apply stops there, says how many
+   changes were made, and a second run picks up from the new state.
+
+Exit status: 0 done, 1 refused (by the API or by local validation), 2 usage error
+(bad flags, no admin key, unusable settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import ssl
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from dataplane import settings as settings_mod
+
+ADMIN_KEY_FILE = "admin.key"  # as written by control.server (not imported: that pulls in the server)
+APP_KINDS = ("per_app", "quick_access")
+DEFAULT_TIMEOUT = 30.0
+_WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+_DURATION_RE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+class AdminError(Exception):
+    """A refusal to report as one line on stderr; ``status`` is the exit status (1 refused, 2 usage)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _usage(message: str) -> AdminError:
+    return AdminError(message, 2)
+
+
+# ---------------------------------------------------------------------------- HTTP
+
+
+def _reason(reason: object) -> str:
+    """A short text for why a connection failed."""
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve the host name ({reason.strerror})"
+    if isinstance(reason, TimeoutError):
+        return "timed out"
+    if isinstance(reason, ssl.SSLError):
+        return f"TLS error: {reason.reason or reason}"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror[:1].lower() + reason.strerror[1:]
+    return str(reason) or type(reason).__name__
+
+
+class Client:
+    """Calls to the admin API; every failure becomes an ``AdminError`` with a clear message."""
+
+    def __init__(self, base_url: str, key: str, key_source: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.base_url = base_url
+        self.key = key
+        self.key_source = key_source
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> bytes:
+        """The raw response body (empty for 204) of ``method path``; raises ``AdminError``."""
+        params = {k: v for k, v in (query or {}).items() if v is not None}
+        url = self.base_url + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        data = None if body is None else msgspec.json.encode(body)
+        request = urllib.request.Request(url, data=data, method=method)
+        request.add_header("Authorization", f"Bearer {self.key}")
+        request.add_header("Accept", "application/json")
+        request.add_header("User-Agent", "ferryman-admin")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            raise self._refusal(exc) from None
+        except urllib.error.URLError as exc:
+            raise AdminError(f"cannot reach the control plane at {self.base_url}: {_reason(exc.reason)}") from None
+        except TimeoutError:
+            raise AdminError(f"cannot reach the control plane at {self.base_url}: no answer within "
+                             f"{self.timeout:g}s") from None
+        except OSError as exc:  # the connection broke while the answer was read
+            raise AdminError(f"cannot reach the control plane at {self.base_url}: {_reason(exc)}") from None
+
+    def json(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
+        """``call`` and decode the JSON answer (None for an empty one)."""
+        return decode(self.call(method, path, body, query), self.base_url)
+
+    def _refusal(self, exc: urllib.error.HTTPError) -> AdminError:
+        try:
+            payload = exc.read()
+        except OSError:
+            payload = b""
+        message = f"HTTP {exc.code} {exc.reason}".strip()
+        try:
+            body = msgspec.json.decode(payload)
+        except msgspec.DecodeError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            message = body["error"]
+        if exc.code == 401:
+            return AdminError(f"admin key refused ({message}); the key came from {self.key_source}")
+        return AdminError(message)
+
+
+def decode(payload: bytes, source: str) -> Any:
+    if not payload:
+        return None
+    try:
+        return msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        raise AdminError(f"the control plane at {source} answered with something that is not JSON") from None
+
+
+# ---------------------------------------------------------------------------- connection settings
+
+
+def _default_url() -> str:
+    """``http://HOST:PORT`` of ``FERRYMAN_CONTROL_LISTEN`` (wildcard addresses mean this host)."""
+    from dataplane.observability import parse_hostport
+
+    settings = _settings()
+    try:
+        host, port = parse_hostport(settings.control_listen, "FERRYMAN_CONTROL_LISTEN")
+    except ValueError as exc:
+        raise _usage(f"{exc} (or pass --control URL)") from None
+    host = _WILDCARD_HOSTS.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _settings() -> settings_mod.Settings:
+    try:
+        return settings_mod.load()
+    except settings_mod.SettingsError as exc:
+        raise _usage(str(exc)) from None
+
+
+def control_url(value: str | None) -> str:
+    if value is None:
+        return _default_url()
+    url = value.strip().rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise _usage(f"--control {value!r}: expected a URL like http://HOST:PORT")
+    try:
+        parsed.port  # noqa: B018 - raises for a port that is not a number in range
+    except ValueError:
+        raise _usage(f"--control {value!r}: the port is not a number from 1 to 65535") from None
+    return url
+
+
+def admin_key(key: str | None, key_file: str | None) -> tuple[str, str]:
+    """(key, where it came from)."""
+    if key is not None and key_file is not None:
+        raise _usage("give either --key or --key-file, not both")
+    if key is not None:
+        if not key.strip():
+            raise _usage("--key is empty")
+        return key.strip(), "--key"
+    path = key_file if key_file is not None else os.path.join(_settings().data_dir, ADMIN_KEY_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read().strip()
+    except FileNotFoundError:
+        hint = "" if key_file is not None else (" (the control plane writes it to FERRYMAN_DATA_DIR on first "
+                                                "start; set FERRYMAN_DATA_DIR, or pass --key-file or --key)")
+        raise _usage(f"admin key file {path} not found{hint}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _usage(f"cannot read the admin key file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not text:
+        raise _usage(f"admin key file {path} is empty")
+    return text, path
+
+
+# ---------------------------------------------------------------------------- output helpers
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Aligned columns, two spaces apart, no trailing blanks."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None or c == "" else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def fields(pairs: Sequence[tuple[str, object]]) -> str:
+    """``key: value`` lines with aligned values."""
+    width = max(len(k) for k, _ in pairs) + 1
+    return "\n".join(f"{(k + ':').ljust(width)} {'-' if v is None or v == '' else v}".rstrip() for k, v in pairs)
+
+
+def when(value: str | None) -> str | None:
+    """An API time (RFC 3339, UTC) as ``2024-05-01 12:00:00Z``."""
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def segment_text(segment: dict[str, Any]) -> str:
+    """``destination:ports/protocol`` (IPv6 destinations in brackets), as the API's messages say it."""
+    destination = segment["destination"]
+    if ":" in destination:
+        destination = f"[{destination}]"
+    return f"{destination}:{segment['ports']}/{segment['protocol']}"
+
+
+def yes_no(value: object) -> str:
+    return "yes" if value else "no"
+
+
+# ---------------------------------------------------------------------------- argument types
+
+
+def parse_segment(spec: str) -> dict[str, str]:
+    """``DEST:PORTS[/PROTO]`` → a segment for the API (which validates destination and ports).
+
+    ``10.0.0.0/16:22,3389``, ``*.corp.example:443/tcp``, ``[2001:db8::/32]:53/udp``.
+    """
+    text = spec.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1:end + 2] != ":":
+            raise argparse.ArgumentTypeError(f"{spec!r}: expected [IPV6]:PORTS[/PROTO]")
+        destination, rest = text[1:end], text[end + 2:]
+    else:
+        destination, sep, rest = text.rpartition(":")
+        if not sep or not destination:
+            raise argparse.ArgumentTypeError(f"{spec!r}: expected DEST:PORTS[/PROTO], e.g. 10.0.0.0/16:22,3389/tcp")
+        if ":" in destination:
+            raise argparse.ArgumentTypeError(f"{spec!r}: put an IPv6 destination in brackets, e.g. "
+                                             f"[2001:db8::/32]:443")
+    ports, slash, protocol = rest.partition("/")
+    if not ports.strip():
+        raise argparse.ArgumentTypeError(f"{spec!r}: no ports after the destination")
+    if slash and not protocol.strip():
+        raise argparse.ArgumentTypeError(f"{spec!r}: no protocol after '/'")
+    segment = {"destination": destination, "ports": ports.strip()}
+    if slash:
+        segment["protocol"] = protocol.strip().lower()
+    return segment
+
+
+def parse_duration(text: str) -> int:
+    """Seconds of ``3600``, ``90s``, ``30m``, ``1h``, ``7d`` or a combination such as ``1h30m``."""
+    value = text.strip().lower()
+    if value.isdigit():
+        seconds = int(value)
+    else:
+        match = _DURATION_RE.fullmatch(value)
+        if not value or match is None:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 3600, 90s, 30m, 1h, 7d or 1h30m")
+        days, hours, minutes, secs = (int(g or 0) for g in match.groups())
+        seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
+    return seconds
+
+
+def parse_since(text: str) -> str:
+    """An RFC 3339 time with a zone (``2024-05-01T12:00:00Z``; a bare date is midnight UTC), or a
+    duration back from now (``1h``, ``2d``)."""
+    value = text.strip()
+    try:
+        seconds = parse_duration(value)
+    except argparse.ArgumentTypeError:
+        pass
+    else:
+        return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat()
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time like 2024-05-01T12:00:00Z or a duration like "
+                                         f"1h") from None
+    if moment.tzinfo is None:
+        if "T" in value or " " in value:
+            raise argparse.ArgumentTypeError(f"{text!r} has no time zone: add Z (UTC) or an offset like +02:00")
+        moment = moment.replace(tzinfo=UTC)
+    return moment.isoformat()
+
+
+def _quote(value: str | int) -> str:
+    return urllib.parse.quote(str(value), safe="")
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+@dataclass
+class Ctx:
+    client: Client
+    json: bool
+
+    def show(self, payload: bytes, human: Callable[[Any], str]) -> None:
+        """Print the API's JSON (``--json``) or the human form of it."""
+        if self.json:
+            if payload:
+                print(msgspec.json.format(payload, indent=2).decode())
+            return
+        print(human(decode(payload, self.client.base_url)))
+
+
+def _listing(empty: str, headers: Sequence[str], row: Callable[[dict[str, Any]], Sequence[object]]
+             ) -> Callable[[Any], str]:
+    def render(items: list[dict[str, Any]]) -> str:
+        return table(headers, [row(item) for item in items]) if items else empty
+    return render
+
+
+def _app_row(app: dict[str, Any]) -> Sequence[object]:
+    return (app["name"], app["kind"], app["connector_group"], ", ".join(segment_text(s) for s in app["segments"]))
+
+
+_apps_table = _listing("no applications", ("NAME", "KIND", "GROUP", "SEGMENTS"), _app_row)
+
+
+def _app_detail(app: dict[str, Any]) -> str:
+    head = fields([("name", app["name"]), ("kind", app["kind"]), ("connector group", app["connector_group"]),
+                   ("created", when(app["created_at"])), ("updated", when(app["updated_at"]))])
+    if not app["segments"]:
+        return head + "\nno segments"
+    rows = [(s["id"], s["destination"], s["kind"], s["ports"], s["protocol"]) for s in app["segments"]]
+    return head + "\n\n" + table(("ID", "DESTINATION", "KIND", "PORTS", "PROTOCOL"), rows)
+
+
+def cmd_apps_list(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/applications"), _apps_table)
+    return 0
+
+
+def cmd_apps_show(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", f"/v1/applications/{_quote(args.name)}"), _app_detail)
+    return 0
+
+
+def cmd_apps_create(ctx: Ctx, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": args.name, "kind": "quick_access" if args.quick_access else "per_app",
+                            "segments": args.segment}
+    if args.group is not None:
+        body["connector_group"] = args.group
+    ctx.show(ctx.client.call("POST", "/v1/applications", body),
+             lambda app: f"created application {app['name']!r}\n\n{_app_detail(app)}")
+    return 0
+
+
+def cmd_apps_delete(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.client.call("DELETE", f"/v1/applications/{_quote(args.name)}")
+    if not ctx.json:
+        print(f"deleted application {args.name!r}")
+    return 0
+
+
+def cmd_segments_add(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("POST", f"/v1/applications/{_quote(args.app)}/segments", args.segment),
+             lambda s: f"added segment {s['id']} to {args.app!r}: {segment_text(s)}")
+    return 0
+
+
+def cmd_segments_remove(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.client.call("DELETE", f"/v1/applications/{_quote(args.app)}/segments/{args.segment_id}")
+    if not ctx.json:
+        print(f"removed segment {args.segment_id} from {args.app!r}")
+    return 0
+
+
+def cmd_groups_list(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/connector-groups"),
+             _listing("no connector groups", ("NAME", "REGION", "DEFAULT", "CREATED"),
+                      lambda g: (g["name"], g["region"], yes_no(g["is_default"]), when(g["created_at"]))))
+    return 0
+
+
+def cmd_groups_create(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("POST", "/v1/connector-groups", {"name": args.name, "region": args.region}),
+             lambda g: f"created connector group {g['name']!r}" + (f" (region {g['region']})" if g["region"] else ""))
+    return 0
+
+
+def _node_detail(node: dict[str, Any]) -> str:
+    pairs: list[tuple[str, object]] = [("id", node["id"]), ("name", node["name"])]
+    if "group" in node:
+        pairs.append(("group", node["group"]))
+    if "address" in node:
+        pairs.append(("address", node["address"]))
+    pairs += [("status", node["status"]), ("last seen", when(node["last_seen"])), ("version", node["version"])]
+    if "external_addr" in node:
+        pairs += [("external address", node["external_addr"]), ("internal address", node["internal_addr"])]
+    pairs += [("registered", when(node["created_at"])), ("certificate", node["cert_serial"]),
+              ("valid until", when(node["cert_not_after"])), ("revoked", yes_no(node["revoked"]))]
+    return fields(pairs)
+
+
+def cmd_connectors_list(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/connectors"),
+             _listing("no connectors", ("ID", "NAME", "GROUP", "STATUS", "LAST SEEN", "VERSION", "REVOKED"),
+                      lambda c: (c["id"], c["name"], c["group"], c["status"], when(c["last_seen"]), c["version"],
+                                 yes_no(c["revoked"]))))
+    return 0
+
+
+def cmd_connectors_show(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", f"/v1/connectors/{_quote(args.id)}"), _node_detail)
+    return 0
+
+
+def _revoke(ctx: Ctx, node_type: str, node_id: str, reason: str) -> int:
+    ctx.show(ctx.client.call("POST", "/v1/revocations", {"node_type": node_type, "node_id": node_id,
+                                                         "reason": reason}),
+             lambda r: f"revoked the certificate {r['serial']} of {node_type} {r['node_name'] or node_id!r} "
+                       f"({node_id}); nodes learn it with the next configuration version")
+    return 0
+
+
+def cmd_connectors_revoke(ctx: Ctx, args: argparse.Namespace) -> int:
+    return _revoke(ctx, "connector", args.id, args.reason)
+
+
+def cmd_edges_list(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/edges"),
+             _listing("no edges", ("ID", "NAME", "ADDRESS", "STATUS", "LAST SEEN", "VERSION", "REVOKED"),
+                      lambda e: (e["id"], e["name"], e["address"], e["status"], when(e["last_seen"]), e["version"],
+                                 yes_no(e["revoked"]))))
+    return 0
+
+
+def cmd_edges_show(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", f"/v1/edges/{_quote(args.id)}"), _node_detail)
+    return 0
+
+
+def cmd_edges_revoke(ctx: Ctx, args: argparse.Namespace) -> int:
+    return _revoke(ctx, "edge", args.id, args.reason)
+
+
+def cmd_dns_list(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/dns-suffixes"),
+             _listing("no private DNS suffixes", ("SUFFIX", "CREATED"), lambda d: (d["suffix"], when(d["created_at"]))))
+    return 0
+
+
+def cmd_dns_add(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("POST", "/v1/dns-suffixes", {"suffix": args.suffix}),
+             lambda d: f"added private DNS suffix {d['suffix']!r}")
+    return 0
+
+
+def cmd_dns_remove(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.client.call("DELETE", f"/v1/dns-suffixes/{_quote(args.suffix)}")
+    if not ctx.json:
+        print(f"removed private DNS suffix {args.suffix!r}")
+    return 0
+
+
+def cmd_tokens_create(ctx: Ctx, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"role": args.role, "ttl_seconds": args.ttl}
+    if args.group is not None:
+        body["group"] = args.group
+    ctx.show(ctx.client.call("POST", "/v1/registration-tokens", body), _token_created)
+    return 0
+
+
+def _token_created(t: dict[str, Any]) -> str:
+    target = f"a connector in group {t['group']!r}" if t["role"] == "connector" else "an edge"
+    return (f"registration token {t['id']} for {target}, single use, valid until {when(t['expires_at'])}.\n"
+            f"It is shown this once:\n{t['token']}")
+
+
+def cmd_tokens_list(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/registration-tokens"),
+             _listing("no registration tokens",
+                      ("ID", "ROLE", "GROUP", "STATE", "EXPIRES", "CREATED BY", "USED BY"),
+                      lambda t: (t["id"], t["role"], t["group"], t["state"], when(t["expires_at"]), t["created_by"],
+                                 t["used_by"])))
+    return 0
+
+
+def cmd_keys_list(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/admin-keys"),
+             _listing("no admin keys", ("NAME", "CREATED", "CREATED BY", "LAST USED", "REVOKED"),
+                      lambda k: (k["name"], when(k["created_at"]), k["created_by"], when(k["last_used_at"]),
+                                 when(k["revoked_at"]))))
+    return 0
+
+
+def cmd_keys_create(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("POST", "/v1/admin-keys", {"name": args.name}),
+             lambda k: f"admin key {k['name']!r} created. It is shown this once:\n{k['key']}")
+    return 0
+
+
+def cmd_keys_revoke(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("POST", f"/v1/admin-keys/{_quote(args.name)}/revoke"),
+             lambda k: f"revoked admin key {k['name']!r}")
+    return 0
+
+
+def _audit_object(record: dict[str, Any]) -> str:
+    state = record["after"] or record["before"] or {}
+    label = state.get("name") or state.get("suffix") or state.get("application")
+    text = f"{record['object_type']} {record['object_id']}"
+    return f"{text} ({label})" if label else text
+
+
+def cmd_audit(ctx: Ctx, args: argparse.Namespace) -> int:
+    query = {"actor": args.actor, "object_type": args.type, "since": args.since, "limit": args.limit}
+    ctx.show(ctx.client.call("GET", "/v1/audit", query=query),
+             _listing("no audit records", ("ID", "TIME", "ACTOR", "ACTION", "OBJECT"),
+                      lambda r: (r["id"], when(r["at"]), r["actor"], r["action"], _audit_object(r))))
+    return 0
+
+
+# ---------------------------------------------------------------------------- apply
+
+
+SegmentKey = tuple[str, str, str]  # (destination, canonical ports, protocol)
+
+
+@dataclass
+class Desired:
+    """One application of the file, validated and in canonical form."""
+
+    name: str
+    kind: str
+    group: str
+    segments: tuple[SegmentKey, ...]
+    parsed: tuple[Any, ...]  # dataplane.apps.Segment, ports merged (for overlap checks)
+
+
+@dataclass
+class Step:
+    """One entry of the plan."""
+
+    name: str
+    action: str  # create, update, delete, unchanged
+    changes: list[str] = field(default_factory=list)
+    body: dict[str, Any] | None = None
+    desired: Desired | None = None
+    current: dict[str, Any] | None = None
+
+
+def _seg_key_text(key: SegmentKey) -> str:
+    return segment_text({"destination": key[0], "ports": key[1], "protocol": key[2]})
+
+
+def load_desired(path: str) -> list[Desired]:
+    """Read and validate an application file with the data plane's parser and the store's rules.
+
+    Raises ``AdminError`` (status 1) naming the file, the application and the segment.
+    """
+    from control.store.errors import StoreError
+    from control.store.segments import canonical_ports, parse_segments
+    from dataplane import apps as apps_mod
+
+    try:
+        raw = apps_mod.read_file(path)  # the data plane's reader: same formats, same messages
+        kinds: list[str] = []
+        if isinstance(raw, dict) and isinstance(raw.get("apps"), list):
+            entries = []
+            for number, entry in enumerate(raw["apps"], 1):
+                kind = "per_app"
+                if isinstance(entry, dict) and "kind" in entry:
+                    entry = dict(entry)
+                    kind = entry.pop("kind")
+                    if kind not in APP_KINDS:
+                        name = entry.get("name")
+                        label = repr(name.strip()) if isinstance(name, str) and name.strip() else str(number)
+                        raise apps_mod.AppsError(f"{path}: app {label}: kind must be 'per_app' or 'quick_access', "
+                                                 f"not {kind!r}")
+                kinds.append(kind)
+                entries.append(entry)
+            raw = {**raw, "apps": entries}
+        table_ = apps_mod.AppTable.from_obj(raw, source=path)
+    except apps_mod.AppsError as exc:
+        raise AdminError(str(exc)) from None
+    desired = []
+    for app, kind, entry in zip(table_.apps, kinds, raw["apps"], strict=True):
+        try:
+            parsed = parse_segments(app.name, entry["segments"])  # merged ports; duplicates refused
+        except StoreError as exc:
+            raise AdminError(f"{path}: {exc}") from None
+        keys = tuple((s.destination, canonical_ports(s.ports), s.protocol) for s in parsed)
+        desired.append(Desired(app.name, kind, app.connector_group, keys, parsed))
+    quick = [d.name for d in desired if d.kind == "quick_access"]
+    if len(quick) > 1:
+        raise AdminError(f"{path}: at most one application can be quick_access; found {quick[0]!r} and {quick[1]!r}")
+    return desired
+
+
+def _server_segments(app: dict[str, Any]) -> tuple[Any, ...]:
+    from control.store.segments import ports_from_text
+    from dataplane.apps import Segment
+
+    return tuple(Segment(app=app["name"], destination=s["destination"], kind=s["kind"],
+                         ports=ports_from_text(s["ports"]), protocol=s["protocol"]) for s in app["segments"])
+
+
+def _check_final_state(path: str, desired: list[Desired], kept: list[dict[str, Any]]) -> None:
+    """Refuse a final state the control plane would refuse: overlapping per-app segments, two quick-access apps."""
+    from control.store.segments import OverlapIndex, describe
+
+    quick = [a["name"] for a in kept if a["kind"] == "quick_access"] + [d.name for d in desired
+                                                                       if d.kind == "quick_access"]
+    if len(quick) > 1:
+        raise AdminError(f"{path}: app {quick[1]!r} would be a second quick access application next to "
+                         f"{quick[0]!r}, which the file does not name (delete it, or apply with --prune)")
+    kept_names = {a["name"] for a in kept}
+    placed: list[Any] = []
+    apps = [(a["name"], _server_segments(a)) for a in kept if a["kind"] == "per_app"]
+    apps += [(d.name, d.parsed) for d in desired if d.kind == "per_app"]
+    for name, segments in apps:
+        index = OverlapIndex(placed)
+        for segment in segments:
+            other = index.first_overlap(segment)
+            if other is not None:
+                hint = (" (which is not in the file and is kept; --prune would delete it)"
+                        if other.app in kept_names else "")
+                raise AdminError(f"{path}: segment {describe(segment)} of app {name!r} overlaps segment "
+                                 f"{describe(other)} of app {other.app!r}{hint}")
+        placed.extend(segments)
+
+
+def make_plan(path: str, desired: list[Desired], current: list[dict[str, Any]], groups: set[str],
+              prune: bool) -> tuple[list[Step], list[str]]:
+    """(steps in file order then deletions, names of applications kept although the file omits them)."""
+    by_name = {a["name"]: a for a in current}
+    wanted = {d.name for d in desired}
+    steps: list[Step] = []
+    for d in desired:
+        if d.group not in groups:
+            raise AdminError(f"{path}: app {d.name!r}: connector group {d.group!r} does not exist on the control "
+                             f"plane (create it with `ferryman admin groups create {d.group}`)")
+        body_segments = [{"destination": k[0], "ports": k[1], "protocol": k[2]} for k in d.segments]
+        app = by_name.get(d.name)
+        if app is None:
+            count = f"{len(d.segments)} segment" + ("" if len(d.segments) == 1 else "s")
+            extra = ", quick access" if d.kind == "quick_access" else ""
+            steps.append(Step(d.name, "create", [f"group {d.group}, {count}{extra}"],
+                              {"name": d.name, "kind": d.kind, "connector_group": d.group,
+                               "segments": body_segments}, d))
+            continue
+        if app["kind"] != d.kind:
+            raise AdminError(f"{path}: app {d.name!r} is {app['kind']} on the control plane but {d.kind} in the "
+                             f"file, and an application's kind cannot change: delete it first "
+                             f"(`ferryman admin apps delete {d.name}`)")
+        changes: list[str] = []
+        body: dict[str, Any] = {}
+        if app["connector_group"] != d.group:
+            changes.append(f"group {app['connector_group']} -> {d.group}")
+            body["connector_group"] = d.group
+        now: tuple[SegmentKey, ...] = tuple((s["destination"], s["ports"], s["protocol"]) for s in app["segments"])
+        if now != d.segments:
+            added = [k for k in d.segments if k not in now]
+            removed = [k for k in now if k not in d.segments]
+            parts = [f"+{_seg_key_text(k)}" for k in added] + [f"-{_seg_key_text(k)}" for k in removed]
+            changes.append("segments " + (" ".join(parts) if parts else "reordered"))
+            body["segments"] = body_segments
+        if body:
+            steps.append(Step(d.name, "update", changes, body, d, app))
+        else:
+            steps.append(Step(d.name, "unchanged", desired=d, current=app))
+    others = [a for a in current if a["name"] not in wanted]
+    if prune:
+        steps += [Step(a["name"], "delete", current=a) for a in others]
+        kept = []
+    else:
+        kept = others
+    _check_final_state(path, desired, kept)
+    return steps, [a["name"] for a in kept]
+
+
+@dataclass
+class Call:
+    """One API call of the execution."""
+
+    method: str
+    path: str
+    body: dict[str, Any] | None
+    step: Step
+    note: str = ""
+
+
+def schedule(steps: list[Step], current: list[dict[str, Any]]) -> list[Call]:
+    """The API calls: deletions, then updates (ordered so that no update collides with an
+    application not yet updated; a swap is broken by narrowing first), then creations."""
+    from control.store.segments import OverlapIndex, canonical_ports
+
+    calls = [Call("DELETE", f"/v1/applications/{_quote(s.name)}", None, s) for s in steps if s.action == "delete"]
+    deleted = {s.name for s in steps if s.action == "delete"}
+    # Per-app segments on the control plane as the calls go.
+    state = {a["name"]: _server_segments(a) for a in current if a["kind"] == "per_app" and a["name"] not in deleted}
+    pending = [s for s in steps if s.action == "update"]
+    narrowed: set[str] = set()
+
+    def collides(step: Step) -> bool:
+        assert step.desired is not None
+        if step.desired.kind != "per_app" or "segments" not in (step.body or {}):
+            return False
+        index = OverlapIndex(seg for name, segs in state.items() if name != step.name for seg in segs)
+        return any(index.first_overlap(seg) is not None for seg in step.desired.parsed)
+
+    while pending:
+        ready = next((s for s in pending if not collides(s)), None)
+        if ready is not None:
+            pending.remove(ready)
+            calls.append(Call("PATCH", f"/v1/applications/{_quote(ready.name)}", ready.body, ready))
+            if ready.desired is not None and ready.desired.kind == "per_app":
+                state[ready.name] = ready.desired.parsed
+            continue
+        # Every pending update collides with another's current segments: narrow one to what it keeps.
+        step = next((s for s in pending if s.name not in narrowed), None)
+        if step is None:  # cannot happen for a checked final state; let the control plane say why
+            calls += [Call("PATCH", f"/v1/applications/{_quote(s.name)}", s.body, s) for s in pending]
+            break
+        assert step.desired is not None
+        narrowed.add(step.name)
+        keep = [seg for seg in state.get(step.name, ()) if seg in step.desired.parsed]
+        calls.append(Call("PATCH", f"/v1/applications/{_quote(step.name)}",
+                          {"segments": [{"destination": s.destination, "ports": canonical_ports(s.ports),
+                                         "protocol": s.protocol} for s in keep]},
+                          step, "narrowed first, to make room for segments moving between applications"))
+        state[step.name] = tuple(keep)
+    calls += [Call("POST", "/v1/applications", s.body, s) for s in steps if s.action == "create"]
+    return calls
+
+
+def _plan_text(path: str, base_url: str, steps: list[Step], kept: list[str]) -> str:
+    lines = [f"plan for {path} against {base_url}:"]
+    if steps:
+        width = max(len(s.name) for s in steps)
+        for s in steps:
+            detail = "; ".join(s.changes)
+            lines.append(f"  {s.action:<9}  {s.name.ljust(width)}  {detail}".rstrip())
+    else:
+        lines.append("  (no applications in the file or on the control plane)")
+    if kept:
+        lines.append(f"not in the file, kept (--prune deletes them): {', '.join(kept)}")
+    return "\n".join(lines)
+
+
+def _counts(steps: list[Step]) -> str:
+    total = {a: sum(1 for s in steps if s.action == a) for a in ("create", "update", "delete", "unchanged")}
+    return (f"{total['create']} to create, {total['update']} to update, {total['delete']} to delete, "
+            f"{total['unchanged']} unchanged")
+
+
+def cmd_apply(ctx: Ctx, args: argparse.Namespace) -> int:
+    client = ctx.client
+    desired = load_desired(args.file)  # a file that fails validation stops here, before any call
+    current = client.json("GET", "/v1/applications")
+    groups = {g["name"] for g in client.json("GET", "/v1/connector-groups")}
+    steps, kept = make_plan(args.file, desired, current, groups, args.prune)
+    calls = schedule(steps, current)
+    changing = [s for s in steps if s.action != "unchanged"]
+    report: dict[str, Any] = {
+        "file": args.file, "control": client.base_url, "dry_run": args.dry_run, "prune": args.prune,
+        "plan": [{"name": s.name, "action": s.action, "changes": s.changes} for s in steps],
+        "kept": kept, "calls_made": 0,
+    }
+    if not ctx.json:
+        print(_plan_text(args.file, client.base_url, steps, kept))
+    if args.dry_run or not changing:
+        if ctx.json:
+            print(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
+        elif not changing:
+            print(f"the control plane already matches {args.file}: nothing to do")
+        else:
+            print(f"dry run: nothing changed ({_counts(steps)})")
+        return 0
+    done = 0
+    for call in calls:
+        try:
+            client.call(call.method, call.path, call.body)
+        except AdminError as exc:
+            what = {"DELETE": "deleting", "PATCH": "updating", "POST": "creating"}[call.method]
+            raise AdminError(f"{what} app {call.step.name!r}: {exc} (apply stopped after {done} of {len(calls)} "
+                             f"changes; fix the cause and run it again)", exc.status) from None
+        done += 1
+        if not ctx.json and call.note:
+            print(f"  ({call.step.name}: {call.note})")
+    report["calls_made"] = done
+    if ctx.json:
+        print(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
+    else:
+        counts = {a: sum(1 for s in steps if s.action == a) for a in ("create", "update", "delete", "unchanged")}
+        print(f"applied: {counts['create']} created, {counts['update']} updated, {counts['delete']} deleted, "
+              f"{counts['unchanged']} unchanged")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
+    """The connection and output options; accepted before or after the command words."""
+    default: Any = argparse.SUPPRESS if in_subcommand else None
+    parser.add_argument("--control", metavar="URL", default=default,
+                        help="control plane URL (default: http://FERRYMAN_CONTROL_LISTEN)")
+    parser.add_argument("--key-file", metavar="PATH", default=default,
+                        help="file holding the admin key (default: FERRYMAN_DATA_DIR/admin.key)")
+    parser.add_argument("--key", metavar="KEY", default=default,
+                        help="the admin key itself (visible in the process list: prefer --key-file)")
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS if in_subcommand else False,
+                        help="print the API's JSON instead of tables")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        default=argparse.SUPPRESS if in_subcommand else DEFAULT_TIMEOUT,
+                        help=f"HTTP timeout (default {DEFAULT_TIMEOUT:g})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, in_subcommand=True)
+    parser = argparse.ArgumentParser(
+        prog="ferryman admin",
+        description="Administer the control plane through its admin REST API. Tables by default, --json for scripts.")
+    _global_options(parser, in_subcommand=False)
+    resources = parser.add_subparsers(dest="resource", required=True, metavar="COMMAND")
+
+    def group(name: str, help_: str) -> Any:
+        p = resources.add_parser(name, help=help_, description=help_, parents=[common])
+        return p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def leaf(subs: Any, name: str, help_: str, func: Callable[[Ctx, argparse.Namespace], int]
+             ) -> argparse.ArgumentParser:
+        p = subs.add_parser(name, help=help_, description=help_, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    apps = group("apps", "applications")
+    leaf(apps, "list", "list applications", cmd_apps_list)
+    leaf(apps, "show", "show an application and its segments (with their ids)", cmd_apps_show).add_argument("name")
+    p = leaf(apps, "create", "create an application", cmd_apps_create)
+    p.add_argument("name")
+    p.add_argument("--group", default=None, help="connector group (default: the default group)")
+    p.add_argument("--quick-access", action="store_true",
+                   help="the quick access application (at most one; may overlap per-app segments)")
+    p.add_argument("--segment", action="append", default=[], type=parse_segment, metavar="DEST:PORTS[/PROTO]",
+                   help="a segment, e.g. 10.20.0.0/16:22,3389 or *.corp.example:443/tcp (repeatable)")
+    leaf(apps, "delete", "delete an application", cmd_apps_delete).add_argument("name")
+
+    segments = group("segments", "segments of an application")
+    p = leaf(segments, "add", "add a segment to an application", cmd_segments_add)
+    p.add_argument("app")
+    p.add_argument("segment", type=parse_segment, metavar="DEST:PORTS[/PROTO]")
+    p = leaf(segments, "remove", "remove a segment (ids: `apps show APP`)", cmd_segments_remove)
+    p.add_argument("app")
+    p.add_argument("segment_id", type=int, metavar="SEGMENT_ID")
+
+    groups = group("groups", "connector groups")
+    leaf(groups, "list", "list connector groups", cmd_groups_list)
+    p = leaf(groups, "create", "create a connector group", cmd_groups_create)
+    p.add_argument("name")
+    p.add_argument("--region", default="", help="free-form region label")
+
+    connectors = group("connectors", "registered connectors")
+    leaf(connectors, "list", "list connectors", cmd_connectors_list)
+    leaf(connectors, "show", "show a connector", cmd_connectors_show).add_argument("id")
+    p = leaf(connectors, "revoke", "revoke a connector's certificate", cmd_connectors_revoke)
+    p.add_argument("id")
+    p.add_argument("--reason", default="", help="why (kept in the revocation list and the audit log)")
+
+    edges = group("edges", "registered edges")
+    leaf(edges, "list", "list edges", cmd_edges_list)
+    leaf(edges, "show", "show an edge", cmd_edges_show).add_argument("id")
+    p = leaf(edges, "revoke", "revoke an edge's certificate", cmd_edges_revoke)
+    p.add_argument("id")
+    p.add_argument("--reason", default="", help="why (kept in the revocation list and the audit log)")
+
+    dns = group("dns", "private DNS suffixes")
+    leaf(dns, "list", "list private DNS suffixes", cmd_dns_list)
+    leaf(dns, "add", "add a private DNS suffix", cmd_dns_add).add_argument("suffix")
+    leaf(dns, "remove", "remove a private DNS suffix", cmd_dns_remove).add_argument("suffix")
+
+    tokens = group("tokens", "one-time node registration tokens")
+    p = leaf(tokens, "create", "issue a registration token (shown once)", cmd_tokens_create)
+    p.add_argument("--role", required=True, choices=["connector", "edge"])
+    p.add_argument("--group", default=None, help="connector group of the connector (default: the default group)")
+    p.add_argument("--ttl", type=parse_duration, default=86400, metavar="DURATION",
+                   help="lifetime: 3600, 30m, 1h, 7d ... (default 24h)")
+    leaf(tokens, "list", "list registration tokens (never the tokens themselves)", cmd_tokens_list)
+
+    keys = group("keys", "admin API keys")
+    leaf(keys, "list", "list admin keys", cmd_keys_list)
+    leaf(keys, "create", "create an admin key (shown once)", cmd_keys_create).add_argument("name")
+    leaf(keys, "revoke", "revoke an admin key", cmd_keys_revoke).add_argument("name")
+
+    p = resources.add_parser("audit", help="audit records, newest first", description="audit records, newest first",
+                             parents=[common])
+    p.set_defaults(func=cmd_audit)
+    p.add_argument("--actor", default=None, help="only changes by this actor (an admin key's name, ...)")
+    p.add_argument("--type", default=None, metavar="OBJECT_TYPE",
+                   help="only this object type (application, segment, connector_group, dns_suffix, ...)")
+    p.add_argument("--since", type=parse_since, default=None, metavar="TIME",
+                   help="records at or after TIME: 2024-05-01T12:00:00Z, 2024-05-01, or a duration back (1h, 2d)")
+    p.add_argument("--limit", type=int, default=100, help="at most this many records (1-1000, default 100)")
+
+    p = resources.add_parser("apply", help="make the control plane's applications match an application file",
+                             description="Make the control plane's applications match FILE (JSON or TOML, the "
+                                         "data plane's application file format), like `kubectl apply`.",
+                             parents=[common])
+    p.set_defaults(func=cmd_apply)
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--prune", action="store_true", help="delete applications that the file does not name")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ferryman admin ...``; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exc:  # argparse: usage errors (2) and --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        if args.timeout <= 0:
+            raise _usage("--timeout must be positive")
+        url = control_url(args.control)
+        key, source = admin_key(args.key, args.key_file)
+        return int(args.func(Ctx(Client(url, key, source, args.timeout), args.json), args))
+    except AdminError as exc:
+        print(f"ferryman admin: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
