@@ -1,21 +1,33 @@
-"""Command-line entry of the data-plane nodes: ``edge``, ``connector``, ``client``, ``pki init``.
+"""Command-line entry of the data-plane nodes: ``edge``, ``connector``, ``client``, ``pki init``,
+and node registration (``connector register``, ``edge register``).
 
 ``ferryman edge|connector|client|pki`` land here (also ``python -m dataplane ...``). Flags
 override ``FERRYMAN_*`` variables of the same meaning. Errors in settings, certificates
 or the application file end the process with exit code 2 and one clear line.
+
+``ferryman connector|edge register --control URL --token T`` registers the node with the
+control plane (``dataplane.register``). An edge or connector started with none of
+``FERRYMAN_TLS_CA/CERT/KEY`` set uses the identity registered in
+``FERRYMAN_DATA_DIR/identity/node.json`` when there is one (a connector also takes the
+edges and connector group recorded there unless ``--edges``/``--group`` or their variables
+are set), and says so in its log.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from typing import Any
 
-from . import pki
+from . import pki, register
 from .apps import AppsError, AppTable
 from .observability import setup_logging
 from .runtime import NodeIdentity, run_node
-from .settings import Settings, SettingsError, load
+from .settings import Settings, SettingsError, read_config_file, load, variable_name
+
+log = logging.getLogger("ferryman.identity")
 
 
 def _tls_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,19 +37,40 @@ def _tls_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", dest="metrics_addr", help="HOST:PORT for /metrics and /ready")
 
 
+def _register_command(node: argparse.ArgumentParser, role: str) -> None:
+    """``ferryman ROLE register ...``; without it, ``ferryman ROLE`` runs the node as before."""
+    sub = node.add_subparsers(dest="node_cmd", metavar="{register}", title="subcommands")
+    reg = sub.add_parser("register", help=f"register this {role} with the control plane (one-time token)",
+                         description=f"Create a key and CSR, trade them and a one-time registration token for a "
+                                     f"{role} certificate from the control plane, and store the identity in DIR.")
+    reg.add_argument("--control", required=True, metavar="URL", help="control plane URL, e.g. http://control:8080")
+    reg.add_argument("--token", required=True, help="one-time registration token (from the administrator)")
+    reg.add_argument("--name", help="node name (default: this host's name)")
+    reg.add_argument("--dir", help="where to store key, certificate, CA and node.json "
+                                   "(default: FERRYMAN_DATA_DIR/identity; nodes read that one by themselves)")
+    if role == "edge":
+        reg.add_argument("--address", action="append", required=True, metavar="HOST:PORT",
+                         help="public address connectors and clients dial (repeatable; the first is the edge's "
+                              "address, every host goes in its certificate)")
+
+
 def add_node_commands(sub: Any) -> None:
-    edge = sub.add_parser("edge", help="run an edge: accepts client and connector tunnels")
+    edge = sub.add_parser("edge", help="run an edge: accepts client and connector tunnels "
+                                       "(`edge register`: get its certificate)")
     _tls_flags(edge)
     edge.add_argument("--listen", dest="edge_listen", help="HOST:PORT for tunnels (FERRYMAN_EDGE_LISTEN)")
     edge.add_argument("--apps", dest="apps_file", help="application file (FERRYMAN_APPS_FILE)")
     edge.set_defaults(node="edge")
+    _register_command(edge, "edge")
 
-    conn = sub.add_parser("connector", help="run a connector: dials edges, reaches private backends")
+    conn = sub.add_parser("connector", help="run a connector: dials edges, reaches private backends "
+                                            "(`connector register`: get its certificate)")
     _tls_flags(conn)
     conn.add_argument("--edges", help="comma-separated edge HOST:PORT list (FERRYMAN_EDGES)")
     conn.add_argument("--group", dest="connector_group", help="connector group (FERRYMAN_CONNECTOR_GROUP)")
     conn.add_argument("--tunnels", dest="connector_tunnels", type=int, help="tunnels to keep (FERRYMAN_CONNECTOR_TUNNELS)")
     conn.set_defaults(node="connector")
+    _register_command(conn, "connector")
 
     client = sub.add_parser("client", help="run the client agent: port forwards and SOCKS5 into the fabric")
     _tls_flags(client)
@@ -64,19 +97,70 @@ _SETTING_FLAGS = ("tls_ca", "tls_cert", "tls_key", "metrics_addr", "edge_listen"
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if getattr(args, "node_cmd", None) == "register":
+        return _register(args)
     try:
         if args.node == "pki":
             return _pki_init(args)
         overrides = {k: getattr(args, k, None) for k in _SETTING_FLAGS}
         settings = load(overrides)
+        registered = None
+        if args.node in register.ROLES:
+            settings, registered = _use_registered_identity(args.node, settings, overrides)
         identity = NodeIdentity(settings, args.node)
         setup_logging(settings.log_level, settings.log_format, args.node, identity.name)
+        if registered is not None:
+            _log_registered(registered, settings)
         node = _build(args, settings, identity)
     except (SettingsError, AppsError, pki.PkiError, ValueError) as exc:
         print(f"ferryman {args.node}: {exc}", file=sys.stderr)
         return 2
     run_node(node.run)
     return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    try:
+        data_dir = load().data_dir
+    except SettingsError as exc:
+        print(f"ferryman {args.node} register: {exc}", file=sys.stderr)
+        return 2
+    return register.command(args.node, args, data_dir)
+
+
+def _explicit(field: str, overrides: dict[str, Any]) -> bool:
+    """Whether a setting was given (flag, environment or config file) rather than defaulted."""
+    if overrides.get(field) is not None or os.environ.get(variable_name(field)):
+        return True
+    config = os.environ.get("FERRYMAN_CONFIG")
+    return bool(config) and field in read_config_file(config)
+
+
+def _use_registered_identity(role: str, settings: Settings,
+                             overrides: dict[str, Any]) -> tuple[Settings, register.Identity | None]:
+    """With no FERRYMAN_TLS_* at all, the identity of ``FERRYMAN_DATA_DIR/identity/node.json``, if any."""
+    if settings.tls_ca or settings.tls_cert or settings.tls_key:
+        return settings, None
+    found = register.read_identity(register.default_directory(settings.data_dir))
+    if found is None:
+        return settings, None
+    if found.record.role != role:
+        raise SettingsError(f"FERRYMAN_TLS_CA, FERRYMAN_TLS_CERT, FERRYMAN_TLS_KEY not set, and {found.path} is the "
+                            f"identity of {found.record.role} {found.record.name!r}, not of this {role}: set the "
+                            f"FERRYMAN_TLS_* variables, or another FERRYMAN_DATA_DIR")
+    values = {field: value for field, value in register.registered_settings(found).items()
+              if field.startswith("tls_") or not _explicit(field, overrides)}
+    return load({**overrides, **values}), found
+
+
+def _log_registered(found: register.Identity, settings: Settings) -> None:
+    extra: dict[str, Any] = {"identity": found.path, "node_id": found.record.node_id}
+    if found.record.role == "connector":
+        extra.update(edges=settings.edges, group=settings.connector_group)
+    log.info("FERRYMAN_TLS_* not set: using the registered identity", extra=extra)
+    warning = register.renewal_warning(found)
+    if warning:
+        log.warning(warning)
 
 
 def _build(args: argparse.Namespace, settings: Settings, identity: NodeIdentity) -> Any:

@@ -37,8 +37,10 @@ class NodeIdentity:
                                             ("FERRYMAN_TLS_CERT", settings.tls_cert),
                                             ("FERRYMAN_TLS_KEY", settings.tls_key)) if not value]
         if missing:
+            register = (f"register it (`ferryman {role} register --control URL --token T`), or "
+                        if role in ("edge", "connector") else "")
             raise SettingsError(
-                f"{', '.join(missing)} not set: run `ferryman pki init DIR` and point the "
+                f"{', '.join(missing)} not set: {register}run `ferryman pki init DIR` and point the "
                 f"FERRYMAN_TLS_* variables (or --ca/--cert/--key) at its files"
             )
         me = pki.load_identity(settings.tls_cert)

@@ -133,7 +133,7 @@ def _coerce(field: str, raw: Any, kind: type) -> Any:
     return value
 
 
-def _read_config_file(path: str) -> dict[str, Any]:
+def read_config_file(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -158,7 +158,7 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
     values: dict[str, Any] = {}
     config_path = env.get("FERRYMAN_CONFIG")
     if config_path:
-        values.update(_read_config_file(config_path))
+        values.update(read_config_file(config_path))
     known = {variable_name(f) for f in VARIABLES} | {"FERRYMAN_CONFIG"}
     for key in env:
         if key.startswith(PREFIX) and key not in known:

@@ -71,7 +71,7 @@ def register(api: Api, data: RegisterRequest) -> RegisterResponse:
     name = data.name.strip()
     addresses = [a.strip() for a in data.addresses]
     with api.store.begin() as session:
-        role = _token_role(session, data.token)
+        role = data.role or _token_role(session, data.token)
         token = repo.consume_registration_token(session, data.token, role, used_by=f"{role}:{name}")
         hosts = _edge_hosts(addresses) if role == "edge" else None
         _refuse_live_duplicate(session, role, name)

@@ -250,6 +250,9 @@ class RegisterRequest(_Request):
     name: str
     version: Annotated[str, msgspec.Meta(max_length=64)] = ""
     addresses: Annotated[list[str], msgspec.Meta(max_length=16)] = []
+    # The role the node registers as; a token issued for the other role is then refused
+    # without being used up. Empty: the token's role.
+    role: Literal["", "connector", "edge"] = ""
 
 
 class RegisterResponse(msgspec.Struct):

@@ -1,0 +1,415 @@
+"""A node's side of registration: ``ferryman connector register`` and ``ferryman edge register``.
+
+``register(...)`` makes a fresh key and CSR (``enroll.new_key_and_csr``), sends the CSR with
+the one-time token to the control plane's ``POST /v1/register`` (plain urllib + msgspec: the
+data plane does not import ``control``), and on success stores what came back in one
+directory (default ``FERRYMAN_DATA_DIR/identity``):
+
+- ``<name>.key`` (0600), ``<name>.pem`` and ``ca.pem`` through ``enroll.write_identity``;
+- ``node.json`` (0600, written last): node id, role, name, connector group, control-plane
+  URL, the edges to dial, the certificate's serial and expiry, and the three file names
+  (relative to the directory).
+
+A node started with no ``FERRYMAN_TLS_*`` settings uses ``FERRYMAN_DATA_DIR/identity/node.json``
+when it exists (``dataplane.run``; ``registered_settings`` below says what it supplies).
+
+Nothing is written unless the control plane signed a certificate for the node asked for:
+the private key exists only in memory until then. Refusals (HTTP 4xx: unknown, used or
+expired token, a name already registered, an unusable address) are reported with the
+control plane's own message; an unreachable control plane with the reason. Each becomes a
+``RegisterError`` carrying the exit code (1 for the control plane's refusals and network
+failures, 2 for local input errors found before anything was sent).
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import ipaddress
+import json
+import os
+import shlex
+import socket
+import ssl
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import msgspec
+
+from . import pki
+from .enroll import new_key_and_csr, renewal_due, write_identity
+from .observability import VERSION, parse_hostport
+
+IDENTITY_DIR = "identity"  # under FERRYMAN_DATA_DIR
+NODE_FILE = "node.json"
+REGISTER_PATH = "/v1/register"
+REQUEST_TIMEOUT = 30.0  # seconds for the whole registration request
+MAX_RESPONSE = 1 << 20  # bytes; a registration answer is a few KiB
+MAX_ADDRESSES = 16  # as the API accepts
+ROLES = ("connector", "edge")
+
+
+class RegisterError(Exception):
+    """Registration failed; the message is for people, ``exit_code`` for the shell."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Registered(msgspec.Struct):
+    """The control plane's answer to ``POST /v1/register`` (fields it adds later are ignored)."""
+
+    node_id: str
+    role: str
+    name: str
+    certificate_pem: str
+    ca_pem: str
+    serial: str
+    not_after: str
+    edges: list[str]
+    group: str | None = None
+
+
+class NodeRecord(msgspec.Struct, kw_only=True):
+    """``node.json``: what a registration produced. File names are relative to its directory."""
+
+    node_id: str
+    role: str
+    name: str
+    group: str | None = None
+    control: str
+    edges: list[str] = []
+    serial: str = ""
+    not_after: str = ""
+    registered_at: str = ""
+    ca: str = pki.CA_CERT
+    cert: str
+    key: str
+
+
+class Identity(msgspec.Struct, frozen=True):
+    """A stored registration: its directory (absolute) and its record."""
+
+    directory: str
+    record: NodeRecord
+
+    @property
+    def ca(self) -> str:
+        return os.path.join(self.directory, self.record.ca)
+
+    @property
+    def cert(self) -> str:
+        return os.path.join(self.directory, self.record.cert)
+
+    @property
+    def key(self) -> str:
+        return os.path.join(self.directory, self.record.key)
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, NODE_FILE)
+
+
+# ---------------------------------------------------------------------------- defaults, checks
+
+
+def default_directory(data_dir: str) -> str:
+    return os.path.join(data_dir, IDENTITY_DIR)
+
+
+def default_name() -> str:
+    """This host's name as a node name (its first label if the full name is not usable)."""
+    host = socket.gethostname()
+    for candidate in (host, host.split(".", 1)[0]):
+        try:
+            pki.check_name(candidate)
+        except pki.PkiError:
+            continue
+        return candidate
+    raise RegisterError(f"the host name {host!r} is not usable as a node name: pass --name NAME "
+                        "(1-63 letters, digits, '.', '_' or '-')", 2)
+
+
+def control_base(url: str) -> str:
+    """The control plane's base URL (``http(s)://host[:port][/prefix]``) without a trailing slash."""
+    text = url.strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise RegisterError(f"--control {url!r}: not a usable URL ({exc})", 2) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RegisterError(f"--control {url!r}: expected http://HOST:PORT or https://HOST[:PORT]", 2)
+    if parts.query or parts.fragment:
+        raise RegisterError(f"--control {url!r}: the URL must not carry a query or fragment", 2)
+    return text.rstrip("/")
+
+
+def _check_writable(directory: str) -> None:
+    """Fail before the token is spent when ``directory`` could not be written later."""
+    probe = os.path.abspath(directory)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise RegisterError(f"cannot store the identity in {directory}: {probe} is not a directory", 2)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RegisterError(f"cannot store the identity in {directory}: {probe} is not writable", 2)
+
+
+# ---------------------------------------------------------------------------- node.json
+
+
+def read_identity(directory: str) -> Identity | None:
+    """The registration stored in ``directory``, or None when it has no ``node.json``."""
+    directory = os.path.abspath(directory)
+    path = os.path.join(directory, NODE_FILE)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise pki.PkiError(f"{path}: {exc.strerror}") from None
+    try:
+        record = msgspec.json.decode(data, type=NodeRecord)
+    except msgspec.MsgspecError as exc:
+        raise pki.PkiError(f"{path}: not a Ferryman node record ({exc})") from None
+    if record.role not in ROLES:
+        raise pki.PkiError(f"{path}: role {record.role!r} is not one of {', '.join(ROLES)}")
+    for field in ("ca", "cert", "key"):
+        value = getattr(record, field)
+        if not value or os.path.basename(value) != value:
+            raise pki.PkiError(f"{path}: {field} must be a file name in {directory}, not {value!r}")
+    return Identity(directory=directory, record=record)
+
+
+def registered_settings(identity: Identity) -> dict[str, Any]:
+    """The settings a registered node takes from its record: TLS files, and for a connector
+    the edges and its connector group."""
+    values: dict[str, Any] = {"tls_ca": identity.ca, "tls_cert": identity.cert, "tls_key": identity.key}
+    if identity.record.role == "connector":
+        if identity.record.edges:
+            values["edges"] = ",".join(identity.record.edges)
+        if identity.record.group:
+            values["connector_group"] = identity.record.group
+    return values
+
+
+def renewal_warning(identity: Identity, now: datetime.datetime | None = None) -> str | None:
+    """A sentence for the log when the certificate should be renewed (or has expired), else None."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    try:
+        due = renewal_due(identity.cert, now)
+    except (pki.PkiError, ValueError):
+        return None  # loading the identity reports unreadable files with their reason
+    if not due:
+        return None
+    return (f"the certificate {identity.cert} is due for renewal (valid until {identity.record.not_after}): "
+            f"register again with a new token")
+
+
+# ---------------------------------------------------------------------------- HTTP
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        inner = exc.reason
+        return _reason(inner) if isinstance(inner, BaseException) else str(inner)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted: {exc.verify_message or exc.reason}"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return f"no answer within {REQUEST_TIMEOUT:g}s"
+    if isinstance(exc, socket.gaierror):
+        return f"host name not resolved ({exc.strerror})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _post(base: str, body: bytes) -> tuple[int, bytes, http.client.HTTPMessage | None]:
+    request = urllib.request.Request(
+        base + REGISTER_PATH, data=body, method="POST",
+        headers={"Content-Type": "application/json", "Accept": "application/json",
+                 "User-Agent": f"ferryman/{VERSION}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+            return response.status, response.read(MAX_RESPONSE), response.headers
+    except urllib.error.HTTPError as exc:
+        with exc:
+            try:
+                payload = exc.read(MAX_RESPONSE)
+            except (OSError, http.client.HTTPException):
+                payload = b""
+        return exc.code, payload, exc.headers
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise RegisterError(f"cannot reach the control plane at {base}: {_reason(exc)}") from None
+
+
+def _refusal(base: str, status: int, payload: bytes, headers: http.client.HTTPMessage | None) -> RegisterError:
+    message = ""
+    try:
+        body = json.loads(payload)
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            message = body["error"]
+    except ValueError:
+        pass
+    if not message:
+        message = f"HTTP {status} {http.client.responses.get(status, '')}".rstrip()
+        location = headers.get("Location") if headers is not None else None
+        if 300 <= status < 400 and location:
+            message += f" (redirected to {location}: pass that URL to --control)"
+    if status == 404:
+        message += f" (no {base}{REGISTER_PATH}: is --control the URL of a Ferryman control plane?)"
+    return RegisterError(f"the control plane at {base} refused the registration: {message}")
+
+
+# ---------------------------------------------------------------------------- registering
+
+
+def register(role: str, control: str, token: str, *, name: str | None, directory: str,
+             addresses: list[str] | None = None) -> Identity:
+    """Register this node as a ``role`` with the control plane at ``control``; store and return its identity."""
+    if role not in ROLES:
+        raise RegisterError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}", 2)
+    base = control_base(control)
+    token = token.strip()
+    if not token:
+        raise RegisterError("--token is empty: pass the registration token the administrator created", 2)
+    name = default_name() if name is None else name.strip()
+    try:
+        pki.check_name(name)
+    except pki.PkiError as exc:
+        raise RegisterError(str(exc), 2) from None
+    addresses = [a.strip() for a in addresses or []]
+    if role == "edge" and not addresses:
+        raise RegisterError("an edge registers with --address HOST:PORT: the address connectors and clients dial", 2)
+    if len(addresses) > MAX_ADDRESSES:
+        raise RegisterError(f"at most {MAX_ADDRESSES} --address values", 2)
+    for number, address in enumerate(addresses, 1):
+        try:
+            parse_hostport(address, "--address" if len(addresses) == 1 else f"--address {number}")
+        except ValueError as exc:
+            raise RegisterError(str(exc), 2) from None
+    directory = os.path.abspath(directory)
+    try:
+        existing = read_identity(directory)
+    except pki.PkiError as exc:
+        raise RegisterError(f"{exc}: remove it or register into another --dir", 2) from None
+    if existing is not None and existing.record.role != role:
+        raise RegisterError(f"{directory} holds the identity of {existing.record.role} {existing.record.name!r}: "
+                            f"register this {role} into another --dir", 2)
+    _check_writable(directory)
+
+    key_pem, csr_pem = new_key_and_csr(name)
+    body = msgspec.json.encode({"token": token, "csr_pem": csr_pem.decode(), "name": name,
+                                "version": VERSION[:64], "addresses": addresses, "role": role})
+    status, payload, headers = _post(base, body)
+    if status not in (200, 201):
+        raise _refusal(base, status, payload, headers)
+    try:
+        answer = msgspec.json.decode(payload, type=Registered)
+    except msgspec.MsgspecError as exc:
+        raise RegisterError(f"the control plane at {base} sent an answer that is not a registration ({exc})") from None
+
+    if answer.role != role:
+        raise RegisterError(
+            f"the registration token was issued for a {answer.role}: the control plane registered {answer.role} "
+            f"{answer.name!r} (node id {answer.node_id}) instead of {role} {name!r}. Nothing was written; ask an "
+            f"administrator to revoke node {answer.node_id} and to create a {role} registration token"
+        )
+    if answer.name != name:
+        raise RegisterError(
+            f"the control plane registered {role} {answer.name!r} (node id {answer.node_id}) when {name!r} was "
+            f"asked for. Nothing was written; ask an administrator to revoke node {answer.node_id}"
+        )
+    spent = f"the control plane registered {role} {name!r} (node id {answer.node_id})"
+    try:
+        files = write_identity(directory, name, key_pem, answer.certificate_pem.encode(), answer.ca_pem.encode())
+    except pki.PkiError as exc:
+        raise RegisterError(f"{spent}, but its identity cannot be stored: {exc}. Ask an administrator to revoke "
+                            f"node {answer.node_id}, then register again with a new token") from None
+    record = NodeRecord(
+        node_id=answer.node_id, role=answer.role, name=name, group=answer.group, control=base,
+        edges=list(answer.edges), serial=answer.serial, not_after=answer.not_after,
+        registered_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        ca=os.path.basename(files.ca), cert=os.path.basename(files.cert), key=os.path.basename(files.key),
+    )
+    try:
+        pki.write_file(os.path.join(directory, NODE_FILE), msgspec.json.format(msgspec.json.encode(record)) + b"\n",
+                       0o600)
+    except pki.PkiError as exc:
+        raise RegisterError(f"{spent} and stored its certificate and key in {directory}, but not {NODE_FILE}: {exc}. "
+                            f"Point the FERRYMAN_TLS_* variables at those files yourself") from None
+    return Identity(directory=directory, record=record)
+
+
+def environment(identity: Identity) -> list[tuple[str, str]]:
+    """The ``FERRYMAN_*`` variables that run this node with its registered identity."""
+    values = registered_settings(identity)
+    names = {"tls_ca": "FERRYMAN_TLS_CA", "tls_cert": "FERRYMAN_TLS_CERT", "tls_key": "FERRYMAN_TLS_KEY",
+             "edges": "FERRYMAN_EDGES", "connector_group": "FERRYMAN_CONNECTOR_GROUP"}
+    return [(names[field], value) for field, value in values.items()]
+
+
+def report(identity: Identity, automatic: bool, data_dir: str) -> str:
+    """What ``register`` prints on stdout: ``#`` comments and ``VAR=value`` lines (sourceable by sh)."""
+    r = identity.record
+    group = f", connector group {r.group}" if r.group else ""
+    lines = [
+        f"# registered {r.role} {r.name!r} (node id {r.node_id}{group}) with the control plane at {r.control}",
+        f"# certificate serial {r.serial}, valid until {r.not_after}; key, certificate and CA in {identity.directory} "
+        f"(key mode 0600)",
+    ]
+    if automatic:
+        lines.append(f"# `ferryman {r.role}` uses this identity by itself while FERRYMAN_TLS_* are unset "
+                     f"(FERRYMAN_DATA_DIR={data_dir}); otherwise set:")
+    else:
+        lines.append(f"# run `ferryman {r.role}` with:")
+    lines.extend(f"{name}={shlex.quote(value)}" for name, value in environment(identity))
+    if r.role == "connector" and not r.edges:
+        lines.append("# the control plane knows no edge yet: set FERRYMAN_EDGES (or --edges) to the edges to dial")
+    return "\n".join(lines)
+
+
+def plain_http_warning(control: str) -> str | None:
+    """A warning when the token and CA bundle would cross a network unprotected (http:// to another host)."""
+    parts = urllib.parse.urlsplit(control.strip())
+    if parts.scheme != "http" or not parts.hostname:
+        return None
+    host = parts.hostname
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        if host == "localhost":
+            return None
+    return (f"warning: {control.strip()} is plain HTTP: the token travels and the CA bundle arrives unprotected; "
+            f"use https:// unless the path to the control plane is trusted")
+
+
+def command(role: str, args: Any, data_dir: str) -> int:
+    """``ferryman connector|edge register``: register, print the variables, return the exit code."""
+    directory = os.path.abspath(args.dir or default_directory(data_dir))
+    warning = plain_http_warning(args.control)
+    if warning:
+        print(f"ferryman {role} register: {warning}", file=sys.stderr)
+    try:
+        identity = register(role, args.control, args.token, name=args.name, directory=directory,
+                            addresses=getattr(args, "address", None))
+    except RegisterError as exc:
+        print(f"ferryman {role} register: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"ferryman {role} register: interrupted", file=sys.stderr)
+        return 130
+    automatic = directory == os.path.abspath(default_directory(data_dir))
+    print(report(identity, automatic, data_dir), flush=True)
+    return 0
