@@ -358,7 +358,7 @@ class _ProtocolIndex:
             elif segment.kind == "wildcard":
                 self.wildcards.setdefault(segment.destination[2:], []).append(candidate)
             else:
-                version, low, high = _address_bounds(segment)
+                version, low, high = address_bounds(segment)
                 by_version[version].append((low, high, candidate))
         self.v4 = _AddressIndex(by_version[4])
         self.v6 = _AddressIndex(by_version[6])
@@ -376,7 +376,7 @@ class _ProtocolIndex:
         return None
 
 
-def _address_bounds(segment: Segment) -> tuple[int, int, int]:
+def address_bounds(segment: Segment) -> tuple[int, int, int]:
     """(IP version, first address, last address) of an ip / cidr / range segment."""
     if segment.kind == "cidr":
         net = ipaddress.ip_network(segment.destination)

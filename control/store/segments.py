@@ -16,11 +16,10 @@ the normalised form the edge matches against. What the store adds:
 from __future__ import annotations
 
 import bisect
-import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dataplane.apps import DEFAULT_GROUP, AppsError, AppTable, Segment
+from dataplane.apps import DEFAULT_GROUP, AppsError, AppTable, Segment, address_bounds
 
 from .errors import StoreError
 
@@ -103,16 +102,6 @@ def _proper_suffixes(name: str) -> list[str]:
     return [".".join(labels[k:]) for k in range(1, len(labels))]
 
 
-def _interval(segment: Segment) -> tuple[int, int, int]:
-    """(IP version, first address, last address) of an ip / cidr / range segment."""
-    if segment.kind == "cidr":
-        net = ipaddress.ip_network(segment.destination)
-        return net.version, int(net.network_address), int(net.broadcast_address)
-    first, _, last = segment.destination.partition("-")
-    start = ipaddress.ip_address(first)
-    return start.version, int(start), int(ipaddress.ip_address(last or first))
-
-
 # An indexed segment: its order of insertion (to report the first overlap) and the segment.
 _Entry = tuple[int, Segment]
 
@@ -136,7 +125,7 @@ class OverlapIndex:
                 name = segment.destination[2:]
                 self._wildcards.setdefault((segment.protocol, name), []).append(entry)
             else:
-                version, low, high = _interval(segment)
+                version, low, high = address_bounds(segment)
                 self._intervals.setdefault((segment.protocol, version), []).append((low, high, entry))
                 continue
             for suffix in _proper_suffixes(name):
@@ -160,7 +149,7 @@ class OverlapIndex:
             for suffix in _proper_suffixes(name):
                 yield from self._wildcards.get((protocol, suffix), ())
             return
-        version, low, high = _interval(segment)
+        version, low, high = address_bounds(segment)
         key = (protocol, version)
         intervals = self._intervals.get(key, [])
         for _, other_high, entry in intervals[:bisect.bisect_right(self._starts.get(key, []), high)]:
