@@ -11,9 +11,10 @@
   changes made through any control-plane node sharing the database reach the hub, and
   from there every waiting node, well within the two seconds a change may take.
 
-The ``edges`` of a snapshot are given by the caller (the addresses nodes should dial); they
-are not part of the store's version, so changing them without a store change does not
-make nodes fetch a new snapshot.
+The ``edges`` of a snapshot are the public edge addresses the control plane was started
+with, then those of registered edges (registering or revoking an edge is a configuration
+change). Changing the public addresses alone changes no version: nodes get them with the
+next configuration change.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def iso_utc(moment: datetime) -> str:
 def build_snapshot(session: Session, *, edges: Iterable[str]) -> ConfigSnapshot:
     """The configuration in the store as seen by ``session`` (use one transaction: ``store.read()``).
 
-    Applications (with their segments), connector groups, DNS suffixes, revoked serials and
-    ``edges`` (duplicates dropped) are sorted, so equal configurations give equal bytes.
+    Applications (with their segments), connector groups, DNS suffixes and revoked serials
+    are sorted, so equal configurations give equal bytes. The edges are ``edges`` (the
+    configured public addresses) then those of registered, unrevoked edges, in that order
+    (``repo.edge_addresses``): nodes dial them in order.
     """
     version, changed_at = session.execute(
         select(ConfigVersion.version, ConfigVersion.changed_at).where(ConfigVersion.id == 1)).one()
@@ -74,7 +77,7 @@ def build_snapshot(session: Session, *, edges: Iterable[str]) -> ConfigSnapshot:
         groups=groups,
         dns_suffixes=sorted(row.suffix for row in repo.list_dns_suffixes(session)),
         revoked_serials=sorted((row.serial for row in repo.list_revocations(session)), key=lambda s: int(s, 16)),
-        edges=sorted(set(edges)),
+        edges=repo.edge_addresses(session, edges),
     )
 
 

@@ -10,6 +10,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from dataplane.snapshot import (
 pytestmark = pytest.mark.timeout(60)
 
 ACTOR = "admin-key:tests"
-EDGES = ["edge-b.example:8443", "edge-a.example:8443", "edge-b.example:8443"]
+EDGES = ["edge-a.example:8443", "edge-b.example:8443"]
 
 
 @pytest.fixture
@@ -120,8 +121,21 @@ def test_equal_configurations_encode_to_equal_bytes(store: Store) -> None:
     assert first is not second
     assert encode(first) == encode(second)
     assert decode(encode(first)) == first
-    # Edge order given by the caller does not matter either.
-    assert encode(build_from_store(store, edges=list(reversed(EDGES)))) == encode(first)
+    # Edges keep the order given (nodes dial them in that order).
+    assert build_from_store(store, edges=list(reversed(EDGES))).edges == list(reversed(EDGES))
+
+
+def test_registered_edges_follow_the_public_ones_until_revoked(store: Store) -> None:
+    not_after = datetime(2031, 1, 1, tzinfo=UTC)
+    with store.begin() as session:
+        edge = repo.add_edge(session, ACTOR, "edge-r", "edge-r.example:8443", cert_serial=0xE1,
+                             cert_not_after=not_after)
+        repo.add_edge(session, ACTOR, "edge-dup", EDGES[0], cert_serial=0xE2, cert_not_after=not_after)
+    assert snapshot_of(store).edges == [*EDGES, "edge-r.example:8443"]
+    with store.begin() as session:
+        repo.revoke_node(session, ACTOR, "edge", edge.id)
+    snap = snapshot_of(store)
+    assert snap.edges == EDGES and "e1" in snap.revoked_serials
 
 
 def test_a_store_change_bumps_the_version_and_changes_the_snapshot(store: Store) -> None:

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.timeout(60)
 
 POSTGRES_VARIABLE = "TEST_POSTGRES_URL"
 TABLES = {"alembic_version", "connector_groups", "applications", "segments", "connectors", "edges", "dns_suffixes",
-          "admin_keys", "audit_records", "registration_tokens", "revocations", "config_version"}
+          "admin_keys", "audit_records", "registration_tokens", "revocations", "config_version",
+          "issued_certificates"}
 ACTOR = "admin-key:tests"
 
 
@@ -121,7 +122,7 @@ def version(store: Store) -> int:
 
 def test_migrations_build_the_schema_on_an_empty_database(url: str) -> None:
     with open_store(url) as store:
-        assert store.migrations_applied == ("0001",)
+        assert store.migrations_applied == ("0001", "0002")
         assert set(sa.inspect(store.engine).get_table_names()) == TABLES
         with store.read() as session:
             groups = repo.list_groups(session)
@@ -152,6 +153,27 @@ def test_reopening_keeps_data_and_does_not_migrate_again(url: str) -> None:
             assert [a.name for a in repo.list_applications(session)] == ["web"]
             assert len(repo.list_groups(session)) == 1
             assert repo.config_version(session) == 1
+
+
+def test_upgrading_from_0001_records_the_certificates_of_existing_nodes(store: Store, url: str) -> None:
+    not_after = datetime(2031, 5, 1, tzinfo=UTC)
+    with store.begin() as session:
+        connector = repo.add_connector(session, ACTOR, "conn-old", cert_serial=0xABC, cert_not_after=not_after)
+        edge = repo.add_edge(session, ACTOR, "edge-old", "edge.example:8443", cert_serial=0x4D,
+                             cert_not_after=not_after)
+    with store.engine.begin() as conn:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0001")
+        assert "issued_certificates" not in sa.inspect(conn).get_table_names()
+    store.close()
+    with open_store(url) as upgraded:
+        assert upgraded.migrations_applied == ("0002",)
+        with upgraded.read() as session:
+            assert repo.node_for_certificate(session, 0xABC).id == connector.id
+            assert repo.node_for_certificate(session, 0x4D).id == edge.id
+            assert repo.get_edge(session, edge.id).tunnels == 0
 
 
 def test_downgrade_removes_every_table(store: Store) -> None:
@@ -188,7 +210,7 @@ def test_plain_postgresql_urls_use_psycopg(postgres_url: str) -> None:
     plain = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
     with open_store(plain) as store:
         assert store.engine.dialect.driver == "psycopg"
-        assert store.migrations_applied == ("0001",)
+        assert store.migrations_applied == ("0001", "0002")
 
 
 def test_times_are_aware_utc_and_naive_times_are_refused(store: Store) -> None:
@@ -484,16 +506,19 @@ def test_connectors_and_edges_with_heartbeats(store: Store) -> None:
     now = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
     assert connector.status(now, heartbeat_interval=10) == "inactive"  # never seen
     with store.begin() as session:
-        repo.record_connector_heartbeat(session, connector.id, version="1.2.3", external_addr="198.51.100.7:40000",
-                                        internal_addr="10.0.0.9", now=now)
-        repo.record_edge_heartbeat(session, edge.id, version="1.2.3", now=now)
-        assert refused("not_found", lambda: repo.record_connector_heartbeat(
-            session, "nope", version="", external_addr="", internal_addr="", now=now)) == \
-            "connector 'nope' does not exist"
+        repo.record_heartbeat(session, "connector", connector.id, version="1.2.3",
+                              external_addr="198.51.100.7:40000", internal_addr="10.0.0.9", tunnels=2,
+                              active_flows=17, config_version=5, now=now)
+        repo.record_heartbeat(session, "edge", edge.id, version="1.2.3", now=now)
+        assert refused("not_found", lambda: repo.record_heartbeat(
+            session, "connector", "nope", version="", now=now)) == "connector 'nope' does not exist"
+        assert refused("invalid", lambda: repo.record_heartbeat(
+            session, "edge", edge.id, version="", tunnels=-1, now=now)) == \
+            "heartbeat tunnels must be an integer from 0 to 2147483647"
     with store.read() as session:
         seen = repo.get_connector(session, connector.id)
-        assert (seen.version, seen.external_addr, seen.internal_addr, seen.last_seen) == (
-            "1.2.3", "198.51.100.7:40000", "10.0.0.9", now)
+        assert (seen.version, seen.external_addr, seen.internal_addr, seen.last_seen, seen.tunnels,
+                seen.active_flows, seen.config_version) == ("1.2.3", "198.51.100.7:40000", "10.0.0.9", now, 2, 17, 5)
         assert seen.status(now + timedelta(seconds=30), heartbeat_interval=10) == "active"
         assert seen.status(now + timedelta(seconds=31), heartbeat_interval=10) == "inactive"
         assert repo.get_edge(session, edge.id).status(now + timedelta(seconds=5), heartbeat_interval=10) == "active"

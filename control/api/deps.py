@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from control.ca import CertificateAuthority
 from control.store import Store, repo
-from control.store.models import AdminKey, Edge, Revocation, utcnow
+from control.store.models import AdminKey, utcnow
 
 DEFAULT_HEARTBEAT_INTERVAL = 30.0  # seconds between node heartbeats, for active/inactive status
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ferryman-admin"'}
@@ -56,10 +56,7 @@ class Api:
     def edge_addresses(self, session: Session) -> list[str]:
         """What nodes dial: the configured public edge addresses, then every registered edge
         whose certificate is not revoked (each address once)."""
-        revoked = set(session.scalars(select(Revocation.serial)))
-        registered = [e.address for e in session.scalars(select(Edge).order_by(Edge.created_at, Edge.id))
-                      if e.cert_serial not in revoked]
-        return list(dict.fromkeys([*self.edges_public, *registered]))
+        return repo.edge_addresses(session, self.edges_public)
 
 
 async def require_admin(connection: ASGIConnection, _handler: BaseRouteHandler) -> None:

@@ -171,6 +171,10 @@ class Connector(Base):
     last_seen: Mapped[datetime | None]
     cert_serial: Mapped[str | None] = mapped_column(String(64))  # lower-case hex
     cert_not_after: Mapped[datetime | None]
+    # What the latest heartbeat reported (0 / None before the first one).
+    tunnels: Mapped[int] = mapped_column(Integer, default=0)
+    active_flows: Mapped[int] = mapped_column(Integer, default=0)
+    config_version: Mapped[int | None] = mapped_column(Integer)
 
     group: Mapped[ConnectorGroup] = relationship(lazy="joined")
 
@@ -191,6 +195,12 @@ class Edge(Base):
     last_seen: Mapped[datetime | None]
     cert_serial: Mapped[str | None] = mapped_column(String(64))  # lower-case hex
     cert_not_after: Mapped[datetime | None]
+    # What the latest heartbeat reported (empty / 0 / None before the first one).
+    external_addr: Mapped[str] = mapped_column(String(255), default="")
+    internal_addr: Mapped[str] = mapped_column(String(255), default="")
+    tunnels: Mapped[int] = mapped_column(Integer, default=0)
+    active_flows: Mapped[int] = mapped_column(Integer, default=0)
+    config_version: Mapped[int | None] = mapped_column(Integer)
 
     def status(self, now: datetime, heartbeat_interval: float) -> str:
         return node_status(self.last_seen, now, heartbeat_interval)
@@ -252,6 +262,23 @@ class RegistrationToken(Base):
     used_by: Mapped[str | None] = mapped_column(String(200))
 
     group: Mapped[ConnectorGroup | None] = relationship(lazy="joined")
+
+
+class IssuedCertificate(Base):
+    """Every certificate the control plane signed for a node (registration and each renewal).
+
+    Node requests are authenticated by certificate: the serial finds the node here. Revoking
+    a node revokes every certificate it was ever issued, not only the newest.
+    """
+
+    __tablename__ = "issued_certificates"
+    __table_args__ = (CheckConstraint("role IN ('connector', 'edge')", name="ck_issued_certificates_role"),)
+
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)  # lower-case hex
+    role: Mapped[str] = mapped_column(String(16))
+    node_id: Mapped[str] = mapped_column(String(36), index=True)
+    issued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    not_after: Mapped[datetime]
 
 
 class Revocation(Base):

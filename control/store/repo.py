@@ -44,6 +44,7 @@ from .models import (
     ConnectorGroup,
     DnsSuffix,
     Edge,
+    IssuedCertificate,
     RegistrationToken,
     Revocation,
     Segment,
@@ -414,20 +415,20 @@ def add_connector(session: Session, actor: str, name: str, *, group: str | None 
                           cert_not_after=cert_not_after)
     session.add(connector)
     session.flush()
+    if cert_serial is not None and cert_not_after is not None:
+        record_certificate(session, "connector", connector.id, cert_serial, cert_not_after)
     _record(session, actor, "connector.create", "connector", connector.id, None,
             {**_state(connector), "group": connector.group.name}, config=True)
     return connector
 
 
-@_change
-def record_connector_heartbeat(session: Session, connector_id: str, *, version: str, external_addr: str,
-                               internal_addr: str, now: datetime | None = None) -> Connector:
-    """A connector's heartbeat: what it reports, and ``last_seen`` (not audited, not configuration)."""
-    connector = get_connector(session, connector_id)
-    connector.version, connector.external_addr, connector.internal_addr = version, external_addr, internal_addr
-    connector.last_seen = _now(now)
-    session.flush()
-    return connector
+def edge_addresses(session: Session, public: Iterable[str] = ()) -> list[str]:
+    """What nodes dial: ``public`` (configured addresses) first, then the address of every
+    registered edge whose current certificate is not revoked, each address once."""
+    revoked = set(session.scalars(select(Revocation.serial)))
+    registered = [e.address for e in session.scalars(select(Edge).order_by(Edge.created_at, Edge.id))
+                  if e.cert_serial not in revoked]
+    return list(dict.fromkeys([*(a.strip() for a in public), *registered]))
 
 
 def list_edges(session: Session) -> list[Edge]:
@@ -451,18 +452,105 @@ def add_edge(session: Session, actor: str, name: str, address: str, *, cert_seri
                 cert_not_after=cert_not_after)
     session.add(edge)
     session.flush()
+    if cert_serial is not None and cert_not_after is not None:
+        record_certificate(session, "edge", edge.id, cert_serial, cert_not_after)
     _record(session, actor, "edge.create", "edge", edge.id, None, _state(edge), config=True)
     return edge
 
 
+_HEARTBEAT_COUNT_MAX = 2**31 - 1  # the columns are 32-bit integers
+
+
 @_change
-def record_edge_heartbeat(session: Session, edge_id: str, *, version: str, now: datetime | None = None) -> Edge:
-    """An edge's heartbeat: its version and ``last_seen`` (not audited, not configuration)."""
-    edge = get_edge(session, edge_id)
-    edge.version = version
-    edge.last_seen = _now(now)
+def record_heartbeat(session: Session, role: str, node_id: str, *, version: str, external_addr: str = "",
+                     internal_addr: str = "", tunnels: int = 0, active_flows: int = 0,
+                     config_version: int | None = None, now: datetime | None = None) -> Connector | Edge:
+    """A node's heartbeat: what it reports, and ``last_seen`` (not audited, not configuration).
+
+    ``external_addr`` is where the control plane saw the request come from, ``internal_addr``
+    the node's own addresses (comma-separated), ``config_version`` the snapshot it runs.
+    """
+    node = get_connector(session, node_id) if role == "connector" else get_edge(session, node_id)
+    for what, count in (("tunnels", tunnels), ("active_flows", active_flows)):
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _HEARTBEAT_COUNT_MAX:
+            raise StoreError("invalid", f"heartbeat {what} must be an integer from 0 to {_HEARTBEAT_COUNT_MAX}")
+    if config_version is not None and (isinstance(config_version, bool) or not isinstance(config_version, int)
+                                       or not 0 <= config_version <= _HEARTBEAT_COUNT_MAX):
+        raise StoreError("invalid", f"heartbeat config_version must be an integer from 0 to {_HEARTBEAT_COUNT_MAX}")
+    for what, text, limit in (("version", version, 64), ("external address", external_addr, 255),
+                              ("internal addresses", internal_addr, 255)):
+        if len(text) > limit:
+            raise StoreError("invalid", f"heartbeat {what} is longer than {limit} characters")
+    node.version, node.external_addr, node.internal_addr = version, external_addr, internal_addr
+    node.tunnels, node.active_flows, node.config_version = tunnels, active_flows, config_version
+    node.last_seen = _now(now)
     session.flush()
-    return edge
+    return node
+
+
+# ---------------------------------------------------------------------------- issued certificates
+
+
+@_change
+def record_certificate(session: Session, role: str, node_id: str, serial: int, not_after: datetime,
+                       now: datetime | None = None) -> IssuedCertificate:
+    """Note a certificate signed for node ``node_id`` (registration or renewal)."""
+    if role not in TOKEN_ROLES:
+        raise StoreError("invalid", f"certificate role {role!r} is not one of {', '.join(TOKEN_ROLES)}")
+    row = IssuedCertificate(serial=_serial_text(serial), role=role, node_id=node_id, issued_at=_now(now),
+                            not_after=not_after)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def node_for_certificate(session: Session, serial: int) -> Connector | Edge | None:
+    """The connector or edge a certificate was issued to (None if the serial is not known here)."""
+    row = session.get(IssuedCertificate, _serial_text(serial))
+    if row is None:
+        return None
+    return session.get(Connector if row.role == "connector" else Edge, row.node_id)
+
+
+def node_certificates(session: Session, node_id: str) -> list[IssuedCertificate]:
+    """Every certificate issued to ``node_id``, oldest first."""
+    return list(session.scalars(select(IssuedCertificate).where(IssuedCertificate.node_id == node_id)
+                                .order_by(IssuedCertificate.issued_at, IssuedCertificate.serial)))
+
+
+@_change
+def renew_certificate(session: Session, node: Connector | Edge, serial: int, not_after: datetime,
+                      now: datetime | None = None) -> None:
+    """``node`` got a new certificate: record it and make it the node's current one (audited).
+
+    Its older certificates stay valid until they expire (its tunnels made with them keep
+    running); revoking the node revokes them all.
+    """
+    role = "connector" if isinstance(node, Connector) else "edge"
+    before = _state(node)
+    record_certificate(session, role, node.id, serial, not_after, now)
+    node.cert_serial, node.cert_not_after = _serial_text(serial), not_after
+    session.flush()
+    _record(session, f"{role}:{node.id}", f"{role}.renew_certificate", role, node.id, before, _state(node),
+            config=False)
+
+
+@_change
+def revoke_node(session: Session, actor: str, role: str, node_id: str, reason: str = "") -> list[Revocation]:
+    """Revoke every certificate issued to a connector or an edge (those not revoked yet).
+
+    Edges refuse the node and cut its tunnels once they hold the new configuration version.
+    Refused with ``conflict`` when there is nothing left to revoke.
+    """
+    node = get_connector(session, node_id) if role == "connector" else get_edge(session, node_id)
+    revoked = set(session.scalars(select(Revocation.serial)))
+    serials = [c.serial for c in node_certificates(session, node.id) if c.serial not in revoked]
+    if node.cert_serial and node.cert_serial not in revoked and node.cert_serial not in serials:
+        serials.append(node.cert_serial)
+    if not serials:
+        raise StoreError("conflict", f"every certificate of {role} {node.name!r} ({node.id}) is already revoked")
+    reason = reason.strip() or f"{role} {node.name} revoked"
+    return [revoke_certificate(session, actor, int(serial, 16), reason) for serial in serials]
 
 
 # ---------------------------------------------------------------------------- admin API keys
