@@ -440,6 +440,9 @@ def _node_detail(node: dict[str, Any]) -> str:
     pairs += [("status", node["status"]), ("last seen", when(node["last_seen"])), ("version", node["version"])]
     if "external_addr" in node:
         pairs += [("external address", node["external_addr"]), ("internal address", node["internal_addr"])]
+    if "tunnels" in node:
+        pairs += [("tunnels", node["tunnels"]), ("active flows", node["active_flows"]),
+                  ("config version", "-" if node["config_version"] is None else node["config_version"])]
     pairs += [("registered", when(node["created_at"])), ("certificate", node["cert_serial"]),
               ("valid until", when(node["cert_not_after"])), ("revoked", yes_no(node["revoked"]))]
     return fields(pairs)
@@ -447,9 +450,11 @@ def _node_detail(node: dict[str, Any]) -> str:
 
 def cmd_connectors_list(ctx: Ctx, _args: argparse.Namespace) -> int:
     ctx.show(ctx.client.call("GET", "/v1/connectors"),
-             _listing("no connectors", ("ID", "NAME", "GROUP", "STATUS", "LAST SEEN", "VERSION", "REVOKED"),
-                      lambda c: (c["id"], c["name"], c["group"], c["status"], when(c["last_seen"]), c["version"],
-                                 yes_no(c["revoked"]))))
+             _listing("no connectors", ("ID", "NAME", "GROUP", "STATUS", "LAST SEEN", "TUNNELS", "FLOWS", "CONFIG",
+                                        "VERSION", "REVOKED"),
+                      lambda c: (c["id"], c["name"], c["group"], c["status"], when(c["last_seen"]), c["tunnels"],
+                                 c["active_flows"], "-" if c["config_version"] is None else c["config_version"],
+                                 c["version"], yes_no(c["revoked"]))))
     return 0
 
 
@@ -461,8 +466,10 @@ def cmd_connectors_show(ctx: Ctx, args: argparse.Namespace) -> int:
 def _revoke(ctx: Ctx, node_type: str, node_id: str, reason: str) -> int:
     ctx.show(ctx.client.call("POST", "/v1/revocations", {"node_type": node_type, "node_id": node_id,
                                                          "reason": reason}),
-             lambda r: f"revoked the certificate {r['serial']} of {node_type} {r['node_name'] or node_id!r} "
-                       f"({node_id}); nodes learn it with the next configuration version")
+             lambda rows: f"revoked {len(rows)} certificate{'s' if len(rows) != 1 else ''} "
+                          f"({', '.join(r['serial'] for r in rows)}) of {node_type} "
+                          f"{(rows[0]['node_name'] if rows else None) or node_id!r} ({node_id}); "
+                          f"edges cut its tunnels once they hold the next configuration version")
     return 0
 
 
@@ -472,9 +479,11 @@ def cmd_connectors_revoke(ctx: Ctx, args: argparse.Namespace) -> int:
 
 def cmd_edges_list(ctx: Ctx, _args: argparse.Namespace) -> int:
     ctx.show(ctx.client.call("GET", "/v1/edges"),
-             _listing("no edges", ("ID", "NAME", "ADDRESS", "STATUS", "LAST SEEN", "VERSION", "REVOKED"),
-                      lambda e: (e["id"], e["name"], e["address"], e["status"], when(e["last_seen"]), e["version"],
-                                 yes_no(e["revoked"]))))
+             _listing("no edges", ("ID", "NAME", "ADDRESS", "STATUS", "LAST SEEN", "TUNNELS", "FLOWS", "CONFIG",
+                                   "VERSION", "REVOKED"),
+                      lambda e: (e["id"], e["name"], e["address"], e["status"], when(e["last_seen"]), e["tunnels"],
+                                 e["active_flows"], "-" if e["config_version"] is None else e["config_version"],
+                                 e["version"], yes_no(e["revoked"]))))
     return 0
 
 

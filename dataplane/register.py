@@ -351,6 +351,13 @@ def register(role: str, control: str, token: str, *, name: str | None, directory
     return Identity(directory=directory, record=record)
 
 
+def update_record(identity: Identity, **changes: Any) -> Identity:
+    """Rewrite ``node.json`` with ``changes`` (e.g. a renewed certificate's serial and expiry)."""
+    record = msgspec.structs.replace(identity.record, **changes)
+    pki.write_file(identity.path, msgspec.json.format(msgspec.json.encode(record)) + b"\n", 0o600)
+    return Identity(directory=identity.directory, record=record)
+
+
 def environment(identity: Identity) -> list[tuple[str, str]]:
     """The ``FERRYMAN_*`` variables that run this node with its registered identity."""
     values = registered_settings(identity)

@@ -31,6 +31,12 @@ class Settings(msgspec.Struct, kw_only=True):
     # control plane
     control_listen: str = "127.0.0.1:8080"
     database_url: str = ""
+    cert_lifetime_days: int = 180
+    heartbeat_interval: float = 30.0
+    # nodes following the control plane
+    control_url: str = ""
+    config_wait: float = 25.0
+    renew_at: float = 0.3333
     # TLS identity
     tls_ca: str = ""
     tls_cert: str = ""
@@ -65,6 +71,11 @@ VARIABLES: dict[str, str] = {
     "metrics_addr": "HOST:PORT serving Prometheus `/metrics` and `/ready`; empty disables it.",
     "control_listen": "Control plane: HOST:PORT of its HTTP API (admin API, registration).",
     "database_url": "Control plane: SQLAlchemy database URL (e.g. `postgresql://user:pw@host/db`); empty means an SQLite file `control.db` in FERRYMAN_DATA_DIR.",
+    "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal).",
+    "heartbeat_interval": "Seconds between node heartbeats to the control plane; a node missing 3 in a row is shown inactive (set the same on nodes and control plane).",
+    "control_url": "Edge/connector: control plane URL to follow; empty means the one recorded at registration.",
+    "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
+    "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
     "tls_ca": "CA bundle (PEM) that peer certificates must chain to.",
     "tls_cert": "This node's certificate (PEM).",
     "tls_key": "This node's private key (PEM, mode 0600).",
@@ -102,6 +113,10 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "open_timeout": (0.01, 600),
     "reconnect_min": (0.01, 3600),
     "reconnect_max": (0.01, 86400),
+    "cert_lifetime_days": (1, 3650),
+    "heartbeat_interval": (0.1, 3600),
+    "config_wait": (0.1, 300),
+    "renew_at": (0.01, 0.99),
 }
 
 

@@ -370,10 +370,11 @@ def test_edge_registration_puts_its_hosts_in_the_certificate(control: Control) -
 def test_revoking_a_connector_lists_its_certificate(control: Control) -> None:
     status, registered, _ = _register(control, _token(control), "doomed-1")
     assert status == 201
-    status, revocation, _ = control.call("POST", "/v1/revocations",
-                                         {"node_type": "connector", "node_id": registered["node_id"],
-                                          "reason": "laptop stolen"})
-    assert status == 201, revocation
+    status, revoked, _ = control.call("POST", "/v1/revocations",
+                                      {"node_type": "connector", "node_id": registered["node_id"],
+                                       "reason": "laptop stolen"})
+    assert status == 201, revoked
+    (revocation,) = revoked
     assert revocation["serial"] == registered["serial"] and revocation["node_name"] == "doomed-1"
 
     status, revocations, _ = control.call("GET", "/v1/revocations")

@@ -31,6 +31,7 @@ from control.store.models import (
     Connector,
     DnsSuffix,
     Edge,
+    IssuedCertificate,
     RegistrationToken,
     Revocation,
     Segment,
@@ -90,13 +91,16 @@ def _connector_out(c: Connector, api: Api, now: datetime, revoked: set[str]) -> 
     return ConnectorOut(id=c.id, name=c.name, group=c.group.name, status=c.status(now, api.heartbeat_interval),
                         last_seen=c.last_seen, version=c.version, external_addr=c.external_addr,
                         internal_addr=c.internal_addr, created_at=c.created_at, cert_serial=c.cert_serial,
-                        cert_not_after=c.cert_not_after, revoked=c.cert_serial in revoked)
+                        cert_not_after=c.cert_not_after, revoked=c.cert_serial in revoked, tunnels=c.tunnels,
+                        active_flows=c.active_flows, config_version=c.config_version)
 
 
 def _edge_out(e: Edge, api: Api, now: datetime, revoked: set[str]) -> EdgeOut:
     return EdgeOut(id=e.id, name=e.name, address=e.address, status=e.status(now, api.heartbeat_interval),
                    last_seen=e.last_seen, version=e.version, created_at=e.created_at, cert_serial=e.cert_serial,
-                   cert_not_after=e.cert_not_after, revoked=e.cert_serial in revoked)
+                   cert_not_after=e.cert_not_after, revoked=e.cert_serial in revoked, external_addr=e.external_addr,
+                   internal_addr=e.internal_addr, tunnels=e.tunnels, active_flows=e.active_flows,
+                   config_version=e.config_version)
 
 
 def _admin_key_out(k: AdminKey) -> AdminKeyOut:
@@ -114,10 +118,12 @@ def _token_out(t: RegistrationToken, now: datetime) -> TokenOut:
 def _revocation_out(session: Session, rows: list[Revocation]) -> list[RevocationOut]:
     serials = [r.serial for r in rows]
     owners: dict[str, tuple[str, str, str]] = {}
-    for c in session.scalars(select(Connector).where(Connector.cert_serial.in_(serials))):
-        owners[c.cert_serial or ""] = ("connector", c.id, c.name)
-    for e in session.scalars(select(Edge).where(Edge.cert_serial.in_(serials))):
-        owners[e.cert_serial or ""] = ("edge", e.id, e.name)
+    issued = dict(session.execute(select(IssuedCertificate.serial, IssuedCertificate.node_id)
+                                  .where(IssuedCertificate.serial.in_(serials))).tuples().all())
+    for c in session.scalars(select(Connector).where(Connector.id.in_(issued.values()))):
+        owners.update({serial: ("connector", c.id, c.name) for serial, node in issued.items() if node == c.id})
+    for e in session.scalars(select(Edge).where(Edge.id.in_(issued.values()))):
+        owners.update({serial: ("edge", e.id, e.name) for serial, node in issued.items() if node == e.id})
     out = []
     for r in rows:
         node_type, node_id, node_name = owners.get(r.serial, (None, None, None))
@@ -308,15 +314,19 @@ def list_revocations(api: Api) -> list[RevocationOut]:
 
 
 @post("/revocations", sync_to_thread=True, tags=["revocations"])
-def revoke_node(api: Api, actor: str, data: RevocationCreate) -> RevocationOut:
-    """Revoke the certificate of a connector or an edge; nodes learn it with the next configuration version."""
+def revoke_node(api: Api, actor: str, data: RevocationCreate) -> list[RevocationOut]:
+    """Revoke every certificate of a connector or an edge (its current one and those it renewed from).
+
+    Edges refuse the node and cut its tunnels as soon as they hold the next configuration
+    version (within seconds).
+    """
     with api.store.begin() as session:
         node: Connector | Edge = (repo.get_connector(session, data.node_id) if data.node_type == "connector"
                                   else repo.get_edge(session, data.node_id))
         if node.cert_serial is None:
             raise StoreError("invalid", f"{data.node_type} {node.id!r} ({node.name}) has no certificate to revoke")
-        row = repo.revoke_certificate(session, actor, int(node.cert_serial, 16), data.reason)
-        return _revocation_out(session, [row])[0]
+        rows = repo.revoke_node(session, actor, data.node_type, node.id, data.reason)
+        return _revocation_out(session, rows)
 
 
 # ---------------------------------------------------------------------------- audit, configuration version

@@ -1,13 +1,16 @@
 """``create_app``: the control plane's ASGI application (Litestar), ready for uvicorn.
 
 Routes: the admin resources under ``/v1`` (``admin.py``, admin key required),
-``POST /v1/register`` (``register.py``, one-time token), ``GET /health`` (no credential),
+``POST /v1/register`` (``register.py``, one-time token), the node routes under
+``/v1/node`` (``nodes.py``, node certificate token), ``GET /health`` (no credential),
 and the OpenAPI document at ``/schema/openapi.json`` (Swagger UI at ``/schema/swagger``).
 Errors are JSON (``errors.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 
 from litestar import Litestar, get
@@ -16,14 +19,18 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
-from control.ca import CertificateAuthority
+from control.ca import DEFAULT_LIFETIME_DAYS, CertificateAuthority
+from control.snapshot import FOLLOW_INTERVAL, follow_store, refresh
 from control.store import Store
 
 from .admin import admin_router
 from .deps import DEFAULT_HEARTBEAT_INTERVAL, Api, provide_api
 from .errors import EXCEPTION_HANDLERS
+from .nodes import NODE_ROUTES
 from .register import register
 from .schemas import Health
+
+log = logging.getLogger("ferryman.control")
 
 API_VERSION = "1"
 # Largest request body accepted (a CSR is at most 16 KiB; an application's 500 segments fit easily).
@@ -37,22 +44,50 @@ async def health() -> Health:
 
 
 def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence[str] = (),
-               heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL) -> Litestar:
+               heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+               cert_lifetime_days: int = DEFAULT_LIFETIME_DAYS,
+               follow_interval: float = FOLLOW_INTERVAL) -> Litestar:
     """The API over ``store`` and ``ca``; ``edges_public`` are the edge HOST:PORT addresses handed
     to registering nodes (before those of registered edges); ``heartbeat_interval`` (seconds)
-    decides when a node counts as inactive."""
-    api = Api(store, ca, edges_public, heartbeat_interval)
+    decides when a node counts as inactive; ``cert_lifetime_days`` is the lifetime of the
+    certificates signed at registration and renewal.
+
+    While the app runs (ASGI lifespan), the configuration snapshot served to nodes follows
+    the store every ``follow_interval`` seconds.
+    """
+    api = Api(store, ca, edges_public, heartbeat_interval, cert_lifetime_days)
+    following: list[asyncio.Task[None]] = []
+
+    async def start_following() -> None:
+        try:
+            await refresh(store, api.hub, edges=api.edges_public)
+        except Exception as exc:  # noqa: BLE001 - the follower retries and logs; nodes get 503 meanwhile
+            log.warning("cannot build the first configuration snapshot: %s", exc)
+        following.append(asyncio.get_running_loop().create_task(
+            follow_store(store, api.hub, edges=api.edges_public, interval=follow_interval)))
+
+    async def stop_following() -> None:
+        api.hub.close()
+        for task in following:
+            task.cancel()
+        await asyncio.gather(*following, return_exceptions=True)
+
     openapi = OpenAPIConfig(
         title="Ferryman control plane",
         version=API_VERSION,
         description="Admin API (Authorization: Bearer <admin key>) and node registration (one-time token).",
         components=Components(security_schemes={
             "adminKey": SecurityScheme(type="http", scheme="bearer", description="an admin API key (fmk_...)"),
+            "nodeToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT",
+                                        description="a node request token: ES256 JWT signed by the node's "
+                                                    "certificate key, the certificate in x5c"),
         }),
         render_plugins=[JsonRenderPlugin(), SwaggerRenderPlugin()],
     )
     app = Litestar(
-        route_handlers=[admin_router(), register, health],
+        route_handlers=[admin_router(), register, health, *NODE_ROUTES],
+        on_startup=[start_following],
+        on_shutdown=[stop_following],
         dependencies={"api": Provide(provide_api, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=openapi,

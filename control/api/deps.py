@@ -22,7 +22,8 @@ from litestar.handlers.base import BaseRouteHandler
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from control.ca import CertificateAuthority
+from control.ca import DEFAULT_LIFETIME_DAYS, CertificateAuthority
+from control.snapshot import SnapshotHub
 from control.store import Store, repo
 from control.store.models import AdminKey, utcnow
 
@@ -31,14 +32,24 @@ _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ferryman-admin"'}
 
 
 class Api:
-    """The state behind every handler (a Litestar dependency named ``api``)."""
+    """The state behind every handler (a Litestar dependency named ``api``).
+
+    ``hub`` holds the newest configuration snapshot for the node routes (kept current by
+    ``control.snapshot.follow_store`` while the app runs); ``replay`` remembers node token
+    ids (``nodes.ReplayCache``).
+    """
 
     def __init__(self, store: Store, ca: CertificateAuthority, edges_public: Sequence[str],
-                 heartbeat_interval: float) -> None:
+                 heartbeat_interval: float, cert_lifetime_days: int = DEFAULT_LIFETIME_DAYS) -> None:
+        from .nodes import ReplayCache  # nodes imports this module
+
         self.store = store
         self.ca = ca
         self.edges_public = list(edges_public)
         self.heartbeat_interval = heartbeat_interval
+        self.cert_lifetime_days = cert_lifetime_days
+        self.hub = SnapshotHub()
+        self.replay = ReplayCache()
 
     def authenticate(self, plaintext: str, now: datetime | None = None) -> str | None:
         """The name of the live admin key whose plain text this is, else None."""

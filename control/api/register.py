@@ -75,7 +75,8 @@ def register(api: Api, data: RegisterRequest) -> RegisterResponse:
         token = repo.consume_registration_token(session, data.token, role, used_by=f"{role}:{name}")
         hosts = _edge_hosts(addresses) if role == "edge" else None
         _refuse_live_duplicate(session, role, name)
-        issued = api.ca.sign_csr(data.csr_pem.encode(), role=role, name=name, hosts=hosts)
+        issued = api.ca.sign_csr(data.csr_pem.encode(), role=role, name=name, hosts=hosts,
+                                 lifetime_days=api.cert_lifetime_days)
         actor = f"registration-token:{token.id}"
         group = None
         node: Connector | Edge

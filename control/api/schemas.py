@@ -112,6 +112,9 @@ class ConnectorOut(msgspec.Struct):
     cert_serial: str | None
     cert_not_after: datetime | None
     revoked: bool
+    tunnels: int  # as of the last heartbeat
+    active_flows: int
+    config_version: int | None  # the configuration version the node runs
 
 
 class EdgeOut(msgspec.Struct):
@@ -125,6 +128,11 @@ class EdgeOut(msgspec.Struct):
     cert_serial: str | None
     cert_not_after: datetime | None
     revoked: bool
+    external_addr: str  # as of the last heartbeat
+    internal_addr: str
+    tunnels: int
+    active_flows: int
+    config_version: int | None
 
 
 # ---------------------------------------------------------------------------- DNS suffixes
@@ -201,7 +209,7 @@ class AdminKeyCreated(msgspec.Struct):
 
 
 class RevocationCreate(_Request):
-    """Revoke the current certificate of connector or edge ``node_id``."""
+    """Revoke every certificate issued to connector or edge ``node_id``."""
 
     node_type: Role
     node_id: str
@@ -265,3 +273,37 @@ class RegisterResponse(msgspec.Struct):
     serial: str
     not_after: datetime
     edges: list[str]
+
+
+# ---------------------------------------------------------------------------- nodes
+
+
+class HeartbeatIn(_Request):
+    """What a node reports: its software version, its own addresses, tunnels, active flows,
+    and the configuration version it runs (None while it has none)."""
+
+    version: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=255)]], msgspec.Meta(max_length=16)] = []
+    tunnels: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
+    active_flows: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
+    config_version: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
+
+
+class HeartbeatOut(msgspec.Struct):
+    node_id: str
+    status: NodeStatus
+    heartbeat_interval: float
+    config_version: int  # the newest configuration version: a node behind it is catching up
+
+
+class RenewIn(_Request):
+    """A CSR (PEM) for the node's new key."""
+
+    csr_pem: Annotated[str, msgspec.Meta(max_length=16384)]
+
+
+class RenewOut(msgspec.Struct):
+    certificate_pem: str
+    ca_pem: str
+    serial: str
+    not_after: datetime

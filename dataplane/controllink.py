@@ -1,0 +1,326 @@
+"""A registered node's link to the control plane: configuration, heartbeats, certificate renewal.
+
+An edge or a connector registered with ``ferryman ROLE register`` runs a ``ControlLink``:
+
+- **configuration**: at start the last snapshot is read from the on-disk cache (so the
+  node forwards at once, with the control plane up or not); then ``GET /v1/node/config``
+  long-polls for newer versions. Each new snapshot is saved to the cache first and then
+  handed to the node (``on_snapshot``). A change made in the control plane reaches the
+  node in well under two seconds (the control plane publishes within half a second and
+  answers the waiting request at once).
+- **heartbeats**: ``POST /v1/node/heartbeat`` every ``FERRYMAN_HEARTBEAT_INTERVAL``
+  seconds with what ``report()`` returns (version, addresses, tunnels, active flows) and
+  the configuration version held.
+- **renewal**: once less than ``FERRYMAN_RENEW_AT`` of the certificate's lifetime is
+  left, a new key and CSR go to ``POST /v1/node/renew``; the new certificate, key and CA
+  replace the old files (the old ones stay until all three are written) and ``node.json``
+  is updated; ``on_renewed`` lets the node use them for new tunnels. Existing tunnels keep
+  running on the old certificate, which stays valid until it expires.
+
+When the control plane cannot be reached the node keeps running on what it has and
+retries with exponential backoff (at most ``RETRY_MAX`` seconds apart), logging the outage
+once and the recovery once. A refusal (401/403: a revoked or unknown certificate) is
+logged as an error with the control plane's message, and retried more slowly.
+
+Requests are plain blocking ``urllib`` calls run in worker threads (at most three at a
+time: one long-poll, one heartbeat, one renewal), each authenticated by a one-use token
+signed with the node's key (``dataplane.nodeauth``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import http.client
+import json
+import logging
+import os
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from . import pki, register
+from .enroll import new_key_and_csr, renewal_due, write_identity
+from .nodeauth import NodeSigner
+from .observability import VERSION
+from .runtime import Backoff
+from .settings import Settings
+from .snapshot import ConfigSnapshot, SnapshotCache, SnapshotError, decode
+
+log = logging.getLogger("ferryman.control_link")
+
+CACHE_FILE = "config.json"  # next to node.json
+MAX_RESPONSE = 64 * 1024 * 1024  # bytes; a snapshot with every application at its segment limit fits
+REQUEST_TIMEOUT = 30.0  # seconds, on top of a long-poll's wait
+RETRY_MIN = 0.5
+RETRY_MAX = 10.0  # seconds between attempts while the control plane is down
+REFUSED_RETRY = 60.0  # seconds between attempts while the control plane refuses this node
+RENEW_CHECK = 600.0  # seconds between checks whether the certificate is due for renewal
+
+
+class ControlError(Exception):
+    """A request to the control plane failed; ``status`` is 0 when no HTTP answer came."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def refused(self) -> bool:
+        return self.status in (401, 403)
+
+
+class Report(msgspec.Struct):
+    """What a node says in its heartbeat."""
+
+    tunnels: int
+    active_flows: int
+    addresses: list[str] = []
+
+
+class _Renewed(msgspec.Struct):
+    certificate_pem: str
+    ca_pem: str
+    serial: str
+    not_after: str
+
+
+class ControlClient:
+    """Blocking HTTP calls to the control plane's node routes, each with a fresh node token."""
+
+    def __init__(self, base: str, signer: NodeSigner) -> None:
+        self.base = base.rstrip("/")
+        self.signer = signer
+
+    def call(self, method: str, target: str, body: Any = None, timeout: float = REQUEST_TIMEOUT) -> tuple[int, bytes]:
+        """(status, body) of one request; ``ControlError`` for network failures and 4xx/5xx answers."""
+        data = None if body is None else msgspec.json.encode(body)
+        request = urllib.request.Request(self.base + target, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.signer.token(method, target)}",
+            "Accept": "application/json", "User-Agent": f"ferryman/{VERSION}",
+            **({"Content-Type": "application/json"} if data is not None else {}),
+        })
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, response.read(MAX_RESPONSE + 1)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                try:
+                    payload = exc.read(65536)
+                except (OSError, http.client.HTTPException):
+                    payload = b""
+            raise ControlError(f"{method} {target}: {_message(exc.code, payload)}", exc.code) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise ControlError(f"cannot reach the control plane at {self.base}: {_reason(exc)}") from None
+
+
+def _message(status: int, payload: bytes) -> str:
+    try:
+        body = json.loads(payload)
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            return f"HTTP {status}: {body['error']}"
+    except ValueError:
+        pass
+    return f"HTTP {status} {http.client.responses.get(status, '')}".rstrip()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.URLError):
+        inner = exc.reason
+        return _reason(inner) if isinstance(inner, BaseException) else str(inner)
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "no answer in time"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+class ControlLink:
+    """Keeps one registered node in step with the control plane (see the module doc).
+
+    ``on_snapshot(snapshot)`` is called on the event loop with each newer snapshot (first
+    the cached one, if any); ``report()`` gives the heartbeat's figures; ``on_renewed()``
+    is called after the certificate files were replaced.
+    """
+
+    def __init__(self, settings: Settings, identity: register.Identity,
+                 on_snapshot: Callable[[ConfigSnapshot], None], report: Callable[[], Report],
+                 on_renewed: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.base = register.control_base(settings.control_url or identity.record.control)
+        self.signer = NodeSigner(identity.cert, identity.key)
+        self.client = ControlClient(self.base, self.signer)
+        self.cache = SnapshotCache(os.path.join(identity.directory, CACHE_FILE))
+        self.on_snapshot = on_snapshot
+        self.report = report
+        self.on_renewed = on_renewed
+        self.snapshot: ConfigSnapshot | None = None
+        self.last_heartbeat: float | None = None  # loop time of the last accepted heartbeat
+        self._down: set[str] = set()  # which loops currently see the control plane unreachable
+
+    @property
+    def version(self) -> int | None:
+        return None if self.snapshot is None else self.snapshot.version
+
+    # ------------------------------------------------------------------ lifecycle
+    def load_cached(self) -> ConfigSnapshot | None:
+        """Start from the cached snapshot, if there is a readable one (a corrupt one is logged and ignored)."""
+        try:
+            cached = self.cache.load()
+        except SnapshotError as exc:
+            log.error("%s; waiting for the control plane", exc)
+            return None
+        if cached is not None:
+            log.info("configuration loaded from the cache", extra={"version": cached.version,
+                                                                  "issued_at": cached.issued_at,
+                                                                  "path": str(self.cache.path)})
+            self._apply(cached)
+        return cached
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Follow configuration, send heartbeats and renew the certificate until ``stop`` is set."""
+        tasks = [asyncio.create_task(loop()) for loop in (self._follow, self._heartbeats, self._renewals)]
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in [stopping, *tasks]:
+                task.cancel()
+            await asyncio.gather(stopping, *tasks, return_exceptions=True)
+
+    def _apply(self, snapshot: ConfigSnapshot) -> None:
+        try:
+            self.on_snapshot(snapshot)
+        except SnapshotError as exc:  # e.g. segments this node version cannot parse: keep the old one
+            log.error("configuration version %d not applied: %s", snapshot.version, exc)
+            return
+        self.snapshot = snapshot
+
+    # ------------------------------------------------------------------ outages
+    def _failed(self, what: str, exc: ControlError) -> float:
+        if exc.refused:
+            log.error("the control plane refused this node's %s: %s", what, exc)
+            return REFUSED_RETRY
+        if what not in self._down:
+            self._down.add(what)
+            log.warning("control plane unreachable; running on configuration version %s", self.version,
+                        extra={"reason": str(exc), "during": what})
+        return 0.0
+
+    def _succeeded(self, what: str) -> None:
+        if what in self._down:
+            self._down.discard(what)
+            log.info("control plane reachable again", extra={"during": what, "version": self.version})
+
+    # ------------------------------------------------------------------ configuration
+    async def _follow(self) -> None:
+        backoff = Backoff(RETRY_MIN, RETRY_MAX)
+        wait = self.settings.config_wait
+        while True:
+            after = -1 if self.snapshot is None else self.snapshot.version
+            target = f"/v1/node/config?after={after}&wait={wait:g}"
+            try:
+                status, payload = await asyncio.to_thread(self.client.call, "GET", target, None,
+                                                          wait + REQUEST_TIMEOUT)
+            except ControlError as exc:
+                slow = self._failed("configuration", exc)
+                await asyncio.sleep(slow or backoff.next())
+                continue
+            self._succeeded("configuration")
+            backoff.reset()
+            if status == 204:
+                continue
+            await self._received(payload)
+
+    async def _received(self, payload: bytes) -> None:
+        if len(payload) > MAX_RESPONSE:
+            log.error("configuration from the control plane is larger than %d bytes; ignored", MAX_RESPONSE)
+            await asyncio.sleep(RETRY_MAX)
+            return
+        try:
+            snapshot = decode(payload)
+        except SnapshotError as exc:
+            log.error("configuration from the control plane ignored: %s", exc)
+            await asyncio.sleep(RETRY_MAX)
+            return
+        if self.snapshot is not None and snapshot.version <= self.snapshot.version:
+            return
+        try:
+            await asyncio.to_thread(self.cache.save, snapshot)
+        except SnapshotError as exc:  # still use it: forwarding matters more than the cache
+            log.error("%s; configuration version %d used without a cached copy", exc, snapshot.version)
+        previous = self.version
+        self._apply(snapshot)
+        if self.snapshot is snapshot:
+            log.info("configuration updated", extra={"version": snapshot.version, "previous": previous,
+                                                     "applications": len(snapshot.applications),
+                                                     "revoked": len(snapshot.revoked_serials)})
+
+    # ------------------------------------------------------------------ heartbeats
+    async def _heartbeats(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.settings.heartbeat_interval
+        while True:
+            figures = self.report()
+            body = {"version": VERSION[:64], "addresses": figures.addresses[:16], "tunnels": figures.tunnels,
+                    "active_flows": figures.active_flows, "config_version": self.version}
+            try:
+                await asyncio.to_thread(self.client.call, "POST", "/v1/node/heartbeat", body)
+            except ControlError as exc:
+                self._failed("heartbeat", exc)
+            else:
+                self._succeeded("heartbeat")
+                self.last_heartbeat = loop.time()
+            await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------------ renewal
+    async def _renewals(self) -> None:
+        backoff = Backoff(RETRY_MIN * 10, RENEW_CHECK)
+        while True:
+            delay = RENEW_CHECK
+            try:
+                due = renewal_due(self.identity.cert, datetime.datetime.now(datetime.timezone.utc),
+                                  self.settings.renew_at)
+            except (pki.PkiError, ValueError) as exc:
+                log.error("cannot check the certificate for renewal: %s", exc)
+                due = False
+            if due:
+                try:
+                    await self.renew()
+                    backoff.reset()
+                except ControlError as exc:
+                    slow = self._failed("certificate renewal", exc)
+                    delay = slow or backoff.next()
+                except pki.PkiError as exc:
+                    log.error("certificate renewal failed: %s", exc)
+                    delay = backoff.next()
+            await asyncio.sleep(delay)
+
+    async def renew(self) -> register.Identity:
+        """Renew the certificate now: new key, CSR, new files, updated node.json; then ``on_renewed``."""
+        record = self.identity.record
+        key_pem, csr_pem = new_key_and_csr(record.name)
+        _, payload = await asyncio.to_thread(self.client.call, "POST", "/v1/node/renew",
+                                             {"csr_pem": csr_pem.decode()})
+        try:
+            answer = msgspec.json.decode(payload, type=_Renewed)
+        except msgspec.MsgspecError as exc:
+            raise ControlError(f"the control plane's renewal answer is not a certificate ({exc})") from None
+        await asyncio.to_thread(write_identity, self.identity.directory, record.name, key_pem,
+                                answer.certificate_pem.encode(), answer.ca_pem.encode())
+        self.identity = await asyncio.to_thread(register.update_record, self.identity, serial=answer.serial,
+                                                not_after=answer.not_after)
+        self.signer.reload()
+        log.info("certificate renewed", extra={"serial": answer.serial, "not_after": answer.not_after})
+        self._succeeded("certificate renewal")
+        if self.on_renewed is not None:
+            self.on_renewed()
+        return self.identity
