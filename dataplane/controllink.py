@@ -22,9 +22,9 @@ retries with exponential backoff (at most ``RETRY_MAX`` seconds apart), logging 
 once and the recovery once. A refusal (401/403: a revoked or unknown certificate) is
 logged as an error with the control plane's message, and retried more slowly.
 
-Requests are plain blocking ``urllib`` calls run in worker threads (at most three at a
-time: one long-poll, one heartbeat, one renewal), each authenticated by a one-use token
-signed with the node's key (``dataplane.nodeauth``).
+Requests are asyncio HTTP/1.1 calls (``dataplane.httpclient``), so stopping the node
+cancels a waiting long-poll at once; each is authenticated by a one-use token signed with
+the node's key (``dataplane.nodeauth``).
 """
 
 from __future__ import annotations
@@ -35,21 +35,19 @@ import http.client
 import json
 import logging
 import os
-import socket
-import urllib.error
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
 
-from . import pki, register
+from . import httpclient, pki, register
 from .enroll import new_key_and_csr, renewal_due, write_identity
 from .nodeauth import NodeSigner
 from .observability import VERSION
 from .runtime import Backoff
 from .settings import Settings
 from .snapshot import ConfigSnapshot, SnapshotCache, SnapshotError, decode
+from .transport.tunnel import Tunnel
 
 log = logging.getLogger("ferryman.control_link")
 
@@ -89,33 +87,43 @@ class _Renewed(msgspec.Struct):
     not_after: str
 
 
+def cut_revoked(tunnels: Iterable[Tunnel], revoked: frozenset[int], node: str) -> int:
+    """End every tunnel whose peer certificate is in ``revoked``; return how many."""
+    cut = 0
+    for tunnel in list(tunnels):
+        peer = tunnel.identity
+        if peer is None or tunnel.closed or peer.serial not in revoked:
+            continue
+        log.warning("tunnel cut: peer certificate revoked", extra={"tunnel": tunnel.label, "peer": peer.name,
+                                                                    "serial": format(peer.serial, "x")})
+        tunnel.terminate("certificate_revoked", f"{node}: the certificate {peer.serial:x} of {peer.role} "
+                                                f"{peer.name!r} was revoked")
+        cut += 1
+    return cut
+
+
 class ControlClient:
-    """Blocking HTTP calls to the control plane's node routes, each with a fresh node token."""
+    """Calls to the control plane's node routes (asyncio, h11), each with a fresh node token."""
 
     def __init__(self, base: str, signer: NodeSigner) -> None:
         self.base = base.rstrip("/")
         self.signer = signer
 
-    def call(self, method: str, target: str, body: Any = None, timeout: float = REQUEST_TIMEOUT) -> tuple[int, bytes]:
-        """(status, body) of one request; ``ControlError`` for network failures and 4xx/5xx answers."""
+    async def call(self, method: str, target: str, body: Any = None,
+                   timeout: float = REQUEST_TIMEOUT) -> tuple[int, bytes]:
+        """(status, body) of a 2xx answer; ``ControlError`` for network failures and 4xx/5xx answers."""
         data = None if body is None else msgspec.json.encode(body)
-        request = urllib.request.Request(self.base + target, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.signer.token(method, target)}",
-            "Accept": "application/json", "User-Agent": f"ferryman/{VERSION}",
-            **({"Content-Type": "application/json"} if data is not None else {}),
-        })
+        headers = {"Authorization": f"Bearer {self.signer.token(method, target)}", "Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, response.read(MAX_RESPONSE + 1)
-        except urllib.error.HTTPError as exc:
-            with exc:
-                try:
-                    payload = exc.read(65536)
-                except (OSError, http.client.HTTPException):
-                    payload = b""
-            raise ControlError(f"{method} {target}: {_message(exc.code, payload)}", exc.code) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            raise ControlError(f"cannot reach the control plane at {self.base}: {_reason(exc)}") from None
+            answer = await httpclient.request(self.base, method, target, headers=headers, body=data, timeout=timeout,
+                                              max_body=MAX_RESPONSE, user_agent=f"ferryman/{VERSION}")
+        except httpclient.HttpError as exc:
+            raise ControlError(f"cannot reach the control plane at {self.base}: {exc}") from None
+        if answer.status >= 300:
+            raise ControlError(f"{method} {target}: {_message(answer.status, answer.body)}", answer.status)
+        return answer.status, answer.body
 
 
 def _message(status: int, payload: bytes) -> str:
@@ -126,17 +134,6 @@ def _message(status: int, payload: bytes) -> str:
     except ValueError:
         pass
     return f"HTTP {status} {http.client.responses.get(status, '')}".rstrip()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.URLError):
-        inner = exc.reason
-        return _reason(inner) if isinstance(inner, BaseException) else str(inner)
-    if isinstance(exc, (TimeoutError, socket.timeout)):
-        return "no answer in time"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
 
 
 class ControlLink:
@@ -228,8 +225,7 @@ class ControlLink:
             after = -1 if self.snapshot is None else self.snapshot.version
             target = f"/v1/node/config?after={after}&wait={wait:g}"
             try:
-                status, payload = await asyncio.to_thread(self.client.call, "GET", target, None,
-                                                          wait + REQUEST_TIMEOUT)
+                status, payload = await self.client.call("GET", target, None, wait + REQUEST_TIMEOUT)
             except ControlError as exc:
                 slow = self._failed("configuration", exc)
                 await asyncio.sleep(slow or backoff.next())
@@ -273,7 +269,7 @@ class ControlLink:
             body = {"version": VERSION[:64], "addresses": figures.addresses[:16], "tunnels": figures.tunnels,
                     "active_flows": figures.active_flows, "config_version": self.version}
             try:
-                await asyncio.to_thread(self.client.call, "POST", "/v1/node/heartbeat", body)
+                await self.client.call("POST", "/v1/node/heartbeat", body)
             except ControlError as exc:
                 self._failed("heartbeat", exc)
             else:
@@ -308,8 +304,7 @@ class ControlLink:
         """Renew the certificate now: new key, CSR, new files, updated node.json; then ``on_renewed``."""
         record = self.identity.record
         key_pem, csr_pem = new_key_and_csr(record.name)
-        _, payload = await asyncio.to_thread(self.client.call, "POST", "/v1/node/renew",
-                                             {"csr_pem": csr_pem.decode()})
+        _, payload = await self.client.call("POST", "/v1/node/renew", {"csr_pem": csr_pem.decode()})
         try:
             answer = msgspec.json.decode(payload, type=_Renewed)
         except msgspec.MsgspecError as exc:

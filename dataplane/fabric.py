@@ -1,11 +1,21 @@
 """Local fabric: edge, connector(s) and client agent as separate OS processes on loopback.
 
-``Fabric`` is what ``ferryman up`` and the benchmarks use: it creates certificates (once,
-under the work directory), writes an application file covering each forward's
-destination, starts every node with ``python -m dataplane ROLE`` exactly as an operator
-would, and waits until each node's ``/ready`` answers 200 (for the client that means its
-tunnel is up and every forward's destination answered a probe). ``stop()`` ends the
-client first, then the connectors (which then drain at once), then the edge.
+``Fabric`` is what ``ferryman up``, the tests and the benchmarks use. It starts every node
+with ``python -m dataplane ROLE`` exactly as an operator would, and waits until each
+node's ``/ready`` answers 200 (for the client that means its tunnel is up and every
+forward's destination answered a probe). Two ways to configure the nodes:
+
+- **managed** (``ferryman up``): a control plane process (``ferryman control``, SQLite in
+  the work directory) is started first; the fabric creates one application per forward
+  through the admin API, registers the edge and the connectors with one-time tokens
+  (``ferryman edge|connector register``, as an operator would), and has a client
+  certificate issued for the client. Edge and connectors then run from the control
+  plane's configuration (heartbeats, revocations and renewals included).
+- **static** (benchmarks, data-plane tests): certificates from ``pki init`` (made once
+  under the work directory) and an application file.
+
+``stop()`` ends the client first, then the connectors (which then drain at once), then
+the edge, then the control plane.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +35,7 @@ import urllib.request
 from collections.abc import Iterator
 
 from . import pki
+from .enroll import new_key_and_csr, write_identity
 
 
 class FabricError(RuntimeError):
@@ -48,16 +60,19 @@ def _http_status(url: str) -> int:
 
 class Fabric:
     def __init__(self, workdir: str, forwards: list[tuple[str, int, str, int]], env: dict[str, str] | None = None,
-                 connectors: int = 1) -> None:
+                 connectors: int = 1, *, managed: bool = False) -> None:
         self.workdir = os.path.abspath(workdir)
         self.forwards = [(lh, lp or free_port(), h, p) for lh, lp, h, p in forwards]
         self.env = dict(env or {})
         self.connector_names = [f"connector-{i + 1}" for i in range(connectors)]
+        self.managed = managed
         self.edge_port = 0
+        self.control_url = ""
+        self.admin_key = ""
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.metrics: dict[str, str] = {}
         self.logs: dict[str, str] = {}
-        self._specs: dict[str, tuple[str, list[str], str]] = {}
+        self._specs: dict[str, tuple[str, list[str], dict[str, str]]] = {}
 
     @property
     def forward_ports(self) -> list[int]:
@@ -86,49 +101,128 @@ class Fabric:
             json.dump({"apps": apps}, fh, indent=2)
         return path
 
-    def _spawn(self, name: str, role: str, args: list[str], certs: str) -> None:
-        self._specs[name] = (role, args, certs)
-        if name not in self.metrics:
-            self.metrics[name] = f"127.0.0.1:{free_port()}"
-        env = {**os.environ, **self.env,
-               "FERRYMAN_TLS_CA": os.path.join(certs, "ca.pem"),
-               "FERRYMAN_TLS_CERT": os.path.join(certs, f"{name}.pem"),
-               "FERRYMAN_TLS_KEY": os.path.join(certs, f"{name}.key"),
-               "FERRYMAN_METRICS_ADDR": self.metrics[name]}
+    def _pki_env(self, certs: str, name: str) -> dict[str, str]:
+        return {"FERRYMAN_TLS_CA": os.path.join(certs, "ca.pem"),
+                "FERRYMAN_TLS_CERT": os.path.join(certs, f"{name}.pem"),
+                "FERRYMAN_TLS_KEY": os.path.join(certs, f"{name}.key")}
+
+    def _spawn(self, name: str, role: str, args: list[str], node_env: dict[str, str]) -> None:
+        """Start ``ferryman ROLE ARGS`` (``control`` included) with ``node_env`` on top of the fabric's."""
+        self._specs[name] = (role, args, node_env)
+        env = {**os.environ, **self.env, **node_env}
+        if role != "control":
+            if name not in self.metrics:
+                self.metrics[name] = f"127.0.0.1:{free_port()}"
+            env["FERRYMAN_METRICS_ADDR"] = self.metrics[name]
+        module = "control.cli" if role == "control" else "dataplane"
         log_path = os.path.join(self.workdir, "logs", f"{name}.log")
         self.logs[name] = log_path
         with open(log_path, "ab") as log:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "dataplane", role, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", module, role, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
 
+    def _ready_url(self, name: str) -> str:
+        if name == "control":
+            return f"{self.control_url}/health"
+        return f"http://{self.metrics[name]}/ready"
+
     def start(self, timeout: float = 30.0) -> None:
         os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
-        certs = self._certificates()
-        apps = self._apps_file()
         self.edge_port = free_port()
         edge_addr = f"127.0.0.1:{self.edge_port}"
+        fwd_args = [a for lh, lp, h, p in self.forwards for a in ("--forward", f"{lh}:{lp}={h}:{p}")]
         try:
-            self._spawn("edge-1", "edge", ["--listen", edge_addr, "--apps", apps], certs)
-            for name in self.connector_names:
-                self._spawn(name, "connector", ["--edges", edge_addr], certs)
-            fwd_args = [a for lh, lp, h, p in self.forwards for a in ("--forward", f"{lh}:{lp}={h}:{p}")]
-            self._spawn("client-1", "client", ["--edges", edge_addr, *fwd_args], certs)
+            if self.managed:
+                client_env = self._start_managed(edge_addr, timeout)
+                self._spawn("edge-1", "edge", ["--listen", edge_addr], self._node_env("edge-1"))
+                for name in self.connector_names:
+                    self._spawn(name, "connector", [], self._node_env(name))
+            else:
+                certs = self._certificates()
+                apps = self._apps_file()
+                client_env = self._pki_env(certs, "client-1")
+                self._spawn("edge-1", "edge", ["--listen", edge_addr, "--apps", apps], self._pki_env(certs, "edge-1"))
+                for name in self.connector_names:
+                    self._spawn(name, "connector", ["--edges", edge_addr], self._pki_env(certs, name))
+            self._spawn("client-1", "client", ["--edges", edge_addr, *fwd_args], client_env)
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
 
+    # ------------------------------------------------------------------ managed: through the control plane
+    def _node_env(self, name: str) -> dict[str, str]:
+        """A registered node finds its identity in FERRYMAN_DATA_DIR/identity by itself."""
+        return {"FERRYMAN_DATA_DIR": os.path.join(self.workdir, "nodes", name)}
+
+    def _start_managed(self, edge_addr: str, timeout: float) -> dict[str, str]:
+        """Control plane up, applications created, edge and connectors registered; returns the client's env."""
+        for stale in ("control", "nodes"):  # a fresh control plane and fresh identities on every start
+            shutil.rmtree(os.path.join(self.workdir, stale), ignore_errors=True)
+        control_dir = os.path.join(self.workdir, "control")
+        os.makedirs(control_dir, mode=0o700)
+        port = free_port()
+        self.control_url = f"http://127.0.0.1:{port}"
+        self._spawn("control", "control", ["--listen", f"127.0.0.1:{port}", "--edge", edge_addr],
+                    {"FERRYMAN_DATA_DIR": control_dir})
+        self._wait_for("control", timeout)
+        with open(os.path.join(control_dir, "admin.key")) as fh:
+            self.admin_key = fh.read().strip()
+        for i, (_, _, host, port_) in enumerate(self.forwards):
+            self.admin("POST", "/v1/applications", {"name": f"forward-{i + 1}", "segments": [
+                {"destination": host, "ports": str(port_), "protocol": "tcp"}]})
+        self._register("edge-1", "edge", ["--address", edge_addr])
+        for name in self.connector_names:
+            self._register(name, "connector", [])
+        return self._client_certificate("client-1")
+
+    def admin(self, method: str, path: str, body: object = None) -> object:
+        """One admin API call with the control plane's bootstrap key; FabricError unless it succeeds."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.control_url + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.admin_key}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=15) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            raise FabricError(f"{method} {path}: HTTP {exc.code}: {exc.read(4096).decode(errors='replace')}") from None
+        except OSError as exc:
+            raise FabricError(f"{method} {path}: {exc}") from None
+        return json.loads(payload) if payload else None
+
+    def _register(self, name: str, role: str, extra: list[str]) -> None:
+        token = self.admin("POST", "/v1/registration-tokens", {"role": role})["token"]  # type: ignore[index]
+        env = {**os.environ, **self.env, **self._node_env(name)}
+        done = subprocess.run([sys.executable, "-m", "dataplane", role, "register", "--control", self.control_url,
+                               "--token", token, "--name", name, *extra],
+                              env=env, capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+        if done.returncode != 0:
+            raise FabricError(f"registering {role} {name} failed (exit {done.returncode}):\n"
+                              f"{done.stderr.decode(errors='replace')}")
+
+    def _client_certificate(self, name: str) -> dict[str, str]:
+        key_pem, csr_pem = new_key_and_csr(name)
+        issued = self.admin("POST", "/v1/client-certificates", {"name": name, "csr_pem": csr_pem.decode()})
+        files = write_identity(os.path.join(self.workdir, "nodes", name), name, key_pem,
+                               issued["certificate_pem"].encode(), issued["ca_pem"].encode())  # type: ignore[index]
+        return {"FERRYMAN_TLS_CA": files.ca, "FERRYMAN_TLS_CERT": files.cert, "FERRYMAN_TLS_KEY": files.key}
+
+    def node_id(self, name: str) -> str:
+        """The control plane's id of registered edge or connector ``name``."""
+        with open(os.path.join(self.workdir, "nodes", name, "identity", "node.json")) as fh:
+            return json.load(fh)["node_id"]
+
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        pending = dict(self.metrics)
+        pending = dict.fromkeys(self.procs)
         while pending:
-            for name, addr in list(pending.items()):
+            for name in list(pending):
                 proc = self.procs[name]
                 if proc.poll() is not None:
                     raise FabricError(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
-                if _http_status(f"http://{addr}/ready") == 200:
+                if _http_status(self._ready_url(name)) == 200:
                     del pending[name]
             if not pending:
                 return
@@ -160,8 +254,11 @@ class Fabric:
         if proc.poll() is None:
             raise FabricError(f"{name} is still running")
         self._spawn(name, *self._specs[name])
+        self._wait_for(name, timeout)
+
+    def _wait_for(self, name: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while _http_status(f"http://{self.metrics[name]}/ready") != 200:
+        while _http_status(self._ready_url(name)) != 200:
             if self.procs[name].poll() is not None:
                 raise FabricError(f"{name} exited with code {self.procs[name].returncode}:\n{self.log_tail(name)}")
             if time.monotonic() > deadline:
@@ -169,7 +266,7 @@ class Fabric:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:
-        order = ["client-1", *self.connector_names, "edge-1"]
+        order = ["client-1", *self.connector_names, "edge-1", "control"]
         for name in order:
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
@@ -246,7 +343,7 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
         backend = _echo_backend(backend_port)
         forwards = [Forward("127.0.0.1", 0, "127.0.0.1", backend_port)]
         print(f"sample echo backend on 127.0.0.1:{backend_port}", file=sys.stderr)
-    fabric = Fabric(workdir, [(f.listen_host, f.listen_port, f.host, f.port) for f in forwards])
+    fabric = Fabric(workdir, [(f.listen_host, f.listen_port, f.host, f.port) for f in forwards], managed=True)
     with _signals_stop() as stopped:
         try:
             fabric.start()
@@ -256,8 +353,12 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
                 backend.terminate()
             return 1
         for name, proc in fabric.procs.items():
-            print(f"{name:<12} pid {proc.pid:<7} metrics http://{fabric.metrics[name]}/metrics  log {fabric.logs[name]}",
-                  file=sys.stderr)
+            where = (f"API {fabric.control_url}" if name == "control"
+                     else f"metrics http://{fabric.metrics[name]}/metrics")
+            print(f"{name:<12} pid {proc.pid:<7} {where}  log {fabric.logs[name]}", file=sys.stderr)
+        control_dir = os.path.join(fabric.workdir, "control")
+        print(f"admin: FERRYMAN_DATA_DIR={control_dir} ferryman admin --control {fabric.control_url} apps list "
+              f"(changes reach edge and connector within 2 s)", file=sys.stderr)
         for lh, lp, h, p in fabric.forwards:
             print(f"forward {lh}:{lp} -> client -> edge -> connector -> {h}:{p}", file=sys.stderr)
         print("ready", flush=True)

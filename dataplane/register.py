@@ -40,7 +40,7 @@ from typing import Any
 import msgspec
 
 from . import pki
-from .enroll import new_key_and_csr, renewal_due, write_identity
+from .enroll import new_key_and_csr, write_identity
 from .observability import VERSION, parse_hostport
 
 IDENTITY_DIR = "identity"  # under FERRYMAN_DATA_DIR
@@ -202,17 +202,20 @@ def registered_settings(identity: Identity) -> dict[str, Any]:
     return values
 
 
-def renewal_warning(identity: Identity, now: datetime.datetime | None = None) -> str | None:
-    """A sentence for the log when the certificate should be renewed (or has expired), else None."""
+def expiry_warning(identity: Identity, now: datetime.datetime | None = None) -> str | None:
+    """A sentence for the log when the certificate has expired (it cannot be renewed then), else None.
+
+    A certificate that is only due for renewal is renewed by the node's control link.
+    """
     now = now or datetime.datetime.now(datetime.timezone.utc)
     try:
-        due = renewal_due(identity.cert, now)
-    except (pki.PkiError, ValueError):
+        cert = pki.read_certificates(identity.cert)[0]
+    except pki.PkiError:
         return None  # loading the identity reports unreadable files with their reason
-    if not due:
+    if now < cert.not_valid_after_utc:
         return None
-    return (f"the certificate {identity.cert} is due for renewal (valid until {identity.record.not_after}): "
-            f"register again with a new token")
+    return (f"the certificate {identity.cert} expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC: "
+            f"edges refuse it and the control plane will not renew it; register again with a new token")
 
 
 # ---------------------------------------------------------------------------- HTTP

@@ -111,7 +111,7 @@ def run_command(args: argparse.Namespace) -> int:
         setup_logging(settings.log_level, settings.log_format, args.node, identity.name)
         if registered is not None:
             _log_registered(registered, settings)
-        node = _build(args, settings, identity)
+        node = _build(args, settings, identity, registered, follow_edges=not _explicit("edges", overrides))
     except (SettingsError, AppsError, pki.PkiError, ValueError) as exc:
         print(f"ferryman {args.node}: {exc}", file=sys.stderr)
         return 2
@@ -158,22 +158,30 @@ def _log_registered(found: register.Identity, settings: Settings) -> None:
     if found.record.role == "connector":
         extra.update(edges=settings.edges, group=settings.connector_group)
     log.info("FERRYMAN_TLS_* not set: using the registered identity", extra=extra)
-    warning = register.renewal_warning(found)
+    warning = register.expiry_warning(found)
     if warning:
         log.warning(warning)
 
 
-def _build(args: argparse.Namespace, settings: Settings, identity: NodeIdentity) -> Any:
+def _build(args: argparse.Namespace, settings: Settings, identity: NodeIdentity,
+           registered: register.Identity | None, *, follow_edges: bool) -> Any:
     if args.node == "edge":
         from .edge.node import Edge
 
-        if not settings.apps_file:
-            raise SettingsError("FERRYMAN_APPS_FILE (or --apps) is required: the edge needs its applications")
-        return Edge(settings, identity, AppTable.load(settings.apps_file))
+        if settings.apps_file:
+            if registered is not None:
+                log.info("FERRYMAN_APPS_FILE is set: applications come from %s, not from the control plane",
+                         settings.apps_file)
+            return Edge(settings, identity, AppTable.load(settings.apps_file), registered)
+        if registered is None:
+            raise SettingsError("the edge needs its applications: register it with the control plane "
+                                "(`ferryman edge register --control URL --token T --address HOST:PORT`), or set "
+                                "FERRYMAN_APPS_FILE (or --apps) to an application file")
+        return Edge(settings, identity, None, registered)
     if args.node == "connector":
         from .connector.node import Connector
 
-        return Connector(settings, identity)
+        return Connector(settings, identity, registered, follow_edges=registered is not None and follow_edges)
     from .client.node import Client, Forward
 
     return Client(settings, identity, [Forward.parse(f) for f in args.forward])

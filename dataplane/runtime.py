@@ -87,7 +87,7 @@ async def keep_tunnel(
     node: TunnelHandler,
     settings: Settings,
     wire: WireConfig,
-    ssl_ctx: ssl.SSLContext,
+    ssl_ctx: ssl.SSLContext | Callable[[], ssl.SSLContext],
     edges: list[tuple[str, int]],
     session: Callable[[Tunnel], Awaitable[None]],
     running: Callable[[], bool],
@@ -97,19 +97,24 @@ async def keep_tunnel(
 ) -> None:
     """Keep one tunnel to an edge up while ``running()``: dial (moving to the next edge
     after a failure), wait for the HELLO exchange, run ``session(tunnel)`` until it
-    returns (normally when the tunnel ends), then back off with jitter and dial again."""
+    returns (normally when the tunnel ends), then back off with jitter and dial again.
+
+    ``ssl_ctx`` may be a function returning the context to use for the next dial (a node
+    whose certificate is renewed hands out the new one); ``edges`` is read at every dial,
+    so a node may replace its contents (new edges from the control plane)."""
     loop = asyncio.get_running_loop()
     backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
     attempt = 0
     while running():
         host, port = edges[(first + attempt) % len(edges)]
+        context = ssl_ctx() if callable(ssl_ctx) else ssl_ctx
         name = f"{label}{host}:{port}"
         try:
             _, tunnel = await loop.create_connection(
                 lambda: Tunnel(node, wire, dialer=True, accept_roles=("edge",),
                                keepalive=settings.keepalive_interval, handshake_timeout=settings.handshake_timeout,
                                write_buffer_high=settings.write_buffer_high, label=name),
-                host, port, ssl=ssl_ctx, server_hostname=host, ssl_handshake_timeout=settings.handshake_timeout,
+                host, port, ssl=context, server_hostname=host, ssl_handshake_timeout=settings.handshake_timeout,
             )
             await tunnel.up_waiter
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:

@@ -2,11 +2,12 @@
 
 - ``backend(mode)``: starts a ``tests/backends.py`` process (echo, sha, source,
   source-half, hold, rst) and returns its ``Backend`` handle; all are stopped at teardown.
-- ``fabric(forwards, env=None, connectors=1)``: starts edge-1, connector-N and client-1 as
+- ``fabric(forwards, env=None, connectors=1, managed=False)``: starts edge-1, connector-N and client-1 as
   separate processes (``dataplane.fabric.Fabric``) in the test's ``tmp_path``, with one
   client port forward per entry of ``forwards`` (a ``Backend``, a port on 127.0.0.1, a
   ``(host, port)`` or a full ``(listen_host, listen_port, host, port)``). Every fabric is
   stopped at teardown, and a failing test's report carries every node's log tail.
+  ``managed=True`` runs a control plane too and registers edge and connectors through it.
 - ``xfer``: blocking and asyncio helpers that move real bytes through a forward
   (sha256-checked uploads, seeded downloads, echo round trips), Prometheus scraping and
   /proc RSS reading.
@@ -21,6 +22,7 @@ import hashlib
 import os
 import shutil
 import socket
+import struct
 import sys
 import threading
 import time
@@ -95,14 +97,16 @@ def fabric(request: pytest.FixtureRequest, tmp_path, pki_cache: str) -> Iterator
     request.node.stash[_FABRICS] = fabrics
 
     def make(forwards: list[object], env: dict[str, str] | None = None, connectors: int = 1,
-             timeout: float = 20.0) -> Fabric:
+             timeout: float = 20.0, managed: bool = False) -> Fabric:
         assert connectors <= MAX_CONNECTORS
         workdir = tmp_path / f"fabric-{len(fabrics) + 1}"
         workdir.mkdir()
-        shutil.copytree(pki_cache, workdir / "pki")
+        if not managed:
+            shutil.copytree(pki_cache, workdir / "pki")
         # A short drain grace keeps teardown quick when a test leaves flows open.
         full_env = {"FERRYMAN_DRAIN_GRACE": "1", **(env or {})}
-        fab = Fabric(str(workdir), [_forward(f) for f in forwards], env=full_env, connectors=connectors)
+        fab = Fabric(str(workdir), [_forward(f) for f in forwards], env=full_env, connectors=connectors,
+                     managed=managed)
         fabrics.append(fab)
         fab.start(timeout=timeout)
         return fab
@@ -149,8 +153,11 @@ def echo(port: int, data: bytes, timeout: float = 30.0) -> bytes:
     """Send ``data`` then half-close (in a thread) while reading the echo until EOF."""
     with connect(port, timeout) as s:
         def send() -> None:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
+            try:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # reset or closed: the reading side reports it
 
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
@@ -191,6 +198,27 @@ def run_async(coro_factory: Callable[[], object], timeout: float) -> object:
 
 
 # ---------------------------------------------------------------------------- observing
+def socks_connect(port: int, host: str, dport: int, cmd: int = 1) -> tuple[socket.socket, int]:
+    """SOCKS5 greeting + request to the client's SOCKS listener (IPv4 address, or domain name
+    when ``host`` is not one); returns the socket and the reply code."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"\x05\x01\x00")
+    assert s.recv(2) == b"\x05\x00"
+    try:
+        addr = b"\x01" + socket.inet_aton(host)
+    except OSError:
+        addr = b"\x03" + bytes([len(host)]) + host.encode()
+    s.sendall(bytes([5, cmd, 0]) + addr + struct.pack("!H", dport))
+    rep = b""
+    while len(rep) < 10:
+        chunk = s.recv(10 - len(rep))
+        if not chunk:
+            break
+        rep += chunk
+    assert len(rep) == 10 and rep[0] == 5, f"bad SOCKS reply {rep!r}"
+    return s, rep[1]
+
+
 def scrape(addr: str) -> list:
     """Every sample of the node's /metrics (prometheus_client parser Sample tuples)."""
     with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as resp:
@@ -242,5 +270,5 @@ def xfer() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         sha256_hex=sha256_hex, connect=connect, recv_all=recv_all, upload_sha=upload_sha, download=download,
         echo=echo, aupload_sha=aupload_sha, adownload=adownload, run_async=run_async, scrape=scrape,
-        metric=metric, wait_metric=wait_metric, rss_bytes=rss_bytes, wait_for=wait_for,
+        metric=metric, wait_metric=wait_metric, rss_bytes=rss_bytes, wait_for=wait_for, socks_connect=socks_connect,
     )

@@ -279,27 +279,6 @@ def test_stuck_flow_does_not_block_others_and_memory_stays_bounded(backend, fabr
 
 
 # ---------------------------------------------------------------------------- SOCKS5
-def socks_connect(port: int, host: str, dport: int, cmd: int = 1) -> tuple[socket.socket, int]:
-    """SOCKS5 greeting + request (IPv4 address, or domain name when ``host`` is not one);
-    returns the socket and the reply code."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(b"\x05\x01\x00")
-    assert s.recv(2) == b"\x05\x00"
-    try:
-        addr = b"\x01" + socket.inet_aton(host)
-    except OSError:
-        addr = b"\x03" + bytes([len(host)]) + host.encode()
-    s.sendall(bytes([5, cmd, 0]) + addr + struct.pack("!H", dport))
-    rep = b""
-    while len(rep) < 10:
-        chunk = s.recv(10 - len(rep))
-        if not chunk:
-            break
-        rep += chunk
-    assert len(rep) == 10 and rep[0] == 5, f"bad SOCKS reply {rep!r}"
-    return s, rep[1]
-
-
 def socks_echo(s: socket.socket, xfer, size: int) -> int:
     data = os.urandom(size)
     sender = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)), daemon=True)
@@ -317,7 +296,7 @@ def test_socks5_refused_allowed_and_unsupported(backend, fabric, xfer):
     fab = fabric([echo, ("localhost", echo.port)], env={"FERRYMAN_SOCKS_LISTEN": f"127.0.0.1:{socks_port}"})
 
     # No application covers 10.1.2.3:22: the edge refuses before any dial.
-    s, code = socks_connect(socks_port, "10.1.2.3", 22)
+    s, code = xfer.socks_connect(socks_port, "10.1.2.3", 22)
     with s:
         assert code == 0x02, f"expected 'not allowed by ruleset' (2), got {code}"
         assert s.recv(1) == b""
@@ -328,19 +307,19 @@ def test_socks5_refused_allowed_and_unsupported(backend, fabric, xfer):
     assert "10.1.2.3" not in read_log(fab, "connector-1"), "the connector was asked about an uncovered destination"
 
     # The same for a domain name (address type 3).
-    s, code = socks_connect(socks_port, "db.corp.example", 5432)
+    s, code = xfer.socks_connect(socks_port, "db.corp.example", 5432)
     with s:
         assert code == 0x02, f"expected 'not allowed by ruleset' (2), got {code}"
     xfer.wait_for(lambda: "no application covers db.corp.example:5432" in read_log(fab, "client-1"), 5,
                   "the client to log the edge's reason for a domain name")
 
     # Covered destinations work end to end, by address and by name.
-    s, code = socks_connect(socks_port, "127.0.0.1", echo.port)
+    s, code = xfer.socks_connect(socks_port, "127.0.0.1", echo.port)
     with s:
         assert code == 0x00
         sent = socks_echo(s, xfer, 300 * KiB)
     assert echo.wait_event("eof", bytes=sent)
-    s, code = socks_connect(socks_port, "localhost", echo.port)
+    s, code = xfer.socks_connect(socks_port, "localhost", echo.port)
     with s:
         assert code == 0x00, f"CONNECT by domain name refused with {code}"
         sent = socks_echo(s, xfer, 200 * KiB)
@@ -358,7 +337,7 @@ def test_socks5_refused_allowed_and_unsupported(backend, fabric, xfer):
     assert got[12:] == early
 
     # BIND is not supported.
-    s, code = socks_connect(socks_port, "127.0.0.1", echo.port, cmd=2)
+    s, code = xfer.socks_connect(socks_port, "127.0.0.1", echo.port, cmd=2)
     with s:
         assert code == 0x07, f"expected 'command not supported' (7), got {code}"
     assert "Traceback" not in read_log(fab, "client-1")

@@ -6,7 +6,8 @@ configuration version), and the conversion of rows to ``schemas`` Structs. Handl
 synchronous (SQLAlchemy) and run in Litestar's thread pool.
 
 Resources: applications (+ their segments), connector-groups, connectors, edges,
-dns-suffixes, registration-tokens, admin-keys, revocations, audit, config-version.
+dns-suffixes, registration-tokens, admin-keys, revocations, client-certificates, audit,
+config-version.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from .schemas import (
     ApplicationOut,
     ApplicationUpdate,
     AuditOut,
+    CertificateOut,
+    ClientCertificateCreate,
     ConfigVersionOut,
     ConnectorOut,
     DnsSuffixCreate,
@@ -320,13 +323,33 @@ def revoke_node(api: Api, actor: str, data: RevocationCreate) -> list[Revocation
     Edges refuse the node and cut its tunnels as soon as they hold the next configuration
     version (within seconds).
     """
+    by_node = data.node_type is not None or data.node_id is not None
+    if by_node == (data.serial is not None) or (by_node and (data.node_type is None or data.node_id is None)):
+        raise ValidationException("give either node_type and node_id, or serial")
     with api.store.begin() as session:
+        if data.serial is not None:
+            return _revocation_out(session, [repo.revoke_certificate(session, actor, int(data.serial, 16),
+                                                                     data.reason)])
         node: Connector | Edge = (repo.get_connector(session, data.node_id) if data.node_type == "connector"
-                                  else repo.get_edge(session, data.node_id))
+                                  else repo.get_edge(session, data.node_id))  # type: ignore[arg-type]
         if node.cert_serial is None:
             raise StoreError("invalid", f"{data.node_type} {node.id!r} ({node.name}) has no certificate to revoke")
-        rows = repo.revoke_node(session, actor, data.node_type, node.id, data.reason)
+        rows = repo.revoke_node(session, actor, data.node_type, node.id, data.reason)  # type: ignore[arg-type]
         return _revocation_out(session, rows)
+
+
+# ---------------------------------------------------------------------------- client certificates
+
+
+@post("/client-certificates", sync_to_thread=True, tags=["certificates"])
+def issue_client_certificate(api: Api, actor: str, data: ClientCertificateCreate) -> CertificateOut:
+    """Sign a client (device) certificate for the CSR's key, named ``name``; audited, revocable by serial."""
+    issued = api.ca.sign_csr(data.csr_pem.encode(), role="client", name=data.name.strip(),
+                             lifetime_days=data.lifetime_days or api.cert_lifetime_days)
+    with api.store.begin() as session:
+        repo.record_client_certificate(session, actor, data.name.strip(), issued.serial, issued.not_after)
+    return CertificateOut(certificate_pem=issued.cert_pem.decode(), ca_pem=api.ca.bundle().decode(),
+                          serial=format(issued.serial, "x"), not_after=issued.not_after)
 
 
 # ---------------------------------------------------------------------------- audit, configuration version
@@ -370,7 +393,8 @@ ADMIN_HANDLERS = [
     list_applications, get_application, create_application, update_application, delete_application,
     add_segment, remove_segment, list_groups, create_group, list_connectors, get_connector, list_edges, get_edge,
     list_dns_suffixes, add_dns_suffix, remove_dns_suffix, list_tokens, create_token, list_admin_keys,
-    create_admin_key, revoke_admin_key, list_revocations, revoke_node, list_audit, get_config_version,
+    create_admin_key, revoke_admin_key, list_revocations, revoke_node, issue_client_certificate, list_audit,
+    get_config_version,
 ]
 
 

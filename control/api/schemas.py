@@ -209,11 +209,28 @@ class AdminKeyCreated(msgspec.Struct):
 
 
 class RevocationCreate(_Request):
-    """Revoke every certificate issued to connector or edge ``node_id``."""
+    """Revoke every certificate issued to connector or edge ``node_id`` (give ``node_type`` and
+    ``node_id``), or one certificate by ``serial`` (hex; e.g. a client certificate)."""
 
-    node_type: Role
-    node_id: str
+    node_type: Role | None = None
+    node_id: str | None = None
+    serial: Annotated[str, msgspec.Meta(pattern="^[0-9a-fA-F]{1,40}$")] | None = None
     reason: str = ""
+
+
+class ClientCertificateCreate(_Request):
+    """A client (user device) certificate for ``name``'s key, whose CSR (PEM) is given."""
+
+    name: str
+    csr_pem: Annotated[str, msgspec.Meta(max_length=16384)]
+    lifetime_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] | None = None
+
+
+class CertificateOut(msgspec.Struct):
+    certificate_pem: str
+    ca_pem: str
+    serial: str
+    not_after: datetime
 
 
 class RevocationOut(msgspec.Struct):

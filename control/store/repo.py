@@ -504,6 +504,15 @@ def record_certificate(session: Session, role: str, node_id: str, serial: int, n
     return row
 
 
+@_change
+def record_client_certificate(session: Session, actor: str, name: str, serial: int, not_after: datetime) -> None:
+    """Audit the signing of a client (device) certificate (clients are not nodes of the store)."""
+    text = _serial_text(serial)
+    _record(session, actor, "client_certificate.issue", "certificate", text, None,
+            {"serial": text, "role": "client", "name": _name(name, "client name"), "not_after": not_after.isoformat()},
+            config=False)
+
+
 def node_for_certificate(session: Session, serial: int) -> Connector | Edge | None:
     """The connector or edge a certificate was issued to (None if the serial is not known here)."""
     row = session.get(IssuedCertificate, _serial_text(serial))

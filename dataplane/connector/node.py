@@ -7,6 +7,11 @@ from this host to the backend (so the backend sees the connector's address), ans
 with OPEN_OK or OPEN_FAIL carrying a specific reason. On SIGTERM it sends GOAWAY on
 every tunnel, lets running flows finish for ``FERRYMAN_DRAIN_GRACE`` seconds, resets
 what is left and exits.
+
+A connector registered with the control plane also runs a ``ControlLink``: it reports
+heartbeats, renews its certificate (new tunnels use the new one), takes the edges to dial
+from each configuration snapshot (unless ``FERRYMAN_EDGES``/``--edges`` were given), and
+ends tunnels to an edge whose certificate the snapshot revokes.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ import asyncio
 import logging
 import socket
 
+from .. import register
+from ..controllink import ControlLink, Report, cut_revoked
 from ..observability import Stats, parse_hostport, start_metrics_server
+from ..pki import PeerIdentity
 from ..runtime import NodeIdentity, keep_tunnel
 from ..settings import Settings
+from ..snapshot import ConfigSnapshot, revoked_set
 from ..socketflow import EndpointNode, SocketFlow
 from ..transport.tunnel import Tunnel
 from ..wire import events as ev
@@ -27,7 +36,11 @@ log = logging.getLogger("ferryman.connector")
 
 
 class Connector(EndpointNode):
-    def __init__(self, settings: Settings, identity: NodeIdentity) -> None:
+    """``registered``: the identity stored by ``ferryman connector register`` (None: no control
+    plane); ``follow_edges``: take the edge list from the control plane's snapshots."""
+
+    def __init__(self, settings: Settings, identity: NodeIdentity, registered: register.Identity | None = None,
+                 *, follow_edges: bool = False) -> None:
         self.settings = settings
         self.identity = identity
         self.name = identity.name
@@ -39,13 +52,26 @@ class Connector(EndpointNode):
         self.draining = False
         self._ssl = identity.client_context()
         self._wire = identity.wire_config(group=settings.connector_group)
+        self.revoked: frozenset[int] = frozenset()
+        self.follow_edges = follow_edges
+        self.link: ControlLink | None = None
+        if registered is not None:
+            self.link = ControlLink(settings, registered, self._configure, self._report, self._renewed)
+        self.stats.extra = {
+            "ferryman_config_version": (
+                "Configuration version in use (-1: none yet; 0 without a control plane)",
+                lambda: float(0 if self.link is None else -1 if self.link.version is None else self.link.version)),
+        }
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
         metrics = None
+        if self.link is not None:
+            self.link.load_cached()
+        following = asyncio.create_task(self.link.run(stop)) if self.link is not None else None
         if self.settings.metrics_addr:
             metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready)
-        slots = [asyncio.create_task(keep_tunnel(self, self.settings, self._wire, self._ssl, self.edges,
+        slots = [asyncio.create_task(keep_tunnel(self, self.settings, self._wire, lambda: self._ssl, self.edges,
                                                  self._session, lambda: not self.draining, first=i, label=f"t{i}->"))
                  for i in range(self.settings.connector_tunnels)]
         log.info("connector started", extra={"group": self.settings.connector_group,
@@ -55,9 +81,42 @@ class Connector(EndpointNode):
         await self.drain()
         for task in slots:
             task.cancel()
-        await asyncio.gather(*slots, return_exceptions=True)
+        await asyncio.gather(*slots, *([following] if following else []), return_exceptions=True)
         if metrics is not None:
             metrics.close()
+
+    # ------------------------------------------------------------------ control plane
+    def _configure(self, snapshot: ConfigSnapshot) -> None:
+        self.revoked = revoked_set(snapshot)
+        cut_revoked(self.tunnels, self.revoked, f"connector {self.name}")
+        if self.follow_edges and snapshot.edges:
+            edges = []
+            for edge in snapshot.edges:
+                try:
+                    edges.append(parse_hostport(edge, "edge address from the control plane"))
+                except ValueError as exc:
+                    log.error("%s; edge ignored", exc)
+            if edges and edges != self.edges:
+                log.info("edges updated by the control plane", extra={"edges": ",".join(snapshot.edges)})
+                self.edges[:] = edges  # the reconnect loops read the list at every dial
+
+    def refuse_peer(self, identity: PeerIdentity) -> str | None:
+        if identity.serial in self.revoked:
+            return f"edge {identity.name!r}: certificate {identity.serial:x} is revoked"
+        return None
+
+    def _report(self) -> Report:
+        addresses = set()
+        for tunnel in self.tunnels:
+            local = tunnel.transport.get_extra_info("sockname") if tunnel.transport is not None else None
+            if local:
+                addresses.add(str(local[0]))
+        return Report(tunnels=len(self.tunnels), active_flows=sum(len(t.routes) for t in self.tunnels),
+                      addresses=sorted(addresses))
+
+    def _renewed(self) -> None:
+        """New tunnels present the renewed certificate; running ones keep theirs until they end."""
+        self._ssl = self.identity.client_context()
 
     @staticmethod
     async def _session(tunnel: Tunnel) -> None:

@@ -7,6 +7,14 @@ splices the two flows: DATA payloads are passed from one tunnel to the other as 
 same slices, credit is returned to the sender only for bytes the other side accepted
 (so the edge holds at most one window per flow and direction), and FIN/RST travel
 through. A lost tunnel resets every flow that used it, with a reason naming it.
+
+Applications come from an application file (``FERRYMAN_APPS_FILE``, fixed for the life of
+the process) or, for an edge registered with the control plane, from the configuration
+snapshots its ``ControlLink`` receives: each new version replaces the application table
+for the next OPENs (flows already running are not touched) and the set of revoked
+certificate serials. A peer presenting a revoked certificate is refused at the handshake,
+and tunnels already up with one are ended (GOAWAY ``certificate_revoked``, their flows
+reset) as soon as the snapshot revoking it arrives.
 """
 
 from __future__ import annotations
@@ -16,10 +24,14 @@ import logging
 import socket
 import ssl
 
+from .. import register
 from ..apps import AppTable, describe_miss
+from ..controllink import ControlLink, Report, cut_revoked
 from ..observability import Stats, parse_hostport, start_metrics_server
+from ..pki import PeerIdentity
 from ..runtime import NodeIdentity
 from ..settings import Settings
+from ..snapshot import ConfigSnapshot, app_table, revoked_set
 from ..transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from ..wire import events as ev
 from ..wire.connection import FlowError
@@ -50,12 +62,25 @@ class Splice:
 
 
 class Edge(TunnelHandler):
-    def __init__(self, settings: Settings, identity: NodeIdentity, apps: AppTable) -> None:
+    """``apps``: a fixed application table, or None to take applications from the control plane;
+    ``registered``: the identity stored by ``ferryman edge register`` (heartbeats, renewal,
+    revocations and, without ``apps``, applications follow the control plane)."""
+
+    def __init__(self, settings: Settings, identity: NodeIdentity, apps: AppTable | None,
+                 registered: register.Identity | None = None) -> None:
+        if apps is None and registered is None:
+            raise ValueError("an edge needs an application file or a control plane registration")
         self.settings = settings
         self.identity = identity
         self.name = identity.name
-        self.apps = apps
+        self.apps = apps if apps is not None else AppTable([])
+        self.revoked: frozenset[int] = frozenset()
         self.stats = Stats("edge", identity.name)
+        self.static_apps = apps is not None
+        self.link: ControlLink | None = None
+        if registered is not None:
+            self.link = ControlLink(settings, registered, self._configure, self._report, self._renewed)
+        self._server_ctx = identity.server_context()
         self.groups: dict[str, list[Tunnel]] = {}
         self.clients: set[Tunnel] = set()
         self.listener: socket.socket | None = None
@@ -66,6 +91,10 @@ class Edge(TunnelHandler):
             "ferryman_edge_clients": ("Client tunnels connected", lambda: float(len(self.clients))),
             "ferryman_edge_connector_tunnels": (
                 "Connector tunnels connected", lambda: float(sum(len(v) for v in self.groups.values()))),
+            "ferryman_config_version": (
+                "Configuration version in use (-1: none yet; 0 without a control plane)",
+                lambda: float(-1 if self.link is not None and self.link.version is None
+                              else self.link.version if self.link is not None else 0)),
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -76,16 +105,21 @@ class Edge(TunnelHandler):
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         self.listener = socket.create_server((host, port), family=family, backlog=1024)
         self.listener.setblocking(False)
-        accepting = loop.create_task(self._accept(self.listener, self.identity.server_context()))
+        if self.link is not None:
+            self.link.load_cached()
+        accepting = loop.create_task(self._accept(self.listener))
+        following = loop.create_task(self.link.run(stop)) if self.link is not None else None
         bound = self.listener.getsockname()
         metrics = None
         if s.metrics_addr:
             metrics = await start_metrics_server(s.metrics_addr, self.stats, self.ready)
-        log.info("edge listening", extra={"addr": f"{bound[0]}:{bound[1]}", "apps": len(self.apps.apps)})
+        source = s.apps_file if self.static_apps else f"control plane {self.link.base}"  # type: ignore[union-attr]
+        log.info("edge listening", extra={"addr": f"{bound[0]}:{bound[1]}", "apps": len(self.apps.apps),
+                                          "config": source})
         await stop.wait()
         log.info("edge stopping")
         accepting.cancel()
-        await asyncio.gather(accepting, return_exceptions=True)
+        await asyncio.gather(accepting, *([following] if following else []), return_exceptions=True)
         self.listener.close()
         for tunnel in list(self.clients) + [t for ts in self.groups.values() for t in ts]:
             tunnel.goaway("shutdown", f"edge {self.name} is shutting down")
@@ -94,9 +128,35 @@ class Edge(TunnelHandler):
             metrics.close()
 
     def ready(self) -> bool:
-        return self._accepting
+        """Accepting tunnels, with a configuration (an application file, or a snapshot)."""
+        return self._accepting and (self.static_apps or self.link is None or self.link.version is not None)
 
-    async def _accept(self, listener: socket.socket, ctx: ssl.SSLContext) -> None:
+    # ------------------------------------------------------------------ control plane
+    def _configure(self, snapshot: ConfigSnapshot) -> None:
+        """A newer configuration: applications for the next OPENs, revocations for every tunnel."""
+        if not self.static_apps:
+            self.apps = app_table(snapshot)  # SnapshotError: the link keeps the previous configuration
+        self.revoked = revoked_set(snapshot)
+        tunnels = [*self.clients, *(t for group in self.groups.values() for t in group)]
+        cut_revoked(tunnels, self.revoked, f"edge {self.name}")
+
+    def refuse_peer(self, identity: PeerIdentity) -> str | None:
+        if identity.serial in self.revoked:
+            self.stats.count(self.stats.tunnels_closed, "certificate_revoked")
+            return f"{identity.role} {identity.name!r}: certificate {identity.serial:x} is revoked"
+        return None
+
+    def _report(self) -> Report:
+        tunnels = len(self.clients) + sum(len(group) for group in self.groups.values())
+        bound = self.listener.getsockname() if self.listener is not None else None
+        return Report(tunnels=tunnels, active_flows=self.stats.flows_active,
+                      addresses=[f"{bound[0]}:{bound[1]}"] if bound else [])
+
+    def _renewed(self) -> None:
+        """New tunnels are accepted with the renewed certificate; running ones keep theirs."""
+        self._server_ctx = self.identity.server_context()
+
+    async def _accept(self, listener: socket.socket) -> None:
         """Accept TCP connections; each one's TLS handshake runs in its own task.
 
         The handshake is not left to ``create_server(ssl=...)``: there a failed or timed-out
@@ -113,7 +173,7 @@ class Edge(TunnelHandler):
                     log.warning("accept failed", extra={"reason": exc.strerror or str(exc)})
                     await asyncio.sleep(0.1)
                     continue
-                task = loop.create_task(self._handshake(sock, addr, ctx))
+                task = loop.create_task(self._handshake(sock, addr, self._server_ctx))
                 self._handshakes.add(task)
                 task.add_done_callback(self._handshakes.discard)
         finally:
@@ -208,6 +268,10 @@ class Edge(TunnelHandler):
             return
         if request.protocol != "tcp":
             self._refuse(tunnel, fid, "unsupported_protocol", f"{request.protocol} flows are not supported yet")
+            return
+        if not self.static_apps and self.link is not None and self.link.version is None:
+            self._refuse(tunnel, fid, "no_config", f"edge {self.name} has not received its configuration from "
+                                                   f"the control plane yet (and has no cached copy)")
             return
         match = self.apps.match(request.host, request.port, request.protocol)
         if match is None:

@@ -56,6 +56,10 @@ class TunnelHandler:
 
     def goaway_received(self, tunnel: "Tunnel", event: ev.GoAwayReceived) -> None: ...
 
+    def refuse_peer(self, identity: PeerIdentity) -> str | None:
+        """Why a peer with this (CA-verified) certificate must not connect (e.g. revoked), or None."""
+        return None
+
 
 class Tunnel(asyncio.Protocol):
     def __init__(
@@ -147,6 +151,10 @@ class Tunnel(asyncio.Protocol):
                 f"peer certificate role {self.identity.role!r} not accepted here (expected {'/'.join(self.accept_roles)})",
             )
             return
+        refusal = self.handler.refuse_peer(self.identity)
+        if refusal is not None:
+            self.close("certificate_revoked", refusal, error=True)
+            return
         self._last_rx = self.loop.time()
         self._timer = self.loop.call_later(self.handshake_timeout, self._handshake_expired)
         self.conn.initiate()
@@ -225,6 +233,10 @@ class Tunnel(asyncio.Protocol):
     def goaway(self, code: str, reason: str) -> None:
         self.conn.goaway(code, reason)
         self.flush_soon()
+
+    def terminate(self, code: str, reason: str) -> None:
+        """End the tunnel now for ``reason`` (e.g. its certificate was revoked), telling the peer in a GOAWAY."""
+        self._refuse(code, reason)
 
     def _refuse(self, code: str, reason: str) -> None:
         """Close the tunnel for an error after a GOAWAY naming it, so that the peer can log why."""

@@ -1,0 +1,97 @@
+"""A small asyncio HTTP/1.1 client on ``h11`` (sans-I/O HTTP), for nodes talking to the control plane.
+
+One request per connection (``Connection: close``): nodes make a long-poll every few tens
+of seconds and a heartbeat every half minute, so connection reuse would save nothing
+worth its state. Everything is a coroutine, so a node's shutdown cancels a waiting
+long-poll at once (a request in a worker thread could not be interrupted). The body of an
+answer is bounded (``max_body``), and a whole request by ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import urllib.parse
+
+import h11
+
+
+class HttpError(Exception):
+    """No usable HTTP answer: connection failed, timed out, or the peer broke the protocol."""
+
+
+class HttpResponse:
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+def split_base(base: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path prefix) of ``http(s)://host[:port][/prefix]``."""
+    parts = urllib.parse.urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{base!r} is not an http:// or https:// URL")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
+async def request(base: str, method: str, target: str, *, headers: dict[str, str] | None = None,
+                  body: bytes | None = None, timeout: float = 30.0, max_body: int = 1 << 20,
+                  ssl_context: ssl.SSLContext | None = None, user_agent: str = "ferryman") -> HttpResponse:
+    """``method`` ``base + target`` and the whole answer; ``HttpError`` when none came."""
+    scheme, host, port, prefix = split_base(base)
+    context = ssl_context if ssl_context is not None else (ssl.create_default_context() if scheme == "https" else None)
+    netloc = host if ":" not in host else f"[{host}]"
+    default_port = 443 if scheme == "https" else 80
+    fields = [("Host", netloc if port == default_port else f"{netloc}:{port}"), ("User-Agent", user_agent),
+              ("Connection", "close"), *((headers or {}).items())]
+    if body is not None:
+        fields.append(("Content-Length", str(len(body))))
+    conn = h11.Connection(h11.CLIENT)
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                reader, writer = await asyncio.open_connection(host, port, ssl=context,
+                                                               server_hostname=host if context else None)
+            except ssl.SSLError as exc:
+                raise HttpError(f"TLS with {host}:{port} failed: {exc.reason or exc}") from None
+            except OSError as exc:
+                raise HttpError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+            out = conn.send(h11.Request(method=method, target=prefix + target, headers=fields))
+            if body:
+                out += conn.send(h11.Data(data=body))
+            out += conn.send(h11.EndOfMessage())
+            writer.write(out)
+            status, answer_headers, chunks, size = 0, {}, [], 0
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(65536)
+                    if not data and not status:
+                        raise HttpError(f"{host}:{port} closed the connection without an answer")
+                    conn.receive_data(data)  # b"" marks the end of the stream
+                    continue
+                if isinstance(event, h11.Response):
+                    status = event.status_code
+                    answer_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+                elif isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > max_body:
+                        raise HttpError(f"the answer from {host}:{port} is larger than {max_body} bytes")
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+            return HttpResponse(status, answer_headers, b"".join(chunks))
+    except TimeoutError:
+        raise HttpError(f"no answer from {host}:{port} within {timeout:g}s") from None
+    except h11.ProtocolError as exc:
+        raise HttpError(f"{host}:{port} broke HTTP/1.1: {exc}") from None
+    except (ConnectionError, OSError) as exc:
+        raise HttpError(f"connection to {host}:{port} failed: {exc.strerror or exc}") from None
+    finally:
+        if writer is not None:
+            writer.close()
