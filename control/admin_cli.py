@@ -14,7 +14,7 @@ Where it connects and with which key:
   control plane writes on first start) or ``--key KEY`` (visible to other local users in
   the process list: prefer the file).
 
-Commands: ``apps``, ``segments``, ``groups``, ``connectors``, ``edges``, ``dns``,
+Commands: ``apps``, ``segments``, ``groups``, ``connectors``, ``edges``, ``certs``, ``dns``,
 ``tokens``, ``keys``, ``audit`` and ``apply FILE``. ``apply`` takes the data plane's
 application file (``dataplane.apps``; each app may also say ``kind = "quick_access"``) as
 the declared state and makes the control plane match it, like ``kubectl apply``:
@@ -473,6 +473,45 @@ def _revoke(ctx: Ctx, node_type: str, node_id: str, reason: str) -> int:
     return 0
 
 
+def cmd_certs_client(ctx: Ctx, args: argparse.Namespace) -> int:
+    from dataplane.enroll import new_key_and_csr, write_identity
+    from dataplane.pki import PkiError
+
+    try:
+        key_pem, csr_pem = new_key_and_csr(args.name)
+    except PkiError as exc:
+        raise _usage(str(exc)) from None
+    body: dict[str, Any] = {"name": args.name, "csr_pem": csr_pem.decode()}
+    if args.days is not None:
+        body["lifetime_days"] = args.days
+    issued = ctx.client.json("POST", "/v1/client-certificates", body)
+    try:
+        files = write_identity(args.dir, args.name, key_pem, issued["certificate_pem"].encode(),
+                               issued["ca_pem"].encode())
+    except PkiError as exc:
+        raise AdminError(f"certificate {issued['serial']} was issued but cannot be stored: {exc}; "
+                         f"revoke it with `ferryman admin certs revoke {issued['serial']}`") from None
+    ctx.show(msgspec.json.encode({**issued, "cert": files.cert, "key": files.key, "ca": files.ca}),
+             lambda c: fields([("serial", c["serial"]), ("valid until", when(c["not_after"])),
+                               ("certificate", c["cert"]), ("key", c["key"]), ("CA", c["ca"])]))
+    return 0
+
+
+def cmd_certs_revoke(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("POST", "/v1/revocations", {"serial": args.serial.lower(), "reason": args.reason}),
+             lambda rows: f"revoked certificate {rows[0]['serial']}; edges refuse it once they hold the next "
+                          f"configuration version")
+    return 0
+
+
+def cmd_certs_revoked(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/revocations"),
+             _listing("no revoked certificates", ("SERIAL", "AT", "NODE", "REASON"),
+                      lambda r: (r["serial"], when(r["at"]),
+                                 f"{r['node_type']} {r['node_name']}" if r["node_type"] else "-", r["reason"])))
+    return 0
+
+
 def cmd_connectors_revoke(ctx: Ctx, args: argparse.Namespace) -> int:
     return _revoke(ctx, "connector", args.id, args.reason)
 
@@ -918,16 +957,27 @@ def build_parser() -> argparse.ArgumentParser:
     connectors = group("connectors", "registered connectors")
     leaf(connectors, "list", "list connectors", cmd_connectors_list)
     leaf(connectors, "show", "show a connector", cmd_connectors_show).add_argument("id")
-    p = leaf(connectors, "revoke", "revoke a connector's certificate", cmd_connectors_revoke)
+    p = leaf(connectors, "revoke", "revoke a connector's certificates (edges cut its tunnels)", cmd_connectors_revoke)
     p.add_argument("id")
     p.add_argument("--reason", default="", help="why (kept in the revocation list and the audit log)")
 
     edges = group("edges", "registered edges")
     leaf(edges, "list", "list edges", cmd_edges_list)
     leaf(edges, "show", "show an edge", cmd_edges_show).add_argument("id")
-    p = leaf(edges, "revoke", "revoke an edge's certificate", cmd_edges_revoke)
+    p = leaf(edges, "revoke", "revoke an edge's certificates", cmd_edges_revoke)
     p.add_argument("id")
     p.add_argument("--reason", default="", help="why (kept in the revocation list and the audit log)")
+
+    certs = group("certs", "certificates: client certificates, revocation by serial")
+    p = leaf(certs, "client", "issue a client certificate: key and CSR made here, signed by the control plane",
+             cmd_certs_client)
+    p.add_argument("name", help="client (device) name, its certificate's CN")
+    p.add_argument("--dir", required=True, help="where to write NAME.key (0600), NAME.pem and ca.pem")
+    p.add_argument("--days", type=int, default=None, help="lifetime in days (default: the control plane's)")
+    p = leaf(certs, "revoke", "revoke one certificate by serial (hex)", cmd_certs_revoke)
+    p.add_argument("serial")
+    p.add_argument("--reason", default="", help="why (kept in the revocation list and the audit log)")
+    leaf(certs, "revoked", "list revoked certificates", cmd_certs_revoked)
 
     dns = group("dns", "private DNS suffixes")
     leaf(dns, "list", "list private DNS suffixes", cmd_dns_list)

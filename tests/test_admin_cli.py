@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 import subprocess
 import sys
 import urllib.parse
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from control.admin_cli import parse_duration, parse_segment, table
 from test_api import ROOT, Control, _environment, _free_port, _start, _stop
@@ -201,6 +203,26 @@ def test_connectors_and_edges_are_listed(cli: Cli) -> None:
     assert cli.ok("edges", "list").strip() == "no edges"
     assert cli.fails("connectors", "show", "nope") == "ferryman admin: connector 'nope' does not exist"
     assert cli.fails("connectors", "revoke", "nope", "--reason", "x") == "ferryman admin: connector 'nope' does not exist"
+
+
+def test_client_certificates_are_issued_to_a_local_key_and_revoked_by_serial(cli: Cli, tmp_path: Path) -> None:
+    issued = cli.json("certs", "client", "laptop-1", "--dir", str(tmp_path / "laptop"), "--days", "7")
+    cert = x509.load_pem_x509_certificate((tmp_path / "laptop" / "laptop-1.pem").read_bytes())
+    assert format(cert.serial_number, "x") == issued["serial"]
+    assert cert.subject.rfc4514_string() == "CN=laptop-1,OU=client"
+    assert 6 <= (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 8
+    assert stat.S_IMODE((tmp_path / "laptop" / "laptop-1.key").stat().st_mode) == 0o600
+    assert issued["key"] == str(tmp_path / "laptop" / "laptop-1.key")
+
+    line = cli.ok("certs", "revoke", issued["serial"], "--reason", "lost").strip()
+    assert line == (f"revoked certificate {issued['serial']}; edges refuse it once they hold the next "
+                    f"configuration version")
+    assert issued["serial"] in cli.ok("certs", "revoked")
+    assert cli.fails("certs", "revoke", issued["serial"]) == \
+        f"ferryman admin: certificate {issued['serial']} is already revoked"
+    assert "invalid request" in cli.fails("certs", "revoke", "not-hex")
+    assert cli.fails("certs", "client", "bad name!", "--dir", str(tmp_path / "x"), status=2).startswith(
+        "ferryman admin: ")
 
 
 # ---------------------------------------------------------------------------- connection and usage errors

@@ -11,8 +11,9 @@ Covered:
   mode 0600), an admin change reaching the link within 2 seconds, heartbeats with the
   ``report()`` figures shown by the admin API;
 - an outage: the link keeps its snapshot, logs the outage at most once per loop
-  (configuration, heartbeat) rather than once per retry, catches up with a change made in the store while the control plane was down, and
-  a fresh link started during the outage starts from the cache (``load_cached``);
+  (configuration, heartbeat) rather than once per retry, catches up with a change made in
+  the store while the control plane was down, and a fresh link started during the outage
+  starts from the cache (``load_cached``);
 - certificate renewal when the certificate is due: new certificate, key and ``node.json``,
   ``on_renewed`` called, the admin API showing the new serial;
 - a corrupt cache: reported (naming the file) and replaced by a fresh snapshot.
