@@ -203,19 +203,23 @@ class ControlLink:
 
     # ------------------------------------------------------------------ outages
     def _failed(self, what: str, exc: ControlError) -> float:
+        """Log a failed call (an outage once, however many loops see it); the delay before the next try."""
         if exc.refused:
             log.error("the control plane refused this node's %s: %s", what, exc)
             return REFUSED_RETRY
-        if what not in self._down:
-            self._down.add(what)
+        first = not self._down
+        self._down.add(what)
+        if first:
             log.warning("control plane unreachable; running on configuration version %s", self.version,
                         extra={"reason": str(exc), "during": what})
         return 0.0
 
     def _succeeded(self, what: str) -> None:
+        """Log the end of an outage once, when no loop sees the control plane unreachable any more."""
         if what in self._down:
             self._down.discard(what)
-            log.info("control plane reachable again", extra={"during": what, "version": self.version})
+            if not self._down:
+                log.info("control plane reachable again", extra={"during": what, "version": self.version})
 
     # ------------------------------------------------------------------ configuration
     async def _follow(self) -> None:

@@ -414,7 +414,7 @@ def test_ferryman_up_with_duration(tmp_path):
     assert traffic, f"no checked traffic line in:\n{proc.stdout}"
     assert lines.index("ready") < lines.index(traffic[0])
     pids = _pids_from(proc.stderr)
-    assert len(pids) == 3, proc.stderr
+    assert len(pids) == 4 and "control " in proc.stderr, proc.stderr  # control plane, edge, connector, client
     assert not [p for p in pids if _alive(p)]
 
 
@@ -456,7 +456,7 @@ def test_ferryman_up_stops_cleanly_on_sigint(tmp_path):
     assert rc == 0, f"exit {rc}\nstdout: {out_lines}\nstderr:\n{stderr}"
     assert any(re.fullmatch(r"traffic: .* \(sha256 ok\)", l) for l in out_lines)
     pids = _pids_from(stderr)
-    assert len(pids) == 3, stderr
+    assert len(pids) == 4 and "control " in stderr, stderr
     left = [p for p in pids if _alive(p)]
     assert not left, f"node processes still running after ferryman up exited: {left}"
     m = re.search(r"sample echo backend on 127\.0\.0\.1:(\d+)", stderr)
