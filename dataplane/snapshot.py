@@ -6,9 +6,11 @@ pushes it to every node; a node holds the newest one it has seen, keeps it on di
 down, and catches up when the control plane returns. A snapshot carries one number,
 ``version`` (the store's configuration version): a node only ever moves to a higher one.
 
-Contents: applications (per-app and the catch-all quick access one) with their segments,
-connector groups, private DNS suffixes, revoked certificate serials (lower-case hex) and the
-edges nodes dial. The encoding is msgspec JSON (``encode`` / ``decode``); a field a node
+Contents: applications (per-app and the catch-all quick access one) with their segments and
+assignments, connector groups, private DNS suffixes, revoked certificate serials (lower-case
+hex), the edges nodes dial, and for conditional access: users (groups, disabled, risk),
+devices (OS, compliance), named locations, policies, revoked sign-in sessions and the public
+keys of access tokens. The encoding is msgspec JSON (``encode`` / ``decode``); a field a node
 does not know is ignored, so a newer control plane may add fields without breaking nodes.
 
 Helpers a node uses on each new snapshot:
@@ -58,15 +60,78 @@ class SnapSegment(msgspec.Struct):
 
 
 class SnapApp(msgspec.Struct):
+    """An application; ``users`` and ``groups`` are the ids it is assigned to (a flow is
+    allowed only for a user assigned directly or through one of their groups)."""
+
     name: _Name
     kind: Literal["per_app", "quick_access"]
     connector_group: _Name
     segments: list[SnapSegment] = []
+    users: list[str] = []
+    groups: list[str] = []
 
 
 class SnapGroup(msgspec.Struct):
     name: _Name
     region: str = ""
+
+
+class SnapUser(msgspec.Struct):
+    """A user as edges need it: id, UPN, the ids of their groups, disabled flag, risk level."""
+
+    id: _Name
+    upn: _Name
+    groups: list[str] = []
+    disabled: bool = False
+    risk: Literal["none", "low", "medium", "high"] = "none"
+
+
+class SnapDevice(msgspec.Struct):
+    """A registered device (its client certificate's CN is ``id``)."""
+
+    id: _Name
+    user_id: _Name
+    os: str = ""
+    os_version: str = ""
+    compliant: bool = False
+    revoked: bool = False
+
+
+class SnapLocation(msgspec.Struct):
+    """A named location: source networks (CIDR text) a policy condition may name."""
+
+    name: _Name
+    cidrs: list[str] = []
+
+
+class SnapConditions(msgspec.Struct, omit_defaults=True):
+    """When a policy applies; every condition given must hold (an empty one is not checked).
+
+    - ``locations``: the flow's source address is in one of these named locations;
+    - ``device_os``: the device's OS is one of these (case-insensitive);
+    - ``user_risk_at_least``: the user's risk level is this or higher;
+    - ``signin_older_than``: the sign-in is older than this many seconds.
+    """
+
+    locations: list[str] = []
+    device_os: list[str] = []
+    user_risk_at_least: Literal["", "low", "medium", "high"] = ""
+    signin_older_than: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class SnapPolicy(msgspec.Struct):
+    """A conditional-access policy. ``applications`` are names (empty: every application);
+    ``users`` / ``groups`` are ids (both empty: every user). ``report_only`` evaluates and
+    logs but never denies."""
+
+    id: int
+    name: _Name
+    state: Literal["on", "off", "report_only"]
+    grant: Literal["block", "require_mfa", "require_compliant_device"]
+    applications: list[str] = []
+    users: list[str] = []
+    groups: list[str] = []
+    conditions: SnapConditions = msgspec.field(default_factory=SnapConditions)
 
 
 class ConfigSnapshot(msgspec.Struct, dict=True):
@@ -83,6 +148,17 @@ class ConfigSnapshot(msgspec.Struct, dict=True):
     dns_suffixes: list[str] = []
     revoked_serials: list[_Serial] = []
     edges: list[str] = []
+    # Identity and conditional access (empty on a control plane without users: edges then
+    # enforce nothing beyond applications).
+    users: list[SnapUser] = []
+    devices: list[SnapDevice] = []
+    locations: list[SnapLocation] = []
+    policies: list[SnapPolicy] = []
+    revoked_sessions: list[str] = []
+    # The public keys (JWK dicts, OKP/Ed25519 with "kid") access tokens are signed with, and
+    # the issuer they name: edges verify users' tokens offline with these.
+    token_keys: list[dict[str, str]] = []
+    token_issuer: str = ""
 
 
 class _VersionOnly(msgspec.Struct):

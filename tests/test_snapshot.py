@@ -254,7 +254,7 @@ def test_decode_errors_say_what_is_wrong(data: bytes, message: str) -> None:
 
 
 def test_unknown_fields_from_a_newer_control_plane_are_ignored() -> None:
-    snap = decode(b'{"version": 4, "issued_at": "t", "policies": [1, 2], "edges": ["e:1"]}')
+    snap = decode(b'{"version": 4, "issued_at": "t", "posture_checks": [1, 2], "edges": ["e:1"]}')
     assert (snap.version, snap.edges, snap.applications) == (4, ["e:1"], [])
 
 

@@ -300,3 +300,152 @@ class ConfigVersion(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(Integer)
     changed_at: Mapped[datetime]
+
+
+# ---------------------------------------------------------------------------- identity (users, devices, sessions)
+
+USER_RISK_LEVELS = ("none", "low", "medium", "high")
+POLICY_STATES = ("on", "off", "report_only")
+POLICY_GRANTS = ("block", "require_mfa", "require_compliant_device")
+
+
+class User(Base):
+    """A person who signs in. ``upn`` is stored lower-case; ``password_hash`` is argon2 (None:
+    no password sign-in); ``totp_secret`` is base32, used once ``totp_enabled``."""
+
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint("risk_level IN ('none', 'low', 'medium', 'high')",
+                                      name="ck_users_risk_level"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # a UUID
+    upn: Mapped[str] = mapped_column(String(255), unique=True)
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    risk_level: Mapped[str] = mapped_column(String(10), default="none")
+    totp_secret: Mapped[str | None] = mapped_column(String(64))
+    totp_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RecoveryCode(Base):
+    """A one-time TOTP recovery code of a user (SHA-256 of the code; ``used_at`` once spent)."""
+
+    __tablename__ = "recovery_codes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(64))
+    used_at: Mapped[datetime | None]
+
+
+class UserGroup(Base):
+    """A group of users (direct membership only); applications and policies target groups."""
+
+    __tablename__ = "user_groups"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # a UUID
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GroupMember(Base):
+    __tablename__ = "group_members"
+
+    group_id: Mapped[str] = mapped_column(ForeignKey("user_groups.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True)
+
+
+class Device(Base):
+    """A user's device: the client agent's key, certified with CN = ``id`` (role client).
+
+    ``compliant`` is set by an admin or an MDM through the API; ``revoked_at`` once revoked
+    (its certificate serials are then in ``revocations`` too)."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # a UUID, the certificate's CN
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    os: Mapped[str] = mapped_column(String(64), default="")
+    os_version: Mapped[str] = mapped_column(String(64), default="")
+    compliant: Mapped[bool] = mapped_column(Boolean, default=False)
+    cert_serial: Mapped[str | None] = mapped_column(String(64))
+    cert_not_after: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class SignInSession(Base):
+    """One sign-in: what it proved (``amr``: comma-separated ``pwd``, ``mfa``), when, on which
+    device, and the hash of its current refresh token (rotated on every refresh)."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # a UUID, the tokens' ``sid``
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    device_id: Mapped[str | None] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    amr: Mapped[str] = mapped_column(String(32))
+    auth_time: Mapped[datetime]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    refresh_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    last_refresh_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+# ---------------------------------------------------------------------------- access: assignments, locations, policies
+
+
+class AppAssignment(Base):
+    """An application assigned to one user or one group (exactly one of the two)."""
+
+    __tablename__ = "app_assignments"
+    __table_args__ = (
+        CheckConstraint("(user_id IS NULL) <> (group_id IS NULL)", name="ck_app_assignments_one_target"),
+        Index("uq_app_assignments_target", "application_id", "user_id", "group_id", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    application_id: Mapped[int] = mapped_column(ForeignKey("applications.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    group_id: Mapped[str | None] = mapped_column(ForeignKey("user_groups.id", ondelete="CASCADE"))
+
+
+class NamedLocation(Base):
+    """Source networks with a name (``cidrs``: comma-separated), for policy conditions."""
+
+    __tablename__ = "named_locations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    cidrs: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AccessPolicy(Base):
+    """A conditional-access policy. Targets: ``applications`` (application ids), ``users`` and
+    ``groups`` (ids); an empty application list means every application, empty users and
+    groups mean every user. ``conditions``: ``locations`` (names), ``device_os`` (list),
+    ``user_risk_at_least`` (a risk level), ``signin_older_than`` (seconds); every condition
+    given must hold for the policy to apply. ``grant`` is what an applying policy demands."""
+
+    __tablename__ = "access_policies"
+    __table_args__ = (
+        CheckConstraint("state IN ('on', 'off', 'report_only')", name="ck_access_policies_state"),
+        CheckConstraint("grant_control IN ('block', 'require_mfa', 'require_compliant_device')",
+                        name="ck_access_policies_grant_control"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    state: Mapped[str] = mapped_column(String(16))
+    grant_control: Mapped[str] = mapped_column(String(32))
+    applications: Mapped[list[Any]] = mapped_column(JSON)
+    users: Mapped[list[Any]] = mapped_column(JSON)
+    groups: Mapped[list[Any]] = mapped_column(JSON)
+    conditions: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
