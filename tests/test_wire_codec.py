@@ -25,6 +25,7 @@ from dataplane.wire.frames import (
     MAX_WINDOW,
     PREAMBLE_SIZE,
     VERSION,
+    Auth,
     FrameType,
     GoAway,
     Hello,
@@ -71,6 +72,7 @@ def test_frame_type_numbers() -> None:
         "PONG": 10,
         "GOAWAY": 11,
         "DATAGRAM": 12,
+        "AUTH": 13,
     }
 
 
@@ -80,7 +82,7 @@ def test_limits_constants() -> None:
     assert MAX_FLOW_ID == 0xFFFFFFFF
     assert MAX_WINDOW == 0x7FFFFFFF
     assert MAX_CONTROL_BODY == 16384
-    assert set(BODY_TYPES) == {1, 2, 3, 4, 7, 11}
+    assert set(BODY_TYPES) == {1, 2, 3, 4, 7, 11, 13}
     assert set(DECODERS) == set(BODY_TYPES)
 
 
@@ -124,25 +126,29 @@ def test_header_rejects_out_of_range_values() -> None:
 CONTROL_CASES = [
     (
         Hello(role="edge", node="e1", max_frame=16384, window=65536, max_flows=100),
-        # fixarray(8) "edge" "e1" uint16 16384, uint32 65536, fixint 100, "" [] ""
-        "98" "a465646765" "a26531" "cd4000" "ce00010000" "64" "a0" "90" "a0",
+        # fixarray(9) "edge" "e1" uint16 16384, uint32 65536, fixint 100, "" [] "" ""
+        "99" "a465646765" "a26531" "cd4000" "ce00010000" "64" "a0" "90" "a0" "a0",
     ),
     (
         Hello(
             role="connector", node="c", max_frame=1024, window=MAX_WINDOW, max_flows=1,
-            group="g", features=["dgram", "x"], software="fm/1",
+            group="g", features=["dgram", "x"], software="fm/1", token="t.k",
         ),
-        "98" "a9636f6e6e6563746f72" "a163" "cd0400" "ce7fffffff" "01" "a167"
-        "92" "a5646772616d" "a178" "a4666d2f31",
+        "99" "a9636f6e6e6563746f72" "a163" "cd0400" "ce7fffffff" "01" "a167"
+        "92" "a5646772616d" "a178" "a4666d2f31" "a3742e6b",
     ),
     (
         Open(host="db", port=5432),
-        # fixarray(5) "db" uint16 5432 "tcp" "" ""
-        "95" "a26462" "cd1538" "a3746370" "a0" "a0",
+        # fixarray(10) "db" uint16 5432 "tcp" "" "" "" "" "" "" bin8(0)
+        "9a" "a26462" "cd1538" "a3746370" "a0" "a0" "a0" "a0" "a0" "a0" "c400",
     ),
     (
         Open(host="10.0.0.1", port=53, protocol="udp", source="1.2.3.4:5", app="dns"),
-        "95" "a831302e302e302e31" "35" "a3756470" "a9312e322e332e343a35" "a3646e73",
+        "9a" "a831302e302e302e31" "35" "a3756470" "a9312e322e332e343a35" "a3646e73" "a0" "a0" "a0" "a0" "c400",
+    ),
+    (
+        Open(host="h", port=1, user="u@x", device="d", connection="c", process="p", grant=b"\x01\x02"),
+        "9a" "a168" "01" "a3746370" "a0" "a0" "a3754078" "a164" "a163" "a170" "c4020102",
     ),
     (OpenOk(), "91" "a0"),
     (OpenOk(bound="1.2.3.4:80"), "91" "aa312e322e332e343a3830"),
@@ -152,9 +158,10 @@ CONTROL_CASES = [
     (Rst(code="idle", reason="timeout"), "92" "a469646c65" "a774696d656f7574"),
     (GoAway(code="drain"), "92" "a5647261696e" "a0"),
     (GoAway(code="flow_control", reason="x"), "92" "ac666c6f775f636f6e74726f6c" "a178"),
+    (Auth(token="a.b.c"), "91" "a5612e622e63"),
 ]
 
-FRAME_OF = {Hello: 1, Open: 2, OpenOk: 3, OpenFail: 4, Rst: 7, GoAway: 11}
+FRAME_OF = {Hello: 1, Open: 2, OpenOk: 3, OpenFail: 4, Rst: 7, GoAway: 11, Auth: 13}
 
 
 @pytest.mark.parametrize(("body", "payload_hex"), CONTROL_CASES, ids=lambda v: type(v).__name__ if not isinstance(v, str) else "")
@@ -214,10 +221,18 @@ def test_string_length_limits() -> None:
     with pytest.raises(msgspec.ValidationError):
         DECODERS[FrameType.OPEN_FAIL].decode(H("92" "a161" "da0401" + "62" * 1025))
     # features: at most 32 entries
-    hello = "98" "a465646765" "a26531" "cd4000" "ce00010000" "64" "a0"
-    assert len(DECODERS[FrameType.HELLO].decode(H(hello + "dc0020" + "a178" * 32 + "a0")).features) == 32
+    hello = "99" "a465646765" "a26531" "cd4000" "ce00010000" "64" "a0"
+    assert len(DECODERS[FrameType.HELLO].decode(H(hello + "dc0020" + "a178" * 32 + "a0" "a0")).features) == 32
     with pytest.raises(msgspec.ValidationError):
-        DECODERS[FrameType.HELLO].decode(H(hello + "dc0021" + "a178" * 33 + "a0"))
+        DECODERS[FrameType.HELLO].decode(H(hello + "dc0021" + "a178" * 33 + "a0" "a0"))
+    # token: at most 8192 characters; grant: at most 2048 bytes
+    with pytest.raises(msgspec.ValidationError):
+        DECODERS[FrameType.AUTH].decode(H("91" "da2001" + "61" * 8193))
+    assert len(DECODERS[FrameType.AUTH].decode(H("91" "da2000" + "61" * 8192)).token) == 8192
+    with pytest.raises(msgspec.ValidationError):
+        DECODERS[FrameType.OPEN].decode(H("9a" "a168" "01" "a0" "a0" "a0" "a0" "a0" "a0" "a0" "c50801" + "00" * 2049))
+    assert len(DECODERS[FrameType.OPEN].decode(H("9a" "a168" "01" "a0" "a0" "a0" "a0" "a0" "a0" "a0" "c50800"
+                                                 + "00" * 2048)).grant) == 2048
 
 
 # --------------------------------------------------------------------------- fixed bodies
@@ -259,17 +274,18 @@ ACCEPTOR_HELLO = Hello(
 # dialer -> acceptor: preamble + HELLO
 GOLDEN_D1 = H(
     "004652594d4e0d0a0001"  # preamble: magic, version 1
-    "01" "00" "00000000" "00000025"  # HELLO flow 0, 37 bytes
-    "98" "a6636c69656e74" "a4636c2d31" "cd4000" "ce00010000" "40" "a0" "90" "ac66657272796d616e2f302e31"
+    "01" "00" "00000000" "00000026"  # HELLO flow 0, 38 bytes
+    "99" "a6636c69656e74" "a4636c2d31" "cd4000" "ce00010000" "40" "a0" "90" "ac66657272796d616e2f302e31" "a0"
 )
 # acceptor -> dialer: preamble + HELLO
 GOLDEN_A1 = H(
     "004652594d4e0d0a0001"
-    "01" "00" "00000000" "00000022"  # HELLO flow 0, 34 bytes
-    "98" "a465646765" "a6656467652d31" "cd8000" "ce00020000" "cc80" "a26575" "91a5646772616d" "a0"
+    "01" "00" "00000000" "00000023"  # HELLO flow 0, 35 bytes
+    "99" "a465646765" "a6656467652d31" "cd8000" "ce00020000" "cc80" "a26575" "91a5646772616d" "a0" "a0"
 )
 # dialer -> acceptor: OPEN flow 1 app.corp:443 app=wiki
-GOLDEN_D2 = H("02" "00" "00000001" "00000017" "95" "a86170702e636f7270" "cd01bb" "a3746370" "a0" "a477696b69")
+GOLDEN_D2 = H("02" "00" "00000001" "0000001d" "9a" "a86170702e636f7270" "cd01bb" "a3746370" "a0" "a477696b69"
+              "a0" "a0" "a0" "a0" "c400")
 # acceptor -> dialer: OPEN_OK flow 1 bound=10.1.2.3:443
 GOLDEN_A2 = H("03" "00" "00000001" "0000000e" "91" "ac31302e312e322e333a343433")
 # dialer -> acceptor: DATA flow 1 "GET /", FIN flow 1

@@ -16,6 +16,7 @@ from dataplane.wire import events as ev
 from dataplane.wire.connection import FlowError, ProtocolError, TunnelConnection, WireConfig
 from dataplane.wire.frames import (
     DECODERS,
+    Auth,
     MAX_WINDOW,
     FrameType,
     GoAway,
@@ -709,7 +710,7 @@ def test_frame_before_hello(frame: bytes, name: str) -> None:
     expect_protocol_error(a, encode_preamble() + frame, "hello_required", f"{name} frame before HELLO")
 
 
-@pytest.mark.parametrize("ftype", [0, 13, 200, 255])
+@pytest.mark.parametrize("ftype", [0, 14, 200, 255])
 def test_unknown_frame_type(ftype: int) -> None:
     d, a = pair()
     # rejected on the header alone, whatever length it claims
@@ -826,3 +827,24 @@ def test_same_events_fed_whole_or_bytewise() -> None:
     ]
     assert a.data_to_send() == twin.data_to_send() == encode_ping(FrameType.PONG, 2.0)
     assert len(twin._buf) == 0
+
+
+# --------------------------------------------------------------------------- AUTH and the HELLO token
+
+
+def test_hello_carries_the_client_token_and_auth_frames_replace_it() -> None:
+    d, a = pair(dialer=msgspec.structs.replace(cfg("client", "cl-1"), token="header.claims.sig"))
+    assert a.peer is not None and a.peer.token == "header.claims.sig"
+    d.send_auth("header.claims2.sig2")
+    assert pump(d, a) == [ev.AuthReceived("header.claims2.sig2")]
+
+
+def test_auth_before_hello_is_refused_both_ways() -> None:
+    d = TunnelConnection(cfg("client", "cl-1"), dialer=True)
+    with pytest.raises(FlowError) as info:
+        d.send_auth("t")
+    assert info.value.code == "not_ready"
+    a = TunnelConnection(cfg("edge", "edge-1"), dialer=False)
+    a.initiate()
+    frame = encode_control(0, Auth(token="t"))
+    expect_protocol_error(a, encode_preamble() + frame, "hello_required", "AUTH frame before HELLO")

@@ -56,6 +56,9 @@ class TunnelHandler:
 
     def goaway_received(self, tunnel: "Tunnel", event: ev.GoAwayReceived) -> None: ...
 
+    def auth_received(self, tunnel: "Tunnel", event: ev.AuthReceived) -> None:
+        """A client sent a new access token (only edges act on it)."""
+
     def refuse_peer(self, identity: PeerIdentity) -> str | None:
         """Why a peer with this (CA-verified) certificate must not connect (e.g. revoked), or None."""
         return None
@@ -113,6 +116,7 @@ class Tunnel(asyncio.Protocol):
             ev.GoAwayReceived: self._on_goaway,
             ev.PongReceived: self._on_pong,
             ev.HelloReceived: self._on_hello,
+            ev.AuthReceived: handler.auth_received,
         }
 
     # ------------------------------------------------------------------ properties

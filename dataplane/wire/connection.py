@@ -29,6 +29,7 @@ from .frames import (
     ROLES,
     VERSION,
     WINDOW_BODY,
+    Auth,
     FrameType,
     GoAway,
     Hello,
@@ -55,6 +56,7 @@ _PONG = FrameType.PONG
 _GOAWAY = FrameType.GOAWAY
 _HELLO = FrameType.HELLO
 _DATAGRAM = FrameType.DATAGRAM
+_AUTH = FrameType.AUTH
 _FIXED_LENGTH = {_WINDOW: 4, _PING: 8, _PONG: 8, _FIN: 0}
 _unpack_header = HEADER.unpack_from
 _unpack_window = WINDOW_BODY.unpack_from
@@ -91,6 +93,7 @@ class WireConfig(msgspec.Struct, kw_only=True):
     max_pending_opens: int = 1024
     features: list[str] = []
     software: str = ""
+    token: str = ""  # sent in HELLO (a client's access token)
 
 
 OPENING = 0
@@ -142,7 +145,7 @@ class TunnelConnection:
         c = self.config
         hello = Hello(
             role=c.role, node=c.node, max_frame=c.max_frame, window=c.window,
-            max_flows=c.max_flows, group=c.group, features=list(c.features), software=c.software,
+            max_flows=c.max_flows, group=c.group, features=list(c.features), software=c.software, token=c.token,
         )
         self._initiated = True
         self._out.append(encode_preamble() + encode_control(0, hello))
@@ -267,6 +270,11 @@ class TunnelConnection:
 
     def ping(self, value: float) -> None:
         self._out.append(encode_ping(_PING, value))
+
+    def send_auth(self, token: str) -> None:
+        """Queue an AUTH frame carrying a new access token (after HELLO)."""
+        self._require_peer()
+        self._out.append(encode_control(0, Auth(token=token)))
 
     def goaway(self, code: str, reason: str = "") -> None:
         if not self.goaway_sent:
@@ -509,6 +517,8 @@ class TunnelConnection:
                 self._late(flow_id, "DATAGRAM")
                 return
             events.append(ev.DatagramReceived(flow_id, payload))
+        elif ftype == _AUTH:
+            events.append(ev.AuthReceived(DECODERS[_AUTH].decode(payload).token))
         elif ftype == _HELLO:
             raise ProtocolError("bad_hello", "second HELLO on the same tunnel")
 

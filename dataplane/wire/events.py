@@ -143,3 +143,12 @@ class GoAwayReceived(Event):
     def __init__(self, code: str, reason: str) -> None:
         self.code = code
         self.reason = reason
+
+
+class AuthReceived(Event):
+    """The peer (a client) sent a new access token."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: str) -> None:
+        self.token = token

@@ -3,7 +3,7 @@
 A tunnel is a byte stream (TLS over TCP) that starts, in each direction, with a
 10-byte preamble (8-byte magic + big-endian u16 protocol version) followed by frames.
 Every frame is a 10-byte header ``!BBII`` = type, flags, flow id, payload length, then
-the payload. Control bodies (HELLO, OPEN, OPEN_OK, OPEN_FAIL, RST, GOAWAY) are msgspec
+the payload. Control bodies (HELLO, OPEN, OPEN_OK, OPEN_FAIL, RST, GOAWAY, AUTH) are msgspec
 msgpack Structs encoded as arrays; DATA and DATAGRAM payloads are raw bytes that are
 passed on as slices, never re-encoded; WINDOW carries a u32 credit increment and
 PING/PONG an 8-byte opaque value. Nothing here does I/O.
@@ -46,6 +46,7 @@ class FrameType(enum.IntEnum):
     PONG = 10
     GOAWAY = 11
     DATAGRAM = 12
+    AUTH = 13
 
 
 ROLES = ("edge", "connector", "client")
@@ -54,6 +55,8 @@ Short = Annotated[str, msgspec.Meta(max_length=255)]
 Text = Annotated[str, msgspec.Meta(max_length=1024)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Positive = Annotated[int, msgspec.Meta(ge=1, le=MAX_WINDOW)]
+Token = Annotated[str, msgspec.Meta(max_length=8192)]
+Grant = Annotated[bytes, msgspec.Meta(max_length=2048)]
 
 
 class Hello(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -67,16 +70,27 @@ class Hello(msgspec.Struct, array_like=True, gc=False, frozen=True):
     group: Short = ""
     features: Annotated[list[Short], msgspec.Meta(max_length=32)] = []
     software: Short = ""
+    token: Token = ""  # client → edge: the user's access token (a JWT), when signed in
 
 
 class Open(msgspec.Struct, array_like=True, gc=False, frozen=True):
-    """Ask the peer to open a flow to host:port."""
+    """Ask the peer to open a flow to host:port.
+
+    From an edge to a connector it also says for whom (``user`` UPN, ``device`` id, the
+    ``connection`` id of the traffic log, the client's initiating ``process``) and carries
+    the ``grant`` the edge signed for exactly this flow (``dataplane.grants``).
+    """
 
     host: Short
     port: Port
     protocol: Short = "tcp"
     source: Short = ""
     app: Short = ""
+    user: Short = ""
+    device: Short = ""
+    connection: Short = ""
+    process: Short = ""
+    grant: Grant = b""
 
 
 class OpenOk(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -98,6 +112,12 @@ class GoAway(msgspec.Struct, array_like=True, gc=False, frozen=True):
     reason: Text = ""
 
 
+class Auth(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """Client → edge, any time after HELLO: a fresh access token for the flows opened from now on."""
+
+    token: Token
+
+
 BODY_TYPES: dict[int, type] = {
     FrameType.HELLO: Hello,
     FrameType.OPEN: Open,
@@ -105,6 +125,7 @@ BODY_TYPES: dict[int, type] = {
     FrameType.OPEN_FAIL: OpenFail,
     FrameType.RST: Rst,
     FrameType.GOAWAY: GoAway,
+    FrameType.AUTH: Auth,
 }
 
 _encoder = msgspec.msgpack.Encoder()
