@@ -19,10 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
+
+from cryptography import x509
 
 from .. import register
 from ..controllink import ControlLink, Report, cut_revoked
 from ..observability import Stats, parse_hostport, start_metrics_server
+from ..grants import GrantError, GrantVerifier
 from ..pki import PeerIdentity
 from ..runtime import NodeIdentity, keep_tunnel
 from ..settings import Settings
@@ -53,6 +57,7 @@ class Connector(EndpointNode):
         self._ssl = identity.client_context()
         self._wire = identity.wire_config(group=settings.connector_group)
         self.revoked: frozenset[int] = frozenset()
+        self.grants = GrantVerifier(identity.name)
         self.follow_edges = follow_edges
         self.link: ControlLink | None = None
         if registered is not None:
@@ -147,6 +152,10 @@ class Connector(EndpointNode):
 
     # ------------------------------------------------------------------ tunnel events
     def tunnel_up(self, tunnel: Tunnel) -> None:
+        # The edge's certificate key, which must have signed the grant of every OPEN on this tunnel.
+        ssl_object = tunnel.transport.get_extra_info("ssl_object") if tunnel.transport is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        tunnel.context = x509.load_der_x509_certificate(der).public_key() if der else None
         self.tunnels.add(tunnel)
         self.stats.tunnels_up += 1
         self.stats.tunnels_opened += 1
@@ -173,6 +182,18 @@ class Connector(EndpointNode):
         if request.protocol != "tcp":
             self._refuse(tunnel, event.flow_id, "unsupported_protocol",
                          f"{request.protocol} flows are not supported by connector {self.name}")
+            return
+        try:
+            if tunnel.context is None:
+                raise GrantError("grant_unverifiable", "the edge's certificate key is unknown on this tunnel")
+            self.grants.verify(request.grant, tunnel.context, tunnel.peer_name, host=request.host, port=request.port,
+                               protocol=request.protocol, now=time.time())
+        except GrantError as exc:
+            self.stats.count(self.stats.protocol_errors, exc.code)
+            log.warning("OPEN refused: no valid grant", extra={"edge": tunnel.peer_name, "dest":
+                                                                f"{request.host}:{request.port}", "code": exc.code,
+                                                                "reason": str(exc)})
+            self._refuse(tunnel, event.flow_id, exc.code, f"connector {self.name}: {exc}")
             return
         flow = SocketFlow(self)
         flow.bind(tunnel, event.flow_id)

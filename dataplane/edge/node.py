@@ -21,8 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
+import time
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from .. import register
 from ..apps import AppTable, describe_miss
@@ -31,6 +36,9 @@ from ..observability import Stats, parse_hostport, start_metrics_server
 from ..pki import PeerIdentity
 from ..runtime import NodeIdentity
 from ..settings import Settings
+from ..access import TokenError, TokenVerifier
+from ..grants import sign as sign_grant
+from ..policy import AccessIndex, Decision, Principal
 from ..snapshot import ConfigSnapshot, app_table, revoked_set
 from ..transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from ..wire import events as ev
@@ -44,9 +52,11 @@ class Splice:
     """A client flow joined to a connector flow. ``up`` is client→connector."""
 
     __slots__ = ("client", "cfid", "conn", "kfid", "up_pending", "down_pending",
-                 "up_fin", "down_fin", "accepted", "closed_sides", "dest", "app")
+                 "up_fin", "down_fin", "accepted", "closed_sides", "dest", "app", "connection", "principal",
+                 "decision")
 
-    def __init__(self, client: Tunnel, cfid: int, conn: Tunnel, kfid: int, dest: str, app: str) -> None:
+    def __init__(self, client: Tunnel, cfid: int, conn: Tunnel, kfid: int, dest: str, app: str,
+                 connection: str = "", principal: Principal | None = None, decision: Decision | None = None) -> None:
         self.client = client
         self.cfid = cfid
         self.conn = conn
@@ -59,6 +69,9 @@ class Splice:
         self.closed_sides = 0
         self.dest = dest
         self.app = app
+        self.connection = connection  # the traffic log's connection id
+        self.principal = principal  # who opened it (None when no identity is enforced)
+        self.decision = decision
 
 
 class Edge(TunnelHandler):
@@ -75,6 +88,9 @@ class Edge(TunnelHandler):
         self.name = identity.name
         self.apps = apps if apps is not None else AppTable([])
         self.revoked: frozenset[int] = frozenset()
+        self.access: AccessIndex | None = None  # identity and conditional access (from the control plane)
+        self.tokens: TokenVerifier | None = None
+        self._grant_key = _load_key(settings.tls_key)
         self.stats = Stats("edge", identity.name)
         self.static_apps = apps is not None
         self.link: ControlLink | None = None
@@ -136,9 +152,80 @@ class Edge(TunnelHandler):
         """A newer configuration: applications for the next OPENs, revocations for every tunnel."""
         if not self.static_apps:
             self.apps = app_table(snapshot)  # SnapshotError: the link keeps the previous configuration
+            access = AccessIndex(snapshot)
+            if self.tokens is None or (self.tokens.keys, self.tokens.issuer) != (snapshot.token_keys,
+                                                                                 snapshot.token_issuer):
+                try:
+                    self.tokens = TokenVerifier(snapshot.token_keys, snapshot.token_issuer)
+                except TokenError as exc:
+                    log.error("%s; sign-ins cannot be verified", exc)
+                    self.tokens = TokenVerifier([], snapshot.token_issuer)
+                for client in self.clients:  # new keys: the tokens clients hold are checked again
+                    self._authenticate(client, client.conn.peer.token if client.conn.peer else "")
+            self.access = access
         self.revoked = revoked_set(snapshot)
         tunnels = [*self.clients, *(t for group in self.groups.values() for t in group)]
         cut_revoked(tunnels, self.revoked, f"edge {self.name}")
+        if self.access is not None and self.access.enforcing:
+            self._recheck_flows()
+
+    def _recheck_flows(self) -> None:
+        """Continuous access: decide every live flow again; reset those now denied."""
+        access = self.access
+        assert access is not None
+        now = time.time()
+        for client in list(self.clients):
+            for splice in list(client.routes.values()):
+                if splice.closed_sides == -1 or splice.principal is None:
+                    continue
+                decision = access.decide(splice.principal, splice.app, client.peer_addr, now)
+                if decision.allowed:
+                    splice.decision = decision
+                    continue
+                reason = f"access revoked: {decision.reason}"
+                log.warning("flow cut by access change", extra={"client": client.peer_name, "dest": splice.dest,
+                                                                "app": splice.app, "code": decision.code,
+                                                                "reason": reason})
+                splice.decision = decision
+                self._cut(splice, decision.code, reason)
+
+    def _cut(self, splice: Splice, code: str, reason: str) -> None:
+        """Reset both halves of a spliced flow (access revoked)."""
+        client, conn = splice.client, splice.conn
+        if splice.cfid in client.conn.flows:
+            if splice.accepted:
+                client.conn.reset_flow(splice.cfid, code, reason)
+            else:
+                client.conn.reject_flow(splice.cfid, code, reason)
+            client.flush_soon()
+        if splice.kfid in conn.conn.flows:
+            conn.conn.reset_flow(splice.kfid, code, reason)
+            conn.flush_soon()
+        self._finish(splice, code)
+
+    # ------------------------------------------------------------------ identity
+    def _authenticate(self, tunnel: Tunnel, token: str) -> None:
+        """Who a client tunnel speaks for, from its token (``tunnel.context``: a Principal or the refusal text)."""
+        verifier = self.tokens
+        if verifier is None:
+            tunnel.context = "this edge has no token keys from the control plane yet"
+            return
+        device = tunnel.identity.name if tunnel.identity is not None else ""
+        try:
+            tunnel.context = verifier.principal(token, device)
+        except TokenError as exc:
+            tunnel.context = str(exc)
+            if token:
+                log.warning("access token refused", extra={"client": tunnel.peer_name, "reason": str(exc)})
+
+    def auth_received(self, tunnel: Tunnel, event: ev.AuthReceived) -> None:
+        if tunnel.conn.peer is None or tunnel.conn.peer.role != "client":
+            return
+        previous = tunnel.context
+        self._authenticate(tunnel, event.token)
+        if not isinstance(tunnel.context, Principal) and isinstance(previous, Principal):
+            log.warning("refreshed access token refused; new flows of this client are refused until a valid one "
+                        "arrives", extra={"client": tunnel.peer_name, "reason": tunnel.context})
 
     def refuse_peer(self, identity: PeerIdentity) -> str | None:
         if identity.serial in self.revoked:
@@ -153,8 +240,10 @@ class Edge(TunnelHandler):
                       addresses=[f"{bound[0]}:{bound[1]}"] if bound else [])
 
     def _renewed(self) -> None:
-        """New tunnels are accepted with the renewed certificate; running ones keep theirs."""
+        """New tunnels are accepted with the renewed certificate (and grants signed with its key);
+        running ones keep theirs."""
         self._server_ctx = self.identity.server_context()
+        self._grant_key = _load_key(self.settings.tls_key)
 
     async def _accept(self, listener: socket.socket) -> None:
         """Accept TCP connections; each one's TLS handshake runs in its own task.
@@ -204,7 +293,10 @@ class Edge(TunnelHandler):
             self.groups.setdefault(peer.group or "default", []).append(tunnel)
         else:
             self.clients.add(tunnel)
-        log.info("tunnel up", extra={"tunnel": tunnel.label, "group": peer.group})
+            if self.access is not None and self.access.enforcing:
+                self._authenticate(tunnel, peer.token)
+        user = tunnel.context.upn if isinstance(tunnel.context, Principal) else None
+        log.info("tunnel up", extra={"tunnel": tunnel.label, "group": peer.group, "user": user})
 
     def tunnel_down(self, tunnel: Tunnel) -> None:
         peer = tunnel.conn.peer
@@ -277,21 +369,41 @@ class Edge(TunnelHandler):
         if match is None:
             self._refuse(tunnel, fid, "no_application", describe_miss(request.host, request.port, request.protocol))
             return
+        principal: Principal | None = None
+        decision: Decision | None = None
+        now = time.time()
+        if self.access is not None and self.access.enforcing:
+            if not isinstance(tunnel.context, Principal):
+                self._refuse(tunnel, fid, "sign_in_required", f"sign-in required: {tunnel.context or 'no token'}")
+                return
+            principal = tunnel.context
+            decision = self.access.decide(principal, match.app.name, tunnel.peer_addr, now)
+            if not decision.allowed:
+                self._refuse(tunnel, fid, decision.code, decision.reason)
+                return
         group = match.app.connector_group
         connector = self.pick_connector(group)
         if connector is None:
             self._refuse(tunnel, fid, "no_connector",
                          f"no connector of group '{group}' is connected for application '{match.app.name}'")
             return
+        connection = os.urandom(8).hex()
+        user = principal.upn if principal is not None else ""
+        device = principal.device_id if principal is not None else tunnel.peer_name
+        grant = sign_grant(self._grant_key, edge=self.name, connector=connector.peer_name, host=request.host,
+                           port=request.port, protocol=request.protocol, connection=connection, user=user,
+                           device=device, now=now)
         try:
             kfid = connector.conn.open_flow(Open(
                 host=request.host, port=request.port, protocol=request.protocol,
-                source=request.source or tunnel.peer_addr, app=match.app.name,
+                source=request.source or tunnel.peer_addr, app=match.app.name, user=user, device=device,
+                connection=connection, process=request.process, grant=grant,
             ))
         except FlowError as exc:
             self._refuse(tunnel, fid, exc.code, f"connector {connector.peer_name}: {exc.message}")
             return
-        splice = Splice(tunnel, fid, connector, kfid, f"{request.host}:{request.port}", match.app.name)
+        splice = Splice(tunnel, fid, connector, kfid, f"{request.host}:{request.port}", match.app.name,
+                        connection, principal, decision)
         tunnel.routes[fid] = splice
         connector.routes[kfid] = splice
         connector.flush_soon()
@@ -448,3 +560,15 @@ class Edge(TunnelHandler):
 
     def datagram_received(self, tunnel: Tunnel, event: ev.DatagramReceived) -> None:
         self.stats.count(self.stats.protocol_errors, "datagram_unsupported")
+
+
+def _load_key(path: str) -> ec.EllipticCurvePrivateKey:
+    """The edge's certificate key, which signs flow grants."""
+    try:
+        with open(path, "rb") as fh:
+            key = serialization.load_pem_private_key(fh.read(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"cannot load the edge key {path} to sign flow grants: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"the edge key {path} is not an EC key: flow grants need ECDSA")
+    return key

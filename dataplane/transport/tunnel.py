@@ -95,6 +95,7 @@ class Tunnel(asyncio.Protocol):
         self.rtt: float | None = None
         self.writable = True
         self.routes: dict[int, Any] = {}  # flow id -> the node's per-flow object
+        self.context: Any = None  # the node's per-tunnel state (an edge: who the client is)
         self._last_rx = self.loop.time()
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None

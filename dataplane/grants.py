@@ -1,0 +1,123 @@
+"""Flow grants: the edge's signed permission for one flow, checked by the connector before it dials.
+
+Defense in depth: an edge decides every flow, and a connector dials only what an edge has
+signed for exactly that flow. A grant names the edge and the connector, the destination
+(host, port, protocol), the traffic-log connection id, the user and device, and an expiry
+a few seconds ahead. It is signed (ECDSA P-256, SHA-256) with the edge's certificate key,
+so the connector verifies it with the public key of the certificate the edge presented on
+this very tunnel: a grant cannot be made without the edge's private key, moved to another
+destination, replayed after it expires, or used twice (the connector remembers the
+connection ids it has honoured until their grants expire).
+
+Encoding: msgpack array ``[claims, signature]`` where ``claims`` is the msgpack encoding of
+``GrantClaims`` (array-like) and ``signature`` the DER ECDSA signature over those bytes.
+Pure: no I/O, the caller passes the clock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+GRANT_LIFETIME = 30  # seconds from signing to expiry
+MAX_LIFETIME = 300  # a grant claiming to live longer is refused
+CLOCK_SKEW = 5  # seconds of clock difference between edge and connector tolerated
+_ALGORITHM = ec.ECDSA(hashes.SHA256())
+
+
+class GrantError(ValueError):
+    """A grant is missing, malformed, forged, expired, replayed or for another flow; ``code`` says which."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class GrantClaims(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    version: int
+    edge: str
+    connector: str
+    host: str
+    port: int
+    protocol: str
+    connection: str
+    user: str
+    device: str
+    issued: int
+    expires: int
+
+
+_claims_encoder = msgspec.msgpack.Encoder()
+_claims_decoder = msgspec.msgpack.Decoder(GrantClaims)
+_envelope_decoder = msgspec.msgpack.Decoder(tuple[bytes, bytes])
+
+
+def sign(key: ec.EllipticCurvePrivateKey, *, edge: str, connector: str, host: str, port: int, protocol: str,
+         connection: str, user: str, device: str, now: float) -> bytes:
+    """A grant for one flow, valid ``GRANT_LIFETIME`` seconds from ``now``."""
+    issued = int(now)
+    claims = _claims_encoder.encode(GrantClaims(1, edge, connector, host, port, protocol, connection, user, device,
+                                                issued, issued + GRANT_LIFETIME))
+    return _claims_encoder.encode((claims, key.sign(claims, _ALGORITHM)))
+
+
+class GrantVerifier:
+    """A connector's check of the grants it receives (one per connector process).
+
+    ``seen`` holds the connection ids of grants honoured and not yet expired (at most
+    ``limit``; the oldest are forgotten first, and a forgotten one has expired anyway).
+    """
+
+    def __init__(self, connector: str, limit: int = 100_000) -> None:
+        self.connector = connector
+        self.limit = limit
+        self._seen: OrderedDict[str, int] = OrderedDict()
+
+    def verify(self, grant: bytes, edge_key: ec.EllipticCurvePublicKey, edge: str, *, host: str, port: int,
+               protocol: str, now: float) -> GrantClaims:
+        """The grant's claims if it is valid for this flow from ``edge``; ``GrantError`` saying why not."""
+        if not grant:
+            raise GrantError("grant_missing", f"the OPEN from edge {edge} carries no grant")
+        try:
+            claims_bytes, signature = _envelope_decoder.decode(grant)
+            claims = _claims_decoder.decode(claims_bytes)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise GrantError("grant_invalid", f"the grant from edge {edge} cannot be decoded") from None
+        try:
+            edge_key.verify(signature, claims_bytes, _ALGORITHM)
+        except InvalidSignature:
+            raise GrantError("grant_forged", f"the grant does not verify with edge {edge}'s certificate key") from None
+        if claims.version != 1:
+            raise GrantError("grant_invalid", f"grant version {claims.version} is not supported")
+        if claims.edge != edge or claims.connector != self.connector:
+            raise GrantError("grant_mismatch", f"the grant is from {claims.edge} for {claims.connector}, not from "
+                                               f"{edge} for {self.connector}")
+        if (claims.host, claims.port, claims.protocol) != (host, port, protocol):
+            raise GrantError("grant_mismatch", f"the grant is for {claims.host}:{claims.port}/{claims.protocol}, not "
+                                               f"{host}:{port}/{protocol}")
+        if claims.expires - claims.issued > MAX_LIFETIME:
+            raise GrantError("grant_invalid", f"the grant claims to live {claims.expires - claims.issued}s "
+                                              f"(at most {MAX_LIFETIME}s)")
+        if now > claims.expires + CLOCK_SKEW:
+            raise GrantError("grant_expired", f"the grant expired {now - claims.expires:.0f}s ago")
+        if now < claims.issued - CLOCK_SKEW:
+            raise GrantError("grant_invalid", f"the grant is issued {claims.issued - now:.0f}s in the future "
+                                              f"(check the clocks of edge and connector)")
+        self._forget(now)
+        key = f"{claims.edge}/{claims.connection}"
+        if key in self._seen:
+            raise GrantError("grant_replayed", f"the grant for connection {claims.connection} was already used")
+        self._seen[key] = claims.expires
+        return claims
+
+    def _forget(self, now: float) -> None:
+        seen = self._seen
+        while seen:
+            key, expires = next(iter(seen.items()))
+            if expires + CLOCK_SKEW >= now and len(seen) < self.limit:
+                return
+            del seen[key]

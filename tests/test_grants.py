@@ -1,0 +1,105 @@
+"""Flow grants (``dataplane.grants``): what a connector accepts and every way it refuses.
+
+Unit level here; ``test_e2e_grants.py`` sends forged and expired grants to a real connector.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from dataplane import grants
+from dataplane.grants import GrantClaims, GrantError, GrantVerifier
+
+pytestmark = pytest.mark.timeout(30)
+
+NOW = 1_900_000_000.0
+EDGE_KEY = ec.generate_private_key(ec.SECP256R1())
+OTHER_KEY = ec.generate_private_key(ec.SECP256R1())
+FLOW = dict(host="10.20.0.5", port=3389, protocol="tcp")
+
+
+def grant(key: ec.EllipticCurvePrivateKey = EDGE_KEY, now: float = NOW, **changes: object) -> bytes:
+    fields: dict[str, object] = dict(edge="edge-1", connector="conn-1", connection="c0ffee", user="alice@corp",
+                                     device="dev-1", **FLOW)
+    fields.update(changes)
+    return grants.sign(key, now=now, **fields)  # type: ignore[arg-type]
+
+
+def verify(data: bytes, now: float = NOW, verifier: GrantVerifier | None = None, **flow: object) -> GrantClaims:
+    return (verifier or GrantVerifier("conn-1")).verify(data, EDGE_KEY.public_key(), "edge-1", now=now,
+                                                        **{**FLOW, **flow})  # type: ignore[arg-type]
+
+
+def refused(data: bytes, code: str, **kw: object) -> str:
+    with pytest.raises(GrantError) as info:
+        verify(data, **kw)  # type: ignore[arg-type]
+    assert info.value.code == code, str(info.value)
+    return str(info.value)
+
+
+def test_a_grant_for_this_flow_is_accepted_with_its_claims() -> None:
+    claims = verify(grant())
+    assert (claims.edge, claims.connector, claims.host, claims.port, claims.protocol, claims.connection,
+            claims.user, claims.device) == ("edge-1", "conn-1", "10.20.0.5", 3389, "tcp", "c0ffee", "alice@corp",
+                                            "dev-1")
+    assert claims.expires - claims.issued == grants.GRANT_LIFETIME
+    assert verify(grant(), now=NOW + grants.GRANT_LIFETIME + grants.CLOCK_SKEW)  # last valid second
+
+
+def test_missing_and_garbage_grants() -> None:
+    assert refused(b"", "grant_missing") == "the OPEN from edge edge-1 carries no grant"
+    assert refused(b"\x93\x01\x02\x03", "grant_invalid") == "the grant from edge edge-1 cannot be decoded"
+    assert refused(b"\xc1", "grant_invalid") == "the grant from edge edge-1 cannot be decoded"
+
+
+def test_a_grant_signed_by_another_key_is_forged() -> None:
+    assert refused(grant(OTHER_KEY), "grant_forged") == \
+        "the grant does not verify with edge edge-1's certificate key"
+
+
+def test_changing_a_signed_claim_breaks_the_signature() -> None:
+    claims_bytes, signature = msgspec.msgpack.decode(grant(), type=tuple[bytes, bytes])
+    claims = msgspec.msgpack.decode(claims_bytes, type=GrantClaims)
+    moved = msgspec.msgpack.encode(msgspec.structs.replace(claims, host="10.99.0.1"))
+    assert refused(msgspec.msgpack.encode((moved, signature)), "grant_forged", host="10.99.0.1")
+
+
+def test_a_grant_for_another_flow_connector_or_edge_is_refused() -> None:
+    assert refused(grant(), "grant_mismatch", port=22) == \
+        "the grant is for 10.20.0.5:3389/tcp, not 10.20.0.5:22/tcp"
+    assert refused(grant(), "grant_mismatch", host="10.20.0.6")
+    assert refused(grant(connector="conn-2"), "grant_mismatch") == \
+        "the grant is from edge-1 for conn-2, not from edge-1 for conn-1"
+    assert refused(grant(edge="edge-9"), "grant_mismatch")
+
+
+def test_expired_future_and_overlong_grants_are_refused() -> None:
+    late = NOW + grants.GRANT_LIFETIME + grants.CLOCK_SKEW + 1
+    assert refused(grant(), "grant_expired", now=late) == "the grant expired 6s ago"
+    assert refused(grant(now=NOW + 60), "grant_invalid") == \
+        "the grant is issued 60s in the future (check the clocks of edge and connector)"
+    claims = GrantClaims(1, "edge-1", "conn-1", "10.20.0.5", 3389, "tcp", "c", "u", "d", int(NOW), int(NOW) + 3600)
+    encoded = msgspec.msgpack.encode(claims)
+    long_lived = msgspec.msgpack.encode((encoded, EDGE_KEY.sign(encoded, ec.ECDSA(grants.hashes.SHA256()))))
+    assert refused(long_lived, "grant_invalid") == "the grant claims to live 3600s (at most 300s)"
+
+
+def test_a_grant_is_honoured_once() -> None:
+    verifier = GrantVerifier("conn-1")
+    data = grant()
+    verify(data, verifier=verifier)
+    with pytest.raises(GrantError) as info:
+        verify(data, verifier=verifier)
+    assert (info.value.code, str(info.value)) == ("grant_replayed", "the grant for connection c0ffee was already used")
+    verify(grant(connection="other"), verifier=verifier)  # another flow's grant is fine
+
+
+def test_the_replay_memory_is_bounded_and_forgets_expired_grants() -> None:
+    verifier = GrantVerifier("conn-1", limit=10)
+    for i in range(25):
+        verify(grant(connection=f"c{i}"), verifier=verifier)
+    assert len(verifier._seen) <= 10
+    verify(grant(connection="late", now=NOW + 100), now=NOW + 100, verifier=verifier)
+    assert list(verifier._seen) == ["edge-1/late"]  # the expired ones are gone
