@@ -79,6 +79,18 @@ def add_node_commands(sub: Any) -> None:
                         help="local port forward (repeatable)")
     client.add_argument("--socks", dest="socks_listen", help="SOCKS5 listen HOST:PORT (FERRYMAN_SOCKS_LISTEN)")
     client.set_defaults(node="client")
+    csub = client.add_subparsers(dest="node_cmd", metavar="{login}", title="subcommands")
+    login = csub.add_parser("login", help="sign in (password, then TOTP if enrolled) and register this device",
+                            description="Sign in at the control plane and register this device: a device key is "
+                                        "made here, the control plane certifies it; session and key are stored "
+                                        "in DIR. `ferryman client` then uses them by itself.")
+    login.add_argument("--control", required=True, metavar="URL", help="control plane URL, e.g. http://control:8080")
+    login.add_argument("--user", required=True, metavar="UPN", help="user name (UPN), e.g. alice@corp.example")
+    login.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    login.add_argument("--totp", default="", metavar="CODE", help="TOTP code (asked for when needed on a terminal)")
+    login.add_argument("--recovery-code", default="", help="a one-time recovery code instead of a TOTP code")
+    login.add_argument("--device-name", default="", help="this device's name (default: the host name)")
+    login.add_argument("--dir", help="where to store the session (default: FERRYMAN_DATA_DIR/client)")
 
     p = sub.add_parser("pki", help="certificates for nodes until the control plane issues them")
     psub = p.add_subparsers(dest="pki_cmd", required=True)
@@ -99,19 +111,28 @@ _SETTING_FLAGS = ("tls_ca", "tls_cert", "tls_key", "metrics_addr", "edge_listen"
 def run_command(args: argparse.Namespace) -> int:
     if getattr(args, "node_cmd", None) == "register":
         return _register(args)
+    if getattr(args, "node_cmd", None) == "login":
+        return _login(args)
     try:
         if args.node == "pki":
             return _pki_init(args)
         overrides = {k: getattr(args, k, None) for k in _SETTING_FLAGS}
         settings = load(overrides)
         registered = None
+        keeper = None
         if args.node in register.ROLES:
             settings, registered = _use_registered_identity(args.node, settings, overrides)
+        elif args.node == "client":
+            settings, keeper = _use_signed_in_session(settings, overrides)
         identity = NodeIdentity(settings, args.node)
         setup_logging(settings.log_level, settings.log_format, args.node, identity.name)
         if registered is not None:
             _log_registered(registered, settings)
-        node = _build(args, settings, identity, registered, follow_edges=not _explicit("edges", overrides))
+        if keeper is not None:
+            log.info("FERRYMAN_TLS_* not set: using the signed-in session",
+                     extra={"user": keeper.session.upn, "device": keeper.session.device_id,
+                            "session": keeper.directory})
+        node = _build(args, settings, identity, registered, keeper, follow_edges=not _explicit("edges", overrides))
     except (SettingsError, AppsError, pki.PkiError, ValueError) as exc:
         print(f"ferryman {args.node}: {exc}", file=sys.stderr)
         return 2
@@ -164,7 +185,7 @@ def _log_registered(found: register.Identity, settings: Settings) -> None:
 
 
 def _build(args: argparse.Namespace, settings: Settings, identity: NodeIdentity,
-           registered: register.Identity | None, *, follow_edges: bool) -> Any:
+           registered: register.Identity | None, keeper: Any, *, follow_edges: bool) -> Any:
     if args.node == "edge":
         from .edge.node import Edge
 
@@ -184,7 +205,68 @@ def _build(args: argparse.Namespace, settings: Settings, identity: NodeIdentity,
         return Connector(settings, identity, registered, follow_edges=registered is not None and follow_edges)
     from .client.node import Client, Forward
 
-    return Client(settings, identity, [Forward.parse(f) for f in args.forward])
+    return Client(settings, identity, [Forward.parse(f) for f in args.forward], keeper)
+
+
+def _use_signed_in_session(settings: Settings, overrides: dict[str, Any]) -> tuple[Settings, Any]:
+    """With no FERRYMAN_TLS_* at all, the session of ``ferryman client login`` (FERRYMAN_DATA_DIR/client), if any."""
+    from .client.signin import TokenKeeper, default_directory, read_session
+
+    if settings.tls_ca or settings.tls_cert or settings.tls_key:
+        return settings, None
+    directory = os.path.abspath(default_directory(settings.data_dir))
+    session = read_session(directory)
+    if session is None:
+        return settings, None
+    files = {"tls_ca": os.path.join(directory, session.ca), "tls_cert": os.path.join(directory, session.cert),
+             "tls_key": os.path.join(directory, session.key)}
+    return load({**overrides, **files}), TokenKeeper(directory, session, lambda _token: None)
+
+
+def _login(args: argparse.Namespace) -> int:
+    import getpass
+
+    from .client.signin import SignInError, default_directory, login
+
+    try:
+        data_dir = load().data_dir
+    except SettingsError as exc:
+        print(f"ferryman client login: {exc}", file=sys.stderr)
+        return 2
+    directory = os.path.abspath(args.dir or default_directory(data_dir))
+    try:
+        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass(f"password for {args.user}: ")
+    except (EOFError, KeyboardInterrupt):
+        print("ferryman client login: no password given", file=sys.stderr)
+        return 2
+    totp = args.totp
+    for attempt in range(2):
+        try:
+            session = login(args.control, args.user, password, directory=directory, totp=totp,
+                            recovery_code=args.recovery_code, device_name=args.device_name)
+            break
+        except SignInError as exc:
+            if exc.code == "mfa_required" and attempt == 0 and not totp and sys.stdin.isatty() \
+                    and not args.password_stdin:
+                totp = input("TOTP code: ").strip()
+                continue
+            hint = " (pass --totp CODE or --recovery-code CODE)" if exc.code == "mfa_required" else ""
+            print(f"ferryman client login: {exc}{hint}", file=sys.stderr)
+            return 1
+        except pki.PkiError as exc:
+            print(f"ferryman client login: signed in, but the device identity cannot be stored: {exc}",
+                  file=sys.stderr)
+            return 1
+    print(f"# signed in as {session.upn} on device {session.device_id}; session and device key in {directory}")
+    if directory == os.path.abspath(default_directory(data_dir)):
+        print("# `ferryman client` uses them by itself while FERRYMAN_TLS_* are unset")
+    else:
+        print(f"# `ferryman client` uses them when FERRYMAN_DATA_DIR is {os.path.dirname(directory)} and the "
+              f"directory is named {os.path.basename(default_directory(''))!r}" if os.path.basename(directory)
+              == os.path.basename(default_directory("")) else
+              f"# store it as FERRYMAN_DATA_DIR/{os.path.basename(default_directory(''))} for `ferryman client` "
+              f"to use it")
+    return 0
 
 
 def _pki_init(args: argparse.Namespace) -> int:

@@ -86,7 +86,7 @@ class Backoff:
 async def keep_tunnel(
     node: TunnelHandler,
     settings: Settings,
-    wire: WireConfig,
+    wire: WireConfig | Callable[[], WireConfig],
     ssl_ctx: ssl.SSLContext | Callable[[], ssl.SSLContext],
     edges: list[tuple[str, int]],
     session: Callable[[Tunnel], Awaitable[None]],
@@ -99,8 +99,9 @@ async def keep_tunnel(
     after a failure), wait for the HELLO exchange, run ``session(tunnel)`` until it
     returns (normally when the tunnel ends), then back off with jitter and dial again.
 
-    ``ssl_ctx`` may be a function returning the context to use for the next dial (a node
-    whose certificate is renewed hands out the new one); ``edges`` is read at every dial,
+    ``ssl_ctx`` and ``wire`` may be functions returning what to use for the next dial (a
+    node whose certificate is renewed hands out the new context, a client its current
+    access token in the HELLO); ``edges`` is read at every dial,
     so a node may replace its contents (new edges from the control plane)."""
     loop = asyncio.get_running_loop()
     backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
@@ -108,10 +109,11 @@ async def keep_tunnel(
     while running():
         host, port = edges[(first + attempt) % len(edges)]
         context = ssl_ctx() if callable(ssl_ctx) else ssl_ctx
+        config = wire() if callable(wire) else wire
         name = f"{label}{host}:{port}"
         try:
             _, tunnel = await loop.create_connection(
-                lambda: Tunnel(node, wire, dialer=True, accept_roles=("edge",),
+                lambda: Tunnel(node, config, dialer=True, accept_roles=("edge",),
                                keepalive=settings.keepalive_interval, handshake_timeout=settings.handshake_timeout,
                                write_buffer_high=settings.write_buffer_high, label=name),
                 host, port, ssl=context, server_hostname=host, ssl_handshake_timeout=settings.handshake_timeout,

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -449,3 +450,55 @@ class AccessPolicy(Base):
     conditions: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# ---------------------------------------------------------------------------- traffic logs
+
+
+class TrafficLog(Base):
+    """One flow (``action`` allow / report) or one refused attempt (``deny``), as an edge recorded it.
+
+    ``connection_id`` names the flow (it is also in the grant the connector checked);
+    ``transaction_id`` the client tunnel it came through (every flow of one tunnel shares it).
+    Times are the edge's; bytes are counted at the edge (sent: client → application)."""
+
+    __tablename__ = "traffic_logs"
+    __table_args__ = (
+        Index("ix_traffic_logs_start", "start"),
+        Index("ix_traffic_logs_user_id_start", "user_id", "start"),
+        Index("ix_traffic_logs_application_start", "application", "start"),
+        CheckConstraint("action IN ('allow', 'deny', 'report')", name="ck_traffic_logs_action"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    connection_id: Mapped[str] = mapped_column(String(64), index=True)
+    transaction_id: Mapped[str] = mapped_column(String(64))
+    start: Mapped[datetime]
+    end: Mapped[datetime | None]
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    user_id: Mapped[str] = mapped_column(String(36), default="")
+    upn: Mapped[str] = mapped_column(String(255), default="")
+    device_id: Mapped[str] = mapped_column(String(64), default="")
+    device_os: Mapped[str] = mapped_column(String(64), default="")
+    process: Mapped[str] = mapped_column(String(255), default="")
+    source_ip: Mapped[str] = mapped_column(String(64), default="")
+    source_port: Mapped[int] = mapped_column(Integer, default=0)
+    destination_ip: Mapped[str] = mapped_column(String(64), default="")
+    destination_port: Mapped[int] = mapped_column(Integer, default=0)
+    destination_fqdn: Mapped[str] = mapped_column(String(255), default="")
+    transport: Mapped[str] = mapped_column(String(8), default="tcp")
+    network: Mapped[str] = mapped_column(String(8), default="")
+    application: Mapped[str] = mapped_column(String(200), default="")
+    application_kind: Mapped[str] = mapped_column(String(20), default="")
+    segment: Mapped[str] = mapped_column(String(300), default="")
+    policy: Mapped[str] = mapped_column(String(200), default="")
+    rule: Mapped[str] = mapped_column(String(64), default="")
+    action: Mapped[str] = mapped_column(String(8))
+    reason_code: Mapped[str] = mapped_column(String(64), default="")
+    connector_id: Mapped[str] = mapped_column(String(64), default="")
+    connector_name: Mapped[str] = mapped_column(String(200), default="")
+    connector_address: Mapped[str] = mapped_column(String(64), default="")
+    edge: Mapped[str] = mapped_column(String(200), default="")
+    bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    close_reason: Mapped[str] = mapped_column(String(1024), default="")

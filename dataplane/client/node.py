@@ -23,7 +23,8 @@ from ..settings import Settings
 from ..socketflow import EndpointNode, SocketFlow
 from ..transport.tunnel import Tunnel
 from ..wire import events as ev
-from ..wire.connection import FlowError
+from ..wire.connection import FlowError, WireConfig
+from .signin import TokenKeeper
 from ..wire.frames import Open
 
 log = logging.getLogger("ferryman.client")
@@ -74,7 +75,10 @@ class ClientFlow(SocketFlow):
 
 
 class Client(EndpointNode):
-    def __init__(self, settings: Settings, identity: NodeIdentity, forwards: list[Forward]) -> None:
+    """``keeper``: the signed-in session's token keeper (None: no user sign-in, certificate only)."""
+
+    def __init__(self, settings: Settings, identity: NodeIdentity, forwards: list[Forward],
+                 keeper: TokenKeeper | None = None) -> None:
         self.settings = settings
         self.identity = identity
         self.name = identity.name
@@ -89,6 +93,9 @@ class Client(EndpointNode):
         self._probes: dict[int, Forward] = {}
         self._ssl = identity.client_context()
         self._wire = identity.wire_config()
+        self.keeper = keeper
+        if keeper is not None:
+            keeper.on_token = self._new_token
         self.stats.extra = {
             "ferryman_client_forwards_ready": (
                 "Forwards whose destination answered a probe", lambda: float(sum(1 for v in self.probe_ok.values() if not v))),
@@ -118,18 +125,34 @@ class Client(EndpointNode):
         metrics = None
         if self.settings.metrics_addr:
             metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready)
-        keeper = asyncio.create_task(keep_tunnel(self, self.settings, self._wire, self._ssl, self.edges,
+        keeper = asyncio.create_task(keep_tunnel(self, self.settings, self._wire_config, self._ssl, self.edges,
                                                  self._session, lambda: not stop.is_set()))
+        tokens = asyncio.create_task(self.keeper.run(stop)) if self.keeper is not None else None
         await stop.wait()
         for server in self.listeners:
             server.close()
         keeper.cancel()
-        await asyncio.gather(keeper, return_exceptions=True)
+        if tokens is not None:
+            tokens.cancel()
+        await asyncio.gather(keeper, *([tokens] if tokens else []), return_exceptions=True)
         if self.tunnel is not None:
             self.tunnel.goaway("shutdown", f"client {self.name} stopped")
             self.tunnel.close("shutdown", "client stopped")
         if metrics is not None:
             metrics.close()
+
+    def _wire_config(self) -> WireConfig:
+        """The HELLO of the next tunnel: with the current access token when signed in."""
+        if self.keeper is None:
+            return self._wire
+        return msgspec.structs.replace(self._wire, token=self.keeper.token)
+
+    def _new_token(self, token: str) -> None:
+        """A refreshed access token: the edge gets it at once for the flows opened from now on."""
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.up and not tunnel.closed:
+            tunnel.conn.send_auth(token)
+            tunnel.flush_soon()
 
     def ready(self) -> bool:
         t = self.tunnel

@@ -1,0 +1,220 @@
+"""The client agent's sign-in: ``ferryman client login`` and keeping the access token fresh.
+
+``login(...)`` signs the user in at the control plane (``POST /v1/auth/sign-in``: UPN,
+password, TOTP or recovery code when the account has a second factor) and registers this
+device in the same call: a new device key (made here, never sent) and a CSR, answered with
+a device certificate (CN = the device id). It stores, in one directory (default
+``FERRYMAN_DATA_DIR/client``): the device key (0600), certificate and CA, and
+``session.json`` (0600): control-plane URL, user, device id, the refresh token and the
+current access token with its expiry.
+
+A client started with no ``FERRYMAN_TLS_*`` settings uses that directory by itself
+(``dataplane.run``). ``TokenKeeper`` then keeps the access token fresh: it refreshes
+(``POST /v1/auth/refresh``, which rotates the refresh token) once 80% of the token's
+lifetime has passed, stores the new tokens, and hands the token to the client node, which
+sends it to the edge in an AUTH frame. While the control plane cannot be reached it
+retries with backoff; flows keep working until the access token expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from .. import httpclient, pki
+from ..enroll import new_key_and_csr, write_identity
+from ..observability import VERSION
+from ..runtime import Backoff
+
+log = logging.getLogger("ferryman.signin")
+
+CLIENT_DIR = "client"  # under FERRYMAN_DATA_DIR
+SESSION_FILE = "session.json"
+REQUEST_TIMEOUT = 30.0
+REFRESH_AT = 0.8  # share of an access token's lifetime after which it is refreshed
+RETRY_MAX = 30.0
+
+
+class SignInError(Exception):
+    """Sign-in or refresh failed; ``code`` is the control plane's (``mfa_required``, ...) or ``network``."""
+
+    def __init__(self, message: str, code: str = "", status: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class ClientSession(msgspec.Struct, kw_only=True):
+    """``session.json``: file names are relative to its directory."""
+
+    control: str
+    user_id: str
+    upn: str
+    device_id: str
+    session_id: str
+    refresh_token: str
+    access_token: str
+    access_expires: int  # unix time
+    access_lifetime: int = 3600  # seconds the current access token was issued for
+    ca: str = pki.CA_CERT
+    cert: str
+    key: str
+
+
+def default_directory(data_dir: str) -> str:
+    return os.path.join(data_dir, CLIENT_DIR)
+
+
+def read_session(directory: str) -> ClientSession | None:
+    path = os.path.join(directory, SESSION_FILE)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise pki.PkiError(f"{path}: {exc.strerror}") from None
+    try:
+        return msgspec.json.decode(data, type=ClientSession)
+    except msgspec.MsgspecError as exc:
+        raise pki.PkiError(f"{path}: not a Ferryman client session ({exc})") from None
+
+
+def write_session(directory: str, session: ClientSession) -> None:
+    pki.write_file(os.path.join(directory, SESSION_FILE), msgspec.json.format(msgspec.json.encode(session)) + b"\n",
+                   0o600)
+
+
+def _error(status: int, payload: bytes) -> SignInError:
+    message, code = f"HTTP {status}", ""
+    try:
+        body = json.loads(payload)
+        if isinstance(body, dict):
+            message = str(body.get("error") or message)
+            code = str(body.get("code") or "")
+    except ValueError:
+        pass
+    return SignInError(message, code, status)
+
+
+def _post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(base.rstrip("/") + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Accept": "application/json",
+                                              "User-Agent": f"ferryman/{VERSION}"})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+            return json.loads(response.read(1 << 20))
+    except urllib.error.HTTPError as exc:
+        with exc:
+            raise _error(exc.code, exc.read(65536)) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SignInError(f"cannot reach the control plane at {base}: {reason}", "network") from None
+
+
+def login(control: str, upn: str, password: str, *, directory: str, totp: str = "", recovery_code: str = "",
+          device_name: str = "", os_name: str = "", os_version: str = "") -> ClientSession:
+    """Sign in and register this device; store and return the session (see the module doc)."""
+    key_pem, csr_pem = new_key_and_csr("device")  # the control plane names the certificate after the device id
+    body: dict[str, Any] = {
+        "upn": upn, "password": password,
+        "device": {"csr_pem": csr_pem.decode(), "name": device_name or platform.node()[:200],
+                   "os": os_name or platform.system(), "os_version": os_version or platform.release()[:64]},
+    }
+    if totp:
+        body["totp_code"] = totp
+    if recovery_code:
+        body["recovery_code"] = recovery_code
+    answer = _post(control, "/v1/auth/sign-in", body)
+    try:
+        device = answer["device"]
+        files = write_identity(directory, device["id"], key_pem, device["certificate_pem"].encode(),
+                               device["ca_pem"].encode())
+        session = ClientSession(
+            control=control.rstrip("/"), user_id=answer["user"]["id"], upn=answer["user"]["upn"],
+            device_id=device["id"], session_id=answer["session_id"], refresh_token=answer["refresh_token"],
+            access_token=answer["access_token"], access_expires=int(time.time()) + int(answer["expires_in"]),
+            access_lifetime=int(answer["expires_in"]),
+            ca=os.path.basename(files.ca), cert=os.path.basename(files.cert), key=os.path.basename(files.key),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SignInError(f"the control plane's sign-in answer is incomplete ({exc!r})") from None
+    write_session(directory, session)
+    return session
+
+
+class TokenKeeper:
+    """Keeps a stored session's access token fresh; ``on_token(token)`` gets each new one."""
+
+    def __init__(self, directory: str, session: ClientSession, on_token: Callable[[str], None]) -> None:
+        self.directory = directory
+        self.session = session
+        self.on_token = on_token
+
+    @property
+    def token(self) -> str:
+        return self.session.access_token
+
+    def _due(self, now: float) -> float:
+        """Seconds until the token should be refreshed (0: now)."""
+        s = self.session
+        return max(0.0, s.access_expires - s.access_lifetime * (1 - REFRESH_AT) - now)
+
+    async def refresh(self) -> None:
+        """One refresh now (``SignInError`` if it fails)."""
+        body = msgspec.json.encode({"refresh_token": self.session.refresh_token})
+        try:
+            answer = await httpclient.request(self.session.control, "POST", "/v1/auth/refresh", body=body,
+                                              headers={"Content-Type": "application/json"}, timeout=REQUEST_TIMEOUT,
+                                              user_agent=f"ferryman/{VERSION}")
+        except httpclient.HttpError as exc:
+            raise SignInError(f"cannot reach the control plane at {self.session.control}: {exc}", "network") from None
+        if answer.status != 200:
+            raise _error(answer.status, answer.body)
+        try:
+            data = json.loads(answer.body)
+            self.session = msgspec.structs.replace(
+                self.session, access_token=data["access_token"], refresh_token=data["refresh_token"],
+                access_expires=int(time.time()) + int(data["expires_in"]), access_lifetime=int(data["expires_in"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SignInError(f"the control plane's refresh answer is incomplete ({exc!r})") from None
+        await asyncio.to_thread(write_session, self.directory, self.session)
+        self.on_token(self.session.access_token)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(1.0, RETRY_MAX)
+        while not stop.is_set():
+            delay = self._due(time.time())
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                    return
+                except TimeoutError:
+                    pass
+            try:
+                await self.refresh()
+                backoff.reset()
+                log.info("access token refreshed", extra={"expires_in": self.session.access_expires - int(time.time())})
+            except SignInError as exc:
+                if exc.status in (400, 401, 403):
+                    log.error("the control plane refused to refresh the access token (%s): run `ferryman client "
+                              "login` again", exc)
+                    return
+                wait = backoff.next()
+                log.warning("access token refresh failed; retrying", extra={"reason": str(exc),
+                                                                             "retry_in_s": round(wait, 1)})
+                try:
+                    await asyncio.wait_for(stop.wait(), wait)
+                    return
+                except TimeoutError:
+                    pass
