@@ -11,6 +11,8 @@ An edge or a connector registered with ``ferryman ROLE register`` runs a ``Contr
 - **heartbeats**: ``POST /v1/node/heartbeat`` every ``FERRYMAN_HEARTBEAT_INTERVAL``
   seconds with what ``report()`` returns (version, addresses, tunnels, active flows) and
   the configuration version held.
+- **traffic logs** (edges): the records queued by the node are sent in batches to
+  ``POST /v1/node/traffic`` (every second, or at once while a full batch is waiting).
 - **renewal**: once less than ``FERRYMAN_RENEW_AT`` of the certificate's lifetime is
   left, a new key and CSR go to ``POST /v1/node/renew``; the new certificate, key and CA
   replace the old files (the old ones stay until all three are written) and ``node.json``
@@ -47,6 +49,7 @@ from .observability import VERSION
 from .runtime import Backoff
 from .settings import Settings
 from .snapshot import ConfigSnapshot, SnapshotCache, SnapshotError, decode
+from .trafficlog import MAX_BATCH, TrafficQueue
 from .transport.tunnel import Tunnel
 
 log = logging.getLogger("ferryman.control_link")
@@ -58,6 +61,7 @@ RETRY_MIN = 0.5
 RETRY_MAX = 10.0  # seconds between attempts while the control plane is down
 REFUSED_RETRY = 60.0  # seconds between attempts while the control plane refuses this node
 RENEW_CHECK = 600.0  # seconds between checks whether the certificate is due for renewal
+TRAFFIC_INTERVAL = 1.0  # seconds between traffic-log batches while the queue has less than a batch
 
 
 class ControlError(Exception):
@@ -146,7 +150,7 @@ class ControlLink:
 
     def __init__(self, settings: Settings, identity: register.Identity,
                  on_snapshot: Callable[[ConfigSnapshot], None], report: Callable[[], Report],
-                 on_renewed: Callable[[], None] | None = None) -> None:
+                 on_renewed: Callable[[], None] | None = None, *, traffic: TrafficQueue | None = None) -> None:
         self.settings = settings
         self.identity = identity
         self.base = register.control_base(settings.control_url or identity.record.control)
@@ -156,6 +160,7 @@ class ControlLink:
         self.on_snapshot = on_snapshot
         self.report = report
         self.on_renewed = on_renewed
+        self.traffic = traffic
         self.snapshot: ConfigSnapshot | None = None
         self.last_heartbeat: float | None = None  # loop time of the last accepted heartbeat
         self._down: set[str] = set()  # which loops currently see the control plane unreachable
@@ -181,7 +186,10 @@ class ControlLink:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow configuration, send heartbeats and renew the certificate until ``stop`` is set."""
-        tasks = [asyncio.create_task(loop()) for loop in (self._follow, self._heartbeats, self._renewals)]
+        loops = [self._follow, self._heartbeats, self._renewals]
+        if self.traffic is not None:
+            loops.append(self._ship_traffic)
+        tasks = [asyncio.create_task(loop()) for loop in loops]
         stopping = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -280,6 +288,30 @@ class ControlLink:
                 self._succeeded("heartbeat")
                 self.last_heartbeat = loop.time()
             await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------------ traffic logs
+    async def _ship_traffic(self) -> None:
+        """Send queued traffic records in batches; an unsent batch goes back to the front of the queue."""
+        queue = self.traffic
+        assert queue is not None
+        backoff = Backoff(RETRY_MIN, RETRY_MAX)
+        while True:
+            batch = queue.take(MAX_BATCH)
+            if not batch:
+                await asyncio.sleep(TRAFFIC_INTERVAL)
+                continue
+            try:
+                await self.client.call("POST", "/v1/node/traffic", {"records": batch})
+            except ControlError as exc:
+                queue.give_back(batch)
+                slow = self._failed("traffic logs", exc)
+                await asyncio.sleep(slow or backoff.next())
+                continue
+            self._succeeded("traffic logs")
+            backoff.reset()
+            queue.shipped += len(batch)
+            if len(batch) < MAX_BATCH:
+                await asyncio.sleep(TRAFFIC_INTERVAL)
 
     # ------------------------------------------------------------------ renewal
     async def _renewals(self) -> None:

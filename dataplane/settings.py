@@ -37,6 +37,7 @@ class Settings(msgspec.Struct, kw_only=True):
     control_url: str = ""
     config_wait: float = 25.0
     renew_at: float = 0.3333
+    traffic_queue: int = 100000
     # TLS identity
     tls_ca: str = ""
     tls_cert: str = ""
@@ -76,6 +77,7 @@ VARIABLES: dict[str, str] = {
     "control_url": "Edge/connector: control plane URL to follow; empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
+    "traffic_queue": "Edge: traffic log records held while the control plane is unreachable (the oldest are dropped and counted beyond).",
     "tls_ca": "CA bundle (PEM) that peer certificates must chain to.",
     "tls_cert": "This node's certificate (PEM).",
     "tls_key": "This node's private key (PEM, mode 0600).",
@@ -117,6 +119,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "heartbeat_interval": (0.1, 3600),
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),
+    "traffic_queue": (1, 10_000_000),
 }
 
 

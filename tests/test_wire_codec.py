@@ -150,8 +150,9 @@ CONTROL_CASES = [
         Open(host="h", port=1, user="u@x", device="d", connection="c", process="p", grant=b"\x01\x02"),
         "9a" "a168" "01" "a3746370" "a0" "a0" "a3754078" "a164" "a163" "a170" "c4020102",
     ),
-    (OpenOk(), "91" "a0"),
-    (OpenOk(bound="1.2.3.4:80"), "91" "aa312e322e332e343a3830"),
+    (OpenOk(), "92" "a0" "a0"),
+    (OpenOk(bound="1.2.3.4:80"), "92" "aa312e322e332e343a3830" "a0"),
+    (OpenOk(bound="1.2.3.4:80", remote="5.6.7.8:9"), "92" "aa312e322e332e343a3830" "a9352e362e372e383a39"),
     (OpenFail(code="denied"), "92" "a664656e696564" "a0"),
     (OpenFail(code="refused", reason="no route"), "92" "a772656675736564" "a86e6f20726f757465"),
     (Rst(code="cancel"), "92" "a663616e63656c" "a0"),
@@ -287,7 +288,7 @@ GOLDEN_A1 = H(
 GOLDEN_D2 = H("02" "00" "00000001" "0000001d" "9a" "a86170702e636f7270" "cd01bb" "a3746370" "a0" "a477696b69"
               "a0" "a0" "a0" "a0" "c400")
 # acceptor -> dialer: OPEN_OK flow 1 bound=10.1.2.3:443
-GOLDEN_A2 = H("03" "00" "00000001" "0000000e" "91" "ac31302e312e322e333a343433")
+GOLDEN_A2 = H("03" "00" "00000001" "0000000f" "92" "ac31302e312e322e333a343433" "a0")
 # dialer -> acceptor: DATA flow 1 "GET /", FIN flow 1
 GOLDEN_D3 = H("05" "00" "00000001" "00000005" "474554202f" "06" "00" "00000001" "00000000")
 # acceptor -> dialer: DATA flow 1 "HTTP", FIN flow 1

@@ -8,6 +8,7 @@
   keep coming.
 - ``POST /v1/node/renew``: a CSR for a fresh key; returns a new certificate for the same
   node (same role, name and, for an edge, the same host names) and the CA bundle.
+- ``POST /v1/node/traffic``: a batch of an edge's traffic log records.
 
 ``require_node`` checks the request token: certificate issued by this control plane's CA,
 within its validity, not revoked, recorded for a registered node; signature by that
@@ -40,13 +41,13 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from control.snapshot import TooManyWaiters
-from control.store import repo
+from control.store import repo, traffic
 from control.store.models import Connector, Edge
 from dataplane import pki
 from dataplane.nodeauth import ALGORITHM, CLOCK_SKEW, TOKEN_LIFETIME
 
 from .deps import Api
-from .schemas import HeartbeatIn, HeartbeatOut, RenewIn, RenewOut
+from .schemas import HeartbeatIn, HeartbeatOut, RenewIn, RenewOut, TrafficIn, TrafficOut
 
 MAX_WAIT = 120.0  # seconds a configuration long-poll may ask to wait
 _MAX_TOKEN = 16384  # characters; a token with a P-256 certificate is about 1.5 KiB
@@ -265,4 +266,22 @@ async def node_renew(request: Request, data: RenewIn) -> RenewOut:
     return await anyio.to_thread.run_sync(_renew, request.app.state.api, request.state.node, data)
 
 
-NODE_ROUTES = [node_config, node_heartbeat, node_renew]
+# ---------------------------------------------------------------------------- traffic logs
+
+
+def _store_traffic(api: Api, node: NodeCaller, data: TrafficIn) -> int:
+    with api.store.begin() as session:
+        return traffic.insert_records(session, node.name, (msgspec.structs.asdict(r) for r in data.records))
+
+
+@post("/v1/node/traffic", guards=[require_node], security=[{"nodeToken": []}], tags=["nodes"], status_code=200)
+async def node_traffic(request: Request, data: TrafficIn) -> TrafficOut:
+    """A batch of an edge's traffic log records (at most 500)."""
+    node: NodeCaller = request.state.node
+    if node.role != "edge":
+        raise PermissionDeniedException(f"only edges send traffic logs; {node.role} {node.name!r} may not")
+    stored = await anyio.to_thread.run_sync(_store_traffic, request.app.state.api, node, data)
+    return TrafficOut(stored=stored)
+
+
+NODE_ROUTES = [node_config, node_heartbeat, node_renew, node_traffic]

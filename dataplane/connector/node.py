@@ -224,7 +224,9 @@ class Connector(EndpointNode):
                 transport.abort()
                 return
             local = transport.get_extra_info("sockname")
-            tunnel.conn.accept_flow(flow.flow_id, bound=f"{local[0]}:{local[1]}")
+            remote = transport.get_extra_info("peername")
+            tunnel.conn.accept_flow(flow.flow_id, bound=f"{local[0]}:{local[1]}",
+                                    remote=f"{remote[0]}:{remote[1]}" if remote else "")
             tunnel.flush_soon()
             flow.activate()
             return

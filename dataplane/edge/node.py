@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .. import register
-from ..apps import AppTable, describe_miss
+from ..apps import AppTable, Match, Segment, describe_miss
 from ..controllink import ControlLink, Report, cut_revoked
 from ..observability import Stats, parse_hostport, start_metrics_server
 from ..pki import PeerIdentity
@@ -40,6 +40,7 @@ from ..access import TokenError, TokenVerifier
 from ..grants import sign as sign_grant
 from ..policy import AccessIndex, Decision, Principal
 from ..snapshot import ConfigSnapshot, app_table, revoked_set
+from ..trafficlog import FlowRecord, TrafficQueue, is_ip, network_of, split_address
 from ..transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from ..wire import events as ev
 from ..wire.connection import FlowError
@@ -53,7 +54,7 @@ class Splice:
 
     __slots__ = ("client", "cfid", "conn", "kfid", "up_pending", "down_pending",
                  "up_fin", "down_fin", "accepted", "closed_sides", "dest", "app", "connection", "principal",
-                 "decision")
+                 "decision", "start", "request", "segment", "sent", "received", "remote")
 
     def __init__(self, client: Tunnel, cfid: int, conn: Tunnel, kfid: int, dest: str, app: str,
                  connection: str = "", principal: Principal | None = None, decision: Decision | None = None) -> None:
@@ -72,6 +73,12 @@ class Splice:
         self.connection = connection  # the traffic log's connection id
         self.principal = principal  # who opened it (None when no identity is enforced)
         self.decision = decision
+        self.start = time.time()
+        self.request: Open | None = None  # the client's OPEN (for the traffic log)
+        self.segment = ""
+        self.sent = 0  # bytes client -> application
+        self.received = 0
+        self.remote = ""  # the backend address the connector reached
 
 
 class Edge(TunnelHandler):
@@ -94,8 +101,13 @@ class Edge(TunnelHandler):
         self.stats = Stats("edge", identity.name)
         self.static_apps = apps is not None
         self.link: ControlLink | None = None
+        self.traffic: TrafficQueue | None = None
+        self.app_kinds: dict[str, str] = {}
+        self.device_os: dict[str, str] = {}
         if registered is not None:
-            self.link = ControlLink(settings, registered, self._configure, self._report, self._renewed)
+            self.traffic = TrafficQueue(settings.traffic_queue)
+            self.link = ControlLink(settings, registered, self._configure, self._report, self._renewed,
+                                    traffic=self.traffic)
         self._server_ctx = identity.server_context()
         self.groups: dict[str, list[Tunnel]] = {}
         self.clients: set[Tunnel] = set()
@@ -107,6 +119,12 @@ class Edge(TunnelHandler):
             "ferryman_edge_clients": ("Client tunnels connected", lambda: float(len(self.clients))),
             "ferryman_edge_connector_tunnels": (
                 "Connector tunnels connected", lambda: float(sum(len(v) for v in self.groups.values()))),
+            "ferryman_traffic_records_queued": (
+                "Traffic log records waiting to be sent to the control plane",
+                lambda: float(len(self.traffic) if self.traffic is not None else 0)),
+            "ferryman_traffic_records_dropped_total": (
+                "Traffic log records dropped because the queue was full (control plane unreachable)",
+                lambda: float(self.traffic.dropped if self.traffic is not None else 0)),
             "ferryman_config_version": (
                 "Configuration version in use (-1: none yet; 0 without a control plane)",
                 lambda: float(-1 if self.link is not None and self.link.version is None
@@ -153,6 +171,8 @@ class Edge(TunnelHandler):
         if not self.static_apps:
             self.apps = app_table(snapshot)  # SnapshotError: the link keeps the previous configuration
             access = AccessIndex(snapshot)
+            self.app_kinds = {a.name: a.kind for a in snapshot.applications}
+            self.device_os = {d.id: d.os for d in snapshot.devices}
             if self.tokens is None or (self.tokens.keys, self.tokens.issuer) != (snapshot.token_keys,
                                                                                  snapshot.token_issuer):
                 try:
@@ -201,7 +221,7 @@ class Edge(TunnelHandler):
         if splice.kfid in conn.conn.flows:
             conn.conn.reset_flow(splice.kfid, code, reason)
             conn.flush_soon()
-        self._finish(splice, code)
+        self._finish(splice, code, reason)
 
     # ------------------------------------------------------------------ identity
     def _authenticate(self, tunnel: Tunnel, token: str) -> None:
@@ -330,7 +350,7 @@ class Edge(TunnelHandler):
             else:
                 other.conn.reset_flow(ofid, code, reason)
             other.flush_soon()
-            self._finish(splice, code)
+            self._finish(splice, code, reason)
         tunnel.routes.clear()
 
     def tunnel_writable(self, tunnel: Tunnel, writable: bool) -> None:
@@ -367,25 +387,28 @@ class Edge(TunnelHandler):
             return
         match = self.apps.match(request.host, request.port, request.protocol)
         if match is None:
-            self._refuse(tunnel, fid, "no_application", describe_miss(request.host, request.port, request.protocol))
+            self._refuse(tunnel, fid, "no_application", describe_miss(request.host, request.port, request.protocol),
+                         request)
             return
         principal: Principal | None = None
         decision: Decision | None = None
         now = time.time()
         if self.access is not None and self.access.enforcing:
             if not isinstance(tunnel.context, Principal):
-                self._refuse(tunnel, fid, "sign_in_required", f"sign-in required: {tunnel.context or 'no token'}")
+                self._refuse(tunnel, fid, "sign_in_required", f"sign-in required: {tunnel.context or 'no token'}",
+                             request, match)
                 return
             principal = tunnel.context
             decision = self.access.decide(principal, match.app.name, tunnel.peer_addr, now)
             if not decision.allowed:
-                self._refuse(tunnel, fid, decision.code, decision.reason)
+                self._refuse(tunnel, fid, decision.code, decision.reason, request, match, decision)
                 return
         group = match.app.connector_group
         connector = self.pick_connector(group)
         if connector is None:
             self._refuse(tunnel, fid, "no_connector",
-                         f"no connector of group '{group}' is connected for application '{match.app.name}'")
+                         f"no connector of group '{group}' is connected for application '{match.app.name}'",
+                         request, match, decision)
             return
         connection = os.urandom(8).hex()
         user = principal.upn if principal is not None else ""
@@ -404,14 +427,71 @@ class Edge(TunnelHandler):
             return
         splice = Splice(tunnel, fid, connector, kfid, f"{request.host}:{request.port}", match.app.name,
                         connection, principal, decision)
+        splice.request = request
+        splice.segment = _segment_text(match.segment)
         tunnel.routes[fid] = splice
         connector.routes[kfid] = splice
         connector.flush_soon()
 
-    def _refuse(self, tunnel: Tunnel, fid: int, code: str, reason: str) -> None:
+    def _refuse(self, tunnel: Tunnel, fid: int, code: str, reason: str, request: Open | None = None,
+                match: Match | None = None, decision: Decision | None = None) -> None:
         tunnel.conn.reject_flow(fid, code, reason)
         self.stats.count(self.stats.open_failures, code)
         log.info("open refused", extra={"client": tunnel.peer_name, "flow": fid, "code": code, "reason": reason})
+        if self.traffic is not None and request is not None:
+            record = self._record(tunnel, request, os.urandom(8).hex(), time.time(),
+                                  tunnel.context if isinstance(tunnel.context, Principal) else None,
+                                  match.app.name if match else "", _segment_text(match.segment) if match else "",
+                                  decision)
+            record.action, record.reason_code, record.close_reason = "deny", code, reason
+            if decision is not None and decision.allowed:
+                record.action = "allow"  # allowed by policy, but no connector could take it
+            record.end = record.start
+            self.traffic.put(record)
+
+    # ------------------------------------------------------------------ traffic log
+    def _record(self, client: Tunnel, request: Open, connection: str, start: float, principal: Principal | None,
+                app: str, segment: str, decision: Decision | None) -> FlowRecord:
+        source_ip, source_port = split_address(client.peer_addr)
+        fqdn = "" if is_ip(request.host) else request.host
+        record = FlowRecord(
+            connection_id=connection, transaction_id=client.id, start=start, process=request.process,
+            source_ip=source_ip, source_port=source_port, destination_ip=request.host if not fqdn else "",
+            destination_port=request.port, destination_fqdn=fqdn, transport=request.protocol,
+            network=network_of(request.host, source_ip), application=app,
+            application_kind=self.app_kinds.get(app, "per_app" if app else ""), segment=segment, edge=self.name,
+            device_id=principal.device_id if principal else (client.identity.name if client.identity else ""),
+        )
+        if principal is not None:
+            record.user_id, record.upn = principal.user_id, principal.upn
+            record.device_os = self.device_os.get(principal.device_id, "")
+        if decision is not None:
+            record.policy = decision.policy
+            record.rule = next((p.grant for p in decision.applied if p.policy == decision.policy), "")
+            if decision.allowed and decision.report:
+                record.action = "report"
+                record.policy = decision.report[0].policy
+                record.rule = decision.report[0].grant
+        return record
+
+    def _flow_record(self, splice: Splice, code: str, text: str) -> None:
+        if self.traffic is None or splice.request is None:
+            return
+        end = time.time()
+        record = self._record(splice.client, splice.request, splice.connection, splice.start, splice.principal,
+                              splice.app, splice.segment, splice.decision)
+        conn = splice.conn
+        record.end, record.duration_ms = end, int((end - splice.start) * 1000)
+        record.connector_name = conn.peer_name
+        record.connector_id = format(conn.identity.serial, "x") if conn.identity is not None else ""
+        record.connector_address = split_address(conn.peer_addr)[0]
+        if splice.remote:
+            record.destination_ip = split_address(splice.remote)[0]
+            record.network = network_of(record.destination_ip) or record.network
+        record.bytes_sent, record.bytes_received = splice.sent, splice.received
+        record.reason_code = "" if code == "fin" else code
+        record.close_reason = text or ("closed" if code == "fin" else code)
+        self.traffic.put(record)
 
     def open_refused(self, tunnel: Tunnel, event: ev.OpenRefused) -> None:
         self.stats.count(self.stats.open_failures, event.code)
@@ -421,6 +501,7 @@ class Edge(TunnelHandler):
         if splice is None:
             return
         splice.accepted = True
+        splice.remote = event.remote
         client = splice.client
         if splice.cfid in client.conn.flows:
             client.conn.accept_flow(splice.cfid, bound=event.bound)
@@ -443,6 +524,7 @@ class Edge(TunnelHandler):
         self.stats.count(self.stats.open_failures, event.code)
         log.info("open failed at connector", extra={"connector": tunnel.peer_name, "dest": splice.dest,
                                                     "code": event.code, "reason": event.reason})
+        self._flow_record(splice, event.code, event.reason)
 
     # ------------------------------------------------------------------ splicing
     def data_received(self, tunnel: Tunnel, event: ev.DataReceived) -> None:
@@ -453,9 +535,11 @@ class Edge(TunnelHandler):
         if tunnel is splice.client:
             out, ofid, pending = splice.conn, splice.kfid, splice.up_pending
             self.stats.bytes_rx += len(data)
+            splice.sent += len(data)
         else:
             out, ofid, pending = splice.client, splice.cfid, splice.down_pending
             self.stats.bytes_tx += len(data)
+            splice.received += len(data)
         if pending:
             pending.append(data)
             return
@@ -546,9 +630,9 @@ class Edge(TunnelHandler):
             else:
                 other.conn.reset_flow(ofid, event.code, event.reason)
             other.flush_soon()
-        self._finish(splice, event.code)
+        self._finish(splice, event.code, event.reason)
 
-    def _finish(self, splice: Splice, reason: str) -> None:
+    def _finish(self, splice: Splice, reason: str, text: str = "") -> None:
         splice.client.routes.pop(splice.cfid, None)
         splice.conn.routes.pop(splice.kfid, None)
         splice.up_pending.clear()
@@ -556,6 +640,8 @@ class Edge(TunnelHandler):
         if splice.accepted and splice.closed_sides != -1:
             self.stats.flows_active -= 1
             self.stats.count(self.stats.flows_closed, reason)
+        if splice.closed_sides != -1:
+            self._flow_record(splice, reason, text)
         splice.closed_sides = -1
 
     def datagram_received(self, tunnel: Tunnel, event: ev.DatagramReceived) -> None:
@@ -572,3 +658,9 @@ def _load_key(path: str) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"the edge key {path} is not an EC key: flow grants need ECDSA")
     return key
+
+
+def _segment_text(segment: Segment) -> str:
+    """``10.20.0.0/16:22,3389/tcp``: the segment a flow matched, for the traffic log."""
+    ports = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in segment.ports)
+    return f"{segment.destination}:{ports}/{segment.protocol}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from typing import Any, Callable
 
@@ -96,6 +97,7 @@ class Tunnel(asyncio.Protocol):
         self.writable = True
         self.routes: dict[int, Any] = {}  # flow id -> the node's per-flow object
         self.context: Any = None  # the node's per-tunnel state (an edge: who the client is)
+        self.id = os.urandom(8).hex()  # names the tunnel in logs (a client tunnel's traffic-log transaction id)
         self._last_rx = self.loop.time()
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None

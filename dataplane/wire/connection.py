@@ -187,11 +187,11 @@ class TunnelConnection:
         self._out.append(encode_control(flow_id, request))
         return flow_id
 
-    def accept_flow(self, flow_id: int, bound: str = "") -> None:
+    def accept_flow(self, flow_id: int, bound: str = "", remote: str = "") -> None:
         flow = self._remote_opening(flow_id)
         flow.state = OPEN
         self.pending_opens -= 1
-        self._out.append(encode_control(flow_id, OpenOk(bound=bound)))
+        self._out.append(encode_control(flow_id, OpenOk(bound=bound, remote=remote)))
 
     def reject_flow(self, flow_id: int, code: str, reason: str) -> None:
         self._remote_opening(flow_id)
@@ -496,7 +496,7 @@ class TunnelConnection:
             flow = self._local_opening(flow_id, "OPEN_OK")
             if flow is not None:
                 flow.state = OPEN
-                events.append(ev.FlowAccepted(flow_id, body.bound))
+                events.append(ev.FlowAccepted(flow_id, body.bound, body.remote))
         elif ftype == _OPEN_FAIL:
             body = DECODERS[_OPEN_FAIL].decode(payload)
             if self._local_opening(flow_id, "OPEN_FAIL") is not None:

@@ -51,11 +51,12 @@ class OpenRefused(Event):
 class FlowAccepted(Event):
     """The peer answered our OPEN with OPEN_OK."""
 
-    __slots__ = ("flow_id", "bound")
+    __slots__ = ("flow_id", "bound", "remote")
 
-    def __init__(self, flow_id: int, bound: str) -> None:
+    def __init__(self, flow_id: int, bound: str, remote: str = "") -> None:
         self.flow_id = flow_id
         self.bound = bound
+        self.remote = remote
 
 
 class FlowRejected(Event):

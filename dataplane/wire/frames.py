@@ -94,7 +94,11 @@ class Open(msgspec.Struct, array_like=True, gc=False, frozen=True):
 
 
 class OpenOk(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """The flow is open: ``bound`` is the local address the answering side connected from,
+    ``remote`` the address it reached (the backend's IP and port, for traffic logs)."""
+
     bound: Short = ""
+    remote: Short = ""
 
 
 class OpenFail(msgspec.Struct, array_like=True, gc=False, frozen=True):
