@@ -37,7 +37,7 @@ import http.client
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -117,7 +117,8 @@ class ControlClient:
                    timeout: float = REQUEST_TIMEOUT) -> tuple[int, bytes]:
         """(status, body) of a 2xx answer; ``ControlError`` for network failures and 4xx/5xx answers."""
         data = None if body is None else msgspec.json.encode(body)
-        headers = {"Authorization": f"Bearer {self.signer.token(method, target)}", "Accept": "application/json"}
+        headers = {"Authorization": f"Bearer {self.signer.token(method, target, data or b'')}",
+                   "Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = "application/json"
         try:
@@ -164,6 +165,7 @@ class ControlLink:
         self.snapshot: ConfigSnapshot | None = None
         self.last_heartbeat: float | None = None  # loop time of the last accepted heartbeat
         self._down: set[str] = set()  # which loops currently see the control plane unreachable
+        self._unusable = -1  # the newest version this node could not apply (not asked for again)
 
     @property
     def version(self) -> int | None:
@@ -189,30 +191,43 @@ class ControlLink:
         loops = [self._follow, self._heartbeats, self._renewals]
         if self.traffic is not None:
             loops.append(self._ship_traffic)
-        tasks = [asyncio.create_task(loop()) for loop in loops]
+        tasks = [asyncio.create_task(self._guarded(loop)) for loop in loops]
         stopping = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
         finally:
             for task in [stopping, *tasks]:
                 task.cancel()
             await asyncio.gather(stopping, *tasks, return_exceptions=True)
 
-    def _apply(self, snapshot: ConfigSnapshot) -> None:
+    @staticmethod
+    async def _guarded(loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the link's loops; an unexpected error is logged and the loop started again
+        (a node must not silently lose its heartbeats, configuration or renewal)."""
+        while True:
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("control link task %s failed; restarting it in %gs", loop.__name__, RETRY_MAX)
+                await asyncio.sleep(RETRY_MAX)
+
+    def _apply(self, snapshot: ConfigSnapshot) -> bool:
+        """Hand ``snapshot`` to the node; whether it took it (a refusal is logged, the old one stays)."""
         try:
             self.on_snapshot(snapshot)
         except SnapshotError as exc:  # e.g. segments this node version cannot parse: keep the old one
             log.error("configuration version %d not applied: %s", snapshot.version, exc)
-            return
+            return False
         self.snapshot = snapshot
+        return True
 
     # ------------------------------------------------------------------ outages
     def _failed(self, what: str, exc: ControlError) -> float:
         """Log a failed call (an outage once, however many loops see it); the delay before the next try."""
-        if exc.refused:
+        if 400 <= exc.status < 500:
             log.error("the control plane refused this node's %s: %s", what, exc)
             return REFUSED_RETRY
         first = not self._down
@@ -234,7 +249,7 @@ class ControlLink:
         backoff = Backoff(RETRY_MIN, RETRY_MAX)
         wait = self.settings.config_wait
         while True:
-            after = -1 if self.snapshot is None else self.snapshot.version
+            after = max(-1 if self.snapshot is None else self.snapshot.version, self._unusable)
             target = f"/v1/node/config?after={after}&wait={wait:g}"
             try:
                 status, payload = await self.client.call("GET", target, None, wait + REQUEST_TIMEOUT)
@@ -259,18 +274,25 @@ class ControlLink:
             log.error("configuration from the control plane ignored: %s", exc)
             await asyncio.sleep(RETRY_MAX)
             return
-        if self.snapshot is not None and snapshot.version <= self.snapshot.version:
+        previous = self.version
+        restored = previous is not None and snapshot.version < previous
+        if previous is not None and snapshot.version == previous:
             return
-        try:
-            await asyncio.to_thread(self.cache.save, snapshot)
+        if restored:
+            log.warning("the control plane's configuration version %d is below this node's %d (its database was "
+                        "restored?): taking it", snapshot.version, previous)
+        if not self._apply(snapshot):
+            self._unusable = snapshot.version  # wait for a newer version instead of fetching this one again
+            await asyncio.sleep(RETRY_MAX)
+            return
+        self._unusable = -1
+        try:  # cached only once applied: the cache always holds a configuration this node can run
+            await asyncio.to_thread(self.cache.save, snapshot, restored)
         except SnapshotError as exc:  # still use it: forwarding matters more than the cache
             log.error("%s; configuration version %d used without a cached copy", exc, snapshot.version)
-        previous = self.version
-        self._apply(snapshot)
-        if self.snapshot is snapshot:
-            log.info("configuration updated", extra={"version": snapshot.version, "previous": previous,
-                                                     "applications": len(snapshot.applications),
-                                                     "revoked": len(snapshot.revoked_serials)})
+        log.info("configuration updated", extra={"version": snapshot.version, "previous": previous,
+                                                 "applications": len(snapshot.applications),
+                                                 "revoked": len(snapshot.revoked_serials)})
 
     # ------------------------------------------------------------------ heartbeats
     async def _heartbeats(self) -> None:
@@ -328,9 +350,9 @@ class ControlLink:
                 try:
                     await self.renew()
                     backoff.reset()
-                except ControlError as exc:
-                    slow = self._failed("certificate renewal", exc)
-                    delay = slow or backoff.next()
+                except ControlError as exc:  # retried on its own schedule; not an outage of the other loops
+                    delay = REFUSED_RETRY if 400 <= exc.status < 500 else backoff.next()
+                    log.error("certificate renewal failed: %s; next attempt in %.0fs", exc, delay)
                 except pki.PkiError as exc:
                     log.error("certificate renewal failed: %s", exc)
                     delay = backoff.next()
@@ -351,7 +373,6 @@ class ControlLink:
                                                 not_after=answer.not_after)
         self.signer.reload()
         log.info("certificate renewed", extra={"serial": answer.serial, "not_after": answer.not_after})
-        self._succeeded("certificate renewal")
         if self.on_renewed is not None:
             self.on_renewed()
         return self.identity

@@ -7,18 +7,21 @@ proxy). Every request carries ``Authorization: Bearer <JWT>``:
 
 - header: ``alg`` ``ES256``, ``typ`` ``JWT``, ``x5c``: ``[base64(DER certificate)]``;
 - claims: ``sub`` (``<role>:<name>``), ``iat``, ``exp`` (``iat`` + ``TOKEN_LIFETIME``),
-  ``htm`` (HTTP method), ``htu`` (path and query of the request) and ``jti`` (random).
+  ``htm`` (HTTP method), ``htu`` (path and query of the request), ``bsh`` (base64url
+  SHA-256 of the request body, of b"" without one) and ``jti`` (random).
 
 The control plane (``control.api.nodes``) accepts it only when the certificate chains to
 its CA, is within its validity, is not revoked, and was issued to a registered node; the
 signature verifies with the certificate's key; the token is current (``CLOCK_SKEW``); it
-is bound to this very method and path; and its ``jti`` was not seen before. A token is
-worth one request: a copy replayed elsewhere, later, or to another path is refused.
+is bound to this very method, path and body; and its ``jti`` was not seen before. A token
+is worth one request: a copy replayed later, to another path, or with another body (say,
+another CSR) is refused.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets
 import time
 
@@ -32,6 +35,14 @@ from . import pki
 ALGORITHM = "ES256"
 TOKEN_LIFETIME = 60  # seconds a token is valid after it was made
 CLOCK_SKEW = 300  # seconds a node's clock may be ahead of or behind the control plane's
+
+
+MAX_JTI = 64  # characters
+
+
+def body_hash(body: bytes) -> str:
+    """The ``bsh`` claim: base64url (no padding) of the body's SHA-256."""
+    return base64.urlsafe_b64encode(hashlib.sha256(body).digest()).rstrip(b"=").decode()
 
 
 class NodeSigner:
@@ -64,10 +75,10 @@ class NodeSigner:
         self._x5c = base64.b64encode(der).decode()
         self._key = ECKey.import_key(private)  # type: ignore[arg-type]
 
-    def token(self, method: str, target: str, now: float | None = None) -> str:
-        """A token for one request: ``method`` and ``target`` (path with query, as sent)."""
+    def token(self, method: str, target: str, body: bytes = b"", now: float | None = None) -> str:
+        """A token for one request: ``method``, ``target`` (path with query, as sent) and ``body``."""
         issued = int(time.time() if now is None else now)
         claims = {"sub": self.subject, "iat": issued, "exp": issued + TOKEN_LIFETIME, "htm": method.upper(),
-                  "htu": target, "jti": secrets.token_urlsafe(16)}
+                  "htu": target, "bsh": body_hash(body), "jti": secrets.token_urlsafe(16)}
         return jwt.encode({"alg": ALGORITHM, "typ": "JWT", "x5c": [self._x5c]}, claims, self._key,
                           algorithms=[ALGORITHM])

@@ -133,7 +133,7 @@ def run_command(args: argparse.Namespace) -> int:
                      extra={"user": keeper.session.upn, "device": keeper.session.device_id,
                             "session": keeper.directory})
         node = _build(args, settings, identity, registered, keeper, follow_edges=not _explicit("edges", overrides))
-    except (SettingsError, AppsError, pki.PkiError, ValueError) as exc:
+    except (SettingsError, AppsError, pki.PkiError, register.RegisterError, ValueError) as exc:
         print(f"ferryman {args.node}: {exc}", file=sys.stderr)
         return 2
     run_node(node.run)

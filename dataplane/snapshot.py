@@ -291,8 +291,9 @@ class SnapshotCache:
         except (SnapshotError, msgspec.DecodeError):
             return None
 
-    def save(self, snapshot: ConfigSnapshot) -> bool:
-        """Store ``snapshot`` if it is newer than the stored one (or none / a corrupt one is stored).
+    def save(self, snapshot: ConfigSnapshot, replace_newer: bool = False) -> bool:
+        """Store ``snapshot`` if it is newer than the stored one (or none / a corrupt one is stored,
+        or ``replace_newer``: the control plane went back to an older version).
 
         Returns whether it was written.
         """
@@ -305,7 +306,7 @@ class SnapshotCache:
                                 f"{exc.strerror}") from None
         with self._locked():
             stored = self.stored_version()
-            if stored is not None and snapshot.version <= stored:
+            if stored is not None and snapshot.version <= stored and not replace_newer:
                 return False
             self._write(data)
         return True

@@ -49,7 +49,7 @@ from joserfc.jwk import ECKey
 
 from dataplane import pki
 from dataplane.enroll import new_key_and_csr
-from dataplane.nodeauth import NodeSigner
+from dataplane.nodeauth import NodeSigner, body_hash
 from dataplane.register import Identity, register
 
 pytestmark = pytest.mark.timeout(60)
@@ -95,8 +95,9 @@ class Control:
         return self.request(method, target, body, authorization=f"Bearer {self.key}")
 
     def node(self, signer: NodeSigner, method: str, target: str, body: Any = None, **kw: Any) -> Reply:
-        """A node request with a fresh token made for exactly this method and target."""
-        return self.request(method, target, body, authorization=f"Bearer {signer.token(method, target)}", **kw)
+        """A node request with a fresh token made for exactly this method, target and body."""
+        data = b"" if body is None else json.dumps(body).encode()
+        return self.request(method, target, body, authorization=f"Bearer {signer.token(method, target, data)}", **kw)
 
 
 def _free_port() -> int:
@@ -288,14 +289,34 @@ def test_config_long_poll_without_a_change_ends_with_204(control: Control, conne
     assert time.monotonic() - started < 1
 
 
-@pytest.mark.parametrize(("query", "key"), [("after=0&wait=500", "wait"), ("after=0&wait=-1", "wait"),
-                                            ("after=-2", "after"), ("after=x", "after")])
+@pytest.mark.parametrize(("query", "key"), [("after=0&wait=-1", "wait"), ("after=-2", "after"), ("after=x", "after")])
 def test_config_parameters_out_of_range_are_refused(control: Control, connector, query: str, key: str) -> None:
     _, signer = connector
     status, body, _ = control.node(signer, "GET", f"{CONFIG}?{query}")
     assert status == 400, body
     assert body["code"] == "validation"
     assert [d["key"] for d in body["detail"]] == [key]
+
+
+def test_a_long_wait_is_cut_to_the_maximum_and_a_node_ahead_gets_the_store_s_version(control: Control,
+                                                                                     connector) -> None:
+    _, signer = connector
+    status, snapshot, _ = control.node(signer, "GET", f"{CONFIG}?after=-1&wait=500")
+    assert status == 200  # not refused: a node configured to wait longer just waits the maximum
+    # A node holding a version above the store's (a database restored from a backup) gets the current one at once.
+    started = time.monotonic()
+    status, body, headers = control.node(signer, "GET", f"{CONFIG}?after={snapshot['version'] + 1000}&wait=30")
+    assert status == 200 and body["version"] <= snapshot["version"] + 1 and time.monotonic() - started < 2
+    assert headers["X-Ferryman-Config-Version"] == str(body["version"])
+
+
+def test_a_token_is_bound_to_its_request_body(control: Control, connector) -> None:
+    _, signer = connector
+    signed = json.dumps({"tunnels": 1}).encode()
+    token = signer.token("POST", HEARTBEAT, signed)
+    _refused(control.request("POST", HEARTBEAT, {"tunnels": 999}, authorization=f"Bearer {token}"), 401,
+             "node credential refused: the token was made for another request body")
+    assert control.request("POST", HEARTBEAT, {"tunnels": 1}, authorization=f"Bearer {signer.token('POST', HEARTBEAT, signed)}")[0] == 200
 
 
 # ---------------------------------------------------------------------------- authentication
@@ -329,7 +350,7 @@ def _hand_made(signer: NodeSigner, key: ECKey, target: str, method: str = "GET",
     """A token like ``NodeSigner.token``'s (x5c: the signer's certificate), signed with ``key``."""
     now = int(time.time())
     claims = {"sub": signer.subject, "iat": now, "exp": now + lifetime, "htm": method, "htu": target,
-              "jti": secrets.token_urlsafe(16)}
+              "bsh": body_hash(b""), "jti": secrets.token_urlsafe(16)}
     x5c = base64.b64encode(signer.certificate.public_bytes(serialization.Encoding.DER)).decode()
     return jwt.encode({"alg": "ES256", "typ": "JWT", "x5c": [x5c]}, claims, key, algorithms=["ES256"])
 

@@ -366,6 +366,9 @@ def test_link_renews_a_certificate_that_is_due(control: Control, tmp_path: Path)
     due, cert_pem, key_pem = _due_certificate(control, identity)
     with open_store(database_url(str(control.data_dir), env={})) as store, store.begin() as session:
         repo.record_certificate(session, "connector", node_id, due.serial_number, due.not_valid_after_utc)
+        # It is the node's current certificate (only the current one may renew).
+        connector = repo.get_connector(session, node_id)
+        connector.cert_serial, connector.cert_not_after = format(due.serial_number, "x"), due.not_valid_after_utc
     pki.write_file(identity.cert, cert_pem, 0o644)
     pki.write_file(identity.key, key_pem, 0o600)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -41,15 +42,17 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from control.snapshot import TooManyWaiters
+
+log = logging.getLogger("ferryman.control.nodes")
 from control.store import repo, traffic
 from control.store.models import Connector, Edge
 from dataplane import pki
-from dataplane.nodeauth import ALGORITHM, CLOCK_SKEW, TOKEN_LIFETIME
+from dataplane.nodeauth import ALGORITHM, CLOCK_SKEW, MAX_JTI, TOKEN_LIFETIME, body_hash
 
 from .deps import Api
 from .schemas import HeartbeatIn, HeartbeatOut, RenewIn, RenewOut, TrafficIn, TrafficOut
 
-MAX_WAIT = 120.0  # seconds a configuration long-poll may ask to wait
+MAX_WAIT = 120.0  # seconds a configuration long-poll waits at most (longer asks are cut to this)
 _MAX_TOKEN = 16384  # characters; a token with a P-256 certificate is about 1.5 KiB
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ferryman-node"'}
 # joserfc's default header limit (512 bytes) is below a header carrying a certificate (x5c).
@@ -70,23 +73,29 @@ class NodeCaller(msgspec.Struct, frozen=True):
 class ReplayCache:
     """Token ids seen while they are still valid, so a captured token cannot be used twice.
 
-    Bounded: at most ``limit`` ids are kept (oldest dropped first); an id is forgotten once
-    its token has expired, since an expired token is refused anyway.
+    Bounded: at most ``limit`` ids are kept; an id is forgotten once its token has expired
+    (an expired token is refused anyway). While it is full of live ids, new tokens are
+    refused (503, retry) rather than forgetting ids that could still be replayed. The cache
+    is per process: with several control-plane processes on one database, a token replayed
+    to another process within its minute is accepted, but only for the same method, path
+    and body (see ``dataplane.nodeauth``).
     """
 
     def __init__(self, limit: int = 200_000) -> None:
         self.limit = limit
         self._seen: OrderedDict[str, float] = OrderedDict()
 
-    def first_use(self, jti: str, expires: float, now: float) -> bool:
-        """Record ``jti``; False when it was already used."""
+    def first_use(self, jti: str, expires: float, now: float) -> bool | None:
+        """Record ``jti``; False when it was already used, None when the cache is full of live ids."""
         while self._seen:
             oldest, until = next(iter(self._seen.items()))
-            if until >= now and len(self._seen) < self.limit:
+            if until >= now:
                 break
             del self._seen[oldest]
         if jti in self._seen:
             return False
+        if len(self._seen) >= self.limit:
+            return None
         self._seen[jti] = expires
         return True
 
@@ -153,10 +162,14 @@ async def require_node(connection: ASGIConnection, _handler: BaseRouteHandler) -
     except (JoseError, ValueError, TypeError):
         raise _unauthorized("the token's signature does not verify with its certificate's key") from None
     claims = decoded.claims
+    if not isinstance(claims, dict):
+        raise _unauthorized("the token's payload is not a JSON object")
     wall = time.time()
     iat, exp, jti = claims.get("iat"), claims.get("exp"), claims.get("jti")
     if not isinstance(iat, int) or not isinstance(exp, int) or not isinstance(jti, str) or not jti:
         raise _unauthorized("the token needs integer 'iat' and 'exp' claims and a 'jti'")
+    if not (0 < iat < 2**40 and 0 < exp < 2**40) or len(jti) > MAX_JTI:
+        raise _unauthorized(f"the token's 'iat'/'exp' are out of range or its 'jti' is longer than {MAX_JTI}")
     if abs(wall - iat) > CLOCK_SKEW:
         raise _unauthorized(f"the token was issued {wall - iat:+.0f}s from the control plane's clock "
                             f"(more than {CLOCK_SKEW}s apart: check the node's clock)")
@@ -164,9 +177,16 @@ async def require_node(connection: ASGIConnection, _handler: BaseRouteHandler) -
         raise _unauthorized(f"the token has expired or lives longer than {TOKEN_LIFETIME}s")
     if claims.get("htm") != connection.scope.get("method") or claims.get("htu") != _target(connection):
         raise _unauthorized("the token was made for another request (method or path differ)")
+    body = await connection.body() if isinstance(connection, Request) else b""
+    if claims.get("bsh") != body_hash(body):
+        raise _unauthorized("the token was made for another request body")
     if claims.get("sub") != f"{identity.role}:{identity.name}":
         raise _unauthorized("the token's subject does not name its certificate")
-    if not api.replay.first_use(jti, exp + CLOCK_SKEW, wall):
+    fresh = api.replay.first_use(jti, exp + CLOCK_SKEW, wall)
+    if fresh is None:
+        raise HTTPException(status_code=503, detail="too many node requests in the last minutes; retry shortly",
+                            headers={"Retry-After": "5"})
+    if not fresh:
         raise _unauthorized("the token was already used (replayed request)")
     revoked, node = await anyio.to_thread.run_sync(_lookup, api, cert.serial_number)
     if revoked:
@@ -196,13 +216,20 @@ def provide_node(request: Request) -> NodeCaller:
 async def node_config(
     request: Request,
     after: Annotated[int, Parameter(ge=-1, description="the version the node holds (-1: none)")] = -1,
-    wait: Annotated[float, Parameter(ge=0, le=MAX_WAIT, description="seconds to wait for a newer version")] = 0.0,
+    wait: Annotated[float, Parameter(ge=0, description=f"seconds to wait for a newer version (at most {MAX_WAIT:g})")]
+    = 0.0,
 ) -> Response[bytes]:
     """The configuration snapshot once its version is above ``after``; 204 after ``wait`` seconds without one."""
     api: Api = request.app.state.api
     if api.hub.current is None:
         raise HTTPException(status_code=503, detail="the configuration has not been loaded from the store yet; "
                                                     "retry in a moment")
+    current = api.hub.current
+    if after > current.version:  # the node is ahead: the database was restored from a backup
+        log.warning("node %s holds configuration version %d, above the store's %d (database restored?); it is "
+                    "sent version %d", request.state.node.name, after, current.version, current.version)
+        return Response(api.hub.encoded or b"", status_code=200, media_type="application/json",
+                        headers={"X-Ferryman-Config-Version": str(current.version)})
     try:
         snapshot = await api.hub.wait_newer(after, min(wait, MAX_WAIT))
     except TooManyWaiters as exc:
@@ -249,12 +276,21 @@ def _edge_hosts(cert: x509.Certificate) -> list[str]:
 
 def _renew(api: Api, node: NodeCaller, data: RenewIn) -> RenewOut:
     hosts = _edge_hosts(node.certificate) if node.role == "edge" else None
-    issued = api.ca.sign_csr(data.csr_pem.encode(), role=node.role, name=pki.certificate_identity(
-        node.certificate, node.certificate.public_bytes(serialization.Encoding.DER), "the certificate").name,
-        hosts=hosts or None, lifetime_days=api.cert_lifetime_days)
     with api.store.begin() as session:
+        # Checked again under the configuration lock: a revocation committed since the request
+        # was authenticated wins, and nothing renews a certificate the node has moved on from.
+        repo.lock_config(session)
         row = (repo.get_connector(session, node.node_id) if node.role == "connector"
                else repo.get_edge(session, node.node_id))
+        serial = format(node.serial, "x")
+        if repo.is_revoked(session, node.serial):
+            raise PermissionDeniedException(f"node credential refused: certificate {serial} is revoked")
+        if row.cert_serial != serial:
+            raise PermissionDeniedException(f"certificate {serial} was already renewed (the current one is "
+                                            f"{row.cert_serial}): renew with the current certificate")
+        issued = api.ca.sign_csr(data.csr_pem.encode(), role=node.role, name=pki.certificate_identity(
+            node.certificate, node.certificate.public_bytes(serialization.Encoding.DER), "the certificate").name,
+            hosts=hosts or None, lifetime_days=api.cert_lifetime_days)
         repo.renew_certificate(session, row, issued.serial, issued.not_after)
     return RenewOut(certificate_pem=issued.cert_pem.decode(), ca_pem=api.ca.bundle().decode(),
                     serial=format(issued.serial, "x"), not_after=issued.not_after)

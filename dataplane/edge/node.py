@@ -97,6 +97,7 @@ class Edge(TunnelHandler):
         self.revoked: frozenset[int] = frozenset()
         self.access: AccessIndex | None = None  # identity and conditional access (from the control plane)
         self.tokens: TokenVerifier | None = None
+        self.client_tokens: dict[Tunnel, str] = {}  # the latest token each client tunnel presented
         self._grant_key = _load_key(settings.tls_key)
         self.stats = Stats("edge", identity.name)
         self.static_apps = apps is not None
@@ -167,7 +168,12 @@ class Edge(TunnelHandler):
 
     # ------------------------------------------------------------------ control plane
     def _configure(self, snapshot: ConfigSnapshot) -> None:
-        """A newer configuration: applications for the next OPENs, revocations for every tunnel."""
+        """A newer configuration: revocations for every tunnel first (they apply even if the rest
+        of the snapshot cannot be used), then applications and access rules for the next OPENs,
+        and the live flows decided again."""
+        self.revoked = revoked_set(snapshot)
+        tunnels = [*self.clients, *(t for group in self.groups.values() for t in group)]
+        cut_revoked(tunnels, self.revoked, f"edge {self.name}")
         if not self.static_apps:
             self.apps = app_table(snapshot)  # SnapshotError: the link keeps the previous configuration
             access = AccessIndex(snapshot)
@@ -181,11 +187,8 @@ class Edge(TunnelHandler):
                     log.error("%s; sign-ins cannot be verified", exc)
                     self.tokens = TokenVerifier([], snapshot.token_issuer)
                 for client in self.clients:  # new keys: the tokens clients hold are checked again
-                    self._authenticate(client, client.conn.peer.token if client.conn.peer else "")
+                    self._authenticate(client, self.client_tokens.get(client, ""))
             self.access = access
-        self.revoked = revoked_set(snapshot)
-        tunnels = [*self.clients, *(t for group in self.groups.values() for t in group)]
-        cut_revoked(tunnels, self.revoked, f"edge {self.name}")
         if self.access is not None and self.access.enforcing:
             self._recheck_flows()
 
@@ -226,6 +229,7 @@ class Edge(TunnelHandler):
     # ------------------------------------------------------------------ identity
     def _authenticate(self, tunnel: Tunnel, token: str) -> None:
         """Who a client tunnel speaks for, from its token (``tunnel.context``: a Principal or the refusal text)."""
+        self.client_tokens[tunnel] = token
         verifier = self.tokens
         if verifier is None:
             tunnel.context = "this edge has no token keys from the control plane yet"
@@ -313,6 +317,7 @@ class Edge(TunnelHandler):
             self.groups.setdefault(peer.group or "default", []).append(tunnel)
         else:
             self.clients.add(tunnel)
+            self.client_tokens[tunnel] = peer.token
             if self.access is not None and self.access.enforcing:
                 self._authenticate(tunnel, peer.token)
         user = tunnel.context.upn if isinstance(tunnel.context, Principal) else None
@@ -332,6 +337,7 @@ class Edge(TunnelHandler):
             code, reason = "connector_lost", f"connector {peer.node} lost: {tunnel.close_reason}"
         else:
             self.clients.discard(tunnel)
+            self.client_tokens.pop(tunnel, None)
             code, reason = "client_lost", f"client {peer.node} lost: {tunnel.close_reason}"
         live = sum(1 for splice in tunnel.routes.values() if splice.closed_sides != 2)
         if live:

@@ -274,6 +274,10 @@ class Tunnel(asyncio.Protocol):
             self._refuse("name_mismatch",
                          f"HELLO says node {hello.node!r} but the certificate names {self.identity.name!r}")
             return
+        refusal = self.handler.refuse_peer(self.identity)  # revoked while the HELLO was on its way
+        if refusal is not None:
+            self._refuse("certificate_revoked", refusal)
+            return
         self.up = True
         if self._timer is not None:
             self._timer.cancel()
