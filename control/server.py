@@ -5,6 +5,8 @@
 - database: ``FERRYMAN_DATABASE_URL`` (environment or config file), else SQLite
   ``<data_dir>/control.db`` (``control.store.db.database_url``), migrated on open;
 - CA: ``<data_dir>/ca`` (``CertificateAuthority.open``; created on first start);
+- access-token signing key: ``<data_dir>/token-signing.key`` (Ed25519, ``TokenSigner.open``;
+  created 0600 on first start), tokens living ``FERRYMAN_ACCESS_TOKEN_MINUTES``;
 - first start: when the database has no admin key at all, one named ``bootstrap`` is made
   and its plain text written to ``<data_dir>/admin.key`` (mode 0600). Only the path is
   printed; the key itself never goes to a log;
@@ -28,6 +30,7 @@ from control.ca import CertificateAuthority
 from control.snapshot import SnapshotHub
 from control.store import Store, StoreError, database_url, open_store, repo
 from control.store.models import AdminKey
+from control.tokens import TokenSigner
 from dataplane.observability import parse_hostport, setup_logging
 from dataplane.settings import Settings
 
@@ -120,12 +123,14 @@ def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
         log.info("database schema migrated: %s", " -> ".join(store.migrations_applied))
     try:
         ca = CertificateAuthority.open(os.path.join(settings.data_dir, CA_DIR))
+        token_signer = TokenSigner.open(settings.data_dir, lifetime=settings.access_token_minutes * 60)
         key_file = ensure_admin_key(store, settings.data_dir)
         if key_file is not None:
             print(f"ferryman control: created admin key {BOOTSTRAP_KEY_NAME!r}; its secret is in {key_file} "
                   f"(mode 0600). Use it as 'Authorization: Bearer <key>'.", file=sys.stderr, flush=True)
         app = create_app(store, ca, edges_public=edges, heartbeat_interval=settings.heartbeat_interval,
-                         cert_lifetime_days=settings.cert_lifetime_days)
+                         cert_lifetime_days=settings.cert_lifetime_days, token_signer=token_signer,
+                         traffic_retention_days=settings.traffic_retention_days)
         log.info("control plane: database %s, CA %s, edges handed to nodes: %s", _safe_url(url), ca.directory,
                  ", ".join(edges) or "(registered edges only)")
         config = uvicorn.Config(app, host=host, port=port, loop="uvloop", log_config=None, server_header=False,

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from control.ca import DEFAULT_LIFETIME_DAYS, CertificateAuthority
 from control.snapshot import SnapshotHub
+from control.tokens import TokenSigner
 from control.store import Store, repo
 from control.store.models import AdminKey, utcnow
 
@@ -36,11 +37,15 @@ class Api:
 
     ``hub`` holds the newest configuration snapshot for the node routes (kept current by
     ``control.snapshot.follow_store`` while the app runs); ``replay`` remembers node token
-    ids (``nodes.ReplayCache``).
+    ids (``nodes.ReplayCache``); ``token_signer`` signs users' access tokens, ``sign_ins``
+    counts failed sign-ins per user name and ``totp_steps`` refuses a TOTP code used twice
+    (``auth.SignInLimiter``, ``auth.TotpReplayGuard``).
     """
 
     def __init__(self, store: Store, ca: CertificateAuthority, edges_public: Sequence[str],
-                 heartbeat_interval: float, cert_lifetime_days: int = DEFAULT_LIFETIME_DAYS) -> None:
+                 heartbeat_interval: float, cert_lifetime_days: int = DEFAULT_LIFETIME_DAYS, *,
+                 token_signer: TokenSigner) -> None:
+        from .auth import SignInLimiter, TotpReplayGuard  # auth imports this module
         from .nodes import ReplayCache  # nodes imports this module
 
         self.store = store
@@ -50,6 +55,9 @@ class Api:
         self.cert_lifetime_days = cert_lifetime_days
         self.hub = SnapshotHub()
         self.replay = ReplayCache()
+        self.token_signer = token_signer
+        self.sign_ins = SignInLimiter()
+        self.totp_steps = TotpReplayGuard()
 
     def authenticate(self, plaintext: str, now: datetime | None = None) -> str | None:
         """The name of the live admin key whose plain text this is, else None."""

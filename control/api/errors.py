@@ -29,6 +29,16 @@ STORE_STATUS = {
     "token_unknown": 403,
     "token_used": 403,
     "token_expired": 403,
+    "auth_failed": 401,
+    "account_disabled": 401,
+    "mfa_required": 401,
+    "mfa_failed": 401,
+    "device_refused": 403,
+    "device_revoked": 401,
+    "refresh_invalid": 401,
+    "refresh_reused": 401,
+    "session_revoked": 401,
+    "session_expired": 401,
 }
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
@@ -60,6 +70,8 @@ def _details(extra: object) -> list[ErrorDetail]:
 
 def http_error(_request: Request, exc: HTTPException) -> Response[ErrorBody]:
     status = exc.status_code
+    if status == 503:  # raised on purpose ("not ready yet, retry"): its message and Retry-After
+        return _response(status, ErrorBody(error=exc.detail, code="unavailable"), exc.headers)
     if status >= 500:
         return internal_error(_request, exc)
     if isinstance(exc, ValidationException) or status == 400:

@@ -3,6 +3,7 @@
 - ``db``: choosing and opening the database, migrations, transactions (``open_store``).
 - ``models``: the tables (SQLAlchemy 2 typed models).
 - ``repo``: every read and change, with validation, audit records and the configuration version.
+- ``identity``: users, user groups, devices, sign-in sessions and TOTP, same conventions.
 - ``segments``: segment parsing (shared with the data plane), canonical ports, overlap checks.
 - ``errors``: ``StoreError``, the one refusal type, with a ``code``.
 
