@@ -15,7 +15,10 @@ Where it connects and with which key:
   the process list: prefer the file).
 
 Commands: ``apps``, ``segments``, ``groups``, ``connectors``, ``edges``, ``certs``, ``dns``,
-``tokens``, ``keys``, ``audit`` and ``apply FILE``. ``apply`` takes the data plane's
+``tokens``, ``keys``, ``assignments`` (who an application is assigned to: ``list|add|remove
+APP --user U | --group G``), ``locations`` (named locations: ``list|create|update|delete``),
+``policies`` (conditional access: ``list|show|create|update|delete``), ``audit`` and
+``apply FILE``. ``apply`` takes the data plane's
 application file (``dataplane.apps``; each app may also say ``kind = "quick_access"``) as
 the declared state and makes the control plane match it, like ``kubectl apply``:
 
@@ -612,6 +615,205 @@ def cmd_audit(ctx: Ctx, args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- access: assignments, locations, policies
+
+
+POLICY_STATES = ("on", "off", "report_only")
+POLICY_GRANTS = ("block", "require_mfa", "require_compliant_device")
+RISK_LEVELS = ("low", "medium", "high")
+
+
+def duration_text(seconds: int) -> str:
+    """``5400`` → ``1h30m``; the inverse of ``parse_duration`` (``0s`` for zero)."""
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
+
+
+def _ref(item: dict[str, Any], label: str) -> str:
+    """A target's name, or its id marked deleted when it no longer exists."""
+    return item[label] if item.get(label) else f"{item['id']} (deleted)"
+
+
+def _assignment_target(a: dict[str, Any]) -> tuple[str, str, str]:
+    if a["user"] is not None:
+        return "user", _ref(a["user"], "upn"), a["user"]["id"]
+    return "group", _ref(a["group"], "name"), a["group"]["id"]
+
+
+def cmd_assignments_list(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", f"/v1/applications/{_quote(args.app)}/assignments"),
+             _listing(f"application {args.app!r} is assigned to nobody", ("TYPE", "NAME", "ID"), _assignment_target))
+    return 0
+
+
+def _assignment_body(args: argparse.Namespace) -> dict[str, str]:
+    return {"user": args.user} if args.user is not None else {"group": args.group}
+
+
+def cmd_assignments_add(ctx: Ctx, args: argparse.Namespace) -> int:
+    def human(a: dict[str, Any]) -> str:
+        kind, name, ident = _assignment_target(a)
+        return f"assigned application {a['application']!r} to {kind} {name!r} ({ident})"
+
+    ctx.show(ctx.client.call("POST", f"/v1/applications/{_quote(args.app)}/assignments", _assignment_body(args)),
+             human)
+    return 0
+
+
+def cmd_assignments_remove(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.client.call("DELETE", f"/v1/applications/{_quote(args.app)}/assignments", _assignment_body(args))
+    if not ctx.json:
+        kind, name = ("user", args.user) if args.user is not None else ("group", args.group)
+        print(f"application {args.app!r} is no longer assigned to {kind} {name!r}")
+    return 0
+
+
+_locations_table = _listing("no named locations", ("NAME", "NETWORKS", "POLICIES"),
+                            lambda loc: (loc["name"], ", ".join(loc["cidrs"]), ", ".join(loc["policies"])))
+
+
+def _location_text(verb: str) -> Callable[[dict[str, Any]], str]:
+    return lambda loc: f"{verb} named location {loc['name']!r}: {', '.join(loc['cidrs'])}"
+
+
+def cmd_locations_list(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/named-locations"), _locations_table)
+    return 0
+
+
+def cmd_locations_create(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("POST", "/v1/named-locations", {"name": args.name, "cidrs": args.cidrs}),
+             _location_text("created"))
+    return 0
+
+
+def cmd_locations_update(ctx: Ctx, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.rename is not None:
+        body["name"] = args.rename
+    if args.cidrs:
+        body["cidrs"] = args.cidrs
+    if not body:
+        raise _usage("locations update: nothing to change (give networks and/or --rename NEW)")
+    ctx.show(ctx.client.call("PATCH", f"/v1/named-locations/{_quote(args.name)}", body), _location_text("updated"))
+    return 0
+
+
+def cmd_locations_delete(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.client.call("DELETE", f"/v1/named-locations/{_quote(args.name)}")
+    if not ctx.json:
+        print(f"deleted named location {args.name!r}")
+    return 0
+
+
+def _policy_apps(p: dict[str, Any]) -> str:
+    return ", ".join(_ref(a, "name") for a in p["applications"]) or "all applications"
+
+
+def _policy_users(p: dict[str, Any]) -> str:
+    users = [_ref(u, "upn") for u in p["users"]] + [f"group {_ref(g, 'name')}" for g in p["groups"]]
+    return ", ".join(users) or "everyone"
+
+
+def _policy_conditions(p: dict[str, Any]) -> str:
+    c = p["conditions"]
+    parts = []
+    if c.get("locations"):
+        parts.append(f"from {', '.join(c['locations'])}")
+    if c.get("device_os"):
+        parts.append(f"device OS {', '.join(c['device_os'])}")
+    if c.get("user_risk_at_least"):
+        parts.append(f"user risk {c['user_risk_at_least']} or higher")
+    if c.get("signin_older_than"):
+        parts.append(f"sign-in older than {duration_text(c['signin_older_than'])}")
+    return "; ".join(parts) or "always"
+
+
+_policies_table = _listing("no policies", ("NAME", "STATE", "GRANT", "APPLICATIONS", "USERS", "WHEN"),
+                           lambda p: (p["name"], p["state"], p["grant"], _policy_apps(p), _policy_users(p),
+                                      _policy_conditions(p)))
+
+
+def _policy_detail(p: dict[str, Any]) -> str:
+    return fields([("name", p["name"]), ("state", p["state"]), ("grant", p["grant"]),
+                   ("applications", _policy_apps(p)), ("users", _policy_users(p)),
+                   ("when", _policy_conditions(p)), ("created", when(p["created_at"])),
+                   ("updated", when(p["updated_at"]))])
+
+
+def cmd_policies_list(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/policies"), _policies_table)
+    return 0
+
+
+def cmd_policies_show(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", f"/v1/policies/{_quote(args.name)}"), _policy_detail)
+    return 0
+
+
+def _condition_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The conditions given on the command line (only those given)."""
+    out: dict[str, Any] = {}
+    if args.location:
+        out["locations"] = args.location
+    if args.device_os:
+        out["device_os"] = args.device_os
+    if args.risk_at_least is not None:
+        out["user_risk_at_least"] = args.risk_at_least
+    if args.signin_older_than is not None:
+        out["signin_older_than"] = args.signin_older_than
+    return out
+
+
+def cmd_policies_create(ctx: Ctx, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": args.name, "grant": args.grant, "state": args.state, "applications": args.app,
+                            "users": args.user, "groups": args.group, "conditions": _condition_flags(args)}
+    ctx.show(ctx.client.call("POST", "/v1/policies", body),
+             lambda p: f"created policy {p['name']!r}\n\n{_policy_detail(p)}")
+    return 0
+
+
+def cmd_policies_update(ctx: Ctx, args: argparse.Namespace) -> int:
+    if args.all_apps and args.app:
+        raise _usage("policies update: give either --app or --all-apps, not both")
+    if args.all_users and (args.user or args.group):
+        raise _usage("policies update: give either --user/--group or --all-users, not both")
+    body: dict[str, Any] = {}
+    for key, value in (("name", args.rename), ("state", args.state), ("grant", args.grant)):
+        if value is not None:
+            body[key] = value
+    if args.app or args.all_apps:
+        body["applications"] = args.app
+    if args.all_users:
+        body["users"], body["groups"] = [], []
+    if args.user:
+        body["users"] = args.user
+    if args.group:
+        body["groups"] = args.group
+    given = _condition_flags(args)
+    if given or args.clear_conditions:
+        current: dict[str, Any] = {}
+        if not args.clear_conditions:  # the other conditions stay as they are
+            current = ctx.client.json("GET", f"/v1/policies/{_quote(args.name)}")["conditions"]
+        body["conditions"] = {**current, **given}
+    if not body:
+        raise _usage("policies update: nothing to change (see `ferryman admin policies update -h`)")
+    ctx.show(ctx.client.call("PATCH", f"/v1/policies/{_quote(args.name)}", body),
+             lambda p: f"updated policy {p['name']!r}\n\n{_policy_detail(p)}")
+    return 0
+
+
+def cmd_policies_delete(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.client.call("DELETE", f"/v1/policies/{_quote(args.name)}")
+    if not ctx.json:
+        print(f"deleted policy {args.name!r}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- apply
 
 
@@ -996,6 +1198,67 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(keys, "list", "list admin keys", cmd_keys_list)
     leaf(keys, "create", "create an admin key (shown once)", cmd_keys_create).add_argument("name")
     leaf(keys, "revoke", "revoke an admin key", cmd_keys_revoke).add_argument("name")
+
+    assignments = group("assignments", "who an application is assigned to (users and groups)")
+    leaf(assignments, "list", "list the users and groups an application is assigned to",
+         cmd_assignments_list).add_argument("app")
+    for name, help_, func in (("add", "assign an application to a user or a group", cmd_assignments_add),
+                              ("remove", "remove an assignment", cmd_assignments_remove)):
+        p = leaf(assignments, name, help_, func)
+        p.add_argument("app")
+        target = p.add_mutually_exclusive_group(required=True)
+        target.add_argument("--user", default=None, metavar="USER", help="a user id or UPN")
+        target.add_argument("--group", default=None, metavar="GROUP", help="a user group id or name")
+
+    locations = group("locations", "named locations (source networks for policy conditions)")
+    leaf(locations, "list", "list named locations", cmd_locations_list)
+    p = leaf(locations, "create", "create a named location", cmd_locations_create)
+    p.add_argument("name")
+    p.add_argument("cidrs", nargs="+", metavar="CIDR", help="networks or addresses: 10.0.0.0/8 2001:db8::/32 ...")
+    p = leaf(locations, "update", "replace a named location's networks and/or rename it", cmd_locations_update)
+    p.add_argument("name")
+    p.add_argument("cidrs", nargs="*", metavar="CIDR", help="the new networks (replace all; none: unchanged)")
+    p.add_argument("--rename", default=None, metavar="NEW", help="new name (carried into the policies using it)")
+    leaf(locations, "delete", "delete a named location (refused while a policy uses it)",
+         cmd_locations_delete).add_argument("name")
+
+    policies = group("policies", "conditional-access policies")
+    leaf(policies, "list", "list policies", cmd_policies_list)
+    leaf(policies, "show", "show a policy", cmd_policies_show).add_argument("name")
+
+    def policy_flags(p: argparse.ArgumentParser, *, create: bool) -> None:
+        p.add_argument("name")
+        if not create:
+            p.add_argument("--rename", default=None, metavar="NEW", help="new name")
+        p.add_argument("--grant", choices=POLICY_GRANTS, required=create, default=None,
+                       help="what the policy demands when it applies")
+        p.add_argument("--state", choices=POLICY_STATES, default="on" if create else None,
+                       help="on (enforced), off, report_only (logged, never denies)" + (" (default on)" if create
+                                                                                          else ""))
+        replaces = "" if create else "; replaces the list"
+        p.add_argument("--app", action="append", default=[], metavar="APP",
+                       help=f"target application (repeatable; none: every application{replaces})")
+        p.add_argument("--user", action="append", default=[], metavar="USER",
+                       help=f"target user id or UPN (repeatable; no --user/--group: everyone{replaces})")
+        p.add_argument("--group", action="append", default=[], metavar="GROUP",
+                       help=f"target user group id or name (repeatable{replaces})")
+        if not create:
+            p.add_argument("--all-apps", action="store_true", help="target every application")
+            p.add_argument("--all-users", action="store_true", help="target every user (no user or group list)")
+            p.add_argument("--clear-conditions", action="store_true",
+                           help="drop every condition not given in this command (default: keep them)")
+        p.add_argument("--location", action="append", default=[], metavar="LOCATION",
+                       help="condition: the source is in this named location (repeatable)")
+        p.add_argument("--device-os", action="append", default=[], metavar="OS",
+                       help="condition: the device's OS is this one, e.g. Windows (repeatable)")
+        p.add_argument("--risk-at-least", choices=RISK_LEVELS, default=None,
+                       help="condition: the user's risk level is this or higher")
+        p.add_argument("--signin-older-than", type=parse_duration, default=None, metavar="DURATION",
+                       help="condition: the sign-in is older than this (3600, 30m, 12h, 7d ...)")
+
+    policy_flags(leaf(policies, "create", "create a policy", cmd_policies_create), create=True)
+    policy_flags(leaf(policies, "update", "change a policy (only what is given)", cmd_policies_update), create=False)
+    leaf(policies, "delete", "delete a policy", cmd_policies_delete).add_argument("name")
 
     p = resources.add_parser("audit", help="audit records, newest first", description="audit records, newest first",
                              parents=[common])

@@ -14,23 +14,45 @@
 The ``edges`` of a snapshot are the public edge addresses the control plane was started
 with, then those of registered edges (registering or revoking an edge is a configuration
 change). Changing the public addresses alone changes no version: nodes get them with the
-next configuration change.
+next configuration change. The same holds for ``token_keys`` / ``token_issuer`` (the public
+keys users' access tokens are signed with, passed in by the server): a key rotation must
+bump the configuration version for nodes to get the new keys.
+
+Conditional access: users (with their group ids), devices and revoked sign-in sessions come
+from ``store.identity``; named locations, policies (application ids turned into names, so a
+renamed application stays targeted) and application assignments from ``store.policy``.
+A policy target that no longer exists (a user or group deleted since) is left out; a policy
+left with no existing target in a list that named some (it targeted only deleted
+applications, or only deleted users and groups) targets nothing and is left out entirely,
+never widened to "everyone".
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dataplane.snapshot import ConfigSnapshot, SnapApp, SnapGroup, SnapSegment, encode
+from dataplane.snapshot import (
+    ConfigSnapshot,
+    SnapApp,
+    SnapConditions,
+    SnapDevice,
+    SnapGroup,
+    SnapLocation,
+    SnapPolicy,
+    SnapSegment,
+    SnapUser,
+    encode,
+)
 
-from .store import Store, repo
-from .store.models import ConfigVersion
+from .store import Store, identity, policy, repo
+from .store.models import AccessPolicy, AppAssignment, ConfigVersion, UserGroup
 from .store.segments import ports_from_text
 
 log = logging.getLogger("ferryman.snapshot")
@@ -47,16 +69,65 @@ def iso_utc(moment: datetime) -> str:
 # ---------------------------------------------------------------------------- building
 
 
-def build_snapshot(session: Session, *, edges: Iterable[str]) -> ConfigSnapshot:
+TokenKeys = Sequence[Mapping[str, str]]
+
+
+def _assignments(session: Session) -> dict[int, tuple[list[str], list[str]]]:
+    """Application id → (sorted user ids, sorted group ids) it is assigned to."""
+    out: dict[int, tuple[list[str], list[str]]] = {}
+    rows = session.execute(select(AppAssignment.application_id, AppAssignment.user_id, AppAssignment.group_id))
+    for app_id, user_id, group_id in rows:
+        users, groups = out.setdefault(app_id, ([], []))
+        if user_id is not None:
+            users.append(user_id)
+        if group_id is not None:
+            groups.append(group_id)
+    for users, groups in out.values():
+        users.sort()
+        groups.sort()
+    return out
+
+
+def _conditions(stored: Mapping[str, Any]) -> SnapConditions:
+    return SnapConditions(locations=list(stored.get("locations", [])), device_os=list(stored.get("device_os", [])),
+                          user_risk_at_least=stored.get("user_risk_at_least", ""),
+                          signin_older_than=stored.get("signin_older_than", 0))
+
+
+def _policies(session: Session, app_names: Mapping[int, str], user_ids: set[str]) -> list[SnapPolicy]:
+    """Every policy by id, targets as the edge needs them (see the module doc for deleted targets)."""
+    group_ids = set(session.scalars(select(UserGroup.id)))
+    out = []
+    for row in session.scalars(select(AccessPolicy).order_by(AccessPolicy.id)):
+        apps = sorted({app_names[i] for i in row.applications if i in app_names})
+        users = sorted({i for i in row.users if i in user_ids})
+        groups = sorted({i for i in row.groups if i in group_ids})
+        if row.applications and not apps:
+            continue  # every application it targeted is gone: it targets nothing
+        if (row.users or row.groups) and not users and not groups:
+            continue  # every user and group it targeted is gone: it targets nobody
+        out.append(SnapPolicy(id=row.id, name=row.name,
+                              state=row.state, grant=row.grant_control,  # type: ignore[arg-type]  # checked columns
+                              applications=apps, users=users, groups=groups,
+                              conditions=_conditions(row.conditions or {})))
+    return out
+
+
+def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenKeys = (),
+                   token_issuer: str = "") -> ConfigSnapshot:
     """The configuration in the store as seen by ``session`` (use one transaction: ``store.read()``).
 
-    Applications (with their segments), connector groups, DNS suffixes and revoked serials
-    are sorted, so equal configurations give equal bytes. The edges are ``edges`` (the
-    configured public addresses) then those of registered, unrevoked edges, in that order
-    (``repo.edge_addresses``): nodes dial them in order.
+    Every list is sorted (applications, groups, users, locations by name; devices by id;
+    policies by id; DNS suffixes, serials, sessions, assignment ids), so equal configurations
+    give equal bytes. The edges are ``edges`` (the configured public addresses) then those of
+    registered, unrevoked edges, in that order (``repo.edge_addresses``): nodes dial them in
+    order. ``token_keys`` (public JWKs) and ``token_issuer`` are passed through; keys are
+    sorted by ``kid``.
     """
     version, changed_at = session.execute(
         select(ConfigVersion.version, ConfigVersion.changed_at).where(ConfigVersion.id == 1)).one()
+    assigned = _assignments(session)
+    stored_apps = sorted(repo.list_applications(session), key=lambda a: a.name)
     applications = [
         SnapApp(
             name=app.name,
@@ -66,10 +137,22 @@ def build_snapshot(session: Session, *, edges: Iterable[str]) -> ConfigSnapshot:
                 SnapSegment(destination=s.destination, ports=s.ports, protocol=s.protocol)  # type: ignore[arg-type]
                 for s in sorted(app.segments, key=lambda s: (s.protocol, s.destination, ports_from_text(s.ports)))
             ],
+            users=assigned.get(app.id, ([], []))[0],
+            groups=assigned.get(app.id, ([], []))[1],
         )
-        for app in sorted(repo.list_applications(session), key=lambda a: a.name)
+        for app in stored_apps
     ]
     groups = [SnapGroup(name=g.name, region=g.region) for g in sorted(repo.list_groups(session), key=lambda g: g.name)]
+    users = [SnapUser(id=user_id, upn=upn, groups=sorted(group_ids), disabled=disabled,
+                      risk=risk)  # type: ignore[arg-type]  # the schema's check constraint keeps it a known level
+             for user_id, upn, group_ids, disabled, risk in sorted(identity.snapshot_users(session),
+                                                                    key=lambda u: (u[1], u[0]))]
+    devices = [SnapDevice(id=device_id, user_id=user_id, os=os_name, os_version=os_version, compliant=compliant,
+                          revoked=revoked)
+               for device_id, user_id, os_name, os_version, compliant, revoked
+               in sorted(identity.snapshot_devices(session), key=lambda d: d[0])]
+    locations = [SnapLocation(name=row.name, cidrs=policy.location_cidrs(row))
+                 for row in sorted(policy.list_locations(session), key=lambda row: row.name)]
     return ConfigSnapshot(
         version=version,
         issued_at=iso_utc(changed_at),
@@ -78,13 +161,22 @@ def build_snapshot(session: Session, *, edges: Iterable[str]) -> ConfigSnapshot:
         dns_suffixes=sorted(row.suffix for row in repo.list_dns_suffixes(session)),
         revoked_serials=sorted((row.serial for row in repo.list_revocations(session)), key=lambda s: int(s, 16)),
         edges=repo.edge_addresses(session, edges),
+        users=users,
+        devices=devices,
+        locations=locations,
+        policies=_policies(session, {a.id: a.name for a in stored_apps}, {u.id for u in users}),
+        revoked_sessions=sorted(set(identity.revoked_session_ids(session))),
+        token_keys=sorted(({str(k): str(v) for k, v in key.items()} for key in token_keys),
+                          key=lambda key: (key.get("kid", ""), sorted(key.items()))),
+        token_issuer=token_issuer,
     )
 
 
-def build_from_store(store: Store, *, edges: Iterable[str]) -> ConfigSnapshot:
+def build_from_store(store: Store, *, edges: Iterable[str], token_keys: TokenKeys = (),
+                     token_issuer: str = "") -> ConfigSnapshot:
     """``build_snapshot`` in a read transaction of its own (blocking: run it in a thread from asyncio)."""
     with store.read() as session:
-        return build_snapshot(session, edges=edges)
+        return build_snapshot(session, edges=edges, token_keys=token_keys, token_issuer=token_issuer)
 
 
 def _store_version(store: Store) -> int:
@@ -197,15 +289,18 @@ class SnapshotHub:
 # ---------------------------------------------------------------------------- following the store
 
 
-async def refresh(store: Store, hub: SnapshotHub, *, edges: Iterable[str]) -> bool:
+async def refresh(store: Store, hub: SnapshotHub, *, edges: Iterable[str], token_keys: TokenKeys = (),
+                  token_issuer: str = "") -> bool:
     """Build a snapshot from ``store`` (in a thread) and publish it; return whether it was newer."""
     edges = list(edges)
-    snapshot = await asyncio.to_thread(build_from_store, store, edges=edges)
+    keys = [dict(key) for key in token_keys]
+    snapshot = await asyncio.to_thread(build_from_store, store, edges=edges, token_keys=keys,
+                                       token_issuer=token_issuer)
     return hub.publish(snapshot)
 
 
-async def follow_store(store: Store, hub: SnapshotHub, *, edges: Iterable[str],
-                       interval: float = FOLLOW_INTERVAL) -> None:
+async def follow_store(store: Store, hub: SnapshotHub, *, edges: Iterable[str], token_keys: TokenKeys = (),
+                       token_issuer: str = "", interval: float = FOLLOW_INTERVAL) -> None:
     """Keep ``hub`` at the store's configuration version until cancelled.
 
     Every ``interval`` seconds the version is read (one row); when it differs from the hub's
@@ -213,13 +308,15 @@ async def follow_store(store: Store, hub: SnapshotHub, *, edges: Iterable[str],
     retried at the next tick: the hub keeps serving the last snapshot meanwhile.
     """
     edges = list(edges)
+    keys = [dict(key) for key in token_keys]
     failing = False
     built: int | None = None  # the store version last built (rebuilt only when it moves)
     while True:
         try:
             version = await asyncio.to_thread(_store_version, store)
             if version != built and version != hub.version:
-                snapshot = await asyncio.to_thread(build_from_store, store, edges=edges)
+                snapshot = await asyncio.to_thread(build_from_store, store, edges=edges, token_keys=keys,
+                                                   token_issuer=token_issuer)
                 built = snapshot.version
                 if hub.publish(snapshot):
                     log.info("configuration snapshot published", extra={"version": snapshot.version})

@@ -443,3 +443,188 @@ def test_a_store_change_reaches_a_waiting_node_within_2_seconds(store: Store) ->
             await asyncio.gather(follower, return_exceptions=True)
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- identity and conditional access
+
+
+JWKS = [{"kty": "OKP", "crv": "Ed25519", "x": "bbbb", "kid": "key-2", "use": "sig"},
+        {"kty": "OKP", "crv": "Ed25519", "x": "aaaa", "kid": "key-1", "use": "sig"}]
+ISSUER = "https://control.corp.example"
+
+
+def populate_access(store: Store) -> dict[str, str]:
+    """Users (created out of UPN order), groups, devices, sessions, locations, assignments and
+    policies on top of ``populate``; returns the ids by name."""
+    from datetime import timedelta
+
+    from control.store import policy as access
+    from control.store.models import Device, GroupMember, SignInSession, User, UserGroup, utcnow
+
+    populate(store)
+    now = utcnow()
+    ids = {"carol": "u-3", "alice": "u-1", "bob": "u-2", "staff": "g-2", "admins": "g-1"}
+    with store.begin() as session:
+        for name, user_id, risk, disabled in (("carol", "u-3", "none", True), ("alice", "u-1", "none", False),
+                                              ("bob", "u-2", "high", False)):
+            session.add(User(id=user_id, upn=f"{name}@corp.example", display_name=name.title(), disabled=disabled,
+                             risk_level=risk, totp_enabled=False, created_at=now, updated_at=now))
+        session.add_all([UserGroup(id="g-2", name="staff", created_at=now),
+                         UserGroup(id="g-1", name="admins", created_at=now)])
+        session.flush()
+        session.add_all([GroupMember(group_id="g-2", user_id="u-2"), GroupMember(group_id="g-1", user_id="u-2"),
+                         GroupMember(group_id="g-2", user_id="u-1")])
+        session.add_all([
+            Device(id="d-b", user_id="u-2", name="bob-laptop", os="Linux", os_version="6.8", compliant=False,
+                   created_at=now),
+            Device(id="d-a", user_id="u-1", name="alice-laptop", os="Windows", os_version="11", compliant=True,
+                   created_at=now),
+            Device(id="d-old", user_id="u-1", name="lost", os="Windows", os_version="10", compliant=True,
+                   created_at=now, revoked_at=now),
+        ])
+        session.flush()
+        for sid, revoked in (("s-live", None), ("s-gone-2", now), ("s-gone-1", now)):
+            session.add(SignInSession(id=sid, user_id="u-1", device_id="d-a", amr="pwd", auth_time=now,
+                                      created_at=now, expires_at=now + timedelta(hours=8),
+                                      refresh_hash=sid.ljust(64, "0"), revoked_at=revoked))
+        session.flush()
+        access.create_location(session, ACTOR, "office", ["198.51.100.0/24", "2001:db8::/32"])
+        access.create_location(session, ACTOR, "branch", ["192.0.2.0/24"])
+        access.assign_application(session, ACTOR, "rdp", group="staff")
+        access.assign_application(session, ACTOR, "rdp", user="carol@corp.example")
+        access.assign_application(session, ACTOR, "rdp", user="alice@corp.example")
+        access.assign_application(session, ACTOR, "intranet", group="admins")
+        access.create_policy(session, ACTOR, "zz-mfa-rdp", grant="require_mfa", applications=["rdp", "intranet"],
+                             groups=["staff"], users=["bob@corp.example", "alice@corp.example"],
+                             conditions={"locations": ["office", "branch"], "signin_older_than": 3600})
+        access.create_policy(session, ACTOR, "aa-block-risky", grant="block", state="report_only",
+                             conditions={"user_risk_at_least": "high", "device_os": ["Linux", "ChromeOS"]})
+    return ids
+
+
+def test_identity_and_access_are_compiled_sorted(store: Store) -> None:
+    from dataplane.snapshot import SnapConditions, SnapDevice, SnapLocation, SnapPolicy, SnapUser
+
+    populate_access(store)
+    with store.read() as session:
+        snap = build_snapshot(session, edges=EDGES, token_keys=JWKS, token_issuer=ISSUER)
+    assert snap.users == [
+        SnapUser(id="u-1", upn="alice@corp.example", groups=["g-2"], disabled=False, risk="none"),
+        SnapUser(id="u-2", upn="bob@corp.example", groups=["g-1", "g-2"], disabled=False, risk="high"),
+        SnapUser(id="u-3", upn="carol@corp.example", groups=[], disabled=True, risk="none"),
+    ]
+    assert snap.devices == [
+        SnapDevice(id="d-a", user_id="u-1", os="Windows", os_version="11", compliant=True, revoked=False),
+        SnapDevice(id="d-b", user_id="u-2", os="Linux", os_version="6.8", compliant=False, revoked=False),
+        SnapDevice(id="d-old", user_id="u-1", os="Windows", os_version="10", compliant=True, revoked=True),
+    ]
+    assert snap.revoked_sessions == ["s-gone-1", "s-gone-2"]
+    assert snap.locations == [SnapLocation(name="branch", cidrs=["192.0.2.0/24"]),
+                              SnapLocation(name="office", cidrs=["198.51.100.0/24", "2001:db8::/32"])]
+    # Policies by id (creation order), application ids turned into names, targets sorted.
+    assert snap.policies == [
+        SnapPolicy(id=1, name="zz-mfa-rdp", state="on", grant="require_mfa", applications=["intranet", "rdp"],
+                   users=["u-1", "u-2"], groups=["g-2"],
+                   conditions=SnapConditions(locations=["office", "branch"], signin_older_than=3600)),
+        SnapPolicy(id=2, name="aa-block-risky", state="report_only", grant="block",
+                   conditions=SnapConditions(device_os=["Linux", "ChromeOS"], user_risk_at_least="high")),
+    ]
+    assigned = {a.name: (a.users, a.groups) for a in snap.applications}
+    assert assigned == {"all-private": ([], []), "intranet": ([], ["g-1"]), "placeholder": ([], []),
+                        "rdp": (["u-1", "u-3"], ["g-2"])}
+    assert [k["kid"] for k in snap.token_keys] == ["key-1", "key-2"] and snap.token_keys[1] == JWKS[0]
+    assert snap.token_issuer == ISSUER
+
+
+def test_access_snapshots_are_deterministic(store: Store) -> None:
+    populate_access(store)
+    first = build_from_store(store, edges=EDGES, token_keys=JWKS, token_issuer=ISSUER)
+    second = build_from_store(store, edges=EDGES, token_keys=list(reversed(JWKS)), token_issuer=ISSUER)
+    assert encode(first) == encode(second)
+    assert decode(encode(first)) == first
+    # Without keys (current callers), the access fields are still there, the key fields empty.
+    bare = build_from_store(store, edges=EDGES)
+    assert (bare.token_keys, bare.token_issuer) == ([], "")
+    assert (bare.users, bare.policies) == (first.users, first.policies)
+    with open_store_like(store) as other:
+        empty = build_from_store(other, edges=[])
+    assert (empty.users, empty.devices, empty.locations, empty.policies, empty.revoked_sessions) == ([], [], [], [], [])
+
+
+def open_store_like(store: Store) -> Store:
+    """A new, empty store next to ``store``'s database file."""
+    path = Path(store.engine.url.database or "").parent / "empty.db"
+    return open_store(f"sqlite:///{path}")
+
+
+def test_policy_targets_follow_renames_and_deleted_targets_never_widen_a_policy(store: Store) -> None:
+    from control.store import policy as access
+    from control.store.models import User, UserGroup
+
+    populate_access(store)
+    with store.begin() as session:
+        repo.update_application(session, ACTOR, "rdp", new_name="rdp-finance")
+        access.create_policy(session, ACTOR, "only-carol", grant="block", users=["carol@corp.example"])
+        access.create_policy(session, ACTOR, "admins-or-carol", grant="block", users=["carol@corp.example"],
+                             groups=["admins"])
+    before = snapshot_of(store)
+    assert before.policies[0].applications == ["intranet", "rdp-finance"]
+    assert [a.name for a in before.applications if a.users] == ["rdp-finance"]
+    # Deleting users and groups (identity side) leaves dangling ids in the stored policy.
+    with store.begin() as session:
+        session.delete(session.get(User, "u-3"))
+        session.delete(session.get(UserGroup, "g-1"))
+        repo.create_group(session, ACTOR, "bump")  # a configuration change, for a new version
+    after = snapshot_of(store)
+    names = [p.name for p in after.policies]
+    assert "only-carol" not in names and "admins-or-carol" not in names  # they target nobody now, not everyone
+    assert names == ["zz-mfa-rdp", "aa-block-risky"]
+    rdp = next(a for a in after.applications if a.name == "rdp-finance")
+    assert (rdp.users, rdp.groups) == (["u-1"], ["g-2"])  # assignments went with the user (foreign key cascade)
+
+
+def test_the_edge_decides_from_a_compiled_snapshot(store: Store) -> None:
+    from dataplane.policy import AccessIndex, Principal
+
+    populate_access(store)
+    index = AccessIndex(build_from_store(store, edges=EDGES, token_keys=JWKS, token_issuer=ISSUER))
+    now = 2_000_000_000
+
+    def who(user: str, upn: str, device: str, amr: tuple[str, ...] = ("pwd",), age: int = 7200) -> Principal:
+        return Principal(user_id=user, upn=upn, session_id="s-live", device_id=device, amr=amr, auth_time=now - age,
+                         expires=now + 600)
+
+    alice = who("u-1", "alice@corp.example", "d-a")
+    assert index.decide(alice, "rdp", "192.0.2.10:50000", now).code == "mfa_required"  # branch, old sign-in
+    assert index.decide(alice, "rdp", "203.0.113.9:50000", now).allowed  # not from a named location
+    assert index.decide(who("u-1", "alice@corp.example", "d-a", ("pwd", "mfa")), "rdp", "192.0.2.10:1", now).allowed
+    assert index.decide(alice, "intranet", "203.0.113.9:1", now).code == "not_assigned"
+    bob = index.decide(who("u-2", "bob@corp.example", "d-b"), "intranet", "203.0.113.9:1", now)
+    assert bob.allowed and [r.policy for r in bob.report] == ["aa-block-risky"]  # report-only: logged, not denied
+
+
+def test_refresh_and_follow_store_pass_the_token_keys(store: Store) -> None:
+    populate(store)
+
+    async def main() -> None:
+        hub = SnapshotHub()
+        assert await refresh(store, hub, edges=EDGES, token_keys=JWKS, token_issuer=ISSUER)
+        assert hub.current is not None and hub.current.token_issuer == ISSUER
+        assert [k["kid"] for k in hub.current.token_keys] == ["key-1", "key-2"]
+        follower = asyncio.create_task(follow_store(store, hub, edges=EDGES, token_keys=JWKS[:1],
+                                                    token_issuer=ISSUER, interval=0.05))
+        try:
+            await asyncio.to_thread(lambda: _add_suffix(store, "new.example"))
+            got = await asyncio.wait_for(hub.wait_newer(hub.current.version, timeout=5), 6)
+            assert got is not None and [k["kid"] for k in got.token_keys] == ["key-2"]
+            assert got.token_issuer == ISSUER and "new.example" in got.dns_suffixes
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def _add_suffix(store: Store, suffix: str) -> None:
+    with store.begin() as session:
+        repo.add_dns_suffix(session, ACTOR, suffix)

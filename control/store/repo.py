@@ -36,6 +36,7 @@ from .errors import StoreError
 from .models import (
     APP_KINDS,
     TOKEN_ROLES,
+    AccessPolicy,
     AdminKey,
     Application,
     AuditRecord,
@@ -92,6 +93,11 @@ def list_audit(session: Session, limit: int = 100, object_type: str | None = Non
     if object_type is not None:
         query = query.where(AuditRecord.object_type == object_type)
     return list(session.scalars(query))
+
+
+def lock_config(session: Session) -> None:
+    """Wait for other configuration changes to finish (see ``_lock_config``); for callers outside this module."""
+    _lock_config(session)
 
 
 def _lock_config(session: Session) -> None:
@@ -303,8 +309,22 @@ def update_application(session: Session, actor: str, name: str, *, new_name: str
 
 @_change
 def delete_application(session: Session, actor: str, name: str) -> None:
+    """Delete an application (its segments and assignments go with it).
+
+    Refused (``conflict``, naming them) while conditional-access policies target it: dropping
+    it from a policy's list silently would widen that policy (an empty list means every
+    application).
+    """
     _lock_config(session)
     app = get_application(session, name)
+    targeting = [p for p in session.scalars(select(AccessPolicy).order_by(AccessPolicy.name))
+                 if app.id in p.applications]
+    if targeting:
+        names = ", ".join(repr(p.name) for p in targeting)
+        which = "those policies" if len(targeting) > 1 else "that policy"
+        raise StoreError("conflict", f"application {app.name!r} is targeted by "
+                                     f"polic{'ies' if len(targeting) > 1 else 'y'} {names}: remove the application "
+                                     f"from {which} (or delete {which}) first")
     before = _app_state(app)
     session.delete(app)
     session.flush()
