@@ -6,11 +6,12 @@ node's ``/ready`` answers 200 (for the client that means its tunnel is up and ev
 forward's destination answered a probe). Two ways to configure the nodes:
 
 - **managed** (``ferryman up``): a control plane process (``ferryman control``, SQLite in
-  the work directory) is started first; the fabric creates one application per forward
-  through the admin API, registers the edge and the connectors with one-time tokens
-  (``ferryman edge|connector register``, as an operator would), and has a client
-  certificate issued for the client. Edge and connectors then run from the control
-  plane's configuration (heartbeats, revocations and renewals included).
+  the work directory) is started first; the fabric creates a user and one application per
+  forward assigned to that user through the admin API, registers the edge and the
+  connectors with one-time tokens (``ferryman edge|connector register``), and signs the
+  user in on the client (``ferryman client login``: device certificate and tokens), as an
+  operator and a user would. Edge and connectors then run from the control plane's
+  configuration (access decisions, heartbeats, revocations and renewals included).
 - **static** (benchmarks, data-plane tests): certificates from ``pki init`` (made once
   under the work directory) and an application file.
 
@@ -24,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -35,7 +37,6 @@ import urllib.request
 from collections.abc import Iterator
 
 from . import pki
-from .enroll import new_key_and_csr, write_identity
 
 
 class FabricError(RuntimeError):
@@ -66,6 +67,8 @@ class Fabric:
         self.env = dict(env or {})
         self.connector_names = [f"connector-{i + 1}" for i in range(connectors)]
         self.managed = managed
+        self.user = "demo@ferryman.local"  # managed: the user the client agent signs in as
+        self.password = secrets.token_urlsafe(18)
         self.edge_port = 0
         self.control_url = ""
         self.admin_key = ""
@@ -170,13 +173,28 @@ class Fabric:
         self._wait_for("control", timeout)
         with open(os.path.join(control_dir, "admin.key")) as fh:
             self.admin_key = fh.read().strip()
+        self.admin("POST", "/v1/users", {"upn": self.user, "display_name": "Ferryman demo user",
+                                          "password": self.password})
         for i, (_, _, host, port_) in enumerate(self.forwards):
-            self.admin("POST", "/v1/applications", {"name": f"forward-{i + 1}", "segments": [
+            name = f"forward-{i + 1}"
+            self.admin("POST", "/v1/applications", {"name": name, "segments": [
                 {"destination": host, "ports": str(port_), "protocol": "tcp"}]})
+            self.admin("POST", f"/v1/applications/{name}/assignments", {"user": self.user})
         self._register("edge-1", "edge", ["--address", edge_addr])
         for name in self.connector_names:
             self._register(name, "connector", [])
-        return self._client_certificate("client-1")
+        self._login("client-1")
+        return self._node_env("client-1")
+
+    def _login(self, name: str) -> None:
+        """``ferryman client login`` for the demo user: the client's device key, certificate and session."""
+        env = {**os.environ, **self.env, **self._node_env(name)}
+        done = subprocess.run([sys.executable, "-m", "dataplane", "client", "login", "--control", self.control_url,
+                               "--user", self.user, "--password-stdin", "--device-name", name],
+                              env=env, input=(self.password + "\n").encode(), capture_output=True, timeout=60)
+        if done.returncode != 0:
+            raise FabricError(f"signing in {self.user} on {name} failed (exit {done.returncode}):\n"
+                              f"{done.stderr.decode(errors='replace')}")
 
     def admin(self, method: str, path: str, body: object = None) -> object:
         """One admin API call with the control plane's bootstrap key; FabricError unless it succeeds."""
@@ -201,13 +219,6 @@ class Fabric:
         if done.returncode != 0:
             raise FabricError(f"registering {role} {name} failed (exit {done.returncode}):\n"
                               f"{done.stderr.decode(errors='replace')}")
-
-    def _client_certificate(self, name: str) -> dict[str, str]:
-        key_pem, csr_pem = new_key_and_csr(name)
-        issued = self.admin("POST", "/v1/client-certificates", {"name": name, "csr_pem": csr_pem.decode()})
-        files = write_identity(os.path.join(self.workdir, "nodes", name), name, key_pem,
-                               issued["certificate_pem"].encode(), issued["ca_pem"].encode())  # type: ignore[index]
-        return {"FERRYMAN_TLS_CA": files.ca, "FERRYMAN_TLS_CERT": files.cert, "FERRYMAN_TLS_KEY": files.key}
 
     def node_id(self, name: str) -> str:
         """The control plane's id of registered edge or connector ``name``."""
@@ -359,6 +370,7 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
         control_dir = os.path.join(fabric.workdir, "control")
         print(f"admin: FERRYMAN_DATA_DIR={control_dir} ferryman admin --control {fabric.control_url} apps list "
               f"(changes reach edge and connector within 2 s)", file=sys.stderr)
+        print(f"client-1 is signed in as {fabric.user}, assigned to every forward's application", file=sys.stderr)
         for lh, lp, h, p in fabric.forwards:
             print(f"forward {lh}:{lp} -> client -> edge -> connector -> {h}:{p}", file=sys.stderr)
         print("ready", flush=True)

@@ -32,7 +32,9 @@ class Settings(msgspec.Struct, kw_only=True):
     control_listen: str = "127.0.0.1:8080"
     database_url: str = ""
     cert_lifetime_days: int = 180
+    traffic_retention_days: int = 30
     heartbeat_interval: float = 30.0
+    access_token_minutes: int = 60
     # nodes following the control plane
     control_url: str = ""
     config_wait: float = 25.0
@@ -73,7 +75,9 @@ VARIABLES: dict[str, str] = {
     "control_listen": "Control plane: HOST:PORT of its HTTP API (admin API, registration).",
     "database_url": "Control plane: SQLAlchemy database URL (e.g. `postgresql://user:pw@host/db`); empty means an SQLite file `control.db` in FERRYMAN_DATA_DIR.",
     "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal).",
+    "traffic_retention_days": "Control plane: traffic log records older than this many days are deleted (checked hourly).",
     "heartbeat_interval": "Seconds between node heartbeats to the control plane; a node missing 3 in a row is shown inactive (set the same on nodes and control plane).",
+    "access_token_minutes": "Control plane: lifetime in minutes of the access tokens it signs at sign-in and refresh (edges accept a token until it expires).",
     "control_url": "Edge/connector: control plane URL to follow; empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
@@ -116,7 +120,9 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "reconnect_min": (0.01, 3600),
     "reconnect_max": (0.01, 86400),
     "cert_lifetime_days": (1, 3650),
+    "traffic_retention_days": (1, 3650),
     "heartbeat_interval": (0.1, 3600),
+    "access_token_minutes": (1, 1440),
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),
     "traffic_queue": (1, 10_000_000),

@@ -57,6 +57,7 @@ def _add_app(fab, name: str, port: int) -> int:
     app = fab.admin("POST", "/v1/applications", {"name": name, "segments": [
         {"destination": "127.0.0.1", "ports": str(port), "protocol": "tcp"}]})
     assert app["name"] == name
+    fab.admin("POST", f"/v1/applications/{name}/assignments", {"user": fab.user})
     return fab.admin("GET", "/v1/config-version")["version"]
 
 

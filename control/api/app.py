@@ -1,10 +1,11 @@
 """``create_app``: the control plane's ASGI application (Litestar), ready for uvicorn.
 
-Routes: the admin resources under ``/v1`` (``admin.py``, admin key required),
-``POST /v1/register`` (``register.py``, one-time token), the node routes under
-``/v1/node`` (``nodes.py``, node certificate token), ``GET /health`` (no credential),
-and the OpenAPI document at ``/schema/openapi.json`` (Swagger UI at ``/schema/swagger``).
-Errors are JSON (``errors.py``).
+Routes: the admin resources under ``/v1`` (``admin.py`` and, for users, groups, devices
+and sessions, ``identity.py``; admin key required), user sign-in under ``/v1/auth``
+(``auth.py``: password/TOTP, access tokens), ``POST /v1/register`` (``register.py``,
+one-time token), the node routes under ``/v1/node`` (``nodes.py``, node certificate
+token), ``GET /health`` (no credential), and the OpenAPI document at
+``/schema/openapi.json`` (Swagger UI at ``/schema/swagger``). Errors are JSON (``errors.py``).
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ from litestar.openapi.spec import Components, SecurityScheme
 from control.ca import DEFAULT_LIFETIME_DAYS, CertificateAuthority
 from control.snapshot import FOLLOW_INTERVAL, follow_store, refresh
 from control.store import Store
+from control.tokens import TokenSigner
 
 from .admin import admin_router
+from .auth import auth_router
 from .deps import DEFAULT_HEARTBEAT_INTERVAL, Api, provide_api
 from .errors import EXCEPTION_HANDLERS
+from .identity import identity_router
 from .nodes import NODE_ROUTES
+from .policies import policy_router
+from .traffic import traffic_retention, traffic_router
 from .register import register
 from .schemas import Health
 
@@ -46,25 +52,32 @@ async def health() -> Health:
 def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence[str] = (),
                heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
                cert_lifetime_days: int = DEFAULT_LIFETIME_DAYS,
-               follow_interval: float = FOLLOW_INTERVAL) -> Litestar:
+               follow_interval: float = FOLLOW_INTERVAL, token_signer: TokenSigner,
+               traffic_retention_days: int = 30) -> Litestar:
     """The API over ``store`` and ``ca``; ``edges_public`` are the edge HOST:PORT addresses handed
     to registering nodes (before those of registered edges); ``heartbeat_interval`` (seconds)
     decides when a node counts as inactive; ``cert_lifetime_days`` is the lifetime of the
-    certificates signed at registration and renewal.
+    certificates signed at registration and renewal; ``token_signer`` signs users' access
+    tokens (``TokenSigner.open(data_dir)``).
 
     While the app runs (ASGI lifespan), the configuration snapshot served to nodes follows
-    the store every ``follow_interval`` seconds.
+    the store every ``follow_interval`` seconds, and traffic logs older than
+    ``traffic_retention_days`` are deleted every hour.
     """
-    api = Api(store, ca, edges_public, heartbeat_interval, cert_lifetime_days)
+    api = Api(store, ca, edges_public, heartbeat_interval, cert_lifetime_days, token_signer=token_signer)
     following: list[asyncio.Task[None]] = []
 
     async def start_following() -> None:
         try:
-            await refresh(store, api.hub, edges=api.edges_public)
+            await refresh(store, api.hub, edges=api.edges_public, token_keys=token_signer.public_jwks(),
+                          token_issuer=token_signer.issuer)
         except Exception as exc:  # noqa: BLE001 - the follower retries and logs; nodes get 503 meanwhile
             log.warning("cannot build the first configuration snapshot: %s", exc)
-        following.append(asyncio.get_running_loop().create_task(
-            follow_store(store, api.hub, edges=api.edges_public, interval=follow_interval)))
+        loop = asyncio.get_running_loop()
+        following.append(loop.create_task(
+            follow_store(store, api.hub, edges=api.edges_public, token_keys=token_signer.public_jwks(),
+                         token_issuer=token_signer.issuer, interval=follow_interval)))
+        following.append(loop.create_task(traffic_retention(store, traffic_retention_days)))
 
     async def stop_following() -> None:
         api.hub.close()
@@ -81,11 +94,14 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
             "nodeToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT",
                                         description="a node request token: ES256 JWT signed by the node's "
                                                     "certificate key, the certificate in x5c"),
+            "accessToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT",
+                                          description="a user's access token (Ed25519 JWT from /v1/auth/sign-in)"),
         }),
         render_plugins=[JsonRenderPlugin(), SwaggerRenderPlugin()],
     )
     app = Litestar(
-        route_handlers=[admin_router(), register, health, *NODE_ROUTES],
+        route_handlers=[admin_router(), policy_router(), identity_router(), auth_router(), traffic_router(), register,
+                        health, *NODE_ROUTES],
         on_startup=[start_following],
         on_shutdown=[stop_following],
         dependencies={"api": Provide(provide_api, sync_to_thread=False)},

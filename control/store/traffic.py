@@ -1,4 +1,5 @@
-"""Traffic logs in the store: edges' records written in batches, read back with filters, aged out.
+"""Traffic logs in the store: edges' records written in batches, read back with filters, aged
+out, and summarised for application discovery.
 
 Records arrive from edges (``POST /v1/node/traffic``, ``dataplane.trafficlog.FlowRecord``)
 and are inserted as they are, except ``edge``, which is always the name of the edge that
@@ -11,7 +12,8 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert
+import msgspec
+from sqlalchemy import Select, case, delete, distinct, func, insert, or_, select
 from sqlalchemy.orm import Session
 
 from .models import TrafficLog
@@ -43,3 +45,91 @@ def insert_records(session: Session, edge: str, records: Iterable[Mapping[str, A
     if rows:
         session.execute(insert(TrafficLog), rows)
     return len(rows)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+class TrafficFilter(msgspec.Struct, kw_only=True):
+    """Which records: a time range on ``start`` and exact matches (``user``: UPN or user id;
+    ``connector``: name or id)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    user: str | None = None
+    app: str | None = None
+    action: str | None = None
+    connector: str | None = None
+
+
+def _where(query: Select[Any], f: TrafficFilter) -> Select[Any]:
+    if f.since is not None:
+        query = query.where(TrafficLog.start >= f.since)
+    if f.until is not None:
+        query = query.where(TrafficLog.start < f.until)
+    if f.user:
+        query = query.where(or_(TrafficLog.upn == f.user.lower(), TrafficLog.user_id == f.user))
+    if f.app:
+        query = query.where(TrafficLog.application == f.app)
+    if f.action:
+        query = query.where(TrafficLog.action == f.action)
+    if f.connector:
+        query = query.where(or_(TrafficLog.connector_name == f.connector, TrafficLog.connector_id == f.connector))
+    return query
+
+
+def query_records(session: Session, f: TrafficFilter, *, limit: int = 100, before_id: int | None = None
+                  ) -> list[TrafficLog]:
+    """Matching records, newest first; ``before_id`` continues a previous page."""
+    query = _where(select(TrafficLog), f)
+    if before_id is not None:
+        query = query.where(TrafficLog.id < before_id)
+    return list(session.scalars(query.order_by(TrafficLog.id.desc()).limit(limit)))
+
+
+def records_after(session: Session, f: TrafficFilter, after_id: int, limit: int = 1000) -> list[TrafficLog]:
+    """Matching records with an id above ``after_id``, oldest first (pages of an export)."""
+    query = _where(select(TrafficLog), f).where(TrafficLog.id > after_id)
+    return list(session.scalars(query.order_by(TrafficLog.id).limit(limit)))
+
+
+def delete_older_than(session: Session, cutoff: datetime) -> int:
+    """Retention: remove records that started before ``cutoff``; returns how many."""
+    result = session.execute(delete(TrafficLog).where(TrafficLog.start < cutoff))
+    return int(result.rowcount or 0)
+
+
+# ---------------------------------------------------------------------------- application discovery
+
+
+class Discovered(msgspec.Struct):
+    """A destination reached through quick access, with how much it was used."""
+
+    destination: str
+    port: int
+    protocol: str
+    users: int
+    devices: int
+    flows: int
+    bytes: int
+    first_seen: datetime
+    last_seen: datetime
+
+
+def discovery(session: Session, since: datetime | None = None, limit: int = 500) -> list[Discovered]:
+    """Destinations used through the quick access application (allowed or report-only flows),
+    busiest first: the candidates for per-app applications."""
+    destination = case((TrafficLog.destination_fqdn != "", TrafficLog.destination_fqdn),
+                       else_=TrafficLog.destination_ip)
+    query = (select(destination, TrafficLog.destination_port, TrafficLog.transport,
+                    func.count(distinct(TrafficLog.user_id)), func.count(distinct(TrafficLog.device_id)),
+                    func.count(), func.sum(TrafficLog.bytes_sent + TrafficLog.bytes_received),
+                    func.min(TrafficLog.start), func.max(TrafficLog.start))
+             .where(TrafficLog.application_kind == "quick_access", TrafficLog.action.in_(("allow", "report")))
+             .group_by(destination, TrafficLog.destination_port, TrafficLog.transport)
+             .order_by(func.count().desc(), destination, TrafficLog.destination_port).limit(limit))
+    if since is not None:
+        query = query.where(TrafficLog.start >= since)
+    return [Discovered(destination=d, port=p, protocol=t, users=u, devices=dv, flows=n, bytes=int(b or 0),
+                       first_seen=first, last_seen=last)
+            for d, p, t, u, dv, n, b, first, last in session.execute(query)]
