@@ -339,6 +339,8 @@ class Edge(TunnelHandler):
             self.clients.discard(tunnel)
             self.client_tokens.pop(tunnel, None)
             code, reason = "client_lost", f"client {peer.node} lost: {tunnel.close_reason}"
+        if tunnel.close_code == "certificate_revoked":  # say why in the flows' resets and traffic records
+            code = "certificate_revoked"
         live = sum(1 for splice in tunnel.routes.values() if splice.closed_sides != 2)
         if live:
             log.warning("flows reset", extra={"tunnel": tunnel.label, "flows": live, "code": code, "reason": reason})
