@@ -327,3 +327,27 @@ def test_discovery_over_quick_access_and_promotion(backend, fabric, xfer):
     assert _attempt(xfer, socks, other.port) == 0
     record = _newest_after(fab, xfer, mark, "a flow through the new per-app app", action="allow")
     assert (record["application"], record["application_kind"]) == ("discovered-echo", "per_app")
+
+
+def test_the_client_refreshes_its_token_and_hands_it_to_the_edge(backend, fabric, xfer):
+    echo = backend("echo")
+    env, socks = _socks_env()
+    fab = fabric([echo], env=env, managed=True)
+    fab.kill("client-1", 15)
+    path = os.path.join(fab.workdir, "nodes", "client-1", "client", "session.json")
+    with open(path) as fh:
+        before = json.load(fh)
+    # As if most of the token's lifetime had passed: the client refreshes as soon as it starts.
+    with open(path, "w") as fh:
+        json.dump({**before, "access_expires": int(time.time()) + 30, "access_lifetime": 3600}, fh)
+    fab.restart("client-1")
+    xfer.wait_for(lambda: "access token refreshed" in open(fab.logs["client-1"]).read(), 10.0,
+                  "the client's refresh")
+    xfer.wait_for(lambda: "access token renewed" in open(fab.logs["edge-1"]).read(), 5.0,
+                  "the edge to take the new token (AUTH)")
+    with open(path) as fh:
+        after = json.load(fh)
+    assert after["refresh_token"] != before["refresh_token"]  # rotated
+    assert after["access_token"] != before["access_token"] and after["access_expires"] > time.time() + 3000
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert _attempt(xfer, socks, echo.port) == 0

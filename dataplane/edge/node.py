@@ -247,7 +247,10 @@ class Edge(TunnelHandler):
             return
         previous = tunnel.context
         self._authenticate(tunnel, event.token)
-        if not isinstance(tunnel.context, Principal) and isinstance(previous, Principal):
+        if isinstance(tunnel.context, Principal):
+            log.info("access token renewed", extra={"client": tunnel.peer_name, "user": tunnel.context.upn,
+                                                    "expires": tunnel.context.expires})
+        elif isinstance(previous, Principal):
             log.warning("refreshed access token refused; new flows of this client are refused until a valid one "
                         "arrives", extra={"client": tunnel.peer_name, "reason": tunnel.context})
 
