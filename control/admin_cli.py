@@ -17,10 +17,21 @@ Where it connects and with which key:
 Commands: ``apps``, ``segments``, ``groups``, ``connectors``, ``edges``, ``certs``, ``dns``,
 ``tokens``, ``keys``, ``assignments`` (who an application is assigned to: ``list|add|remove
 APP --user U | --group G``), ``locations`` (named locations: ``list|create|update|delete``),
-``policies`` (conditional access: ``list|show|create|update|delete``), ``audit`` and
-``apply FILE``. ``apply`` takes the data plane's
-application file (``dataplane.apps``; each app may also say ``kind = "quick_access"``) as
-the declared state and makes the control plane match it, like ``kubectl apply``:
+``policies`` (conditional access: ``list|show|create|update|delete``), ``users``
+(``list|show|create|update|delete|reset-totp|sessions``), ``user-groups``
+(``list|create|rename|delete|members|add-member|remove-member``), ``devices``
+(``list|show|update|revoke``), ``sessions`` (sign-in sessions: ``show|revoke``), ``logs`` (traffic
+log records, newest first, filtered; ``--export FILE|-`` streams every matching record as JSON
+Lines), ``discovery`` (destinations used through quick access: ``list``, and ``promote`` one to a
+per-app application), ``audit`` and ``apply FILE``.
+
+Passwords (``users create|update --password-stdin``) are never taken from the command line,
+where other local users could read them: they are typed twice at a hidden prompt when standard
+input is a terminal, else read from its first line.
+
+``apply`` takes the data plane's application file (``dataplane.apps``; each app may also
+say ``kind = "quick_access"``) as the declared state and makes the control plane match it,
+like ``kubectl apply``:
 
 1. the file is validated locally first, with the store's own rules (segment syntax,
    duplicates, overlaps between per-app applications, at most one quick-access
@@ -98,6 +109,14 @@ def _reason(reason: object) -> str:
     return str(reason) or type(reason).__name__
 
 
+class SinkError(Exception):
+    """Writing out a streamed answer failed (``Client.stream``); ``error`` is the ``OSError``."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class Client:
     """Calls to the admin API; every failure becomes an ``AdminError`` with a clear message."""
 
@@ -107,20 +126,38 @@ class Client:
         self.key_source = key_source
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> bytes:
-        """The raw response body (empty for 204) of ``method path``; raises ``AdminError``."""
+    def _request(self, method: str, path: str, body: Any, query: dict[str, Any] | None,
+                 accept: str = "application/json") -> urllib.request.Request:
         params = {k: v for k, v in (query or {}).items() if v is not None}
         url = self.base_url + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
         data = None if body is None else msgspec.json.encode(body)
         request = urllib.request.Request(url, data=data, method=method)
         request.add_header("Authorization", f"Bearer {self.key}")
-        request.add_header("Accept", "application/json")
+        request.add_header("Accept", accept)
         request.add_header("User-Agent", "ferryman-admin")
         if data is not None:
             request.add_header("Content-Type", "application/json")
+        return request
+
+    def call(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> bytes:
+        """The raw response body (empty for 204) of ``method path``; raises ``AdminError``."""
+        return self.stream(method, path, None, query=query, body=body)
+
+    def stream(self, method: str, path: str, sink: Callable[[bytes], None] | None, *,
+               query: dict[str, Any] | None = None, body: Any = None, accept: str = "application/json") -> bytes:
+        """``method path`` with the response body handed to ``sink`` in chunks as it arrives (returns
+        b""), or, without a sink, read whole and returned; raises ``AdminError``."""
+        request = self._request(method, path, body, query, accept)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read()
+                if sink is None:
+                    return response.read()
+                while chunk := response.read1(65536):
+                    try:
+                        sink(chunk)
+                    except OSError as exc:  # writing it out failed, not the connection
+                        raise SinkError(exc) from exc
+                return b""
         except urllib.error.HTTPError as exc:
             raise self._refusal(exc) from None
         except urllib.error.URLError as exc:
@@ -814,6 +851,437 @@ def cmd_policies_delete(ctx: Ctx, args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- users, user groups, devices, sessions
+
+
+USER_RISK_LEVELS = ("none", *RISK_LEVELS)
+
+
+def read_password(upn: str) -> str:
+    """The password of ``--password-stdin``: typed twice at a hidden prompt when standard input is
+    a terminal, else the first line of standard input (its line ending removed). Passwords are
+    never taken from the command line, where other local users could see them."""
+    stdin = sys.stdin
+    if stdin is None:
+        raise AdminError("--password-stdin: there is no standard input to read the password from")
+    if stdin.isatty():
+        import getpass
+
+        try:
+            password = getpass.getpass(f"new password for {upn}: ")
+            again = getpass.getpass("the same password again: ")
+        except EOFError:
+            raise AdminError("--password-stdin: no password typed; nothing changed") from None
+        if password != again:
+            raise AdminError("--password-stdin: the two passwords differ; nothing changed")
+    else:
+        try:
+            password = stdin.readline()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AdminError(f"--password-stdin: cannot read standard input: {_reason(exc)}") from None
+        password = password.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise AdminError("--password-stdin: the password is empty (give it on the first line of standard input, "
+                         "e.g. `printf '%s\\n' \"$PASSWORD\" | ferryman admin users ...`, or type it at the prompt "
+                         "when standard input is a terminal)")
+    return password
+
+
+def _group_names(ctx: Ctx) -> Callable[[list[str]], str]:
+    """User group ids as names (fetched once, when first needed: only for the human output)."""
+    names: dict[str, str] | None = None
+
+    def render(ids: list[str]) -> str:
+        nonlocal names
+        if not ids:
+            return ""
+        if names is None:
+            names = {g["id"]: g["name"] for g in ctx.client.json("GET", "/v1/user-groups")}
+        return ", ".join(names.get(i, i) for i in ids)
+    return render
+
+
+def _user_detail(ctx: Ctx) -> Callable[[dict[str, Any]], str]:
+    groups = _group_names(ctx)
+    return lambda u: fields([
+        ("id", u["id"]), ("UPN", u["upn"]), ("display name", u["display_name"]), ("disabled", yes_no(u["disabled"])),
+        ("risk level", u["risk_level"]), ("password", "set" if u["has_password"] else "none (cannot sign in)"),
+        ("TOTP", "enabled" if u["totp_enabled"] else "not set up"), ("groups", groups(u["groups"])),
+        ("created", when(u["created_at"])), ("updated", when(u["updated_at"]))])
+
+
+def _users_table(ctx: Ctx, empty: str) -> Callable[[Any], str]:
+    groups = _group_names(ctx)
+    return _listing(empty, ("UPN", "NAME", "DISABLED", "RISK", "PASSWORD", "TOTP", "GROUPS", "ID"),
+                    lambda u: (u["upn"], u["display_name"], yes_no(u["disabled"]), u["risk_level"],
+                               yes_no(u["has_password"]), yes_no(u["totp_enabled"]), groups(u["groups"]), u["id"]))
+
+
+def cmd_users_list(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/users"), _users_table(ctx, "no users"))
+    return 0
+
+
+def cmd_users_show(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", f"/v1/users/{_quote(args.user)}"), _user_detail(ctx))
+    return 0
+
+
+def cmd_users_create(ctx: Ctx, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"upn": args.upn}
+    if args.name is not None:
+        body["display_name"] = args.name
+    if args.password_stdin:
+        body["password"] = read_password(args.upn)
+    detail = _user_detail(ctx)
+
+    def human(u: dict[str, Any]) -> str:
+        hint = ("" if u["has_password"] else
+                f"\n\nno password: the user cannot sign in until one is set (`ferryman admin users update "
+                f"{u['upn']} --password-stdin`)")
+        return f"created user {u['upn']!r}\n\n{detail(u)}{hint}"
+
+    ctx.show(ctx.client.call("POST", "/v1/users", body), human)
+    return 0
+
+
+def cmd_users_update(ctx: Ctx, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    for key, value in (("upn", args.rename), ("display_name", args.name), ("risk_level", args.risk),
+                       ("disabled", args.disabled)):
+        if value is not None:
+            body[key] = value
+    if not body and not args.password_stdin:
+        raise _usage("users update: nothing to change (see `ferryman admin users update -h`)")
+    if args.password_stdin:
+        body["password"] = read_password(args.user)
+    detail = _user_detail(ctx)
+    ctx.show(ctx.client.call("PATCH", f"/v1/users/{_quote(args.user)}", body),
+             lambda u: f"updated user {u['upn']!r}\n\n{detail(u)}")
+    return 0
+
+
+def cmd_users_delete(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.client.call("DELETE", f"/v1/users/{_quote(args.user)}")
+    if not ctx.json:
+        print(f"deleted user {args.user!r} (its devices are revoked, its sessions and group memberships gone)")
+    return 0
+
+
+def cmd_users_reset_totp(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("POST", f"/v1/users/{_quote(args.user)}/totp/reset"),
+             lambda u: f"reset the TOTP second factor of user {u['upn']!r}: its secret and recovery codes are "
+                       f"gone, and it may enrol again")
+    return 0
+
+
+def _session_row(s: dict[str, Any]) -> Sequence[object]:
+    return (s["id"], s["status"], s["device_id"], ",".join(s["amr"]), when(s["auth_time"]), when(s["expires_at"]),
+            when(s["last_refresh_at"]), when(s["revoked_at"]))
+
+
+def cmd_users_sessions(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", f"/v1/users/{_quote(args.user)}/sessions"),
+             _listing(f"user {args.user!r} has no sign-in sessions",
+                      ("ID", "STATUS", "DEVICE", "AMR", "SIGNED IN", "EXPIRES", "LAST REFRESH", "REVOKED"),
+                      _session_row))
+    return 0
+
+
+def _user_group_created(g: dict[str, Any]) -> str:
+    return f"created user group {g['name']!r} ({g['id']})"
+
+
+def cmd_user_groups_list(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/user-groups"),
+             _listing("no user groups", ("NAME", "MEMBERS", "ID", "CREATED"),
+                      lambda g: (g["name"], g["members"], g["id"], when(g["created_at"]))))
+    return 0
+
+
+def cmd_user_groups_create(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("POST", "/v1/user-groups", {"name": args.name}), _user_group_created)
+    return 0
+
+
+def cmd_user_groups_rename(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("PATCH", f"/v1/user-groups/{_quote(args.group)}", {"name": args.new_name}),
+             lambda g: f"renamed user group {args.group!r} to {g['name']!r}")
+    return 0
+
+
+def cmd_user_groups_delete(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.client.call("DELETE", f"/v1/user-groups/{_quote(args.group)}")
+    if not ctx.json:
+        print(f"deleted user group {args.group!r} (with its memberships and application assignments)")
+    return 0
+
+
+def cmd_user_groups_members(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", f"/v1/user-groups/{_quote(args.group)}/members"),
+             _users_table(ctx, f"user group {args.group!r} has no members"))
+    return 0
+
+
+def cmd_user_groups_add_member(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("POST", f"/v1/user-groups/{_quote(args.group)}/members", {"user": args.user}),
+             lambda m: f"added user {m['upn']!r} to user group {m['group']!r}")
+    return 0
+
+
+def cmd_user_groups_remove_member(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.client.call("DELETE", f"/v1/user-groups/{_quote(args.group)}/members/{_quote(args.user)}")
+    if not ctx.json:
+        print(f"removed user {args.user!r} from user group {args.group!r}")
+    return 0
+
+
+def _device_os(d: dict[str, Any]) -> str:
+    return f"{d['os']} {d['os_version']}".strip()
+
+
+def _device_detail(d: dict[str, Any]) -> str:
+    return fields([("id", d["id"]), ("user", f"{d['upn'] or '(deleted)'} ({d['user_id']})"), ("name", d["name"]),
+                   ("OS", d["os"]), ("OS version", d["os_version"]), ("compliant", yes_no(d["compliant"])),
+                   ("registered", when(d["created_at"])), ("last seen", when(d["last_seen"])),
+                   ("certificate", d["cert_serial"]), ("valid until", when(d["cert_not_after"])),
+                   ("revoked", when(d["revoked_at"]) or "no")])
+
+
+def cmd_devices_list(ctx: Ctx, args: argparse.Namespace) -> int:
+    empty = "no devices" if args.user is None else f"user {args.user!r} has no devices"
+    ctx.show(ctx.client.call("GET", "/v1/devices", query={"user": args.user}),
+             _listing(empty, ("ID", "USER", "NAME", "OS", "COMPLIANT", "LAST SEEN", "REVOKED"),
+                      lambda d: (d["id"], d["upn"], d["name"], _device_os(d), yes_no(d["compliant"]),
+                                 when(d["last_seen"]), when(d["revoked_at"]))))
+    return 0
+
+
+def cmd_devices_show(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", f"/v1/devices/{_quote(args.id)}"), _device_detail)
+    return 0
+
+
+def cmd_devices_update(ctx: Ctx, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.compliant is not None:
+        body["compliant"] = args.compliant == "yes"
+    for key, value in (("os", args.os), ("os_version", args.os_version), ("name", args.name)):
+        if value is not None:
+            body[key] = value
+    if not body:
+        raise _usage("devices update: nothing to change (give --compliant, --os, --os-version and/or --name)")
+    ctx.show(ctx.client.call("PATCH", f"/v1/devices/{_quote(args.id)}", body),
+             lambda d: f"updated device {d['id']}\n\n{_device_detail(d)}")
+    return 0
+
+
+def cmd_devices_revoke(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("POST", f"/v1/devices/{_quote(args.id)}/revoke", {"reason": args.reason}),
+             lambda d: f"revoked device {d['id']} of {d['upn'] or d['user_id']!r}: its certificate and live "
+                       f"sessions; edges refuse it within seconds")
+    return 0
+
+
+def _session_detail(ctx: Ctx) -> Callable[[dict[str, Any]], str]:
+    def render(s: dict[str, Any]) -> str:
+        user = s["user_id"]
+        try:  # the UPN too, if the user can still be read
+            upn = ctx.client.json("GET", f"/v1/users/{_quote(user)}")["upn"]
+        except AdminError:
+            pass
+        else:
+            user = f"{upn} ({user})"
+        return fields([("id", s["id"]), ("user", user), ("device", s["device_id"]), ("status", s["status"]),
+                       ("AMR", ", ".join(s["amr"])), ("signed in", when(s["auth_time"])),
+                       ("created", when(s["created_at"])), ("expires", when(s["expires_at"])),
+                       ("last refresh", when(s["last_refresh_at"])), ("revoked", when(s["revoked_at"]) or "no")])
+    return render
+
+
+def cmd_sessions_show(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", f"/v1/sessions/{_quote(args.id)}"), _session_detail(ctx))
+    return 0
+
+
+def cmd_sessions_revoke(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("POST", f"/v1/sessions/{_quote(args.id)}/revoke", {"reason": args.reason}),
+             lambda s: f"revoked session {s['id']}: its refresh token stops working and edges refuse its access "
+                       f"tokens")
+    return 0
+
+
+# ---------------------------------------------------------------------------- traffic: logs, discovery
+
+
+TRAFFIC_ACTIONS = ("allow", "deny", "report")
+TRAFFIC_PAGE = 1000  # the API's largest page (control.api.traffic.MAX_PAGE)
+DEFAULT_LOG_LIMIT = 100
+
+
+def size_text(count: int) -> str:
+    """``512`` → ``512B``, ``1536`` → ``1.5KiB`` (KiB, MiB, GiB, TiB; one decimal, rounded down)."""
+    if count < 1024:
+        return f"{count}B"
+    unit, size = "KiB", 1024
+    for unit, size in (("KiB", 1024), ("MiB", 1024 ** 2), ("GiB", 1024 ** 3), ("TiB", 1024 ** 4)):
+        if count < size * 1024:
+            break
+    return f"{count * 10 // size / 10:.1f}{unit}"
+
+
+def millis_text(ms: int) -> str:
+    """``250`` → ``250ms``, ``1500`` → ``1.5s`` (rounded down), ``5400000`` → ``1h30m``."""
+    if ms < 1000:
+        return f"{ms}ms"
+    if ms < 60000:
+        return f"{ms // 100 / 10:.1f}s"
+    return duration_text(ms // 1000)
+
+
+def _host_port(host: str, port: int) -> str:
+    if not host:
+        return ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _traffic_row(r: dict[str, Any]) -> Sequence[object]:
+    destination = _host_port(r["destination_fqdn"] or r["destination_ip"], r["destination_port"])
+    return (when(r["start"]), r["upn"] or r["user_id"], r["device_id"], _host_port(r["source_ip"], r["source_port"]),
+            f"{destination}/{r['transport']}" if destination else "", r["application"], r["action"], r["policy"],
+            r["reason_code"], size_text(r["bytes_sent"]), size_text(r["bytes_received"]),
+            millis_text(r["duration_ms"]))
+
+
+_traffic_table = _listing("no traffic records", ("TIME", "USER", "DEVICE", "SOURCE", "DESTINATION", "APP", "ACTION",
+                                                 "POLICY", "REASON", "SENT", "RECEIVED", "DURATION"), _traffic_row)
+
+
+def _traffic_filters(args: argparse.Namespace) -> dict[str, Any]:
+    if args.since is not None and args.until is not None and \
+            datetime.fromisoformat(args.since) >= datetime.fromisoformat(args.until):
+        raise _usage(f"logs: --since ({when(args.since)}) must be before --until ({when(args.until)})")
+    return {"since": args.since, "until": args.until, "user": args.user, "app": args.app, "action": args.action,
+            "connector": args.connector}
+
+
+def cmd_logs(ctx: Ctx, args: argparse.Namespace) -> int:
+    query = _traffic_filters(args)
+    if args.export is not None:
+        if args.limit is not None:
+            raise _usage("logs: --limit does not apply to --export, which writes every matching record")
+        return _export_traffic(ctx, args.export, query)
+    limit = DEFAULT_LOG_LIMIT if args.limit is None else args.limit
+    if limit < 1:
+        raise _usage("logs: --limit must be at least 1")
+    pages: list[tuple[bytes, list[dict[str, Any]]]] = []
+    got, before = 0, None
+    while True:  # pages of at most TRAFFIC_PAGE records, newest first, until --limit
+        size = min(limit - got, TRAFFIC_PAGE)
+        payload = ctx.client.call("GET", "/v1/traffic", query={**query, "limit": size, "before": before})
+        records = decode(payload, ctx.client.base_url)
+        pages.append((payload, records))
+        got += len(records)
+        if len(records) < size or got >= limit:
+            break
+        before = records[-1]["id"]
+    payload = pages[0][0] if len(pages) == 1 else msgspec.json.encode([r for _, rs in pages for r in rs])
+    ctx.show(payload, _traffic_table)
+    return 0
+
+
+def _export_traffic(ctx: Ctx, target: str, query: dict[str, Any]) -> int:
+    """``logs --export``: the JSON Lines export, streamed as it arrives to standard output (``-``)
+    or to a file (written next to it and renamed when complete, so a failed export leaves no
+    truncated file behind)."""
+    written = 0
+
+    def export(write: Callable[[bytes], object]) -> None:
+        def sink(chunk: bytes) -> None:
+            nonlocal written
+            write(chunk)
+            written += chunk.count(b"\n")
+
+        ctx.client.stream("GET", "/v1/traffic/export", sink, query=query, accept="application/x-ndjson")
+
+    if target == "-":
+        out = sys.stdout.buffer
+        sys.stdout.flush()
+        try:
+            export(out.write)
+            out.flush()
+        except (SinkError, BrokenPipeError) as exc:
+            error = exc.error if isinstance(exc, SinkError) else exc
+            if isinstance(error, BrokenPipeError):  # the reader went away (`| head`): stop quietly
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                return 0
+            raise AdminError(f"--export -: cannot write to standard output: {_reason(error)}") from None
+        except AdminError as exc:
+            if not written:
+                raise
+            raise AdminError(f"{exc} (the export stopped after {written} records)", exc.status) from None
+        return 0
+
+    import tempfile
+
+    special = os.path.exists(target) and not os.path.isfile(target)  # a FIFO, /dev/stdout ...: write to it directly
+    try:
+        if special:
+            fh, partial = open(target, "wb"), None  # noqa: SIM115 - closed below
+        else:
+            fd, partial = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(target)),
+                                           prefix=f".{os.path.basename(target)}.", suffix=".part")
+            fh = os.fdopen(fd, "wb")
+    except OSError as exc:
+        raise AdminError(f"--export {target}: cannot write there: {_reason(exc)}") from None
+    try:
+        with fh:
+            export(fh.write)
+        if partial is not None:
+            os.replace(partial, target)
+            partial = None
+    except SinkError as exc:
+        raise AdminError(f"--export {target}: cannot write it: {_reason(exc.error)}") from None
+    except OSError as exc:
+        raise AdminError(f"--export {target}: cannot write it: {_reason(exc)}") from None
+    except AdminError as exc:
+        raise AdminError(f"{exc} ({target} was not written)", exc.status) from None
+    finally:
+        if partial is not None:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
+    if ctx.json:
+        print(msgspec.json.format(msgspec.json.encode({"file": target, "records": written}), indent=2).decode())
+    else:
+        print(f"exported {written} traffic record{'' if written == 1 else 's'} to {target}")
+    return 0
+
+
+def cmd_discovery_list(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/discovery", query={"since": args.since, "limit": args.limit}),
+             _listing("no destinations used through quick access",
+                      ("DESTINATION", "PORT", "PROTOCOL", "USERS", "DEVICES", "FLOWS", "BYTES", "FIRST SEEN",
+                       "LAST SEEN"),
+                      lambda d: (d["destination"], d["port"], d["protocol"], d["users"], d["devices"], d["flows"],
+                                 size_text(d["bytes"]), when(d["first_seen"]), when(d["last_seen"]))))
+    return 0
+
+
+def cmd_discovery_promote(ctx: Ctx, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": args.name, "destination": args.destination, "ports": args.ports,
+                            "protocol": args.protocol}
+    if args.group is not None:
+        body["connector_group"] = args.group
+    ctx.show(ctx.client.call("POST", "/v1/discovery/applications", body),
+             lambda app: f"created application {app['name']!r} for "
+                         f"{', '.join(segment_text(s) for s in app['segments'])}: it now wins over quick access"
+                         f"\n\n{_app_detail(app)}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- apply
 
 
@@ -1259,6 +1727,103 @@ def build_parser() -> argparse.ArgumentParser:
     policy_flags(leaf(policies, "create", "create a policy", cmd_policies_create), create=True)
     policy_flags(leaf(policies, "update", "change a policy (only what is given)", cmd_policies_update), create=False)
     leaf(policies, "delete", "delete a policy", cmd_policies_delete).add_argument("name")
+
+    users = group("users", "users (named by id or UPN)")
+    leaf(users, "list", "list users", cmd_users_list)
+    leaf(users, "show", "show a user", cmd_users_show).add_argument("user", metavar="USER", help="id or UPN")
+    p = leaf(users, "create", "create a user", cmd_users_create)
+    p.add_argument("upn", metavar="UPN", help="user principal name, e.g. alice@corp.example")
+    p.add_argument("--name", default=None, metavar="DISPLAY", help="display name")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="set a password: read from the first line of standard input, or typed at a hidden prompt "
+                        "when it is a terminal (none: the user cannot sign in until one is set)")
+    p = leaf(users, "update", "change a user (only what is given)", cmd_users_update)
+    p.add_argument("user", metavar="USER", help="id or UPN")
+    p.add_argument("--rename", default=None, metavar="UPN", help="new UPN")
+    p.add_argument("--name", default=None, metavar="DISPLAY", help="new display name")
+    p.add_argument("--risk", choices=USER_RISK_LEVELS, default=None, help="risk level (for policy conditions)")
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--disable", dest="disabled", action="store_const", const=True, default=None,
+                       help="refuse sign-in and refreshes")
+    state.add_argument("--enable", dest="disabled", action="store_const", const=False, help="allow sign-in again")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="set a new password: read from the first line of standard input, or typed at a hidden "
+                        "prompt when it is a terminal")
+    leaf(users, "delete", "delete a user with its devices (revoked), sessions and memberships",
+         cmd_users_delete).add_argument("user", metavar="USER", help="id or UPN")
+    leaf(users, "reset-totp", "remove a user's TOTP second factor and recovery codes (e.g. a lost phone)",
+         cmd_users_reset_totp).add_argument("user", metavar="USER", help="id or UPN")
+    leaf(users, "sessions", "list a user's sign-in sessions, newest first",
+         cmd_users_sessions).add_argument("user", metavar="USER", help="id or UPN")
+
+    user_groups = group("user-groups", "user groups (named by id or name)")
+    leaf(user_groups, "list", "list user groups", cmd_user_groups_list)
+    leaf(user_groups, "create", "create a user group", cmd_user_groups_create).add_argument("name")
+    p = leaf(user_groups, "rename", "rename a user group", cmd_user_groups_rename)
+    p.add_argument("group", metavar="GROUP", help="id or name")
+    p.add_argument("new_name", metavar="NEW")
+    leaf(user_groups, "delete", "delete a user group with its memberships and application assignments",
+         cmd_user_groups_delete).add_argument("group", metavar="GROUP", help="id or name")
+    leaf(user_groups, "members", "list a user group's members",
+         cmd_user_groups_members).add_argument("group", metavar="GROUP", help="id or name")
+    for name, help_, func in (("add-member", "add a user to a user group", cmd_user_groups_add_member),
+                              ("remove-member", "remove a user from a user group", cmd_user_groups_remove_member)):
+        p = leaf(user_groups, name, help_, func)
+        p.add_argument("group", metavar="GROUP", help="id or name")
+        p.add_argument("user", metavar="USER", help="id or UPN")
+
+    devices = group("devices", "users' registered devices")
+    p = leaf(devices, "list", "list devices, oldest first", cmd_devices_list)
+    p.add_argument("--user", default=None, metavar="USER", help="only this user's (id or UPN)")
+    leaf(devices, "show", "show a device", cmd_devices_show).add_argument("id")
+    p = leaf(devices, "update", "set a device's compliance, OS and/or name (only what is given)", cmd_devices_update)
+    p.add_argument("id")
+    p.add_argument("--compliant", choices=("yes", "no"), default=None, help="compliant (for policy conditions)")
+    p.add_argument("--os", default=None, metavar="OS", help="operating system, e.g. Windows")
+    p.add_argument("--os-version", default=None, metavar="VERSION", help="operating system version")
+    p.add_argument("--name", default=None, help="device name")
+    p = leaf(devices, "revoke", "revoke a device: its certificate and live sessions", cmd_devices_revoke)
+    p.add_argument("id")
+    p.add_argument("--reason", default="", help="why (kept in the audit log)")
+
+    sessions = group("sessions", "sign-in sessions (a user's: `users sessions USER`)")
+    leaf(sessions, "show", "show a sign-in session", cmd_sessions_show).add_argument("id")
+    p = leaf(sessions, "revoke", "end a session: its refresh token stops working, edges refuse its access tokens",
+             cmd_sessions_revoke)
+    p.add_argument("id")
+    p.add_argument("--reason", default="", help="why (kept in the audit log)")
+
+    p = resources.add_parser("logs", help="traffic log records, newest first",
+                             description="Traffic log records, newest first; --export writes every matching record "
+                                         "as JSON Lines, oldest first.", parents=[common])
+    p.set_defaults(func=cmd_logs)
+    since_help = "2024-05-01T12:00:00Z, 2024-05-01, or a duration back (1h, 2d)"
+    p.add_argument("--since", type=parse_since, default=None, metavar="TIME",
+                   help=f"records that started at or after TIME: {since_help}")
+    p.add_argument("--until", type=parse_since, default=None, metavar="TIME",
+                   help="records that started before TIME (same forms)")
+    p.add_argument("--user", default=None, metavar="USER", help="only this user's (UPN or id)")
+    p.add_argument("--app", default=None, metavar="APP", help="only this application's")
+    p.add_argument("--action", choices=TRAFFIC_ACTIONS, default=None,
+                   help="only allowed, denied or report-only (allowed, a report-only policy would have denied) flows")
+    p.add_argument("--connector", default=None, metavar="CONNECTOR", help="only through this connector (name or id)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help=f"at most N records (default {DEFAULT_LOG_LIMIT})")
+    p.add_argument("--export", default=None, metavar="FILE|-",
+                   help="write every matching record as JSON Lines (oldest first) to FILE, or to standard output "
+                        "with -")
+
+    discovery = group("discovery", "destinations used through quick access (candidates for per-app applications)")
+    p = leaf(discovery, "list", "list destinations used through quick access, busiest first", cmd_discovery_list)
+    p.add_argument("--since", type=parse_since, default=None, metavar="TIME",
+                   help=f"only flows that started at or after TIME: {since_help}")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N destinations (1-1000, default 500)")
+    p = leaf(discovery, "promote", "create a per-app application for a discovered destination", cmd_discovery_promote)
+    p.add_argument("name", metavar="NAME", help="the new application's name")
+    p.add_argument("destination", metavar="DESTINATION", help="host name, address or network")
+    p.add_argument("ports", metavar="PORTS", help="e.g. 443 or 80,443 or 8000-8100")
+    p.add_argument("--protocol", choices=("tcp", "udp"), default="tcp", help="default tcp")
+    p.add_argument("--group", default=None, help="connector group (default: the default group)")
 
     p = resources.add_parser("audit", help="audit records, newest first", description="audit records, newest first",
                              parents=[common])

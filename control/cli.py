@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="address of the HTTP API (default 127.0.0.1:8080)")
     control.add_argument("--edge", action="append", default=[], metavar="HOST:PORT",
                          help="public edge address handed to registering nodes (repeatable)")
-    sub.add_parser("admin", help="administer the control plane over its API: apps, segments, groups, connectors, "
-                                 "tokens, apply, audit (see `ferryman admin -h`)")
+    sub.add_parser("admin", help="administer the control plane over its API: apps, users, devices, policies, "
+                                 "connectors, tokens, logs, apply, audit (see `ferryman admin -h`)")
     config = sub.add_parser("config", help="settings")
     config.add_argument("what", choices=["vars"], help="`vars`: print every FERRYMAN_* variable")
     args = parser.parse_args(argv)
