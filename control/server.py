@@ -11,7 +11,9 @@
   and its plain text written to ``<data_dir>/admin.key`` (mode 0600). Only the path is
   printed; the key itself never goes to a log;
 - HTTP: uvicorn with ``loop="uvloop"`` on ``FERRYMAN_CONTROL_LISTEN`` (default ``127.0.0.1:8080``), logging
-  through Ferryman's log setup. Plain HTTP: put it on loopback or behind a TLS proxy.
+  through Ferryman's log setup. Plain HTTP: put it on loopback or behind a TLS proxy;
+- OIDC sign-in (``control.oidc``) when ``FERRYMAN_OIDC_ISSUER`` is set (with
+  ``FERRYMAN_OIDC_CLIENT_ID`` and ``FERRYMAN_OIDC_REDIRECT_URI``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from control.api import create_app
 from control.ca import CertificateAuthority
 from control.snapshot import SnapshotHub
 from control.store import Store, StoreError, database_url, open_store, repo
+from control.oidc import OidcConfig
 from control.store.models import AdminKey
 from control.tokens import TokenSigner
 from dataplane.observability import parse_hostport, setup_logging
@@ -116,6 +119,7 @@ def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
     edges = [edge.strip() for edge in edges_public]
     for edge in edges:
         parse_hostport(edge, "--edge")
+    oidc = OidcConfig.from_settings(settings)  # ValueError naming the variable
     os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
     url = database_url(settings.data_dir, {"FERRYMAN_DATABASE_URL": settings.database_url})
     store = open_store(url)
@@ -130,9 +134,12 @@ def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
                   f"(mode 0600). Use it as 'Authorization: Bearer <key>'.", file=sys.stderr, flush=True)
         app = create_app(store, ca, edges_public=edges, heartbeat_interval=settings.heartbeat_interval,
                          cert_lifetime_days=settings.cert_lifetime_days, token_signer=token_signer,
-                         traffic_retention_days=settings.traffic_retention_days)
+                         traffic_retention_days=settings.traffic_retention_days, oidc=oidc)
         log.info("control plane: database %s, CA %s, edges handed to nodes: %s", _safe_url(url), ca.directory,
                  ", ".join(edges) or "(registered edges only)")
+        if oidc is not None:
+            log.info("OIDC sign-in through %s (client %s, users matched by the %r claim)", oidc.issuer,
+                     oidc.client_id, oidc.upn_claim)
         config = uvicorn.Config(app, host=host, port=port, loop="uvloop", log_config=None, server_header=False,
                                 proxy_headers=False, lifespan="on", timeout_graceful_shutdown=10)
         try:

@@ -80,12 +80,18 @@ def add_node_commands(sub: Any) -> None:
     client.add_argument("--socks", dest="socks_listen", help="SOCKS5 listen HOST:PORT (FERRYMAN_SOCKS_LISTEN)")
     client.set_defaults(node="client")
     csub = client.add_subparsers(dest="node_cmd", metavar="{login}", title="subcommands")
-    login = csub.add_parser("login", help="sign in (password, then TOTP if enrolled) and register this device",
+    login = csub.add_parser("login", help="sign in (password, then TOTP if enrolled; or --oidc) and register this "
+                                          "device",
                             description="Sign in at the control plane and register this device: a device key is "
                                         "made here, the control plane certifies it; session and key are stored "
-                                        "in DIR. `ferryman client` then uses them by itself.")
+                                        "in DIR. `ferryman client` then uses them by itself. With --oidc, sign in "
+                                        "through the control plane's OpenID Connect provider in a browser instead "
+                                        "of with a password.")
     login.add_argument("--control", required=True, metavar="URL", help="control plane URL, e.g. http://control:8080")
-    login.add_argument("--user", required=True, metavar="UPN", help="user name (UPN), e.g. alice@corp.example")
+    login.add_argument("--user", metavar="UPN", help="user name (UPN), e.g. alice@corp.example (required without "
+                                                     "--oidc)")
+    login.add_argument("--oidc", action="store_true", help="sign in through the control plane's OIDC provider: "
+                                                           "open the printed URL in a browser")
     login.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     login.add_argument("--totp", default="", metavar="CODE", help="TOTP code (asked for when needed on a terminal)")
     login.add_argument("--recovery-code", default="", help="a one-time recovery code instead of a TOTP code")
@@ -234,6 +240,18 @@ def _login(args: argparse.Namespace) -> int:
         print(f"ferryman client login: {exc}", file=sys.stderr)
         return 2
     directory = os.path.abspath(args.dir or default_directory(data_dir))
+    if args.oidc:
+        refused = [flag for flag, given in (("--user", args.user), ("--password-stdin", args.password_stdin),
+                                            ("--totp", args.totp), ("--recovery-code", args.recovery_code)) if given]
+        if refused:
+            print(f"ferryman client login: {', '.join(refused)} cannot be used with --oidc (the OIDC provider "
+                  f"asks for the user's credentials in the browser)", file=sys.stderr)
+            return 2
+        return _login_oidc(args, directory, data_dir)
+    if not args.user:
+        print("ferryman client login: --user UPN is required (or --oidc to sign in through the OIDC provider)",
+              file=sys.stderr)
+        return 2
     try:
         password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass(f"password for {args.user}: ")
     except (EOFError, KeyboardInterrupt):
@@ -257,6 +275,32 @@ def _login(args: argparse.Namespace) -> int:
             print(f"ferryman client login: signed in, but the device identity cannot be stored: {exc}",
                   file=sys.stderr)
             return 1
+    return _login_done(session, directory, data_dir)
+
+
+def _login_oidc(args: argparse.Namespace, directory: str, data_dir: str) -> int:
+    from .client.signin import SignInError, login_oidc
+
+    def show(url: str) -> None:
+        print(f"open this URL in a browser to sign in: {url}", file=sys.stderr, flush=True)
+
+    try:
+        session = login_oidc(args.control, directory=directory, show_url=show, device_name=args.device_name)
+    except KeyboardInterrupt:
+        print("ferryman client login: interrupted; not signed in", file=sys.stderr)
+        return 130
+    except SignInError as exc:
+        print(f"ferryman client login: {exc}", file=sys.stderr)
+        return 1
+    except pki.PkiError as exc:
+        print(f"ferryman client login: signed in, but the device identity cannot be stored: {exc}", file=sys.stderr)
+        return 1
+    return _login_done(session, directory, data_dir)
+
+
+def _login_done(session: Any, directory: str, data_dir: str) -> int:
+    from .client.signin import default_directory
+
     print(f"# signed in as {session.upn} on device {session.device_id}; session and device key in {directory}")
     if directory == os.path.abspath(default_directory(data_dir)):
         print("# `ferryman client` uses them by itself while FERRYMAN_TLS_* are unset")

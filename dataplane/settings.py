@@ -35,6 +35,12 @@ class Settings(msgspec.Struct, kw_only=True):
     traffic_retention_days: int = 30
     heartbeat_interval: float = 30.0
     access_token_minutes: int = 60
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_client_secret: str = ""
+    oidc_redirect_uri: str = ""
+    oidc_upn_claim: str = "email"
+    oidc_mfa_amr: str = "mfa,otp,hwk,swk"
     # nodes following the control plane
     control_url: str = ""
     config_wait: float = 25.0
@@ -78,6 +84,12 @@ VARIABLES: dict[str, str] = {
     "traffic_retention_days": "Control plane: traffic log records older than this many days are deleted (checked hourly).",
     "heartbeat_interval": "Seconds between node heartbeats to the control plane; a node missing 3 in a row is shown inactive (set the same on nodes and control plane).",
     "access_token_minutes": "Control plane: lifetime in minutes of the access tokens it signs at sign-in and refresh (edges accept a token until it expires).",
+    "oidc_issuer": "Control plane: issuer URL of an OpenID Connect provider users may sign in with (`ferryman client login --oidc`); its `/.well-known/openid-configuration` must name exactly this issuer. Empty: OIDC sign-in is off.",
+    "oidc_client_id": "Control plane: the client id registered for Ferryman at the OIDC provider.",
+    "oidc_client_secret": "Control plane: the client secret at the OIDC provider; empty for a public client (PKCE only).",
+    "oidc_redirect_uri": "Control plane: its callback URL as registered at the OIDC provider, e.g. `https://control.example/v1/auth/oidc/callback`.",
+    "oidc_upn_claim": "Control plane: the ID token claim (lower-cased) matched against users' UPNs; users are not created at sign-in.",
+    "oidc_mfa_amr": "Control plane: comma-separated ID token `amr` values that count as multi-factor (the session's amr is then `pwd,mfa`).",
     "control_url": "Edge/connector: control plane URL to follow; empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",

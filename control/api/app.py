@@ -2,8 +2,8 @@
 
 Routes: the admin resources under ``/v1`` (``admin.py`` and, for users, groups, devices
 and sessions, ``identity.py``; admin key required), user sign-in under ``/v1/auth``
-(``auth.py``: password/TOTP, access tokens), ``POST /v1/register`` (``register.py``,
-one-time token), the node routes under ``/v1/node`` (``nodes.py``, node certificate
+(``auth.py``: password/TOTP, access tokens; ``oidc.py``: through an OIDC provider),
+``POST /v1/register`` (``register.py``, one-time token), the node routes under ``/v1/node`` (``nodes.py``, node certificate
 token), ``GET /health`` (no credential), and the OpenAPI document at
 ``/schema/openapi.json`` (Swagger UI at ``/schema/swagger``). Errors are JSON (``errors.py``).
 """
@@ -21,6 +21,7 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from control.ca import DEFAULT_LIFETIME_DAYS, CertificateAuthority
+from control.oidc import Oidc, OidcConfig
 from control.snapshot import FOLLOW_INTERVAL, follow_store, refresh
 from control.store import Store
 from control.tokens import TokenSigner
@@ -31,6 +32,7 @@ from .deps import DEFAULT_HEARTBEAT_INTERVAL, Api, provide_api
 from .errors import EXCEPTION_HANDLERS
 from .identity import identity_router
 from .nodes import NODE_ROUTES
+from .oidc import oidc_router
 from .policies import policy_router
 from .traffic import traffic_retention, traffic_router
 from .register import register
@@ -53,7 +55,7 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
                heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
                cert_lifetime_days: int = DEFAULT_LIFETIME_DAYS,
                follow_interval: float = FOLLOW_INTERVAL, token_signer: TokenSigner,
-               traffic_retention_days: int = 30) -> Litestar:
+               traffic_retention_days: int = 30, oidc: OidcConfig | None = None) -> Litestar:
     """The API over ``store`` and ``ca``; ``edges_public`` are the edge HOST:PORT addresses handed
     to registering nodes (before those of registered edges); ``heartbeat_interval`` (seconds)
     decides when a node counts as inactive; ``cert_lifetime_days`` is the lifetime of the
@@ -62,9 +64,11 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
 
     While the app runs (ASGI lifespan), the configuration snapshot served to nodes follows
     the store every ``follow_interval`` seconds, and traffic logs older than
-    ``traffic_retention_days`` are deleted every hour.
+    ``traffic_retention_days`` are deleted every hour. ``oidc`` turns on sign-in through that
+    OIDC provider (``/v1/auth/oidc``, ``control.oidc``).
     """
-    api = Api(store, ca, edges_public, heartbeat_interval, cert_lifetime_days, token_signer=token_signer)
+    api = Api(store, ca, edges_public, heartbeat_interval, cert_lifetime_days, token_signer=token_signer,
+              oidc=None if oidc is None else Oidc(oidc))
     following: list[asyncio.Task[None]] = []
 
     async def start_following() -> None:
@@ -100,8 +104,8 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
         render_plugins=[JsonRenderPlugin(), SwaggerRenderPlugin()],
     )
     app = Litestar(
-        route_handlers=[admin_router(), policy_router(), identity_router(), auth_router(), traffic_router(), register,
-                        health, *NODE_ROUTES],
+        route_handlers=[admin_router(), policy_router(), identity_router(), auth_router(), oidc_router(),
+                        traffic_router(), register, health, *NODE_ROUTES],
         on_startup=[start_following],
         on_shutdown=[stop_following],
         dependencies={"api": Provide(provide_api, sync_to_thread=False)},

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from control.ca import DEFAULT_LIFETIME_DAYS, CertificateAuthority
+from control.oidc import Oidc
 from control.snapshot import SnapshotHub
 from control.tokens import TokenSigner
 from control.store import Store, repo
@@ -44,7 +45,7 @@ class Api:
 
     def __init__(self, store: Store, ca: CertificateAuthority, edges_public: Sequence[str],
                  heartbeat_interval: float, cert_lifetime_days: int = DEFAULT_LIFETIME_DAYS, *,
-                 token_signer: TokenSigner) -> None:
+                 token_signer: TokenSigner, oidc: Oidc | None = None) -> None:
         from .auth import SignInLimiter, TotpReplayGuard  # auth imports this module
         from .nodes import ReplayCache  # nodes imports this module
 
@@ -58,6 +59,7 @@ class Api:
         self.token_signer = token_signer
         self.sign_ins = SignInLimiter()
         self.totp_steps = TotpReplayGuard()
+        self.oidc = oidc  # sign-in through an OIDC provider (``control.oidc``); None: not configured
 
     def authenticate(self, plaintext: str, now: datetime | None = None) -> str | None:
         """The name of the live admin key whose plain text this is, else None."""

@@ -6,7 +6,9 @@ device in the same call: a new device key (made here, never sent) and a CSR, ans
 a device certificate (CN = the device id). It stores, in one directory (default
 ``FERRYMAN_DATA_DIR/client``): the device key (0600), certificate and CA, and
 ``session.json`` (0600): control-plane URL, user, device id, the refresh token and the
-current access token with its expiry.
+current access token with its expiry. ``login_oidc(...)`` does the same through the control
+plane's OIDC provider (``POST /v1/auth/oidc/start``, the user signs in in a browser, then
+``POST /v1/auth/oidc/poll`` until done); both store the answer with ``_store``.
 
 A client started with no ``FERRYMAN_TLS_*`` settings uses that directory by itself
 (``dataplane.run``). ``TokenKeeper`` then keeps the access token fresh: it refreshes
@@ -108,12 +110,17 @@ def _error(status: int, payload: bytes) -> SignInError:
 
 
 def _post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    return _post_status(base, path, body)[1]
+
+
+def _post_status(base: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(2xx status, decoded JSON answer); ``SignInError`` for error statuses and network failures."""
     request = urllib.request.Request(base.rstrip("/") + path, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json", "Accept": "application/json",
                                               "User-Agent": f"ferryman/{VERSION}"})
     try:
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-            return json.loads(response.read(1 << 20))
+            return response.status, json.loads(response.read(1 << 20))
     except urllib.error.HTTPError as exc:
         with exc:
             raise _error(exc.code, exc.read(65536)) from None
@@ -122,20 +129,56 @@ def _post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         raise SignInError(f"cannot reach the control plane at {base}: {reason}", "network") from None
 
 
+def _device(csr_pem: bytes, device_name: str, os_name: str, os_version: str) -> dict[str, str]:
+    return {"csr_pem": csr_pem.decode(), "name": device_name or platform.node()[:200],
+            "os": os_name or platform.system(), "os_version": os_version or platform.release()[:64]}
+
+
 def login(control: str, upn: str, password: str, *, directory: str, totp: str = "", recovery_code: str = "",
           device_name: str = "", os_name: str = "", os_version: str = "") -> ClientSession:
     """Sign in and register this device; store and return the session (see the module doc)."""
     key_pem, csr_pem = new_key_and_csr("device")  # the control plane names the certificate after the device id
-    body: dict[str, Any] = {
-        "upn": upn, "password": password,
-        "device": {"csr_pem": csr_pem.decode(), "name": device_name or platform.node()[:200],
-                   "os": os_name or platform.system(), "os_version": os_version or platform.release()[:64]},
-    }
+    body: dict[str, Any] = {"upn": upn, "password": password,
+                            "device": _device(csr_pem, device_name, os_name, os_version)}
     if totp:
         body["totp_code"] = totp
     if recovery_code:
         body["recovery_code"] = recovery_code
-    answer = _post(control, "/v1/auth/sign-in", body)
+    return _store(control, _post(control, "/v1/auth/sign-in", body), key_pem, directory)
+
+
+def login_oidc(control: str, *, directory: str, show_url: Callable[[str], None], device_name: str = "",
+               os_name: str = "", os_version: str = "", sleep: Callable[[float], None] = time.sleep) -> ClientSession:
+    """Sign in through the control plane's OIDC provider and register this device: ``show_url``
+    gets the URL the user opens in a browser; the control plane is polled until the user is
+    through (or the sign-in expired). Stores and returns the session like ``login``."""
+    key_pem, csr_pem = new_key_and_csr("device")
+    started = _post(control, "/v1/auth/oidc/start", {"device": _device(csr_pem, device_name, os_name, os_version)})
+    try:
+        login_id, url = str(started["login_id"]), str(started["authorization_url"])
+        interval = min(max(float(started.get("poll_interval", 2)), 0.5), 30.0)
+        deadline = time.monotonic() + float(started.get("expires_in", 600))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SignInError(f"the control plane's OIDC start answer is incomplete ({exc!r})") from None
+    show_url(url)
+    while True:
+        try:
+            status, answer = _post_status(control, "/v1/auth/oidc/poll", {"login_id": login_id})
+        except SignInError as exc:
+            if exc.code != "network":
+                raise
+            log.warning("polling the OIDC sign-in failed; retrying: %s", exc)  # the sign-in waits on the server
+        else:
+            if status == 200:
+                return _store(control, answer, key_pem, directory)
+        if time.monotonic() + interval > deadline:
+            raise SignInError("the OIDC sign-in expired before it was completed in the browser: start again",
+                              "oidc_login_unknown", 404)
+        sleep(interval)
+
+
+def _store(control: str, answer: dict[str, Any], key_pem: bytes, directory: str) -> ClientSession:
+    """Write the device identity and ``session.json`` from a sign-in answer (password or OIDC)."""
     try:
         device = answer["device"]
         files = write_identity(directory, device["id"], key_pem, device["certificate_pem"].encode(),

@@ -1,0 +1,574 @@
+"""Sign-in through an external OIDC provider (``control.oidc``, ``/v1/auth/oidc``), served for real.
+
+The OIDC provider is a small real one in this module (``Provider``: an HTTP server on
+127.0.0.1 with discovery, JWKS, an authorization endpoint that "signs the browser user in"
+at once and redirects to the callback, and a token endpoint that checks the client, the
+redirect URI, the code (once) and the PKCE verifier against the S256 challenge, then signs
+an ID token). It misbehaves on demand (``Provider.faults``). The control plane runs as
+``python -m control.cli control`` pointed at it; the tests play the browser by opening the
+authorization URL with urllib (following the redirects to the control plane's callback),
+and the client agent by calling start and poll, or by running ``python -m dataplane client
+login --oidc``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from joserfc import jwt
+from joserfc.jwk import RSAKey
+
+from control.oidc import OidcConfig, OidcError, OidcProvider, PendingLogins
+from control.tokens import verify_access_token
+from dataplane.enroll import new_key_and_csr
+from dataplane.settings import load
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 30.0
+CLIENT_ID = "ferryman-test"
+CLIENT_SECRET = "s3cret/with:odd&chars"
+
+
+# ---------------------------------------------------------------------------- the OIDC provider
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class Grant:
+    client_id: str
+    redirect_uri: str
+    nonce: str
+    challenge: str
+    claims: dict[str, Any]
+
+
+@dataclass
+class Provider:
+    """A real (small) OIDC provider. ``user`` is who the "browser user" is at the next
+    authorization; ``faults`` makes it misbehave: ``nonce``, ``audience``, ``issuer``,
+    ``expired`` (ID token claims), ``signature`` (signed by another key with the same kid),
+    ``unknown_kid``, ``pkce`` (remembers another code challenge than the one sent), ``deny``
+    (the user refuses: error=access_denied)."""
+
+    server: ThreadingHTTPServer = field(init=False)
+    key: RSAKey = field(default_factory=lambda: RSAKey.generate_key(2048, parameters={"kid": "k1", "use": "sig"}))
+    rogue: RSAKey = field(default_factory=lambda: RSAKey.generate_key(2048, parameters={"kid": "k1"}))
+    user: dict[str, Any] = field(default_factory=dict)
+    faults: set[str] = field(default_factory=set)
+    grants: dict[str, Grant] = field(default_factory=dict)
+    token_requests: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def issuer(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> None:
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+            def _json(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                url = urllib.parse.urlsplit(self.path)
+                if url.path == "/.well-known/openid-configuration":
+                    self._json(200, provider.discovery())
+                elif url.path == "/jwks":
+                    self._json(200, {"keys": [provider.key.as_dict(private=False)]})
+                elif url.path == "/authorize":
+                    status, location = provider.authorize(dict(urllib.parse.parse_qsl(url.query)))
+                    self.send_response(status)
+                    self.send_header("Location" if status == 302 else "X-Error", location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                else:
+                    self._json(404, {"error": "not_found"})
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", "0"))
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                if urllib.parse.urlsplit(self.path).path != "/token":
+                    self._json(404, {"error": "not_found"})
+                    return
+                self._json(*provider.token(form, self.headers.get("Authorization", "")))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def discovery(self) -> dict[str, Any]:
+        return {"issuer": self.issuer, "authorization_endpoint": f"{self.issuer}/authorize",
+                "token_endpoint": f"{self.issuer}/token", "jwks_uri": f"{self.issuer}/jwks",
+                "response_types_supported": ["code"], "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": ["RS256"], "code_challenge_methods_supported": ["S256"],
+                "token_endpoint_auth_methods_supported": ["client_secret_basic"]}
+
+    def authorize(self, query: dict[str, str]) -> tuple[int, str]:
+        """(302, the redirect back with code and state), or (400, why) for a bad request."""
+        for name, want in (("response_type", "code"), ("client_id", CLIENT_ID), ("code_challenge_method", "S256")):
+            if query.get(name) != want:
+                return 400, f"{name} is {query.get(name)!r}, not {want!r}"
+        if "openid" not in query.get("scope", "").split():
+            return 400, "scope lacks openid"
+        for name in ("redirect_uri", "state", "nonce", "code_challenge"):
+            if not query.get(name):
+                return 400, f"{name} is missing"
+        back = query["redirect_uri"]
+        if "deny" in self.faults:
+            return 302, back + "?" + urllib.parse.urlencode({"error": "access_denied", "state": query["state"],
+                                                             "error_description": "the user said no"})
+        code = uuid.uuid4().hex
+        challenge = query["code_challenge"]
+        if "pkce" in self.faults:
+            challenge = _b64(hashlib.sha256(b"some other verifier").digest())
+        self.grants[code] = Grant(CLIENT_ID, back, query["nonce"], challenge, dict(self.user))
+        return 302, back + "?" + urllib.parse.urlencode({"code": code, "state": query["state"]})
+
+    def token(self, form: dict[str, str], authorization: str) -> tuple[int, dict[str, Any]]:
+        self.token_requests.append(dict(form, authorization=authorization))
+        if not authorization.startswith("Basic "):
+            return 401, {"error": "invalid_client", "error_description": "client_secret_basic is required"}
+        user, _, secret = base64.b64decode(authorization[6:]).decode().partition(":")
+        if (urllib.parse.unquote_plus(user), urllib.parse.unquote_plus(secret)) != (CLIENT_ID, CLIENT_SECRET):
+            return 401, {"error": "invalid_client", "error_description": "wrong client id or secret"}
+        if form.get("grant_type") != "authorization_code":
+            return 400, {"error": "unsupported_grant_type"}
+        grant = self.grants.pop(form.get("code", ""), None)  # a code is good once
+        if grant is None:
+            return 400, {"error": "invalid_grant", "error_description": "unknown or used code"}
+        if form.get("redirect_uri") != grant.redirect_uri:
+            return 400, {"error": "invalid_grant", "error_description": "redirect_uri differs from the authorization"}
+        if _b64(hashlib.sha256(form.get("code_verifier", "").encode()).digest()) != grant.challenge:
+            return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
+        now = int(time.time())
+        claims = {"iss": self.issuer, "sub": grant.claims.get("sub", uuid.uuid4().hex), "aud": CLIENT_ID,
+                  "exp": now + 300, "iat": now, "nonce": grant.nonce, **grant.claims}
+        if "nonce" in self.faults:
+            claims["nonce"] = "not-the-nonce"
+        if "audience" in self.faults:
+            claims["aud"] = ["some-other-client"]
+        if "issuer" in self.faults:
+            claims["iss"] = "https://evil.example"
+        if "expired" in self.faults:
+            claims["exp"], claims["iat"] = now - 600, now - 900
+        key, kid = (self.rogue if "signature" in self.faults else self.key), "k1"
+        if "unknown_kid" in self.faults:
+            key, kid = self.rogue, "k2"
+        id_token = jwt.encode({"alg": "RS256", "kid": kid, "typ": "JWT"}, claims, key)
+        return 200, {"access_token": "at-" + uuid.uuid4().hex, "token_type": "Bearer", "expires_in": 300,
+                     "id_token": id_token}
+
+
+# ---------------------------------------------------------------------------- the control plane
+
+
+@dataclass
+class Control:
+    url: str
+    data_dir: Path
+    key: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def call(self, method: str, path: str, body: Any = None, *, admin: bool = False) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if admin:
+            request.add_header("Authorization", f"Bearer {self.key}")
+        try:
+            with urllib.request.urlopen(request, timeout=15) as response:
+                status, payload = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, payload = exc.code, exc.read()
+        return status, json.loads(payload) if payload else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _start_control(data_dir: Path, env_extra: dict[str, str], port: int | None = None) -> Control:
+    log = data_dir.parent / f"{data_dir.name}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
+    env.update(FERRYMAN_DATA_DIR=str(data_dir), **env_extra)
+    port = port or _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "control.cli", "control", "--listen", f"127.0.0.1:{port}"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"control plane exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if time.monotonic() > deadline:
+                _stop(proc)
+                pytest.fail(f"control plane did not answer /health within {START_TIMEOUT}s:\n{log.read_text()}")
+            time.sleep(0.1)
+    return Control(url, data_dir, (data_dir / "admin.key").read_text().strip(), proc, log)
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[Provider]:
+    p = Provider()
+    p.start()
+    yield p
+    p.server.shutdown()
+    p.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def control(provider: Provider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Control]:
+    port = _free_port()  # chosen first: the redirect URI names it
+    ctl = _start_control(tmp_path_factory.mktemp("control"), {
+        "FERRYMAN_OIDC_ISSUER": provider.issuer, "FERRYMAN_OIDC_CLIENT_ID": CLIENT_ID,
+        "FERRYMAN_OIDC_CLIENT_SECRET": CLIENT_SECRET,
+        "FERRYMAN_OIDC_REDIRECT_URI": f"http://127.0.0.1:{port}/v1/auth/oidc/callback",
+    }, port)
+    try:
+        yield ctl
+    finally:
+        _stop(ctl.proc)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_provider(request: pytest.FixtureRequest) -> None:
+    if "provider" in request.fixturenames:
+        p: Provider = request.getfixturevalue("provider")
+        p.user, p.faults = {}, set()
+
+
+def make_user(control: Control, upn: str) -> dict[str, Any]:
+    status, user = control.call("POST", "/v1/users", {"upn": upn, "display_name": upn.split("@")[0].title()},
+                                admin=True)
+    assert status == 201, user
+    return user
+
+
+def start(control: Control, name: str = "laptop") -> tuple[dict[str, Any], bytes]:
+    key_pem, csr_pem = new_key_and_csr("device")
+    status, body = control.call("POST", "/v1/auth/oidc/start",
+                                {"device": {"csr_pem": csr_pem.decode(), "name": name, "os": "Linux",
+                                            "os_version": "6.1"}})
+    assert status == 200, body
+    assert set(body) == {"login_id", "authorization_url", "poll_interval", "expires_in"}
+    assert 590 <= body["expires_in"] <= 600 and body["poll_interval"] >= 1
+    return body, key_pem
+
+
+def browse(url: str) -> tuple[int, str, str]:
+    """Open ``url`` like a browser (following redirects): (status, page text, final URL)."""
+    try:
+        with urllib.request.urlopen(url, timeout=15) as response:
+            return response.status, response.read().decode(), response.url
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode(), exc.url
+
+
+def poll(control: Control, login_id: str) -> tuple[int, Any]:
+    return control.call("POST", "/v1/auth/oidc/poll", {"login_id": login_id})
+
+
+def sign_in_refused(control: Control, provider: Provider, email: str, **user: Any) -> tuple[int, str, Any]:
+    """A whole sign-in expected to fail: (page status, page, (poll status, poll body))."""
+    provider.user = {"email": email, "email_verified": True, **user}
+    body, _ = start(control)
+    status, page, _ = browse(body["authorization_url"])
+    answer = poll(control, body["login_id"])
+    assert poll(control, body["login_id"])[0] == 404  # a refusal is handed out once too
+    return status, page, answer
+
+
+# ---------------------------------------------------------------------------- sign-in
+
+
+@pytest.mark.parametrize(("provider_amr", "amr"), [(["pwd", "otp"], ["pwd", "mfa"]), (["pwd"], ["pwd"])])
+def test_sign_in_gives_tokens_and_a_device_certificate(control: Control, provider: Provider,
+                                                       provider_amr: list[str], amr: list[str]) -> None:
+    upn = f"alice-{amr[-1]}@corp.example"
+    user = make_user(control, upn)
+    auth_time = int(time.time()) - 30
+    provider.user = {"email": upn.upper(), "email_verified": True, "amr": provider_amr, "auth_time": auth_time}
+    body, _key = start(control)
+    assert body["authorization_url"].startswith(provider.issuer + "/authorize?")
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(body["authorization_url"]).query))
+    assert query["scope"] == "openid email profile" and query["code_challenge_method"] == "S256"
+    assert query["redirect_uri"] == control.url + "/v1/auth/oidc/callback"
+    assert poll(control, body["login_id"]) == (202, {"status": "pending", "expires_in": pytest.approx(600, abs=10)})
+    status, page, final = browse(body["authorization_url"])
+    assert status == 200, page
+    assert final.startswith(control.url + "/v1/auth/oidc/callback?code=")
+    assert f"Signed in as {upn} on device &#x27;laptop&#x27;: you can close this window" in page
+    # The control plane authenticated at the token endpoint (Basic) with the PKCE verifier.
+    request = provider.token_requests[-1]
+    assert request["grant_type"] == "authorization_code" and len(request["code_verifier"]) >= 43
+    assert "client_secret" not in request and request["authorization"].startswith("Basic ")
+    status, answer = poll(control, body["login_id"])
+    assert status == 200, answer
+    assert answer["user"] == {"id": user["id"], "upn": upn, "display_name": user["display_name"], "groups": []}
+    assert answer["token_type"] == "Bearer" and answer["refresh_token"].startswith(f"fmrt_{answer['session_id']}.")
+    device = answer["device"]
+    cert = x509.load_pem_x509_certificate(device["certificate_pem"].encode())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == device["id"]
+    assert format(cert.serial_number, "x") == device["serial"]
+    status, keys = control.call("GET", "/v1/auth/keys")
+    assert status == 200
+    claims = verify_access_token(answer["access_token"], keys["keys"])
+    assert claims.amr == amr and claims.sub == user["id"] and claims.upn == upn
+    assert claims.did == device["id"] and claims.sid == answer["session_id"] and claims.auth_time == auth_time
+    # Handed out once; the refresh token works like a password sign-in's.
+    assert poll(control, body["login_id"])[0] == 404
+    status, refreshed = control.call("POST", "/v1/auth/refresh", {"refresh_token": answer["refresh_token"]})
+    assert status == 200, refreshed
+    assert verify_access_token(refreshed["access_token"], keys["keys"]).amr == amr
+    status, sessions = control.call("GET", f"/v1/users/{user['id']}/sessions", admin=True)
+    assert status == 200, sessions  # the admin view of the session shows what the provider proved
+    assert [s["amr"] for s in sessions if s["id"] == answer["session_id"]] == [amr]
+
+
+def test_unknown_and_disabled_users_are_refused(control: Control, provider: Provider) -> None:
+    status, page, answer = sign_in_refused(control, provider, "nobody@corp.example", amr=["mfa"])
+    message = ("'nobody@corp.example' (the OIDC provider's 'email' claim) is not a Ferryman user: an administrator "
+               "must create the user first (users are not created at sign-in)")
+    assert status == 403 and message.replace("'", "&#x27;") in page
+    assert answer == (403, {"error": message, "code": "unknown_user"})
+    user = make_user(control, "dave@corp.example")
+    status, body = control.call("PATCH", f"/v1/users/{user['id']}", {"disabled": True}, admin=True)
+    assert status == 200 and body["disabled"] is True
+    status, page, answer = sign_in_refused(control, provider, "dave@corp.example")
+    assert status == 401 and "account is disabled" in page
+    assert answer == (401, {"error": "account is disabled", "code": "account_disabled"})
+    make_user(control, "erin@corp.example")
+    _, _, answer = sign_in_refused(control, provider, "erin@corp.example", email_verified=False)
+    assert answer == (403, {"error": "the OIDC provider says the email 'erin@corp.example' is not verified",
+                            "code": "oidc_email_unverified"})
+
+
+@pytest.mark.parametrize(("fault", "status", "code", "message"), [
+    ("nonce", 401, "oidc_token_invalid",
+     "ID token refused: nonce does not match this sign-in (a replayed or foreign ID token)"),
+    ("audience", 401, "oidc_token_invalid",
+     f"ID token refused: audience ['some-other-client'] does not include this client ('{CLIENT_ID}')"),
+    ("signature", 401, "oidc_token_invalid",
+     "ID token refused: signature does not verify with the provider's key 'k1' (RS256)"),
+    ("unknown_kid", 401, "oidc_token_invalid",
+     "ID token refused: signed with key 'k2' (RS256), which is not among the provider's keys (JWKS)"),
+    ("issuer", 401, "oidc_token_invalid", "ID token refused: issued by 'https://evil.example', not "),
+    ("expired", 401, "oidc_token_invalid", "ID token refused: expired 60"),  # 600 or 601 s
+    ("pkce", 401, "oidc_code_refused",
+     "the OIDC provider refused the authorization code (invalid_grant: PKCE verification failed)"),
+    ("deny", 403, "oidc_denied", "the OIDC provider did not sign you in (access_denied: the user said no)"),
+])
+def test_a_misbehaving_provider_is_refused_precisely(control: Control, provider: Provider, fault: str,
+                                                     status: int, code: str, message: str) -> None:
+    make_user(control, f"{fault}@corp.example")
+    provider.faults = {fault}
+    page_status, page, (got, body) = sign_in_refused(control, provider, f"{fault}@corp.example")
+    assert (page_status, got, body["code"]) == (status, status, code), body
+    assert body["error"].startswith(message), body
+    assert "sign-in failed" in page
+
+
+def test_state_is_good_once_and_login_ids_must_be_known(control: Control, provider: Provider) -> None:
+    make_user(control, "frank@corp.example")
+    provider.user = {"email": "frank@corp.example"}
+    body, _ = start(control)
+    status, _page, callback_url = browse(body["authorization_url"])
+    assert status == 200
+    status, page, _ = browse(callback_url)  # the same code and state again (a replayed callback)
+    assert status == 400 and "this sign-in response was already used (its state is good once)" in page
+    assert poll(control, body["login_id"])[0] == 200  # the first callback's sign-in stands
+    status, page, _ = browse(control.url + "/v1/auth/oidc/callback?code=x&state=made-up")
+    assert status == 400 and "unknown or expired sign-in (state)" in page
+    status, answer = poll(control, "no-such-login")
+    assert (status, answer["code"]) == (404, "oidc_login_unknown")
+    assert answer["error"].startswith("this OIDC sign-in is unknown or has expired")
+    status, answer = control.call("POST", "/v1/auth/oidc/start", {"device": {"csr_pem": "not a CSR"}})
+    assert (status, answer) == (422, {"error": "CSR is not a PEM certificate signing request", "code": "invalid_csr"})
+
+
+def test_oidc_not_configured_is_404(tmp_path: Path) -> None:
+    ctl = _start_control(tmp_path / "plain", {})
+    try:
+        expected = {"error": "OIDC sign-in is not configured on this control plane", "code": "oidc_not_configured"}
+        _, csr_pem = new_key_and_csr("device")
+        assert ctl.call("POST", "/v1/auth/oidc/start", {"device": {"csr_pem": csr_pem.decode()}}) == (404, expected)
+        assert ctl.call("POST", "/v1/auth/oidc/poll", {"login_id": "x"}) == (404, expected)
+        assert ctl.call("GET", "/v1/auth/oidc/callback?code=a&state=b") == (404, expected)
+    finally:
+        _stop(ctl.proc)
+
+
+# ---------------------------------------------------------------------------- the client agent
+
+
+def _read_url(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> str:
+    assert proc.stderr is not None
+    prefix = "open this URL in a browser to sign in: "
+    deadline, seen = time.monotonic() + timeout, b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.2)
+        if ready:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            seen += chunk
+            for line in seen.decode(errors="replace").splitlines():
+                if line.startswith(prefix) and seen.endswith(b"\n"):
+                    return line[len(prefix):].strip()
+    pytest.fail(f"no sign-in URL on the client's stderr within {timeout}s: {seen.decode(errors='replace')}")
+
+
+def _client(control: Control, tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
+    env["FERRYMAN_DATA_DIR"] = str(tmp_path / "data")
+    return subprocess.Popen([sys.executable, "-m", "dataplane", "client", "login", "--control", control.url,
+                             "--oidc", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_cli_login_with_oidc_end_to_end(control: Control, provider: Provider, tmp_path: Path) -> None:
+    user = make_user(control, "grace@corp.example")
+    provider.user = {"email": "grace@corp.example", "amr": ["hwk"]}
+    proc = _client(control, tmp_path, "--device-name", "grace-laptop")
+    try:
+        url = _read_url(proc)
+        status, page, _ = browse(url)
+        assert status == 200 and "Signed in as grace@corp.example on device &#x27;grace-laptop&#x27;" in page
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    directory = tmp_path / "data" / "client"
+    session = json.loads((directory / "session.json").read_text())
+    assert f"# signed in as grace@corp.example on device {session['device_id']}" in out.decode()
+    assert session["upn"] == "grace@corp.example" and session["user_id"] == user["id"]
+    assert (directory / "session.json").stat().st_mode & 0o777 == 0o600
+    assert (directory / session["key"]).stat().st_mode & 0o777 == 0o600
+    cert = x509.load_pem_x509_certificate((directory / session["cert"]).read_bytes())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == session["device_id"]
+    status, keys = control.call("GET", "/v1/auth/keys")
+    assert verify_access_token(session["access_token"], keys["keys"]).amr == ["pwd", "mfa"]
+
+
+def test_cli_login_with_oidc_stops_cleanly_on_ctrl_c(control: Control, tmp_path: Path) -> None:
+    proc = _client(control, tmp_path)
+    try:
+        _read_url(proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err.decode()
+    assert "ferryman client login: interrupted; not signed in" in err.decode()
+    assert not (tmp_path / "data" / "client" / "session.json").exists()
+
+
+def test_cli_login_refuses_password_flags_with_oidc_and_needs_a_user_without(control: Control,
+                                                                             tmp_path: Path) -> None:
+    proc = _client(control, tmp_path, "--user", "x@corp.example")
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2 and "--user cannot be used with --oidc" in err.decode()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
+    done = subprocess.run([sys.executable, "-m", "dataplane", "client", "login", "--control", control.url],
+                          cwd=ROOT, env=env, capture_output=True, timeout=20)
+    assert done.returncode == 2 and b"--user UPN is required (or --oidc" in done.stderr
+
+
+# ---------------------------------------------------------------------------- configuration, discovery
+
+
+def test_settings_build_the_oidc_configuration() -> None:
+    assert OidcConfig.from_settings(load(environ={})) is None
+    with pytest.raises(ValueError, match="FERRYMAN_OIDC_CLIENT_ID must be too"):
+        OidcConfig.from_settings(load(environ={"FERRYMAN_OIDC_ISSUER": "https://idp.example"}))
+    with pytest.raises(ValueError, match="FERRYMAN_OIDC_REDIRECT_URI='control:8080/cb': must be an http"):
+        OidcConfig.from_settings(load(environ={"FERRYMAN_OIDC_ISSUER": "https://idp.example",
+                                               "FERRYMAN_OIDC_CLIENT_ID": "c",
+                                               "FERRYMAN_OIDC_REDIRECT_URI": "control:8080/cb"}))
+    config = OidcConfig.from_settings(load(environ={
+        "FERRYMAN_OIDC_ISSUER": "https://idp.example", "FERRYMAN_OIDC_CLIENT_ID": "c",
+        "FERRYMAN_OIDC_REDIRECT_URI": "https://control.example/v1/auth/oidc/callback",
+        "FERRYMAN_OIDC_MFA_AMR": " mfa, fido ,", "FERRYMAN_OIDC_UPN_CLAIM": "preferred_username"}))
+    assert config is not None and config.mfa_amr == {"mfa", "fido"} and config.upn_claim == "preferred_username"
+    assert config.client_secret == ""
+
+
+def test_discovery_must_name_the_configured_issuer(provider: Provider) -> None:
+    config = OidcConfig(issuer=provider.issuer + "/", client_id=CLIENT_ID, redirect_uri="http://x/cb")
+    with pytest.raises(OidcError, match=r"names issuer 'http://127\.0\.0\.1:\d+', not the configured "
+                                        r"FERRYMAN_OIDC_ISSUER 'http://127\.0\.0\.1:\d+/'"):
+        OidcProvider(config).metadata()
+    down = OidcConfig(issuer=f"http://127.0.0.1:{_free_port()}", client_id=CLIENT_ID, redirect_uri="http://x/cb")
+    with pytest.raises(OidcError, match="cannot reach the OIDC provider \\(discovery document") as err:
+        OidcProvider(down, timeout=2).metadata()
+    assert err.value.status == 502
+
+
+def test_pending_logins_are_bounded_and_expire() -> None:
+    logins = PendingLogins(max_pending=2, lifetime=10)
+    first = logins.add({}, now=0)
+    logins.add({}, now=1)
+    with pytest.raises(OidcError, match="2 OIDC sign-ins are in progress"):
+        logins.add({}, now=2)
+    logins.add({}, now=10.5)  # the first expired and made room
+    with pytest.raises(OidcError, match="unknown or has expired"):
+        logins.poll(first.login_id, now=10.5)
+    with pytest.raises(OidcError, match="unknown or expired sign-in"):
+        logins.claim(first.state, now=10.5)
