@@ -1,8 +1,8 @@
 """Tests of ``ferryman admin`` (``control/admin_cli.py``) against the real control plane.
 
 The control plane is started as in ``test_api.py`` (``python -m control.cli control`` in a
-subprocess, SQLite in a temporary directory); the CLI runs as ``python -m control.cli admin``
-in a subprocess too, finding the control plane through ``FERRYMAN_CONTROL_LISTEN`` and the
+subprocess, SQLite in a temporary directory, by ``controlplane.py``); the CLI runs as
+``python -m control.cli admin`` in a subprocess too, finding the control plane through ``FERRYMAN_CONTROL_LISTEN`` and the
 bootstrap key through ``FERRYMAN_DATA_DIR/admin.key`` (or the flags). ``apply`` gets a control
 plane of its own, since ``--prune`` deletes every application the file does not name.
 """
@@ -16,7 +16,6 @@ import subprocess
 import sys
 import urllib.parse
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,9 @@ import pytest
 from cryptography import x509
 
 from control.admin_cli import parse_duration, parse_segment, table
-from test_api import ROOT, Control, _environment, _free_port, _start, _stop
+
+from controlplane import PUBLIC_EDGE, ROOT, Control, environment
+from controlplane import free_port as _free_port
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -36,7 +37,7 @@ class Cli:
         self.control = control
 
     def env(self) -> dict[str, str]:
-        env = _environment(self.control.data_dir)  # FERRYMAN_DATA_DIR: the bootstrap key file is found there
+        env = environment(self.control.data_dir)  # FERRYMAN_DATA_DIR: the bootstrap key file is found there
         env["FERRYMAN_CONTROL_LISTEN"] = urllib.parse.urlsplit(self.control.url).netloc
         return env
 
@@ -65,26 +66,15 @@ class Cli:
         return records[0]["id"] if records else 0
 
 
-@contextmanager
-def _control(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Control]:
-    data_dir = tmp_path_factory.mktemp(name)
-    log = data_dir.parent / f"{data_dir.name}.log"
-    proc, url = _start(data_dir, log)
-    try:
-        yield Control(url, data_dir, (data_dir / "admin.key").read_text().strip(), proc, log)
-    finally:
-        _stop(proc)
-
-
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    with _control(tmp_path_factory, "admin-cli") as control:
+    with Control.running(tmp_path_factory.mktemp("admin-cli"), edges=[PUBLIC_EDGE]) as control:
         yield Cli(control)
 
 
 @pytest.fixture
 def apply_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    with _control(tmp_path_factory, "admin-apply") as control:
+    with Control.running(tmp_path_factory.mktemp("admin-apply"), edges=[PUBLIC_EDGE]) as control:
         yield Cli(control)
 
 

@@ -11,18 +11,11 @@ PostgreSQL is covered by the store's own tests; this module runs the SQLite path
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import stat
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -33,101 +26,26 @@ from cryptography.hazmat.primitives import serialization
 from dataplane import pki
 from dataplane.enroll import new_key_and_csr, write_identity
 
+from controlplane import PUBLIC_EDGE, Control, start
+from controlplane import stop as _stop
+
 pytestmark = pytest.mark.timeout(60)
-
-ROOT = Path(__file__).resolve().parent.parent
-PUBLIC_EDGE = "edge.example.test:8443"
-START_TIMEOUT = 30.0
-
-
-@dataclass
-class Control:
-    url: str
-    data_dir: Path
-    key: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def call(self, method: str, path: str, body: Any = None, *, key: str | None = "", raw: bytes | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, Any, Message]:
-        """(status, decoded JSON body, headers (case-insensitive)); ``key=""`` uses the bootstrap key, ``None`` sends none."""
-        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if key is not None:
-            request.add_header("Authorization", f"Bearer {key or self.key}")
-        for name, value in (headers or {}).items():
-            request.add_header(name, value)
-        try:
-            with urllib.request.urlopen(request, timeout=15) as response:
-                status, payload, got = response.status, response.read(), response.headers
-        except urllib.error.HTTPError as exc:
-            status, payload, got = exc.code, exc.read(), exc.headers
-        return status, json.loads(payload) if payload else None, got
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _environment(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}  # SQLite, defaults
-    env["FERRYMAN_DATA_DIR"] = str(data_dir)
-    return env
 
 
 def _start(data_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "control.cli", "control", "--listen", f"127.0.0.1:{port}", "--edge", PUBLIC_EDGE],
-            cwd=ROOT, env=_environment(data_dir), stdout=out, stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"control plane exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                if response.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.1)
-    _stop(proc)
-    pytest.fail(f"control plane did not answer /health within {START_TIMEOUT}s:\n{log.read_text()}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    return start(data_dir, log, edges=[PUBLIC_EDGE])
 
 
 @pytest.fixture(scope="module")
 def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Control]:
-    data_dir = tmp_path_factory.mktemp("control")
-    log = data_dir.parent / f"{data_dir.name}.log"
-    proc, url = _start(data_dir, log)
-    try:
-        key = (data_dir / "admin.key").read_text().strip()
-        yield Control(url, data_dir, key, proc, log)
-    finally:
-        _stop(proc)
+    with Control.running(tmp_path_factory.mktemp("control"), edges=[PUBLIC_EDGE]) as control:
+        yield control
 
 
 def _token(control: Control, role: str = "connector", **extra: Any) -> str:
-    status, body, _ = control.call("POST", "/v1/registration-tokens", {"role": role, **extra})
-    assert status == 201, body
-    assert body["token"].startswith("fmr_") and body["role"] == role
-    return body["token"]
+    token = control.token(role, **extra)
+    assert token.startswith("fmr_")
+    return token
 
 
 def _register(control: Control, token: str, name: str, **extra: Any) -> tuple[int, Any, bytes]:

@@ -23,19 +23,11 @@ from __future__ import annotations
 import base64
 import datetime
 import json
-import os
 import re
 import secrets
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -50,49 +42,23 @@ from joserfc.jwk import ECKey
 from dataplane import pki
 from dataplane.enroll import new_key_and_csr
 from dataplane.nodeauth import NodeSigner, body_hash
-from dataplane.register import Identity, register
+from dataplane.register import Identity
+
+import controlplane
+from controlplane import PUBLIC_EDGE, Reply
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parent.parent
-PUBLIC_EDGE = "edge.example.test:8443"
-START_TIMEOUT = 30.0
 CONFIG = "/v1/node/config"
 HEARTBEAT = "/v1/node/heartbeat"
 RENEW = "/v1/node/renew"
-
-Reply = tuple[int, Any, Message]
 
 
 # ---------------------------------------------------------------------------- control plane process
 
 
-@dataclass
-class Control:
-    url: str
-    data_dir: Path
-    key: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def request(self, method: str, target: str, body: Any = None, *, authorization: str | None = None,
-                timeout: float = 15) -> Reply:
-        """(status, decoded JSON body or None, headers) of one request; ``authorization`` as sent."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + target, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if authorization is not None:
-            request.add_header("Authorization", authorization)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                status, payload, headers = response.status, response.read(), response.headers
-        except urllib.error.HTTPError as exc:
-            status, payload, headers = exc.code, exc.read(), exc.headers
-        return status, json.loads(payload) if payload else None, headers
-
-    def admin(self, method: str, target: str, body: Any = None) -> Reply:
-        return self.request(method, target, body, authorization=f"Bearer {self.key}")
+class Control(controlplane.Control):
+    """The shared control plane handle, plus requests signed as a node."""
 
     def node(self, signer: NodeSigner, method: str, target: str, body: Any = None, **kw: Any) -> Reply:
         """A node request with a fresh token made for exactly this method, target and body."""
@@ -100,55 +66,10 @@ class Control:
         return self.request(method, target, body, authorization=f"Bearer {signer.token(method, target, data)}", **kw)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def _start(data_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}  # SQLite, defaults
-    env["FERRYMAN_DATA_DIR"] = str(data_dir)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "control.cli", "control", "--listen", f"127.0.0.1:{port}", "--edge", PUBLIC_EDGE],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"control plane exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                if response.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.1)
-    _stop(proc)
-    pytest.fail(f"control plane did not answer /health within {START_TIMEOUT}s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Control]:
-    data_dir = tmp_path_factory.mktemp("control")
-    log = data_dir.parent / f"{data_dir.name}.log"
-    proc, url = _start(data_dir, log)
-    try:
-        yield Control(url, data_dir, (data_dir / "admin.key").read_text().strip(), proc, log)
-    finally:
-        _stop(proc)
+    with Control.running(tmp_path_factory.mktemp("control"), edges=[PUBLIC_EDGE]) as control:
+        yield control
 
 
 # ---------------------------------------------------------------------------- nodes and certificates
@@ -156,10 +77,7 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Control]:
 
 def _register(control: Control, directory: Path, role: str = "connector", name: str | None = None,
               addresses: list[str] | None = None) -> Identity:
-    status, token, _ = control.admin("POST", "/v1/registration-tokens", {"role": role})
-    assert status == 201, token
-    return register(role, control.url, token["token"], name=name or f"{role}-{secrets.token_hex(3)}",
-                    directory=str(directory), addresses=addresses)
+    return control.register_node(directory, role, name, addresses)
 
 
 @pytest.fixture

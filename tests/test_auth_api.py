@@ -14,16 +14,8 @@ The module's control plane runs with ``FERRYMAN_ACCESS_TOKEN_MINUTES=7``.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import Message
 from pathlib import Path
@@ -41,92 +33,21 @@ from control.tokens import KEY_FILE, TokenSigner, verify_access_token
 from dataplane import pki
 from dataplane.enroll import new_key_and_csr
 
+from controlplane import Control
+
 pytestmark = [
     pytest.mark.timeout(60),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 30.0
 TOKEN_MINUTES = 7
 PASSWORD = "correct horse battery"
 
 
-@dataclass
-class Control:
-    url: str
-    data_dir: Path
-    key: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def call(self, method: str, path: str, body: Any = None, *, key: str | None = "",
-             bearer: str | None = None) -> tuple[int, Any, Message]:
-        """(status, decoded JSON body, headers). ``key=""``: the bootstrap admin key; ``None``: no admin key;
-        ``bearer``: send this access token instead."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if bearer is not None:
-            request.add_header("Authorization", f"Bearer {bearer}")
-        elif key is not None:
-            request.add_header("Authorization", f"Bearer {key or self.key}")
-        try:
-            with urllib.request.urlopen(request, timeout=15) as response:
-                status, payload, got = response.status, response.read(), response.headers
-        except urllib.error.HTTPError as exc:
-            status, payload, got = exc.code, exc.read(), exc.headers
-        return status, json.loads(payload) if payload else None, got
-
-    def version(self) -> int:
-        status, body, _ = self.call("GET", "/v1/config-version")
-        assert status == 200, body
-        return body["version"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @pytest.fixture(scope="module")
 def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Control]:
-    data_dir = tmp_path_factory.mktemp("control")
-    log = data_dir.parent / f"{data_dir.name}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}  # SQLite, defaults
-    env.update(FERRYMAN_DATA_DIR=str(data_dir), FERRYMAN_ACCESS_TOKEN_MINUTES=str(TOKEN_MINUTES))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "control.cli", "control", "--listen", f"127.0.0.1:{port}"],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"control plane exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"control plane did not answer /health within {START_TIMEOUT}s:\n{log.read_text()}")
-                time.sleep(0.1)
-        yield Control(url, data_dir, (data_dir / "admin.key").read_text().strip(), proc, log)
-    finally:
-        _stop(proc)
+    with Control.running(tmp_path_factory.mktemp("control"),
+                         env={"FERRYMAN_ACCESS_TOKEN_MINUTES": str(TOKEN_MINUTES)}) as control:
+        yield control
 
 
 def make_user(control: Control, upn: str, password: str | None = PASSWORD, **extra: Any) -> dict[str, Any]:

@@ -23,18 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import logging
 import os
 import secrets
-import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,24 +44,18 @@ from cryptography.x509.oid import NameOID
 from control.store import database_url, open_store, repo
 from dataplane import pki, settings
 from dataplane.controllink import CACHE_FILE, ControlLink, Report
-from dataplane.register import Identity, read_identity, register
+from dataplane.register import Identity, read_identity
 from dataplane.snapshot import ConfigSnapshot, SnapshotCache
+
+import controlplane
+from controlplane import PUBLIC_EDGE, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parent.parent
-PUBLIC_EDGE = "edge.example.test:8443"
-START_TIMEOUT = 30.0
 LOGGER = "ferryman.control_link"
 
 
 # ---------------------------------------------------------------------------- control plane process
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -74,7 +63,7 @@ class Control:
     """One control plane data directory, served by a subprocess that can be stopped and restarted."""
 
     data_dir: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,46 +78,23 @@ class Control:
     def key(self) -> str:
         return (self.data_dir / "admin.key").read_text().strip()
 
+    @property
+    def api(self) -> controlplane.Control:
+        """The shared handle of the running process (admin requests, node registration)."""
+        assert self.proc is not None, "the control plane is not started"
+        return controlplane.Control(self.url, self.data_dir, self.key, self.proc, self.log)
+
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}  # SQLite, defaults
-        env["FERRYMAN_DATA_DIR"] = str(self.data_dir)
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "control.cli", "control", "--listen", f"127.0.0.1:{self.port}",
-                 "--edge", PUBLIC_EDGE], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"control plane exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        pytest.fail(f"control plane did not answer /health within {START_TIMEOUT}s:\n{self.log.read_text()}")
+        self.proc, _ = controlplane.start(self.data_dir, self.log, edges=[PUBLIC_EDGE], port=self.port,
+                                          interval=0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            controlplane.stop(self.proc)
 
     def admin(self, method: str, target: str, body: Any = None) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + target, data=data, method=method,
-                                         headers={"Authorization": f"Bearer {self.key}",
-                                                  "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=15) as response:
-                status, payload = response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            status, payload = exc.code, exc.read()
-        return status, json.loads(payload) if payload else None
+        status, payload, _ = self.api.admin(method, target, body)
+        return status, payload
 
     def add_application(self, name: str, destination: str) -> int:
         """Create an application through the admin API; return the new configuration version."""
@@ -139,10 +105,7 @@ class Control:
         return body["version"]
 
     def register(self, directory: Path, name: str | None = None) -> Identity:
-        status, token = self.admin("POST", "/v1/registration-tokens", {"role": "connector"})
-        assert status == 201, token
-        return register("connector", self.url, token["token"], name=name or f"conn-{secrets.token_hex(3)}",
-                        directory=str(directory))
+        return self.api.register_node(directory, name=name or f"conn-{secrets.token_hex(3)}")
 
 
 @pytest.fixture(scope="module")

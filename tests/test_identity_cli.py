@@ -3,7 +3,7 @@
 control plane.
 
 As in ``test_admin_cli.py``: the control plane runs as ``python -m control.cli control`` in a
-subprocess (SQLite in a temporary directory, started with ``test_api``'s helpers), and each
+subprocess (SQLite in a temporary directory, started with ``controlplane.py``), and each
 command as ``python -m control.cli admin ...`` in a subprocess that finds it through
 ``FERRYMAN_CONTROL_LISTEN`` and the bootstrap key in ``FERRYMAN_DATA_DIR/admin.key``. Sign-ins
 (for sessions and devices) go through the public API; traffic records are written straight
@@ -30,7 +30,8 @@ import pytest
 from control.admin_cli import millis_text, size_text
 from dataplane.enroll import new_key_and_csr
 from dataplane.trafficlog import FlowRecord
-from test_api import ROOT, Control, _environment, _start, _stop
+
+from controlplane import PUBLIC_EDGE, ROOT, Control, environment
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,7 +51,7 @@ class Cli:
         return payload
 
     def run(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        env = _environment(self.control.data_dir)
+        env = environment(self.control.data_dir)
         env["FERRYMAN_CONTROL_LISTEN"] = urllib.parse.urlsplit(self.control.url).netloc
         return subprocess.run([sys.executable, "-m", "control.cli", "admin", *args], cwd=ROOT, env=env,
                               input=stdin, capture_output=True, text=True, timeout=30)
@@ -83,13 +84,8 @@ class Cli:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    data_dir = tmp_path_factory.mktemp("identity-cli")
-    log = data_dir.parent / f"{data_dir.name}.log"
-    proc, url = _start(data_dir, log)
-    try:
-        yield Cli(Control(url, data_dir, (data_dir / "admin.key").read_text().strip(), proc, log))
-    finally:
-        _stop(proc)
+    with Control.running(tmp_path_factory.mktemp("identity-cli"), edges=[PUBLIC_EDGE]) as control:
+        yield Cli(control)
 
 
 def rows(output: str) -> list[list[str]]:

@@ -19,7 +19,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,10 +44,13 @@ from control.tokens import verify_access_token
 from dataplane.enroll import new_key_and_csr
 from dataplane.settings import load
 
+import controlplane
+from controlplane import ROOT, environment
+from controlplane import free_port as _free_port
+from controlplane import stop as _stop
+
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 30.0
 CLIENT_ID = "ferryman-test"
 CLIENT_SECRET = "s3cret/with:odd&chars"
 
@@ -196,68 +198,18 @@ class Provider:
 # ---------------------------------------------------------------------------- the control plane
 
 
-@dataclass
-class Control:
-    url: str
-    data_dir: Path
-    key: str
-    proc: subprocess.Popen[bytes]
-    log: Path
+class Control(controlplane.Control):
+    """The shared control plane handle with this module's two-value ``call``."""
 
-    def call(self, method: str, path: str, body: Any = None, *, admin: bool = False) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if admin:
-            request.add_header("Authorization", f"Bearer {self.key}")
-        try:
-            with urllib.request.urlopen(request, timeout=15) as response:
-                status, payload = response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            status, payload = exc.code, exc.read()
-        return status, json.loads(payload) if payload else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    def call(self, method: str, path: str, body: Any = None, *,  # type: ignore[override]
+             admin: bool = False) -> tuple[int, Any]:
+        """(status, decoded JSON body); the bootstrap admin key is sent only if ``admin``."""
+        status, payload, _ = super().call(method, path, body, key="" if admin else None)
+        return status, payload
 
 
 def _start_control(data_dir: Path, env_extra: dict[str, str], port: int | None = None) -> Control:
-    log = data_dir.parent / f"{data_dir.name}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
-    env.update(FERRYMAN_DATA_DIR=str(data_dir), **env_extra)
-    port = port or _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "control.cli", "control", "--listen", f"127.0.0.1:{port}"],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"control plane exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if time.monotonic() > deadline:
-                _stop(proc)
-                pytest.fail(f"control plane did not answer /health within {START_TIMEOUT}s:\n{log.read_text()}")
-            time.sleep(0.1)
-    return Control(url, data_dir, (data_dir / "admin.key").read_text().strip(), proc, log)
+    return Control.launch(data_dir, env=env_extra, port=port)
 
 
 @pytest.fixture(scope="module")
@@ -473,10 +425,9 @@ def _read_url(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> str:
 
 
 def _client(control: Control, tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
-    env["FERRYMAN_DATA_DIR"] = str(tmp_path / "data")
     return subprocess.Popen([sys.executable, "-m", "dataplane", "client", "login", "--control", control.url,
-                             "--oidc", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--oidc", *args], cwd=ROOT, env=environment(tmp_path / "data"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
 
 
 def test_cli_login_with_oidc_end_to_end(control: Control, provider: Provider, tmp_path: Path) -> None:

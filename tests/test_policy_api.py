@@ -1,6 +1,6 @@
 """Tests of the access routes (``control/api/policies.py``) on a real control plane:
 ``python -m control.cli control`` in a subprocess (SQLite in a temporary directory), spoken to
-over HTTP with urllib, as in ``test_api.py`` (whose helpers are copied here, not imported).
+over HTTP with urllib, as in ``test_api.py`` (both start it with ``controlplane.py``).
 
 Covered: application assignments (by UPN, id, group name; body and query forms of DELETE),
 named locations and policies (create, read, change, delete), the exact error for each kind of
@@ -11,51 +11,25 @@ the OpenAPI document. Users and groups are made through the identity routes.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+import controlplane
+
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 30.0
 
+class Control(controlplane.Control):
+    """The shared control plane handle with this module's two-value ``call`` and its checks."""
 
-@dataclass
-class Control:
-    url: str
-    data_dir: Path
-    key: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def call(self, method: str, path: str, body: Any = None, *, key: str | None = "",
+    def call(self, method: str, path: str, body: Any = None, *, key: str | None = "",  # type: ignore[override]
              raw: bytes | None = None) -> tuple[int, Any]:
         """(status, decoded JSON body); ``key=""`` uses the bootstrap key, ``None`` sends none."""
-        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if key is not None:
-            request.add_header("Authorization", f"Bearer {key or self.key}")
-        try:
-            with urllib.request.urlopen(request, timeout=15) as response:
-                status, payload = response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            status, payload = exc.code, exc.read()
-        return status, json.loads(payload) if payload else None
+        status, payload, _ = super().call(method, path, body, key=key, raw=raw)
+        return status, payload
 
     def ok(self, method: str, path: str, body: Any = None, status: int = 200) -> Any:
         got, payload = self.call(method, path, body)
@@ -73,60 +47,12 @@ class Control:
         return self.ok("GET", "/v1/config-version")["version"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _environment(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}  # SQLite, defaults
-    env["FERRYMAN_DATA_DIR"] = str(data_dir)
-    return env
-
-
-def _start(data_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "control.cli", "control", "--listen", f"127.0.0.1:{port}"],
-                                cwd=ROOT, env=_environment(data_dir), stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"control plane exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                if response.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.1)
-    _stop(proc)
-    pytest.fail(f"control plane did not answer /health within {START_TIMEOUT}s:\n{log.read_text()}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @pytest.fixture(scope="module")
 def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Control]:
-    data_dir = tmp_path_factory.mktemp("policy-api")
-    log = data_dir.parent / f"{data_dir.name}.log"
-    proc, url = _start(data_dir, log)
-    try:
-        control = Control(url, data_dir, (data_dir / "admin.key").read_text().strip(), proc, log)
+    with Control.running(tmp_path_factory.mktemp("policy-api")) as control:
         _directory(control)
         yield control
-    finally:
-        _stop(proc)
-    assert "Traceback" not in log.read_text(), log.read_text()
+    assert "Traceback" not in control.log.read_text(), control.log.read_text()
 
 
 def _directory(control: Control) -> None:

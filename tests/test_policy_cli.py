@@ -4,68 +4,42 @@
 As in ``test_admin_cli.py``: the control plane runs as ``python -m control.cli control`` in a
 subprocess (SQLite in a temporary directory), and each command as ``python -m control.cli
 admin ...`` in a subprocess that finds it through ``FERRYMAN_CONTROL_LISTEN`` and the
-bootstrap key in ``FERRYMAN_DATA_DIR/admin.key``. Helpers are copied, not imported from
-other test modules. Users and groups are made through the identity routes.
+bootstrap key in ``FERRYMAN_DATA_DIR/admin.key``; the control plane is started with
+``controlplane.py``. Users and groups are made through the identity routes.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from control.admin_cli import duration_text, parse_duration
 
+from controlplane import ROOT, Control, environment
+
 pytestmark = pytest.mark.timeout(90)
-
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _environment(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
-    env["FERRYMAN_DATA_DIR"] = str(data_dir)
-    return env
 
 
 class Cli:
     """``ferryman admin`` (and, for set-up and cross-checks, the API) against one control plane."""
 
-    def __init__(self, url: str, data_dir: Path) -> None:
-        self.url = url
-        self.data_dir = data_dir
-        self.key = (data_dir / "admin.key").read_text().strip()
+    def __init__(self, control: Control) -> None:
+        self.control = control
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self.key}")
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=15) as response:
-            payload = response.read()
-        return json.loads(payload) if payload else None
+        status, payload, _ = self.control.admin(method, path, body)
+        assert status < 300, (status, payload)
+        return payload
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = _environment(self.data_dir)
-        env["FERRYMAN_CONTROL_LISTEN"] = urllib.parse.urlsplit(self.url).netloc
+        env = environment(self.control.data_dir)
+        env["FERRYMAN_CONTROL_LISTEN"] = urllib.parse.urlsplit(self.control.url).netloc
         return subprocess.run([sys.executable, "-m", "control.cli", "admin", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=60)
 
@@ -90,26 +64,8 @@ class Cli:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    data_dir = tmp_path_factory.mktemp("policy-cli")
-    log = data_dir.parent / f"{data_dir.name}.log"
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "control.cli", "control", "--listen", f"127.0.0.1:{port}"],
-                                cwd=ROOT, env=_environment(data_dir), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"control plane exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"control plane did not answer within {START_TIMEOUT}s:\n{log.read_text()}")
-                time.sleep(0.1)
-        cli = Cli(url, data_dir)
+    with Control.running(tmp_path_factory.mktemp("policy-cli")) as control:
+        cli = Cli(control)
         for name in ("wiki", "rdp"):
             cli.api("POST", "/v1/applications", {"name": name, "segments": [{"destination": f"{name}.corp.example",
                                                                              "ports": "443"}]})
@@ -118,14 +74,6 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
         cli.api("POST", "/v1/user-groups", {"name": "staff"})
         cli.api("POST", "/v1/user-groups/staff/members", {"user": "bob@corp.example"})
         yield cli
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 def rows(output: str) -> list[list[str]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
@@ -26,9 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -38,83 +35,19 @@ from control.ca import CertificateAuthority
 from dataplane import pki
 from dataplane.enroll import new_key_and_csr, write_identity
 
-pytestmark = pytest.mark.timeout(120)
+from controlplane import PUBLIC_EDGE, ROOT, Control
+from controlplane import environment as _environment
+from controlplane import free_port as _free_port
+from controlplane import stop as _stop
 
-ROOT = Path(__file__).resolve().parent.parent
-PUBLIC_EDGE = "edge.example.test:8443"
-START_TIMEOUT = 30.0
+pytestmark = pytest.mark.timeout(120)
 
 
 # ---------------------------------------------------------------------------- helpers
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _environment(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
-    env["FERRYMAN_DATA_DIR"] = str(data_dir)
-    env.update(extra)
-    return env
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-@dataclass
-class Control:
-    url: str
-    data_dir: Path
-    key: str
-    proc: subprocess.Popen[bytes]
-
-    def token(self, role: str = "connector", **extra: Any) -> str:
-        request = urllib.request.Request(self.url + "/v1/registration-tokens", method="POST",
-                                         data=json.dumps({"role": role, **extra}).encode())
-        request.add_header("Content-Type", "application/json")
-        request.add_header("Authorization", f"Bearer {self.key}")
-        with urllib.request.urlopen(request, timeout=15) as response:
-            assert response.status == 201
-            body = json.loads(response.read())
-        assert body["role"] == role
-        return body["token"]
-
-    @property
-    def ca_pem(self) -> bytes:
-        return (self.data_dir / "ca" / "ca.pem").read_bytes()
-
-
 def _start_control(data_dir: Path, edges: list[str]) -> Control:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = data_dir.parent / f"{data_dir.name}.log"
-    edge_flags = [flag for edge in edges for flag in ("--edge", edge)]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "control.cli", "control", "--listen", f"127.0.0.1:{port}",
-                                 *edge_flags], cwd=ROOT, env=_environment(data_dir), stdout=out,
-                                stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"control plane exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                if response.status == 200:
-                    return Control(url, data_dir, (data_dir / "admin.key").read_text().strip(), proc)
-        except OSError:
-            time.sleep(0.1)
-    _stop(proc)
-    pytest.fail(f"control plane did not answer /health within {START_TIMEOUT}s:\n{log.read_text()}")
+    return Control.launch(data_dir, edges=edges)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,185 @@
+"""A real control plane for tests: ``python -m control.cli control`` in a subprocess (SQLite in a
+data directory of the test's), spoken to over HTTP with urllib.
+
+- ``free_port()``: a TCP port on 127.0.0.1 that is free right now.
+- ``environment(data_dir, **extra)``: the environment of a Ferryman process (control plane, node or
+  CLI): every inherited ``FERRYMAN_*`` variable cleared (so SQLite and the defaults), then
+  ``FERRYMAN_DATA_DIR=data_dir`` and ``extra``.
+- ``start(data_dir, log, edges=(), env=None, port=None, ...)``: start a control plane on
+  127.0.0.1 (a free port unless given; one ``--edge`` per entry of ``edges``; ``env`` added to
+  ``environment(data_dir)``), its output appended to ``log``, and wait until ``/health`` answers;
+  returns (process, URL). The test fails, with the log, if the process exits or stays silent.
+- ``stop(proc)``: SIGTERM, then SIGKILL after 10 s; for any subprocess.
+- ``Control``: one running control plane (URL, data directory, bootstrap admin key, process,
+  log). ``Control.launch(data_dir, ...)`` starts one (arguments as ``start``; the log next to the
+  data directory unless given); ``Control.running(...)`` is the same as a context manager that
+  stops it on exit. Requests answer (status, decoded JSON body or None, headers):
+  ``request`` sends the ``Authorization`` given (or none), ``call`` the bootstrap admin key (or
+  another key, a bearer token, or nothing), ``admin`` the bootstrap key. Also: ``version()``
+  (the configuration version), ``token(role)`` (a registration token), ``register_node(...)``
+  (a node registered with ``dataplane.register``), ``ca_pem`` (the CA certificate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
+from typing import Any, Self
+
+import pytest
+
+from dataplane.register import Identity, register
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLIC_EDGE = "edge.example.test:8443"
+START_TIMEOUT = 30.0
+
+Reply = tuple[int, Any, Message]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}  # SQLite, defaults
+    env["FERRYMAN_DATA_DIR"] = str(data_dir)
+    env.update(extra)
+    return env
+
+
+def start(data_dir: Path, log: Path, *, edges: Sequence[str] = (), env: Mapping[str, str] | None = None,
+          port: int | None = None, timeout: float = START_TIMEOUT,
+          interval: float = 0.1) -> tuple[subprocess.Popen[bytes], str]:
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    edge_flags = [flag for edge in edges for flag in ("--edge", edge)]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "control.cli", "control", "--listen", f"127.0.0.1:{port}", *edge_flags],
+            cwd=ROOT, env=environment(data_dir, **(env or {})), stdout=out, stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"control plane exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                if response.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(interval)
+    stop(proc)
+    pytest.fail(f"control plane did not answer /health within {timeout}s:\n{log.read_text()}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@dataclass
+class Control:
+    url: str
+    data_dir: Path
+    key: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def launch(cls, data_dir: Path, log: Path | None = None, **options: Any) -> Self:
+        """A control plane started by ``start(data_dir, log, **options)``; ``log`` defaults to
+        ``<data_dir>.log`` next to the data directory."""
+        log = log or data_dir.parent / f"{data_dir.name}.log"
+        proc, url = start(data_dir, log, **options)
+        try:
+            key = (data_dir / "admin.key").read_text().strip()
+        except BaseException:
+            stop(proc)
+            raise
+        return cls(url, data_dir, key, proc, log)
+
+    @classmethod
+    @contextmanager
+    def running(cls, data_dir: Path, log: Path | None = None, **options: Any) -> Iterator[Self]:
+        control = cls.launch(data_dir, log, **options)
+        try:
+            yield control
+        finally:
+            stop(control.proc)
+
+    def request(self, method: str, path: str, body: Any = None, *, authorization: str | None = None,
+                raw: bytes | None = None, headers: Mapping[str, str] | None = None, timeout: float = 15) -> Reply:
+        """(status, decoded JSON body or None, headers (case-insensitive)) of one request; ``authorization`` as
+        sent (none if None); ``raw`` is sent as the body instead of ``body`` as JSON."""
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if authorization is not None:
+            request.add_header("Authorization", authorization)
+        for name, value in (headers or {}).items():
+            request.add_header(name, value)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, payload, got = response.status, response.read(), response.headers
+        except urllib.error.HTTPError as exc:
+            status, payload, got = exc.code, exc.read(), exc.headers
+        return status, json.loads(payload) if payload else None, got
+
+    def call(self, method: str, path: str, body: Any = None, *, key: str | None = "", bearer: str | None = None,
+             raw: bytes | None = None, headers: Mapping[str, str] | None = None, timeout: float = 15) -> Reply:
+        """``request`` with ``key=""``: the bootstrap admin key, another ``key``, ``None``: no key;
+        ``bearer``: this (access) token instead of any key."""
+        authorization = None
+        if bearer is not None:
+            authorization = f"Bearer {bearer}"
+        elif key is not None:
+            authorization = f"Bearer {key or self.key}"
+        return self.request(method, path, body, authorization=authorization, raw=raw, headers=headers,
+                            timeout=timeout)
+
+    def admin(self, method: str, path: str, body: Any = None) -> Reply:
+        return self.request(method, path, body, authorization=f"Bearer {self.key}")
+
+    def version(self) -> int:
+        status, body, _ = self.admin("GET", "/v1/config-version")
+        assert status == 200, body
+        return body["version"]
+
+    def token(self, role: str = "connector", **extra: Any) -> str:
+        """A new registration token for ``role`` (``extra``: group, ttl_seconds, ...)."""
+        status, body, _ = self.admin("POST", "/v1/registration-tokens", {"role": role, **extra})
+        assert status == 201, body
+        assert body["role"] == role, body
+        return body["token"]
+
+    def register_node(self, directory: Path, role: str = "connector", name: str | None = None,
+                      addresses: list[str] | None = None) -> Identity:
+        """A node registered with a fresh token by ``dataplane.register.register`` into ``directory``;
+        named ``<role>-<random hex>`` unless ``name`` is given."""
+        return register(role, self.url, self.token(role), name=name or f"{role}-{secrets.token_hex(3)}",
+                        directory=str(directory), addresses=addresses)
+
+    @property
+    def ca_pem(self) -> bytes:
+        return (self.data_dir / "ca" / "ca.pem").read_bytes()
