@@ -67,11 +67,13 @@ def _records(fab, **query: str) -> list[dict]:
     return fab.admin("GET", f"/v1/traffic?limit=1000{'&' + params if params else ''}")
 
 
-def _newest_after(fab, xfer, mark: int, what: str, **match: object) -> dict:
-    """The first traffic record with an id above ``mark`` whose fields equal ``match`` (waits for shipping)."""
+def _newest_after(fab, xfer, mark: int, what: str, at_open: bool = False, **match: object) -> dict:
+    """The first traffic record with an id above ``mark`` whose fields equal ``match`` (waits for
+    shipping); ``at_open``: refused when opened, not cut by the change while it was opening."""
     def find() -> dict | None:
         for record in reversed(_records(fab)):
-            if record["id"] > mark and all(record.get(k) == v for k, v in match.items()):
+            if record["id"] > mark and all(record.get(k) == v for k, v in match.items()) and not (
+                    at_open and record["close_reason"].startswith("access revoked: ")):
                 return record
         return None
     return xfer.wait_for(find, 8.0, what, interval=0.2)  # type: ignore[return-value]
@@ -89,10 +91,11 @@ def _denied(fab, xfer, socks: int, port: int, code: str, policy: str = "") -> di
     reason and policy, not only on being new."""
     mark = _mark(fab)
     xfer.wait_for(lambda: _attempt(xfer, socks, port) > 0, 3.0, f"the flow to be refused ({code})")
+    assert _attempt(xfer, socks, port) > 0  # refused at OPEN now (the first may have been cut while opening)
     match: dict[str, object] = {"action": "deny", "reason_code": code}
     if policy:
         match["policy"] = policy
-    return _newest_after(fab, xfer, mark, f"a deny record with {code} {policy}", **match)
+    return _newest_after(fab, xfer, mark, f"a deny record with {code} {policy}", at_open=True, **match)
 
 
 def _policy(fab, name: str, grant: str, state: str = "on", **conditions: object) -> None:

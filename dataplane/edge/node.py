@@ -502,6 +502,8 @@ class Edge(TunnelHandler):
         record.bytes_sent, record.bytes_received = splice.sent, splice.received
         record.reason_code = "" if code == "fin" else code
         record.close_reason = text or ("closed" if code == "fin" else code)
+        if not splice.accepted and splice.decision is not None and not splice.decision.allowed:
+            record.action = "deny"  # cut by an access change before it ever opened: a refused attempt
         self.traffic.put(record)
 
     def open_refused(self, tunnel: Tunnel, event: ev.OpenRefused) -> None:
