@@ -26,7 +26,7 @@ the ids (a user or group deleted since shows as None), for the API and audit rec
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -418,30 +418,27 @@ def _application_ids(session: Session, policy: str, value: object) -> list[int]:
     return ids
 
 
-def _user_ids(session: Session, policy: str, value: object) -> list[str]:
+def _member_ids(session: Session, policy: str, value: object, what: str,
+                find: Callable[[Session, object], User | UserGroup]) -> list[str]:
+    """The ids of the users or groups (``what``) a policy names, each found by ``find`` once."""
     ids: list[str] = []
     seen: dict[object, str] = {}
-    for entry in _list(policy, value, "users", MAX_POLICY_TARGETS):
+    for entry in _list(policy, value, f"{what}s", MAX_POLICY_TARGETS):
         try:
-            user = find_user(session, entry)
+            found = find(session, entry)
         except StoreError as exc:
             raise StoreError(exc.code, f"policy {policy!r}: {exc}") from None
-        _once(policy, seen, user.id, str(entry).strip(), "user")
-        ids.append(user.id)
+        _once(policy, seen, found.id, str(entry).strip(), what)
+        ids.append(found.id)
     return ids
+
+
+def _user_ids(session: Session, policy: str, value: object) -> list[str]:
+    return _member_ids(session, policy, value, "user", find_user)
 
 
 def _group_ids(session: Session, policy: str, value: object) -> list[str]:
-    ids: list[str] = []
-    seen: dict[object, str] = {}
-    for entry in _list(policy, value, "groups", MAX_POLICY_TARGETS):
-        try:
-            group = find_group(session, entry)
-        except StoreError as exc:
-            raise StoreError(exc.code, f"policy {policy!r}: {exc}") from None
-        _once(policy, seen, group.id, str(entry).strip(), "group")
-        ids.append(group.id)
-    return ids
+    return _member_ids(session, policy, value, "group", find_group)
 
 
 def _conditions(session: Session, policy: str, value: object) -> dict[str, Any]:
