@@ -15,47 +15,58 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 from collections.abc import Iterable
+from typing import Annotated, Literal
 
 import msgspec
 
 MAX_BATCH = 500  # records per request to the control plane
 
 
+_Text = Annotated[str, msgspec.Meta(max_length=1024)]
+_Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+_Time = Annotated[float, msgspec.Meta(ge=0, le=32503680000)]  # Unix seconds up to the year 3000
+
+
 class FlowRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One traffic log record. Times are Unix seconds (float); bytes are counted at the edge,
-    ``bytes_sent`` from the client towards the application."""
+    ``bytes_sent`` from the client towards the application.
 
-    connection_id: str
-    transaction_id: str
-    start: float
-    end: float | None = None
-    duration_ms: int = 0
-    user_id: str = ""
-    upn: str = ""
-    device_id: str = ""
-    device_os: str = ""
-    process: str = ""
-    source_ip: str = ""
-    source_port: int = 0
-    destination_ip: str = ""
-    destination_port: int = 0
-    destination_fqdn: str = ""
-    transport: str = "tcp"
-    network: str = ""
-    application: str = ""
-    application_kind: str = ""
-    segment: str = ""
-    policy: str = ""
-    rule: str = ""
-    action: str = "allow"
-    reason_code: str = ""
-    connector_id: str = ""
-    connector_name: str = ""
-    connector_address: str = ""
-    edge: str = ""
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    close_reason: str = ""
+    The bounds are what the control plane accepts (it decodes these records as they come,
+    ignoring fields a newer edge adds); text longer than a column is cut when stored.
+    """
+
+    connection_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    transaction_id: Annotated[str, msgspec.Meta(max_length=64)]
+    start: _Time
+    end: _Time | None = None
+    duration_ms: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
+    user_id: _Text = ""
+    upn: _Text = ""
+    device_id: _Text = ""
+    device_os: _Text = ""
+    process: _Text = ""
+    source_ip: _Text = ""
+    source_port: _Port = 0
+    destination_ip: _Text = ""
+    destination_port: _Port = 0
+    destination_fqdn: _Text = ""
+    transport: _Text = "tcp"
+    network: _Text = ""
+    application: _Text = ""
+    application_kind: _Text = ""
+    segment: _Text = ""
+    policy: _Text = ""
+    rule: _Text = ""
+    action: Literal["allow", "deny", "report"] = "allow"
+    reason_code: _Text = ""
+    connector_id: _Text = ""
+    connector_name: _Text = ""
+    connector_address: _Text = ""
+    edge: _Text = ""
+    bytes_sent: _Count = 0
+    bytes_received: _Count = 0
+    close_reason: _Text = ""
 
 
 def split_address(text: str) -> tuple[str, int]:

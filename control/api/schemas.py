@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from dataplane.trafficlog import MAX_BATCH, FlowRecord
+
 Role = Literal["connector", "edge"]
 MAX_TOKEN_TTL = 365 * 86400  # seconds
 NodeStatus = Literal["active", "inactive"]
@@ -326,45 +328,10 @@ class RenewOut(msgspec.Struct):
     not_after: datetime
 
 
-class TrafficRecordIn(msgspec.Struct, kw_only=True):
-    """One traffic log record from an edge (``dataplane.trafficlog.FlowRecord``; unknown fields
-    from a newer edge are ignored)."""
-
-    connection_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    transaction_id: Annotated[str, msgspec.Meta(max_length=64)]
-    start: Annotated[float, msgspec.Meta(ge=0, le=32503680000)]
-    end: Annotated[float, msgspec.Meta(ge=0, le=32503680000)] | None = None
-    duration_ms: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
-    user_id: str = ""
-    upn: str = ""
-    device_id: str = ""
-    device_os: str = ""
-    process: str = ""
-    source_ip: str = ""
-    source_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
-    destination_ip: str = ""
-    destination_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
-    destination_fqdn: str = ""
-    transport: str = "tcp"
-    network: str = ""
-    application: str = ""
-    application_kind: str = ""
-    segment: str = ""
-    policy: str = ""
-    rule: str = ""
-    action: Literal["allow", "deny", "report"] = "allow"
-    reason_code: str = ""
-    connector_id: str = ""
-    connector_name: str = ""
-    connector_address: str = ""
-    edge: str = ""
-    bytes_sent: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
-    bytes_received: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
-    close_reason: str = ""
-
-
 class TrafficIn(_Request):
-    records: Annotated[list[TrafficRecordIn], msgspec.Meta(max_length=500)]
+    """A batch of an edge's traffic records (``dataplane.trafficlog.FlowRecord``)."""
+
+    records: Annotated[list[FlowRecord], msgspec.Meta(max_length=MAX_BATCH)]
 
 
 class TrafficOut(msgspec.Struct):
