@@ -299,17 +299,13 @@ def _login_oidc(args: argparse.Namespace, directory: str, data_dir: str) -> int:
 
 
 def _login_done(session: Any, directory: str, data_dir: str) -> int:
-    from .client.signin import default_directory
+    from .client.signin import CLIENT_DIR, default_directory
 
     print(f"# signed in as {session.upn} on device {session.device_id}; session and device key in {directory}")
     if directory == os.path.abspath(default_directory(data_dir)):
         print("# `ferryman client` uses them by itself while FERRYMAN_TLS_* are unset")
-    else:
-        print(f"# `ferryman client` uses them when FERRYMAN_DATA_DIR is {os.path.dirname(directory)} and the "
-              f"directory is named {os.path.basename(default_directory(''))!r}" if os.path.basename(directory)
-              == os.path.basename(default_directory("")) else
-              f"# store it as FERRYMAN_DATA_DIR/{os.path.basename(default_directory(''))} for `ferryman client` "
-              f"to use it")
+    else:  # ferryman client looks in FERRYMAN_DATA_DIR/client
+        print(f"# `ferryman client` uses them when {directory} is its FERRYMAN_DATA_DIR/{CLIENT_DIR}")
     return 0
 
 

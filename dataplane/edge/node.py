@@ -57,7 +57,8 @@ class Splice:
                  "decision", "start", "request", "segment", "sent", "received", "remote")
 
     def __init__(self, client: Tunnel, cfid: int, conn: Tunnel, kfid: int, dest: str, app: str,
-                 connection: str = "", principal: Principal | None = None, decision: Decision | None = None) -> None:
+                 connection: str = "", principal: Principal | None = None, decision: Decision | None = None,
+                 start: float = 0.0) -> None:
         self.client = client
         self.cfid = cfid
         self.conn = conn
@@ -73,7 +74,7 @@ class Splice:
         self.connection = connection  # the traffic log's connection id
         self.principal = principal  # who opened it (None when no identity is enforced)
         self.decision = decision
-        self.start = time.time()
+        self.start = start  # Unix time of the OPEN
         self.request: Open | None = None  # the client's OPEN (for the traffic log)
         self.segment = ""
         self.sent = 0  # bytes client -> application
@@ -437,7 +438,7 @@ class Edge(TunnelHandler):
             self._refuse(tunnel, fid, exc.code, f"connector {connector.peer_name}: {exc.message}")
             return
         splice = Splice(tunnel, fid, connector, kfid, f"{request.host}:{request.port}", match.app.name,
-                        connection, principal, decision)
+                        connection, principal, decision, now)
         splice.request = request
         splice.segment = _segment_text(match.segment)
         tunnel.routes[fid] = splice
