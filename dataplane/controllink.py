@@ -238,11 +238,11 @@ class ControlLink:
         return 0.0
 
     def _succeeded(self, what: str) -> None:
-        """Log the end of an outage once, when no loop sees the control plane unreachable any more."""
-        if what in self._down:
-            self._down.discard(what)
-            if not self._down:
-                log.info("control plane reachable again", extra={"during": what, "version": self.version})
+        """Log the end of an outage once, at the first call that goes through again (whichever loop
+        makes it: the others may still be waiting out their backoff)."""
+        if self._down:
+            self._down.clear()
+            log.info("control plane reachable again", extra={"during": what, "version": self.version})
 
     # ------------------------------------------------------------------ configuration
     async def _follow(self) -> None:
