@@ -63,6 +63,17 @@ class Settings(msgspec.Struct, kw_only=True):
     reconnect_max: float = 30.0
     open_timeout: float = 15.0
     socks_listen: str = ""
+    # tunnel transport, proxy egress, UDP flows
+    transport: str = "auto"
+    edge_quic: str = "on"
+    quic_timeout: float = 3.0
+    quic_probe_interval: float = 300.0
+    quic_packet_size: int = 1350
+    https_proxy: str = ""
+    no_proxy: str = ""
+    udp_idle_timeout: float = 120.0
+    max_udp_flows: int = 4096
+    udp_queue: int = 256
     # wire limits
     max_frame: int = 262144
     flow_window: int = 524288
@@ -108,6 +119,16 @@ VARIABLES: dict[str, str] = {
     "reconnect_max": "Connector/client: ceiling of the reconnect delay in seconds.",
     "open_timeout": "Client/edge: seconds to wait for OPEN_OK before failing a flow.",
     "socks_listen": "Client: HOST:PORT for the SOCKS5 listener (localhost only); empty disables it.",
+    "transport": "Connector/client: tunnel transport to the edges: `quic`, `tcp` (TLS 1.3 over TCP) or `auto` (QUIC, falling back to TCP when UDP is blocked and trying QUIC again later).",
+    "edge_quic": "Edge: `on` also serves QUIC tunnels on UDP at the FERRYMAN_EDGE_LISTEN port; `off` serves TLS/TCP only.",
+    "quic_timeout": "Connector/client: seconds a QUIC handshake may take before `auto` falls back to TLS/TCP.",
+    "quic_probe_interval": "Connector/client: with `auto` on a TCP fallback, seconds before QUIC is tried again.",
+    "quic_packet_size": "Largest UDP payload of a QUIC packet, bytes (1200 to 1452).",
+    "https_proxy": "Connector/client: HTTP CONNECT proxy URL for TLS/TCP tunnels (`http://[user:password@]host:port`); empty means the `HTTPS_PROXY`/`https_proxy` variable.",
+    "no_proxy": "Connector/client: comma-separated hosts, domains (`.corp.example`) or CIDRs dialed without the proxy; empty means the `NO_PROXY`/`no_proxy` variable.",
+    "udp_idle_timeout": "Seconds without a datagram either way after which a UDP flow ends.",
+    "max_udp_flows": "Client/connector: most UDP flows at once (per UDP forward at the client, in all at the connector).",
+    "udp_queue": "Datagrams held per UDP flow while it opens or its tunnel is busy; beyond that they are dropped and counted.",
     "max_frame": "Largest frame payload accepted or sent, bytes.",
     "flow_window": "Initial per-flow credit window, bytes (per direction).",
     "max_flows": "Most concurrent flows per tunnel; further OPENs are refused.",
@@ -138,6 +159,12 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),
     "traffic_queue": (1, 10_000_000),
+    "quic_timeout": (0.1, 600),
+    "quic_probe_interval": (1, 86400),
+    "quic_packet_size": (1200, 1452),
+    "udp_idle_timeout": (0.1, 86400),
+    "max_udp_flows": (1, 1 << 20),
+    "udp_queue": (1, 1 << 16),
 }
 
 
@@ -164,6 +191,10 @@ def _coerce(field: str, raw: Any, kind: type) -> Any:
             raise SettingsError(f"{name}={raw!r}: must be between {lo:g} and {hi:g}")
     if field == "log_format" and value not in ("text", "json"):
         raise SettingsError(f"{name}={raw!r}: must be 'text' or 'json'")
+    if field == "transport" and value not in ("auto", "quic", "tcp"):
+        raise SettingsError(f"{name}={raw!r}: must be auto, quic or tcp")
+    if field == "edge_quic" and value not in ("on", "off"):
+        raise SettingsError(f"{name}={raw!r}: must be on or off")
     if field == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"{name}={raw!r}: must be debug, info, warning or error")
     return value
