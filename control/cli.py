@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_node_commands(sub)
     up = sub.add_parser("up", help="run edge, connector and client locally; with no forward, show traffic flowing")
-    up.add_argument("--forward", action="append", default=[], metavar="[HOST:]PORT=DEST:PORT",
+    up.add_argument("--forward", action="append", default=[], metavar="[HOST:]PORT=DEST:PORT[/udp]",
                     help="port forward through the fabric (repeatable)")
     up.add_argument("--workdir", default=None, help="state directory (default: FERRYMAN_DATA_DIR/fabric)")
     up.add_argument("--duration", type=float, default=None, help="stop after this many seconds")

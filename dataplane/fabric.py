@@ -43,8 +43,8 @@ class FabricError(RuntimeError):
     """A node did not come up; the message carries the tail of its log."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_port(protocol: str = "tcp") -> int:
+    with socket.socket(type=socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -60,10 +60,12 @@ def _http_status(url: str) -> int:
 
 
 class Fabric:
-    def __init__(self, workdir: str, forwards: list[tuple[str, int, str, int]], env: dict[str, str] | None = None,
+    def __init__(self, workdir: str, forwards: list[tuple], env: dict[str, str] | None = None,
                  connectors: int = 1, *, managed: bool = False) -> None:
+        """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each."""
         self.workdir = os.path.abspath(workdir)
-        self.forwards = [(lh, lp or free_port(), h, p) for lh, lp, h, p in forwards]
+        self.forwards = [(f[0], f[1] or free_port(f[4] if len(f) > 4 else "tcp"), f[2], f[3],
+                          f[4] if len(f) > 4 else "tcp") for f in forwards]
         self.env = dict(env or {})
         self.connector_names = [f"connector-{i + 1}" for i in range(connectors)]
         self.managed = managed
@@ -79,7 +81,7 @@ class Fabric:
 
     @property
     def forward_ports(self) -> list[int]:
-        return [lp for _, lp, _, _ in self.forwards]
+        return [lp for _, lp, _, _, _ in self.forwards]
 
     @property
     def pids(self) -> dict[str, int]:
@@ -96,9 +98,9 @@ class Fabric:
 
     def _apps_file(self) -> str:
         apps = []
-        for i, (_, _, host, port) in enumerate(self.forwards):
+        for i, (_, _, host, port, protocol) in enumerate(self.forwards):
             apps.append({"name": f"forward-{i + 1}", "connector_group": "default",
-                         "segments": [{"destination": host, "ports": str(port), "protocol": "tcp"}]})
+                         "segments": [{"destination": host, "ports": str(port), "protocol": protocol}]})
         path = os.path.join(self.workdir, "apps.json")
         with open(path, "w") as fh:
             json.dump({"apps": apps}, fh, indent=2)
@@ -135,7 +137,8 @@ class Fabric:
         os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
         self.edge_port = free_port()
         edge_addr = f"127.0.0.1:{self.edge_port}"
-        fwd_args = [a for lh, lp, h, p in self.forwards for a in ("--forward", f"{lh}:{lp}={h}:{p}")]
+        fwd_args = [a for lh, lp, h, p, proto in self.forwards
+                    for a in ("--forward", f"{lh}:{lp}={h}:{p}" + ("/udp" if proto == "udp" else ""))]
         try:
             if self.managed:
                 client_env = self._start_managed(edge_addr, timeout)
@@ -175,10 +178,10 @@ class Fabric:
             self.admin_key = fh.read().strip()
         self.admin("POST", "/v1/users", {"upn": self.user, "display_name": "Ferryman demo user",
                                           "password": self.password})
-        for i, (_, _, host, port_) in enumerate(self.forwards):
+        for i, (_, _, host, port_, protocol) in enumerate(self.forwards):
             name = f"forward-{i + 1}"
             self.admin("POST", "/v1/applications", {"name": name, "segments": [
-                {"destination": host, "ports": str(port_), "protocol": "tcp"}]})
+                {"destination": host, "ports": str(port_), "protocol": protocol}]})
             self.admin("POST", f"/v1/applications/{name}/assignments", {"user": self.user})
         self._register("edge-1", "edge", ["--address", edge_addr])
         for name in self.connector_names:
@@ -354,7 +357,8 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
         backend = _echo_backend(backend_port)
         forwards = [Forward("127.0.0.1", 0, "127.0.0.1", backend_port)]
         print(f"sample echo backend on 127.0.0.1:{backend_port}", file=sys.stderr)
-    fabric = Fabric(workdir, [(f.listen_host, f.listen_port, f.host, f.port) for f in forwards], managed=True)
+    fabric = Fabric(workdir, [(f.listen_host, f.listen_port, f.host, f.port, f.protocol) for f in forwards],
+                    managed=True)
     with _signals_stop() as stopped:
         try:
             fabric.start()
@@ -371,8 +375,8 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
         print(f"admin: FERRYMAN_DATA_DIR={control_dir} ferryman admin --control {fabric.control_url} apps list "
               f"(changes reach edge and connector within 2 s)", file=sys.stderr)
         print(f"client-1 is signed in as {fabric.user}, assigned to every forward's application", file=sys.stderr)
-        for lh, lp, h, p in fabric.forwards:
-            print(f"forward {lh}:{lp} -> client -> edge -> connector -> {h}:{p}", file=sys.stderr)
+        for lh, lp, h, p, proto in fabric.forwards:
+            print(f"forward {lh}:{lp}/{proto} -> client -> edge -> connector -> {h}:{p}", file=sys.stderr)
         print("ready", flush=True)
         started = time.monotonic()
         try:

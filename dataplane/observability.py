@@ -58,7 +58,8 @@ class Stats:
 
     __slots__ = ("role", "node", "tunnels_up", "tunnels_opened", "tunnels_closed", "reconnects",
                  "flows_active", "flows_opened", "flows_closed", "bytes_rx", "bytes_tx",
-                 "open_failures", "protocol_errors", "rtt", "extra")
+                 "open_failures", "protocol_errors", "rtt", "extra", "datagrams_rx", "datagrams_tx",
+                 "datagrams_dropped")
 
     def __init__(self, role: str, node: str) -> None:
         self.role = role
@@ -75,6 +76,9 @@ class Stats:
         self.open_failures: dict[str, int] = {}      # reason -> count
         self.protocol_errors: dict[str, int] = {}    # code -> count
         self.rtt: dict[str, float] = {}              # tunnel label -> last RTT (seconds)
+        self.datagrams_rx = 0                        # UDP flow datagrams received from tunnels
+        self.datagrams_tx = 0                        # ... and sent into tunnels
+        self.datagrams_dropped: dict[str, int] = {}  # reason -> count (never queued without bound)
         # metric name -> (help, fn): node-specific gauges read at scrape time
         self.extra: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -126,6 +130,13 @@ class StatsCollector(Collector):
         b.add_metric([*base, "rx"], s.bytes_rx)
         b.add_metric([*base, "tx"], s.bytes_tx)
         yield b
+        d = CounterMetricFamily("ferryman_datagrams_total", "UDP flow datagrams through tunnels",
+                                labels=[*names, "direction"])
+        d.add_metric([*base, "rx"], s.datagrams_rx)
+        d.add_metric([*base, "tx"], s.datagrams_tx)
+        yield d
+        yield by("ferryman_datagrams_dropped_total", "UDP flow datagrams dropped, by reason", "reason",
+                 s.datagrams_dropped)
         yield by("ferryman_open_failures_total", "Flow opens that failed, by reason", "reason", s.open_failures)
         yield by("ferryman_protocol_errors_total", "Protocol errors, by code", "code", s.protocol_errors)
         rtt = GaugeMetricFamily("ferryman_tunnel_rtt_seconds", "Last measured tunnel round-trip time",

@@ -9,7 +9,8 @@ most one window of its own data and never slows the other flows of the tunnel.
 Half-close maps to FIN both ways; a reset maps to RST and to a TCP reset of the socket.
 
 ``EndpointNode`` is the shared part of the client and connector nodes: it routes a
-tunnel's flow events to the SocketFlow registered for that flow.
+tunnel's flow events to the SocketFlow (or, for datagrams, the ``udpflow.UdpFlow``)
+registered for that flow.
 """
 
 from __future__ import annotations
@@ -257,7 +258,11 @@ class EndpointNode(TunnelHandler):
         self.stats.count(self.stats.open_failures, event.code)
 
     def datagram_received(self, tunnel: Tunnel, event: ev.DatagramReceived) -> None:
-        self.stats.count(self.stats.protocol_errors, "datagram_unsupported")
+        flow = tunnel.routes.get(event.flow_id)
+        if flow is not None:
+            flow.on_datagram(event.data)
+        else:  # the flow is ending here and its RST is on the way
+            self.stats.count(self.stats.datagrams_dropped, "flow_closed")
 
     def reset_all(self, tunnel: Tunnel, code: str, reason: str) -> None:
         """The tunnel is gone: reset every local socket that rode on it."""

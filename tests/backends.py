@@ -22,6 +22,11 @@ Modes:
   keeps reading until the peer's EOF (logged with the digest of what came after the request).
 - ``hold``: accepts and never reads (head-of-line tests).
 - ``rst``: reads 1 byte, then resets the connection (SO_LINGER 0 + close).
+- ``udp-echo`` (UDP): sends every datagram back to its sender; the first datagram of each
+  sender is reported as ``{"ev": "udp", "peer": ..., "bytes": ...}``.
+- ``dns`` (UDP): a private DNS server for ``corp.example``: ``NAME.corp.example`` A
+  queries are answered with ``dns_address(NAME)`` (TTL 60), anything else with NXDOMAIN;
+  each query is reported as ``{"ev": "dns", "peer": ..., "name": ...}``.
 
 ``start_backend(mode)`` starts one as a subprocess and returns a ``Backend`` handle once
 it listens.
@@ -44,7 +49,7 @@ import sys
 import threading
 import time
 
-MODES = ("echo", "sha", "source", "source-half", "hold", "rst")
+MODES = ("echo", "sha", "source", "source-half", "hold", "rst", "udp-echo", "dns")
 SOURCE_REQUEST = struct.Struct("!Q32s")
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _CHUNK = 1 << 20
@@ -197,8 +202,61 @@ class _Conn(asyncio.Protocol):
         t.abort()
 
 
+def dns_address(label: str) -> str:
+    """The IPv4 address the ``dns`` backend gives ``LABEL.corp.example``."""
+    digest = hashlib.sha256(label.encode()).digest()
+    return f"10.{digest[0]}.{digest[1]}.{digest[2] or 1}"
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.transport: asyncio.DatagramTransport | None = None
+        self.peers: set[tuple] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        assert self.transport is not None
+        peer = f"{addr[0]}:{addr[1]}"
+        if self.mode == "udp-echo":
+            if addr not in self.peers:
+                self.peers.add(addr)
+                _emit({"ev": "udp", "peer": peer, "bytes": len(data)})
+            self.transport.sendto(data, addr)
+            return
+        from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+
+        try:
+            query = DNSRecord.parse(data)
+        except Exception as exc:  # a test sent garbage on purpose: say so, answer nothing
+            _emit({"ev": "dns_error", "peer": peer, "error": str(exc)})
+            return
+        name = str(query.q.qname).rstrip(".").lower()
+        _emit({"ev": "dns", "peer": peer, "name": name})
+        reply = query.reply()
+        label, _, zone = name.partition(".")
+        if zone == "corp.example" and query.q.qtype == QTYPE.A:
+            reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A(dns_address(label)), ttl=60))
+        elif zone != "corp.example":
+            reply.header.rcode = RCODE.NXDOMAIN
+        self.transport.sendto(reply.pack(), addr)
+
+
+def _emit(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
 async def serve(mode: str, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
+    if mode in ("udp-echo", "dns"):
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(mode), local_addr=(host, port))
+        sys.stdout.write(f"listening {transport.get_extra_info('sockname')[1]}\n")
+        sys.stdout.flush()
+        await asyncio.Event().wait()
+        return
     server = await loop.create_server(lambda: _Conn(mode), host, port, backlog=1024, reuse_address=True)
     sys.stdout.write(f"listening {server.sockets[0].getsockname()[1]}\n")
     sys.stdout.flush()

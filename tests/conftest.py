@@ -79,14 +79,14 @@ def pki_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return directory
 
 
-def _forward(spec: object) -> tuple[str, int, str, int]:
+def _forward(spec: object) -> tuple:
     if isinstance(spec, Backend):
         return ("127.0.0.1", 0, "127.0.0.1", spec.port)
     if isinstance(spec, int):
         return ("127.0.0.1", 0, "127.0.0.1", spec)
     if isinstance(spec, tuple) and len(spec) == 2:
         return ("127.0.0.1", 0, spec[0], spec[1])
-    if isinstance(spec, tuple) and len(spec) == 4:
+    if isinstance(spec, tuple) and len(spec) in (4, 5):  # (lhost, lport, host, port[, protocol])
         return spec  # type: ignore[return-value]
     raise TypeError(f"forward {spec!r}: expected a Backend, a port, (host, port) or a 4-tuple")
 

@@ -760,13 +760,71 @@ def test_pong_echoes_raw_bytes() -> None:
     assert a.data_to_send() == encode_header(FrameType.PONG, 0, 8) + value
 
 
+UDP = Open(host="10.0.0.53", port=53, protocol="udp")
+
+
 def test_datagram() -> None:
     d, a = pair()
-    fid = open_flow(d, a)
+    fid = open_flow(d, a, UDP)
     d.send_datagram(fid, b"udp payload")
     got = pump(d, a)
     assert [(type(e), e.flow_id, bytes(e.data)) for e in got] == [(ev.DatagramReceived, fid, b"udp payload")]
+    a.send_datagram(fid, memoryview(b"answer"))
+    assert [(type(e), bytes(e.data)) for e in pump(a, d)] == [(ev.DatagramReceived, b"answer")]
     assert d.credit(fid) == 524288  # datagrams do not consume credit
+
+
+def test_udp_flows_carry_datagrams_only() -> None:
+    d, a = pair()
+    tcp = open_flow(d, a)
+    udp = open_flow(d, a, UDP)
+    with pytest.raises(FlowError) as err:
+        d.send_datagram(tcp, b"x")
+    assert err.value.code == "flow_state"
+    with pytest.raises(FlowError):
+        d.send_data(udp, b"x")
+    with pytest.raises(FlowError):
+        d.send_fin(udp)
+    with pytest.raises(FlowError) as err:
+        d.send_datagram(99, b"x")
+    assert err.value.code == "no_flow"
+    # A UDP flow ends with RST, like an aborted TCP flow.
+    d.reset_flow(udp, "idle_timeout", "no datagram for 120s")
+    assert pump(d, a) == [ev.FlowReset(udp, "idle_timeout", "no datagram for 120s")]
+    assert udp not in a.flows and tcp in a.flows
+
+
+def test_datagram_larger_than_the_peer_allows_is_refused_locally() -> None:
+    d, a = pair(acceptor=cfg("edge", "edge-1", max_frame=2048))
+    fid = open_flow(d, a, UDP)
+    d.send_datagram(fid, b"x" * 2048)
+    with pytest.raises(FlowError) as err:
+        d.send_datagram(fid, b"x" * 2049)
+    assert err.value.code == "datagram_too_large" and "2049 bytes exceeds the tunnel's maximum of 2048" in str(err.value)
+    assert [len(e.data) for e in pump(d, a)] == [2048]  # the refused one was never queued
+
+
+@pytest.mark.parametrize("frame, message", [
+    (lambda fid: encode_header(FrameType.DATAGRAM, fid, 2) + b"hi", "DATAGRAM on flow {fid} of a TCP flow"),
+    (lambda fid: encode_header(FrameType.DATA, fid, 2) + b"hi", None),
+    (lambda fid: encode_header(FrameType.FIN, fid, 0), "unexpected FIN on flow {fid}"),
+])
+def test_peer_mixing_tcp_and_udp_frames_is_a_protocol_error(frame, message) -> None:
+    d, a = pair()
+    fid = open_flow(d, a, UDP if message != "DATAGRAM on flow {fid} of a TCP flow" else REQ)
+    with pytest.raises(ProtocolError) as err:
+        a.receive_data(frame(fid))
+    assert err.value.code == "stream_state"
+    assert err.value.message == (message or "DATA on flow {fid} of a UDP flow").format(fid=fid)
+
+
+def test_datagram_before_open_ok_is_a_protocol_error() -> None:
+    d, a = pair()
+    fid = d.open_flow(UDP)
+    pump(d, a)
+    with pytest.raises(ProtocolError) as err:
+        a.receive_data(encode_header(FrameType.DATAGRAM, fid, 1) + b"x")
+    assert err.value.code == "stream_state" and "before OPEN_OK" in err.value.message
 
 
 def norm(events: list[ev.Event]) -> list[tuple]:
@@ -811,7 +869,6 @@ def test_same_events_fed_whole_or_bytewise() -> None:
     f2 = d.open_flow(Open(host="x", port=1))
     d.send_data(f1, b"a" * 3000)
     d.ping(2.0)
-    d.send_datagram(f1, b"dg")
     d.send_data(f1, b"")
     d.send_fin(f1)
     d.reset_flow(f2, "bye", "now")
@@ -821,7 +878,6 @@ def test_same_events_fed_whole_or_bytewise() -> None:
     assert whole == [
         ("FlowRequested", f2, Open(host="x", port=1)),
         ("DataReceived", f1, b"a" * 3000),
-        ("DatagramReceived", f1, b"dg"),
         ("FlowEnded", f1),
         ("FlowReset", f2, "bye", "now"),
     ]

@@ -136,21 +136,27 @@ def can_open(conn: TunnelConnection) -> bool:
             and len(conn.flows) < peer.max_flows)
 
 
+def _protocol(k: int) -> str:
+    """Every third flow the simulation opens is a UDP flow (datagrams only)."""
+    return "udp" if k % 3 == 0 else "tcp"
+
+
 def apply(op: str, me: Side, other: Side, k: int, n: int) -> bool:
     """Perform ``op`` on ``me`` if it makes sense there; returns whether it did."""
     conn = me.conn
     flows = conn.flows
     pending = [fid for fid, f in flows.items() if not f.local and f.state == OPENING]
-    sendable = [fid for fid, f in flows.items() if f.state == OPEN and not f.sent_fin]
+    sendable = [fid for fid, f in flows.items() if f.state == OPEN and not f.sent_fin and not f.udp]
+    udp = [fid for fid, f in flows.items() if f.state == OPEN and f.udp]
     owed = [fid for fid, size in me.unacked.items() if size and fid in flows]
     if op == "flow" and can_open(conn):  # a complete open: OPEN, deliver, OPEN_OK, deliver
-        fid = me.act("open_flow", Open(host=f"h{k}", port=k % 65536))
+        fid = me.act("open_flow", Open(host=f"h{k}", port=k % 65536, protocol=_protocol(k)))
         pump(me, other)
         if fid in other.conn.flows:
             other.act("accept_flow", fid, "")
             pump(other, me)
     elif op == "open" and can_open(conn):
-        me.act("open_flow", Open(host=f"h{k}", port=k % 65536, app="a" * (n % 7)))
+        me.act("open_flow", Open(host=f"h{k}", port=k % 65536, app="a" * (n % 7), protocol=_protocol(k)))
     elif op == "accept" and pending:
         me.act("accept_flow", pending[k % len(pending)], f"b{n}")
     elif op == "reject" and pending:
@@ -173,9 +179,8 @@ def apply(op: str, me: Side, other: Side, k: int, n: int) -> bool:
         me.act("reset_flow", ids[k % len(ids)], "cancel", f"x{n}")
     elif op == "ping":
         me.act("ping", float(k) / 8)
-    elif op == "datagram" and flows:
-        ids = sorted(flows)
-        me.act("send_datagram", ids[k % len(ids)], bytes([k % 256]) * (n % 900))
+    elif op == "datagram" and udp:
+        me.act("send_datagram", udp[k % len(udp)], bytes([k % 256]) * (n % 900))
     elif op == "goaway" and k % 7 == 0:
         me.act("goaway", "drain", f"g{n}")
     else:
@@ -247,8 +252,8 @@ def test_events_independent_of_stream_splitting(ops: list[tuple[str, bool, int, 
 def test_simulation_exercises_the_protocol() -> None:
     """Guard against the property test silently exercising nothing."""
     ops = [("open", True, 1, 0, 1), ("accept", False, 0, 0, 2), ("data", True, 7, 5000, 1), ("ack", False, 0, 4000, 2),
-           ("data", True, 7, 5000, 0), ("ping", False, 2, 0, 0), ("fin", True, 0, 0, 0), ("open", False, 3, 0, 0),
-           ("datagram", True, 1, 50, 0), ("reset", True, 1, 0, 0)]
+           ("data", True, 7, 5000, 0), ("ping", False, 2, 0, 0), ("fin", True, 0, 0, 0), ("open", False, 3, 0, 2),
+           ("accept", True, 0, 0, 2), ("datagram", False, 1, 50, 1), ("reset", True, 1, 0, 0)]
     d, a = simulate(ops)
     kinds = {e[0] for e in a.events} | {e[0] for e in d.events}
     assert kinds >= {"HelloReceived", "FlowRequested", "FlowAccepted", "DataReceived", "CreditAvailable",

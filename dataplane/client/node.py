@@ -1,7 +1,9 @@
 """Client agent: captures local connections and carries them as flows over one edge tunnel.
 
-Capture comes from fixed port forwards (``--forward LISTEN=HOST:PORT``) and a SOCKS5
-listener (CONNECT, localhost only). Each captured connection becomes an OPEN on the
+Capture comes from fixed port forwards (``--forward LISTEN=HOST:PORT``, TCP, or
+``--forward LISTEN=HOST:PORT/udp``: each source address sending to the UDP listener
+becomes one UDP flow, created by its first datagram) and a SOCKS5 listener (CONNECT,
+localhost only). Each captured connection becomes an OPEN on the
 tunnel; the socket is read only once the edge answers OPEN_OK. A refusal (no
 application, no connector, backend refused, ...) is logged with the edge's reason and,
 for SOCKS, reported in the reply code. The tunnel is kept up with reconnect backoff,
@@ -22,6 +24,7 @@ from ..runtime import NodeIdentity, keep_tunnel
 from ..settings import Settings
 from ..socketflow import EndpointNode, SocketFlow
 from ..transport.tunnel import Tunnel
+from ..udpflow import UdpFlow
 from ..wire import events as ev
 from ..wire.connection import FlowError, WireConfig
 from .signin import TokenKeeper
@@ -38,25 +41,33 @@ class Forward(msgspec.Struct, frozen=True):
     listen_port: int
     host: str
     port: int
+    protocol: str = "tcp"
 
     @classmethod
     def parse(cls, spec: str) -> "Forward":
-        """``[LISTEN_HOST:]LISTEN_PORT=HOST:PORT``."""
+        """``[LISTEN_HOST:]LISTEN_PORT=HOST:PORT[/tcp|/udp]``."""
         if "=" not in spec:
-            raise ValueError(f"--forward {spec!r}: expected [LISTEN_HOST:]LISTEN_PORT=HOST:PORT")
+            raise ValueError(f"--forward {spec!r}: expected [LISTEN_HOST:]LISTEN_PORT=HOST:PORT[/udp]")
         listen, dest = spec.split("=", 1)
+        protocol = "tcp"
+        if "/" in dest:
+            dest, protocol = dest.rsplit("/", 1)
+            if protocol not in ("tcp", "udp"):
+                raise ValueError(f"--forward {spec!r}: protocol {protocol!r} is not tcp or udp")
         if ":" not in listen or listen.startswith("["):
             listen = listen if ":" in listen else f"127.0.0.1:{listen}"
         lhost, lport = parse_hostport(listen, f"--forward {spec!r} listen address", allow_zero=True)
         host, port = parse_hostport(dest, f"--forward {spec!r} destination")
-        return cls(lhost, lport, host, port)
+        return cls(lhost, lport, host, port, protocol)
 
     def __str__(self) -> str:
-        return f"{self.listen_host}:{self.listen_port}={self.host}:{self.port}"
+        suffix = "/udp" if self.protocol == "udp" else ""
+        return f"{self.listen_host}:{self.listen_port}={self.host}:{self.port}{suffix}"
 
 
 class ClientFlow(SocketFlow):
     __slots__ = ("dest", "on_opened", "timer")
+    protocol = "tcp"
 
     def __init__(self, node: "Client", dest: tuple[str, int] | None = None, on_opened: Opened | None = None,
                  on_connect: Callable[[SocketFlow], None] | None = None) -> None:
@@ -89,6 +100,7 @@ class Client(EndpointNode):
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
         self.tunnel: Tunnel | None = None
         self.listeners: list[asyncio.AbstractServer] = []
+        self.udp_listeners: list[asyncio.DatagramTransport] = []
         self.probe_ok: dict[Forward, str] = {}  # forward -> "" when usable, else the reason
         self._probes: dict[int, Forward] = {}
         self._ssl = identity.client_context()
@@ -107,12 +119,18 @@ class Client(EndpointNode):
 
         loop = asyncio.get_running_loop()
         for fwd in self.forwards:
-            server = await loop.create_server(lambda f=fwd: self._forward_flow(f), fwd.listen_host, fwd.listen_port,
-                                              backlog=1024, reuse_address=True)
-            port = server.sockets[0].getsockname()[1]
+            if fwd.protocol == "udp":
+                udp, _ = await loop.create_datagram_endpoint(lambda f=fwd: UdpForward(self, f),
+                                                             local_addr=(fwd.listen_host, fwd.listen_port))
+                self.udp_listeners.append(udp)
+                port = udp.get_extra_info("sockname")[1]
+            else:
+                server = await loop.create_server(lambda f=fwd: self._forward_flow(f), fwd.listen_host,
+                                                  fwd.listen_port, backlog=1024, reuse_address=True)
+                self.listeners.append(server)
+                port = server.sockets[0].getsockname()[1]
             if fwd.listen_port == 0:
-                self.forwards[self.forwards.index(fwd)] = fwd = Forward(fwd.listen_host, port, fwd.host, fwd.port)
-            self.listeners.append(server)
+                self.forwards[self.forwards.index(fwd)] = fwd = msgspec.structs.replace(fwd, listen_port=port)
             log.info("forward listening", extra={"forward": str(fwd)})
         if self.settings.socks_listen:
             host, port = parse_hostport(self.settings.socks_listen, "FERRYMAN_SOCKS_LISTEN", allow_zero=True)
@@ -131,6 +149,8 @@ class Client(EndpointNode):
         await stop.wait()
         for server in self.listeners:
             server.close()
+        for udp in self.udp_listeners:
+            udp.close()
         keeper.cancel()
         if tokens is not None:
             tokens.cancel()
@@ -184,7 +204,7 @@ class Client(EndpointNode):
         self._probes.clear()
         reason = f"tunnel to edge {tunnel.peer_name} lost: {tunnel.close_reason}"
         for flow in list(tunnel.routes.values()):
-            if isinstance(flow, ClientFlow) and flow.on_opened is not None:
+            if getattr(flow, "on_opened", None) is not None:
                 flow.done = True
                 flow.opened("edge_unreachable", reason)
             else:
@@ -241,7 +261,7 @@ class Client(EndpointNode):
             if self.probe_ok.get(fwd) == "" or fwd in self._probes.values():
                 continue
             try:
-                fid = tunnel.conn.open_flow(Open(host=fwd.host, port=fwd.port, source="probe"))
+                fid = tunnel.conn.open_flow(Open(host=fwd.host, port=fwd.port, protocol=fwd.protocol, source="probe"))
             except FlowError as exc:
                 self.probe_ok[fwd] = exc.message
                 continue
@@ -256,8 +276,8 @@ class Client(EndpointNode):
         return ClientFlow(self, (fwd.host, fwd.port), opened,
                           on_connect=lambda flow: self.open(flow))  # type: ignore[arg-type]
 
-    def open(self, flow: ClientFlow) -> None:
-        """Send OPEN for a captured connection; ``flow.on_opened`` gets the answer."""
+    def open(self, flow: ClientFlow | UdpFlow) -> None:
+        """Send OPEN for a captured connection (or UDP conversation); ``flow.on_opened`` gets the answer."""
         host, port = flow.dest  # type: ignore[misc]
         tunnel = self.tunnel
         if tunnel is None or not tunnel.up or tunnel.closed:
@@ -268,7 +288,7 @@ class Client(EndpointNode):
             flow.opened("edge_unreachable", "no tunnel to an edge is up")
             return
         try:
-            fid = tunnel.conn.open_flow(Open(host=host, port=port, source=flow.peer))
+            fid = tunnel.conn.open_flow(Open(host=host, port=port, protocol=flow.protocol, source=flow.peer))
         except FlowError as exc:
             self.stats.count(self.stats.open_failures, exc.code)
             log.warning("flow refused", extra={"dest": f"{host}:{port}", "code": exc.code, "reason": exc.message})
@@ -279,7 +299,7 @@ class Client(EndpointNode):
         tunnel.flush_soon()
         flow.timer = asyncio.get_running_loop().call_later(self.settings.open_timeout, self._open_expired, flow)
 
-    def _open_expired(self, flow: ClientFlow) -> None:
+    def _open_expired(self, flow: ClientFlow | UdpFlow) -> None:
         flow.timer = None
         if flow.active or flow.done:
             return
@@ -292,3 +312,54 @@ class Client(EndpointNode):
             flow.tunnel.flush_soon()
         flow.done = True
         flow.opened("open_timeout", reason)
+
+
+class UdpForward(asyncio.DatagramProtocol):
+    """A UDP port forward: one UDP flow per source address, created by its first datagram and
+    ended after FERRYMAN_UDP_IDLE_TIMEOUT without traffic; answers go back to that address."""
+
+    def __init__(self, client: Client, forward: Forward) -> None:
+        self.client = client
+        self.forward = forward
+        self.transport: asyncio.DatagramTransport | None = None
+        self.flows: dict[tuple, UdpFlow] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        flow = self.flows.get(addr)
+        if flow is None:
+            client = self.client
+            settings = client.settings
+            if len(self.flows) >= settings.max_udp_flows:
+                client.stats.count(client.stats.datagrams_dropped, "too_many_udp_flows")
+                return
+            transport = self.transport
+            assert transport is not None
+            flow = UdpFlow(client, lambda d, a=addr: transport.sendto(d, a), self._closed,
+                           idle=settings.udp_idle_timeout, queue=settings.udp_queue,
+                           dest=(self.forward.host, self.forward.port), peer=f"{addr[0]}:{addr[1]}")
+            flow.on_opened = self._opened
+            self.flows[addr] = flow
+            flow.from_local(data)  # queued until OPEN_OK
+            client.open(flow)
+            return
+        flow.from_local(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # e.g. ICMP port unreachable for an answer sent to an app that has closed its socket
+        self.client.stats.count(self.client.stats.datagrams_dropped, "local_error")
+
+    def _opened(self, flow: UdpFlow, code: str, reason: str) -> None:
+        """A refused UDP flow: its queued datagrams are dropped (counted); the next datagram from the
+        same address tries again."""
+        if code:
+            stats = self.client.stats
+            stats.count(stats.datagrams_dropped, "flow_refused", len(flow.queue))
+
+    def _closed(self, flow: UdpFlow) -> None:
+        for addr, known in list(self.flows.items()):
+            if known is flow:
+                del self.flows[addr]
+                break

@@ -33,6 +33,7 @@ from ..settings import Settings
 from ..snapshot import ConfigSnapshot, revoked_set
 from ..socketflow import EndpointNode, SocketFlow
 from ..transport.tunnel import Tunnel
+from ..udpflow import UdpFlow
 from ..wire import events as ev
 from ..wire.frames import Open
 
@@ -53,6 +54,7 @@ class Connector(EndpointNode):
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
         self.tunnels: set[Tunnel] = set()
+        self.udp_flows: set[UdpFlow] = set()
         self.draining = False
         self._ssl = identity.client_context()
         self._wire = identity.wire_config(group=settings.connector_group)
@@ -179,9 +181,9 @@ class Connector(EndpointNode):
         if self.draining:
             self._refuse(tunnel, event.flow_id, "draining", f"connector {self.name} is shutting down")
             return
-        if request.protocol != "tcp":
+        if request.protocol not in ("tcp", "udp"):
             self._refuse(tunnel, event.flow_id, "unsupported_protocol",
-                         f"{request.protocol} flows are not supported by connector {self.name}")
+                         f"{request.protocol!r} flows are not supported by connector {self.name}")
             return
         try:
             if tunnel.context is None:
@@ -194,6 +196,17 @@ class Connector(EndpointNode):
                                                                 f"{request.host}:{request.port}", "code": exc.code,
                                                                 "reason": str(exc)})
             self._refuse(tunnel, event.flow_id, exc.code, f"connector {self.name}: {exc}")
+            return
+        if request.protocol == "udp":
+            if len(self.udp_flows) >= self.settings.max_udp_flows:
+                self._refuse(tunnel, event.flow_id, "too_many_udp_flows",
+                             f"connector {self.name} carries its maximum of {self.settings.max_udp_flows} UDP flows")
+                return
+            udp = UdpFlow(self, _unset_send, self._udp_closed, idle=self.settings.udp_idle_timeout,
+                          queue=self.settings.udp_queue, peer=f"{request.host}:{request.port}")
+            udp.bind(tunnel, event.flow_id)
+            self.udp_flows.add(udp)
+            asyncio.get_running_loop().create_task(self._dial_udp(tunnel, udp, request))
             return
         flow = SocketFlow(self)
         flow.bind(tunnel, event.flow_id)
@@ -236,6 +249,46 @@ class Connector(EndpointNode):
         flow.done = True
         self._refuse(tunnel, flow.flow_id, code, reason)
 
+    async def _dial_udp(self, tunnel: Tunnel, flow: UdpFlow, request: Open) -> None:
+        """A connected UDP socket to the backend (so the backend sees this host's address and only its
+        answers come back), then OPEN_OK; a name that does not resolve gets OPEN_FAIL ``dns_error``."""
+        loop = asyncio.get_running_loop()
+        target = f"{request.host}:{request.port}"
+        try:
+            async with asyncio.timeout(self.settings.dial_timeout):
+                transport, _ = await loop.create_datagram_endpoint(lambda: _BackendSocket(flow),
+                                                                   remote_addr=(request.host, request.port))
+        except TimeoutError:
+            code, reason = "dial_timeout", f"cannot resolve {request.host} within {self.settings.dial_timeout:g}s"
+        except socket.gaierror as exc:
+            code, reason = "dns_error", f"cannot resolve {request.host}: {exc.strerror}"
+        except OSError as exc:
+            code, reason = "dial_error", f"{target}: {exc.strerror or exc}"
+        else:
+            if flow.done or tunnel.closed:
+                transport.close()
+                return
+            flow.send = transport.sendto
+            local = transport.get_extra_info("sockname")
+            remote = transport.get_extra_info("peername")
+            tunnel.conn.accept_flow(flow.flow_id, bound=f"{local[0]}:{local[1]}",
+                                    remote=f"{remote[0]}:{remote[1]}" if remote else "")
+            tunnel.flush_soon()
+            flow.activate()
+            return
+        tunnel.routes.pop(flow.flow_id, None)
+        self.udp_flows.discard(flow)
+        if flow.done or tunnel.closed:
+            return
+        flow.done = True
+        self._refuse(tunnel, flow.flow_id, code, reason)
+
+    def _udp_closed(self, flow: UdpFlow) -> None:
+        self.udp_flows.discard(flow)
+        socket_of = getattr(flow.send, "__self__", None)  # the backend socket's transport, once dialed
+        if isinstance(socket_of, asyncio.DatagramTransport):
+            socket_of.close()
+
     def tunnel_writable(self, tunnel: Tunnel, writable: bool) -> None:
         """Credit bounds what each flow may queue; nothing to do on tunnel back-pressure."""
 
@@ -244,3 +297,30 @@ class Connector(EndpointNode):
 
     def flow_rejected(self, tunnel: Tunnel, event: ev.FlowRejected) -> None:
         """Connectors never open flows, so there is never an OPEN_FAIL to handle."""
+
+
+def _unset_send(data: bytes | memoryview) -> None:
+    """A UDP flow's sink before its backend socket exists (OPEN_OK is only sent after it does)."""
+    raise OSError("the backend socket is not open yet")
+
+
+class _BackendSocket(asyncio.DatagramProtocol):
+    """The connected UDP socket of one flow: answers from the backend go into the tunnel."""
+
+    __slots__ = ("flow",)
+
+    def __init__(self, flow: UdpFlow) -> None:
+        self.flow = flow
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.flow.from_local(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port/host unreachable for a datagram we sent: UDP has no connection to fail,
+        # so the flow stays (the backend may come up), but the loss is counted.
+        stats = self.flow.node.stats
+        stats.count(stats.datagrams_dropped, "backend_unreachable")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.flow.done:
+            self.flow.close("reset", f"backend socket closed: {exc}" if exc else "backend socket closed")

@@ -390,8 +390,9 @@ class Edge(TunnelHandler):
         if tunnel.conn.peer.role != "client":  # type: ignore[union-attr]
             self._refuse(tunnel, fid, "not_allowed", "connectors cannot open flows")
             return
-        if request.protocol != "tcp":
-            self._refuse(tunnel, fid, "unsupported_protocol", f"{request.protocol} flows are not supported yet")
+        if request.protocol not in ("tcp", "udp"):
+            self._refuse(tunnel, fid, "unsupported_protocol", f"{request.protocol!r} flows are not supported "
+                                                              f"(tcp or udp)")
             return
         if not self.static_apps and self.link is not None and self.link.version is None:
             self._refuse(tunnel, fid, "no_config", f"edge {self.name} has not received its configuration from "
@@ -659,7 +660,31 @@ class Edge(TunnelHandler):
         splice.closed_sides = -1
 
     def datagram_received(self, tunnel: Tunnel, event: ev.DatagramReceived) -> None:
-        self.stats.count(self.stats.protocol_errors, "datagram_unsupported")
+        """A UDP flow's datagram: passed to the other tunnel as the same slice, or dropped and
+        counted when that tunnel's write buffer is full (datagrams are never queued here)."""
+        splice = tunnel.routes.get(event.flow_id)
+        stats = self.stats
+        if splice is None:
+            stats.count(stats.datagrams_dropped, "flow_closed")
+            return
+        data = event.data
+        if tunnel is splice.client:
+            out, ofid = splice.conn, splice.kfid
+            splice.sent += len(data)
+        else:
+            out, ofid = splice.client, splice.cfid
+            splice.received += len(data)
+        stats.datagrams_rx += 1
+        if not out.writable:
+            stats.count(stats.datagrams_dropped, "tunnel_busy")
+            return
+        try:
+            out.conn.send_datagram(ofid, data)
+        except FlowError as exc:  # the other side is being reset, or the datagram exceeds its limit
+            stats.count(stats.datagrams_dropped, exc.code)
+            return
+        stats.datagrams_tx += 1
+        out.flush_soon()
 
 
 def _load_key(path: str) -> ec.EllipticCurvePrivateKey:

@@ -103,10 +103,11 @@ OPEN = 1
 class Flow:
     """Per-flow protocol state. ``local`` is True when this side sent the OPEN."""
 
-    __slots__ = ("id", "local", "state", "send_credit", "recv_credit", "unacked", "sent_fin", "got_fin")
+    __slots__ = ("id", "local", "state", "send_credit", "recv_credit", "unacked", "sent_fin", "got_fin", "udp")
 
-    def __init__(self, flow_id: int, local: bool, send_credit: int, recv_credit: int) -> None:
+    def __init__(self, flow_id: int, local: bool, send_credit: int, recv_credit: int, udp: bool = False) -> None:
         self.id = flow_id
+        self.udp = udp  # a UDP flow carries DATAGRAM frames only (no DATA, credit or FIN)
         self.local = local
         self.state = OPENING
         self.send_credit = send_credit
@@ -183,7 +184,7 @@ class TunnelConnection:
         if flow_id > MAX_FLOW_ID:
             raise FlowError("flow_ids_exhausted", "flow ids exhausted on this tunnel")
         self._next_id = flow_id + 2
-        self.flows[flow_id] = Flow(flow_id, True, peer.window, self.config.window)
+        self.flows[flow_id] = Flow(flow_id, True, peer.window, self.config.window, request.protocol == "udp")
         self._out.append(encode_control(flow_id, request))
         return flow_id
 
@@ -204,7 +205,7 @@ class TunnelConnection:
         flow = self.flows.get(flow_id)
         if flow is None:
             raise FlowError("no_flow", f"flow {flow_id} does not exist")
-        if flow.state != OPEN or flow.sent_fin:
+        if flow.state != OPEN or flow.sent_fin or flow.udp:
             raise FlowError("flow_state", f"flow {flow_id} cannot send data now")
         size = len(data)
         n = size if size <= flow.send_credit else flow.send_credit
@@ -233,7 +234,7 @@ class TunnelConnection:
         flow = self.flows.get(flow_id)
         if flow is None:
             raise FlowError("no_flow", f"flow {flow_id} does not exist")
-        if flow.state != OPEN or flow.sent_fin:
+        if flow.state != OPEN or flow.sent_fin or flow.udp:
             raise FlowError("flow_state", f"flow {flow_id} cannot be half-closed now")
         flow.sent_fin = True
         self._out.append(encode_header(_FIN, flow_id, 0))
@@ -264,7 +265,16 @@ class TunnelConnection:
         else:
             flow.unacked = unacked
 
-    def send_datagram(self, flow_id: int, data: bytes) -> None:
+    def send_datagram(self, flow_id: int, data: bytes | memoryview) -> None:
+        """Queue one datagram of an open UDP flow (whole: a datagram is never split)."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            raise FlowError("no_flow", f"flow {flow_id} does not exist")
+        if not flow.udp or flow.state != OPEN:
+            raise FlowError("flow_state", f"flow {flow_id} cannot carry a datagram now")
+        if len(data) > self.peer.max_frame:  # type: ignore[union-attr]
+            raise FlowError("datagram_too_large", f"datagram of {len(data)} bytes exceeds the tunnel's maximum "
+                                                  f"of {self.peer.max_frame}")  # type: ignore[union-attr]
         self._out.append(encode_header(_DATAGRAM, flow_id, len(data)))
         self._out.append(data)
 
@@ -387,10 +397,11 @@ class TunnelConnection:
         if flow is None:
             self._late(flow_id, "DATA")
             return False
-        if flow.state != OPEN or flow.got_fin:
+        if flow.state != OPEN or flow.got_fin or flow.udp:
             raise ProtocolError(
                 "stream_state",
-                f"DATA on flow {flow_id} {'after FIN' if flow.got_fin else 'before OPEN_OK'}",
+                f"DATA on flow {flow_id} "
+                f"{'after FIN' if flow.got_fin else 'of a UDP flow' if flow.udp else 'before OPEN_OK'}",
             )
         if length > flow.recv_credit:
             raise ProtocolError(
@@ -475,7 +486,7 @@ class TunnelConnection:
             if flow is None:
                 self._late(flow_id, "FIN")
                 return
-            if flow.state != OPEN or flow.got_fin:
+            if flow.state != OPEN or flow.got_fin or flow.udp:
                 raise ProtocolError("stream_state", f"unexpected FIN on flow {flow_id}")
             flow.got_fin = True
             events.append(ev.FlowEnded(flow_id))
@@ -516,6 +527,9 @@ class TunnelConnection:
             if flow is None:
                 self._late(flow_id, "DATAGRAM")
                 return
+            if not flow.udp or flow.state != OPEN:
+                raise ProtocolError("stream_state", f"DATAGRAM on flow {flow_id} "
+                                                    f"{'before OPEN_OK' if flow.udp else 'of a TCP flow'}")
             events.append(ev.DatagramReceived(flow_id, payload))
         elif ftype == _AUTH:
             events.append(ev.AuthReceived(DECODERS[_AUTH].decode(payload).token))
@@ -535,7 +549,8 @@ class TunnelConnection:
         elif self.pending_opens >= self.config.max_pending_opens:
             code, reason = "too_many_pending", f"at most {self.config.max_pending_opens} pending OPENs per tunnel"
         else:
-            self.flows[flow_id] = Flow(flow_id, False, self.peer.window, self.config.window)  # type: ignore[union-attr]
+            self.flows[flow_id] = Flow(flow_id, False, self.peer.window, self.config.window,  # type: ignore[union-attr]
+                                       request.protocol == "udp")
             self.pending_opens += 1
             events.append(ev.FlowRequested(flow_id, request))
             return
