@@ -11,6 +11,12 @@ byte and a big-endian u64 length:
 
 The counters (flows per mode, flows open now, payload bytes in and out) let the bench
 check that what it measured through a proxy really reached the backend.
+
+``--udp-port P`` (0 picks one) also serves a UDP echo on 127.0.0.1: every datagram goes
+back to its sender unchanged; it then prints ``listening PORT UDPPORT``. The bench runs
+this as a second backend process, so UDP load never shares a loop with TCP. Its counters
+(``udp`` in the stats: datagrams and bytes in and out, distinct senders, send errors)
+come through the TCP ``S`` request like the others.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ ECHO, SINK, SOURCE, STATS = b"E", b"U", b"D", b"S"
 COUNTED_MODES = (ECHO, SINK, SOURCE)
 SOURCE_CHUNK = os.urandom(1 << 20)
 SCRATCH = memoryview(bytearray(256 * 1024))
+UDP_BUFFER = 4 << 20  # the app's socket buffers (capped by net.core.[rw]mem_max); paths keep their own
 
 
 def header(mode: bytes, length: int = 0) -> bytes:
@@ -45,10 +52,48 @@ class Counters:
         self.active = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.udp: UdpEcho | None = None
 
     def snapshot(self) -> dict[str, object]:
-        return {"flows": dict(self.flows), "bad_headers": self.bad_headers, "active": self.active,
-                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+        snap: dict[str, object] = {"flows": dict(self.flows), "bad_headers": self.bad_headers, "active": self.active,
+                                   "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+        if self.udp is not None:
+            snap["udp"] = self.udp.snapshot()
+        return snap
+
+
+class UdpEcho(asyncio.DatagramProtocol):
+    """UDP echo: every datagram back to its sender, counted (senders by address)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport
+        self.datagrams_in = self.datagrams_out = self.bytes_in = self.bytes_out = 0
+        self.send_errors = 0
+        self.senders: set[tuple] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.datagrams_in += 1
+        self.bytes_in += len(data)
+        if addr not in self.senders:
+            self.senders.add(addr)
+        self.transport.sendto(data, addr)
+        self.datagrams_out += 1
+        self.bytes_out += len(data)
+
+    def error_received(self, exc: Exception) -> None:
+        self.send_errors += 1  # e.g. ICMP unreachable: a sender's socket closed
+
+    def snapshot(self) -> dict[str, int]:
+        sock = self.transport.get_extra_info("socket")
+        return {"datagrams_in": self.datagrams_in, "datagrams_out": self.datagrams_out,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "senders": len(self.senders),
+                "send_errors": self.send_errors, "rcvbuf": sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
 
 
 class BackendProtocol(asyncio.BufferedProtocol):
@@ -153,21 +198,26 @@ def query_stats(port: int, timeout: float = 10.0) -> dict:
     return json.loads(b"".join(chunks))
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, udp_port: int | None = None) -> None:
     counters = Counters()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: BackendProtocol(counters), "127.0.0.1", port, backlog=8192)
-    print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
+    line = f"listening {server.sockets[0].getsockname()[1]}"
+    if udp_port is not None:
+        transport, counters.udp = await loop.create_datagram_endpoint(UdpEcho, local_addr=("127.0.0.1", udp_port))
+        line += f" {transport.get_extra_info('sockname')[1]}"
+    print(line, flush=True)
     await server.serve_forever()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.backend", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1 (0: pick one)")
+    parser.add_argument("--udp-port", type=int, default=None, help="also a UDP echo on 127.0.0.1 (0: pick one)")
     args = parser.parse_args(argv)
     raise_nofile_limit()
     try:
-        uvloop.run(serve(args.port))
+        uvloop.run(serve(args.port, args.udp_port))
     except KeyboardInterrupt:
         pass
     return 0

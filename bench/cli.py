@@ -1,9 +1,10 @@
 """``ferryman bench`` (also ``python -m bench``): Ferryman against the direct path, OpenSSH, stunnel and haproxy.
 
-Starts the backend (``bench.backend``, its own process) and every selected path, runs
-bulk, rr1, rr64, connect and idle workloads on each path in interleaved rounds, prints
-progress on stderr, then a table of medians with Ferryman's ratios and the target checks
-on stdout, and writes everything to a JSON file. Exit status 0 unless a path failed.
+Starts the backends (``bench.backend``: TCP, and a UDP echo, each its own process) and every
+selected path, runs bulk, rr1, rr64, connect, idle and UDP (udp64, udp1200, udp64-max)
+workloads on each path in interleaved rounds, prints progress on stderr, then a table of
+medians with Ferryman's ratios and the target checks on stdout, and writes everything to
+a JSON file. Exit status 0 unless a path failed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import asdict
 from . import report
 from .paths import PATHS, Path, PathError
 from .procfs import raise_nofile_limit
-from .runner import Backend, Bench, Parameters, PathRun, progress
+from .runner import UDP_WORKLOADS, WORKLOADS, Backend, Bench, Parameters, PathRun, progress
 
 PEER_PACKAGES = ["openssh-server", "openssh-client", "stunnel4", "haproxy"]
 
@@ -32,7 +33,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 round, 8 MiB bulk, 1 s timed workloads, 500 idle flows")
     parser.add_argument("--bulk-mib", type=int, default=None, help="bytes per bulk transfer, MiB (default 256)")
-    parser.add_argument("--duration", type=float, default=None, help="seconds of rr64 and connect (default 5)")
+    parser.add_argument("--workloads", default=None, metavar="NAME,...",
+                        help=f"workloads to run, from {','.join(WORKLOADS)} (default: all)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds of rr64, connect and each UDP workload (default 5)")
+    parser.add_argument("--udp-rate", type=float, default=None,
+                        help="datagrams/s offered in udp64 and udp1200, over all UDP flows (default 50000)")
+    parser.add_argument("--udp-flows", type=int, default=None,
+                        help="UDP flows (sender sockets) per UDP workload (default 4)")
     parser.add_argument("--idle-flows", type=int, default=None, help="concurrent idle flows (default 10000)")
     parser.add_argument("--json", default="bench-results.json", metavar="PATH",
                         help="results file (default %(default)s)")
@@ -44,11 +52,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         unknown = [p for p in args.paths if p not in PATHS]
         if unknown:
             parser.error(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(PATHS)}")
-    for name in ("rounds", "bulk_mib", "idle_flows"):
+    if args.workloads is not None:
+        args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+        unknown = [w for w in args.workloads if w not in WORKLOADS]
+        if unknown or not args.workloads:
+            parser.error(f"unknown workload(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(WORKLOADS)}")
+    for name in ("rounds", "bulk_mib", "idle_flows", "udp_flows"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.duration is not None and args.duration <= 0:
         parser.error("--duration must be positive")
+    if args.udp_rate is not None and args.udp_rate <= 0:
+        parser.error("--udp-rate must be positive")
     return args
 
 
@@ -62,6 +77,12 @@ def parameters(args: argparse.Namespace) -> Parameters:
         params.duration = args.duration
     if args.idle_flows is not None:
         params.idle_flows = args.idle_flows
+    if args.workloads is not None:
+        params.workloads = [w for w in WORKLOADS if w in args.workloads]
+    if args.udp_rate is not None:
+        params.udp_rate = args.udp_rate
+    if args.udp_flows is not None:
+        params.udp_flows = args.udp_flows
     return params
 
 
@@ -89,11 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     names = args.paths or list(PATHS)
     runs = {name: PathRun(name) for name in names}
     backend = Backend()
+    udp_backend: Backend | None = None
     started: list[Path] = []
     try:
+        if any(w in UDP_WORKLOADS for w in params.workloads):
+            udp_backend = Backend(udp=True)
+            progress(f"UDP echo backend on 127.0.0.1:{udp_backend.udp_port} (udp)")
         progress(f"backend on 127.0.0.1:{backend.port}; open-file limit {nofile}")
         for name in names:
-            path, run = PATHS[name](backend.port), runs[name]
+            path, run = PATHS[name](backend.port, udp_backend.udp_port if udp_backend else 0), runs[name]
             reason = path.available()
             if reason:
                 run.status, run.reason = "unavailable", reason
@@ -108,17 +133,20 @@ def main(argv: list[str] | None = None) -> int:
                 progress(f"FAILED: {exc}")
                 continue
             started.append(path)
-            progress(f"{path.address[0]}:{path.address[1]}, {len(path.pids())} proxy processes")
-        Bench(params, backend, started, runs).run()
+            udp = f", UDP {path.udp_address[1]}" if udp_backend and not path.udp_unsupported else ""
+            progress(f"{path.address[0]}:{path.address[1]}{udp}, {len(path.pids())} proxy processes")
+        Bench(params, backend, started, runs, udp_backend).run()
     finally:
         for path in started:
             path.stop()
         backend.stop()
+        if udp_backend is not None:
+            udp_backend.stop()
 
     meds = {name: report.medians(run) for name, run in runs.items() if run.status != "unavailable"}
     rats = report.ratios(meds)
-    checks = report.targets(meds, rats)
-    text = report.table(runs, meds, rats, checks)
+    checks = report.targets(meds, rats, params.udp_rate)
+    text = report.table(runs, meds, rats, checks, params.workloads)
     print(text)
     doc = report.document({**asdict(params), "nofile_limit": nofile, "paths": names}, runs, meds, rats, checks, text)
     with open(args.json, "w") as fh:

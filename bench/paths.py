@@ -10,6 +10,9 @@
 Each path starts its own processes (configuration, keys and logs in a temporary
 directory), reports the address the app connects to and the pids of its proxy processes
 (looked up fresh, so forked sessions count), and says why it is unavailable if it is.
+Paths that carry UDP (direct, Ferryman) also give ``udp_address``, the UDP port the app
+sends datagrams to (reaching the UDP echo backend); the others say why they do not in
+``udp_unsupported``. ``udp_counters()`` reads the datagram counters of the path's nodes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -127,12 +131,29 @@ class Path:
     """Base: a temporary work directory, spawned processes with logs, liveness checks, cleanup."""
 
     name = ""
+    udp_unsupported: str | None = "does not carry UDP"  # None: the path has a udp_address
 
-    def __init__(self, backend_port: int) -> None:
+    def __init__(self, backend_port: int, udp_backend_port: int = 0) -> None:
         self.backend_port = backend_port
+        self.udp_backend_port = udp_backend_port
         self.workdir = ""
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._address: tuple[str, int] | None = None
+        self._udp_address: tuple[str, int] | None = None
+
+    @property
+    def udp_address(self) -> tuple[str, int]:
+        if self._udp_address is None:
+            raise PathError(f"{self.name} has no UDP address ({self.udp_unsupported or 'not started'})")
+        return self._udp_address
+
+    def udp_counters(self) -> dict[str, dict]:
+        """``{node: {"rx", "tx", "dropped": {reason: n}}}`` of the path's own datagram counters."""
+        return {}
+
+    def udp_owners(self) -> dict[str, list[int]]:
+        """``{node: pids}``: whose UDP sockets to read the kernel's drop counts of."""
+        return {}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -236,17 +257,21 @@ class Path:
 
 class DirectPath(Path):
     name = "direct"
+    udp_unsupported = None
 
     def _start(self) -> None:
         self._address = ("127.0.0.1", self.backend_port)
+        if self.udp_backend_port:
+            self._udp_address = ("127.0.0.1", self.udp_backend_port)
         self._wait_round_trip()
 
 
 class FerrymanPath(Path):
     name = "ferryman"
+    udp_unsupported = None
 
-    def __init__(self, backend_port: int) -> None:
-        super().__init__(backend_port)
+    def __init__(self, backend_port: int, udp_backend_port: int = 0) -> None:
+        super().__init__(backend_port, udp_backend_port)
         self.fabric: Fabric | None = None
 
     def available(self) -> str | None:
@@ -264,11 +289,44 @@ class FerrymanPath(Path):
     def _start(self) -> None:
         from dataplane.fabric import Fabric
 
-        self.fabric = Fabric(os.path.join(self.workdir, "fabric"),
-                             [("127.0.0.1", 0, "127.0.0.1", self.backend_port)])
+        forwards: list[tuple] = [("127.0.0.1", 0, "127.0.0.1", self.backend_port)]
+        if self.udp_backend_port:
+            forwards.append(("127.0.0.1", 0, "127.0.0.1", self.udp_backend_port, "udp"))
+        self.fabric = Fabric(os.path.join(self.workdir, "fabric"), forwards)
         self.fabric.start(timeout=START_TIMEOUT)
         self._address = ("127.0.0.1", self.fabric.forward_ports[0])
+        if self.udp_backend_port:
+            self._udp_address = ("127.0.0.1", self.fabric.forward_ports[1])
         self._wait_round_trip()
+
+    def udp_counters(self) -> dict[str, dict]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        if self.fabric is None:
+            return {}
+        out: dict[str, dict] = {}
+        for node, addr in self.fabric.metrics.items():
+            counts: dict = {"rx": 0, "tx": 0, "dropped": {}}
+            try:
+                with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as resp:
+                    text = resp.read().decode()
+            except OSError as exc:
+                counts["error"] = str(exc)
+                out[node] = counts
+                continue
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "ferryman_datagrams_total":
+                        counts[sample.labels.get("direction", "?")] = int(sample.value)
+                    elif sample.name == "ferryman_datagrams_dropped_total":
+                        counts["dropped"][sample.labels.get("reason", "?")] = int(sample.value)
+            out[node] = counts
+        return out
+
+    def udp_owners(self) -> dict[str, list[int]]:
+        if self.fabric is None:
+            return {}
+        return {role: process_tree(pid) for role, pid in self.fabric.pids.items()}
 
     def pids(self) -> list[int]:
         if self.fabric is None:
@@ -297,6 +355,7 @@ class SshPath(Path):
     """sshd on 127.0.0.1 as the bastion; ``ssh -R`` as the connector, ``ssh -L`` as the client."""
 
     name = "ssh"
+    udp_unsupported = "OpenSSH -L/-R forward TCP connections only"
 
     def available(self) -> str | None:
         missing = [p for p in ("sshd", "ssh", "ssh-keygen") if not _which(p)]
@@ -358,6 +417,7 @@ class StunnelPath(Path):
     """stunnel client (plain LPORT → TLS) and stunnel server (TLS → backend)."""
 
     name = "stunnel"
+    udp_unsupported = "stunnel wraps TCP connections only"
 
     @staticmethod
     def _binary() -> str | None:
@@ -408,6 +468,7 @@ class HaproxyPath(Path):
     """haproxy client side (plain LPORT → TLS, server certificate verified) and server side (TLS → backend)."""
 
     name = "haproxy"
+    udp_unsupported = "haproxy (mode tcp) proxies TCP connections only"
 
     def available(self) -> str | None:
         return None if _which("haproxy") else "haproxy not installed (apt-get install haproxy)"

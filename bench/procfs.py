@@ -88,3 +88,53 @@ def memory_kib(pids: list[int]) -> dict[str, int]:
         except OSError:
             continue
     return total
+
+
+def udp_sockets() -> dict[int, tuple[int, int]]:
+    """Every IPv4 UDP socket: ``{inode: (local port, drops)}`` from /proc/net/udp.
+
+    ``drops`` is the kernel's count of datagrams it threw away for that socket (receive
+    buffer full): losses that no process sees, so no node can count them itself.
+    """
+    sockets = {}
+    with open("/proc/net/udp") as fh:
+        next(fh)
+        for line in fh:
+            f = line.split()
+            if len(f) >= 13:
+                sockets[int(f[9])] = (int(f[1].rsplit(":", 1)[1], 16), int(f[12]))
+    return sockets
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process ``pid`` holds open."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    except OSError:
+        pass
+    return inodes
+
+
+def udp_drops_by_owner(owners: dict[str, list[int]]) -> dict[str, dict[int, int]]:
+    """``{owner: {inode: drops}}`` of the UDP sockets each owner's processes hold (read it before
+    and after a run: a socket's count starts at 0 when it is created and vanishes when closed)."""
+    sockets = udp_sockets()
+    out: dict[str, dict[int, int]] = {}
+    for owner, pids in owners.items():
+        held = set().union(*(socket_inodes(pid) for pid in pids)) if pids else set()
+        out[owner] = {inode: sockets[inode][1] for inode in held if inode in sockets}
+    return out
+
+
+def udp_snmp() -> dict[str, int]:
+    """The host's UDP counters from /proc/net/snmp (InErrors, RcvbufErrors, SndbufErrors, ...)."""
+    with open("/proc/net/snmp") as fh:
+        rows = [line.split()[1:] for line in fh if line.startswith("Udp:")]
+    return {key: int(value) for key, value in zip(rows[0], rows[1])} if len(rows) >= 2 else {}

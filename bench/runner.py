@@ -4,6 +4,13 @@ Round r runs all workloads on the first path, then all on the next, and so on, s
 drift of the machine hits every path alike. Around each workload the backend's counters
 are read directly (not through the path) and must show the flows and bytes the load
 generator counted: a path only gets a number for traffic that really reached the backend.
+
+The UDP workloads (udp64, udp1200 at an offered rate, udp64-max unpaced) go to a second
+backend process, a UDP echo; each answer is verified by the generator (checksum, flow,
+sequence number), the backend's datagram counters must cover the answers, and around each
+run the path nodes' datagram counters (drops by reason) and the kernel's per-socket drop
+counts (receive buffers that overflowed, which no process sees) are recorded, so the JSON
+says where lost datagrams went. Paths that do not carry UDP get no number, with the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import uvloop
 from . import workloads
 from .backend import ECHO, SINK, SOURCE, query_stats
 from .paths import Path, PathError
-from .procfs import cpu_seconds, memory_kib
+from .procfs import cpu_seconds, memory_kib, udp_drops_by_owner, udp_snmp
 
 MB = 1e6
 GIB = 1 << 30
@@ -35,6 +42,18 @@ METRICS_OF = {
     "connect": ("connect_flows_s",),
     "idle": ("idle_kib_per_flow",),
 }
+# UDP workloads: name -> (datagram size, paced?); metrics "<key>_dgram_s", "_loss_pct", "_p50_us", "_p99_us".
+UDP_WORKLOADS = {"udp64": (64, True), "udp1200": (1200, True), "udp64-max": (64, False)}
+UDP_METRIC_SUFFIXES = ("dgram_s", "loss_pct", "p50_us", "p99_us")
+
+
+def udp_key(workload: str) -> str:
+    return workload.replace("-", "")
+
+
+for _w in UDP_WORKLOADS:
+    METRICS_OF[_w] = tuple(f"{udp_key(_w)}_{suffix}" for suffix in UDP_METRIC_SUFFIXES)
+WORKLOADS = list(METRICS_OF)
 IDLE_HEADROOM = 50  # flows below a path's own cap, for sockets still closing from earlier workloads
 
 
@@ -48,6 +67,9 @@ class Parameters:
     duration: float = 5.0
     connect_concurrency: int = 32
     idle_flows: int = 10_000
+    udp_rate: float = 50_000.0  # datagrams/s offered in udp64 and udp1200, over all flows
+    udp_flows: int = 4
+    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
 
     @classmethod
     def quick(cls) -> Parameters:
@@ -83,18 +105,20 @@ def progress(text: str, end: str = "\n") -> None:
 
 
 class Backend:
-    """The ``python -m bench.backend`` process on a free port."""
+    """The ``python -m bench.backend`` process on a free port (``udp``: with its UDP echo on ``udp_port``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, udp: bool = False) -> None:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.backend", "--port", "0"], env=env,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True)
+        argv = [sys.executable, "-m", "bench.backend", "--port", "0", *(["--udp-port", "0"] if udp else [])]
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     start_new_session=True)
         line = self.proc.stdout.readline().decode()
         if not line.startswith("listening "):
             self.stop()
             raise RuntimeError(f"bench.backend did not start (said {line!r})")
         self.port = int(line.split()[1])
+        self.udp_port = int(line.split()[2]) if udp else 0
 
     def stats(self) -> dict:
         return query_stats(self.port)
@@ -118,10 +142,40 @@ def _delta(before: dict, after: dict) -> dict:
             "bytes_in": after["bytes_in"] - before["bytes_in"], "bytes_out": after["bytes_out"] - before["bytes_out"]}
 
 
+def _udp_delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after if k != "rcvbuf"} | {"rcvbuf": after.get("rcvbuf")}
+
+
+def _socket_drops(before: dict[str, dict[int, int]], after: dict[str, dict[int, int]]) -> dict[str, int]:
+    """Kernel drops per owner between two reads (sockets created in between start from 0)."""
+    return {owner: sum(n - before.get(owner, {}).get(inode, 0) for inode, n in inodes.items())
+            for owner, inodes in after.items()}
+
+
+def _node_drops(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    out = {}
+    for node, counts in after.items():
+        old = before.get(node, {"rx": 0, "tx": 0, "dropped": {}})
+        dropped = {r: n - old["dropped"].get(r, 0) for r, n in counts["dropped"].items()}
+        out[node] = {"rx": counts.get("rx", 0) - old.get("rx", 0), "tx": counts.get("tx", 0) - old.get("tx", 0),
+                     "dropped": {r: n for r, n in dropped.items() if n}}
+    return out
+
+
+def where_lost(drops: dict) -> str:
+    """One line: who counted which drops (the nodes by reason, the kernel by socket owner)."""
+    parts = [f"{node} {reason} {n:,}" for node, counts in drops.get("nodes", {}).items()
+             for reason, n in sorted(counts["dropped"].items())]
+    parts += [f"kernel, {owner}'s sockets {n:,}" for owner, n in drops.get("kernel_socket_drops", {}).items() if n]
+    return "; ".join(parts) or "no drop counted anywhere"
+
+
 class Bench:
-    def __init__(self, params: Parameters, backend: Backend, paths: list[Path], runs: dict[str, PathRun]) -> None:
+    def __init__(self, params: Parameters, backend: Backend, paths: list[Path], runs: dict[str, PathRun],
+                 udp_backend: Backend | None = None) -> None:
         self.params = params
         self.backend = backend
+        self.udp_backend = udp_backend
         self.paths = paths
         self.runs = runs
         self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -151,16 +205,29 @@ class Bench:
             ("connect", f"concurrency {p.connect_concurrency} {p.duration:g} s", self._connect),
             ("idle", f"{p.idle_flows} flows", self._idle),
         ]
+        for workload, (size, paced) in UDP_WORKLOADS.items():
+            rate = f"{p.udp_rate:,.0f}/s offered" if paced else "unpaced"
+            steps.append((workload, f"{size} B {rate}, {p.udp_flows} flows {p.duration:g} s",
+                          lambda path, result, before, w=workload: self._udp(path, result, w)))
         for workload, what, step in steps:
+            if workload not in p.workloads:
+                continue
             progress(f"{tag} {workload} {what} ... ", end="")
             if workload == "idle" and not proxied:
                 progress("n/a (no proxy processes)")
+                continue
+            if workload in UDP_WORKLOADS and (path.udp_unsupported or self.udp_backend is None):
+                reason = path.udp_unsupported or "no UDP backend"
+                result.details[workload] = {"unsupported": reason}
+                progress(f"n/a ({reason})")
                 continue
             before = self.backend.stats()
             try:
                 summary = step(path, result, before)
             except Exception as exc:  # noqa: BLE001 - whatever breaks one workload is reported, the run goes on
                 result.errors[workload] = workloads.describe(exc)
+                if getattr(exc, "detail", None) is not None:
+                    result.details.setdefault(workload, exc.detail)
                 progress(f"ERROR {result.errors[workload]}")
             else:
                 progress(summary)
@@ -257,3 +324,54 @@ class Bench:
         self._checked("idle", result, before, detail, mode=ECHO, flows=n, bytes_in=64 * n)
         result.metrics["idle_kib_per_flow"] = detail["kib_per_flow"]
         return f"{detail['kib_per_flow']:.1f} KiB/flow (Pss; Rss {detail['rss_kib_per_flow']:.1f})"
+
+    def _udp(self, path: Path, result: RoundResult, workload: str) -> str:
+        """One UDP run: verified answers/s, loss, latency; the backend's and the nodes' counters around it."""
+        p = self.params
+        size, paced = UDP_WORKLOADS[workload]
+        assert self.udp_backend is not None
+        owners = {**path.udp_owners(), "backend": [self.udp_backend.proc.pid], "generator": [os.getpid()]}
+
+        def measure() -> dict:
+            return {"sockets": udp_drops_by_owner(owners), "snmp": udp_snmp(),
+                    "cpu": {owner: cpu_seconds(pids) for owner, pids in owners.items()}, "at": time.perf_counter()}
+
+        nodes_before = path.udp_counters()
+        backend_before = self.udp_backend.stats()["udp"]
+        detail: dict = {}
+        try:
+            detail = self.runner.run(workloads.udp_echo(path.udp_address, size, p.udp_rate if paced else None,
+                                                        p.duration, p.udp_flows, measure))
+        except workloads.WorkloadError as exc:
+            detail = exc.detail or {}
+            raise
+        finally:
+            seen = _udp_delta(backend_before, self.udp_backend.stats()["udp"])
+            drops: dict = {"nodes": _node_drops(nodes_before, path.udp_counters())}
+            if "measure_before" in detail:
+                before, after = detail.pop("measure_before"), detail.pop("measure_after")
+                drops["kernel_socket_drops"] = _socket_drops(before["sockets"], after["sockets"])
+                # CPU share of each process over the run (1.0 = one core busy): who is saturated
+                wall = after["at"] - before["at"]
+                detail["cpu_cores"] = {owner: round((after["cpu"][owner] - before["cpu"][owner]) / wall, 3)
+                                       for owner in after["cpu"]}
+                drops["host_udp_counters"] = {k: after["snmp"][k] - before["snmp"].get(k, 0)
+                                              for k in ("RcvbufErrors", "SndbufErrors", "InErrors", "MemErrors")
+                                              if k in after["snmp"]}
+            drops["where"] = where_lost(drops)
+            detail["drops"] = drops
+            detail["backend"] = seen
+            result.details[workload] = detail
+        if seen["datagrams_out"] < detail["received"] or seen["senders"] < p.udp_flows:
+            raise workloads.WorkloadError(
+                f"backend echoed {seen['datagrams_out']} datagrams to {seen['senders']} new senders; the load "
+                f"generator had {detail['received']} verified answers on {p.udp_flows} flows", detail)
+        key = udp_key(workload)
+        result.metrics[f"{key}_dgram_s"] = detail["dgram_per_s"]
+        result.metrics[f"{key}_loss_pct"] = detail["loss_pct"]
+        result.metrics[f"{key}_p50_us"] = detail["p50_us"]
+        result.metrics[f"{key}_p99_us"] = detail["p99_us"]
+        dups = f", {detail['duplicates']} duplicates" if detail["duplicates"] else ""
+        return (f"{detail['dgram_per_s']:,.0f} answers/s of {detail['sent_per_s']:,.0f} sent/s, "
+                f"loss {detail['loss_pct']:.3f} %{dups}, p50 {detail['p50_us']:.0f} µs, p99 {detail['p99_us']:.0f} µs; "
+                f"drops: {drops['where']}")

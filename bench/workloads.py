@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import statistics
+import struct
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -24,7 +27,11 @@ FLOW_TIMEOUT = 30.0
 
 
 class WorkloadError(RuntimeError):
-    """A workload could not produce a measurement (the message says why)."""
+    """A workload could not produce a measurement (the message says why; ``detail``: what was measured)."""
+
+    def __init__(self, message: str, detail: dict | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 _F = TypeVar("_F", bound="_Flow")
@@ -344,3 +351,211 @@ async def idle_flows(address: tuple[str, int], count: int, measure: Callable[[],
     return {"kib_per_flow": (after["pss"] - before["pss"]) / count,
             "rss_kib_per_flow": (after["rss"] - before["rss"]) / count,
             "flows": count, "before_kib": before, "after_kib": after}
+
+
+# ------------------------------------------------------------------------- UDP
+# Every datagram: crc32 (of all that follows) | flow u16 | size u16 | seq u64 | send time ns u64 | filler.
+UDP_HEADER = struct.Struct("!IHHQQ")
+UDP_BODY = struct.Struct("!HHQQ")
+UDP_FILLER = os.urandom(65536)
+UDP_RCVBUF = 4 << 20  # the app's own socket buffers, as the backend's (capped by net.core.rmem_max)
+UDP_TICK = 0.001  # pacer period, s
+UDP_MAX_CATCH_UP = 0.005  # a late pacer tick sends at most this many seconds' worth at once
+UDP_MAX_BATCH = 64  # unpaced: datagrams per flow per loop iteration
+UDP_SETTLE = 0.3  # after the last send: answers still arriving until this long without one
+UDP_DRAIN_LIMIT = 3.0
+
+
+class _UdpSender(_Flow, asyncio.DatagramProtocol):
+    """One UDP flow (its own socket): numbered, checksummed datagrams out; every answer verified.
+
+    An answer counts once if it is byte for byte a datagram this flow sent (checksum, flow,
+    size and sequence number in range); a second copy counts as a duplicate, anything else
+    as corrupted.
+    """
+
+    def __init__(self, index: int, size: int, capacity: int) -> None:
+        super().__init__()
+        self.index = index
+        self.size = size
+        self.filler = UDP_FILLER[:size - UDP_HEADER.size]
+        self.seen = bytearray(capacity)
+        self.sent = 0
+        self.received = 0
+        self.duplicates = 0
+        self.corrupted = 0
+        self.first_corruption = ""
+        self.latencies_ns: list[int] = []
+        self.record = False
+        self.last_answer = 0.0
+        self.paused = False
+        self.send_errors = 0
+        self.answered = asyncio.get_running_loop().create_future()  # first answer (flow open)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[arg-type]
+        sock = transport.get_extra_info("socket")
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_RCVBUF)
+
+    def send(self, count: int) -> None:
+        """Send the next ``count`` datagrams (fewer if the sequence space is used up)."""
+        sendto, crc32, pack, filler, index, size = (self.transport.sendto, zlib.crc32, UDP_BODY.pack,
+                                                    self.filler, self.index, self.size)
+        seq = self.sent
+        end = min(seq + count, len(self.seen))
+        now = time.perf_counter_ns
+        while seq < end:
+            body = pack(index, size, seq, now()) + filler
+            sendto(crc32(body).to_bytes(4, "big") + body)
+            seq += 1
+        self.sent = seq
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        now = time.perf_counter_ns()
+        if len(data) != self.size or zlib.crc32(memoryview(data)[4:]) != int.from_bytes(data[:4], "big"):
+            self._corrupt(f"{len(data)}-byte answer fails its checksum (sent {self.size} bytes)")
+            return
+        _, flow, size, seq, sent_at = UDP_HEADER.unpack_from(data)
+        if flow != self.index or size != self.size or seq >= self.sent or data[UDP_HEADER.size:] != self.filler:
+            self._corrupt(f"answer flow {flow} seq {seq}: not a datagram flow {self.index} sent")
+            return
+        if self.seen[seq]:
+            self.duplicates += 1
+            return
+        self.seen[seq] = 1
+        self.received += 1
+        self.last_answer = time.monotonic()
+        if self.record:
+            self.latencies_ns.append(now - sent_at)
+        if not self.answered.done():
+            self.answered.set_result(None)
+
+    def _corrupt(self, what: str) -> None:
+        self.corrupted += 1
+        self.first_corruption = self.first_corruption or what
+
+    def error_received(self, exc: Exception) -> None:
+        self.send_errors += 1  # ICMP port unreachable and the like
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+async def _udp_open(address: tuple[str, int], index: int, size: int, capacity: int) -> _UdpSender:
+    """A UDP flow that had its first datagram answered (resent while the path opens the flow)."""
+    loop = asyncio.get_running_loop()
+    _, flow = await loop.create_datagram_endpoint(lambda: _UdpSender(index, size, capacity),
+                                                  local_addr=("127.0.0.1", 0), remote_addr=address)
+    deadline = loop.time() + FLOW_TIMEOUT
+    try:
+        while not flow.answered.done():
+            if loop.time() > deadline:
+                raise WorkloadError(f"UDP flow {index}: no answer to {flow.sent} datagrams in {FLOW_TIMEOUT:g} s")
+            flow.send(1)
+            await asyncio.wait([flow.answered], timeout=0.2)
+    except BaseException:
+        flow.transport.abort()
+        raise
+    return flow
+
+
+async def udp_echo(address: tuple[str, int], size: int, rate: float | None, duration: float, flows: int,
+                   measure: Callable[[], dict] | None = None) -> dict:
+    """Datagrams of ``size`` bytes to an echo through ``address`` on ``flows`` sockets for ``duration`` s.
+
+    ``rate``: datagrams/s offered in all (paced by a 1 ms timer, spread over the flows), or
+    None to send as fast as the loop goes (respecting the sockets' pause_writing).
+    ``measure()`` is called once the flows are open and again after the answers settled,
+    while the sockets still exist (the caller reads drop counters there). Returns achieved
+    answers/s (unique answers to datagrams sent in the window / window), offered rate,
+    loss %, duplicates, corrupted, and p50/p99 round trip of the answers.
+    """
+    if size < UDP_HEADER.size or size > UDP_HEADER.size + len(UDP_FILLER):
+        raise WorkloadError(f"UDP datagram size {size} not in {UDP_HEADER.size}..{UDP_HEADER.size + len(UDP_FILLER)}")
+    loop = asyncio.get_running_loop()
+    capacity = int((rate or 400_000) / flows * (duration + 1) * 1.2) + 1000
+    senders = await asyncio.gather(*(_udp_open(address, i, size, capacity) for i in range(flows)),
+                                   return_exceptions=True)
+    opened = [s for s in senders if not isinstance(s, BaseException)]
+    if len(opened) < flows:
+        for flow in opened:
+            flow.transport.abort()
+        raise next(s for s in senders if isinstance(s, BaseException))
+    try:
+        await asyncio.sleep(0.05)  # the opening datagrams' answers
+        base = [(f.sent, f.received) for f in opened]
+        before = measure() if measure is not None else None
+        for flow in opened:
+            flow.record = True
+        finished = loop.create_future()
+        started = time.perf_counter()
+        stop_at = started + duration
+        if rate is not None:
+            per_flow = rate / flows
+            goal_base = [f.sent for f in opened]
+
+            def tick() -> None:
+                now = time.perf_counter()
+                elapsed = min(now, stop_at) - started
+                for flow, sent0 in zip(opened, goal_base):
+                    due = int(per_flow * elapsed) - (flow.sent - sent0)
+                    if due > 0:
+                        flow.send(min(due, int(per_flow * UDP_MAX_CATCH_UP) + 1))
+                if now >= stop_at:
+                    finished.set_result(stop_at)
+                else:
+                    loop.call_later(UDP_TICK, tick)
+        else:
+            def tick() -> None:
+                now = time.perf_counter()
+                if now >= stop_at:
+                    finished.set_result(now)
+                    return
+                for flow in opened:
+                    if not flow.paused:
+                        flow.send(UDP_MAX_BATCH)
+                loop.call_soon(tick)
+
+        tick()
+        ended = await finished
+        window = ended - started
+        # Answers still in flight: wait until none came for UDP_SETTLE (at most UDP_DRAIN_LIMIT).
+        drain_until = time.monotonic() + UDP_DRAIN_LIMIT
+        while time.monotonic() < drain_until:
+            await asyncio.sleep(0.05)
+            if time.monotonic() - max(f.last_answer for f in opened) >= UDP_SETTLE:
+                break
+        after = measure() if measure is not None else None
+    finally:
+        for flow in opened:
+            flow.transport.abort()
+    sent = sum(f.sent - b[0] for f, b in zip(opened, base))
+    received = sum(f.received - b[1] for f, b in zip(opened, base))
+    latencies = sorted(ns for f in opened for ns in f.latencies_ns)
+    detail = {
+        "size": size, "flows": flows, "offered_rate": rate, "seconds": window,
+        "sent": sent, "received": received, "lost": sent - received,
+        "loss_pct": 100.0 * (sent - received) / sent if sent else 0.0,
+        "duplicates": sum(f.duplicates for f in opened), "corrupted": sum(f.corrupted for f in opened),
+        "first_corruption": next((f.first_corruption for f in opened if f.first_corruption), ""),
+        "send_errors": sum(f.send_errors for f in opened),
+        "sent_per_s": sent / window, "dgram_per_s": received / window,
+        "opening_datagrams": sum(b[0] for b in base),
+        "p50_us": _percentile(latencies, 0.50) / 1e3 if latencies else None,
+        "p99_us": _percentile(latencies, 0.99) / 1e3 if latencies else None,
+    }
+    if before is not None:
+        detail["measure_before"], detail["measure_after"] = before, after
+    if detail["corrupted"]:
+        raise WorkloadError(f"{detail['corrupted']} corrupted answers (first: {detail['first_corruption']})",
+                            detail)
+    if not received:
+        raise WorkloadError(f"none of {sent} datagrams was answered", detail)
+    return detail

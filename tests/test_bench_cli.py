@@ -1,6 +1,7 @@
 """Smoke test of the benchmark CLI: ``python -m bench --quick`` on the direct path and, when
 installed, the OpenSSH chain and stunnel; the JSON must hold real, positive measurements
-that the backend confirms it saw.
+that the backend confirms it saw. The UDP rows run quick on direct and Ferryman: verified
+answers, zero corruption, the echo backend's counters covering them, drops accounted.
 """
 
 from __future__ import annotations
@@ -80,8 +81,61 @@ def test_quick_run_measures_every_workload(tmp_path):
     assert "[round 1/1] direct bulk-up 8 MiB ... " in result.stderr
 
 
+UDP = ["udp64", "udp1200", "udp64-max"]
+
+
+@pytest.mark.timeout(60)
+def test_quick_udp_rows_on_direct_and_ferryman(tmp_path):
+    result = run_bench(["--quick", "--paths", "direct,ferryman", "--workloads", ",".join(UDP),
+                        "--udp-rate", "20000", "--json", "out.json"], cwd=str(tmp_path), timeout=45)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["parameters"]["workloads"] == UDP and doc["parameters"]["udp_rate"] == 20000
+    for name in ("direct", "ferryman"):
+        entry = doc["paths"][name]
+        assert entry["status"] == "ok", entry["reason"]
+        (rnd,) = entry["rounds"]
+        assert rnd["errors"] == {}
+        assert set(rnd["details"]) == set(UDP)  # and no TCP workload ran
+        for workload in UDP:
+            key = workload.replace("-", "")
+            detail = rnd["details"][workload]
+            assert detail["corrupted"] == 0 and detail["duplicates"] == 0, detail
+            assert 0 < detail["received"] <= detail["sent"] and detail["lost"] == detail["sent"] - detail["received"]
+            assert detail["backend"]["datagrams_out"] >= detail["received"]
+            assert detail["backend"]["senders"] >= doc["parameters"]["udp_flows"]
+            assert rnd["metrics"][f"{key}_dgram_s"] > 0 and 0 <= rnd["metrics"][f"{key}_loss_pct"] <= 100
+            assert 0 < rnd["metrics"][f"{key}_p50_us"] <= rnd["metrics"][f"{key}_p99_us"]
+            drops = detail["drops"]
+            assert {"generator", "backend"} <= set(drops["kernel_socket_drops"]) and drops["where"]
+            if name == "ferryman":  # the nodes' own counters: every node scraped, datagrams seen
+                assert set(drops["nodes"]) == {"edge-1", "connector-1", "client-1"}
+                assert drops["nodes"]["client-1"]["tx"] >= detail["received"]
+        assert rnd["details"]["udp64"]["size"] == 64 and rnd["details"]["udp1200"]["size"] == 1200
+        assert rnd["details"]["udp64"]["sent_per_s"] == pytest.approx(20000, rel=0.01)
+    table = result.stdout
+    assert "udp 64 B answers/s" in table and "udp 1200 B loss %" in table and "bulk up MB/s" not in table
+    assert "ferryman/direct" in table.splitlines()[0]
+    assert "udp64 loss < 0.1 % n/a (offered 20,000/s)" in table
+
+
+def test_paths_without_udp_show_why(tmp_path):
+    paths = [p.name for p in (SshPath, StunnelPath) if p(0).available() is None]
+    if not paths:
+        pytest.skip("neither OpenSSH nor stunnel is installed")
+    result = run_bench(["--quick", "--paths", f"direct,{paths[0]}", "--workloads", "udp64", "--udp-rate", "5000",
+                        "--json", "out.json"], cwd=str(tmp_path), timeout=45)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads((tmp_path / "out.json").read_text())
+    (rnd,) = doc["paths"][paths[0]]["rounds"]
+    assert "TCP" in rnd["details"]["udp64"]["unsupported"] and not rnd["metrics"]
+    assert f"{paths[0]}: – UDP:" in result.stdout
+
+
 def test_unknown_path_is_refused(tmp_path):
     result = run_bench(["--paths", "direct,carrier-pigeon"], cwd=str(tmp_path), timeout=60)
     assert result.returncode == 2
     assert "unknown path(s) carrier-pigeon" in result.stderr
     assert not (tmp_path / "bench-results.json").exists()
+    result = run_bench(["--workloads", "udp64,smoke-signals"], cwd=str(tmp_path), timeout=60)
+    assert result.returncode == 2 and "unknown workload(s) smoke-signals" in result.stderr
