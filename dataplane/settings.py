@@ -63,6 +63,11 @@ class Settings(msgspec.Struct, kw_only=True):
     reconnect_max: float = 30.0
     open_timeout: float = 15.0
     socks_listen: str = ""
+    http_listen: str = ""
+    dns_listen: str = ""
+    dns_server: str = ""
+    dns_cache: int = 10000
+    process_lookup: str = "on"
     # tunnel transport, proxy egress, UDP flows
     transport: str = "auto"
     edge_quic: str = "on"
@@ -119,6 +124,11 @@ VARIABLES: dict[str, str] = {
     "reconnect_max": "Connector/client: ceiling of the reconnect delay in seconds.",
     "open_timeout": "Client/edge: seconds to wait for OPEN_OK before failing a flow.",
     "socks_listen": "Client: HOST:PORT for the SOCKS5 listener (localhost only); empty disables it.",
+    "http_listen": "Client: HOST:PORT for the HTTP CONNECT proxy listener (localhost only); empty disables it.",
+    "dns_listen": "Client: HOST:PORT of the local DNS resolver (UDP and TCP; localhost only): names under the private DNS suffixes are resolved by a connector through the tunnel, others by the system resolver. Empty disables it.",
+    "dns_server": "Connector: HOST[:PORT] of the DNS server that resolves private names for clients; empty means the first `nameserver` of /etc/resolv.conf.",
+    "dns_cache": "Client: most DNS answers kept in the resolver's cache (each for its TTL).",
+    "process_lookup": "Client: `on` finds the process (name, pid) behind each captured connection on Linux and sends it for the traffic log; `off` skips it.",
     "transport": "Connector/client: tunnel transport to the edges: `quic`, `tcp` (TLS 1.3 over TCP) or `auto` (QUIC, falling back to TCP when UDP is blocked and trying QUIC again later).",
     "edge_quic": "Edge: `on` also serves QUIC tunnels on UDP at the FERRYMAN_EDGE_LISTEN port; `off` serves TLS/TCP only.",
     "quic_timeout": "Connector/client: seconds a QUIC handshake may take before `auto` falls back to TLS/TCP.",
@@ -165,6 +175,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "udp_idle_timeout": (0.1, 86400),
     "max_udp_flows": (1, 1 << 20),
     "udp_queue": (1, 1 << 16),
+    "dns_cache": (0, 10_000_000),
 }
 
 
@@ -193,7 +204,7 @@ def _coerce(field: str, raw: Any, kind: type) -> Any:
         raise SettingsError(f"{name}={raw!r}: must be 'text' or 'json'")
     if field == "transport" and value not in ("auto", "quic", "tcp"):
         raise SettingsError(f"{name}={raw!r}: must be auto, quic or tcp")
-    if field == "edge_quic" and value not in ("on", "off"):
+    if field in ("edge_quic", "process_lookup") and value not in ("on", "off"):
         raise SettingsError(f"{name}={raw!r}: must be on or off")
     if field == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"{name}={raw!r}: must be debug, info, warning or error")
