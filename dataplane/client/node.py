@@ -299,6 +299,11 @@ class Client(EndpointNode):
         tunnel.flush_soon()
         flow.timer = asyncio.get_running_loop().call_later(self.settings.open_timeout, self._open_expired, flow)
 
+    def route(self, host: str, port: int, protocol: str = "tcp") -> str:
+        """Where a connection captured by SOCKS5 or HTTP CONNECT to host:port goes: ``"tunnel"``
+        (through the edge) or ``"direct"`` (dialed from this device, not tunnelled)."""
+        return "tunnel"
+
     def _open_expired(self, flow: ClientFlow | UdpFlow) -> None:
         flow.timer = None
         if flow.active or flow.done:
