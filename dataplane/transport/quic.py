@@ -1,0 +1,698 @@
+"""Asyncio adapter that runs Ferryman tunnels over QUIC (aioquic), mutually authenticated.
+
+``QuicTunnel`` is the QUIC counterpart of ``transport.tunnel.Tunnel``: the same
+attributes and methods the nodes use (``conn``, ``flush_soon``, ``routes``, ``context``,
+``identity``, ``up_waiter``/``done_waiter``, ``writable``, ``close``/``goaway``/
+``terminate``, ...), the same ``TunnelHandler`` callbacks and the same checks of the
+peer: its certificate must chain to our CA (a client certificate is demanded by the
+server and checked here, with ``cryptography``'s X.509 verifier), name a role we accept,
+not be refused by ``handler.refuse_peer`` (revoked), and its HELLO must repeat the
+certificate's role and name. It owns the tunnel's timers: aioquic's (loss recovery,
+pacing, idle), the handshake deadline (QUIC + HELLO) and keepalive PINGs.
+
+Sends are coalesced: whatever the node queued in one loop iteration goes out in one
+``datagrams_to_send`` pass, as UDP datagrams of ``quic_packet_size``. ``writable`` turns
+False when more than ``write_buffer_high`` bytes wait in aioquic (congestion-limited) and
+True again below a quarter of it, exactly when ``Tunnel`` would pause/resume.
+
+``dial_quic`` opens one tunnel from a connector or client (its own connected UDP
+socket); ``serve_quic`` serves many on one UDP socket for an edge, routing datagrams by
+connection id. ``load_credentials`` reads the same PEM files as ``pki.server_context``
+/``client_context``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import NetworkAddress
+from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
+from aioquic.tls import AlertDescription
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from .. import pki
+from ..pki import PeerIdentity, PkiError
+from ..settings import Settings
+from ..wire import events as ev
+from ..wire.connection import ProtocolError, WireConfig
+from ..wire.quic import (
+    ConnectionIdIssued,
+    ConnectionIdRetired,
+    HandshakeCompleted,
+    QuicTunnelConnection,
+    TunnelTerminated,
+)
+from .tunnel import TunnelHandler
+
+log = logging.getLogger("ferryman.quic")
+
+CID_LENGTH = 8
+SMALLEST_INITIAL = 1200  # a client's Initial datagram is padded to at least this (RFC 9000 §14.1)
+
+
+# ---------------------------------------------------------------------------- credentials
+
+
+@dataclass(frozen=True)
+class QuicCredentials:
+    """A node's certificate, key and trusted CA, loaded once for its QUIC tunnels."""
+
+    certificate: x509.Certificate
+    chain: list[x509.Certificate]
+    private_key: CertificateIssuerPrivateKeyTypes
+    authorities: list[x509.Certificate]
+    ca_pem: bytes
+
+
+def load_credentials(cert: str, key: str, ca: str) -> QuicCredentials:
+    """Load ``cert``/``key``/``ca`` (the FERRYMAN_TLS_* files), with the checks of ``pki._context``."""
+    certificates = pki.read_certificates(cert)
+    authorities = pki.read_certificates(ca, "CA")
+    try:
+        with open(key, "rb") as fh:
+            private_key = serialization.load_pem_private_key(fh.read(), password=None)
+    except FileNotFoundError:
+        raise PkiError(f"key {key}: file not found") from None
+    except OSError as exc:
+        raise PkiError(f"key {key}: {exc.strerror}") from None
+    except TypeError:
+        raise PkiError(f"key {key}: encrypted keys are not supported") from None
+    except ValueError:
+        raise PkiError(f"key {key}: not a PEM private key") from None
+    if private_key.public_key() != certificates[0].public_key():
+        raise PkiError(f"key {key} does not match certificate {cert}")
+    if not any(pki.issued_by(certificates[0], authority) for authority in authorities):
+        raise PkiError(f"certificate {cert} is not signed by the CA in {ca}")
+    if certificates[0].not_valid_after_utc < datetime.datetime.now(datetime.timezone.utc):
+        raise PkiError(f"certificate {cert} expired at {certificates[0].not_valid_after_utc.isoformat()}")
+    return QuicCredentials(
+        certificate=certificates[0], chain=certificates[1:], private_key=private_key,  # type: ignore[arg-type]
+        authorities=authorities,
+        ca_pem=b"".join(a.public_bytes(serialization.Encoding.PEM) for a in authorities),
+    )
+
+
+def quic_configuration(credentials: QuicCredentials, settings: Settings, *, client: bool,
+                       server_name: str | None = None) -> QuicConfiguration:
+    config = QuicConfiguration(
+        is_client=client, max_datagram_size=settings.quic_packet_size, connection_id_length=CID_LENGTH,
+        idle_timeout=3 * settings.keepalive_interval + 1, server_name=server_name,
+    )
+    config.certificate = credentials.certificate
+    config.certificate_chain = list(credentials.chain)
+    config.private_key = credentials.private_key
+    config.cadata = credentials.ca_pem  # aioquic checks the server's chain and name too
+    return config
+
+
+class PeerRefused(Exception):
+    """The peer's certificate is not acceptable: ``code``/``reason`` for logs, ``alert`` for the peer."""
+
+    def __init__(self, code: str, reason: str, alert: int | None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.alert = alert
+
+
+def verify_peer(credentials: QuicCredentials, certificate: bytes | None, chain: list[bytes],
+                server_name: str | None) -> PeerIdentity:
+    """Check the peer's certificate against our CA (as a server certificate for
+    ``server_name`` when we dialed, else as a client certificate) and read its identity."""
+    if certificate is None:
+        raise PeerRefused("certificate_required", "peer presented no certificate", AlertDescription.certificate_required)
+    try:
+        leaf = x509.load_der_x509_certificate(certificate)
+        intermediates = [x509.load_der_x509_certificate(c) for c in chain]
+    except ValueError:
+        raise PeerRefused("bad_certificate", "peer certificate cannot be parsed", AlertDescription.bad_certificate) from None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+        raise PeerRefused("bad_certificate", f"peer certificate is valid from {leaf.not_valid_before_utc.isoformat()} "
+                          f"to {leaf.not_valid_after_utc.isoformat()} only", AlertDescription.certificate_expired)
+    builder = PolicyBuilder().store(Store(credentials.authorities)).time(now)
+    try:
+        if server_name is None:
+            builder.build_client_verifier().verify(leaf, intermediates)
+        else:
+            builder.build_server_verifier(_subject(server_name)).verify(leaf, intermediates)
+    except VerificationError as exc:
+        raise PeerRefused("bad_certificate", f"peer certificate not accepted: {exc}", AlertDescription.unknown_ca) from None
+    try:
+        return pki.certificate_identity(leaf, certificate, "peer certificate")
+    except PkiError as exc:
+        raise PeerRefused("bad_certificate", str(exc), AlertDescription.bad_certificate) from None
+
+
+def _subject(name: str) -> x509.DNSName | x509.IPAddress:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+# ---------------------------------------------------------------------------- tunnel
+
+
+class QuicTunnel:
+    """One Ferryman tunnel over QUIC, with the interface of ``Tunnel`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        handler: TunnelHandler,
+        config: WireConfig,
+        quic: QuicConfiguration,
+        credentials: QuicCredentials,
+        *,
+        transport: asyncio.DatagramTransport,
+        peer: NetworkAddress,
+        dialer: bool,
+        accept_roles: tuple[str, ...],
+        keepalive: float,
+        handshake_timeout: float,
+        write_buffer_high: int,
+        label: str = "",
+        server_name: str | None = None,
+        original_destination_connection_id: bytes | None = None,
+        cid_listener: Callable[[QuicTunnel, bytes, bool], None] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.conn = QuicTunnelConnection(config, quic, dialer=dialer,
+                                         original_destination_connection_id=original_destination_connection_id)
+        self.credentials = credentials
+        self.accept_roles = accept_roles
+        self.keepalive = keepalive
+        self.handshake_timeout = handshake_timeout
+        self.write_buffer_high = write_buffer_high
+        self.label = label
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.DatagramTransport | None = transport
+        self.identity: PeerIdentity | None = None
+        self.peer_addr = f"{peer[0]}:{peer[1]}"
+        self.up = False
+        self.closed = False
+        self.close_code = ""
+        self.close_reason = ""
+        self.rtt: float | None = None
+        self.writable = True
+        self.routes: dict[int, Any] = {}  # flow id -> the node's per-flow object
+        self.context: Any = None  # the node's per-tunnel state
+        self.id = os.urandom(8).hex()
+        self._peer = peer
+        self._connected = dialer  # a dialer's socket is connected: sendto without an address
+        self._server_name = server_name
+        self._cid_listener = cid_listener
+        self._peer_der: bytes | None = None
+        self._last_rx = self.loop.time()
+        self._last_ping = 0.0
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = self.loop.call_later(handshake_timeout, self._handshake_expired)
+        self._quic_timer: asyncio.TimerHandle | None = None
+        self._quic_at: float | None = None
+        self._down_sent = False
+        self.handshake_waiter: asyncio.Future[None] = self.loop.create_future()  # QUIC + certificate checks
+        self.up_waiter: asyncio.Future[None] = self.loop.create_future()  # ... and the HELLO exchange
+        self.done_waiter: asyncio.Future[None] = self.loop.create_future()
+        self._dispatch: dict[type, Callable[[Any, Any], None]] = {
+            ev.DataReceived: handler.data_received,
+            ev.CreditAvailable: handler.credit_available,
+            ev.FlowRequested: handler.flow_requested,
+            ev.FlowAccepted: handler.flow_accepted,
+            ev.FlowRejected: handler.flow_rejected,
+            ev.FlowEnded: handler.flow_ended,
+            ev.FlowClosed: handler.flow_closed,
+            ev.FlowReset: handler.flow_reset,
+            ev.OpenRefused: handler.open_refused,
+            ev.DatagramReceived: handler.datagram_received,
+            ev.GoAwayReceived: self._on_goaway,
+            ev.PongReceived: self._on_pong,
+            ev.HelloReceived: self._on_hello,
+            ev.AuthReceived: handler.auth_received,
+            HandshakeCompleted: self._on_handshake,
+            TunnelTerminated: self._on_terminated,
+            ConnectionIdIssued: self._on_cid,
+            ConnectionIdRetired: self._on_cid,
+        }
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def peer_name(self) -> str:
+        if self.conn.peer is not None:
+            return self.conn.peer.node
+        return self.identity.name if self.identity else self.peer_addr
+
+    @property
+    def draining(self) -> bool:
+        return self.conn.goaway_received or self.conn.goaway_sent
+
+    @property
+    def load(self) -> int:
+        return len(self.conn.flows)
+
+    @property
+    def sockname(self) -> tuple | None:
+        """The local address of the tunnel's UDP socket."""
+        return self.transport.get_extra_info("sockname") if self.transport is not None else None
+
+    def peer_certificate_der(self) -> bytes | None:
+        """The peer's certificate (DER) once the handshake has checked it."""
+        return self._peer_der
+
+    # ------------------------------------------------------------------ input
+    def start(self) -> None:
+        """Dialer: send the first QUIC flight."""
+        self.conn.connect(self._peer, self.loop.time())
+        self._flush()
+
+    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+        if self.closed:
+            return
+        now = self.loop.time()
+        self._last_rx = now
+        try:
+            events = self.conn.receive_datagram(data, addr, now)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._process(events)
+        self.flush_soon()
+
+    def error_received(self, exc: OSError) -> None:
+        """An ICMP error on a dialer's socket: fatal before the handshake (nothing listens), ignored after."""
+        if not self.handshake_waiter.done():
+            self.close("unreachable", f"UDP to {self.peer_addr}: {exc.strerror or exc}", abort=True)
+
+    def transport_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.closed:
+            self.close("connection_lost", f"UDP socket lost: {exc}" if exc else "UDP socket closed", abort=True)
+
+    def _process(self, events: list[ev.Event]) -> None:
+        dispatch = self._dispatch
+        for event in events:
+            dispatch[type(event)](self, event)
+            if self.closed:
+                return
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        stats = self.handler.stats
+        stats.count(stats.protocol_errors, exc.code)
+        self.close(exc.code, exc.message, error=True)
+
+    # ------------------------------------------------------------------ sending
+    def flush_soon(self) -> None:
+        """Send what the connection queued at the end of this loop iteration."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        conn = self.conn
+        datagrams = conn.datagrams_to_send(self.loop.time())
+        if self._connected:
+            for data, _addr in datagrams:
+                transport.sendto(data)
+        else:
+            for data, addr in datagrams:
+                transport.sendto(data, addr)
+        backlog = conn.backlog
+        if self.writable:
+            if backlog > self.write_buffer_high:
+                self.writable = False
+                self.handler.tunnel_writable(self, False)
+        elif backlog <= self.write_buffer_high // 4:
+            self.writable = True
+            self.handler.tunnel_writable(self, True)
+        self._arm()
+
+    def _arm(self) -> None:
+        at = self.conn.get_timer()
+        if at == self._quic_at:
+            return
+        if self._quic_timer is not None:
+            self._quic_timer.cancel()
+            self._quic_timer = None
+        self._quic_at = at
+        if at is not None and not self.closed:
+            self._quic_timer = self.loop.call_at(at, self._on_quic_timer)
+
+    def _on_quic_timer(self) -> None:
+        self._quic_timer = None
+        self._quic_at = None
+        if self.closed:
+            return
+        try:
+            events = self.conn.handle_timer(self.loop.time())
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._process(events)
+        if not self.closed:
+            self._flush()
+
+    # ------------------------------------------------------------------ control
+    def close(self, code: str, reason: str, *, error: bool = False, abort: bool = False) -> None:
+        """Close the tunnel: a CONNECTION_CLOSE naming ``code: reason`` (not sent with ``abort``)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_code = code
+        self.close_reason = reason
+        level = logging.WARNING if error or code not in ("peer_closed", "shutdown", "goaway") else logging.INFO
+        log.log(level, "tunnel closed", extra={"tunnel": self.label, "peer": self.peer_name,
+                                               "peer_addr": self.peer_addr, "code": code, "reason": reason})
+        if not abort:
+            self.conn.close(code, reason, error=error)
+            self._flush()
+        if self._connected and self.transport is not None:
+            self.transport.close()
+        self._finish()
+
+    def goaway(self, code: str, reason: str) -> None:
+        self.conn.goaway(code, reason)
+        self.flush_soon()
+
+    def terminate(self, code: str, reason: str) -> None:
+        """End the tunnel now for ``reason``; the peer reads ``code: reason`` in the CONNECTION_CLOSE."""
+        self.close(code, reason, error=True)
+
+    def _refuse(self, code: str, reason: str, alert: int | None = None) -> None:
+        self.conn.refuse(code, reason, alert)
+        self.close(code, reason, error=True)
+
+    def _finish(self) -> None:
+        for timer in (self._timer, self._quic_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._quic_timer = None
+        failure = ConnectionError(f"{self.close_code}: {self.close_reason}")
+        for waiter in (self.handshake_waiter, self.up_waiter):
+            if not waiter.done():
+                waiter.set_exception(failure)
+                waiter.exception()  # retrieved: nobody may be waiting
+        if self._cid_listener is not None:
+            self._cid_listener(self, b"", False)
+        if not self._down_sent:
+            self._down_sent = True
+            self.handler.tunnel_down(self)  # type: ignore[arg-type]
+            self.done_waiter.set_result(None)
+
+    # ------------------------------------------------------------------ internal events
+    def _on_handshake(self, tunnel: QuicTunnel, event: HandshakeCompleted) -> None:
+        try:
+            identity = verify_peer(self.credentials, event.certificate, event.chain, self._server_name)
+        except PeerRefused as exc:
+            self._refuse(exc.code, exc.reason, exc.alert)
+            return
+        if identity.role not in self.accept_roles:
+            self._refuse("role_refused", f"peer certificate role {identity.role!r} not accepted here "
+                                         f"(expected {'/'.join(self.accept_roles)})")
+            return
+        refusal = self.handler.refuse_peer(identity)
+        if refusal is not None:
+            self._refuse("certificate_revoked", refusal, AlertDescription.certificate_revoked)
+            return
+        self.identity = identity
+        self._peer_der = event.certificate
+        self.conn.initiate()
+        self.handshake_waiter.set_result(None)
+        try:
+            events = self.conn.events()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._process(events)
+        self.flush_soon()
+
+    def _on_terminated(self, tunnel: QuicTunnel, event: TunnelTerminated) -> None:
+        if event.error_code == 0 and event.code != "idle_timeout":
+            self.close("peer_closed", f"peer closed the tunnel ({event.code}: {event.reason})", abort=True)
+        else:
+            self.close(event.code, event.reason, error=True, abort=True)
+
+    def _on_cid(self, tunnel: QuicTunnel, event: ConnectionIdIssued | ConnectionIdRetired) -> None:
+        if self._cid_listener is not None:
+            self._cid_listener(self, event.cid, isinstance(event, ConnectionIdIssued))
+
+    def _on_hello(self, tunnel: QuicTunnel, event: ev.HelloReceived) -> None:
+        hello = event.hello
+        assert self.identity is not None
+        if hello.role != self.identity.role:
+            self._refuse("role_mismatch",
+                         f"HELLO says role {hello.role!r} but the certificate says {self.identity.role!r}")
+            return
+        if hello.node != self.identity.name:
+            self._refuse("name_mismatch",
+                         f"HELLO says node {hello.node!r} but the certificate names {self.identity.name!r}")
+            return
+        refusal = self.handler.refuse_peer(self.identity)  # revoked while the HELLO was on its way
+        if refusal is not None:
+            self._refuse("certificate_revoked", refusal)
+            return
+        self.up = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(self.keepalive / 4, self._keepalive)
+        self.up_waiter.set_result(None)
+        self.handler.tunnel_up(self)  # type: ignore[arg-type]
+
+    def _on_pong(self, tunnel: QuicTunnel, event: ev.PongReceived) -> None:
+        self.rtt = max(0.0, self.loop.time() - event.sent_at)
+        self.handler.stats.rtt[self.label] = self.rtt
+
+    def _on_goaway(self, tunnel: QuicTunnel, event: ev.GoAwayReceived) -> None:
+        log.info("peer draining", extra={"tunnel": self.label, "peer": self.peer_name,
+                                         "code": event.code, "reason": event.reason})
+        self.handler.goaway_received(self, event)  # type: ignore[arg-type]
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if not self.up:
+            self.close("handshake_timeout", f"no QUIC handshake and HELLO within {self.handshake_timeout:g}s")
+
+    def _keepalive(self) -> None:
+        """As ``Tunnel``: PING once per interval; a peer silent for 2.75 intervals is dead."""
+        self._timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        silent = now - self._last_rx
+        if silent > 2.75 * self.keepalive:
+            self.close("keepalive_timeout", f"no packet from peer for {silent:.1f}s")
+            return
+        if now - self._last_ping >= self.keepalive * 0.99:
+            self._last_ping = now
+            self.conn.ping(now)
+            self._flush()
+        self._timer = self.loop.call_later(self.keepalive / 4, self._keepalive)
+
+
+# ---------------------------------------------------------------------------- dialing
+
+
+class _DialEndpoint(asyncio.DatagramProtocol):
+    """The connected UDP socket of one dialed tunnel."""
+
+    def __init__(self) -> None:
+        self.tunnel: QuicTunnel | None = None
+
+    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+        if self.tunnel is not None:
+            self.tunnel.datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        if self.tunnel is not None and isinstance(exc, OSError):
+            self.tunnel.error_received(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.tunnel is not None:
+            self.tunnel.transport_lost(exc)
+
+
+async def dial_quic(
+    handler: TunnelHandler,
+    config: WireConfig,
+    host: str,
+    port: int,
+    settings: Settings,
+    credentials: QuicCredentials,
+    *,
+    label: str = "",
+    accept_roles: tuple[str, ...] = ("edge",),
+) -> QuicTunnel:
+    """Dial an edge over QUIC; returns once QUIC is up and the edge's certificate is checked.
+
+    Raises ``asyncio.TimeoutError`` after ``settings.quic_timeout`` without a handshake (UDP
+    blocked: time to fall back to TLS/TCP), ``ConnectionError`` when the handshake or the
+    certificate checks fail (the message says why) and ``OSError`` for socket errors. Await
+    ``tunnel.up_waiter`` for the HELLO exchange, as with ``Tunnel``.
+    """
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _type, proto, _name, addr = infos[0]
+    transport, endpoint = await loop.create_datagram_endpoint(_DialEndpoint, remote_addr=addr, family=family,
+                                                              proto=proto)
+    peer = transport.get_extra_info("peername") or addr
+    tunnel = QuicTunnel(
+        handler, config, quic_configuration(credentials, settings, client=True, server_name=host), credentials,
+        transport=transport, peer=peer, dialer=True, accept_roles=accept_roles,  # type: ignore[arg-type]
+        keepalive=settings.keepalive_interval, handshake_timeout=settings.handshake_timeout,
+        write_buffer_high=settings.write_buffer_high, label=label or f"{host}:{port}", server_name=host,
+    )
+    endpoint.tunnel = tunnel
+    tunnel.start()
+    try:
+        await asyncio.wait_for(asyncio.shield(tunnel.handshake_waiter), settings.quic_timeout)
+    except asyncio.TimeoutError:
+        tunnel.close("quic_timeout", f"no QUIC handshake with {host}:{port} within {settings.quic_timeout:g}s",
+                     abort=True)
+        raise
+    return tunnel
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+class QuicServer(asyncio.DatagramProtocol):
+    """An edge's QUIC listener: one UDP socket, tunnels told apart by connection id.
+
+    ``credentials`` and ``wire`` may be replaced (a renewed certificate, new limits);
+    tunnels accepted from then on use them.
+    """
+
+    def __init__(self, handler: TunnelHandler, wire: WireConfig, settings: Settings, credentials: QuicCredentials,
+                 *, accept_roles: tuple[str, ...], label: str) -> None:
+        self.handler = handler
+        self.wire = wire
+        self.settings = settings
+        self.credentials = credentials
+        self.accept_roles = accept_roles
+        self.label = label
+        self.transport: asyncio.DatagramTransport | None = None
+        self.tunnels: set[QuicTunnel] = set()
+        self.stray_datagrams = 0  # datagrams for no tunnel we know (late, or not QUIC)
+        self._by_cid: dict[bytes, QuicTunnel] = {}
+        self._cids: dict[QuicTunnel, set[bytes]] = {}
+        self._quic: tuple[QuicCredentials, QuicConfiguration] | None = None
+
+    @property
+    def sockname(self) -> tuple | None:
+        return self.transport.get_extra_info("sockname") if self.transport is not None else None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for tunnel in list(self.tunnels):
+            tunnel.transport_lost(exc)
+        self.transport = None
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP error on the QUIC listener", extra={"reason": str(exc)})
+
+    def close(self) -> None:
+        """Close every tunnel (CONNECTION_CLOSE "shutdown") and the socket."""
+        for tunnel in list(self.tunnels):
+            tunnel.close("shutdown", "edge stopped")
+        if self.transport is not None:
+            self.transport.close()
+
+    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+        except ValueError:
+            self.stray_datagrams += 1
+            return
+        tunnel = self._by_cid.get(header.destination_cid)
+        if tunnel is None:
+            tunnel = self._accept(header, data, addr)
+            if tunnel is None:
+                return
+        tunnel.datagram_received(data, addr)
+
+    def _accept(self, header: Any, data: bytes, addr: NetworkAddress) -> QuicTunnel | None:
+        assert self.transport is not None
+        config = self._configuration()
+        if (header.packet_type != QuicPacketType.VERSION_NEGOTIATION and header.version is not None
+                and header.version not in config.supported_versions):
+            self.transport.sendto(encode_quic_version_negotiation(
+                source_cid=header.destination_cid, destination_cid=header.source_cid,
+                supported_versions=config.supported_versions), addr)
+            return None
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_INITIAL:
+            self.stray_datagrams += 1
+            return None
+        s = self.settings
+        tunnel = QuicTunnel(
+            self.handler, self.wire, config, self.credentials, transport=self.transport, peer=addr, dialer=False,
+            accept_roles=self.accept_roles, keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
+            write_buffer_high=s.write_buffer_high, label=self.label,
+            original_destination_connection_id=header.destination_cid, cid_listener=self._cid_changed,
+        )
+        self.tunnels.add(tunnel)
+        self._cids[tunnel] = set()
+        self._cid_changed(tunnel, header.destination_cid, True)
+        self._cid_changed(tunnel, tunnel.conn.host_cid, True)
+        return tunnel
+
+    def _configuration(self) -> QuicConfiguration:
+        if self._quic is None or self._quic[0] is not self.credentials:
+            self._quic = (self.credentials, quic_configuration(self.credentials, self.settings, client=False))
+        return self._quic[1]
+
+    def _cid_changed(self, tunnel: QuicTunnel, cid: bytes, issued: bool) -> None:
+        """Route ``cid`` to ``tunnel`` (issued), stop routing it (retired), or forget a closed tunnel (empty cid)."""
+        cids = self._cids.get(tunnel)
+        if cids is None:
+            return
+        if not cid:
+            for old in cids:
+                if self._by_cid.get(old) is tunnel:
+                    del self._by_cid[old]
+            del self._cids[tunnel]
+            self.tunnels.discard(tunnel)
+        elif issued:
+            cids.add(cid)
+            self._by_cid[cid] = tunnel
+        else:
+            cids.discard(cid)
+            if self._by_cid.get(cid) is tunnel:
+                del self._by_cid[cid]
+
+
+async def serve_quic(
+    handler: TunnelHandler,
+    wire: WireConfig,
+    host: str,
+    port: int,
+    settings: Settings,
+    credentials: QuicCredentials,
+    *,
+    accept_roles: tuple[str, ...] = ("client", "connector"),
+    label: str = "in",
+    reuse_port: bool = False,
+) -> QuicServer:
+    """Serve QUIC tunnels on UDP ``host:port`` (port 0: any; read ``server.sockname``)."""
+    loop = asyncio.get_running_loop()
+    _transport, server = await loop.create_datagram_endpoint(
+        lambda: QuicServer(handler, wire, settings, credentials, accept_roles=accept_roles, label=label),
+        local_addr=(host, port), reuse_port=reuse_port or None,
+    )
+    return server

@@ -1,0 +1,973 @@
+"""Sans-I/O Ferryman tunnel over QUIC: the ``TunnelConnection`` API and events on aioquic.
+
+``QuicTunnelConnection`` carries the Ferryman protocol (``frames.py``) over one aioquic
+``QuicConnection`` and offers nodes the same local API (open_flow, accept_flow,
+send_data, credit, acknowledge, ...) and the same events as ``TunnelConnection``:
+
+- stream 0 (opened by the dialer, the QUIC client) is the control stream: in each
+  direction the preamble, HELLO, then PING/PONG, GOAWAY and AUTH frames;
+- every flow is one bidirectional QUIC stream opened by the side that opens the flow,
+  starting with its OPEN and carrying that flow's frames (OPEN_OK/OPEN_FAIL, DATA,
+  WINDOW, FIN, RST) in the usual frame format. The flow id is a function of the stream
+  id (dialer flows 1, 3, 5 ... on streams 4, 8, 12 ...; acceptor flows 2, 4, 6 ... on
+  streams 1, 5, 9 ...), and a frame naming another flow is a protocol error. A side
+  ends its half of the stream as soon as the flow is gone for it (FIN both ways, RST,
+  OPEN_FAIL), so aioquic discards finished streams promptly;
+- a UDP flow's payloads are QUIC DATAGRAM frames (RFC 9221): a u32 flow id, then the
+  payload, never split.
+
+Ferryman's per-flow credit is kept on top of QUIC: ``send_data`` takes what the peer's
+credit allows, WINDOW frames return credit, a peer that exceeds it is cut off. QUIC's
+own stream and connection windows slide with what aioquic has delivered (not with what
+nodes have consumed), so they only bound reordering memory and bytes in flight and are
+sized not to be the bottleneck. aioquic's send buffers and datagram queue are bounded
+here: ``backlog`` is what waits to be sent (the adapter turns it into ``writable``) and
+``send_datagram`` refuses beyond ``MAX_PENDING_DATAGRAMS``.
+
+The I/O entry points mirror aioquic: ``connect``, ``receive_datagram``,
+``datagrams_to_send``, ``get_timer``, ``handle_timer``. Besides the wire events, the
+transport gets ``HandshakeCompleted`` (the peer's certificates, to check before anything
+else happens: events after it are held until ``initiate()`` or ``refuse()``),
+``TunnelTerminated`` and connection id changes (for a server routing datagrams).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import struct
+
+import msgspec
+from aioquic.quic import events as qev
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import (
+    CONNECTION_LIMIT_FRAME_CAPACITY,
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    NetworkAddress,
+    QuicConnection,
+)
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from . import events as ev
+from .connection import OPEN, OPENING, Flow, FlowError, ProtocolError, WireConfig
+from .frames import (
+    DECODERS,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_CONTROL_BODY,
+    MAX_FLOW_ID,
+    MAX_WINDOW,
+    PING_BODY,
+    PREAMBLE,
+    PREAMBLE_SIZE,
+    ROLES,
+    VERSION,
+    WINDOW_BODY,
+    Auth,
+    FrameType,
+    GoAway,
+    Hello,
+    Open,
+    OpenFail,
+    OpenOk,
+    Rst,
+    encode_control,
+    encode_header,
+    encode_ping,
+    encode_preamble,
+    encode_window,
+)
+
+ALPN = "ferryman/1"
+CONTROL_STREAM = 0
+# Application error codes of CONNECTION_CLOSE; the reason phrase is "<code>: <message>".
+CLOSE_NORMAL = 0x0
+CLOSE_ERROR = 0x1
+# A DATAGRAM frame must fit one packet: short header with the longest connection id (1 + 20),
+# packet number (2), AEAD tag (16), frame type (1), length (2), then our u32 flow id.
+DATAGRAM_OVERHEAD = 1 + 20 + 2 + 16 + 1 + 2 + 4
+MAX_PENDING_DATAGRAMS = 512
+# Stream bytes held for flow streams that arrive before the peer's HELLO (QUIC may reorder
+# the control stream behind the first OPENs); beyond this the peer is not waiting for HELLO.
+MAX_EARLY_BYTES = 262144
+MAX_REASON = 1000
+
+_FLOW_TAG = struct.Struct("!I")
+_DATA = FrameType.DATA
+_WINDOW = FrameType.WINDOW
+_FIN = FrameType.FIN
+_RST = FrameType.RST
+_OPEN = FrameType.OPEN
+_OPEN_OK = FrameType.OPEN_OK
+_OPEN_FAIL = FrameType.OPEN_FAIL
+_PING = FrameType.PING
+_PONG = FrameType.PONG
+_GOAWAY = FrameType.GOAWAY
+_HELLO = FrameType.HELLO
+_AUTH = FrameType.AUTH
+_CONTROL_FRAMES = frozenset((_HELLO, _PING, _PONG, _GOAWAY, _AUTH))
+_FLOW_FRAMES = frozenset((_OPEN, _OPEN_OK, _OPEN_FAIL, _DATA, _WINDOW, _FIN, _RST))
+_KNOWN_FRAMES = frozenset(int(t) for t in FrameType)
+_FIXED_LENGTH = {_WINDOW: 4, _PING: 8, _PONG: 8, _FIN: 0}
+_unpack_header = HEADER.unpack_from
+_unpack_window = WINDOW_BODY.unpack_from
+_unpack_ping = PING_BODY.unpack_from
+_unpack_tag = _FLOW_TAG.unpack_from
+_REASON_RE = re.compile(r"([a-z][a-z0-9_]{0,63}): (.*)", re.S)
+
+
+# ---------------------------------------------------------------------------- events
+
+
+class HandshakeCompleted(ev.Event):
+    """QUIC + TLS are up. ``certificate`` is the peer's DER certificate (None if it sent
+    none), ``chain`` the intermediates it sent. Check them, then ``initiate()`` or ``refuse()``."""
+
+    __slots__ = ("certificate", "chain")
+
+    def __init__(self, certificate: bytes | None, chain: list[bytes]) -> None:
+        self.certificate = certificate
+        self.chain = chain
+
+
+class TunnelTerminated(ev.Event):
+    """The QUIC connection is over. ``code``/``reason`` come from a CONNECTION_CLOSE
+    ("<code>: <message>") or describe another end (idle timeout, TLS failure);
+    ``error_code`` is the QUIC error code (0: a normal close)."""
+
+    __slots__ = ("code", "reason", "error_code")
+
+    def __init__(self, code: str, reason: str, error_code: int) -> None:
+        self.code = code
+        self.reason = reason
+        self.error_code = error_code
+
+
+class ConnectionIdIssued(ev.Event):
+    """A new local connection id the peer may address datagrams to."""
+
+    __slots__ = ("cid",)
+
+    def __init__(self, cid: bytes) -> None:
+        self.cid = cid
+
+
+class ConnectionIdRetired(ev.Event):
+    """A local connection id the peer no longer uses."""
+
+    __slots__ = ("cid",)
+
+    def __init__(self, cid: bytes) -> None:
+        self.cid = cid
+
+
+# ---------------------------------------------------------------------------- aioquic
+
+
+class _Quic(QuicConnection):
+    """aioquic's connection plus what Ferryman needs and aioquic has no switch for.
+
+    Every use of aioquic internals is here: a server requests the client's certificate
+    (``tls._request_client_certificate``; the chain is checked by the transport at
+    ``HandshakeCompleted``), the bidirectional stream limit follows the flow limit and
+    unidirectional streams are refused, and the stream and connection windows slide a
+    fixed distance ahead of the delivered bytes instead of doubling without bound.
+    """
+
+    def __init__(
+        self,
+        configuration: QuicConfiguration,
+        *,
+        max_streams: int,
+        stream_window: int,
+        connection_window: int,
+        original_destination_connection_id: bytes | None = None,
+    ) -> None:
+        super().__init__(
+            configuration=configuration, original_destination_connection_id=original_destination_connection_id
+        )
+        self._stream_window = stream_window
+        self._connection_window = connection_window
+        self.delivered = 0  # stream bytes handed to the application, all streams
+        bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
+        bidi.value = bidi.sent = max_streams
+        uni.value = uni.sent = 0
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            self.tls._request_client_certificate = True
+
+    def peer_certificates(self) -> tuple[bytes | None, list[bytes]]:
+        tls = self.tls
+        cert = tls._peer_certificate
+        if cert is None:
+            return None, []
+        return cert.public_bytes(Encoding.DER), [c.public_bytes(Encoding.DER) for c in tls._peer_certificate_chain]
+
+    def sent_offset(self, stream_id: int) -> int | None:
+        """How far a stream's data has been sent at least once; None once aioquic discarded it."""
+        stream = self._streams.get(stream_id)
+        return stream.sender.highest_offset if stream is not None else None
+
+    def pending_datagrams(self) -> int:
+        return len(self._datagrams_pending)
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        window = self._connection_window
+        max_data = self._local_max_data
+        if self.delivered + window - max_data.value >= window // 2:
+            max_data.value = self.delivered + window
+        for limit in (max_data, self._local_max_streams_bidi):
+            if limit is not max_data and limit.sent - limit.used >= limit.value - limit.sent:
+                continue  # batch MAX_STREAMS as aioquic does
+            if limit.value != limit.sent:
+                buf = builder.start_frame(
+                    limit.frame_type, capacity=CONNECTION_LIMIT_FRAME_CAPACITY,
+                    handler=self._on_connection_limit_delivery, handler_args=(limit,),
+                )
+                buf.push_uint_var(limit.value)
+                limit.sent = limit.value
+
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream) -> None:
+        if not stream.max_stream_data_local:
+            return  # a local unidirectional stream (never used here)
+        window = self._stream_window
+        target = stream.receiver.starting_offset() + window
+        if target - stream.max_stream_data_local >= window // 2:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA, capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery, handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+def stream_of(flow_id: int) -> int:
+    """The QUIC stream of a flow: dialer (odd) flows on client streams, acceptor (even) on server ones."""
+    return 2 * flow_id + 2 if flow_id % 2 else 2 * flow_id - 3
+
+
+def flow_of(stream_id: int) -> int:
+    return stream_id // 2 - 1 if stream_id % 4 == 0 else (stream_id + 3) // 2
+
+
+class _Stream:
+    """Receive-side parse state of one QUIC stream, and what we wrote to it."""
+
+    __slots__ = ("id", "flow_id", "buf", "left", "opened", "preamble", "written", "ended", "peer_ended")
+
+    def __init__(self, stream_id: int, flow_id: int, *, preamble: bool = False, opened: bool = False) -> None:
+        self.id = stream_id
+        self.flow_id = flow_id
+        self.buf = bytearray()  # an incomplete header or control body
+        self.left = 0  # bytes still to come of a DATA payload whose header was read
+        self.opened = opened  # a peer stream's OPEN was read (local streams: True)
+        self.preamble = preamble  # the control stream still expects the peer's preamble
+        self.written = 0  # bytes handed to aioquic
+        self.ended = False  # our half is finished (or queued to finish)
+        self.peer_ended = False
+
+
+class QuicTunnelConnection:
+    """One Ferryman tunnel over one QUIC connection; see the module docstring."""
+
+    def __init__(
+        self,
+        config: WireConfig,
+        quic: QuicConfiguration,
+        *,
+        dialer: bool,
+        original_destination_connection_id: bytes | None = None,
+        connection_window: int = 16 * 1024 * 1024,
+    ) -> None:
+        if quic.is_client != dialer:
+            raise ValueError("the dialer of a QUIC tunnel is the QUIC client")
+        stream_window = 4 * max(config.window, config.max_frame) + 65536
+        window = max(connection_window, 2 * stream_window)
+        quic = dataclasses.replace(quic, max_stream_data=stream_window, max_data=window,
+                                   max_datagram_frame_size=65535, alpn_protocols=[ALPN])
+        self.config = config
+        self.dialer = dialer
+        self.peer: Hello | None = None
+        self.flows: dict[int, Flow] = {}
+        self.goaway_sent = False
+        self.goaway_received = False
+        self.late_frames = 0
+        self.pending_opens = 0
+        self.backlog = 0  # bytes queued in aioquic not yet sent once (plus pending datagrams)
+        self.max_datagram = quic.max_datagram_size - DATAGRAM_OVERHEAD
+        self.quic = _Quic(
+            quic, max_streams=2 * config.max_flows + 1, stream_window=stream_window,
+            connection_window=window, original_destination_connection_id=original_destination_connection_id,
+        )
+        self._dead: ProtocolError | None = None
+        self._terminated = False
+        self._held = False  # HandshakeCompleted returned; events wait for initiate()/refuse()
+        self._initiated = False
+        self._streams: dict[int, _Stream] = {}
+        self._pending: dict[_Stream, list[bytes | memoryview]] = {}
+        self._backlogged: set[_Stream] = set()
+        self._early: list[tuple[int, bytes, bool]] = []
+        # The acceptor may write to the control stream only once the dialer opened it.
+        self._control_open = dialer
+        self._control_early: list[bytes | memoryview] = []
+        self._early_bytes = 0
+        self._next_id = 1 if dialer else 2
+        self._peer_parity = 0 if dialer else 1
+        self._peer_last_id = 0  # highest flow id the peer opened (QUIC may reorder OPENs)
+        self._ack_threshold = max(1, config.window // 4)
+        self._max_frame = config.max_frame
+
+    # ------------------------------------------------------------------ I/O
+    def connect(self, addr: NetworkAddress, now: float) -> None:
+        """Dialer: start the QUIC handshake towards ``addr``."""
+        self.quic.connect(addr, now)
+
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> list[ev.Event]:
+        """Feed one UDP datagram; returns the events it caused. Raises ProtocolError on a violation."""
+        self.quic.receive_datagram(data, addr, now)
+        return self.events()
+
+    def handle_timer(self, now: float) -> list[ev.Event]:
+        self.quic.handle_timer(now)
+        return self.events()
+
+    def get_timer(self) -> float | None:
+        return self.quic.get_timer()
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        """Hand queued frames to aioquic and return the UDP datagrams to send now."""
+        quic = self.quic
+        pending = self._pending
+        if pending:
+            for st, chunks in pending.items():
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                st.written += len(data)
+                quic.send_stream_data(st.id, data, st.ended)
+                self._backlogged.add(st)
+            pending.clear()
+        datagrams = quic.datagrams_to_send(now)
+        backlog = quic.pending_datagrams() * self.max_datagram
+        if self._backlogged:
+            done = []
+            for st in self._backlogged:
+                sent = quic.sent_offset(st.id)
+                if sent is None or sent >= st.written:
+                    done.append(st)
+                else:
+                    backlog += st.written - sent
+            self._backlogged.difference_update(done)
+        self.backlog = backlog
+        return datagrams
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._pending)
+
+    @property
+    def dead(self) -> ProtocolError | None:
+        return self._dead
+
+    @property
+    def host_cid(self) -> bytes:
+        return self.quic.host_cid
+
+    def events(self) -> list[ev.Event]:
+        """Turn what aioquic queued into events (stopping after a HandshakeCompleted)."""
+        events: list[ev.Event] = []
+        if self._held or self._terminated:
+            return events
+        if self._dead is not None:
+            raise self._dead
+        quic = self.quic
+        try:
+            while True:
+                qe = quic.next_event()
+                if qe is None:
+                    break
+                kind = type(qe)
+                if kind is qev.StreamDataReceived:
+                    self.quic.delivered += len(qe.data)
+                    self._stream_data(qe.stream_id, qe.data, qe.end_stream, events)
+                elif kind is qev.DatagramFrameReceived:
+                    self._datagram(qe.data, events)
+                elif kind is qev.HandshakeCompleted:
+                    certificate, chain = quic.peer_certificates()
+                    events.append(HandshakeCompleted(certificate, chain))
+                    self._held = True
+                    break
+                elif kind is qev.ConnectionTerminated:
+                    self._terminated = True
+                    events.append(self._terminated_event(qe))
+                    break
+                elif kind is qev.ConnectionIdIssued:
+                    events.append(ConnectionIdIssued(qe.connection_id))
+                elif kind is qev.ConnectionIdRetired:
+                    events.append(ConnectionIdRetired(qe.connection_id))
+                elif kind is qev.StreamReset or kind is qev.StopSendingReceived:
+                    raise ProtocolError("stream_state", f"QUIC stream {qe.stream_id} reset by the peer; "
+                                                        "flows end with RST frames")
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            err = ProtocolError("bad_frame", f"undecodable control frame: {exc}")
+            self._fail(err)
+            raise err from None
+        return events
+
+    @staticmethod
+    def _terminated_event(qe: qev.ConnectionTerminated) -> TunnelTerminated:
+        phrase = qe.reason_phrase or ""
+        match = _REASON_RE.fullmatch(phrase)
+        if match:
+            return TunnelTerminated(match.group(1), match.group(2), qe.error_code)
+        if phrase == "Idle timeout":
+            return TunnelTerminated("idle_timeout", "QUIC idle timeout: no packet from the peer", qe.error_code)
+        if 0x100 <= qe.error_code < 0x200:
+            return TunnelTerminated("tls_error", f"TLS alert {qe.error_code - 0x100}: {phrase or 'handshake failed'}",
+                                    qe.error_code)
+        if qe.error_code:
+            return TunnelTerminated("quic_error", f"QUIC error 0x{qe.error_code:x}: {phrase}", qe.error_code)
+        return TunnelTerminated("closed", phrase or "QUIC connection closed", 0)
+
+    # ------------------------------------------------------------------ handshake / close
+    def initiate(self) -> None:
+        """The peer's certificate is accepted: send our preamble + HELLO and release held events."""
+        c = self.config
+        hello = Hello(
+            role=c.role, node=c.node, max_frame=c.max_frame, window=c.window,
+            max_flows=c.max_flows, group=c.group, features=list(c.features), software=c.software, token=c.token,
+        )
+        self._held = False
+        self._initiated = True
+        control = self._control()
+        chunks = self._pending.setdefault(control, []) if self._control_open else self._control_early
+        chunks.insert(0, encode_preamble() + encode_control(0, hello))  # before a GOAWAY queued ahead of it
+
+    def refuse(self, code: str, reason: str, tls_alert: int | None = None) -> None:
+        """Refuse the peer after HandshakeCompleted: CONNECTION_CLOSE with a TLS alert
+        (a certificate problem) or an application error, naming ``code`` and ``reason``."""
+        self._held = True
+        phrase = f"{code}: {reason}"[:MAX_REASON]
+        if tls_alert is not None:
+            self.quic.close(QuicErrorCode.CRYPTO_ERROR + tls_alert, QuicFrameType.CRYPTO, phrase)
+        else:
+            self.quic.close(CLOSE_ERROR, None, phrase)
+
+    def close(self, code: str, reason: str, *, error: bool = False) -> None:
+        """Close the QUIC connection with ``code: reason`` as its reason phrase."""
+        self.quic.close(CLOSE_ERROR if error else CLOSE_NORMAL, None, f"{code}: {reason}"[:MAX_REASON])
+
+    def _fail(self, exc: ProtocolError) -> None:
+        self._dead = exc
+        self._pending.clear()
+        self.close(exc.code, exc.message, error=True)
+
+    # ------------------------------------------------------------------ local API
+    def open_flow(self, request: Open) -> int:
+        peer = self._require_peer()
+        if self.goaway_received:
+            raise FlowError("draining", f"peer {peer.node} is draining (GOAWAY); no new flows")
+        if self.goaway_sent:
+            raise FlowError("draining", "this tunnel is draining; no new flows")
+        if len(self.flows) >= peer.max_flows:
+            raise FlowError("too_many_flows", f"peer {peer.node} allows at most {peer.max_flows} flows per tunnel")
+        flow_id = self._next_id
+        if flow_id > MAX_FLOW_ID:
+            raise FlowError("flow_ids_exhausted", "flow ids exhausted on this tunnel")
+        self._next_id = flow_id + 2
+        flow = Flow(flow_id, True, peer.window, self.config.window, request.protocol == "udp")
+        self.flows[flow_id] = flow
+        sid = stream_of(flow_id)
+        st = self._streams[sid] = _Stream(sid, flow_id, opened=True)
+        self._queue(st, encode_control(flow_id, request))
+        return flow_id
+
+    def accept_flow(self, flow_id: int, bound: str = "", remote: str = "") -> None:
+        flow = self._remote_opening(flow_id)
+        flow.state = OPEN
+        self.pending_opens -= 1
+        self._queue(self._streams[stream_of(flow_id)], encode_control(flow_id, OpenOk(bound=bound, remote=remote)))
+
+    def reject_flow(self, flow_id: int, code: str, reason: str) -> None:
+        self._remote_opening(flow_id)
+        self.pending_opens -= 1
+        self._queue(self._streams[stream_of(flow_id)], encode_control(flow_id, OpenFail(code=code, reason=reason[:1024])))
+        self._forget(flow_id)
+
+    def send_data(self, flow_id: int, data: bytes | memoryview) -> int:
+        """Queue as much of ``data`` as the flow's credit allows; returns the bytes taken."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            raise FlowError("no_flow", f"flow {flow_id} does not exist")
+        if flow.state != OPEN or flow.sent_fin or flow.udp:
+            raise FlowError("flow_state", f"flow {flow_id} cannot send data now")
+        size = len(data)
+        n = size if size <= flow.send_credit else flow.send_credit
+        if n <= 0:
+            return 0
+        flow.send_credit -= n
+        max_frame = self.peer.max_frame  # type: ignore[union-attr]
+        st = self._streams[stream_of(flow_id)]
+        out = self._pending.get(st)
+        if out is None:
+            out = self._pending[st] = []
+        if n <= max_frame:
+            out.append(encode_header(_DATA, flow_id, n))
+            out.append(data if n == size else memoryview(data)[:n])
+            return n
+        view = memoryview(data)
+        for start in range(0, n, max_frame):
+            chunk = view[start:min(start + max_frame, n)]
+            out.append(encode_header(_DATA, flow_id, len(chunk)))
+            out.append(chunk)
+        return n
+
+    def credit(self, flow_id: int) -> int:
+        flow = self.flows.get(flow_id)
+        return flow.send_credit if flow is not None else 0
+
+    def send_fin(self, flow_id: int) -> bool:
+        """Half-close our direction. Returns True when the flow is now fully closed."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            raise FlowError("no_flow", f"flow {flow_id} does not exist")
+        if flow.state != OPEN or flow.sent_fin or flow.udp:
+            raise FlowError("flow_state", f"flow {flow_id} cannot be half-closed now")
+        flow.sent_fin = True
+        self._queue(self._streams[stream_of(flow_id)], encode_header(_FIN, flow_id, 0))
+        if flow.got_fin:
+            self._forget(flow_id)
+            return True
+        return False
+
+    def reset_flow(self, flow_id: int, code: str, reason: str = "") -> None:
+        """Abort a flow in both directions. A flow that is already gone is ignored."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            return
+        if not flow.local and flow.state == OPENING:
+            self.pending_opens -= 1
+        self._queue(self._streams[stream_of(flow_id)], encode_control(flow_id, Rst(code=code, reason=reason[:1024])))
+        self._forget(flow_id)
+
+    def acknowledge(self, flow_id: int, size: int) -> None:
+        """Tell the connection ``size`` received bytes were consumed; grants credit back."""
+        flow = self.flows.get(flow_id)
+        if flow is None or flow.got_fin:
+            return
+        unacked = flow.unacked + size
+        if unacked >= self._ack_threshold:
+            flow.recv_credit += unacked
+            flow.unacked = 0
+            self._queue(self._streams[stream_of(flow_id)], encode_window(flow_id, unacked))
+        else:
+            flow.unacked = unacked
+
+    def send_datagram(self, flow_id: int, data: bytes | memoryview) -> None:
+        """Queue one datagram of an open UDP flow as one QUIC DATAGRAM frame."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            raise FlowError("no_flow", f"flow {flow_id} does not exist")
+        if not flow.udp or flow.state != OPEN:
+            raise FlowError("flow_state", f"flow {flow_id} cannot carry a datagram now")
+        limit = min(self.max_datagram, self.peer.max_frame)  # type: ignore[union-attr]
+        if len(data) > limit:
+            raise FlowError("datagram_too_large", f"datagram of {len(data)} bytes exceeds the {limit} bytes "
+                                                  "a QUIC datagram of this tunnel carries")
+        if self.quic.pending_datagrams() >= MAX_PENDING_DATAGRAMS:
+            raise FlowError("datagram_queue_full", f"{MAX_PENDING_DATAGRAMS} datagrams already wait to be sent")
+        self.quic.send_datagram_frame(_FLOW_TAG.pack(flow_id) + data)
+
+    def ping(self, value: float) -> None:
+        self._queue(self._control(), encode_ping(_PING, value))
+
+    def send_auth(self, token: str) -> None:
+        """Queue an AUTH frame carrying a new access token (after HELLO)."""
+        self._require_peer()
+        self._queue(self._control(), encode_control(0, Auth(token=token)))
+
+    def goaway(self, code: str, reason: str = "") -> None:
+        if not self.goaway_sent:
+            self.goaway_sent = True
+            self._queue(self._control(), encode_control(0, GoAway(code=code, reason=reason[:1024])))
+
+    # ------------------------------------------------------------------ output helpers
+    def _control(self) -> _Stream:
+        st = self._streams.get(CONTROL_STREAM)
+        if st is None:
+            st = self._streams[CONTROL_STREAM] = _Stream(CONTROL_STREAM, 0, preamble=True, opened=True)
+        return st
+
+    def _queue(self, st: _Stream, chunk: bytes | memoryview) -> None:
+        if not self._control_open and st.id == CONTROL_STREAM:
+            self._control_early.append(chunk)
+            return
+        out = self._pending.get(st)
+        if out is None:
+            self._pending[st] = [chunk]
+        else:
+            out.append(chunk)
+
+    def _forget(self, flow_id: int) -> None:
+        """The flow is gone for us: drop it and finish our half of its stream."""
+        self.flows.pop(flow_id, None)
+        st = self._streams.get(stream_of(flow_id))
+        if st is None or st.ended:
+            return
+        st.ended = True
+        if st not in self._pending:
+            self._pending[st] = []
+        if st.peer_ended:
+            del self._streams[st.id]
+
+    # ------------------------------------------------------------------ input: streams
+    def _stream_data(self, sid: int, data: bytes, end: bool, events: list[ev.Event]) -> None:
+        if sid == CONTROL_STREAM and not self._control_open:
+            self._control_open = True
+            if self._control_early:
+                self._pending[self._control()] = self._control_early
+                self._control_early = []
+        st = self._streams.get(sid)
+        if st is None:
+            if sid % 4 >= 2:
+                raise ProtocolError("bad_stream", f"unidirectional QUIC stream {sid}")
+            if self.peer is None:
+                self._hold_early(sid, data, end)
+                return
+            st = self._new_peer_stream(sid)
+        elif st.peer_ended:
+            raise ProtocolError("stream_state", f"data on QUIC stream {sid} after its end")
+        if data:
+            self._parse(st, data, events)
+        if end:
+            self._peer_end(st)
+
+    def _hold_early(self, sid: int, data: bytes, end: bool) -> None:
+        self._early_bytes += len(data)
+        if self._early_bytes > MAX_EARLY_BYTES:
+            raise ProtocolError("hello_required", f"over {MAX_EARLY_BYTES} bytes of flow streams before HELLO")
+        self._early.append((sid, data, end))
+
+    def _new_peer_stream(self, sid: int) -> _Stream:
+        if sid == CONTROL_STREAM:
+            raise ProtocolError("bad_stream", "the control stream is opened by the dialer")
+        flow_id = flow_of(sid)
+        if flow_id % 2 != self._peer_parity:
+            raise ProtocolError("bad_flow_id", f"QUIC stream {sid} was not opened by the peer")
+        st = self._streams[sid] = _Stream(sid, flow_id)
+        return st
+
+    def _peer_end(self, st: _Stream) -> None:
+        if st.buf or st.left or st.preamble:
+            raise ProtocolError("bad_frame", f"QUIC stream {st.id} ended inside a frame")
+        if st.id == CONTROL_STREAM:
+            raise ProtocolError("stream_state", "peer ended the control stream")
+        if st.flow_id in self.flows:
+            raise ProtocolError("stream_state", f"flow {st.flow_id}: stream ended without FIN, RST or OPEN_FAIL")
+        st.peer_ended = True
+        if st.ended:
+            del self._streams[st.id]
+
+    def _parse(self, st: _Stream, data: bytes, events: list[ev.Event]) -> None:
+        n = len(data)
+        view = memoryview(data)
+        pos = 0
+        if st.left:
+            pos = self._payload(st, view, 0, n, events)
+            if st.left:
+                return
+        buf = st.buf
+        if buf:
+            # Complete the header (or control body) an earlier chunk left unfinished.
+            while True:
+                need = self._wanted(st, buf)
+                if len(buf) >= need:
+                    break
+                if len(buf) >= HEADER_SIZE and buf[0] == _DATA:
+                    _t, _f, flow_id, length = _unpack_header(buf, 0)
+                    buf.clear()
+                    self._data_start(st, flow_id, length)
+                    st.left = length
+                    pos = self._payload(st, view, pos, n, events)
+                    if st.left:
+                        return
+                    break
+                take = min(need - len(buf), n - pos)
+                if take == 0:
+                    return
+                buf += view[pos:pos + take]
+                pos += take
+            if buf:
+                whole = bytes(buf)
+                buf.clear()
+                if st.preamble:
+                    self._preamble(st, whole, 0)
+                else:
+                    ftype, _flags, flow_id, _length = _unpack_header(whole, 0)
+                    if ftype == _DATA:  # an empty DATA frame
+                        self._data_start(st, flow_id, 0)
+                    else:
+                        self._frame(st, ftype, flow_id, memoryview(whole)[HEADER_SIZE:], events)
+        while pos < n:
+            remaining = n - pos
+            if st.preamble:
+                if remaining < PREAMBLE_SIZE:
+                    break
+                self._preamble(st, data, pos)
+                pos += PREAMBLE_SIZE
+                continue
+            if remaining < HEADER_SIZE:
+                break
+            ftype, _flags, flow_id, length = _unpack_header(data, pos)
+            self._check_header(st, ftype, length)
+            body = pos + HEADER_SIZE
+            end = body + length
+            if ftype == _DATA:
+                self._data_start(st, flow_id, length)
+                if end > n:
+                    st.left = length
+                    self._payload(st, view, body, n, events)
+                    return
+                if length and st.flow_id in self.flows:
+                    events.append(ev.DataReceived(flow_id, view[body:end]))
+            elif end > n:
+                break
+            else:
+                self._frame(st, ftype, flow_id, view[body:end], events)
+            pos = end
+        if pos < n:
+            buf += view[pos:]
+
+    def _payload(self, st: _Stream, view: memoryview, pos: int, n: int, events: list[ev.Event]) -> int:
+        take = min(st.left, n - pos)
+        st.left -= take
+        if take and st.flow_id in self.flows:
+            events.append(ev.DataReceived(st.flow_id, view[pos:pos + take]))
+        return pos + take
+
+    def _wanted(self, st: _Stream, buf: bytearray) -> int:
+        if st.preamble:
+            return PREAMBLE_SIZE
+        if len(buf) < HEADER_SIZE:
+            return HEADER_SIZE
+        ftype, _flags, _flow_id, length = _unpack_header(buf, 0)
+        self._check_header(st, ftype, length)
+        return HEADER_SIZE + length
+
+    def _preamble(self, st: _Stream, data: bytes, pos: int) -> None:
+        magic, version = PREAMBLE.unpack_from(data, pos)
+        if magic != MAGIC:
+            raise ProtocolError("bad_preamble", "not a Ferryman tunnel: bad magic in preamble")
+        if version != VERSION:
+            raise ProtocolError(
+                "unsupported_version", f"peer speaks protocol version {version}; this node speaks version {VERSION}"
+            )
+        st.preamble = False
+
+    def _check_header(self, st: _Stream, ftype: int, length: int) -> None:
+        allowed = _CONTROL_FRAMES if st.id == CONTROL_STREAM else _FLOW_FRAMES
+        if ftype not in allowed:
+            if ftype not in _KNOWN_FRAMES:
+                raise ProtocolError("unknown_frame", f"unknown frame type {ftype}")
+            where = "the control stream" if st.id == CONTROL_STREAM else f"the stream of flow {st.flow_id}"
+            raise ProtocolError("bad_frame", f"{FrameType(ftype).name} frame on {where}")
+        if ftype == _DATA:
+            if length > self._max_frame:
+                raise ProtocolError("frame_too_large", f"frame of {length} bytes exceeds the maximum of {self._max_frame}")
+        elif ftype in _FIXED_LENGTH:
+            if length != _FIXED_LENGTH[ftype]:
+                raise ProtocolError("bad_frame", f"{FrameType(ftype).name} frame with length {length}")
+        elif length > MAX_CONTROL_BODY:
+            raise ProtocolError("frame_too_large", f"{FrameType(ftype).name} body of {length} bytes exceeds "
+                                                   f"{MAX_CONTROL_BODY}")
+
+    def _data_start(self, st: _Stream, flow_id: int, length: int) -> None:
+        """Check a DATA header against its stream, the flow's state and credit."""
+        if flow_id != st.flow_id:
+            raise ProtocolError("bad_flow_id", f"DATA for flow {flow_id} on the stream of flow {st.flow_id}")
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            self._late_frame(st, "DATA")
+            return
+        if flow.state != OPEN or flow.got_fin or flow.udp:
+            raise ProtocolError(
+                "stream_state",
+                f"DATA on flow {flow_id} "
+                f"{'after FIN' if flow.got_fin else 'of a UDP flow' if flow.udp else 'before OPEN_OK'}",
+            )
+        if length > flow.recv_credit:
+            raise ProtocolError(
+                "flow_control", f"flow {flow_id}: peer sent {length} bytes with only {flow.recv_credit} bytes of credit"
+            )
+        flow.recv_credit -= length
+
+    def _late_frame(self, st: _Stream, what: str) -> None:
+        if not st.opened:
+            raise ProtocolError("stream_state", f"{what} before OPEN on the stream of flow {st.flow_id}")
+        self.late_frames += 1
+
+    def _frame(self, st: _Stream, ftype: int, flow_id: int, payload: memoryview, events: list[ev.Event]) -> None:
+        if st.id == CONTROL_STREAM:
+            self._control_frame(ftype, payload, events)
+            return
+        if flow_id != st.flow_id:
+            raise ProtocolError("bad_flow_id", f"{FrameType(ftype).name} for flow {flow_id} on the stream of "
+                                               f"flow {st.flow_id}")
+        if not st.opened:
+            if ftype != _OPEN:
+                raise ProtocolError("stream_state", f"{FrameType(ftype).name} before OPEN on the stream of "
+                                                    f"flow {flow_id}")
+            st.opened = True
+            self._remote_open(st, DECODERS[_OPEN].decode(payload), events)
+            return
+        if ftype == _WINDOW:
+            (increment,) = _unpack_window(payload, 0)
+            if increment == 0:
+                raise ProtocolError("bad_frame", f"WINDOW with flow {flow_id} increment 0")
+            flow = self.flows.get(flow_id)
+            if flow is None:
+                self.late_frames += 1
+                return
+            credit = flow.send_credit + increment
+            if credit > MAX_WINDOW:
+                raise ProtocolError("flow_control", f"flow {flow_id}: credit overflow ({credit} bytes)")
+            flow.send_credit = credit
+            events.append(ev.CreditAvailable(flow_id, credit))
+        elif ftype == _FIN:
+            flow = self.flows.get(flow_id)
+            if flow is None:
+                self.late_frames += 1
+                return
+            if flow.state != OPEN or flow.got_fin or flow.udp:
+                raise ProtocolError("stream_state", f"unexpected FIN on flow {flow_id}")
+            flow.got_fin = True
+            events.append(ev.FlowEnded(flow_id))
+            if flow.sent_fin:
+                self._forget(flow_id)
+                events.append(ev.FlowClosed(flow_id))
+        elif ftype == _RST:
+            body = DECODERS[_RST].decode(payload)
+            flow = self.flows.get(flow_id)
+            if flow is None:
+                self.late_frames += 1
+                return
+            if not flow.local and flow.state == OPENING:
+                self.pending_opens -= 1
+            self._forget(flow_id)
+            events.append(ev.FlowReset(flow_id, body.code, body.reason))
+        elif ftype == _OPEN_OK:
+            body = DECODERS[_OPEN_OK].decode(payload)
+            flow = self._local_opening(flow_id, "OPEN_OK")
+            if flow is not None:
+                flow.state = OPEN
+                events.append(ev.FlowAccepted(flow_id, body.bound, body.remote))
+        elif ftype == _OPEN_FAIL:
+            body = DECODERS[_OPEN_FAIL].decode(payload)
+            if self._local_opening(flow_id, "OPEN_FAIL") is not None:
+                self._forget(flow_id)
+                events.append(ev.FlowRejected(flow_id, body.code, body.reason))
+        elif ftype == _OPEN:
+            raise ProtocolError("stream_state", f"second OPEN on the stream of flow {flow_id}")
+
+    def _control_frame(self, ftype: int, payload: memoryview, events: list[ev.Event]) -> None:
+        if self.peer is None:
+            if ftype != _HELLO:
+                raise ProtocolError("hello_required", f"{FrameType(ftype).name} frame before HELLO")
+            hello = DECODERS[_HELLO].decode(payload)
+            if hello.role not in ROLES:
+                raise ProtocolError("bad_hello", f"unknown role {hello.role!r} in HELLO")
+            if hello.max_frame < 1024:
+                raise ProtocolError("bad_hello", f"peer max_frame {hello.max_frame} is below 1024")
+            self.peer = hello
+            events.append(ev.HelloReceived(hello))
+            early, self._early = self._early, []
+            for sid, data, end in early:
+                self._stream_data(sid, data, end, events)
+            return
+        if ftype == _PING:
+            self._queue(self._control(), encode_header(_PONG, 0, 8) + bytes(payload))
+        elif ftype == _PONG:
+            events.append(ev.PongReceived(_unpack_ping(payload, 0)[0]))
+        elif ftype == _GOAWAY:
+            body = DECODERS[_GOAWAY].decode(payload)
+            self.goaway_received = True
+            events.append(ev.GoAwayReceived(body.code, body.reason))
+        elif ftype == _AUTH:
+            events.append(ev.AuthReceived(DECODERS[_AUTH].decode(payload).token))
+        elif ftype == _HELLO:
+            raise ProtocolError("bad_hello", "second HELLO on the same tunnel")
+
+    def _remote_open(self, st: _Stream, request: Open, events: list[ev.Event]) -> None:
+        flow_id = st.flow_id
+        self._peer_last_id = max(self._peer_last_id, flow_id)
+        if self.goaway_sent:
+            code, reason = "draining", f"{self.config.role} {self.config.node} is draining"
+        elif len(self.flows) >= self.config.max_flows:
+            code, reason = "too_many_flows", f"at most {self.config.max_flows} flows per tunnel"
+        elif self.pending_opens >= self.config.max_pending_opens:
+            code, reason = "too_many_pending", f"at most {self.config.max_pending_opens} pending OPENs per tunnel"
+        else:
+            self.flows[flow_id] = Flow(flow_id, False, self.peer.window, self.config.window,  # type: ignore[union-attr]
+                                       request.protocol == "udp")
+            self.pending_opens += 1
+            events.append(ev.FlowRequested(flow_id, request))
+            return
+        self._queue(st, encode_control(flow_id, OpenFail(code=code, reason=reason)))
+        self._forget(flow_id)
+        events.append(ev.OpenRefused(flow_id, code, reason))
+
+    def _local_opening(self, flow_id: int, what: str) -> Flow | None:
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            self.late_frames += 1
+            return None
+        if not flow.local or flow.state != OPENING:
+            raise ProtocolError("stream_state", f"unexpected {what} on flow {flow_id}")
+        return flow
+
+    def _remote_opening(self, flow_id: int) -> Flow:
+        flow = self.flows.get(flow_id)
+        if flow is None or flow.local or flow.state != OPENING:
+            raise FlowError("flow_state", f"flow {flow_id} is not awaiting an answer")
+        return flow
+
+    # ------------------------------------------------------------------ input: datagrams
+    def _datagram(self, data: bytes, events: list[ev.Event]) -> None:
+        if len(data) < 4:
+            raise ProtocolError("bad_frame", f"QUIC datagram of {len(data)} bytes has no flow id")
+        if len(data) - 4 > self._max_frame:
+            raise ProtocolError("frame_too_large", f"datagram of {len(data) - 4} bytes exceeds {self._max_frame}")
+        if self.peer is None:
+            raise ProtocolError("hello_required", "QUIC datagram before HELLO")
+        (flow_id,) = _unpack_tag(data, 0)
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            ours = flow_id % 2 != self._peer_parity
+            known = flow_id < self._next_id if ours else flow_id <= self._peer_last_id
+            if flow_id == 0 or not known:
+                raise ProtocolError("unknown_flow", f"DATAGRAM for flow {flow_id}, which was never opened")
+            self.late_frames += 1
+            return
+        if not flow.udp or flow.state != OPEN:
+            raise ProtocolError("stream_state", f"DATAGRAM on flow {flow_id} "
+                                                f"{'before OPEN_OK' if flow.udp else 'of a TCP flow'}")
+        events.append(ev.DatagramReceived(flow_id, memoryview(data)[4:]))
+
+    def _require_peer(self) -> Hello:
+        if self.peer is None:
+            raise FlowError("not_ready", "tunnel handshake (HELLO) has not completed")
+        return self.peer
