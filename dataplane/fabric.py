@@ -77,6 +77,7 @@ class Fabric:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.metrics: dict[str, str] = {}
         self.logs: dict[str, str] = {}
+        self.prefix: dict[str, list[str]] = {}  # command prefix per node, e.g. ["ip", "netns", "exec", NS]
         self._specs: dict[str, tuple[str, list[str], dict[str, str]]] = {}
 
     @property
@@ -124,8 +125,8 @@ class Fabric:
         self.logs[name] = log_path
         with open(log_path, "ab") as log:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", module, role, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                [*self.prefix.get(name, []), sys.executable, "-m", module, role, *args], env=env, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
 
     def _ready_url(self, name: str) -> str:
@@ -135,7 +136,7 @@ class Fabric:
 
     def start(self, timeout: float = 30.0) -> None:
         os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
-        self.edge_port = free_port()
+        self.edge_port = self.edge_port or free_port()  # a test may pick it before start()
         edge_addr = f"127.0.0.1:{self.edge_port}"
         fwd_args = [a for lh, lp, h, p, proto in self.forwards
                     for a in ("--forward", f"{lh}:{lp}={h}:{p}" + ("/udp" if proto == "udp" else ""))]

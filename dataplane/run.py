@@ -26,6 +26,7 @@ from .apps import AppsError, AppTable
 from .observability import setup_logging
 from .runtime import NodeIdentity, run_node
 from .settings import Settings, SettingsError, read_config_file, load, variable_name
+from .transport.proxy import announce_egress
 
 log = logging.getLogger("ferryman.identity")
 
@@ -138,6 +139,8 @@ def run_command(args: argparse.Namespace) -> int:
             log.info("FERRYMAN_TLS_* not set: using the signed-in session",
                      extra={"user": keeper.session.upn, "device": keeper.session.device_id,
                             "session": keeper.directory})
+        if args.node in ("connector", "client"):
+            announce_egress(settings)  # a malformed proxy URL stops the node here; logs the proxy in use
         node = _build(args, settings, identity, registered, keeper, follow_edges=not _explicit("edges", overrides))
     except (SettingsError, AppsError, pki.PkiError, register.RegisterError, ValueError) as exc:
         print(f"ferryman {args.node}: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ import uvloop
 
 from . import pki
 from .settings import Settings, SettingsError
+from .transport.proxy import dial_tls, egress_proxy
 from .transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from .wire.connection import WireConfig
 
@@ -103,7 +104,7 @@ async def keep_tunnel(
     node whose certificate is renewed hands out the new context, a client its current
     access token in the HELLO); ``edges`` is read at every dial,
     so a node may replace its contents (new edges from the control plane)."""
-    loop = asyncio.get_running_loop()
+    proxy = egress_proxy(settings)  # HTTP CONNECT proxy for TLS/TCP dials (None: direct)
     backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
     attempt = 0
     while running():
@@ -112,11 +113,11 @@ async def keep_tunnel(
         config = wire() if callable(wire) else wire
         name = f"{label}{host}:{port}"
         try:
-            _, tunnel = await loop.create_connection(
+            _, tunnel = await dial_tls(
                 lambda: Tunnel(node, config, dialer=True, accept_roles=("edge",),
                                keepalive=settings.keepalive_interval, handshake_timeout=settings.handshake_timeout,
                                write_buffer_high=settings.write_buffer_high, label=name),
-                host, port, ssl=context, server_hostname=host, ssl_handshake_timeout=settings.handshake_timeout,
+                host, port, context, handshake_timeout=settings.handshake_timeout, proxy=proxy,
             )
             await tunnel.up_waiter
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
