@@ -138,3 +138,15 @@ def udp_snmp() -> dict[str, int]:
     with open("/proc/net/snmp") as fh:
         rows = [line.split()[1:] for line in fh if line.startswith("Udp:")]
     return {key: int(value) for key, value in zip(rows[0], rows[1])} if len(rows) >= 2 else {}
+
+
+def runqueue_wait_seconds(pids: list[int]) -> float:
+    """Seconds ``pids`` spent runnable but waiting for a CPU (/proc/PID/schedstat, field 2)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as fh:
+                total += int(fh.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9

@@ -102,8 +102,7 @@ def test_quick_udp_rows_on_direct_and_ferryman(tmp_path):
             detail = rnd["details"][workload]
             assert detail["corrupted"] == 0 and detail["duplicates"] == 0, detail
             assert 0 < detail["received"] <= detail["sent"] and detail["lost"] == detail["sent"] - detail["received"]
-            assert detail["backend"]["datagrams_out"] >= detail["received"]
-            assert detail["backend"]["senders"] >= doc["parameters"]["udp_flows"]
+            assert detail["backend"]["datagrams_in"] >= detail["received"] <= detail["backend"]["datagrams_out"]
             assert rnd["metrics"][f"{key}_dgram_s"] > 0 and 0 <= rnd["metrics"][f"{key}_loss_pct"] <= 100
             assert 0 < rnd["metrics"][f"{key}_p50_us"] <= rnd["metrics"][f"{key}_p99_us"]
             drops = detail["drops"]
