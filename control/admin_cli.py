@@ -15,7 +15,7 @@ Where it connects and with which key:
   the process list: prefer the file).
 
 Commands: ``apps``, ``segments``, ``groups``, ``connectors``, ``edges``, ``certs``, ``dns``,
-``tokens``, ``keys``, ``assignments`` (who an application is assigned to: ``list|add|remove
+``profile`` (the forwarding profile's fail mode: ``show|set --fail-mode closed|open``), ``tokens``, ``keys``, ``assignments`` (who an application is assigned to: ``list|add|remove
 APP --user U | --group G``), ``locations`` (named locations: ``list|create|update|delete``),
 ``policies`` (conditional access: ``list|show|create|update|delete``), ``users``
 (``list|show|create|update|delete|reset-totp|sessions``), ``user-groups``
@@ -591,6 +591,20 @@ def cmd_dns_remove(ctx: Ctx, args: argparse.Namespace) -> int:
     ctx.client.call("DELETE", f"/v1/dns-suffixes/{_quote(args.suffix)}")
     if not ctx.json:
         print(f"removed private DNS suffix {args.suffix!r}")
+    return 0
+
+
+def cmd_profile_show(ctx: Ctx, _args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("GET", "/v1/forwarding-profile"),
+             lambda p: f"fail mode: {p['fail_mode']} (client agents "
+                       f"{'refuse' if p['fail_mode'] == 'closed' else 'dial directly'} private destinations while "
+                       f"no edge is reachable); changed {when(p['updated_at'])}")
+    return 0
+
+
+def cmd_profile_set(ctx: Ctx, args: argparse.Namespace) -> int:
+    ctx.show(ctx.client.call("PUT", "/v1/forwarding-profile", {"fail_mode": args.fail_mode}),
+             lambda p: f"fail mode is now {p['fail_mode']}")
     return 0
 
 
@@ -1653,6 +1667,12 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(dns, "list", "list private DNS suffixes", cmd_dns_list)
     leaf(dns, "add", "add a private DNS suffix", cmd_dns_add).add_argument("suffix")
     leaf(dns, "remove", "remove a private DNS suffix", cmd_dns_remove).add_argument("suffix")
+
+    profile = group("profile", "the forwarding profile client agents follow (fail mode)")
+    leaf(profile, "show", "show the forwarding profile's fail mode", cmd_profile_show)
+    leaf(profile, "set", "set the fail mode", cmd_profile_set).add_argument(
+        "--fail-mode", required=True, choices=["closed", "open"],
+        help="closed: refuse private destinations while no edge is reachable; open: dial them directly")
 
     tokens = group("tokens", "one-time node registration tokens")
     p = leaf(tokens, "create", "issue a registration token (shown once)", cmd_tokens_create)

@@ -169,6 +169,7 @@ def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenK
         token_keys=sorted(({str(k): str(v) for k, v in key.items()} for key in token_keys),
                           key=lambda key: (key.get("kid", ""), sorted(key.items()))),
         token_issuer=token_issuer,
+        fail_mode=repo.forwarding_profile(session).fail_mode,  # type: ignore[arg-type]  # checked by the schema
     )
 
 

@@ -159,6 +159,9 @@ class ConfigSnapshot(msgspec.Struct, dict=True):
     # the issuer they name: edges verify users' tokens offline with these.
     token_keys: list[dict[str, str]] = []
     token_issuer: str = ""
+    # The forwarding profile's fail mode: what client agents do with private destinations
+    # while no edge is reachable ("closed": refuse them, "open": dial them directly).
+    fail_mode: Literal["closed", "open"] = "closed"
 
 
 class _VersionOnly(msgspec.Struct):
@@ -239,6 +242,39 @@ def app_table(snapshot: ConfigSnapshot) -> AppTable:
         raise SnapshotError(str(exc)) from None
     per_app = sum(1 for a in ordered if a.kind == "per_app")
     return TieredAppTable(parsed[:per_app], parsed[per_app:])
+
+
+# ---------------------------------------------------------------------------- client forwarding profile
+
+
+class ClientProfile(msgspec.Struct):
+    """What a signed-in client agent is told (``GET /v1/client/profile``): the private
+    applications' segments (which destinations to tunnel), the private DNS suffixes, the
+    fail mode and the edges. Assignments stay out of it: the edge decides each flow, and
+    a user who is not assigned gets the edge's reason rather than a silent direct dial."""
+
+    version: Annotated[int, msgspec.Meta(ge=0)]
+    issued_at: str
+    applications: list[SnapApp] = []
+    dns_suffixes: list[str] = []
+    fail_mode: Literal["closed", "open"] = "closed"
+    edges: list[str] = []
+
+
+def client_profile(snapshot: ConfigSnapshot) -> ClientProfile:
+    """The forwarding profile of ``snapshot`` (the same for every user)."""
+    return ClientProfile(
+        version=snapshot.version, issued_at=snapshot.issued_at,
+        applications=[SnapApp(name=a.name, kind=a.kind, connector_group=a.connector_group, segments=a.segments)
+                      for a in snapshot.applications if a.segments],
+        dns_suffixes=list(snapshot.dns_suffixes), fail_mode=snapshot.fail_mode, edges=list(snapshot.edges),
+    )
+
+
+def profile_table(profile: ClientProfile) -> AppTable:
+    """The profile's applications for ``AppTable.match``, tiered like the edge's (``app_table``)."""
+    return app_table(ConfigSnapshot(version=profile.version, issued_at=profile.issued_at,
+                                    applications=profile.applications))
 
 
 # ---------------------------------------------------------------------------- revocations

@@ -41,7 +41,7 @@ POSTGRES_VARIABLE = "TEST_POSTGRES_URL"
 TABLES = {"alembic_version", "connector_groups", "applications", "segments", "connectors", "edges", "dns_suffixes",
           "admin_keys", "audit_records", "registration_tokens", "revocations", "config_version",
           "issued_certificates", "users", "recovery_codes", "user_groups", "group_members", "devices", "sessions",
-          "app_assignments", "named_locations", "access_policies", "traffic_logs"}
+          "app_assignments", "named_locations", "access_policies", "traffic_logs", "forwarding_profile"}
 ACTOR = "admin-key:tests"
 
 
@@ -123,7 +123,7 @@ def version(store: Store) -> int:
 
 def test_migrations_build_the_schema_on_an_empty_database(url: str) -> None:
     with open_store(url) as store:
-        assert store.migrations_applied == ("0001", "0002", "0003", "0004")
+        assert store.migrations_applied == ("0001", "0002", "0003", "0004", "0005")
         assert set(sa.inspect(store.engine).get_table_names()) == TABLES
         with store.read() as session:
             groups = repo.list_groups(session)
@@ -170,7 +170,7 @@ def test_upgrading_from_0001_records_the_certificates_of_existing_nodes(store: S
         assert "issued_certificates" not in sa.inspect(conn).get_table_names()
     store.close()
     with open_store(url) as upgraded:
-        assert upgraded.migrations_applied == ("0002", "0003", "0004")
+        assert upgraded.migrations_applied == ("0002", "0003", "0004", "0005")
         with upgraded.read() as session:
             assert repo.node_for_certificate(session, 0xABC).id == connector.id
             assert repo.node_for_certificate(session, 0x4D).id == edge.id
@@ -211,7 +211,7 @@ def test_plain_postgresql_urls_use_psycopg(postgres_url: str) -> None:
     plain = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
     with open_store(plain) as store:
         assert store.engine.dialect.driver == "psycopg"
-        assert store.migrations_applied == ("0001", "0002", "0003", "0004")
+        assert store.migrations_applied == ("0001", "0002", "0003", "0004", "0005")
 
 
 def test_times_are_aware_utc_and_naive_times_are_refused(store: Store) -> None:

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Router, delete, get, patch, post
+from litestar import Router, delete, get, patch, post, put
 from litestar.di import Provide
 from litestar.exceptions import ValidationException
 from litestar.params import Parameter
@@ -41,6 +41,8 @@ from control.store.models import (
 
 from .deps import Api, provide_actor, require_admin
 from .schemas import (
+    ForwardingProfileOut,
+    ForwardingProfileUpdate,
     AdminKeyCreate,
     AdminKeyCreated,
     AdminKeyOut,
@@ -255,6 +257,24 @@ def remove_dns_suffix(api: Api, actor: str, suffix: str) -> None:
         repo.remove_dns_suffix(session, actor, suffix)
 
 
+# ---------------------------------------------------------------------------- forwarding profile
+
+
+@get("/forwarding-profile", sync_to_thread=True, tags=["clients"])
+def get_forwarding_profile(api: Api) -> ForwardingProfileOut:
+    with api.store.read() as session:
+        row = repo.forwarding_profile(session)
+        return ForwardingProfileOut(fail_mode=row.fail_mode, updated_at=row.updated_at)
+
+
+@put("/forwarding-profile", sync_to_thread=True, tags=["clients"])
+def set_forwarding_profile(api: Api, actor: str, data: ForwardingProfileUpdate) -> ForwardingProfileOut:
+    """Change the fail mode client agents follow (it reaches them with the next configuration version)."""
+    with api.store.begin() as session:
+        row = repo.set_fail_mode(session, actor, data.fail_mode)
+        return ForwardingProfileOut(fail_mode=row.fail_mode, updated_at=row.updated_at)
+
+
 # ---------------------------------------------------------------------------- registration tokens
 
 
@@ -392,7 +412,7 @@ def get_config_version(api: Api) -> ConfigVersionOut:
 ADMIN_HANDLERS = [
     list_applications, get_application, create_application, update_application, delete_application,
     add_segment, remove_segment, list_groups, create_group, list_connectors, get_connector, list_edges, get_edge,
-    list_dns_suffixes, add_dns_suffix, remove_dns_suffix, list_tokens, create_token, list_admin_keys,
+    list_dns_suffixes, add_dns_suffix, remove_dns_suffix, get_forwarding_profile, set_forwarding_profile, list_tokens, create_token, list_admin_keys,
     create_admin_key, revoke_admin_key, list_revocations, revoke_node, issue_client_certificate, list_audit,
     get_config_version,
 ]

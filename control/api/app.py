@@ -28,6 +28,7 @@ from control.tokens import TokenSigner
 
 from .admin import admin_router
 from .auth import auth_router
+from .client import client_router
 from .deps import DEFAULT_HEARTBEAT_INTERVAL, Api, provide_api
 from .errors import EXCEPTION_HANDLERS
 from .identity import identity_router
@@ -105,7 +106,7 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     )
     app = Litestar(
         route_handlers=[admin_router(), policy_router(), identity_router(), auth_router(), oidc_router(),
-                        traffic_router(), register, health, *NODE_ROUTES],
+                        client_router(), traffic_router(), register, health, *NODE_ROUTES],
         on_startup=[start_following],
         on_shutdown=[stop_following],
         dependencies={"api": Provide(provide_api, sync_to_thread=False)},

@@ -153,6 +153,17 @@ class DnsSuffixOut(msgspec.Struct):
 # ---------------------------------------------------------------------------- registration tokens
 
 
+class ForwardingProfileUpdate(_Request):
+    fail_mode: Literal["closed", "open"]
+
+
+class ForwardingProfileOut(msgspec.Struct):
+    """``fail_mode``: what client agents do with private destinations while no edge is reachable."""
+
+    fail_mode: str
+    updated_at: datetime
+
+
 class TokenCreate(_Request):
     role: Role
     group: str | None = None  # connectors only; default: the default connector group

@@ -37,6 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 APP_KINDS = ("per_app", "quick_access")
+FAIL_MODES = ("closed", "open")
 SEGMENT_KINDS = ("hostname", "wildcard", "ip", "cidr", "range")
 TOKEN_ROLES = ("connector", "edge")
 DEFAULT_GROUP = "default"
@@ -215,6 +216,18 @@ class DnsSuffix(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     suffix: Mapped[str] = mapped_column(String(253), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ForwardingProfile(Base):
+    """What client agents are told besides the segments (one row): ``fail_mode`` says what they do
+    with private destinations while no edge is reachable (``closed``: refuse, ``open``: go direct)."""
+
+    __tablename__ = "forwarding_profile"
+    __table_args__ = (CheckConstraint(_one_of("fail_mode", FAIL_MODES), name="ck_forwarding_profile_fail_mode"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fail_mode: Mapped[str] = mapped_column(String(8), default="closed")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AdminKey(Base):

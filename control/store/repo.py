@@ -35,6 +35,7 @@ from dataplane import apps
 from .errors import StoreError
 from .models import (
     APP_KINDS,
+    FAIL_MODES,
     TOKEN_ROLES,
     AccessPolicy,
     AdminKey,
@@ -45,6 +46,7 @@ from .models import (
     ConnectorGroup,
     DnsSuffix,
     Edge,
+    ForwardingProfile,
     IssuedCertificate,
     RegistrationToken,
     Revocation,
@@ -408,6 +410,35 @@ def remove_dns_suffix(session: Session, actor: str, suffix: str) -> None:
     session.delete(row)
     session.flush()
     _record(session, actor, "dns_suffix.delete", "dns_suffix", before["id"], before, None, config=True)
+
+
+# ---------------------------------------------------------------------------- forwarding profile
+
+
+def forwarding_profile(session: Session) -> ForwardingProfile:
+    """The one forwarding-profile row (migration 0005 creates it)."""
+    row = session.get(ForwardingProfile, 1)
+    if row is None:
+        raise StoreError("not_found", "the forwarding profile is missing: run the control plane's migrations")
+    return row
+
+
+@_change
+def set_fail_mode(session: Session, actor: str, fail_mode: str) -> ForwardingProfile:
+    """What client agents do with private destinations while no edge is reachable."""
+    if fail_mode not in FAIL_MODES:
+        raise StoreError("invalid", f"fail mode {fail_mode!r} must be one of {', '.join(FAIL_MODES)}")
+    _lock_config(session)
+    row = forwarding_profile(session)
+    if row.fail_mode == fail_mode:
+        return row
+    before = _state(row)
+    row.fail_mode = fail_mode
+    row.updated_at = utcnow()
+    session.flush()
+    _record(session, actor, "forwarding_profile.update", "forwarding_profile", row.id, before, _state(row),
+            config=True)
+    return row
 
 
 # ---------------------------------------------------------------------------- connectors and edges

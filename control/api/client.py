@@ -1,0 +1,71 @@
+"""The route signed-in client agents follow: their forwarding profile.
+
+``GET /v1/client/profile?after=N&wait=S`` (``Authorization: Bearer <access token>``) answers
+the profile (``dataplane.snapshot.ClientProfile``: private applications' segments, private
+DNS suffixes, fail mode, edges) once the configuration version is above ``N``, or 204
+after waiting up to ``S`` seconds (long-poll, like the nodes' configuration). The token's
+session must still be live: a revoked session, device or disabled account gets 401 with
+the reason, so an agent learns it must sign in again.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio.to_thread
+import msgspec
+from litestar import Request, Response, Router, get
+from litestar.exceptions import HTTPException, NotAuthorizedException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+
+from control.snapshot import TooManyWaiters
+from control.store import StoreError, identity
+from dataplane.snapshot import ClientProfile, client_profile
+
+from .auth import require_user
+from .deps import Api
+from .nodes import MAX_WAIT
+
+
+def _live(api: Api, session_id: str) -> None:
+    with api.store.read() as session:
+        identity.active_session(session, session_id)
+
+
+@get("/profile", guards=[require_user], security=[{"accessToken": []}],
+     responses={204: ResponseSpec(None, description="no newer profile within `wait` seconds")},
+     media_type="application/json")
+async def profile(
+    request: Request,
+    after: Annotated[int, Parameter(ge=-1, description="the profile version the agent holds (-1: none)")] = -1,
+    wait: Annotated[float, Parameter(ge=0, description=f"seconds to wait for a newer version (at most {MAX_WAIT:g})")]
+    = 0.0,
+) -> Response[bytes]:
+    """The forwarding profile once its version is above ``after``; 204 after ``wait`` seconds without one."""
+    api: Api = request.app.state.api
+    try:
+        await anyio.to_thread.run_sync(_live, api, request.state.claims.sid)
+    except StoreError as exc:
+        raise NotAuthorizedException(f"access token refused: {exc}") from None
+    current = api.hub.current
+    if current is None:
+        raise HTTPException(status_code=503, detail="the configuration has not been loaded from the store yet; "
+                                                    "retry in a moment")
+    if after > current.version:  # the database was restored from a backup: hand out what there is
+        snapshot = current
+    else:
+        try:
+            snapshot = await api.hub.wait_newer(after, min(wait, MAX_WAIT))
+        except TooManyWaiters as exc:
+            raise HTTPException(status_code=503, detail=str(exc), headers={"Retry-After": "5"}) from None
+        if snapshot is None:
+            return Response(b"", status_code=204, media_type="application/json")
+    body: ClientProfile = client_profile(snapshot)
+    return Response(msgspec.json.encode(body), status_code=200, media_type="application/json",
+                    headers={"X-Ferryman-Config-Version": str(snapshot.version)})
+
+
+def client_router() -> Router:
+    """The ``/v1/client`` routes (an access token, no admin key)."""
+    return Router(path="/v1/client", route_handlers=[profile], security=[], tags=["clients"])
