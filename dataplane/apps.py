@@ -401,6 +401,10 @@ def _parse_address(text: str) -> tuple[int, int] | None:
     return 6, value
 
 
+def _first(candidates: Sequence[_Candidate] | None) -> Match | None:
+    return candidates[0][1] if candidates else None
+
+
 class AppTable:
     """The applications an edge knows, indexed for a per-flow ``match``."""
 
@@ -461,3 +465,21 @@ class AppTable:
                 version, value = address
                 return (index.v4 if version == 4 else index.v6).match(value, port)
         return index.match_name(name.rstrip("."), port)
+
+    def covering_name(self, name: str) -> Match | None:
+        """The most specific hostname or wildcard segment covering the DNS name ``name`` on any
+        port or protocol (which application a private name belongs to), or None."""
+        name = name.lower().rstrip(".")
+        for protocol in PROTOCOLS:
+            index = self._index[protocol]
+            found = _first(index.names.get(name))
+            if found is not None:
+                return found
+        dot = name.find(".")
+        while dot >= 0:  # longest suffix first
+            for protocol in PROTOCOLS:
+                found = _first(self._index[protocol].wildcards.get(name[dot + 1:]))
+                if found is not None:
+                    return found
+            dot = name.find(".", dot + 1)
+        return None

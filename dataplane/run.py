@@ -80,7 +80,7 @@ def add_node_commands(sub: Any) -> None:
                         help="local port forward (repeatable)")
     client.add_argument("--socks", dest="socks_listen", help="SOCKS5 listen HOST:PORT (FERRYMAN_SOCKS_LISTEN)")
     client.set_defaults(node="client")
-    csub = client.add_subparsers(dest="node_cmd", metavar="{login}", title="subcommands")
+    csub = client.add_subparsers(dest="node_cmd", metavar="{login,logout,status}", title="subcommands")
     login = csub.add_parser("login", help="sign in (password, then TOTP if enrolled; or --oidc) and register this "
                                           "device",
                             description="Sign in at the control plane and register this device: a device key is "
@@ -98,6 +98,16 @@ def add_node_commands(sub: Any) -> None:
     login.add_argument("--recovery-code", default="", help="a one-time recovery code instead of a TOTP code")
     login.add_argument("--device-name", default="", help="this device's name (default: the host name)")
     login.add_argument("--dir", help="where to store the session (default: FERRYMAN_DATA_DIR/client)")
+    logout = csub.add_parser("logout", help="end the signed-in session (at the control plane too) and forget it here",
+                             description="Sign out: the control plane ends the session (its refresh token stops "
+                                         "working, edges refuse its access tokens) and the session and cached "
+                                         "forwarding profile are removed from DIR. The device key and certificate "
+                                         "stay; a running agent stops being let through by the edges.")
+    logout.add_argument("--dir", help="the session's directory (default: FERRYMAN_DATA_DIR/client)")
+    status = csub.add_parser("status", help="what the running client agent reports: user, device, tunnel, "
+                                            "flows, profile")
+    status.add_argument("--dir", help="the agent's directory (default: FERRYMAN_DATA_DIR/client)")
+    status.add_argument("--json", action="store_true", help="the status as JSON")
 
     p = sub.add_parser("pki", help="certificates for nodes until the control plane issues them")
     psub = p.add_subparsers(dest="pki_cmd", required=True)
@@ -120,6 +130,10 @@ def run_command(args: argparse.Namespace) -> int:
         return _register(args)
     if getattr(args, "node_cmd", None) == "login":
         return _login(args)
+    if getattr(args, "node_cmd", None) == "logout":
+        return _logout(args)
+    if getattr(args, "node_cmd", None) == "status":
+        return _status(args)
     try:
         if args.node == "pki":
             return _pki_init(args)
@@ -309,6 +323,51 @@ def _login_done(session: Any, directory: str, data_dir: str) -> int:
         print("# `ferryman client` uses them by itself while FERRYMAN_TLS_* are unset")
     else:  # ferryman client looks in FERRYMAN_DATA_DIR/client
         print(f"# `ferryman client` uses them when {directory} is its FERRYMAN_DATA_DIR/{CLIENT_DIR}")
+    return 0
+
+
+def _client_directory(args: argparse.Namespace) -> str:
+    from .client.signin import default_directory
+
+    return os.path.abspath(args.dir) if args.dir else os.path.abspath(default_directory(load().data_dir))
+
+
+def _logout(args: argparse.Namespace) -> int:
+    from .client.signin import SignInError, logout
+
+    try:
+        directory = _client_directory(args)
+        upn, remote = logout(directory)
+    except (SettingsError, pki.PkiError, SignInError) as exc:
+        print(f"ferryman client logout: {exc}", file=sys.stderr)
+        return 1
+    if remote:
+        print(f"# signed out {upn}: the control plane ended the session; it is removed from {directory}")
+    else:
+        print(f"# {upn}'s session is removed from {directory}, but the control plane could not be told: "
+              f"it ends when its refresh token expires (or revoke it: ferryman admin sessions revoke)", file=sys.stderr)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from .client import status
+
+    try:
+        directory = _client_directory(args)
+    except SettingsError as exc:
+        print(f"ferryman client status: {exc}", file=sys.stderr)
+        return 2
+    data, problem = status.read(directory)
+    if args.json:
+        print(json.dumps({"running": not problem, "problem": problem, "status": data}, indent=1))
+    elif data is not None and not problem:
+        print(status.render(data))
+    if problem:
+        if not args.json:
+            print(f"ferryman client status: {problem}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -66,6 +66,7 @@ class Settings(msgspec.Struct, kw_only=True):
     http_listen: str = ""
     dns_listen: str = ""
     dns_server: str = ""
+    dns_upstream: str = ""
     dns_cache: int = 10000
     process_lookup: str = "on"
     # tunnel transport, proxy egress, UDP flows
@@ -79,6 +80,7 @@ class Settings(msgspec.Struct, kw_only=True):
     udp_idle_timeout: float = 120.0
     max_udp_flows: int = 4096
     udp_queue: int = 256
+    udp_buffer: int = 4194304
     # wire limits
     max_frame: int = 262144
     flow_window: int = 524288
@@ -127,6 +129,7 @@ VARIABLES: dict[str, str] = {
     "http_listen": "Client: HOST:PORT for the HTTP CONNECT proxy listener (localhost only); empty disables it.",
     "dns_listen": "Client: HOST:PORT of the local DNS resolver (UDP and TCP; localhost only): names under the private DNS suffixes are resolved by a connector through the tunnel, others by the system resolver. Empty disables it.",
     "dns_server": "Connector: HOST[:PORT] of the DNS server that resolves private names for clients; empty means the first `nameserver` of /etc/resolv.conf.",
+    "dns_upstream": "Client: HOST[:PORT] of the DNS server its resolver asks for names that are not private; empty means the first `nameserver` of /etc/resolv.conf (other than the resolver itself).",
     "dns_cache": "Client: most DNS answers kept in the resolver's cache (each for its TTL).",
     "process_lookup": "Client: `on` finds the process (name, pid) behind each captured connection on Linux and sends it for the traffic log; `off` skips it.",
     "transport": "Connector/client: tunnel transport to the edges: `quic`, `tcp` (TLS 1.3 over TCP) or `auto` (QUIC, falling back to TCP when UDP is blocked and trying QUIC again later).",
@@ -139,6 +142,7 @@ VARIABLES: dict[str, str] = {
     "udp_idle_timeout": "Seconds without a datagram either way after which a UDP flow ends.",
     "max_udp_flows": "Client/connector: most UDP flows at once (per UDP forward at the client, in all at the connector).",
     "udp_queue": "Datagrams held per UDP flow while it opens or its tunnel is busy; beyond that they are dropped and counted.",
+    "udp_buffer": "Client/connector: receive and send buffer in bytes asked for on each UDP socket (the kernel caps it at net.core.rmem_max/wmem_max).",
     "max_frame": "Largest frame payload accepted or sent, bytes.",
     "flow_window": "Initial per-flow credit window, bytes (per direction).",
     "max_flows": "Most concurrent flows per tunnel; further OPENs are refused.",
@@ -175,6 +179,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "udp_idle_timeout": (0.1, 86400),
     "max_udp_flows": (1, 1 << 20),
     "udp_queue": (1, 1 << 16),
+    "udp_buffer": (4096, 1 << 30),
     "dns_cache": (0, 10_000_000),
 }
 

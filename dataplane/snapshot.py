@@ -222,6 +222,12 @@ class TieredAppTable(AppTable):
             return self._fallback.match(host, port, protocol)
         return found
 
+    def covering_name(self, name: str) -> Match | None:
+        found = super().covering_name(name)
+        if found is None and self._fallback is not None:
+            return self._fallback.covering_name(name)
+        return found
+
 
 def app_table(snapshot: ConfigSnapshot) -> AppTable:
     """The applications of ``snapshot`` for ``AppTable.match`` (applications without segments left out).

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -179,3 +180,48 @@ class UdpFlow:
             stats.flows_active -= 1
             stats.count(stats.flows_closed, reason)
         self.on_close(self)
+
+
+def set_udp_buffers(transport: asyncio.BaseTransport, size: int) -> None:
+    """Ask for ``size``-byte receive and send buffers on a UDP socket (FERRYMAN_UDP_BUFFER), so a
+    burst or a short stall of this process does not overflow the kernel's small default (the
+    kernel caps the request at net.core.rmem_max / wmem_max)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError as exc:
+            log.warning("cannot set a UDP socket buffer", extra={"size": size, "reason": exc.strerror})
+
+
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+def dns_server(setting: str, resolv_conf: str = RESOLV_CONF) -> tuple[str, int]:
+    """The DNS server this connector asks for private names: FERRYMAN_DNS_SERVER (``HOST[:PORT]``,
+    ``[V6]:PORT``), else the first ``nameserver`` of resolv.conf; ValueError when there is none."""
+    text = setting.strip()
+    if not text:
+        try:
+            with open(resolv_conf) as fh:
+                for line in fh:
+                    fields = line.split()
+                    if len(fields) >= 2 and fields[0] == "nameserver":
+                        return fields[1], 53
+        except OSError as exc:
+            raise ValueError(f"no DNS server for private names: FERRYMAN_DNS_SERVER is empty and {resolv_conf} "
+                             f"cannot be read ({exc.strerror})") from None
+        raise ValueError(f"no DNS server for private names: FERRYMAN_DNS_SERVER is empty and {resolv_conf} "
+                         f"names no nameserver")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else "53"
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, "53"
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"FERRYMAN_DNS_SERVER={setting!r}: expected HOST[:PORT]")
+    return host, int(port_text)

@@ -196,6 +196,40 @@ def _store(control: str, answer: dict[str, Any], key_pem: bytes, directory: str)
     return session
 
 
+def logout(directory: str) -> tuple[str, bool]:
+    """End the stored session at the control plane (refreshing an expired access token first) and
+    remove it, with the cached forwarding profile, from ``directory``: (its UPN, whether the
+    control plane confirmed). ``SignInError`` when there is no session."""
+    session = read_session(directory)
+    if session is None:
+        raise SignInError(f"not signed in (no {os.path.join(directory, SESSION_FILE)})")
+    confirmed = False
+    token = session.access_token
+    try:
+        if session.access_expires <= time.time() + 5:
+            refreshed = _post(session.control, "/v1/auth/refresh", {"refresh_token": session.refresh_token})
+            token = str(refreshed["access_token"])
+        request = urllib.request.Request(session.control.rstrip("/") + "/v1/auth/sign-out", data=b"", method="POST",
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "User-Agent": f"ferryman/{VERSION}"})
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT):
+            confirmed = True
+    except urllib.error.HTTPError as exc:
+        with exc:
+            # 401: the session was already ended (revoked, expired): nothing left to end remotely
+            confirmed = exc.code == 401
+    except (SignInError, urllib.error.URLError, OSError, KeyError, TypeError, ValueError):
+        confirmed = False
+    for name in (SESSION_FILE, "profile.json"):
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise SignInError(f"cannot remove {os.path.join(directory, name)}: {exc.strerror}") from None
+    return session.upn, confirmed
+
+
 class TokenKeeper:
     """Keeps a stored session's access token fresh; ``on_token(token)`` gets each new one."""
 

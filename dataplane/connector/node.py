@@ -20,8 +20,10 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 
 from cryptography import x509
+from dnslib import DNSError, DNSRecord
 
 from .. import register
 from ..controllink import ControlLink, Report, cut_revoked
@@ -33,7 +35,7 @@ from ..settings import Settings
 from ..snapshot import ConfigSnapshot, revoked_set
 from ..socketflow import EndpointNode, SocketFlow
 from ..transport.tunnel import Tunnel
-from ..udpflow import UdpFlow
+from ..udpflow import UdpFlow, dns_server, set_udp_buffers
 from ..wire import events as ev
 from ..wire.frames import Open
 
@@ -181,7 +183,7 @@ class Connector(EndpointNode):
         if self.draining:
             self._refuse(tunnel, event.flow_id, "draining", f"connector {self.name} is shutting down")
             return
-        if request.protocol not in ("tcp", "udp"):
+        if request.protocol not in ("tcp", "udp", "dns"):
             self._refuse(tunnel, event.flow_id, "unsupported_protocol",
                          f"{request.protocol!r} flows are not supported by connector {self.name}")
             return
@@ -197,16 +199,23 @@ class Connector(EndpointNode):
                                                                 "reason": str(exc)})
             self._refuse(tunnel, event.flow_id, exc.code, f"connector {self.name}: {exc}")
             return
-        if request.protocol == "udp":
+        if request.protocol in ("udp", "dns"):
             if len(self.udp_flows) >= self.settings.max_udp_flows:
                 self._refuse(tunnel, event.flow_id, "too_many_udp_flows",
                              f"connector {self.name} carries its maximum of {self.settings.max_udp_flows} UDP flows")
                 return
+            target = (request.host, request.port)
+            if request.protocol == "dns":  # a private name, resolved by this connector's DNS server
+                try:
+                    target = dns_server(self.settings.dns_server)
+                except ValueError as exc:
+                    self._refuse(tunnel, event.flow_id, "dns_error", f"connector {self.name}: {exc}")
+                    return
             udp = UdpFlow(self, _unset_send, self._udp_closed, idle=self.settings.udp_idle_timeout,
-                          queue=self.settings.udp_queue, peer=f"{request.host}:{request.port}")
+                          queue=self.settings.udp_queue, peer=f"{target[0]}:{target[1]}")
             udp.bind(tunnel, event.flow_id)
             self.udp_flows.add(udp)
-            asyncio.get_running_loop().create_task(self._dial_udp(tunnel, udp, request))
+            asyncio.get_running_loop().create_task(self._dial_udp(tunnel, udp, request, target))
             return
         flow = SocketFlow(self)
         flow.bind(tunnel, event.flow_id)
@@ -249,26 +258,29 @@ class Connector(EndpointNode):
         flow.done = True
         self._refuse(tunnel, flow.flow_id, code, reason)
 
-    async def _dial_udp(self, tunnel: Tunnel, flow: UdpFlow, request: Open) -> None:
-        """A connected UDP socket to the backend (so the backend sees this host's address and only its
-        answers come back), then OPEN_OK; a name that does not resolve gets OPEN_FAIL ``dns_error``."""
+    async def _dial_udp(self, tunnel: Tunnel, flow: UdpFlow, request: Open, address: tuple[str, int]) -> None:
+        """A connected UDP socket to ``address`` (the backend, or for a private DNS query this
+        connector's DNS server), so the peer sees this host's address and only its answers come
+        back; then OPEN_OK. A name that does not resolve gets OPEN_FAIL ``dns_error``."""
         loop = asyncio.get_running_loop()
-        target = f"{request.host}:{request.port}"
+        host, port = address
+        target = f"{host}:{port}"
         try:
             async with asyncio.timeout(self.settings.dial_timeout):
-                transport, _ = await loop.create_datagram_endpoint(lambda: _BackendSocket(flow),
-                                                                   remote_addr=(request.host, request.port))
+                transport, _ = await loop.create_datagram_endpoint(lambda: _BackendSocket(flow), remote_addr=address)
         except TimeoutError:
-            code, reason = "dial_timeout", f"cannot resolve {request.host} within {self.settings.dial_timeout:g}s"
+            code, reason = "dial_timeout", f"cannot resolve {host} within {self.settings.dial_timeout:g}s"
         except socket.gaierror as exc:
-            code, reason = "dns_error", f"cannot resolve {request.host}: {exc.strerror}"
+            code, reason = "dns_error", f"cannot resolve {host}: {exc.strerror}"
         except OSError as exc:
             code, reason = "dial_error", f"{target}: {exc.strerror or exc}"
         else:
             if flow.done or tunnel.closed:
                 transport.close()
                 return
-            flow.send = transport.sendto
+            set_udp_buffers(transport, self.settings.udp_buffer)
+            flow.send = (transport.sendto if request.protocol == "udp"
+                         else _queries_for(request.host, transport.sendto, self.stats))
             local = transport.get_extra_info("sockname")
             remote = transport.get_extra_info("peername")
             tunnel.conn.accept_flow(flow.flow_id, bound=f"{local[0]}:{local[1]}",
@@ -297,6 +309,26 @@ class Connector(EndpointNode):
 
     def flow_rejected(self, tunnel: Tunnel, event: ev.FlowRejected) -> None:
         """Connectors never open flows, so there is never an OPEN_FAIL to handle."""
+
+
+def _queries_for(name: str, send: Callable[[bytes | memoryview], None], stats: Stats
+                 ) -> Callable[[bytes | memoryview], None]:
+    """``send`` for a private DNS flow: only queries for the granted ``name`` reach the DNS server
+    (a client cannot use a grant for one name to ask for others, or to send anything else)."""
+    wanted = name.lower().rstrip(".")
+
+    def send_query(data: bytes | memoryview) -> None:
+        try:
+            query = DNSRecord.parse(bytes(data))
+        except DNSError:
+            stats.count(stats.datagrams_dropped, "dns_malformed")
+            return
+        if query.header.qr or len(query.questions) != 1 or str(query.q.qname).lower().rstrip(".") != wanted:
+            stats.count(stats.datagrams_dropped, "dns_name_mismatch")
+            return
+        send(data)
+
+    return send_query
 
 
 def _unset_send(data: bytes | memoryview) -> None:

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .. import register
-from ..apps import AppTable, Match, Segment, describe_miss
+from ..apps import DEFAULT_GROUP, AppTable, Match, Segment, describe_miss
 from ..controllink import ControlLink, Report, cut_revoked
 from ..observability import Stats, parse_hostport, start_metrics_server
 from ..pki import PeerIdentity
@@ -105,6 +105,7 @@ class Edge(TunnelHandler):
         self.link: ControlLink | None = None
         self.traffic: TrafficQueue | None = None
         self.app_kinds: dict[str, str] = {}
+        self.dns_suffixes: tuple[str, ...] = ()  # private DNS suffixes (from the control plane)
         self.device_os: dict[str, str] = {}
         if registered is not None:
             self.traffic = TrafficQueue(settings.traffic_queue)
@@ -179,6 +180,7 @@ class Edge(TunnelHandler):
             self.apps = app_table(snapshot)  # SnapshotError: the link keeps the previous configuration
             access = AccessIndex(snapshot)
             self.app_kinds = {a.name: a.kind for a in snapshot.applications}
+            self.dns_suffixes = tuple(s.lower().strip(".") for s in snapshot.dns_suffixes)
             self.device_os = {d.id: d.os for d in snapshot.devices}
             if self.tokens is None or (self.tokens.keys, self.tokens.issuer) != (snapshot.token_keys,
                                                                                  snapshot.token_issuer):
@@ -200,8 +202,8 @@ class Edge(TunnelHandler):
         now = time.time()
         for client in list(self.clients):
             for splice in list(client.routes.values()):
-                if splice.closed_sides == -1 or splice.principal is None:
-                    continue
+                if splice.closed_sides == -1 or splice.principal is None or not splice.app:
+                    continue  # (a private DNS query outside every application is one datagram's flow)
                 decision = access.decide(splice.principal, splice.app, client.peer_addr, now)
                 if decision.allowed:
                     splice.decision = decision
@@ -390,19 +392,29 @@ class Edge(TunnelHandler):
         if tunnel.conn.peer.role != "client":  # type: ignore[union-attr]
             self._refuse(tunnel, fid, "not_allowed", "connectors cannot open flows")
             return
-        if request.protocol not in ("tcp", "udp"):
+        if request.protocol not in ("tcp", "udp", "dns"):
             self._refuse(tunnel, fid, "unsupported_protocol", f"{request.protocol!r} flows are not supported "
-                                                              f"(tcp or udp)")
+                                                              f"(tcp, udp or dns)")
             return
         if not self.static_apps and self.link is not None and self.link.version is None:
             self._refuse(tunnel, fid, "no_config", f"edge {self.name} has not received its configuration from "
                                                    f"the control plane yet (and has no cached copy)")
             return
-        match = self.apps.match(request.host, request.port, request.protocol)
-        if match is None:
-            self._refuse(tunnel, fid, "no_application", describe_miss(request.host, request.port, request.protocol),
-                         request)
-            return
+        if request.protocol == "dns":
+            # A private DNS query: the name must be under a private suffix; it belongs to the
+            # application whose name segment covers it (its connector group answers), if any.
+            if not self._private_name(request.host):
+                suffixes = ", ".join(self.dns_suffixes) or "none are configured"
+                self._refuse(tunnel, fid, "not_private_name", f"{request.host} is not under a private DNS suffix "
+                                                              f"({suffixes})", request)
+                return
+            match = self.apps.covering_name(request.host)
+        else:
+            match = self.apps.match(request.host, request.port, request.protocol)
+            if match is None:
+                self._refuse(tunnel, fid, "no_application",
+                             describe_miss(request.host, request.port, request.protocol), request)
+                return
         principal: Principal | None = None
         decision: Decision | None = None
         now = time.time()
@@ -412,15 +424,17 @@ class Edge(TunnelHandler):
                              request, match)
                 return
             principal = tunnel.context
-            decision = self.access.decide(principal, match.app.name, tunnel.peer_addr, now)
-            if not decision.allowed:
-                self._refuse(tunnel, fid, decision.code, decision.reason, request, match, decision)
-                return
-        group = match.app.connector_group
+            if match is not None:
+                decision = self.access.decide(principal, match.app.name, tunnel.peer_addr, now)
+                if not decision.allowed:
+                    self._refuse(tunnel, fid, decision.code, decision.reason, request, match, decision)
+                    return
+        group = match.app.connector_group if match is not None else DEFAULT_GROUP
         connector = self.pick_connector(group)
         if connector is None:
-            self._refuse(tunnel, fid, "no_connector",
-                         f"no connector of group '{group}' is connected for application '{match.app.name}'",
+            wanted = (f"application '{match.app.name}'" if match is not None
+                      else f"private DNS name {request.host}")
+            self._refuse(tunnel, fid, "no_connector", f"no connector of group '{group}' is connected for {wanted}",
                          request, match, decision)
             return
         connection = os.urandom(8).hex()
@@ -432,19 +446,23 @@ class Edge(TunnelHandler):
         try:
             kfid = connector.conn.open_flow(Open(
                 host=request.host, port=request.port, protocol=request.protocol,
-                source=request.source or tunnel.peer_addr, app=match.app.name, user=user, device=device,
-                connection=connection, process=request.process, grant=grant,
+                source=request.source or tunnel.peer_addr, app=match.app.name if match is not None else "", user=user,
+                device=device, connection=connection, process=request.process, grant=grant,
             ))
         except FlowError as exc:
             self._refuse(tunnel, fid, exc.code, f"connector {connector.peer_name}: {exc.message}")
             return
-        splice = Splice(tunnel, fid, connector, kfid, f"{request.host}:{request.port}", match.app.name,
-                        connection, principal, decision, now)
+        splice = Splice(tunnel, fid, connector, kfid, f"{request.host}:{request.port}",
+                        match.app.name if match is not None else "", connection, principal, decision, now)
         splice.request = request
-        splice.segment = _segment_text(match.segment)
+        splice.segment = _segment_text(match.segment) if match is not None else ""
         tunnel.routes[fid] = splice
         connector.routes[kfid] = splice
         connector.flush_soon()
+
+    def _private_name(self, host: str) -> bool:
+        name = host.lower().rstrip(".")
+        return any(name == s or name.endswith("." + s) for s in self.dns_suffixes)
 
     def _refuse(self, tunnel: Tunnel, fid: int, code: str, reason: str, request: Open | None = None,
                 match: Match | None = None, decision: Decision | None = None) -> None:
@@ -470,7 +488,8 @@ class Edge(TunnelHandler):
         record = FlowRecord(
             connection_id=connection, transaction_id=client.id, start=start, process=request.process,
             source_ip=source_ip, source_port=source_port, destination_ip=request.host if not fqdn else "",
-            destination_port=request.port, destination_fqdn=fqdn, transport=request.protocol,
+            destination_port=request.port, destination_fqdn=fqdn,
+            transport="udp" if request.protocol == "dns" else request.protocol,
             network=network_of(request.host, source_ip), application=app,
             application_kind=self.app_kinds.get(app, "per_app" if app else ""), segment=segment, edge=self.name,
             device_id=principal.device_id if principal else (client.identity.name if client.identity else ""),

@@ -98,6 +98,9 @@ class WireConfig(msgspec.Struct, kw_only=True):
 
 OPENING = 0
 OPEN = 1
+# Flows of these protocols carry DATAGRAM frames only: UDP, and private DNS queries (one
+# query and its answer, resolved by the connector).
+DATAGRAM_PROTOCOLS = frozenset({"udp", "dns"})
 
 
 class Flow:
@@ -184,7 +187,7 @@ class TunnelConnection:
         if flow_id > MAX_FLOW_ID:
             raise FlowError("flow_ids_exhausted", "flow ids exhausted on this tunnel")
         self._next_id = flow_id + 2
-        self.flows[flow_id] = Flow(flow_id, True, peer.window, self.config.window, request.protocol == "udp")
+        self.flows[flow_id] = Flow(flow_id, True, peer.window, self.config.window, request.protocol in DATAGRAM_PROTOCOLS)
         self._out.append(encode_control(flow_id, request))
         return flow_id
 
@@ -550,7 +553,7 @@ class TunnelConnection:
             code, reason = "too_many_pending", f"at most {self.config.max_pending_opens} pending OPENs per tunnel"
         else:
             self.flows[flow_id] = Flow(flow_id, False, self.peer.window, self.config.window,  # type: ignore[union-attr]
-                                       request.protocol == "udp")
+                                       request.protocol in DATAGRAM_PROTOCOLS)
             self.pending_opens += 1
             events.append(ev.FlowRequested(flow_id, request))
             return

@@ -1,0 +1,367 @@
+"""The client agent's local DNS resolver (``FERRYMAN_DNS_LISTEN``, UDP and TCP, localhost only).
+
+Names under one of the forwarding profile's private DNS suffixes are resolved by a
+connector, through the tunnel: each query is a short ``dns`` flow (OPEN protocol ``dns``,
+host = the name) that the edge allows only for private names and the connector answers
+from its own DNS server, accepting only queries for the granted name. Every other name goes
+to the system resolver (``FERRYMAN_DNS_UPSTREAM``, else the first ``nameserver`` of
+/etc/resolv.conf that is not this resolver). Answers are cached for their TTL (negative
+answers for their SOA minimum, at most ``NEGATIVE_TTL_MAX``), at most ``FERRYMAN_DNS_CACHE``
+of them (least recently used go first), and served with the remaining TTL.
+
+When no edge is reachable, a private name gets SERVFAIL and a log line (fail closed), or
+goes to the system resolver (fail open), as the profile says. A query that cannot be
+parsed is dropped and counted (``ferryman_datagrams_dropped_total{reason="dns_malformed"}``):
+there is no question to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from dnslib import QTYPE, RCODE, DNSError, DNSRecord
+
+from ..udpflow import RESOLV_CONF, UdpFlow, dns_server
+
+if TYPE_CHECKING:
+    from .node import Client
+
+log = logging.getLogger("ferryman.dns")
+
+QUERY_TIMEOUT = 5.0  # seconds for one answer, through the tunnel or from the upstream server
+NEGATIVE_TTL_MAX = 300
+MAX_PENDING = 1024  # queries being resolved at once; more are answered SERVFAIL (counted)
+
+
+class Answer:
+    """A cached answer: the reply's records and code, and when it stops being valid (monotonic)."""
+
+    __slots__ = ("reply", "expires", "stored")
+
+    def __init__(self, reply: DNSRecord, ttl: int, now: float) -> None:
+        self.reply = reply
+        self.stored = now
+        self.expires = now + ttl
+
+
+class DnsCache:
+    """Answers by (name, type, class), least recently used evicted beyond ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._entries: collections.OrderedDict[tuple[str, int, int], Answer] = collections.OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[str, int, int], now: float) -> Answer | None:
+        entry = self._entries.get(key)
+        if entry is None or entry.expires <= now:
+            if entry is not None:
+                del self._entries[key]
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: tuple[str, int, int], reply: DNSRecord, now: float) -> None:
+        ttl = cache_ttl(reply)
+        if ttl <= 0 or self.limit <= 0:
+            return
+        self._entries[key] = Answer(reply, ttl, now)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.limit:
+            self._entries.popitem(last=False)
+
+
+def cache_ttl(reply: DNSRecord) -> int:
+    """How long ``reply`` may be served from the cache: its smallest answer TTL; for NXDOMAIN or an
+    empty answer the SOA minimum (RFC 2308), capped; 0 for anything else (not cached)."""
+    rcode = reply.header.rcode
+    if rcode == RCODE.NOERROR and reply.rr:
+        return min(rr.ttl for rr in reply.rr)
+    if rcode in (RCODE.NOERROR, RCODE.NXDOMAIN):
+        soa = [rr for rr in reply.auth if rr.rtype == QTYPE.SOA]
+        if soa:
+            return min(soa[0].ttl, soa[0].rdata.times[-1], NEGATIVE_TTL_MAX)
+    return 0
+
+
+def key_of(query: DNSRecord) -> tuple[str, int, int]:
+    return str(query.q.qname).lower(), int(query.q.qtype), int(query.q.qclass)
+
+
+def from_cache(query: DNSRecord, entry: Answer, now: float) -> bytes:
+    """The cached answer for ``query``: its id and question, records with the TTL that is left."""
+    left = max(0, int(entry.expires - now))
+    reply = query.reply()
+    reply.header.rcode = entry.reply.header.rcode
+    for section, records in ((reply.rr, entry.reply.rr), (reply.auth, entry.reply.auth),
+                             (reply.ar, entry.reply.ar)):
+        for rr in records:
+            copied = type(rr)(rr.rname, rr.rtype, rr.rclass, min(rr.ttl, left), rr.rdata)
+            section.append(copied)
+    return reply.pack()
+
+
+def servfail(query: DNSRecord) -> bytes:
+    reply = query.reply()
+    reply.header.rcode = RCODE.SERVFAIL
+    return reply.pack()
+
+
+class Resolver:
+    """Answers one query at a time (``resolve``) for the UDP and TCP front ends."""
+
+    def __init__(self, client: "Client", listen: tuple[str, int]) -> None:
+        self.client = client
+        self.listen = listen
+        self.cache = DnsCache(client.settings.dns_cache)
+        self.pending = 0
+        self._upstream: tuple[str, int] | None = None
+        self._upstream_error = ""
+
+    # ------------------------------------------------------------------ upstream
+    def upstream(self) -> tuple[str, int] | None:
+        """The system resolver (FERRYMAN_DNS_UPSTREAM or resolv.conf), never this resolver itself."""
+        if self._upstream is None and not self._upstream_error:
+            setting = self.client.settings.dns_upstream
+            try:
+                server = dns_server(setting) if setting else _resolv_conf_server(self.listen)
+            except ValueError as exc:
+                self._upstream_error = str(exc)
+                log.error("names that are not private cannot be resolved: %s", exc)
+                return None
+            self._upstream = server
+        return self._upstream
+
+    # ------------------------------------------------------------------ resolving
+    async def answer(self, data: bytes) -> bytes | None:
+        """``resolve``, and SERVFAIL (logged) if resolving failed unexpectedly: an app waiting for
+        an answer gets one rather than a timeout."""
+        try:
+            return await self.resolve(data)
+        except Exception:
+            log.exception("DNS query failed")
+            try:
+                return servfail(DNSRecord.parse(data))
+            except DNSError:
+                return None
+
+    async def resolve(self, data: bytes) -> bytes | None:
+        """The answer to the query ``data`` (None: not a DNS query, dropped and counted)."""
+        stats = self.client.stats
+        try:
+            query = DNSRecord.parse(data)
+        except DNSError:
+            stats.count(stats.datagrams_dropped, "dns_malformed")
+            return None
+        if query.header.qr or len(query.questions) != 1:
+            stats.count(stats.datagrams_dropped, "dns_malformed")
+            return None
+        now = time.monotonic()
+        key = key_of(query)
+        cached = self.cache.get(key, now)
+        if cached is not None:
+            return from_cache(query, cached, now)
+        if self.pending >= MAX_PENDING:
+            stats.count(stats.datagrams_dropped, "dns_busy")
+            return servfail(query)
+        self.pending += 1
+        try:
+            answer = await self._answer(query, key[0].rstrip("."))
+        finally:
+            self.pending -= 1
+        if answer is None:
+            return servfail(query)
+        try:
+            reply = DNSRecord.parse(answer)
+        except DNSError:
+            log.warning("unusable DNS answer", extra={"qname": key[0]})
+            return servfail(query)
+        self.cache.put(key, reply, time.monotonic())
+        return answer
+
+    async def _answer(self, query: DNSRecord, name: str) -> bytes | None:
+        client = self.client
+        profile = client.profile
+        if profile is not None and profile.private_name(name):
+            tunnel = client.tunnel
+            if tunnel is not None and tunnel.up and not tunnel.closed:
+                return await self._through_tunnel(query, name)
+            if profile.fail_mode == "closed":
+                log.warning("private name not resolved: no tunnel to an edge is up (fail closed)",
+                            extra={"qname": name})
+                return None
+        upstream = self.upstream()
+        if upstream is None:
+            return None
+        return await _ask(upstream, query.pack())
+
+    async def _through_tunnel(self, query: DNSRecord, name: str) -> bytes | None:
+        """One ``dns`` flow: OPEN for ``name``, the query as a datagram, the answer back, RST."""
+        client = self.client
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bytes] = loop.create_future()
+
+        def answered(data: bytes | memoryview) -> None:
+            if not done.done():
+                done.set_result(bytes(data))
+
+        def opened(_flow: UdpFlow, code: str, reason: str) -> None:
+            if code and not done.done():
+                done.set_exception(LookupError(f"{code}: {reason}"))
+
+        flow = UdpFlow(client, answered, lambda _flow: None, idle=QUERY_TIMEOUT, queue=1, dest=(name, 53),
+                       peer=f"dns:{name}")
+        flow.protocol = "dns"
+        flow.on_opened = opened
+        flow.from_local(query.pack())  # sent once the connector's DNS socket is open
+        client.open(flow)
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT):
+                return await done
+        except TimeoutError:
+            log.warning("private name not resolved: no answer through the tunnel", extra={
+                "qname": name, "reason": f"no answer within {QUERY_TIMEOUT:g}s"})
+            return None
+        except LookupError as exc:
+            log.warning("private name not resolved", extra={"qname": name, "reason": str(exc)})
+            return None
+        finally:
+            flow.close("dns_done", "answered")
+
+
+class _OneShot(asyncio.DatagramProtocol):
+    def __init__(self, done: asyncio.Future[bytes]) -> None:
+        self.done = done
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if not self.done.done():
+            self.done.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+async def _ask(server: tuple[str, int], query: bytes) -> bytes | None:
+    """Send ``query`` to ``server`` over UDP and wait for its answer (None on timeout or error)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+    try:
+        transport, _ = await loop.create_datagram_endpoint(lambda: _OneShot(done), remote_addr=server)
+    except OSError as exc:
+        log.warning("DNS server unreachable", extra={"server": f"{server[0]}:{server[1]}", "reason": str(exc)})
+        return None
+    try:
+        transport.sendto(query)
+        async with asyncio.timeout(QUERY_TIMEOUT):
+            return await done
+    except (TimeoutError, OSError) as exc:
+        log.warning("no answer from the DNS server", extra={"server": f"{server[0]}:{server[1]}",
+                                                            "reason": str(exc) or "timed out"})
+        return None
+    finally:
+        transport.close()
+
+
+def _resolv_conf_server(listen: tuple[str, int], path: str = RESOLV_CONF) -> tuple[str, int]:
+    """The first nameserver of resolv.conf that is not ``listen`` (this resolver)."""
+    try:
+        with open(path) as fh:
+            servers = [line.split()[1] for line in fh if line.split()[:1] == ["nameserver"] and len(line.split()) > 1]
+    except OSError as exc:
+        raise ValueError(f"FERRYMAN_DNS_UPSTREAM is empty and {path} cannot be read ({exc.strerror})") from None
+    for server in servers:
+        if (server, 53) != listen:
+            return server, 53
+    raise ValueError(f"FERRYMAN_DNS_UPSTREAM is empty and {path} names no nameserver other than this resolver")
+
+
+# ---------------------------------------------------------------------------- front ends
+
+
+class DnsUdp(asyncio.DatagramProtocol):
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self.transport: asyncio.DatagramTransport | None = None
+        self.tasks: set[asyncio.Task[None]] = set()  # queries being answered (held: tasks are weakly referenced)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        task = asyncio.get_running_loop().create_task(self._answer(data, addr))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _answer(self, data: bytes, addr: tuple) -> None:
+        answer = await self.resolver.answer(data)
+        if answer is not None and self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(answer, addr)
+
+
+class DnsTcp(asyncio.Protocol):
+    """DNS over TCP (RFC 1035 §4.2.2: each message after a 2-byte length), answers in order."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.worker: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.worker = asyncio.get_running_loop().create_task(self._work())
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while len(self.buf) >= 2:
+            (size,) = struct.unpack_from("!H", self.buf)
+            if len(self.buf) < 2 + size:  # at most 2 + 65535 bytes are ever buffered
+                return
+            message = bytes(self.buf[2:2 + size])
+            del self.buf[:2 + size]
+            self.queue.put_nowait(message)
+
+    def eof_received(self) -> bool:
+        self.queue.put_nowait(None)  # answer what was asked, then close
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+
+    async def _work(self) -> None:
+        while True:
+            message = await self.queue.get()
+            if message is None:
+                break
+            answer = await self.resolver.answer(message)
+            if answer is None or self.transport is None or self.transport.is_closing():
+                continue
+            self.transport.write(struct.pack("!H", len(answer)) + answer)
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def serve(client: "Client", listen: tuple[str, int]) -> tuple[asyncio.DatagramTransport, asyncio.AbstractServer]:
+    """Start the resolver's UDP and TCP listeners on ``listen``."""
+    resolver = Resolver(client, listen)
+    loop = asyncio.get_running_loop()
+    udp, _ = await loop.create_datagram_endpoint(lambda: DnsUdp(resolver), local_addr=listen)
+    port = udp.get_extra_info("sockname")[1]
+    resolver.listen = (listen[0], port)
+    tcp = await loop.create_server(lambda: DnsTcp(resolver), listen[0], port, reuse_address=True)
+    client.resolver = resolver
+    return udp, tcp

@@ -1,0 +1,135 @@
+"""``ferryman client status``: what the running client agent reports about itself.
+
+The agent writes ``status.json`` (0600) next to its session every ``INTERVAL`` seconds and
+removes it when it stops: signed-in user and device, the tunnel (edge, transport, state,
+RTT, since when), active flows, the forwarding profile (version, fail mode, last sync with
+the control plane and why the last one failed) and each forward's readiness. The command
+reads that file; a file whose agent process is gone, or that has not been rewritten for
+a while, is reported as such rather than shown as current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import pki
+
+if TYPE_CHECKING:
+    from .node import Client
+
+STATUS_FILE = "status.json"
+INTERVAL = 2.0
+STALE = 3 * INTERVAL + 5.0  # seconds after which an unchanged file no longer describes a running agent
+
+
+def snapshot(client: "Client") -> dict[str, Any]:
+    """The agent's state now, as ``status.json`` holds it."""
+    tunnel = client.tunnel
+    session = client.keeper.session if client.keeper is not None else None
+    profile = client.profile
+    follower = client.follower
+    up = tunnel is not None and tunnel.up and not tunnel.closed
+    return {
+        "pid": os.getpid(),
+        "updated": time.time(),
+        "started": client.started,
+        "user": session.upn if session is not None else "",
+        "device": session.device_id if session is not None else client.name,
+        "control": session.control if session is not None else "",
+        "tunnel": {
+            "state": "up" if up else "down",
+            "edge": tunnel.peer_name if up else "",
+            "address": tunnel.peer_addr if up else "",
+            "transport": getattr(tunnel, "transport_name", "tcp") if up else "",
+            "rtt_ms": round(tunnel.rtt * 1000, 2) if up and tunnel.rtt is not None else None,
+            "edges": [f"{h}:{p}" for h, p in client.edges],
+        },
+        "flows": client.stats.flows_active,
+        "profile": {
+            "version": profile.version if profile is not None else None,
+            "fail_mode": profile.fail_mode if profile is not None else "closed",
+            "applications": len(profile.data.applications) if profile is not None else 0,
+            "dns_suffixes": list(profile.suffixes) if profile is not None else [],
+            "last_sync": follower.last_sync if follower is not None else None,
+            "error": follower.error if follower is not None else "",
+        },
+        "forwards": [{"forward": str(f), "ready": client.probe_ok.get(f) == "",
+                      "reason": client.probe_ok.get(f, "not probed yet")} for f in client.forwards],
+    }
+
+
+def write(client: "Client") -> None:
+    os.makedirs(client.directory, mode=0o700, exist_ok=True)
+    pki.write_file(os.path.join(client.directory, STATUS_FILE),
+                   json.dumps(snapshot(client), indent=1).encode() + b"\n", 0o600)
+
+
+async def keep_written(client: "Client", stop: asyncio.Event) -> None:
+    """Rewrite the status file every INTERVAL seconds until ``stop``; remove it then."""
+    path = os.path.join(client.directory, STATUS_FILE)
+    try:
+        while not stop.is_set():
+            try:
+                write(client)
+            except (OSError, pki.PkiError) as exc:  # status is for humans: never stop the agent over it
+                client.stats.count(client.stats.protocol_errors, "status_write_failed")
+                del exc
+            try:
+                await asyncio.wait_for(stop.wait(), INTERVAL)
+            except TimeoutError:
+                pass
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def read(directory: str, now: float | None = None) -> tuple[dict[str, Any] | None, str]:
+    """(status, "") for a running agent; (None or the last status, why it is not current) otherwise."""
+    path = os.path.join(directory, STATUS_FILE)
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read(1 << 20))
+    except FileNotFoundError:
+        return None, f"the client agent is not running (no {path})"
+    except (OSError, ValueError) as exc:
+        return None, f"cannot read {path}: {exc}"
+    if not isinstance(data, dict) or not isinstance(data.get("pid"), int):
+        return None, f"{path} is not a client agent status"
+    try:
+        os.kill(data["pid"], 0)
+    except ProcessLookupError:
+        return data, f"the client agent (pid {data['pid']}) is not running; {path} is left from it"
+    except PermissionError:
+        pass
+    age = (time.time() if now is None else now) - float(data.get("updated", 0))
+    if age > STALE:
+        return data, f"the client agent (pid {data['pid']}) has not updated its status for {age:.0f}s"
+    return data, ""
+
+
+def render(data: dict[str, Any]) -> str:
+    """The status as a few lines for a terminal."""
+    t, p = data["tunnel"], data["profile"]
+    when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["last_sync"])) if p.get("last_sync")
+            else "never")
+    lines = [
+        f"user      {data['user'] or '(certificate only, no sign-in)'}",
+        f"device    {data['device']}",
+        f"tunnel    {t['state']}" + (f" to {t['edge']} at {t['address']} over {t['transport']}"
+                                      + (f", rtt {t['rtt_ms']:.1f} ms" if t.get("rtt_ms") is not None else "")
+                                      if t["state"] == "up" else f" (edges {', '.join(t['edges'])})"),
+        f"flows     {data['flows']} active",
+        f"profile   " + (f"version {p['version']}, {p['applications']} applications, fail {p['fail_mode']}, "
+                         f"DNS suffixes {', '.join(p['dns_suffixes']) or '-'}, last sync {when}"
+                         if p["version"] is not None else "none (everything captured is tunnelled)")
+        + (f"; last sync failed: {p['error']}" if p.get("error") else ""),
+    ]
+    for fwd in data["forwards"]:
+        lines.append(f"forward   {fwd['forward']}  " + ("ready" if fwd["ready"] else f"not ready: {fwd['reason']}"))
+    return "\n".join(lines)
