@@ -86,13 +86,18 @@ class Pair:
             else:
                 self.events[id(dst)].append(event)
 
-    def pump(self, *, rounds: int = 20000) -> None:
-        """Move datagrams both ways (advancing the clock to timers) until both sides are quiet."""
+    def pump(self, *, rounds: int = 20000, lose_every: int = 0) -> None:
+        """Move datagrams both ways (advancing the clock to timers) until both sides are quiet;
+        with ``lose_every`` N, every Nth datagram is lost."""
+        sent = 0
         for _ in range(rounds):
             moved = False
             for src, dst, addr in ((self.client, self.server, CLIENT_ADDR), (self.server, self.client, SERVER_ADDR)):
                 for data, _addr in src.datagrams_to_send(self.now):
                     moved = True
+                    sent += 1
+                    if lose_every and sent % lose_every == 0:
+                        continue
                     self._deliver(dst, data, addr)
             if moved:
                 continue
@@ -291,6 +296,51 @@ def test_many_flows_in_parallel_keep_their_bytes_apart(certs: dict[str, pki.Node
     assert live_streams(pair.client) == [0] and live_streams(pair.server) == [0]
 
 
+def test_lost_packets_are_resent_for_busy_and_idle_flows(certs: dict[str, pki.NodeFiles]) -> None:
+    """Packets are built from the streams with something in flight: losses must still be repaired
+    on every stream, including ones that went quiet, and finished streams must still be discarded."""
+    pair = Pair(certs, server_wire=WireConfig(role="edge", node="edge-1", window=65536)).up()
+    fids = [pair.open(Open(host="h", port=i)) for i in range(1, 31)]
+    payloads = {fid: os.urandom(3000 if fid % 3 else 200_000) for fid in fids}
+    received_by_flow: dict[int, bytearray] = {fid: bytearray() for fid in fids}
+    offsets = dict.fromkeys(fids, 0)
+    for _ in range(200):
+        for fid in fids:
+            data = payloads[fid]
+            if offsets[fid] < len(data):
+                offsets[fid] += pair.client.send_data(fid, memoryview(data)[offsets[fid]:])
+                if offsets[fid] == len(data):
+                    pair.client.send_fin(fid)
+        pair.pump(lose_every=7)
+        for event in pair.take(pair.server):
+            if isinstance(event, ev.DataReceived):
+                received_by_flow[event.flow_id] += event.data
+                pair.server.acknowledge(event.flow_id, len(event.data))
+            elif isinstance(event, ev.FlowEnded):
+                pair.server.send_fin(event.flow_id)
+        pair.take(pair.client)
+        if not pair.server.flows and not pair.client.flows:
+            break
+    for fid in fids:
+        assert bytes(received_by_flow[fid]) == payloads[fid]
+    pair.pump()
+    assert live_streams(pair.client) == [0] and live_streams(pair.server) == [0]
+
+
+def test_idle_streams_are_not_visited_per_packet(certs: dict[str, pki.NodeFiles]) -> None:
+    pair = Pair(certs).up()
+    for i in range(200):
+        pair.open(Open(host="idle", port=i + 1))
+    busy = pair.open()
+    pair.pump()
+    assert len(pair.client.quic._active) <= 2  # nothing in flight on the idle ones
+    pair.client.send_data(busy, b"x" * 50_000)
+    pair.client.datagrams_to_send(pair.now)
+    assert set(pair.client.quic._active) <= {0, stream_of(busy)}
+    pair.pump()
+    assert received(pair.take(pair.server), busy) == b"x" * 50_000
+
+
 # ---------------------------------------------------------------------------- datagrams
 
 
@@ -419,7 +469,7 @@ def test_frame_for_another_flow_on_a_flow_stream_closes_the_tunnel(certs: dict[s
 def test_stream_that_ends_without_fin_closes_the_tunnel(certs: dict[str, pki.NodeFiles]) -> None:
     pair = Pair(certs).up()
     fid = pair.open()
-    pair.client.quic.send_stream_data(stream_of(fid), b"", end_stream=True)
+    pair.client.quic.send(stream_of(fid), b"", end_stream=True)
     bad_peer(pair, "stream_state")
 
 
@@ -432,7 +482,7 @@ def test_data_before_open_ok_closes_the_tunnel(certs: dict[str, pki.NodeFiles]) 
 
 def test_stream_without_open_closes_the_tunnel(certs: dict[str, pki.NodeFiles]) -> None:
     pair = Pair(certs).up()
-    pair.client.quic.send_stream_data(4, encode_window(1, 10))
+    pair.client.quic.send(4, encode_window(1, 10), end_stream=False)
     bad_peer(pair, "stream_state")
 
 

@@ -45,9 +45,10 @@ from aioquic.quic.connection import (
     MAX_STREAM_DATA_FRAME_CAPACITY,
     NetworkAddress,
     QuicConnection,
+    QuicNetworkPath,
 )
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType
-from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -177,6 +178,13 @@ class _Quic(QuicConnection):
     ``HandshakeCompleted``), the bidirectional stream limit follows the flow limit and
     unidirectional streams are refused, and the stream and connection windows slide a
     fixed distance ahead of the delivered bytes instead of doubling without bound.
+
+    aioquic visits every open stream for every packet it builds, so a tunnel with many
+    idle flows would pay for all of them on each packet. Packets are built here from the
+    streams that may need a frame (``_active``: data or FIN to send or still unacknowledged,
+    a window update, a lost MAX_STREAM_DATA, a finished stream to discard); a stream
+    leaves that set once it has nothing in flight and joins it again when it is written
+    to or receives data.
     """
 
     def __init__(
@@ -194,6 +202,7 @@ class _Quic(QuicConnection):
         self._stream_window = stream_window
         self._connection_window = connection_window
         self.delivered = 0  # stream bytes handed to the application, all streams
+        self._active: dict[int, QuicStream] = {}
         bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
         bidi.value = bidi.sent = max_streams
         uni.value = uni.sent = 0
@@ -210,6 +219,17 @@ class _Quic(QuicConnection):
             return None, []
         return cert.public_bytes(Encoding.DER), [c.public_bytes(Encoding.DER) for c in tls._peer_certificate_chain]
 
+    def send(self, stream_id: int, data: bytes | memoryview, end_stream: bool) -> None:
+        self.send_stream_data(stream_id, data, end_stream)  # type: ignore[arg-type]
+        self._active[stream_id] = self._streams[stream_id]
+
+    def received(self, stream_id: int, size: int) -> None:
+        """Stream data was delivered: its window may need raising (or the stream discarding)."""
+        self.delivered += size
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._active[stream_id] = stream
+
     def sent_offset(self, stream_id: int) -> int | None:
         """How far a stream's data has been sent at least once; None once aioquic discarded it."""
         stream = self._streams.get(stream_id)
@@ -217,6 +237,41 @@ class _Quic(QuicConnection):
 
     def pending_datagrams(self) -> int:
         return len(self._datagrams_pending)
+
+    def _write_application(self, builder: QuicPacketBuilder, network_path: QuicNetworkPath, now: float) -> None:
+        streams, active = self._streams, self._active
+        for stream in self._streams_queue:  # created since the last call
+            active[stream.stream_id] = stream
+        served = list(active.values())
+        self._streams, self._streams_queue = active, served
+        try:
+            super()._write_application(builder, network_path, now)
+        finally:
+            order = self._streams_queue  # aioquic's next service order, without discarded streams
+            self._streams, self._streams_queue = streams, []
+            for stream in served:
+                if stream.stream_id not in active:  # aioquic discarded it: finished both ways
+                    streams.pop(stream.stream_id, None)
+            self._active = {stream.stream_id: stream for stream in order if self._needs_service(stream)}
+
+    def _needs_service(self, stream: QuicStream) -> bool:
+        sender = stream.sender
+        return (
+            not sender.buffer_is_empty
+            or sender._buffer_start != sender._buffer_stop  # unacknowledged data may be lost
+            or (sender._buffer_fin is not None and not sender._acked_fin)
+            or sender.reset_pending
+            or stream.receiver.stop_pending
+            or stream.is_finished
+            or stream.max_stream_data_local_sent != stream.max_stream_data_local
+            or (stream.max_stream_data_local != 0 and stream.receiver.starting_offset() + self._stream_window
+                - stream.max_stream_data_local >= self._stream_window // 2)
+        )
+
+    def _on_max_stream_data_delivery(self, delivery: QuicDeliveryState, stream: QuicStream) -> None:
+        super()._on_max_stream_data_delivery(delivery, stream)
+        if delivery != QuicDeliveryState.ACKED and stream.stream_id in self._streams:
+            self._active[stream.stream_id] = stream
 
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
         window = self._connection_window
@@ -355,7 +410,7 @@ class QuicTunnelConnection:
             for st, chunks in pending.items():
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 st.written += len(data)
-                quic.send_stream_data(st.id, data, st.ended)
+                quic.send(st.id, data, st.ended)
                 self._backlogged.add(st)
             pending.clear()
         datagrams = quic.datagrams_to_send(now)
@@ -399,7 +454,7 @@ class QuicTunnelConnection:
                     break
                 kind = type(qe)
                 if kind is qev.StreamDataReceived:
-                    self.quic.delivered += len(qe.data)
+                    quic.received(qe.stream_id, len(qe.data))
                     self._stream_data(qe.stream_id, qe.data, qe.end_stream, events)
                 elif kind is qev.DatagramFrameReceived:
                     self._datagram(qe.data, events)
