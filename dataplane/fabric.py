@@ -72,6 +72,7 @@ class Fabric:
         self.user = "demo@ferryman.local"  # managed: the user the client agent signs in as
         self.password = secrets.token_urlsafe(18)
         self.edge_port = 0
+        self.edge_host = "127.0.0.1"  # the address the edge listens on and the other nodes dial
         self.control_url = ""
         self.admin_key = ""
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -137,7 +138,7 @@ class Fabric:
     def start(self, timeout: float = 30.0) -> None:
         os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
         self.edge_port = self.edge_port or free_port()  # a test may pick it before start()
-        edge_addr = f"127.0.0.1:{self.edge_port}"
+        edge_addr = f"{self.edge_host}:{self.edge_port}"
         fwd_args = [a for lh, lp, h, p, proto in self.forwards
                     for a in ("--forward", f"{lh}:{lp}={h}:{p}" + ("/udp" if proto == "udp" else ""))]
         try:

@@ -59,7 +59,7 @@ class Stats:
     __slots__ = ("role", "node", "tunnels_up", "tunnels_opened", "tunnels_closed", "reconnects",
                  "flows_active", "flows_opened", "flows_closed", "bytes_rx", "bytes_tx",
                  "open_failures", "protocol_errors", "rtt", "extra", "datagrams_rx", "datagrams_tx",
-                 "datagrams_dropped")
+                 "datagrams_dropped", "transports", "transport_fallbacks")
 
     def __init__(self, role: str, node: str) -> None:
         self.role = role
@@ -79,6 +79,8 @@ class Stats:
         self.datagrams_rx = 0                        # UDP flow datagrams received from tunnels
         self.datagrams_tx = 0                        # ... and sent into tunnels
         self.datagrams_dropped: dict[str, int] = {}  # reason -> count (never queued without bound)
+        self.transports: dict[str, int] = {}         # gauge: tunnels up by transport (quic, tcp)
+        self.transport_fallbacks: dict[str, int] = {}  # to transport -> count (auto: QUIC failed)
         # metric name -> (help, fn): node-specific gauges read at scrape time
         self.extra: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -137,6 +139,13 @@ class StatsCollector(Collector):
         yield d
         yield by("ferryman_datagrams_dropped_total", "UDP flow datagrams dropped, by reason", "reason",
                  s.datagrams_dropped)
+        t = GaugeMetricFamily("ferryman_tunnels_by_transport", "Tunnels currently established, by transport",
+                              labels=[*names, "transport"])
+        for kind, count in sorted(s.transports.items()):
+            t.add_metric([*base, kind], count)
+        yield t
+        yield by("ferryman_transport_fallbacks_total", "QUIC dials that failed and fell back, by the transport used",
+                 "transport", s.transport_fallbacks)
         yield by("ferryman_open_failures_total", "Flow opens that failed, by reason", "reason", s.open_failures)
         yield by("ferryman_protocol_errors_total", "Protocol errors, by code", "code", s.protocol_errors)
         rtt = GaugeMetricFamily("ferryman_tunnel_rtt_seconds", "Last measured tunnel round-trip time",

@@ -16,6 +16,7 @@ import resource
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import uvloop
 
@@ -84,6 +85,31 @@ class Backoff:
         self.attempt = 0
 
 
+class TransportChoice:
+    """Which transport the next dial of one tunnel slot uses (FERRYMAN_TRANSPORT).
+
+    ``quic`` and ``tcp`` always use that one. ``auto`` tries QUIC first; when a QUIC
+    handshake gets no answer within FERRYMAN_QUIC_TIMEOUT (UDP blocked) or is refused, the
+    slot falls back to TLS/TCP at once and stays there, trying QUIC again every
+    FERRYMAN_QUIC_PROBE_INTERVAL seconds (see ``keep_tunnel``)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.quic_failed_at: float | None = None  # loop time of the last QUIC failure (auto)
+
+    def first(self) -> str:
+        if self.mode == "auto":
+            return "tcp" if self.quic_failed_at is not None else "quic"
+        return self.mode
+
+
+def transport_of(tunnel: Any) -> str:
+    """``quic`` or ``tcp``: the transport a tunnel runs over (for logs, status and metrics)."""
+    from .transport.quic import QuicTunnel
+
+    return "quic" if isinstance(tunnel, QuicTunnel) else "tcp"
+
+
 async def keep_tunnel(
     node: TunnelHandler,
     settings: Settings,
@@ -100,39 +126,130 @@ async def keep_tunnel(
     after a failure), wait for the HELLO exchange, run ``session(tunnel)`` until it
     returns (normally when the tunnel ends), then back off with jitter and dial again.
 
+    The transport follows FERRYMAN_TRANSPORT (``TransportChoice``). With ``auto`` on a
+    TLS/TCP fallback, QUIC is tried again every FERRYMAN_QUIC_PROBE_INTERVAL seconds while
+    the TCP tunnel runs; once a QUIC tunnel is up it takes over (new flows use it) and the
+    TCP tunnel drains: GOAWAY, then it closes when its flows have ended (at most
+    FERRYMAN_DRAIN_GRACE later).
+
     ``ssl_ctx`` and ``wire`` may be functions returning what to use for the next dial (a
     node whose certificate is renewed hands out the new context, a client its current
     access token in the HELLO); ``edges`` is read at every dial,
     so a node may replace its contents (new edges from the control plane)."""
+    loop = asyncio.get_running_loop()
     proxy = egress_proxy(settings)  # HTTP CONNECT proxy for TLS/TCP dials (None: direct)
+    choice = TransportChoice(settings.transport)
     backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
     attempt = 0
     while running():
         host, port = edges[(first + attempt) % len(edges)]
-        context = ssl_ctx() if callable(ssl_ctx) else ssl_ctx
         config = wire() if callable(wire) else wire
         name = f"{label}{host}:{port}"
-        try:
-            _, tunnel = await dial_tls(
-                lambda: Tunnel(node, config, dialer=True, accept_roles=("edge",),
-                               keepalive=settings.keepalive_interval, handshake_timeout=settings.handshake_timeout,
-                               write_buffer_high=settings.write_buffer_high, label=name),
-                host, port, context, handshake_timeout=settings.handshake_timeout, proxy=proxy,
-            )
-            await tunnel.up_waiter
-        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        tunnel: Any = None
+        reason = ""
+        if choice.first() == "quic":
+            tunnel, reason = await _dial_quic(node, settings, config, host, port, name)
+            if tunnel is None and choice.mode == "auto":
+                choice.quic_failed_at = loop.time()
+                node.stats.count(node.stats.transport_fallbacks, "tcp")
+                log.warning("QUIC unreachable; falling back to TLS/TCP", extra={
+                    "edge": f"{host}:{port}", "reason": reason, "quic_retry_in_s": settings.quic_probe_interval})
+        if tunnel is None and choice.first() == "tcp":
+            context = ssl_ctx() if callable(ssl_ctx) else ssl_ctx
+            try:
+                _, tunnel = await dial_tls(
+                    lambda: Tunnel(node, config, dialer=True, accept_roles=("edge",),
+                                   keepalive=settings.keepalive_interval, handshake_timeout=settings.handshake_timeout,
+                                   write_buffer_high=settings.write_buffer_high, label=name),
+                    host, port, context, handshake_timeout=settings.handshake_timeout, proxy=proxy,
+                )
+                await tunnel.up_waiter
+            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                tunnel, reason = None, ssl_handshake_error(exc)
+        if tunnel is None:
+            if choice.mode == "auto":
+                choice.quic_failed_at = None  # neither answered (the edge is down): QUIC first again next time
             delay = backoff.next()
-            log.warning("edge unreachable", extra={"edge": f"{host}:{port}", "reason": ssl_handshake_error(exc),
+            log.warning("edge unreachable", extra={"edge": f"{host}:{port}", "reason": reason,
                                                    "retry_in_s": round(delay, 2)})
         else:
             backoff.reset()
-            await session(tunnel)
+            await _run_sessions(node, settings, choice, tunnel, session, running, lambda: _dial_quic(
+                node, settings, wire() if callable(wire) else wire, host, port, name))
             if not running():
                 return
             delay = backoff.next()
         attempt += 1
         node.stats.reconnects += 1
         await asyncio.sleep(delay)
+
+
+async def _dial_quic(node: TunnelHandler, settings: Settings, config: WireConfig, host: str, port: int,
+                     name: str) -> tuple[Any, str]:
+    """(a QUIC tunnel whose HELLO exchange is done, "") or (None, why not)."""
+    from .transport.quic import dial_quic, load_credentials
+
+    try:
+        credentials = load_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    except (pki.PkiError, OSError, ValueError) as exc:
+        return None, f"QUIC credentials: {exc}"
+    try:
+        tunnel = await dial_quic(node, config, host, port, settings, credentials, label=name)
+        await tunnel.up_waiter
+    except asyncio.TimeoutError:
+        return None, f"no QUIC handshake within {settings.quic_timeout:g}s (UDP blocked?)"
+    except (OSError, ConnectionError) as exc:
+        return None, ssl_handshake_error(exc)
+    return tunnel, ""
+
+
+async def _run_sessions(node: TunnelHandler, settings: Settings, choice: TransportChoice, tunnel: Any,
+                        session: Callable[[Any], Awaitable[None]], running: Callable[[], bool],
+                        redial_quic: Callable[[], Awaitable[tuple[Any, str]]]) -> None:
+    """Run ``session(tunnel)`` until the tunnel ends; on an ``auto`` TCP fallback, probe QUIC
+    meanwhile and move to a QUIC tunnel as soon as one comes up."""
+    loop = asyncio.get_running_loop()
+    stats = node.stats
+    kind = transport_of(tunnel)
+    stats.count(stats.transports, kind)
+    task = asyncio.ensure_future(session(tunnel))
+    try:
+        while choice.mode == "auto" and transport_of(tunnel) == "tcp" and running():
+            done, _ = await asyncio.wait({task}, timeout=settings.quic_probe_interval)
+            if done:
+                break
+            upgraded, reason = await redial_quic()
+            if upgraded is None:
+                choice.quic_failed_at = loop.time()
+                log.info("QUIC still unreachable; staying on TLS/TCP", extra={"reason": reason})
+                continue
+            choice.quic_failed_at = None
+            log.info("QUIC reachable again: new flows use the QUIC tunnel, the TLS/TCP one drains",
+                     extra={"tunnel": upgraded.label})
+            _retire(tunnel, settings.drain_grace)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            stats.count(stats.transports, kind, -1)
+            tunnel, kind = upgraded, "quic"
+            stats.count(stats.transports, kind)
+            task = asyncio.ensure_future(session(tunnel))
+        await task
+    finally:
+        task.cancel()
+        stats.count(stats.transports, kind, -1)
+
+
+def _retire(tunnel: Any, grace: float) -> None:
+    """Drain a tunnel that another one replaces: GOAWAY now, close once its flows ended (or after ``grace``)."""
+    tunnel.goaway("transport_upgrade", "moving to a QUIC tunnel")
+
+    async def close_when_idle() -> None:
+        deadline = asyncio.get_running_loop().time() + grace
+        while tunnel.routes and not tunnel.closed and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        tunnel.close("transport_upgrade", "replaced by a QUIC tunnel")
+
+    asyncio.ensure_future(close_when_idle())
 
 
 def raise_nofile_limit() -> None:

@@ -1,7 +1,8 @@
 """UDP flows end to end through real processes: client UDP forward → edge → connector → UDP backend.
 
 Covered:
-- datagrams of many sizes echoed byte for byte, several senders as separate flows, the
+- datagrams of many sizes echoed byte for byte over TLS/TCP and QUIC tunnels (up to what
+  each carries; larger ones refused and counted), several senders as separate flows, the
   backend seeing the connector's address (source NAT), and the datagram counters;
 - a DNS query for a private name answered by a private resolver through the fabric (and
   NXDOMAIN for a name it does not serve), with the UDP flow's traffic-log record;
@@ -47,14 +48,26 @@ def _udp_forward(backend) -> tuple:
     return ("127.0.0.1", 0, "127.0.0.1", backend.port, "udp")
 
 
-def test_udp_echo_through_the_fabric(backend, fabric, xfer):
+# The largest datagram each tunnel transport carries: a TLS/TCP DATAGRAM frame (FERRYMAN_MAX_FRAME),
+# one QUIC DATAGRAM frame in a 1350-byte packet (FERRYMAN_QUIC_PACKET_SIZE) less its overhead.
+LARGEST = {"tcp": 65000, "quic": 1304}
+
+
+@pytest.mark.parametrize("transport", ["tcp", "quic"])
+def test_udp_echo_through_the_fabric(backend, fabric, xfer, transport):
     echo = backend("udp-echo")
-    fab = fabric([_udp_forward(echo)])
+    fab = fabric([_udp_forward(echo)], env={"FERRYMAN_TRANSPORT": transport})
+    assert xfer.metric(xfer.scrape(fab.metrics["edge-1"]), "ferryman_tunnels_by_transport", transport=transport) == 3
     port = fab.forward_ports[0]
     sock = _udp_socket(2.0)
-    for size in (1, 64, 512, 1200, 1472, 8192, 32768, 65000):
+    for size in (1, 64, 512, 1200, 1304, 1472, 8192, 32768, 65000):
+        if size > LARGEST[transport]:
+            continue
         payload = os.urandom(size)
         assert _roundtrip(sock, port, payload) == payload, f"{size}-byte datagram"
+    if transport == "quic":  # too large for one QUIC packet: refused at the client, counted, the flow goes on
+        sock.sendto(os.urandom(LARGEST["quic"] + 1), ("127.0.0.1", port))
+        xfer.wait_metric(fab.metrics["client-1"], "ferryman_datagrams_dropped_total", 1, reason="datagram_too_large")
     # A burst on the open flow: every answer is one of ours, byte for byte (loopback loses none here).
     burst = [os.urandom(100) + i.to_bytes(4, "big") for i in range(200)]
     for payload in burst:
@@ -79,9 +92,10 @@ def test_udp_echo_through_the_fabric(backend, fabric, xfer):
     assert int(first_peer.rsplit(":", 1)[1]) not in app_ports
     samples = xfer.scrape(fab.metrics["client-1"])
     assert xfer.metric(samples, "ferryman_flows", role="client") >= 2
-    assert xfer.metric(samples, "ferryman_datagrams_total", direction="tx") >= 8 + 190
+    sent = sum(1 for size in (1, 64, 512, 1200, 1304, 1472, 8192, 32768, 65000) if size <= LARGEST[transport])
+    assert xfer.metric(samples, "ferryman_datagrams_total", direction="tx") >= sent + 190
     edge = xfer.scrape(fab.metrics["edge-1"])
-    assert xfer.metric(edge, "ferryman_datagrams_total", direction="rx") >= 2 * (8 + 190)
+    assert xfer.metric(edge, "ferryman_datagrams_total", direction="rx") >= 2 * (sent + 190)
     sock.close()
     other.close()
 
@@ -133,7 +147,7 @@ def test_idle_udp_flows_end_and_the_next_datagram_opens_a_new_one(backend, fabri
 
 def test_a_datagram_larger_than_the_tunnel_allows_is_dropped_and_counted(backend, fabric, xfer):
     echo = backend("udp-echo")
-    fab = fabric([_udp_forward(echo)], env={"FERRYMAN_MAX_FRAME": "4096"})
+    fab = fabric([_udp_forward(echo)], env={"FERRYMAN_MAX_FRAME": "4096", "FERRYMAN_TRANSPORT": "tcp"})
     port = fab.forward_ports[0]
     sock = _udp_socket(0.5)
     assert _roundtrip(sock, port, b"small") == b"small"

@@ -27,17 +27,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 import uvloop
 
-from backends import Backend
 from conftest import upload_sha
+from netns import private_network, reachable_from, start_backend_in
 from dataplane.fabric import Fabric, free_port
 from dataplane.transport.proxy import EgressProxy, ProxyError, dial_tls
 from test_proxy import Collect, client_ctx, echo_through, tls_echo_server
@@ -46,7 +44,6 @@ pytestmark = pytest.mark.timeout(120)
 
 SQUID = shutil.which("squid") or "/usr/sbin/squid"
 NCSA = "/usr/lib/squid/basic_ncsa_auth"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER, PASSWORD = "alice", "s3cr@t:pw"
 PASSWORD_IN_URL = "s3cr%40t%3Apw"
 MiB = 1 << 20
@@ -265,73 +262,6 @@ def _refusal(proxy: EgressProxy, edge_port: int) -> str:
 
 
 # ---------------------------------------------------------------------------- a fabric behind squid
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=20)
-
-
-@contextlib.contextmanager
-def private_network() -> Iterator[tuple[str, str, str]]:
-    """A network namespace joined to this one by a veth pair only (no route anywhere else);
-    yields (namespace, our address on the pair, the namespace's address)."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None:
-        pytest.skip("`ip` (iproute2) is not installed")
-    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, timeout=10).stdout
-    tag = f"{os.getpid() % 0xFFFFF:05x}"
-    ns, outside, inside = f"fmpx{tag}", f"fmpr{tag}", f"fmpn{tag}"
-    octet = random.choice([n for n in range(1, 255) if f"10.231.{n}." not in used])
-    ours, theirs = f"10.231.{octet}.1", f"10.231.{octet}.2"
-    try:
-        _sh("ip", "netns", "add", ns)
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot create a network namespace: {exc.stderr.decode().strip()}")
-    try:
-        _sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
-        _sh("ip", "link", "set", inside, "netns", ns)
-        _sh("ip", "addr", "add", f"{ours}/30", "dev", outside)
-        _sh("ip", "link", "set", outside, "up")
-        _sh("ip", "-n", ns, "addr", "add", f"{theirs}/30", "dev", inside)
-        _sh("ip", "-n", ns, "link", "set", inside, "up")
-        _sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield ns, ours, theirs
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
-        subprocess.run(["ip", "link", "del", outside], capture_output=True, timeout=20)
-
-
-def start_backend_in(ns: str, mode: str, timeout: float = 15.0) -> Backend:
-    """``tests/backends.py MODE`` inside namespace ``ns`` (on its own 127.0.0.1)."""
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, os.path.join(ROOT, "tests", "backends.py"),
-                             mode, "--port", "0"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                            bufsize=1, start_new_session=True)
-    assert proc.stdout is not None
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    try:
-        line = proc.stdout.readline()
-    finally:
-        timer.cancel()
-    if not line.startswith("listening "):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"backend {mode} in {ns} did not start (first line {line!r})")
-    return Backend(mode, proc, int(line.split()[1]))
-
-
-def reachable_from(ns: str, targets: list[tuple[str, int]]) -> dict[tuple[str, int], bool]:
-    code = ("import socket, sys\n"
-            "for t in sys.argv[1:]:\n"
-            "    h, p = t.rsplit(':', 1)\n"
-            "    try:\n"
-            "        socket.create_connection((h, int(p)), timeout=2).close(); print('open')\n"
-            "    except OSError:\n"
-            "        print('closed')\n")
-    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code, *(f"{h}:{p}" for h, p in targets)],
-                          capture_output=True, text=True, timeout=30, check=True)
-    return dict(zip(targets, (line == "open" for line in done.stdout.split())))
-
-
 @pytest.mark.netns
 def test_fabric_whose_connector_can_only_reach_squid(squid: type[Squid], pki_cache: str, tmp_path) -> None:
     with private_network() as (ns, ours, theirs):

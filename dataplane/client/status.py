@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import pki
+from ..runtime import transport_of
 
 if TYPE_CHECKING:
     from .node import Client
@@ -44,7 +45,7 @@ def snapshot(client: "Client") -> dict[str, Any]:
             "state": "up" if up else "down",
             "edge": tunnel.peer_name if up else "",
             "address": tunnel.peer_addr if up else "",
-            "transport": getattr(tunnel, "transport_name", "tcp") if up else "",
+            "transport": transport_of(tunnel) if up else "",
             "rtt_ms": round(tunnel.rtt * 1000, 2) if up and tunnel.rtt is not None else None,
             "edges": [f"{h}:{p}" for h, p in client.edges],
         },

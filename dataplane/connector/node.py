@@ -30,7 +30,7 @@ from ..controllink import ControlLink, Report, cut_revoked
 from ..observability import Stats, parse_hostport, start_metrics_server
 from ..grants import GrantError, GrantVerifier
 from ..pki import PeerIdentity
-from ..runtime import NodeIdentity, keep_tunnel
+from ..runtime import NodeIdentity, keep_tunnel, transport_of
 from ..settings import Settings
 from ..snapshot import ConfigSnapshot, revoked_set
 from ..socketflow import EndpointNode, SocketFlow
@@ -117,7 +117,7 @@ class Connector(EndpointNode):
     def _report(self) -> Report:
         addresses = set()
         for tunnel in self.tunnels:
-            local = tunnel.transport.get_extra_info("sockname") if tunnel.transport is not None else None
+            local = tunnel.sockname
             if local:
                 addresses.add(str(local[0]))
         return Report(tunnels=len(self.tunnels), active_flows=sum(len(t.routes) for t in self.tunnels),
@@ -157,13 +157,13 @@ class Connector(EndpointNode):
     # ------------------------------------------------------------------ tunnel events
     def tunnel_up(self, tunnel: Tunnel) -> None:
         # The edge's certificate key, which must have signed the grant of every OPEN on this tunnel.
-        ssl_object = tunnel.transport.get_extra_info("ssl_object") if tunnel.transport is not None else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        der = tunnel.peer_certificate_der()
         tunnel.context = x509.load_der_x509_certificate(der).public_key() if der else None
         self.tunnels.add(tunnel)
         self.stats.tunnels_up += 1
         self.stats.tunnels_opened += 1
-        log.info("tunnel up", extra={"tunnel": tunnel.label, "edge": tunnel.peer_name})
+        log.info("tunnel up", extra={"tunnel": tunnel.label, "edge": tunnel.peer_name,
+                                     "transport": transport_of(tunnel)})
 
     def tunnel_down(self, tunnel: Tunnel) -> None:
         if tunnel in self.tunnels:

@@ -25,6 +25,7 @@ import os
 import socket
 import ssl
 import time
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -34,7 +35,7 @@ from ..apps import DEFAULT_GROUP, AppTable, Match, Segment, describe_miss
 from ..controllink import ControlLink, Report, cut_revoked
 from ..observability import Stats, parse_hostport, start_metrics_server
 from ..pki import PeerIdentity
-from ..runtime import NodeIdentity
+from ..runtime import NodeIdentity, transport_of
 from ..settings import Settings
 from ..access import TokenError, TokenVerifier
 from ..grants import sign as sign_grant
@@ -115,6 +116,7 @@ class Edge(TunnelHandler):
         self.groups: dict[str, list[Tunnel]] = {}
         self.clients: set[Tunnel] = set()
         self.listener: socket.socket | None = None
+        self.quic: Any = None  # the QUIC listener (transport.quic.QuicServer), with FERRYMAN_EDGE_QUIC=on
         self._accepting = False
         self._handshakes: set[asyncio.Task[None]] = set()
         self._wire = identity.wire_config()
@@ -147,17 +149,24 @@ class Edge(TunnelHandler):
         accepting = loop.create_task(self._accept(self.listener))
         following = loop.create_task(self.link.run(stop)) if self.link is not None else None
         bound = self.listener.getsockname()
+        if s.edge_quic == "on":  # QUIC tunnels on the same port number, over UDP
+            from ..transport.quic import load_credentials, serve_quic
+
+            self.quic = await serve_quic(self, self._wire, host, bound[1], s,
+                                         load_credentials(s.tls_cert, s.tls_key, s.tls_ca))
         metrics = None
         if s.metrics_addr:
             metrics = await start_metrics_server(s.metrics_addr, self.stats, self.ready)
         source = s.apps_file if self.static_apps else f"control plane {self.link.base}"  # type: ignore[union-attr]
         log.info("edge listening", extra={"addr": f"{bound[0]}:{bound[1]}", "apps": len(self.apps.apps),
-                                          "config": source})
+                                          "config": source, "transports": "tcp,quic" if self.quic else "tcp"})
         await stop.wait()
         log.info("edge stopping")
         accepting.cancel()
         await asyncio.gather(accepting, *([following] if following else []), return_exceptions=True)
         self.listener.close()
+        if self.quic is not None:
+            self.quic.close()
         for tunnel in list(self.clients) + [t for ts in self.groups.values() for t in ts]:
             tunnel.goaway("shutdown", f"edge {self.name} is shutting down")
             tunnel.close("shutdown", "edge stopped")
@@ -274,6 +283,11 @@ class Edge(TunnelHandler):
         running ones keep theirs."""
         self._server_ctx = self.identity.server_context()
         self._grant_key = _load_key(self.settings.tls_key)
+        if self.quic is not None:
+            from ..transport.quic import load_credentials
+
+            s = self.settings
+            self.quic.credentials = load_credentials(s.tls_cert, s.tls_key, s.tls_ca)
 
     async def _accept(self, listener: socket.socket) -> None:
         """Accept TCP connections; each one's TLS handshake runs in its own task.
@@ -319,6 +333,7 @@ class Edge(TunnelHandler):
         self.stats.tunnels_up += 1
         self.stats.tunnels_opened += 1
         tunnel.label = f"{peer.role}:{peer.node}@{tunnel.peer_addr}"
+        self.stats.count(self.stats.transports, transport_of(tunnel))
         if peer.role == "connector":
             self.groups.setdefault(peer.group or "default", []).append(tunnel)
         else:
@@ -327,7 +342,8 @@ class Edge(TunnelHandler):
             if self.access is not None and self.access.enforcing:
                 self._authenticate(tunnel, peer.token)
         user = tunnel.context.upn if isinstance(tunnel.context, Principal) else None
-        log.info("tunnel up", extra={"tunnel": tunnel.label, "group": peer.group, "user": user})
+        log.info("tunnel up", extra={"tunnel": tunnel.label, "group": peer.group, "user": user,
+                                     "transport": transport_of(tunnel)})
 
     def tunnel_down(self, tunnel: Tunnel) -> None:
         peer = tunnel.conn.peer
@@ -335,6 +351,7 @@ class Edge(TunnelHandler):
             return
         self.stats.tunnels_up -= 1
         self.stats.count(self.stats.tunnels_closed, tunnel.close_code)
+        self.stats.count(self.stats.transports, transport_of(tunnel), -1)
         self.stats.rtt.pop(tunnel.label, None)
         if peer.role == "connector":
             group = self.groups.get(peer.group or "default", [])

@@ -139,6 +139,16 @@ class Tunnel(asyncio.Protocol):
 
     @property
     def sockname(self) -> tuple | None:
+        """The local address of the tunnel's TCP socket."""
+        return self.transport.get_extra_info("sockname") if self.transport is not None else None
+
+    def peer_certificate_der(self) -> bytes | None:
+        """The peer's certificate (DER), as the TLS handshake checked it."""
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
+    @property
+    def sockname(self) -> tuple | None:
         """The local address of the tunnel's socket."""
         return self.transport.get_extra_info("sockname") if self.transport is not None else None
 
