@@ -428,3 +428,36 @@ def test_dial_to_a_closed_port_fails_fast_and_a_silent_one_times_out(certs: dict
         silent.close()
 
     run(main())
+
+
+def test_tls_tunnel_offers_the_same_certificate_and_sockname_accessors(certs: dict[str, pki.NodeFiles]) -> None:
+    """Nodes read the peer certificate and local address the same way from either transport."""
+    from dataplane.transport.tunnel import Tunnel
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        edge_files, connector_files = certs["edge-1"], certs["connector-1"]
+        accepted: list[Tunnel] = []
+
+        def accept() -> Tunnel:
+            tunnel = Tunnel(Echo(), WireConfig(role="edge", node="edge-1"), dialer=False,
+                            accept_roles=("connector",), keepalive=10, handshake_timeout=5, write_buffer_high=1 << 20)
+            accepted.append(tunnel)
+            return tunnel
+
+        server = await loop.create_server(accept, "127.0.0.1", 0, ssl=pki.server_context(
+            edge_files.cert, edge_files.key, edge_files.ca))
+        port = server.sockets[0].getsockname()[1]
+        _, tunnel = await loop.create_connection(
+            lambda: Tunnel(Dialer(), WireConfig(role="connector", node="connector-1"), dialer=True,
+                           accept_roles=("edge",), keepalive=10, handshake_timeout=5, write_buffer_high=1 << 20),
+            "127.0.0.1", port, ssl=pki.client_context(connector_files.cert, connector_files.key, connector_files.ca),
+            server_hostname="127.0.0.1")
+        await tunnel.up_waiter
+        assert tunnel.peer_certificate_der() == der(edge_files.cert)
+        assert accepted[0].peer_certificate_der() == der(connector_files.cert)
+        assert tunnel.sockname[0] == "127.0.0.1" and accepted[0].sockname == ("127.0.0.1", port)
+        tunnel.close("shutdown", "test done")
+        server.close()
+
+    run(main())

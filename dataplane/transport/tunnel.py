@@ -147,16 +147,6 @@ class Tunnel(asyncio.Protocol):
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
         return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
 
-    @property
-    def sockname(self) -> tuple | None:
-        """The local address of the tunnel's socket."""
-        return self.transport.get_extra_info("sockname") if self.transport is not None else None
-
-    def peer_certificate_der(self) -> bytes | None:
-        """The peer's certificate (DER) from the TLS handshake."""
-        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
-        return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
