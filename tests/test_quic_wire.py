@@ -364,6 +364,21 @@ def test_udp_flow_carries_quic_datagrams(certs: dict[str, pki.NodeFiles]) -> Non
     assert [bytes(e.data) for e in pair.take(pair.client)] == [b"answer"]
 
 
+def test_datagram_overtaking_open_ok_is_dropped_and_counted(certs: dict[str, pki.NodeFiles]) -> None:
+    pair = Pair(certs).up()
+    fid = pair.client.open_flow(Open(host="dns.corp", port=53, protocol="udp"))
+    pair.pump()
+    pair.take(pair.server)
+    pair.server.accept_flow(fid)
+    pair.server.send_datagram(fid, b"unsolicited")  # aioquic puts DATAGRAM frames ahead of stream frames
+    pair.pump()
+    assert pair.take(pair.client) == [ev.FlowAccepted(fid, "", "")]
+    assert pair.client.early_datagrams == 1 and pair.client.dead is None
+    pair.server.send_datagram(fid, b"answer")
+    pair.pump()
+    assert [bytes(e.data) for e in pair.take(pair.client)] == [b"answer"]
+
+
 def test_datagram_queue_is_bounded(certs: dict[str, pki.NodeFiles]) -> None:
     pair = Pair(certs).up()
     fid = pair.open(Open(host="dns.corp", port=53, protocol="udp"))

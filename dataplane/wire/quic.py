@@ -243,6 +243,10 @@ class _Quic(QuicConnection):
         for stream in self._streams_queue:  # created since the last call
             active[stream.stream_id] = stream
         served = list(active.values())
+        control = active.get(0)
+        if control is not None and served[0] is not control:  # control frames (AUTH, GOAWAY) ahead of flow frames
+            served.remove(control)
+            served.insert(0, control)
         self._streams, self._streams_queue = active, served
         try:
             super()._write_application(builder, network_path, now)
@@ -360,6 +364,7 @@ class QuicTunnelConnection:
         self.goaway_sent = False
         self.goaway_received = False
         self.late_frames = 0
+        self.early_datagrams = 0  # datagrams of our UDP flows that overtook their OPEN_OK (dropped)
         self.pending_opens = 0
         self.backlog = 0  # bytes queued in aioquic not yet sent once (plus pending datagrams)
         self.max_datagram = quic.max_datagram_size - DATAGRAM_OVERHEAD
@@ -1016,6 +1021,10 @@ class QuicTunnelConnection:
             if flow_id == 0 or not known:
                 raise ProtocolError("unknown_flow", f"DATAGRAM for flow {flow_id}, which was never opened")
             self.late_frames += 1
+            return
+        if flow.udp and flow.state == OPENING and flow.local:
+            # Datagrams are not ordered with streams: the answer may overtake the OPEN_OK.
+            self.early_datagrams += 1
             return
         if not flow.udp or flow.state != OPEN:
             raise ProtocolError("stream_state", f"DATAGRAM on flow {flow_id} "
