@@ -1,0 +1,454 @@
+"""Unit tests of the client agent's capture pieces, in one process on loopback with real sockets:
+
+- ``process.py``: the owning process of TCP (IPv4, IPv6) and UDP (unconnected, connected)
+  sockets, "" for what cannot be known, the /proc/net fallback, the asynchronous
+  ``find`` answering within its wait; and the measured cost per lookup (printed);
+- ``httpconnect.py``: CONNECT targets, status for each refusal code, error responses;
+  direct routing with early data, and a refused direct dial (502 with its code);
+- ``socks.py`` + ``direct.py`` with every destination routed ``"direct"``: CONNECT relayed
+  with half-close and back-pressure (a reader that stops holds the sender, memory stays
+  bounded); UDP ASSOCIATE: answers wrapped with the destination, fragments and foreign
+  sources dropped and counted, the per-association flow limit, closing the control
+  connection closes the relay and its flows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import time
+import types
+
+import msgspec
+import pytest
+import uvloop
+
+from dataplane.client import httpconnect, process, socks
+from dataplane.client.direct import DirectUdp
+from dataplane.observability import Stats
+from dataplane.settings import Settings
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def own_process() -> str:
+    with open("/proc/self/comm") as fh:
+        return f"{fh.read().strip()}[{os.getpid()}]"
+
+
+# ---------------------------------------------------------------------------- process lookup
+@pytest.fixture
+def finder():
+    f = process.ProcessFinder(skip_self=False)
+    yield f
+    f.close()
+
+
+def tcp_pair(family: int = socket.AF_INET, host: str = "127.0.0.1"):
+    srv = socket.socket(family)
+    srv.bind((host, 0))
+    srv.listen()
+    app = socket.create_connection(srv.getsockname()[:2])
+    accepted, _ = srv.accept()
+    srv.close()
+    return app, accepted
+
+
+def test_process_of_tcp_and_udp_sockets(finder):
+    me = own_process()
+    app, accepted = tcp_pair()
+    with app, accepted:
+        assert finder.lookup("tcp", accepted.getpeername(), accepted.getsockname()) == me
+        # The pair the other way round is our accepted socket's: also this process, but a
+        # listener address that matches nothing is unknown.
+        assert finder.lookup("tcp", accepted.getpeername(), ("127.0.0.1", 1)) == ""
+    app6, accepted6 = tcp_pair(socket.AF_INET6, "::1")
+    with app6, accepted6:
+        assert finder.lookup("tcp", accepted6.getpeername()[:2], accepted6.getsockname()[:2]) == me
+    relay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    relay.bind(("127.0.0.1", 0))
+    unconnected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    unconnected.bind(("127.0.0.1", 0))
+    connected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    connected.connect(relay.getsockname())
+    with relay, unconnected, connected:
+        assert finder.lookup("udp", unconnected.getsockname(), None) == me
+        assert finder.lookup("udp", unconnected.getsockname(), relay.getsockname()) == me
+        assert finder.lookup("udp", connected.getsockname(), relay.getsockname()) == me
+        assert finder.lookup("udp", connected.getsockname(), None) == me  # (found in /proc/net/udp)
+    # Closed sockets and remote peers: unknown, never an exception.
+    assert finder.lookup("tcp", ("127.0.0.1", 9), ("127.0.0.1", 10)) == ""
+    assert finder.lookup("udp", ("192.0.2.1", 9), None) == ""
+    assert finder.lookup("tcp", ("not an address", 9), ("127.0.0.1", 1)) == ""
+
+
+def test_process_lookup_without_netlink_reads_proc_net(finder):
+    finder.sockets._netlink_ok = False
+    app, accepted = tcp_pair()
+    with app, accepted:
+        assert finder.lookup("tcp", accepted.getpeername(), accepted.getsockname()) == own_process()
+        assert finder.lookup("tcp", accepted.getpeername(), ("127.0.0.1", 1)) == ""
+
+
+def test_expensive_scans_are_paced(finder, monkeypatch):
+    """A process whose scan took long is not scanned again at once: a new socket of it is unknown
+    (""), while a socket found before is still answered from the cache."""
+    monkeypatch.setattr(process, "EXPENSIVE_SCAN", 0.0)
+    monkeypatch.setattr(process, "PACE", 1e6)
+    a, b = tcp_pair()
+    with a, b:
+        assert finder.lookup("tcp", b.getpeername(), b.getsockname()) == own_process()  # full scan
+        c, d = tcp_pair()
+        with c, d:
+            assert finder.lookup("tcp", d.getpeername(), d.getsockname()) == ""  # paced: not scanned again
+            assert finder.lookup("tcp", b.getpeername(), b.getsockname()) == own_process()  # cached
+    assert finder.index.full_scans == 1
+
+
+def test_process_lookup_cost(finder, capsys, monkeypatch):
+    """Not a timing assertion (the bench measures): prints what one lookup costs on this machine."""
+    monkeypatch.setattr(process, "EXPENSIVE_SCAN", 10.0)  # no pacing here, whatever this machine's speed
+    me = own_process()
+    pairs = []
+    finder.lookup("tcp", ("127.0.0.1", 9), ("127.0.0.1", 10))  # netlink socket open
+    a, b = tcp_pair()
+    started = time.perf_counter()
+    assert finder.lookup("tcp", b.getpeername(), b.getsockname()) == me  # this process is in no cache yet
+    first = time.perf_counter() - started
+    pairs.append((a, b))
+    total = 0.0
+    n = 100
+    for _ in range(n):
+        a, b = tcp_pair()
+        pairs.append((a, b))
+        started = time.perf_counter()
+        assert finder.lookup("tcp", b.getpeername(), b.getsockname()) == me
+        total += time.perf_counter() - started
+    started = time.perf_counter()
+    for _, b in pairs[1:]:
+        finder.sockets.find("tcp", b.getpeername(), b.getsockname())
+    netlink = (time.perf_counter() - started) / n
+    fds = len(os.listdir("/proc/self/fd"))
+    for a, b in pairs:
+        a.close()
+        b.close()
+    with capsys.disabled():
+        print(f"\nprocess lookup: socket inode (netlink) {netlink * 1e6:.1f} µs; first lookup of a process "
+              f"{first * 1e3:.2f} ms; next ones {total / n * 1e3:.3f} ms each ({fds} open fds in the process, "
+              f"{len([p for p in os.listdir('/proc') if p.isdigit()])} processes)")
+
+
+def test_find_answers_within_its_wait(finder):
+    async def main():
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        app = socket.create_connection(("127.0.0.1", port))
+        answers: list[tuple[str, float]] = []
+        started = loop.time()
+        finder.wait = 0.5  # generous here: the lookup itself is what is checked
+        finder.find("tcp", app.getsockname(), ("127.0.0.1", port), lambda p: answers.append((p, loop.time())))
+        finder.find("tcp", ("127.0.0.1", 9), ("127.0.0.1", 10), lambda p: answers.append((p, loop.time())))
+        finder.find("tcp", None, None, lambda p: answers.append((p, loop.time())))  # no address: at once
+        assert answers and answers[0][0] == ""
+        while len(answers) < 3 and loop.time() - started < 2:
+            await asyncio.sleep(0.001)
+        app.close()
+        srv.close()
+        return answers, started
+
+    answers, started = uvloop.run(main())
+    assert sorted(a for a, _ in answers) == sorted(["", "", own_process()])
+    # A short wait answers "" in time, and the late answer is only counted.
+    async def short():
+        f = process.ProcessFinder(wait=0.0, skip_self=False)
+        got = []
+        f.find("tcp", ("127.0.0.1", 9), ("127.0.0.1", 10), got.append)
+        await asyncio.sleep(0.05)
+        f.close()
+        return got
+
+    assert uvloop.run(short()) == [""]
+
+
+def test_parse_addr():
+    assert process.parse_addr("127.0.0.1:80") == ("127.0.0.1", 80)
+    assert process.parse_addr("::1:443") == ("::1", 443)
+    assert process.parse_addr("[::1]:443") == ("::1", 443)
+    assert process.parse_addr("probe") is None
+    assert process.parse_addr("") is None
+
+
+# ---------------------------------------------------------------------------- HTTP CONNECT parts
+def test_connect_targets():
+    assert httpconnect.parse_target("db.corp.example:5432") == ("db.corp.example", 5432)
+    assert httpconnect.parse_target("10.0.0.1:22") == ("10.0.0.1", 22)
+    assert httpconnect.parse_target("[2001:db8::1]:443") == ("2001:db8::1", 443)
+    for bad in ("db.corp.example", ":443", "host:0", "host:65536", "host:https", "[::1]443", "[nope]:1",
+                "bad_host!:1", "-x.example:1", "a..b:1", "/path:1"):
+        with pytest.raises(ValueError):
+            httpconnect.parse_target(bad)
+
+
+def test_status_for_each_refusal():
+    for code in ("no_application", "not_allowed", "mfa_required", "blocked_by_policy", "device_not_compliant",
+                 "not_assigned", "sign_in_required"):
+        assert httpconnect.status_for(code) == 403, code
+    for code in ("dial_refused", "dial_error", "dns_error"):
+        assert httpconnect.status_for(code) == 502, code
+    for code in ("edge_unreachable", "no_connector", "tunnel_lost"):
+        assert httpconnect.status_for(code) == 503, code
+    for code in ("open_timeout", "dial_timeout"):
+        assert httpconnect.status_for(code) == 504, code
+    raw = httpconnect.response(403, "MFA required for app 'x'", {"X-Ferryman-Reason": "mfa_required"})
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"\r\nX-Ferryman-Reason: mfa_required" in head
+    assert body == b"MFA required for app 'x'\n" and f"Content-Length: {len(body)}".encode() in head
+
+
+# ---------------------------------------------------------------------------- direct routing
+def stub_client(**settings: object) -> types.SimpleNamespace:
+    """What the front ends use of a Client, routing everything direct."""
+    opened = []
+    return types.SimpleNamespace(
+        settings=msgspec.structs.replace(Settings(), **settings), stats=Stats("client", "test"),
+        socket_buffer=64 * 1024, route=lambda host, port, protocol="tcp": "direct", open=opened.append,
+        opened=opened)
+
+
+class _Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.t = transport
+
+    def data_received(self, data):
+        self.t.write(data)
+
+    def eof_received(self):
+        self.t.write_eof()
+        return True
+
+
+class _UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.t = transport
+
+    def datagram_received(self, data, addr):
+        self.t.sendto(b"echo:" + data, addr)
+
+
+async def _read_exactly(reader: asyncio.StreamReader, n: int) -> bytes:
+    return await asyncio.wait_for(reader.readexactly(n), 10)
+
+
+def test_socks_connect_direct_relay_half_close_and_backpressure():
+    async def main():
+        loop = asyncio.get_running_loop()
+        client = stub_client()
+        echo = await loop.create_server(_Echo, "127.0.0.1", 0)
+        echo_port = echo.sockets[0].getsockname()[1]
+        front = await loop.create_server(lambda: socks.Socks5(client), "127.0.0.1", 0)
+        port = front.sockets[0].getsockname()[1]
+
+        # Echo with early data sent with the request, then a half-close: the rest still comes back.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        early = os.urandom(5000)
+        writer.write(b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", echo_port)
+                     + early)
+        assert await _read_exactly(reader, 2) == b"\x05\x00"
+        assert (await _read_exactly(reader, 10))[:2] == b"\x05\x00"
+        assert await _read_exactly(reader, len(early)) == early
+        body = os.urandom(MiB)
+        writer.write(body)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == body
+        writer.close()
+
+        # A destination nobody listens on: "connection refused" (5).
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", dead))
+        assert await _read_exactly(reader, 2) == b"\x05\x00"
+        assert (await _read_exactly(reader, 10))[1] == socks.REP_REFUSED
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+        # Back-pressure: a server pushing 64 MiB to an app that does not read is held back.
+        pushed = [0]
+        done = asyncio.Event()
+
+        class Pusher(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.t = transport
+                self.paused = asyncio.Event()
+                loop.create_task(self.push())
+
+            def pause_writing(self):
+                self.paused.clear()
+
+            def resume_writing(self):
+                self.paused.set()
+
+            async def push(self):
+                self.paused.set()
+                chunk = b"z" * (256 * 1024)
+                while pushed[0] < 64 * MiB:
+                    await self.paused.wait()
+                    self.t.write(chunk)
+                    pushed[0] += len(chunk)
+                    await asyncio.sleep(0)
+                self.t.write_eof()
+                done.set()
+
+        pusher = await loop.create_server(Pusher, "127.0.0.1", 0)
+        pport = pusher.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
+        writer.write(b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", pport))
+        assert await _read_exactly(reader, 2) == b"\x05\x00"
+        assert (await _read_exactly(reader, 10))[1] == 0
+        reader._transport.pause_reading()  # the app stops reading
+        await asyncio.sleep(1.0)
+        held = pushed[0]
+        assert held < 24 * MiB, f"{held / MiB:.1f} MiB pushed to an app that reads nothing: no back-pressure"
+        reader._transport.resume_reading()
+        total = 0
+        while True:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), 10)
+            if not chunk:
+                break
+            assert chunk.count(b"z") == len(chunk)
+            total += len(chunk)
+        assert total == 64 * MiB and done.is_set()
+        writer.close()
+        for server in (echo, front, pusher):
+            server.close()
+
+    uvloop.run(main())
+
+
+def test_http_connect_direct_with_early_data_and_refusal():
+    async def main():
+        loop = asyncio.get_running_loop()
+        client = stub_client()
+        echo = await loop.create_server(_Echo, "127.0.0.1", 0)
+        echo_port = echo.sockets[0].getsockname()[1]
+        front = await loop.create_server(lambda: httpconnect.HttpConnect(client), "127.0.0.1", 0)
+        port = front.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        early = os.urandom(2000)
+        writer.write(f"CONNECT 127.0.0.1:{echo_port} HTTP/1.1\r\nHost: 127.0.0.1:{echo_port}\r\n\r\n".encode() + early)
+        established = httpconnect.ESTABLISHED
+        assert await _read_exactly(reader, len(established)) == established
+        assert await _read_exactly(reader, len(early)) == early
+        writer.write(b"after")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"after"
+        writer.close()
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"CONNECT 127.0.0.1:{dead} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+        assert b"X-Ferryman-Reason: dial_refused\r\n" in answer and f"refused by 127.0.0.1:{dead}".encode() in answer
+        writer.close()
+        echo.close()
+        front.close()
+
+    uvloop.run(main())
+
+
+def test_socks_udp_associate_direct():
+    async def main():
+        loop = asyncio.get_running_loop()
+        client = stub_client(max_udp_flows=2)
+        udp_echo, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.1", 0))
+        eport = udp_echo.get_extra_info("sockname")[1]
+        udp_echo2, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.1", 0))
+        eport2 = udp_echo2.get_extra_info("sockname")[1]
+        front = await loop.create_server(lambda: socks.Socks5(client), "127.0.0.1", 0)
+        port = front.sockets[0].getsockname()[1]
+
+        app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        app.bind(("127.0.0.1", 0))
+        app.setblocking(False)
+        # Announce the app's address and port: only it may use the relay.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x05\x01\x00\x05\x03\x00\x01" + socket.inet_aton("127.0.0.1")
+                     + struct.pack("!H", app.getsockname()[1]))
+        assert await _read_exactly(reader, 2) == b"\x05\x00"
+        rep = await _read_exactly(reader, 10)
+        assert rep[:4] == b"\x05\x00\x00\x01"
+        relay = (socket.inet_ntoa(rep[4:8]), struct.unpack("!H", rep[8:10])[0])
+
+        async def roundtrip(header: bytes, payload: bytes) -> bytes:
+            await loop.sock_sendto(app, header + payload, relay)
+            data, src = await asyncio.wait_for(loop.sock_recvfrom(app, 70000), 5)
+            assert src == relay
+            return data
+
+        h1 = b"\x00\x00\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", eport)
+        assert await roundtrip(h1, b"one") == h1 + b"echo:one"
+        h2 = b"\x00\x00\x00\x03\x09localhost" + struct.pack("!H", eport2)
+        assert await roundtrip(h2, b"two") == h2 + b"echo:two"  # the name as asked, as the source
+
+        dropped = client.stats.datagrams_dropped
+        # A fragment, a truncated header, another source port: dropped and counted.
+        await loop.sock_sendto(app, b"\x00\x00\x01" + h1[3:] + b"frag", relay)
+        await loop.sock_sendto(app, b"\x00\x00\x00\x01\x7f", relay)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+            other.sendto(h1 + b"intruder", relay)
+        # A third destination is beyond max_udp_flows=2.
+        h3 = b"\x00\x00\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", 9)
+        await loop.sock_sendto(app, h3 + b"three", relay)
+        await loop.sock_sendto(app, h3 + b"three again", relay)
+        deadline = loop.time() + 5
+        while loop.time() < deadline and (dropped.get("too_many_udp_flows", 0) < 2
+                                          or dropped.get("socks_foreign_source", 0) < 1):
+            await asyncio.sleep(0.01)
+        assert dropped.get("socks_fragment") == 1
+        assert dropped.get("socks_bad_header") == 1
+        assert dropped.get("socks_foreign_source") == 1
+        assert dropped.get("too_many_udp_flows") == 2
+        with pytest.raises(TimeoutError):  # none of them got an answer
+            await asyncio.wait_for(loop.sock_recvfrom(app, 70000), 0.3)
+
+        writer.close()  # the control connection ends the association: the relay closes
+        deadline = loop.time() + 5
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                try:
+                    probe.bind(relay)  # the relay's port is free again
+                    break
+                except OSError:
+                    assert loop.time() < deadline, "the relay socket is still open"
+            await asyncio.sleep(0.02)
+        app.close()
+        udp_echo.close()
+        udp_echo2.close()
+        front.close()
+
+    asyncio.run(main())  # (uvloop has no sock_sendto / sock_recvfrom)
+
+
+def test_direct_udp_refused_destination_drops_its_queue():
+    async def main():
+        client = stub_client()
+        closed = []
+        flow = DirectUdp(client, "name.invalid", 53, lambda d: None, closed.append)
+        flow.from_local(b"a")
+        flow.from_local(b"b")
+        deadline = asyncio.get_running_loop().time() + 10
+        while not closed and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert closed == [flow] and flow.done
+        assert client.stats.datagrams_dropped.get("flow_refused") == 2
+
+    uvloop.run(main())
