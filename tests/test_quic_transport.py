@@ -461,3 +461,19 @@ def test_tls_tunnel_offers_the_same_certificate_and_sockname_accessors(certs: di
         server.close()
 
     run(main())
+
+
+def test_dialer_notices_at_once_when_the_edge_socket_is_gone(certs: dict[str, pki.NodeFiles]) -> None:
+    async def main() -> None:
+        echo, dialer = Echo(), Dialer()
+        server = await edge(certs, echo)
+        tunnel = await dial(server, certs["connector-1"], dialer)
+        await tunnel.up_waiter
+        assert server.transport is not None
+        server.transport.abort()  # the edge process dies: no CONNECTION_CLOSE, the port is closed
+        tunnel.conn.ping(0.0)
+        tunnel.flush_soon()
+        await asyncio.wait_for(tunnel.done_waiter, 5)
+        assert tunnel.close_code == "connection_lost" and "port unreachable" in tunnel.close_reason
+
+    run(main())

@@ -291,9 +291,16 @@ class QuicTunnel:
         self.flush_soon()
 
     def error_received(self, exc: OSError) -> None:
-        """An ICMP error on a dialer's socket: fatal before the handshake (nothing listens), ignored after."""
+        """An ICMP error on a dialer's socket. Before the handshake any error means the edge
+        cannot be reached; after it, "port unreachable" means the edge's process is gone (as
+        a TCP reset would say) while other errors (a route flapping) are left to keepalive."""
         if not self.handshake_waiter.done():
             self.close("unreachable", f"UDP to {self.peer_addr}: {exc.strerror or exc}", abort=True)
+        elif isinstance(exc, ConnectionRefusedError):
+            self.close("connection_lost", f"UDP to {self.peer_addr}: port unreachable (nothing listens there now)",
+                       abort=True)
+        else:
+            log.debug("UDP error on a tunnel", extra={"tunnel": self.label, "reason": exc.strerror or str(exc)})
 
     def transport_lost(self, exc: Exception | None) -> None:
         self.transport = None
