@@ -70,15 +70,21 @@ def add_node_commands(sub: Any) -> None:
     conn.add_argument("--edges", help="comma-separated edge HOST:PORT list (FERRYMAN_EDGES)")
     conn.add_argument("--group", dest="connector_group", help="connector group (FERRYMAN_CONNECTOR_GROUP)")
     conn.add_argument("--tunnels", dest="connector_tunnels", type=int, help="tunnels to keep (FERRYMAN_CONNECTOR_TUNNELS)")
+    conn.add_argument("--transport", dest="transport", choices=["auto", "quic", "tcp"],
+                      help="tunnel transport (FERRYMAN_TRANSPORT)")
     conn.set_defaults(node="connector")
     _register_command(conn, "connector")
 
     client = sub.add_parser("client", help="run the client agent: port forwards and SOCKS5 into the fabric")
     _tls_flags(client)
     client.add_argument("--edges", help="comma-separated edge HOST:PORT list (FERRYMAN_EDGES)")
-    client.add_argument("--forward", action="append", default=[], metavar="[HOST:]PORT=DEST:PORT",
+    client.add_argument("--forward", action="append", default=[], metavar="[HOST:]PORT=DEST:PORT[/udp]",
                         help="local port forward (repeatable)")
     client.add_argument("--socks", dest="socks_listen", help="SOCKS5 listen HOST:PORT (FERRYMAN_SOCKS_LISTEN)")
+    client.add_argument("--http", dest="http_listen", help="HTTP CONNECT proxy listen HOST:PORT (FERRYMAN_HTTP_LISTEN)")
+    client.add_argument("--dns", dest="dns_listen", help="private DNS resolver listen HOST:PORT (FERRYMAN_DNS_LISTEN)")
+    client.add_argument("--transport", dest="transport", choices=["auto", "quic", "tcp"],
+                        help="tunnel transport (FERRYMAN_TRANSPORT)")
     client.set_defaults(node="client")
     csub = client.add_subparsers(dest="node_cmd", metavar="{login,logout,status}", title="subcommands")
     login = csub.add_parser("login", help="sign in (password, then TOTP if enrolled; or --oidc) and register this "
@@ -122,7 +128,7 @@ def add_node_commands(sub: Any) -> None:
 
 
 _SETTING_FLAGS = ("tls_ca", "tls_cert", "tls_key", "metrics_addr", "edge_listen", "apps_file", "edges",
-                  "connector_group", "connector_tunnels", "socks_listen")
+                  "connector_group", "connector_tunnels", "socks_listen", "http_listen", "dns_listen", "transport")
 
 
 def run_command(args: argparse.Namespace) -> int:

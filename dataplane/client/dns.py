@@ -225,7 +225,7 @@ class Resolver:
         flow.protocol = "dns"
         flow.on_opened = opened
         flow.from_local(query.pack())  # sent once the connector's DNS socket is open
-        client.open(flow)
+        client.open(flow, "")  # the resolver's own query: no app process to look up
         try:
             async with asyncio.timeout(QUERY_TIMEOUT):
                 return await done

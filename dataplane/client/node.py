@@ -2,33 +2,44 @@
 
 Capture comes from fixed port forwards (``--forward LISTEN=HOST:PORT``, TCP, or
 ``--forward LISTEN=HOST:PORT/udp``: each source address sending to the UDP listener
-becomes one UDP flow, created by its first datagram) and a SOCKS5 listener (CONNECT,
-localhost only). Each captured connection becomes an OPEN on the
-tunnel; the socket is read only once the edge answers OPEN_OK. A refusal (no
-application, no connector, backend refused, ...) is logged with the edge's reason and,
-for SOCKS, reported in the reply code. The tunnel is kept up with reconnect backoff,
-trying the configured edges in turn. ``ready`` means: tunnel up and every forward's
-destination answered a probe OPEN with OPEN_OK.
+becomes one UDP flow, created by its first datagram), a SOCKS5 listener (CONNECT and UDP
+ASSOCIATE, ``socks.py``), an HTTP CONNECT proxy (``httpconnect.py``) and a private DNS
+resolver (``dns.py``), all on localhost. A signed-in agent follows its forwarding profile
+(``profile.py``): SOCKS5 and HTTP CONNECT tunnel only what it covers and dial the rest
+directly (``direct.py``); while no edge is reachable private destinations are refused
+(fail closed) or dialed directly (fail open). Each captured connection becomes an OPEN on
+the tunnel, naming the app's process on Linux (``process.py``); the socket is read only
+once the edge answers OPEN_OK. A refusal (no application, no connector, backend refused,
+a policy, ...) is logged with the edge's reason and reported in the SOCKS reply code or
+HTTP status. The tunnel is kept up with reconnect backoff, trying the configured edges in
+turn. ``ready`` means: tunnel up and every forward's destination answered a probe OPEN
+with OPEN_OK. ``status.py`` writes what ``ferryman client status`` shows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+import time
 from collections.abc import Callable
 
 import msgspec
 
 from ..observability import Stats, parse_hostport, start_metrics_server
-from ..runtime import NodeIdentity, keep_tunnel
+from ..runtime import NodeIdentity, keep_tunnel, transport_of
 from ..settings import Settings
 from ..socketflow import EndpointNode, SocketFlow
 from ..transport.tunnel import Tunnel
-from ..udpflow import UdpFlow
+from ..udpflow import UdpFlow, set_udp_buffers
 from ..wire import events as ev
 from ..wire.connection import FlowError, WireConfig
-from .signin import TokenKeeper
+from . import status
+from .profile import Profile, ProfileFollower
+from .signin import TokenKeeper, default_directory
 from ..wire.frames import Open
+from .process import ProcessFinder, parse_addr
 
 log = logging.getLogger("ferryman.client")
 
@@ -88,6 +99,8 @@ class ClientFlow(SocketFlow):
 class Client(EndpointNode):
     """``keeper``: the signed-in session's token keeper (None: no user sign-in, certificate only)."""
 
+    processes: ProcessFinder | None = None  # FERRYMAN_PROCESS_LOOKUP (set in run)
+
     def __init__(self, settings: Settings, identity: NodeIdentity, forwards: list[Forward],
                  keeper: TokenKeeper | None = None) -> None:
         self.settings = settings
@@ -106,8 +119,15 @@ class Client(EndpointNode):
         self._ssl = identity.client_context()
         self._wire = identity.wire_config()
         self.keeper = keeper
+        self.profile: Profile | None = None  # the forwarding profile (signed-in agents only)
+        self.follower: ProfileFollower | None = None
+        self.directory = os.path.abspath(default_directory(settings.data_dir))
         if keeper is not None:
             keeper.on_token = self._new_token
+            self.directory = keeper.directory
+            self.follower = ProfileFollower(keeper.directory, keeper, self._new_profile)
+        self.started = time.time()
+        self.resolver: object | None = None  # the private DNS resolver (dns.Resolver), with FERRYMAN_DNS_LISTEN
         self.stats.extra = {
             "ferryman_client_forwards_ready": (
                 "Forwards whose destination answered a probe", lambda: float(sum(1 for v in self.probe_ok.values() if not v))),
@@ -122,6 +142,7 @@ class Client(EndpointNode):
             if fwd.protocol == "udp":
                 udp, _ = await loop.create_datagram_endpoint(lambda f=fwd: UdpForward(self, f),
                                                              local_addr=(fwd.listen_host, fwd.listen_port))
+                set_udp_buffers(udp, self.settings.udp_buffer)
                 self.udp_listeners.append(udp)
                 port = udp.get_extra_info("sockname")[1]
             else:
@@ -140,17 +161,51 @@ class Client(EndpointNode):
             self.listeners.append(server)
             bound = server.sockets[0].getsockname()
             log.info("socks5 listening", extra={"addr": f"{bound[0]}:{bound[1]}"})
+        if self.settings.http_listen:
+            from .httpconnect import HttpConnect
+
+            host, port = parse_hostport(self.settings.http_listen, "FERRYMAN_HTTP_LISTEN", allow_zero=True)
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                raise ValueError(f"FERRYMAN_HTTP_LISTEN={self.settings.http_listen!r}: the HTTP CONNECT proxy "
+                                 "listens on localhost only")
+            server = await loop.create_server(lambda: HttpConnect(self), host, port, backlog=1024, reuse_address=True)
+            self.listeners.append(server)
+            bound = server.sockets[0].getsockname()
+            log.info("http connect proxy listening", extra={"addr": f"{bound[0]}:{bound[1]}"})
+        if self.settings.process_lookup == "on" and sys.platform == "linux":
+            self.processes = ProcessFinder()
+        if self.settings.dns_listen:
+            from . import dns
+
+            host, port = parse_hostport(self.settings.dns_listen, "FERRYMAN_DNS_LISTEN", allow_zero=True)
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                raise ValueError(f"FERRYMAN_DNS_LISTEN={self.settings.dns_listen!r}: the resolver listens on "
+                                 "localhost only")
+            dns_udp, dns_tcp = await dns.serve(self, (host, port))
+            self.udp_listeners.append(dns_udp)
+            self.listeners.append(dns_tcp)
+            bound = dns_udp.get_extra_info("sockname")
+            log.info("dns resolver listening", extra={"addr": f"{bound[0]}:{bound[1]}"})
         metrics = None
         if self.settings.metrics_addr:
             metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready)
         keeper = asyncio.create_task(keep_tunnel(self, self.settings, self._wire_config, self._ssl, self.edges,
                                                  self._session, lambda: not stop.is_set()))
         tokens = asyncio.create_task(self.keeper.run(stop)) if self.keeper is not None else None
+        background = [asyncio.create_task(status.keep_written(self, stop))]
+        if self.follower is not None:
+            self.follower.start_cached()
+            background.append(asyncio.create_task(self.follower.run(stop)))
         await stop.wait()
+        for task in background:  # a profile long-poll in flight is abandoned; the status file removed
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         for server in self.listeners:
             server.close()
         for udp in self.udp_listeners:
             udp.close()
+        if self.processes is not None:
+            self.processes.close()
         keeper.cancel()
         if tokens is not None:
             tokens.cancel()
@@ -191,17 +246,19 @@ class Client(EndpointNode):
         self.tunnel = tunnel
         self.stats.tunnels_up += 1
         self.stats.tunnels_opened += 1
-        log.info("tunnel up", extra={"edge": tunnel.peer_name, "addr": tunnel.label})
+        log.info("tunnel up", extra={"edge": tunnel.peer_name, "addr": tunnel.label,
+                                     "transport": transport_of(tunnel)})
 
     def tunnel_down(self, tunnel: Tunnel) -> None:
         if tunnel.up:
             self.stats.tunnels_up -= 1
             self.stats.count(self.stats.tunnels_closed, tunnel.close_code)
             self.stats.rtt.pop(tunnel.label, None)
-        if self.tunnel is tunnel:
+        if self.tunnel is tunnel or self.tunnel is None:
+            # (not when a QUIC tunnel already replaced this one: its probes stand)
             self.tunnel = None
-        self.probe_ok.clear()
-        self._probes.clear()
+            self.probe_ok.clear()
+            self._probes.clear()
         reason = f"tunnel to edge {tunnel.peer_name} lost: {tunnel.close_reason}"
         for flow in list(tunnel.routes.values()):
             if getattr(flow, "on_opened", None) is not None:
@@ -276,19 +333,31 @@ class Client(EndpointNode):
         return ClientFlow(self, (fwd.host, fwd.port), opened,
                           on_connect=lambda flow: self.open(flow))  # type: ignore[arg-type]
 
-    def open(self, flow: ClientFlow | UdpFlow) -> None:
-        """Send OPEN for a captured connection (or UDP conversation); ``flow.on_opened`` gets the answer."""
+    def open(self, flow: ClientFlow | UdpFlow, process: str | None = None) -> None:
+        """Send OPEN for a captured connection (or UDP conversation); ``flow.on_opened`` gets the answer.
+
+        With FERRYMAN_PROCESS_LOOKUP the initiating process (``name[pid]``) is looked up first,
+        on a worker thread: OPEN waits for it a few milliseconds at most (``process.py``)."""
+        finder = self.processes
+        if process is None and finder is not None:
+            transport = flow.transport if isinstance(flow, ClientFlow) else None
+            ours = transport.get_extra_info("sockname") if transport is not None else None
+            finder.find(flow.protocol, parse_addr(flow.peer), ours,
+                        lambda name: None if flow.done else self.open(flow, name))
+            return
         host, port = flow.dest  # type: ignore[misc]
         tunnel = self.tunnel
         if tunnel is None or not tunnel.up or tunnel.closed:
             self.stats.count(self.stats.open_failures, "edge_unreachable")
+            reason = self._unreachable()
             log.warning("flow refused", extra={"dest": f"{host}:{port}", "code": "edge_unreachable",
-                                               "reason": "no tunnel to an edge is up"})
+                                               "reason": reason})
             flow.done = True
-            flow.opened("edge_unreachable", "no tunnel to an edge is up")
+            flow.opened("edge_unreachable", reason)
             return
         try:
-            fid = tunnel.conn.open_flow(Open(host=host, port=port, protocol=flow.protocol, source=flow.peer))
+            fid = tunnel.conn.open_flow(Open(host=host, port=port, protocol=flow.protocol, source=flow.peer,
+                                             process=process or ""))
         except FlowError as exc:
             self.stats.count(self.stats.open_failures, exc.code)
             log.warning("flow refused", extra={"dest": f"{host}:{port}", "code": exc.code, "reason": exc.message})
@@ -301,8 +370,35 @@ class Client(EndpointNode):
 
     def route(self, host: str, port: int, protocol: str = "tcp") -> str:
         """Where a connection captured by SOCKS5 or HTTP CONNECT to host:port goes: ``"tunnel"``
-        (through the edge) or ``"direct"`` (dialed from this device, not tunnelled)."""
+        (through the edge) or ``"direct"`` (dialed from this device, not tunnelled).
+
+        Without a forwarding profile (an agent running on a certificate, or one that has not
+        received its profile yet) everything is private. With one, only what a private
+        application's segment or a private DNS suffix covers is tunnelled. A private
+        destination while no edge is reachable is tunnelled (and so refused: fail closed)
+        unless the profile's fail mode is ``open``, which dials it directly."""
+        profile = self.profile
+        if profile is not None and not profile.covers(host, port, protocol):
+            return "direct"
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.up and not tunnel.closed:
+            return "tunnel"
+        if profile is not None and profile.fail_mode == "open":
+            self.stats.count(self.stats.open_failures, "fail_open")
+            log.warning("edge unreachable: private destination dialed directly (fail open)",
+                        extra={"dest": f"{host}:{port}", "protocol": protocol})
+            return "direct"
         return "tunnel"
+
+    def _new_profile(self, profile: Profile) -> None:
+        self.profile = profile
+
+    def _unreachable(self) -> str:
+        """Why a flow cannot be opened while no tunnel is up."""
+        if self.profile is not None:
+            return (f"no tunnel to an edge is up (fail {self.profile.fail_mode}: private destinations are "
+                    f"{'refused' if self.profile.fail_mode == 'closed' else 'dialed directly'} until it is back)")
+        return "no tunnel to an edge is up"
 
     def _open_expired(self, flow: ClientFlow | UdpFlow) -> None:
         flow.timer = None
