@@ -58,6 +58,8 @@ from ..wire.quic import (
 from .tunnel import TunnelHandler
 
 log = logging.getLogger("ferryman.quic")
+# aioquic logs each connection's negotiated version and ALPN at INFO; tunnel events are logged here.
+logging.getLogger("quic").setLevel(logging.WARNING)
 
 CID_LENGTH = 8
 SMALLEST_INITIAL = 1200  # a client's Initial datagram is padded to at least this (RFC 9000 §14.1)
