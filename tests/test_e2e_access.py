@@ -63,6 +63,20 @@ def _attempt(xfer, socks: int, port: int, payload: bytes = b"ping") -> int:
     return code
 
 
+def _profile_has(fab, xfer, app: str) -> None:
+    """Wait until the client agent's forwarding profile (its cached copy) names ``app``."""
+    path = os.path.join(fab.workdir, "nodes", "client-1", "client", "profile.json")
+
+    def named() -> bool:
+        try:
+            with open(path) as fh:
+                return app in {a["name"] for a in json.load(fh)["applications"]}
+        except (OSError, ValueError):
+            return False
+
+    xfer.wait_for(named, 5.0, f"the client's profile to name {app!r}", interval=0.1)
+
+
 def _unix(stamp: str) -> float:
     return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
@@ -314,6 +328,7 @@ def test_discovery_over_quick_access_and_promotion(backend, fabric, xfer):
     fab.admin("POST", "/v1/applications", {"name": "Quick Access", "kind": "quick_access",
                                            "segments": [{"destination": "127.0.0.0/8", "ports": "1-65535"}]})
     fab.admin("POST", "/v1/applications/Quick Access/assignments".replace(" ", "%20"), {"user": fab.user})
+    _profile_has(fab, xfer, "Quick Access")  # until then the client dials 127.0.0.1 directly
     xfer.wait_for(lambda: _attempt(xfer, socks, other.port) == 0, 3.0, "a flow through quick access")
     assert _attempt(xfer, socks, other.port) == 0
 
@@ -333,7 +348,8 @@ def test_discovery_over_quick_access_and_promotion(backend, fabric, xfer):
     assert app["name"] == "discovered-echo" and app["kind"] == "per_app"
     fab.admin("POST", "/v1/applications/discovered-echo/assignments", {"user": fab.user})
     mark = _mark(fab)
-    time.sleep(2.0)
+    _profile_has(fab, xfer, "discovered-echo")
+    time.sleep(0.5)  # the edge takes the same configuration version as the client's profile
     assert _attempt(xfer, socks, other.port) == 0
     record = _newest_after(fab, xfer, mark, "a flow through the new per-app app", action="allow")
     assert (record["application"], record["application_kind"]) == ("discovered-echo", "per_app")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,18 @@ from backends import dns_address
 from dataplane.fabric import free_port
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def _free_dns_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (the resolver listens on both)."""
+    while True:
+        port = free_port("udp")
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 def _ask(port: int, name: str, tcp: bool = False, timeout: float = 8.0) -> DNSRecord:
@@ -65,7 +78,7 @@ def _names(backend) -> list[str]:
 
 def test_private_dns_through_the_connector_and_public_names_direct(backend, fabric, xfer):
     private, upstream = backend("dns"), backend("dns")
-    dns_port = free_port("udp")
+    dns_port = _free_dns_port()
     fab = fabric([backend("echo")], managed=True, env={
         "FERRYMAN_DNS_SERVER": f"127.0.0.1:{private.port}",
         "FERRYMAN_DNS_UPSTREAM": f"127.0.0.1:{upstream.port}",
@@ -114,7 +127,7 @@ def test_private_dns_through_the_connector_and_public_names_direct(backend, fabr
 
 def test_fail_closed_then_fail_open_while_the_edge_is_down(backend, fabric, xfer):
     private, upstream = backend("dns"), backend("dns")
-    dns_port = free_port("udp")
+    dns_port = _free_dns_port()
     fab = fabric([backend("echo")], managed=True, env={
         "FERRYMAN_DNS_SERVER": f"127.0.0.1:{private.port}",
         "FERRYMAN_DNS_UPSTREAM": f"127.0.0.1:{upstream.port}",

@@ -76,9 +76,8 @@ async def keep_written(client: "Client", stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 write(client)
-            except (OSError, pki.PkiError) as exc:  # status is for humans: never stop the agent over it
+            except (OSError, pki.PkiError):  # status is for humans: never stop the agent over it
                 client.stats.count(client.stats.protocol_errors, "status_write_failed")
-                del exc
             try:
                 await asyncio.wait_for(stop.wait(), INTERVAL)
             except TimeoutError:
@@ -126,7 +125,7 @@ def render(data: dict[str, Any]) -> str:
                                       + (f", rtt {t['rtt_ms']:.1f} ms" if t.get("rtt_ms") is not None else "")
                                       if t["state"] == "up" else f" (edges {', '.join(t['edges'])})"),
         f"flows     {data['flows']} active",
-        f"profile   " + (f"version {p['version']}, {p['applications']} applications, fail {p['fail_mode']}, "
+        "profile   " + (f"version {p['version']}, {p['applications']} applications, fail {p['fail_mode']}, "
                          f"DNS suffixes {', '.join(p['dns_suffixes']) or '-'}, last sync {when}"
                          if p["version"] is not None else "none (everything captured is tunnelled)")
         + (f"; last sync failed: {p['error']}" if p.get("error") else ""),

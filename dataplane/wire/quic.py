@@ -54,7 +54,7 @@ from aioquic.quic.stream import QuicStream
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from . import events as ev
-from .connection import OPEN, OPENING, Flow, FlowError, ProtocolError, WireConfig
+from .connection import DATAGRAM_PROTOCOLS, OPEN, OPENING, Flow, FlowError, ProtocolError, WireConfig
 from .frames import (
     DECODERS,
     HEADER,
@@ -549,7 +549,7 @@ class QuicTunnelConnection:
         if flow_id > MAX_FLOW_ID:
             raise FlowError("flow_ids_exhausted", "flow ids exhausted on this tunnel")
         self._next_id = flow_id + 2
-        flow = Flow(flow_id, True, peer.window, self.config.window, request.protocol == "udp")
+        flow = Flow(flow_id, True, peer.window, self.config.window, request.protocol in DATAGRAM_PROTOCOLS)
         self.flows[flow_id] = flow
         sid = stream_of(flow_id)
         st = self._streams[sid] = _Stream(sid, flow_id, opened=True)
@@ -982,7 +982,7 @@ class QuicTunnelConnection:
             code, reason = "too_many_pending", f"at most {self.config.max_pending_opens} pending OPENs per tunnel"
         else:
             self.flows[flow_id] = Flow(flow_id, False, self.peer.window, self.config.window,  # type: ignore[union-attr]
-                                       request.protocol == "udp")
+                                       request.protocol in DATAGRAM_PROTOCOLS)
             self.pending_opens += 1
             events.append(ev.FlowRequested(flow_id, request))
             return
