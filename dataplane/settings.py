@@ -69,6 +69,7 @@ class Settings(msgspec.Struct, kw_only=True):
     dns_upstream: str = ""
     dns_cache: int = 10000
     process_lookup: str = "on"
+    transparent: str = "off"
     # tunnel transport, proxy egress, UDP flows
     transport: str = "auto"
     edge_quic: str = "on"
@@ -131,6 +132,7 @@ VARIABLES: dict[str, str] = {
     "dns_server": "Connector: HOST[:PORT] of the DNS server that resolves private names for clients; empty means the first `nameserver` of /etc/resolv.conf.",
     "dns_upstream": "Client: HOST[:PORT] of the DNS server its resolver asks for names that are not private; empty means the first `nameserver` of /etc/resolv.conf (other than the resolver itself).",
     "dns_cache": "Client: most DNS answers kept in the resolver's cache (each for its TTL).",
+    "transparent": "Client: `on` captures TCP to the forwarding profile's private addresses (and the addresses the private DNS resolver answered) transparently with nftables redirect rules on Linux (root); `off` captures only what forwards, SOCKS5 and HTTP CONNECT are given.",
     "process_lookup": "Client: `on` finds the process (name, pid) behind each captured connection on Linux and sends it for the traffic log; `off` skips it.",
     "transport": "Connector/client: tunnel transport to the edges: `quic`, `tcp` (TLS 1.3 over TCP) or `auto` (QUIC, falling back to TCP when UDP is blocked and trying QUIC again later).",
     "edge_quic": "Edge: `on` also serves QUIC tunnels on UDP at the FERRYMAN_EDGE_LISTEN port; `off` serves TLS/TCP only.",
@@ -209,7 +211,7 @@ def _coerce(field: str, raw: Any, kind: type) -> Any:
         raise SettingsError(f"{name}={raw!r}: must be 'text' or 'json'")
     if field == "transport" and value not in ("auto", "quic", "tcp"):
         raise SettingsError(f"{name}={raw!r}: must be auto, quic or tcp")
-    if field in ("edge_quic", "process_lookup") and value not in ("on", "off"):
+    if field in ("edge_quic", "process_lookup", "transparent") and value not in ("on", "off"):
         raise SettingsError(f"{name}={raw!r}: must be on or off")
     if field == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"{name}={raw!r}: must be debug, info, warning or error")
