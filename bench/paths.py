@@ -267,7 +267,10 @@ class DirectPath(Path):
 
 
 class FerrymanPath(Path):
+    """The full fabric (client agent, edge, connector) with its tunnels on TLS 1.3 over TCP."""
+
     name = "ferryman"
+    transport = "tcp"
     udp_unsupported = None
 
     def __init__(self, backend_port: int, udp_backend_port: int = 0) -> None:
@@ -292,7 +295,8 @@ class FerrymanPath(Path):
         forwards: list[tuple] = [("127.0.0.1", 0, "127.0.0.1", self.backend_port)]
         if self.udp_backend_port:
             forwards.append(("127.0.0.1", 0, "127.0.0.1", self.udp_backend_port, "udp"))
-        self.fabric = Fabric(os.path.join(self.workdir, "fabric"), forwards)
+        self.fabric = Fabric(os.path.join(self.workdir, "fabric"), forwards,
+                             env={"FERRYMAN_TRANSPORT": self.transport})
         self.fabric.start(timeout=START_TIMEOUT)
         self._address = ("127.0.0.1", self.fabric.forward_ports[0])
         if self.udp_backend_port:
@@ -517,4 +521,12 @@ class HaproxyPath(Path):
         self._wait_round_trip()
 
 
-PATHS: dict[str, type[Path]] = {cls.name: cls for cls in (DirectPath, FerrymanPath, SshPath, StunnelPath, HaproxyPath)}
+class FerrymanQuicPath(FerrymanPath):
+    """The same fabric with its tunnels on QUIC (aioquic): one stream per TCP flow, UDP as QUIC datagrams."""
+
+    name = "ferryman-quic"
+    transport = "quic"
+
+
+PATHS: dict[str, type[Path]] = {cls.name: cls for cls in (DirectPath, FerrymanPath, FerrymanQuicPath, SshPath,
+                                                           StunnelPath, HaproxyPath)}
