@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,10 @@ log = logging.getLogger("ferryman.quic")
 logging.getLogger("quic").setLevel(logging.WARNING)
 
 CID_LENGTH = 8
+# aioquic's clock. Not loop.time(): uvloop's advances in whole milliseconds once per loop
+# iteration, so a pacing deadline microseconds away would be re-armed in a busy loop
+# until the millisecond ticks over.
+_clock = time.monotonic
 SMALLEST_INITIAL = 1200  # a client's Initial datagram is padded to at least this (RFC 9000 §14.1)
 
 
@@ -276,16 +281,15 @@ class QuicTunnel:
     # ------------------------------------------------------------------ input
     def start(self) -> None:
         """Dialer: send the first QUIC flight."""
-        self.conn.connect(self._peer, self.loop.time())
+        self.conn.connect(self._peer, _clock())
         self._flush()
 
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
         if self.closed:
             return
-        now = self.loop.time()
-        self._last_rx = now
+        self._last_rx = self.loop.time()
         try:
-            events = self.conn.receive_datagram(data, addr, now)
+            events = self.conn.receive_datagram(data, addr, _clock())
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
@@ -334,7 +338,7 @@ class QuicTunnel:
         if transport is None or transport.is_closing():
             return
         conn = self.conn
-        datagrams = conn.datagrams_to_send(self.loop.time())
+        datagrams = conn.datagrams_to_send(_clock())
         if self._connected:
             for data, _addr in datagrams:
                 transport.sendto(data)
@@ -360,7 +364,7 @@ class QuicTunnel:
             self._quic_timer = None
         self._quic_at = at
         if at is not None and not self.closed:
-            self._quic_timer = self.loop.call_at(at, self._on_quic_timer)
+            self._quic_timer = self.loop.call_later(max(0.0, at - _clock()), self._on_quic_timer)
 
     def _on_quic_timer(self) -> None:
         self._quic_timer = None
@@ -368,7 +372,7 @@ class QuicTunnel:
         if self.closed:
             return
         try:
-            events = self.conn.handle_timer(self.loop.time())
+            events = self.conn.handle_timer(_clock())
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
