@@ -628,6 +628,13 @@ class QuicServer(asyncio.DatagramProtocol):
             self.transport.close()
 
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+        if data and not data[0] & 0x80:  # a short header (1-RTT): our connection id follows the first byte
+            tunnel = self._by_cid.get(data[1:1 + CID_LENGTH])
+            if tunnel is None:
+                self.stray_datagrams += 1
+                return
+            tunnel.datagram_received(data, addr)
+            return
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
