@@ -71,7 +71,7 @@ class Settings(msgspec.Struct, kw_only=True):
     process_lookup: str = "on"
     transparent: str = "off"
     # tunnel transport, proxy egress, UDP flows
-    transport: str = "auto"
+    transport: str = "tcp"
     edge_quic: str = "on"
     quic_timeout: float = 3.0
     quic_probe_interval: float = 300.0
@@ -134,7 +134,7 @@ VARIABLES: dict[str, str] = {
     "dns_cache": "Client: most DNS answers kept in the resolver's cache (each for its TTL).",
     "transparent": "Client: `on` captures TCP to the forwarding profile's private addresses (and the addresses the private DNS resolver answered) transparently with nftables redirect rules on Linux (root); `off` captures only what forwards, SOCKS5 and HTTP CONNECT are given.",
     "process_lookup": "Client: `on` finds the process (name, pid) behind each captured connection on Linux and sends it for the traffic log; `off` skips it.",
-    "transport": "Connector/client: tunnel transport to the edges: `quic`, `tcp` (TLS 1.3 over TCP) or `auto` (QUIC, falling back to TCP when UDP is blocked and trying QUIC again later).",
+    "transport": "Connector/client: tunnel transport to the edges: `tcp` (TLS 1.3 over TCP), `quic`, or `auto` (QUIC, falling back to TLS/TCP when UDP is blocked and trying QUIC again later).",
     "edge_quic": "Edge: `on` also serves QUIC tunnels on UDP at the FERRYMAN_EDGE_LISTEN port; `off` serves TLS/TCP only.",
     "quic_timeout": "Connector/client: seconds a QUIC handshake may take before `auto` falls back to TLS/TCP.",
     "quic_probe_interval": "Connector/client: with `auto` on a TCP fallback, seconds before QUIC is tried again.",

@@ -92,7 +92,13 @@ def _forward(spec: object) -> tuple:
 
 
 @pytest.fixture
-def fabric(request: pytest.FixtureRequest, tmp_path, pki_cache: str) -> Iterator[Callable[..., Fabric]]:
+def transport() -> str:
+    """The tunnel transport of the fabrics a test makes (a module may parametrize it: tcp and quic)."""
+    return "tcp"
+
+
+@pytest.fixture
+def fabric(request: pytest.FixtureRequest, tmp_path, pki_cache: str, transport: str) -> Iterator[Callable[..., Fabric]]:
     fabrics: list[Fabric] = []
     request.node.stash[_FABRICS] = fabrics
 
@@ -104,7 +110,7 @@ def fabric(request: pytest.FixtureRequest, tmp_path, pki_cache: str) -> Iterator
         if not managed:
             shutil.copytree(pki_cache, workdir / "pki")
         # A short drain grace keeps teardown quick when a test leaves flows open.
-        full_env = {"FERRYMAN_DRAIN_GRACE": "1", **(env or {})}
+        full_env = {"FERRYMAN_DRAIN_GRACE": "1", "FERRYMAN_TRANSPORT": transport, **(env or {})}
         fab = Fabric(str(workdir), [_forward(f) for f in forwards], env=full_env, connectors=connectors,
                      managed=managed)
         fabrics.append(fab)

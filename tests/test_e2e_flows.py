@@ -1,5 +1,6 @@
 """End-to-end flows through a real fabric: edge, connector and client agent as separate
-processes on loopback with mutual TLS, real backends (tests/backends.py), real bytes.
+processes on loopback with mutual TLS, real backends (tests/backends.py), real bytes; each
+test twice, with the tunnels on TLS/TCP and on QUIC.
 
 Every transfer checks content (sha256 or byte-for-byte), not just status: bulk upload and
 download (one flow and 100 concurrent flows), half-close in both directions, resets in
@@ -28,6 +29,14 @@ from dataplane.fabric import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
+
+
+@pytest.fixture(params=["tcp", "quic"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every flow test runs over TLS/TCP tunnels and over QUIC tunnels."""
+    return request.param
+
+
 KiB = 1 << 10
 
 
