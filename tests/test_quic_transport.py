@@ -281,6 +281,22 @@ def test_goaway_reaches_the_edge_and_keepalive_measures_rtt(certs: dict[str, pki
     run(main())
 
 
+def test_goaway_then_close_reaches_the_peer_in_that_order(certs: dict[str, pki.NodeFiles]) -> None:
+    async def main() -> None:
+        echo, dialer = Echo(), Dialer()
+        server = await edge(certs, echo)
+        tunnel = await dial(server, certs["connector-1"], dialer)
+        await tunnel.up_waiter
+        tunnel.goaway("shutdown", "connector stops")
+        tunnel.close("shutdown", "connector stopped")
+        await asyncio.wait_for(echo.downed.wait(), 5)
+        assert echo.goaways == [ev.GoAwayReceived("shutdown", "connector stops")]
+        assert echo.down[0].close_code == "peer_closed" and "connector stopped" in echo.down[0].close_reason
+        server.close()
+
+    run(main())
+
+
 def test_back_pressure_turns_writable_off_and_on(certs: dict[str, pki.NodeFiles]) -> None:
     async def main() -> None:
         echo, dialer = Echo(), Dialer()

@@ -392,6 +392,8 @@ class QuicTunnel:
         log.log(level, "tunnel closed", extra={"tunnel": self.label, "peer": self.peer_name,
                                                "peer_addr": self.peer_addr, "code": code, "reason": reason})
         if not abort:
+            if self.conn.has_output and self.conn.dead is None:
+                self._flush()  # frames queued before the close (a GOAWAY) go out ahead of CONNECTION_CLOSE
             self.conn.close(code, reason, error=error)
             self._flush()
         if self._connected and self.transport is not None:
