@@ -15,17 +15,16 @@ from typing import Annotated
 import anyio.to_thread
 import msgspec
 from litestar import Request, Response, Router, get
-from litestar.exceptions import HTTPException, NotAuthorizedException
+from litestar.exceptions import NotAuthorizedException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
-from control.snapshot import TooManyWaiters
 from control.store import StoreError, identity
 from dataplane.snapshot import ClientProfile, client_profile
 
 from .auth import require_user
 from .deps import Api
-from .nodes import MAX_WAIT
+from .nodes import MAX_WAIT, wait_snapshot
 
 
 def _live(api: Api, session_id: str) -> None:
@@ -48,19 +47,9 @@ async def profile(
         await anyio.to_thread.run_sync(_live, api, request.state.claims.sid)
     except StoreError as exc:
         raise NotAuthorizedException(f"access token refused: {exc}") from None
-    current = api.hub.current
-    if current is None:
-        raise HTTPException(status_code=503, detail="the configuration has not been loaded from the store yet; "
-                                                    "retry in a moment")
-    if after > current.version:  # the database was restored from a backup: hand out what there is
-        snapshot = current
-    else:
-        try:
-            snapshot = await api.hub.wait_newer(after, min(wait, MAX_WAIT))
-        except TooManyWaiters as exc:
-            raise HTTPException(status_code=503, detail=str(exc), headers={"Retry-After": "5"}) from None
-        if snapshot is None:
-            return Response(b"", status_code=204, media_type="application/json")
+    snapshot = await wait_snapshot(api, after, wait, f"client session {request.state.claims.sid}")
+    if snapshot is None:
+        return Response(b"", status_code=204, media_type="application/json")
     body: ClientProfile = client_profile(snapshot)
     return Response(msgspec.json.encode(body), status_code=200, media_type="application/json",
                     headers={"X-Ferryman-Config-Version": str(snapshot.version)})

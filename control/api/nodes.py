@@ -42,6 +42,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from control.snapshot import TooManyWaiters
+from dataplane.snapshot import ConfigSnapshot
 
 log = logging.getLogger("ferryman.control.nodes")
 from control.store import repo, traffic
@@ -210,6 +211,25 @@ def provide_node(request: Request) -> NodeCaller:
 # ---------------------------------------------------------------------------- configuration
 
 
+async def wait_snapshot(api: Api, after: int, wait: float, caller: str) -> ConfigSnapshot | None:
+    """The configuration snapshot once its version is above ``after`` (None after ``wait``
+    seconds without one). A caller ahead of the store (the database was restored from a
+    backup) gets the current one at once; 503 before the first snapshot is loaded or when
+    too many long-polls wait."""
+    current = api.hub.current
+    if current is None:
+        raise HTTPException(status_code=503, detail="the configuration has not been loaded from the store yet; "
+                                                    "retry in a moment")
+    if after > current.version:
+        log.warning("%s holds configuration version %d, above the store's %d (database restored?); it is "
+                    "sent version %d", caller, after, current.version, current.version)
+        return current
+    try:
+        return await api.hub.wait_newer(after, min(wait, MAX_WAIT))
+    except TooManyWaiters as exc:
+        raise HTTPException(status_code=503, detail=str(exc), headers={"Retry-After": "5"}) from None
+
+
 @get("/v1/node/config", guards=[require_node], security=[{"nodeToken": []}], tags=["nodes"],
      responses={204: ResponseSpec(None, description="no newer configuration within `wait` seconds")},
      media_type="application/json")
@@ -221,19 +241,7 @@ async def node_config(
 ) -> Response[bytes]:
     """The configuration snapshot once its version is above ``after``; 204 after ``wait`` seconds without one."""
     api: Api = request.app.state.api
-    if api.hub.current is None:
-        raise HTTPException(status_code=503, detail="the configuration has not been loaded from the store yet; "
-                                                    "retry in a moment")
-    current = api.hub.current
-    if after > current.version:  # the node is ahead: the database was restored from a backup
-        log.warning("node %s holds configuration version %d, above the store's %d (database restored?); it is "
-                    "sent version %d", request.state.node.name, after, current.version, current.version)
-        return Response(api.hub.encoded or b"", status_code=200, media_type="application/json",
-                        headers={"X-Ferryman-Config-Version": str(current.version)})
-    try:
-        snapshot = await api.hub.wait_newer(after, min(wait, MAX_WAIT))
-    except TooManyWaiters as exc:
-        raise HTTPException(status_code=503, detail=str(exc), headers={"Retry-After": "5"}) from None
+    snapshot = await wait_snapshot(api, after, wait, f"node {request.state.node.name}")
     if snapshot is None:
         return Response(b"", status_code=204, media_type="application/json")
     body = api.hub.encoded if snapshot is api.hub.current else msgspec.json.encode(snapshot)

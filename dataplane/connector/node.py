@@ -215,7 +215,7 @@ class Connector(EndpointNode):
                           queue=self.settings.udp_queue, peer=f"{target[0]}:{target[1]}")
             udp.bind(tunnel, event.flow_id)
             self.udp_flows.add(udp)
-            asyncio.get_running_loop().create_task(self._dial_udp(tunnel, udp, request, target))
+            asyncio.get_running_loop().create_task(self._dial(tunnel, udp, request, target))
             return
         flow = SocketFlow(self)
         flow.bind(tunnel, event.flow_id)
@@ -227,60 +227,44 @@ class Connector(EndpointNode):
         self.stats.count(self.stats.open_failures, code)
         log.info("open refused", extra={"flow": flow_id, "code": code, "reason": reason})
 
-    async def _dial(self, tunnel: Tunnel, flow: SocketFlow, request: Open) -> None:
+    async def _dial(self, tunnel: Tunnel, flow: SocketFlow | UdpFlow, request: Open,
+                    address: tuple[str, int] | None = None) -> None:
+        """Open the backend side of a flow, then answer OPEN_OK (or OPEN_FAIL with the reason).
+
+        TCP: a connection to the backend. UDP: a connected UDP socket to ``address`` (the
+        backend, or for a private DNS query this connector's DNS server), so the peer sees this
+        host's address and only its answers come back."""
         loop = asyncio.get_running_loop()
-        target = f"{request.host}:{request.port}"
+        host, port = address or (request.host, request.port)
+        target = f"{host}:{port}"
+        udp = isinstance(flow, UdpFlow)
         try:
             async with asyncio.timeout(self.settings.dial_timeout):
-                transport, _ = await loop.create_connection(lambda: flow, request.host, request.port)
+                if udp:
+                    transport, _ = await loop.create_datagram_endpoint(lambda: _BackendSocket(flow),
+                                                                       remote_addr=(host, port))
+                else:
+                    transport, _ = await loop.create_connection(lambda: flow, host, port)
         except TimeoutError:
-            code, reason = "dial_timeout", f"{target} did not answer within {self.settings.dial_timeout:g}s"
+            code, reason = "dial_timeout", (f"cannot resolve {host} within {self.settings.dial_timeout:g}s" if udp
+                                            else f"{target} did not answer within {self.settings.dial_timeout:g}s")
         except ConnectionRefusedError:
             code, reason = "dial_refused", f"connection refused by {target}"
-        except socket.gaierror as exc:
-            code, reason = "dns_error", f"cannot resolve {request.host}: {exc.strerror}"
-        except OSError as exc:
-            code, reason = "dial_error", f"{target}: {exc.strerror or exc}"
-        else:
-            if flow.done or tunnel.closed:
-                transport.abort()
-                return
-            local = transport.get_extra_info("sockname")
-            remote = transport.get_extra_info("peername")
-            tunnel.conn.accept_flow(flow.flow_id, bound=f"{local[0]}:{local[1]}",
-                                    remote=f"{remote[0]}:{remote[1]}" if remote else "")
-            tunnel.flush_soon()
-            flow.activate()
-            return
-        tunnel.routes.pop(flow.flow_id, None)
-        if flow.done or tunnel.closed:
-            return
-        flow.done = True
-        self._refuse(tunnel, flow.flow_id, code, reason)
-
-    async def _dial_udp(self, tunnel: Tunnel, flow: UdpFlow, request: Open, address: tuple[str, int]) -> None:
-        """A connected UDP socket to ``address`` (the backend, or for a private DNS query this
-        connector's DNS server), so the peer sees this host's address and only its answers come
-        back; then OPEN_OK. A name that does not resolve gets OPEN_FAIL ``dns_error``."""
-        loop = asyncio.get_running_loop()
-        host, port = address
-        target = f"{host}:{port}"
-        try:
-            async with asyncio.timeout(self.settings.dial_timeout):
-                transport, _ = await loop.create_datagram_endpoint(lambda: _BackendSocket(flow), remote_addr=address)
-        except TimeoutError:
-            code, reason = "dial_timeout", f"cannot resolve {host} within {self.settings.dial_timeout:g}s"
         except socket.gaierror as exc:
             code, reason = "dns_error", f"cannot resolve {host}: {exc.strerror}"
         except OSError as exc:
             code, reason = "dial_error", f"{target}: {exc.strerror or exc}"
         else:
             if flow.done or tunnel.closed:
-                transport.close()
+                if udp:
+                    transport.close()
+                else:
+                    transport.abort()
                 return
-            set_udp_buffers(transport, self.settings.udp_buffer)
-            flow.send = (transport.sendto if request.protocol == "udp"
-                         else _queries_for(request.host, transport.sendto, self.stats))
+            if udp:
+                set_udp_buffers(transport, self.settings.udp_buffer)
+                flow.send = (transport.sendto if request.protocol == "udp"  # type: ignore[union-attr]
+                             else _queries_for(request.host, transport.sendto, self.stats))
             local = transport.get_extra_info("sockname")
             remote = transport.get_extra_info("peername")
             tunnel.conn.accept_flow(flow.flow_id, bound=f"{local[0]}:{local[1]}",
@@ -289,7 +273,8 @@ class Connector(EndpointNode):
             flow.activate()
             return
         tunnel.routes.pop(flow.flow_id, None)
-        self.udp_flows.discard(flow)
+        if udp:
+            self.udp_flows.discard(flow)  # type: ignore[arg-type]
         if flow.done or tunnel.closed:
             return
         flow.done = True
