@@ -73,6 +73,7 @@ class Fabric:
         self.password = secrets.token_urlsafe(18)
         self.edge_port = 0
         self.edge_host = "127.0.0.1"  # the address the edge listens on and the other nodes dial
+        self.control_host = "127.0.0.1"  # managed: the address the control plane listens on (and is dialed at)
         self.control_url = ""
         self.admin_key = ""
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -172,8 +173,8 @@ class Fabric:
         control_dir = os.path.join(self.workdir, "control")
         os.makedirs(control_dir, mode=0o700)
         port = free_port()
-        self.control_url = f"http://127.0.0.1:{port}"
-        self._spawn("control", "control", ["--listen", f"127.0.0.1:{port}", "--edge", edge_addr],
+        self.control_url = f"http://{self.control_host}:{port}"
+        self._spawn("control", "control", ["--listen", f"{self.control_host}:{port}", "--edge", edge_addr],
                     {"FERRYMAN_DATA_DIR": control_dir})
         self._wait_for("control", timeout)
         with open(os.path.join(control_dir, "admin.key")) as fh:

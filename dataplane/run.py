@@ -83,6 +83,9 @@ def add_node_commands(sub: Any) -> None:
     client.add_argument("--socks", dest="socks_listen", help="SOCKS5 listen HOST:PORT (FERRYMAN_SOCKS_LISTEN)")
     client.add_argument("--http", dest="http_listen", help="HTTP CONNECT proxy listen HOST:PORT (FERRYMAN_HTTP_LISTEN)")
     client.add_argument("--dns", dest="dns_listen", help="private DNS resolver listen HOST:PORT (FERRYMAN_DNS_LISTEN)")
+    client.add_argument("--transparent", dest="transparent", action="store_const", const="on",
+                        help="capture TCP to the profile's private addresses with nftables (Linux, root; "
+                             "FERRYMAN_TRANSPARENT=on)")
     client.add_argument("--transport", dest="transport", choices=["auto", "quic", "tcp"],
                         help="tunnel transport (FERRYMAN_TRANSPORT)")
     client.set_defaults(node="client")
@@ -128,7 +131,8 @@ def add_node_commands(sub: Any) -> None:
 
 
 _SETTING_FLAGS = ("tls_ca", "tls_cert", "tls_key", "metrics_addr", "edge_listen", "apps_file", "edges",
-                  "connector_group", "connector_tunnels", "socks_listen", "http_listen", "dns_listen", "transport")
+                  "connector_group", "connector_tunnels", "socks_listen", "http_listen", "dns_listen", "transport",
+                  "transparent")
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -136,7 +136,7 @@ class DirectRelay:
         timeout = self.client.settings.dial_timeout
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_connection(lambda: self.remote, self.host, self.port)
+                await self._connect(loop)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure is answered
@@ -163,6 +163,10 @@ class DirectRelay:
                 self.pass_eof(side)
             elif side.transport is not None and not side.transport.is_closing():
                 side.transport.resume_reading()
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Dial ``host:port`` with ``self.remote`` as the protocol (transparent capture marks its socket)."""
+        await loop.create_connection(lambda: self.remote, self.host, self.port)
 
     def pass_eof(self, side: _Side) -> None:
         """``side`` read EOF: half-close the other; both done: close."""

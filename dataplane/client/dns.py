@@ -12,7 +12,8 @@ of them (least recently used go first), and served with the remaining TTL.
 When no edge is reachable, a private name gets SERVFAIL and a log line (fail closed), or
 goes to the system resolver (fail open), as the profile says. A query that cannot be
 parsed is dropped and counted (``ferryman_datagrams_dropped_total{reason="dns_malformed"}``):
-there is no question to answer.
+there is no question to answer. With transparent capture on (``transparent.py``) the
+addresses of a private name's answer are put in the capture set before the app gets it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import collections
 import logging
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from dnslib import QTYPE, RCODE, DNSError, DNSRecord
@@ -128,6 +130,8 @@ class Resolver:
         self.pending = 0
         self._upstream: tuple[str, int] | None = None
         self._upstream_error = ""
+        # transparent capture (``transparent.py``): awaited with each fresh answer, before the app gets it
+        self.on_answer: Callable[[str, DNSRecord], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------------ upstream
     def upstream(self) -> tuple[str, int] | None:
@@ -188,6 +192,8 @@ class Resolver:
             log.warning("unusable DNS answer", extra={"qname": key[0]})
             return servfail(query)
         self.cache.put(key, reply, time.monotonic())
+        if self.on_answer is not None:
+            await self.on_answer(key[0].rstrip("."), reply)
         return answer
 
     async def _answer(self, query: DNSRecord, name: str) -> bytes | None:

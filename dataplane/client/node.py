@@ -13,7 +13,9 @@ once the edge answers OPEN_OK. A refusal (no application, no connector, backend 
 a policy, ...) is logged with the edge's reason and reported in the SOCKS reply code or
 HTTP status. The tunnel is kept up with reconnect backoff, trying the configured edges in
 turn. ``ready`` means: tunnel up and every forward's destination answered a probe OPEN
-with OPEN_OK. ``status.py`` writes what ``ferryman client status`` shows.
+with OPEN_OK. ``status.py`` writes what ``ferryman client status`` shows. With
+FERRYMAN_TRANSPARENT=on (Linux, root) ``transparent.py`` also captures TCP to the private
+addresses, redirected by nftables.
 """
 
 from __future__ import annotations
@@ -128,6 +130,11 @@ class Client(EndpointNode):
             self.follower = ProfileFollower(keeper.directory, keeper, self._new_profile)
         self.started = time.time()
         self.resolver: object | None = None  # the private DNS resolver (dns.Resolver), with FERRYMAN_DNS_LISTEN
+        self.transparent: object | None = None  # transparent.Transparent, with FERRYMAN_TRANSPARENT=on
+        if settings.transparent == "on":
+            from .transparent import check_usable
+
+            check_usable()  # ValueError: not Linux, not root, no nft
         self.stats.extra = {
             "ferryman_client_forwards_ready": (
                 "Forwards whose destination answered a probe", lambda: float(sum(1 for v in self.probe_ok.values() if not v))),
@@ -196,7 +203,14 @@ class Client(EndpointNode):
         if self.follower is not None:
             self.follower.start_cached()
             background.append(asyncio.create_task(self.follower.run(stop)))
+        if self.settings.transparent == "on":
+            from .transparent import Transparent
+
+            capture = self.transparent = Transparent(self)
+            await capture.start()  # after the cached profile and every listener
         await stop.wait()
+        if self.transparent is not None:  # rules first: nothing is redirected to a closed listener
+            await self.transparent.close()  # type: ignore[attr-defined]
         for task in background:  # a profile long-poll in flight is abandoned; the status file removed
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -392,6 +406,8 @@ class Client(EndpointNode):
 
     def _new_profile(self, profile: Profile) -> None:
         self.profile = profile
+        if self.transparent is not None:
+            self.transparent.profile_changed(profile)  # type: ignore[attr-defined]
 
     def _unreachable(self) -> str:
         """Why a flow cannot be opened while no tunnel is up."""
