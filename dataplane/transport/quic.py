@@ -63,11 +63,11 @@ log = logging.getLogger("ferryman.quic")
 logging.getLogger("quic").setLevel(logging.WARNING)
 
 CID_LENGTH = 8
+SMALLEST_INITIAL = 1200  # a client's Initial datagram is padded to at least this (RFC 9000 §14.1)
 # aioquic's clock. Not loop.time(): uvloop's advances in whole milliseconds once per loop
 # iteration, so a pacing deadline microseconds away would be re-armed in a busy loop
 # until the millisecond ticks over.
 _clock = time.monotonic
-SMALLEST_INITIAL = 1200  # a client's Initial datagram is padded to at least this (RFC 9000 §14.1)
 
 
 # ---------------------------------------------------------------------------- credentials
@@ -85,7 +85,7 @@ class QuicCredentials:
 
 
 def load_credentials(cert: str, key: str, ca: str) -> QuicCredentials:
-    """Load ``cert``/``key``/``ca`` (the FERRYMAN_TLS_* files), with the checks of ``pki._context``."""
+    """Load ``cert``/``key``/``ca`` (the FERRYMAN_TLS_* files), failing early as ``pki.server_context`` does."""
     certificates = pki.read_certificates(cert)
     authorities = pki.read_certificates(ca, "CA")
     try:
@@ -114,6 +114,8 @@ def load_credentials(cert: str, key: str, ca: str) -> QuicCredentials:
 
 def quic_configuration(credentials: QuicCredentials, settings: Settings, *, client: bool,
                        server_name: str | None = None) -> QuicConfiguration:
+    """aioquic settings of one side: packet size, our certificate, the CA, an idle timeout
+    that leaves dead-peer detection to keepalive (as ``Tunnel`` does)."""
     config = QuicConfiguration(
         is_client=client, max_datagram_size=settings.quic_packet_size, connection_id_length=CID_LENGTH,
         idle_timeout=3 * settings.keepalive_interval + 1, server_name=server_name,
