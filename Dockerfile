@@ -2,7 +2,7 @@
 #   docker build -t ferryman .
 #   docker run --rm -v $PWD/pki:/pki -e FERRYMAN_TLS_CA=/pki/ca.pem \
 #     -e FERRYMAN_TLS_CERT=/pki/edge-1.pem -e FERRYMAN_TLS_KEY=/pki/edge-1.key \
-#     -e FERRYMAN_APPS_FILE=/pki/apps.toml -p 8443:8443 ferryman edge
+#     -e FERRYMAN_APPS_FILE=/pki/apps.toml -p 8443:8443 -p 8443:8443/udp ferryman edge
 FROM python:3.11-slim
 
 RUN useradd --system --home-dir /var/lib/ferryman --create-home ferryman
@@ -17,6 +17,6 @@ USER ferryman
 ENV FERRYMAN_DATA_DIR=/var/lib/ferryman \
     FERRYMAN_LOG_FORMAT=json \
     FERRYMAN_METRICS_ADDR=0.0.0.0:9100
-EXPOSE 8443 9100
+EXPOSE 8443 8443/udp 9100
 ENTRYPOINT ["ferryman"]
 CMD ["--help"]
