@@ -132,7 +132,7 @@ class UdpFlow:
         stats.bytes_rx += len(data)
         try:
             self.send(data)
-        except OSError as exc:  # e.g. the local socket went away under us
+        except Exception as exc:  # e.g. the local socket went away under us: never into the tunnel's callback
             stats.count(stats.datagrams_dropped, "local_error")
             log.info("datagram not delivered", extra={"flow": self.flow_id, "peer": self.peer, "reason": str(exc)})
 

@@ -4,7 +4,7 @@ the DNS server settings, and the connector's rule that a ``dns`` flow only asks 
 from __future__ import annotations
 
 import pytest
-from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
+from dnslib import OPCODE, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
 from dataplane.client.dns import DnsCache, cache_ttl, from_cache, key_of, servfail
 from dataplane.connector.node import _queries_for
@@ -97,5 +97,16 @@ def test_connector_passes_only_queries_for_the_granted_name() -> None:
     two = DNSRecord.question("rdp.corp.example")
     two.add_question(DNSRecord.question("files.corp.example").q)
     send(two.pack())
+    update = DNSRecord.question("rdp.corp.example", "SOA")
+    update.header.opcode = OPCODE.UPDATE
+    update.add_auth(RR("rdp.corp.example", QTYPE.A, rdata=A("10.6.6.6"), ttl=60))  # an injected record
+    send(update.pack())
+    # dnslib raises UnicodeDecodeError (not DNSError) for this crafted CAA record: dropped, counted,
+    # never an exception into the tunnel's callback.
+    crafted = bytes.fromhex("da59010000010001000000000372647004636f7270076578616d706c650000010001"
+                            "c00c010100010000003c00050003fffefd")
+    with pytest.raises(UnicodeDecodeError):
+        DNSRecord.parse(crafted)
+    send(crafted)
     assert sent == [good]
-    assert stats.datagrams_dropped == {"dns_name_mismatch": 3, "dns_malformed": 1}
+    assert stats.datagrams_dropped == {"dns_name_mismatch": 2, "dns_not_a_query": 2, "dns_malformed": 2}

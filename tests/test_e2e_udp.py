@@ -144,6 +144,20 @@ def test_idle_udp_flows_end_and_the_next_datagram_opens_a_new_one(backend, fabri
     assert xfer.metric(xfer.scrape(fab.metrics["client-1"]), "ferryman_flows_opened_total") >= 2
     sock.close()
 
+    # Ended flows give their backend sockets back: 20 more flows, idle out, the connector holds no more
+    # file descriptors than before them.
+    connector_fds = f"/proc/{fab.pids['connector-1']}/fd"
+    xfer.wait_for(lambda: xfer.metric(xfer.scrape(fab.metrics["connector-1"]), "ferryman_flows") == 0, 5.0,
+                  "the second flow to end")
+    before = len(os.listdir(connector_fds))
+    senders = [_udp_socket(2.0) for _ in range(20)]
+    for i, sender in enumerate(senders):
+        assert _roundtrip(sender, fab.forward_ports[0], b"flow %d" % i) == b"flow %d" % i
+    assert len(os.listdir(connector_fds)) >= before + 20  # one backend socket per flow while they run
+    for sender in senders:
+        sender.close()
+    xfer.wait_for(lambda: len(os.listdir(connector_fds)) <= before, 6.0, "the connector to close the 20 sockets")
+
 
 def test_a_datagram_larger_than_the_tunnel_allows_is_dropped_and_counted(backend, fabric, xfer):
     echo = backend("udp-echo")

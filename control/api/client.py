@@ -15,7 +15,7 @@ from typing import Annotated
 import anyio.to_thread
 import msgspec
 from litestar import Request, Response, Router, get
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
@@ -25,6 +25,9 @@ from dataplane.snapshot import ClientProfile, client_profile
 from .auth import require_user
 from .deps import Api
 from .nodes import MAX_WAIT, wait_snapshot
+
+
+_client_waiters = [0]  # profile long-polls waiting now (one event loop per control-plane process)
 
 
 def _live(api: Api, session_id: str) -> None:
@@ -47,7 +50,17 @@ async def profile(
         await anyio.to_thread.run_sync(_live, api, request.state.claims.sid)
     except StoreError as exc:
         raise NotAuthorizedException(f"access token refused: {exc}") from None
-    snapshot = await wait_snapshot(api, after, wait, f"client session {request.state.claims.sid}")
+    # Client agents may take at most half of the long-poll places: the rest stay for edges and
+    # connectors, whose configuration (revocations) must never wait behind a large fleet of agents.
+    hub = api.hub
+    if wait > 0 and _client_waiters[0] >= hub.max_waiters // 2:
+        raise HTTPException(status_code=503, detail=f"{_client_waiters[0]} client agents are already waiting for "
+                                                    f"a profile change; retry shortly", headers={"Retry-After": "10"})
+    _client_waiters[0] += 1
+    try:
+        snapshot = await wait_snapshot(api, after, wait, f"client session {request.state.claims.sid}")
+    finally:
+        _client_waiters[0] -= 1
     if snapshot is None:
         return Response(b"", status_code=204, media_type="application/json")
     body: ClientProfile = client_profile(snapshot)

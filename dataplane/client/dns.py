@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from dnslib import QTYPE, RCODE, DNSError, DNSRecord
+from dnslib import QTYPE, RCODE, DNSRecord
 
 from ..udpflow import RESOLV_CONF, UdpFlow, dns_server
 
@@ -37,6 +37,8 @@ log = logging.getLogger("ferryman.dns")
 
 QUERY_TIMEOUT = 5.0  # seconds for one answer, through the tunnel or from the upstream server
 NEGATIVE_TTL_MAX = 300
+TUNNEL_PAYLOAD = 1232  # EDNS payload size for queries through the tunnel (the DNS flag day's value)
+TCP_PIPELINE = 64  # DNS-over-TCP queries of one connection waiting for their answers; reading pauses beyond
 MAX_PENDING = 1024  # queries being resolved at once; more are answered SERVFAIL (counted)
 
 
@@ -114,6 +116,16 @@ def from_cache(query: DNSRecord, entry: Answer, now: float) -> bytes:
     return reply.pack()
 
 
+def tunnel_query(query: DNSRecord) -> bytes:
+    """``query`` as it goes through the tunnel: an EDNS UDP payload size above ``TUNNEL_PAYLOAD``
+    is lowered to it, so the DNS server truncates (TC) what a tunnel datagram could not carry
+    (a QUIC datagram holds 1,304 bytes) instead of the answer being lost."""
+    for rr in query.ar:
+        if rr.rtype == QTYPE.OPT and rr.rclass > TUNNEL_PAYLOAD:
+            rr.rclass = TUNNEL_PAYLOAD
+    return query.pack()
+
+
 def servfail(query: DNSRecord) -> bytes:
     reply = query.reply()
     reply.header.rcode = RCODE.SERVFAIL
@@ -157,7 +169,7 @@ class Resolver:
             log.exception("DNS query failed")
             try:
                 return servfail(DNSRecord.parse(data))
-            except DNSError:
+            except Exception:  # not even a question to answer
                 return None
 
     async def resolve(self, data: bytes) -> bytes | None:
@@ -165,7 +177,7 @@ class Resolver:
         stats = self.client.stats
         try:
             query = DNSRecord.parse(data)
-        except DNSError:
+        except Exception:  # dnslib raises DNSError, and UnicodeDecodeError and others on crafted input
             stats.count(stats.datagrams_dropped, "dns_malformed")
             return None
         if query.header.qr or len(query.questions) != 1:
@@ -181,36 +193,40 @@ class Resolver:
             return servfail(query)
         self.pending += 1
         try:
-            answer = await self._answer(query, key[0].rstrip("."))
+            answer, cacheable = await self._answer(query, key[0].rstrip("."))
         finally:
             self.pending -= 1
         if answer is None:
             return servfail(query)
         try:
             reply = DNSRecord.parse(answer)
-        except DNSError:
+        except Exception:
             log.warning("unusable DNS answer", extra={"qname": key[0]})
             return servfail(query)
-        self.cache.put(key, reply, time.monotonic())
+        if cacheable:  # not an answer from the system resolver for a private name (fail open): once the
+            self.cache.put(key, reply, time.monotonic())  # tunnel is back, the private name is asked again
         if self.on_answer is not None:
             await self.on_answer(key[0].rstrip("."), reply)
         return answer
 
-    async def _answer(self, query: DNSRecord, name: str) -> bytes | None:
+    async def _answer(self, query: DNSRecord, name: str) -> tuple[bytes | None, bool]:
+        """(the answer or None, whether it may be cached: not for a private name answered by the
+        system resolver, as under fail open)."""
         client = self.client
         profile = client.profile
-        if profile is not None and profile.private_name(name):
+        private = profile is not None and profile.private_name(name)
+        if private:
             tunnel = client.tunnel
             if tunnel is not None and tunnel.up and not tunnel.closed:
-                return await self._through_tunnel(query, name)
-            if profile.fail_mode == "closed":
+                return await self._through_tunnel(query, name), True
+            if profile.fail_mode == "closed":  # type: ignore[union-attr]
                 log.warning("private name not resolved: no tunnel to an edge is up (fail closed)",
                             extra={"qname": name})
-                return None
+                return None, False
         upstream = self.upstream()
         if upstream is None:
-            return None
-        return await _ask(upstream, query.pack())
+            return None, False
+        return await _ask(upstream, query.pack()), not private
 
     async def _through_tunnel(self, query: DNSRecord, name: str) -> bytes | None:
         """One ``dns`` flow: OPEN for ``name``, the query as a datagram, the answer back, RST."""
@@ -230,7 +246,7 @@ class Resolver:
                        peer=f"dns:{name}")
         flow.protocol = "dns"
         flow.on_opened = opened
-        flow.from_local(query.pack())  # sent once the connector's DNS socket is open
+        flow.from_local(tunnel_query(query))  # sent once the connector's DNS socket is open
         client.open(flow, "")  # the resolver's own query: no app process to look up
         try:
             async with asyncio.timeout(QUERY_TIMEOUT):
@@ -339,6 +355,8 @@ class DnsTcp(asyncio.Protocol):
             message = bytes(self.buf[2:2 + size])
             del self.buf[:2 + size]
             self.queue.put_nowait(message)
+            if self.queue.qsize() >= TCP_PIPELINE and self.transport is not None:
+                self.transport.pause_reading()  # an app pipelining without reading answers waits
 
     def eof_received(self) -> bool:
         self.queue.put_nowait(None)  # answer what was asked, then close
@@ -353,6 +371,9 @@ class DnsTcp(asyncio.Protocol):
             message = await self.queue.get()
             if message is None:
                 break
+            transport = self.transport
+            if self.queue.qsize() < TCP_PIPELINE // 2 and transport is not None and not transport.is_closing():
+                transport.resume_reading()
             answer = await self.resolver.answer(message)
             if answer is None or self.transport is None or self.transport.is_closing():
                 continue

@@ -117,7 +117,7 @@ class Client(EndpointNode):
         self.listeners: list[asyncio.AbstractServer] = []
         self.udp_listeners: list[asyncio.DatagramTransport] = []
         self.probe_ok: dict[Forward, str] = {}  # forward -> "" when usable, else the reason
-        self._probes: dict[int, Forward] = {}
+        self._probes: dict[tuple[Tunnel, int], Forward] = {}  # (tunnel, flow id) of each readiness probe
         self._ssl = identity.client_context()
         self._wire = identity.wire_config()
         self.keeper = keeper
@@ -268,11 +268,12 @@ class Client(EndpointNode):
             self.stats.tunnels_up -= 1
             self.stats.count(self.stats.tunnels_closed, tunnel.close_code)
             self.stats.rtt.pop(tunnel.label, None)
+        for key in [k for k in self._probes if k[0] is tunnel]:
+            del self._probes[key]  # unanswered probes of this tunnel: probed again on the next one
         if self.tunnel is tunnel or self.tunnel is None:
-            # (not when a QUIC tunnel already replaced this one: its probes stand)
+            # (not when a QUIC tunnel already replaced this one: what it found out stands)
             self.tunnel = None
             self.probe_ok.clear()
-            self._probes.clear()
         reason = f"tunnel to edge {tunnel.peer_name} lost: {tunnel.close_reason}"
         for flow in list(tunnel.routes.values()):
             if getattr(flow, "on_opened", None) is not None:
@@ -294,7 +295,7 @@ class Client(EndpointNode):
         tunnel.conn.reject_flow(event.flow_id, "not_allowed", "client agents do not accept flows")
 
     def flow_accepted(self, tunnel: Tunnel, event: ev.FlowAccepted) -> None:
-        fwd = self._probes.pop(event.flow_id, None)
+        fwd = self._probes.pop((tunnel, event.flow_id), None)
         if fwd is not None:
             tunnel.conn.reset_flow(event.flow_id, "probe_done", "readiness probe")
             if self.probe_ok.get(fwd) != "":
@@ -308,7 +309,7 @@ class Client(EndpointNode):
 
     def flow_rejected(self, tunnel: Tunnel, event: ev.FlowRejected) -> None:
         self.stats.count(self.stats.open_failures, event.code)
-        fwd = self._probes.pop(event.flow_id, None)
+        fwd = self._probes.pop((tunnel, event.flow_id), None)
         if fwd is not None:
             if self.probe_ok.get(fwd) != event.reason:
                 log.warning("forward not usable", extra={"forward": str(fwd), "code": event.code, "reason": event.reason})
@@ -322,7 +323,7 @@ class Client(EndpointNode):
             flow.opened(event.code, event.reason)
 
     def flow_reset(self, tunnel: Tunnel, event: ev.FlowReset) -> None:
-        if self._probes.pop(event.flow_id, None) is not None:
+        if self._probes.pop((tunnel, event.flow_id), None) is not None:
             return
         super().flow_reset(tunnel, event)
 
@@ -336,7 +337,7 @@ class Client(EndpointNode):
             except FlowError as exc:
                 self.probe_ok[fwd] = exc.message
                 continue
-            self._probes[fid] = fwd
+            self._probes[(tunnel, fid)] = fwd
         tunnel.flush_soon()
 
     def _forward_flow(self, fwd: Forward) -> ClientFlow:

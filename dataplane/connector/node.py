@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from cryptography import x509
-from dnslib import DNSError, DNSRecord
+from dnslib import OPCODE, DNSRecord
 
 from .. import register
 from ..controllink import ControlLink, Report, cut_revoked
@@ -57,6 +57,7 @@ class Connector(EndpointNode):
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
         self.tunnels: set[Tunnel] = set()
         self.udp_flows: set[UdpFlow] = set()
+        self.udp_sockets: dict[UdpFlow, asyncio.DatagramTransport] = {}  # each UDP flow's backend socket
         self.draining = False
         self._ssl = identity.client_context()
         self._wire = identity.wire_config(group=settings.connector_group)
@@ -262,6 +263,7 @@ class Connector(EndpointNode):
                     transport.abort()
                 return
             if udp:
+                self.udp_sockets[flow] = transport  # type: ignore[index]
                 set_udp_buffers(transport, self.settings.udp_buffer)
                 flow.send = (transport.sendto if request.protocol == "udp"  # type: ignore[union-attr]
                              else _queries_for(request.host, transport.sendto, self.stats))
@@ -282,9 +284,9 @@ class Connector(EndpointNode):
 
     def _udp_closed(self, flow: UdpFlow) -> None:
         self.udp_flows.discard(flow)
-        socket_of = getattr(flow.send, "__self__", None)  # the backend socket's transport, once dialed
-        if isinstance(socket_of, asyncio.DatagramTransport):
-            socket_of.close()
+        sock = self.udp_sockets.pop(flow, None)  # the backend socket, once dialed
+        if sock is not None:
+            sock.close()
 
     def tunnel_writable(self, tunnel: Tunnel, writable: bool) -> None:
         """Credit bounds what each flow may queue; nothing to do on tunnel back-pressure."""
@@ -305,10 +307,14 @@ def _queries_for(name: str, send: Callable[[bytes | memoryview], None], stats: S
     def send_query(data: bytes | memoryview) -> None:
         try:
             query = DNSRecord.parse(bytes(data))
-        except DNSError:
+        except Exception:  # dnslib raises DNSError, but also UnicodeDecodeError and others on crafted input
             stats.count(stats.datagrams_dropped, "dns_malformed")
             return
-        if query.header.qr or len(query.questions) != 1 or str(query.q.qname).lower().rstrip(".") != wanted:
+        header = query.header
+        if header.qr or header.opcode != OPCODE.QUERY or header.a or header.auth:
+            stats.count(stats.datagrams_dropped, "dns_not_a_query")  # e.g. UPDATE or NOTIFY: never passed on
+            return
+        if len(query.questions) != 1 or str(query.q.qname).lower().rstrip(".") != wanted:
             stats.count(stats.datagrams_dropped, "dns_name_mismatch")
             return
         send(data)

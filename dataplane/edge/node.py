@@ -704,13 +704,14 @@ class Edge(TunnelHandler):
             stats.count(stats.datagrams_dropped, "flow_closed")
             return
         data = event.data
-        if tunnel is splice.client:
-            out, ofid = splice.conn, splice.kfid
-            splice.sent += len(data)
-        else:
-            out, ofid = splice.client, splice.cfid
-            splice.received += len(data)
+        size = len(data)
+        upstream = tunnel is splice.client
+        out, ofid = (splice.conn, splice.kfid) if upstream else (splice.client, splice.cfid)
         stats.datagrams_rx += 1
+        if upstream:  # as for DATA: rx is what clients send, tx what they are sent
+            stats.bytes_rx += size
+        else:
+            stats.bytes_tx += size
         if not out.writable:
             stats.count(stats.datagrams_dropped, "tunnel_busy")
             return
@@ -719,6 +720,11 @@ class Edge(TunnelHandler):
         except FlowError as exc:  # the other side is being reset, or the datagram exceeds its limit
             stats.count(stats.datagrams_dropped, exc.code)
             return
+        # The traffic log counts what went through, not what arrived here.
+        if upstream:
+            splice.sent += size
+        else:
+            splice.received += size
         stats.datagrams_tx += 1
         out.flush_soon()
 
