@@ -140,8 +140,10 @@ class AccessIndex:
         self.policies = [_Policy(p, locations) for p in sorted(snapshot.policies, key=lambda p: p.id)
                          if p.state != "off"]
 
-    def decide(self, who: Principal, app: str, source: str, now: float) -> Decision:
-        """The decision for a flow of ``who`` to application ``app`` from ``source`` (an IP, or "")."""
+    def identity(self, who: Principal, now: float) -> Decision:
+        """Whether ``who`` may act at all (known and enabled user, live session and token, its own
+        registered device): the first step of ``decide``, and all there is for a flow outside every
+        application (a private DNS query for a name no application covers)."""
         user = self.users.get(who.user_id)
         if user is None:
             return _deny("user_unknown", f"user {who.upn} is not known here: sign in again")
@@ -156,6 +158,15 @@ class AccessIndex:
             return _deny("device_unknown", f"device {who.device_id} is not registered to {user.upn}")
         if device.revoked:
             return _deny("device_revoked", f"device {who.device_id} was revoked")
+        return Decision("allow")
+
+    def decide(self, who: Principal, app: str, source: str, now: float) -> Decision:
+        """The decision for a flow of ``who`` to application ``app`` from ``source`` (an IP, or "")."""
+        checked = self.identity(who, now)
+        if not checked.allowed:
+            return checked
+        user = self.users[who.user_id]
+        device = self.devices[who.device_id]
         users, groups = self.assigned.get(app, (frozenset(), frozenset()))
         if user.id not in users and groups.isdisjoint(user.groups):
             return _deny("not_assigned", f"{user.upn} is not assigned to application '{app}'")

@@ -211,9 +211,10 @@ class Edge(TunnelHandler):
         now = time.time()
         for client in list(self.clients):
             for splice in list(client.routes.values()):
-                if splice.closed_sides == -1 or splice.principal is None or not splice.app:
-                    continue  # (a private DNS query outside every application is one datagram's flow)
-                decision = access.decide(splice.principal, splice.app, client.peer_addr, now)
+                if splice.closed_sides == -1 or splice.principal is None:
+                    continue
+                decision = (access.decide(splice.principal, splice.app, client.peer_addr, now) if splice.app
+                            else access.identity(splice.principal, now))  # a DNS flow outside every application
                 if decision.allowed:
                     splice.decision = decision
                     continue
@@ -441,11 +442,11 @@ class Edge(TunnelHandler):
                              request, match)
                 return
             principal = tunnel.context
-            if match is not None:
-                decision = self.access.decide(principal, match.app.name, tunnel.peer_addr, now)
-                if not decision.allowed:
-                    self._refuse(tunnel, fid, decision.code, decision.reason, request, match, decision)
-                    return
+            decision = (self.access.decide(principal, match.app.name, tunnel.peer_addr, now) if match is not None
+                        else self.access.identity(principal, now))
+            if not decision.allowed:
+                self._refuse(tunnel, fid, decision.code, decision.reason, request, match, decision)
+                return
         group = match.app.connector_group if match is not None else DEFAULT_GROUP
         connector = self.pick_connector(group)
         if connector is None:
