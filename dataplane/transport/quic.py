@@ -56,7 +56,7 @@ from ..wire.quic import (
     QuicTunnelConnection,
     TunnelTerminated,
 )
-from .tunnel import TunnelHandler
+from .tunnel import TunnelBase, TunnelHandler
 
 log = logging.getLogger("ferryman.quic")
 # aioquic logs each connection's negotiated version and ALPN at INFO; tunnel events are logged here.
@@ -176,7 +176,7 @@ def _subject(name: str) -> x509.DNSName | x509.IPAddress:
 # ---------------------------------------------------------------------------- tunnel
 
 
-class QuicTunnel:
+class QuicTunnel(TunnelBase):
     """One Ferryman tunnel over QUIC, with the interface of ``Tunnel`` (see the module docstring)."""
 
     def __init__(
@@ -236,20 +236,7 @@ class QuicTunnel:
         self.up_waiter: asyncio.Future[None] = self.loop.create_future()  # ... and the HELLO exchange
         self.done_waiter: asyncio.Future[None] = self.loop.create_future()
         self._dispatch: dict[type, Callable[[Any, Any], None]] = {
-            ev.DataReceived: handler.data_received,
-            ev.CreditAvailable: handler.credit_available,
-            ev.FlowRequested: handler.flow_requested,
-            ev.FlowAccepted: handler.flow_accepted,
-            ev.FlowRejected: handler.flow_rejected,
-            ev.FlowEnded: handler.flow_ended,
-            ev.FlowClosed: handler.flow_closed,
-            ev.FlowReset: handler.flow_reset,
-            ev.OpenRefused: handler.open_refused,
-            ev.DatagramReceived: handler.datagram_received,
-            ev.GoAwayReceived: self._on_goaway,
-            ev.PongReceived: self._on_pong,
-            ev.HelloReceived: self._on_hello,
-            ev.AuthReceived: handler.auth_received,
+            **self._events(),
             HandshakeCompleted: self._on_handshake,
             TunnelTerminated: self._on_terminated,
             ConnectionIdIssued: self._on_cid,
@@ -257,20 +244,6 @@ class QuicTunnel:
         }
 
     # ------------------------------------------------------------------ properties
-    @property
-    def peer_name(self) -> str:
-        if self.conn.peer is not None:
-            return self.conn.peer.node
-        return self.identity.name if self.identity else self.peer_addr
-
-    @property
-    def draining(self) -> bool:
-        return self.conn.goaway_received or self.conn.goaway_sent
-
-    @property
-    def load(self) -> int:
-        return len(self.conn.flows)
-
     @property
     def sockname(self) -> tuple | None:
         """The local address of the tunnel's UDP socket."""
@@ -468,58 +441,13 @@ class QuicTunnel:
         if self._cid_listener is not None:
             self._cid_listener(self, event.cid, isinstance(event, ConnectionIdIssued))
 
-    def _on_hello(self, tunnel: QuicTunnel, event: ev.HelloReceived) -> None:
-        hello = event.hello
-        assert self.identity is not None
-        if hello.role != self.identity.role:
-            self._refuse("role_mismatch",
-                         f"HELLO says role {hello.role!r} but the certificate says {self.identity.role!r}")
-            return
-        if hello.node != self.identity.name:
-            self._refuse("name_mismatch",
-                         f"HELLO says node {hello.node!r} but the certificate names {self.identity.name!r}")
-            return
-        refusal = self.handler.refuse_peer(self.identity)  # revoked while the HELLO was on its way
-        if refusal is not None:
-            self._refuse("certificate_revoked", refusal)
-            return
-        self.up = True
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(self.keepalive / 4, self._keepalive)
-        self.up_waiter.set_result(None)
-        self.handler.tunnel_up(self)  # type: ignore[arg-type]
-
-    def _on_pong(self, tunnel: QuicTunnel, event: ev.PongReceived) -> None:
-        self.rtt = max(0.0, self.loop.time() - event.sent_at)
-        self.handler.stats.rtt[self.label] = self.rtt
-
-    def _on_goaway(self, tunnel: QuicTunnel, event: ev.GoAwayReceived) -> None:
-        log.info("peer draining", extra={"tunnel": self.label, "peer": self.peer_name,
-                                         "code": event.code, "reason": event.reason})
-        self.handler.goaway_received(self, event)  # type: ignore[arg-type]
-
     def _handshake_expired(self) -> None:
         self._timer = None
         if not self.up:
             self.close("handshake_timeout", f"no QUIC handshake and HELLO within {self.handshake_timeout:g}s")
 
-    def _keepalive(self) -> None:
-        """As ``Tunnel``: PING once per interval; a peer silent for 2.75 intervals is dead."""
-        self._timer = None
-        if self.closed:
-            return
-        now = self.loop.time()
-        silent = now - self._last_rx
-        if silent > 2.75 * self.keepalive:
-            self.close("keepalive_timeout", f"no packet from peer for {silent:.1f}s")
-            return
-        if now - self._last_ping >= self.keepalive * 0.99:
-            self._last_ping = now
-            self.conn.ping(now)
-            self._flush()
-        self._timer = self.loop.call_later(self.keepalive / 4, self._keepalive)
-
+    def _keepalive_expired(self, silent: float) -> None:
+        self.close("keepalive_timeout", f"no packet from peer for {silent:.1f}s")
 
 # ---------------------------------------------------------------------------- dialing
 

@@ -65,7 +65,130 @@ class TunnelHandler:
         return None
 
 
-class Tunnel(asyncio.Protocol):
+class TunnelBase:
+    """What the TLS/TCP ``Tunnel`` and the QUIC ``transport.quic.QuicTunnel`` share: the node-facing
+    properties, the dispatch of wire events to the handler, the checks of the peer's HELLO
+    against its certificate, RTT from PONGs, draining on GOAWAY and the keepalive timer.
+
+    A subclass sets the attributes used here (``handler``, ``conn``, ``identity``, ``peer_addr``,
+    ``label``, ``loop``, ``keepalive``, ``up``, ``closed``, ``rtt``, ``_timer``, ``_last_rx``,
+    ``_last_ping``, ``up_waiter``) and provides ``close``, ``_refuse(code, reason)``, ``_flush``
+    and ``_keepalive_expired(silent)``."""
+
+    handler: TunnelHandler
+    conn: Any
+    identity: PeerIdentity | None
+    peer_addr: str
+    label: str
+    loop: asyncio.AbstractEventLoop
+    keepalive: float
+    up: bool
+    closed: bool
+    rtt: float | None
+    _timer: asyncio.TimerHandle | None
+    _last_rx: float
+    _last_ping: float
+    up_waiter: asyncio.Future[None]
+
+    def _events(self) -> dict[type, Callable[[Any, Any], None]]:
+        """Wire event type -> who handles it (the node, or this tunnel itself)."""
+        handler = self.handler
+        return {
+            ev.DataReceived: handler.data_received,
+            ev.CreditAvailable: handler.credit_available,
+            ev.FlowRequested: handler.flow_requested,
+            ev.FlowAccepted: handler.flow_accepted,
+            ev.FlowRejected: handler.flow_rejected,
+            ev.FlowEnded: handler.flow_ended,
+            ev.FlowClosed: handler.flow_closed,
+            ev.FlowReset: handler.flow_reset,
+            ev.OpenRefused: handler.open_refused,
+            ev.DatagramReceived: handler.datagram_received,
+            ev.GoAwayReceived: self._on_goaway,
+            ev.PongReceived: self._on_pong,
+            ev.HelloReceived: self._on_hello,
+            ev.AuthReceived: handler.auth_received,
+        }
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def peer_name(self) -> str:
+        if self.conn.peer is not None:
+            return self.conn.peer.node
+        return self.identity.name if self.identity else self.peer_addr
+
+    @property
+    def draining(self) -> bool:
+        return self.conn.goaway_received or self.conn.goaway_sent
+
+    @property
+    def load(self) -> int:
+        return len(self.conn.flows)
+
+    # ------------------------------------------------------------------ internal events
+    def _on_hello(self, tunnel: Any, event: ev.HelloReceived) -> None:
+        hello = event.hello
+        assert self.identity is not None
+        if hello.role != self.identity.role:
+            self._refuse("role_mismatch",
+                         f"HELLO says role {hello.role!r} but the certificate says {self.identity.role!r}")
+            return
+        if hello.node != self.identity.name:
+            self._refuse("name_mismatch",
+                         f"HELLO says node {hello.node!r} but the certificate names {self.identity.name!r}")
+            return
+        refusal = self.handler.refuse_peer(self.identity)  # revoked while the HELLO was on its way
+        if refusal is not None:
+            self._refuse("certificate_revoked", refusal)
+            return
+        self.up = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(self.keepalive / 4, self._keepalive)
+        self.up_waiter.set_result(None)
+        self.handler.tunnel_up(self)  # type: ignore[arg-type]
+
+    def _on_pong(self, tunnel: Any, event: ev.PongReceived) -> None:
+        self.rtt = max(0.0, self.loop.time() - event.sent_at)
+        self.handler.stats.rtt[self.label] = self.rtt
+
+    def _on_goaway(self, tunnel: Any, event: ev.GoAwayReceived) -> None:
+        log.info("peer draining", extra={"tunnel": self.label, "peer": self.peer_name,
+                                         "code": event.code, "reason": event.reason})
+        self.handler.goaway_received(self, event)  # type: ignore[arg-type]
+
+    def _keepalive(self) -> None:
+        """Runs every quarter interval: PING once per interval; a peer silent for
+        2.75 intervals is dead, so a dead tunnel is detected within 3 intervals."""
+        self._timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        silent = now - self._last_rx
+        if silent > 2.75 * self.keepalive:
+            self._keepalive_expired(silent)
+            return
+        if now - self._last_ping >= self.keepalive * 0.99:
+            self._last_ping = now
+            self.conn.ping(now)
+            self._flush()
+        self._timer = self.loop.call_later(self.keepalive / 4, self._keepalive)
+
+    # provided by the transport
+    def close(self, code: str, reason: str, *, error: bool = False, abort: bool = False) -> None:
+        raise NotImplementedError
+
+    def _refuse(self, code: str, reason: str) -> None:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _keepalive_expired(self, silent: float) -> None:
+        raise NotImplementedError
+
+
+class Tunnel(TunnelBase, asyncio.Protocol):
     def __init__(
         self,
         handler: TunnelHandler,
@@ -105,38 +228,9 @@ class Tunnel(asyncio.Protocol):
         self._down_sent = False
         self.up_waiter: asyncio.Future[None] = self.loop.create_future()
         self.done_waiter: asyncio.Future[None] = self.loop.create_future()
-        self._dispatch: dict[type, Callable[[Tunnel, Any], None]] = {
-            ev.DataReceived: handler.data_received,
-            ev.CreditAvailable: handler.credit_available,
-            ev.FlowRequested: handler.flow_requested,
-            ev.FlowAccepted: handler.flow_accepted,
-            ev.FlowRejected: handler.flow_rejected,
-            ev.FlowEnded: handler.flow_ended,
-            ev.FlowClosed: handler.flow_closed,
-            ev.FlowReset: handler.flow_reset,
-            ev.OpenRefused: handler.open_refused,
-            ev.DatagramReceived: handler.datagram_received,
-            ev.GoAwayReceived: self._on_goaway,
-            ev.PongReceived: self._on_pong,
-            ev.HelloReceived: self._on_hello,
-            ev.AuthReceived: handler.auth_received,
-        }
+        self._dispatch = self._events()
 
     # ------------------------------------------------------------------ properties
-    @property
-    def peer_name(self) -> str:
-        if self.conn.peer is not None:
-            return self.conn.peer.node
-        return self.identity.name if self.identity else self.peer_addr
-
-    @property
-    def draining(self) -> bool:
-        return self.conn.goaway_received or self.conn.goaway_sent
-
-    @property
-    def load(self) -> int:
-        return len(self.conn.flows)
-
     @property
     def sockname(self) -> tuple | None:
         """The local address of the tunnel's TCP socket."""
@@ -272,59 +366,14 @@ class Tunnel(asyncio.Protocol):
             self.handler.tunnel_down(self)
             self.done_waiter.set_result(None)
 
-    # ------------------------------------------------------------------ internal events
-    def _on_hello(self, tunnel: "Tunnel", event: ev.HelloReceived) -> None:
-        hello = event.hello
-        assert self.identity is not None
-        if hello.role != self.identity.role:
-            self._refuse("role_mismatch",
-                         f"HELLO says role {hello.role!r} but the certificate says {self.identity.role!r}")
-            return
-        if hello.node != self.identity.name:
-            self._refuse("name_mismatch",
-                         f"HELLO says node {hello.node!r} but the certificate names {self.identity.name!r}")
-            return
-        refusal = self.handler.refuse_peer(self.identity)  # revoked while the HELLO was on its way
-        if refusal is not None:
-            self._refuse("certificate_revoked", refusal)
-            return
-        self.up = True
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(self.keepalive / 4, self._keepalive)
-        self.up_waiter.set_result(None)
-        self.handler.tunnel_up(self)
-
-    def _on_pong(self, tunnel: "Tunnel", event: ev.PongReceived) -> None:
-        self.rtt = max(0.0, self.loop.time() - event.sent_at)
-        self.handler.stats.rtt[self.label] = self.rtt
-
-    def _on_goaway(self, tunnel: "Tunnel", event: ev.GoAwayReceived) -> None:
-        log.info("peer draining", extra={"tunnel": self.label, "peer": self.peer_name,
-                                         "code": event.code, "reason": event.reason})
-        self.handler.goaway_received(self, event)
-
+    # ------------------------------------------------------------------ timers
     def _handshake_expired(self) -> None:
         self._timer = None
         if not self.up:
             self.close("handshake_timeout", f"no HELLO within {self.handshake_timeout:g}s", abort=True)
 
-    def _keepalive(self) -> None:
-        """Runs every quarter interval: PING once per interval; a peer silent for
-        2.75 intervals is dead, so a dead tunnel is detected within 3 intervals."""
-        self._timer = None
-        if self.closed:
-            return
-        now = self.loop.time()
-        silent = now - self._last_rx
-        if silent > 2.75 * self.keepalive:
-            self.close("keepalive_timeout", f"no frame from peer for {silent:.1f}s", abort=True)
-            return
-        if now - self._last_ping >= self.keepalive * 0.99:
-            self._last_ping = now
-            self.conn.ping(now)
-            self._flush()
-        self._timer = self.loop.call_later(self.keepalive / 4, self._keepalive)
+    def _keepalive_expired(self, silent: float) -> None:
+        self.close("keepalive_timeout", f"no frame from peer for {silent:.1f}s", abort=True)
 
 
 def ssl_handshake_error(exc: BaseException) -> str:
