@@ -44,9 +44,21 @@ class FabricError(RuntimeError):
 
 
 def free_port(protocol: str = "tcp") -> int:
-    with socket.socket(type=socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 free for ``protocol``: ``tcp``, ``udp`` or ``both`` (an edge listens on
+    the TCP and the UDP port of one number)."""
+    while True:
+        kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
+        with socket.socket(type=kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if protocol != "both":
+            return port
+        with socket.socket(type=socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 def _http_status(url: str) -> int:
@@ -138,7 +150,7 @@ class Fabric:
 
     def start(self, timeout: float = 30.0) -> None:
         os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
-        self.edge_port = self.edge_port or free_port()  # a test may pick it before start()
+        self.edge_port = self.edge_port or free_port("both")  # a test may pick it before start()
         edge_addr = f"{self.edge_host}:{self.edge_port}"
         fwd_args = [a for lh, lp, h, p, proto in self.forwards
                     for a in ("--forward", f"{lh}:{lp}={h}:{p}" + ("/udp" if proto == "udp" else ""))]

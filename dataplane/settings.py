@@ -69,6 +69,7 @@ class Settings(msgspec.Struct, kw_only=True):
     dns_upstream: str = ""
     dns_cache: int = 10000
     process_lookup: str = "on"
+    process_lookup_wait: float = 0.004
     transparent: str = "off"
     # tunnel transport, proxy egress, UDP flows
     transport: str = "tcp"
@@ -132,6 +133,7 @@ VARIABLES: dict[str, str] = {
     "dns_server": "Connector: HOST[:PORT] of the DNS server that resolves private names for clients; empty means the first `nameserver` of /etc/resolv.conf.",
     "dns_upstream": "Client: HOST[:PORT] of the DNS server its resolver asks for names that are not private; empty means the first `nameserver` of /etc/resolv.conf (other than the resolver itself).",
     "dns_cache": "Client: most DNS answers kept in the resolver's cache (each for its TTL).",
+    "process_lookup_wait": "Client: seconds an OPEN waits at most for the process lookup (then it goes without the process name).",
     "transparent": "Client: `on` captures TCP to the forwarding profile's private addresses (and the addresses the private DNS resolver answered) transparently with nftables redirect rules on Linux (root); `off` captures only what forwards, SOCKS5 and HTTP CONNECT are given.",
     "process_lookup": "Client: `on` finds the process (name, pid) behind each captured connection on Linux and sends it for the traffic log; `off` skips it.",
     "transport": "Connector/client: tunnel transport to the edges: `tcp` (TLS 1.3 over TCP), `quic`, or `auto` (QUIC, falling back to TLS/TCP when UDP is blocked and trying QUIC again later).",
@@ -183,6 +185,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "udp_queue": (1, 1 << 16),
     "udp_buffer": (4096, 1 << 30),
     "dns_cache": (0, 10_000_000),
+    "process_lookup_wait": (0, 1),
 }
 
 

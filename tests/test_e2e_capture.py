@@ -266,7 +266,10 @@ def test_traffic_log_names_the_initiating_process(backend, fabric, xfer):
     socks_port, http_port = free_port(), free_port()
     fab = fabric([echo, ("127.0.0.1", 0, "127.0.0.1", uecho.port, "udp")], managed=True,
                  env={"FERRYMAN_SOCKS_LISTEN": f"127.0.0.1:{socks_port}", "FERRYMAN_HTTP_LISTEN": f"127.0.0.1:{http_port}",
-                      "FERRYMAN_HEARTBEAT_INTERVAL": "0.5", "FERRYMAN_UDP_IDLE_TIMEOUT": "1"})
+                      "FERRYMAN_HEARTBEAT_INTERVAL": "0.5", "FERRYMAN_UDP_IDLE_TIMEOUT": "1",
+                      # this test process holds many fds: on a loaded machine its first scan may take
+                      # longer than the default 4 ms, and the record would then name no process
+                      "FERRYMAN_PROCESS_LOOKUP_WAIT": "0.5"})
     with open("/proc/self/comm") as fh:
         me = f"{fh.read().strip()}[{os.getpid()}]"
 

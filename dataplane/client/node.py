@@ -180,7 +180,7 @@ class Client(EndpointNode):
             bound = server.sockets[0].getsockname()
             log.info("http connect proxy listening", extra={"addr": f"{bound[0]}:{bound[1]}"})
         if self.settings.process_lookup == "on" and sys.platform == "linux":
-            self.processes = ProcessFinder()
+            self.processes = ProcessFinder(wait=self.settings.process_lookup_wait)
         if self.settings.dns_listen:
             from . import dns
 
