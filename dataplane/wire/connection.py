@@ -120,8 +120,30 @@ class Flow:
         self.got_fin = False
 
 
-class TunnelConnection:
-    def __init__(self, config: WireConfig, *, dialer: bool) -> None:
+def check_preamble(data: bytes | bytearray, pos: int) -> None:
+    """Check the peer's preamble at ``pos`` (magic and protocol version)."""
+    magic, version = PREAMBLE.unpack_from(data, pos)
+    if magic != MAGIC:
+        raise ProtocolError("bad_preamble", "not a Ferryman tunnel: bad magic in preamble")
+    if version != VERSION:
+        raise ProtocolError(
+            "unsupported_version",
+            f"peer speaks protocol version {version}; this node speaks version {VERSION}",
+        )
+
+
+class _FlowCore:
+    """What a Ferryman tunnel keeps whatever carries it (a byte stream or QUIC streams).
+
+    The flow table and its ids, the peer's HELLO, GOAWAY state, the local flow API's checks
+    and the frames every transport handles alike (``_frame``: WINDOW, FIN, RST, OPEN_OK,
+    OPEN_FAIL, HELLO, PING/PONG, GOAWAY, AUTH). A subclass says where frames go:
+    ``_send_flow`` (a flow's frame), ``_start_flow`` (a new local flow's OPEN),
+    ``_send_control`` (a tunnel-wide frame), and ``_forget`` drops a flow that is gone.
+    The hot paths (``send_data``, ``acknowledge``, input parsing) stay in each subclass.
+    """
+
+    def __init__(self, config: WireConfig, dialer: bool) -> None:
         self.config = config
         self.dialer = dialer
         self.peer: Hello | None = None
@@ -130,29 +152,297 @@ class TunnelConnection:
         self.goaway_received = False
         self.late_frames = 0
         self.pending_opens = 0
+        self._dead: ProtocolError | None = None
+        self._initiated = False
+        self._next_id = 1 if dialer else 2
+        self._peer_last_id = 0  # highest flow id the peer opened
+        self._peer_parity = 0 if dialer else 1
+        self._ack_threshold = max(1, config.window // 4)
+        self._max_frame = config.max_frame
+
+    # ------------------------------------------------------------------ where frames go
+    def _send_flow(self, flow_id: int, chunk: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    def _start_flow(self, flow_id: int, chunk: bytes) -> None:
+        raise NotImplementedError
+
+    def _send_control(self, chunk: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    def _forget(self, flow_id: int) -> None:
+        raise NotImplementedError
+
+    def _remote_open(self, flow_id: int, request: Open, events: list[ev.Event]) -> None:
+        """The peer's OPEN: check its id, then ``_admit`` it."""
+        raise NotImplementedError
+
+    def _after_hello(self, events: list[ev.Event]) -> None:
+        """The peer's HELLO was accepted (a subclass may release what waited for it)."""
+
+    @property
+    def dead(self) -> ProtocolError | None:
+        return self._dead
+
+    def _hello(self) -> Hello:
+        c = self.config
+        return Hello(
+            role=c.role, node=c.node, max_frame=c.max_frame, window=c.window,
+            max_flows=c.max_flows, group=c.group, features=list(c.features), software=c.software, token=c.token,
+        )
+
+    # ------------------------------------------------------------------ local API
+    def open_flow(self, request: Open) -> int:
+        peer = self._require_peer()
+        if self.goaway_received:
+            raise FlowError("draining", f"peer {peer.node} is draining (GOAWAY); no new flows")
+        if self.goaway_sent:
+            raise FlowError("draining", "this tunnel is draining; no new flows")
+        if len(self.flows) >= peer.max_flows:
+            raise FlowError("too_many_flows", f"peer {peer.node} allows at most {peer.max_flows} flows per tunnel")
+        flow_id = self._next_id
+        if flow_id > MAX_FLOW_ID:
+            raise FlowError("flow_ids_exhausted", "flow ids exhausted on this tunnel")
+        self._next_id = flow_id + 2
+        self.flows[flow_id] = Flow(flow_id, True, peer.window, self.config.window, request.protocol in DATAGRAM_PROTOCOLS)
+        self._start_flow(flow_id, encode_control(flow_id, request))
+        return flow_id
+
+    def accept_flow(self, flow_id: int, bound: str = "", remote: str = "") -> None:
+        flow = self._remote_opening(flow_id)
+        flow.state = OPEN
+        self.pending_opens -= 1
+        self._send_flow(flow_id, encode_control(flow_id, OpenOk(bound=bound, remote=remote)))
+
+    def reject_flow(self, flow_id: int, code: str, reason: str) -> None:
+        self._remote_opening(flow_id)
+        self.pending_opens -= 1
+        self._send_flow(flow_id, encode_control(flow_id, OpenFail(code=code, reason=reason[:1024])))
+        self._forget(flow_id)
+
+    def credit(self, flow_id: int) -> int:
+        flow = self.flows.get(flow_id)
+        return flow.send_credit if flow is not None else 0
+
+    def send_fin(self, flow_id: int) -> bool:
+        """Half-close our direction. Returns True when the flow is now fully closed."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            raise FlowError("no_flow", f"flow {flow_id} does not exist")
+        if flow.state != OPEN or flow.sent_fin or flow.udp:
+            raise FlowError("flow_state", f"flow {flow_id} cannot be half-closed now")
+        flow.sent_fin = True
+        self._send_flow(flow_id, encode_header(_FIN, flow_id, 0))
+        if flow.got_fin:
+            self._forget(flow_id)
+            return True
+        return False
+
+    def reset_flow(self, flow_id: int, code: str, reason: str = "") -> None:
+        """Abort a flow in both directions. A flow that is already gone is ignored."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            return
+        if not flow.local and flow.state == OPENING:
+            self.pending_opens -= 1
+        self._send_flow(flow_id, encode_control(flow_id, Rst(code=code, reason=reason[:1024])))
+        self._forget(flow_id)
+
+    def _datagram_flow(self, flow_id: int) -> Flow:
+        """The open UDP flow a local datagram is for (else FlowError)."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            raise FlowError("no_flow", f"flow {flow_id} does not exist")
+        if not flow.udp or flow.state != OPEN:
+            raise FlowError("flow_state", f"flow {flow_id} cannot carry a datagram now")
+        return flow
+
+    def ping(self, value: float) -> None:
+        self._send_control(encode_ping(_PING, value))
+
+    def send_auth(self, token: str) -> None:
+        """Queue an AUTH frame carrying a new access token (after HELLO)."""
+        self._require_peer()
+        self._send_control(encode_control(0, Auth(token=token)))
+
+    def goaway(self, code: str, reason: str = "") -> None:
+        if not self.goaway_sent:
+            self.goaway_sent = True
+            self._send_control(encode_control(0, GoAway(code=code, reason=reason[:1024])))
+
+    # ------------------------------------------------------------------ input
+    def _data_start(self, flow_id: int, length: int) -> bool:
+        """Check a DATA header against the flow's state and credit; False for a late frame."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            self._late_frame(flow_id, "DATA")
+            return False
+        if flow.state != OPEN or flow.got_fin or flow.udp:
+            raise ProtocolError(
+                "stream_state",
+                f"DATA on flow {flow_id} "
+                f"{'after FIN' if flow.got_fin else 'of a UDP flow' if flow.udp else 'before OPEN_OK'}",
+            )
+        if length > flow.recv_credit:
+            raise ProtocolError(
+                "flow_control",
+                f"flow {flow_id}: peer sent {length} bytes with only {flow.recv_credit} bytes of credit",
+            )
+        flow.recv_credit -= length
+        return True
+
+    def _frame(self, ftype: int, flow_id: int, payload: memoryview, events: list[ev.Event]) -> None:
+        """A frame other than DATA (QUIC: one its stream may carry; OPEN only on a byte stream)."""
+        if ftype == _DATA:
+            if self._data_start(flow_id, len(payload)):
+                events.append(ev.DataReceived(flow_id, payload))
+            return
+        if ftype == _WINDOW:
+            (increment,) = _unpack_window(payload, 0)
+            if flow_id == 0 or increment == 0:
+                raise ProtocolError("bad_frame", f"WINDOW with flow {flow_id} increment {increment}")
+            flow = self.flows.get(flow_id)
+            if flow is None:
+                self._late_frame(flow_id, "WINDOW")
+                return
+            credit = flow.send_credit + increment
+            if credit > MAX_WINDOW:
+                raise ProtocolError("flow_control", f"flow {flow_id}: credit overflow ({credit} bytes)")
+            flow.send_credit = credit
+            events.append(ev.CreditAvailable(flow_id, credit))
+            return
+        if self.peer is None:
+            if ftype != _HELLO:
+                raise ProtocolError("hello_required", f"{FrameType(ftype).name} frame before HELLO")
+            hello = DECODERS[_HELLO].decode(payload)
+            if hello.role not in ROLES:
+                raise ProtocolError("bad_hello", f"unknown role {hello.role!r} in HELLO")
+            if hello.max_frame < 1024:
+                raise ProtocolError("bad_hello", f"peer max_frame {hello.max_frame} is below 1024")
+            self.peer = hello
+            events.append(ev.HelloReceived(hello))
+            self._after_hello(events)
+            return
+        if ftype == _OPEN:
+            self._remote_open(flow_id, DECODERS[_OPEN].decode(payload), events)
+        elif ftype == _FIN:
+            flow = self.flows.get(flow_id)
+            if flow is None:
+                self._late_frame(flow_id, "FIN")
+                return
+            if flow.state != OPEN or flow.got_fin or flow.udp:
+                raise ProtocolError("stream_state", f"unexpected FIN on flow {flow_id}")
+            flow.got_fin = True
+            events.append(ev.FlowEnded(flow_id))
+            if flow.sent_fin:
+                self._forget(flow_id)
+                events.append(ev.FlowClosed(flow_id))
+        elif ftype == _RST:
+            body = DECODERS[_RST].decode(payload)
+            flow = self.flows.get(flow_id)
+            if flow is None:
+                self._late_frame(flow_id, "RST")
+                return
+            if not flow.local and flow.state == OPENING:
+                self.pending_opens -= 1
+            self._forget(flow_id)
+            events.append(ev.FlowReset(flow_id, body.code, body.reason))
+        elif ftype == _OPEN_OK:
+            body = DECODERS[_OPEN_OK].decode(payload)
+            flow = self._local_opening(flow_id, "OPEN_OK")
+            if flow is not None:
+                flow.state = OPEN
+                events.append(ev.FlowAccepted(flow_id, body.bound, body.remote))
+        elif ftype == _OPEN_FAIL:
+            body = DECODERS[_OPEN_FAIL].decode(payload)
+            if self._local_opening(flow_id, "OPEN_FAIL") is not None:
+                self._forget(flow_id)
+                events.append(ev.FlowRejected(flow_id, body.code, body.reason))
+        elif ftype == _PING:
+            self._send_control(encode_header(_PONG, 0, 8) + bytes(payload))
+        elif ftype == _PONG:
+            events.append(ev.PongReceived(_unpack_ping(payload, 0)[0]))
+        elif ftype == _GOAWAY:
+            body = DECODERS[_GOAWAY].decode(payload)
+            self.goaway_received = True
+            events.append(ev.GoAwayReceived(body.code, body.reason))
+        elif ftype == _DATAGRAM:
+            flow = self.flows.get(flow_id)
+            if flow is None:
+                self._late(flow_id, "DATAGRAM")
+                return
+            if not flow.udp or flow.state != OPEN:
+                raise ProtocolError("stream_state", f"DATAGRAM on flow {flow_id} "
+                                                    f"{'before OPEN_OK' if flow.udp else 'of a TCP flow'}")
+            events.append(ev.DatagramReceived(flow_id, payload))
+        elif ftype == _AUTH:
+            events.append(ev.AuthReceived(DECODERS[_AUTH].decode(payload).token))
+        elif ftype == _HELLO:
+            raise ProtocolError("bad_hello", "second HELLO on the same tunnel")
+
+    def _admit(self, flow_id: int, request: Open, events: list[ev.Event]) -> None:
+        """The peer's OPEN with a valid id: take the flow, or refuse it with OPEN_FAIL."""
+        if self.goaway_sent:
+            code, reason = "draining", f"{self.config.role} {self.config.node} is draining"
+        elif len(self.flows) >= self.config.max_flows:
+            code, reason = "too_many_flows", f"at most {self.config.max_flows} flows per tunnel"
+        elif self.pending_opens >= self.config.max_pending_opens:
+            code, reason = "too_many_pending", f"at most {self.config.max_pending_opens} pending OPENs per tunnel"
+        else:
+            self.flows[flow_id] = Flow(flow_id, False, self.peer.window, self.config.window,  # type: ignore[union-attr]
+                                       request.protocol in DATAGRAM_PROTOCOLS)
+            self.pending_opens += 1
+            events.append(ev.FlowRequested(flow_id, request))
+            return
+        self._send_flow(flow_id, encode_control(flow_id, OpenFail(code=code, reason=reason)))
+        self._forget(flow_id)
+        events.append(ev.OpenRefused(flow_id, code, reason))
+
+    def _local_opening(self, flow_id: int, what: str) -> Flow | None:
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            self._late_frame(flow_id, what)
+            return None
+        if not flow.local or flow.state != OPENING:
+            raise ProtocolError("stream_state", f"unexpected {what} on flow {flow_id}")
+        return flow
+
+    def _remote_opening(self, flow_id: int) -> Flow:
+        flow = self.flows.get(flow_id)
+        if flow is None or flow.local or flow.state != OPENING:
+            raise FlowError("flow_state", f"flow {flow_id} is not awaiting an answer")
+        return flow
+
+    def _late(self, flow_id: int, what: str) -> None:
+        """A frame for a flow that is gone: fine if it existed (a race with RST), else fatal."""
+        ours = flow_id % 2 != self._peer_parity
+        known = flow_id < self._next_id if ours else flow_id <= self._peer_last_id
+        if flow_id == 0 or not known:
+            raise ProtocolError("unknown_flow", f"{what} for flow {flow_id}, which was never opened")
+        self.late_frames += 1
+
+    def _require_peer(self) -> Hello:
+        if self.peer is None:
+            raise FlowError("not_ready", "tunnel handshake (HELLO) has not completed")
+        return self.peer
+
+    _late_frame = _late  # a frame of a flow stream that is gone (QUIC: judged by its stream)
+
+
+class TunnelConnection(_FlowCore):
+    def __init__(self, config: WireConfig, *, dialer: bool) -> None:
+        super().__init__(config, dialer)
         self._out: list[bytes | memoryview] = []
         self._buf = bytearray()
         self._need_preamble = True
         self._stream_flow = 0  # DATA payload in progress across reads: its flow (0: drop it)
         self._stream_left = 0  # ... and how many payload bytes are still to come
-        self._initiated = False
-        self._dead: ProtocolError | None = None
-        self._next_id = 1 if dialer else 2
-        self._peer_last_id = 0
-        self._peer_parity = 0 if dialer else 1
-        self._ack_threshold = max(1, config.window // 4)
-        self._max_frame = config.max_frame
 
     # ------------------------------------------------------------------ output
     def initiate(self) -> None:
         """Queue the preamble and our HELLO; call once when the byte stream is up."""
-        c = self.config
-        hello = Hello(
-            role=c.role, node=c.node, max_frame=c.max_frame, window=c.window,
-            max_flows=c.max_flows, group=c.group, features=list(c.features), software=c.software, token=c.token,
-        )
         self._initiated = True
-        self._out.append(encode_preamble() + encode_control(0, hello))
+        self._out.append(encode_preamble() + encode_control(0, self._hello()))
 
     def data_to_send(self) -> bytes:
         out = self._out
@@ -170,39 +460,7 @@ class TunnelConnection:
     def has_output(self) -> bool:
         return bool(self._out)
 
-    @property
-    def dead(self) -> ProtocolError | None:
-        return self._dead
-
     # ------------------------------------------------------------------ local API
-    def open_flow(self, request: Open) -> int:
-        peer = self._require_peer()
-        if self.goaway_received:
-            raise FlowError("draining", f"peer {peer.node} is draining (GOAWAY); no new flows")
-        if self.goaway_sent:
-            raise FlowError("draining", "this tunnel is draining; no new flows")
-        if len(self.flows) >= peer.max_flows:
-            raise FlowError("too_many_flows", f"peer {peer.node} allows at most {peer.max_flows} flows per tunnel")
-        flow_id = self._next_id
-        if flow_id > MAX_FLOW_ID:
-            raise FlowError("flow_ids_exhausted", "flow ids exhausted on this tunnel")
-        self._next_id = flow_id + 2
-        self.flows[flow_id] = Flow(flow_id, True, peer.window, self.config.window, request.protocol in DATAGRAM_PROTOCOLS)
-        self._out.append(encode_control(flow_id, request))
-        return flow_id
-
-    def accept_flow(self, flow_id: int, bound: str = "", remote: str = "") -> None:
-        flow = self._remote_opening(flow_id)
-        flow.state = OPEN
-        self.pending_opens -= 1
-        self._out.append(encode_control(flow_id, OpenOk(bound=bound, remote=remote)))
-
-    def reject_flow(self, flow_id: int, code: str, reason: str) -> None:
-        self._remote_opening(flow_id)
-        del self.flows[flow_id]
-        self.pending_opens -= 1
-        self._out.append(encode_control(flow_id, OpenFail(code=code, reason=reason[:1024])))
-
     def send_data(self, flow_id: int, data: bytes | memoryview) -> int:
         """Queue as much of ``data`` as the flow's credit allows; returns the bytes taken."""
         flow = self.flows.get(flow_id)
@@ -228,33 +486,6 @@ class TunnelConnection:
             out.append(chunk)
         return n
 
-    def credit(self, flow_id: int) -> int:
-        flow = self.flows.get(flow_id)
-        return flow.send_credit if flow is not None else 0
-
-    def send_fin(self, flow_id: int) -> bool:
-        """Half-close our direction. Returns True when the flow is now fully closed."""
-        flow = self.flows.get(flow_id)
-        if flow is None:
-            raise FlowError("no_flow", f"flow {flow_id} does not exist")
-        if flow.state != OPEN or flow.sent_fin or flow.udp:
-            raise FlowError("flow_state", f"flow {flow_id} cannot be half-closed now")
-        flow.sent_fin = True
-        self._out.append(encode_header(_FIN, flow_id, 0))
-        if flow.got_fin:
-            del self.flows[flow_id]
-            return True
-        return False
-
-    def reset_flow(self, flow_id: int, code: str, reason: str = "") -> None:
-        """Abort a flow in both directions. A flow that is already gone is ignored."""
-        flow = self.flows.pop(flow_id, None)
-        if flow is None:
-            return
-        if not flow.local and flow.state == OPENING:
-            self.pending_opens -= 1
-        self._out.append(encode_control(flow_id, Rst(code=code, reason=reason[:1024])))
-
     def acknowledge(self, flow_id: int, size: int) -> None:
         """Tell the connection ``size`` received bytes were consumed; grants credit back."""
         flow = self.flows.get(flow_id)
@@ -270,29 +501,24 @@ class TunnelConnection:
 
     def send_datagram(self, flow_id: int, data: bytes | memoryview) -> None:
         """Queue one datagram of an open UDP flow (whole: a datagram is never split)."""
-        flow = self.flows.get(flow_id)
-        if flow is None:
-            raise FlowError("no_flow", f"flow {flow_id} does not exist")
-        if not flow.udp or flow.state != OPEN:
-            raise FlowError("flow_state", f"flow {flow_id} cannot carry a datagram now")
+        self._datagram_flow(flow_id)
         if len(data) > self.peer.max_frame:  # type: ignore[union-attr]
             raise FlowError("datagram_too_large", f"datagram of {len(data)} bytes exceeds the tunnel's maximum "
                                                   f"of {self.peer.max_frame}")  # type: ignore[union-attr]
         self._out.append(encode_header(_DATAGRAM, flow_id, len(data)))
         self._out.append(data)
 
-    def ping(self, value: float) -> None:
-        self._out.append(encode_ping(_PING, value))
+    # ------------------------------------------------------------------ where frames go
+    def _send_flow(self, flow_id: int, chunk: bytes | memoryview) -> None:
+        self._out.append(chunk)
 
-    def send_auth(self, token: str) -> None:
-        """Queue an AUTH frame carrying a new access token (after HELLO)."""
-        self._require_peer()
-        self._out.append(encode_control(0, Auth(token=token)))
+    _start_flow = _send_flow
 
-    def goaway(self, code: str, reason: str = "") -> None:
-        if not self.goaway_sent:
-            self.goaway_sent = True
-            self._out.append(encode_control(0, GoAway(code=code, reason=reason[:1024])))
+    def _send_control(self, chunk: bytes | memoryview) -> None:
+        self._out.append(chunk)
+
+    def _forget(self, flow_id: int) -> None:
+        self.flows.pop(flow_id, None)
 
     # ------------------------------------------------------------------ input
     def receive_data(self, data: bytes) -> list[ev.Event]:
@@ -394,26 +620,6 @@ class TunnelConnection:
                 events.append(ev.DataReceived(self._stream_flow, view[pos:pos + take]))
         return pos + take
 
-    def _data_start(self, flow_id: int, length: int) -> bool:
-        """Check a DATA header against the flow's state and credit; False for a late frame."""
-        flow = self.flows.get(flow_id)
-        if flow is None:
-            self._late(flow_id, "DATA")
-            return False
-        if flow.state != OPEN or flow.got_fin or flow.udp:
-            raise ProtocolError(
-                "stream_state",
-                f"DATA on flow {flow_id} "
-                f"{'after FIN' if flow.got_fin else 'of a UDP flow' if flow.udp else 'before OPEN_OK'}",
-            )
-        if length > flow.recv_credit:
-            raise ProtocolError(
-                "flow_control",
-                f"flow {flow_id}: peer sent {length} bytes with only {flow.recv_credit} bytes of credit",
-            )
-        flow.recv_credit -= length
-        return True
-
     def _wanted(self, buf: bytearray) -> int:
         if self._need_preamble:
             return PREAMBLE_SIZE
@@ -424,14 +630,7 @@ class TunnelConnection:
         return HEADER_SIZE + length
 
     def _preamble(self, data: bytes | bytearray, pos: int) -> None:
-        magic, version = PREAMBLE.unpack_from(data, pos)
-        if magic != MAGIC:
-            raise ProtocolError("bad_preamble", "not a Ferryman tunnel: bad magic in preamble")
-        if version != VERSION:
-            raise ProtocolError(
-                "unsupported_version",
-                f"peer speaks protocol version {version}; this node speaks version {VERSION}",
-            )
+        check_preamble(data, pos)
         self._need_preamble = False
 
     def _check_header(self, ftype: int, length: int) -> None:
@@ -452,138 +651,10 @@ class TunnelConnection:
         else:
             raise ProtocolError("unknown_frame", f"unknown frame type {ftype}")
 
-    def _frame(self, ftype: int, flow_id: int, payload: memoryview, events: list[ev.Event]) -> None:
-        if ftype == _DATA:
-            if self._data_start(flow_id, len(payload)):
-                events.append(ev.DataReceived(flow_id, payload))
-            return
-        if ftype == _WINDOW:
-            (increment,) = _unpack_window(payload, 0)
-            if flow_id == 0 or increment == 0:
-                raise ProtocolError("bad_frame", f"WINDOW with flow {flow_id} increment {increment}")
-            flow = self.flows.get(flow_id)
-            if flow is None:
-                self._late(flow_id, "WINDOW")
-                return
-            credit = flow.send_credit + increment
-            if credit > MAX_WINDOW:
-                raise ProtocolError("flow_control", f"flow {flow_id}: credit overflow ({credit} bytes)")
-            flow.send_credit = credit
-            events.append(ev.CreditAvailable(flow_id, credit))
-            return
-        if self.peer is None:
-            if ftype != _HELLO:
-                raise ProtocolError("hello_required", f"{FrameType(ftype).name} frame before HELLO")
-            hello = DECODERS[_HELLO].decode(payload)
-            if hello.role not in ROLES:
-                raise ProtocolError("bad_hello", f"unknown role {hello.role!r} in HELLO")
-            if hello.max_frame < 1024:
-                raise ProtocolError("bad_hello", f"peer max_frame {hello.max_frame} is below 1024")
-            self.peer = hello
-            events.append(ev.HelloReceived(hello))
-            return
-        if ftype == _OPEN:
-            self._remote_open(flow_id, DECODERS[_OPEN].decode(payload), events)
-        elif ftype == _FIN:
-            flow = self.flows.get(flow_id)
-            if flow is None:
-                self._late(flow_id, "FIN")
-                return
-            if flow.state != OPEN or flow.got_fin or flow.udp:
-                raise ProtocolError("stream_state", f"unexpected FIN on flow {flow_id}")
-            flow.got_fin = True
-            events.append(ev.FlowEnded(flow_id))
-            if flow.sent_fin:
-                del self.flows[flow_id]
-                events.append(ev.FlowClosed(flow_id))
-        elif ftype == _RST:
-            body = DECODERS[_RST].decode(payload)
-            flow = self.flows.pop(flow_id, None)
-            if flow is None:
-                self._late(flow_id, "RST")
-                return
-            if not flow.local and flow.state == OPENING:
-                self.pending_opens -= 1
-            events.append(ev.FlowReset(flow_id, body.code, body.reason))
-        elif ftype == _OPEN_OK:
-            body = DECODERS[_OPEN_OK].decode(payload)
-            flow = self._local_opening(flow_id, "OPEN_OK")
-            if flow is not None:
-                flow.state = OPEN
-                events.append(ev.FlowAccepted(flow_id, body.bound, body.remote))
-        elif ftype == _OPEN_FAIL:
-            body = DECODERS[_OPEN_FAIL].decode(payload)
-            if self._local_opening(flow_id, "OPEN_FAIL") is not None:
-                del self.flows[flow_id]
-                events.append(ev.FlowRejected(flow_id, body.code, body.reason))
-        elif ftype == _PING:
-            self._out.append(encode_header(_PONG, 0, 8))
-            self._out.append(bytes(payload))
-        elif ftype == _PONG:
-            events.append(ev.PongReceived(_unpack_ping(payload, 0)[0]))
-        elif ftype == _GOAWAY:
-            body = DECODERS[_GOAWAY].decode(payload)
-            self.goaway_received = True
-            events.append(ev.GoAwayReceived(body.code, body.reason))
-        elif ftype == _DATAGRAM:
-            flow = self.flows.get(flow_id)
-            if flow is None:
-                self._late(flow_id, "DATAGRAM")
-                return
-            if not flow.udp or flow.state != OPEN:
-                raise ProtocolError("stream_state", f"DATAGRAM on flow {flow_id} "
-                                                    f"{'before OPEN_OK' if flow.udp else 'of a TCP flow'}")
-            events.append(ev.DatagramReceived(flow_id, payload))
-        elif ftype == _AUTH:
-            events.append(ev.AuthReceived(DECODERS[_AUTH].decode(payload).token))
-        elif ftype == _HELLO:
-            raise ProtocolError("bad_hello", "second HELLO on the same tunnel")
-
     def _remote_open(self, flow_id: int, request: Open, events: list[ev.Event]) -> None:
         if flow_id % 2 != self._peer_parity or flow_id <= self._peer_last_id:
             raise ProtocolError(
                 "bad_flow_id", f"OPEN with flow id {flow_id} (ids must be new and {'odd' if self._peer_parity else 'even'})"
             )
         self._peer_last_id = flow_id
-        if self.goaway_sent:
-            code, reason = "draining", f"{self.config.role} {self.config.node} is draining"
-        elif len(self.flows) >= self.config.max_flows:
-            code, reason = "too_many_flows", f"at most {self.config.max_flows} flows per tunnel"
-        elif self.pending_opens >= self.config.max_pending_opens:
-            code, reason = "too_many_pending", f"at most {self.config.max_pending_opens} pending OPENs per tunnel"
-        else:
-            self.flows[flow_id] = Flow(flow_id, False, self.peer.window, self.config.window,  # type: ignore[union-attr]
-                                       request.protocol in DATAGRAM_PROTOCOLS)
-            self.pending_opens += 1
-            events.append(ev.FlowRequested(flow_id, request))
-            return
-        self._out.append(encode_control(flow_id, OpenFail(code=code, reason=reason)))
-        events.append(ev.OpenRefused(flow_id, code, reason))
-
-    def _local_opening(self, flow_id: int, what: str) -> Flow | None:
-        flow = self.flows.get(flow_id)
-        if flow is None:
-            self._late(flow_id, what)
-            return None
-        if not flow.local or flow.state != OPENING:
-            raise ProtocolError("stream_state", f"unexpected {what} on flow {flow_id}")
-        return flow
-
-    def _remote_opening(self, flow_id: int) -> Flow:
-        flow = self.flows.get(flow_id)
-        if flow is None or flow.local or flow.state != OPENING:
-            raise FlowError("flow_state", f"flow {flow_id} is not awaiting an answer")
-        return flow
-
-    def _late(self, flow_id: int, what: str) -> None:
-        """A frame for a flow that is gone: fine if it existed (a race with RST), else fatal."""
-        ours = flow_id % 2 != self._peer_parity
-        known = flow_id < self._next_id if ours else flow_id <= self._peer_last_id
-        if flow_id == 0 or not known:
-            raise ProtocolError("unknown_flow", f"{what} for flow {flow_id}, which was never opened")
-        self.late_frames += 1
-
-    def _require_peer(self) -> Hello:
-        if self.peer is None:
-            raise FlowError("not_ready", "tunnel handshake (HELLO) has not completed")
-        return self.peer
+        self._admit(flow_id, request, events)

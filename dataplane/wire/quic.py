@@ -54,32 +54,38 @@ from aioquic.quic.stream import QuicStream
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from . import events as ev
-from .connection import DATAGRAM_PROTOCOLS, OPEN, OPENING, Flow, FlowError, ProtocolError, WireConfig
+from .connection import (
+    _DATA,
+    _FIN,
+    _OPEN,
+    _OPEN_OK,
+    _OPEN_FAIL,
+    _WINDOW,
+    _RST,
+    _PING,
+    _PONG,
+    _GOAWAY,
+    _HELLO,
+    _AUTH,
+    _FIXED_LENGTH,
+    _unpack_header,
+    OPEN,
+    OPENING,
+    FlowError,
+    ProtocolError,
+    WireConfig,
+    _FlowCore,
+    check_preamble,
+)
 from .frames import (
     DECODERS,
-    HEADER,
     HEADER_SIZE,
-    MAGIC,
     MAX_CONTROL_BODY,
-    MAX_FLOW_ID,
-    MAX_WINDOW,
-    PING_BODY,
-    PREAMBLE,
     PREAMBLE_SIZE,
-    ROLES,
-    VERSION,
-    WINDOW_BODY,
-    Auth,
     FrameType,
-    GoAway,
-    Hello,
     Open,
-    OpenFail,
-    OpenOk,
-    Rst,
     encode_control,
     encode_header,
-    encode_ping,
     encode_preamble,
     encode_window,
 )
@@ -99,25 +105,9 @@ MAX_EARLY_BYTES = 262144
 MAX_REASON = 1000
 
 _FLOW_TAG = struct.Struct("!I")
-_DATA = FrameType.DATA
-_WINDOW = FrameType.WINDOW
-_FIN = FrameType.FIN
-_RST = FrameType.RST
-_OPEN = FrameType.OPEN
-_OPEN_OK = FrameType.OPEN_OK
-_OPEN_FAIL = FrameType.OPEN_FAIL
-_PING = FrameType.PING
-_PONG = FrameType.PONG
-_GOAWAY = FrameType.GOAWAY
-_HELLO = FrameType.HELLO
-_AUTH = FrameType.AUTH
 _CONTROL_FRAMES = frozenset((_HELLO, _PING, _PONG, _GOAWAY, _AUTH))
 _FLOW_FRAMES = frozenset((_OPEN, _OPEN_OK, _OPEN_FAIL, _DATA, _WINDOW, _FIN, _RST))
 _KNOWN_FRAMES = frozenset(int(t) for t in FrameType)
-_FIXED_LENGTH = {_WINDOW: 4, _PING: 8, _PONG: 8, _FIN: 0}
-_unpack_header = HEADER.unpack_from
-_unpack_window = WINDOW_BODY.unpack_from
-_unpack_ping = PING_BODY.unpack_from
 _unpack_tag = _FLOW_TAG.unpack_from
 _REASON_RE = re.compile(r"([a-z][a-z0-9_]{0,63}): (.*)", re.S)
 
@@ -339,7 +329,7 @@ class _Stream:
         self.peer_ended = False
 
 
-class QuicTunnelConnection:
+class QuicTunnelConnection(_FlowCore):
     """One Ferryman tunnel over one QUIC connection; see the module docstring."""
 
     def __init__(
@@ -357,25 +347,16 @@ class QuicTunnelConnection:
         window = max(connection_window, 2 * stream_window)
         quic = dataclasses.replace(quic, max_stream_data=stream_window, max_data=window,
                                    max_datagram_frame_size=65535, alpn_protocols=[ALPN])
-        self.config = config
-        self.dialer = dialer
-        self.peer: Hello | None = None
-        self.flows: dict[int, Flow] = {}
-        self.goaway_sent = False
-        self.goaway_received = False
-        self.late_frames = 0
+        super().__init__(config, dialer)
         self.early_datagrams = 0  # datagrams of our UDP flows that overtook their OPEN_OK (dropped)
-        self.pending_opens = 0
         self.backlog = 0  # bytes queued in aioquic not yet sent once (plus pending datagrams)
         self.max_datagram = quic.max_datagram_size - DATAGRAM_OVERHEAD
         self.quic = _Quic(
             quic, max_streams=2 * config.max_flows + 1, stream_window=stream_window,
             connection_window=window, original_destination_connection_id=original_destination_connection_id,
         )
-        self._dead: ProtocolError | None = None
         self._terminated = False
         self._held = False  # HandshakeCompleted returned; events wait for initiate()/refuse()
-        self._initiated = False
         self._streams: dict[int, _Stream] = {}
         self._pending: dict[_Stream, list[bytes | memoryview]] = {}
         self._backlogged: set[_Stream] = set()
@@ -384,11 +365,6 @@ class QuicTunnelConnection:
         self._control_open = dialer
         self._control_early: list[bytes | memoryview] = []
         self._early_bytes = 0
-        self._next_id = 1 if dialer else 2
-        self._peer_parity = 0 if dialer else 1
-        self._peer_last_id = 0  # highest flow id the peer opened (QUIC may reorder OPENs)
-        self._ack_threshold = max(1, config.window // 4)
-        self._max_frame = config.max_frame
 
     # ------------------------------------------------------------------ I/O
     def connect(self, addr: NetworkAddress, now: float) -> None:
@@ -435,10 +411,6 @@ class QuicTunnelConnection:
     @property
     def has_output(self) -> bool:
         return bool(self._pending)
-
-    @property
-    def dead(self) -> ProtocolError | None:
-        return self._dead
 
     @property
     def host_cid(self) -> bytes:
@@ -506,16 +478,11 @@ class QuicTunnelConnection:
     # ------------------------------------------------------------------ handshake / close
     def initiate(self) -> None:
         """The peer's certificate is accepted: send our preamble + HELLO and release held events."""
-        c = self.config
-        hello = Hello(
-            role=c.role, node=c.node, max_frame=c.max_frame, window=c.window,
-            max_flows=c.max_flows, group=c.group, features=list(c.features), software=c.software, token=c.token,
-        )
         self._held = False
         self._initiated = True
         control = self._control()
         chunks = self._pending.setdefault(control, []) if self._control_open else self._control_early
-        chunks.insert(0, encode_preamble() + encode_control(0, hello))  # before a GOAWAY queued ahead of it
+        chunks.insert(0, encode_preamble() + encode_control(0, self._hello()))  # before a GOAWAY queued ahead of it
 
     def refuse(self, code: str, reason: str, tls_alert: int | None = None) -> None:
         """Refuse the peer after HandshakeCompleted: CONNECTION_CLOSE with a TLS alert
@@ -537,37 +504,6 @@ class QuicTunnelConnection:
         self.close(exc.code, exc.message, error=True)
 
     # ------------------------------------------------------------------ local API
-    def open_flow(self, request: Open) -> int:
-        peer = self._require_peer()
-        if self.goaway_received:
-            raise FlowError("draining", f"peer {peer.node} is draining (GOAWAY); no new flows")
-        if self.goaway_sent:
-            raise FlowError("draining", "this tunnel is draining; no new flows")
-        if len(self.flows) >= peer.max_flows:
-            raise FlowError("too_many_flows", f"peer {peer.node} allows at most {peer.max_flows} flows per tunnel")
-        flow_id = self._next_id
-        if flow_id > MAX_FLOW_ID:
-            raise FlowError("flow_ids_exhausted", "flow ids exhausted on this tunnel")
-        self._next_id = flow_id + 2
-        flow = Flow(flow_id, True, peer.window, self.config.window, request.protocol in DATAGRAM_PROTOCOLS)
-        self.flows[flow_id] = flow
-        sid = stream_of(flow_id)
-        st = self._streams[sid] = _Stream(sid, flow_id, opened=True)
-        self._queue(st, encode_control(flow_id, request))
-        return flow_id
-
-    def accept_flow(self, flow_id: int, bound: str = "", remote: str = "") -> None:
-        flow = self._remote_opening(flow_id)
-        flow.state = OPEN
-        self.pending_opens -= 1
-        self._queue(self._streams[stream_of(flow_id)], encode_control(flow_id, OpenOk(bound=bound, remote=remote)))
-
-    def reject_flow(self, flow_id: int, code: str, reason: str) -> None:
-        self._remote_opening(flow_id)
-        self.pending_opens -= 1
-        self._queue(self._streams[stream_of(flow_id)], encode_control(flow_id, OpenFail(code=code, reason=reason[:1024])))
-        self._forget(flow_id)
-
     def send_data(self, flow_id: int, data: bytes | memoryview) -> int:
         """Queue as much of ``data`` as the flow's credit allows; returns the bytes taken."""
         flow = self.flows.get(flow_id)
@@ -596,34 +532,6 @@ class QuicTunnelConnection:
             out.append(chunk)
         return n
 
-    def credit(self, flow_id: int) -> int:
-        flow = self.flows.get(flow_id)
-        return flow.send_credit if flow is not None else 0
-
-    def send_fin(self, flow_id: int) -> bool:
-        """Half-close our direction. Returns True when the flow is now fully closed."""
-        flow = self.flows.get(flow_id)
-        if flow is None:
-            raise FlowError("no_flow", f"flow {flow_id} does not exist")
-        if flow.state != OPEN or flow.sent_fin or flow.udp:
-            raise FlowError("flow_state", f"flow {flow_id} cannot be half-closed now")
-        flow.sent_fin = True
-        self._queue(self._streams[stream_of(flow_id)], encode_header(_FIN, flow_id, 0))
-        if flow.got_fin:
-            self._forget(flow_id)
-            return True
-        return False
-
-    def reset_flow(self, flow_id: int, code: str, reason: str = "") -> None:
-        """Abort a flow in both directions. A flow that is already gone is ignored."""
-        flow = self.flows.get(flow_id)
-        if flow is None:
-            return
-        if not flow.local and flow.state == OPENING:
-            self.pending_opens -= 1
-        self._queue(self._streams[stream_of(flow_id)], encode_control(flow_id, Rst(code=code, reason=reason[:1024])))
-        self._forget(flow_id)
-
     def acknowledge(self, flow_id: int, size: int) -> None:
         """Tell the connection ``size`` received bytes were consumed; grants credit back."""
         flow = self.flows.get(flow_id)
@@ -639,11 +547,7 @@ class QuicTunnelConnection:
 
     def send_datagram(self, flow_id: int, data: bytes | memoryview) -> None:
         """Queue one datagram of an open UDP flow as one QUIC DATAGRAM frame."""
-        flow = self.flows.get(flow_id)
-        if flow is None:
-            raise FlowError("no_flow", f"flow {flow_id} does not exist")
-        if not flow.udp or flow.state != OPEN:
-            raise FlowError("flow_state", f"flow {flow_id} cannot carry a datagram now")
+        self._datagram_flow(flow_id)
         limit = min(self.max_datagram, self.peer.max_frame)  # type: ignore[union-attr]
         if len(data) > limit:
             raise FlowError("datagram_too_large", f"datagram of {len(data)} bytes exceeds the {limit} bytes "
@@ -651,19 +555,6 @@ class QuicTunnelConnection:
         if self.quic.pending_datagrams() >= MAX_PENDING_DATAGRAMS:
             raise FlowError("datagram_queue_full", f"{MAX_PENDING_DATAGRAMS} datagrams already wait to be sent")
         self.quic.send_datagram_frame(_FLOW_TAG.pack(flow_id) + data)
-
-    def ping(self, value: float) -> None:
-        self._queue(self._control(), encode_ping(_PING, value))
-
-    def send_auth(self, token: str) -> None:
-        """Queue an AUTH frame carrying a new access token (after HELLO)."""
-        self._require_peer()
-        self._queue(self._control(), encode_control(0, Auth(token=token)))
-
-    def goaway(self, code: str, reason: str = "") -> None:
-        if not self.goaway_sent:
-            self.goaway_sent = True
-            self._queue(self._control(), encode_control(0, GoAway(code=code, reason=reason[:1024])))
 
     # ------------------------------------------------------------------ output helpers
     def _control(self) -> _Stream:
@@ -681,6 +572,17 @@ class QuicTunnelConnection:
             self._pending[st] = [chunk]
         else:
             out.append(chunk)
+
+    def _send_flow(self, flow_id: int, chunk: bytes | memoryview) -> None:
+        self._queue(self._streams[stream_of(flow_id)], chunk)
+
+    def _start_flow(self, flow_id: int, chunk: bytes) -> None:
+        sid = stream_of(flow_id)
+        st = self._streams[sid] = _Stream(sid, flow_id, opened=True)
+        self._queue(st, chunk)
+
+    def _send_control(self, chunk: bytes | memoryview) -> None:
+        self._queue(self._control(), chunk)
 
     def _forget(self, flow_id: int) -> None:
         """The flow is gone for us: drop it and finish our half of its stream."""
@@ -760,7 +662,9 @@ class QuicTunnelConnection:
                 if len(buf) >= HEADER_SIZE and buf[0] == _DATA:
                     _t, _f, flow_id, length = _unpack_header(buf, 0)
                     buf.clear()
-                    self._data_start(st, flow_id, length)
+                    if flow_id != st.flow_id:
+                        self._wrong_flow(st, "DATA", flow_id)
+                    self._data_start(flow_id, length)
                     st.left = length
                     pos = self._payload(st, view, pos, n, events)
                     if st.left:
@@ -779,9 +683,11 @@ class QuicTunnelConnection:
                 else:
                     ftype, _flags, flow_id, _length = _unpack_header(whole, 0)
                     if ftype == _DATA:  # an empty DATA frame
-                        self._data_start(st, flow_id, 0)
+                        if flow_id != st.flow_id:
+                            self._wrong_flow(st, "DATA", flow_id)
+                        self._data_start(flow_id, 0)
                     else:
-                        self._frame(st, ftype, flow_id, memoryview(whole)[HEADER_SIZE:], events)
+                        self._stream_frame(st, ftype, flow_id, memoryview(whole)[HEADER_SIZE:], events)
         while pos < n:
             remaining = n - pos
             if st.preamble:
@@ -797,7 +703,9 @@ class QuicTunnelConnection:
             body = pos + HEADER_SIZE
             end = body + length
             if ftype == _DATA:
-                self._data_start(st, flow_id, length)
+                if flow_id != st.flow_id:
+                    self._wrong_flow(st, "DATA", flow_id)
+                self._data_start(flow_id, length)
                 if end > n:
                     st.left = length
                     self._payload(st, view, body, n, events)
@@ -807,7 +715,7 @@ class QuicTunnelConnection:
             elif end > n:
                 break
             else:
-                self._frame(st, ftype, flow_id, view[body:end], events)
+                self._stream_frame(st, ftype, flow_id, view[body:end], events)
             pos = end
         if pos < n:
             buf += view[pos:]
@@ -829,13 +737,7 @@ class QuicTunnelConnection:
         return HEADER_SIZE + length
 
     def _preamble(self, st: _Stream, data: bytes, pos: int) -> None:
-        magic, version = PREAMBLE.unpack_from(data, pos)
-        if magic != MAGIC:
-            raise ProtocolError("bad_preamble", "not a Ferryman tunnel: bad magic in preamble")
-        if version != VERSION:
-            raise ProtocolError(
-                "unsupported_version", f"peer speaks protocol version {version}; this node speaks version {VERSION}"
-            )
+        check_preamble(data, pos)
         st.preamble = False
 
     def _check_header(self, st: _Stream, ftype: int, length: int) -> None:
@@ -855,155 +757,43 @@ class QuicTunnelConnection:
             raise ProtocolError("frame_too_large", f"{FrameType(ftype).name} body of {length} bytes exceeds "
                                                    f"{MAX_CONTROL_BODY}")
 
-    def _data_start(self, st: _Stream, flow_id: int, length: int) -> None:
-        """Check a DATA header against its stream, the flow's state and credit."""
-        if flow_id != st.flow_id:
-            raise ProtocolError("bad_flow_id", f"DATA for flow {flow_id} on the stream of flow {st.flow_id}")
-        flow = self.flows.get(flow_id)
-        if flow is None:
-            self._late_frame(st, "DATA")
-            return
-        if flow.state != OPEN or flow.got_fin or flow.udp:
-            raise ProtocolError(
-                "stream_state",
-                f"DATA on flow {flow_id} "
-                f"{'after FIN' if flow.got_fin else 'of a UDP flow' if flow.udp else 'before OPEN_OK'}",
-            )
-        if length > flow.recv_credit:
-            raise ProtocolError(
-                "flow_control", f"flow {flow_id}: peer sent {length} bytes with only {flow.recv_credit} bytes of credit"
-            )
-        flow.recv_credit -= length
+    @staticmethod
+    def _wrong_flow(st: _Stream, what: str, flow_id: int) -> None:
+        raise ProtocolError("bad_flow_id", f"{what} for flow {flow_id} on the stream of flow {st.flow_id}")
 
-    def _late_frame(self, st: _Stream, what: str) -> None:
-        if not st.opened:
-            raise ProtocolError("stream_state", f"{what} before OPEN on the stream of flow {st.flow_id}")
+    def _late_frame(self, flow_id: int, what: str) -> None:
+        """A frame on the stream of a flow that is gone: fine once its OPEN was read."""
+        st = self._streams.get(stream_of(flow_id))
+        if st is not None and not st.opened:
+            raise ProtocolError("stream_state", f"{what} before OPEN on the stream of flow {flow_id}")
         self.late_frames += 1
 
-    def _frame(self, st: _Stream, ftype: int, flow_id: int, payload: memoryview, events: list[ev.Event]) -> None:
+    def _stream_frame(self, st: _Stream, ftype: int, flow_id: int, payload: memoryview,
+                      events: list[ev.Event]) -> None:
         if st.id == CONTROL_STREAM:
-            self._control_frame(ftype, payload, events)
+            self._frame(ftype, flow_id, payload, events)
             return
         if flow_id != st.flow_id:
-            raise ProtocolError("bad_flow_id", f"{FrameType(ftype).name} for flow {flow_id} on the stream of "
-                                               f"flow {st.flow_id}")
+            self._wrong_flow(st, FrameType(ftype).name, flow_id)
         if not st.opened:
             if ftype != _OPEN:
                 raise ProtocolError("stream_state", f"{FrameType(ftype).name} before OPEN on the stream of "
                                                     f"flow {flow_id}")
             st.opened = True
-            self._remote_open(st, DECODERS[_OPEN].decode(payload), events)
+            self._remote_open(flow_id, DECODERS[_OPEN].decode(payload), events)
             return
-        if ftype == _WINDOW:
-            (increment,) = _unpack_window(payload, 0)
-            if increment == 0:
-                raise ProtocolError("bad_frame", f"WINDOW with flow {flow_id} increment 0")
-            flow = self.flows.get(flow_id)
-            if flow is None:
-                self.late_frames += 1
-                return
-            credit = flow.send_credit + increment
-            if credit > MAX_WINDOW:
-                raise ProtocolError("flow_control", f"flow {flow_id}: credit overflow ({credit} bytes)")
-            flow.send_credit = credit
-            events.append(ev.CreditAvailable(flow_id, credit))
-        elif ftype == _FIN:
-            flow = self.flows.get(flow_id)
-            if flow is None:
-                self.late_frames += 1
-                return
-            if flow.state != OPEN or flow.got_fin or flow.udp:
-                raise ProtocolError("stream_state", f"unexpected FIN on flow {flow_id}")
-            flow.got_fin = True
-            events.append(ev.FlowEnded(flow_id))
-            if flow.sent_fin:
-                self._forget(flow_id)
-                events.append(ev.FlowClosed(flow_id))
-        elif ftype == _RST:
-            body = DECODERS[_RST].decode(payload)
-            flow = self.flows.get(flow_id)
-            if flow is None:
-                self.late_frames += 1
-                return
-            if not flow.local and flow.state == OPENING:
-                self.pending_opens -= 1
-            self._forget(flow_id)
-            events.append(ev.FlowReset(flow_id, body.code, body.reason))
-        elif ftype == _OPEN_OK:
-            body = DECODERS[_OPEN_OK].decode(payload)
-            flow = self._local_opening(flow_id, "OPEN_OK")
-            if flow is not None:
-                flow.state = OPEN
-                events.append(ev.FlowAccepted(flow_id, body.bound, body.remote))
-        elif ftype == _OPEN_FAIL:
-            body = DECODERS[_OPEN_FAIL].decode(payload)
-            if self._local_opening(flow_id, "OPEN_FAIL") is not None:
-                self._forget(flow_id)
-                events.append(ev.FlowRejected(flow_id, body.code, body.reason))
-        elif ftype == _OPEN:
+        if ftype == _OPEN:
             raise ProtocolError("stream_state", f"second OPEN on the stream of flow {flow_id}")
+        self._frame(ftype, flow_id, payload, events)
 
-    def _control_frame(self, ftype: int, payload: memoryview, events: list[ev.Event]) -> None:
-        if self.peer is None:
-            if ftype != _HELLO:
-                raise ProtocolError("hello_required", f"{FrameType(ftype).name} frame before HELLO")
-            hello = DECODERS[_HELLO].decode(payload)
-            if hello.role not in ROLES:
-                raise ProtocolError("bad_hello", f"unknown role {hello.role!r} in HELLO")
-            if hello.max_frame < 1024:
-                raise ProtocolError("bad_hello", f"peer max_frame {hello.max_frame} is below 1024")
-            self.peer = hello
-            events.append(ev.HelloReceived(hello))
-            early, self._early = self._early, []
-            for sid, data, end in early:
-                self._stream_data(sid, data, end, events)
-            return
-        if ftype == _PING:
-            self._queue(self._control(), encode_header(_PONG, 0, 8) + bytes(payload))
-        elif ftype == _PONG:
-            events.append(ev.PongReceived(_unpack_ping(payload, 0)[0]))
-        elif ftype == _GOAWAY:
-            body = DECODERS[_GOAWAY].decode(payload)
-            self.goaway_received = True
-            events.append(ev.GoAwayReceived(body.code, body.reason))
-        elif ftype == _AUTH:
-            events.append(ev.AuthReceived(DECODERS[_AUTH].decode(payload).token))
-        elif ftype == _HELLO:
-            raise ProtocolError("bad_hello", "second HELLO on the same tunnel")
+    def _after_hello(self, events: list[ev.Event]) -> None:
+        early, self._early = self._early, []
+        for sid, data, end in early:
+            self._stream_data(sid, data, end, events)
 
-    def _remote_open(self, st: _Stream, request: Open, events: list[ev.Event]) -> None:
-        flow_id = st.flow_id
-        self._peer_last_id = max(self._peer_last_id, flow_id)
-        if self.goaway_sent:
-            code, reason = "draining", f"{self.config.role} {self.config.node} is draining"
-        elif len(self.flows) >= self.config.max_flows:
-            code, reason = "too_many_flows", f"at most {self.config.max_flows} flows per tunnel"
-        elif self.pending_opens >= self.config.max_pending_opens:
-            code, reason = "too_many_pending", f"at most {self.config.max_pending_opens} pending OPENs per tunnel"
-        else:
-            self.flows[flow_id] = Flow(flow_id, False, self.peer.window, self.config.window,  # type: ignore[union-attr]
-                                       request.protocol in DATAGRAM_PROTOCOLS)
-            self.pending_opens += 1
-            events.append(ev.FlowRequested(flow_id, request))
-            return
-        self._queue(st, encode_control(flow_id, OpenFail(code=code, reason=reason)))
-        self._forget(flow_id)
-        events.append(ev.OpenRefused(flow_id, code, reason))
-
-    def _local_opening(self, flow_id: int, what: str) -> Flow | None:
-        flow = self.flows.get(flow_id)
-        if flow is None:
-            self.late_frames += 1
-            return None
-        if not flow.local or flow.state != OPENING:
-            raise ProtocolError("stream_state", f"unexpected {what} on flow {flow_id}")
-        return flow
-
-    def _remote_opening(self, flow_id: int) -> Flow:
-        flow = self.flows.get(flow_id)
-        if flow is None or flow.local or flow.state != OPENING:
-            raise FlowError("flow_state", f"flow {flow_id} is not awaiting an answer")
-        return flow
+    def _remote_open(self, flow_id: int, request: Open, events: list[ev.Event]) -> None:
+        self._peer_last_id = max(self._peer_last_id, flow_id)  # QUIC may reorder OPENs
+        self._admit(flow_id, request, events)
 
     # ------------------------------------------------------------------ input: datagrams
     def _datagram(self, data: bytes, events: list[ev.Event]) -> None:
@@ -1016,11 +806,7 @@ class QuicTunnelConnection:
         (flow_id,) = _unpack_tag(data, 0)
         flow = self.flows.get(flow_id)
         if flow is None:
-            ours = flow_id % 2 != self._peer_parity
-            known = flow_id < self._next_id if ours else flow_id <= self._peer_last_id
-            if flow_id == 0 or not known:
-                raise ProtocolError("unknown_flow", f"DATAGRAM for flow {flow_id}, which was never opened")
-            self.late_frames += 1
+            self._late(flow_id, "DATAGRAM")
             return
         if flow.udp and flow.state == OPENING and flow.local:
             # Datagrams are not ordered with streams: the answer may overtake the OPEN_OK.
@@ -1030,8 +816,3 @@ class QuicTunnelConnection:
             raise ProtocolError("stream_state", f"DATAGRAM on flow {flow_id} "
                                                 f"{'before OPEN_OK' if flow.udp else 'of a TCP flow'}")
         events.append(ev.DatagramReceived(flow_id, memoryview(data)[4:]))
-
-    def _require_peer(self) -> Hello:
-        if self.peer is None:
-            raise FlowError("not_ready", "tunnel handshake (HELLO) has not completed")
-        return self.peer
