@@ -33,6 +33,19 @@ log = logging.getLogger("ferryman.flow")
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+def reset_transport(transport: asyncio.Transport | None) -> None:
+    """End a TCP connection with a reset (SO_LINGER 0, then abort), so the peer sees ECONNRESET."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+    transport.abort()
+
+
 class SocketFlow(asyncio.Protocol):
     __slots__ = (
         "node", "tunnel", "flow_id", "transport", "active", "pending", "fin_pending",
@@ -200,16 +213,7 @@ class SocketFlow(asyncio.Protocol):
             self.on_closed()
 
     def _reset_socket(self) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
-        transport.abort()
+        reset_transport(self.transport)
 
     def _finish(self, reason: str) -> None:
         if self.done:

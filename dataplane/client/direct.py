@@ -20,15 +20,15 @@ import asyncio
 import collections
 import logging
 import socket
-import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from ..socketflow import reset_transport
 
 if TYPE_CHECKING:
     from .node import Client
 
 log = logging.getLogger("ferryman.direct")
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 # on_result(code, reason): "" when connected (the front end writes its success reply, the
 # relay then starts), else the failure (the front end answers and the app connection closes).
@@ -97,16 +97,7 @@ class _Side(asyncio.Protocol):
         self.relay.side_lost(self, exc)
 
     def reset(self) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
-        transport.abort()
+        reset_transport(self.transport)
 
 
 class DirectRelay:

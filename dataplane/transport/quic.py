@@ -358,14 +358,8 @@ class QuicTunnel(TunnelBase):
     # ------------------------------------------------------------------ control
     def close(self, code: str, reason: str, *, error: bool = False, abort: bool = False) -> None:
         """Close the tunnel: a CONNECTION_CLOSE naming ``code: reason`` (not sent with ``abort``)."""
-        if self.closed:
+        if not self._closing(code, reason, error):
             return
-        self.closed = True
-        self.close_code = code
-        self.close_reason = reason
-        level = logging.WARNING if error or code not in ("peer_closed", "shutdown", "goaway") else logging.INFO
-        log.log(level, "tunnel closed", extra={"tunnel": self.label, "peer": self.peer_name,
-                                               "peer_addr": self.peer_addr, "code": code, "reason": reason})
         if not abort:
             if self.conn.has_output and self.conn.dead is None:
                 self._flush()  # frames queued before the close (a GOAWAY) go out ahead of CONNECTION_CLOSE

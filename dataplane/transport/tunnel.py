@@ -84,6 +84,8 @@ class TunnelBase:
     keepalive: float
     up: bool
     closed: bool
+    close_code: str
+    close_reason: str
     rtt: float | None
     _timer: asyncio.TimerHandle | None
     _last_rx: float
@@ -173,6 +175,18 @@ class TunnelBase:
             self.conn.ping(now)
             self._flush()
         self._timer = self.loop.call_later(self.keepalive / 4, self._keepalive)
+
+    def _closing(self, code: str, reason: str, error: bool) -> bool:
+        """Mark the tunnel closed for ``code``/``reason`` and log it; False when it already was."""
+        if self.closed:
+            return False
+        self.closed = True
+        self.close_code = code
+        self.close_reason = reason
+        level = logging.WARNING if error or code not in ("peer_closed", "shutdown", "goaway") else logging.INFO
+        log.log(level, "tunnel closed", extra={"tunnel": self.label, "peer": self.peer_name,
+                                               "peer_addr": self.peer_addr, "code": code, "reason": reason})
+        return True
 
     # provided by the transport
     def close(self, code: str, reason: str, *, error: bool = False, abort: bool = False) -> None:
@@ -325,14 +339,8 @@ class Tunnel(TunnelBase, asyncio.Protocol):
     # ------------------------------------------------------------------ control
     def close(self, code: str, reason: str, *, error: bool = False, abort: bool = False) -> None:
         """Close the tunnel, sending whatever is queued (incl. a GOAWAY explaining an error)."""
-        if self.closed:
+        if not self._closing(code, reason, error):
             return
-        self.closed = True
-        self.close_code = code
-        self.close_reason = reason
-        level = logging.WARNING if error or code not in ("peer_closed", "shutdown", "goaway") else logging.INFO
-        log.log(level, "tunnel closed", extra={"tunnel": self.label, "peer": self.peer_name,
-                                               "peer_addr": self.peer_addr, "code": code, "reason": reason})
         if self.transport is not None:
             if abort:
                 self.transport.abort()
