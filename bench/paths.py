@@ -285,7 +285,7 @@ class FerrymanPath(Path):
         return None
 
     def version(self) -> str:
-        from dataplane.runtime import SOFTWARE
+        from dataplane.basics.version import SOFTWARE
 
         return SOFTWARE
 

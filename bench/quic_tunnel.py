@@ -22,9 +22,9 @@ from typing import Any
 
 import uvloop
 
-from dataplane import pki
-from dataplane.observability import Stats
-from dataplane.settings import Settings
+from dataplane.basics import pki
+from dataplane.basics.metrics import Stats
+from dataplane.basics.settings import Settings
 from dataplane.transport.quic import dial_quic, load_credentials, serve_quic
 from dataplane.transport.tunnel import TunnelHandler
 from dataplane.wire import events as ev

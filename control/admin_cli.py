@@ -70,7 +70,7 @@ from typing import Any
 
 import msgspec
 
-from dataplane import settings as settings_mod
+from dataplane.basics import settings as settings_mod
 
 ADMIN_KEY_FILE = "admin.key"  # as written by control.server (not imported: that pulls in the server)
 APP_KINDS = ("per_app", "quick_access")
@@ -203,7 +203,7 @@ def decode(payload: bytes, source: str) -> Any:
 
 def _default_url() -> str:
     """``http://HOST:PORT`` of ``FERRYMAN_CONTROL_LISTEN`` (wildcard addresses mean this host)."""
-    from dataplane.observability import parse_hostport
+    from dataplane.basics.hostport import parse_hostport
 
     settings = _settings()
     try:
@@ -514,8 +514,7 @@ def _revoke(ctx: Ctx, node_type: str, node_id: str, reason: str) -> int:
 
 
 def cmd_certs_client(ctx: Ctx, args: argparse.Namespace) -> int:
-    from dataplane.enroll import new_key_and_csr, write_identity
-    from dataplane.pki import PkiError
+    from dataplane.basics.pki import PkiError, new_key_and_csr, write_node_files as write_identity
 
     try:
         key_pem, csr_pem = new_key_and_csr(args.name)
@@ -1336,7 +1335,7 @@ def load_desired(path: str) -> list[Desired]:
     """
     from control.store.errors import StoreError
     from control.store.segments import canonical_ports, parse_segments
-    from dataplane import apps as apps_mod
+    from dataplane.contract import apps as apps_mod
 
     try:
         raw = apps_mod.read_file(path)  # the data plane's reader: same formats, same messages
@@ -1356,7 +1355,7 @@ def load_desired(path: str) -> list[Desired]:
                 kinds.append(kind)
                 entries.append(entry)
             raw = {**raw, "apps": entries}
-        table_ = apps_mod.AppTable.from_obj(raw, source=path)
+        table_ = apps_mod.Applications.from_obj(raw, source=path)
     except apps_mod.AppsError as exc:
         raise AdminError(str(exc)) from None
     desired = []
@@ -1375,7 +1374,7 @@ def load_desired(path: str) -> list[Desired]:
 
 def _server_segments(app: dict[str, Any]) -> tuple[Any, ...]:
     from control.store.segments import ports_from_text
-    from dataplane.apps import Segment
+    from dataplane.contract.apps import Segment
 
     return tuple(Segment(app=app["name"], destination=s["destination"], kind=s["kind"],
                          ports=ports_from_text(s["ports"]), protocol=s["protocol"]) for s in app["segments"])

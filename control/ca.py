@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dataplane import pki
+from dataplane.basics import pki
 
 DEFAULT_LIFETIME_DAYS = 180
 MAX_CSR_BYTES = 16 * 1024

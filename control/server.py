@@ -34,8 +34,9 @@ from control.store import Store, StoreError, database_url, open_store, repo
 from control.oidc import OidcConfig
 from control.store.models import AdminKey
 from control.tokens import TokenSigner
-from dataplane.observability import parse_hostport, setup_logging
-from dataplane.settings import Settings
+from dataplane.basics.hostport import parse_hostport
+from dataplane.basics.logs import setup_logging
+from dataplane.basics.settings import Settings
 
 BOOTSTRAP_KEY_NAME = "bootstrap"
 ADMIN_KEY_FILE = "admin.key"

@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dataplane.snapshot import (
+from dataplane.contract.snapshot import (
     ConfigSnapshot,
     SnapApp,
     SnapConditions,

@@ -1,7 +1,7 @@
-"""``python -m dataplane edge|connector|client|pki``: the node processes."""
+"""``python -m dataplane ...``: the ``ferryman`` command (``dataplane.cli``)."""
 
 import sys
 
-from .run import main
+from .cli import main
 
 sys.exit(main())

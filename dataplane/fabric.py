@@ -36,7 +36,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
-from . import pki
+from .basics import pki
 
 
 class FabricError(RuntimeError):
@@ -134,12 +134,11 @@ class Fabric:
             if name not in self.metrics:
                 self.metrics[name] = f"127.0.0.1:{free_port()}"
             env["FERRYMAN_METRICS_ADDR"] = self.metrics[name]
-        module = "control.cli" if role == "control" else "dataplane"
         log_path = os.path.join(self.workdir, "logs", f"{name}.log")
         self.logs[name] = log_path
         with open(log_path, "ab") as log:
             self.procs[name] = subprocess.Popen(
-                [*self.prefix.get(name, []), sys.executable, "-m", module, role, *args], env=env, stdout=log,
+                [*self.prefix.get(name, []), sys.executable, "-m", "dataplane", role, *args], env=env, stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
 

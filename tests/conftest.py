@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataplane import pki  # noqa: E402
+from dataplane.basics import pki  # noqa: E402
 from dataplane.fabric import Fabric  # noqa: E402
 
 from backends import Backend, source_request, start_backend  # noqa: E402

@@ -1,4 +1,4 @@
-"""A real control plane for tests: ``python -m control.cli control`` in a subprocess (SQLite in a
+"""A real control plane for tests: ``python -m dataplane control`` in a subprocess (SQLite in a
 data directory of the test's), spoken to over HTTP with urllib.
 
 - ``free_port()``: a TCP port on 127.0.0.1 that is free right now.
@@ -17,7 +17,7 @@ data directory of the test's), spoken to over HTTP with urllib.
   ``request`` sends the ``Authorization`` given (or none), ``call`` the bootstrap admin key (or
   another key, a bearer token, or nothing), ``admin`` the bootstrap key. Also: ``version()``
   (the configuration version), ``token(role)`` (a registration token), ``register_node(...)``
-  (a node registered with ``dataplane.register``), ``ca_pem`` (the CA certificate).
+  (a node registered with ``dataplane.controllink.registration``), ``ca_pem`` (the CA certificate).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any, Self
 
 import pytest
 
-from dataplane.register import Identity, register
+from dataplane.controllink.registration import Registration, register
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_EDGE = "edge.example.test:8443"
@@ -70,7 +70,7 @@ def start(data_dir: Path, log: Path, *, edges: Sequence[str] = (), env: Mapping[
     edge_flags = [flag for edge in edges for flag in ("--edge", edge)]
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "control.cli", "control", "--listen", f"127.0.0.1:{port}", *edge_flags],
+            [sys.executable, "-m", "dataplane", "control", "--listen", f"127.0.0.1:{port}", *edge_flags],
             cwd=ROOT, env=environment(data_dir, **(env or {})), stdout=out, stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + timeout
@@ -174,8 +174,8 @@ class Control:
         return body["token"]
 
     def register_node(self, directory: Path, role: str = "connector", name: str | None = None,
-                      addresses: list[str] | None = None) -> Identity:
-        """A node registered with a fresh token by ``dataplane.register.register`` into ``directory``;
+                      addresses: list[str] | None = None) -> Registration:
+        """A node registered with a fresh token by ``dataplane.controllink.registration.register`` into ``directory``;
         named ``<role>-<random hex>`` unless ``name`` is given."""
         return register(role, self.url, self.token(role), name=name or f"{role}-{secrets.token_hex(3)}",
                         directory=str(directory), addresses=addresses)

@@ -1,8 +1,8 @@
 """Tests of ``ferryman admin`` (``control/admin_cli.py``) against the real control plane.
 
-The control plane is started as in ``test_api.py`` (``python -m control.cli control`` in a
+The control plane is started as in ``test_api.py`` (``python -m dataplane control`` in a
 subprocess, SQLite in a temporary directory, by ``controlplane.py``); the CLI runs as
-``python -m control.cli admin`` in a subprocess too, finding the control plane through ``FERRYMAN_CONTROL_LISTEN`` and the
+``python -m dataplane admin`` in a subprocess too, finding the control plane through ``FERRYMAN_CONTROL_LISTEN`` and the
 bootstrap key through ``FERRYMAN_DATA_DIR/admin.key`` (or the flags). ``apply`` gets a control
 plane of its own, since ``--prune`` deletes every application the file does not name.
 """
@@ -42,7 +42,7 @@ class Cli:
         return env
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "control.cli", "admin", *args], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "dataplane", "admin", *args], cwd=ROOT,
                               env=self.env() if env is None else env, capture_output=True, text=True, timeout=60)
 
     def ok(self, *args: str) -> str:

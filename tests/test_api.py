@@ -1,4 +1,4 @@
-"""Tests of the control plane's REST API, served for real: ``python -m control.cli control`` in a
+"""Tests of the control plane's REST API, served for real: ``python -m dataplane control`` in a
 subprocess (uvicorn on uvloop, SQLite in ``tmp_path``), spoken to over HTTP with urllib.
 
 Covered: admin-key authentication (401s with a JSON body), the bootstrap key file, audit
@@ -23,8 +23,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from dataplane import pki
-from dataplane.enroll import new_key_and_csr, write_identity
+from dataplane.basics import pki
+from dataplane.basics.pki import new_key_and_csr, write_node_files
 
 from controlplane import PUBLIC_EDGE, Control, start
 from controlplane import stop as _stop
@@ -212,9 +212,9 @@ def test_connector_registration_end_to_end(control: Control, tmp_path: Path) -> 
     (ca_cert,) = x509.load_pem_x509_certificates(body["ca_pem"].encode())
     cert.verify_directly_issued_by(ca_cert)  # raises unless it chains to the returned CA
     assert ca_cert.public_bytes(serialization.Encoding.PEM) == (control.data_dir / "ca" / "ca.pem").read_bytes()
-    files = write_identity(str(tmp_path / "node"), "site-a-1", key_pem, body["certificate_pem"].encode(),
+    files = write_node_files(str(tmp_path / "node"), "site-a-1", key_pem, body["certificate_pem"].encode(),
                            body["ca_pem"].encode())  # checks key ↔ certificate ↔ CA
-    identity = pki.load_identity(files.cert)
+    identity = pki.read_node_certificate(files.cert)
     assert (identity.role, identity.name) == ("connector", "site-a-1")
     assert format(identity.serial, "x") == body["serial"]
 

@@ -1,7 +1,7 @@
 """Tests of the control plane's node routes (``control/api/nodes.py``), served for real:
-``python -m control.cli control`` in a subprocess (one per module, SQLite in a temporary data
-directory), spoken to over HTTP with urllib, nodes registered with ``dataplane.register``
-and their requests signed by ``dataplane.nodeauth.NodeSigner``.
+``python -m dataplane control`` in a subprocess (one per module, SQLite in a temporary data
+directory), spoken to over HTTP with urllib, nodes registered with ``dataplane.controllink.registration``
+and their requests signed by ``dataplane.controllink.signer.NodeSigner``.
 
 Covered:
 
@@ -39,10 +39,11 @@ from cryptography.x509.oid import NameOID
 from joserfc import jwt
 from joserfc.jwk import ECKey
 
-from dataplane import pki
-from dataplane.enroll import new_key_and_csr
-from dataplane.nodeauth import NodeSigner, body_hash
-from dataplane.register import Identity
+from dataplane.basics import pki, statefile
+from dataplane.basics.pki import new_key_and_csr
+from dataplane.contract.nodeauth import body_hash
+from dataplane.controllink.signer import NodeSigner
+from dataplane.controllink.registration import Registration
 
 import controlplane
 from controlplane import PUBLIC_EDGE, Reply
@@ -76,12 +77,12 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Control]:
 
 
 def _register(control: Control, directory: Path, role: str = "connector", name: str | None = None,
-              addresses: list[str] | None = None) -> Identity:
+              addresses: list[str] | None = None) -> Registration:
     return control.register_node(directory, role, name, addresses)
 
 
 @pytest.fixture
-def connector(control: Control, tmp_path: Path) -> tuple[Identity, NodeSigner]:
+def connector(control: Control, tmp_path: Path) -> tuple[Registration, NodeSigner]:
     identity = _register(control, tmp_path / "connector")
     return identity, NodeSigner(identity.cert, identity.key)
 
@@ -107,15 +108,15 @@ def _craft(directory: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurveP
     )
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = str(directory / f"{name}.pem"), str(directory / f"{name}.key")
-    pki.write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    pki.write_file(key_path, pki.key_pem(key), 0o600)
+    statefile.write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    statefile.write_file(key_path, pki.key_pem(key), 0o600)
     return cert_path, key_path, cert
 
 
 def _save_renewed(directory: Path, name: str, key_pem: bytes, cert_pem: str) -> NodeSigner:
     directory.mkdir(parents=True, exist_ok=True)
-    pki.write_file(str(directory / f"{name}.pem"), cert_pem.encode(), 0o644)
-    pki.write_file(str(directory / f"{name}.key"), key_pem, 0o600)
+    statefile.write_file(str(directory / f"{name}.pem"), cert_pem.encode(), 0o644)
+    statefile.write_file(str(directory / f"{name}.key"), key_pem, 0o600)
     return NodeSigner(str(directory / f"{name}.pem"), str(directory / f"{name}.key"))
 
 

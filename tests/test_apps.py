@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane.apps import MAX_SEGMENTS, App, AppsError, AppTable, Match, Segment, describe_miss
+from dataplane.access.apptable import AppTable, Match, describe_miss
+from dataplane.contract.apps import MAX_SEGMENTS, App, AppsError, Segment
 
 pytestmark = pytest.mark.timeout(30)
 

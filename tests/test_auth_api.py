@@ -1,4 +1,4 @@
-"""Tests of sign-in and the identity admin API, served for real: ``python -m control.cli control``
+"""Tests of sign-in and the identity admin API, served for real: ``python -m dataplane control``
 in a subprocess (SQLite in a temporary directory), spoken to over HTTP with urllib.
 
 Covered: password sign-in and the access token (verified with joserfc against
@@ -30,8 +30,8 @@ from joserfc import jwt
 from joserfc.jwk import KeySet, OKPKey
 
 from control.tokens import KEY_FILE, TokenSigner, verify_access_token
-from dataplane import pki
-from dataplane.enroll import new_key_and_csr
+from dataplane.basics import pki
+from dataplane.basics.pki import new_key_and_csr
 
 from controlplane import Control
 

@@ -27,8 +27,8 @@ import uvloop
 
 from dataplane.client import httpconnect, process, socks
 from dataplane.client.direct import DirectUdp
-from dataplane.observability import Stats
-from dataplane.settings import Settings
+from dataplane.basics.metrics import Stats
+from dataplane.basics.settings import Settings
 
 MiB = 1 << 20
 

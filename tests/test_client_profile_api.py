@@ -1,4 +1,4 @@
-"""The forwarding profile, served for real (``python -m control.cli control`` in a subprocess):
+"""The forwarding profile, served for real (``python -m dataplane control`` in a subprocess):
 ``GET /v1/client/profile`` with a user's access token (content, long-poll, refusals) and the
 admin ``/v1/forwarding-profile`` (fail mode, validation, audit), plus ``ferryman admin profile``.
 """
@@ -112,7 +112,7 @@ def test_admin_cli_profile(control: Control, tmp_path) -> None:
     env = {**os.environ, "FERRYMAN_DATA_DIR": str(control.data_dir)}
 
     def admin(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "control.cli", "admin", "--control", control.url, *args],
+        return subprocess.run([sys.executable, "-m", "dataplane", "admin", "--control", control.url, *args],
                               env=env, capture_output=True, text=True, timeout=30)
 
     done = admin("profile", "set", "--fail-mode", "open")

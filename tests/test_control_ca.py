@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from control.ca import CaError, CertificateAuthority, IssuedCertificate
-from dataplane import enroll, pki
-from dataplane.pki import NodeFiles, PeerIdentity, PkiError
+from dataplane.basics import pki
+from dataplane.controllink import renewal
+from dataplane.basics.pki import NodeFiles, PeerCertificate, PkiError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -74,16 +75,16 @@ def enrol(ca: CertificateAuthority, tmp_path: Path) -> Callable[..., NodeFiles]:
     def run(role: str, name: str, hosts: list[str] | None = None, key_pem: bytes | None = None,
             csr_pem: bytes | None = None) -> NodeFiles:
         if key_pem is None:
-            key_pem, csr_pem = enroll.new_key_and_csr(name)
+            key_pem, csr_pem = pki.new_key_and_csr(name)
         assert csr_pem is not None
         issued = ca.sign_csr(csr_pem, role=role, name=name, hosts=hosts)
-        return enroll.write_identity(str(tmp_path / "nodes" / name), name, key_pem, issued.cert_pem, ca.bundle())
+        return pki.write_node_files(str(tmp_path / "nodes" / name), name, key_pem, issued.cert_pem, ca.bundle())
 
     return run
 
 
 def _handshake(server: NodeFiles, client: NodeFiles,
-               server_hostname: str = "localhost") -> tuple[PeerIdentity, PeerIdentity]:
+               server_hostname: str = "localhost") -> tuple[PeerCertificate, PeerCertificate]:
     """A real TLS handshake over loopback; returns (who the server saw, who the client saw)."""
     server_ctx = pki.server_context(server.cert, server.key, server.ca)
     client_ctx = pki.client_context(client.cert, client.key, client.ca)
@@ -95,7 +96,7 @@ def _handshake(server: NodeFiles, client: NodeFiles,
             try:
                 conn, _ = listener.accept()
                 with server_ctx.wrap_socket(conn, server_side=True) as tls:
-                    seen["server"] = pki.peer_identity(tls)
+                    seen["server"] = pki.peer_certificate(tls)
                     seen["version"] = tls.version()
                     tls.sendall(b"ok")
             except Exception as exc:  # reported by the main thread
@@ -106,7 +107,7 @@ def _handshake(server: NodeFiles, client: NodeFiles,
         try:
             with socket.create_connection(listener.getsockname(), timeout=10) as raw, \
                     client_ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
-                client_saw = pki.peer_identity(tls)
+                client_saw = pki.peer_certificate(tls)
                 assert tls.recv(2) == b"ok"
         finally:
             thread.join(10)
@@ -114,7 +115,7 @@ def _handshake(server: NodeFiles, client: NodeFiles,
     if isinstance(server_saw, Exception):
         raise server_saw
     assert seen["version"] == "TLSv1.3"
-    assert isinstance(server_saw, PeerIdentity)
+    assert isinstance(server_saw, PeerCertificate)
     return server_saw, client_saw
 
 
@@ -140,9 +141,9 @@ def test_open_adopts_a_pki_init_directory(tmp_path: Path) -> None:
     made = pki.init_pki(directory)
     ca = CertificateAuthority.open(directory)
     assert ca.bundle() == Path(directory, "ca.pem").read_bytes()
-    key_pem, csr_pem = enroll.new_key_and_csr("connector-9")
+    key_pem, csr_pem = pki.new_key_and_csr("connector-9")
     issued = ca.sign_csr(csr_pem, role="connector", name="connector-9")
-    connector = enroll.write_identity(str(tmp_path / "c9"), "connector-9", key_pem, issued.cert_pem, ca.bundle())
+    connector = pki.write_node_files(str(tmp_path / "c9"), "connector-9", key_pem, issued.cert_pem, ca.bundle())
     server_saw, client_saw = _handshake(made["edge-1"], connector)
     assert (server_saw.role, server_saw.name) == ("connector", "connector-9")
     assert (client_saw.role, client_saw.name) == ("edge", "edge-1")
@@ -170,7 +171,7 @@ def test_open_refuses_broken_ca_directories(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("role", ["connector", "client"])
 def test_signed_node_certificate_has_the_data_plane_shape(ca: CertificateAuthority, role: str) -> None:
-    _, csr_pem = enroll.new_key_and_csr("node-1")
+    _, csr_pem = pki.new_key_and_csr("node-1")
     issued = ca.sign_csr(csr_pem, role=role, name="node-1")
     cert = _cert(issued)
 
@@ -190,7 +191,7 @@ def test_signed_node_certificate_has_the_data_plane_shape(ca: CertificateAuthori
 
 
 def test_edge_certificate_carries_its_hosts_and_server_auth(ca: CertificateAuthority) -> None:
-    _, csr_pem = enroll.new_key_and_csr("edge-7")
+    _, csr_pem = pki.new_key_and_csr("edge-7")
     cert = _cert(ca.sign_csr(csr_pem, role="edge", name="edge-7", hosts=["edge.example.com", "192.0.2.7"]))
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["edge.example.com"]
@@ -223,7 +224,7 @@ def test_identity_requested_in_the_csr_is_ignored(ca: CertificateAuthority) -> N
 
 def test_tampered_csr_is_refused(ca: CertificateAuthority) -> None:
     """Swapping the key in a signed CSR (a request for someone else's key) breaks its signature."""
-    _, csr_pem = enroll.new_key_and_csr("node-1")
+    _, csr_pem = pki.new_key_and_csr("node-1")
     csr = x509.load_pem_x509_csr(csr_pem)
     der = csr.public_bytes(serialization.Encoding.DER)
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -248,7 +249,7 @@ def test_weak_or_unexpected_keys_are_refused(
 
 
 def test_malformed_requests_are_refused(ca: CertificateAuthority) -> None:
-    _, csr_pem = enroll.new_key_and_csr("node-1")
+    _, csr_pem = pki.new_key_and_csr("node-1")
     cases: list[tuple[dict[str, object], str]] = [
         ({"csr_pem": b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"},
          "CSR is not a PEM certificate signing request"),
@@ -267,7 +268,7 @@ def test_malformed_requests_are_refused(ca: CertificateAuthority) -> None:
 
 @pytest.mark.parametrize("days", [1, 30, 180, 400])
 def test_lifetime_days_is_honoured(ca: CertificateAuthority, days: int) -> None:
-    _, csr_pem = enroll.new_key_and_csr("node-1")
+    _, csr_pem = pki.new_key_and_csr("node-1")
     before = datetime.datetime.now(UTC).replace(microsecond=0)
     issued = ca.sign_csr(csr_pem, role="connector", name="node-1", lifetime_days=days)
     after = datetime.datetime.now(UTC)
@@ -278,12 +279,12 @@ def test_lifetime_days_is_honoured(ca: CertificateAuthority, days: int) -> None:
 
 
 def test_default_lifetime_is_180_days(ca: CertificateAuthority) -> None:
-    issued = ca.sign_csr(enroll.new_key_and_csr("node-1")[1], role="connector", name="node-1")
+    issued = ca.sign_csr(pki.new_key_and_csr("node-1")[1], role="connector", name="node-1")
     assert issued.not_after - issued.not_before == datetime.timedelta(days=180) + pki.CLOCK_SKEW
 
 
 def test_serials_are_unique(ca: CertificateAuthority) -> None:
-    _, csr_pem = enroll.new_key_and_csr("node-1")
+    _, csr_pem = pki.new_key_and_csr("node-1")
     issued = [ca.sign_csr(csr_pem, role="connector", name="node-1") for _ in range(100)]
     assert len({i.serial for i in issued}) == 100
     assert len({i.fingerprint for i in issued}) == 100
@@ -309,16 +310,16 @@ def test_edge_and_connector_certified_by_the_ca_complete_mutual_tls(
     server_saw, client_saw = _handshake(edge, connector)
     assert (server_saw.role, server_saw.name) == ("connector", "connector-1")
     assert (client_saw.role, client_saw.name) == ("edge", "edge-1")
-    assert server_saw == pki.load_identity(connector.cert)
-    assert client_saw == pki.load_identity(edge.cert)
+    assert server_saw == pki.read_node_certificate(connector.cert)
+    assert client_saw == pki.read_node_certificate(edge.cert)
 
 
 def test_certificate_from_another_ca_is_refused_in_the_handshake(
         enrol: Callable[..., NodeFiles], tmp_path: Path) -> None:
     edge = enrol("edge", "edge-1")
     other = CertificateAuthority.open(str(tmp_path / "other"))
-    key_pem, csr_pem = enroll.new_key_and_csr("connector-1")
-    stranger = enroll.write_identity(str(tmp_path / "stranger"), "connector-1", key_pem,
+    key_pem, csr_pem = pki.new_key_and_csr("connector-1")
+    stranger = pki.write_node_files(str(tmp_path / "stranger"), "connector-1", key_pem,
                                      other.sign_csr(csr_pem, role="connector", name="connector-1").cert_pem,
                                      other.bundle())
     with pytest.raises((ssl.SSLError, ConnectionError)):
@@ -329,14 +330,14 @@ def test_certificate_from_another_ca_is_refused_in_the_handshake(
 
 
 def test_new_key_and_csr(ca: CertificateAuthority) -> None:
-    key_pem, csr_pem = enroll.new_key_and_csr("connector-1")
+    key_pem, csr_pem = pki.new_key_and_csr("connector-1")
     key = serialization.load_pem_private_key(key_pem, password=None)
     csr = x509.load_pem_x509_csr(csr_pem)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
     assert csr.is_signature_valid and csr.public_key() == key.public_key()
     assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "connector-1"
     with pytest.raises(PkiError, match="node name 'a/b' is not usable"):
-        enroll.new_key_and_csr("a/b")
+        pki.new_key_and_csr("a/b")
 
 
 def test_write_identity_modes_with_umask_zero(enrol: Callable[..., NodeFiles], tmp_path: Path,
@@ -364,14 +365,14 @@ def test_write_identity_modes_with_umask_zero(enrol: Callable[..., NodeFiles], t
 
 def test_renewal_replaces_files_atomically(ca: CertificateAuthority, tmp_path: Path, umask_zero: None) -> None:
     directory = str(tmp_path / "node")
-    key1, csr1 = enroll.new_key_and_csr("connector-1")
+    key1, csr1 = pki.new_key_and_csr("connector-1")
     cert1 = ca.sign_csr(csr1, role="connector", name="connector-1").cert_pem
-    first = enroll.write_identity(directory, "connector-1", key1, cert1, ca.bundle())
+    first = pki.write_node_files(directory, "connector-1", key1, cert1, ca.bundle())
     old_inodes = {p: os.stat(p).st_ino for p in (first.key, first.cert)}
-    key2, csr2 = enroll.new_key_and_csr("connector-1")
+    key2, csr2 = pki.new_key_and_csr("connector-1")
     cert2 = ca.sign_csr(csr2, role="connector", name="connector-1").cert_pem
     with open(first.key, "rb") as old_key, open(first.cert, "rb") as old_cert:
-        second = enroll.write_identity(directory, "connector-1", key2, cert2, ca.bundle())
+        second = pki.write_node_files(directory, "connector-1", key2, cert2, ca.bundle())
         # The old files were replaced, not rewritten: readers that opened them still read them whole.
         assert (old_key.read(), old_cert.read()) == (key1, cert1)
     assert second == first
@@ -386,7 +387,7 @@ def test_failed_write_keeps_previous_identity(enrol: Callable[..., NodeFiles], c
     """Disk full while writing the new certificate: the old key and certificate stay, still a pair."""
     files = enrol("connector", "connector-1")
     before = {p: Path(p).read_bytes() for p in (files.key, files.cert, files.ca)}
-    key_pem, csr_pem = enroll.new_key_and_csr("connector-1")
+    key_pem, csr_pem = pki.new_key_and_csr("connector-1")
     cert_pem = ca.sign_csr(csr_pem, role="connector", name="connector-1").cert_pem
     calls = 0
     real_fsync = os.fsync
@@ -400,15 +401,15 @@ def test_failed_write_keeps_previous_identity(enrol: Callable[..., NodeFiles], c
 
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(PkiError, match="connector-1.pem.new: No space left on device"):
-        enroll.write_identity(os.path.dirname(files.key), "connector-1", key_pem, cert_pem, ca.bundle())
+        pki.write_node_files(os.path.dirname(files.key), "connector-1", key_pem, cert_pem, ca.bundle())
     assert {p: Path(p).read_bytes() for p in before} == before
     assert sorted(os.listdir(os.path.dirname(files.key))) == ["ca.pem", "connector-1.key", "connector-1.pem"]
 
 
 def test_write_identity_refuses_inconsistent_input(ca: CertificateAuthority, tmp_path: Path) -> None:
-    key_pem, csr_pem = enroll.new_key_and_csr("connector-1")
+    key_pem, csr_pem = pki.new_key_and_csr("connector-1")
     cert_pem = ca.sign_csr(csr_pem, role="connector", name="connector-1").cert_pem
-    other_key, _ = enroll.new_key_and_csr("connector-1")
+    other_key, _ = pki.new_key_and_csr("connector-1")
     other_ca = CertificateAuthority.open(str(tmp_path / "other")).bundle()
     directory = str(tmp_path / "node")
     cases = [
@@ -421,7 +422,7 @@ def test_write_identity_refuses_inconsistent_input(ca: CertificateAuthority, tmp
     ]
     for args, message in cases:
         with pytest.raises(PkiError, match=message):
-            enroll.write_identity(directory, *args)
+            pki.write_node_files(directory, *args)
     assert not os.path.exists(directory)  # nothing was written
 
 
@@ -429,7 +430,7 @@ def test_write_identity_refuses_inconsistent_input(ca: CertificateAuthority, tmp
 
 
 def _issued(ca: CertificateAuthority, days: int = 180) -> IssuedCertificate:
-    return ca.sign_csr(enroll.new_key_and_csr("node-1")[1], role="connector", name="node-1", lifetime_days=days)
+    return ca.sign_csr(pki.new_key_and_csr("node-1")[1], role="connector", name="node-1", lifetime_days=days)
 
 
 def test_renewal_due_at_one_third_remaining(ca: CertificateAuthority, tmp_path: Path) -> None:
@@ -441,42 +442,42 @@ def test_renewal_due_at_one_third_remaining(ca: CertificateAuthority, tmp_path: 
     path = tmp_path / "cert.pem"
     path.write_bytes(issued.cert_pem)
     for source in (issued.cert_pem, str(path), path, _cert(issued)):
-        assert enroll.renew_after(source) == boundary
-        assert not enroll.renewal_due(source, issued.not_before)
-        assert not enroll.renewal_due(source, boundary - tick)
-        assert not enroll.renewal_due(source, boundary)  # not less than 1/3 left yet
-        assert enroll.renewal_due(source, boundary + tick)
-        assert enroll.renewal_due(source, issued.not_after)
-        assert enroll.renewal_due(source, issued.not_after + datetime.timedelta(days=1))  # expired
+        assert renewal.renew_after(source) == boundary
+        assert not renewal.renewal_due(source, issued.not_before)
+        assert not renewal.renewal_due(source, boundary - tick)
+        assert not renewal.renewal_due(source, boundary)  # not less than 1/3 left yet
+        assert renewal.renewal_due(source, boundary + tick)
+        assert renewal.renewal_due(source, issued.not_after)
+        assert renewal.renewal_due(source, issued.not_after + datetime.timedelta(days=1))  # expired
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 0.9])
 def test_renewal_custom_fraction(ca: CertificateAuthority, fraction: float) -> None:
     issued = _issued(ca, days=30)
     lifetime = issued.not_after - issued.not_before
-    due = enroll.renew_after(issued.cert_pem, fraction)
+    due = renewal.renew_after(issued.cert_pem, fraction)
     assert abs((issued.not_after - due) - lifetime * fraction) <= datetime.timedelta(microseconds=1)
     second = datetime.timedelta(seconds=1)
-    assert not enroll.renewal_due(issued.cert_pem, due - second, fraction)
-    assert enroll.renewal_due(issued.cert_pem, due + second, fraction)
+    assert not renewal.renewal_due(issued.cert_pem, due - second, fraction)
+    assert renewal.renewal_due(issued.cert_pem, due + second, fraction)
     # A larger share renews earlier.
-    assert (enroll.renew_after(issued.cert_pem, 0.05) > due) and (enroll.renew_after(issued.cert_pem, 0.95) < due)
+    assert (renewal.renew_after(issued.cert_pem, 0.05) > due) and (renewal.renew_after(issued.cert_pem, 0.95) < due)
 
 
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, float("nan")])
 def test_invalid_fraction_is_refused(ca: CertificateAuthority, fraction: float) -> None:
     issued = _issued(ca)
     with pytest.raises(ValueError, match="renew_at_fraction must be between 0 and 1, exclusive"):
-        enroll.renewal_due(issued.cert_pem, issued.not_before, fraction)
+        renewal.renewal_due(issued.cert_pem, issued.not_before, fraction)
     with pytest.raises(ValueError, match="renew_at_fraction must be between 0 and 1, exclusive"):
-        enroll.renew_after(issued.cert_pem, fraction)
+        renewal.renew_after(issued.cert_pem, fraction)
 
 
 def test_renewal_inputs_are_checked(ca: CertificateAuthority, tmp_path: Path) -> None:
     issued = _issued(ca)
     with pytest.raises(ValueError, match="now must be timezone-aware"):
-        enroll.renewal_due(issued.cert_pem, datetime.datetime(2030, 1, 1))
+        renewal.renewal_due(issued.cert_pem, datetime.datetime(2030, 1, 1))
     with pytest.raises(PkiError, match="certificate: not a PEM certificate"):
-        enroll.renewal_due(b"junk", issued.not_before)
+        renewal.renewal_due(b"junk", issued.not_before)
     with pytest.raises(PkiError, match="file not found"):
-        enroll.renewal_due(str(tmp_path / "missing.pem"), issued.not_before)
+        renewal.renewal_due(str(tmp_path / "missing.pem"), issued.not_before)

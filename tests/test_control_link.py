@@ -1,7 +1,7 @@
 """Tests of a node's link to the control plane (``dataplane.controllink.ControlLink``) against a
-real control plane: ``python -m control.cli control`` in a subprocess (SQLite in a temporary
+real control plane: ``python -m dataplane control`` in a subprocess (SQLite in a temporary
 data directory), stopped and restarted on the same port and data directory to simulate an
-outage. Nodes are registered for real (``dataplane.register.register``); each link runs on
+outage. Nodes are registered for real (``dataplane.controllink.registration.register``); each link runs on
 its own asyncio event loop in a background thread while the test drives the control plane
 over HTTP (admin API) or through its store.
 
@@ -42,10 +42,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from control.store import database_url, open_store, repo
-from dataplane import pki, settings
-from dataplane.controllink import CACHE_FILE, ControlLink, Report
-from dataplane.register import Identity, read_identity
-from dataplane.snapshot import ConfigSnapshot, SnapshotCache
+from dataplane.basics import pki, settings, statefile
+from dataplane.controllink.link import CACHE_FILE, ControlLink, Report
+from dataplane.controllink.registration import Registration, read_registration
+from dataplane.contract.snapshot import ConfigSnapshot
+from dataplane.controllink.snapshot_cache import SnapshotCache
 
 import controlplane
 from controlplane import PUBLIC_EDGE, free_port
@@ -104,7 +105,7 @@ class Control:
         status, body = self.admin("GET", "/v1/config-version")
         return body["version"]
 
-    def register(self, directory: Path, name: str | None = None) -> Identity:
+    def register(self, directory: Path, name: str | None = None) -> Registration:
         return self.api.register_node(directory, name=name or f"conn-{secrets.token_hex(3)}")
 
 
@@ -125,7 +126,7 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Control]:
 class LinkRunner:
     """A ``ControlLink`` whose ``run`` goes on in a thread of its own, with what it handed over."""
 
-    def __init__(self, identity: Identity, overrides: dict[str, Any] | None = None,
+    def __init__(self, identity: Registration, overrides: dict[str, Any] | None = None,
                  report: Report | None = None) -> None:
         # config_wait is short so that stopping (which waits for the pending long-poll) is quick.
         self.settings = settings.load({"heartbeat_interval": 0.2, "config_wait": 1.0, **(overrides or {})},
@@ -301,7 +302,7 @@ def test_link_survives_an_outage_and_catches_up(tmp_path: Path, caplog: pytest.L
 # ---------------------------------------------------------------------------- renewal
 
 
-def _due_certificate(control: Control, identity: Identity) -> tuple[x509.Certificate, bytes, bytes]:
+def _due_certificate(control: Control, identity: Registration) -> tuple[x509.Certificate, bytes, bytes]:
     """A certificate of ``identity``'s node with 10 of 110 days left (due at renew_at 1/3), and its key."""
     ca_cert, ca_key = pki.load_ca(str(control.data_dir / "ca"))
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -332,8 +333,8 @@ def test_link_renews_a_certificate_that_is_due(control: Control, tmp_path: Path)
         # It is the node's current certificate (only the current one may renew).
         connector = repo.get_connector(session, node_id)
         connector.cert_serial, connector.cert_not_after = format(due.serial_number, "x"), due.not_valid_after_utc
-    pki.write_file(identity.cert, cert_pem, 0o644)
-    pki.write_file(identity.key, key_pem, 0o600)
+    statefile.write_file(identity.cert, cert_pem, 0o644)
+    statefile.write_file(identity.key, key_pem, 0o600)
 
     with LinkRunner(identity, {"renew_at": 0.3333}) as runner:
         assert runner.link.signer.serial == due.serial_number
@@ -345,7 +346,7 @@ def test_link_renews_a_certificate_that_is_due(control: Control, tmp_path: Path)
     assert renewed.serial_number not in (due.serial_number, int(identity.record.serial, 16))
     left = renewed.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
     assert datetime.timedelta(days=179) < left <= datetime.timedelta(days=180)  # cert_lifetime_days
-    assert (pki.load_identity(identity.cert).role, pki.load_identity(identity.cert).name) == (
+    assert (pki.read_node_certificate(identity.cert).role, pki.read_node_certificate(identity.cert).name) == (
         "connector", identity.record.name)
     new_key = Path(identity.key).read_bytes()
     assert new_key != key_pem
@@ -353,9 +354,9 @@ def test_link_renews_a_certificate_that_is_due(control: Control, tmp_path: Path)
     assert stat.S_IMODE(os.stat(identity.key).st_mode) == 0o600
     renewed.verify_directly_issued_by(pki.read_certificates(identity.ca)[0])
 
-    record = read_identity(identity.directory)
+    record = read_registration(identity.directory)
     assert record is not None and record.record.serial == format(renewed.serial_number, "x")
-    assert runner.link.identity.record.serial == record.record.serial
+    assert runner.link.registration.record.serial == record.record.serial
     assert runner.link.signer.serial == renewed.serial_number  # later requests use the new certificate
     _, connector = control.admin("GET", f"/v1/connectors/{node_id}")
     assert connector["cert_serial"] == format(renewed.serial_number, "x")

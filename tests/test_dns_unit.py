@@ -8,8 +8,8 @@ from dnslib import OPCODE, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
 from dataplane.client.dns import DnsCache, cache_ttl, from_cache, key_of, servfail
 from dataplane.connector.node import _queries_for
-from dataplane.observability import Stats
-from dataplane.udpflow import dns_server
+from dataplane.basics.metrics import Stats
+from dataplane.basics.hostport import dns_server
 
 
 def _reply(name: str, ttl: int = 60, rcode: int = RCODE.NOERROR, soa_min: int | None = None) -> DNSRecord:

@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from dataplane import pki
-from dataplane.enroll import new_key_and_csr
+from dataplane.basics import pki, statefile
+from dataplane.basics.pki import new_key_and_csr
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -201,8 +201,8 @@ def _expired_client(fab, directory: str) -> tuple[str, str]:
         .sign(ca_key, hashes.SHA256())
     )
     cert_path, key_path = os.path.join(directory, "expired.pem"), os.path.join(directory, "expired.key")
-    pki.write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    pki.write_file(key_path, pki.key_pem(key), 0o600)
+    statefile.write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    statefile.write_file(key_path, pki.key_pem(key), 0o600)
     return cert_path, key_path
 
 
@@ -230,8 +230,8 @@ def test_revoked_and_expired_client_certificates_are_refused(backend, fabric, xf
     key_pem, csr_pem = new_key_and_csr("laptop-7")
     issued = fab.admin("POST", "/v1/client-certificates", {"name": "laptop-7", "csr_pem": csr_pem.decode()})
     cert_path, key_path = str(tmp_path / "laptop-7.pem"), str(tmp_path / "laptop-7.key")
-    pki.write_file(cert_path, issued["certificate_pem"].encode(), 0o644)
-    pki.write_file(key_path, key_pem, 0o600)
+    statefile.write_file(cert_path, issued["certificate_pem"].encode(), 0o644)
+    statefile.write_file(key_path, key_pem, 0o600)
     assert _tls_to_edge(fab, cert_path, key_path) == "open"
     # ...until it is revoked: then the edge closes the tunnel right after the handshake.
     fab.admin("POST", "/v1/revocations", {"serial": issued["serial"], "reason": "laptop lost"})

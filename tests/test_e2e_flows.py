@@ -409,7 +409,7 @@ def _alive(pid: int) -> bool:
 
 
 def _up_cmd(workdir) -> list[str]:
-    return [sys.executable, "-m", "control.cli", "up", "--workdir", str(workdir)]
+    return [sys.executable, "-m", "dataplane", "up", "--workdir", str(workdir)]
 
 
 @pytest.mark.timeout(45)

@@ -21,8 +21,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from dataplane import grants, pki
-from dataplane.observability import Stats
+from dataplane.access import grants
+from dataplane.basics import pki
+from dataplane.basics.metrics import Stats
 from dataplane.transport.tunnel import Tunnel, TunnelHandler
 from dataplane.wire import events as ev
 from dataplane.wire.connection import WireConfig

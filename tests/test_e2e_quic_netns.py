@@ -26,7 +26,7 @@ import time
 import pytest
 
 from conftest import metric, recv_all, scrape, wait_for
-from dataplane import pki
+from dataplane.basics import pki
 from dataplane.fabric import Fabric, free_port
 from netns import nft, nft_flush, private_network
 

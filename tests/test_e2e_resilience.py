@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dataplane import pki
+from dataplane.basics import pki
 from dataplane.fabric import Fabric
 from dataplane.wire.frames import (
     DECODERS,

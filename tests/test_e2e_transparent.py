@@ -248,7 +248,7 @@ REDIRECTED = r"""
 import socket, subprocess, sys
 from dataplane.client import transparent as tp
 from dataplane.client.profile import Profile
-from dataplane.snapshot import ClientProfile, SnapApp, SnapSegment
+from dataplane.contract.snapshot import ClientProfile, SnapApp, SnapSegment
 v4, v6 = socket.create_server(("127.0.0.1", 0)), socket.create_server(("::1", 0), family=socket.AF_INET6)
 profile = Profile(ClientProfile(version=1, issued_at="now", applications=[SnapApp(
     name="a", kind="per_app", connector_group="default", segments=[

@@ -1,4 +1,4 @@
-"""Flow grants (``dataplane.grants``): what a connector accepts and every way it refuses.
+"""Flow grants (``dataplane.access.grants``): what a connector accepts and every way it refuses.
 
 Unit level here; ``test_e2e_grants.py`` sends forged and expired grants to a real connector.
 """
@@ -9,8 +9,8 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from dataplane import grants
-from dataplane.grants import GrantClaims, GrantError, GrantVerifier
+from dataplane.access import grants
+from dataplane.access.grants import GrantClaims, GrantError, GrantVerifier
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -2,9 +2,9 @@
 ``devices``, ``sessions``, ``logs``, ``discovery`` in ``control/admin_cli.py``) against a real
 control plane.
 
-As in ``test_admin_cli.py``: the control plane runs as ``python -m control.cli control`` in a
+As in ``test_admin_cli.py``: the control plane runs as ``python -m dataplane control`` in a
 subprocess (SQLite in a temporary directory, started with ``controlplane.py``), and each
-command as ``python -m control.cli admin ...`` in a subprocess that finds it through
+command as ``python -m dataplane admin ...`` in a subprocess that finds it through
 ``FERRYMAN_CONTROL_LISTEN`` and the bootstrap key in ``FERRYMAN_DATA_DIR/admin.key``. Sign-ins
 (for sessions and devices) go through the public API; traffic records are written straight
 into the control plane's database with the store's own ``traffic.insert_records``, as the
@@ -28,8 +28,8 @@ import msgspec
 import pytest
 
 from control.admin_cli import millis_text, size_text
-from dataplane.enroll import new_key_and_csr
-from dataplane.trafficlog import FlowRecord
+from dataplane.basics.pki import new_key_and_csr
+from dataplane.contract.flowrecord import FlowRecord
 
 from controlplane import PUBLIC_EDGE, ROOT, Control, environment
 
@@ -53,7 +53,7 @@ class Cli:
     def run(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         env = environment(self.control.data_dir)
         env["FERRYMAN_CONTROL_LISTEN"] = urllib.parse.urlsplit(self.control.url).netloc
-        return subprocess.run([sys.executable, "-m", "control.cli", "admin", *args], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, "-m", "dataplane", "admin", *args], cwd=ROOT, env=env,
                               input=stdin, capture_output=True, text=True, timeout=30)
 
     def ok(self, *args: str, stdin: str = "") -> str:

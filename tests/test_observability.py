@@ -15,15 +15,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dataplane.observability import (
-    IDLE_TIMEOUT,
-    MAX_REQUEST_HEAD,
-    VERSION,
-    Stats,
-    parse_hostport,
-    setup_logging,
-    start_metrics_server,
-)
+from dataplane.basics.hostport import parse_hostport
+from dataplane.basics.logs import setup_logging
+from dataplane.basics.metrics import IDLE_TIMEOUT, MAX_REQUEST_HEAD, Stats, start_metrics_server
+from dataplane.basics.version import VERSION
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -5,7 +5,7 @@ The OIDC provider is a small real one in this module (``Provider``: an HTTP serv
 at once and redirects to the callback, and a token endpoint that checks the client, the
 redirect URI, the code (once) and the PKCE verifier against the S256 challenge, then signs
 an ID token). It misbehaves on demand (``Provider.faults``). The control plane runs as
-``python -m control.cli control`` pointed at it; the tests play the browser by opening the
+``python -m dataplane control`` pointed at it; the tests play the browser by opening the
 authorization URL with urllib (following the redirects to the control plane's callback),
 and the client agent by calling start and poll, or by running ``python -m dataplane client
 login --oidc``.
@@ -41,8 +41,8 @@ from joserfc.jwk import RSAKey
 
 from control.oidc import OidcConfig, OidcError, OidcProvider, PendingLogins
 from control.tokens import verify_access_token
-from dataplane.enroll import new_key_and_csr
-from dataplane.settings import load
+from dataplane.basics.pki import new_key_and_csr
+from dataplane.basics.settings import load
 
 import controlplane
 from controlplane import ROOT, environment

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dataplane import pki
-from dataplane.pki import NodeFiles, PeerIdentity, PkiError
+from dataplane.basics import pki
+from dataplane.basics.pki import NodeFiles, PeerCertificate, PkiError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -170,7 +170,7 @@ def test_issue_node_alone(tmp_path: Path) -> None:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["edge2.example"]
     assert (cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)).days in (9, 10)
-    assert pki.load_identity(nf.cert).name == "edge-2"
+    assert pki.read_node_certificate(nf.cert).name == "edge-2"
 
 
 @pytest.mark.parametrize(
@@ -200,7 +200,7 @@ def test_issue_node_rejects_unknown_role(tmp_path: Path) -> None:
 
 
 def test_load_identity(fabric: dict[str, NodeFiles]) -> None:
-    me = pki.load_identity(fabric["connector-1"].cert)
+    me = pki.read_node_certificate(fabric["connector-1"].cert)
     cert = _cert(fabric["connector-1"].cert)
     assert me.role == "connector" and me.name == "connector-1"
     assert me.serial == cert.serial_number
@@ -245,26 +245,26 @@ def test_identity_needs_role_and_name(tmp_path: Path, attributes: list[x509.Name
     path = tmp_path / "odd.pem"
     _self_signed(path, x509.Name(attributes))
     with pytest.raises(PkiError) as err:
-        pki.load_identity(str(path))
+        pki.read_node_certificate(str(path))
     assert str(err.value) == f"certificate {path} {message}"
     der = _cert(str(path)).public_bytes(serialization.Encoding.DER)
     with pytest.raises(PkiError) as err:
-        pki.peer_identity(_FakeSSLObject(der))  # type: ignore[arg-type]
+        pki.peer_certificate(_FakeSSLObject(der))  # type: ignore[arg-type]
     assert str(err.value) == f"peer certificate {message}"
 
 
 def test_peer_without_certificate() -> None:
     with pytest.raises(PkiError, match="peer presented no certificate"):
-        pki.peer_identity(_FakeSSLObject(None))  # type: ignore[arg-type]
+        pki.peer_certificate(_FakeSSLObject(None))  # type: ignore[arg-type]
 
 
 def test_load_identity_errors(tmp_path: Path) -> None:
     with pytest.raises(PkiError) as err:
-        pki.load_identity(str(tmp_path / "edge.pem"))
+        pki.read_node_certificate(str(tmp_path / "edge.pem"))
     assert str(err.value) == f"certificate {tmp_path}/edge.pem: file not found"
     (tmp_path / "junk.pem").write_text("hello")
     with pytest.raises(PkiError) as err:
-        pki.load_identity(str(tmp_path / "junk.pem"))
+        pki.read_node_certificate(str(tmp_path / "junk.pem"))
     assert str(err.value) == f"certificate {tmp_path}/junk.pem: not a PEM certificate"
 
 
@@ -333,7 +333,7 @@ def test_orphan_ca_key_is_not_replaced(tmp_path: Path) -> None:
 
 def _handshake(
     server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname: str = "localhost"
-) -> tuple[PeerIdentity | Exception, PeerIdentity | Exception]:
+) -> tuple[PeerCertificate | Exception, PeerCertificate | Exception]:
     """One TLS handshake over loopback with plain sockets; each side's view of its peer or its error.
 
     After the handshake the client sends b"ping" and the server answers b"pong", so a
@@ -341,14 +341,14 @@ def _handshake(
     """
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    result: dict[str, PeerIdentity | Exception] = {}
+    result: dict[str, PeerCertificate | Exception] = {}
 
     def serve() -> None:
         conn, _ = listener.accept()
         try:
             with server_ctx.wrap_socket(conn, server_side=True) as tls:
                 assert tls.version() == "TLSv1.3"
-                result["server"] = pki.peer_identity(tls)
+                result["server"] = pki.peer_certificate(tls)
                 assert tls.recv(4) == b"ping"
                 tls.sendall(b"pong")
         except Exception as exc:  # the test inspects whatever went wrong
@@ -361,7 +361,7 @@ def _handshake(
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
             with client_ctx.wrap_socket(raw, server_hostname=hostname) as tls:
-                identity = pki.peer_identity(tls)
+                identity = pki.peer_certificate(tls)
                 tls.sendall(b"ping")
                 reply = tls.recv(4)
                 if reply != b"pong":
@@ -377,10 +377,10 @@ def _handshake(
 def test_mutual_tls_handshake_and_identities(fabric: dict[str, NodeFiles]) -> None:
     e, k = fabric["edge-1"], fabric["connector-1"]
     server_view, client_view = _handshake(pki.server_context(e.cert, e.key, e.ca), pki.client_context(k.cert, k.key, k.ca))
-    assert server_view == pki.load_identity(k.cert)
-    assert isinstance(server_view, PeerIdentity) and (server_view.role, server_view.name) == ("connector", "connector-1")
-    assert client_view == pki.load_identity(e.cert)
-    assert isinstance(client_view, PeerIdentity) and (client_view.role, client_view.name) == ("edge", "edge-1")
+    assert server_view == pki.read_node_certificate(k.cert)
+    assert isinstance(server_view, PeerCertificate) and (server_view.role, server_view.name) == ("connector", "connector-1")
+    assert client_view == pki.read_node_certificate(e.cert)
+    assert isinstance(client_view, PeerCertificate) and (client_view.role, client_view.name) == ("edge", "edge-1")
 
 
 @pytest.mark.parametrize("hostname", ["127.0.0.1", "edge.example"])
@@ -389,7 +389,7 @@ def test_handshake_with_other_san_entries(fabric: dict[str, NodeFiles], hostname
     _, client_view = _handshake(
         pki.server_context(e.cert, e.key, e.ca), pki.client_context(c.cert, c.key, c.ca), hostname
     )
-    assert isinstance(client_view, PeerIdentity) and client_view.name == "edge-1"
+    assert isinstance(client_view, PeerCertificate) and client_view.name == "edge-1"
 
 
 def test_client_from_another_ca_is_refused(fabric: dict[str, NodeFiles], tmp_path: Path) -> None:
@@ -447,11 +447,11 @@ def test_asyncio_streams_handshake(fabric: dict[str, NodeFiles]) -> None:
     """The contexts work with asyncio (as the nodes use them); identities via get_extra_info."""
     e, c = fabric["edge-1"], fabric["client-1"]
 
-    async def main() -> tuple[PeerIdentity, PeerIdentity]:
-        seen: asyncio.Future[PeerIdentity] = asyncio.get_running_loop().create_future()
+    async def main() -> tuple[PeerCertificate, PeerCertificate]:
+        seen: asyncio.Future[PeerCertificate] = asyncio.get_running_loop().create_future()
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            seen.set_result(pki.peer_identity(writer.get_extra_info("ssl_object")))
+            seen.set_result(pki.peer_certificate(writer.get_extra_info("ssl_object")))
             writer.write(await reader.readexactly(5))
             await writer.drain()
             writer.close()
@@ -464,7 +464,7 @@ def test_asyncio_streams_handshake(fabric: dict[str, NodeFiles]) -> None:
             )
             writer.write(b"hello")
             assert await asyncio.wait_for(reader.readexactly(5), 5) == b"hello"
-            mine = pki.peer_identity(writer.get_extra_info("ssl_object"))
+            mine = pki.peer_certificate(writer.get_extra_info("ssl_object"))
             writer.close()
             return await asyncio.wait_for(seen, 5), mine
 

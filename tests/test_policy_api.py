@@ -1,5 +1,5 @@
 """Tests of the access routes (``control/api/policies.py``) on a real control plane:
-``python -m control.cli control`` in a subprocess (SQLite in a temporary directory), spoken to
+``python -m dataplane control`` in a subprocess (SQLite in a temporary directory), spoken to
 over HTTP with urllib, as in ``test_api.py`` (both start it with ``controlplane.py``).
 
 Covered: application assignments (by UPN, id, group name; body and query forms of DELETE),

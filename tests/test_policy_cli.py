@@ -1,8 +1,8 @@
 """Tests of the access commands of ``ferryman admin`` (``assignments``, ``locations``,
 ``policies`` in ``control/admin_cli.py``) against a real control plane.
 
-As in ``test_admin_cli.py``: the control plane runs as ``python -m control.cli control`` in a
-subprocess (SQLite in a temporary directory), and each command as ``python -m control.cli
+As in ``test_admin_cli.py``: the control plane runs as ``python -m dataplane control`` in a
+subprocess (SQLite in a temporary directory), and each command as ``python -m dataplane
 admin ...`` in a subprocess that finds it through ``FERRYMAN_CONTROL_LISTEN`` and the
 bootstrap key in ``FERRYMAN_DATA_DIR/admin.key``; the control plane is started with
 ``controlplane.py``. Users and groups are made through the identity routes.
@@ -40,7 +40,7 @@ class Cli:
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = environment(self.control.data_dir)
         env["FERRYMAN_CONTROL_LISTEN"] = urllib.parse.urlsplit(self.control.url).netloc
-        return subprocess.run([sys.executable, "-m", "control.cli", "admin", *args], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, "-m", "dataplane", "admin", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=60)
 
     def ok(self, *args: str) -> str:

@@ -1,4 +1,4 @@
-"""The edge's per-flow access decision (``dataplane.policy``), on hand-built snapshots.
+"""The edge's per-flow access decision (``dataplane.access.policy``), on hand-built snapshots.
 
 Covered: each identity check (unknown or disabled user, revoked session, expired token,
 unknown / foreign / revoked device), assignment directly and through a group, each grant
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane.policy import AccessIndex, Principal
-from dataplane.snapshot import (
+from dataplane.access.policy import AccessIndex, Principal
+from dataplane.contract.snapshot import (
     ConfigSnapshot,
     SnapApp,
     SnapConditions,

@@ -33,8 +33,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 import uvloop
 
-from dataplane import pki
-from dataplane.settings import Settings, SettingsError
+from dataplane.basics import pki
+from dataplane.basics.settings import Settings, SettingsError
 from dataplane.transport.proxy import (
     MAX_RESPONSE_HEAD,
     EgressProxy,

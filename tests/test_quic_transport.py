@@ -18,10 +18,10 @@ import pytest
 import uvloop
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from dataplane import pki
-from dataplane.observability import Stats
-from dataplane.pki import PeerIdentity
-from dataplane.settings import Settings
+from dataplane.basics import pki
+from dataplane.basics.metrics import Stats
+from dataplane.basics.pki import PeerCertificate
+from dataplane.basics.settings import Settings
 from dataplane.transport.quic import (
     QuicCredentials,
     QuicServer,
@@ -75,7 +75,7 @@ class Echo(TunnelHandler):
         self.downed = asyncio.Event()
         self.goaways: list[ev.GoAwayReceived] = []
 
-    def refuse_peer(self, identity: PeerIdentity) -> str | None:
+    def refuse_peer(self, identity: PeerCertificate) -> str | None:
         return f"certificate {identity.serial:x} is revoked" if identity.serial in self.revoked else None
 
     def tunnel_up(self, tunnel: Any) -> None:
@@ -178,14 +178,14 @@ def test_tunnel_up_with_identities_and_an_echoed_flow(certs: dict[str, pki.NodeF
         server = await edge(certs, echo)
         tunnel = await dial(server, certs["connector-1"], dialer)
         await tunnel.up_waiter
-        assert (tunnel.identity.role, tunnel.identity.name) == ("edge", "edge-1")
+        assert (tunnel.peer_certificate.role, tunnel.peer_certificate.name) == ("edge", "edge-1")
         assert tunnel.peer_certificate_der() == der(certs["edge-1"].cert)
         assert tunnel.sockname[0] == "127.0.0.1" and tunnel.peer_addr == f"127.0.0.1:{server.sockname[1]}"
         while not echo.up:
             await asyncio.sleep(0.01)
         inbound = echo.up[0]
-        assert (inbound.identity.role, inbound.identity.name) == ("connector", "connector-1")
-        assert inbound.identity.serial == pki.load_identity(certs["connector-1"].cert).serial
+        assert (inbound.peer_certificate.role, inbound.peer_certificate.name) == ("connector", "connector-1")
+        assert inbound.peer_certificate.serial == pki.read_node_certificate(certs["connector-1"].cert).serial
         assert inbound.peer_certificate_der() == der(certs["connector-1"].cert)
 
         fid = tunnel.conn.open_flow(Open(host="db.corp", port=5432))
@@ -396,7 +396,7 @@ def test_wrong_role_and_revoked_serial_are_refused(certs: dict[str, pki.NodeFile
         code, message = await refused(server, echo, await try_dial(server, certs["client-1"]))
         assert echo.down[0].close_code == "role_refused" and "role_refused" in message
 
-        revoked = pki.load_identity(certs["connector-1"].cert).serial
+        revoked = pki.read_node_certificate(certs["connector-1"].cert).serial
         echo2 = Echo(revoked={revoked})
         server2 = await edge(certs, echo2)
         code, message = await refused(server2, echo2, await try_dial(server2, certs["connector-1"]))

@@ -14,7 +14,7 @@ from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import pull_quic_header
 
-from dataplane import pki
+from dataplane.basics import pki
 from dataplane.wire import events as ev
 from dataplane.wire.connection import FlowError, ProtocolError, WireConfig
 from dataplane.wire.frames import FrameType, Open, encode_header, encode_preamble, encode_window

@@ -1,5 +1,5 @@
 """Node registration from the node's side: ``python -m dataplane connector|edge register`` as a
-real subprocess against the real control plane (``python -m control.cli control``, SQLite in
+real subprocess against the real control plane (``python -m dataplane control``, SQLite in
 ``tmp_path``), with tokens made through the admin API.
 
 Covered: a connector's identity files (key 0600, certificate role/name, chain to the control
@@ -32,8 +32,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from control.ca import CertificateAuthority
-from dataplane import pki
-from dataplane.enroll import new_key_and_csr, write_identity
+from dataplane.basics import pki
+from dataplane.basics.pki import new_key_and_csr, write_node_files
 
 from controlplane import PUBLIC_EDGE, ROOT, Control
 from controlplane import environment as _environment
@@ -182,7 +182,7 @@ def test_local_errors_spend_no_token(control: Control, tmp_path: Path) -> None:
     key_pem, csr_pem = new_key_and_csr("edge-z")
     ca = CertificateAuthority.open(str(control.data_dir / "ca"))
     issued = ca.sign_csr(csr_pem, role="edge", name="edge-z", hosts=["127.0.0.1"])
-    write_identity(str(taken), "edge-z", key_pem, issued.cert_pem, ca.bundle())
+    write_node_files(str(taken), "edge-z", key_pem, issued.cert_pem, ca.bundle())
     (taken / "node.json").write_text(json.dumps({"node_id": "e1", "role": "edge", "name": "edge-z", "control": "x",
                                                  "cert": "edge-z.pem", "key": "edge-z.key"}))
     other_role = _register("connector", control.url, token, "--dir", str(taken), "--name", "connector-b",
@@ -315,7 +315,7 @@ def test_registered_nodes_carry_traffic(tmp_path: Path, backend) -> None:
         ca = CertificateAuthority.open(str(ctl.data_dir / "ca"))
         key_pem, csr_pem = new_key_and_csr("client-1")
         issued = ca.sign_csr(csr_pem, role="client", name="client-1")
-        client = write_identity(str(client_dir), "client-1", key_pem, issued.cert_pem, ca.bundle())
+        client = write_node_files(str(client_dir), "client-1", key_pem, issued.cert_pem, ca.bundle())
 
         apps = tmp_path / "apps.json"
         apps.write_text(json.dumps({"apps": [{"name": "echo", "connector_group": "default", "segments": [
@@ -361,7 +361,7 @@ def _stored_identity(directory: Path, role: str, name: str, edges: list[str], gr
     ca = CertificateAuthority.open(str(directory.parent / "ca"))
     key_pem, csr_pem = new_key_and_csr(name)
     issued = ca.sign_csr(csr_pem, role=role, name=name, hosts=["127.0.0.1"] if role == "edge" else None)
-    write_identity(str(directory), name, key_pem, issued.cert_pem, ca.bundle())
+    write_node_files(str(directory), name, key_pem, issued.cert_pem, ca.bundle())
     (directory / "node.json").write_text(json.dumps({
         "node_id": "n-1", "role": role, "name": name, "group": group, "control": "http://127.0.0.1:1",
         "edges": edges, "cert": f"{name}.pem", "key": f"{name}.key"}))
@@ -369,8 +369,8 @@ def _stored_identity(directory: Path, role: str, name: str, edges: list[str], gr
 
 def test_nodes_pick_up_the_registered_identity_unless_told_otherwise(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from dataplane import run
-    from dataplane.settings import SettingsError, load
+    from dataplane.cli import nodes
+    from dataplane.basics.settings import SettingsError, load
 
     for key in list(os.environ):
         if key.startswith("FERRYMAN_"):
@@ -380,7 +380,7 @@ def test_nodes_pick_up_the_registered_identity_unless_told_otherwise(tmp_path: P
     _stored_identity(identity, "connector", "connector-q", ["e1.example.test:8443", "e2.example.test:8443"], "east")
     no_flags = {"edges": None, "connector_group": None, "tls_ca": None, "tls_cert": None, "tls_key": None}
 
-    settings, found = run._use_registered_identity("connector", load(no_flags), no_flags)
+    settings, found = nodes._use_registration("connector", load(no_flags), no_flags)
     assert found is not None and found.record.name == "connector-q"
     assert (settings.tls_ca, settings.tls_cert, settings.tls_key) == (
         str(identity / "ca.pem"), str(identity / "connector-q.pem"), str(identity / "connector-q.key"))
@@ -390,21 +390,21 @@ def test_nodes_pick_up_the_registered_identity_unless_told_otherwise(tmp_path: P
     # An explicit edge list or group wins (flag or variable); TLS settings switch the whole thing off.
     flags = {**no_flags, "edges": "flag.example.test:1"}
     monkeypatch.setenv("FERRYMAN_CONNECTOR_GROUP", "west")
-    settings, _ = run._use_registered_identity("connector", load(flags), flags)
+    settings, _ = nodes._use_registration("connector", load(flags), flags)
     assert (settings.edges, settings.connector_group) == ("flag.example.test:1", "west")
     assert settings.tls_cert == str(identity / "connector-q.pem")
     monkeypatch.setenv("FERRYMAN_TLS_CERT", "/elsewhere.pem")
-    settings, found = run._use_registered_identity("connector", load(no_flags), no_flags)
+    settings, found = nodes._use_registration("connector", load(no_flags), no_flags)
     assert found is None and settings.tls_ca == "" and settings.tls_cert == "/elsewhere.pem"
     monkeypatch.delenv("FERRYMAN_TLS_CERT")
 
     # The other role's identity is refused with a reason, not silently ignored.
     with pytest.raises(SettingsError, match="identity of connector 'connector-q', not of this edge"):
-        run._use_registered_identity("edge", load(no_flags), no_flags)
+        nodes._use_registration("edge", load(no_flags), no_flags)
 
 
 def test_plain_http_to_another_host_is_warned_about() -> None:
-    from dataplane.register import plain_http_warning
+    from dataplane.controllink.registration import plain_http_warning
 
     assert plain_http_warning("http://127.0.0.1:8080") is None
     assert plain_http_warning("http://localhost:8080") is None

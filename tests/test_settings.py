@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from dataplane.settings import SettingsError, load, markdown_table
+from dataplane.basics.settings import SettingsError, load, markdown_table
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -18,20 +18,20 @@ import pytest
 
 from control.snapshot import SnapshotHub, TooManyWaiters, build_from_store, build_snapshot, follow_store, refresh
 from control.store import Store, open_store, repo
-from dataplane.apps import AppTable
-from dataplane.snapshot import (
+from dataplane.access.apptable import AppTable
+from dataplane.access.apptable import app_table
+from dataplane.contract.snapshot import (
     ConfigSnapshot,
     SnapApp,
     SnapGroup,
     SnapSegment,
-    SnapshotCache,
     SnapshotError,
-    app_table,
     decode,
     encode,
     is_revoked,
     revoked_set,
 )
+from dataplane.controllink.snapshot_cache import SnapshotCache
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -503,7 +503,7 @@ def populate_access(store: Store) -> dict[str, str]:
 
 
 def test_identity_and_access_are_compiled_sorted(store: Store) -> None:
-    from dataplane.snapshot import SnapConditions, SnapDevice, SnapLocation, SnapPolicy, SnapUser
+    from dataplane.contract.snapshot import SnapConditions, SnapDevice, SnapLocation, SnapPolicy, SnapUser
 
     populate_access(store)
     with store.read() as session:
@@ -584,7 +584,7 @@ def test_policy_targets_follow_renames_and_deleted_targets_never_widen_a_policy(
 
 
 def test_the_edge_decides_from_a_compiled_snapshot(store: Store) -> None:
-    from dataplane.policy import AccessIndex, Principal
+    from dataplane.access.policy import AccessIndex, Principal
 
     populate_access(store)
     index = AccessIndex(build_from_store(store, edges=EDGES, token_keys=JWKS, token_issuer=ISSUER))

@@ -33,7 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from control.store import Store, StoreError, database_url, open_store, repo
 from control.store.db import MIGRATIONS_DIR
 from control.store.models import Application, AuditRecord, Base, ConnectorGroup, utcnow
-from dataplane.apps import MAX_SEGMENTS
+from dataplane.contract.apps import MAX_SEGMENTS
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -24,7 +24,7 @@ from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSRecord
 
 from dataplane.client import transparent as tp
 from dataplane.client.profile import Profile
-from dataplane.snapshot import ClientProfile, SnapApp, SnapSegment
+from dataplane.contract.snapshot import ClientProfile, SnapApp, SnapSegment
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -131,13 +131,13 @@ def test_start_checks_refuse_clearly():
 
 def test_client_refuses_transparent_without_root(monkeypatch, tmp_path, capsys):
     """``ferryman client`` stops at start with one line (exit 2) when the checks fail."""
-    from dataplane.run import main
+    from dataplane.cli import main
 
     monkeypatch.setattr(tp.os, "geteuid", lambda: 1000)
     monkeypatch.setenv("FERRYMAN_DATA_DIR", str(tmp_path))
     for name in ("FERRYMAN_TLS_CA", "FERRYMAN_TLS_CERT", "FERRYMAN_TLS_KEY"):
         monkeypatch.delenv(name, raising=False)
-    from dataplane import pki
+    from dataplane.basics import pki
 
     pki.init_pki(str(tmp_path / "pki"), edge_hosts=["127.0.0.1"], edges=["edge-1"], connectors=["connector-1"],
                  clients=["client-1"])

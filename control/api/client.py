@@ -20,7 +20,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from control.store import StoreError, identity
-from dataplane.snapshot import ClientProfile, client_profile
+from dataplane.contract.snapshot import ClientProfile, client_profile
 
 from .auth import require_user
 from .deps import Api

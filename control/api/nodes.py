@@ -42,13 +42,13 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from control.snapshot import TooManyWaiters
-from dataplane.snapshot import ConfigSnapshot
+from dataplane.contract.snapshot import ConfigSnapshot
 
 log = logging.getLogger("ferryman.control.nodes")
 from control.store import repo, traffic
 from control.store.models import Connector, Edge
-from dataplane import pki
-from dataplane.nodeauth import ALGORITHM, CLOCK_SKEW, MAX_JTI, TOKEN_LIFETIME, body_hash
+from dataplane.basics import pki
+from dataplane.contract.nodeauth import ALGORITHM, CLOCK_SKEW, MAX_JTI, TOKEN_LIFETIME, body_hash
 
 from .deps import Api
 from .schemas import HeartbeatIn, HeartbeatOut, RenewIn, RenewOut, TrafficIn, TrafficOut

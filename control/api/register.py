@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from control.store import StoreError, repo
 from control.store.models import Connector, Edge, RegistrationToken, Revocation
-from dataplane.observability import parse_hostport
+from dataplane.basics.hostport import parse_hostport
 
 from .deps import Api
 from .schemas import RegisterRequest, RegisterResponse

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from dataplane.trafficlog import MAX_BATCH, FlowRecord
+from dataplane.contract.flowrecord import MAX_BATCH, FlowRecord
 
 Role = Literal["connector", "edge"]
 MAX_TOKEN_TTL = 365 * 86400  # seconds

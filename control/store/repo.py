@@ -30,7 +30,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from sqlalchemy import inspect, select, update
 from sqlalchemy.orm import Session
 
-from dataplane import apps
+from dataplane.contract import apps
 
 from .errors import StoreError
 from .models import (

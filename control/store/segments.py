@@ -19,7 +19,7 @@ import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dataplane.apps import DEFAULT_GROUP, AppsError, AppTable, Segment, address_bounds
+from dataplane.contract.apps import DEFAULT_GROUP, Applications, AppsError, Segment, address_bounds
 
 from .errors import StoreError
 
@@ -37,7 +37,7 @@ def parse_segments(app: str, raw: Sequence[Mapping[str, Any]]) -> tuple[Segment,
         return ()
     obj = {"apps": [{"name": app, "connector_group": DEFAULT_GROUP, "segments": list(raw)}]}
     try:
-        segments = AppTable.from_obj(obj, source=_SOURCE).apps[0].segments
+        segments = Applications.from_obj(obj, source=_SOURCE).apps[0].segments
     except AppsError as exc:
         raise StoreError("invalid", str(exc).removeprefix(f"{_SOURCE}: ")) from None
     merged = tuple(

@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..socketflow import reset_transport
+from ..transport.socketflow import reset_transport
 
 if TYPE_CHECKING:
     from .node import Client

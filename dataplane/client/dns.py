@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from ..udpflow import RESOLV_CONF, UdpFlow, dns_server
+from ..basics.hostport import RESOLV_CONF, dns_server
+from ..transport.udpflow import UdpFlow
 
 if TYPE_CHECKING:
     from .node import Client

@@ -29,12 +29,14 @@ from collections.abc import Callable
 
 import msgspec
 
-from ..observability import Stats, parse_hostport, start_metrics_server
-from ..runtime import NodeIdentity, keep_tunnel, transport_of
-from ..settings import Settings
-from ..socketflow import EndpointNode, SocketFlow
+from ..basics.hostport import parse_hostport
+from ..basics.metrics import Stats, start_metrics_server
+from ..basics.settings import Settings
+from ..transport.credentials import NodeCredentials
+from ..transport.socketflow import EndpointNode, SocketFlow
+from ..transport.supervisor import keep_tunnel, transport_of
 from ..transport.tunnel import Tunnel
-from ..udpflow import UdpFlow, set_udp_buffers
+from ..transport.udpflow import UdpFlow, set_udp_buffers
 from ..wire import events as ev
 from ..wire.connection import FlowError, WireConfig
 from . import status
@@ -103,13 +105,13 @@ class Client(EndpointNode):
 
     processes: ProcessFinder | None = None  # FERRYMAN_PROCESS_LOOKUP (set in run)
 
-    def __init__(self, settings: Settings, identity: NodeIdentity, forwards: list[Forward],
+    def __init__(self, settings: Settings, credentials: NodeCredentials, forwards: list[Forward],
                  keeper: TokenKeeper | None = None) -> None:
         self.settings = settings
-        self.identity = identity
-        self.name = identity.name
+        self.credentials = credentials
+        self.name = credentials.name
         self.forwards = forwards
-        self.stats = Stats("client", identity.name)
+        self.stats = Stats("client", credentials.name)
         self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
@@ -118,8 +120,8 @@ class Client(EndpointNode):
         self.udp_listeners: list[asyncio.DatagramTransport] = []
         self.probe_ok: dict[Forward, str] = {}  # forward -> "" when usable, else the reason
         self._probes: dict[tuple[Tunnel, int], Forward] = {}  # (tunnel, flow id) of each readiness probe
-        self._ssl = identity.client_context()
-        self._wire = identity.wire_config()
+        self._ssl = credentials.client_context()
+        self._wire = credentials.wire_config()
         self.keeper = keeper
         self.profile: Profile | None = None  # the forwarding profile (signed-in agents only)
         self.follower: ProfileFollower | None = None

@@ -20,10 +20,11 @@ from collections.abc import Callable
 
 import msgspec
 
-from .. import httpclient, pki
-from ..apps import AppTable
-from ..runtime import Backoff
-from ..snapshot import ClientProfile, SnapshotError, profile_table
+from ..access.apptable import AppTable, profile_table
+from ..basics import statefile
+from ..contract.snapshot import ClientProfile, SnapshotError
+from ..controllink import http as httpclient
+from ..transport.supervisor import Backoff
 from .signin import TokenKeeper
 
 log = logging.getLogger("ferryman.profile")
@@ -148,8 +149,8 @@ class ProfileFollower:
             previous = self.profile.version if self.profile is not None else None
             self._take(profile)
             try:
-                await asyncio.to_thread(pki.write_file, os.path.join(self.directory, PROFILE_FILE), answer.body, 0o600)
-            except pki.PkiError as exc:
+                await asyncio.to_thread(statefile.write_private, os.path.join(self.directory, PROFILE_FILE), answer.body)
+            except statefile.StateFileError as exc:
                 log.error("forwarding profile version %d not cached: %s", profile.version, exc)
             log.info("forwarding profile updated", extra={"version": profile.version, "previous": previous,
                                                           "applications": len(profile.data.applications),

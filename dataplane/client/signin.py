@@ -11,7 +11,7 @@ plane's OIDC provider (``POST /v1/auth/oidc/start``, the user signs in in a brow
 ``POST /v1/auth/oidc/poll`` until done); both store the answer with ``_store``.
 
 A client started with no ``FERRYMAN_TLS_*`` settings uses that directory by itself
-(``dataplane.run``). ``TokenKeeper`` then keeps the access token fresh: it refreshes
+(``dataplane.cli.nodes``). ``TokenKeeper`` then keeps the access token fresh: it refreshes
 (``POST /v1/auth/refresh``, which rotates the refresh token) once 80% of the token's
 lifetime has passed, stores the new tokens, and hands the token to the client node, which
 sends it to the edge in an AUTH frame. While the control plane cannot be reached it
@@ -33,10 +33,11 @@ from typing import Any
 
 import msgspec
 
-from .. import httpclient, pki
-from ..enroll import new_key_and_csr, write_identity
-from ..observability import VERSION
-from ..runtime import Backoff
+from ..basics import pki, statefile
+from ..basics.pki import new_key_and_csr, write_node_files
+from ..basics.version import VERSION
+from ..controllink import http as httpclient
+from ..transport.supervisor import Backoff
 
 log = logging.getLogger("ferryman.signin")
 
@@ -93,8 +94,8 @@ def read_session(directory: str) -> ClientSession | None:
 
 
 def write_session(directory: str, session: ClientSession) -> None:
-    pki.write_file(os.path.join(directory, SESSION_FILE), msgspec.json.format(msgspec.json.encode(session)) + b"\n",
-                   0o600)
+    statefile.write_private(os.path.join(directory, SESSION_FILE),
+                            msgspec.json.format(msgspec.json.encode(session)) + b"\n")
 
 
 def _error(status: int, payload: bytes) -> SignInError:
@@ -181,7 +182,7 @@ def _store(control: str, answer: dict[str, Any], key_pem: bytes, directory: str)
     """Write the device identity and ``session.json`` from a sign-in answer (password or OIDC)."""
     try:
         device = answer["device"]
-        files = write_identity(directory, device["id"], key_pem, device["certificate_pem"].encode(),
+        files = write_node_files(directory, device["id"], key_pem, device["certificate_pem"].encode(),
                                device["ca_pem"].encode())
         session = ClientSession(
             control=control.rstrip("/"), user_id=answer["user"]["id"], upn=answer["user"]["upn"],

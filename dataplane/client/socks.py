@@ -29,7 +29,7 @@ import ipaddress
 import logging
 import struct
 
-from ..udpflow import UdpFlow
+from ..transport.udpflow import UdpFlow
 from .direct import DirectRelay, DirectUdp
 from .node import Client, ClientFlow
 

@@ -16,8 +16,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import pki
-from ..runtime import transport_of
+from ..basics import statefile
+from ..transport.supervisor import transport_of
 
 if TYPE_CHECKING:
     from .node import Client
@@ -64,9 +64,9 @@ def snapshot(client: "Client") -> dict[str, Any]:
 
 
 def write(client: "Client") -> None:
-    os.makedirs(client.directory, mode=0o700, exist_ok=True)
-    pki.write_file(os.path.join(client.directory, STATUS_FILE),
-                   json.dumps(snapshot(client), indent=1).encode() + b"\n", 0o600)
+    statefile.make_private_directory(client.directory)
+    statefile.write_private(os.path.join(client.directory, STATUS_FILE),
+                            json.dumps(snapshot(client), indent=1).encode() + b"\n")
 
 
 async def keep_written(client: "Client", stop: asyncio.Event) -> None:
@@ -76,7 +76,7 @@ async def keep_written(client: "Client", stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 write(client)
-            except (OSError, pki.PkiError):  # status is for humans: never stop the agent over it
+            except (OSError, statefile.StateFileError):  # status is for humans: never stop the agent over it
                 client.stats.count(client.stats.protocol_errors, "status_write_failed")
             try:
                 await asyncio.wait_for(stop.wait(), INTERVAL)

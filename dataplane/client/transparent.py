@@ -64,8 +64,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from ..apps import address_bounds
-from ..observability import parse_hostport
+from ..basics.hostport import parse_hostport
+from ..contract.apps import address_bounds
 from .direct import DirectRelay
 from .node import ClientFlow
 from .process import parse_addr

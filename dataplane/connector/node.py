@@ -25,17 +25,19 @@ from collections.abc import Callable
 from cryptography import x509
 from dnslib import OPCODE, DNSRecord
 
-from .. import register
-from ..controllink import ControlLink, Report, cut_revoked
-from ..observability import Stats, parse_hostport, start_metrics_server
-from ..grants import GrantError, GrantVerifier
-from ..pki import PeerIdentity
-from ..runtime import NodeIdentity, keep_tunnel, transport_of
-from ..settings import Settings
-from ..snapshot import ConfigSnapshot, revoked_set
-from ..socketflow import EndpointNode, SocketFlow
+from ..access.grants import GrantError, GrantVerifier
+from ..basics.hostport import dns_server, parse_hostport
+from ..basics.metrics import Stats, start_metrics_server
+from ..basics.pki import PeerCertificate
+from ..basics.settings import Settings
+from ..contract.snapshot import ConfigSnapshot, revoked_set
+from ..controllink.registration import Registration
+from ..controllink.link import ControlLink, Report, cut_revoked
+from ..transport.credentials import NodeCredentials
+from ..transport.socketflow import EndpointNode, SocketFlow
+from ..transport.supervisor import keep_tunnel, transport_of
 from ..transport.tunnel import Tunnel
-from ..udpflow import UdpFlow, dns_server, set_udp_buffers
+from ..transport.udpflow import UdpFlow, set_udp_buffers
 from ..wire import events as ev
 from ..wire.frames import Open
 
@@ -43,15 +45,15 @@ log = logging.getLogger("ferryman.connector")
 
 
 class Connector(EndpointNode):
-    """``registered``: the identity stored by ``ferryman connector register`` (None: no control
+    """``registered``: the registration stored by ``ferryman connector register`` (None: no control
     plane); ``follow_edges``: take the edge list from the control plane's snapshots."""
 
-    def __init__(self, settings: Settings, identity: NodeIdentity, registered: register.Identity | None = None,
+    def __init__(self, settings: Settings, credentials: NodeCredentials, registered: Registration | None = None,
                  *, follow_edges: bool = False) -> None:
         self.settings = settings
-        self.identity = identity
-        self.name = identity.name
-        self.stats = Stats("connector", identity.name)
+        self.credentials = credentials
+        self.name = credentials.name
+        self.stats = Stats("connector", credentials.name)
         self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
@@ -59,10 +61,10 @@ class Connector(EndpointNode):
         self.udp_flows: set[UdpFlow] = set()
         self.udp_sockets: dict[UdpFlow, asyncio.DatagramTransport] = {}  # each UDP flow's backend socket
         self.draining = False
-        self._ssl = identity.client_context()
-        self._wire = identity.wire_config(group=settings.connector_group)
+        self._ssl = credentials.client_context()
+        self._wire = credentials.wire_config(group=settings.connector_group)
         self.revoked: frozenset[int] = frozenset()
-        self.grants = GrantVerifier(identity.name)
+        self.grants = GrantVerifier(credentials.name)
         self.follow_edges = follow_edges
         self.link: ControlLink | None = None
         if registered is not None:
@@ -110,9 +112,9 @@ class Connector(EndpointNode):
                 log.info("edges updated by the control plane", extra={"edges": ",".join(snapshot.edges)})
                 self.edges[:] = edges  # the reconnect loops read the list at every dial
 
-    def refuse_peer(self, identity: PeerIdentity) -> str | None:
-        if identity.serial in self.revoked:
-            return f"edge {identity.name!r}: certificate {identity.serial:x} is revoked"
+    def refuse_peer(self, peer: PeerCertificate) -> str | None:
+        if peer.serial in self.revoked:
+            return f"edge {peer.name!r}: certificate {peer.serial:x} is revoked"
         return None
 
     def _report(self) -> Report:
@@ -126,7 +128,7 @@ class Connector(EndpointNode):
 
     def _renewed(self) -> None:
         """New tunnels present the renewed certificate; running ones keep theirs until they end."""
-        self._ssl = self.identity.client_context()
+        self._ssl = self.credentials.client_context()
 
     @staticmethod
     async def _session(tunnel: Tunnel) -> None:

@@ -30,18 +30,22 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .. import register
-from ..apps import DEFAULT_GROUP, AppTable, Match, Segment, describe_miss
-from ..controllink import ControlLink, Report, cut_revoked
-from ..observability import Stats, parse_hostport, start_metrics_server
-from ..pki import PeerIdentity
-from ..runtime import NodeIdentity, transport_of
-from ..settings import Settings
-from ..access import TokenError, TokenVerifier
-from ..grants import sign as sign_grant
-from ..policy import AccessIndex, Decision, Principal
-from ..snapshot import ConfigSnapshot, app_table, revoked_set
-from ..trafficlog import FlowRecord, TrafficQueue, is_ip, network_of, split_address
+from ..access.apptable import AppTable, Match, app_table, describe_miss
+from ..access.grants import sign as sign_grant
+from ..access.policy import AccessIndex, Decision, Principal
+from ..access.tokens import TokenError, TokenVerifier
+from ..basics.hostport import parse_hostport
+from ..basics.metrics import Stats, start_metrics_server
+from ..basics.pki import PeerCertificate
+from ..basics.settings import Settings
+from ..contract.apps import DEFAULT_GROUP, Segment
+from ..contract.flowrecord import FlowRecord, is_ip, network_of, split_address
+from ..contract.snapshot import ConfigSnapshot, revoked_set
+from ..controllink.registration import Registration
+from ..controllink.link import ControlLink, Report, cut_revoked
+from ..controllink.traffic import TrafficQueue
+from ..transport.credentials import NodeCredentials
+from ..transport.supervisor import transport_of
 from ..transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from ..wire import events as ev
 from ..wire.connection import FlowError
@@ -85,23 +89,23 @@ class Splice:
 
 class Edge(TunnelHandler):
     """``apps``: a fixed application table, or None to take applications from the control plane;
-    ``registered``: the identity stored by ``ferryman edge register`` (heartbeats, renewal,
+    ``registered``: the registration stored by ``ferryman edge register`` (heartbeats, renewal,
     revocations and, without ``apps``, applications follow the control plane)."""
 
-    def __init__(self, settings: Settings, identity: NodeIdentity, apps: AppTable | None,
-                 registered: register.Identity | None = None) -> None:
+    def __init__(self, settings: Settings, credentials: NodeCredentials, apps: AppTable | None,
+                 registered: Registration | None = None) -> None:
         if apps is None and registered is None:
             raise ValueError("an edge needs an application file or a control plane registration")
         self.settings = settings
-        self.identity = identity
-        self.name = identity.name
+        self.credentials = credentials
+        self.name = credentials.name
         self.apps = apps if apps is not None else AppTable([])
         self.revoked: frozenset[int] = frozenset()
         self.access: AccessIndex | None = None  # identity and conditional access (from the control plane)
         self.tokens: TokenVerifier | None = None
         self.client_tokens: dict[Tunnel, str] = {}  # the latest token each client tunnel presented
         self._grant_key = _load_key(settings.tls_key)
-        self.stats = Stats("edge", identity.name)
+        self.stats = Stats("edge", credentials.name)
         self.static_apps = apps is not None
         self.link: ControlLink | None = None
         self.traffic: TrafficQueue | None = None
@@ -112,14 +116,14 @@ class Edge(TunnelHandler):
             self.traffic = TrafficQueue(settings.traffic_queue)
             self.link = ControlLink(settings, registered, self._configure, self._report, self._renewed,
                                     traffic=self.traffic)
-        self._server_ctx = identity.server_context()
+        self._server_ctx = credentials.server_context()
         self.groups: dict[str, list[Tunnel]] = {}
         self.clients: set[Tunnel] = set()
         self.listener: socket.socket | None = None
         self.quic: Any = None  # the QUIC listener (transport.quic.QuicServer), with FERRYMAN_EDGE_QUIC=on
         self._accepting = False
         self._handshakes: set[asyncio.Task[None]] = set()
-        self._wire = identity.wire_config()
+        self._wire = credentials.wire_config()
         self.stats.extra = {
             "ferryman_edge_clients": ("Client tunnels connected", lambda: float(len(self.clients))),
             "ferryman_edge_connector_tunnels": (
@@ -247,7 +251,7 @@ class Edge(TunnelHandler):
         if verifier is None:
             tunnel.context = "this edge has no token keys from the control plane yet"
             return
-        device = tunnel.identity.name if tunnel.identity is not None else ""
+        device = tunnel.peer_certificate.name if tunnel.peer_certificate is not None else ""
         try:
             tunnel.context = verifier.principal(token, device)
         except TokenError as exc:
@@ -267,10 +271,10 @@ class Edge(TunnelHandler):
             log.warning("refreshed access token refused; new flows of this client are refused until a valid one "
                         "arrives", extra={"client": tunnel.peer_name, "reason": tunnel.context})
 
-    def refuse_peer(self, identity: PeerIdentity) -> str | None:
-        if identity.serial in self.revoked:
+    def refuse_peer(self, peer: PeerCertificate) -> str | None:
+        if peer.serial in self.revoked:
             self.stats.count(self.stats.tunnels_closed, "certificate_revoked")
-            return f"{identity.role} {identity.name!r}: certificate {identity.serial:x} is revoked"
+            return f"{peer.role} {peer.name!r}: certificate {peer.serial:x} is revoked"
         return None
 
     def _report(self) -> Report:
@@ -282,7 +286,7 @@ class Edge(TunnelHandler):
     def _renewed(self) -> None:
         """New tunnels are accepted with the renewed certificate (and grants signed with its key);
         running ones keep theirs."""
-        self._server_ctx = self.identity.server_context()
+        self._server_ctx = self.credentials.server_context()
         self._grant_key = _load_key(self.settings.tls_key)
         if self.quic is not None:
             from ..transport.quic import load_credentials
@@ -510,7 +514,7 @@ class Edge(TunnelHandler):
             transport="udp" if request.protocol == "dns" else request.protocol,
             network=network_of(request.host, source_ip), application=app,
             application_kind=self.app_kinds.get(app, "per_app" if app else ""), segment=segment, edge=self.name,
-            device_id=principal.device_id if principal else (client.identity.name if client.identity else ""),
+            device_id=principal.device_id if principal else (client.peer_certificate.name if client.peer_certificate else ""),
         )
         if principal is not None:
             record.user_id, record.upn = principal.user_id, principal.upn
@@ -533,7 +537,7 @@ class Edge(TunnelHandler):
         conn = splice.conn
         record.end, record.duration_ms = end, int((end - splice.start) * 1000)
         record.connector_name = conn.peer_name
-        record.connector_id = format(conn.identity.serial, "x") if conn.identity is not None else ""
+        record.connector_id = format(conn.peer_certificate.serial, "x") if conn.peer_certificate is not None else ""
         record.connector_address = split_address(conn.peer_addr)[0]
         if splice.remote:
             record.destination_ip = split_address(splice.remote)[0]

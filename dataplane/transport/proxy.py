@@ -33,12 +33,12 @@ from urllib.parse import unquote, urlsplit
 
 import h11
 
-from ..settings import Settings, SettingsError
+from ..basics.settings import Settings, SettingsError
+from ..basics.version import SOFTWARE
 
 log = logging.getLogger("ferryman.dial")
 
 MAX_RESPONSE_HEAD = 16384  # bytes of status line + headers accepted from the proxy
-USER_AGENT = "ferryman/0.1.0"  # runtime.SOFTWARE (runtime imports this module, not the reverse)
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
@@ -356,7 +356,7 @@ async def _connect_exchange(sock: socket.socket, proxy: EgressProxy, host: str, 
     loop = asyncio.get_running_loop()
     target = _target(host, port)
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
-    headers = [("Host", target), ("User-Agent", USER_AGENT)]
+    headers = [("Host", target), ("User-Agent", SOFTWARE)]
     auth = proxy.authorization()
     if auth is not None:
         headers.append(("Proxy-Authorization", auth))

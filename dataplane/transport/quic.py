@@ -2,7 +2,7 @@
 
 ``QuicTunnel`` is the QUIC counterpart of ``transport.tunnel.Tunnel``: the same
 attributes and methods the nodes use (``conn``, ``flush_soon``, ``routes``, ``context``,
-``identity``, ``up_waiter``/``done_waiter``, ``writable``, ``close``/``goaway``/
+``peer_certificate``, ``up_waiter``/``done_waiter``, ``writable``, ``close``/``goaway``/
 ``terminate``, ...), the same ``TunnelHandler`` callbacks and the same checks of the
 peer: its certificate must chain to our CA (a client certificate is demanded by the
 server and checked here, with ``cryptography``'s X.509 verifier), name a role we accept,
@@ -44,9 +44,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from .. import pki
-from ..pki import PeerIdentity, PkiError
-from ..settings import Settings
+from ..basics import pki
+from ..basics.pki import PeerCertificate, PkiError
+from ..basics.settings import Settings
 from ..wire import events as ev
 from ..wire.connection import ProtocolError, WireConfig
 from ..wire.quic import (
@@ -138,9 +138,9 @@ class PeerRefused(Exception):
 
 
 def verify_peer(credentials: QuicCredentials, certificate: bytes | None, chain: list[bytes],
-                server_name: str | None) -> PeerIdentity:
+                server_name: str | None) -> PeerCertificate:
     """Check the peer's certificate against our CA (as a server certificate for
-    ``server_name`` when we dialed, else as a client certificate) and read its identity."""
+    ``server_name`` when we dialed, else as a client certificate) and read what it says (role, name, serial)."""
     if certificate is None:
         raise PeerRefused("certificate_required", "peer presented no certificate", AlertDescription.certificate_required)
     try:
@@ -209,7 +209,7 @@ class QuicTunnel(TunnelBase):
         self.label = label
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.DatagramTransport | None = transport
-        self.identity: PeerIdentity | None = None
+        self.peer_certificate: PeerCertificate | None = None
         self.peer_addr = f"{peer[0]}:{peer[1]}"
         self.up = False
         self.closed = False
@@ -401,19 +401,19 @@ class QuicTunnel(TunnelBase):
     # ------------------------------------------------------------------ internal events
     def _on_handshake(self, tunnel: QuicTunnel, event: HandshakeCompleted) -> None:
         try:
-            identity = verify_peer(self.credentials, event.certificate, event.chain, self._server_name)
+            peer = verify_peer(self.credentials, event.certificate, event.chain, self._server_name)
         except PeerRefused as exc:
             self._refuse(exc.code, exc.reason, exc.alert)
             return
-        if identity.role not in self.accept_roles:
-            self._refuse("role_refused", f"peer certificate role {identity.role!r} not accepted here "
+        if peer.role not in self.accept_roles:
+            self._refuse("role_refused", f"peer certificate role {peer.role!r} not accepted here "
                                          f"(expected {'/'.join(self.accept_roles)})")
             return
-        refusal = self.handler.refuse_peer(identity)
+        refusal = self.handler.refuse_peer(peer)
         if refusal is not None:
             self._refuse("certificate_revoked", refusal, AlertDescription.certificate_revoked)
             return
-        self.identity = identity
+        self.peer_certificate = peer
         self._peer_der = event.certificate
         self.conn.initiate()
         self.handshake_waiter.set_result(None)

@@ -16,8 +16,8 @@ import os
 import ssl
 from typing import Any, Callable
 
-from ..observability import Stats
-from ..pki import PeerIdentity, PkiError, peer_identity
+from ..basics.metrics import Stats
+from ..basics.pki import PeerCertificate, PkiError, peer_certificate
 from ..wire import events as ev
 from ..wire.connection import ProtocolError, TunnelConnection, WireConfig
 
@@ -60,7 +60,7 @@ class TunnelHandler:
     def auth_received(self, tunnel: "Tunnel", event: ev.AuthReceived) -> None:
         """A client sent a new access token (only edges act on it)."""
 
-    def refuse_peer(self, identity: PeerIdentity) -> str | None:
+    def refuse_peer(self, peer: PeerCertificate) -> str | None:
         """Why a peer with this (CA-verified) certificate must not connect (e.g. revoked), or None."""
         return None
 
@@ -70,14 +70,14 @@ class TunnelBase:
     properties, the dispatch of wire events to the handler, the checks of the peer's HELLO
     against its certificate, RTT from PONGs, draining on GOAWAY and the keepalive timer.
 
-    A subclass sets the attributes used here (``handler``, ``conn``, ``identity``, ``peer_addr``,
+    A subclass sets the attributes used here (``handler``, ``conn``, ``peer_certificate``, ``peer_addr``,
     ``label``, ``loop``, ``keepalive``, ``up``, ``closed``, ``rtt``, ``_timer``, ``_last_rx``,
     ``_last_ping``, ``up_waiter``) and provides ``close``, ``_refuse(code, reason)``, ``_flush``
     and ``_keepalive_expired(silent)``."""
 
     handler: TunnelHandler
     conn: Any
-    identity: PeerIdentity | None
+    peer_certificate: PeerCertificate | None
     peer_addr: str
     label: str
     loop: asyncio.AbstractEventLoop
@@ -117,7 +117,7 @@ class TunnelBase:
     def peer_name(self) -> str:
         if self.conn.peer is not None:
             return self.conn.peer.node
-        return self.identity.name if self.identity else self.peer_addr
+        return self.peer_certificate.name if self.peer_certificate else self.peer_addr
 
     @property
     def draining(self) -> bool:
@@ -130,16 +130,16 @@ class TunnelBase:
     # ------------------------------------------------------------------ internal events
     def _on_hello(self, tunnel: Any, event: ev.HelloReceived) -> None:
         hello = event.hello
-        assert self.identity is not None
-        if hello.role != self.identity.role:
+        assert self.peer_certificate is not None
+        if hello.role != self.peer_certificate.role:
             self._refuse("role_mismatch",
-                         f"HELLO says role {hello.role!r} but the certificate says {self.identity.role!r}")
+                         f"HELLO says role {hello.role!r} but the certificate says {self.peer_certificate.role!r}")
             return
-        if hello.node != self.identity.name:
+        if hello.node != self.peer_certificate.name:
             self._refuse("name_mismatch",
-                         f"HELLO says node {hello.node!r} but the certificate names {self.identity.name!r}")
+                         f"HELLO says node {hello.node!r} but the certificate names {self.peer_certificate.name!r}")
             return
-        refusal = self.handler.refuse_peer(self.identity)  # revoked while the HELLO was on its way
+        refusal = self.handler.refuse_peer(self.peer_certificate)  # revoked while the HELLO was on its way
         if refusal is not None:
             self._refuse("certificate_revoked", refusal)
             return
@@ -224,7 +224,7 @@ class Tunnel(TunnelBase, asyncio.Protocol):
         self.label = label
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.identity: PeerIdentity | None = None
+        self.peer_certificate: PeerCertificate | None = None
         self.peer_addr = ""
         self.up = False
         self.closed = False
@@ -266,17 +266,17 @@ class Tunnel(TunnelBase, asyncio.Protocol):
             self.close("tls_required", "tunnel is not TLS")
             return
         try:
-            self.identity = peer_identity(ssl_object)
+            self.peer_certificate = peer_certificate(ssl_object)
         except PkiError as exc:
             self.close("bad_certificate", str(exc))
             return
-        if self.identity.role not in self.accept_roles:
+        if self.peer_certificate.role not in self.accept_roles:
             self.close(
                 "role_refused",
-                f"peer certificate role {self.identity.role!r} not accepted here (expected {'/'.join(self.accept_roles)})",
+                f"peer certificate role {self.peer_certificate.role!r} not accepted here (expected {'/'.join(self.accept_roles)})",
             )
             return
-        refusal = self.handler.refuse_peer(self.identity)
+        refusal = self.handler.refuse_peer(self.peer_certificate)
         if refusal is not None:
             self.close("certificate_revoked", refusal, error=True)
             return

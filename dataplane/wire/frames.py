@@ -78,7 +78,7 @@ class Open(msgspec.Struct, array_like=True, gc=False, frozen=True):
 
     From an edge to a connector it also says for whom (``user`` UPN, ``device`` id, the
     ``connection`` id of the traffic log, the client's initiating ``process``) and carries
-    the ``grant`` the edge signed for exactly this flow (``dataplane.grants``).
+    the ``grant`` the edge signed for exactly this flow (``dataplane.access.grants``).
     """
 
     host: Short

@@ -1,71 +1,29 @@
-"""Process bootstrap shared by every node: TLS identity, wire limits, signals, reconnect backoff.
+"""Tunnel supervision for the nodes that dial edges (connector, client agent).
 
-A node process (edge, connector, client) is started by ``dataplane.run``; this module
-turns ``Settings`` into what the node needs and runs its main coroutine on uvloop with
-SIGINT/SIGTERM wired to a stop event.
+``keep_tunnel`` keeps one tunnel slot up: dial (TLS/TCP, through an HTTP CONNECT proxy when
+configured, or QUIC, as ``TransportChoice`` says for FERRYMAN_TRANSPORT), wait for the HELLO
+exchange, run the node's session until the tunnel ends, back off with jitter (``Backoff``)
+and dial again; on an ``auto`` fallback to TLS/TCP it probes QUIC and moves over when it
+answers, retiring the TLS/TCP tunnel once its flows are done.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import random
-import resource
-import signal
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import uvloop
-
-from . import pki
-from .settings import Settings, SettingsError
-from .transport.proxy import dial_tls, egress_proxy
-from .transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
-from .wire.connection import WireConfig
+from ..basics import pki
+from ..basics.settings import Settings
+from ..wire.connection import WireConfig
+from .proxy import dial_tls, egress_proxy
+from .quic import QuicTunnel, dial_quic, load_credentials
+from .tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 
 log = logging.getLogger("ferryman.dial")
-
-SOFTWARE = "ferryman/0.1.0"
-
-
-class NodeIdentity:
-    """This node's certificate-backed identity and TLS contexts."""
-
-    def __init__(self, settings: Settings, role: str) -> None:
-        missing = [name for name, value in (("FERRYMAN_TLS_CA", settings.tls_ca),
-                                            ("FERRYMAN_TLS_CERT", settings.tls_cert),
-                                            ("FERRYMAN_TLS_KEY", settings.tls_key)) if not value]
-        if missing:
-            register = (f"register it (`ferryman {role} register --control URL --token T`), or "
-                        if role in ("edge", "connector") else "")
-            raise SettingsError(
-                f"{', '.join(missing)} not set: {register}run `ferryman pki init DIR` and point the "
-                f"FERRYMAN_TLS_* variables (or --ca/--cert/--key) at its files"
-            )
-        me = pki.load_identity(settings.tls_cert)
-        if me.role != role:
-            raise SettingsError(f"{settings.tls_cert} is a {me.role} certificate; a {role} needs a {role} certificate")
-        self.role = role
-        self.name = me.name
-        self.settings = settings
-
-    def server_context(self) -> ssl.SSLContext:
-        s = self.settings
-        return pki.server_context(s.tls_cert, s.tls_key, s.tls_ca)
-
-    def client_context(self) -> ssl.SSLContext:
-        s = self.settings
-        return pki.client_context(s.tls_cert, s.tls_key, s.tls_ca)
-
-    def wire_config(self, group: str = "") -> WireConfig:
-        s = self.settings
-        return WireConfig(
-            role=self.role, node=self.name, group=group, max_frame=s.max_frame, window=s.flow_window,
-            max_flows=s.max_flows, max_pending_opens=s.max_pending_opens, software=SOFTWARE,
-        )
 
 
 class Backoff:
@@ -105,8 +63,6 @@ class TransportChoice:
 
 def transport_of(tunnel: Any) -> str:
     """``quic`` or ``tcp``: the transport a tunnel runs over (for logs, status and metrics)."""
-    from .transport.quic import QuicTunnel
-
     return "quic" if isinstance(tunnel, QuicTunnel) else "tcp"
 
 
@@ -187,8 +143,6 @@ async def keep_tunnel(
 async def _dial_quic(node: TunnelHandler, settings: Settings, config: WireConfig, host: str, port: int,
                      name: str) -> tuple[Any, str]:
     """(a QUIC tunnel whose HELLO exchange is done, "") or (None, why not)."""
-    from .transport.quic import dial_quic, load_credentials
-
     try:
         credentials = load_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
     except (pki.PkiError, OSError, ValueError) as exc:
@@ -250,45 +204,3 @@ def _retire(tunnel: Any, grace: float) -> None:
         tunnel.close("transport_upgrade", "replaced by a QUIC tunnel")
 
     asyncio.ensure_future(close_when_idle())
-
-
-def raise_nofile_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def tune_malloc() -> None:
-    """Keep glibc from mapping and unmapping (or trimming) memory for every large buffer.
-
-    Tunnel reads and writes allocate buffers of up to a few hundred KiB per call; by
-    default glibc serves those with fresh mmaps or gives the heap top back after each
-    free, and the page faults that follow cost about a third of the edge's CPU in bulk
-    transfers. Memory stays bounded by the flow-control windows either way.
-    """
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-    mallopt(m_trim_threshold, 128 * 1024 * 1024)
-
-
-def run_node(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(stop)`` on uvloop; SIGINT/SIGTERM set ``stop``."""
-    raise_nofile_limit()
-    tune_malloc()
-
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await main(stop)
-
-    uvloop.run(runner())

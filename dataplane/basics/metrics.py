@@ -1,55 +1,28 @@
-"""Observability for every Ferryman node: hot-path counters, Prometheus metrics, health
-endpoints and log setup.
+"""Hot-path counters and the Prometheus metrics and health endpoints of every node.
 
 - ``Stats``: plain attributes that nodes bump on the hot path (no locks, no
   prometheus_client calls per frame); ``StatsCollector`` turns them into ``ferryman_*``
   metric families only when scraped, in a per-node ``CollectorRegistry``.
 - ``start_metrics_server``: a tiny HTTP/1.1 server for ``/metrics``, ``/ready`` and
   ``/health`` (``FERRYMAN_METRICS_ADDR``).
-- ``parse_hostport``: the one parser of every ``HOST:PORT`` setting.
-- ``setup_logging``: root logger to stderr as ``text`` or ``json`` lines, with the node's
-  role and name and every ``extra={...}`` field.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
-import ipaddress
 import logging
-import sys
-import tomllib
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
-import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = [
-    "Stats", "StatsCollector", "make_registry", "start_metrics_server", "parse_hostport",
-    "setup_logging", "VERSION", "MAX_REQUEST_HEAD", "IDLE_TIMEOUT",
-]
+from .hostport import parse_hostport
+from .version import VERSION
+
+__all__ = ["Stats", "StatsCollector", "make_registry", "start_metrics_server", "MAX_REQUEST_HEAD", "IDLE_TIMEOUT"]
 
 log = logging.getLogger(__name__)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ferryman")
-    except PackageNotFoundError:  # running from a source checkout
-        try:
-            with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as fh:
-                return str(tomllib.load(fh)["project"]["version"])
-        except (OSError, KeyError, tomllib.TOMLDecodeError):
-            return "unknown"
-
-
-VERSION = _version()
 
 
 # ---------------------------------------------------------------------------- Stats
@@ -169,43 +142,6 @@ def make_registry(stats: Stats) -> CollectorRegistry:
     return registry
 
 
-# ---------------------------------------------------------------------------- HOST:PORT
-def parse_hostport(value: str, what: str, allow_zero: bool = False) -> tuple[str, int]:
-    """Split ``host:port`` / ``[v6]:port``; errors name the setting ``what``."""
-
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{what}={value!r}: {why}")
-
-    text = value.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or not text[end + 1:].startswith(":"):
-            raise bad("expected [IPV6]:PORT")
-        host, port_text = text[1:end], text[end + 2:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise bad(f"{host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise bad("expected HOST:PORT")
-        if ":" in host:
-            raise bad("an IPv6 address must be in brackets, e.g. [::1]:9100")
-        if not host:
-            raise bad("host is empty (use 0.0.0.0 or [::] for all interfaces)")
-        if any(c.isspace() or c in "/[]@" for c in host):
-            raise bad(f"{host!r} is not a valid host name or address")
-    lowest = 0 if allow_zero else 1
-    range_text = "port must be 1-65535" + (" (or 0 for any free port)" if allow_zero else "")
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise bad(range_text)
-    port = int(port_text)
-    if not lowest <= port <= 65535:
-        raise bad(range_text)
-    return host, port
-
-
 # ---------------------------------------------------------------------------- HTTP
 MAX_REQUEST_HEAD = 8192  # bytes of request line + headers
 IDLE_TIMEOUT = 5.0       # seconds a client may stay silent before it is closed
@@ -298,106 +234,3 @@ async def _serve_one(reader: asyncio.StreamReader, registry: CollectorRegistry,
     if target == b"/health":
         return 200, text, b"ok\n", head_only
     return 404, text, b"not found\n", head_only
-
-
-# ---------------------------------------------------------------------------- logging
-_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName"}
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
-
-
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return str(value)
-
-
-class _Formatter(logging.Formatter):
-    """Base for both formats: timestamp, role/node, and the ``extra`` fields of a record."""
-
-    def __init__(self, role: str, node: str) -> None:
-        super().__init__()
-        self.role, self.node = role, node
-
-    @staticmethod
-    def timestamp(record: logging.LogRecord) -> str:
-        t = _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)
-        return t.strftime("%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z"
-
-    @staticmethod
-    def extras(record: logging.LogRecord) -> dict[str, Any]:
-        return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
-
-    def trace(self, record: logging.LogRecord) -> str:
-        parts = []
-        if record.exc_info:
-            parts.append(self.formatException(record.exc_info))
-        elif record.exc_text:
-            parts.append(record.exc_text)
-        if record.stack_info:
-            parts.append(self.formatStack(record.stack_info))
-        return "\n".join(parts)
-
-
-class JsonFormatter(_Formatter):
-    """One JSON object per line: ts, level, role, node, logger, msg, extras, exc."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {"ts": self.timestamp(record), "level": record.levelname, "role": self.role,
-                                "node": self.node, "logger": record.name, "msg": record.getMessage()}
-        for key, value in self.extras(record).items():
-            data[key if key not in data else key + "_"] = _jsonable(value)
-        trace = self.trace(record)
-        if trace:
-            data["exc"] = trace
-        return msgspec.json.encode(data).decode()
-
-
-class TextFormatter(_Formatter):
-    """``TS LEVEL role[node] msg key=value ...`` with the traceback on the following lines."""
-
-    @staticmethod
-    def quote(value: Any) -> str:
-        text = value if isinstance(value, str) else str(value)
-        if text == "" or any(c.isspace() or c in '"=' for c in text):
-            return msgspec.json.encode(text).decode()
-        return text
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = f"{self.timestamp(record)} {record.levelname} {self.role}[{self.node}] {record.getMessage()}"
-        fields = "".join(f" {k}={self.quote(v)}" for k, v in self.extras(record).items())
-        trace = self.trace(record)
-        return line + fields + ("\n" + trace if trace else "")
-
-
-def setup_logging(level: str, fmt: str, role: str, node: str) -> None:
-    """Send the root logger to stderr in ``fmt`` ("text" or "json"); safe to call again."""
-    lvl = _LEVELS.get(level.strip().lower())
-    if lvl is None:
-        raise ValueError(f"FERRYMAN_LOG_LEVEL={level!r}: must be debug, info, warning or error")
-    formatter: logging.Formatter
-    if fmt == "json":
-        formatter = JsonFormatter(role, node)
-    elif fmt == "text":
-        formatter = TextFormatter(role, node)
-    else:
-        raise ValueError(f"FERRYMAN_LOG_FORMAT={fmt!r}: must be 'text' or 'json'")
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-        old.close()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter)
-    root.addHandler(handler)
-    root.setLevel(lvl)

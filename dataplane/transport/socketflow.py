@@ -21,10 +21,10 @@ import socket
 import struct
 from typing import TYPE_CHECKING
 
-from .observability import Stats
-from .transport.tunnel import Tunnel, TunnelHandler
-from .wire import events as ev
-from .wire.connection import FlowError
+from ..basics.metrics import Stats
+from ..wire import events as ev
+from ..wire.connection import FlowError
+from .tunnel import Tunnel, TunnelHandler
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -24,9 +24,9 @@ retries with exponential backoff (at most ``RETRY_MAX`` seconds apart), logging 
 once and the recovery once. A refusal (401/403: a revoked or unknown certificate) is
 logged as an error with the control plane's message, and retried more slowly.
 
-Requests are asyncio HTTP/1.1 calls (``dataplane.httpclient``), so stopping the node
+Requests are asyncio HTTP/1.1 calls (``controllink.http``), so stopping the node
 cancels a waiting long-poll at once; each is authenticated by a one-use token signed with
-the node's key (``dataplane.nodeauth``).
+the node's key (``contract.nodeauth``, ``controllink.signer``).
 """
 
 from __future__ import annotations
@@ -42,15 +42,20 @@ from typing import Any
 
 import msgspec
 
-from . import httpclient, pki, register
-from .enroll import new_key_and_csr, renewal_due, write_identity
-from .nodeauth import NodeSigner
-from .observability import VERSION
-from .runtime import Backoff
-from .settings import Settings
-from .snapshot import ConfigSnapshot, SnapshotCache, SnapshotError, decode
-from .trafficlog import MAX_BATCH, TrafficQueue
-from .transport.tunnel import Tunnel
+from ..basics import pki
+from ..basics.pki import new_key_and_csr, write_node_files
+from ..basics.settings import Settings
+from ..basics.version import VERSION
+from ..contract.flowrecord import MAX_BATCH
+from ..contract.snapshot import ConfigSnapshot, SnapshotError, decode
+from ..transport.supervisor import Backoff
+from ..transport.tunnel import Tunnel
+from . import http as httpclient
+from .registration import Registration, control_base, update_record
+from .renewal import renewal_due
+from .signer import NodeSigner
+from .snapshot_cache import SnapshotCache
+from .traffic import TrafficQueue
 
 log = logging.getLogger("ferryman.control_link")
 
@@ -95,7 +100,7 @@ def cut_revoked(tunnels: Iterable[Tunnel], revoked: frozenset[int], node: str) -
     """End every tunnel whose peer certificate is in ``revoked``; return how many."""
     cut = 0
     for tunnel in list(tunnels):
-        peer = tunnel.identity
+        peer = tunnel.peer_certificate
         if peer is None or tunnel.closed or peer.serial not in revoked:
             continue
         log.warning("tunnel cut: peer certificate revoked", extra={"tunnel": tunnel.label, "peer": peer.name,
@@ -149,15 +154,15 @@ class ControlLink:
     is called after the certificate files were replaced.
     """
 
-    def __init__(self, settings: Settings, identity: register.Identity,
+    def __init__(self, settings: Settings, registration: Registration,
                  on_snapshot: Callable[[ConfigSnapshot], None], report: Callable[[], Report],
                  on_renewed: Callable[[], None] | None = None, *, traffic: TrafficQueue | None = None) -> None:
         self.settings = settings
-        self.identity = identity
-        self.base = register.control_base(settings.control_url or identity.record.control)
-        self.signer = NodeSigner(identity.cert, identity.key)
+        self.registration = registration
+        self.base = control_base(settings.control_url or registration.record.control)
+        self.signer = NodeSigner(registration.cert, registration.key)
         self.client = ControlClient(self.base, self.signer)
-        self.cache = SnapshotCache(os.path.join(identity.directory, CACHE_FILE))
+        self.cache = SnapshotCache(os.path.join(registration.directory, CACHE_FILE))
         self.on_snapshot = on_snapshot
         self.report = report
         self.on_renewed = on_renewed
@@ -341,7 +346,7 @@ class ControlLink:
         while True:
             delay = RENEW_CHECK
             try:
-                due = renewal_due(self.identity.cert, datetime.datetime.now(datetime.timezone.utc),
+                due = renewal_due(self.registration.cert, datetime.datetime.now(datetime.timezone.utc),
                                   self.settings.renew_at)
             except (pki.PkiError, ValueError) as exc:
                 log.error("cannot check the certificate for renewal: %s", exc)
@@ -358,21 +363,21 @@ class ControlLink:
                     delay = backoff.next()
             await asyncio.sleep(delay)
 
-    async def renew(self) -> register.Identity:
+    async def renew(self) -> Registration:
         """Renew the certificate now: new key, CSR, new files, updated node.json; then ``on_renewed``."""
-        record = self.identity.record
+        record = self.registration.record
         key_pem, csr_pem = new_key_and_csr(record.name)
         _, payload = await self.client.call("POST", "/v1/node/renew", {"csr_pem": csr_pem.decode()})
         try:
             answer = msgspec.json.decode(payload, type=_Renewed)
         except msgspec.MsgspecError as exc:
             raise ControlError(f"the control plane's renewal answer is not a certificate ({exc})") from None
-        await asyncio.to_thread(write_identity, self.identity.directory, record.name, key_pem,
+        await asyncio.to_thread(write_node_files, self.registration.directory, record.name, key_pem,
                                 answer.certificate_pem.encode(), answer.ca_pem.encode())
-        self.identity = await asyncio.to_thread(register.update_record, self.identity, serial=answer.serial,
+        self.registration = await asyncio.to_thread(update_record, self.registration, serial=answer.serial,
                                                 not_after=answer.not_after)
         self.signer.reload()
         log.info("certificate renewed", extra={"serial": answer.serial, "not_after": answer.not_after})
         if self.on_renewed is not None:
             self.on_renewed()
-        return self.identity
+        return self.registration

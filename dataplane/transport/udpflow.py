@@ -21,11 +21,11 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .wire.connection import FlowError
+from ..wire.connection import FlowError
 
 if TYPE_CHECKING:
     from .socketflow import EndpointNode
-    from .transport.tunnel import Tunnel
+    from .tunnel import Tunnel
 
 log = logging.getLogger("ferryman.udp")
 
@@ -194,34 +194,3 @@ def set_udp_buffers(transport: asyncio.BaseTransport, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, size)
         except OSError as exc:
             log.warning("cannot set a UDP socket buffer", extra={"size": size, "reason": exc.strerror})
-
-
-RESOLV_CONF = "/etc/resolv.conf"
-
-
-def dns_server(setting: str, resolv_conf: str = RESOLV_CONF) -> tuple[str, int]:
-    """The DNS server this connector asks for private names: FERRYMAN_DNS_SERVER (``HOST[:PORT]``,
-    ``[V6]:PORT``), else the first ``nameserver`` of resolv.conf; ValueError when there is none."""
-    text = setting.strip()
-    if not text:
-        try:
-            with open(resolv_conf) as fh:
-                for line in fh:
-                    fields = line.split()
-                    if len(fields) >= 2 and fields[0] == "nameserver":
-                        return fields[1], 53
-        except OSError as exc:
-            raise ValueError(f"no DNS server for private names: FERRYMAN_DNS_SERVER is empty and {resolv_conf} "
-                             f"cannot be read ({exc.strerror})") from None
-        raise ValueError(f"no DNS server for private names: FERRYMAN_DNS_SERVER is empty and {resolv_conf} "
-                         f"names no nameserver")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else "53"
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, "53"
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"FERRYMAN_DNS_SERVER={setting!r}: expected HOST[:PORT]")
-    return host, int(port_text)

@@ -7,7 +7,7 @@ edge verifies tokens without calling anyone. ``TokenVerifier.principal(token, de
 checks the signature (key chosen by ``kid``), the issuer, the claims every flow decision
 needs, and that the token was issued to the device whose certificate the tunnel presented
 (the ``did`` claim is that certificate's name). Expiry is checked per flow, by
-``dataplane.policy``, so a tunnel outlives a token the client refreshes in time.
+``dataplane.access.policy``, so a tunnel outlives a token the client refreshes in time.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""Applications from a file: which destinations are private, and which connector group reaches them.
+"""Applications and their segments: what is private, and which connector group reaches it.
 
 An application is a name, a connector group and up to ``MAX_SEGMENTS`` segments; a segment
-is a destination, a set of ports and a protocol. The edge asks ``AppTable.match`` for every
-new flow; the most specific segment wins (see ``AppTable.match``). Pure: apart from reading
-the file in ``AppTable.load`` there is no I/O, and names are never resolved.
+is a destination, a set of ports and a protocol. This module parses and validates them (from
+an application file, the control plane's store and API, or a snapshot) into ``App`` and
+``Segment``; which segment a flow matches is ``access.apptable``'s job. Pure: apart from
+reading a file in ``read_file`` / ``Applications.load`` there is no I/O, and names are
+never resolved.
 
 File format: JSON or TOML (chosen by the extension ``.json`` / ``.toml``; other names are
 tried as JSON, then as TOML)::
@@ -26,16 +28,13 @@ Error messages name the file, the app and the segment (counted from 1).
 
 from __future__ import annotations
 
-import bisect
 import ipaddress
 import json
 import os
 import re
-import socket
 import tomllib
 from collections.abc import Sequence
-from itertools import groupby
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 
@@ -72,17 +71,6 @@ class App(msgspec.Struct, frozen=True):
     name: str
     connector_group: str
     segments: tuple[Segment, ...]
-
-
-class Match(msgspec.Struct, frozen=True):
-    app: App
-    segment: Segment
-
-
-def describe_miss(host: str, port: int, protocol: str = "tcp") -> str:
-    """The refusal text for a flow that no application covers."""
-    text = f"no application covers {host}:{port}"
-    return f"{text}/{protocol}" if protocol == "udp" else text
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -296,86 +284,6 @@ def _parse_protocol(value: Any) -> str:
     return str(protocol)
 
 
-# ---------------------------------------------------------------------------- matching
-
-# A candidate segment: its ports and the answer to give when they fit. Every list of
-# candidates below holds segments of equal destination specificity, in file order.
-_Candidate = tuple[tuple[tuple[int, int], ...], Match]
-
-
-def _pick(candidates: Sequence[_Candidate], port: int) -> Match | None:
-    """The candidate whose narrowest port range containing ``port`` is narrowest (first on ties)."""
-    best: Match | None = None
-    best_width = 65536
-    for ranges, match in candidates:
-        for low, high in ranges:
-            if low > port:
-                break
-            if port <= high and high - low < best_width:
-                best, best_width = match, high - low
-    return best
-
-
-class _AddressIndex:
-    """Segments of one IP version, cut into elementary intervals for a bisect lookup.
-
-    For each interval between consecutive boundaries it keeps the segments covering it,
-    grouped into tiers of equal address count, smallest first.
-    """
-
-    def __init__(self, entries: Sequence[tuple[int, int, _Candidate]]) -> None:
-        self.bounds = sorted({low for low, _, _ in entries} | {high + 1 for _, high, _ in entries})
-        covering: list[list[tuple[int, int, _Candidate]]] = [[] for _ in self.bounds]
-        for order, (low, high, candidate) in enumerate(entries):
-            for k in range(bisect.bisect_left(self.bounds, low), bisect.bisect_left(self.bounds, high + 1)):
-                covering[k].append((high - low + 1, order, candidate))
-        self.tiers: list[tuple[tuple[_Candidate, ...], ...]] = []
-        for cover in covering:
-            cover.sort(key=lambda item: (item[0], item[1]))
-            tiers = groupby(cover, key=lambda item: item[0])
-            self.tiers.append(tuple(tuple(candidate for _, _, candidate in tier) for _, tier in tiers))
-
-    def match(self, address: int, port: int) -> Match | None:
-        k = bisect.bisect_right(self.bounds, address) - 1
-        if k < 0:
-            return None
-        for tier in self.tiers[k]:
-            if found := _pick(tier, port):
-                return found
-        return None
-
-
-class _ProtocolIndex:
-    """All segments of one protocol."""
-
-    def __init__(self, candidates: Sequence[tuple[Segment, _Candidate]]) -> None:
-        self.names: dict[str, list[_Candidate]] = {}
-        self.wildcards: dict[str, list[_Candidate]] = {}
-        by_version: dict[int, list[tuple[int, int, _Candidate]]] = {4: [], 6: []}
-        for segment, candidate in candidates:
-            if segment.kind == "hostname":
-                self.names.setdefault(segment.destination, []).append(candidate)
-            elif segment.kind == "wildcard":
-                self.wildcards.setdefault(segment.destination[2:], []).append(candidate)
-            else:
-                version, low, high = address_bounds(segment)
-                by_version[version].append((low, high, candidate))
-        self.v4 = _AddressIndex(by_version[4])
-        self.v6 = _AddressIndex(by_version[6])
-
-    def match_name(self, name: str, port: int) -> Match | None:
-        exact = self.names.get(name)
-        if exact and (found := _pick(exact, port)):
-            return found
-        dot = name.find(".")
-        while dot >= 0:  # longest suffix first
-            wild = self.wildcards.get(name[dot + 1:])
-            if wild and (found := _pick(wild, port)):
-                return found
-            dot = name.find(".", dot + 1)
-        return None
-
-
 def address_bounds(segment: Segment) -> tuple[int, int, int]:
     """(IP version, first address, last address) of an ip / cidr / range segment."""
     if segment.kind == "cidr":
@@ -386,55 +294,23 @@ def address_bounds(segment: Segment) -> tuple[int, int, int]:
     return start.version, int(start), int(ipaddress.ip_address(last or first))
 
 
-def _parse_address(text: str) -> tuple[int, int] | None:
-    """(version, integer) if ``text`` is an IP address literal, else None. IPv4-mapped IPv6 counts as IPv4."""
-    try:
-        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text))
-    except OSError:
-        pass
-    try:
-        value = int.from_bytes(socket.inet_pton(socket.AF_INET6, text))
-    except OSError:
-        return None
-    if value >> 32 == 0xFFFF:
-        return 4, value & 0xFFFFFFFF
-    return 6, value
 
 
-def _first(candidates: Sequence[_Candidate] | None) -> Match | None:
-    return candidates[0][1] if candidates else None
-
-
-class AppTable:
-    """The applications an edge knows, indexed for a per-flow ``match``."""
+class Applications:
+    """A validated list of applications (``from_obj`` / ``load``), in file order."""
 
     def __init__(self, apps: Sequence[App]) -> None:
         self._apps = tuple(apps)
-        per_protocol: dict[str, list[tuple[Segment, _Candidate]]] = {p: [] for p in PROTOCOLS}
-        for app in self._apps:
-            for segment in app.segments:
-                per_protocol[segment.protocol].append((segment, (segment.ports, Match(app=app, segment=segment))))
-        self._index = {protocol: _ProtocolIndex(candidates) for protocol, candidates in per_protocol.items()}
 
     @classmethod
-    def load(cls, path: str) -> AppTable:
+    def load(cls, path: str) -> Self:
         """Read a JSON or TOML application file."""
         return cls.from_obj(read_file(path), source=path)
 
     @classmethod
-    def from_obj(cls, obj: Any, source: str = "<apps>") -> AppTable:
+    def from_obj(cls, obj: Any, source: str = "<apps>") -> Self:
         """Build from an already decoded object (``{"apps": [...]}``); ``source`` prefixes errors."""
         return cls(_parse_apps(obj, source))
-
-    @classmethod
-    def single(
-        cls, host: str, port: int, group: str = DEFAULT_GROUP, name: str | None = None, protocol: str = "tcp"
-    ) -> AppTable:
-        """One application covering one destination (a host name or an IP address) and port."""
-        if name is None:
-            name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        segment = {"destination": host, "ports": [port], "protocol": protocol}
-        return cls.from_obj({"apps": [{"name": name, "connector_group": group, "segments": [segment]}]}, "<single>")
 
     @property
     def apps(self) -> list[App]:
@@ -443,43 +319,3 @@ class AppTable:
     def groups(self) -> set[str]:
         """The connector groups that some application needs."""
         return {app.connector_group for app in self._apps}
-
-    def match(self, host: str, port: int, protocol: str = "tcp") -> Match | None:
-        """The most specific segment covering ``host:port/protocol``, or None.
-
-        An IP literal is matched against ip / cidr / range segments, a name against
-        hostname / wildcard segments (names are never resolved). Most specific wins: an
-        exact name beats a wildcard, a longer wildcard suffix a shorter one; fewer
-        addresses beat more (a single IP beats any network). Among segments equally
-        specific by destination, the narrower matching port range wins, then file order.
-        """
-        index = self._index.get(protocol)
-        if index is None:
-            return None
-        name = host.lower()
-        if name.startswith("[") and name.endswith("]"):
-            name = name[1:-1]
-        if name and (":" in name or name[-1].isdigit()):
-            address = _parse_address(name)
-            if address is not None:
-                version, value = address
-                return (index.v4 if version == 4 else index.v6).match(value, port)
-        return index.match_name(name.rstrip("."), port)
-
-    def covering_name(self, name: str) -> Match | None:
-        """The most specific hostname or wildcard segment covering the DNS name ``name`` on any
-        port or protocol (which application a private name belongs to), or None."""
-        name = name.lower().rstrip(".")
-        for protocol in PROTOCOLS:
-            index = self._index[protocol]
-            found = _first(index.names.get(name))
-            if found is not None:
-                return found
-        dot = name.find(".")
-        while dot >= 0:  # longest suffix first
-            for protocol in PROTOCOLS:
-                found = _first(self._index[protocol].wildcards.get(name[dot + 1:]))
-                if found is not None:
-                    return found
-            dot = name.find(".", dot + 1)
-        return None

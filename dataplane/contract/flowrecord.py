@@ -1,20 +1,15 @@
-"""Traffic log records: what an edge writes for every flow and every refused attempt.
+"""Traffic log records: what an edge reports for every flow and every refused attempt.
 
 ``FlowRecord`` has one field per column of the control plane's ``traffic_logs`` table.
 An edge fills one in when a flow ends (``action`` ``allow``, or ``report`` when a
-report-only policy would have denied it) and when it refuses an OPEN (``deny``), and puts
-it in its ``TrafficQueue``. The queue is bounded (``FERRYMAN_TRAFFIC_QUEUE`` records): the
-data path only ever appends, never waits; when the control plane is unreachable long
-enough for the queue to fill, the oldest records are dropped and counted
-(``ferryman_traffic_records_dropped_total``). The node's control link ships batches to
-``POST /v1/node/traffic`` and puts a batch back at the front when sending fails.
+report-only policy would have denied it) and when it refuses an OPEN (``deny``); its control
+link ships them in batches of at most ``MAX_BATCH`` to ``POST /v1/node/traffic``
+(``controllink.traffic.TrafficQueue``). No I/O here.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
-from collections.abc import Iterable
 from typing import Annotated, Literal
 
 import msgspec
@@ -94,39 +89,3 @@ def is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-class TrafficQueue:
-    """The bounded queue between an edge's data path and its control link."""
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"the traffic queue must hold at least 1 record, not {limit}")
-        self.limit = limit
-        self._records: deque[FlowRecord] = deque()
-        self.dropped = 0  # records lost because the queue was full
-        self.shipped = 0
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def put(self, record: FlowRecord) -> None:
-        """Append (never blocks); the oldest record is dropped when full."""
-        if len(self._records) >= self.limit:
-            self._records.popleft()
-            self.dropped += 1
-        self._records.append(record)
-
-    def take(self, limit: int = MAX_BATCH) -> list[FlowRecord]:
-        """Up to ``limit`` of the oldest records, removed from the queue."""
-        records = self._records
-        return [records.popleft() for _ in range(min(limit, len(records)))]
-
-    def give_back(self, batch: Iterable[FlowRecord]) -> None:
-        """Put an unsent batch back in front (what does not fit any more is dropped, oldest first)."""
-        batch = list(batch)
-        room = self.limit - len(self._records)
-        if room < len(batch):
-            self.dropped += len(batch) - max(room, 0)
-            batch = batch[len(batch) - max(room, 0):]
-        self._records.extendleft(reversed(batch))

@@ -1,9 +1,11 @@
-"""The ``ferryman`` command: one entry point for every role and tool.
+"""The ``ferryman`` command (also ``python -m dataplane``): one entry point for every role and tool.
 
-Node processes (``edge``, ``connector``, ``client``) and ``pki`` are defined by the data
-plane (``dataplane.run``); ``up`` starts a local fabric; ``bench`` runs the benchmarks;
-``config vars`` prints every ``FERRYMAN_*`` setting; ``control`` serves the control plane's
-API (``control.server``); ``admin`` administers it over that API (``control.admin_cli``).
+Node processes (``edge``, ``connector``, ``client``), their registration and sign-in, and
+``pki`` are in ``cli.nodes``; ``up`` starts a local fabric (``dataplane.fabric``); ``bench``
+runs the benchmarks; ``config vars`` prints every ``FERRYMAN_*`` setting; ``control`` serves
+the control plane's API (``control.server``); ``admin`` administers it over that API
+(``control.admin_cli``). The control plane and the benchmarks are imported only by the
+commands that run them. Nothing imports this package.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import argparse
 import os
 import sys
 
-from dataplane import fabric, settings
-from dataplane.run import add_node_commands, run_command
+from .. import fabric
+from ..basics import settings
+from .nodes import add_node_commands, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +71,3 @@ def _control(args: argparse.Namespace) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,12 @@
 """Command-line entry of the data-plane nodes: ``edge``, ``connector``, ``client``, ``pki init``,
 and node registration (``connector register``, ``edge register``).
 
-``ferryman edge|connector|client|pki`` land here (also ``python -m dataplane ...``). Flags
+``ferryman edge|connector|client|pki`` land here (``add_node_commands``, ``run_command``). Flags
 override ``FERRYMAN_*`` variables of the same meaning. Errors in settings, certificates
 or the application file end the process with exit code 2 and one clear line.
 
 ``ferryman connector|edge register --control URL --token T`` registers the node with the
-control plane (``dataplane.register``). An edge or connector started with none of
+control plane (``controllink.registration``). An edge or connector started with none of
 ``FERRYMAN_TLS_CA/CERT/KEY`` set uses the identity registered in
 ``FERRYMAN_DATA_DIR/identity/node.json`` when there is one (a connector also takes the
 edges and connector group recorded there unless ``--edges``/``--group`` or their variables
@@ -21,12 +21,17 @@ import os
 import sys
 from typing import Any
 
-from . import pki, register
-from .apps import AppsError, AppTable
-from .observability import setup_logging
-from .runtime import NodeIdentity, run_node
-from .settings import Settings, SettingsError, read_config_file, load, variable_name
-from .transport.proxy import announce_egress
+from ..access.apptable import AppTable
+from ..basics import pki
+from ..basics.logs import setup_logging
+from ..basics.settings import Settings, SettingsError, load, read_config_file, variable_name
+from ..contract.apps import AppsError
+from ..basics import statefile
+from ..controllink import registration as register
+from ..controllink.registration import Registration
+from ..transport.credentials import NodeCredentials
+from ..transport.proxy import announce_egress
+from .process import run_node
 
 log = logging.getLogger("ferryman.identity")
 
@@ -152,11 +157,11 @@ def run_command(args: argparse.Namespace) -> int:
         registered = None
         keeper = None
         if args.node in register.ROLES:
-            settings, registered = _use_registered_identity(args.node, settings, overrides)
+            settings, registered = _use_registration(args.node, settings, overrides)
         elif args.node == "client":
             settings, keeper = _use_signed_in_session(settings, overrides)
-        identity = NodeIdentity(settings, args.node)
-        setup_logging(settings.log_level, settings.log_format, args.node, identity.name)
+        credentials = NodeCredentials(settings, args.node)
+        setup_logging(settings.log_level, settings.log_format, args.node, credentials.name)
         if registered is not None:
             _log_registered(registered, settings)
         if keeper is not None:
@@ -165,7 +170,7 @@ def run_command(args: argparse.Namespace) -> int:
                             "session": keeper.directory})
         if args.node in ("connector", "client"):
             announce_egress(settings)  # a malformed proxy URL stops the node here; logs the proxy in use
-        node = _build(args, settings, identity, registered, keeper, follow_edges=not _explicit("edges", overrides))
+        node = _build(args, settings, credentials, registered, keeper, follow_edges=not _explicit("edges", overrides))
     except (SettingsError, AppsError, pki.PkiError, register.RegisterError, ValueError) as exc:
         print(f"ferryman {args.node}: {exc}", file=sys.stderr)
         return 2
@@ -190,12 +195,12 @@ def _explicit(field: str, overrides: dict[str, Any]) -> bool:
     return bool(config) and field in read_config_file(config)
 
 
-def _use_registered_identity(role: str, settings: Settings,
-                             overrides: dict[str, Any]) -> tuple[Settings, register.Identity | None]:
+def _use_registration(role: str, settings: Settings,
+                      overrides: dict[str, Any]) -> tuple[Settings, Registration | None]:
     """With no FERRYMAN_TLS_* at all, the identity of ``FERRYMAN_DATA_DIR/identity/node.json``, if any."""
     if settings.tls_ca or settings.tls_cert or settings.tls_key:
         return settings, None
-    found = register.read_identity(register.default_directory(settings.data_dir))
+    found = register.read_registration(register.default_directory(settings.data_dir))
     if found is None:
         return settings, None
     if found.record.role != role:
@@ -207,7 +212,7 @@ def _use_registered_identity(role: str, settings: Settings,
     return load({**overrides, **values}), found
 
 
-def _log_registered(found: register.Identity, settings: Settings) -> None:
+def _log_registered(found: Registration, settings: Settings) -> None:
     extra: dict[str, Any] = {"identity": found.path, "node_id": found.record.node_id}
     if found.record.role == "connector":
         extra.update(edges=settings.edges, group=settings.connector_group)
@@ -217,33 +222,33 @@ def _log_registered(found: register.Identity, settings: Settings) -> None:
         log.warning(warning)
 
 
-def _build(args: argparse.Namespace, settings: Settings, identity: NodeIdentity,
-           registered: register.Identity | None, keeper: Any, *, follow_edges: bool) -> Any:
+def _build(args: argparse.Namespace, settings: Settings, credentials: NodeCredentials,
+           registered: Registration | None, keeper: Any, *, follow_edges: bool) -> Any:
     if args.node == "edge":
-        from .edge.node import Edge
+        from ..edge.node import Edge
 
         if settings.apps_file:
             if registered is not None:
                 log.info("FERRYMAN_APPS_FILE is set: applications come from %s, not from the control plane",
                          settings.apps_file)
-            return Edge(settings, identity, AppTable.load(settings.apps_file), registered)
+            return Edge(settings, credentials, AppTable.load(settings.apps_file), registered)
         if registered is None:
             raise SettingsError("the edge needs its applications: register it with the control plane "
                                 "(`ferryman edge register --control URL --token T --address HOST:PORT`), or set "
                                 "FERRYMAN_APPS_FILE (or --apps) to an application file")
-        return Edge(settings, identity, None, registered)
+        return Edge(settings, credentials, None, registered)
     if args.node == "connector":
-        from .connector.node import Connector
+        from ..connector.node import Connector
 
-        return Connector(settings, identity, registered, follow_edges=registered is not None and follow_edges)
-    from .client.node import Client, Forward
+        return Connector(settings, credentials, registered, follow_edges=registered is not None and follow_edges)
+    from ..client.node import Client, Forward
 
-    return Client(settings, identity, [Forward.parse(f) for f in args.forward], keeper)
+    return Client(settings, credentials, [Forward.parse(f) for f in args.forward], keeper)
 
 
 def _use_signed_in_session(settings: Settings, overrides: dict[str, Any]) -> tuple[Settings, Any]:
     """With no FERRYMAN_TLS_* at all, the session of ``ferryman client login`` (FERRYMAN_DATA_DIR/client), if any."""
-    from .client.signin import TokenKeeper, default_directory, read_session
+    from ..client.signin import TokenKeeper, default_directory, read_session
 
     if settings.tls_ca or settings.tls_cert or settings.tls_key:
         return settings, None
@@ -259,7 +264,7 @@ def _use_signed_in_session(settings: Settings, overrides: dict[str, Any]) -> tup
 def _login(args: argparse.Namespace) -> int:
     import getpass
 
-    from .client.signin import SignInError, default_directory, login
+    from ..client.signin import SignInError, default_directory, login
 
     try:
         data_dir = load().data_dir
@@ -298,7 +303,7 @@ def _login(args: argparse.Namespace) -> int:
             hint = " (pass --totp CODE or --recovery-code CODE)" if exc.code == "mfa_required" else ""
             print(f"ferryman client login: {exc}{hint}", file=sys.stderr)
             return 1
-        except pki.PkiError as exc:
+        except (pki.PkiError, statefile.StateFileError) as exc:
             print(f"ferryman client login: signed in, but the device identity cannot be stored: {exc}",
                   file=sys.stderr)
             return 1
@@ -306,7 +311,7 @@ def _login(args: argparse.Namespace) -> int:
 
 
 def _login_oidc(args: argparse.Namespace, directory: str, data_dir: str) -> int:
-    from .client.signin import SignInError, login_oidc
+    from ..client.signin import SignInError, login_oidc
 
     def show(url: str) -> None:
         print(f"open this URL in a browser to sign in: {url}", file=sys.stderr, flush=True)
@@ -319,14 +324,14 @@ def _login_oidc(args: argparse.Namespace, directory: str, data_dir: str) -> int:
     except SignInError as exc:
         print(f"ferryman client login: {exc}", file=sys.stderr)
         return 1
-    except pki.PkiError as exc:
+    except (pki.PkiError, statefile.StateFileError) as exc:
         print(f"ferryman client login: signed in, but the device identity cannot be stored: {exc}", file=sys.stderr)
         return 1
     return _login_done(session, directory, data_dir)
 
 
 def _login_done(session: Any, directory: str, data_dir: str) -> int:
-    from .client.signin import CLIENT_DIR, default_directory
+    from ..client.signin import CLIENT_DIR, default_directory
 
     print(f"# signed in as {session.upn} on device {session.device_id}; session and device key in {directory}")
     if directory == os.path.abspath(default_directory(data_dir)):
@@ -337,13 +342,13 @@ def _login_done(session: Any, directory: str, data_dir: str) -> int:
 
 
 def _client_directory(args: argparse.Namespace) -> str:
-    from .client.signin import default_directory
+    from ..client.signin import default_directory
 
     return os.path.abspath(args.dir) if args.dir else os.path.abspath(default_directory(load().data_dir))
 
 
 def _logout(args: argparse.Namespace) -> int:
-    from .client.signin import SignInError, logout
+    from ..client.signin import SignInError, logout
 
     try:
         directory = _client_directory(args)
@@ -362,7 +367,7 @@ def _logout(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from .client import status
+    from ..client import status
 
     try:
         directory = _client_directory(args)
@@ -394,9 +399,3 @@ def _pki_init(args: argparse.Namespace) -> int:
         print(f"{files.role:<10} {name:<16} {files.cert}  {files.key}")
     print(f"CA: {args.dir}/ca.pem")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataplane")
-    add_node_commands(parser.add_subparsers(dest="cmd", required=True))
-    return run_command(parser.parse_args(argv))

@@ -1,17 +1,17 @@
 """A node's side of registration: ``ferryman connector register`` and ``ferryman edge register``.
 
-``register(...)`` makes a fresh key and CSR (``enroll.new_key_and_csr``), sends the CSR with
-the one-time token to the control plane's ``POST /v1/register`` (plain urllib + msgspec: the
-data plane does not import ``control``), and on success stores what came back in one
+``register(...)`` makes a fresh key and CSR (``pki.new_key_and_csr``), sends the CSR with
+the one-time token to the control plane's ``POST /v1/register`` (``controllink.http`` +
+msgspec: the data plane does not import ``control``), and on success stores what came back in one
 directory (default ``FERRYMAN_DATA_DIR/identity``):
 
-- ``<name>.key`` (0600), ``<name>.pem`` and ``ca.pem`` through ``enroll.write_identity``;
+- ``<name>.key`` (0600), ``<name>.pem`` and ``ca.pem`` through ``pki.write_node_files``;
 - ``node.json`` (0600, written last): node id, role, name, connector group, control-plane
   URL, the edges to dial, the certificate's serial and expiry, and the three file names
   (relative to the directory).
 
 A node started with no ``FERRYMAN_TLS_*`` settings uses ``FERRYMAN_DATA_DIR/identity/node.json``
-when it exists (``dataplane.run``; ``registered_settings`` below says what it supplies).
+when it exists (``dataplane.cli.nodes``; ``registered_settings`` below says what it supplies).
 
 Nothing is written unless the control plane signed a certificate for the node asked for:
 the private key exists only in memory until then. Refusals (HTTP 4xx: unknown, used or
@@ -39,9 +39,10 @@ from typing import Any
 
 import msgspec
 
-from . import pki
-from .enroll import new_key_and_csr, write_identity
-from .observability import VERSION, parse_hostport
+from ..basics import pki, statefile
+from ..basics.hostport import parse_hostport
+from ..basics.pki import new_key_and_csr, write_node_files
+from ..basics.version import VERSION
 
 IDENTITY_DIR = "identity"  # under FERRYMAN_DATA_DIR
 NODE_FILE = "node.json"
@@ -91,7 +92,7 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     key: str
 
 
-class Identity(msgspec.Struct, frozen=True):
+class Registration(msgspec.Struct, frozen=True):
     """A stored registration: its directory (absolute) and its record."""
 
     directory: str
@@ -166,7 +167,7 @@ def _check_writable(directory: str) -> None:
 # ---------------------------------------------------------------------------- node.json
 
 
-def read_identity(directory: str) -> Identity | None:
+def read_registration(directory: str) -> Registration | None:
     """The registration stored in ``directory``, or None when it has no ``node.json``."""
     directory = os.path.abspath(directory)
     path = os.path.join(directory, NODE_FILE)
@@ -187,34 +188,34 @@ def read_identity(directory: str) -> Identity | None:
         value = getattr(record, field)
         if not value or os.path.basename(value) != value:
             raise pki.PkiError(f"{path}: {field} must be a file name in {directory}, not {value!r}")
-    return Identity(directory=directory, record=record)
+    return Registration(directory=directory, record=record)
 
 
-def registered_settings(identity: Identity) -> dict[str, Any]:
+def registered_settings(registration: Registration) -> dict[str, Any]:
     """The settings a registered node takes from its record: TLS files, and for a connector
     the edges and its connector group."""
-    values: dict[str, Any] = {"tls_ca": identity.ca, "tls_cert": identity.cert, "tls_key": identity.key}
-    if identity.record.role == "connector":
-        if identity.record.edges:
-            values["edges"] = ",".join(identity.record.edges)
-        if identity.record.group:
-            values["connector_group"] = identity.record.group
+    values: dict[str, Any] = {"tls_ca": registration.ca, "tls_cert": registration.cert, "tls_key": registration.key}
+    if registration.record.role == "connector":
+        if registration.record.edges:
+            values["edges"] = ",".join(registration.record.edges)
+        if registration.record.group:
+            values["connector_group"] = registration.record.group
     return values
 
 
-def expiry_warning(identity: Identity, now: datetime.datetime | None = None) -> str | None:
+def expiry_warning(registration: Registration, now: datetime.datetime | None = None) -> str | None:
     """A sentence for the log when the certificate has expired (it cannot be renewed then), else None.
 
     A certificate that is only due for renewal is renewed by the node's control link.
     """
     now = now or datetime.datetime.now(datetime.timezone.utc)
     try:
-        cert = pki.read_certificates(identity.cert)[0]
+        cert = pki.read_certificates(registration.cert)[0]
     except pki.PkiError:
-        return None  # loading the identity reports unreadable files with their reason
+        return None  # loading the node's files reports unreadable files with their reason
     if now < cert.not_valid_after_utc:
         return None
-    return (f"the certificate {identity.cert} expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC: "
+    return (f"the certificate {registration.cert} expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC: "
             f"edges refuse it and the control plane will not renew it; register again with a new token")
 
 
@@ -278,8 +279,8 @@ def _refusal(base: str, status: int, payload: bytes, headers: http.client.HTTPMe
 
 
 def register(role: str, control: str, token: str, *, name: str | None, directory: str,
-             addresses: list[str] | None = None) -> Identity:
-    """Register this node as a ``role`` with the control plane at ``control``; store and return its identity."""
+             addresses: list[str] | None = None) -> Registration:
+    """Register this node as a ``role`` with the control plane at ``control``; store and return the registration."""
     if role not in ROLES:
         raise RegisterError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}", 2)
     base = control_base(control)
@@ -303,7 +304,7 @@ def register(role: str, control: str, token: str, *, name: str | None, directory
             raise RegisterError(str(exc), 2) from None
     directory = os.path.abspath(directory)
     try:
-        existing = read_identity(directory)
+        existing = read_registration(directory)
     except pki.PkiError as exc:
         raise RegisterError(f"{exc}: remove it or register into another --dir", 2) from None
     if existing is not None and existing.record.role != role:
@@ -335,7 +336,7 @@ def register(role: str, control: str, token: str, *, name: str | None, directory
         )
     spent = f"the control plane registered {role} {name!r} (node id {answer.node_id})"
     try:
-        files = write_identity(directory, name, key_pem, answer.certificate_pem.encode(), answer.ca_pem.encode())
+        files = write_node_files(directory, name, key_pem, answer.certificate_pem.encode(), answer.ca_pem.encode())
     except pki.PkiError as exc:
         raise RegisterError(f"{spent}, but its identity cannot be stored: {exc}. Ask an administrator to revoke "
                             f"node {answer.node_id}, then register again with a new token") from None
@@ -346,36 +347,36 @@ def register(role: str, control: str, token: str, *, name: str | None, directory
         ca=os.path.basename(files.ca), cert=os.path.basename(files.cert), key=os.path.basename(files.key),
     )
     try:
-        pki.write_file(os.path.join(directory, NODE_FILE), msgspec.json.format(msgspec.json.encode(record)) + b"\n",
-                       0o600)
-    except pki.PkiError as exc:
+        statefile.write_private(os.path.join(directory, NODE_FILE),
+                                msgspec.json.format(msgspec.json.encode(record)) + b"\n")
+    except statefile.StateFileError as exc:
         raise RegisterError(f"{spent} and stored its certificate and key in {directory}, but not {NODE_FILE}: {exc}. "
                             f"Point the FERRYMAN_TLS_* variables at those files yourself") from None
-    return Identity(directory=directory, record=record)
+    return Registration(directory=directory, record=record)
 
 
-def update_record(identity: Identity, **changes: Any) -> Identity:
+def update_record(registration: Registration, **changes: Any) -> Registration:
     """Rewrite ``node.json`` with ``changes`` (e.g. a renewed certificate's serial and expiry)."""
-    record = msgspec.structs.replace(identity.record, **changes)
-    pki.write_file(identity.path, msgspec.json.format(msgspec.json.encode(record)) + b"\n", 0o600)
-    return Identity(directory=identity.directory, record=record)
+    record = msgspec.structs.replace(registration.record, **changes)
+    statefile.write_private(registration.path, msgspec.json.format(msgspec.json.encode(record)) + b"\n")
+    return Registration(directory=registration.directory, record=record)
 
 
-def environment(identity: Identity) -> list[tuple[str, str]]:
-    """The ``FERRYMAN_*`` variables that run this node with its registered identity."""
-    values = registered_settings(identity)
+def environment(registration: Registration) -> list[tuple[str, str]]:
+    """The ``FERRYMAN_*`` variables that run this node with its registration."""
+    values = registered_settings(registration)
     names = {"tls_ca": "FERRYMAN_TLS_CA", "tls_cert": "FERRYMAN_TLS_CERT", "tls_key": "FERRYMAN_TLS_KEY",
              "edges": "FERRYMAN_EDGES", "connector_group": "FERRYMAN_CONNECTOR_GROUP"}
     return [(names[field], value) for field, value in values.items()]
 
 
-def report(identity: Identity, automatic: bool, data_dir: str) -> str:
+def report(registration: Registration, automatic: bool, data_dir: str) -> str:
     """What ``register`` prints on stdout: ``#`` comments and ``VAR=value`` lines (sourceable by sh)."""
-    r = identity.record
+    r = registration.record
     group = f", connector group {r.group}" if r.group else ""
     lines = [
         f"# registered {r.role} {r.name!r} (node id {r.node_id}{group}) with the control plane at {r.control}",
-        f"# certificate serial {r.serial}, valid until {r.not_after}; key, certificate and CA in {identity.directory} "
+        f"# certificate serial {r.serial}, valid until {r.not_after}; key, certificate and CA in {registration.directory} "
         f"(key mode 0600)",
     ]
     if automatic:
@@ -383,7 +384,7 @@ def report(identity: Identity, automatic: bool, data_dir: str) -> str:
                      f"(FERRYMAN_DATA_DIR={data_dir}); otherwise set:")
     else:
         lines.append(f"# run `ferryman {r.role}` with:")
-    lines.extend(f"{name}={shlex.quote(value)}" for name, value in environment(identity))
+    lines.extend(f"{name}={shlex.quote(value)}" for name, value in environment(registration))
     if r.role == "connector" and not r.edges:
         lines.append("# the control plane knows no edge yet: set FERRYMAN_EDGES (or --edges) to the edges to dial")
     return "\n".join(lines)
@@ -412,7 +413,7 @@ def command(role: str, args: Any, data_dir: str) -> int:
     if warning:
         print(f"ferryman {role} register: {warning}", file=sys.stderr)
     try:
-        identity = register(role, args.control, args.token, name=args.name, directory=directory,
+        registration = register(role, args.control, args.token, name=args.name, directory=directory,
                             addresses=getattr(args, "address", None))
     except RegisterError as exc:
         print(f"ferryman {role} register: {exc}", file=sys.stderr)
@@ -421,5 +422,5 @@ def command(role: str, args: Any, data_dir: str) -> int:
         print(f"ferryman {role} register: interrupted", file=sys.stderr)
         return 130
     automatic = directory == os.path.abspath(default_directory(data_dir))
-    print(report(identity, automatic, data_dir), flush=True)
+    print(report(registration, automatic, data_dir), flush=True)
     return 0

@@ -4,7 +4,7 @@
 key + certificate per node; the certificate's subject says who the node is: CN=<name>,
 OU=<role> with role ``edge``, ``connector`` or ``client``. ``server_context`` and
 ``client_context`` build TLS 1.3-only contexts that demand a certificate from the CA on
-both sides, and ``peer_identity`` reads the peer's role and name off a finished handshake.
+both sides, and ``peer_certificate`` reads the peer's role and name off a finished handshake.
 Private keys are created 0600 and never exist with wider permissions, even briefly.
 """
 
@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
+import contextlib
 import re
 import ssl
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from . import statefile
 
 ROLES = ("edge", "connector", "client")
 CA_CERT = "ca.pem"
@@ -49,8 +52,9 @@ class NodeFiles(msgspec.Struct, frozen=True):
     ca: str
 
 
-class PeerIdentity(msgspec.Struct, frozen=True):
-    """Who a certificate says its holder is."""
+class PeerCertificate(msgspec.Struct, frozen=True):
+    """What a node certificate says about its holder (a tunnel's peer, or this node itself):
+    role (OU), name (CN), serial, expiry and SHA-256 fingerprint."""
 
     role: str
     name: str
@@ -143,8 +147,8 @@ def issue_node(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    write_file(key_path, key_pem(key), 0o600)
-    write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(key_path, key_pem(key), 0o600)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return NodeFiles(role=role, name=name, cert=cert_path, key=key_path, ca=os.path.join(directory, CA_CERT))
 
 
@@ -186,8 +190,8 @@ def create_ca(directory: str) -> None:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    write_file(key_path, key_pem(key), 0o600)
-    write_file(os.path.join(directory, CA_CERT), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(key_path, key_pem(key), 0o600)
+    _write(os.path.join(directory, CA_CERT), cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def load_ca(directory: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -240,10 +244,11 @@ def _refuse_existing(path: str) -> None:
 
 
 def make_directory(directory: str) -> None:
+    """Create ``directory`` 0700 (``statefile.make_private_directory``); ``PkiError`` when it fails."""
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise PkiError(f"cannot create directory {directory}: {exc.strerror}") from None
+        statefile.make_private_directory(directory)
+    except statefile.StateFileError as exc:
+        raise PkiError(str(exc)) from None
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -252,22 +257,74 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def write_file(path: str, data: bytes, mode: int) -> None:
-    """Write atomically: a new file, created with ``mode`` from the start, replaces ``path``."""
-    tmp = f"{path}.{os.urandom(4).hex()}.tmp"
+def _write(path: str, data: bytes, mode: int) -> None:
+    """``statefile.write_file`` with a ``PkiError`` naming the file when it fails."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    except OSError as exc:
-        raise PkiError(f"cannot write {path}: {exc.strerror}") from None
+        statefile.write_file(path, data, mode)
+    except statefile.StateFileError as exc:
+        raise PkiError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------- enrolment (a key made here, a certificate signed elsewhere)
+
+
+def new_key_and_csr(name: str) -> tuple[bytes, bytes]:
+    """A fresh ECDSA P-256 key (PEM, PKCS#8) and a CSR signed by it with CN=``name``.
+
+    The CN is informational: the control plane decides the certificate's identity.
+    """
+    check_name(name)
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def write_node_files(directory: str, name: str, key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> NodeFiles:
+    """Store node ``name``'s key, certificate and CA bundle in ``directory`` (made 0700 if new).
+
+    Everything is checked first (the key matches the certificate, the CA bundle signed it,
+    the certificate names ``name`` and a role), so bad input writes nothing. Each file is
+    written in full next to its target (the key 0600 from its creation), and only when all
+    three are written do they replace the old ones, CA first, then key, then certificate:
+    a failed write (disk full) leaves the previous identity intact.
+    """
+    check_name(name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        os.unlink(tmp)
-        raise PkiError(f"cannot write {path}: {exc.strerror}") from None
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (TypeError, ValueError):
+        raise PkiError(f"key for {name}: not an unencrypted PEM private key") from None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        authorities = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        raise PkiError(f"certificate or CA bundle for {name}: not PEM certificates") from None
+    if key.public_key() != cert.public_key():
+        raise PkiError(f"key for {name} does not match its certificate")
+    if not any(issued_by(cert, ca) for ca in authorities):
+        raise PkiError(f"certificate for {name} is not signed by any certificate of the CA bundle")
+    holder = certificate_identity(cert, cert.public_bytes(serialization.Encoding.DER), f"certificate for {name}")
+    if holder.name != name:
+        raise PkiError(f"certificate names {holder.name!r}, not {name!r}")
+
+    make_directory(directory)
+    key_path, cert_path = node_paths(directory, name)
+    ca_path = os.path.join(directory, CA_CERT)
+    files = ((ca_path, ca_pem, 0o644), (key_path, key_pem, 0o600), (cert_path, cert_pem, 0o644))
+    try:
+        for path, data, mode in files:
+            _write(f"{path}.new", data, mode)
+    except PkiError:
+        for path, _, _ in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}.new")
+        raise
+    for path, _, _ in files:
+        os.replace(f"{path}.new", path)
+    return NodeFiles(role=holder.role, name=name, cert=cert_path, key=key_path, ca=ca_path)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -355,10 +412,10 @@ def client_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
     return ctx
 
 
-# ---------------------------------------------------------------------------- identity
+# ---------------------------------------------------------------------------- who a certificate names
 
 
-def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> PeerIdentity:
+def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> PeerCertificate:
     """The role and name in the certificate the peer presented during the handshake."""
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
@@ -370,13 +427,13 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> PeerIdentity:
     return certificate_identity(cert, der, "peer certificate")
 
 
-def load_identity(cert_path: str) -> PeerIdentity:
+def read_node_certificate(cert_path: str) -> PeerCertificate:
     """The role and name in one's own certificate (the first one in a PEM file)."""
     cert = read_certificates(cert_path)[0]
     return certificate_identity(cert, cert.public_bytes(serialization.Encoding.DER), f"certificate {cert_path}")
 
 
-def certificate_identity(cert: x509.Certificate, der: bytes, what: str) -> PeerIdentity:
+def certificate_identity(cert: x509.Certificate, der: bytes, what: str) -> PeerCertificate:
     roles = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     if not roles:
         raise PkiError(f"{what} has no role (OU)")
@@ -386,7 +443,7 @@ def certificate_identity(cert: x509.Certificate, der: bytes, what: str) -> PeerI
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names or not names[0].value:
         raise PkiError(f"{what} has no name (CN)")
-    return PeerIdentity(
+    return PeerCertificate(
         role=role,
         name=str(names[0].value),
         serial=cert.serial_number,
