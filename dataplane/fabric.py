@@ -37,6 +37,7 @@ import urllib.request
 from collections.abc import Iterator
 
 from .basics import pki
+from .client.forwards import Forward
 
 
 class FabricError(RuntimeError):
@@ -362,8 +363,6 @@ def _signals_stop() -> Iterator[list[bool]]:
 
 
 def up(workdir: str, forward_specs: list[str], duration: float | None = None) -> int:
-    from .client.node import Forward
-
     forwards = [Forward.parse(spec) for spec in forward_specs]
     backend = None
     if not forwards:

@@ -241,7 +241,8 @@ def _build(args: argparse.Namespace, settings: Settings, credentials: NodeCreden
         from ..connector.node import Connector
 
         return Connector(settings, credentials, registered, follow_edges=registered is not None and follow_edges)
-    from ..client.node import Client, Forward
+    from ..client.forwards import Forward
+    from ..client.node import Client
 
     return Client(settings, credentials, [Forward.parse(f) for f in args.forward], keeper)
 

@@ -1,6 +1,6 @@
 """Direct connections of the client agent: what the forwarding profile routes ``"direct"``.
 
-A SOCKS5 or HTTP CONNECT request whose destination ``Client.route`` sends direct is not
+A SOCKS5 or HTTP CONNECT request whose destination the agent routes ``"direct"`` is not
 tunnelled: this device dials it itself. ``DirectRelay`` takes over the app's connection
 (after the SOCKS / HTTP handshake), dials ``host:port`` (FERRYMAN_DIAL_TIMEOUT), reports
 the outcome with the same codes the edge would use (``dial_refused``, ``dial_timeout``,
@@ -21,12 +21,9 @@ import collections
 import logging
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ..transport.socketflow import reset_transport
-
-if TYPE_CHECKING:
-    from .node import Client
+from .opener import FlowOpener
 
 log = logging.getLogger("ferryman.direct")
 
@@ -104,7 +101,7 @@ class DirectRelay:
     """The app's connection ``app_transport`` relayed to ``host:port`` dialed from this device.
     ``early``: bytes the app sent after its request (sent on once connected)."""
 
-    def __init__(self, client: "Client", app_transport: asyncio.Transport, host: str, port: int,
+    def __init__(self, client: FlowOpener, app_transport: asyncio.Transport, host: str, port: int,
                  early: bytes, on_result: Result) -> None:
         self.client = client
         self.host = host
@@ -213,8 +210,8 @@ class DirectUdp:
     """One UDP destination reached from this device: ``from_local`` sends, ``send`` delivers
     answers locally, ``on_close(self)`` when it ends (idle, error, ``close``)."""
 
-    def __init__(self, client: "Client", host: str, port: int, send: Callable[[bytes], None],
-                 on_close: Callable[["DirectUdp"], None]) -> None:
+    def __init__(self, client: FlowOpener, host: str, port: int, send: Callable[[bytes | memoryview], None],
+                 on_close: Callable[[DirectUdp], None]) -> None:
         settings = client.settings
         self.client = client
         self.host = host

@@ -24,15 +24,12 @@ import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from ..basics.hostport import RESOLV_CONF, dns_server
 from ..transport.udpflow import UdpFlow
-
-if TYPE_CHECKING:
-    from .node import Client
+from .opener import FlowOpener
 
 log = logging.getLogger("ferryman.dns")
 
@@ -136,7 +133,7 @@ def servfail(query: DNSRecord) -> bytes:
 class Resolver:
     """Answers one query at a time (``resolve``) for the UDP and TCP front ends."""
 
-    def __init__(self, client: "Client", listen: tuple[str, int]) -> None:
+    def __init__(self, client: FlowOpener, listen: tuple[str, int]) -> None:
         self.client = client
         self.listen = listen
         self.cache = DnsCache(client.settings.dns_cache)
@@ -213,21 +210,16 @@ class Resolver:
     async def _answer(self, query: DNSRecord, name: str) -> tuple[bytes | None, bool]:
         """(the answer or None, whether it may be cached: not for a private name answered by the
         system resolver, as under fail open)."""
-        client = self.client
-        profile = client.profile
-        private = profile is not None and profile.private_name(name)
-        if private:
-            tunnel = client.tunnel
-            if tunnel is not None and tunnel.up and not tunnel.closed:
-                return await self._through_tunnel(query, name), True
-            if profile.fail_mode == "closed":  # type: ignore[union-attr]
-                log.warning("private name not resolved: no tunnel to an edge is up (fail closed)",
-                            extra={"qname": name})
-                return None, False
+        route = self.client.route_name(name)
+        if route == "tunnel":
+            return await self._through_tunnel(query, name), True
+        if route == "closed":
+            log.warning("private name not resolved: no tunnel to an edge is up (fail closed)", extra={"qname": name})
+            return None, False
         upstream = self.upstream()
         if upstream is None:
             return None, False
-        return await _ask(upstream, query.pack()), not private
+        return await _ask(upstream, query.pack()), route == "public"
 
     async def _through_tunnel(self, query: DNSRecord, name: str) -> bytes | None:
         """One ``dns`` flow: OPEN for ``name``, the query as a datagram, the answer back, RST."""
@@ -383,7 +375,8 @@ class DnsTcp(asyncio.Protocol):
             self.transport.close()
 
 
-async def serve(client: "Client", listen: tuple[str, int]) -> tuple[asyncio.DatagramTransport, asyncio.AbstractServer]:
+async def serve(client: FlowOpener, listen: tuple[str, int]
+                ) -> tuple[Resolver, asyncio.DatagramTransport, asyncio.AbstractServer]:
     """Start the resolver's UDP and TCP listeners on ``listen``."""
     resolver = Resolver(client, listen)
     loop = asyncio.get_running_loop()
@@ -391,5 +384,4 @@ async def serve(client: "Client", listen: tuple[str, int]) -> tuple[asyncio.Data
     port = udp.get_extra_info("sockname")[1]
     resolver.listen = (listen[0], port)
     tcp = await loop.create_server(lambda: DnsTcp(resolver), listen[0], port, reuse_address=True)
-    client.resolver = resolver
-    return udp, tcp
+    return resolver, udp, tcp

@@ -4,7 +4,8 @@ An app configured with ``https_proxy=http://127.0.0.1:PORT`` (browsers, curl, gi
 HTTP libraries) asks ``CONNECT host:port HTTP/1.1``. The request head is parsed with h11,
 bounded: at most ``MAX_HEAD`` bytes (431 beyond). Only CONNECT to an authority-form
 ``host:port`` target is served (405 with ``Allow: CONNECT`` for any other method, 400 for a
-malformed request or target). The destination is routed by ``Client.route`` like SOCKS5:
+malformed request or target). The destination is routed by the agent like SOCKS5
+(``capture.connect``):
 
 - ``"tunnel"``: a ``ClientFlow`` through the edge; ``HTTP/1.1 200 Connection established``
   once the edge answers OPEN_OK. A refusal is an HTTP error whose body is the edge's reason
@@ -27,8 +28,8 @@ import re
 
 import h11
 
-from .direct import DirectRelay
-from .node import Client, ClientFlow
+from .capture import connect
+from .opener import FlowOpener
 
 log = logging.getLogger("ferryman.httpconnect")
 
@@ -99,7 +100,7 @@ def parse_target(target: str) -> tuple[str, int]:
 
 
 class HttpConnect(asyncio.Protocol):
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: FlowOpener) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
@@ -156,33 +157,10 @@ class HttpConnect(asyncio.Protocol):
         except ValueError as exc:
             self._refuse(400, str(exc) if "CONNECT target" in str(exc) else f"CONNECT target {target!r}: {exc}")
             return
-        if self.client.route(host, port, "tcp") == "direct":
-            self._direct(host, port, early)
-        else:
-            self._connect(host, port, early)
+        self._connect(host, port, early)
 
     def _connect(self, host: str, port: int, early: bytes) -> None:
-        transport = self.transport
-        assert transport is not None
-        transport.pause_reading()
-
-        def opened(flow: ClientFlow, code: str, reason: str) -> None:
-            if transport.is_closing():
-                return
-            if code:
-                transport.write(response(status_for(code), reason or code, {"X-Ferryman-Reason": code}))
-                transport.close()
-                return
-            transport.write(ESTABLISHED)
-
-        flow = ClientFlow(self.client, (host, port), opened)
-        if early:
-            flow.pending = memoryview(early)  # sent first once the flow is open (before reading resumes)
-        transport.set_protocol(flow)
-        flow.connection_made(transport)
-        self.client.open(flow)
-
-    def _direct(self, host: str, port: int, early: bytes) -> None:
+        """Through the tunnel or directly (``capture.connect``); answered 200 or with the refusal."""
         transport = self.transport
         assert transport is not None
 
@@ -192,7 +170,7 @@ class HttpConnect(asyncio.Protocol):
             else:
                 transport.write(ESTABLISHED)
 
-        DirectRelay(self.client, transport, host, port, early, result)
+        connect(self.client, transport, (host, port), early, result)
 
     def _refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         self.done = True

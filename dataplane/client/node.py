@@ -1,10 +1,11 @@
 """Client agent: captures local connections and carries them as flows over one edge tunnel.
 
-Capture comes from fixed port forwards (``--forward LISTEN=HOST:PORT``, TCP, or
-``--forward LISTEN=HOST:PORT/udp``: each source address sending to the UDP listener
+Capture comes from fixed port forwards (``forwards.py``: ``--forward LISTEN=HOST:PORT``, TCP,
+or ``--forward LISTEN=HOST:PORT/udp``: each source address sending to the UDP listener
 becomes one UDP flow, created by its first datagram), a SOCKS5 listener (CONNECT and UDP
 ASSOCIATE, ``socks.py``), an HTTP CONNECT proxy (``httpconnect.py``) and a private DNS
-resolver (``dns.py``), all on localhost. A signed-in agent follows its forwarding profile
+resolver (``dns.py``), all on localhost. The front ends see the agent only as a
+``FlowOpener`` (``opener.py``). A signed-in agent follows its forwarding profile
 (``profile.py``): SOCKS5 and HTTP CONNECT tunnel only what it covers and dial the rest
 directly (``direct.py``); while no edge is reachable private destinations are refused
 (fail closed) or dialed directly (fail open). Each captured connection becomes an OPEN on
@@ -25,7 +26,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -33,74 +35,31 @@ from ..basics.hostport import parse_hostport
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.settings import Settings
 from ..transport.credentials import NodeCredentials
-from ..transport.socketflow import EndpointNode, SocketFlow
+from ..transport.endpoint import EndpointNode, LocalFlow
+from ..transport.proxy import egress_proxy
 from ..transport.supervisor import keep_tunnel, transport_of
-from ..transport.tunnel import Tunnel
+from ..transport.tunnel import TunnelBase
 from ..transport.udpflow import UdpFlow, set_udp_buffers
 from ..wire import events as ev
 from ..wire.connection import FlowError, WireConfig
-from . import status
+from ..wire.frames import Open
+from . import dns, status
+from .dns import Resolver
+from .forwards import Forward, UdpForward, forward_flow
+from .httpconnect import HttpConnect
+from .opener import ClientFlow, NameRoute, Route
+from .process import ProcessFinder, parse_addr
 from .profile import Profile, ProfileFollower
 from .signin import TokenKeeper, default_directory
-from ..wire.frames import Open
-from .process import ProcessFinder, parse_addr
+from .socks import Socks5
+from .transparent import Transparent, check_usable
 
 log = logging.getLogger("ferryman.client")
 
-# on_opened(flow, code, reason): code "" means the flow is open.
-Opened = Callable[["ClientFlow", str, str], None]
+ClientTunnel = TunnelBase[LocalFlow, None]
 
 
-class Forward(msgspec.Struct, frozen=True):
-    listen_host: str
-    listen_port: int
-    host: str
-    port: int
-    protocol: str = "tcp"
-
-    @classmethod
-    def parse(cls, spec: str) -> "Forward":
-        """``[LISTEN_HOST:]LISTEN_PORT=HOST:PORT[/tcp|/udp]``."""
-        if "=" not in spec:
-            raise ValueError(f"--forward {spec!r}: expected [LISTEN_HOST:]LISTEN_PORT=HOST:PORT[/udp]")
-        listen, dest = spec.split("=", 1)
-        protocol = "tcp"
-        if "/" in dest:
-            dest, protocol = dest.rsplit("/", 1)
-            if protocol not in ("tcp", "udp"):
-                raise ValueError(f"--forward {spec!r}: protocol {protocol!r} is not tcp or udp")
-        if ":" not in listen or listen.startswith("["):
-            listen = listen if ":" in listen else f"127.0.0.1:{listen}"
-        lhost, lport = parse_hostport(listen, f"--forward {spec!r} listen address", allow_zero=True)
-        host, port = parse_hostport(dest, f"--forward {spec!r} destination")
-        return cls(lhost, lport, host, port, protocol)
-
-    def __str__(self) -> str:
-        suffix = "/udp" if self.protocol == "udp" else ""
-        return f"{self.listen_host}:{self.listen_port}={self.host}:{self.port}{suffix}"
-
-
-class ClientFlow(SocketFlow):
-    __slots__ = ("dest", "on_opened", "timer")
-    protocol = "tcp"
-
-    def __init__(self, node: "Client", dest: tuple[str, int] | None = None, on_opened: Opened | None = None,
-                 on_connect: Callable[[SocketFlow], None] | None = None) -> None:
-        super().__init__(node, on_connect)
-        self.dest = dest
-        self.on_opened = on_opened
-        self.timer: asyncio.TimerHandle | None = None
-
-    def opened(self, code: str, reason: str) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        callback, self.on_opened = self.on_opened, None
-        if callback is not None:
-            callback(self, code, reason)
-
-
-class Client(EndpointNode):
+class Client(EndpointNode[None]):
     """``keeper``: the signed-in session's token keeper (None: no user sign-in, certificate only)."""
 
     processes: ProcessFinder | None = None  # FERRYMAN_PROCESS_LOOKUP (set in run)
@@ -115,11 +74,11 @@ class Client(EndpointNode):
         self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
-        self.tunnel: Tunnel | None = None
+        self.tunnel: ClientTunnel | None = None
         self.listeners: list[asyncio.AbstractServer] = []
         self.udp_listeners: list[asyncio.DatagramTransport] = []
         self.probe_ok: dict[Forward, str] = {}  # forward -> "" when usable, else the reason
-        self._probes: dict[tuple[Tunnel, int], Forward] = {}  # (tunnel, flow id) of each readiness probe
+        self._probes: dict[tuple[ClientTunnel, int], Forward] = {}  # (tunnel, flow id) of each readiness probe
         self._ssl = credentials.client_context()
         self._wire = credentials.wire_config()
         self.keeper = keeper
@@ -131,11 +90,9 @@ class Client(EndpointNode):
             self.directory = keeper.directory
             self.follower = ProfileFollower(keeper.directory, keeper, self._new_profile)
         self.started = time.time()
-        self.resolver: object | None = None  # the private DNS resolver (dns.Resolver), with FERRYMAN_DNS_LISTEN
-        self.transparent: object | None = None  # transparent.Transparent, with FERRYMAN_TRANSPARENT=on
+        self.resolver: Resolver | None = None  # the private DNS resolver, with FERRYMAN_DNS_LISTEN
+        self.transparent: Transparent | None = None  # with FERRYMAN_TRANSPARENT=on
         if settings.transparent == "on":
-            from .transparent import check_usable
-
             check_usable()  # ValueError: not Linux, not root, no nft
         self.stats.extra = {
             "ferryman_client_forwards_ready": (
@@ -144,8 +101,6 @@ class Client(EndpointNode):
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
-        from .socks import Socks5  # the SOCKS front end builds on this module
-
         loop = asyncio.get_running_loop()
         for fwd in self.forwards:
             if fwd.protocol == "udp":
@@ -155,7 +110,7 @@ class Client(EndpointNode):
                 self.udp_listeners.append(udp)
                 port = udp.get_extra_info("sockname")[1]
             else:
-                server = await loop.create_server(lambda f=fwd: self._forward_flow(f), fwd.listen_host,
+                server = await loop.create_server(lambda f=fwd: forward_flow(self, f), fwd.listen_host,
                                                   fwd.listen_port, backlog=1024, reuse_address=True)
                 self.listeners.append(server)
                 port = server.sockets[0].getsockname()[1]
@@ -171,8 +126,6 @@ class Client(EndpointNode):
             bound = server.sockets[0].getsockname()
             log.info("socks5 listening", extra={"addr": f"{bound[0]}:{bound[1]}"})
         if self.settings.http_listen:
-            from .httpconnect import HttpConnect
-
             host, port = parse_hostport(self.settings.http_listen, "FERRYMAN_HTTP_LISTEN", allow_zero=True)
             if host not in ("127.0.0.1", "::1", "localhost"):
                 raise ValueError(f"FERRYMAN_HTTP_LISTEN={self.settings.http_listen!r}: the HTTP CONNECT proxy "
@@ -184,13 +137,11 @@ class Client(EndpointNode):
         if self.settings.process_lookup == "on" and sys.platform == "linux":
             self.processes = ProcessFinder(wait=self.settings.process_lookup_wait)
         if self.settings.dns_listen:
-            from . import dns
-
             host, port = parse_hostport(self.settings.dns_listen, "FERRYMAN_DNS_LISTEN", allow_zero=True)
             if host not in ("127.0.0.1", "::1", "localhost"):
                 raise ValueError(f"FERRYMAN_DNS_LISTEN={self.settings.dns_listen!r}: the resolver listens on "
                                  "localhost only")
-            dns_udp, dns_tcp = await dns.serve(self, (host, port))
+            self.resolver, dns_udp, dns_tcp = await dns.serve(self, (host, port))
             self.udp_listeners.append(dns_udp)
             self.listeners.append(dns_tcp)
             bound = dns_udp.get_extra_info("sockname")
@@ -201,18 +152,20 @@ class Client(EndpointNode):
         keeper = asyncio.create_task(keep_tunnel(self, self.settings, self._wire_config, self._ssl, self.edges,
                                                  self._session, lambda: not stop.is_set()))
         tokens = asyncio.create_task(self.keeper.run(stop)) if self.keeper is not None else None
-        background = [asyncio.create_task(status.keep_written(self, stop))]
+        background = [asyncio.create_task(status.keep_written(self.directory, self.status, self.stats, stop))]
         if self.follower is not None:
             self.follower.start_cached()
             background.append(asyncio.create_task(self.follower.run(stop)))
         if self.settings.transparent == "on":
-            from .transparent import Transparent
-
-            capture = self.transparent = Transparent(self)
+            capture = self.transparent = Transparent(self, targets=self._own_targets, local_ports=self._local_ports)
             await capture.start()  # after the cached profile and every listener
+            if self.resolver is not None:  # a private name's addresses are captured before the app gets them
+                self.resolver.on_answer = capture.dns_answered
         await stop.wait()
         if self.transparent is not None:  # rules first: nothing is redirected to a closed listener
-            await self.transparent.close()  # type: ignore[attr-defined]
+            await self.transparent.close()
+            if self.resolver is not None:
+                self.resolver.on_answer = None
         for task in background:  # a profile long-poll in flight is abandoned; the status file removed
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -242,30 +195,91 @@ class Client(EndpointNode):
         """A refreshed access token: the edge gets it at once for the flows opened from now on."""
         tunnel = self.tunnel
         if tunnel is not None and tunnel.up and not tunnel.closed:
-            tunnel.conn.send_auth(token)
-            tunnel.flush_soon()
+            tunnel.send_auth(token)
 
     def ready(self) -> bool:
         t = self.tunnel
         return (t is not None and t.up and not t.closed
                 and all(self.probe_ok.get(f) == "" for f in self.forwards))
 
-    async def _session(self, tunnel: Tunnel) -> None:
+    async def _session(self, tunnel: ClientTunnel) -> None:
         """While the tunnel lasts: probe forwards quickly until all answer, then rarely."""
         while not tunnel.done_waiter.done():
             self._probe_forwards(tunnel)
             usable = all(self.probe_ok.get(f) == "" for f in self.forwards)
             await asyncio.wait([tunnel.done_waiter], timeout=5.0 if usable else 0.5)
 
+    def _own_targets(self) -> list[tuple[str, int]]:
+        """Where the agent itself connects to (never captured transparently): its edges, the control
+        plane of its session and the egress proxy."""
+        targets: list[tuple[str, int]] = list(self.edges)
+        keeper = self.keeper
+        if keeper is not None and keeper.session.control:
+            parts = urlsplit(keeper.session.control)
+            if parts.hostname:
+                targets.append((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
+        try:
+            proxy = egress_proxy(self.settings)
+        except Exception:  # noqa: BLE001 - a malformed proxy stopped the agent at start already
+            proxy = None
+        if proxy is not None:
+            targets.append((proxy.host, proxy.port))
+        return targets
+
+    def _local_ports(self) -> set[int]:
+        """The agent's own listening ports (never captured transparently)."""
+        ports = {sock.getsockname()[1] for server in self.listeners for sock in (server.sockets or ())}
+        if self.settings.metrics_addr:
+            try:
+                ports.add(parse_hostport(self.settings.metrics_addr, "FERRYMAN_METRICS_ADDR", allow_zero=True)[1])
+            except ValueError:
+                pass
+        return ports
+
+    def status(self) -> dict[str, Any]:
+        """The agent's state now, as ``status.json`` holds it."""
+        tunnel = self.tunnel
+        session = self.keeper.session if self.keeper is not None else None
+        profile = self.profile
+        follower = self.follower
+        up = tunnel is not None and tunnel.up and not tunnel.closed
+        return {
+            "pid": os.getpid(),
+            "updated": time.time(),
+            "started": self.started,
+            "user": session.upn if session is not None else "",
+            "device": session.device_id if session is not None else self.name,
+            "control": session.control if session is not None else "",
+            "tunnel": {
+                "state": "up" if up else "down",
+                "edge": tunnel.peer_name if up else "",
+                "address": tunnel.peer_addr if up else "",
+                "transport": transport_of(tunnel) if up else "",
+                "rtt_ms": round(tunnel.rtt * 1000, 2) if up and tunnel.rtt is not None else None,
+                "edges": [f"{h}:{p}" for h, p in self.edges],
+            },
+            "flows": self.stats.flows_active,
+            "profile": {
+                "version": profile.version if profile is not None else None,
+                "fail_mode": profile.fail_mode if profile is not None else "closed",
+                "applications": len(profile.data.applications) if profile is not None else 0,
+                "dns_suffixes": list(profile.suffixes) if profile is not None else [],
+                "last_sync": follower.last_sync if follower is not None else None,
+                "error": follower.error if follower is not None else "",
+            },
+            "forwards": [{"forward": str(f), "ready": self.probe_ok.get(f) == "",
+                          "reason": self.probe_ok.get(f, "not probed yet")} for f in self.forwards],
+        }
+
     # ------------------------------------------------------------------ tunnel events
-    def tunnel_up(self, tunnel: Tunnel) -> None:
+    def tunnel_up(self, tunnel: ClientTunnel) -> None:
         self.tunnel = tunnel
         self.stats.tunnels_up += 1
         self.stats.tunnels_opened += 1
         log.info("tunnel up", extra={"edge": tunnel.peer_name, "addr": tunnel.label,
                                      "transport": transport_of(tunnel)})
 
-    def tunnel_down(self, tunnel: Tunnel) -> None:
+    def tunnel_down(self, tunnel: ClientTunnel) -> None:
         if tunnel.up:
             self.stats.tunnels_up -= 1
             self.stats.count(self.stats.tunnels_closed, tunnel.close_code)
@@ -278,28 +292,28 @@ class Client(EndpointNode):
             self.probe_ok.clear()
         reason = f"tunnel to edge {tunnel.peer_name} lost: {tunnel.close_reason}"
         for flow in list(tunnel.routes.values()):
-            if getattr(flow, "on_opened", None) is not None:
+            if getattr(flow, "on_opened", None) is not None:  # still waiting for the edge's answer
                 flow.done = True
                 flow.opened("edge_unreachable", reason)
             else:
                 flow.on_reset("tunnel_lost", reason)
         tunnel.routes.clear()
 
-    def tunnel_writable(self, tunnel: Tunnel, writable: bool) -> None:
+    def tunnel_writable(self, tunnel: ClientTunnel, writable: bool) -> None:
         """Per-flow credit bounds what each flow queues; nothing else to do."""
 
-    def goaway_received(self, tunnel: Tunnel, event: ev.GoAwayReceived) -> None:
+    def goaway_received(self, tunnel: ClientTunnel, event: ev.GoAwayReceived) -> None:
         """New flows fail with "draining" until the tunnel is replaced after it closes."""
 
-    def flow_requested(self, tunnel: Tunnel, event: ev.FlowRequested) -> None:
-        if event.flow_id not in tunnel.conn.flows:
+    def flow_requested(self, tunnel: ClientTunnel, event: ev.FlowRequested) -> None:
+        if not tunnel.has_flow(event.flow_id):
             return
-        tunnel.conn.reject_flow(event.flow_id, "not_allowed", "client agents do not accept flows")
+        tunnel.reject(event.flow_id, "not_allowed", "client agents do not accept flows")
 
-    def flow_accepted(self, tunnel: Tunnel, event: ev.FlowAccepted) -> None:
+    def flow_accepted(self, tunnel: ClientTunnel, event: ev.FlowAccepted) -> None:
         fwd = self._probes.pop((tunnel, event.flow_id), None)
         if fwd is not None:
-            tunnel.conn.reset_flow(event.flow_id, "probe_done", "readiness probe")
+            tunnel.reset(event.flow_id, "probe_done", "readiness probe")
             if self.probe_ok.get(fwd) != "":
                 log.info("forward ready", extra={"forward": str(fwd)})
             self.probe_ok[fwd] = ""
@@ -309,7 +323,7 @@ class Client(EndpointNode):
             flow.activate()
             flow.opened("", "")
 
-    def flow_rejected(self, tunnel: Tunnel, event: ev.FlowRejected) -> None:
+    def flow_rejected(self, tunnel: ClientTunnel, event: ev.FlowRejected) -> None:
         self.stats.count(self.stats.open_failures, event.code)
         fwd = self._probes.pop((tunnel, event.flow_id), None)
         if fwd is not None:
@@ -324,45 +338,39 @@ class Client(EndpointNode):
                                                "code": event.code, "reason": event.reason})
             flow.opened(event.code, event.reason)
 
-    def flow_reset(self, tunnel: Tunnel, event: ev.FlowReset) -> None:
+    def flow_reset(self, tunnel: ClientTunnel, event: ev.FlowReset) -> None:
         if self._probes.pop((tunnel, event.flow_id), None) is not None:
             return
         super().flow_reset(tunnel, event)
 
-    # ------------------------------------------------------------------ opening flows
-    def _probe_forwards(self, tunnel: Tunnel) -> None:
+    # ------------------------------------------------------------------ opening flows (the FlowOpener)
+    def _probe_forwards(self, tunnel: ClientTunnel) -> None:
         for fwd in self.forwards:
             if self.probe_ok.get(fwd) == "" or fwd in self._probes.values():
                 continue
             try:
-                fid = tunnel.conn.open_flow(Open(host=fwd.host, port=fwd.port, protocol=fwd.protocol, source="probe"))
+                fid = tunnel.open_flow(Open(host=fwd.host, port=fwd.port, protocol=fwd.protocol, source="probe"))
             except FlowError as exc:
                 self.probe_ok[fwd] = exc.message
                 continue
             self._probes[(tunnel, fid)] = fwd
-        tunnel.flush_soon()
 
-    def _forward_flow(self, fwd: Forward) -> ClientFlow:
-        def opened(flow: ClientFlow, code: str, reason: str) -> None:
-            if code:
-                flow.abort(code, reason)
-
-        return ClientFlow(self, (fwd.host, fwd.port), opened,
-                          on_connect=lambda flow: self.open(flow))  # type: ignore[arg-type]
-
-    def open(self, flow: ClientFlow | UdpFlow, process: str | None = None) -> None:
+    def open(self, flow: ClientFlow | UdpFlow, process: str | None = None,
+             local: tuple[str, int] | None = None) -> None:
         """Send OPEN for a captured connection (or UDP conversation); ``flow.on_opened`` gets the answer.
 
         With FERRYMAN_PROCESS_LOOKUP the initiating process (``name[pid]``) is looked up first,
         on a worker thread: OPEN waits for it a few milliseconds at most (``process.py``)."""
         finder = self.processes
         if process is None and finder is not None:
-            transport = flow.transport if isinstance(flow, ClientFlow) else None
-            ours = transport.get_extra_info("sockname") if transport is not None else None
-            finder.find(flow.protocol, parse_addr(flow.peer), ours,
+            if local is None:
+                transport = flow.transport if isinstance(flow, ClientFlow) else None
+                local = transport.get_extra_info("sockname") if transport is not None else None
+            finder.find(flow.protocol, parse_addr(flow.peer), local,
                         lambda name: None if flow.done else self.open(flow, name))
             return
-        host, port = flow.dest  # type: ignore[misc]
+        assert flow.dest is not None
+        host, port = flow.dest
         tunnel = self.tunnel
         if tunnel is None or not tunnel.up or tunnel.closed:
             self.stats.count(self.stats.open_failures, "edge_unreachable")
@@ -373,8 +381,8 @@ class Client(EndpointNode):
             flow.opened("edge_unreachable", reason)
             return
         try:
-            fid = tunnel.conn.open_flow(Open(host=host, port=port, protocol=flow.protocol, source=flow.peer,
-                                             process=process or ""))
+            fid = tunnel.open_flow(Open(host=host, port=port, protocol=flow.protocol, source=flow.peer,
+                                        process=process or ""))
         except FlowError as exc:
             self.stats.count(self.stats.open_failures, exc.code)
             log.warning("flow refused", extra={"dest": f"{host}:{port}", "code": exc.code, "reason": exc.message})
@@ -382,10 +390,9 @@ class Client(EndpointNode):
             flow.opened(exc.code, exc.message)
             return
         flow.bind(tunnel, fid)
-        tunnel.flush_soon()
         flow.timer = asyncio.get_running_loop().call_later(self.settings.open_timeout, self._open_expired, flow)
 
-    def route(self, host: str, port: int, protocol: str = "tcp") -> str:
+    def route(self, host: str, port: int, protocol: str = "tcp") -> Route:
         """Where a connection captured by SOCKS5 or HTTP CONNECT to host:port goes: ``"tunnel"``
         (through the edge) or ``"direct"`` (dialed from this device, not tunnelled).
 
@@ -397,8 +404,7 @@ class Client(EndpointNode):
         profile = self.profile
         if profile is not None and not profile.covers(host, port, protocol):
             return "direct"
-        tunnel = self.tunnel
-        if tunnel is not None and tunnel.up and not tunnel.closed:
+        if self._tunnel_up():
             return "tunnel"
         if profile is not None and profile.fail_mode == "open":
             self.stats.count(self.stats.open_failures, "fail_open")
@@ -407,10 +413,24 @@ class Client(EndpointNode):
             return "direct"
         return "tunnel"
 
+    def route_name(self, name: str) -> NameRoute:
+        """Where the resolver resolves ``name``: a private name through the tunnel while one is up,
+        else as the profile's fail mode says; any other name by the system resolver."""
+        profile = self.profile
+        if profile is None or not profile.private_name(name):
+            return "public"
+        if self._tunnel_up():
+            return "tunnel"
+        return "closed" if profile.fail_mode == "closed" else "open"
+
+    def _tunnel_up(self) -> bool:
+        tunnel = self.tunnel
+        return tunnel is not None and tunnel.up and not tunnel.closed
+
     def _new_profile(self, profile: Profile) -> None:
         self.profile = profile
         if self.transparent is not None:
-            self.transparent.profile_changed(profile)  # type: ignore[attr-defined]
+            self.transparent.profile_changed(profile)
 
     def _unreachable(self) -> str:
         """Why a flow cannot be opened while no tunnel is up."""
@@ -426,60 +446,9 @@ class Client(EndpointNode):
         reason = f"no answer from the edge within {self.settings.open_timeout:g}s"
         self.stats.count(self.stats.open_failures, "open_timeout")
         log.warning("flow refused", extra={"dest": "%s:%s" % flow.dest, "code": "open_timeout", "reason": reason})
-        if flow.tunnel is not None:
-            flow.tunnel.conn.reset_flow(flow.flow_id, "open_timeout", reason)
-            flow.tunnel.routes.pop(flow.flow_id, None)
-            flow.tunnel.flush_soon()
+        tunnel = flow.tunnel
+        if tunnel is not None:
+            tunnel.reset(flow.flow_id, "open_timeout", reason)
+            tunnel.routes.pop(flow.flow_id, None)
         flow.done = True
         flow.opened("open_timeout", reason)
-
-
-class UdpForward(asyncio.DatagramProtocol):
-    """A UDP port forward: one UDP flow per source address, created by its first datagram and
-    ended after FERRYMAN_UDP_IDLE_TIMEOUT without traffic; answers go back to that address."""
-
-    def __init__(self, client: Client, forward: Forward) -> None:
-        self.client = client
-        self.forward = forward
-        self.transport: asyncio.DatagramTransport | None = None
-        self.flows: dict[tuple, UdpFlow] = {}
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple) -> None:
-        flow = self.flows.get(addr)
-        if flow is None:
-            client = self.client
-            settings = client.settings
-            if len(self.flows) >= settings.max_udp_flows:
-                client.stats.count(client.stats.datagrams_dropped, "too_many_udp_flows")
-                return
-            transport = self.transport
-            assert transport is not None
-            flow = UdpFlow(client, lambda d, a=addr: transport.sendto(d, a), self._closed,
-                           idle=settings.udp_idle_timeout, queue=settings.udp_queue,
-                           dest=(self.forward.host, self.forward.port), peer=f"{addr[0]}:{addr[1]}")
-            flow.on_opened = self._opened
-            self.flows[addr] = flow
-            flow.from_local(data)  # queued until OPEN_OK
-            client.open(flow)
-            return
-        flow.from_local(data)
-
-    def error_received(self, exc: Exception) -> None:
-        # e.g. ICMP port unreachable for an answer sent to an app that has closed its socket
-        self.client.stats.count(self.client.stats.datagrams_dropped, "local_error")
-
-    def _opened(self, flow: UdpFlow, code: str, reason: str) -> None:
-        """A refused UDP flow: its queued datagrams are dropped (counted); the next datagram from the
-        same address tries again."""
-        if code:
-            stats = self.client.stats
-            stats.count(stats.datagrams_dropped, "flow_refused", len(flow.queue))
-
-    def _closed(self, flow: UdpFlow) -> None:
-        for addr, known in list(self.flows.items()):
-            if known is flow:
-                del self.flows[addr]
-                break

@@ -1,11 +1,10 @@
 """SOCKS5 front end of the client agent (RFC 1928: no authentication; CONNECT and UDP ASSOCIATE).
 
-The handshake is parsed here. Each request's destination is routed by ``Client.route``:
-``"tunnel"`` carries it to the edge, ``"direct"`` dials it from this device
-(``direct.py``). For CONNECT through the tunnel the connection is handed to a
-``ClientFlow`` on the same transport and the reply code reports the edge's answer (a
-refused application becomes "connection not allowed by ruleset", an unreachable edge
-"network unreachable", and so on).
+The handshake is parsed here. Each request's destination is routed by the agent
+(``FlowOpener.route``): ``"tunnel"`` carries it to the edge, ``"direct"`` dials it from this
+device (``direct.py``). For CONNECT the connection is handed over by ``capture.connect`` and
+the reply code reports the answer (a refused application becomes "connection not allowed
+by ruleset", an unreachable edge "network unreachable", and so on).
 
 UDP ASSOCIATE (RFC 1928 §7) binds a UDP relay socket on the control connection's local
 (localhost) address and replies with it. Datagrams are taken only from the control
@@ -30,8 +29,9 @@ import logging
 import struct
 
 from ..transport.udpflow import UdpFlow
-from .direct import DirectRelay, DirectUdp
-from .node import Client, ClientFlow
+from .capture import connect
+from .direct import DirectUdp
+from .opener import FlowOpener
 
 log = logging.getLogger("ferryman.socks")
 
@@ -115,7 +115,7 @@ def parse_address(buf: bytes | bytearray | memoryview, offset: int) -> tuple[str
 
 
 class Socks5(asyncio.Protocol):
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: FlowOpener) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
@@ -176,42 +176,19 @@ class Socks5(asyncio.Protocol):
             self._fail(REP_COMMAND, f"SOCKS command {cmd} not supported (only CONNECT and UDP ASSOCIATE)")
         elif not host or port == 0:
             self._fail(REP_ADDRESS, "empty host or port 0")
-        elif self.client.route(host, port, "tcp") == "direct":
-            self._direct(host, port, rest)
         else:
             self._connect(host, port, rest)
         return True
 
     def _connect(self, host: str, port: int, rest: bytes) -> None:
-        transport = self.transport
-        assert transport is not None
-        transport.pause_reading()
-
-        def opened(flow: ClientFlow, code: str, reason: str) -> None:
-            if transport.is_closing():
-                return
-            if code:
-                transport.write(reply(REPLY_FOR_CODE.get(code, REP_FAILURE)))
-                transport.close()
-                return
-            transport.write(reply(REP_OK))
-            if rest:
-                flow.data_received(rest)
-
-        flow = ClientFlow(self.client, (host, port), opened)
-        transport.set_protocol(flow)
-        flow.connection_made(transport)
-        self.client.open(flow)
-
-    def _direct(self, host: str, port: int, rest: bytes) -> None:
-        """Not a private destination: dialed from this device."""
+        """Through the tunnel or directly (``capture.connect``); the reply code reports the outcome."""
         transport = self.transport
         assert transport is not None
 
         def result(code: str, reason: str) -> None:
             transport.write(reply(REPLY_FOR_CODE.get(code, REP_FAILURE) if code else REP_OK))
 
-        DirectRelay(self.client, transport, host, port, rest, result)
+        connect(self.client, transport, (host, port), rest, result)
 
     # ------------------------------------------------------------------ UDP ASSOCIATE
     def _associate(self, host: str, port: int) -> None:
@@ -273,7 +250,7 @@ class UdpAssociation(asyncio.DatagramProtocol):
     """The UDP relay of one UDP ASSOCIATE: one flow per destination, all ended with the
     control connection (``close``)."""
 
-    def __init__(self, client: Client, client_ip: str, client_port: int, control: str) -> None:
+    def __init__(self, client: FlowOpener, client_ip: str, client_port: int, control: str) -> None:
         self.client = client
         self.client_ip = ipaddress.ip_address(client_ip.split("%", 1)[0])
         self.client_port = client_port  # 0: fixed by the first datagram

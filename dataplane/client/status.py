@@ -1,6 +1,7 @@
 """``ferryman client status``: what the running client agent reports about itself.
 
-The agent writes ``status.json`` (0600) next to its session every ``INTERVAL`` seconds and
+The agent writes ``status.json`` (0600) next to its session every ``INTERVAL`` seconds (what
+``Client.status()`` returns) and
 removes it when it stops: signed-in user and device, the tunnel (edge, transport, state,
 RTT, since when), active flows, the forwarding profile (version, fail mode, last sync with
 the control plane and why the last one failed) and each forward's readiness. The command
@@ -14,70 +15,33 @@ import asyncio
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from ..basics import statefile
-from ..transport.supervisor import transport_of
-
-if TYPE_CHECKING:
-    from .node import Client
+from ..basics.metrics import Stats
 
 STATUS_FILE = "status.json"
 INTERVAL = 2.0
 STALE = 3 * INTERVAL + 5.0  # seconds after which an unchanged file no longer describes a running agent
 
 
-def snapshot(client: "Client") -> dict[str, Any]:
-    """The agent's state now, as ``status.json`` holds it."""
-    tunnel = client.tunnel
-    session = client.keeper.session if client.keeper is not None else None
-    profile = client.profile
-    follower = client.follower
-    up = tunnel is not None and tunnel.up and not tunnel.closed
-    return {
-        "pid": os.getpid(),
-        "updated": time.time(),
-        "started": client.started,
-        "user": session.upn if session is not None else "",
-        "device": session.device_id if session is not None else client.name,
-        "control": session.control if session is not None else "",
-        "tunnel": {
-            "state": "up" if up else "down",
-            "edge": tunnel.peer_name if up else "",
-            "address": tunnel.peer_addr if up else "",
-            "transport": transport_of(tunnel) if up else "",
-            "rtt_ms": round(tunnel.rtt * 1000, 2) if up and tunnel.rtt is not None else None,
-            "edges": [f"{h}:{p}" for h, p in client.edges],
-        },
-        "flows": client.stats.flows_active,
-        "profile": {
-            "version": profile.version if profile is not None else None,
-            "fail_mode": profile.fail_mode if profile is not None else "closed",
-            "applications": len(profile.data.applications) if profile is not None else 0,
-            "dns_suffixes": list(profile.suffixes) if profile is not None else [],
-            "last_sync": follower.last_sync if follower is not None else None,
-            "error": follower.error if follower is not None else "",
-        },
-        "forwards": [{"forward": str(f), "ready": client.probe_ok.get(f) == "",
-                      "reason": client.probe_ok.get(f, "not probed yet")} for f in client.forwards],
-    }
+def write(directory: str, status: dict[str, Any]) -> None:
+    """Replace the status file in ``directory`` with ``status`` (0600)."""
+    statefile.make_private_directory(directory)
+    statefile.write_private(os.path.join(directory, STATUS_FILE), json.dumps(status, indent=1).encode() + b"\n")
 
 
-def write(client: "Client") -> None:
-    statefile.make_private_directory(client.directory)
-    statefile.write_private(os.path.join(client.directory, STATUS_FILE),
-                            json.dumps(snapshot(client), indent=1).encode() + b"\n")
-
-
-async def keep_written(client: "Client", stop: asyncio.Event) -> None:
-    """Rewrite the status file every INTERVAL seconds until ``stop``; remove it then."""
-    path = os.path.join(client.directory, STATUS_FILE)
+async def keep_written(directory: str, status: Callable[[], dict[str, Any]], stats: Stats, stop: asyncio.Event) -> None:
+    """Rewrite the status file (``status()``, the agent's state now) every INTERVAL seconds until
+    ``stop``; remove it then."""
+    path = os.path.join(directory, STATUS_FILE)
     try:
         while not stop.is_set():
             try:
-                write(client)
+                write(directory, status())
             except (OSError, statefile.StateFileError):  # status is for humans: never stop the agent over it
-                client.stats.count(client.stats.protocol_errors, "status_write_failed")
+                stats.count(stats.protocol_errors, "status_write_failed")
             try:
                 await asyncio.wait_for(stop.wait(), INTERVAL)
             except TimeoutError:

@@ -9,7 +9,7 @@ need a userspace TCP/IP stack, which the agent does not have. Only TCP is captur
 - **Listeners.** One TCP listener on 127.0.0.1 (and one on ::1 when IPv6 is there), port
   chosen by the kernel. Each accepted connection reads its original destination
   (``getsockopt(SOL_IP, SO_ORIGINAL_DST)``, ``IP6T_SO_ORIGINAL_DST`` for IPv6) and becomes a
-  ``ClientFlow`` opened through ``Client.open`` exactly like a SOCKS5 CONNECT: process
+  ``ClientFlow`` opened through the agent (``FlowOpener.open``) like a SOCKS5 CONNECT: process
   lookup (the app's socket is ``peer`` → original destination), refusals logged with the
   edge's reason, and a refused flow resets the app's connection (the app sees a reset,
   as from the real destination).
@@ -60,21 +60,15 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from collections.abc import Callable, Iterable
+
+from dnslib import QTYPE, RCODE, DNSRecord
 
 from ..basics.hostport import parse_hostport
 from ..contract.apps import address_bounds
 from .direct import DirectRelay
-from .node import ClientFlow
-from .process import parse_addr
-
-if TYPE_CHECKING:
-    from dnslib import DNSRecord
-
-    from .node import Client
-    from .profile import Profile
+from .opener import ClientFlow, FlowOpener
+from .profile import Profile
 
 log = logging.getLogger("ferryman.transparent")
 
@@ -280,10 +274,15 @@ class _MarkedRelay(DirectRelay):
 
 
 class Transparent:
-    """The capture listeners and the nftables table of one client agent."""
+    """The capture listeners and the nftables table of one client agent. ``targets()``: where the
+    agent itself connects to besides the profile's edges (its edges, the control plane, the
+    egress proxy: never captured); ``local_ports()``: its listening ports."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: FlowOpener, *, targets: Callable[[], list[tuple[str, int]]] = list,
+                 local_ports: Callable[[], set[int]] = set) -> None:
         self.client = client
+        self.targets = targets
+        self.local_ports = local_ports
         self.table = table_name()
         self.servers: list[asyncio.AbstractServer] = []
         self.port4 = 0
@@ -322,9 +321,6 @@ class Transparent:
         atexit.register(self._exit)
         if self._wanted is not None:  # a profile arrived while the first rules went in
             self._update = loop.create_task(self._follow())
-        resolver = self.client.resolver
-        if resolver is not None:
-            resolver.on_answer = self.dns_answered  # type: ignore[attr-defined]
         log.info("transparent capture on", extra={"table": f"inet {self.table}", "listen": self._listening(),
                                                    "excluded": ", ".join(f"{h}:{p}" for h, p in self.excluded)})
         if self.client.profile is None:
@@ -352,9 +348,6 @@ class Transparent:
                 log.error("transparent capture table not removed", extra={"table": self.table, "reason": str(exc)})
         for server in self.servers:
             server.close()
-        resolver = self.client.resolver
-        if resolver is not None and getattr(resolver, "on_answer", None) == self.dns_answered:
-            resolver.on_answer = None  # type: ignore[attr-defined]
 
     def _exit(self) -> None:
         if self.installed:
@@ -385,7 +378,7 @@ class Transparent:
 
     async def _install(self, profile: Profile | None) -> None:
         self.excluded = await asyncio.to_thread(self._exclusions, profile)
-        script = ruleset(self.table, profile, self.port4, self.port6, self.excluded, self._local_ports())
+        script = ruleset(self.table, profile, self.port4, self.port6, self.excluded, self.local_ports())
         if profile is not None and not self.port6 and not self._warned_v6 and any(
                 version == 6 for version, _ in capture_targets(profile)):
             self._warned_v6 = True
@@ -394,39 +387,15 @@ class Transparent:
             await _nft(script)
         self.installed = True
 
-    def _local_ports(self) -> set[int]:
-        client = self.client
-        ports = {sock.getsockname()[1] for server in client.listeners for sock in (server.sockets or ())}
-        if client.settings.metrics_addr:
-            try:
-                ports.add(parse_hostport(client.settings.metrics_addr, "FERRYMAN_METRICS_ADDR", allow_zero=True)[1])
-            except ValueError:
-                pass
-        return ports
-
     def _exclusions(self, profile: Profile | None) -> list[Exclusion]:
         """Where the agent itself connects to: edges, control plane, egress proxy (names resolved)."""
-        client = self.client
-        targets: list[tuple[str, int]] = list(client.edges)
+        targets = self.targets()
         if profile is not None:
             for edge in profile.data.edges:
                 try:
                     targets.append(parse_hostport(edge, "profile edge"))
                 except ValueError:
                     continue
-        keeper = client.keeper
-        if keeper is not None and keeper.session.control:
-            parts = urlsplit(keeper.session.control)
-            if parts.hostname:
-                targets.append((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
-        try:
-            from ..transport.proxy import egress_proxy
-
-            proxy = egress_proxy(client.settings)
-        except Exception:  # noqa: BLE001 - a malformed proxy stopped the agent at start already
-            proxy = None
-        if proxy is not None:
-            targets.append((proxy.host, proxy.port))
         found: set[Exclusion] = set()
         for host, port in targets:
             host = host.strip("[]")
@@ -448,8 +417,6 @@ class Transparent:
     async def dns_answered(self, name: str, reply: DNSRecord) -> None:
         """A resolver answer for ``name``: if private, its addresses are captured (opened by name)
         before the app gets the answer."""
-        from dnslib import QTYPE, RCODE
-
         profile = self.client.profile
         if self.closed or not self.installed or profile is None or reply.header.rcode != RCODE.NOERROR \
                 or not profile.private_name(name):
@@ -508,11 +475,11 @@ class Transparent:
 
     # ------------------------------------------------------------------ captured connections
     def _flow(self) -> ClientFlow:
-        return ClientFlow(self.client, None, self._opened, on_connect=self._accepted)  # type: ignore[arg-type]
+        return ClientFlow(self.client, None, self._opened, on_connect=self._accepted)
 
     def _opened(self, flow: ClientFlow, code: str, reason: str) -> None:
         if code:
-            flow.abort(code, reason)  # the app's connection is reset (the refusal is logged by Client)
+            flow.abort(code, reason)  # the app's connection is reset (the refusal is logged by the agent)
 
     def _accepted(self, flow: ClientFlow) -> None:
         client = self.client
@@ -535,12 +502,7 @@ class Transparent:
         if client.route(host, port, "tcp") == "direct":
             self._direct(flow, ip, port)
             return
-        finder = client.processes
-        if finder is None:
-            client.open(flow, "")
-            return
-        finder.find("tcp", parse_addr(flow.peer), (ip, port),
-                    lambda process: None if flow.done else client.open(flow, process))
+        client.open(flow, local=(ip, port))  # the app's process is looked up by where it connected to
 
     def _refuse(self, flow: ClientFlow, code: str, reason: str) -> None:
         stats = self.client.stats

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from dnslib import OPCODE, DNSRecord
 
 from ..access.grants import GrantError, GrantVerifier
@@ -34,9 +35,10 @@ from ..contract.snapshot import ConfigSnapshot, revoked_set
 from ..controllink.registration import Registration
 from ..controllink.link import ControlLink, Report, cut_revoked
 from ..transport.credentials import NodeCredentials
-from ..transport.socketflow import EndpointNode, SocketFlow
+from ..transport.endpoint import EndpointNode, LocalFlow
+from ..transport.socketflow import SocketFlow
 from ..transport.supervisor import keep_tunnel, transport_of
-from ..transport.tunnel import Tunnel
+from ..transport.tunnel import TunnelBase
 from ..transport.udpflow import UdpFlow, set_udp_buffers
 from ..wire import events as ev
 from ..wire.frames import Open
@@ -44,7 +46,11 @@ from ..wire.frames import Open
 log = logging.getLogger("ferryman.connector")
 
 
-class Connector(EndpointNode):
+EdgeKey = ec.EllipticCurvePublicKey  # the edge's certificate key: every OPEN's grant must verify with it
+ConnectorTunnel = TunnelBase[LocalFlow, EdgeKey]
+
+
+class Connector(EndpointNode[EdgeKey]):
     """``registered``: the registration stored by ``ferryman connector register`` (None: no control
     plane); ``follow_edges``: take the edge list from the control plane's snapshots."""
 
@@ -57,7 +63,7 @@ class Connector(EndpointNode):
         self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
-        self.tunnels: set[Tunnel] = set()
+        self.tunnels: set[ConnectorTunnel] = set()
         self.udp_flows: set[UdpFlow] = set()
         self.udp_sockets: dict[UdpFlow, asyncio.DatagramTransport] = {}  # each UDP flow's backend socket
         self.draining = False
@@ -131,7 +137,7 @@ class Connector(EndpointNode):
         self._ssl = self.credentials.client_context()
 
     @staticmethod
-    async def _session(tunnel: Tunnel) -> None:
+    async def _session(tunnel: ConnectorTunnel) -> None:
         await tunnel.done_waiter
 
     def ready(self) -> bool:
@@ -158,17 +164,18 @@ class Connector(EndpointNode):
             tunnel.close("shutdown", "connector stopped")
 
     # ------------------------------------------------------------------ tunnel events
-    def tunnel_up(self, tunnel: Tunnel) -> None:
+    def tunnel_up(self, tunnel: ConnectorTunnel) -> None:
         # The edge's certificate key, which must have signed the grant of every OPEN on this tunnel.
         der = tunnel.peer_certificate_der()
-        tunnel.context = x509.load_der_x509_certificate(der).public_key() if der else None
+        key = x509.load_der_x509_certificate(der).public_key() if der else None
+        tunnel.state = key if isinstance(key, ec.EllipticCurvePublicKey) else None
         self.tunnels.add(tunnel)
         self.stats.tunnels_up += 1
         self.stats.tunnels_opened += 1
         log.info("tunnel up", extra={"tunnel": tunnel.label, "edge": tunnel.peer_name,
                                      "transport": transport_of(tunnel)})
 
-    def tunnel_down(self, tunnel: Tunnel) -> None:
+    def tunnel_down(self, tunnel: ConnectorTunnel) -> None:
         if tunnel in self.tunnels:
             self.tunnels.discard(tunnel)
             self.stats.tunnels_up -= 1
@@ -176,11 +183,11 @@ class Connector(EndpointNode):
             self.stats.rtt.pop(tunnel.label, None)
         self.reset_all(tunnel, "tunnel_lost", f"tunnel to edge {tunnel.peer_name} lost: {tunnel.close_reason}")
 
-    def goaway_received(self, tunnel: Tunnel, event: ev.GoAwayReceived) -> None:
+    def goaway_received(self, tunnel: ConnectorTunnel, event: ev.GoAwayReceived) -> None:
         """The edge drains this tunnel: existing flows continue, the edge sends no new ones."""
 
-    def flow_requested(self, tunnel: Tunnel, event: ev.FlowRequested) -> None:
-        if event.flow_id not in tunnel.conn.flows:
+    def flow_requested(self, tunnel: ConnectorTunnel, event: ev.FlowRequested) -> None:
+        if not tunnel.has_flow(event.flow_id):
             return  # OPEN and RST arrived in the same read: already cancelled
         request = event.open
         if self.draining:
@@ -191,9 +198,9 @@ class Connector(EndpointNode):
                          f"{request.protocol!r} flows are not supported by connector {self.name}")
             return
         try:
-            if tunnel.context is None:
+            if tunnel.state is None:
                 raise GrantError("grant_unverifiable", "the edge's certificate key is unknown on this tunnel")
-            self.grants.verify(request.grant, tunnel.context, tunnel.peer_name, host=request.host, port=request.port,
+            self.grants.verify(request.grant, tunnel.state, tunnel.peer_name, host=request.host, port=request.port,
                                protocol=request.protocol, now=time.time())
         except GrantError as exc:
             self.stats.count(self.stats.protocol_errors, exc.code)
@@ -224,13 +231,12 @@ class Connector(EndpointNode):
         flow.bind(tunnel, event.flow_id)
         asyncio.get_running_loop().create_task(self._dial(tunnel, flow, request))
 
-    def _refuse(self, tunnel: Tunnel, flow_id: int, code: str, reason: str) -> None:
-        tunnel.conn.reject_flow(flow_id, code, reason)
-        tunnel.flush_soon()
+    def _refuse(self, tunnel: ConnectorTunnel, flow_id: int, code: str, reason: str) -> None:
+        tunnel.reject(flow_id, code, reason)
         self.stats.count(self.stats.open_failures, code)
         log.info("open refused", extra={"flow": flow_id, "code": code, "reason": reason})
 
-    async def _dial(self, tunnel: Tunnel, flow: SocketFlow | UdpFlow, request: Open,
+    async def _dial(self, tunnel: ConnectorTunnel, flow: SocketFlow | UdpFlow, request: Open,
                     address: tuple[str, int] | None = None) -> None:
         """Open the backend side of a flow, then answer OPEN_OK (or OPEN_FAIL with the reason).
 
@@ -271,9 +277,8 @@ class Connector(EndpointNode):
                              else _queries_for(request.host, transport.sendto, self.stats))
             local = transport.get_extra_info("sockname")
             remote = transport.get_extra_info("peername")
-            tunnel.conn.accept_flow(flow.flow_id, bound=f"{local[0]}:{local[1]}",
-                                    remote=f"{remote[0]}:{remote[1]}" if remote else "")
-            tunnel.flush_soon()
+            tunnel.accept(flow.flow_id, bound=f"{local[0]}:{local[1]}",
+                          remote=f"{remote[0]}:{remote[1]}" if remote else "")
             flow.activate()
             return
         tunnel.routes.pop(flow.flow_id, None)
@@ -290,13 +295,13 @@ class Connector(EndpointNode):
         if sock is not None:
             sock.close()
 
-    def tunnel_writable(self, tunnel: Tunnel, writable: bool) -> None:
+    def tunnel_writable(self, tunnel: ConnectorTunnel, writable: bool) -> None:
         """Credit bounds what each flow may queue; nothing to do on tunnel back-pressure."""
 
-    def flow_accepted(self, tunnel: Tunnel, event: ev.FlowAccepted) -> None:
+    def flow_accepted(self, tunnel: ConnectorTunnel, event: ev.FlowAccepted) -> None:
         """Connectors never open flows, so there is never an OPEN_OK to handle."""
 
-    def flow_rejected(self, tunnel: Tunnel, event: ev.FlowRejected) -> None:
+    def flow_rejected(self, tunnel: ConnectorTunnel, event: ev.FlowRejected) -> None:
         """Connectors never open flows, so there is never an OPEN_FAIL to handle."""
 
 

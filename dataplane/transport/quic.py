@@ -1,13 +1,13 @@
 """Asyncio adapter that runs Ferryman tunnels over QUIC (aioquic), mutually authenticated.
 
 ``QuicTunnel`` is the QUIC counterpart of ``transport.tunnel.Tunnel``: the same
-attributes and methods the nodes use (``conn``, ``flush_soon``, ``routes``, ``context``,
-``peer_certificate``, ``up_waiter``/``done_waiter``, ``writable``, ``close``/``goaway``/
-``terminate``, ...), the same ``TunnelHandler`` callbacks and the same checks of the
+``TunnelBase`` flow API and attributes the nodes use (``open_flow``, ``accept``, ``send_data``,
+... ``routes``, ``state``, ``peer_certificate``, ``up_waiter``/``done_waiter``, ``writable``,
+``close``/``goaway``/``terminate``), the same ``TunnelHandler`` callbacks and the same checks of the
 peer: its certificate must chain to our CA (a client certificate is demanded by the
 server and checked here, with ``cryptography``'s X.509 verifier), name a role we accept,
 not be refused by ``handler.refuse_peer`` (revoked), and its HELLO must repeat the
-certificate's role and name. It owns the tunnel's timers: aioquic's (loss recovery,
+certificate's role and name. It owns the tunnel's timers: the QUIC engine's (loss recovery,
 pacing, idle), the handshake deadline (QUIC + HELLO) and keepalive PINGs.
 
 Sends are coalesced: whatever the node queued in one loop iteration goes out in one
@@ -56,7 +56,7 @@ from ..wire.quic import (
     QuicTunnelConnection,
     TunnelTerminated,
 )
-from .tunnel import TunnelBase, TunnelHandler
+from .tunnel import F, S, TunnelBase, TunnelHandler
 
 log = logging.getLogger("ferryman.quic")
 # aioquic logs each connection's negotiated version and ALPN at INFO; tunnel events are logged here.
@@ -176,12 +176,14 @@ def _subject(name: str) -> x509.DNSName | x509.IPAddress:
 # ---------------------------------------------------------------------------- tunnel
 
 
-class QuicTunnel(TunnelBase):
+class QuicTunnel(TunnelBase[F, S]):
     """One Ferryman tunnel over QUIC, with the interface of ``Tunnel`` (see the module docstring)."""
+
+    conn: QuicTunnelConnection
 
     def __init__(
         self,
-        handler: TunnelHandler,
+        handler: TunnelHandler[F, S],
         config: WireConfig,
         quic: QuicConfiguration,
         credentials: QuicCredentials,
@@ -196,45 +198,24 @@ class QuicTunnel(TunnelBase):
         label: str = "",
         server_name: str | None = None,
         original_destination_connection_id: bytes | None = None,
-        cid_listener: Callable[[QuicTunnel, bytes, bool], None] | None = None,
+        cid_listener: Callable[[QuicTunnel[Any, Any], bytes, bool], None] | None = None,
     ) -> None:
-        self.handler = handler
-        self.conn = QuicTunnelConnection(config, quic, dialer=dialer,
-                                         original_destination_connection_id=original_destination_connection_id)
+        self._setup(handler, QuicTunnelConnection(config, quic, dialer=dialer,
+                                                  original_destination_connection_id=original_destination_connection_id),
+                    accept_roles, keepalive, handshake_timeout, write_buffer_high, label)
         self.credentials = credentials
-        self.accept_roles = accept_roles
-        self.keepalive = keepalive
-        self.handshake_timeout = handshake_timeout
-        self.write_buffer_high = write_buffer_high
-        self.label = label
-        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.DatagramTransport | None = transport
-        self.peer_certificate: PeerCertificate | None = None
         self.peer_addr = f"{peer[0]}:{peer[1]}"
-        self.up = False
-        self.closed = False
-        self.close_code = ""
-        self.close_reason = ""
-        self.rtt: float | None = None
-        self.writable = True
-        self.routes: dict[int, Any] = {}  # flow id -> the node's per-flow object
-        self.context: Any = None  # the node's per-tunnel state
-        self.id = os.urandom(8).hex()
         self._peer = peer
         self._connected = dialer  # a dialer's socket is connected: sendto without an address
         self._server_name = server_name
         self._cid_listener = cid_listener
         self._peer_der: bytes | None = None
-        self._last_rx = self.loop.time()
-        self._last_ping = 0.0
-        self._flush_scheduled = False
-        self._timer: asyncio.TimerHandle | None = self.loop.call_later(handshake_timeout, self._handshake_expired)
+        self._timer = self.loop.call_later(handshake_timeout, self._handshake_expired)
         self._quic_timer: asyncio.TimerHandle | None = None
         self._quic_at: float | None = None
-        self._down_sent = False
         self.handshake_waiter: asyncio.Future[None] = self.loop.create_future()  # QUIC + certificate checks
-        self.up_waiter: asyncio.Future[None] = self.loop.create_future()  # ... and the HELLO exchange
-        self.done_waiter: asyncio.Future[None] = self.loop.create_future()
+        # (up_waiter: ... and the HELLO exchange)
         self._dispatch: dict[type, Callable[[Any, Any], None]] = {
             **self._events(),
             HandshakeCompleted: self._on_handshake,
@@ -268,8 +249,8 @@ class QuicTunnel(TunnelBase):
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
+        self.flush_soon()  # (first: what the node queues while answering joins this flush)
         self._process(events)
-        self.flush_soon()
 
     def error_received(self, exc: OSError) -> None:
         """An ICMP error on a dialer's socket. Before the handshake any error means the edge
@@ -301,12 +282,6 @@ class QuicTunnel(TunnelBase):
         self.close(exc.code, exc.message, error=True)
 
     # ------------------------------------------------------------------ sending
-    def flush_soon(self) -> None:
-        """Send what the connection queued at the end of this loop iteration."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
     def _flush(self) -> None:
         self._flush_scheduled = False
         transport = self.transport
@@ -369,10 +344,6 @@ class QuicTunnel(TunnelBase):
             self.transport.close()
         self._finish()
 
-    def goaway(self, code: str, reason: str) -> None:
-        self.conn.goaway(code, reason)
-        self.flush_soon()
-
     def terminate(self, code: str, reason: str) -> None:
         """End the tunnel now for ``reason``; the peer reads ``code: reason`` in the CONNECTION_CLOSE."""
         self.close(code, reason, error=True)
@@ -395,7 +366,7 @@ class QuicTunnel(TunnelBase):
             self._cid_listener(self, b"", False)
         if not self._down_sent:
             self._down_sent = True
-            self.handler.tunnel_down(self)  # type: ignore[arg-type]
+            self.handler.tunnel_down(self)
             self.done_waiter.set_result(None)
 
     # ------------------------------------------------------------------ internal events

@@ -8,9 +8,8 @@ the socket's write buffer is below its high-water mark, so a reader that stops h
 most one window of its own data and never slows the other flows of the tunnel.
 Half-close maps to FIN both ways; a reset maps to RST and to a TCP reset of the socket.
 
-``EndpointNode`` is the shared part of the client and connector nodes: it routes a
-tunnel's flow events to the SocketFlow (or, for datagrams, the ``udpflow.UdpFlow``)
-registered for that flow.
+``FlowNode`` is what such a flow needs of the node it belongs to (its ``Stats`` and the
+socket buffer size); ``endpoint.EndpointNode`` routes a tunnel's events to the flows.
 """
 
 from __future__ import annotations
@@ -19,15 +18,12 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol, Self
 
 from ..basics.metrics import Stats
-from ..wire import events as ev
 from ..wire.connection import FlowError
-from .tunnel import Tunnel, TunnelHandler
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from .tunnel import TunnelBase
 
 log = logging.getLogger("ferryman.flow")
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -46,15 +42,22 @@ def reset_transport(transport: asyncio.Transport | None) -> None:
     transport.abort()
 
 
+class FlowNode(Protocol):
+    """The node a local flow belongs to: its counters and the local sockets' write buffer."""
+
+    stats: Stats
+    socket_buffer: int
+
+
 class SocketFlow(asyncio.Protocol):
     __slots__ = (
         "node", "tunnel", "flow_id", "transport", "active", "pending", "fin_pending",
         "sent_fin", "got_fin", "write_paused", "unacked", "done", "on_connect", "peer",
     )
 
-    def __init__(self, node: "EndpointNode", on_connect: "Callable[[SocketFlow], None] | None" = None) -> None:
+    def __init__(self, node: FlowNode, on_connect: Callable[[Self], None] | None = None) -> None:
         self.node = node
-        self.tunnel: Tunnel | None = None
+        self.tunnel: TunnelBase[Any, Any] | None = None
         self.flow_id = 0
         self.transport: asyncio.Transport | None = None
         self.active = False
@@ -69,7 +72,7 @@ class SocketFlow(asyncio.Protocol):
         self.peer = ""
 
     # ------------------------------------------------------------------ binding
-    def bind(self, tunnel: Tunnel, flow_id: int) -> None:
+    def bind(self, tunnel: TunnelBase[Any, Any], flow_id: int) -> None:
         self.tunnel = tunnel
         self.flow_id = flow_id
         tunnel.routes[flow_id] = self
@@ -110,12 +113,11 @@ class SocketFlow(asyncio.Protocol):
         if tunnel is None or self.done:
             return
         try:
-            n = tunnel.conn.send_data(self.flow_id, data)
+            n = tunnel.send_data(self.flow_id, data)
         except FlowError:
             self.abort()
             return
         self.node.stats.bytes_tx += n
-        tunnel.flush_soon()
         if n < len(data):
             self.pending = memoryview(data)[n:]
             self.transport.pause_reading()  # type: ignore[union-attr]
@@ -133,18 +135,16 @@ class SocketFlow(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.unacked and self.tunnel is not None:
-            self.tunnel.conn.acknowledge(self.flow_id, self.unacked)
+            self.tunnel.acknowledge(self.flow_id, self.unacked)
             self.unacked = 0
-            self.tunnel.flush_soon()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.done:
             return
         tunnel = self.tunnel
-        if tunnel is not None and self.flow_id in tunnel.conn.flows:
+        if tunnel is not None and tunnel.has_flow(self.flow_id):
             reason = f"local connection reset: {exc}" if exc else "local connection closed"
-            tunnel.conn.reset_flow(self.flow_id, "reset", reason)
-            tunnel.flush_soon()
+            tunnel.reset(self.flow_id, "reset", reason)
         self._finish("reset" if exc or not (self.sent_fin and self.got_fin) else "fin")
 
     # ------------------------------------------------------------------ tunnel side
@@ -158,13 +158,13 @@ class SocketFlow(asyncio.Protocol):
         if self.write_paused:
             self.unacked += n
         else:
-            self.tunnel.conn.acknowledge(self.flow_id, n)  # type: ignore[union-attr]
+            self.tunnel.acknowledge(self.flow_id, n)  # type: ignore[union-attr]
 
     def on_credit(self) -> None:
         pending = self.pending
         if pending is None or self.done:
             return
-        n = self.tunnel.conn.send_data(self.flow_id, pending)  # type: ignore[union-attr]
+        n = self.tunnel.send_data(self.flow_id, pending)  # type: ignore[union-attr]
         self.node.stats.bytes_tx += n
         if n < len(pending):
             self.pending = pending[n:]
@@ -195,21 +195,18 @@ class SocketFlow(asyncio.Protocol):
     # ------------------------------------------------------------------ helpers
     def abort(self, code: str = "reset", reason: str = "aborted") -> None:
         """Reset both the flow and the socket (local decision)."""
-        if self.tunnel is not None and self.flow_id in self.tunnel.conn.flows:
-            self.tunnel.conn.reset_flow(self.flow_id, code, reason)
-            self.tunnel.flush_soon()
+        if self.tunnel is not None and self.tunnel.has_flow(self.flow_id):
+            self.tunnel.reset(self.flow_id, code, reason)
         self._finish(code)
         self._reset_socket()
 
     def _send_fin(self) -> None:
         self.fin_pending = False
         tunnel = self.tunnel
-        if tunnel is None or self.sent_fin or self.flow_id not in tunnel.conn.flows:
+        if tunnel is None or self.sent_fin or not tunnel.has_flow(self.flow_id):
             return
         self.sent_fin = True
-        closed = tunnel.conn.send_fin(self.flow_id)
-        tunnel.flush_soon()
-        if closed:
+        if tunnel.send_fin(self.flow_id):
             self.on_closed()
 
     def _reset_socket(self) -> None:
@@ -225,51 +222,3 @@ class SocketFlow(asyncio.Protocol):
         if self.active:
             stats.flows_active -= 1
             stats.count(stats.flows_closed, reason)
-
-
-class EndpointNode(TunnelHandler):
-    """Routes flow events of a tunnel to the SocketFlow bound to each flow id."""
-
-    stats: Stats
-    socket_buffer: int = 262144
-
-    def data_received(self, tunnel: Tunnel, event: ev.DataReceived) -> None:
-        flow = tunnel.routes.get(event.flow_id)
-        if flow is not None:
-            flow.on_data(event.data)
-
-    def credit_available(self, tunnel: Tunnel, event: ev.CreditAvailable) -> None:
-        flow = tunnel.routes.get(event.flow_id)
-        if flow is not None:
-            flow.on_credit()
-
-    def flow_ended(self, tunnel: Tunnel, event: ev.FlowEnded) -> None:
-        flow = tunnel.routes.get(event.flow_id)
-        if flow is not None:
-            flow.on_fin()
-
-    def flow_closed(self, tunnel: Tunnel, event: ev.FlowClosed) -> None:
-        flow = tunnel.routes.get(event.flow_id)
-        if flow is not None:
-            flow.on_closed()
-
-    def flow_reset(self, tunnel: Tunnel, event: ev.FlowReset) -> None:
-        flow = tunnel.routes.get(event.flow_id)
-        if flow is not None:
-            flow.on_reset(event.code, event.reason)
-
-    def open_refused(self, tunnel: Tunnel, event: ev.OpenRefused) -> None:
-        self.stats.count(self.stats.open_failures, event.code)
-
-    def datagram_received(self, tunnel: Tunnel, event: ev.DatagramReceived) -> None:
-        flow = tunnel.routes.get(event.flow_id)
-        if flow is not None:
-            flow.on_datagram(event.data)
-        else:  # the flow is ending here and its RST is on the way
-            self.stats.count(self.stats.datagrams_dropped, "flow_closed")
-
-    def reset_all(self, tunnel: Tunnel, code: str, reason: str) -> None:
-        """The tunnel is gone: reset every local socket that rode on it."""
-        for flow in list(tunnel.routes.values()):
-            flow.on_reset(code, reason)
-        tunnel.routes.clear()

@@ -1,4 +1,12 @@
-"""Asyncio adapter that runs one ``TunnelConnection`` over a mutually authenticated TLS stream.
+"""Asyncio adapter that runs one ``TunnelConnection`` over a mutually authenticated TLS stream,
+and what every tunnel offers its node whatever carries it (``TunnelBase``).
+
+A node drives a tunnel only through ``TunnelBase``'s methods (``open_flow``, ``accept``,
+``reject``, ``reset``, ``send_data``, ``send_fin``, ``send_datagram``, ``acknowledge``,
+``send_auth``, ``goaway``, ...): each queues its frames in the sans-I/O connection and the
+tunnel flushes itself, once per loop iteration, or at the end of the read that the node is
+answering (so nothing the node queues while handling an event costs a flush of its own). A node's per-flow objects live in ``routes`` and its per-tunnel state in
+``state``, typed by the node (``TunnelBase[F, S]``).
 
 ``Tunnel`` is an ``asyncio.Protocol``: it feeds received bytes to the sans-I/O connection,
 dispatches the resulting events to its node (``TunnelHandler``), writes what the
@@ -14,50 +22,58 @@ import asyncio
 import logging
 import os
 import ssl
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..basics.metrics import Stats
 from ..basics.pki import PeerCertificate, PkiError, peer_certificate
 from ..wire import events as ev
 from ..wire.connection import ProtocolError, TunnelConnection, WireConfig
+from ..wire.frames import Hello, Open
+
+if TYPE_CHECKING:
+    from ..wire.quic import QuicTunnelConnection
 
 log = logging.getLogger("ferryman.tunnel")
 
+F = TypeVar("F")  # what a node keeps per flow (``routes`` values)
+S = TypeVar("S")  # what a node keeps per tunnel (``state``)
 
-class TunnelHandler:
+
+class TunnelHandler(Generic[F, S]):
     """What a node implements to receive a tunnel's life cycle and flow events."""
 
     stats: Stats
 
-    def tunnel_up(self, tunnel: "Tunnel") -> None: ...
+    def tunnel_up(self, tunnel: TunnelBase[F, S]) -> None: ...
 
-    def tunnel_down(self, tunnel: "Tunnel") -> None: ...
+    def tunnel_down(self, tunnel: TunnelBase[F, S]) -> None: ...
 
-    def tunnel_writable(self, tunnel: "Tunnel", writable: bool) -> None: ...
+    def tunnel_writable(self, tunnel: TunnelBase[F, S], writable: bool) -> None: ...
 
-    def flow_requested(self, tunnel: "Tunnel", event: ev.FlowRequested) -> None: ...
+    def flow_requested(self, tunnel: TunnelBase[F, S], event: ev.FlowRequested) -> None: ...
 
-    def open_refused(self, tunnel: "Tunnel", event: ev.OpenRefused) -> None: ...
+    def open_refused(self, tunnel: TunnelBase[F, S], event: ev.OpenRefused) -> None: ...
 
-    def flow_accepted(self, tunnel: "Tunnel", event: ev.FlowAccepted) -> None: ...
+    def flow_accepted(self, tunnel: TunnelBase[F, S], event: ev.FlowAccepted) -> None: ...
 
-    def flow_rejected(self, tunnel: "Tunnel", event: ev.FlowRejected) -> None: ...
+    def flow_rejected(self, tunnel: TunnelBase[F, S], event: ev.FlowRejected) -> None: ...
 
-    def data_received(self, tunnel: "Tunnel", event: ev.DataReceived) -> None: ...
+    def data_received(self, tunnel: TunnelBase[F, S], event: ev.DataReceived) -> None: ...
 
-    def flow_ended(self, tunnel: "Tunnel", event: ev.FlowEnded) -> None: ...
+    def flow_ended(self, tunnel: TunnelBase[F, S], event: ev.FlowEnded) -> None: ...
 
-    def flow_closed(self, tunnel: "Tunnel", event: ev.FlowClosed) -> None: ...
+    def flow_closed(self, tunnel: TunnelBase[F, S], event: ev.FlowClosed) -> None: ...
 
-    def flow_reset(self, tunnel: "Tunnel", event: ev.FlowReset) -> None: ...
+    def flow_reset(self, tunnel: TunnelBase[F, S], event: ev.FlowReset) -> None: ...
 
-    def credit_available(self, tunnel: "Tunnel", event: ev.CreditAvailable) -> None: ...
+    def credit_available(self, tunnel: TunnelBase[F, S], event: ev.CreditAvailable) -> None: ...
 
-    def datagram_received(self, tunnel: "Tunnel", event: ev.DatagramReceived) -> None: ...
+    def datagram_received(self, tunnel: TunnelBase[F, S], event: ev.DatagramReceived) -> None: ...
 
-    def goaway_received(self, tunnel: "Tunnel", event: ev.GoAwayReceived) -> None: ...
+    def goaway_received(self, tunnel: TunnelBase[F, S], event: ev.GoAwayReceived) -> None: ...
 
-    def auth_received(self, tunnel: "Tunnel", event: ev.AuthReceived) -> None:
+    def auth_received(self, tunnel: TunnelBase[F, S], event: ev.AuthReceived) -> None:
         """A client sent a new access token (only edges act on it)."""
 
     def refuse_peer(self, peer: PeerCertificate) -> str | None:
@@ -65,18 +81,19 @@ class TunnelHandler:
         return None
 
 
-class TunnelBase:
-    """What the TLS/TCP ``Tunnel`` and the QUIC ``transport.quic.QuicTunnel`` share: the node-facing
-    properties, the dispatch of wire events to the handler, the checks of the peer's HELLO
-    against its certificate, RTT from PONGs, draining on GOAWAY and the keepalive timer.
+class TunnelBase(Generic[F, S]):
+    """What the TLS/TCP ``Tunnel`` and the QUIC ``transport.quic.QuicTunnel`` share: the node's
+    flow API (each call flushes itself), the node-facing properties, the dispatch of wire
+    events to the handler, the checks of the peer's HELLO against its certificate, RTT from
+    PONGs, draining on GOAWAY and the keepalive timer.
 
-    A subclass sets the attributes used here (``handler``, ``conn``, ``peer_certificate``, ``peer_addr``,
-    ``label``, ``loop``, ``keepalive``, ``up``, ``closed``, ``rtt``, ``_timer``, ``_last_rx``,
-    ``_last_ping``, ``up_waiter``) and provides ``close``, ``_refuse(code, reason)``, ``_flush``
+    A subclass calls ``_setup`` and provides ``close``, ``_refuse(code, reason)``, ``_flush``
     and ``_keepalive_expired(silent)``."""
 
-    handler: TunnelHandler
-    conn: Any
+    handler: TunnelHandler[F, S]
+    conn: TunnelConnection | QuicTunnelConnection
+    routes: dict[int, F]  # flow id -> the node's per-flow object
+    state: S | None  # the node's per-tunnel state (e.g. an edge: who the client is)
     peer_certificate: PeerCertificate | None
     peer_addr: str
     label: str
@@ -87,10 +104,50 @@ class TunnelBase:
     close_code: str
     close_reason: str
     rtt: float | None
+    writable: bool
+    up_waiter: asyncio.Future[None]
+    done_waiter: asyncio.Future[None]
     _timer: asyncio.TimerHandle | None
     _last_rx: float
     _last_ping: float
-    up_waiter: asyncio.Future[None]
+    _flush_scheduled: bool
+    _down_sent: bool
+    # ``acknowledge(flow_id, size)``: ``size`` received bytes of the flow were consumed, credit goes back
+    # to the peer. It is the connection's own method (the per-frame path pays no extra call); the
+    # WINDOW frames it queues now and then are flushed through ``conn.on_window``.
+    acknowledge: Callable[[int, int], bool]
+
+    def _setup(self, handler: TunnelHandler[F, S], conn: TunnelConnection | QuicTunnelConnection,
+               accept_roles: tuple[str, ...], keepalive: float, handshake_timeout: float, write_buffer_high: int,
+               label: str) -> None:
+        self.handler = handler
+        self.conn = conn
+        self.accept_roles = accept_roles
+        self.keepalive = keepalive
+        self.handshake_timeout = handshake_timeout
+        self.write_buffer_high = write_buffer_high
+        self.label = label
+        self.loop = asyncio.get_running_loop()
+        self.peer_certificate = None
+        self.peer_addr = ""
+        self.up = False
+        self.closed = False
+        self.close_code = ""
+        self.close_reason = ""
+        self.rtt = None
+        self.writable = True
+        self.routes = {}
+        self.state = None
+        self.id = os.urandom(8).hex()  # names the tunnel in logs (a client tunnel's traffic-log transaction id)
+        self._last_rx = self.loop.time()
+        self._last_ping = 0.0
+        self._flush_scheduled = False
+        self._timer = None
+        self._down_sent = False
+        self.up_waiter = self.loop.create_future()
+        self.done_waiter = self.loop.create_future()
+        self.acknowledge = conn.acknowledge
+        conn.on_window = self.flush_soon
 
     def _events(self) -> dict[type, Callable[[Any, Any], None]]:
         """Wire event type -> who handles it (the node, or this tunnel itself)."""
@@ -112,7 +169,75 @@ class TunnelBase:
             ev.AuthReceived: handler.auth_received,
         }
 
+    # ------------------------------------------------------------------ flows (the node's API)
+    def has_flow(self, flow_id: int) -> bool:
+        """Whether ``flow_id`` is still a flow of this tunnel (not ended, reset or refused)."""
+        return flow_id in self.conn.flows
+
+    def open_flow(self, request: Open) -> int:
+        """Send OPEN; returns the new flow's id (``FlowError`` when the tunnel cannot take one)."""
+        flow_id = self.conn.open_flow(request)
+        self.flush_soon()
+        return flow_id
+
+    def accept(self, flow_id: int, bound: str = "", remote: str = "") -> None:
+        """Answer the peer's OPEN with OPEN_OK."""
+        self.conn.accept_flow(flow_id, bound, remote)
+        self.flush_soon()
+
+    def reject(self, flow_id: int, code: str, reason: str) -> None:
+        """Answer the peer's OPEN with OPEN_FAIL ``code``/``reason``; the flow is gone."""
+        self.conn.reject_flow(flow_id, code, reason)
+        self.flush_soon()
+
+    def reset(self, flow_id: int, code: str, reason: str = "") -> None:
+        """Abort a flow both ways (RST); a flow that is already gone is ignored."""
+        self.conn.reset_flow(flow_id, code, reason)
+        self.flush_soon()
+
+    def send_data(self, flow_id: int, data: bytes | memoryview) -> int:
+        """Send as much of ``data`` as the flow's credit allows; returns the bytes taken."""
+        taken = self.conn.send_data(flow_id, data)
+        if taken and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return taken
+
+    def send_fin(self, flow_id: int) -> bool:
+        """Half-close our direction; True when the flow is now fully closed."""
+        closed = self.conn.send_fin(flow_id)
+        self.flush_soon()
+        return closed
+
+    def send_datagram(self, flow_id: int, data: bytes | memoryview) -> None:
+        """Send one datagram of an open UDP flow (``FlowError`` when it cannot be carried)."""
+        self.conn.send_datagram(flow_id, data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def send_auth(self, token: str) -> None:
+        """Hand the edge a new access token (AUTH) for the flows opened from now on."""
+        self.conn.send_auth(token)
+        self.flush_soon()
+
+    def goaway(self, code: str, reason: str) -> None:
+        """Drain: the peer opens no new flows on this tunnel; existing ones continue."""
+        self.conn.goaway(code, reason)
+        self.flush_soon()
+
+    def flush_soon(self) -> None:
+        """Send what the connection queued at the end of this loop iteration."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
     # ------------------------------------------------------------------ properties
+    @property
+    def hello(self) -> Hello | None:
+        """The peer's HELLO (role, node, group, limits, a client's first token), once received."""
+        return self.conn.peer
+
     @property
     def peer_name(self) -> str:
         if self.conn.peer is not None:
@@ -148,7 +273,7 @@ class TunnelBase:
             self._timer.cancel()
         self._timer = self.loop.call_later(self.keepalive / 4, self._keepalive)
         self.up_waiter.set_result(None)
-        self.handler.tunnel_up(self)  # type: ignore[arg-type]
+        self.handler.tunnel_up(self)
 
     def _on_pong(self, tunnel: Any, event: ev.PongReceived) -> None:
         self.rtt = max(0.0, self.loop.time() - event.sent_at)
@@ -157,7 +282,7 @@ class TunnelBase:
     def _on_goaway(self, tunnel: Any, event: ev.GoAwayReceived) -> None:
         log.info("peer draining", extra={"tunnel": self.label, "peer": self.peer_name,
                                          "code": event.code, "reason": event.reason})
-        self.handler.goaway_received(self, event)  # type: ignore[arg-type]
+        self.handler.goaway_received(self, event)
 
     def _keepalive(self) -> None:
         """Runs every quarter interval: PING once per interval; a peer silent for
@@ -202,10 +327,10 @@ class TunnelBase:
         raise NotImplementedError
 
 
-class Tunnel(TunnelBase, asyncio.Protocol):
+class Tunnel(TunnelBase[F, S], asyncio.Protocol):
     def __init__(
         self,
-        handler: TunnelHandler,
+        handler: TunnelHandler[F, S],
         config: WireConfig,
         *,
         dialer: bool,
@@ -215,33 +340,9 @@ class Tunnel(TunnelBase, asyncio.Protocol):
         write_buffer_high: int,
         label: str = "",
     ) -> None:
-        self.handler = handler
-        self.conn = TunnelConnection(config, dialer=dialer)
-        self.accept_roles = accept_roles
-        self.keepalive = keepalive
-        self.handshake_timeout = handshake_timeout
-        self.write_buffer_high = write_buffer_high
-        self.label = label
-        self.loop = asyncio.get_running_loop()
+        self._setup(handler, TunnelConnection(config, dialer=dialer), accept_roles, keepalive, handshake_timeout,
+                    write_buffer_high, label)
         self.transport: asyncio.Transport | None = None
-        self.peer_certificate: PeerCertificate | None = None
-        self.peer_addr = ""
-        self.up = False
-        self.closed = False
-        self.close_code = ""
-        self.close_reason = ""
-        self.rtt: float | None = None
-        self.writable = True
-        self.routes: dict[int, Any] = {}  # flow id -> the node's per-flow object
-        self.context: Any = None  # the node's per-tunnel state (an edge: who the client is)
-        self.id = os.urandom(8).hex()  # names the tunnel in logs (a client tunnel's traffic-log transaction id)
-        self._last_rx = self.loop.time()
-        self._flush_scheduled = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._last_ping = 0.0
-        self._down_sent = False
-        self.up_waiter: asyncio.Future[None] = self.loop.create_future()
-        self.done_waiter: asyncio.Future[None] = self.loop.create_future()
         self._dispatch = self._events()
 
     # ------------------------------------------------------------------ properties
@@ -295,10 +396,15 @@ class Tunnel(TunnelBase, asyncio.Protocol):
             self.close(exc.code, exc.message, error=True)
             return
         dispatch = self._dispatch
-        for event in events:
-            dispatch[type(event)](self, event)
-            if self.closed:
-                return
+        scheduled = self._flush_scheduled
+        self._flush_scheduled = True  # what the node queues here while answering goes out at the end of this read
+        try:
+            for event in events:
+                dispatch[type(event)](self, event)
+                if self.closed:
+                    return
+        finally:
+            self._flush_scheduled = scheduled
         if self.conn.has_output:
             self._flush()
 
@@ -323,12 +429,6 @@ class Tunnel(TunnelBase, asyncio.Protocol):
         self.handler.tunnel_writable(self, True)
 
     # ------------------------------------------------------------------ sending
-    def flush_soon(self) -> None:
-        """Write the connection's queued frames at the end of this loop iteration."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self.transport is not None and not self.transport.is_closing():
@@ -348,10 +448,6 @@ class Tunnel(TunnelBase, asyncio.Protocol):
                 self._flush()
                 self.transport.close()
         self._finish()
-
-    def goaway(self, code: str, reason: str) -> None:
-        self.conn.goaway(code, reason)
-        self.flush_soon()
 
     def terminate(self, code: str, reason: str) -> None:
         """End the tunnel now for ``reason`` (e.g. its certificate was revoked), telling the peer in a GOAWAY."""

@@ -19,13 +19,11 @@ import collections
 import logging
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..wire.connection import FlowError
-
-if TYPE_CHECKING:
-    from .socketflow import EndpointNode
-    from .tunnel import Tunnel
+from .socketflow import FlowNode
+from .tunnel import TunnelBase
 
 log = logging.getLogger("ferryman.udp")
 
@@ -38,13 +36,13 @@ class UdpFlow:
     __slots__ = ("node", "send", "on_close", "tunnel", "flow_id", "active", "done", "queue", "last",
                  "timer", "idle", "dest", "peer", "on_opened", "protocol", "too_large_logged", "released")
 
-    def __init__(self, node: "EndpointNode", send: Callable[[bytes | memoryview], None],
-                 on_close: Callable[["UdpFlow"], None], *, idle: float, queue: int,
+    def __init__(self, node: FlowNode, send: Callable[[bytes | memoryview], None],
+                 on_close: Callable[[UdpFlow], None], *, idle: float, queue: int,
                  dest: tuple[str, int] | None = None, peer: str = "") -> None:
         self.node = node
         self.send = send
         self.on_close = on_close
-        self.tunnel: Tunnel | None = None
+        self.tunnel: TunnelBase[Any, Any] | None = None
         self.flow_id = 0
         self.active = False
         self.done = False
@@ -60,7 +58,7 @@ class UdpFlow:
         self.released = False  # _finish ran (``done`` may be set earlier by the node)
 
     # ------------------------------------------------------------------ binding
-    def bind(self, tunnel: "Tunnel", flow_id: int) -> None:
+    def bind(self, tunnel: TunnelBase[Any, Any], flow_id: int) -> None:
         self.tunnel = tunnel
         self.flow_id = flow_id
         tunnel.routes[flow_id] = self
@@ -110,7 +108,7 @@ class UdpFlow:
             stats.count(stats.datagrams_dropped, "tunnel_busy")
             return
         try:
-            tunnel.conn.send_datagram(self.flow_id, data)
+            tunnel.send_datagram(self.flow_id, data)
         except FlowError as exc:
             stats.count(stats.datagrams_dropped, exc.code)
             if exc.code == "datagram_too_large" and not self.too_large_logged:
@@ -120,7 +118,6 @@ class UdpFlow:
             return
         stats.datagrams_tx += 1
         stats.bytes_tx += len(data)
-        tunnel.flush_soon()
 
     def on_datagram(self, data: memoryview) -> None:
         """A datagram from the tunnel, for the local socket."""
@@ -153,9 +150,8 @@ class UdpFlow:
     def close(self, code: str, reason: str) -> None:
         """End the flow here (idle, local socket gone, shutdown): RST to the other end."""
         tunnel = self.tunnel
-        if tunnel is not None and self.flow_id in tunnel.conn.flows:
-            tunnel.conn.reset_flow(self.flow_id, code, reason)
-            tunnel.flush_soon()
+        if tunnel is not None and tunnel.has_flow(self.flow_id):
+            tunnel.reset(self.flow_id, code, reason)
         self._finish(code)
 
     abort = close

@@ -12,6 +12,8 @@ can log why) and refuses any further input. Misuse by the local node raises
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 
 from . import events as ev
@@ -159,6 +161,9 @@ class _FlowCore:
         self._peer_parity = 0 if dialer else 1
         self._ack_threshold = max(1, config.window // 4)
         self._max_frame = config.max_frame
+        # Called when ``acknowledge`` queues a WINDOW frame (every quarter window of a flow), so the
+        # transport can flush it even when nothing else is being sent.
+        self.on_window: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ where frames go
     def _send_flow(self, flow_id: int, chunk: bytes | memoryview) -> None:
@@ -486,18 +491,22 @@ class TunnelConnection(_FlowCore):
             out.append(chunk)
         return n
 
-    def acknowledge(self, flow_id: int, size: int) -> None:
-        """Tell the connection ``size`` received bytes were consumed; grants credit back."""
+    def acknowledge(self, flow_id: int, size: int) -> bool:
+        """Tell the connection ``size`` received bytes were consumed; grants credit back.
+        Returns whether a WINDOW frame was queued (credit goes back in steps of a quarter window)."""
         flow = self.flows.get(flow_id)
         if flow is None or flow.got_fin:
-            return
+            return False
         unacked = flow.unacked + size
         if unacked >= self._ack_threshold:
             flow.recv_credit += unacked
             flow.unacked = 0
             self._out.append(encode_window(flow_id, unacked))
-        else:
-            flow.unacked = unacked
+            if self.on_window is not None:
+                self.on_window()
+            return True
+        flow.unacked = unacked
+        return False
 
     def send_datagram(self, flow_id: int, data: bytes | memoryview) -> None:
         """Queue one datagram of an open UDP flow (whole: a datagram is never split)."""

@@ -532,18 +532,22 @@ class QuicTunnelConnection(_FlowCore):
             out.append(chunk)
         return n
 
-    def acknowledge(self, flow_id: int, size: int) -> None:
-        """Tell the connection ``size`` received bytes were consumed; grants credit back."""
+    def acknowledge(self, flow_id: int, size: int) -> bool:
+        """Tell the connection ``size`` received bytes were consumed; grants credit back.
+        Returns whether a WINDOW frame was queued (credit goes back in steps of a quarter window)."""
         flow = self.flows.get(flow_id)
         if flow is None or flow.got_fin:
-            return
+            return False
         unacked = flow.unacked + size
         if unacked >= self._ack_threshold:
             flow.recv_credit += unacked
             flow.unacked = 0
             self._queue(self._streams[stream_of(flow_id)], encode_window(flow_id, unacked))
-        else:
-            flow.unacked = unacked
+            if self.on_window is not None:
+                self.on_window()
+            return True
+        flow.unacked = unacked
+        return False
 
     def send_datagram(self, flow_id: int, data: bytes | memoryview) -> None:
         """Queue one datagram of an open UDP flow as one QUIC DATAGRAM frame."""

@@ -1,0 +1,41 @@
+"""A captured TCP connection, connected: through the tunnel or directly, as the agent routes it.
+
+The SOCKS5 and HTTP CONNECT front ends parse their handshake and then hand the app's
+connection to ``connect``: a destination the forwarding profile routes ``"tunnel"`` becomes a
+``ClientFlow`` on the same transport (OPEN through the tunnel, the socket read only once the
+edge answers), one it routes ``"direct"`` a ``DirectRelay`` dialed from this device. Either
+way ``on_result(code, reason)`` is called once the outcome is known, with the same codes
+(``""``: connected), so the front end answers the app in its own protocol; after a failure
+the connection is closed. Bytes the app sent right after its request (``early``) go first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .direct import DirectRelay, Result
+from .opener import ClientFlow, FlowOpener
+
+
+def connect(opener: FlowOpener, transport: asyncio.Transport, dest: tuple[str, int], early: bytes,
+            on_result: Result) -> None:
+    """Carry the app's connection ``transport`` to ``dest`` (see the module doc)."""
+    host, port = dest
+    if opener.route(host, port, "tcp") == "direct":
+        DirectRelay(opener, transport, host, port, early, on_result)
+        return
+    transport.pause_reading()
+
+    def opened(flow: ClientFlow, code: str, reason: str) -> None:
+        if transport.is_closing():
+            return
+        on_result(code, reason)
+        if code:
+            transport.close()
+
+    flow = ClientFlow(opener, dest, opened)
+    if early:
+        flow.pending = memoryview(early)  # sent first once the flow is open (before reading resumes)
+    transport.set_protocol(flow)
+    flow.connection_made(transport)
+    opener.open(flow)

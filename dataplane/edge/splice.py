@@ -1,0 +1,55 @@
+"""What the edge keeps per client tunnel (``ClientAccess``: who the client is) and per flow
+(``Splice``: a client flow joined to a connector flow, with what admission decided)."""
+
+from __future__ import annotations
+
+from ..access.admission import Unauthenticated, Verdict
+from ..access.policy import Principal
+from ..transport.tunnel import TunnelBase
+from ..wire.frames import Open
+
+
+class ClientAccess:
+    """An edge's state of one client tunnel: the latest access token the client presented and
+    who it speaks for (a ``Principal``, or ``Unauthenticated`` saying why not)."""
+
+    __slots__ = ("token", "principal")
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.principal: Principal | Unauthenticated = Unauthenticated()
+
+
+class Splice:
+    """A client flow joined to a connector flow. ``up`` is client→connector."""
+
+    __slots__ = ("client", "cfid", "connector", "kfid", "up_pending", "down_pending",
+                 "up_fin", "down_fin", "accepted", "closed_sides", "dest", "app", "connection", "principal",
+                 "verdict", "start", "request", "segment", "sent", "received", "remote")
+
+    def __init__(self, client: EdgeTunnel, cfid: int, connector: EdgeTunnel, kfid: int, dest: str, app: str,
+                 connection: str, verdict: Verdict, start: float, request: Open, segment: str) -> None:
+        self.client = client
+        self.cfid = cfid
+        self.connector = connector
+        self.kfid = kfid
+        self.up_pending: list[memoryview] = []
+        self.down_pending: list[memoryview] = []
+        self.up_fin = False  # FIN from the client waits behind up_pending
+        self.down_fin = False
+        self.accepted = False
+        self.closed_sides = 0
+        self.dest = dest
+        self.app = app
+        self.connection = connection  # the traffic log's connection id
+        self.principal = verdict.principal  # who opened it (None when no identity is enforced)
+        self.verdict = verdict  # the admission (again on every access change)
+        self.start = start  # Unix time of the OPEN
+        self.request = request  # the client's OPEN (for the traffic log)
+        self.segment = segment
+        self.sent = 0  # bytes client -> application
+        self.received = 0
+        self.remote = ""  # the backend address the connector reached
+
+
+EdgeTunnel = TunnelBase[Splice, ClientAccess]  # a client tunnel's state is its ClientAccess; a connector's None
