@@ -32,12 +32,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 from .basics import pki
 from .client.forwards import Forward
+from .controllink import http
 
 
 class FabricError(RuntimeError):
@@ -64,11 +63,8 @@ def free_port(protocol: str = "tcp") -> int:
 
 def _http_status(url: str) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=1.0) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
+        return http.request_blocking(url, "GET", "", timeout=1.0).status
+    except http.HttpError:
         return 0
 
 
@@ -217,16 +213,14 @@ class Fabric:
     def admin(self, method: str, path: str, body: object = None) -> object:
         """One admin API call with the control plane's bootstrap key; FabricError unless it succeeds."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.control_url + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.admin_key}", "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=15) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
-            raise FabricError(f"{method} {path}: HTTP {exc.code}: {exc.read(4096).decode(errors='replace')}") from None
-        except OSError as exc:
+            answer = http.request_blocking(self.control_url, method, path, body=data, timeout=15, headers={
+                "Authorization": f"Bearer {self.admin_key}", "Content-Type": "application/json"})
+        except http.HttpError as exc:
             raise FabricError(f"{method} {path}: {exc}") from None
-        return json.loads(payload) if payload else None
+        if answer.status >= 400:
+            raise FabricError(f"{method} {path}: HTTP {answer.status}: {answer.body[:4096].decode(errors='replace')}")
+        return json.loads(answer.body) if answer.body else None
 
     def _register(self, name: str, role: str, extra: list[str]) -> None:
         token = self.admin("POST", "/v1/registration-tokens", {"role": role})["token"]  # type: ignore[index]

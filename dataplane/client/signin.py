@@ -26,8 +26,6 @@ import logging
 import os
 import platform
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -116,18 +114,18 @@ def _post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def _post_status(base: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """(2xx status, decoded JSON answer); ``SignInError`` for error statuses and network failures."""
-    request = urllib.request.Request(base.rstrip("/") + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "Accept": "application/json",
-                                              "User-Agent": f"ferryman/{VERSION}"})
     try:
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-            return response.status, json.loads(response.read(1 << 20))
-    except urllib.error.HTTPError as exc:
-        with exc:
-            raise _error(exc.code, exc.read(65536)) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise SignInError(f"cannot reach the control plane at {base}: {reason}", "network") from None
+        answer = httpclient.request_blocking(base, "POST", path, body=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json", "Accept": "application/json"},
+                                             timeout=REQUEST_TIMEOUT, user_agent=f"ferryman/{VERSION}")
+    except httpclient.HttpError as exc:
+        raise SignInError(f"cannot reach the control plane at {base}: {exc}", "network") from None
+    if not 200 <= answer.status < 300:
+        raise _error(answer.status, answer.body[:65536])
+    try:
+        return answer.status, json.loads(answer.body)
+    except ValueError as exc:
+        raise SignInError(f"cannot reach the control plane at {base}: {exc}", "network") from None
 
 
 def _device(csr_pem: bytes, device_name: str, os_name: str, os_version: str) -> dict[str, str]:
@@ -210,16 +208,12 @@ def logout(directory: str) -> tuple[str, bool]:
         if session.access_expires <= time.time() + 5:
             refreshed = _post(session.control, "/v1/auth/refresh", {"refresh_token": session.refresh_token})
             token = str(refreshed["access_token"])
-        request = urllib.request.Request(session.control.rstrip("/") + "/v1/auth/sign-out", data=b"", method="POST",
-                                         headers={"Authorization": f"Bearer {token}",
-                                                  "User-Agent": f"ferryman/{VERSION}"})
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT):
-            confirmed = True
-    except urllib.error.HTTPError as exc:
-        with exc:
-            # 401: the session was already ended (revoked, expired): nothing left to end remotely
-            confirmed = exc.code == 401
-    except (SignInError, urllib.error.URLError, OSError, KeyError, TypeError, ValueError):
+        answer = httpclient.request_blocking(session.control, "POST", "/v1/auth/sign-out", body=b"",
+                                             headers={"Authorization": f"Bearer {token}"}, timeout=REQUEST_TIMEOUT,
+                                             user_agent=f"ferryman/{VERSION}")
+        # 401: the session was already ended (revoked, expired): nothing left to end remotely
+        confirmed = 200 <= answer.status < 300 or answer.status == 401
+    except (SignInError, httpclient.HttpError, KeyError, TypeError, ValueError):
         confirmed = False
     for name in (SESSION_FILE, "profile.json"):
         try:

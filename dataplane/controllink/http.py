@@ -1,17 +1,26 @@
-"""A small asyncio HTTP/1.1 client on ``h11`` (sans-I/O HTTP), for nodes talking to the control plane.
+"""The one HTTP client for every call of a node to the control plane: asyncio HTTP/1.1 on ``h11``.
 
-One request per connection (``Connection: close``): nodes make a long-poll every few tens
-of seconds and a heartbeat every half minute, so connection reuse would save nothing
-worth its state. Everything is a coroutine, so a node's shutdown cancels a waiting
-long-poll at once (a request in a worker thread could not be interrupted). The body of an
-answer is bounded (``max_body``), and a whole request by ``timeout``.
+Configuration long-polls, heartbeats, renewal, traffic shipping (``link.py``), registration
+(``registration.py``), the client's sign-in, refresh and sign-out, its forwarding profile
+long-poll and OIDC login polling all go through ``request``. One request per connection
+(``Connection: close``): nodes make a long-poll every few tens of seconds and a heartbeat
+every half minute, so connection reuse would save nothing worth its state. It is a
+coroutine, so a node's shutdown cancels a waiting long-poll at once (a request in a worker
+thread could not be interrupted); command-line callers (``register``, ``login``,
+``logout``) use ``request_blocking``, which runs it on an event loop of its own. The body of
+an answer is bounded (``max_body``), a whole request by ``timeout``, and every failure is an
+``HttpError`` saying what went wrong (refused, name not resolved, TLS, timeout, ...).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import socket
 import ssl
 import urllib.parse
+from collections.abc import Coroutine
+from typing import Any
 
 import h11
 
@@ -32,6 +41,8 @@ class HttpError(Exception):
 
 
 class HttpResponse:
+    """``status``, ``headers`` (names lower-cased) and the whole ``body`` of an answer."""
+
     __slots__ = ("status", "headers", "body")
 
     def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
@@ -53,7 +64,10 @@ async def request(base: str, method: str, target: str, *, headers: dict[str, str
                   body: bytes | None = None, timeout: float = 30.0, max_body: int = 1 << 20,
                   ssl_context: ssl.SSLContext | None = None, user_agent: str = "ferryman") -> HttpResponse:
     """``method`` ``base + target`` and the whole answer; ``HttpError`` when none came."""
-    scheme, host, port, prefix = split_base(base)
+    try:
+        scheme, host, port, prefix = split_base(base)
+    except ValueError as exc:
+        raise HttpError(str(exc)) from None
     context = ssl_context if ssl_context is not None else (default_tls() if scheme == "https" else None)
     netloc = host if ":" not in host else f"[{host}]"
     default_port = 443 if scheme == "https" else 80
@@ -68,11 +82,18 @@ async def request(base: str, method: str, target: str, *, headers: dict[str, str
             try:
                 reader, writer = await asyncio.open_connection(host, port, ssl=context,
                                                                server_hostname=host if context else None)
+            except ssl.SSLCertVerificationError as exc:
+                raise HttpError(f"TLS with {host}:{port} failed: the certificate is not trusted "
+                                f"({exc.verify_message or exc.reason})") from None
             except ssl.SSLError as exc:
                 raise HttpError(f"TLS with {host}:{port} failed: {exc.reason or exc}") from None
+            except socket.gaierror as exc:
+                raise HttpError(f"cannot connect to {host}:{port}: host name not resolved ({exc.strerror})") from None
+            except ConnectionRefusedError:
+                raise HttpError(f"cannot connect to {host}:{port}: Connection refused") from None
             except OSError as exc:
                 raise HttpError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
-            out = conn.send(h11.Request(method=method, target=prefix + target, headers=fields))
+            out = conn.send(h11.Request(method=method, target=prefix + target or "/", headers=fields))
             if body:
                 out += conn.send(h11.Data(data=body))
             out += conn.send(h11.EndOfMessage())
@@ -106,3 +127,15 @@ async def request(base: str, method: str, target: str, *, headers: dict[str, str
     finally:
         if writer is not None:
             writer.close()
+
+
+def request_blocking(base: str, method: str, target: str, **options: Any) -> HttpResponse:
+    """``request`` for code that is not a coroutine (command-line calls): run on an event loop of
+    its own, in this thread, or in a worker thread when this thread already runs one."""
+    call: Coroutine[Any, Any, HttpResponse] = request(base, method, target, **options)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(call)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, call).result()

@@ -30,11 +30,8 @@ import json
 import os
 import shlex
 import socket
-import ssl
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any
 
 import msgspec
@@ -43,6 +40,7 @@ from ..basics import pki, statefile
 from ..basics.hostport import parse_hostport
 from ..basics.pki import new_key_and_csr, write_node_files
 from ..basics.version import VERSION
+from .http import HttpError, HttpResponse, request_blocking
 
 IDENTITY_DIR = "identity"  # under FERRYMAN_DATA_DIR
 NODE_FILE = "node.json"
@@ -222,42 +220,16 @@ def expiry_warning(registration: Registration, now: datetime.datetime | None = N
 # ---------------------------------------------------------------------------- HTTP
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
-        inner = exc.reason
-        return _reason(inner) if isinstance(inner, BaseException) else str(inner)
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate not trusted: {exc.verify_message or exc.reason}"
-    if isinstance(exc, (TimeoutError, socket.timeout)):
-        return f"no answer within {REQUEST_TIMEOUT:g}s"
-    if isinstance(exc, socket.gaierror):
-        return f"host name not resolved ({exc.strerror})"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
-def _post(base: str, body: bytes) -> tuple[int, bytes, http.client.HTTPMessage | None]:
-    request = urllib.request.Request(
-        base + REGISTER_PATH, data=body, method="POST",
-        headers={"Content-Type": "application/json", "Accept": "application/json",
-                 "User-Agent": f"ferryman/{VERSION}"},
-    )
+def _post(base: str, body: bytes) -> HttpResponse:
     try:
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-            return response.status, response.read(MAX_RESPONSE), response.headers
-    except urllib.error.HTTPError as exc:
-        with exc:
-            try:
-                payload = exc.read(MAX_RESPONSE)
-            except (OSError, http.client.HTTPException):
-                payload = b""
-        return exc.code, payload, exc.headers
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        raise RegisterError(f"cannot reach the control plane at {base}: {_reason(exc)}") from None
+        return request_blocking(base, "POST", REGISTER_PATH, body=body, timeout=REQUEST_TIMEOUT, max_body=MAX_RESPONSE,
+                                headers={"Content-Type": "application/json", "Accept": "application/json"},
+                                user_agent=f"ferryman/{VERSION}")
+    except HttpError as exc:
+        raise RegisterError(f"cannot reach the control plane at {base}: {exc}") from None
 
 
-def _refusal(base: str, status: int, payload: bytes, headers: http.client.HTTPMessage | None) -> RegisterError:
+def _refusal(base: str, status: int, payload: bytes, headers: dict[str, str]) -> RegisterError:
     message = ""
     try:
         body = json.loads(payload)
@@ -267,7 +239,7 @@ def _refusal(base: str, status: int, payload: bytes, headers: http.client.HTTPMe
         pass
     if not message:
         message = f"HTTP {status} {http.client.responses.get(status, '')}".rstrip()
-        location = headers.get("Location") if headers is not None else None
+        location = headers.get("location")
         if 300 <= status < 400 and location:
             message += f" (redirected to {location}: pass that URL to --control)"
     if status == 404:
@@ -315,11 +287,11 @@ def register(role: str, control: str, token: str, *, name: str | None, directory
     key_pem, csr_pem = new_key_and_csr(name)
     body = msgspec.json.encode({"token": token, "csr_pem": csr_pem.decode(), "name": name,
                                 "version": VERSION[:64], "addresses": addresses, "role": role})
-    status, payload, headers = _post(base, body)
-    if status not in (200, 201):
-        raise _refusal(base, status, payload, headers)
+    answer_http = _post(base, body)
+    if answer_http.status not in (200, 201):
+        raise _refusal(base, answer_http.status, answer_http.body, answer_http.headers)
     try:
-        answer = msgspec.json.decode(payload, type=Registered)
+        answer = msgspec.json.decode(answer_http.body, type=Registered)
     except msgspec.MsgspecError as exc:
         raise RegisterError(f"the control plane at {base} sent an answer that is not a registration ({exc})") from None
 
