@@ -1,4 +1,4 @@
-"""Asyncio adapter that runs Ferryman tunnels over QUIC (aioquic), mutually authenticated.
+"""Asyncio adapter that runs Ferryman tunnels over QUIC (a ``wire.quic_engine``), mutually authenticated.
 
 ``QuicTunnel`` is the QUIC counterpart of ``transport.tunnel.Tunnel``: the same
 ``TunnelBase`` flow API and attributes the nodes use (``open_flow``, ``accept``, ``send_data``,
@@ -12,7 +12,7 @@ pacing, idle), the handshake deadline (QUIC + HELLO) and keepalive PINGs.
 
 Sends are coalesced: whatever the node queued in one loop iteration goes out in one
 ``datagrams_to_send`` pass, as UDP datagrams of ``quic_packet_size``. ``writable`` turns
-False when more than ``write_buffer_high`` bytes wait in aioquic (congestion-limited) and
+False when more than ``write_buffer_high`` bytes wait in the engine (congestion-limited) and
 True again below a quarter of it, exactly when ``Tunnel`` would pause/resume.
 
 ``dial_quic`` opens one tunnel from a connector or client (its own connected UDP
@@ -34,11 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aioquic.buffer import Buffer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import NetworkAddress
-from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
-from aioquic.tls import AlertDescription
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
@@ -49,6 +44,8 @@ from ..basics.pki import PeerCertificate, PkiError
 from ..basics.settings import Settings
 from ..wire import events as ev
 from ..wire.connection import ProtocolError, WireConfig
+from ..wire import quic_engine
+from ..wire.aioquic_engine import AIOQUIC
 from ..wire.quic import (
     ConnectionIdIssued,
     ConnectionIdRetired,
@@ -56,15 +53,17 @@ from ..wire.quic import (
     QuicTunnelConnection,
     TunnelTerminated,
 )
+from ..wire.quic_engine import Address, QuicEngine
 from .tunnel import F, S, TunnelBase, TunnelHandler
 
 log = logging.getLogger("ferryman.quic")
-# aioquic logs each connection's negotiated version and ALPN at INFO; tunnel events are logged here.
+# The QUIC engine (aioquic) logs each connection's negotiated version and ALPN at INFO; tunnel
+# events are logged here.
 logging.getLogger("quic").setLevel(logging.WARNING)
 
 CID_LENGTH = 8
 SMALLEST_INITIAL = 1200  # a client's Initial datagram is padded to at least this (RFC 9000 §14.1)
-# aioquic's clock. Not loop.time(): uvloop's advances in whole milliseconds once per loop
+# The QUIC engine's clock. Not loop.time(): uvloop's advances in whole milliseconds once per loop
 # iteration, so a pacing deadline microseconds away would be re-armed in a busy loop
 # until the millisecond ticks over.
 _clock = time.monotonic
@@ -113,18 +112,15 @@ def load_credentials(cert: str, key: str, ca: str) -> QuicCredentials:
 
 
 def quic_configuration(credentials: QuicCredentials, settings: Settings, *, client: bool,
-                       server_name: str | None = None) -> QuicConfiguration:
-    """aioquic settings of one side: packet size, our certificate, the CA, an idle timeout
-    that leaves dead-peer detection to keepalive (as ``Tunnel`` does)."""
-    config = QuicConfiguration(
-        is_client=client, max_datagram_size=settings.quic_packet_size, connection_id_length=CID_LENGTH,
+                       server_name: str | None = None, engine: QuicEngine = AIOQUIC) -> Any:
+    """The QUIC engine's settings of one side: packet size, our certificate, the CA, an idle
+    timeout that leaves dead-peer detection to keepalive (as ``Tunnel`` does)."""
+    return engine.configuration(
+        client=client, packet_size=settings.quic_packet_size, cid_length=CID_LENGTH,
         idle_timeout=3 * settings.keepalive_interval + 1, server_name=server_name,
+        certificate=credentials.certificate, chain=list(credentials.chain), private_key=credentials.private_key,
+        ca_pem=credentials.ca_pem,
     )
-    config.certificate = credentials.certificate
-    config.certificate_chain = list(credentials.chain)
-    config.private_key = credentials.private_key
-    config.cadata = credentials.ca_pem  # aioquic checks the server's chain and name too
-    return config
 
 
 class PeerRefused(Exception):
@@ -142,16 +138,17 @@ def verify_peer(credentials: QuicCredentials, certificate: bytes | None, chain: 
     """Check the peer's certificate against our CA (as a server certificate for
     ``server_name`` when we dialed, else as a client certificate) and read what it says (role, name, serial)."""
     if certificate is None:
-        raise PeerRefused("certificate_required", "peer presented no certificate", AlertDescription.certificate_required)
+        raise PeerRefused("certificate_required", "peer presented no certificate", quic_engine.ALERT_CERTIFICATE_REQUIRED)
     try:
         leaf = x509.load_der_x509_certificate(certificate)
         intermediates = [x509.load_der_x509_certificate(c) for c in chain]
     except ValueError:
-        raise PeerRefused("bad_certificate", "peer certificate cannot be parsed", AlertDescription.bad_certificate) from None
+        raise PeerRefused("bad_certificate", "peer certificate cannot be parsed",
+                          quic_engine.ALERT_BAD_CERTIFICATE) from None
     now = datetime.datetime.now(datetime.timezone.utc)
     if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
         raise PeerRefused("bad_certificate", f"peer certificate is valid from {leaf.not_valid_before_utc.isoformat()} "
-                          f"to {leaf.not_valid_after_utc.isoformat()} only", AlertDescription.certificate_expired)
+                          f"to {leaf.not_valid_after_utc.isoformat()} only", quic_engine.ALERT_CERTIFICATE_EXPIRED)
     builder = PolicyBuilder().store(Store(credentials.authorities)).time(now)
     try:
         if server_name is None:
@@ -159,11 +156,12 @@ def verify_peer(credentials: QuicCredentials, certificate: bytes | None, chain: 
         else:
             builder.build_server_verifier(_subject(server_name)).verify(leaf, intermediates)
     except VerificationError as exc:
-        raise PeerRefused("bad_certificate", f"peer certificate not accepted: {exc}", AlertDescription.unknown_ca) from None
+        raise PeerRefused("bad_certificate", f"peer certificate not accepted: {exc}",
+                          quic_engine.ALERT_UNKNOWN_CA) from None
     try:
         return pki.certificate_identity(leaf, certificate, "peer certificate")
     except PkiError as exc:
-        raise PeerRefused("bad_certificate", str(exc), AlertDescription.bad_certificate) from None
+        raise PeerRefused("bad_certificate", str(exc), quic_engine.ALERT_BAD_CERTIFICATE) from None
 
 
 def _subject(name: str) -> x509.DNSName | x509.IPAddress:
@@ -185,11 +183,11 @@ class QuicTunnel(TunnelBase[F, S]):
         self,
         handler: TunnelHandler[F, S],
         config: WireConfig,
-        quic: QuicConfiguration,
+        quic: Any,
         credentials: QuicCredentials,
         *,
         transport: asyncio.DatagramTransport,
-        peer: NetworkAddress,
+        peer: Address,
         dialer: bool,
         accept_roles: tuple[str, ...],
         keepalive: float,
@@ -199,8 +197,9 @@ class QuicTunnel(TunnelBase[F, S]):
         server_name: str | None = None,
         original_destination_connection_id: bytes | None = None,
         cid_listener: Callable[[QuicTunnel[Any, Any], bytes, bool], None] | None = None,
+        engine: QuicEngine = AIOQUIC,
     ) -> None:
-        self._setup(handler, QuicTunnelConnection(config, quic, dialer=dialer,
+        self._setup(handler, QuicTunnelConnection(config, quic, dialer=dialer, engine=engine,
                                                   original_destination_connection_id=original_destination_connection_id),
                     accept_roles, keepalive, handshake_timeout, write_buffer_high, label)
         self.credentials = credentials
@@ -240,7 +239,7 @@ class QuicTunnel(TunnelBase[F, S]):
         self.conn.connect(self._peer, _clock())
         self._flush()
 
-    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+    def datagram_received(self, data: bytes, addr: Address) -> None:
         if self.closed:
             return
         self._last_rx = self.loop.time()
@@ -382,7 +381,7 @@ class QuicTunnel(TunnelBase[F, S]):
             return
         refusal = self.handler.refuse_peer(peer)
         if refusal is not None:
-            self._refuse("certificate_revoked", refusal, AlertDescription.certificate_revoked)
+            self._refuse("certificate_revoked", refusal, quic_engine.ALERT_CERTIFICATE_REVOKED)
             return
         self.peer_certificate = peer
         self._peer_der = event.certificate
@@ -423,7 +422,7 @@ class _DialEndpoint(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.tunnel: QuicTunnel | None = None
 
-    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+    def datagram_received(self, data: bytes, addr: Address) -> None:
         if self.tunnel is not None:
             self.tunnel.datagram_received(data, addr)
 
@@ -500,7 +499,8 @@ class QuicServer(asyncio.DatagramProtocol):
         self.stray_datagrams = 0  # datagrams for no tunnel we know (late, or not QUIC)
         self._by_cid: dict[bytes, QuicTunnel] = {}
         self._cids: dict[QuicTunnel, set[bytes]] = {}
-        self._quic: tuple[QuicCredentials, QuicConfiguration] | None = None
+        self.engine: QuicEngine = AIOQUIC
+        self._quic: tuple[QuicCredentials, Any] | None = None
 
     @property
     def sockname(self) -> tuple | None:
@@ -524,7 +524,7 @@ class QuicServer(asyncio.DatagramProtocol):
         if self.transport is not None:
             self.transport.close()
 
-    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+    def datagram_received(self, data: bytes, addr: Address) -> None:
         if data and not data[0] & 0x80:  # a short header (1-RTT): our connection id follows the first byte
             tunnel = self._by_cid.get(data[1:1 + CID_LENGTH])
             if tunnel is None:
@@ -532,9 +532,8 @@ class QuicServer(asyncio.DatagramProtocol):
                 return
             tunnel.datagram_received(data, addr)
             return
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
-        except ValueError:
+        header = self.engine.parse_header(data, CID_LENGTH)
+        if header is None:
             self.stray_datagrams += 1
             return
         tunnel = self._by_cid.get(header.destination_cid)
@@ -544,16 +543,14 @@ class QuicServer(asyncio.DatagramProtocol):
                 return
         tunnel.datagram_received(data, addr)
 
-    def _accept(self, header: Any, data: bytes, addr: NetworkAddress) -> QuicTunnel | None:
+    def _accept(self, header: quic_engine.Header, data: bytes, addr: Address) -> QuicTunnel | None:
         assert self.transport is not None
         config = self._configuration()
-        if (header.packet_type != QuicPacketType.VERSION_NEGOTIATION and header.version is not None
-                and header.version not in config.supported_versions):
-            self.transport.sendto(encode_quic_version_negotiation(
-                source_cid=header.destination_cid, destination_cid=header.source_cid,
-                supported_versions=config.supported_versions), addr)
+        versions = self.engine.supported_versions(config)
+        if not header.version_negotiation and header.version is not None and header.version not in versions:
+            self.transport.sendto(self.engine.version_negotiation(header, versions), addr)
             return None
-        if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_INITIAL:
+        if not header.initial or len(data) < SMALLEST_INITIAL:
             self.stray_datagrams += 1
             return None
         s = self.settings
@@ -562,6 +559,7 @@ class QuicServer(asyncio.DatagramProtocol):
             accept_roles=self.accept_roles, keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
             write_buffer_high=s.write_buffer_high, label=self.label,
             original_destination_connection_id=header.destination_cid, cid_listener=self._cid_changed,
+            engine=self.engine,
         )
         self.tunnels.add(tunnel)
         self._cids[tunnel] = set()
@@ -569,9 +567,10 @@ class QuicServer(asyncio.DatagramProtocol):
         self._cid_changed(tunnel, tunnel.conn.host_cid, True)
         return tunnel
 
-    def _configuration(self) -> QuicConfiguration:
+    def _configuration(self) -> Any:
         if self._quic is None or self._quic[0] is not self.credentials:
-            self._quic = (self.credentials, quic_configuration(self.credentials, self.settings, client=False))
+            self._quic = (self.credentials, quic_configuration(self.credentials, self.settings, client=False,
+                                                               engine=self.engine))
         return self._quic[1]
 
     def _cid_changed(self, tunnel: QuicTunnel, cid: bytes, issued: bool) -> None:

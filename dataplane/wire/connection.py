@@ -20,16 +20,11 @@ from . import events as ev
 from .frames import (
     DECODERS,
     HEADER,
-    HEADER_SIZE,
-    MAGIC,
     MAX_CONTROL_BODY,
     MAX_FLOW_ID,
     MAX_WINDOW,
     PING_BODY,
-    PREAMBLE,
-    PREAMBLE_SIZE,
     ROLES,
-    VERSION,
     WINDOW_BODY,
     Auth,
     FrameType,
@@ -43,11 +38,14 @@ from .frames import (
     encode_header,
     encode_ping,
     encode_preamble,
-    encode_window,
 )
+from .reader import FrameReader, ProtocolError, check_preamble
 
-_DATA = FrameType.DATA
-_WINDOW = FrameType.WINDOW
+__all__ = ["DATAGRAM_PROTOCOLS", "OPEN", "OPENING", "Flow", "FlowCore", "FlowError", "ProtocolError",
+           "TunnelConnection", "WireConfig", "check_preamble"]
+
+_DATA = int(FrameType.DATA)
+_WINDOW = int(FrameType.WINDOW)
 _FIN = FrameType.FIN
 _RST = FrameType.RST
 _OPEN = FrameType.OPEN
@@ -60,18 +58,10 @@ _HELLO = FrameType.HELLO
 _DATAGRAM = FrameType.DATAGRAM
 _AUTH = FrameType.AUTH
 _FIXED_LENGTH = {_WINDOW: 4, _PING: 8, _PONG: 8, _FIN: 0}
-_unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
+_pack_window = WINDOW_BODY.pack
 _unpack_window = WINDOW_BODY.unpack_from
 _unpack_ping = PING_BODY.unpack_from
-
-
-class ProtocolError(Exception):
-    """The peer broke the protocol; the tunnel must be closed. ``code`` is machine-readable."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class FlowError(Exception):
@@ -106,11 +96,14 @@ DATAGRAM_PROTOCOLS = frozenset({"udp", "dns"})
 
 
 class Flow:
-    """Per-flow protocol state. ``local`` is True when this side sent the OPEN."""
+    """Per-flow protocol state. ``local`` is True when this side sent the OPEN. ``out`` is the
+    list the flow's frames are queued on (None: the transport makes one on demand)."""
 
-    __slots__ = ("id", "local", "state", "send_credit", "recv_credit", "unacked", "sent_fin", "got_fin", "udp")
+    __slots__ = ("id", "local", "state", "send_credit", "recv_credit", "unacked", "sent_fin", "got_fin", "udp",
+                 "out")
 
-    def __init__(self, flow_id: int, local: bool, send_credit: int, recv_credit: int, udp: bool = False) -> None:
+    def __init__(self, flow_id: int, local: bool, send_credit: int, recv_credit: int, udp: bool = False,
+                 out: list[bytes | memoryview] | None = None) -> None:
         self.id = flow_id
         self.udp = udp  # a UDP flow carries DATAGRAM frames only (no DATA, credit or FIN)
         self.local = local
@@ -120,29 +113,20 @@ class Flow:
         self.unacked = 0
         self.sent_fin = False
         self.got_fin = False
+        self.out = out
 
 
-def check_preamble(data: bytes | bytearray, pos: int) -> None:
-    """Check the peer's preamble at ``pos`` (magic and protocol version)."""
-    magic, version = PREAMBLE.unpack_from(data, pos)
-    if magic != MAGIC:
-        raise ProtocolError("bad_preamble", "not a Ferryman tunnel: bad magic in preamble")
-    if version != VERSION:
-        raise ProtocolError(
-            "unsupported_version",
-            f"peer speaks protocol version {version}; this node speaks version {VERSION}",
-        )
-
-
-class _FlowCore:
+class FlowCore:
     """What a Ferryman tunnel keeps whatever carries it (a byte stream or QUIC streams).
 
-    The flow table and its ids, the peer's HELLO, GOAWAY state, the local flow API's checks
-    and the frames every transport handles alike (``_frame``: WINDOW, FIN, RST, OPEN_OK,
-    OPEN_FAIL, HELLO, PING/PONG, GOAWAY, AUTH). A subclass says where frames go:
-    ``_send_flow`` (a flow's frame), ``_start_flow`` (a new local flow's OPEN),
-    ``_send_control`` (a tunnel-wide frame), and ``_forget`` drops a flow that is gone.
-    The hot paths (``send_data``, ``acknowledge``, input parsing) stay in each subclass.
+    The flow table and its ids, the peer's HELLO, GOAWAY state, the local flow API with its
+    checks, per-flow credit both ways (``send_data``, ``acknowledge``, ``credit``: written once
+    for every transport), and the frames every transport handles alike (``_frame``: WINDOW,
+    FIN, RST, OPEN_OK, OPEN_FAIL, HELLO, PING/PONG, GOAWAY, AUTH, DATAGRAM). A subclass says
+    where frames go: ``Flow.out`` (the list a flow's frames are queued on, or ``_output(flow)``
+    to make one), ``_send_flow`` (a flow's control frame), ``_start_flow`` (a new local flow's
+    OPEN), ``_send_control`` (a tunnel-wide frame); ``_forget`` drops a flow that is gone and
+    ``_new_flow`` makes a flow's state (its ``out`` is ``_flow_out``).
     """
 
     def __init__(self, config: WireConfig, dialer: bool) -> None:
@@ -161,11 +145,22 @@ class _FlowCore:
         self._peer_parity = 0 if dialer else 1
         self._ack_threshold = max(1, config.window // 4)
         self._max_frame = config.max_frame
+        self._flow_out: list[bytes | memoryview] | None = None  # every flow's output queue (None: one per flow)
         # Called when ``acknowledge`` queues a WINDOW frame (every quarter window of a flow), so the
         # transport can flush it even when nothing else is being sent.
         self.on_window: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ where frames go
+    def _new_flow(self, flow_id: int, local: bool, request: Open) -> Flow:
+        peer = self.peer
+        assert peer is not None
+        return Flow(flow_id, local, peer.window, self.config.window, request.protocol in DATAGRAM_PROTOCOLS,
+                    self._flow_out)
+
+    def _output(self, flow: Flow) -> list[bytes | memoryview]:
+        """The list to queue ``flow``'s frames on when ``flow.out`` is None."""
+        raise NotImplementedError
+
     def _send_flow(self, flow_id: int, chunk: bytes | memoryview) -> None:
         raise NotImplementedError
 
@@ -209,7 +204,7 @@ class _FlowCore:
         if flow_id > MAX_FLOW_ID:
             raise FlowError("flow_ids_exhausted", "flow ids exhausted on this tunnel")
         self._next_id = flow_id + 2
-        self.flows[flow_id] = Flow(flow_id, True, peer.window, self.config.window, request.protocol in DATAGRAM_PROTOCOLS)
+        self.flows[flow_id] = self._new_flow(flow_id, True, request)
         self._start_flow(flow_id, encode_control(flow_id, request))
         return flow_id
 
@@ -226,8 +221,56 @@ class _FlowCore:
         self._forget(flow_id)
 
     def credit(self, flow_id: int) -> int:
+        """Bytes ``send_data`` may send on the flow now."""
         flow = self.flows.get(flow_id)
         return flow.send_credit if flow is not None else 0
+
+    def send_data(self, flow_id: int, data: bytes | memoryview) -> int:
+        """Queue as much of ``data`` as the flow's credit allows; returns the bytes taken."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            raise FlowError("no_flow", f"flow {flow_id} does not exist")
+        if flow.state != OPEN or flow.sent_fin or flow.udp:
+            raise FlowError("flow_state", f"flow {flow_id} cannot send data now")
+        size = len(data)
+        n = size if size <= flow.send_credit else flow.send_credit
+        if n <= 0:
+            return 0
+        flow.send_credit -= n
+        out = flow.out
+        if out is None:
+            out = self._output(flow)
+        max_frame = self.peer.max_frame  # type: ignore[union-attr]
+        if n <= max_frame:
+            out.append(_pack_header(_DATA, 0, flow_id, n))
+            out.append(data if n == size else memoryview(data)[:n])
+            return n
+        view = memoryview(data)
+        for start in range(0, n, max_frame):
+            chunk = view[start:min(start + max_frame, n)]
+            out.append(_pack_header(_DATA, 0, flow_id, len(chunk)))
+            out.append(chunk)
+        return n
+
+    def acknowledge(self, flow_id: int, size: int) -> bool:
+        """Tell the connection ``size`` received bytes were consumed; grants credit back.
+        Returns whether a WINDOW frame was queued (credit goes back in steps of a quarter window)."""
+        flow = self.flows.get(flow_id)
+        if flow is None or flow.got_fin:
+            return False
+        unacked = flow.unacked + size
+        if unacked >= self._ack_threshold:
+            flow.recv_credit += unacked
+            flow.unacked = 0
+            out = flow.out
+            if out is None:
+                out = self._output(flow)
+            out.append(_pack_header(_WINDOW, 0, flow_id, 4) + _pack_window(unacked))
+            if self.on_window is not None:
+                self.on_window()
+            return True
+        flow.unacked = unacked
+        return False
 
     def send_fin(self, flow_id: int) -> bool:
         """Half-close our direction. Returns True when the flow is now fully closed."""
@@ -298,10 +341,6 @@ class _FlowCore:
 
     def _frame(self, ftype: int, flow_id: int, payload: memoryview, events: list[ev.Event]) -> None:
         """A frame other than DATA (QUIC: one its stream may carry; OPEN only on a byte stream)."""
-        if ftype == _DATA:
-            if self._data_start(flow_id, len(payload)):
-                events.append(ev.DataReceived(flow_id, payload))
-            return
         if ftype == _WINDOW:
             (increment,) = _unpack_window(payload, 0)
             if flow_id == 0 or increment == 0:
@@ -394,8 +433,7 @@ class _FlowCore:
         elif self.pending_opens >= self.config.max_pending_opens:
             code, reason = "too_many_pending", f"at most {self.config.max_pending_opens} pending OPENs per tunnel"
         else:
-            self.flows[flow_id] = Flow(flow_id, False, self.peer.window, self.config.window,  # type: ignore[union-attr]
-                                       request.protocol in DATAGRAM_PROTOCOLS)
+            self.flows[flow_id] = self._new_flow(flow_id, False, request)
             self.pending_opens += 1
             events.append(ev.FlowRequested(flow_id, request))
             return
@@ -434,14 +472,15 @@ class _FlowCore:
     _late_frame = _late  # a frame of a flow stream that is gone (QUIC: judged by its stream)
 
 
-class TunnelConnection(_FlowCore):
+class TunnelConnection(FlowCore, FrameReader):
+    """A Ferryman tunnel over one byte stream (TLS over TCP): every frame in one output queue,
+    every input through one ``FrameReader``."""
+
     def __init__(self, config: WireConfig, *, dialer: bool) -> None:
         super().__init__(config, dialer)
         self._out: list[bytes | memoryview] = []
-        self._buf = bytearray()
-        self._need_preamble = True
-        self._stream_flow = 0  # DATA payload in progress across reads: its flow (0: drop it)
-        self._stream_left = 0  # ... and how many payload bytes are still to come
+        self._flow_out = self._out  # one byte stream: every frame in one queue
+        self._reader_init(preamble=True)
 
     # ------------------------------------------------------------------ output
     def initiate(self) -> None:
@@ -464,49 +503,6 @@ class TunnelConnection(_FlowCore):
     @property
     def has_output(self) -> bool:
         return bool(self._out)
-
-    # ------------------------------------------------------------------ local API
-    def send_data(self, flow_id: int, data: bytes | memoryview) -> int:
-        """Queue as much of ``data`` as the flow's credit allows; returns the bytes taken."""
-        flow = self.flows.get(flow_id)
-        if flow is None:
-            raise FlowError("no_flow", f"flow {flow_id} does not exist")
-        if flow.state != OPEN or flow.sent_fin or flow.udp:
-            raise FlowError("flow_state", f"flow {flow_id} cannot send data now")
-        size = len(data)
-        n = size if size <= flow.send_credit else flow.send_credit
-        if n <= 0:
-            return 0
-        flow.send_credit -= n
-        max_frame = self.peer.max_frame  # type: ignore[union-attr]
-        out = self._out
-        if n <= max_frame:
-            out.append(encode_header(_DATA, flow_id, n))
-            out.append(data if n == size else memoryview(data)[:n])
-            return n
-        view = memoryview(data)
-        for start in range(0, n, max_frame):
-            chunk = view[start:min(start + max_frame, n)]
-            out.append(encode_header(_DATA, flow_id, len(chunk)))
-            out.append(chunk)
-        return n
-
-    def acknowledge(self, flow_id: int, size: int) -> bool:
-        """Tell the connection ``size`` received bytes were consumed; grants credit back.
-        Returns whether a WINDOW frame was queued (credit goes back in steps of a quarter window)."""
-        flow = self.flows.get(flow_id)
-        if flow is None or flow.got_fin:
-            return False
-        unacked = flow.unacked + size
-        if unacked >= self._ack_threshold:
-            flow.recv_credit += unacked
-            flow.unacked = 0
-            self._out.append(encode_window(flow_id, unacked))
-            if self.on_window is not None:
-                self.on_window()
-            return True
-        flow.unacked = unacked
-        return False
 
     def send_datagram(self, flow_id: int, data: bytes | memoryview) -> None:
         """Queue one datagram of an open UDP flow (whole: a datagram is never split)."""
@@ -536,7 +532,7 @@ class TunnelConnection(_FlowCore):
             raise self._dead
         events: list[ev.Event] = []
         try:
-            self._receive(data, events)
+            self._read(data, events)
         except ProtocolError as exc:
             self._fail(exc)
             raise
@@ -553,96 +549,7 @@ class TunnelConnection(_FlowCore):
             self._out.append(encode_preamble())
         self._out.append(encode_control(0, GoAway(code=exc.code, reason=exc.message[:1024])))
 
-    def _receive(self, data: bytes, events: list[ev.Event]) -> None:
-        n = len(data)
-        pos = 0
-        view = memoryview(data)
-        if self._stream_left:
-            # The rest of a DATA payload whose header came in an earlier chunk: deliver as is.
-            pos = self._stream_take(view, 0, n, events)
-            if self._stream_left:
-                return
-        buf = self._buf
-        if buf:
-            # Finish the unit that the previous chunk left incomplete, then parse in place.
-            while True:
-                need = self._wanted(buf)
-                if len(buf) < need:
-                    if len(buf) >= HEADER_SIZE and buf[0] == _DATA:
-                        # A DATA header is complete: stream its payload instead of buffering it.
-                        _t, _f, flow_id, length = _unpack_header(buf, 0)
-                        buf.clear()
-                        self._stream_flow = flow_id if self._data_start(flow_id, length) else 0
-                        self._stream_left = length
-                        pos = self._stream_take(view, pos, n, events)
-                        if self._stream_left:
-                            return
-                        break
-                    take = min(need - len(buf), n - pos)
-                    buf += view[pos:pos + take]
-                    pos += take
-                    if len(buf) < need:
-                        return
-                    continue
-                if self._need_preamble:
-                    self._preamble(buf, 0)
-                else:
-                    whole = bytes(buf)
-                    ftype, _flags, flow_id, _length = _unpack_header(whole, 0)
-                    self._frame(ftype, flow_id, memoryview(whole)[HEADER_SIZE:], events)
-                buf.clear()
-                break
-        while True:
-            remaining = n - pos
-            if self._need_preamble:
-                if remaining < PREAMBLE_SIZE:
-                    break
-                self._preamble(data, pos)
-                pos += PREAMBLE_SIZE
-                continue
-            if remaining < HEADER_SIZE:
-                break
-            ftype, _flags, flow_id, length = _unpack_header(data, pos)
-            self._check_header(ftype, length)
-            end = pos + HEADER_SIZE + length
-            if end > n:
-                if ftype == _DATA:
-                    self._stream_flow = flow_id if self._data_start(flow_id, length) else 0
-                    self._stream_left = length
-                    self._stream_take(view, pos + HEADER_SIZE, n, events)
-                    return
-                break
-            if ftype == _DATA:
-                if self._data_start(flow_id, length):
-                    events.append(ev.DataReceived(flow_id, view[pos + HEADER_SIZE:end]))
-            else:
-                self._frame(ftype, flow_id, view[pos + HEADER_SIZE:end], events)
-            pos = end
-        if pos < n:
-            buf += view[pos:]
-
-    def _stream_take(self, view: memoryview, pos: int, n: int, events: list[ev.Event]) -> int:
-        take = min(self._stream_left, n - pos)
-        if take:
-            self._stream_left -= take
-            if self._stream_flow and self._stream_flow in self.flows:
-                events.append(ev.DataReceived(self._stream_flow, view[pos:pos + take]))
-        return pos + take
-
-    def _wanted(self, buf: bytearray) -> int:
-        if self._need_preamble:
-            return PREAMBLE_SIZE
-        if len(buf) < HEADER_SIZE:
-            return HEADER_SIZE
-        ftype, _flags, _flow_id, length = _unpack_header(buf, 0)
-        self._check_header(ftype, length)
-        return HEADER_SIZE + length
-
-    def _preamble(self, data: bytes | bytearray, pos: int) -> None:
-        check_preamble(data, pos)
-        self._need_preamble = False
-
-    def _check_header(self, ftype: int, length: int) -> None:
+    def _check_header(self, ftype: int, flow_id: int, length: int) -> None:
         if ftype == _DATA or ftype == _DATAGRAM:
             if length > self._max_frame:
                 raise ProtocolError(

@@ -1,8 +1,10 @@
-"""Sans-I/O Ferryman tunnel over QUIC: the ``TunnelConnection`` API and events on aioquic.
+"""Sans-I/O Ferryman tunnel over QUIC: the ``TunnelConnection`` API and events on a QUIC engine.
 
-``QuicTunnelConnection`` carries the Ferryman protocol (``frames.py``) over one aioquic
-``QuicConnection`` and offers nodes the same local API (open_flow, accept_flow,
-send_data, credit, acknowledge, ...) and the same events as ``TunnelConnection``:
+``QuicTunnelConnection`` carries the Ferryman protocol (``frames.py``) over one QUIC
+connection of a ``quic_engine.QuicEngine`` (aioquic today: ``aioquic_engine.AIOQUIC``) and
+offers nodes the same local API (open_flow, accept_flow, send_data, credit, acknowledge,
+...: ``connection.FlowCore``) and the same events as ``TunnelConnection``; each stream is
+read by the same ``reader.FrameReader``:
 
 - stream 0 (opened by the dialer, the QUIC client) is the control stream: in each
   direction the preamble, HELLO, then PING/PONG, GOAWAY and AUTH frames;
@@ -12,19 +14,19 @@ send_data, credit, acknowledge, ...) and the same events as ``TunnelConnection``
   id (dialer flows 1, 3, 5 ... on streams 4, 8, 12 ...; acceptor flows 2, 4, 6 ... on
   streams 1, 5, 9 ...), and a frame naming another flow is a protocol error. A side
   ends its half of the stream as soon as the flow is gone for it (FIN both ways, RST,
-  OPEN_FAIL), so aioquic discards finished streams promptly;
+  OPEN_FAIL), so the engine discards finished streams promptly;
 - a UDP flow's payloads are QUIC DATAGRAM frames (RFC 9221): a u32 flow id, then the
   payload, never split.
 
 Ferryman's per-flow credit is kept on top of QUIC: ``send_data`` takes what the peer's
 credit allows, WINDOW frames return credit, a peer that exceeds it is cut off. QUIC's
-own stream and connection windows slide with what aioquic has delivered (not with what
+own stream and connection windows slide with what the engine has delivered (not with what
 nodes have consumed), so they only bound reordering memory and bytes in flight and are
-sized not to be the bottleneck. aioquic's send buffers and datagram queue are bounded
+sized not to be the bottleneck. The engine's send buffers and datagram queue are bounded
 here: ``backlog`` is what waits to be sent (the adapter turns it into ``writable``) and
 ``send_datagram`` refuses beyond ``MAX_PENDING_DATAGRAMS``.
 
-The I/O entry points mirror aioquic: ``connect``, ``receive_datagram``,
+The I/O entry points mirror the engine's: ``connect``, ``receive_datagram``,
 ``datagrams_to_send``, ``get_timer``, ``handle_timer``. Besides the wire events, the
 transport gets ``HandshakeCompleted`` (the peer's certificates, to check before anything
 else happens: events after it are held until ``initiate()`` or ``refuse()``),
@@ -33,62 +35,46 @@ else happens: events after it are held until ``initiate()`` or ``refuse()``),
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import struct
+from typing import Any
 
 import msgspec
-from aioquic.quic import events as qev
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import (
-    CONNECTION_LIMIT_FRAME_CAPACITY,
-    MAX_STREAM_DATA_FRAME_CAPACITY,
-    NetworkAddress,
-    QuicConnection,
-    QuicNetworkPath,
-)
-from aioquic.quic.packet import QuicErrorCode, QuicFrameType
-from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
-from aioquic.quic.recovery import QuicPacketSpace
-from aioquic.quic.stream import QuicStream
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from . import events as ev
+from .aioquic_engine import AIOQUIC
 from .connection import (
+    _AUTH,
     _DATA,
-    _FIN,
-    _OPEN,
-    _OPEN_OK,
-    _OPEN_FAIL,
-    _WINDOW,
-    _RST,
-    _PING,
-    _PONG,
+    _FIXED_LENGTH,
     _GOAWAY,
     _HELLO,
-    _AUTH,
-    _FIXED_LENGTH,
-    _unpack_header,
+    _OPEN,
+    _OPEN_FAIL,
+    _OPEN_OK,
+    _PING,
+    _PONG,
+    _RST,
+    _WINDOW,
+    _FIN,
     OPEN,
     OPENING,
+    Flow,
+    FlowCore,
     FlowError,
     ProtocolError,
     WireConfig,
-    _FlowCore,
-    check_preamble,
 )
 from .frames import (
     DECODERS,
-    HEADER_SIZE,
     MAX_CONTROL_BODY,
-    PREAMBLE_SIZE,
     FrameType,
     Open,
     encode_control,
-    encode_header,
     encode_preamble,
-    encode_window,
 )
+from .quic_engine import Address, EngineConnection, QuicEngine
+from .reader import FrameReader
 
 ALPN = "ferryman/1"
 CONTROL_STREAM = 0
@@ -157,149 +143,6 @@ class ConnectionIdRetired(ev.Event):
         self.cid = cid
 
 
-# ---------------------------------------------------------------------------- aioquic
-
-
-class _Quic(QuicConnection):
-    """aioquic's connection plus what Ferryman needs and aioquic has no switch for.
-
-    Every use of aioquic internals is here: a server requests the client's certificate
-    (``tls._request_client_certificate``; the chain is checked by the transport at
-    ``HandshakeCompleted``), the bidirectional stream limit follows the flow limit and
-    unidirectional streams are refused, and the stream and connection windows slide a
-    fixed distance ahead of the delivered bytes instead of doubling without bound.
-
-    aioquic visits every open stream for every packet it builds, so a tunnel with many
-    idle flows would pay for all of them on each packet. Packets are built here from the
-    streams that may need a frame (``_active``: data or FIN to send or still unacknowledged,
-    a window update, a lost MAX_STREAM_DATA, a finished stream to discard); a stream
-    leaves that set once it has nothing in flight and joins it again when it is written
-    to or receives data.
-    """
-
-    def __init__(
-        self,
-        configuration: QuicConfiguration,
-        *,
-        max_streams: int,
-        stream_window: int,
-        connection_window: int,
-        original_destination_connection_id: bytes | None = None,
-    ) -> None:
-        super().__init__(
-            configuration=configuration, original_destination_connection_id=original_destination_connection_id
-        )
-        self._stream_window = stream_window
-        self._connection_window = connection_window
-        self.delivered = 0  # stream bytes handed to the application, all streams
-        self._active: dict[int, QuicStream] = {}
-        bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
-        bidi.value = bidi.sent = max_streams
-        uni.value = uni.sent = 0
-
-    def _initialize(self, peer_cid: bytes) -> None:
-        super()._initialize(peer_cid)
-        if not self._is_client:
-            self.tls._request_client_certificate = True
-
-    def peer_certificates(self) -> tuple[bytes | None, list[bytes]]:
-        tls = self.tls
-        cert = tls._peer_certificate
-        if cert is None:
-            return None, []
-        return cert.public_bytes(Encoding.DER), [c.public_bytes(Encoding.DER) for c in tls._peer_certificate_chain]
-
-    def send(self, stream_id: int, data: bytes | memoryview, end_stream: bool) -> None:
-        self.send_stream_data(stream_id, data, end_stream)  # type: ignore[arg-type]
-        self._active[stream_id] = self._streams[stream_id]
-
-    def received(self, stream_id: int, size: int) -> None:
-        """Stream data was delivered: its window may need raising (or the stream discarding)."""
-        self.delivered += size
-        stream = self._streams.get(stream_id)
-        if stream is not None:
-            self._active[stream_id] = stream
-
-    def sent_offset(self, stream_id: int) -> int | None:
-        """How far a stream's data has been sent at least once; None once aioquic discarded it."""
-        stream = self._streams.get(stream_id)
-        return stream.sender.highest_offset if stream is not None else None
-
-    def pending_datagrams(self) -> int:
-        return len(self._datagrams_pending)
-
-    def _write_application(self, builder: QuicPacketBuilder, network_path: QuicNetworkPath, now: float) -> None:
-        streams, active = self._streams, self._active
-        for stream in self._streams_queue:  # created since the last call
-            active[stream.stream_id] = stream
-        served = list(active.values())
-        control = active.get(0)
-        if control is not None and served[0] is not control:  # control frames (AUTH, GOAWAY) ahead of flow frames
-            served.remove(control)
-            served.insert(0, control)
-        self._streams, self._streams_queue = active, served
-        try:
-            super()._write_application(builder, network_path, now)
-        finally:
-            order = self._streams_queue  # aioquic's next service order, without discarded streams
-            self._streams, self._streams_queue = streams, []
-            for stream in served:
-                if stream.stream_id not in active:  # aioquic discarded it: finished both ways
-                    streams.pop(stream.stream_id, None)
-            self._active = {stream.stream_id: stream for stream in order if self._needs_service(stream)}
-
-    def _needs_service(self, stream: QuicStream) -> bool:
-        sender = stream.sender
-        return (
-            not sender.buffer_is_empty
-            or sender._buffer_start != sender._buffer_stop  # unacknowledged data may be lost
-            or (sender._buffer_fin is not None and not sender._acked_fin)
-            or sender.reset_pending
-            or stream.receiver.stop_pending
-            or stream.is_finished
-            or stream.max_stream_data_local_sent != stream.max_stream_data_local
-            or (stream.max_stream_data_local != 0 and stream.receiver.starting_offset() + self._stream_window
-                - stream.max_stream_data_local >= self._stream_window // 2)
-        )
-
-    def _on_max_stream_data_delivery(self, delivery: QuicDeliveryState, stream: QuicStream) -> None:
-        super()._on_max_stream_data_delivery(delivery, stream)
-        if delivery != QuicDeliveryState.ACKED and stream.stream_id in self._streams:
-            self._active[stream.stream_id] = stream
-
-    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
-        window = self._connection_window
-        max_data = self._local_max_data
-        if self.delivered + window - max_data.value >= window // 2:
-            max_data.value = self.delivered + window
-        for limit in (max_data, self._local_max_streams_bidi):
-            if limit is not max_data and limit.sent - limit.used >= limit.value - limit.sent:
-                continue  # batch MAX_STREAMS as aioquic does
-            if limit.value != limit.sent:
-                buf = builder.start_frame(
-                    limit.frame_type, capacity=CONNECTION_LIMIT_FRAME_CAPACITY,
-                    handler=self._on_connection_limit_delivery, handler_args=(limit,),
-                )
-                buf.push_uint_var(limit.value)
-                limit.sent = limit.value
-
-    def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream) -> None:
-        if not stream.max_stream_data_local:
-            return  # a local unidirectional stream (never used here)
-        window = self._stream_window
-        target = stream.receiver.starting_offset() + window
-        if target - stream.max_stream_data_local >= window // 2:
-            stream.max_stream_data_local = target
-        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
-            buf = builder.start_frame(
-                QuicFrameType.MAX_STREAM_DATA, capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
-                handler=self._on_max_stream_data_delivery, handler_args=(stream,),
-            )
-            buf.push_uint_var(stream.stream_id)
-            buf.push_uint_var(stream.max_stream_data_local)
-            stream.max_stream_data_local_sent = stream.max_stream_data_local
-
-
 # ---------------------------------------------------------------------------- streams
 
 
@@ -312,49 +155,88 @@ def flow_of(stream_id: int) -> int:
     return stream_id // 2 - 1 if stream_id % 4 == 0 else (stream_id + 3) // 2
 
 
-class _Stream:
-    """Receive-side parse state of one QUIC stream, and what we wrote to it."""
+class _Stream(FrameReader):
+    """One QUIC stream: its ``FrameReader`` state, and what we wrote to it. It reads the frames a
+    stream of its kind may carry (the control stream: HELLO, PING/PONG, GOAWAY, AUTH; a flow's
+    stream: its OPEN first, then that flow's frames) and hands them to ``conn``."""
 
-    __slots__ = ("id", "flow_id", "buf", "left", "opened", "preamble", "written", "ended", "peer_ended")
+    __slots__ = ("conn", "flows", "id", "flow_id", "opened", "written", "ended", "peer_ended",
+                 "_buf", "_stream_left", "_stream_flow", "_need_preamble")
 
-    def __init__(self, stream_id: int, flow_id: int, *, preamble: bool = False, opened: bool = False) -> None:
+    def __init__(self, conn: QuicTunnelConnection, stream_id: int, flow_id: int, *, preamble: bool = False,
+                 opened: bool = False) -> None:
+        self.conn = conn
+        self.flows = conn.flows
         self.id = stream_id
         self.flow_id = flow_id
-        self.buf = bytearray()  # an incomplete header or control body
-        self.left = 0  # bytes still to come of a DATA payload whose header was read
         self.opened = opened  # a peer stream's OPEN was read (local streams: True)
-        self.preamble = preamble  # the control stream still expects the peer's preamble
-        self.written = 0  # bytes handed to aioquic
+        self.written = 0  # bytes handed to the engine
         self.ended = False  # our half is finished (or queued to finish)
         self.peer_ended = False
+        self._reader_init(preamble)  # the control stream starts with the peer's preamble
+
+    def _check_header(self, ftype: int, flow_id: int, length: int) -> None:
+        control = self.id == CONTROL_STREAM
+        if ftype not in (_CONTROL_FRAMES if control else _FLOW_FRAMES):
+            if ftype not in _KNOWN_FRAMES:
+                raise ProtocolError("unknown_frame", f"unknown frame type {ftype}")
+            where = "the control stream" if control else f"the stream of flow {self.flow_id}"
+            raise ProtocolError("bad_frame", f"{FrameType(ftype).name} frame on {where}")
+        if ftype == _DATA:
+            max_frame = self.conn._max_frame
+            if length > max_frame:
+                raise ProtocolError("frame_too_large", f"frame of {length} bytes exceeds the maximum of {max_frame}")
+        elif ftype in _FIXED_LENGTH:
+            if length != _FIXED_LENGTH[ftype]:
+                raise ProtocolError("bad_frame", f"{FrameType(ftype).name} frame with length {length}")
+        elif length > MAX_CONTROL_BODY:
+            raise ProtocolError("frame_too_large", f"{FrameType(ftype).name} body of {length} bytes exceeds "
+                                                   f"{MAX_CONTROL_BODY}")
+
+    def _data_start(self, flow_id: int, length: int) -> bool:
+        if flow_id != self.flow_id:
+            self._wrong_flow("DATA", flow_id)
+        return self.conn._data_start(flow_id, length) and length > 0
+
+    def _frame(self, ftype: int, flow_id: int, payload: memoryview, events: list[ev.Event]) -> None:
+        self.conn._stream_frame(self, ftype, flow_id, payload, events)
+
+    def _wrong_flow(self, what: str, flow_id: int) -> None:
+        raise ProtocolError("bad_flow_id", f"{what} for flow {flow_id} on the stream of flow {self.flow_id}")
+
+    def _unfinished(self) -> bool:
+        """The peer's half ended inside a frame (or before the preamble)."""
+        return bool(self._buf) or bool(self._stream_left) or self._need_preamble
 
 
-class QuicTunnelConnection(_FlowCore):
-    """One Ferryman tunnel over one QUIC connection; see the module docstring."""
+class QuicTunnelConnection(FlowCore):
+    """One Ferryman tunnel over one QUIC connection; see the module docstring. ``quic`` is the
+    engine's configuration of this side (``engine.configuration(...)``)."""
 
     def __init__(
         self,
         config: WireConfig,
-        quic: QuicConfiguration,
+        quic: Any,
         *,
         dialer: bool,
         original_destination_connection_id: bytes | None = None,
         connection_window: int = 16 * 1024 * 1024,
+        engine: QuicEngine = AIOQUIC,
     ) -> None:
-        if quic.is_client != dialer:
+        if engine.is_client(quic) != dialer:
             raise ValueError("the dialer of a QUIC tunnel is the QUIC client")
         stream_window = 4 * max(config.window, config.max_frame) + 65536
         window = max(connection_window, 2 * stream_window)
-        quic = dataclasses.replace(quic, max_stream_data=stream_window, max_data=window,
-                                   max_datagram_frame_size=65535, alpn_protocols=[ALPN])
         super().__init__(config, dialer)
+        self.engine = engine
         self.early_datagrams = 0  # datagrams of our UDP flows that overtook their OPEN_OK (dropped)
-        self.backlog = 0  # bytes queued in aioquic not yet sent once (plus pending datagrams)
-        self.max_datagram = quic.max_datagram_size - DATAGRAM_OVERHEAD
-        self.quic = _Quic(
-            quic, max_streams=2 * config.max_flows + 1, stream_window=stream_window,
+        self.backlog = 0  # bytes queued in the engine not yet sent once (plus pending datagrams)
+        self.max_datagram = engine.max_datagram_size(quic) - DATAGRAM_OVERHEAD
+        self.quic: EngineConnection = engine.connection(
+            quic, alpn=ALPN, max_streams=2 * config.max_flows + 1, stream_window=stream_window,
             connection_window=window, original_destination_connection_id=original_destination_connection_id,
         )
+        self._kinds = engine.events
         self._terminated = False
         self._held = False  # HandshakeCompleted returned; events wait for initiate()/refuse()
         self._streams: dict[int, _Stream] = {}
@@ -367,11 +249,11 @@ class QuicTunnelConnection(_FlowCore):
         self._early_bytes = 0
 
     # ------------------------------------------------------------------ I/O
-    def connect(self, addr: NetworkAddress, now: float) -> None:
+    def connect(self, addr: Address, now: float) -> None:
         """Dialer: start the QUIC handshake towards ``addr``."""
         self.quic.connect(addr, now)
 
-    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> list[ev.Event]:
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> list[ev.Event]:
         """Feed one UDP datagram; returns the events it caused. Raises ProtocolError on a violation."""
         self.quic.receive_datagram(data, addr, now)
         return self.events()
@@ -383,16 +265,20 @@ class QuicTunnelConnection(_FlowCore):
     def get_timer(self) -> float | None:
         return self.quic.get_timer()
 
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
-        """Hand queued frames to aioquic and return the UDP datagrams to send now."""
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        """Hand queued frames to the engine and return the UDP datagrams to send now."""
         quic = self.quic
         pending = self._pending
         if pending:
+            flows = self.flows
             for st, chunks in pending.items():
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 st.written += len(data)
                 quic.send(st.id, data, st.ended)
                 self._backlogged.add(st)
+                flow = flows.get(st.flow_id) if st.flow_id else None
+                if flow is not None:
+                    flow.out = None  # its next frame starts a new chunk
             pending.clear()
         datagrams = quic.datagrams_to_send(now)
         backlog = quic.pending_datagrams() * self.max_datagram
@@ -417,38 +303,39 @@ class QuicTunnelConnection(_FlowCore):
         return self.quic.host_cid
 
     def events(self) -> list[ev.Event]:
-        """Turn what aioquic queued into events (stopping after a HandshakeCompleted)."""
+        """Turn what the engine queued into events (stopping after a HandshakeCompleted)."""
         events: list[ev.Event] = []
         if self._held or self._terminated:
             return events
         if self._dead is not None:
             raise self._dead
         quic = self.quic
+        kinds = self._kinds
         try:
             while True:
                 qe = quic.next_event()
                 if qe is None:
                     break
                 kind = type(qe)
-                if kind is qev.StreamDataReceived:
+                if kind is kinds.StreamDataReceived:
                     quic.received(qe.stream_id, len(qe.data))
                     self._stream_data(qe.stream_id, qe.data, qe.end_stream, events)
-                elif kind is qev.DatagramFrameReceived:
+                elif kind is kinds.DatagramFrameReceived:
                     self._datagram(qe.data, events)
-                elif kind is qev.HandshakeCompleted:
+                elif kind is kinds.HandshakeCompleted:
                     certificate, chain = quic.peer_certificates()
                     events.append(HandshakeCompleted(certificate, chain))
                     self._held = True
                     break
-                elif kind is qev.ConnectionTerminated:
+                elif kind is kinds.ConnectionTerminated:
                     self._terminated = True
                     events.append(self._terminated_event(qe))
                     break
-                elif kind is qev.ConnectionIdIssued:
+                elif kind is kinds.ConnectionIdIssued:
                     events.append(ConnectionIdIssued(qe.connection_id))
-                elif kind is qev.ConnectionIdRetired:
+                elif kind is kinds.ConnectionIdRetired:
                     events.append(ConnectionIdRetired(qe.connection_id))
-                elif kind is qev.StreamReset or kind is qev.StopSendingReceived:
+                elif kind is kinds.StreamReset or kind is kinds.StopSendingReceived:
                     raise ProtocolError("stream_state", f"QUIC stream {qe.stream_id} reset by the peer; "
                                                         "flows end with RST frames")
         except ProtocolError as exc:
@@ -461,14 +348,14 @@ class QuicTunnelConnection(_FlowCore):
         return events
 
     @staticmethod
-    def _terminated_event(qe: qev.ConnectionTerminated) -> TunnelTerminated:
+    def _terminated_event(qe: Any) -> TunnelTerminated:
         phrase = qe.reason_phrase or ""
         match = _REASON_RE.fullmatch(phrase)
         if match:
             return TunnelTerminated(match.group(1), match.group(2), qe.error_code)
         if phrase == "Idle timeout":
             return TunnelTerminated("idle_timeout", "QUIC idle timeout: no packet from the peer", qe.error_code)
-        if 0x100 <= qe.error_code < 0x200:
+        if 0x100 <= qe.error_code < 0x200:  # CRYPTO_ERROR: a TLS alert (RFC 9000 §20.1)
             return TunnelTerminated("tls_error", f"TLS alert {qe.error_code - 0x100}: {phrase or 'handshake failed'}",
                                     qe.error_code)
         if qe.error_code:
@@ -490,7 +377,7 @@ class QuicTunnelConnection(_FlowCore):
         self._held = True
         phrase = f"{code}: {reason}"[:MAX_REASON]
         if tls_alert is not None:
-            self.quic.close(QuicErrorCode.CRYPTO_ERROR + tls_alert, QuicFrameType.CRYPTO, phrase)
+            self.quic.close_with_alert(tls_alert, phrase)
         else:
             self.quic.close(CLOSE_ERROR, None, phrase)
 
@@ -501,54 +388,11 @@ class QuicTunnelConnection(_FlowCore):
     def _fail(self, exc: ProtocolError) -> None:
         self._dead = exc
         self._pending.clear()
+        for flow in self.flows.values():
+            flow.out = None
         self.close(exc.code, exc.message, error=True)
 
     # ------------------------------------------------------------------ local API
-    def send_data(self, flow_id: int, data: bytes | memoryview) -> int:
-        """Queue as much of ``data`` as the flow's credit allows; returns the bytes taken."""
-        flow = self.flows.get(flow_id)
-        if flow is None:
-            raise FlowError("no_flow", f"flow {flow_id} does not exist")
-        if flow.state != OPEN or flow.sent_fin or flow.udp:
-            raise FlowError("flow_state", f"flow {flow_id} cannot send data now")
-        size = len(data)
-        n = size if size <= flow.send_credit else flow.send_credit
-        if n <= 0:
-            return 0
-        flow.send_credit -= n
-        max_frame = self.peer.max_frame  # type: ignore[union-attr]
-        st = self._streams[stream_of(flow_id)]
-        out = self._pending.get(st)
-        if out is None:
-            out = self._pending[st] = []
-        if n <= max_frame:
-            out.append(encode_header(_DATA, flow_id, n))
-            out.append(data if n == size else memoryview(data)[:n])
-            return n
-        view = memoryview(data)
-        for start in range(0, n, max_frame):
-            chunk = view[start:min(start + max_frame, n)]
-            out.append(encode_header(_DATA, flow_id, len(chunk)))
-            out.append(chunk)
-        return n
-
-    def acknowledge(self, flow_id: int, size: int) -> bool:
-        """Tell the connection ``size`` received bytes were consumed; grants credit back.
-        Returns whether a WINDOW frame was queued (credit goes back in steps of a quarter window)."""
-        flow = self.flows.get(flow_id)
-        if flow is None or flow.got_fin:
-            return False
-        unacked = flow.unacked + size
-        if unacked >= self._ack_threshold:
-            flow.recv_credit += unacked
-            flow.unacked = 0
-            self._queue(self._streams[stream_of(flow_id)], encode_window(flow_id, unacked))
-            if self.on_window is not None:
-                self.on_window()
-            return True
-        flow.unacked = unacked
-        return False
-
     def send_datagram(self, flow_id: int, data: bytes | memoryview) -> None:
         """Queue one datagram of an open UDP flow as one QUIC DATAGRAM frame."""
         self._datagram_flow(flow_id)
@@ -564,8 +408,17 @@ class QuicTunnelConnection(_FlowCore):
     def _control(self) -> _Stream:
         st = self._streams.get(CONTROL_STREAM)
         if st is None:
-            st = self._streams[CONTROL_STREAM] = _Stream(CONTROL_STREAM, 0, preamble=True, opened=True)
+            st = self._streams[CONTROL_STREAM] = _Stream(self, CONTROL_STREAM, 0, preamble=True, opened=True)
         return st
+
+    def _output(self, flow: Flow) -> list[bytes | memoryview]:
+        """The pending chunk of the flow's stream (made on the first frame since the last flush)."""
+        st = self._streams[stream_of(flow.id)]
+        out = self._pending.get(st)
+        if out is None:
+            out = self._pending[st] = []
+        flow.out = out
+        return out
 
     def _queue(self, st: _Stream, chunk: bytes | memoryview) -> None:
         if not self._control_open and st.id == CONTROL_STREAM:
@@ -582,7 +435,7 @@ class QuicTunnelConnection(_FlowCore):
 
     def _start_flow(self, flow_id: int, chunk: bytes) -> None:
         sid = stream_of(flow_id)
-        st = self._streams[sid] = _Stream(sid, flow_id, opened=True)
+        st = self._streams[sid] = _Stream(self, sid, flow_id, opened=True)
         self._queue(st, chunk)
 
     def _send_control(self, chunk: bytes | memoryview) -> None:
@@ -618,7 +471,7 @@ class QuicTunnelConnection(_FlowCore):
         elif st.peer_ended:
             raise ProtocolError("stream_state", f"data on QUIC stream {sid} after its end")
         if data:
-            self._parse(st, data, events)
+            st._read(data, events)
         if end:
             self._peer_end(st)
 
@@ -634,11 +487,11 @@ class QuicTunnelConnection(_FlowCore):
         flow_id = flow_of(sid)
         if flow_id % 2 != self._peer_parity:
             raise ProtocolError("bad_flow_id", f"QUIC stream {sid} was not opened by the peer")
-        st = self._streams[sid] = _Stream(sid, flow_id)
+        st = self._streams[sid] = _Stream(self, sid, flow_id)
         return st
 
     def _peer_end(self, st: _Stream) -> None:
-        if st.buf or st.left or st.preamble:
+        if st._unfinished():
             raise ProtocolError("bad_frame", f"QUIC stream {st.id} ended inside a frame")
         if st.id == CONTROL_STREAM:
             raise ProtocolError("stream_state", "peer ended the control stream")
@@ -647,123 +500,6 @@ class QuicTunnelConnection(_FlowCore):
         st.peer_ended = True
         if st.ended:
             del self._streams[st.id]
-
-    def _parse(self, st: _Stream, data: bytes, events: list[ev.Event]) -> None:
-        n = len(data)
-        view = memoryview(data)
-        pos = 0
-        if st.left:
-            pos = self._payload(st, view, 0, n, events)
-            if st.left:
-                return
-        buf = st.buf
-        if buf:
-            # Complete the header (or control body) an earlier chunk left unfinished.
-            while True:
-                need = self._wanted(st, buf)
-                if len(buf) >= need:
-                    break
-                if len(buf) >= HEADER_SIZE and buf[0] == _DATA:
-                    _t, _f, flow_id, length = _unpack_header(buf, 0)
-                    buf.clear()
-                    if flow_id != st.flow_id:
-                        self._wrong_flow(st, "DATA", flow_id)
-                    self._data_start(flow_id, length)
-                    st.left = length
-                    pos = self._payload(st, view, pos, n, events)
-                    if st.left:
-                        return
-                    break
-                take = min(need - len(buf), n - pos)
-                if take == 0:
-                    return
-                buf += view[pos:pos + take]
-                pos += take
-            if buf:
-                whole = bytes(buf)
-                buf.clear()
-                if st.preamble:
-                    self._preamble(st, whole, 0)
-                else:
-                    ftype, _flags, flow_id, _length = _unpack_header(whole, 0)
-                    if ftype == _DATA:  # an empty DATA frame
-                        if flow_id != st.flow_id:
-                            self._wrong_flow(st, "DATA", flow_id)
-                        self._data_start(flow_id, 0)
-                    else:
-                        self._stream_frame(st, ftype, flow_id, memoryview(whole)[HEADER_SIZE:], events)
-        while pos < n:
-            remaining = n - pos
-            if st.preamble:
-                if remaining < PREAMBLE_SIZE:
-                    break
-                self._preamble(st, data, pos)
-                pos += PREAMBLE_SIZE
-                continue
-            if remaining < HEADER_SIZE:
-                break
-            ftype, _flags, flow_id, length = _unpack_header(data, pos)
-            self._check_header(st, ftype, length)
-            body = pos + HEADER_SIZE
-            end = body + length
-            if ftype == _DATA:
-                if flow_id != st.flow_id:
-                    self._wrong_flow(st, "DATA", flow_id)
-                self._data_start(flow_id, length)
-                if end > n:
-                    st.left = length
-                    self._payload(st, view, body, n, events)
-                    return
-                if length and st.flow_id in self.flows:
-                    events.append(ev.DataReceived(flow_id, view[body:end]))
-            elif end > n:
-                break
-            else:
-                self._stream_frame(st, ftype, flow_id, view[body:end], events)
-            pos = end
-        if pos < n:
-            buf += view[pos:]
-
-    def _payload(self, st: _Stream, view: memoryview, pos: int, n: int, events: list[ev.Event]) -> int:
-        take = min(st.left, n - pos)
-        st.left -= take
-        if take and st.flow_id in self.flows:
-            events.append(ev.DataReceived(st.flow_id, view[pos:pos + take]))
-        return pos + take
-
-    def _wanted(self, st: _Stream, buf: bytearray) -> int:
-        if st.preamble:
-            return PREAMBLE_SIZE
-        if len(buf) < HEADER_SIZE:
-            return HEADER_SIZE
-        ftype, _flags, _flow_id, length = _unpack_header(buf, 0)
-        self._check_header(st, ftype, length)
-        return HEADER_SIZE + length
-
-    def _preamble(self, st: _Stream, data: bytes, pos: int) -> None:
-        check_preamble(data, pos)
-        st.preamble = False
-
-    def _check_header(self, st: _Stream, ftype: int, length: int) -> None:
-        allowed = _CONTROL_FRAMES if st.id == CONTROL_STREAM else _FLOW_FRAMES
-        if ftype not in allowed:
-            if ftype not in _KNOWN_FRAMES:
-                raise ProtocolError("unknown_frame", f"unknown frame type {ftype}")
-            where = "the control stream" if st.id == CONTROL_STREAM else f"the stream of flow {st.flow_id}"
-            raise ProtocolError("bad_frame", f"{FrameType(ftype).name} frame on {where}")
-        if ftype == _DATA:
-            if length > self._max_frame:
-                raise ProtocolError("frame_too_large", f"frame of {length} bytes exceeds the maximum of {self._max_frame}")
-        elif ftype in _FIXED_LENGTH:
-            if length != _FIXED_LENGTH[ftype]:
-                raise ProtocolError("bad_frame", f"{FrameType(ftype).name} frame with length {length}")
-        elif length > MAX_CONTROL_BODY:
-            raise ProtocolError("frame_too_large", f"{FrameType(ftype).name} body of {length} bytes exceeds "
-                                                   f"{MAX_CONTROL_BODY}")
-
-    @staticmethod
-    def _wrong_flow(st: _Stream, what: str, flow_id: int) -> None:
-        raise ProtocolError("bad_flow_id", f"{what} for flow {flow_id} on the stream of flow {st.flow_id}")
 
     def _late_frame(self, flow_id: int, what: str) -> None:
         """A frame on the stream of a flow that is gone: fine once its OPEN was read."""
@@ -778,7 +514,7 @@ class QuicTunnelConnection(_FlowCore):
             self._frame(ftype, flow_id, payload, events)
             return
         if flow_id != st.flow_id:
-            self._wrong_flow(st, FrameType(ftype).name, flow_id)
+            st._wrong_flow(FrameType(ftype).name, flow_id)
         if not st.opened:
             if ftype != _OPEN:
                 raise ProtocolError("stream_state", f"{FrameType(ftype).name} before OPEN on the stream of "
