@@ -73,7 +73,8 @@ class Fabric:
                  connectors: int = 1, *, managed: bool = False) -> None:
         """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each."""
         self.workdir = os.path.abspath(workdir)
-        self.forwards = [(f[0], f[1] or free_port(f[4] if len(f) > 4 else "tcp"), f[2], f[3],
+        self._taken: set[int] = set()  # ports handed out here (none is bound until its node starts)
+        self.forwards = [(f[0], f[1] or self._free_port(f[4] if len(f) > 4 else "tcp"), f[2], f[3],
                           f[4] if len(f) > 4 else "tcp") for f in forwards]
         self.env = dict(env or {})
         self.connector_names = [f"connector-{i + 1}" for i in range(connectors)]
@@ -90,6 +91,15 @@ class Fabric:
         self.logs: dict[str, str] = {}
         self.prefix: dict[str, list[str]] = {}  # command prefix per node, e.g. ["ip", "netns", "exec", NS]
         self._specs: dict[str, tuple[str, list[str], dict[str, str]]] = {}
+
+    def _free_port(self, protocol: str = "tcp") -> int:
+        """``free_port``, never one this fabric handed out already: the nodes bind theirs only when
+        they start, so the kernel could offer the same free port twice."""
+        while True:
+            port = free_port(protocol)
+            if port not in self._taken:
+                self._taken.add(port)
+                return port
 
     @property
     def forward_ports(self) -> list[int]:
@@ -129,7 +139,7 @@ class Fabric:
         env = {**os.environ, **self.env, **node_env}
         if role != "control":
             if name not in self.metrics:
-                self.metrics[name] = f"127.0.0.1:{free_port()}"
+                self.metrics[name] = f"127.0.0.1:{self._free_port()}"
             env["FERRYMAN_METRICS_ADDR"] = self.metrics[name]
         log_path = os.path.join(self.workdir, "logs", f"{name}.log")
         self.logs[name] = log_path
@@ -146,7 +156,8 @@ class Fabric:
 
     def start(self, timeout: float = 30.0) -> None:
         os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
-        self.edge_port = self.edge_port or free_port("both")  # a test may pick it before start()
+        self.edge_port = self.edge_port or self._free_port("both")  # a test may pick it before start()
+        self._taken.add(self.edge_port)
         edge_addr = f"{self.edge_host}:{self.edge_port}"
         fwd_args = [a for lh, lp, h, p, proto in self.forwards
                     for a in ("--forward", f"{lh}:{lp}={h}:{p}" + ("/udp" if proto == "udp" else ""))]
@@ -180,7 +191,7 @@ class Fabric:
             shutil.rmtree(os.path.join(self.workdir, stale), ignore_errors=True)
         control_dir = os.path.join(self.workdir, "control")
         os.makedirs(control_dir, mode=0o700)
-        port = free_port()
+        port = self._free_port()
         self.control_url = f"http://{self.control_host}:{port}"
         self._spawn("control", "control", ["--listen", f"{self.control_host}:{port}", "--edge", edge_addr],
                     {"FERRYMAN_DATA_DIR": control_dir})
