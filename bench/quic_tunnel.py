@@ -24,7 +24,7 @@ import uvloop
 
 from dataplane.basics import pki
 from dataplane.basics.metrics import Stats
-from dataplane.basics.settings import Settings
+from dataplane.basics.settings import DialerSettings as Settings
 from dataplane.transport.quic import dial_quic, load_credentials, serve_quic
 from dataplane.transport.tunnel import TunnelHandler
 from dataplane.wire import events as ev

@@ -216,9 +216,9 @@ def _default_url() -> str:
     return f"http://{host}:{port}"
 
 
-def _settings() -> settings_mod.Settings:
+def _settings() -> settings_mod.ControlSettings:
     try:
-        return settings_mod.load()
+        return settings_mod.load(settings_mod.ControlSettings)
     except settings_mod.SettingsError as exc:
         raise _usage(str(exc)) from None
 

@@ -36,7 +36,7 @@ from control.store.models import AdminKey
 from control.tokens import TokenSigner
 from dataplane.basics.hostport import parse_hostport
 from dataplane.basics.logs import setup_logging
-from dataplane.basics.settings import Settings
+from dataplane.basics.settings import ControlSettings as Settings
 
 BOOTSTRAP_KEY_NAME = "bootstrap"
 ADMIN_KEY_FILE = "admin.key"

@@ -28,7 +28,7 @@ import uvloop
 from dataplane.client import httpconnect, process, socks
 from dataplane.client.direct import DirectUdp
 from dataplane.basics.metrics import Stats
-from dataplane.basics.settings import Settings
+from dataplane.basics.settings import ClientSettings as Settings
 
 MiB = 1 << 20
 

@@ -129,8 +129,8 @@ class LinkRunner:
     def __init__(self, identity: Registration, overrides: dict[str, Any] | None = None,
                  report: Report | None = None) -> None:
         # config_wait is short so that stopping (which waits for the pending long-poll) is quick.
-        self.settings = settings.load({"heartbeat_interval": 0.2, "config_wait": 1.0, **(overrides or {})},
-                                      environ={})
+        self.settings = settings.load(settings.ConnectorSettings,
+                                      {"heartbeat_interval": 0.2, "config_wait": 1.0, **(overrides or {})}, environ={})
         self.snapshots: list[ConfigSnapshot] = []
         self.renewed = 0
         figures = report or Report(tunnels=0, active_flows=0)

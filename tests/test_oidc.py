@@ -42,7 +42,7 @@ from joserfc.jwk import RSAKey
 from control.oidc import OidcConfig, OidcError, OidcProvider, PendingLogins
 from control.tokens import verify_access_token
 from dataplane.basics.pki import new_key_and_csr
-from dataplane.basics.settings import load
+from dataplane.basics.settings import ControlSettings, load
 
 import controlplane
 from controlplane import ROOT, environment
@@ -486,14 +486,14 @@ def test_cli_login_refuses_password_flags_with_oidc_and_needs_a_user_without(con
 
 
 def test_settings_build_the_oidc_configuration() -> None:
-    assert OidcConfig.from_settings(load(environ={})) is None
+    assert OidcConfig.from_settings(load(ControlSettings, environ={})) is None
     with pytest.raises(ValueError, match="FERRYMAN_OIDC_CLIENT_ID must be too"):
-        OidcConfig.from_settings(load(environ={"FERRYMAN_OIDC_ISSUER": "https://idp.example"}))
+        OidcConfig.from_settings(load(ControlSettings, environ={"FERRYMAN_OIDC_ISSUER": "https://idp.example"}))
     with pytest.raises(ValueError, match="FERRYMAN_OIDC_REDIRECT_URI='control:8080/cb': must be an http"):
-        OidcConfig.from_settings(load(environ={"FERRYMAN_OIDC_ISSUER": "https://idp.example",
+        OidcConfig.from_settings(load(ControlSettings, environ={"FERRYMAN_OIDC_ISSUER": "https://idp.example",
                                                "FERRYMAN_OIDC_CLIENT_ID": "c",
                                                "FERRYMAN_OIDC_REDIRECT_URI": "control:8080/cb"}))
-    config = OidcConfig.from_settings(load(environ={
+    config = OidcConfig.from_settings(load(ControlSettings, environ={
         "FERRYMAN_OIDC_ISSUER": "https://idp.example", "FERRYMAN_OIDC_CLIENT_ID": "c",
         "FERRYMAN_OIDC_REDIRECT_URI": "https://control.example/v1/auth/oidc/callback",
         "FERRYMAN_OIDC_MFA_AMR": " mfa, fido ,", "FERRYMAN_OIDC_UPN_CLAIM": "preferred_username"}))

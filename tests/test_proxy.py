@@ -34,7 +34,7 @@ import pytest
 import uvloop
 
 from dataplane.basics import pki
-from dataplane.basics.settings import Settings, SettingsError
+from dataplane.basics.settings import DialerSettings as Settings, SettingsError
 from dataplane.transport.proxy import (
     MAX_RESPONSE_HEAD,
     EgressProxy,

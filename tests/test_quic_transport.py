@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from dataplane.basics import pki
 from dataplane.basics.metrics import Stats
 from dataplane.basics.pki import PeerCertificate
-from dataplane.basics.settings import Settings
+from dataplane.basics.settings import DialerSettings as Settings
 from dataplane.transport.quic import (
     QuicCredentials,
     QuicServer,

@@ -370,7 +370,7 @@ def _stored_identity(directory: Path, role: str, name: str, edges: list[str], gr
 def test_nodes_pick_up_the_registered_identity_unless_told_otherwise(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from dataplane.cli import nodes
-    from dataplane.basics.settings import SettingsError, load
+    from dataplane.basics.settings import ConnectorSettings, EdgeSettings, SettingsError, load
 
     for key in list(os.environ):
         if key.startswith("FERRYMAN_"):
@@ -380,7 +380,7 @@ def test_nodes_pick_up_the_registered_identity_unless_told_otherwise(tmp_path: P
     _stored_identity(identity, "connector", "connector-q", ["e1.example.test:8443", "e2.example.test:8443"], "east")
     no_flags = {"edges": None, "connector_group": None, "tls_ca": None, "tls_cert": None, "tls_key": None}
 
-    settings, found = nodes._use_registration("connector", load(no_flags), no_flags)
+    settings, found = nodes._use_registration("connector", load(ConnectorSettings, no_flags), no_flags)
     assert found is not None and found.record.name == "connector-q"
     assert (settings.tls_ca, settings.tls_cert, settings.tls_key) == (
         str(identity / "ca.pem"), str(identity / "connector-q.pem"), str(identity / "connector-q.key"))
@@ -390,17 +390,17 @@ def test_nodes_pick_up_the_registered_identity_unless_told_otherwise(tmp_path: P
     # An explicit edge list or group wins (flag or variable); TLS settings switch the whole thing off.
     flags = {**no_flags, "edges": "flag.example.test:1"}
     monkeypatch.setenv("FERRYMAN_CONNECTOR_GROUP", "west")
-    settings, _ = nodes._use_registration("connector", load(flags), flags)
+    settings, _ = nodes._use_registration("connector", load(ConnectorSettings, flags), flags)
     assert (settings.edges, settings.connector_group) == ("flag.example.test:1", "west")
     assert settings.tls_cert == str(identity / "connector-q.pem")
     monkeypatch.setenv("FERRYMAN_TLS_CERT", "/elsewhere.pem")
-    settings, found = nodes._use_registration("connector", load(no_flags), no_flags)
+    settings, found = nodes._use_registration("connector", load(ConnectorSettings, no_flags), no_flags)
     assert found is None and settings.tls_ca == "" and settings.tls_cert == "/elsewhere.pem"
     monkeypatch.delenv("FERRYMAN_TLS_CERT")
 
     # The other role's identity is refused with a reason, not silently ignored.
     with pytest.raises(SettingsError, match="identity of connector 'connector-q', not of this edge"):
-        nodes._use_registration("edge", load(no_flags), no_flags)
+        nodes._use_registration("edge", load(EdgeSettings, no_flags), no_flags)
 
 
 def test_plain_http_to_another_host_is_warned_about() -> None:

@@ -4,20 +4,20 @@ import os
 
 import pytest
 
-from dataplane.basics.settings import SettingsError, load, markdown_table
+from dataplane.basics.settings import ConnectorSettings, SettingsError, load, markdown_table
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def test_defaults_and_environment() -> None:
-    s = load(environ={"FERRYMAN_CONNECTOR_TUNNELS": "4", "FERRYMAN_LOG_FORMAT": "json"})
+    s = load(ConnectorSettings, environ={"FERRYMAN_CONNECTOR_TUNNELS": "4", "FERRYMAN_LOG_FORMAT": "json"})
     assert s.connector_tunnels == 4
     assert s.log_format == "json"
     assert s.flow_window == 524288
 
 
 def test_flag_overrides_win_over_environment() -> None:
-    s = load({"connector_tunnels": 3}, environ={"FERRYMAN_CONNECTOR_TUNNELS": "4"})
+    s = load(ConnectorSettings, {"connector_tunnels": 3}, environ={"FERRYMAN_CONNECTOR_TUNNELS": "4"})
     assert s.connector_tunnels == 3
 
 
@@ -33,19 +33,19 @@ def test_flag_overrides_win_over_environment() -> None:
 )
 def test_bad_values_are_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError) as err:
-        load(environ=env)
+        load(ConnectorSettings, environ=env)
     assert message in str(err.value)
 
 
 def test_config_file_with_and_without_prefix(tmp_path) -> None:
     path = tmp_path / "ferryman.toml"
     path.write_text('FERRYMAN_MAX_FLOWS = 10\nkeepalive_interval = 2.5\n')
-    s = load(environ={"FERRYMAN_CONFIG": str(path), "FERRYMAN_MAX_FLOWS": "20"})
+    s = load(ConnectorSettings, environ={"FERRYMAN_CONFIG": str(path), "FERRYMAN_MAX_FLOWS": "20"})
     assert s.max_flows == 20  # the environment wins over the file
     assert s.keepalive_interval == 2.5
     path.write_text("bogus = 1\n")
     with pytest.raises(SettingsError, match="unknown setting 'bogus'"):
-        load(environ={"FERRYMAN_CONFIG": str(path)})
+        load(ConnectorSettings, environ={"FERRYMAN_CONFIG": str(path)})
 
 
 def test_readme_lists_every_variable() -> None:

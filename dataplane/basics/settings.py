@@ -1,17 +1,23 @@
-"""Typed settings for every Ferryman node, read from ``FERRYMAN_*`` environment variables.
+"""Typed settings of every Ferryman process, grouped by role, read from ``FERRYMAN_*`` variables.
 
-One ``Settings`` struct holds every knob. Each field maps to the variable
-``FERRYMAN_<FIELD NAME IN CAPITALS>``; the same names (with or without the prefix,
-any case) may also be given in a TOML file named by ``FERRYMAN_CONFIG``. Precedence:
-command-line flag > environment > config file > default. ``VARIABLES`` documents each
-field and is the source of the README table (``ferryman config vars`` prints it).
+Each role's settings object holds what that role reads: ``ControlSettings`` (the control
+plane, and the admin CLI that finds it), ``EdgeSettings``, ``ConnectorSettings`` and
+``ClientSettings`` (the nodes; what every node reads is ``NodeSettings``, what the connector
+and the client agent read to dial edges ``DialerSettings``), and ``CommonSettings`` (what
+every process reads: the other commands). Each field maps to the variable
+``FERRYMAN_<FIELD NAME IN CAPITALS>``; the same names (with or without the prefix, any case)
+may also be given in a TOML file named by ``FERRYMAN_CONFIG``. Precedence: command-line flag
+> environment > config file > default. ``load(role, ...)`` checks every variable that is set,
+whichever role reads it, and returns that role's settings. ``VARIABLES`` documents each
+variable and is the source of the README table (``ferryman config vars`` prints it, with the
+roles that read each).
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -22,13 +28,17 @@ class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names the variable."""
 
 
-class Settings(msgspec.Struct, kw_only=True):
-    # general
+class CommonSettings(msgspec.Struct, kw_only=True):
+    """What every Ferryman process reads."""
+
     data_dir: str = ".ferryman"
     log_level: str = "info"
     log_format: str = "text"
-    metrics_addr: str = ""
-    # control plane
+
+
+class ControlSettings(CommonSettings, kw_only=True):
+    """The control plane's settings (and those the admin CLI finds it with)."""
+
     control_listen: str = "127.0.0.1:8080"
     database_url: str = ""
     cert_lifetime_days: int = 180
@@ -41,49 +51,15 @@ class Settings(msgspec.Struct, kw_only=True):
     oidc_redirect_uri: str = ""
     oidc_upn_claim: str = "email"
     oidc_mfa_amr: str = "mfa,otp,hwk,swk"
-    # nodes following the control plane
-    control_url: str = ""
-    config_wait: float = 25.0
-    renew_at: float = 0.3333
-    traffic_queue: int = 100000
-    # TLS identity
+
+
+class NodeSettings(CommonSettings, kw_only=True):
+    """What every node (edge, connector, client agent) reads: its TLS files, metrics, wire limits."""
+
+    metrics_addr: str = ""
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
-    # edge
-    edge_listen: str = "0.0.0.0:8443"
-    apps_file: str = ""
-    # connector / client
-    edges: str = "127.0.0.1:8443"
-    connector_tunnels: int = 2
-    connector_group: str = "default"
-    drain_grace: float = 30.0
-    dial_timeout: float = 10.0
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
-    open_timeout: float = 15.0
-    socks_listen: str = ""
-    http_listen: str = ""
-    dns_listen: str = ""
-    dns_server: str = ""
-    dns_upstream: str = ""
-    dns_cache: int = 10000
-    process_lookup: str = "on"
-    process_lookup_wait: float = 0.004
-    transparent: str = "off"
-    # tunnel transport, proxy egress, UDP flows
-    transport: str = "tcp"
-    edge_quic: str = "on"
-    quic_timeout: float = 3.0
-    quic_probe_interval: float = 300.0
-    quic_packet_size: int = 1350
-    https_proxy: str = ""
-    no_proxy: str = ""
-    udp_idle_timeout: float = 120.0
-    max_udp_flows: int = 4096
-    udp_queue: int = 256
-    udp_buffer: int = 4194304
-    # wire limits
     max_frame: int = 262144
     flow_window: int = 524288
     max_flows: int = 16384
@@ -91,6 +67,93 @@ class Settings(msgspec.Struct, kw_only=True):
     keepalive_interval: float = 10.0
     handshake_timeout: float = 10.0
     write_buffer_high: int = 1048576
+    quic_packet_size: int = 1350
+
+
+class EdgeSettings(NodeSettings, kw_only=True):
+    """The edge's settings."""
+
+    edge_listen: str = "0.0.0.0:8443"
+    apps_file: str = ""
+    edge_quic: str = "on"
+    traffic_queue: int = 100000
+    # following the control plane (a registered edge)
+    control_url: str = ""
+    config_wait: float = 25.0
+    renew_at: float = 0.3333
+    heartbeat_interval: float = 30.0
+
+
+class DialerSettings(NodeSettings, kw_only=True):
+    """What the nodes that dial edges (connector, client agent) read: edges, transport, proxy
+    egress, reconnecting, and their UDP flows."""
+
+    edges: str = "127.0.0.1:8443"
+    transport: str = "tcp"
+    quic_timeout: float = 3.0
+    quic_probe_interval: float = 300.0
+    https_proxy: str = ""
+    no_proxy: str = ""
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    drain_grace: float = 30.0
+    dial_timeout: float = 10.0
+    udp_idle_timeout: float = 120.0
+    max_udp_flows: int = 4096
+    udp_queue: int = 256
+    udp_buffer: int = 4194304
+
+
+class ConnectorSettings(DialerSettings, kw_only=True):
+    """The connector's settings."""
+
+    connector_tunnels: int = 2
+    connector_group: str = "default"
+    dns_server: str = ""
+    # following the control plane (a registered connector)
+    control_url: str = ""
+    config_wait: float = 25.0
+    renew_at: float = 0.3333
+    heartbeat_interval: float = 30.0
+
+
+class ClientSettings(DialerSettings, kw_only=True):
+    """The client agent's settings."""
+
+    open_timeout: float = 15.0
+    socks_listen: str = ""
+    http_listen: str = ""
+    dns_listen: str = ""
+    dns_upstream: str = ""
+    dns_cache: int = 10000
+    process_lookup: str = "on"
+    process_lookup_wait: float = 0.004
+    transparent: str = "off"
+
+
+ROLES: dict[str, type[CommonSettings]] = {
+    "control": ControlSettings, "edge": EdgeSettings, "connector": ConnectorSettings, "client": ClientSettings,
+}
+S = TypeVar("S", bound=CommonSettings)
+
+
+def _types_and_defaults() -> tuple[dict[str, type], dict[str, Any]]:
+    """Each variable's type and default, from the role structs (a variable several roles read
+    has the same in each: checked here)."""
+    types: dict[str, type] = {}
+    defaults: dict[str, Any] = {}
+    for cls in ROLES.values():
+        instance = cls()
+        for field in msgspec.structs.fields(cls):
+            default = getattr(instance, field.name)
+            if field.name in defaults and defaults[field.name] != default:
+                raise AssertionError(f"{field.name}: default {default!r} in {cls.__name__} differs")
+            types[field.name] = type(default)
+            defaults[field.name] = default
+    return types, defaults
+
+
+_TYPES, _DEFAULTS = _types_and_defaults()
 
 
 VARIABLES: dict[str, str] = {
@@ -240,8 +303,9 @@ def read_config_file(path: str) -> dict[str, Any]:
     return out
 
 
-def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
-    """Build Settings from defaults, config file, environment and explicit overrides."""
+def load(role: type[S], overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> S:
+    """``role``'s settings (e.g. ``EdgeSettings``) from defaults, config file, environment and explicit
+    overrides; every variable given is checked, whichever role reads it."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     config_path = env.get("FERRYMAN_CONFIG")
@@ -258,20 +322,29 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
     for field, value in (overrides or {}).items():
         if value is not None:
             values[field] = value
-    types = {f.name: type(f.default) for f in msgspec.structs.fields(Settings)}
-    coerced = {f: _coerce(f, v, types[f]) for f, v in values.items()}
-    settings = Settings(**coerced)
-    if settings.reconnect_max < settings.reconnect_min:
+    coerced = {f: _coerce(f, v, _TYPES[f]) for f, v in values.items()}
+    every = {**_DEFAULTS, **coerced}
+    if every["reconnect_max"] < every["reconnect_min"]:
         raise SettingsError("FERRYMAN_RECONNECT_MAX must not be below FERRYMAN_RECONNECT_MIN")
-    return settings
+    fields = {f.name for f in msgspec.structs.fields(role)}
+    return role(**{f: v for f, v in coerced.items() if f in fields})
+
+
+def readers(field: str) -> list[str]:
+    """The roles that read ``field`` (``all`` when every process does)."""
+    if field in _COMMON:
+        return ["all"]
+    return [name for name, cls in ROLES.items() if field in {f.name for f in msgspec.structs.fields(cls)}]
+
+
+_COMMON = {f.name for f in msgspec.structs.fields(CommonSettings)}
 
 
 def markdown_table() -> str:
-    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
-    defaults = Settings()
+    rows = ["| Variable | Default | Read by | Meaning |", "|---|---|---|---|"]
     for field, doc in VARIABLES.items():
-        default = getattr(defaults, field)
+        default = _DEFAULTS[field]
         shown = f"`{default}`" if default != "" else "(empty)"
-        rows.append(f"| `{variable_name(field)}` | {shown} | {doc} |")
-    rows.append("| `FERRYMAN_CONFIG` | (empty) | TOML file with any of these settings (same names). |")
+        rows.append(f"| `{variable_name(field)}` | {shown} | {', '.join(readers(field))} | {doc} |")
+    rows.append("| `FERRYMAN_CONFIG` | (empty) | all | TOML file with any of these settings (same names). |")
     return "\n".join(rows)

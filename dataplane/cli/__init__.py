@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     config.add_argument("what", choices=["vars"], help="`vars`: print every FERRYMAN_* variable")
     args = parser.parse_args(argv)
     if args.cmd == "up":
-        workdir = args.workdir or os.path.join(settings.load().data_dir, "fabric")
+        workdir = args.workdir or os.path.join(settings.load(settings.CommonSettings).data_dir, "fabric")
         return fabric.up(workdir, args.forward, args.duration)
     if args.cmd == "control":
         return _control(args)
@@ -65,7 +65,7 @@ def _control(args: argparse.Namespace) -> int:
     from control.store import StoreError
 
     try:
-        serve(settings.load({"control_listen": args.listen}), edges_public=args.edge)
+        serve(settings.load(settings.ControlSettings, {"control_listen": args.listen}), edges_public=args.edge)
     except (settings.SettingsError, StoreError, CaError, ValueError, OSError) as exc:
         print(f"ferryman control: {exc}", file=sys.stderr)
         return 2

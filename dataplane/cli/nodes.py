@@ -24,7 +24,17 @@ from typing import Any
 from ..access.apptable import AppTable
 from ..basics import pki
 from ..basics.logs import setup_logging
-from ..basics.settings import Settings, SettingsError, load, read_config_file, variable_name
+from ..basics.settings import (
+    ClientSettings,
+    CommonSettings,
+    ConnectorSettings,
+    EdgeSettings,
+    NodeSettings,
+    SettingsError,
+    load,
+    read_config_file,
+    variable_name,
+)
 from ..contract.apps import AppsError
 from ..basics import statefile
 from ..controllink import registration as register
@@ -135,6 +145,8 @@ def add_node_commands(sub: Any) -> None:
     init.set_defaults(node="pki")
 
 
+_NODE_SETTINGS: dict[str, type[NodeSettings]] = {"edge": EdgeSettings, "connector": ConnectorSettings,
+                                                 "client": ClientSettings}
 _SETTING_FLAGS = ("tls_ca", "tls_cert", "tls_key", "metrics_addr", "edge_listen", "apps_file", "edges",
                   "connector_group", "connector_tunnels", "socks_listen", "http_listen", "dns_listen", "transport",
                   "transparent")
@@ -153,7 +165,7 @@ def run_command(args: argparse.Namespace) -> int:
         if args.node == "pki":
             return _pki_init(args)
         overrides = {k: getattr(args, k, None) for k in _SETTING_FLAGS}
-        settings = load(overrides)
+        settings = load(_NODE_SETTINGS[args.node], overrides)
         registered = None
         keeper = None
         if args.node in register.ROLES:
@@ -180,7 +192,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _register(args: argparse.Namespace) -> int:
     try:
-        data_dir = load().data_dir
+        data_dir = load(CommonSettings).data_dir
     except SettingsError as exc:
         print(f"ferryman {args.node} register: {exc}", file=sys.stderr)
         return 2
@@ -195,8 +207,8 @@ def _explicit(field: str, overrides: dict[str, Any]) -> bool:
     return bool(config) and field in read_config_file(config)
 
 
-def _use_registration(role: str, settings: Settings,
-                      overrides: dict[str, Any]) -> tuple[Settings, Registration | None]:
+def _use_registration(role: str, settings: NodeSettings,
+                      overrides: dict[str, Any]) -> tuple[NodeSettings, Registration | None]:
     """With no FERRYMAN_TLS_* at all, the identity of ``FERRYMAN_DATA_DIR/identity/node.json``, if any."""
     if settings.tls_ca or settings.tls_cert or settings.tls_key:
         return settings, None
@@ -209,10 +221,10 @@ def _use_registration(role: str, settings: Settings,
                             f"FERRYMAN_TLS_* variables, or another FERRYMAN_DATA_DIR")
     values = {field: value for field, value in register.registered_settings(found).items()
               if field.startswith("tls_") or not _explicit(field, overrides)}
-    return load({**overrides, **values}), found
+    return load(type(settings), {**overrides, **values}), found
 
 
-def _log_registered(found: Registration, settings: Settings) -> None:
+def _log_registered(found: Registration, settings: Any) -> None:
     extra: dict[str, Any] = {"identity": found.path, "node_id": found.record.node_id}
     if found.record.role == "connector":
         extra.update(edges=settings.edges, group=settings.connector_group)
@@ -222,8 +234,10 @@ def _log_registered(found: Registration, settings: Settings) -> None:
         log.warning(warning)
 
 
-def _build(args: argparse.Namespace, settings: Settings, credentials: NodeCredentials,
+def _build(args: argparse.Namespace, settings: Any, credentials: NodeCredentials,
            registered: Registration | None, keeper: Any, *, follow_edges: bool) -> Any:
+    # The node modules are imported by the command that runs them only: every other command
+    # (control, admin, login, status, ...) starts without loading the data path.
     if args.node == "edge":
         from ..edge.node import Edge
 
@@ -247,7 +261,7 @@ def _build(args: argparse.Namespace, settings: Settings, credentials: NodeCreden
     return Client(settings, credentials, [Forward.parse(f) for f in args.forward], keeper)
 
 
-def _use_signed_in_session(settings: Settings, overrides: dict[str, Any]) -> tuple[Settings, Any]:
+def _use_signed_in_session(settings: Any, overrides: dict[str, Any]) -> tuple[ClientSettings, Any]:
     """With no FERRYMAN_TLS_* at all, the session of ``ferryman client login`` (FERRYMAN_DATA_DIR/client), if any."""
     from ..client.signin import TokenKeeper, default_directory, read_session
 
@@ -259,7 +273,7 @@ def _use_signed_in_session(settings: Settings, overrides: dict[str, Any]) -> tup
         return settings, None
     files = {"tls_ca": os.path.join(directory, session.ca), "tls_cert": os.path.join(directory, session.cert),
              "tls_key": os.path.join(directory, session.key)}
-    return load({**overrides, **files}), TokenKeeper(directory, session, lambda _token: None)
+    return load(ClientSettings, {**overrides, **files}), TokenKeeper(directory, session, lambda _token: None)
 
 
 def _login(args: argparse.Namespace) -> int:
@@ -268,7 +282,7 @@ def _login(args: argparse.Namespace) -> int:
     from ..client.signin import SignInError, default_directory, login
 
     try:
-        data_dir = load().data_dir
+        data_dir = load(CommonSettings).data_dir
     except SettingsError as exc:
         print(f"ferryman client login: {exc}", file=sys.stderr)
         return 2
@@ -345,7 +359,7 @@ def _login_done(session: Any, directory: str, data_dir: str) -> int:
 def _client_directory(args: argparse.Namespace) -> str:
     from ..client.signin import default_directory
 
-    return os.path.abspath(args.dir) if args.dir else os.path.abspath(default_directory(load().data_dir))
+    return os.path.abspath(args.dir) if args.dir else os.path.abspath(default_directory(load(CommonSettings).data_dir))
 
 
 def _logout(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ import msgspec
 
 from ..basics.hostport import parse_hostport
 from ..basics.metrics import Stats, start_metrics_server
-from ..basics.settings import Settings
+from ..basics.settings import ClientSettings
 from ..transport.credentials import NodeCredentials
 from ..transport.endpoint import EndpointNode, LocalFlow
 from ..transport.proxy import egress_proxy
@@ -64,7 +64,7 @@ class Client(EndpointNode[None]):
 
     processes: ProcessFinder | None = None  # FERRYMAN_PROCESS_LOOKUP (set in run)
 
-    def __init__(self, settings: Settings, credentials: NodeCredentials, forwards: list[Forward],
+    def __init__(self, settings: ClientSettings, credentials: NodeCredentials, forwards: list[Forward],
                  keeper: TokenKeeper | None = None) -> None:
         self.settings = settings
         self.credentials = credentials

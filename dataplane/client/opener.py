@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Literal, Protocol, Self
 
 from ..basics.metrics import Stats
-from ..basics.settings import Settings
+from ..basics.settings import ClientSettings
 from ..transport.socketflow import FlowNode, SocketFlow
 from ..transport.udpflow import UdpFlow
 from .profile import Profile
@@ -33,7 +33,7 @@ Opened = Callable[["ClientFlow", str, str], None]
 class FlowOpener(Protocol):
     """The client agent as its capture front ends see it."""
 
-    settings: Settings
+    settings: ClientSettings
     stats: Stats
     socket_buffer: int
     profile: Profile | None  # the forwarding profile (None: everything captured is private)

@@ -30,7 +30,7 @@ from ..access.grants import GrantError, GrantVerifier
 from ..basics.hostport import dns_server, parse_hostport
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.pki import PeerCertificate
-from ..basics.settings import Settings
+from ..basics.settings import ConnectorSettings
 from ..contract.snapshot import ConfigSnapshot, revoked_set
 from ..controllink.registration import Registration
 from ..controllink.link import ControlLink, Report, cut_revoked
@@ -54,7 +54,7 @@ class Connector(EndpointNode[EdgeKey]):
     """``registered``: the registration stored by ``ferryman connector register`` (None: no control
     plane); ``follow_edges``: take the edge list from the control plane's snapshots."""
 
-    def __init__(self, settings: Settings, credentials: NodeCredentials, registered: Registration | None = None,
+    def __init__(self, settings: ConnectorSettings, credentials: NodeCredentials, registered: Registration | None = None,
                  *, follow_edges: bool = False) -> None:
         self.settings = settings
         self.credentials = credentials

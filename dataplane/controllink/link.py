@@ -44,7 +44,7 @@ import msgspec
 
 from ..basics import pki
 from ..basics.pki import new_key_and_csr, write_node_files
-from ..basics.settings import Settings
+from ..basics.settings import ConnectorSettings, EdgeSettings
 from ..basics.version import VERSION
 from ..contract.flowrecord import MAX_BATCH
 from ..contract.snapshot import ConfigSnapshot, SnapshotError, decode
@@ -154,7 +154,7 @@ class ControlLink:
     is called after the certificate files were replaced.
     """
 
-    def __init__(self, settings: Settings, registration: Registration,
+    def __init__(self, settings: EdgeSettings | ConnectorSettings, registration: Registration,
                  on_snapshot: Callable[[ConfigSnapshot], None], report: Callable[[], Report],
                  on_renewed: Callable[[], None] | None = None, *, traffic: TrafficQueue | None = None) -> None:
         self.settings = settings

@@ -41,7 +41,7 @@ from ..access.tokens import TokenError, TokenVerifier
 from ..basics.hostport import parse_hostport
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.pki import PeerCertificate
-from ..basics.settings import Settings
+from ..basics.settings import EdgeSettings
 from ..contract.apps import DEFAULT_GROUP
 from ..contract.snapshot import ConfigSnapshot, revoked_set
 from ..controllink.link import ControlLink, Report, cut_revoked
@@ -67,7 +67,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
     ``registered``: the registration stored by ``ferryman edge register`` (heartbeats, renewal,
     revocations and, without ``apps``, applications follow the control plane)."""
 
-    def __init__(self, settings: Settings, credentials: NodeCredentials, apps: AppTable | None,
+    def __init__(self, settings: EdgeSettings, credentials: NodeCredentials, apps: AppTable | None,
                  registered: Registration | None = None) -> None:
         if apps is None and registered is None:
             raise ValueError("an edge needs an application file or a control plane registration")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ssl
 
 from ..basics import pki
-from ..basics.settings import Settings, SettingsError
+from ..basics.settings import NodeSettings, SettingsError
 from ..basics.version import SOFTWARE
 from ..wire.connection import WireConfig
 
@@ -14,7 +14,7 @@ from ..wire.connection import WireConfig
 class NodeCredentials:
     """This node's certificate (its role and name), the TLS contexts made from it, and its wire limits."""
 
-    def __init__(self, settings: Settings, role: str) -> None:
+    def __init__(self, settings: NodeSettings, role: str) -> None:
         missing = [name for name, value in (("FERRYMAN_TLS_CA", settings.tls_ca),
                                             ("FERRYMAN_TLS_CERT", settings.tls_cert),
                                             ("FERRYMAN_TLS_KEY", settings.tls_key)) if not value]

@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 import h11
 
-from ..basics.settings import Settings, SettingsError
+from ..basics.settings import DialerSettings, SettingsError
 from ..basics.version import SOFTWARE
 
 log = logging.getLogger("ferryman.dial")
@@ -236,7 +236,7 @@ def _first(sources: list[tuple[str, str]]) -> tuple[str, str]:
     return "", ""
 
 
-def egress_proxy(settings: Settings, environ: Mapping[str, str] | None = None) -> EgressProxy | None:
+def egress_proxy(settings: DialerSettings, environ: Mapping[str, str] | None = None) -> EgressProxy | None:
     """The proxy that TLS/TCP tunnels dial through, or None for direct dials.
 
     ``FERRYMAN_HTTPS_PROXY`` (empty: ``HTTPS_PROXY``, then ``https_proxy``) and
@@ -252,7 +252,7 @@ def egress_proxy(settings: Settings, environ: Mapping[str, str] | None = None) -
     return EgressProxy.parse(url, source, NoProxy.parse(np_text, np_source or "NO_PROXY"))
 
 
-def announce_egress(settings: Settings, environ: Mapping[str, str] | None = None) -> EgressProxy | None:
+def announce_egress(settings: DialerSettings, environ: Mapping[str, str] | None = None) -> EgressProxy | None:
     """Parse the egress proxy at node start (SettingsError if malformed) and log which one is used."""
     proxy = egress_proxy(settings, environ)
     if proxy is not None:

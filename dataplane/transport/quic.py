@@ -41,7 +41,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from ..basics import pki
 from ..basics.pki import PeerCertificate, PkiError
-from ..basics.settings import Settings
+from ..basics.settings import DialerSettings, NodeSettings
 from ..wire import events as ev
 from ..wire.connection import ProtocolError, WireConfig
 from ..wire import quic_engine
@@ -111,7 +111,7 @@ def load_credentials(cert: str, key: str, ca: str) -> QuicCredentials:
     )
 
 
-def quic_configuration(credentials: QuicCredentials, settings: Settings, *, client: bool,
+def quic_configuration(credentials: QuicCredentials, settings: NodeSettings, *, client: bool,
                        server_name: str | None = None, engine: QuicEngine = AIOQUIC) -> Any:
     """The QUIC engine's settings of one side: packet size, our certificate, the CA, an idle
     timeout that leaves dead-peer detection to keepalive (as ``Tunnel`` does)."""
@@ -440,7 +440,7 @@ async def dial_quic(
     config: WireConfig,
     host: str,
     port: int,
-    settings: Settings,
+    settings: DialerSettings,
     credentials: QuicCredentials,
     *,
     label: str = "",
@@ -486,7 +486,7 @@ class QuicServer(asyncio.DatagramProtocol):
     tunnels accepted from then on use them.
     """
 
-    def __init__(self, handler: TunnelHandler, wire: WireConfig, settings: Settings, credentials: QuicCredentials,
+    def __init__(self, handler: TunnelHandler, wire: WireConfig, settings: NodeSettings, credentials: QuicCredentials,
                  *, accept_roles: tuple[str, ...], label: str) -> None:
         self.handler = handler
         self.wire = wire
@@ -598,7 +598,7 @@ async def serve_quic(
     wire: WireConfig,
     host: str,
     port: int,
-    settings: Settings,
+    settings: NodeSettings,
     credentials: QuicCredentials,
     *,
     accept_roles: tuple[str, ...] = ("client", "connector"),

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..basics import pki
-from ..basics.settings import Settings
+from ..basics.settings import DialerSettings
 from ..wire.connection import WireConfig
 from .proxy import dial_tls, egress_proxy
 from .quic import QuicTunnel, dial_quic, load_credentials
@@ -68,7 +68,7 @@ def transport_of(tunnel: Any) -> str:
 
 async def keep_tunnel(
     node: TunnelHandler,
-    settings: Settings,
+    settings: DialerSettings,
     wire: WireConfig | Callable[[], WireConfig],
     ssl_ctx: ssl.SSLContext | Callable[[], ssl.SSLContext],
     edges: list[tuple[str, int]],
@@ -140,7 +140,7 @@ async def keep_tunnel(
         await asyncio.sleep(delay)
 
 
-async def _dial_quic(node: TunnelHandler, settings: Settings, config: WireConfig, host: str, port: int,
+async def _dial_quic(node: TunnelHandler, settings: DialerSettings, config: WireConfig, host: str, port: int,
                      name: str) -> tuple[Any, str]:
     """(a QUIC tunnel whose HELLO exchange is done, "") or (None, why not)."""
     try:
@@ -157,7 +157,7 @@ async def _dial_quic(node: TunnelHandler, settings: Settings, config: WireConfig
     return tunnel, ""
 
 
-async def _run_sessions(node: TunnelHandler, settings: Settings, choice: TransportChoice, tunnel: Any,
+async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: TransportChoice, tunnel: Any,
                         session: Callable[[Any], Awaitable[None]], running: Callable[[], bool],
                         redial_quic: Callable[[], Awaitable[tuple[Any, str]]]) -> None:
     """Run ``session(tunnel)`` until the tunnel ends; on an ``auto`` TCP fallback, probe QUIC
