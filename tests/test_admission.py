@@ -67,8 +67,14 @@ def tables(*policies: SnapPolicy, token_keys: bool = True) -> AccessTables:
     return AccessTables(app_table(snap), dns_suffixes=snap.dns_suffixes, access=AccessIndex(snap))
 
 
-def request(host: str = "10.20.0.5", port: int = 3389, protocol: str = "tcp", **kw: object) -> AccessRequest:
-    return AccessRequest(host=host, port=port, protocol=protocol, source=kw.pop("source", SOURCE), **kw)  # type: ignore[arg-type]
+def request(host: str = "10.20.0.5", port: int = 3389, protocol: str = "tcp", source: str = SOURCE,
+            application: str | None = None) -> AccessRequest:
+    return AccessRequest(host=host, port=port, protocol=protocol, source=source, application=application)
+
+
+def app_of(verdict: Verdict) -> str:
+    assert verdict.match is not None
+    return verdict.match.app.name
 
 
 def policy(pid: int, grant: str, state: str = "on", **kw: object) -> SnapPolicy:
@@ -135,12 +141,12 @@ def test_a_destination_no_application_covers_is_refused(host: str, port: int, pr
 
 
 def test_the_most_specific_per_app_segment_wins_over_quick_access() -> None:
-    assert admit(request("10.20.0.5", 3389), ALICE, tables(), NOW).match.app.name == "Finance RDP"  # type: ignore[union-attr]
+    assert app_of(admit(request("10.20.0.5", 3389), ALICE, tables(), NOW)) == "Finance RDP"
     fallback = admit(request("10.20.0.5", 22), ALICE, tables(), NOW)
-    assert fallback.allowed and fallback.match.app.name == "Quick Access"  # type: ignore[union-attr]
-    assert fallback.match.segment.destination == "10.0.0.0/8"  # type: ignore[union-attr]
+    assert fallback.allowed and app_of(fallback) == "Quick Access"
+    assert fallback.match is not None and fallback.match.segment.destination == "10.0.0.0/8"
     udp = admit(request("10.30.0.53", 53, "udp"), ALICE, tables(), NOW)
-    assert udp.allowed and udp.match.app.name == "Wiki"  # type: ignore[union-attr]
+    assert udp.allowed and app_of(udp) == "Wiki"
 
 
 # ---------------------------------------------------------------------------- who asks
@@ -190,7 +196,8 @@ def test_a_user_not_assigned_to_the_application_is_refused() -> None:
         version=1, issued_at="t", token_keys=[KEY], users=[SnapUser(id="u-alice", upn="alice@corp.example")],
         devices=[SnapDevice(id="d-alice", user_id="u-alice")],
         applications=[SnapApp(name="Finance RDP", kind="per_app", connector_group="finance")]))), NOW)
-    assert refused(verdict) == (False, "not_assigned", "alice@corp.example is not assigned to application 'Finance RDP'")
+    assert refused(verdict) == (False, "not_assigned",
+                                "alice@corp.example is not assigned to application 'Finance RDP'")
     assert verdict.match is not None and verdict.principal == ALICE
 
 

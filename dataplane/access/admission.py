@@ -158,7 +158,7 @@ def admit(request: AccessRequest, principal: Principal | Unauthenticated, tables
         return Verdict(allowed=False, code="sign_in_required",
                        reason=f"sign-in required: {principal.reason or 'no token'}", match=match)
     decision = (access.decide(principal, application, request.source, now) if application
-                else access.identity(principal, now))  # a private DNS name outside every application
+                else access.check_principal(principal, now))  # a private DNS name outside every application
     if not decision.allowed:
         return Verdict(allowed=False, code=decision.code, reason=decision.reason, match=match, principal=principal,
                        decision=decision)

@@ -11,7 +11,6 @@ Pure: no I/O, and names are never resolved.
 from __future__ import annotations
 
 import bisect
-import ipaddress
 import socket
 from collections.abc import Sequence
 from itertools import groupby

@@ -140,7 +140,7 @@ class AccessIndex:
         self.policies = [_Policy(p, locations) for p in sorted(snapshot.policies, key=lambda p: p.id)
                          if p.state != "off"]
 
-    def identity(self, who: Principal, now: float) -> Decision:
+    def check_principal(self, who: Principal, now: float) -> Decision:
         """Whether ``who`` may act at all (known and enabled user, live session and token, its own
         registered device): the first step of ``decide``, and all there is for a flow outside every
         application (a private DNS query for a name no application covers)."""
@@ -162,7 +162,7 @@ class AccessIndex:
 
     def decide(self, who: Principal, app: str, source: str, now: float) -> Decision:
         """The decision for a flow of ``who`` to application ``app`` from ``source`` (an IP, or "")."""
-        checked = self.identity(who, now)
+        checked = self.check_principal(who, now)
         if not checked.allowed:
             return checked
         user = self.users[who.user_id]

@@ -265,7 +265,8 @@ def _write(path: str, data: bytes, mode: int) -> None:
         raise PkiError(str(exc)) from None
 
 
-# ---------------------------------------------------------------------------- enrolment (a key made here, a certificate signed elsewhere)
+# ---------------------------------------------------------------------------- enrolment
+# (a key made here, its certificate signed by the control plane)
 
 
 def new_key_and_csr(name: str) -> tuple[bytes, bytes]:

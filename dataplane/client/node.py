@@ -37,7 +37,7 @@ from ..basics.settings import ClientSettings
 from ..transport.credentials import NodeCredentials
 from ..transport.endpoint import EndpointNode, LocalFlow
 from ..transport.proxy import egress_proxy
-from ..transport.supervisor import keep_tunnel, transport_of
+from ..transport.supervisor import keep_tunnel
 from ..transport.tunnel import TunnelBase
 from ..transport.udpflow import UdpFlow, set_udp_buffers
 from ..wire import events as ev
@@ -254,7 +254,7 @@ class Client(EndpointNode[None]):
                 "state": "up" if up else "down",
                 "edge": tunnel.peer_name if up else "",
                 "address": tunnel.peer_addr if up else "",
-                "transport": transport_of(tunnel) if up else "",
+                "transport": tunnel.transport_name if up else "",
                 "rtt_ms": round(tunnel.rtt * 1000, 2) if up and tunnel.rtt is not None else None,
                 "edges": [f"{h}:{p}" for h, p in self.edges],
             },
@@ -277,7 +277,7 @@ class Client(EndpointNode[None]):
         self.stats.tunnels_up += 1
         self.stats.tunnels_opened += 1
         log.info("tunnel up", extra={"edge": tunnel.peer_name, "addr": tunnel.label,
-                                     "transport": transport_of(tunnel)})
+                                     "transport": tunnel.transport_name})
 
     def tunnel_down(self, tunnel: ClientTunnel) -> None:
         if tunnel.up:

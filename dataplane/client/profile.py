@@ -149,7 +149,8 @@ class ProfileFollower:
             previous = self.profile.version if self.profile is not None else None
             self._take(profile)
             try:
-                await asyncio.to_thread(statefile.write_private, os.path.join(self.directory, PROFILE_FILE), answer.body)
+                await asyncio.to_thread(statefile.write_private, os.path.join(self.directory, PROFILE_FILE),
+                                        answer.body)
             except statefile.StateFileError as exc:
                 log.error("forwarding profile version %d not cached: %s", profile.version, exc)
             log.info("forwarding profile updated", extra={"version": profile.version, "previous": previous,

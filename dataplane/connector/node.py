@@ -37,7 +37,7 @@ from ..controllink.link import ControlLink, Report, cut_revoked
 from ..transport.credentials import NodeCredentials
 from ..transport.endpoint import EndpointNode, LocalFlow
 from ..transport.socketflow import SocketFlow
-from ..transport.supervisor import keep_tunnel, transport_of
+from ..transport.supervisor import keep_tunnel
 from ..transport.tunnel import TunnelBase
 from ..transport.udpflow import UdpFlow, set_udp_buffers
 from ..wire import events as ev
@@ -54,7 +54,8 @@ class Connector(EndpointNode[EdgeKey]):
     """``registered``: the registration stored by ``ferryman connector register`` (None: no control
     plane); ``follow_edges``: take the edge list from the control plane's snapshots."""
 
-    def __init__(self, settings: ConnectorSettings, credentials: NodeCredentials, registered: Registration | None = None,
+    def __init__(self, settings: ConnectorSettings, credentials: NodeCredentials,
+                 registered: Registration | None = None,
                  *, follow_edges: bool = False) -> None:
         self.settings = settings
         self.credentials = credentials
@@ -173,7 +174,7 @@ class Connector(EndpointNode[EdgeKey]):
         self.stats.tunnels_up += 1
         self.stats.tunnels_opened += 1
         log.info("tunnel up", extra={"tunnel": tunnel.label, "edge": tunnel.peer_name,
-                                     "transport": transport_of(tunnel)})
+                                     "transport": tunnel.transport_name})
 
     def tunnel_down(self, tunnel: ConnectorTunnel) -> None:
         if tunnel in self.tunnels:

@@ -348,7 +348,8 @@ def report(registration: Registration, automatic: bool, data_dir: str) -> str:
     group = f", connector group {r.group}" if r.group else ""
     lines = [
         f"# registered {r.role} {r.name!r} (node id {r.node_id}{group}) with the control plane at {r.control}",
-        f"# certificate serial {r.serial}, valid until {r.not_after}; key, certificate and CA in {registration.directory} "
+        f"# certificate serial {r.serial}, valid until {r.not_after}; key, certificate and CA in "
+        f"{registration.directory} "
         f"(key mode 0600)",
     ]
     if automatic:

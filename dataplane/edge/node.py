@@ -49,8 +49,7 @@ from ..controllink.registration import Registration
 from ..controllink.traffic import TrafficQueue
 from ..transport.credentials import NodeCredentials
 from ..transport.quic import QuicServer, load_credentials, serve_quic
-from ..transport.supervisor import transport_of
-from ..transport.tunnel import Tunnel, TunnelBase, TunnelHandler, ssl_handshake_error
+from ..transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from ..wire import events as ev
 from ..wire.connection import FlowError
 from ..wire.frames import Open
@@ -309,7 +308,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self.stats.tunnels_up += 1
         self.stats.tunnels_opened += 1
         tunnel.label = f"{hello.role}:{hello.node}@{tunnel.peer_addr}"
-        self.stats.count(self.stats.transports, transport_of(tunnel))
+        self.stats.count(self.stats.transports, tunnel.transport_name)
         user = None
         if hello.role == "connector":
             self.groups.setdefault(hello.group or "default", []).append(tunnel)
@@ -321,7 +320,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             if isinstance(access.principal, Principal):
                 user = access.principal.upn
         log.info("tunnel up", extra={"tunnel": tunnel.label, "group": hello.group, "user": user,
-                                     "transport": transport_of(tunnel)})
+                                     "transport": tunnel.transport_name})
 
     def tunnel_down(self, tunnel: EdgeTunnel) -> None:
         hello = tunnel.hello
@@ -329,7 +328,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             return
         self.stats.tunnels_up -= 1
         self.stats.count(self.stats.tunnels_closed, tunnel.close_code)
-        self.stats.count(self.stats.transports, transport_of(tunnel), -1)
+        self.stats.count(self.stats.transports, tunnel.transport_name, -1)
         self.stats.rtt.pop(tunnel.label, None)
         connector = hello.role == "connector"
         if connector:

@@ -27,7 +27,6 @@ import asyncio
 import datetime
 import ipaddress
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -178,6 +177,7 @@ class QuicTunnel(TunnelBase[F, S]):
     """One Ferryman tunnel over QUIC, with the interface of ``Tunnel`` (see the module docstring)."""
 
     conn: QuicTunnelConnection
+    transport_name = "quic"
 
     def __init__(
         self,

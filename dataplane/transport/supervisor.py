@@ -20,8 +20,10 @@ from ..basics import pki
 from ..basics.settings import DialerSettings
 from ..wire.connection import WireConfig
 from .proxy import dial_tls, egress_proxy
-from .quic import QuicTunnel, dial_quic, load_credentials
-from .tunnel import Tunnel, TunnelHandler, ssl_handshake_error
+from .quic import dial_quic, load_credentials
+from .tunnel import Tunnel, TunnelBase, TunnelHandler, ssl_handshake_error
+
+AnyTunnel = TunnelBase[Any, Any]
 
 log = logging.getLogger("ferryman.dial")
 
@@ -61,18 +63,13 @@ class TransportChoice:
         return self.mode
 
 
-def transport_of(tunnel: Any) -> str:
-    """``quic`` or ``tcp``: the transport a tunnel runs over (for logs, status and metrics)."""
-    return "quic" if isinstance(tunnel, QuicTunnel) else "tcp"
-
-
 async def keep_tunnel(
     node: TunnelHandler,
     settings: DialerSettings,
     wire: WireConfig | Callable[[], WireConfig],
     ssl_ctx: ssl.SSLContext | Callable[[], ssl.SSLContext],
     edges: list[tuple[str, int]],
-    session: Callable[[Tunnel], Awaitable[None]],
+    session: Callable[[AnyTunnel], Awaitable[None]],
     running: Callable[[], bool],
     *,
     first: int = 0,
@@ -101,7 +98,7 @@ async def keep_tunnel(
         host, port = edges[(first + attempt) % len(edges)]
         config = wire() if callable(wire) else wire
         name = f"{label}{host}:{port}"
-        tunnel: Any = None
+        tunnel: AnyTunnel | None = None
         reason = ""
         if choice.first() == "quic":
             tunnel, reason = await _dial_quic(node, settings, config, host, port, name)
@@ -141,7 +138,7 @@ async def keep_tunnel(
 
 
 async def _dial_quic(node: TunnelHandler, settings: DialerSettings, config: WireConfig, host: str, port: int,
-                     name: str) -> tuple[Any, str]:
+                     name: str) -> tuple[AnyTunnel | None, str]:
     """(a QUIC tunnel whose HELLO exchange is done, "") or (None, why not)."""
     try:
         credentials = load_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
@@ -157,18 +154,18 @@ async def _dial_quic(node: TunnelHandler, settings: DialerSettings, config: Wire
     return tunnel, ""
 
 
-async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: TransportChoice, tunnel: Any,
+async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: TransportChoice, tunnel: AnyTunnel,
                         session: Callable[[Any], Awaitable[None]], running: Callable[[], bool],
-                        redial_quic: Callable[[], Awaitable[tuple[Any, str]]]) -> None:
+                        redial_quic: Callable[[], Awaitable[tuple[AnyTunnel | None, str]]]) -> None:
     """Run ``session(tunnel)`` until the tunnel ends; on an ``auto`` TCP fallback, probe QUIC
     meanwhile and move to a QUIC tunnel as soon as one comes up."""
     loop = asyncio.get_running_loop()
     stats = node.stats
-    kind = transport_of(tunnel)
+    kind = tunnel.transport_name
     stats.count(stats.transports, kind)
     task = asyncio.ensure_future(session(tunnel))
     try:
-        while choice.mode == "auto" and transport_of(tunnel) == "tcp" and running():
+        while choice.mode == "auto" and tunnel.transport_name == "tcp" and running():
             done, _ = await asyncio.wait({task}, timeout=settings.quic_probe_interval)
             if done:
                 break
@@ -193,7 +190,7 @@ async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: T
         stats.count(stats.transports, kind, -1)
 
 
-def _retire(tunnel: Any, grace: float) -> None:
+def _retire(tunnel: AnyTunnel, grace: float) -> None:
     """Drain a tunnel that another one replaces: GOAWAY now, close once its flows ended (or after ``grace``)."""
     tunnel.goaway("transport_upgrade", "moving to a QUIC tunnel")
 

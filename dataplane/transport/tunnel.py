@@ -88,7 +88,9 @@ class TunnelBase(Generic[F, S]):
     PONGs, draining on GOAWAY and the keepalive timer.
 
     A subclass calls ``_setup`` and provides ``close``, ``_refuse(code, reason)``, ``_flush``
-    and ``_keepalive_expired(silent)``."""
+    and ``_keepalive_expired(silent)``, and names its transport in ``transport_name``."""
+
+    transport_name = ""  # "tcp" or "quic": what the tunnel runs over (for logs, status and metrics)
 
     handler: TunnelHandler[F, S]
     conn: TunnelConnection | QuicTunnelConnection
@@ -328,6 +330,8 @@ class TunnelBase(Generic[F, S]):
 
 
 class Tunnel(TunnelBase[F, S], asyncio.Protocol):
+    transport_name = "tcp"
+
     def __init__(
         self,
         handler: TunnelHandler[F, S],
