@@ -35,7 +35,8 @@ from ..basics.hostport import parse_hostport
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.settings import ClientSettings
 from ..transport.credentials import NodeCredentials
-from ..transport.endpoint import EndpointNode, LocalFlow
+from ..transport.endpoint import EndpointNode
+from ..transport.socketflow import LocalFlow
 from ..transport.proxy import egress_proxy
 from ..transport.supervisor import keep_tunnel
 from ..transport.tunnel import TunnelBase

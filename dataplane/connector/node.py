@@ -35,8 +35,8 @@ from ..contract.snapshot import ConfigSnapshot, revoked_set
 from ..controllink.registration import Registration
 from ..controllink.link import ControlLink, Report, cut_revoked
 from ..transport.credentials import NodeCredentials
-from ..transport.endpoint import EndpointNode, LocalFlow
-from ..transport.socketflow import SocketFlow
+from ..transport.endpoint import EndpointNode
+from ..transport.socketflow import LocalFlow, SocketFlow
 from ..transport.supervisor import keep_tunnel
 from ..transport.tunnel import TunnelBase
 from ..transport.udpflow import UdpFlow, set_udp_buffers

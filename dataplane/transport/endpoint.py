@@ -1,6 +1,7 @@
 """The shared part of the client agent and the connector: a tunnel's flow events routed to the
-local flow bound to each flow id (a ``socketflow.SocketFlow`` for TCP, a ``udpflow.UdpFlow``
-for UDP and DNS; the wire carries DATA only on the first and DATAGRAM only on the second)."""
+local flow bound to each flow id (a ``socketflow.LocalFlow``: a ``SocketFlow`` for TCP, a
+``udpflow.UdpFlow`` for UDP and DNS; the wire carries DATA only on the first and DATAGRAM only
+on the second)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ from typing import TypeVar
 
 from ..basics.metrics import Stats
 from ..wire import events as ev
-from .socketflow import SocketFlow
+from .socketflow import LocalFlow
 from .tunnel import TunnelBase, TunnelHandler
-from .udpflow import UdpFlow
 
-LocalFlow = SocketFlow | UdpFlow
 S = TypeVar("S")
 
 
@@ -25,22 +24,22 @@ class EndpointNode(TunnelHandler[LocalFlow, S]):
     def data_received(self, tunnel: TunnelBase[LocalFlow, S], event: ev.DataReceived) -> None:
         flow = tunnel.routes.get(event.flow_id)
         if flow is not None:
-            flow.on_data(event.data)  # type: ignore[union-attr]
+            flow.on_data(event.data)
 
     def credit_available(self, tunnel: TunnelBase[LocalFlow, S], event: ev.CreditAvailable) -> None:
         flow = tunnel.routes.get(event.flow_id)
         if flow is not None:
-            flow.on_credit()  # type: ignore[union-attr]
+            flow.on_credit()
 
     def flow_ended(self, tunnel: TunnelBase[LocalFlow, S], event: ev.FlowEnded) -> None:
         flow = tunnel.routes.get(event.flow_id)
         if flow is not None:
-            flow.on_fin()  # type: ignore[union-attr]
+            flow.on_fin()
 
     def flow_closed(self, tunnel: TunnelBase[LocalFlow, S], event: ev.FlowClosed) -> None:
         flow = tunnel.routes.get(event.flow_id)
         if flow is not None:
-            flow.on_closed()  # type: ignore[union-attr]
+            flow.on_closed()
 
     def flow_reset(self, tunnel: TunnelBase[LocalFlow, S], event: ev.FlowReset) -> None:
         flow = tunnel.routes.get(event.flow_id)
@@ -53,7 +52,7 @@ class EndpointNode(TunnelHandler[LocalFlow, S]):
     def datagram_received(self, tunnel: TunnelBase[LocalFlow, S], event: ev.DatagramReceived) -> None:
         flow = tunnel.routes.get(event.flow_id)
         if flow is not None:
-            flow.on_datagram(event.data)  # type: ignore[union-attr]
+            flow.on_datagram(event.data)
         else:  # the flow is ending here and its RST is on the way
             self.stats.count(self.stats.datagrams_dropped, "flow_closed")
 

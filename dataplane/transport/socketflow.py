@@ -49,7 +49,33 @@ class FlowNode(Protocol):
     socket_buffer: int
 
 
-class SocketFlow(asyncio.Protocol):
+class LocalFlow:
+    """A tunnel flow's local end, as ``endpoint.EndpointNode`` hands it the flow's events. The wire
+    carries stream events (DATA, credit, FIN) on TCP flows only and datagrams on UDP flows only,
+    so each kind implements its own; getting the other kind's is a bug here."""
+
+    __slots__ = ()
+
+    def on_data(self, data: memoryview) -> None:
+        raise TypeError(f"{type(self).__name__} carries no stream data")
+
+    def on_credit(self) -> None:
+        raise TypeError(f"{type(self).__name__} has no credit")
+
+    def on_fin(self) -> None:
+        raise TypeError(f"{type(self).__name__} has no half-close")
+
+    def on_closed(self) -> None:
+        raise TypeError(f"{type(self).__name__} has no half-close")
+
+    def on_datagram(self, data: memoryview) -> None:
+        raise TypeError(f"{type(self).__name__} carries no datagrams")
+
+    def on_reset(self, code: str, reason: str) -> None:
+        raise NotImplementedError
+
+
+class SocketFlow(asyncio.Protocol, LocalFlow):
     __slots__ = (
         "node", "tunnel", "flow_id", "transport", "active", "pending", "fin_pending",
         "sent_fin", "got_fin", "write_paused", "unacked", "done", "on_connect", "peer",

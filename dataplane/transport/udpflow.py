@@ -22,13 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ..wire.connection import FlowError
-from .socketflow import FlowNode
+from .socketflow import FlowNode, LocalFlow
 from .tunnel import TunnelBase
 
 log = logging.getLogger("ferryman.udp")
 
 
-class UdpFlow:
+class UdpFlow(LocalFlow):
     """``send(data)``: deliver a datagram locally; ``on_close(flow)``: the flow ended (release
     the socket or the address). ``dest``/``on_opened`` are the client's (what to open, who
     waits for the answer)."""
