@@ -49,21 +49,18 @@ class Sink(TunnelHandler):
         self.started = self.first_datagram = self.last_datagram = 0.0
 
     def flow_requested(self, tunnel: Any, event: ev.FlowRequested) -> None:
-        tunnel.conn.accept_flow(event.flow_id)
-        tunnel.flush_soon()
+        tunnel.accept(event.flow_id)
 
     def data_received(self, tunnel: Any, event: ev.DataReceived) -> None:
         if not self.bytes:
             self.started = time.perf_counter()
         self.bytes += len(event.data)
-        tunnel.conn.acknowledge(event.flow_id, len(event.data))
-        tunnel.flush_soon()
+        tunnel.acknowledge(event.flow_id, len(event.data))
 
     def flow_ended(self, tunnel: Any, event: ev.FlowEnded) -> None:
         report = {"bytes": self.bytes, "seconds": time.perf_counter() - self.started, "cpu": cpu()}
         print(json.dumps(report), flush=True)
-        tunnel.conn.send_fin(event.flow_id)
-        tunnel.flush_soon()
+        tunnel.send_fin(event.flow_id)
 
     def datagram_received(self, tunnel: Any, event: ev.DatagramReceived) -> None:
         self.last_datagram = time.perf_counter()
@@ -122,25 +119,24 @@ async def run(directory: str, port: int, settings: Settings, total: int, datagra
     tunnel = await dial_quic(source, WireConfig(role="connector", node="connector-1", window=settings.flow_window),
                              "127.0.0.1", port, settings, load_credentials(files.cert, files.key, files.ca))
     await tunnel.up_waiter
-    fid = tunnel.conn.open_flow(Open(host="bulk", port=9))
-    tunnel.flush_soon()
+    fid = tunnel.open_flow(Open(host="bulk", port=9))
     await source.accepted.wait()
     view = memoryview(os.urandom(1 << 20))
     sent = 0
+    finished: list[bool] = []
 
     def more() -> None:
         nonlocal sent
-        flow = tunnel.conn.flows.get(fid)
-        if flow is None or flow.sent_fin:
+        if not tunnel.has_flow(fid) or finished:
             return
         while sent < total and tunnel.writable:
-            taken = tunnel.conn.send_data(fid, view[:min(len(view), total - sent)])
+            taken = tunnel.send_data(fid, view[:min(len(view), total - sent)])
             if not taken:
                 break
             sent += taken
         if sent >= total:
-            tunnel.conn.send_fin(fid)
-        tunnel.flush_soon()
+            finished.append(True)
+            tunnel.send_fin(fid)
 
     source.more = more
     start, cpu_start = time.perf_counter(), cpu()
@@ -150,8 +146,7 @@ async def run(directory: str, port: int, settings: Settings, total: int, datagra
     source.more = None
 
     source.accepted.clear()
-    ufid = tunnel.conn.open_flow(Open(host="udp", port=9, protocol="udp"))
-    tunnel.flush_soon()
+    ufid = tunnel.open_flow(Open(host="udp", port=9, protocol="udp"))
     await source.accepted.wait()
     offered = refused = 0
     start = time.perf_counter()
@@ -159,17 +154,15 @@ async def run(directory: str, port: int, settings: Settings, total: int, datagra
         await source.writable.wait()
         for _ in range(64):
             try:
-                tunnel.conn.send_datagram(ufid, DATAGRAM)
+                tunnel.send_datagram(ufid, DATAGRAM)
             except FlowError:  # datagram_queue_full: the tunnel is sending as fast as it can
                 refused += 1
                 break
             offered += 1
-        tunnel.flush_soon()
         await asyncio.sleep(0)
     seconds = time.perf_counter() - start
     await asyncio.sleep(0.5)
-    tunnel.conn.reset_flow(ufid, "done")
-    tunnel.flush_soon()
+    tunnel.reset(ufid, "done")
     await asyncio.sleep(0.3)
     print(json.dumps({"datagrams_offered": offered, "seconds": seconds, "queue_full": refused}))
     tunnel.close("shutdown", "bench done")

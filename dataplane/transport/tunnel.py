@@ -23,16 +23,14 @@ import logging
 import os
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ..basics.metrics import Stats
 from ..basics.pki import PeerCertificate, PkiError, peer_certificate
 from ..wire import events as ev
 from ..wire.connection import ProtocolError, TunnelConnection, WireConfig
 from ..wire.frames import Hello, Open
-
-if TYPE_CHECKING:
-    from ..wire.quic import QuicTunnelConnection
+from ..wire.quic import QuicTunnelConnection
 
 log = logging.getLogger("ferryman.tunnel")
 
