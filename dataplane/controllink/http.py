@@ -7,7 +7,8 @@ long-poll and OIDC login polling all go through ``request``. One request per con
 every half minute, so connection reuse would save nothing worth its state. It is a
 coroutine, so a node's shutdown cancels a waiting long-poll at once (a request in a worker
 thread could not be interrupted); command-line callers (``register``, ``login``,
-``logout``) use ``request_blocking``, which runs it on an event loop of its own. The body of
+``logout``, the local fabric) use ``request_blocking``, which runs it on an event loop of its
+own in a worker thread. The body of
 an answer is bounded (``max_body``), a whole request by ``timeout``, and every failure is an
 ``HttpError`` saying what went wrong (refused, name not resolved, TLS, timeout, ...).
 """
@@ -15,11 +16,10 @@ an answer is bounded (``max_body``), a whole request by ``timeout``, and every f
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import socket
 import ssl
+import threading
 import urllib.parse
-from collections.abc import Coroutine
 from typing import Any
 
 import h11
@@ -130,12 +130,22 @@ async def request(base: str, method: str, target: str, *, headers: dict[str, str
 
 
 def request_blocking(base: str, method: str, target: str, **options: Any) -> HttpResponse:
-    """``request`` for code that is not a coroutine (command-line calls): run on an event loop of
-    its own, in this thread, or in a worker thread when this thread already runs one."""
-    call: Coroutine[Any, Any, HttpResponse] = request(base, method, target, **options)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(call)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, call).result()
+    """``request`` for code that is not a coroutine (command-line calls). It runs on an event loop
+    of its own in a worker thread, so the caller's thread waits interruptibly: Ctrl-C stops the
+    command at once (KeyboardInterrupt here), and the abandoned request cannot keep the process
+    alive (the thread is a daemon)."""
+    outcome: list[HttpResponse | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(asyncio.run(request(base, method, target, **options)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, name="ferryman-http", daemon=True)
+    worker.start()
+    worker.join()
+    answer = outcome[0]
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
