@@ -1,1 +1,2 @@
-"""access"""
+"""The access decision, pure: application tables, access tokens, conditional access, flow grants,
+and ``admission.admit``, which every OPEN and every re-check of a live flow goes through."""

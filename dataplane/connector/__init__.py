@@ -1,0 +1,1 @@
+"""The connector: dials edges outbound, checks each flow's grant and dials the backend."""

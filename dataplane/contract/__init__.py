@@ -1,1 +1,2 @@
-"""contract"""
+"""What the control plane and the nodes exchange, without I/O: the configuration snapshot and
+client profile, applications and segments, traffic records, node request tokens."""
