@@ -1,6 +1,6 @@
 """The admin routes under ``/v1`` (every one behind an admin key; see ``deps.require_admin``).
 
-Each handler is a thin shell around ``control.store.repo``: one transaction, the repo call
+Each handler is a thin shell around the store's resource modules: one transaction, the store call
 (which validates, writes the audit record with the key's name as actor, and bumps the
 configuration version), and the conversion of rows to ``schemas`` Structs. Handlers are
 synchronous (SQLAlchemy) and run in Litestar's thread pool.
@@ -23,7 +23,17 @@ from litestar.params import Parameter
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from control.store import StoreError, repo
+from control.store import (
+    StoreError,
+    admin_keys,
+    applications,
+    certificates,
+    connector_groups,
+    dns_suffixes,
+    forwarding_profile,
+    nodes,
+    registration_tokens,
+)
 from control.store.models import (
     AdminKey,
     Application,
@@ -143,21 +153,21 @@ def _revocation_out(session: Session, rows: list[Revocation]) -> list[Revocation
 @get("/applications", sync_to_thread=True, tags=["applications"])
 def list_applications(api: Api) -> list[ApplicationOut]:
     with api.store.read() as session:
-        return [_application_out(a) for a in repo.list_applications(session)]
+        return [_application_out(a) for a in applications.list_applications(session)]
 
 
 @get("/applications/{name:str}", sync_to_thread=True, tags=["applications"])
 def get_application(api: Api, name: str) -> ApplicationOut:
     with api.store.read() as session:
-        return _application_out(repo.get_application(session, name))
+        return _application_out(applications.get_application(session, name))
 
 
 @post("/applications", sync_to_thread=True, tags=["applications"])
 def create_application(api: Api, actor: str, data: ApplicationCreate) -> ApplicationOut:
     """A new application; its per-app segments must not overlap another per-app application's (409)."""
     with api.store.begin() as session:
-        app = repo.create_application(session, actor, data.name, kind=data.kind,
-                                      connector_group=data.connector_group, segments=_segments_in(data.segments))
+        app = applications.create_application(session, actor, data.name, kind=data.kind,
+                                              connector_group=data.connector_group, segments=_segments_in(data.segments))
         return _application_out(app)
 
 
@@ -165,27 +175,27 @@ def create_application(api: Api, actor: str, data: ApplicationCreate) -> Applica
 def update_application(api: Api, actor: str, name: str, data: ApplicationUpdate) -> ApplicationOut:
     """Rename, move to another connector group, and/or replace all segments."""
     with api.store.begin() as session:
-        app = repo.update_application(session, actor, name, new_name=data.name, connector_group=data.connector_group,
-                                      segments=None if data.segments is None else _segments_in(data.segments))
+        app = applications.update_application(session, actor, name, new_name=data.name, connector_group=data.connector_group,
+                                              segments=None if data.segments is None else _segments_in(data.segments))
         return _application_out(app)
 
 
 @delete("/applications/{name:str}", sync_to_thread=True, tags=["applications"])
 def delete_application(api: Api, actor: str, name: str) -> None:
     with api.store.begin() as session:
-        repo.delete_application(session, actor, name)
+        applications.delete_application(session, actor, name)
 
 
 @post("/applications/{name:str}/segments", sync_to_thread=True, tags=["applications"])
 def add_segment(api: Api, actor: str, name: str, data: SegmentIn) -> SegmentOut:
     with api.store.begin() as session:
-        return _segment_out(repo.add_segment(session, actor, name, msgspec.structs.asdict(data)))
+        return _segment_out(applications.add_segment(session, actor, name, msgspec.structs.asdict(data)))
 
 
 @delete("/applications/{name:str}/segments/{segment_id:int}", sync_to_thread=True, tags=["applications"])
 def remove_segment(api: Api, actor: str, name: str, segment_id: int) -> None:
     with api.store.begin() as session:
-        repo.remove_segment(session, actor, name, segment_id)
+        applications.remove_segment(session, actor, name, segment_id)
 
 
 # ---------------------------------------------------------------------------- connector groups, connectors, edges
@@ -195,13 +205,13 @@ def remove_segment(api: Api, actor: str, name: str, segment_id: int) -> None:
 def list_groups(api: Api) -> list[GroupOut]:
     with api.store.read() as session:
         return [GroupOut(id=g.id, name=g.name, region=g.region, is_default=g.is_default, created_at=g.created_at)
-                for g in repo.list_groups(session)]
+                for g in connector_groups.list_groups(session)]
 
 
 @post("/connector-groups", sync_to_thread=True, tags=["connectors"])
 def create_group(api: Api, actor: str, data: GroupCreate) -> GroupOut:
     with api.store.begin() as session:
-        g = repo.create_group(session, actor, data.name, data.region)
+        g = connector_groups.create_group(session, actor, data.name, data.region)
         return GroupOut(id=g.id, name=g.name, region=g.region, is_default=g.is_default, created_at=g.created_at)
 
 
@@ -211,13 +221,13 @@ def list_connectors(api: Api) -> list[ConnectorOut]:
     now = utcnow()
     with api.store.read() as session:
         revoked = _revoked(session)
-        return [_connector_out(c, api, now, revoked) for c in repo.list_connectors(session)]
+        return [_connector_out(c, api, now, revoked) for c in nodes.list_connectors(session)]
 
 
 @get("/connectors/{connector_id:str}", sync_to_thread=True, tags=["connectors"])
 def get_connector(api: Api, connector_id: str) -> ConnectorOut:
     with api.store.read() as session:
-        return _connector_out(repo.get_connector(session, connector_id), api, utcnow(), _revoked(session))
+        return _connector_out(nodes.get_connector(session, connector_id), api, utcnow(), _revoked(session))
 
 
 @get("/edges", sync_to_thread=True, tags=["edges"])
@@ -225,13 +235,13 @@ def list_edges(api: Api) -> list[EdgeOut]:
     now = utcnow()
     with api.store.read() as session:
         revoked = _revoked(session)
-        return [_edge_out(e, api, now, revoked) for e in repo.list_edges(session)]
+        return [_edge_out(e, api, now, revoked) for e in nodes.list_edges(session)]
 
 
 @get("/edges/{edge_id:str}", sync_to_thread=True, tags=["edges"])
 def get_edge(api: Api, edge_id: str) -> EdgeOut:
     with api.store.read() as session:
-        return _edge_out(repo.get_edge(session, edge_id), api, utcnow(), _revoked(session))
+        return _edge_out(nodes.get_edge(session, edge_id), api, utcnow(), _revoked(session))
 
 
 # ---------------------------------------------------------------------------- private DNS suffixes
@@ -241,20 +251,20 @@ def get_edge(api: Api, edge_id: str) -> EdgeOut:
 def list_dns_suffixes(api: Api) -> list[DnsSuffixOut]:
     with api.store.read() as session:
         return [DnsSuffixOut(id=d.id, suffix=d.suffix, created_at=d.created_at)
-                for d in repo.list_dns_suffixes(session)]
+                for d in dns_suffixes.list_dns_suffixes(session)]
 
 
 @post("/dns-suffixes", sync_to_thread=True, tags=["dns"])
 def add_dns_suffix(api: Api, actor: str, data: DnsSuffixCreate) -> DnsSuffixOut:
     with api.store.begin() as session:
-        d: DnsSuffix = repo.add_dns_suffix(session, actor, data.suffix)
+        d: DnsSuffix = dns_suffixes.add_dns_suffix(session, actor, data.suffix)
         return DnsSuffixOut(id=d.id, suffix=d.suffix, created_at=d.created_at)
 
 
 @delete("/dns-suffixes/{suffix:str}", sync_to_thread=True, tags=["dns"])
 def remove_dns_suffix(api: Api, actor: str, suffix: str) -> None:
     with api.store.begin() as session:
-        repo.remove_dns_suffix(session, actor, suffix)
+        dns_suffixes.remove_dns_suffix(session, actor, suffix)
 
 
 # ---------------------------------------------------------------------------- forwarding profile
@@ -263,7 +273,7 @@ def remove_dns_suffix(api: Api, actor: str, suffix: str) -> None:
 @get("/forwarding-profile", sync_to_thread=True, tags=["clients"])
 def get_forwarding_profile(api: Api) -> ForwardingProfileOut:
     with api.store.read() as session:
-        row = repo.forwarding_profile(session)
+        row = forwarding_profile.forwarding_profile(session)
         return ForwardingProfileOut(fail_mode=row.fail_mode, updated_at=row.updated_at)
 
 
@@ -271,7 +281,7 @@ def get_forwarding_profile(api: Api) -> ForwardingProfileOut:
 def set_forwarding_profile(api: Api, actor: str, data: ForwardingProfileUpdate) -> ForwardingProfileOut:
     """Change the fail mode client agents follow (it reaches them with the next configuration version)."""
     with api.store.begin() as session:
-        row = repo.set_fail_mode(session, actor, data.fail_mode)
+        row = forwarding_profile.set_fail_mode(session, actor, data.fail_mode)
         return ForwardingProfileOut(fail_mode=row.fail_mode, updated_at=row.updated_at)
 
 
@@ -291,8 +301,8 @@ def list_tokens(api: Api) -> list[TokenOut]:
 def create_token(api: Api, actor: str, data: TokenCreate) -> TokenCreated:
     """A one-time token for ``POST /v1/register``; the plain text is in this response only."""
     with api.store.begin() as session:
-        token, plaintext = repo.create_registration_token(session, actor, data.role, group=data.group,
-                                                          ttl=timedelta(seconds=data.ttl_seconds))
+        token, plaintext = registration_tokens.create_registration_token(session, actor, data.role, group=data.group,
+                                                                         ttl=timedelta(seconds=data.ttl_seconds))
         return TokenCreated(id=token.id, token=plaintext, role=token.role,
                             group=token.group.name if token.group else None, expires_at=token.expires_at)
 
@@ -303,14 +313,14 @@ def create_token(api: Api, actor: str, data: TokenCreate) -> TokenCreated:
 @get("/admin-keys", sync_to_thread=True, tags=["admin"])
 def list_admin_keys(api: Api) -> list[AdminKeyOut]:
     with api.store.read() as session:
-        return [_admin_key_out(k) for k in repo.list_admin_keys(session)]
+        return [_admin_key_out(k) for k in admin_keys.list_admin_keys(session)]
 
 
 @post("/admin-keys", sync_to_thread=True, tags=["admin"])
 def create_admin_key(api: Api, actor: str, data: AdminKeyCreate) -> AdminKeyCreated:
     """A new admin key; the plain text is in this response only."""
     with api.store.begin() as session:
-        key, plaintext = repo.create_admin_key(session, actor, data.name)
+        key, plaintext = admin_keys.create_admin_key(session, actor, data.name)
         return AdminKeyCreated(id=key.id, name=key.name, key=plaintext, created_at=key.created_at,
                                created_by=key.created_by)
 
@@ -324,7 +334,7 @@ def revoke_admin_key(api: Api, actor: str, name: str) -> AdminKeyOut:
         if target is not None and target.revoked_at is None and live == 1:
             raise StoreError("conflict", f"admin key {name!r} is the last live admin key: create another one "
                                          f"before revoking it, or nobody could administer the control plane")
-        return _admin_key_out(repo.revoke_admin_key(session, actor, name))
+        return _admin_key_out(admin_keys.revoke_admin_key(session, actor, name))
 
 
 # ---------------------------------------------------------------------------- revocations
@@ -333,7 +343,7 @@ def revoke_admin_key(api: Api, actor: str, name: str) -> AdminKeyOut:
 @get("/revocations", sync_to_thread=True, tags=["revocations"])
 def list_revocations(api: Api) -> list[RevocationOut]:
     with api.store.read() as session:
-        return _revocation_out(session, repo.list_revocations(session))
+        return _revocation_out(session, certificates.list_revocations(session))
 
 
 @post("/revocations", sync_to_thread=True, tags=["revocations"])
@@ -348,13 +358,13 @@ def revoke_node(api: Api, actor: str, data: RevocationCreate) -> list[Revocation
         raise ValidationException("give either node_type and node_id, or serial")
     with api.store.begin() as session:
         if data.serial is not None:
-            return _revocation_out(session, [repo.revoke_certificate(session, actor, int(data.serial, 16),
-                                                                     data.reason)])
-        node: Connector | Edge = (repo.get_connector(session, data.node_id) if data.node_type == "connector"
-                                  else repo.get_edge(session, data.node_id))  # type: ignore[arg-type]
+            return _revocation_out(session, [certificates.revoke_certificate(session, actor, int(data.serial, 16),
+                                                                             data.reason)])
+        node: Connector | Edge = (nodes.get_connector(session, data.node_id) if data.node_type == "connector"
+                                  else nodes.get_edge(session, data.node_id))  # type: ignore[arg-type]
         if node.cert_serial is None:
             raise StoreError("invalid", f"{data.node_type} {node.id!r} ({node.name}) has no certificate to revoke")
-        rows = repo.revoke_node(session, actor, data.node_type, node.id, data.reason)  # type: ignore[arg-type]
+        rows = nodes.revoke_node(session, actor, data.node_type, node.id, data.reason)  # type: ignore[arg-type]
         return _revocation_out(session, rows)
 
 
@@ -367,7 +377,7 @@ def issue_client_certificate(api: Api, actor: str, data: ClientCertificateCreate
     issued = api.ca.sign_csr(data.csr_pem.encode(), role="client", name=data.name.strip(),
                              lifetime_days=data.lifetime_days or api.cert_lifetime_days)
     with api.store.begin() as session:
-        repo.record_client_certificate(session, actor, data.name.strip(), issued.serial, issued.not_after)
+        certificates.record_client_certificate(session, actor, data.name.strip(), issued.serial, issued.not_after)
     return CertificateOut(certificate_pem=issued.cert_pem.decode(), ca_pem=api.ca.bundle().decode(),
                           serial=format(issued.serial, "x"), not_after=issued.not_after)
 

@@ -6,7 +6,7 @@
   refresh token and the session id.
 - ``POST /v1/auth/refresh``: a refresh token for a new access token and a new refresh token
   (same session, same ``amr`` and ``auth_time``); an old refresh token coming back revokes
-  the session (``identity.refresh_session``).
+  the session (``sessions.refresh_session``).
 - ``POST /v1/auth/totp/enrol``, ``POST /v1/auth/totp/confirm``, ``POST /v1/auth/sign-out``:
   with ``Authorization: Bearer <access token>`` of a live session.
 - ``GET /v1/auth/keys``: the public keys (JWKS) and issuer edges verify access tokens with.
@@ -35,7 +35,7 @@ from litestar.datastructures import CacheControlHeader
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 
-from control.store import StoreError, identity
+from control.store import StoreError, devices, sessions, totp, users
 from control.store.models import User
 from control.tokens import TokenError
 
@@ -170,30 +170,30 @@ def _sign_in(api: Api, data: SignInRequest) -> SignInResponse:
                                     "before), not both")
     try:
         with api.store.read() as session:  # argon2 outside the write transaction
-            user_id = identity.check_password(session, data.upn, data.password).id
+            user_id = users.check_password(session, data.upn, data.password).id
         with api.store.begin() as session:
-            user = identity.get_user(session, user_id)
+            user = users.get_user(session, user_id)
             actor = f"user:{user.id}"
             amr = ["pwd"]
             if user.totp_enabled or data.totp_code is not None or data.recovery_code is not None:
-                step = identity.verify_second_factor(session, user, totp_code=data.totp_code,
-                                                     recovery_code=data.recovery_code)
+                step = totp.verify_second_factor(session, user, totp_code=data.totp_code,
+                                                 recovery_code=data.recovery_code)
                 if step is not None and not api.totp_steps.claim(user.id, step):
                     raise StoreError("mfa_failed", "this TOTP code was already used: wait for the next one")
                 amr = ["pwd", "mfa"]
             device_id, device_out = data.device_id, None
             if data.device is not None:
-                device = identity.register_device(session, actor, user.id, name=data.device.name, os=data.device.os,
-                                                  os_version=data.device.os_version)
+                device = devices.register_device(session, actor, user.id, name=data.device.name, os=data.device.os,
+                                                 os_version=data.device.os_version)
                 issued = api.ca.sign_csr(data.device.csr_pem.encode(), role="client", name=device.id,
                                          lifetime_days=api.cert_lifetime_days)
-                identity.record_device_certificate(session, actor, device.id, issued.serial, issued.not_after)
+                devices.record_device_certificate(session, actor, device.id, issued.serial, issued.not_after)
                 device_id = device.id
                 device_out = DeviceCertificate(id=device.id, certificate_pem=issued.cert_pem.decode(),
                                                ca_pem=api.ca.bundle().decode(), serial=format(issued.serial, "x"),
                                                not_after=issued.not_after)
-            row, refresh_token = identity.create_session(session, user.id, device_id=device_id, amr=amr)
-            groups = identity.user_group_ids(session, user.id)
+            row, refresh_token = sessions.create_session(session, user.id, device_id=device_id, amr=amr)
+            groups = users.user_group_ids(session, user.id)
             access, expires_in = _tokens(api, user, groups, row.id, amr, row.auth_time, device_id, row.expires_at)
             out = SignInResponse(access_token=access, token_type="Bearer", expires_in=expires_in,
                                  refresh_token=refresh_token, session_id=row.id,
@@ -218,14 +218,14 @@ def _refresh(api: Api, data: RefreshRequest) -> TokenResponse:
     reused: StoreError | None = None
     with api.store.begin() as session:
         try:
-            row, refresh_token = identity.refresh_session(session, data.refresh_token)
+            row, refresh_token = sessions.refresh_session(session, data.refresh_token)
         except StoreError as exc:
             if exc.code != "refresh_reused":
                 raise
             reused = exc  # the session's revocation is committed with this transaction, then the error goes out
         else:
-            user = identity.get_user(session, row.user_id)
-            groups = identity.user_group_ids(session, user.id)
+            user = users.get_user(session, row.user_id)
+            groups = users.user_group_ids(session, user.id)
             access, expires_in = _tokens(api, user, groups, row.id, row.amr.split(","), row.auth_time, row.device_id,
                                          row.expires_at)
             out = TokenResponse(access_token=access, token_type="Bearer", expires_in=expires_in,
@@ -249,9 +249,9 @@ def refresh(api: Api, data: RefreshRequest) -> TokenResponse:
 def totp_enrol(api: Api, request: Request) -> TotpEnrolResponse:
     """Start TOTP enrolment: a new secret for an authenticator app, in force once confirmed."""
     with api.store.begin() as session:
-        _row, user = identity.active_session(session, request.state.claims.sid)
-        secret = identity.start_totp_enrolment(session, user.id)
-        return TotpEnrolResponse(secret=secret, otpauth_uri=identity.totp_uri(user, secret))
+        _row, user = sessions.active_session(session, request.state.claims.sid)
+        secret = totp.start_totp_enrolment(session, user.id)
+        return TotpEnrolResponse(secret=secret, otpauth_uri=totp.totp_uri(user, secret))
 
 
 @post("/totp/confirm", guards=[require_user], sync_to_thread=True, status_code=200,
@@ -259,8 +259,8 @@ def totp_enrol(api: Api, request: Request) -> TotpEnrolResponse:
 def totp_confirm(api: Api, request: Request, data: TotpConfirmRequest) -> TotpConfirmResponse:
     """Confirm TOTP enrolment with a code from the app: TOTP is then required at sign-in."""
     with api.store.begin() as session:
-        _row, user = identity.active_session(session, request.state.claims.sid)
-        codes, step = identity.confirm_totp(session, user.id, data.code)
+        _row, user = sessions.active_session(session, request.state.claims.sid)
+        codes, step = totp.confirm_totp(session, user.id, data.code)
         api.totp_steps.claim(user.id, step)  # this code cannot sign in afterwards
         return TotpConfirmResponse(recovery_codes=codes)
 
@@ -270,8 +270,8 @@ def totp_confirm(api: Api, request: Request, data: TotpConfirmRequest) -> TotpCo
 def sign_out(api: Api, request: Request) -> None:
     """End the access token's session: its refresh token stops working, edges refuse its access tokens."""
     with api.store.begin() as session:
-        row, user = identity.active_session(session, request.state.claims.sid)
-        identity.revoke_session(session, f"user:{user.id}", row.id, reason="signed out")
+        row, user = sessions.active_session(session, request.state.claims.sid)
+        sessions.revoke_session(session, f"user:{user.id}", row.id, reason="signed out")
 
 
 @get("/keys", sync_to_thread=False, cache_control=CacheControlHeader(max_age=KEYS_MAX_AGE, public=True))

@@ -19,7 +19,7 @@ from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
-from control.store import StoreError, identity
+from control.store import StoreError, sessions
 from dataplane.snapshot import ClientProfile, client_profile
 
 from .auth import require_user
@@ -32,7 +32,7 @@ _client_waiters = [0]  # profile long-polls waiting now (one event loop per cont
 
 def _live(api: Api, session_id: str) -> None:
     with api.store.read() as session:
-        identity.active_session(session, session_id)
+        sessions.active_session(session, session_id)
 
 
 @get("/profile", guards=[require_user], security=[{"accessToken": []}],

@@ -5,7 +5,7 @@ carry ``Authorization: Bearer <admin key>`` naming a live (not revoked) key. The
 becomes the request's ``actor``, which every change writes into its audit record.
 
 Looking a key up is a read; the key's ``last_used_at`` is written (a short write
-transaction) only when it is older than ``repo.LAST_USED_RESOLUTION``, so reads by admins
+transaction) only when it is older than ``admin_keys.LAST_USED_RESOLUTION``, so reads by admins
 never queue behind SQLite's single writer.
 """
 
@@ -26,7 +26,7 @@ from control.ca import DEFAULT_LIFETIME_DAYS, CertificateAuthority
 from control.oidc import Oidc
 from control.snapshot import SnapshotHub
 from control.tokens import TokenSigner
-from control.store import Store, repo
+from control.store import Store, admin_keys, nodes, values
 from control.store.models import AdminKey, utcnow
 
 DEFAULT_HEARTBEAT_INTERVAL = 30.0  # seconds between node heartbeats, for active/inactive status
@@ -65,19 +65,19 @@ class Api:
         """The name of the live admin key whose plain text this is, else None."""
         now = now or utcnow()
         with self.store.read() as session:
-            key = session.scalar(select(AdminKey).where(AdminKey.key_hash == repo.hash_secret(plaintext)))
+            key = session.scalar(select(AdminKey).where(AdminKey.key_hash == values.hash_secret(plaintext)))
             if key is None or key.revoked_at is not None:
                 return None
-            if key.last_used_at is not None and now - key.last_used_at < repo.LAST_USED_RESOLUTION:
+            if key.last_used_at is not None and now - key.last_used_at < admin_keys.LAST_USED_RESOLUTION:
                 return key.name
         with self.store.begin() as session:  # note the use (at most once per LAST_USED_RESOLUTION)
-            key = repo.verify_admin_key(session, plaintext, now)
+            key = admin_keys.verify_admin_key(session, plaintext, now)
             return None if key is None else key.name
 
     def edge_addresses(self, session: Session) -> list[str]:
         """What nodes dial: the configured public edge addresses, then every registered edge
         whose certificate is not revoked (each address once)."""
-        return repo.edge_addresses(session, self.edges_public)
+        return nodes.edge_addresses(session, self.edges_public)
 
 
 async def require_admin(connection: ASGIConnection, _handler: BaseRouteHandler) -> None:

@@ -45,7 +45,7 @@ from control.snapshot import TooManyWaiters
 from dataplane.snapshot import ConfigSnapshot
 
 log = logging.getLogger("ferryman.control.nodes")
-from control.store import repo, traffic
+from control.store import certificates, config_version, nodes, traffic
 from control.store.models import Connector, Edge
 from dataplane import pki
 from dataplane.nodeauth import ALGORITHM, CLOCK_SKEW, MAX_JTI, TOKEN_LIFETIME, body_hash
@@ -123,7 +123,7 @@ def _certificate_of(token: str) -> x509.Certificate:
 
 def _lookup(api: Api, serial: int) -> tuple[bool, Connector | Edge | None]:
     with api.store.read() as session:
-        return repo.is_revoked(session, serial), repo.node_for_certificate(session, serial)
+        return certificates.is_revoked(session, serial), certificates.node_for_certificate(session, serial)
 
 
 def _target(connection: ASGIConnection) -> str:
@@ -255,11 +255,11 @@ async def node_config(
 def _heartbeat(api: Api, node: NodeCaller, data: HeartbeatIn, external: str) -> HeartbeatOut:
     with api.store.begin() as session:
         internal = ",".join(a.strip() for a in data.addresses)
-        repo.record_heartbeat(session, node.role, node.node_id, version=data.version.strip(), external_addr=external,
-                              internal_addr=internal[:255], tunnels=data.tunnels, active_flows=data.active_flows,
-                              config_version=data.config_version)
+        nodes.record_heartbeat(session, node.role, node.node_id, version=data.version.strip(), external_addr=external,
+                               internal_addr=internal[:255], tunnels=data.tunnels, active_flows=data.active_flows,
+                               config_version=data.config_version)
         return HeartbeatOut(node_id=node.node_id, status="active", heartbeat_interval=api.heartbeat_interval,
-                            config_version=repo.config_version(session))
+                            config_version=config_version.config_version(session))
 
 
 @post("/v1/node/heartbeat", guards=[require_node], security=[{"nodeToken": []}], tags=["nodes"], status_code=200)
@@ -287,11 +287,11 @@ def _renew(api: Api, node: NodeCaller, data: RenewIn) -> RenewOut:
     with api.store.begin() as session:
         # Checked again under the configuration lock: a revocation committed since the request
         # was authenticated wins, and nothing renews a certificate the node has moved on from.
-        repo.lock_config(session)
-        row = (repo.get_connector(session, node.node_id) if node.role == "connector"
-               else repo.get_edge(session, node.node_id))
+        config_version.lock_config(session)
+        row = (nodes.get_connector(session, node.node_id) if node.role == "connector"
+               else nodes.get_edge(session, node.node_id))
         serial = format(node.serial, "x")
-        if repo.is_revoked(session, node.serial):
+        if certificates.is_revoked(session, node.serial):
             raise PermissionDeniedException(f"node credential refused: certificate {serial} is revoked")
         if row.cert_serial != serial:
             raise PermissionDeniedException(f"certificate {serial} was already renewed (the current one is "
@@ -299,7 +299,7 @@ def _renew(api: Api, node: NodeCaller, data: RenewIn) -> RenewOut:
         issued = api.ca.sign_csr(data.csr_pem.encode(), role=node.role, name=pki.certificate_identity(
             node.certificate, node.certificate.public_bytes(serialization.Encoding.DER), "the certificate").name,
             hosts=hosts or None, lifetime_days=api.cert_lifetime_days)
-        repo.renew_certificate(session, row, issued.serial, issued.not_after)
+        nodes.renew_certificate(session, row, issued.serial, issued.not_after)
     return RenewOut(certificate_pem=issued.cert_pem.decode(), ca_pem=api.ca.bundle().decode(),
                     serial=format(issued.serial, "x"), not_after=issued.not_after)
 

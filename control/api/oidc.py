@@ -33,7 +33,7 @@ from sqlalchemy import select
 
 from control.ca import CaError, _verified_key
 from control.oidc import POLL_INTERVAL, Oidc, OidcError, PendingLogin
-from control.store import StoreError, identity
+from control.store import StoreError, devices, sessions, users
 from control.store.models import User
 
 from .deps import Api
@@ -122,17 +122,17 @@ def _complete(api: Api, oidc: Oidc, login: PendingLogin, code: str) -> tuple[Sig
                             f"{upn!r} (the OIDC provider's {claim!r} claim) is not a Ferryman user: an administrator "
                             f"must create the user first (users are not created at sign-in)")
         if user.disabled:
-            raise StoreError("account_disabled", identity.ACCOUNT_DISABLED)
+            raise StoreError("account_disabled", users.ACCOUNT_DISABLED)
         actor = f"user:{user.id}"
-        device = identity.register_device(session, actor, user.id, name=login.device["name"],
-                                          os=login.device["os"], os_version=login.device["os_version"])
+        device = devices.register_device(session, actor, user.id, name=login.device["name"],
+                                         os=login.device["os"], os_version=login.device["os_version"])
         issued = api.ca.sign_csr(login.device["csr_pem"].encode(), role="client", name=device.id,
                                  lifetime_days=api.cert_lifetime_days)
-        identity.record_device_certificate(session, actor, device.id, issued.serial, issued.not_after)
-        row, refresh_token = identity.create_session(session, user.id, device_id=device.id, amr=amr, now=now)
+        devices.record_device_certificate(session, actor, device.id, issued.serial, issued.not_after)
+        row, refresh_token = sessions.create_session(session, user.id, device_id=device.id, amr=amr, now=now)
         row.auth_time = auth_time  # when the provider saw the user prove it (kept through refreshes)
         session.flush()
-        groups = identity.user_group_ids(session, user.id)
+        groups = users.user_group_ids(session, user.id)
         access, expires_in = api.token_signer.issue(
             user_id=user.id, upn=user.upn, groups=groups, amr=amr, auth_time=auth_time, session_id=row.id,
             device_id=device.id, not_after=row.expires_at)

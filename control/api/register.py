@@ -2,7 +2,7 @@
 
 No admin key: the registration token is the credential. In one transaction:
 
-1. the token is consumed (``repo.consume_registration_token``): unknown, used and expired
+1. the token is consumed (``registration_tokens.consume_registration_token``): unknown, used and expired
    tokens are refused with 403 and the store's precise message. The token decides the role
    (connector or edge) and, for a connector, its connector group;
 2. the name must not belong to a registered node of that role whose certificate is still
@@ -22,7 +22,7 @@ from litestar import post
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from control.store import StoreError, repo
+from control.store import StoreError, nodes, registration_tokens, values
 from control.store.models import Connector, Edge, RegistrationToken, Revocation
 from dataplane.observability import parse_hostport
 
@@ -35,7 +35,7 @@ _ADDRESS_COLUMN = 255  # connectors.internal_addr / edges.address
 def _token_role(session: Session, plaintext: str) -> str:
     """The role the token was issued for; 'connector' for an unknown token (consuming it then says so)."""
     role = session.scalar(select(RegistrationToken.role)
-                          .where(RegistrationToken.token_hash == repo.hash_secret(plaintext)))
+                          .where(RegistrationToken.token_hash == values.hash_secret(plaintext)))
     return role or "connector"
 
 
@@ -72,7 +72,7 @@ def register(api: Api, data: RegisterRequest) -> RegisterResponse:
     addresses = [a.strip() for a in data.addresses]
     with api.store.begin() as session:
         role = data.role or _token_role(session, data.token)
-        token = repo.consume_registration_token(session, data.token, role, used_by=f"{role}:{name}")
+        token = registration_tokens.consume_registration_token(session, data.token, role, used_by=f"{role}:{name}")
         hosts = _edge_hosts(addresses) if role == "edge" else None
         _refuse_live_duplicate(session, role, name)
         issued = api.ca.sign_csr(data.csr_pem.encode(), role=role, name=name, hosts=hosts,
@@ -85,12 +85,12 @@ def register(api: Api, data: RegisterRequest) -> RegisterResponse:
             if len(internal) > _ADDRESS_COLUMN:
                 raise StoreError("invalid", f"addresses take more than {_ADDRESS_COLUMN} characters together")
             group = token.group.name if token.group else None
-            node = repo.add_connector(session, actor, name, group=group, cert_serial=issued.serial,
-                                      cert_not_after=issued.not_after)
+            node = nodes.add_connector(session, actor, name, group=group, cert_serial=issued.serial,
+                                       cert_not_after=issued.not_after)
             node.internal_addr = internal
         else:
-            node = repo.add_edge(session, actor, name, addresses[0], cert_serial=issued.serial,
-                                 cert_not_after=issued.not_after)
+            node = nodes.add_edge(session, actor, name, addresses[0], cert_serial=issued.serial,
+                                  cert_not_after=issued.not_after)
         node.version = data.version.strip()
         session.flush()
         return RegisterResponse(

@@ -28,7 +28,7 @@ from litestar.di import Provide
 from litestar.params import Parameter
 from litestar.response import Stream
 
-from control.store import Store, repo, traffic
+from control.store import Store, applications, traffic
 from control.store.models import TrafficLog, utcnow
 
 from .admin import _application_out
@@ -155,8 +155,8 @@ def list_discovery(api: Api, since: Since = None,
 def promote_discovered(api: Api, actor: str, data: DiscoveryPromote) -> ApplicationOut:
     """A per-app application for a discovered destination (it then wins over quick access)."""
     with api.store.begin() as session:
-        app = repo.create_application(session, actor, data.name, connector_group=data.connector_group,
-                                      segments=[{"destination": data.destination, "ports": data.ports,
+        app = applications.create_application(session, actor, data.name, connector_group=data.connector_group,
+                                              segments=[{"destination": data.destination, "ports": data.ports,
                                                  "protocol": data.protocol}])
         return _application_out(app)
 
