@@ -1,7 +1,8 @@
-"""The identity admin routes under ``/v1`` (admin key required, like ``admin.py``): users, user
-groups, devices and sign-in sessions. Thin shells around ``control.store.users``, ``user_groups``, ``devices``, ``sessions`` and ``totp`` (one
-transaction, the store call that validates, audits with the admin key's name as actor and
-bumps the configuration version, conversion to ``identity_schemas``).
+"""The identity admin routes under ``/v1`` (admin key required: ``guards.require_admin``): users,
+user groups, devices and sign-in sessions. Thin shells around ``control.store.users``,
+``user_groups``, ``devices``, ``sessions`` and ``totp`` (one transaction, the store call that
+validates, audits with the admin key's name as actor and bumps the configuration version,
+conversion to ``identity_schemas``).
 
 A user is named by id or UPN, a user group by id or name, in paths and bodies.
 
@@ -20,7 +21,6 @@ from datetime import datetime
 from typing import Annotated
 
 from litestar import Router, delete, get, patch, post
-from litestar.di import Provide
 from litestar.params import Parameter
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from control.store import devices, sessions, totp, user_groups, users
 from control.store.models import Device, GroupMember, SignInSession, User, UserGroup, utcnow
 
-from .deps import Api, provide_actor, require_admin
+from .guards import Api, admin_routes
 from .identity_schemas import (
     DeviceOut,
     DeviceUpdate,
@@ -261,6 +261,4 @@ IDENTITY_HANDLERS = [
 
 def identity_router() -> Router:
     """The identity admin routes under ``/v1``, each guarded by an admin key; ``actor`` is that key's name."""
-    return Router(path="/v1", route_handlers=IDENTITY_HANDLERS, guards=[require_admin],
-                  dependencies={"actor": Provide(provide_actor, sync_to_thread=False)},
-                  security=[{"adminKey": []}], tags=["identity"])
+    return admin_routes(IDENTITY_HANDLERS, tags=["identity"])

@@ -1,5 +1,5 @@
-"""The access routes under ``/v1`` (admin key required, like ``admin.py``): who an application
-is assigned to, named locations, and conditional-access policies.
+"""The access routes under ``/v1`` (admin key required: ``guards.require_admin``): who an
+application is assigned to, named locations, and conditional-access policies.
 
 - ``GET/POST/DELETE /v1/applications/{name}/assignments`` (body ``{"user": id-or-UPN}`` or
   ``{"group": id-or-name}``; DELETE also takes them as query parameters);
@@ -8,7 +8,8 @@ is assigned to, named locations, and conditional-access policies.
 
 Each handler is a thin shell around ``control.store.assignments``, ``named_locations`` or
 ``policies`` (which validates, audits with the admin key's name as actor and bumps the
-configuration version, so edges get the change within seconds). Responses name targets (application names, UPNs, group names) next to ids.
+configuration version, so edges get the change within seconds). Responses name targets
+(application names, UPNs, group names) next to ids.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ from typing import Any
 
 import msgspec
 from litestar import Router, delete, get, patch, post
-from litestar.di import Provide
 from litestar.exceptions import ValidationException
 from sqlalchemy.orm import Session
 
 from control.store import assignments, named_locations, policies
 from control.store.models import AccessPolicy, NamedLocation
 
-from .deps import Api, provide_actor, require_admin
+from .guards import Api, admin_routes
 from .policy_schemas import (
     AppRef,
     AssignmentIn,
@@ -191,6 +191,4 @@ POLICY_HANDLERS = [
 
 def policy_router() -> Router:
     """The access routes under ``/v1``, each guarded by an admin key; ``actor`` is that key's name."""
-    return Router(path="/v1", route_handlers=POLICY_HANDLERS, guards=[require_admin],
-                  dependencies={"actor": Provide(provide_actor, sync_to_thread=False)},
-                  security=[{"adminKey": []}])
+    return admin_routes(POLICY_HANDLERS)

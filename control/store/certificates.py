@@ -6,6 +6,7 @@ configuration: edges refuse the certificate once they hold the next version.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import select
@@ -55,6 +56,19 @@ def node_certificates(session: Session, node_id: str) -> list[IssuedCertificate]
     """Every certificate issued to ``node_id``, oldest first."""
     return list(session.scalars(select(IssuedCertificate).where(IssuedCertificate.node_id == node_id)
                                 .order_by(IssuedCertificate.issued_at, IssuedCertificate.serial)))
+
+
+def node_owners(session: Session, serials: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+    """The node each of these (hex) serials was issued to, as ``(role, node id, node name)``; serials
+    of no known node (a client certificate, a node deleted since) are left out."""
+    owners: dict[str, tuple[str, str, str]] = {}
+    issued = dict(session.execute(select(IssuedCertificate.serial, IssuedCertificate.node_id)
+                                  .where(IssuedCertificate.serial.in_(serials))).tuples().all())
+    for c in session.scalars(select(Connector).where(Connector.id.in_(issued.values()))):
+        owners.update({serial: ("connector", c.id, c.name) for serial, node in issued.items() if node == c.id})
+    for e in session.scalars(select(Edge).where(Edge.id.in_(issued.values()))):
+        owners.update({serial: ("edge", e.id, e.name) for serial, node in issued.items() if node == e.id})
+    return owners
 
 
 # ---------------------------------------------------------------------------- revocations
