@@ -3,7 +3,7 @@
 Node processes (``edge``, ``connector``, ``client``) and ``pki`` are defined by the data
 plane (``dataplane.run``); ``up`` starts a local fabric; ``bench`` runs the benchmarks;
 ``config vars`` prints every ``FERRYMAN_*`` setting; ``control`` serves the control plane's
-API (``control.server``); ``admin`` administers it over that API (``control.admin_cli``).
+API (``control.server``); ``admin`` administers it over that API (``control.admin``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     if argv[:1] == ["admin"]:
-        from control.admin_cli import main as admin_main
+        from control.admin import main as admin_main
 
         return admin_main(argv[1:])
     parser = argparse.ArgumentParser(prog="ferryman", description="Ferryman zero-trust private access fabric.")
