@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from .audit import change, record_change, row_state
 from .errors import StoreError
 from .models import AdminKey, utcnow
-from .values import aware_now, hash_secret, valid_name
+from .values import aware_now, hash_secret, refuse_taken, valid_name
 
 ADMIN_KEY_PREFIX = "fmk_"
 # ``AdminKey.last_used_at`` is written at most this often per key (not on every request).
@@ -41,8 +41,7 @@ def find_admin_key(session: Session, name: str) -> AdminKey | None:
 def create_admin_key(session: Session, actor: str, name: str) -> tuple[AdminKey, str]:
     """A new admin key and its plain text (``fmk_...``): shown this once, only its hash is kept."""
     name = valid_name(name, "admin key name")
-    if session.scalar(select(AdminKey.id).where(AdminKey.name == name)) is not None:
-        raise StoreError("conflict", f"admin key {name!r} already exists")
+    refuse_taken(session, AdminKey.name, name, "admin key")
     plaintext = ADMIN_KEY_PREFIX + secrets.token_urlsafe(32)
     key = AdminKey(name=name, key_hash=hash_secret(plaintext), created_at=utcnow(), created_by=actor)
     session.add(key)

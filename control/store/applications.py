@@ -22,7 +22,7 @@ from .connector_groups import get_group, group_or_default
 from .errors import StoreError
 from .models import APP_KINDS, AccessPolicy, Application, Segment, utcnow
 from .segments import OverlapIndex, canonical_ports, parse_segments, ports_from_text
-from .values import valid_name
+from .values import names_by_id, refuse_taken, valid_name
 
 SegmentInput = Mapping[str, Any]  # {"destination": ..., "ports": ..., "protocol": ...} as in an application file
 
@@ -50,11 +50,7 @@ def get_application(session: Session, name: str) -> Application:
 
 def application_names_of(session: Session, ids: Iterable[int]) -> dict[int, str]:
     """The names of the applications with these ids (ids of deleted applications left out)."""
-    wanted = set(ids)
-    if not wanted:
-        return {}
-    rows = session.execute(select(Application.id, Application.name).where(Application.id.in_(wanted)))
-    return {app_id: name for app_id, name in rows}
+    return names_by_id(session, Application.id, Application.name, ids)
 
 
 def _stored(app_name: str, segment: Segment) -> apps.Segment:
@@ -91,8 +87,7 @@ def create_application(session: Session, actor: str, name: str, *, kind: str = "
     name = valid_name(name, "application name")
     if kind not in APP_KINDS:
         raise StoreError("invalid", f"application kind {kind!r} is not one of {', '.join(APP_KINDS)}")
-    if session.scalar(select(Application.id).where(Application.name == name)) is not None:
-        raise StoreError("conflict", f"application {name!r} already exists")
+    refuse_taken(session, Application.name, name, "application")
     if kind == "quick_access":
         existing = session.scalar(select(Application.name).where(Application.kind == "quick_access"))
         if existing is not None:
@@ -125,8 +120,7 @@ def update_application(session: Session, actor: str, name: str, *, new_name: str
     if new_name is not None:
         new_name = valid_name(new_name, "application name")
         if new_name != app.name:
-            if session.scalar(select(Application.id).where(Application.name == new_name)) is not None:
-                raise StoreError("conflict", f"application {new_name!r} already exists")
+            refuse_taken(session, Application.name, new_name, "application")
             app.name = new_name
     if connector_group is not None:
         app.connector_group = get_group(session, connector_group)

@@ -9,7 +9,7 @@ from .audit import change, record_change, row_state
 from .config_version import lock_config
 from .errors import StoreError
 from .models import ConnectorGroup, utcnow
-from .values import valid_name
+from .values import refuse_taken, valid_name
 
 
 def list_groups(session: Session) -> list[ConnectorGroup]:
@@ -37,8 +37,7 @@ def group_or_default(session: Session, name: str | None) -> ConnectorGroup:
 def create_group(session: Session, actor: str, name: str, region: str = "") -> ConnectorGroup:
     lock_config(session)
     name = valid_name(name, "connector group name", 100)
-    if session.scalar(select(ConnectorGroup.id).where(ConnectorGroup.name == name)) is not None:
-        raise StoreError("conflict", f"connector group {name!r} already exists")
+    refuse_taken(session, ConnectorGroup.name, name, "connector group")
     group = ConnectorGroup(name=name, region=region.strip(), is_default=False, created_at=utcnow())
     session.add(group)
     session.flush()

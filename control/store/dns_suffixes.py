@@ -10,6 +10,7 @@ from .config_version import lock_config
 from .errors import StoreError
 from .models import DnsSuffix, utcnow
 from .segments import parse_segments
+from .values import refuse_taken
 
 
 def list_dns_suffixes(session: Session) -> list[DnsSuffix]:
@@ -33,8 +34,7 @@ def add_dns_suffix(session: Session, actor: str, suffix: str) -> DnsSuffix:
     """A private DNS suffix (``corp.example``; a leading dot or trailing dot is dropped)."""
     lock_config(session)
     name = _suffix(suffix)
-    if session.scalar(select(DnsSuffix.id).where(DnsSuffix.suffix == name)) is not None:
-        raise StoreError("conflict", f"DNS suffix {name!r} already exists")
+    refuse_taken(session, DnsSuffix.suffix, name, "DNS suffix")
     row = DnsSuffix(suffix=name, created_at=utcnow())
     session.add(row)
     session.flush()

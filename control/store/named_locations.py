@@ -20,7 +20,7 @@ from .config_version import lock_config
 from .errors import StoreError
 from .models import NamedLocation, utcnow
 from .policies import policies_using_location, policy_state
-from .values import valid_name
+from .values import refuse_taken, valid_name
 
 MAX_LOCATION_ENTRIES = 1000
 
@@ -82,8 +82,7 @@ def create_location(session: Session, actor: str, name: str, cidrs: Sequence[str
     """A named location: ``cidrs`` are IP networks (at most 1000), stored in canonical form."""
     lock_config(session)
     name = valid_name(name, "named location name")
-    if session.scalar(select(NamedLocation.id).where(NamedLocation.name == name)) is not None:
-        raise StoreError("conflict", f"named location {name!r} already exists")
+    refuse_taken(session, NamedLocation.name, name, "named location")
     location = NamedLocation(name=name, cidrs=_cidrs(name, cidrs), created_at=utcnow())
     session.add(location)
     session.flush()
@@ -107,8 +106,7 @@ def update_location(session: Session, actor: str, name: str, *, new_name: str | 
     if new_name is not None:
         new_name = valid_name(new_name, "named location name")
         if new_name != location.name:
-            if session.scalar(select(NamedLocation.id).where(NamedLocation.name == new_name)) is not None:
-                raise StoreError("conflict", f"named location {new_name!r} already exists")
+            refuse_taken(session, NamedLocation.name, new_name, "named location")
             location.name = new_name
     if cidrs is not None:
         location.cidrs = _cidrs(location.name, cidrs)

@@ -25,7 +25,7 @@ from .errors import StoreError
 from .models import POLICY_GRANTS, POLICY_STATES, AccessPolicy, Application, NamedLocation, User, UserGroup, utcnow
 from .user_groups import find_group, group_names_of
 from .users import find_user, upns_of
-from .values import valid_name
+from .values import refuse_taken, valid_name
 
 MAX_POLICIES = 200
 MAX_POLICY_TARGETS = 1000  # per list: applications, users, groups
@@ -220,8 +220,7 @@ def create_policy(session: Session, actor: str, name: str, *, grant: str, state:
     """
     lock_config(session)
     name = valid_name(name, "policy name")
-    if session.scalar(select(AccessPolicy.id).where(AccessPolicy.name == name)) is not None:
-        raise StoreError("conflict", f"policy {name!r} already exists")
+    refuse_taken(session, AccessPolicy.name, name, "policy")
     count = session.scalar(select(func.count()).select_from(AccessPolicy)) or 0
     if count >= MAX_POLICIES:
         raise StoreError("conflict", f"there are already {count} policies, the most allowed ({MAX_POLICIES}): "
@@ -255,8 +254,7 @@ def update_policy(session: Session, actor: str, name: str, *, new_name: str | No
     if new_name is not None:
         new_name = valid_name(new_name, "policy name")
         if new_name != policy.name:
-            if session.scalar(select(AccessPolicy.id).where(AccessPolicy.name == new_name)) is not None:
-                raise StoreError("conflict", f"policy {new_name!r} already exists")
+            refuse_taken(session, AccessPolicy.name, new_name, "policy")
             policy.name = new_name
     label = policy.name
     if state is not None:

@@ -134,14 +134,25 @@ def create_session(session: Session, user_id: str, *, device_id: str | None = No
     return row, token
 
 
-def _check_device(session: Session, row: SignInSession) -> None:
-    """Refuse (``device_revoked``) a session whose device was revoked (said before "session revoked":
-    revoking a device revokes its sessions too, and this is the reason)."""
+def _check_not_revoked(session: Session, row: SignInSession) -> None:
+    """Refuse a session whose device was revoked (``device_revoked``, said first: revoking a device
+    revokes its sessions too, and this is the reason) or that was revoked (``session_revoked``)."""
     if row.device_id is not None:
         device = session.get(Device, row.device_id)
         if device is None or device.revoked_at is not None:
             raise StoreError("device_revoked", f"device {row.device_id} of this session is revoked: sign in again "
                                                f"and register the device anew")
+    if row.revoked_at is not None:
+        raise StoreError("session_revoked", f"session {row.id} was revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} "
+                                            f"UTC: sign in again")
+
+
+def _enabled_user(session: Session, row: SignInSession) -> User:
+    """The session's user; ``account_disabled`` when deleted or disabled."""
+    user = session.get(User, row.user_id)
+    if user is None or user.disabled:
+        raise StoreError("account_disabled", ACCOUNT_DISABLED)
+    return user
 
 
 def refresh_session(session: Session, refresh_token: str, *, now: datetime | None = None) -> tuple[SignInSession, str]:
@@ -162,10 +173,7 @@ def refresh_session(session: Session, refresh_token: str, *, now: datetime | Non
     if row is None:
         raise StoreError("refresh_invalid", "refresh token is not valid: its session does not exist "
                                             "(signed out long ago, or the user was deleted): sign in again")
-    _check_device(session, row)
-    if row.revoked_at is not None:
-        raise StoreError("session_revoked", f"session {row.id} was revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} "
-                                            f"UTC: sign in again")
+    _check_not_revoked(session, row)
     if not hmac.compare_digest(row.refresh_hash, hash_secret(refresh_token)):
         revoke_session(session, REUSE_ACTOR, row.id, reason="an old refresh token was used again", now=now)
         raise StoreError("refresh_reused", f"refresh token was already used: session {row.id} is revoked, since "
@@ -173,9 +181,7 @@ def refresh_session(session: Session, refresh_token: str, *, now: datetime | Non
     if now >= row.expires_at:
         raise StoreError("session_expired", f"session {row.id} expired at {row.expires_at:%Y-%m-%d %H:%M:%S} UTC: "
                                             f"sign in again")
-    user = session.get(User, row.user_id)
-    if user is None or user.disabled:
-        raise StoreError("account_disabled", ACCOUNT_DISABLED)
+    _enabled_user(session, row)
     token = _new_refresh_token(row.id)
     row.refresh_hash = hash_secret(token)
     row.last_refresh_at = now
@@ -191,16 +197,10 @@ def active_session(session: Session, session_id: str, now: datetime | None = Non
     row = session.get(SignInSession, session_id) if isinstance(session_id, str) and session_id else None
     if row is None:
         raise StoreError("session_revoked", f"session {session_id!r} does not exist any more: sign in again")
-    _check_device(session, row)
-    if row.revoked_at is not None:
-        raise StoreError("session_revoked", f"session {row.id} was revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} "
-                                            f"UTC: sign in again")
+    _check_not_revoked(session, row)
     if now >= row.expires_at:
         raise StoreError("session_expired", f"session {row.id} expired at {row.expires_at:%Y-%m-%d %H:%M:%S} UTC")
-    user = session.get(User, row.user_id)
-    if user is None or user.disabled:
-        raise StoreError("account_disabled", ACCOUNT_DISABLED)
-    return row, user
+    return row, _enabled_user(session, row)
 
 
 @change

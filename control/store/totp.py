@@ -29,6 +29,7 @@ TOTP_DIGITS = 6
 TOTP_PERIOD = 30  # seconds
 TOTP_VALID_WINDOW = 1  # time steps accepted either side of the current one (clock drift)
 RECOVERY_CODE_COUNT = 10
+TOTP_WRONG = "TOTP code is wrong (codes change every 30 s: check the clock of the device that shows them)"
 
 _RECOVERY_RE = re.compile(r"[0-9a-f]{12}")
 
@@ -105,8 +106,7 @@ def confirm_totp(session: Session, user_id: str, code: str, *, now: datetime | N
         raise StoreError("conflict", f"no TOTP enrolment is in progress for {user.upn}: start one first")
     step = _totp_match(user.totp_secret, code, now)
     if step is None:
-        raise StoreError("mfa_failed", "TOTP code is wrong (codes change every 30 s: check the clock of the "
-                                       "device that shows them)")
+        raise StoreError("mfa_failed", TOTP_WRONG)
     before = user_state(user)
     user.totp_enabled = True
     user.updated_at = now
@@ -136,8 +136,7 @@ def verify_second_factor(session: Session, user: User, *, totp_code: str | None 
     if totp_code is not None:
         step = _totp_match(user.totp_secret, totp_code, now)
         if step is None:
-            raise StoreError("mfa_failed", "TOTP code is wrong (codes change every 30 s: check the clock of the "
-                                           "device that shows them)")
+            raise StoreError("mfa_failed", TOTP_WRONG)
         return step
     normal = recovery_code.strip().lower().replace("-", "").replace(" ", "") if isinstance(recovery_code, str) else ""
     row = None

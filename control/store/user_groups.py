@@ -17,7 +17,7 @@ from .config_version import lock_config
 from .errors import StoreError
 from .models import GroupMember, User, UserGroup, utcnow
 from .users import MAX_DISPLAY_NAME, get_user
-from .values import UUID_RE, iso, valid_name
+from .values import UUID_RE, iso, names_by_id, refuse_taken, valid_name
 
 MAX_GROUPS_PER_USER = 100  # they all go into every access token, which must fit a HELLO (8192 characters)
 
@@ -48,11 +48,7 @@ def find_group(session: Session, ref: object) -> UserGroup:
 
 def group_names_of(session: Session, ids: Iterable[str]) -> dict[str, str]:
     """The names of the user groups with these ids (ids of deleted groups left out)."""
-    wanted = set(ids)
-    if not wanted:
-        return {}
-    rows = session.execute(select(UserGroup.id, UserGroup.name).where(UserGroup.id.in_(wanted)))
-    return {group_id: name for group_id, name in rows}
+    return names_by_id(session, UserGroup.id, UserGroup.name, ids)
 
 
 def group_members(session: Session, ref: str) -> list[User]:
@@ -63,8 +59,7 @@ def group_members(session: Session, ref: str) -> list[User]:
 
 
 def _group_name_free(session: Session, name: str) -> None:
-    if session.scalar(select(UserGroup.id).where(UserGroup.name == name)) is not None:
-        raise StoreError("conflict", f"user group {name!r} already exists")
+    refuse_taken(session, UserGroup.name, name, "user group")
     if UUID_RE.fullmatch(name) and session.get(UserGroup, name) is not None:
         raise StoreError("conflict", f"user group name {name!r} is the id of another group")
 

@@ -31,7 +31,7 @@ from .certificates import is_revoked, revoke_certificate
 from .config_version import lock_config
 from .errors import StoreError
 from .models import USER_RISK_LEVELS, Device, GroupMember, User, utcnow
-from .values import valid_name, valid_text
+from .values import names_by_id, refuse_taken, valid_name, valid_text
 
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
@@ -111,10 +111,7 @@ def find_user(session: Session, ref: object) -> User:
 
 def upns_of(session: Session, ids: Iterable[str]) -> dict[str, str]:
     """The UPNs of the users with these ids (ids of deleted users left out)."""
-    wanted = set(ids)
-    if not wanted:
-        return {}
-    return {user_id: upn for user_id, upn in session.execute(select(User.id, User.upn).where(User.id.in_(wanted)))}
+    return names_by_id(session, User.id, User.upn, ids)
 
 
 def user_group_ids(session: Session, user_id: str) -> list[str]:
@@ -142,8 +139,7 @@ def create_user(session: Session, actor: str, upn: str, *, display_name: str = "
     display = valid_text(display_name, "display name", MAX_DISPLAY_NAME)
     password_hash = None if password is None else PASSWORD_HASHER.hash(_check_password(password))
     lock_config(session)
-    if session.scalar(select(User.id).where(User.upn == key)) is not None:
-        raise StoreError("conflict", f"user {key!r} already exists")
+    refuse_taken(session, User.upn, key, "user")
     now = utcnow()
     user = User(id=str(uuid.uuid4()), upn=key, display_name=display, password_hash=password_hash, disabled=False,
                 risk_level="none", totp_secret=None, totp_enabled=False, created_at=now, updated_at=now)
@@ -167,8 +163,7 @@ def update_user(session: Session, actor: str, ref: str, *, upn: str | None = Non
     if upn is not None:
         key = normalize_upn(upn)
         if key != user.upn:
-            if session.scalar(select(User.id).where(User.upn == key)) is not None:
-                raise StoreError("conflict", f"user {key!r} already exists")
+            refuse_taken(session, User.upn, key, "user")
             user.upn = key
     if display_name is not None:
         user.display_name = valid_text(display_name, "display name", MAX_DISPLAY_NAME)

@@ -1,13 +1,18 @@
-"""How the store checks and keeps the values every resource has: names, free texts, times,
-certificate serials and secret hashes. Each refusal is a ``StoreError`` (``invalid``)
-naming the value.
+"""How the store checks and keeps the values every resource has: names (and that a unique one
+is free), free texts, times, certificate serials and secret hashes; and names looked up by
+id. Each refusal is a ``StoreError`` naming the value.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Hashable, Iterable
 from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from .errors import StoreError
 from .models import utcnow
@@ -25,6 +30,21 @@ def valid_name(value: object, what: str, limit: int = MAX_NAME) -> str:
     if len(name) > limit:
         raise StoreError("invalid", f"{what} {name[:20]!r}... is longer than {limit} characters")
     return name
+
+
+def refuse_taken(session: Session, column: InstrumentedAttribute[Any], value: object, what: str) -> None:
+    """Refuse (``conflict``: "``what`` 'value' already exists") a ``value`` a unique ``column`` already has."""
+    if session.scalar(select(column.class_.id).where(column == value)) is not None:
+        raise StoreError("conflict", f"{what} {value!r} already exists")
+
+
+def names_by_id(session: Session, id_column: InstrumentedAttribute[Any], name_column: InstrumentedAttribute[Any],
+                ids: Iterable[Hashable]) -> dict[Any, Any]:
+    """``{id: name}`` of the rows with these ids (ids of rows deleted since are left out)."""
+    wanted = set(ids)
+    if not wanted:
+        return {}
+    return dict(session.execute(select(id_column, name_column).where(id_column.in_(wanted))).all())
 
 
 def valid_text(value: object, what: str, limit: int) -> str:
