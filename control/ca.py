@@ -5,7 +5,7 @@
 the key (CSR signature) and that the key is strong enough, then issues a certificate whose
 identity comes only from the caller: the role (OU), name (CN), subjectAltNames, key usages
 and lifetime the CSR asks for are ignored. Certificates have exactly the shape of
-``dataplane.pki.issue_node``'s, so the data plane's tunnels accept them unchanged.
+``dataplane.basics.pki.issue_node``'s, so the data plane's tunnels accept them unchanged.
 Pure logic: no HTTP, no database; the caller records the serial for revocation.
 """
 

@@ -96,7 +96,7 @@ def _http_url(value: str, variable: str) -> str:
 
 @dataclass(frozen=True)
 class OidcConfig:
-    """What ``FERRYMAN_OIDC_*`` configure (see ``dataplane.settings``)."""
+    """What ``FERRYMAN_OIDC_*`` configure (see ``dataplane.basics.settings``)."""
 
     issuer: str
     client_id: str

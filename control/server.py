@@ -30,7 +30,8 @@ from sqlalchemy.engine import make_url
 from control.api import create_app
 from control.ca import CertificateAuthority
 from control.snapshot import SnapshotHub
-from control.store import Store, StoreError, database_url, open_store, repo
+from control.store import Store, StoreError, database_url, open_store
+from control.store.admin_keys import create_admin_key
 from control.oidc import OidcConfig
 from control.store.models import AdminKey
 from control.tokens import TokenSigner
@@ -66,7 +67,7 @@ def ensure_admin_key(store: Store, data_dir: str) -> str | None:
         with store.begin() as session:
             if session.scalar(select(func.count()).select_from(AdminKey)):
                 return None
-            _key, plaintext = repo.create_admin_key(session, _BOOTSTRAP_ACTOR, BOOTSTRAP_KEY_NAME)
+            _key, plaintext = create_admin_key(session, _BOOTSTRAP_ACTOR, BOOTSTRAP_KEY_NAME)
             _write_secret(path, plaintext)  # inside the transaction: a failed write creates no key
     except StoreError as exc:
         if exc.code == "conflict":  # another control-plane node sharing the database made it first

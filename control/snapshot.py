@@ -1,6 +1,6 @@
 """Compiling the store into configuration snapshots, and handing them to waiting nodes.
 
-- ``build_snapshot(session, edges=...)``: the ``dataplane.snapshot.ConfigSnapshot`` of the
+- ``build_snapshot(session, edges=...)``: the ``dataplane.contract.snapshot.ConfigSnapshot`` of the
   store as seen by ``session``. Its ``version`` is the store's configuration version and its
   ``issued_at`` the time of the change that made that version, and every list is sorted, so
   the same configuration always encodes to the same bytes (on any control-plane node).
@@ -19,8 +19,9 @@ keys users' access tokens are signed with, passed in by the server): a key rotat
 bump the configuration version for nodes to get the new keys.
 
 Conditional access: users (with their group ids), devices and revoked sign-in sessions come
-from ``store.identity``; named locations, policies (application ids turned into names, so a
-renamed application stays targeted) and application assignments from ``store.policy``.
+from ``store.users``, ``store.devices`` and ``store.sessions``; named locations from
+``store.named_locations``; policies (application ids turned into names, so a renamed
+application stays targeted) and application assignments from their tables.
 A policy target that no longer exists (a user or group deleted since) is left out; a policy
 left with no existing target in a list that named some (it targeted only deleted
 applications, or only deleted users and groups) targets nothing and is left out entirely,
@@ -51,9 +52,20 @@ from dataplane.contract.snapshot import (
     encode,
 )
 
-from .store import Store, identity, policy, repo
+from .store import Store
+from .store.applications import list_applications
+from .store.certificates import list_revocations
+from .store.config_version import config_version
+from .store.connector_groups import list_groups
+from .store.devices import snapshot_devices
+from .store.dns_suffixes import list_dns_suffixes
+from .store.forwarding_profile import forwarding_profile
 from .store.models import AccessPolicy, AppAssignment, ConfigVersion, UserGroup
+from .store.named_locations import list_locations, location_cidrs
+from .store.nodes import edge_addresses
 from .store.segments import ports_from_text
+from .store.sessions import revoked_session_ids
+from .store.users import snapshot_users
 
 log = logging.getLogger("ferryman.snapshot")
 
@@ -120,14 +132,14 @@ def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenK
     Every list is sorted (applications, groups, users, locations by name; devices by id;
     policies by id; DNS suffixes, serials, sessions, assignment ids), so equal configurations
     give equal bytes. The edges are ``edges`` (the configured public addresses) then those of
-    registered, unrevoked edges, in that order (``repo.edge_addresses``): nodes dial them in
+    registered, unrevoked edges, in that order (``edge_addresses``): nodes dial them in
     order. ``token_keys`` (public JWKs) and ``token_issuer`` are passed through; keys are
     sorted by ``kid``.
     """
     version, changed_at = session.execute(
         select(ConfigVersion.version, ConfigVersion.changed_at).where(ConfigVersion.id == 1)).one()
     assigned = _assignments(session)
-    stored_apps = sorted(repo.list_applications(session), key=lambda a: a.name)
+    stored_apps = sorted(list_applications(session), key=lambda a: a.name)
     applications = [
         SnapApp(
             name=app.name,
@@ -142,34 +154,33 @@ def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenK
         )
         for app in stored_apps
     ]
-    groups = [SnapGroup(name=g.name, region=g.region) for g in sorted(repo.list_groups(session), key=lambda g: g.name)]
+    groups = [SnapGroup(name=g.name, region=g.region) for g in sorted(list_groups(session), key=lambda g: g.name)]
     users = [SnapUser(id=user_id, upn=upn, groups=sorted(group_ids), disabled=disabled,
                       risk=risk)  # type: ignore[arg-type]  # the schema's check constraint keeps it a known level
-             for user_id, upn, group_ids, disabled, risk in sorted(identity.snapshot_users(session),
-                                                                    key=lambda u: (u[1], u[0]))]
+             for user_id, upn, group_ids, disabled, risk in sorted(snapshot_users(session), key=lambda u: (u[1], u[0]))]
     devices = [SnapDevice(id=device_id, user_id=user_id, os=os_name, os_version=os_version, compliant=compliant,
                           revoked=revoked)
                for device_id, user_id, os_name, os_version, compliant, revoked
-               in sorted(identity.snapshot_devices(session), key=lambda d: d[0])]
-    locations = [SnapLocation(name=row.name, cidrs=policy.location_cidrs(row))
-                 for row in sorted(policy.list_locations(session), key=lambda row: row.name)]
+               in sorted(snapshot_devices(session), key=lambda d: d[0])]
+    locations = [SnapLocation(name=row.name, cidrs=location_cidrs(row))
+                 for row in sorted(list_locations(session), key=lambda row: row.name)]
     return ConfigSnapshot(
         version=version,
         issued_at=iso_utc(changed_at),
         applications=applications,
         groups=groups,
-        dns_suffixes=sorted(row.suffix for row in repo.list_dns_suffixes(session)),
-        revoked_serials=sorted((row.serial for row in repo.list_revocations(session)), key=lambda s: int(s, 16)),
-        edges=repo.edge_addresses(session, edges),
+        dns_suffixes=sorted(row.suffix for row in list_dns_suffixes(session)),
+        revoked_serials=sorted((row.serial for row in list_revocations(session)), key=lambda s: int(s, 16)),
+        edges=edge_addresses(session, edges),
         users=users,
         devices=devices,
         locations=locations,
         policies=_policies(session, {a.id: a.name for a in stored_apps}, {u.id for u in users}),
-        revoked_sessions=sorted(set(identity.revoked_session_ids(session))),
+        revoked_sessions=sorted(set(revoked_session_ids(session))),
         token_keys=sorted(({str(k): str(v) for k, v in key.items()} for key in token_keys),
                           key=lambda key: (key.get("kid", ""), sorted(key.items()))),
         token_issuer=token_issuer,
-        fail_mode=repo.forwarding_profile(session).fail_mode,  # type: ignore[arg-type]  # checked by the schema
+        fail_mode=forwarding_profile(session).fail_mode,  # type: ignore[arg-type]  # checked by the schema
     )
 
 
@@ -182,7 +193,7 @@ def build_from_store(store: Store, *, edges: Iterable[str], token_keys: TokenKey
 
 def _store_version(store: Store) -> int:
     with store.read() as session:
-        return repo.config_version(session)
+        return config_version(session)
 
 
 # ---------------------------------------------------------------------------- distribution

@@ -1,4 +1,4 @@
-"""Tests of ``ferryman admin`` (``control/admin_cli.py``) against the real control plane.
+"""Tests of ``ferryman admin`` (``control/admin/``) against the real control plane.
 
 The control plane is started as in ``test_api.py`` (``python -m dataplane control`` in a
 subprocess, SQLite in a temporary directory, by ``controlplane.py``); the CLI runs as
@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from control.admin_cli import parse_duration, parse_segment, table
+from control.admin.args import parse_duration, parse_segment
+from control.admin.output import table
 
 from controlplane import PUBLIC_EDGE, ROOT, Control, environment
 from controlplane import free_port as _free_port

@@ -1,4 +1,5 @@
-"""Tests of the control plane's node routes (``control/api/nodes.py``), served for real:
+"""Tests of the control plane's node routes (``control/api/nodes.py``, guarded by
+``guards.require_node``), served for real:
 ``python -m dataplane control`` in a subprocess (one per module, SQLite in a temporary data
 directory), spoken to over HTTP with urllib, nodes registered with ``dataplane.controllink.registration``
 and their requests signed by ``dataplane.controllink.signer.NodeSigner``.

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from control.store import database_url, open_store, repo
+from control.store import applications, certificates, database_url, nodes, open_store
 from dataplane.basics import pki, settings, statefile
 from dataplane.controllink.link import CACHE_FILE, ControlLink, Report
 from dataplane.controllink.registration import Registration, read_registration
@@ -285,8 +285,8 @@ def test_link_survives_an_outage_and_catches_up(tmp_path: Path, caplog: pytest.L
 
             # A change made meanwhile, in the store itself, reaches the link once the control plane is back.
             with open_store(database_url(str(plane.data_dir), env={})) as store, store.begin() as session:
-                repo.create_application(session, "test", "during-outage",
-                                        segments=[{"destination": "10.32.0.0/16", "ports": "22"}])
+                applications.create_application(session, "test", "during-outage",
+                                                segments=[{"destination": "10.32.0.0/16", "ports": "22"}])
             plane.start()  # same port, same data directory
             wait_for(lambda: "during-outage" in app_names(runner.link.snapshot), 15, "the change made meanwhile")
             assert runner.version > held.version
@@ -329,9 +329,9 @@ def test_link_renews_a_certificate_that_is_due(control: Control, tmp_path: Path)
     node_id = identity.record.node_id
     due, cert_pem, key_pem = _due_certificate(control, identity)
     with open_store(database_url(str(control.data_dir), env={})) as store, store.begin() as session:
-        repo.record_certificate(session, "connector", node_id, due.serial_number, due.not_valid_after_utc)
+        certificates.record_certificate(session, "connector", node_id, due.serial_number, due.not_valid_after_utc)
         # It is the node's current certificate (only the current one may renew).
-        connector = repo.get_connector(session, node_id)
+        connector = nodes.get_connector(session, node_id)
         connector.cert_serial, connector.cert_not_after = format(due.serial_number, "x"), due.not_valid_after_utc
     statefile.write_file(identity.cert, cert_pem, 0o644)
     statefile.write_file(identity.key, key_pem, 0o600)

@@ -1,5 +1,5 @@
 """Tests of the identity and traffic commands of ``ferryman admin`` (``users``, ``user-groups``,
-``devices``, ``sessions``, ``logs``, ``discovery`` in ``control/admin_cli.py``) against a real
+``devices``, ``sessions``, ``logs``, ``discovery`` in ``control/admin/``) against a real
 control plane.
 
 As in ``test_admin_cli.py``: the control plane runs as ``python -m dataplane control`` in a
@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from control.admin_cli import millis_text, size_text
+from control.admin.output import millis_text, size_text
 from dataplane.basics.pki import new_key_and_csr
 from dataplane.contract.flowrecord import FlowRecord
 

@@ -1,4 +1,5 @@
-"""Tests of control/store/identity.py on a real SQLite file: users (UPN rules, argon2 passwords,
+"""Tests of the identity modules of control/store (users, user_groups, devices, sessions, totp)
+on a real SQLite file: users (UPN rules, argon2 passwords,
 one message for unknown user and wrong password), groups and membership, devices (register,
 compliance, revocation of the certificate and sessions), sessions (refresh-token rotation and
 reuse detection, expiry, the per-user limit), the TOTP second factor with recovery codes, the
@@ -20,8 +21,20 @@ import pyotp
 import pytest
 from sqlalchemy import select
 
-from control.store import Store, StoreError, open_store, repo
-from control.store import identity as ident
+from control.store import (
+    Store,
+    StoreError,
+    certificates,
+    config_version,
+    devices,
+    open_store,
+    sessions,
+    totp,
+    user_groups,
+    users,
+    values,
+)
+from control.store.audit import list_audit
 from control.store.models import AuditRecord, ConfigVersion, Device, GroupMember, RecoveryCode, SignInSession, User
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,18 +59,18 @@ def refused(code: str, call: Callable[[], object]) -> str:
 
 def version(store: Store) -> int:
     with store.read() as session:
-        return repo.config_version(session)
+        return config_version.config_version(session)
 
 
 def audit(store: Store, action: str | None = None) -> list[AuditRecord]:
     with store.read() as session:
-        records = list(reversed(repo.list_audit(session, limit=1000)))
+        records = list(reversed(list_audit(session, limit=1000)))
     return [r for r in records if action is None or r.action == action]
 
 
 def make_user(store: Store, upn: str = "alice@corp.example", password: str | None = PASSWORD) -> str:
     with store.begin() as session:
-        return ident.create_user(session, ACTOR, upn, display_name="Alice", password=password).id
+        return users.create_user(session, ACTOR, upn, display_name="Alice", password=password).id
 
 
 # ---------------------------------------------------------------------------- users and passwords
@@ -67,24 +80,24 @@ def test_users_are_validated_lower_cased_unique_and_audited(store: Store) -> Non
     start = version(store)
     user_id = make_user(store, "  Alice@Corp.Example ")
     with store.read() as session:
-        user = ident.get_user(session, user_id)
+        user = users.get_user(session, user_id)
         assert user.upn == "alice@corp.example"
         assert user.password_hash is not None and user.password_hash.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
-        assert ident.get_user(session, "ALICE@corp.example").id == user_id  # by UPN, any case
+        assert users.get_user(session, "ALICE@corp.example").id == user_id  # by UPN, any case
     assert version(store) == start + 1  # edges learn users from the snapshot
     with store.begin() as session:
-        assert refused("conflict", lambda: ident.create_user(session, ACTOR, "ALICE@corp.example")) == \
+        assert refused("conflict", lambda: users.create_user(session, ACTOR, "ALICE@corp.example")) == \
             "user 'alice@corp.example' already exists"
-        assert "is not of the form name@domain" in refused("invalid", lambda: ident.create_user(
+        assert "is not of the form name@domain" in refused("invalid", lambda: users.create_user(
             session, ACTOR, "alice"))
-        assert "is not of the form name@domain" in refused("invalid", lambda: ident.create_user(
+        assert "is not of the form name@domain" in refused("invalid", lambda: users.create_user(
             session, ACTOR, "al ice@corp.example"))
-        assert refused("invalid", lambda: ident.create_user(session, ACTOR, "bob@corp.example", password="short")) \
+        assert refused("invalid", lambda: users.create_user(session, ACTOR, "bob@corp.example", password="short")) \
             == "password must be at least 8 characters long"
-        assert refused("invalid", lambda: ident.create_user(session, ACTOR, "bob@corp.example",
+        assert refused("invalid", lambda: users.create_user(session, ACTOR, "bob@corp.example",
                                                             password="x" * 1025)) \
             == "password is longer than 1024 characters"
-        assert refused("not_found", lambda: ident.get_user(session, "nobody@corp.example")) == \
+        assert refused("not_found", lambda: users.get_user(session, "nobody@corp.example")) == \
             "user 'nobody@corp.example' does not exist"
     (created,) = audit(store, "user.create")
     assert created.actor == ACTOR and created.after is not None
@@ -96,33 +109,33 @@ def test_user_changes_bump_the_version_only_when_edges_need_them(store: Store) -
     user_id = make_user(store)
     before = version(store)
     with store.begin() as session:
-        ident.update_user(session, ACTOR, user_id, display_name="Alice A.")
+        users.update_user(session, ACTOR, user_id, display_name="Alice A.")
     assert version(store) == before  # not in the snapshot
     with store.begin() as session:
-        ident.update_user(session, ACTOR, user_id, display_name="Alice A.")  # no change: not recorded
-        ident.set_password(session, ACTOR, user_id, "another password")
+        users.update_user(session, ACTOR, user_id, display_name="Alice A.")  # no change: not recorded
+        users.set_password(session, ACTOR, user_id, "another password")
     assert version(store) == before
     assert len(audit(store, "user.update")) == 1
     with store.begin() as session:
-        ident.disable_user(session, ACTOR, user_id)
-        ident.set_risk_level(session, ACTOR, user_id, "high")
-        assert refused("invalid", lambda: ident.set_risk_level(session, ACTOR, user_id, "severe")) == \
+        users.disable_user(session, ACTOR, user_id)
+        users.set_risk_level(session, ACTOR, user_id, "high")
+        assert refused("invalid", lambda: users.set_risk_level(session, ACTOR, user_id, "severe")) == \
             "risk level 'severe' is not one of none, low, medium, high"
     assert version(store) == before + 2
     with store.read() as session:
-        assert ident.snapshot_users(session) == [(user_id, "alice@corp.example", [], True, "high")]
+        assert users.snapshot_users(session) == [(user_id, "alice@corp.example", [], True, "high")]
 
 
 def test_password_check_gives_one_message_and_costs_the_same_for_unknown_users(store: Store) -> None:
     user_id = make_user(store)
     make_user(store, "nopassword@corp.example", password=None)
     with store.read() as session:
-        assert ident.check_password(session, "Alice@corp.example", PASSWORD).id == user_id
-        wrong = refused("auth_failed", lambda: ident.check_password(session, "alice@corp.example", "wrong password"))
-        unknown = refused("auth_failed", lambda: ident.check_password(session, "bob@corp.example", PASSWORD))
-        no_password = refused("auth_failed", lambda: ident.check_password(session, "nopassword@corp.example",
+        assert users.check_password(session, "Alice@corp.example", PASSWORD).id == user_id
+        wrong = refused("auth_failed", lambda: users.check_password(session, "alice@corp.example", "wrong password"))
+        unknown = refused("auth_failed", lambda: users.check_password(session, "bob@corp.example", PASSWORD))
+        no_password = refused("auth_failed", lambda: users.check_password(session, "nopassword@corp.example",
                                                                           PASSWORD))
-        malformed = refused("auth_failed", lambda: ident.check_password(session, "not a upn", PASSWORD))
+        malformed = refused("auth_failed", lambda: users.check_password(session, "not a upn", PASSWORD))
         assert wrong == unknown == no_password == malformed == "user name or password is wrong"
 
         def timed(upn: str) -> float:
@@ -130,40 +143,40 @@ def test_password_check_gives_one_message_and_costs_the_same_for_unknown_users(s
             for _ in range(3):
                 began = time.perf_counter()
                 with pytest.raises(StoreError):
-                    ident.check_password(session, upn, "wrong password")
+                    users.check_password(session, upn, "wrong password")
                 samples.append(time.perf_counter() - began)
             return statistics.median(samples)
 
         known, missing = timed("alice@corp.example"), timed("bob@corp.example")
         assert missing > 0.5 * known, (known, missing)  # the dummy hash costs an argon2 verification too
     with store.begin() as session:
-        ident.disable_user(session, ACTOR, user_id)
+        users.disable_user(session, ACTOR, user_id)
     with store.read() as session:
-        assert refused("account_disabled", lambda: ident.check_password(session, "alice@corp.example", PASSWORD)) \
+        assert refused("account_disabled", lambda: users.check_password(session, "alice@corp.example", PASSWORD)) \
             == "account is disabled"
         # A disabled account is only revealed to whoever knows the password.
-        assert refused("auth_failed", lambda: ident.check_password(session, "alice@corp.example", "wrong one!"))
+        assert refused("auth_failed", lambda: users.check_password(session, "alice@corp.example", "wrong one!"))
 
 
 def test_deleting_a_user_revokes_device_certificates_and_cascades(store: Store) -> None:
     user_id = make_user(store)
     with store.begin() as session:
-        group = ident.create_user_group(session, ACTOR, "eng")
-        ident.add_group_member(session, ACTOR, "eng", user_id)
-        device = ident.register_device(session, ACTOR, user_id, name="laptop", os="linux", os_version="6.1")
-        ident.record_device_certificate(session, ACTOR, device.id, 0xABC123, datetime.now(UTC) + timedelta(days=30))
-        ident.create_session(session, user_id, device_id=device.id)
+        group = user_groups.create_user_group(session, ACTOR, "eng")
+        user_groups.add_group_member(session, ACTOR, "eng", user_id)
+        device = devices.register_device(session, ACTOR, user_id, name="laptop", os="linux", os_version="6.1")
+        devices.record_device_certificate(session, ACTOR, device.id, 0xABC123, datetime.now(UTC) + timedelta(days=30))
+        sessions.create_session(session, user_id, device_id=device.id)
         group_id, device_id = group.id, device.id
     before = version(store)
     with store.begin() as session:
-        ident.delete_user(session, ACTOR, "alice@corp.example")
+        users.delete_user(session, ACTOR, "alice@corp.example")
     assert version(store) > before
     with store.read() as session:
-        assert repo.is_revoked(session, 0xABC123)
+        assert certificates.is_revoked(session, 0xABC123)
         assert session.get(Device, device_id) is None
         assert session.scalars(select(SignInSession)).all() == []
         assert session.scalars(select(GroupMember).where(GroupMember.group_id == group_id)).all() == []
-        assert ident.snapshot_users(session) == [] and ident.snapshot_devices(session) == []
+        assert users.snapshot_users(session) == [] and devices.snapshot_devices(session) == []
     (deleted,) = audit(store, "user.delete")
     assert deleted.before is not None and deleted.before["groups"] == [group_id]
 
@@ -175,36 +188,36 @@ def test_groups_and_membership_are_configuration(store: Store) -> None:
     alice = make_user(store)
     bob = make_user(store, "bob@corp.example")
     with store.begin() as session:
-        eng = ident.create_user_group(session, ACTOR, "eng")
-        ops = ident.create_user_group(session, ACTOR, "ops")
-        assert refused("conflict", lambda: ident.create_user_group(session, ACTOR, " eng ")) == \
+        eng = user_groups.create_user_group(session, ACTOR, "eng")
+        ops = user_groups.create_user_group(session, ACTOR, "ops")
+        assert refused("conflict", lambda: user_groups.create_user_group(session, ACTOR, " eng ")) == \
             "user group 'eng' already exists"
         eng_id, ops_id = eng.id, ops.id
     steps = version(store)
     with store.begin() as session:
-        ident.add_group_member(session, ACTOR, "eng", alice)
-        ident.add_group_member(session, ACTOR, ops_id, "ALICE@corp.example")
-        ident.add_group_member(session, ACTOR, "eng", "bob@corp.example")
-        assert refused("conflict", lambda: ident.add_group_member(session, ACTOR, "eng", alice)) == \
+        user_groups.add_group_member(session, ACTOR, "eng", alice)
+        user_groups.add_group_member(session, ACTOR, ops_id, "ALICE@corp.example")
+        user_groups.add_group_member(session, ACTOR, "eng", "bob@corp.example")
+        assert refused("conflict", lambda: user_groups.add_group_member(session, ACTOR, "eng", alice)) == \
             "user 'alice@corp.example' is already a member of group 'eng'"
-        assert refused("not_found", lambda: ident.add_group_member(session, ACTOR, "nope", alice)) == \
+        assert refused("not_found", lambda: user_groups.add_group_member(session, ACTOR, "nope", alice)) == \
             "user group 'nope' does not exist"
     assert version(store) == steps + 3
     with store.read() as session:
-        users = {row[0]: row for row in ident.snapshot_users(session)}
-        assert users[alice][2] == sorted([eng_id, ops_id])
-        assert users[bob][2] == [eng_id]
-        assert [u.upn for u in ident.group_members(session, "eng")] == ["alice@corp.example", "bob@corp.example"]
+        by_id = {row[0]: row for row in users.snapshot_users(session)}
+        assert by_id[alice][2] == sorted([eng_id, ops_id])
+        assert by_id[bob][2] == [eng_id]
+        assert [u.upn for u in user_groups.group_members(session, "eng")] == ["alice@corp.example", "bob@corp.example"]
     with store.begin() as session:
-        ident.remove_group_member(session, ACTOR, "eng", "bob@corp.example")
-        assert refused("not_found", lambda: ident.remove_group_member(session, ACTOR, "eng", bob)) == \
+        user_groups.remove_group_member(session, ACTOR, "eng", "bob@corp.example")
+        assert refused("not_found", lambda: user_groups.remove_group_member(session, ACTOR, "eng", bob)) == \
             "user 'bob@corp.example' is not a member of group 'eng'"
-        ident.rename_user_group(session, ACTOR, "ops", "operations")
-        ident.delete_user_group(session, ACTOR, eng_id)
+        user_groups.rename_user_group(session, ACTOR, "ops", "operations")
+        user_groups.delete_user_group(session, ACTOR, eng_id)
     assert version(store) == steps + 6
     with store.read() as session:
-        assert [g.name for g in ident.list_user_groups(session)] == ["operations"]
-        assert ident.user_group_ids(session, alice) == [ops_id]
+        assert [g.name for g in user_groups.list_user_groups(session)] == ["operations"]
+        assert users.user_group_ids(session, alice) == [ops_id]
     actions = [r.action for r in audit(store) if r.object_type == "user_group"]
     assert actions == ["user_group.create", "user_group.create", "user_group.add_member", "user_group.add_member",
                        "user_group.add_member", "user_group.remove_member", "user_group.update",
@@ -218,32 +231,32 @@ def test_device_register_compliance_and_revocation(store: Store) -> None:
     user_id = make_user(store)
     before = version(store)
     with store.begin() as session:
-        device = ident.register_device(session, ACTOR, user_id, name="laptop", os="windows", os_version="11")
+        device = devices.register_device(session, ACTOR, user_id, name="laptop", os="windows", os_version="11")
         assert re.fullmatch(r"[0-9a-f-]{36}", device.id) and device.compliant is False
-        ident.record_device_certificate(session, ACTOR, device.id, 0xBEEF, datetime.now(UTC) + timedelta(days=9))
+        devices.record_device_certificate(session, ACTOR, device.id, 0xBEEF, datetime.now(UTC) + timedelta(days=9))
         device_id = device.id
     assert version(store) == before + 1
     with store.begin() as session:
-        ident.update_device(session, ACTOR, device_id, name="work laptop")  # not configuration
+        devices.update_device(session, ACTOR, device_id, name="work laptop")  # not configuration
     assert version(store) == before + 1
     with store.begin() as session:
-        ident.set_device_compliant(session, ACTOR, device_id, True)
-        ident.update_device(session, ACTOR, device_id, os_version="11 23H2")
+        devices.set_device_compliant(session, ACTOR, device_id, True)
+        devices.update_device(session, ACTOR, device_id, os_version="11 23H2")
     assert version(store) == before + 3
     with store.read() as session:
-        assert ident.snapshot_devices(session) == [(device_id, user_id, "windows", "11 23H2", True, False)]
+        assert devices.snapshot_devices(session) == [(device_id, user_id, "windows", "11 23H2", True, False)]
     with store.begin() as session:
-        live, _ = ident.create_session(session, user_id, device_id=device_id)
+        live, _ = sessions.create_session(session, user_id, device_id=device_id)
         live_id = live.id
-        ident.revoke_device(session, ACTOR, device_id, "laptop stolen")
-        assert refused("conflict", lambda: ident.revoke_device(session, ACTOR, device_id)).startswith(
+        devices.revoke_device(session, ACTOR, device_id, "laptop stolen")
+        assert refused("conflict", lambda: devices.revoke_device(session, ACTOR, device_id)).startswith(
             f"device {device_id} was already revoked at ")
-        assert refused("device_refused", lambda: ident.create_session(session, user_id, device_id=device_id)) == \
+        assert refused("device_refused", lambda: sessions.create_session(session, user_id, device_id=device_id)) == \
             f"device {device_id} is revoked: register the device again"
     with store.read() as session:
-        assert repo.is_revoked(session, 0xBEEF)
-        assert ident.snapshot_devices(session)[0][5] is True
-        assert ident.revoked_session_ids(session) == [live_id]
+        assert certificates.is_revoked(session, 0xBEEF)
+        assert devices.snapshot_devices(session)[0][5] is True
+        assert sessions.revoked_session_ids(session) == [live_id]
     (revoked,) = audit(store, "device.revoke")
     assert revoked.after is not None and revoked.after["sessions_revoked"] == [live_id]
     assert revoked.after["reason"] == "laptop stolen"
@@ -252,15 +265,15 @@ def test_device_register_compliance_and_revocation(store: Store) -> None:
 def test_device_limits_and_ownership(store: Store) -> None:
     alice, bob = make_user(store), make_user(store, "bob@corp.example")
     with store.begin() as session:
-        for n in range(ident.MAX_DEVICES_PER_USER):
-            ident.register_device(session, ACTOR, alice, name=f"d{n}")
-        assert refused("conflict", lambda: ident.register_device(session, ACTOR, alice)) == \
-            (f"user 'alice@corp.example' already has {ident.MAX_DEVICES_PER_USER} devices, the most allowed "
-             f"({ident.MAX_DEVICES_PER_USER}): revoke one first")
-        mine = ident.list_devices(session, alice)[0].id
-        assert refused("device_refused", lambda: ident.create_session(session, bob, device_id=mine)) == \
+        for n in range(devices.MAX_DEVICES_PER_USER):
+            devices.register_device(session, ACTOR, alice, name=f"d{n}")
+        assert refused("conflict", lambda: devices.register_device(session, ACTOR, alice)) == \
+            (f"user 'alice@corp.example' already has {devices.MAX_DEVICES_PER_USER} devices, the most allowed "
+             f"({devices.MAX_DEVICES_PER_USER}): revoke one first")
+        mine = devices.list_devices(session, alice)[0].id
+        assert refused("device_refused", lambda: sessions.create_session(session, bob, device_id=mine)) == \
             f"device {mine!r} is not a device of bob@corp.example"
-        assert "longer than 64 characters" in refused("invalid", lambda: ident.register_device(
+        assert "longer than 64 characters" in refused("invalid", lambda: devices.register_device(
             session, ACTOR, bob, os="x" * 65))
 
 
@@ -271,7 +284,7 @@ def test_refresh_rotates_and_reuse_revokes_the_session(store: Store) -> None:
     user_id = make_user(store)
     before = version(store)
     with store.begin() as session:
-        row, first = ident.create_session(session, user_id, amr=("pwd", "mfa"))
+        row, first = sessions.create_session(session, user_id, amr=("pwd", "mfa"))
         sid = row.id
     assert re.fullmatch(rf"fmrt_{sid}\.[A-Za-z0-9_-]{{43}}", first)
     assert version(store) == before  # signing in is not configuration
@@ -279,29 +292,29 @@ def test_refresh_rotates_and_reuse_revokes_the_session(store: Store) -> None:
     assert created.actor == f"user:{user_id}" and created.after is not None and created.after["amr"] == "pwd,mfa"
     with store.read() as session:
         stored = session.get_one(SignInSession, sid)
-        assert stored.refresh_hash == repo.hash_secret(first) and first not in json.dumps(created.after)
+        assert stored.refresh_hash == values.hash_secret(first) and first not in json.dumps(created.after)
     with store.begin() as session:
-        row, second = ident.refresh_session(session, first)
+        row, second = sessions.refresh_session(session, first)
         assert second != first and row.id == sid and row.last_refresh_at is not None
     with store.begin() as session:
-        _, third = ident.refresh_session(session, second)
+        _, third = sessions.refresh_session(session, second)
     # The first token comes back: the session is revoked (kept once the caller commits).
     with store.begin() as session:
-        message = refused("refresh_reused", lambda: ident.refresh_session(session, first))
+        message = refused("refresh_reused", lambda: sessions.refresh_session(session, first))
     assert message == (f"refresh token was already used: session {sid} is revoked, since its refresh token may "
                        f"be stolen; sign in again")
     assert version(store) == before + 1
     with store.begin() as session:
-        assert refused("session_revoked", lambda: ident.refresh_session(session, third)).startswith(
+        assert refused("session_revoked", lambda: sessions.refresh_session(session, third)).startswith(
             f"session {sid} was revoked at ")
-        assert ident.revoked_session_ids(session) == [sid]
+        assert sessions.revoked_session_ids(session) == [sid]
     (revoked,) = audit(store, "session.revoke")
-    assert revoked.actor == ident.REUSE_ACTOR
+    assert revoked.actor == sessions.REUSE_ACTOR
     with store.begin() as session:
-        assert refused("refresh_invalid", lambda: ident.refresh_session(session, "fmrt_nonsense")).startswith(
+        assert refused("refresh_invalid", lambda: sessions.refresh_session(session, "fmrt_nonsense")).startswith(
             "refresh token is malformed")
         unknown = f"fmrt_{'0' * 8}-0000-0000-0000-{'0' * 12}.{'A' * 43}"
-        assert refused("refresh_invalid", lambda: ident.refresh_session(session, unknown)).startswith(
+        assert refused("refresh_invalid", lambda: sessions.refresh_session(session, unknown)).startswith(
             "refresh token is not valid: its session does not exist")
 
 
@@ -309,48 +322,48 @@ def test_sessions_expire_and_follow_the_user_state(store: Store) -> None:
     user_id = make_user(store)
     now = datetime.now(UTC)
     with store.begin() as session:
-        old, old_token = ident.create_session(session, user_id, now=now - timedelta(days=2),
-                                              lifetime=timedelta(days=1))
-        live, live_token = ident.create_session(session, user_id, now=now)
+        old, old_token = sessions.create_session(session, user_id, now=now - timedelta(days=2),
+                                                 lifetime=timedelta(days=1))
+        live, live_token = sessions.create_session(session, user_id, now=now)
         old_id = old.id
-        assert live.expires_at == now + ident.DEFAULT_SESSION_LIFETIME
-        assert ident.session_status(live, now) == "active"
+        assert live.expires_at == now + sessions.DEFAULT_SESSION_LIFETIME
+        assert sessions.session_status(live, now) == "active"
     with store.begin() as session:
         # Creating a session deletes the user's expired ones.
         assert session.get(SignInSession, old_id) is None
-        row, _ = ident.create_session(session, user_id, now=now, lifetime=timedelta(hours=1))
-        assert refused("session_expired", lambda: ident.refresh_session(
+        row, _ = sessions.create_session(session, user_id, now=now, lifetime=timedelta(hours=1))
+        assert refused("session_expired", lambda: sessions.refresh_session(
             session, _, now=now + timedelta(hours=2))).startswith(f"session {row.id} expired at ")
-        ident.disable_user(session, ACTOR, user_id)
-        assert refused("account_disabled", lambda: ident.refresh_session(session, live_token)) == \
+        users.disable_user(session, ACTOR, user_id)
+        assert refused("account_disabled", lambda: sessions.refresh_session(session, live_token)) == \
             "account is disabled"
-        assert refused("account_disabled", lambda: ident.create_session(session, user_id)) == "account is disabled"
-        assert refused("invalid", lambda: ident.create_session(session, user_id, amr=("mfa",))).startswith(
+        assert refused("account_disabled", lambda: sessions.create_session(session, user_id)) == "account is disabled"
+        assert refused("invalid", lambda: sessions.create_session(session, user_id, amr=("mfa",))).startswith(
             "amr ['mfa'] is not one of")
     with store.begin() as session:
-        ident.enable_user(session, ACTOR, user_id)
-        ident.revoke_session(session, ACTOR, live.id, "lost phone")
-        assert refused("conflict", lambda: ident.revoke_session(session, ACTOR, live.id)).startswith(
+        users.enable_user(session, ACTOR, user_id)
+        sessions.revoke_session(session, ACTOR, live.id, "lost phone")
+        assert refused("conflict", lambda: sessions.revoke_session(session, ACTOR, live.id)).startswith(
             f"session {live.id} was already revoked at ")
-        assert refused("session_revoked", lambda: ident.active_session(session, live.id)).startswith(
+        assert refused("session_revoked", lambda: sessions.active_session(session, live.id)).startswith(
             f"session {live.id} was revoked at ")
         # Revoked sessions are listed for the edges only until they expire.
-        assert live.id in ident.revoked_session_ids(session)
+        assert live.id in sessions.revoked_session_ids(session)
         session.get_one(SignInSession, live.id).expires_at = now - timedelta(seconds=1)
         session.flush()
-        assert live.id not in ident.revoked_session_ids(session)
+        assert live.id not in sessions.revoked_session_ids(session)
 
 
 def test_session_limit_revokes_the_oldest(store: Store) -> None:
     user_id = make_user(store)
     now = datetime.now(UTC)
     with store.begin() as session:
-        ids = [ident.create_session(session, user_id, now=now + timedelta(seconds=n))[0].id
-               for n in range(ident.MAX_SESSIONS_PER_USER)]
-        before = repo.config_version(session)
-        newest, _ = ident.create_session(session, user_id, now=now + timedelta(seconds=1000))
-        assert repo.config_version(session) == before + 1
-        rows = {r.id: r for r in ident.list_sessions(session, user_id)}
+        ids = [sessions.create_session(session, user_id, now=now + timedelta(seconds=n))[0].id
+               for n in range(sessions.MAX_SESSIONS_PER_USER)]
+        before = config_version.config_version(session)
+        newest, _ = sessions.create_session(session, user_id, now=now + timedelta(seconds=1000))
+        assert config_version.config_version(session) == before + 1
+        rows = {r.id: r for r in sessions.list_sessions(session, user_id)}
         assert rows[ids[0]].revoked_at is not None
         assert all(rows[i].revoked_at is None for i in ids[1:]) and rows[newest.id].revoked_at is None
 
@@ -362,48 +375,49 @@ def test_totp_enrolment_second_factor_and_recovery_codes(store: Store) -> None:
     user_id = make_user(store)
     now = datetime.now(UTC)
     with store.begin() as session:
-        secret = ident.start_totp_enrolment(session, user_id)
-        user = ident.get_user(session, user_id)
+        secret = totp.start_totp_enrolment(session, user_id)
+        user = users.get_user(session, user_id)
         assert re.fullmatch(r"[A-Z2-7]{32}", secret) and user.totp_enabled is False
-        assert ident.totp_uri(user, secret).startswith("otpauth://totp/Ferryman:alice%40corp.example?secret=")
-        totp = pyotp.TOTP(secret)
-        assert refused("mfa_failed", lambda: ident.confirm_totp(session, user_id, "000000" if totp.at(now) != "000000"
-                                                                 else "111111", now=now)).startswith(
+        assert totp.totp_uri(user, secret).startswith("otpauth://totp/Ferryman:alice%40corp.example?secret=")
+        authenticator = pyotp.TOTP(secret)
+        wrong = "000000" if authenticator.at(now) != "000000" else "111111"
+        assert refused("mfa_failed", lambda: totp.confirm_totp(session, user_id, wrong, now=now)).startswith(
             "TOTP code is wrong")
-        codes, step = ident.confirm_totp(session, user_id, totp.at(now), now=now)
-        assert step == ident.totp_step(now) and user.totp_enabled is True
+        codes, step = totp.confirm_totp(session, user_id, authenticator.at(now), now=now)
+        assert step == totp.totp_step(now) and user.totp_enabled is True
         assert len(codes) == 10 and len(set(codes)) == 10
         assert all(re.fullmatch(r"[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}", c) for c in codes)
-        assert refused("conflict", lambda: ident.start_totp_enrolment(session, user_id)) == \
+        assert refused("conflict", lambda: totp.start_totp_enrolment(session, user_id)) == \
             "TOTP is already enabled for alice@corp.example: an admin must reset it before a new enrolment"
     with store.begin() as session:
-        user = ident.get_user(session, user_id)
-        assert refused("mfa_required", lambda: ident.verify_second_factor(session, user)) == \
+        user = users.get_user(session, user_id)
+        assert refused("mfa_required", lambda: totp.verify_second_factor(session, user)) == \
             "a TOTP code is required"
-        current = ident.totp_step(now)
+        current = totp.totp_step(now)
         # One step of clock drift either way is accepted, two are not.
-        assert ident.verify_second_factor(session, user, totp_code=totp.at(now - timedelta(seconds=30)), now=now) \
-            == current - 1
-        assert ident.verify_second_factor(session, user, totp_code=totp.at(now + timedelta(seconds=30)), now=now) \
-            == current + 1
-        far = totp.at(now - timedelta(seconds=60))
-        if far not in {totp.at(now + timedelta(seconds=30 * d)) for d in (-1, 0, 1)}:
-            assert refused("mfa_failed", lambda: ident.verify_second_factor(session, user, totp_code=far, now=now))
-        assert refused("invalid", lambda: ident.verify_second_factor(session, user, totp_code="1", recovery_code="2")) \
+        assert totp.verify_second_factor(session, user, totp_code=authenticator.at(now - timedelta(seconds=30)),
+                                         now=now) == current - 1
+        assert totp.verify_second_factor(session, user, totp_code=authenticator.at(now + timedelta(seconds=30)),
+                                         now=now) == current + 1
+        far = authenticator.at(now - timedelta(seconds=60))
+        if far not in {authenticator.at(now + timedelta(seconds=30 * d)) for d in (-1, 0, 1)}:
+            assert refused("mfa_failed", lambda: totp.verify_second_factor(session, user, totp_code=far, now=now))
+        assert refused("invalid", lambda: totp.verify_second_factor(session, user, totp_code="1", recovery_code="2")) \
             == "give either a TOTP code or a recovery code, not both"
         # A recovery code works once, written any way.
-        assert ident.verify_second_factor(session, user, recovery_code=codes[0].upper().replace("-", " ")) is None
-        assert refused("mfa_failed", lambda: ident.verify_second_factor(session, user, recovery_code=codes[0])) == \
+        assert totp.verify_second_factor(session, user, recovery_code=codes[0].upper().replace("-", " ")) is None
+        assert refused("mfa_failed", lambda: totp.verify_second_factor(session, user, recovery_code=codes[0])) == \
             "recovery code is wrong or was already used"
-        assert ident.recovery_codes_left(session, user_id) == 9
+        assert totp.recovery_codes_left(session, user_id) == 9
     with store.begin() as session:
-        ident.reset_totp(session, ACTOR, user_id)
-        user = ident.get_user(session, user_id)
+        totp.reset_totp(session, ACTOR, user_id)
+        user = users.get_user(session, user_id)
         assert user.totp_enabled is False and user.totp_secret is None
         assert session.scalars(select(RecoveryCode).where(RecoveryCode.user_id == user_id)).all() == []
-        assert refused("invalid", lambda: ident.verify_second_factor(session, user, totp_code=totp.at(now))) == \
+        assert refused("invalid",
+                       lambda: totp.verify_second_factor(session, user, totp_code=authenticator.at(now))) == \
             "alice@corp.example has no TOTP second factor enabled: sign in without a code"
-        assert refused("conflict", lambda: ident.reset_totp(session, ACTOR, user_id)) == \
+        assert refused("conflict", lambda: totp.reset_totp(session, ACTOR, user_id)) == \
             "alice@corp.example has no TOTP set up: nothing to reset"
     # No secret is in any audit record.
     text = json.dumps([[r.before, r.after] for r in audit(store)])
@@ -418,21 +432,21 @@ def test_totp_enrolment_second_factor_and_recovery_codes(store: Store) -> None:
 def test_snapshot_reads(store: Store) -> None:
     alice, bob = make_user(store), make_user(store, "bob@corp.example", password=None)
     with store.begin() as session:
-        group = ident.create_user_group(session, ACTOR, "eng")
-        ident.add_group_member(session, ACTOR, group.id, bob)
-        device = ident.register_device(session, ACTOR, alice, os="macos", os_version="14.5")
-        ident.update_user(session, ACTOR, alice, risk_level="medium")
-        row, _ = ident.create_session(session, alice)
-        ident.revoke_session(session, ACTOR, row.id)
-        ident.create_session(session, alice)  # live: not listed
+        group = user_groups.create_user_group(session, ACTOR, "eng")
+        user_groups.add_group_member(session, ACTOR, group.id, bob)
+        device = devices.register_device(session, ACTOR, alice, os="macos", os_version="14.5")
+        users.update_user(session, ACTOR, alice, risk_level="medium")
+        row, _ = sessions.create_session(session, alice)
+        sessions.revoke_session(session, ACTOR, row.id)
+        sessions.create_session(session, alice)  # live: not listed
         group_id, device_id, revoked = group.id, device.id, row.id
     with store.read() as session:
-        assert ident.snapshot_users(session) == sorted([
+        assert users.snapshot_users(session) == sorted([
             (alice, "alice@corp.example", [], False, "medium"),
             (bob, "bob@corp.example", [group_id], False, "none"),
         ])
-        assert ident.snapshot_devices(session) == [(device_id, alice, "macos", "14.5", False, False)]
-        assert ident.revoked_session_ids(session) == [revoked]
+        assert devices.snapshot_devices(session) == [(device_id, alice, "macos", "14.5", False, False)]
+        assert sessions.revoked_session_ids(session) == [revoked]
     # Expiry is judged as of the configuration version's change, so one version always lists the same
     # sessions: one that expired since then stays listed until the next change.
     with store.begin() as session:
@@ -440,7 +454,7 @@ def test_snapshot_reads(store: Store) -> None:
         session.get_one(SignInSession, revoked).expires_at = changed_at + timedelta(milliseconds=1)
     time.sleep(0.01)
     with store.read() as session:
-        assert ident.revoked_session_ids(session) == [revoked]
+        assert sessions.revoked_session_ids(session) == [revoked]
     with store.begin() as session:
-        ident.create_user_group(session, ACTOR, "ops")  # the next change
-        assert ident.revoked_session_ids(session) == []
+        user_groups.create_user_group(session, ACTOR, "ops")  # the next change
+        assert sessions.revoked_session_ids(session) == []

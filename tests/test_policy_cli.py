@@ -1,5 +1,5 @@
 """Tests of the access commands of ``ferryman admin`` (``assignments``, ``locations``,
-``policies`` in ``control/admin_cli.py``) against a real control plane.
+``policies`` in ``control/admin/``) against a real control plane.
 
 As in ``test_admin_cli.py``: the control plane runs as ``python -m dataplane control`` in a
 subprocess (SQLite in a temporary directory), and each command as ``python -m dataplane
@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from control.admin_cli import duration_text, parse_duration
+from control.admin.args import parse_duration
+from control.admin.output import duration_text
 
 from controlplane import ROOT, Control, environment
 

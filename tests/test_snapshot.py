@@ -17,7 +17,20 @@ from typing import Any
 import pytest
 
 from control.snapshot import SnapshotHub, TooManyWaiters, build_from_store, build_snapshot, follow_store, refresh
-from control.store import Store, open_store, repo
+from control.store import (
+    Store,
+    admin_keys,
+    applications,
+    assignments,
+    certificates,
+    config_version,
+    connector_groups,
+    dns_suffixes,
+    named_locations,
+    nodes,
+    open_store,
+    policies,
+)
 from dataplane.access.apptable import AppTable
 from dataplane.access.apptable import app_table
 from dataplane.contract.snapshot import (
@@ -56,21 +69,21 @@ def populate(store: Store) -> None:
     """Per-app apps (created out of name order), a quick access app whose name sorts first,
     an app without segments, groups, DNS suffixes and revocations."""
     with store.begin() as session:
-        repo.create_group(session, ACTOR, "branch", region="eu-west")
-        repo.create_application(session, ACTOR, "all-private", kind="quick_access", segments=[
+        connector_groups.create_group(session, ACTOR, "branch", region="eu-west")
+        applications.create_application(session, ACTOR, "all-private", kind="quick_access", segments=[
             seg("10.0.0.0/8"), seg("*.corp.example"), seg("10.1.1.5", "3389"), seg("10.9.0.53", "53", "udp"),
         ])
-        repo.create_application(session, ACTOR, "rdp", connector_group="branch", segments=[
+        applications.create_application(session, ACTOR, "rdp", connector_group="branch", segments=[
             seg("10.1.1.0/24", "3389"), seg("rdp.corp.example", "3389"),
         ])
-        repo.create_application(session, ACTOR, "intranet", segments=[
+        applications.create_application(session, ACTOR, "intranet", segments=[
             seg("*.intra.corp.example", "443,80"), seg("10.2.0.0/16", "8000-8100,22"),
         ])
-        repo.create_application(session, ACTOR, "placeholder")
-        repo.add_dns_suffix(session, ACTOR, "corp.example")
-        repo.add_dns_suffix(session, ACTOR, ".branch.example")
-        repo.revoke_certificate(session, ACTOR, 0xBEEF, reason="lost laptop")
-        repo.revoke_certificate(session, ACTOR, 0x1F)
+        applications.create_application(session, ACTOR, "placeholder")
+        dns_suffixes.add_dns_suffix(session, ACTOR, "corp.example")
+        dns_suffixes.add_dns_suffix(session, ACTOR, ".branch.example")
+        certificates.revoke_certificate(session, ACTOR, 0xBEEF, reason="lost laptop")
+        certificates.revoke_certificate(session, ACTOR, 0x1F)
 
 
 def snapshot_of(store: Store) -> ConfigSnapshot:
@@ -88,7 +101,7 @@ def app_of(table: AppTable, host: str, port: int, protocol: str = "tcp") -> str 
 def test_build_from_a_store_gives_every_field_sorted(store: Store) -> None:
     populate(store)
     with store.read() as session:
-        version = repo.config_version(session)
+        version = config_version.config_version(session)
         snap = build_snapshot(session, edges=EDGES)
     assert version == 9  # 1 group + 4 applications + 2 DNS suffixes + 2 revocations
     assert snap.version == version
@@ -128,12 +141,12 @@ def test_equal_configurations_encode_to_equal_bytes(store: Store) -> None:
 def test_registered_edges_follow_the_public_ones_until_revoked(store: Store) -> None:
     not_after = datetime(2031, 1, 1, tzinfo=UTC)
     with store.begin() as session:
-        edge = repo.add_edge(session, ACTOR, "edge-r", "edge-r.example:8443", cert_serial=0xE1,
-                             cert_not_after=not_after)
-        repo.add_edge(session, ACTOR, "edge-dup", EDGES[0], cert_serial=0xE2, cert_not_after=not_after)
+        edge = nodes.add_edge(session, ACTOR, "edge-r", "edge-r.example:8443", cert_serial=0xE1,
+                              cert_not_after=not_after)
+        nodes.add_edge(session, ACTOR, "edge-dup", EDGES[0], cert_serial=0xE2, cert_not_after=not_after)
     assert snapshot_of(store).edges == [*EDGES, "edge-r.example:8443"]
     with store.begin() as session:
-        repo.revoke_node(session, ACTOR, "edge", edge.id)
+        nodes.revoke_node(session, ACTOR, "edge", edge.id)
     snap = snapshot_of(store)
     assert snap.edges == EDGES and "e1" in snap.revoked_serials
 
@@ -142,7 +155,7 @@ def test_a_store_change_bumps_the_version_and_changes_the_snapshot(store: Store)
     populate(store)
     before = snapshot_of(store)
     with store.begin() as session:
-        repo.add_segment(session, ACTOR, "intranet", seg("db.corp.example", "5432"))
+        applications.add_segment(session, ACTOR, "intranet", seg("db.corp.example", "5432"))
     after = snapshot_of(store)
     assert after.version == before.version + 1
     assert after.issued_at >= before.issued_at
@@ -151,7 +164,7 @@ def test_a_store_change_bumps_the_version_and_changes_the_snapshot(store: Store)
     assert app_of(app_table(after), "db.corp.example", 5432) == "intranet"
     # A change that is not configuration (an admin key) leaves the snapshot alone.
     with store.begin() as session:
-        repo.create_admin_key(session, ACTOR, "ops")
+        admin_keys.create_admin_key(session, ACTOR, "ops")
     assert encode(snapshot_of(store)) == encode(after)
 
 
@@ -228,7 +241,7 @@ def test_is_revoked(store: Store) -> None:
     assert revoked_set(snap) is revoked_set(snap)  # computed once per snapshot
     assert b"_revoked" not in encode(snap)  # the cache is never sent or stored
     with store.begin() as session:
-        repo.revoke_certificate(session, ACTOR, 0xBEEE)
+        certificates.revoke_certificate(session, ACTOR, 0xBEEE)
     assert is_revoked(snapshot_of(store), 0xBEEE)
     assert not is_revoked(ConfigSnapshot(version=0, issued_at=""), 1)
 
@@ -429,7 +442,7 @@ def test_a_store_change_reaches_a_waiting_node_within_2_seconds(store: Store) ->
 
             def change() -> None:
                 with store.begin() as session:
-                    repo.create_application(session, ACTOR, "db", segments=[seg("db.corp.example", "5432")])
+                    applications.create_application(session, ACTOR, "db", segments=[seg("db.corp.example", "5432")])
 
             await asyncio.to_thread(change)
             changed = time.monotonic()
@@ -458,7 +471,6 @@ def populate_access(store: Store) -> dict[str, str]:
     policies on top of ``populate``; returns the ids by name."""
     from datetime import timedelta
 
-    from control.store import policy as access
     from control.store.models import Device, GroupMember, SignInSession, User, UserGroup, utcnow
 
     populate(store)
@@ -488,17 +500,17 @@ def populate_access(store: Store) -> dict[str, str]:
                                       created_at=now, expires_at=now + timedelta(hours=8),
                                       refresh_hash=sid.ljust(64, "0"), revoked_at=revoked))
         session.flush()
-        access.create_location(session, ACTOR, "office", ["198.51.100.0/24", "2001:db8::/32"])
-        access.create_location(session, ACTOR, "branch", ["192.0.2.0/24"])
-        access.assign_application(session, ACTOR, "rdp", group="staff")
-        access.assign_application(session, ACTOR, "rdp", user="carol@corp.example")
-        access.assign_application(session, ACTOR, "rdp", user="alice@corp.example")
-        access.assign_application(session, ACTOR, "intranet", group="admins")
-        access.create_policy(session, ACTOR, "zz-mfa-rdp", grant="require_mfa", applications=["rdp", "intranet"],
-                             groups=["staff"], users=["bob@corp.example", "alice@corp.example"],
-                             conditions={"locations": ["office", "branch"], "signin_older_than": 3600})
-        access.create_policy(session, ACTOR, "aa-block-risky", grant="block", state="report_only",
-                             conditions={"user_risk_at_least": "high", "device_os": ["Linux", "ChromeOS"]})
+        named_locations.create_location(session, ACTOR, "office", ["198.51.100.0/24", "2001:db8::/32"])
+        named_locations.create_location(session, ACTOR, "branch", ["192.0.2.0/24"])
+        assignments.assign_application(session, ACTOR, "rdp", group="staff")
+        assignments.assign_application(session, ACTOR, "rdp", user="carol@corp.example")
+        assignments.assign_application(session, ACTOR, "rdp", user="alice@corp.example")
+        assignments.assign_application(session, ACTOR, "intranet", group="admins")
+        policies.create_policy(session, ACTOR, "zz-mfa-rdp", grant="require_mfa", applications=["rdp", "intranet"],
+                               groups=["staff"], users=["bob@corp.example", "alice@corp.example"],
+                               conditions={"locations": ["office", "branch"], "signin_older_than": 3600})
+        policies.create_policy(session, ACTOR, "aa-block-risky", grant="block", state="report_only",
+                               conditions={"user_risk_at_least": "high", "device_os": ["Linux", "ChromeOS"]})
     return ids
 
 
@@ -558,15 +570,14 @@ def open_store_like(store: Store) -> Store:
 
 
 def test_policy_targets_follow_renames_and_deleted_targets_never_widen_a_policy(store: Store) -> None:
-    from control.store import policy as access
     from control.store.models import User, UserGroup
 
     populate_access(store)
     with store.begin() as session:
-        repo.update_application(session, ACTOR, "rdp", new_name="rdp-finance")
-        access.create_policy(session, ACTOR, "only-carol", grant="block", users=["carol@corp.example"])
-        access.create_policy(session, ACTOR, "admins-or-carol", grant="block", users=["carol@corp.example"],
-                             groups=["admins"])
+        applications.update_application(session, ACTOR, "rdp", new_name="rdp-finance")
+        policies.create_policy(session, ACTOR, "only-carol", grant="block", users=["carol@corp.example"])
+        policies.create_policy(session, ACTOR, "admins-or-carol", grant="block", users=["carol@corp.example"],
+                               groups=["admins"])
     before = snapshot_of(store)
     assert before.policies[0].applications == ["intranet", "rdp-finance"]
     assert [a.name for a in before.applications if a.users] == ["rdp-finance"]
@@ -574,7 +585,7 @@ def test_policy_targets_follow_renames_and_deleted_targets_never_widen_a_policy(
     with store.begin() as session:
         session.delete(session.get(User, "u-3"))
         session.delete(session.get(UserGroup, "g-1"))
-        repo.create_group(session, ACTOR, "bump")  # a configuration change, for a new version
+        connector_groups.create_group(session, ACTOR, "bump")  # a configuration change, for a new version
     after = snapshot_of(store)
     names = [p.name for p in after.policies]
     assert "only-carol" not in names and "admins-or-carol" not in names  # they target nobody now, not everyone
@@ -627,4 +638,4 @@ def test_refresh_and_follow_store_pass_the_token_keys(store: Store) -> None:
 
 def _add_suffix(store: Store, suffix: str) -> None:
     with store.begin() as session:
-        repo.add_dns_suffix(session, ACTOR, suffix)
+        dns_suffixes.add_dns_suffix(session, ACTOR, suffix)

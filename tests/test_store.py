@@ -30,8 +30,22 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
 
-from control.store import Store, StoreError, database_url, open_store, repo
+from control.store import (
+    Store,
+    StoreError,
+    admin_keys,
+    applications,
+    certificates,
+    config_version,
+    connector_groups,
+    database_url,
+    dns_suffixes,
+    nodes,
+    open_store,
+    registration_tokens,
+)
 from control.store.db import MIGRATIONS_DIR
+from control.store.audit import list_audit
 from control.store.models import Application, AuditRecord, Base, ConnectorGroup, utcnow
 from dataplane.contract.apps import MAX_SEGMENTS
 
@@ -110,12 +124,12 @@ def refused(code: str, call: Callable[[], object]) -> str:
 def audit(store: Store) -> list[AuditRecord]:
     """Every audit record, oldest first."""
     with store.read() as session:
-        return list(reversed(repo.list_audit(session, limit=1000)))
+        return list(reversed(list_audit(session, limit=1000)))
 
 
 def version(store: Store) -> int:
     with store.read() as session:
-        return repo.config_version(session)
+        return config_version.config_version(session)
 
 
 # ---------------------------------------------------------------------------- migrations and schema
@@ -126,11 +140,11 @@ def test_migrations_build_the_schema_on_an_empty_database(url: str) -> None:
         assert store.migrations_applied == ("0001", "0002", "0003", "0004", "0005")
         assert set(sa.inspect(store.engine).get_table_names()) == TABLES
         with store.read() as session:
-            groups = repo.list_groups(session)
+            groups = connector_groups.list_groups(session)
             assert [(g.name, g.is_default) for g in groups] == [("default", True)]
-            assert repo.default_group(session).name == "default"
-            assert repo.config_version(session) == 0
-            assert repo.list_audit(session) == []
+            assert connector_groups.default_group(session).name == "default"
+            assert config_version.config_version(session) == 0
+            assert list_audit(session) == []
 
 
 def test_models_and_migrated_schema_agree(store: Store) -> None:
@@ -147,21 +161,21 @@ def test_models_and_migrated_schema_agree(store: Store) -> None:
 
 def test_reopening_keeps_data_and_does_not_migrate_again(url: str) -> None:
     with open_store(url) as store, store.begin() as session:
-        repo.create_application(session, ACTOR, "web", segments=[seg("web.corp.example", "443")])
+        applications.create_application(session, ACTOR, "web", segments=[seg("web.corp.example", "443")])
     with open_store(url) as store:
         assert store.migrations_applied == ()
         with store.read() as session:
-            assert [a.name for a in repo.list_applications(session)] == ["web"]
-            assert len(repo.list_groups(session)) == 1
-            assert repo.config_version(session) == 1
+            assert [a.name for a in applications.list_applications(session)] == ["web"]
+            assert len(connector_groups.list_groups(session)) == 1
+            assert config_version.config_version(session) == 1
 
 
 def test_upgrading_from_0001_records_the_certificates_of_existing_nodes(store: Store, url: str) -> None:
     not_after = datetime(2031, 5, 1, tzinfo=UTC)
     with store.begin() as session:
-        connector = repo.add_connector(session, ACTOR, "conn-old", cert_serial=0xABC, cert_not_after=not_after)
-        edge = repo.add_edge(session, ACTOR, "edge-old", "edge.example:8443", cert_serial=0x4D,
-                             cert_not_after=not_after)
+        connector = nodes.add_connector(session, ACTOR, "conn-old", cert_serial=0xABC, cert_not_after=not_after)
+        edge = nodes.add_edge(session, ACTOR, "edge-old", "edge.example:8443", cert_serial=0x4D,
+                              cert_not_after=not_after)
     with store.engine.begin() as conn:
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -172,9 +186,9 @@ def test_upgrading_from_0001_records_the_certificates_of_existing_nodes(store: S
     with open_store(url) as upgraded:
         assert upgraded.migrations_applied == ("0002", "0003", "0004", "0005")
         with upgraded.read() as session:
-            assert repo.node_for_certificate(session, 0xABC).id == connector.id
-            assert repo.node_for_certificate(session, 0x4D).id == edge.id
-            assert repo.get_edge(session, edge.id).tunnels == 0
+            assert certificates.node_for_certificate(session, 0xABC).id == connector.id
+            assert certificates.node_for_certificate(session, 0x4D).id == edge.id
+            assert nodes.get_edge(session, edge.id).tunnels == 0
 
 
 def test_downgrade_removes_every_table(store: Store) -> None:
@@ -216,9 +230,9 @@ def test_plain_postgresql_urls_use_psycopg(postgres_url: str) -> None:
 
 def test_times_are_aware_utc_and_naive_times_are_refused(store: Store) -> None:
     with store.begin() as session:
-        app = repo.create_application(session, ACTOR, "web")
+        app = applications.create_application(session, ACTOR, "web")
     with store.read() as session:
-        created = repo.get_application(session, "web").created_at
+        created = applications.get_application(session, "web").created_at
     assert created.tzinfo is UTC and created == app.created_at
     with pytest.raises(sa.exc.StatementError, match="naive datetime"), store.begin() as session:
         session.add(ConnectorGroup(name="naive", region="", is_default=False, created_at=datetime(2030, 1, 1)))
@@ -230,8 +244,8 @@ def test_times_are_aware_utc_and_naive_times_are_refused(store: Store) -> None:
 
 def test_application_create_update_delete_with_audit(store: Store) -> None:
     with store.begin() as session:
-        repo.create_group(session, ACTOR, "branch", region="eu-west")
-        app = repo.create_application(session, ACTOR, " intranet ", segments=[
+        connector_groups.create_group(session, ACTOR, "branch", region="eu-west")
+        app = applications.create_application(session, ACTOR, " intranet ", segments=[
             seg("*.Corp.Example.", "443,80,81,8000-8100,8050"), seg("10.20.0.0/16", [22, "3389"], "tcp"),
         ])
         app_id = app.id
@@ -250,8 +264,8 @@ def test_application_create_update_delete_with_audit(store: Store) -> None:
     assert [s["destination"] for s in created.after["segments"]] == ["*.corp.example", "10.20.0.0/16"]
 
     with store.begin() as session:
-        repo.update_application(session, "admin-key:other", "intranet", new_name="intra", connector_group="branch",
-                                segments=[seg("10.20.0.0/16", "22")])
+        applications.update_application(session, "admin-key:other", "intranet", new_name="intra",
+                                        connector_group="branch", segments=[seg("10.20.0.0/16", "22")])
     update = audit(store)[-1]
     assert (update.actor, update.action, update.object_id) == ("admin-key:other", "application.update", str(app_id))
     assert update.before is not None and update.after is not None
@@ -263,62 +277,64 @@ def test_application_create_update_delete_with_audit(store: Store) -> None:
 
     records = len(audit(store))
     with store.begin() as session:  # a change that changes nothing is not one
-        repo.update_application(session, ACTOR, "intra", new_name="intra", connector_group="branch",
-                                segments=[seg("10.20.0.0/16", 22)])
+        applications.update_application(session, ACTOR, "intra", new_name="intra", connector_group="branch",
+                                        segments=[seg("10.20.0.0/16", 22)])
     assert len(audit(store)) == records
 
     with store.begin() as session:
-        repo.delete_application(session, ACTOR, "intra")
+        applications.delete_application(session, ACTOR, "intra")
     deleted = audit(store)[-1]
     assert (deleted.action, deleted.object_id, deleted.after) == ("application.delete", str(app_id), None)
     assert deleted.before is not None and deleted.before["name"] == "intra"
     with store.read() as session:
-        assert repo.list_applications(session) == []
+        assert applications.list_applications(session) == []
         assert session.scalar(sa.select(sa.func.count()).select_from(sa.table("segments"))) == 0
 
 
 def test_application_refusals(store: Store) -> None:
     with store.begin() as session:
-        repo.create_application(session, ACTOR, "web")
+        applications.create_application(session, ACTOR, "web")
     with store.begin() as session:
-        assert refused("conflict", lambda: repo.create_application(session, ACTOR, "web")) == \
+        assert refused("conflict", lambda: applications.create_application(session, ACTOR, "web")) == \
             "application 'web' already exists"
-        assert refused("invalid", lambda: repo.create_application(session, ACTOR, "  ")) == \
+        assert refused("invalid", lambda: applications.create_application(session, ACTOR, "  ")) == \
             "application name must be a non-empty string"
-        assert refused("invalid", lambda: repo.create_application(session, ACTOR, "x", kind="vpn")) == \
+        assert refused("invalid", lambda: applications.create_application(session, ACTOR, "x", kind="vpn")) == \
             "application kind 'vpn' is not one of per_app, quick_access"
-        assert refused("not_found", lambda: repo.create_application(session, ACTOR, "x", connector_group="nope")) == \
+        assert refused("not_found", lambda: applications.create_application(session, ACTOR, "x",
+                                                                            connector_group="nope")) == \
             "connector group 'nope' does not exist"
-        assert refused("not_found", lambda: repo.update_application(session, ACTOR, "nope", new_name="y")) == \
+        assert refused("not_found", lambda: applications.update_application(session, ACTOR, "nope", new_name="y")) == \
             "application 'nope' does not exist"
-        assert refused("not_found", lambda: repo.delete_application(session, ACTOR, "nope")) == \
+        assert refused("not_found", lambda: applications.delete_application(session, ACTOR, "nope")) == \
             "application 'nope' does not exist"
-        assert refused("invalid", lambda: repo.create_application(session, "", "x")) == \
+        assert refused("invalid", lambda: applications.create_application(session, "", "x")) == \
             "every change needs an actor (who makes it)"
     with store.read() as session:
-        assert [a.name for a in repo.list_applications(session)] == ["web"]
+        assert [a.name for a in applications.list_applications(session)] == ["web"]
 
 
 def test_segment_errors_name_the_app_and_the_segment(store: Store) -> None:
     with store.begin() as session:
-        message = refused("invalid", lambda: repo.create_application(
+        message = refused("invalid", lambda: applications.create_application(
             session, ACTOR, "web", segments=[seg("a.corp.example", "80"), seg("bad..name", "80")]))
         assert message == "app 'web' segment 2: 'bad..name' is not a valid host name or IP address"
-        message = refused("invalid", lambda: repo.create_application(session, ACTOR, "web",
-                                                                     segments=[seg("10.0.0.0/8", "0")]))
+        message = refused("invalid", lambda: applications.create_application(session, ACTOR, "web",
+                                                                             segments=[seg("10.0.0.0/8", "0")]))
         assert message == "app 'web' segment 1: port 0 out of range 1-65535"
-        message = refused("invalid", lambda: repo.create_application(
+        message = refused("invalid", lambda: applications.create_application(
             session, ACTOR, "web", segments=[seg("10.0.0.1", "80,443"), seg("10.0.0.1", "443,80")]))
         assert message == "app 'web' segment 2 repeats segment 1 (10.0.0.1:80,443/tcp)"
-        repo.create_application(session, ACTOR, "web", segments=[seg("10.0.0.1", "80"), seg("10.0.0.2", "80")])
-        message = refused("invalid", lambda: repo.add_segment(session, ACTOR, "web", seg("10.0.0.3", "80", "sctp")))
+        applications.create_application(session, ACTOR, "web", segments=[seg("10.0.0.1", "80"), seg("10.0.0.2", "80")])
+        message = refused("invalid", lambda: applications.add_segment(session, ACTOR, "web",
+                                                                      seg("10.0.0.3", "80", "sctp")))
         assert message == "app 'web' segment 3: protocol 'sctp' is not tcp or udp"
 
 
 def test_add_and_remove_segments_with_audit(store: Store) -> None:
     with store.begin() as session:
-        repo.create_application(session, ACTOR, "web", segments=[seg("10.0.0.1", "80")])
-        added = repo.add_segment(session, ACTOR, "web", seg("db.corp.example", "5432", "TCP"))
+        applications.create_application(session, ACTOR, "web", segments=[seg("10.0.0.1", "80")])
+        added = applications.add_segment(session, ACTOR, "web", seg("db.corp.example", "5432", "TCP"))
         added_id = added.id
     record = audit(store)[-1]
     assert (record.action, record.object_type, record.object_id, record.before) == (
@@ -326,14 +342,14 @@ def test_add_and_remove_segments_with_audit(store: Store) -> None:
     assert record.after == {"application": "web", "id": added_id, "destination": "db.corp.example",
                             "kind": "hostname", "ports": "5432", "protocol": "tcp"}
     with store.begin() as session:
-        repo.remove_segment(session, ACTOR, "web", added_id)
-        assert refused("not_found", lambda: repo.remove_segment(session, ACTOR, "web", added_id)) == \
+        applications.remove_segment(session, ACTOR, "web", added_id)
+        assert refused("not_found", lambda: applications.remove_segment(session, ACTOR, "web", added_id)) == \
             f"application 'web' has no segment {added_id}"
     record = audit(store)[-1]
     assert (record.action, record.after) == ("segment.delete", None)
     assert record.before is not None and record.before["destination"] == "db.corp.example"
     with store.read() as session:
-        assert [s.destination for s in repo.get_application(session, "web").segments] == ["10.0.0.1"]
+        assert [s.destination for s in applications.get_application(session, "web").segments] == ["10.0.0.1"]
 
 
 OVERLAPS = [
@@ -374,22 +390,25 @@ OVERLAPS = [
 def test_overlaps_between_per_app_applications(store: Store, first: dict[str, Any], second: dict[str, Any],
                                                expected: str | None) -> None:
     with store.begin() as session:
-        repo.create_application(session, ACTOR, "a", segments=[first])
+        applications.create_application(session, ACTOR, "a", segments=[first])
     with store.begin() as session:
         if expected is None:
-            repo.create_application(session, ACTOR, "b", segments=[second])
+            applications.create_application(session, ACTOR, "b", segments=[second])
             return
-        assert refused("conflict", lambda: repo.create_application(session, ACTOR, "b", segments=[second])) == expected
-        repo.create_application(session, ACTOR, "b")
-        assert refused("conflict", lambda: repo.add_segment(session, ACTOR, "b", second)) == expected
-        assert refused("conflict", lambda: repo.update_application(session, ACTOR, "b", segments=[second])) == expected
+        assert refused("conflict",
+                       lambda: applications.create_application(session, ACTOR, "b", segments=[second])) == expected
+        applications.create_application(session, ACTOR, "b")
+        assert refused("conflict", lambda: applications.add_segment(session, ACTOR, "b", second)) == expected
+        assert refused("conflict",
+                       lambda: applications.update_application(session, ACTOR, "b", segments=[second])) == expected
 
 
 def test_the_first_overlapping_segment_is_reported(store: Store) -> None:
     with store.begin() as session:
-        repo.create_application(session, ACTOR, "z", segments=[seg("10.0.0.0/16", "8443")])
-        repo.create_application(session, ACTOR, "m", segments=[seg("10.0.0.7", "22"), seg("10.0.0.0/24", "443")])
-        message = refused("conflict", lambda: repo.create_application(
+        applications.create_application(session, ACTOR, "z", segments=[seg("10.0.0.0/16", "8443")])
+        applications.create_application(session, ACTOR, "m",
+                                        segments=[seg("10.0.0.7", "22"), seg("10.0.0.0/24", "443")])
+        message = refused("conflict", lambda: applications.create_application(
             session, ACTOR, "new", segments=[seg("10.1.0.1", "443"), seg("10.0.0.7", "1-10000")]))
     # the new app's first overlapping segment, against the others' segments in app name, then segment order
     assert message == "segment 10.0.0.7:1-10000/tcp of app 'new' overlaps segment 10.0.0.7:22/tcp of app 'm'"
@@ -397,32 +416,35 @@ def test_the_first_overlapping_segment_is_reported(store: Store) -> None:
 
 def test_an_application_does_not_overlap_itself(store: Store) -> None:
     with store.begin() as session:
-        repo.create_application(session, ACTOR, "a", segments=[seg("10.0.0.0/24", "443"), seg("10.0.0.5", "443")])
-        repo.update_application(session, ACTOR, "a", segments=[seg("10.0.0.0/24", "1-1024")])
-        repo.add_segment(session, ACTOR, "a", seg("10.0.0.9", "443"))
+        applications.create_application(session, ACTOR, "a",
+                                        segments=[seg("10.0.0.0/24", "443"), seg("10.0.0.5", "443")])
+        applications.update_application(session, ACTOR, "a", segments=[seg("10.0.0.0/24", "1-1024")])
+        applications.add_segment(session, ACTOR, "a", seg("10.0.0.9", "443"))
 
 
 def test_quick_access_may_overlap_per_app_applications(store: Store) -> None:
     with store.begin() as session:
-        repo.create_application(session, ACTOR, "ssh", segments=[seg("10.0.0.5", "22")])
-        repo.create_application(session, ACTOR, "Quick Access", kind="quick_access",
-                                segments=[seg("10.0.0.0/8"), seg("*.corp.example")])
-        repo.add_segment(session, ACTOR, "Quick Access", seg("10.0.0.5", "22"))
-        repo.create_application(session, ACTOR, "wiki", segments=[seg("wiki.corp.example", "443")])
-        repo.update_application(session, ACTOR, "wiki", segments=[seg("wiki.corp.example", "80,443")])
+        applications.create_application(session, ACTOR, "ssh", segments=[seg("10.0.0.5", "22")])
+        applications.create_application(session, ACTOR, "Quick Access", kind="quick_access",
+                                        segments=[seg("10.0.0.0/8"), seg("*.corp.example")])
+        applications.add_segment(session, ACTOR, "Quick Access", seg("10.0.0.5", "22"))
+        applications.create_application(session, ACTOR, "wiki", segments=[seg("wiki.corp.example", "443")])
+        applications.update_application(session, ACTOR, "wiki", segments=[seg("wiki.corp.example", "80,443")])
     with store.read() as session:
-        qa = repo.get_application(session, "Quick Access")
+        qa = applications.get_application(session, "Quick Access")
         assert qa.kind == "quick_access" and len(qa.segments) == 3
 
 
 def test_at_most_one_quick_access_application(store: Store) -> None:
     with store.begin() as session:
-        repo.create_application(session, ACTOR, "qa", kind="quick_access")
-        assert refused("conflict", lambda: repo.create_application(session, ACTOR, "qa2", kind="quick_access")) == \
+        applications.create_application(session, ACTOR, "qa", kind="quick_access")
+        assert refused("conflict",
+                       lambda: applications.create_application(session, ACTOR, "qa2", kind="quick_access")) == \
             "there is already a quick access application: 'qa'"
     # The schema enforces it as well.
     with pytest.raises(IntegrityError), store.begin() as session:
-        session.add(Application(name="qa3", kind="quick_access", connector_group=repo.default_group(session),
+        session.add(Application(name="qa3", kind="quick_access",
+                                connector_group=connector_groups.default_group(session),
                                 created_at=utcnow(), updated_at=utcnow()))
         session.flush()
 
@@ -431,27 +453,27 @@ def test_at_most_500_segments_per_application(store: Store) -> None:
     assert MAX_SEGMENTS == 500
     full = [seg(f"10.0.{n // 250}.{n % 250}", "443") for n in range(MAX_SEGMENTS)]
     with store.begin() as session:
-        message = refused("invalid", lambda: repo.create_application(
+        message = refused("invalid", lambda: applications.create_application(
             session, ACTOR, "big", segments=[*full, seg("10.9.9.9", "443")]))
         assert message == "app 'big' has 501 segments; at most 500 are allowed"
-        repo.create_application(session, ACTOR, "big", segments=full)
-        message = refused("invalid", lambda: repo.add_segment(session, ACTOR, "big", seg("10.9.9.9", "443")))
+        applications.create_application(session, ACTOR, "big", segments=full)
+        message = refused("invalid", lambda: applications.add_segment(session, ACTOR, "big", seg("10.9.9.9", "443")))
         assert message == "app 'big' has 501 segments; at most 500 are allowed"
     with store.read() as session:
-        assert len(repo.get_application(session, "big").segments) == 500
+        assert len(applications.get_application(session, "big").segments) == 500
 
 
 def test_a_refused_change_leaves_nothing_behind(store: Store) -> None:
     before = version(store)
     with store.begin() as session:
-        repo.create_application(session, ACTOR, "web", segments=[seg("10.0.0.1", "80")])
+        applications.create_application(session, ACTOR, "web", segments=[seg("10.0.0.1", "80")])
         # renames first, then fails on the segments: the rename is undone too
-        refused("invalid", lambda: repo.update_application(session, ACTOR, "web", new_name="renamed",
-                                                          segments=[seg("bad..name", "80")]))
-        repo.add_dns_suffix(session, ACTOR, "corp.example")  # the transaction goes on
+        refused("invalid", lambda: applications.update_application(session, ACTOR, "web", new_name="renamed",
+                                                                   segments=[seg("bad..name", "80")]))
+        dns_suffixes.add_dns_suffix(session, ACTOR, "corp.example")  # the transaction goes on
     with store.read() as session:
-        assert [a.name for a in repo.list_applications(session)] == ["web"]
-        assert [s.suffix for s in repo.list_dns_suffixes(session)] == ["corp.example"]
+        assert [a.name for a in applications.list_applications(session)] == ["web"]
+        assert [s.suffix for s in dns_suffixes.list_dns_suffixes(session)] == ["corp.example"]
     assert [r.action for r in audit(store)] == ["application.create", "dns_suffix.create"]
     assert version(store) == before + 2
 
@@ -461,33 +483,34 @@ def test_a_refused_change_leaves_nothing_behind(store: Store) -> None:
 
 def test_connector_groups(store: Store) -> None:
     with store.begin() as session:
-        group = repo.create_group(session, ACTOR, "branch", region="eu-west")
-        assert refused("conflict", lambda: repo.create_group(session, ACTOR, "branch")) == \
+        group = connector_groups.create_group(session, ACTOR, "branch", region="eu-west")
+        assert refused("conflict", lambda: connector_groups.create_group(session, ACTOR, "branch")) == \
             "connector group 'branch' already exists"
-        assert refused("not_found", lambda: repo.get_group(session, "nope")) == "connector group 'nope' does not exist"
-        repo.create_application(session, ACTOR, "web", connector_group="branch")
+        assert refused("not_found", lambda: connector_groups.get_group(session, "nope")) == \
+            "connector group 'nope' does not exist"
+        applications.create_application(session, ACTOR, "web", connector_group="branch")
     assert (group.name, group.region, group.is_default) == ("branch", "eu-west", False)
     record = audit(store)[0]
     assert (record.action, record.object_type, record.before) == ("connector_group.create", "connector_group", None)
     assert record.after is not None and record.after["name"] == "branch" and record.after["region"] == "eu-west"
     with store.read() as session:
-        assert [g.name for g in repo.list_groups(session)] == ["branch", "default"]
-        assert repo.get_application(session, "web").connector_group.name == "branch"
+        assert [g.name for g in connector_groups.list_groups(session)] == ["branch", "default"]
+        assert applications.get_application(session, "web").connector_group.name == "branch"
 
 
 def test_dns_suffixes(store: Store) -> None:
     with store.begin() as session:
-        assert repo.add_dns_suffix(session, ACTOR, " .Corp.Example. ").suffix == "corp.example"
-        assert refused("conflict", lambda: repo.add_dns_suffix(session, ACTOR, "corp.example")) == \
+        assert dns_suffixes.add_dns_suffix(session, ACTOR, " .Corp.Example. ").suffix == "corp.example"
+        assert refused("conflict", lambda: dns_suffixes.add_dns_suffix(session, ACTOR, "corp.example")) == \
             "DNS suffix 'corp.example' already exists"
         for bad in ("10.0.0.1", "*.corp.example", "a..b"):
-            assert refused("invalid", functools.partial(repo.add_dns_suffix, session, ACTOR, bad)) == \
+            assert refused("invalid", functools.partial(dns_suffixes.add_dns_suffix, session, ACTOR, bad)) == \
                 f"DNS suffix {bad!r} is not a domain name"
-        assert refused("invalid", lambda: repo.add_dns_suffix(session, ACTOR, ".")) == \
+        assert refused("invalid", lambda: dns_suffixes.add_dns_suffix(session, ACTOR, ".")) == \
             "DNS suffix '.' must be a non-empty domain name"
     with store.begin() as session:
-        repo.remove_dns_suffix(session, ACTOR, "corp.example")
-        assert refused("not_found", lambda: repo.remove_dns_suffix(session, ACTOR, "corp.example")) == \
+        dns_suffixes.remove_dns_suffix(session, ACTOR, "corp.example")
+        assert refused("not_found", lambda: dns_suffixes.remove_dns_suffix(session, ACTOR, "corp.example")) == \
             "DNS suffix 'corp.example' does not exist"
     assert [(r.action, r.before is None, r.after is None) for r in audit(store)] == [
         ("dns_suffix.create", True, False), ("dns_suffix.delete", False, True)]
@@ -496,10 +519,10 @@ def test_dns_suffixes(store: Store) -> None:
 def test_connectors_and_edges_with_heartbeats(store: Store) -> None:
     not_after = datetime(2031, 1, 1, tzinfo=UTC)
     with store.begin() as session:
-        repo.create_group(session, ACTOR, "branch")
-        connector = repo.add_connector(session, "registration", "conn-a", cert_serial=0xABC, cert_not_after=not_after)
-        other = repo.add_connector(session, "registration", "conn-b", group="branch")
-        edge = repo.add_edge(session, "registration", "edge-1", "edge.example.com:8443", cert_serial=77)
+        connector_groups.create_group(session, ACTOR, "branch")
+        connector = nodes.add_connector(session, "registration", "conn-a", cert_serial=0xABC, cert_not_after=not_after)
+        other = nodes.add_connector(session, "registration", "conn-b", group="branch")
+        edge = nodes.add_edge(session, "registration", "edge-1", "edge.example.com:8443", cert_serial=77)
     assert connector.group.name == "default" and other.group.name == "branch"
     assert connector.cert_serial == "abc" and connector.cert_not_after == not_after and edge.cert_serial == "4d"
     assert [r.action for r in audit(store)][-3:] == ["connector.create", "connector.create", "edge.create"]
@@ -507,54 +530,55 @@ def test_connectors_and_edges_with_heartbeats(store: Store) -> None:
     now = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
     assert connector.status(now, heartbeat_interval=10) == "inactive"  # never seen
     with store.begin() as session:
-        repo.record_heartbeat(session, "connector", connector.id, version="1.2.3",
-                              external_addr="198.51.100.7:40000", internal_addr="10.0.0.9", tunnels=2,
-                              active_flows=17, config_version=5, now=now)
-        repo.record_heartbeat(session, "edge", edge.id, version="1.2.3", now=now)
-        assert refused("not_found", lambda: repo.record_heartbeat(
+        nodes.record_heartbeat(session, "connector", connector.id, version="1.2.3",
+                               external_addr="198.51.100.7:40000", internal_addr="10.0.0.9", tunnels=2,
+                               active_flows=17, config_version=5, now=now)
+        nodes.record_heartbeat(session, "edge", edge.id, version="1.2.3", now=now)
+        assert refused("not_found", lambda: nodes.record_heartbeat(
             session, "connector", "nope", version="", now=now)) == "connector 'nope' does not exist"
-        assert refused("invalid", lambda: repo.record_heartbeat(
+        assert refused("invalid", lambda: nodes.record_heartbeat(
             session, "edge", edge.id, version="", tunnels=-1, now=now)) == \
             "heartbeat tunnels must be an integer from 0 to 2147483647"
     with store.read() as session:
-        seen = repo.get_connector(session, connector.id)
+        seen = nodes.get_connector(session, connector.id)
         assert (seen.version, seen.external_addr, seen.internal_addr, seen.last_seen, seen.tunnels,
                 seen.active_flows, seen.config_version) == ("1.2.3", "198.51.100.7:40000", "10.0.0.9", now, 2, 17, 5)
         assert seen.status(now + timedelta(seconds=30), heartbeat_interval=10) == "active"
         assert seen.status(now + timedelta(seconds=31), heartbeat_interval=10) == "inactive"
-        assert repo.get_edge(session, edge.id).status(now + timedelta(seconds=5), heartbeat_interval=10) == "active"
-        assert [c.name for c in repo.list_connectors(session)] == ["conn-a", "conn-b"]
-        assert [e.address for e in repo.list_edges(session)] == ["edge.example.com:8443"]
+        assert nodes.get_edge(session, edge.id).status(now + timedelta(seconds=5), heartbeat_interval=10) == "active"
+        assert [c.name for c in nodes.list_connectors(session)] == ["conn-a", "conn-b"]
+        assert [e.address for e in nodes.list_edges(session)] == ["edge.example.com:8443"]
 
 
 def test_certificate_revocations(store: Store) -> None:
     serial = 0x1F2E3D4C5B6A79880123456789ABCDEF01234567  # 160 bits, the largest X.509 allows
     with store.begin() as session:
-        repo.revoke_certificate(session, ACTOR, serial, reason="laptop lost")
-        assert refused("conflict", lambda: repo.revoke_certificate(session, ACTOR, serial)) == \
+        certificates.revoke_certificate(session, ACTOR, serial, reason="laptop lost")
+        assert refused("conflict", lambda: certificates.revoke_certificate(session, ACTOR, serial)) == \
             f"certificate {serial:x} is already revoked"
-        assert refused("invalid", lambda: repo.revoke_certificate(session, ACTOR, -1)) == \
+        assert refused("invalid", lambda: certificates.revoke_certificate(session, ACTOR, -1)) == \
             "certificate serial -1 must be a positive integer"
     with store.read() as session:
-        assert repo.is_revoked(session, serial) and not repo.is_revoked(session, serial + 1)
-        assert [(r.serial, r.reason) for r in repo.list_revocations(session)] == [(f"{serial:x}", "laptop lost")]
+        assert certificates.is_revoked(session, serial) and not certificates.is_revoked(session, serial + 1)
+        assert [(r.serial, r.reason) for r in certificates.list_revocations(session)] == \
+            [(f"{serial:x}", "laptop lost")]
     record = audit(store)[-1]
     assert (record.action, record.object_type, record.object_id) == ("certificate.revoke", "certificate", f"{serial:x}")
 
 
 def test_configuration_changes_bump_the_version(store: Store) -> None:
     steps: list[tuple[Callable[[Any], object], int]] = [
-        (lambda s: repo.create_group(s, ACTOR, "branch"), 1),
-        (lambda s: repo.create_application(s, ACTOR, "web", segments=[seg("10.0.0.1", "80")]), 1),
-        (lambda s: repo.add_segment(s, ACTOR, "web", seg("10.0.0.2", "80")), 1),
-        (lambda s: repo.update_application(s, ACTOR, "web", connector_group="branch"), 1),
-        (lambda s: repo.update_application(s, ACTOR, "web", connector_group="branch"), 0),  # no change
-        (lambda s: repo.add_dns_suffix(s, ACTOR, "corp.example"), 1),
-        (lambda s: repo.add_connector(s, ACTOR, "c1"), 1),
-        (lambda s: repo.revoke_certificate(s, ACTOR, 5), 1),
-        (lambda s: repo.delete_application(s, ACTOR, "web"), 1),
-        (lambda s: repo.create_admin_key(s, ACTOR, "ops"), 0),  # not configuration
-        (lambda s: repo.create_registration_token(s, ACTOR, "connector"), 0),
+        (lambda s: connector_groups.create_group(s, ACTOR, "branch"), 1),
+        (lambda s: applications.create_application(s, ACTOR, "web", segments=[seg("10.0.0.1", "80")]), 1),
+        (lambda s: applications.add_segment(s, ACTOR, "web", seg("10.0.0.2", "80")), 1),
+        (lambda s: applications.update_application(s, ACTOR, "web", connector_group="branch"), 1),
+        (lambda s: applications.update_application(s, ACTOR, "web", connector_group="branch"), 0),  # no change
+        (lambda s: dns_suffixes.add_dns_suffix(s, ACTOR, "corp.example"), 1),
+        (lambda s: nodes.add_connector(s, ACTOR, "c1"), 1),
+        (lambda s: certificates.revoke_certificate(s, ACTOR, 5), 1),
+        (lambda s: applications.delete_application(s, ACTOR, "web"), 1),
+        (lambda s: admin_keys.create_admin_key(s, ACTOR, "ops"), 0),  # not configuration
+        (lambda s: registration_tokens.create_registration_token(s, ACTOR, "connector"), 0),
     ]
     expected = version(store)
     assert expected == 0
@@ -564,7 +588,7 @@ def test_configuration_changes_bump_the_version(store: Store) -> None:
         expected += bump
         assert version(store) == expected
     with store.begin() as session:  # refused: no bump
-        refused("conflict", lambda: repo.create_group(session, ACTOR, "branch"))
+        refused("conflict", lambda: connector_groups.create_group(session, ACTOR, "branch"))
     assert version(store) == expected
 
 
@@ -573,7 +597,7 @@ def test_configuration_changes_bump_the_version(store: Store) -> None:
 
 def test_admin_keys_are_hashed_at_rest(store: Store, url: str) -> None:
     with store.begin() as session:
-        key, plaintext = repo.create_admin_key(session, ACTOR, "ops")
+        key, plaintext = admin_keys.create_admin_key(session, ACTOR, "ops")
     assert plaintext.startswith("fmk_") and len(plaintext) > 40
     dumped = []
     with store.read() as session:
@@ -588,18 +612,18 @@ def test_admin_keys_are_hashed_at_rest(store: Store, url: str) -> None:
 
     now = datetime(2030, 1, 1, tzinfo=UTC)
     with store.begin() as session:
-        found = repo.verify_admin_key(session, plaintext, now=now)
+        found = admin_keys.verify_admin_key(session, plaintext, now=now)
         assert found is not None and found.id == key.id and found.last_used_at == now
-        assert repo.verify_admin_key(session, plaintext[:-1] + ("A" if plaintext[-1] != "A" else "B")) is None
-        assert repo.verify_admin_key(session, "") is None
-        assert refused("conflict", lambda: repo.create_admin_key(session, ACTOR, "ops")) == \
+        assert admin_keys.verify_admin_key(session, plaintext[:-1] + ("A" if plaintext[-1] != "A" else "B")) is None
+        assert admin_keys.verify_admin_key(session, "") is None
+        assert refused("conflict", lambda: admin_keys.create_admin_key(session, ACTOR, "ops")) == \
             "admin key 'ops' already exists"
     with store.begin() as session:
-        repo.revoke_admin_key(session, ACTOR, "ops")
-        assert repo.verify_admin_key(session, plaintext) is None
-        assert "admin key 'ops' was already revoked at" in refused("conflict",
-                                                                  lambda: repo.revoke_admin_key(session, ACTOR, "ops"))
-        assert refused("not_found", lambda: repo.revoke_admin_key(session, ACTOR, "nope")) == \
+        admin_keys.revoke_admin_key(session, ACTOR, "ops")
+        assert admin_keys.verify_admin_key(session, plaintext) is None
+        assert "admin key 'ops' was already revoked at" in refused(
+            "conflict", lambda: admin_keys.revoke_admin_key(session, ACTOR, "ops"))
+        assert refused("not_found", lambda: admin_keys.revoke_admin_key(session, ACTOR, "nope")) == \
             "admin key 'nope' does not exist"
     revoked = audit(store)[-1]
     assert revoked.action == "admin_key.revoke" and revoked.before is not None and revoked.after is not None
@@ -609,19 +633,20 @@ def test_admin_keys_are_hashed_at_rest(store: Store, url: str) -> None:
 def test_registration_tokens_are_single_use(store: Store) -> None:
     now = datetime(2030, 1, 1, tzinfo=UTC)
     with store.begin() as session:
-        repo.create_group(session, ACTOR, "branch")
-        token, plaintext = repo.create_registration_token(session, ACTOR, "connector", group="branch",
-                                                          ttl=timedelta(hours=1), now=now)
-        _, default_token = repo.create_registration_token(session, ACTOR, "connector", now=now)
+        connector_groups.create_group(session, ACTOR, "branch")
+        token, plaintext = registration_tokens.create_registration_token(session, ACTOR, "connector", group="branch",
+                                                                         ttl=timedelta(hours=1), now=now)
+        _, default_token = registration_tokens.create_registration_token(session, ACTOR, "connector", now=now)
     assert plaintext.startswith("fmr_") and token.expires_at == now + timedelta(hours=1)
     with store.begin() as session:
-        used = repo.consume_registration_token(session, plaintext, "connector", used_by="connector:c1",
-                                               now=now + timedelta(minutes=59))
+        used = registration_tokens.consume_registration_token(session, plaintext, "connector", used_by="connector:c1",
+                                                              now=now + timedelta(minutes=59))
         assert used.group is not None and used.group.name == "branch"
-        assert repo.consume_registration_token(session, default_token, "connector", used_by="connector:c2",
-                                               now=now).group == repo.default_group(session)
+        assert registration_tokens.consume_registration_token(
+            session, default_token, "connector", used_by="connector:c2",
+            now=now).group == connector_groups.default_group(session)
     with store.begin() as session:
-        message = refused("token_used", lambda: repo.consume_registration_token(
+        message = refused("token_used", lambda: registration_tokens.consume_registration_token(
             session, plaintext, "connector", used_by="connector:c3", now=now + timedelta(minutes=59)))
     assert message == "registration token was already used at 2030-01-01 00:59:00 UTC by connector:c1"
     record = audit(store)[-2]
@@ -632,27 +657,29 @@ def test_registration_tokens_are_single_use(store: Store) -> None:
 def test_registration_token_refusals_are_distinct(store: Store) -> None:
     now = datetime(2030, 1, 1, tzinfo=UTC)
     with store.begin() as session:
-        _, expiring = repo.create_registration_token(session, ACTOR, "connector", ttl=timedelta(minutes=10), now=now)
-        _, edge_token = repo.create_registration_token(session, ACTOR, "edge", now=now)
+        _, expiring = registration_tokens.create_registration_token(session, ACTOR, "connector",
+                                                                    ttl=timedelta(minutes=10), now=now)
+        _, edge_token = registration_tokens.create_registration_token(session, ACTOR, "edge", now=now)
     with store.begin() as session:
-        expired = refused("token_expired", lambda: repo.consume_registration_token(
+        expired = refused("token_expired", lambda: registration_tokens.consume_registration_token(
             session, expiring, "connector", used_by="c", now=now + timedelta(minutes=10)))
-        unknown = refused("token_unknown", lambda: repo.consume_registration_token(
+        unknown = refused("token_unknown", lambda: registration_tokens.consume_registration_token(
             session, "fmr_" + secrets.token_urlsafe(32), "connector", used_by="c", now=now))
-        wrong_role = refused("invalid", lambda: repo.consume_registration_token(
+        wrong_role = refused("invalid", lambda: registration_tokens.consume_registration_token(
             session, edge_token, "connector", used_by="c", now=now))
-        assert refused("invalid", lambda: repo.create_registration_token(session, ACTOR, "client")) == \
+        assert refused("invalid", lambda: registration_tokens.create_registration_token(session, ACTOR, "client")) == \
             "registration token role 'client' is not one of connector, edge"
-        assert refused("invalid", lambda: repo.create_registration_token(session, ACTOR, "edge", group="default")) == \
+        assert refused("invalid", lambda: registration_tokens.create_registration_token(session, ACTOR, "edge",
+                                                                                        group="default")) == \
             "an edge registration token has no connector group"
-        assert refused("invalid", lambda: repo.create_registration_token(
+        assert refused("invalid", lambda: registration_tokens.create_registration_token(
             session, ACTOR, "connector", ttl=timedelta(0))) == "registration token lifetime 0:00:00 must be positive"
     assert expired == "registration token expired at 2030-01-01 00:10:00 UTC"
     assert unknown == "registration token is not known (mistyped, or never issued here)"
     assert wrong_role == "registration token is for an edge, not for a connector"
     with store.begin() as session:  # refusals used nothing up
-        assert repo.consume_registration_token(session, expiring, "connector", used_by="c",
-                                               now=now + timedelta(minutes=9)).used_by == "c"
+        assert registration_tokens.consume_registration_token(session, expiring, "connector", used_by="c",
+                                                              now=now + timedelta(minutes=9)).used_by == "c"
 
 
 # ---------------------------------------------------------------------------- concurrent writers
@@ -685,14 +712,14 @@ def _race(store: Store, workers: int, work: Callable[[Any, int], object]) -> lis
 
 def test_a_token_used_concurrently_succeeds_once(store: Store) -> None:
     with store.begin() as session:
-        _, plaintext = repo.create_registration_token(session, ACTOR, "connector")
-    results = _race(store, 4, lambda s, n: repo.consume_registration_token(s, plaintext, "connector",
-                                                                           used_by=f"connector:{n}"))
+        _, plaintext = registration_tokens.create_registration_token(session, ACTOR, "connector")
+    results = _race(store, 4, lambda s, n: registration_tokens.consume_registration_token(s, plaintext, "connector",
+                                                                                          used_by=f"connector:{n}"))
     assert results == ["ok", "token_used", "token_used", "token_used"]
 
 
 def test_concurrent_overlapping_applications_one_wins(store: Store) -> None:
-    results = _race(store, 4, lambda s, n: repo.create_application(s, ACTOR, f"app-{n}",
-                                                                   segments=[seg("10.0.0.0/24", "443")]))
+    results = _race(store, 4, lambda s, n: applications.create_application(s, ACTOR, f"app-{n}",
+                                                                           segments=[seg("10.0.0.0/24", "443")]))
     assert results == ["conflict", "conflict", "conflict", "ok"]
     assert version(store) == 1

@@ -1,15 +1,25 @@
-"""The control plane's REST API: admin resources under ``/v1`` and node registration.
+"""The control plane's REST API: admin resources under ``/v1``, sign-in, node registration and node routes.
+
+Imports point one way: ``app`` → the route modules → ``guards``, ``longpoll``, ``signin``,
+the bodies and ``errors`` → ``control.store``.
 
 - ``app``: ``create_app(store, ca, edges_public=..., token_signer=...)``, the Litestar application.
-- ``admin``: the admin routes (applications, connector groups, connectors, edges, DNS
-  suffixes, registration tokens, admin keys, revocations, audit, configuration version).
-- ``policies``: application assignments, named locations, conditional-access policies
-  (bodies in ``policy_schemas``).
-- ``identity``: users, user groups, devices, sign-in sessions (admin; bodies in ``identity_schemas``).
-- ``auth``: ``/v1/auth``: user sign-in, refresh, TOTP enrolment, sign-out, token keys (no admin key).
-- ``register``: ``POST /v1/register``, a node's one-time token + CSR → its certificate.
-- ``deps``: the shared context and admin-key authentication.
-- ``schemas``: request/response bodies (msgspec Structs).
+- Route modules: ``admin`` (applications, connector groups, connectors, edges, DNS
+  suffixes, forwarding profile, registration tokens, admin keys, revocations, client
+  certificates, audit, configuration version); ``policies`` (application assignments,
+  named locations, conditional-access policies); ``identity`` (users, user groups,
+  devices, sign-in sessions); ``traffic`` (traffic logs, discovery); ``auth``
+  (``/v1/auth``: sign-in, refresh, TOTP enrolment, sign-out, token keys); ``oidc``
+  (``/v1/auth/oidc``: sign-in through an OIDC provider); ``client`` (``/v1/client``: the
+  forwarding profile); ``register`` (``POST /v1/register``: one-time token + CSR → a
+  node's certificate); ``nodes`` (``/v1/node``: configuration, heartbeat, renewal,
+  traffic logs).
+- ``guards``: the ``Api`` state behind every handler, the bearer-token parser and the
+  three guards (admin key, node request token, user access token), with the state they
+  keep (replay cache, failed sign-ins, TOTP steps used).
+- ``longpoll``: the configuration long-poll of nodes and client agents.
+- ``signin``: what every sign-in hands out (device certificate, session, tokens).
+- ``schemas``, ``identity_schemas``, ``policy_schemas``: request/response bodies (msgspec Structs).
 - ``errors``: one JSON error shape; store error codes → HTTP statuses.
 
 ``control.server.serve`` runs it under uvicorn on uvloop.

@@ -1,13 +1,13 @@
-"""The admin routes under ``/v1`` (every one behind an admin key; see ``deps.require_admin``).
+"""The admin routes under ``/v1`` (every one behind an admin key; see ``guards.require_admin``).
 
-Each handler is a thin shell around ``control.store.repo``: one transaction, the repo call
-(which validates, writes the audit record with the key's name as actor, and bumps the
+Each handler is a thin shell around the store's resource modules: one transaction, the store
+call (which validates, writes the audit record with the key's name as actor, and bumps the
 configuration version), and the conversion of rows to ``schemas`` Structs. Handlers are
 synchronous (SQLAlchemy) and run in Litestar's thread pool.
 
 Resources: applications (+ their segments), connector-groups, connectors, edges,
-dns-suffixes, registration-tokens, admin-keys, revocations, client-certificates, audit,
-config-version.
+dns-suffixes, forwarding-profile, registration-tokens, admin-keys, revocations,
+client-certificates, audit, config-version.
 """
 
 from __future__ import annotations
@@ -17,32 +17,37 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Router, delete, get, patch, post, put
-from litestar.di import Provide
 from litestar.exceptions import ValidationException
 from litestar.params import Parameter
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from control.store import StoreError, repo
+from control.store import (
+    StoreError,
+    admin_keys,
+    applications,
+    audit,
+    certificates,
+    config_version,
+    connector_groups,
+    dns_suffixes,
+    forwarding_profile,
+    nodes,
+    registration_tokens,
+)
 from control.store.models import (
     AdminKey,
-    Application,
-    AuditRecord,
-    ConfigVersion,
     Connector,
+    ConnectorGroup,
     DnsSuffix,
     Edge,
-    IssuedCertificate,
+    ForwardingProfile,
     RegistrationToken,
     Revocation,
-    Segment,
     utcnow,
 )
 
-from .deps import Api, provide_actor, require_admin
+from .guards import Api, admin_routes
 from .schemas import (
-    ForwardingProfileOut,
-    ForwardingProfileUpdate,
     AdminKeyCreate,
     AdminKeyCreated,
     AdminKeyOut,
@@ -57,6 +62,8 @@ from .schemas import (
     DnsSuffixCreate,
     DnsSuffixOut,
     EdgeOut,
+    ForwardingProfileOut,
+    ForwardingProfileUpdate,
     GroupCreate,
     GroupOut,
     RevocationCreate,
@@ -66,6 +73,8 @@ from .schemas import (
     TokenCreate,
     TokenCreated,
     TokenOut,
+    application_out,
+    segment_out,
 )
 
 MAX_AUDIT_LIMIT = 1000
@@ -73,23 +82,12 @@ MAX_AUDIT_LIMIT = 1000
 # ---------------------------------------------------------------------------- conversions
 
 
-def _segment_out(segment: Segment) -> SegmentOut:
-    return SegmentOut(id=segment.id, destination=segment.destination, kind=segment.kind, ports=segment.ports,
-                      protocol=segment.protocol)
-
-
-def _application_out(app: Application) -> ApplicationOut:
-    return ApplicationOut(id=app.id, name=app.name, kind=app.kind, connector_group=app.connector_group.name,
-                          segments=[_segment_out(s) for s in app.segments], created_at=app.created_at,
-                          updated_at=app.updated_at)
-
-
 def _segments_in(segments: list[SegmentIn]) -> list[dict[str, Any]]:
     return [msgspec.structs.asdict(s) for s in segments]
 
 
-def _revoked(session: Session) -> set[str]:
-    return set(session.scalars(select(Revocation.serial)))
+def _group_out(g: ConnectorGroup) -> GroupOut:
+    return GroupOut(id=g.id, name=g.name, region=g.region, is_default=g.is_default, created_at=g.created_at)
 
 
 def _connector_out(c: Connector, api: Api, now: datetime, revoked: set[str]) -> ConnectorOut:
@@ -108,6 +106,14 @@ def _edge_out(e: Edge, api: Api, now: datetime, revoked: set[str]) -> EdgeOut:
                    config_version=e.config_version)
 
 
+def _dns_suffix_out(d: DnsSuffix) -> DnsSuffixOut:
+    return DnsSuffixOut(id=d.id, suffix=d.suffix, created_at=d.created_at)
+
+
+def _profile_out(row: ForwardingProfile) -> ForwardingProfileOut:
+    return ForwardingProfileOut(fail_mode=row.fail_mode, updated_at=row.updated_at)
+
+
 def _admin_key_out(k: AdminKey) -> AdminKeyOut:
     return AdminKeyOut(id=k.id, name=k.name, created_at=k.created_at, created_by=k.created_by,
                        last_used_at=k.last_used_at, revoked_at=k.revoked_at)
@@ -121,14 +127,7 @@ def _token_out(t: RegistrationToken, now: datetime) -> TokenOut:
 
 
 def _revocation_out(session: Session, rows: list[Revocation]) -> list[RevocationOut]:
-    serials = [r.serial for r in rows]
-    owners: dict[str, tuple[str, str, str]] = {}
-    issued = dict(session.execute(select(IssuedCertificate.serial, IssuedCertificate.node_id)
-                                  .where(IssuedCertificate.serial.in_(serials))).tuples().all())
-    for c in session.scalars(select(Connector).where(Connector.id.in_(issued.values()))):
-        owners.update({serial: ("connector", c.id, c.name) for serial, node in issued.items() if node == c.id})
-    for e in session.scalars(select(Edge).where(Edge.id.in_(issued.values()))):
-        owners.update({serial: ("edge", e.id, e.name) for serial, node in issued.items() if node == e.id})
+    owners = certificates.node_owners(session, [r.serial for r in rows])
     out = []
     for r in rows:
         node_type, node_id, node_name = owners.get(r.serial, (None, None, None))
@@ -143,49 +142,51 @@ def _revocation_out(session: Session, rows: list[Revocation]) -> list[Revocation
 @get("/applications", sync_to_thread=True, tags=["applications"])
 def list_applications(api: Api) -> list[ApplicationOut]:
     with api.store.read() as session:
-        return [_application_out(a) for a in repo.list_applications(session)]
+        return [application_out(a) for a in applications.list_applications(session)]
 
 
 @get("/applications/{name:str}", sync_to_thread=True, tags=["applications"])
 def get_application(api: Api, name: str) -> ApplicationOut:
     with api.store.read() as session:
-        return _application_out(repo.get_application(session, name))
+        return application_out(applications.get_application(session, name))
 
 
 @post("/applications", sync_to_thread=True, tags=["applications"])
 def create_application(api: Api, actor: str, data: ApplicationCreate) -> ApplicationOut:
     """A new application; its per-app segments must not overlap another per-app application's (409)."""
     with api.store.begin() as session:
-        app = repo.create_application(session, actor, data.name, kind=data.kind,
-                                      connector_group=data.connector_group, segments=_segments_in(data.segments))
-        return _application_out(app)
+        app = applications.create_application(session, actor, data.name, kind=data.kind,
+                                              connector_group=data.connector_group,
+                                              segments=_segments_in(data.segments))
+        return application_out(app)
 
 
 @patch("/applications/{name:str}", sync_to_thread=True, tags=["applications"])
 def update_application(api: Api, actor: str, name: str, data: ApplicationUpdate) -> ApplicationOut:
     """Rename, move to another connector group, and/or replace all segments."""
     with api.store.begin() as session:
-        app = repo.update_application(session, actor, name, new_name=data.name, connector_group=data.connector_group,
-                                      segments=None if data.segments is None else _segments_in(data.segments))
-        return _application_out(app)
+        app = applications.update_application(session, actor, name, new_name=data.name,
+                                              connector_group=data.connector_group,
+                                              segments=None if data.segments is None else _segments_in(data.segments))
+        return application_out(app)
 
 
 @delete("/applications/{name:str}", sync_to_thread=True, tags=["applications"])
 def delete_application(api: Api, actor: str, name: str) -> None:
     with api.store.begin() as session:
-        repo.delete_application(session, actor, name)
+        applications.delete_application(session, actor, name)
 
 
 @post("/applications/{name:str}/segments", sync_to_thread=True, tags=["applications"])
 def add_segment(api: Api, actor: str, name: str, data: SegmentIn) -> SegmentOut:
     with api.store.begin() as session:
-        return _segment_out(repo.add_segment(session, actor, name, msgspec.structs.asdict(data)))
+        return segment_out(applications.add_segment(session, actor, name, msgspec.structs.asdict(data)))
 
 
 @delete("/applications/{name:str}/segments/{segment_id:int}", sync_to_thread=True, tags=["applications"])
 def remove_segment(api: Api, actor: str, name: str, segment_id: int) -> None:
     with api.store.begin() as session:
-        repo.remove_segment(session, actor, name, segment_id)
+        applications.remove_segment(session, actor, name, segment_id)
 
 
 # ---------------------------------------------------------------------------- connector groups, connectors, edges
@@ -194,15 +195,13 @@ def remove_segment(api: Api, actor: str, name: str, segment_id: int) -> None:
 @get("/connector-groups", sync_to_thread=True, tags=["connectors"])
 def list_groups(api: Api) -> list[GroupOut]:
     with api.store.read() as session:
-        return [GroupOut(id=g.id, name=g.name, region=g.region, is_default=g.is_default, created_at=g.created_at)
-                for g in repo.list_groups(session)]
+        return [_group_out(g) for g in connector_groups.list_groups(session)]
 
 
 @post("/connector-groups", sync_to_thread=True, tags=["connectors"])
 def create_group(api: Api, actor: str, data: GroupCreate) -> GroupOut:
     with api.store.begin() as session:
-        g = repo.create_group(session, actor, data.name, data.region)
-        return GroupOut(id=g.id, name=g.name, region=g.region, is_default=g.is_default, created_at=g.created_at)
+        return _group_out(connector_groups.create_group(session, actor, data.name, data.region))
 
 
 @get("/connectors", sync_to_thread=True, tags=["connectors"])
@@ -210,28 +209,29 @@ def list_connectors(api: Api) -> list[ConnectorOut]:
     """Every registered connector; ``status`` is ``inactive`` after 3 missed heartbeats."""
     now = utcnow()
     with api.store.read() as session:
-        revoked = _revoked(session)
-        return [_connector_out(c, api, now, revoked) for c in repo.list_connectors(session)]
+        revoked = certificates.revoked_serials(session)
+        return [_connector_out(c, api, now, revoked) for c in nodes.list_connectors(session)]
 
 
 @get("/connectors/{connector_id:str}", sync_to_thread=True, tags=["connectors"])
 def get_connector(api: Api, connector_id: str) -> ConnectorOut:
     with api.store.read() as session:
-        return _connector_out(repo.get_connector(session, connector_id), api, utcnow(), _revoked(session))
+        return _connector_out(nodes.get_connector(session, connector_id), api, utcnow(),
+                              certificates.revoked_serials(session))
 
 
 @get("/edges", sync_to_thread=True, tags=["edges"])
 def list_edges(api: Api) -> list[EdgeOut]:
     now = utcnow()
     with api.store.read() as session:
-        revoked = _revoked(session)
-        return [_edge_out(e, api, now, revoked) for e in repo.list_edges(session)]
+        revoked = certificates.revoked_serials(session)
+        return [_edge_out(e, api, now, revoked) for e in nodes.list_edges(session)]
 
 
 @get("/edges/{edge_id:str}", sync_to_thread=True, tags=["edges"])
 def get_edge(api: Api, edge_id: str) -> EdgeOut:
     with api.store.read() as session:
-        return _edge_out(repo.get_edge(session, edge_id), api, utcnow(), _revoked(session))
+        return _edge_out(nodes.get_edge(session, edge_id), api, utcnow(), certificates.revoked_serials(session))
 
 
 # ---------------------------------------------------------------------------- private DNS suffixes
@@ -240,21 +240,19 @@ def get_edge(api: Api, edge_id: str) -> EdgeOut:
 @get("/dns-suffixes", sync_to_thread=True, tags=["dns"])
 def list_dns_suffixes(api: Api) -> list[DnsSuffixOut]:
     with api.store.read() as session:
-        return [DnsSuffixOut(id=d.id, suffix=d.suffix, created_at=d.created_at)
-                for d in repo.list_dns_suffixes(session)]
+        return [_dns_suffix_out(d) for d in dns_suffixes.list_dns_suffixes(session)]
 
 
 @post("/dns-suffixes", sync_to_thread=True, tags=["dns"])
 def add_dns_suffix(api: Api, actor: str, data: DnsSuffixCreate) -> DnsSuffixOut:
     with api.store.begin() as session:
-        d: DnsSuffix = repo.add_dns_suffix(session, actor, data.suffix)
-        return DnsSuffixOut(id=d.id, suffix=d.suffix, created_at=d.created_at)
+        return _dns_suffix_out(dns_suffixes.add_dns_suffix(session, actor, data.suffix))
 
 
 @delete("/dns-suffixes/{suffix:str}", sync_to_thread=True, tags=["dns"])
 def remove_dns_suffix(api: Api, actor: str, suffix: str) -> None:
     with api.store.begin() as session:
-        repo.remove_dns_suffix(session, actor, suffix)
+        dns_suffixes.remove_dns_suffix(session, actor, suffix)
 
 
 # ---------------------------------------------------------------------------- forwarding profile
@@ -263,16 +261,14 @@ def remove_dns_suffix(api: Api, actor: str, suffix: str) -> None:
 @get("/forwarding-profile", sync_to_thread=True, tags=["clients"])
 def get_forwarding_profile(api: Api) -> ForwardingProfileOut:
     with api.store.read() as session:
-        row = repo.forwarding_profile(session)
-        return ForwardingProfileOut(fail_mode=row.fail_mode, updated_at=row.updated_at)
+        return _profile_out(forwarding_profile.forwarding_profile(session))
 
 
 @put("/forwarding-profile", sync_to_thread=True, tags=["clients"])
 def set_forwarding_profile(api: Api, actor: str, data: ForwardingProfileUpdate) -> ForwardingProfileOut:
     """Change the fail mode client agents follow (it reaches them with the next configuration version)."""
     with api.store.begin() as session:
-        row = repo.set_fail_mode(session, actor, data.fail_mode)
-        return ForwardingProfileOut(fail_mode=row.fail_mode, updated_at=row.updated_at)
+        return _profile_out(forwarding_profile.set_fail_mode(session, actor, data.fail_mode))
 
 
 # ---------------------------------------------------------------------------- registration tokens
@@ -283,16 +279,15 @@ def list_tokens(api: Api) -> list[TokenOut]:
     """Every registration token issued (never the token itself), newest first."""
     now = utcnow()
     with api.store.read() as session:
-        rows = session.scalars(select(RegistrationToken).order_by(RegistrationToken.id.desc()))
-        return [_token_out(t, now) for t in rows]
+        return [_token_out(t, now) for t in registration_tokens.list_registration_tokens(session)]
 
 
 @post("/registration-tokens", sync_to_thread=True, tags=["registration"])
 def create_token(api: Api, actor: str, data: TokenCreate) -> TokenCreated:
     """A one-time token for ``POST /v1/register``; the plain text is in this response only."""
     with api.store.begin() as session:
-        token, plaintext = repo.create_registration_token(session, actor, data.role, group=data.group,
-                                                          ttl=timedelta(seconds=data.ttl_seconds))
+        token, plaintext = registration_tokens.create_registration_token(session, actor, data.role, group=data.group,
+                                                                         ttl=timedelta(seconds=data.ttl_seconds))
         return TokenCreated(id=token.id, token=plaintext, role=token.role,
                             group=token.group.name if token.group else None, expires_at=token.expires_at)
 
@@ -303,14 +298,14 @@ def create_token(api: Api, actor: str, data: TokenCreate) -> TokenCreated:
 @get("/admin-keys", sync_to_thread=True, tags=["admin"])
 def list_admin_keys(api: Api) -> list[AdminKeyOut]:
     with api.store.read() as session:
-        return [_admin_key_out(k) for k in repo.list_admin_keys(session)]
+        return [_admin_key_out(k) for k in admin_keys.list_admin_keys(session)]
 
 
 @post("/admin-keys", sync_to_thread=True, tags=["admin"])
 def create_admin_key(api: Api, actor: str, data: AdminKeyCreate) -> AdminKeyCreated:
     """A new admin key; the plain text is in this response only."""
     with api.store.begin() as session:
-        key, plaintext = repo.create_admin_key(session, actor, data.name)
+        key, plaintext = admin_keys.create_admin_key(session, actor, data.name)
         return AdminKeyCreated(id=key.id, name=key.name, key=plaintext, created_at=key.created_at,
                                created_by=key.created_by)
 
@@ -319,12 +314,12 @@ def create_admin_key(api: Api, actor: str, data: AdminKeyCreate) -> AdminKeyCrea
 def revoke_admin_key(api: Api, actor: str, name: str) -> AdminKeyOut:
     """Revoke an admin key (it stops working at once). The last live key cannot be revoked."""
     with api.store.begin() as session:
-        live = session.scalar(select(func.count()).select_from(AdminKey).where(AdminKey.revoked_at.is_(None)))
-        target = session.scalar(select(AdminKey).where(AdminKey.name == name))
+        live = admin_keys.live_admin_keys(session)
+        target = admin_keys.find_admin_key(session, name)
         if target is not None and target.revoked_at is None and live == 1:
             raise StoreError("conflict", f"admin key {name!r} is the last live admin key: create another one "
                                          f"before revoking it, or nobody could administer the control plane")
-        return _admin_key_out(repo.revoke_admin_key(session, actor, name))
+        return _admin_key_out(admin_keys.revoke_admin_key(session, actor, name))
 
 
 # ---------------------------------------------------------------------------- revocations
@@ -333,7 +328,7 @@ def revoke_admin_key(api: Api, actor: str, name: str) -> AdminKeyOut:
 @get("/revocations", sync_to_thread=True, tags=["revocations"])
 def list_revocations(api: Api) -> list[RevocationOut]:
     with api.store.read() as session:
-        return _revocation_out(session, repo.list_revocations(session))
+        return _revocation_out(session, certificates.list_revocations(session))
 
 
 @post("/revocations", sync_to_thread=True, tags=["revocations"])
@@ -348,13 +343,12 @@ def revoke_node(api: Api, actor: str, data: RevocationCreate) -> list[Revocation
         raise ValidationException("give either node_type and node_id, or serial")
     with api.store.begin() as session:
         if data.serial is not None:
-            return _revocation_out(session, [repo.revoke_certificate(session, actor, int(data.serial, 16),
-                                                                     data.reason)])
-        node: Connector | Edge = (repo.get_connector(session, data.node_id) if data.node_type == "connector"
-                                  else repo.get_edge(session, data.node_id))  # type: ignore[arg-type]
+            return _revocation_out(session, [certificates.revoke_certificate(session, actor, int(data.serial, 16),
+                                                                             data.reason)])
+        node = nodes.get_node(session, data.node_type, data.node_id)  # type: ignore[arg-type]
         if node.cert_serial is None:
             raise StoreError("invalid", f"{data.node_type} {node.id!r} ({node.name}) has no certificate to revoke")
-        rows = repo.revoke_node(session, actor, data.node_type, node.id, data.reason)  # type: ignore[arg-type]
+        rows = nodes.revoke_node(session, actor, data.node_type, node.id, data.reason)  # type: ignore[arg-type]
         return _revocation_out(session, rows)
 
 
@@ -367,7 +361,7 @@ def issue_client_certificate(api: Api, actor: str, data: ClientCertificateCreate
     issued = api.ca.sign_csr(data.csr_pem.encode(), role="client", name=data.name.strip(),
                              lifetime_days=data.lifetime_days or api.cert_lifetime_days)
     with api.store.begin() as session:
-        repo.record_client_certificate(session, actor, data.name.strip(), issued.serial, issued.not_after)
+        certificates.record_client_certificate(session, actor, data.name.strip(), issued.serial, issued.not_after)
     return CertificateOut(certificate_pem=issued.cert_pem.decode(), ca_pem=api.ca.bundle().decode(),
                           serial=format(issued.serial, "x"), not_after=issued.not_after)
 
@@ -385,41 +379,33 @@ def list_audit(
     limit: Annotated[int, Parameter(ge=1, le=MAX_AUDIT_LIMIT)] = 100,
 ) -> list[AuditOut]:
     """Audit records, newest first; ``since`` is an RFC 3339 time with a zone (records at or after it)."""
-    query = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit)
-    if filter_actor is not None:
-        query = query.where(AuditRecord.actor == filter_actor)
-    if object_type is not None:
-        query = query.where(AuditRecord.object_type == object_type)
-    if since is not None:
-        if since.tzinfo is None:
-            raise ValidationException("invalid request: since must carry a time zone (e.g. 2024-05-01T12:00:00Z)",
-                                      extra=[{"key": "since", "source": "query",
-                                              "message": "must carry a time zone, e.g. 2024-05-01T12:00:00Z"}])
-        query = query.where(AuditRecord.at >= since)
+    if since is not None and since.tzinfo is None:
+        raise ValidationException("invalid request: since must carry a time zone (e.g. 2024-05-01T12:00:00Z)",
+                                  extra=[{"key": "since", "source": "query",
+                                          "message": "must carry a time zone, e.g. 2024-05-01T12:00:00Z"}])
     with api.store.read() as session:
         return [AuditOut(id=r.id, at=r.at, actor=r.actor, action=r.action, object_type=r.object_type,
-                         object_id=r.object_id, before=r.before, after=r.after) for r in session.scalars(query)]
+                         object_id=r.object_id, before=r.before, after=r.after)
+                for r in audit.list_audit(session, limit, object_type, actor=filter_actor, since=since)]
 
 
 @get("/config-version", sync_to_thread=True, tags=["config"])
 def get_config_version(api: Api) -> ConfigVersionOut:
     """Bumped by every change to what nodes are configured from."""
     with api.store.read() as session:
-        row = session.get_one(ConfigVersion, 1)
+        row = config_version.version_row(session)
         return ConfigVersionOut(version=row.version, changed_at=row.changed_at)
 
 
 ADMIN_HANDLERS = [
     list_applications, get_application, create_application, update_application, delete_application,
     add_segment, remove_segment, list_groups, create_group, list_connectors, get_connector, list_edges, get_edge,
-    list_dns_suffixes, add_dns_suffix, remove_dns_suffix, get_forwarding_profile, set_forwarding_profile, list_tokens, create_token, list_admin_keys,
-    create_admin_key, revoke_admin_key, list_revocations, revoke_node, issue_client_certificate, list_audit,
-    get_config_version,
+    list_dns_suffixes, add_dns_suffix, remove_dns_suffix, get_forwarding_profile, set_forwarding_profile,
+    list_tokens, create_token, list_admin_keys, create_admin_key, revoke_admin_key, list_revocations, revoke_node,
+    issue_client_certificate, list_audit, get_config_version,
 ]
 
 
 def admin_router() -> Router:
     """The ``/v1`` admin routes, each guarded by an admin key; ``actor`` is that key's name."""
-    return Router(path="/v1", route_handlers=ADMIN_HANDLERS, guards=[require_admin],
-                  dependencies={"actor": Provide(provide_actor, sync_to_thread=False)},
-                  security=[{"adminKey": []}])
+    return admin_routes(ADMIN_HANDLERS)

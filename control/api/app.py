@@ -1,11 +1,14 @@
 """``create_app``: the control plane's ASGI application (Litestar), ready for uvicorn.
 
-Routes: the admin resources under ``/v1`` (``admin.py`` and, for users, groups, devices
-and sessions, ``identity.py``; admin key required), user sign-in under ``/v1/auth``
-(``auth.py``: password/TOTP, access tokens; ``oidc.py``: through an OIDC provider),
-``POST /v1/register`` (``register.py``, one-time token), the node routes under ``/v1/node`` (``nodes.py``, node certificate
-token), ``GET /health`` (no credential), and the OpenAPI document at
-``/schema/openapi.json`` (Swagger UI at ``/schema/swagger``). Errors are JSON (``errors.py``).
+Routes: the admin resources under ``/v1`` (``admin.py``; ``policies.py`` for access;
+``identity.py`` for users, groups, devices and sessions; ``traffic.py`` for traffic logs;
+admin key required), user sign-in under ``/v1/auth`` (``auth.py``: password/TOTP, access
+tokens; ``oidc.py``: through an OIDC provider), the client agents' profile under
+``/v1/client`` (``client.py``), ``POST /v1/register`` (``register.py``, one-time token),
+the node routes under ``/v1/node`` (``nodes.py``, node certificate token), ``GET /health``
+(no credential), and the OpenAPI document at ``/schema/openapi.json`` (Swagger UI at
+``/schema/swagger``). Credentials are checked by ``guards.py``; errors are JSON
+(``errors.py``).
 """
 
 from __future__ import annotations
@@ -29,15 +32,15 @@ from control.tokens import TokenSigner
 from .admin import admin_router
 from .auth import auth_router
 from .client import client_router
-from .deps import DEFAULT_HEARTBEAT_INTERVAL, Api, provide_api
 from .errors import EXCEPTION_HANDLERS
+from .guards import DEFAULT_HEARTBEAT_INTERVAL, Api, provide_api
 from .identity import identity_router
 from .nodes import NODE_ROUTES
 from .oidc import oidc_router
 from .policies import policy_router
-from .traffic import traffic_retention, traffic_router
 from .register import register
 from .schemas import Health
+from .traffic import traffic_retention, traffic_router
 
 log = logging.getLogger("ferryman.control")
 
@@ -114,7 +117,7 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
         openapi_config=openapi,
         request_max_body_size=MAX_BODY_BYTES,
         debug=False,
-        logging_config=None,  # the process's logging (dataplane.observability) stays as it is
+        logging_config=None,  # the process's logging (dataplane.basics.logs) stays as it is
     )
     app.state.api = api
     return app

@@ -1,11 +1,11 @@
 """The route signed-in client agents follow: their forwarding profile.
 
 ``GET /v1/client/profile?after=N&wait=S`` (``Authorization: Bearer <access token>``) answers
-the profile (``dataplane.snapshot.ClientProfile``: private applications' segments, private
+the profile (``dataplane.contract.snapshot.ClientProfile``: private applications' segments, private
 DNS suffixes, fail mode, edges) once the configuration version is above ``N``, or 204
-after waiting up to ``S`` seconds (long-poll, like the nodes' configuration). The token's
-session must still be live: a revoked session, device or disabled account gets 401 with
-the reason, so an agent learns it must sign in again.
+after waiting up to ``S`` seconds (the same long-poll as the nodes' configuration,
+``longpoll.py``). The token's session must still be live: a revoked session, device or
+disabled account gets 401 with the reason, so an agent learns it must sign in again.
 """
 
 from __future__ import annotations
@@ -19,20 +19,18 @@ from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
-from control.store import StoreError, identity
-from dataplane.contract.snapshot import ClientProfile, client_profile
+from control.store import StoreError, sessions
+from dataplane.contract.snapshot import client_profile
 
-from .auth import require_user
-from .deps import Api
-from .nodes import MAX_WAIT, wait_snapshot
-
+from .guards import Api, require_user
+from .longpoll import Wait, config_response, wait_snapshot
 
 _client_waiters = [0]  # profile long-polls waiting now (one event loop per control-plane process)
 
 
 def _live(api: Api, session_id: str) -> None:
     with api.store.read() as session:
-        identity.active_session(session, session_id)
+        sessions.active_session(session, session_id)
 
 
 @get("/profile", guards=[require_user], security=[{"accessToken": []}],
@@ -41,8 +39,7 @@ def _live(api: Api, session_id: str) -> None:
 async def profile(
     request: Request,
     after: Annotated[int, Parameter(ge=-1, description="the profile version the agent holds (-1: none)")] = -1,
-    wait: Annotated[float, Parameter(ge=0, description=f"seconds to wait for a newer version (at most {MAX_WAIT:g})")]
-    = 0.0,
+    wait: Wait = 0.0,
 ) -> Response[bytes]:
     """The forwarding profile once its version is above ``after``; 204 after ``wait`` seconds without one."""
     api: Api = request.app.state.api
@@ -61,11 +58,7 @@ async def profile(
         snapshot = await wait_snapshot(api, after, wait, f"client session {request.state.claims.sid}")
     finally:
         _client_waiters[0] -= 1
-    if snapshot is None:
-        return Response(b"", status_code=204, media_type="application/json")
-    body: ClientProfile = client_profile(snapshot)
-    return Response(msgspec.json.encode(body), status_code=200, media_type="application/json",
-                    headers={"X-Ferryman-Config-Version": str(snapshot.version)})
+    return config_response(snapshot, lambda s: msgspec.json.encode(client_profile(s)))
 
 
 def client_router() -> Router:

@@ -1,7 +1,8 @@
-"""The identity admin routes under ``/v1`` (admin key required, like ``admin.py``): users, user
-groups, devices and sign-in sessions. Thin shells around ``control.store.identity`` (one
-transaction, the store call that validates, audits with the admin key's name as actor and
-bumps the configuration version, conversion to ``identity_schemas``).
+"""The identity admin routes under ``/v1`` (admin key required: ``guards.require_admin``): users,
+user groups, devices and sign-in sessions. Thin shells around ``control.store.users``,
+``user_groups``, ``devices``, ``sessions`` and ``totp`` (one transaction, the store call that
+validates, audits with the admin key's name as actor and bumps the configuration version,
+conversion to ``identity_schemas``).
 
 A user is named by id or UPN, a user group by id or name, in paths and bodies.
 
@@ -20,15 +21,14 @@ from datetime import datetime
 from typing import Annotated
 
 from litestar import Router, delete, get, patch, post
-from litestar.di import Provide
 from litestar.params import Parameter
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from control.store import identity
+from control.store import devices, sessions, totp, user_groups, users
 from control.store.models import Device, GroupMember, SignInSession, User, UserGroup, utcnow
 
-from .deps import Api, provide_actor, require_admin
+from .guards import Api, admin_routes
 from .identity_schemas import (
     DeviceOut,
     DeviceUpdate,
@@ -51,16 +51,16 @@ def _user_out(session: Session, user: User, groups: list[str] | None = None) -> 
     return UserOut(id=user.id, upn=user.upn, display_name=user.display_name, disabled=user.disabled,
                    risk_level=user.risk_level, has_password=user.password_hash is not None,
                    totp_enabled=user.totp_enabled,
-                   groups=identity.user_group_ids(session, user.id) if groups is None else groups,
+                   groups=users.user_group_ids(session, user.id) if groups is None else groups,
                    created_at=user.created_at, updated_at=user.updated_at)
 
 
-def _users_out(session: Session, users: list[User]) -> list[UserOut]:
+def _users_out(session: Session, rows: list[User]) -> list[UserOut]:
     memberships: dict[str, list[str]] = {}
     for group_id, user_id in session.execute(select(GroupMember.group_id, GroupMember.user_id)
                                              .order_by(GroupMember.group_id)):
         memberships.setdefault(user_id, []).append(group_id)
-    return [_user_out(session, u, memberships.get(u.id, [])) for u in users]
+    return [_user_out(session, u, memberships.get(u.id, [])) for u in rows]
 
 
 def _group_out(session: Session, group: UserGroup) -> UserGroupOut:
@@ -83,7 +83,7 @@ def _session_out(row: SignInSession, now: datetime) -> SessionOut:
     return SessionOut(id=row.id, user_id=row.user_id, device_id=row.device_id, amr=row.amr.split(","),
                       auth_time=row.auth_time, created_at=row.created_at, expires_at=row.expires_at,
                       last_refresh_at=row.last_refresh_at, revoked_at=row.revoked_at,
-                      status=identity.session_status(row, now))  # type: ignore[arg-type]
+                      status=sessions.session_status(row, now))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- users
@@ -93,20 +93,20 @@ def _session_out(row: SignInSession, now: datetime) -> SessionOut:
 def list_users(api: Api) -> list[UserOut]:
     """Every user, by UPN."""
     with api.store.read() as session:
-        return _users_out(session, identity.list_users(session))
+        return _users_out(session, users.list_users(session))
 
 
 @get("/users/{user_ref:str}", sync_to_thread=True)
 def get_user(api: Api, user_ref: str) -> UserOut:
     with api.store.read() as session:
-        return _user_out(session, identity.get_user(session, user_ref))
+        return _user_out(session, users.get_user(session, user_ref))
 
 
 @post("/users", sync_to_thread=True)
 def create_user(api: Api, actor: str, data: UserCreate) -> UserOut:
     """A new user (UPN stored lower-case); with ``password`` (8 to 1024 characters) it can sign in."""
     with api.store.begin() as session:
-        user = identity.create_user(session, actor, data.upn, display_name=data.display_name, password=data.password)
+        user = users.create_user(session, actor, data.upn, display_name=data.display_name, password=data.password)
         return _user_out(session, user)
 
 
@@ -114,10 +114,10 @@ def create_user(api: Api, actor: str, data: UserCreate) -> UserOut:
 def update_user(api: Api, actor: str, user_ref: str, data: UserUpdate) -> UserOut:
     """Change UPN, display name, password, disabled flag and/or risk level."""
     with api.store.begin() as session:
-        user = identity.update_user(session, actor, user_ref, upn=data.upn, display_name=data.display_name,
-                                    disabled=data.disabled, risk_level=data.risk_level)
+        user = users.update_user(session, actor, user_ref, upn=data.upn, display_name=data.display_name,
+                                 disabled=data.disabled, risk_level=data.risk_level)
         if data.password is not None:
-            user = identity.set_password(session, actor, user.id, data.password)
+            user = users.set_password(session, actor, user.id, data.password)
         return _user_out(session, user)
 
 
@@ -125,14 +125,14 @@ def update_user(api: Api, actor: str, user_ref: str, data: UserUpdate) -> UserOu
 def delete_user(api: Api, actor: str, user_ref: str) -> None:
     """Delete a user, its devices (certificates revoked), sessions and memberships."""
     with api.store.begin() as session:
-        identity.delete_user(session, actor, user_ref)
+        users.delete_user(session, actor, user_ref)
 
 
 @post("/users/{user_ref:str}/totp/reset", sync_to_thread=True, status_code=200)
 def reset_totp(api: Api, actor: str, user_ref: str) -> UserOut:
     """Remove the user's TOTP second factor and recovery codes (e.g. a lost phone); they may enrol again."""
     with api.store.begin() as session:
-        return _user_out(session, identity.reset_totp(session, actor, user_ref))
+        return _user_out(session, totp.reset_totp(session, actor, user_ref))
 
 
 @get("/users/{user_ref:str}/sessions", sync_to_thread=True)
@@ -140,7 +140,7 @@ def list_user_sessions(api: Api, user_ref: str) -> list[SessionOut]:
     """The user's sign-in sessions, newest first."""
     now = utcnow()
     with api.store.read() as session:
-        return [_session_out(row, now) for row in identity.list_sessions(session, user_ref)]
+        return [_session_out(row, now) for row in sessions.list_sessions(session, user_ref)]
 
 
 # ---------------------------------------------------------------------------- user groups
@@ -149,40 +149,40 @@ def list_user_sessions(api: Api, user_ref: str) -> list[SessionOut]:
 @get("/user-groups", sync_to_thread=True)
 def list_user_groups(api: Api) -> list[UserGroupOut]:
     with api.store.read() as session:
-        return [_group_out(session, g) for g in identity.list_user_groups(session)]
+        return [_group_out(session, g) for g in user_groups.list_user_groups(session)]
 
 
 @post("/user-groups", sync_to_thread=True)
 def create_user_group(api: Api, actor: str, data: UserGroupCreate) -> UserGroupOut:
     with api.store.begin() as session:
-        return _group_out(session, identity.create_user_group(session, actor, data.name))
+        return _group_out(session, user_groups.create_user_group(session, actor, data.name))
 
 
 @patch("/user-groups/{group_ref:str}", sync_to_thread=True)
 def rename_user_group(api: Api, actor: str, group_ref: str, data: UserGroupUpdate) -> UserGroupOut:
     with api.store.begin() as session:
-        return _group_out(session, identity.rename_user_group(session, actor, group_ref, data.name))
+        return _group_out(session, user_groups.rename_user_group(session, actor, group_ref, data.name))
 
 
 @delete("/user-groups/{group_ref:str}", sync_to_thread=True)
 def delete_user_group(api: Api, actor: str, group_ref: str) -> None:
     """Delete a user group with its memberships and application assignments."""
     with api.store.begin() as session:
-        identity.delete_user_group(session, actor, group_ref)
+        user_groups.delete_user_group(session, actor, group_ref)
 
 
 @get("/user-groups/{group_ref:str}/members", sync_to_thread=True)
 def list_members(api: Api, group_ref: str) -> list[UserOut]:
     with api.store.read() as session:
-        return _users_out(session, identity.group_members(session, group_ref))
+        return _users_out(session, user_groups.group_members(session, group_ref))
 
 
 @post("/user-groups/{group_ref:str}/members", sync_to_thread=True)
 def add_member(api: Api, actor: str, group_ref: str, data: MemberAdd) -> MemberOut:
     """Add a user (id or UPN) to the group."""
     with api.store.begin() as session:
-        member = identity.add_group_member(session, actor, group_ref, data.user)
-        group = identity.get_user_group(session, member.group_id)
+        member = user_groups.add_group_member(session, actor, group_ref, data.user)
+        group = user_groups.get_user_group(session, member.group_id)
         return MemberOut(group_id=group.id, group=group.name, user_id=member.user_id,
                          upn=_upn_of(session, member.user_id))
 
@@ -190,7 +190,7 @@ def add_member(api: Api, actor: str, group_ref: str, data: MemberAdd) -> MemberO
 @delete("/user-groups/{group_ref:str}/members/{user_ref:str}", sync_to_thread=True)
 def remove_member(api: Api, actor: str, group_ref: str, user_ref: str) -> None:
     with api.store.begin() as session:
-        identity.remove_group_member(session, actor, group_ref, user_ref)
+        user_groups.remove_group_member(session, actor, group_ref, user_ref)
 
 
 # ---------------------------------------------------------------------------- devices
@@ -205,16 +205,16 @@ def list_devices(
     """Every device, oldest first (or only one user's)."""
     with api.store.read() as session:
         if filter_user is not None:
-            user = identity.get_user(session, filter_user)
-            return [_device_out(d, user.upn) for d in identity.list_devices(session, user.id)]
+            user = users.get_user(session, filter_user)
+            return [_device_out(d, user.upn) for d in devices.list_devices(session, user.id)]
         upns = dict(session.execute(select(User.id, User.upn)).tuples().all())
-        return [_device_out(d, upns.get(d.user_id, "")) for d in identity.list_devices(session)]
+        return [_device_out(d, upns.get(d.user_id, "")) for d in devices.list_devices(session)]
 
 
 @get("/devices/{device_id:str}", sync_to_thread=True)
 def get_device(api: Api, device_id: str) -> DeviceOut:
     with api.store.read() as session:
-        device = identity.get_device(session, device_id)
+        device = devices.get_device(session, device_id)
         return _device_out(device, _upn_of(session, device.user_id))
 
 
@@ -222,8 +222,8 @@ def get_device(api: Api, device_id: str) -> DeviceOut:
 def update_device(api: Api, actor: str, device_id: str, data: DeviceUpdate) -> DeviceOut:
     """Set compliance, OS, OS version and/or name (an admin, or an MDM with an admin key)."""
     with api.store.begin() as session:
-        device = identity.update_device(session, actor, device_id, compliant=data.compliant, os=data.os,
-                                        os_version=data.os_version, name=data.name)
+        device = devices.update_device(session, actor, device_id, compliant=data.compliant, os=data.os,
+                                       os_version=data.os_version, name=data.name)
         return _device_out(device, _upn_of(session, device.user_id))
 
 
@@ -231,7 +231,7 @@ def update_device(api: Api, actor: str, device_id: str, data: DeviceUpdate) -> D
 def revoke_device(api: Api, actor: str, device_id: str, data: RevokeRequest | None = None) -> DeviceOut:
     """Revoke a device: its certificate and live sessions; edges refuse it within seconds."""
     with api.store.begin() as session:
-        device = identity.revoke_device(session, actor, device_id, data.reason if data is not None else "")
+        device = devices.revoke_device(session, actor, device_id, data.reason if data is not None else "")
         return _device_out(device, _upn_of(session, device.user_id))
 
 
@@ -241,14 +241,14 @@ def revoke_device(api: Api, actor: str, device_id: str, data: RevokeRequest | No
 @get("/sessions/{session_id:str}", sync_to_thread=True)
 def get_session(api: Api, session_id: str) -> SessionOut:
     with api.store.read() as session:
-        return _session_out(identity.get_session(session, session_id), utcnow())
+        return _session_out(sessions.get_session(session, session_id), utcnow())
 
 
 @post("/sessions/{session_id:str}/revoke", sync_to_thread=True, status_code=200)
 def revoke_session(api: Api, actor: str, session_id: str, data: RevokeRequest | None = None) -> SessionOut:
     """End a session: its refresh token stops working and edges refuse its access tokens."""
     with api.store.begin() as session:
-        row = identity.revoke_session(session, actor, session_id, data.reason if data is not None else "")
+        row = sessions.revoke_session(session, actor, session_id, data.reason if data is not None else "")
         return _session_out(row, utcnow())
 
 
@@ -261,6 +261,4 @@ IDENTITY_HANDLERS = [
 
 def identity_router() -> Router:
     """The identity admin routes under ``/v1``, each guarded by an admin key; ``actor`` is that key's name."""
-    return Router(path="/v1", route_handlers=IDENTITY_HANDLERS, guards=[require_admin],
-                  dependencies={"actor": Provide(provide_actor, sync_to_thread=False)},
-                  security=[{"adminKey": []}], tags=["identity"])
+    return admin_routes(IDENTITY_HANDLERS, tags=["identity"])

@@ -33,13 +33,14 @@ from sqlalchemy import select
 
 from control.ca import CaError, _verified_key
 from control.oidc import POLL_INTERVAL, Oidc, OidcError, PendingLogin
-from control.store import StoreError, identity
+from control.store import StoreError, users
 from control.store.models import User
 
-from .deps import Api
 from .errors import STORE_STATUS
-from .identity_schemas import DeviceCertificate, DeviceIn, SignedInUser, SignInResponse
+from .guards import Api
+from .identity_schemas import DeviceIn, SignInResponse
 from .schemas import ErrorBody, _Request
+from .signin import certify_device, signed_in
 
 log = logging.getLogger("ferryman.control.oidc")
 
@@ -122,27 +123,13 @@ def _complete(api: Api, oidc: Oidc, login: PendingLogin, code: str) -> tuple[Sig
                             f"{upn!r} (the OIDC provider's {claim!r} claim) is not a Ferryman user: an administrator "
                             f"must create the user first (users are not created at sign-in)")
         if user.disabled:
-            raise StoreError("account_disabled", identity.ACCOUNT_DISABLED)
+            raise StoreError("account_disabled", users.ACCOUNT_DISABLED)
         actor = f"user:{user.id}"
-        device = identity.register_device(session, actor, user.id, name=login.device["name"],
-                                          os=login.device["os"], os_version=login.device["os_version"])
-        issued = api.ca.sign_csr(login.device["csr_pem"].encode(), role="client", name=device.id,
-                                 lifetime_days=api.cert_lifetime_days)
-        identity.record_device_certificate(session, actor, device.id, issued.serial, issued.not_after)
-        row, refresh_token = identity.create_session(session, user.id, device_id=device.id, amr=amr, now=now)
-        row.auth_time = auth_time  # when the provider saw the user prove it (kept through refreshes)
-        session.flush()
-        groups = identity.user_group_ids(session, user.id)
-        access, expires_in = api.token_signer.issue(
-            user_id=user.id, upn=user.upn, groups=groups, amr=amr, auth_time=auth_time, session_id=row.id,
-            device_id=device.id, not_after=row.expires_at)
-        answer = SignInResponse(
-            access_token=access, token_type="Bearer", expires_in=expires_in, refresh_token=refresh_token,
-            session_id=row.id,
-            user=SignedInUser(id=user.id, upn=user.upn, display_name=user.display_name, groups=groups),
-            device=DeviceCertificate(id=device.id, certificate_pem=issued.cert_pem.decode(),
-                                     ca_pem=api.ca.bundle().decode(), serial=format(issued.serial, "x"),
-                                     not_after=issued.not_after))
+        device, certificate = certify_device(api, session, actor, user.id, login.device["csr_pem"],
+                                             name=login.device["name"], os=login.device["os"],
+                                             os_version=login.device["os_version"])
+        # auth_time: when the provider saw the user prove it (kept through refreshes)
+        answer = signed_in(api, session, user, amr, device.id, certificate, now=now, auth_time=auth_time)
         return answer, device.name or device.id
 
 

@@ -1,14 +1,15 @@
-"""The access routes under ``/v1`` (admin key required, like ``admin.py``): who an application
-is assigned to, named locations, and conditional-access policies.
+"""The access routes under ``/v1`` (admin key required: ``guards.require_admin``): who an
+application is assigned to, named locations, and conditional-access policies.
 
 - ``GET/POST/DELETE /v1/applications/{name}/assignments`` (body ``{"user": id-or-UPN}`` or
   ``{"group": id-or-name}``; DELETE also takes them as query parameters);
 - ``GET/POST /v1/named-locations``, ``GET/PATCH/DELETE /v1/named-locations/{name}``;
 - ``GET/POST /v1/policies``, ``GET/PATCH/DELETE /v1/policies/{name}``.
 
-Each handler is a thin shell around ``control.store.policy`` (which validates, audits with the
-admin key's name as actor and bumps the configuration version, so edges get the change
-within seconds). Responses name targets (application names, UPNs, group names) next to ids.
+Each handler is a thin shell around ``control.store.assignments``, ``named_locations`` or
+``policies`` (which validates, audits with the admin key's name as actor and bumps the
+configuration version, so edges get the change within seconds). Responses name targets
+(application names, UPNs, group names) next to ids.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ from typing import Any
 
 import msgspec
 from litestar import Router, delete, get, patch, post
-from litestar.di import Provide
 from litestar.exceptions import ValidationException
 from sqlalchemy.orm import Session
 
-from control.store import policy as store
+from control.store import assignments, named_locations, policies
 from control.store.models import AccessPolicy, NamedLocation
 
-from .deps import Api, provide_actor, require_admin
+from .guards import Api, admin_routes
 from .policy_schemas import (
     AppRef,
     AssignmentIn,
@@ -45,15 +45,15 @@ from .policy_schemas import (
 # ---------------------------------------------------------------------------- conversions
 
 
-def _assignment_out(view: store.AssignmentView) -> AssignmentOut:
+def _assignment_out(view: assignments.AssignmentView) -> AssignmentOut:
     return AssignmentOut(id=view.id, application=view.application,
                          user=None if view.user_id is None else UserRef(id=view.user_id, upn=view.upn),
                          group=None if view.group_id is None else GroupRef(id=view.group_id, name=view.group))
 
 
 def _locations_out(session: Session, rows: Sequence[NamedLocation]) -> list[NamedLocationOut]:
-    used = [(p.name, (p.conditions or {}).get("locations", [])) for p in store.list_policies(session)]
-    return [NamedLocationOut(id=row.id, name=row.name, cidrs=store.location_cidrs(row),
+    used = [(p.name, (p.conditions or {}).get("locations", [])) for p in policies.list_policies(session)]
+    return [NamedLocationOut(id=row.id, name=row.name, cidrs=named_locations.location_cidrs(row),
                              policies=[name for name, locations in used if row.name in locations],
                              created_at=row.created_at)
             for row in rows]
@@ -66,7 +66,7 @@ def _policies_out(session: Session, rows: Sequence[AccessPolicy]) -> list[Policy
                       groups=[GroupRef(id=i, name=n) for i, n in v.groups],
                       conditions=msgspec.convert(v.conditions, ConditionsOut), created_at=v.created_at,
                       updated_at=v.updated_at)
-            for v in store.policy_views(session, rows)]
+            for v in policies.policy_views(session, rows)]
 
 
 def _conditions_in(conditions: ConditionsIn | None) -> dict[str, Any] | None:
@@ -82,14 +82,14 @@ def _conditions_in(conditions: ConditionsIn | None) -> dict[str, Any] | None:
 def list_assignments(api: Api, name: str) -> list[AssignmentOut]:
     """Who the application is assigned to: users (by UPN), then groups (by name)."""
     with api.store.read() as session:
-        return [_assignment_out(v) for v in store.list_assignments(session, name)]
+        return [_assignment_out(v) for v in assignments.list_assignments(session, name)]
 
 
 @post("/applications/{name:str}/assignments", sync_to_thread=True, tags=["access"])
 def assign_application(api: Api, actor: str, name: str, data: AssignmentIn) -> AssignmentOut:
     """Assign the application to a user (id or UPN) or a group (id or name); 409 if it already is."""
     with api.store.begin() as session:
-        return _assignment_out(store.assign_application(session, actor, name, user=data.user, group=data.group))
+        return _assignment_out(assignments.assign_application(session, actor, name, user=data.user, group=data.group))
 
 
 @delete("/applications/{name:str}/assignments", sync_to_thread=True, tags=["access"])
@@ -101,7 +101,7 @@ def unassign_application(api: Api, actor: str, name: str, data: AssignmentIn | N
     if data is not None:
         user, group = data.user, data.group
     with api.store.begin() as session:
-        store.unassign_application(session, actor, name, user=user, group=group)
+        assignments.unassign_application(session, actor, name, user=user, group=group)
 
 
 # ---------------------------------------------------------------------------- named locations
@@ -110,27 +110,27 @@ def unassign_application(api: Api, actor: str, name: str, data: AssignmentIn | N
 @get("/named-locations", sync_to_thread=True, tags=["access"])
 def list_locations(api: Api) -> list[NamedLocationOut]:
     with api.store.read() as session:
-        return _locations_out(session, store.list_locations(session))
+        return _locations_out(session, named_locations.list_locations(session))
 
 
 @get("/named-locations/{name:str}", sync_to_thread=True, tags=["access"])
 def get_location(api: Api, name: str) -> NamedLocationOut:
     with api.store.read() as session:
-        return _locations_out(session, [store.get_location(session, name)])[0]
+        return _locations_out(session, [named_locations.get_location(session, name)])[0]
 
 
 @post("/named-locations", sync_to_thread=True, tags=["access"])
 def create_location(api: Api, actor: str, data: NamedLocationCreate) -> NamedLocationOut:
     """A named location (source networks for policy conditions); 422 names a bad entry."""
     with api.store.begin() as session:
-        return _locations_out(session, [store.create_location(session, actor, data.name, data.cidrs)])[0]
+        return _locations_out(session, [named_locations.create_location(session, actor, data.name, data.cidrs)])[0]
 
 
 @patch("/named-locations/{name:str}", sync_to_thread=True, tags=["access"])
 def update_location(api: Api, actor: str, name: str, data: NamedLocationUpdate) -> NamedLocationOut:
     """Rename (carried into the policies using it) and/or replace the networks."""
     with api.store.begin() as session:
-        row = store.update_location(session, actor, name, new_name=data.name, cidrs=data.cidrs)
+        row = named_locations.update_location(session, actor, name, new_name=data.name, cidrs=data.cidrs)
         return _locations_out(session, [row])[0]
 
 
@@ -138,7 +138,7 @@ def update_location(api: Api, actor: str, name: str, data: NamedLocationUpdate) 
 def delete_location(api: Api, actor: str, name: str) -> None:
     """Delete a named location; 409 naming the policies that still use it."""
     with api.store.begin() as session:
-        store.delete_location(session, actor, name)
+        named_locations.delete_location(session, actor, name)
 
 
 # ---------------------------------------------------------------------------- policies
@@ -147,22 +147,22 @@ def delete_location(api: Api, actor: str, name: str) -> None:
 @get("/policies", sync_to_thread=True, tags=["access"])
 def list_policies(api: Api) -> list[PolicyOut]:
     with api.store.read() as session:
-        return _policies_out(session, store.list_policies(session))
+        return _policies_out(session, policies.list_policies(session))
 
 
 @get("/policies/{name:str}", sync_to_thread=True, tags=["access"])
 def get_policy(api: Api, name: str) -> PolicyOut:
     with api.store.read() as session:
-        return _policies_out(session, [store.get_policy(session, name)])[0]
+        return _policies_out(session, [policies.get_policy(session, name)])[0]
 
 
 @post("/policies", sync_to_thread=True, tags=["access"])
 def create_policy(api: Api, actor: str, data: PolicyCreate) -> PolicyOut:
     """A conditional-access policy (at most 200); every target and condition is checked."""
     with api.store.begin() as session:
-        row = store.create_policy(session, actor, data.name, grant=data.grant, state=data.state,
-                                  applications=data.applications, users=data.users, groups=data.groups,
-                                  conditions=_conditions_in(data.conditions))
+        row = policies.create_policy(session, actor, data.name, grant=data.grant, state=data.state,
+                                     applications=data.applications, users=data.users, groups=data.groups,
+                                     conditions=_conditions_in(data.conditions))
         return _policies_out(session, [row])[0]
 
 
@@ -170,16 +170,16 @@ def create_policy(api: Api, actor: str, data: PolicyCreate) -> PolicyOut:
 def update_policy(api: Api, actor: str, name: str, data: PolicyUpdate) -> PolicyOut:
     """Change a policy: each field given replaces that part (``conditions``: all of them)."""
     with api.store.begin() as session:
-        row = store.update_policy(session, actor, name, new_name=data.name, state=data.state, grant=data.grant,
-                                  applications=data.applications, users=data.users, groups=data.groups,
-                                  conditions=_conditions_in(data.conditions))
+        row = policies.update_policy(session, actor, name, new_name=data.name, state=data.state, grant=data.grant,
+                                     applications=data.applications, users=data.users, groups=data.groups,
+                                     conditions=_conditions_in(data.conditions))
         return _policies_out(session, [row])[0]
 
 
 @delete("/policies/{name:str}", sync_to_thread=True, tags=["access"])
 def delete_policy(api: Api, actor: str, name: str) -> None:
     with api.store.begin() as session:
-        store.delete_policy(session, actor, name)
+        policies.delete_policy(session, actor, name)
 
 
 POLICY_HANDLERS = [
@@ -191,6 +191,4 @@ POLICY_HANDLERS = [
 
 def policy_router() -> Router:
     """The access routes under ``/v1``, each guarded by an admin key; ``actor`` is that key's name."""
-    return Router(path="/v1", route_handlers=POLICY_HANDLERS, guards=[require_admin],
-                  dependencies={"actor": Provide(provide_actor, sync_to_thread=False)},
-                  security=[{"adminKey": []}])
+    return admin_routes(POLICY_HANDLERS)

@@ -2,7 +2,7 @@
 
 No admin key: the registration token is the credential. In one transaction:
 
-1. the token is consumed (``repo.consume_registration_token``): unknown, used and expired
+1. the token is consumed (``registration_tokens.consume_registration_token``): unknown, used and expired
    tokens are refused with 403 and the store's precise message. The token decides the role
    (connector or edge) and, for a connector, its connector group;
 2. the name must not belong to a registered node of that role whose certificate is still
@@ -19,24 +19,15 @@ succeeded. The answer carries the certificate, the CA bundle and the edges to di
 from __future__ import annotations
 
 from litestar import post
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from control.store import StoreError, repo
-from control.store.models import Connector, Edge, RegistrationToken, Revocation
+from control.store import StoreError, nodes, registration_tokens
+from control.store.models import Connector, Edge
 from dataplane.basics.hostport import parse_hostport
 
-from .deps import Api
+from .guards import Api
 from .schemas import RegisterRequest, RegisterResponse
 
 _ADDRESS_COLUMN = 255  # connectors.internal_addr / edges.address
-
-
-def _token_role(session: Session, plaintext: str) -> str:
-    """The role the token was issued for; 'connector' for an unknown token (consuming it then says so)."""
-    role = session.scalar(select(RegistrationToken.role)
-                          .where(RegistrationToken.token_hash == repo.hash_secret(plaintext)))
-    return role or "connector"
 
 
 def _edge_hosts(addresses: list[str]) -> list[str]:
@@ -55,26 +46,16 @@ def _edge_hosts(addresses: list[str]) -> list[str]:
     return list(dict.fromkeys(hosts))
 
 
-def _refuse_live_duplicate(session: Session, role: str, name: str) -> None:
-    model: type[Connector] | type[Edge] = Connector if role == "connector" else Edge
-    revoked = set(session.scalars(select(Revocation.serial)))
-    for node in session.scalars(select(model).where(model.name == name)):
-        if node.cert_serial not in revoked:
-            raise StoreError("conflict", f"{role} {name!r} is already registered (id {node.id}) and its "
-                                         f"certificate is not revoked: revoke it first, or register under "
-                                         f"another name")
-
-
 @post("/v1/register", sync_to_thread=True, security=[], tags=["registration"])
 def register(api: Api, data: RegisterRequest) -> RegisterResponse:
     """Register a connector or an edge with a one-time token; returns its certificate, the CA and the edges."""
     name = data.name.strip()
     addresses = [a.strip() for a in data.addresses]
     with api.store.begin() as session:
-        role = data.role or _token_role(session, data.token)
-        token = repo.consume_registration_token(session, data.token, role, used_by=f"{role}:{name}")
+        role = data.role or registration_tokens.token_role(session, data.token)
+        token = registration_tokens.consume_registration_token(session, data.token, role, used_by=f"{role}:{name}")
         hosts = _edge_hosts(addresses) if role == "edge" else None
-        _refuse_live_duplicate(session, role, name)
+        nodes.refuse_live_duplicate(session, role, name)
         issued = api.ca.sign_csr(data.csr_pem.encode(), role=role, name=name, hosts=hosts,
                                  lifetime_days=api.cert_lifetime_days)
         actor = f"registration-token:{token.id}"
@@ -85,12 +66,12 @@ def register(api: Api, data: RegisterRequest) -> RegisterResponse:
             if len(internal) > _ADDRESS_COLUMN:
                 raise StoreError("invalid", f"addresses take more than {_ADDRESS_COLUMN} characters together")
             group = token.group.name if token.group else None
-            node = repo.add_connector(session, actor, name, group=group, cert_serial=issued.serial,
-                                      cert_not_after=issued.not_after)
+            node = nodes.add_connector(session, actor, name, group=group, cert_serial=issued.serial,
+                                       cert_not_after=issued.not_after)
             node.internal_addr = internal
         else:
-            node = repo.add_edge(session, actor, name, addresses[0], cert_serial=issued.serial,
-                                 cert_not_after=issued.not_after)
+            node = nodes.add_edge(session, actor, name, addresses[0], cert_serial=issued.serial,
+                                  cert_not_after=issued.not_after)
         node.version = data.version.strip()
         session.flush()
         return RegisterResponse(

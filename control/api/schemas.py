@@ -1,4 +1,5 @@
-"""The admin API's request and response bodies (msgspec Structs; Litestar validates and documents them).
+"""The admin API's request and response bodies (msgspec Structs; Litestar validates and documents them),
+and how a stored application becomes one (``application_out``).
 
 Request bodies refuse unknown fields (``forbid_unknown_fields``): a mistyped field name is an
 error (400 naming it), never silently ignored. Times are RFC 3339 UTC. Secrets (admin keys,
@@ -13,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from control.store.models import Application, Segment
 from dataplane.contract.flowrecord import MAX_BATCH, FlowRecord
 
 Role = Literal["connector", "edge"]
@@ -83,6 +85,18 @@ class ApplicationOut(msgspec.Struct):
     segments: list[SegmentOut]
     created_at: datetime
     updated_at: datetime
+
+
+def segment_out(segment: Segment) -> SegmentOut:
+    return SegmentOut(id=segment.id, destination=segment.destination, kind=segment.kind, ports=segment.ports,
+                      protocol=segment.protocol)
+
+
+def application_out(app: Application) -> ApplicationOut:
+    """A stored application as the API shows it (the admin routes and discovery's promotion)."""
+    return ApplicationOut(id=app.id, name=app.name, kind=app.kind, connector_group=app.connector_group.name,
+                          segments=[segment_out(s) for s in app.segments], created_at=app.created_at,
+                          updated_at=app.updated_at)
 
 
 # ---------------------------------------------------------------------------- connector groups, nodes
@@ -340,7 +354,7 @@ class RenewOut(msgspec.Struct):
 
 
 class TrafficIn(_Request):
-    """A batch of an edge's traffic records (``dataplane.trafficlog.FlowRecord``)."""
+    """A batch of an edge's traffic records (``dataplane.contract.flowrecord.FlowRecord``)."""
 
     records: Annotated[list[FlowRecord], msgspec.Meta(max_length=MAX_BATCH)]
 

@@ -24,16 +24,14 @@ from typing import Annotated, Literal
 import anyio.to_thread
 import msgspec
 from litestar import Router, get, post
-from litestar.di import Provide
 from litestar.params import Parameter
 from litestar.response import Stream
 
-from control.store import Store, repo, traffic
+from control.store import Store, applications, traffic
 from control.store.models import TrafficLog, utcnow
 
-from .admin import _application_out
-from .deps import Api, provide_actor, require_admin
-from .schemas import ApplicationOut
+from .guards import Api, admin_routes
+from .schemas import ApplicationOut, application_out
 
 log = logging.getLogger("ferryman.control.traffic")
 
@@ -155,16 +153,14 @@ def list_discovery(api: Api, since: Since = None,
 def promote_discovered(api: Api, actor: str, data: DiscoveryPromote) -> ApplicationOut:
     """A per-app application for a discovered destination (it then wins over quick access)."""
     with api.store.begin() as session:
-        app = repo.create_application(session, actor, data.name, connector_group=data.connector_group,
-                                      segments=[{"destination": data.destination, "ports": data.ports,
+        app = applications.create_application(session, actor, data.name, connector_group=data.connector_group,
+                                              segments=[{"destination": data.destination, "ports": data.ports,
                                                  "protocol": data.protocol}])
-        return _application_out(app)
+        return application_out(app)
 
 
 def traffic_router() -> Router:
-    return Router(path="/v1", route_handlers=[list_traffic, export_traffic, list_discovery, promote_discovered],
-                  guards=[require_admin], dependencies={"actor": Provide(provide_actor, sync_to_thread=False)},
-                  security=[{"adminKey": []}])
+    return admin_routes([list_traffic, export_traffic, list_discovery, promote_discovered])
 
 
 async def traffic_retention(store: Store, days: int, interval: float = RETENTION_CHECK) -> None:

@@ -1,6 +1,6 @@
 """Opening the control plane's database: which one, engine set-up, migrations, transactions.
 
-``FERRYMAN_DATABASE_URL`` names the database (the `database_url` setting of dataplane.settings):
+``FERRYMAN_DATABASE_URL`` names the database (the `database_url` setting of dataplane.basics.settings):
 
 - unset or empty: SQLite, the file ``control.db`` in the data directory (nothing to install);
 - ``postgresql://USER:PASSWORD@HOST:PORT/DB`` (or ``postgresql+psycopg://...``): PostgreSQL
@@ -9,7 +9,8 @@
 ``open_store(url)`` creates the engine, brings the schema to the newest Alembic revision
 (``control/migrations``, run from code: no ``alembic.ini`` needed; concurrent openers wait
 for each other) and returns a ``Store``. Write through ``with store.begin() as session:``
-(commits at the end, rolls back on an exception) and the functions of ``control.store.repo``.
+(commits at the end, rolls back on an exception) and the functions of the resource modules
+(``control.store.applications``, ``control.store.users``, ...).
 
 SQLite is opened in WAL mode with foreign keys on. Python's sqlite3 module would start
 transactions only at the first write; here every transaction starts with an explicit

@@ -6,7 +6,7 @@ from typing import Literal
 
 ErrorCode = Literal[
     "not_found", "conflict", "invalid", "token_used", "token_expired", "token_unknown",
-    # sign-in and sessions (control/store/identity.py)
+    # sign-in and sessions (control/store/users.py, sessions.py, totp.py, devices.py)
     "auth_failed", "account_disabled", "mfa_required", "mfa_failed", "device_refused", "device_revoked",
     "refresh_invalid", "refresh_reused", "session_revoked", "session_expired",
 ]

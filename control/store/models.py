@@ -8,7 +8,7 @@ on both databases). Constraint names are given explicitly so both databases carr
 names and later migrations can refer to them (``Base.metadata``'s naming convention, and
 explicit names for check constraints).
 
-Rules that the schema enforces (the service layer in ``repo.py`` checks them first to give
+Rules that the schema enforces (the resource modules of ``control.store`` check them first to give
 precise errors): unique names, at most one quick-access application, at most one default
 connector group, known kinds / roles / protocols, single-row ``config_version``.
 """
@@ -129,7 +129,7 @@ class Application(Base):
 class Segment(Base):
     """Destination + ports + protocol of an application.
 
-    ``destination`` and ``kind`` are as normalised by ``dataplane.apps``; ``ports`` is the
+    ``destination`` and ``kind`` are as normalised by ``dataplane.contract.apps``; ``ports`` is the
     canonical text form (sorted, merged ranges: ``"80,443,8000-8100"``).
     """
 
@@ -231,7 +231,7 @@ class ForwardingProfile(Base):
 
 
 class AdminKey(Base):
-    """An admin API key. Only the SHA-256 of the key is stored (see ``repo.create_admin_key``)."""
+    """An admin API key. Only the SHA-256 of the key is stored (see ``admin_keys.create_admin_key``)."""
 
     __tablename__ = "admin_keys"
 

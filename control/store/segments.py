@@ -1,6 +1,6 @@
 """Segment rules of the store: parsing, canonical ports, and overlaps between applications.
 
-Parsing is the data plane's (``dataplane.apps.AppTable.from_obj``), so the store accepts
+Parsing is the data plane's (``dataplane.contract.apps.Applications.from_obj``), so the store accepts
 exactly what an application file accepts, with the same messages, and stores segments in
 the normalised form the edge matches against. What the store adds:
 
@@ -30,7 +30,7 @@ _SOURCE = "<store>"
 def parse_segments(app: str, raw: Sequence[Mapping[str, Any]]) -> tuple[Segment, ...]:
     """Validate and normalise ``raw`` segments (``{"destination", "ports", "protocol"}``) of ``app``.
 
-    At most ``dataplane.apps.MAX_SEGMENTS``; an exact duplicate is refused. Errors
+    At most ``dataplane.contract.apps.MAX_SEGMENTS``; an exact duplicate is refused. Errors
     (``StoreError`` code ``invalid``) name the app and the segment, counted from 1.
     """
     if not raw:

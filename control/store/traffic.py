@@ -1,7 +1,7 @@
 """Traffic logs in the store: edges' records written in batches, read back with filters, aged
 out, and summarised for application discovery.
 
-Records arrive from edges (``POST /v1/node/traffic``, ``dataplane.trafficlog.FlowRecord``)
+Records arrive from edges (``POST /v1/node/traffic``, ``dataplane.contract.flowrecord.FlowRecord``)
 and are inserted as they are, except ``edge``, which is always the name of the edge that
 sent them. They are not configuration and not audited.
 """

@@ -4,7 +4,7 @@ Node processes (``edge``, ``connector``, ``client``), their registration and sig
 ``pki`` are in ``cli.nodes``; ``up`` starts a local fabric (``dataplane.fabric``); ``bench``
 runs the benchmarks; ``config vars`` prints every ``FERRYMAN_*`` setting; ``control`` serves
 the control plane's API (``control.server``); ``admin`` administers it over that API
-(``control.admin_cli``). The control plane and the benchmarks are imported only by the
+(``control.admin``). The control plane and the benchmarks are imported only by the
 commands that run them. Nothing imports this package.
 """
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     if argv[:1] == ["admin"]:
-        from control.admin_cli import main as admin_main
+        from control.admin import main as admin_main
 
         return admin_main(argv[1:])
     parser = argparse.ArgumentParser(prog="ferryman", description="Ferryman zero-trust private access fabric.")

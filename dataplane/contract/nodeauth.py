@@ -11,7 +11,7 @@ proxy). Every request carries ``Authorization: Bearer <JWT>``:
   SHA-256 of the request body, of b"" without one) and ``jti`` (random).
 
 ``request_token`` makes one (``controllink.signer.NodeSigner`` with the node's files). The
-control plane (``control.api.nodes``) accepts it only when the certificate chains to
+control plane (``control.api.guards``) accepts it only when the certificate chains to
 its CA, is within its validity, is not revoked, and was issued to a registered node; the
 signature verifies with the certificate's key; the token is current (``CLOCK_SKEW``); it
 is bound to this very method, path and body; and its ``jti`` was not seen before. A token

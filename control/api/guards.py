@@ -1,0 +1,393 @@
+"""Who may call the API: the three bearer credentials, their guards, and the state behind them.
+
+Every credential comes as ``Authorization: Bearer <...>`` (parsed by ``bearer_token``, one
+realm each) and is checked by one guard:
+
+- ``require_admin`` (every admin route under ``/v1``; ``admin_routes`` builds their routers):
+  a live (not revoked) admin key. The key's name becomes the request's ``actor``, which
+  every change writes into its audit record. Looking a key up is a read; the key's
+  ``last_used_at`` is written (a short write transaction) only when it is older than
+  ``admin_keys.LAST_USED_RESOLUTION``, so reads by admins never queue behind SQLite's
+  single writer.
+- ``require_node`` (the node routes, ``/v1/node/...``): a node request token
+  (``dataplane.contract.nodeauth``): certificate issued by this control plane's CA, within its
+  validity, not revoked, recorded for a registered node; signature by that certificate's
+  key; issued within ``CLOCK_SKEW`` and not expired; bound to this method, path and body;
+  ``jti`` not seen before (``ReplayCache``). Each refusal is a 401 or 403 with its own
+  message, so an operator reading a node's log knows what to fix. The caller is
+  ``request.state.node`` (``NodeCaller``).
+- ``require_user`` (``/v1/auth`` routes for a signed-in user, ``/v1/client``): a user's
+  access token (signature, issuer, expiry: ``control.tokens``); its claims are
+  ``request.state.claims`` and the handler checks that their session is still live.
+
+``Api`` is the state behind every handler and guard (a Litestar dependency named ``api``).
+What it keeps in this process's memory is bounded: the node token ids seen
+(``ReplayCache``), failed sign-ins per user name (``SignInLimiter``) and the TOTP time
+steps already used (``TotpReplayGuard``); each control-plane process keeps its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey
+from litestar import Request, Router
+from litestar.connection import ASGIConnection
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.types import ControllerRouterHandler
+from sqlalchemy.orm import Session
+
+from control.ca import DEFAULT_LIFETIME_DAYS, CertificateAuthority
+from control.oidc import Oidc
+from control.snapshot import SnapshotHub
+from control.store import Store, admin_keys, certificates, nodes
+from control.store.models import Connector, Edge, utcnow
+from control.tokens import TokenError, TokenSigner
+from dataplane.basics import pki
+from dataplane.contract.nodeauth import ALGORITHM, CLOCK_SKEW, MAX_JTI, TOKEN_LIFETIME, body_hash
+
+DEFAULT_HEARTBEAT_INTERVAL = 30.0  # seconds between node heartbeats, for active/inactive status
+MAX_FAILED_SIGN_INS = 10  # per user name ...
+FAILED_SIGN_IN_WINDOW = 300.0  # ... within this many seconds; then 429 until the oldest failure ages out
+MAX_TRACKED_NAMES = 100_000  # user names whose failures are remembered (least recently failed dropped first)
+MAX_TRACKED_TOTP_USERS = 100_000
+_MAX_NODE_TOKEN = 16384  # characters; a token with a P-256 certificate is about 1.5 KiB
+# joserfc's default header limit (512 bytes) is below a header carrying a certificate (x5c).
+_REGISTRY = jws.JWSRegistry(algorithms=[ALGORITHM])
+_REGISTRY.max_header_length = 8192
+
+
+# ---------------------------------------------------------------------------- state
+
+
+class ReplayCache:
+    """Token ids seen while they are still valid, so a captured token cannot be used twice.
+
+    Bounded: at most ``limit`` ids are kept; an id is forgotten once its token has expired
+    (an expired token is refused anyway). While it is full of live ids, new tokens are
+    refused (503, retry) rather than forgetting ids that could still be replayed. The cache
+    is per process: with several control-plane processes on one database, a token replayed
+    to another process within its minute is accepted, but only for the same method, path
+    and body (see ``dataplane.contract.nodeauth``).
+    """
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.limit = limit
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def first_use(self, jti: str, expires: float, now: float) -> bool | None:
+        """Record ``jti``; False when it was already used, None when the cache is full of live ids."""
+        while self._seen:
+            oldest, until = next(iter(self._seen.items()))
+            if until >= now:
+                break
+            del self._seen[oldest]
+        if jti in self._seen:
+            return False
+        if len(self._seen) >= self.limit:
+            return None
+        self._seen[jti] = expires
+        return True
+
+
+class SignInLimiter:
+    """Failed sign-ins per user name in a sliding window; thread-safe (handlers run in a thread pool)."""
+
+    def __init__(self, max_failures: int = MAX_FAILED_SIGN_INS, window: float = FAILED_SIGN_IN_WINDOW,
+                 max_names: int = MAX_TRACKED_NAMES) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.max_names = max_names
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def retry_after(self, name: str, now: float | None = None) -> float:
+        """Seconds until ``name`` may try again (0: now)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            times = self._failures.get(name)
+            if times is None:
+                return 0.0
+            while times and times[0] <= now - self.window:
+                times.popleft()
+            if not times:
+                del self._failures[name]
+                return 0.0
+            return max(0.0, times[0] + self.window - now) if len(times) >= self.max_failures else 0.0
+
+    def failed(self, name: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            times = self._failures.setdefault(name, deque(maxlen=self.max_failures))
+            times.append(now)
+            self._failures.move_to_end(name)
+            while len(self._failures) > self.max_names:
+                self._failures.popitem(last=False)
+
+    def succeeded(self, name: str) -> None:
+        with self._lock:
+            self._failures.pop(name, None)
+
+
+class TotpReplayGuard:
+    """The newest TOTP time step accepted per user: a code is good once (RFC 6238 §5.2)."""
+
+    def __init__(self, max_users: int = MAX_TRACKED_TOTP_USERS) -> None:
+        self.max_users = max_users
+        self._last: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def claim(self, user_id: str, step: int) -> bool:
+        """Record ``step`` as used by ``user_id``; False if it (or a later one) was used already."""
+        with self._lock:
+            last = self._last.get(user_id)
+            if last is not None and step <= last:
+                return False
+            self._last[user_id] = step
+            self._last.move_to_end(user_id)
+            while len(self._last) > self.max_users:  # the oldest entries' codes have long expired
+                self._last.popitem(last=False)
+            return True
+
+
+class Api:
+    """The state behind every handler (a Litestar dependency named ``api``).
+
+    ``hub`` holds the newest configuration snapshot for the node routes (kept current by
+    ``control.snapshot.follow_store`` while the app runs); ``replay`` remembers node token
+    ids (``ReplayCache``); ``token_signer`` signs users' access tokens, ``sign_ins`` counts
+    failed sign-ins per user name and ``totp_steps`` refuses a TOTP code used twice
+    (``SignInLimiter``, ``TotpReplayGuard``).
+    """
+
+    def __init__(self, store: Store, ca: CertificateAuthority, edges_public: Sequence[str],
+                 heartbeat_interval: float, cert_lifetime_days: int = DEFAULT_LIFETIME_DAYS, *,
+                 token_signer: TokenSigner, oidc: Oidc | None = None) -> None:
+        self.store = store
+        self.ca = ca
+        self.edges_public = list(edges_public)
+        self.heartbeat_interval = heartbeat_interval
+        self.cert_lifetime_days = cert_lifetime_days
+        self.hub = SnapshotHub()
+        self.replay = ReplayCache()
+        self.token_signer = token_signer
+        self.sign_ins = SignInLimiter()
+        self.totp_steps = TotpReplayGuard()
+        self.oidc = oidc  # sign-in through an OIDC provider (``control.oidc``); None: not configured
+
+    def authenticate(self, plaintext: str, now: datetime | None = None) -> str | None:
+        """The name of the live admin key whose plain text this is, else None."""
+        now = now or utcnow()
+        with self.store.read() as session:
+            key = admin_keys.live_key(session, plaintext)
+            if key is None:
+                return None
+            if admin_keys.use_is_noted(key, now):
+                return key.name
+        with self.store.begin() as session:  # note the use (at most once per LAST_USED_RESOLUTION)
+            key = admin_keys.verify_admin_key(session, plaintext, now)
+            return None if key is None else key.name
+
+    def edge_addresses(self, session: Session) -> list[str]:
+        """What nodes dial: the configured public edge addresses, then every registered edge
+        whose certificate is not revoked (each address once)."""
+        return nodes.edge_addresses(session, self.edges_public)
+
+
+def provide_api(request: Request) -> Api:
+    return request.app.state.api
+
+
+# ---------------------------------------------------------------------------- bearer credentials
+
+
+@dataclass(frozen=True)
+class Realm:
+    """One kind of bearer credential: its ``WWW-Authenticate`` realm, its name in messages, and
+    the words every refusal starts with."""
+
+    name: str
+    credential: str
+    prefix: str = ""
+
+    def refuse(self, message: str) -> NotAuthorizedException:
+        """A 401 saying ``message`` (after the prefix), with this realm's challenge."""
+        challenge = {"WWW-Authenticate": f'Bearer realm="{self.name}"'}
+        return NotAuthorizedException(self.prefix + message, headers=challenge)
+
+
+ADMIN = Realm("ferryman-admin", "admin key")
+NODE = Realm("ferryman-node", "node token", "node credential refused: ")
+USER = Realm("ferryman-user", "access token")
+
+
+def bearer_token(connection: ASGIConnection, realm: Realm) -> str:
+    """The token of ``Authorization: Bearer <token>``; 401 (in ``realm``) when the header is missing or malformed."""
+    header = connection.headers.get("authorization")
+    if not header:
+        raise realm.refuse(f"missing 'Authorization: Bearer <{realm.credential}>' header")
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise realm.refuse(f"the Authorization header must be 'Bearer <{realm.credential}>'")
+    return token
+
+
+# ---------------------------------------------------------------------------- admin keys
+
+
+async def require_admin(connection: ASGIConnection, _handler: BaseRouteHandler) -> None:
+    """Guard of the admin routes: 401 unless a live admin key is presented."""
+    key = bearer_token(connection, ADMIN)
+    api: Api = connection.app.state.api
+    name = await anyio.to_thread.run_sync(api.authenticate, key)
+    if name is None:
+        raise ADMIN.refuse("admin key is not valid: unknown or revoked")
+    connection.state.admin = name
+
+
+def provide_actor(request: Request) -> str:
+    """Who makes the change: the name of the admin key that ``require_admin`` accepted."""
+    return request.state.admin
+
+
+def admin_routes(handlers: Sequence[ControllerRouterHandler], *, tags: Sequence[str] | None = None) -> Router:
+    """The admin routes ``handlers`` under ``/v1``, each guarded by an admin key; ``actor`` is that key's name."""
+    return Router(path="/v1", route_handlers=handlers, guards=[require_admin],
+                  dependencies={"actor": Provide(provide_actor, sync_to_thread=False)},
+                  security=[{"adminKey": []}], tags=None if tags is None else list(tags))
+
+
+# ---------------------------------------------------------------------------- users' access tokens
+
+
+async def require_user(connection: ASGIConnection, _handler: BaseRouteHandler) -> None:
+    """Guard: a valid access token (signature, issuer, expiry); the handler checks its session is live."""
+    token = bearer_token(connection, USER)
+    api: Api = connection.app.state.api
+    try:
+        connection.state.claims = api.token_signer.verify(token)
+    except TokenError as exc:
+        raise USER.refuse(f"access token refused: {exc}") from None
+
+
+# ---------------------------------------------------------------------------- node request tokens
+
+
+class NodeCaller(msgspec.Struct, frozen=True):
+    """Who made a node request: the node's role and id and the certificate it signed with."""
+
+    role: str
+    node_id: str
+    name: str
+    serial: int
+    certificate: Any  # x509.Certificate
+
+
+def _certificate_of(token: str) -> x509.Certificate:
+    try:
+        header = jws.extract_compact(token.encode(), registry=_REGISTRY).headers()
+    except (JoseError, ValueError, TypeError):
+        raise NODE.refuse("the bearer token is not a compact JWS") from None
+    if header.get("alg") != ALGORITHM:
+        raise NODE.refuse(f"the token must be signed with {ALGORITHM}, not {header.get('alg')!r}")
+    chain = header.get("x5c")
+    if not isinstance(chain, list) or not chain or not isinstance(chain[0], str):
+        raise NODE.refuse("the token carries no certificate (x5c)")
+    try:
+        return x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
+    except (ValueError, binascii.Error):
+        raise NODE.refuse("the token's certificate (x5c) cannot be parsed") from None
+
+
+def _lookup(api: Api, serial: int) -> tuple[bool, Connector | Edge | None]:
+    with api.store.read() as session:
+        return certificates.is_revoked(session, serial), certificates.node_for_certificate(session, serial)
+
+
+def _target(connection: ASGIConnection) -> str:
+    path = connection.scope.get("raw_path") or connection.scope["path"].encode()
+    query = connection.scope.get("query_string") or b""
+    return (path.decode("latin-1") + ("?" + query.decode("latin-1") if query else ""))
+
+
+async def require_node(connection: ASGIConnection, _handler: BaseRouteHandler) -> None:
+    """Guard of the node routes: the request must carry a valid node token (see module doc)."""
+    token = bearer_token(connection, NODE)
+    if len(token) > _MAX_NODE_TOKEN:
+        raise NODE.refuse(f"the token is longer than {_MAX_NODE_TOKEN} characters")
+    api: Api = connection.app.state.api
+    cert = _certificate_of(token)
+    if not pki.issued_by(cert, api.ca.certificate):
+        raise NODE.refuse("the certificate was not issued by this control plane's CA")
+    now = datetime.now(UTC)
+    if now < cert.not_valid_before_utc:
+        raise NODE.refuse(f"the certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC")
+    if now >= cert.not_valid_after_utc:
+        raise NODE.refuse(f"the certificate expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC: "
+                          f"register the node again with a new token")
+    try:
+        identity = pki.certificate_identity(cert, cert.public_bytes(serialization.Encoding.DER), "the certificate")
+    except pki.PkiError as exc:
+        raise NODE.refuse(str(exc)) from None
+    try:
+        decoded = jwt.decode(token, ECKey.import_key(cert.public_key()), algorithms=[ALGORITHM],  # type: ignore[arg-type]
+                             registry=_REGISTRY)
+    except (JoseError, ValueError, TypeError):
+        raise NODE.refuse("the token's signature does not verify with its certificate's key") from None
+    claims = decoded.claims
+    if not isinstance(claims, dict):
+        raise NODE.refuse("the token's payload is not a JSON object")
+    wall = time.time()
+    iat, exp, jti = claims.get("iat"), claims.get("exp"), claims.get("jti")
+    if not isinstance(iat, int) or not isinstance(exp, int) or not isinstance(jti, str) or not jti:
+        raise NODE.refuse("the token needs integer 'iat' and 'exp' claims and a 'jti'")
+    if not (0 < iat < 2**40 and 0 < exp < 2**40) or len(jti) > MAX_JTI:
+        raise NODE.refuse(f"the token's 'iat'/'exp' are out of range or its 'jti' is longer than {MAX_JTI}")
+    if abs(wall - iat) > CLOCK_SKEW:
+        raise NODE.refuse(f"the token was issued {wall - iat:+.0f}s from the control plane's clock "
+                          f"(more than {CLOCK_SKEW}s apart: check the node's clock)")
+    if exp <= wall - CLOCK_SKEW or exp - iat > TOKEN_LIFETIME:
+        raise NODE.refuse(f"the token has expired or lives longer than {TOKEN_LIFETIME}s")
+    if claims.get("htm") != connection.scope.get("method") or claims.get("htu") != _target(connection):
+        raise NODE.refuse("the token was made for another request (method or path differ)")
+    body = await connection.body() if isinstance(connection, Request) else b""
+    if claims.get("bsh") != body_hash(body):
+        raise NODE.refuse("the token was made for another request body")
+    if claims.get("sub") != f"{identity.role}:{identity.name}":
+        raise NODE.refuse("the token's subject does not name its certificate")
+    fresh = api.replay.first_use(jti, exp + CLOCK_SKEW, wall)
+    if fresh is None:
+        raise HTTPException(status_code=503, detail="too many node requests in the last minutes; retry shortly",
+                            headers={"Retry-After": "5"})
+    if not fresh:
+        raise NODE.refuse("the token was already used (replayed request)")
+    revoked, node = await anyio.to_thread.run_sync(_lookup, api, cert.serial_number)
+    if revoked:
+        raise PermissionDeniedException(f"node credential refused: certificate {cert.serial_number:x} of "
+                                        f"{identity.role} {identity.name!r} is revoked")
+    if node is None:
+        raise PermissionDeniedException(f"node credential refused: certificate {cert.serial_number:x} was not "
+                                        f"issued to a registered node (register it with a token)")
+    role = "connector" if isinstance(node, Connector) else "edge"
+    if role != identity.role:
+        raise PermissionDeniedException(f"node credential refused: the certificate says {identity.role}, "
+                                        f"the node it was issued to is a {role}")
+    connection.state.node = NodeCaller(role=role, node_id=node.id, name=node.name, serial=cert.serial_number,
+                                       certificate=cert)
