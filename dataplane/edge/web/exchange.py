@@ -134,7 +134,7 @@ def normalize_host(value: str | bytes) -> str:
         host, sep, port_s = v.partition(":")
         rest = sep + port_s
         host = host.rstrip(".")
-        if not host or not all(c.isalnum() or c in "-._" for c in host):
+        if not host or not host.isascii() or not all(c.isalnum() or c in "-._" for c in host):
             return ""
     if rest:
         if not rest.startswith(":") or not rest[1:].isdigit() or not 0 < int(rest[1:]) < 65536:
