@@ -546,8 +546,27 @@ ALICE = User("alice@corp.example", "correct horse battery", "u-alice", totp=pyot
 BOB = User("bob@corp.example", "bob's password 1", "u-bob")
 
 
+class OidcFake:
+    """An ``OidcSignIn`` standing in for the control plane's OIDC leg: code ``ok`` signs in Bob."""
+
+    label = "Sign in with Test IdP"
+
+    def __init__(self) -> None:
+        self.table: UserTable | None = None
+
+    async def begin(self, callback_url: str, state: str) -> str:
+        return f"https://idp.test/authorize?state={state}"
+
+    async def finish(self, params, callback_url: str, source: str) -> SignInResult:
+        if params.get("code") != "ok" or self.table is None:
+            raise SignInError("oidc_failed", "The external provider refused the sign-in.")
+        sid = "s-" + secrets.token_hex(8)
+        self.table.sessions[sid] = int(time.time()) + self.table.session_lifetime
+        return self.table._result(BOB, sid, int(time.time()))
+
+
 def start_door(tmp: Path, settings: WebSettings | None = None, users: Iterable[User] = (ALICE, BOB),
-               access_lifetime: int = 3600) -> Door:
+               access_lifetime: int = 3600, oidc: OidcFake | None = None) -> Door:
     pki = make_pki(tmp / "pki")
     port = free_port()
     base = settings or WebSettings()
@@ -558,11 +577,13 @@ def start_door(tmp: Path, settings: WebSettings | None = None, users: Iterable[U
     rules = Rules()
     dialer = TcpDialer()
     records: list[TransactionRecord] = []
+    if oidc is not None:
+        oidc.table = table
 
     async def make() -> FrontDoor:
         door = FrontDoor(settings, authorizer=rules, dialer=dialer, sign_in=table, cookie_keys=KeyRing.generate(),
                          signer=AssertionSigner.generate(), certificate=(pki.door_cert, pki.door_key),
-                         on_record=records.append)
+                         on_record=records.append, oidc=oidc)
         await door.start("127.0.0.1", port)
         return door
 
@@ -793,3 +814,21 @@ def sign_in_with_curl(d: Door, jar: str, host: str, user: User = ALICE, path: st
 def concurrent_map(fn, items, workers: int = 8) -> list:
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         return list(pool.map(fn, items))
+
+
+def jar_cookies(jar: str, host: str) -> dict[str, str]:
+    """The cookies curl's jar holds for ``host`` (Netscape format; HttpOnly lines are prefixed)."""
+    out: dict[str, str] = {}
+    for line in Path(jar).read_text().splitlines():
+        if line.startswith("#HttpOnly_"):
+            line = line[len("#HttpOnly_"):]
+        elif line.startswith("#") or not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) == 7 and parts[0].lstrip(".") == host:
+            out[parts[5]] = parts[6]
+    return out
+
+
+def cookie_line(jar: str, host: str) -> str:
+    return "; ".join(f"{k}={v}" for k, v in jar_cookies(jar, host).items())

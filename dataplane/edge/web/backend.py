@@ -217,6 +217,7 @@ class BackendConnection:
         self.upgrade_tail: bytes | None = None
         self.got_bytes = False
         self.head_only = False
+        self.keep_alive = False
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -248,6 +249,7 @@ class BackendConnection:
         if self.interim:
             self.interim = False
             return
+        self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the message is done
         self.complete = True
 
     # ------------------------------------------------------------------ request
@@ -317,8 +319,8 @@ class BackendConnection:
 
     def finished_cleanly(self) -> bool:
         """The response ended on a message boundary and the backend keeps the connection open."""
-        return (self.complete and not self.head_only and self.upgrade_tail is None and not self.chunks
-                and self.parser.should_keep_alive())
+        return self.complete and self.keep_alive and not self.head_only and self.upgrade_tail is None \
+            and not self.chunks
 
     def close(self) -> None:
         if not self.closed:

@@ -168,8 +168,8 @@ class H1Responder:
         self.status = status
         self.no_body = ex.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         has_length = any(n == b"content-length" for n, _ in headers)
-        if not ex.keep_alive or ex.refusal is not None:
-            ex.keep_alive = False
+        if ex.refusal is not None or ex.body is not None and not ex.body.complete:
+            ex.keep_alive = False  # a body not (yet) read to its end: close after this response
         if not self.no_body and not has_length:
             if ex.version == "HTTP/1.1":
                 self.chunked = True

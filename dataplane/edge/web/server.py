@@ -124,11 +124,14 @@ class FrontDoor:
                 if other is not None and other is not route.server_tls:
                     raise WebAppError(f"host {route.hostname} has two custom certificates (apps on different ports)")
                 sni[route.hostname] = route.server_tls
-        gone = set(r.app.name for r in self.routes.values()) - set(r.app.name for r in routes.values())
+        before = {r.app.name: r.app for r in self.routes.values()}
+        after = {r.app.name: r.app for r in routes.values()}
         self.routes, self._sni = routes, sni
-        for name in gone:
-            self.pool.drop(app=name)
-            self.sockets.cut_where(lambda s, n=name: s.app.name == n, "application removed")
+        for name, app in before.items():
+            if after.get(name) != app:  # removed or changed: no connection made under the old definition is reused
+                self.pool.drop(app=name)
+            if name not in after:
+                self.sockets.cut_where(lambda s, n=name: s.app.name == n, "application removed")
 
     def tls_context_for(self, route: Route) -> ssl.SSLContext:
         return route.server_tls or self.default_tls
