@@ -336,6 +336,9 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def handle_error(self, request, client_address) -> None:
+        """Connections the front door cut on purpose (limits, resets) are expected here."""
+
 
 class Backend:
     """A real HTTP/1.1 backend on 127.0.0.1; ``internal_base`` is the URL it writes in its links."""

@@ -3,8 +3,9 @@
 One ``H2Connection`` per client connection that chose ``h2`` by ALPN; one task per
 stream runs the front door's handler with an ``H2Body`` and an ``H2Responder``.
 
-- Settings we announce: ``MAX_CONCURRENT_STREAMS`` = ``h2_max_streams`` (streams opened
-  before the client has acknowledged it are refused one by one with ``REFUSED_STREAM``),
+- Settings we announce: ``MAX_CONCURRENT_STREAMS`` = ``h2_max_streams`` (streams above it
+  are refused one by one with ``REFUSED_STREAM``; only a client that ignores the setting
+  after acknowledging it loses the connection),
   ``INITIAL_WINDOW_SIZE`` = ``h2_stream_window``, connection window ``h2_connection_window``,
   ``MAX_HEADER_LIST_SIZE`` = twice ``max_header_block`` (decoding bound; blocks above
   ``max_header_block`` get a 431 page on their stream), ``ENABLE_CONNECT_PROTOCOL`` = 1
@@ -304,13 +305,18 @@ class H2Connection(asyncio.Protocol):
         sslobj = transport.get_extra_info("ssl_object")
         self.tls_context = sslobj.context if sslobj is not None else None
         s = self.settings
+        # h2 enforces its stream limit as a connection error; a client may rightly open more streams
+        # before it has seen our SETTINGS, so h2 gets the limit only once the client acknowledged it
+        # (update_settings) and, until then, this class refuses the streams above it one by one.
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: s.h2_max_streams,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max(100, s.h2_max_streams),
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: s.h2_stream_window,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 2 * s.max_header_block,
             h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
         })
         self.h2.initiate_connection()
+        if s.h2_max_streams < 100:
+            self.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: s.h2_max_streams})
         if s.h2_connection_window > 65535:
             self.h2.increment_flow_control_window(s.h2_connection_window - 65535)
         self.flush()
@@ -349,6 +355,15 @@ class H2Connection(asyncio.Protocol):
             self.flush()
             self.close()
             return
+        try:
+            self._events(events)
+        except Exception:  # noqa: BLE001 - a bug here must cost this connection only, with a log
+            log.exception("HTTP/2 connection from %s failed", self.source_ip)
+            self.close()
+            return
+        self.flush()
+
+    def _events(self, events: list[h2.events.Event]) -> None:
         for event in events:
             if isinstance(event, h2.events.RequestReceived):
                 self._request(event)
@@ -369,7 +384,6 @@ class H2Connection(asyncio.Protocol):
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.close()
                 return
-        self.flush()
 
     # ------------------------------------------------------------------ streams
     def _request(self, event: h2.events.RequestReceived) -> None:
@@ -379,7 +393,10 @@ class H2Connection(asyncio.Protocol):
         s = self.settings
         if len(self.streams) >= s.h2_max_streams:
             self.counters["web_h2_refused_stream"] += 1
-            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            try:
+                self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            except h2.exceptions.StreamClosedError:
+                pass  # the client reset it in the same read
             return
         pseudo: dict[bytes, bytes] = {}
         headers: Headers = []
