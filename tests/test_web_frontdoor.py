@@ -75,9 +75,7 @@ def test_sign_in_then_http1_and_http2(door: Door, tmp_path: Path) -> None:
     robots = curl(door, door.url("wiki.test", "/robots.txt"), jar=jar)
     assert robots.body == b"User-agent: *\nDisallow: /\n"
     assert curl(door, door.url("auth.test", "/robots.txt")).body == b"User-agent: *\nDisallow: /\n"
-    recs = [r for r in door.wait_records(8) if r.app == "wiki" and r.path == "/hello" and r.status == 200]
-    assert len(recs) >= 2
-    rec = recs[-1]
+    rec = door.wait_record(lambda r: r.app == "wiki" and r.path == "/hello" and r.protocol == "HTTP/2")
     assert (rec.method, rec.host, rec.action, rec.upn, rec.user_id, rec.protocol) == (
         "GET", f"wiki.test:{door.port}", "allow", ALICE.upn, ALICE.user_id, "HTTP/2")
     assert rec.bytes_out == len(b"hello from backend wiki") and rec.bytes_in == 0
@@ -173,7 +171,7 @@ def test_unknown_host_and_denials(door: Door, tmp_path: Path) -> None:
     denied = curl(door, door.url("wiki.test", "/hello"), jar=jar)
     assert denied.status == 403
     assert b"A compliant device is required: this browser has no Ferryman client agent." in denied.body
-    rec = door.wait_records(1)[-1]
+    rec = door.wait_record(lambda r: r.code == "device_required")
     assert (rec.action, rec.code, rec.policy, rec.status) == ("deny", "device_required", "compliant-devices", 403)
     door.rules.need_device.clear()
     assert curl(door, door.url("wiki.test", "/hello"), jar=jar).status == 200
@@ -242,7 +240,7 @@ def test_passthrough(door: Door) -> None:
     assert "x-ferryman-jwt-assertion" not in seen and seen["x-forwarded-for"] == "127.0.0.1"
     assert curl(door, door.url("open.test", "/robots.txt")).body == b"User-agent: *\nAllow: /\n"  # the backend's
     assert door.dialer.principals[-1] is None
-    rec = door.wait_records(2)[-1]
+    rec = door.wait_record(lambda r: r.app == "open" and r.path == "/robots.txt")
     assert rec.app == "open" and rec.action == "allow" and rec.code == "passthrough" and rec.upn == ""
 
 
@@ -308,8 +306,8 @@ def test_streaming_bodies(door: Door, tmp_path: Path) -> None:
     big = curl(door, door.url("docs.test", "/big?n=30000000"), jar=jar, http2=True)
     expected = (hashlib.sha256(b"seed").digest() * 2048)
     assert len(big.body) == 30000000 and big.body[:len(expected)] == expected
-    recs = [r for r in door.wait_records(10) if r.path == "/echo"]
-    assert recs[0].bytes_in == len(body) and recs[0].bytes_out == len(body)
+    rec = door.wait_record(lambda r: r.path == "/echo" and r.protocol == "HTTP/2" and r.bytes_out == len(body))
+    assert rec.bytes_in == len(body)
 
 
 def test_expect_continue(door: Door, tmp_path: Path) -> None:

@@ -538,6 +538,16 @@ class Door:
         return WebApp(name=name, external_url=f"https://{host}:{self.port}" + options.pop("ext_path", ""),
                       internal_url=backend.internal_url, **options)
 
+    def wait_record(self, predicate, timeout: float = 10.0) -> TransactionRecord:
+        """The last record that satisfies ``predicate`` (waits for it: records come from the loop thread)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in list(self.records) if predicate(r)]
+            if found or time.monotonic() > deadline:
+                assert found, "no such transaction record"
+                return found[-1]
+            time.sleep(0.02)
+
     def wait_records(self, n: int, timeout: float = 10.0) -> list[TransactionRecord]:
         deadline = time.monotonic() + timeout
         while len(self.records) < n and time.monotonic() < deadline:

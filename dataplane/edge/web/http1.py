@@ -346,6 +346,7 @@ class H1Connection(asyncio.Protocol):
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.upgraded: H1Upgraded | None = None
+        self.upgrading: H1Exchange | None = None
         self.stop_input = False
         self.source_ip = ""
         self.source_port = 0
@@ -399,7 +400,7 @@ class H1Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
-            ex = self.parsing
+            ex, self.upgrading = self.upgrading, None
             self.parsing = None
             if ex is not None and ex.upgrade is not None:
                 self.upgraded = ex.upgrade
@@ -505,6 +506,7 @@ class H1Connection(asyncio.Protocol):
         if parser.should_upgrade():
             ex.upgrade = H1Upgraded(self)
             ex.keep_alive = False
+            self.upgrading = ex  # llhttp completes the message before it reports the upgrade
         ex.body = body
         ex.request = Request(method=method, target=target, host=normalize_host(hosts[0]), headers=headers,
                              version=ex.version, source_ip=self.source_ip, source_port=self.source_port, body=body,

@@ -118,9 +118,11 @@ async def _pump(src: ByteStream, dst: ByteStream, counter: list[int], index: int
 
 
 async def splice(client: ByteStream, backend: ByteStream, live: LiveSocket, idle_timeout: float) -> tuple[int, int, str]:
-    """Copy bytes both ways until one side ends, the idle timeout passes or the socket is cut.
+    """Copy bytes both ways until both sides have ended, the idle timeout passes or the socket is cut.
 
-    Returns (bytes client→backend, bytes backend→client, why it ended).
+    When one side ends its direction, the other side's direction is ended too (half-close:
+    a WebSocket close frame from the browser still gets the backend's answering close
+    frame). Returns (bytes client→backend, bytes backend→client, why it ended).
     """
     counter = [0, 0]
     activity = [time.monotonic()]
@@ -128,8 +130,8 @@ async def splice(client: ByteStream, backend: ByteStream, live: LiveSocket, idle
     down = asyncio.ensure_future(_pump(backend, client, counter, 1, activity))
     cut = asyncio.ensure_future(live.cut.wait())
     reason = "closed"
+    pending = {up, down, cut}
     try:
-        pending = {up, down, cut}
         while True:
             remaining = idle_timeout - (time.monotonic() - activity[0])
             if remaining <= 0:
@@ -139,18 +141,19 @@ async def splice(client: ByteStream, backend: ByteStream, live: LiveSocket, idle
             if cut in done:
                 reason = live.reason or "cut"
                 break
-            if up in done or down in done:
-                for task in done:
-                    if task is not cut and task.exception() is not None:
-                        reason = "error"
+            if any(task.exception() is not None for task in done):
+                reason = "error"
+                break
+            if up in done:
+                backend.write_eof()
+            if down in done:
+                client.write_eof()
+            if up.done() and down.done():
                 break
     finally:
         for task in (up, down, cut):
             task.cancel()
         await asyncio.gather(up, down, cut, return_exceptions=True)
-        if reason == "closed":  # one side ended cleanly: end the other cleanly too (its last bytes are sent)
-            client.write_eof()
-            backend.write_eof()
         backend.close()
         client.close()
     return counter[0], counter[1], reason
