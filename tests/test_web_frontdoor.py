@@ -415,3 +415,105 @@ def test_misdirected_with_custom_certificate(door: Door) -> None:
     status, _, _ = read_response(s)
     assert status == 421
     s.close()
+
+
+def test_trailers_and_hop_by_hop(door: Door) -> None:
+    c = H2Client(door, "open.test")
+    sid = c.request("GET", "/trailers", [(b"te", b"trailers")])
+    status, _, body, _ = c.response(sid)
+    trailers = [dict(e.headers) for e in c.events if type(e).__name__ == "TrailersReceived" and e.stream_id == sid]
+    assert (status, body) == (200, b"hello") and trailers == [{b"x-checksum": b"abc123"}]
+    c.close()
+    s = tls_socket(door, "open.test", ["http/1.1"])
+    s.sendall(f"GET /trailers HTTP/1.1\r\nHost: open.test:{door.port}\r\nTE: trailers\r\n\r\n".encode())
+    status, headers, rest = read_response(s)
+    while not rest.endswith(b"\r\n\r\n"):
+        rest += s.recv(65536)
+    assert headers["transfer-encoding"] == "chunked" and rest == b"5\r\nhello\r\n0\r\nx-checksum: abc123\r\n\r\n"
+    s.close()
+    hop = curl(door, door.url("open.test", "/hop"), http2=True)
+    assert hop.body == b"hop" and "x-secret" not in hop.headers and "alt-svc" not in hop.headers
+    assert "keep-alive" not in hop.headers
+
+
+def test_cors_preflight_bypass(door: Door) -> None:
+    wiki = door.backends["wiki"]
+    apps = [r.app for r in door.door.routes.values() if r.app.name != "wiki"]
+    preflight = ["-X", "OPTIONS", "-H", "Origin: https://portal.test", "-H", "Access-Control-Request-Method: POST"]
+    assert curl(door, door.url("wiki.test", "/api"), *preflight).status == 401  # off by default: sign in first
+    door.set_apps(apps + [door.app("wiki", "wiki.test", wiki, cors_preflight_bypass=True)])
+    r = curl(door, door.url("wiki.test", "/api"), *preflight)
+    assert r.status == 204 and r.header("access-control-allow-origin") == "https://portal.test"
+    assert "x-ferryman-jwt-assertion" not in {k.lower() for k in wiki.seen[-1][2]}
+    assert curl(door, door.url("wiki.test", "/api"), "-X", "OPTIONS").status == 401  # not a preflight
+
+
+def test_persistent_cookie_option_and_code_replay(door: Door, tmp_path: Path) -> None:
+    docs = door.backends["docs"]
+    apps = [r.app for r in door.door.routes.values() if r.app.name != "docs"]
+    door.set_apps(apps + [door.app("docs", "docs.test", docs, cookie_persistent=True, cookie_same_site="Strict")])
+    jar = signed_in(door, tmp_path)  # on wiki; docs by single sign-on below, step by step
+    first = curl(door, door.url("docs.test", "/hello"), jar=jar)
+    to_auth = curl(door, first.header("location"), jar=jar)
+    assert to_auth.status == 303
+    callback = to_auth.header("location")
+    assert callback.startswith(door.url("docs.test", "/.ferryman/callback?code="))
+    done = curl(door, callback, jar=jar)
+    assert done.status == 302 and done.header("location") == "/hello"
+    cookies = done.headers["set-cookie"]
+    session = next(c for c in cookies if c.startswith(COOKIE + "="))
+    assert "Max-Age=" in session and "SameSite=Strict" in session and "HttpOnly" in session
+    max_age = int(re.search(r"Max-Age=(\d+)", session).group(1))
+    assert 3500 < max_age <= 3600  # never past the access token's end
+    assert any(c.startswith("__Host-ferryman-s-") and "Max-Age=0" in c for c in cookies)  # state cleared
+    replay = curl(door, callback, jar=jar)
+    assert replay.status == 400  # the state cookie is gone and the code was used
+    stolen = curl(door, callback)  # another browser (no state cookie) cannot use it either
+    assert stolen.status == 400 and b"bad_state" in stolen.body
+
+
+def test_refresh_through_the_sign_in_host(tmp_path: Path) -> None:
+    d = start_door(tmp_path, access_lifetime=31)  # REFRESH_MARGIN is 30 s
+    try:
+        b, docs = Backend("wiki", "wiki.internal"), Backend("docs", "docs.internal")
+        d.backends.update(wiki=b, docs=docs)
+        d.set_apps([d.app("wiki", "wiki.test", b), d.app("docs", "docs.test", docs)])
+        jar = signed_in(d, tmp_path)
+        assert d.users.refreshes == 0
+        time.sleep(1.5)  # the sign-in host's access token is now within the margin of its end
+        r = curl(d, d.url("docs.test", "/hello"), "-L", jar=jar)
+        assert (r.status, r.body) == (200, b"hello from backend docs")
+        assert d.users.refreshes == 1  # the single-sign-on round trip refreshed it, once
+
+        async def twice():
+            import asyncio
+            from dataplane.edge.web.session import AuthSession
+            token = jar_cookies(jar, "auth.test")[COOKIE]
+            session = d.door.sso.sealer.open(AuthSession, d.host("auth.test"), token)
+            return await asyncio.gather(d.door.sso._refresh(session.refresh_token, "127.0.0.1"),
+                                        d.door.sso._refresh(session.refresh_token, "127.0.0.1"))
+
+        a, b2 = d.loop.run(twice())
+        assert a == b2 and d.users.refreshes == 2  # concurrent refreshes of one token: one call, one result
+    finally:
+        stop_door(d)
+
+
+def test_abandoned_sign_ins_do_not_grow_cookies(door: Door, tmp_path: Path) -> None:
+    jar = str(tmp_path / "jar")
+    for _ in range(4):
+        curl(door, door.url("wiki.test", "/hello"), jar=jar)
+    olds = {n for n in jar_cookies(jar, "wiki.test") if n.startswith("__Host-ferryman-s-")}
+    assert len(olds) == 4
+    r = curl(door, door.url("wiki.test", "/hello"), jar=jar)
+    cleared = {c.split("=")[0] for c in r.headers["set-cookie"] if "Max-Age=0" in c}
+    assert cleared == olds  # the abandoned sign-ins' cookies are deleted, the new one set
+    assert len([c for c in r.headers["set-cookie"] if "Max-Age=300" in c]) == 1
+
+
+def test_every_request_is_authorized(door: Door, tmp_path: Path) -> None:
+    jar = signed_in(door, tmp_path)
+    before = door.rules.calls
+    for _ in range(5):
+        assert curl(door, door.url("wiki.test", "/hello"), jar=jar, http2=True).status == 200
+    assert door.rules.calls == before + 5
