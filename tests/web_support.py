@@ -50,6 +50,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pyotp
+import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -491,10 +492,10 @@ class Rules:
 
 # ---------------------------------------------------------------------------- loop + door
 class LoopThread:
-    """An asyncio event loop in a daemon thread; ``run(coro)`` waits for a result."""
+    """A uvloop event loop (what nodes run on) in a daemon thread; ``run(coro)`` waits for a result."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 

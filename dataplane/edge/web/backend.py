@@ -222,13 +222,12 @@ class BackendConnection:
     # httptools callbacks
     def on_message_begin(self) -> None:
         self.headers = []
-        self.head_size = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.max_head:
-            raise BackendError(f"the backend's response headers are larger than {self.max_head} bytes")
         if self.head is not None:
+            self.head_size += len(name) + len(value) + 4
+            if self.head_size > self.max_head:
+                raise BackendError(f"the backend's response trailers are larger than {self.max_head} bytes")
             self.trailers.append((name.lower(), value))
         else:
             self.headers.append((name.lower(), value))
@@ -238,6 +237,11 @@ class BackendConnection:
         if 100 <= status < 200 and status != 101:
             self.interim = True  # 100 Continue, 103 Early Hints: skipped
             return
+        size = 0
+        for n, v in self.headers:
+            size += len(n) + len(v) + 4
+        if size > self.max_head:
+            raise BackendError(f"the backend's response headers are larger than {self.max_head} bytes")
         self.head = ResponseHead(status, self.headers, "HTTP/" + self.parser.get_http_version())
         if self.head_only:
             raise _HeadDone()
@@ -288,6 +292,7 @@ class BackendConnection:
             raise BackendTimeout(f"the application did not answer within {timeout:g} seconds") from None
 
     async def read_head(self, timeout: float) -> ResponseHead:
+        """The response head (``1xx`` skipped); its size is bounded by ``max_head`` (read by read)."""
         while self.head is None:
             data = await self._read(timeout)
             if not data:
@@ -296,6 +301,10 @@ class BackendConnection:
                 raise BackendError("the application closed the connection in the middle of its response headers")
             self.got_bytes = True
             self._feed(data)
+            if self.head is None:
+                self.head_size += len(data)
+                if self.head_size > self.max_head:
+                    raise BackendError(f"the backend's response headers are larger than {self.max_head} bytes")
         return self.head
 
     async def read_body(self, timeout: float) -> bytes | None:

@@ -114,9 +114,24 @@ class EmptyBody:
         return b""
 
 
+_HOSTS: dict[str | bytes, str] = {}
+_HOSTS_MAX = 4096
+
+
 def normalize_host(value: str | bytes) -> str:
     """``Host``/``:authority`` → ``host`` or ``host:port`` (lower case, no trailing dot, no ``:443``);
-    ``""`` when it is not a valid host."""
+    ``""`` when it is not a valid host. Results are remembered (a bounded table: hosts repeat)."""
+    known = _HOSTS.get(value)
+    if known is not None:
+        return known
+    out = _normalize_host(value)
+    if len(_HOSTS) >= _HOSTS_MAX:
+        _HOSTS.clear()
+    _HOSTS[value] = out
+    return out
+
+
+def _normalize_host(value: str | bytes) -> str:
     if isinstance(value, bytes):
         try:
             value = value.decode("ascii")

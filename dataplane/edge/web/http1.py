@@ -337,6 +337,8 @@ class H1Connection(asyncio.Protocol):
         self.parsing: H1Exchange | None = None
         self.runner: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+        self.deadline_head = False
         self.in_head = False
         self.head_bytes = 0
         self.url = b""
@@ -354,8 +356,7 @@ class H1Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # asyncio's or uvloop's TLS transport
         transport.set_write_buffer_limits(high=self.settings.buffer_size, low=self.settings.buffer_size // 4)
         peer = transport.get_extra_info("peername") or ("", 0)
         self.source_ip, self.source_port = str(peer[0]), int(peer[1])
@@ -366,6 +367,9 @@ class H1Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._disarm()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         for ex in self.queue:
             if ex.body is not None:
                 ex.body.fail(ClientGone())
@@ -450,12 +454,7 @@ class H1Connection(asyncio.Protocol):
             if self.header_bytes > self.settings.max_header_block:
                 raise _Refuse(431, "The request's trailers are too large.", "header_too_large")
             return
-        self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes + len(self.url) > self.settings.max_header_block:
-            self.counters["web_header_too_large"] += 1
-            raise _Refuse(431, f"The request's headers are larger than {self.settings.max_header_block} bytes.",
-                          "header_too_large")
-        self.headers.append((name.lower(), value))
+        self.headers.append((name.lower(), value))  # sizes: per read while the head is incomplete, summed at its end
         if len(self.headers) > self.settings.max_headers:
             self.counters["web_header_too_large"] += 1
             raise _Refuse(431, f"The request has more than {self.settings.max_headers} header lines.",
@@ -471,21 +470,35 @@ class H1Connection(asyncio.Protocol):
         ex.keep_alive = parser.should_keep_alive() and ex.version == "HTTP/1.1"
         headers = self.headers
         target = self.url.decode("latin-1")
-        hosts = [v for n, v in headers if n == b"host"]
+        hosts: list[bytes] = []
         content_length: int | None = None
-        chunked = False
-        for n, v in headers:
-            if n == b"content-length":
+        chunked = expect = False
+        upgrade_tokens = b""
+        size = len(self.url)
+        for n, v in headers:  # one pass over the header lines
+            size += len(n) + len(v) + 4
+            if n == b"host":
+                hosts.append(v)
+            elif n == b"content-length":
                 content_length = int(v)  # llhttp has checked it is a number and not repeated differently
             elif n == b"transfer-encoding":
                 chunked = True
+            elif n == b"expect":
+                expect = v.lower() == b"100-continue"
+            elif n == b"upgrade":
+                upgrade_tokens += v.lower() + b","
         has_body = chunked or bool(content_length)
+        host = normalize_host(hosts[0]) if len(hosts) == 1 else ""
         refusal: _Refuse | None = None
-        if method == "CONNECT":
+        if size > self.settings.max_header_block:
+            self.counters["web_header_too_large"] += 1
+            refusal = _Refuse(431, f"The request's headers are larger than {self.settings.max_header_block} bytes.",
+                              "header_too_large")
+        elif method == "CONNECT":
             refusal = _Refuse(405, "CONNECT is not served here: this is not a forward proxy.", "method_not_allowed")
         elif not target.startswith("/"):
             refusal = _Refuse(400, "The request target must be a path (origin form).", "bad_target")
-        elif len(hosts) != 1 or not normalize_host(hosts[0]):
+        elif not host:
             refusal = _Refuse(400, "The request needs exactly one valid Host header.", "bad_host")
         elif content_length is not None and content_length > self.settings.max_body_size:
             self.counters["web_body_too_large"] += 1
@@ -498,17 +511,15 @@ class H1Connection(asyncio.Protocol):
             self.queue.append(ex)
             self._run()
             raise _Stop()
-        expect = any(n == b"expect" and v.lower() == b"100-continue" for n, v in headers)
         body = H1Body(self, ex, expect_continue=expect and has_body and ex.version == "HTTP/1.1",
                       complete=not has_body, limit=self.settings.max_body_size)
-        upgrade_tokens = b",".join(v for n, v in headers if n == b"upgrade").lower()
         websocket = parser.should_upgrade() and method == "GET" and b"websocket" in upgrade_tokens
         if parser.should_upgrade():
             ex.upgrade = H1Upgraded(self)
             ex.keep_alive = False
             self.upgrading = ex  # llhttp completes the message before it reports the upgrade
         ex.body = body
-        ex.request = Request(method=method, target=target, host=normalize_host(hosts[0]), headers=headers,
+        ex.request = Request(method=method, target=target, host=host, headers=headers,
                              version=ex.version, source_ip=self.source_ip, source_port=self.source_port, body=body,
                              content_length=content_length, has_body=has_body, websocket=websocket,
                              tls_context=self.tls_context, start=time.time())
@@ -649,18 +660,28 @@ class H1Connection(asyncio.Protocol):
             self.drain_waiter = None
 
     def _arm(self, seconds: float, head: bool = False) -> None:
-        self._disarm()
-        self.timer = self.loop.call_later(seconds, self._timeout, head)
+        """Set the connection's one deadline. The timer is moved only when it would fire too late;
+        a timer that fires early re-arms itself (no cancel/create per request)."""
+        deadline = self.loop.time() + seconds
+        self.deadline = deadline
+        self.deadline_head = head
+        if self.timer is None or self.timer.when() > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_at(deadline, self._timeout)
 
     def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
 
-    def _timeout(self, head: bool) -> None:
+    def _timeout(self) -> None:
         self.timer = None
-        if self.closed or self.upgraded is not None:
+        if self.closed or self.upgraded is not None or not self.deadline:
             return
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._timeout)
+            return
+        head = self.deadline_head
+        self.deadline = 0.0
         if head and self.in_head:
             self.counters["web_header_timeout"] += 1
             self._refuse(_Refuse(408, f"The request's headers did not arrive within {self.settings.header_timeout:g} "

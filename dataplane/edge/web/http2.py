@@ -297,8 +297,7 @@ class H2Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # asyncio's or uvloop's TLS transport
         transport.set_write_buffer_limits(high=self.settings.buffer_size, low=self.settings.buffer_size // 4)
         peer = transport.get_extra_info("peername") or ("", 0)
         self.source_ip, self.source_port = str(peer[0]), int(peer[1])

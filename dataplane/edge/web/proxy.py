@@ -50,7 +50,7 @@ from .pages import ROBOTS
 from .routes import Route
 from .session import parse_cookies
 from .signin import Reply, page, redirect
-from .translate import BodyError, BodyTranslator, body_kind, translate_header
+from .translate import TRANSLATED_HEADERS, BodyError, BodyTranslator, body_kind, translate_header
 from .websocket import LiveSocket, accept_for, new_key, splice
 
 if TYPE_CHECKING:
@@ -422,7 +422,8 @@ class Proxy:
         status = rhead.status
         headers = backend_response_headers(rhead.headers)
         if app.translate_headers:
-            headers = [(n, translate_header(route.urlmap, n, v)) for n, v in headers]
+            headers = [(n, translate_header(route.urlmap, n, v)) if n in TRANSLATED_HEADERS else (n, v)
+                       for n, v in headers]
         translator: BodyTranslator | None = None
         if app.translate_body and request.method != "HEAD" and status not in (204, 304):
             kind = body_kind(get(headers, b"content-type"))

@@ -37,8 +37,8 @@ revoked_sessions              100000      signed-out sessions this edge refuses 
 sso_persistent                False       the sign-in host's cookie outlives the browser
 assertion_lifetime            60          seconds an ``X-Ferryman-Jwt-Assertion`` is valid
 assertion_issuer              ""          ``iss`` of assertions (default ``https://<auth_host>``)
-pool_idle_per_key             4           idle backend connections per (app, session)
-pool_idle_total               1024        idle backend connections in all
+pool_idle_per_key             64          idle backend connections per (app, session)
+pool_idle_total               2048        idle backend connections in all
 pool_idle_timeout             15.0        seconds an idle backend connection is kept
 translate_max_carry           16384       bytes of an HTML tag / CSS url() the body
                                           translation looks ahead; longer ones stay as sent
@@ -80,8 +80,8 @@ class WebSettings(msgspec.Struct, kw_only=True, frozen=True):
     sso_persistent: bool = False
     assertion_lifetime: int = 60
     assertion_issuer: str = ""
-    pool_idle_per_key: int = 4
-    pool_idle_total: int = 1024
+    pool_idle_per_key: int = 64
+    pool_idle_total: int = 2048
     pool_idle_timeout: float = 15.0
     translate_max_carry: int = 16384
     buffer_size: int = 262144

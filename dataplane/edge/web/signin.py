@@ -64,6 +64,7 @@ log = logging.getLogger("ferryman.edge.web")
 FORM_LIMIT = 16384
 MAX_STATE_COOKIES = 4
 REFRESH_MARGIN = 30  # seconds before an access token's end that the sign-in host refreshes it
+OPENED_COOKIES = 10000  # app-host cookies remembered once opened (see SsoPages.app_session)
 REFRESH_MEMORY = 60.0  # seconds a refresh's result answers a concurrent request with the same old token
 _NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _CSRF = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
@@ -123,16 +124,33 @@ class SsoPages:
         self.sign_in_buckets = KeyedBuckets(settings.sign_in_rate / 60.0, settings.sign_in_rate)
         self._refreshing: dict[str, asyncio.Future[SignInResult]] = {}
         self._refreshed: OrderedDict[str, tuple[float, SignInResult]] = OrderedDict()
+        self._opened: dict[tuple[str, str], AppSession] = {}
 
     # ------------------------------------------------------------------ app-host sessions
     def app_session(self, route: Route, cookies: dict[str, str], now: float) -> AppSession | None:
+        """The session of an app host's cookie, or ``None`` (refusals are counted).
+
+        Opened cookies are remembered by their exact text and host (a bounded table), so a
+        busy session costs one decryption, not one per request; expiry and revocation are
+        still checked on every request.
+        """
         token = cookies.get(COOKIE)
         if not token:
             return None
-        try:
-            session = self.sealer.open(AppSession, route.host, token, now)
-        except SealError as exc:
-            self.counters[f"web_cookie_refused_{exc.reason}"] += 1
+        key = (route.host, token)
+        session = self._opened.get(key)
+        if session is None:
+            try:
+                session = self.sealer.open(AppSession, route.host, token, now)
+            except SealError as exc:
+                self.counters[f"web_cookie_refused_{exc.reason}"] += 1
+                return None
+            if len(self._opened) >= OPENED_COOKIES:
+                self._opened.clear()
+            self._opened[key] = session
+        elif session.exp <= now:
+            del self._opened[key]
+            self.counters["web_cookie_refused_expired"] += 1
             return None
         if session.principal.session_id in self.revoked:
             self.counters["web_cookie_refused_revoked"] += 1
