@@ -584,15 +584,16 @@ class H2Connection(asyncio.Protocol):
         if self.closed or self.streams:
             return
         self.counters["web_header_timeout" if not self.seen_request else "web_idle_closed"] += 1
-        try:
-            self.h2.close_connection(ErrorCodes.NO_ERROR)
-        except h2.exceptions.H2Error:
-            pass
-        self.flush()
         self.close()
 
     def close(self) -> None:
+        """End the connection: ``GOAWAY`` (unless one was sent or received) and close after the buffered bytes."""
         if not self.closed and self.transport is not None:
+            if self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
+                try:
+                    self.h2.close_connection(ErrorCodes.NO_ERROR)
+                except h2.exceptions.ProtocolError:
+                    pass
             self.flush()
             self.closed = True
             self.transport.close()

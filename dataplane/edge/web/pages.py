@@ -38,6 +38,7 @@ REASONS = {
 
 SECURITY_HEADERS: Headers = [
     (b"cache-control", b"no-store"),
+    (b"strict-transport-security", b"max-age=31536000"),
     (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),

@@ -164,6 +164,10 @@ class Proxy:
         host = request.host
         if host == self.settings.auth_host:
             rec.app = ""
+            if request.method not in ("GET", "HEAD", "POST") or request.websocket:
+                await self._reply(responder, page(405, "The sign-in site only answers GET and POST.",
+                                                  "method_not_allowed"), rec)
+                return
             cookies = parse_cookies(request.header_list(b"cookie"))
             reply = await door.sso.auth_path(request, cookies)
             await self._reply(responder, reply, rec, "allow" if reply.status < 400 else "deny")
@@ -420,6 +424,8 @@ class Proxy:
                      conn: BackendConnection, rhead) -> None:
         app = route.app
         status = rhead.status
+        if status == 101:
+            raise BackendError("the application switched protocols without being asked to")
         headers = backend_response_headers(rhead.headers)
         if app.translate_headers:
             headers = [(n, translate_header(route.urlmap, n, v)) if n in TRANSLATED_HEADERS else (n, v)
