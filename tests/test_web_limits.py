@@ -285,3 +285,57 @@ def test_connection_cap(door: Door) -> None:
         s.close()
     time.sleep(0.3)
     assert curl(door, door.url("open.test", "/hello")).status == 200
+
+
+def _raw(door: Door, data: bytes, host: str = "open.test") -> tuple[int, dict[str, str], bytes]:
+    s = tls_socket(door, host, ["http/1.1"])
+    s.sendall(data)
+    status, headers, rest = read_response(s)
+    s.settimeout(1.0)  # below idle_timeout: an open keep-alive connection shows as "<still open>"
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    except (TimeoutError, socket.timeout):
+        rest += b"<still open>"
+    s.close()
+    return status, headers, rest
+
+
+def test_malformed_and_smuggling_requests(door: Door) -> None:
+    h = f"Host: open.test:{door.port}\r\n".encode()
+    cases = [  # (request, status, the connection closes after the answer)
+        (b"POST /echo HTTP/1.1\r\n" + h + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, True),
+        (b"GET /hello HTTP/1.1\r\n" + h + h + b"\r\n", 400, True),  # two Host headers
+        (b"GET /hello HTTP/1.1\r\n\r\n", 400, True),  # no Host
+        (b"GET http://open.test/hello HTTP/1.1\r\n" + h + b"\r\n", 400, True),  # absolute form
+        (b"CONNECT open.internal:80 HTTP/1.1\r\n" + h + b"\r\n", 405, True),
+        (b"GET /hello HTTP/1.1\r\n" + h + b"X-Bad\x01: v\r\n\r\n", 400, True),
+        (b"GET /hello HTTP/1.1\r\n" + h + b"Content-Length: -1\r\n\r\n", 400, True),
+        (b"GET /a/../hello HTTP/1.1\r\n" + h + b"\r\n", 400, False),  # well-formed, refused by the proxy
+        (b"GET /a/%2e%2E/hello HTTP/1.1\r\n" + h + b"\r\n", 400, False),
+    ]
+    for request, status, closes in cases:
+        got, headers, rest = _raw(door, request)
+        assert got == status, (request, got, rest[:200])
+        assert (headers.get("connection") == "close") == closes, request
+        assert rest.endswith(b"<still open>") != closes, request
+    assert not any(seen[1].endswith("/hello") and ".." in seen[1] for seen in door.backends["open"].seen)
+    # HTTP/1.0: one response, then the connection closes
+    got, headers, rest = _raw(door, b"GET /hello HTTP/1.0\r\n" + h + b"\r\n")
+    assert got == 200 and headers["connection"] == "close" and rest == b"hello from backend open"
+
+
+def test_path_prefix(door: Door) -> None:
+    from dataplane.edge.web import WebApp
+    b = door.backends["open"]
+    door.set_apps([WebApp(name="prefixed", external_url=f"https://open.test:{door.port}/tools",
+                          internal_url=f"http://open.internal:{b.port}/", preauth="passthrough")])
+    r = curl(door, door.url("open.test", "/tools/hello"))
+    assert (r.status, r.body) == (200, b"hello from backend open")
+    r = curl(door, door.url("open.test", "/tools?x=1"))
+    assert r.status == 302 and r.header("location") == "/tools/?x=1"
+    r = curl(door, door.url("open.test", "/other"))
+    assert r.status == 404 and b"outside the application" in r.body
