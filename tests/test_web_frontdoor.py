@@ -517,3 +517,18 @@ def test_every_request_is_authorized(door: Door, tmp_path: Path) -> None:
     for _ in range(5):
         assert curl(door, door.url("wiki.test", "/hello"), jar=jar, http2=True).status == 200
     assert door.rules.calls == before + 5
+
+
+def test_cookie_key_rotation(door: Door, tmp_path: Path) -> None:
+    from dataplane.edge.web import KeyRing
+    from dataplane.edge.web.session import b64e
+    jar = signed_in(door, tmp_path)
+    assert curl(door, door.url("wiki.test", "/hello"), jar=jar).status == 200
+    new = "k2:" + b64e(b"\x07" * 32)
+    # the new key first (current), the old one still opened: existing cookies keep working
+    door.loop.call(door.door.set_cookie_keys, KeyRing.from_text(f"{new},{door.cookie_keys}"))
+    assert curl(door, door.url("wiki.test", "/hello"), jar=jar).status == 200
+    # drop the old key: its cookies are refused at once (even ones already opened and remembered)
+    door.loop.call(door.door.set_cookie_keys, KeyRing.from_text(new))
+    r = curl(door, door.url("wiki.test", "/hello"), jar=jar)
+    assert r.status == 302 and door.door.counters["web_cookie_refused_unknown_key"] >= 1

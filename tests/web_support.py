@@ -525,6 +525,7 @@ class Door:
     dialer: TcpDialer
     records: list[TransactionRecord] = field(default_factory=list)
     backends: dict[str, Backend] = field(default_factory=dict)
+    cookie_keys: str = ""  # the KeyRing text the door was started with
 
     def url(self, host: str, path: str = "/") -> str:
         return f"https://{host}:{self.port}{path}"
@@ -593,16 +594,18 @@ def start_door(tmp: Path, settings: WebSettings | None = None, users: Iterable[U
     records: list[TransactionRecord] = []
     if oidc is not None:
         oidc.table = table
+    key_text = "k1:" + base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
 
     async def make() -> FrontDoor:
-        door = FrontDoor(settings, authorizer=rules, dialer=dialer, sign_in=table, cookie_keys=KeyRing.generate(),
+        door = FrontDoor(settings, authorizer=rules, dialer=dialer, sign_in=table, cookie_keys=KeyRing.from_text(key_text),
                          signer=AssertionSigner.generate(), certificate=(pki.door_cert, pki.door_key),
                          on_record=records.append, oidc=oidc)
         await door.start("127.0.0.1", port)
         return door
 
     door = loop.run(make())
-    return Door(door=door, loop=loop, port=port, pki=pki, users=table, rules=rules, dialer=dialer, records=records)
+    return Door(door=door, loop=loop, port=port, pki=pki, users=table, rules=rules, dialer=dialer, records=records,
+                cookie_keys=key_text)
 
 
 def stop_door(d: Door) -> None:

@@ -427,6 +427,9 @@ class H2Connection(asyncio.Protocol):
         if size > s.max_header_block:
             self.counters["web_header_too_large"] += 1
             refusal = (431, f"The request's headers are larger than {s.max_header_block} bytes.", "header_too_large")
+        elif len(headers) > s.max_headers:
+            self.counters["web_header_too_large"] += 1
+            refusal = (431, f"The request has more than {s.max_headers} header fields.", "too_many_headers")
         elif len(target) > s.max_url_length:
             self.counters["web_url_too_long"] += 1
             refusal = (414, f"The address is longer than {s.max_url_length} bytes.", "url_too_long")

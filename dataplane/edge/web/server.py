@@ -13,7 +13,7 @@ finish within ``header_timeout``. After the handshake the connection becomes an
 ``H2Connection`` or an ``H1Connection`` by the ALPN result. Past ``max_connections``
 open client connections, new ones are closed at once (counted).
 
-For the edge (continuous access): ``revoke_session(sid)`` refuses a session's cookies on
+``set_cookie_keys`` rotates the edges' cookie keys. For the edge (continuous access): ``revoke_session(sid)`` refuses a session's cookies on
 this edge at once, ``cut_session(sid)`` ends its WebSockets and idle backend
 connections, ``recheck()`` re-authorizes every live WebSocket now (also run every
 ``websocket_recheck`` seconds). ``counters`` holds every refusal and event by name (for
@@ -132,6 +132,12 @@ class FrontDoor:
                 self.pool.drop(app=name)
             if name not in after:
                 self.sockets.cut_where(lambda s, n=name: s.app.name == n, "application removed")
+
+    def set_cookie_keys(self, keys: KeyRing) -> None:
+        """Replace the cookie keys (rotation, or dropping a compromised key): cookies, codes and
+        tickets sealed with a key no longer in ``keys`` stop working at once."""
+        self.sso.sealer = Sealer(keys)
+        self.sso.forget_opened()
 
     def tls_context_for(self, route: Route) -> ssl.SSLContext:
         return route.server_tls or self.default_tls

@@ -157,6 +157,9 @@ class SsoPages:
             return None
         return session
 
+    def forget_opened(self) -> None:
+        self._opened.clear()
+
     def start_sign_in(self, route: Route, request: Request, cookies: dict[str, str]) -> Reply:
         """Redirect a browser without a session on ``route`` to the sign-in host."""
         if request.method not in ("GET", "HEAD") or request.websocket:
