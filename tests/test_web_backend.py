@@ -62,6 +62,12 @@ def test_pool_bounds() -> None:
     pool.release(e)
     pool.release(f)
     assert pool.drop(session="s4") == 2 and e.stream.closed and f.stream.closed
+    g1, g2 = _conn(("wiki", "s5")), _conn(("wiki", "s5"))
+    g1.peer, g2.peer = "connector-1", "connector-2"
+    pool.release(g1)
+    pool.release(g2)
+    assert pool.drop(peer="connector-1") == 1 and g1.stream.closed and not g2.stream.closed
+    assert pool.acquire(("wiki", "s5")) is g2
     none = Pool(per_key=0, total=0, idle_timeout=10)
     g = _conn(("x", ""))
     none.release(g)

@@ -410,15 +410,20 @@ class Pool:
                 del self._idle[key]
         return closed
 
-    def drop(self, app: str | None = None, session: str | None = None) -> int:
-        """Close idle connections of an app and/or a session (app removed, session revoked)."""
+    def drop(self, app: str | None = None, session: str | None = None, peer: str | None = None) -> int:
+        """Close idle connections of an app, a session and/or a connector (``peer``): app removed,
+        session revoked, connector gone or draining."""
         closed = 0
         for key in list(self._idle):
             if (app is None or key[0] == app) and (session is None or key[1] == session):
-                for conn in self._idle.pop(key):
+                q = self._idle[key]
+                for conn in [c for c in q if peer is None or c.peer == peer]:
+                    q.remove(conn)
                     self._order.pop(id(conn), None)
                     conn.close()
                     closed += 1
+                if not q:
+                    del self._idle[key]
         return closed
 
     def close(self) -> None:

@@ -395,8 +395,11 @@ class Proxy:
             text = str(exc) if exc.status == 504 else "The application broke off its answer."
             await self._fail(responder, rec, exc.status, text, exc.code)
         finally:
-            if upload is not None and not upload.done():
-                upload.cancel()
+            if upload is not None:
+                if not upload.done():
+                    upload.cancel()
+                elif not upload.cancelled():
+                    upload.exception()  # seen: a failed upload after the response is not an error of its own
             if conn is not None and not released:
                 conn.close()
 

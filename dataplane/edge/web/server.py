@@ -161,6 +161,10 @@ class FrontDoor:
         self.pool.drop(session=session_id)
         return self.sockets.cut_session(session_id, reason)
 
+    def drop_connector(self, peer: str) -> int:
+        """Close idle backend connections carried by a connector that is gone or draining."""
+        return self.pool.drop(peer=peer)
+
     def _signed_out(self, session_id: str, reason: str) -> None:
         self.cut_session(session_id, reason)
 
