@@ -12,6 +12,27 @@ and runs ``wrk`` (HTTP/1.1 keep-alive over TLS) against each, printing requests/
 p50/p99 latency per path and size. ``serve`` is the front door's own process. The full
 benchmark (edge → connector → backend through a tunnel) is ``ferryman bench``'s job; this
 one measures the HTTP machinery by itself.
+
+Measured on this machine (2 cores, idle, ``--seconds 8``, 64 connections, one front-door
+process and one nginx worker; CPU per request from /proc):
+
+=====  =========================  =======  ======  ======  ========  ============
+size   path                       req/s    p50 ms  p99 ms  vs nginx  CPU/request
+=====  =========================  =======  ======  ======  ========  ============
+1k     direct (HTTP)              76141    0.78    2.10    2.10x
+1k     nginx TLS proxy            36328    1.80    4.16    1.00x     20 µs
+1k     front door, passthrough    12873    4.82    9.49    0.35x     77 µs
+1k     front door, signed in      10983    5.57    15.20   0.30x     93 µs
+64k    direct (HTTP)              34028    1.83    3.81    3.00x
+64k    nginx TLS proxy            11354    5.42    9.11    1.00x
+64k    front door, passthrough    5808     10.67   18.24   0.51x
+64k    front door, signed in      5365     11.61   22.25   0.47x
+=====  =========================  =======  ======  ======  ========  ============
+
+Of the ~93 µs a signed-in request costs, TLS + parsing + writing is ~17 µs (a uvloop TLS
+server answering a fixed response), the proxy's Python path ~50 µs
+(``bench/test_web_request_bench.py``), the backend socket the rest. One process is one core:
+more throughput comes from worker processes sharing the port (``FrontDoor.start(reuse_port=True)``).
 """
 
 from __future__ import annotations

@@ -1,20 +1,20 @@
 """HTTP/1.1 server side of the front door: an asyncio Protocol around httptools (llhttp).
 
-Parser choice, measured on this machine (2 cores, Python 3.11, ``bench/test_http_parse_bench.py``,
+Parser choice, measured on this machine (2 cores, Python 3.11, idle, ``bench/test_http_parse_bench.py``,
 pytest-benchmark medians):
 
 ==========================================  ===========  ===========  =======
 workload                                    httptools    h11          ratio
 ==========================================  ===========  ===========  =======
-one browser request head (13 lines)         4.9 µs       80 µs        16×
-16 pipelined heads in one read              34 µs        749 µs       22×
+one browser request head (13 lines)         2.9 µs       50 µs        17×
+16 pipelined heads in one read              34 µs        747 µs       22×
 1 MiB body, Content-Length, 64 KiB reads    50 µs        204 µs       4×
-1 MiB body, chunked (4 KiB chunks)          81 µs        1672 µs      21×
+1 MiB body, chunked (4 KiB chunks)          82 µs        1679 µs      20×
 ==========================================  ===========  ===========  =======
 
-httptools is picked: a request head costs 5 µs instead of 80 µs (h11 alone would eat a
-large share of the per-request budget at hundreds of requests per second per core), and
-chunked bodies stream 20× cheaper. llhttp is also strict where it matters for a proxy: it
+httptools is picked: a request head costs 3 µs instead of 50 µs (h11 alone would be about
+as much as the whole rest of a proxied request, ~50 µs in ``bench/test_web_request_bench.py``),
+and chunked bodies stream 20× cheaper. llhttp is also strict where it matters for a proxy: it
 refuses ``Transfer-Encoding`` together with ``Content-Length``, bare CR/LF and malformed
 chunk sizes (request smuggling). What httptools lacks, this module adds: limits on the
 request line and header block (httptools would buffer a header without end), timeouts,
