@@ -1,0 +1,430 @@
+"""The backend side of the proxy: HTTP/1.1 over the dialer's byte stream, TLS, keep-alive pool.
+
+- ``TlsStream`` runs TLS over any ``ByteStream`` (the dialer's tunnel flow) with
+  ``ssl.MemoryBIO``: SNI and hostname verification use the app's internal host; the
+  certificate is verified against the system store or the app's CA bundle unless the app
+  turns verification off.
+- ``BackendConnection`` writes one request head (``write_head``), streams a body
+  (``Content-Length`` or chunked) and reads the response with httptools' response parser
+  (``read_head`` / ``read_body``), skipping ``1xx`` interim responses. Limits: a response
+  head above ``max_header_block`` bytes is a 502; a read that waits longer than the app's
+  backend timeout is a 504 (``BackendTimeout``).
+- ``Pool`` keeps idle connections for reuse. Key: (app, sign-in session) — a connection
+  opened for one user's session never carries another session's request, concurrently or
+  later. Reason: backends bind state to connections (NTLM/Negotiate authenticate the TCP
+  connection; some frameworks cache the first request's identity), so a shared connection
+  could answer user B with user A's rights; the flow under it was granted for one user's
+  decision. Passthrough apps (no user) share one anonymous key. A connection serves one
+  request at a time (it is out of the pool while used). Bounds: ``pool_idle_per_key`` per
+  key, ``pool_idle_total`` overall (oldest idle closed first), ``pool_idle_timeout``
+  seconds idle. A request without a body that fails on a reused connection before any
+  response byte (the backend closed it while idle) is retried once on a new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+
+import httptools
+
+from .exchange import Headers
+from .model import ByteStream
+
+READ_SIZE = 65536
+
+
+class BackendError(Exception):
+    """The backend broke the exchange (closed, malformed response); ``status`` is 502."""
+
+    status = 502
+    code = "backend_error"
+
+
+class BackendTimeout(BackendError):
+    status = 504
+    code = "backend_timeout"
+
+
+class BackendClosedEarly(BackendError):
+    """Closed before any byte of a response: on a reused connection, the request may be retried."""
+
+    code = "backend_closed"
+
+
+class StreamPair:
+    """A ``ByteStream`` over asyncio's ``StreamReader``/``StreamWriter`` (a plain TCP connection)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str = "") -> None:
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+
+    async def read(self, max_bytes: int) -> bytes:
+        try:
+            return await self.reader.read(max_bytes)
+        except (ConnectionError, OSError):
+            return b""
+
+    def write(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+    async def drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise BackendError(f"the backend connection broke ({exc.__class__.__name__})") from None
+
+    def write_eof(self) -> None:
+        if not self.writer.is_closing() and self.writer.can_write_eof():
+            try:
+                self.writer.write_eof()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class TlsStream:
+    """TLS client over a ``ByteStream`` (memory BIOs: works over a tunnel flow as over a socket)."""
+
+    def __init__(self, raw: ByteStream, context: ssl.SSLContext, server_hostname: str) -> None:
+        self.raw = raw
+        self.peer = getattr(raw, "peer", "")
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=False, server_hostname=server_hostname)
+        self.closed = False
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.raw.write(data)
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                await self.raw.drain()
+                data = await self.raw.read(READ_SIZE)
+                if data:
+                    self.incoming.write(data)
+                else:
+                    self.incoming.write_eof()
+        self._flush()
+        await self.raw.drain()
+
+    async def read(self, max_bytes: int) -> bytes:
+        while True:
+            try:
+                return self.obj.read(max_bytes)
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = await self.raw.read(READ_SIZE)
+                if data:
+                    self.incoming.write(data)
+                else:
+                    self.incoming.write_eof()
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            except ssl.SSLError:
+                return b""
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.obj.write(data)
+        except ssl.SSLError as exc:
+            raise BackendError(f"TLS to the backend failed ({exc.reason or exc})") from None
+        self._flush()
+
+    async def drain(self) -> None:
+        await self.raw.drain()
+
+    def write_eof(self) -> None:
+        try:
+            self.obj.unwrap()
+        except ssl.SSLError:
+            pass
+        self._flush()
+
+    def close(self) -> None:
+        self.closed = True
+        self.raw.close()
+
+
+def client_context(verify: bool, ca_pem: str = "") -> ssl.SSLContext:
+    """The TLS context for an app's backend: verified (system store or ``ca_pem``) unless ``verify`` is off."""
+    ctx = ssl.create_default_context(cadata=ca_pem or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class ResponseHead:
+    __slots__ = ("status", "headers", "version", "content_length", "chunked")
+
+    def __init__(self, status: int, headers: Headers, version: str) -> None:
+        self.status = status
+        self.headers = headers
+        self.version = version
+        self.content_length: int | None = None
+        self.chunked = False
+        for n, v in headers:
+            if n == b"content-length":
+                try:
+                    self.content_length = int(v)
+                except ValueError:
+                    self.content_length = None
+            elif n == b"transfer-encoding":
+                self.chunked = True
+
+
+class BackendConnection:
+    """One HTTP/1.1 connection to a backend; one request at a time."""
+
+    def __init__(self, stream: ByteStream, key: tuple[str, str], max_head: int) -> None:
+        self.stream = stream
+        self.key = key
+        self.peer = getattr(stream, "peer", "")
+        self.max_head = max_head
+        self.requests = 0
+        self.idle_since = 0.0
+        self.reusable = False
+        self.closed = False
+        self._reset_parser()
+
+    def _reset_parser(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.head: ResponseHead | None = None
+        self.interim = False
+        self.headers: Headers = []
+        self.trailers: Headers = []
+        self.head_size = 0
+        self.chunks: list[bytes] = []
+        self.complete = False
+        self.upgrade_tail: bytes | None = None
+        self.got_bytes = False
+        self.head_only = False
+        self.keep_alive = False
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head is not None:
+            self.head_size += len(name) + len(value) + 4
+            if self.head_size > self.max_head:
+                raise BackendError(f"the backend's response trailers are larger than {self.max_head} bytes")
+            self.trailers.append((name.lower(), value))
+        else:
+            self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.interim = True  # 100 Continue, 103 Early Hints: skipped
+            return
+        size = 0
+        for n, v in self.headers:
+            size += len(n) + len(v) + 4
+        if size > self.max_head:
+            raise BackendError(f"the backend's response headers are larger than {self.max_head} bytes")
+        self.head = ResponseHead(status, self.headers, "HTTP/" + self.parser.get_http_version())
+        if self.head_only:
+            raise _HeadDone()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the message is done
+        self.complete = True
+
+    # ------------------------------------------------------------------ request
+    def write_head(self, method: str, target: str, headers: Headers) -> None:
+        self.requests += 1
+        self._reset_parser()
+        self.head_only = method == "HEAD"
+        lines = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
+        lines.extend(n + b": " + v + b"\r\n" for n, v in headers)
+        lines.append(b"\r\n")
+        self.stream.write(b"".join(lines))
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            self.upgrade_tail = data[offset:]
+            self.complete = True
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HeadDone):
+                self.complete = True
+                return
+            if isinstance(cause, BackendError):
+                raise cause from None
+            raise BackendError("the backend's response could not be read") from None
+        except httptools.HttpParserError as exc:
+            raise BackendError(f"the backend sent a malformed HTTP response ({exc})") from None
+
+    async def _read(self, timeout: float) -> bytes:
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.stream.read(READ_SIZE)
+        except TimeoutError:
+            raise BackendTimeout(f"the application did not answer within {timeout:g} seconds") from None
+
+    async def read_head(self, timeout: float) -> ResponseHead:
+        """The response head (``1xx`` skipped); its size is bounded by ``max_head`` (read by read)."""
+        while self.head is None:
+            data = await self._read(timeout)
+            if not data:
+                if not self.got_bytes:
+                    raise BackendClosedEarly("the application closed the connection without answering")
+                raise BackendError("the application closed the connection in the middle of its response headers")
+            self.got_bytes = True
+            self._feed(data)
+            if self.head is None:
+                self.head_size += len(data)
+                if self.head_size > self.max_head:
+                    raise BackendError(f"the backend's response headers are larger than {self.max_head} bytes")
+        return self.head
+
+    async def read_body(self, timeout: float) -> bytes | None:
+        """The next piece of the response body; ``None`` at its end."""
+        while True:
+            if self.chunks:
+                data = b"".join(self.chunks)
+                self.chunks.clear()
+                return data
+            if self.complete:
+                return None
+            data = await self._read(timeout)
+            if not data:
+                head = self.head
+                if head is not None and head.content_length is None and not head.chunked:
+                    self.complete = True  # close-delimited body
+                    self.reusable = False
+                    return None
+                raise BackendError("the application closed the connection in the middle of its response")
+            self._feed(data)
+
+    def finished_cleanly(self) -> bool:
+        """The response ended on a message boundary and the backend keeps the connection open."""
+        return self.complete and self.keep_alive and not self.head_only and self.upgrade_tail is None \
+            and not self.chunks
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.stream.close()
+
+
+class _HeadDone(Exception):
+    """A response to HEAD has no body whatever its headers say."""
+
+
+class Pool:
+    """Idle backend connections per (app, session) key (see the module docstring)."""
+
+    def __init__(self, per_key: int, total: int, idle_timeout: float) -> None:
+        self.per_key = per_key
+        self.total = total
+        self.idle_timeout = idle_timeout
+        self._idle: dict[tuple[str, str], collections.deque[BackendConnection]] = {}
+        self._order: collections.OrderedDict[int, BackendConnection] = collections.OrderedDict()
+        self.reused = 0
+        self.opened = 0
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def acquire(self, key: tuple[str, str], now: float | None = None) -> BackendConnection | None:
+        now = time.monotonic() if now is None else now
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()  # most recently used first: the least likely to have been closed
+            self._order.pop(id(conn), None)
+            if not idle:
+                del self._idle[key]
+            if now - conn.idle_since < self.idle_timeout and not conn.closed:
+                self.reused += 1
+                return conn
+            conn.close()
+            idle = self._idle.get(key)
+        return None
+
+    def release(self, conn: BackendConnection, now: float | None = None) -> None:
+        if conn.closed or not conn.reusable or self.per_key <= 0 or self.total <= 0:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic() if now is None else now
+        idle = self._idle.setdefault(conn.key, collections.deque())
+        if len(idle) >= self.per_key:
+            old = idle.popleft()
+            self._order.pop(id(old), None)
+            old.close()
+        idle.append(conn)
+        self._order[id(conn)] = conn
+        while len(self._order) > self.total:
+            _, old = self._order.popitem(last=False)
+            q = self._idle.get(old.key)
+            if q is not None:
+                try:
+                    q.remove(old)
+                except ValueError:
+                    pass
+                if not q:
+                    del self._idle[old.key]
+            old.close()
+
+    def sweep(self, now: float | None = None) -> int:
+        """Close connections idle longer than ``idle_timeout``; how many were closed."""
+        now = time.monotonic() if now is None else now
+        closed = 0
+        for key in list(self._idle):
+            q = self._idle[key]
+            while q and now - q[0].idle_since >= self.idle_timeout:
+                old = q.popleft()
+                self._order.pop(id(old), None)
+                old.close()
+                closed += 1
+            if not q:
+                del self._idle[key]
+        return closed
+
+    def drop(self, app: str | None = None, session: str | None = None, peer: str | None = None) -> int:
+        """Close idle connections of an app, a session and/or a connector (``peer``): app removed,
+        session revoked, connector gone or draining."""
+        closed = 0
+        for key in list(self._idle):
+            if (app is None or key[0] == app) and (session is None or key[1] == session):
+                q = self._idle[key]
+                for conn in [c for c in q if peer is None or c.peer == peer]:
+                    q.remove(conn)
+                    self._order.pop(id(conn), None)
+                    conn.close()
+                    closed += 1
+                if not q:
+                    del self._idle[key]
+        return closed
+
+    def close(self) -> None:
+        self.drop()

@@ -1,0 +1,144 @@
+"""Request and response header rules of the proxy: hop-by-hop removal, identity headers, SSO.
+
+Header lists are ``[(lower-case name bytes, value bytes)]`` everywhere in the front door.
+
+To the backend (``backend_request_headers``):
+
+- hop-by-hop fields are removed (RFC 9110 §7.6.1: ``Connection`` and every field it names,
+  ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Trailer``, ``Transfer-Encoding``,
+  ``Upgrade``; ``Proxy-Authorization`` is meant for a proxy and never forwarded) — the
+  proxy sets its own framing, and ``Upgrade``/``Connection`` only for a WebSocket;
+- identity and client-address headers a client may have sent are removed, whatever their
+  value: ``X-Ferryman-*``, every header name the app uses for header-based SSO,
+  ``Forwarded``, ``X-Forwarded-*``, ``X-Real-IP``, ``X-Client-IP``, ``True-Client-IP``,
+  ``X-Original-URL``/``X-Rewrite-URL``. The edge is the first hop a backend may trust, so
+  ``X-Forwarded-For`` is *replaced* by the client's address as the edge saw it (not
+  appended to what the client claimed), with ``X-Forwarded-Proto: https`` and
+  ``X-Forwarded-Host`` (the external host). ``Forwarded`` (RFC 7239) is not added: the
+  ``X-Forwarded-*`` trio is what backend frameworks read, and sending both invites them to
+  disagree;
+- the edge's own cookies (``__Host-ferryman*``) are cut out of ``Cookie`` (the session never
+  reaches a backend); HTTP/2's split ``cookie`` fields are joined with ``"; "`` (RFC 9113 §8.2.3);
+- header-SSO values are sanitised: control characters (CR, LF, NUL, ...) are removed,
+  lists are joined with ``,``, and values are capped at ``MAX_SSO_VALUE`` bytes.
+
+From the backend (``backend_response_headers``): hop-by-hop fields go, and so does
+``Alt-Svc`` (it would advertise the backend's own endpoints to the browser).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+                        b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"http2-settings"})
+CLIENT_ADDRESS = frozenset({b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client-ip", b"x-original-url",
+                            b"x-rewrite-url", b"x-original-forwarded-for", b"cf-connecting-ip", b"fastly-client-ip"})
+RESPONSE_DROP = frozenset({b"alt-svc"})
+MAX_SSO_VALUE = 4096
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+OWN_COOKIE_PREFIX = "__Host-ferryman"
+
+
+def is_token(name: bytes) -> bool:
+    return bool(_TOKEN.match(name))
+
+
+def connection_tokens(headers: Headers) -> set[bytes]:
+    out: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            out.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return out
+
+
+def sanitize_value(value: str | bytes) -> bytes:
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    return _CONTROL.sub(b"", raw)[:MAX_SSO_VALUE].strip()
+
+
+def strip_own_cookies(values: list[bytes]) -> bytes | None:
+    """One ``Cookie`` value without the edge's cookies, or ``None`` when nothing is left."""
+    kept: list[str] = []
+    for value in values:
+        for item in value.decode("latin-1").split(";"):
+            item = item.strip()
+            if item and not item.startswith(OWN_COOKIE_PREFIX):
+                kept.append(item)
+    return "; ".join(kept).encode("latin-1") if kept else None
+
+
+def backend_request_headers(headers: Headers, *, sso_names: Iterable[bytes], keep_upgrade: bool = False,
+                            translate_encoding: bool = False) -> Headers:
+    """The client's headers a backend may see (hop-by-hop, identity and own cookies removed).
+
+    ``Host`` is removed too (the caller sets the internal one). With ``translate_encoding``
+    (body translation on) ``Accept-Encoding`` is narrowed to ``gzip`` (or removed).
+    """
+    drop = set(connection_tokens(headers))
+    drop.update(n.lower() for n in sso_names)
+    out: Headers = []
+    cookies: list[bytes] = []
+    for name, value in headers:
+        if name in HOP_BY_HOP or name in drop or name in CLIENT_ADDRESS or name == b"host":
+            if keep_upgrade and name == b"upgrade":
+                out.append((name, value))
+            continue
+        if name.startswith((b"x-ferryman-", b"x-forwarded-")) or name.startswith(b":"):
+            continue
+        if name == b"cookie":
+            cookies.append(value)
+            continue
+        if name == b"expect":
+            continue  # the edge answers 100-continue itself
+        if translate_encoding and name == b"accept-encoding":
+            if b"gzip" in value.lower():
+                out.append((name, b"gzip"))
+            continue
+        out.append((name, value))
+    if cookies:
+        joined = strip_own_cookies(cookies)
+        if joined is not None:
+            out.append((b"cookie", joined))
+    if keep_upgrade:
+        out.append((b"connection", b"upgrade"))
+    return out
+
+
+def forwarded_headers(client_ip: str, external_host: str) -> Headers:
+    return [(b"x-forwarded-for", client_ip.encode("ascii", "replace")), (b"x-forwarded-proto", b"https"),
+            (b"x-forwarded-host", external_host.encode("idna") if not external_host.isascii()
+             else external_host.encode("ascii"))]
+
+
+def sso_headers(mapping: Mapping[str, str], claims: Mapping[str, object]) -> Headers:
+    """Header-based SSO: for each ``claim → header name`` the claim's sanitised value (absent claims are skipped)."""
+    out: Headers = []
+    for claim, header in mapping.items():
+        value = claims.get(claim)
+        if value is None or value == "" or value == ():
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        out.append((header.lower().encode("ascii"), sanitize_value(str(value))))
+    return out
+
+
+def backend_response_headers(headers: Headers) -> Headers:
+    drop = connection_tokens(headers)
+    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in drop and n not in RESPONSE_DROP]
+
+
+def get(headers: Headers, name: bytes, default: bytes = b"") -> bytes:
+    for n, v in headers:
+        if n == name:
+            return v
+    return default
+
+
+def get_all(headers: Headers, name: bytes) -> list[bytes]:
+    return [v for n, v in headers if n == name]

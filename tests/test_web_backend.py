@@ -1,0 +1,151 @@
+"""Unit tests of the front door's backend side: the keep-alive pool and the HTTP/1.1 response reader.
+
+The pool keeps idle connections per (app, session) key, most recently used first, bounded
+per key, in total and in idle time, and drops an app's or a session's connections on
+demand. The response reader runs over a real loopback TCP connection to a server that
+writes exact bytes: interim ``1xx`` responses are skipped, trailers are collected,
+``HEAD`` responses end after the head, close-delimited bodies end at EOF, and a truncated
+or oversized response is a ``BackendError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dataplane.edge.web.backend import (
+    BackendClosedEarly, BackendConnection, BackendError, BackendTimeout, Pool, StreamPair,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class _Closable:
+    """A stand-in stream for pool bookkeeping only (the pool never reads or writes)."""
+
+    peer = ""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _conn(key: tuple[str, str]) -> BackendConnection:
+    c = BackendConnection(_Closable(), key, 16384)
+    c.reusable = True
+    return c
+
+
+def test_pool_bounds() -> None:
+    pool = Pool(per_key=2, total=3, idle_timeout=10)
+    a1, a2, a3 = (_conn(("wiki", "s1")) for _ in range(3))
+    for c in (a1, a2, a3):
+        pool.release(c, now=0)
+    assert a1.stream.closed and len(pool) == 2  # per key
+    b1 = _conn(("wiki", "s2"))
+    c1 = _conn(("docs", "s1"))
+    pool.release(b1, now=1)
+    pool.release(c1, now=2)
+    assert a2.stream.closed and len(pool) == 3  # total: the oldest idle goes
+    assert pool.acquire(("wiki", "s1"), now=3) is a3
+    assert pool.acquire(("wiki", "s1"), now=3) is None  # never another session's connection
+    assert pool.acquire(("wiki", "s2"), now=20) is None and b1.stream.closed  # idle too long
+    assert pool.sweep(now=100) == 1 and c1.stream.closed and len(pool) == 0
+    d = _conn(("wiki", "s3"))
+    d.reusable = False
+    pool.release(d)
+    assert d.stream.closed and len(pool) == 0
+    e, f = _conn(("wiki", "s4")), _conn(("docs", "s4"))
+    pool.release(e)
+    pool.release(f)
+    assert pool.drop(session="s4") == 2 and e.stream.closed and f.stream.closed
+    g1, g2 = _conn(("wiki", "s5")), _conn(("wiki", "s5"))
+    g1.peer, g2.peer = "connector-1", "connector-2"
+    pool.release(g1)
+    pool.release(g2)
+    assert pool.drop(peer="connector-1") == 1 and g1.stream.closed and not g2.stream.closed
+    assert pool.acquire(("wiki", "s5")) is g2
+    none = Pool(per_key=0, total=0, idle_timeout=10)
+    g = _conn(("x", ""))
+    none.release(g)
+    assert g.stream.closed
+
+
+async def _exchange(raw: bytes, method: str = "GET", chunk: int = 0) -> tuple:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if chunk:
+            for i in range(0, len(raw), chunk):
+                writer.write(raw[i:i + chunk])
+                await writer.drain()
+                await asyncio.sleep(0)
+        else:
+            writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = BackendConnection(StreamPair(reader, writer), ("app", ""), 1024)
+    try:
+        conn.write_head(method, "/x", [(b"host", b"b")])
+        head = await conn.read_head(5)
+        body = b""
+        while True:
+            data = await conn.read_body(5)
+            if data is None:
+                break
+            body += data
+        return head.status, head.headers, body, conn.trailers, conn.finished_cleanly()
+    finally:
+        conn.close()
+        server.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_response_reader() -> None:
+    status, headers, body, trailers, clean = run(_exchange(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello"))
+    assert (status, body, clean) == (200, b"hello", True) and (b"x-a", b"1") in headers
+    status, _, body, trailers, clean = run(_exchange(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\nX-Sum: 9\r\n\r\n", chunk=3))
+    assert (body, trailers, clean) == (b"abcde", [(b"x-sum", b"9")], True)
+    status, _, body, _, clean = run(_exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", method="HEAD"))
+    assert (status, body, clean) == (200, b"", False)  # a HEAD's connection is not reused
+    status, _, body, _, clean = run(_exchange(b"HTTP/1.0 200 OK\r\n\r\nuntil the end", chunk=4))
+    assert (body, clean) == (b"until the end", False)
+    with pytest.raises(BackendError, match="middle of its response"):
+        run(_exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"))
+    with pytest.raises(BackendError, match="larger than 1024"):
+        run(_exchange(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n"))
+    with pytest.raises(BackendError, match="malformed"):
+        run(_exchange(b"SSH-2.0-OpenSSH\r\n\r\n"))
+    with pytest.raises(BackendClosedEarly):
+        run(_exchange(b""))
+
+
+def test_response_timeout() -> None:
+    async def silent() -> None:
+        async def serve(reader, writer):
+            await asyncio.sleep(5)
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        conn = BackendConnection(StreamPair(reader, writer), ("app", ""), 1024)
+        conn.write_head("GET", "/", [(b"host", b"b")])
+        try:
+            await conn.read_head(0.3)
+        finally:
+            conn.close()
+            server.close()
+
+    with pytest.raises(BackendTimeout, match="within 0.3 seconds"):
+        run(silent())
