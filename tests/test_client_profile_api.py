@@ -93,6 +93,26 @@ def test_profile_long_poll_wakes_on_a_fail_mode_change(control: Control) -> None
     control.admin("PUT", "/v1/forwarding-profile", {"fail_mode": "closed"})
 
 
+def test_a_waiting_poll_of_a_session_that_signs_out_is_refused(control: Control) -> None:
+    # Signing out bumps the configuration version, which wakes this session's own waiting
+    # poll: it must get 401, not the new profile (an agent would re-write profile.json).
+    token = _token(control)
+    version = control.version()
+    _published(control, token, version)
+    answers: list = []
+    waiter = threading.Thread(target=lambda: answers.append(control.call(
+        "GET", f"/v1/client/profile?after={version}&wait=20", key=None, bearer=token)))
+    waiter.start()
+    time.sleep(0.5)
+    assert control.call("POST", "/v1/auth/sign-out", key=None, bearer=token)[0] == 204
+    assert control.version() > version
+    waiter.join(15)
+    assert not waiter.is_alive()
+    status, body, _ = answers[0]
+    assert status == 401, body
+    assert body["error"].startswith("access token refused: session ") and "was revoked" in body["error"], body
+
+
 def test_profile_refusals(control: Control) -> None:
     status, body, _ = control.call("GET", "/v1/client/profile", key=None)
     assert status == 401 and "missing 'Authorization: Bearer <access token>'" in body["error"]

@@ -5,7 +5,10 @@ the profile (``dataplane.contract.snapshot.ClientProfile``: private applications
 DNS suffixes, fail mode, edges) once the configuration version is above ``N``, or 204
 after waiting up to ``S`` seconds (the same long-poll as the nodes' configuration,
 ``longpoll.py``). The token's session must still be live: a revoked session, device or
-disabled account gets 401 with the reason, so an agent learns it must sign in again.
+disabled account gets 401 with the reason, so an agent learns it must sign in again. It is
+checked when the request arrives and again after the wait: signing out (or any revocation)
+bumps the configuration version, which wakes the session's own waiting poll, and that poll
+must then be refused, not answered with the new profile.
 """
 
 from __future__ import annotations
@@ -33,6 +36,14 @@ def _live(api: Api, session_id: str) -> None:
         sessions.active_session(session, session_id)
 
 
+async def _require_live(api: Api, session_id: str) -> None:
+    """401 (with the reason) unless the session may still act."""
+    try:
+        await anyio.to_thread.run_sync(_live, api, session_id)
+    except StoreError as exc:
+        raise NotAuthorizedException(f"access token refused: {exc}") from None
+
+
 @get("/profile", guards=[require_user], security=[{"accessToken": []}],
      responses={204: ResponseSpec(None, description="no newer profile within `wait` seconds")},
      media_type="application/json")
@@ -43,10 +54,8 @@ async def profile(
 ) -> Response[bytes]:
     """The forwarding profile once its version is above ``after``; 204 after ``wait`` seconds without one."""
     api: Api = request.app.state.api
-    try:
-        await anyio.to_thread.run_sync(_live, api, request.state.claims.sid)
-    except StoreError as exc:
-        raise NotAuthorizedException(f"access token refused: {exc}") from None
+    sid = request.state.claims.sid
+    await _require_live(api, sid)
     # Client agents may take at most half of the long-poll places: the rest stay for edges and
     # connectors, whose configuration (revocations) must never wait behind a large fleet of agents.
     hub = api.hub
@@ -55,9 +64,11 @@ async def profile(
                                                     f"a profile change; retry shortly", headers={"Retry-After": "10"})
     _client_waiters[0] += 1
     try:
-        snapshot = await wait_snapshot(api, after, wait, f"client session {request.state.claims.sid}")
+        snapshot = await wait_snapshot(api, after, wait, f"client session {sid}")
     finally:
         _client_waiters[0] -= 1
+    if wait > 0:  # the session may have ended while the poll waited (its revocation is what woke it)
+        await _require_live(api, sid)
     return config_response(snapshot, lambda s: msgspec.json.encode(client_profile(s)))
 
 
