@@ -7,11 +7,15 @@
 - CA: ``<data_dir>/ca`` (``CertificateAuthority.open``; created on first start);
 - access-token signing key: ``<data_dir>/token-signing.key`` (Ed25519, ``TokenSigner.open``;
   created 0600 on first start), tokens living ``FERRYMAN_ACCESS_TOKEN_MINUTES``;
+- secrets key: ``<data_dir>/secrets.key`` (``SecretBox.open``; created 0600 on first start),
+  sealing the TOTP secrets the store keeps; the start is refused when it does not open the
+  ones already stored;
 - first start: when the database has no admin key at all, one named ``bootstrap`` is made
   and its plain text written to ``<data_dir>/admin.key`` (mode 0600). Only the path is
   printed; the key itself never goes to a log;
 - HTTP: uvicorn with ``loop="uvloop"`` on ``FERRYMAN_CONTROL_LISTEN`` (default ``127.0.0.1:8080``), logging
-  through Ferryman's log setup. Plain HTTP: put it on loopback or behind a TLS proxy;
+  through Ferryman's log setup; its access log never shows the query string of the OIDC
+  callback (the provider's authorization code and state). Plain HTTP: put it on loopback or behind a TLS proxy;
 - OIDC sign-in (``control.oidc``) when ``FERRYMAN_OIDC_ISSUER`` is set (with
   ``FERRYMAN_OIDC_CLIENT_ID`` and ``FERRYMAN_OIDC_REDIRECT_URI``).
 """
@@ -28,12 +32,15 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from control.api import create_app
+from control.api.throttle import SignInLimits
 from control.ca import CertificateAuthority
 from control.snapshot import SnapshotHub
 from control.store import Store, StoreError, database_url, open_store
+from control.store import totp
 from control.store.admin_keys import create_admin_key
 from control.oidc import OidcConfig
 from control.store.models import AdminKey
+from control.store.secretbox import SecretBox
 from control.tokens import TokenSigner
 from dataplane.basics.hostport import parse_hostport
 from dataplane.basics.logs import setup_logging
@@ -82,10 +89,25 @@ def _drop_color_message(record: logging.LogRecord) -> bool:
     return True
 
 
+SECRET_QUERY_PATHS = ("/v1/auth/oidc/callback",)  # their query strings carry secrets (code, state)
+
+
+def _drop_secret_queries(record: logging.LogRecord) -> bool:
+    """uvicorn's access log line names the request's path and query: keep the query of the paths
+    in ``SECRET_QUERY_PATHS`` out of it."""
+    args = record.args
+    if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+        path = args[2].split("?", 1)[0]
+        if path.rstrip("/") in SECRET_QUERY_PATHS:
+            record.args = (*args[:2], f"{path}?<redacted>", *args[3:])
+    return True
+
+
 def _setup_logging(settings: Settings) -> None:
     setup_logging(settings.log_level, settings.log_format, "control", "control")
     for name in ("uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(_drop_color_message)
+    logging.getLogger("uvicorn.access").addFilter(_drop_secret_queries)
     if settings.log_level.lower() != "debug":  # Alembic narrates every migration context at INFO
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -124,10 +146,13 @@ def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
     oidc = OidcConfig.from_settings(settings)  # ValueError naming the variable
     os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
     url = database_url(settings.data_dir, {"FERRYMAN_DATABASE_URL": settings.database_url})
-    store = open_store(url)
+    box = SecretBox.open(settings.data_dir)
+    store = open_store(url, box)
     if store.migrations_applied:
         log.info("database schema migrated: %s", " -> ".join(store.migrations_applied))
     try:
+        with store.read() as session:
+            totp.check_secrets_key(session, box)
         ca = CertificateAuthority.open(os.path.join(settings.data_dir, CA_DIR))
         token_signer = TokenSigner.open(settings.data_dir, lifetime=settings.access_token_minutes * 60)
         key_file = ensure_admin_key(store, settings.data_dir)
@@ -136,7 +161,9 @@ def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
                   f"(mode 0600). Use it as 'Authorization: Bearer <key>'.", file=sys.stderr, flush=True)
         app = create_app(store, ca, edges_public=edges, heartbeat_interval=settings.heartbeat_interval,
                          cert_lifetime_days=settings.cert_lifetime_days, token_signer=token_signer,
-                         traffic_retention_days=settings.traffic_retention_days, oidc=oidc)
+                         traffic_retention_days=settings.traffic_retention_days, oidc=oidc,
+                         sign_in_limits=SignInLimits.from_settings(settings), refresh_grace=settings.refresh_grace,
+                         oidc_starts_per_minute=settings.oidc_starts_per_minute)
         log.info("control plane: database %s, CA %s, edges handed to nodes: %s", _safe_url(url), ca.directory,
                  ", ".join(edges) or "(registered edges only)")
         if oidc is not None:

@@ -159,8 +159,8 @@ def test_failed_sign_ins_are_rate_limited_per_user_name(control: Control) -> Non
         assert sign_in(control, "erin@corp.example", "guess guess")[0] == 401
     status, body, headers = sign_in(control, "Erin@corp.example")  # even the right password waits
     assert status == 429 and body["code"] == "rate_limited"
-    assert body["error"].startswith("too many failed sign-ins for 'erin@corp.example' (10 within 300 s): "
-                                    "try again in ")
+    assert body["error"].startswith("too many failed sign-ins for 'erin@corp.example' from this address "
+                                    "(10 within 300 s): try again in ")
     assert 1 <= int(headers["Retry-After"]) <= 300
     signed_in(control, "frank@corp.example")  # other user names are not affected
 
@@ -247,6 +247,28 @@ def test_refresh_rotates_and_an_old_refresh_token_revokes_the_session(control: C
     assert revoke["actor"] == "control-plane:refresh-token-reuse"
     status, body_bad, _ = control.call("POST", "/v1/auth/refresh", {"refresh_token": "fmrt_garbage"}, key=None)
     assert status == 401 and body_bad["code"] == "refresh_invalid"
+
+
+def test_a_refresh_retried_after_a_lost_answer_gets_the_same_tokens(control: Control) -> None:
+    make_user(control, "hank@corp.example")
+    body = signed_in(control, "hank@corp.example")
+    first = body["refresh_token"]
+    status, answer, _ = control.call("POST", "/v1/auth/refresh", {"refresh_token": first}, key=None)
+    assert status == 200, answer  # ... and this answer never reached the client, which sends the same token again
+    before = control.version()
+    status, retried, _ = control.call("POST", "/v1/auth/refresh", {"refresh_token": first}, key=None)
+    assert status == 200, retried
+    assert retried["refresh_token"] == answer["refresh_token"] and retried["session_id"] == body["session_id"]
+    assert claims_of(control, retried["access_token"])[1]["sid"] == body["session_id"]
+    assert control.version() == before  # nothing was revoked
+    status, rows, _ = control.call("GET", "/v1/users/hank@corp.example/sessions")
+    assert [r["status"] for r in rows] == ["active"]
+    # The session goes on: the new token refreshes, and the first one is now reuse and revokes.
+    status, later, _ = control.call("POST", "/v1/auth/refresh", {"refresh_token": retried["refresh_token"]},
+                                    key=None)
+    assert status == 200, later
+    status, reused, _ = control.call("POST", "/v1/auth/refresh", {"refresh_token": first}, key=None)
+    assert (status, reused["code"]) == (401, "refresh_reused")
 
 
 def test_sign_out_and_admin_session_revocation(control: Control) -> None:

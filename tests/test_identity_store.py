@@ -36,6 +36,7 @@ from control.store import (
 )
 from control.store.audit import list_audit
 from control.store.models import AuditRecord, ConfigVersion, Device, GroupMember, RecoveryCode, SignInSession, User
+from control.store.secretbox import SecretBox, SecretBoxError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,7 +46,7 @@ PASSWORD = "correct horse battery"
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    with open_store(f"sqlite:///{tmp_path / 'data' / 'control.db'}") as opened:
+    with open_store(f"sqlite:///{tmp_path / 'data' / 'control.db'}", SecretBox.generate()) as opened:
         yield opened
 
 
@@ -294,27 +295,27 @@ def test_refresh_rotates_and_reuse_revokes_the_session(store: Store) -> None:
         stored = session.get_one(SignInSession, sid)
         assert stored.refresh_hash == values.hash_secret(first) and first not in json.dumps(created.after)
     with store.begin() as session:
-        row, second = sessions.refresh_session(session, first)
+        row, second = sessions.refresh_session(session, first, store.box)
         assert second != first and row.id == sid and row.last_refresh_at is not None
     with store.begin() as session:
-        _, third = sessions.refresh_session(session, second)
+        _, third = sessions.refresh_session(session, second, store.box)
     # The first token comes back: the session is revoked (kept once the caller commits).
     with store.begin() as session:
-        message = refused("refresh_reused", lambda: sessions.refresh_session(session, first))
+        message = refused("refresh_reused", lambda: sessions.refresh_session(session, first, store.box))
     assert message == (f"refresh token was already used: session {sid} is revoked, since its refresh token may "
                        f"be stolen; sign in again")
     assert version(store) == before + 1
     with store.begin() as session:
-        assert refused("session_revoked", lambda: sessions.refresh_session(session, third)).startswith(
+        assert refused("session_revoked", lambda: sessions.refresh_session(session, third, store.box)).startswith(
             f"session {sid} was revoked at ")
         assert sessions.revoked_session_ids(session) == [sid]
     (revoked,) = audit(store, "session.revoke")
     assert revoked.actor == sessions.REUSE_ACTOR
     with store.begin() as session:
-        assert refused("refresh_invalid", lambda: sessions.refresh_session(session, "fmrt_nonsense")).startswith(
+        assert refused("refresh_invalid", lambda: sessions.refresh_session(session, "fmrt_nonsense", store.box)).startswith(
             "refresh token is malformed")
         unknown = f"fmrt_{'0' * 8}-0000-0000-0000-{'0' * 12}.{'A' * 43}"
-        assert refused("refresh_invalid", lambda: sessions.refresh_session(session, unknown)).startswith(
+        assert refused("refresh_invalid", lambda: sessions.refresh_session(session, unknown, store.box)).startswith(
             "refresh token is not valid: its session does not exist")
 
 
@@ -333,9 +334,9 @@ def test_sessions_expire_and_follow_the_user_state(store: Store) -> None:
         assert session.get(SignInSession, old_id) is None
         row, _ = sessions.create_session(session, user_id, now=now, lifetime=timedelta(hours=1))
         assert refused("session_expired", lambda: sessions.refresh_session(
-            session, _, now=now + timedelta(hours=2))).startswith(f"session {row.id} expired at ")
+            session, _, store.box, now=now + timedelta(hours=2))).startswith(f"session {row.id} expired at ")
         users.disable_user(session, ACTOR, user_id)
-        assert refused("account_disabled", lambda: sessions.refresh_session(session, live_token)) == \
+        assert refused("account_disabled", lambda: sessions.refresh_session(session, live_token, store.box)) == \
             "account is disabled"
         assert refused("account_disabled", lambda: sessions.create_session(session, user_id)) == "account is disabled"
         assert refused("invalid", lambda: sessions.create_session(session, user_id, amr=("mfa",))).startswith(
@@ -352,6 +353,47 @@ def test_sessions_expire_and_follow_the_user_state(store: Store) -> None:
         session.get_one(SignInSession, live.id).expires_at = now - timedelta(seconds=1)
         session.flush()
         assert live.id not in sessions.revoked_session_ids(session)
+
+
+def test_a_retried_refresh_within_the_grace_window_gets_the_same_new_token(store: Store) -> None:
+    user_id = make_user(store)
+    now = datetime.now(UTC)
+    with store.begin() as session:
+        row, first = sessions.create_session(session, user_id, now=now)
+        sid = row.id
+    with store.begin() as session:
+        _, second = sessions.refresh_session(session, first, store.box, grace=30, now=now)
+    # The answer was lost; the client sends the same token again 20 s later: same new token, nothing revoked.
+    with store.begin() as session:
+        row, again = sessions.refresh_session(session, first, store.box, grace=30, now=now + timedelta(seconds=20))
+        assert again == second and row.revoked_at is None
+        assert row.refresh_hash == values.hash_secret(second) and row.last_refresh_at == now
+    assert audit(store, "session.revoke") == []
+    # The new token goes on working; once it rotated, the first one is reuse again, even within the window.
+    with store.begin() as session:
+        _, third = sessions.refresh_session(session, second, store.box, grace=30, now=now + timedelta(seconds=25))
+    with store.begin() as session:
+        refused("refresh_reused", lambda: sessions.refresh_session(session, first, store.box, grace=30,
+                                                                   now=now + timedelta(seconds=26)))
+    (revoked,) = audit(store, "session.revoke")
+    assert revoked.object_id == sid
+    # Outside the window (or with no window) the retry is reuse and revokes the session.
+    for grace, later in ((30, 31), (0, 1)):
+        with store.begin() as session:
+            row, token = sessions.create_session(session, user_id, now=now)
+            sessions.refresh_session(session, token, store.box, grace=grace, now=now)
+        with store.begin() as session:
+            refused("refresh_reused", lambda: sessions.refresh_session(
+                session, token, store.box, grace=grace, now=now + timedelta(seconds=later)))
+        with store.read() as session:
+            assert session.get_one(SignInSession, row.id).revoked_at is not None
+    # A token's successor needs the secrets key: another key's successor is not the stored one.
+    with store.begin() as session:
+        row, token = sessions.create_session(session, user_id, now=now)
+        sessions.refresh_session(session, token, store.box, grace=30, now=now)
+    with store.begin() as session:
+        refused("refresh_reused", lambda: sessions.refresh_session(session, token, SecretBox.generate(), grace=30,
+                                                                   now=now + timedelta(seconds=1)))
 
 
 def test_session_limit_revokes_the_oldest(store: Store) -> None:
@@ -375,38 +417,38 @@ def test_totp_enrolment_second_factor_and_recovery_codes(store: Store) -> None:
     user_id = make_user(store)
     now = datetime.now(UTC)
     with store.begin() as session:
-        secret = totp.start_totp_enrolment(session, user_id)
+        secret = totp.start_totp_enrolment(session, user_id, store.box)
         user = users.get_user(session, user_id)
         assert re.fullmatch(r"[A-Z2-7]{32}", secret) and user.totp_enabled is False
         assert totp.totp_uri(user, secret).startswith("otpauth://totp/Ferryman:alice%40corp.example?secret=")
         authenticator = pyotp.TOTP(secret)
         wrong = "000000" if authenticator.at(now) != "000000" else "111111"
-        assert refused("mfa_failed", lambda: totp.confirm_totp(session, user_id, wrong, now=now)).startswith(
+        assert refused("mfa_failed", lambda: totp.confirm_totp(session, user_id, wrong, store.box, now=now)).startswith(
             "TOTP code is wrong")
-        codes, step = totp.confirm_totp(session, user_id, authenticator.at(now), now=now)
+        codes, step = totp.confirm_totp(session, user_id, authenticator.at(now), store.box, now=now)
         assert step == totp.totp_step(now) and user.totp_enabled is True
         assert len(codes) == 10 and len(set(codes)) == 10
         assert all(re.fullmatch(r"[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}", c) for c in codes)
-        assert refused("conflict", lambda: totp.start_totp_enrolment(session, user_id)) == \
+        assert refused("conflict", lambda: totp.start_totp_enrolment(session, user_id, store.box)) == \
             "TOTP is already enabled for alice@corp.example: an admin must reset it before a new enrolment"
     with store.begin() as session:
         user = users.get_user(session, user_id)
-        assert refused("mfa_required", lambda: totp.verify_second_factor(session, user)) == \
+        assert refused("mfa_required", lambda: totp.verify_second_factor(session, user, store.box)) == \
             "a TOTP code is required"
         current = totp.totp_step(now)
         # One step of clock drift either way is accepted, two are not.
-        assert totp.verify_second_factor(session, user, totp_code=authenticator.at(now - timedelta(seconds=30)),
+        assert totp.verify_second_factor(session, user, store.box, totp_code=authenticator.at(now - timedelta(seconds=30)),
                                          now=now) == current - 1
-        assert totp.verify_second_factor(session, user, totp_code=authenticator.at(now + timedelta(seconds=30)),
+        assert totp.verify_second_factor(session, user, store.box, totp_code=authenticator.at(now + timedelta(seconds=30)),
                                          now=now) == current + 1
         far = authenticator.at(now - timedelta(seconds=60))
         if far not in {authenticator.at(now + timedelta(seconds=30 * d)) for d in (-1, 0, 1)}:
-            assert refused("mfa_failed", lambda: totp.verify_second_factor(session, user, totp_code=far, now=now))
-        assert refused("invalid", lambda: totp.verify_second_factor(session, user, totp_code="1", recovery_code="2")) \
+            assert refused("mfa_failed", lambda: totp.verify_second_factor(session, user, store.box, totp_code=far, now=now))
+        assert refused("invalid", lambda: totp.verify_second_factor(session, user, store.box, totp_code="1", recovery_code="2")) \
             == "give either a TOTP code or a recovery code, not both"
         # A recovery code works once, written any way.
-        assert totp.verify_second_factor(session, user, recovery_code=codes[0].upper().replace("-", " ")) is None
-        assert refused("mfa_failed", lambda: totp.verify_second_factor(session, user, recovery_code=codes[0])) == \
+        assert totp.verify_second_factor(session, user, store.box, recovery_code=codes[0].upper().replace("-", " ")) is None
+        assert refused("mfa_failed", lambda: totp.verify_second_factor(session, user, store.box, recovery_code=codes[0])) == \
             "recovery code is wrong or was already used"
         assert totp.recovery_codes_left(session, user_id) == 9
     with store.begin() as session:
@@ -415,7 +457,7 @@ def test_totp_enrolment_second_factor_and_recovery_codes(store: Store) -> None:
         assert user.totp_enabled is False and user.totp_secret is None
         assert session.scalars(select(RecoveryCode).where(RecoveryCode.user_id == user_id)).all() == []
         assert refused("invalid",
-                       lambda: totp.verify_second_factor(session, user, totp_code=authenticator.at(now))) == \
+                       lambda: totp.verify_second_factor(session, user, store.box, totp_code=authenticator.at(now))) == \
             "alice@corp.example has no TOTP second factor enabled: sign in without a code"
         assert refused("conflict", lambda: totp.reset_totp(session, ACTOR, user_id)) == \
             "alice@corp.example has no TOTP set up: nothing to reset"
@@ -427,6 +469,55 @@ def test_totp_enrolment_second_factor_and_recovery_codes(store: Store) -> None:
     assert password_hash is not None and password_hash not in text
     assert [r.action for r in audit(store) if r.action.startswith("user.totp") or "recovery" in r.action] == \
         ["user.totp_enrol", "user.totp_enable", "user.recovery_code_use", "user.totp_reset"]
+
+
+def test_totp_secrets_are_sealed_and_recovery_codes_argon2id(store: Store, tmp_path: Path) -> None:
+    user_id = make_user(store)
+    other_id = make_user(store, "bob@corp.example")
+    now = datetime.now(UTC)
+    with store.begin() as session:
+        secret = totp.start_totp_enrolment(session, user_id, store.box)
+        codes, _ = totp.confirm_totp(session, user_id, pyotp.TOTP(secret).at(now), store.box, now=now)
+    with store.read() as session:
+        stored = session.get_one(User, user_id).totp_secret
+        hashes = list(session.scalars(select(RecoveryCode.code_hash).where(RecoveryCode.user_id == user_id)))
+    # Sealed (AES-256-GCM), bound to the user: nothing of the secret in the row or in the database file.
+    assert stored is not None and stored.startswith("fmsb1.") and secret not in stored
+    assert store.box.unseal(stored, f"totp:{user_id}").decode() == secret
+    with pytest.raises(SecretBoxError, match="does not open with secrets key"):
+        SecretBox.generate().unseal(stored, f"totp:{user_id}")
+    with pytest.raises(SecretBoxError):
+        store.box.unseal(stored, f"totp:{other_id}")  # moved to another user's row, it does not open
+    store.engine.dispose()
+    database = b"".join(p.read_bytes() for p in (tmp_path / "data").iterdir() if p.name.startswith("control.db"))
+    assert secret.encode() not in database
+    # Recovery codes: argon2id (salted: every hash differs), never the code nor its SHA-256.
+    assert len(hashes) == 10 and all(h.startswith("$argon2id$v=19$m=19456,t=2,p=1$") for h in hashes)
+    digests = {values.hash_secret(c.replace("-", "")) for c in codes}
+    assert not any(d.encode() in database or c.replace("-", "").encode() in database
+                   for d, c in zip(digests, codes, strict=True))
+    with store.begin() as session:
+        user = users.get_user(session, user_id)
+        assert totp.verify_second_factor(session, user, store.box, recovery_code=codes[4]) is None
+    with store.read() as session:
+        spent = session.scalars(select(RecoveryCode).where(RecoveryCode.user_id == user_id,
+                                                           RecoveryCode.used_at.is_not(None))).all()
+        assert [r.code_hash for r in spent] == [""]  # a used code keeps no hash
+        # The check happens in a read (argon2 outside the write transaction); the spend is atomic.
+        found = totp.find_recovery_code(session, user_id, codes[5])
+        assert found is not None and totp.find_recovery_code(session, user_id, codes[4]) is None
+        assert totp.find_recovery_code(session, user_id, "not-a-code") is None
+    with store.begin() as session:
+        user = users.get_user(session, user_id)
+        assert totp.verify_second_factor(session, user, store.box, recovery_code=codes[5],
+                                         recovery_code_id=found) is None
+        assert refused("mfa_failed", lambda: totp.verify_second_factor(
+            session, user, store.box, recovery_code=codes[5], recovery_code_id=found)) == \
+            "recovery code is wrong or was already used"
+    # The control plane refuses to start with a key that does not open the stored secrets.
+    with store.read() as session:
+        totp.check_secrets_key(session, store.box)
+        assert "cannot be read" in refused("invalid", lambda: totp.check_secrets_key(session, SecretBox.generate()))
 
 
 def test_snapshot_reads(store: Store) -> None:

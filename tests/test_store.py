@@ -13,6 +13,7 @@ variable is not ``FERRYMAN_*``: node settings refuse unknown ``FERRYMAN_*`` vari
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import secrets
 import threading
@@ -137,7 +138,7 @@ def version(store: Store) -> int:
 
 def test_migrations_build_the_schema_on_an_empty_database(url: str) -> None:
     with open_store(url) as store:
-        assert store.migrations_applied == ("0001", "0002", "0003", "0004", "0005")
+        assert store.migrations_applied == ("0001", "0002", "0003", "0004", "0005", "0006")
         assert set(sa.inspect(store.engine).get_table_names()) == TABLES
         with store.read() as session:
             groups = connector_groups.list_groups(session)
@@ -184,11 +185,63 @@ def test_upgrading_from_0001_records_the_certificates_of_existing_nodes(store: S
         assert "issued_certificates" not in sa.inspect(conn).get_table_names()
     store.close()
     with open_store(url) as upgraded:
-        assert upgraded.migrations_applied == ("0002", "0003", "0004", "0005")
+        assert upgraded.migrations_applied == ("0002", "0003", "0004", "0005", "0006")
         with upgraded.read() as session:
             assert certificates.node_for_certificate(session, 0xABC).id == connector.id
             assert certificates.node_for_certificate(session, 0x4D).id == edge.id
             assert nodes.get_edge(session, edge.id).tunnels == 0
+
+
+def test_upgrading_to_0006_seals_totp_secrets_and_rehashes_recovery_codes(url: str) -> None:
+    """A database of 0005 with a TOTP user (plain secret, SHA-256 recovery codes), a device, a
+    session and a group membership: 0006 seals the secret, wraps each unused code's SHA-256
+    in argon2id (the codes keep working), keeps no hash of used codes, and keeps every row
+    that refers to the user (on SQLite the users table must not be rebuilt: dropping it
+    would cascade to them)."""
+    from control.store import devices, sessions, totp, user_groups, users
+    from control.store.secretbox import SecretBox
+
+    box = SecretBox.generate()
+    with open_store(url, box) as store, store.begin() as session:
+        user = users.create_user(session, ACTOR, "alice@corp.example", password="correct horse battery")
+        device = devices.register_device(session, ACTOR, user.id, name="laptop", os="Linux", os_version="6")
+        row, _token = sessions.create_session(session, user.id, device_id=device.id)
+        group = user_groups.create_user_group(session, ACTOR, "ops")
+        user_groups.add_group_member(session, ACTOR, group.id, user.id)
+        user_id, device_id, session_id = user.id, device.id, row.id
+    with open_store(url, box) as store:
+        with store.engine.begin() as conn:
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS_DIR))
+            config.attributes["connection"] = conn
+            command.downgrade(config, "0005")
+            secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+            codes = ["0123456789ab", "ba9876543210", "00000000aaaa"]
+            conn.execute(sa.text("UPDATE users SET totp_secret = :s, totp_enabled = :t WHERE id = :id"),
+                         {"s": secret, "t": True, "id": user_id})
+            for n, code in enumerate(codes):
+                conn.execute(sa.text("INSERT INTO recovery_codes (user_id, code_hash, used_at) VALUES (:u, :h, :at)"),
+                             {"u": user_id, "h": hashlib.sha256(code.encode()).hexdigest(),
+                              "at": datetime.now(UTC) if n == 2 else None})
+    assert "secrets key" in refused("invalid", lambda: open_store(url))  # it cannot seal without the key
+    with open_store(url, box) as store:
+        assert store.migrations_applied == ("0006",)
+        with store.read() as session:
+            user = users.get_user(session, user_id)
+            assert user.totp_secret.startswith("fmsb1.") and totp.user_secret(box, user) == secret
+            stored = dict(session.execute(sa.text("SELECT code_hash, used_at FROM recovery_codes")).all())
+            assert sorted(stored) == ["", *sorted(h for h in stored if h)]
+            assert all(h.startswith("$argon2id$") for h in stored if h)
+            assert totp.find_recovery_code(session, user_id, "0123-4567-89ab") is not None
+            assert totp.find_recovery_code(session, user_id, "ba98-7654-3210") is not None
+            assert totp.find_recovery_code(session, user_id, "0000-0000-aaaa") is None  # used before
+            # Nothing that refers to the user went with the migration.
+            assert devices.get_device(session, device_id).user_id == user_id
+            assert sessions.get_session(session, session_id).user_id == user_id
+            assert users.user_group_ids(session, user_id) != []
+    with open_store(url, box) as store, store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
 
 
 def test_downgrade_removes_every_table(store: Store) -> None:
@@ -225,7 +278,7 @@ def test_plain_postgresql_urls_use_psycopg(postgres_url: str) -> None:
     plain = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
     with open_store(plain) as store:
         assert store.engine.dialect.driver == "psycopg"
-        assert store.migrations_applied == ("0001", "0002", "0003", "0004", "0005")
+        assert store.migrations_applied == ("0001", "0002", "0003", "0004", "0005", "0006")
 
 
 def test_times_are_aware_utc_and_naive_times_are_refused(store: Store) -> None:

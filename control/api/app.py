@@ -33,13 +33,14 @@ from .admin import admin_router
 from .auth import auth_router
 from .client import client_router
 from .errors import EXCEPTION_HANDLERS
-from .guards import DEFAULT_HEARTBEAT_INTERVAL, Api, provide_api
+from .guards import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_OIDC_STARTS_PER_MINUTE, DEFAULT_REFRESH_GRACE, Api, provide_api
 from .identity import identity_router
 from .nodes import NODE_ROUTES
 from .oidc import oidc_router
 from .policies import policy_router
 from .register import register
 from .schemas import Health
+from .throttle import SignInLimits
 from .traffic import traffic_retention, traffic_router
 
 log = logging.getLogger("ferryman.control")
@@ -59,7 +60,9 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
                heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
                cert_lifetime_days: int = DEFAULT_LIFETIME_DAYS,
                follow_interval: float = FOLLOW_INTERVAL, token_signer: TokenSigner,
-               traffic_retention_days: int = 30, oidc: OidcConfig | None = None) -> Litestar:
+               traffic_retention_days: int = 30, oidc: OidcConfig | None = None,
+               sign_in_limits: SignInLimits | None = None, refresh_grace: float = DEFAULT_REFRESH_GRACE,
+               oidc_starts_per_minute: int = DEFAULT_OIDC_STARTS_PER_MINUTE) -> Litestar:
     """The API over ``store`` and ``ca``; ``edges_public`` are the edge HOST:PORT addresses handed
     to registering nodes (before those of registered edges); ``heartbeat_interval`` (seconds)
     decides when a node counts as inactive; ``cert_lifetime_days`` is the lifetime of the
@@ -69,10 +72,14 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     While the app runs (ASGI lifespan), the configuration snapshot served to nodes follows
     the store every ``follow_interval`` seconds, and traffic logs older than
     ``traffic_retention_days`` are deleted every hour. ``oidc`` turns on sign-in through that
-    OIDC provider (``/v1/auth/oidc``, ``control.oidc``).
+    OIDC provider (``/v1/auth/oidc``, ``control.oidc``). ``sign_in_limits``,
+    ``refresh_grace`` and ``oidc_starts_per_minute`` are the sign-in limits
+    (``FERRYMAN_SIGN_IN_*``, ``FERRYMAN_REFRESH_GRACE``, ``FERRYMAN_OIDC_STARTS_PER_MINUTE``).
+    ``store`` must have been opened with the secrets key (``store.box``).
     """
     api = Api(store, ca, edges_public, heartbeat_interval, cert_lifetime_days, token_signer=token_signer,
-              oidc=None if oidc is None else Oidc(oidc))
+              oidc=None if oidc is None else Oidc(oidc), sign_in_limits=sign_in_limits, refresh_grace=refresh_grace,
+              oidc_starts_per_minute=oidc_starts_per_minute)
     following: list[asyncio.Task[None]] = []
 
     async def start_following() -> None:

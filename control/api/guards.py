@@ -22,8 +22,9 @@ realm each) and is checked by one guard:
 
 ``Api`` is the state behind every handler and guard (a Litestar dependency named ``api``).
 What it keeps in this process's memory is bounded: the node token ids seen
-(``ReplayCache``), failed sign-ins per user name (``SignInLimiter``) and the TOTP time
-steps already used (``TotpReplayGuard``); each control-plane process keeps its own.
+(``ReplayCache``), failed sign-ins and OIDC starts per account and source
+(``throttle.SignInLimiter``, ``throttle.SourceRate``) and the TOTP time steps already used
+(``TotpReplayGuard``); each control-plane process keeps its own.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import base64
 import binascii
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -58,14 +59,16 @@ from control.oidc import Oidc
 from control.snapshot import SnapshotHub
 from control.store import Store, admin_keys, certificates, nodes
 from control.store.models import Connector, Edge, utcnow
+from control.store.secretbox import SecretBox
 from control.tokens import TokenError, TokenSigner
 from dataplane.basics import pki
 from dataplane.contract.nodeauth import ALGORITHM, CLOCK_SKEW, MAX_JTI, TOKEN_LIFETIME, body_hash
 
+from .throttle import SignInLimiter, SignInLimits, SourceRate
+
 DEFAULT_HEARTBEAT_INTERVAL = 30.0  # seconds between node heartbeats, for active/inactive status
-MAX_FAILED_SIGN_INS = 10  # per user name ...
-FAILED_SIGN_IN_WINDOW = 300.0  # ... within this many seconds; then 429 until the oldest failure ages out
-MAX_TRACKED_NAMES = 100_000  # user names whose failures are remembered (least recently failed dropped first)
+DEFAULT_REFRESH_GRACE = 30.0  # seconds a refresh token just rotated may be retried (FERRYMAN_REFRESH_GRACE)
+DEFAULT_OIDC_STARTS_PER_MINUTE = 20  # per source address (FERRYMAN_OIDC_STARTS_PER_MINUTE)
 MAX_TRACKED_TOTP_USERS = 100_000
 _MAX_NODE_TOKEN = 16384  # characters; a token with a P-256 certificate is about 1.5 KiB
 # joserfc's default header limit (512 bytes) is below a header carrying a certificate (x5c).
@@ -106,45 +109,6 @@ class ReplayCache:
         return True
 
 
-class SignInLimiter:
-    """Failed sign-ins per user name in a sliding window; thread-safe (handlers run in a thread pool)."""
-
-    def __init__(self, max_failures: int = MAX_FAILED_SIGN_INS, window: float = FAILED_SIGN_IN_WINDOW,
-                 max_names: int = MAX_TRACKED_NAMES) -> None:
-        self.max_failures = max_failures
-        self.window = window
-        self.max_names = max_names
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def retry_after(self, name: str, now: float | None = None) -> float:
-        """Seconds until ``name`` may try again (0: now)."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            times = self._failures.get(name)
-            if times is None:
-                return 0.0
-            while times and times[0] <= now - self.window:
-                times.popleft()
-            if not times:
-                del self._failures[name]
-                return 0.0
-            return max(0.0, times[0] + self.window - now) if len(times) >= self.max_failures else 0.0
-
-    def failed(self, name: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            times = self._failures.setdefault(name, deque(maxlen=self.max_failures))
-            times.append(now)
-            self._failures.move_to_end(name)
-            while len(self._failures) > self.max_names:
-                self._failures.popitem(last=False)
-
-    def succeeded(self, name: str) -> None:
-        with self._lock:
-            self._failures.pop(name, None)
-
-
 class TotpReplayGuard:
     """The newest TOTP time step accepted per user: a code is good once (RFC 6238 §5.2)."""
 
@@ -171,14 +135,21 @@ class Api:
 
     ``hub`` holds the newest configuration snapshot for the node routes (kept current by
     ``control.snapshot.follow_store`` while the app runs); ``replay`` remembers node token
-    ids (``ReplayCache``); ``token_signer`` signs users' access tokens, ``sign_ins`` counts
-    failed sign-ins per user name and ``totp_steps`` refuses a TOTP code used twice
-    (``SignInLimiter``, ``TotpReplayGuard``).
+    ids (``ReplayCache``); ``token_signer`` signs users' access tokens, ``box`` seals the
+    secrets the store keeps (the store's ``secrets.key``), ``sign_ins`` counts failed
+    sign-ins per account and source (``throttle.SignInLimiter``), ``oidc_starts`` OIDC
+    sign-ins started per source (``throttle.SourceRate``), ``refresh_grace`` is how long a
+    refresh may be retried, and ``totp_steps`` refuses a TOTP code used twice
+    (``TotpReplayGuard``).
     """
 
     def __init__(self, store: Store, ca: CertificateAuthority, edges_public: Sequence[str],
                  heartbeat_interval: float, cert_lifetime_days: int = DEFAULT_LIFETIME_DAYS, *,
-                 token_signer: TokenSigner, oidc: Oidc | None = None) -> None:
+                 token_signer: TokenSigner, oidc: Oidc | None = None, sign_in_limits: SignInLimits | None = None,
+                 refresh_grace: float = DEFAULT_REFRESH_GRACE,
+                 oidc_starts_per_minute: int = DEFAULT_OIDC_STARTS_PER_MINUTE) -> None:
+        if store.box is None:
+            raise ValueError("the store must be opened with the secrets key (open_store(url, SecretBox.open(...)))")
         self.store = store
         self.ca = ca
         self.edges_public = list(edges_public)
@@ -187,7 +158,10 @@ class Api:
         self.hub = SnapshotHub()
         self.replay = ReplayCache()
         self.token_signer = token_signer
-        self.sign_ins = SignInLimiter()
+        self.box: SecretBox = store.box
+        self.sign_ins = SignInLimiter(sign_in_limits)
+        self.oidc_starts = SourceRate(oidc_starts_per_minute, 60.0)
+        self.refresh_grace = refresh_grace
         self.totp_steps = TotpReplayGuard()
         self.oidc = oidc  # sign-in through an OIDC provider (``control.oidc``); None: not configured
 

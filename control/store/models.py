@@ -325,11 +325,15 @@ POLICY_GRANTS = ("block", "require_mfa", "require_compliant_device")
 
 class User(Base):
     """A person who signs in. ``upn`` is stored lower-case; ``password_hash`` is argon2 (None:
-    no password sign-in); ``totp_secret`` is base32, used once ``totp_enabled``."""
+    no password sign-in); ``totp_secret`` is the base32 secret sealed with the secrets key
+    (``control.store.secretbox``), used once ``totp_enabled``; ``oidc_issuer`` and
+    ``oidc_subject`` name the OIDC provider's account linked to the user (``iss``, ``sub``),
+    at most one user per account."""
 
     __tablename__ = "users"
     __table_args__ = (CheckConstraint("risk_level IN ('none', 'low', 'medium', 'high')",
-                                      name="ck_users_risk_level"),)
+                                      name="ck_users_risk_level"),
+                      Index("uq_users_oidc_account", "oidc_issuer", "oidc_subject", unique=True))
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)  # a UUID
     upn: Mapped[str] = mapped_column(String(255), unique=True)
@@ -337,20 +341,23 @@ class User(Base):
     password_hash: Mapped[str | None] = mapped_column(String(255))
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     risk_level: Mapped[str] = mapped_column(String(10), default="none")
-    totp_secret: Mapped[str | None] = mapped_column(String(64))
+    totp_secret: Mapped[str | None] = mapped_column(String(255))
     totp_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    oidc_issuer: Mapped[str | None] = mapped_column(String(255))
+    oidc_subject: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class RecoveryCode(Base):
-    """A one-time TOTP recovery code of a user (SHA-256 of the code; ``used_at`` once spent)."""
+    """A one-time TOTP recovery code of a user (argon2id of the code's SHA-256; ``used_at`` once
+    spent, and then no hash: ``control.store.totp``)."""
 
     __tablename__ = "recovery_codes"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
-    code_hash: Mapped[str] = mapped_column(String(64))
+    code_hash: Mapped[str] = mapped_column(String(255))
     used_at: Mapped[datetime | None]
 
 

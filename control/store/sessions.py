@@ -3,18 +3,28 @@
 Signing in and refreshing are not configuration; a sign-in writes one ``session.create``
 audit record, actor ``user:<id>`` (never the refresh-token hash).
 
-Refresh tokens: ``fmrt_<session id>.<32 random bytes, urlsafe base64>``, stored as their
-SHA-256 (a 256-bit random secret needs no slow hash). Each refresh hands out a new one; the
-session id in the token finds the session when an *old* token comes back, which is taken as
-theft (refresh-token reuse detection, RFC 9700 §4.14.2): the session is revoked. Knowing a
-session id alone does not let anyone refresh, but does let them end that session this way;
-session ids are only in access tokens and admin views.
+Refresh tokens: ``fmrt_<session id>.<32 bytes, urlsafe base64>``, stored as their SHA-256
+(a 256-bit secret needs no slow hash). A sign-in's first token is random; each refresh
+hands out the next one, ``successor(token)``: an HMAC of the token presented under a key
+derived from the secrets key (``SecretBox.mac``), as unguessable as a random one to anyone
+without that key. The session id in the token finds the session when an *old* token comes
+back, which is taken as theft (refresh-token reuse detection, RFC 9700 §4.14.2): the
+session is revoked. Knowing a session id alone does not let anyone refresh, but does let
+them end that session this way; session ids are only in access tokens and admin views.
+
+Lost answers: a client whose refresh answer was lost (a timeout, a dropped connection)
+retries with the same token. Within ``grace`` seconds (``FERRYMAN_REFRESH_GRACE``) of that
+rotation, the token whose successor is the session's current one gets the same new token
+again (computed anew, nothing is stored in the clear) instead of revoking the session;
+later, or for any older token, reuse revokes as above. The window is the price: a thief
+replaying a stolen token within it is not detected.
 
 At most ``MAX_SESSIONS_PER_USER`` live sessions per user: a new sign-in beyond it revokes the oldest.
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 import re
 import secrets
@@ -31,6 +41,7 @@ from .config_version import lock_config
 from .devices import touch_device
 from .errors import StoreError
 from .models import ConfigVersion, Device, SignInSession, User
+from .secretbox import SecretBox
 from .users import ACCOUNT_DISABLED, get_user
 from .values import MAX_REASON, UUID_RE, aware_now, hash_secret, iso, valid_text
 
@@ -87,6 +98,12 @@ def revoked_session_ids(session: Session) -> list[str]:
 
 def _new_refresh_token(session_id: str) -> str:
     return f"{REFRESH_TOKEN_PREFIX}{session_id}.{secrets.token_urlsafe(32)}"
+
+
+def successor(box: SecretBox, session_id: str, refresh_token: str) -> str:
+    """The refresh token that a refresh with ``refresh_token`` hands out (module doc)."""
+    mac = box.mac("refresh-token", refresh_token.encode())
+    return f"{REFRESH_TOKEN_PREFIX}{session_id}.{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
 
 
 @change
@@ -155,14 +172,17 @@ def _enabled_user(session: Session, row: SignInSession) -> User:
     return user
 
 
-def refresh_session(session: Session, refresh_token: str, *, now: datetime | None = None) -> tuple[SignInSession, str]:
-    """Trade the session's current refresh token for a new one (the old one stops working).
+def refresh_session(session: Session, refresh_token: str, box: SecretBox, *, grace: float = 0.0,
+                    now: datetime | None = None) -> tuple[SignInSession, str]:
+    """Trade the session's current refresh token for its successor (the old one stops working).
 
     Refused with ``refresh_invalid`` (malformed, or no such session), ``device_revoked``,
     ``session_revoked``, ``session_expired`` or ``account_disabled``. A refresh token of the
     session that is no longer its current one was stolen or replayed: the session is
-    revoked (audited, configuration) and ``refresh_reused`` raised. **The caller must commit
-    its transaction before passing that error on**, or the revocation is rolled back with it.
+    revoked (audited, configuration) and ``refresh_reused`` raised — unless it is the token
+    the current one succeeded within ``grace`` seconds (a retry after a lost answer), which
+    gets the current one again. **The caller must commit its transaction before passing
+    ``refresh_reused`` on**, or the revocation is rolled back with it.
     """
     now = aware_now(now)
     match = _REFRESH_RE.fullmatch(refresh_token) if isinstance(refresh_token, str) else None
@@ -174,15 +194,24 @@ def refresh_session(session: Session, refresh_token: str, *, now: datetime | Non
         raise StoreError("refresh_invalid", "refresh token is not valid: its session does not exist "
                                             "(signed out long ago, or the user was deleted): sign in again")
     _check_not_revoked(session, row)
+    token = successor(box, row.id, refresh_token)
     if not hmac.compare_digest(row.refresh_hash, hash_secret(refresh_token)):
-        revoke_session(session, REUSE_ACTOR, row.id, reason="an old refresh token was used again", now=now)
-        raise StoreError("refresh_reused", f"refresh token was already used: session {row.id} is revoked, since "
-                                           f"its refresh token may be stolen; sign in again")
+        retried = (grace > 0 and row.last_refresh_at is not None
+                   and timedelta(0) <= now - row.last_refresh_at <= timedelta(seconds=grace)
+                   and hmac.compare_digest(row.refresh_hash, hash_secret(token)))
+        if not retried:
+            revoke_session(session, REUSE_ACTOR, row.id, reason="an old refresh token was used again", now=now)
+            raise StoreError("refresh_reused", f"refresh token was already used: session {row.id} is revoked, "
+                                               f"since its refresh token may be stolen; sign in again")
+        if now >= row.expires_at:
+            raise StoreError("session_expired", f"session {row.id} expired at {row.expires_at:%Y-%m-%d %H:%M:%S} "
+                                                f"UTC: sign in again")
+        _enabled_user(session, row)
+        return row, token  # the answer this token got already: the same new token, nothing rotates
     if now >= row.expires_at:
         raise StoreError("session_expired", f"session {row.id} expired at {row.expires_at:%Y-%m-%d %H:%M:%S} UTC: "
                                             f"sign in again")
     _enabled_user(session, row)
-    token = _new_refresh_token(row.id)
     row.refresh_hash = hash_secret(token)
     row.last_refresh_at = now
     touch_device(session, row.device_id, now)

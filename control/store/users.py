@@ -237,7 +237,8 @@ def _dummy_hash() -> str:
     return PASSWORD_HASHER.hash(secrets.token_urlsafe(32))
 
 
-def _verify_hash(password_hash: str, password: str) -> bool:
+def verify_hash(password_hash: str, password: str) -> bool:
+    """Whether ``password`` matches the argon2 ``password_hash`` (False for a malformed hash too)."""
     try:
         return PASSWORD_HASHER.verify(password_hash, password)
     except (VerificationError, InvalidHashError):
@@ -258,7 +259,7 @@ def check_password(session: Session, upn: str, password: str) -> User:
     user = session.scalar(select(User).where(User.upn == key)) if key is not None else None
     usable = (isinstance(password, str) and len(password) <= MAX_PASSWORD_LENGTH)
     stored = user.password_hash if user is not None and user.password_hash else _dummy_hash()
-    matched = _verify_hash(stored, password if usable else "")
+    matched = verify_hash(stored, password if usable else "")
     if user is None or user.password_hash is None or not usable or not matched:
         raise StoreError("auth_failed", AUTH_FAILED)
     if user.disabled:

@@ -51,6 +51,14 @@ class ControlSettings(CommonSettings, kw_only=True):
     oidc_redirect_uri: str = ""
     oidc_upn_claim: str = "email"
     oidc_mfa_amr: str = "mfa,otp,hwk,swk"
+    oidc_starts_per_minute: int = 20
+    sign_in_window: float = 300.0
+    sign_in_max_failures: int = 10
+    sign_in_max_source_failures: int = 100
+    sign_in_max_account_failures: int = 50
+    sign_in_max_total_failures: int = 1000
+    sign_in_known_source_days: float = 30.0
+    refresh_grace: float = 30.0
 
 
 class NodeSettings(CommonSettings, kw_only=True):
@@ -173,6 +181,14 @@ VARIABLES: dict[str, str] = {
     "oidc_redirect_uri": "Control plane: its callback URL as registered at the OIDC provider, e.g. `https://control.example/v1/auth/oidc/callback`.",
     "oidc_upn_claim": "Control plane: the ID token claim (lower-cased) matched against users' UPNs; users are not created at sign-in.",
     "oidc_mfa_amr": "Control plane: comma-separated ID token `amr` values that count as multi-factor (the session's amr is then `pwd,mfa`).",
+    "oidc_starts_per_minute": "Control plane: most OIDC sign-ins one source address may start per minute (`POST /v1/auth/oidc/start`; IPv6 counted per /64); beyond that 429.",
+    "sign_in_window": "Control plane: seconds over which failed sign-ins (wrong password or second factor) are counted for the FERRYMAN_SIGN_IN_MAX_* limits.",
+    "sign_in_max_failures": "Control plane: failed sign-ins allowed for one account from one source address (IPv6: /64) within the window; then that pair gets 429 until the oldest failure ages out.",
+    "sign_in_max_source_failures": "Control plane: failed sign-ins allowed from one source address, all accounts together, within the window (not applied to an account's known sources).",
+    "sign_in_max_account_failures": "Control plane: failed sign-ins allowed for one account from all addresses within the window; beyond that only the account's known sources (where it signed in lately) may try.",
+    "sign_in_max_total_failures": "Control plane: failed sign-ins allowed in all within the window (per control-plane process); beyond that only known sources may try.",
+    "sign_in_known_source_days": "Control plane: days a source address where an account signed in stays known for it: held only to FERRYMAN_SIGN_IN_MAX_FAILURES, so failures from elsewhere never lock the user out there.",
+    "refresh_grace": "Control plane: seconds after a refresh during which the same refresh token may be sent again (its answer was lost) and gets the same new refresh token; later it counts as reuse and revokes the session. 0 disables.",
     "control_url": "Edge/connector: control plane URL to follow; empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
@@ -237,6 +253,14 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "traffic_retention_days": (1, 3650),
     "heartbeat_interval": (0.1, 3600),
     "access_token_minutes": (1, 1440),
+    "oidc_starts_per_minute": (1, 100_000),
+    "sign_in_window": (1, 86400),
+    "sign_in_max_failures": (1, 1_000_000),
+    "sign_in_max_source_failures": (1, 1_000_000),
+    "sign_in_max_account_failures": (1, 1_000_000),
+    "sign_in_max_total_failures": (1, 10_000_000),
+    "sign_in_known_source_days": (0, 3650),
+    "refresh_grace": (0, 300),
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),
     "traffic_queue": (1, 10_000_000),
