@@ -1,28 +1,49 @@
-"""Sign-in through an external OpenID Connect provider: authorization code flow with PKCE (S256).
+"""Sign-in through an external OpenID Connect provider: authorization code flow with PKCE (S256),
+bound to the client agent that started it and to the browser that goes through it.
 
-The client agent cannot receive a redirect itself, so the control plane is the OIDC client
-(``FERRYMAN_OIDC_REDIRECT_URI`` is its own ``/v1/auth/oidc/callback``) and the agent polls:
+The control plane is the OIDC client (``FERRYMAN_OIDC_REDIRECT_URI`` is its own
+``/v1/auth/oidc/callback``); the client agent runs a listener on its loopback address
+(127.0.0.1, a port of its choosing) for the user's browser, as RFC 8252 native apps do:
 
-1. ``POST /v1/auth/oidc/start`` (the device's CSR): a ``PendingLogin`` is made here, in this
-   process's memory (``PendingLogins``: at most ``MAX_PENDING``, each living
-   ``LOGIN_LIFETIME`` seconds) with its own ``state``, ``nonce`` and PKCE ``code_verifier``;
-   the answer carries the login id (a secret the agent polls with) and the provider's
+1. ``POST /v1/auth/oidc/start`` (the device's CSR, the agent's loopback port and
+   ``poll_challenge`` = BASE64URL(SHA-256(poll verifier)), a secret the agent keeps): a
+   ``PendingLogin`` is made here, in this process's memory (``PendingLogins``: at most
+   ``MAX_PENDING``, each living ``LOGIN_LIFETIME`` seconds) with its own ``state``, ``nonce``,
+   PKCE ``code_verifier`` and single-use *begin* id. The answer carries the login id and the
+   begin URL (``/v1/auth/oidc/begin?login=<begin id>``). The agent prints its own loopback
+   URL; that page sends the browser on to the begin URL.
+2. ``GET /v1/auth/oidc/begin`` (once per sign-in): sets a cookie holding a fresh secret in
+   the browser (``HttpOnly``, ``SameSite=Lax``, ``Secure`` over HTTPS, path
+   ``/v1/auth/oidc``), keeps the secret's hash, and sends the browser to the provider's
    authorization URL (``OidcProvider.authorization_url``).
-2. The user's browser comes back to the callback with ``code`` and ``state``; the state is
-   good once (``PendingLogins.claim``). ``OidcProvider.redeem`` trades the code (with the
-   verifier, and the client secret if one is configured) at the token endpoint and verifies
-   the ID token (``verify_id_token``): signature against the provider's JWKS (RS256, ES256,
+3. ``GET /v1/auth/oidc/callback`` with ``code`` and ``state``: the state is good once
+   (``PendingLogins.claim``) and only with the cookie of the browser that began the sign-in
+   (someone who sees the authorization URL and opens it in their own browser is refused).
+   ``OidcProvider.redeem`` trades the code (with the PKCE verifier, and the client secret
+   if one is configured) at the token endpoint and verifies the ID token
+   (``verify_id_token``): signature against the provider's JWKS (RS256, ES256,
    EdDSA/Ed25519; cached by ``kid``, fetched again once for an unknown ``kid``), ``iss``,
-   ``aud`` (and ``azp``), ``exp``/``iat``/``nbf`` with ``LEEWAY`` seconds, ``nonce``.
-3. ``POST /v1/auth/oidc/poll`` hands the result (or the refusal) over once.
+   ``aud`` (and ``azp``), ``exp``/``iat``/``nbf`` with ``LEEWAY`` seconds, ``nonce``. The
+   user is found by (``iss``, ``sub``) (``control.api.oidc``). The browser is then sent to
+   the agent's loopback with a one-time *handoff* secret.
+4. ``POST /v1/auth/oidc/poll`` with the login id and the poll verifier: pending until then;
+   with the handoff the agent's loopback received, the sign-in is completed (device
+   certified, session made) and handed over, once. A refusal is handed over without.
+
+So the tokens go only to the agent that started the sign-in (it alone has the poll
+verifier) and only once the browser that signed in came back to *that agent's* loopback:
+someone who sends a victim the begin URL of a sign-in they started gets nothing (the
+victim's browser takes the handoff to the victim's own loopback), and someone who sees the
+login id has no verifier.
 
 The provider's discovery document (``{issuer}/.well-known/openid-configuration``) is
 fetched on first use and cached ``METADATA_TTL`` seconds; its ``issuer`` must be exactly
 the configured one. Every request to the provider has a ``HTTP_TIMEOUT``; the routes run
-in worker threads, so this module is synchronous (urllib) and thread-safe.
+in worker threads, so this module is synchronous (urllib) and thread-safe. Authorization
+codes, states, handoffs and verifiers never go to a log line.
 
-A control plane with several nodes keeps pending logins per node: start, callback and poll
-of one sign-in must reach the same node (sticky routing), or use a single node.
+A control plane with several nodes keeps pending logins per node: start, begin, callback
+and poll of one sign-in must reach the same node (sticky routing), or use a single node.
 """
 
 from __future__ import annotations
@@ -63,6 +84,7 @@ SCOPE = "openid email profile"
 ALGORITHMS = ("RS256", "ES256", "EdDSA", "Ed25519")
 DEFAULT_MFA_AMR = "mfa,otp,hwk,swk"
 MAX_ID_TOKEN = 16384
+MAX_SUBJECT = 255  # characters of a ``sub`` claim (users.oidc_subject)
 
 _REGISTRY = jws.JWSRegistry(algorithms=list(ALGORITHMS))
 # RFC 9864 deprecates the name "EdDSA" for "Ed25519"; providers still sign with it, and it is accepted on purpose.
@@ -397,17 +419,35 @@ class OidcProvider:
 
     # -- what the claims mean to Ferryman
 
-    def upn_of(self, claims: Mapping[str, Any]) -> str:
-        """The configured claim, lower-cased: matched against users' UPNs."""
+    @staticmethod
+    def account_of(claims: Mapping[str, Any]) -> tuple[str, str]:
+        """The provider's account the ID token speaks for: (``iss``, ``sub``)."""
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT:
+            raise OidcError(401, "oidc_token_invalid", f"ID token refused: its 'sub' claim is missing, not a string or "
+                                                       f"longer than {MAX_SUBJECT} characters")
+        return str(claims["iss"]), subject
+
+    def linkable_upn(self, claims: Mapping[str, Any]) -> str:
+        """The UPN an account not linked yet may be linked to at its first sign-in: the ``email``
+        claim (lower-cased) when the provider vouches for it (``email_verified`` is true);
+        ``OidcError`` otherwise: an admin links the account then (``--oidc-subject``)."""
         name = self.config.upn_claim
+        subject = claims.get("sub")
+        admin = (f"an administrator links it: `ferryman admin users update UPN --oidc-subject {subject}` (the "
+                 f"account's subject at {self.config.issuer})")
+        if name != "email":
+            raise OidcError(403, "oidc_not_linked", f"no Ferryman user is linked to this OIDC account, and only a "
+                                                    f"verified email links one by itself: {admin}")
         value = claims.get(name)
         if not isinstance(value, str) or not value.strip():
             raise OidcError(401, "oidc_token_invalid",
                             f"the ID token has no {name!r} claim to match a Ferryman user with "
                             f"(FERRYMAN_OIDC_UPN_CLAIM; is the scope for it allowed for this client?)")
-        if name == "email" and claims.get("email_verified") is False:
+        if claims.get("email_verified") is not True:
             raise OidcError(403, "oidc_email_unverified",
-                            f"the OIDC provider says the email {value.strip().lower()!r} is not verified")
+                            f"the OIDC provider does not say the email {value.strip().lower()!r} is verified "
+                            f"(email_verified), so it cannot link this account to a Ferryman user: {admin}")
         return value.strip().lower()
 
     def amr_of(self, claims: Mapping[str, Any]) -> list[str]:
@@ -428,27 +468,42 @@ class OidcProvider:
 # ---------------------------------------------------------------------------- sign-ins in progress
 
 
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _same(secret: str | None, digest: str | None) -> bool:
+    return bool(secret) and bool(digest) and hmac.compare_digest(_hash(secret or ""), digest or "")
+
+
 @dataclass
 class PendingLogin:
     login_id: str
     state: str
     nonce: str
-    verifier: str
+    verifier: str  # PKCE code verifier (for the provider)
     device: dict[str, str]  # csr_pem, name, os, os_version
     expires: float  # time.monotonic()
-    status: str = "pending"  # pending -> working (callback running) -> done | failed
-    result: Any = None  # the sign-in answer, once done
+    poll_challenge: str = ""  # BASE64URL(SHA-256(the agent's poll verifier))
+    redirect_port: int = 0  # the agent's loopback port
+    begin_id: str = ""  # single use: the browser's first stop
+    tag: str = ""  # names this sign-in's browser cookie (not secret)
+    binding: str | None = None  # SHA-256 of the browser cookie's secret, once begun
+    handoff: str | None = None  # SHA-256 of the handoff secret, once authenticated
+    status: str = "pending"  # pending -> begun -> working (callback) -> authenticated | failed
+    identity: Any = None  # who signed in (control.api.oidc), once authenticated
     error: OidcError | None = None  # once failed
     created: float = field(default_factory=time.monotonic)
 
 
 class PendingLogins:
-    """Sign-ins between start and poll, by login id and by state; thread-safe and bounded."""
+    """Sign-ins between start and poll, by login id, by begin id and by state; thread-safe and bounded."""
 
     def __init__(self, max_pending: int = MAX_PENDING, lifetime: float = LOGIN_LIFETIME) -> None:
         self.max_pending = max_pending
         self.lifetime = lifetime
         self._logins: OrderedDict[str, PendingLogin] = OrderedDict()  # oldest first
+        self._begins: dict[str, str] = {}  # begin id -> login id, until the browser came
         self._states: dict[str, str] = {}  # state -> login id, until its callback came
         self._used: OrderedDict[str, float] = OrderedDict()  # states whose callback came -> expiry
         self._lock = threading.Lock()
@@ -468,9 +523,11 @@ class PendingLogins:
 
     def _drop(self, login: PendingLogin) -> None:
         self._logins.pop(login.login_id, None)
+        self._begins.pop(login.begin_id, None)
         self._states.pop(login.state, None)
 
-    def add(self, device: dict[str, str], now: float | None = None) -> PendingLogin:
+    def add(self, device: dict[str, str], poll_challenge: str = "", redirect_port: int = 0,
+            now: float | None = None) -> PendingLogin:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._prune(now)
@@ -479,17 +536,44 @@ class PendingLogins:
                                                   f"control plane: try again in a minute")
             login = PendingLogin(login_id=secrets.token_urlsafe(32), state=secrets.token_urlsafe(32),
                                  nonce=secrets.token_urlsafe(32), verifier=new_code_verifier(), device=device,
-                                 expires=now + self.lifetime, created=now)
+                                 expires=now + self.lifetime, created=now, poll_challenge=poll_challenge,
+                                 redirect_port=redirect_port, begin_id=secrets.token_urlsafe(32),
+                                 tag=secrets.token_hex(4))
             self._logins[login.login_id] = login
+            self._begins[login.begin_id] = login.login_id
             self._states[login.state] = login.login_id
             return login
 
-    def claim(self, state: str, now: float | None = None) -> PendingLogin:
-        """The sign-in ``state`` belongs to, for its callback; each state is good once."""
+    def begin(self, begin_id: str, now: float | None = None) -> tuple[PendingLogin, str]:
+        """The sign-in ``begin_id`` starts, and the secret its browser cookie holds; each begin id is good once."""
         now = time.monotonic() if now is None else now
         with self._lock:
             self._prune(now)
-            login_id = self._states.pop(state, None)
+            login_id = self._begins.pop(begin_id, None)
+            if login_id is None:
+                raise OidcError(400, "oidc_begin_unknown",
+                                "this sign-in link is unknown, expired or was already opened (it works once, in one "
+                                "browser): start again with `ferryman client login --oidc`")
+            login = self._logins[login_id]
+            cookie = secrets.token_urlsafe(32)
+            login.binding = _hash(cookie)
+            login.status = "begun"
+            return login, cookie
+
+    def tag_of(self, state: str) -> str | None:
+        """The cookie tag of the sign-in waiting for ``state``'s callback (not secret), or None."""
+        with self._lock:
+            login_id = self._states.get(state)
+            login = self._logins.get(login_id) if login_id is not None else None
+            return login.tag if login is not None else None
+
+    def claim(self, state: str, cookie: str | None = None, now: float | None = None) -> PendingLogin:
+        """The sign-in ``state`` belongs to, for its callback: each state is good once, and only in
+        the browser that began the sign-in (``cookie``: the secret ``begin`` gave it)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._prune(now)
+            login_id = self._states.get(state)
             if login_id is None:
                 if state in self._used:
                     raise OidcError(400, "oidc_state_used",
@@ -500,28 +584,51 @@ class PendingLogins:
                                 f"{self.lifetime / 60:.0f} minutes on the control plane that started them; start "
                                 f"again with `ferryman client login --oidc`")
             login = self._logins[login_id]
+            if login.binding is None or not _same(cookie, login.binding):
+                raise OidcError(403, "oidc_other_browser",
+                                "this sign-in was started in another browser (or this browser does not keep "
+                                "cookies): finish it in the browser that opened the sign-in link, or start again")
+            del self._states[state]
             self._used[state] = login.expires
             login.status = "working"
             return login
 
-    def finish(self, login: PendingLogin, *, result: Any = None, error: OidcError | None = None) -> None:
+    def authenticated(self, login: PendingLogin, identity: Any) -> str:
+        """The callback proved who signed in: keep ``identity``; returns the handoff secret for the agent's loopback."""
+        handoff = secrets.token_urlsafe(32)
         with self._lock:
-            login.result, login.error = result, error
-            login.status = "failed" if error is not None else "done"
+            login.identity, login.handoff, login.status = identity, _hash(handoff), "authenticated"
             login.verifier = login.nonce = ""  # not needed any more
+        return handoff
 
-    def poll(self, login_id: str, now: float | None = None) -> PendingLogin:
-        """The sign-in; once done or failed it is handed out this once and forgotten."""
+    def failed(self, login: PendingLogin, error: OidcError) -> None:
+        with self._lock:
+            login.error, login.status = error, "failed"
+            login.verifier = login.nonce = ""
+
+    def poll(self, login_id: str, poll_verifier: str, handoff: str | None = None,
+             now: float | None = None) -> PendingLogin:
+        """The sign-in, for the agent that started it (``poll_verifier`` matches its challenge).
+        Once failed, or authenticated and ``handoff`` is the one its browser took to the agent's
+        loopback, it is handed out this once and forgotten; a wrong handoff ends it."""
         now = time.monotonic() if now is None else now
         with self._lock:
             self._prune(now)
             login = self._logins.get(login_id)
-            if login is None:
+            if login is None or not poll_verifier or not hmac.compare_digest(
+                    code_challenge(poll_verifier).encode(), login.poll_challenge.encode()):
                 raise OidcError(404, "oidc_login_unknown",
                                 f"this OIDC sign-in is unknown or has expired (a sign-in lasts "
                                 f"{self.lifetime / 60:.0f} minutes and its result is handed out once): start again")
-            if login.status in ("done", "failed"):
+            if login.status == "failed":
                 self._drop(login)
+            elif login.status == "authenticated" and handoff is not None:
+                if not _same(handoff, login.handoff):
+                    self._drop(login)
+                    raise OidcError(403, "oidc_handoff_invalid",
+                                    "the browser's hand-off does not belong to this sign-in: it is ended; start again")
+                self._drop(login)
+                login.status = "collected"
             return login
 
     def remaining(self, login: PendingLogin, now: float | None = None) -> int:
@@ -538,9 +645,28 @@ class Oidc:
         self.provider = OidcProvider(config, timeout=timeout)
         self.logins = logins or PendingLogins()
 
-    def start(self, device: dict[str, str]) -> tuple[PendingLogin, str]:
-        """A new pending sign-in and the URL the user signs in at."""
+    @property
+    def cookie_path(self) -> str:
+        """The path of the browser cookie: the directory of the callback (``/v1/auth/oidc``)."""
+        return urllib.parse.urlsplit(self.config.redirect_uri).path.rsplit("/", 1)[0] or "/"
+
+    @property
+    def secure_cookie(self) -> bool:
+        return urllib.parse.urlsplit(self.config.redirect_uri).scheme == "https"
+
+    def begin_url(self, login: PendingLogin) -> str:
+        """This control plane's begin URL of ``login`` (beside its callback, as the provider knows it)."""
+        parts = urllib.parse.urlsplit(self.config.redirect_uri)
+        path = self.cookie_path.rstrip("/") + "/begin"
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path,
+                                        urllib.parse.urlencode({"login": login.begin_id}), ""))
+
+    def start(self, device: dict[str, str], poll_challenge: str, redirect_port: int) -> PendingLogin:
+        """A new pending sign-in (module doc, step 1)."""
         self.provider.metadata()  # the provider must answer before a sign-in is recorded
-        login = self.logins.add(device)
-        return login, self.provider.authorization_url(state=login.state, nonce=login.nonce, verifier=login.verifier)
+        return self.logins.add(device, poll_challenge, redirect_port)
+
+    def authorization_url(self, login: PendingLogin) -> str:
+        """Where the browser signs in at the provider."""
+        return self.provider.authorization_url(state=login.state, nonce=login.nonce, verifier=login.verifier)
 

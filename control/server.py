@@ -14,10 +14,10 @@
   and its plain text written to ``<data_dir>/admin.key`` (mode 0600). Only the path is
   printed; the key itself never goes to a log;
 - HTTP: uvicorn with ``loop="uvloop"`` on ``FERRYMAN_CONTROL_LISTEN`` (default ``127.0.0.1:8080``), logging
-  through Ferryman's log setup; its access log never shows the query string of the OIDC
-  callback (the provider's authorization code and state). Plain HTTP: put it on loopback or behind a TLS proxy;
+  through Ferryman's log setup. Plain HTTP: put it on loopback or behind a TLS proxy;
 - OIDC sign-in (``control.oidc``) when ``FERRYMAN_OIDC_ISSUER`` is set (with
-  ``FERRYMAN_OIDC_CLIENT_ID`` and ``FERRYMAN_OIDC_REDIRECT_URI``).
+  ``FERRYMAN_OIDC_CLIENT_ID`` and ``FERRYMAN_OIDC_REDIRECT_URI``); uvicorn's access log never
+  shows the query of its begin and callback routes (begin id, the provider's code and state).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _drop_color_message(record: logging.LogRecord) -> bool:
     return True
 
 
-SECRET_QUERY_PATHS = ("/v1/auth/oidc/callback",)  # their query strings carry secrets (code, state)
+SECRET_QUERY_PATHS = ("/v1/auth/oidc/begin", "/v1/auth/oidc/callback")  # their queries carry secrets
 
 
 def _drop_secret_queries(record: logging.LogRecord) -> bool:

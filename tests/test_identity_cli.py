@@ -114,7 +114,7 @@ def test_users_create_list_show_update_delete(cli: Cli) -> None:
     assert out.splitlines()[0] == "created user 'alice@corp.example'"
     assert {k: v for k, v in detail(out).items() if k not in ("created", "updated")} == {
         "id": alice["id"], "UPN": "alice@corp.example", "display name": "Alice Liddell", "disabled": "no",
-        "risk level": "none", "password": "set", "TOTP": "not set up", "groups": "-"}
+        "risk level": "none", "password": "set", "TOTP": "not set up", "groups": "-", "OIDC account": "not linked"}
     # The password is the first line of stdin without its line ending: alice can sign in with it.
     status, _, _ = cli.control.call("POST", "/v1/auth/sign-in", {"upn": "alice@corp.example", "password": PASSWORD},
                                     key=None)
@@ -154,6 +154,8 @@ def test_users_create_list_show_update_delete(cli: Cli) -> None:
         "argument --risk: invalid choice: 'extreme' (choose from 'none', 'low', 'medium', 'high')")
     assert cli.fails("users", "update", "bob@corp.example", "--disable", "--enable", status=2).endswith(
         "argument --enable: not allowed with argument --disable")
+    assert cli.fails("users", "update", "bob@corp.example", "--oidc-subject", "b-1").startswith(
+        "ferryman admin: OIDC sign-in is not configured on this control plane (FERRYMAN_OIDC_ISSUER)")
 
     for args in (("show", "carol@corp.example"), ("update", "carol@corp.example", "--risk", "low"),
                  ("delete", "carol@corp.example")):

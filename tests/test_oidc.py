@@ -5,18 +5,27 @@ The OIDC provider is a small real one in this module (``Provider``: an HTTP serv
 at once and redirects to the callback, and a token endpoint that checks the client, the
 redirect URI, the code (once) and the PKCE verifier against the S256 challenge, then signs
 an ID token). It misbehaves on demand (``Provider.faults``). The control plane runs as
-``python -m dataplane control`` pointed at it; the tests play the browser by opening the
-authorization URL with urllib (following the redirects to the control plane's callback),
-and the client agent by calling start and poll, or by running ``python -m dataplane client
-login --oidc``.
+``python -m dataplane control`` pointed at it; the tests play the browser (``Browser``:
+urllib with a cookie jar, following redirects up to the one to the agent's loopback, whose
+handoff it reads) and the client agent (``Agent``: start and poll with a poll verifier of
+its own), or run ``python -m dataplane client login --oidc`` (its loopback listener for real).
+
+Besides the sign-in itself: users are matched by the ID token's (``iss``, ``sub``), linked
+at first by a verified email only or by an admin; a sign-in is bound to the agent that
+started it (poll verifier, handoff through its loopback) and to the browser that began it
+(cookie), so neither someone who sees the authorization URL or the login id nor someone who
+leads a victim's browser through a sign-in they started gets anything; starts are limited
+per source address; no code, state, handoff or verifier reaches a log line.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import http.cookiejar
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -26,6 +35,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import secrets
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,6 +58,7 @@ import controlplane
 from controlplane import ROOT, environment
 from controlplane import free_port as _free_port
 from controlplane import stop as _stop
+from sources import call_from
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,6 +97,7 @@ class Provider:
     faults: set[str] = field(default_factory=set)
     grants: dict[str, Grant] = field(default_factory=dict)
     token_requests: list[dict[str, Any]] = field(default_factory=list)
+    issued: list[str] = field(default_factory=list)  # every code and state it saw: secrets no log may show
 
     @property
     def issuer(self) -> str:
@@ -150,10 +162,12 @@ class Provider:
             if not query.get(name):
                 return 400, f"{name} is missing"
         back = query["redirect_uri"]
+        self.issued.append(query["state"])
         if "deny" in self.faults:
             return 302, back + "?" + urllib.parse.urlencode({"error": "access_denied", "state": query["state"],
                                                              "error_description": "the user said no"})
         code = uuid.uuid4().hex
+        self.issued.append(code)
         challenge = query["code_challenge"]
         if "pkce" in self.faults:
             challenge = _b64(hashlib.sha256(b"some other verifier").digest())
@@ -228,6 +242,7 @@ def control(provider: Provider, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "FERRYMAN_OIDC_ISSUER": provider.issuer, "FERRYMAN_OIDC_CLIENT_ID": CLIENT_ID,
         "FERRYMAN_OIDC_CLIENT_SECRET": CLIENT_SECRET,
         "FERRYMAN_OIDC_REDIRECT_URI": f"http://127.0.0.1:{port}/v1/auth/oidc/callback",
+        "FERRYMAN_OIDC_STARTS_PER_MINUTE": "1000",  # this module starts many sign-ins from one address
     }, port)
     try:
         yield ctl
@@ -249,38 +264,112 @@ def make_user(control: Control, upn: str) -> dict[str, Any]:
     return user
 
 
-def start(control: Control, name: str = "laptop") -> tuple[dict[str, Any], bytes]:
-    key_pem, csr_pem = new_key_and_csr("device")
-    status, body = control.call("POST", "/v1/auth/oidc/start",
-                                {"device": {"csr_pem": csr_pem.decode(), "name": name, "os": "Linux",
-                                            "os_version": "6.1"}})
-    assert status == 200, body
-    assert set(body) == {"login_id", "authorization_url", "poll_interval", "expires_in"}
-    assert 590 <= body["expires_in"] <= 600 and body["poll_interval"] >= 1
-    return body, key_pem
+def _challenge(verifier: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+
+
+@dataclass
+class Agent:
+    """A client agent's side of a sign-in: its loopback port (nothing listens: the tests read the
+    redirect there), its poll verifier, and the control plane's start answer."""
+
+    control: Control
+    port: int = field(default_factory=_free_port)
+    verifier: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    body: dict[str, Any] = field(default_factory=dict)
+    key_pem: bytes = b""
+
+    def start(self, name: str = "laptop") -> Agent:
+        self.key_pem, csr_pem = new_key_and_csr("device")
+        status, body = self.control.call("POST", "/v1/auth/oidc/start", {
+            "device": {"csr_pem": csr_pem.decode(), "name": name, "os": "Linux", "os_version": "6.1"},
+            "redirect_port": self.port, "poll_challenge": _challenge(self.verifier)})
+        assert status == 200, body
+        assert set(body) == {"login_id", "begin_url", "poll_interval", "expires_in"}
+        assert 590 <= body["expires_in"] <= 600 and body["poll_interval"] >= 1
+        self.body = body
+        return self
+
+    @property
+    def login_id(self) -> str:
+        return self.body["login_id"]
+
+    @property
+    def begin_url(self) -> str:
+        return self.body["begin_url"]
+
+    def poll(self, handoff: str | None = None, verifier: str | None = None) -> tuple[int, Any]:
+        request: dict[str, Any] = {"login_id": self.login_id, "poll_verifier": verifier or self.verifier}
+        if handoff is not None:
+            request["handoff"] = handoff
+        return self.control.call("POST", "/v1/auth/oidc/poll", request)
+
+    def handoff_of(self, location: str) -> str:
+        """The handoff in the control plane's redirect to this agent's loopback."""
+        url = urllib.parse.urlsplit(location)
+        assert (url.scheme, url.hostname, url.port, url.path) == ("http", "127.0.0.1", self.port, "/ferryman/oidc"), \
+            location
+        return dict(urllib.parse.parse_qsl(url.query))["handoff"]
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
+class _StopAtLoopback(urllib.request.HTTPRedirectHandler):
+    def __init__(self, visited: list[str], follow: bool) -> None:
+        self.visited = visited
+        self.follow = follow
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if urllib.parse.urlsplit(newurl).path == "/ferryman/oidc" and not self.follow:
+            return None  # the agent's loopback: the test reads the Location instead
+        self.visited.append(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class Browser:
+    """A browser: cookies kept, redirects followed except (unless ``follow_loopback``) the last one,
+    to the agent's loopback (``visited``: every URL a redirect led to)."""
+
+    def __init__(self, follow_loopback: bool = False) -> None:
+        self.cookies = http.cookiejar.CookieJar()
+        self.visited: list[str] = []
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies),
+                                                  _StopAtLoopback(self.visited, follow_loopback))
+
+    def open(self, url: str) -> tuple[int, str, str]:
+        """(status, page text, final URL: the Location of a redirect to the agent's loopback)."""
+        try:
+            with self.opener.open(url, timeout=15) as response:
+                return response.status, response.read().decode(), response.url
+        except urllib.error.HTTPError as exc:
+            with exc:
+                if exc.code in (302, 303) and exc.headers.get("Location"):
+                    return exc.code, exc.read().decode(), exc.headers["Location"]
+                return exc.code, exc.read().decode(), exc.url
+
+    def sign_in(self, agent: Agent) -> str:
+        """Go through ``agent``'s sign-in (begin URL, provider, callback): the handoff for its loopback."""
+        status, page, location = self.open(agent.begin_url)
+        assert status == 303, page
+        return agent.handoff_of(location)
 
 
 def browse(url: str) -> tuple[int, str, str]:
-    """Open ``url`` like a browser (following redirects): (status, page text, final URL)."""
-    try:
-        with urllib.request.urlopen(url, timeout=15) as response:
-            return response.status, response.read().decode(), response.url
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode(), exc.url
-
-
-def poll(control: Control, login_id: str) -> tuple[int, Any]:
-    return control.call("POST", "/v1/auth/oidc/poll", {"login_id": login_id})
+    """Open ``url`` in a fresh browser (no cookies)."""
+    return Browser().open(url)
 
 
 def sign_in_refused(control: Control, provider: Provider, email: str, **user: Any) -> tuple[int, str, Any]:
-    """A whole sign-in expected to fail: (page status, page, (poll status, poll body))."""
-    provider.user = {"email": email, "email_verified": True, **user}
-    body, _ = start(control)
-    status, page, _ = browse(body["authorization_url"])
-    answer = poll(control, body["login_id"])
-    assert poll(control, body["login_id"])[0] == 404  # a refusal is handed out once too
+    """A whole sign-in expected to fail: (page status, page, (poll status, poll body)); a claim given
+    as None is left out."""
+    provider.user = {k: v for k, v in {"email": email, "email_verified": True, **user}.items() if v is not None}
+    agent = Agent(control).start()
+    status, page, _ = Browser().open(agent.begin_url)
+    answer = agent.poll()
+    assert agent.poll()[0] == 404  # a refusal is handed out once too
     return status, page, answer
 
 
@@ -293,22 +382,33 @@ def test_sign_in_gives_tokens_and_a_device_certificate(control: Control, provide
     upn = f"alice-{amr[-1]}@corp.example"
     user = make_user(control, upn)
     auth_time = int(time.time()) - 30
-    provider.user = {"email": upn.upper(), "email_verified": True, "amr": provider_amr, "auth_time": auth_time}
-    body, _key = start(control)
-    assert body["authorization_url"].startswith(provider.issuer + "/authorize?")
-    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(body["authorization_url"]).query))
+    provider.user = {"email": upn.upper(), "email_verified": True, "amr": provider_amr, "auth_time": auth_time,
+                     "sub": f"sub-{upn}"}
+    agent = Agent(control).start()
+    assert agent.begin_url.startswith(control.url + "/v1/auth/oidc/begin?login=")
+    assert agent.poll() == (202, {"status": "pending", "expires_in": pytest.approx(600, abs=10)})
+    browser = Browser()
+    with pytest.raises(urllib.error.HTTPError) as redirect:  # the begin URL: a cookie, then the provider
+        urllib.request.build_opener(urllib.request.HTTPCookieProcessor(browser.cookies), _NoRedirect).open(
+            agent.begin_url, timeout=15)
+    assert redirect.value.code == 302
+    set_cookie = redirect.value.headers["Set-Cookie"]
+    assert set_cookie.startswith("ferryman-oidc-") and "; Path=/v1/auth/oidc; " in set_cookie
+    assert "HttpOnly" in set_cookie and "SameSite=Lax" in set_cookie
+    authorize = redirect.value.headers["Location"]
+    assert authorize.startswith(provider.issuer + "/authorize?")
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(authorize).query))
     assert query["scope"] == "openid email profile" and query["code_challenge_method"] == "S256"
     assert query["redirect_uri"] == control.url + "/v1/auth/oidc/callback"
-    assert poll(control, body["login_id"]) == (202, {"status": "pending", "expires_in": pytest.approx(600, abs=10)})
-    status, page, final = browse(body["authorization_url"])
-    assert status == 200, page
-    assert final.startswith(control.url + "/v1/auth/oidc/callback?code=")
-    assert f"Signed in as {upn} on device &#x27;laptop&#x27;: you can close this window" in page
+    status, page, location = browser.open(authorize)
+    assert status == 303, page
+    handoff = agent.handoff_of(location)
     # The control plane authenticated at the token endpoint (Basic) with the PKCE verifier.
-    request = provider.token_requests[-1]
-    assert request["grant_type"] == "authorization_code" and len(request["code_verifier"]) >= 43
-    assert "client_secret" not in request and request["authorization"].startswith("Basic ")
-    status, answer = poll(control, body["login_id"])
+    request_seen = provider.token_requests[-1]
+    assert request_seen["grant_type"] == "authorization_code" and len(request_seen["code_verifier"]) >= 43
+    assert "client_secret" not in request_seen and request_seen["authorization"].startswith("Basic ")
+    assert agent.poll() == (202, {"status": "pending", "expires_in": pytest.approx(600, abs=10)})  # no handoff yet
+    status, answer = agent.poll(handoff)
     assert status == 200, answer
     assert answer["user"] == {"id": user["id"], "upn": upn, "display_name": user["display_name"], "groups": []}
     assert answer["token_type"] == "Bearer" and answer["refresh_token"].startswith(f"fmrt_{answer['session_id']}.")
@@ -322,7 +422,7 @@ def test_sign_in_gives_tokens_and_a_device_certificate(control: Control, provide
     assert claims.amr == amr and claims.sub == user["id"] and claims.upn == upn
     assert claims.did == device["id"] and claims.sid == answer["session_id"] and claims.auth_time == auth_time
     # Handed out once; the refresh token works like a password sign-in's.
-    assert poll(control, body["login_id"])[0] == 404
+    assert agent.poll(handoff)[0] == 404
     status, refreshed = control.call("POST", "/v1/auth/refresh", {"refresh_token": answer["refresh_token"]})
     assert status == 200, refreshed
     assert verify_access_token(refreshed["access_token"], keys["keys"]).amr == amr
@@ -344,9 +444,14 @@ def test_unknown_and_disabled_users_are_refused(control: Control, provider: Prov
     assert status == 401 and "account is disabled" in page
     assert answer == (401, {"error": "account is disabled", "code": "account_disabled"})
     make_user(control, "erin@corp.example")
-    _, _, answer = sign_in_refused(control, provider, "erin@corp.example", email_verified=False)
-    assert answer == (403, {"error": "the OIDC provider says the email 'erin@corp.example' is not verified",
-                            "code": "oidc_email_unverified"})
+    for verified in (False, "true", None):  # only a JSON true vouches for the email (None: no such claim)
+        _, _, (status, body) = sign_in_refused(control, provider, "erin@corp.example", sub="erin-sub",
+                                               email_verified=verified)
+        assert (status, body["code"]) == (403, "oidc_email_unverified"), (verified, body)
+        assert body["error"] == (
+            f"the OIDC provider does not say the email 'erin@corp.example' is verified (email_verified), so it "
+            f"cannot link this account to a Ferryman user: an administrator links it: `ferryman admin users update "
+            f"UPN --oidc-subject erin-sub` (the account's subject at {provider.issuer})")
 
 
 @pytest.mark.parametrize(("fault", "status", "code", "message"), [
@@ -376,20 +481,204 @@ def test_a_misbehaving_provider_is_refused_precisely(control: Control, provider:
 
 def test_state_is_good_once_and_login_ids_must_be_known(control: Control, provider: Provider) -> None:
     make_user(control, "frank@corp.example")
-    provider.user = {"email": "frank@corp.example"}
-    body, _ = start(control)
-    status, _page, callback_url = browse(body["authorization_url"])
-    assert status == 200
-    status, page, _ = browse(callback_url)  # the same code and state again (a replayed callback)
+    provider.user = {"email": "frank@corp.example", "email_verified": True, "sub": "frank-sub"}
+    agent = Agent(control).start()
+    browser = Browser()
+    handoff = browser.sign_in(agent)
+    (callback_url,) = [u for u in browser.visited if "/v1/auth/oidc/callback?" in u]
+    status, page, _ = browser.open(callback_url)  # the same code and state again (a replayed callback)
     assert status == 400 and "this sign-in response was already used (its state is good once)" in page
-    assert poll(control, body["login_id"])[0] == 200  # the first callback's sign-in stands
+    assert agent.poll(handoff)[0] == 200  # the first callback's sign-in stands
     status, page, _ = browse(control.url + "/v1/auth/oidc/callback?code=x&state=made-up")
     assert status == 400 and "unknown or expired sign-in (state)" in page
-    status, answer = poll(control, "no-such-login")
+    status, answer = control.call("POST", "/v1/auth/oidc/poll", {"login_id": "no-such-login",
+                                                                 "poll_verifier": secrets.token_urlsafe(32)})
     assert (status, answer["code"]) == (404, "oidc_login_unknown")
     assert answer["error"].startswith("this OIDC sign-in is unknown or has expired")
-    status, answer = control.call("POST", "/v1/auth/oidc/start", {"device": {"csr_pem": "not a CSR"}})
+    status, answer = control.call("POST", "/v1/auth/oidc/start", {
+        "device": {"csr_pem": "not a CSR"}, "redirect_port": 40000, "poll_challenge": "A" * 43})
     assert (status, answer) == (422, {"error": "CSR is not a PEM certificate signing request", "code": "invalid_csr"})
+    _, csr_pem = new_key_and_csr("device")
+    for bad in ({"redirect_port": 80}, {"redirect_port": 70000}, {"poll_challenge": "short"}, {"redirect_port": None}):
+        status, answer = control.call("POST", "/v1/auth/oidc/start", {
+            "device": {"csr_pem": csr_pem.decode()}, "redirect_port": 40000, "poll_challenge": "A" * 43, **bad})
+        assert (status, answer["code"]) == (400, "validation"), (bad, answer)
+
+
+def test_users_are_matched_by_issuer_and_subject_never_by_an_unverified_email(control: Control,
+                                                                              provider: Provider) -> None:
+    grace = make_user(control, "gina@corp.example")
+    make_user(control, "heidi@corp.example")
+
+    def sign_in_as(claims: dict[str, Any]) -> tuple[int, Any]:
+        provider.user = claims
+        agent = Agent(control).start()
+        status, page, location = Browser().open(agent.begin_url)
+        if status != 303:
+            return agent.poll()
+        return agent.poll(agent.handoff_of(location))
+
+    # First sign-in: the verified email links the account (iss, sub) to the user, audited.
+    status, answer = sign_in_as({"sub": "g-1", "email": "gina@corp.example", "email_verified": True})
+    assert status == 200 and answer["user"]["id"] == grace["id"], answer
+    status, shown = control.call("GET", f"/v1/users/{grace['id']}", admin=True)
+    assert (shown["oidc_issuer"], shown["oidc_subject"]) == (provider.issuer, "g-1")
+    status, records = control.call("GET", "/v1/audit?object_type=user", admin=True)
+    (link,) = [r for r in records if r["action"] == "user.oidc_link" and r["object_id"] == grace["id"]]
+    assert link["actor"] == f"user:{grace['id']}" and link["after"]["oidc_subject"] == "g-1"
+    # From then on the account is the user, whatever email the provider says (not heidi's, nor unverified).
+    status, answer = sign_in_as({"sub": "g-1", "email": "heidi@corp.example", "email_verified": True})
+    assert status == 200 and answer["user"]["upn"] == "gina@corp.example", answer
+    status, answer = sign_in_as({"sub": "g-1"})
+    assert status == 200 and answer["user"]["upn"] == "gina@corp.example", answer
+    # Another account of the provider cannot take gina over with her (verified) email.
+    status, answer = sign_in_as({"sub": "intruder", "email": "gina@corp.example", "email_verified": True})
+    assert (status, answer["code"]) == (403, "oidc_account_mismatch"), answer
+    assert answer["error"] == ("user gina@corp.example is linked to another account of its OIDC provider than "
+                               "this one (subject 'intruder'): an administrator changes the link if this one is right")
+    # An unverified email links nothing; an admin links the account instead, then it signs in.
+    status, answer = sign_in_as({"sub": "h-1", "email": "heidi@corp.example", "email_verified": False})
+    assert (status, answer["code"]) == (403, "oidc_email_unverified"), answer
+    status, body = control.call("PATCH", "/v1/users/heidi@corp.example", {"oidc_subject": "h-1"}, admin=True)
+    assert status == 200 and (body["oidc_issuer"], body["oidc_subject"]) == (provider.issuer, "h-1"), body
+    status, answer = sign_in_as({"sub": "h-1", "email": "someone@else.example", "email_verified": False})
+    assert status == 200 and answer["user"]["upn"] == "heidi@corp.example", answer
+    # One user per account; "" unlinks.
+    status, body = control.call("PATCH", "/v1/users/gina@corp.example", {"oidc_subject": "h-1"}, admin=True)
+    assert (status, body["code"]) == (409, "conflict")
+    assert body["error"] == f"the OIDC account 'h-1' of {provider.issuer} is linked to user heidi@corp.example already"
+    status, body = control.call("PATCH", "/v1/users/heidi@corp.example", {"oidc_subject": ""}, admin=True)
+    assert status == 200 and body["oidc_subject"] is None and body["oidc_issuer"] is None
+    status, answer = sign_in_as({"sub": "h-1", "email": "heidi@corp.example"})
+    assert (status, answer["code"]) == (403, "oidc_email_unverified"), answer
+
+
+def test_a_sign_in_started_by_someone_else_gives_them_nothing(control: Control, provider: Provider) -> None:
+    """The attacker starts a sign-in and leads the victim's browser through it (a phishing link):
+    the victim's browser takes the handoff to its own loopback, the attacker's poll stays pending."""
+    victim = make_user(control, "ivan@corp.example")
+    attacker = Agent(control).start("attacker-laptop")
+    provider.user = {"sub": "ivan-sub", "email": "ivan@corp.example", "email_verified": True}
+    handoff = Browser().sign_in(attacker)  # on the victim's machine: the attacker never sees it
+    assert attacker.poll() == (202, {"status": "pending", "expires_in": pytest.approx(600, abs=10)})
+    forged = secrets.token_urlsafe(32)
+    status, body = attacker.poll(forged)
+    assert (status, body["code"]) == (403, "oidc_handoff_invalid")
+    assert body["error"] == "the browser's hand-off does not belong to this sign-in: it is ended; start again"
+    assert attacker.poll(handoff)[0] == 404  # ended: not even the real handoff collects it now
+    status, rows = control.call("GET", f"/v1/users/{victim['id']}/sessions", admin=True)
+    assert (status, rows) == (200, [])  # no session was made for the victim, no device registered
+    status, devices = control.call("GET", f"/v1/devices?user={victim['id']}", admin=True)
+    assert status == 200 and [d for d in devices if d["user_id"] == victim["id"]] == []
+
+
+def test_seeing_the_authorization_url_or_the_login_id_is_not_enough(control: Control, provider: Provider) -> None:
+    make_user(control, "judy@corp.example")
+    make_user(control, "mallory@corp.example")
+    victim = Agent(control).start()
+    browser = Browser()
+    with pytest.raises(urllib.error.HTTPError) as redirect:  # the victim's browser begins: cookie, then provider
+        urllib.request.build_opener(urllib.request.HTTPCookieProcessor(browser.cookies), _NoRedirect).open(
+            victim.begin_url, timeout=15)
+    authorize = redirect.value.headers["Location"]
+    # Someone who sees that URL opens it in their own browser and signs in as themselves: refused.
+    provider.user = {"sub": "mallory-sub", "email": "mallory@corp.example", "email_verified": True}
+    status, page, _ = browse(authorize)
+    assert status == 403 and "this sign-in was started in another browser" in page
+    # The begin link works once: it cannot be replayed into another browser either.
+    status, page, _ = browse(victim.begin_url)
+    assert status == 400 and "this sign-in link is unknown, expired or was already opened" in page
+    # Someone who knows the login id but not the agent's verifier learns nothing.
+    status, body = victim.poll(verifier=secrets.token_urlsafe(32))
+    assert (status, body["code"]) == (404, "oidc_login_unknown")
+    status, body = control.call("POST", "/v1/auth/oidc/poll", {"login_id": victim.login_id})
+    assert (status, body["code"]) == (400, "validation")
+    # The victim's own browser still finishes the sign-in, as the victim.
+    provider.user = {"sub": "judy-sub", "email": "judy@corp.example", "email_verified": True}
+    status, page, location = browser.open(authorize)
+    assert status == 303, page
+    status, answer = victim.poll(victim.handoff_of(location))
+    assert status == 200 and answer["user"]["upn"] == "judy@corp.example"
+
+
+def test_starts_are_limited_per_source_address(provider: Provider, tmp_path: Path) -> None:
+    port = _free_port()
+    ctl = _start_control(tmp_path / "limited", {
+        "FERRYMAN_OIDC_ISSUER": provider.issuer, "FERRYMAN_OIDC_CLIENT_ID": CLIENT_ID,
+        "FERRYMAN_OIDC_CLIENT_SECRET": CLIENT_SECRET, "FERRYMAN_OIDC_STARTS_PER_MINUTE": "3",
+        "FERRYMAN_OIDC_REDIRECT_URI": f"http://127.0.0.1:{port}/v1/auth/oidc/callback"}, port)
+    try:
+        _, csr_pem = new_key_and_csr("device")
+        body = {"device": {"csr_pem": csr_pem.decode()}, "redirect_port": 40000,
+                "poll_challenge": _challenge(secrets.token_urlsafe(32))}
+        assert [call_from(ctl, "127.0.0.2", "POST", "/v1/auth/oidc/start", body)[0] for _ in range(3)] == [200] * 3
+        status, answer, headers = call_from(ctl, "127.0.0.2", "POST", "/v1/auth/oidc/start", body)
+        assert (status, answer["code"]) == (429, "rate_limited") and 1 <= int(headers["Retry-After"]) <= 60
+        assert answer["error"].startswith("too many OIDC sign-ins started from this address (3 a minute): "
+                                          "try again in ")
+        assert call_from(ctl, "127.0.0.3", "POST", "/v1/auth/oidc/start", body)[0] == 200  # other addresses go on
+    finally:
+        _stop(ctl.proc)
+
+
+def test_no_code_state_or_handoff_reaches_a_log_line(provider: Provider, tmp_path: Path) -> None:
+    """Every secret of the round trip (codes, states, begin ids, cookies, handoffs, login ids,
+    verifiers) stays out of the control plane's log at debug level (uvicorn's access log of the
+    callback URL included) and out of the client agent's output."""
+    port = _free_port()
+    ctl = _start_control(tmp_path / "logged", {
+        "FERRYMAN_OIDC_ISSUER": provider.issuer, "FERRYMAN_OIDC_CLIENT_ID": CLIENT_ID,
+        "FERRYMAN_OIDC_CLIENT_SECRET": CLIENT_SECRET, "FERRYMAN_LOG_LEVEL": "debug",
+        "FERRYMAN_OIDC_REDIRECT_URI": f"http://127.0.0.1:{port}/v1/auth/oidc/callback"}, port)
+    secrets_seen: list[str] = []
+    first = len(provider.issued)
+    try:
+        make_user(ctl, "kim@corp.example")
+        # The client agent, for real.
+        provider.user = {"email": "kim@corp.example", "email_verified": True, "sub": "kim-sub"}
+        proc = _client(ctl, tmp_path)
+        try:
+            browser = Browser(follow_loopback=True)
+            status, page, _ = browser.open(_read_url(proc))
+            assert status == 200 and "Signed in as kim@corp.example" in page, page
+            out, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err.decode()
+        session = json.loads((tmp_path / "data" / "client" / "session.json").read_text())
+        secrets_seen += [session["refresh_token"], session["access_token"]]
+        secrets_seen += [v for u in browser.visited for _, v in urllib.parse.parse_qsl(urllib.parse.urlsplit(u).query)
+                         if len(v) >= 20]  # begin id, state, code, handoff as they passed the browser
+        secrets_seen += [c.value for c in browser.cookies]
+        # A refused sign-in, a replayed callback and a callback from another browser.
+        provider.user = {"email": "nobody@corp.example", "email_verified": True, "sub": "nobody-sub"}
+        agent = Agent(ctl).start()
+        refused_browser = Browser()
+        assert refused_browser.open(agent.begin_url)[0] == 403
+        assert agent.poll()[0] == 403
+        (callback_url,) = [u for u in refused_browser.visited if "/callback?" in u]
+        assert browse(callback_url)[0] == 400
+        provider.user = {"email": "kim@corp.example", "email_verified": True, "sub": "kim-sub"}
+        other = Agent(ctl).start()
+        with pytest.raises(urllib.error.HTTPError) as redirect:
+            urllib.request.build_opener(_NoRedirect).open(other.begin_url, timeout=15)
+        assert browse(redirect.value.headers["Location"])[0] == 403  # the provider, then the callback: no cookie
+        secrets_seen += [agent.login_id, agent.verifier, agent.begin_url.rsplit("=", 1)[1], other.login_id,
+                         other.verifier, other.begin_url.rsplit("=", 1)[1]]
+        secrets_seen += [v for u in refused_browser.visited for _, v in urllib.parse.parse_qsl(
+            urllib.parse.urlsplit(u).query) if len(v) >= 20]
+    finally:
+        _stop(ctl.proc)
+    secrets_seen += provider.issued[first:]
+    assert len(provider.issued) - first >= 6  # codes and states of three round trips
+    log = ctl.log.read_text()
+    assert log.count("/v1/auth/oidc/callback?<redacted>") >= 3  # the access log is on; it names no query
+    assert log.count("/v1/auth/oidc/begin?<redacted>") >= 3
+    output = out.decode() + err.decode()
+    leaked = [secret for secret in set(secrets_seen) if secret in log or secret in output]
+    assert leaked == [], [line for line in (log + output).splitlines() if any(s in line for s in leaked)]
 
 
 def test_oidc_not_configured_is_404(tmp_path: Path) -> None:
@@ -397,9 +686,14 @@ def test_oidc_not_configured_is_404(tmp_path: Path) -> None:
     try:
         expected = {"error": "OIDC sign-in is not configured on this control plane", "code": "oidc_not_configured"}
         _, csr_pem = new_key_and_csr("device")
-        assert ctl.call("POST", "/v1/auth/oidc/start", {"device": {"csr_pem": csr_pem.decode()}}) == (404, expected)
-        assert ctl.call("POST", "/v1/auth/oidc/poll", {"login_id": "x"}) == (404, expected)
+        verifier = secrets.token_urlsafe(32)
+        assert ctl.call("POST", "/v1/auth/oidc/start", {"device": {"csr_pem": csr_pem.decode()}, "redirect_port": 40000,
+                                                        "poll_challenge": _challenge(verifier)}) == (404, expected)
+        assert ctl.call("POST", "/v1/auth/oidc/poll", {"login_id": "x", "poll_verifier": verifier}) == (404, expected)
+        assert ctl.call("GET", "/v1/auth/oidc/begin?login=b") == (404, expected)
         assert ctl.call("GET", "/v1/auth/oidc/callback?code=a&state=b") == (404, expected)
+        status, body = ctl.call("PATCH", "/v1/users/nobody@corp.example", {"oidc_subject": "x"}, admin=True)
+        assert (status, body["code"]) == (422, "invalid") and "OIDC sign-in is not configured" in body["error"]
     finally:
         _stop(ctl.proc)
 
@@ -432,12 +726,15 @@ def _client(control: Control, tmp_path: Path, *args: str) -> subprocess.Popen[by
 
 def test_cli_login_with_oidc_end_to_end(control: Control, provider: Provider, tmp_path: Path) -> None:
     user = make_user(control, "grace@corp.example")
-    provider.user = {"email": "grace@corp.example", "amr": ["hwk"]}
+    provider.user = {"email": "grace@corp.example", "email_verified": True, "amr": ["hwk"], "sub": "grace-sub"}
     proc = _client(control, tmp_path, "--device-name", "grace-laptop")
     try:
         url = _read_url(proc)
-        status, page, _ = browse(url)
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", url), url  # the agent's own loopback listener
+        browser = Browser(follow_loopback=True)
+        status, page, final = browser.open(url)
         assert status == 200 and "Signed in as grace@corp.example on device &#x27;grace-laptop&#x27;" in page
+        assert final.startswith(url + "ferryman/oidc?handoff=")
         out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
@@ -514,12 +811,15 @@ def test_discovery_must_name_the_configured_issuer(provider: Provider) -> None:
 
 def test_pending_logins_are_bounded_and_expire() -> None:
     logins = PendingLogins(max_pending=2, lifetime=10)
-    first = logins.add({}, now=0)
-    logins.add({}, now=1)
+    verifier = secrets.token_urlsafe(32)
+    first = logins.add({}, _challenge(verifier), 40000, now=0)
+    logins.add({}, _challenge(verifier), 40000, now=1)
     with pytest.raises(OidcError, match="2 OIDC sign-ins are in progress"):
-        logins.add({}, now=2)
-    logins.add({}, now=10.5)  # the first expired and made room
+        logins.add({}, _challenge(verifier), 40000, now=2)
+    logins.add({}, _challenge(verifier), 40000, now=10.5)  # the first expired and made room
     with pytest.raises(OidcError, match="unknown or has expired"):
-        logins.poll(first.login_id, now=10.5)
+        logins.poll(first.login_id, verifier, now=10.5)
     with pytest.raises(OidcError, match="unknown or expired sign-in"):
-        logins.claim(first.state, now=10.5)
+        logins.claim(first.state, "cookie", now=10.5)
+    with pytest.raises(OidcError, match="unknown, expired or was already opened"):
+        logins.begin(first.begin_id, now=10.5)

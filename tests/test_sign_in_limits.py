@@ -12,11 +12,7 @@ before; failures age out of the window; sources count per IPv6 /64.
 
 from __future__ import annotations
 
-import http.client
-import json
-import ssl
 import threading
-import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,31 +23,11 @@ import pytest
 from control.api.throttle import SignInLimiter, SignInLimits, Throttled, source_key
 
 from controlplane import Control
+from sources import call_from
 
 pytestmark = pytest.mark.timeout(120)
 
 PASSWORD = "correct horse battery"
-
-
-def call_from(control: Control, source: str, method: str, path: str, body: Any = None,
-              timeout: float = 60) -> tuple[int, Any, http.client.HTTPMessage]:
-    """(status, decoded JSON body, headers) of one request sent from the local address ``source``."""
-    url = urllib.parse.urlsplit(control.url)
-    if url.scheme == "https":
-        context = getattr(control, "ssl_context", None) or ssl.create_default_context(
-            cafile=str(control.data_dir / "ca" / "ca.pem"))
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            url.hostname, url.port, timeout=timeout, source_address=(source, 0), context=context)
-    else:
-        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout, source_address=(source, 0))
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
-        response = conn.getresponse()
-        payload = response.read()
-        return response.status, json.loads(payload) if payload else None, response.headers
-    finally:
-        conn.close()
 
 
 def sign_in_from(control: Control, source: str, upn: str, password: str = PASSWORD) -> tuple[int, Any]:

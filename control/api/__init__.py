@@ -1,7 +1,7 @@
 """The control plane's REST API: admin resources under ``/v1``, sign-in, node registration and node routes.
 
-Imports point one way: ``app`` → the route modules → ``guards``, ``longpoll``, ``signin``,
-the bodies and ``errors`` → ``control.store``.
+Imports point one way: ``app`` → the route modules → ``guards`` (→ ``throttle``), ``longpoll``,
+``signin``, the bodies and ``errors`` → ``control.store``.
 
 - ``app``: ``create_app(store, ca, edges_public=..., token_signer=...)``, the Litestar application.
 - Route modules: ``admin`` (applications, connector groups, connectors, edges, DNS
@@ -17,6 +17,8 @@ the bodies and ``errors`` → ``control.store``.
 - ``guards``: the ``Api`` state behind every handler, the bearer-token parser and the
   three guards (admin key, node request token, user access token), with the state they
   keep (replay cache, failed sign-ins, TOTP steps used).
+- ``throttle``: failed sign-ins per account, source and in all, and OIDC starts per
+  source (``SignInLimiter``, ``SourceRate``), held by ``guards.Api``.
 - ``longpoll``: the configuration long-poll of nodes and client agents.
 - ``signin``: what every sign-in hands out (device certificate, session, tokens).
 - ``schemas``, ``identity_schemas``, ``policy_schemas``: request/response bodies (msgspec Structs).

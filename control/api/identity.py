@@ -25,7 +25,7 @@ from litestar.params import Parameter
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from control.store import devices, sessions, totp, user_groups, users
+from control.store import StoreError, devices, sessions, totp, user_groups, users
 from control.store.models import Device, GroupMember, SignInSession, User, UserGroup, utcnow
 
 from .guards import Api, admin_routes
@@ -52,7 +52,8 @@ def _user_out(session: Session, user: User, groups: list[str] | None = None) -> 
                    risk_level=user.risk_level, has_password=user.password_hash is not None,
                    totp_enabled=user.totp_enabled,
                    groups=users.user_group_ids(session, user.id) if groups is None else groups,
-                   created_at=user.created_at, updated_at=user.updated_at)
+                   created_at=user.created_at, updated_at=user.updated_at, oidc_issuer=user.oidc_issuer,
+                   oidc_subject=user.oidc_subject)
 
 
 def _users_out(session: Session, rows: list[User]) -> list[UserOut]:
@@ -112,12 +113,20 @@ def create_user(api: Api, actor: str, data: UserCreate) -> UserOut:
 
 @patch("/users/{user_ref:str}", sync_to_thread=True)
 def update_user(api: Api, actor: str, user_ref: str, data: UserUpdate) -> UserOut:
-    """Change UPN, display name, password, disabled flag and/or risk level."""
+    """Change UPN, display name, password, disabled flag, risk level and/or the linked OIDC account
+    (``oidc_subject``: the ``sub`` at the control plane's OIDC provider; "" unlinks)."""
+    if data.oidc_subject is not None and data.oidc_subject.strip() and api.oidc is None:
+        raise StoreError("invalid", "OIDC sign-in is not configured on this control plane (FERRYMAN_OIDC_ISSUER): "
+                                    "there is no provider to link an account of")
     with api.store.begin() as session:
         user = users.update_user(session, actor, user_ref, upn=data.upn, display_name=data.display_name,
                                  disabled=data.disabled, risk_level=data.risk_level)
         if data.password is not None:
             user = users.set_password(session, actor, user.id, data.password)
+        if data.oidc_subject is not None:
+            subject = data.oidc_subject.strip() or None
+            issuer = api.oidc.config.issuer if api.oidc is not None else ""
+            user = users.link_oidc(session, actor, user.id, issuer, subject)
         return _user_out(session, user)
 
 

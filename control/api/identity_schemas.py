@@ -137,6 +137,8 @@ class UserUpdate(_Request):
     password: _Password | None = None
     disabled: bool | None = None
     risk_level: RiskLevel | None = None
+    # The user's account at the control plane's OIDC provider (its ``sub``); "" unlinks.
+    oidc_subject: Annotated[str, msgspec.Meta(max_length=255)] | None = None
 
 
 class UserOut(msgspec.Struct):
@@ -150,6 +152,8 @@ class UserOut(msgspec.Struct):
     groups: list[str]  # group ids
     created_at: datetime
     updated_at: datetime
+    oidc_issuer: str | None = None  # the OIDC account the user signs in with (``iss``, ``sub``), once linked
+    oidc_subject: str | None = None
 
 
 # ---------------------------------------------------------------------------- user groups (admin)

@@ -1,4 +1,5 @@
-"""Users: who signs in (named by id or UPN), their passwords, disabled flag and risk level.
+"""Users: who signs in (named by id or UPN), their passwords, disabled flag and risk level,
+and the OIDC provider's account each may be linked to.
 
 Creating, renaming (UPN), disabling, enabling, re-rating or deleting a user changes the
 configuration version (edges decide flows from ``snapshot_users``); a password change does
@@ -9,6 +10,13 @@ Passwords: argon2id (``PASSWORD_HASHER``: 19 MiB, 2 passes, 1 lane, the OWASP mi
 ``check_password`` spends the same argon2 work on an unknown user (a dummy hash) and gives
 one message for an unknown user and a wrong password; "account is disabled" is only said
 once the password was right.
+
+OIDC accounts: a user may be linked to one account of an OIDC provider, named by the ID
+token's ``iss`` and ``sub`` (unique: one user per account). Sign-in through the provider
+finds the user by that pair only (``find_oidc_user``); the link is made by an admin
+(``link_oidc``) or at the first sign-in whose verified email is the user's UPN
+(``control.api.oidc``). Linking is audited (``user.oidc_link`` / ``user.oidc_unlink``),
+not configuration.
 """
 
 from __future__ import annotations
@@ -80,7 +88,8 @@ def user_state(user: User) -> dict[str, Any]:
     """A user as its audit records show it (no secret: whether a password and TOTP are set)."""
     return {"id": user.id, "upn": user.upn, "display_name": user.display_name, "disabled": user.disabled,
             "risk_level": user.risk_level, "has_password": user.password_hash is not None,
-            "totp_enabled": user.totp_enabled, "totp_pending": user.totp_secret is not None and not user.totp_enabled}
+            "totp_enabled": user.totp_enabled, "totp_pending": user.totp_secret is not None and not user.totp_enabled,
+            "oidc_issuer": user.oidc_issuer, "oidc_subject": user.oidc_subject}
 
 
 # ---------------------------------------------------------------------------- reads
@@ -226,6 +235,42 @@ def delete_user(session: Session, actor: str, ref: str) -> None:
     session.flush()
     session.expire_all()  # devices, sessions and memberships went with it (ON DELETE CASCADE)
     record_change(session, actor, "user.delete", "user", before["id"], before, None, config=True)
+
+
+MAX_OIDC_VALUE = 255  # characters of an issuer URL or a subject
+
+
+def find_oidc_user(session: Session, issuer: str, subject: str) -> User | None:
+    """The user linked to the OIDC account (``iss``, ``sub``), or None."""
+    return session.scalar(select(User).where(User.oidc_issuer == issuer, User.oidc_subject == subject))
+
+
+@change
+def link_oidc(session: Session, actor: str, ref: str, issuer: str, subject: str | None) -> User:
+    """Link the user to the OIDC account (``issuer``, ``subject``), replacing any link it had; with
+    ``subject`` None, unlink it. Refused (``conflict``) when another user has that account."""
+    user = get_user(session, ref)
+    before = user_state(user)
+    if subject is None:
+        if user.oidc_subject is None:
+            return user
+        user.oidc_issuer = user.oidc_subject = None
+        action = "user.oidc_unlink"
+    else:
+        issuer = valid_name(issuer, "OIDC issuer", MAX_OIDC_VALUE)
+        subject = valid_name(subject, "OIDC subject (sub)", MAX_OIDC_VALUE)
+        other = find_oidc_user(session, issuer, subject)
+        if other is not None and other.id != user.id:
+            raise StoreError("conflict", f"the OIDC account {subject!r} of {issuer} is linked to user {other.upn} "
+                                         f"already")
+        if (user.oidc_issuer, user.oidc_subject) == (issuer, subject):
+            return user
+        user.oidc_issuer, user.oidc_subject = issuer, subject
+        action = "user.oidc_link"
+    user.updated_at = utcnow()
+    session.flush()
+    record_change(session, actor, action, "user", user.id, before, user_state(user), config=False)
+    return user
 
 
 # ---------------------------------------------------------------------------- passwords at sign-in

@@ -179,7 +179,7 @@ VARIABLES: dict[str, str] = {
     "oidc_client_id": "Control plane: the client id registered for Ferryman at the OIDC provider.",
     "oidc_client_secret": "Control plane: the client secret at the OIDC provider; empty for a public client (PKCE only).",
     "oidc_redirect_uri": "Control plane: its callback URL as registered at the OIDC provider, e.g. `https://control.example/v1/auth/oidc/callback`.",
-    "oidc_upn_claim": "Control plane: the ID token claim (lower-cased) matched against users' UPNs; users are not created at sign-in.",
+    "oidc_upn_claim": "Control plane: the ID token claim (lower-cased) that links an OIDC account to the user with that UPN at its first sign-in: only `email`, and only with `email_verified: true`; with another claim an admin links each account (`ferryman admin users update UPN --oidc-subject SUB`). Signed-in users are then found by the token's `iss` and `sub`; users are not created at sign-in.",
     "oidc_mfa_amr": "Control plane: comma-separated ID token `amr` values that count as multi-factor (the session's amr is then `pwd,mfa`).",
     "oidc_starts_per_minute": "Control plane: most OIDC sign-ins one source address may start per minute (`POST /v1/auth/oidc/start`; IPv6 counted per /64); beyond that 429.",
     "sign_in_window": "Control plane: seconds over which failed sign-ins (wrong password or second factor) are counted for the FERRYMAN_SIGN_IN_MAX_* limits.",

@@ -116,7 +116,8 @@ def add_node_commands(sub: Any) -> None:
     login.add_argument("--user", metavar="UPN", help="user name (UPN), e.g. alice@corp.example (required without "
                                                      "--oidc)")
     login.add_argument("--oidc", action="store_true", help="sign in through the control plane's OIDC provider: "
-                                                           "open the printed URL in a browser")
+                                                           "open the printed URL (this machine's loopback) in a "
+                                                           "browser on this machine")
     login.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     login.add_argument("--totp", default="", metavar="CODE", help="TOTP code (asked for when needed on a terminal)")
     login.add_argument("--recovery-code", default="", help="a one-time recovery code instead of a TOTP code")

@@ -7,8 +7,19 @@ a device certificate (CN = the device id). It stores, in one directory (default
 ``FERRYMAN_DATA_DIR/client``): the device key (0600), certificate and CA, and
 ``session.json`` (0600): control-plane URL, user, device id, the refresh token and the
 current access token with its expiry. ``login_oidc(...)`` does the same through the control
-plane's OIDC provider (``POST /v1/auth/oidc/start``, the user signs in in a browser, then
-``POST /v1/auth/oidc/poll`` until done); both store the answer with ``_store``.
+plane's OIDC provider; both store the answer with ``_store``.
+
+OIDC (``control.oidc`` has the control plane's side): the agent listens on 127.0.0.1 (a free
+port, ``Loopback``) for the user's browser, which must run on this machine, and keeps a
+random *poll verifier* to itself (the control plane gets its SHA-256 at
+``POST /v1/auth/oidc/start``). The URL shown to the user is that loopback listener's; it
+sends the browser to the control plane's begin URL, then to the provider; after the
+sign-in the control plane sends the browser back to the listener with a one-time handoff,
+and the agent collects the tokens with login id, verifier and handoff
+(``POST /v1/auth/oidc/poll``, which also tells it early when the sign-in was refused). No
+one else gets them: not whoever sees the URL (it points at this machine's loopback), not a
+victim's browser led through a sign-in someone else started (it takes the handoff to its
+own loopback), not whoever learns the login id (no verifier). The listener logs no request.
 
 A client started with no ``FERRYMAN_TLS_*`` settings uses that directory by itself
 (``dataplane.cli.nodes``). ``TokenKeeper`` then keeps the access token fresh: it refreshes
@@ -21,11 +32,20 @@ retries with backoff; flows keep working until the access token expires.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import html
+import http.server
 import json
 import logging
 import os
 import platform
+import queue
+import re
+import secrets
+import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -146,34 +166,146 @@ def login(control: str, upn: str, password: str, *, directory: str, totp: str = 
     return _store(control, _post(control, "/v1/auth/sign-in", body), key_pem, directory)
 
 
+LOOPBACK_PATH = "/ferryman/oidc"  # where the control plane sends the browser back with the handoff
+BROWSER_WAIT = 60.0  # seconds the browser's last request waits for the agent to collect the tokens
+_HANDOFF_RE = re.compile(r"[A-Za-z0-9_-]{43,128}")
+
+
+class Loopback:
+    """The agent's listener on 127.0.0.1 for the browser during an OIDC sign-in (RFC 8252 §7.3):
+    ``/`` sends the browser to ``begin_url``; ``LOOPBACK_PATH?handoff=...`` passes the handoff to
+    the agent (``handoffs``) and shows the browser how the sign-in ended (``finish``)."""
+
+    def __init__(self) -> None:
+        self.begin_url = ""
+        self.handoffs: queue.Queue[str] = queue.Queue(maxsize=1)
+        self._pages: queue.Queue[tuple[int, str, str]] = queue.Queue(maxsize=1)
+        loopback = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *_args: Any) -> None:  # the request line carries the handoff: never logged
+                pass
+
+            def _send(self, status: int, title: str, message: str, location: str = "") -> None:
+                body = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>Ferryman: {html.escape(title)}"
+                        f"</title></head><body><h1>{html.escape(title)}</h1><p>{html.escape(message)}</p></body>"
+                        f"</html>\n").encode()
+                self.send_response(status)
+                if location:
+                    self.send_header("Location", location)
+                for name, value in (("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store"),
+                                    ("Referrer-Policy", "no-referrer"), ("Content-Length", str(len(body)))):
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802
+                url = urllib.parse.urlsplit(self.path)
+                if url.path == "/":
+                    self._send(302, "sign-in", "Continue to sign in.", loopback.begin_url)
+                    return
+                if url.path != LOOPBACK_PATH:
+                    self._send(404, "not found", "Nothing here.")
+                    return
+                handoff = urllib.parse.parse_qs(url.query).get("handoff", [""])[0]
+                if not _HANDOFF_RE.fullmatch(handoff):
+                    self._send(400, "sign-in failed", "The control plane's answer is not complete: start again.")
+                    return
+                try:
+                    loopback.handoffs.put_nowait(handoff)
+                except queue.Full:
+                    self._send(409, "sign-in failed", "This sign-in is already being finished.")
+                    return
+                try:
+                    status, title, message = loopback._pages.get(timeout=BROWSER_WAIT)
+                except queue.Empty:
+                    status, title, message = 504, "sign-in unfinished", "The agent did not finish the sign-in in time."
+                self._send(status, title, message)
+
+        self._server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="oidc-loopback", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def finish(self, status: int, title: str, message: str) -> None:
+        """What the browser that brought the handoff is shown."""
+        try:
+            self._pages.put_nowait((status, title, message))
+        except queue.Full:
+            pass
+
+    def close(self) -> None:
+        self.finish(503, "sign-in stopped", "The agent stopped before the sign-in finished: start again.")
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _challenge(verifier: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode()
+
+
 def login_oidc(control: str, *, directory: str, show_url: Callable[[str], None], device_name: str = "",
                os_name: str = "", os_version: str = "", sleep: Callable[[float], None] = time.sleep) -> ClientSession:
-    """Sign in through the control plane's OIDC provider and register this device: ``show_url``
-    gets the URL the user opens in a browser; the control plane is polled until the user is
-    through (or the sign-in expired). Stores and returns the session like ``login``."""
+    """Sign in through the control plane's OIDC provider and register this device (module doc):
+    ``show_url`` gets the URL the user opens in a browser on this machine; the sign-in ends
+    when the browser is back at the agent's listener, is refused, or expires. Stores and
+    returns the session like ``login``."""
     key_pem, csr_pem = new_key_and_csr("device")
-    started = _post(control, "/v1/auth/oidc/start", {"device": _device(csr_pem, device_name, os_name, os_version)})
+    verifier = secrets.token_urlsafe(32)
+    device = _device(csr_pem, device_name, os_name, os_version)
+    loopback = Loopback()
     try:
-        login_id, url = str(started["login_id"]), str(started["authorization_url"])
-        interval = min(max(float(started.get("poll_interval", 2)), 0.5), 30.0)
-        deadline = time.monotonic() + float(started.get("expires_in", 600))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SignInError(f"the control plane's OIDC start answer is incomplete ({exc!r})") from None
-    show_url(url)
-    while True:
+        started = _post(control, "/v1/auth/oidc/start", {"device": device, "redirect_port": loopback.port,
+                                                         "poll_challenge": _challenge(verifier)})
         try:
-            status, answer = _post_status(control, "/v1/auth/oidc/poll", {"login_id": login_id})
-        except SignInError as exc:
-            if exc.code != "network":
-                raise
-            log.warning("polling the OIDC sign-in failed; retrying: %s", exc)  # the sign-in waits on the server
-        else:
-            if status == 200:
-                return _store(control, answer, key_pem, directory)
-        if time.monotonic() + interval > deadline:
-            raise SignInError("the OIDC sign-in expired before it was completed in the browser: start again",
-                              "oidc_login_unknown", 404)
-        sleep(interval)
+            login_id, loopback.begin_url = str(started["login_id"]), str(started["begin_url"])
+            interval = min(max(float(started.get("poll_interval", 2)), 0.5), 30.0)
+            deadline = time.monotonic() + float(started.get("expires_in", 600))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SignInError(f"the control plane's OIDC start answer is incomplete ({exc!r})") from None
+        show_url(loopback.url)
+        handoff: str | None = None
+        while True:
+            if handoff is None:
+                try:
+                    handoff = loopback.handoffs.get(timeout=interval)
+                except queue.Empty:
+                    pass
+            body = {"login_id": login_id, "poll_verifier": verifier}
+            if handoff is not None:
+                body["handoff"] = handoff
+            try:
+                status, answer = _post_status(control, "/v1/auth/oidc/poll", body)
+            except SignInError as exc:
+                if exc.code != "network":
+                    loopback.finish(exc.status or 502, "sign-in failed", str(exc))
+                    raise
+                log.warning("polling the OIDC sign-in failed; retrying: %s", exc)  # the sign-in waits on the server
+                if handoff is not None:
+                    sleep(interval)
+            else:
+                if status == 200:
+                    try:
+                        session = _store(control, answer, key_pem, directory)
+                    except (SignInError, pki.PkiError, statefile.StateFileError) as exc:
+                        loopback.finish(500, "sign-in failed", f"signed in, but this device cannot store it: {exc}")
+                        raise
+                    loopback.finish(200, "signed in", f"Signed in as {session.upn} on device {device['name']!r} "
+                                                      f"({session.device_id}): you can close this window.")
+                    return session
+                if handoff is not None:  # the control plane had no sign-in to finish yet: not ours
+                    loopback.finish(409, "sign-in failed", "The control plane did not expect this answer.")
+                    raise SignInError("the browser came back before the control plane finished the sign-in: "
+                                      "start again", "oidc_handoff_invalid", 409)
+            if time.monotonic() + interval > deadline:
+                raise SignInError("the OIDC sign-in expired before it was completed in the browser: start again",
+                                  "oidc_login_unknown", 404)
+    finally:
+        loopback.close()
 
 
 def _store(control: str, answer: dict[str, Any], key_pem: bytes, directory: str) -> ClientSession:
