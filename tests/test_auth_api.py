@@ -3,7 +3,7 @@ in a subprocess (SQLite in a temporary directory), spoken to over HTTP with urll
 
 Covered: password sign-in and the access token (verified with joserfc against
 ``GET /v1/auth/keys``, every claim), one message for an unknown user and a wrong password,
-disabled accounts, the per-user-name rate limit (429), TOTP enrolment and sign-in with a
+disabled accounts, the per-account-and-address rate limit (429), TOTP enrolment and sign-in with a
 code (used once) or a recovery code (used once), refresh-token rotation and reuse detection,
 device registration (a client certificate with CN = device id, chaining to the CA),
 compliance changes moving the configuration version, device and session revocation,
@@ -152,7 +152,7 @@ def test_disabled_account_is_refused_and_disabling_is_configuration(control: Con
     signed_in(control, "dave@corp.example")
 
 
-def test_failed_sign_ins_are_rate_limited_per_user_name(control: Control) -> None:
+def test_failed_sign_ins_are_rate_limited_per_user_name_and_address(control: Control) -> None:
     make_user(control, "erin@corp.example")
     make_user(control, "frank@corp.example")
     for _ in range(10):
