@@ -214,7 +214,7 @@ def connector_view(snapshot: ConfigSnapshot, connector_id: str) -> ConfigSnapsho
     to dial, the revoked serials (to refuse a revoked edge), its own record and its own group.
     No applications, users, groups of users, devices, named locations, policies, sessions or
     token keys: a connector decides nothing about people."""
-    own = [c for c in snapshot.connectors if c.id == connector_id]
+    own = [c for c in snapshot.connectors or () if c.id == connector_id]
     groups = {c.group for c in own}
     return ConfigSnapshot(version=snapshot.version, issued_at=snapshot.issued_at,
                           groups=[g for g in snapshot.groups if g.name in groups],

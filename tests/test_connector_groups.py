@@ -76,6 +76,15 @@ def test_without_a_list_the_hello_names_the_group() -> None:
     assert groups.group_of(peer("any", 1), "") == GroupDecision("default")
 
 
+def test_a_snapshot_of_a_control_plane_that_records_no_groups_leaves_the_hello_to_decide() -> None:
+    """An older control plane (or a cache it filled) sends no ``connectors``: refusing every connector
+    would stop all traffic until the next change, so the HELLO decides, as it did then."""
+    old = ConnectorGroups.from_snapshot(ConfigSnapshot(version=3, issued_at=""))
+    assert old.trusts_hello and old.group_of(peer("lab-1", 0xA1), "lab") == GroupDecision("lab")
+    none_registered = ConnectorGroups.from_snapshot(ConfigSnapshot(version=3, issued_at="", connectors=[]))
+    assert none_registered.group_of(peer("lab-1", 0xA1), "lab").code == "connector_unknown"
+
+
 def test_the_application_file_s_connectors_list() -> None:
     assert AppTable.from_obj({"apps": APPS}).connectors is None
     table = AppTable.from_obj({"apps": APPS, "connectors": [{"name": " lab-1 ", "group": "lab"},

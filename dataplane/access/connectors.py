@@ -5,7 +5,9 @@ from what the connector says about itself.
 
 - ``from_snapshot(snapshot)``: the control plane's record of every registered connector
   (``ConfigSnapshot.connectors``), looked up by the serial of the certificate the tunnel
-  presented (the name in that certificate must be the record's name too);
+  presented (the name in that certificate must be the record's name too). A snapshot made
+  by a control plane that records no groups (an older version; ``connectors`` None) leaves
+  the HELLO to decide, as before, until a newer configuration arrives;
 - ``from_names(mapping)``: an application file's ``connectors`` list (certificate name ->
   group), for an edge running without a control plane;
 - ``hello_decides()``: an application file with no such list: the group named in the
@@ -52,6 +54,8 @@ class ConnectorGroups:
 
     @classmethod
     def from_snapshot(cls, snapshot: ConfigSnapshot) -> ConnectorGroups:
+        if snapshot.connectors is None:
+            return cls.hello_decides()
         index: dict[int, SnapConnector] = {}
         for connector in snapshot.connectors:
             for serial in connector.serials:

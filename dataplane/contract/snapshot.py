@@ -157,7 +157,9 @@ class ConfigSnapshot(msgspec.Struct, dict=True):
     dns_suffixes: list[str] = []
     revoked_serials: list[_Serial] = []
     edges: list[str] = []
-    connectors: list[SnapConnector] = []
+    # None: made by a control plane that records no connector groups (an older version, or a
+    # node's cache from one); edges then take each connector's group from its HELLO.
+    connectors: list[SnapConnector] | None = None
     # Identity and conditional access (empty on a control plane without users: edges then
     # enforce nothing beyond applications).
     users: list[SnapUser] = []

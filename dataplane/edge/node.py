@@ -221,6 +221,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                         self._authenticate(client, client.state, client.state.token)
             self.tables = AccessTables(apps, dns_suffixes=snapshot.dns_suffixes, access=access)
             self.connector_groups = ConnectorGroups.from_snapshot(snapshot)
+            if self.connector_groups.trusts_hello:
+                log.warning("configuration version %d records no connector groups (made by an older control "
+                            "plane): each connector's HELLO names its group until a configuration that records "
+                            "them arrives (any change made through the control plane)", snapshot.version)
             self._file_connectors()
         if self.tables.enforcing:
             self._recheck_flows(self.clients)
