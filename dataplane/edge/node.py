@@ -25,7 +25,9 @@ certificate (``access.connectors``), never the one its HELLO names: a HELLO nami
 group ends the tunnel (GOAWAY ``group_mismatch``), and a connector the configuration does
 not know serves no group until a configuration names it. Clients are told nothing of the
 connector's own address (OPEN_OK carries no ``bound``), and the ``process`` a client reports
-is kept as reported but bounded to ``MAX_PROCESS`` printable characters. A peer presenting a revoked certificate is refused at the handshake, and tunnels
+is kept as reported but bounded to ``MAX_PROCESS`` printable characters.
+
+A peer presenting a revoked certificate is refused at the handshake, and tunnels
 already up with one are ended (GOAWAY ``certificate_revoked``, their flows reset) as soon
 as the snapshot revoking it arrives. Every flow and every refused OPEN becomes a traffic-log
 record (``records.py``).
@@ -177,7 +179,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         source = s.apps_file if self.link is None or self.static_apps else f"control plane {self.link.base}"
         log.info("edge listening", extra={"addr": f"{bound[0]}:{bound[1]}", "apps": len(self.tables.apps.apps),
                                           "config": source, "transports": "tcp,quic" if self.quic else "tcp"})
-        if self.connector_groups.trusts_hello:
+        if self.static_apps and self.connector_groups.trusts_hello:
             log.warning("the application file lists no connectors: each connector's HELLO names the group it "
                         "serves, so any certificate of this CA may serve any group (list them under "
                         "[[connectors]] to decide it here)")
