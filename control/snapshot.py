@@ -18,8 +18,18 @@ next configuration change. The same holds for ``token_keys`` / ``token_issuer`` 
 keys users' access tokens are signed with, passed in by the server): a key rotation must
 bump the configuration version for nodes to get the new keys.
 
+Connectors: each registered connector with the group it was registered into and the serials
+of its usable certificates (``store.nodes.snapshot_connectors``): edges file a connector's
+tunnels under that group, whatever its HELLO says.
+
+Least knowledge: the snapshot above is an edge's. ``connector_view(snapshot, connector_id)``
+is what a connector is sent (version, time, edges, revoked serials, its own group and record);
+``SnapshotHub.body_for`` encodes each node's view once per version.
+
 Conditional access: users (with their group ids), devices and revoked sign-in sessions come
-from ``store.users``, ``store.devices`` and ``store.sessions``; named locations from
+from ``store.users``, ``store.devices`` and ``store.sessions`` (a revoked session only while
+an access token issued for it may still be accepted: ``token_lifetime`` is the access tokens'
+lifetime in seconds; without it, until the session's own expiry); named locations from
 ``store.named_locations``; policies (application ids turned into names, so a renamed
 application stays targeted) and application assignments from their tables.
 A policy target that no longer exists (a user or group deleted since) is left out; a policy
@@ -33,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -43,6 +53,7 @@ from dataplane.contract.snapshot import (
     ConfigSnapshot,
     SnapApp,
     SnapConditions,
+    SnapConnector,
     SnapDevice,
     SnapGroup,
     SnapLocation,
@@ -62,7 +73,7 @@ from .store.dns_suffixes import list_dns_suffixes
 from .store.forwarding_profile import forwarding_profile
 from .store.models import AccessPolicy, AppAssignment, ConfigVersion, UserGroup
 from .store.named_locations import list_locations, location_cidrs
-from .store.nodes import edge_addresses
+from .store.nodes import edge_addresses, snapshot_connectors
 from .store.segments import ports_from_text
 from .store.sessions import revoked_session_ids
 from .store.users import snapshot_users
@@ -126,7 +137,7 @@ def _policies(session: Session, app_names: Mapping[int, str], user_ids: set[str]
 
 
 def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenKeys = (),
-                   token_issuer: str = "") -> ConfigSnapshot:
+                   token_issuer: str = "", token_lifetime: int | None = None) -> ConfigSnapshot:
     """The configuration in the store as seen by ``session`` (use one transaction: ``store.read()``).
 
     Every list is sorted (applications, groups, users, locations by name; devices by id;
@@ -134,7 +145,7 @@ def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenK
     give equal bytes. The edges are ``edges`` (the configured public addresses) then those of
     registered, unrevoked edges, in that order (``edge_addresses``): nodes dial them in
     order. ``token_keys`` (public JWKs) and ``token_issuer`` are passed through; keys are
-    sorted by ``kid``.
+    sorted by ``kid``. ``token_lifetime`` (seconds) bounds how long revoked sessions are listed.
     """
     version, changed_at = session.execute(
         select(ConfigVersion.version, ConfigVersion.changed_at).where(ConfigVersion.id == 1)).one()
@@ -172,11 +183,14 @@ def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenK
         dns_suffixes=sorted(row.suffix for row in list_dns_suffixes(session)),
         revoked_serials=sorted((row.serial for row in list_revocations(session)), key=lambda s: int(s, 16)),
         edges=edge_addresses(session, edges),
+        connectors=[SnapConnector(id=cid, name=name, group=group, serials=serials)
+                    for cid, name, group, serials in snapshot_connectors(session, changed_at)],
         users=users,
         devices=devices,
         locations=locations,
         policies=_policies(session, {a.id: a.name for a in stored_apps}, {u.id for u in users}),
-        revoked_sessions=sorted(set(revoked_session_ids(session))),
+        revoked_sessions=sorted(set(revoked_session_ids(
+            session, token_lifetime=None if token_lifetime is None else timedelta(seconds=token_lifetime)))),
         token_keys=sorted(({str(k): str(v) for k, v in key.items()} for key in token_keys),
                           key=lambda key: (key.get("kid", ""), sorted(key.items()))),
         token_issuer=token_issuer,
@@ -185,10 +199,36 @@ def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenK
 
 
 def build_from_store(store: Store, *, edges: Iterable[str], token_keys: TokenKeys = (),
-                     token_issuer: str = "") -> ConfigSnapshot:
+                     token_issuer: str = "", token_lifetime: int | None = None) -> ConfigSnapshot:
     """``build_snapshot`` in a read transaction of its own (blocking: run it in a thread from asyncio)."""
     with store.read() as session:
-        return build_snapshot(session, edges=edges, token_keys=token_keys, token_issuer=token_issuer)
+        return build_snapshot(session, edges=edges, token_keys=token_keys, token_issuer=token_issuer,
+                              token_lifetime=token_lifetime)
+
+
+# ---------------------------------------------------------------------------- what each role is sent
+
+
+def connector_view(snapshot: ConfigSnapshot, connector_id: str) -> ConfigSnapshot:
+    """What connector ``connector_id`` is sent of ``snapshot``: the version and its time, the edges
+    to dial, the revoked serials (to refuse a revoked edge), its own record and its own group.
+    No applications, users, groups of users, devices, named locations, policies, sessions or
+    token keys: a connector decides nothing about people."""
+    own = [c for c in snapshot.connectors or () if c.id == connector_id]
+    groups = {c.group for c in own}
+    return ConfigSnapshot(version=snapshot.version, issued_at=snapshot.issued_at,
+                          groups=[g for g in snapshot.groups if g.name in groups],
+                          revoked_serials=list(snapshot.revoked_serials), edges=list(snapshot.edges),
+                          connectors=own)
+
+
+def node_view(snapshot: ConfigSnapshot, role: str, node_id: str) -> ConfigSnapshot:
+    """The snapshot a node of ``role`` is sent: an edge all of it, a connector ``connector_view``."""
+    if role == "edge":
+        return snapshot
+    if role == "connector":
+        return connector_view(snapshot, node_id)
+    raise ValueError(f"no configuration view for role {role!r}")
 
 
 def _store_version(store: Store) -> int:
@@ -216,6 +256,7 @@ class SnapshotHub:
         self.max_waiters = max_waiters
         self._current: ConfigSnapshot | None = None
         self._encoded: bytes | None = None
+        self._views: dict[tuple[str, str], bytes] = {}  # (role, node id) -> its view of the current snapshot
         self._waiting = 0
         self._wakeups: set[asyncio.Future[None]] = set()
         self._closed = False
@@ -247,8 +288,21 @@ class SnapshotHub:
             return False
         self._current = snapshot
         self._encoded = encode(snapshot)
+        self._views = {}
         self._wake()
         return True
+
+    def body_for(self, snapshot: ConfigSnapshot, role: str, node_id: str) -> bytes:
+        """``encode(node_view(snapshot, role, node_id))``; of the current snapshot, encoded once per node."""
+        if snapshot is not self._current:
+            return encode(node_view(snapshot, role, node_id))
+        if role == "edge":
+            return self._encoded or b""
+        key = (role, node_id)
+        body = self._views.get(key)
+        if body is None:
+            body = self._views[key] = encode(node_view(snapshot, role, node_id))
+        return body
 
     async def wait_newer(self, version: int, timeout: float) -> ConfigSnapshot | None:
         """The current snapshot as soon as its version is above ``version``; None after ``timeout`` seconds.
@@ -302,17 +356,18 @@ class SnapshotHub:
 
 
 async def refresh(store: Store, hub: SnapshotHub, *, edges: Iterable[str], token_keys: TokenKeys = (),
-                  token_issuer: str = "") -> bool:
+                  token_issuer: str = "", token_lifetime: int | None = None) -> bool:
     """Build a snapshot from ``store`` (in a thread) and publish it; return whether it was newer."""
     edges = list(edges)
     keys = [dict(key) for key in token_keys]
     snapshot = await asyncio.to_thread(build_from_store, store, edges=edges, token_keys=keys,
-                                       token_issuer=token_issuer)
+                                       token_issuer=token_issuer, token_lifetime=token_lifetime)
     return hub.publish(snapshot)
 
 
 async def follow_store(store: Store, hub: SnapshotHub, *, edges: Iterable[str], token_keys: TokenKeys = (),
-                       token_issuer: str = "", interval: float = FOLLOW_INTERVAL) -> None:
+                       token_issuer: str = "", token_lifetime: int | None = None,
+                       interval: float = FOLLOW_INTERVAL) -> None:
     """Keep ``hub`` at the store's configuration version until cancelled.
 
     Every ``interval`` seconds the version is read (one row); when it differs from the hub's
@@ -328,7 +383,7 @@ async def follow_store(store: Store, hub: SnapshotHub, *, edges: Iterable[str], 
             version = await asyncio.to_thread(_store_version, store)
             if version != built and version != hub.version:
                 snapshot = await asyncio.to_thread(build_from_store, store, edges=edges, token_keys=keys,
-                                                   token_issuer=token_issuer)
+                                                   token_issuer=token_issuer, token_lifetime=token_lifetime)
                 built = snapshot.version
                 if hub.publish(snapshot):
                     log.info("configuration snapshot published", extra={"version": snapshot.version})

@@ -88,6 +88,12 @@ def connector(control: Control, tmp_path: Path) -> tuple[Registration, NodeSigne
     return identity, NodeSigner(identity.cert, identity.key)
 
 
+@pytest.fixture
+def edge(control: Control, tmp_path: Path) -> tuple[Registration, NodeSigner]:
+    identity = _register(control, tmp_path / "edge", "edge", addresses=[f"127.0.0.1:{controlplane.free_port()}"])
+    return identity, NodeSigner(identity.cert, identity.key)
+
+
 def _craft(directory: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, *, name: str,
            role: str = "connector", not_before: datetime.datetime | None = None,
            not_after: datetime.datetime | None = None) -> tuple[str, str, x509.Certificate]:
@@ -168,8 +174,8 @@ def test_config_without_a_version_is_answered_at_once(control: Control, connecto
     assert (status, again["version"]) == (200, snapshot["version"])
 
 
-def test_config_long_poll_is_answered_within_two_seconds_of_a_change(control: Control, connector) -> None:
-    _, signer = connector
+def test_config_long_poll_is_answered_within_two_seconds_of_a_change(control: Control, edge) -> None:
+    _, signer = edge
     version = _published_version(control, signer)
     answer: dict[str, Any] = {}
 
@@ -192,6 +198,53 @@ def test_config_long_poll_is_answered_within_two_seconds_of_a_change(control: Co
     assert snapshot["version"] > version and headers["X-Ferryman-Config-Version"] == str(snapshot["version"])
     (app,) = [a for a in snapshot["applications"] if a["name"] == "long-poll-app"]
     assert app["segments"] == [{"destination": "10.77.0.0/16", "ports": "443", "protocol": "tcp"}]
+
+
+def test_a_connector_is_sent_only_what_it_needs_and_an_edge_everything(control: Control, connector, edge) -> None:
+    """Least knowledge: users, devices, policies, locations, sessions, applications and token keys
+    go to edges only; a connector learns its own record and group, the edges and the revocations."""
+    registration, connector_signer = connector
+    _, edge_signer = edge
+    upn = f"least-{secrets.token_hex(3)}@corp.example"
+    assert control.admin("POST", "/v1/users", {"upn": upn, "password": "correct horse battery"})[0] == 201
+    assert control.admin("POST", "/v1/named-locations", {"name": f"hq-{secrets.token_hex(3)}",
+                                                         "cidrs": ["198.51.100.0/24"]})[0] == 201
+    assert control.admin("POST", "/v1/policies", {"name": f"mfa-{secrets.token_hex(3)}", "state": "on",
+                                                  "grant": "require_mfa"})[0] == 201
+    status, signed, _ = control.request("POST", "/v1/auth/sign-in", {"upn": upn, "password": "correct horse battery"})
+    assert status == 200, signed
+    assert control.admin("POST", f"/v1/sessions/{signed['session_id']}/revoke", {})[0] == 200
+    status, _, _ = control.admin("POST", "/v1/applications", {"name": f"least-{secrets.token_hex(3)}", "segments": [
+        {"destination": "10.78.0.0/16", "ports": 22}]})
+    assert status == 201
+    version = _config_version(control)
+    deadline = time.monotonic() + 5
+    while True:  # the served snapshot follows the store within half a second
+        _, full, _ = control.node(edge_signer, "GET", f"{CONFIG}?after=-1")
+        if full["version"] == version or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    _, narrow, _ = control.node(connector_signer, "GET", f"{CONFIG}?after=-1")
+    assert full["version"] == narrow["version"] == version
+    # The edge: everything it decides flows and files connectors with.
+    for field in ("users", "locations", "policies", "revoked_sessions", "token_keys", "applications", "connectors"):
+        assert full[field], field
+    assert registration.record.node_id in [c["id"] for c in full["connectors"]]
+    # The connector: nothing about people or applications.
+    for field in ("users", "devices", "locations", "policies", "revoked_sessions", "token_keys", "applications"):
+        assert narrow[field] == [], field
+    assert narrow["token_issuer"] == ""
+    (own,) = narrow["connectors"]
+    assert (own["id"], own["name"], own["group"]) == (registration.record.node_id, registration.record.name,
+                                                      "default")
+    assert own["serials"] == [registration_serial(registration)]
+    assert [g["name"] for g in narrow["groups"]] == ["default"]
+    assert narrow["edges"] == full["edges"] and narrow["revoked_serials"] == full["revoked_serials"]
+
+
+def registration_serial(registration: Registration) -> str:
+    with open(registration.cert, "rb") as fh:
+        return format(x509.load_pem_x509_certificate(fh.read()).serial_number, "x")
 
 
 def test_config_long_poll_without_a_change_ends_with_204(control: Control, connector) -> None:

@@ -227,7 +227,7 @@ def test_segment_errors(segment: Any, message: str) -> None:
         ([], "apps.toml: expected a table with an 'apps' list"),
         ({}, "apps.toml: expected a table with an 'apps' list"),
         ({"apps": {}}, "apps.toml: 'apps' must be a list"),
-        ({"apps": [], "extra": 1}, "apps.toml: unknown key 'extra' (expected apps)"),
+        ({"apps": [], "extra": 1}, "apps.toml: unknown key 'extra' (expected apps, connectors)"),
         ({"apps": ["x"]}, "apps.toml: app 1: must be a table"),
         ({"apps": [{"segments": []}]}, "apps.toml: app 1: name must be a non-empty string"),
         ({"apps": [{"name": " "}]}, "apps.toml: app 1: name must be a non-empty string"),

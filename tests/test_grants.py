@@ -96,10 +96,33 @@ def test_a_grant_is_honoured_once() -> None:
     verify(grant(connection="other"), verifier=verifier)  # another flow's grant is fine
 
 
-def test_the_replay_memory_is_bounded_and_forgets_expired_grants() -> None:
+def test_a_full_replay_memory_refuses_new_grants_and_never_forgets_an_unexpired_one() -> None:
     verifier = GrantVerifier("conn-1", limit=10)
-    for i in range(25):
+    first = grant(connection="c0")
+    for i in range(10):
         verify(grant(connection=f"c{i}"), verifier=verifier)
-    assert len(verifier._seen) <= 10
-    verify(grant(connection="late", now=NOW + 100), now=NOW + 100, verifier=verifier)
-    assert list(verifier._seen) == ["edge-1/late"]  # the expired ones are gone
+    assert verifier.remembered == 10
+    # Full of unexpired grants: a new flow is refused rather than an unexpired grant forgotten...
+    assert refused(grant(connection="c10"), "grant_cache_full", verifier=verifier) == (
+        "this connector remembers 10 unexpired grants, the most it may (FERRYMAN_GRANT_CACHE): it opens no more "
+        "flows until some expire")
+    # ...so the oldest grant still cannot be replayed, however many flows came after it.
+    assert refused(first, "grant_replayed", verifier=verifier, now=NOW + 20) == \
+        "the grant for connection c0 was already used"
+    # Once expired (with the clock skew allowed) they are forgotten, and new grants are taken again.
+    late = NOW + grants.GRANT_LIFETIME + grants.CLOCK_SKEW + 1
+    verify(grant(connection="late", now=late), now=late, verifier=verifier)
+    assert verifier.remembered == 1
+
+
+def test_grants_expiring_out_of_order_are_found_when_the_memory_is_full() -> None:
+    """Grants from edges with different clocks do not expire in the order they came in."""
+    verifier = GrantVerifier("conn-1", limit=3)
+    verify(grant(connection="later-edge", now=NOW + 4), verifier=verifier)  # an edge 4 s ahead
+    verify(grant(connection="a"), verifier=verifier)
+    verify(grant(connection="b"), verifier=verifier)
+    at = NOW + grants.GRANT_LIFETIME + grants.CLOCK_SKEW + 1  # "a" and "b" expired, the first one not yet
+    verify(grant(connection="c", now=at), now=at, verifier=verifier)
+    assert verifier.remembered == 2
+    assert refused(grant(connection="later-edge", now=NOW + 4), "grant_replayed", verifier=verifier, now=at) == \
+        "the grant for connection later-edge was already used"

@@ -34,9 +34,11 @@ from control.store import (
     users,
     values,
 )
+from control.snapshot import build_snapshot
 from control.store.audit import list_audit
 from control.store.models import AuditRecord, ConfigVersion, Device, GroupMember, RecoveryCode, SignInSession, User
 from control.store.secretbox import SecretBox, SecretBoxError
+from dataplane.contract.snapshot import TOKEN_LEEWAY
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -348,9 +350,13 @@ def test_sessions_expire_and_follow_the_user_state(store: Store) -> None:
             f"session {live.id} was already revoked at ")
         assert refused("session_revoked", lambda: sessions.active_session(session, live.id)).startswith(
             f"session {live.id} was revoked at ")
-        # Revoked sessions are listed for the edges only until they expire.
+        # Revoked sessions are listed for the edges only until they expire (and the edges' clock
+        # leeway past a token's expiry, which never comes after its session's, has passed).
         assert live.id in sessions.revoked_session_ids(session)
-        session.get_one(SignInSession, live.id).expires_at = now - timedelta(seconds=1)
+        session.get_one(SignInSession, live.id).expires_at = now - timedelta(seconds=TOKEN_LEEWAY - 5)
+        session.flush()
+        assert live.id in sessions.revoked_session_ids(session)
+        session.get_one(SignInSession, live.id).expires_at = now - timedelta(seconds=TOKEN_LEEWAY + 1)
         session.flush()
         assert live.id not in sessions.revoked_session_ids(session)
 
@@ -519,6 +525,74 @@ def test_totp_secrets_are_sealed_and_recovery_codes_argon2id(store: Store, tmp_p
         totp.check_secrets_key(session, store.box)
         assert "cannot be read" in refused("invalid", lambda: totp.check_secrets_key(session, SecretBox.generate()))
 
+TOKEN_LIFETIME = timedelta(hours=1)
+
+
+def test_sign_ins_refreshes_and_ended_idle_sessions_push_no_configuration(store: Store) -> None:
+    """One user's session churn: only a revocation that edges must act on changes the configuration."""
+    user_id = make_user(store)
+    now = datetime.now(UTC)
+    with store.begin() as session:
+        # Sessions signed in long ago whose latest access tokens have all expired...
+        idle = [sessions.create_session(session, user_id, now=now - timedelta(hours=3, seconds=n),
+                                        token_lifetime=TOKEN_LIFETIME)[0].id for n in range(3)]
+        # ...and the rest up to the limit, signed in just now (their tokens are valid for an hour).
+        fresh = [sessions.create_session(session, user_id, now=now, token_lifetime=TOKEN_LIFETIME)
+                 for _ in range(sessions.MAX_SESSIONS_PER_USER - 3)]
+    start = version(store)
+    with store.begin() as session:
+        sessions.refresh_session(session, fresh[0][1], store.box, now=now)
+        # Beyond the limit, sign-ins end idle sessions: nothing an edge must refuse, no new version.
+        for _ in range(3):
+            sessions.create_session(session, user_id, now=now, token_lifetime=TOKEN_LIFETIME)
+        rows = {r.id: r for r in sessions.list_sessions(session, user_id)}
+        assert all(rows[i].revoked_at is not None for i in idle)
+        # Every live session now holds a valid token: a further sign-in is refused, nothing revoked.
+        message = refused("too_many_sessions", lambda: sessions.create_session(
+            session, user_id, now=now, token_lifetime=TOKEN_LIFETIME))
+        assert message.startswith(f"alice@corp.example already has {sessions.MAX_SESSIONS_PER_USER} sessions whose "
+                                  f"access tokens are still valid, the most allowed "
+                                  f"({sessions.MAX_SESSIONS_PER_USER}): sign out of one, or sign in after ")
+    assert version(store) == start
+    assert [r.after["reason"] for r in audit(store, "session.revoke")] == [
+        f"more than {sessions.MAX_SESSIONS_PER_USER} sessions"] * 3
+    with store.begin() as session:
+        # Revoking a session whose tokens may still be valid does reach the edges.
+        sessions.revoke_session(session, ACTOR, fresh[1][0].id, "signed out", now=now, token_lifetime=TOKEN_LIFETIME)
+    assert version(store) == start + 1
+    with store.read() as session:
+        assert sessions.revoked_session_ids(session, token_lifetime=TOKEN_LIFETIME) == [fresh[1][0].id]
+
+
+def test_a_revoked_session_leaves_the_configuration_once_its_tokens_cannot_be_valid(store: Store) -> None:
+    user_id = make_user(store)
+    now = datetime.now(UTC)
+    with store.begin() as session:
+        # Signed in 3 hours ago, refreshed 1 hour 59 minutes ago (its last token lived an hour after that),
+        # revoked 1 hour 30 minutes ago: then edges had to refuse its token, not any more.
+        old, token = sessions.create_session(session, user_id, now=now - timedelta(hours=3),
+                                             token_lifetime=TOKEN_LIFETIME)
+        sessions.refresh_session(session, token, store.box, now=now - timedelta(hours=1, minutes=59))
+        sessions.revoke_session(session, ACTOR, old.id, now=now - timedelta(hours=1, minutes=30),
+                                token_lifetime=TOKEN_LIFETIME)
+        # Refreshed 30 minutes ago, revoked now: its last token is valid for 30 more minutes.
+        recent, token = sessions.create_session(session, user_id, now=now - timedelta(hours=2),
+                                                token_lifetime=TOKEN_LIFETIME)
+        sessions.refresh_session(session, token, store.box, now=now - timedelta(minutes=30))
+        sessions.revoke_session(session, ACTOR, recent.id, now=now, token_lifetime=TOKEN_LIFETIME)
+        old_id, recent_id = old.id, recent.id
+    with store.read() as session:
+        assert sessions.revoked_session_ids(session, token_lifetime=TOKEN_LIFETIME) == [recent_id]
+        row = session.get_one(SignInSession, recent_id)
+        assert sessions.tokens_valid_until(row, TOKEN_LIFETIME) == (
+            now - timedelta(minutes=30) + TOKEN_LIFETIME + timedelta(seconds=5 + TOKEN_LEEWAY))
+        # Without the tokens' lifetime both stay listed until the sessions expire, as before.
+        assert sessions.revoked_session_ids(session) == sorted([old_id, recent_id])
+    # The snapshot of the control plane carries only the one edges must still refuse.
+    with store.read() as session:
+        snapshot = build_snapshot(session, edges=[], token_lifetime=3600)
+    assert snapshot.revoked_sessions == [recent_id]
+
 
 def test_snapshot_reads(store: Store) -> None:
     alice, bob = make_user(store), make_user(store, "bob@corp.example", password=None)
@@ -542,7 +616,8 @@ def test_snapshot_reads(store: Store) -> None:
     # sessions: one that expired since then stays listed until the next change.
     with store.begin() as session:
         changed_at = session.get_one(ConfigVersion, 1).changed_at
-        session.get_one(SignInSession, revoked).expires_at = changed_at + timedelta(milliseconds=1)
+        session.get_one(SignInSession, revoked).expires_at = (changed_at - timedelta(seconds=TOKEN_LEEWAY)
+                                                              + timedelta(milliseconds=1))
     time.sleep(0.01)
     with store.read() as session:
         assert sessions.revoked_session_ids(session) == [revoked]

@@ -9,8 +9,8 @@ written or overwritten); an edge's certificate carrying its ``--address`` host; 
 before the token is spent (bad name, another role's identity in the directory); a token of
 the other role. End to end: an edge and a connector registered through the control plane
 and started with nothing but ``FERRYMAN_DATA_DIR`` (they pick up their registered identities),
-plus a client whose certificate is signed directly by the control plane's CA, carry bytes to
-an echo backend.
+plus a client agent signed in with ``ferryman client login``, carry bytes to an echo backend
+of an application created through the admin API.
 """
 
 from __future__ import annotations
@@ -311,28 +311,28 @@ def test_registered_nodes_carry_traffic(tmp_path: Path, backend) -> None:
         assert _variables(conn_reg.stdout)["FERRYMAN_EDGES"] == edge_addr
         assert "uses this identity by itself" in conn_reg.stdout
 
-        # The client (issue 4 enrols clients): signed by the control plane's CA directly.
-        ca = CertificateAuthority.open(str(ctl.data_dir / "ca"))
-        key_pem, csr_pem = new_key_and_csr("client-1")
-        issued = ca.sign_csr(csr_pem, role="client", name="client-1")
-        client = write_node_files(str(client_dir), "client-1", key_pem, issued.cert_pem, ca.bundle())
+        # The application, a user assigned to it, and the user signed in on the client's device.
+        assert ctl.admin("POST", "/v1/applications", {"name": "echo", "segments": [
+            {"destination": "127.0.0.1", "ports": str(echo.port), "protocol": "tcp"}]})[0] == 201
+        assert ctl.admin("POST", "/v1/users", {"upn": "ada@corp.example", "password": "correct horse battery"})[0] == 201
+        assert ctl.admin("POST", "/v1/applications/echo/assignments", {"user": "ada@corp.example"})[0] == 201
+        login = subprocess.run([sys.executable, "-m", "dataplane", "client", "login", "--control", ctl.url, "--user",
+                                "ada@corp.example", "--password-stdin"], cwd=ROOT, env=_environment(client_dir),
+                               input="correct horse battery\n", capture_output=True, text=True, timeout=60)
+        assert login.returncode == 0, login.stderr
 
-        apps = tmp_path / "apps.json"
-        apps.write_text(json.dumps({"apps": [{"name": "echo", "connector_group": "default", "segments": [
-            {"destination": "127.0.0.1", "ports": str(echo.port), "protocol": "tcp"}]}]}))
         metrics = {name: f"127.0.0.1:{_free_port()}" for name in ("edge-1", "connector-1", "client-1")}
         logs = {name: tmp_path / f"{name}.log" for name in metrics}
         forward_port = _free_port()
 
         # Edge and connector: nothing but their data directory (and where to listen / what to serve).
-        edge = _spawn(["edge", "--listen", edge_addr, "--apps", str(apps)],
+        edge = _spawn(["edge", "--listen", edge_addr],
                       _environment(edge_data, FERRYMAN_METRICS_ADDR=metrics["edge-1"]), logs["edge-1"])
         procs.append(edge)
         connector = _spawn(["connector"], _environment(conn_data, FERRYMAN_METRICS_ADDR=metrics["connector-1"],
                                                        FERRYMAN_DRAIN_GRACE="1"), logs["connector-1"])
         procs.append(connector)
-        client_env = _environment(client_dir, FERRYMAN_METRICS_ADDR=metrics["client-1"], FERRYMAN_TLS_CA=client.ca,
-                                  FERRYMAN_TLS_CERT=client.cert, FERRYMAN_TLS_KEY=client.key)
+        client_env = _environment(client_dir, FERRYMAN_METRICS_ADDR=metrics["client-1"])
         client_proc = _spawn(["client", "--edges", edge_addr, "--forward",
                               f"127.0.0.1:{forward_port}=127.0.0.1:{echo.port}"], client_env, logs["client-1"])
         procs.append(client_proc)

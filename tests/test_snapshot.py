@@ -233,6 +233,33 @@ def test_invalid_segments_in_a_snapshot_are_reported() -> None:
 # ---------------------------------------------------------------------------- revocations
 
 
+def test_connectors_are_listed_with_their_group_and_usable_certificates(store: Store) -> None:
+    """What edges file connector tunnels by: the group each connector was registered into, keyed by
+    its certificates; a connector's renewal is a configuration change (edges must learn the new serial)."""
+    soon = datetime(2099, 1, 1, tzinfo=UTC)
+    with store.begin() as session:
+        connector_groups.create_group(session, ACTOR, "lab")
+        lab = nodes.add_connector(session, ACTOR, "lab-1", group="lab", cert_serial=0xA1, cert_not_after=soon)
+        other = nodes.add_connector(session, ACTOR, "prod-1", cert_serial=0xB1, cert_not_after=soon)
+        nodes.add_connector(session, ACTOR, "gone-1", cert_serial=0xC1, cert_not_after=soon)
+        nodes.add_connector(session, ACTOR, "expired-1", cert_serial=0xD1,
+                            cert_not_after=datetime(2001, 1, 1, tzinfo=UTC))
+        nodes.add_edge(session, ACTOR, "edge-1", "edge-1.example:8443", cert_serial=0xE1, cert_not_after=soon)
+        lab_id, other_id = lab.id, other.id
+    with store.begin() as session:
+        gone = [c for c in nodes.list_connectors(session) if c.name == "gone-1"][0]
+        nodes.revoke_node(session, ACTOR, "connector", gone.id)
+    before = snapshot_of(store)
+    assert [(c.name, c.group, c.serials) for c in before.connectors] == [
+        ("lab-1", "lab", ["a1"]), ("prod-1", "default", ["b1"])]  # no edge, nothing revoked or expired
+    with store.begin() as session:
+        nodes.renew_certificate(session, nodes.get_connector(session, lab_id), 0x1A2, soon)
+    after = snapshot_of(store)
+    assert after.version == before.version + 1
+    assert [(c.id, c.serials) for c in after.connectors] == [(lab_id, ["a1", "1a2"]), (other_id, ["b1"])]
+    assert decode(encode(after)).connectors == after.connectors
+
+
 def test_is_revoked(store: Store) -> None:
     populate(store)
     snap = decode(encode(snapshot_of(store)))

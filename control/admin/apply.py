@@ -97,6 +97,10 @@ def load_desired(path: str) -> list[Desired]:
         table_ = apps_mod.Applications.from_obj(raw, source=path)
     except apps_mod.AppsError as exc:
         raise AdminError(str(exc)) from None
+    if table_.connectors is not None:
+        raise AdminError(f"{path}: a 'connectors' list is for an edge running from this file without a control "
+                         f"plane; the control plane gives each connector its group when it registers "
+                         f"(`ferryman admin tokens create --role connector --group GROUP`)")
     desired = []
     for app, kind, entry in zip(table_.apps, kinds, raw["apps"], strict=True):
         try:

@@ -85,13 +85,14 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     async def start_following() -> None:
         try:
             await refresh(store, api.hub, edges=api.edges_public, token_keys=token_signer.public_jwks(),
-                          token_issuer=token_signer.issuer)
+                          token_issuer=token_signer.issuer, token_lifetime=token_signer.lifetime)
         except Exception as exc:  # noqa: BLE001 - the follower retries and logs; nodes get 503 meanwhile
             log.warning("cannot build the first configuration snapshot: %s", exc)
         loop = asyncio.get_running_loop()
         following.append(loop.create_task(
             follow_store(store, api.hub, edges=api.edges_public, token_keys=token_signer.public_jwks(),
-                         token_issuer=token_signer.issuer, interval=follow_interval)))
+                         token_issuer=token_signer.issuer, token_lifetime=token_signer.lifetime,
+                         interval=follow_interval)))
         following.append(loop.create_task(traffic_retention(store, traffic_retention_days)))
 
     async def stop_following() -> None:

@@ -39,6 +39,7 @@ STORE_STATUS = {
     "refresh_reused": 401,
     "session_revoked": 401,
     "session_expired": 401,
+    "too_many_sessions": 429,
 }
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}

@@ -17,7 +17,7 @@ A user is named by id or UPN, a user group by id or name, in paths and bodies.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated
 
 from litestar import Router, delete, get, patch, post
@@ -255,9 +255,11 @@ def get_session(api: Api, session_id: str) -> SessionOut:
 
 @post("/sessions/{session_id:str}/revoke", sync_to_thread=True, status_code=200)
 def revoke_session(api: Api, actor: str, session_id: str, data: RevokeRequest | None = None) -> SessionOut:
-    """End a session: its refresh token stops working and edges refuse its access tokens."""
+    """End a session: its refresh token stops working and edges refuse its access tokens (a new
+    configuration version only while one of them may still be valid)."""
     with api.store.begin() as session:
-        row = sessions.revoke_session(session, actor, session_id, data.reason if data is not None else "")
+        row = sessions.revoke_session(session, actor, session_id, data.reason if data is not None else "",
+                                      token_lifetime=timedelta(seconds=api.token_signer.lifetime))
         return _session_out(row, utcnow())
 
 

@@ -3,7 +3,8 @@
 - ``GET /v1/node/config?after=N&wait=S``: the configuration snapshot, as soon as its
   version is above ``N`` (long-poll: waits up to ``S`` seconds, then answers 204 No
   Content; ``longpoll.py``). A node holding nothing passes ``after=-1`` and gets the
-  snapshot at once.
+  snapshot at once. An edge gets the whole snapshot, a connector its narrow view (no users,
+  devices, policies, locations, sessions, applications or token keys).
 - ``POST /v1/node/heartbeat``: what the node reports (version, addresses, tunnels, active
   flows, the configuration version it runs); the admin API shows it active while they
   keep coming.
@@ -43,11 +44,13 @@ async def node_config(
     after: Annotated[int, Parameter(ge=-1, description="the version the node holds (-1: none)")] = -1,
     wait: Wait = 0.0,
 ) -> Response[bytes]:
-    """The configuration snapshot once its version is above ``after``; 204 after ``wait`` seconds without one."""
+    """The configuration snapshot once its version is above ``after``; 204 after ``wait`` seconds without one.
+
+    An edge gets all of it; a connector only what it needs (``control.snapshot.connector_view``)."""
     api: Api = request.app.state.api
-    snapshot = await wait_snapshot(api, after, wait, f"node {request.state.node.name}")
-    return config_response(snapshot, lambda s: (api.hub.encoded if s is api.hub.current
-                                                else msgspec.json.encode(s)) or b"")
+    node: NodeCaller = request.state.node
+    snapshot = await wait_snapshot(api, after, wait, f"node {node.name}")
+    return config_response(snapshot, lambda s: api.hub.body_for(s, node.role, node.node_id))
 
 
 # ---------------------------------------------------------------------------- heartbeat

@@ -6,7 +6,7 @@ an access token and a refresh token. The refresh route issues access tokens the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
@@ -42,7 +42,8 @@ def signed_in(api: Api, session: Session, user: User, amr: Sequence[str], device
     """A new session of ``user`` (bound to ``device_id``) and the sign-in's answer: access and refresh
     tokens, the user with their groups, and ``device`` (a device certified by this sign-in).
     ``auth_time``: when the user proved who they are, if not now (kept through refreshes)."""
-    row, refresh_token = sessions.create_session(session, user.id, device_id=device_id, amr=amr, now=now)
+    row, refresh_token = sessions.create_session(session, user.id, device_id=device_id, amr=amr, now=now,
+                                                 token_lifetime=timedelta(seconds=api.token_signer.lifetime))
     if auth_time is not None:
         row.auth_time = auth_time
         session.flush()

@@ -19,7 +19,7 @@ from .certificates import node_certificates, record_certificate, revoke_certific
 from .config_version import lock_config
 from .connector_groups import group_or_default
 from .errors import StoreError
-from .models import Connector, Edge, Revocation, utcnow
+from .models import Connector, Edge, IssuedCertificate, Revocation, utcnow
 from .values import aware_now, serial_text, valid_name
 
 _HEARTBEAT_COUNT_MAX = 2**31 - 1  # the columns are 32-bit integers
@@ -54,6 +54,27 @@ def add_connector(session: Session, actor: str, name: str, *, group: str | None 
     record_change(session, actor, "connector.create", "connector", connector.id, None,
                   {**row_state(connector), "group": connector.group.name}, config=True)
     return connector
+
+
+def snapshot_connectors(session: Session, as_of: datetime) -> list[tuple[str, str, str, list[str]]]:
+    """Every connector with a usable certificate as ``(id, name, group name, serials)``, sorted by
+    name then id, for the configuration: the serials (sorted by value) are those of its
+    certificates neither revoked nor expired at ``as_of`` (the configuration version's time, so
+    one version always lists the same serials). A connector left with none is left out: no
+    edge files it under any group."""
+    revoked = revoked_serials(session)
+    usable: dict[str, list[str]] = {}
+    for node_id, serial, not_after in session.execute(
+            select(IssuedCertificate.node_id, IssuedCertificate.serial, IssuedCertificate.not_after)
+            .where(IssuedCertificate.role == "connector", IssuedCertificate.not_after > as_of)):
+        if serial not in revoked:
+            usable.setdefault(node_id, []).append(serial)
+    out = []
+    for connector in list_connectors(session):
+        serials = usable.get(connector.id)
+        if serials:
+            out.append((connector.id, connector.name, connector.group.name, sorted(serials, key=lambda s: int(s, 16))))
+    return out
 
 
 # ---------------------------------------------------------------------------- edges
@@ -148,7 +169,9 @@ def renew_certificate(session: Session, node: Connector | Edge, serial: int, not
     """``node`` got a new certificate: record it and make it the node's current one (audited).
 
     Its older certificates stay valid until they expire (its tunnels made with them keep
-    running); revoking the node revokes them all.
+    running); revoking the node revokes them all. A connector's renewal is a configuration
+    change: edges recognise a connector by its certificates' serials (``snapshot_connectors``)
+    and must learn the new one before the connector's next tunnel presents it.
     """
     role = "connector" if isinstance(node, Connector) else "edge"
     before = row_state(node)
@@ -156,7 +179,7 @@ def renew_certificate(session: Session, node: Connector | Edge, serial: int, not
     node.cert_serial, node.cert_not_after = serial_text(serial), not_after
     session.flush()
     record_change(session, f"{role}:{node.id}", f"{role}.renew_certificate", role, node.id, before, row_state(node),
-                  config=False)
+                  config=role == "connector")
 
 
 @change

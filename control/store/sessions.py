@@ -20,6 +20,16 @@ later, or for any older token, reuse revokes as above. The window is the price: 
 replaying a stolen token within it is not detected.
 
 At most ``MAX_SESSIONS_PER_USER`` live sessions per user: a new sign-in beyond it revokes the oldest.
+
+What reaches the edges: creating and refreshing a session change no configuration. Revoking
+one does (its access tokens must be refused), but only while an access token issued for it
+may still be accepted (``tokens_valid_until``): the configuration version is bumped then, and
+``revoked_session_ids`` lists the session until that moment has passed, no longer. Callers
+that know the access tokens' lifetime pass it (``token_lifetime``); without it a revocation
+always counts and a session is listed until it expires. With it, a sign-in beyond the limit
+revokes the oldest sessions whose tokens have all expired, quietly, and is refused
+(``too_many_sessions``) when every live session still holds a valid token: one user's
+sign-ins never push a new configuration to every node.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
+
+from dataplane.contract.snapshot import TOKEN_LEEWAY
 
 from .audit import change, record_change
 from .config_version import lock_config
@@ -82,18 +94,47 @@ def get_session(session: Session, session_id: str) -> SignInSession:
     return row
 
 
-def revoked_session_ids(session: Session) -> list[str]:
-    """The ids of sessions revoked and not expired (their access tokens may still be live), sorted.
+# An access token is signed just after its session row is written (sign-in) or refreshed: its
+# ``iat`` may be this much later than the row's time.
+_ISSUE_SLACK = timedelta(seconds=5)
 
-    "Not expired" is judged at the time of the configuration version's change, not now, so
-    a version always lists the same sessions (equal snapshots on every control-plane node);
-    a session that expires later stays listed until the next change, which is harmless:
-    its access tokens expire with it.
+
+def tokens_valid_until(row: SignInSession, token_lifetime: timedelta | None) -> datetime:
+    """The moment after which no edge accepts an access token of session ``row`` any more.
+
+    Its newest token was issued at sign-in or at the last refresh and lives ``token_lifetime``
+    (None: unknown, so up to the session's own expiry), never past the session's expiry;
+    edges allow ``TOKEN_LEEWAY`` seconds of clock skew beyond that.
+    """
+    end = row.expires_at
+    if token_lifetime is not None:
+        issued = max(row.created_at, row.last_refresh_at or row.created_at)
+        end = min(end, issued + token_lifetime + _ISSUE_SLACK)
+    return end + timedelta(seconds=TOKEN_LEEWAY)
+
+
+def revoked_session_ids(session: Session, *, token_lifetime: timedelta | None = None) -> list[str]:
+    """The ids of revoked sessions whose access tokens edges may still accept, sorted.
+
+    A session is listed when it was revoked while a token of it was valid (``tokens_valid_until``)
+    and that token is still valid at the time of the configuration version's change (not now,
+    so a version always lists the same sessions: equal snapshots on every control-plane node).
+    A session leaves the list with the first change after its last token can no longer be
+    valid, so the list holds at most the revocations of one token lifetime, however many
+    sign-ins and sign-outs there were.
     """
     as_of = session.scalar(select(ConfigVersion.changed_at).where(ConfigVersion.id == 1))
-    return list(session.scalars(select(SignInSession.id).where(SignInSession.revoked_at.is_not(None),
-                                                               SignInSession.expires_at > as_of)
-                                .order_by(SignInSession.id)))
+    leeway = timedelta(seconds=TOKEN_LEEWAY)
+    query = select(SignInSession).where(SignInSession.revoked_at.is_not(None),
+                                        SignInSession.expires_at > as_of - leeway)
+    if token_lifetime is not None:  # no token is issued after a revocation: an upper bound, for the index
+        query = query.where(SignInSession.revoked_at > as_of - token_lifetime - _ISSUE_SLACK - leeway)
+    out = []
+    for row in session.scalars(query.order_by(SignInSession.id)):
+        valid_until = tokens_valid_until(row, token_lifetime)
+        if row.revoked_at is not None and row.revoked_at < valid_until and valid_until > as_of:
+            out.append(row.id)
+    return out
 
 
 def _new_refresh_token(session_id: str) -> str:
@@ -109,13 +150,17 @@ def successor(box: SecretBox, session_id: str, refresh_token: str) -> str:
 @change
 def create_session(session: Session, user_id: str, *, device_id: str | None = None,
                    amr: Sequence[str] = ("pwd",), now: datetime | None = None,
-                   lifetime: timedelta = DEFAULT_SESSION_LIFETIME) -> tuple[SignInSession, str]:
+                   lifetime: timedelta = DEFAULT_SESSION_LIFETIME,
+                   token_lifetime: timedelta | None = None) -> tuple[SignInSession, str]:
     """A sign-in's session and its first refresh token (plain text: hand it out, only its hash is kept).
 
     ``amr`` is what the sign-in proved (``("pwd",)`` or ``("pwd", "mfa")``); ``device_id``
     binds the session to a device of the user (not revoked). Beyond
-    ``MAX_SESSIONS_PER_USER`` live sessions the oldest is revoked; the user's expired
-    sessions are deleted. Audited as ``session.create`` by ``user:<id>``; not configuration.
+    ``MAX_SESSIONS_PER_USER`` live sessions the oldest is revoked; with ``token_lifetime``
+    (the access tokens' lifetime) only sessions whose tokens have all expired are (no
+    configuration change), and the sign-in is refused with ``too_many_sessions`` when there
+    are not enough of those. The user's expired sessions are deleted. Audited as
+    ``session.create`` by ``user:<id>``; not configuration.
     """
     now = aware_now(now)
     amr = tuple(amr)
@@ -139,8 +184,19 @@ def create_session(session: Session, user_id: str, *, device_id: str | None = No
     live = list(session.scalars(select(SignInSession).where(SignInSession.user_id == user.id,
                                                             SignInSession.revoked_at.is_(None))
                                 .order_by(SignInSession.created_at, SignInSession.id)))
-    for oldest in live[:max(0, len(live) - MAX_SESSIONS_PER_USER + 1)]:
-        revoke_session(session, actor, oldest.id, reason=f"more than {MAX_SESSIONS_PER_USER} sessions", now=now)
+    excess = max(0, len(live) - MAX_SESSIONS_PER_USER + 1)
+    if token_lifetime is not None and excess:
+        idle = [row for row in live if tokens_valid_until(row, token_lifetime) <= now]
+        if len(idle) < excess:
+            first = min(tokens_valid_until(row, token_lifetime) for row in live)
+            raise StoreError("too_many_sessions", f"{user.upn} already has {len(live)} sessions whose access "
+                                                  f"tokens are still valid, the most allowed "
+                                                  f"({MAX_SESSIONS_PER_USER}): sign out of one, or sign in after "
+                                                  f"{first:%Y-%m-%d %H:%M:%S} UTC")
+        live = idle
+    for oldest in live[:excess]:
+        revoke_session(session, actor, oldest.id, reason=f"more than {MAX_SESSIONS_PER_USER} sessions", now=now,
+                       token_lifetime=token_lifetime)
     row = SignInSession(id=str(uuid.uuid4()), user_id=user.id, device_id=device_id, amr=",".join(amr),
                         auth_time=now, created_at=now, expires_at=now + lifetime, refresh_hash="")
     token = _new_refresh_token(row.id)
@@ -234,9 +290,11 @@ def active_session(session: Session, session_id: str, now: datetime | None = Non
 
 @change
 def revoke_session(session: Session, actor: str, session_id: str, reason: str = "",
-                   now: datetime | None = None) -> SignInSession:
+                   now: datetime | None = None, token_lifetime: timedelta | None = None) -> SignInSession:
     """End a session: its refresh token stops working and edges refuse its access tokens
-    (configuration: ``revoked_session_ids``)."""
+    (configuration: ``revoked_session_ids``). With ``token_lifetime``, a session none of whose
+    access tokens can still be valid is ended without a configuration change (edges refuse
+    its tokens as expired already)."""
     lock_config(session)
     now = aware_now(now)
     row = get_session(session, session_id)
@@ -250,5 +308,6 @@ def revoke_session(session: Session, actor: str, session_id: str, reason: str = 
     row.revoked_at = now
     session.flush()
     record_change(session, actor, "session.revoke", "session", row.id, before,
-                  {**_session_state(row), "reason": reason}, config=True)
+                  {**_session_state(row), "reason": reason},
+                  config=now < tokens_valid_until(row, token_lifetime))
     return row

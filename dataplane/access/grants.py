@@ -7,7 +7,9 @@ a few seconds ahead. It is signed (ECDSA P-256, SHA-256) with the edge's certifi
 so the connector verifies it with the public key of the certificate the edge presented on
 this very tunnel: a grant cannot be made without the edge's private key, moved to another
 destination, replayed after it expires, or used twice (the connector remembers the
-connection ids it has honoured until their grants expire).
+connection ids it has honoured until their grants expire, and never forgets one sooner: when
+that memory is full, a new grant is refused, ``grant_cache_full``, rather than an unexpired
+one forgotten).
 
 Encoding: msgpack array ``[claims, signature]`` where ``claims`` is the msgpack encoding of
 ``GrantClaims`` (array-like) and ``signature`` the DER ECDSA signature over those bytes.
@@ -68,14 +70,18 @@ def sign(key: ec.EllipticCurvePrivateKey, *, edge: str, connector: str, host: st
 class GrantVerifier:
     """A connector's check of the grants it receives (one per connector process).
 
-    ``seen`` holds the connection ids of grants honoured and not yet expired (at most
-    ``limit``; the oldest are forgotten first, and a forgotten one has expired anyway).
+    ``seen`` holds the connection ids of grants honoured and not yet expired, at most
+    ``limit``: a grant is forgotten only once it has expired (with the clock skew allowed), and
+    a valid grant that finds the memory full of unexpired ones is refused (``grant_cache_full``:
+    the connector is opening more flows than it can remember grants for; the edge may try
+    another connector).
     """
 
-    def __init__(self, connector: str, limit: int = 100_000) -> None:
+    def __init__(self, connector: str, limit: int = 262_144) -> None:
         self.connector = connector
         self.limit = limit
         self._seen: OrderedDict[str, int] = OrderedDict()
+        self._swept = float("-inf")  # when the whole memory was last searched for expired grants
 
     def verify(self, grant: bytes, edge_key: ec.EllipticCurvePublicKey, edge: str, *, host: str, port: int,
                protocol: str, now: float) -> GrantClaims:
@@ -107,17 +113,36 @@ class GrantVerifier:
         if now < claims.issued - CLOCK_SKEW:
             raise GrantError("grant_invalid", f"the grant is issued {claims.issued - now:.0f}s in the future "
                                               f"(check the clocks of edge and connector)")
+        seen = self._seen
         self._forget(now)
         key = f"{claims.edge}/{claims.connection}"
-        if key in self._seen:
+        if key in seen:
             raise GrantError("grant_replayed", f"the grant for connection {claims.connection} was already used")
-        self._seen[key] = claims.expires
+        if len(seen) >= self.limit:
+            if now - self._swept >= 1.0:  # grants from edges whose clocks differ expire out of order
+                self._swept = now
+                self._forget(now, everywhere=True)
+            if len(seen) >= self.limit:
+                raise GrantError("grant_cache_full", f"this connector remembers {len(seen)} unexpired grants, the "
+                                                     f"most it may (FERRYMAN_GRANT_CACHE): it opens no more flows "
+                                                     f"until some expire")
+        seen[key] = claims.expires
         return claims
 
-    def _forget(self, now: float) -> None:
+    @property
+    def remembered(self) -> int:
+        """How many grants are remembered now (honoured, not yet forgotten)."""
+        return len(self._seen)
+
+    def _forget(self, now: float, everywhere: bool = False) -> None:
+        """Forget expired grants: from the oldest on until an unexpired one, or (``everywhere``) all of them."""
         seen = self._seen
+        if everywhere:
+            for key in [key for key, expires in seen.items() if expires + CLOCK_SKEW < now]:
+                del seen[key]
+            return
         while seen:
             key, expires = next(iter(seen.items()))
-            if expires + CLOCK_SKEW >= now and len(seen) < self.limit:
+            if expires + CLOCK_SKEW >= now:
                 return
             del seen[key]

@@ -27,10 +27,9 @@ from typing import Literal
 
 import msgspec
 
-from ..contract.snapshot import ConfigSnapshot, SnapApp, SnapDevice, SnapPolicy, SnapUser
+from ..contract.snapshot import TOKEN_LEEWAY, ConfigSnapshot, SnapApp, SnapDevice, SnapPolicy, SnapUser
 
 RISK_ORDER = {"none": 0, "low": 1, "medium": 2, "high": 3}
-TOKEN_LEEWAY = 60  # seconds an access token stays usable past its expiry (clock skew)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -118,6 +118,7 @@ class ConnectorSettings(DialerSettings, kw_only=True):
     connector_tunnels: int = 2
     connector_group: str = "default"
     dns_server: str = ""
+    grant_cache: int = 262144
     # following the control plane (a registered connector)
     control_url: str = ""
     config_wait: float = 25.0
@@ -197,10 +198,10 @@ VARIABLES: dict[str, str] = {
     "tls_cert": "This node's certificate (PEM).",
     "tls_key": "This node's private key (PEM, mode 0600).",
     "edge_listen": "Edge: HOST:PORT on which client and connector tunnels are accepted.",
-    "apps_file": "Edge: application file (JSON or TOML) mapping segments to connector groups.",
+    "apps_file": "Edge without a control plane: application file (JSON or TOML) mapping segments to connector groups, and optionally connectors to their groups (a registered edge refuses it).",
     "edges": "Connector/client: comma-separated HOST:PORT list of edges to dial.",
     "connector_tunnels": "Connector: outbound tunnels kept open (spread over the edges).",
-    "connector_group": "Connector: connector group this connector serves.",
+    "connector_group": "Connector: connector group it names in its HELLO (a registered connector: the one it was registered into). An edge with a control plane, or whose application file lists connectors, serves it under the group recorded there and refuses it when this names another.",
     "drain_grace": "Connector: seconds to let flows finish after GOAWAY on SIGTERM.",
     "dial_timeout": "Connector: seconds to wait for a backend TCP connect.",
     "reconnect_min": "Connector/client: first reconnect delay in seconds (doubles, with jitter).",
@@ -210,6 +211,7 @@ VARIABLES: dict[str, str] = {
     "http_listen": "Client: HOST:PORT for the HTTP CONNECT proxy listener (localhost only); empty disables it.",
     "dns_listen": "Client: HOST:PORT of the local DNS resolver (UDP and TCP; localhost only): names under the private DNS suffixes are resolved by a connector through the tunnel, others by the system resolver. Empty disables it.",
     "dns_server": "Connector: HOST[:PORT] of the DNS server that resolves private names for clients; empty means the first `nameserver` of /etc/resolv.conf.",
+    "grant_cache": "Connector: most flow grants remembered until they expire (replay protection, about 30 s each); a flow beyond it is refused (`grant_cache_full`), an unexpired grant is never forgotten.",
     "dns_upstream": "Client: HOST[:PORT] of the DNS server its resolver asks for names that are not private; empty means the first `nameserver` of /etc/resolv.conf (other than the resolver itself).",
     "dns_cache": "Client: most DNS answers kept in the resolver's cache (each for its TTL).",
     "process_lookup_wait": "Client: seconds an OPEN waits at most for the process lookup (then it goes without the process name).",
@@ -272,6 +274,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "udp_queue": (1, 1 << 16),
     "udp_buffer": (4096, 1 << 30),
     "dns_cache": (0, 10_000_000),
+    "grant_cache": (1, 1 << 24),
     "process_lookup_wait": (0, 1),
 }
 

@@ -240,12 +240,11 @@ def _build(args: argparse.Namespace, settings: Any, credentials: NodeCredentials
     # The node modules are imported by the command that runs them only: every other command
     # (control, admin, login, status, ...) starts without loading the data path.
     if args.node == "edge":
-        from ..edge.node import Edge
+        from ..edge.node import APPS_FILE_ON_REGISTERED_EDGE, Edge
 
         if settings.apps_file:
             if registered is not None:
-                log.info("FERRYMAN_APPS_FILE is set: applications come from %s, not from the control plane",
-                         settings.apps_file)
+                raise SettingsError(APPS_FILE_ON_REGISTERED_EDGE)
             return Edge(settings, credentials, AppTable.load(settings.apps_file), registered)
         if registered is None:
             raise SettingsError("the edge needs its applications: register it with the control plane "

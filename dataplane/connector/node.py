@@ -71,7 +71,7 @@ class Connector(EndpointNode[EdgeKey]):
         self._ssl = credentials.client_context()
         self._wire = credentials.wire_config(group=settings.connector_group)
         self.revoked: frozenset[int] = frozenset()
-        self.grants = GrantVerifier(credentials.name)
+        self.grants = GrantVerifier(credentials.name, limit=settings.grant_cache)
         self.follow_edges = follow_edges
         self.link: ControlLink | None = None
         if registered is not None:

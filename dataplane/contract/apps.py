@@ -19,6 +19,18 @@ tried as JSON, then as TOML)::
       { destination = "db.corp.example", ports = "5432" },   # protocol defaults to tcp
     ]
 
+An edge running from the file without a control plane may also be told which connector
+serves which group (the certificate's CN, as ``ferryman pki init`` names it)::
+
+    [[connectors]]
+    name = "connector-lab-1"
+    group = "lab"
+
+With a ``connectors`` list the edge files each connector tunnel under the group listed for
+its certificate name, refuses one whose HELLO names another group, and files no connector
+that is not listed; without it, each connector's HELLO names its group (any certificate of
+the CA may then serve any group). ``Applications.connectors`` is the mapping (None: no list).
+
 Destinations: a host name (case-insensitive, trailing dot ignored), ``*.suffix`` (any name
 strictly under ``suffix``, at any depth), an IPv4/IPv6 address, a CIDR network
 (``10.20.0.0/16``; host bits must be zero) or an address range (``10.0.0.5-10.0.0.20``).
@@ -43,6 +55,7 @@ PROTOCOLS = ("tcp", "udp")
 DEFAULT_GROUP = "default"
 
 _APP_KEYS = ("name", "connector_group", "segments")
+_CONNECTOR_KEYS = ("name", "group")
 _SEGMENT_KEYS = ("destination", "ports", "protocol")
 _LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _DIGITS_RE = re.compile(r"[0-9]+")
@@ -115,10 +128,35 @@ def _unknown_keys(obj: dict[str, Any], allowed: Sequence[str]) -> str | None:
     return f"unknown key {unknown[0]!r} (expected {', '.join(allowed)})"
 
 
+def _parse_connectors(obj: dict[str, Any], source: str) -> dict[str, str] | None:
+    """The ``connectors`` list as certificate name -> group (None when the file has none)."""
+    if "connectors" not in obj:
+        return None
+    raw = obj["connectors"]
+    if not isinstance(raw, list):
+        raise AppsError(f"{source}: 'connectors' must be a list")
+    out: dict[str, str] = {}
+    for number, entry in enumerate(raw, 1):
+        where = f"{source}: connector {number}"
+        if not isinstance(entry, dict):
+            raise AppsError(f"{where}: must be a table")
+        if problem := _unknown_keys(entry, _CONNECTOR_KEYS):
+            raise AppsError(f"{where}: {problem}")
+        name, group = entry.get("name"), entry.get("group")
+        if not isinstance(name, str) or not name.strip():
+            raise AppsError(f"{where}: name must be a non-empty string (the connector certificate's name)")
+        if not isinstance(group, str) or not group.strip():
+            raise AppsError(f"{where}: group must be a non-empty string")
+        if name.strip() in out:
+            raise AppsError(f"{source}: connector {name.strip()!r} is listed twice")
+        out[name.strip()] = group.strip()
+    return out
+
+
 def _parse_apps(obj: Any, source: str) -> list[App]:
     if not isinstance(obj, dict) or "apps" not in obj:
         raise AppsError(f"{source}: expected a table with an 'apps' list")
-    if problem := _unknown_keys(obj, ("apps",)):
+    if problem := _unknown_keys(obj, ("apps", "connectors")):
         raise AppsError(f"{source}: {problem}")
     if not isinstance(obj["apps"], list):
         raise AppsError(f"{source}: 'apps' must be a list")
@@ -301,6 +339,7 @@ class Applications:
 
     def __init__(self, apps: Sequence[App]) -> None:
         self._apps = tuple(apps)
+        self.connectors: dict[str, str] | None = None  # the file's connector name -> group, if it lists them
 
     @classmethod
     def load(cls, path: str) -> Self:
@@ -310,7 +349,9 @@ class Applications:
     @classmethod
     def from_obj(cls, obj: Any, source: str = "<apps>") -> Self:
         """Build from an already decoded object (``{"apps": [...]}``); ``source`` prefixes errors."""
-        return cls(_parse_apps(obj, source))
+        table = cls(_parse_apps(obj, source))
+        table.connectors = _parse_connectors(obj, source)
+        return table
 
     @property
     def apps(self) -> list[App]:

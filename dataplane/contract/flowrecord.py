@@ -40,7 +40,7 @@ class FlowRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     upn: _Text = ""
     device_id: _Text = ""
     device_os: _Text = ""
-    process: _Text = ""
+    process: _Text = ""  # as the client agent reported it (unverified); the edge bounds and sanitises it
     source_ip: _Text = ""
     source_port: _Port = 0
     destination_ip: _Text = ""

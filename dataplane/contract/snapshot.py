@@ -7,11 +7,18 @@ down, and catches up when the control plane returns. A snapshot carries one numb
 ``version`` (the store's configuration version): a node only ever moves to a higher one.
 
 Contents: applications (per-app and the catch-all quick access one) with their segments and
-assignments, connector groups, private DNS suffixes, revoked certificate serials (lower-case
+assignments, connector groups, the registered connectors (the group each one serves, keyed
+by the serials of its certificates: the edge files a connector tunnel under that group, never
+under the one its HELLO names), private DNS suffixes, revoked certificate serials (lower-case
 hex), the edges nodes dial, and for conditional access: users (groups, disabled, risk),
 devices (OS, compliance), named locations, policies, revoked sign-in sessions and the public
 keys of access tokens. The encoding is msgspec JSON (``encode`` / ``decode``); a field a node
 does not know is ignored, so a newer control plane may add fields without breaking nodes.
+
+That is an edge's snapshot. A connector gets a narrower one of the same type
+(``control.snapshot.connector_view``): the version, the edges, the revoked serials, its own
+group and its own record; nothing about users, devices, policies, locations, sessions,
+applications or token keys.
 
 ``ClientProfile`` is what a signed-in client agent is told (its forwarding profile), and
 ``client_profile(snapshot)`` derives it. ``is_revoked(snapshot, serial)`` is a set lookup,
@@ -64,6 +71,18 @@ class SnapApp(msgspec.Struct):
 class SnapGroup(msgspec.Struct):
     name: _Name
     region: str = ""
+
+
+class SnapConnector(msgspec.Struct):
+    """A registered connector: its id and name (the name is its certificate's CN), the connector
+    group it serves (decided by the control plane at registration), and the serials of its
+    certificates that are neither revoked nor expired (lower-case hex): an edge recognises a
+    connector tunnel by the serial of the certificate it presented."""
+
+    id: _Name
+    name: _Name
+    group: _Name
+    serials: list[_Serial] = []
 
 
 class SnapUser(msgspec.Struct):
@@ -138,6 +157,9 @@ class ConfigSnapshot(msgspec.Struct, dict=True):
     dns_suffixes: list[str] = []
     revoked_serials: list[_Serial] = []
     edges: list[str] = []
+    # None: made by a control plane that records no connector groups (an older version, or a
+    # node's cache from one); edges then take each connector's group from its HELLO.
+    connectors: list[SnapConnector] | None = None
     # Identity and conditional access (empty on a control plane without users: edges then
     # enforce nothing beyond applications).
     users: list[SnapUser] = []
@@ -153,6 +175,11 @@ class ConfigSnapshot(msgspec.Struct, dict=True):
     # while no edge is reachable ("closed": refuse them, "open": dial them directly).
     fail_mode: Literal["closed", "open"] = "closed"
 
+
+# Seconds an edge accepts an access token past its ``exp`` (clock skew between control plane and
+# edges). The control plane keeps a revoked session in ``revoked_sessions`` until the last token
+# it issued for that session is past its expiry by this much.
+TOKEN_LEEWAY = 60
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(ConfigSnapshot)

@@ -11,11 +11,23 @@ one window per flow and direction), and FIN/RST travel through. A lost tunnel re
 flow that used it, with a reason naming it.
 
 Applications come from an application file (``FERRYMAN_APPS_FILE``, fixed for the life of
-the process) or, for an edge registered with the control plane, from the configuration
-snapshots its ``ControlLink`` receives: each new version replaces the access tables for
-the next OPENs (flows already running keep their application), decides every live flow
-again (continuous access: the same ``admit``) and replaces the set of revoked certificate
-serials. A peer presenting a revoked certificate is refused at the handshake, and tunnels
+the process, for an edge with no control plane) or, for an edge registered with the control
+plane, from the configuration snapshots its ``ControlLink`` receives (an edge is never given
+both: its applications, assignments and policies would then disagree): each new version
+replaces the access tables for the next OPENs (flows already running keep their
+application), decides every live flow again (continuous access: the same ``admit``, with
+the principal of the client's current access token) and replaces the set of revoked
+certificate serials. A client's new token (AUTH) has its live flows decided again at once:
+a refused token leaves them without a principal, so they are cut.
+
+A connector tunnel serves the connector group the configuration records for its
+certificate (``access.connectors``), never the one its HELLO names: a HELLO naming another
+group ends the tunnel (GOAWAY ``group_mismatch``), and a connector the configuration does
+not know serves no group until a configuration names it. Clients are told nothing of the
+connector's own address (OPEN_OK carries no ``bound``), and the ``process`` a client reports
+is kept as reported but bounded to ``MAX_PROCESS`` printable characters.
+
+A peer presenting a revoked certificate is refused at the handshake, and tunnels
 already up with one are ended (GOAWAY ``certificate_revoked``, their flows reset) as soon
 as the snapshot revoking it arrives. Every flow and every refused OPEN becomes a traffic-log
 record (``records.py``).
@@ -29,12 +41,15 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Iterable
 
+import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..access.admission import AccessRequest, AccessTables, Unauthenticated, Verdict, admit
 from ..access.apptable import AppTable, app_table
+from ..access.connectors import ConnectorGroups
 from ..access.grants import sign as sign_grant
 from ..access.policy import AccessIndex, Principal
 from ..access.tokens import TokenError, TokenVerifier
@@ -58,6 +73,22 @@ from .splice import ClientAccess, EdgeTunnel, Splice
 
 log = logging.getLogger("ferryman.edge")
 
+APPS_FILE_ON_REGISTERED_EDGE = (
+    "FERRYMAN_APPS_FILE (--apps) cannot be used by an edge registered with the control plane: its "
+    "applications, assignments and conditional-access policies all come from the control plane, and an "
+    "application file would bypass them. Load the file there (`ferryman admin apply FILE`) and unset "
+    "FERRYMAN_APPS_FILE, or run the edge without a control plane (FERRYMAN_TLS_CA, FERRYMAN_TLS_CERT and "
+    "FERRYMAN_TLS_KEY from `ferryman pki init`)")
+MAX_PROCESS = 128  # characters of the client-reported initiating process kept (traffic log, connector)
+
+
+def client_reported(text: str) -> str:
+    """A client's free-text claim (the initiating process) made safe to log: printable characters
+    only (others become ``?``), at most ``MAX_PROCESS`` of them."""
+    if len(text) <= MAX_PROCESS and text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else "?" for c in text[:MAX_PROCESS])
+
 
 
 
@@ -70,6 +101,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                  registered: Registration | None = None) -> None:
         if apps is None and registered is None:
             raise ValueError("an edge needs an application file or a control plane registration")
+        if apps is not None and registered is not None:
+            raise ValueError(APPS_FILE_ON_REGISTERED_EDGE)
         self.settings = settings
         self.credentials = credentials
         self.name = credentials.name
@@ -91,7 +124,17 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                                     traffic=self.traffic)
         self.records = Records(self.name, self.traffic)
         self._server_ctx = credentials.server_context()
-        self.groups: dict[str, list[EdgeTunnel]] = {}
+        self.groups: dict[str, list[EdgeTunnel]] = {}  # connector group -> the tunnels that serve it
+        self.connectors: dict[EdgeTunnel, str | None] = {}  # every connector tunnel -> the group it is filed under
+        # Who serves which group: the control plane's record (from each snapshot) or the application file's.
+        if apps is None:
+            self.connector_groups = ConnectorGroups(by_serial={}, source="a configuration from the control plane "
+                                                                        "(none received yet)")
+        elif apps.connectors is None:
+            self.connector_groups = ConnectorGroups.hello_decides()
+        else:
+            self.connector_groups = ConnectorGroups.from_names(apps.connectors, f"the application file "
+                                                                               f"{settings.apps_file or '(given)'}")
         self.clients: set[EdgeTunnel] = set()
         self.listener: socket.socket | None = None
         self.quic: QuicServer | None = None  # the QUIC listener, with FERRYMAN_EDGE_QUIC=on
@@ -101,7 +144,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self.stats.extra = {
             "ferryman_edge_clients": ("Client tunnels connected", lambda: float(len(self.clients))),
             "ferryman_edge_connector_tunnels": (
-                "Connector tunnels connected", lambda: float(sum(len(v) for v in self.groups.values()))),
+                "Connector tunnels connected", lambda: float(len(self.connectors))),
             "ferryman_traffic_records_queued": (
                 "Traffic log records waiting to be sent to the control plane",
                 lambda: float(len(self.traffic) if self.traffic is not None else 0)),
@@ -136,6 +179,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         source = s.apps_file if self.link is None or self.static_apps else f"control plane {self.link.base}"
         log.info("edge listening", extra={"addr": f"{bound[0]}:{bound[1]}", "apps": len(self.tables.apps.apps),
                                           "config": source, "transports": "tcp,quic" if self.quic else "tcp"})
+        if self.static_apps and self.connector_groups.trusts_hello:
+            log.warning("the application file lists no connectors: each connector's HELLO names the group it "
+                        "serves, so any certificate of this CA may serve any group (list them under "
+                        "[[connectors]] to decide it here)")
         await stop.wait()
         log.info("edge stopping")
         accepting.cancel()
@@ -143,7 +190,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self.listener.close()
         if self.quic is not None:
             self.quic.close()
-        for tunnel in list(self.clients) + [t for ts in self.groups.values() for t in ts]:
+        for tunnel in [*self.clients, *self.connectors]:
             tunnel.goaway("shutdown", f"edge {self.name} is shutting down")
             tunnel.close("shutdown", "edge stopped")
         if metrics is not None:
@@ -159,8 +206,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         of the snapshot cannot be used), then the access tables for the next OPENs, and the live
         flows decided again."""
         self.revoked = revoked_set(snapshot)
-        tunnels = [*self.clients, *(t for group in self.groups.values() for t in group)]
-        cut_revoked(tunnels, self.revoked, f"edge {self.name}")
+        cut_revoked([*self.clients, *self.connectors], self.revoked, f"edge {self.name}")
         if not self.static_apps:
             apps = app_table(snapshot)  # SnapshotError: the link keeps the previous configuration
             access = AccessIndex(snapshot)
@@ -176,21 +222,34 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                     if client.state is not None:
                         self._authenticate(client, client.state, client.state.token)
             self.tables = AccessTables(apps, dns_suffixes=snapshot.dns_suffixes, access=access)
+            self.connector_groups = ConnectorGroups.from_snapshot(snapshot)
+            if self.connector_groups.trusts_hello:
+                log.warning("configuration version %d records no connector groups (made by an older control "
+                            "plane): each connector's HELLO names its group until a configuration that records "
+                            "them arrives (any change made through the control plane)", snapshot.version)
+            self._file_connectors()
         if self.tables.enforcing:
-            self._recheck_flows()
+            self._recheck_flows(self.clients)
 
-    def _recheck_flows(self) -> None:
-        """Continuous access: admit every live flow again; reset those now denied."""
+    def _recheck_flows(self, clients: Iterable[EdgeTunnel]) -> None:
+        """Continuous access: admit every live flow of ``clients`` again, for whom each client's
+        tunnel speaks now (the principal of its latest token: refreshed, or refused, then none);
+        reset those now denied. (A token of another user never passes for this tunnel's device:
+        a device is registered to one user.)"""
         tables = self.tables
         now = time.time()
-        for client in list(self.clients):
+        for client in list(clients):
+            access = client.state
+            if access is None:
+                continue
+            current = access.principal
             for splice in list(client.routes.values()):
                 if splice.closed_sides == -1 or splice.principal is None:
                     continue
                 request = splice.request
                 verdict = admit(AccessRequest(host=request.host, port=request.port, protocol=request.protocol,
                                               source=client.peer_addr, application=splice.app),
-                                splice.principal, tables, now)
+                                current, tables, now)
                 splice.verdict = verdict
                 if verdict.allowed:
                     continue
@@ -240,8 +299,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             log.info("access token renewed", extra={"client": tunnel.peer_name, "user": principal.upn,
                                                     "expires": principal.expires})
         elif isinstance(previous, Principal):
-            log.warning("refreshed access token refused; new flows of this client are refused until a valid one "
-                        "arrives", extra={"client": tunnel.peer_name, "reason": principal.reason})
+            log.warning("refreshed access token refused; its live flows are cut and new ones refused until a valid "
+                        "one arrives", extra={"client": tunnel.peer_name, "reason": principal.reason})
+        if self.tables.enforcing:  # the live flows follow the token the client holds now
+            self._recheck_flows((tunnel,))
 
     def refuse_peer(self, peer: PeerCertificate) -> str | None:
         if peer.serial in self.revoked:
@@ -250,7 +311,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         return None
 
     def _report(self) -> Report:
-        tunnels = len(self.clients) + sum(len(group) for group in self.groups.values())
+        tunnels = len(self.clients) + len(self.connectors)
         bound = self.listener.getsockname() if self.listener is not None else None
         return Report(tunnels=tunnels, active_flows=self.stats.flows_active,
                       addresses=[f"{bound[0]}:{bound[1]}"] if bound else [])
@@ -311,7 +372,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self.stats.count(self.stats.transports, tunnel.transport_name)
         user = None
         if hello.role == "connector":
-            self.groups.setdefault(hello.group or "default", []).append(tunnel)
+            self.connectors[tunnel] = None
+            if not self._file_connector(tunnel, first=True):
+                return
         else:
             self.clients.add(tunnel)
             access = tunnel.state = ClientAccess(hello.token)
@@ -319,8 +382,40 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                 self._authenticate(tunnel, access, hello.token)
             if isinstance(access.principal, Principal):
                 user = access.principal.upn
-        log.info("tunnel up", extra={"tunnel": tunnel.label, "group": hello.group, "user": user,
+        log.info("tunnel up", extra={"tunnel": tunnel.label, "group": self.connectors.get(tunnel), "user": user,
                                      "transport": tunnel.transport_name})
+
+    def _file_connector(self, tunnel: EdgeTunnel, first: bool = False) -> bool:
+        """File a connector tunnel under the group the configuration records for its certificate
+        (or under none); end it when its HELLO names another group. False: it was ended."""
+        hello, peer = tunnel.hello, tunnel.peer_certificate
+        assert hello is not None and peer is not None
+        decision = self.connector_groups.group_of(peer, hello.group)
+        filed = self.connectors.get(tunnel)
+        if decision.group != filed:
+            if filed is not None and tunnel in self.groups.get(filed, ()):
+                self.groups[filed].remove(tunnel)
+            self.connectors[tunnel] = decision.group
+            if decision.group is not None:
+                self.groups.setdefault(decision.group, []).append(tunnel)
+                if not first:
+                    log.info("connector filed", extra={"tunnel": tunnel.label, "group": decision.group})
+        if decision.code == "group_mismatch":
+            log.warning("connector refused: its HELLO names another group than its own",
+                        extra={"tunnel": tunnel.label, "serial": format(peer.serial, "x"), "code": decision.code,
+                               "reason": decision.reason})
+            tunnel.terminate(decision.code, f"edge {self.name}: {decision.reason}")
+            return False
+        if decision.group is None and (first or filed is not None):
+            log.warning("connector serves no group", extra={"tunnel": tunnel.label, "code": decision.code,
+                                                            "reason": decision.reason})
+        return True
+
+    def _file_connectors(self) -> None:
+        """A new record of who serves which group: file every connector tunnel again."""
+        for tunnel in list(self.connectors):
+            if not tunnel.closed:
+                self._file_connector(tunnel)
 
     def tunnel_down(self, tunnel: EdgeTunnel) -> None:
         hello = tunnel.hello
@@ -332,9 +427,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self.stats.rtt.pop(tunnel.label, None)
         connector = hello.role == "connector"
         if connector:
-            group = self.groups.get(hello.group or "default", [])
-            if tunnel in group:
-                group.remove(tunnel)
+            filed = self.connectors.pop(tunnel, None)
+            if filed is not None and tunnel in self.groups.get(filed, ()):
+                self.groups[filed].remove(tunnel)
             code, reason = "connector_lost", f"connector {hello.node} lost: {tunnel.close_reason}"
         else:
             self.clients.discard(tunnel)
@@ -387,6 +482,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if access is None:  # only client tunnels have one
             self._refuse(tunnel, fid, "not_allowed", "connectors cannot open flows")
             return
+        process = client_reported(request.process)
+        if process is not request.process:
+            request = msgspec.structs.replace(request, process=process)
         now = time.time()
         verdict = admit(AccessRequest(host=request.host, port=request.port, protocol=request.protocol,
                                       source=tunnel.peer_addr), access.principal, self.tables, now)
@@ -448,7 +546,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         splice.remote = event.remote
         client = splice.client
         if client.has_flow(splice.cfid):
-            client.accept(splice.cfid, bound=event.bound)
+            client.accept(splice.cfid)  # the connector's own address (``bound``) is not the client's business
             self.stats.flows_active += 1
             self.stats.flows_opened += 1
         else:  # the client gave up while the connector was dialing
