@@ -56,7 +56,7 @@ from .store import Store
 from .store.applications import list_applications
 from .store.certificates import list_revocations
 from .store.config_version import config_version
-from .store.connector_groups import list_groups
+from .store.connector_groups import allowed_addresses, denied_addresses, list_groups
 from .store.devices import snapshot_devices
 from .store.dns_suffixes import list_dns_suffixes
 from .store.forwarding_profile import forwarding_profile
@@ -154,7 +154,9 @@ def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenK
         )
         for app in stored_apps
     ]
-    groups = [SnapGroup(name=g.name, region=g.region) for g in sorted(list_groups(session), key=lambda g: g.name)]
+    groups = [SnapGroup(name=g.name, region=g.region, allowed_addresses=allowed_addresses(g),
+                        denied_addresses=denied_addresses(g))
+              for g in sorted(list_groups(session), key=lambda g: g.name)]
     users = [SnapUser(id=user_id, upn=upn, groups=sorted(group_ids), disabled=disabled,
                       risk=risk)  # type: ignore[arg-type]  # the schema's check constraint keeps it a known level
              for user_id, upn, group_ids, disabled, risk in sorted(snapshot_users(session), key=lambda u: (u[1], u[0]))]

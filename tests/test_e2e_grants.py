@@ -4,12 +4,14 @@ The test plays a misbehaving edge: it holds the edge's certificate (so TLS and H
 succeed) and sends the connector OPENs whose grants are missing, signed by another key,
 expired, for another destination, or replayed. Each must come back as OPEN_FAIL with its
 own code while the backend sees no connection at all; a valid grant, for contrast, is
-dialled and its bytes flow.
+dialled and its bytes flow (its application names the backend's loopback address, which the
+connector reads from its application file).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import socket
@@ -72,8 +74,12 @@ def test_connector_dials_only_flows_with_a_valid_grant(pki_cache: str, tmp_path)
                FERRYMAN_TLS_CERT=os.path.join(pki_cache, "connector-1.pem"),
                FERRYMAN_TLS_KEY=os.path.join(pki_cache, "connector-1.key"),
                FERRYMAN_CONNECTOR_TUNNELS="1", FERRYMAN_RECONNECT_MAX="0.5", FERRYMAN_DRAIN_GRACE="0")
+    apps = tmp_path / "apps.json"
+    apps.write_text(json.dumps({"apps": [{"name": "backend", "segments": [
+        {"destination": "127.0.0.1", "ports": str(target)}]}]}))
     log = open(tmp_path / "connector.log", "wb")
-    connector = subprocess.Popen([sys.executable, "-m", "dataplane", "connector", "--edges", f"127.0.0.1:{edge_port}"],
+    connector = subprocess.Popen([sys.executable, "-m", "dataplane", "connector", "--edges", f"127.0.0.1:{edge_port}",
+                                  "--apps", str(apps)],
                                  env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     edge_key = _key(os.path.join(pki_cache, "edge-1.key"))
     other_key = ec.generate_private_key(ec.SECP256R1())
@@ -93,7 +99,7 @@ def test_connector_dials_only_flows_with_a_valid_grant(pki_cache: str, tmp_path)
                    connection: str = "") -> bytes:
             return grants.sign(key, edge="edge-1", connector="connector-1", host=host, port=target, protocol="tcp",
                                connection=connection or os.urandom(4).hex(), user="alice@corp", device="dev-1",
-                               now=at)
+                               now=at, app="backend")
 
         valid = signed(connection="valid-1")
         cases = {
