@@ -71,8 +71,9 @@ def _http_status(url: str) -> int:
 
 class Fabric:
     def __init__(self, workdir: str, forwards: list[tuple], env: dict[str, str] | None = None,
-                 connectors: int = 1, *, managed: bool = False) -> None:
-        """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each."""
+                 connectors: int = 1, *, managed: bool = False, apps: list[dict] | None = None) -> None:
+        """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each; ``apps``: more
+        applications (``{"name": ..., "segments": [...]}``, for SOCKS5 or HTTP CONNECT) besides the forwards'."""
         self.workdir = os.path.abspath(workdir)
         self._taken: set[int] = set()  # ports handed out here (none is bound until its node starts)
         self.forwards = [(f[0], f[1] or self._free_port(f[4] if len(f) > 4 else "tcp"), f[2], f[3],
@@ -80,6 +81,7 @@ class Fabric:
         self.env = dict(env or {})
         self.connector_names = [f"connector-{i + 1}" for i in range(connectors)]
         self.managed = managed
+        self.extra_apps = list(apps or [])
         self.user = "demo@ferryman.local"  # managed: the user the client agent signs in as
         self.password = secrets.token_urlsafe(18)
         self.edge_port = 0
@@ -130,7 +132,8 @@ class Fabric:
             segment = {"destination": host, "ports": str(port), "protocol": protocol}
             if segment not in segments:
                 segments.append(segment)
-        return [(f"forward-{i + 1}", segments) for i, segments in enumerate(apps.values())]
+        return ([(f"forward-{i + 1}", segments) for i, segments in enumerate(apps.values())]
+                + [(app["name"], app["segments"]) for app in self.extra_apps])
 
     def _apps_file(self) -> str:
         apps = [{"name": name, "connector_group": "default", "segments": segments}
