@@ -2,7 +2,8 @@
 
 - A name that resolves to loopback (``localhost``) is refused with ``destination_forbidden``
   and the backend sees no connection, while the same address named by an IP segment is
-  dialed, and a name is dialed when its own application also names the address.
+  dialed, and a name is dialed when its own application also names the address; UDP flows
+  (SOCKS5 UDP ASSOCIATE) alike.
 - A deny network set with ``ferryman admin groups update --deny`` refuses new flows within
   seconds (even to an address a segment names: deny wins), an allow list refuses what is
   outside it, and removing them lets flows through again.
@@ -34,6 +35,7 @@ from backends import Backend
 from dataplane.basics import pki
 from dataplane.fabric import Fabric, free_port
 from netns import ROOT, private_network
+from test_e2e_capture import _associate, _udp_header, _udp_roundtrip
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -85,12 +87,14 @@ def _seg(destination: str, port: int) -> dict[str, str]:
 
 def test_a_name_resolving_to_loopback_is_refused_while_the_address_named_by_a_segment_is_dialed(
         backend, fabric, xfer):
-    target, both = backend("echo"), backend("echo")
+    target, both, udp = backend("echo"), backend("echo"), backend("udp-echo")
     env, socks = _socks_env()
     fab = fabric([], env=env, managed=True, apps=[
         {"name": "by-name", "segments": [_seg("localhost", target.port)]},
         {"name": "by-address", "segments": [_seg("127.0.0.1", target.port)]},
         {"name": "name-and-address", "segments": [_seg("localhost", both.port), _seg("127.0.0.1", both.port)]},
+        {"name": "udp-by-name", "segments": [{**_seg("localhost", udp.port), "protocol": "udp"}]},
+        {"name": "udp-by-address", "segments": [{**_seg("127.0.0.1", udp.port), "protocol": "udp"}]},
     ])
     # localhost resolves (at the connector, from /etc/hosts) to 127.0.0.1, which app by-name does not name.
     assert _echoes(xfer, socks, "localhost", target.port, b"x") == 0x02  # SOCKS: not allowed by ruleset
@@ -109,9 +113,22 @@ def test_a_name_resolving_to_loopback_is_refused_while_the_address_named_by_a_se
     assert _echoes(xfer, socks, "localhost", both.port, b"by name, address named") == 0
     assert _settled_opens(both, 1) == 1
 
+    # UDP flows (SOCKS5 UDP ASSOCIATE) are checked the same way.
+    ctl, relay = _associate(socks)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(1.0)
+    with ctl, sock:
+        sock.sendto(_udp_header("localhost", udp.port) + b"by name", relay)
+        xfer.wait_for(lambda: "application 'udp-by-name' names 127.0.0.1" in _log(fab, "client-1"), 5,
+                      "the client to log the refused UDP flow")
+        got = _udp_roundtrip(sock, relay, "127.0.0.1", udp.port, b"by address")
+        assert got == _udp_header("127.0.0.1", udp.port) + b"by address"
+    assert [e["bytes"] for e in udp.drain_events() if e["ev"] == "udp"] == [len(b"by address")]
+
     samples = xfer.scrape(fab.metrics["connector-1"])
-    assert xfer.metric(samples, "ferryman_dial_refused_total", rule="loopback") == 1
-    assert xfer.metric(samples, "ferryman_open_failures_total", reason="destination_forbidden") == 1
+    assert xfer.metric(samples, "ferryman_dial_refused_total", rule="loopback") == 2
+    assert xfer.metric(samples, "ferryman_open_failures_total", reason="destination_forbidden") == 2
 
 
 # ---------------------------------------------------------------------------- group lists through the admin CLI
