@@ -67,7 +67,7 @@ from .store import Store
 from .store.applications import list_applications
 from .store.certificates import list_revocations
 from .store.config_version import config_version
-from .store.connector_groups import list_groups
+from .store.connector_groups import allowed_addresses, denied_addresses, list_groups
 from .store.devices import snapshot_devices
 from .store.dns_suffixes import list_dns_suffixes
 from .store.forwarding_profile import forwarding_profile
@@ -165,7 +165,9 @@ def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenK
         )
         for app in stored_apps
     ]
-    groups = [SnapGroup(name=g.name, region=g.region) for g in sorted(list_groups(session), key=lambda g: g.name)]
+    groups = [SnapGroup(name=g.name, region=g.region, allowed_addresses=allowed_addresses(g),
+                        denied_addresses=denied_addresses(g))
+              for g in sorted(list_groups(session), key=lambda g: g.name)]
     users = [SnapUser(id=user_id, upn=upn, groups=sorted(group_ids), disabled=disabled,
                       risk=risk)  # type: ignore[arg-type]  # the schema's check constraint keeps it a known level
              for user_id, upn, group_ids, disabled, risk in sorted(snapshot_users(session), key=lambda u: (u[1], u[0]))]
@@ -211,13 +213,17 @@ def build_from_store(store: Store, *, edges: Iterable[str], token_keys: TokenKey
 
 def connector_view(snapshot: ConfigSnapshot, connector_id: str) -> ConfigSnapshot:
     """What connector ``connector_id`` is sent of ``snapshot``: the version and its time, the edges
-    to dial, the revoked serials (to refuse a revoked edge), its own record and its own group.
-    No applications, users, groups of users, devices, named locations, policies, sessions or
-    token keys: a connector decides nothing about people."""
+    to dial, the revoked serials (to refuse a revoked edge), its own record, its own group (with
+    its dial lists) and the applications that group serves with their segments only (the
+    addresses a segment names explicitly are the ones it may dial although they are special).
+    No other group's applications, no assignments, users, groups of users, devices, named
+    locations, policies, sessions or token keys: a connector decides nothing about people."""
     own = [c for c in snapshot.connectors or () if c.id == connector_id]
     groups = {c.group for c in own}
+    apps = [SnapApp(name=a.name, kind=a.kind, connector_group=a.connector_group, segments=list(a.segments))
+            for a in snapshot.applications if a.connector_group in groups]
     return ConfigSnapshot(version=snapshot.version, issued_at=snapshot.issued_at,
-                          groups=[g for g in snapshot.groups if g.name in groups],
+                          groups=[g for g in snapshot.groups if g.name in groups], applications=apps,
                           revoked_serials=list(snapshot.revoked_serials), edges=list(snapshot.edges),
                           connectors=own)
 

@@ -6,14 +6,15 @@ node's ``/ready`` answers 200 (for the client that means its tunnel is up and ev
 forward's destination answered a probe). Two ways to configure the nodes:
 
 - **managed** (``ferryman up``): a control plane process (``ferryman control``, SQLite in
-  the work directory) is started first; the fabric creates a user and one application per
-  forward assigned to that user through the admin API, registers the edge and the
+  the work directory) is started first; the fabric creates a user and the forwards'
+  applications (``Fabric.applications``) assigned to that user through the admin API, registers the edge and the
   connectors with one-time tokens (``ferryman edge|connector register``), and signs the
   user in on the client (``ferryman client login``: device certificate and tokens), as an
   operator and a user would. Edge and connectors then run from the control plane's
   configuration (access decisions, heartbeats, revocations and renewals included).
 - **static** (benchmarks, data-plane tests): certificates from ``pki init`` (made once
-  under the work directory) and an application file.
+  under the work directory) and an application file (given to the edge, and to the
+  connectors for the segments that name addresses they may dial).
 
 ``stop()`` ends the client first, then the connectors (which then drain at once), then
 the edge, then the control plane.
@@ -70,8 +71,9 @@ def _http_status(url: str) -> int:
 
 class Fabric:
     def __init__(self, workdir: str, forwards: list[tuple], env: dict[str, str] | None = None,
-                 connectors: int = 1, *, managed: bool = False) -> None:
-        """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each."""
+                 connectors: int = 1, *, managed: bool = False, apps: list[dict] | None = None) -> None:
+        """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each; ``apps``: more
+        applications (``{"name": ..., "segments": [...]}``, for SOCKS5 or HTTP CONNECT) besides the forwards'."""
         self.workdir = os.path.abspath(workdir)
         self._taken: set[int] = set()  # ports handed out here (none is bound until its node starts)
         self.forwards = [(f[0], f[1] or self._free_port(f[4] if len(f) > 4 else "tcp"), f[2], f[3],
@@ -79,6 +81,7 @@ class Fabric:
         self.env = dict(env or {})
         self.connector_names = [f"connector-{i + 1}" for i in range(connectors)]
         self.managed = managed
+        self.extra_apps = list(apps or [])
         self.user = "demo@ferryman.local"  # managed: the user the client agent signs in as
         self.password = secrets.token_urlsafe(18)
         self.edge_port = 0
@@ -118,11 +121,23 @@ class Fabric:
                          connectors=self.connector_names, clients=["client-1"], force=True)
         return directory
 
+    def applications(self) -> list[tuple[str, list[dict[str, str]]]]:
+        """(name, segments) of the applications the forwards need: one per backend port and protocol
+        (``forward-N``, numbered in order), with every destination the forwards name for it as a
+        segment, so that a name (``localhost``) and the address it resolves to (``127.0.0.1``)
+        are one application and the connector may dial that address for the name."""
+        apps: dict[tuple[int, str], list[dict[str, str]]] = {}
+        for _, _, host, port, protocol in self.forwards:
+            segments = apps.setdefault((port, protocol), [])
+            segment = {"destination": host, "ports": str(port), "protocol": protocol}
+            if segment not in segments:
+                segments.append(segment)
+        return ([(f"forward-{i + 1}", segments) for i, segments in enumerate(apps.values())]
+                + [(app["name"], app["segments"]) for app in self.extra_apps])
+
     def _apps_file(self) -> str:
-        apps = []
-        for i, (_, _, host, port, protocol) in enumerate(self.forwards):
-            apps.append({"name": f"forward-{i + 1}", "connector_group": "default",
-                         "segments": [{"destination": host, "ports": str(port), "protocol": protocol}]})
+        apps = [{"name": name, "connector_group": "default", "segments": segments}
+                for name, segments in self.applications()]
         path = os.path.join(self.workdir, "apps.json")
         with open(path, "w") as fh:
             json.dump({"apps": apps}, fh, indent=2)
@@ -173,7 +188,7 @@ class Fabric:
                 client_env = self._pki_env(certs, "client-1")
                 self._spawn("edge-1", "edge", ["--listen", edge_addr, "--apps", apps], self._pki_env(certs, "edge-1"))
                 for name in self.connector_names:
-                    self._spawn(name, "connector", ["--edges", edge_addr], self._pki_env(certs, name))
+                    self._spawn(name, "connector", ["--edges", edge_addr, "--apps", apps], self._pki_env(certs, name))
             self._spawn("client-1", "client", ["--edges", edge_addr, *fwd_args], client_env)
             self.wait_ready(timeout)
         except BaseException:
@@ -200,10 +215,8 @@ class Fabric:
             self.admin_key = fh.read().strip()
         self.admin("POST", "/v1/users", {"upn": self.user, "display_name": "Ferryman demo user",
                                           "password": self.password})
-        for i, (_, _, host, port_, protocol) in enumerate(self.forwards):
-            name = f"forward-{i + 1}"
-            self.admin("POST", "/v1/applications", {"name": name, "segments": [
-                {"destination": host, "ports": str(port_), "protocol": protocol}]})
+        for name, segments in self.applications():
+            self.admin("POST", "/v1/applications", {"name": name, "segments": segments})
             self.admin("POST", f"/v1/applications/{name}/assignments", {"user": self.user})
         self._register("edge-1", "edge", ["--address", edge_addr])
         for name in self.connector_names:

@@ -138,7 +138,7 @@ def test_segment_overlap_is_refused_with_the_api_message(cli: Cli) -> None:
 def test_groups_dns_and_tokens(cli: Cli) -> None:
     assert cli.ok("groups", "create", "site-a", "--region", "eu").strip() == "created connector group 'site-a' (region eu)"
     groups = cli.ok("groups", "list").splitlines()
-    assert groups[0].split() == ["NAME", "REGION", "DEFAULT", "CREATED"]
+    assert groups[0].split() == ["NAME", "REGION", "DEFAULT", "ALLOWED", "DENIED", "CREATED"]
     assert any(line.split()[:3] == ["site-a", "eu", "no"] for line in groups[1:])
 
     out = cli.ok("tokens", "create", "--role", "connector", "--group", "site-a", "--ttl", "30m").splitlines()

@@ -201,8 +201,9 @@ def test_config_long_poll_is_answered_within_two_seconds_of_a_change(control: Co
 
 
 def test_a_connector_is_sent_only_what_it_needs_and_an_edge_everything(control: Control, connector, edge) -> None:
-    """Least knowledge: users, devices, policies, locations, sessions, applications and token keys
-    go to edges only; a connector learns its own record and group, the edges and the revocations."""
+    """Least knowledge: users, devices, policies, locations, sessions, assignments and token keys
+    go to edges only; a connector learns its own record and group, that group's applications'
+    segments, the edges and the revocations."""
     registration, connector_signer = connector
     _, edge_signer = edge
     upn = f"least-{secrets.token_hex(3)}@corp.example"
@@ -214,9 +215,11 @@ def test_a_connector_is_sent_only_what_it_needs_and_an_edge_everything(control: 
     status, signed, _ = control.request("POST", "/v1/auth/sign-in", {"upn": upn, "password": "correct horse battery"})
     assert status == 200, signed
     assert control.admin("POST", f"/v1/sessions/{signed['session_id']}/revoke", {})[0] == 200
-    status, _, _ = control.admin("POST", "/v1/applications", {"name": f"least-{secrets.token_hex(3)}", "segments": [
+    app_name = f"least-{secrets.token_hex(3)}"
+    status, _, _ = control.admin("POST", "/v1/applications", {"name": app_name, "segments": [
         {"destination": "10.78.0.0/16", "ports": 22}]})
     assert status == 201
+    assert control.admin("POST", f"/v1/applications/{app_name}/assignments", {"user": upn})[0] == 201
     version = _config_version(control)
     deadline = time.monotonic() + 5
     while True:  # the served snapshot follows the store within half a second
@@ -230,9 +233,13 @@ def test_a_connector_is_sent_only_what_it_needs_and_an_edge_everything(control: 
     for field in ("users", "locations", "policies", "revoked_sessions", "token_keys", "applications", "connectors"):
         assert full[field], field
     assert registration.record.node_id in [c["id"] for c in full["connectors"]]
-    # The connector: nothing about people or applications.
-    for field in ("users", "devices", "locations", "policies", "revoked_sessions", "token_keys", "applications"):
+    # The connector: nothing about people; of the applications only its own group's, with their
+    # segments (what it may dial) and without their assignments.
+    for field in ("users", "devices", "locations", "policies", "revoked_sessions", "token_keys"):
         assert narrow[field] == [], field
+    mine = [a for a in full["applications"] if a["connector_group"] == "default"]
+    assert mine and any(a["users"] or a["groups"] for a in full["applications"])
+    assert narrow["applications"] == [{**a, "users": [], "groups": []} for a in mine]
     assert narrow["token_issuer"] == ""
     (own,) = narrow["connectors"]
     assert (own["id"], own["name"], own["group"]) == (registration.record.node_id, registration.record.name,

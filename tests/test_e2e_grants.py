@@ -4,12 +4,15 @@ The test plays a misbehaving edge: it holds the edge's certificate (so TLS and H
 succeed) and sends the connector OPENs whose grants are missing, signed by another key,
 expired, for another destination, or replayed. Each must come back as OPEN_FAIL with its
 own code while the backend sees no connection at all; a valid grant, for contrast, is
-dialled and its bytes flow.
+dialled and its bytes flow (its application names the backend's loopback address, which the
+connector reads from its application file), while the same grant signed for no application
+is refused with ``destination_forbidden``, whatever the OPEN's unsigned ``app`` field says.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import socket
@@ -72,8 +75,12 @@ def test_connector_dials_only_flows_with_a_valid_grant(pki_cache: str, tmp_path)
                FERRYMAN_TLS_CERT=os.path.join(pki_cache, "connector-1.pem"),
                FERRYMAN_TLS_KEY=os.path.join(pki_cache, "connector-1.key"),
                FERRYMAN_CONNECTOR_TUNNELS="1", FERRYMAN_RECONNECT_MAX="0.5", FERRYMAN_DRAIN_GRACE="0")
+    apps = tmp_path / "apps.json"
+    apps.write_text(json.dumps({"apps": [{"name": "backend", "segments": [
+        {"destination": "127.0.0.1", "ports": str(target)}]}]}))
     log = open(tmp_path / "connector.log", "wb")
-    connector = subprocess.Popen([sys.executable, "-m", "dataplane", "connector", "--edges", f"127.0.0.1:{edge_port}"],
+    connector = subprocess.Popen([sys.executable, "-m", "dataplane", "connector", "--edges", f"127.0.0.1:{edge_port}",
+                                  "--apps", str(apps)],
                                  env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     edge_key = _key(os.path.join(pki_cache, "edge-1.key"))
     other_key = ec.generate_private_key(ec.SECP256R1())
@@ -90,10 +97,10 @@ def test_connector_dials_only_flows_with_a_valid_grant(pki_cache: str, tmp_path)
         now = time.time()
 
         def signed(key: ec.EllipticCurvePrivateKey = edge_key, at: float = now, host: str = "127.0.0.1",
-                   connection: str = "") -> bytes:
+                   connection: str = "", app: str = "backend") -> bytes:
             return grants.sign(key, edge="edge-1", connector="connector-1", host=host, port=target, protocol="tcp",
                                connection=connection or os.urandom(4).hex(), user="alice@corp", device="dev-1",
-                               now=at)
+                               now=at, app=app)
 
         valid = signed(connection="valid-1")
         cases = {
@@ -103,10 +110,14 @@ def test_connector_dials_only_flows_with_a_valid_grant(pki_cache: str, tmp_path)
             "elsewhere": signed(host="127.0.0.2"),
             "valid": valid,
             "replayed": valid,
+            # Signed for no application (the OPEN's own, unsigned app field is not believed): no
+            # segment names the loopback backend for it.
+            "unnamed": signed(app=""),
         }
         results = {}
         for name, grant in cases.items():
-            fid = tunnel.conn.open_flow(Open(host="127.0.0.1", port=target, grant=grant, user="alice@corp"))
+            fid = tunnel.conn.open_flow(Open(host="127.0.0.1", port=target, grant=grant, user="alice@corp",
+                                             app="backend"))
             edge.answers[fid] = asyncio.get_running_loop().create_future()
             tunnel.flush_soon()
             results[name] = await asyncio.wait_for(edge.answers[fid], 10)
@@ -128,7 +139,8 @@ def test_connector_dials_only_flows_with_a_valid_grant(pki_cache: str, tmp_path)
         backend.close()
     codes = {name: code for name, (code, _) in results.items()}
     assert codes == {"missing": "grant_missing", "forged": "grant_forged", "expired": "grant_expired",
-                     "elsewhere": "grant_mismatch", "valid": "ok", "replayed": "grant_replayed"}, results
+                     "elsewhere": "grant_mismatch", "valid": "ok", "replayed": "grant_replayed",
+                     "unnamed": "destination_forbidden"}, results
     assert results["forged"][1] == "connector connector-1: the grant does not verify with edge edge-1's certificate key"
     assert dialled == 1, "the connector dialled the backend for a flow without a valid grant"
     text = (tmp_path / "connector.log").read_text()

@@ -138,7 +138,7 @@ def version(store: Store) -> int:
 
 def test_migrations_build_the_schema_on_an_empty_database(url: str) -> None:
     with open_store(url) as store:
-        assert store.migrations_applied == ("0001", "0002", "0003", "0004", "0005", "0006")
+        assert store.migrations_applied == ("0001", "0002", "0003", "0004", "0005", "0006", "0007")
         assert set(sa.inspect(store.engine).get_table_names()) == TABLES
         with store.read() as session:
             groups = connector_groups.list_groups(session)
@@ -185,7 +185,7 @@ def test_upgrading_from_0001_records_the_certificates_of_existing_nodes(store: S
         assert "issued_certificates" not in sa.inspect(conn).get_table_names()
     store.close()
     with open_store(url) as upgraded:
-        assert upgraded.migrations_applied == ("0002", "0003", "0004", "0005", "0006")
+        assert upgraded.migrations_applied == ("0002", "0003", "0004", "0005", "0006", "0007")
         with upgraded.read() as session:
             assert certificates.node_for_certificate(session, 0xABC).id == connector.id
             assert certificates.node_for_certificate(session, 0x4D).id == edge.id
@@ -278,7 +278,7 @@ def test_plain_postgresql_urls_use_psycopg(postgres_url: str) -> None:
     plain = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
     with open_store(plain) as store:
         assert store.engine.dialect.driver == "psycopg"
-        assert store.migrations_applied == ("0001", "0002", "0003", "0004", "0005", "0006")
+        assert store.migrations_applied == ("0001", "0002", "0003", "0004", "0005", "0006", "0007")
 
 
 def test_times_are_aware_utc_and_naive_times_are_refused(store: Store) -> None:

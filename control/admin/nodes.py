@@ -12,22 +12,86 @@ import msgspec
 
 from .args import parse_duration
 from .client import AdminError, usage
-from .commands import Command, Group, Render, arg, shown
+from .commands import Command, Group, Render, arg, one_of, shown
 from .output import Ctx, fields, listing, when, yes_no
 
 # ---------------------------------------------------------------------------- connector groups
 
+
+def _networks(values: list[str] | None) -> list[str]:
+    """``--allow``/``--deny`` values: each may hold several networks separated by commas."""
+    return [n.strip() for v in values or () for n in v.split(",") if n.strip()]
+
+
+def _group_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": args.name, "region": args.region}
+    if args.allow:
+        body["allowed_addresses"] = _networks(args.allow)
+    if args.deny:
+        body["denied_addresses"] = _networks(args.deny)
+    return body
+
+
+def _group_update(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if args.region is not None:
+        body["region"] = args.region
+    if args.allow is not None or args.no_allow:
+        body["allowed_addresses"] = _networks(args.allow)
+    if args.deny is not None or args.no_deny:
+        body["denied_addresses"] = _networks(args.deny)
+    if not body:
+        raise usage("groups update: nothing to change (give --region, --allow/--no-allow and/or --deny/--no-deny)")
+    return body
+
+
+def _dial_lists(g: dict[str, Any]) -> str:
+    allowed = ", ".join(g["allowed_addresses"]) or "any address"
+    denied = ", ".join(g["denied_addresses"]) or "none"
+    return f"connectors dial {allowed}; denied: {denied}"
+
+
+def _group_detail(g: dict[str, Any]) -> str:
+    return fields([("name", g["name"]), ("region", g["region"]), ("default", yes_no(g["is_default"])),
+                   ("allowed addresses", ", ".join(g["allowed_addresses"]) or "any (no allow list)"),
+                   ("denied addresses", ", ".join(g["denied_addresses"]) or "none"),
+                   ("created", when(g["created_at"]))])
+
+
+_ALLOW_HELP = ("network (CIDR) or address the group's connectors may dial; repeatable or comma-separated; with an "
+               "allow list they dial nothing outside it")
+_DENY_HELP = "network (CIDR) or address the group's connectors never dial (deny wins); repeatable or comma-separated"
+
 GROUPS = Group("groups", "connector groups", (
     Command("list", "list connector groups", path="/v1/connector-groups",
-            show=shown(listing("no connector groups", ("NAME", "REGION", "DEFAULT", "CREATED"),
-                               lambda g: (g["name"], g["region"], yes_no(g["is_default"]), when(g["created_at"]))))),
+            show=shown(listing("no connector groups", ("NAME", "REGION", "DEFAULT", "ALLOWED", "DENIED", "CREATED"),
+                               lambda g: (g["name"], g["region"], yes_no(g["is_default"]),
+                                          ",".join(g["allowed_addresses"]) or "any",
+                                          ",".join(g["denied_addresses"]) or "-", when(g["created_at"]))))),
+    Command("show", "show a connector group and its dial lists", (arg("name"),),
+            path="/v1/connector-groups/{name}", show=shown(_group_detail)),
     Command(
         "create", "create a connector group", (
             arg("name"),
             arg("--region", default="", help="free-form region label"),
-        ), method="POST", path="/v1/connector-groups", body=lambda a: {"name": a.name, "region": a.region},
+            arg("--allow", action="append", metavar="CIDR", help=_ALLOW_HELP),
+            arg("--deny", action="append", metavar="CIDR", help=_DENY_HELP),
+        ), method="POST", path="/v1/connector-groups", body=_group_body,
         show=shown(lambda g: f"created connector group {g['name']!r}"
-                             + (f" (region {g['region']})" if g["region"] else ""))),
+                             + (f" (region {g['region']})" if g["region"] else "")
+                             + (f": {_dial_lists(g)}" if g["allowed_addresses"] or g["denied_addresses"] else ""))),
+    Command(
+        "update", "change a connector group's region or dial lists (a list given replaces the old one)", (
+            arg("name"),
+            arg("--region", default=None, help="free-form region label"),
+            one_of(arg("--allow", action="append", metavar="CIDR", help=_ALLOW_HELP + " (replaces the allow list)"),
+                   arg("--no-allow", action="store_true", help="remove the allow list (connectors dial any address "
+                                                                "that nothing else refuses)")),
+            one_of(arg("--deny", action="append", metavar="CIDR", help=_DENY_HELP + " (replaces the deny list)"),
+                   arg("--no-deny", action="store_true", help="remove the deny list")),
+        ), method="PATCH", path="/v1/connector-groups/{name}", body=_group_update,
+        show=shown(lambda g: f"updated connector group {g['name']!r}: {_dial_lists(g)} "
+                             f"(its connectors apply it within seconds)")),
 ))
 
 # ---------------------------------------------------------------------------- connectors, edges

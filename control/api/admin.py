@@ -66,6 +66,7 @@ from .schemas import (
     ForwardingProfileUpdate,
     GroupCreate,
     GroupOut,
+    GroupUpdate,
     RevocationCreate,
     RevocationOut,
     SegmentIn,
@@ -87,7 +88,9 @@ def _segments_in(segments: list[SegmentIn]) -> list[dict[str, Any]]:
 
 
 def _group_out(g: ConnectorGroup) -> GroupOut:
-    return GroupOut(id=g.id, name=g.name, region=g.region, is_default=g.is_default, created_at=g.created_at)
+    return GroupOut(id=g.id, name=g.name, region=g.region, is_default=g.is_default, created_at=g.created_at,
+                    allowed_addresses=connector_groups.allowed_addresses(g),
+                    denied_addresses=connector_groups.denied_addresses(g))
 
 
 def _connector_out(c: Connector, api: Api, now: datetime, revoked: set[str]) -> ConnectorOut:
@@ -198,10 +201,29 @@ def list_groups(api: Api) -> list[GroupOut]:
         return [_group_out(g) for g in connector_groups.list_groups(session)]
 
 
+@get("/connector-groups/{name:str}", sync_to_thread=True, tags=["connectors"])
+def get_group(api: Api, name: str) -> GroupOut:
+    with api.store.read() as session:
+        return _group_out(connector_groups.get_group(session, name))
+
+
 @post("/connector-groups", sync_to_thread=True, tags=["connectors"])
 def create_group(api: Api, actor: str, data: GroupCreate) -> GroupOut:
+    """A new connector group, with the networks its connectors may and may not dial (422 naming a bad entry)."""
     with api.store.begin() as session:
-        return _group_out(connector_groups.create_group(session, actor, data.name, data.region))
+        return _group_out(connector_groups.create_group(session, actor, data.name, data.region,
+                                                        allowed=data.allowed_addresses,
+                                                        denied=data.denied_addresses))
+
+
+@patch("/connector-groups/{name:str}", sync_to_thread=True, tags=["connectors"])
+def update_group(api: Api, actor: str, name: str, data: GroupUpdate) -> GroupOut:
+    """Change the region and/or replace a dial list; the group's connectors apply it with the next
+    configuration version (within seconds), to every address they dial from then on."""
+    with api.store.begin() as session:
+        return _group_out(connector_groups.update_group(session, actor, name, region=data.region,
+                                                        allowed=data.allowed_addresses,
+                                                        denied=data.denied_addresses))
 
 
 @get("/connectors", sync_to_thread=True, tags=["connectors"])
@@ -400,6 +422,7 @@ def get_config_version(api: Api) -> ConfigVersionOut:
 ADMIN_HANDLERS = [
     list_applications, get_application, create_application, update_application, delete_application,
     add_segment, remove_segment, list_groups, create_group, list_connectors, get_connector, list_edges, get_edge,
+    get_group, update_group,
     list_dns_suffixes, add_dns_suffix, remove_dns_suffix, get_forwarding_profile, set_forwarding_profile,
     list_tokens, create_token, list_admin_keys, create_admin_key, revoke_admin_key, list_revocations, revoke_node,
     issue_client_certificate, list_audit, get_config_version,

@@ -103,8 +103,21 @@ def application_out(app: Application) -> ApplicationOut:
 
 
 class GroupCreate(_Request):
+    """``allowed_addresses``: networks the group's connectors may dial (empty: any);
+    ``denied_addresses``: networks they never dial (deny wins). CIDRs or single addresses."""
+
     name: str
     region: str = ""
+    allowed_addresses: list[str] = []
+    denied_addresses: list[str] = []
+
+
+class GroupUpdate(_Request):
+    """Fields left out (or null) stay as they are; a list replaces the whole list (``[]`` clears it)."""
+
+    region: str | None = None
+    allowed_addresses: list[str] | None = None
+    denied_addresses: list[str] | None = None
 
 
 class GroupOut(msgspec.Struct):
@@ -113,6 +126,8 @@ class GroupOut(msgspec.Struct):
     region: str
     is_default: bool
     created_at: datetime
+    allowed_addresses: list[str]
+    denied_addresses: list[str]
 
 
 class ConnectorOut(msgspec.Struct):

@@ -101,6 +101,10 @@ class ConnectorGroup(Base):
     region: Mapped[str] = mapped_column(String(100), default="")
     is_default: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Networks the group's connectors may dial (empty: any) and never dial; comma-separated
+    # canonical CIDR text (``dataplane.contract.dialrules``).
+    allowed_addresses: Mapped[str] = mapped_column(Text, default="")
+    denied_addresses: Mapped[str] = mapped_column(Text, default="")
 
 
 class Application(Base):

@@ -2,8 +2,9 @@
 
 Defense in depth: an edge decides every flow, and a connector dials only what an edge has
 signed for exactly that flow. A grant names the edge and the connector, the destination
-(host, port, protocol), the traffic-log connection id, the user and device, and an expiry
-a few seconds ahead. It is signed (ECDSA P-256, SHA-256) with the edge's certificate key,
+(host, port, protocol), the traffic-log connection id, the user and device, an expiry
+a few seconds ahead, and the application the edge matched (the connector lets only that
+application's segments name special addresses: ``access.destinations``). It is signed (ECDSA P-256, SHA-256) with the edge's certificate key,
 so the connector verifies it with the public key of the certificate the edge presented on
 this very tunnel: a grant cannot be made without the edge's private key, moved to another
 destination, replayed after it expires, or used twice (the connector remembers the
@@ -51,6 +52,7 @@ class GrantClaims(msgspec.Struct, array_like=True, frozen=True, gc=False):
     device: str
     issued: int
     expires: int
+    app: str = ""  # the application the edge matched ("" for a private DNS flow)
 
 
 _claims_encoder = msgspec.msgpack.Encoder()
@@ -59,11 +61,11 @@ _envelope_decoder = msgspec.msgpack.Decoder(tuple[bytes, bytes])
 
 
 def sign(key: ec.EllipticCurvePrivateKey, *, edge: str, connector: str, host: str, port: int, protocol: str,
-         connection: str, user: str, device: str, now: float) -> bytes:
-    """A grant for one flow, valid ``GRANT_LIFETIME`` seconds from ``now``."""
+         connection: str, user: str, device: str, now: float, app: str = "") -> bytes:
+    """A grant for one flow of application ``app``, valid ``GRANT_LIFETIME`` seconds from ``now``."""
     issued = int(now)
     claims = _claims_encoder.encode(GrantClaims(1, edge, connector, host, port, protocol, connection, user, device,
-                                                issued, issued + GRANT_LIFETIME))
+                                                issued, issued + GRANT_LIFETIME, app))
     return _claims_encoder.encode((claims, key.sign(claims, _ALGORITHM)))
 
 

@@ -32,7 +32,8 @@ class Stats:
     __slots__ = ("role", "node", "tunnels_up", "tunnels_opened", "tunnels_closed", "reconnects",
                  "flows_active", "flows_opened", "flows_closed", "bytes_rx", "bytes_tx",
                  "open_failures", "protocol_errors", "rtt", "extra", "datagrams_rx", "datagrams_tx",
-                 "datagrams_dropped", "transports", "transport_fallbacks")
+                 "datagrams_dropped", "transports", "transport_fallbacks",
+                 "dial_refused")
 
     def __init__(self, role: str, node: str) -> None:
         self.role = role
@@ -54,6 +55,7 @@ class Stats:
         self.datagrams_dropped: dict[str, int] = {}  # reason -> count (never queued without bound)
         self.transports: dict[str, int] = {}         # gauge: tunnels up by transport (quic, tcp)
         self.transport_fallbacks: dict[str, int] = {}  # to transport -> count (auto: QUIC failed)
+        self.dial_refused: dict[str, int] = {}       # connector: rule -> resolved addresses not dialed
         # metric name -> (help, fn): node-specific gauges read at scrape time
         self.extra: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -121,6 +123,8 @@ class StatsCollector(Collector):
                  "transport", s.transport_fallbacks)
         yield by("ferryman_open_failures_total", "Flow opens that failed, by reason", "reason", s.open_failures)
         yield by("ferryman_protocol_errors_total", "Protocol errors, by code", "code", s.protocol_errors)
+        yield by("ferryman_dial_refused_total", "Addresses a connector resolved but did not dial, by rule", "rule",
+                 s.dial_refused)
         rtt = GaugeMetricFamily("ferryman_tunnel_rtt_seconds", "Last measured tunnel round-trip time",
                                 labels=[*names, "tunnel"])
         for label, seconds in sorted(s.rtt.items()):

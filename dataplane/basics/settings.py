@@ -119,6 +119,10 @@ class ConnectorSettings(DialerSettings, kw_only=True):
     connector_group: str = "default"
     dns_server: str = ""
     grant_cache: int = 262144
+    # what a flow's destination name resolves to, and which of its addresses are dialed
+    resolve_timeout: float = 5.0
+    dial_addresses: int = 8
+    apps_file: str = ""
     # following the control plane (a registered connector)
     control_url: str = ""
     config_wait: float = 25.0
@@ -198,12 +202,14 @@ VARIABLES: dict[str, str] = {
     "tls_cert": "This node's certificate (PEM).",
     "tls_key": "This node's private key (PEM, mode 0600).",
     "edge_listen": "Edge: HOST:PORT on which client and connector tunnels are accepted.",
-    "apps_file": "Edge without a control plane: application file (JSON or TOML) mapping segments to connector groups, and optionally connectors to their groups (a registered edge refuses it).",
+    "apps_file": "Edge without a control plane: application file (JSON or TOML) mapping segments to connector groups, and optionally connectors to their groups (a registered edge refuses it). Connector: the applications whose IP/CIDR/range segments may name loopback, link-local, metadata or its own addresses (when it does not follow a control plane, or to override its applications).",
     "edges": "Connector/client: comma-separated HOST:PORT list of edges to dial.",
     "connector_tunnels": "Connector: outbound tunnels kept open (spread over the edges).",
     "connector_group": "Connector: connector group it names in its HELLO (a registered connector: the one it was registered into). An edge with a control plane, or whose application file lists connectors, serves it under the group recorded there and refuses it when this names another.",
     "drain_grace": "Connector: seconds to let flows finish after GOAWAY on SIGTERM.",
     "dial_timeout": "Connector: seconds to wait for a backend TCP connect.",
+    "resolve_timeout": "Connector: seconds to resolve a flow's destination name (system resolver); then the OPEN fails with `dns_timeout`.",
+    "dial_addresses": "Connector: most addresses of a resolved name that are checked and tried, in the resolver's order (the rest are ignored).",
     "reconnect_min": "Connector/client: first reconnect delay in seconds (doubles, with jitter).",
     "reconnect_max": "Connector/client: ceiling of the reconnect delay in seconds.",
     "open_timeout": "Client/edge: seconds to wait for OPEN_OK before failing a flow.",
@@ -248,6 +254,8 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "write_buffer_high": (4096, 1 << 30),
     "drain_grace": (0, 86400),
     "dial_timeout": (0.01, 600),
+    "resolve_timeout": (0.01, 600),
+    "dial_addresses": (1, 64),
     "open_timeout": (0.01, 600),
     "reconnect_min": (0.01, 3600),
     "reconnect_max": (0.01, 86400),

@@ -84,6 +84,8 @@ def add_node_commands(sub: Any) -> None:
     _tls_flags(conn)
     conn.add_argument("--edges", help="comma-separated edge HOST:PORT list (FERRYMAN_EDGES)")
     conn.add_argument("--group", dest="connector_group", help="connector group (FERRYMAN_CONNECTOR_GROUP)")
+    conn.add_argument("--apps", dest="apps_file", help="application file whose IP segments may name loopback, "
+                                                       "link-local, metadata or own addresses (FERRYMAN_APPS_FILE)")
     conn.add_argument("--tunnels", dest="connector_tunnels", type=int, help="tunnels to keep (FERRYMAN_CONNECTOR_TUNNELS)")
     conn.add_argument("--transport", dest="transport", choices=["auto", "quic", "tcp"],
                       help="tunnel transport (FERRYMAN_TRANSPORT)")

@@ -41,11 +41,12 @@ DENIED = frozenset({
     "no_application", "not_allowed", "not_assigned", "mfa_required", "blocked", "blocked_by_policy",
     "device_not_compliant", "sign_in_required", "user_unknown", "user_disabled", "device_unknown",
     "device_revoked", "session_revoked", "token_expired", "policy_denied", "unsupported_protocol",
+    "destination_forbidden",
 })
 BAD_GATEWAY = frozenset({"dial_refused", "dial_error", "dns_error"})
 UNAVAILABLE = frozenset({"edge_unreachable", "no_connector", "tunnel_lost", "connector_lost", "draining",
                          "no_config", "too_many_flows", "too_many_pending", "shutdown"})
-TIMEOUT = frozenset({"open_timeout", "dial_timeout"})
+TIMEOUT = frozenset({"open_timeout", "dial_timeout", "dns_timeout"})
 
 REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}

@@ -57,7 +57,9 @@ REPLY_FOR_CODE = {
     "dial_refused": REP_REFUSED,
     "dial_timeout": REP_HOST_UNREACHABLE,
     "dns_error": REP_HOST_UNREACHABLE,
+    "dns_timeout": REP_HOST_UNREACHABLE,
     "dial_error": REP_HOST_UNREACHABLE,
+    "destination_forbidden": REP_NOT_ALLOWED,
     "open_timeout": REP_TTL,
 }
 

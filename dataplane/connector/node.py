@@ -4,21 +4,24 @@ The connector never listens for tunnels. It holds ``FERRYMAN_CONNECTOR_TUNNELS``
 tunnels spread over the configured edges, each kept up by its own reconnect loop
 (exponential backoff with jitter). Every OPEN from an edge becomes a TCP connection
 from this host to the backend (so the backend sees the connector's address), answered
-with OPEN_OK or OPEN_FAIL carrying a specific reason. On SIGTERM it sends GOAWAY on
+with OPEN_OK or OPEN_FAIL carrying a specific reason. Before dialing it resolves the
+destination once and checks every address (``dial``: loopback, link-local, metadata and this
+host's own addresses only when a segment names them, the group's allow and deny lists), and
+connects only to addresses that passed. On SIGTERM it sends GOAWAY on
 every tunnel, lets running flows finish for ``FERRYMAN_DRAIN_GRACE`` seconds, resets
 what is left and exits.
 
 A connector registered with the control plane also runs a ``ControlLink``: it reports
 heartbeats, renews its certificate (new tunnels use the new one), takes the edges to dial
 from each configuration snapshot (unless ``FERRYMAN_EDGES``/``--edges`` were given), and
-ends tunnels to an edge whose certificate the snapshot revokes.
+ends tunnels to an edge whose certificate the snapshot revokes, and takes its group's dial lists
+and the applications' segments from it (``FERRYMAN_APPS_FILE``, when set, gives the applications).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Callable
 
@@ -26,12 +29,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from dnslib import OPCODE, DNSRecord
 
+from ..access.apptable import app_table
+from ..access.destinations import DialPolicy, Refusal
 from ..access.grants import GrantError, GrantVerifier
 from ..basics.hostport import dns_server, parse_hostport
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.pki import PeerCertificate
 from ..basics.settings import ConnectorSettings
-from ..contract.snapshot import ConfigSnapshot, revoked_set
+from ..contract.apps import Applications, AppsError
+from ..contract.snapshot import ConfigSnapshot, SnapshotError, revoked_set
 from ..controllink.registration import Registration
 from ..controllink.link import ControlLink, Report, cut_revoked
 from ..transport.credentials import NodeCredentials
@@ -42,6 +48,7 @@ from ..transport.tunnel import TunnelBase
 from ..transport.udpflow import UdpFlow, set_udp_buffers
 from ..wire import events as ev
 from ..wire.frames import Open
+from .dial import DialError, Target, checked, connect_tcp, connect_udp, resolve
 
 log = logging.getLogger("ferryman.connector")
 
@@ -72,6 +79,10 @@ class Connector(EndpointNode[EdgeKey]):
         self._wire = credentials.wire_config(group=settings.connector_group)
         self.revoked: frozenset[int] = frozenset()
         self.grants = GrantVerifier(credentials.name, limit=settings.grant_cache)
+        # What may be dialed: the group's lists and the applications' explicit segments, from the
+        # control plane's snapshots and/or FERRYMAN_APPS_FILE (without either: no special address).
+        self.static_apps = Applications.load(settings.apps_file).apps if settings.apps_file else None
+        self.policy = DialPolicy(settings.connector_group, apps=self.static_apps or ())
         self.follow_edges = follow_edges
         self.link: ControlLink | None = None
         if registered is not None:
@@ -108,6 +119,16 @@ class Connector(EndpointNode[EdgeKey]):
     def _configure(self, snapshot: ConfigSnapshot) -> None:
         self.revoked = revoked_set(snapshot)
         cut_revoked(self.tunnels, self.revoked, f"connector {self.name}")
+        try:
+            apps = self.static_apps if self.static_apps is not None else app_table(snapshot).apps
+            policy = DialPolicy.from_config(self.settings.connector_group, snapshot.groups, apps)
+        except ValueError as exc:  # SnapshotError included: the link keeps the previous configuration
+            raise SnapshotError(f"connector group {self.settings.connector_group!r}: {exc}") from None
+        if (policy.allow, policy.deny) != (self.policy.allow, self.policy.deny):
+            log.info("dial lists updated", extra={"group": policy.group,
+                                                  "allowed_addresses": ",".join(map(str, policy.allow)),
+                                                  "denied_addresses": ",".join(map(str, policy.deny))})
+        self.policy = policy
         if self.follow_edges and snapshot.edges:
             edges = []
             for edge in snapshot.edges:
@@ -142,7 +163,9 @@ class Connector(EndpointNode[EdgeKey]):
         await tunnel.done_waiter
 
     def ready(self) -> bool:
-        return not self.draining and any(t.up and not t.closed for t in self.tunnels)
+        """A tunnel up and, when following a control plane, a configuration (the dial lists) in hand."""
+        return (not self.draining and any(t.up and not t.closed for t in self.tunnels)
+                and (self.link is None or self.link.version is not None))
 
     async def drain(self) -> None:
         """GOAWAY on every tunnel, wait for flows to finish (bounded), then close."""
@@ -201,8 +224,8 @@ class Connector(EndpointNode[EdgeKey]):
         try:
             if tunnel.state is None:
                 raise GrantError("grant_unverifiable", "the edge's certificate key is unknown on this tunnel")
-            self.grants.verify(request.grant, tunnel.state, tunnel.peer_name, host=request.host, port=request.port,
-                               protocol=request.protocol, now=time.time())
+            claims = self.grants.verify(request.grant, tunnel.state, tunnel.peer_name, host=request.host,
+                                        port=request.port, protocol=request.protocol, now=time.time())
         except GrantError as exc:
             self.stats.count(self.stats.protocol_errors, exc.code)
             log.warning("OPEN refused: no valid grant", extra={"edge": tunnel.peer_name, "dest":
@@ -226,56 +249,49 @@ class Connector(EndpointNode[EdgeKey]):
                           queue=self.settings.udp_queue, peer=f"{target[0]}:{target[1]}")
             udp.bind(tunnel, event.flow_id)
             self.udp_flows.add(udp)
-            asyncio.get_running_loop().create_task(self._dial(tunnel, udp, request, target))
+            asyncio.get_running_loop().create_task(self._dial(tunnel, udp, request, claims.app, target))
             return
         flow = SocketFlow(self)
         flow.bind(tunnel, event.flow_id)
-        asyncio.get_running_loop().create_task(self._dial(tunnel, flow, request))
+        asyncio.get_running_loop().create_task(self._dial(tunnel, flow, request, claims.app))
 
     def _refuse(self, tunnel: ConnectorTunnel, flow_id: int, code: str, reason: str) -> None:
         tunnel.reject(flow_id, code, reason)
         self.stats.count(self.stats.open_failures, code)
         log.info("open refused", extra={"flow": flow_id, "code": code, "reason": reason})
 
-    async def _dial(self, tunnel: ConnectorTunnel, flow: SocketFlow | UdpFlow, request: Open,
+    async def _dial(self, tunnel: ConnectorTunnel, flow: SocketFlow | UdpFlow, request: Open, app: str,
                     address: tuple[str, int] | None = None) -> None:
         """Open the backend side of a flow, then answer OPEN_OK (or OPEN_FAIL with the reason).
 
-        TCP: a connection to the backend. UDP: a connected UDP socket to ``address`` (the
-        backend, or for a private DNS query this connector's DNS server), so the peer sees this
-        host's address and only its answers come back."""
-        loop = asyncio.get_running_loop()
+        The destination is resolved once and every address checked (``_targets``). TCP: a
+        connection to the first checked address that accepts one. UDP: a connected UDP socket
+        to the first checked address (the backend, or for a private DNS query this connector's
+        DNS server, which is this host's own configuration and not checked), so the peer sees
+        this host's address and only its answers come back."""
         host, port = address or (request.host, request.port)
-        target = f"{host}:{port}"
         udp = isinstance(flow, UdpFlow)
         try:
-            async with asyncio.timeout(self.settings.dial_timeout):
-                if udp:
-                    transport, _ = await loop.create_datagram_endpoint(lambda: _BackendSocket(flow),
-                                                                       remote_addr=(host, port))
-                else:
-                    transport, _ = await loop.create_connection(lambda: flow, host, port)
-        except TimeoutError:
-            code, reason = "dial_timeout", (f"cannot resolve {host} within {self.settings.dial_timeout:g}s" if udp
-                                            else f"{target} did not answer within {self.settings.dial_timeout:g}s")
-        except ConnectionRefusedError:
-            code, reason = "dial_refused", f"connection refused by {target}"
-        except socket.gaierror as exc:
-            code, reason = "dns_error", f"cannot resolve {host}: {exc.strerror}"
-        except OSError as exc:
-            code, reason = "dial_error", f"{target}: {exc.strerror or exc}"
+            targets = await self._targets(request, app, host, port)
+            if udp:
+                transport: asyncio.BaseTransport = await connect_udp(targets[0], lambda: _BackendSocket(flow))
+            else:
+                transport = await connect_tcp(targets, lambda: flow, timeout=self.settings.dial_timeout,
+                                              shown=f"{host}:{port}")
+        except DialError as exc:
+            code, reason = exc.code, exc.reason
         else:
             if flow.done or tunnel.closed:
                 if udp:
                     transport.close()
                 else:
-                    transport.abort()
+                    transport.abort()  # type: ignore[attr-defined]
                 return
             if udp:
-                self.udp_sockets[flow] = transport  # type: ignore[index]
-                set_udp_buffers(transport, self.settings.udp_buffer)
-                flow.send = (transport.sendto if request.protocol == "udp"  # type: ignore[union-attr]
-                             else _queries_for(request.host, transport.sendto, self.stats))
+                self.udp_sockets[flow] = transport  # type: ignore[index,assignment]
+                set_udp_buffers(transport, self.settings.udp_buffer)  # type: ignore[arg-type]
+                flow.send = (transport.sendto if request.protocol == "udp"  # type: ignore[union-attr,attr-defined]
+                             else _queries_for(request.host, transport.sendto, self.stats))  # type: ignore[attr-defined]
             local = transport.get_extra_info("sockname")
             remote = transport.get_extra_info("peername")
             tunnel.accept(flow.flow_id, bound=f"{local[0]}:{local[1]}",
@@ -288,7 +304,39 @@ class Connector(EndpointNode[EdgeKey]):
         if flow.done or tunnel.closed:
             return
         flow.done = True
-        self._refuse(tunnel, flow.flow_id, code, reason)
+        self._refuse(tunnel, flow.flow_id, code, f"connector {self.name}: {reason}"
+                     if code == "destination_forbidden" else reason)
+
+    async def _targets(self, request: Open, app: str, host: str, port: int) -> list[Target]:
+        """The addresses this flow may connect to: ``host`` resolved once (bounded in time and count),
+        each address checked by the dial policy; ``DialError`` when none is left."""
+        s = self.settings
+        targets, dropped = await resolve(host, port, "udp" if request.protocol != "tcp" else "tcp",
+                                         timeout=s.resolve_timeout, limit=s.dial_addresses)
+        if dropped:
+            self.stats.count(self.stats.dial_refused, "too_many_addresses", dropped)
+            log.info("resolved addresses ignored", extra={"dest": f"{host}:{port}", "used": len(targets),
+                                                          "ignored": dropped, "limit": s.dial_addresses})
+        if request.protocol == "dns":
+            return targets  # this connector's own DNS server (FERRYMAN_DNS_SERVER / resolv.conf)
+        refusals: list[Refusal] = []
+
+        def refused(target: Target, refusal: Refusal) -> None:
+            refusals.append(refusal)
+            self.stats.count(self.stats.dial_refused, refusal.rule)
+            log.warning("destination address refused", extra={
+                "dest": f"{host}:{port}", "address": target[1][0], "app": app, "rule": refusal.rule,
+                "reason": refusal.reason, "user": request.user, "connection": request.connection})
+
+        allowed = checked(targets, self.policy, app=app, port=port, protocol=request.protocol, refused=refused)
+        if allowed:
+            return allowed
+        reason = refusals[0].reason
+        if len(targets) > 1:
+            reason = f"every address of {host} is refused ({len(targets)}); the first: {reason}"
+        elif host != targets[0][1][0]:
+            reason = f"{host} resolves to {targets[0][1][0]}: {reason}"
+        raise DialError("destination_forbidden", reason)
 
     def _udp_closed(self, flow: UdpFlow) -> None:
         self.udp_flows.discard(flow)

@@ -1,2 +1,2 @@
 """What the control plane and the nodes exchange, without I/O: the configuration snapshot and
-client profile, applications and segments, traffic records, node request tokens."""
+client profile, applications and segments, connector groups' dial lists, traffic records, node request tokens."""

@@ -69,8 +69,13 @@ class SnapApp(msgspec.Struct):
 
 
 class SnapGroup(msgspec.Struct):
+    """A connector group; its connectors dial only addresses outside ``denied_addresses`` and, when
+    ``allowed_addresses`` is not empty, inside it (canonical CIDR text: ``contract.dialrules``)."""
+
     name: _Name
     region: str = ""
+    allowed_addresses: list[str] = []
+    denied_addresses: list[str] = []
 
 
 class SnapConnector(msgspec.Struct):

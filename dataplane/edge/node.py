@@ -507,7 +507,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         app = match.app.name if match is not None else ""
         grant = sign_grant(self._grant_key, edge=self.name, connector=connector.peer_name, host=request.host,
                            port=request.port, protocol=request.protocol, connection=connection, user=user,
-                           device=device, now=now)
+                           device=device, now=now, app=app)
         try:
             kfid = connector.open_flow(Open(
                 host=request.host, port=request.port, protocol=request.protocol,
