@@ -8,7 +8,8 @@ loopback: inside the namespace nothing listens on 127.0.0.1:P, so an echo proves
 and for ``*.corp.example``, and the private DNS suffix ``corp.example`` (the connector's DNS
 server is the ``dns`` backend, which answers ``rdp.corp.example`` with ``dns_address("rdp")``;
 the connector, in a mount namespace of its own, finds that name at 127.0.0.1 in its
-/etc/hosts, as a split-horizon network would). Covered:
+/etc/hosts, as a split-horizon network would; ``corp`` names 127.0.0.1 on that port as well,
+since the connector dials loopback only where a segment names it). Covered:
 
 - a connection to 127.0.0.1:P inside the namespace is captured and echoed byte for byte;
   its traffic record names the app's process;
@@ -149,8 +150,11 @@ def test_transparent_capture_of_private_addresses_and_private_names(backend, tmp
         try:
             fab.start(timeout=40)
             _lab(fab, lab.port)
+            # The connector finds rdp.corp.example at 127.0.0.1: its dial check refuses a name
+            # that lands on loopback unless the application names that address explicitly.
             fab.admin("POST", "/v1/applications", {"name": "corp", "segments": [
-                {"destination": "*.corp.example", "ports": str(named.port), "protocol": "tcp"}]})
+                {"destination": "*.corp.example", "ports": str(named.port), "protocol": "tcp"},
+                {"destination": "127.0.0.1", "ports": str(named.port), "protocol": "tcp"}]})
             fab.admin("POST", "/v1/applications/corp/assignments", {"user": fab.user})
             fab.admin("POST", "/v1/dns-suffixes", {"suffix": "corp.example"})
             # The profile reaches the agent, and its rules the namespace's nftables.
