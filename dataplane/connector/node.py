@@ -33,6 +33,7 @@ from ..access.apptable import app_table
 from ..access.destinations import DialPolicy, Refusal
 from ..access.grants import GrantError, GrantVerifier
 from ..basics.hostport import dns_server, parse_hostport
+from ..basics.caps import HttpLimits, LogLimiter
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.pki import PeerCertificate
 from ..basics.settings import ConnectorSettings
@@ -67,7 +68,7 @@ class Connector(EndpointNode[EdgeKey]):
         self.settings = settings
         self.credentials = credentials
         self.name = credentials.name
-        self.stats = Stats("connector", credentials.name)
+        self.stats = Stats("connector", credentials.name, LogLimiter(settings.log_limit, settings.log_limit_interval))
         self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
@@ -100,7 +101,8 @@ class Connector(EndpointNode[EdgeKey]):
             self.link.load_cached()
         following = asyncio.create_task(self.link.run(stop)) if self.link is not None else None
         if self.settings.metrics_addr:
-            metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready)
+            metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready,
+                                                 limits=HttpLimits.from_settings(self.settings))
         slots = [asyncio.create_task(keep_tunnel(self, self.settings, self._wire, lambda: self._ssl, self.edges,
                                                  self._session, lambda: not self.draining, first=i, label=f"t{i}->"))
                  for i in range(self.settings.connector_tunnels)]
