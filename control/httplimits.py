@@ -66,12 +66,20 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self) -> None:
+        """The connection leaves this protocol (and its count): uvicorn's WebSocket protocol takes it."""
+        self._release()
+        super().handle_websocket_upgrade()
+
+    def _release(self) -> None:
         self._cancel_head_timer()
         if self._admitted:
             self._admitted = False
             self.gate.close(self._key, self._waiting)
             self._waiting = False
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused or self.transport.is_closing():

@@ -68,7 +68,8 @@ class Edge:
         self.metrics = f"127.0.0.1:{free_port()}"
         self.log = directory / "edge.log"
         full = environment(directory, FERRYMAN_TLS_CA=str(self.pki / "ca.pem"),
-                           FERRYMAN_TLS_CERT=str(self.pki / "edge-1.pem"), FERRYMAN_TLS_KEY=str(self.pki / "edge-1.key"),
+                           FERRYMAN_TLS_CERT=str(self.pki / "edge-1.pem"),
+                           FERRYMAN_TLS_KEY=str(self.pki / "edge-1.key"),
                            FERRYMAN_METRICS_ADDR=self.metrics, FERRYMAN_EDGE_QUIC="off", **env)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "dataplane", "edge", "--listen",

@@ -230,9 +230,9 @@ class Connector(EndpointNode[EdgeKey]):
                                         port=request.port, protocol=request.protocol, now=time.time())
         except GrantError as exc:
             self.stats.count(self.stats.protocol_errors, exc.code)
-            log.warning("OPEN refused: no valid grant", extra={"edge": tunnel.peer_name, "dest":
-                                                                f"{request.host}:{request.port}", "code": exc.code,
-                                                                "reason": str(exc)})
+            self.stats.log_limit.log(log, logging.WARNING, tunnel.peer_name, "OPEN refused: no valid grant", {
+                "edge": tunnel.peer_name, "dest": f"{request.host}:{request.port}", "code": exc.code,
+                "reason": str(exc)})
             self._refuse(tunnel, event.flow_id, exc.code, f"connector {self.name}: {exc}")
             return
         if request.protocol in ("udp", "dns"):
@@ -260,7 +260,8 @@ class Connector(EndpointNode[EdgeKey]):
     def _refuse(self, tunnel: ConnectorTunnel, flow_id: int, code: str, reason: str) -> None:
         tunnel.reject(flow_id, code, reason)
         self.stats.count(self.stats.open_failures, code)
-        log.info("open refused", extra={"flow": flow_id, "code": code, "reason": reason})
+        self.stats.log_limit.log(log, logging.INFO, tunnel.peer_name, "open refused", {
+            "edge": tunnel.peer_name, "flow": flow_id, "code": code, "reason": reason})
 
     async def _dial(self, tunnel: ConnectorTunnel, flow: SocketFlow | UdpFlow, request: Open, app: str,
                     address: tuple[str, int] | None = None) -> None:
@@ -326,7 +327,8 @@ class Connector(EndpointNode[EdgeKey]):
         def refused(target: Target, refusal: Refusal) -> None:
             refusals.append(refusal)
             self.stats.count(self.stats.dial_refused, refusal.rule)
-            log.warning("destination address refused", extra={
+            who = request.device or request.user  # lines per device: one client's flood hides no other's
+            self.stats.log_limit.log(log, logging.WARNING, who, "destination address refused", {
                 "dest": f"{host}:{port}", "address": target[1][0], "app": app, "rule": refusal.rule,
                 "reason": refusal.reason, "user": request.user, "connection": request.connection})
 
