@@ -253,7 +253,7 @@ def test_half_open_handshakes_are_capped_per_source_and_in_all(edge) -> None:
 
 # ---------------------------------------------------------------------------- log floods
 def test_a_flood_of_refused_opens_is_logged_with_a_count_of_what_was_suppressed(edge) -> None:
-    e = edge(FERRYMAN_LOG_LIMIT="5", FERRYMAN_LOG_LIMIT_INTERVAL="1")
+    e = edge(FERRYMAN_LOG_LIMIT="5", FERRYMAN_LOG_LIMIT_INTERVAL="2")
 
     async def body() -> None:
         tunnel, peer = await dial(e, "client-1")
@@ -264,9 +264,9 @@ def test_a_flood_of_refused_opens_is_logged_with_a_count_of_what_was_suppressed(
         while len(peer.rejected) < 40:
             await asyncio.sleep(0.01)
         assert {code for code, _ in peer.rejected} == {"no_application"}, peer.rejected[:3]
-        assert time.monotonic() - t0 < 1, "the flood took longer than one window"
+        assert time.monotonic() - t0 < 2, "the flood took longer than one window"
         await e.wait_metric("ferryman_log_lines_suppressed_total", 35)
-        await asyncio.sleep(1.0)  # the next window
+        await asyncio.sleep(2.0)  # the next window
         tunnel.open_flow(Open(host="10.98.0.1", port=2000))
         while len(peer.rejected) < 41:
             await asyncio.sleep(0.01)
@@ -314,7 +314,7 @@ def _get(control: Control, path: str = "/health", source: str = "127.0.0.1", ext
 @pytest.fixture(scope="module")
 def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Control]:
     data = tmp_path_factory.mktemp("control") / "data"
-    with Control.running(data, env={"FERRYMAN_CONTROL_REQUEST_TIMEOUT": "1.5",
+    with Control.running(data, env={"FERRYMAN_CONTROL_REQUEST_TIMEOUT": "3",
                                     "FERRYMAN_CONTROL_MAX_WAITING_PER_SOURCE": "4",
                                     "FERRYMAN_CONTROL_MAX_CONNECTIONS": "12"}) as running:
         yield running
@@ -327,7 +327,7 @@ def test_a_slowloris_is_closed_after_the_request_timeout_while_requests_keep_wor
     answer = b""
     closed_after = None
     sock.settimeout(0.25)
-    while time.monotonic() - t0 < 6:
+    while time.monotonic() - t0 < 8:
         try:
             sock.sendall(b"X")  # one byte of a header at a time, never the end of the head
         except OSError:
@@ -347,9 +347,9 @@ def test_a_slowloris_is_closed_after_the_request_timeout_while_requests_keep_wor
             break
     sock.close()
     assert closed_after is not None, "the slowloris connection was never closed"
-    assert 1.2 <= closed_after < 4, closed_after
+    assert 2.7 <= closed_after < 6, closed_after
     assert answer.startswith(b"HTTP/1.1 408 "), answer
-    assert b"no complete request head within 1.5s" in answer
+    assert b"no complete request head within 3s" in answer
     assert "request head timed out" in control.log.read_text()
 
 
@@ -362,9 +362,8 @@ def test_a_request_head_over_the_limit_is_answered_431(control: Control) -> None
 
 
 def test_connections_waiting_per_source_and_in_all_are_capped(control: Control) -> None:
-    idle = [_connect(control, "127.0.0.40") for _ in range(4)]
+    idle = [_connect(control, "127.0.0.40") for _ in range(4)]  # accepted in order: counted before the fifth
     try:
-        time.sleep(0.2)
         fifth = _connect(control, "127.0.0.40")
         answer = _answer(fifth)
         fifth.close()
@@ -373,7 +372,6 @@ def test_connections_waiting_per_source_and_in_all_are_capped(control: Control) 
         assert _get(control, source="127.0.0.41").startswith(b"HTTP/1.1 200 ")  # another source is served
         idle += [_connect(control, "127.0.0.42") for _ in range(4)]
         idle += [_connect(control, "127.0.0.43") for _ in range(4)]  # 12 connections in all
-        time.sleep(0.2)
         full = _get(control, source="127.0.0.44")
         assert full.startswith(b"HTTP/1.1 503 "), full
         assert b"the server holds its maximum of 12 connections" in full
