@@ -33,7 +33,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -117,7 +117,7 @@ class Edge:
 
 
 @pytest.fixture
-def edge(tmp_path: Path) -> Iterator[callable]:
+def edge(tmp_path: Path) -> Iterator[Callable[..., Edge]]:
     started: list[Edge] = []
 
     def make(**env: str) -> Edge:
