@@ -36,7 +36,7 @@ class Stats:
                  "flows_active", "flows_opened", "flows_closed", "bytes_rx", "bytes_tx",
                  "open_failures", "protocol_errors", "rtt", "extra", "datagrams_rx", "datagrams_tx",
                  "datagrams_dropped", "transports", "transport_fallbacks",
-                 "dial_refused", "log_limit")
+                 "dial_refused", "handler_errors", "read_pauses", "log_limit")
 
     def __init__(self, role: str, node: str, log_limit: LogLimiter | None = None) -> None:
         self.role = role
@@ -61,6 +61,8 @@ class Stats:
         self.dial_refused: dict[str, int] = {}       # connector: rule -> resolved addresses not dialed
         # log lines about refusals, rate-limited per peer or source (its ``suppressed`` is a counter here)
         self.log_limit = log_limit or LogLimiter()
+        self.handler_errors: dict[str, int] = {}     # wire event -> unexpected exceptions handling it
+        self.read_pauses = 0                         # tunnels not read while their peer did not read
         # metric name -> (help, fn): node-specific gauges read at scrape time
         self.extra: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -131,6 +133,11 @@ class StatsCollector(Collector):
         yield counter("ferryman_log_lines_suppressed_total",
                       "Log lines about refusals dropped by the per-peer limit (FERRYMAN_LOG_LIMIT)",
                       s.log_limit.suppressed)
+        yield by("ferryman_handler_errors_total", "Unexpected errors handling one flow's event (that flow was "
+                 "reset, its tunnel kept), by event", "event", s.handler_errors)
+        yield counter("ferryman_tunnel_read_pauses_total", "Times a tunnel stopped reading its peer because the "
+                      "peer did not read what was sent to it (write buffer above FERRYMAN_WRITE_BUFFER_HIGH)",
+                      s.read_pauses)
         yield by("ferryman_dial_refused_total", "Addresses a connector resolved but did not dial, by rule", "rule",
                  s.dial_refused)
         rtt = GaugeMetricFamily("ferryman_tunnel_rtt_seconds", "Last measured tunnel round-trip time",
