@@ -268,7 +268,7 @@ VARIABLES: dict[str, str] = {
     "max_tunnels_per_connector": "Edge: most tunnels one connector identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
     "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once.",
     "max_handshakes_per_source": "Edge: most tunnel handshakes in progress from one source address (IPv6: /64); a connection beyond is closed at once.",
-    "control_max_connections": "Control plane API and each node's metrics server: most connections open at once; one more is answered 503 and closed.",
+    "control_max_connections": "Control plane API and each node's metrics server: most connections open at once; one more is answered 503 and closed. Every node and signed-in client agent holds one configuration or profile long-poll: keep this above the fleet (and below the process's open-file limit).",
     "control_max_waiting_per_source": "Control plane API and each node's metrics server: most connections of one source address (IPv6: /64) waiting for a request head; one more is answered 503 and closed.",
     "control_request_timeout": "Control plane API and each node's metrics server: seconds a request head may take from the connection (or the request's first byte) until complete; then the connection is closed (408). The metrics server allows at most 5 s.",
     "control_keepalive_timeout": "Control plane API: seconds an idle connection is kept open between requests.",
