@@ -207,6 +207,8 @@ class Edge(Base):
     tunnels: Mapped[int] = mapped_column(Integer, default=0)
     active_flows: Mapped[int] = mapped_column(Integer, default=0)
     config_version: Mapped[int | None] = mapped_column(Integer)
+    # The connectors it holds tunnels to, as of its latest heartbeat (``store.presence``; JSON).
+    presence: Mapped[str] = mapped_column(Text, default="")
 
     def status(self, now: datetime, heartbeat_interval: float) -> str:
         return node_status(self.last_seen, now, heartbeat_interval)
@@ -523,6 +525,7 @@ class TrafficLog(Base):
     connector_name: Mapped[str] = mapped_column(String(200), default="")
     connector_address: Mapped[str] = mapped_column(String(64), default="")
     edge: Mapped[str] = mapped_column(String(200), default="")
+    relay_edge: Mapped[str] = mapped_column(String(200), default="")  # the peer edge that carried it to the connector
     bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
     close_reason: Mapped[str] = mapped_column(String(1024), default="")

@@ -112,6 +112,7 @@ class EdgeSettings(NodeSettings, kw_only=True):
     config_wait: float = 25.0
     renew_at: float = 0.3333
     heartbeat_interval: float = 30.0
+    presence_interval: float = 1.0
 
 
 class DialerSettings(NodeSettings, kw_only=True):
@@ -265,6 +266,7 @@ VARIABLES: dict[str, str] = {
     "handshake_timeout": "Seconds allowed for the TLS handshake plus HELLO exchange.",
     "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point): above it a tunnel takes no more data from flows, and an edge stops reading a TLS/TCP tunnel's peer until the peer has read enough of what was sent to it (`ferryman_tunnel_read_pauses_total`).",
     "max_tunnels_per_client": "Edge: most tunnels one client identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
+    "presence_interval": "Edge: fewest seconds between two reports to the control plane of the connectors it holds tunnels to (a change is reported this soon, not at the next heartbeat); the presence map edges relay flows by (`GET /v1/node/presence`) is kept apart from the configuration version.",
     "max_tunnels_per_connector": "Edge: most tunnels one connector identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
     "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once.",
     "max_handshakes_per_source": "Edge: most tunnel handshakes in progress from one source address (IPv6: /64); a connection beyond is closed at once.",
@@ -297,6 +299,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "cert_lifetime_days": (1, 3650),
     "traffic_retention_days": (1, 3650),
     "heartbeat_interval": (0.1, 3600),
+    "presence_interval": (0.05, 3600),
     "access_token_minutes": (1, 1440),
     "oidc_starts_per_minute": (1, 100_000),
     "sign_in_window": (1, 86400),

@@ -22,6 +22,7 @@ and the applications' segments from it (``FERRYMAN_APPS_FILE``, when set, gives 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from ..transport.udpflow import UdpFlow, set_udp_buffers
 from ..wire import events as ev
 from ..wire.frames import Open
 from .dial import DialError, Target, checked, connect_tcp, connect_udp, resolve
+from .relayed import DecidingEdges
 
 log = logging.getLogger("ferryman.connector")
 
@@ -81,6 +83,7 @@ class Connector(EndpointNode[EdgeKey]):
         self._wire = credentials.wire_config(group=settings.connector_group)
         self.revoked: frozenset[int] = frozenset()
         self.grants = GrantVerifier(credentials.name, limit=settings.grant_cache)
+        self.deciding = DecidingEdges(settings.tls_ca)  # who signed the grants of relayed flows
         # What may be dialed: the group's lists and the applications' explicit segments, from the
         # control plane's snapshots and/or FERRYMAN_APPS_FILE (without either: no special address).
         self.static_apps = Applications.load(settings.apps_file).apps if settings.apps_file else None
@@ -160,6 +163,7 @@ class Connector(EndpointNode[EdgeKey]):
     def _renewed(self) -> None:
         """New tunnels present the renewed certificate; running ones keep theirs until they end."""
         self._ssl = self.credentials.client_context()
+        self.deciding.reload(self.settings.tls_ca)
 
     @staticmethod
     async def _session(tunnel: ConnectorTunnel) -> None:
@@ -225,9 +229,13 @@ class Connector(EndpointNode[EdgeKey]):
                          f"{request.protocol!r} flows are not supported by connector {self.name}")
             return
         try:
-            if tunnel.state is None:
+            if request.signer:  # relayed by this tunnel's edge for the edge that decided it (and signed the grant)
+                deciding, key = self.deciding.key_of(request.signer, self.revoked, datetime.datetime.now(datetime.UTC))
+            elif tunnel.state is None:
                 raise GrantError("grant_unverifiable", "the edge's certificate key is unknown on this tunnel")
-            claims = self.grants.verify(request.grant, tunnel.state, tunnel.peer_name, host=request.host,
+            else:
+                deciding, key = tunnel.peer_name, tunnel.state
+            claims = self.grants.verify(request.grant, key, deciding, host=request.host,
                                         port=request.port, protocol=request.protocol, now=time.time())
         except GrantError as exc:
             self.stats.count(self.stats.protocol_errors, exc.code)
