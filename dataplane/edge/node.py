@@ -94,6 +94,7 @@ APPS_FILE_ON_REGISTERED_EDGE = (
     "application file would bypass them. Load the file there (`ferryman admin apply FILE`) and unset "
     "FERRYMAN_APPS_FILE, or run the edge without a control plane (FERRYMAN_TLS_CA, FERRYMAN_TLS_CERT and "
     "FERRYMAN_TLS_KEY from `ferryman pki init`)")
+MAX_RELAY_TRIES = 3  # peer edges tried in turn for one relayed flow when their relay tunnels must be dialed
 MAX_PROCESS = 128  # characters of the client-reported initiating process kept (traffic log, connector)
 
 
@@ -168,6 +169,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         # Flows relayed to and from peer edges (only for an edge that follows a control plane).
         self._client_ssl = credentials.client_context()
         self.relay: Relay | None = None
+        self._relaying: set[asyncio.Task[None]] = set()  # relayed OPENs waiting for their relay tunnel
         self._held: list = []  # the connectors reported to the control plane last (presence)
         if self.link is not None:
             self.relay = Relay(self.name, settings, self, lambda: self._wire, lambda: self._client_ssl)
@@ -622,9 +624,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         group = match.app.connector_group if match is not None else DEFAULT_GROUP
         connector = self.pick_connector(group)
         if connector is None:
-            relayed = self.relay.choose(group) if self.relay is not None else None
-            if relayed is not None:  # a peer edge holds a connector of the group: relay the flow to it
-                self._relay_open(tunnel, fid, request, verdict, *relayed)
+            relays = self.relay.candidates(group) if self.relay is not None else []
+            if relays:  # peer edges hold connectors of the group: relay the flow to one of them
+                self._relay_open(tunnel, fid, request, verdict, relays)
                 return
             wanted = (f"application '{match.app.name}'" if match is not None
                       else f"private DNS name {request.host}")
@@ -633,10 +635,12 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             return
         self._open(tunnel, fid, request, verdict, connector, connector.peer_name)
 
-    def _relay_open(self, tunnel: EdgeTunnel, fid: int, request: Open, verdict: Verdict, peer: PresenceEdge,
-                    connector: str) -> None:
-        """Open the flow through ``peer``'s relay tunnel (dialed first if there is none) on ``connector``."""
+    def _relay_open(self, tunnel: EdgeTunnel, fid: int, request: Open, verdict: Verdict,
+                    relays: list[tuple[PresenceEdge, str]]) -> None:
+        """Open the flow on the relay tunnel to the first of ``relays`` (peer edge, its connector) that
+        has one up, or can be dialed now (at most ``MAX_RELAY_TRIES`` of them)."""
         assert self.relay is not None
+        peer, connector = relays[0]
         out = self.relay.tunnel(peer.name)
         if out is not None:
             self._open(tunnel, fid, request, verdict, out, connector)
@@ -644,17 +648,29 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
 
         async def dial_then_open() -> None:
             assert self.relay is not None
-            try:
-                out = await self.relay.connect(peer)
-            except RelayError as exc:
-                log.warning("relay failed", extra={"peer": peer.name, "code": exc.code, "reason": str(exc)})
-                if tunnel.has_flow(fid) and fid not in tunnel.routes:
-                    self._refuse(tunnel, fid, exc.code, str(exc), request, verdict)
+            failure: RelayError | None = None
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.settings.open_timeout
+            for peer, connector in relays[:MAX_RELAY_TRIES]:
+                try:
+                    out = await asyncio.wait_for(self.relay.connect(peer), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    failure = RelayError("open_timeout", f"no relay tunnel to edge {peer.name} within "
+                                                         f"{self.settings.open_timeout:g}s")
+                    break
+                except RelayError as exc:
+                    log.warning("relay tunnel failed", extra={"peer": peer.name, "code": exc.code, "reason": str(exc)})
+                    failure = exc
+                    continue
+                if tunnel.has_flow(fid) and fid not in tunnel.routes and not tunnel.closed:
+                    self._open(tunnel, fid, request, verdict, out, connector)
                 return
-            if tunnel.has_flow(fid) and fid not in tunnel.routes and not tunnel.closed:
-                self._open(tunnel, fid, request, verdict, out, connector)
+            if failure is not None and tunnel.has_flow(fid) and fid not in tunnel.routes:
+                self._refuse(tunnel, fid, failure.code, str(failure), request, verdict)
 
-        asyncio.get_running_loop().create_task(dial_then_open())
+        task = asyncio.get_running_loop().create_task(dial_then_open())
+        self._relaying.add(task)
+        task.add_done_callback(self._relaying.discard)
 
     def _open(self, tunnel: EdgeTunnel, fid: int, request: Open, verdict: Verdict, out: EdgeTunnel,
               connector_name: str) -> None:

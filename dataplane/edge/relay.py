@@ -42,6 +42,7 @@ from ..wire.connection import WireConfig
 log = logging.getLogger("ferryman.edge.relay")
 
 AnyTunnel = TunnelBase[Any, Any]
+FAILED_FOR = 10.0  # seconds a peer edge whose relay tunnel could not be dialed is tried last
 
 
 class RelayError(Exception):
@@ -75,31 +76,35 @@ class Relay:
         self.peers: dict[str, PresenceEdge] = {}  # every other edge in the map, by certificate name
         self.out: dict[str, AnyTunnel] = {}  # peer edge -> the relay tunnel this edge dialed to it
         self._dialing: dict[str, asyncio.Task[AnyTunnel]] = {}
+        self._failed: dict[str, float] = {}  # peer -> loop time until which its failed dial ranks it last
 
     # ------------------------------------------------------------------ the presence map
     def update(self, presence: Presence) -> None:
         """A new presence map: peers that left it lose their relay tunnel (GOAWAY: running flows go on)."""
         self.presence = presence
         self.peers = {e.name: e for e in presence.edges if e.name != self.name}
+        self._failed = {name: until for name, until in self._failed.items() if name in self.peers}
         for name, tunnel in list(self.out.items()):
             if name not in self.peers and not tunnel.closed:
                 tunnel.goaway("peer_gone", f"edge {name} left the presence map")
         log.info("presence map updated", extra={"edges": len(presence.edges), "tag": presence.tag,
                                                 "relay_connectors": sum(len(e.connectors) for e in self.peers.values())})
 
-    def choose(self, group: str) -> tuple[PresenceEdge, str] | None:
-        """A peer edge holding a connector of ``group``, and that connector: peers with a relay tunnel
-        up first (no dial), then the least loaded; ties broken at random (spreads the load)."""
+    def candidates(self, group: str) -> list[tuple[PresenceEdge, str]]:
+        """Peer edges holding a connector of ``group``, each with that connector, best first: a relay
+        tunnel up (no dial; the least loaded first), then peers to dial, and last those whose dial
+        failed less than ``FAILED_FOR`` seconds ago; ties broken at random (spreads the load)."""
         candidates = [(peer, c.name) for peer in self.peers.values() for c in peer.connectors if c.group == group]
-        if not candidates:
-            return None
         random.shuffle(candidates)
+        now = asyncio.get_running_loop().time()
 
         def rank(item: tuple[PresenceEdge, str]) -> tuple[int, int]:
             tunnel = self.tunnel(item[0].name)
-            return (0, tunnel.load) if tunnel is not None else (1, 0)
+            if tunnel is not None:
+                return 0, tunnel.load
+            return (2 if self._failed.get(item[0].name, 0.0) > now else 1), 0
 
-        return min(candidates, key=rank)
+        return sorted(candidates, key=rank)
 
     def tunnel(self, peer: str) -> AnyTunnel | None:
         """The relay tunnel to ``peer`` if it is up and takes new flows."""
@@ -118,7 +123,11 @@ class Relay:
             task = asyncio.ensure_future(self._dial(peer))
             self._dialing[peer.name] = task
             task.add_done_callback(lambda _t: self._dialing.pop(peer.name, None))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except RelayError:
+            self._failed[peer.name] = asyncio.get_running_loop().time() + FAILED_FOR
+            raise
 
     async def _dial(self, peer: PresenceEdge) -> AnyTunnel:
         s = self.settings
@@ -147,10 +156,8 @@ class Relay:
             tunnel.close("relay_refused", "not the edge the presence map names at this address")
             self.out.pop(peer.name, None)
             raise RelayError("relay_refused", f"the edge at {peer.address} is not {peer.name}")
+        self._failed.pop(peer.name, None)
         return tunnel
-
-    def is_outgoing(self, tunnel: AnyTunnel) -> bool:
-        return any(t is tunnel for t in self.out.values())
 
     def forget(self, tunnel: AnyTunnel) -> None:
         """An outgoing relay tunnel ended."""
