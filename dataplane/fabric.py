@@ -72,14 +72,17 @@ def _http_status(url: str) -> int:
 class Fabric:
     def __init__(self, workdir: str, forwards: list[tuple], env: dict[str, str] | None = None,
                  connectors: int = 1, *, managed: bool = False, apps: list[dict] | None = None, edges: int = 1,
-                 connector_edges: dict[str, list[str]] | None = None, client_edges: list[str] | None = None) -> None:
+                 connector_edges: dict[str, list[str]] | None = None, client_edges: list[str] | None = None,
+                 more_clients: dict[str, list[str]] | None = None) -> None:
         """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each; ``apps``: more
         applications (``{"name": ..., "segments": [...]}``, for SOCKS5 or HTTP CONNECT) besides the forwards'.
 
         ``edges``: how many edges (``edge-1`` ...; more than one only ``managed``: they relay flows
         to each other through the control plane's presence map); ``connector_edges``: the edges a
         connector dials (by name; default every edge of the control plane's list); ``client_edges``:
-        the edges the client agent dials (default ``edge-1``)."""
+        the edges the client agent dials (default ``edge-1``); ``more_clients``: further client agents
+        (``managed`` only; name -> the edges it dials), signed in as the same user, each with the
+        same forwards on listening ports of its own (``client_ports``)."""
         if edges > 1 and not managed:
             raise ValueError("several edges need a control plane (managed=True): they relay flows through its "
                              "presence map")
@@ -98,6 +101,12 @@ class Fabric:
         self.edge_ports: dict[str, int] = {}
         self.connector_edges = dict(connector_edges or {})
         self.client_edges = list(client_edges or ["edge-1"])
+        if more_clients and not managed:
+            raise ValueError("further client agents need a control plane (managed=True)")
+        self.more_clients = dict(more_clients or {})
+        self.client_names = ["client-1", *self.more_clients]
+        self.client_ports: dict[str, list[int]] = {  # listening port of each forward, per client agent
+            name: [self._free_port(f[4]) for f in self.forwards] for name in self.more_clients}
         self.edge_host = "127.0.0.1"  # the address the edge listens on and the other nodes dial
         self.control_host = "127.0.0.1"  # managed: the address the control plane listens on (and is dialed at)
         self.control_url = ""
@@ -196,6 +205,9 @@ class Fabric:
                 client_env = self._start_managed(edge_addr, timeout)
                 for name in self.edge_names:
                     self._spawn(name, "edge", ["--listen", self.edge_address(name)], self._node_env(name))
+                if len(self.edge_names) > 1:  # every edge up first: nodes that dial several start on their first
+                    for name in self.edge_names:
+                        self._wait_for(name, timeout)
                 for name in self.connector_names:
                     pinned = self.connector_edges.get(name)
                     self._spawn(name, "connector", ["--edges", ",".join(map(self.edge_address, pinned))]
@@ -209,6 +221,11 @@ class Fabric:
                     self._spawn(name, "connector", ["--edges", edge_addr, "--apps", apps], self._pki_env(certs, name))
             client_edges = ",".join(map(self.edge_address, self.client_edges)) if self.managed else edge_addr
             self._spawn("client-1", "client", ["--edges", client_edges, *fwd_args], client_env)
+            for name, edges in self.more_clients.items():
+                args = [a for (lh, _, h, p, proto), lp in zip(self.forwards, self.client_ports[name])
+                        for a in ("--forward", f"{lh}:{lp}={h}:{p}" + ("/udp" if proto == "udp" else ""))]
+                self._spawn(name, "client", ["--edges", ",".join(map(self.edge_address, edges)), *args],
+                            self._node_env(name))
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
@@ -241,7 +258,8 @@ class Fabric:
             self._register(name, "edge", ["--address", self.edge_address(name)])
         for name in self.connector_names:
             self._register(name, "connector", [])
-        self._login("client-1")
+        for name in self.client_names:
+            self._login(name)
         return self._node_env("client-1")
 
     def edge_address(self, name: str) -> str:
@@ -337,7 +355,7 @@ class Fabric:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:
-        order = ["client-1", *self.connector_names, *self.edge_names, "control"]
+        order = [*self.client_names, *self.connector_names, *self.edge_names, "control"]
         for name in order:
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:

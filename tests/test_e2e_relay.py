@@ -12,6 +12,7 @@ connector that holds tunnels to edge-2 only, a client agent on edge-1.
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
@@ -71,3 +72,70 @@ def source_bytes(n: int, seed: bytes) -> bytes:
     from backends import source_bytes as make
 
     return make(n, seed)
+
+
+def test_an_edge_killed_mid_transfer_loses_only_its_flows(fabric, backend, xfer) -> None:
+    """client-1 dials edge-1 (then edge-2), client-2 edge-2; the connector holds tunnels to edge-2
+    only. SIGKILL edge-1 while both clients stream through echo flows: client-1's flow ends (its
+    agent names the lost tunnel), client-2's flow carries on to a clean, checked end, and client-1's
+    new flows go through edge-2 within 5 seconds."""
+    echo = backend("echo")
+    fab = fabric([echo], managed=True, edges=2, connector_edges={"connector-1": ["edge-2"]},
+                 client_edges=["edge-1", "edge-2"], more_clients={"client-2": ["edge-2"]}, timeout=30)
+    on_a = xfer.connect(fab.forward_ports[0], timeout=10)
+    on_b = xfer.connect(fab.client_ports["client-2"][0], timeout=10)
+    sent_b = bytearray()
+    got_b = bytearray()
+
+    def exchange(sock, data: bytes, into: bytearray | None = None) -> None:
+        sock.sendall(data)
+        received = b""
+        while len(received) < len(data):
+            chunk = sock.recv(len(data) - len(received))
+            assert chunk, "flow ended"
+            received += chunk
+        assert received == data
+        if into is not None:
+            into.extend(received)
+
+    for _ in range(4):  # both flows are carrying bytes
+        exchange(on_a, os.urandom(65536))
+        chunk = os.urandom(65536)
+        sent_b.extend(chunk)
+        exchange(on_b, chunk, got_b)
+
+    fab.kill("edge-1")
+    killed = time.monotonic()
+
+    on_a.settimeout(5)
+    try:  # client-1's flow through edge-1 ends promptly
+        ended = on_a.recv(1) == b""
+    except ConnectionResetError:
+        ended = True
+    assert ended
+    on_a.close()
+    xfer.wait_for(lambda: "lost" in fab.log_tail("client-1", 40) and "edge-1" in fab.log_tail("client-1", 40), 5,
+                  "client-1 to log its lost tunnel to edge-1")
+
+    for _ in range(4):  # client-2's flow through edge-2 is untouched
+        chunk = os.urandom(65536)
+        sent_b.extend(chunk)
+        exchange(on_b, chunk, got_b)
+    on_b.shutdown(socket.SHUT_WR)
+    assert xfer.recv_all(on_b) == b""
+    on_b.close()
+    assert xfer.sha256_hex(bytes(got_b)) == xfer.sha256_hex(bytes(sent_b))
+
+    xfer.wait_for(lambda: _echoes(fab.forward_ports[0], xfer), 5, "a new flow of client-1 (through edge-2)")
+    assert time.monotonic() - killed < 5
+    status = xfer.scrape(fab.metrics["client-1"])
+    assert xfer.metric(status, "ferryman_tunnels") == 1
+
+
+def _echoes(port: int, xfer) -> bool:
+    data = os.urandom(4096)
+    try:
+        return xfer.echo(port, data, timeout=2) == data
+    except OSError:
+        time.sleep(0.1)
+        return False
