@@ -139,3 +139,22 @@ def _echoes(port: int, xfer) -> bool:
     except OSError:
         time.sleep(0.1)
         return False
+
+
+def test_a_connector_spreads_its_tunnels_and_moves_when_an_edge_goes(fabric, backend, xfer) -> None:
+    """One connector following the control plane's edge list (FERRYMAN_CONNECTOR_EDGES 4, two
+    tunnels): it holds a tunnel to each of the two edges; once edge-2 is revoked (it leaves the
+    list) that tunnel's slot moves to edge-1, and flows keep working."""
+    echo = backend("echo")
+    fab = fabric([echo], managed=True, edges=2, env={"FERRYMAN_CONNECTOR_TUNNELS": "2"}, timeout=30)
+    edge1, edge2 = fab.metrics["edge-1"], fab.metrics["edge-2"]
+    xfer.wait_for(lambda: xfer.metric(xfer.scrape(edge1), "ferryman_edge_connector_tunnels") == 1
+                  and xfer.metric(xfer.scrape(edge2), "ferryman_edge_connector_tunnels") == 1, 10,
+                  "a connector tunnel on each edge")
+    fab.admin("POST", "/v1/revocations", {"node_type": "edge", "node_id": fab.node_id("edge-2")})
+    xfer.wait_for(lambda: xfer.metric(xfer.scrape(edge1), "ferryman_edge_connector_tunnels") == 2
+                  and xfer.metric(xfer.scrape(edge2), "ferryman_edge_connector_tunnels") == 0, 10,
+                  "both connector tunnels on edge-1")
+    assert "edges chosen" in fab.log_tail("connector-1", 40)
+    data = os.urandom(65536)
+    assert xfer.echo(fab.forward_ports[0], data) == data

@@ -139,6 +139,7 @@ class ConnectorSettings(DialerSettings, kw_only=True):
     """The connector's settings."""
 
     connector_tunnels: int = 2
+    connector_edges: int = 4
     connector_group: str = "default"
     dns_server: str = ""
     grant_cache: int = 262144
@@ -227,7 +228,8 @@ VARIABLES: dict[str, str] = {
     "edge_listen": "Edge: HOST:PORT on which client and connector tunnels are accepted.",
     "apps_file": "Edge without a control plane: application file (JSON or TOML) mapping segments to connector groups, and optionally connectors to their groups (a registered edge refuses it). Connector: the applications whose IP/CIDR/range segments may name loopback, link-local, metadata or its own addresses (when it does not follow a control plane, or to override its applications).",
     "edges": "Connector/client: comma-separated HOST:PORT list of edges to dial.",
-    "connector_tunnels": "Connector: outbound tunnels kept open (spread over the edges).",
+    "connector_edges": "Connector: most edges it holds tunnels to, chosen from the control plane's edge list (or FERRYMAN_EDGES) by rendezvous hashing of its name, so connectors spread over the edges and move only when edges come or go; flows landing on other edges are relayed to these.",
+    "connector_tunnels": "Connector: outbound tunnels kept open, spread over the edges it chose (at least one per edge: FERRYMAN_CONNECTOR_EDGES).",
     "connector_group": "Connector: connector group it names in its HELLO (a registered connector: the one it was registered into). An edge with a control plane, or whose application file lists connectors, serves it under the group recorded there and refuses it when this names another.",
     "drain_grace": "Connector: seconds to let flows finish after GOAWAY on SIGTERM.",
     "dial_timeout": "Connector: seconds to wait for a backend TCP connect.",
@@ -281,6 +283,7 @@ VARIABLES: dict[str, str] = {
 
 _LIMITS: dict[str, tuple[float, float]] = {
     "connector_tunnels": (1, 64),
+    "connector_edges": (1, 64),
     "max_frame": (1024, 16 * 1024 * 1024),
     "flow_window": (16384, 1 << 30),
     "max_flows": (1, 1 << 20),
