@@ -5,7 +5,8 @@ an edge follows the map with this long-poll, apart from the configuration: the a
 as soon as the map's ``tag`` differs from ``after`` (a heartbeat that changes an edge's
 report wakes the waiting requests of this process at once; a change recorded by another
 control-plane process on the same database, or an edge going inactive, is seen within
-``RECHECK`` seconds), or 204 after ``wait`` seconds without a change. Only edges may ask.
+``RECHECK`` seconds), or 204 after ``wait`` seconds without a change (or once the control plane
+shuts down). Only edges may ask.
 """
 
 from __future__ import annotations
@@ -75,6 +76,6 @@ async def node_presence(request: Request, after: str = "", wait: Wait = 0.0) -> 
         if current.tag != after:
             return Response(msgspec.json.encode(current), status_code=200, media_type="application/json")
         left = deadline - loop.time()
-        if left <= 0:
+        if left <= 0 or api.hub.closed:  # shutting down: answer now (within RECHECK at worst)
             return Response(b"", status_code=204, media_type="application/json")
         await waiters.wait(min(RECHECK, left))
