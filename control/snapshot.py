@@ -49,6 +49,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dataplane.contract.webapps import backend_segment
 from dataplane.contract.snapshot import (
     ConfigSnapshot,
     SnapApp,
@@ -60,6 +61,7 @@ from dataplane.contract.snapshot import (
     SnapPolicy,
     SnapSegment,
     SnapUser,
+    SnapWebApp,
     encode,
 )
 
@@ -77,6 +79,7 @@ from .store.nodes import edge_addresses, snapshot_connectors
 from .store.segments import ports_from_text
 from .store.sessions import revoked_session_ids
 from .store.users import snapshot_users
+from .store.webapps import list_webapps
 
 log = logging.getLogger("ferryman.snapshot")
 
@@ -197,6 +200,16 @@ def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenK
                           key=lambda key: (key.get("kid", ""), sorted(key.items()))),
         token_issuer=token_issuer,
         fail_mode=forwarding_profile(session).fail_mode,  # type: ignore[arg-type]  # checked by the schema
+        web_apps=[SnapWebApp(name=w.application.name, external_url=w.external_url, internal_url=w.internal_url,
+                             connector_group=w.application.connector_group.name,
+                             preauth=w.preauth,  # type: ignore[arg-type]  # checked columns
+                             backend_timeout=w.backend_timeout,  # type: ignore[arg-type]
+                             translate_headers=w.translate_headers, translate_body=w.translate_body,
+                             cookie_http_only=w.cookie_http_only, cookie_persistent=w.cookie_persistent,
+                             header_sso=dict(w.header_sso or {}), websocket=w.websocket,
+                             verify_backend=w.verify_backend, backend_ca=w.backend_ca,
+                             cors_preflight_bypass=w.cors_preflight_bypass)
+                  for w in list_webapps(session)],
     )
 
 
@@ -215,13 +228,17 @@ def connector_view(snapshot: ConfigSnapshot, connector_id: str) -> ConfigSnapsho
     """What connector ``connector_id`` is sent of ``snapshot``: the version and its time, the edges
     to dial, the revoked serials (to refuse a revoked edge), its own record, its own group (with
     its dial lists) and the applications that group serves with their segments only (the
-    addresses a segment names explicitly are the ones it may dial although they are special).
+    addresses a segment names explicitly are the ones it may dial although they are special); a
+    web application of that group as an application whose one segment is its backend (internal
+    host and port; no external URL, options or assignments).
     No other group's applications, no assignments, users, groups of users, devices, named
     locations, policies, sessions or token keys: a connector decides nothing about people."""
     own = [c for c in snapshot.connectors or () if c.id == connector_id]
     groups = {c.group for c in own}
     apps = [SnapApp(name=a.name, kind=a.kind, connector_group=a.connector_group, segments=list(a.segments))
             for a in snapshot.applications if a.connector_group in groups]
+    apps += [SnapApp(name=w.name, kind="per_app", connector_group=w.connector_group, segments=[backend_segment(w)])
+             for w in snapshot.web_apps if w.connector_group in groups]
     return ConfigSnapshot(version=snapshot.version, issued_at=snapshot.issued_at,
                           groups=[g for g in snapshot.groups if g.name in groups], applications=apps,
                           revoked_serials=list(snapshot.revoked_serials), edges=list(snapshot.edges),

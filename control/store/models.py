@@ -130,6 +130,41 @@ class Application(Base):
     )
 
 
+WEB_PREAUTH = ("ferryman", "passthrough")
+WEB_BACKEND_TIMEOUTS = ("default", "long")
+
+
+class WebApplication(Base):
+    """What makes an application a published web app (``store.webapps``): its application row
+    (name, connector group, assignments, policies; never segments) plus these fields.
+    ``external_authority`` (``host`` or ``host:port``) is unique: one web app per external host."""
+
+    __tablename__ = "web_apps"
+    __table_args__ = (
+        CheckConstraint(_one_of("preauth", WEB_PREAUTH), name="ck_web_apps_preauth"),
+        CheckConstraint(_one_of("backend_timeout", WEB_BACKEND_TIMEOUTS), name="ck_web_apps_backend_timeout"),
+    )
+
+    application_id: Mapped[int] = mapped_column(ForeignKey("applications.id", ondelete="CASCADE"),
+                                                primary_key=True)
+    external_url: Mapped[str] = mapped_column(String(2048))
+    external_authority: Mapped[str] = mapped_column(String(300), unique=True)
+    internal_url: Mapped[str] = mapped_column(String(2048))
+    preauth: Mapped[str] = mapped_column(String(16))
+    backend_timeout: Mapped[str] = mapped_column(String(16))
+    translate_headers: Mapped[bool] = mapped_column(Boolean)
+    translate_body: Mapped[bool] = mapped_column(Boolean)
+    cookie_http_only: Mapped[bool] = mapped_column(Boolean)
+    cookie_persistent: Mapped[bool] = mapped_column(Boolean)
+    websocket: Mapped[bool] = mapped_column(Boolean)
+    verify_backend: Mapped[bool] = mapped_column(Boolean)
+    cors_preflight_bypass: Mapped[bool] = mapped_column(Boolean)
+    header_sso: Mapped[dict[str, Any]] = mapped_column(JSON)
+    backend_ca: Mapped[str] = mapped_column(Text)
+
+    application: Mapped[Application] = relationship(lazy="joined")
+
+
 class Segment(Base):
     """Destination + ports + protocol of an application.
 

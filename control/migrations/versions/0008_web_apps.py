@@ -1,0 +1,46 @@
+"""Web applications: the fields that make an application a published web app (external and
+internal URL, pre-authentication, backend timeout, translation, cookie, header SSO, WebSocket,
+backend verification and CORS options), one row per application.
+
+Revision ID: 0008
+Revises: 0007
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "web_apps",
+        sa.Column("application_id", sa.Integer(), nullable=False),
+        sa.Column("external_url", sa.String(2048), nullable=False),
+        sa.Column("external_authority", sa.String(300), nullable=False),
+        sa.Column("internal_url", sa.String(2048), nullable=False),
+        sa.Column("preauth", sa.String(16), nullable=False),
+        sa.Column("backend_timeout", sa.String(16), nullable=False),
+        sa.Column("translate_headers", sa.Boolean(), nullable=False),
+        sa.Column("translate_body", sa.Boolean(), nullable=False),
+        sa.Column("cookie_http_only", sa.Boolean(), nullable=False),
+        sa.Column("cookie_persistent", sa.Boolean(), nullable=False),
+        sa.Column("websocket", sa.Boolean(), nullable=False),
+        sa.Column("verify_backend", sa.Boolean(), nullable=False),
+        sa.Column("cors_preflight_bypass", sa.Boolean(), nullable=False),
+        sa.Column("header_sso", sa.JSON(), nullable=False),
+        sa.Column("backend_ca", sa.Text(), nullable=False),
+        sa.CheckConstraint("preauth IN ('ferryman', 'passthrough')", name="ck_web_apps_preauth"),
+        sa.CheckConstraint("backend_timeout IN ('default', 'long')", name="ck_web_apps_backend_timeout"),
+        sa.ForeignKeyConstraint(["application_id"], ["applications.id"], ondelete="CASCADE",
+                                name="fk_web_apps_application_id"),
+        sa.PrimaryKeyConstraint("application_id", name="pk_web_apps"),
+        sa.UniqueConstraint("external_authority", name="uq_web_apps_external_authority"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("web_apps")
