@@ -561,3 +561,10 @@ class TrafficLog(Base):
     bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
     close_reason: Mapped[str] = mapped_column(String(1024), default="")
+    # HTTP transactions of web apps (``application_kind`` ``web``): empty / 0 for flows.
+    http_method: Mapped[str] = mapped_column(String(16), default="")
+    http_host: Mapped[str] = mapped_column(String(300), default="")
+    http_path: Mapped[str] = mapped_column(String(1024), default="")
+    http_status: Mapped[int] = mapped_column(Integer, default=0)
+    http_protocol: Mapped[str] = mapped_column(String(16), default="")
+    user_agent: Mapped[str] = mapped_column(String(512), default="")

@@ -1,6 +1,7 @@
 """Web applications: the fields that make an application a published web app (external and
 internal URL, pre-authentication, backend timeout, translation, cookie, header SSO, WebSocket,
-backend verification and CORS options), one row per application.
+backend verification and CORS options), one row per application; the traffic log's HTTP fields
+(one record per HTTP transaction of a web app).
 
 Revision ID: 0008
 Revises: 0007
@@ -40,7 +41,16 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("application_id", name="pk_web_apps"),
         sa.UniqueConstraint("external_authority", name="uq_web_apps_external_authority"),
     )
+    # Plain ALTER TABLE (no batch copy of the traffic log).
+    op.add_column("traffic_logs", sa.Column("http_method", sa.String(16), nullable=False, server_default=""))
+    op.add_column("traffic_logs", sa.Column("http_host", sa.String(300), nullable=False, server_default=""))
+    op.add_column("traffic_logs", sa.Column("http_path", sa.String(1024), nullable=False, server_default=""))
+    op.add_column("traffic_logs", sa.Column("http_status", sa.Integer(), nullable=False, server_default="0"))
+    op.add_column("traffic_logs", sa.Column("http_protocol", sa.String(16), nullable=False, server_default=""))
+    op.add_column("traffic_logs", sa.Column("user_agent", sa.String(512), nullable=False, server_default=""))
 
 
 def downgrade() -> None:
+    for column in ("user_agent", "http_protocol", "http_status", "http_path", "http_host", "http_method"):
+        op.drop_column("traffic_logs", column)
     op.drop_table("web_apps")

@@ -1,0 +1,150 @@
+"""Web apps end to end: control plane, edge (HTTPS front door), connector and a real backend,
+as separate processes, driven with the real curl over HTTP/1.1 and HTTP/2.
+
+One managed fabric per test publishes ``wiki`` (``https://wiki.ferryman.localhost:<port>``,
+backend ``http://127.0.0.1:<port>``: loopback, which the connector dials only because the
+web app names it) and checks: the sign-in redirect and sign-in with the control plane's
+user, the page and a 1 MiB body byte for byte through edge → connector → backend on both
+protocols, the identity headers the backend receives, the traffic log's HTTP fields, and
+continuous access (a removed assignment or a policy that now blocks refuses the very next
+request with its reason); a passthrough app needs no sign-in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import time
+from urllib.parse import quote, urlencode
+
+import pytest
+
+from dataplane.fabric import WEB_DOMAIN, Fabric
+from tests.web_support import Backend, Reply, parse_curl
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def curl(fab: Fabric, url: str, *args: str, jar: str | None = None, http2: bool = False,
+         data: bytes | None = None) -> Reply:
+    cmd = ["curl", "-sS", "--max-time", "20", "--cacert", fab.web_ca, "-D", "-", "-o", "-",
+           "--http2" if http2 else "--http1.1"]
+    for host in ("wiki", "open", "login"):
+        cmd += ["--resolve", f"{host}.{WEB_DOMAIN}:{fab.web_port}:127.0.0.1"]
+    if jar:
+        cmd += ["-b", jar, "-c", jar]
+    if data is not None:
+        cmd += ["--data-binary", "@-"]
+    proc = subprocess.run([*cmd, *args, url], input=data, capture_output=True, timeout=30)
+    assert proc.stdout, proc.stderr.decode(errors="replace")
+    return parse_curl(proc.stdout)
+
+
+def sign_in(fab: Fabric, jar: str, url: str, http2: bool = False) -> Reply:
+    """The browser's dance: app → 302 to the sign-in host → form → POST → back to the app."""
+    first = curl(fab, url, jar=jar, http2=http2)
+    assert first.status == 302, first
+    location = first.header("location")
+    assert location.startswith(f"https://login.{WEB_DOMAIN}:{fab.web_port}/"), location
+    form = curl(fab, location, jar=jar, http2=http2)
+    assert form.status == 200, form
+    fields = {name: re.search(rb'name="%s" value="([^"]+)"' % name.encode(), form.body).group(1).decode()
+              for name in ("csrf", "nonce", "host")}
+    body = urlencode({**fields, "upn": fab.user, "password": fab.password, "otp": ""}).encode()
+    return curl(fab, fab.web_url("login", "/.ferryman/sign_in"), "-L", "-H",
+                "Content-Type: application/x-www-form-urlencoded", "-H",
+                f"Origin: https://login.{WEB_DOMAIN}:{fab.web_port}", jar=jar, data=body, http2=http2)
+
+
+def big(n: int) -> bytes:
+    block = hashlib.sha256(b"seed").digest() * 2048
+    return (block * (n // len(block) + 1))[:n]
+
+
+@pytest.fixture
+def backend():
+    b = Backend("wiki", internal_host="127.0.0.1")
+    yield b
+    b.stop()
+
+
+def _wiki(backend: Backend, **options) -> dict:
+    return {"name": "wiki", "external_url": f"https://wiki.{WEB_DOMAIN}", "internal_url": backend.internal_url,
+            **options}
+
+
+def test_sign_in_then_pages_over_http1_and_http2_and_the_traffic_log(fabric, backend, tmp_path) -> None:
+    fab = fabric([], managed=True, webapps=[_wiki(backend)])
+    jar = str(tmp_path / "jar")
+    page = sign_in(fab, jar, fab.web_url("wiki", "/hello"))
+    assert page.status == 200, page
+    assert page.body == b"hello from backend wiki"
+
+    for http2 in (False, True):
+        reply = curl(fab, fab.web_url("wiki", "/big?n=1048576"), jar=jar, http2=http2)
+        assert reply.status == 200
+        assert reply.version == ("HTTP/2" if http2 else "HTTP/1.1")
+        assert hashlib.sha256(reply.body).digest() == hashlib.sha256(big(1048576)).digest()
+
+    seen = json.loads(curl(fab, fab.web_url("wiki", "/headers"), "-H", "X-Ferryman-Jwt-Assertion: forged",
+                           jar=jar).body)
+    assert seen["x-forwarded-host"] == f"wiki.{WEB_DOMAIN}:{fab.web_port}"
+    assert seen["x-forwarded-proto"] == "https"
+    assert seen["x-ferryman-jwt-assertion"] != "forged"
+    assert seen["host"] == f"127.0.0.1:{backend.port}"
+
+    deadline = time.monotonic() + 20
+    records: list[dict] = []
+    while time.monotonic() < deadline:
+        records = fab.admin("GET", "/v1/traffic?app=wiki&limit=50")  # type: ignore[assignment]
+        if any(r["http_path"] == "/headers" for r in records):
+            break
+        time.sleep(0.2)
+    hello = [r for r in records if r["http_path"] == "/hello" and r["http_status"] == 200]
+    assert hello, records
+    record = hello[0]
+    assert (record["http_method"], record["application_kind"], record["upn"], record["action"]) == \
+        ("GET", "web", fab.user, "allow")
+    assert record["http_host"] == f"wiki.{WEB_DOMAIN}:{fab.web_port}"
+    assert record["bytes_received"] == len(b"hello from backend wiki")
+    assert record["connector_name"] == "connector-1"
+    assert "curl" in record["user_agent"]
+    bigs = [r for r in records if r["http_path"] == "/big"]
+    assert sorted(r["http_protocol"] for r in bigs) == ["1.1", "2"] or len(bigs) == 2, bigs
+    assert all(r["bytes_received"] == 1048576 for r in bigs)
+
+
+def test_a_removed_assignment_or_a_blocking_policy_stops_the_next_request(fabric, backend, tmp_path) -> None:
+    fab = fabric([], managed=True, webapps=[_wiki(backend)])
+    jar = str(tmp_path / "jar")
+    assert sign_in(fab, jar, fab.web_url("wiki", "/hello")).status == 200
+
+    fab.admin("POST", "/v1/policies", {"name": "no-wiki", "state": "on", "grant": "block",
+                                       "applications": ["wiki"]})
+    fab.wait_configured()
+    denied = curl(fab, fab.web_url("wiki", "/hello"), jar=jar)
+    assert denied.status == 403
+    assert b"blocked by policy" in denied.body and b"no-wiki" in denied.body
+    fab.admin("DELETE", "/v1/policies/no-wiki")
+    fab.wait_configured()
+    assert curl(fab, fab.web_url("wiki", "/hello"), jar=jar).status == 200
+
+    fab.admin("DELETE", f"/v1/webapps/wiki/assignments?user={quote(fab.user)}")
+    fab.wait_configured()
+    denied = curl(fab, fab.web_url("wiki", "/hello"), jar=jar)
+    assert denied.status == 403
+    assert b"is not assigned to application" in denied.body
+    assert sum(1 for method, path, _ in backend.seen if path == "/hello") == 2  # the denials never reached it
+
+
+def test_passthrough_app_needs_no_sign_in_and_an_unknown_host_gets_404(fabric, backend) -> None:
+    fab = fabric([], managed=True, webapps=[_wiki(backend, preauth="passthrough")])
+    reply = curl(fab, fab.web_url("wiki", "/hello"))
+    assert (reply.status, reply.body) == (200, b"hello from backend wiki")
+    seen = json.loads(curl(fab, fab.web_url("wiki", "/headers")).body)
+    assert "x-ferryman-jwt-assertion" not in seen
+    missing = curl(fab, fab.web_url("open", "/hello"))
+    assert missing.status == 404
+    assert b"hello from backend" not in missing.body
