@@ -462,6 +462,29 @@ def _echo_backend(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, start_new_session=True)
 
 
+def _web_backend(port: int) -> subprocess.Popen[bytes]:
+    """The sample web app's backend: a page that shows who the front door says is asking."""
+    code = (
+        "import http.server, html\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    protocol_version = 'HTTP/1.1'\n"
+        "    def log_message(self, *a): pass\n"
+        "    def do_GET(self):\n"
+        "        rows = ''.join(f'<tr><td>{html.escape(k)}</td><td>{html.escape(v[:120])}</td></tr>'\n"
+        "                       for k, v in self.headers.items())\n"
+        "        body = ('<!doctype html><title>Hello from Ferryman</title><h1>Hello from a private web app</h1>'\n"
+        "                '<p>This page came from a backend on loopback, through the edge and a connector.</p>'\n"
+        "                f'<table>{rows}</table>').encode()\n"
+        "        self.send_response(200)\n"
+        "        self.send_header('Content-Type', 'text/html; charset=utf-8')\n"
+        "        self.send_header('Content-Length', str(len(body)))\n"
+        "        self.end_headers()\n"
+        "        self.wfile.write(body)\n"
+        f"http.server.ThreadingHTTPServer(('127.0.0.1', {port}), H).serve_forever()\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, start_new_session=True)
+
+
 def _echo_roundtrip(port: int, size: int) -> tuple[float, bool]:
     payload = os.urandom(size)
     start = time.perf_counter()
@@ -501,8 +524,11 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
         backend = _echo_backend(backend_port)
         forwards = [Forward("127.0.0.1", 0, "127.0.0.1", backend_port)]
         print(f"sample echo backend on 127.0.0.1:{backend_port}", file=sys.stderr)
+    web_port = free_port()
+    web_backend = _web_backend(web_port)
     fabric = Fabric(workdir, [(f.listen_host, f.listen_port, f.host, f.port, f.protocol) for f in forwards],
-                    managed=True)
+                    managed=True, webapps=[{"name": "hello", "external_url": f"https://hello.{WEB_DOMAIN}",
+                                            "internal_url": f"http://127.0.0.1:{web_port}"}])
     with _signals_stop() as stopped:
         try:
             fabric.start()
@@ -510,6 +536,7 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
             print(f"ferryman up: {exc}", file=sys.stderr)
             if backend is not None:
                 backend.terminate()
+            web_backend.terminate()
             return 1
         for name, proc in fabric.procs.items():
             where = (f"API {fabric.control_url}" if name == "control"
@@ -521,6 +548,11 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
         print(f"client-1 is signed in as {fabric.user}, assigned to every forward's application", file=sys.stderr)
         for lh, lp, h, p, proto in fabric.forwards:
             print(f"forward {lh}:{lp}/{proto} -> client -> edge -> connector -> {h}:{p}", file=sys.stderr)
+        print(f"web app: open {fabric.web_url('hello')} in a browser (no client agent needed) and sign in as "
+              f"{fabric.user} with password {fabric.password}; the page comes from 127.0.0.1:{web_port} "
+              f"through the edge and the connector", file=sys.stderr)
+        print(f"  trust the local CA first: {fabric.web_ca} (browsers: import it as an authority; curl: --cacert "
+              f"{fabric.web_ca}); *.localhost names resolve to loopback", file=sys.stderr)
         print("ready", flush=True)
         started = time.monotonic()
         try:
@@ -538,6 +570,8 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
             return 1
         finally:
             fabric.stop()
+            web_backend.terminate()
+            web_backend.wait()
             if backend is not None:
                 backend.terminate()
                 backend.wait()
