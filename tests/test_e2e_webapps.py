@@ -148,3 +148,65 @@ def test_passthrough_app_needs_no_sign_in_and_an_unknown_host_gets_404(fabric, b
     missing = curl(fab, fab.web_url("open", "/hello"))
     assert missing.status == 404
     assert b"hello from backend" not in missing.body
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_chromium_signs_in_uses_two_apps_and_a_websocket_signs_out_and_a_denied_user_is_told(
+        fabric, backend, tmp_path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    docs = Backend("docs", internal_host="127.0.0.1")
+    try:
+        fab = fabric([], managed=True, webapps=[
+            _wiki(backend), {"name": "docs", "external_url": f"https://docs.{WEB_DOMAIN}",
+                             "internal_url": docs.internal_url}])
+        fab.admin("POST", "/v1/users", {"upn": "bob@ferryman.local", "password": "bob-password-long-1"})
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--host-resolver-rules=MAP * 127.0.0.1"])
+            try:
+                context = browser.new_context(ignore_https_errors=True)
+                context.set_default_timeout(20000)
+                page = context.new_page()
+                page.goto(fab.web_url("wiki", "/hello"))
+                assert page.url.startswith(fab.web_url("login", "/.ferryman/sign_in"))
+                page.fill("#upn", fab.user)
+                page.fill("#password", fab.password)
+                page.click("#submit")
+                page.wait_for_url(fab.web_url("wiki", "/hello"))
+                assert page.locator("body").inner_text().strip() == "hello from backend wiki"
+                echoed = page.evaluate("""url => new Promise((resolve, reject) => {
+                    const ws = new WebSocket(url);
+                    ws.onopen = () => ws.send("hello through edge and connector");
+                    ws.onmessage = e => { resolve(e.data); ws.close(); };
+                    ws.onerror = () => reject(new Error("websocket failed"));
+                })""", f"wss://wiki.{WEB_DOMAIN}:{fab.web_port}/ws")
+                assert echoed == "hello through edge and connector"
+                page.goto(fab.web_url("docs", "/hello"))  # single sign-on: no form this time
+                assert page.url == fab.web_url("docs", "/hello")
+                assert page.locator("body").inner_text().strip() == "hello from backend docs"
+                page.goto(fab.web_url("docs", "/.ferryman/"))
+                page.click("#sign-out")
+                page.wait_for_url(lambda url: "/.ferryman/sign_in" in url)
+                page.goto(fab.web_url("wiki", "/hello"))
+                assert "/.ferryman/sign_in" in page.url and page.locator("#password").is_visible()
+
+                other = browser.new_context(ignore_https_errors=True).new_page()
+                other.goto(fab.web_url("wiki", "/hello"))
+                other.fill("#upn", "bob@ferryman.local")
+                other.fill("#password", "bob-password-long-1")
+                other.click("#submit")
+                other.wait_for_url(fab.web_url("wiki", "/hello"))
+                text = other.locator("body").inner_text()
+                assert "bob@ferryman.local is not assigned to application 'wiki'" in text
+                assert "hello from backend" not in text
+            finally:
+                browser.close()
+        sessions = fab.admin("GET", f"/v1/users/{quote(fab.user)}/sessions")
+        browser_sessions = [s for s in sessions if s["device_id"] is None]  # type: ignore[union-attr]
+        assert len(browser_sessions) == 1 and browser_sessions[0]["status"] == "revoked", sessions
+    finally:
+        docs.stop()
