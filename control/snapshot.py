@@ -79,7 +79,8 @@ from .store.nodes import edge_addresses, snapshot_connectors
 from .store.segments import ports_from_text
 from .store.sessions import revoked_session_ids
 from .store.users import snapshot_users
-from .store.webapps import list_webapps
+from .store.secretbox import SecretBox, SecretBoxError
+from .store.webapps import certificate_key, list_webapps
 
 log = logging.getLogger("ferryman.snapshot")
 
@@ -139,8 +140,35 @@ def _policies(session: Session, app_names: Mapping[int, str], user_ids: set[str]
     return out
 
 
+def _web_apps(session: Session, box: SecretBox | None) -> list[SnapWebApp]:
+    """The web apps, each custom-domain key opened for the edges (one that cannot be opened is
+    logged and left out: the edges then show their own certificate for that host)."""
+    out = []
+    for w in list_webapps(session):
+        certificate, key = w.certificate, ""
+        if certificate:
+            try:
+                key = certificate_key(box, w)
+            except SecretBoxError as exc:
+                log.error("web app %r: its certificate key cannot be opened (%s); edges use their own certificate",
+                          w.application.name, exc)
+                certificate = ""
+        out.append(SnapWebApp(
+            name=w.application.name, external_url=w.external_url, internal_url=w.internal_url,
+            connector_group=w.application.connector_group.name,
+            preauth=w.preauth,  # type: ignore[arg-type]  # checked columns
+            backend_timeout=w.backend_timeout,  # type: ignore[arg-type]
+            translate_headers=w.translate_headers, translate_body=w.translate_body,
+            cookie_http_only=w.cookie_http_only, cookie_persistent=w.cookie_persistent,
+            header_sso=dict(w.header_sso or {}), websocket=w.websocket, verify_backend=w.verify_backend,
+            backend_ca=w.backend_ca, cors_preflight_bypass=w.cors_preflight_bypass, certificate=certificate,
+            certificate_key=key))
+    return out
+
+
 def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenKeys = (),
-                   token_issuer: str = "", token_lifetime: int | None = None) -> ConfigSnapshot:
+                   token_issuer: str = "", token_lifetime: int | None = None,
+                   box: SecretBox | None = None) -> ConfigSnapshot:
     """The configuration in the store as seen by ``session`` (use one transaction: ``store.read()``).
 
     Every list is sorted (applications, groups, users, locations by name; devices by id;
@@ -200,16 +228,7 @@ def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenK
                           key=lambda key: (key.get("kid", ""), sorted(key.items()))),
         token_issuer=token_issuer,
         fail_mode=forwarding_profile(session).fail_mode,  # type: ignore[arg-type]  # checked by the schema
-        web_apps=[SnapWebApp(name=w.application.name, external_url=w.external_url, internal_url=w.internal_url,
-                             connector_group=w.application.connector_group.name,
-                             preauth=w.preauth,  # type: ignore[arg-type]  # checked columns
-                             backend_timeout=w.backend_timeout,  # type: ignore[arg-type]
-                             translate_headers=w.translate_headers, translate_body=w.translate_body,
-                             cookie_http_only=w.cookie_http_only, cookie_persistent=w.cookie_persistent,
-                             header_sso=dict(w.header_sso or {}), websocket=w.websocket,
-                             verify_backend=w.verify_backend, backend_ca=w.backend_ca,
-                             cors_preflight_bypass=w.cors_preflight_bypass)
-                  for w in list_webapps(session)],
+        web_apps=_web_apps(session, box),
     )
 
 
@@ -218,7 +237,7 @@ def build_from_store(store: Store, *, edges: Iterable[str], token_keys: TokenKey
     """``build_snapshot`` in a read transaction of its own (blocking: run it in a thread from asyncio)."""
     with store.read() as session:
         return build_snapshot(session, edges=edges, token_keys=token_keys, token_issuer=token_issuer,
-                              token_lifetime=token_lifetime)
+                              token_lifetime=token_lifetime, box=store.box)
 
 
 # ---------------------------------------------------------------------------- what each role is sent

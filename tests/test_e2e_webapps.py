@@ -28,9 +28,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def curl(fab: Fabric, url: str, *args: str, jar: str | None = None, http2: bool = False,
-         data: bytes | None = None) -> Reply:
-    cmd = ["curl", "-sS", "--max-time", "20", "--cacert", fab.web_ca, "-D", "-", "-o", "-",
-           "--http2" if http2 else "--http1.1"]
+         data: bytes | None = None, cacert: str = "") -> Reply:
+    cmd = ["curl", "-sS", "--max-time", "20", "--cacert", cacert or fab.web_ca, "-D", "-", "-o", "-",
+           "--http2" if http2 else "--http1.1", "--resolve", f"wiki.corp.example:{fab.web_port}:127.0.0.1"]
     for host in ("wiki", "open", "login"):
         cmd += ["--resolve", f"{host}.{WEB_DOMAIN}:{fab.web_port}:127.0.0.1"]
     if jar:
@@ -139,9 +139,20 @@ def test_a_removed_assignment_or_a_blocking_policy_stops_the_next_request(fabric
     assert sum(1 for method, path, _ in backend.seen if path == "/hello") == 2  # the denials never reached it
 
 
-def test_passthrough_app_needs_no_sign_in_and_an_unknown_host_gets_404(fabric, backend) -> None:
-    fab = fabric([], managed=True, webapps=[_wiki(backend, preauth="passthrough")])
+def test_passthrough_app_needs_no_sign_in_and_an_unknown_host_gets_404(fabric, backend, tmp_path) -> None:
+    from tests.test_webapps_admin import make_cert
+
+    chain, key, ca = make_cert(["wiki.corp.example"])
+    (tmp_path / "custom-ca.pem").write_text(ca)
+    fab = fabric([], managed=True, webapps=[
+        _wiki(backend, preauth="passthrough"),
+        {"name": "custom", "external_url": "https://wiki.corp.example", "internal_url": backend.internal_url,
+         "preauth": "passthrough", "certificate": chain, "certificate_key": key}])
     reply = curl(fab, fab.web_url("wiki", "/hello"))
+    assert (reply.status, reply.body) == (200, b"hello from backend wiki")
+    # The custom domain's own certificate (by SNI), which the fabric's CA did not sign.
+    url = f"https://wiki.corp.example:{fab.web_port}/hello"
+    reply = curl(fab, url, cacert=str(tmp_path / "custom-ca.pem"))
     assert (reply.status, reply.body) == (200, b"hello from backend wiki")
     seen = json.loads(curl(fab, fab.web_url("wiki", "/headers")).body)
     assert "x-ferryman-jwt-assertion" not in seen

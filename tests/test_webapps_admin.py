@@ -144,3 +144,59 @@ def test_cli_and_apply(control: Control, tmp_path: Path) -> None:
                     'internal_url = "https://10.4.4.4"\n')
     refused = admin(control, "apply", str(spec))
     assert refused.returncode == 1 and "web app 'docs': external_url must start with https://" in refused.stderr
+
+
+def make_cert(hosts: list[str], *, days: float = 30, start_days: float = -1) -> tuple[str, str, str]:
+    """(chain PEM, key PEM, CA PEM): a leaf for ``hosts`` signed by a fresh CA."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test custom-domain CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=2))
+          .not_valid_after(now + timedelta(days=60)).add_extension(x509.BasicConstraints(ca=True, path_length=0),
+                                                                   critical=True).sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now + timedelta(days=start_days)).not_valid_after(now + timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    return (leaf.public_bytes(pem).decode() + ca.public_bytes(pem).decode(),
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode(),
+            ca.public_bytes(pem).decode())
+
+
+def test_custom_domain_certificate_is_checked_and_its_key_never_shown(control: Control) -> None:
+    chain, key, _ = make_cert(["*.corp.example"])
+    app = {**WIKI, "name": "custom", "external_url": "https://custom.corp.example"}
+    status, body, _ = control.admin("POST", "/v1/webapps", {**app, "certificate": chain, "certificate_key": key})
+    assert status == 201, body
+    try:
+        assert len(body["certificate_sha256"]) == 64 and body["certificate_not_after"]
+        assert "PRIVATE" not in json.dumps(body)
+        status, records, _ = control.admin("GET", "/v1/audit?object_type=web_app")
+        assert "PRIVATE" not in json.dumps(records)
+        refused = control.admin("PATCH", "/v1/webapps/custom", {"external_url": "https://custom.other.example"})
+        assert refused[0] == 422 and "does not cover the external host custom.other.example" in refused[1]["error"]
+        cleared = control.admin("PATCH", "/v1/webapps/custom", {"certificate": "", "certificate_key": ""})
+        assert cleared[0] == 200 and cleared[1]["certificate_sha256"] == ""
+    finally:
+        control.admin("DELETE", "/v1/webapps/custom")
+    other_chain, other_key, _ = make_cert(["*.corp.example"])
+    expired_chain, expired_key, _ = make_cert(["custom.corp.example"], days=-1, start_days=-10)
+    wrong_chain, wrong_key, _ = make_cert(["elsewhere.example"])
+    for chain_pem, key_pem, words in ((chain, other_key, "is not the key of the certificate"),
+                                      (expired_chain, expired_key, "the certificate expired"),
+                                      (wrong_chain, wrong_key, "does not cover the external host custom.corp.example"),
+                                      (chain, "", "needs both the PEM chain")):
+        status, body, _ = control.admin("POST", "/v1/webapps", {**app, "certificate": chain_pem,
+                                                               "certificate_key": key_pem})
+        assert status == 422 and words in body["error"], body
+    assert other_chain

@@ -33,6 +33,8 @@ def webapp_detail(w: dict[str, Any]) -> str:
         *((key.replace("_", " "), _on(w[key])) for key in _FLAGS),
         ("header SSO", ", ".join(f"{claim} -> {header}" for claim, header in w["header_sso"].items()) or "none"),
         ("backend CA", "custom bundle" if w["backend_ca"] else "system store"),
+        ("certificate", f"custom, SHA-256 {w['certificate_sha256']}, expires {w['certificate_not_after']}"
+         if w["certificate_sha256"] else "the edges' own"),
     ]
     return fields(rows)
 
@@ -64,6 +66,10 @@ def _options() -> tuple[Any, ...]:
             help="send a claim (sub, upn, email, groups, ...) as a request header (repeatable)"),
         arg("--backend-ca", dest="backend_ca", default=None, metavar="PEM_FILE",
             help="CA bundle that verifies the backend's certificate (default: the system store)"),
+        arg("--certificate", default=None, metavar="PEM_FILE",
+            help="custom-domain certificate chain (leaf first) covering the external host; needs --certificate-key"),
+        arg("--certificate-key", dest="certificate_key", default=None, metavar="PEM_FILE",
+            help="its private key (stored sealed, never shown)"),
     )
 
 
@@ -96,12 +102,15 @@ def _body(args: argparse.Namespace, create: bool) -> dict[str, Any]:
             body[key] = getattr(args, key) == "on"
     if args.header_sso is not None:
         body["header_sso"] = _header_sso(args.header_sso)
-    if args.backend_ca is not None:
-        try:
-            with open(args.backend_ca) as fh:
-                body["backend_ca"] = fh.read()
-        except OSError as exc:
-            raise usage(f"--backend-ca {args.backend_ca}: {exc.strerror}") from None
+    for key, flag in (("backend_ca", "--backend-ca"), ("certificate", "--certificate"),
+                      ("certificate_key", "--certificate-key")):
+        path = getattr(args, key)
+        if path is not None:
+            try:
+                with open(path) as fh:
+                    body[key] = fh.read()
+            except OSError as exc:
+                raise usage(f"{flag} {path}: {exc.strerror}") from None
     return body
 
 

@@ -44,6 +44,8 @@ class WebAppCreate(_Request):
     cors_preflight_bypass: bool = False
     header_sso: dict[str, str] = {}
     backend_ca: str = ""
+    certificate: str = ""  # custom domain: PEM chain, leaf first
+    certificate_key: str = ""  # its key (PEM); stored sealed, never shown
 
 
 class WebAppUpdate(_Request):
@@ -64,6 +66,8 @@ class WebAppUpdate(_Request):
     cors_preflight_bypass: bool | None = None
     header_sso: dict[str, str] | None = None
     backend_ca: str | None = None
+    certificate: str | None = None  # with certificate_key; both "" remove the custom certificate
+    certificate_key: str | None = None
 
 
 class WebAppOut(msgspec.Struct):
@@ -84,6 +88,8 @@ class WebAppOut(msgspec.Struct):
     cors_preflight_bypass: bool
     header_sso: dict[str, str]
     backend_ca: str
+    certificate_sha256: str  # of the custom-domain certificate ("" for none: the edges' own)
+    certificate_not_after: str
 
 
 def webapp_out(row: WebApplication) -> WebAppOut:
@@ -115,7 +121,7 @@ def create_webapp(api: Api, actor: str, data: WebAppCreate) -> WebAppOut:
     fields = msgspec.structs.asdict(data)
     name = fields.pop("name")
     with api.store.begin() as session:
-        return webapp_out(webapps.create_webapp(session, actor, name, **fields))
+        return webapp_out(webapps.create_webapp(session, actor, name, box=api.box, **fields))
 
 
 @patch("/webapps/{name:str}", sync_to_thread=True, tags=["webapps"])
@@ -123,7 +129,7 @@ def update_webapp(api: Api, actor: str, name: str, data: WebAppUpdate) -> WebApp
     fields = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None}
     new_name = fields.pop("name", None)
     with api.store.begin() as session:
-        return webapp_out(webapps.update_webapp(session, actor, name, new_name=new_name, **fields))
+        return webapp_out(webapps.update_webapp(session, actor, name, new_name=new_name, box=api.box, **fields))
 
 
 @delete("/webapps/{name:str}", sync_to_thread=True, tags=["webapps"])

@@ -161,6 +161,10 @@ class WebApplication(Base):
     cors_preflight_bypass: Mapped[bool] = mapped_column(Boolean)
     header_sso: Mapped[dict[str, Any]] = mapped_column(JSON)
     backend_ca: Mapped[str] = mapped_column(Text)
+    # A custom-domain certificate: PEM chain, and its key sealed with the store's secrets key
+    # (``secretbox``, context ``web-app-key:<application id>``); both empty: the edges' own.
+    certificate: Mapped[str] = mapped_column(Text, default="")
+    certificate_key: Mapped[str] = mapped_column(Text, default="")
 
     application: Mapped[Application] = relationship(lazy="joined")
 

@@ -155,7 +155,9 @@ class SnapWebApp(msgspec.Struct):
     through a connector of ``connector_group``. Its assignments are those of the application of
     the same ``name`` in ``applications`` (kind ``per_app``, no segments): requests are decided
     by the same admission as a private application's flows, and policies name it by ``name``.
-    ``header_sso`` maps claim names to request header names."""
+    ``header_sso`` maps claim names to request header names. ``certificate`` /
+    ``certificate_key``: a custom-domain certificate (PEM chain and key; empty: the edge's own),
+    for edges only (a connector's view never carries web apps)."""
 
     name: _Name
     external_url: _Name
@@ -172,6 +174,8 @@ class SnapWebApp(msgspec.Struct):
     verify_backend: bool = True
     backend_ca: str = ""
     cors_preflight_bypass: bool = False
+    certificate: str = ""
+    certificate_key: str = ""
 
 
 class ConfigSnapshot(msgspec.Struct, dict=True):

@@ -5,6 +5,8 @@ one) and by nodes (the backend a connector may dial for one): pure, no I/O.
   matches requests on is ``authority``: ``host`` or ``host:port`` when the port is not 443);
 - ``internal_endpoint(url)``: ``http(s)://host[:port][/prefix]`` → ``Endpoint``;
 - ``check_header_sso(mapping)``: claim names → request header names a backend may trust;
+- ``check_certificate(chain, key, host, now)``: a custom-domain certificate (PEM chain, leaf
+  first, and its key) that matches its key, covers the external host and is valid now;
 - ``backend_segment(app)``: the one segment (internal host, port, tcp) a connector of the app's
   group is told about, so that its dial check lets it reach exactly that backend.
 
@@ -121,6 +123,60 @@ def check_header_sso(mapping: object) -> dict[str, str]:
         seen.add(low)
         out[claim] = header
     return out
+
+
+MAX_CERTIFICATE = 65536  # characters of a PEM chain (and of its key)
+
+
+def _covers(pattern: str, host: str) -> bool:
+    pattern = pattern.lower().rstrip(".")
+    if pattern.startswith("*."):
+        head, _, rest = host.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return pattern == host
+
+
+def check_certificate(chain: object, key: object, host: str, now: float) -> float:
+    """Check a custom-domain certificate for external host ``host``; its expiry (Unix seconds).
+
+    The chain is PEM, leaf first; the key (PEM, unencrypted) must be the leaf's; the leaf must
+    name ``host`` in its subject alternative names (one ``*.`` wildcard label allowed) and be
+    valid at ``now``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    if not isinstance(chain, str) or not chain.strip() or not isinstance(key, str) or not key.strip():
+        raise WebAppFieldError("a custom-domain certificate needs both the PEM chain (certificate) and its key "
+                               "(certificate_key)")
+    if len(chain) > MAX_CERTIFICATE or len(key) > MAX_CERTIFICATE:
+        raise WebAppFieldError(f"certificate and certificate_key are at most {MAX_CERTIFICATE} characters each")
+    try:
+        certs = x509.load_pem_x509_certificates(chain.encode())
+    except ValueError as exc:
+        raise WebAppFieldError(f"certificate is not a PEM certificate chain ({exc})") from None
+    try:
+        private = serialization.load_pem_private_key(key.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise WebAppFieldError(f"certificate_key is not an unencrypted PEM private key ({exc})") from None
+    leaf = certs[0]
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(serialization.Encoding.DER, spki) != \
+            leaf.public_key().public_bytes(serialization.Encoding.DER, spki):
+        raise WebAppFieldError("certificate_key is not the key of the certificate (the chain's first one)")
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = names.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns = []
+    if not any(_covers(name, host) for name in dns):
+        raise WebAppFieldError(f"the certificate does not cover the external host {host} (it names "
+                               f"{', '.join(dns) or 'no DNS names'})")
+    not_after = leaf.not_valid_after_utc.timestamp()
+    if not_after <= now:
+        raise WebAppFieldError(f"the certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    if leaf.not_valid_before_utc.timestamp() > now + 300:
+        raise WebAppFieldError(f"the certificate is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    return not_after
 
 
 def backend_segment(app: SnapWebApp) -> SnapSegment:

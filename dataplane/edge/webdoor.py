@@ -71,7 +71,8 @@ def web_app(app: SnapWebApp) -> web.WebApp:
                       translate_headers=app.translate_headers, translate_body=app.translate_body,
                       cookie_http_only=app.cookie_http_only, cookie_persistent=app.cookie_persistent,
                       header_sso=dict(app.header_sso), websocket=app.websocket, verify_backend=app.verify_backend,
-                      backend_ca=app.backend_ca, cors_preflight_bypass=app.cors_preflight_bypass)
+                      backend_ca=app.backend_ca, cors_preflight_bypass=app.cors_preflight_bypass,
+                      certificate=app.certificate, certificate_key=app.certificate_key)
 
 
 def _read(path: str, what: str) -> bytes:

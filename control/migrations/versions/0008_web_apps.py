@@ -1,6 +1,7 @@
 """Web applications: the fields that make an application a published web app (external and
 internal URL, pre-authentication, backend timeout, translation, cookie, header SSO, WebSocket,
-backend verification and CORS options), one row per application; the traffic log's HTTP fields
+backend verification and CORS options, a custom-domain certificate with its sealed key),
+one row per application; the traffic log's HTTP fields
 (one record per HTTP transaction of a web app).
 
 Revision ID: 0008
@@ -34,6 +35,8 @@ def upgrade() -> None:
         sa.Column("cors_preflight_bypass", sa.Boolean(), nullable=False),
         sa.Column("header_sso", sa.JSON(), nullable=False),
         sa.Column("backend_ca", sa.Text(), nullable=False),
+        sa.Column("certificate", sa.Text(), nullable=False),
+        sa.Column("certificate_key", sa.Text(), nullable=False),
         sa.CheckConstraint("preauth IN ('ferryman', 'passthrough')", name="ck_web_apps_preauth"),
         sa.CheckConstraint("backend_timeout IN ('default', 'long')", name="ck_web_apps_backend_timeout"),
         sa.ForeignKeyConstraint(["application_id"], ["applications.id"], ondelete="CASCADE",
