@@ -33,7 +33,7 @@ class Stats:
                  "flows_active", "flows_opened", "flows_closed", "bytes_rx", "bytes_tx",
                  "open_failures", "protocol_errors", "rtt", "extra", "datagrams_rx", "datagrams_tx",
                  "datagrams_dropped", "transports", "transport_fallbacks",
-                 "dial_refused")
+                 "dial_refused", "handler_errors", "read_pauses")
 
     def __init__(self, role: str, node: str) -> None:
         self.role = role
@@ -56,6 +56,8 @@ class Stats:
         self.transports: dict[str, int] = {}         # gauge: tunnels up by transport (quic, tcp)
         self.transport_fallbacks: dict[str, int] = {}  # to transport -> count (auto: QUIC failed)
         self.dial_refused: dict[str, int] = {}       # connector: rule -> resolved addresses not dialed
+        self.handler_errors: dict[str, int] = {}     # wire event -> unexpected exceptions handling it
+        self.read_pauses = 0                         # tunnels not read while their peer did not read
         # metric name -> (help, fn): node-specific gauges read at scrape time
         self.extra: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -123,6 +125,11 @@ class StatsCollector(Collector):
                  "transport", s.transport_fallbacks)
         yield by("ferryman_open_failures_total", "Flow opens that failed, by reason", "reason", s.open_failures)
         yield by("ferryman_protocol_errors_total", "Protocol errors, by code", "code", s.protocol_errors)
+        yield by("ferryman_handler_errors_total", "Unexpected errors handling one flow's event (that flow was "
+                 "reset, its tunnel kept), by event", "event", s.handler_errors)
+        yield counter("ferryman_tunnel_read_pauses_total", "Times a tunnel stopped reading its peer because the "
+                      "peer did not read what was sent to it (write buffer above FERRYMAN_WRITE_BUFFER_HIGH)",
+                      s.read_pauses)
         yield by("ferryman_dial_refused_total", "Addresses a connector resolved but did not dial, by rule", "rule",
                  s.dial_refused)
         rtt = GaugeMetricFamily("ferryman_tunnel_rtt_seconds", "Last measured tunnel round-trip time",

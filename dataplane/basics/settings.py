@@ -85,6 +85,8 @@ class EdgeSettings(NodeSettings, kw_only=True):
     apps_file: str = ""
     edge_quic: str = "on"
     traffic_queue: int = 100000
+    open_timeout: float = 15.0
+    pending_opens_share: float = 0.25
     # following the control plane (a registered edge)
     control_url: str = ""
     config_wait: float = 25.0
@@ -253,7 +255,8 @@ VARIABLES: dict[str, str] = {
     "dial_addresses": "Connector: most addresses of a resolved name that are checked and tried, in the resolver's order (the rest are ignored).",
     "reconnect_min": "Connector/client: first reconnect delay in seconds (doubles, with jitter).",
     "reconnect_max": "Connector/client: ceiling of the reconnect delay in seconds.",
-    "open_timeout": "Client/edge: seconds to wait for OPEN_OK before failing a flow.",
+    "open_timeout": "Client: seconds to wait for the edge's OPEN_OK before failing a flow. Edge: seconds a flow waits for the connector's answer; then the client gets OPEN_FAIL `open_timeout` and the connector an RST (every OPEN is answered).",
+    "pending_opens_share": "Edge: share of FERRYMAN_MAX_PENDING_OPENS that one user (or, without sign-in, one device) may have waiting for answers on one connector tunnel; further OPENs of theirs are refused (`too_many_pending`) so others keep opening flows.",
     "socks_listen": "Client: HOST:PORT for the SOCKS5 listener (localhost only); empty disables it.",
     "http_listen": "Client: HOST:PORT for the HTTP CONNECT proxy listener (localhost only); empty disables it.",
     "dns_listen": "Client: HOST:PORT of the local DNS resolver (UDP and TCP; localhost only): names under the private DNS suffixes are resolved by a connector through the tunnel, others by the system resolver. Empty disables it.",
@@ -281,7 +284,7 @@ VARIABLES: dict[str, str] = {
     "max_pending_opens": "Most OPENs awaiting an answer per tunnel; further OPENs are refused.",
     "keepalive_interval": "Seconds between PINGs; a tunnel silent for 3 intervals is dead.",
     "handshake_timeout": "Seconds allowed for the TLS handshake plus HELLO exchange.",
-    "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point).",
+    "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point): above it a tunnel takes no more data from flows, and an edge stops reading a TLS/TCP tunnel's peer until the peer has read enough of what was sent to it (`ferryman_tunnel_read_pauses_total`).",
 }
 
 _LIMITS: dict[str, tuple[float, float]] = {
@@ -298,6 +301,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "resolve_timeout": (0.01, 600),
     "dial_addresses": (1, 64),
     "open_timeout": (0.01, 600),
+    "pending_opens_share": (0.001, 1),
     "reconnect_min": (0.01, 3600),
     "reconnect_max": (0.01, 86400),
     "cert_lifetime_days": (1, 3650),

@@ -4,7 +4,8 @@ The connector never listens for tunnels. It holds ``FERRYMAN_CONNECTOR_TUNNELS``
 tunnels spread over the configured edges, each kept up by its own reconnect loop
 (exponential backoff with jitter). Every OPEN from an edge becomes a TCP connection
 from this host to the backend (so the backend sees the connector's address), answered
-with OPEN_OK or OPEN_FAIL carrying a specific reason. Before dialing it resolves the
+with OPEN_OK or OPEN_FAIL carrying a specific reason (any error while dialing, foreseen or
+not, is answered with OPEN_FAIL: an OPEN never stays pending here). Before dialing it resolves the
 destination once and checks every address (``dial``: loopback, link-local, metadata and this
 host's own addresses only when a segment names them, the group's allow and deny lists), and
 connects only to addresses that passed. On SIGTERM it sends GOAWAY on
@@ -280,6 +281,12 @@ class Connector(EndpointNode[EdgeKey]):
                                               shown=f"{host}:{port}")
         except DialError as exc:
             code, reason = exc.code, exc.reason
+        except Exception as exc:  # nobody foresaw it: the OPEN is answered all the same
+            self.stats.count(self.stats.handler_errors, "dial")
+            log.error("unexpected error dialing a flow's destination", exc_info=exc,
+                      extra={"edge": tunnel.peer_name, "dest": f"{host}:{port}", "flow": flow.flow_id,
+                             "reason": f"{type(exc).__name__}: {exc}"})
+            code, reason = "dial_error", f"cannot dial {host}:{port}: unexpected {type(exc).__name__}"
         else:
             if flow.done or tunnel.closed:
                 if udp:

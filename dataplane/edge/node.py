@@ -4,7 +4,11 @@ For every OPEN from a client the edge asks ``access.admission.admit`` whether it
 through (the application whose segment covers the destination, the user's sign-in and
 conditional access) and refuses it with the verdict's reason, or picks the least-loaded
 healthy connector tunnel of that application's connector group (never a draining one),
-signs a grant for exactly this flow and opens it there. From then on it splices the two
+signs a grant for exactly this flow and opens it there. Every OPEN is answered: a connector
+that does not answer within ``FERRYMAN_OPEN_TIMEOUT`` gets an RST and the client OPEN_FAIL
+``open_timeout``, and one user (or device) may have at most ``FERRYMAN_PENDING_OPENS_SHARE``
+of ``FERRYMAN_MAX_PENDING_OPENS`` OPENs waiting on one connector tunnel, so a client that opens
+flows to destinations that never answer cannot take every other user's slots. From then on it splices the two
 flows: DATA payloads are passed from one tunnel to the other as the same slices, credit is
 returned to the sender only for bytes the other side accepted (so the edge holds at most
 one window per flow and direction), and FIN/RST travel through. A lost tunnel resets every
@@ -141,6 +145,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self.connector_groups = ConnectorGroups.from_names(apps.connectors, f"the application file "
                                                                                f"{settings.apps_file or '(given)'}")
         self.clients: set[EdgeTunnel] = set()
+        # OPENs awaiting the connector's answer, per (connector tunnel, user or device): at most ``_share`` each.
+        self.waiting: dict[tuple[EdgeTunnel, str], int] = {}
+        self._share = max(1, int(settings.pending_opens_share * settings.max_pending_opens))
         self.listener: socket.socket | None = None
         self.quic: QuicServer | None = None  # the QUIC listener, with FERRYMAN_EDGE_QUIC=on
         self._accepting = False
@@ -527,6 +534,14 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         principal = verdict.principal
         user = principal.upn if principal is not None else ""
         device = principal.device_id if principal is not None else tunnel.peer_name
+        who = user or f"device {tunnel.peer_name}"
+        waiting = self.waiting.get((connector, who), 0)
+        if waiting >= self._share:
+            self._refuse(tunnel, fid, "too_many_pending",
+                         f"{waiting} flows of {who} already wait for connector {connector.peer_name} to answer "
+                         f"(at most FERRYMAN_PENDING_OPENS_SHARE of FERRYMAN_MAX_PENDING_OPENS: {self._share})",
+                         request, verdict)
+            return
         app = match.app.name if match is not None else ""
         grant = sign_grant(self._grant_key, edge=self.name, connector=connector.peer_name, host=request.host,
                            port=request.port, protocol=request.protocol, connection=connection, user=user,
@@ -544,6 +559,39 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                         request, segment_text(match.segment) if match is not None else "")
         tunnel.routes[fid] = splice
         connector.routes[kfid] = splice
+        splice.waiting = (connector, who)
+        self.waiting[splice.waiting] = waiting + 1
+        splice.timer = asyncio.get_running_loop().call_later(self.settings.open_timeout, self._open_expired, splice)
+
+    def _answered(self, splice: Splice) -> None:
+        """The connector answered ``splice``'s OPEN (or the flow ended): it no longer waits."""
+        if splice.timer is not None:
+            splice.timer.cancel()
+            splice.timer = None
+        key = splice.waiting
+        if key is not None:
+            splice.waiting = None
+            left = self.waiting.get(key, 1) - 1
+            if left > 0:
+                self.waiting[key] = left
+            else:
+                self.waiting.pop(key, None)
+
+    def _open_expired(self, splice: Splice) -> None:
+        """The connector did not answer the OPEN in time: RST to it, OPEN_FAIL to the client."""
+        splice.timer = None
+        if splice.accepted or splice.closed_sides == -1:
+            return
+        code = "open_timeout"
+        reason = (f"connector {splice.connector.peer_name} did not answer within "
+                  f"{self.settings.open_timeout:g}s")
+        self.stats.count(self.stats.open_failures, code)
+        log.warning("open failed at connector", extra={"connector": splice.connector.peer_name,
+                                                        "dest": splice.dest, "code": code, "reason": reason})
+        splice.connector.reset(splice.kfid, code, reason)
+        if splice.client.has_flow(splice.cfid):
+            splice.client.reject(splice.cfid, code, reason)
+        self._finish(splice, code, reason)
 
     def _refuse(self, tunnel: EdgeTunnel, fid: int, code: str, reason: str, request: Open | None = None,
                 verdict: Verdict | None = None) -> None:
@@ -570,6 +618,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             return
         splice.accepted = True
         splice.remote = event.remote
+        self._answered(splice)
         client = splice.client
         if client.has_flow(splice.cfid):
             client.accept(splice.cfid)  # the connector's own address (``bound``) is not the client's business
@@ -587,6 +636,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self.stats.count(self.stats.open_failures, event.code)
             splice.refused(event.code, event.reason)
             return
+        self._answered(splice)
         client = splice.client
         client.routes.pop(splice.cfid, None)
         if client.has_flow(splice.cfid):
@@ -618,10 +668,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if pending:
             pending.append(data)
             return
-        try:
-            sent = out.send_data(ofid, data)
-        except FlowError:
-            return  # the other side is being reset; its RST reaches this flow's peer
+        sent = out.send_data(ofid, data)  # 0 when the other side just ended: its end event follows
         if sent:
             tunnel.acknowledge(event.flow_id, sent)
         if sent < size:
@@ -714,6 +761,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self._finish(splice, event.code, event.reason)
 
     def _finish(self, splice: Splice, reason: str, text: str = "") -> None:
+        self._answered(splice)
         splice.client.routes.pop(splice.cfid, None)
         splice.connector.routes.pop(splice.kfid, None)
         splice.up_pending.clear()
@@ -746,8 +794,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             stats.count(stats.datagrams_dropped, "tunnel_busy")
             return
         try:
-            out.send_datagram(ofid, data)
-        except FlowError as exc:  # the other side is being reset, or the datagram exceeds its limit
+            if not out.send_datagram(ofid, data):  # the other side just ended: its end event follows
+                stats.count(stats.datagrams_dropped, "flow_closed")
+                return
+        except FlowError as exc:  # the datagram exceeds that tunnel's limit
             stats.count(stats.datagrams_dropped, exc.code)
             return
         # The traffic log counts what went through, not what arrived here.
