@@ -3,11 +3,12 @@ as separate processes, driven with the real curl over HTTP/1.1 and HTTP/2.
 
 One managed fabric per test publishes ``wiki`` (``https://wiki.ferryman.localhost:<port>``,
 backend ``http://127.0.0.1:<port>``: loopback, which the connector dials only because the
-web app names it) and checks: the sign-in redirect and sign-in with the control plane's
+web app names it) and checks: a passthrough app on a custom domain (its own certificate),
+the sign-in redirect and sign-in with the control plane's
 user, the page and a 1 MiB body byte for byte through edge → connector → backend on both
 protocols, the identity headers the backend receives, the traffic log's HTTP fields, and
 continuous access (a removed assignment or a policy that now blocks refuses the very next
-request with its reason); a passthrough app needs no sign-in.
+request with its reason); Chromium signs in, uses two apps and a WebSocket, signs out.
 """
 
 from __future__ import annotations
@@ -76,7 +77,24 @@ def _wiki(backend: Backend, **options) -> dict:
 
 
 def test_sign_in_then_pages_over_http1_and_http2_and_the_traffic_log(fabric, backend, tmp_path) -> None:
-    fab = fabric([], managed=True, webapps=[_wiki(backend)])
+    from tests.test_webapps_admin import make_cert
+
+    chain, key, ca = make_cert(["wiki.corp.example"])
+    (tmp_path / "custom-ca.pem").write_text(ca)
+    fab = fabric([], managed=True, webapps=[
+        _wiki(backend),
+        {"name": "custom", "external_url": "https://wiki.corp.example", "internal_url": backend.internal_url,
+         "preauth": "passthrough", "certificate": chain, "certificate_key": key}])
+    # A passthrough app on a custom domain: no sign-in, its own certificate (by SNI, from a CA
+    # the fabric's does not know), no identity headers; a host no web app owns gets 404.
+    custom = f"https://wiki.corp.example:{fab.web_port}"
+    reply = curl(fab, custom + "/hello", cacert=str(tmp_path / "custom-ca.pem"))
+    assert (reply.status, reply.body) == (200, b"hello from backend wiki")
+    seen = json.loads(curl(fab, custom + "/headers", cacert=str(tmp_path / "custom-ca.pem")).body)
+    assert "x-ferryman-jwt-assertion" not in seen
+    missing = curl(fab, fab.web_url("open", "/hello"))
+    assert missing.status == 404 and b"hello from backend" not in missing.body
+
     jar = str(tmp_path / "jar")
     page = sign_in(fab, jar, fab.web_url("wiki", "/hello"))
     assert page.status == 200, page
@@ -137,28 +155,6 @@ def test_a_removed_assignment_or_a_blocking_policy_stops_the_next_request(fabric
     assert denied.status == 403
     assert b"is not assigned to application" in denied.body
     assert sum(1 for method, path, _ in backend.seen if path == "/hello") == 2  # the denials never reached it
-
-
-def test_passthrough_app_needs_no_sign_in_and_an_unknown_host_gets_404(fabric, backend, tmp_path) -> None:
-    from tests.test_webapps_admin import make_cert
-
-    chain, key, ca = make_cert(["wiki.corp.example"])
-    (tmp_path / "custom-ca.pem").write_text(ca)
-    fab = fabric([], managed=True, webapps=[
-        _wiki(backend, preauth="passthrough"),
-        {"name": "custom", "external_url": "https://wiki.corp.example", "internal_url": backend.internal_url,
-         "preauth": "passthrough", "certificate": chain, "certificate_key": key}])
-    reply = curl(fab, fab.web_url("wiki", "/hello"))
-    assert (reply.status, reply.body) == (200, b"hello from backend wiki")
-    # The custom domain's own certificate (by SNI), which the fabric's CA did not sign.
-    url = f"https://wiki.corp.example:{fab.web_port}/hello"
-    reply = curl(fab, url, cacert=str(tmp_path / "custom-ca.pem"))
-    assert (reply.status, reply.body) == (200, b"hello from backend wiki")
-    seen = json.loads(curl(fab, fab.web_url("wiki", "/headers")).body)
-    assert "x-ferryman-jwt-assertion" not in seen
-    missing = curl(fab, fab.web_url("open", "/hello"))
-    assert missing.status == 404
-    assert b"hello from backend" not in missing.body
 
 
 CHROMIUM = "/usr/bin/chromium"
