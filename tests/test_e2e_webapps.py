@@ -18,12 +18,13 @@ import json
 import re
 import subprocess
 import time
+from types import SimpleNamespace
 from urllib.parse import quote, urlencode
 
 import pytest
 
 from dataplane.fabric import WEB_DOMAIN, Fabric
-from tests.web_support import Backend, Reply, parse_curl
+from tests.web_support import Backend, Reply, WsClient, cookie_line, parse_curl
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -134,13 +135,26 @@ def test_sign_in_then_pages_over_http1_and_http2_and_the_traffic_log(fabric, bac
     assert all(r["bytes_received"] == 1048576 for r in bigs)
 
 
-def test_a_removed_assignment_or_a_blocking_policy_stops_the_next_request(fabric, backend, tmp_path) -> None:
+def test_a_removed_assignment_or_a_blocking_policy_stops_the_next_request_and_cuts_websockets(fabric, backend, tmp_path) -> None:
     fab = fabric([], managed=True, webapps=[_wiki(backend)])
     jar = str(tmp_path / "jar")
     assert sign_in(fab, jar, fab.web_url("wiki", "/hello")).status == 200
-
-    fab.admin("POST", "/v1/policies", {"name": "no-wiki", "state": "on", "grant": "block",
-                                       "applications": ["wiki"]})
+    host = f"wiki.{WEB_DOMAIN}"
+    door = SimpleNamespace(port=fab.web_port, pki=SimpleNamespace(ca_path=fab.web_ca))
+    ws = WsClient(door, host, "/ws", cookie_line(jar, host))
+    try:
+        assert ws.status == 101 and ws.accept_ok
+        ws.send(b"through edge and connector")
+        assert ws.recv()[1] == b"through edge and connector"  # type: ignore[index]
+        ws.sock.settimeout(15)
+        fab.admin("POST", "/v1/policies", {"name": "no-wiki", "state": "on", "grant": "block",
+                                           "applications": ["wiki"]})
+        changed = time.monotonic()
+        frame = ws.recv()  # the open WebSocket is cut: a close frame or the end of the stream
+        assert frame is None or frame[0] == 8, frame
+        assert time.monotonic() - changed < 5
+    finally:
+        ws.close()
     fab.wait_configured()
     denied = curl(fab, fab.web_url("wiki", "/hello"), jar=jar)
     assert denied.status == 403
