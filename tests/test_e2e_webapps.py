@@ -24,7 +24,7 @@ from urllib.parse import quote, urlencode
 import pytest
 
 from dataplane.fabric import WEB_DOMAIN, Fabric
-from tests.web_support import Backend, Reply, WsClient, cookie_line, parse_curl
+from tests.web_support import Backend, Reply, WsClient, cookie_line, free_port, parse_curl
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,6 +95,16 @@ def test_sign_in_then_pages_over_http1_and_http2_and_the_traffic_log(fabric, bac
     assert "x-ferryman-jwt-assertion" not in seen
     missing = curl(fab, fab.web_url("open", "/hello"))
     assert missing.status == 404 and b"hello from backend" not in missing.body
+    # No connector of the app's group is connected: 503; the backend refuses the connector: 502.
+    fab.admin("POST", "/v1/connector-groups", {"name": "empty"})
+    closed = free_port()
+    fab.admin("POST", "/v1/webapps", {"name": "lonely", "external_url": f"https://open.{WEB_DOMAIN}:{fab.web_port}",
+                                      "internal_url": backend.internal_url, "connector_group": "empty",
+                                      "preauth": "passthrough"})
+    fab.admin("PATCH", "/v1/webapps/custom", {"internal_url": f"http://127.0.0.1:{closed}"})
+    fab.wait_configured()
+    assert curl(fab, fab.web_url("open", "/hello")).status == 503
+    assert curl(fab, custom + "/hello", cacert=str(tmp_path / "custom-ca.pem")).status == 502
 
     jar = str(tmp_path / "jar")
     page = sign_in(fab, jar, fab.web_url("wiki", "/hello"))
