@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 from types import SimpleNamespace
 from urllib.parse import quote, urlencode
@@ -140,8 +142,12 @@ def test_sign_in_then_pages_over_http1_and_http2_and_the_traffic_log(fabric, bac
     assert record["bytes_received"] == len(b"hello from backend wiki")
     assert record["connector_name"] == "connector-1"
     assert "curl" in record["user_agent"]
+    env = {**os.environ, "FERRYMAN_DATA_DIR": os.path.join(fab.workdir, "control")}
+    shown = subprocess.run([sys.executable, "-m", "dataplane", "admin", "--control", fab.control_url, "logs", "--app",
+                            "wiki", "--limit", "50"], env=env, capture_output=True, text=True, timeout=60)
+    assert f"GET https://wiki.{WEB_DOMAIN}:{fab.web_port}/hello 200" in shown.stdout, shown.stdout + shown.stderr
     bigs = [r for r in records if r["http_path"] == "/big"]
-    assert sorted(r["http_protocol"] for r in bigs) == ["1.1", "2"] or len(bigs) == 2, bigs
+    assert sorted(r["http_protocol"] for r in bigs) == ["HTTP/1.1", "HTTP/2"], bigs
     assert all(r["bytes_received"] == 1048576 for r in bigs)
 
 
