@@ -178,6 +178,8 @@ class _Authorizer:
     def authorize(self, app: web.WebApp, principal: web.Principal, facts: web.RequestFacts) -> web.Verdict:
         edge = self.edge
         tables = edge.tables
+        if tables.unconfigured:  # no configuration yet: nothing is admitted
+            return web.Verdict(allowed=False, code="no_config", reason=tables.unconfigured)
         who = AccessPrincipal(user_id=principal.user_id, upn=principal.upn, session_id=principal.session_id,
                               device_id=principal.device_id, amr=tuple(principal.amr), auth_time=principal.auth_time,
                               expires=principal.expires)
