@@ -21,6 +21,7 @@ when a user is disabled, a device or session revoked, or a policy now denies
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from typing import Literal
@@ -115,6 +116,17 @@ class _Policy:
         return True
 
 
+@functools.lru_cache(maxsize=4096)
+def _source_address(source: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address of ``source`` (``ip``, ``ip:port`` or ``[ip]:port``), None if it has none."""
+    if not source:
+        return None
+    try:
+        return ipaddress.ip_address(source.rsplit(":", 1)[0].strip("[]"))
+    except ValueError:
+        return None
+
+
 class AccessIndex:
     """One snapshot's access data, indexed; ``enforcing`` is False when the control plane
     publishes no token keys (no identity: edges then only match applications)."""
@@ -138,6 +150,8 @@ class AccessIndex:
             locations[location.name] = nets
         self.policies = [_Policy(p, locations) for p in sorted(snapshot.policies, key=lambda p: p.id)
                          if p.state != "off"]
+        # The source address is parsed only when a policy has a named-location condition.
+        self.uses_locations = any(p.networks is not None for p in self.policies)
 
     def check_principal(self, who: Principal, now: float, browser: bool = False) -> Decision:
         """Whether ``who`` may act at all (known and enabled user, live session and token, its own
@@ -175,10 +189,7 @@ class AccessIndex:
         users, groups = self.assigned.get(app, (frozenset(), frozenset()))
         if user.id not in users and groups.isdisjoint(user.groups):
             return _deny("not_assigned", f"{user.upn} is not assigned to application '{app}'")
-        try:
-            address = ipaddress.ip_address(source.rsplit(":", 1)[0].strip("[]")) if source else None
-        except ValueError:
-            address = None
+        address = _source_address(source) if self.uses_locations else None
         applied: list[PolicyResult] = []
         denial: Decision | None = None
         for policy in self.policies:

@@ -36,7 +36,7 @@ from ..access.grants import sign as sign_grant
 from ..access.policy import Principal as AccessPrincipal
 from ..access.tokens import TokenError
 from ..basics.hostport import parse_hostport
-from ..contract.flowrecord import FlowRecord, network_of
+from ..contract.flowrecord import FlowRecord
 from ..contract.snapshot import ConfigSnapshot, SnapWebApp
 from ..contract.webapps import external_endpoint, internal_endpoint
 from ..controllink import http as httpclient
@@ -162,7 +162,8 @@ class EdgeWeb:
             connection_id=os.urandom(8).hex(), transaction_id=rec.session_id[:64], start=start, end=rec.time,
             duration_ms=min(int(rec.duration * 1000), 2**31 - 1), user_id=rec.user_id, upn=rec.upn,
             device_id=rec.device_id, source_ip=source_ip, destination_fqdn=rec.host.rsplit(":", 1)[0],
-            destination_port=self.ports.get(rec.app, 443), transport="tcp", network=network_of(source_ip),
+            destination_port=self.ports.get(rec.app, 443), transport="tcp",
+            network="IPv6" if ":" in source_ip else "IPv4" if source_ip else "",
             application=rec.app, application_kind="web" if rec.app else "", policy=rec.policy,
             action=rec.action, reason_code=rec.code, connector_name=rec.connector, edge=self.edge.name,
             bytes_sent=rec.bytes_in, bytes_received=rec.bytes_out, close_reason=rec.reason[:1024],
