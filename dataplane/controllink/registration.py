@@ -154,7 +154,7 @@ def control_base(url: str) -> str:
     except ValueError as exc:
         raise RegisterError(f"--control {url!r}: not a usable URL ({exc})", 2) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RegisterError(f"--control {url!r}: expected http://HOST:PORT or https://HOST[:PORT]", 2)
+        raise RegisterError(f"--control {url!r}: expected https://HOST[:PORT]", 2)
     if parts.query or parts.fragment:
         raise RegisterError(f"--control {url!r}: the URL must not carry a query or fragment", 2)
     return text.rstrip("/")
