@@ -397,7 +397,8 @@ def test_sign_in_gives_tokens_and_a_device_certificate(control: Control, provide
     assert agent.poll() == (202, {"status": "pending", "expires_in": pytest.approx(600, abs=10)})
     browser = Browser()
     with pytest.raises(urllib.error.HTTPError) as redirect:  # the begin URL: a cookie, then the provider
-        urllib.request.build_opener(urllib.request.HTTPCookieProcessor(browser.cookies), _NoRedirect).open(
+        urllib.request.build_opener(urllib.request.HTTPCookieProcessor(browser.cookies), _NoRedirect,
+                                    urllib.request.HTTPSHandler(context=BROWSER_TRUST)).open(
             agent.begin_url, timeout=15)
     assert redirect.value.code == 302
     set_cookie = redirect.value.headers["Set-Cookie"]
@@ -586,7 +587,8 @@ def test_seeing_the_authorization_url_or_the_login_id_is_not_enough(control: Con
     victim = Agent(control).start()
     browser = Browser()
     with pytest.raises(urllib.error.HTTPError) as redirect:  # the victim's browser begins: cookie, then provider
-        urllib.request.build_opener(urllib.request.HTTPCookieProcessor(browser.cookies), _NoRedirect).open(
+        urllib.request.build_opener(urllib.request.HTTPCookieProcessor(browser.cookies), _NoRedirect,
+                                    urllib.request.HTTPSHandler(context=BROWSER_TRUST)).open(
             victim.begin_url, timeout=15)
     authorize = redirect.value.headers["Location"]
     # Someone who sees that URL opens it in their own browser and signs in as themselves: refused.
@@ -671,7 +673,8 @@ def test_no_code_state_or_handoff_reaches_a_log_line(provider: Provider, tmp_pat
         provider.user = {"email": "kim@corp.example", "email_verified": True, "sub": "kim-sub"}
         other = Agent(ctl).start()
         with pytest.raises(urllib.error.HTTPError) as redirect:
-            urllib.request.build_opener(_NoRedirect).open(other.begin_url, timeout=15)
+            urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=BROWSER_TRUST)).open(
+                other.begin_url, timeout=15)
         assert browse(redirect.value.headers["Location"])[0] == 403  # the provider, then the callback: no cookie
         secrets_seen += [agent.login_id, agent.verifier, agent.begin_url.rsplit("=", 1)[1], other.login_id,
                          other.verifier, other.begin_url.rsplit("=", 1)[1]]
