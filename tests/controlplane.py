@@ -21,8 +21,8 @@ data directory of the test's), spoken to over HTTPS with urllib, verified agains
   another key, a bearer token, or nothing), ``admin`` the bootstrap key. Also: ``version()``
   (the configuration version), ``token(role)`` (a registration token), ``register_node(...)``
   (a node registered with ``dataplane.controllink.registration``), ``ca_pem`` (the CA certificate),
-  ``ca_hash`` (its pin, ``sha256:...``), ``tls`` (an SSL context trusting it, for requests of
-  the test's own; None for plain HTTP).
+  ``ca_hash`` (its pin, ``sha256:...``), ``tls`` (also ``ssl_context``: an SSL context trusting
+  it, for requests of the test's own; None for plain HTTP).
 """
 
 from __future__ import annotations
@@ -212,3 +212,8 @@ class Control:
         if self._tls is None:
             self._tls = tls_context(self.data_dir)
         return self._tls
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """``tls`` under the name other helpers ask for."""
+        return self.tls
