@@ -68,7 +68,9 @@ class _Mitm:
     """An HTTPS server on loopback with a certificate from a CA of its own, answering ``/v1/ca`` with
     that CA and everything else with 200 ``{}``: someone between the caller and the control plane."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, serve_first: bytes = b"") -> None:
+        """``serve_first``: PEM served at ``/v1/ca`` before the middle's own CA (e.g. the real CA, which
+        is public)."""
         pki.make_directory(str(directory))
         pki.create_ca(str(directory))
         ca = CertificateAuthority.open(str(directory))
@@ -85,7 +87,7 @@ class _Mitm:
 
             def _answer(self) -> None:
                 outer.requests.append(f"{self.command} {self.path}")
-                body = outer.ca_pem if self.path.endswith("/v1/ca") else b"{}"
+                body = serve_first + outer.ca_pem if self.path.endswith("/v1/ca") else b"{}"
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -231,6 +233,21 @@ def test_the_certificate_follows_the_hosts(tmp_path: Path) -> None:
     assert server_certificate(ca, str(tmp_path), ["control.corp.example"], 180)[2] is True  # hosts changed
     late = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=150)
     assert server_certificate(ca, str(tmp_path), ["control.corp.example"], 180, now=late)[2] is True  # renewed
+
+
+def test_only_the_pinned_ca_is_kept_from_a_bundle(control: Control, tmp_path: Path) -> None:
+    """The real CA is public: a middle may serve it, with its own CA appended. The pin matches the
+    first, and only that one is trusted, so the middle's certificate is refused before the token
+    is sent."""
+    middle = _Mitm(tmp_path / "mitm-ca", serve_first=control.ca_pem)
+    try:
+        assert trust.first_contact(middle.url, pin=control.ca_hash) == control.ca_pem
+        done = _register(middle.url, control.token(), tmp_path / "id")
+        assert done.returncode == 1 and "the certificate is not trusted" in done.stderr, done.stderr
+        assert middle.requests == ["GET /v1/ca", "GET /v1/ca"]  # the registration never reached it
+        assert not (tmp_path / "id").exists()
+    finally:
+        middle.close()
 
 
 # ---------------------------------------------------------------------------- plain HTTP

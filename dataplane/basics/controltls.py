@@ -137,7 +137,8 @@ def _host_port(base: str) -> tuple[str, str, int, str]:
 
 
 def fetch_pinned_ca(base: str, pin: str, timeout: float = 15.0) -> bytes:
-    """The control plane's CA (PEM) from ``base``'s ``/v1/ca``, once its SPKI hash equals ``pin``.
+    """The control plane's CA (PEM) from ``base``'s ``/v1/ca``, once its SPKI hash equals ``pin``: that
+    one certificate, never others sent along with it.
 
     The connection is TLS without verification (the CA is what is being learned); the answer
     is trusted only through the pin. ``ControlTlsError`` for plain HTTP, a network failure, an
@@ -174,7 +175,7 @@ def fetch_pinned_ca(base: str, pin: str, timeout: float = 15.0) -> bytes:
         raise ControlTlsError(
             f"the control plane at {base} presented a CA with hash {got}, not the pinned {pin}: refusing it "
             f"(a wrong --ca-hash or token, or someone between you and the control plane)")
-    return body
+    return cert.public_bytes(serialization.Encoding.PEM)  # only the pinned CA: nothing appended to it is trusted
 
 
 def check_scheme(url: str, insecure: bool, source: str = "--control") -> str:
