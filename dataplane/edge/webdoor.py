@@ -249,7 +249,8 @@ class _ControlSignIn:
         try:
             answer = await httpclient.request(link.base, "POST", target, headers=headers,
                                               body=json.dumps(body).encode(), timeout=SIGN_IN_TIMEOUT,
-                                              max_body=1 << 20, user_agent="ferryman-edge")
+                                              max_body=1 << 20, user_agent="ferryman-edge",
+                                              ssl_context=link.client.tls)  # the pinned control-plane CA
         except httpclient.HttpError as exc:
             log.warning("sign-in through the control plane failed: %s", exc)
             raise web.SignInError("unavailable", "Sign-in is unavailable right now; try again shortly.", 503) from None
