@@ -11,9 +11,11 @@ connector that holds tunnels to edge-2 only, a client agent on edge-1.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -130,6 +132,30 @@ def test_an_edge_killed_mid_transfer_loses_only_its_flows(fabric, backend, xfer)
     assert time.monotonic() - killed < 5
     status = xfer.scrape(fab.metrics["client-1"])
     assert xfer.metric(status, "ferryman_tunnels") == 1
+
+    # Relay tunnels are accepted only from registered edges that are active: one registered but
+    # never started (no heartbeat, not in the presence map) is refused at its HELLO.
+    fab._register("edge-3", "edge", ["--address", "127.0.0.1:9"])
+    identity = Path(fab.workdir) / "nodes" / "edge-3" / "identity"
+    goaway = xfer.run_async(lambda: _relay_hello(fab.edge_ports["edge-2"], identity), 15)
+    assert "is not an active edge registered with the control plane" in goaway.reason
+    assert xfer.metric(xfer.scrape(fab.metrics["edge-2"]), "ferryman_tunnels_closed_total",
+                       reason="relay_refused") == 1
+
+
+async def _relay_hello(port: int, identity: Path):  # noqa: ANN202
+    """Dial an edge with an edge certificate and ask for a relay tunnel; the GOAWAY that refuses it."""
+    from test_e2e_resilience import RawPeer, tls_context
+
+    record = json.loads((identity / "node.json").read_text())
+    peer = RawPeer()
+    await peer.connect(port, tls_context(str(identity / record["cert"]), str(identity / record["key"]),
+                                         str(identity / record["ca"])))
+    try:
+        await peer.handshake(role="edge", node=record["name"])
+        return await peer.expect_goaway("relay_refused")
+    finally:
+        peer.close()
 
 
 def _echoes(port: int, xfer) -> bool:
