@@ -37,7 +37,7 @@ def test_flow_is_relayed_to_the_edge_holding_the_connector(fabric, backend, xfer
 
     out = xfer.metric(xfer.scrape(edge1), "ferryman_relayed_flows_total", direction="out")
     assert out >= 2  # the readiness probes of the client were relayed too
-    assert xfer.metric(xfer.scrape(edge2), "ferryman_relayed_flows_total", direction="in") == out
+    assert 2 <= xfer.metric(xfer.scrape(edge2), "ferryman_relayed_flows_total", direction="in") <= out
     assert xfer.metric(xfer.scrape(edge1), "ferryman_relayed_flows_total", direction="in") == 0
 
     def relayed_records() -> list[dict]:

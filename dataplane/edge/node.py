@@ -248,6 +248,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         for tunnel in [*self.clients, *self.connectors, *self.relays_in]:
             tunnel.goaway("shutdown", f"edge {self.name} is shutting down")
             tunnel.close("shutdown", "edge stopped")
+        for task in self._relaying:
+            task.cancel()
         if self.relay is not None:
             self.relay.close()
         if metrics is not None:
