@@ -52,7 +52,7 @@ def insert_records(session: Session, edge: str, records: Iterable[Mapping[str, A
 
 class TrafficFilter(msgspec.Struct, kw_only=True):
     """Which records: a time range on ``start`` and exact matches (``user``: UPN or user id;
-    ``connector``: name or id)."""
+    ``connector``: name or id; ``device``: device id; ``reason``: the refusal's reason code)."""
 
     since: datetime | None = None
     until: datetime | None = None
@@ -60,6 +60,8 @@ class TrafficFilter(msgspec.Struct, kw_only=True):
     app: str | None = None
     action: str | None = None
     connector: str | None = None
+    device: str | None = None
+    reason: str | None = None
 
 
 def _where(query: Select[Any], f: TrafficFilter) -> Select[Any]:
@@ -75,6 +77,10 @@ def _where(query: Select[Any], f: TrafficFilter) -> Select[Any]:
         query = query.where(TrafficLog.action == f.action)
     if f.connector:
         query = query.where(or_(TrafficLog.connector_name == f.connector, TrafficLog.connector_id == f.connector))
+    if f.device:
+        query = query.where(TrafficLog.device_id == f.device)
+    if f.reason:
+        query = query.where(TrafficLog.reason_code == f.reason)
     return query
 
 
