@@ -5,6 +5,7 @@ Each function takes a read session (and what it needs) and returns the template'
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,7 +31,7 @@ from control.store import (
     user_groups,
     users,
 )
-from control.store.models import Device, SignInSession, TrafficLog, User
+from control.store.models import Application, ConnectorGroup, Device, SignInSession, TrafficLog, User
 
 from .charts import human, ranked_bars, time_bars
 
@@ -75,30 +76,37 @@ def overview(session: Session, heartbeat: float, now: datetime) -> dict[str, Any
     """Health of the fabric, the last 24 hours of traffic as charts, and the alerts."""
     connectors, edges = node_rows(session, heartbeat, now)
     since = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS - 1)
-    bounds = [since + timedelta(hours=i + 1) for i in range(HOURS)]
-    bucket = case(*[(TrafficLog.start < b, i) for i, b in enumerate(bounds)], else_=HOURS - 1)
-    total_bytes = TrafficLog.bytes_sent + TrafficLog.bytes_received
     flows = [0] * HOURS
     volume = [0] * HOURS
     denied = [0] * HOURS
-    for i, n, b, d in session.execute(
-            select(bucket, func.count(), func.sum(total_bytes),
-                   func.sum(case((TrafficLog.action == "deny", 1), else_=0)))
-            .where(TrafficLog.start >= since).group_by(bucket)):
-        flows[i], volume[i], denied[i] = int(n) - int(d or 0), int(b or 0), int(d or 0)
+    apps: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    bytes_in = bytes_out = 0
+    # Two passes over the period's records, grouped in the database (no row comes to Python).
+    bounds = [since + timedelta(hours=i + 1) for i in range(HOURS - 1)]
+    bucket = case(*[(TrafficLog.start < b, i) for i, b in enumerate(bounds)], else_=HOURS - 1)
+    for i, action, app, reason, n, sent, received in session.execute(
+            select(bucket, TrafficLog.action, TrafficLog.application, TrafficLog.reason_code, func.count(),
+                   func.sum(TrafficLog.bytes_sent), func.sum(TrafficLog.bytes_received))
+            .where(TrafficLog.start >= since)
+            .group_by(bucket, TrafficLog.action, TrafficLog.application, TrafficLog.reason_code)):
+        if action == "deny":
+            denied[i] += n
+            reasons[reason or "(none)"] += n
+        else:
+            flows[i] += n
+            apps[app or "(none)"] += n
+        sent, received = int(sent or 0), int(received or 0)
+        volume[i] += sent + received
+        bytes_in += received
+        bytes_out += sent
+    active_users, active_devices = session.execute(
+        select(func.count(func.distinct(case((TrafficLog.user_id != "", TrafficLog.user_id)))),
+               func.count(func.distinct(case((TrafficLog.device_id != "", TrafficLog.device_id)))))
+        .where(TrafficLog.start >= since)).one()
     labels = [(since + timedelta(hours=i)).strftime("%H:00") for i in range(HOURS)]
-    top_apps = [(a or "(none)", int(n)) for a, n in session.execute(
-        select(TrafficLog.application, func.count()).where(TrafficLog.start >= since, TrafficLog.action != "deny")
-        .group_by(TrafficLog.application).order_by(func.count().desc()).limit(8))]
-    top_denied = [(r or "(none)", int(n)) for r, n in session.execute(
-        select(TrafficLog.reason_code, func.count()).where(TrafficLog.start >= since, TrafficLog.action == "deny")
-        .group_by(TrafficLog.reason_code).order_by(func.count().desc()).limit(8))]
-    active_users = int(session.scalar(select(func.count(func.distinct(TrafficLog.user_id)))
-                                      .where(TrafficLog.start >= since, TrafficLog.user_id != "")) or 0)
-    active_devices = int(session.scalar(select(func.count(func.distinct(TrafficLog.device_id)))
-                                        .where(TrafficLog.start >= since, TrafficLog.device_id != "")) or 0)
-    bytes_in = int(session.scalar(select(func.sum(TrafficLog.bytes_received)).where(TrafficLog.start >= since)) or 0)
-    bytes_out = int(session.scalar(select(func.sum(TrafficLog.bytes_sent)).where(TrafficLog.start >= since)) or 0)
+    top_apps = apps.most_common(8)
+    top_denied = reasons.most_common(8)
     alerts: list[tuple[str, str]] = []
     for n in connectors + edges:
         if n["revoked"]:
@@ -150,12 +158,16 @@ def application_page(session: Session, name: str) -> dict[str, Any]:
 def connectors_page(session: Session, heartbeat: float, now: datetime) -> dict[str, Any]:
     connectors, _edges = node_rows(session, heartbeat, now)
     groups = connector_groups.list_groups(session)
+    by_group: dict[str, list[str]] = {}
+    for name, group in session.execute(select(Application.name, ConnectorGroup.name)
+                                       .join(ConnectorGroup, Application.connector_group_id == ConnectorGroup.id)
+                                       .order_by(Application.name)):
+        by_group.setdefault(group, []).append(name)
     return {"connectors": connectors,
             "groups": [{"name": g.name, "region": g.region, "is_default": g.is_default,
                         "allowed": connector_groups.allowed_addresses(g), "denied": connector_groups.denied_addresses(g),
                         "connectors": sum(1 for c in connectors if c["group"] == g.name and not c["revoked"]),
-                        "apps": [a.name for a in applications.list_applications(session)
-                                 if a.connector_group.name == g.name]}
+                        "apps": by_group.get(g.name, [])}
                        for g in groups],
             "tokens": _tokens(session, now)}
 
