@@ -99,6 +99,7 @@ def seed(data_dir: str, *, records: int = 10_000, users_count: int = 300, apps_c
             groups = [user_groups.create_user_group(session, ACTOR, g)
                       for g in ("engineering", "finance", "support", "contractors", "admins")]
             people = []
+            device_of: dict[str, str] = {}
             for i in range(users_count):
                 first, last = FIRST[i % len(FIRST)], LAST[(i // len(FIRST) + i) % len(LAST)]
                 upn = ADMIN if i == 0 else f"{first}.{last}{i}@corp.example"
@@ -110,6 +111,7 @@ def seed(data_dir: str, *, records: int = 10_000, users_count: int = 300, apps_c
                     dev = devices.register_device(session, ACTOR, u.id, name=f"{first}-laptop-{d + 1}",
                                                   os=("Windows", "macOS", "Linux")[i % 3], os_version="14.4")
                     sessions.create_session(session, u.id, device_id=dev.id)
+                    device_of[u.id] = dev.id
             app_names = []
             for i in range(apps_count):
                 name = f"app-{i + 1:03d}-{('wiki', 'git', 'erp', 'crm', 'ssh', 'rdp', 'db', 'files')[i % 8]}"
@@ -134,18 +136,18 @@ def seed(data_dir: str, *, records: int = 10_000, users_count: int = 300, apps_c
             totp.confirm_totp(session, admin.id, pyotp.TOTP(secret).at(time.time() - 30), box,
                               recovery_codes=totp.new_recovery_codes())
         batch = []
-        for n in range(records):
+        starts = sorted(now - timedelta(seconds=rng.uniform(0, 86_400)) for _ in range(records))
+        for n, start in enumerate(starts):
             u = people[rng.randrange(len(people))]
             deny = rng.random() < 0.08
             quick = not deny and rng.random() < 0.15
             app = "quick-access" if quick else app_names[min(int(rng.paretovariate(1.2)) - 1, len(app_names) - 1)]
-            start = now - timedelta(seconds=rng.uniform(0, 86_400))
             cid, cname = connector_ids[rng.randrange(len(connector_ids))]
             batch.append({
                 "connection_id": f"c{n:08x}", "transaction_id": f"t{n // 5:08x}", "start": start.timestamp(),
                 "end": None if deny else (start + timedelta(seconds=rng.uniform(0.1, 600))).timestamp(),
                 "duration_ms": 0 if deny else rng.randint(100, 600_000), "user_id": u.id, "upn": u.upn,
-                "device_id": f"dev-{rng.randrange(10_000):04d}", "device_os": "Windows", "process": "chrome.exe",
+                "device_id": device_of[u.id], "device_os": "Windows", "process": "chrome.exe",
                 "source_ip": f"100.64.{rng.randrange(256)}.{rng.randrange(256)}", "source_port": rng.randint(1024, 65535),
                 "destination_ip": f"10.1.{rng.randrange(200)}.{rng.randrange(256)}", "destination_port": 443,
                 "destination_fqdn": f"host{rng.randrange(40)}.corp.example" if quick else f"{app}.corp.example",

@@ -171,8 +171,9 @@ def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
                                                lifetime=timedelta(hours=settings.console_session_hours)))
         with store.read() as session:
             if console_store.console_admins(session) == 0:
-                print("ferryman control: the web console (/console) has no admin yet. Give a user with TOTP the "
-                      "role: ferryman admin users update UPN --console-role admin", file=sys.stderr, flush=True)
+                print("ferryman control: the web console (/console) has no admin yet: give a user with a password "
+                      "the role (ferryman admin users update UPN --console-role admin); they set up TOTP at their "
+                      "first console sign-in.", file=sys.stderr, flush=True)
         log.info("control plane: database %s, CA %s, edges handed to nodes: %s", _safe_url(url), ca.directory,
                  ", ".join(edges) or "(registered edges only)")
         if oidc is not None:

@@ -218,16 +218,39 @@ def test_sign_in_refusals_say_why_without_a_cookie(control: Control, admin: Pers
     assert 'class="error"' in page.text and not browser.cookie
 
 
-def test_a_user_without_console_role_or_totp_cannot_sign_in(control: Control) -> None:
+def test_a_user_without_console_role_cannot_sign_in(control: Control) -> None:
     person = enrol(control, "nora@corp.example", None)
     page = Browser(control.url).request("POST", "/console/sign-in", {"upn": person.upn, "password": PASSWORD,
                                                                      "code": person.recovery.pop()})
     assert page.status == 401 and "no console role" in page.text
-    status, _user, _ = control.call("POST", "/v1/users", {"upn": "tess@corp.example", "password": PASSWORD})
-    control.call("PATCH", f"/v1/users/{_user['id']}", {"console_role": "admin"})
-    page = Browser(control.url).request("POST", "/console/sign-in", {"upn": "tess@corp.example",
-                                                                     "password": PASSWORD, "code": "123456"})
-    assert page.status == 401 and "enrol TOTP first" in page.text
+    status, user, _ = control.call("POST", "/v1/users", {"upn": "ned@corp.example", "password": PASSWORD})
+    page = Browser(control.url).request("POST", "/console/sign-in", {"upn": "ned@corp.example",
+                                                                     "password": PASSWORD, "code": ""})
+    assert page.status == 401 and "no console role" in page.text and "otpauth" not in page.text
+
+
+def test_a_console_admin_without_totp_enrols_at_first_sign_in(control: Control) -> None:
+    status, user, _ = control.call("POST", "/v1/users", {"upn": "tess@corp.example", "password": PASSWORD})
+    assert status == 201
+    assert control.call("PATCH", f"/v1/users/{user['id']}", {"console_role": "admin"})[0] == 200
+    browser = Browser(control.url)
+    page = browser.request("POST", "/console/sign-in", {"upn": "tess@corp.example", "password": "wrong password!",
+                                                        "code": ""})
+    assert page.status == 401 and "otpauth" not in page.text
+    page = browser.request("POST", "/console/sign-in", {"upn": "tess@corp.example", "password": PASSWORD,
+                                                        "code": ""})
+    assert page.status == 200 and "otpauth://totp/" in page.text and not browser.cookie
+    secret = re.search(r'<code id="secret">([A-Z2-7]+)</code>', page.text).group(1)
+    page = browser.request("POST", "/console/sign-in", {"upn": "tess@corp.example", "password": PASSWORD,
+                                                        "code": "000000" if pyotp.TOTP(secret).now() != "000000"
+                                                        else "111111"})
+    assert page.status == 401 and not browser.cookie
+    page = browser.request("POST", "/console/sign-in", {"upn": "tess@corp.example", "password": PASSWORD,
+                                                        "code": pyotp.TOTP(secret).now()})
+    assert page.status == 200 and page.text.count("<li><code>") == 10 and browser.cookie
+    assert browser.get("/console/users").status == 200
+    status, out, _ = control.call("GET", f"/v1/users/{user['id']}")
+    assert out["totp_enabled"] is True
 
 
 def test_sign_in_from_another_origin_is_refused(control: Control, admin: Person) -> None:

@@ -153,44 +153,62 @@ def sign_in_page(request: Request[Any, Any, Any], why: str = "") -> Response[str
 
 @post("/sign-in", sync_to_thread=True)
 def sign_in(request: Request[Any, Any, Any], data: Form) -> Response[Any]:
-    """Password + TOTP (or a recovery code); a console role is required; a new session cookie."""
+    """Password + TOTP (or a recovery code), and a console role: a new session cookie.
+
+    A user with a console role and no TOTP yet enrols here: the password alone shows a new
+    TOTP secret; the password again with a code from it turns TOTP on, shows the recovery
+    codes once and signs in."""
     check_origin(request)
     api = _api(request)
     upn, password, code = _one(data, "upn"), str(data.get("password") or ""), _one(data, "code")
     source = request.client.host if request.client else None
     attempt = api.sign_ins.begin(upn.lower(), source)  # Throttled: 429
     ok = failed = False
+    shown_codes: list[str] = []
     try:
         with api.store.read() as session:  # argon2 outside the write transaction
-            user_id = users.check_password(session, upn, password).id
+            found = users.check_password(session, upn, password)
+            user_id, enrolling = found.id, not found.totp_enabled
             recovery_id = None if "-" not in code else totp.find_recovery_code(session, user_id, code)
+        new_codes = totp.new_recovery_codes() if enrolling and code else None
         with api.store.begin() as session:
             user = users.get_user(session, user_id)
-            if not user.totp_enabled:
-                raise StoreError("mfa_required", "the console needs a second factor: enrol TOTP first "
-                                                 "(ferryman client login, then ferryman client totp enrol)")
-            step = totp.verify_second_factor(session, user, api.box, totp_code=None if recovery_id else code or None,
-                                             recovery_code=code if recovery_id else None, recovery_code_id=recovery_id)
-            if step is not None and not api.totp_steps.claim(user.id, step):
-                raise StoreError("mfa_failed", "this TOTP code was already used: wait for the next one")
             if user.console_role is None:
                 raise StoreError("auth_failed", f"{user.upn} may not use the web console (no console role)")
-            token, row = console_store.create_console_session(session, user, source=source or "",
-                                                              lifetime=request.app.state.console.lifetime)
+            if enrolling and not code:
+                secret = totp.start_totp_enrolment(session, user.id, api.box)
+                ok = True
+                return render(request, "enrol.html", None, upn=user.upn, secret=secret,
+                              uri=totp.totp_uri(user, secret))
+            if enrolling:
+                shown_codes, step = totp.confirm_totp(session, user.id, code, api.box, recovery_codes=new_codes)
+            else:
+                step = totp.verify_second_factor(session, user, api.box,
+                                                 totp_code=None if recovery_id else code or None,
+                                                 recovery_code=code if recovery_id else None,
+                                                 recovery_code_id=recovery_id)
+            if step is not None and not api.totp_steps.claim(user.id, step):
+                raise StoreError("mfa_failed", "this TOTP code was already used: wait for the next one")
+            token, _row = console_store.create_console_session(session, user, source=source or "",
+                                                               lifetime=request.app.state.console.lifetime)
+            upn, role = user.upn, user.console_role
         ok = True
     except StoreError as exc:
         failed = exc.code in ("auth_failed", "mfa_failed")
-        return render(request, "sign_in.html", None, status=401 if exc.code != "account_disabled" else 403,
-                      error=str(exc), upn=upn)
+        status = {"account_disabled": 403, "conflict": 409}.get(exc.code, 401)
+        return render(request, "sign_in.html", None, status=status, error=str(exc), upn=upn)
     except Throttled as exc:
         return render(request, "sign_in.html", None, status=429, error=str(exc), upn=upn)
     finally:
         api.sign_ins.finish(attempt, ok=ok, failed=failed)
-    response: Response[Any] = Redirect("/console", status_code=303, headers=SECURITY_HEADERS)
+    log.info("console: %s signed in (%s) from %s", upn, role, source)
+    response: Response[Any]
+    if shown_codes:
+        response = render(request, "enrolled.html", None, recovery_codes=shown_codes)
+    else:
+        response = Redirect("/console", status_code=303, headers=SECURITY_HEADERS)
     response.set_cookie(COOKIE, token, path=COOKIE_PATH, httponly=True, samesite="strict", secure=is_tls(request),
                         max_age=int(request.app.state.console.lifetime.total_seconds()))
-    log.info("console: %s signed in (%s) from %s", user.upn, user.console_role, source)
-    del row
     return response
 
 
