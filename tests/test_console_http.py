@@ -363,6 +363,7 @@ MUTATIONS = [
     ("/console/connector-groups/update", {"name": "default", "region": "mars"}),
     ("/console/registration-tokens", {"role": "connector"}),
     ("/console/connectors/some-id/revoke", {}),
+    ("/console/connectors/some-id/group", {"group": "default"}),
     ("/console/edges/some-id/revoke", {}),
     ("/console/users", {"upn": "made-by-reader@corp.example"}),
     ("/console/users/ada@corp.example/console-role", {"role": "none"}),
@@ -557,3 +558,26 @@ def test_traffic_logs_filter_detail_and_export(control: Control, as_admin: Brows
     assert "'=cmd@corp.example" in page.text  # no spreadsheet formula
     overview = as_admin.get("/console")
     assert "not_assigned" in overview.text and "ssh" in overview.text
+
+
+def test_a_connector_moves_to_another_group_by_api_and_console(control: Control, as_admin: Browser,
+                                                               tmp_path: Path) -> None:
+    node = control.register_node(tmp_path / "conn", "connector", name="mover")
+    connector_id = node.record.node_id
+    assert control.call("POST", "/v1/connector-groups", {"name": "dc-north"})[0] == 201
+    version = control.version()
+    status, moved, _ = control.call("PATCH", f"/v1/connectors/{connector_id}", {"group": "dc-north"})
+    assert status == 200 and moved["group"] == "dc-north" and control.version() > version
+    status, body, _ = control.call("PATCH", f"/v1/connectors/{connector_id}", {"group": "nowhere"})
+    assert status == 404 and "nowhere" in body["error"]
+    status, body, _ = control.call("PATCH", "/v1/connectors/no-such-connector", {"group": "default"})
+    assert status == 404
+    status, body, _ = control.call("PATCH", f"/v1/connectors/{connector_id}", {"group": "default", "extra": 1})
+    assert status == 400
+    page = as_admin.post(f"/console/connectors/{connector_id}/group", {"group": "default"})
+    assert page.status == 303, page.text[:300]
+    assert control.call("GET", f"/v1/connectors/{connector_id}")[1]["group"] == "default"
+    page = as_admin.post(f"/console/connectors/{connector_id}/group", {"group": "nowhere"})
+    assert page.status == 404 and "nowhere" in page.text
+    moves = [r for r in audit(control, "console:ada@corp.example") if r["action"] == "connector.move"]
+    assert moves and moves[0]["before"]["group"] == "dc-north" and moves[0]["after"]["group"] == "default"

@@ -455,6 +455,14 @@ def _node_revoke(request: Request[Any, Any, Any], role: str, node_id: str, data:
     return _changed(request, data, work, _nodes_again(request, f"{role}s.html"))
 
 
+@post("/connectors/{node_id:str}/group", sync_to_thread=True)
+def connector_move(request: Request[Any, Any, Any], node_id: str, data: Form) -> Response[Any]:
+    def work(viewer: Viewer, session: Any) -> str:
+        nodes.move_connector(session, viewer.actor, node_id, _one(data, "group"))
+        return "/console/connectors"
+    return _changed(request, data, work, _nodes_again(request, "connectors.html"))
+
+
 @post("/connectors/{node_id:str}/revoke", sync_to_thread=True)
 def connector_revoke(request: Request[Any, Any, Any], node_id: str, data: Form) -> Response[Any]:
     return _node_revoke(request, "connector", node_id, data)
@@ -817,7 +825,7 @@ def test_access(request: Request[Any, Any, Any], data: Form) -> Response[str]:
 HANDLERS = [
     sign_in_page, sign_in, sign_out, overview, applications_list, applications_create, application_detail,
     application_edit, application_delete, segment_add, segment_remove, assignment_add, assignment_remove,
-    connectors_list, group_create, group_update, token_create, connector_revoke, edge_revoke, edges_list, users_list, user_create,
+    connectors_list, group_create, group_update, token_create, connector_move, connector_revoke, edge_revoke, edges_list, users_list, user_create,
     user_detail, user_console_role, user_state, user_session_revoke, device_revoke, devices_list, user_group_create,
     user_group_member, policies_list, traffic_list, traffic_export, traffic_detail, discovery_list,
     discovery_promote, settings_view, dns_suffix_add, profile_set, audit_list, test_access_page, test_access,
