@@ -144,8 +144,6 @@ def test_users_create_list_show_update_delete(cli: Cli) -> None:
     out = cli.ok("users", "update", "alice@corp.example", "--console-role", "reader")
     assert detail(out)["console role"] == "reader"
     assert cli.api("GET", "/v1/users/alice@corp.example")["console_role"] == "reader"
-    cli.ok("users", "update", "alice@corp.example", "--console-role", "none")
-    assert cli.api("GET", "/v1/users/alice@corp.example")["console_role"] is None
 
     # Passwords: from stdin only, validated by the control plane.
     assert cli.fails("users", "update", "bob@corp.example", "--password-stdin").startswith(
