@@ -150,7 +150,11 @@ def test_an_allowed_flow_and_its_traffic_record(backend, fabric, xfer):
     assert first["segment"] == f"127.0.0.1:{echo.port}/tcp"
     assert first["bytes_sent"] == len(payload) and first["bytes_received"] == len(payload)
     assert first["connector_name"] == "connector-1" and first["connector_address"] == "127.0.0.1"
-    assert first["connector_id"] and first["edge"] == "edge-1"
+    assert first["edge"] == "edge-1"
+    (connector,) = [c for c in fab.admin("GET", "/v1/connectors") if c["name"] == "connector-1"]
+    assert first["connector_id"] == connector["id"]  # the id the API lists: logs filter by it
+    assert [r["id"] for r in fab.admin("GET", f"/v1/traffic?connector={connector['id']}&limit=1000")
+            if r["id"] == first["id"]] == [first["id"]]
     assert len(first["connection_id"]) == 16 and first["connection_id"] != second["connection_id"]
     assert first["transaction_id"] == second["transaction_id"]  # same client tunnel
     start = first["start"]
