@@ -277,7 +277,9 @@ def test_taking_the_role_away_ends_console_sessions(control: Control) -> None:
     status, out, _ = control.call("PATCH", f"/v1/users/{person.id}", {"console_role": "none"})
     assert status == 200 and out["console_role"] is None
     page = browser.get("/console/users")
-    assert page.status == 303 and "sign-in" in page.location
+    assert page.status == 303 and page.location == "/console/sign-in?why=ended"
+    assert "session ended" in Browser(control.url).get(page.location).text
+    assert "injected" not in Browser(control.url).get("/console/sign-in?why=injected").text
 
 
 def test_a_forged_or_missing_cookie_is_not_a_session(control: Control) -> None:

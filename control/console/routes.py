@@ -70,6 +70,8 @@ HERE = Path(__file__).parent
 STATUS = {"not_found": 404, "conflict": 409, "invalid": 422}
 Form = Annotated[dict[str, Any], Body(media_type=RequestEncodingType.URL_ENCODED)]
 MAX_TRAFFIC_EXPORT = 100_000
+SIGN_IN_REASONS = {"ended": "Your console session ended (signed out elsewhere, idle, expired, or your role changed): "
+                            "sign in again."}
 
 _env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
                    trim_blocks=True, lstrip_blocks=True)
@@ -126,7 +128,7 @@ def _changed(request: Request[Any, Any, Any], form: dict[str, Any], work: Callab
 
 
 def not_signed_in(request: Request[Any, Any, Any], exc: NotSignedIn) -> Response[Any]:
-    target = "/console/sign-in" + (f"?{urlencode({'why': exc.reason})}" if exc.reason else "")
+    target = "/console/sign-in" + ("?why=ended" if exc.reason else "")
     headers = {"HX-Redirect": target} if request.headers.get("hx-request") else {}
     response: Response[Any] = Redirect(target, status_code=303, headers={**SECURITY_HEADERS, **headers})
     if exc.reason:
@@ -148,7 +150,8 @@ def store_error(request: Request[Any, Any, Any], exc: StoreError) -> Response[st
 
 @get("/sign-in", sync_to_thread=False)
 def sign_in_page(request: Request[Any, Any, Any], why: str = "") -> Response[str]:
-    return render(request, "sign_in.html", None, why=why[:200])
+    # A fixed text per reason: the page never shows text taken from the URL.
+    return render(request, "sign_in.html", None, why=SIGN_IN_REASONS.get(why, ""))
 
 
 @post("/sign-in", sync_to_thread=True)
