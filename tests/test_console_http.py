@@ -499,7 +499,6 @@ def test_admin_manages_users_roles_and_settings(control: Control, as_admin: Brow
 
 
 def test_test_access_decides_like_an_edge(control: Control, as_admin: Browser) -> None:
-    from cryptography.hazmat.primitives import serialization  # noqa: F401 - the CSR below
     from dataplane.basics.pki import new_key_and_csr
     status, _body, _ = control.call("POST", "/v1/applications", {"name": "ssh", "segments": [
         {"destination": "10.70.0.0/24", "ports": "22"}]})

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import msgspec
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -78,7 +78,6 @@ _env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=selec
 _env.filters["human"] = human
 _env.filters["bytes"] = lambda v: human(v or 0, "B")
 _env.filters["when"] = lambda v: "" if v is None else v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-_env.filters["q"] = lambda v: quote(str(v), safe="")
 
 
 def _html(text: str, status: int = 200, headers: dict[str, str] | None = None) -> Response[str]:
