@@ -1,7 +1,8 @@
 """The web console in a real headless browser (Debian's Chromium driven by Playwright, never a
 downloaded one) against a real control plane: an admin signs in with password + TOTP, navigates,
 creates a connector group and an application with segments through the forms, sees it listed and
-sees the store's message for an overlapping segment, opens the audit log (the change is under
+sees the store's message for an overlapping segment, finds a flow in the traffic logs by its user
+(the rows swapped in place by htmx) and opens its detail, opens the audit log (the change is under
 their name) and signs out; a reader signs in and finds no form that changes anything, and a
 change forged from their page is refused. The page's Content-Security-Policy holds (no
 violation reported: htmx runs without inline script or style).
@@ -10,6 +11,7 @@ violation reported: htmx runs without inline script or style).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -40,6 +42,23 @@ def browser() -> Iterator[object]:
             yield chromium
         finally:
             chromium.close()
+
+
+def _store_records(control: Control, flows: list[tuple[str, str, str]]) -> None:
+    """Traffic records as an edge sends them, written into the control plane's store."""
+    from control.store import open_store, traffic
+    from control.store.db import database_url
+    store = open_store(database_url(str(control.data_dir)))
+    now = time.time()
+    try:
+        with store.begin() as session:
+            traffic.insert_records(session, "edge-1", [
+                {"connection_id": connection, "transaction_id": "t", "start": now - 5, "end": now, "upn": upn,
+                 "user_id": upn, "action": action, "destination_ip": "10.80.1.9", "destination_port": 8443,
+                 "application": "payroll", "connector_name": "c-1", "bytes_sent": 10, "bytes_received": 20}
+                for connection, upn, action in flows])
+    finally:
+        store.close()
 
 
 def sign_in(page: object, control: Control, person: Person, code: str) -> None:
@@ -96,6 +115,21 @@ def test_admin_signs_in_creates_a_group_and_an_app_and_signs_out(control: Contro
     error.wait_for()
     assert "overlap" in error.inner_text()
     assert form.locator("input[name=name]").input_value() == "payroll-copy"  # the form is kept
+
+    # Traffic logs: filter by user (htmx swaps the rows in place), open a record's detail.
+    _store_records(control, [("flow-of-ada", admin.upn, "allow"), ("flow-of-bob", "bob@corp.example", "deny")])
+    page.click("nav >> text=Traffic")
+    page.wait_for_url("**/console/traffic")
+    bob = page.locator("#traffic-rows >> text=bob@corp.example")
+    bob.wait_for()
+    page.fill("form.filters input[name=user]", admin.upn)
+    page.click("form.filters button[type=submit]")
+    bob.wait_for(state="detached")
+    assert admin.upn in page.inner_text("#traffic-rows")
+    assert "user=ada" in page.url  # the filter is in the address (pushed by htmx)
+    page.click("#traffic-rows >> text=details")
+    page.wait_for_selector("h1 >> text=Traffic record")
+    assert "flow-of-ada" in page.inner_text("dl.fields")
 
     page.click("nav >> text=Audit")
     page.wait_for_url("**/console/audit")
