@@ -12,18 +12,19 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
+import anyio.to_thread
 import msgspec
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from litestar import MediaType, Request, Response, Router, get, post
 from litestar.enums import RequestEncodingType
 from litestar.params import Body
-from litestar.response import Redirect
+from litestar.response import Redirect, Stream
 from litestar.static_files import create_static_files_router
 
 from control.api.throttle import Throttled
@@ -69,7 +70,7 @@ log = logging.getLogger("ferryman.control.console")
 HERE = Path(__file__).parent
 STATUS = {"not_found": 404, "conflict": 409, "invalid": 422}
 Form = Annotated[dict[str, Any], Body(media_type=RequestEncodingType.URL_ENCODED)]
-MAX_TRAFFIC_EXPORT = 100_000
+EXPORT_PAGE = 1000  # traffic records per database read of an export
 SIGN_IN_REASONS = {"ended": "Your console session ended (signed out elsewhere, idle, expired, or your role changed): "
                             "sign in again."}
 
@@ -677,37 +678,45 @@ def traffic_detail(request: Request[Any, Any, Any], record_id: int) -> Response[
 
 
 @get("/traffic/export", sync_to_thread=True)
-def traffic_export(request: Request[Any, Any, Any], fmt: str = "jsonl") -> Response[Any]:
-    """Matching records, oldest first, as JSON Lines (``fmt=jsonl``) or CSV (``fmt=csv``); at most 100,000."""
+def traffic_export(request: Request[Any, Any, Any], fmt: str = "jsonl") -> Stream:
+    """Every matching record, oldest first, as JSON Lines (``fmt=jsonl``) or CSV (``fmt=csv``),
+    streamed in pages of ``EXPORT_PAGE`` records (memory stays bounded however many match)."""
     viewer_of(request)
     if fmt not in ("jsonl", "csv"):
         raise Refused(f"export format must be jsonl or csv, not {fmt[:20]!r}", status=404)
     query = {k: v.strip()[:300] for k, v in request.query_params.items() if isinstance(v, str)}
     f = _traffic_filter(query)
-    after, out = 0, []
-    with _api(request).store.read() as session:
-        while len(out) < MAX_TRAFFIC_EXPORT:
-            rows = traffic.records_after(session, f, after, 1000)
-            out.extend(rows)
-            if len(rows) < 1000:
-                break
-            after = rows[-1].id
-    records = [record_out(r) for r in out[:MAX_TRAFFIC_EXPORT]]
-    if fmt == "jsonl":
-        encoder = msgspec.json.Encoder()
-        body = b"".join(encoder.encode(r) + b"\n" for r in records)
-        media = "application/x-ndjson"
-    else:
-        text = io.StringIO()
-        writer = csv.writer(text)
-        names = views.TRAFFIC_FIELDS
-        writer.writerow(names)
-        for r in records:
-            plain = msgspec.to_builtins(r)
-            writer.writerow([_csv_cell(plain.get(n, "")) for n in names])
-        body = text.getvalue().encode()
-        media = "text/csv"
-    return Response(body, media_type=media, headers={
+    store = _api(request).store
+    encoder = msgspec.json.Encoder()
+    names = views.TRAFFIC_FIELDS
+
+    def page(after: int) -> tuple[bytes, int, int]:
+        with store.read() as session:
+            rows = traffic.records_after(session, f, after, EXPORT_PAGE)
+            if fmt == "jsonl":
+                body = b"".join(encoder.encode(record_out(r)) + b"\n" for r in rows)
+            else:
+                text = io.StringIO()
+                writer = csv.writer(text)
+                for r in rows:
+                    plain = msgspec.to_builtins(record_out(r))
+                    writer.writerow([_csv_cell(plain.get(n, "")) for n in names])
+                body = text.getvalue().encode()
+            return body, len(rows), rows[-1].id if rows else after
+
+    async def chunks() -> AsyncIterator[bytes]:
+        if fmt == "csv":
+            yield (",".join(names) + "\r\n").encode()
+        after = 0
+        while True:
+            body, count, after = await anyio.to_thread.run_sync(page, after)
+            if body:
+                yield body
+            if count < EXPORT_PAGE:
+                return
+
+    media = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
+    return Stream(chunks(), media_type=media, headers={
         **SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="traffic.{fmt}"'})
 
 
