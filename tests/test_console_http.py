@@ -526,6 +526,8 @@ def test_test_access_decides_like_an_edge(control: Control, as_admin: Browser) -
 def test_traffic_logs_filter_detail_and_export(control: Control, as_admin: Browser) -> None:
     from control.store import open_store, traffic
     from control.store.db import database_url
+    status, tia, _ = control.call("PATCH", "/v1/users/tia@corp.example", {"display_name": "Tia <Tester>"})
+    assert status == 200
     store = open_store(database_url(str(control.data_dir)))
     now = datetime.now(UTC).timestamp()
     base = {"transaction_id": "t1", "duration_ms": 5, "user_id": "u1", "device_id": "dev-1", "device_os": "linux",
@@ -538,6 +540,7 @@ def test_traffic_logs_filter_detail_and_export(control: Control, as_admin: Brows
         with store.begin() as session:
             traffic.insert_records(session, "edge-a", [
                 {**base, "connection_id": "flow-allow", "start": now - 60, "end": now - 50, "upn": "tia@corp.example",
+                 "user_id": tia["id"], "device_os_version": "6.12", "client_version": "ferryman/0.1.0",
                  "action": "allow", "reason_code": ""},
                 {**base, "connection_id": "flow-deny", "start": now - 30, "end": None, "upn": "=cmd@corp.example",
                  "action": "deny", "reason_code": "not_assigned", "bytes_sent": 0, "bytes_received": 0}])
@@ -549,6 +552,8 @@ def test_traffic_logs_filter_detail_and_export(control: Control, as_admin: Brows
     assert record
     detail = as_admin.get(f"/console/traffic/{record.group(1)}")
     assert detail.status == 200 and "flow-allow" in detail.text and "192.0.2.7" in detail.text
+    for shown in ("Tia &lt;Tester&gt;", "6.12", "ferryman/0.1.0"):  # display name, OS version, agent version
+        assert shown in detail.text, shown
     page = as_admin.get("/console/traffic?reason=not_assigned&device=dev-1")
     assert "flow-deny" not in page.text and "=cmd@corp.example" in page.text
     page = as_admin.get("/console/traffic/export?fmt=jsonl&action=deny")

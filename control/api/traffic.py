@@ -72,6 +72,9 @@ class TrafficRecordOut(msgspec.Struct):
     bytes_sent: int
     bytes_received: int
     close_reason: str
+    display_name: str
+    device_os_version: str
+    client_version: str
 
 
 _FIELDS = [f.name for f in msgspec.structs.fields(TrafficRecordOut)]

@@ -41,13 +41,15 @@ TRAFFIC_PAGE = 100
 AUDIT_PAGE = 200
 # Every field of a traffic record, in the order the detail view shows them; the list's default columns.
 TRAFFIC_FIELDS = ("id", "connection_id", "transaction_id", "start", "end", "duration_ms", "action", "reason_code",
-                  "close_reason", "user_id", "upn", "device_id", "device_os", "process", "source_ip", "source_port",
+                  "close_reason", "user_id", "upn", "display_name", "device_id", "device_os", "device_os_version",
+                  "client_version", "process", "source_ip", "source_port",
                   "destination_fqdn", "destination_ip", "destination_port", "transport", "network", "application",
                   "application_kind", "segment", "policy", "rule", "connector_id", "connector_name",
                   "connector_address", "edge", "bytes_sent", "bytes_received")
 TRAFFIC_COLUMNS = ("start", "upn", "device_id", "destination", "application", "action", "reason_code",
                    "connector_name", "bytes_sent", "bytes_received")
-TRAFFIC_CHOICES = ("start", "end", "duration_ms", "upn", "user_id", "device_id", "device_os", "process", "source",
+TRAFFIC_CHOICES = ("start", "end", "duration_ms", "upn", "display_name", "user_id", "device_id", "device_os",
+                   "device_os_version", "client_version", "process", "source",
                    "destination", "transport", "application", "segment", "policy", "rule", "action", "reason_code",
                    "connector_name", "connector_id", "edge", "bytes_sent", "bytes_received", "close_reason")
 

@@ -546,3 +546,8 @@ class TrafficLog(Base):
     bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
     close_reason: Mapped[str] = mapped_column(String(1024), default="")
+    # Added later (migration 0009): the user's display name (from the store when the record
+    # arrives), the device's OS version, the client agent's version (from the edge).
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    device_os_version: Mapped[str] = mapped_column(String(64), default="")
+    client_version: Mapped[str] = mapped_column(String(64), default="")

@@ -16,7 +16,7 @@ import msgspec
 from sqlalchemy import Select, case, delete, distinct, func, insert, or_, select
 from sqlalchemy.orm import Session
 
-from .models import TrafficLog
+from .models import TrafficLog, User
 
 _TEXT_LIMITS = {column.name: column.type.length for column in TrafficLog.__table__.columns  # type: ignore[attr-defined]
                 if getattr(column.type, "length", None)}
@@ -27,13 +27,18 @@ def _moment(value: float | None) -> datetime | None:
 
 
 def insert_records(session: Session, edge: str, records: Iterable[Mapping[str, Any]]) -> int:
-    """Store records from ``edge`` (dicts with ``FlowRecord``'s fields); returns how many.
+    """Store records from ``edge`` (dicts with ``FlowRecord``'s fields); returns how many. Each
+    gets its user's display name as the store has it now.
 
     Over-long text is cut to its column's size (a record is never refused for that).
     """
     rows = []
+    records = list(records)
+    names = dict(session.execute(select(User.id, User.display_name).where(
+        User.id.in_({r.get("user_id") for r in records if r.get("user_id")}))).all()) if records else {}
     for record in records:
         row = dict(record)
+        row["display_name"] = names.get(row.get("user_id") or "", "")
         row["edge"] = edge
         row["start"] = _moment(row["start"])
         row["end"] = _moment(row.get("end"))

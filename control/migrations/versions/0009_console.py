@@ -1,6 +1,7 @@
 """Web console: a user's console role (``users.console_role``: ``admin``, ``reader`` or NULL for
 none) and the console's sign-in sessions (``console_sessions``: the SHA-256 of the cookie's
-token, its CSRF token, its idle and absolute expiry).
+token, its CSRF token, its idle and absolute expiry); traffic records gain the user's display name, the device's
+OS version and the client agent's version.
 
 Revision ID: 0009
 Revises: 0007
@@ -35,9 +36,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_console_sessions")),
     )
     op.create_index(op.f("ix_console_sessions_user_id"), "console_sessions", ["user_id"], unique=False)
+    for name, length in (("display_name", 200), ("device_os_version", 64), ("client_version", 64)):
+        op.add_column("traffic_logs", sa.Column(name, sa.String(length=length), nullable=False, server_default=""))
 
 
 def downgrade() -> None:
+    for name in ("client_version", "device_os_version", "display_name"):
+        op.drop_column("traffic_logs", name)
     op.drop_index(op.f("ix_console_sessions_user_id"), table_name="console_sessions")
     op.drop_table("console_sessions")
     op.drop_column("users", "console_role")
