@@ -3,7 +3,7 @@
 Seeds a fresh SQLite store (``seed``: connector groups, connectors and edges with heartbeats,
 applications with segments and assignments, users with devices and sessions, policies, named
 locations, DNS suffixes, and ``--records`` traffic records over the last 24 hours), starts a real
-control plane on it (``python -m dataplane control`` on loopback), signs an admin in to the
+control plane on it (``python -m dataplane control`` on loopback, HTTPS), signs an admin in to the
 console (password + TOTP), and requests every page ``--rounds`` times, printing the median and
 the worst time per page (request round trip over loopback: the server's time plus a little).
 The issue's bar: each page under 200 ms with 10,000 traffic records.
@@ -17,6 +17,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -173,10 +174,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def tls_context(data_dir: str) -> ssl.SSLContext:
+    """Trusts only the CA of the control plane in ``data_dir``."""
+    return ssl.create_default_context(cafile=os.path.join(data_dir, "ca", "ca.pem"))
+
+
 def start_control(data_dir: str, log: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m dataplane control`` on ``data_dir``, on a free loopback port; waits for /health."""
+    """``python -m dataplane control`` on ``data_dir`` (HTTPS, its own CA), on a free loopback port;
+    waits for /health."""
     port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}
     env["FERRYMAN_DATA_DIR"] = data_dir
     with open(log, "ab") as out:
@@ -187,17 +194,21 @@ def start_control(data_dir: str, log: str) -> tuple[subprocess.Popen[bytes], str
         if proc.poll() is not None:
             raise SystemExit(f"control plane exited with {proc.returncode}; see {log}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
+            with urllib.request.urlopen(url + "/health", timeout=1, context=tls_context(data_dir)):
                 return proc, url
-        except OSError:
+        except (OSError, ssl.SSLError):
             time.sleep(0.1)
     proc.terminate()
     raise SystemExit(f"control plane did not answer within 30 s; see {log}")
 
 
-def console_cookie(url: str, secret: str) -> str:
+def _connection(url: str, data_dir: str) -> http.client.HTTPConnection:
+    return http.client.HTTPSConnection(urlsplit(url).netloc, timeout=30, context=tls_context(data_dir))
+
+
+def console_cookie(url: str, data_dir: str, secret: str) -> str:
     """Sign ``ADMIN`` in to the console; the session cookie's value."""
-    conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=30)
+    conn = _connection(url, data_dir)
     body = urlencode({"upn": ADMIN, "password": PASSWORD, "code": pyotp.TOTP(secret).at(time.time() + 30)})
     conn.request("POST", "/console/sign-in", body=body, headers={
         "Content-Type": "application/x-www-form-urlencoded", "Origin": url})
@@ -209,9 +220,9 @@ def console_cookie(url: str, secret: str) -> str:
     return found.group(1)
 
 
-def measure(url: str, cookie: str, rounds: int) -> list[tuple[str, float, float, int]]:
-    """(page, median ms, worst ms, bytes) per page."""
-    conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=30)
+def measure(url: str, data_dir: str, cookie: str, rounds: int) -> list[tuple[str, float, float, int]]:
+    """(page, median ms, worst ms, bytes) per page, over one kept-alive HTTPS connection."""
+    conn = _connection(url, data_dir)
     out = []
     for path in PAGES:
         times, size = [], 0
@@ -244,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
               f"in {time.perf_counter() - t0:.1f} s")
         proc, url = start_control(data_dir, os.path.join(tmp, "control.log"))
         try:
-            cookie = console_cookie(url, secret)
-            rows = measure(url, cookie, args.rounds)
+            cookie = console_cookie(url, data_dir, secret)
+            rows = measure(url, data_dir, cookie, args.rounds)
         finally:
             proc.terminate()
             proc.wait(timeout=15)

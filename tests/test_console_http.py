@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,12 +51,12 @@ class Browser:
     cookie: str = ""
     origin: str | None = None
     set_cookies: list[str] = field(default_factory=list)
+    tls: ssl.SSLContext | None = None  # trusting the control plane's CA when it serves HTTPS
 
     def _conn(self) -> http.client.HTTPConnection:
         parts = urlsplit(self.url)
         if parts.scheme == "https":
-            import ssl
-            return http.client.HTTPSConnection(parts.netloc, timeout=20, context=ssl._create_unverified_context())
+            return http.client.HTTPSConnection(parts.netloc, timeout=20, context=self.tls)
         return http.client.HTTPConnection(parts.netloc, timeout=20)
 
     def request(self, method: str, path: str, form: dict[str, Any] | None = None, *,
@@ -135,7 +136,7 @@ def next_code(person: Person) -> str:
 
 def signed_in(control: Control, person: Person) -> Browser:
     """A browser signed in as ``person`` (with one of their recovery codes: each works once)."""
-    browser = Browser(control.url)
+    browser = Browser(control.url, tls=control.tls)
     page = browser.request("POST", "/console/sign-in",
                            {"upn": person.upn, "password": PASSWORD, "code": person.recovery.pop()})
     assert page.status == 303 and page.location == "/console", (page.status, page.text[:400])
@@ -179,7 +180,7 @@ def audit(control: Control, actor: str) -> list[dict[str, Any]]:
 
 
 def test_sign_in_with_password_and_totp_sets_a_strict_http_only_cookie(control: Control, admin: Person) -> None:
-    browser = Browser(control.url)
+    browser = Browser(control.url, tls=control.tls)
     assert browser.get("/console").status == 303 and browser.get("/console").location.startswith("/console/sign-in")
     page = browser.get("/console/sign-in")
     assert page.status == 200 and 'name="code"' in page.text
@@ -196,7 +197,7 @@ def test_sign_in_with_password_and_totp_sets_a_strict_http_only_cookie(control: 
     overview = browser.get("/console")
     assert overview.status == 200 and "Ada" in overview.text and "<svg" in overview.text
     # The same TOTP code does not sign in twice.
-    again = Browser(control.url).request("POST", "/console/sign-in", {"upn": admin.upn, "password": PASSWORD,
+    again = Browser(control.url, tls=control.tls).request("POST", "/console/sign-in", {"upn": admin.upn, "password": PASSWORD,
                                                                       "code": next_code(admin)})
     assert again.status == 401 and "already used" in again.text
     rows = audit(control, f"console:{admin.upn}")
@@ -212,7 +213,7 @@ def test_sign_in_refusals_say_why_without_a_cookie(control: Control, admin: Pers
         form["code"] = ""
     elif case == "unknown user":
         form["upn"] = "nobody@corp.example"
-    browser = Browser(control.url)
+    browser = Browser(control.url, tls=control.tls)
     page = browser.request("POST", "/console/sign-in", form)
     assert page.status == 401, page.text[:300]
     assert 'class="error"' in page.text and not browser.cookie
@@ -220,11 +221,11 @@ def test_sign_in_refusals_say_why_without_a_cookie(control: Control, admin: Pers
 
 def test_a_user_without_console_role_cannot_sign_in(control: Control) -> None:
     person = enrol(control, "nora@corp.example", None)
-    page = Browser(control.url).request("POST", "/console/sign-in", {"upn": person.upn, "password": PASSWORD,
+    page = Browser(control.url, tls=control.tls).request("POST", "/console/sign-in", {"upn": person.upn, "password": PASSWORD,
                                                                      "code": person.recovery.pop()})
     assert page.status == 401 and "no console role" in page.text
     status, user, _ = control.call("POST", "/v1/users", {"upn": "ned@corp.example", "password": PASSWORD})
-    page = Browser(control.url).request("POST", "/console/sign-in", {"upn": "ned@corp.example",
+    page = Browser(control.url, tls=control.tls).request("POST", "/console/sign-in", {"upn": "ned@corp.example",
                                                                      "password": PASSWORD, "code": ""})
     assert page.status == 401 and "no console role" in page.text and "otpauth" not in page.text
 
@@ -233,7 +234,7 @@ def test_a_console_admin_without_totp_enrols_at_first_sign_in(control: Control) 
     status, user, _ = control.call("POST", "/v1/users", {"upn": "tess@corp.example", "password": PASSWORD})
     assert status == 201
     assert control.call("PATCH", f"/v1/users/{user['id']}", {"console_role": "admin"})[0] == 200
-    browser = Browser(control.url)
+    browser = Browser(control.url, tls=control.tls)
     page = browser.request("POST", "/console/sign-in", {"upn": "tess@corp.example", "password": "wrong password!",
                                                         "code": ""})
     assert page.status == 401 and "otpauth" not in page.text
@@ -254,7 +255,7 @@ def test_a_console_admin_without_totp_enrols_at_first_sign_in(control: Control) 
 
 
 def test_sign_in_from_another_origin_is_refused(control: Control, admin: Person) -> None:
-    browser = Browser(control.url)
+    browser = Browser(control.url, tls=control.tls)
     page = browser.request("POST", "/console/sign-in", {"upn": admin.upn, "password": PASSWORD,
                                                         "code": admin.recovery[-1]}, origin="https://evil.example")
     assert page.status == 403 and "evil.example" in page.text and not browser.cookie
@@ -265,7 +266,7 @@ def test_sign_out_ends_the_session(control: Control, admin: Person) -> None:
     stolen = browser.cookie
     page = browser.post("/console/sign-out", {})
     assert page.status == 303 and page.location == "/console/sign-in"
-    replay = Browser(control.url, cookie=stolen)
+    replay = Browser(control.url, cookie=stolen, tls=control.tls)
     page = replay.get("/console/applications")
     assert page.status == 303 and "sign-in" in page.location
 
@@ -278,13 +279,13 @@ def test_taking_the_role_away_ends_console_sessions(control: Control) -> None:
     assert status == 200 and out["console_role"] is None
     page = browser.get("/console/users")
     assert page.status == 303 and page.location == "/console/sign-in?why=ended"
-    assert "session ended" in Browser(control.url).get(page.location).text
-    assert "injected" not in Browser(control.url).get("/console/sign-in?why=injected").text
+    assert "session ended" in Browser(control.url, tls=control.tls).get(page.location).text
+    assert "injected" not in Browser(control.url, tls=control.tls).get("/console/sign-in?why=injected").text
 
 
 def test_a_forged_or_missing_cookie_is_not_a_session(control: Control) -> None:
     for cookie in ("", "x" * 43, "garbage"):
-        page = Browser(control.url, cookie=cookie).get("/console/traffic")
+        page = Browser(control.url, cookie=cookie, tls=control.tls).get("/console/traffic")
         assert page.status == 303 and page.location.startswith("/console/sign-in")
 
 
@@ -399,7 +400,7 @@ def test_a_reader_is_refused_every_change(control: Control, as_reader: Browser) 
 
 
 def test_routes_without_a_session_send_to_sign_in(control: Control) -> None:
-    browser = Browser(control.url)
+    browser = Browser(control.url, tls=control.tls)
     for path, form in MUTATIONS[:4]:
         page = browser.request("POST", path.format(known=1), {**form, "csrf": "x"})
         assert page.status == 303 and page.location.startswith("/console/sign-in"), path
