@@ -536,7 +536,8 @@ def test_traffic_logs_filter_detail_and_export(control: Control, as_admin: Brows
             "destination_port": 22, "destination_fqdn": "", "transport": "tcp", "network": "ipv4",
             "application": "ssh", "application_kind": "per_app", "segment": "10.70.0.0/24:22/tcp", "policy": "",
             "rule": "", "connector_id": "c-1", "connector_name": "conn", "connector_address": "10.0.0.2",
-            "bytes_sent": 100, "bytes_received": 2000, "close_reason": ""}
+            "bytes_sent": 100, "bytes_received": 2000, "close_reason": "", "device_os_version": "",
+            "client_version": ""}
     try:
         with store.begin() as session:
             traffic.insert_records(session, "edge-a", [

@@ -45,6 +45,7 @@ from .register import register
 from .schemas import Health
 from .throttle import SignInLimits
 from .traffic import traffic_retention, traffic_router
+from .webapps import webapp_router
 
 log = logging.getLogger("ferryman.control")
 
@@ -131,7 +132,7 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     )
     app = Litestar(
         route_handlers=[admin_router(), policy_router(), identity_router(), auth_router(), oidc_router(),
-                        client_router(), traffic_router(), register, health, ca_certificate, console_router(),
+                        client_router(), traffic_router(), webapp_router(), register, health, ca_certificate, console_router(),
                         *NODE_ROUTES],
         on_startup=[start_following],
         on_shutdown=[stop_following],

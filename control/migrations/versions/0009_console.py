@@ -4,14 +4,14 @@ token, its CSRF token, its idle and absolute expiry); traffic records gain the u
 OS version and the client agent's version.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
