@@ -76,6 +76,8 @@ class NodeSettings(CommonSettings, kw_only=True):
     handshake_timeout: float = 10.0
     write_buffer_high: int = 1048576
     quic_packet_size: int = 1350
+    quic_engine: str = "auto"
+    quic_max_pending_datagrams: int = 512
 
 
 class EdgeSettings(NodeSettings, kw_only=True):
@@ -84,6 +86,9 @@ class EdgeSettings(NodeSettings, kw_only=True):
     edge_listen: str = "0.0.0.0:8443"
     apps_file: str = ""
     edge_quic: str = "on"
+    max_handshakes: int = 1024
+    max_handshakes_per_source: int = 64
+    quic_retry_threshold: int = 64
     traffic_queue: int = 100000
     # following the control plane (a registered edge)
     control_url: str = ""
@@ -228,6 +233,11 @@ VARIABLES: dict[str, str] = {
     "quic_timeout": "Connector/client: seconds a QUIC handshake may take before `auto` falls back to TLS/TCP.",
     "quic_probe_interval": "Connector/client: with `auto` on a TCP fallback, seconds before QUIC is tried again.",
     "quic_packet_size": "Largest UDP payload of a QUIC packet, bytes (1200 to 1452).",
+    "quic_engine": "QUIC implementation: `qh3` (native packet core, fast), `aioquic` (pure Python), or `auto` (qh3 when installed, else aioquic, logged).",
+    "quic_max_pending_datagrams": "UDP datagrams a QUIC tunnel queues for sending before refusing more (`datagram_queue_full`).",
+    "max_handshakes": "Edge: tunnel handshakes (QUIC) in progress at once; further new QUIC clients are refused until some finish.",
+    "max_handshakes_per_source": "Edge: tunnel handshakes (QUIC) in progress at once from one source IP address.",
+    "quic_retry_threshold": "Edge: with more QUIC handshakes than this in progress, new clients must first prove their address (QUIC Retry).",
     "https_proxy": "Connector/client: HTTP CONNECT proxy URL for TLS/TCP tunnels (`http://[user:password@]host:port`); empty means the `HTTPS_PROXY`/`https_proxy` variable.",
     "no_proxy": "Connector/client: comma-separated hosts, domains (`.corp.example`) or CIDRs dialed without the proxy; empty means the `NO_PROXY`/`no_proxy` variable.",
     "udp_idle_timeout": "Seconds without a datagram either way after which a UDP flow ends.",
@@ -277,6 +287,10 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "quic_timeout": (0.1, 600),
     "quic_probe_interval": (1, 86400),
     "quic_packet_size": (1200, 1452),
+    "quic_max_pending_datagrams": (1, 1 << 20),
+    "max_handshakes": (1, 1 << 20),
+    "max_handshakes_per_source": (1, 1 << 20),
+    "quic_retry_threshold": (0, 1 << 20),
     "udp_idle_timeout": (0.1, 86400),
     "max_udp_flows": (1, 1 << 20),
     "udp_queue": (1, 1 << 16),
@@ -312,6 +326,8 @@ def _coerce(field: str, raw: Any, kind: type) -> Any:
         raise SettingsError(f"{name}={raw!r}: must be 'text' or 'json'")
     if field == "transport" and value not in ("auto", "quic", "tcp"):
         raise SettingsError(f"{name}={raw!r}: must be auto, quic or tcp")
+    if field == "quic_engine" and value not in ("auto", "qh3", "aioquic"):
+        raise SettingsError(f"{name}={raw!r}: must be auto, qh3 or aioquic")
     if field in ("edge_quic", "process_lookup", "transparent") and value not in ("on", "off"):
         raise SettingsError(f"{name}={raw!r}: must be on or off")
     if field == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):

@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
+import hmac
 import ipaddress
 import logging
+import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +48,6 @@ from ..basics.settings import DialerSettings, NodeSettings
 from ..wire import events as ev
 from ..wire.connection import ProtocolError, WireConfig
 from ..wire import quic_engine
-from ..wire.aioquic_engine import AIOQUIC
 from ..wire.quic import (
     ConnectionIdIssued,
     ConnectionIdRetired,
@@ -52,7 +55,7 @@ from ..wire.quic import (
     QuicTunnelConnection,
     TunnelTerminated,
 )
-from ..wire.quic_engine import Address, QuicEngine
+from ..wire.quic_engine import Address, QuicEngine, select_engine
 from .tunnel import F, S, TunnelBase, TunnelHandler
 
 log = logging.getLogger("ferryman.quic")
@@ -110,10 +113,16 @@ def load_credentials(cert: str, key: str, ca: str) -> QuicCredentials:
     )
 
 
+def quic_engine_of(settings: NodeSettings) -> QuicEngine:
+    """The QUIC engine ``FERRYMAN_QUIC_ENGINE`` names (``quic_engine.EngineUnavailable`` if it cannot be used)."""
+    return select_engine(settings.quic_engine)
+
+
 def quic_configuration(credentials: QuicCredentials, settings: NodeSettings, *, client: bool,
-                       server_name: str | None = None, engine: QuicEngine = AIOQUIC) -> Any:
+                       server_name: str | None = None, engine: QuicEngine | None = None) -> Any:
     """The QUIC engine's settings of one side: packet size, our certificate, the CA, an idle
     timeout that leaves dead-peer detection to keepalive (as ``Tunnel`` does)."""
+    engine = engine if engine is not None else quic_engine_of(settings)
     return engine.configuration(
         client=client, packet_size=settings.quic_packet_size, cid_length=CID_LENGTH,
         idle_timeout=3 * settings.keepalive_interval + 1, server_name=server_name,
@@ -196,11 +205,15 @@ class QuicTunnel(TunnelBase[F, S]):
         label: str = "",
         server_name: str | None = None,
         original_destination_connection_id: bytes | None = None,
+        retry_source_connection_id: bytes | None = None,
         cid_listener: Callable[[QuicTunnel[Any, Any], bytes, bool], None] | None = None,
-        engine: QuicEngine = AIOQUIC,
+        engine: QuicEngine | None = None,
+        max_pending_datagrams: int = 512,
     ) -> None:
         self._setup(handler, QuicTunnelConnection(config, quic, dialer=dialer, engine=engine,
-                                                  original_destination_connection_id=original_destination_connection_id),
+                                                  original_destination_connection_id=original_destination_connection_id,
+                                                  retry_source_connection_id=retry_source_connection_id,
+                                                  max_pending_datagrams=max_pending_datagrams),
                     accept_roles, keepalive, handshake_timeout, write_buffer_high, label)
         self.credentials = credentials
         self.transport: asyncio.DatagramTransport | None = transport
@@ -298,11 +311,24 @@ class QuicTunnel(TunnelBase[F, S]):
         if self.writable:
             if backlog > self.write_buffer_high:
                 self.writable = False
+                if self.up:
+                    conn.pause_reading()  # a peer that does not take what we send is not read either
                 self.handler.tunnel_writable(self, False)
         elif backlog <= self.write_buffer_high // 4:
             self.writable = True
             self.handler.tunnel_writable(self, True)
+            if not conn.reading and not self.closed:
+                self._resume_reading()
         self._arm()
+
+    def _resume_reading(self) -> None:
+        try:
+            events = self.conn.resume_reading()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self.flush_soon()
+        self._process(events)
 
     def _arm(self) -> None:
         at = self.conn.get_timer()
@@ -459,11 +485,13 @@ async def dial_quic(
     transport, endpoint = await loop.create_datagram_endpoint(_DialEndpoint, remote_addr=addr, family=family,
                                                               proto=proto)
     peer = transport.get_extra_info("peername") or addr
+    engine = quic_engine_of(settings)
     tunnel = QuicTunnel(
-        handler, config, quic_configuration(credentials, settings, client=True, server_name=host), credentials,
-        transport=transport, peer=peer, dialer=True, accept_roles=accept_roles,  # type: ignore[arg-type]
+        handler, config, quic_configuration(credentials, settings, client=True, server_name=host, engine=engine),
+        credentials, transport=transport, peer=peer, dialer=True, accept_roles=accept_roles,  # type: ignore[arg-type]
         keepalive=settings.keepalive_interval, handshake_timeout=settings.handshake_timeout,
         write_buffer_high=settings.write_buffer_high, label=label or f"{host}:{port}", server_name=host,
+        engine=engine, max_pending_datagrams=settings.quic_max_pending_datagrams,
     )
     endpoint.tunnel = tunnel
     tunnel.start()
@@ -479,27 +507,92 @@ async def dial_quic(
 # ---------------------------------------------------------------------------- serving
 
 
+@dataclass(frozen=True)
+class HandshakeLimits:
+    """How many QUIC handshakes an edge lets be in progress (accepted, not yet up: QUIC, the
+    certificate checks and the HELLO exchange), in all and from one source address, and from
+    how many on a new client must first prove its address with a QUIC Retry (RFC 9000 §8.1)."""
+
+    max_handshakes: int = 1024
+    max_per_source: int = 64
+    retry_threshold: int = 64
+
+    @classmethod
+    def of(cls, settings: Any) -> HandshakeLimits:
+        """From an edge's settings (``FERRYMAN_MAX_HANDSHAKES``, ``..._PER_SOURCE``, ``FERRYMAN_QUIC_RETRY_THRESHOLD``)."""
+        return cls(settings.max_handshakes, settings.max_handshakes_per_source, settings.quic_retry_threshold)
+
+
+RETRY_TOKEN_LIFETIME = 10.0  # seconds a Retry token is accepted (the client answers at once)
+_TOKEN_HEAD = struct.Struct("!dB")  # issued at (time.time()), length of the original destination cid
+_TOKEN_MAC = 16
+
+
+class RetryTokens:
+    """Stateless address-validation tokens: the client's address, the connection ids of the
+    exchange and the time, under an HMAC key of this listener (RFC 9000 §8.1.2)."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key or os.urandom(32)
+
+    def _mac(self, addr: Address, body: bytes, retry_cid: bytes) -> bytes:
+        where = f"{addr[0]}|{addr[1]}|".encode()
+        return hmac.new(self._key, where + body + retry_cid, hashlib.sha256).digest()[:_TOKEN_MAC]
+
+    def issue(self, addr: Address, original_cid: bytes, retry_cid: bytes) -> bytes:
+        body = _TOKEN_HEAD.pack(time.time(), len(original_cid)) + original_cid
+        return body + self._mac(addr, body, retry_cid)
+
+    def check(self, addr: Address, token: bytes, retry_cid: bytes) -> bytes | None:
+        """The original destination connection id the token carries, or None when it is not ours,
+        names another address or connection id, or has expired."""
+        if len(token) < _TOKEN_HEAD.size + _TOKEN_MAC:
+            return None
+        issued, length = _TOKEN_HEAD.unpack_from(token)
+        body = token[:_TOKEN_HEAD.size + length]
+        if len(token) != len(body) + _TOKEN_MAC or not hmac.compare_digest(token[len(body):],
+                                                                            self._mac(addr, body, retry_cid)):
+            return None
+        if not 0 <= time.time() - issued <= RETRY_TOKEN_LIFETIME:
+            return None
+        return body[_TOKEN_HEAD.size:]
+
+
 class QuicServer(asyncio.DatagramProtocol):
     """An edge's QUIC listener: one UDP socket, tunnels told apart by connection id.
 
     ``credentials`` and ``wire`` may be replaced (a renewed certificate, new limits);
-    tunnels accepted from then on use them.
+    tunnels accepted from then on use them. New clients are admitted within ``limits``:
+    beyond ``retry_threshold`` handshakes in progress a client's first Initial is answered
+    with a Retry and only an Initial carrying a valid token (proof that the client receives
+    at its address) gets a connection; beyond ``max_handshakes`` in all, or
+    ``max_per_source`` from its address, it is refused (its Initials dropped, counted in
+    ``refused_handshakes``, logged at most once a second with the number not logged).
     """
 
     def __init__(self, handler: TunnelHandler, wire: WireConfig, settings: NodeSettings, credentials: QuicCredentials,
-                 *, accept_roles: tuple[str, ...], label: str) -> None:
+                 *, accept_roles: tuple[str, ...], label: str, limits: HandshakeLimits | None = None) -> None:
         self.handler = handler
         self.wire = wire
         self.settings = settings
         self.credentials = credentials
         self.accept_roles = accept_roles
         self.label = label
+        self.limits = limits or HandshakeLimits()
         self.transport: asyncio.DatagramTransport | None = None
         self.tunnels: set[QuicTunnel] = set()
         self.stray_datagrams = 0  # datagrams for no tunnel we know (late, or not QUIC)
+        self.retries_sent = 0
+        self.bad_tokens = 0  # Initials whose token is not a valid Retry token of ours (dropped)
+        self.refused_handshakes = 0
         self._by_cid: dict[bytes, QuicTunnel] = {}
         self._cids: dict[QuicTunnel, set[bytes]] = {}
-        self.engine: QuicEngine = AIOQUIC
+        self._handshaking: dict[QuicTunnel, str] = {}  # tunnels not yet up -> source address
+        self._per_source: dict[str, int] = {}
+        self._tokens = RetryTokens()
+        self._refusal_logged = 0.0
+        self._refusals_unlogged = 0
+        self.engine: QuicEngine = quic_engine_of(settings)
         self._quic: tuple[QuicCredentials, Any] | None = None
 
     @property
@@ -553,19 +646,70 @@ class QuicServer(asyncio.DatagramProtocol):
         if not header.initial or len(data) < SMALLEST_INITIAL:
             self.stray_datagrams += 1
             return None
+        original_cid, retry_cid = header.destination_cid, None
+        if header.token:
+            original = self._tokens.check(addr, header.token, header.destination_cid)
+            if original is None:
+                self.bad_tokens += 1
+                return None
+            original_cid, retry_cid = original, header.destination_cid
+        in_progress = self._in_progress()
+        if retry_cid is None and in_progress >= self.limits.retry_threshold:
+            new_cid = os.urandom(CID_LENGTH)
+            self.transport.sendto(self.engine.retry(header, new_cid, self._tokens.issue(addr, original_cid, new_cid)),
+                                  addr)
+            self.retries_sent += 1
+            return None
+        source = addr[0]
+        if in_progress >= self.limits.max_handshakes:
+            self._refuse_handshake(source, f"{in_progress} QUIC handshakes in progress (FERRYMAN_MAX_HANDSHAKES)")
+            return None
+        if self._per_source.get(source, 0) >= self.limits.max_per_source:
+            self._refuse_handshake(source, f"{self._per_source[source]} QUIC handshakes in progress from this "
+                                           "address (FERRYMAN_MAX_HANDSHAKES_PER_SOURCE)")
+            return None
         s = self.settings
         tunnel = QuicTunnel(
             self.handler, self.wire, config, self.credentials, transport=self.transport, peer=addr, dialer=False,
             accept_roles=self.accept_roles, keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
             write_buffer_high=s.write_buffer_high, label=self.label,
-            original_destination_connection_id=header.destination_cid, cid_listener=self._cid_changed,
-            engine=self.engine,
+            original_destination_connection_id=original_cid, retry_source_connection_id=retry_cid,
+            cid_listener=self._cid_changed, engine=self.engine, max_pending_datagrams=s.quic_max_pending_datagrams,
         )
+        self._handshaking[tunnel] = source
+        self._per_source[source] = self._per_source.get(source, 0) + 1
         self.tunnels.add(tunnel)
         self._cids[tunnel] = set()
         self._cid_changed(tunnel, header.destination_cid, True)
         self._cid_changed(tunnel, tunnel.conn.host_cid, True)
         return tunnel
+
+    def _in_progress(self) -> int:
+        """Handshakes in progress, forgetting the tunnels that are up or closed since the last call."""
+        done = [t for t in self._handshaking if t.up or t.closed]
+        for tunnel in done:
+            self._handshake_over(tunnel)
+        return len(self._handshaking)
+
+    def _handshake_over(self, tunnel: QuicTunnel) -> None:
+        source = self._handshaking.pop(tunnel, None)
+        if source is not None:
+            left = self._per_source[source] - 1
+            if left:
+                self._per_source[source] = left
+            else:
+                del self._per_source[source]
+
+    def _refuse_handshake(self, source: str, reason: str) -> None:
+        self.refused_handshakes += 1
+        now = time.monotonic()
+        if now - self._refusal_logged < 1.0:
+            self._refusals_unlogged += 1
+            return
+        log.warning("QUIC handshake refused", extra={"peer_addr": source, "reason": reason,
+                                                     "suppressed": self._refusals_unlogged})
+        self._refusal_logged = now
+        self._refusals_unlogged = 0
 
     def _configuration(self) -> Any:
         if self._quic is None or self._quic[0] is not self.credentials:
@@ -584,6 +728,7 @@ class QuicServer(asyncio.DatagramProtocol):
                     del self._by_cid[old]
             del self._cids[tunnel]
             self.tunnels.discard(tunnel)
+            self._handshake_over(tunnel)
         elif issued:
             cids.add(cid)
             self._by_cid[cid] = tunnel
@@ -604,11 +749,13 @@ async def serve_quic(
     accept_roles: tuple[str, ...] = ("client", "connector"),
     label: str = "in",
     reuse_port: bool = False,
+    limits: HandshakeLimits | None = None,
 ) -> QuicServer:
     """Serve QUIC tunnels on UDP ``host:port`` (port 0: any; read ``server.sockname``)."""
     loop = asyncio.get_running_loop()
     _transport, server = await loop.create_datagram_endpoint(
-        lambda: QuicServer(handler, wire, settings, credentials, accept_roles=accept_roles, label=label),
+        lambda: QuicServer(handler, wire, settings, credentials, accept_roles=accept_roles, label=label,
+                           limits=limits),
         local_addr=(host, port), reuse_port=reuse_port or None,
     )
     return server
