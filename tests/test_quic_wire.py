@@ -1,7 +1,8 @@
 """Sans-I/O tests of ``dataplane.wire.quic``: two QuicTunnelConnections exchanging datagrams in memory.
 
-Real aioquic on both sides with certificates from ``pki.init_pki``; the test moves the
-datagrams and advances a fake clock to aioquic's timers.
+A real QUIC engine on both sides (every test runs on qh3 and on aioquic; the few that look
+into aioquic's internals on aioquic only) with certificates from ``pki.init_pki``; the test
+moves the datagrams and advances a fake clock to the engine's timers.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ import os
 
 import msgspec
 import pytest
-from aioquic.buffer import Buffer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.packet import pull_quic_header
+from typing import Any
 
 from dataplane.basics import pki
+from dataplane.transport.quic import load_credentials
+from dataplane.wire.quic_engine import QuicEngine, select_engine
 from dataplane.wire import events as ev
 from dataplane.wire.connection import FlowError, ProtocolError, WireConfig
 from dataplane.wire.frames import FrameType, Open, encode_header, encode_preamble, encode_window
@@ -36,15 +37,35 @@ SERVER_ADDR = ("10.0.0.2", 443)
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pki.NodeFiles]:
-    return pki.init_pki(str(tmp_path_factory.mktemp("pki")))
+    files = pki.init_pki(str(tmp_path_factory.mktemp("pki")))
+    _ANY[:] = [files["connector-1"]]
+    return files
 
 
-def quic_config(files: pki.NodeFiles | None, *, client: bool, ca: str) -> QuicConfiguration:
-    config = QuicConfiguration(is_client=client, max_datagram_size=1350, server_name="localhost" if client else None)
-    if files is not None:
-        config.load_cert_chain(files.cert, files.key)
-    config.load_verify_locations(cafile=ca)
-    return config
+ENGINE: QuicEngine = select_engine("aioquic")
+
+
+@pytest.fixture(autouse=True, params=["qh3", "aioquic"])
+def engine(request: pytest.FixtureRequest) -> QuicEngine:
+    chosen = select_engine(request.param)
+    globals()["ENGINE"] = chosen
+    if request.node.get_closest_marker("aioquic_only") and chosen.name != "aioquic":
+        pytest.skip("looks into aioquic's internals")
+    return chosen
+
+
+aioquic_only = pytest.mark.aioquic_only
+
+
+def quic_config(files: pki.NodeFiles | None, *, client: bool, ca: str) -> Any:
+    own = load_credentials((files or _ANY[0]).cert, (files or _ANY[0]).key, ca)
+    return ENGINE.configuration(client=client, packet_size=1350, cid_length=8, idle_timeout=60.0,
+                                server_name="localhost" if client else None,
+                                certificate=own.certificate if files else None, chain=own.chain if files else [],
+                                private_key=own.private_key if files else None, ca_pem=own.ca_pem)
+
+
+_ANY: list[pki.NodeFiles] = []
 
 
 class Pair:
@@ -56,12 +77,13 @@ class Pair:
         self.now = 1000.0
         self.client = QuicTunnelConnection(client_wire or WireConfig(role="connector", node="connector-1"),
                                            quic_config(certs["connector-1"] if client_cert else None, client=True,
-                                                       ca=ca), dialer=True)
+                                                       ca=ca), dialer=True, engine=ENGINE)
         self.client.connect(SERVER_ADDR, self.now)
         first = self.client.datagrams_to_send(self.now)
-        header = pull_quic_header(Buffer(data=first[0][0]), host_cid_length=8)
+        header = ENGINE.parse_header(first[0][0], 8)
+        assert header is not None
         self.server = QuicTunnelConnection(server_wire or WireConfig(role="edge", node="edge-1"),
-                                           quic_config(certs["edge-1"], client=False, ca=ca), dialer=False,
+                                           quic_config(certs["edge-1"], client=False, ca=ca), dialer=False, engine=ENGINE,
                                            original_destination_connection_id=header.destination_cid)
         self.events: dict[int, list[ev.Event]] = {id(self.client): [], id(self.server): []}
         self.handshakes: dict[int, HandshakeCompleted] = {}
@@ -101,7 +123,7 @@ class Pair:
                     self._deliver(dst, data, addr)
             if moved:
                 continue
-            timers = [t for t in (self.client.get_timer(), self.server.get_timer()) if t is not None]
+            timers = [t for t in (c.get_timer() for c in (self.client, self.server) if c.dead is None) if t is not None]
             if not timers or min(timers) - self.now > 0.5:
                 return
             self.now = max(self.now, min(timers))
@@ -143,7 +165,8 @@ def terminated(events: list[ev.Event]) -> TunnelTerminated:
 
 
 def live_streams(conn: QuicTunnelConnection) -> list[int]:
-    return sorted(conn.quic._streams)
+    """The streams still open: aioquic's own, or for qh3 (which shows none) the tunnel's."""
+    return sorted(conn.quic._streams if ENGINE.name == "aioquic" else conn._streams)
 
 
 # ---------------------------------------------------------------------------- handshake
@@ -327,6 +350,7 @@ def test_lost_packets_are_resent_for_busy_and_idle_flows(certs: dict[str, pki.No
     assert live_streams(pair.client) == [0] and live_streams(pair.server) == [0]
 
 
+@aioquic_only
 def test_idle_streams_are_not_visited_per_packet(certs: dict[str, pki.NodeFiles]) -> None:
     pair = Pair(certs).up()
     for i in range(200):
@@ -364,6 +388,7 @@ def test_udp_flow_carries_quic_datagrams(certs: dict[str, pki.NodeFiles]) -> Non
     assert [bytes(e.data) for e in pair.take(pair.client)] == [b"answer"]
 
 
+@aioquic_only
 def test_datagram_overtaking_open_ok_is_dropped_and_counted(certs: dict[str, pki.NodeFiles]) -> None:
     pair = Pair(certs).up()
     fid = pair.client.open_flow(Open(host="dns.corp", port=53, protocol="udp"))
