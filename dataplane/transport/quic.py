@@ -300,7 +300,11 @@ class QuicTunnel(TunnelBase[F, S]):
         if transport is None or transport.is_closing():
             return
         conn = self.conn
-        datagrams = conn.datagrams_to_send(_clock())
+        try:
+            datagrams = conn.datagrams_to_send(_clock())
+        except ProtocolError as exc:  # the engine failed: nothing more can be sent
+            self._protocol_error(exc)
+            return
         if self._connected:
             for data, _addr in datagrams:
                 transport.sendto(data)

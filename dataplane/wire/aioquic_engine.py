@@ -47,7 +47,9 @@ class _Quic(QuicConnection):
     (``tls._request_client_certificate``; the chain is checked by the transport at
     ``HandshakeCompleted``), the bidirectional stream limit follows the flow limit and
     unidirectional streams are refused, and the stream and connection windows slide a
-    fixed distance ahead of the delivered bytes instead of doubling without bound.
+    fixed distance ahead of the bytes delivered to the application (``received``), not of
+    those aioquic queued as events, instead of doubling without bound: while the tunnel
+    holds its events (``hold``) the peer gets no credit.
 
     aioquic visits every open stream for every packet it builds, so a tunnel with many
     idle flows would pay for all of them on each packet. Packets are built here from the
@@ -74,6 +76,7 @@ class _Quic(QuicConnection):
         self._stream_window = stream_window
         self._connection_window = connection_window
         self.delivered = 0  # stream bytes handed to the application, all streams
+        self._delivered: dict[int, int] = {}  # ... per stream
         self._active: dict[int, QuicStream] = {}
         self._unsent: set[int] = set()  # streams written to since their data was last all sent
         self.held = False
@@ -105,6 +108,7 @@ class _Quic(QuicConnection):
     def received(self, stream_id: int, size: int) -> None:
         """Stream data was delivered: its window may need raising (or the stream discarding)."""
         self.delivered += size
+        self._delivered[stream_id] = self._delivered.get(stream_id, 0) + size
         stream = self._streams.get(stream_id)
         if stream is not None:
             self._active[stream_id] = stream
@@ -157,6 +161,7 @@ class _Quic(QuicConnection):
             for stream in served:
                 if stream.stream_id not in active:  # aioquic discarded it: finished both ways
                     streams.pop(stream.stream_id, None)
+                    self._delivered.pop(stream.stream_id, None)
             self._active = {stream.stream_id: stream for stream in order if self._needs_service(stream)}
 
     def _needs_service(self, stream: QuicStream) -> bool:
@@ -169,7 +174,7 @@ class _Quic(QuicConnection):
             or stream.receiver.stop_pending
             or stream.is_finished
             or stream.max_stream_data_local_sent != stream.max_stream_data_local
-            or (stream.max_stream_data_local != 0 and stream.receiver.starting_offset() + self._stream_window
+            or (stream.max_stream_data_local != 0 and self._delivered.get(stream.stream_id, 0) + self._stream_window
                 - stream.max_stream_data_local >= self._stream_window // 2)
         )
 
@@ -198,7 +203,7 @@ class _Quic(QuicConnection):
         if not stream.max_stream_data_local:
             return  # a local unidirectional stream (never used here)
         window = self._stream_window
-        target = stream.receiver.starting_offset() + window
+        target = self._delivered.get(stream.stream_id, 0) + window
         if target - stream.max_stream_data_local >= window // 2:
             stream.max_stream_data_local = target
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:

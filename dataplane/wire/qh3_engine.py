@@ -40,7 +40,7 @@ from qh3._hazmat import QuicConnectionCore, SignatureError, verify_with_public_k
 from qh3._hazmat import pull_quic_header as _pull_quic_header
 from qh3.quic import events as qev
 from qh3.quic.configuration import QuicConfiguration
-from qh3.quic.connection import QuicConnection
+from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.packet import (
     QuicErrorCode,
     QuicPacketType,
@@ -52,7 +52,7 @@ from qh3.quic.packet import (
 from qh3.quic.tls_bridge import QuicTlsBridge
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from .quic_engine import Header
+from .quic_engine import EngineFailure, Header
 
 CRYPTO_FRAME = 0x06  # the frame type named in a TLS alert's CONNECTION_CLOSE
 # What a server's CertificateRequest offers (and accepts in the client's CertificateVerify).
@@ -251,6 +251,32 @@ class _Qh3(QuicConnection):
         self._max_packet = configuration.max_datagram_size
         self.held = False
         self.dropped_datagrams = 0  # qh3 cannot drop a held DATAGRAM frame alone: always 0
+        self.failure: str | None = None  # the native core failed: the connection is dead
+
+    def _failed(self, exc: QuicConnectionError) -> EngineFailure:
+        self.failure = f"qh3 failed: {exc.reason_phrase}"
+        self._core = None  # nothing more is sent or timed; close() has nothing to do
+        return EngineFailure(self.failure)
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        if self.failure is not None:
+            return
+        try:
+            super().receive_datagram(data, addr, now)
+        except QuicConnectionError as exc:
+            raise self._failed(exc) from None
+
+    def handle_timer(self, now: float) -> None:
+        try:
+            super().handle_timer(now)
+        except QuicConnectionError as exc:
+            raise self._failed(exc) from None
+
+    def close(self, error_code: int = 0, frame_type: int | None = None, reason_phrase: str = "") -> None:
+        try:
+            super().close(error_code, frame_type, reason_phrase)
+        except QuicConnectionError:
+            self._core = None
 
     # qh3's own constructors of the native core and the TLS bridge, with our limits
     def _create_core(self, remote_addr: Any, initial_dcid: bytes, now: float) -> None:
@@ -310,6 +336,12 @@ class _Qh3(QuicConnection):
             self._datagrams.append(bytes(data))
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        try:
+            return self._datagrams_to_send(now)
+        except QuicConnectionError as exc:
+            raise self._failed(exc) from None
+
+    def _datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         core = self._core
         if core is None:
             return []

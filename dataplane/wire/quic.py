@@ -73,7 +73,7 @@ from .frames import (
     encode_control,
     encode_preamble,
 )
-from .quic_engine import Address, EngineConnection, QuicEngine, select_engine
+from .quic_engine import Address, EngineConnection, EngineFailure, QuicEngine, select_engine
 from .reader import FrameReader
 
 ALPN = "ferryman/1"
@@ -267,12 +267,24 @@ class QuicTunnelConnection(FlowCore):
             if self._held_bytes > self.held_budget:
                 self.dropped_packets += 1
                 return []
-        self.quic.receive_datagram(data, addr, now)
+        try:
+            self.quic.receive_datagram(data, addr, now)
+        except EngineFailure as exc:
+            raise self._engine_failed(exc) from None
         return self.events()
 
     def handle_timer(self, now: float) -> list[ev.Event]:
-        self.quic.handle_timer(now)
+        try:
+            self.quic.handle_timer(now)
+        except EngineFailure as exc:
+            raise self._engine_failed(exc) from None
         return self.events()
+
+    def _engine_failed(self, exc: EngineFailure) -> ProtocolError:
+        err = ProtocolError("quic_error", str(exc))
+        self._dead = err
+        self._pending.clear()
+        return err
 
     def get_timer(self) -> float | None:
         return self.quic.get_timer()
@@ -290,7 +302,10 @@ class QuicTunnelConnection(FlowCore):
                 if flow is not None:
                     flow.out = None  # its next frame starts a new chunk
             pending.clear()
-        datagrams = quic.datagrams_to_send(now)
+        try:
+            datagrams = quic.datagrams_to_send(now)
+        except EngineFailure as exc:
+            raise self._engine_failed(exc) from None
         self.backlog = quic.backlog()
         return datagrams
 

@@ -141,6 +141,11 @@ class QuicEngine(Protocol):
         """A Retry packet answering the Initial ``header`` with ``token``, from connection id ``new_cid``."""
 
 
+class EngineFailure(Exception):
+    """The engine failed inside one connection (an internal error of the QUIC library); the
+    connection is unusable and the tunnel ends with it."""
+
+
 ENGINES = ("qh3", "aioquic")
 
 
