@@ -78,6 +78,8 @@ class NodeSettings(CommonSettings, kw_only=True):
     quic_packet_size: int = 1350
     quic_engine: str = "auto"
     quic_max_pending_datagrams: int = 512
+    quic_socket_buffer: int = 4194304
+    quic_offload: str = "on"
 
 
 class EdgeSettings(NodeSettings, kw_only=True):
@@ -234,6 +236,8 @@ VARIABLES: dict[str, str] = {
     "quic_probe_interval": "Connector/client: with `auto` on a TCP fallback, seconds before QUIC is tried again.",
     "quic_packet_size": "Largest UDP payload of a QUIC packet, bytes (1200 to 1452).",
     "quic_engine": "QUIC implementation: `qh3` (native packet core, fast), `aioquic` (pure Python), or `auto` (qh3 when installed, else aioquic, logged).",
+    "quic_offload": "`on`: QUIC sockets send with UDP segmentation offload (GSO) and receive coalesced (GRO) where the kernel has them, else one datagram per system call; `off`: always one per call.",
+    "quic_socket_buffer": "Receive and send buffer in bytes asked for on each QUIC UDP socket, so bursts are not dropped by the kernel (capped at net.core.rmem_max/wmem_max).",
     "quic_max_pending_datagrams": "UDP datagrams a QUIC tunnel queues for sending before refusing more (`datagram_queue_full`).",
     "max_handshakes": "Edge: tunnel handshakes (QUIC) in progress at once; further new QUIC clients are refused until some finish.",
     "max_handshakes_per_source": "Edge: tunnel handshakes (QUIC) in progress at once from one source IP address.",
@@ -288,6 +292,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "quic_probe_interval": (1, 86400),
     "quic_packet_size": (1200, 1452),
     "quic_max_pending_datagrams": (1, 1 << 20),
+    "quic_socket_buffer": (4096, 1 << 30),
     "max_handshakes": (1, 1 << 20),
     "max_handshakes_per_source": (1, 1 << 20),
     "quic_retry_threshold": (0, 1 << 20),
@@ -328,7 +333,7 @@ def _coerce(field: str, raw: Any, kind: type) -> Any:
         raise SettingsError(f"{name}={raw!r}: must be auto, quic or tcp")
     if field == "quic_engine" and value not in ("auto", "qh3", "aioquic"):
         raise SettingsError(f"{name}={raw!r}: must be auto, qh3 or aioquic")
-    if field in ("edge_quic", "process_lookup", "transparent") and value not in ("on", "off"):
+    if field in ("edge_quic", "process_lookup", "transparent", "quic_offload") and value not in ("on", "off"):
         raise SettingsError(f"{name}={raw!r}: must be on or off")
     if field == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"{name}={raw!r}: must be debug, info, warning or error")

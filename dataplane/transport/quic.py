@@ -57,6 +57,7 @@ from ..wire.quic import (
 )
 from ..wire.quic_engine import Address, QuicEngine, select_engine
 from .tunnel import F, S, TunnelBase, TunnelHandler
+from .udpio import UdpEndpoint, udp_socket
 
 log = logging.getLogger("ferryman.quic")
 # The QUIC engine (aioquic) logs each connection's negotiated version and ALPN at INFO; tunnel
@@ -69,6 +70,10 @@ SMALLEST_INITIAL = 1200  # a client's Initial datagram is padded to at least thi
 # iteration, so a pacing deadline microseconds away would be re-armed in a busy loop
 # until the millisecond ticks over.
 _clock = time.monotonic
+# uvloop's timers fire on whole milliseconds: a deadline closer than this (the engine's pacer
+# releasing the next packets microseconds from now) is served on the next loop iteration
+# instead, or a paced tunnel would send one burst per millisecond.
+_TIMER_GRAIN = 0.001
 
 
 # ---------------------------------------------------------------------------- credentials
@@ -195,7 +200,7 @@ class QuicTunnel(TunnelBase[F, S]):
         quic: Any,
         credentials: QuicCredentials,
         *,
-        transport: asyncio.DatagramTransport,
+        transport: UdpEndpoint,
         peer: Address,
         dialer: bool,
         accept_roles: tuple[str, ...],
@@ -216,7 +221,7 @@ class QuicTunnel(TunnelBase[F, S]):
                                                   max_pending_datagrams=max_pending_datagrams),
                     accept_roles, keepalive, handshake_timeout, write_buffer_high, label)
         self.credentials = credentials
-        self.transport: asyncio.DatagramTransport | None = transport
+        self.transport: UdpEndpoint | None = transport
         self.peer_addr = f"{peer[0]}:{peer[1]}"
         self._peer = peer
         self._connected = dialer  # a dialer's socket is connected: sendto without an address
@@ -305,12 +310,8 @@ class QuicTunnel(TunnelBase[F, S]):
         except ProtocolError as exc:  # the engine failed: nothing more can be sent
             self._protocol_error(exc)
             return
-        if self._connected:
-            for data, _addr in datagrams:
-                transport.sendto(data)
-        else:
-            for data, addr in datagrams:
-                transport.sendto(data, addr)
+        if datagrams:
+            transport.send_batch(datagrams)
         backlog = conn.backlog
         if self.writable:
             if backlog > self.write_buffer_high:
@@ -343,7 +344,11 @@ class QuicTunnel(TunnelBase[F, S]):
             self._quic_timer = None
         self._quic_at = at
         if at is not None and not self.closed:
-            self._quic_timer = self.loop.call_later(max(0.0, at - _clock()), self._on_quic_timer)
+            delay = at - _clock()
+            if delay < _TIMER_GRAIN:  # a pacing deadline within the loop's timer grain: next iteration
+                self._quic_timer = self.loop.call_soon(self._on_quic_timer)  # type: ignore[assignment]
+            else:
+                self._quic_timer = self.loop.call_later(delay, self._on_quic_timer)
 
     def _on_quic_timer(self) -> None:
         self._quic_timer = None
@@ -485,9 +490,11 @@ async def dial_quic(
     """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    family, _type, proto, _name, addr = infos[0]
-    transport, endpoint = await loop.create_datagram_endpoint(_DialEndpoint, remote_addr=addr, family=family,
-                                                              proto=proto)
+    family, _type, _proto, _name, addr = infos[0]
+    endpoint = _DialEndpoint()
+    offload = settings.quic_offload == "on"
+    transport = UdpEndpoint(loop, udp_socket(family, connect=addr, buffer=settings.quic_socket_buffer), endpoint,
+                            gso=offload, gro=offload)
     peer = transport.get_extra_info("peername") or addr
     engine = quic_engine_of(settings)
     tunnel = QuicTunnel(
@@ -583,7 +590,7 @@ class QuicServer(asyncio.DatagramProtocol):
         self.accept_roles = accept_roles
         self.label = label
         self.limits = limits or HandshakeLimits()
-        self.transport: asyncio.DatagramTransport | None = None
+        self.transport: UdpEndpoint | None = None
         self.tunnels: set[QuicTunnel] = set()
         self.stray_datagrams = 0  # datagrams for no tunnel we know (late, or not QUIC)
         self.retries_sent = 0
@@ -757,9 +764,10 @@ async def serve_quic(
 ) -> QuicServer:
     """Serve QUIC tunnels on UDP ``host:port`` (port 0: any; read ``server.sockname``)."""
     loop = asyncio.get_running_loop()
-    _transport, server = await loop.create_datagram_endpoint(
-        lambda: QuicServer(handler, wire, settings, credentials, accept_roles=accept_roles, label=label,
-                           limits=limits),
-        local_addr=(host, port), reuse_port=reuse_port or None,
-    )
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+    family, _type, _proto, _name, addr = infos[0]
+    server = QuicServer(handler, wire, settings, credentials, accept_roles=accept_roles, label=label, limits=limits)
+    offload = settings.quic_offload == "on"
+    UdpEndpoint(loop, udp_socket(family, bind=addr, reuse_port=reuse_port, buffer=settings.quic_socket_buffer),
+                server, gso=offload, gro=offload)
     return server
