@@ -60,6 +60,7 @@ class UdpEndpoint:
         self.gso = gso and _probe(sock, UDP_SEGMENT, 0)
         self.gro = gro and _probe(sock, UDP_GRO, 1)
         self.send_drops = 0
+        self.coalesced_reads = 0  # reads that returned several datagrams (GRO)
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._readable)
         protocol.connection_made(self)
@@ -175,6 +176,7 @@ class UdpEndpoint:
                     if level == SOL_UDP and kind == UDP_GRO:
                         segment = _INT.unpack(value[:4])[0]
             if segment and len(data) > segment:
+                self.coalesced_reads += 1
                 view = memoryview(data)
                 for start in range(0, len(data), segment):
                     protocol.datagram_received(bytes(view[start:start + segment]), addr)
