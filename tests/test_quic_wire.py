@@ -15,7 +15,7 @@ from typing import Any
 
 from dataplane.basics import pki
 from dataplane.transport.quic import load_credentials
-from dataplane.wire.quic_engine import QuicEngine, select_engine
+from dataplane.wire.quic_engine import EngineUnavailable, QuicEngine, select_engine
 from dataplane.wire import events as ev
 from dataplane.wire.connection import FlowError, ProtocolError, WireConfig
 from dataplane.wire.frames import FrameType, Open, encode_header, encode_preamble, encode_window
@@ -57,12 +57,13 @@ def engine(request: pytest.FixtureRequest) -> QuicEngine:
 aioquic_only = pytest.mark.aioquic_only
 
 
-def quic_config(files: pki.NodeFiles | None, *, client: bool, ca: str) -> Any:
+def quic_config(files: pki.NodeFiles | None, *, client: bool, ca: str, key_of: pki.NodeFiles | None = None) -> Any:
     own = load_credentials((files or _ANY[0]).cert, (files or _ANY[0]).key, ca)
+    key = load_credentials(key_of.cert, key_of.key, ca).private_key if key_of else own.private_key
     return ENGINE.configuration(client=client, packet_size=1350, cid_length=8, idle_timeout=60.0,
                                 server_name="localhost" if client else None,
                                 certificate=own.certificate if files else None, chain=own.chain if files else [],
-                                private_key=own.private_key if files else None, ca_pem=own.ca_pem)
+                                private_key=key if files else None, ca_pem=own.ca_pem)
 
 
 _ANY: list[pki.NodeFiles] = []
@@ -72,12 +73,13 @@ class Pair:
     """A dialer (QUIC client, a connector) and an acceptor (QUIC server, an edge) in memory."""
 
     def __init__(self, certs: dict[str, pki.NodeFiles], *, client_wire: WireConfig | None = None,
-                 server_wire: WireConfig | None = None, client_cert: bool = True) -> None:
+                 server_wire: WireConfig | None = None, client_cert: bool = True,
+                 client_key_of: pki.NodeFiles | None = None) -> None:
         ca = certs["edge-1"].ca
         self.now = 1000.0
         self.client = QuicTunnelConnection(client_wire or WireConfig(role="connector", node="connector-1"),
                                            quic_config(certs["connector-1"] if client_cert else None, client=True,
-                                                       ca=ca), dialer=True, engine=ENGINE)
+                                                       ca=ca, key_of=client_key_of), dialer=True, engine=ENGINE)
         self.client.connect(SERVER_ADDR, self.now)
         first = self.client.datagrams_to_send(self.now)
         header = ENGINE.parse_header(first[0][0], 8)
@@ -212,7 +214,51 @@ def test_client_without_certificate_reaches_handshake_with_none(certs: dict[str,
     assert (end.code, end.error_code) == ("certificate_required", 0x100 + 116)
 
 
+def test_client_certificate_signed_with_another_key_fails_the_handshake(certs: dict[str, pki.NodeFiles]) -> None:
+    """The client's CertificateVerify must be made with its certificate's key (proof of possession)."""
+    pair = Pair(certs, client_key_of=certs["edge-1"])
+    pair.pump()
+    assert id(pair.server) not in pair.handshakes  # never reached the certificate checks
+    end = terminated(pair.take(pair.client))
+    assert end.code == "tls_error" and end.reason.startswith("TLS alert 51")  # decrypt_error
+
+
+def test_engines_are_chosen_by_name() -> None:
+    assert select_engine("aioquic").name == "aioquic"
+    assert select_engine("qh3").name == "qh3"
+    assert select_engine("auto").name == "qh3"  # installed here: the default
+    with pytest.raises(ValueError):
+        select_engine("quiche")
+
+
+def test_auto_falls_back_to_aioquic_without_qh3(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    monkeypatch.setitem(sys.modules, "dataplane.wire.qh3_engine", None)  # import fails as if not installed
+    assert select_engine("auto").name == "aioquic"
+    with pytest.raises(EngineUnavailable):
+        select_engine("qh3")
+
+
 # ---------------------------------------------------------------------------- flows
+
+
+def test_flows_beyond_a_hundred_streams_at_once(certs: dict[str, pki.NodeFiles]) -> None:
+    """The stream limit follows the flow limit (qh3's own is 100 bidirectional streams)."""
+    pair = Pair(certs).up()
+    fids = [pair.client.open_flow(Open(host="h", port=i)) for i in range(1, 301)]
+    pair.pump()
+    requested = [e for e in pair.take(pair.server) if isinstance(e, ev.FlowRequested)]
+    assert len(requested) == 300
+    for event in requested:
+        pair.server.accept_flow(event.flow_id)
+    pair.pump()
+    assert len(pair.take(pair.client)) == 300
+    for fid in fids:
+        pair.client.send_data(fid, b"%d" % fid)
+    pair.pump()
+    events = pair.take(pair.server)
+    assert all(received(events, fid) == b"%d" % fid for fid in fids)
+
 
 
 def test_data_within_credit_and_window_returns_credit(certs: dict[str, pki.NodeFiles]) -> None:
@@ -294,6 +340,31 @@ def test_acceptor_opened_flows_use_even_ids_on_server_streams(certs: dict[str, p
     pair.pump()
     assert received(pair.take(pair.server), fid) == b"hello edge"
     assert [stream_of(f) for f in (1, 3, 5)] == [4, 8, 12] and [flow_of(s) for s in (4, 8, 12)] == [1, 3, 5]
+
+
+@pytest.mark.timeout(60)
+def test_ten_thousand_concurrent_flows_on_one_tunnel(certs: dict[str, pki.NodeFiles]) -> None:
+    if ENGINE.name != "qh3":
+        pytest.skip("aioquic's per-packet cost makes this a 20 s test; the 300-stream test covers its limit")
+    pair = Pair(certs).up()
+    fids: list[int] = []
+    for _ in range(10):  # (at most max_pending_opens unanswered at a time)
+        batch = [pair.client.open_flow(Open(host="h", port=1 + i)) for i in range(1000)]
+        fids += batch
+        pair.pump()
+        requested = [e for e in pair.take(pair.server) if isinstance(e, ev.FlowRequested)]
+        assert len(requested) == 1000
+        for event in requested:
+            pair.server.accept_flow(event.flow_id)
+        pair.pump()
+        assert pair.take(pair.client) == [ev.FlowAccepted(fid, "", "") for fid in batch]
+    assert len(pair.client.flows) == len(pair.server.flows) == 10_000
+    for fid in fids:
+        pair.client.send_data(fid, b"%d" % fid)
+    pair.pump()
+    events = pair.take(pair.server)
+    got = {e.flow_id: bytes(e.data) for e in events if isinstance(e, ev.DataReceived)}
+    assert got == {fid: b"%d" % fid for fid in fids}
 
 
 def test_many_flows_in_parallel_keep_their_bytes_apart(certs: dict[str, pki.NodeFiles]) -> None:
