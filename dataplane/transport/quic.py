@@ -260,12 +260,15 @@ class QuicTunnel(TunnelBase[F, S]):
     def datagram_received(self, data: bytes, addr: Address) -> None:
         if self.closed:
             return
-        self._last_rx = self.loop.time()
+        conn = self.conn
+        dropped = conn.dropped_packets
         try:
-            events = self.conn.receive_datagram(data, addr, _clock())
+            events = conn.receive_datagram(data, addr, _clock())
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
+        if conn.dropped_packets == dropped:  # (a packet dropped unread is no sign of life)
+            self._last_rx = self.loop.time()
         self.flush_soon()  # (first: what the node queues while answering joins this flush)
         self._process(events)
 

@@ -85,6 +85,12 @@ CLOSE_ERROR = 0x1
 # packet number (2), AEAD tag (16), frame type (1), length (2), then our u32 flow id.
 DATAGRAM_OVERHEAD = 1 + 20 + 2 + 16 + 1 + 2 + 4
 MAX_PENDING_DATAGRAMS = 512
+# QUIC's connection window: wide (what a peer may send is bounded by Ferryman's per-flow
+# credit and by each stream's window, not by this), so that two tunnel ends that both stop
+# reading do not block each other on it short of 512 flows with a full window each way.
+# (Kept below 2^30: aioquic builds packets wrongly around an 8-byte MAX_DATA.)
+CONNECTION_WINDOW = 1 << 28
+HELD_BASE = 32 * 1024 * 1024  # packet bytes taken while not reading, beyond the flows' credit
 # Stream bytes held for flow streams that arrive before the peer's HELLO (QUIC may reorder
 # the control stream behind the first OPENs); beyond this the peer is not waiting for HELLO.
 MAX_EARLY_BYTES = 262144
@@ -220,7 +226,7 @@ class QuicTunnelConnection(FlowCore):
         dialer: bool,
         original_destination_connection_id: bytes | None = None,
         retry_source_connection_id: bytes | None = None,
-        connection_window: int = 16 * 1024 * 1024,
+        connection_window: int = CONNECTION_WINDOW,
         engine: QuicEngine | None = None,
         max_pending_datagrams: int = MAX_PENDING_DATAGRAMS,
     ) -> None:
@@ -235,8 +241,9 @@ class QuicTunnelConnection(FlowCore):
         self.backlog = 0  # bytes queued in the engine not yet sent once (plus pending datagrams)
         self.max_pending_datagrams = max_pending_datagrams
         self.reading = True  # False: the peer is not read (pause_reading)
-        self.held_budget = 2 * window  # packet bytes fed to the engine while not reading
-        self.dropped_packets = 0  # packets dropped while not reading, beyond held_budget
+        self.held_base = HELD_BASE  # packet bytes fed to the engine while not reading: this much plus
+        # a flow window per open flow (what peers may send us under Ferryman credit)
+        self.dropped_packets = 0  # packets dropped while not reading, beyond the budget
         self._held_bytes = 0
         self.max_datagram = engine.max_datagram_size(quic) - DATAGRAM_OVERHEAD
         self.quic: EngineConnection = engine.connection(
@@ -264,7 +271,7 @@ class QuicTunnelConnection(FlowCore):
         """Feed one UDP datagram; returns the events it caused. Raises ProtocolError on a violation."""
         if not self.reading:
             self._held_bytes += len(data)
-            if self._held_bytes > self.held_budget:
+            if self._held_bytes > self.held_base + len(self.flows) * self.config.window:
                 self.dropped_packets += 1
                 return []
         try:
@@ -313,8 +320,9 @@ class QuicTunnelConnection(FlowCore):
     def pause_reading(self) -> None:
         """Stop reading the peer: its stream data stays in the engine, unacknowledged to the
         application, so the engine gives the peer no more credit; packets keep being fed to the
-        engine (their ACKs and credit are what lets our backlog drain), up to
-        ``held_budget`` bytes of them, beyond which they are dropped (``dropped_packets``)."""
+        engine (their ACKs and credit are what lets our backlog drain), up to ``held_base``
+        bytes plus a flow window per open flow (what a peer may send under Ferryman credit),
+        beyond which they are dropped (``dropped_packets``) and do not count as a sign of life."""
         if self.reading:
             self.reading = False
             self._held_bytes = 0
