@@ -272,6 +272,22 @@ class QuicTunnel(TunnelBase[F, S]):
         self.flush_soon()  # (first: what the node queues while answering joins this flush)
         self._process(events)
 
+    def segments_received(self, buffer: bytes, segment: int, addr: Address) -> None:
+        """Datagrams coalesced by the kernel (GRO), handed to the engine in one call."""
+        if self.closed:
+            return
+        conn = self.conn
+        dropped = conn.dropped_packets
+        try:
+            events = conn.receive_segments(buffer, segment, addr, _clock())
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if conn.dropped_packets == dropped:
+            self._last_rx = self.loop.time()
+        self.flush_soon()
+        self._process(events)
+
     def error_received(self, exc: OSError) -> None:
         """An ICMP error on a dialer's socket. Before the handshake any error means the edge
         cannot be reached; after it, "port unreachable" means the edge's process is gone (as
@@ -464,6 +480,10 @@ class _DialEndpoint(asyncio.DatagramProtocol):
         if self.tunnel is not None:
             self.tunnel.datagram_received(data, addr)
 
+    def segments_received(self, buffer: bytes, segment: int, addr: Address) -> None:
+        if self.tunnel is not None:
+            self.tunnel.segments_received(buffer, segment, addr)
+
     def error_received(self, exc: Exception) -> None:
         if self.tunnel is not None and isinstance(exc, OSError):
             self.tunnel.error_received(exc)
@@ -649,6 +669,23 @@ class QuicServer(asyncio.DatagramProtocol):
             if tunnel is None:
                 return
         tunnel.datagram_received(data, addr)
+
+    def segments_received(self, buffer: bytes, segment: int, addr: Address) -> None:
+        """Datagrams coalesced by the kernel (GRO): one engine call when they are all short-header
+        packets of one tunnel (the usual case: one peer's stream of 1-RTT packets), else one by one."""
+        cid = buffer[1:1 + CID_LENGTH]
+        same = True
+        for start in range(0, len(buffer), segment):
+            if buffer[start] & 0x80 or buffer[start + 1:start + 1 + CID_LENGTH] != cid:
+                same = False
+                break
+        tunnel = self._by_cid.get(cid) if same else None
+        if tunnel is not None:
+            tunnel.segments_received(buffer, segment, addr)
+            return
+        view = memoryview(buffer)
+        for start in range(0, len(buffer), segment):
+            self.datagram_received(bytes(view[start:start + segment]), addr)
 
     def _accept(self, header: quic_engine.Header, data: bytes, addr: Address) -> QuicTunnel | None:
         assert self.transport is not None

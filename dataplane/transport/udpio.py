@@ -10,8 +10,10 @@ QUIC adapter makes (``sendto``, ``close``, ``is_closing``, ``get_extra_info``) p
   on a device without checksum offload), the endpoint falls back to one ``sendto`` per
   datagram for good and logs it once;
 - **GRO** (``UDP_GRO``, Linux 5.0+): the kernel coalesces packets from one source into one
-  buffer with their segment size in a control message; ``UdpEndpoint`` cuts it back into
-  datagrams. Without it each read is one datagram. Either way a readable socket is read
+  buffer with their segment size in a control message; ``UdpEndpoint`` hands it whole to a
+  protocol that has ``segments_received(buffer, segment_size, addr)`` (a QUIC engine takes
+  such a train in one call) or cuts it back into datagrams. Without it each read is one
+  datagram. Either way a readable socket is read
   until empty (up to ``READ_BUDGET`` reads) in one loop callback.
 
 A send the kernel cannot take now (``EAGAIN``: the socket buffer is full) is dropped and
@@ -61,6 +63,8 @@ class UdpEndpoint:
         self.gro = gro and _probe(sock, UDP_GRO, 1)
         self.send_drops = 0
         self.coalesced_reads = 0  # reads that returned several datagrams (GRO)
+        # a protocol that takes a coalesced buffer whole: segments_received(buffer, segment_size, addr)
+        self._segments = getattr(protocol, "segments_received", None)
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._readable)
         protocol.connection_made(self)
@@ -177,6 +181,9 @@ class UdpEndpoint:
                         segment = _INT.unpack(value[:4])[0]
             if segment and len(data) > segment:
                 self.coalesced_reads += 1
+                if self._segments is not None:
+                    self._segments(data, segment, addr)
+                    continue
                 view = memoryview(data)
                 for start in range(0, len(data), segment):
                     protocol.datagram_received(bytes(view[start:start + segment]), addr)

@@ -102,6 +102,10 @@ class _Quic(QuicConnection):
         self._active[stream_id] = self._streams[stream_id]
         self._unsent.add(stream_id)
 
+    def receive_segments(self, buffer: bytes, segment: int, addr: Any, now: float) -> None:
+        for start in range(0, len(buffer), segment):
+            self.receive_datagram(buffer[start:start + segment], addr, now)
+
     def close_with_alert(self, alert: int, reason: str) -> None:
         self.close(QuicErrorCode.CRYPTO_ERROR + alert, QuicFrameType.CRYPTO, reason)
 

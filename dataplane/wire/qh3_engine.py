@@ -266,6 +266,14 @@ class _Qh3(QuicConnection):
         except QuicConnectionError as exc:
             raise self._failed(exc) from None
 
+    def receive_segments(self, buffer: bytes, segment: int, addr: Any, now: float) -> None:
+        if self.failure is not None:
+            return
+        try:
+            self.receive_gro_buffer(buffer, segment, addr, now)
+        except QuicConnectionError as exc:
+            raise self._failed(exc) from None
+
     def handle_timer(self, now: float) -> None:
         try:
             super().handle_timer(now)

@@ -280,6 +280,20 @@ class QuicTunnelConnection(FlowCore):
             raise self._engine_failed(exc) from None
         return self.events()
 
+    def receive_segments(self, buffer: bytes, segment: int, addr: Address, now: float) -> list[ev.Event]:
+        """Feed UDP datagrams of ``segment`` bytes each (the last may be shorter) from one peer,
+        coalesced by the kernel (GRO); returns the events they caused."""
+        if not self.reading:
+            self._held_bytes += len(buffer)
+            if self._held_bytes > self.held_base + len(self.flows) * self.config.window:
+                self.dropped_packets += -(-len(buffer) // segment)
+                return []
+        try:
+            self.quic.receive_segments(buffer, segment, addr, now)
+        except EngineFailure as exc:
+            raise self._engine_failed(exc) from None
+        return self.events()
+
     def handle_timer(self, now: float) -> list[ev.Event]:
         try:
             self.quic.handle_timer(now)

@@ -74,6 +74,9 @@ class EngineConnection(Protocol):
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None: ...
 
+    def receive_segments(self, buffer: bytes, segment: int, addr: Address, now: float) -> None:
+        """Datagrams of ``segment`` bytes each (the last may be shorter) from one peer, back to back."""
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]: ...
 
     def get_timer(self) -> float | None: ...
