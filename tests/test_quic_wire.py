@@ -664,3 +664,35 @@ def test_ping_is_answered_on_the_control_stream(certs: dict[str, pki.NodeFiles])
     pair.pump()
     assert pair.take(pair.client) == [ev.PongReceived(1234.5)]
     assert pair.take(pair.server) == [ev.AuthReceived("new-token")]
+
+
+# ---------------------------------------------------------------------------- reading back-pressure
+
+
+def test_a_tunnel_that_stops_reading_gives_its_peer_no_credit(certs: dict[str, pki.NodeFiles]) -> None:
+    small = WireConfig(role="edge", node="edge-1", window=4096, max_frame=4096)  # stream windows of 80 KB
+    pair = Pair(certs, server_wire=small).up()
+    pair.server.pause_reading()
+    for i in range(8000):  # PINGs on the control stream: nothing the server reads, no credit back
+        pair.client.ping(float(i))
+    pair.pump()
+    assert pair.take(pair.server) == [] and pair.take(pair.client) == []
+    stuck = pair.client.backlog
+    assert stuck > 0  # the client's PINGs wait: the server's engine holds the ones it took
+    for i in range(2000):
+        pair.client.ping(float(i))
+    pair.pump()
+    assert pair.client.backlog > stuck and pair.take(pair.server) == []
+    pair._record(pair.server, pair.server.resume_reading())
+    pair.pump()
+    pongs = [e for e in pair.take(pair.client) if isinstance(e, ev.PongReceived)]
+    assert len(pongs) == 10_000 and pair.client.backlog == 0
+
+
+def test_a_close_reaches_a_tunnel_that_is_not_reading(certs: dict[str, pki.NodeFiles]) -> None:
+    pair = Pair(certs).up()
+    pair.server.pause_reading()
+    pair.client.close("shutdown", "dialer stops")
+    pair.pump()
+    end = terminated(pair.take(pair.server))
+    assert (end.code, end.reason) == ("shutdown", "dialer stops")

@@ -22,6 +22,7 @@ from aioquic.quic.connection import (
     CONNECTION_LIMIT_FRAME_CAPACITY,
     MAX_STREAM_DATA_FRAME_CAPACITY,
     QuicConnection,
+    QuicConnectionState,
     QuicNetworkPath,
 )
 from aioquic.quic.packet import (
@@ -116,6 +117,9 @@ class _Quic(QuicConnection):
         stream = self._streams.get(stream_id)
         if stream is not None:
             self._active[stream_id] = stream
+
+    def ending(self) -> bool:
+        return self._state not in (QuicConnectionState.FIRSTFLIGHT, QuicConnectionState.CONNECTED)
 
     def hold(self, on: bool) -> None:
         """While held, events wait here and ``delivered`` stands still, so the connection

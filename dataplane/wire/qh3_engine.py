@@ -311,9 +311,14 @@ class _Qh3(QuicConnection):
         return self._tls
 
     def _drain_core(self) -> None:
-        if self.held and self._handshake_complete:
+        if self.held and self._handshake_complete and not self.ending():
             return  # the core keeps its events; what it has not handed out it does not credit
         super()._drain_core()
+
+    def ending(self) -> bool:
+        core = self._core
+        return self.failure is not None or self._close_event is not None or (
+            core is not None and core.state in ("closing", "draining", "terminated"))
 
     # ------------------------------------------------------------------ EngineConnection
     def hold(self, on: bool) -> None:

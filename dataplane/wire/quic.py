@@ -361,7 +361,7 @@ class QuicTunnelConnection(FlowCore):
     def events(self) -> list[ev.Event]:
         """Turn what the engine queued into events (stopping after a HandshakeCompleted)."""
         events: list[ev.Event] = []
-        if self._held or self._terminated or not self.reading:
+        if self._held or self._terminated or (not self.reading and not self.quic.ending()):
             return events
         if self._dead is not None:
             raise self._dead

@@ -100,6 +100,9 @@ class EngineConnection(Protocol):
         engine gives the peer no new stream or connection credit (and may drop DATAGRAM frames,
         counting them in ``dropped_datagrams``); packets are still processed (ACKs, credit)."""
 
+    def ending(self) -> bool:
+        """The connection is closing or over (what it holds may be handed out: credit no longer matters)."""
+
     def pending_datagrams(self) -> int:
         """DATAGRAM frames queued and not yet sent."""
 
