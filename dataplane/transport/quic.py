@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from ..basics import pki
+from ..basics.caps import Counts, source_key
 from ..basics.pki import PeerCertificate, PkiError
 from ..basics.settings import DialerSettings, NodeSettings
 from ..wire import events as ev
@@ -548,7 +549,7 @@ class HandshakeLimits:
     how many on a new client must first prove its address with a QUIC Retry (RFC 9000 §8.1)."""
 
     max_handshakes: int = 1024
-    max_per_source: int = 64
+    max_per_source: int = 128
     retry_threshold: int = 64
 
     @classmethod
@@ -600,8 +601,11 @@ class QuicServer(asyncio.DatagramProtocol):
     beyond ``retry_threshold`` handshakes in progress a client's first Initial is answered
     with a Retry and only an Initial carrying a valid token (proof that the client receives
     at its address) gets a connection; beyond ``max_handshakes`` in all, or
-    ``max_per_source`` from its address, it is refused (its Initials dropped, counted in
-    ``refused_handshakes``, logged at most once a second with the number not logged).
+    ``max_per_source`` from its source (``caps.source_key``: an IPv4 address, an IPv6 /64),
+    it is refused (its Initials dropped, counted in ``refused_handshakes`` and as
+    ``too_many_handshakes`` tunnel closes, logged within the node's log-line limits). QUIC
+    handshakes are counted here, apart from the TLS/TCP ones (``FERRYMAN_MAX_HANDSHAKES``
+    applies to each transport).
     """
 
     def __init__(self, handler: TunnelHandler, wire: WireConfig, settings: NodeSettings, credentials: QuicCredentials,
@@ -621,11 +625,9 @@ class QuicServer(asyncio.DatagramProtocol):
         self.refused_handshakes = 0
         self._by_cid: dict[bytes, QuicTunnel] = {}
         self._cids: dict[QuicTunnel, set[bytes]] = {}
-        self._handshaking: dict[QuicTunnel, str] = {}  # tunnels not yet up -> source address
-        self._per_source: dict[str, int] = {}
+        self._handshaking: dict[QuicTunnel, str] = {}  # tunnels not yet up -> source key
+        self._counts = Counts(per_key=self.limits.max_per_source, total=self.limits.max_handshakes)
         self._tokens = RetryTokens()
-        self._refusal_logged = 0.0
-        self._refusals_unlogged = 0
         self.engine: QuicEngine = quic_engine_of(settings)
         self._quic: tuple[QuicCredentials, Any] | None = None
 
@@ -711,13 +713,10 @@ class QuicServer(asyncio.DatagramProtocol):
                                   addr)
             self.retries_sent += 1
             return None
-        source = addr[0]
-        if in_progress >= self.limits.max_handshakes:
-            self._refuse_handshake(source, f"{in_progress} QUIC handshakes in progress (FERRYMAN_MAX_HANDSHAKES)")
-            return None
-        if self._per_source.get(source, 0) >= self.limits.max_per_source:
-            self._refuse_handshake(source, f"{self._per_source[source]} QUIC handshakes in progress from this "
-                                           "address (FERRYMAN_MAX_HANDSHAKES_PER_SOURCE)")
+        source = source_key(addr[0])
+        full = self._counts.take(source)
+        if full is not None:
+            self._refuse_handshake(addr, source, full)
             return None
         s = self.settings
         tunnel = QuicTunnel(
@@ -728,7 +727,6 @@ class QuicServer(asyncio.DatagramProtocol):
             cid_listener=self._cid_changed, engine=self.engine, max_pending_datagrams=s.quic_max_pending_datagrams,
         )
         self._handshaking[tunnel] = source
-        self._per_source[source] = self._per_source.get(source, 0) + 1
         self.tunnels.add(tunnel)
         self._cids[tunnel] = set()
         self._cid_changed(tunnel, header.destination_cid, True)
@@ -745,22 +743,20 @@ class QuicServer(asyncio.DatagramProtocol):
     def _handshake_over(self, tunnel: QuicTunnel) -> None:
         source = self._handshaking.pop(tunnel, None)
         if source is not None:
-            left = self._per_source[source] - 1
-            if left:
-                self._per_source[source] = left
-            else:
-                del self._per_source[source]
+            self._counts.give(source)
 
-    def _refuse_handshake(self, source: str, reason: str) -> None:
+    def _refuse_handshake(self, addr: Address, source: str, full: str) -> None:
+        """Drop a new client's Initial: too many QUIC handshakes in progress (``full``: ``total``
+        or ``key``, from its source); counted, and logged within the node's log-line limits."""
         self.refused_handshakes += 1
-        now = time.monotonic()
-        if now - self._refusal_logged < 1.0:
-            self._refusals_unlogged += 1
-            return
-        log.warning("QUIC handshake refused", extra={"peer_addr": source, "reason": reason,
-                                                     "suppressed": self._refusals_unlogged})
-        self._refusal_logged = now
-        self._refusals_unlogged = 0
+        stats = self.handler.stats
+        stats.count(stats.tunnels_closed, "too_many_handshakes")
+        limits = self.limits
+        reason = (f"{limits.max_handshakes} QUIC handshakes in progress on this edge" if full == "total" else
+                  f"{limits.max_per_source} QUIC handshakes in progress from {source}")
+        stats.log_limit.log(log, logging.WARNING, source, "tunnel refused", {
+            "peer_addr": f"{addr[0]}:{addr[1]}", "transport": "quic", "code": "too_many_handshakes",
+            "reason": reason})
 
     def _configuration(self) -> Any:
         if self._quic is None or self._quic[0] is not self.credentials:
