@@ -261,8 +261,17 @@ class _Qh3(QuicConnection):
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
         if self.failure is not None:
             return
+        core = self._core
         try:
-            super().receive_datagram(data, addr, now)
+            if core is not None and self._handshake_complete:
+                # after the handshake a datagram is 1-RTT packets only: straight to the native core
+                # (qh3's own path walks the packets in Python for what only the handshake needs)
+                core.receive_many_datagrams([data], addr, now)
+                self._drain_core()
+            else:
+                super().receive_datagram(data, addr, now)
+        except RuntimeError as exc:  # the native core's own failures
+            raise self._failed(QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc))) from None
         except QuicConnectionError as exc:
             raise self._failed(exc) from None
 
