@@ -19,7 +19,6 @@ import msgspec
 import pytest
 
 from dataplane.basics import pki
-from dataplane.basics.metrics import Stats
 from dataplane.basics.settings import ConnectorSettings as Settings
 from dataplane.transport import quic as quic_transport
 from dataplane.transport.quic import (

@@ -21,10 +21,11 @@ is done here:
   congestion window has room, so ``pending_datagrams`` is exact and the transport bounds it;
 - **no MTU probing**: packets stay at the configured size (``probe_datagram_size`` off).
 
-qh3 slides its stream and connection receive windows as it delivers data (it has no
-"consumed" call), so ``received`` has nothing to do; the transport bounds what a peer may
-send with Ferryman's own per-flow credit and withholds reading the peer instead.
-Nothing outside this module imports qh3.
+qh3 slides its stream and connection receive windows as its native core hands data out (it
+has no "consumed" call), so ``received`` has nothing to do; ``hold`` leaves the core's events
+in the core, which then gives the peer no credit. A failure inside the native core
+(``QuicConnectionError``) becomes ``quic_engine.EngineFailure``: that connection is dead, the
+tunnel ends with ``quic_error``. Nothing outside this module imports qh3.
 """
 
 from __future__ import annotations
@@ -239,11 +240,10 @@ class _Bridge(QuicTlsBridge):
 class _Qh3(QuicConnection):
     """qh3's connection with Ferryman's limits and the ``quic_engine.EngineConnection`` calls."""
 
-    def __init__(self, configuration: QuicConfiguration, *, max_streams: int, stream_window: int,
+    def __init__(self, configuration: QuicConfiguration, *, max_streams: int,
                  original_destination_connection_id: bytes | None,
                  retry_source_connection_id: bytes | None) -> None:
         self._max_streams = max_streams
-        self._stream_window = stream_window
         super().__init__(configuration=configuration,
                          original_destination_connection_id=original_destination_connection_id,
                          retry_source_connection_id=retry_source_connection_id)
@@ -455,7 +455,7 @@ class Qh3Engine:
         config.max_data = connection_window
         config.max_datagram_frame_size = 65535
         config.alpn_protocols = [alpn]
-        return _Qh3(config, max_streams=max_streams, stream_window=stream_window,
+        return _Qh3(config, max_streams=max_streams,
                     original_destination_connection_id=original_destination_connection_id,
                     retry_source_connection_id=retry_source_connection_id)
 
