@@ -34,12 +34,15 @@ class CommonSettings(msgspec.Struct, kw_only=True):
     data_dir: str = ".ferryman"
     log_level: str = "info"
     log_format: str = "text"
+    control_ca: str = ""
+    control_insecure_http: int = 0
 
 
 class ControlSettings(CommonSettings, kw_only=True):
     """The control plane's settings (and those the admin CLI finds it with)."""
 
     control_listen: str = "127.0.0.1:8080"
+    control_hosts: str = ""
     database_url: str = ""
     cert_lifetime_days: int = 180
     traffic_retention_days: int = 30
@@ -117,6 +120,27 @@ class EdgeSettings(NodeSettings, kw_only=True):
     config_wait: float = 25.0
     renew_at: float = 0.3333
     heartbeat_interval: float = 30.0
+    # the HTTPS front door for published web apps (off while edge_https_listen is empty)
+    edge_https_listen: str = ""
+    edge_https_cert: str = ""
+    edge_https_key: str = ""
+    web_auth_host: str = ""
+    web_cookie_keys: str = ""
+    web_assertion_key: str = ""
+    web_max_header_block: int = 16384
+    web_max_headers: int = 100
+    web_max_url_length: int = 8192
+    web_max_body_size: int = 104857600
+    web_backend_timeout: float = 85.0
+    web_backend_timeout_long: float = 180.0
+    web_backend_connect_timeout: float = 15.0
+    web_app_rate: float = 500.0
+    web_edge_rate: float = 750.0
+    web_sign_in_rate: float = 10.0
+    web_header_timeout: float = 10.0
+    web_idle_timeout: float = 60.0
+    web_websocket_idle_timeout: float = 300.0
+    web_max_connections: int = 10000
 
 
 class DialerSettings(NodeSettings, kw_only=True):
@@ -201,9 +225,12 @@ VARIABLES: dict[str, str] = {
     "log_level": "Log level: debug, info, warning, error.",
     "log_format": "`text` for humans, `json` for one JSON object per line.",
     "metrics_addr": "HOST:PORT serving Prometheus `/metrics` and `/ready`; empty disables it.",
-    "control_listen": "Control plane: HOST:PORT of its HTTP API (admin API, registration).",
+    "control_listen": "Control plane: HOST:PORT of its HTTPS API (admin API, registration).",
+    "control_hosts": "Control plane: comma-separated host names and IP addresses its HTTPS certificate (issued from its own CA, in FERRYMAN_DATA_DIR/tls) names; empty means `localhost`, `127.0.0.1`, `::1` and this host's name. A change issues a new certificate at the next start.",
+    "control_ca": "Nodes, clients, admin CLI: the control plane's CA certificate (PEM file) that its HTTPS certificate must chain to; empty means the CA pinned at registration or sign-in (`--ca-hash`, or the hash inside the registration token), or for the admin CLI `FERRYMAN_DATA_DIR/ca/ca.pem` when it exists.",
+    "control_insecure_http": "`1` lets the control plane serve, and nodes, clients and the admin CLI use, plain `http://` (no TLS; warned in the log at every start); `0` refuses `http://` control-plane URLs.",
     "database_url": "Control plane: SQLAlchemy database URL (e.g. `postgresql://user:pw@host/db`); empty means an SQLite file `control.db` in FERRYMAN_DATA_DIR.",
-    "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal).",
+    "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal), and of its own HTTPS certificate (issued again at a start once less than a third is left).",
     "traffic_retention_days": "Control plane: traffic log records older than this many days are deleted (checked hourly).",
     "heartbeat_interval": "Seconds between node heartbeats to the control plane; a node missing 3 in a row is shown inactive (set the same on nodes and control plane).",
     "access_token_minutes": "Control plane: lifetime in minutes of the access tokens it signs at sign-in and refresh (edges accept a token until it expires).",
@@ -229,6 +256,26 @@ VARIABLES: dict[str, str] = {
     "tls_cert": "This node's certificate (PEM).",
     "tls_key": "This node's private key (PEM, mode 0600).",
     "edge_listen": "Edge: HOST:PORT on which client and connector tunnels are accepted.",
+    "edge_https_listen": "Edge: HOST:PORT of the HTTPS front door serving published web apps to browsers (`--https`); empty turns it off.",
+    "edge_https_cert": "Edge: certificate chain (PEM) the HTTPS front door presents for the sign-in host and every web app's external host.",
+    "edge_https_key": "Edge: private key (PEM) of FERRYMAN_EDGE_HTTPS_CERT.",
+    "web_auth_host": "Edge: external HOST[:PORT] of the sign-in site every web app redirects to (single sign-on across web apps); required with FERRYMAN_EDGE_HTTPS_LISTEN.",
+    "web_cookie_keys": "Edge: keys that seal web session cookies, `kid:base64url-32-bytes[,kid:key...]` (the first seals, all open; every edge needs the same); empty means a random key per process (one edge only: cookies stop working when it restarts).",
+    "web_assertion_key": "Edge: EC P-256 private key (PEM file) signing `X-Ferryman-Jwt-Assertion` (published at `https://<auth host>/.ferryman/jwks`); empty means a random key per process.",
+    "web_max_header_block": "Edge: largest request head (request line + headers) of a web request, bytes; larger ones get 431.",
+    "web_max_headers": "Edge: most header lines in one web request; more get 431.",
+    "web_max_url_length": "Edge: longest request target of a web request, bytes; longer ones get 414.",
+    "web_max_body_size": "Edge: largest web request body, bytes (declared or streamed); larger ones get 413.",
+    "web_backend_timeout": "Edge: seconds a web app's backend may take to answer (per read) before 504 (apps with backend timeout `default`).",
+    "web_backend_timeout_long": "Edge: the same for web apps with backend timeout `long`.",
+    "web_backend_connect_timeout": "Edge: seconds to reach a web app's backend through a connector (flow and TLS) before 502/503/504.",
+    "web_app_rate": "Edge: web requests per second per web app (token bucket); beyond, 429 with `Retry-After`.",
+    "web_edge_rate": "Edge: web requests per second for this edge, all web apps together; beyond, 429 with `Retry-After`.",
+    "web_sign_in_rate": "Edge: sign-in attempts per minute per source address at the sign-in site; beyond, 429.",
+    "web_header_timeout": "Edge: seconds a browser has for the TLS handshake and each request head; then 408.",
+    "web_idle_timeout": "Edge: seconds a keep-alive web connection may idle (and a request body may stall: 408).",
+    "web_websocket_idle_timeout": "Edge: seconds a WebSocket may carry nothing either way before it is closed.",
+    "web_max_connections": "Edge: most browser connections at once on the HTTPS front door; more are closed at once.",
     "apps_file": "Edge without a control plane: application file (JSON or TOML) mapping segments to connector groups, and optionally connectors to their groups (a registered edge refuses it). Connector: the applications whose IP/CIDR/range segments may name loopback, link-local, metadata or its own addresses (when it does not follow a control plane, or to override its applications).",
     "edges": "Connector/client: comma-separated HOST:PORT list of edges to dial.",
     "connector_tunnels": "Connector: outbound tunnels kept open (spread over the edges).",
@@ -316,9 +363,24 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "sign_in_max_total_failures": (1, 10_000_000),
     "sign_in_known_source_days": (0, 3650),
     "refresh_grace": (0, 300),
+    "control_insecure_http": (0, 1),
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),
     "traffic_queue": (1, 10_000_000),
+    "web_max_header_block": (1024, 1 << 20),
+    "web_max_headers": (1, 10_000),
+    "web_max_url_length": (64, 1 << 20),
+    "web_max_body_size": (1, 1 << 40),
+    "web_backend_timeout": (0.1, 86400),
+    "web_backend_timeout_long": (0.1, 86400),
+    "web_backend_connect_timeout": (0.1, 600),
+    "web_app_rate": (0.1, 1e9),
+    "web_edge_rate": (0.1, 1e9),
+    "web_sign_in_rate": (0.1, 1e6),
+    "web_header_timeout": (0.1, 600),
+    "web_idle_timeout": (0.1, 86400),
+    "web_websocket_idle_timeout": (0.1, 86400),
+    "web_max_connections": (1, 1_000_000),
     "quic_timeout": (0.1, 600),
     "quic_probe_interval": (1, 86400),
     "quic_packet_size": (1200, 1452),
