@@ -89,6 +89,10 @@ class NodeSettings(CommonSettings, kw_only=True):
     handshake_timeout: float = 10.0
     write_buffer_high: int = 1048576
     quic_packet_size: int = 1350
+    quic_engine: str = "auto"
+    quic_max_pending_datagrams: int = 512
+    quic_socket_buffer: int = 4194304
+    quic_offload: str = "on"
     # limits of the HTTP server (control plane API; a node's metrics server)
     control_max_connections: int = 4096
     control_max_waiting_per_source: int = 128
@@ -105,6 +109,7 @@ class EdgeSettings(NodeSettings, kw_only=True):
     edge_listen: str = "0.0.0.0:8443"
     apps_file: str = ""
     edge_quic: str = "on"
+    quic_retry_threshold: int = 64
     traffic_queue: int = 100000
     open_timeout: float = 15.0
     pending_opens_share: float = 0.25
@@ -302,6 +307,11 @@ VARIABLES: dict[str, str] = {
     "quic_timeout": "Connector/client: seconds a QUIC handshake may take before `auto` falls back to TLS/TCP.",
     "quic_probe_interval": "Connector/client: with `auto` on a TCP fallback, seconds before QUIC is tried again.",
     "quic_packet_size": "Largest UDP payload of a QUIC packet, bytes (1200 to 1452).",
+    "quic_engine": "QUIC implementation: `qh3` (native packet core, fast), `aioquic` (pure Python), or `auto` (qh3 when installed, else aioquic, logged).",
+    "quic_offload": "`on`: QUIC sockets send with UDP segmentation offload (GSO) and receive coalesced (GRO) where the kernel has them, else one datagram per system call; `off`: always one per call.",
+    "quic_socket_buffer": "Receive and send buffer in bytes asked for on each QUIC UDP socket, so bursts are not dropped by the kernel (capped at net.core.rmem_max/wmem_max).",
+    "quic_max_pending_datagrams": "UDP datagrams a QUIC tunnel queues for sending before refusing more (`datagram_queue_full`).",
+    "quic_retry_threshold": "Edge: with more QUIC handshakes than this in progress, new clients must first prove their address (QUIC Retry).",
     "https_proxy": "Connector/client: HTTP CONNECT proxy URL for TLS/TCP tunnels (`http://[user:password@]host:port`); empty means the `HTTPS_PROXY`/`https_proxy` variable.",
     "no_proxy": "Connector/client: comma-separated hosts, domains (`.corp.example`) or CIDRs dialed without the proxy; empty means the `NO_PROXY`/`no_proxy` variable.",
     "udp_idle_timeout": "Seconds without a datagram either way after which a UDP flow ends.",
@@ -317,8 +327,8 @@ VARIABLES: dict[str, str] = {
     "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point): above it a tunnel takes no more data from flows, and an edge stops reading a TLS/TCP tunnel's peer until the peer has read enough of what was sent to it (`ferryman_tunnel_read_pauses_total`).",
     "max_tunnels_per_client": "Edge: most tunnels one client identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
     "max_tunnels_per_connector": "Edge: most tunnels one connector identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
-    "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once.",
-    "max_handshakes_per_source": "Edge: most tunnel handshakes in progress from one source address (IPv6: /64); a connection beyond is closed at once.",
+    "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once. QUIC handshakes (Initial taken, HELLO not done yet) are counted apart with the same cap; a new QUIC client beyond is dropped.",
+    "max_handshakes_per_source": "Edge: most tunnel handshakes in progress from one source address (IPv6: /64); a connection beyond is closed at once. The same applies to QUIC handshakes, counted apart.",
     "control_max_connections": "Control plane API and each node's metrics server: most connections open at once; one more is answered 503 and closed. Every node and signed-in client agent holds one configuration or profile long-poll: keep this above the fleet (and below the process's open-file limit).",
     "control_max_waiting_per_source": "Control plane API and each node's metrics server: most connections of one source address (IPv6: /64) waiting for a request head; one more is answered 503 and closed.",
     "control_request_timeout": "Control plane API and each node's metrics server: seconds a request head may take from the connection (or the request's first byte) until complete; then the connection is closed (408). The metrics server allows at most 5 s.",
@@ -380,6 +390,9 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "quic_timeout": (0.1, 600),
     "quic_probe_interval": (1, 86400),
     "quic_packet_size": (1200, 1452),
+    "quic_max_pending_datagrams": (1, 1 << 20),
+    "quic_socket_buffer": (4096, 1 << 30),
+    "quic_retry_threshold": (0, 1 << 20),
     "udp_idle_timeout": (0.1, 86400),
     "max_udp_flows": (1, 1 << 20),
     "udp_queue": (1, 1 << 16),
@@ -426,7 +439,9 @@ def _coerce(field: str, raw: Any, kind: type) -> Any:
         raise SettingsError(f"{name}={raw!r}: must be 'text' or 'json'")
     if field == "transport" and value not in ("auto", "quic", "tcp"):
         raise SettingsError(f"{name}={raw!r}: must be auto, quic or tcp")
-    if field in ("edge_quic", "process_lookup", "transparent") and value not in ("on", "off"):
+    if field == "quic_engine" and value not in ("auto", "qh3", "aioquic"):
+        raise SettingsError(f"{name}={raw!r}: must be auto, qh3 or aioquic")
+    if field in ("edge_quic", "process_lookup", "transparent", "quic_offload") and value not in ("on", "off"):
         raise SettingsError(f"{name}={raw!r}: must be on or off")
     if field == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"{name}={raw!r}: must be debug, info, warning or error")

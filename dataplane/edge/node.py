@@ -75,7 +75,7 @@ from ..controllink.link import ControlLink, Report, cut_revoked
 from ..controllink.registration import Registration
 from ..controllink.traffic import TrafficQueue
 from ..transport.credentials import NodeCredentials
-from ..transport.quic import QuicServer, load_credentials, serve_quic
+from ..transport.quic import HandshakeLimits, QuicServer, load_credentials, serve_quic
 from ..transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from ..wire import events as ev
 from ..wire.connection import FlowError
@@ -199,7 +199,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         bound = self.listener.getsockname()
         if s.edge_quic == "on":  # QUIC tunnels on the same port number, over UDP
             self.quic = await serve_quic(self, self._wire, host, bound[1], s,
-                                         load_credentials(s.tls_cert, s.tls_key, s.tls_ca))
+                                         load_credentials(s.tls_cert, s.tls_key, s.tls_ca),
+                                         limits=HandshakeLimits.of(s))
         if self.web is not None:
             web_host, web_port = await self.web.start()
             log.info("HTTPS front door listening", extra={"addr": f"{web_host}:{web_port}",
