@@ -62,6 +62,8 @@ class ControlSettings(CommonSettings, kw_only=True):
     sign_in_max_total_failures: int = 1000
     sign_in_known_source_days: float = 30.0
     refresh_grace: float = 30.0
+    console_idle_minutes: int = 30
+    console_session_hours: int = 12
     # limits of the HTTP server (control plane API; a node's metrics server)
     control_max_connections: int = 4096
     control_max_waiting_per_source: int = 128
@@ -248,6 +250,8 @@ VARIABLES: dict[str, str] = {
     "sign_in_max_total_failures": "Control plane: failed sign-ins allowed in all within the window (per control-plane process); beyond that only known sources may try.",
     "sign_in_known_source_days": "Control plane: days a source address where an account signed in stays known for it: held only to FERRYMAN_SIGN_IN_MAX_FAILURES, so failures from elsewhere never lock the user out there.",
     "refresh_grace": "Control plane: seconds after a refresh during which the same refresh token may be sent again (its answer was lost) and gets the same new refresh token; later it counts as reuse and revokes the session. 0 disables.",
+    "console_idle_minutes": "Control plane: a web console session ends after this many minutes without a request (sign in again).",
+    "console_session_hours": "Control plane: a web console session ends this many hours after sign-in, however active.",
     "control_url": "Edge/connector: control plane URL to follow; empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
@@ -363,6 +367,8 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "sign_in_max_total_failures": (1, 10_000_000),
     "sign_in_known_source_days": (0, 3650),
     "refresh_grace": (0, 300),
+    "console_idle_minutes": (1, 1440),
+    "console_session_hours": (1, 168),
     "control_insecure_http": (0, 1),
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),
