@@ -32,6 +32,7 @@ from dnslib import OPCODE, DNSRecord
 
 from ..access.apptable import app_table
 from ..access.destinations import DialPolicy, Refusal
+from ..access.grants import KEY_SIZE as GRANT_KEY_SIZE
 from ..access.grants import GrantError, GrantVerifier
 from ..basics.hostport import dns_server, parse_hostport
 from ..basics.metrics import Stats, start_metrics_server
@@ -54,7 +55,9 @@ from .dial import DialError, Target, checked, connect_tcp, connect_udp, resolve
 log = logging.getLogger("ferryman.connector")
 
 
-EdgeKey = ec.EllipticCurvePublicKey  # the edge's certificate key: every OPEN's grant must verify with it
+# The edge's certificate key: what a signed grant (from an edge that does not use this tunnel's
+# grant key) must verify with.
+EdgeKey = ec.EllipticCurvePublicKey | None
 ConnectorTunnel = TunnelBase[LocalFlow, EdgeKey]
 
 
@@ -77,7 +80,8 @@ class Connector(EndpointNode[EdgeKey]):
         self.udp_sockets: dict[UdpFlow, asyncio.DatagramTransport] = {}  # each UDP flow's backend socket
         self.draining = False
         self._ssl = credentials.client_context()
-        self._wire = credentials.wire_config(group=settings.connector_group)
+        # Every tunnel sends the edge a fresh grant key in HELLO: the edge MACs each flow's grant with it.
+        self._wire = credentials.wire_config(group=settings.connector_group, grant_key_size=GRANT_KEY_SIZE)
         self.revoked: frozenset[int] = frozenset()
         self.grants = GrantVerifier(credentials.name, limit=settings.grant_cache)
         # What may be dialed: the group's lists and the applications' explicit segments, from the
@@ -190,7 +194,7 @@ class Connector(EndpointNode[EdgeKey]):
 
     # ------------------------------------------------------------------ tunnel events
     def tunnel_up(self, tunnel: ConnectorTunnel) -> None:
-        # The edge's certificate key, which must have signed the grant of every OPEN on this tunnel.
+        # The edge's certificate key, for grants signed with it rather than MAC'd with the tunnel's grant key.
         der = tunnel.peer_certificate_der()
         key = x509.load_der_x509_certificate(der).public_key() if der else None
         tunnel.state = key if isinstance(key, ec.EllipticCurvePublicKey) else None
@@ -223,10 +227,9 @@ class Connector(EndpointNode[EdgeKey]):
                          f"{request.protocol!r} flows are not supported by connector {self.name}")
             return
         try:
-            if tunnel.state is None:
-                raise GrantError("grant_unverifiable", "the edge's certificate key is unknown on this tunnel")
             claims = self.grants.verify(request.grant, tunnel.state, tunnel.peer_name, host=request.host,
-                                        port=request.port, protocol=request.protocol, now=time.time())
+                                        port=request.port, protocol=request.protocol, now=time.time(),
+                                        key=tunnel.conn.grant_key)
         except GrantError as exc:
             self.stats.count(self.stats.protocol_errors, exc.code)
             log.warning("OPEN refused: no valid grant", extra={"edge": tunnel.peer_name, "dest":

@@ -54,6 +54,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ..access.admission import AccessRequest, AccessTables, Unauthenticated, Verdict, admit
 from ..access.apptable import AppTable, app_table
 from ..access.connectors import ConnectorGroups
+from ..access.grants import KEY_SIZE as GRANT_KEY_SIZE
+from ..access.grants import mac as mac_grant
 from ..access.grants import sign as sign_grant
 from ..access.policy import AccessIndex, Principal
 from ..access.tokens import TokenError, TokenVerifier
@@ -520,9 +522,16 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                          request, verdict)
             return
         app = match.app.name if match is not None else ""
-        grant = sign_grant(self._grant_key, edge=self.name, connector=connector.peer_name, host=request.host,
-                           port=request.port, protocol=request.protocol, connection=connection, user=user,
-                           device=device, now=now, app=app)
+        # MAC'd under the grant key the connector sent on this tunnel; signed when it sent none.
+        key = connector.hello.grant_key if connector.hello is not None else b""
+        if len(key) >= GRANT_KEY_SIZE:
+            grant = mac_grant(key, edge=self.name, connector=connector.peer_name, host=request.host,
+                              port=request.port, protocol=request.protocol, connection=connection, user=user,
+                              device=device, now=now, app=app)
+        else:
+            grant = sign_grant(self._grant_key, edge=self.name, connector=connector.peer_name, host=request.host,
+                               port=request.port, protocol=request.protocol, connection=connection, user=user,
+                               device=device, now=now, app=app)
         try:
             kfid = connector.open_flow(Open(
                 host=request.host, port=request.port, protocol=request.protocol,

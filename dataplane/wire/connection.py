@@ -20,6 +20,7 @@ Only an id that never named a flow of this tunnel raises ``FlowError("no_flow")`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import msgspec
@@ -94,6 +95,9 @@ class WireConfig(msgspec.Struct, kw_only=True):
     features: list[str] = []
     software: str = ""
     token: str = ""  # sent in HELLO (a client's access token)
+    # > 0: each connection makes a random key of this many bytes and sends it in its HELLO (a
+    # connector: the key the edge at the other end of that tunnel authenticates flow grants with).
+    grant_key_size: int = 0
 
 
 OPENING = 0
@@ -157,6 +161,8 @@ class FlowCore:
         # Called when ``acknowledge`` queues a WINDOW frame (every quarter window of a flow), so the
         # transport can flush it even when nothing else is being sent.
         self.on_window: Callable[[], None] | None = None
+        # This connection's grant key (sent in our HELLO; empty: none), fresh for every tunnel.
+        self.grant_key = os.urandom(config.grant_key_size) if config.grant_key_size > 0 else b""
 
     # ------------------------------------------------------------------ where frames go
     def _new_flow(self, flow_id: int, local: bool, request: Open) -> Flow:
@@ -197,6 +203,7 @@ class FlowCore:
         return Hello(
             role=c.role, node=c.node, max_frame=c.max_frame, window=c.window,
             max_flows=c.max_flows, group=c.group, features=list(c.features), software=c.software, token=c.token,
+            grant_key=self.grant_key,
         )
 
     # ------------------------------------------------------------------ local API
