@@ -69,6 +69,7 @@ class Connector(EndpointNode[EdgeKey]):
                  registered: Registration | None = None,
                  *, follow_edges: bool = False) -> None:
         self.settings = settings
+        self.udp_backlog = settings.udp_backlog
         self.credentials = credentials
         self.name = credentials.name
         self.stats = Stats("connector", credentials.name)

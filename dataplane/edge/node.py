@@ -110,6 +110,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if apps is not None and registered is not None:
             raise ValueError(APPS_FILE_ON_REGISTERED_EDGE)
         self.settings = settings
+        self._udp_backlog = settings.udp_backlog  # a datagram is dropped rather than queued behind more
         self.credentials = credentials
         self.name = credentials.name
         self.static_apps = apps is not None
@@ -738,7 +739,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
 
     def datagram_received(self, tunnel: EdgeTunnel, event: ev.DatagramReceived) -> None:
         """A UDP flow's datagram: passed to the other tunnel as the same slice, or dropped and
-        counted when that tunnel's write buffer is full (datagrams are never queued here)."""
+        counted when that tunnel's write buffer is full or holds ``FERRYMAN_UDP_BACKLOG`` bytes
+        already (datagrams are never queued here, nor behind much else)."""
         splice = tunnel.routes.get(event.flow_id)
         stats = self.stats
         if splice is None:
@@ -753,7 +755,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             stats.bytes_rx += size
         else:
             stats.bytes_tx += size
-        if not out.writable:
+        if not out.takes_datagram(self._udp_backlog):
             stats.count(stats.datagrams_dropped, "tunnel_busy")
             return
         try:
