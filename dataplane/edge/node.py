@@ -4,7 +4,7 @@ For every OPEN from a client the edge asks ``access.admission.admit`` whether it
 through (the application whose segment covers the destination, the user's sign-in and
 conditional access) and refuses it with the verdict's reason, or picks the least-loaded
 healthy connector tunnel of that application's connector group (never a draining one),
-signs a grant for exactly this flow and opens it there. Every OPEN is answered: a connector
+makes a grant for exactly this flow (MAC'd under the key that connector tunnel's HELLO carries) and opens it there. Every OPEN is answered: a connector
 that does not answer within ``FERRYMAN_OPEN_TIMEOUT`` gets an RST and the client OPEN_FAIL
 ``open_timeout``, and one user (or device) may have at most ``FERRYMAN_PENDING_OPENS_SHARE``
 of ``FERRYMAN_MAX_PENDING_OPENS`` OPENs waiting on one connector tunnel, so a client that opens
