@@ -522,9 +522,11 @@ class Tunnel(TunnelBase[F, S], asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self.transport is not None and not self.transport.is_closing():
-            data = self.conn.data_to_send()
-            if data:
-                self.transport.write(data)
+            chunks = self.conn.chunks_to_send()
+            if len(chunks) == 1:
+                self.transport.write(chunks[0])
+            elif chunks:  # large DATA payloads go to TLS as they are, not copied into one buffer first
+                self.transport.writelines(chunks)
 
     # ------------------------------------------------------------------ control
     def close(self, code: str, reason: str, *, error: bool = False, abort: bool = False) -> None:

@@ -539,6 +539,29 @@ class TunnelConnection(FlowCore, FrameReader):
         out.clear()
         return data
 
+    def chunks_to_send(self, large: int = 16384) -> list[bytes | memoryview]:
+        """What ``data_to_send`` would return, as a list: runs of pieces smaller than ``large``
+        joined, larger pieces (DATA payloads) as they are, so that they are not copied once more
+        on their way to a transport that takes a list (``writelines``)."""
+        out = self._out  # (every flow queues on this very list: emptied in place)
+        if not out:
+            return []
+        pieces = out[:]
+        out.clear()
+        chunks: list[bytes | memoryview] = []
+        run: list[bytes | memoryview] = []
+        for piece in pieces:
+            if len(piece) < large:
+                run.append(piece)
+                continue
+            if run:
+                chunks.append(run[0] if len(run) == 1 else b"".join(run))
+                run = []
+            chunks.append(piece)
+        if run:
+            chunks.append(run[0] if len(run) == 1 else b"".join(run))
+        return chunks
+
     @property
     def has_output(self) -> bool:
         return bool(self._out)
