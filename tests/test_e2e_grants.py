@@ -138,11 +138,13 @@ def test_connector_dials_only_flows_with_a_valid_grant(pki_cache: str, tmp_path)
             edge.answers[fid] = asyncio.get_running_loop().create_future()
             tunnel.flush_soon()
             results[name] = await asyncio.wait_for(edge.answers[fid], 10)
+        keys.extend(t.hello.grant_key for t in edge.tunnels)
         tunnel.close("shutdown", "test over")
         server.close()
         return results
 
     try:
+        keys: list[bytes] = []
         results = asyncio.run(scenario())
         dialled = 0
         while select.select([backend], [], [], 0.5)[0]:
@@ -164,4 +166,6 @@ def test_connector_dials_only_flows_with_a_valid_grant(pki_cache: str, tmp_path)
         "connector connector-1: the grant does not verify with this tunnel's grant key from edge edge-1"
     assert dialled == 2, "the connector dialled the backend for a flow without a valid grant"
     text = (tmp_path / "connector.log").read_text()
+    for key in keys:  # the tunnels' grant keys are in no log line
+        assert key.hex() not in text and repr(key)[2:-1] not in text
     assert text.count("OPEN refused: no valid grant") == 8
