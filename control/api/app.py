@@ -6,7 +6,7 @@ admin key required), user sign-in under ``/v1/auth`` (``auth.py``: password/TOTP
 tokens; ``oidc.py``: through an OIDC provider), the client agents' profile under
 ``/v1/client`` (``client.py``), ``POST /v1/register`` (``register.py``, one-time token),
 the node routes under ``/v1/node`` (``nodes.py``, node certificate token), ``GET /health``
-(no credential), and the OpenAPI document at ``/schema/openapi.json`` (Swagger UI at
+and ``GET /v1/ca`` (the CA certificate, for clients to check against their pin; no credential), and the OpenAPI document at ``/schema/openapi.json`` (Swagger UI at
 ``/schema/swagger``). Credentials are checked by ``guards.py``; errors are JSON
 (``errors.py``).
 """
@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from litestar import Litestar, get
+from litestar import Litestar, Response, get
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
@@ -54,6 +54,14 @@ MAX_BODY_BYTES = 1024 * 1024
 async def health() -> Health:
     """Liveness: the process answers (no credential needed)."""
     return Health(status="ok")
+
+
+@get("/v1/ca", tags=["health"], security=[], media_type="application/x-pem-file", sync_to_thread=False)
+def ca_certificate(api: Api) -> Response[bytes]:
+    """The CA certificate (PEM) that the control plane's HTTPS certificate and every node certificate
+    chain to. No credential: a client keeps it only when its SPKI hash equals the pin it was given
+    out of band (``dataplane.basics.controltls``)."""
+    return Response(api.ca.bundle(), media_type="application/x-pem-file")
 
 
 def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence[str] = (),
@@ -117,7 +125,7 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     )
     app = Litestar(
         route_handlers=[admin_router(), policy_router(), identity_router(), auth_router(), oidc_router(),
-                        client_router(), traffic_router(), register, health, *NODE_ROUTES],
+                        client_router(), traffic_router(), register, health, ca_certificate, *NODE_ROUTES],
         on_startup=[start_following],
         on_shutdown=[stop_following],
         dependencies={"api": Provide(provide_api, sync_to_thread=False)},

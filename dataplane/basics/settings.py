@@ -34,12 +34,15 @@ class CommonSettings(msgspec.Struct, kw_only=True):
     data_dir: str = ".ferryman"
     log_level: str = "info"
     log_format: str = "text"
+    control_ca: str = ""
+    control_insecure_http: int = 0
 
 
 class ControlSettings(CommonSettings, kw_only=True):
     """The control plane's settings (and those the admin CLI finds it with)."""
 
     control_listen: str = "127.0.0.1:8080"
+    control_hosts: str = ""
     database_url: str = ""
     cert_lifetime_days: int = 180
     traffic_retention_days: int = 30
@@ -59,6 +62,14 @@ class ControlSettings(CommonSettings, kw_only=True):
     sign_in_max_total_failures: int = 1000
     sign_in_known_source_days: float = 30.0
     refresh_grace: float = 30.0
+    # limits of the HTTP server (control plane API; a node's metrics server)
+    control_max_connections: int = 4096
+    control_max_waiting_per_source: int = 128
+    control_request_timeout: float = 20.0
+    control_keepalive_timeout: float = 5.0
+    control_max_head: int = 65536
+    log_limit: int = 50
+    log_limit_interval: float = 10.0
 
 
 class NodeSettings(CommonSettings, kw_only=True):
@@ -77,6 +88,14 @@ class NodeSettings(CommonSettings, kw_only=True):
     write_buffer_high: int = 1048576
     udp_backlog: int = 32768
     quic_packet_size: int = 1350
+    # limits of the HTTP server (control plane API; a node's metrics server)
+    control_max_connections: int = 4096
+    control_max_waiting_per_source: int = 128
+    control_request_timeout: float = 20.0
+    control_keepalive_timeout: float = 5.0
+    control_max_head: int = 65536
+    log_limit: int = 50
+    log_limit_interval: float = 10.0
 
 
 class EdgeSettings(NodeSettings, kw_only=True):
@@ -88,6 +107,10 @@ class EdgeSettings(NodeSettings, kw_only=True):
     traffic_queue: int = 100000
     open_timeout: float = 15.0
     pending_opens_share: float = 0.25
+    max_tunnels_per_client: int = 16
+    max_tunnels_per_connector: int = 128
+    max_handshakes: int = 1024
+    max_handshakes_per_source: int = 128
     # following the control plane (a registered edge)
     control_url: str = ""
     config_wait: float = 25.0
@@ -177,9 +200,12 @@ VARIABLES: dict[str, str] = {
     "log_level": "Log level: debug, info, warning, error.",
     "log_format": "`text` for humans, `json` for one JSON object per line.",
     "metrics_addr": "HOST:PORT serving Prometheus `/metrics` and `/ready`; empty disables it.",
-    "control_listen": "Control plane: HOST:PORT of its HTTP API (admin API, registration).",
+    "control_listen": "Control plane: HOST:PORT of its HTTPS API (admin API, registration).",
+    "control_hosts": "Control plane: comma-separated host names and IP addresses its HTTPS certificate (issued from its own CA, in FERRYMAN_DATA_DIR/tls) names; empty means `localhost`, `127.0.0.1`, `::1` and this host's name. A change issues a new certificate at the next start.",
+    "control_ca": "Nodes, clients, admin CLI: the control plane's CA certificate (PEM file) that its HTTPS certificate must chain to; empty means the CA pinned at registration or sign-in (`--ca-hash`, or the hash inside the registration token), or for the admin CLI `FERRYMAN_DATA_DIR/ca/ca.pem` when it exists.",
+    "control_insecure_http": "`1` lets the control plane serve, and nodes, clients and the admin CLI use, plain `http://` (no TLS; warned in the log at every start); `0` refuses `http://` control-plane URLs.",
     "database_url": "Control plane: SQLAlchemy database URL (e.g. `postgresql://user:pw@host/db`); empty means an SQLite file `control.db` in FERRYMAN_DATA_DIR.",
-    "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal).",
+    "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal), and of its own HTTPS certificate (issued again at a start once less than a third is left).",
     "traffic_retention_days": "Control plane: traffic log records older than this many days are deleted (checked hourly).",
     "heartbeat_interval": "Seconds between node heartbeats to the control plane; a node missing 3 in a row is shown inactive (set the same on nodes and control plane).",
     "access_token_minutes": "Control plane: lifetime in minutes of the access tokens it signs at sign-in and refresh (edges accept a token until it expires).",
@@ -246,6 +272,17 @@ VARIABLES: dict[str, str] = {
     "handshake_timeout": "Seconds allowed for the TLS handshake plus HELLO exchange.",
     "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point): above it a tunnel takes no more data from flows, and an edge stops reading a TLS/TCP tunnel's peer until the peer has read enough of what was sent to it (`ferryman_tunnel_read_pauses_total`).",
     "udp_backlog": "Bytes waiting to be written to a TLS/TCP tunnel above which a datagram is dropped (`tunnel_busy`) rather than queued behind them, at every hop: bounds how long a datagram waits (32 KiB is about 9 ms of 64-byte datagrams at 50,000/s).",
+    "max_tunnels_per_client": "Edge: most tunnels one client identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
+    "max_tunnels_per_connector": "Edge: most tunnels one connector identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
+    "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once.",
+    "max_handshakes_per_source": "Edge: most tunnel handshakes in progress from one source address (IPv6: /64); a connection beyond is closed at once.",
+    "control_max_connections": "Control plane API and each node's metrics server: most connections open at once; one more is answered 503 and closed. Every node and signed-in client agent holds one configuration or profile long-poll: keep this above the fleet (and below the process's open-file limit).",
+    "control_max_waiting_per_source": "Control plane API and each node's metrics server: most connections of one source address (IPv6: /64) waiting for a request head; one more is answered 503 and closed.",
+    "control_request_timeout": "Control plane API and each node's metrics server: seconds a request head may take from the connection (or the request's first byte) until complete; then the connection is closed (408). The metrics server allows at most 5 s.",
+    "control_keepalive_timeout": "Control plane API: seconds an idle connection is kept open between requests.",
+    "control_max_head": "Control plane API and each node's metrics server: most bytes of a request line and headers; beyond that 431 and the connection is closed. The metrics server allows at most 8192.",
+    "log_limit": "Most log lines about refused tunnels, handshakes, connections and OPENs per peer or source address in each FERRYMAN_LOG_LIMIT_INTERVAL; the rest are dropped and counted (`ferryman_log_lines_suppressed_total`), and the next line says how many.",
+    "log_limit_interval": "Seconds of each FERRYMAN_LOG_LIMIT window.",
 }
 
 _LIMITS: dict[str, tuple[float, float]] = {
@@ -278,6 +315,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "sign_in_max_total_failures": (1, 10_000_000),
     "sign_in_known_source_days": (0, 3650),
     "refresh_grace": (0, 300),
+    "control_insecure_http": (0, 1),
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),
     "traffic_queue": (1, 10_000_000),
@@ -291,6 +329,17 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "dns_cache": (0, 10_000_000),
     "grant_cache": (1, 1 << 24),
     "process_lookup_wait": (0, 1),
+    "max_tunnels_per_client": (1, 1 << 20),
+    "max_tunnels_per_connector": (1, 1 << 20),
+    "max_handshakes": (1, 1 << 20),
+    "max_handshakes_per_source": (1, 1 << 20),
+    "control_max_connections": (1, 1 << 20),
+    "control_max_waiting_per_source": (1, 1 << 20),
+    "control_request_timeout": (0.1, 3600),
+    "control_keepalive_timeout": (0.1, 3600),
+    "control_max_head": (1024, 1 << 24),
+    "log_limit": (1, 1_000_000),
+    "log_limit_interval": (0.1, 86400),
 }
 
 

@@ -35,6 +35,7 @@ from ..access.destinations import DialPolicy, Refusal
 from ..access.grants import KEY_SIZE as GRANT_KEY_SIZE
 from ..access.grants import GrantError, GrantVerifier
 from ..basics.hostport import dns_server, parse_hostport
+from ..basics.caps import HttpLimits, LogLimiter
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.pki import PeerCertificate
 from ..basics.settings import ConnectorSettings
@@ -72,7 +73,7 @@ class Connector(EndpointNode[EdgeKey]):
         self.udp_backlog = settings.udp_backlog
         self.credentials = credentials
         self.name = credentials.name
-        self.stats = Stats("connector", credentials.name)
+        self.stats = Stats("connector", credentials.name, LogLimiter(settings.log_limit, settings.log_limit_interval))
         self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
@@ -106,7 +107,8 @@ class Connector(EndpointNode[EdgeKey]):
             self.link.load_cached()
         following = asyncio.create_task(self.link.run(stop)) if self.link is not None else None
         if self.settings.metrics_addr:
-            metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready)
+            metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready,
+                                                 limits=HttpLimits.from_settings(self.settings))
         slots = [asyncio.create_task(keep_tunnel(self, self.settings, self._wire, lambda: self._ssl, self.edges,
                                                  self._session, lambda: not self.draining, first=i, label=f"t{i}->"))
                  for i in range(self.settings.connector_tunnels)]
@@ -233,9 +235,9 @@ class Connector(EndpointNode[EdgeKey]):
                                         key=tunnel.conn.grant_key)
         except GrantError as exc:
             self.stats.count(self.stats.protocol_errors, exc.code)
-            log.warning("OPEN refused: no valid grant", extra={"edge": tunnel.peer_name, "dest":
-                                                                f"{request.host}:{request.port}", "code": exc.code,
-                                                                "reason": str(exc)})
+            self.stats.log_limit.log(log, logging.WARNING, tunnel.peer_name, "OPEN refused: no valid grant", {
+                "edge": tunnel.peer_name, "dest": f"{request.host}:{request.port}", "code": exc.code,
+                "reason": str(exc)})
             self._refuse(tunnel, event.flow_id, exc.code, f"connector {self.name}: {exc}")
             return
         if request.protocol in ("udp", "dns"):
@@ -263,7 +265,8 @@ class Connector(EndpointNode[EdgeKey]):
     def _refuse(self, tunnel: ConnectorTunnel, flow_id: int, code: str, reason: str) -> None:
         tunnel.reject(flow_id, code, reason)
         self.stats.count(self.stats.open_failures, code)
-        log.info("open refused", extra={"flow": flow_id, "code": code, "reason": reason})
+        self.stats.log_limit.log(log, logging.INFO, tunnel.peer_name, "open refused", {
+            "edge": tunnel.peer_name, "flow": flow_id, "code": code, "reason": reason})
 
     async def _dial(self, tunnel: ConnectorTunnel, flow: SocketFlow | UdpFlow, request: Open, app: str,
                     address: tuple[str, int] | None = None) -> None:
@@ -335,7 +338,8 @@ class Connector(EndpointNode[EdgeKey]):
         def refused(target: Target, refusal: Refusal) -> None:
             refusals.append(refusal)
             self.stats.count(self.stats.dial_refused, refusal.rule)
-            log.warning("destination address refused", extra={
+            who = request.device or request.user  # lines per device: one client's flood hides no other's
+            self.stats.log_limit.log(log, logging.WARNING, who, "destination address refused", {
                 "dest": f"{host}:{port}", "address": target[1][0], "app": app, "rule": refusal.rule,
                 "reason": refusal.reason, "user": request.user, "connection": request.connection})
 

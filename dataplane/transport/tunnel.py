@@ -13,7 +13,10 @@ dispatches the resulting events to its node (``TunnelHandler``), writes what the
 connection queued (coalesced into one write per loop iteration, which over TLS means
 as few records as possible), and owns the tunnel's timers: the handshake deadline
 (TLS + HELLO) and keepalive (PING every interval, dead after three silent intervals).
-It checks that the peer certificate's role matches the role announced in HELLO.
+It checks that the peer certificate's role matches the role announced in HELLO, and asks
+the node whether the tunnel may come up (``refuse_tunnel``: e.g. too many of that identity).
+A tunnel that closes before it came up is logged at most ``stats.log_limit`` lines per
+source address.
 
 One flow's trouble stays in that flow: the wire core answers calls about a flow that has
 just ended with a "flow gone" result instead of an error, and an unexpected exception
@@ -36,6 +39,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from ..basics.caps import source_key
 from ..basics.metrics import Stats
 from ..basics.pki import PeerCertificate, PkiError, peer_certificate
 from ..wire import events as ev
@@ -88,6 +92,11 @@ class TunnelHandler(Generic[F, S]):
 
     def refuse_peer(self, peer: PeerCertificate) -> str | None:
         """Why a peer with this (CA-verified) certificate must not connect (e.g. revoked), or None."""
+        return None
+
+    def refuse_tunnel(self, tunnel: TunnelBase[F, S]) -> tuple[str, str] | None:
+        """Why this tunnel, whose peer's HELLO checked out, must not come up (e.g. its identity
+        holds its maximum of tunnels): (code, reason) for the GOAWAY, or None."""
         return None
 
 
@@ -338,6 +347,10 @@ class TunnelBase(Generic[F, S]):
         if refusal is not None:
             self._refuse("certificate_revoked", refusal)
             return
+        refused = self.handler.refuse_tunnel(self)
+        if refused is not None:
+            self._refuse(*refused)
+            return
         self.up = True
         if self._timer is not None:
             self._timer.cancel()
@@ -379,8 +392,13 @@ class TunnelBase(Generic[F, S]):
         self.close_code = code
         self.close_reason = reason
         level = logging.WARNING if error or code not in ("peer_closed", "shutdown", "goaway") else logging.INFO
-        log.log(level, "tunnel closed", extra={"tunnel": self.label, "peer": self.peer_name,
-                                               "peer_addr": self.peer_addr, "code": code, "reason": reason})
+        extra = {"tunnel": self.label, "peer": self.peer_name, "peer_addr": self.peer_addr, "code": code,
+                 "reason": reason}
+        if self.up:
+            log.log(level, "tunnel closed", extra=extra)
+        else:  # refused before it came up (handshake, certificate, HELLO): a peer may repeat that at will
+            self.handler.stats.log_limit.log(log, level, source_key(self.peer_addr.rsplit(":", 1)[0]),
+                                             "tunnel closed", extra)
         return True
 
     # provided by the transport
