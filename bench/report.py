@@ -278,6 +278,10 @@ def compare(baseline: dict, current: dict) -> list[dict]:
     return rows
 
 
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def compare_table(rows: list[dict], baseline_name: str) -> str:
     """The text of ``compare``'s rows (one line each), headed by the baseline's name."""
     if not rows:
@@ -286,7 +290,7 @@ def compare_table(rows: list[dict], baseline_name: str) -> str:
     lines = [header]
     for r in rows:
         change = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.1f} %"
-        lines.append([r["what"], r["metric"], f"{r['baseline']:.4g}", f"{r['current']:.4g}", change, r["verdict"]])
+        lines.append([r["what"], r["metric"], _number(r["baseline"]), _number(r["current"]), change, r["verdict"]])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
             .rstrip() for line in lines]

@@ -49,6 +49,8 @@ def test_compare_says_which_way_each_metric_moved() -> None:
     line = next(ln for ln in text.splitlines() if "rr1_p50_us" in ln and ln.startswith("ferryman "))
     assert line.split() == ["ferryman", "rr1_p50_us", "200", "260", "+30.0", "%", "worse"]
     assert report.compare_table([], "x.json") == "compared with x.json: no metric in common"
+    big = report.compare(doc({"p": {"rr1_p99_us": 3591.0}}), doc({"p": {"rr1_p99_us": 10004.2}}))
+    assert report.compare_table(big, "b").splitlines()[-1].split()[2:4] == ["3,591", "10,004"]
 
 
 def test_a_metric_that_was_zero_and_is_no_more_is_new() -> None:
