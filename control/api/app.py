@@ -42,6 +42,7 @@ from .register import register
 from .schemas import Health
 from .throttle import SignInLimits
 from .traffic import traffic_retention, traffic_router
+from .webapps import webapp_router
 
 log = logging.getLogger("ferryman.control")
 
@@ -125,7 +126,8 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     )
     app = Litestar(
         route_handlers=[admin_router(), policy_router(), identity_router(), auth_router(), oidc_router(),
-                        client_router(), traffic_router(), register, health, ca_certificate, *NODE_ROUTES],
+                        client_router(), traffic_router(), webapp_router(), register, health, ca_certificate,
+                        *NODE_ROUTES],
         on_startup=[start_following],
         on_shutdown=[stop_following],
         dependencies={"api": Provide(provide_api, sync_to_thread=False)},

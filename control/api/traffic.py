@@ -72,6 +72,12 @@ class TrafficRecordOut(msgspec.Struct):
     bytes_sent: int
     bytes_received: int
     close_reason: str
+    http_method: str
+    http_host: str
+    http_path: str
+    http_status: int
+    http_protocol: str
+    user_agent: str
 
 
 _FIELDS = [f.name for f in msgspec.structs.fields(TrafficRecordOut)]

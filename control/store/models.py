@@ -130,6 +130,45 @@ class Application(Base):
     )
 
 
+WEB_PREAUTH = ("ferryman", "passthrough")
+WEB_BACKEND_TIMEOUTS = ("default", "long")
+
+
+class WebApplication(Base):
+    """What makes an application a published web app (``store.webapps``): its application row
+    (name, connector group, assignments, policies; never segments) plus these fields.
+    ``external_authority`` (``host`` or ``host:port``) is unique: one web app per external host."""
+
+    __tablename__ = "web_apps"
+    __table_args__ = (
+        CheckConstraint(_one_of("preauth", WEB_PREAUTH), name="ck_web_apps_preauth"),
+        CheckConstraint(_one_of("backend_timeout", WEB_BACKEND_TIMEOUTS), name="ck_web_apps_backend_timeout"),
+    )
+
+    application_id: Mapped[int] = mapped_column(ForeignKey("applications.id", ondelete="CASCADE"),
+                                                primary_key=True)
+    external_url: Mapped[str] = mapped_column(String(2048))
+    external_authority: Mapped[str] = mapped_column(String(300), unique=True)
+    internal_url: Mapped[str] = mapped_column(String(2048))
+    preauth: Mapped[str] = mapped_column(String(16))
+    backend_timeout: Mapped[str] = mapped_column(String(16))
+    translate_headers: Mapped[bool] = mapped_column(Boolean)
+    translate_body: Mapped[bool] = mapped_column(Boolean)
+    cookie_http_only: Mapped[bool] = mapped_column(Boolean)
+    cookie_persistent: Mapped[bool] = mapped_column(Boolean)
+    websocket: Mapped[bool] = mapped_column(Boolean)
+    verify_backend: Mapped[bool] = mapped_column(Boolean)
+    cors_preflight_bypass: Mapped[bool] = mapped_column(Boolean)
+    header_sso: Mapped[dict[str, Any]] = mapped_column(JSON)
+    backend_ca: Mapped[str] = mapped_column(Text)
+    # A custom-domain certificate: PEM chain, and its key sealed with the store's secrets key
+    # (``secretbox``, context ``web-app-key:<application id>``); both empty: the edges' own.
+    certificate: Mapped[str] = mapped_column(Text, default="")
+    certificate_key: Mapped[str] = mapped_column(Text, default="")
+
+    application: Mapped[Application] = relationship(lazy="joined")
+
+
 class Segment(Base):
     """Destination + ports + protocol of an application.
 
@@ -526,3 +565,10 @@ class TrafficLog(Base):
     bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
     close_reason: Mapped[str] = mapped_column(String(1024), default="")
+    # HTTP transactions of web apps (``application_kind`` ``web``): empty / 0 for flows.
+    http_method: Mapped[str] = mapped_column(String(16), default="")
+    http_host: Mapped[str] = mapped_column(String(300), default="")
+    http_path: Mapped[str] = mapped_column(String(1024), default="")
+    http_status: Mapped[int] = mapped_column(Integer, default=0)
+    http_protocol: Mapped[str] = mapped_column(String(16), default="")
+    user_agent: Mapped[str] = mapped_column(String(512), default="")

@@ -62,6 +62,13 @@ class FlowRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     bytes_sent: _Count = 0
     bytes_received: _Count = 0
     close_reason: _Text = ""
+    # One HTTP transaction of a web app (``application_kind`` ``web``; ``path`` without the query).
+    http_method: Annotated[str, msgspec.Meta(max_length=16)] = ""
+    http_host: _Text = ""
+    http_path: _Text = ""
+    http_status: Annotated[int, msgspec.Meta(ge=0, le=999)] = 0
+    http_protocol: Annotated[str, msgspec.Meta(max_length=16)] = ""
+    user_agent: _Text = ""
 
 
 def split_address(text: str) -> tuple[str, int]:
