@@ -88,6 +88,7 @@ class NodeSettings(CommonSettings, kw_only=True):
     keepalive_interval: float = 10.0
     handshake_timeout: float = 10.0
     write_buffer_high: int = 1048576
+    udp_backlog: int = 32768
     quic_packet_size: int = 1350
     quic_engine: str = "auto"
     quic_max_pending_datagrams: int = 512
@@ -325,6 +326,7 @@ VARIABLES: dict[str, str] = {
     "keepalive_interval": "Seconds between PINGs; a tunnel silent for 3 intervals is dead.",
     "handshake_timeout": "Seconds allowed for the TLS handshake plus HELLO exchange.",
     "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point): above it a tunnel takes no more data from flows, and an edge stops reading a TLS/TCP tunnel's peer until the peer has read enough of what was sent to it (`ferryman_tunnel_read_pauses_total`).",
+    "udp_backlog": "Bytes waiting to be written to a TLS/TCP tunnel above which a datagram is dropped (`tunnel_busy`) rather than queued behind them, at every hop: bounds how long a datagram waits (32 KiB is about 9 ms of 64-byte datagrams at 50,000/s).",
     "max_tunnels_per_client": "Edge: most tunnels one client identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
     "max_tunnels_per_connector": "Edge: most tunnels one connector identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
     "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once. QUIC handshakes (Initial taken, HELLO not done yet) are counted apart with the same cap; a new QUIC client beyond is dropped.",
@@ -347,6 +349,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "keepalive_interval": (0.05, 3600),
     "handshake_timeout": (0.1, 600),
     "write_buffer_high": (4096, 1 << 30),
+    "udp_backlog": (1024, 1 << 30),
     "drain_grace": (0, 86400),
     "dial_timeout": (0.01, 600),
     "resolve_timeout": (0.01, 600),
