@@ -187,6 +187,10 @@ class Path:
     def pids(self) -> list[int]:
         return [pid for proc in self.procs.values() for pid in process_tree(proc.pid)]
 
+    def processes(self) -> dict[str, list[int]]:
+        """``{process name: pids of its tree}``: whose CPU the per-process figures are."""
+        return {name: process_tree(proc.pid) for name, proc in self.procs.items()}
+
     def check(self) -> None:
         """Raise PathError if one of the path's processes has exited."""
         for name, proc in self.procs.items():
@@ -273,6 +277,7 @@ class FerrymanPath(Path):
 
     name = "ferryman"
     transport = "tcp"
+    quic_engine = "auto"
     udp_unsupported = None
 
     def __init__(self, backend_port: int, udp_backend_port: int = 0) -> None:
@@ -305,7 +310,10 @@ class FerrymanPath(Path):
     def _fabric(self, forwards: list[tuple]) -> Fabric:
         from dataplane.fabric import Fabric
 
-        return Fabric(os.path.join(self.workdir, "fabric"), forwards, env={"FERRYMAN_TRANSPORT": self.transport})
+        return Fabric(os.path.join(self.workdir, "fabric"), forwards, env=self._env())
+
+    def _env(self) -> dict[str, str]:
+        return {"FERRYMAN_TRANSPORT": self.transport, "FERRYMAN_QUIC_ENGINE": self.quic_engine}
 
     def udp_counters(self) -> dict[str, dict]:
         from prometheus_client.parser import text_string_to_metric_families
@@ -340,6 +348,11 @@ class FerrymanPath(Path):
         if self.fabric is None:
             return []
         return [pid for root in self.fabric.pids.values() for pid in process_tree(root)]
+
+    def processes(self) -> dict[str, list[int]]:
+        if self.fabric is None:
+            return {}
+        return {role: process_tree(pid) for role, pid in self.fabric.pids.items()}
 
     def check(self) -> None:
         if self.fabric is None:
@@ -526,10 +539,18 @@ class HaproxyPath(Path):
 
 
 class FerrymanQuicPath(FerrymanPath):
-    """The same fabric with its tunnels on QUIC (aioquic): one stream per TCP flow, UDP as QUIC datagrams."""
+    """The same fabric with its tunnels on QUIC (the default engine, qh3 when installed): one stream
+    per TCP flow, UDP as QUIC datagrams."""
 
     name = "ferryman-quic"
     transport = "quic"
+
+
+class FerrymanAioquicPath(FerrymanQuicPath):
+    """The QUIC fabric on the aioquic engine (FERRYMAN_QUIC_ENGINE=aioquic), to compare the engines."""
+
+    name = "ferryman-quic-aioquic"
+    quic_engine = "aioquic"
 
 
 class FerrymanRelayPath(FerrymanPath):
@@ -541,9 +562,10 @@ class FerrymanRelayPath(FerrymanPath):
     def _fabric(self, forwards: list[tuple]) -> Fabric:
         from dataplane.fabric import Fabric
 
-        return Fabric(os.path.join(self.workdir, "fabric"), forwards, env={"FERRYMAN_TRANSPORT": self.transport},
+        return Fabric(os.path.join(self.workdir, "fabric"), forwards, env=self._env(),
                       managed=True, edges=2, connector_edges={"connector-1": ["edge-2"]})
 
 
 PATHS: dict[str, type[Path]] = {cls.name: cls for cls in (DirectPath, FerrymanPath, FerrymanQuicPath,
-                                                           FerrymanRelayPath, SshPath, StunnelPath, HaproxyPath)}
+                                                           FerrymanAioquicPath, FerrymanRelayPath, SshPath,
+                                                           StunnelPath, HaproxyPath)}

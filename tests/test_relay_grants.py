@@ -7,6 +7,7 @@ edge's name: it does not hold that edge's key.
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from pathlib import Path
 
@@ -100,3 +101,13 @@ def test_a_relayed_grant_is_used_once(made) -> None:
             with pytest.raises(GrantError) as info:
                 verifier.verify(grant, edge_key, name, now=time.time(), **FLOW)  # type: ignore[arg-type]
             assert info.value.code == "grant_replayed"
+
+
+def test_the_relaying_edges_tunnel_key_makes_no_relayed_grant(made) -> None:
+    """The relaying edge holds the grant key of its own tunnel to the connector; a MAC'd grant in
+    a relayed OPEN is never checked with it (the connector passes no tunnel key for relayed OPENs),
+    so it is unverifiable whatever edge it names."""
+    tunnel_key = os.urandom(grants.KEY_SIZE)
+    minted = grants.mac(tunnel_key, edge="edge-a", connector="conn-1", connection="m1", user="u", device="d",
+                        now=time.time(), **FLOW)  # type: ignore[arg-type]
+    assert refused(made, minted, der(made["edge-a"]), "grant_unverifiable") == "this tunnel has no grant key"

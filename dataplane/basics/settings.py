@@ -62,6 +62,8 @@ class ControlSettings(CommonSettings, kw_only=True):
     sign_in_max_total_failures: int = 1000
     sign_in_known_source_days: float = 30.0
     refresh_grace: float = 30.0
+    console_idle_minutes: int = 30
+    console_session_hours: int = 12
     # limits of the HTTP server (control plane API; a node's metrics server)
     control_max_connections: int = 4096
     control_max_waiting_per_source: int = 128
@@ -86,7 +88,12 @@ class NodeSettings(CommonSettings, kw_only=True):
     keepalive_interval: float = 10.0
     handshake_timeout: float = 10.0
     write_buffer_high: int = 1048576
+    udp_backlog: int = 32768
     quic_packet_size: int = 1350
+    quic_engine: str = "auto"
+    quic_max_pending_datagrams: int = 512
+    quic_socket_buffer: int = 4194304
+    quic_offload: str = "on"
     # limits of the HTTP server (control plane API; a node's metrics server)
     control_max_connections: int = 4096
     control_max_waiting_per_source: int = 128
@@ -103,6 +110,7 @@ class EdgeSettings(NodeSettings, kw_only=True):
     edge_listen: str = "0.0.0.0:8443"
     apps_file: str = ""
     edge_quic: str = "on"
+    quic_retry_threshold: int = 64
     traffic_queue: int = 100000
     open_timeout: float = 15.0
     pending_opens_share: float = 0.25
@@ -245,6 +253,8 @@ VARIABLES: dict[str, str] = {
     "sign_in_max_total_failures": "Control plane: failed sign-ins allowed in all within the window (per control-plane process); beyond that only known sources may try.",
     "sign_in_known_source_days": "Control plane: days a source address where an account signed in stays known for it: held only to FERRYMAN_SIGN_IN_MAX_FAILURES, so failures from elsewhere never lock the user out there.",
     "refresh_grace": "Control plane: seconds after a refresh during which the same refresh token may be sent again (its answer was lost) and gets the same new refresh token; later it counts as reuse and revokes the session. 0 disables.",
+    "console_idle_minutes": "Control plane: a web console session ends after this many minutes without a request (sign in again).",
+    "console_session_hours": "Control plane: a web console session ends this many hours after sign-in, however active.",
     "control_url": "Edge/connector: control plane URL to follow; empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
@@ -301,6 +311,11 @@ VARIABLES: dict[str, str] = {
     "quic_timeout": "Connector/client: seconds a QUIC handshake may take before `auto` falls back to TLS/TCP.",
     "quic_probe_interval": "Connector/client: with `auto` on a TCP fallback, seconds before QUIC is tried again.",
     "quic_packet_size": "Largest UDP payload of a QUIC packet, bytes (1200 to 1452).",
+    "quic_engine": "QUIC implementation: `qh3` (native packet core, fast), `aioquic` (pure Python), or `auto` (qh3 when installed, else aioquic, logged).",
+    "quic_offload": "`on`: QUIC sockets send with UDP segmentation offload (GSO) and receive coalesced (GRO) where the kernel has them, else one datagram per system call; `off`: always one per call.",
+    "quic_socket_buffer": "Receive and send buffer in bytes asked for on each QUIC UDP socket, so bursts are not dropped by the kernel (capped at net.core.rmem_max/wmem_max).",
+    "quic_max_pending_datagrams": "UDP datagrams a QUIC tunnel queues for sending before refusing more (`datagram_queue_full`).",
+    "quic_retry_threshold": "Edge: with more QUIC handshakes than this in progress, new clients must first prove their address (QUIC Retry).",
     "https_proxy": "Connector/client: HTTP CONNECT proxy URL for TLS/TCP tunnels (`http://[user:password@]host:port`); empty means the `HTTPS_PROXY`/`https_proxy` variable.",
     "no_proxy": "Connector/client: comma-separated hosts, domains (`.corp.example`) or CIDRs dialed without the proxy; empty means the `NO_PROXY`/`no_proxy` variable.",
     "udp_idle_timeout": "Seconds without a datagram either way after which a UDP flow ends.",
@@ -314,11 +329,12 @@ VARIABLES: dict[str, str] = {
     "keepalive_interval": "Seconds between PINGs; a tunnel silent for 3 intervals is dead.",
     "handshake_timeout": "Seconds allowed for the TLS handshake plus HELLO exchange.",
     "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point): above it a tunnel takes no more data from flows, and an edge stops reading a TLS/TCP tunnel's peer until the peer has read enough of what was sent to it (`ferryman_tunnel_read_pauses_total`).",
+    "udp_backlog": "Bytes waiting to be written to a TLS/TCP tunnel above which a datagram is dropped (`tunnel_busy`) rather than queued behind them, at every hop: bounds how long a datagram waits (32 KiB is about 9 ms of 64-byte datagrams at 50,000/s).",
     "max_tunnels_per_client": "Edge: most tunnels one client identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
     "presence_interval": "Edge: fewest seconds between two reports to the control plane of the connectors it holds tunnels to (a change is reported this soon, not at the next heartbeat); the presence map edges relay flows by (`GET /v1/node/presence`) is kept apart from the configuration version.",
     "max_tunnels_per_connector": "Edge: most tunnels one connector identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
-    "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once.",
-    "max_handshakes_per_source": "Edge: most tunnel handshakes in progress from one source address (IPv6: /64); a connection beyond is closed at once.",
+    "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once. QUIC handshakes (Initial taken, HELLO not done yet) are counted apart with the same cap; a new QUIC client beyond is dropped.",
+    "max_handshakes_per_source": "Edge: most tunnel handshakes in progress from one source address (IPv6: /64); a connection beyond is closed at once. The same applies to QUIC handshakes, counted apart.",
     "control_max_connections": "Control plane API and each node's metrics server: most connections open at once; one more is answered 503 and closed. Every node and signed-in client agent holds one configuration or profile long-poll: keep this above the fleet (and below the process's open-file limit).",
     "control_max_waiting_per_source": "Control plane API and each node's metrics server: most connections of one source address (IPv6: /64) waiting for a request head; one more is answered 503 and closed.",
     "control_request_timeout": "Control plane API and each node's metrics server: seconds a request head may take from the connection (or the request's first byte) until complete; then the connection is closed (408). The metrics server allows at most 5 s.",
@@ -338,6 +354,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "keepalive_interval": (0.05, 3600),
     "handshake_timeout": (0.1, 600),
     "write_buffer_high": (4096, 1 << 30),
+    "udp_backlog": (1024, 1 << 30),
     "drain_grace": (0, 86400),
     "dial_timeout": (0.01, 600),
     "resolve_timeout": (0.01, 600),
@@ -359,6 +376,8 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "sign_in_max_total_failures": (1, 10_000_000),
     "sign_in_known_source_days": (0, 3650),
     "refresh_grace": (0, 300),
+    "console_idle_minutes": (1, 1440),
+    "console_session_hours": (1, 168),
     "control_insecure_http": (0, 1),
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),
@@ -380,6 +399,9 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "quic_timeout": (0.1, 600),
     "quic_probe_interval": (1, 86400),
     "quic_packet_size": (1200, 1452),
+    "quic_max_pending_datagrams": (1, 1 << 20),
+    "quic_socket_buffer": (4096, 1 << 30),
+    "quic_retry_threshold": (0, 1 << 20),
     "udp_idle_timeout": (0.1, 86400),
     "max_udp_flows": (1, 1 << 20),
     "udp_queue": (1, 1 << 16),
@@ -426,7 +448,9 @@ def _coerce(field: str, raw: Any, kind: type) -> Any:
         raise SettingsError(f"{name}={raw!r}: must be 'text' or 'json'")
     if field == "transport" and value not in ("auto", "quic", "tcp"):
         raise SettingsError(f"{name}={raw!r}: must be auto, quic or tcp")
-    if field in ("edge_quic", "process_lookup", "transparent") and value not in ("on", "off"):
+    if field == "quic_engine" and value not in ("auto", "qh3", "aioquic"):
+        raise SettingsError(f"{name}={raw!r}: must be auto, qh3 or aioquic")
+    if field in ("edge_quic", "process_lookup", "transparent", "quic_offload") and value not in ("on", "off"):
         raise SettingsError(f"{name}={raw!r}: must be on or off")
     if field == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"{name}={raw!r}: must be debug, info, warning or error")

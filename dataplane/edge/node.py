@@ -4,7 +4,7 @@ For every OPEN from a client the edge asks ``access.admission.admit`` whether it
 through (the application whose segment covers the destination, the user's sign-in and
 conditional access) and refuses it with the verdict's reason, or picks the least-loaded
 healthy connector tunnel of that application's connector group (never a draining one),
-signs a grant for exactly this flow and opens it there. Every OPEN is answered: a connector
+makes a grant for exactly this flow (MAC'd under the key that connector tunnel's HELLO carries) and opens it there. Every OPEN is answered: a connector
 that does not answer within ``FERRYMAN_OPEN_TIMEOUT`` gets an RST and the client OPEN_FAIL
 ``open_timeout``, and one user (or device) may have at most ``FERRYMAN_PENDING_OPENS_SHARE``
 of ``FERRYMAN_MAX_PENDING_OPENS`` OPENs waiting on one connector tunnel, so a client that opens
@@ -62,6 +62,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ..access.admission import AccessRequest, AccessTables, Unauthenticated, Verdict, admit
 from ..access.apptable import AppTable, app_table
 from ..access.connectors import ConnectorGroups
+from ..access.grants import KEY_SIZE as GRANT_KEY_SIZE
+from ..access.grants import mac as mac_grant
 from ..access.grants import sign as sign_grant
 from ..access.policy import AccessIndex, Principal
 from ..access.tokens import TokenError, TokenVerifier
@@ -77,7 +79,7 @@ from ..controllink.link import ControlLink, Report, cut_revoked
 from ..controllink.registration import Registration
 from ..controllink.traffic import TrafficQueue
 from ..transport.credentials import NodeCredentials
-from ..transport.quic import QuicServer, load_credentials, serve_quic
+from ..transport.quic import HandshakeLimits, QuicServer, load_credentials, serve_quic
 from ..transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from ..wire import events as ev
 from ..wire.connection import FlowError
@@ -123,6 +125,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if apps is not None and registered is not None:
             raise ValueError(APPS_FILE_ON_REGISTERED_EDGE)
         self.settings = settings
+        self._udp_backlog = settings.udp_backlog  # a datagram is dropped rather than queued behind more
         self.credentials = credentials
         self.name = credentials.name
         self.static_apps = apps is not None
@@ -220,7 +223,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         bound = self.listener.getsockname()
         if s.edge_quic == "on":  # QUIC tunnels on the same port number, over UDP
             self.quic = await serve_quic(self, self._wire, host, bound[1], s,
-                                         load_credentials(s.tls_cert, s.tls_key, s.tls_ca))
+                                         load_credentials(s.tls_cert, s.tls_key, s.tls_ca),
+                                         limits=HandshakeLimits.of(s))
         if self.web is not None:
             web_host, web_port = await self.web.start()
             log.info("HTTPS front door listening", extra={"addr": f"{web_host}:{web_port}",
@@ -717,9 +721,19 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             return
         app = match.app.name if match is not None else ""
         now = time.time()
-        grant = sign_grant(self._grant_key, edge=self.name, connector=connector_name, host=request.host,
-                           port=request.port, protocol=request.protocol, connection=connection, user=user,
-                           device=device, now=now, app=app)
+        # MAC'd under the grant key the connector sent on its tunnel; signed when it sent none, and always
+        # for a relayed flow (this edge shares no key with a connector behind a peer edge, and the peer
+        # must not be able to make the grant: the connector verifies the signature with this edge's
+        # certificate, carried in the OPEN).
+        key = out.hello.grant_key if not relayed and out.hello is not None else b""
+        if len(key) >= GRANT_KEY_SIZE:
+            grant = mac_grant(key, edge=self.name, connector=connector_name, host=request.host,
+                              port=request.port, protocol=request.protocol, connection=connection, user=user,
+                              device=device, now=now, app=app)
+        else:
+            grant = sign_grant(self._grant_key, edge=self.name, connector=connector_name, host=request.host,
+                               port=request.port, protocol=request.protocol, connection=connection, user=user,
+                               device=device, now=now, app=app)
         try:
             kfid = out.open_flow(Open(
                 host=request.host, port=request.port, protocol=request.protocol,
@@ -996,7 +1010,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
 
     def datagram_received(self, tunnel: EdgeTunnel, event: ev.DatagramReceived) -> None:
         """A UDP flow's datagram: passed to the other tunnel as the same slice, or dropped and
-        counted when that tunnel's write buffer is full (datagrams are never queued here)."""
+        counted when that tunnel's write buffer is full or holds ``FERRYMAN_UDP_BACKLOG`` bytes
+        already (datagrams are never queued here, nor behind much else)."""
         splice = tunnel.routes.get(event.flow_id)
         stats = self.stats
         if splice is None or type(splice) is WebFlow:
@@ -1011,7 +1026,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             stats.bytes_rx += size
         else:
             stats.bytes_tx += size
-        if not out.writable:
+        if not out.takes_datagram(self._udp_backlog):
             stats.count(stats.datagrams_dropped, "tunnel_busy")
             return
         try:
