@@ -77,6 +77,7 @@ class Relay:
         self.out: dict[str, AnyTunnel] = {}  # peer edge -> the relay tunnel this edge dialed to it
         self._dialing: dict[str, asyncio.Task[AnyTunnel]] = {}
         self._failed: dict[str, float] = {}  # peer -> loop time until which its failed dial ranks it last
+        self._closing: set[asyncio.Task[None]] = set()  # relay tunnels to peers gone from the map, until idle
 
     # ------------------------------------------------------------------ the presence map
     def update(self, presence: Presence) -> None:
@@ -85,8 +86,9 @@ class Relay:
         self.peers = {e.name: e for e in presence.edges if e.name != self.name}
         self._failed = {name: until for name, until in self._failed.items() if name in self.peers}
         for name, tunnel in list(self.out.items()):
-            if name not in self.peers and not tunnel.closed:
-                tunnel.goaway("peer_gone", f"edge {name} left the presence map")
+            if name not in self.peers:  # no new flows go there; the tunnel closes once its flows ended
+                del self.out[name]
+                self._close_when_idle(tunnel, f"edge {name} left the presence map")
         log.info("presence map updated", extra={"edges": len(presence.edges), "tag": presence.tag,
                                                 "relay_connectors": sum(len(e.connectors) for e in self.peers.values())})
 
@@ -159,6 +161,16 @@ class Relay:
         self._failed.pop(peer.name, None)
         return tunnel
 
+    def _close_when_idle(self, tunnel: AnyTunnel, reason: str) -> None:
+        async def close() -> None:
+            while tunnel.routes and not tunnel.closed:
+                await asyncio.sleep(1.0)
+            tunnel.close("peer_gone", reason)
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def forget(self, tunnel: AnyTunnel) -> None:
         """An outgoing relay tunnel ended."""
         for name, t in list(self.out.items()):
@@ -176,7 +188,7 @@ class Relay:
         return None
 
     def close(self) -> None:
-        for task in list(self._dialing.values()):
+        for task in [*self._dialing.values(), *self._closing]:
             task.cancel()
         for tunnel in list(self.out.values()):
             tunnel.goaway("shutdown", f"edge {self.name} is shutting down")
