@@ -80,3 +80,45 @@ class Reader:
             out.append(payload[pos:pos + size])
             pos += size
         return out
+
+
+class RecordingTransport:
+    """The transport a front end's asyncio Protocol writes to in a target: it keeps what was
+    written and whether the connection was closed or paused (the socket under a real one)."""
+
+    def __init__(self, peer: tuple[str, int] = ("127.0.0.1", 40000),
+                 local: tuple[str, int] = ("127.0.0.1", 1080)) -> None:
+        self.written = bytearray()
+        self.closed = False
+        self.paused = False
+        self._extra = {"peername": peer, "sockname": local}
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self._extra.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise Finding("write after close")
+        self.written += data
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
