@@ -10,6 +10,7 @@ never a wait once the proxy has closed, never more than ``MAX_RESPONSE_HEAD`` (+
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 
 from dataplane.transport import proxy as egress
@@ -19,6 +20,7 @@ from . import Finding, Reader
 PROXIES = [egress.EgressProxy.parse("http://proxy.example:3128"),
            egress.EgressProxy.parse("http://user:secret@proxy.example:3128")]
 _loop = asyncio.new_event_loop()
+_SUCCESS = re.compile(rb"(HTTP/\d\.\d 1\d\d[^\r\n]*\r?\n(?:[^\r\n]+\r?\n)*\r?\n)*HTTP/\d\.\d 2\d\d")
 
 
 async def _exchange(answer: list[bytes], which: int) -> BaseException | None:
@@ -65,5 +67,5 @@ def one_input(data: bytes) -> None:
         message = str(result)
         if len(message) > 2000 or not message.isprintable():
             raise Finding(f"ProxyError message not a bounded printable line: {message[:300]!r}")
-    elif not answer.startswith(b"HTTP/1.") or answer[9:10] != b"2":
+    elif not _SUCCESS.match(answer):
         raise Finding(f"exchange accepted {answer[:40]!r}")

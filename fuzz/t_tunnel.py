@@ -52,6 +52,8 @@ def _normalize(events: list[ev.Event]) -> list[tuple]:
                 out.append(("data", e.flow_id, bytes(e.data)))
         elif isinstance(e, ev.DatagramReceived):
             out.append(("datagram", e.flow_id, bytes(e.data)))
+        elif isinstance(e, ev.PongReceived):
+            out.append(("pong", repr(e.sent_at)))  # the peer's 8 bytes: NaN is a value here
         else:
             out.append((type(e).__name__,) + tuple(getattr(e, name) for name in e.__slots__))
     return out
