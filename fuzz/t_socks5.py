@@ -4,7 +4,8 @@ Two inputs a local app controls: the TCP handshake (greeting, then a CONNECT or 
 request), fed to ``Socks5`` in reads of fuzzed sizes, and a UDP relay datagram's SOCKS header
 (``parse_address``, as ``UdpAssociation.datagram_received`` reads it). Contract:
 
-- ``data_received`` raises nothing; what it buffers stays within ``MAX_HANDSHAKE`` plus one read;
+- ``data_received`` raises nothing; a connection still waiting for its request holds at most
+  ``MAX_HANDSHAKE`` bytes;
 - the handshake ends in exactly one outcome: a request handed on (CONNECT: a host and a port
   1-65535; UDP ASSOCIATE), or a SOCKS reply and a closed connection, or a close (not SOCKS5);
 - ``parse_address`` returns None (truncated) or an address, or raises ``ValueError``; an address it
@@ -74,7 +75,7 @@ def one_input(data: bytes) -> None:
         if transport.closed or (proto.outcome is not None and proto.outcome[0] == "connect"):
             break  # closed, or the connection now belongs to its flow
         proto.data_received(chunk)
-        if proto.association is None and len(proto.buf) > socks.MAX_HANDSHAKE + 255:
+        if not transport.closed and proto.outcome is None and len(proto.buf) > socks.MAX_HANDSHAKE:
             raise Finding(f"{len(proto.buf)} handshake bytes buffered")
     if proto.outcome is not None and transport.closed:
         raise Finding(f"request handed on ({proto.outcome[0]}) and the connection closed")
