@@ -58,6 +58,14 @@ def _parse(data: bytes) -> DNSRecord | None:
         return None
 
 
+def _packs(record: DNSRecord) -> bool:
+    try:
+        record.pack()
+    except Exception:  # a query dnslib cannot write again is dropped as malformed
+        return False
+    return True
+
+
 def one_input(data: bytes) -> None:
     r = Reader(data)
     query = r.take(r.u16() % 1024)
@@ -66,7 +74,7 @@ def one_input(data: bytes) -> None:
     resolver.answer_bytes = answer
     first = _run(resolver.resolve(query))
     parsed = _parse(query)
-    usable = parsed is not None and not parsed.header.qr and len(parsed.questions) == 1
+    usable = parsed is not None and not parsed.header.qr and len(parsed.questions) == 1 and _packs(parsed)
     if usable and not isinstance(first, (bytes, bytearray)):
         raise Finding(f"a query got no answer ({first!r})")
     if not usable and first is not None:
