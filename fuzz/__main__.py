@@ -3,6 +3,7 @@
     python -m fuzz list                      the targets
     python -m fuzz TARGET [--time S]         fuzz one target for S seconds (default: until stopped)
     python -m fuzz all --time S              every target in turn, S seconds each
+    python -m fuzz smoke [--time S]          every target briefly in this process, not coverage-guided
     python -m fuzz TARGET --reproduce FILE   run one saved input, with the traceback of what it breaks
 
 A finding's input is written to ``--findings`` (default ``fuzz-findings/``) as
@@ -82,6 +83,24 @@ def run_target(name: str, seconds: float, *, work: str, findings: str, seed: int
     return done.returncode, int(counts[-1]) if counts else 0, output.decode("utf-8", "replace")
 
 
+def smoke_all(seconds: float) -> int:
+    """Every target in this process, from its seeds with random mutations (``fuzz.smoke``)."""
+    import base64
+
+    from .smoke import smoke
+
+    for name in TARGETS:
+        try:
+            runs, _ = smoke(name, seconds)
+        except BaseException as exc:  # noqa: BLE001 - a finding, reported with its input
+            data = smoke.last_input  # type: ignore[attr-defined]
+            print(f"fuzz {name}: FINDING {type(exc).__name__}: {exc}; input (base64): "
+                  f"{base64.b64encode(data).decode()}", flush=True)
+            return 1
+        print(f"fuzz {name}: {runs} inputs, no findings", flush=True)
+    return 0
+
+
 def reproduce(args: argparse.Namespace) -> int:
     module = _load(args.target, instrument=False)
     data = Path(args.reproduce).read_bytes()
@@ -92,7 +111,7 @@ def reproduce(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fuzz", description="Fuzz the parsers a peer can reach.")
-    parser.add_argument("target", help="a target name, 'all', or 'list'")
+    parser.add_argument("target", help="a target name, 'all', 'smoke' or 'list'")
     parser.add_argument("--time", type=float, default=0, help="seconds to fuzz (each, for 'all'); 0: until stopped")
     parser.add_argument("--runs", type=int, default=0, help="stop after this many inputs (0: no limit)")
     parser.add_argument("--seed", type=int, default=None, help="libFuzzer's random seed")
@@ -124,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(output[-4000:], flush=True)
         print(f"fuzz all: {total} inputs, {failed} targets with findings", flush=True)
         return 1 if failed else 0
+    if args.target == "smoke":
+        return smoke_all(args.time or 1.5)
     if args.target not in TARGETS:
         parser.error(f"unknown target {args.target!r}; 'python -m fuzz list' names them")
     if args.reproduce:
