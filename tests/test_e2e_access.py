@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -28,6 +29,8 @@ import urllib.request
 
 import pyotp
 import pytest
+
+from dataplane.basics.version import SOFTWARE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -142,6 +145,8 @@ def test_an_allowed_flow_and_its_traffic_record(backend, fabric, xfer):
     assert first["action"] == "allow" and first["reason_code"] == "" and first["close_reason"] == "closed"
     assert (first["upn"], first["user_id"]) == (fab.user, session["user_id"])
     assert first["device_id"] == session["device_id"] and first["device_os"] == os.uname().sysname
+    assert first["device_os_version"] == platform.release()[:64] and first["client_version"] == SOFTWARE
+    assert first["display_name"] == fab.admin("GET", f"/v1/users/{fab.user}")["display_name"]
     assert first["source_ip"] == "127.0.0.1" and 0 < first["source_port"] < 65536
     assert (first["destination_ip"], first["destination_port"], first["destination_fqdn"]) == (
         "127.0.0.1", echo.port, "")
@@ -150,7 +155,11 @@ def test_an_allowed_flow_and_its_traffic_record(backend, fabric, xfer):
     assert first["segment"] == f"127.0.0.1:{echo.port}/tcp"
     assert first["bytes_sent"] == len(payload) and first["bytes_received"] == len(payload)
     assert first["connector_name"] == "connector-1" and first["connector_address"] == "127.0.0.1"
-    assert first["connector_id"] and first["edge"] == "edge-1"
+    assert first["edge"] == "edge-1"
+    (connector,) = [c for c in fab.admin("GET", "/v1/connectors") if c["name"] == "connector-1"]
+    assert first["connector_id"] == connector["id"]  # the id the API lists: logs filter by it
+    assert [r["id"] for r in fab.admin("GET", f"/v1/traffic?connector={connector['id']}&limit=1000")
+            if r["id"] == first["id"]] == [first["id"]]
     assert len(first["connection_id"]) == 16 and first["connection_id"] != second["connection_id"]
     assert first["transaction_id"] == second["transaction_id"]  # same client tunnel
     start = first["start"]
@@ -164,7 +173,7 @@ def test_an_allowed_flow_and_its_traffic_record(backend, fabric, xfer):
     assert [r for r in _records(fab, action="deny", app=APP) if _unix(r["start"]) >= started] == []
     request = urllib.request.Request(f"{fab.control_url}/v1/traffic/export?app={APP}",
                                      headers={"Authorization": f"Bearer {fab.admin_key}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=fab.control_tls) as response:
         assert response.headers["Content-Type"].startswith("application/x-ndjson")
         lines = [json.loads(line) for line in response.read().splitlines()]
     assert first in lines and second in lines
@@ -241,7 +250,7 @@ def test_mfa_policy_is_met_by_signing_in_with_totp(backend, fabric, xfer):
         request = urllib.request.Request(fab.control_url + path, data=json.dumps(body).encode(), method="POST",
                                          headers={"Authorization": f"Bearer {token}",
                                                   "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10, context=fab.control_tls) as response:
             return json.loads(response.read())
 
     secret = auth("/v1/auth/totp/enrol", {})["secret"]
@@ -249,8 +258,8 @@ def test_mfa_policy_is_met_by_signing_in_with_totp(backend, fabric, xfer):
     assert len(recovery) == 10
     fab.kill("client-1", 15)
     env_login = {**os.environ, "FERRYMAN_DATA_DIR": os.path.join(fab.workdir, "nodes", "client-1")}
-    login = [sys.executable, "-m", "dataplane", "client", "login", "--control", fab.control_url, "--user", fab.user,
-             "--password-stdin"]
+    login = [sys.executable, "-m", "dataplane", "client", "login", "--control", fab.control_url, "--ca-hash",
+             fab.ca_hash, "--user", fab.user, "--password-stdin"]
     refused = subprocess.run(login, env=env_login, input=fab.password + "\n", capture_output=True, text=True,
                              timeout=60)
     assert refused.returncode == 1 and "a TOTP code is required" in refused.stderr

@@ -5,7 +5,8 @@ call (which validates, writes the audit record with the key's name as actor, and
 configuration version), and the conversion of rows to ``schemas`` Structs. Handlers are
 synchronous (SQLAlchemy) and run in Litestar's thread pool.
 
-Resources: applications (+ their segments), connector-groups, connectors, edges,
+Resources: applications (+ their segments), connector-groups, connectors (moved between groups
+with PATCH), edges,
 dns-suffixes, forwarding-profile, registration-tokens, admin-keys, revocations,
 client-certificates, audit, config-version.
 """
@@ -46,6 +47,8 @@ from control.store.models import (
     utcnow,
 )
 
+from dataplane.basics.controltls import ca_pin, token_with_pin
+
 from .guards import Api, admin_routes
 from .schemas import (
     AdminKeyCreate,
@@ -59,6 +62,7 @@ from .schemas import (
     ClientCertificateCreate,
     ConfigVersionOut,
     ConnectorOut,
+    ConnectorUpdate,
     DnsSuffixCreate,
     DnsSuffixOut,
     EdgeOut,
@@ -242,6 +246,15 @@ def get_connector(api: Api, connector_id: str) -> ConnectorOut:
                               certificates.revoked_serials(session))
 
 
+@patch("/connectors/{connector_id:str}", sync_to_thread=True, tags=["connectors"])
+def update_connector(api: Api, actor: str, connector_id: str, data: ConnectorUpdate) -> ConnectorOut:
+    """Move a connector to another connector group (it serves that group's applications from the
+    next configuration version)."""
+    with api.store.begin() as session:
+        connector = nodes.move_connector(session, actor, connector_id, data.group)
+        return _connector_out(connector, api, utcnow(), certificates.revoked_serials(session))
+
+
 @get("/edges", sync_to_thread=True, tags=["edges"])
 def list_edges(api: Api) -> list[EdgeOut]:
     now = utcnow()
@@ -306,11 +319,12 @@ def list_tokens(api: Api) -> list[TokenOut]:
 
 @post("/registration-tokens", sync_to_thread=True, tags=["registration"])
 def create_token(api: Api, actor: str, data: TokenCreate) -> TokenCreated:
-    """A one-time token for ``POST /v1/register``; the plain text is in this response only."""
+    """A one-time token for ``POST /v1/register``; the plain text is in this response only. It carries
+    the CA's hash (``fmr_<secret>.<hash hex>``): the registering node pins the control plane's CA with it."""
     with api.store.begin() as session:
         token, plaintext = registration_tokens.create_registration_token(session, actor, data.role, group=data.group,
                                                                          ttl=timedelta(seconds=data.ttl_seconds))
-        return TokenCreated(id=token.id, token=plaintext, role=token.role,
+        return TokenCreated(id=token.id, token=token_with_pin(plaintext, ca_pin(api.ca.certificate)), role=token.role,
                             group=token.group.name if token.group else None, expires_at=token.expires_at)
 
 
@@ -421,7 +435,8 @@ def get_config_version(api: Api) -> ConfigVersionOut:
 
 ADMIN_HANDLERS = [
     list_applications, get_application, create_application, update_application, delete_application,
-    add_segment, remove_segment, list_groups, create_group, list_connectors, get_connector, list_edges, get_edge,
+    add_segment, remove_segment, list_groups, create_group, list_connectors, get_connector, update_connector,
+    list_edges, get_edge,
     get_group, update_group,
     list_dns_suffixes, add_dns_suffix, remove_dns_suffix, get_forwarding_profile, set_forwarding_profile,
     list_tokens, create_token, list_admin_keys, create_admin_key, revoke_admin_key, list_revocations, revoke_node,

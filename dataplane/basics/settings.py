@@ -34,12 +34,15 @@ class CommonSettings(msgspec.Struct, kw_only=True):
     data_dir: str = ".ferryman"
     log_level: str = "info"
     log_format: str = "text"
+    control_ca: str = ""
+    control_insecure_http: int = 0
 
 
 class ControlSettings(CommonSettings, kw_only=True):
     """The control plane's settings (and those the admin CLI finds it with)."""
 
     control_listen: str = "127.0.0.1:8080"
+    control_hosts: str = ""
     database_url: str = ""
     cert_lifetime_days: int = 180
     traffic_retention_days: int = 30
@@ -59,6 +62,16 @@ class ControlSettings(CommonSettings, kw_only=True):
     sign_in_max_total_failures: int = 1000
     sign_in_known_source_days: float = 30.0
     refresh_grace: float = 30.0
+    console_idle_minutes: int = 30
+    console_session_hours: int = 12
+    # limits of the HTTP server (control plane API; a node's metrics server)
+    control_max_connections: int = 4096
+    control_max_waiting_per_source: int = 128
+    control_request_timeout: float = 20.0
+    control_keepalive_timeout: float = 5.0
+    control_max_head: int = 65536
+    log_limit: int = 50
+    log_limit_interval: float = 10.0
 
 
 class NodeSettings(CommonSettings, kw_only=True):
@@ -75,7 +88,20 @@ class NodeSettings(CommonSettings, kw_only=True):
     keepalive_interval: float = 10.0
     handshake_timeout: float = 10.0
     write_buffer_high: int = 1048576
+    udp_backlog: int = 32768
     quic_packet_size: int = 1350
+    quic_engine: str = "auto"
+    quic_max_pending_datagrams: int = 512
+    quic_socket_buffer: int = 4194304
+    quic_offload: str = "on"
+    # limits of the HTTP server (control plane API; a node's metrics server)
+    control_max_connections: int = 4096
+    control_max_waiting_per_source: int = 128
+    control_request_timeout: float = 20.0
+    control_keepalive_timeout: float = 5.0
+    control_max_head: int = 65536
+    log_limit: int = 50
+    log_limit_interval: float = 10.0
 
 
 class EdgeSettings(NodeSettings, kw_only=True):
@@ -84,12 +110,40 @@ class EdgeSettings(NodeSettings, kw_only=True):
     edge_listen: str = "0.0.0.0:8443"
     apps_file: str = ""
     edge_quic: str = "on"
+    quic_retry_threshold: int = 64
     traffic_queue: int = 100000
+    open_timeout: float = 15.0
+    pending_opens_share: float = 0.25
+    max_tunnels_per_client: int = 16
+    max_tunnels_per_connector: int = 128
+    max_handshakes: int = 1024
+    max_handshakes_per_source: int = 128
     # following the control plane (a registered edge)
     control_url: str = ""
     config_wait: float = 25.0
     renew_at: float = 0.3333
     heartbeat_interval: float = 30.0
+    # the HTTPS front door for published web apps (off while edge_https_listen is empty)
+    edge_https_listen: str = ""
+    edge_https_cert: str = ""
+    edge_https_key: str = ""
+    web_auth_host: str = ""
+    web_cookie_keys: str = ""
+    web_assertion_key: str = ""
+    web_max_header_block: int = 16384
+    web_max_headers: int = 100
+    web_max_url_length: int = 8192
+    web_max_body_size: int = 104857600
+    web_backend_timeout: float = 85.0
+    web_backend_timeout_long: float = 180.0
+    web_backend_connect_timeout: float = 15.0
+    web_app_rate: float = 500.0
+    web_edge_rate: float = 750.0
+    web_sign_in_rate: float = 10.0
+    web_header_timeout: float = 10.0
+    web_idle_timeout: float = 60.0
+    web_websocket_idle_timeout: float = 300.0
+    web_max_connections: int = 10000
 
 
 class DialerSettings(NodeSettings, kw_only=True):
@@ -174,9 +228,12 @@ VARIABLES: dict[str, str] = {
     "log_level": "Log level: debug, info, warning, error.",
     "log_format": "`text` for humans, `json` for one JSON object per line.",
     "metrics_addr": "HOST:PORT serving Prometheus `/metrics` and `/ready`; empty disables it.",
-    "control_listen": "Control plane: HOST:PORT of its HTTP API (admin API, registration).",
+    "control_listen": "Control plane: HOST:PORT of its HTTPS API (admin API, registration).",
+    "control_hosts": "Control plane: comma-separated host names and IP addresses its HTTPS certificate (issued from its own CA, in FERRYMAN_DATA_DIR/tls) names; empty means `localhost`, `127.0.0.1`, `::1` and this host's name. A change issues a new certificate at the next start.",
+    "control_ca": "Nodes, clients, admin CLI: the control plane's CA certificate (PEM file) that its HTTPS certificate must chain to; empty means the CA pinned at registration or sign-in (`--ca-hash`, or the hash inside the registration token), or for the admin CLI `FERRYMAN_DATA_DIR/ca/ca.pem` when it exists.",
+    "control_insecure_http": "`1` lets the control plane serve, and nodes, clients and the admin CLI use, plain `http://` (no TLS; warned in the log at every start); `0` refuses `http://` control-plane URLs.",
     "database_url": "Control plane: SQLAlchemy database URL (e.g. `postgresql://user:pw@host/db`); empty means an SQLite file `control.db` in FERRYMAN_DATA_DIR.",
-    "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal).",
+    "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal), and of its own HTTPS certificate (issued again at a start once less than a third is left).",
     "traffic_retention_days": "Control plane: traffic log records older than this many days are deleted (checked hourly).",
     "heartbeat_interval": "Seconds between node heartbeats to the control plane; a node missing 3 in a row is shown inactive (set the same on nodes and control plane).",
     "access_token_minutes": "Control plane: lifetime in minutes of the access tokens it signs at sign-in and refresh (edges accept a token until it expires).",
@@ -194,6 +251,8 @@ VARIABLES: dict[str, str] = {
     "sign_in_max_total_failures": "Control plane: failed sign-ins allowed in all within the window (per control-plane process); beyond that only known sources may try.",
     "sign_in_known_source_days": "Control plane: days a source address where an account signed in stays known for it: held only to FERRYMAN_SIGN_IN_MAX_FAILURES, so failures from elsewhere never lock the user out there.",
     "refresh_grace": "Control plane: seconds after a refresh during which the same refresh token may be sent again (its answer was lost) and gets the same new refresh token; later it counts as reuse and revokes the session. 0 disables.",
+    "console_idle_minutes": "Control plane: a web console session ends after this many minutes without a request (sign in again).",
+    "console_session_hours": "Control plane: a web console session ends this many hours after sign-in, however active.",
     "control_url": "Edge/connector: control plane URL to follow; empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
@@ -202,6 +261,26 @@ VARIABLES: dict[str, str] = {
     "tls_cert": "This node's certificate (PEM).",
     "tls_key": "This node's private key (PEM, mode 0600).",
     "edge_listen": "Edge: HOST:PORT on which client and connector tunnels are accepted.",
+    "edge_https_listen": "Edge: HOST:PORT of the HTTPS front door serving published web apps to browsers (`--https`); empty turns it off.",
+    "edge_https_cert": "Edge: certificate chain (PEM) the HTTPS front door presents for the sign-in host and every web app's external host.",
+    "edge_https_key": "Edge: private key (PEM) of FERRYMAN_EDGE_HTTPS_CERT.",
+    "web_auth_host": "Edge: external HOST[:PORT] of the sign-in site every web app redirects to (single sign-on across web apps); required with FERRYMAN_EDGE_HTTPS_LISTEN.",
+    "web_cookie_keys": "Edge: keys that seal web session cookies, `kid:base64url-32-bytes[,kid:key...]` (the first seals, all open; every edge needs the same); empty means a random key per process (one edge only: cookies stop working when it restarts).",
+    "web_assertion_key": "Edge: EC P-256 private key (PEM file) signing `X-Ferryman-Jwt-Assertion` (published at `https://<auth host>/.ferryman/jwks`); empty means a random key per process.",
+    "web_max_header_block": "Edge: largest request head (request line + headers) of a web request, bytes; larger ones get 431.",
+    "web_max_headers": "Edge: most header lines in one web request; more get 431.",
+    "web_max_url_length": "Edge: longest request target of a web request, bytes; longer ones get 414.",
+    "web_max_body_size": "Edge: largest web request body, bytes (declared or streamed); larger ones get 413.",
+    "web_backend_timeout": "Edge: seconds a web app's backend may take to answer (per read) before 504 (apps with backend timeout `default`).",
+    "web_backend_timeout_long": "Edge: the same for web apps with backend timeout `long`.",
+    "web_backend_connect_timeout": "Edge: seconds to reach a web app's backend through a connector (flow and TLS) before 502/503/504.",
+    "web_app_rate": "Edge: web requests per second per web app (token bucket); beyond, 429 with `Retry-After`.",
+    "web_edge_rate": "Edge: web requests per second for this edge, all web apps together; beyond, 429 with `Retry-After`.",
+    "web_sign_in_rate": "Edge: sign-in attempts per minute per source address at the sign-in site; beyond, 429.",
+    "web_header_timeout": "Edge: seconds a browser has for the TLS handshake and each request head; then 408.",
+    "web_idle_timeout": "Edge: seconds a keep-alive web connection may idle (and a request body may stall: 408).",
+    "web_websocket_idle_timeout": "Edge: seconds a WebSocket may carry nothing either way before it is closed.",
+    "web_max_connections": "Edge: most browser connections at once on the HTTPS front door; more are closed at once.",
     "apps_file": "Edge without a control plane: application file (JSON or TOML) mapping segments to connector groups, and optionally connectors to their groups (a registered edge refuses it). Connector: the applications whose IP/CIDR/range segments may name loopback, link-local, metadata or its own addresses (when it does not follow a control plane, or to override its applications).",
     "edges": "Connector/client: comma-separated HOST:PORT list of edges to dial.",
     "connector_tunnels": "Connector: outbound tunnels kept open (spread over the edges).",
@@ -212,7 +291,8 @@ VARIABLES: dict[str, str] = {
     "dial_addresses": "Connector: most addresses of a resolved name that are checked and tried, in the resolver's order (the rest are ignored).",
     "reconnect_min": "Connector/client: first reconnect delay in seconds (doubles, with jitter).",
     "reconnect_max": "Connector/client: ceiling of the reconnect delay in seconds.",
-    "open_timeout": "Client/edge: seconds to wait for OPEN_OK before failing a flow.",
+    "open_timeout": "Client: seconds to wait for the edge's OPEN_OK before failing a flow. Edge: seconds a flow waits for the connector's answer; then the client gets OPEN_FAIL `open_timeout` and the connector an RST (every OPEN is answered).",
+    "pending_opens_share": "Edge: share of FERRYMAN_MAX_PENDING_OPENS that one user (or, without sign-in, one device) may have waiting for answers on one connector tunnel; further OPENs of theirs are refused (`too_many_pending`) so others keep opening flows.",
     "socks_listen": "Client: HOST:PORT for the SOCKS5 listener (localhost only); empty disables it.",
     "http_listen": "Client: HOST:PORT for the HTTP CONNECT proxy listener (localhost only); empty disables it.",
     "dns_listen": "Client: HOST:PORT of the local DNS resolver (UDP and TCP; localhost only): names under the private DNS suffixes are resolved by a connector through the tunnel, others by the system resolver. Empty disables it.",
@@ -228,6 +308,11 @@ VARIABLES: dict[str, str] = {
     "quic_timeout": "Connector/client: seconds a QUIC handshake may take before `auto` falls back to TLS/TCP.",
     "quic_probe_interval": "Connector/client: with `auto` on a TCP fallback, seconds before QUIC is tried again.",
     "quic_packet_size": "Largest UDP payload of a QUIC packet, bytes (1200 to 1452).",
+    "quic_engine": "QUIC implementation: `qh3` (native packet core, fast), `aioquic` (pure Python), or `auto` (qh3 when installed, else aioquic, logged).",
+    "quic_offload": "`on`: QUIC sockets send with UDP segmentation offload (GSO) and receive coalesced (GRO) where the kernel has them, else one datagram per system call; `off`: always one per call.",
+    "quic_socket_buffer": "Receive and send buffer in bytes asked for on each QUIC UDP socket, so bursts are not dropped by the kernel (capped at net.core.rmem_max/wmem_max).",
+    "quic_max_pending_datagrams": "UDP datagrams a QUIC tunnel queues for sending before refusing more (`datagram_queue_full`).",
+    "quic_retry_threshold": "Edge: with more QUIC handshakes than this in progress, new clients must first prove their address (QUIC Retry).",
     "https_proxy": "Connector/client: HTTP CONNECT proxy URL for TLS/TCP tunnels (`http://[user:password@]host:port`); empty means the `HTTPS_PROXY`/`https_proxy` variable.",
     "no_proxy": "Connector/client: comma-separated hosts, domains (`.corp.example`) or CIDRs dialed without the proxy; empty means the `NO_PROXY`/`no_proxy` variable.",
     "udp_idle_timeout": "Seconds without a datagram either way after which a UDP flow ends.",
@@ -240,7 +325,19 @@ VARIABLES: dict[str, str] = {
     "max_pending_opens": "Most OPENs awaiting an answer per tunnel; further OPENs are refused.",
     "keepalive_interval": "Seconds between PINGs; a tunnel silent for 3 intervals is dead.",
     "handshake_timeout": "Seconds allowed for the TLS handshake plus HELLO exchange.",
-    "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point).",
+    "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point): above it a tunnel takes no more data from flows, and an edge stops reading a TLS/TCP tunnel's peer until the peer has read enough of what was sent to it (`ferryman_tunnel_read_pauses_total`).",
+    "udp_backlog": "Bytes waiting to be written to a TLS/TCP tunnel above which a datagram is dropped (`tunnel_busy`) rather than queued behind them, at every hop: bounds how long a datagram waits (32 KiB is about 9 ms of 64-byte datagrams at 50,000/s).",
+    "max_tunnels_per_client": "Edge: most tunnels one client identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
+    "max_tunnels_per_connector": "Edge: most tunnels one connector identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
+    "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once. QUIC handshakes (Initial taken, HELLO not done yet) are counted apart with the same cap; a new QUIC client beyond is dropped.",
+    "max_handshakes_per_source": "Edge: most tunnel handshakes in progress from one source address (IPv6: /64); a connection beyond is closed at once. The same applies to QUIC handshakes, counted apart.",
+    "control_max_connections": "Control plane API and each node's metrics server: most connections open at once; one more is answered 503 and closed. Every node and signed-in client agent holds one configuration or profile long-poll: keep this above the fleet (and below the process's open-file limit).",
+    "control_max_waiting_per_source": "Control plane API and each node's metrics server: most connections of one source address (IPv6: /64) waiting for a request head; one more is answered 503 and closed.",
+    "control_request_timeout": "Control plane API and each node's metrics server: seconds a request head may take from the connection (or the request's first byte) until complete; then the connection is closed (408). The metrics server allows at most 5 s.",
+    "control_keepalive_timeout": "Control plane API: seconds an idle connection is kept open between requests.",
+    "control_max_head": "Control plane API and each node's metrics server: most bytes of a request line and headers; beyond that 431 and the connection is closed. The metrics server allows at most 8192.",
+    "log_limit": "Most log lines about refused tunnels, handshakes, connections and OPENs per peer or source address in each FERRYMAN_LOG_LIMIT_INTERVAL; the rest are dropped and counted (`ferryman_log_lines_suppressed_total`), and the next line says how many.",
+    "log_limit_interval": "Seconds of each FERRYMAN_LOG_LIMIT window.",
 }
 
 _LIMITS: dict[str, tuple[float, float]] = {
@@ -252,11 +349,13 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "keepalive_interval": (0.05, 3600),
     "handshake_timeout": (0.1, 600),
     "write_buffer_high": (4096, 1 << 30),
+    "udp_backlog": (1024, 1 << 30),
     "drain_grace": (0, 86400),
     "dial_timeout": (0.01, 600),
     "resolve_timeout": (0.01, 600),
     "dial_addresses": (1, 64),
     "open_timeout": (0.01, 600),
+    "pending_opens_share": (0.001, 1),
     "reconnect_min": (0.01, 3600),
     "reconnect_max": (0.01, 86400),
     "cert_lifetime_days": (1, 3650),
@@ -271,12 +370,32 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "sign_in_max_total_failures": (1, 10_000_000),
     "sign_in_known_source_days": (0, 3650),
     "refresh_grace": (0, 300),
+    "console_idle_minutes": (1, 1440),
+    "console_session_hours": (1, 168),
+    "control_insecure_http": (0, 1),
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),
     "traffic_queue": (1, 10_000_000),
+    "web_max_header_block": (1024, 1 << 20),
+    "web_max_headers": (1, 10_000),
+    "web_max_url_length": (64, 1 << 20),
+    "web_max_body_size": (1, 1 << 40),
+    "web_backend_timeout": (0.1, 86400),
+    "web_backend_timeout_long": (0.1, 86400),
+    "web_backend_connect_timeout": (0.1, 600),
+    "web_app_rate": (0.1, 1e9),
+    "web_edge_rate": (0.1, 1e9),
+    "web_sign_in_rate": (0.1, 1e6),
+    "web_header_timeout": (0.1, 600),
+    "web_idle_timeout": (0.1, 86400),
+    "web_websocket_idle_timeout": (0.1, 86400),
+    "web_max_connections": (1, 1_000_000),
     "quic_timeout": (0.1, 600),
     "quic_probe_interval": (1, 86400),
     "quic_packet_size": (1200, 1452),
+    "quic_max_pending_datagrams": (1, 1 << 20),
+    "quic_socket_buffer": (4096, 1 << 30),
+    "quic_retry_threshold": (0, 1 << 20),
     "udp_idle_timeout": (0.1, 86400),
     "max_udp_flows": (1, 1 << 20),
     "udp_queue": (1, 1 << 16),
@@ -284,6 +403,17 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "dns_cache": (0, 10_000_000),
     "grant_cache": (1, 1 << 24),
     "process_lookup_wait": (0, 1),
+    "max_tunnels_per_client": (1, 1 << 20),
+    "max_tunnels_per_connector": (1, 1 << 20),
+    "max_handshakes": (1, 1 << 20),
+    "max_handshakes_per_source": (1, 1 << 20),
+    "control_max_connections": (1, 1 << 20),
+    "control_max_waiting_per_source": (1, 1 << 20),
+    "control_request_timeout": (0.1, 3600),
+    "control_keepalive_timeout": (0.1, 3600),
+    "control_max_head": (1024, 1 << 24),
+    "log_limit": (1, 1_000_000),
+    "log_limit_interval": (0.1, 86400),
 }
 
 
@@ -312,7 +442,9 @@ def _coerce(field: str, raw: Any, kind: type) -> Any:
         raise SettingsError(f"{name}={raw!r}: must be 'text' or 'json'")
     if field == "transport" and value not in ("auto", "quic", "tcp"):
         raise SettingsError(f"{name}={raw!r}: must be auto, quic or tcp")
-    if field in ("edge_quic", "process_lookup", "transparent") and value not in ("on", "off"):
+    if field == "quic_engine" and value not in ("auto", "qh3", "aioquic"):
+        raise SettingsError(f"{name}={raw!r}: must be auto, qh3 or aioquic")
+    if field in ("edge_quic", "process_lookup", "transparent", "quic_offload") and value not in ("on", "off"):
         raise SettingsError(f"{name}={raw!r}: must be on or off")
     if field == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"{name}={raw!r}: must be debug, info, warning or error")

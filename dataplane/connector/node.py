@@ -4,7 +4,8 @@ The connector never listens for tunnels. It holds ``FERRYMAN_CONNECTOR_TUNNELS``
 tunnels spread over the configured edges, each kept up by its own reconnect loop
 (exponential backoff with jitter). Every OPEN from an edge becomes a TCP connection
 from this host to the backend (so the backend sees the connector's address), answered
-with OPEN_OK or OPEN_FAIL carrying a specific reason. Before dialing it resolves the
+with OPEN_OK or OPEN_FAIL carrying a specific reason (any error while dialing, foreseen or
+not, is answered with OPEN_FAIL: an OPEN never stays pending here). Before dialing it resolves the
 destination once and checks every address (``dial``: loopback, link-local, metadata and this
 host's own addresses only when a segment names them, the group's allow and deny lists), and
 connects only to addresses that passed. On SIGTERM it sends GOAWAY on
@@ -31,8 +32,10 @@ from dnslib import OPCODE, DNSRecord
 
 from ..access.apptable import app_table
 from ..access.destinations import DialPolicy, Refusal
+from ..access.grants import KEY_SIZE as GRANT_KEY_SIZE
 from ..access.grants import GrantError, GrantVerifier
 from ..basics.hostport import dns_server, parse_hostport
+from ..basics.caps import HttpLimits, LogLimiter
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.pki import PeerCertificate
 from ..basics.settings import ConnectorSettings
@@ -53,7 +56,9 @@ from .dial import DialError, Target, checked, connect_tcp, connect_udp, resolve
 log = logging.getLogger("ferryman.connector")
 
 
-EdgeKey = ec.EllipticCurvePublicKey  # the edge's certificate key: every OPEN's grant must verify with it
+# The edge's certificate key: what a signed grant (from an edge that does not use this tunnel's
+# grant key) must verify with.
+EdgeKey = ec.EllipticCurvePublicKey | None
 ConnectorTunnel = TunnelBase[LocalFlow, EdgeKey]
 
 
@@ -65,9 +70,10 @@ class Connector(EndpointNode[EdgeKey]):
                  registered: Registration | None = None,
                  *, follow_edges: bool = False) -> None:
         self.settings = settings
+        self.udp_backlog = settings.udp_backlog
         self.credentials = credentials
         self.name = credentials.name
-        self.stats = Stats("connector", credentials.name)
+        self.stats = Stats("connector", credentials.name, LogLimiter(settings.log_limit, settings.log_limit_interval))
         self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
@@ -76,7 +82,8 @@ class Connector(EndpointNode[EdgeKey]):
         self.udp_sockets: dict[UdpFlow, asyncio.DatagramTransport] = {}  # each UDP flow's backend socket
         self.draining = False
         self._ssl = credentials.client_context()
-        self._wire = credentials.wire_config(group=settings.connector_group)
+        # Every tunnel sends the edge a fresh grant key in HELLO: the edge MACs each flow's grant with it.
+        self._wire = credentials.wire_config(group=settings.connector_group, grant_key_size=GRANT_KEY_SIZE)
         self.revoked: frozenset[int] = frozenset()
         self.grants = GrantVerifier(credentials.name, limit=settings.grant_cache)
         # What may be dialed: the group's lists and the applications' explicit segments, from the
@@ -100,7 +107,8 @@ class Connector(EndpointNode[EdgeKey]):
             self.link.load_cached()
         following = asyncio.create_task(self.link.run(stop)) if self.link is not None else None
         if self.settings.metrics_addr:
-            metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready)
+            metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready,
+                                                 limits=HttpLimits.from_settings(self.settings))
         slots = [asyncio.create_task(keep_tunnel(self, self.settings, self._wire, lambda: self._ssl, self.edges,
                                                  self._session, lambda: not self.draining, first=i, label=f"t{i}->"))
                  for i in range(self.settings.connector_tunnels)]
@@ -189,7 +197,7 @@ class Connector(EndpointNode[EdgeKey]):
 
     # ------------------------------------------------------------------ tunnel events
     def tunnel_up(self, tunnel: ConnectorTunnel) -> None:
-        # The edge's certificate key, which must have signed the grant of every OPEN on this tunnel.
+        # The edge's certificate key, for grants signed with it rather than MAC'd with the tunnel's grant key.
         der = tunnel.peer_certificate_der()
         key = x509.load_der_x509_certificate(der).public_key() if der else None
         tunnel.state = key if isinstance(key, ec.EllipticCurvePublicKey) else None
@@ -222,15 +230,14 @@ class Connector(EndpointNode[EdgeKey]):
                          f"{request.protocol!r} flows are not supported by connector {self.name}")
             return
         try:
-            if tunnel.state is None:
-                raise GrantError("grant_unverifiable", "the edge's certificate key is unknown on this tunnel")
             claims = self.grants.verify(request.grant, tunnel.state, tunnel.peer_name, host=request.host,
-                                        port=request.port, protocol=request.protocol, now=time.time())
+                                        port=request.port, protocol=request.protocol, now=time.time(),
+                                        key=tunnel.conn.grant_key)
         except GrantError as exc:
             self.stats.count(self.stats.protocol_errors, exc.code)
-            log.warning("OPEN refused: no valid grant", extra={"edge": tunnel.peer_name, "dest":
-                                                                f"{request.host}:{request.port}", "code": exc.code,
-                                                                "reason": str(exc)})
+            self.stats.log_limit.log(log, logging.WARNING, tunnel.peer_name, "OPEN refused: no valid grant", {
+                "edge": tunnel.peer_name, "dest": f"{request.host}:{request.port}", "code": exc.code,
+                "reason": str(exc)})
             self._refuse(tunnel, event.flow_id, exc.code, f"connector {self.name}: {exc}")
             return
         if request.protocol in ("udp", "dns"):
@@ -258,7 +265,8 @@ class Connector(EndpointNode[EdgeKey]):
     def _refuse(self, tunnel: ConnectorTunnel, flow_id: int, code: str, reason: str) -> None:
         tunnel.reject(flow_id, code, reason)
         self.stats.count(self.stats.open_failures, code)
-        log.info("open refused", extra={"flow": flow_id, "code": code, "reason": reason})
+        self.stats.log_limit.log(log, logging.INFO, tunnel.peer_name, "open refused", {
+            "edge": tunnel.peer_name, "flow": flow_id, "code": code, "reason": reason})
 
     async def _dial(self, tunnel: ConnectorTunnel, flow: SocketFlow | UdpFlow, request: Open, app: str,
                     address: tuple[str, int] | None = None) -> None:
@@ -280,6 +288,12 @@ class Connector(EndpointNode[EdgeKey]):
                                               shown=f"{host}:{port}")
         except DialError as exc:
             code, reason = exc.code, exc.reason
+        except Exception as exc:  # nobody foresaw it: the OPEN is answered all the same
+            self.stats.count(self.stats.handler_errors, "dial")
+            log.error("unexpected error dialing a flow's destination", exc_info=exc,
+                      extra={"edge": tunnel.peer_name, "dest": f"{host}:{port}", "flow": flow.flow_id,
+                             "reason": f"{type(exc).__name__}: {exc}"})
+            code, reason = "dial_error", f"cannot dial {host}:{port}: unexpected {type(exc).__name__}"
         else:
             if flow.done or tunnel.closed:
                 if udp:
@@ -324,7 +338,8 @@ class Connector(EndpointNode[EdgeKey]):
         def refused(target: Target, refusal: Refusal) -> None:
             refusals.append(refusal)
             self.stats.count(self.stats.dial_refused, refusal.rule)
-            log.warning("destination address refused", extra={
+            who = request.device or request.user  # lines per device: one client's flood hides no other's
+            self.stats.log_limit.log(log, logging.WARNING, who, "destination address refused", {
                 "dest": f"{host}:{port}", "address": target[1][0], "app": app, "rule": refusal.rule,
                 "reason": refusal.reason, "user": request.user, "connection": request.connection})
 
