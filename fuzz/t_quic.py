@@ -64,6 +64,7 @@ class ScriptConnection:
         self.ended: set[int] = set()
         self.datagrams = 0
         self.closed: str | None = None
+        self.held = False
 
     def connect(self, addr: Any, now: float) -> None: ...
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None: ...
@@ -85,6 +86,17 @@ class ScriptConnection:
 
     def sent_offset(self, stream_id: int) -> int | None:
         return self.sent.get(stream_id)
+
+    def receive_segments(self, buffer: bytes, segment: int, addr: Any, now: float) -> None: ...
+
+    def backlog(self) -> int:
+        return 0  # everything queued is sent at once
+
+    def hold(self, on: bool) -> None:
+        self.held = on
+
+    def ending(self) -> bool:
+        return self.closed is not None
 
     def pending_datagrams(self) -> int:
         return 0
@@ -125,6 +137,9 @@ class ScriptEngine:
         return None
 
     def version_negotiation(self, header: Any, versions: list[int]) -> bytes:
+        return b""
+
+    def retry(self, header: Any, new_cid: bytes, token: bytes) -> bytes:
         return b""
 
 
