@@ -29,6 +29,7 @@ What it keeps in this process's memory is bounded: the node token ids seen
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import threading
@@ -52,12 +53,13 @@ from litestar.di import Provide
 from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.types import ControllerRouterHandler
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from control.ca import DEFAULT_LIFETIME_DAYS, CertificateAuthority
 from control.oidc import Oidc
 from control.snapshot import SnapshotHub
-from control.store import Store, admin_keys, certificates, nodes
+from control.store import Store, admin_keys, certificates, nodes, notify
 from control.store.models import Connector, Edge, utcnow
 from control.store.secretbox import SecretBox
 from control.tokens import TokenError, TokenSigner
@@ -130,6 +132,9 @@ class TotpReplayGuard:
             return True
 
 
+READY_DB_TIMEOUT = 2.0  # seconds ``GET /ready`` waits for the database
+
+
 class Api:
     """The state behind every handler (a Litestar dependency named ``api``).
 
@@ -164,6 +169,28 @@ class Api:
         self.refresh_grace = refresh_grace
         self.totp_steps = TotpReplayGuard()
         self.oidc = oidc  # sign-in through an OIDC provider (``control.oidc``); None: not configured
+        self.listener: notify.ChangeListener | None = None  # PostgreSQL change notifications, set while running
+
+    async def readiness(self) -> list[str]:
+        """What keeps this node from serving (empty: ready): the database must answer within
+        ``READY_DB_TIMEOUT`` seconds, the configuration snapshot be loaded and, on PostgreSQL,
+        configuration changes be listened for."""
+        problems = []
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._ping_database), READY_DB_TIMEOUT)
+        except TimeoutError:
+            problems.append(f"the database did not answer within {READY_DB_TIMEOUT:g} s")
+        except Exception as exc:  # noqa: BLE001 - any failure to reach it is the answer
+            problems.append(f"the database is not reachable: {type(exc).__name__}")
+        if self.hub.current is None:
+            problems.append("the configuration snapshot is not loaded yet")
+        if notify.listens(self.store) and (self.listener is None or not self.listener.connected):
+            problems.append("not listening for configuration changes")
+        return problems
+
+    def _ping_database(self) -> None:
+        with self.store.read() as session:
+            session.execute(select(1))
 
     def authenticate(self, plaintext: str, now: datetime | None = None) -> str | None:
         """The name of the live admin key whose plain text this is, else None."""
