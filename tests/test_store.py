@@ -56,7 +56,8 @@ POSTGRES_VARIABLE = "TEST_POSTGRES_URL"
 TABLES = {"alembic_version", "connector_groups", "applications", "segments", "connectors", "edges", "dns_suffixes",
           "admin_keys", "audit_records", "registration_tokens", "revocations", "config_version",
           "issued_certificates", "users", "recovery_codes", "user_groups", "group_members", "devices", "sessions",
-          "app_assignments", "named_locations", "access_policies", "traffic_logs", "forwarding_profile"}
+          "app_assignments", "named_locations", "access_policies", "traffic_logs", "forwarding_profile",
+          "control_keys", "guard_marks"}
 ACTOR = "admin-key:tests"
 
 

@@ -3,7 +3,8 @@
 REST API. Nothing here touches the database.
 
 - ``control_url``: ``--control URL`` (``http://HOST:PORT``; a bare ``HOST:PORT`` gets
-  ``http://``). Default: built from ``FERRYMAN_CONTROL_LISTEN`` (a wildcard listen address
+  ``http://``), or several comma-separated: the control-plane nodes sharing one database,
+  tried in turn when one cannot be reached. Default: built from ``FERRYMAN_CONTROL_LISTEN`` (a wildcard listen address
   such as ``0.0.0.0`` or ``[::]`` becomes the loopback address), so on the control plane's
   own host no flag is needed.
 - ``admin_key``: ``--key-file PATH`` (default ``FERRYMAN_DATA_DIR/admin.key``, the bootstrap
@@ -63,6 +64,10 @@ def why_failed(reason: object) -> str:
     return str(reason) or type(reason).__name__
 
 
+class _Unreachable(Exception):
+    """One control URL could not be connected to; the message says why."""
+
+
 class SinkError(Exception):
     """Writing out a streamed answer failed (``Client.stream``); ``error`` is the ``OSError``."""
 
@@ -75,15 +80,18 @@ class Client:
     """Calls to the admin API; every failure becomes an ``AdminError`` with a clear message."""
 
     def __init__(self, base_url: str, key: str, key_source: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.base_url = base_url
+        # Several control-plane nodes' URLs (comma-separated): each call tries them in turn, starting
+        # with the one that answered last, moving on when one cannot be connected to.
+        self.bases = [part.strip().rstrip("/") for part in base_url.split(",") if part.strip()] or [base_url]
+        self.base_url = self.bases[0]
         self.key = key
         self.key_source = key_source
         self.timeout = timeout
 
-    def _request(self, method: str, path: str, body: Any, query: dict[str, Any] | None,
+    def _request(self, base: str, method: str, path: str, body: Any, query: dict[str, Any] | None,
                  accept: str = "application/json") -> urllib.request.Request:
         params = {k: v for k, v in (query or {}).items() if v is not None}
-        url = self.base_url + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        url = base + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
         data = None if body is None else msgspec.json.encode(body)
         request = urllib.request.Request(url, data=data, method=method)
         request.add_header("Authorization", f"Bearer {self.key}")
@@ -100,8 +108,24 @@ class Client:
     def stream(self, method: str, path: str, sink: Callable[[bytes], None] | None, *,
                query: dict[str, Any] | None = None, body: Any = None, accept: str = "application/json") -> bytes:
         """``method path`` with the response body handed to ``sink`` in chunks as it arrives (returns
-        b""), or, without a sink, read whole and returned; raises ``AdminError``."""
-        request = self._request(method, path, body, query, accept)
+        b""), or, without a sink, read whole and returned; raises ``AdminError``. With several
+        control URLs, one that cannot be connected to is passed over for the next."""
+        first = self.bases.index(self.base_url)
+        failures: list[str] = []
+        for step in range(len(self.bases)):
+            base = self.bases[(first + step) % len(self.bases)]
+            try:
+                return self._stream_one(base, method, path, sink, query=query, body=body, accept=accept)
+            except _Unreachable as exc:
+                failures.append(f"{base}: {exc}")
+        if len(failures) == 1:
+            raise AdminError(f"cannot reach the control plane at {failures[0]}")
+        raise AdminError("cannot reach any control-plane node: " + "; ".join(failures))
+
+    def _stream_one(self, base: str, method: str, path: str, sink: Callable[[bytes], None] | None, *,
+                    query: dict[str, Any] | None, body: Any, accept: str) -> bytes:
+        request = self._request(base, method, path, body, query, accept)
+        self.base_url = base
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 if sink is None:
@@ -114,8 +138,8 @@ class Client:
                 return b""
         except urllib.error.HTTPError as exc:
             raise self._refusal(exc) from None
-        except urllib.error.URLError as exc:
-            raise AdminError(f"cannot reach the control plane at {self.base_url}: {why_failed(exc.reason)}") from None
+        except urllib.error.URLError as exc:  # no connection (or the request could not be sent)
+            raise _Unreachable(why_failed(exc.reason)) from None
         except TimeoutError:
             raise AdminError(f"cannot reach the control plane at {self.base_url}: no answer within "
                              f"{self.timeout:g}s") from None
@@ -178,8 +202,15 @@ def _settings() -> settings_mod.ControlSettings:
 
 
 def control_url(value: str | None) -> str:
+    """The ``--control`` URL checked, or several comma-separated (control-plane nodes sharing one
+    database: ``Client`` fails over between them)."""
     if value is None:
         return _default_url()
+    parts = value.split(",")
+    if len(parts) > 1:
+        if not all(part.strip() for part in parts):
+            raise usage(f"--control {value!r}: an empty URL in the comma-separated list")
+        return ",".join(control_url(part) for part in parts)
     url = value.strip().rstrip("/")
     if "://" not in url:
         url = f"http://{url}"

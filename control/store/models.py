@@ -320,6 +320,30 @@ class ConfigVersion(Base):
     changed_at: Mapped[datetime]
 
 
+class ControlKey(Base):
+    """A key every control-plane node sharing the database uses (CA, token signing, ...), sealed
+    with the secrets key (``control.store.control_keys``)."""
+
+    __tablename__ = "control_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sealed: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GuardMark(Base):
+    """One remembered fact of a guard shared by control-plane nodes (``control.store.guard_state``):
+    a node-request token id seen, a user's newest TOTP step used; forgotten after ``expires_at``."""
+
+    __tablename__ = "guard_marks"
+    __table_args__ = (Index("ix_guard_marks_expires_at", "expires_at"),)
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[datetime]
+
+
 # ---------------------------------------------------------------------------- identity (users, devices, sessions)
 
 USER_RISK_LEVELS = ("none", "low", "medium", "high")

@@ -41,6 +41,7 @@ class ControlSettings(CommonSettings, kw_only=True):
 
     control_listen: str = "127.0.0.1:8080"
     database_url: str = ""
+    secrets_key_file: str = ""
     cert_lifetime_days: int = 180
     traffic_retention_days: int = 30
     heartbeat_interval: float = 30.0
@@ -176,6 +177,7 @@ VARIABLES: dict[str, str] = {
     "metrics_addr": "HOST:PORT serving Prometheus `/metrics` and `/ready`; empty disables it.",
     "control_listen": "Control plane: HOST:PORT of its HTTP API (admin API, registration).",
     "database_url": "Control plane: SQLAlchemy database URL (e.g. `postgresql://user:pw@host/db`); empty means an SQLite file `control.db` in FERRYMAN_DATA_DIR.",
+    "secrets_key_file": "Control plane: file holding the secrets key (32 bytes, base64) that seals stored secrets and the keys control-plane nodes share (CA, token signing); every node on one database needs the same file. Empty: `secrets.key` in FERRYMAN_DATA_DIR, created on first start.",
     "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal).",
     "traffic_retention_days": "Control plane: traffic log records older than this many days are deleted (checked hourly).",
     "heartbeat_interval": "Seconds between node heartbeats to the control plane; a node missing 3 in a row is shown inactive (set the same on nodes and control plane).",
@@ -194,7 +196,7 @@ VARIABLES: dict[str, str] = {
     "sign_in_max_total_failures": "Control plane: failed sign-ins allowed in all within the window (per control-plane process); beyond that only known sources may try.",
     "sign_in_known_source_days": "Control plane: days a source address where an account signed in stays known for it: held only to FERRYMAN_SIGN_IN_MAX_FAILURES, so failures from elsewhere never lock the user out there.",
     "refresh_grace": "Control plane: seconds after a refresh during which the same refresh token may be sent again (its answer was lost) and gets the same new refresh token; later it counts as reuse and revokes the session. 0 disables.",
-    "control_url": "Edge/connector: control plane URL to follow; empty means the one recorded at registration.",
+    "control_url": "Edge/connector: control plane URL to follow, or several comma-separated (control-plane nodes sharing one database: tried in turn, the one that answered kept); empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
     "traffic_queue": "Edge: traffic log records held while the control plane is unreachable (the oldest are dropped and counted beyond).",

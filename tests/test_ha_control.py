@@ -1,0 +1,259 @@
+"""Several control-plane processes on one PostgreSQL database (``TEST_POSTGRES_URL``): they serve
+one configuration, share their keys and replay guards, and nodes fail over between them.
+
+- a change made through node A reaches a node long-polling node B within 2 s (LISTEN/NOTIFY:
+  the fallback re-check is 30 s away);
+- the CA and the access-token signing key are the same on both (sealed in the database under
+  the secrets key both are given); a node started with another secrets key refuses to start;
+- a node request token used at A is refused at B (shared replay guard);
+- ``GET /ready`` answers 200 on both, 503 naming the database once it is gone;
+- a node's control link given "C,B" follows C; C is killed (SIGKILL) mid long-poll: the link
+  follows B and gets a change made through B within a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import controlplane
+from controlplane import PUBLIC_EDGE, Control
+from dataplane.basics.settings import EdgeSettings
+from dataplane.contract.snapshot import ConfigSnapshot
+from dataplane.controllink.link import ControlLink, Report
+from dataplane.controllink.signer import NodeSigner
+
+pytestmark = pytest.mark.timeout(60)
+
+CONFIG = "/v1/node/config"
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    """A new PostgreSQL database on the ``TEST_POSTGRES_URL`` server; dropped afterwards."""
+    server = os.environ.get("TEST_POSTGRES_URL", "").strip()
+    if not server:
+        reason = "the control-plane HA tests need TEST_POSTGRES_URL (a role allowed to create databases)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server_url = sa.make_url(server).set(drivername="postgresql+psycopg")
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    name = f"ferryman_ha_{secrets.token_hex(6)}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        yield server_url.set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def _secrets_key(path: Path) -> Path:
+    path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def _launch(data_dir: Path, database: str, key_file: Path, admin_key: str | None = None) -> Control:
+    """A control-plane process on ``database`` with the secrets key ``key_file``; the admin key is the
+    first node's (``admin_key``) or its own bootstrap key."""
+    env = {"FERRYMAN_DATABASE_URL": database, "FERRYMAN_SECRETS_KEY_FILE": str(key_file)}
+    if admin_key is None:
+        return Control.launch(data_dir, edges=[PUBLIC_EDGE], env=env)
+    log = data_dir.parent / f"{data_dir.name}.log"
+    proc, url = controlplane.start(data_dir, log, edges=[PUBLIC_EDGE], env=env)
+    return Control(url, data_dir, admin_key, proc, log)
+
+
+@dataclass
+class Cluster:
+    a: Control
+    b: Control
+    database: str
+    key_file: Path
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def cluster(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("ha")
+    key_file = _secrets_key(root / "secrets.key")
+    a = _launch(root / "a", database, key_file)
+    try:
+        b = _launch(root / "b", database, key_file, a.key)
+        try:
+            yield Cluster(a, b, database, key_file, root)
+        finally:
+            controlplane.stop(b.proc)
+    finally:
+        controlplane.stop(a.proc)
+
+
+def _node_call(control: Control, signer: NodeSigner, method: str, target: str, **kw: Any) -> controlplane.Reply:
+    return control.request(method, target, authorization=f"Bearer {signer.token(method, target, b'')}", **kw)
+
+
+def _served_version(control: Control, signer: NodeSigner) -> int:
+    status, snapshot, _ = _node_call(control, signer, "GET", f"{CONFIG}?after=-1")
+    assert status == 200, snapshot
+    return snapshot["version"]
+
+
+def test_a_change_through_one_node_reaches_a_node_following_the_other_within_two_seconds(
+        cluster: Cluster, tmp_path: Path) -> None:
+    edge = cluster.a.register_node(tmp_path / "edge", "edge", addresses=[f"127.0.0.1:{controlplane.free_port()}"])
+    signer = NodeSigner(edge.cert, edge.key)
+    deadline = time.monotonic() + 5
+    while (version := _served_version(cluster.b, signer)) < cluster.b.version():  # B caught up with the registration
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    answer: dict[str, Any] = {}
+
+    def poll() -> None:
+        answer["reply"] = _node_call(cluster.b, signer, "GET", f"{CONFIG}?after={version}&wait=20", timeout=30)
+        answer["at"] = time.monotonic()
+
+    waiter = threading.Thread(target=poll, daemon=True)
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive(), answer
+    status, body, _ = cluster.a.admin("POST", "/v1/applications",
+                                      {"name": "ha-app", "segments": [{"destination": "10.91.0.0/16", "ports": 22}]})
+    changed = time.monotonic()
+    assert status == 201, body
+    waiter.join(10)
+    status, snapshot, _ = answer["reply"]
+    assert status == 200, snapshot
+    assert answer["at"] - changed < 2.0, f"answered {answer['at'] - changed:.2f}s after the change"
+    assert "ha-app" in [app["name"] for app in snapshot["applications"]]
+
+
+def test_keys_are_shared_and_a_node_with_another_secrets_key_refuses_to_start(cluster: Cluster,
+                                                                               tmp_path: Path) -> None:
+    assert cluster.a.request("GET", "/v1/auth/keys")[1] == cluster.b.request("GET", "/v1/auth/keys")[1]
+    on_a = cluster.a.register_node(tmp_path / "via-a")
+    on_b = cluster.b.register_node(tmp_path / "via-b")
+    assert Path(on_a.ca).read_bytes() == Path(on_b.ca).read_bytes()  # one CA signs for both
+    # A node registered through A is a known node at B: its certificate chains to the shared CA.
+    assert _served_version(cluster.b, NodeSigner(on_a.cert, on_a.key)) >= 0
+    # Secrets key on disk only; no CA or signing key files written by the nodes that share them.
+    assert not (cluster.b.data_dir / "ca").exists() and not (cluster.b.data_dir / "token-signing.key").exists()
+
+    other_key = _secrets_key(tmp_path / "other.key")
+    log = tmp_path / "wrong-key.log"
+    env = controlplane.environment(tmp_path / "c", FERRYMAN_DATABASE_URL=cluster.database,
+                                   FERRYMAN_SECRETS_KEY_FILE=str(other_key))
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "dataplane", "control", "--listen",
+                           f"127.0.0.1:{controlplane.free_port()}"], cwd=controlplane.ROOT, env=env,
+                          capture_output=True, text=True, timeout=30)
+    log.write_text(done.stdout + done.stderr)
+    assert done.returncode != 0
+    assert "does not open" in done.stderr and "FERRYMAN_SECRETS_KEY_FILE" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+    missing = tmp_path / "missing.key"
+    env["FERRYMAN_SECRETS_KEY_FILE"] = str(missing)
+    done = subprocess.run([sys.executable, "-m", "dataplane", "control", "--listen",
+                           f"127.0.0.1:{controlplane.free_port()}"], cwd=controlplane.ROOT, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and "file not found" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_node_request_token_used_at_one_node_is_refused_at_the_other(cluster: Cluster, tmp_path: Path) -> None:
+    node = cluster.a.register_node(tmp_path / "connector")
+    signer = NodeSigner(node.cert, node.key)
+    target = f"{CONFIG}?after=-1"
+    authorization = f"Bearer {signer.token('GET', target, b'')}"
+    assert cluster.a.request("GET", target, authorization=authorization)[0] == 200
+    status, body, _ = cluster.b.request("GET", target, authorization=authorization)
+    assert status == 401 and "already used" in body["error"], body
+
+
+def test_both_nodes_are_ready(cluster: Cluster) -> None:
+    for control in (cluster.a, cluster.b):
+        status, body, _ = control.request("GET", "/ready")
+        assert (status, body) == (200, {"status": "ready", "problems": []})
+
+
+def test_a_node_fails_over_to_another_control_node_when_its_node_is_killed(cluster: Cluster, tmp_path: Path) -> None:
+    c = _launch(cluster.root / "c", cluster.database, cluster.key_file, cluster.a.key)
+    try:
+        edge = c.register_node(tmp_path / "edge", "edge", addresses=[f"127.0.0.1:{controlplane.free_port()}"])
+        settings = EdgeSettings(control_url=f"{c.url},{cluster.b.url}", config_wait=20.0, heartbeat_interval=30.0)
+        seen: list[ConfigSnapshot] = []
+        got = threading.Event()
+
+        def on_snapshot(snapshot: ConfigSnapshot) -> None:
+            seen.append(snapshot)
+            if any(app.name == "after-failover" for app in snapshot.applications):
+                got.set()
+
+        async def follow() -> float:
+            link = ControlLink(settings, edge, on_snapshot, lambda: Report(tunnels=0, active_flows=0))
+            stop = asyncio.Event()
+            task = asyncio.create_task(link.run(stop))
+            try:
+                while not seen:  # the first snapshot, from C
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)  # the link's long-poll now waits at C
+                c.proc.kill()
+                c.proc.wait(5)
+                killed = time.monotonic()
+                status, body, _ = await asyncio.to_thread(
+                    cluster.b.admin, "POST", "/v1/applications",
+                    {"name": "after-failover", "segments": [{"destination": "10.92.0.0/16", "ports": 443}]})
+                assert status == 201, body
+                while not got.is_set():
+                    assert time.monotonic() - killed < 10, f"no failover; versions seen {[s.version for s in seen]}"
+                    await asyncio.sleep(0.05)
+                return time.monotonic() - killed
+            finally:
+                stop.set()
+                await task
+
+        took = asyncio.run(asyncio.wait_for(follow(), 30))
+        assert took < 5, f"the change through B reached the node {took:.1f}s after C was killed"
+    finally:
+        controlplane.stop(c.proc)
+
+
+def test_ready_says_not_ready_when_the_database_is_gone(database: str, tmp_path: Path) -> None:
+    """A node of its own (not the cluster's), whose database is dropped under it."""
+    server_url = sa.make_url(database)
+    admin = sa.create_engine(server_url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    name = f"ferryman_ha_gone_{secrets.token_hex(4)}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        own = _launch(tmp_path / "d", server_url.set(database=name).render_as_string(hide_password=False),
+                      _secrets_key(tmp_path / "d.key"))
+        try:
+            assert own.request("GET", "/ready")[0] == 200
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+            status, body, _ = own.request("GET", "/ready")
+            assert status == 503 and body["status"] == "not ready", body
+            assert any("database" in problem for problem in body["problems"]), body
+            assert json.dumps(body).find(name) == -1  # no database names or URLs in the answer
+        finally:
+            controlplane.stop(own.proc)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
