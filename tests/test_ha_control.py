@@ -5,7 +5,8 @@ one configuration, share their keys and replay guards, and nodes fail over betwe
   the fallback re-check is 30 s away);
 - the CA and the access-token signing key are the same on both (sealed in the database under
   the secrets key both are given); a node started with another secrets key refuses to start;
-- a node request token used at A is refused at B (shared replay guard);
+- a node request token used at A is refused at B (shared replay guard); failed sign-ins at
+  either count towards the limits at both;
 - ``GET /ready`` answers 200 on both, 503 naming the database once it is gone;
 - a node's control link given "C,B" follows C; C is killed (SIGKILL) mid long-poll: the link
   follows B and gets a change made through B within a few seconds.
@@ -38,6 +39,7 @@ from dataplane.controllink.signer import NodeSigner
 pytestmark = pytest.mark.timeout(60)
 
 CONFIG = "/v1/node/config"
+SIGN_IN_LIMIT = 3
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,8 @@ def _secrets_key(path: Path) -> Path:
 def _launch(data_dir: Path, database: str, key_file: Path, admin_key: str | None = None) -> Control:
     """A control-plane process on ``database`` with the secrets key ``key_file``; the admin key is the
     first node's (``admin_key``) or its own bootstrap key."""
-    env = {"FERRYMAN_DATABASE_URL": database, "FERRYMAN_SECRETS_KEY_FILE": str(key_file)}
+    env = {"FERRYMAN_DATABASE_URL": database, "FERRYMAN_SECRETS_KEY_FILE": str(key_file),
+           "FERRYMAN_SIGN_IN_MAX_FAILURES": str(SIGN_IN_LIMIT)}
     if admin_key is None:
         return Control.launch(data_dir, edges=[PUBLIC_EDGE], env=env)
     log = data_dir.parent / f"{data_dir.name}.log"
@@ -183,6 +186,20 @@ def test_a_node_request_token_used_at_one_node_is_refused_at_the_other(cluster: 
     assert cluster.a.request("GET", target, authorization=authorization)[0] == 200
     status, body, _ = cluster.b.request("GET", target, authorization=authorization)
     assert status == 401 and "already used" in body["error"], body
+
+
+def test_failed_sign_ins_count_on_every_node(cluster: Cluster) -> None:
+    guess = {"upn": f"nobody-{secrets.token_hex(3)}@example.test", "password": "not the password"}
+    for number in range(SIGN_IN_LIMIT):  # spread over both nodes
+        status, body, _ = (cluster.a if number % 2 else cluster.b).request("POST", "/v1/auth/sign-in", guess)
+        assert status == 401, body
+    for control in (cluster.a, cluster.b):
+        status, body, headers = control.request("POST", "/v1/auth/sign-in", guess)
+        assert status == 429, body
+        assert f"({SIGN_IN_LIMIT} within" in body["error"] and int(headers["Retry-After"]) >= 1, body
+    # another account from the same address is not held back by this pair's failures
+    other = {**guess, "upn": f"other-{secrets.token_hex(3)}@example.test"}
+    assert cluster.a.request("POST", "/v1/auth/sign-in", other)[0] == 401
 
 
 def test_both_nodes_are_ready(cluster: Cluster) -> None:

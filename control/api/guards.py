@@ -24,7 +24,11 @@ realm each) and is checked by one guard:
 What it keeps in this process's memory is bounded: the node token ids seen
 (``ReplayCache``), failed sign-ins and OIDC starts per account and source
 (``throttle.SignInLimiter``, ``throttle.SourceRate``) and the TOTP time steps already used
-(``TotpReplayGuard``); each control-plane process keeps its own.
+(``TotpReplayGuard``); each control-plane process keeps its own. On PostgreSQL, where
+several control-plane nodes may share the database, the node token ids, the TOTP steps and
+the failed sign-ins live in the database instead (``SharedGuards``,
+``throttle.SharedSignInLimiter``), so a replay or a guess sent to another node counts too;
+OIDC starts stay counted per process (a cheap, per-source nuisance limit).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ from control.tokens import TokenError, TokenSigner
 from dataplane.basics import pki
 from dataplane.contract.nodeauth import ALGORITHM, CLOCK_SKEW, MAX_JTI, TOKEN_LIFETIME, body_hash
 
-from .throttle import SignInLimiter, SignInLimits, SourceRate
+from .throttle import SharedSignInLimiter, SignInLimiter, SignInLimits, SourceRate
 
 DEFAULT_HEARTBEAT_INTERVAL = 30.0  # seconds between node heartbeats, for active/inactive status
 DEFAULT_REFRESH_GRACE = 30.0  # seconds a refresh token just rotated may be retried (FERRYMAN_REFRESH_GRACE)
@@ -198,7 +202,8 @@ class Api:
         self.replay: ReplayCache | SharedGuards = shared or ReplayCache()
         self.token_signer = token_signer
         self.box: SecretBox = store.box
-        self.sign_ins = SignInLimiter(sign_in_limits)
+        self.sign_ins: SignInLimiter | SharedSignInLimiter = (
+            SharedSignInLimiter(store, sign_in_limits) if shared else SignInLimiter(sign_in_limits))
         self.oidc_starts = SourceRate(oidc_starts_per_minute, 60.0)
         self.refresh_grace = refresh_grace
         self.totp_steps: TotpReplayGuard | SharedGuards = shared or TotpReplayGuard()

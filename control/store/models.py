@@ -344,6 +344,23 @@ class GuardMark(Base):
     expires_at: Mapped[datetime]
 
 
+class SignInAttempt(Base):
+    """A sign-in attempt counted by the limits shared by control-plane nodes
+    (``control.store.guard_state``): in flight, or failed at ``at``."""
+
+    __tablename__ = "sign_in_attempts"
+    __table_args__ = (Index("ix_sign_in_attempts_at", "at"),
+                      Index("ix_sign_in_attempts_account_source", "account", "source"),
+                      CheckConstraint("state IN ('flight', 'failed')", name="ck_sign_in_attempts_state"))
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    account: Mapped[str] = mapped_column(String(320))
+    source: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(8))
+    at: Mapped[datetime]
+
+
 # ---------------------------------------------------------------------------- identity (users, devices, sessions)
 
 USER_RISK_LEVELS = ("none", "low", "medium", "high")
