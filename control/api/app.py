@@ -81,7 +81,8 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     tokens (``TokenSigner.open(data_dir)``).
 
     While the app runs (ASGI lifespan), the configuration snapshot served to nodes follows
-    the store every ``follow_interval`` seconds, and traffic logs older than
+    the store every ``follow_interval`` seconds (on PostgreSQL: at each change notification,
+    ``control.store.notify``, and every ``notify.FALLBACK_INTERVAL`` seconds), and traffic logs older than
     ``traffic_retention_days`` are deleted every hour. ``oidc`` turns on sign-in through that
     OIDC provider (``/v1/auth/oidc``, ``control.oidc``). ``sign_in_limits``,
     ``refresh_grace`` and ``oidc_starts_per_minute`` are the sign-in limits
