@@ -16,7 +16,8 @@
   and its plain text written to ``<data_dir>/admin.key`` (mode 0600). Only the path is
   printed; the key itself never goes to a log;
 - HTTP: uvicorn with ``loop="uvloop"`` on ``FERRYMAN_CONTROL_LISTEN`` (default ``127.0.0.1:8080``), logging
-  through Ferryman's log setup. Plain HTTP: put it on loopback or behind a TLS proxy;
+  through Ferryman's log setup, its connections held to the ``FERRYMAN_CONTROL_*`` server limits
+  (``control.httplimits``). Plain HTTP: put it on loopback or behind a TLS proxy;
 - OIDC sign-in (``control.oidc``) when ``FERRYMAN_OIDC_ISSUER`` is set (with
   ``FERRYMAN_OIDC_CLIENT_ID`` and ``FERRYMAN_OIDC_REDIRECT_URI``); uvicorn's access log never
   shows the query of its begin and callback routes (begin id, the provider's code and state).
@@ -35,6 +36,7 @@ from sqlalchemy.engine import make_url
 
 from control.api import create_app
 from control.api.throttle import SignInLimits
+from control.httplimits import limited_protocol
 from control.snapshot import SnapshotHub
 from control.store import Store, StoreError, database_url, open_store
 from control.store import totp
@@ -43,6 +45,7 @@ from control.oidc import OidcConfig
 from control.store.models import AdminKey
 from control.store.secretbox import SecretBox
 from control.shared_keys import open_ca, open_token_signer
+from dataplane.basics.caps import HttpLimits, LogLimiter
 from dataplane.basics.hostport import parse_hostport
 from dataplane.basics.logs import setup_logging
 from dataplane.basics.settings import ControlSettings as Settings
@@ -171,8 +174,11 @@ def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
         if oidc is not None:
             log.info("OIDC sign-in through %s (client %s, users matched by the %r claim)", oidc.issuer,
                      oidc.client_id, oidc.upn_claim)
+        limits = HttpLimits.from_settings(settings)
+        http = limited_protocol(limits, LogLimiter(settings.log_limit, settings.log_limit_interval))
         config = uvicorn.Config(app, host=host, port=port, loop="uvloop", log_config=None, server_header=False,
-                                proxy_headers=False, lifespan="on", timeout_graceful_shutdown=10)
+                                proxy_headers=False, lifespan="on", timeout_graceful_shutdown=10,
+                                http=http, timeout_keep_alive=limits.keepalive_timeout)
         try:
             _Server(config, app.state.api.hub).run()
         except KeyboardInterrupt:  # uvicorn re-raises SIGINT once it has shut down gracefully

@@ -34,7 +34,6 @@ database for every node sharing it.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import threading
 import time
@@ -44,24 +43,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from control.store import Store, guard_state
+from dataplane.basics.caps import source_key
 
 MAX_TRACKED = 100_000  # keys (pairs, sources, accounts, known sources) per table
-
-
-def source_key(host: str | None) -> str:
-    """What a source address counts as: the IPv4 address, the IPv6 /64 (an IPv4-mapped IPv6
-    address as its IPv4 address), the text as given when it is not an IP address."""
-    if not host:
-        return "unknown"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 class Throttled(Exception):

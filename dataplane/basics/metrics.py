@@ -4,7 +4,9 @@
   prometheus_client calls per frame); ``StatsCollector`` turns them into ``ferryman_*``
   metric families only when scraped, in a per-node ``CollectorRegistry``.
 - ``start_metrics_server``: a tiny HTTP/1.1 server for ``/metrics``, ``/ready`` and
-  ``/health`` (``FERRYMAN_METRICS_ADDR``).
+  ``/health`` (``FERRYMAN_METRICS_ADDR``), one request per connection, held to
+  ``caps.HttpLimits`` (connections in all and waiting per source; the whole request head
+  within ``idle_timeout`` and the request timeout, whichever is shorter).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .caps import ConnectionGate, HttpLimits, LogLimiter
 from .hostport import parse_hostport
 from .version import VERSION
 
@@ -33,9 +36,9 @@ class Stats:
                  "flows_active", "flows_opened", "flows_closed", "bytes_rx", "bytes_tx",
                  "open_failures", "protocol_errors", "rtt", "extra", "datagrams_rx", "datagrams_tx",
                  "datagrams_dropped", "transports", "transport_fallbacks",
-                 "dial_refused")
+                 "dial_refused", "handler_errors", "read_pauses", "log_limit")
 
-    def __init__(self, role: str, node: str) -> None:
+    def __init__(self, role: str, node: str, log_limit: LogLimiter | None = None) -> None:
         self.role = role
         self.node = node
         self.tunnels_up = 0                          # gauge: tunnels currently established
@@ -56,6 +59,10 @@ class Stats:
         self.transports: dict[str, int] = {}         # gauge: tunnels up by transport (quic, tcp)
         self.transport_fallbacks: dict[str, int] = {}  # to transport -> count (auto: QUIC failed)
         self.dial_refused: dict[str, int] = {}       # connector: rule -> resolved addresses not dialed
+        # log lines about refusals, rate-limited per peer or source (its ``suppressed`` is a counter here)
+        self.log_limit = log_limit or LogLimiter()
+        self.handler_errors: dict[str, int] = {}     # wire event -> unexpected exceptions handling it
+        self.read_pauses = 0                         # tunnels not read while their peer did not read
         # metric name -> (help, fn): node-specific gauges read at scrape time
         self.extra: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -123,6 +130,14 @@ class StatsCollector(Collector):
                  "transport", s.transport_fallbacks)
         yield by("ferryman_open_failures_total", "Flow opens that failed, by reason", "reason", s.open_failures)
         yield by("ferryman_protocol_errors_total", "Protocol errors, by code", "code", s.protocol_errors)
+        yield counter("ferryman_log_lines_suppressed_total",
+                      "Log lines about refusals dropped by the per-peer limit (FERRYMAN_LOG_LIMIT)",
+                      s.log_limit.suppressed)
+        yield by("ferryman_handler_errors_total", "Unexpected errors handling one flow's event (that flow was "
+                 "reset, its tunnel kept), by event", "event", s.handler_errors)
+        yield counter("ferryman_tunnel_read_pauses_total", "Times a tunnel stopped reading its peer because the "
+                      "peer did not read what was sent to it (write buffer above FERRYMAN_WRITE_BUFFER_HIGH)",
+                      s.read_pauses)
         yield by("ferryman_dial_refused_total", "Addresses a connector resolved but did not dial, by rule", "rule",
                  s.dial_refused)
         rtt = GaugeMetricFamily("ferryman_tunnel_rtt_seconds", "Last measured tunnel round-trip time",
@@ -148,21 +163,50 @@ def make_registry(stats: Stats) -> CollectorRegistry:
 
 # ---------------------------------------------------------------------------- HTTP
 MAX_REQUEST_HEAD = 8192  # bytes of request line + headers
-IDLE_TIMEOUT = 5.0       # seconds a client may stay silent before it is closed
+IDLE_TIMEOUT = 5.0       # seconds a client has for its whole request head (and for reading the answer)
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
 async def start_metrics_server(addr: str, stats: Stats, ready: Callable[[], bool], *,
-                               idle_timeout: float = IDLE_TIMEOUT) -> asyncio.base_events.Server:
-    """Serve ``/metrics``, ``/ready`` and ``/health`` on ``addr`` (HOST:PORT, port 0 allowed)."""
+                               idle_timeout: float = IDLE_TIMEOUT,
+                               limits: HttpLimits | None = None) -> asyncio.base_events.Server:
+    """Serve ``/metrics``, ``/ready`` and ``/health`` on ``addr`` (HOST:PORT, port 0 allowed).
+
+    ``limits``: connections in all and per source waiting for their request (beyond either, 503
+    and close, logged at most ``stats.log_limit`` lines per source); the request head must be
+    complete within ``idle_timeout`` or ``limits.request_timeout`` (the shorter) and within
+    ``MAX_REQUEST_HEAD`` or ``limits.max_head`` bytes (the smaller)."""
     host, port = parse_hostport(addr, "FERRYMAN_METRICS_ADDR", allow_zero=True)
     registry = make_registry(stats)
+    limits = limits or HttpLimits()
+    gate = ConnectionGate(limits)
+    head_timeout = min(idle_timeout, limits.request_timeout)
+    max_head = min(MAX_REQUEST_HEAD, limits.max_head)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        refusal, key = gate.open(peer[0] if peer else None)
+        if refusal is not None:
+            stats.log_limit.log(log, logging.WARNING, key, "metrics connection refused",
+                                {"peer_addr": key, "reason": refusal})
+            body = f"{refusal}\n".encode()
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            writer.close()
+            return
+        waiting = [True]
+
+        def head_done() -> None:
+            if waiting[0]:
+                waiting[0] = False
+                gate.head_done(key)
+
         try:
-            status, ctype, body, head_only = await _serve_one(reader, registry, ready, idle_timeout)
+            status, ctype, body, head_only = await _serve_one(reader, registry, ready, head_timeout, max_head,
+                                                              head_done)
+            head_done()
             if status:
                 extra = "Allow: GET, HEAD\r\n" if status == 405 else ""
                 writer.write((f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
@@ -176,6 +220,7 @@ async def start_metrics_server(addr: str, stats: Stats, ready: Callable[[], bool
         except Exception:
             log.exception("metrics request failed")
         finally:
+            gate.close(key, waiting[0])
             writer.close()
 
     try:
@@ -205,23 +250,28 @@ def _head_end(buf: bytes) -> int:
     return min(found) if found else -1
 
 
-async def _serve_one(reader: asyncio.StreamReader, registry: CollectorRegistry,
-                     ready: Callable[[], bool], idle_timeout: float) -> tuple[int, str, bytes, bool]:
-    """Read one request head and decide the answer; status 0 means close without answering."""
+async def _serve_one(reader: asyncio.StreamReader, registry: CollectorRegistry, ready: Callable[[], bool],
+                     head_timeout: float, max_head: int,
+                     head_done: Callable[[], None]) -> tuple[int, str, bytes, bool]:
+    """Read one request head (all of it within ``head_timeout`` seconds) and decide the answer;
+    status 0 means close without answering."""
     text = "text/plain; charset=utf-8"
     buf = b""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + head_timeout
     while (end := _head_end(buf)) < 0:
-        if len(buf) > MAX_REQUEST_HEAD:
+        if len(buf) > max_head:
             return 431, text, b"request head too large\n", False
         try:
-            chunk = await asyncio.wait_for(reader.read(4096), idle_timeout)
+            chunk = await asyncio.wait_for(reader.read(4096), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             return 0, "", b"", False
         if not chunk:
             return 0, "", b"", False
         buf += chunk
+    head_done()
     head = buf[:end]
-    if len(head) > MAX_REQUEST_HEAD:
+    if len(head) > max_head:
         return 431, text, b"request head too large\n", False
     parts = head.split(b"\n", 1)[0].rstrip(b"\r").split(b" ")
     if len(parts) != 3 or not parts[0].isalpha() or not parts[1] or not parts[2].startswith(b"HTTP/1."):

@@ -60,6 +60,14 @@ class ControlSettings(CommonSettings, kw_only=True):
     sign_in_max_total_failures: int = 1000
     sign_in_known_source_days: float = 30.0
     refresh_grace: float = 30.0
+    # limits of the HTTP server (control plane API; a node's metrics server)
+    control_max_connections: int = 4096
+    control_max_waiting_per_source: int = 128
+    control_request_timeout: float = 20.0
+    control_keepalive_timeout: float = 5.0
+    control_max_head: int = 65536
+    log_limit: int = 50
+    log_limit_interval: float = 10.0
 
 
 class NodeSettings(CommonSettings, kw_only=True):
@@ -77,6 +85,14 @@ class NodeSettings(CommonSettings, kw_only=True):
     handshake_timeout: float = 10.0
     write_buffer_high: int = 1048576
     quic_packet_size: int = 1350
+    # limits of the HTTP server (control plane API; a node's metrics server)
+    control_max_connections: int = 4096
+    control_max_waiting_per_source: int = 128
+    control_request_timeout: float = 20.0
+    control_keepalive_timeout: float = 5.0
+    control_max_head: int = 65536
+    log_limit: int = 50
+    log_limit_interval: float = 10.0
 
 
 class EdgeSettings(NodeSettings, kw_only=True):
@@ -86,6 +102,12 @@ class EdgeSettings(NodeSettings, kw_only=True):
     apps_file: str = ""
     edge_quic: str = "on"
     traffic_queue: int = 100000
+    open_timeout: float = 15.0
+    pending_opens_share: float = 0.25
+    max_tunnels_per_client: int = 16
+    max_tunnels_per_connector: int = 128
+    max_handshakes: int = 1024
+    max_handshakes_per_source: int = 128
     # following the control plane (a registered edge)
     control_url: str = ""
     config_wait: float = 25.0
@@ -214,7 +236,8 @@ VARIABLES: dict[str, str] = {
     "dial_addresses": "Connector: most addresses of a resolved name that are checked and tried, in the resolver's order (the rest are ignored).",
     "reconnect_min": "Connector/client: first reconnect delay in seconds (doubles, with jitter).",
     "reconnect_max": "Connector/client: ceiling of the reconnect delay in seconds.",
-    "open_timeout": "Client/edge: seconds to wait for OPEN_OK before failing a flow.",
+    "open_timeout": "Client: seconds to wait for the edge's OPEN_OK before failing a flow. Edge: seconds a flow waits for the connector's answer; then the client gets OPEN_FAIL `open_timeout` and the connector an RST (every OPEN is answered).",
+    "pending_opens_share": "Edge: share of FERRYMAN_MAX_PENDING_OPENS that one user (or, without sign-in, one device) may have waiting for answers on one connector tunnel; further OPENs of theirs are refused (`too_many_pending`) so others keep opening flows.",
     "socks_listen": "Client: HOST:PORT for the SOCKS5 listener (localhost only); empty disables it.",
     "http_listen": "Client: HOST:PORT for the HTTP CONNECT proxy listener (localhost only); empty disables it.",
     "dns_listen": "Client: HOST:PORT of the local DNS resolver (UDP and TCP; localhost only): names under the private DNS suffixes are resolved by a connector through the tunnel, others by the system resolver. Empty disables it.",
@@ -242,7 +265,18 @@ VARIABLES: dict[str, str] = {
     "max_pending_opens": "Most OPENs awaiting an answer per tunnel; further OPENs are refused.",
     "keepalive_interval": "Seconds between PINGs; a tunnel silent for 3 intervals is dead.",
     "handshake_timeout": "Seconds allowed for the TLS handshake plus HELLO exchange.",
-    "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point).",
+    "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point): above it a tunnel takes no more data from flows, and an edge stops reading a TLS/TCP tunnel's peer until the peer has read enough of what was sent to it (`ferryman_tunnel_read_pauses_total`).",
+    "max_tunnels_per_client": "Edge: most tunnels one client identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
+    "max_tunnels_per_connector": "Edge: most tunnels one connector identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
+    "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once.",
+    "max_handshakes_per_source": "Edge: most tunnel handshakes in progress from one source address (IPv6: /64); a connection beyond is closed at once.",
+    "control_max_connections": "Control plane API and each node's metrics server: most connections open at once; one more is answered 503 and closed. Every node and signed-in client agent holds one configuration or profile long-poll: keep this above the fleet (and below the process's open-file limit).",
+    "control_max_waiting_per_source": "Control plane API and each node's metrics server: most connections of one source address (IPv6: /64) waiting for a request head; one more is answered 503 and closed.",
+    "control_request_timeout": "Control plane API and each node's metrics server: seconds a request head may take from the connection (or the request's first byte) until complete; then the connection is closed (408). The metrics server allows at most 5 s.",
+    "control_keepalive_timeout": "Control plane API: seconds an idle connection is kept open between requests.",
+    "control_max_head": "Control plane API and each node's metrics server: most bytes of a request line and headers; beyond that 431 and the connection is closed. The metrics server allows at most 8192.",
+    "log_limit": "Most log lines about refused tunnels, handshakes, connections and OPENs per peer or source address in each FERRYMAN_LOG_LIMIT_INTERVAL; the rest are dropped and counted (`ferryman_log_lines_suppressed_total`), and the next line says how many.",
+    "log_limit_interval": "Seconds of each FERRYMAN_LOG_LIMIT window.",
 }
 
 _LIMITS: dict[str, tuple[float, float]] = {
@@ -259,6 +293,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "resolve_timeout": (0.01, 600),
     "dial_addresses": (1, 64),
     "open_timeout": (0.01, 600),
+    "pending_opens_share": (0.001, 1),
     "reconnect_min": (0.01, 3600),
     "reconnect_max": (0.01, 86400),
     "cert_lifetime_days": (1, 3650),
@@ -286,6 +321,17 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "dns_cache": (0, 10_000_000),
     "grant_cache": (1, 1 << 24),
     "process_lookup_wait": (0, 1),
+    "max_tunnels_per_client": (1, 1 << 20),
+    "max_tunnels_per_connector": (1, 1 << 20),
+    "max_handshakes": (1, 1 << 20),
+    "max_handshakes_per_source": (1, 1 << 20),
+    "control_max_connections": (1, 1 << 20),
+    "control_max_waiting_per_source": (1, 1 << 20),
+    "control_request_timeout": (0.1, 3600),
+    "control_keepalive_timeout": (0.1, 3600),
+    "control_max_head": (1024, 1 << 24),
+    "log_limit": (1, 1_000_000),
+    "log_limit_interval": (0.1, 86400),
 }
 
 

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ..basics.hostport import parse_hostport
+from ..basics.caps import HttpLimits, LogLimiter
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.settings import ClientSettings
 from ..transport.credentials import NodeCredentials
@@ -71,7 +72,7 @@ class Client(EndpointNode[None]):
         self.credentials = credentials
         self.name = credentials.name
         self.forwards = forwards
-        self.stats = Stats("client", credentials.name)
+        self.stats = Stats("client", credentials.name, LogLimiter(settings.log_limit, settings.log_limit_interval))
         self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
@@ -149,7 +150,8 @@ class Client(EndpointNode[None]):
             log.info("dns resolver listening", extra={"addr": f"{bound[0]}:{bound[1]}"})
         metrics = None
         if self.settings.metrics_addr:
-            metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready)
+            metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready,
+                                                 limits=HttpLimits.from_settings(self.settings))
         keeper = asyncio.create_task(keep_tunnel(self, self.settings, self._wire_config, self._ssl, self.edges,
                                                  self._session, lambda: not stop.is_set()))
         tokens = asyncio.create_task(self.keeper.run(stop)) if self.keeper is not None else None

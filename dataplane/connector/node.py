@@ -4,7 +4,8 @@ The connector never listens for tunnels. It holds ``FERRYMAN_CONNECTOR_TUNNELS``
 tunnels spread over the configured edges, each kept up by its own reconnect loop
 (exponential backoff with jitter). Every OPEN from an edge becomes a TCP connection
 from this host to the backend (so the backend sees the connector's address), answered
-with OPEN_OK or OPEN_FAIL carrying a specific reason. Before dialing it resolves the
+with OPEN_OK or OPEN_FAIL carrying a specific reason (any error while dialing, foreseen or
+not, is answered with OPEN_FAIL: an OPEN never stays pending here). Before dialing it resolves the
 destination once and checks every address (``dial``: loopback, link-local, metadata and this
 host's own addresses only when a segment names them, the group's allow and deny lists), and
 connects only to addresses that passed. On SIGTERM it sends GOAWAY on
@@ -33,6 +34,7 @@ from ..access.apptable import app_table
 from ..access.destinations import DialPolicy, Refusal
 from ..access.grants import GrantError, GrantVerifier
 from ..basics.hostport import dns_server, parse_hostport
+from ..basics.caps import HttpLimits, LogLimiter
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.pki import PeerCertificate
 from ..basics.settings import ConnectorSettings
@@ -67,7 +69,7 @@ class Connector(EndpointNode[EdgeKey]):
         self.settings = settings
         self.credentials = credentials
         self.name = credentials.name
-        self.stats = Stats("connector", credentials.name)
+        self.stats = Stats("connector", credentials.name, LogLimiter(settings.log_limit, settings.log_limit_interval))
         self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
@@ -100,7 +102,8 @@ class Connector(EndpointNode[EdgeKey]):
             self.link.load_cached()
         following = asyncio.create_task(self.link.run(stop)) if self.link is not None else None
         if self.settings.metrics_addr:
-            metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready)
+            metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready,
+                                                 limits=HttpLimits.from_settings(self.settings))
         slots = [asyncio.create_task(keep_tunnel(self, self.settings, self._wire, lambda: self._ssl, self.edges,
                                                  self._session, lambda: not self.draining, first=i, label=f"t{i}->"))
                  for i in range(self.settings.connector_tunnels)]
@@ -228,9 +231,9 @@ class Connector(EndpointNode[EdgeKey]):
                                         port=request.port, protocol=request.protocol, now=time.time())
         except GrantError as exc:
             self.stats.count(self.stats.protocol_errors, exc.code)
-            log.warning("OPEN refused: no valid grant", extra={"edge": tunnel.peer_name, "dest":
-                                                                f"{request.host}:{request.port}", "code": exc.code,
-                                                                "reason": str(exc)})
+            self.stats.log_limit.log(log, logging.WARNING, tunnel.peer_name, "OPEN refused: no valid grant", {
+                "edge": tunnel.peer_name, "dest": f"{request.host}:{request.port}", "code": exc.code,
+                "reason": str(exc)})
             self._refuse(tunnel, event.flow_id, exc.code, f"connector {self.name}: {exc}")
             return
         if request.protocol in ("udp", "dns"):
@@ -258,7 +261,8 @@ class Connector(EndpointNode[EdgeKey]):
     def _refuse(self, tunnel: ConnectorTunnel, flow_id: int, code: str, reason: str) -> None:
         tunnel.reject(flow_id, code, reason)
         self.stats.count(self.stats.open_failures, code)
-        log.info("open refused", extra={"flow": flow_id, "code": code, "reason": reason})
+        self.stats.log_limit.log(log, logging.INFO, tunnel.peer_name, "open refused", {
+            "edge": tunnel.peer_name, "flow": flow_id, "code": code, "reason": reason})
 
     async def _dial(self, tunnel: ConnectorTunnel, flow: SocketFlow | UdpFlow, request: Open, app: str,
                     address: tuple[str, int] | None = None) -> None:
@@ -280,6 +284,12 @@ class Connector(EndpointNode[EdgeKey]):
                                               shown=f"{host}:{port}")
         except DialError as exc:
             code, reason = exc.code, exc.reason
+        except Exception as exc:  # nobody foresaw it: the OPEN is answered all the same
+            self.stats.count(self.stats.handler_errors, "dial")
+            log.error("unexpected error dialing a flow's destination", exc_info=exc,
+                      extra={"edge": tunnel.peer_name, "dest": f"{host}:{port}", "flow": flow.flow_id,
+                             "reason": f"{type(exc).__name__}: {exc}"})
+            code, reason = "dial_error", f"cannot dial {host}:{port}: unexpected {type(exc).__name__}"
         else:
             if flow.done or tunnel.closed:
                 if udp:
@@ -324,7 +334,8 @@ class Connector(EndpointNode[EdgeKey]):
         def refused(target: Target, refusal: Refusal) -> None:
             refusals.append(refusal)
             self.stats.count(self.stats.dial_refused, refusal.rule)
-            log.warning("destination address refused", extra={
+            who = request.device or request.user  # lines per device: one client's flood hides no other's
+            self.stats.log_limit.log(log, logging.WARNING, who, "destination address refused", {
                 "dest": f"{host}:{port}", "address": target[1][0], "app": app, "rule": refusal.rule,
                 "reason": refusal.reason, "user": request.user, "connection": request.connection})
 

@@ -4,7 +4,11 @@ For every OPEN from a client the edge asks ``access.admission.admit`` whether it
 through (the application whose segment covers the destination, the user's sign-in and
 conditional access) and refuses it with the verdict's reason, or picks the least-loaded
 healthy connector tunnel of that application's connector group (never a draining one),
-signs a grant for exactly this flow and opens it there. From then on it splices the two
+signs a grant for exactly this flow and opens it there. Every OPEN is answered: a connector
+that does not answer within ``FERRYMAN_OPEN_TIMEOUT`` gets an RST and the client OPEN_FAIL
+``open_timeout``, and one user (or device) may have at most ``FERRYMAN_PENDING_OPENS_SHARE``
+of ``FERRYMAN_MAX_PENDING_OPENS`` OPENs waiting on one connector tunnel, so a client that opens
+flows to destinations that never answer cannot take every other user's slots. From then on it splices the two
 flows: DATA payloads are passed from one tunnel to the other as the same slices, credit is
 returned to the sender only for bytes the other side accepted (so the edge holds at most
 one window per flow and direction), and FIN/RST travel through. A lost tunnel resets every
@@ -31,6 +35,13 @@ A peer presenting a revoked certificate is refused at the handshake, and tunnels
 already up with one are ended (GOAWAY ``certificate_revoked``, their flows reset) as soon
 as the snapshot revoking it arrives. Every flow and every refused OPEN becomes a traffic-log
 record (``records.py``).
+
+Caps (``basics.caps``): at most FERRYMAN_MAX_HANDSHAKES connections in their TLS handshake
+and HELLO at once, FERRYMAN_MAX_HANDSHAKES_PER_SOURCE of them from one source address (one
+more is closed at once); at most FERRYMAN_MAX_TUNNELS_PER_CLIENT / _PER_CONNECTOR tunnels
+per certificate identity (one more is refused at its HELLO, GOAWAY ``too_many_tunnels``).
+Lines about refused handshakes, tunnels and OPENs are rate-limited per source or peer
+(``stats.log_limit``).
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ from ..access.grants import sign as sign_grant
 from ..access.policy import AccessIndex, Principal
 from ..access.tokens import TokenError, TokenVerifier
 from ..basics.hostport import parse_hostport
+from ..basics.caps import Counts, HttpLimits, LogLimiter, source_key
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.pki import PeerCertificate
 from ..basics.settings import EdgeSettings
@@ -115,7 +127,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self.revoked: frozenset[int] = frozenset()
         self.tokens: TokenVerifier | None = None
         self._grant_key = _load_key(settings.tls_key)
-        self.stats = Stats("edge", credentials.name)
+        self.stats = Stats("edge", credentials.name, LogLimiter(settings.log_limit, settings.log_limit_interval))
         self.link: ControlLink | None = None
         self.traffic: TrafficQueue | None = None
         if registered is not None:
@@ -136,15 +148,25 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self.connector_groups = ConnectorGroups.from_names(apps.connectors, f"the application file "
                                                                                f"{settings.apps_file or '(given)'}")
         self.clients: set[EdgeTunnel] = set()
+        # OPENs awaiting the connector's answer, per (connector tunnel, user or device): at most ``_share`` each.
+        self.waiting: dict[tuple[EdgeTunnel, str], int] = {}
+        self._share = max(1, int(settings.pending_opens_share * settings.max_pending_opens))
         self.listener: socket.socket | None = None
         self.quic: QuicServer | None = None  # the QUIC listener, with FERRYMAN_EDGE_QUIC=on
         self._accepting = False
         self._handshakes: set[asyncio.Task[None]] = set()
+        # Caps per source and per identity: handshakes in progress (accepted, HELLO not done) per
+        # source address and in all; tunnels up per certificate identity (role, name).
+        self._handshaking = Counts(per_key=settings.max_handshakes_per_source, total=settings.max_handshakes)
+        self._identities = Counts()
         self._wire = credentials.wire_config()
         self.stats.extra = {
             "ferryman_edge_clients": ("Client tunnels connected", lambda: float(len(self.clients))),
             "ferryman_edge_connector_tunnels": (
                 "Connector tunnels connected", lambda: float(len(self.connectors))),
+            "ferryman_edge_handshakes": (
+                "Tunnel handshakes in progress (TCP accepted, TLS and HELLO not done)",
+                lambda: float(self._handshaking.total)),
             "ferryman_traffic_records_queued": (
                 "Traffic log records waiting to be sent to the control plane",
                 lambda: float(len(self.traffic) if self.traffic is not None else 0)),
@@ -175,7 +197,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                                          load_credentials(s.tls_cert, s.tls_key, s.tls_ca))
         metrics = None
         if s.metrics_addr:
-            metrics = await start_metrics_server(s.metrics_addr, self.stats, self.ready)
+            metrics = await start_metrics_server(s.metrics_addr, self.stats, self.ready,
+                                                 limits=HttpLimits.from_settings(self.settings))
         source = s.apps_file if self.link is None or self.static_apps else f"control plane {self.link.base}"
         log.info("edge listening", extra={"addr": f"{bound[0]}:{bound[1]}", "apps": len(self.tables.apps.apps),
                                           "config": source, "transports": "tcp,quic" if self.quic else "tcp"})
@@ -342,27 +365,64 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                     log.warning("accept failed", extra={"reason": exc.strerror or str(exc)})
                     await asyncio.sleep(0.1)
                     continue
-                task = loop.create_task(self._handshake(sock, addr, self._server_ctx))
+                key = source_key(addr[0])
+                full = self._handshaking.take(key)
+                if full is not None:
+                    self._refuse_handshake(sock, addr, key, full)
+                    continue
+                task = loop.create_task(self._handshake(sock, addr, self._server_ctx, key))
                 self._handshakes.add(task)
                 task.add_done_callback(self._handshakes.discard)
         finally:
             self._accepting = False
 
-    async def _handshake(self, sock: socket.socket, addr: tuple, ctx: ssl.SSLContext) -> None:
+    def _refuse_handshake(self, sock: socket.socket, addr: tuple, key: str, full: str) -> None:
+        """Close an accepted connection at once: too many handshakes in progress (``full``:
+        ``total`` or ``key``, from that source)."""
+        sock.close()
         s = self.settings
+        self.stats.count(self.stats.tunnels_closed, "too_many_handshakes")
+        reason = (f"{s.max_handshakes} TLS handshakes in progress on this edge" if full == "total" else
+                  f"{s.max_handshakes_per_source} TLS handshakes in progress from {key}")
+        self.stats.log_limit.log(log, logging.WARNING, key, "tunnel refused", {
+            "peer_addr": f"{addr[0]}:{addr[1]}", "code": "too_many_handshakes", "reason": reason})
+
+    async def _handshake(self, sock: socket.socket, addr: tuple, ctx: ssl.SSLContext, key: str) -> None:
+        """TLS handshake of an accepted connection; it counts as a handshake in progress (of
+        ``key``, its source) until its tunnel is up or closed."""
+        s = self.settings
+        counted = True
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
+            _transport, tunnel = await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: Tunnel(self, self._wire, dialer=False, accept_roles=("client", "connector"),
                                keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
                                write_buffer_high=s.write_buffer_high, label="in"),
                 sock, ssl=ctx, ssl_handshake_timeout=s.handshake_timeout,
             )
+            tunnel.up_waiter.add_done_callback(lambda _done: self._handshaking.give(key))  # HELLO, or closed
+            counted = False
         except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError
             self.stats.count(self.stats.tunnels_closed, "tls_handshake_failed")
-            log.warning("tunnel refused", extra={"peer_addr": f"{addr[0]}:{addr[1]}",
-                                                 "reason": f"TLS handshake failed: {ssl_handshake_error(exc)}"})
+            self.stats.log_limit.log(log, logging.WARNING, key, "tunnel refused", {
+                "peer_addr": f"{addr[0]}:{addr[1]}", "reason": f"TLS handshake failed: {ssl_handshake_error(exc)}"})
+        finally:
+            if counted:
+                self._handshaking.give(key)
 
     # ------------------------------------------------------------------ tunnels
+    def refuse_tunnel(self, tunnel: EdgeTunnel) -> tuple[str, str] | None:
+        """At most FERRYMAN_MAX_TUNNELS_PER_CLIENT / _PER_CONNECTOR tunnels per certificate
+        identity (role and name): one more is refused at its HELLO. Counted until tunnel_down."""
+        hello = tunnel.hello
+        assert hello is not None
+        s = self.settings
+        cap = s.max_tunnels_per_connector if hello.role == "connector" else s.max_tunnels_per_client
+        if self._identities.take((hello.role, hello.node), per_key=cap) is None:
+            return None
+        self.stats.count(self.stats.tunnels_closed, "too_many_tunnels")
+        return "too_many_tunnels", (f"{hello.role} {hello.node!r} holds its maximum of {cap} tunnels on edge "
+                                    f"{self.name}")
+
     def tunnel_up(self, tunnel: EdgeTunnel) -> None:
         hello = tunnel.hello
         assert hello is not None
@@ -422,6 +482,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if hello is None or not tunnel.up:
             return
         self.stats.tunnels_up -= 1
+        self._identities.give((hello.role, hello.node))
         self.stats.count(self.stats.tunnels_closed, tunnel.close_code)
         self.stats.count(self.stats.transports, tunnel.transport_name, -1)
         self.stats.rtt.pop(tunnel.label, None)
@@ -504,6 +565,14 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         principal = verdict.principal
         user = principal.upn if principal is not None else ""
         device = principal.device_id if principal is not None else tunnel.peer_name
+        who = user or f"device {tunnel.peer_name}"
+        waiting = self.waiting.get((connector, who), 0)
+        if waiting >= self._share:
+            self._refuse(tunnel, fid, "too_many_pending",
+                         f"{waiting} flows of {who} already wait for connector {connector.peer_name} to answer "
+                         f"(at most FERRYMAN_PENDING_OPENS_SHARE of FERRYMAN_MAX_PENDING_OPENS: {self._share})",
+                         request, verdict)
+            return
         app = match.app.name if match is not None else ""
         grant = sign_grant(self._grant_key, edge=self.name, connector=connector.peer_name, host=request.host,
                            port=request.port, protocol=request.protocol, connection=connection, user=user,
@@ -521,6 +590,40 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                         request, segment_text(match.segment) if match is not None else "")
         tunnel.routes[fid] = splice
         connector.routes[kfid] = splice
+        splice.waiting = (connector, who)
+        self.waiting[splice.waiting] = waiting + 1
+        splice.timer = asyncio.get_running_loop().call_later(self.settings.open_timeout, self._open_expired, splice)
+
+    def _answered(self, splice: Splice) -> None:
+        """The connector answered ``splice``'s OPEN (or the flow ended): it no longer waits."""
+        if splice.timer is not None:
+            splice.timer.cancel()
+            splice.timer = None
+        key = splice.waiting
+        if key is not None:
+            splice.waiting = None
+            left = self.waiting.get(key, 1) - 1
+            if left > 0:
+                self.waiting[key] = left
+            else:
+                self.waiting.pop(key, None)
+
+    def _open_expired(self, splice: Splice) -> None:
+        """The connector did not answer the OPEN in time: RST to it, OPEN_FAIL to the client."""
+        splice.timer = None
+        if splice.accepted or splice.closed_sides == -1:
+            return
+        code = "open_timeout"
+        reason = (f"connector {splice.connector.peer_name} did not answer within "
+                  f"{self.settings.open_timeout:g}s")
+        self.stats.count(self.stats.open_failures, code)
+        self.stats.log_limit.log(log, logging.WARNING, splice.client.peer_name, "open failed at connector", {
+            "client": splice.client.peer_name, "connector": splice.connector.peer_name, "dest": splice.dest,
+            "code": code, "reason": reason})
+        splice.connector.reset(splice.kfid, code, reason)
+        if splice.client.has_flow(splice.cfid):
+            splice.client.reject(splice.cfid, code, reason)
+        self._finish(splice, code, reason)
 
     def _refuse(self, tunnel: EdgeTunnel, fid: int, code: str, reason: str, request: Open | None = None,
                 verdict: Verdict | None = None) -> None:
@@ -528,7 +631,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         (unless admission refused it before looking at its destination)."""
         tunnel.reject(fid, code, reason)
         self.stats.count(self.stats.open_failures, code)
-        log.info("open refused", extra={"client": tunnel.peer_name, "flow": fid, "code": code, "reason": reason})
+        self.stats.log_limit.log(log, logging.INFO, tunnel.peer_name, "open refused", {
+            "client": tunnel.peer_name, "flow": fid, "code": code, "reason": reason})
         if request is not None and (verdict is None or verdict.recorded):
             access = tunnel.state
             principal = access.principal if access is not None else None
@@ -544,6 +648,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             return
         splice.accepted = True
         splice.remote = event.remote
+        self._answered(splice)
         client = splice.client
         if client.has_flow(splice.cfid):
             client.accept(splice.cfid)  # the connector's own address (``bound``) is not the client's business
@@ -557,13 +662,15 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         splice = tunnel.routes.pop(event.flow_id, None)
         if splice is None:
             return
+        self._answered(splice)
         client = splice.client
         client.routes.pop(splice.cfid, None)
         if client.has_flow(splice.cfid):
             client.reject(splice.cfid, event.code, event.reason)
         self.stats.count(self.stats.open_failures, event.code)
-        log.info("open failed at connector", extra={"connector": tunnel.peer_name, "dest": splice.dest,
-                                                    "code": event.code, "reason": event.reason})
+        self.stats.log_limit.log(log, logging.INFO, client.peer_name, "open failed at connector", {
+            "client": client.peer_name, "connector": tunnel.peer_name, "dest": splice.dest, "code": event.code,
+            "reason": event.reason})
         self.records.finished(splice, event.code, event.reason)
 
     # ------------------------------------------------------------------ splicing
@@ -584,10 +691,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if pending:
             pending.append(data)
             return
-        try:
-            sent = out.send_data(ofid, data)
-        except FlowError:
-            return  # the other side is being reset; its RST reaches this flow's peer
+        sent = out.send_data(ofid, data)  # 0 when the other side just ended: its end event follows
         if sent:
             tunnel.acknowledge(event.flow_id, sent)
         if sent < size:
@@ -668,6 +772,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self._finish(splice, event.code, event.reason)
 
     def _finish(self, splice: Splice, reason: str, text: str = "") -> None:
+        self._answered(splice)
         splice.client.routes.pop(splice.cfid, None)
         splice.connector.routes.pop(splice.kfid, None)
         splice.up_pending.clear()
@@ -700,8 +805,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             stats.count(stats.datagrams_dropped, "tunnel_busy")
             return
         try:
-            out.send_datagram(ofid, data)
-        except FlowError as exc:  # the other side is being reset, or the datagram exceeds its limit
+            if not out.send_datagram(ofid, data):  # the other side just ended: its end event follows
+                stats.count(stats.datagrams_dropped, "flow_closed")
+                return
+        except FlowError as exc:  # the datagram exceeds that tunnel's limit
             stats.count(stats.datagrams_dropped, exc.code)
             return
         # The traffic log counts what went through, not what arrived here.

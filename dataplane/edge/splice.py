@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from ..access.admission import Unauthenticated, Verdict
 from ..access.policy import Principal
 from ..transport.tunnel import TunnelBase
@@ -25,7 +27,7 @@ class Splice:
 
     __slots__ = ("client", "cfid", "connector", "kfid", "up_pending", "down_pending",
                  "up_fin", "down_fin", "accepted", "closed_sides", "dest", "app", "connection", "principal",
-                 "verdict", "start", "request", "segment", "sent", "received", "remote")
+                 "verdict", "start", "request", "segment", "sent", "received", "remote", "waiting", "timer")
 
     def __init__(self, client: EdgeTunnel, cfid: int, connector: EdgeTunnel, kfid: int, dest: str, app: str,
                  connection: str, verdict: Verdict, start: float, request: Open, segment: str) -> None:
@@ -50,6 +52,8 @@ class Splice:
         self.sent = 0  # bytes client -> application
         self.received = 0
         self.remote = ""  # the backend address the connector reached
+        self.waiting: tuple[EdgeTunnel, str] | None = None  # (connector tunnel, who) while its OPEN awaits an answer
+        self.timer: asyncio.TimerHandle | None = None  # fails the flow when the connector does not answer in time
 
 
 EdgeTunnel = TunnelBase[Splice, ClientAccess]  # a client tunnel's state is its ClientAccess; a connector's None

@@ -13,7 +13,21 @@ dispatches the resulting events to its node (``TunnelHandler``), writes what the
 connection queued (coalesced into one write per loop iteration, which over TLS means
 as few records as possible), and owns the tunnel's timers: the handshake deadline
 (TLS + HELLO) and keepalive (PING every interval, dead after three silent intervals).
-It checks that the peer certificate's role matches the role announced in HELLO.
+It checks that the peer certificate's role matches the role announced in HELLO, and asks
+the node whether the tunnel may come up (``refuse_tunnel``: e.g. too many of that identity).
+A tunnel that closes before it came up is logged at most ``stats.log_limit`` lines per
+source address.
+
+One flow's trouble stays in that flow: the wire core answers calls about a flow that has
+just ended with a "flow gone" result instead of an error, and an unexpected exception
+while the node handles one flow's event resets that flow (RST, and the node's own reset
+path for its other half), is logged with its traceback and counted
+(``ferryman_handler_errors_total``), and never closes the tunnel. The accepting side of a
+TLS/TCP tunnel (the edge) stops reading its peer while its write buffer to that peer is
+above ``write_buffer_high`` (``ferryman_tunnel_read_pauses_total``): what a peer makes us
+write (PONGs, OPEN_FAILs, any answer) can then never grow without bound when it does not
+read. Only one side of a tunnel pauses: the dialing side (connector, client) always reads,
+so two peers can never each wait for the other to read.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from ..basics.caps import source_key
 from ..basics.metrics import Stats
 from ..basics.pki import PeerCertificate, PkiError, peer_certificate
 from ..wire import events as ev
@@ -33,6 +48,7 @@ from ..wire.frames import Hello, Open
 from ..wire.quic import QuicTunnelConnection
 
 log = logging.getLogger("ferryman.tunnel")
+HANDLER_ERRORS_LOGGED = 5  # per tunnel: tracebacks logged for unexpected handler errors (the rest are counted)
 
 F = TypeVar("F")  # what a node keeps per flow (``routes`` values)
 S = TypeVar("S")  # what a node keeps per tunnel (``state``)
@@ -76,6 +92,11 @@ class TunnelHandler(Generic[F, S]):
 
     def refuse_peer(self, peer: PeerCertificate) -> str | None:
         """Why a peer with this (CA-verified) certificate must not connect (e.g. revoked), or None."""
+        return None
+
+    def refuse_tunnel(self, tunnel: TunnelBase[F, S]) -> tuple[str, str] | None:
+        """Why this tunnel, whose peer's HELLO checked out, must not come up (e.g. its identity
+        holds its maximum of tunnels): (code, reason) for the GOAWAY, or None."""
         return None
 
 
@@ -144,15 +165,17 @@ class TunnelBase(Generic[F, S]):
         self._flush_scheduled = False
         self._timer = None
         self._down_sent = False
+        self._handler_errors = 0
         self.up_waiter = self.loop.create_future()
         self.done_waiter = self.loop.create_future()
         self.acknowledge = conn.acknowledge
         conn.on_window = self.flush_soon
 
     def _events(self) -> dict[type, Callable[[Any, Any], None]]:
-        """Wire event type -> who handles it (the node, or this tunnel itself)."""
+        """Wire event type -> who handles it (the node, or this tunnel itself), each guarded by
+        ``_guarded``: whatever a handler raises stays with the event's flow."""
         handler = self.handler
-        return {
+        table: dict[type, Callable[[Any, Any], None]] = {
             ev.DataReceived: handler.data_received,
             ev.CreditAvailable: handler.credit_available,
             ev.FlowRequested: handler.flow_requested,
@@ -168,6 +191,49 @@ class TunnelBase(Generic[F, S]):
             ev.HelloReceived: self._on_hello,
             ev.AuthReceived: handler.auth_received,
         }
+        return {kind: self._guarded(fn) for kind, fn in table.items()}
+
+    def _guarded(self, fn: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        """``fn`` such that an exception it raises is handled by ``_handler_failed`` (the tunnel goes on)."""
+        def guarded(tunnel: Any, event: Any) -> None:
+            try:
+                fn(tunnel, event)
+            except Exception as exc:
+                self._handler_failed(event, exc)
+        guarded.__wrapped__ = fn  # type: ignore[attr-defined]
+        return guarded
+
+    def _handler_failed(self, event: ev.Event, exc: Exception) -> None:
+        """A handler raised while handling ``event``: a bug, or a race no handler foresaw. It must
+        cost at most the event's own flow: count it, log it (with its traceback, the first
+        ``HANDLER_ERRORS_LOGGED`` times on this tunnel), reset that flow on the wire and let the
+        node clean up its side of it through its own reset path. The tunnel and every other
+        flow carry on."""
+        kind = type(event).__name__
+        stats = self.handler.stats
+        stats.count(stats.handler_errors, kind)
+        self._handler_errors += 1
+        flow_id = getattr(event, "flow_id", None)
+        if self._handler_errors <= HANDLER_ERRORS_LOGGED:
+            log.error("unexpected error handling a flow event; %s", "that flow is reset, the tunnel goes on"
+                      if flow_id is not None else "the tunnel goes on",
+                      exc_info=exc, extra={"tunnel": self.label, "peer": self.peer_name, "event": kind,
+                                           "flow": flow_id, "reason": f"{type(exc).__name__}: {exc}",
+                                           "suppressed_after": HANDLER_ERRORS_LOGGED})
+        if flow_id is None or self.closed:
+            return
+        reason = f"internal error handling {kind}"
+        flow_gone = flow_id not in self.conn.flows
+        self.conn.reset_flow(flow_id, "internal_error", reason)
+        self.flush_soon()
+        if flow_gone and flow_id not in self.routes:
+            return
+        try:  # the node's own cleanup: its other half of the flow (a socket, a spliced flow) is reset too
+            self.handler.flow_reset(self, ev.FlowReset(flow_id, "internal_error", reason))
+        except Exception:
+            log.exception("unexpected error resetting a flow after a handler error",
+                          extra={"tunnel": self.label, "flow": flow_id})
+        self.routes.pop(flow_id, None)
 
     # ------------------------------------------------------------------ flows (the node's API)
     def has_flow(self, flow_id: int) -> bool:
@@ -180,15 +246,18 @@ class TunnelBase(Generic[F, S]):
         self.flush_soon()
         return flow_id
 
-    def accept(self, flow_id: int, bound: str = "", remote: str = "") -> None:
-        """Answer the peer's OPEN with OPEN_OK."""
-        self.conn.accept_flow(flow_id, bound, remote)
+    def accept(self, flow_id: int, bound: str = "", remote: str = "") -> bool:
+        """Answer the peer's OPEN with OPEN_OK; False when the peer cancelled it already."""
+        done = self.conn.accept_flow(flow_id, bound, remote)
         self.flush_soon()
+        return done
 
-    def reject(self, flow_id: int, code: str, reason: str) -> None:
-        """Answer the peer's OPEN with OPEN_FAIL ``code``/``reason``; the flow is gone."""
-        self.conn.reject_flow(flow_id, code, reason)
+    def reject(self, flow_id: int, code: str, reason: str) -> bool:
+        """Answer the peer's OPEN with OPEN_FAIL ``code``/``reason``; the flow is gone (False: it
+        was already, the peer cancelled it)."""
+        done = self.conn.reject_flow(flow_id, code, reason)
         self.flush_soon()
+        return done
 
     def reset(self, flow_id: int, code: str, reason: str = "") -> None:
         """Abort a flow both ways (RST); a flow that is already gone is ignored."""
@@ -196,7 +265,8 @@ class TunnelBase(Generic[F, S]):
         self.flush_soon()
 
     def send_data(self, flow_id: int, data: bytes | memoryview) -> int:
-        """Send as much of ``data`` as the flow's credit allows; returns the bytes taken."""
+        """Send as much of ``data`` as the flow's credit allows; returns the bytes taken (0 when the
+        flow is gone: its own end event follows)."""
         taken = self.conn.send_data(flow_id, data)
         if taken and not self._flush_scheduled:
             self._flush_scheduled = True
@@ -204,17 +274,20 @@ class TunnelBase(Generic[F, S]):
         return taken
 
     def send_fin(self, flow_id: int) -> bool:
-        """Half-close our direction; True when the flow is now fully closed."""
+        """Half-close our direction; True when the flow is now fully closed (False when it is gone)."""
         closed = self.conn.send_fin(flow_id)
         self.flush_soon()
         return closed
 
-    def send_datagram(self, flow_id: int, data: bytes | memoryview) -> None:
-        """Send one datagram of an open UDP flow (``FlowError`` when it cannot be carried)."""
-        self.conn.send_datagram(flow_id, data)
+    def send_datagram(self, flow_id: int, data: bytes | memoryview) -> bool:
+        """Send one datagram of an open UDP flow; False when the flow is gone (``FlowError`` when
+        it cannot be carried)."""
+        if not self.conn.send_datagram(flow_id, data):
+            return False
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
+        return True
 
     def send_auth(self, token: str) -> None:
         """Hand the edge a new access token (AUTH) for the flows opened from now on."""
@@ -268,6 +341,10 @@ class TunnelBase(Generic[F, S]):
         if refusal is not None:
             self._refuse("certificate_revoked", refusal)
             return
+        refused = self.handler.refuse_tunnel(self)
+        if refused is not None:
+            self._refuse(*refused)
+            return
         self.up = True
         if self._timer is not None:
             self._timer.cancel()
@@ -309,8 +386,13 @@ class TunnelBase(Generic[F, S]):
         self.close_code = code
         self.close_reason = reason
         level = logging.WARNING if error or code not in ("peer_closed", "shutdown", "goaway") else logging.INFO
-        log.log(level, "tunnel closed", extra={"tunnel": self.label, "peer": self.peer_name,
-                                               "peer_addr": self.peer_addr, "code": code, "reason": reason})
+        extra = {"tunnel": self.label, "peer": self.peer_name, "peer_addr": self.peer_addr, "code": code,
+                 "reason": reason}
+        if self.up:
+            log.log(level, "tunnel closed", extra=extra)
+        else:  # refused before it came up (handshake, certificate, HELLO): a peer may repeat that at will
+            self.handler.stats.log_limit.log(log, level, source_key(self.peer_addr.rsplit(":", 1)[0]),
+                                             "tunnel closed", extra)
         return True
 
     # provided by the transport
@@ -345,6 +427,9 @@ class Tunnel(TunnelBase[F, S], asyncio.Protocol):
         self._setup(handler, TunnelConnection(config, dialer=dialer), accept_roles, keepalive, handshake_timeout,
                     write_buffer_high, label)
         self.transport: asyncio.Transport | None = None
+        # The accepting side stops reading a peer that does not read (see the module docstring).
+        self.pauses_reading = not dialer
+        self.reading_paused = False
         self._dispatch = self._events()
 
     # ------------------------------------------------------------------ properties
@@ -424,10 +509,21 @@ class Tunnel(TunnelBase[F, S], asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable = False
+        if self.pauses_reading and not self.reading_paused and self.transport is not None \
+                and not self.transport.is_closing():
+            self.reading_paused = True
+            self.transport.pause_reading()
+            stats = self.handler.stats
+            stats.read_pauses += 1
+            log.debug("tunnel not read until the peer reads", extra={"tunnel": self.label, "peer": self.peer_name})
         self.handler.tunnel_writable(self, False)
 
     def resume_writing(self) -> None:
         self.writable = True
+        if self.reading_paused:
+            self.reading_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
         self.handler.tunnel_writable(self, True)
 
     # ------------------------------------------------------------------ sending

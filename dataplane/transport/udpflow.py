@@ -108,7 +108,9 @@ class UdpFlow(LocalFlow):
             stats.count(stats.datagrams_dropped, "tunnel_busy")
             return
         try:
-            tunnel.send_datagram(self.flow_id, data)
+            if not tunnel.send_datagram(self.flow_id, data):
+                stats.count(stats.datagrams_dropped, "flow_closed")  # its end is on the way to this flow
+                return
         except FlowError as exc:
             stats.count(stats.datagrams_dropped, exc.code)
             if exc.code == "datagram_too_large" and not self.too_large_logged:

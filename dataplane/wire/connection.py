@@ -8,6 +8,14 @@ credit). It never touches sockets or clocks: the transport feeds it with
 ``ProtocolError``; the connection then queues a GOAWAY naming the reason (so the peer
 can log why) and refuses any further input. Misuse by the local node raises
 ``FlowError`` with a code the node can turn into an OPEN_FAIL or a log line.
+
+A flow can end at any moment by the peer's doing (its RST, FIN or OPEN_FAIL may cross
+anything the node does next), so a flow that is gone is an answer, not an error: frames
+that arrive for an ended flow are counted (``late_frames``) and dropped, and the local
+calls that name an ended flow do nothing and say so in their result (``send_data`` → 0,
+``send_fin``/``send_datagram``/``accept_flow``/``reject_flow`` → False; ``acknowledge``
+and ``reset_flow`` are no-ops). The node learns of the end from the flow's own event.
+Only an id that never named a flow of this tunnel raises ``FlowError("no_flow")``.
 """
 
 from __future__ import annotations
@@ -208,17 +216,24 @@ class FlowCore:
         self._start_flow(flow_id, encode_control(flow_id, request))
         return flow_id
 
-    def accept_flow(self, flow_id: int, bound: str = "", remote: str = "") -> None:
+    def accept_flow(self, flow_id: int, bound: str = "", remote: str = "") -> bool:
+        """OPEN_OK for the peer's OPEN; False when the peer already cancelled it (RST)."""
         flow = self._remote_opening(flow_id)
+        if flow is None:
+            return False
         flow.state = OPEN
         self.pending_opens -= 1
         self._send_flow(flow_id, encode_control(flow_id, OpenOk(bound=bound, remote=remote)))
+        return True
 
-    def reject_flow(self, flow_id: int, code: str, reason: str) -> None:
-        self._remote_opening(flow_id)
+    def reject_flow(self, flow_id: int, code: str, reason: str) -> bool:
+        """OPEN_FAIL for the peer's OPEN; False when the peer already cancelled it (RST)."""
+        if self._remote_opening(flow_id) is None:
+            return False
         self.pending_opens -= 1
         self._send_flow(flow_id, encode_control(flow_id, OpenFail(code=code, reason=reason[:1024])))
         self._forget(flow_id)
+        return True
 
     def credit(self, flow_id: int) -> int:
         """Bytes ``send_data`` may send on the flow now."""
@@ -226,10 +241,12 @@ class FlowCore:
         return flow.send_credit if flow is not None else 0
 
     def send_data(self, flow_id: int, data: bytes | memoryview) -> int:
-        """Queue as much of ``data`` as the flow's credit allows; returns the bytes taken."""
+        """Queue as much of ``data`` as the flow's credit allows; returns the bytes taken (0 as
+        well when the flow is gone)."""
         flow = self.flows.get(flow_id)
         if flow is None:
-            raise FlowError("no_flow", f"flow {flow_id} does not exist")
+            self._gone(flow_id)
+            return 0
         if flow.state != OPEN or flow.sent_fin or flow.udp:
             raise FlowError("flow_state", f"flow {flow_id} cannot send data now")
         size = len(data)
@@ -273,10 +290,12 @@ class FlowCore:
         return False
 
     def send_fin(self, flow_id: int) -> bool:
-        """Half-close our direction. Returns True when the flow is now fully closed."""
+        """Half-close our direction. Returns True when the flow is now fully closed (False too
+        when the flow is already gone: its own end event says how it ended)."""
         flow = self.flows.get(flow_id)
         if flow is None:
-            raise FlowError("no_flow", f"flow {flow_id} does not exist")
+            self._gone(flow_id)
+            return False
         if flow.state != OPEN or flow.sent_fin or flow.udp:
             raise FlowError("flow_state", f"flow {flow_id} cannot be half-closed now")
         flow.sent_fin = True
@@ -296,11 +315,12 @@ class FlowCore:
         self._send_flow(flow_id, encode_control(flow_id, Rst(code=code, reason=reason[:1024])))
         self._forget(flow_id)
 
-    def _datagram_flow(self, flow_id: int) -> Flow:
-        """The open UDP flow a local datagram is for (else FlowError)."""
+    def _datagram_flow(self, flow_id: int) -> Flow | None:
+        """The open UDP flow a local datagram is for (None: it is gone; FlowError: not a UDP flow)."""
         flow = self.flows.get(flow_id)
         if flow is None:
-            raise FlowError("no_flow", f"flow {flow_id} does not exist")
+            self._gone(flow_id)
+            return None
         if not flow.udp or flow.state != OPEN:
             raise FlowError("flow_state", f"flow {flow_id} cannot carry a datagram now")
         return flow
@@ -450,19 +470,31 @@ class FlowCore:
             raise ProtocolError("stream_state", f"unexpected {what} on flow {flow_id}")
         return flow
 
-    def _remote_opening(self, flow_id: int) -> Flow:
+    def _remote_opening(self, flow_id: int) -> Flow | None:
+        """The peer's flow awaiting our answer; None when it is gone (the peer cancelled it)."""
         flow = self.flows.get(flow_id)
+        if flow is None and flow_id % 2 == self._peer_parity and self._was_flow(flow_id):
+            return None
         if flow is None or flow.local or flow.state != OPENING:
             raise FlowError("flow_state", f"flow {flow_id} is not awaiting an answer")
         return flow
 
     def _late(self, flow_id: int, what: str) -> None:
         """A frame for a flow that is gone: fine if it existed (a race with RST), else fatal."""
-        ours = flow_id % 2 != self._peer_parity
-        known = flow_id < self._next_id if ours else flow_id <= self._peer_last_id
-        if flow_id == 0 or not known:
+        if not self._was_flow(flow_id):
             raise ProtocolError("unknown_flow", f"{what} for flow {flow_id}, which was never opened")
         self.late_frames += 1
+
+    def _was_flow(self, flow_id: int) -> bool:
+        """Whether ``flow_id`` named a flow of this tunnel at some point (opened by either side)."""
+        ours = flow_id % 2 != self._peer_parity
+        return flow_id != 0 and (flow_id < self._next_id if ours else flow_id <= self._peer_last_id)
+
+    def _gone(self, flow_id: int) -> None:
+        """A local call named a flow that is not in the table: fine if it ended (its end crossed
+        the call; the caller gets the "flow gone" result), a node bug if it never existed."""
+        if not self._was_flow(flow_id):
+            raise FlowError("no_flow", f"flow {flow_id} does not exist")
 
     def _require_peer(self) -> Hello:
         if self.peer is None:
@@ -504,14 +536,17 @@ class TunnelConnection(FlowCore, FrameReader):
     def has_output(self) -> bool:
         return bool(self._out)
 
-    def send_datagram(self, flow_id: int, data: bytes | memoryview) -> None:
-        """Queue one datagram of an open UDP flow (whole: a datagram is never split)."""
-        self._datagram_flow(flow_id)
+    def send_datagram(self, flow_id: int, data: bytes | memoryview) -> bool:
+        """Queue one datagram of an open UDP flow (whole: a datagram is never split); False when
+        the flow is gone."""
+        if self._datagram_flow(flow_id) is None:
+            return False
         if len(data) > self.peer.max_frame:  # type: ignore[union-attr]
             raise FlowError("datagram_too_large", f"datagram of {len(data)} bytes exceeds the tunnel's maximum "
                                                   f"of {self.peer.max_frame}")  # type: ignore[union-attr]
         self._out.append(encode_header(_DATAGRAM, flow_id, len(data)))
         self._out.append(data)
+        return True
 
     # ------------------------------------------------------------------ where frames go
     def _send_flow(self, flow_id: int, chunk: bytes | memoryview) -> None:

@@ -393,9 +393,10 @@ class QuicTunnelConnection(FlowCore):
         self.close(exc.code, exc.message, error=True)
 
     # ------------------------------------------------------------------ local API
-    def send_datagram(self, flow_id: int, data: bytes | memoryview) -> None:
-        """Queue one datagram of an open UDP flow as one QUIC DATAGRAM frame."""
-        self._datagram_flow(flow_id)
+    def send_datagram(self, flow_id: int, data: bytes | memoryview) -> bool:
+        """Queue one datagram of an open UDP flow as one QUIC DATAGRAM frame (False: the flow is gone)."""
+        if self._datagram_flow(flow_id) is None:
+            return False
         limit = min(self.max_datagram, self.peer.max_frame)  # type: ignore[union-attr]
         if len(data) > limit:
             raise FlowError("datagram_too_large", f"datagram of {len(data)} bytes exceeds the {limit} bytes "
@@ -403,6 +404,7 @@ class QuicTunnelConnection(FlowCore):
         if self.quic.pending_datagrams() >= MAX_PENDING_DATAGRAMS:
             raise FlowError("datagram_queue_full", f"{MAX_PENDING_DATAGRAMS} datagrams already wait to be sent")
         self.quic.send_datagram_frame(_FLOW_TAG.pack(flow_id) + data)
+        return True
 
     # ------------------------------------------------------------------ output helpers
     def _control(self) -> _Stream:
