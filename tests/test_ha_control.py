@@ -2,7 +2,7 @@
 one configuration, share their keys and replay guards, and nodes fail over between them.
 
 - a change made through node A reaches a node long-polling node B within 2 s (LISTEN/NOTIFY:
-  the fallback re-check is 30 s away);
+  the fallback re-check is 30 s away), also after the listening connections were killed;
 - the CA and the access-token signing key are the same on both (sealed in the database under
   the secrets key both are given); a node started with another secrets key refuses to start;
 - a node request token used at A is refused at B (shared replay guard); failed sign-ins at
@@ -143,6 +143,58 @@ def test_a_change_through_one_node_reaches_a_node_following_the_other_within_two
     assert status == 200, snapshot
     assert answer["at"] - changed < 2.0, f"answered {answer['at'] - changed:.2f}s after the change"
     assert "ha-app" in [app["name"] for app in snapshot["applications"]]
+
+
+def _listeners(database: str) -> set[int]:
+    """The backend pids of the connections listening for configuration changes on ``database``."""
+    engine = sa.create_engine(sa.make_url(database), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            return set(conn.execute(sa.text(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %' "
+                "AND pid <> pg_backend_pid()")).scalars())
+    finally:
+        engine.dispose()
+
+
+def test_a_broken_listening_connection_is_made_again_and_changes_still_arrive(cluster: Cluster,
+                                                                             tmp_path: Path) -> None:
+    edge = cluster.b.register_node(tmp_path / "edge", "edge", addresses=[f"127.0.0.1:{controlplane.free_port()}"])
+    signer = NodeSigner(edge.cert, edge.key)
+    before = _listeners(cluster.database)
+    assert len(before) == 2, before  # one per control-plane node
+    engine = sa.create_engine(sa.make_url(cluster.database), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            for pid in before:
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    finally:
+        engine.dispose()
+    deadline = time.monotonic() + 10
+    while len(now := _listeners(cluster.database)) < 2 or now & before:
+        assert time.monotonic() < deadline, f"listeners not back: {now} (were {before})"
+        time.sleep(0.1)
+    assert cluster.b.request("GET", "/ready")[0] == 200
+    deadline = time.monotonic() + 5
+    while (version := _served_version(cluster.b, signer)) < cluster.a.version():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    answer: dict[str, Any] = {}
+
+    def poll() -> None:
+        answer["reply"] = _node_call(cluster.b, signer, "GET", f"{CONFIG}?after={version}&wait=20", timeout=30)
+        answer["at"] = time.monotonic()
+
+    waiter = threading.Thread(target=poll, daemon=True)
+    waiter.start()
+    time.sleep(0.3)
+    status, body, _ = cluster.a.admin("POST", "/v1/applications",
+                                      {"name": "after-reconnect", "segments": [{"destination": "10.93.0.0/16",
+                                                                                "ports": 22}]})
+    changed = time.monotonic()
+    assert status == 201, body
+    waiter.join(10)
+    assert answer["reply"][0] == 200 and answer["at"] - changed < 2.0
 
 
 def test_keys_are_shared_and_a_node_with_another_secrets_key_refuses_to_start(cluster: Cluster,
