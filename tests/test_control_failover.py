@@ -85,3 +85,17 @@ def test_admin_fails_over_between_control_urls(control: Control) -> None:
 def test_ready_on_sqlite(control: Control) -> None:
     status, body, _ = control.request("GET", "/ready")
     assert (status, body) == (200, {"status": "ready", "problems": []})
+
+
+def test_a_client_agent_never_captures_any_of_its_control_urls() -> None:
+    """The transparent capture leaves alone every control-plane node of the session, not only the first."""
+    from types import SimpleNamespace
+
+    from dataplane.basics.settings import ClientSettings
+    from dataplane.client.node import Client
+
+    agent = SimpleNamespace(edges=[("edge.example", 8443)], settings=ClientSettings(),
+                            keeper=SimpleNamespace(session=SimpleNamespace(
+                                control="http://control-a.example:8080,https://control-b.example")))
+    assert Client._own_targets(agent) == [("edge.example", 8443), ("control-a.example", 8080),
+                                          ("control-b.example", 443)]
