@@ -177,6 +177,9 @@ def test_control_plane_is_highly_available_and_shares_its_keys() -> None:
     secret = volumes[mount]["secret"]
     assert secret["secretName"] == "ferryman-secrets-key"
     assert key_file.rsplit("/", 1)[1] in _example_secrets()["ferryman-secrets-key"]
+    service = next(doc for _, doc in DOCUMENTS if doc["kind"] == "Service"
+                   and doc["metadata"]["name"] == "ferryman-control")
+    assert service["spec"]["sessionAffinity"] == "ClientIP"  # OIDC sign-ins in progress are per replica
 
 
 def test_edges_and_connectors_keep_their_identity_and_register_once() -> None:
