@@ -143,6 +143,43 @@ class CertificateAuthority:
         )
 
 
+    def issue_server(self, hosts: Sequence[str], lifetime_days: int) -> tuple[x509.Certificate, bytes]:
+        """A certificate and new key (PEM) for the control plane's own HTTPS: subjectAltNames
+        ``hosts`` (names and IP addresses), serverAuth only, OU ``control`` (no node role, so no
+        tunnel accepts it); the lifetime is cut at the CA's own expiry."""
+        if not hosts:
+            raise CaError("the control plane's certificate needs at least one host name or address")
+        try:
+            san = [pki.general_name(host) for host in hosts]
+        except pki.PkiError as exc:
+            raise CaError(str(exc).replace("edge host", "control plane host")) from None
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ca_expiry = self.certificate.not_valid_after_utc
+        if ca_expiry <= now:
+            raise CaError(f"the CA certificate in {self.directory} expired at {ca_expiry.isoformat()}")
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "control"),
+                x509.NameAttribute(NameOID.COMMON_NAME, "ferryman-control"),
+            ]))
+            .issuer_name(self.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - pki.CLOCK_SKEW)
+            .not_valid_after(min(now + datetime.timedelta(days=lifetime_days), ca_expiry))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(pki.key_usage(digital_signature=True), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        return cert, pki.key_pem(key)
+
+
 _AcceptedKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
 

@@ -15,9 +15,12 @@
 - first start: when the database has no admin key at all, one named ``bootstrap`` is made
   and its plain text written to ``<data_dir>/admin.key`` (mode 0600). Only the path is
   printed; the key itself never goes to a log;
-- HTTP: uvicorn with ``loop="uvloop"`` on ``FERRYMAN_CONTROL_LISTEN`` (default ``127.0.0.1:8080``), logging
+- HTTPS: uvicorn with ``loop="uvloop"`` on ``FERRYMAN_CONTROL_LISTEN`` (default ``127.0.0.1:8080``), logging
   through Ferryman's log setup, its connections held to the ``FERRYMAN_CONTROL_*`` server limits
-  (``control.httplimits``). Plain HTTP: put it on loopback or behind a TLS proxy;
+  (``control.httplimits``), with a certificate from its own CA for ``FERRYMAN_CONTROL_HOSTS``
+  (``control.tls``; issued again when the hosts change). The CA's hash (``sha256:...``, what
+  clients pin) is printed and logged at every start. Plain HTTP only with
+  ``FERRYMAN_CONTROL_INSECURE_HTTP=1``, warned in the log at every start;
 - OIDC sign-in (``control.oidc``) when ``FERRYMAN_OIDC_ISSUER`` is set (with
   ``FERRYMAN_OIDC_CLIENT_ID`` and ``FERRYMAN_OIDC_REDIRECT_URI``); uvicorn's access log never
   shows the query of its begin and callback routes (begin id, the provider's code and state).
@@ -45,7 +48,9 @@ from control.oidc import OidcConfig
 from control.store.models import AdminKey
 from control.store.secretbox import SecretBox
 from control.shared_keys import open_ca, open_token_signer
+from control import tls
 from dataplane.basics.caps import HttpLimits, LogLimiter
+from dataplane.basics.controltls import insecure_warning
 from dataplane.basics.hostport import parse_hostport
 from dataplane.basics.logs import setup_logging
 from dataplane.basics.settings import ControlSettings as Settings
@@ -160,6 +165,19 @@ def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
             totp.check_secrets_key(session, box)
         ca = open_ca(store, os.path.join(settings.data_dir, CA_DIR))
         token_signer = open_token_signer(store, settings.data_dir, lifetime=settings.access_token_minutes * 60)
+        ssl_files: dict[str, str] = {}
+        if settings.control_insecure_http:
+            log.warning(insecure_warning("the control plane serves"))
+        else:
+            hosts = tls.parse_hosts(settings.control_hosts)
+            cert_file, tls_key_file, issued = tls.server_certificate(ca, settings.data_dir, hosts,
+                                                                     settings.cert_lifetime_days)
+            ssl_files = {"ssl_certfile": cert_file, "ssl_keyfile": tls_key_file}
+            log.info("HTTPS certificate %s for %s", "issued" if issued else "kept", ", ".join(hosts),
+                     extra={"path": cert_file})
+        print(f"ferryman control: CA hash {tls.pin(ca)} (give it to nodes and clients: --ca-hash; "
+              f"registration tokens carry it)", file=sys.stderr, flush=True)
+        log.info("CA hash %s", tls.pin(ca))
         key_file = ensure_admin_key(store, settings.data_dir)
         if key_file is not None:
             print(f"ferryman control: created admin key {BOOTSTRAP_KEY_NAME!r}; its secret is in {key_file} "
@@ -178,7 +196,7 @@ def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
         http = limited_protocol(limits, LogLimiter(settings.log_limit, settings.log_limit_interval))
         config = uvicorn.Config(app, host=host, port=port, loop="uvloop", log_config=None, server_header=False,
                                 proxy_headers=False, lifespan="on", timeout_graceful_shutdown=10,
-                                http=http, timeout_keep_alive=limits.keepalive_timeout)
+                                http=http, timeout_keep_alive=limits.keepalive_timeout, **ssl_files)
         try:
             _Server(config, app.state.api.hub).run()
         except KeyboardInterrupt:  # uvicorn re-raises SIGINT once it has shut down gracefully

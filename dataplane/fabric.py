@@ -30,12 +30,14 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
 from .basics import pki
+from .basics.controltls import ca_pin, load_ca_pem, verifying_context
 from .client.forwards import Forward
 from .controllink import http
 
@@ -62,9 +64,9 @@ def free_port(protocol: str = "tcp") -> int:
         return port
 
 
-def _http_status(url: str) -> int:
+def _http_status(url: str, context: ssl.SSLContext | None = None) -> int:
     try:
-        return http.request_blocking(url, "GET", "", timeout=1.0).status
+        return http.request_blocking(url, "GET", "", timeout=1.0, ssl_context=context).status
     except http.HttpError:
         return 0
 
@@ -87,7 +89,10 @@ class Fabric:
         self.edge_port = 0
         self.edge_host = "127.0.0.1"  # the address the edge listens on and the other nodes dial
         self.control_host = "127.0.0.1"  # managed: the address the control plane listens on (and is dialed at)
-        self.control_url = ""
+        self.control_url = ""  # managed: https://HOST:PORT of the control plane
+        self.ca_pem = b""  # managed: its CA (PEM), which its HTTPS certificate chains to
+        self.ca_hash = ""  # managed: that CA's pin (sha256:...), as `ferryman control` prints it
+        self.control_tls: ssl.SSLContext | None = None  # managed: verifies the control plane's certificate
         self.admin_key = ""
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.metrics: dict[str, str] = {}
@@ -169,6 +174,19 @@ class Fabric:
             return f"{self.control_url}/health"
         return f"http://{self.metrics[name]}/ready"
 
+    def _ready_status(self, name: str) -> int:
+        if name != "control":
+            return _http_status(self._ready_url(name))
+        if self.control_tls is None:  # the CA is made at the control plane's first start
+            try:
+                with open(os.path.join(self.workdir, "control", "ca", "ca.pem"), "rb") as fh:
+                    pem = fh.read()
+                cert = load_ca_pem(pem, "the control plane's CA")
+            except (OSError, ValueError):
+                return 0
+            self.ca_pem, self.ca_hash, self.control_tls = pem, ca_pin(cert), verifying_context(pem)
+        return _http_status(self._ready_url(name), self.control_tls)
+
     def start(self, timeout: float = 30.0) -> None:
         os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
         self.edge_port = self.edge_port or self._free_port("both")  # a test may pick it before start()
@@ -207,9 +225,14 @@ class Fabric:
         control_dir = os.path.join(self.workdir, "control")
         os.makedirs(control_dir, mode=0o700)
         port = self._free_port()
-        self.control_url = f"http://{self.control_host}:{port}"
+        self.control_url = f"https://{self.control_host}:{port}"
+        self.control_tls = None
+        control_env = {"FERRYMAN_DATA_DIR": control_dir}
+        if "FERRYMAN_CONTROL_HOSTS" not in self.env:  # its certificate names the address it is dialed at
+            control_env["FERRYMAN_CONTROL_HOSTS"] = ",".join(dict.fromkeys([self.control_host, "127.0.0.1",
+                                                                            "localhost"]))
         self._spawn("control", "control", ["--listen", f"{self.control_host}:{port}", "--edge", edge_addr],
-                    {"FERRYMAN_DATA_DIR": control_dir})
+                    control_env)
         self._wait_for("control", timeout)
         with open(os.path.join(control_dir, "admin.key")) as fh:
             self.admin_key = fh.read().strip()
@@ -228,7 +251,7 @@ class Fabric:
         """``ferryman client login`` for the demo user: the client's device key, certificate and session."""
         env = {**os.environ, **self.env, **self._node_env(name)}
         done = subprocess.run([sys.executable, "-m", "dataplane", "client", "login", "--control", self.control_url,
-                               "--user", self.user, "--password-stdin", "--device-name", name],
+                               "--ca-hash", self.ca_hash, "--user", self.user, "--password-stdin", "--device-name", name],
                               env=env, input=(self.password + "\n").encode(), capture_output=True, timeout=60)
         if done.returncode != 0:
             raise FabricError(f"signing in {self.user} on {name} failed (exit {done.returncode}):\n"
@@ -239,7 +262,8 @@ class Fabric:
         data = None if body is None else json.dumps(body).encode()
         try:
             answer = http.request_blocking(self.control_url, method, path, body=data, timeout=15, headers={
-                "Authorization": f"Bearer {self.admin_key}", "Content-Type": "application/json"})
+                "Authorization": f"Bearer {self.admin_key}", "Content-Type": "application/json"},
+                ssl_context=self.control_tls)
         except http.HttpError as exc:
             raise FabricError(f"{method} {path}: {exc}") from None
         if answer.status >= 400:
@@ -269,7 +293,7 @@ class Fabric:
                 proc = self.procs[name]
                 if proc.poll() is not None:
                     raise FabricError(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
-                if _http_status(self._ready_url(name)) == 200:
+                if self._ready_status(name) == 200:
                     del pending[name]
             if not pending:
                 return
@@ -305,7 +329,7 @@ class Fabric:
 
     def _wait_for(self, name: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while _http_status(self._ready_url(name)) != 200:
+        while self._ready_status(name) != 200:
             if self.procs[name].poll() is not None:
                 raise FabricError(f"{name} exited with code {self.procs[name].returncode}:\n{self.log_tail(name)}")
             if time.monotonic() > deadline:
@@ -403,6 +427,8 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
                      else f"metrics http://{fabric.metrics[name]}/metrics")
             print(f"{name:<12} pid {proc.pid:<7} {where}  log {fabric.logs[name]}", file=sys.stderr)
         control_dir = os.path.join(fabric.workdir, "control")
+        print(f"control plane CA hash: {fabric.ca_hash} (nodes and clients elsewhere: --ca-hash {fabric.ca_hash})",
+              file=sys.stderr)
         print(f"admin: FERRYMAN_DATA_DIR={control_dir} ferryman admin --control {fabric.control_url} apps list "
               f"(changes reach edge and connector within 2 s)", file=sys.stderr)
         print(f"client-1 is signed in as {fabric.user}, assigned to every forward's application", file=sys.stderr)

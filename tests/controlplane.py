@@ -1,5 +1,5 @@
 """A real control plane for tests: ``python -m dataplane control`` in a subprocess (SQLite in a
-data directory of the test's), spoken to over HTTP with urllib.
+data directory of the test's), spoken to over HTTPS with urllib, verified against its own CA.
 
 - ``free_port()``: a TCP port on 127.0.0.1 that is free right now.
 - ``environment(data_dir, **extra)``: the environment of a Ferryman process (control plane, node or
@@ -7,8 +7,13 @@ data directory of the test's), spoken to over HTTP with urllib.
   ``FERRYMAN_DATA_DIR=data_dir`` and ``extra``.
 - ``start(data_dir, log, edges=(), env=None, port=None, ...)``: start a control plane on
   127.0.0.1 (a free port unless given; one ``--edge`` per entry of ``edges``; ``env`` added to
-  ``environment(data_dir)``), its output appended to ``log``, and wait until ``/health`` answers;
-  returns (process, URL). The test fails, with the log, if the process exits or stays silent.
+  ``environment(data_dir)``), its output appended to ``log``, and wait until ``/health`` answers
+  over HTTPS checked against the CA in ``data_dir/ca`` (plain HTTP when ``env`` sets
+  ``FERRYMAN_CONTROL_INSECURE_HTTP=1``); returns (process, URL). The test fails, with the log, if
+  the process exits or stays silent.
+- ``tls_context(data_dir)``: an SSL context trusting the CA of the control plane in ``data_dir``
+  (``ca_file``: ``tls/ca.pem``, the CA its HTTPS certificate chains to, which on PostgreSQL is
+  the CA every control-plane node shares; else ``ca/ca.pem`` before that is written).
 - ``stop(proc)``: SIGTERM, then SIGKILL after 10 s; for any subprocess.
 - ``Control``: one running control plane (URL, data directory, bootstrap admin key, process,
   log). ``Control.launch(data_dir, ...)`` starts one (arguments as ``start``; the log next to the
@@ -17,7 +22,9 @@ data directory of the test's), spoken to over HTTP with urllib.
   ``request`` sends the ``Authorization`` given (or none), ``call`` the bootstrap admin key (or
   another key, a bearer token, or nothing), ``admin`` the bootstrap key. Also: ``version()``
   (the configuration version), ``token(role)`` (a registration token), ``register_node(...)``
-  (a node registered with ``dataplane.controllink.registration``), ``ca_pem`` (the CA certificate).
+  (a node registered with ``dataplane.controllink.registration``), ``ca_pem`` (the CA certificate),
+  ``ca_hash`` (its pin, ``sha256:...``), ``tls`` (also ``ssl_context``: an SSL context trusting
+  it, for requests of the test's own; None for plain HTTP).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import json
 import os
 import secrets
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -33,13 +41,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 from typing import Any, Self
 
 import pytest
 
+from dataplane.basics.controltls import ca_pin, load_ca_pem, verifying_context
 from dataplane.controllink.registration import Registration, register
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,11 +71,23 @@ def environment(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def ca_file(data_dir: Path) -> Path:
+    """The CA certificate of the control plane in ``data_dir`` (module doc)."""
+    served = data_dir / "tls" / "ca.pem"
+    return served if served.exists() else data_dir / "ca" / "ca.pem"
+
+
+def tls_context(data_dir: Path) -> ssl.SSLContext:
+    """Trusts only the CA of the control plane in ``data_dir`` (host names checked)."""
+    return verifying_context(ca_file(data_dir).read_bytes())
+
+
 def start(data_dir: Path, log: Path, *, edges: Sequence[str] = (), env: Mapping[str, str] | None = None,
           port: int | None = None, timeout: float = START_TIMEOUT,
           interval: float = 0.1) -> tuple[subprocess.Popen[bytes], str]:
     port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
+    insecure = (env or {}).get("FERRYMAN_CONTROL_INSECURE_HTTP") == "1"
+    url = f"{'http' if insecure else 'https'}://127.0.0.1:{port}"
     edge_flags = [flag for edge in edges for flag in ("--edge", edge)]
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -78,10 +99,11 @@ def start(data_dir: Path, log: Path, *, edges: Sequence[str] = (), env: Mapping[
         if proc.poll() is not None:
             pytest.fail(f"control plane exited with {proc.returncode}:\n{log.read_text()}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as response:
+            context = None if insecure else tls_context(data_dir)  # the CA exists once the process made it
+            with urllib.request.urlopen(url + "/health", timeout=1, context=context) as response:
                 if response.status == 200:
                     return proc, url
-        except OSError:
+        except (OSError, ssl.SSLError):
             time.sleep(interval)
     stop(proc)
     pytest.fail(f"control plane did not answer /health within {timeout}s:\n{log.read_text()}")
@@ -104,6 +126,7 @@ class Control:
     key: str
     proc: subprocess.Popen[bytes]
     log: Path
+    _tls: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def launch(cls, data_dir: Path, log: Path | None = None, **options: Any) -> Self:
@@ -140,7 +163,7 @@ class Control:
         for name, value in (headers or {}).items():
             request.add_header(name, value)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.tls) as response:
                 status, payload, got = response.status, response.read(), response.headers
         except urllib.error.HTTPError as exc:
             status, payload, got = exc.code, exc.read(), exc.headers
@@ -182,4 +205,23 @@ class Control:
 
     @property
     def ca_pem(self) -> bytes:
-        return (self.data_dir / "ca" / "ca.pem").read_bytes()
+        return ca_file(self.data_dir).read_bytes()
+
+    @property
+    def ca_hash(self) -> str:
+        """The CA's pin (``sha256:...``): what ``--ca-hash`` takes and registration tokens carry."""
+        return ca_pin(load_ca_pem(self.ca_pem, "the control plane's CA"))
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """Trusts only this control plane's CA; None when it serves plain HTTP."""
+        if self.url.startswith("http://"):
+            return None
+        if self._tls is None:
+            self._tls = tls_context(self.data_dir)
+        return self._tls
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """``tls`` under the name other helpers ask for."""
+        return self.tls

@@ -221,13 +221,13 @@ def test_client_certificates_are_issued_to_a_local_key_and_revoked_by_serial(cli
 
 def test_unreachable_control_plane(cli: Cli) -> None:
     port = _free_port()
-    line = cli.fails("--control", f"http://127.0.0.1:{port}", "apps", "list")
-    assert line == f"ferryman admin: cannot reach the control plane at http://127.0.0.1:{port}: connection refused"
+    line = cli.fails("--control", f"https://127.0.0.1:{port}", "apps", "list")
+    assert line == f"ferryman admin: cannot reach the control plane at https://127.0.0.1:{port}: connection refused"
     env = cli.env()
     env["FERRYMAN_CONTROL_LISTEN"] = f"0.0.0.0:{port}"  # a wildcard listen address means this host
     result = cli.run("apps", "list", env=env)
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"ferryman admin: cannot reach the control plane at http://127.0.0.1:{port}: "
+    assert result.stderr.strip() == (f"ferryman admin: cannot reach the control plane at https://127.0.0.1:{port}: "
                                      f"connection refused")
 
 
@@ -242,10 +242,10 @@ def test_bad_or_missing_admin_key(cli: Cli, tmp_path: Path) -> None:
     env["FERRYMAN_DATA_DIR"] = str(tmp_path)
     result = cli.run("apps", "list", env=env)
     assert result.returncode == 2 and f"admin key file {tmp_path / 'admin.key'} not found" in result.stderr
-    # The explicit flags work without any FERRYMAN_* setting.
+    # The explicit flags work without any FERRYMAN_* setting (the CA pinned by --ca-hash).
     bare = {k: v for k, v in env.items() if not k.startswith("FERRYMAN_")}
     result = cli.run("--control", cli.control.url, "--key-file", str(cli.control.data_dir / "admin.key"),
-                     "groups", "list", env=bare)
+                     "--ca-hash", cli.control.ca_hash, "groups", "list", env=bare)
     assert result.returncode == 0 and "default" in result.stdout
     env["FERRYMAN_NO_SUCH_SETTING"] = "1"
     result = cli.run("apps", "list", env=env)

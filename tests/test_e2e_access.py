@@ -164,7 +164,7 @@ def test_an_allowed_flow_and_its_traffic_record(backend, fabric, xfer):
     assert [r for r in _records(fab, action="deny", app=APP) if _unix(r["start"]) >= started] == []
     request = urllib.request.Request(f"{fab.control_url}/v1/traffic/export?app={APP}",
                                      headers={"Authorization": f"Bearer {fab.admin_key}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=fab.control_tls) as response:
         assert response.headers["Content-Type"].startswith("application/x-ndjson")
         lines = [json.loads(line) for line in response.read().splitlines()]
     assert first in lines and second in lines
@@ -241,7 +241,7 @@ def test_mfa_policy_is_met_by_signing_in_with_totp(backend, fabric, xfer):
         request = urllib.request.Request(fab.control_url + path, data=json.dumps(body).encode(), method="POST",
                                          headers={"Authorization": f"Bearer {token}",
                                                   "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10, context=fab.control_tls) as response:
             return json.loads(response.read())
 
     secret = auth("/v1/auth/totp/enrol", {})["secret"]
@@ -249,8 +249,8 @@ def test_mfa_policy_is_met_by_signing_in_with_totp(backend, fabric, xfer):
     assert len(recovery) == 10
     fab.kill("client-1", 15)
     env_login = {**os.environ, "FERRYMAN_DATA_DIR": os.path.join(fab.workdir, "nodes", "client-1")}
-    login = [sys.executable, "-m", "dataplane", "client", "login", "--control", fab.control_url, "--user", fab.user,
-             "--password-stdin"]
+    login = [sys.executable, "-m", "dataplane", "client", "login", "--control", fab.control_url, "--ca-hash",
+             fab.ca_hash, "--user", fab.user, "--password-stdin"]
     refused = subprocess.run(login, env=env_login, input=fab.password + "\n", capture_output=True, text=True,
                              timeout=60)
     assert refused.returncode == 1 and "a TOTP code is required" in refused.stderr

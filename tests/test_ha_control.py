@@ -5,11 +5,15 @@ one configuration, share their keys and replay guards, and nodes fail over betwe
   the fallback re-check is 30 s away), also after the listening connections were killed;
 - the CA and the access-token signing key are the same on both (sealed in the database under
   the secrets key both are given); a node started with another secrets key refuses to start;
+- HTTPS: each node serves a certificate of its own, both from the shared CA, so both have the
+  same CA hash (printed at start, carried by the registration tokens of either) and one
+  context verifies both;
 - a node request token used at A is refused at B (shared replay guard); failed sign-ins at
   either count towards the limits at both;
 - ``GET /ready`` answers 200 on both, 503 naming the database once it is gone;
-- a node's control link given "C,B" follows C; C is killed (SIGKILL) mid long-poll: the link
-  follows B and gets a change made through B within a few seconds.
+- a node's control link given "C,B" (registered through C: the CA pinned by the hash in C's
+  token) follows C; C is killed (SIGKILL) mid long-poll: the link follows B, verifying B's
+  certificate against that pinned CA, and gets a change made through B within a few seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import secrets
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +213,19 @@ def test_keys_are_shared_and_a_node_with_another_secrets_key_refuses_to_start(cl
     # Secrets key on disk only; no CA or signing key files written by the nodes that share them.
     assert not (cluster.b.data_dir / "ca").exists() and not (cluster.b.data_dir / "token-signing.key").exists()
 
+    # HTTPS: one CA, one hash; a certificate of each node's own, each verified with the shared CA
+    assert cluster.a.ca_hash == cluster.b.ca_hash
+    assert cluster.a.ca_pem == cluster.b.ca_pem == Path(on_a.ca).read_bytes()
+    assert cluster.a.token().rsplit(".", 1)[1] == cluster.b.token().rsplit(".", 1)[1] \
+        == cluster.a.ca_hash.removeprefix("sha256:")
+    served = [(control.data_dir / "tls" / "control.pem").read_bytes() for control in (cluster.a, cluster.b)]
+    assert served[0] != served[1]
+    shared = controlplane.tls_context(cluster.a.data_dir)
+    for control in (cluster.a, cluster.b):
+        with urllib.request.urlopen(control.url + "/health", timeout=10, context=shared) as answer:
+            assert answer.status == 200
+        assert f"CA hash {cluster.a.ca_hash}" in control.log.read_text()
+
     other_key = _secrets_key(tmp_path / "other.key")
     log = tmp_path / "wrong-key.log"
     env = controlplane.environment(tmp_path / "c", FERRYMAN_DATABASE_URL=cluster.database,
@@ -278,6 +296,7 @@ def test_a_node_fails_over_to_another_control_node_when_its_node_is_killed(clust
             stop = asyncio.Event()
             task = asyncio.create_task(link.run(stop))
             try:
+                assert link.client.tls is not None  # HTTPS, verified against the CA pinned through C
                 while not seen:  # the first snapshot, from C
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(0.3)  # the link's long-poll now waits at C

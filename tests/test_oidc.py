@@ -28,6 +28,7 @@ import os
 import re
 import select
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -222,8 +223,14 @@ class Control(controlplane.Control):
         return status, payload
 
 
+# What the test's browser trusts: the CA of every control plane this module started.
+BROWSER_TRUST = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 def _start_control(data_dir: Path, env_extra: dict[str, str], port: int | None = None) -> Control:
-    return Control.launch(data_dir, env=env_extra, port=port)
+    control = Control.launch(data_dir, env=env_extra, port=port)
+    BROWSER_TRUST.load_verify_locations(cadata=control.ca_pem.decode())
+    return control
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +248,7 @@ def control(provider: Provider, tmp_path_factory: pytest.TempPathFactory) -> Ite
     ctl = _start_control(tmp_path_factory.mktemp("control"), {
         "FERRYMAN_OIDC_ISSUER": provider.issuer, "FERRYMAN_OIDC_CLIENT_ID": CLIENT_ID,
         "FERRYMAN_OIDC_CLIENT_SECRET": CLIENT_SECRET,
-        "FERRYMAN_OIDC_REDIRECT_URI": f"http://127.0.0.1:{port}/v1/auth/oidc/callback",
+        "FERRYMAN_OIDC_REDIRECT_URI": f"https://127.0.0.1:{port}/v1/auth/oidc/callback",
         "FERRYMAN_OIDC_STARTS_PER_MINUTE": "1000",  # this module starts many sign-ins from one address
     }, port)
     try:
@@ -337,6 +344,7 @@ class Browser:
         self.cookies = http.cookiejar.CookieJar()
         self.visited: list[str] = []
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies),
+                                                  urllib.request.HTTPSHandler(context=BROWSER_TRUST),
                                                   _StopAtLoopback(self.visited, follow_loopback))
 
     def open(self, url: str) -> tuple[int, str, str]:
@@ -389,7 +397,8 @@ def test_sign_in_gives_tokens_and_a_device_certificate(control: Control, provide
     assert agent.poll() == (202, {"status": "pending", "expires_in": pytest.approx(600, abs=10)})
     browser = Browser()
     with pytest.raises(urllib.error.HTTPError) as redirect:  # the begin URL: a cookie, then the provider
-        urllib.request.build_opener(urllib.request.HTTPCookieProcessor(browser.cookies), _NoRedirect).open(
+        urllib.request.build_opener(urllib.request.HTTPCookieProcessor(browser.cookies), _NoRedirect,
+                                    urllib.request.HTTPSHandler(context=BROWSER_TRUST)).open(
             agent.begin_url, timeout=15)
     assert redirect.value.code == 302
     set_cookie = redirect.value.headers["Set-Cookie"]
@@ -578,7 +587,8 @@ def test_seeing_the_authorization_url_or_the_login_id_is_not_enough(control: Con
     victim = Agent(control).start()
     browser = Browser()
     with pytest.raises(urllib.error.HTTPError) as redirect:  # the victim's browser begins: cookie, then provider
-        urllib.request.build_opener(urllib.request.HTTPCookieProcessor(browser.cookies), _NoRedirect).open(
+        urllib.request.build_opener(urllib.request.HTTPCookieProcessor(browser.cookies), _NoRedirect,
+                                    urllib.request.HTTPSHandler(context=BROWSER_TRUST)).open(
             victim.begin_url, timeout=15)
     authorize = redirect.value.headers["Location"]
     # Someone who sees that URL opens it in their own browser and signs in as themselves: refused.
@@ -606,7 +616,7 @@ def test_starts_are_limited_per_source_address(provider: Provider, tmp_path: Pat
     ctl = _start_control(tmp_path / "limited", {
         "FERRYMAN_OIDC_ISSUER": provider.issuer, "FERRYMAN_OIDC_CLIENT_ID": CLIENT_ID,
         "FERRYMAN_OIDC_CLIENT_SECRET": CLIENT_SECRET, "FERRYMAN_OIDC_STARTS_PER_MINUTE": "3",
-        "FERRYMAN_OIDC_REDIRECT_URI": f"http://127.0.0.1:{port}/v1/auth/oidc/callback"}, port)
+        "FERRYMAN_OIDC_REDIRECT_URI": f"https://127.0.0.1:{port}/v1/auth/oidc/callback"}, port)
     try:
         _, csr_pem = new_key_and_csr("device")
         body = {"device": {"csr_pem": csr_pem.decode()}, "redirect_port": 40000,
@@ -629,7 +639,7 @@ def test_no_code_state_or_handoff_reaches_a_log_line(provider: Provider, tmp_pat
     ctl = _start_control(tmp_path / "logged", {
         "FERRYMAN_OIDC_ISSUER": provider.issuer, "FERRYMAN_OIDC_CLIENT_ID": CLIENT_ID,
         "FERRYMAN_OIDC_CLIENT_SECRET": CLIENT_SECRET, "FERRYMAN_LOG_LEVEL": "debug",
-        "FERRYMAN_OIDC_REDIRECT_URI": f"http://127.0.0.1:{port}/v1/auth/oidc/callback"}, port)
+        "FERRYMAN_OIDC_REDIRECT_URI": f"https://127.0.0.1:{port}/v1/auth/oidc/callback"}, port)
     secrets_seen: list[str] = []
     first = len(provider.issued)
     try:
@@ -663,7 +673,8 @@ def test_no_code_state_or_handoff_reaches_a_log_line(provider: Provider, tmp_pat
         provider.user = {"email": "kim@corp.example", "email_verified": True, "sub": "kim-sub"}
         other = Agent(ctl).start()
         with pytest.raises(urllib.error.HTTPError) as redirect:
-            urllib.request.build_opener(_NoRedirect).open(other.begin_url, timeout=15)
+            urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=BROWSER_TRUST)).open(
+                other.begin_url, timeout=15)
         assert browse(redirect.value.headers["Location"])[0] == 403  # the provider, then the callback: no cookie
         secrets_seen += [agent.login_id, agent.verifier, agent.begin_url.rsplit("=", 1)[1], other.login_id,
                          other.verifier, other.begin_url.rsplit("=", 1)[1]]
@@ -720,7 +731,7 @@ def _read_url(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> str:
 
 def _client(control: Control, tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "dataplane", "client", "login", "--control", control.url,
-                             "--oidc", *args], cwd=ROOT, env=environment(tmp_path / "data"), stdout=subprocess.PIPE,
+                             "--ca-hash", control.ca_hash, "--oidc", *args], cwd=ROOT, env=environment(tmp_path / "data"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
 
 

@@ -99,7 +99,8 @@ def test_connector_register_writes_identity_and_a_used_token_overwrites_nothing(
     key, cert_path, ca_path, node_file = (directory / "connector-a.key", directory / "connector-a.pem",
                                           directory / "ca.pem", directory / "node.json")
     assert sorted(p.name for p in directory.iterdir()) == ["ca.pem", "connector-a.key", "connector-a.pem",
-                                                            "node.json"]
+                                                            "control-ca.pem", "node.json"]
+    assert (directory / "control-ca.pem").read_bytes() == control.ca_pem  # pinned by the token's CA hash
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert stat.S_IMODE(node_file.stat().st_mode) == 0o600
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
@@ -117,6 +118,7 @@ def test_connector_register_writes_identity_and_a_used_token_overwrites_nothing(
     assert record["edges"] == [PUBLIC_EDGE]
     assert record["serial"] == format(cert.serial_number, "x")
     assert (record["ca"], record["cert"], record["key"]) == ("ca.pem", "connector-a.pem", "connector-a.key")
+    assert record["control_ca"] == "control-ca.pem"
     assert record["node_id"]
 
     assert _variables(done.stdout) == {
@@ -149,17 +151,17 @@ def test_expired_token_is_refused_and_nothing_is_written(control: Control, tmp_p
 
 def test_unknown_token_is_refused(control: Control, tmp_path: Path) -> None:
     directory = tmp_path / "identity"
-    done = _register("connector", control.url, "fmr_not-a-real-token", "--dir", str(directory), "--name", "c-x",
-                     data_dir=tmp_path)
+    done = _register("connector", control.url, "fmr_not-a-real-token", "--ca-hash", control.ca_hash, "--dir",
+                     str(directory), "--name", "c-x", data_dir=tmp_path)
     assert done.returncode == 1
     assert "registration token is not known" in done.stderr
     assert not directory.exists()
 
 
 def test_unreachable_control_plane(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"https://127.0.0.1:{_free_port()}"
     directory = tmp_path / "identity"
-    done = _register("connector", url, "fmr_whatever", "--dir", str(directory), "--name", "connector-a",
+    done = _register("connector", url, "fmr_whatever." + "0" * 64, "--dir", str(directory), "--name", "connector-a",
                      data_dir=tmp_path)
     assert done.returncode == 1
     assert f"cannot reach the control plane at {url}: " in done.stderr
@@ -175,7 +177,7 @@ def test_local_errors_spend_no_token(control: Control, tmp_path: Path) -> None:
     assert bad_name.returncode == 2 and "node name 'no spaces' is not usable" in bad_name.stderr
     bad_url = _register("connector", "control.example:8080", token, "--dir", str(tmp_path / "a"), "--name", "c-1",
                         data_dir=tmp_path)
-    assert bad_url.returncode == 2 and "expected http://HOST:PORT" in bad_url.stderr
+    assert bad_url.returncode == 2 and "expected https://HOST[:PORT]" in bad_url.stderr
     assert not (tmp_path / "a").exists()
 
     taken = tmp_path / "taken"
@@ -316,8 +318,8 @@ def test_registered_nodes_carry_traffic(tmp_path: Path, backend) -> None:
             {"destination": "127.0.0.1", "ports": str(echo.port), "protocol": "tcp"}]})[0] == 201
         assert ctl.admin("POST", "/v1/users", {"upn": "ada@corp.example", "password": "correct horse battery"})[0] == 201
         assert ctl.admin("POST", "/v1/applications/echo/assignments", {"user": "ada@corp.example"})[0] == 201
-        login = subprocess.run([sys.executable, "-m", "dataplane", "client", "login", "--control", ctl.url, "--user",
-                                "ada@corp.example", "--password-stdin"], cwd=ROOT, env=_environment(client_dir),
+        login = subprocess.run([sys.executable, "-m", "dataplane", "client", "login", "--control", ctl.url,
+                                "--ca-hash", ctl.ca_hash, "--user", "ada@corp.example", "--password-stdin"], cwd=ROOT, env=_environment(client_dir),
                                input="correct horse battery\n", capture_output=True, text=True, timeout=60)
         assert login.returncode == 0, login.stderr
 
@@ -401,14 +403,3 @@ def test_nodes_pick_up_the_registered_identity_unless_told_otherwise(tmp_path: P
     # The other role's identity is refused with a reason, not silently ignored.
     with pytest.raises(SettingsError, match="identity of connector 'connector-q', not of this edge"):
         nodes._use_registration("edge", load(EdgeSettings, no_flags), no_flags)
-
-
-def test_plain_http_to_another_host_is_warned_about() -> None:
-    from dataplane.controllink.registration import plain_http_warning
-
-    assert plain_http_warning("http://127.0.0.1:8080") is None
-    assert plain_http_warning("http://localhost:8080") is None
-    assert plain_http_warning("http://[::1]:8080") is None
-    assert plain_http_warning("https://control.example.test") is None
-    warning = plain_http_warning("http://control.example.test:8080")
-    assert warning is not None and "plain HTTP" in warning

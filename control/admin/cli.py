@@ -15,7 +15,7 @@ from typing import Any
 
 from . import access, apps, identity, logs, nodes
 from .apply import APPLY
-from .client import DEFAULT_TIMEOUT, AdminError, Client, admin_key, control_url, usage
+from .client import DEFAULT_TIMEOUT, AdminError, Client, admin_key, control_url, tls_context, usage
 from .commands import Command, Group, add_commands
 from .output import Ctx
 
@@ -30,7 +30,10 @@ def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> 
     """The connection and output options; accepted before or after the command words."""
     default: Any = argparse.SUPPRESS if in_subcommand else None
     parser.add_argument("--control", metavar="URL", default=default,
-                        help="control plane URL (default: http://FERRYMAN_CONTROL_LISTEN)")
+                        help="control plane URL (default: https://FERRYMAN_CONTROL_LISTEN)")
+    parser.add_argument("--ca-hash", metavar="sha256:HEX", default=default,
+                        help="the control plane's CA hash: its CA is checked against it (default: "
+                             "FERRYMAN_CONTROL_CA, else FERRYMAN_DATA_DIR/ca/ca.pem)")
     parser.add_argument("--key-file", metavar="PATH", default=default,
                         help="file holding the admin key (default: FERRYMAN_DATA_DIR/admin.key)")
     parser.add_argument("--key", metavar="KEY", default=default,
@@ -66,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise usage("--timeout must be positive")
         url = control_url(args.control)
         key, source = admin_key(args.key, args.key_file)
-        return int(args.func(Ctx(Client(url, key, source, args.timeout), args.json), args))
+        context = tls_context(url, args.ca_hash)
+        return int(args.func(Ctx(Client(url, key, source, args.timeout, context), args.json), args))
     except AdminError as exc:
         print(f"ferryman admin: {exc}", file=sys.stderr)
         return exc.status

@@ -2,11 +2,20 @@
 (``--key-file`` / ``--key``), and the HTTP client (standard library urllib) for its admin
 REST API. Nothing here touches the database.
 
-- ``control_url``: ``--control URL`` (``http://HOST:PORT``; a bare ``HOST:PORT`` gets
-  ``http://``), or several comma-separated: the control-plane nodes sharing one database,
-  tried in turn when one cannot be reached. Default: built from ``FERRYMAN_CONTROL_LISTEN`` (a wildcard listen address
-  such as ``0.0.0.0`` or ``[::]`` becomes the loopback address), so on the control plane's
-  own host no flag is needed.
+- ``control_url``: ``--control URL`` (``https://HOST:PORT``; a bare ``HOST:PORT`` gets
+  ``https://``, or ``http://`` with ``FERRYMAN_CONTROL_INSECURE_HTTP=1``), or several
+  comma-separated: the control-plane nodes sharing one database, tried in turn when one cannot
+  be reached. Default: built from ``FERRYMAN_CONTROL_LISTEN`` (a wildcard listen address such
+  as ``0.0.0.0`` or ``[::]`` becomes the loopback address), so on the control plane's own host
+  no flag is needed.
+- ``tls_context``: how the control plane's HTTPS certificate is checked: against
+  ``FERRYMAN_CONTROL_CA`` (a PEM file), else the CA learned over TLS and kept only when its
+  hash is ``--ca-hash`` (``dataplane.basics.controltls.fetch_pinned_ca``), else the CA of the
+  control plane on this host (``FERRYMAN_DATA_DIR/tls/ca.pem``, written at its start; or
+  ``FERRYMAN_DATA_DIR/ca/ca.pem``). Host names are checked. Several control-plane nodes share
+  one CA, so one context checks every URL of the list: a node whose certificate does not
+  chain to it is passed over like one that cannot be reached. ``http://`` is refused unless
+  ``FERRYMAN_CONTROL_INSECURE_HTTP=1`` (then warned).
 - ``admin_key``: ``--key-file PATH`` (default ``FERRYMAN_DATA_DIR/admin.key``, the bootstrap
   key the control plane writes on first start) or ``--key KEY`` (visible to other local
   users in the process list: prefer the file).
@@ -19,6 +28,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,6 +38,20 @@ from typing import Any
 import msgspec
 
 from dataplane.basics import settings as settings_mod
+from dataplane.basics.controltls import (
+    CA_VARIABLE,
+    ControlTlsError,
+    ca_pin,
+    check_scheme,
+    control_urls,
+    fetch_pinned_ca,
+    insecure_warning,
+    load_ca_pem,
+    parse_pin,
+    read_ca_file,
+    trust_hint,
+    verifying_context,
+)
 
 ADMIN_KEY_FILE = "admin.key"  # as written by control.server (not imported: that pulls in the server)
 DEFAULT_TIMEOUT = 30.0
@@ -57,6 +81,8 @@ def why_failed(reason: object) -> str:
         return f"cannot resolve the host name ({reason.strerror})"
     if isinstance(reason, TimeoutError):
         return "timed out"
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return f"TLS error: the certificate is not trusted ({reason.verify_message or reason.reason}); {trust_hint()}"
     if isinstance(reason, ssl.SSLError):
         return f"TLS error: {reason.reason or reason}"
     if isinstance(reason, OSError) and reason.strerror:
@@ -79,14 +105,16 @@ class SinkError(Exception):
 class Client:
     """Calls to the admin API; every failure becomes an ``AdminError`` with a clear message."""
 
-    def __init__(self, base_url: str, key: str, key_source: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, base_url: str, key: str, key_source: str, timeout: float = DEFAULT_TIMEOUT,
+                 context: ssl.SSLContext | None = None) -> None:
         # Several control-plane nodes' URLs (comma-separated): each call tries them in turn, starting
-        # with the one that answered last, moving on when one cannot be connected to.
-        self.bases = [part.strip().rstrip("/") for part in base_url.split(",") if part.strip()] or [base_url]
+        # with the one that answered last, moving on when one cannot be connected to (TLS included).
+        self.bases = control_urls(base_url) or [base_url]
         self.base_url = self.bases[0]
         self.key = key
         self.key_source = key_source
         self.timeout = timeout
+        self.context = context
 
     def _request(self, base: str, method: str, path: str, body: Any, query: dict[str, Any] | None,
                  accept: str = "application/json") -> urllib.request.Request:
@@ -127,7 +155,7 @@ class Client:
         request = self._request(base, method, path, body, query, accept)
         self.base_url = base
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:
                 if sink is None:
                     return response.read()
                 while chunk := response.read1(65536):
@@ -179,8 +207,12 @@ def decode(payload: bytes, source: str) -> Any:
 # ---------------------------------------------------------------------------- connection settings
 
 
+def _scheme() -> str:
+    return "http" if _settings().control_insecure_http else "https"
+
+
 def _default_url() -> str:
-    """``http://HOST:PORT`` of ``FERRYMAN_CONTROL_LISTEN`` (wildcard addresses mean this host)."""
+    """``https://HOST:PORT`` of ``FERRYMAN_CONTROL_LISTEN`` (wildcard addresses mean this host)."""
     from dataplane.basics.hostport import parse_hostport
 
     settings = _settings()
@@ -191,7 +223,7 @@ def _default_url() -> str:
     host = _WILDCARD_HOSTS.get(host, host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"{_scheme()}://{host}:{port}"
 
 
 def _settings() -> settings_mod.ControlSettings:
@@ -213,15 +245,43 @@ def control_url(value: str | None) -> str:
         return ",".join(control_url(part) for part in parts)
     url = value.strip().rstrip("/")
     if "://" not in url:
-        url = f"http://{url}"
+        url = f"{_scheme()}://{url}"
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise usage(f"--control {value!r}: expected a URL like http://HOST:PORT")
+        raise usage(f"--control {value!r}: expected a URL like https://HOST:PORT")
     try:
         parsed.port  # noqa: B018 - raises for a port that is not a number in range
     except ValueError:
         raise usage(f"--control {value!r}: the port is not a number from 1 to 65535") from None
     return url
+
+
+def tls_context(url: str, ca_hash: str | None) -> ssl.SSLContext | None:
+    """The context that checks the control plane at ``url`` (None: plain HTTP, allowed and warned on stderr)."""
+    settings = _settings()
+    try:
+        if check_scheme(url, bool(settings.control_insecure_http)) == "http":
+            print(f"ferryman admin: {insecure_warning('the admin API is called over')}", file=sys.stderr)
+            return None
+        pin = parse_pin(ca_hash) if ca_hash else None
+        if settings.control_ca:
+            pem = read_ca_file(settings.control_ca)
+            if pin is not None and ca_pin(load_ca_pem(pem, settings.control_ca)) != pin:
+                raise ControlTlsError(f"{CA_VARIABLE}={settings.control_ca} is not the CA with hash {pin}")
+        elif pin is not None:
+            pem = fetch_pinned_ca(url, pin, DEFAULT_TIMEOUT)
+        else:
+            # the control plane's own CA, on its host: the one its HTTPS certificate chains to (shared by
+            # every node on PostgreSQL), else the CA directory (an older start)
+            candidates = [os.path.join(settings.data_dir, "tls", "ca.pem"),  # as written by control.tls
+                          os.path.join(settings.data_dir, "ca", "ca.pem")]
+            local = next((path for path in candidates if os.path.exists(path)), "")
+            if not local:
+                raise ControlTlsError(f"no way to check the control plane at {url}: {trust_hint()}")
+            pem = read_ca_file(local, "the control plane's CA")
+        return verifying_context(pem)
+    except ControlTlsError as exc:
+        raise AdminError(str(exc), 2 if "refused" in str(exc) or "no way" in str(exc) else 1) from None
 
 
 def admin_key(key: str | None, key_file: str | None) -> tuple[str, str]:

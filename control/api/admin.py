@@ -46,6 +46,8 @@ from control.store.models import (
     utcnow,
 )
 
+from dataplane.basics.controltls import ca_pin, token_with_pin
+
 from .guards import Api, admin_routes
 from .schemas import (
     AdminKeyCreate,
@@ -306,11 +308,12 @@ def list_tokens(api: Api) -> list[TokenOut]:
 
 @post("/registration-tokens", sync_to_thread=True, tags=["registration"])
 def create_token(api: Api, actor: str, data: TokenCreate) -> TokenCreated:
-    """A one-time token for ``POST /v1/register``; the plain text is in this response only."""
+    """A one-time token for ``POST /v1/register``; the plain text is in this response only. It carries
+    the CA's hash (``fmr_<secret>.<hash hex>``): the registering node pins the control plane's CA with it."""
     with api.store.begin() as session:
         token, plaintext = registration_tokens.create_registration_token(session, actor, data.role, group=data.group,
                                                                          ttl=timedelta(seconds=data.ttl_seconds))
-        return TokenCreated(id=token.id, token=plaintext, role=token.role,
+        return TokenCreated(id=token.id, token=token_with_pin(plaintext, ca_pin(api.ca.certificate)), role=token.role,
                             group=token.group.name if token.group else None, expires_at=token.expires_at)
 
 

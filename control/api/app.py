@@ -5,8 +5,9 @@ Routes: the admin resources under ``/v1`` (``admin.py``; ``policies.py`` for acc
 admin key required), user sign-in under ``/v1/auth`` (``auth.py``: password/TOTP, access
 tokens; ``oidc.py``: through an OIDC provider), the client agents' profile under
 ``/v1/client`` (``client.py``), ``POST /v1/register`` (``register.py``, one-time token),
-the node routes under ``/v1/node`` (``nodes.py``, node certificate token), ``GET /health`` and ``GET /ready``
-(no credential), and the OpenAPI document at ``/schema/openapi.json`` (Swagger UI at
+the node routes under ``/v1/node`` (``nodes.py``, node certificate token), ``GET /health``, ``GET /ready``
+and ``GET /v1/ca`` (the CA certificate, for clients to check against their pin; no credential), and the
+OpenAPI document at ``/schema/openapi.json`` (Swagger UI at
 ``/schema/swagger``). Credentials are checked by ``guards.py``; errors are JSON
 (``errors.py``).
 """
@@ -65,6 +66,14 @@ async def ready(api: Api) -> Response[Readiness]:
     status = 200 if not problems else 503
     return Response(Readiness(status="ready" if not problems else "not ready", problems=problems),
                     status_code=status)
+
+
+@get("/v1/ca", tags=["health"], security=[], media_type="application/x-pem-file", sync_to_thread=False)
+def ca_certificate(api: Api) -> Response[bytes]:
+    """The CA certificate (PEM) that the control plane's HTTPS certificate and every node certificate
+    chain to. No credential: a client keeps it only when its SPKI hash equals the pin it was given
+    out of band (``dataplane.basics.controltls``)."""
+    return Response(api.ca.bundle(), media_type="application/x-pem-file")
 
 
 def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence[str] = (),
@@ -143,7 +152,8 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     )
     app = Litestar(
         route_handlers=[admin_router(), policy_router(), identity_router(), auth_router(), oidc_router(),
-                        client_router(), traffic_router(), register, health, ready, *NODE_ROUTES],
+                        client_router(), traffic_router(), register, health, ready, ca_certificate,
+                        *NODE_ROUTES],
         on_startup=[start_following],
         on_shutdown=[stop_following],
         dependencies={"api": Provide(provide_api, sync_to_thread=False)},

@@ -22,6 +22,7 @@ from litestar import post
 
 from control.store import StoreError, nodes, registration_tokens
 from control.store.models import Connector, Edge
+from dataplane.basics.controltls import ControlTlsError, ca_pin, split_token
 from dataplane.basics.hostport import parse_hostport
 
 from .guards import Api
@@ -51,9 +52,15 @@ def register(api: Api, data: RegisterRequest) -> RegisterResponse:
     """Register a connector or an edge with a one-time token; returns its certificate, the CA and the edges."""
     name = data.name.strip()
     addresses = [a.strip() for a in data.addresses]
+    try:
+        secret, pin = split_token(data.token)
+    except ControlTlsError as exc:
+        raise StoreError("token_unknown", str(exc)) from None
+    if pin is not None and pin != ca_pin(api.ca.certificate):
+        raise StoreError("token_unknown", "registration token carries the CA hash of another control plane")
     with api.store.begin() as session:
-        role = data.role or registration_tokens.token_role(session, data.token)
-        token = registration_tokens.consume_registration_token(session, data.token, role, used_by=f"{role}:{name}")
+        role = data.role or registration_tokens.token_role(session, secret)
+        token = registration_tokens.consume_registration_token(session, secret, role, used_by=f"{role}:{name}")
         hosts = _edge_hosts(addresses) if role == "edge" else None
         nodes.refuse_live_duplicate(session, role, name)
         issued = api.ca.sign_csr(data.csr_pem.encode(), role=role, name=name, hosts=hosts,

@@ -163,7 +163,7 @@ def check_request(role: str, name: str, hosts: Sequence[str] | None, days: int) 
         if hosts:
             raise PkiError(f"only edge certificates carry host names; a {role} is named by its CN")
         return [x509.DNSName(name)]
-    return [_general_name(h) for h in (hosts or ("localhost", "127.0.0.1"))]
+    return [general_name(h) for h in (hosts or ("localhost", "127.0.0.1"))]
 
 
 def new_ca() -> tuple[bytes, bytes]:
@@ -222,7 +222,7 @@ def key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, c
     )
 
 
-def _general_name(host: str) -> x509.GeneralName:
+def general_name(host: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:

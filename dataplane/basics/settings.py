@@ -34,12 +34,15 @@ class CommonSettings(msgspec.Struct, kw_only=True):
     data_dir: str = ".ferryman"
     log_level: str = "info"
     log_format: str = "text"
+    control_ca: str = ""
+    control_insecure_http: int = 0
 
 
 class ControlSettings(CommonSettings, kw_only=True):
     """The control plane's settings (and those the admin CLI finds it with)."""
 
     control_listen: str = "127.0.0.1:8080"
+    control_hosts: str = ""
     database_url: str = ""
     secrets_key_file: str = ""
     cert_lifetime_days: int = 180
@@ -197,10 +200,13 @@ VARIABLES: dict[str, str] = {
     "log_level": "Log level: debug, info, warning, error.",
     "log_format": "`text` for humans, `json` for one JSON object per line.",
     "metrics_addr": "HOST:PORT serving Prometheus `/metrics` and `/ready`; empty disables it.",
-    "control_listen": "Control plane: HOST:PORT of its HTTP API (admin API, registration).",
+    "control_listen": "Control plane: HOST:PORT of its HTTPS API (admin API, registration).",
+    "control_hosts": "Control plane: comma-separated host names and IP addresses its HTTPS certificate (issued from its own CA, in FERRYMAN_DATA_DIR/tls) names; empty means `localhost`, `127.0.0.1`, `::1` and this host's name. A change issues a new certificate at the next start.",
+    "control_ca": "Nodes, clients, admin CLI: the control plane's CA certificate (PEM file) that its HTTPS certificate must chain to; empty means the CA pinned at registration or sign-in (`--ca-hash`, or the hash inside the registration token), or for the admin CLI `FERRYMAN_DATA_DIR/ca/ca.pem` when it exists.",
+    "control_insecure_http": "`1` lets the control plane serve, and nodes, clients and the admin CLI use, plain `http://` (no TLS; warned in the log at every start); `0` refuses `http://` control-plane URLs.",
     "database_url": "Control plane: SQLAlchemy database URL (e.g. `postgresql://user:pw@host/db`); empty means an SQLite file `control.db` in FERRYMAN_DATA_DIR.",
     "secrets_key_file": "Control plane: file holding the secrets key (32 bytes, base64) that seals stored secrets and the keys control-plane nodes share (CA, token signing); every node on one database needs the same file. Empty: `secrets.key` in FERRYMAN_DATA_DIR, created on first start.",
-    "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal).",
+    "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal), and of its own HTTPS certificate (issued again at a start once less than a third is left).",
     "traffic_retention_days": "Control plane: traffic log records older than this many days are deleted (checked hourly).",
     "heartbeat_interval": "Seconds between node heartbeats to the control plane; a node missing 3 in a row is shown inactive (set the same on nodes and control plane).",
     "access_token_minutes": "Control plane: lifetime in minutes of the access tokens it signs at sign-in and refresh (edges accept a token until it expires).",
@@ -308,6 +314,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "sign_in_max_total_failures": (1, 10_000_000),
     "sign_in_known_source_days": (0, 3650),
     "refresh_grace": (0, 300),
+    "control_insecure_http": (0, 1),
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),
     "traffic_queue": (1, 10_000_000),

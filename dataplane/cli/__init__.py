@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="benchmarks: Ferryman vs direct, OpenSSH, stunnel (see `ferryman bench -h`)")
     control = sub.add_parser("control", help="run the control plane: admin REST API and node registration")
     control.add_argument("--listen", default=None, metavar="HOST:PORT",
-                         help="address of the HTTP API (default 127.0.0.1:8080)")
+                         help="HOST:PORT of the HTTPS API (default 127.0.0.1:8080; FERRYMAN_CONTROL_LISTEN)")
     control.add_argument("--edge", action="append", default=[], metavar="HOST:PORT",
                          help="public edge address handed to registering nodes (repeatable)")
     sub.add_parser("admin", help="administer the control plane over its API: apps, users, devices, policies, "

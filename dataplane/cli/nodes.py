@@ -23,6 +23,7 @@ from typing import Any
 
 from ..access.apptable import AppTable
 from ..basics import pki
+from ..basics.controltls import insecure_warning
 from ..basics.logs import setup_logging
 from ..basics.settings import (
     ClientSettings,
@@ -59,8 +60,11 @@ def _register_command(node: argparse.ArgumentParser, role: str) -> None:
     reg = sub.add_parser("register", help=f"register this {role} with the control plane (one-time token)",
                          description=f"Create a key and CSR, trade them and a one-time registration token for a "
                                      f"{role} certificate from the control plane, and store the identity in DIR.")
-    reg.add_argument("--control", required=True, metavar="URL", help="control plane URL, e.g. http://control:8080")
-    reg.add_argument("--token", required=True, help="one-time registration token (from the administrator)")
+    reg.add_argument("--control", required=True, metavar="URL", help="control plane URL, e.g. https://control:8080")
+    reg.add_argument("--token", required=True, help="one-time registration token (from the administrator; it "
+                                                     "carries the control plane's CA hash)")
+    reg.add_argument("--ca-hash", metavar="sha256:HEX", help="the control plane's CA hash, when the token carries "
+                                                              "none (or to check the one it carries)")
     reg.add_argument("--name", help="node name (default: this host's name)")
     reg.add_argument("--dir", help="where to store key, certificate, CA and node.json "
                                    "(default: FERRYMAN_DATA_DIR/identity; nodes read that one by themselves)")
@@ -114,7 +118,10 @@ def add_node_commands(sub: Any) -> None:
                                         "in DIR. `ferryman client` then uses them by itself. With --oidc, sign in "
                                         "through the control plane's OpenID Connect provider in a browser instead "
                                         "of with a password.")
-    login.add_argument("--control", required=True, metavar="URL", help="control plane URL, e.g. http://control:8080")
+    login.add_argument("--control", required=True, metavar="URL", help="control plane URL, e.g. https://control:8080")
+    login.add_argument("--ca-hash", metavar="sha256:HEX", help="the control plane's CA hash (printed by `ferryman "
+                                                                "control` at start): the CA is pinned with it on "
+                                                                "first contact (or set FERRYMAN_CONTROL_CA)")
     login.add_argument("--user", metavar="UPN", help="user name (UPN), e.g. alice@corp.example (required without "
                                                      "--oidc)")
     login.add_argument("--oidc", action="store_true", help="sign in through the control plane's OIDC provider: "
@@ -183,6 +190,8 @@ def run_command(args: argparse.Namespace) -> int:
             log.info("FERRYMAN_TLS_* not set: using the signed-in session",
                      extra={"user": keeper.session.upn, "device": keeper.session.device_id,
                             "session": keeper.directory})
+            if keeper.tls is None:
+                log.warning(insecure_warning(f"calls to the control plane at {keeper.session.control} use"))
         if args.node in ("connector", "client"):
             announce_egress(settings)  # a malformed proxy URL stops the node here; logs the proxy in use
         node = _build(args, settings, credentials, registered, keeper, follow_edges=not _explicit("edges", overrides))
@@ -195,11 +204,11 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _register(args: argparse.Namespace) -> int:
     try:
-        data_dir = load(CommonSettings).data_dir
+        settings = load(CommonSettings)
     except SettingsError as exc:
         print(f"ferryman {args.node} register: {exc}", file=sys.stderr)
         return 2
-    return register.command(args.node, args, data_dir)
+    return register.command(args.node, args, settings)
 
 
 def _explicit(field: str, overrides: dict[str, Any]) -> bool:
@@ -265,7 +274,7 @@ def _build(args: argparse.Namespace, settings: Any, credentials: NodeCredentials
 
 def _use_signed_in_session(settings: Any, overrides: dict[str, Any]) -> tuple[ClientSettings, Any]:
     """With no FERRYMAN_TLS_* at all, the session of ``ferryman client login`` (FERRYMAN_DATA_DIR/client), if any."""
-    from ..client.signin import TokenKeeper, default_directory, read_session
+    from ..client.signin import SignInError, TokenKeeper, default_directory, read_session, session_context
 
     if settings.tls_ca or settings.tls_cert or settings.tls_key:
         return settings, None
@@ -275,19 +284,26 @@ def _use_signed_in_session(settings: Any, overrides: dict[str, Any]) -> tuple[Cl
         return settings, None
     files = {"tls_ca": os.path.join(directory, session.ca), "tls_cert": os.path.join(directory, session.cert),
              "tls_key": os.path.join(directory, session.key)}
-    return load(ClientSettings, {**overrides, **files}), TokenKeeper(directory, session, lambda _token: None)
+    settings = load(ClientSettings, {**overrides, **files})
+    try:
+        context = session_context(directory, session, ca_file=settings.control_ca,
+                                  insecure=bool(settings.control_insecure_http))
+    except SignInError as exc:
+        raise ValueError(f"the signed-in session in {directory}: {exc}") from None
+    return settings, TokenKeeper(directory, session, lambda _token: None, context)
 
 
 def _login(args: argparse.Namespace) -> int:
     import getpass
 
-    from ..client.signin import SignInError, default_directory, login
+    from ..client.signin import SignInError, default_directory, first_contact, login
 
     try:
-        data_dir = load(CommonSettings).data_dir
+        common = load(CommonSettings)
     except SettingsError as exc:
         print(f"ferryman client login: {exc}", file=sys.stderr)
         return 2
+    data_dir = common.data_dir
     directory = os.path.abspath(args.dir or default_directory(data_dir))
     if args.oidc:
         refused = [flag for flag, given in (("--user", args.user), ("--password-stdin", args.password_stdin),
@@ -296,11 +312,20 @@ def _login(args: argparse.Namespace) -> int:
             print(f"ferryman client login: {', '.join(refused)} cannot be used with --oidc (the OIDC provider "
                   f"asks for the user's credentials in the browser)", file=sys.stderr)
             return 2
-        return _login_oidc(args, directory, data_dir)
-    if not args.user:
+    elif not args.user:
         print("ferryman client login: --user UPN is required (or --oidc to sign in through the OIDC provider)",
               file=sys.stderr)
         return 2
+    if common.control_insecure_http and args.control.strip().lower().startswith("http://"):
+        print(f"ferryman client login: {insecure_warning('signing in over')}", file=sys.stderr)
+    try:  # the control plane's CA is pinned before a password or a key request is sent
+        tls = first_contact(args.control, ca_hash=args.ca_hash or "", ca_file=common.control_ca,
+                            insecure=bool(common.control_insecure_http))
+    except SignInError as exc:
+        print(f"ferryman client login: {exc}", file=sys.stderr)
+        return 1
+    if args.oidc:
+        return _login_oidc(args, directory, data_dir, tls)
     try:
         password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass(f"password for {args.user}: ")
     except (EOFError, KeyboardInterrupt):
@@ -310,7 +335,7 @@ def _login(args: argparse.Namespace) -> int:
     for attempt in range(2):
         try:
             session = login(args.control, args.user, password, directory=directory, totp=totp,
-                            recovery_code=args.recovery_code, device_name=args.device_name)
+                            recovery_code=args.recovery_code, device_name=args.device_name, tls=tls)
             break
         except SignInError as exc:
             if exc.code == "mfa_required" and attempt == 0 and not totp and sys.stdin.isatty() \
@@ -327,14 +352,14 @@ def _login(args: argparse.Namespace) -> int:
     return _login_done(session, directory, data_dir)
 
 
-def _login_oidc(args: argparse.Namespace, directory: str, data_dir: str) -> int:
+def _login_oidc(args: argparse.Namespace, directory: str, data_dir: str, tls: Any) -> int:
     from ..client.signin import SignInError, login_oidc
 
     def show(url: str) -> None:
         print(f"open this URL in a browser to sign in: {url}", file=sys.stderr, flush=True)
 
     try:
-        session = login_oidc(args.control, directory=directory, show_url=show, device_name=args.device_name)
+        session = login_oidc(args.control, directory=directory, show_url=show, device_name=args.device_name, tls=tls)
     except KeyboardInterrupt:
         print("ferryman client login: interrupted; not signed in", file=sys.stderr)
         return 130
@@ -369,7 +394,8 @@ def _logout(args: argparse.Namespace) -> int:
 
     try:
         directory = _client_directory(args)
-        upn, remote = logout(directory)
+        common = load(CommonSettings)
+        upn, remote = logout(directory, ca_file=common.control_ca, insecure=bool(common.control_insecure_http))
     except (SettingsError, pki.PkiError, SignInError) as exc:
         print(f"ferryman client logout: {exc}", file=sys.stderr)
         return 1

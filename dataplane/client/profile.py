@@ -112,7 +112,7 @@ class ProfileFollower:
                 answer = await httpclient.request(
                     self.keeper.session.control, "GET", f"/v1/client/profile?after={after}&wait={WAIT:g}",
                     headers={"Authorization": f"Bearer {self.keeper.token}", "Accept": "application/json"},
-                    timeout=WAIT + REQUEST_TIMEOUT, max_body=MAX_PROFILE)
+                    timeout=WAIT + REQUEST_TIMEOUT, max_body=MAX_PROFILE, ssl_context=self.keeper.tls)
             except httpclient.HttpError as exc:
                 self.error = f"cannot reach the control plane at {self.keeper.session.control}: {exc}"
                 if not down:

@@ -43,18 +43,21 @@ import platform
 import queue
 import re
 import secrets
+import ssl
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from ..basics import pki, statefile
 from ..basics.pki import new_key_and_csr, write_node_files
 from ..basics.version import VERSION
+from ..basics.controltls import ControlTlsError, parse_pin, verifying_context
 from ..controllink import http as httpclient
+from ..controllink import trust
 from ..transport.supervisor import Backoff
 
 log = logging.getLogger("ferryman.signin")
@@ -90,6 +93,7 @@ class ClientSession(msgspec.Struct, kw_only=True):
     ca: str = pki.CA_CERT
     cert: str
     key: str
+    control_ca: str = ""  # the control plane's CA pinned at sign-in (file name); "" for plain HTTP
 
 
 def default_directory(data_dir: str) -> str:
@@ -128,16 +132,45 @@ def _error(status: int, payload: bytes) -> SignInError:
     return SignInError(message, code, status)
 
 
-def _post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    return _post_status(base, path, body)[1]
+class ControlTrust(NamedTuple):
+    """How the control plane is reached: its CA (PEM; None for allowed plain HTTP) and that CA's context."""
+
+    ca_pem: bytes | None
+    context: ssl.SSLContext | None
 
 
-def _post_status(base: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def first_contact(control: str, *, ca_hash: str = "", ca_file: str = "", insecure: bool = False) -> ControlTrust:
+    """Pin the control plane's CA before anything is sent (``controllink.trust.first_contact``):
+    ``ca_file`` (``FERRYMAN_CONTROL_CA``), else ``ca_hash``; ``http://`` only with ``insecure``."""
+    try:
+        pin = parse_pin(ca_hash) if ca_hash.strip() else None
+        pem = trust.first_contact(control, pin=pin, ca_file=ca_file, insecure=insecure)
+    except ControlTlsError as exc:
+        raise SignInError(str(exc), "tls") from None
+    return ControlTrust(pem, None if pem is None else verifying_context(pem))
+
+
+def session_context(directory: str, session: ClientSession, *, ca_file: str = "",
+                    insecure: bool = False) -> ssl.SSLContext | None:
+    """The TLS context for the stored session's control plane (``SignInError`` when it cannot be trusted)."""
+    try:
+        return trust.context_for(session.control, directory, session.control_ca, ca_file=ca_file, insecure=insecure)
+    except ControlTlsError as exc:
+        raise SignInError(str(exc), "tls") from None
+
+
+def _post(base: str, path: str, body: dict[str, Any], context: ssl.SSLContext | None) -> dict[str, Any]:
+    return _post_status(base, path, body, context)[1]
+
+
+def _post_status(base: str, path: str, body: dict[str, Any],
+                 context: ssl.SSLContext | None) -> tuple[int, dict[str, Any]]:
     """(2xx status, decoded JSON answer); ``SignInError`` for error statuses and network failures."""
     try:
         answer = httpclient.request_blocking(base, "POST", path, body=json.dumps(body).encode(),
                                              headers={"Content-Type": "application/json", "Accept": "application/json"},
-                                             timeout=REQUEST_TIMEOUT, user_agent=f"ferryman/{VERSION}")
+                                             timeout=REQUEST_TIMEOUT, user_agent=f"ferryman/{VERSION}",
+                                             ssl_context=context)
     except httpclient.HttpError as exc:
         raise SignInError(f"cannot reach the control plane at {base}: {exc}", "network") from None
     if not 200 <= answer.status < 300:
@@ -154,8 +187,11 @@ def _device(csr_pem: bytes, device_name: str, os_name: str, os_version: str) -> 
 
 
 def login(control: str, upn: str, password: str, *, directory: str, totp: str = "", recovery_code: str = "",
-          device_name: str = "", os_name: str = "", os_version: str = "") -> ClientSession:
-    """Sign in and register this device; store and return the session (see the module doc)."""
+          device_name: str = "", os_name: str = "", os_version: str = "",
+          tls: ControlTrust | None = None) -> ClientSession:
+    """Sign in and register this device; store and return the session (see the module doc). ``tls``:
+    from ``first_contact`` (without it only an allowed plain ``http://`` works)."""
+    tls = tls or first_contact(control)
     key_pem, csr_pem = new_key_and_csr("device")  # the control plane names the certificate after the device id
     body: dict[str, Any] = {"upn": upn, "password": password,
                             "device": _device(csr_pem, device_name, os_name, os_version)}
@@ -163,7 +199,7 @@ def login(control: str, upn: str, password: str, *, directory: str, totp: str = 
         body["totp_code"] = totp
     if recovery_code:
         body["recovery_code"] = recovery_code
-    return _store(control, _post(control, "/v1/auth/sign-in", body), key_pem, directory)
+    return _store(control, _post(control, "/v1/auth/sign-in", body, tls.context), key_pem, directory, tls)
 
 
 LOOPBACK_PATH = "/ferryman/oidc"  # where the control plane sends the browser back with the handoff
@@ -249,18 +285,20 @@ def _challenge(verifier: str) -> str:
 
 
 def login_oidc(control: str, *, directory: str, show_url: Callable[[str], None], device_name: str = "",
-               os_name: str = "", os_version: str = "", sleep: Callable[[float], None] = time.sleep) -> ClientSession:
+               os_name: str = "", os_version: str = "", sleep: Callable[[float], None] = time.sleep,
+               tls: ControlTrust | None = None) -> ClientSession:
     """Sign in through the control plane's OIDC provider and register this device (module doc):
     ``show_url`` gets the URL the user opens in a browser on this machine; the sign-in ends
     when the browser is back at the agent's listener, is refused, or expires. Stores and
     returns the session like ``login``."""
+    tls = tls or first_contact(control)
     key_pem, csr_pem = new_key_and_csr("device")
     verifier = secrets.token_urlsafe(32)
     device = _device(csr_pem, device_name, os_name, os_version)
     loopback = Loopback()
     try:
         started = _post(control, "/v1/auth/oidc/start", {"device": device, "redirect_port": loopback.port,
-                                                         "poll_challenge": _challenge(verifier)})
+                                                         "poll_challenge": _challenge(verifier)}, tls.context)
         try:
             login_id, loopback.begin_url = str(started["login_id"]), str(started["begin_url"])
             interval = min(max(float(started.get("poll_interval", 2)), 0.5), 30.0)
@@ -279,7 +317,7 @@ def login_oidc(control: str, *, directory: str, show_url: Callable[[str], None],
             if handoff is not None:
                 body["handoff"] = handoff
             try:
-                status, answer = _post_status(control, "/v1/auth/oidc/poll", body)
+                status, answer = _post_status(control, "/v1/auth/oidc/poll", body, tls.context)
             except SignInError as exc:
                 if exc.code != "network":
                     loopback.finish(exc.status or 502, "sign-in failed", str(exc))
@@ -290,7 +328,7 @@ def login_oidc(control: str, *, directory: str, show_url: Callable[[str], None],
             else:
                 if status == 200:
                     try:
-                        session = _store(control, answer, key_pem, directory)
+                        session = _store(control, answer, key_pem, directory, tls)
                     except (SignInError, pki.PkiError, statefile.StateFileError) as exc:
                         loopback.finish(500, "sign-in failed", f"signed in, but this device cannot store it: {exc}")
                         raise
@@ -308,18 +346,22 @@ def login_oidc(control: str, *, directory: str, show_url: Callable[[str], None],
         loopback.close()
 
 
-def _store(control: str, answer: dict[str, Any], key_pem: bytes, directory: str) -> ClientSession:
-    """Write the device identity and ``session.json`` from a sign-in answer (password or OIDC)."""
+def _store(control: str, answer: dict[str, Any], key_pem: bytes, directory: str,
+           tls: ControlTrust) -> ClientSession:
+    """Write the device identity, the pinned control-plane CA and ``session.json`` from a sign-in
+    answer (password or OIDC)."""
     try:
         device = answer["device"]
         files = write_node_files(directory, device["id"], key_pem, device["certificate_pem"].encode(),
                                device["ca_pem"].encode())
+        pinned = trust.save(directory, tls.ca_pem)
         session = ClientSession(
             control=control.rstrip("/"), user_id=answer["user"]["id"], upn=answer["user"]["upn"],
             device_id=device["id"], session_id=answer["session_id"], refresh_token=answer["refresh_token"],
             access_token=answer["access_token"], access_expires=int(time.time()) + int(answer["expires_in"]),
             access_lifetime=int(answer["expires_in"]),
             ca=os.path.basename(files.ca), cert=os.path.basename(files.cert), key=os.path.basename(files.key),
+            control_ca=pinned,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise SignInError(f"the control plane's sign-in answer is incomplete ({exc!r})") from None
@@ -327,7 +369,7 @@ def _store(control: str, answer: dict[str, Any], key_pem: bytes, directory: str)
     return session
 
 
-def logout(directory: str) -> tuple[str, bool]:
+def logout(directory: str, *, ca_file: str = "", insecure: bool = False) -> tuple[str, bool]:
     """End the stored session at the control plane (refreshing an expired access token first) and
     remove it, with the cached forwarding profile, from ``directory``: (its UPN, whether the
     control plane confirmed). ``SignInError`` when there is no session."""
@@ -337,12 +379,13 @@ def logout(directory: str) -> tuple[str, bool]:
     confirmed = False
     token = session.access_token
     try:
+        context = session_context(directory, session, ca_file=ca_file, insecure=insecure)
         if session.access_expires <= time.time() + 5:
-            refreshed = _post(session.control, "/v1/auth/refresh", {"refresh_token": session.refresh_token})
+            refreshed = _post(session.control, "/v1/auth/refresh", {"refresh_token": session.refresh_token}, context)
             token = str(refreshed["access_token"])
         answer = httpclient.request_blocking(session.control, "POST", "/v1/auth/sign-out", body=b"",
                                              headers={"Authorization": f"Bearer {token}"}, timeout=REQUEST_TIMEOUT,
-                                             user_agent=f"ferryman/{VERSION}")
+                                             user_agent=f"ferryman/{VERSION}", ssl_context=context)
         # 401: the session was already ended (revoked, expired): nothing left to end remotely
         confirmed = 200 <= answer.status < 300 or answer.status == 401
     except (SignInError, httpclient.HttpError, KeyError, TypeError, ValueError):
@@ -360,10 +403,13 @@ def logout(directory: str) -> tuple[str, bool]:
 class TokenKeeper:
     """Keeps a stored session's access token fresh; ``on_token(token)`` gets each new one."""
 
-    def __init__(self, directory: str, session: ClientSession, on_token: Callable[[str], None]) -> None:
+    def __init__(self, directory: str, session: ClientSession, on_token: Callable[[str], None],
+                 tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: the context for the session's control plane (``session_context``; None: plain HTTP)."""
         self.directory = directory
         self.session = session
         self.on_token = on_token
+        self.tls = tls
 
     @property
     def token(self) -> str:
@@ -380,7 +426,7 @@ class TokenKeeper:
         try:
             answer = await httpclient.request(self.session.control, "POST", "/v1/auth/refresh", body=body,
                                               headers={"Content-Type": "application/json"}, timeout=REQUEST_TIMEOUT,
-                                              user_agent=f"ferryman/{VERSION}")
+                                              user_agent=f"ferryman/{VERSION}", ssl_context=self.tls)
         except httpclient.HttpError as exc:
             raise SignInError(f"cannot reach the control plane at {self.session.control}: {exc}", "network") from None
         if answer.status != 200:

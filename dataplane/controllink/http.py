@@ -15,7 +15,7 @@ an answer is bounded (``max_body``), a whole request by ``timeout``, and every f
 Several control-plane nodes: ``base`` may name several base URLs, comma-separated
 (``bases``). A request goes to the one that answered last (at first the first one); when
 it cannot be reached (no connection: refused, unreachable, name not resolved, TLS failure,
-connect timeout) the next is tried at once, within the same ``timeout``. A request that
+such as a certificate that does not chain to the pinned CA, connect timeout) the next is tried at once, within the same ``timeout``. A request that
 fails after it was sent (the node died mid-answer) is not sent again (it may have taken
 effect): the error goes to the caller, and the caller's next request starts at the next URL.
 """
@@ -30,6 +30,8 @@ import urllib.parse
 from typing import Any
 
 import h11
+
+from ..basics.controltls import control_urls
 
 
 _default_tls: ssl.SSLContext | None = None
@@ -57,7 +59,7 @@ _preferred: dict[str, int] = {}  # a comma-separated base -> the index of the UR
 
 def bases(base: str) -> list[str]:
     """The base URLs of ``base`` (one, or several comma-separated), without trailing slashes."""
-    return [part.strip().rstrip("/") for part in base.split(",") if part.strip()]
+    return control_urls(base)
 
 
 class HttpResponse:

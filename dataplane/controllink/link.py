@@ -37,6 +37,7 @@ import http.client
 import json
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -50,7 +51,9 @@ from ..contract.flowrecord import MAX_BATCH
 from ..contract.snapshot import ConfigSnapshot, SnapshotError, decode
 from ..transport.supervisor import Backoff
 from ..transport.tunnel import Tunnel
+from ..basics.controltls import insecure_warning
 from . import http as httpclient
+from . import trust
 from .registration import Registration, control_base, update_record
 from .renewal import renewal_due
 from .signer import NodeSigner
@@ -114,9 +117,11 @@ def cut_revoked(tunnels: Iterable[Tunnel], revoked: frozenset[int], node: str) -
 class ControlClient:
     """Calls to the control plane's node routes (asyncio, h11), each with a fresh node token."""
 
-    def __init__(self, base: str, signer: NodeSigner) -> None:
+    def __init__(self, base: str, signer: NodeSigner, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: the context verifying the control plane (``trust.context_for``); None: plain HTTP."""
         self.base = base.rstrip("/")
         self.signer = signer
+        self.tls = tls
 
     async def call(self, method: str, target: str, body: Any = None,
                    timeout: float = REQUEST_TIMEOUT) -> tuple[int, bytes]:
@@ -128,7 +133,8 @@ class ControlClient:
             headers["Content-Type"] = "application/json"
         try:
             answer = await httpclient.request(self.base, method, target, headers=headers, body=data, timeout=timeout,
-                                              max_body=MAX_RESPONSE, user_agent=f"ferryman/{VERSION}")
+                                              max_body=MAX_RESPONSE, user_agent=f"ferryman/{VERSION}",
+                                              ssl_context=self.tls)
         except httpclient.HttpError as exc:
             raise ControlError(f"cannot reach the control plane at {self.base}: {exc}") from None
         if answer.status >= 300:
@@ -161,7 +167,11 @@ class ControlLink:
         self.registration = registration
         self.base = control_base(settings.control_url or registration.record.control)
         self.signer = NodeSigner(registration.cert, registration.key)
-        self.client = ControlClient(self.base, self.signer)
+        tls = trust.context_for(self.base, registration.directory, registration.record.control_ca,
+                                ca_file=settings.control_ca, insecure=bool(settings.control_insecure_http))
+        if tls is None:
+            log.warning(insecure_warning(f"calls to the control plane at {self.base} use"))
+        self.client = ControlClient(self.base, self.signer, tls)
         self.cache = SnapshotCache(os.path.join(registration.directory, CACHE_FILE))
         self.on_snapshot = on_snapshot
         self.report = report

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import datetime
 import http.client
-import ipaddress
 import json
 import os
 import shlex
 import socket
+import ssl
 import sys
 import urllib.parse
 from typing import Any
@@ -37,9 +37,20 @@ from typing import Any
 import msgspec
 
 from ..basics import pki, statefile
+from ..basics.controltls import (
+    ControlTlsError,
+    check_scheme,
+    insecure_warning,
+    parse_pin,
+    split_token,
+    trust_hint,
+    verifying_context,
+)
+from ..basics.settings import CommonSettings
 from ..basics.hostport import parse_hostport
 from ..basics.pki import new_key_and_csr, write_node_files
 from ..basics.version import VERSION
+from . import trust
 from .http import HttpError, HttpResponse, request_blocking
 
 IDENTITY_DIR = "identity"  # under FERRYMAN_DATA_DIR
@@ -88,6 +99,7 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     ca: str = pki.CA_CERT
     cert: str
     key: str
+    control_ca: str = ""  # the control plane's CA pinned at registration (file name); "" for plain HTTP
 
 
 class Registration(msgspec.Struct, frozen=True):
@@ -151,7 +163,7 @@ def _one_base(url: str) -> str:
     except ValueError as exc:
         raise RegisterError(f"--control {url!r}: not a usable URL ({exc})", 2) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RegisterError(f"--control {url!r}: expected http://HOST:PORT or https://HOST[:PORT]", 2)
+        raise RegisterError(f"--control {url!r}: expected https://HOST[:PORT]", 2)
     if parts.query or parts.fragment:
         raise RegisterError(f"--control {url!r}: the URL must not carry a query or fragment", 2)
     return text.rstrip("/")
@@ -229,11 +241,11 @@ def expiry_warning(registration: Registration, now: datetime.datetime | None = N
 # ---------------------------------------------------------------------------- HTTP
 
 
-def _post(base: str, body: bytes) -> HttpResponse:
+def _post(base: str, body: bytes, context: ssl.SSLContext | None) -> HttpResponse:
     try:
         return request_blocking(base, "POST", REGISTER_PATH, body=body, timeout=REQUEST_TIMEOUT, max_body=MAX_RESPONSE,
                                 headers={"Content-Type": "application/json", "Accept": "application/json"},
-                                user_agent=f"ferryman/{VERSION}")
+                                user_agent=f"ferryman/{VERSION}", ssl_context=context)
     except HttpError as exc:
         raise RegisterError(f"cannot reach the control plane at {base}: {exc}") from None
 
@@ -259,9 +271,28 @@ def _refusal(base: str, status: int, payload: bytes, headers: dict[str, str]) ->
 # ---------------------------------------------------------------------------- registering
 
 
+def _pin(token: str, ca_hash: str) -> str | None:
+    """The CA pin: the one the token carries and/or ``--ca-hash`` (they must agree)."""
+    try:
+        _secret, token_pin = split_token(token)
+        flag_pin = parse_pin(ca_hash) if ca_hash.strip() else None
+    except ControlTlsError as exc:
+        raise RegisterError(str(exc), 2) from None
+    if token_pin and flag_pin and token_pin != flag_pin:
+        raise RegisterError(f"--ca-hash {flag_pin} differs from the CA hash the registration token carries "
+                            f"({token_pin}): one of them is not from this control plane", 2)
+    return flag_pin or token_pin
+
+
 def register(role: str, control: str, token: str, *, name: str | None, directory: str,
-             addresses: list[str] | None = None) -> Registration:
-    """Register this node as a ``role`` with the control plane at ``control``; store and return the registration."""
+             addresses: list[str] | None = None, ca_hash: str = "", ca_file: str = "",
+             insecure: bool = False) -> Registration:
+    """Register this node as a ``role`` with the control plane at ``control``; store and return the registration.
+
+    The control plane's CA is pinned first (``trust.first_contact``): ``ca_file``
+    (``FERRYMAN_CONTROL_CA``), else ``ca_hash`` or the hash the token carries; ``http://`` only
+    with ``insecure``. A token without a hash (an older control plane's) needs ``ca_hash`` or
+    ``ca_file``."""
     if role not in ROLES:
         raise RegisterError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}", 2)
     base = control_base(control)
@@ -292,11 +323,24 @@ def register(role: str, control: str, token: str, *, name: str | None, directory
         raise RegisterError(f"{directory} holds the identity of {existing.record.role} {existing.record.name!r}: "
                             f"register this {role} into another --dir", 2)
     _check_writable(directory)
+    pin = _pin(token, ca_hash)
+    try:
+        scheme = check_scheme(base, insecure)
+    except ControlTlsError as exc:
+        raise RegisterError(str(exc), 2) from None
+    if scheme == "https" and pin is None and not ca_file:
+        raise RegisterError(f"the registration token carries no CA hash (it was made by an older control plane): "
+                            f"{trust_hint()}", 2)
+    try:
+        control_ca = trust.first_contact(base, pin=pin, ca_file=ca_file, insecure=insecure)
+    except ControlTlsError as exc:
+        raise RegisterError(str(exc)) from None
+    context = verifying_context(control_ca) if control_ca is not None else None
 
     key_pem, csr_pem = new_key_and_csr(name)
     body = msgspec.json.encode({"token": token, "csr_pem": csr_pem.decode(), "name": name,
                                 "version": VERSION[:64], "addresses": addresses, "role": role})
-    answer_http = _post(base, body)
+    answer_http = _post(base, body, context)
     if answer_http.status not in (200, 201):
         raise _refusal(base, answer_http.status, answer_http.body, answer_http.headers)
     try:
@@ -318,7 +362,8 @@ def register(role: str, control: str, token: str, *, name: str | None, directory
     spent = f"the control plane registered {role} {name!r} (node id {answer.node_id})"
     try:
         files = write_node_files(directory, name, key_pem, answer.certificate_pem.encode(), answer.ca_pem.encode())
-    except pki.PkiError as exc:
+        pinned = trust.save(directory, control_ca)
+    except (pki.PkiError, statefile.StateFileError) as exc:
         raise RegisterError(f"{spent}, but its identity cannot be stored: {exc}. Ask an administrator to revoke "
                             f"node {answer.node_id}, then register again with a new token") from None
     record = NodeRecord(
@@ -326,6 +371,7 @@ def register(role: str, control: str, token: str, *, name: str | None, directory
         edges=list(answer.edges), serial=answer.serial, not_after=answer.not_after,
         registered_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         ca=os.path.basename(files.ca), cert=os.path.basename(files.cert), key=os.path.basename(files.key),
+        control_ca=pinned,
     )
     try:
         statefile.write_private(os.path.join(directory, NODE_FILE),
@@ -372,31 +418,16 @@ def report(registration: Registration, automatic: bool, data_dir: str) -> str:
     return "\n".join(lines)
 
 
-def plain_http_warning(control: str) -> str | None:
-    """A warning when the token and CA bundle would cross a network unprotected (http:// to another host)."""
-    parts = urllib.parse.urlsplit(control.strip())
-    if parts.scheme != "http" or not parts.hostname:
-        return None
-    host = parts.hostname
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return None
-    except ValueError:
-        if host == "localhost":
-            return None
-    return (f"warning: {control.strip()} is plain HTTP: the token travels and the CA bundle arrives unprotected; "
-            f"use https:// unless the path to the control plane is trusted")
-
-
-def command(role: str, args: Any, data_dir: str) -> int:
+def command(role: str, args: Any, settings: CommonSettings) -> int:
     """``ferryman connector|edge register``: register, print the variables, return the exit code."""
+    data_dir = settings.data_dir
     directory = os.path.abspath(args.dir or default_directory(data_dir))
-    warning = plain_http_warning(args.control)
-    if warning:
-        print(f"ferryman {role} register: {warning}", file=sys.stderr)
+    if settings.control_insecure_http and urllib.parse.urlsplit(args.control.strip()).scheme == "http":
+        print(f"ferryman {role} register: {insecure_warning('registering over')}", file=sys.stderr)
     try:
         registration = register(role, args.control, args.token, name=args.name, directory=directory,
-                            addresses=getattr(args, "address", None))
+                                addresses=getattr(args, "address", None), ca_hash=args.ca_hash or "",
+                                ca_file=settings.control_ca, insecure=bool(settings.control_insecure_http))
     except RegisterError as exc:
         print(f"ferryman {role} register: {exc}", file=sys.stderr)
         return exc.exit_code
