@@ -182,6 +182,37 @@ def test_control_plane_is_highly_available_and_shares_its_keys() -> None:
     assert service["spec"]["sessionAffinity"] == "ClientIP"  # OIDC sign-ins in progress are per replica
 
 
+def _service_names(service: dict[str, Any]) -> set[str]:
+    """The DNS names a Service answers to inside the cluster."""
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    return {name, f"{name}.{namespace}", f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"}
+
+
+def test_the_control_plane_serves_https_for_its_service_names_and_nodes_use_it() -> None:
+    from urllib.parse import urlsplit
+
+    control = next(doc for _, doc in _workloads() if doc["metadata"]["name"] == "ferryman-control")
+    (container,) = control["spec"]["template"]["spec"]["containers"]
+    env = _env(container)
+    assert "FERRYMAN_CONTROL_INSECURE_HTTP" not in env
+    settings = settings_mod.load(settings_mod.ControlSettings, environ={
+        k: v for k, v in env.items() if k.startswith("FERRYMAN_") and v != "<from-secret>"})
+    hosts = {host.strip() for host in settings.control_hosts.split(",")}
+    service = next(doc for _, doc in DOCUMENTS if doc["kind"] == "Service"
+                   and doc["metadata"]["name"] == "ferryman-control")
+    assert _service_names(service) <= hosts
+    assert {"localhost", "127.0.0.1"} <= hosts  # `ferryman admin` inside the pod: its default URL
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS", probe
+    port = service["spec"]["ports"][0]["port"]
+    for workload, node in _ferryman_containers():
+        if node["name"] == "control":
+            continue
+        url = urlsplit(_env(node)["FERRYMAN_CONTROL_URL"])
+        assert url.scheme == "https" and url.hostname in hosts and url.port == port, workload["metadata"]["name"]
+        assert "FERRYMAN_CONTROL_INSECURE_HTTP" not in _env(node)
+
+
 def test_edges_and_connectors_keep_their_identity_and_register_once() -> None:
     for _, doc in _workloads():
         name = doc["metadata"]["name"]
@@ -267,6 +298,8 @@ def test_every_secret_a_pod_reads_is_in_the_example() -> None:
                     assert ref["key"] in examples[ref["name"]], ref
     for values in examples.values():  # placeholders only: nothing real is committed
         assert all("CHANGE-ME" in value for value in values.values())
+    for name in ("ferryman-edge-tokens", "ferryman-connector-tokens"):  # tokens as printed: they carry the CA hash
+        assert all(re.fullmatch(r"fmr_[^.]+\.[^.]+", token) for token in examples[name].values()), name
 
 
 def test_dockerfile_runs_as_10001_and_downloads_only_through_pip() -> None:
