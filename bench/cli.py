@@ -4,7 +4,8 @@ Starts the backends (``bench.backend``: TCP, and a UDP echo, each its own proces
 selected path, runs bulk, rr1, rr64, connect, idle and UDP (udp64, udp1200, udp64-max)
 workloads on each path in interleaved rounds, prints progress on stderr, then a table of
 medians with Ferryman's ratios and the target checks on stdout, and writes everything to
-a JSON file. Exit status 0 unless a path failed.
+a JSON file. Exit status 0 unless a path failed. The ``http`` workload (``bench.web_fabric``)
+publishes a web app through the local fabric and compares it with nginx with ``wrk``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="smoke run: 1 round, 8 MiB bulk, 1 s timed workloads, 500 idle flows")
     parser.add_argument("--bulk-mib", type=int, default=None, help="bytes per bulk transfer, MiB (default 256)")
     parser.add_argument("--workloads", default=None, metavar="NAME,...",
-                        help=f"workloads to run, from {','.join(WORKLOADS)} (default: all)")
+                        help=f"workloads to run, from {','.join(WORKLOADS)},http (default: all but http)")
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds of rr64, connect and each UDP workload (default 5)")
     parser.add_argument("--udp-rate", type=float, default=None,
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-flows", type=int, default=None, help="concurrent idle flows (default 10000)")
     parser.add_argument("--json", default="bench-results.json", metavar="PATH",
                         help="results file (default %(default)s)")
+    parser.add_argument("--compare", default=None, metavar="BASELINE.json",
+                        help="an earlier run's results file: print each metric's change against it")
     parser.add_argument("--install-peers", action="store_true",
                         help=f"first run apt-get update && apt-get install -y {' '.join(PEER_PACKAGES)}")
     args = parser.parse_args(argv)
@@ -54,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(PATHS)}")
     if args.workloads is not None:
         args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-        unknown = [w for w in args.workloads if w not in WORKLOADS]
+        unknown = [w for w in args.workloads if w not in WORKLOADS and w != "http"]
         if unknown or not args.workloads:
             parser.error(f"unknown workload(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(WORKLOADS)}")
     for name in ("rounds", "bulk_mib", "idle_flows", "udp_flows"):
@@ -64,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--duration must be positive")
     if args.udp_rate is not None and args.udp_rate <= 0:
         parser.error("--udp-rate must be positive")
+    args.baseline = None
+    if args.compare is not None:
+        try:
+            args.baseline = report.load_baseline(args.compare)
+        except report.BaselineError as exc:
+            parser.error(f"--compare: {exc}")
     return args
 
 
@@ -100,8 +109,28 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _http(args: argparse.Namespace) -> int:
+    """The ``http`` workload: a web app through edge → connector, nginx and direct (``bench.web_fabric``)."""
+    from . import web_fabric
+
+    seconds = 2 if args.quick else int(args.duration or 8)
+    progress(f"http: web app through the fabric vs nginx, wrk {seconds} s per path and size ...")
+    try:
+        rows = web_fabric.run(seconds)
+    except (RuntimeError, OSError) as exc:
+        progress(f"http: FAILED: {exc}")
+        return 1
+    print(web_fabric.table(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workloads is not None and "http" in args.workloads:
+        status = _http(args)
+        args.workloads = [w for w in args.workloads if w != "http"]
+        if not args.workloads:
+            return status
     params = parameters(args)
     signal.signal(signal.SIGTERM, _terminate)
     nofile = raise_nofile_limit()
@@ -149,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     text = report.table(runs, meds, rats, checks, params.workloads)
     print(text)
     doc = report.document({**asdict(params), "nofile_limit": nofile, "paths": names}, runs, meds, rats, checks, text)
+    if args.baseline is not None:
+        rows = report.compare(args.baseline, doc)
+        print("\n" + report.compare_table(rows, args.compare))
+        doc["comparison"] = {"baseline": os.path.abspath(args.compare), "rows": rows}
     with open(args.json, "w") as fh:
         json.dump(doc, fh, indent=2)
     progress(f"results written to {os.path.abspath(args.json)}")

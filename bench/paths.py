@@ -185,6 +185,10 @@ class Path:
     def pids(self) -> list[int]:
         return [pid for proc in self.procs.values() for pid in process_tree(proc.pid)]
 
+    def processes(self) -> dict[str, list[int]]:
+        """``{process name: pids of its tree}``: whose CPU the per-process figures are."""
+        return {name: process_tree(proc.pid) for name, proc in self.procs.items()}
+
     def check(self) -> None:
         """Raise PathError if one of the path's processes has exited."""
         for name, proc in self.procs.items():
@@ -271,6 +275,7 @@ class FerrymanPath(Path):
 
     name = "ferryman"
     transport = "tcp"
+    quic_engine = "auto"
     udp_unsupported = None
 
     def __init__(self, backend_port: int, udp_backend_port: int = 0) -> None:
@@ -296,7 +301,7 @@ class FerrymanPath(Path):
         if self.udp_backend_port:
             forwards.append(("127.0.0.1", 0, "127.0.0.1", self.udp_backend_port, "udp"))
         self.fabric = Fabric(os.path.join(self.workdir, "fabric"), forwards,
-                             env={"FERRYMAN_TRANSPORT": self.transport})
+                             env={"FERRYMAN_TRANSPORT": self.transport, "FERRYMAN_QUIC_ENGINE": self.quic_engine})
         self.fabric.start(timeout=START_TIMEOUT)
         self._address = ("127.0.0.1", self.fabric.forward_ports[0])
         if self.udp_backend_port:
@@ -336,6 +341,11 @@ class FerrymanPath(Path):
         if self.fabric is None:
             return []
         return [pid for root in self.fabric.pids.values() for pid in process_tree(root)]
+
+    def processes(self) -> dict[str, list[int]]:
+        if self.fabric is None:
+            return {}
+        return {role: process_tree(pid) for role, pid in self.fabric.pids.items()}
 
     def check(self) -> None:
         if self.fabric is None:
@@ -522,11 +532,19 @@ class HaproxyPath(Path):
 
 
 class FerrymanQuicPath(FerrymanPath):
-    """The same fabric with its tunnels on QUIC (aioquic): one stream per TCP flow, UDP as QUIC datagrams."""
+    """The same fabric with its tunnels on QUIC (the default engine, qh3 when installed): one stream
+    per TCP flow, UDP as QUIC datagrams."""
 
     name = "ferryman-quic"
     transport = "quic"
 
 
-PATHS: dict[str, type[Path]] = {cls.name: cls for cls in (DirectPath, FerrymanPath, FerrymanQuicPath, SshPath,
-                                                           StunnelPath, HaproxyPath)}
+class FerrymanAioquicPath(FerrymanQuicPath):
+    """The QUIC fabric on the aioquic engine (FERRYMAN_QUIC_ENGINE=aioquic), to compare the engines."""
+
+    name = "ferryman-quic-aioquic"
+    quic_engine = "aioquic"
+
+
+PATHS: dict[str, type[Path]] = {cls.name: cls for cls in (DirectPath, FerrymanPath, FerrymanQuicPath,
+                                                           FerrymanAioquicPath, SshPath, StunnelPath, HaproxyPath)}

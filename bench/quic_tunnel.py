@@ -1,6 +1,6 @@
 """Throughput of one QUIC tunnel (``dataplane.transport.quic``) between two processes on loopback.
 
-    python -m bench.quic_tunnel [--mb 300] [--datagrams 100000] [--packet-size 1350]
+    python -m bench.quic_tunnel [--mb 300] [--datagrams 100000] [--packet-size 1350] [--engine auto|qh3|aioquic]
 
 A child process serves the edge end (it counts and acknowledges what arrives); this
 process dials it as a connector, sends one bulk flow under Ferryman credit, then a
@@ -30,6 +30,7 @@ from dataplane.transport.tunnel import TunnelHandler
 from dataplane.wire import events as ev
 from dataplane.wire.connection import FlowError, WireConfig
 from dataplane.wire.frames import Open
+from dataplane.wire.quic_engine import select_engine
 
 DATAGRAM = b"u" * 1200
 
@@ -112,7 +113,7 @@ async def serve(directory: str, settings: Settings) -> None:
     await asyncio.Event().wait()
 
 
-async def run(directory: str, port: int, settings: Settings, total: int, datagrams: int) -> None:
+async def run(directory: str, port: int, settings: Settings, total: int, datagrams: int) -> float:
     files = pki.NodeFiles("connector", "connector-1", f"{directory}/connector-1.pem",
                           f"{directory}/connector-1.key", f"{directory}/ca.pem")
     source = Source()
@@ -142,7 +143,8 @@ async def run(directory: str, port: int, settings: Settings, total: int, datagra
     start, cpu_start = time.perf_counter(), cpu()
     more()
     await source.closed.wait()
-    print(json.dumps({"bulk_bytes": total, "seconds": time.perf_counter() - start, "cpu": cpu() - cpu_start}))
+    bulk_cpu = cpu() - cpu_start
+    print(json.dumps({"bulk_bytes": total, "seconds": time.perf_counter() - start, "cpu": bulk_cpu}))
     source.more = None
 
     source.accepted.clear()
@@ -166,6 +168,7 @@ async def run(directory: str, port: int, settings: Settings, total: int, datagra
     await asyncio.sleep(0.3)
     print(json.dumps({"datagrams_offered": offered, "seconds": seconds, "queue_full": refused}))
     tunnel.close("shutdown", "bench done")
+    return bulk_cpu
 
 
 def main() -> None:
@@ -173,25 +176,29 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=300)
     parser.add_argument("--datagrams", type=int, default=100_000)
     parser.add_argument("--packet-size", type=int, default=1350)
+    parser.add_argument("--engine", default="auto", choices=("auto", "qh3", "aioquic"))
     parser.add_argument("--serve", metavar="PKI_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    settings = Settings(quic_packet_size=args.packet_size)
+    settings = Settings(quic_packet_size=args.packet_size, quic_engine=args.engine)
     if args.serve:
         uvloop.run(serve(args.serve, settings))
         return
     directory = tempfile.mkdtemp(prefix="ferryman-quic-bench-")
     pki.init_pki(directory)
     child = subprocess.Popen([sys.executable, "-m", "bench.quic_tunnel", "--serve", directory,
-                              "--packet-size", str(args.packet_size)], stdout=subprocess.PIPE, text=True)
+                              "--packet-size", str(args.packet_size), "--engine", args.engine],
+                             stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
         port = int(child.stdout.readline())
-        uvloop.run(run(directory, port, settings, int(args.mb * 1e6), args.datagrams))
+        connector = uvloop.run(run(directory, port, settings, int(args.mb * 1e6), args.datagrams))
         edge_bulk, edge_datagrams = json.loads(child.stdout.readline()), json.loads(child.stdout.readline())
     finally:
         child.kill()
-    print(f"bulk: {edge_bulk['bytes'] / edge_bulk['seconds'] / 1e6:.1f} MB/s at the edge "
-          f"(edge CPU {edge_bulk['cpu']:.1f}s)")
+    gib = edge_bulk["bytes"] / (1 << 30)
+    print(f"engine {select_engine(args.engine).name}")
+    print(f"bulk: {edge_bulk['bytes'] / edge_bulk['seconds'] / 1e6:.1f} MB/s at the edge, CPU s/GiB: "
+          f"edge {edge_bulk['cpu'] / gib:.1f} (process total), connector {connector / gib:.1f}")
     print(f"datagrams: {edge_datagrams['datagrams'] / max(edge_datagrams['seconds'], 1e-9):,.0f}/s received "
           f"({edge_datagrams['datagrams']} of {args.datagrams} offered)")
 

@@ -52,6 +52,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dataplane.contract.webapps import backend_segment
 from dataplane.contract.snapshot import (
     ConfigSnapshot,
     SnapApp,
@@ -63,6 +64,7 @@ from dataplane.contract.snapshot import (
     SnapPolicy,
     SnapSegment,
     SnapUser,
+    SnapWebApp,
     encode,
 )
 
@@ -80,6 +82,8 @@ from .store.nodes import edge_addresses, snapshot_connectors
 from .store.segments import ports_from_text
 from .store.sessions import revoked_session_ids
 from .store.users import snapshot_users
+from .store.secretbox import SecretBox, SecretBoxError
+from .store.webapps import certificate_key, list_webapps
 
 log = logging.getLogger("ferryman.snapshot")
 
@@ -139,8 +143,35 @@ def _policies(session: Session, app_names: Mapping[int, str], user_ids: set[str]
     return out
 
 
+def _web_apps(session: Session, box: SecretBox | None) -> list[SnapWebApp]:
+    """The web apps, each custom-domain key opened for the edges (one that cannot be opened is
+    logged and left out: the edges then show their own certificate for that host)."""
+    out = []
+    for w in list_webapps(session):
+        certificate, key = w.certificate, ""
+        if certificate:
+            try:
+                key = certificate_key(box, w)
+            except SecretBoxError as exc:
+                log.error("web app %r: its certificate key cannot be opened (%s); edges use their own certificate",
+                          w.application.name, exc)
+                certificate = ""
+        out.append(SnapWebApp(
+            name=w.application.name, external_url=w.external_url, internal_url=w.internal_url,
+            connector_group=w.application.connector_group.name,
+            preauth=w.preauth,  # type: ignore[arg-type]  # checked columns
+            backend_timeout=w.backend_timeout,  # type: ignore[arg-type]
+            translate_headers=w.translate_headers, translate_body=w.translate_body,
+            cookie_http_only=w.cookie_http_only, cookie_persistent=w.cookie_persistent,
+            header_sso=dict(w.header_sso or {}), websocket=w.websocket, verify_backend=w.verify_backend,
+            backend_ca=w.backend_ca, cors_preflight_bypass=w.cors_preflight_bypass, certificate=certificate,
+            certificate_key=key))
+    return out
+
+
 def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenKeys = (),
-                   token_issuer: str = "", token_lifetime: int | None = None) -> ConfigSnapshot:
+                   token_issuer: str = "", token_lifetime: int | None = None,
+                   box: SecretBox | None = None) -> ConfigSnapshot:
     """The configuration in the store as seen by ``session`` (use one transaction: ``store.read()``).
 
     Every list is sorted (applications, groups, users, locations by name; devices by id;
@@ -200,6 +231,7 @@ def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenK
                           key=lambda key: (key.get("kid", ""), sorted(key.items()))),
         token_issuer=token_issuer,
         fail_mode=forwarding_profile(session).fail_mode,  # type: ignore[arg-type]  # checked by the schema
+        web_apps=_web_apps(session, box),
     )
 
 
@@ -208,7 +240,7 @@ def build_from_store(store: Store, *, edges: Iterable[str], token_keys: TokenKey
     """``build_snapshot`` in a read transaction of its own (blocking: run it in a thread from asyncio)."""
     with store.read() as session:
         return build_snapshot(session, edges=edges, token_keys=token_keys, token_issuer=token_issuer,
-                              token_lifetime=token_lifetime)
+                              token_lifetime=token_lifetime, box=store.box)
 
 
 # ---------------------------------------------------------------------------- what each role is sent
@@ -218,13 +250,17 @@ def connector_view(snapshot: ConfigSnapshot, connector_id: str) -> ConfigSnapsho
     """What connector ``connector_id`` is sent of ``snapshot``: the version and its time, the edges
     to dial, the revoked serials (to refuse a revoked edge), its own record, its own group (with
     its dial lists) and the applications that group serves with their segments only (the
-    addresses a segment names explicitly are the ones it may dial although they are special).
+    addresses a segment names explicitly are the ones it may dial although they are special); a
+    web application of that group as an application whose one segment is its backend (internal
+    host and port; no external URL, options or assignments).
     No other group's applications, no assignments, users, groups of users, devices, named
     locations, policies, sessions or token keys: a connector decides nothing about people."""
     own = [c for c in snapshot.connectors or () if c.id == connector_id]
     groups = {c.group for c in own}
     apps = [SnapApp(name=a.name, kind=a.kind, connector_group=a.connector_group, segments=list(a.segments))
             for a in snapshot.applications if a.connector_group in groups]
+    apps += [SnapApp(name=w.name, kind="per_app", connector_group=w.connector_group, segments=[backend_segment(w)])
+             for w in snapshot.web_apps if w.connector_group in groups]
     return ConfigSnapshot(version=snapshot.version, issued_at=snapshot.issued_at,
                           groups=[g for g in snapshot.groups if g.name in groups], applications=apps,
                           revoked_serials=list(snapshot.revoked_serials), edges=list(snapshot.edges),

@@ -16,6 +16,14 @@ forward's destination answered a probe). Two ways to configure the nodes:
   under the work directory) and an application file (given to the edge, and to the
   connectors for the segments that name addresses they may dial).
 
+Web apps (managed only): with ``webapps`` (``{"name", "external_url", "internal_url", ...}``
+as for ``POST /v1/webapps``, an external URL without a port gets the front door's; each is
+assigned to the user) the edge also runs its HTTPS
+front door on ``web_port`` with a certificate for ``*.ferryman.localhost`` from a CA of
+its own (``web_ca``), the sign-in site at ``login.ferryman.localhost:<web_port>``.
+``wait_configured()`` waits until every node runs the control plane's current
+configuration (after an admin change, before testing its effect).
+
 ``stop()`` ends the client first, then the connectors (which then drain at once), then
 the edge, then the control plane.
 """
@@ -73,7 +81,8 @@ def _http_status(url: str, context: ssl.SSLContext | None = None) -> int:
 
 class Fabric:
     def __init__(self, workdir: str, forwards: list[tuple], env: dict[str, str] | None = None,
-                 connectors: int = 1, *, managed: bool = False, apps: list[dict] | None = None) -> None:
+                 connectors: int = 1, *, managed: bool = False, apps: list[dict] | None = None,
+                 webapps: list[dict] | None = None) -> None:
         """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each; ``apps``: more
         applications (``{"name": ..., "segments": [...]}``, for SOCKS5 or HTTP CONNECT) besides the forwards'."""
         self.workdir = os.path.abspath(workdir)
@@ -99,6 +108,11 @@ class Fabric:
         self.logs: dict[str, str] = {}
         self.prefix: dict[str, list[str]] = {}  # command prefix per node, e.g. ["ip", "netns", "exec", NS]
         self._specs: dict[str, tuple[str, list[str], dict[str, str]]] = {}
+        self.webapps = list(webapps or [])
+        if self.webapps and not managed:
+            raise FabricError("web apps need a managed fabric (they are defined in the control plane)")
+        self.web_port = 0  # the edge's HTTPS front door (with webapps)
+        self.web_ca = ""  # the CA (PEM file) browsers must trust for the front door's certificate
 
     def _free_port(self, protocol: str = "tcp") -> int:
         """``free_port``, never one this fabric handed out already: the nodes bind theirs only when
@@ -197,7 +211,11 @@ class Fabric:
         try:
             if self.managed:
                 client_env = self._start_managed(edge_addr, timeout)
-                self._spawn("edge-1", "edge", ["--listen", edge_addr], self._node_env("edge-1"))
+                edge_args, edge_env = ["--listen", edge_addr], self._node_env("edge-1")
+                if self.webapps:
+                    edge_args += ["--https", f"127.0.0.1:{self.web_port}"]
+                    edge_env.update(self._web_env())
+                self._spawn("edge-1", "edge", edge_args, edge_env)
                 for name in self.connector_names:
                     self._spawn(name, "connector", [], self._node_env(name))
             else:
@@ -241,11 +259,44 @@ class Fabric:
         for name, segments in self.applications():
             self.admin("POST", "/v1/applications", {"name": name, "segments": segments})
             self.admin("POST", f"/v1/applications/{name}/assignments", {"user": self.user})
+        if self.webapps:
+            self.web_port = self.web_port or self._free_port()
+            for app in self.webapps:
+                url = app["external_url"]
+                if url.count(":") == 1:  # no port: the front door's
+                    scheme, _, rest = url.partition("://")
+                    host, slash, path = rest.partition("/")
+                    app = {**app, "external_url": f"{scheme}://{host}:{self.web_port}{slash}{path}"}
+                self.admin("POST", "/v1/webapps", app)
+                self.admin("POST", f"/v1/webapps/{app['name']}/assignments", {"user": self.user})
         self._register("edge-1", "edge", ["--address", edge_addr])
         for name in self.connector_names:
             self._register(name, "connector", [])
         self._login("client-1")
         return self._node_env("client-1")
+
+    def web_url(self, host: str, path: str = "/") -> str:
+        """``https://HOST.ferryman.localhost:<web port>PATH`` (``host`` without the domain)."""
+        return f"https://{host}.{WEB_DOMAIN}:{self.web_port}{path}"
+
+    def _web_env(self) -> dict[str, str]:
+        directory = os.path.join(self.workdir, "web-pki")
+        self.web_ca, cert, key = web_certificate(directory, [WEB_DOMAIN, f"*.{WEB_DOMAIN}"])
+        return {"FERRYMAN_EDGE_HTTPS_CERT": cert, "FERRYMAN_EDGE_HTTPS_KEY": key,
+                "FERRYMAN_WEB_AUTH_HOST": f"login.{WEB_DOMAIN}:{self.web_port}"}
+
+    def wait_configured(self, timeout: float = 15.0) -> int:
+        """Wait until the edge and every connector run the control plane's current configuration
+        version (their ``ferryman_config_version`` metric); returns that version."""
+        version = int(self.admin("GET", "/v1/config-version")["version"])  # type: ignore[index]
+        deadline = time.monotonic() + timeout
+        for name in ["edge-1", *self.connector_names]:
+            while _metric(self.metrics[name], "ferryman_config_version") < version:
+                if time.monotonic() > deadline:
+                    raise FabricError(f"{name} did not reach configuration version {version} within {timeout:g}s:\n"
+                                      f"{self.log_tail(name)}")
+                time.sleep(0.05)
+        return version
 
     def _login(self, name: str) -> None:
         """``ferryman client login`` for the demo user: the client's device key, certificate and session."""
@@ -357,6 +408,68 @@ class Fabric:
         self.stop()
 
 
+WEB_DOMAIN = "ferryman.localhost"  # the local fabric's web apps live under it (RFC 6761: loopback)
+
+
+def _metric(addr: str, name: str) -> float:
+    """A node's gauge ``name`` from its ``/metrics`` (-1 when it cannot be read)."""
+    try:
+        answer = http.request_blocking(f"http://{addr}", "GET", "/metrics", timeout=5)
+    except http.HttpError:
+        return -1.0
+    for line in answer.body.decode(errors="replace").splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            try:
+                return float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                return -1.0
+    return -1.0
+
+
+def web_certificate(directory: str, hosts: list[str]) -> tuple[str, str, str]:
+    """A CA and a server certificate for ``hosts`` (DNS names, wildcards allowed) in ``directory``,
+    made once; (CA file, certificate file, key file)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_path, cert_path, key_path = (os.path.join(directory, n) for n in ("web-ca.pem", "web.pem", "web.key"))
+    if all(os.path.exists(p) for p in (ca_path, cert_path, key_path)):
+        return ca_path, cert_path, key_path
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Ferryman local web CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+          .not_valid_after(now + timedelta(days=365))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])).issuer_name(ca_name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=90))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    with open(ca_path, "wb") as fh:
+        fh.write(ca.public_bytes(serialization.Encoding.PEM))
+    with open(cert_path, "wb") as fh:
+        fh.write(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    return ca_path, cert_path, key_path
+
+
 # ---------------------------------------------------------------------- ferryman up
 def _echo_backend(port: int) -> subprocess.Popen[bytes]:
     code = (
@@ -369,6 +482,29 @@ def _echo_backend(port: int) -> subprocess.Popen[bytes]:
         f"    s = await asyncio.get_running_loop().create_server(Echo, '127.0.0.1', {port})\n"
         "    await s.serve_forever()\n"
         "uvloop.run(main())\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _web_backend(port: int) -> subprocess.Popen[bytes]:
+    """The sample web app's backend: a page that shows who the front door says is asking."""
+    code = (
+        "import http.server, html\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    protocol_version = 'HTTP/1.1'\n"
+        "    def log_message(self, *a): pass\n"
+        "    def do_GET(self):\n"
+        "        rows = ''.join(f'<tr><td>{html.escape(k)}</td><td>{html.escape(v[:120])}</td></tr>'\n"
+        "                       for k, v in self.headers.items())\n"
+        "        body = ('<!doctype html><title>Hello from Ferryman</title><h1>Hello from a private web app</h1>'\n"
+        "                '<p>This page came from a backend on loopback, through the edge and a connector.</p>'\n"
+        "                f'<table>{rows}</table>').encode()\n"
+        "        self.send_response(200)\n"
+        "        self.send_header('Content-Type', 'text/html; charset=utf-8')\n"
+        "        self.send_header('Content-Length', str(len(body)))\n"
+        "        self.end_headers()\n"
+        "        self.wfile.write(body)\n"
+        f"http.server.ThreadingHTTPServer(('127.0.0.1', {port}), H).serve_forever()\n"
     )
     return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -412,8 +548,11 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
         backend = _echo_backend(backend_port)
         forwards = [Forward("127.0.0.1", 0, "127.0.0.1", backend_port)]
         print(f"sample echo backend on 127.0.0.1:{backend_port}", file=sys.stderr)
+    web_port = free_port()
+    web_backend = _web_backend(web_port)
     fabric = Fabric(workdir, [(f.listen_host, f.listen_port, f.host, f.port, f.protocol) for f in forwards],
-                    managed=True)
+                    managed=True, webapps=[{"name": "hello", "external_url": f"https://hello.{WEB_DOMAIN}",
+                                            "internal_url": f"http://127.0.0.1:{web_port}"}])
     with _signals_stop() as stopped:
         try:
             fabric.start()
@@ -421,6 +560,7 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
             print(f"ferryman up: {exc}", file=sys.stderr)
             if backend is not None:
                 backend.terminate()
+            web_backend.terminate()
             return 1
         for name, proc in fabric.procs.items():
             where = (f"API {fabric.control_url}" if name == "control"
@@ -434,6 +574,11 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
         print(f"client-1 is signed in as {fabric.user}, assigned to every forward's application", file=sys.stderr)
         for lh, lp, h, p, proto in fabric.forwards:
             print(f"forward {lh}:{lp}/{proto} -> client -> edge -> connector -> {h}:{p}", file=sys.stderr)
+        print(f"web app: open {fabric.web_url('hello')} in a browser (no client agent needed) and sign in as "
+              f"{fabric.user} with password {fabric.password}; the page comes from 127.0.0.1:{web_port} "
+              f"through the edge and the connector", file=sys.stderr)
+        print(f"  trust the local CA first: {fabric.web_ca} (browsers: import it as an authority; curl: --cacert "
+              f"{fabric.web_ca}); *.localhost names resolve to loopback", file=sys.stderr)
         print("ready", flush=True)
         started = time.monotonic()
         try:
@@ -451,6 +596,8 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
             return 1
         finally:
             fabric.stop()
+            web_backend.terminate()
+            web_backend.wait()
             if backend is not None:
                 backend.terminate()
                 backend.wait()

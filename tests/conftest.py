@@ -103,7 +103,8 @@ def fabric(request: pytest.FixtureRequest, tmp_path, pki_cache: str, transport: 
     request.node.stash[_FABRICS] = fabrics
 
     def make(forwards: list[object], env: dict[str, str] | None = None, connectors: int = 1,
-             timeout: float = 20.0, managed: bool = False, apps: list[dict] | None = None) -> Fabric:
+             timeout: float = 20.0, managed: bool = False, apps: list[dict] | None = None,
+             webapps: list[dict] | None = None) -> Fabric:
         assert connectors <= MAX_CONNECTORS
         workdir = tmp_path / f"fabric-{len(fabrics) + 1}"
         workdir.mkdir()
@@ -112,7 +113,7 @@ def fabric(request: pytest.FixtureRequest, tmp_path, pki_cache: str, transport: 
         # A short drain grace keeps teardown quick when a test leaves flows open.
         full_env = {"FERRYMAN_DRAIN_GRACE": "1", "FERRYMAN_TRANSPORT": transport, **(env or {})}
         fab = Fabric(str(workdir), [_forward(f) for f in forwards], env=full_env, connectors=connectors,
-                     managed=managed, apps=apps)
+                     managed=managed, apps=apps, webapps=webapps)
         fabrics.append(fab)
         fab.start(timeout=timeout)
         return fab

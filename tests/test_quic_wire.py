@@ -1,7 +1,8 @@
 """Sans-I/O tests of ``dataplane.wire.quic``: two QuicTunnelConnections exchanging datagrams in memory.
 
-Real aioquic on both sides with certificates from ``pki.init_pki``; the test moves the
-datagrams and advances a fake clock to aioquic's timers.
+A real QUIC engine on both sides (every test runs on qh3 and on aioquic; the few that look
+into aioquic's internals on aioquic only) with certificates from ``pki.init_pki``; the test
+moves the datagrams and advances a fake clock to the engine's timers.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ import os
 
 import msgspec
 import pytest
-from aioquic.buffer import Buffer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.packet import pull_quic_header
+from typing import Any
 
 from dataplane.basics import pki
+from dataplane.transport.quic import load_credentials
+from dataplane.wire.quic_engine import EngineUnavailable, QuicEngine, select_engine
 from dataplane.wire import events as ev
 from dataplane.wire.connection import FlowError, ProtocolError, WireConfig
 from dataplane.wire.frames import FrameType, Open, encode_header, encode_preamble, encode_window
@@ -36,32 +37,55 @@ SERVER_ADDR = ("10.0.0.2", 443)
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pki.NodeFiles]:
-    return pki.init_pki(str(tmp_path_factory.mktemp("pki")))
+    files = pki.init_pki(str(tmp_path_factory.mktemp("pki")))
+    _ANY[:] = [files["connector-1"]]
+    return files
 
 
-def quic_config(files: pki.NodeFiles | None, *, client: bool, ca: str) -> QuicConfiguration:
-    config = QuicConfiguration(is_client=client, max_datagram_size=1350, server_name="localhost" if client else None)
-    if files is not None:
-        config.load_cert_chain(files.cert, files.key)
-    config.load_verify_locations(cafile=ca)
-    return config
+ENGINE: QuicEngine = select_engine("aioquic")
+
+
+@pytest.fixture(autouse=True, params=["qh3", "aioquic"])
+def engine(request: pytest.FixtureRequest) -> QuicEngine:
+    chosen = select_engine(request.param)
+    globals()["ENGINE"] = chosen
+    if request.node.get_closest_marker("aioquic_only") and chosen.name != "aioquic":
+        pytest.skip("looks into aioquic's internals")
+    return chosen
+
+
+aioquic_only = pytest.mark.aioquic_only
+
+
+def quic_config(files: pki.NodeFiles | None, *, client: bool, ca: str, key_of: pki.NodeFiles | None = None) -> Any:
+    own = load_credentials((files or _ANY[0]).cert, (files or _ANY[0]).key, ca)
+    key = load_credentials(key_of.cert, key_of.key, ca).private_key if key_of else own.private_key
+    return ENGINE.configuration(client=client, packet_size=1350, cid_length=8, idle_timeout=60.0,
+                                server_name="localhost" if client else None,
+                                certificate=own.certificate if files else None, chain=own.chain if files else [],
+                                private_key=key if files else None, ca_pem=own.ca_pem)
+
+
+_ANY: list[pki.NodeFiles] = []
 
 
 class Pair:
     """A dialer (QUIC client, a connector) and an acceptor (QUIC server, an edge) in memory."""
 
     def __init__(self, certs: dict[str, pki.NodeFiles], *, client_wire: WireConfig | None = None,
-                 server_wire: WireConfig | None = None, client_cert: bool = True) -> None:
+                 server_wire: WireConfig | None = None, client_cert: bool = True,
+                 client_key_of: pki.NodeFiles | None = None) -> None:
         ca = certs["edge-1"].ca
         self.now = 1000.0
         self.client = QuicTunnelConnection(client_wire or WireConfig(role="connector", node="connector-1"),
                                            quic_config(certs["connector-1"] if client_cert else None, client=True,
-                                                       ca=ca), dialer=True)
+                                                       ca=ca, key_of=client_key_of), dialer=True, engine=ENGINE)
         self.client.connect(SERVER_ADDR, self.now)
         first = self.client.datagrams_to_send(self.now)
-        header = pull_quic_header(Buffer(data=first[0][0]), host_cid_length=8)
+        header = ENGINE.parse_header(first[0][0], 8)
+        assert header is not None
         self.server = QuicTunnelConnection(server_wire or WireConfig(role="edge", node="edge-1"),
-                                           quic_config(certs["edge-1"], client=False, ca=ca), dialer=False,
+                                           quic_config(certs["edge-1"], client=False, ca=ca), dialer=False, engine=ENGINE,
                                            original_destination_connection_id=header.destination_cid)
         self.events: dict[int, list[ev.Event]] = {id(self.client): [], id(self.server): []}
         self.handshakes: dict[int, HandshakeCompleted] = {}
@@ -101,7 +125,7 @@ class Pair:
                     self._deliver(dst, data, addr)
             if moved:
                 continue
-            timers = [t for t in (self.client.get_timer(), self.server.get_timer()) if t is not None]
+            timers = [t for t in (c.get_timer() for c in (self.client, self.server) if c.dead is None) if t is not None]
             if not timers or min(timers) - self.now > 0.5:
                 return
             self.now = max(self.now, min(timers))
@@ -143,7 +167,8 @@ def terminated(events: list[ev.Event]) -> TunnelTerminated:
 
 
 def live_streams(conn: QuicTunnelConnection) -> list[int]:
-    return sorted(conn.quic._streams)
+    """The streams still open: aioquic's own, or for qh3 (which shows none) the tunnel's."""
+    return sorted(conn.quic._streams if ENGINE.name == "aioquic" else conn._streams)
 
 
 # ---------------------------------------------------------------------------- handshake
@@ -189,7 +214,51 @@ def test_client_without_certificate_reaches_handshake_with_none(certs: dict[str,
     assert (end.code, end.error_code) == ("certificate_required", 0x100 + 116)
 
 
+def test_client_certificate_signed_with_another_key_fails_the_handshake(certs: dict[str, pki.NodeFiles]) -> None:
+    """The client's CertificateVerify must be made with its certificate's key (proof of possession)."""
+    pair = Pair(certs, client_key_of=certs["edge-1"])
+    pair.pump()
+    assert id(pair.server) not in pair.handshakes  # never reached the certificate checks
+    end = terminated(pair.take(pair.client))
+    assert end.code == "tls_error" and end.reason.startswith("TLS alert 51")  # decrypt_error
+
+
+def test_engines_are_chosen_by_name() -> None:
+    assert select_engine("aioquic").name == "aioquic"
+    assert select_engine("qh3").name == "qh3"
+    assert select_engine("auto").name == "qh3"  # installed here: the default
+    with pytest.raises(ValueError):
+        select_engine("quiche")
+
+
+def test_auto_falls_back_to_aioquic_without_qh3(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    monkeypatch.setitem(sys.modules, "dataplane.wire.qh3_engine", None)  # import fails as if not installed
+    assert select_engine("auto").name == "aioquic"
+    with pytest.raises(EngineUnavailable):
+        select_engine("qh3")
+
+
 # ---------------------------------------------------------------------------- flows
+
+
+def test_flows_beyond_a_hundred_streams_at_once(certs: dict[str, pki.NodeFiles]) -> None:
+    """The stream limit follows the flow limit (qh3's own is 100 bidirectional streams)."""
+    pair = Pair(certs).up()
+    fids = [pair.client.open_flow(Open(host="h", port=i)) for i in range(1, 301)]
+    pair.pump()
+    requested = [e for e in pair.take(pair.server) if isinstance(e, ev.FlowRequested)]
+    assert len(requested) == 300
+    for event in requested:
+        pair.server.accept_flow(event.flow_id)
+    pair.pump()
+    assert len(pair.take(pair.client)) == 300
+    for fid in fids:
+        pair.client.send_data(fid, b"%d" % fid)
+    pair.pump()
+    events = pair.take(pair.server)
+    assert all(received(events, fid) == b"%d" % fid for fid in fids)
+
 
 
 def test_data_within_credit_and_window_returns_credit(certs: dict[str, pki.NodeFiles]) -> None:
@@ -273,6 +342,31 @@ def test_acceptor_opened_flows_use_even_ids_on_server_streams(certs: dict[str, p
     assert [stream_of(f) for f in (1, 3, 5)] == [4, 8, 12] and [flow_of(s) for s in (4, 8, 12)] == [1, 3, 5]
 
 
+@pytest.mark.timeout(60)
+def test_ten_thousand_concurrent_flows_on_one_tunnel(certs: dict[str, pki.NodeFiles]) -> None:
+    if ENGINE.name != "qh3":
+        pytest.skip("aioquic's per-packet cost makes this a 20 s test; the 300-stream test covers its limit")
+    pair = Pair(certs).up()
+    fids: list[int] = []
+    for _ in range(10):  # (at most max_pending_opens unanswered at a time)
+        batch = [pair.client.open_flow(Open(host="h", port=1 + i)) for i in range(1000)]
+        fids += batch
+        pair.pump()
+        requested = [e for e in pair.take(pair.server) if isinstance(e, ev.FlowRequested)]
+        assert len(requested) == 1000
+        for event in requested:
+            pair.server.accept_flow(event.flow_id)
+        pair.pump()
+        assert pair.take(pair.client) == [ev.FlowAccepted(fid, "", "") for fid in batch]
+    assert len(pair.client.flows) == len(pair.server.flows) == 10_000
+    for fid in fids:
+        pair.client.send_data(fid, b"%d" % fid)
+    pair.pump()
+    events = pair.take(pair.server)
+    got = {e.flow_id: bytes(e.data) for e in events if isinstance(e, ev.DataReceived)}
+    assert got == {fid: b"%d" % fid for fid in fids}
+
+
 def test_many_flows_in_parallel_keep_their_bytes_apart(certs: dict[str, pki.NodeFiles]) -> None:
     pair = Pair(certs).up()
     fids = [pair.client.open_flow(Open(host="h", port=i)) for i in range(1, 41)]
@@ -327,6 +421,7 @@ def test_lost_packets_are_resent_for_busy_and_idle_flows(certs: dict[str, pki.No
     assert live_streams(pair.client) == [0] and live_streams(pair.server) == [0]
 
 
+@aioquic_only
 def test_idle_streams_are_not_visited_per_packet(certs: dict[str, pki.NodeFiles]) -> None:
     pair = Pair(certs).up()
     for i in range(200):
@@ -364,6 +459,7 @@ def test_udp_flow_carries_quic_datagrams(certs: dict[str, pki.NodeFiles]) -> Non
     assert [bytes(e.data) for e in pair.take(pair.client)] == [b"answer"]
 
 
+@aioquic_only
 def test_datagram_overtaking_open_ok_is_dropped_and_counted(certs: dict[str, pki.NodeFiles]) -> None:
     pair = Pair(certs).up()
     fid = pair.client.open_flow(Open(host="dns.corp", port=53, protocol="udp"))
@@ -568,3 +664,35 @@ def test_ping_is_answered_on_the_control_stream(certs: dict[str, pki.NodeFiles])
     pair.pump()
     assert pair.take(pair.client) == [ev.PongReceived(1234.5)]
     assert pair.take(pair.server) == [ev.AuthReceived("new-token")]
+
+
+# ---------------------------------------------------------------------------- reading back-pressure
+
+
+def test_a_tunnel_that_stops_reading_gives_its_peer_no_credit(certs: dict[str, pki.NodeFiles]) -> None:
+    small = WireConfig(role="edge", node="edge-1", window=4096, max_frame=4096)  # stream windows of 80 KB
+    pair = Pair(certs, server_wire=small).up()
+    pair.server.pause_reading()
+    for i in range(8000):  # PINGs on the control stream: nothing the server reads, no credit back
+        pair.client.ping(float(i))
+    pair.pump()
+    assert pair.take(pair.server) == [] and pair.take(pair.client) == []
+    stuck = pair.client.backlog
+    assert stuck > 0  # the client's PINGs wait: the server's engine holds the ones it took
+    for i in range(2000):
+        pair.client.ping(float(i))
+    pair.pump()
+    assert pair.client.backlog > stuck and pair.take(pair.server) == []
+    pair._record(pair.server, pair.server.resume_reading())
+    pair.pump()
+    pongs = [e for e in pair.take(pair.client) if isinstance(e, ev.PongReceived)]
+    assert len(pongs) == 10_000 and pair.client.backlog == 0
+
+
+def test_a_close_reaches_a_tunnel_that_is_not_reading(certs: dict[str, pki.NodeFiles]) -> None:
+    pair = Pair(certs).up()
+    pair.server.pause_reading()
+    pair.client.close("shutdown", "dialer stops")
+    pair.pump()
+    end = terminated(pair.take(pair.server))
+    assert (end.code, end.reason) == ("shutdown", "dialer stops")

@@ -19,6 +19,12 @@ like ``kubectl apply``:
    another admin added an overlapping segment meanwhile) apply stops there, says how many
    changes were made, and a second run picks up from the new state.
 
+Web apps: a ``[[webapps]]`` table of the same file (``name``, ``external_url``,
+``internal_url``, optionally ``connector_group`` and the options of ``POST /v1/webapps``) is
+applied the same way: created, updated field by field, unchanged, or (``--prune``) deleted;
+fields are checked locally with the nodes' own rules first. Web apps are applications on the
+control plane too, but never count as the file's plain applications (no segments).
+
 The control plane's rules are applied with the store's own code (``control.store.segments``),
 imported only when ``apply`` runs: the store package loads SQLAlchemy, which no other command
 needs.
@@ -78,6 +84,9 @@ def load_desired(path: str) -> list[Desired]:
 
     try:
         raw = apps_mod.read_file(path)  # the data plane's reader: same formats, same messages
+        if isinstance(raw, dict) and "webapps" in raw:  # applied by load_webapps
+            raw = {k: v for k, v in raw.items() if k != "webapps"}
+            raw.setdefault("apps", [])
         kinds: list[str] = []
         if isinstance(raw, dict) and isinstance(raw.get("apps"), list):
             entries = []
@@ -113,6 +122,89 @@ def load_desired(path: str) -> list[Desired]:
     if len(quick) > 1:
         raise AdminError(f"{path}: at most one application can be quick_access; found {quick[0]!r} and {quick[1]!r}")
     return desired
+
+
+WEBAPP_FIELDS = ("external_url", "internal_url", "connector_group", "preauth", "backend_timeout",
+                 "translate_headers", "translate_body", "cookie_http_only", "cookie_persistent", "websocket",
+                 "verify_backend", "cors_preflight_bypass", "header_sso", "backend_ca")
+
+
+def load_webapps(path: str, app_names: set[str]) -> list[dict[str, Any]]:
+    """The file's ``[[webapps]]``, each checked (``AdminError`` naming the file, the web app and the field)."""
+    from dataplane.contract import apps as apps_mod
+    from dataplane.contract.webapps import (
+        BACKEND_TIMEOUTS, PREAUTH, WebAppFieldError, check_header_sso, external_endpoint, internal_endpoint,
+    )
+
+    try:
+        raw = apps_mod.read_file(path)
+    except apps_mod.AppsError as exc:
+        raise AdminError(str(exc)) from None
+    entries = raw.get("webapps", []) if isinstance(raw, dict) else []
+    if not isinstance(entries, list):
+        raise AdminError(f"{path}: 'webapps' must be a list of tables ([[webapps]])")
+    out: list[dict[str, Any]] = []
+    hosts: dict[str, str] = {}
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise AdminError(f"{path}: web app {number} is not a table")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise AdminError(f"{path}: web app {number} needs a name")
+        label = f"{path}: web app {name.strip()!r}"
+        unknown = sorted(set(entry) - {"name", *WEBAPP_FIELDS})
+        if unknown:
+            raise AdminError(f"{label}: unknown field {unknown[0]!r} (fields: name, {', '.join(WEBAPP_FIELDS)})")
+        try:
+            authority = external_endpoint(entry.get("external_url")).authority
+            internal_endpoint(entry.get("internal_url"))
+            if "header_sso" in entry:
+                check_header_sso(entry["header_sso"])
+        except WebAppFieldError as exc:
+            raise AdminError(f"{label}: {exc}") from None
+        if entry.get("preauth", "ferryman") not in PREAUTH:
+            raise AdminError(f"{label}: preauth must be one of {', '.join(PREAUTH)}")
+        if entry.get("backend_timeout", "default") not in BACKEND_TIMEOUTS:
+            raise AdminError(f"{label}: backend_timeout must be one of {', '.join(BACKEND_TIMEOUTS)}")
+        for key in ("translate_headers", "translate_body", "cookie_http_only", "cookie_persistent", "websocket",
+                    "verify_backend", "cors_preflight_bypass"):
+            if key in entry and not isinstance(entry[key], bool):
+                raise AdminError(f"{label}: {key} must be true or false")
+        clean = {**entry, "name": name.strip()}
+        if clean["name"] in app_names or any(w["name"] == clean["name"] for w in out):
+            raise AdminError(f"{label}: the name is used twice in the file")
+        if authority in hosts:
+            raise AdminError(f"{label}: external host {authority} is also web app {hosts[authority]!r}'s")
+        hosts[authority] = clean["name"]
+        out.append(clean)
+    return out
+
+
+def plan_webapps(wanted: list[dict[str, Any]], current: list[dict[str, Any]], prune: bool) -> list[Step]:
+    """Create / update (the fields that differ) / unchanged per web app of the file; then deletions."""
+    by_name = {w["name"]: w for w in current}
+    steps: list[Step] = []
+    for w in wanted:
+        now = by_name.get(w["name"])
+        if now is None:
+            steps.append(Step(w["name"], "create", [f"web app {w['external_url']} -> {w['internal_url']}"], w))
+            continue
+        body = {k: v for k, v in w.items() if k != "name" and now.get(k) != v}
+        if body:
+            steps.append(Step(w["name"], "update", [f"web app {', '.join(sorted(body))}"], body, current=now))
+        else:
+            steps.append(Step(w["name"], "unchanged", current=now))
+    if prune:
+        names = {w["name"] for w in wanted}
+        steps += [Step(w["name"], "delete", ["web app"], current=w) for w in current if w["name"] not in names]
+    return steps
+
+
+def webapp_calls(steps: list[Step]) -> list[Call]:
+    calls = [Call("DELETE", f"/v1/webapps/{quote(s.name)}", None, s) for s in steps if s.action == "delete"]
+    calls += [Call("PATCH", f"/v1/webapps/{quote(s.name)}", s.body, s) for s in steps if s.action == "update"]
+    calls += [Call("POST", "/v1/webapps", s.body, s) for s in steps if s.action == "create"]
+    return calls
 
 
 def _server_segments(app: dict[str, Any]) -> tuple[Any, ...]:
@@ -275,10 +367,28 @@ def apply(ctx: Ctx, args: argparse.Namespace) -> int:
     """``apply FILE``: validate, plan, print the plan, then (unless --dry-run) make the calls."""
     client = ctx.client
     desired = load_desired(args.file)  # a file that fails validation stops here, before any call
-    current = client.json("GET", "/v1/applications")
+    wanted_web = load_webapps(args.file, {d.name for d in desired})
+    current_web = client.json("GET", "/v1/webapps")
+    web_names = {w["name"] for w in current_web}
+    current = [a for a in client.json("GET", "/v1/applications") if a["name"] not in web_names]
+    clash = next((d.name for d in desired if d.name in web_names), None)
+    if clash is not None:
+        raise AdminError(f"{args.file}: app {clash!r} is a web app on the control plane: list it under [[webapps]] "
+                         f"(or delete the web app first)")
+    clash = next((w["name"] for w in wanted_web if w["name"] in {a["name"] for a in current}), None)
+    if clash is not None:
+        raise AdminError(f"{args.file}: web app {clash!r} is a plain application on the control plane: delete it "
+                         f"first (`ferryman admin apps delete {clash}`)")
     groups = {g["name"] for g in client.json("GET", "/v1/connector-groups")}
+    for w in wanted_web:
+        if w.get("connector_group", "default") not in groups:
+            raise AdminError(f"{args.file}: web app {w['name']!r}: connector group {w['connector_group']!r} does "
+                             f"not exist on the control plane")
     steps, kept = make_plan(args.file, desired, current, groups, args.prune)
     calls = schedule(steps, current)
+    web_steps = plan_webapps(wanted_web, current_web, args.prune)
+    calls += webapp_calls(web_steps)
+    steps += web_steps
     changing = [s for s in steps if s.action != "unchanged"]
     report: dict[str, Any] = {
         "file": args.file, "control": client.base_url, "dry_run": args.dry_run, "prune": args.prune,
@@ -303,7 +413,8 @@ def apply(ctx: Ctx, args: argparse.Namespace) -> int:
             client.call(call.method, call.path, call.body)
         except AdminError as exc:
             what = {"DELETE": "deleting", "PATCH": "updating", "POST": "creating"}[call.method]
-            raise AdminError(f"{what} app {call.step.name!r}: {exc} (apply stopped after {done} of {len(calls)} "
+            kind = "web app" if call.path.startswith("/v1/webapps") else "app"
+            raise AdminError(f"{what} {kind} {call.step.name!r}: {exc} (apply stopped after {done} of {len(calls)} "
                              f"changes; fix the cause and run it again)", exc.status) from None
         done += 1
         if not ctx.json and call.note:

@@ -2,7 +2,7 @@
 
 The connection and output options (``--control``, ``--key-file``, ``--key``, ``--json``,
 ``--timeout``) are accepted before or after the command words. The commands are the data
-of the resource modules (``apps``, ``nodes``, ``access``, ``identity``, ``logs``, ``apply``),
+of the resource modules (``apps``, ``webapps``, ``nodes``, ``access``, ``identity``, ``logs``, ``apply``),
 added in the order ``COMMANDS`` gives.
 """
 
@@ -13,14 +13,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import access, apps, identity, logs, nodes
+from . import access, apps, identity, logs, nodes, webapps
 from .apply import APPLY
 from .client import DEFAULT_TIMEOUT, AdminError, Client, admin_key, control_url, tls_context, usage
 from .commands import Command, Group, add_commands
 from .output import Ctx
 
 COMMANDS: list[Group | Command] = [
-    apps.APPS, apps.SEGMENTS, nodes.GROUPS, nodes.CONNECTORS, nodes.EDGES, nodes.CERTS, apps.DNS, apps.PROFILE,
+    apps.APPS, apps.SEGMENTS, webapps.WEBAPPS, nodes.GROUPS, nodes.CONNECTORS, nodes.EDGES, nodes.CERTS, apps.DNS, apps.PROFILE,
     nodes.TOKENS, nodes.KEYS, access.ASSIGNMENTS, access.LOCATIONS, access.POLICIES, identity.USERS,
     identity.USER_GROUPS, identity.DEVICES, identity.SESSIONS, logs.LOGS, logs.DISCOVERY, logs.AUDIT, APPLY,
 ]

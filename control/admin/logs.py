@@ -32,8 +32,12 @@ _SINCE_HELP = "2024-05-01T12:00:00Z, 2024-05-01, or a duration back (1h, 2d)"
 
 def _traffic_row(r: dict[str, Any]) -> Sequence[object]:
     destination = host_port(r["destination_fqdn"] or r["destination_ip"], r["destination_port"])
+    if r.get("http_method"):  # one HTTP transaction of a web app: what was asked and answered
+        target = f"{r['http_method']} https://{r['http_host']}{r['http_path']} {r['http_status']}"
+    else:
+        target = f"{destination}/{r['transport']}" if destination else ""
     return (when(r["start"]), r["upn"] or r["user_id"], r["device_id"], host_port(r["source_ip"], r["source_port"]),
-            f"{destination}/{r['transport']}" if destination else "", r["application"], r["action"], r["policy"],
+            target, r["application"], r["action"], r["policy"],
             r["reason_code"], size_text(r["bytes_sent"]), size_text(r["bytes_received"]),
             millis_text(r["duration_ms"]))
 

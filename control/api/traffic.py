@@ -72,6 +72,15 @@ class TrafficRecordOut(msgspec.Struct):
     bytes_sent: int
     bytes_received: int
     close_reason: str
+    http_method: str
+    http_host: str
+    http_path: str
+    http_status: int
+    http_protocol: str
+    user_agent: str
+    display_name: str
+    device_os_version: str
+    client_version: str
 
 
 _FIELDS = [f.name for f in msgspec.structs.fields(TrafficRecordOut)]

@@ -20,7 +20,7 @@ from .audit import change, record_change, row_state
 from .config_version import lock_config
 from .connector_groups import get_group, group_or_default
 from .errors import StoreError
-from .models import APP_KINDS, AccessPolicy, Application, Segment, utcnow
+from .models import APP_KINDS, AccessPolicy, Application, Segment, WebApplication, utcnow
 from .segments import OverlapIndex, canonical_ports, parse_segments, ports_from_text
 from .values import names_by_id, refuse_taken, valid_name
 
@@ -68,6 +68,13 @@ def _check_overlaps(session: Session, app: Application | None, segments: Iterabl
     OverlapIndex(apps.Segment(app=name, destination=destination, kind=kind, ports=ports_from_text(ports),
                               protocol=protocol)
                  for name, destination, kind, ports, protocol in rows).check(segments)
+
+
+def _refuse_web(session: Session, app: Application) -> None:
+    """A web app reaches one backend (its internal URL) and has no segments."""
+    if session.get(WebApplication, app.id) is not None:
+        raise StoreError("invalid", f"application {app.name!r} is a web app: it has no segments (its backend is "
+                                    "its internal URL: `ferryman admin webapps update`)")
 
 
 def _segment_rows(segments: Sequence[apps.Segment]) -> list[Segment]:
@@ -125,6 +132,8 @@ def update_application(session: Session, actor: str, name: str, *, new_name: str
     if connector_group is not None:
         app.connector_group = get_group(session, connector_group)
     if segments is not None:
+        if segments:
+            _refuse_web(session, app)
         parsed = parse_segments(app.name, segments)
         current = [_stored(app.name, s) for s in app.segments]
         if list(parsed) != current:
@@ -169,6 +178,7 @@ def add_segment(session: Session, actor: str, app_name: str, segment: SegmentInp
     """Append one segment to an application (checked like a full list: limit, duplicates, overlaps)."""
     lock_config(session)
     app = get_application(session, app_name)
+    _refuse_web(session, app)
     existing: list[SegmentInput] = [{"destination": s.destination, "ports": s.ports, "protocol": s.protocol}
                                     for s in app.segments]
     new = parse_segments(app.name, [*existing, segment])[-1]

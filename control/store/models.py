@@ -40,6 +40,7 @@ APP_KINDS = ("per_app", "quick_access")
 FAIL_MODES = ("closed", "open")
 SEGMENT_KINDS = ("hostname", "wildcard", "ip", "cidr", "range")
 TOKEN_ROLES = ("connector", "edge")
+CONSOLE_ROLES = ("admin", "reader")  # admin: everything; reader: sees everything, changes nothing
 DEFAULT_GROUP = "default"
 # A node is inactive once this many heartbeats in a row did not arrive.
 MISSED_HEARTBEATS = 3
@@ -128,6 +129,45 @@ class Application(Base):
     segments: Mapped[list[Segment]] = relationship(
         back_populates="application", cascade="all, delete-orphan", order_by="Segment.id", lazy="selectin",
     )
+
+
+WEB_PREAUTH = ("ferryman", "passthrough")
+WEB_BACKEND_TIMEOUTS = ("default", "long")
+
+
+class WebApplication(Base):
+    """What makes an application a published web app (``store.webapps``): its application row
+    (name, connector group, assignments, policies; never segments) plus these fields.
+    ``external_authority`` (``host`` or ``host:port``) is unique: one web app per external host."""
+
+    __tablename__ = "web_apps"
+    __table_args__ = (
+        CheckConstraint(_one_of("preauth", WEB_PREAUTH), name="ck_web_apps_preauth"),
+        CheckConstraint(_one_of("backend_timeout", WEB_BACKEND_TIMEOUTS), name="ck_web_apps_backend_timeout"),
+    )
+
+    application_id: Mapped[int] = mapped_column(ForeignKey("applications.id", ondelete="CASCADE"),
+                                                primary_key=True)
+    external_url: Mapped[str] = mapped_column(String(2048))
+    external_authority: Mapped[str] = mapped_column(String(300), unique=True)
+    internal_url: Mapped[str] = mapped_column(String(2048))
+    preauth: Mapped[str] = mapped_column(String(16))
+    backend_timeout: Mapped[str] = mapped_column(String(16))
+    translate_headers: Mapped[bool] = mapped_column(Boolean)
+    translate_body: Mapped[bool] = mapped_column(Boolean)
+    cookie_http_only: Mapped[bool] = mapped_column(Boolean)
+    cookie_persistent: Mapped[bool] = mapped_column(Boolean)
+    websocket: Mapped[bool] = mapped_column(Boolean)
+    verify_backend: Mapped[bool] = mapped_column(Boolean)
+    cors_preflight_bypass: Mapped[bool] = mapped_column(Boolean)
+    header_sso: Mapped[dict[str, Any]] = mapped_column(JSON)
+    backend_ca: Mapped[str] = mapped_column(Text)
+    # A custom-domain certificate: PEM chain, and its key sealed with the store's secrets key
+    # (``secretbox``, context ``web-app-key:<application id>``); both empty: the edges' own.
+    certificate: Mapped[str] = mapped_column(Text, default="")
+    certificate_key: Mapped[str] = mapped_column(Text, default="")
+
+    application: Mapped[Application] = relationship(lazy="joined")
 
 
 class Segment(Base):
@@ -392,6 +432,25 @@ class User(Base):
     oidc_subject: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    console_role: Mapped[str | None] = mapped_column(String(16))  # CONSOLE_ROLES; None: no web console
+
+
+class ConsoleSession(Base):
+    """A sign-in to the web console (``control.console``). ``id`` is the SHA-256 (hex) of the
+    cookie's token (the token itself is never stored); ``csrf_token`` is what its forms must
+    send back; it ends at ``expires_at`` (absolute), after an idle time since ``last_seen_at``,
+    or when revoked (sign-out)."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
 
 
 class RecoveryCode(Base):
@@ -567,3 +626,15 @@ class TrafficLog(Base):
     bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
     close_reason: Mapped[str] = mapped_column(String(1024), default="")
+    # HTTP transactions of web apps (``application_kind`` ``web``): empty / 0 for flows.
+    http_method: Mapped[str] = mapped_column(String(16), default="")
+    http_host: Mapped[str] = mapped_column(String(300), default="")
+    http_path: Mapped[str] = mapped_column(String(1024), default="")
+    http_status: Mapped[int] = mapped_column(Integer, default=0)
+    http_protocol: Mapped[str] = mapped_column(String(16), default="")
+    user_agent: Mapped[str] = mapped_column(String(512), default="")
+    # Added later (migration 0009): the user's display name (from the store when the record
+    # arrives), the device's OS version, the client agent's version (from the edge).
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    device_os_version: Mapped[str] = mapped_column(String(64), default="")
+    client_version: Mapped[str] = mapped_column(String(64), default="")

@@ -39,7 +39,8 @@ class AccessRequest(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """What asks to go through: ``host``:``port`` over ``protocol`` (``tcp``, ``udp``, or ``dns`` for
     a private DNS query of name ``host``), from ``source`` (the client's address as the edge
     sees it: named locations are matched against it). ``kind`` says what carries it (``flow``:
-    a flow a client agent opens). ``application`` is set when a live flow is decided again:
+    a flow a client agent opens; ``web``: a request to a published web app from a browser, with
+    ``application`` the web app's name: a principal without a device is then a browser). ``application`` is set when a live flow is decided again:
     the application it was admitted to ("" for a private DNS name outside every application)."""
 
     host: str
@@ -157,8 +158,9 @@ def admit(request: AccessRequest, principal: Principal | Unauthenticated, tables
     if not isinstance(principal, Principal):
         return Verdict(allowed=False, code="sign_in_required",
                        reason=f"sign-in required: {principal.reason or 'no token'}", match=match)
-    decision = (access.decide(principal, application, request.source, now) if application
-                else access.check_principal(principal, now))  # a private DNS name outside every application
+    browser = request.kind == "web"
+    decision = (access.decide(principal, application, request.source, now, browser) if application
+                else access.check_principal(principal, now, browser))  # a private DNS name outside every application
     if not decision.allowed:
         return Verdict(allowed=False, code=decision.code, reason=decision.reason, match=match, principal=principal,
                        decision=decision)

@@ -21,6 +21,7 @@ when a user is disabled, a device or session revoked, or a policy now denies
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from typing import Literal
@@ -115,6 +116,17 @@ class _Policy:
         return True
 
 
+@functools.lru_cache(maxsize=4096)
+def _source_address(source: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address of ``source`` (``ip``, ``ip:port`` or ``[ip]:port``), None if it has none."""
+    if not source:
+        return None
+    try:
+        return ipaddress.ip_address(source.rsplit(":", 1)[0].strip("[]"))
+    except ValueError:
+        return None
+
+
 class AccessIndex:
     """One snapshot's access data, indexed; ``enforcing`` is False when the control plane
     publishes no token keys (no identity: edges then only match applications)."""
@@ -138,8 +150,10 @@ class AccessIndex:
             locations[location.name] = nets
         self.policies = [_Policy(p, locations) for p in sorted(snapshot.policies, key=lambda p: p.id)
                          if p.state != "off"]
+        # The source address is parsed only when a policy has a named-location condition.
+        self.uses_locations = any(p.networks is not None for p in self.policies)
 
-    def check_principal(self, who: Principal, now: float) -> Decision:
+    def check_principal(self, who: Principal, now: float, browser: bool = False) -> Decision:
         """Whether ``who`` may act at all (known and enabled user, live session and token, its own
         registered device): the first step of ``decide``, and all there is for a flow outside every
         application (a private DNS query for a name no application covers)."""
@@ -152,6 +166,8 @@ class AccessIndex:
             return _deny("session_revoked", "the sign-in session was revoked: sign in again")
         if now > who.expires + TOKEN_LEEWAY:
             return _deny("token_expired", "the access token has expired: the client must refresh it or sign in again")
+        if browser and not who.device_id:  # a web request from a browser: no client agent, no device
+            return Decision("allow")
         device = self.devices.get(who.device_id)
         if device is None or device.user_id != user.id:
             return _deny("device_unknown", f"device {who.device_id} is not registered to {user.upn}")
@@ -159,20 +175,21 @@ class AccessIndex:
             return _deny("device_revoked", f"device {who.device_id} was revoked")
         return Decision("allow")
 
-    def decide(self, who: Principal, app: str, source: str, now: float) -> Decision:
-        """The decision for a flow of ``who`` to application ``app`` from ``source`` (an IP, or "")."""
-        checked = self.check_principal(who, now)
+    def decide(self, who: Principal, app: str, source: str, now: float, browser: bool = False) -> Decision:
+        """The decision for a flow of ``who`` to application ``app`` from ``source`` (an IP, or "").
+
+        ``browser``: a web app request from a browser without the client agent (the principal
+        names no device): device checks are skipped, the device has no OS and is not compliant,
+        and a policy that needs a compliant device says that the browser cannot show one."""
+        checked = self.check_principal(who, now, browser)
         if not checked.allowed:
             return checked
         user = self.users[who.user_id]
-        device = self.devices[who.device_id]
+        device = self.devices.get(who.device_id) or SnapDevice(id="", user_id=user.id)
         users, groups = self.assigned.get(app, (frozenset(), frozenset()))
         if user.id not in users and groups.isdisjoint(user.groups):
             return _deny("not_assigned", f"{user.upn} is not assigned to application '{app}'")
-        try:
-            address = ipaddress.ip_address(source.rsplit(":", 1)[0].strip("[]")) if source else None
-        except ValueError:
-            address = None
+        address = _source_address(source) if self.uses_locations else None
         applied: list[PolicyResult] = []
         denial: Decision | None = None
         for policy in self.policies:
@@ -185,9 +202,14 @@ class AccessIndex:
                 met, code, reason = ("mfa" in who.amr, "mfa_required",
                                      f"MFA required for app '{app}' (policy '{spec.name}'): sign in again with "
                                      f"your second factor")
-            else:
+            elif device.id:
                 met, code, reason = (device.compliant, "device_not_compliant",
                                      f"a compliant device is required for app '{app}' (policy '{spec.name}')")
+            else:
+                met, code, reason = (False, "device_not_compliant",
+                                     f"a compliant device is required for app '{app}' (policy '{spec.name}'): "
+                                     "this browser has no Ferryman client agent, so its device cannot be checked; "
+                                     "use a device with the client agent")
             applied.append(PolicyResult(spec.name, spec.state, spec.grant, met))
             if not met and spec.state == "on" and denial is None:
                 denial = _deny(code, reason, spec.name)

@@ -40,7 +40,8 @@ class TokenVerifier:
             raise TokenError(f"the control plane's token keys cannot be used: {exc}") from None
 
     def principal(self, token: str, device: str) -> Principal:
-        """Who the token speaks for, on the device named ``device``; ``TokenError`` otherwise."""
+        """Who the token speaks for, on the device named ``device`` ("": a browser, whose token names
+        no device); ``TokenError`` otherwise."""
         if not token:
             raise TokenError("no access token: sign in with `ferryman client login`")
         if self._key_set is None:
@@ -62,7 +63,7 @@ class TokenVerifier:
             raise TokenError("the access token lacks integer 'exp' and 'auth_time' claims")
         if not isinstance(amr, list) or not all(isinstance(m, str) for m in amr):
             raise TokenError("the access token's 'amr' claim is not a list of methods")
-        if did != device:
+        if (did or "") != device:  # "" : a browser's sign-in (web apps), whose token names no device
             raise TokenError(f"the access token was issued to device {did!r}, not to this device ({device})")
         return Principal(user_id=sub, upn=upn, session_id=sid, device_id=device,  # type: ignore[arg-type]
                          amr=tuple(amr), auth_time=auth_time, expires=exp)

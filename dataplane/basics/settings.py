@@ -63,6 +63,8 @@ class ControlSettings(CommonSettings, kw_only=True):
     sign_in_max_total_failures: int = 1000
     sign_in_known_source_days: float = 30.0
     refresh_grace: float = 30.0
+    console_idle_minutes: int = 30
+    console_session_hours: int = 12
     # limits of the HTTP server (control plane API; a node's metrics server)
     control_max_connections: int = 4096
     control_max_waiting_per_source: int = 128
@@ -87,7 +89,12 @@ class NodeSettings(CommonSettings, kw_only=True):
     keepalive_interval: float = 10.0
     handshake_timeout: float = 10.0
     write_buffer_high: int = 1048576
+    udp_backlog: int = 32768
     quic_packet_size: int = 1350
+    quic_engine: str = "auto"
+    quic_max_pending_datagrams: int = 512
+    quic_socket_buffer: int = 4194304
+    quic_offload: str = "on"
     # limits of the HTTP server (control plane API; a node's metrics server)
     control_max_connections: int = 4096
     control_max_waiting_per_source: int = 128
@@ -104,6 +111,7 @@ class EdgeSettings(NodeSettings, kw_only=True):
     edge_listen: str = "0.0.0.0:8443"
     apps_file: str = ""
     edge_quic: str = "on"
+    quic_retry_threshold: int = 64
     traffic_queue: int = 100000
     open_timeout: float = 15.0
     pending_opens_share: float = 0.25
@@ -116,6 +124,27 @@ class EdgeSettings(NodeSettings, kw_only=True):
     config_wait: float = 25.0
     renew_at: float = 0.3333
     heartbeat_interval: float = 30.0
+    # the HTTPS front door for published web apps (off while edge_https_listen is empty)
+    edge_https_listen: str = ""
+    edge_https_cert: str = ""
+    edge_https_key: str = ""
+    web_auth_host: str = ""
+    web_cookie_keys: str = ""
+    web_assertion_key: str = ""
+    web_max_header_block: int = 16384
+    web_max_headers: int = 100
+    web_max_url_length: int = 8192
+    web_max_body_size: int = 104857600
+    web_backend_timeout: float = 85.0
+    web_backend_timeout_long: float = 180.0
+    web_backend_connect_timeout: float = 15.0
+    web_app_rate: float = 500.0
+    web_edge_rate: float = 750.0
+    web_sign_in_rate: float = 10.0
+    web_header_timeout: float = 10.0
+    web_idle_timeout: float = 60.0
+    web_websocket_idle_timeout: float = 300.0
+    web_max_connections: int = 10000
 
 
 class DialerSettings(NodeSettings, kw_only=True):
@@ -224,6 +253,8 @@ VARIABLES: dict[str, str] = {
     "sign_in_max_total_failures": "Control plane: failed sign-ins allowed in all within the window (per control-plane process); beyond that only known sources may try.",
     "sign_in_known_source_days": "Control plane: days a source address where an account signed in stays known for it: held only to FERRYMAN_SIGN_IN_MAX_FAILURES, so failures from elsewhere never lock the user out there.",
     "refresh_grace": "Control plane: seconds after a refresh during which the same refresh token may be sent again (its answer was lost) and gets the same new refresh token; later it counts as reuse and revokes the session. 0 disables.",
+    "console_idle_minutes": "Control plane: a web console session ends after this many minutes without a request (sign in again).",
+    "console_session_hours": "Control plane: a web console session ends this many hours after sign-in, however active.",
     "control_url": "Edge/connector: control plane URL to follow, or several comma-separated (control-plane nodes sharing one database: tried in turn, the one that answered kept); empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
@@ -232,6 +263,26 @@ VARIABLES: dict[str, str] = {
     "tls_cert": "This node's certificate (PEM).",
     "tls_key": "This node's private key (PEM, mode 0600).",
     "edge_listen": "Edge: HOST:PORT on which client and connector tunnels are accepted.",
+    "edge_https_listen": "Edge: HOST:PORT of the HTTPS front door serving published web apps to browsers (`--https`); empty turns it off.",
+    "edge_https_cert": "Edge: certificate chain (PEM) the HTTPS front door presents for the sign-in host and every web app's external host.",
+    "edge_https_key": "Edge: private key (PEM) of FERRYMAN_EDGE_HTTPS_CERT.",
+    "web_auth_host": "Edge: external HOST[:PORT] of the sign-in site every web app redirects to (single sign-on across web apps); required with FERRYMAN_EDGE_HTTPS_LISTEN.",
+    "web_cookie_keys": "Edge: keys that seal web session cookies, `kid:base64url-32-bytes[,kid:key...]` (the first seals, all open; every edge needs the same); empty means a random key per process (one edge only: cookies stop working when it restarts).",
+    "web_assertion_key": "Edge: EC P-256 private key (PEM file) signing `X-Ferryman-Jwt-Assertion` (published at `https://<auth host>/.ferryman/jwks`); empty means a random key per process.",
+    "web_max_header_block": "Edge: largest request head (request line + headers) of a web request, bytes; larger ones get 431.",
+    "web_max_headers": "Edge: most header lines in one web request; more get 431.",
+    "web_max_url_length": "Edge: longest request target of a web request, bytes; longer ones get 414.",
+    "web_max_body_size": "Edge: largest web request body, bytes (declared or streamed); larger ones get 413.",
+    "web_backend_timeout": "Edge: seconds a web app's backend may take to answer (per read) before 504 (apps with backend timeout `default`).",
+    "web_backend_timeout_long": "Edge: the same for web apps with backend timeout `long`.",
+    "web_backend_connect_timeout": "Edge: seconds to reach a web app's backend through a connector (flow and TLS) before 502/503/504.",
+    "web_app_rate": "Edge: web requests per second per web app (token bucket); beyond, 429 with `Retry-After`.",
+    "web_edge_rate": "Edge: web requests per second for this edge, all web apps together; beyond, 429 with `Retry-After`.",
+    "web_sign_in_rate": "Edge: sign-in attempts per minute per source address at the sign-in site; beyond, 429.",
+    "web_header_timeout": "Edge: seconds a browser has for the TLS handshake and each request head; then 408.",
+    "web_idle_timeout": "Edge: seconds a keep-alive web connection may idle (and a request body may stall: 408).",
+    "web_websocket_idle_timeout": "Edge: seconds a WebSocket may carry nothing either way before it is closed.",
+    "web_max_connections": "Edge: most browser connections at once on the HTTPS front door; more are closed at once.",
     "apps_file": "Edge without a control plane: application file (JSON or TOML) mapping segments to connector groups, and optionally connectors to their groups (a registered edge refuses it). Connector: the applications whose IP/CIDR/range segments may name loopback, link-local, metadata or its own addresses (when it does not follow a control plane, or to override its applications).",
     "edges": "Connector/client: comma-separated HOST:PORT list of edges to dial.",
     "connector_tunnels": "Connector: outbound tunnels kept open (spread over the edges).",
@@ -259,6 +310,11 @@ VARIABLES: dict[str, str] = {
     "quic_timeout": "Connector/client: seconds a QUIC handshake may take before `auto` falls back to TLS/TCP.",
     "quic_probe_interval": "Connector/client: with `auto` on a TCP fallback, seconds before QUIC is tried again.",
     "quic_packet_size": "Largest UDP payload of a QUIC packet, bytes (1200 to 1452).",
+    "quic_engine": "QUIC implementation: `qh3` (native packet core, fast), `aioquic` (pure Python), or `auto` (qh3 when installed, else aioquic, logged).",
+    "quic_offload": "`on`: QUIC sockets send with UDP segmentation offload (GSO) and receive coalesced (GRO) where the kernel has them, else one datagram per system call; `off`: always one per call.",
+    "quic_socket_buffer": "Receive and send buffer in bytes asked for on each QUIC UDP socket, so bursts are not dropped by the kernel (capped at net.core.rmem_max/wmem_max).",
+    "quic_max_pending_datagrams": "UDP datagrams a QUIC tunnel queues for sending before refusing more (`datagram_queue_full`).",
+    "quic_retry_threshold": "Edge: with more QUIC handshakes than this in progress, new clients must first prove their address (QUIC Retry).",
     "https_proxy": "Connector/client: HTTP CONNECT proxy URL for TLS/TCP tunnels (`http://[user:password@]host:port`); empty means the `HTTPS_PROXY`/`https_proxy` variable.",
     "no_proxy": "Connector/client: comma-separated hosts, domains (`.corp.example`) or CIDRs dialed without the proxy; empty means the `NO_PROXY`/`no_proxy` variable.",
     "udp_idle_timeout": "Seconds without a datagram either way after which a UDP flow ends.",
@@ -272,10 +328,11 @@ VARIABLES: dict[str, str] = {
     "keepalive_interval": "Seconds between PINGs; a tunnel silent for 3 intervals is dead.",
     "handshake_timeout": "Seconds allowed for the TLS handshake plus HELLO exchange.",
     "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point): above it a tunnel takes no more data from flows, and an edge stops reading a TLS/TCP tunnel's peer until the peer has read enough of what was sent to it (`ferryman_tunnel_read_pauses_total`).",
+    "udp_backlog": "Bytes waiting to be written to a TLS/TCP tunnel above which a datagram is dropped (`tunnel_busy`) rather than queued behind them, at every hop: bounds how long a datagram waits (32 KiB is about 9 ms of 64-byte datagrams at 50,000/s).",
     "max_tunnels_per_client": "Edge: most tunnels one client identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
     "max_tunnels_per_connector": "Edge: most tunnels one connector identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
-    "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once.",
-    "max_handshakes_per_source": "Edge: most tunnel handshakes in progress from one source address (IPv6: /64); a connection beyond is closed at once.",
+    "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once. QUIC handshakes (Initial taken, HELLO not done yet) are counted apart with the same cap; a new QUIC client beyond is dropped.",
+    "max_handshakes_per_source": "Edge: most tunnel handshakes in progress from one source address (IPv6: /64); a connection beyond is closed at once. The same applies to QUIC handshakes, counted apart.",
     "control_max_connections": "Control plane API and each node's metrics server: most connections open at once; one more is answered 503 and closed. Every node and signed-in client agent holds one configuration or profile long-poll: keep this above the fleet (and below the process's open-file limit).",
     "control_max_waiting_per_source": "Control plane API and each node's metrics server: most connections of one source address (IPv6: /64) waiting for a request head; one more is answered 503 and closed.",
     "control_request_timeout": "Control plane API and each node's metrics server: seconds a request head may take from the connection (or the request's first byte) until complete; then the connection is closed (408). The metrics server allows at most 5 s.",
@@ -294,6 +351,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "keepalive_interval": (0.05, 3600),
     "handshake_timeout": (0.1, 600),
     "write_buffer_high": (4096, 1 << 30),
+    "udp_backlog": (1024, 1 << 30),
     "drain_grace": (0, 86400),
     "dial_timeout": (0.01, 600),
     "resolve_timeout": (0.01, 600),
@@ -314,13 +372,32 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "sign_in_max_total_failures": (1, 10_000_000),
     "sign_in_known_source_days": (0, 3650),
     "refresh_grace": (0, 300),
+    "console_idle_minutes": (1, 1440),
+    "console_session_hours": (1, 168),
     "control_insecure_http": (0, 1),
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),
     "traffic_queue": (1, 10_000_000),
+    "web_max_header_block": (1024, 1 << 20),
+    "web_max_headers": (1, 10_000),
+    "web_max_url_length": (64, 1 << 20),
+    "web_max_body_size": (1, 1 << 40),
+    "web_backend_timeout": (0.1, 86400),
+    "web_backend_timeout_long": (0.1, 86400),
+    "web_backend_connect_timeout": (0.1, 600),
+    "web_app_rate": (0.1, 1e9),
+    "web_edge_rate": (0.1, 1e9),
+    "web_sign_in_rate": (0.1, 1e6),
+    "web_header_timeout": (0.1, 600),
+    "web_idle_timeout": (0.1, 86400),
+    "web_websocket_idle_timeout": (0.1, 86400),
+    "web_max_connections": (1, 1_000_000),
     "quic_timeout": (0.1, 600),
     "quic_probe_interval": (1, 86400),
     "quic_packet_size": (1200, 1452),
+    "quic_max_pending_datagrams": (1, 1 << 20),
+    "quic_socket_buffer": (4096, 1 << 30),
+    "quic_retry_threshold": (0, 1 << 20),
     "udp_idle_timeout": (0.1, 86400),
     "max_udp_flows": (1, 1 << 20),
     "udp_queue": (1, 1 << 16),
@@ -367,7 +444,9 @@ def _coerce(field: str, raw: Any, kind: type) -> Any:
         raise SettingsError(f"{name}={raw!r}: must be 'text' or 'json'")
     if field == "transport" and value not in ("auto", "quic", "tcp"):
         raise SettingsError(f"{name}={raw!r}: must be auto, quic or tcp")
-    if field in ("edge_quic", "process_lookup", "transparent") and value not in ("on", "off"):
+    if field == "quic_engine" and value not in ("auto", "qh3", "aioquic"):
+        raise SettingsError(f"{name}={raw!r}: must be auto, qh3 or aioquic")
+    if field in ("edge_quic", "process_lookup", "transparent", "quic_offload") and value not in ("on", "off"):
         raise SettingsError(f"{name}={raw!r}: must be on or off")
     if field == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"{name}={raw!r}: must be debug, info, warning or error")

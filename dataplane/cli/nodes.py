@@ -80,6 +80,8 @@ def add_node_commands(sub: Any) -> None:
     _tls_flags(edge)
     edge.add_argument("--listen", dest="edge_listen", help="HOST:PORT for tunnels (FERRYMAN_EDGE_LISTEN)")
     edge.add_argument("--apps", dest="apps_file", help="application file (FERRYMAN_APPS_FILE)")
+    edge.add_argument("--https", dest="edge_https_listen", metavar="HOST:PORT",
+                      help="HTTPS front door for published web apps (FERRYMAN_EDGE_HTTPS_LISTEN)")
     edge.set_defaults(node="edge")
     _register_command(edge, "edge")
 
@@ -157,7 +159,7 @@ def add_node_commands(sub: Any) -> None:
 
 _NODE_SETTINGS: dict[str, type[NodeSettings]] = {"edge": EdgeSettings, "connector": ConnectorSettings,
                                                  "client": ClientSettings}
-_SETTING_FLAGS = ("tls_ca", "tls_cert", "tls_key", "metrics_addr", "edge_listen", "apps_file", "edges",
+_SETTING_FLAGS = ("tls_ca", "tls_cert", "tls_key", "metrics_addr", "edge_listen", "edge_https_listen", "apps_file", "edges",
                   "connector_group", "connector_tunnels", "socks_listen", "http_listen", "dns_listen", "transport",
                   "transparent")
 

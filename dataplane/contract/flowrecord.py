@@ -40,6 +40,8 @@ class FlowRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     upn: _Text = ""
     device_id: _Text = ""
     device_os: _Text = ""
+    device_os_version: _Text = ""
+    client_version: _Text = ""  # the client agent's software, as its HELLO says
     process: _Text = ""  # as the client agent reported it (unverified); the edge bounds and sanitises it
     source_ip: _Text = ""
     source_port: _Port = 0
@@ -62,6 +64,13 @@ class FlowRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     bytes_sent: _Count = 0
     bytes_received: _Count = 0
     close_reason: _Text = ""
+    # One HTTP transaction of a web app (``application_kind`` ``web``; ``path`` without the query).
+    http_method: Annotated[str, msgspec.Meta(max_length=16)] = ""
+    http_host: _Text = ""
+    http_path: _Text = ""
+    http_status: Annotated[int, msgspec.Meta(ge=0, le=999)] = 0
+    http_protocol: Annotated[str, msgspec.Meta(max_length=16)] = ""
+    user_agent: _Text = ""
 
 
 def split_address(text: str) -> tuple[str, int]:

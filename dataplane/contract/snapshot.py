@@ -17,8 +17,9 @@ does not know is ignored, so a newer control plane may add fields without breaki
 
 That is an edge's snapshot. A connector gets a narrower one of the same type
 (``control.snapshot.connector_view``): the version, the edges, the revoked serials, its own
-group and its own record; nothing about users, devices, policies, locations, sessions,
-applications or token keys.
+group and its own record, and its group's applications with their segments only (a web
+application as one segment: its internal host and port); nothing about users, devices,
+policies, locations, sessions, assignments or token keys.
 
 ``ClientProfile`` is what a signed-in client agent is told (its forwarding profile), and
 ``client_profile(snapshot)`` derives it. ``is_revoked(snapshot, serial)`` is a set lookup,
@@ -148,6 +149,35 @@ class SnapPolicy(msgspec.Struct):
     conditions: SnapConditions = msgspec.field(default_factory=SnapConditions)
 
 
+class SnapWebApp(msgspec.Struct):
+    """A published web application (``dataplane.contract.webapps`` checks its fields): reached by
+    browsers at ``external_url`` through an edge's HTTPS front door, served by ``internal_url``
+    through a connector of ``connector_group``. Its assignments are those of the application of
+    the same ``name`` in ``applications`` (kind ``per_app``, no segments): requests are decided
+    by the same admission as a private application's flows, and policies name it by ``name``.
+    ``header_sso`` maps claim names to request header names. ``certificate`` /
+    ``certificate_key``: a custom-domain certificate (PEM chain and key; empty: the edge's own),
+    for edges only (a connector's view never carries web apps)."""
+
+    name: _Name
+    external_url: _Name
+    internal_url: _Name
+    connector_group: _Name
+    preauth: Literal["ferryman", "passthrough"] = "ferryman"
+    backend_timeout: Literal["default", "long"] = "default"
+    translate_headers: bool = True
+    translate_body: bool = False
+    cookie_http_only: bool = True
+    cookie_persistent: bool = False
+    header_sso: dict[str, str] = {}
+    websocket: bool = True
+    verify_backend: bool = True
+    backend_ca: str = ""
+    cors_preflight_bypass: bool = False
+    certificate: str = ""
+    certificate_key: str = ""
+
+
 class ConfigSnapshot(msgspec.Struct, dict=True):
     """Version ``version`` of the configuration, as of ``issued_at`` (ISO 8601 UTC).
 
@@ -179,6 +209,9 @@ class ConfigSnapshot(msgspec.Struct, dict=True):
     # The forwarding profile's fail mode: what client agents do with private destinations
     # while no edge is reachable ("closed": refuse them, "open": dial them directly).
     fail_mode: Literal["closed", "open"] = "closed"
+    # Published web applications (an edge's HTTPS front door serves them; a connector is sent
+    # each one of its group as an application whose one segment is the internal host and port).
+    web_apps: list[SnapWebApp] = []
 
 
 # Seconds an edge accepts an access token past its ``exp`` (clock skew between control plane and

@@ -4,7 +4,7 @@ For every OPEN from a client the edge asks ``access.admission.admit`` whether it
 through (the application whose segment covers the destination, the user's sign-in and
 conditional access) and refuses it with the verdict's reason, or picks the least-loaded
 healthy connector tunnel of that application's connector group (never a draining one),
-signs a grant for exactly this flow and opens it there. Every OPEN is answered: a connector
+makes a grant for exactly this flow (MAC'd under the key that connector tunnel's HELLO carries) and opens it there. Every OPEN is answered: a connector
 that does not answer within ``FERRYMAN_OPEN_TIMEOUT`` gets an RST and the client OPEN_FAIL
 ``open_timeout``, and one user (or device) may have at most ``FERRYMAN_PENDING_OPENS_SHARE``
 of ``FERRYMAN_MAX_PENDING_OPENS`` OPENs waiting on one connector tunnel, so a client that opens
@@ -61,6 +61,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ..access.admission import AccessRequest, AccessTables, Unauthenticated, Verdict, admit
 from ..access.apptable import AppTable, app_table
 from ..access.connectors import ConnectorGroups
+from ..access.grants import KEY_SIZE as GRANT_KEY_SIZE
+from ..access.grants import mac as mac_grant
 from ..access.grants import sign as sign_grant
 from ..access.policy import AccessIndex, Principal
 from ..access.tokens import TokenError, TokenVerifier
@@ -75,13 +77,16 @@ from ..controllink.link import ControlLink, Report, cut_revoked
 from ..controllink.registration import Registration
 from ..controllink.traffic import TrafficQueue
 from ..transport.credentials import NodeCredentials
-from ..transport.quic import QuicServer, load_credentials, serve_quic
+from ..transport.quic import HandshakeLimits, QuicServer, load_credentials, serve_quic
 from ..transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from ..wire import events as ev
 from ..wire.connection import FlowError
 from ..wire.frames import Open
 from .records import Records, segment_text
 from .splice import ClientAccess, EdgeTunnel, Splice
+from .web import WebAppError
+from .webdoor import EdgeWeb
+from .webflow import WebFlow
 
 log = logging.getLogger("ferryman.edge")
 
@@ -116,6 +121,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if apps is not None and registered is not None:
             raise ValueError(APPS_FILE_ON_REGISTERED_EDGE)
         self.settings = settings
+        self._udp_backlog = settings.udp_backlog  # a datagram is dropped rather than queued behind more
         self.credentials = credentials
         self.name = credentials.name
         self.static_apps = apps is not None
@@ -135,6 +141,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self.link = ControlLink(settings, registered, self._configure, self._report, self._renewed,
                                     traffic=self.traffic)
         self.records = Records(self.name, self.traffic)
+        # The HTTPS front door for published web apps (FERRYMAN_EDGE_HTTPS_LISTEN), or None.
+        self.web: EdgeWeb | None = EdgeWeb(self) if settings.edge_https_listen else None
         self._server_ctx = credentials.server_context()
         self.groups: dict[str, list[EdgeTunnel]] = {}  # connector group -> the tunnels that serve it
         self.connectors: dict[EdgeTunnel, str | None] = {}  # every connector tunnel -> the group it is filed under
@@ -194,7 +202,12 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         bound = self.listener.getsockname()
         if s.edge_quic == "on":  # QUIC tunnels on the same port number, over UDP
             self.quic = await serve_quic(self, self._wire, host, bound[1], s,
-                                         load_credentials(s.tls_cert, s.tls_key, s.tls_ca))
+                                         load_credentials(s.tls_cert, s.tls_key, s.tls_ca),
+                                         limits=HandshakeLimits.of(s))
+        if self.web is not None:
+            web_host, web_port = await self.web.start()
+            log.info("HTTPS front door listening", extra={"addr": f"{web_host}:{web_port}",
+                                                          "auth_host": s.web_auth_host})
         metrics = None
         if s.metrics_addr:
             metrics = await start_metrics_server(s.metrics_addr, self.stats, self.ready,
@@ -213,6 +226,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self.listener.close()
         if self.quic is not None:
             self.quic.close()
+        if self.web is not None:
+            await self.web.close()
         for tunnel in [*self.clients, *self.connectors]:
             tunnel.goaway("shutdown", f"edge {self.name} is shutting down")
             tunnel.close("shutdown", "edge stopped")
@@ -251,6 +266,11 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                             "plane): each connector's HELLO names its group until a configuration that records "
                             "them arrives (any change made through the control plane)", snapshot.version)
             self._file_connectors()
+            if self.web is not None:
+                try:
+                    self.web.configure(snapshot)
+                except (WebAppError, ValueError) as exc:  # the front door keeps the web apps it has
+                    log.error("web apps of configuration version %d cannot be published: %s", snapshot.version, exc)
         if self.tables.enforcing:
             self._recheck_flows(self.clients)
 
@@ -303,6 +323,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             access.principal = Unauthenticated("this edge has no token keys from the control plane yet")
             return
         device = tunnel.peer_certificate.name if tunnel.peer_certificate is not None else ""
+        if not device:  # a token without a device is a browser's (web apps only), never a client tunnel's
+            access.principal = Unauthenticated("the client tunnel presented no device certificate")
+            return
         try:
             access.principal = verifier.principal(token, device)
         except TokenError as exc:
@@ -497,6 +520,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             code, reason = "client_lost", f"client {hello.node} lost: {tunnel.close_reason}"
         if tunnel.close_code == "certificate_revoked":  # say why in the flows' resets and traffic records
             code = "certificate_revoked"
+        for fid, route in list(tunnel.routes.items()):
+            if type(route) is WebFlow:  # the front door's own flows: their requests answer 502
+                del tunnel.routes[fid]
+                route.reset(code, reason)
         live = sum(1 for splice in tunnel.routes.values() if splice.closed_sides != 2)
         if live:
             log.warning("flows reset", extra={"tunnel": tunnel.label, "flows": live, "code": code, "reason": reason})
@@ -574,9 +601,16 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                          request, verdict)
             return
         app = match.app.name if match is not None else ""
-        grant = sign_grant(self._grant_key, edge=self.name, connector=connector.peer_name, host=request.host,
-                           port=request.port, protocol=request.protocol, connection=connection, user=user,
-                           device=device, now=now, app=app)
+        # MAC'd under the grant key the connector sent on this tunnel; signed when it sent none.
+        key = connector.hello.grant_key if connector.hello is not None else b""
+        if len(key) >= GRANT_KEY_SIZE:
+            grant = mac_grant(key, edge=self.name, connector=connector.peer_name, host=request.host,
+                              port=request.port, protocol=request.protocol, connection=connection, user=user,
+                              device=device, now=now, app=app)
+        else:
+            grant = sign_grant(self._grant_key, edge=self.name, connector=connector.peer_name, host=request.host,
+                               port=request.port, protocol=request.protocol, connection=connection, user=user,
+                               device=device, now=now, app=app)
         try:
             kfid = connector.open_flow(Open(
                 host=request.host, port=request.port, protocol=request.protocol,
@@ -646,6 +680,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         splice = tunnel.routes.get(event.flow_id)
         if splice is None:
             return
+        if type(splice) is WebFlow:
+            splice.accepted(event.remote)
+            return
         splice.accepted = True
         splice.remote = event.remote
         self._answered(splice)
@@ -662,6 +699,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         splice = tunnel.routes.pop(event.flow_id, None)
         if splice is None:
             return
+        if type(splice) is WebFlow:
+            self.stats.count(self.stats.open_failures, event.code)
+            splice.refused(event.code, event.reason)
+            return
         self._answered(splice)
         client = splice.client
         client.routes.pop(splice.cfid, None)
@@ -677,6 +718,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
     def data_received(self, tunnel: EdgeTunnel, event: ev.DataReceived) -> None:
         splice = tunnel.routes.get(event.flow_id)
         if splice is None:
+            return
+        if type(splice) is WebFlow:
+            self.stats.bytes_tx += len(event.data)
+            splice.data(event.data)
             return
         data = event.data
         size = len(data)
@@ -701,6 +746,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         splice = tunnel.routes.get(event.flow_id)
         if splice is None:
             return
+        if type(splice) is WebFlow:
+            splice.credit()
+            return
         if tunnel is splice.connector:
             source, sfid, pending, fin = splice.client, splice.cfid, splice.up_pending, splice.up_fin
         else:
@@ -722,6 +770,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
     def flow_ended(self, tunnel: EdgeTunnel, event: ev.FlowEnded) -> None:
         splice = tunnel.routes.get(event.flow_id)
         if splice is None:
+            return
+        if type(splice) is WebFlow:
+            splice.ended()
             return
         if tunnel is splice.client:
             if splice.up_pending:
@@ -746,7 +797,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
 
     def flow_closed(self, tunnel: EdgeTunnel, event: ev.FlowClosed) -> None:
         splice = tunnel.routes.get(event.flow_id)
-        if splice is not None:
+        if type(splice) is WebFlow:
+            tunnel.routes.pop(event.flow_id, None)
+            splice.ended()
+        elif splice is not None:
             self._side_closed(splice, tunnel, event.flow_id)
 
     def _side_closed(self, splice: Splice, tunnel: EdgeTunnel, fid: int) -> None:
@@ -758,6 +812,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
     def flow_reset(self, tunnel: EdgeTunnel, event: ev.FlowReset) -> None:
         splice = tunnel.routes.pop(event.flow_id, None)
         if splice is None:
+            return
+        if type(splice) is WebFlow:
+            splice.reset(event.code, event.reason)
             return
         if tunnel is splice.client:
             other, ofid = splice.connector, splice.kfid
@@ -786,10 +843,11 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
 
     def datagram_received(self, tunnel: EdgeTunnel, event: ev.DatagramReceived) -> None:
         """A UDP flow's datagram: passed to the other tunnel as the same slice, or dropped and
-        counted when that tunnel's write buffer is full (datagrams are never queued here)."""
+        counted when that tunnel's write buffer is full or holds ``FERRYMAN_UDP_BACKLOG`` bytes
+        already (datagrams are never queued here, nor behind much else)."""
         splice = tunnel.routes.get(event.flow_id)
         stats = self.stats
-        if splice is None:
+        if splice is None or type(splice) is WebFlow:
             stats.count(stats.datagrams_dropped, "flow_closed")
             return
         data = event.data
@@ -801,7 +859,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             stats.bytes_rx += size
         else:
             stats.bytes_tx += size
-        if not out.writable:
+        if not out.takes_datagram(self._udp_backlog):
             stats.count(stats.datagrams_dropped, "tunnel_busy")
             return
         try:

@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
+import hmac
 import ipaddress
 import logging
+import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,12 +43,12 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from ..basics import pki
+from ..basics.caps import Counts, source_key
 from ..basics.pki import PeerCertificate, PkiError
 from ..basics.settings import DialerSettings, NodeSettings
 from ..wire import events as ev
 from ..wire.connection import ProtocolError, WireConfig
 from ..wire import quic_engine
-from ..wire.aioquic_engine import AIOQUIC
 from ..wire.quic import (
     ConnectionIdIssued,
     ConnectionIdRetired,
@@ -52,8 +56,9 @@ from ..wire.quic import (
     QuicTunnelConnection,
     TunnelTerminated,
 )
-from ..wire.quic_engine import Address, QuicEngine
+from ..wire.quic_engine import Address, QuicEngine, select_engine
 from .tunnel import F, S, TunnelBase, TunnelHandler
+from .udpio import UdpEndpoint, udp_socket
 
 log = logging.getLogger("ferryman.quic")
 # The QUIC engine (aioquic) logs each connection's negotiated version and ALPN at INFO; tunnel
@@ -66,6 +71,10 @@ SMALLEST_INITIAL = 1200  # a client's Initial datagram is padded to at least thi
 # iteration, so a pacing deadline microseconds away would be re-armed in a busy loop
 # until the millisecond ticks over.
 _clock = time.monotonic
+# uvloop's timers fire on whole milliseconds: a deadline closer than this (the engine's pacer
+# releasing the next packets microseconds from now) is served on the next loop iteration
+# instead, or a paced tunnel would send one burst per millisecond.
+_TIMER_GRAIN = 0.001
 
 
 # ---------------------------------------------------------------------------- credentials
@@ -110,10 +119,16 @@ def load_credentials(cert: str, key: str, ca: str) -> QuicCredentials:
     )
 
 
+def quic_engine_of(settings: NodeSettings) -> QuicEngine:
+    """The QUIC engine ``FERRYMAN_QUIC_ENGINE`` names (``quic_engine.EngineUnavailable`` if it cannot be used)."""
+    return select_engine(settings.quic_engine)
+
+
 def quic_configuration(credentials: QuicCredentials, settings: NodeSettings, *, client: bool,
-                       server_name: str | None = None, engine: QuicEngine = AIOQUIC) -> Any:
+                       server_name: str | None = None, engine: QuicEngine | None = None) -> Any:
     """The QUIC engine's settings of one side: packet size, our certificate, the CA, an idle
     timeout that leaves dead-peer detection to keepalive (as ``Tunnel`` does)."""
+    engine = engine if engine is not None else quic_engine_of(settings)
     return engine.configuration(
         client=client, packet_size=settings.quic_packet_size, cid_length=CID_LENGTH,
         idle_timeout=3 * settings.keepalive_interval + 1, server_name=server_name,
@@ -186,7 +201,7 @@ class QuicTunnel(TunnelBase[F, S]):
         quic: Any,
         credentials: QuicCredentials,
         *,
-        transport: asyncio.DatagramTransport,
+        transport: UdpEndpoint,
         peer: Address,
         dialer: bool,
         accept_roles: tuple[str, ...],
@@ -196,14 +211,18 @@ class QuicTunnel(TunnelBase[F, S]):
         label: str = "",
         server_name: str | None = None,
         original_destination_connection_id: bytes | None = None,
+        retry_source_connection_id: bytes | None = None,
         cid_listener: Callable[[QuicTunnel[Any, Any], bytes, bool], None] | None = None,
-        engine: QuicEngine = AIOQUIC,
+        engine: QuicEngine | None = None,
+        max_pending_datagrams: int = 512,
     ) -> None:
         self._setup(handler, QuicTunnelConnection(config, quic, dialer=dialer, engine=engine,
-                                                  original_destination_connection_id=original_destination_connection_id),
+                                                  original_destination_connection_id=original_destination_connection_id,
+                                                  retry_source_connection_id=retry_source_connection_id,
+                                                  max_pending_datagrams=max_pending_datagrams),
                     accept_roles, keepalive, handshake_timeout, write_buffer_high, label)
         self.credentials = credentials
-        self.transport: asyncio.DatagramTransport | None = transport
+        self.transport: UdpEndpoint | None = transport
         self.peer_addr = f"{peer[0]}:{peer[1]}"
         self._peer = peer
         self._connected = dialer  # a dialer's socket is connected: sendto without an address
@@ -242,13 +261,32 @@ class QuicTunnel(TunnelBase[F, S]):
     def datagram_received(self, data: bytes, addr: Address) -> None:
         if self.closed:
             return
-        self._last_rx = self.loop.time()
+        conn = self.conn
+        dropped = conn.dropped_packets
         try:
-            events = self.conn.receive_datagram(data, addr, _clock())
+            events = conn.receive_datagram(data, addr, _clock())
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
+        if conn.dropped_packets == dropped:  # (a packet dropped unread is no sign of life)
+            self._last_rx = self.loop.time()
         self.flush_soon()  # (first: what the node queues while answering joins this flush)
+        self._process(events)
+
+    def segments_received(self, buffer: bytes, segment: int, addr: Address) -> None:
+        """Datagrams coalesced by the kernel (GRO), handed to the engine in one call."""
+        if self.closed:
+            return
+        conn = self.conn
+        dropped = conn.dropped_packets
+        try:
+            events = conn.receive_segments(buffer, segment, addr, _clock())
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if conn.dropped_packets == dropped:
+            self._last_rx = self.loop.time()
+        self.flush_soon()
         self._process(events)
 
     def error_received(self, exc: OSError) -> None:
@@ -287,22 +325,35 @@ class QuicTunnel(TunnelBase[F, S]):
         if transport is None or transport.is_closing():
             return
         conn = self.conn
-        datagrams = conn.datagrams_to_send(_clock())
-        if self._connected:
-            for data, _addr in datagrams:
-                transport.sendto(data)
-        else:
-            for data, addr in datagrams:
-                transport.sendto(data, addr)
+        try:
+            datagrams = conn.datagrams_to_send(_clock())
+        except ProtocolError as exc:  # the engine failed: nothing more can be sent
+            self._protocol_error(exc)
+            return
+        if datagrams:
+            transport.send_batch(datagrams)
         backlog = conn.backlog
         if self.writable:
             if backlog > self.write_buffer_high:
                 self.writable = False
+                if self.up:
+                    conn.pause_reading()  # a peer that does not take what we send is not read either
                 self.handler.tunnel_writable(self, False)
         elif backlog <= self.write_buffer_high // 4:
             self.writable = True
             self.handler.tunnel_writable(self, True)
+            if not conn.reading and not self.closed:
+                self._resume_reading()
         self._arm()
+
+    def _resume_reading(self) -> None:
+        try:
+            events = self.conn.resume_reading()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self.flush_soon()
+        self._process(events)
 
     def _arm(self) -> None:
         at = self.conn.get_timer()
@@ -313,7 +364,11 @@ class QuicTunnel(TunnelBase[F, S]):
             self._quic_timer = None
         self._quic_at = at
         if at is not None and not self.closed:
-            self._quic_timer = self.loop.call_later(max(0.0, at - _clock()), self._on_quic_timer)
+            delay = at - _clock()
+            if delay < _TIMER_GRAIN:  # a pacing deadline within the loop's timer grain: next iteration
+                self._quic_timer = self.loop.call_soon(self._on_quic_timer)  # type: ignore[assignment]
+            else:
+                self._quic_timer = self.loop.call_later(delay, self._on_quic_timer)
 
     def _on_quic_timer(self) -> None:
         self._quic_timer = None
@@ -426,6 +481,10 @@ class _DialEndpoint(asyncio.DatagramProtocol):
         if self.tunnel is not None:
             self.tunnel.datagram_received(data, addr)
 
+    def segments_received(self, buffer: bytes, segment: int, addr: Address) -> None:
+        if self.tunnel is not None:
+            self.tunnel.segments_received(buffer, segment, addr)
+
     def error_received(self, exc: Exception) -> None:
         if self.tunnel is not None and isinstance(exc, OSError):
             self.tunnel.error_received(exc)
@@ -455,15 +514,19 @@ async def dial_quic(
     """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    family, _type, proto, _name, addr = infos[0]
-    transport, endpoint = await loop.create_datagram_endpoint(_DialEndpoint, remote_addr=addr, family=family,
-                                                              proto=proto)
+    family, _type, _proto, _name, addr = infos[0]
+    endpoint = _DialEndpoint()
+    offload = settings.quic_offload == "on"
+    transport = UdpEndpoint(loop, udp_socket(family, connect=addr, buffer=settings.quic_socket_buffer), endpoint,
+                            gso=offload, gro=offload)
     peer = transport.get_extra_info("peername") or addr
+    engine = quic_engine_of(settings)
     tunnel = QuicTunnel(
-        handler, config, quic_configuration(credentials, settings, client=True, server_name=host), credentials,
-        transport=transport, peer=peer, dialer=True, accept_roles=accept_roles,  # type: ignore[arg-type]
+        handler, config, quic_configuration(credentials, settings, client=True, server_name=host, engine=engine),
+        credentials, transport=transport, peer=peer, dialer=True, accept_roles=accept_roles,  # type: ignore[arg-type]
         keepalive=settings.keepalive_interval, handshake_timeout=settings.handshake_timeout,
         write_buffer_high=settings.write_buffer_high, label=label or f"{host}:{port}", server_name=host,
+        engine=engine, max_pending_datagrams=settings.quic_max_pending_datagrams,
     )
     endpoint.tunnel = tunnel
     tunnel.start()
@@ -479,27 +542,93 @@ async def dial_quic(
 # ---------------------------------------------------------------------------- serving
 
 
+@dataclass(frozen=True)
+class HandshakeLimits:
+    """How many QUIC handshakes an edge lets be in progress (accepted, not yet up: QUIC, the
+    certificate checks and the HELLO exchange), in all and from one source address, and from
+    how many on a new client must first prove its address with a QUIC Retry (RFC 9000 §8.1)."""
+
+    max_handshakes: int = 1024
+    max_per_source: int = 128
+    retry_threshold: int = 64
+
+    @classmethod
+    def of(cls, settings: Any) -> HandshakeLimits:
+        """From an edge's settings (``FERRYMAN_MAX_HANDSHAKES``, ``..._PER_SOURCE``, ``FERRYMAN_QUIC_RETRY_THRESHOLD``)."""
+        return cls(settings.max_handshakes, settings.max_handshakes_per_source, settings.quic_retry_threshold)
+
+
+RETRY_TOKEN_LIFETIME = 10.0  # seconds a Retry token is accepted (the client answers at once)
+_TOKEN_HEAD = struct.Struct("!dB")  # issued at (time.time()), length of the original destination cid
+_TOKEN_MAC = 16
+
+
+class RetryTokens:
+    """Stateless address-validation tokens: the client's address, the connection ids of the
+    exchange and the time, under an HMAC key of this listener (RFC 9000 §8.1.2)."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key or os.urandom(32)
+
+    def _mac(self, addr: Address, body: bytes, retry_cid: bytes) -> bytes:
+        where = f"{addr[0]}|{addr[1]}|".encode()
+        return hmac.new(self._key, where + body + retry_cid, hashlib.sha256).digest()[:_TOKEN_MAC]
+
+    def issue(self, addr: Address, original_cid: bytes, retry_cid: bytes) -> bytes:
+        body = _TOKEN_HEAD.pack(time.time(), len(original_cid)) + original_cid
+        return body + self._mac(addr, body, retry_cid)
+
+    def check(self, addr: Address, token: bytes, retry_cid: bytes) -> bytes | None:
+        """The original destination connection id the token carries, or None when it is not ours,
+        names another address or connection id, or has expired."""
+        if len(token) < _TOKEN_HEAD.size + _TOKEN_MAC:
+            return None
+        issued, length = _TOKEN_HEAD.unpack_from(token)
+        body = token[:_TOKEN_HEAD.size + length]
+        if len(token) != len(body) + _TOKEN_MAC or not hmac.compare_digest(token[len(body):],
+                                                                            self._mac(addr, body, retry_cid)):
+            return None
+        if not 0 <= time.time() - issued <= RETRY_TOKEN_LIFETIME:
+            return None
+        return body[_TOKEN_HEAD.size:]
+
+
 class QuicServer(asyncio.DatagramProtocol):
     """An edge's QUIC listener: one UDP socket, tunnels told apart by connection id.
 
     ``credentials`` and ``wire`` may be replaced (a renewed certificate, new limits);
-    tunnels accepted from then on use them.
+    tunnels accepted from then on use them. New clients are admitted within ``limits``:
+    beyond ``retry_threshold`` handshakes in progress a client's first Initial is answered
+    with a Retry and only an Initial carrying a valid token (proof that the client receives
+    at its address) gets a connection; beyond ``max_handshakes`` in all, or
+    ``max_per_source`` from its source (``caps.source_key``: an IPv4 address, an IPv6 /64),
+    it is refused (its Initials dropped, counted in ``refused_handshakes`` and as
+    ``too_many_handshakes`` tunnel closes, logged within the node's log-line limits). QUIC
+    handshakes are counted here, apart from the TLS/TCP ones (``FERRYMAN_MAX_HANDSHAKES``
+    applies to each transport).
     """
 
     def __init__(self, handler: TunnelHandler, wire: WireConfig, settings: NodeSettings, credentials: QuicCredentials,
-                 *, accept_roles: tuple[str, ...], label: str) -> None:
+                 *, accept_roles: tuple[str, ...], label: str, limits: HandshakeLimits | None = None) -> None:
         self.handler = handler
         self.wire = wire
         self.settings = settings
         self.credentials = credentials
         self.accept_roles = accept_roles
         self.label = label
-        self.transport: asyncio.DatagramTransport | None = None
+        self.limits = limits or HandshakeLimits()
+        self.transport: UdpEndpoint | None = None
         self.tunnels: set[QuicTunnel] = set()
         self.stray_datagrams = 0  # datagrams for no tunnel we know (late, or not QUIC)
+        self.retries_sent = 0
+        self.bad_tokens = 0  # Initials whose token is not a valid Retry token of ours (dropped)
+        self.refused_handshakes = 0
         self._by_cid: dict[bytes, QuicTunnel] = {}
         self._cids: dict[QuicTunnel, set[bytes]] = {}
-        self.engine: QuicEngine = AIOQUIC
+        self._handshaking: dict[QuicTunnel, str] = {}  # tunnels not yet up -> source key
+        self._counts = Counts(per_key=self.limits.max_per_source, total=self.limits.max_handshakes)
+        self._tokens = RetryTokens()
+        self.engine: QuicEngine = quic_engine_of(settings)
         self._quic: tuple[QuicCredentials, Any] | None = None
 
     @property
@@ -543,6 +672,23 @@ class QuicServer(asyncio.DatagramProtocol):
                 return
         tunnel.datagram_received(data, addr)
 
+    def segments_received(self, buffer: bytes, segment: int, addr: Address) -> None:
+        """Datagrams coalesced by the kernel (GRO): one engine call when they are all short-header
+        packets of one tunnel (the usual case: one peer's stream of 1-RTT packets), else one by one."""
+        cid = buffer[1:1 + CID_LENGTH]
+        same = True
+        for start in range(0, len(buffer), segment):
+            if buffer[start] & 0x80 or buffer[start + 1:start + 1 + CID_LENGTH] != cid:
+                same = False
+                break
+        tunnel = self._by_cid.get(cid) if same else None
+        if tunnel is not None:
+            tunnel.segments_received(buffer, segment, addr)
+            return
+        view = memoryview(buffer)
+        for start in range(0, len(buffer), segment):
+            self.datagram_received(bytes(view[start:start + segment]), addr)
+
     def _accept(self, header: quic_engine.Header, data: bytes, addr: Address) -> QuicTunnel | None:
         assert self.transport is not None
         config = self._configuration()
@@ -553,19 +699,64 @@ class QuicServer(asyncio.DatagramProtocol):
         if not header.initial or len(data) < SMALLEST_INITIAL:
             self.stray_datagrams += 1
             return None
+        original_cid, retry_cid = header.destination_cid, None
+        if header.token:
+            original = self._tokens.check(addr, header.token, header.destination_cid)
+            if original is None:
+                self.bad_tokens += 1
+                return None
+            original_cid, retry_cid = original, header.destination_cid
+        in_progress = self._in_progress()
+        if retry_cid is None and in_progress >= self.limits.retry_threshold:
+            new_cid = os.urandom(CID_LENGTH)
+            self.transport.sendto(self.engine.retry(header, new_cid, self._tokens.issue(addr, original_cid, new_cid)),
+                                  addr)
+            self.retries_sent += 1
+            return None
+        source = source_key(addr[0])
+        full = self._counts.take(source)
+        if full is not None:
+            self._refuse_handshake(addr, source, full)
+            return None
         s = self.settings
         tunnel = QuicTunnel(
             self.handler, self.wire, config, self.credentials, transport=self.transport, peer=addr, dialer=False,
             accept_roles=self.accept_roles, keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
             write_buffer_high=s.write_buffer_high, label=self.label,
-            original_destination_connection_id=header.destination_cid, cid_listener=self._cid_changed,
-            engine=self.engine,
+            original_destination_connection_id=original_cid, retry_source_connection_id=retry_cid,
+            cid_listener=self._cid_changed, engine=self.engine, max_pending_datagrams=s.quic_max_pending_datagrams,
         )
+        self._handshaking[tunnel] = source
         self.tunnels.add(tunnel)
         self._cids[tunnel] = set()
         self._cid_changed(tunnel, header.destination_cid, True)
         self._cid_changed(tunnel, tunnel.conn.host_cid, True)
         return tunnel
+
+    def _in_progress(self) -> int:
+        """Handshakes in progress, forgetting the tunnels that are up or closed since the last call."""
+        done = [t for t in self._handshaking if t.up or t.closed]
+        for tunnel in done:
+            self._handshake_over(tunnel)
+        return len(self._handshaking)
+
+    def _handshake_over(self, tunnel: QuicTunnel) -> None:
+        source = self._handshaking.pop(tunnel, None)
+        if source is not None:
+            self._counts.give(source)
+
+    def _refuse_handshake(self, addr: Address, source: str, full: str) -> None:
+        """Drop a new client's Initial: too many QUIC handshakes in progress (``full``: ``total``
+        or ``key``, from its source); counted, and logged within the node's log-line limits."""
+        self.refused_handshakes += 1
+        stats = self.handler.stats
+        stats.count(stats.tunnels_closed, "too_many_handshakes")
+        limits = self.limits
+        reason = (f"{limits.max_handshakes} QUIC handshakes in progress on this edge" if full == "total" else
+                  f"{limits.max_per_source} QUIC handshakes in progress from {source}")
+        stats.log_limit.log(log, logging.WARNING, source, "tunnel refused", {
+            "peer_addr": f"{addr[0]}:{addr[1]}", "transport": "quic", "code": "too_many_handshakes",
+            "reason": reason})
 
     def _configuration(self) -> Any:
         if self._quic is None or self._quic[0] is not self.credentials:
@@ -584,6 +775,7 @@ class QuicServer(asyncio.DatagramProtocol):
                     del self._by_cid[old]
             del self._cids[tunnel]
             self.tunnels.discard(tunnel)
+            self._handshake_over(tunnel)
         elif issued:
             cids.add(cid)
             self._by_cid[cid] = tunnel
@@ -604,11 +796,14 @@ async def serve_quic(
     accept_roles: tuple[str, ...] = ("client", "connector"),
     label: str = "in",
     reuse_port: bool = False,
+    limits: HandshakeLimits | None = None,
 ) -> QuicServer:
     """Serve QUIC tunnels on UDP ``host:port`` (port 0: any; read ``server.sockname``)."""
     loop = asyncio.get_running_loop()
-    _transport, server = await loop.create_datagram_endpoint(
-        lambda: QuicServer(handler, wire, settings, credentials, accept_roles=accept_roles, label=label),
-        local_addr=(host, port), reuse_port=reuse_port or None,
-    )
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+    family, _type, _proto, _name, addr = infos[0]
+    server = QuicServer(handler, wire, settings, credentials, accept_roles=accept_roles, label=label, limits=limits)
+    offload = settings.quic_offload == "on"
+    UdpEndpoint(loop, udp_socket(family, bind=addr, reuse_port=reuse_port, buffer=settings.quic_socket_buffer),
+                server, gso=offload, gro=offload)
     return server

@@ -22,12 +22,14 @@ from aioquic.quic.connection import (
     CONNECTION_LIMIT_FRAME_CAPACITY,
     MAX_STREAM_DATA_FRAME_CAPACITY,
     QuicConnection,
+    QuicConnectionState,
     QuicNetworkPath,
 )
 from aioquic.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
     QuicPacketType,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
@@ -46,7 +48,9 @@ class _Quic(QuicConnection):
     (``tls._request_client_certificate``; the chain is checked by the transport at
     ``HandshakeCompleted``), the bidirectional stream limit follows the flow limit and
     unidirectional streams are refused, and the stream and connection windows slide a
-    fixed distance ahead of the delivered bytes instead of doubling without bound.
+    fixed distance ahead of the bytes delivered to the application (``received``), not of
+    those aioquic queued as events, instead of doubling without bound: while the tunnel
+    holds its events (``hold``) the peer gets no credit.
 
     aioquic visits every open stream for every packet it builds, so a tunnel with many
     idle flows would pay for all of them on each packet. Packets are built here from the
@@ -64,14 +68,20 @@ class _Quic(QuicConnection):
         stream_window: int,
         connection_window: int,
         original_destination_connection_id: bytes | None = None,
+        retry_source_connection_id: bytes | None = None,
     ) -> None:
         super().__init__(
-            configuration=configuration, original_destination_connection_id=original_destination_connection_id
+            configuration=configuration, original_destination_connection_id=original_destination_connection_id,
+            retry_source_connection_id=retry_source_connection_id,
         )
         self._stream_window = stream_window
         self._connection_window = connection_window
         self.delivered = 0  # stream bytes handed to the application, all streams
+        self._delivered: dict[int, int] = {}  # ... per stream
         self._active: dict[int, QuicStream] = {}
+        self._unsent: set[int] = set()  # streams written to since their data was last all sent
+        self.held = False
+        self.dropped_datagrams = 0  # DATAGRAM frames received while held
         bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
         bidi.value = bidi.sent = max_streams
         uni.value = uni.sent = 0
@@ -91,6 +101,11 @@ class _Quic(QuicConnection):
     def send(self, stream_id: int, data: bytes | memoryview, end_stream: bool) -> None:
         self.send_stream_data(stream_id, data, end_stream)  # type: ignore[arg-type]
         self._active[stream_id] = self._streams[stream_id]
+        self._unsent.add(stream_id)
+
+    def receive_segments(self, buffer: bytes, segment: int, addr: Any, now: float) -> None:
+        for start in range(0, len(buffer), segment):
+            self.receive_datagram(buffer[start:start + segment], addr, now)
 
     def close_with_alert(self, alert: int, reason: str) -> None:
         self.close(QuicErrorCode.CRYPTO_ERROR + alert, QuicFrameType.CRYPTO, reason)
@@ -98,14 +113,40 @@ class _Quic(QuicConnection):
     def received(self, stream_id: int, size: int) -> None:
         """Stream data was delivered: its window may need raising (or the stream discarding)."""
         self.delivered += size
+        self._delivered[stream_id] = self._delivered.get(stream_id, 0) + size
         stream = self._streams.get(stream_id)
         if stream is not None:
             self._active[stream_id] = stream
 
-    def sent_offset(self, stream_id: int) -> int | None:
-        """How far a stream's data has been sent at least once; None once aioquic discarded it."""
-        stream = self._streams.get(stream_id)
-        return stream.sender.highest_offset if stream is not None else None
+    def ending(self) -> bool:
+        return self._state not in (QuicConnectionState.FIRSTFLIGHT, QuicConnectionState.CONNECTED)
+
+    def hold(self, on: bool) -> None:
+        """While held, events wait here and ``delivered`` stands still, so the connection
+        window stops sliding; DATAGRAM frames are dropped and counted."""
+        self.held = on
+
+    def _handle_datagram_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
+        super()._handle_datagram_frame(context, frame_type, buf)
+        if self.held and self._events and isinstance(self._events[-1], qev.DatagramFrameReceived):
+            self._events.pop()
+            self.dropped_datagrams += 1
+
+    def backlog(self) -> int:
+        """Stream bytes not yet sent once, plus queued DATAGRAM frames at the packet size."""
+        total = len(self._datagrams_pending) * self._max_datagram_size
+        if self._unsent:
+            streams = self._streams
+            done = []
+            for stream_id in self._unsent:
+                stream = streams.get(stream_id)
+                waiting = stream.sender._buffer_stop - stream.sender.highest_offset if stream is not None else 0
+                if waiting > 0:
+                    total += waiting
+                else:
+                    done.append(stream_id)
+            self._unsent.difference_update(done)
+        return total
 
     def pending_datagrams(self) -> int:
         return len(self._datagrams_pending)
@@ -128,6 +169,7 @@ class _Quic(QuicConnection):
             for stream in served:
                 if stream.stream_id not in active:  # aioquic discarded it: finished both ways
                     streams.pop(stream.stream_id, None)
+                    self._delivered.pop(stream.stream_id, None)
             self._active = {stream.stream_id: stream for stream in order if self._needs_service(stream)}
 
     def _needs_service(self, stream: QuicStream) -> bool:
@@ -140,7 +182,7 @@ class _Quic(QuicConnection):
             or stream.receiver.stop_pending
             or stream.is_finished
             or stream.max_stream_data_local_sent != stream.max_stream_data_local
-            or (stream.max_stream_data_local != 0 and stream.receiver.starting_offset() + self._stream_window
+            or (stream.max_stream_data_local != 0 and self._delivered.get(stream.stream_id, 0) + self._stream_window
                 - stream.max_stream_data_local >= self._stream_window // 2)
         )
 
@@ -169,7 +211,7 @@ class _Quic(QuicConnection):
         if not stream.max_stream_data_local:
             return  # a local unidirectional stream (never used here)
         window = self._stream_window
-        target = stream.receiver.starting_offset() + window
+        target = self._delivered.get(stream.stream_id, 0) + window
         if target - stream.max_stream_data_local >= window // 2:
             stream.max_stream_data_local = target
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:
@@ -222,12 +264,14 @@ class AioquicEngine:
         return list(configuration.supported_versions)
 
     def connection(self, configuration: QuicConfiguration, *, alpn: str, max_streams: int, stream_window: int,
-                   connection_window: int, original_destination_connection_id: bytes | None = None) -> _Quic:
+                   connection_window: int, original_destination_connection_id: bytes | None = None,
+                   retry_source_connection_id: bytes | None = None) -> _Quic:
         configuration = dataclasses.replace(configuration, max_stream_data=stream_window, max_data=connection_window,
                                             max_datagram_frame_size=65535, alpn_protocols=[alpn])
         return _Quic(configuration, max_streams=max_streams, stream_window=stream_window,
                      connection_window=connection_window,
-                     original_destination_connection_id=original_destination_connection_id)
+                     original_destination_connection_id=original_destination_connection_id,
+                     retry_source_connection_id=retry_source_connection_id)
 
     def parse_header(self, data: bytes, cid_length: int) -> Header | None:
         try:
@@ -236,11 +280,17 @@ class AioquicEngine:
             return None
         return Header(initial=header.packet_type == QuicPacketType.INITIAL,
                       version_negotiation=header.packet_type == QuicPacketType.VERSION_NEGOTIATION,
-                      version=header.version, destination_cid=header.destination_cid, source_cid=header.source_cid)
+                      version=header.version, destination_cid=header.destination_cid, source_cid=header.source_cid,
+                      token=header.token or b"")
 
     def version_negotiation(self, header: Header, versions: list[int]) -> bytes:
         return encode_quic_version_negotiation(source_cid=header.destination_cid, destination_cid=header.source_cid,
                                                supported_versions=versions)
+
+    def retry(self, header: Header, new_cid: bytes, token: bytes) -> bytes:
+        assert header.version is not None
+        return encode_quic_retry(version=header.version, source_cid=new_cid, destination_cid=header.source_cid,
+                                 original_destination_cid=header.destination_cid, retry_token=token)
 
 
 AIOQUIC = AioquicEngine()

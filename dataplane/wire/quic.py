@@ -1,7 +1,7 @@
 """Sans-I/O Ferryman tunnel over QUIC: the ``TunnelConnection`` API and events on a QUIC engine.
 
 ``QuicTunnelConnection`` carries the Ferryman protocol (``frames.py``) over one QUIC
-connection of a ``quic_engine.QuicEngine`` (aioquic today: ``aioquic_engine.AIOQUIC``) and
+connection of a ``quic_engine.QuicEngine`` (qh3 or aioquic: ``quic_engine.select_engine``) and
 offers nodes the same local API (open_flow, accept_flow, send_data, credit, acknowledge,
 ...: ``connection.FlowCore``) and the same events as ``TunnelConnection``; each stream is
 read by the same ``reader.FrameReader``:
@@ -23,8 +23,9 @@ credit allows, WINDOW frames return credit, a peer that exceeds it is cut off. Q
 own stream and connection windows slide with what the engine has delivered (not with what
 nodes have consumed), so they only bound reordering memory and bytes in flight and are
 sized not to be the bottleneck. The engine's send buffers and datagram queue are bounded
-here: ``backlog`` is what waits to be sent (the adapter turns it into ``writable``) and
-``send_datagram`` refuses beyond ``MAX_PENDING_DATAGRAMS``.
+here: ``backlog`` is what waits to be sent (the adapter turns it into ``writable``, and
+past the same mark stops reading the peer: ``pause_reading``) and ``send_datagram`` refuses
+beyond ``max_pending_datagrams`` (``FERRYMAN_QUIC_MAX_PENDING_DATAGRAMS``).
 
 The I/O entry points mirror the engine's: ``connect``, ``receive_datagram``,
 ``datagrams_to_send``, ``get_timer``, ``handle_timer``. Besides the wire events, the
@@ -42,7 +43,6 @@ from typing import Any
 import msgspec
 
 from . import events as ev
-from .aioquic_engine import AIOQUIC
 from .connection import (
     _AUTH,
     _DATA,
@@ -73,7 +73,7 @@ from .frames import (
     encode_control,
     encode_preamble,
 )
-from .quic_engine import Address, EngineConnection, QuicEngine
+from .quic_engine import Address, EngineConnection, EngineFailure, QuicEngine, select_engine
 from .reader import FrameReader
 
 ALPN = "ferryman/1"
@@ -85,6 +85,12 @@ CLOSE_ERROR = 0x1
 # packet number (2), AEAD tag (16), frame type (1), length (2), then our u32 flow id.
 DATAGRAM_OVERHEAD = 1 + 20 + 2 + 16 + 1 + 2 + 4
 MAX_PENDING_DATAGRAMS = 512
+# QUIC's connection window: wide (what a peer may send is bounded by Ferryman's per-flow
+# credit and by each stream's window, not by this), so that two tunnel ends that both stop
+# reading do not block each other on it short of 512 flows with a full window each way.
+# (Kept below 2^30: aioquic builds packets wrongly around an 8-byte MAX_DATA.)
+CONNECTION_WINDOW = 1 << 28
+HELD_BASE = 32 * 1024 * 1024  # packet bytes taken while not reading, beyond the flows' credit
 # Stream bytes held for flow streams that arrive before the peer's HELLO (QUIC may reorder
 # the control stream behind the first OPENs); beyond this the peer is not waiting for HELLO.
 MAX_EARLY_BYTES = 262144
@@ -160,7 +166,7 @@ class _Stream(FrameReader):
     stream of its kind may carry (the control stream: HELLO, PING/PONG, GOAWAY, AUTH; a flow's
     stream: its OPEN first, then that flow's frames) and hands them to ``conn``."""
 
-    __slots__ = ("conn", "flows", "id", "flow_id", "opened", "written", "ended", "peer_ended",
+    __slots__ = ("conn", "flows", "id", "flow_id", "opened", "ended", "peer_ended",
                  "_buf", "_stream_left", "_stream_flow", "_need_preamble")
 
     def __init__(self, conn: QuicTunnelConnection, stream_id: int, flow_id: int, *, preamble: bool = False,
@@ -170,7 +176,6 @@ class _Stream(FrameReader):
         self.id = stream_id
         self.flow_id = flow_id
         self.opened = opened  # a peer stream's OPEN was read (local streams: True)
-        self.written = 0  # bytes handed to the engine
         self.ended = False  # our half is finished (or queued to finish)
         self.peer_ended = False
         self._reader_init(preamble)  # the control stream starts with the peer's preamble
@@ -220,9 +225,12 @@ class QuicTunnelConnection(FlowCore):
         *,
         dialer: bool,
         original_destination_connection_id: bytes | None = None,
-        connection_window: int = 16 * 1024 * 1024,
-        engine: QuicEngine = AIOQUIC,
+        retry_source_connection_id: bytes | None = None,
+        connection_window: int = CONNECTION_WINDOW,
+        engine: QuicEngine | None = None,
+        max_pending_datagrams: int = MAX_PENDING_DATAGRAMS,
     ) -> None:
+        engine = engine if engine is not None else select_engine()
         if engine.is_client(quic) != dialer:
             raise ValueError("the dialer of a QUIC tunnel is the QUIC client")
         stream_window = 4 * max(config.window, config.max_frame) + 65536
@@ -231,17 +239,23 @@ class QuicTunnelConnection(FlowCore):
         self.engine = engine
         self.early_datagrams = 0  # datagrams of our UDP flows that overtook their OPEN_OK (dropped)
         self.backlog = 0  # bytes queued in the engine not yet sent once (plus pending datagrams)
+        self.max_pending_datagrams = max_pending_datagrams
+        self.reading = True  # False: the peer is not read (pause_reading)
+        self.held_base = HELD_BASE  # packet bytes fed to the engine while not reading: this much plus
+        # a flow window per open flow (what peers may send us under Ferryman credit)
+        self.dropped_packets = 0  # packets dropped while not reading, beyond the budget
+        self._held_bytes = 0
         self.max_datagram = engine.max_datagram_size(quic) - DATAGRAM_OVERHEAD
         self.quic: EngineConnection = engine.connection(
             quic, alpn=ALPN, max_streams=2 * config.max_flows + 1, stream_window=stream_window,
             connection_window=window, original_destination_connection_id=original_destination_connection_id,
+            retry_source_connection_id=retry_source_connection_id,
         )
         self._kinds = engine.events
         self._terminated = False
         self._held = False  # HandshakeCompleted returned; events wait for initiate()/refuse()
         self._streams: dict[int, _Stream] = {}
         self._pending: dict[_Stream, list[bytes | memoryview]] = {}
-        self._backlogged: set[_Stream] = set()
         self._early: list[tuple[int, bytes, bool]] = []
         # The acceptor may write to the control stream only once the dialer opened it.
         self._control_open = dialer
@@ -255,12 +269,43 @@ class QuicTunnelConnection(FlowCore):
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> list[ev.Event]:
         """Feed one UDP datagram; returns the events it caused. Raises ProtocolError on a violation."""
-        self.quic.receive_datagram(data, addr, now)
+        if not self.reading:
+            self._held_bytes += len(data)
+            if self._held_bytes > self.held_base + len(self.flows) * self.config.window:
+                self.dropped_packets += 1
+                return []
+        try:
+            self.quic.receive_datagram(data, addr, now)
+        except EngineFailure as exc:
+            raise self._engine_failed(exc) from None
+        return self.events()
+
+    def receive_segments(self, buffer: bytes, segment: int, addr: Address, now: float) -> list[ev.Event]:
+        """Feed UDP datagrams of ``segment`` bytes each (the last may be shorter) from one peer,
+        coalesced by the kernel (GRO); returns the events they caused."""
+        if not self.reading:
+            self._held_bytes += len(buffer)
+            if self._held_bytes > self.held_base + len(self.flows) * self.config.window:
+                self.dropped_packets += -(-len(buffer) // segment)
+                return []
+        try:
+            self.quic.receive_segments(buffer, segment, addr, now)
+        except EngineFailure as exc:
+            raise self._engine_failed(exc) from None
         return self.events()
 
     def handle_timer(self, now: float) -> list[ev.Event]:
-        self.quic.handle_timer(now)
+        try:
+            self.quic.handle_timer(now)
+        except EngineFailure as exc:
+            raise self._engine_failed(exc) from None
         return self.events()
+
+    def _engine_failed(self, exc: EngineFailure) -> ProtocolError:
+        err = ProtocolError("quic_error", str(exc))
+        self._dead = err
+        self._pending.clear()
+        return err
 
     def get_timer(self) -> float | None:
         return self.quic.get_timer()
@@ -273,26 +318,37 @@ class QuicTunnelConnection(FlowCore):
             flows = self.flows
             for st, chunks in pending.items():
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                st.written += len(data)
                 quic.send(st.id, data, st.ended)
-                self._backlogged.add(st)
                 flow = flows.get(st.flow_id) if st.flow_id else None
                 if flow is not None:
                     flow.out = None  # its next frame starts a new chunk
             pending.clear()
-        datagrams = quic.datagrams_to_send(now)
-        backlog = quic.pending_datagrams() * self.max_datagram
-        if self._backlogged:
-            done = []
-            for st in self._backlogged:
-                sent = quic.sent_offset(st.id)
-                if sent is None or sent >= st.written:
-                    done.append(st)
-                else:
-                    backlog += st.written - sent
-            self._backlogged.difference_update(done)
-        self.backlog = backlog
+        try:
+            datagrams = quic.datagrams_to_send(now)
+        except EngineFailure as exc:
+            raise self._engine_failed(exc) from None
+        self.backlog = quic.backlog()
         return datagrams
+
+    # ------------------------------------------------------------------ reading back-pressure
+    def pause_reading(self) -> None:
+        """Stop reading the peer: its stream data stays in the engine, unacknowledged to the
+        application, so the engine gives the peer no more credit; packets keep being fed to the
+        engine (their ACKs and credit are what lets our backlog drain), up to ``held_base``
+        bytes plus a flow window per open flow (what a peer may send under Ferryman credit),
+        beyond which they are dropped (``dropped_packets``) and do not count as a sign of life."""
+        if self.reading:
+            self.reading = False
+            self._held_bytes = 0
+            self.quic.hold(True)
+
+    def resume_reading(self) -> list[ev.Event]:
+        """Read the peer again; returns the events held meanwhile."""
+        if self.reading:
+            return []
+        self.reading = True
+        self.quic.hold(False)
+        return self.events()
 
     @property
     def has_output(self) -> bool:
@@ -305,7 +361,7 @@ class QuicTunnelConnection(FlowCore):
     def events(self) -> list[ev.Event]:
         """Turn what the engine queued into events (stopping after a HandshakeCompleted)."""
         events: list[ev.Event] = []
-        if self._held or self._terminated:
+        if self._held or self._terminated or (not self.reading and not self.quic.ending()):
             return events
         if self._dead is not None:
             raise self._dead
@@ -401,8 +457,8 @@ class QuicTunnelConnection(FlowCore):
         if len(data) > limit:
             raise FlowError("datagram_too_large", f"datagram of {len(data)} bytes exceeds the {limit} bytes "
                                                   "a QUIC datagram of this tunnel carries")
-        if self.quic.pending_datagrams() >= MAX_PENDING_DATAGRAMS:
-            raise FlowError("datagram_queue_full", f"{MAX_PENDING_DATAGRAMS} datagrams already wait to be sent")
+        if self.quic.pending_datagrams() >= self.max_pending_datagrams:
+            raise FlowError("datagram_queue_full", f"{self.max_pending_datagrams} datagrams already wait to be sent")
         self.quic.send_datagram_frame(_FLOW_TAG.pack(flow_id) + data)
         return True
 

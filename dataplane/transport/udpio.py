@@ -1,0 +1,229 @@
+"""A UDP socket for QUIC tunnels on the event loop, with segmentation offload where the kernel has it.
+
+``UdpEndpoint`` takes the place of an asyncio datagram transport for QUIC: the same calls the
+QUIC adapter makes (``sendto``, ``close``, ``is_closing``, ``get_extra_info``) plus
+``send_batch``, which hands the kernel many datagrams at once:
+
+- **GSO** (``UDP_SEGMENT``, Linux 4.18+): consecutive datagrams of one size to one address
+  leave in one ``sendmsg`` that the kernel (or the NIC) cuts into packets; a shorter last
+  datagram ends the run. Where the kernel refuses it (``ENOPROTOOPT``, ``EINVAL``, ``EIO``
+  on a device without checksum offload), the endpoint falls back to one ``sendto`` per
+  datagram for good and logs it once;
+- **GRO** (``UDP_GRO``, Linux 5.0+): the kernel coalesces packets from one source into one
+  buffer with their segment size in a control message; ``UdpEndpoint`` hands it whole to a
+  protocol that has ``segments_received(buffer, segment_size, addr)`` (a QUIC engine takes
+  such a train in one call) or cuts it back into datagrams. Without it each read is one
+  datagram. Either way a readable socket is read
+  until empty (up to ``READ_BUDGET`` reads) in one loop callback.
+
+A send the kernel cannot take now (``EAGAIN``: the socket buffer is full) is dropped and
+counted (``send_drops``); QUIC's loss recovery resends what mattered. ICMP errors (a refused
+port on a connected socket) reach the protocol's ``error_received``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import struct
+from typing import Any
+
+log = logging.getLogger("ferryman.quic")
+
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+UDP_GRO = getattr(socket, "UDP_GRO", 104)
+MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
+MAX_GSO_BYTES = 65000  # one sendmsg: below the 64 KiB IP payload limit
+READ_SIZE = 65535 + 1024
+READ_BUDGET = 64  # reads per readable callback before other work gets a turn
+_CMSG_SPACE = socket.CMSG_SPACE(4)
+_INT = struct.Struct("=i")
+_U16 = struct.Struct("=H")
+_GSO_REFUSED = (errno.ENOPROTOOPT, errno.EINVAL, errno.EIO, errno.EOPNOTSUPP)
+
+
+class UdpEndpoint:
+    """One non-blocking UDP socket served by the loop for ``protocol`` (an ``asyncio.DatagramProtocol``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: Any, *,
+                 gso: bool = True, gro: bool = True) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._protocol = protocol
+        self._closing = False
+        self._connected = False
+        try:
+            self._connected = sock.getpeername() is not None
+        except OSError:
+            pass
+        self.gso = gso and _probe(sock, UDP_SEGMENT, 0)
+        self.gro = gro and _probe(sock, UDP_GRO, 1)
+        self.send_drops = 0
+        self.coalesced_reads = 0  # reads that returned several datagrams (GRO)
+        # a protocol that takes a coalesced buffer whole: segments_received(buffer, segment_size, addr)
+        self._segments = getattr(protocol, "segments_received", None)
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._readable)
+        protocol.connection_made(self)
+
+    # ------------------------------------------------------------------ asyncio transport calls
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._sock
+        if name == "sockname":
+            return self._sock.getsockname()
+        if name == "peername":
+            try:
+                return self._sock.getpeername()
+            except OSError:
+                return default
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        if self._closing:
+            return
+        try:
+            if addr is None or self._connected:
+                self._sock.send(data)
+            else:
+                self._sock.sendto(data, addr)
+        except BlockingIOError:
+            self.send_drops += 1
+        except OSError as exc:
+            self._protocol.error_received(exc)
+
+    # ------------------------------------------------------------------ batches
+    def send_batch(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        """Send ``(data, addr)`` datagrams in order, runs of one size and address in one GSO send."""
+        if self._closing or not datagrams:
+            return
+        if not self.gso or len(datagrams) == 1:
+            for data, addr in datagrams:
+                self.sendto(data, addr)
+            return
+        i, n = 0, len(datagrams)
+        while i < n:
+            data, addr = datagrams[i]
+            size = len(data)
+            j = i + 1
+            total = size
+            while (j < n and j - i < MAX_SEGMENTS and datagrams[j][1] == addr and len(datagrams[j][0]) <= size
+                   and total + len(datagrams[j][0]) <= MAX_GSO_BYTES):
+                total += len(datagrams[j][0])
+                j += 1
+                if len(datagrams[j - 1][0]) < size:
+                    break  # a shorter datagram ends a run
+            if j - i == 1:
+                self.sendto(data, addr)
+            else:
+                self._send_segments([d for d, _a in datagrams[i:j]], size, addr)
+            if self._closing:
+                return
+            i = j
+
+    def _send_segments(self, parts: list[bytes], size: int, addr: Any) -> None:
+        control = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
+        try:
+            if self._connected:
+                self._sock.sendmsg(parts, control)
+            else:
+                self._sock.sendmsg(parts, control, 0, addr)
+        except BlockingIOError:
+            self.send_drops += len(parts)
+        except OSError as exc:
+            if exc.errno in _GSO_REFUSED:
+                self.gso = False
+                log.info("UDP segmentation offload refused by the kernel; sending datagrams one by one",
+                         extra={"reason": exc.strerror})
+                for part in parts:
+                    self.sendto(part, addr)
+            else:
+                self._protocol.error_received(exc)
+
+    # ------------------------------------------------------------------ receiving
+    def _readable(self) -> None:
+        sock, protocol = self._sock, self._protocol
+        for _ in range(READ_BUDGET):
+            if self._closing:
+                return
+            try:
+                if self.gro:
+                    data, ancdata, _flags, addr = sock.recvmsg(READ_SIZE, _CMSG_SPACE)
+                else:
+                    data, addr = sock.recvfrom(READ_SIZE)
+                    ancdata = None
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                protocol.error_received(exc)
+                return
+            segment = 0
+            if ancdata:
+                for level, kind, value in ancdata:
+                    if level == SOL_UDP and kind == UDP_GRO:
+                        segment = _INT.unpack(value[:4])[0]
+            if segment and len(data) > segment:
+                self.coalesced_reads += 1
+                if self._segments is not None:
+                    self._segments(data, segment, addr)
+                    continue
+                view = memoryview(data)
+                for start in range(0, len(data), segment):
+                    protocol.datagram_received(bytes(view[start:start + segment]), addr)
+                    if self._closing:
+                        return
+            else:
+                protocol.datagram_received(data, addr)
+
+
+def _probe(sock: socket.socket, option: int, value: int) -> bool:
+    """Whether the kernel knows the UDP socket option (and takes ``value`` for it)."""
+    try:
+        if option == UDP_SEGMENT:
+            sock.getsockopt(SOL_UDP, option)
+        else:
+            sock.setsockopt(SOL_UDP, option, value)
+        return True
+    except OSError:
+        return False
+
+
+def udp_socket(family: int, *, bind: Any = None, connect: Any = None, reuse_port: bool = False,
+               buffer: int = 0) -> socket.socket:
+    """A non-blocking UDP socket, bound and/or connected, with ``buffer``-byte kernel buffers asked for."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if buffer:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, option, buffer)
+                except OSError as exc:
+                    log.warning("cannot set a UDP socket buffer", extra={"size": buffer, "reason": exc.strerror})
+        if bind is not None:
+            sock.bind(bind)
+        if connect is not None:
+            sock.connect(connect)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

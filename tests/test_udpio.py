@@ -1,0 +1,145 @@
+"""``dataplane.transport.udpio``: UDP sends with segmentation offload (GSO), coalesced receives (GRO),
+and the fallbacks when the kernel refuses them, on real loopback sockets; then a QUIC tunnel with
+offload off."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+import msgspec
+import pytest
+
+from dataplane.transport import udpio
+from dataplane.transport.udpio import UdpEndpoint, udp_socket
+
+from test_quic_transport import SETTINGS, Dialer, Echo, dial, edge, run
+from dataplane.wire import events as ev
+from dataplane.wire.frames import Open
+
+pytestmark = pytest.mark.timeout(20)
+
+
+class Collect(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+        self.errors: list[OSError] = []
+        self.lost = asyncio.Event()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.got.append(data)
+
+    def error_received(self, exc: Exception) -> None:
+        self.errors.append(exc)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+
+def batch(count: int, size: int, last: int) -> list[bytes]:
+    out = [os.urandom(size) for _ in range(count - 1)]
+    return out + [os.urandom(last)]
+
+
+async def settle(condition: Any) -> None:
+    for _ in range(300):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def pair(*, gso: bool, gro: bool) -> tuple[UdpEndpoint, UdpEndpoint, Collect]:
+    loop = asyncio.get_running_loop()
+    rx = Collect()
+    receiver = UdpEndpoint(loop, udp_socket(socket.AF_INET, bind=("127.0.0.1", 0), buffer=1 << 22), rx, gro=gro)
+    sender = UdpEndpoint(loop, udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), Collect(), gso=gso)
+    return sender, receiver, rx
+
+
+@pytest.mark.parametrize("gso,gro", [(True, True), (True, False), (False, True), (False, False)])
+def test_batches_arrive_whole_and_in_order(gso: bool, gro: bool) -> None:
+    async def main() -> None:
+        sender, receiver, rx = await pair(gso=gso, gro=gro)
+        if (gso and not sender.gso) or (gro and not receiver.gro):
+            pytest.skip("this kernel has no UDP GSO/GRO")
+        addr = receiver.get_extra_info("sockname")
+        # two runs of equal sizes, each ended by a shorter datagram, then a run past 64 segments
+        datagrams = batch(10, 1350, 700) + batch(5, 1200, 1200) + batch(150, 400, 17)
+        sender.send_batch([(d, addr) for d in datagrams])
+        await settle(lambda: len(rx.got) == len(datagrams))
+        assert rx.got == datagrams
+        if gso and gro:
+            assert receiver.coalesced_reads > 0  # the kernel handed over GSO trains whole, split here
+        else:
+            assert receiver.coalesced_reads == 0
+        assert sender.send_drops == 0 and rx.errors == []
+        sender.close()
+        receiver.close()
+        await rx.lost.wait()
+
+    run(main())
+
+
+def test_a_kernel_refusing_segmentation_falls_back_to_single_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        sender, receiver, rx = await pair(gso=True, gro=True)
+        if not sender.gso:
+            pytest.skip("this kernel has no UDP GSO")
+        monkeypatch.setattr(udpio, "UDP_SEGMENT", 9999)  # a control message the kernel rejects (EINVAL)
+        addr = receiver.get_extra_info("sockname")
+        datagrams = batch(8, 1000, 1000)
+        sender.send_batch([(d, addr) for d in datagrams])
+        assert sender.gso is False  # refused once: from now on one datagram per call
+        sender.send_batch([(d, addr) for d in datagrams])
+        await settle(lambda: len(rx.got) == 2 * len(datagrams))
+        assert rx.got == datagrams + datagrams
+        sender.close()
+        receiver.close()
+
+    run(main())
+
+
+def test_a_kernel_without_the_options_is_probed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        monkeypatch.setattr(udpio, "UDP_SEGMENT", 9999)
+        monkeypatch.setattr(udpio, "UDP_GRO", 9998)
+        sender, receiver, rx = await pair(gso=True, gro=True)
+        assert sender.gso is False and receiver.gro is False
+        addr = receiver.get_extra_info("sockname")
+        datagrams = batch(5, 1300, 100)
+        sender.send_batch([(d, addr) for d in datagrams])
+        await settle(lambda: len(rx.got) == len(datagrams))
+        assert rx.got == datagrams
+        sender.close()
+        receiver.close()
+
+    run(main())
+
+
+def test_quic_tunnel_without_offload(certs: Any) -> None:
+    async def main() -> None:
+        plain = msgspec.structs.replace(SETTINGS, quic_offload="off")
+        echo, dialer = Echo(), Dialer()
+        server = await edge(certs, echo, settings=plain)
+        assert server.transport is not None and not server.transport.gso and not server.transport.gro
+        tunnel = await dial(server, certs["connector-1"], dialer, settings=plain)
+        await tunnel.up_waiter
+        fid = tunnel.conn.open_flow(Open(host="echo", port=7))
+        tunnel.flush_soon()
+        await dialer.next(ev.FlowAccepted)
+        payload = os.urandom(200_000)
+        tunnel.send_data(fid, payload)
+        await settle(lambda: bytes(dialer.data.get(fid, b"")) == payload)
+        tunnel.close("shutdown", "test done")
+        server.close()
+
+    run(main())
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from dataplane.basics import pki
+    return pki.init_pki(str(tmp_path_factory.mktemp("pki")), connectors=("connector-1",), clients=())
