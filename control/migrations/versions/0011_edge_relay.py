@@ -2,14 +2,14 @@
 its heartbeats) and the peer edge that carried a relayed flow (``traffic_logs.relay_edge``).
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0011"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
