@@ -126,6 +126,7 @@ class EdgeSettings(NodeSettings, kw_only=True):
     edge_https_key: str = ""
     web_auth_host: str = ""
     web_cookie_keys: str = ""
+    web_oidc_label: str = ""
     web_assertion_key: str = ""
     web_max_header_block: int = 16384
     web_max_headers: int = 100
@@ -260,6 +261,7 @@ VARIABLES: dict[str, str] = {
     "edge_https_cert": "Edge: certificate chain (PEM) the HTTPS front door presents for the sign-in host and every web app's external host.",
     "edge_https_key": "Edge: private key (PEM) of FERRYMAN_EDGE_HTTPS_CERT.",
     "web_auth_host": "Edge: external HOST[:PORT] of the sign-in site every web app redirects to (single sign-on across web apps); required with FERRYMAN_EDGE_HTTPS_LISTEN.",
+    "web_oidc_label": "Edge: the text of the sign-in page's button for the control plane's external OIDC provider (e.g. `Sign in with Contoso`); empty means no such button. The control plane must have FERRYMAN_OIDC_ISSUER set.",
     "web_cookie_keys": "Edge: keys that seal web session cookies, `kid:base64url-32-bytes[,kid:key...]` (the first seals, all open; every edge needs the same); empty means a random key per process (one edge only: cookies stop working when it restarts).",
     "web_assertion_key": "Edge: EC P-256 private key (PEM file) signing `X-Ferryman-Jwt-Assertion` (published at `https://<auth host>/.ferryman/jwks`); empty means a random key per process.",
     "web_max_header_block": "Edge: largest request head (request line + headers) of a web request, bytes; larger ones get 431.",

@@ -478,7 +478,7 @@ class SsoPages:
             url = await self.oidc.begin(f"https://{self.auth_host}/.ferryman/oidc/callback", state)
         except SignInError as exc:
             return page(exc.status if exc.status >= 400 else 503, exc.message, exc.code)
-        if not url.startswith("https://"):
+        if not url.startswith(("https://", "http://127.0.0.1:", "http://[::1]:", "http://localhost:")):  # an https provider, or one on loopback
             return page(503, "The external sign-in provider is not configured correctly.", "oidc_unavailable")
         return redirect(url, [(b"set-cookie", cookie_header(OIDC_COOKIE, sealed,
                                                             max_age=int(self.settings.sign_in_lifetime)))])
