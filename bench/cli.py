@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-flows", type=int, default=None, help="concurrent idle flows (default 10000)")
     parser.add_argument("--json", default="bench-results.json", metavar="PATH",
                         help="results file (default %(default)s)")
+    parser.add_argument("--compare", default=None, metavar="BASELINE.json",
+                        help="an earlier run's results file: print each metric's change against it")
     parser.add_argument("--install-peers", action="store_true",
                         help=f"first run apt-get update && apt-get install -y {' '.join(PEER_PACKAGES)}")
     args = parser.parse_args(argv)
@@ -65,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--duration must be positive")
     if args.udp_rate is not None and args.udp_rate <= 0:
         parser.error("--udp-rate must be positive")
+    args.baseline = None
+    if args.compare is not None:
+        try:
+            args.baseline = report.load_baseline(args.compare)
+        except report.BaselineError as exc:
+            parser.error(f"--compare: {exc}")
     return args
 
 
@@ -170,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     text = report.table(runs, meds, rats, checks, params.workloads)
     print(text)
     doc = report.document({**asdict(params), "nofile_limit": nofile, "paths": names}, runs, meds, rats, checks, text)
+    if args.baseline is not None:
+        rows = report.compare(args.baseline, doc)
+        print("\n" + report.compare_table(rows, args.compare))
+        doc["comparison"] = {"baseline": os.path.abspath(args.compare), "rows": rows}
     with open(args.json, "w") as fh:
         json.dump(doc, fh, indent=2)
     progress(f"results written to {os.path.abspath(args.json)}")

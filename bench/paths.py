@@ -185,6 +185,10 @@ class Path:
     def pids(self) -> list[int]:
         return [pid for proc in self.procs.values() for pid in process_tree(proc.pid)]
 
+    def processes(self) -> dict[str, list[int]]:
+        """``{process name: pids of its tree}``: whose CPU the per-process figures are."""
+        return {name: process_tree(proc.pid) for name, proc in self.procs.items()}
+
     def check(self) -> None:
         """Raise PathError if one of the path's processes has exited."""
         for name, proc in self.procs.items():
@@ -337,6 +341,11 @@ class FerrymanPath(Path):
         if self.fabric is None:
             return []
         return [pid for root in self.fabric.pids.values() for pid in process_tree(root)]
+
+    def processes(self) -> dict[str, list[int]]:
+        if self.fabric is None:
+            return {}
+        return {role: process_tree(pid) for role, pid in self.fabric.pids.items()}
 
     def check(self) -> None:
         if self.fabric is None:

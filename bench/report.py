@@ -4,6 +4,7 @@ the target checks against the OpenSSH chain, the text table and the JSON documen
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -11,7 +12,7 @@ import sys
 
 import uvloop
 
-from .runner import METRICS_OF, UDP_WORKLOADS, PathRun
+from .runner import CPU_BY_PROCESS, METRICS_OF, UDP_WORKLOADS, PathRun
 
 # key, table label, number format
 METRICS = [
@@ -166,6 +167,11 @@ def table(runs: dict[str, PathRun], meds: dict[str, dict[str, float]], rats: dic
                                  f"{udp['corrupted']} corrupted; drops counted: {udp['drops']['where']}")
         if _udp_unsupported(run):
             notes.append(f"{name}: – UDP: {_udp_unsupported(run)}")
+    for name in names:
+        mine = sorted((k[len(CPU_BY_PROCESS):], v) for k, v in meds.get(name, {}).items()
+                      if k.startswith(CPU_BY_PROCESS))
+        if mine:
+            notes.append(f"CPU s/GiB by process, {name}: " + ", ".join(f"{proc} {v:.2f}" for proc, v in mine))
     notes.append("idle KiB/flow: Pss (smaps_rollup) growth of the path's processes, largest round "
                  "(later rounds reuse memory freed by the first); CPU: their utime+stime "
                  "(10 ms ticks, coarse for small bulk sizes); - = not applicable (no proxy process)")
@@ -204,3 +210,91 @@ def document(params: dict, runs: dict[str, PathRun], meds: dict, rats: dict, che
         "paths": {name: {**run.to_json(), "median": meds[name]} for name, run in runs.items()},
         "ratios": rats, "targets": checks, "table": text,
     }
+
+
+# ------------------------------------------------------------------ --compare: this run against an earlier one
+HIGHER_IS_BETTER = ("_mbps", "_req_s", "_flows_s", "_dgram_s")
+NOISE_PCT = 5.0  # changes smaller than this are shown as "~" (runs on one machine differ by more)
+
+
+class BaselineError(ValueError):
+    """The ``--compare`` file is not a results file of ``ferryman bench``."""
+
+
+def load_baseline(path: str) -> dict:
+    """An earlier run's JSON document; ``BaselineError`` saying why it cannot be used."""
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except OSError as exc:
+        raise BaselineError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BaselineError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("paths"), dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("median", {}), dict) for e in doc["paths"].values()):
+        raise BaselineError(f"{path} is not a `ferryman bench` results file (no \"paths\" with medians)")
+    return doc
+
+
+def _metric_order(metric: str) -> tuple[int, str]:
+    keys = [k for k, _, _ in METRICS]
+    return (keys.index(metric), "") if metric in keys else (len(keys), metric)
+
+
+def _verdict(metric: str, old: float, new: float) -> tuple[float | None, str]:
+    if old == 0:
+        return None, "same" if new == 0 else "new"
+    change = (new - old) / abs(old) * 100
+    if abs(change) < NOISE_PCT:
+        return change, "~"
+    higher = metric.endswith(HIGHER_IS_BETTER)
+    improved = (change > 0) == higher
+    return change, "better" if improved else "worse"
+
+
+def compare(baseline: dict, current: dict) -> list[dict]:
+    """Every metric (path medians, then Ferryman's ratios) that both runs have: its value in each
+    run, the change in percent and whether that is ``better``, ``worse`` or within ``NOISE_PCT`` (``~``).
+
+    A ratio's direction is its metric's: for a rate, a higher ratio is better; for a latency,
+    memory or CPU figure, a lower one."""
+    rows = []
+    for path, entry in current.get("paths", {}).items():
+        old_medians = baseline.get("paths", {}).get(path, {}).get("median", {})
+        for metric in sorted(entry.get("median", {}), key=_metric_order):
+            if metric in old_medians:
+                old, new = float(old_medians[metric]), float(entry["median"][metric])
+                change, verdict = _verdict(metric, old, new)
+                rows.append({"what": path, "metric": metric, "baseline": old, "current": new,
+                             "change_pct": change, "verdict": verdict})
+    for pair, values in current.get("ratios", {}).items():
+        old_values = baseline.get("ratios", {}).get(pair, {})
+        for metric in sorted(values, key=_metric_order):
+            if metric in old_values:
+                old, new = float(old_values[metric]), float(values[metric])
+                change, verdict = _verdict(metric, old, new)
+                rows.append({"what": pair, "metric": metric, "baseline": old, "current": new,
+                             "change_pct": change, "verdict": verdict})
+    return rows
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def compare_table(rows: list[dict], baseline_name: str) -> str:
+    """The text of ``compare``'s rows (one line each), headed by the baseline's name."""
+    if not rows:
+        return f"compared with {baseline_name}: no metric in common"
+    header = ["", "metric", "baseline", "now", "change", ""]
+    lines = [header]
+    for r in rows:
+        change = "n/a" if r["change_pct"] is None else f"{r['change_pct']:+.1f} %"
+        lines.append([r["what"], r["metric"], _number(r["baseline"]), _number(r["current"]), change, r["verdict"]])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+            .rstrip() for line in lines]
+    worse = sum(r["verdict"] == "worse" for r in rows)
+    better = sum(r["verdict"] == "better" for r in rows)
+    return "\n".join([f"compared with {baseline_name} ({better} better, {worse} worse, "
+                      f"changes under {NOISE_PCT:g} % shown as ~):", *text])

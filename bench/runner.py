@@ -54,6 +54,8 @@ def udp_key(workload: str) -> str:
 for _w in UDP_WORKLOADS:
     METRICS_OF[_w] = tuple(f"{udp_key(_w)}_{suffix}" for suffix in UDP_METRIC_SUFFIXES)
 WORKLOADS = list(METRICS_OF)
+# CPU seconds per GiB of one of the path's processes (its tree): metric "cpu_s_per_gib.<process name>"
+CPU_BY_PROCESS = "cpu_s_per_gib."
 IDLE_HEADROOM = 50  # flows below a path's own cap, for sockets still closing from earlier workloads
 
 
@@ -238,6 +240,9 @@ class Bench:
             except PathError as exc:
                 for key in METRICS_OF[workload]:  # numbers taken while the path was dying are not kept
                     result.metrics.pop(key, None)
+                if "cpu_s_per_gib" in METRICS_OF[workload]:
+                    for key in [k for k in result.metrics if k.startswith(CPU_BY_PROCESS)]:
+                        del result.metrics[key]
                 result.errors.setdefault(workload, f"the path failed during {workload}")
                 self.runs[path.name].status = "failed"
                 self.runs[path.name].reason = f"round {r + 1}, during {workload}: {exc}"
@@ -260,6 +265,7 @@ class Bench:
         nbytes = self.params.bulk_bytes
         pids = path.pids()
         cpu_before = cpu_seconds(pids)
+        by_process = {name: cpu_seconds(tree) for name, tree in path.processes().items()}
         if workload == "bulk-up":
             seconds = self.runner.run(workloads.bulk_upload(path.address, nbytes))
             expect = {"mode": SINK, "bytes_in": nbytes}
@@ -269,6 +275,8 @@ class Bench:
         detail: dict = {"bytes": nbytes, "seconds": seconds}
         if pids:
             detail["cpu_s"] = cpu_seconds(path.pids()) - cpu_before
+            detail["cpu_s_by_process"] = {name: cpu_seconds(tree) - by_process.get(name, 0.0)
+                                          for name, tree in path.processes().items()}
         self._checked(workload, result, before, detail, flows=1, **expect)
         result.metrics[metric] = nbytes / seconds / MB
         return f"{result.metrics[metric]:.0f} MB/s"
@@ -280,8 +288,15 @@ class Bench:
         summary = self._bulk(path, result, before, "bulk-down", "bulk_down_mbps")
         up, down = result.details.get("bulk-up", {}), result.details["bulk-down"]
         if "bulk_up_mbps" in result.metrics and "cpu_s" in up:
-            result.metrics["cpu_s_per_gib"] = (up["cpu_s"] + down["cpu_s"]) / (2 * self.params.bulk_bytes / GIB)
+            gib = 2 * self.params.bulk_bytes / GIB
+            result.metrics["cpu_s_per_gib"] = (up["cpu_s"] + down["cpu_s"]) / gib
             summary += f"; {result.metrics['cpu_s_per_gib']:.2f} CPU s/GiB over both bulk transfers"
+            up_by, down_by = up.get("cpu_s_by_process", {}), down.get("cpu_s_by_process", {})
+            for name in up_by.keys() & down_by.keys():
+                result.metrics[f"{CPU_BY_PROCESS}{name}"] = (up_by[name] + down_by[name]) / gib
+            if up_by:
+                summary += " (" + ", ".join(f"{name} {result.metrics[CPU_BY_PROCESS + name]:.2f}"
+                                            for name in up_by if CPU_BY_PROCESS + name in result.metrics) + ")"
         return summary
 
     def _rr1(self, path: Path, result: RoundResult, before: dict) -> str:

@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 
 import uvicorn
 from sqlalchemy import func, select
@@ -38,9 +39,11 @@ from sqlalchemy.engine import make_url
 from control.api import create_app
 from control.api.throttle import SignInLimits
 from control.ca import CertificateAuthority
+from control.console.security import ConsoleConfig
 from control.httplimits import limited_protocol
 from control.snapshot import SnapshotHub
 from control.store import Store, StoreError, database_url, open_store
+from control.store import console as console_store
 from control.store import totp
 from control.store.admin_keys import create_admin_key
 from control.oidc import OidcConfig
@@ -184,7 +187,14 @@ def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
                          cert_lifetime_days=settings.cert_lifetime_days, token_signer=token_signer,
                          traffic_retention_days=settings.traffic_retention_days, oidc=oidc,
                          sign_in_limits=SignInLimits.from_settings(settings), refresh_grace=settings.refresh_grace,
-                         oidc_starts_per_minute=settings.oidc_starts_per_minute)
+                         oidc_starts_per_minute=settings.oidc_starts_per_minute,
+                         console=ConsoleConfig(idle=timedelta(minutes=settings.console_idle_minutes),
+                                               lifetime=timedelta(hours=settings.console_session_hours)))
+        with store.read() as session:
+            if console_store.console_admins(session) == 0:
+                print("ferryman control: the web console (/console) has no admin yet: give a user with a password "
+                      "the role (ferryman admin users update UPN --console-role admin); they set up TOTP at their "
+                      "first console sign-in.", file=sys.stderr, flush=True)
         log.info("control plane: database %s, CA %s, edges handed to nodes: %s", _safe_url(url), ca.directory,
                  ", ".join(edges) or "(registered edges only)")
         if oidc is not None:

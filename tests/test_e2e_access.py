@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -28,6 +29,8 @@ import urllib.request
 
 import pyotp
 import pytest
+
+from dataplane.basics.version import SOFTWARE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -142,6 +145,8 @@ def test_an_allowed_flow_and_its_traffic_record(backend, fabric, xfer):
     assert first["action"] == "allow" and first["reason_code"] == "" and first["close_reason"] == "closed"
     assert (first["upn"], first["user_id"]) == (fab.user, session["user_id"])
     assert first["device_id"] == session["device_id"] and first["device_os"] == os.uname().sysname
+    assert first["device_os_version"] == platform.release()[:64] and first["client_version"] == SOFTWARE
+    assert first["display_name"] == fab.admin("GET", f"/v1/users/{fab.user}")["display_name"]
     assert first["source_ip"] == "127.0.0.1" and 0 < first["source_port"] < 65536
     assert (first["destination_ip"], first["destination_port"], first["destination_fqdn"]) == (
         "127.0.0.1", echo.port, "")
@@ -150,7 +155,11 @@ def test_an_allowed_flow_and_its_traffic_record(backend, fabric, xfer):
     assert first["segment"] == f"127.0.0.1:{echo.port}/tcp"
     assert first["bytes_sent"] == len(payload) and first["bytes_received"] == len(payload)
     assert first["connector_name"] == "connector-1" and first["connector_address"] == "127.0.0.1"
-    assert first["connector_id"] and first["edge"] == "edge-1"
+    assert first["edge"] == "edge-1"
+    (connector,) = [c for c in fab.admin("GET", "/v1/connectors") if c["name"] == "connector-1"]
+    assert first["connector_id"] == connector["id"]  # the id the API lists: logs filter by it
+    assert [r["id"] for r in fab.admin("GET", f"/v1/traffic?connector={connector['id']}&limit=1000")
+            if r["id"] == first["id"]] == [first["id"]]
     assert len(first["connection_id"]) == 16 and first["connection_id"] != second["connection_id"]
     assert first["transaction_id"] == second["transaction_id"]  # same client tunnel
     start = first["start"]

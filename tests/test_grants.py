@@ -5,6 +5,8 @@ Unit level here; ``test_e2e_grants.py`` sends forged and expired grants to a rea
 
 from __future__ import annotations
 
+import hmac
+
 import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -126,3 +128,84 @@ def test_grants_expiring_out_of_order_are_found_when_the_memory_is_full() -> Non
     assert verifier.remembered == 2
     assert refused(grant(connection="later-edge", now=NOW + 4), "grant_replayed", verifier=verifier, now=at) == \
         "the grant for connection later-edge was already used"
+
+
+# ------------------------------------------------------------------ grants MAC'd under a tunnel's grant key
+TUNNEL_KEY = bytes(range(32))
+OTHER_TUNNEL_KEY = bytes(range(1, 33))
+
+
+def maced(key: bytes = TUNNEL_KEY, now: float = NOW, **changes: object) -> bytes:
+    fields: dict[str, object] = dict(edge="edge-1", connector="conn-1", connection="c0ffee", user="alice@corp",
+                                     device="dev-1", app="rdp", **FLOW)
+    fields.update(changes)
+    return grants.mac(key, now=now, **fields)  # type: ignore[arg-type]
+
+
+def verify_mac(data: bytes, key: bytes = TUNNEL_KEY, now: float = NOW, verifier: GrantVerifier | None = None,
+               **flow: object) -> GrantClaims:
+    return (verifier or GrantVerifier("conn-1")).verify(data, None, "edge-1", now=now, key=key,
+                                                        **{**FLOW, **flow})  # type: ignore[arg-type]
+
+
+def mac_refused(data: bytes, code: str, **kw: object) -> str:
+    with pytest.raises(GrantError) as info:
+        verify_mac(data, **kw)  # type: ignore[arg-type]
+    assert info.value.code == code, str(info.value)
+    return str(info.value)
+
+
+def test_a_maced_grant_for_this_flow_on_this_tunnel_is_accepted() -> None:
+    claims = verify_mac(maced())
+    assert (claims.version, claims.edge, claims.connector, claims.host, claims.port, claims.connection,
+            claims.app) == (grants.MACED, "edge-1", "conn-1", "10.20.0.5", 3389, "c0ffee", "rdp")
+    assert claims.expires - claims.issued == grants.GRANT_LIFETIME
+
+
+def test_a_maced_grant_from_another_tunnel_or_forged_is_refused() -> None:
+    # Made under another tunnel's key (an edge replaying it on another tunnel, or a guess).
+    assert mac_refused(maced(OTHER_TUNNEL_KEY), "grant_forged") == \
+        "the grant does not verify with this tunnel's grant key from edge edge-1"
+    # A changed claim breaks the MAC.
+    claims_bytes, tag = msgspec.msgpack.decode(maced(), type=tuple[bytes, bytes])
+    claims = msgspec.msgpack.decode(claims_bytes, type=GrantClaims)
+    moved = msgspec.msgpack.encode(msgspec.structs.replace(claims, host="10.99.0.1"))
+    assert mac_refused(msgspec.msgpack.encode((moved, tag)), "grant_forged", host="10.99.0.1")
+    # A MAC without the label (the key used for anything else) is not a grant's.
+    bare = msgspec.msgpack.encode((claims_bytes, hmac.digest(TUNNEL_KEY, claims_bytes, "sha256")))
+    assert mac_refused(bare, "grant_forged")
+    # A truncated or empty tag.
+    assert mac_refused(msgspec.msgpack.encode((claims_bytes, tag[:16])), "grant_forged")
+    assert mac_refused(msgspec.msgpack.encode((claims_bytes, b"")), "grant_forged")
+
+
+def test_a_maced_grant_on_a_tunnel_without_a_key_and_a_signed_one_without_an_edge_key_are_unverifiable() -> None:
+    assert mac_refused(maced(), "grant_unverifiable", key=b"") == "this tunnel has no grant key"
+    assert mac_refused(grant(), "grant_unverifiable") == "the edge's certificate key is unknown on this tunnel"
+    with pytest.raises(ValueError, match="a grant key has 32 bytes, not 8"):
+        maced(b"short-ky")
+
+
+def test_a_maced_grant_is_checked_like_a_signed_one() -> None:
+    assert mac_refused(maced(), "grant_mismatch", port=22)
+    assert mac_refused(maced(connector="conn-2"), "grant_mismatch")
+    assert mac_refused(maced(edge="edge-9"), "grant_mismatch")
+    late = NOW + grants.GRANT_LIFETIME + grants.CLOCK_SKEW + 1
+    assert mac_refused(maced(), "grant_expired", now=late) == "the grant expired 6s ago"
+    claims = GrantClaims(grants.MACED, "edge-1", "conn-1", "10.20.0.5", 3389, "tcp", "c", "u", "d", int(NOW),
+                         int(NOW) + 3600)
+    encoded = msgspec.msgpack.encode(claims)
+    long_lived = msgspec.msgpack.encode((encoded, hmac.digest(TUNNEL_KEY, grants.MAC_LABEL + encoded, "sha256")))
+    assert mac_refused(long_lived, "grant_invalid") == "the grant claims to live 3600s (at most 300s)"
+    version_3 = msgspec.msgpack.encode(msgspec.structs.replace(claims, version=3, expires=int(NOW) + 30))
+    assert mac_refused(msgspec.msgpack.encode((version_3, b"x")), "grant_invalid") == \
+        "grant version 3 is not supported"
+
+
+def test_a_maced_grant_is_honoured_once() -> None:
+    verifier = GrantVerifier("conn-1")
+    data = maced()
+    verify_mac(data, verifier=verifier)
+    assert mac_refused(data, "grant_replayed", verifier=verifier) == \
+        "the grant for connection c0ffee was already used"
+    verify_mac(maced(connection="other"), verifier=verifier)

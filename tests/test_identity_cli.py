@@ -114,7 +114,8 @@ def test_users_create_list_show_update_delete(cli: Cli) -> None:
     assert out.splitlines()[0] == "created user 'alice@corp.example'"
     assert {k: v for k, v in detail(out).items() if k not in ("created", "updated")} == {
         "id": alice["id"], "UPN": "alice@corp.example", "display name": "Alice Liddell", "disabled": "no",
-        "risk level": "none", "password": "set", "TOTP": "not set up", "groups": "-", "OIDC account": "not linked"}
+        "risk level": "none", "password": "set", "TOTP": "not set up", "groups": "-", "OIDC account": "not linked",
+        "console role": "none"}
     # The password is the first line of stdin without its line ending: alice can sign in with it.
     status, _, _ = cli.control.call("POST", "/v1/auth/sign-in", {"upn": "alice@corp.example", "password": PASSWORD},
                                     key=None)
@@ -140,6 +141,9 @@ def test_users_create_list_show_update_delete(cli: Cli) -> None:
     cli.ok("users", "update", "alice@corp.example", "--enable", "--name", "Alice L.", "--risk", "none")
     stored = cli.api("GET", "/v1/users/alice@corp.example")
     assert (stored["disabled"], stored["display_name"], stored["risk_level"]) == (False, "Alice L.", "none")
+    out = cli.ok("users", "update", "alice@corp.example", "--console-role", "reader")
+    assert detail(out)["console role"] == "reader"
+    assert cli.api("GET", "/v1/users/alice@corp.example")["console_role"] == "reader"
 
     # Passwords: from stdin only, validated by the control plane.
     assert cli.fails("users", "update", "bob@corp.example", "--password-stdin").startswith(

@@ -126,16 +126,21 @@ def test_header_rejects_out_of_range_values() -> None:
 CONTROL_CASES = [
     (
         Hello(role="edge", node="e1", max_frame=16384, window=65536, max_flows=100),
-        # fixarray(9) "edge" "e1" uint16 16384, uint32 65536, fixint 100, "" [] "" ""
-        "99" "a465646765" "a26531" "cd4000" "ce00010000" "64" "a0" "90" "a0" "a0",
+        # fixarray(10) "edge" "e1" uint16 16384, uint32 65536, fixint 100, "" [] "" "" bin8(0)
+        "9a" "a465646765" "a26531" "cd4000" "ce00010000" "64" "a0" "90" "a0" "a0" "c400",
     ),
     (
         Hello(
             role="connector", node="c", max_frame=1024, window=MAX_WINDOW, max_flows=1,
             group="g", features=["dgram", "x"], software="fm/1", token="t.k",
         ),
-        "99" "a9636f6e6e6563746f72" "a163" "cd0400" "ce7fffffff" "01" "a167"
-        "92" "a5646772616d" "a178" "a4666d2f31" "a3742e6b",
+        "9a" "a9636f6e6e6563746f72" "a163" "cd0400" "ce7fffffff" "01" "a167"
+        "92" "a5646772616d" "a178" "a4666d2f31" "a3742e6b" "c400",
+    ),
+    (
+        Hello(role="connector", node="c", max_frame=1024, window=1, max_flows=1, grant_key=b"\x01" * 32),
+        # ... bin8(32) the connector's grant key for this tunnel
+        "9a" "a9636f6e6e6563746f72" "a163" "cd0400" "01" "01" "a0" "90" "a0" "a0" "c420" + "01" * 32,
     ),
     (
         Open(host="db", port=5432),
@@ -275,14 +280,15 @@ ACCEPTOR_HELLO = Hello(
 # dialer -> acceptor: preamble + HELLO
 GOLDEN_D1 = H(
     "004652594d4e0d0a0001"  # preamble: magic, version 1
-    "01" "00" "00000000" "00000026"  # HELLO flow 0, 38 bytes
-    "99" "a6636c69656e74" "a4636c2d31" "cd4000" "ce00010000" "40" "a0" "90" "ac66657272796d616e2f302e31" "a0"
+    "01" "00" "00000000" "00000028"  # HELLO flow 0, 40 bytes
+    "9a" "a6636c69656e74" "a4636c2d31" "cd4000" "ce00010000" "40" "a0" "90" "ac66657272796d616e2f302e31" "a0"
+    "c400"
 )
 # acceptor -> dialer: preamble + HELLO
 GOLDEN_A1 = H(
     "004652594d4e0d0a0001"
-    "01" "00" "00000000" "00000023"  # HELLO flow 0, 35 bytes
-    "99" "a465646765" "a6656467652d31" "cd8000" "ce00020000" "cc80" "a26575" "91a5646772616d" "a0" "a0"
+    "01" "00" "00000000" "00000025"  # HELLO flow 0, 37 bytes
+    "9a" "a465646765" "a6656467652d31" "cd8000" "ce00020000" "cc80" "a26575" "91a5646772616d" "a0" "a0" "c400"
 )
 # dialer -> acceptor: OPEN flow 1 app.corp:443 app=wiki
 GOLDEN_D2 = H("02" "00" "00000001" "0000001d" "9a" "a86170702e636f7270" "cd01bb" "a3746370" "a0" "a477696b69"

@@ -905,3 +905,23 @@ def test_auth_before_hello_is_refused_both_ways() -> None:
     a.initiate()
     frame = encode_control(0, Auth(token="t"))
     expect_protocol_error(a, encode_preamble() + frame, "hello_required", "AUTH frame before HELLO")
+
+
+def test_chunks_to_send_keep_large_payloads_uncopied_and_the_byte_stream_unchanged() -> None:
+    d, a = pair(cfg("client", "cl-1", window=1 << 22), cfg("edge", "edge-1", window=1 << 22))
+    fid = open_flow(d, a)
+    big = memoryview(bytes(range(256)) * 256)  # 64 KiB: one DATA payload, passed on as it is
+    assert d.send_data(fid, b"ab") == 2
+    assert d.send_data(fid, big) == len(big)
+    assert d.send_data(fid, b"cd") == 2
+    chunks = d.chunks_to_send()
+    # [header + "ab" + header] joined, the large payload itself, [header + "cd"] joined
+    assert [len(c) for c in chunks] == [10 + 2 + 10, len(big), 10 + 2]
+    assert chunks[1] is big
+    events = a.receive_data(b"".join(chunks))
+    assert b"".join(bytes(e.data) for e in events if isinstance(e, ev.DataReceived)) == b"ab" + bytes(big) + b"cd"
+    assert d.chunks_to_send() == [] and not d.has_output
+    # The flows' shared output queue was emptied in place: what is sent next still goes out.
+    d.send_data(fid, b"ef")
+    assert [bytes(e.data) for e in a.receive_data(b"".join(d.chunks_to_send()))
+            if isinstance(e, ev.DataReceived)] == [b"ef"]

@@ -73,6 +73,7 @@ def _user_detail(ctx: Ctx) -> Callable[[dict[str, Any]], str]:
         ("risk level", u["risk_level"]), ("password", "set" if u["has_password"] else "none (cannot sign in)"),
         ("TOTP", "enabled" if u["totp_enabled"] else "not set up"), ("groups", groups(u["groups"])),
         ("OIDC account", f"{u['oidc_subject']} at {u['oidc_issuer']}" if u.get("oidc_subject") else "not linked"),
+        ("console role", u.get("console_role") or "none"),
         ("created", when(u["created_at"])), ("updated", when(u["updated_at"]))])
 
 
@@ -106,7 +107,8 @@ def users_update(ctx: Ctx, args: argparse.Namespace) -> int:
     """``users update``: only what is given, with the password of ``--password-stdin``."""
     body: dict[str, Any] = {}
     for key, value in (("upn", args.rename), ("display_name", args.name), ("risk_level", args.risk),
-                       ("disabled", args.disabled), ("oidc_subject", args.oidc_subject)):
+                       ("disabled", args.disabled), ("oidc_subject", args.oidc_subject),
+                       ("console_role", args.console_role)):
         if value is not None:
             body[key] = value
     if not body and not args.password_stdin:
@@ -153,6 +155,9 @@ USERS = Group("users", "users (named by id or UPN)", (
             arg("--oidc-subject", default=None, metavar="SUB",
                 help="link the user to this account (the ID token's sub) at the control plane's OIDC provider; "
                      "'' unlinks. An account not linked signs in only if its verified email is the user's UPN"),
+            arg("--console-role", choices=("admin", "reader", "none"), default=None,
+                help="web console role: admin (everything), reader (sees everything, changes nothing) or none; "
+                     "console sign-in also needs TOTP"),
         ), run=users_update),
     Command("delete", "delete a user with its devices (revoked), sessions and memberships", (_USER,),
             method="DELETE", path="/v1/users/{user}",

@@ -5,7 +5,8 @@ call (which validates, writes the audit record with the key's name as actor, and
 configuration version), and the conversion of rows to ``schemas`` Structs. Handlers are
 synchronous (SQLAlchemy) and run in Litestar's thread pool.
 
-Resources: applications (+ their segments), connector-groups, connectors, edges,
+Resources: applications (+ their segments), connector-groups, connectors (moved between groups
+with PATCH), edges,
 dns-suffixes, forwarding-profile, registration-tokens, admin-keys, revocations,
 client-certificates, audit, config-version.
 """
@@ -61,6 +62,7 @@ from .schemas import (
     ClientCertificateCreate,
     ConfigVersionOut,
     ConnectorOut,
+    ConnectorUpdate,
     DnsSuffixCreate,
     DnsSuffixOut,
     EdgeOut,
@@ -244,6 +246,15 @@ def get_connector(api: Api, connector_id: str) -> ConnectorOut:
                               certificates.revoked_serials(session))
 
 
+@patch("/connectors/{connector_id:str}", sync_to_thread=True, tags=["connectors"])
+def update_connector(api: Api, actor: str, connector_id: str, data: ConnectorUpdate) -> ConnectorOut:
+    """Move a connector to another connector group (it serves that group's applications from the
+    next configuration version)."""
+    with api.store.begin() as session:
+        connector = nodes.move_connector(session, actor, connector_id, data.group)
+        return _connector_out(connector, api, utcnow(), certificates.revoked_serials(session))
+
+
 @get("/edges", sync_to_thread=True, tags=["edges"])
 def list_edges(api: Api) -> list[EdgeOut]:
     now = utcnow()
@@ -424,7 +435,8 @@ def get_config_version(api: Api) -> ConfigVersionOut:
 
 ADMIN_HANDLERS = [
     list_applications, get_application, create_application, update_application, delete_application,
-    add_segment, remove_segment, list_groups, create_group, list_connectors, get_connector, list_edges, get_edge,
+    add_segment, remove_segment, list_groups, create_group, list_connectors, get_connector, update_connector,
+    list_edges, get_edge,
     get_group, update_group,
     list_dns_suffixes, add_dns_suffix, remove_dns_suffix, get_forwarding_profile, set_forwarding_profile,
     list_tokens, create_token, list_admin_keys, create_admin_key, revoke_admin_key, list_revocations, revoke_node,

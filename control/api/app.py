@@ -5,7 +5,8 @@ Routes: the admin resources under ``/v1`` (``admin.py``; ``policies.py`` for acc
 admin key required), user sign-in under ``/v1/auth`` (``auth.py``: password/TOTP, access
 tokens; ``oidc.py``: through an OIDC provider), the client agents' profile under
 ``/v1/client`` (``client.py``), ``POST /v1/register`` (``register.py``, one-time token),
-the node routes under ``/v1/node`` (``nodes.py``, node certificate token), ``GET /health``
+the node routes under ``/v1/node`` (``nodes.py``, node certificate token), the web console
+under ``/console`` (``control.console``: its own sign-in and session cookie), ``GET /health``
 and ``GET /v1/ca`` (the CA certificate, for clients to check against their pin; no credential), and the OpenAPI document at ``/schema/openapi.json`` (Swagger UI at
 ``/schema/swagger``). Credentials are checked by ``guards.py``; errors are JSON
 (``errors.py``).
@@ -24,6 +25,8 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from control.ca import DEFAULT_LIFETIME_DAYS, CertificateAuthority
+from control.console.routes import console_router
+from control.console.security import ConsoleConfig
 from control.oidc import Oidc, OidcConfig
 from control.snapshot import FOLLOW_INTERVAL, follow_store, refresh
 from control.store import Store
@@ -71,7 +74,8 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
                follow_interval: float = FOLLOW_INTERVAL, token_signer: TokenSigner,
                traffic_retention_days: int = 30, oidc: OidcConfig | None = None,
                sign_in_limits: SignInLimits | None = None, refresh_grace: float = DEFAULT_REFRESH_GRACE,
-               oidc_starts_per_minute: int = DEFAULT_OIDC_STARTS_PER_MINUTE) -> Litestar:
+               oidc_starts_per_minute: int = DEFAULT_OIDC_STARTS_PER_MINUTE,
+               console: ConsoleConfig | None = None) -> Litestar:
     """The API over ``store`` and ``ca``; ``edges_public`` are the edge HOST:PORT addresses handed
     to registering nodes (before those of registered edges); ``heartbeat_interval`` (seconds)
     decides when a node counts as inactive; ``cert_lifetime_days`` is the lifetime of the
@@ -84,7 +88,9 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     OIDC provider (``/v1/auth/oidc``, ``control.oidc``). ``sign_in_limits``,
     ``refresh_grace`` and ``oidc_starts_per_minute`` are the sign-in limits
     (``FERRYMAN_SIGN_IN_*``, ``FERRYMAN_REFRESH_GRACE``, ``FERRYMAN_OIDC_STARTS_PER_MINUTE``).
-    ``store`` must have been opened with the secrets key (``store.box``).
+    ``console`` holds the web console's session limits (``FERRYMAN_CONSOLE_*``; the console
+    is under ``/console``: ``control.console``). ``store`` must have been opened with the
+    secrets key (``store.box``).
     """
     api = Api(store, ca, edges_public, heartbeat_interval, cert_lifetime_days, token_signer=token_signer,
               oidc=None if oidc is None else Oidc(oidc), sign_in_limits=sign_in_limits, refresh_grace=refresh_grace,
@@ -126,7 +132,8 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     )
     app = Litestar(
         route_handlers=[admin_router(), policy_router(), identity_router(), auth_router(), oidc_router(),
-                        web_oidc_router(), client_router(), traffic_router(), webapp_router(), register, health, ca_certificate,
+                        web_oidc_router(), client_router(), traffic_router(), webapp_router(), register, health,
+                        ca_certificate, console_router(),
                         *NODE_ROUTES],
         on_startup=[start_following],
         on_shutdown=[stop_following],
@@ -138,4 +145,5 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
         logging_config=None,  # the process's logging (dataplane.basics.logs) stays as it is
     )
     app.state.api = api
+    app.state.console = console or ConsoleConfig()
     return app

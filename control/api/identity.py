@@ -25,7 +25,7 @@ from litestar.params import Parameter
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from control.store import StoreError, devices, sessions, totp, user_groups, users
+from control.store import StoreError, console, devices, sessions, totp, user_groups, users
 from control.store.models import Device, GroupMember, SignInSession, User, UserGroup, utcnow
 
 from .guards import Api, admin_routes
@@ -53,7 +53,7 @@ def _user_out(session: Session, user: User, groups: list[str] | None = None) -> 
                    totp_enabled=user.totp_enabled,
                    groups=users.user_group_ids(session, user.id) if groups is None else groups,
                    created_at=user.created_at, updated_at=user.updated_at, oidc_issuer=user.oidc_issuer,
-                   oidc_subject=user.oidc_subject)
+                   oidc_subject=user.oidc_subject, console_role=user.console_role)
 
 
 def _users_out(session: Session, rows: list[User]) -> list[UserOut]:
@@ -127,6 +127,8 @@ def update_user(api: Api, actor: str, user_ref: str, data: UserUpdate) -> UserOu
             subject = data.oidc_subject.strip() or None
             issuer = api.oidc.config.issuer if api.oidc is not None else ""
             user = users.link_oidc(session, actor, user.id, issuer, subject)
+        if data.console_role is not None:
+            user = console.set_console_role(session, actor, user.id, data.console_role)
         return _user_out(session, user)
 
 

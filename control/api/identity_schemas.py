@@ -139,6 +139,8 @@ class UserUpdate(_Request):
     risk_level: RiskLevel | None = None
     # The user's account at the control plane's OIDC provider (its ``sub``); "" unlinks.
     oidc_subject: Annotated[str, msgspec.Meta(max_length=255)] | None = None
+    # The web console role: "admin", "reader", or "none" (no console access).
+    console_role: Literal["admin", "reader", "none"] | None = None
 
 
 class UserOut(msgspec.Struct):
@@ -154,6 +156,7 @@ class UserOut(msgspec.Struct):
     updated_at: datetime
     oidc_issuer: str | None = None  # the OIDC account the user signs in with (``iss``, ``sub``), once linked
     oidc_subject: str | None = None
+    console_role: str | None = None  # "admin" or "reader" in the web console; None: no console access
 
 
 # ---------------------------------------------------------------------------- user groups (admin)

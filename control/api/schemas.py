@@ -130,6 +130,12 @@ class GroupOut(msgspec.Struct):
     denied_addresses: list[str]
 
 
+class ConnectorUpdate(_Request):
+    """Move the connector to another connector group."""
+
+    group: str
+
+
 class ConnectorOut(msgspec.Struct):
     id: str
     name: str

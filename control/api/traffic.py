@@ -78,6 +78,9 @@ class TrafficRecordOut(msgspec.Struct):
     http_status: int
     http_protocol: str
     user_agent: str
+    display_name: str
+    device_os_version: str
+    client_version: str
 
 
 _FIELDS = [f.name for f in msgspec.structs.fields(TrafficRecordOut)]

@@ -40,6 +40,7 @@ APP_KINDS = ("per_app", "quick_access")
 FAIL_MODES = ("closed", "open")
 SEGMENT_KINDS = ("hostname", "wildcard", "ip", "cidr", "range")
 TOKEN_ROLES = ("connector", "edge")
+CONSOLE_ROLES = ("admin", "reader")  # admin: everything; reader: sees everything, changes nothing
 DEFAULT_GROUP = "default"
 # A node is inactive once this many heartbeats in a row did not arrive.
 MISSED_HEARTBEATS = 3
@@ -390,6 +391,25 @@ class User(Base):
     oidc_subject: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    console_role: Mapped[str | None] = mapped_column(String(16))  # CONSOLE_ROLES; None: no web console
+
+
+class ConsoleSession(Base):
+    """A sign-in to the web console (``control.console``). ``id`` is the SHA-256 (hex) of the
+    cookie's token (the token itself is never stored); ``csrf_token`` is what its forms must
+    send back; it ends at ``expires_at`` (absolute), after an idle time since ``last_seen_at``,
+    or when revoked (sign-out)."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
 
 
 class RecoveryCode(Base):
@@ -572,3 +592,8 @@ class TrafficLog(Base):
     http_status: Mapped[int] = mapped_column(Integer, default=0)
     http_protocol: Mapped[str] = mapped_column(String(16), default="")
     user_agent: Mapped[str] = mapped_column(String(512), default="")
+    # Added later (migration 0009): the user's display name (from the store when the record
+    # arrives), the device's OS version, the client agent's version (from the edge).
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    device_os_version: Mapped[str] = mapped_column(String(64), default="")
+    client_version: Mapped[str] = mapped_column(String(64), default="")

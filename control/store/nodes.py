@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from .audit import change, record_change, row_state
 from .certificates import node_certificates, record_certificate, revoke_certificate, revoked_serials
 from .config_version import lock_config
-from .connector_groups import group_or_default
+from .connector_groups import get_group, group_or_default
 from .errors import StoreError
 from .models import Connector, Edge, IssuedCertificate, Revocation, utcnow
 from .values import aware_now, serial_text, valid_name
@@ -53,6 +53,23 @@ def add_connector(session: Session, actor: str, name: str, *, group: str | None 
         record_certificate(session, "connector", connector.id, cert_serial, cert_not_after)
     record_change(session, actor, "connector.create", "connector", connector.id, None,
                   {**row_state(connector), "group": connector.group.name}, config=True)
+    return connector
+
+
+@change
+def move_connector(session: Session, actor: str, connector_id: str, group: str) -> Connector:
+    """Move a connector to connector group ``group``: from the next configuration version it
+    serves that group's applications (and dials by that group's lists)."""
+    lock_config(session)
+    connector = get_connector(session, connector_id)
+    target = get_group(session, group)
+    if connector.group_id == target.id:
+        return connector
+    before = {**row_state(connector), "group": connector.group.name}
+    connector.group = target
+    session.flush()
+    record_change(session, actor, "connector.move", "connector", connector.id, before,
+                  {**row_state(connector), "group": target.name}, config=True)
     return connector
 
 

@@ -17,7 +17,7 @@ import msgspec
 from sqlalchemy import Select, case, delete, distinct, func, insert, or_, select
 from sqlalchemy.orm import Session
 
-from .models import TrafficLog
+from .models import TrafficLog, User
 
 _TEXT_LIMITS = {column.name: column.type.length for column in TrafficLog.__table__.columns  # type: ignore[attr-defined]
                 if getattr(column.type, "length", None)}
@@ -57,7 +57,8 @@ def _compiled(dialect: Any, keys: tuple[str, ...]) -> _Compiled:
 
 
 def insert_records(session: Session, edge: str, records: Iterable[Mapping[str, Any]]) -> int:
-    """Store records from ``edge`` (dicts with ``FlowRecord``'s fields); returns how many.
+    """Store records from ``edge`` (dicts with ``FlowRecord``'s fields); returns how many. Each
+    gets its user's display name as the store has it now.
 
     Over-long text is cut to its column's size (a record is never refused for that). A web
     app makes one record per HTTP transaction, so this runs for every request an edge serves:
@@ -67,8 +68,13 @@ def insert_records(session: Session, edge: str, records: Iterable[Mapping[str, A
     """
     limits = _TEXT_ITEMS
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    records = list(records)
+    user_ids = {r.get("user_id") for r in records if r.get("user_id")}
+    display = dict(session.execute(select(User.id, User.display_name).where(User.id.in_(user_ids))).all()
+                   ) if user_ids else {}
     for record in records:
         row = dict(record)
+        row["display_name"] = display.get(row.get("user_id") or "", "")
         row["edge"] = edge
         row["start"] = _moment(row["start"])
         row["end"] = _moment(row.get("end"))
@@ -100,7 +106,7 @@ def insert_records(session: Session, edge: str, records: Iterable[Mapping[str, A
 
 class TrafficFilter(msgspec.Struct, kw_only=True):
     """Which records: a time range on ``start`` and exact matches (``user``: UPN or user id;
-    ``connector``: name or id)."""
+    ``connector``: name or id; ``device``: device id; ``reason``: the refusal's reason code)."""
 
     since: datetime | None = None
     until: datetime | None = None
@@ -108,6 +114,8 @@ class TrafficFilter(msgspec.Struct, kw_only=True):
     app: str | None = None
     action: str | None = None
     connector: str | None = None
+    device: str | None = None
+    reason: str | None = None
 
 
 def _where(query: Select[Any], f: TrafficFilter) -> Select[Any]:
@@ -123,6 +131,10 @@ def _where(query: Select[Any], f: TrafficFilter) -> Select[Any]:
         query = query.where(TrafficLog.action == f.action)
     if f.connector:
         query = query.where(or_(TrafficLog.connector_name == f.connector, TrafficLog.connector_id == f.connector))
+    if f.device:
+        query = query.where(TrafficLog.device_id == f.device)
+    if f.reason:
+        query = query.where(TrafficLog.reason_code == f.reason)
     return query
 
 

@@ -1,24 +1,39 @@
-"""Flow grants: the edge's signed permission for one flow, checked by the connector before it dials.
+"""Flow grants: the edge's authenticated permission for one flow, checked by the connector before it dials.
 
 Defense in depth: an edge decides every flow, and a connector dials only what an edge has
 signed for exactly that flow. A grant names the edge and the connector, the destination
 (host, port, protocol), the traffic-log connection id, the user and device, an expiry
 a few seconds ahead, and the application the edge matched (the connector lets only that
-application's segments name special addresses: ``access.destinations``). It is signed (ECDSA P-256, SHA-256) with the edge's certificate key,
-so the connector verifies it with the public key of the certificate the edge presented on
-this very tunnel: a grant cannot be made without the edge's private key, moved to another
+application's segments name special addresses: ``access.destinations``).
+
+A grant is authenticated in one of two ways, named by its claims' ``version``:
+
+- **2, a MAC** (HMAC-SHA256) under the tunnel's grant key: ``KEY_SIZE`` random bytes the
+  connector makes for each tunnel and sends in its HELLO, inside the mutually authenticated
+  TLS (or QUIC) tunnel to the edge whose certificate it has checked. Only that connector and
+  the edge at the other end of that one tunnel know the key, so a grant cannot be made
+  without it, and a grant taken from one tunnel is worthless on any other. This is what an
+  edge sends when the connector's HELLO carries a key: about a microsecond per flow on each
+  side instead of an ECDSA signature and its verification.
+- **1, a signature** (ECDSA P-256, SHA-256) with the edge's certificate key, verified with the
+  public key of the certificate the edge presented on this very tunnel: what an edge sends a
+  connector that announces no grant key.
+
+Either way a grant cannot be moved to another
 destination, replayed after it expires, or used twice (the connector remembers the
 connection ids it has honoured until their grants expire, and never forgets one sooner: when
 that memory is full, a new grant is refused, ``grant_cache_full``, rather than an unexpired
 one forgotten).
 
-Encoding: msgpack array ``[claims, signature]`` where ``claims`` is the msgpack encoding of
-``GrantClaims`` (array-like) and ``signature`` the DER ECDSA signature over those bytes.
+Encoding: msgpack array ``[claims, tag]`` where ``claims`` is the msgpack encoding of
+``GrantClaims`` (array-like) and ``tag`` the DER ECDSA signature over those bytes (version 1)
+or the HMAC-SHA256 of ``MAC_LABEL`` followed by those bytes (version 2).
 Pure: no I/O, the caller passes the clock.
 """
 
 from __future__ import annotations
 
+import hmac
 from collections import OrderedDict
 
 import msgspec
@@ -30,6 +45,9 @@ GRANT_LIFETIME = 30  # seconds from signing to expiry
 MAX_LIFETIME = 300  # a grant claiming to live longer is refused
 CLOCK_SKEW = 5  # seconds of clock difference between edge and connector tolerated
 _ALGORITHM = ec.ECDSA(hashes.SHA256())
+KEY_SIZE = 32  # bytes of a tunnel's grant key (a connector sends one in its HELLO)
+MAC_LABEL = b"ferryman flow grant 2\x00"  # what the MAC covers before the claims: keys serve grants only
+SIGNED, MACED = 1, 2  # claims versions: an ECDSA-signed grant, a MAC'd grant
 
 
 class GrantError(ValueError):
@@ -64,9 +82,21 @@ def sign(key: ec.EllipticCurvePrivateKey, *, edge: str, connector: str, host: st
          connection: str, user: str, device: str, now: float, app: str = "") -> bytes:
     """A grant for one flow of application ``app``, valid ``GRANT_LIFETIME`` seconds from ``now``."""
     issued = int(now)
-    claims = _claims_encoder.encode(GrantClaims(1, edge, connector, host, port, protocol, connection, user, device,
-                                                issued, issued + GRANT_LIFETIME, app))
+    claims = _claims_encoder.encode(GrantClaims(SIGNED, edge, connector, host, port, protocol, connection, user,
+                                                device, issued, issued + GRANT_LIFETIME, app))
     return _claims_encoder.encode((claims, key.sign(claims, _ALGORITHM)))
+
+
+def mac(key: bytes, *, edge: str, connector: str, host: str, port: int, protocol: str, connection: str, user: str,
+        device: str, now: float, app: str = "") -> bytes:
+    """A grant for one flow of application ``app`` under the tunnel's grant ``key`` (the one the
+    connector sent in its HELLO), valid ``GRANT_LIFETIME`` seconds from ``now``."""
+    if len(key) < KEY_SIZE:
+        raise ValueError(f"a grant key has {KEY_SIZE} bytes, not {len(key)}")
+    issued = int(now)
+    claims = _claims_encoder.encode(GrantClaims(MACED, edge, connector, host, port, protocol, connection, user,
+                                                device, issued, issued + GRANT_LIFETIME, app))
+    return _claims_encoder.encode((claims, hmac.digest(key, MAC_LABEL + claims, "sha256")))
 
 
 class GrantVerifier:
@@ -85,21 +115,34 @@ class GrantVerifier:
         self._seen: OrderedDict[str, int] = OrderedDict()
         self._swept = float("-inf")  # when the whole memory was last searched for expired grants
 
-    def verify(self, grant: bytes, edge_key: ec.EllipticCurvePublicKey, edge: str, *, host: str, port: int,
-               protocol: str, now: float) -> GrantClaims:
-        """The grant's claims if it is valid for this flow from ``edge``; ``GrantError`` saying why not."""
+    def verify(self, grant: bytes, edge_key: ec.EllipticCurvePublicKey | None, edge: str, *, host: str, port: int,
+               protocol: str, now: float, key: bytes = b"") -> GrantClaims:
+        """The grant's claims if it is valid for this flow from ``edge``; ``GrantError`` saying why not.
+
+        ``key`` is the tunnel's grant key (what this connector sent in its HELLO on the tunnel the
+        OPEN came on; empty: none), ``edge_key`` the public key of the edge's certificate on it."""
         if not grant:
             raise GrantError("grant_missing", f"the OPEN from edge {edge} carries no grant")
         try:
-            claims_bytes, signature = _envelope_decoder.decode(grant)
+            claims_bytes, tag = _envelope_decoder.decode(grant)
             claims = _claims_decoder.decode(claims_bytes)
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise GrantError("grant_invalid", f"the grant from edge {edge} cannot be decoded") from None
-        try:
-            edge_key.verify(signature, claims_bytes, _ALGORITHM)
-        except InvalidSignature:
-            raise GrantError("grant_forged", f"the grant does not verify with edge {edge}'s certificate key") from None
-        if claims.version != 1:
+        if claims.version == MACED:
+            if len(key) < KEY_SIZE:
+                raise GrantError("grant_unverifiable", "this tunnel has no grant key")
+            if not hmac.compare_digest(hmac.digest(key, MAC_LABEL + claims_bytes, "sha256"), tag):
+                raise GrantError("grant_forged", f"the grant does not verify with this tunnel's grant key from "
+                                                 f"edge {edge}")
+        elif claims.version == SIGNED:
+            if edge_key is None:
+                raise GrantError("grant_unverifiable", "the edge's certificate key is unknown on this tunnel")
+            try:
+                edge_key.verify(tag, claims_bytes, _ALGORITHM)
+            except InvalidSignature:
+                raise GrantError("grant_forged", f"the grant does not verify with edge {edge}'s certificate "
+                                                 f"key") from None
+        else:
             raise GrantError("grant_invalid", f"grant version {claims.version} is not supported")
         if claims.edge != edge or claims.connector != self.connector:
             raise GrantError("grant_mismatch", f"the grant is from {claims.edge} for {claims.connector}, not from "

@@ -62,6 +62,8 @@ class ControlSettings(CommonSettings, kw_only=True):
     sign_in_max_total_failures: int = 1000
     sign_in_known_source_days: float = 30.0
     refresh_grace: float = 30.0
+    console_idle_minutes: int = 30
+    console_session_hours: int = 12
     # limits of the HTTP server (control plane API; a node's metrics server)
     control_max_connections: int = 4096
     control_max_waiting_per_source: int = 128
@@ -86,6 +88,7 @@ class NodeSettings(CommonSettings, kw_only=True):
     keepalive_interval: float = 10.0
     handshake_timeout: float = 10.0
     write_buffer_high: int = 1048576
+    udp_backlog: int = 32768
     quic_packet_size: int = 1350
     quic_engine: str = "auto"
     quic_max_pending_datagrams: int = 512
@@ -249,6 +252,8 @@ VARIABLES: dict[str, str] = {
     "sign_in_max_total_failures": "Control plane: failed sign-ins allowed in all within the window (per control-plane process); beyond that only known sources may try.",
     "sign_in_known_source_days": "Control plane: days a source address where an account signed in stays known for it: held only to FERRYMAN_SIGN_IN_MAX_FAILURES, so failures from elsewhere never lock the user out there.",
     "refresh_grace": "Control plane: seconds after a refresh during which the same refresh token may be sent again (its answer was lost) and gets the same new refresh token; later it counts as reuse and revokes the session. 0 disables.",
+    "console_idle_minutes": "Control plane: a web console session ends after this many minutes without a request (sign in again).",
+    "console_session_hours": "Control plane: a web console session ends this many hours after sign-in, however active.",
     "control_url": "Edge/connector: control plane URL to follow; empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
@@ -323,6 +328,7 @@ VARIABLES: dict[str, str] = {
     "keepalive_interval": "Seconds between PINGs; a tunnel silent for 3 intervals is dead.",
     "handshake_timeout": "Seconds allowed for the TLS handshake plus HELLO exchange.",
     "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point): above it a tunnel takes no more data from flows, and an edge stops reading a TLS/TCP tunnel's peer until the peer has read enough of what was sent to it (`ferryman_tunnel_read_pauses_total`).",
+    "udp_backlog": "Bytes waiting to be written to a TLS/TCP tunnel above which a datagram is dropped (`tunnel_busy`) rather than queued behind them, at every hop: bounds how long a datagram waits (32 KiB is about 9 ms of 64-byte datagrams at 50,000/s).",
     "max_tunnels_per_client": "Edge: most tunnels one client identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
     "max_tunnels_per_connector": "Edge: most tunnels one connector identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
     "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once. QUIC handshakes (Initial taken, HELLO not done yet) are counted apart with the same cap; a new QUIC client beyond is dropped.",
@@ -345,6 +351,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "keepalive_interval": (0.05, 3600),
     "handshake_timeout": (0.1, 600),
     "write_buffer_high": (4096, 1 << 30),
+    "udp_backlog": (1024, 1 << 30),
     "drain_grace": (0, 86400),
     "dial_timeout": (0.01, 600),
     "resolve_timeout": (0.01, 600),
@@ -365,6 +372,8 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "sign_in_max_total_failures": (1, 10_000_000),
     "sign_in_known_source_days": (0, 3650),
     "refresh_grace": (0, 300),
+    "console_idle_minutes": (1, 1440),
+    "console_session_hours": (1, 168),
     "control_insecure_http": (0, 1),
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),

@@ -69,6 +69,7 @@ class Client(EndpointNode[None]):
     def __init__(self, settings: ClientSettings, credentials: NodeCredentials, forwards: list[Forward],
                  keeper: TokenKeeper | None = None) -> None:
         self.settings = settings
+        self.udp_backlog = settings.udp_backlog
         self.credentials = credentials
         self.name = credentials.name
         self.forwards = forwards

@@ -32,6 +32,7 @@ from dnslib import OPCODE, DNSRecord
 
 from ..access.apptable import app_table
 from ..access.destinations import DialPolicy, Refusal
+from ..access.grants import KEY_SIZE as GRANT_KEY_SIZE
 from ..access.grants import GrantError, GrantVerifier
 from ..basics.hostport import dns_server, parse_hostport
 from ..basics.caps import HttpLimits, LogLimiter
@@ -55,7 +56,9 @@ from .dial import DialError, Target, checked, connect_tcp, connect_udp, resolve
 log = logging.getLogger("ferryman.connector")
 
 
-EdgeKey = ec.EllipticCurvePublicKey  # the edge's certificate key: every OPEN's grant must verify with it
+# The edge's certificate key: what a signed grant (from an edge that does not use this tunnel's
+# grant key) must verify with.
+EdgeKey = ec.EllipticCurvePublicKey | None
 ConnectorTunnel = TunnelBase[LocalFlow, EdgeKey]
 
 
@@ -67,6 +70,7 @@ class Connector(EndpointNode[EdgeKey]):
                  registered: Registration | None = None,
                  *, follow_edges: bool = False) -> None:
         self.settings = settings
+        self.udp_backlog = settings.udp_backlog
         self.credentials = credentials
         self.name = credentials.name
         self.stats = Stats("connector", credentials.name, LogLimiter(settings.log_limit, settings.log_limit_interval))
@@ -78,7 +82,8 @@ class Connector(EndpointNode[EdgeKey]):
         self.udp_sockets: dict[UdpFlow, asyncio.DatagramTransport] = {}  # each UDP flow's backend socket
         self.draining = False
         self._ssl = credentials.client_context()
-        self._wire = credentials.wire_config(group=settings.connector_group)
+        # Every tunnel sends the edge a fresh grant key in HELLO: the edge MACs each flow's grant with it.
+        self._wire = credentials.wire_config(group=settings.connector_group, grant_key_size=GRANT_KEY_SIZE)
         self.revoked: frozenset[int] = frozenset()
         self.grants = GrantVerifier(credentials.name, limit=settings.grant_cache)
         # What may be dialed: the group's lists and the applications' explicit segments, from the
@@ -192,7 +197,7 @@ class Connector(EndpointNode[EdgeKey]):
 
     # ------------------------------------------------------------------ tunnel events
     def tunnel_up(self, tunnel: ConnectorTunnel) -> None:
-        # The edge's certificate key, which must have signed the grant of every OPEN on this tunnel.
+        # The edge's certificate key, for grants signed with it rather than MAC'd with the tunnel's grant key.
         der = tunnel.peer_certificate_der()
         key = x509.load_der_x509_certificate(der).public_key() if der else None
         tunnel.state = key if isinstance(key, ec.EllipticCurvePublicKey) else None
@@ -225,10 +230,9 @@ class Connector(EndpointNode[EdgeKey]):
                          f"{request.protocol!r} flows are not supported by connector {self.name}")
             return
         try:
-            if tunnel.state is None:
-                raise GrantError("grant_unverifiable", "the edge's certificate key is unknown on this tunnel")
             claims = self.grants.verify(request.grant, tunnel.state, tunnel.peer_name, host=request.host,
-                                        port=request.port, protocol=request.protocol, now=time.time())
+                                        port=request.port, protocol=request.protocol, now=time.time(),
+                                        key=tunnel.conn.grant_key)
         except GrantError as exc:
             self.stats.count(self.stats.protocol_errors, exc.code)
             self.stats.log_limit.log(log, logging.WARNING, tunnel.peer_name, "OPEN refused: no valid grant", {

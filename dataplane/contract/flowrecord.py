@@ -40,6 +40,8 @@ class FlowRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     upn: _Text = ""
     device_id: _Text = ""
     device_os: _Text = ""
+    device_os_version: _Text = ""
+    client_version: _Text = ""  # the client agent's software, as its HELLO says
     process: _Text = ""  # as the client agent reported it (unverified); the edge bounds and sanitises it
     source_ip: _Text = ""
     source_port: _Port = 0

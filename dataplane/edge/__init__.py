@@ -1,1 +1,1 @@
-"""The edge: admits every flow, picks a connector, signs its grant and splices the two tunnels."""
+"""The edge: admits every flow, picks a connector, makes its grant and splices the two tunnels."""

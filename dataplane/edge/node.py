@@ -4,7 +4,7 @@ For every OPEN from a client the edge asks ``access.admission.admit`` whether it
 through (the application whose segment covers the destination, the user's sign-in and
 conditional access) and refuses it with the verdict's reason, or picks the least-loaded
 healthy connector tunnel of that application's connector group (never a draining one),
-signs a grant for exactly this flow and opens it there. Every OPEN is answered: a connector
+makes a grant for exactly this flow (MAC'd under the key that connector tunnel's HELLO carries) and opens it there. Every OPEN is answered: a connector
 that does not answer within ``FERRYMAN_OPEN_TIMEOUT`` gets an RST and the client OPEN_FAIL
 ``open_timeout``, and one user (or device) may have at most ``FERRYMAN_PENDING_OPENS_SHARE``
 of ``FERRYMAN_MAX_PENDING_OPENS`` OPENs waiting on one connector tunnel, so a client that opens
@@ -61,6 +61,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ..access.admission import AccessRequest, AccessTables, Unauthenticated, Verdict, admit
 from ..access.apptable import AppTable, app_table
 from ..access.connectors import ConnectorGroups
+from ..access.grants import KEY_SIZE as GRANT_KEY_SIZE
+from ..access.grants import mac as mac_grant
 from ..access.grants import sign as sign_grant
 from ..access.policy import AccessIndex, Principal
 from ..access.tokens import TokenError, TokenVerifier
@@ -119,6 +121,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if apps is not None and registered is not None:
             raise ValueError(APPS_FILE_ON_REGISTERED_EDGE)
         self.settings = settings
+        self._udp_backlog = settings.udp_backlog  # a datagram is dropped rather than queued behind more
         self.credentials = credentials
         self.name = credentials.name
         self.static_apps = apps is not None
@@ -598,9 +601,16 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                          request, verdict)
             return
         app = match.app.name if match is not None else ""
-        grant = sign_grant(self._grant_key, edge=self.name, connector=connector.peer_name, host=request.host,
-                           port=request.port, protocol=request.protocol, connection=connection, user=user,
-                           device=device, now=now, app=app)
+        # MAC'd under the grant key the connector sent on this tunnel; signed when it sent none.
+        key = connector.hello.grant_key if connector.hello is not None else b""
+        if len(key) >= GRANT_KEY_SIZE:
+            grant = mac_grant(key, edge=self.name, connector=connector.peer_name, host=request.host,
+                              port=request.port, protocol=request.protocol, connection=connection, user=user,
+                              device=device, now=now, app=app)
+        else:
+            grant = sign_grant(self._grant_key, edge=self.name, connector=connector.peer_name, host=request.host,
+                               port=request.port, protocol=request.protocol, connection=connection, user=user,
+                               device=device, now=now, app=app)
         try:
             kfid = connector.open_flow(Open(
                 host=request.host, port=request.port, protocol=request.protocol,
@@ -833,7 +843,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
 
     def datagram_received(self, tunnel: EdgeTunnel, event: ev.DatagramReceived) -> None:
         """A UDP flow's datagram: passed to the other tunnel as the same slice, or dropped and
-        counted when that tunnel's write buffer is full (datagrams are never queued here)."""
+        counted when that tunnel's write buffer is full or holds ``FERRYMAN_UDP_BACKLOG`` bytes
+        already (datagrams are never queued here, nor behind much else)."""
         splice = tunnel.routes.get(event.flow_id)
         stats = self.stats
         if splice is None or type(splice) is WebFlow:
@@ -848,7 +859,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             stats.bytes_rx += size
         else:
             stats.bytes_tx += size
-        if not out.writable:
+        if not out.takes_datagram(self._udp_backlog):
             stats.count(stats.datagrams_dropped, "tunnel_busy")
             return
         try:

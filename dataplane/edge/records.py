@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from ..access.admission import Verdict
+from ..basics.pki import PeerCertificate
 from ..access.policy import Principal
 from ..contract.apps import Segment
 from ..contract.flowrecord import FlowRecord, is_ip, network_of, split_address
@@ -38,12 +39,21 @@ class Records:
         self.edge = edge
         self.queue = queue
         self.app_kinds: dict[str, str] = {}  # application -> per_app / quick_access
-        self.device_os: dict[str, str] = {}  # device id -> its OS
+        self.device_os: dict[str, tuple[str, str]] = {}  # device id -> its OS and OS version
+        self.connectors: dict[int, tuple[str, str]] = {}  # certificate serial -> (connector id, name)
 
     def configure(self, snapshot: ConfigSnapshot) -> None:
-        """What records name from the configuration: application kinds and devices' OS."""
+        """What records name from the configuration: application kinds, devices' OS, connectors' ids."""
         self.app_kinds = {a.name: a.kind for a in snapshot.applications}
-        self.device_os = {d.id: d.os for d in snapshot.devices}
+        self.device_os = {d.id: (d.os, d.os_version) for d in snapshot.devices}
+        self.connectors = {int(serial, 16): (c.id, c.name) for c in snapshot.connectors or () for serial in c.serials}
+
+    def connector_id(self, peer: PeerCertificate) -> str:
+        """The id the control plane knows the connector by (what the API and ``ferryman admin
+        connectors list`` show, so logs filter by it); the certificate's serial (hex) when the
+        configuration does not list it."""
+        known = self.connectors.get(peer.serial)
+        return known[0] if known is not None and known[1] == peer.name else format(peer.serial, "x")
 
     def refused(self, client: TunnelBase[Any, Any], request: Open, principal: Principal | None, code: str,
                 reason: str, verdict: Verdict | None) -> None:
@@ -70,7 +80,7 @@ class Records:
         connector = splice.connector
         record.end, record.duration_ms = end, int((end - splice.start) * 1000)
         record.connector_name = connector.peer_name
-        record.connector_id = (format(connector.peer_certificate.serial, "x")
+        record.connector_id = (self.connector_id(connector.peer_certificate)
                                if connector.peer_certificate is not None else "")
         record.connector_address = split_address(connector.peer_addr)[0]
         if splice.remote:
@@ -96,10 +106,11 @@ class Records:
             network=network_of(request.host, source_ip), application=app,
             application_kind=self.app_kinds.get(app, "per_app" if app else ""), segment=segment, edge=self.edge,
             device_id=principal.device_id if principal else (certificate.name if certificate else ""),
+            client_version=client.hello.software if client.hello is not None else "",
         )
         if principal is not None:
             record.user_id, record.upn = principal.user_id, principal.upn
-            record.device_os = self.device_os.get(principal.device_id, "")
+            record.device_os, record.device_os_version = self.device_os.get(principal.device_id, ("", ""))
         if verdict is not None and verdict.decision is not None:
             record.policy, record.rule = verdict.policy, verdict.rule
             if verdict.action == "report":

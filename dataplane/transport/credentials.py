@@ -40,9 +40,10 @@ class NodeCredentials:
         s = self.settings
         return pki.client_context(s.tls_cert, s.tls_key, s.tls_ca)
 
-    def wire_config(self, group: str = "") -> WireConfig:
+    def wire_config(self, group: str = "", grant_key_size: int = 0) -> WireConfig:
         s = self.settings
         return WireConfig(
             role=self.role, node=self.name, group=group, max_frame=s.max_frame, window=s.flow_window,
             max_flows=s.max_flows, max_pending_opens=s.max_pending_opens, software=SOFTWARE,
+            grant_key_size=grant_key_size,
         )

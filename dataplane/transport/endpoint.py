@@ -20,6 +20,7 @@ class EndpointNode(TunnelHandler[LocalFlow, S]):
 
     stats: Stats
     socket_buffer: int = 262144
+    udp_backlog: int = 32768  # FERRYMAN_UDP_BACKLOG (the node sets it from its settings)
 
     def data_received(self, tunnel: TunnelBase[LocalFlow, S], event: ev.DataReceived) -> None:
         flow = tunnel.routes.get(event.flow_id)

@@ -47,6 +47,7 @@ class FlowNode(Protocol):
 
     stats: Stats
     socket_buffer: int
+    udp_backlog: int  # FERRYMAN_UDP_BACKLOG: a datagram is dropped rather than queued behind more
 
 
 class LocalFlow:

@@ -299,6 +299,12 @@ class TunnelBase(Generic[F, S]):
         self.conn.goaway(code, reason)
         self.flush_soon()
 
+    def takes_datagram(self, backlog: int) -> bool:
+        """Whether a datagram may be queued now: the tunnel is writable and (a byte stream)
+        fewer than ``backlog`` bytes (``FERRYMAN_UDP_BACKLOG``) wait to be written before it, so
+        a datagram never waits behind more than that; the caller drops and counts it otherwise."""
+        return self.writable
+
     def flush_soon(self) -> None:
         """Send what the connection queued at the end of this loop iteration."""
         if not self._flush_scheduled:
@@ -527,12 +533,18 @@ class Tunnel(TunnelBase[F, S], asyncio.Protocol):
         self.handler.tunnel_writable(self, True)
 
     # ------------------------------------------------------------------ sending
+    def takes_datagram(self, backlog: int) -> bool:
+        transport = self.transport
+        return self.writable and transport is not None and transport.get_write_buffer_size() < backlog
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self.transport is not None and not self.transport.is_closing():
-            data = self.conn.data_to_send()
-            if data:
-                self.transport.write(data)
+            chunks = self.conn.chunks_to_send()
+            if len(chunks) == 1:
+                self.transport.write(chunks[0])
+            elif chunks:  # large DATA payloads go to TLS as they are, not copied into one buffer first
+                self.transport.writelines(chunks)
 
     # ------------------------------------------------------------------ control
     def close(self, code: str, reason: str, *, error: bool = False, abort: bool = False) -> None:

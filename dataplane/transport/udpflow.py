@@ -6,8 +6,9 @@ one side of it: ``send`` hands a datagram from the tunnel to the local socket (t
 address at the client, the backend's connected socket at the connector), and
 ``from_local`` takes one the other way. Nothing is queued without bound and nothing is
 dropped silently: while the flow opens at most ``FERRYMAN_UDP_QUEUE`` datagrams wait,
-and a datagram that cannot be carried (queue full, tunnel write buffer full, larger
-than the tunnel allows) is counted in ``ferryman_datagrams_dropped_total`` by reason.
+and a datagram that cannot be carried (queue full, tunnel write buffer full or holding
+``FERRYMAN_UDP_BACKLOG`` bytes already, larger than the tunnel allows) is counted in
+``ferryman_datagrams_dropped_total`` by reason: a datagram late is worth less than one lost.
 A flow with no datagram either way for ``FERRYMAN_UDP_IDLE_TIMEOUT`` seconds ends with
 RST ``idle_timeout``, which the edge passes on to the other side.
 """
@@ -104,7 +105,7 @@ class UdpFlow(LocalFlow):
         if tunnel is None or tunnel.closed:
             stats.count(stats.datagrams_dropped, "tunnel_lost")
             return
-        if not tunnel.writable:
+        if not tunnel.takes_datagram(self.node.udp_backlog):
             stats.count(stats.datagrams_dropped, "tunnel_busy")
             return
         try:

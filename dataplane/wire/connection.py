@@ -20,6 +20,7 @@ Only an id that never named a flow of this tunnel raises ``FlowError("no_flow")`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import msgspec
@@ -94,6 +95,9 @@ class WireConfig(msgspec.Struct, kw_only=True):
     features: list[str] = []
     software: str = ""
     token: str = ""  # sent in HELLO (a client's access token)
+    # > 0: each connection makes a random key of this many bytes and sends it in its HELLO (a
+    # connector: the key the edge at the other end of that tunnel authenticates flow grants with).
+    grant_key_size: int = 0
 
 
 OPENING = 0
@@ -157,6 +161,8 @@ class FlowCore:
         # Called when ``acknowledge`` queues a WINDOW frame (every quarter window of a flow), so the
         # transport can flush it even when nothing else is being sent.
         self.on_window: Callable[[], None] | None = None
+        # This connection's grant key (sent in our HELLO; empty: none), fresh for every tunnel.
+        self.grant_key = os.urandom(config.grant_key_size) if config.grant_key_size > 0 else b""
 
     # ------------------------------------------------------------------ where frames go
     def _new_flow(self, flow_id: int, local: bool, request: Open) -> Flow:
@@ -197,6 +203,7 @@ class FlowCore:
         return Hello(
             role=c.role, node=c.node, max_frame=c.max_frame, window=c.window,
             max_flows=c.max_flows, group=c.group, features=list(c.features), software=c.software, token=c.token,
+            grant_key=self.grant_key,
         )
 
     # ------------------------------------------------------------------ local API
@@ -531,6 +538,29 @@ class TunnelConnection(FlowCore, FrameReader):
         data = b"".join(out)
         out.clear()
         return data
+
+    def chunks_to_send(self, large: int = 16384) -> list[bytes | memoryview]:
+        """What ``data_to_send`` would return, as a list: runs of pieces smaller than ``large``
+        joined, larger pieces (DATA payloads) as they are, so that they are not copied once more
+        on their way to a transport that takes a list (``writelines``)."""
+        out = self._out  # (every flow queues on this very list: emptied in place)
+        if not out:
+            return []
+        pieces = out[:]
+        out.clear()
+        chunks: list[bytes | memoryview] = []
+        run: list[bytes | memoryview] = []
+        for piece in pieces:
+            if len(piece) < large:
+                run.append(piece)
+                continue
+            if run:
+                chunks.append(run[0] if len(run) == 1 else b"".join(run))
+                run = []
+            chunks.append(piece)
+        if run:
+            chunks.append(run[0] if len(run) == 1 else b"".join(run))
+        return chunks
 
     @property
     def has_output(self) -> bool:

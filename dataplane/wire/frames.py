@@ -57,6 +57,7 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Positive = Annotated[int, msgspec.Meta(ge=1, le=MAX_WINDOW)]
 Token = Annotated[str, msgspec.Meta(max_length=8192)]
 Grant = Annotated[bytes, msgspec.Meta(max_length=2048)]
+GrantKey = Annotated[bytes, msgspec.Meta(max_length=64)]
 
 
 class Hello(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -71,6 +72,9 @@ class Hello(msgspec.Struct, array_like=True, gc=False, frozen=True):
     features: Annotated[list[Short], msgspec.Meta(max_length=32)] = []
     software: Short = ""
     token: Token = ""  # client → edge: the user's access token (a JWT), when signed in
+    # connector → edge: this tunnel's key for flow grants (``dataplane.access.grants``); secret,
+    # sent only inside the mutually authenticated tunnel, never logged.
+    grant_key: GrantKey = b""
 
 
 class Open(msgspec.Struct, array_like=True, gc=False, frozen=True):
