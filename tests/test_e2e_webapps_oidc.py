@@ -45,7 +45,7 @@ def test_a_browser_signs_in_through_the_oidc_provider_bound_to_that_browser(tmp_
         env={"FERRYMAN_DRAIN_GRACE": "1", "FERRYMAN_OIDC_ISSUER": provider.issuer,
              "FERRYMAN_OIDC_CLIENT_ID": CLIENT_ID, "FERRYMAN_OIDC_CLIENT_SECRET": CLIENT_SECRET,
              "FERRYMAN_OIDC_REDIRECT_URI": f"https://127.0.0.1:{port}/v1/auth/oidc/callback",
-             "FERRYMAN_WEB_OIDC_LABEL": "Sign in with Example ID"})
+             "FERRYMAN_WEB_OIDC_LABEL": "Sign in with Example ID", "FERRYMAN_WEB_SIGN_IN_RATE": "2"})
     try:
         fab.start(timeout=30)
         provider.user = {"sub": "ext-1", "email": fab.user, "email_verified": True}
@@ -84,6 +84,13 @@ def test_a_browser_signs_in_through_the_oidc_provider_bound_to_that_browser(tmp_
         # The handoff is good once.
         again = hop(fab, door, jar)
         assert again.status >= 400
+        # Starts count against the sign-in rate per source address (burst 2, 2 a minute here): of
+        # three more in a row at least one is 429 (the bucket holds at most 2).
+        start_url = fab.web_url("login", f"/.ferryman/oidc/start?host={fields['host']}&nonce={fields['nonce']}")
+        answers = [hop(fab, start_url, other) for _ in range(3)]
+        assert {a.status for a in answers} <= {302, 303, 429}
+        limited = [a for a in answers if a.status == 429]
+        assert limited and limited[0].header("retry-after"), answers
         # Only edges may start or collect a web sign-in.
         answer = http.request_blocking(fab.control_url, "POST", "/v1/node/web-oidc/start", timeout=10,
                                        body=b'{"return_to": "https://evil.example/.ferryman/oidc/callback", '

@@ -278,7 +278,7 @@ VARIABLES: dict[str, str] = {
     "web_backend_connect_timeout": "Edge: seconds to reach a web app's backend through a connector (flow and TLS) before 502/503/504.",
     "web_app_rate": "Edge: web requests per second per web app (token bucket); beyond, 429 with `Retry-After`.",
     "web_edge_rate": "Edge: web requests per second for this edge, all web apps together; beyond, 429 with `Retry-After`.",
-    "web_sign_in_rate": "Edge: sign-in attempts per minute per source address at the sign-in site; beyond, 429.",
+    "web_sign_in_rate": "Edge: sign-in attempts (password posts and OIDC starts) per minute per source address at the sign-in site; beyond, 429.",
     "web_header_timeout": "Edge: seconds a browser has for the TLS handshake and each request head; then 408.",
     "web_idle_timeout": "Edge: seconds a keep-alive web connection may idle (and a request body may stall: 408).",
     "web_websocket_idle_timeout": "Edge: seconds a WebSocket may carry nothing either way before it is closed.",

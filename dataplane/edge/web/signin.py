@@ -471,6 +471,11 @@ class SsoPages:
         bad = self._check_target(host, nonce)
         if bad is not None:
             return bad
+        wait = self.sign_in_buckets.take(request.source_ip)  # each start holds a pending sign-in upstream
+        if wait > 0:
+            self.counters["web_sign_in_rate_limited"] += 1
+            return page(429, "Too many sign-in attempts from your address; wait a little and try again.",
+                        "rate_limited", extra=[(b"retry-after", retry_after(wait))])
         state = new_nonce()
         sealed = self.sealer.seal(self.auth_host, OidcState(state=state, host=host, nonce=nonce,
                                                             exp=int(now + self.settings.sign_in_lifetime)))
