@@ -45,7 +45,7 @@ OWN_COOKIE_PREFIX = "__Host-ferryman"
 
 
 def is_token(name: bytes) -> bool:
-    return bool(_TOKEN.match(name))
+    return _TOKEN.fullmatch(name) is not None  # fullmatch: '$' would let a trailing newline through
 
 
 def connection_tokens(headers: Headers) -> set[bytes]:

@@ -1,0 +1,129 @@
+"""Hostile requests at the HTTPS front door, end to end (real TLS clients, real backends).
+
+- HTTP/2 pseudo-headers the h2 library lets through (a space, a tab or a non-ASCII byte in
+  ``:path``, a space in ``:method``) would be written into the backend's HTTP/1.1 request
+  line and split it: they are refused with 400 before any backend sees them.
+- ``.``/``..`` segments hidden behind separators a backend may decode or honour
+  (``%2f``, ``%5c``, ``..;``) cannot climb out of an app's path prefix.
+- A WebSocket handshake whose ``Origin`` is another site (a sibling app on the same
+  registrable domain sends the app's ``SameSite=Lax`` cookie) is refused: cross-site
+  WebSocket hijacking; the app's own origin and a client without ``Origin`` still connect.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import h2.events
+import pytest
+
+from web_support import (
+    Backend, Door, H2Client, WsClient, cookie_line, read_response, sign_in_with_curl, start_door, stop_door,
+    tls_socket,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def door(tmp_path: Path):
+    d = start_door(tmp_path)
+    opened = Backend("open", "open.internal")
+    prefixed = Backend("docs", "docs.internal", prefix="/app/")
+    ws = Backend("ws", "ws.internal")
+    d.backends.update(open=opened, docs=prefixed, ws=ws)
+    d.set_apps([
+        d.app("open", "open.test", opened, preauth="passthrough"),
+        d.app("docs", "docs.test", prefixed, preauth="passthrough", ext_path="/app/"),
+        d.app("ws", "ws.test", ws),
+    ])
+    yield d
+    stop_door(d)
+
+
+def h1(d: Door, host: str, target: str) -> tuple[int, bytes]:
+    """One raw HTTP/1.1 GET (the target exactly as given); status and body."""
+    sock = tls_socket(d, host, ["http/1.1"])
+    try:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}:{d.port}\r\nConnection: close\r\n\r\n".encode())
+        status, _, rest = read_response(sock)
+        while chunk := sock.recv(65536):
+            rest += chunk
+        return status, rest
+    finally:
+        sock.close()
+
+
+def test_http2_pseudo_headers_that_would_split_the_backend_request_line_are_refused(door: Door) -> None:
+    c = H2Client(door, "open.test")
+    c.conn.config.validate_outbound_headers = False  # send what a hostile client sends
+    c.conn.config.normalize_outbound_headers = False
+    for method, path in (("GET", b"/hello HTTP/1.1"), ("GET", b"/hello\tx"), ("GET", b"/hello\xff"),
+                         ("GET /hello", b"/x"), ("GET\x0b", b"/hello")):
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, [(b":method", method.encode("latin-1")), (b":scheme", b"https"),
+                                  (b":authority", c.authority), (b":path", path)], end_stream=True)
+        c.flush()
+        status, _, body, _ = c.response(sid)
+        assert status == 400 and b"bad_target" in body, (method, path, status, body[:200])
+    assert door.backends["open"].server.seen == []
+    ok = c.request("GET", "/hello")
+    assert c.response(ok)[:3:2] == (200, b"hello from backend open")
+
+
+def test_encoded_dot_segments_cannot_leave_the_app_prefix(door: Door) -> None:
+    for target in ("/app/..%2fsecret", "/app/..%2Fsecret", "/app/%2e%2e%5csecret", "/app/..;/secret",
+                   "/app/x/..;jsessionid=1/secret", "/app%2f..%2fsecret"):
+        status, body = h1(door, "docs.test", target)
+        assert status in (400, 404) and (b"bad_path" in body or b"outside_prefix" in body), (target, status, body[:200])
+    assert door.backends["docs"].server.seen == []
+    assert h1(door, "docs.test", "/app/hello") == (200, b"hello from backend docs")
+    assert h1(door, "docs.test", "/app/a..b/..x/hello")[0] == 404  # dots inside a name are no segment: served
+
+
+class OriginWs(WsClient):
+    """A WebSocket handshake with a chosen ``Origin`` header."""
+
+    def __init__(self, d: Door, host: str, path: str, cookie: str, origin: str | None) -> None:
+        self.sock = tls_socket(d, host, ["http/1.1"])
+        key = base64.b64encode(os.urandom(16)).decode()
+        req = (f"GET {path} HTTP/1.1\r\nHost: {host}:{d.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nCookie: {cookie}\r\n")
+        if origin is not None:
+            req += f"Origin: {origin}\r\n"
+        self.sock.sendall((req + "\r\n").encode())
+        self.status, self.headers, self.buf = read_response(self.sock)
+
+
+def test_a_websocket_opened_by_another_sites_page_is_refused(door: Door, tmp_path: Path) -> None:
+    jar = str(tmp_path / "jar")
+    assert sign_in_with_curl(door, jar, "ws.test").status == 200
+    cookie = cookie_line(jar, "ws.test")
+    for origin in (f"https://open.test:{door.port}", "https://evil.example", "null", f"http://ws.test:{door.port}",
+                   f"https://ws.test:{door.port}.evil.example"):
+        ws = OriginWs(door, "ws.test", "/ws", cookie, origin)
+        assert ws.status == 403 and b"websocket_origin" in ws.buf + ws.sock.recv(65536), origin
+        ws.close()
+    assert door.backends["ws"].server.websockets == 0
+    # over HTTP/2 (RFC 8441) the same
+    c = H2Client(door, "ws.test")
+    c.pump()
+    sid = c.request("CONNECT", "/ws", [(b"cookie", cookie.encode()), (b"sec-websocket-version", b"13"),
+                                       (b"origin", b"https://evil.example")],
+                    end=False, extra_pseudo=[(b":protocol", b"websocket")])
+    status, _, body, _ = c.response(sid)
+    assert status == 403 and b"websocket_origin" in body
+    assert door.backends["ws"].server.websockets == 0
+    assert door.door.counters["web_websocket_origin_refused"] == 6
+    rec = door.wait_record(lambda r: r.code == "websocket_origin")
+    assert rec.app == "ws" and rec.status == 403 and rec.action == "deny"
+    # the app's own pages (any case, the default port written or not) and non-browser clients connect
+    for origin in (f"https://WS.test:{door.port}", None):
+        ws = OriginWs(door, "ws.test", "/ws", cookie, origin)
+        assert ws.status == 101, origin
+        ws.send(b"hi", 1)
+        assert ws.recv() == (1, b"hi")
+        ws.close()
+    assert not [e for e in c.events if isinstance(e, h2.events.ConnectionTerminated)]
