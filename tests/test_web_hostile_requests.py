@@ -8,11 +8,14 @@
 - A WebSocket handshake whose ``Origin`` is another site (a sibling app on the same
   registrable domain sends the app's ``SameSite=Lax`` cookie) is refused: cross-site
   WebSocket hijacking; the app's own origin and a client without ``Origin`` still connect.
+- ``X_Remote_User``, ``X_Forwarded_For`` and other ``_`` spellings of the headers the edge
+  strips or sets never reach the backend (CGI/WSGI-style servers read them as the real ones).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 from pathlib import Path
 
@@ -20,8 +23,8 @@ import h2.events
 import pytest
 
 from web_support import (
-    Backend, Door, H2Client, WsClient, cookie_line, read_response, sign_in_with_curl, start_door, stop_door,
-    tls_socket,
+    Backend, Door, H2Client, WsClient, cookie_line, curl, read_response, sign_in_with_curl, start_door,
+    stop_door, tls_socket,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -127,3 +130,23 @@ def test_a_websocket_opened_by_another_sites_page_is_refused(door: Door, tmp_pat
         assert ws.recv() == (1, b"hi")
         ws.close()
     assert not [e for e in c.events if isinstance(e, h2.events.ConnectionTerminated)]
+
+
+def test_underscore_spellings_of_identity_headers_never_reach_the_backend(tmp_path: Path) -> None:
+    d = start_door(tmp_path)
+    try:
+        wiki = Backend("wiki", "wiki.internal")
+        d.backends["wiki"] = wiki
+        d.set_apps([d.app("wiki", "wiki.test", wiki, header_sso={"upn": "X-Remote-User", "groups": "X_Groups"})])
+        jar = str(tmp_path / "jar")
+        assert sign_in_with_curl(d, jar, "wiki.test").status == 200
+        r = curl(d, d.url("wiki.test", "/headers"), "-H", "X_Remote_User: root", "-H", "x_forwarded_for: 6.6.6.6",
+                 "-H", "X_Ferryman_Jwt_Assertion: forged", "-H", "X-Groups: admins", "-H", "X_Real_IP: 6.6.6.6",
+                 "-H", "X-Custom_Header: kept", jar=jar)
+        seen = json.loads(r.body)
+        assert seen["x-remote-user"] != "root" and seen["x_groups"] != "admins"
+        for name in ("x_remote_user", "x_forwarded_for", "x_ferryman_jwt_assertion", "x-groups", "x_real_ip"):
+            assert name not in seen, name
+        assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-custom_header"] == "kept"
+    finally:
+        stop_door(d)
