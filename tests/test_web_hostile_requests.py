@@ -8,6 +8,7 @@
 - A WebSocket handshake whose ``Origin`` is another site (a sibling app on the same
   registrable domain sends the app's ``SameSite=Lax`` cookie) is refused: cross-site
   WebSocket hijacking; the app's own origin and a client without ``Origin`` still connect.
+- A CSRF token with non-ASCII characters is refused (403), not a server error (500).
 - ``X_Remote_User``, ``X_Forwarded_For`` and other ``_`` spellings of the headers the edge
   strips or sets never reach the backend (CGI/WSGI-style servers read them as the real ones).
 """
@@ -150,3 +151,14 @@ def test_underscore_spellings_of_identity_headers_never_reach_the_backend(tmp_pa
         assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-custom_header"] == "kept"
     finally:
         stop_door(d)
+
+
+def test_a_non_ascii_csrf_token_is_refused_not_a_server_error(door: Door) -> None:
+    cookie = "__Host-ferryman-csrf=" + "a" * 32
+    r = curl(door, door.url("auth.test", "/.ferryman/sign_in"), "-H", "Content-Type: application/x-www-form-urlencoded",
+             "-H", f"Cookie: {cookie}", data="csrf=%C3%A9%C3%A9&upn=a&password=b".encode())
+    assert r.status == 403 and b"csrf_refused" in r.body
+    r = curl(door, door.url("ws.test", "/.ferryman/sign_out"), "-H", "Content-Type: application/x-www-form-urlencoded",
+             "-H", f"Cookie: {cookie}", data="csrf=%C3%A9".encode())
+    assert r.status == 403 and b"csrf_refused" in r.body
+    assert not [rec for rec in door.records if rec.status >= 500]
