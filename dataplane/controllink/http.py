@@ -11,6 +11,8 @@ thread could not be interrupted); command-line callers (``register``, ``login``,
 own in a worker thread. The body of
 an answer is bounded (``max_body``), a whole request by ``timeout``, and every failure is an
 ``HttpError`` saying what went wrong (refused, name not resolved, TLS, timeout, ...).
+A verified TLS connection whose certificate names a node role (an edge's: same CA, maybe the
+same host name) is refused (``controltls.refuse_node_certificate``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import urllib.parse
 from typing import Any
 
 import h11
+
+from ..basics.controltls import ControlTlsError, refuse_node_certificate
 
 
 _default_tls: ssl.SSLContext | None = None
@@ -93,6 +97,11 @@ async def request(base: str, method: str, target: str, *, headers: dict[str, str
                 raise HttpError(f"cannot connect to {host}:{port}: Connection refused") from None
             except OSError as exc:
                 raise HttpError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+            if context is not None and context.verify_mode == ssl.CERT_REQUIRED:
+                try:
+                    refuse_node_certificate(writer.get_extra_info("peercert"), f"{host}:{port}")
+                except ControlTlsError as exc:
+                    raise HttpError(str(exc)) from None
             out = conn.send(h11.Request(method=method, target=prefix + target or "/", headers=fields))
             if body:
                 out += conn.send(h11.Data(data=body))
