@@ -8,6 +8,8 @@
 - A WebSocket handshake whose ``Origin`` is another site (a sibling app on the same
   registrable domain sends the app's ``SameSite=Lax`` cookie) is refused: cross-site
   WebSocket hijacking; the app's own origin and a client without ``Origin`` still connect.
+- A backend ``101`` without the ``Sec-WebSocket-Accept`` of the client's key is no WebSocket:
+  502, and no byte the client sends afterwards reaches the backend (WebSocket smuggling).
 - A CSRF token with non-ASCII characters is refused (403), not a server error (500).
 - ``X_Remote_User``, ``X_Forwarded_For`` and other ``_`` spellings of the headers the edge
   strips or sets never reach the backend (CGI/WSGI-style servers read them as the real ones).
@@ -18,6 +20,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import h2.events
@@ -162,3 +167,69 @@ def test_a_non_ascii_csrf_token_is_refused_not_a_server_error(door: Door) -> Non
              "-H", f"Cookie: {cookie}", data="csrf=%C3%A9".encode())
     assert r.status == 403 and b"csrf_refused" in r.body
     assert not [rec for rec in door.records if rec.status >= 500]
+
+
+class _Fake101:
+    """A backend that answers every request with a bare ``101`` (no ``Sec-WebSocket-Accept``), then
+    records whatever comes through: the raw tunnel a WebSocket-smuggling client wants."""
+
+    def __init__(self, accept: bytes = b"") -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.internal_url = f"http://fake.internal:{self.listener.getsockname()[1]}"
+        self.accept = accept
+        self.after: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                head = b""
+                try:
+                    while b"\r\n\r\n" not in head:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        head += chunk
+                    extra = f"Sec-WebSocket-Accept: {self.accept.decode()}\r\n".encode() if self.accept else b""
+                    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                 + extra + b"\r\n")
+                    rest = head.partition(b"\r\n\r\n")[2]
+                    while chunk := conn.recv(65536):
+                        rest += chunk
+                except OSError:
+                    pass
+                self.after.append(rest)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_101_that_is_no_websocket_handshake_opens_no_tunnel_to_the_backend(tmp_path: Path) -> None:
+    d = start_door(tmp_path)
+    fakes = [_Fake101(), _Fake101(accept=b"d3JvbmcgYWNjZXB0IHZhbHVlIQ==")]
+    try:
+        d.set_apps([d.app("fake", "open.test", fakes[0], preauth="passthrough"),
+                    d.app("fake2", "other.test", fakes[1], preauth="passthrough")])
+        for host, fake in (("open.test", fakes[0]), ("other.test", fakes[1])):
+            ws = OriginWs(d, host, "/ws", "", None)
+            assert ws.status == 502, (host, ws.status)
+            try:
+                ws.sock.sendall(b"GET /admin HTTP/1.1\r\nHost: x\r\nX-Remote-User: root\r\n\r\n")
+                while ws.sock.recv(65536):
+                    pass
+            except OSError:
+                pass
+            ws.close()
+            deadline = time.monotonic() + 5
+            while not fake.after and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert fake.after == [b""], (host, fake.after)  # nothing reached the backend past the handshake
+    finally:
+        for fake in fakes:
+            fake.close()
+        stop_door(d)

@@ -485,6 +485,13 @@ class Proxy:
             out = [(n, v) for n, v in headers if n in _WS_RESPONSE]
             status = 200
         else:
+            # A 101 that is no WebSocket handshake for this key (a backend echoing a status it was
+            # given, say) would turn the connection into a raw tunnel to the backend, past the
+            # edge's per-request checks and header stripping: only a real handshake is spliced.
+            key = request.header(b"sec-websocket-key").strip()
+            if not key or get(headers, b"sec-websocket-accept").strip() != accept_for(key):
+                conn.close()
+                raise BackendError("the application's WebSocket handshake answer is not valid")
             out = [(b"upgrade", b"websocket"), (b"connection", b"upgrade")]
             out.extend((n, v) for n, v in headers if n in _WS_RESPONSE or n == b"sec-websocket-accept")
             status = 101
