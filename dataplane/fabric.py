@@ -82,11 +82,13 @@ def _http_status(url: str, context: ssl.SSLContext | None = None) -> int:
 class Fabric:
     def __init__(self, workdir: str, forwards: list[tuple], env: dict[str, str] | None = None,
                  connectors: int = 1, *, managed: bool = False, apps: list[dict] | None = None,
-                 webapps: list[dict] | None = None, edges: int = 1,
+                 webapps: list[dict] | None = None, control_port: int = 0, edges: int = 1,
                  connector_edges: dict[str, list[str]] | None = None, client_edges: list[str] | None = None,
                  more_clients: dict[str, list[str]] | None = None) -> None:
         """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each; ``apps``: more
-        applications (``{"name": ..., "segments": [...]}``, for SOCKS5 or HTTP CONNECT) besides the forwards'.
+        applications (``{"name": ..., "segments": [...]}``, for SOCKS5 or HTTP CONNECT) besides the forwards';
+        ``control_port``: managed, the control plane's port (0: a free one), when its URL must be known
+        beforehand (an OIDC redirect URI).
 
         ``edges``: how many edges (``edge-1`` ...; more than one only ``managed``: they relay flows
         to each other through the control plane's presence map); ``connector_edges``: the edges a
@@ -119,6 +121,7 @@ class Fabric:
         self.client_ports: dict[str, list[int]] = {  # listening port of each forward, per client agent
             name: [self._free_port(f[4]) for f in self.forwards] for name in self.more_clients}
         self.edge_host = "127.0.0.1"  # the address the edge listens on and the other nodes dial
+        self.control_port = control_port
         self.control_host = "127.0.0.1"  # managed: the address the control plane listens on (and is dialed at)
         self.control_url = ""  # managed: https://HOST:PORT of the control plane
         self.ca_pem = b""  # managed: its CA (PEM), which its HTTPS certificate chains to
@@ -278,7 +281,7 @@ class Fabric:
             shutil.rmtree(os.path.join(self.workdir, stale), ignore_errors=True)
         control_dir = os.path.join(self.workdir, "control")
         os.makedirs(control_dir, mode=0o700)
-        port = self._free_port()
+        port = self.control_port or self._free_port()
         self.control_url = f"https://{self.control_host}:{port}"
         self.control_tls = None
         control_env = {"FERRYMAN_DATA_DIR": control_dir}

@@ -471,6 +471,11 @@ class SsoPages:
         bad = self._check_target(host, nonce)
         if bad is not None:
             return bad
+        wait = self.sign_in_buckets.take(request.source_ip)  # each start holds a pending sign-in upstream
+        if wait > 0:
+            self.counters["web_sign_in_rate_limited"] += 1
+            return page(429, "Too many sign-in attempts from your address; wait a little and try again.",
+                        "rate_limited", extra=[(b"retry-after", retry_after(wait))])
         state = new_nonce()
         sealed = self.sealer.seal(self.auth_host, OidcState(state=state, host=host, nonce=nonce,
                                                             exp=int(now + self.settings.sign_in_lifetime)))
@@ -478,7 +483,7 @@ class SsoPages:
             url = await self.oidc.begin(f"https://{self.auth_host}/.ferryman/oidc/callback", state)
         except SignInError as exc:
             return page(exc.status if exc.status >= 400 else 503, exc.message, exc.code)
-        if not url.startswith("https://"):
+        if not url.startswith(("https://", "http://127.0.0.1:", "http://[::1]:", "http://localhost:")):  # an https provider, or one on loopback
             return page(503, "The external sign-in provider is not configured correctly.", "oidc_unavailable")
         return redirect(url, [(b"set-cookie", cookie_header(OIDC_COOKIE, sealed,
                                                             max_age=int(self.settings.sign_in_lifetime)))])
@@ -491,7 +496,7 @@ class SsoPages:
             self.counters[f"web_oidc_state_refused_{exc.reason}"] += 1
             return page(400, "The sign-in with the external provider was started in another browser or has expired.",
                         "bad_state", link="/.ferryman/sign_in", link_text="Sign in again")
-        if not hmac.compare_digest(params.get("state", ""), saved.state):
+        if not hmac.compare_digest(params.get("state", "").encode(), saved.state.encode()):
             self.counters["web_oidc_state_refused_mismatch"] += 1
             return page(400, "The external provider's answer does not belong to this sign-in (state).", "bad_state",
                         link="/.ferryman/sign_in", link_text="Sign in again")
@@ -543,7 +548,8 @@ class SsoPages:
         site = request.header(b"sec-fetch-site")
         expected = f"https://{request.host}".encode()
         cookie = cookies.get(CSRF_COOKIE, "")
-        ok = bool(cookie) and hmac.compare_digest(form.get("csrf", ""), cookie)
+        # as bytes: compare_digest raises on non-ASCII text, which a hostile form may send
+        ok = bool(cookie) and hmac.compare_digest(form.get("csrf", "").encode(), cookie.encode())
         if origin and origin != b"null" and origin != expected:
             ok = False
         if site and site not in (b"same-origin", b"none"):
