@@ -63,14 +63,28 @@ class CertificateAuthority:
             cert, key = pki.load_ca(directory)
         except pki.PkiError as exc:
             raise CaError(str(exc)) from None
-        try:
-            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if not is_ca:
-            path = os.path.join(directory, pki.CA_CERT)
-            raise CaError(f"{path} is not a CA certificate (basicConstraints CA:TRUE missing)")
+        _check_is_ca(cert, os.path.join(directory, pki.CA_CERT))
         return cls(directory, cert, key)
+
+    @classmethod
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes, where: str) -> CertificateAuthority:
+        """The CA of a certificate and ECDSA key in PEM (as ``pki.new_ca`` makes them); ``where``
+        names their origin in messages (and stands for ``directory``)."""
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (TypeError, ValueError):
+            raise CaError(f"the CA in {where} is not a PEM certificate and unencrypted key") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise CaError(f"the CA key in {where} is not an ECDSA key")
+        if key.public_key() != cert.public_key():
+            raise CaError(f"the CA key in {where} does not match its certificate")
+        _check_is_ca(cert, where)
+        return cls(where, cert, key)
+
+    def key_pem(self) -> bytes:
+        """The CA's private key (PKCS#8 PEM), for sealing it where other control-plane nodes find it."""
+        return pki.key_pem(self._key)
 
     def bundle(self) -> bytes:
         """The CA certificate (PEM) that nodes trust."""
@@ -167,6 +181,15 @@ class CertificateAuthority:
 
 
 _AcceptedKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+
+
+def _check_is_ca(cert: x509.Certificate, where: str) -> None:
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise CaError(f"{where} is not a CA certificate (basicConstraints CA:TRUE missing)")
 
 
 def _verified_key(csr_pem: bytes) -> _AcceptedKey:

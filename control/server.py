@@ -7,9 +7,11 @@
 - CA: ``<data_dir>/ca`` (``CertificateAuthority.open``; created on first start);
 - access-token signing key: ``<data_dir>/token-signing.key`` (Ed25519, ``TokenSigner.open``;
   created 0600 on first start), tokens living ``FERRYMAN_ACCESS_TOKEN_MINUTES``;
-- secrets key: ``<data_dir>/secrets.key`` (``SecretBox.open``; created 0600 on first start),
-  sealing the TOTP secrets the store keeps; the start is refused when it does not open the
-  ones already stored;
+  on PostgreSQL both are shared by every control-plane node through the database instead
+  (``control.shared_keys``);
+- secrets key: ``FERRYMAN_SECRETS_KEY_FILE``, else ``<data_dir>/secrets.key`` (``SecretBox``;
+  the latter created 0600 on first start), sealing the TOTP secrets the store keeps and the
+  shared keys; the start is refused when it does not open the ones already stored;
 - first start: when the database has no admin key at all, one named ``bootstrap`` is made
   and its plain text written to ``<data_dir>/admin.key`` (mode 0600). Only the path is
   printed; the key itself never goes to a log;
@@ -38,7 +40,6 @@ from sqlalchemy.engine import make_url
 
 from control.api import create_app
 from control.api.throttle import SignInLimits
-from control.ca import CertificateAuthority
 from control.console.security import ConsoleConfig
 from control.httplimits import limited_protocol
 from control.snapshot import SnapshotHub
@@ -49,7 +50,7 @@ from control.store.admin_keys import create_admin_key
 from control.oidc import OidcConfig
 from control.store.models import AdminKey
 from control.store.secretbox import SecretBox
-from control.tokens import TokenSigner
+from control.shared_keys import open_ca, open_token_signer
 from control import tls
 from dataplane.basics.caps import HttpLimits, LogLimiter
 from dataplane.basics.controltls import insecure_warning
@@ -157,15 +158,16 @@ def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
     oidc = OidcConfig.from_settings(settings)  # ValueError naming the variable
     os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
     url = database_url(settings.data_dir, {"FERRYMAN_DATABASE_URL": settings.database_url})
-    box = SecretBox.open(settings.data_dir)
+    box = (SecretBox.open_file(settings.secrets_key_file) if settings.secrets_key_file
+           else SecretBox.open(settings.data_dir))
     store = open_store(url, box)
     if store.migrations_applied:
         log.info("database schema migrated: %s", " -> ".join(store.migrations_applied))
     try:
         with store.read() as session:
             totp.check_secrets_key(session, box)
-        ca = CertificateAuthority.open(os.path.join(settings.data_dir, CA_DIR))
-        token_signer = TokenSigner.open(settings.data_dir, lifetime=settings.access_token_minutes * 60)
+        ca = open_ca(store, os.path.join(settings.data_dir, CA_DIR))
+        token_signer = open_token_signer(store, settings.data_dir, lifetime=settings.access_token_minutes * 60)
         ssl_files: dict[str, str] = {}
         if settings.control_insecure_http:
             log.warning(insecure_warning("the control plane serves"))

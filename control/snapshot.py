@@ -7,9 +7,12 @@
 - ``SnapshotHub``: the newest snapshot and the long-poll waiters for a newer one (pure
   asyncio; the HTTP endpoint calls ``wait_newer`` with the version the node holds).
 - ``refresh`` / ``follow_store``: rebuild and publish when the store's version moved.
-  ``follow_store`` polls the one-row version table (every ``FOLLOW_INTERVAL`` seconds), so
-  changes made through any control-plane node sharing the database reach the hub, and
-  from there every waiting node, well within the two seconds a change may take.
+  On PostgreSQL ``follow_store`` re-reads the one-row version table when the database
+  notifies a change (``LISTEN/NOTIFY``, ``control.store.notify``; every control-plane node
+  sharing the database is told of a commit made through any of them), and every
+  ``notify.FALLBACK_INTERVAL`` seconds as a safety net; on SQLite (one host) it reads it
+  every ``FOLLOW_INTERVAL`` seconds. Either way a change reaches the hub, and from there
+  every waiting node, well within the two seconds a change may take.
 
 The ``edges`` of a snapshot are the public edge addresses the control plane was started
 with, then those of registered edges (registering or revoking an edge is a configuration
@@ -409,12 +412,14 @@ async def refresh(store: Store, hub: SnapshotHub, *, edges: Iterable[str], token
 
 async def follow_store(store: Store, hub: SnapshotHub, *, edges: Iterable[str], token_keys: TokenKeys = (),
                        token_issuer: str = "", token_lifetime: int | None = None,
-                       interval: float = FOLLOW_INTERVAL) -> None:
+                       interval: float = FOLLOW_INTERVAL, changed: asyncio.Event | None = None) -> None:
     """Keep ``hub`` at the store's configuration version until cancelled.
 
-    Every ``interval`` seconds the version is read (one row); when it differs from the hub's
-    the snapshot is rebuilt and published. A database error is logged (once per outage) and
-    retried at the next tick: the hub keeps serving the last snapshot meanwhile.
+    The version is read (one row) whenever ``changed`` is set (a PostgreSQL notification,
+    ``control.store.notify.ChangeListener``) and at least every ``interval`` seconds; when it
+    differs from the hub's the snapshot is rebuilt and published. A database error is logged
+    (once per outage) and retried at the next tick: the hub keeps serving the last snapshot
+    meanwhile.
     """
     edges = list(edges)
     keys = [dict(key) for key in token_keys]
@@ -442,4 +447,11 @@ async def follow_store(store: Store, hub: SnapshotHub, *, edges: Iterable[str], 
             if not failing:
                 log.warning("cannot read the configuration store: %s", exc)
                 failing = True
-        await asyncio.sleep(interval)
+        if changed is None or failing:
+            await asyncio.sleep(interval if changed is None else min(interval, FOLLOW_INTERVAL * 4))
+            continue
+        try:
+            await asyncio.wait_for(changed.wait(), interval)
+        except TimeoutError:
+            pass
+        changed.clear()  # cleared before the read: a change committed after it sets it again

@@ -6,6 +6,14 @@ holds ``control.pem`` (the certificate, then the CA) and ``control.key`` (0600) 
 ``127.0.0.1``, ``::1`` and this host's name), signed by the current CA and with more than a
 third of its lifetime left. Otherwise (first start, hosts changed, CA replaced, nearly
 expired, unreadable) a new key and certificate replace the old ones. Checked at every start.
+``ca.pem`` next to them is the CA it chains to (written at every start), for the admin CLI on
+this host.
+
+Several control-plane nodes on one PostgreSQL database sign with the one CA they share
+(``control.shared_keys.open_ca``): each issues its own certificate, for its own
+``FERRYMAN_CONTROL_HOSTS``, into its own data directory, and they all have the same CA hash
+(``pin``), so one pin and one URL list reach any of them. A certificate a node issued from
+another CA (its own, before it joined the database) is replaced at its next start.
 
 Clients trust the CA, not this certificate: a new one needs nothing from them.
 """
@@ -26,6 +34,7 @@ from dataplane.basics.controltls import ca_pin
 
 TLS_DIR = "tls"
 CERT_FILE = "control.pem"
+CA_FILE = "ca.pem"
 KEY_FILE = "control.key"
 RENEW_SHARE = 1 / 3  # a certificate with less than this share of its lifetime left is replaced at start
 
@@ -95,16 +104,28 @@ def server_certificate(ca: CertificateAuthority, data_dir: str, hosts: list[str]
     now = now or datetime.datetime.now(datetime.timezone.utc)
     directory = os.path.join(data_dir, TLS_DIR)
     cert_path, key_path = os.path.join(directory, CERT_FILE), os.path.join(directory, KEY_FILE)
-    if _usable(cert_path, key_path, ca, hosts, now):
-        return cert_path, key_path, False
-    cert, key_pem = ca.issue_server(hosts, lifetime_days)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    issued = False
     try:
-        statefile.write_private(key_path, key_pem)
-        statefile.write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM) + ca.bundle())
+        if not _usable(cert_path, key_path, ca, hosts, now):
+            cert, key_pem = ca.issue_server(hosts, lifetime_days)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            statefile.write_private(key_path, key_pem)
+            statefile.write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM) + ca.bundle())
+            issued = True
+        ca_path = os.path.join(directory, CA_FILE)
+        if _read(ca_path) != ca.bundle():
+            statefile.write_file(ca_path, ca.bundle(), 0o644)
     except statefile.StateFileError as exc:
         raise CaError(f"cannot store the control plane's HTTPS certificate: {exc}") from None
-    return cert_path, key_path, True
+    return cert_path, key_path, issued
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
 
 
 def pin(ca: CertificateAuthority) -> str:

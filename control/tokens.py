@@ -78,6 +78,11 @@ def _key_pem(key: ed25519.Ed25519PrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def new_key_pem() -> bytes:
+    """A new Ed25519 signing key (PKCS#8 PEM)."""
+    return _key_pem(ed25519.Ed25519PrivateKey.generate())
+
+
 def _create_key_file(path: str) -> None:
     """Write a new key to ``path`` (0600 from the start); keep the file of a concurrent starter if it won."""
     tmp = f"{path}.{os.urandom(4).hex()}.tmp"
@@ -141,6 +146,21 @@ class TokenSigner:
                 raise TokenKeyError(f"cannot create the token signing key {path}: {exc.strerror}") from None
             log.info("created token signing key %s", path)
         return cls(_load_key_file(path), lifetime=lifetime)
+
+    @classmethod
+    def from_pem(cls, key_pem: bytes, where: str, *, lifetime: int = DEFAULT_LIFETIME) -> TokenSigner:
+        """The signer of an Ed25519 private key in PEM (``new_key_pem``); ``where`` names its origin."""
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (TypeError, ValueError):
+            raise TokenKeyError(f"the token signing key in {where} is not an unencrypted PEM private key") from None
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise TokenKeyError(f"the token signing key in {where} must be an Ed25519 key, not {type(key).__name__}")
+        return cls(OKPKey.import_key(_key_pem(key)), lifetime=lifetime)
+
+    def key_pem(self) -> bytes:
+        """This signer's private key (PKCS#8 PEM), for sealing it where other control-plane nodes find it."""
+        return self._key.as_pem(private=True)
 
     def issue(self, *, user_id: str, upn: str, groups: Sequence[str], amr: Sequence[str], auth_time: datetime,
               session_id: str, device_id: str | None = None, not_after: datetime | None = None,

@@ -11,7 +11,9 @@ data directory of the test's), spoken to over HTTPS with urllib, verified agains
   over HTTPS checked against the CA in ``data_dir/ca`` (plain HTTP when ``env`` sets
   ``FERRYMAN_CONTROL_INSECURE_HTTP=1``); returns (process, URL). The test fails, with the log, if
   the process exits or stays silent.
-- ``tls_context(data_dir)``: an SSL context trusting the CA of the control plane in ``data_dir``.
+- ``tls_context(data_dir)``: an SSL context trusting the CA of the control plane in ``data_dir``
+  (``ca_file``: ``tls/ca.pem``, the CA its HTTPS certificate chains to, which on PostgreSQL is
+  the CA every control-plane node shares; else ``ca/ca.pem`` before that is written).
 - ``stop(proc)``: SIGTERM, then SIGKILL after 10 s; for any subprocess.
 - ``Control``: one running control plane (URL, data directory, bootstrap admin key, process,
   log). ``Control.launch(data_dir, ...)`` starts one (arguments as ``start``; the log next to the
@@ -69,9 +71,15 @@ def environment(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def ca_file(data_dir: Path) -> Path:
+    """The CA certificate of the control plane in ``data_dir`` (module doc)."""
+    served = data_dir / "tls" / "ca.pem"
+    return served if served.exists() else data_dir / "ca" / "ca.pem"
+
+
 def tls_context(data_dir: Path) -> ssl.SSLContext:
     """Trusts only the CA of the control plane in ``data_dir`` (host names checked)."""
-    return verifying_context((data_dir / "ca" / "ca.pem").read_bytes())
+    return verifying_context(ca_file(data_dir).read_bytes())
 
 
 def start(data_dir: Path, log: Path, *, edges: Sequence[str] = (), env: Mapping[str, str] | None = None,
@@ -197,7 +205,7 @@ class Control:
 
     @property
     def ca_pem(self) -> bytes:
-        return (self.data_dir / "ca" / "ca.pem").read_bytes()
+        return ca_file(self.data_dir).read_bytes()
 
     @property
     def ca_hash(self) -> str:

@@ -57,7 +57,7 @@ TABLES = {"alembic_version", "connector_groups", "applications", "segments", "co
           "admin_keys", "audit_records", "registration_tokens", "revocations", "config_version",
           "issued_certificates", "users", "recovery_codes", "user_groups", "group_members", "devices", "sessions",
           "app_assignments", "named_locations", "access_policies", "traffic_logs", "forwarding_profile",
-          "web_apps", "console_sessions"}
+          "web_apps", "console_sessions", "control_keys", "guard_marks", "sign_in_attempts"}
 ACTOR = "admin-key:tests"
 
 

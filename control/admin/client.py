@@ -3,14 +3,19 @@
 REST API. Nothing here touches the database.
 
 - ``control_url``: ``--control URL`` (``https://HOST:PORT``; a bare ``HOST:PORT`` gets
-  ``https://``, or ``http://`` with ``FERRYMAN_CONTROL_INSECURE_HTTP=1``). Default: built from
-  ``FERRYMAN_CONTROL_LISTEN`` (a wildcard listen address such as ``0.0.0.0`` or ``[::]``
-  becomes the loopback address), so on the control plane's own host no flag is needed.
+  ``https://``, or ``http://`` with ``FERRYMAN_CONTROL_INSECURE_HTTP=1``), or several
+  comma-separated: the control-plane nodes sharing one database, tried in turn when one cannot
+  be reached. Default: built from ``FERRYMAN_CONTROL_LISTEN`` (a wildcard listen address such
+  as ``0.0.0.0`` or ``[::]`` becomes the loopback address), so on the control plane's own host
+  no flag is needed.
 - ``tls_context``: how the control plane's HTTPS certificate is checked: against
   ``FERRYMAN_CONTROL_CA`` (a PEM file), else the CA learned over TLS and kept only when its
-  hash is ``--ca-hash`` (``dataplane.basics.controltls.fetch_pinned_ca``), else the CA in
-  ``FERRYMAN_DATA_DIR/ca/ca.pem`` (on the control plane's own host). Host names are checked.
-  ``http://`` is refused unless ``FERRYMAN_CONTROL_INSECURE_HTTP=1`` (then warned).
+  hash is ``--ca-hash`` (``dataplane.basics.controltls.fetch_pinned_ca``), else the CA of the
+  control plane on this host (``FERRYMAN_DATA_DIR/tls/ca.pem``, written at its start; or
+  ``FERRYMAN_DATA_DIR/ca/ca.pem``). Host names are checked. Several control-plane nodes share
+  one CA, so one context checks every URL of the list: a node whose certificate does not
+  chain to it is passed over like one that cannot be reached. ``http://`` is refused unless
+  ``FERRYMAN_CONTROL_INSECURE_HTTP=1`` (then warned).
 - ``admin_key``: ``--key-file PATH`` (default ``FERRYMAN_DATA_DIR/admin.key``, the bootstrap
   key the control plane writes on first start) or ``--key KEY`` (visible to other local
   users in the process list: prefer the file).
@@ -38,6 +43,7 @@ from dataplane.basics.controltls import (
     ControlTlsError,
     ca_pin,
     check_scheme,
+    control_urls,
     fetch_pinned_ca,
     insecure_warning,
     load_ca_pem,
@@ -84,6 +90,10 @@ def why_failed(reason: object) -> str:
     return str(reason) or type(reason).__name__
 
 
+class _Unreachable(Exception):
+    """One control URL could not be connected to; the message says why."""
+
+
 class SinkError(Exception):
     """Writing out a streamed answer failed (``Client.stream``); ``error`` is the ``OSError``."""
 
@@ -97,16 +107,19 @@ class Client:
 
     def __init__(self, base_url: str, key: str, key_source: str, timeout: float = DEFAULT_TIMEOUT,
                  context: ssl.SSLContext | None = None) -> None:
-        self.base_url = base_url
+        # Several control-plane nodes' URLs (comma-separated): each call tries them in turn, starting
+        # with the one that answered last, moving on when one cannot be connected to (TLS included).
+        self.bases = control_urls(base_url) or [base_url]
+        self.base_url = self.bases[0]
         self.key = key
         self.key_source = key_source
         self.timeout = timeout
         self.context = context
 
-    def _request(self, method: str, path: str, body: Any, query: dict[str, Any] | None,
+    def _request(self, base: str, method: str, path: str, body: Any, query: dict[str, Any] | None,
                  accept: str = "application/json") -> urllib.request.Request:
         params = {k: v for k, v in (query or {}).items() if v is not None}
-        url = self.base_url + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        url = base + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
         data = None if body is None else msgspec.json.encode(body)
         request = urllib.request.Request(url, data=data, method=method)
         request.add_header("Authorization", f"Bearer {self.key}")
@@ -123,8 +136,24 @@ class Client:
     def stream(self, method: str, path: str, sink: Callable[[bytes], None] | None, *,
                query: dict[str, Any] | None = None, body: Any = None, accept: str = "application/json") -> bytes:
         """``method path`` with the response body handed to ``sink`` in chunks as it arrives (returns
-        b""), or, without a sink, read whole and returned; raises ``AdminError``."""
-        request = self._request(method, path, body, query, accept)
+        b""), or, without a sink, read whole and returned; raises ``AdminError``. With several
+        control URLs, one that cannot be connected to is passed over for the next."""
+        first = self.bases.index(self.base_url)
+        failures: list[str] = []
+        for step in range(len(self.bases)):
+            base = self.bases[(first + step) % len(self.bases)]
+            try:
+                return self._stream_one(base, method, path, sink, query=query, body=body, accept=accept)
+            except _Unreachable as exc:
+                failures.append(f"{base}: {exc}")
+        if len(failures) == 1:
+            raise AdminError(f"cannot reach the control plane at {failures[0]}")
+        raise AdminError("cannot reach any control-plane node: " + "; ".join(failures))
+
+    def _stream_one(self, base: str, method: str, path: str, sink: Callable[[bytes], None] | None, *,
+                    query: dict[str, Any] | None, body: Any, accept: str) -> bytes:
+        request = self._request(base, method, path, body, query, accept)
+        self.base_url = base
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:
                 if sink is None:
@@ -137,8 +166,8 @@ class Client:
                 return b""
         except urllib.error.HTTPError as exc:
             raise self._refusal(exc) from None
-        except urllib.error.URLError as exc:
-            raise AdminError(f"cannot reach the control plane at {self.base_url}: {why_failed(exc.reason)}") from None
+        except urllib.error.URLError as exc:  # no connection (or the request could not be sent)
+            raise _Unreachable(why_failed(exc.reason)) from None
         except TimeoutError:
             raise AdminError(f"cannot reach the control plane at {self.base_url}: no answer within "
                              f"{self.timeout:g}s") from None
@@ -205,8 +234,15 @@ def _settings() -> settings_mod.ControlSettings:
 
 
 def control_url(value: str | None) -> str:
+    """The ``--control`` URL checked, or several comma-separated (control-plane nodes sharing one
+    database: ``Client`` fails over between them)."""
     if value is None:
         return _default_url()
+    parts = value.split(",")
+    if len(parts) > 1:
+        if not all(part.strip() for part in parts):
+            raise usage(f"--control {value!r}: an empty URL in the comma-separated list")
+        return ",".join(control_url(part) for part in parts)
     url = value.strip().rstrip("/")
     if "://" not in url:
         url = f"{_scheme()}://{url}"
@@ -235,8 +271,12 @@ def tls_context(url: str, ca_hash: str | None) -> ssl.SSLContext | None:
         elif pin is not None:
             pem = fetch_pinned_ca(url, pin, DEFAULT_TIMEOUT)
         else:
-            local = os.path.join(settings.data_dir, "ca", "ca.pem")  # the control plane's own CA, on its host
-            if not os.path.exists(local):
+            # the control plane's own CA, on its host: the one its HTTPS certificate chains to (shared by
+            # every node on PostgreSQL), else the CA directory (an older start)
+            candidates = [os.path.join(settings.data_dir, "tls", "ca.pem"),  # as written by control.tls
+                          os.path.join(settings.data_dir, "ca", "ca.pem")]
+            local = next((path for path in candidates if os.path.exists(path)), "")
+            if not local:
                 raise ControlTlsError(f"no way to check the control plane at {url}: {trust_hint()}")
             pem = read_ca_file(local, "the control plane's CA")
         return verifying_context(pem)

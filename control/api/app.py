@@ -6,8 +6,9 @@ admin key required), user sign-in under ``/v1/auth`` (``auth.py``: password/TOTP
 tokens; ``oidc.py``: through an OIDC provider), the client agents' profile under
 ``/v1/client`` (``client.py``), ``POST /v1/register`` (``register.py``, one-time token),
 the node routes under ``/v1/node`` (``nodes.py``, node certificate token), the web console
-under ``/console`` (``control.console``: its own sign-in and session cookie), ``GET /health``
-and ``GET /v1/ca`` (the CA certificate, for clients to check against their pin; no credential), and the OpenAPI document at ``/schema/openapi.json`` (Swagger UI at
+under ``/console`` (``control.console``: its own sign-in and session cookie), ``GET /health``, ``GET /ready``
+and ``GET /v1/ca`` (the CA certificate, for clients to check against their pin; no credential), and the
+OpenAPI document at ``/schema/openapi.json`` (Swagger UI at
 ``/schema/swagger``). Credentials are checked by ``guards.py``; errors are JSON
 (``errors.py``).
 """
@@ -30,6 +31,7 @@ from control.console.security import ConsoleConfig
 from control.oidc import Oidc, OidcConfig
 from control.snapshot import FOLLOW_INTERVAL, follow_store, refresh
 from control.store import Store
+from control.store import notify
 from control.tokens import TokenSigner
 
 from .admin import admin_router
@@ -42,7 +44,7 @@ from .nodes import NODE_ROUTES
 from .oidc import oidc_router
 from .policies import policy_router
 from .register import register
-from .schemas import Health
+from .schemas import Health, Readiness
 from .throttle import SignInLimits
 from .traffic import traffic_retention, traffic_router
 from .webapps import webapp_router
@@ -58,6 +60,16 @@ MAX_BODY_BYTES = 1024 * 1024
 async def health() -> Health:
     """Liveness: the process answers (no credential needed)."""
     return Health(status="ok")
+
+
+@get("/ready", tags=["health"], security=[])
+async def ready(api: Api) -> Response[Readiness]:
+    """Readiness: this node can serve (the database answers, the configuration snapshot is
+    loaded and, on PostgreSQL, change notifications are listened for); 503 naming what is not."""
+    problems = await api.readiness()
+    status = 200 if not problems else 503
+    return Response(Readiness(status="ready" if not problems else "not ready", problems=problems),
+                    status_code=status)
 
 
 @get("/v1/ca", tags=["health"], security=[], media_type="application/x-pem-file", sync_to_thread=False)
@@ -83,7 +95,8 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     tokens (``TokenSigner.open(data_dir)``).
 
     While the app runs (ASGI lifespan), the configuration snapshot served to nodes follows
-    the store every ``follow_interval`` seconds, and traffic logs older than
+    the store every ``follow_interval`` seconds (on PostgreSQL: at each change notification,
+    ``control.store.notify``, and every ``notify.FALLBACK_INTERVAL`` seconds), and traffic logs older than
     ``traffic_retention_days`` are deleted every hour. ``oidc`` turns on sign-in through that
     OIDC provider (``/v1/auth/oidc``, ``control.oidc``). ``sign_in_limits``,
     ``refresh_grace`` and ``oidc_starts_per_minute`` are the sign-in limits
@@ -96,6 +109,7 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
               oidc=None if oidc is None else Oidc(oidc), sign_in_limits=sign_in_limits, refresh_grace=refresh_grace,
               oidc_starts_per_minute=oidc_starts_per_minute)
     following: list[asyncio.Task[None]] = []
+    listeners: list[notify.ChangeListener] = []
 
     async def start_following() -> None:
         try:
@@ -104,10 +118,21 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
         except Exception as exc:  # noqa: BLE001 - the follower retries and logs; nodes get 503 meanwhile
             log.warning("cannot build the first configuration snapshot: %s", exc)
         loop = asyncio.get_running_loop()
+        changed: asyncio.Event | None = None
+        interval = follow_interval
+        if notify.listens(store):  # several control-plane nodes may share the database: follow its notifications
+            listener = notify.ChangeListener(store)
+            listener.start()
+            listeners.append(listener)
+            changed, interval = listener.changed, max(follow_interval, notify.FALLBACK_INTERVAL)
+            if not await listener.wait_connected(5.0):
+                log.warning("not yet listening for configuration changes; checking every %g s until then",
+                            follow_interval * 4)
+        api.listener = listeners[0] if listeners else None
         following.append(loop.create_task(
             follow_store(store, api.hub, edges=api.edges_public, token_keys=token_signer.public_jwks(),
                          token_issuer=token_signer.issuer, token_lifetime=token_signer.lifetime,
-                         interval=follow_interval)))
+                         interval=interval, changed=changed)))
         following.append(loop.create_task(traffic_retention(store, traffic_retention_days)))
 
     async def stop_following() -> None:
@@ -115,6 +140,8 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
         for task in following:
             task.cancel()
         await asyncio.gather(*following, return_exceptions=True)
+        for listener in listeners:
+            await listener.close()
 
     openapi = OpenAPIConfig(
         title="Ferryman control plane",
@@ -132,7 +159,8 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     )
     app = Litestar(
         route_handlers=[admin_router(), policy_router(), identity_router(), auth_router(), oidc_router(),
-                        client_router(), traffic_router(), webapp_router(), register, health, ca_certificate, console_router(),
+                        client_router(), traffic_router(), webapp_router(), register, health, ready, ca_certificate,
+                        console_router(),
                         *NODE_ROUTES],
         on_startup=[start_following],
         on_shutdown=[stop_following],

@@ -24,11 +24,16 @@ realm each) and is checked by one guard:
 What it keeps in this process's memory is bounded: the node token ids seen
 (``ReplayCache``), failed sign-ins and OIDC starts per account and source
 (``throttle.SignInLimiter``, ``throttle.SourceRate``) and the TOTP time steps already used
-(``TotpReplayGuard``); each control-plane process keeps its own.
+(``TotpReplayGuard``); each control-plane process keeps its own. On PostgreSQL, where
+several control-plane nodes may share the database, the node token ids, the TOTP steps and
+the failed sign-ins live in the database instead (``SharedGuards``,
+``throttle.SharedSignInLimiter``), so a replay or a guess sent to another node counts too;
+OIDC starts stay counted per process (a cheap, per-source nuisance limit).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import threading
@@ -36,7 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio.to_thread
@@ -52,19 +57,20 @@ from litestar.di import Provide
 from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.types import ControllerRouterHandler
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from control.ca import DEFAULT_LIFETIME_DAYS, CertificateAuthority
 from control.oidc import Oidc
 from control.snapshot import SnapshotHub
-from control.store import Store, admin_keys, certificates, nodes
+from control.store import Store, admin_keys, certificates, guard_state, nodes, notify
 from control.store.models import Connector, Edge, utcnow
 from control.store.secretbox import SecretBox
 from control.tokens import TokenError, TokenSigner
 from dataplane.basics import pki
 from dataplane.contract.nodeauth import ALGORITHM, CLOCK_SKEW, MAX_JTI, TOKEN_LIFETIME, body_hash
 
-from .throttle import SignInLimiter, SignInLimits, SourceRate
+from .throttle import SharedSignInLimiter, SignInLimiter, SignInLimits, SourceRate
 
 DEFAULT_HEARTBEAT_INTERVAL = 30.0  # seconds between node heartbeats, for active/inactive status
 DEFAULT_REFRESH_GRACE = 30.0  # seconds a refresh token just rotated may be retried (FERRYMAN_REFRESH_GRACE)
@@ -85,9 +91,8 @@ class ReplayCache:
     Bounded: at most ``limit`` ids are kept; an id is forgotten once its token has expired
     (an expired token is refused anyway). While it is full of live ids, new tokens are
     refused (503, retry) rather than forgetting ids that could still be replayed. The cache
-    is per process: with several control-plane processes on one database, a token replayed
-    to another process within its minute is accepted, but only for the same method, path
-    and body (see ``dataplane.contract.nodeauth``).
+    is per process: control-plane nodes sharing a PostgreSQL database use ``SharedGuards``
+    instead, which remembers the ids in the database.
     """
 
     def __init__(self, limit: int = 200_000) -> None:
@@ -130,6 +135,41 @@ class TotpReplayGuard:
             return True
 
 
+class SharedGuards:
+    """``ReplayCache.first_use`` and ``TotpReplayGuard.claim`` kept in the database
+    (``control.store.guard_state``), for control-plane nodes sharing a PostgreSQL database: a
+    token or code used at one node is refused at every other. Calls block (database):
+    run them in a worker thread. Expired records are deleted at most every ``PURGE_EVERY`` seconds."""
+
+    PURGE_EVERY = 60.0
+    TOTP_MEMORY = timedelta(hours=1)  # a step older than this cannot pass the TOTP check anyway
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._purged = 0.0
+        self._lock = threading.Lock()
+
+    def _purge(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._purged < self.PURGE_EVERY:
+                return
+            self._purged = now
+        guard_state.forget_expired(self.store)
+
+    def first_use(self, jti: str, expires: float, now: float) -> bool | None:
+        self._purge()
+        return guard_state.first_use(self.store, "node-request", jti, datetime.fromtimestamp(expires, UTC),
+                                     datetime.fromtimestamp(now, UTC))
+
+    def claim(self, user_id: str, step: int) -> bool:
+        self._purge()
+        return guard_state.claim_step(self.store, "totp-step", user_id, step, utcnow() + self.TOTP_MEMORY)
+
+
+READY_DB_TIMEOUT = 2.0  # seconds ``GET /ready`` waits for the database
+
+
 class Api:
     """The state behind every handler (a Litestar dependency named ``api``).
 
@@ -140,7 +180,8 @@ class Api:
     sign-ins per account and source (``throttle.SignInLimiter``), ``oidc_starts`` OIDC
     sign-ins started per source (``throttle.SourceRate``), ``refresh_grace`` is how long a
     refresh may be retried, and ``totp_steps`` refuses a TOTP code used twice
-    (``TotpReplayGuard``).
+    (``TotpReplayGuard``). On PostgreSQL ``replay`` and ``totp_steps`` are ``SharedGuards``,
+    so several control-plane nodes on that database refuse a replay sent to any of them.
     """
 
     def __init__(self, store: Store, ca: CertificateAuthority, edges_public: Sequence[str],
@@ -156,14 +197,39 @@ class Api:
         self.heartbeat_interval = heartbeat_interval
         self.cert_lifetime_days = cert_lifetime_days
         self.hub = SnapshotHub()
-        self.replay = ReplayCache()
+        # One process: in memory. PostgreSQL (several nodes may share it): in the database.
+        shared = SharedGuards(store) if notify.listens(store) else None
+        self.replay: ReplayCache | SharedGuards = shared or ReplayCache()
         self.token_signer = token_signer
         self.box: SecretBox = store.box
-        self.sign_ins = SignInLimiter(sign_in_limits)
+        self.sign_ins: SignInLimiter | SharedSignInLimiter = (
+            SharedSignInLimiter(store, sign_in_limits) if shared else SignInLimiter(sign_in_limits))
         self.oidc_starts = SourceRate(oidc_starts_per_minute, 60.0)
         self.refresh_grace = refresh_grace
-        self.totp_steps = TotpReplayGuard()
+        self.totp_steps: TotpReplayGuard | SharedGuards = shared or TotpReplayGuard()
         self.oidc = oidc  # sign-in through an OIDC provider (``control.oidc``); None: not configured
+        self.listener: notify.ChangeListener | None = None  # PostgreSQL change notifications, set while running
+
+    async def readiness(self) -> list[str]:
+        """What keeps this node from serving (empty: ready): the database must answer within
+        ``READY_DB_TIMEOUT`` seconds, the configuration snapshot be loaded and, on PostgreSQL,
+        configuration changes be listened for."""
+        problems = []
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._ping_database), READY_DB_TIMEOUT)
+        except TimeoutError:
+            problems.append(f"the database did not answer within {READY_DB_TIMEOUT:g} s")
+        except Exception as exc:  # noqa: BLE001 - any failure to reach it is the answer
+            problems.append(f"the database is not reachable: {type(exc).__name__}")
+        if self.hub.current is None:
+            problems.append("the configuration snapshot is not loaded yet")
+        if notify.listens(self.store) and (self.listener is None or not self.listener.connected):
+            problems.append("not listening for configuration changes")
+        return problems
+
+    def _ping_database(self) -> None:
+        with self.store.read() as session:
+            session.execute(select(1))
 
     def authenticate(self, plaintext: str, now: datetime | None = None) -> str | None:
         """The name of the live admin key whose plain text this is, else None."""
@@ -346,7 +412,10 @@ async def require_node(connection: ASGIConnection, _handler: BaseRouteHandler) -
         raise NODE.refuse("the token was made for another request body")
     if claims.get("sub") != f"{identity.role}:{identity.name}":
         raise NODE.refuse("the token's subject does not name its certificate")
-    fresh = api.replay.first_use(jti, exp + CLOCK_SKEW, wall)
+    if isinstance(api.replay, SharedGuards):
+        fresh = await anyio.to_thread.run_sync(api.replay.first_use, jti, exp + CLOCK_SKEW, wall)
+    else:
+        fresh = api.replay.first_use(jti, exp + CLOCK_SKEW, wall)
     if fresh is None:
         raise HTTPException(status_code=503, detail="too many node requests in the last minutes; retry shortly",
                             headers={"Retry-After": "5"})

@@ -312,6 +312,13 @@ class Health(msgspec.Struct):
     status: str
 
 
+class Readiness(msgspec.Struct):
+    """``GET /ready``: ``ready``, or ``not ready`` with what is missing."""
+
+    status: str
+    problems: list[str] = msgspec.field(default_factory=list)
+
+
 # ---------------------------------------------------------------------------- node registration
 
 

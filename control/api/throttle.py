@@ -25,7 +25,8 @@ its pair's failures and makes the source known for the account.
 Source addresses are the TCP peer (the control plane takes no forwarded-for header); IPv6
 addresses count per /64, the block one subscriber usually gets. Every table is bounded
 (``MAX_TRACKED`` keys, least recently touched forgotten first); each control-plane process
-counts its own.
+counts its own, except on PostgreSQL, where ``SharedSignInLimiter`` keeps the counts in the
+database for every node sharing it.
 
 ``SourceRate`` limits how often one source may do something cheap but stateful (``POST
 /v1/auth/oidc/start``: ``FERRYMAN_OIDC_STARTS_PER_MINUTE``).
@@ -41,6 +42,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from control.store import Store, guard_state
 from dataplane.basics.caps import source_key
 
 MAX_TRACKED = 100_000  # keys (pairs, sources, accounts, known sources) per table
@@ -136,6 +138,7 @@ class Attempt:
 
     account: str
     source: str
+    record: int | None = None  # the database record of a ``SharedSignInLimiter`` attempt
 
 
 _ALL = "*"
@@ -212,6 +215,44 @@ class SignInLimiter:
                 self._known.move_to_end((account, source))
                 while len(self._known) > self._max_known:
                     self._known.popitem(last=False)
+
+
+class SharedSignInLimiter:
+    """``SignInLimiter`` with its counts in the database (``control.store.guard_state``): every
+    control-plane node on one PostgreSQL database counts the same failures, so spreading
+    guesses over the nodes gains nothing. Same limits, messages and lockout rule."""
+
+    def __init__(self, store: Store, limits: SignInLimits | None = None) -> None:
+        self.store = store
+        self.limits = limits or SignInLimits()
+        limits = self.limits
+        self._checks = [guard_state.SignInLimit("pair", limits.per_pair),
+                        guard_state.SignInLimit("source", limits.per_source),
+                        guard_state.SignInLimit("account", limits.per_account),
+                        guard_state.SignInLimit("total", limits.total)]
+
+    def begin(self, account: str, host: str | None, now: float | None = None) -> Attempt:
+        source = source_key(host)
+        record, reached, wait = guard_state.sign_in_begin(self.store, account, source, self._checks,
+                                                          self.limits.window)
+        if record is not None:
+            return Attempt(account, source, record)
+        limits, window = self.limits, f"{self.limits.window:g} s"
+        messages = {
+            "pair": f"too many failed sign-ins for {account!r} from this address ({limits.per_pair} within {window})",
+            "source": f"too many failed sign-ins from this address ({limits.per_source} within {window})",
+            "account": f"too many failed sign-ins for {account!r} from addresses it has not signed in from lately "
+                       f"({limits.per_account} within {window}); sign in from an address you used before, or wait",
+            "total": f"too many failed sign-ins on this control plane ({limits.total} within {window}); addresses "
+                     f"users signed in from before are not held back",
+        }
+        raise Throttled(messages[reached or "total"], wait)
+
+    def finish(self, attempt: Attempt, *, ok: bool, failed: bool, now: float | None = None) -> None:
+        if attempt.record is None:
+            return
+        guard_state.sign_in_finish(self.store, attempt.record, attempt.account, attempt.source, ok=ok, failed=failed,
+                                   known_for=self.limits.known_source_days * 86400)
 
 
 class SourceRate:

@@ -3,7 +3,8 @@
 Edges and connectors follow it (``control.snapshot``): a new version means a new snapshot.
 Changes to configuration first take ``lock_config``, so they are serialised on PostgreSQL
 too (SQLite writers are serial anyway) and a check such as the segment overlap check sees
-every committed row. ``audit.record_change(..., config=True)`` bumps it.
+every committed row. ``audit.record_change(..., config=True)`` bumps it; on PostgreSQL the bump also notifies
+every control-plane node (``notify.announce``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from .models import ConfigVersion
+from .notify import announce
 
 
 def config_version(session: Session) -> int:
@@ -32,6 +34,8 @@ def lock_config(session: Session) -> None:
 
 
 def bump(session: Session, now: datetime) -> None:
-    """One more configuration version, changed at ``now`` (in the caller's transaction)."""
+    """One more configuration version, changed at ``now`` (in the caller's transaction); every
+    control-plane node sharing a PostgreSQL database is told once it commits (``notify``)."""
     session.execute(update(ConfigVersion).where(ConfigVersion.id == 1)
                     .values(version=ConfigVersion.version + 1, changed_at=now))
+    announce(session)

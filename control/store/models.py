@@ -364,6 +364,47 @@ class ConfigVersion(Base):
     changed_at: Mapped[datetime]
 
 
+class ControlKey(Base):
+    """A key every control-plane node sharing the database uses (CA, token signing, ...), sealed
+    with the secrets key (``control.store.control_keys``)."""
+
+    __tablename__ = "control_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sealed: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GuardMark(Base):
+    """One remembered fact of a guard shared by control-plane nodes (``control.store.guard_state``):
+    a node-request token id seen, a user's newest TOTP step used; forgotten after ``expires_at``."""
+
+    __tablename__ = "guard_marks"
+    __table_args__ = (Index("ix_guard_marks_expires_at", "expires_at"),)
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[datetime]
+
+
+class SignInAttempt(Base):
+    """A sign-in attempt counted by the limits shared by control-plane nodes
+    (``control.store.guard_state``): in flight, or failed at ``at``."""
+
+    __tablename__ = "sign_in_attempts"
+    __table_args__ = (Index("ix_sign_in_attempts_at", "at"),
+                      Index("ix_sign_in_attempts_account_source", "account", "source"),
+                      CheckConstraint("state IN ('flight', 'failed')", name="ck_sign_in_attempts_state"))
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    account: Mapped[str] = mapped_column(String(320))
+    source: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(8))
+    at: Mapped[datetime]
+
+
 # ---------------------------------------------------------------------------- identity (users, devices, sessions)
 
 USER_RISK_LEVELS = ("none", "low", "medium", "high")

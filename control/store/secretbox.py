@@ -4,8 +4,9 @@ What the control plane must read back in the clear (TOTP secrets: it computes th
 stored sealed, so a copy of the database alone (a backup, a PostgreSQL dump, a stolen
 ``control.db``) does not hand out second factors. The key is 32 random bytes in
 ``<data_dir>/secrets.key`` (base64, mode 0600, created on first start next to
-``token-signing.key``); every control-plane node sharing one database needs the same file,
-as it needs the same token signing key. Losing it loses the sealed TOTP secrets: users then
+``token-signing.key``), or the file ``FERRYMAN_SECRETS_KEY_FILE`` names (never created:
+``open_file``); every control-plane node sharing one database needs the same key, which
+also seals the keys they share (``control.shared_keys``). Losing it loses the sealed TOTP secrets: users then
 have their TOTP reset by an admin and enrol again.
 
 ``SecretBox.seal(plaintext, context)`` → ``"fmsb1." + base64url(nonce ‖ ciphertext ‖ tag)``,
@@ -75,6 +76,16 @@ class SecretBox:
             except OSError as exc:
                 raise SecretBoxError(f"cannot create the secrets key {path}: {exc.strerror}") from None
             log.info("created secrets key %s", path)
+        return cls(_load_key_file(path))
+
+    @classmethod
+    def open_file(cls, path: str) -> SecretBox:
+        """The box whose key is the file ``path`` (``FERRYMAN_SECRETS_KEY_FILE``: the key every
+        control-plane node sharing one database is given); never created here."""
+        if not os.path.exists(path):
+            raise SecretBoxError(f"secrets key {path} (FERRYMAN_SECRETS_KEY_FILE): file not found; make one with "
+                                 f"`head -c 32 /dev/urandom | base64 > {path}` and give every control-plane node "
+                                 f"the same file")
         return cls(_load_key_file(path))
 
     def seal(self, plaintext: bytes, context: str) -> str:

@@ -17,6 +17,14 @@ the CA certificate's DER SubjectPublicKeyInfo (the form of ``kubeadm join
   plain HTTP.
 - ``check_scheme(url, insecure, source)``: ``http://`` is refused unless
   ``FERRYMAN_CONTROL_INSECURE_HTTP=1``; ``insecure_warning`` is the loud warning logged then.
+
+Several control-plane nodes sharing one database: a control URL may list several,
+comma-separated (``control_urls``). They present certificates from one CA (the CA is shared
+through the database), so one pin and one context serve them all: ``check_scheme`` checks
+every URL (all ``https://``, or all ``http://`` when allowed), and ``fetch_pinned_ca`` takes
+the CA from the first node that answers; a node presenting a CA with another hash is refused
+outright (never passed over for the next), and every later connection to any of them is
+verified against the pinned CA, host name included.
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 class ControlTlsError(ValueError):
     """The control plane cannot be trusted (or a pin, CA or URL is unusable); the message says why."""
+
+
+def control_urls(text: str) -> list[str]:
+    """The base URLs of a control URL (one, or several comma-separated), stripped, without trailing slashes."""
+    return [part.strip().rstrip("/") for part in text.split(",") if part.strip()]
 
 
 def ca_pin(cert: x509.Certificate) -> str:
@@ -137,6 +150,25 @@ def _host_port(base: str) -> tuple[str, str, int, str]:
 
 
 def fetch_pinned_ca(base: str, pin: str, timeout: float = 15.0) -> bytes:
+    """``fetch_pinned_ca_one`` from the first of ``base``'s URLs (several comma-separated) that can
+    be reached; a CA with another hash or an answer that is not a CA stops it at once."""
+    urls = control_urls(base) or [base]
+    failures: list[str] = []
+    for url in urls:
+        try:
+            return fetch_pinned_ca_one(url, pin, timeout)
+        except _Unreachable as exc:
+            if len(urls) == 1:
+                raise ControlTlsError(str(exc)) from None
+            failures.append(str(exc))
+    raise ControlTlsError("no control-plane node could be reached: " + "; ".join(failures))
+
+
+class _Unreachable(ControlTlsError):
+    """No answer from one control URL (network or TLS failure): another may be tried."""
+
+
+def fetch_pinned_ca_one(base: str, pin: str, timeout: float = 15.0) -> bytes:
     """The control plane's CA (PEM) from ``base``'s ``/v1/ca``, once its SPKI hash equals ``pin``: that
     one certificate, never others sent along with it.
 
@@ -154,14 +186,14 @@ def fetch_pinned_ca(base: str, pin: str, timeout: float = 15.0) -> bytes:
         body = response.read(MAX_CA_BYTES + 1)
         status = response.status
     except ssl.SSLError as exc:
-        raise ControlTlsError(f"cannot reach the control plane at {base}: TLS failed ({exc.reason or exc}); "
-                              f"is it serving https://?") from None
+        raise _Unreachable(f"cannot reach the control plane at {base}: TLS failed ({exc.reason or exc}); "
+                           f"is it serving https://?") from None
     except socket.gaierror as exc:
-        raise ControlTlsError(f"cannot reach the control plane at {base}: host name not resolved "
-                              f"({exc.strerror})") from None
+        raise _Unreachable(f"cannot reach the control plane at {base}: host name not resolved "
+                           f"({exc.strerror})") from None
     except (OSError, http.client.HTTPException) as exc:
         why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise ControlTlsError(f"cannot reach the control plane at {base}: {why}") from None
+        raise _Unreachable(f"cannot reach the control plane at {base}: {why}") from None
     finally:
         conn.close()
     if status != 200:
@@ -179,7 +211,19 @@ def fetch_pinned_ca(base: str, pin: str, timeout: float = 15.0) -> bytes:
 
 
 def check_scheme(url: str, insecure: bool, source: str = "--control") -> str:
-    """``url``'s scheme when it may be used: ``https``, or ``http`` with the insecure flag."""
+    """``url``'s scheme when it may be used: ``https``, or ``http`` with the insecure flag. Several
+    comma-separated URLs: each is checked, and they must share one scheme."""
+    urls = control_urls(url)
+    if len(urls) > 1:
+        schemes = {_check_one_scheme(one, insecure, source) for one in urls}
+        if len(schemes) > 1:
+            raise ControlTlsError(f"{source} {url.strip()}: mixes https:// and http:// control-plane URLs; "
+                                  f"give every node's https:// URL")
+        return schemes.pop()
+    return _check_one_scheme(url, insecure, source)
+
+
+def _check_one_scheme(url: str, insecure: bool, source: str) -> str:
     scheme = urllib.parse.urlsplit(url.strip()).scheme
     if scheme == "http" and not insecure:
         raise ControlTlsError(

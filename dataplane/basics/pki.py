@@ -166,10 +166,8 @@ def check_request(role: str, name: str, hosts: Sequence[str] | None, days: int) 
     return [general_name(h) for h in (hosts or ("localhost", "127.0.0.1"))]
 
 
-def create_ca(directory: str) -> None:
-    key_path = os.path.join(directory, CA_KEY)
-    if os.path.exists(key_path):
-        raise PkiError(f"{key_path} exists but {os.path.join(directory, CA_CERT)} does not: not replacing a CA key")
+def new_ca() -> tuple[bytes, bytes]:
+    """A new CA: (certificate PEM, private key PEM), in memory (``create_ca`` writes them to files)."""
     key = ec.generate_private_key(ec.SECP256R1())
     # A random suffix keeps two CAs apart by name too, not only by key.
     subject = x509.Name([
@@ -190,8 +188,16 @@ def create_ca(directory: str) -> None:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write(key_path, key_pem(key), 0o600)
-    _write(os.path.join(directory, CA_CERT), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
+
+
+def create_ca(directory: str) -> None:
+    key_path = os.path.join(directory, CA_KEY)
+    if os.path.exists(key_path):
+        raise PkiError(f"{key_path} exists but {os.path.join(directory, CA_CERT)} does not: not replacing a CA key")
+    cert_pem, private_pem = new_ca()
+    _write(key_path, private_pem, 0o600)
+    _write(os.path.join(directory, CA_CERT), cert_pem, 0o644)
 
 
 def load_ca(directory: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

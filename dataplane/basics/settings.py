@@ -44,6 +44,7 @@ class ControlSettings(CommonSettings, kw_only=True):
     control_listen: str = "127.0.0.1:8080"
     control_hosts: str = ""
     database_url: str = ""
+    secrets_key_file: str = ""
     cert_lifetime_days: int = 180
     traffic_retention_days: int = 30
     heartbeat_interval: float = 30.0
@@ -233,6 +234,7 @@ VARIABLES: dict[str, str] = {
     "control_ca": "Nodes, clients, admin CLI: the control plane's CA certificate (PEM file) that its HTTPS certificate must chain to; empty means the CA pinned at registration or sign-in (`--ca-hash`, or the hash inside the registration token), or for the admin CLI `FERRYMAN_DATA_DIR/ca/ca.pem` when it exists.",
     "control_insecure_http": "`1` lets the control plane serve, and nodes, clients and the admin CLI use, plain `http://` (no TLS; warned in the log at every start); `0` refuses `http://` control-plane URLs.",
     "database_url": "Control plane: SQLAlchemy database URL (e.g. `postgresql://user:pw@host/db`); empty means an SQLite file `control.db` in FERRYMAN_DATA_DIR.",
+    "secrets_key_file": "Control plane: file holding the secrets key (32 bytes, base64) that seals stored secrets and the keys control-plane nodes share (CA, token signing); every node on one database needs the same file. Empty: `secrets.key` in FERRYMAN_DATA_DIR, created on first start.",
     "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal), and of its own HTTPS certificate (issued again at a start once less than a third is left).",
     "traffic_retention_days": "Control plane: traffic log records older than this many days are deleted (checked hourly).",
     "heartbeat_interval": "Seconds between node heartbeats to the control plane; a node missing 3 in a row is shown inactive (set the same on nodes and control plane).",
@@ -253,7 +255,7 @@ VARIABLES: dict[str, str] = {
     "refresh_grace": "Control plane: seconds after a refresh during which the same refresh token may be sent again (its answer was lost) and gets the same new refresh token; later it counts as reuse and revokes the session. 0 disables.",
     "console_idle_minutes": "Control plane: a web console session ends after this many minutes without a request (sign in again).",
     "console_session_hours": "Control plane: a web console session ends this many hours after sign-in, however active.",
-    "control_url": "Edge/connector: control plane URL to follow; empty means the one recorded at registration.",
+    "control_url": "Edge/connector: control plane URL to follow, or several comma-separated (control-plane nodes sharing one database: tried in turn, the one that answered kept); empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
     "traffic_queue": "Edge: traffic log records held while the control plane is unreachable (the oldest are dropped and counted beyond).",

@@ -35,6 +35,7 @@ from ..basics.hostport import parse_hostport
 from ..basics.caps import HttpLimits, LogLimiter
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.settings import ClientSettings
+from ..controllink.http import bases as control_bases
 from ..transport.credentials import NodeCredentials
 from ..transport.endpoint import EndpointNode
 from ..transport.socketflow import LocalFlow
@@ -219,9 +220,13 @@ class Client(EndpointNode[None]):
         targets: list[tuple[str, int]] = list(self.edges)
         keeper = self.keeper
         if keeper is not None and keeper.session.control:
-            parts = urlsplit(keeper.session.control)
-            if parts.hostname:
-                targets.append((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
+            for base in control_bases(keeper.session.control):  # one, or several comma-separated
+                try:
+                    parts = urlsplit(base)
+                    if parts.hostname:
+                        targets.append((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
+                except ValueError:  # a malformed URL: the session's calls fail and say so
+                    continue
         try:
             proxy = egress_proxy(self.settings)
         except Exception:  # noqa: BLE001 - a malformed proxy stopped the agent at start already

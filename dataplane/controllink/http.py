@@ -11,6 +11,13 @@ thread could not be interrupted); command-line callers (``register``, ``login``,
 own in a worker thread. The body of
 an answer is bounded (``max_body``), a whole request by ``timeout``, and every failure is an
 ``HttpError`` saying what went wrong (refused, name not resolved, TLS, timeout, ...).
+
+Several control-plane nodes: ``base`` may name several base URLs, comma-separated
+(``bases``). A request goes to the one that answered last (at first the first one); when
+it cannot be reached (no connection: refused, unreachable, name not resolved, TLS failure,
+such as a certificate that does not chain to the pinned CA, connect timeout) the next is tried at once, within the same ``timeout``. A request that
+fails after it was sent (the node died mid-answer) is not sent again (it may have taken
+effect): the error goes to the caller, and the caller's next request starts at the next URL.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import urllib.parse
 from typing import Any
 
 import h11
+
+from ..basics.controltls import control_urls
 
 
 _default_tls: ssl.SSLContext | None = None
@@ -38,6 +47,19 @@ def default_tls() -> ssl.SSLContext:
 
 class HttpError(Exception):
     """No usable HTTP answer: connection failed, timed out, or the peer broke the protocol."""
+
+
+class _NotConnected(HttpError):
+    """No connection was made: nothing was sent, so another control-plane node may be tried."""
+
+
+CONNECT_TIMEOUT = 5.0  # seconds to connect to one control-plane URL when others remain to try
+_preferred: dict[str, int] = {}  # a comma-separated base -> the index of the URL that answered last
+
+
+def bases(base: str) -> list[str]:
+    """The base URLs of ``base`` (one, or several comma-separated), without trailing slashes."""
+    return control_urls(base)
 
 
 class HttpResponse:
@@ -63,7 +85,41 @@ def split_base(base: str) -> tuple[str, str, int, str]:
 async def request(base: str, method: str, target: str, *, headers: dict[str, str] | None = None,
                   body: bytes | None = None, timeout: float = 30.0, max_body: int = 1 << 20,
                   ssl_context: ssl.SSLContext | None = None, user_agent: str = "ferryman") -> HttpResponse:
-    """``method`` ``base + target`` and the whole answer; ``HttpError`` when none came."""
+    """``method`` ``base + target`` and the whole answer; ``HttpError`` when none came. ``base``
+    may list several control-plane URLs (module doc)."""
+    urls = bases(base)
+    if len(urls) <= 1:
+        return await _request_one(urls[0] if urls else base, method, target, headers=headers, body=body,
+                                  timeout=timeout, max_body=max_body, ssl_context=ssl_context,
+                                  user_agent=user_agent)
+    start = _preferred.get(base, 0) % len(urls)
+    order = [(start + i) % len(urls) for i in range(len(urls))]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    failures: list[str] = []
+    for position, index in enumerate(order):
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        last = position == len(order) - 1
+        try:
+            answer = await _request_one(urls[index], method, target, headers=headers, body=body, timeout=left,
+                                        max_body=max_body, ssl_context=ssl_context, user_agent=user_agent,
+                                        connect_timeout=None if last else min(CONNECT_TIMEOUT, left))
+        except _NotConnected as exc:
+            failures.append(str(exc))
+            continue
+        except HttpError:
+            _preferred[base] = (index + 1) % len(urls)  # the next request tries another node first
+            raise
+        _preferred[base] = index
+        return answer
+    raise HttpError("no control-plane node answered: " + "; ".join(failures or [f"no time left ({timeout:g}s)"]))
+
+
+async def _request_one(base: str, method: str, target: str, *, headers: dict[str, str] | None,
+                       body: bytes | None, timeout: float, max_body: int, ssl_context: ssl.SSLContext | None,
+                       user_agent: str, connect_timeout: float | None = None) -> HttpResponse:
     try:
         scheme, host, port, prefix = split_base(base)
     except ValueError as exc:
@@ -80,19 +136,26 @@ async def request(base: str, method: str, target: str, *, headers: dict[str, str
     try:
         async with asyncio.timeout(timeout):
             try:
-                reader, writer = await asyncio.open_connection(host, port, ssl=context,
-                                                               server_hostname=host if context else None)
+                async with asyncio.timeout(connect_timeout):
+                    reader, writer = await asyncio.open_connection(host, port, ssl=context,
+                                                                   server_hostname=host if context else None)
             except ssl.SSLCertVerificationError as exc:
-                raise HttpError(f"TLS with {host}:{port} failed: the certificate is not trusted "
-                                f"({exc.verify_message or exc.reason})") from None
+                raise _NotConnected(f"TLS with {host}:{port} failed: the certificate is not trusted "
+                                    f"({exc.verify_message or exc.reason})") from None
             except ssl.SSLError as exc:
-                raise HttpError(f"TLS with {host}:{port} failed: {exc.reason or exc}") from None
+                raise _NotConnected(f"TLS with {host}:{port} failed: {exc.reason or exc}") from None
             except socket.gaierror as exc:
-                raise HttpError(f"cannot connect to {host}:{port}: host name not resolved ({exc.strerror})") from None
+                raise _NotConnected(f"cannot connect to {host}:{port}: host name not resolved "
+                                    f"({exc.strerror})") from None
             except ConnectionRefusedError:
-                raise HttpError(f"cannot connect to {host}:{port}: Connection refused") from None
+                raise _NotConnected(f"cannot connect to {host}:{port}: Connection refused") from None
             except OSError as exc:
-                raise HttpError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+                raise _NotConnected(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+            except TimeoutError:
+                if connect_timeout is None:
+                    raise
+                raise _NotConnected(f"cannot connect to {host}:{port}: no connection within "
+                                    f"{connect_timeout:g}s") from None
             out = conn.send(h11.Request(method=method, target=prefix + target or "/", headers=fields))
             if body:
                 out += conn.send(h11.Data(data=body))

@@ -146,7 +146,16 @@ def default_name() -> str:
 
 
 def control_base(url: str) -> str:
-    """The control plane's base URL (``http(s)://host[:port][/prefix]``) without a trailing slash."""
+    """The control plane's base URL (``http(s)://host[:port][/prefix]``) without a trailing slash;
+    several control-plane nodes' URLs comma-separated (each checked; tried in turn by
+    ``http.request``)."""
+    parts = [part.strip() for part in url.split(",")]
+    if len(parts) > 1 and not all(parts):
+        raise RegisterError(f"--control {url!r}: an empty URL in the comma-separated list", 2)
+    return ",".join(_one_base(part) for part in parts)
+
+
+def _one_base(url: str) -> str:
     text = url.strip()
     try:
         parts = urllib.parse.urlsplit(text)

@@ -29,6 +29,7 @@ from ..basics.controltls import (
     ControlTlsError,
     ca_pin,
     check_scheme,
+    control_urls,
     fetch_pinned_ca,
     load_ca_pem,
     parse_pin,
@@ -73,8 +74,8 @@ def context_for(control: str, directory: str, saved: str, *, ca_file: str = "",
     if ca_file:
         return verifying_context(read_ca_file(ca_file))
     if not saved:
-        host = urllib.parse.urlsplit(control).hostname
-        raise ControlTlsError(f"no CA is pinned for the control plane at {host} (registered or signed in over "
+        hosts = ", ".join(str(urllib.parse.urlsplit(url).hostname) for url in control_urls(control))
+        raise ControlTlsError(f"no CA is pinned for the control plane at {hosts} (registered or signed in over "
                               f"plain HTTP, or by an older version): register or sign in again with https://, "
                               f"or set {CA_VARIABLE}")
     path = os.path.join(directory, saved)
