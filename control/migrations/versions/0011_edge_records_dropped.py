@@ -3,14 +3,14 @@ heartbeats) and when the latest heartbeat reporting some came in (``edges.record
 for the console's "traffic records dropped" alert.
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0011"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
