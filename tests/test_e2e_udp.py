@@ -57,7 +57,10 @@ LARGEST = {"tcp": 65000, "quic": 1304}
 def test_udp_echo_through_the_fabric(backend, fabric, xfer, transport):
     echo = backend("udp-echo")
     fab = fabric([_udp_forward(echo)], env={"FERRYMAN_TRANSPORT": transport})
-    assert xfer.metric(xfer.scrape(fab.metrics["edge-1"]), "ferryman_tunnels_by_transport", transport=transport) == 3
+    # The client's tunnel may come up a moment after the fabric reports ready on a busy machine.
+    samples = xfer.wait_metric(fab.metrics["edge-1"], "ferryman_tunnels_by_transport", 3, timeout=15.0,
+                               transport=transport)
+    assert xfer.metric(samples, "ferryman_tunnels_by_transport", transport=transport) == 3
     port = fab.forward_ports[0]
     sock = _udp_socket(2.0)
     for size in (1, 64, 512, 1200, 1304, 1472, 8192, 32768, 65000):

@@ -25,6 +25,7 @@ REST API. Nothing here touches the database.
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import ssl
@@ -49,6 +50,7 @@ from dataplane.basics.controltls import (
     load_ca_pem,
     parse_pin,
     read_ca_file,
+    refuse_node_certificate,
     trust_hint,
     verifying_context,
 )
@@ -100,6 +102,25 @@ class SinkError(Exception):
     def __init__(self, error: OSError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+class _ControlConnection(http.client.HTTPSConnection):
+    """HTTPS to the control plane that refuses a node's certificate after the handshake: an edge's
+    certificate chains to the same CA and may name the same host (``refuse_node_certificate``),
+    and the admin key must never reach an edge."""
+
+    def connect(self) -> None:
+        super().connect()
+        try:
+            refuse_node_certificate(self.sock.getpeercert(), f"{self.host}:{self.port}")
+        except ControlTlsError:
+            self.sock.close()
+            raise
+
+
+class _ControlHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_ControlConnection, req, context=self._context)  # type: ignore[attr-defined]
 
 
 class Client:
@@ -155,7 +176,9 @@ class Client:
         request = self._request(base, method, path, body, query, accept)
         self.base_url = base
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:
+            opener = urllib.request.build_opener(_ControlHandler(context=self.context)) if self.context \
+                else urllib.request.build_opener()
+            with opener.open(request, timeout=self.timeout) as response:
                 if sink is None:
                     return response.read()
                 while chunk := response.read1(65536):
@@ -166,6 +189,8 @@ class Client:
                 return b""
         except urllib.error.HTTPError as exc:
             raise self._refusal(exc) from None
+        except ControlTlsError as exc:  # a node's certificate: nothing was sent, another URL may be tried
+            raise _Unreachable(str(exc)) from None
         except urllib.error.URLError as exc:  # no connection (or the request could not be sent)
             raise _Unreachable(why_failed(exc.reason)) from None
         except TimeoutError:

@@ -15,6 +15,9 @@ the CA certificate's DER SubjectPublicKeyInfo (the form of ``kubeadm join
   verification (nothing is trusted yet), then the answer is kept only if its SPKI hash equals
   the pin; every later connection is verified against it. A CA bundle is never fetched over
   plain HTTP.
+- ``refuse_node_certificate(peercert, where)``: every verified connection to the control plane
+  refuses a certificate naming a node role (an edge's chains to the same CA and may name the
+  same host).
 - ``check_scheme(url, insecure, source)``: ``http://`` is refused unless
   ``FERRYMAN_CONTROL_INSECURE_HTTP=1``; ``insecure_warning`` is the loud warning logged then.
 
@@ -127,6 +130,33 @@ def verifying_context(ca_pem: bytes) -> ssl.SSLContext:
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+NODE_ROLES = ("edge", "connector", "client")  # the OU of the certificates the CA issues to nodes (``pki.ROLES``)
+
+
+def node_role_of(peercert: dict | None) -> str:
+    """The node role (``OU``) a verified peer certificate names, or ``""`` for any other certificate.
+
+    The control plane's CA also issues the nodes' certificates, and an edge's carries
+    serverAuth and the host names it registered with (``localhost`` and ``127.0.0.1`` by
+    default, which the control plane's own certificate names too): without this check an edge
+    could pass for the control plane to every node, client and admin that trusts the CA, and
+    be handed their passwords, tokens and admin key. The control plane's certificate names no
+    node role (OU ``control``), nor does one from another CA (``FERRYMAN_CONTROL_CA``)."""
+    for rdn in (peercert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "organizationalUnitName" and value in NODE_ROLES:
+                return value
+    return ""
+
+
+def refuse_node_certificate(peercert: dict | None, where: str) -> None:
+    """``ControlTlsError`` when the control plane at ``where`` presented a node's certificate."""
+    role = node_role_of(peercert)
+    if role:
+        raise ControlTlsError(f"the server at {where} presented a Ferryman {role}'s certificate, not the control "
+                              f"plane's: refusing it (a node's certificate chains to the same CA)")
 
 
 def _unverified_context() -> ssl.SSLContext:

@@ -2,12 +2,24 @@
 
 ``parse_hostport`` splits ``host:port`` / ``[v6]:port`` and names the setting in its errors;
 ``dns_server`` reads a DNS server as ``HOST[:PORT]`` (port 53 by default), falling back to the
-first ``nameserver`` of /etc/resolv.conf.
+first ``nameserver`` of /etc/resolv.conf. ``is_host_name`` is the one check of a DNS host name a
+peer hands us (SOCKS5 and HTTP CONNECT destinations).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def is_host_name(name: str) -> bool:
+    """``name`` is an ASCII DNS host name: labels of 1-63 letters, digits, ``-`` (not first or last)
+    and ``_``, at most 253 characters in all, one trailing dot allowed."""
+    name = name[:-1] if name.endswith(".") else name
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
+
 
 def parse_hostport(value: str, what: str, allow_zero: bool = False) -> tuple[str, int]:
     """Split ``host:port`` / ``[v6]:port``; errors name the setting ``what``."""

@@ -11,8 +11,10 @@ of them (least recently used go first), and served with the remaining TTL.
 
 When no edge is reachable, a private name gets SERVFAIL and a log line (fail closed), or
 goes to the system resolver (fail open), as the profile says. A query that cannot be
-parsed is dropped and counted (``ferryman_datagrams_dropped_total{reason="dns_malformed"}``):
-there is no question to answer. With transparent capture on (``transparent.py``) the
+parsed, or not written again (every answer repeats its question), is dropped and counted
+(``ferryman_datagrams_dropped_total{reason="dns_malformed"}``): there is no question to answer.
+An answer that cannot be parsed and written again (the cache serves its records again) is
+logged and the app gets SERVFAIL. With transparent capture on (``transparent.py``) the
 addresses of a private name's answer are put in the capture set before the app gets it.
 """
 
@@ -175,6 +177,7 @@ class Resolver:
         stats = self.client.stats
         try:
             query = DNSRecord.parse(data)
+            query.pack()  # every answer repeats the question: one dnslib cannot write again is malformed
         except Exception:  # dnslib raises DNSError, and UnicodeDecodeError and others on crafted input
             stats.count(stats.datagrams_dropped, "dns_malformed")
             return None
@@ -198,6 +201,7 @@ class Resolver:
             return servfail(query)
         try:
             reply = DNSRecord.parse(answer)
+            reply.pack()  # the cache serves its records again: an answer dnslib cannot write again is unusable
         except Exception:
             log.warning("unusable DNS answer", extra={"qname": key[0]})
             return servfail(query)

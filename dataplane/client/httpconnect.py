@@ -28,6 +28,7 @@ import re
 
 import h11
 
+from ..basics.hostport import is_host_name
 from .capture import connect
 from .opener import FlowOpener
 
@@ -35,7 +36,6 @@ log = logging.getLogger("ferryman.httpconnect")
 
 MAX_HEAD = 8192
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
-_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 DENIED = frozenset({
     "no_application", "not_allowed", "not_assigned", "mfa_required", "blocked", "blocked_by_policy",
@@ -92,8 +92,7 @@ def parse_target(target: str) -> tuple[str, int]:
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
-            name = host[:-1] if host.endswith(".") else host
-            if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+            if not is_host_name(host):
                 raise ValueError(f"CONNECT target {target!r}: {host!r} is not a host name or address") from None
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"CONNECT target {target!r}: port must be 1-65535")

@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import struct
 
+from ..basics.hostport import is_host_name
 from ..transport.udpflow import UdpFlow
 from .capture import connect
 from .direct import DirectUdp
@@ -110,8 +111,11 @@ def parse_address(buf: bytes | bytearray | memoryview, offset: int) -> tuple[str
     else:
         try:  # (the idna codec has no errors="replace": a bad name is an address error)
             host = bytes(buf[offset + 2:end]).decode("idna")
+            valid = is_host_name(host.encode("idna").decode("ascii"))  # as it is written back in replies
         except UnicodeError:
-            raise ValueError("domain name is not a valid host name") from None
+            valid = False
+        if not valid:
+            raise ValueError("domain name is not a valid host name")
     (port,) = struct.unpack_from("!H", buf, end)
     return host, port, end + 2
 

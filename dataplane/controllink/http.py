@@ -11,6 +11,9 @@ thread could not be interrupted); command-line callers (``register``, ``login``,
 own in a worker thread. The body of
 an answer is bounded (``max_body``), a whole request by ``timeout``, and every failure is an
 ``HttpError`` saying what went wrong (refused, name not resolved, TLS, timeout, ...).
+A verified TLS connection whose certificate names a node role (an edge's: same CA, maybe the
+same host name) is refused like a certificate that does not verify
+(``controltls.refuse_node_certificate``).
 
 Several control-plane nodes: ``base`` may name several base URLs, comma-separated
 (``bases``). A request goes to the one that answered last (at first the first one); when
@@ -31,7 +34,7 @@ from typing import Any
 
 import h11
 
-from ..basics.controltls import control_urls
+from ..basics.controltls import ControlTlsError, control_urls, refuse_node_certificate
 
 
 _default_tls: ssl.SSLContext | None = None
@@ -156,6 +159,11 @@ async def _request_one(base: str, method: str, target: str, *, headers: dict[str
                     raise
                 raise _NotConnected(f"cannot connect to {host}:{port}: no connection within "
                                     f"{connect_timeout:g}s") from None
+            if context is not None and context.verify_mode == ssl.CERT_REQUIRED:
+                try:
+                    refuse_node_certificate(writer.get_extra_info("peercert"), f"{host}:{port}")
+                except ControlTlsError as exc:  # nothing was sent: another control-plane node may be tried
+                    raise _NotConnected(str(exc)) from None
             out = conn.send(h11.Request(method=method, target=prefix + target or "/", headers=fields))
             if body:
                 out += conn.send(h11.Data(data=body))

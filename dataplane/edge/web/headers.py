@@ -19,6 +19,9 @@ To the backend (``backend_request_headers``):
   disagree;
 - the edge's own cookies (``__Host-ferryman*``) are cut out of ``Cookie`` (the session never
   reaches a backend); HTTP/2's split ``cookie`` fields are joined with ``"; "`` (RFC 9113 §8.2.3);
+- a name with ``_`` that reads as one of the above when ``_`` is read as ``-``
+  (``X_Forwarded_For``, ``X_Remote_User``) is removed too: CGI/WSGI-style servers give both
+  spellings to the application under one name;
 - header-SSO values are sanitised: control characters (CR, LF, NUL, ...) are removed,
   lists are joined with ``,``, and values are capped at ``MAX_SSO_VALUE`` bytes.
 
@@ -45,7 +48,7 @@ OWN_COOKIE_PREFIX = "__Host-ferryman"
 
 
 def is_token(name: bytes) -> bool:
-    return bool(_TOKEN.match(name))
+    return _TOKEN.fullmatch(name) is not None  # fullmatch: '$' would let a trailing newline through
 
 
 def connection_tokens(headers: Headers) -> set[bytes]:
@@ -72,6 +75,19 @@ def strip_own_cookies(values: list[bytes]) -> bytes | None:
     return "; ".join(kept).encode("latin-1") if kept else None
 
 
+def _underscore_alias(name: bytes, drop: set[bytes]) -> bool:
+    """Whether ``name`` with ``_`` read as ``-`` is a header the edge removes or sets itself.
+
+    CGI, WSGI, PHP and Rack servers (and some others) present ``X-Remote-User`` and
+    ``X_Remote_User`` to the application under one name (``HTTP_X_REMOTE_USER``), so a client's
+    ``X_Remote_User: admin`` could stand in for the edge's header-SSO identity, its assertion or
+    ``X-Forwarded-For``; such a spelling is removed like the header it aliases."""
+    canon = name.replace(b"_", b"-")
+    return (canon in HOP_BY_HOP or canon in CLIENT_ADDRESS or canon == b"host"
+            or canon.startswith((b"x-ferryman-", b"x-forwarded-"))
+            or any(canon == n.replace(b"_", b"-") for n in drop))
+
+
 def backend_request_headers(headers: Headers, *, sso_names: Iterable[bytes], keep_upgrade: bool = False,
                             translate_encoding: bool = False) -> Headers:
     """The client's headers a backend may see (hop-by-hop, identity and own cookies removed).
@@ -81,9 +97,12 @@ def backend_request_headers(headers: Headers, *, sso_names: Iterable[bytes], kee
     """
     drop = set(connection_tokens(headers))
     drop.update(n.lower() for n in sso_names)
+    drop.update([n.replace(b"_", b"-") for n in drop if b"_" in n])  # an SSO name spelt with '_' has a '-' alias
     out: Headers = []
     cookies: list[bytes] = []
     for name, value in headers:
+        if b"_" in name and _underscore_alias(name, drop):
+            continue
         if name in HOP_BY_HOP or name in drop or name in CLIENT_ADDRESS or name == b"host":
             if keep_upgrade and name == b"upgrade":
                 out.append((name, value))

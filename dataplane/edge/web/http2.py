@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import time
 from typing import Any
 
@@ -44,6 +45,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 
 from .exchange import BodyTooLarge, ClientGone, ClientTimeout, Headers, Request, normalize_host
+from .headers import is_token
 from .pages import error_page, html_headers
 
 log = logging.getLogger("ferryman.edge.web")
@@ -437,6 +439,9 @@ class H2Connection(asyncio.Protocol):
             refusal = (405, "CONNECT is not served here: this is not a forward proxy.", "method_not_allowed")
         elif not target.startswith("/"):
             refusal = (400, "The request target must be a path.", "bad_target")
+        elif not request_line_safe(pseudo.get(b":method", b"GET"), pseudo.get(b":path", b"")):
+            refusal = (400, "The request's :method or :path has characters a request line cannot carry "
+                            "(spaces, controls or non-ASCII).", "bad_target")
         elif not normalize_host(authority):
             refusal = (400, "The request needs a valid :authority.", "bad_host")
         elif content_length is not None and (content_length < 0 or content_length > s.max_body_size):
@@ -600,3 +605,18 @@ class H2Connection(asyncio.Protocol):
             self.flush()
             self.closed = True
             self.transport.close()
+
+
+_VISIBLE = re.compile(rb"[\x21-\x7e]*")
+
+
+def request_line_safe(method: bytes, path: bytes) -> bool:
+    """Whether ``:method`` and ``:path`` can be written into an HTTP/1.1 request line unchanged.
+
+    The h2 library lets through spaces, tabs and bytes above 0x7e in these two pseudo-headers
+    (it refuses CR, LF and NUL); the backend request is HTTP/1.1, where a space would end the
+    target and start another request-line field (``GET /a HTTP/1.1 HTTP/1.1``). The method must
+    be a token (RFC 9110 §9.1); the path only visible ASCII (RFC 3986: anything else is
+    percent-encoded), as llhttp demands of an HTTP/1.1 client."""
+    return is_token(method) and _VISIBLE.fullmatch(path) is not None
+

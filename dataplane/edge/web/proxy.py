@@ -51,14 +51,17 @@ from .routes import Route
 from .session import parse_cookies
 from .signin import Reply, page, redirect
 from .translate import TRANSLATED_HEADERS, BodyError, BodyTranslator, body_kind, translate_header
-from .websocket import LiveSocket, accept_for, new_key, splice
+from .websocket import LiveSocket, accept_for, new_key, origin_is_own, splice
 
 if TYPE_CHECKING:
     from .server import FrontDoor
 
 log = logging.getLogger("ferryman.edge.web")
 
-_DOT_SEGMENT = re.compile(r"(?i)(?:^|[/\\])(?:\.|%2e){1,2}(?:[/\\]|$)")
+# A '.' or '..' segment, its dots possibly percent-encoded, between separators a backend may
+# decode or honour: '/', '\\', '%2f', '%5c' (decoded before normalising by some servers), and
+# ';' after it (a path parameter: Tomcat and Spring read '..;' as '..').
+_DOT_SEGMENT = re.compile(r"(?i)(?:^|[/\\]|%2f|%5c)(?:\.|%2e){1,2}(?:[/\\;]|%2f|%5c|$)")
 _SAFE_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
 _WS_RESPONSE = (b"sec-websocket-protocol", b"sec-websocket-extensions")
 
@@ -249,6 +252,12 @@ class Proxy:
             rec.code, rec.reason = "websocket_disabled", "WebSockets are not allowed for this application"
             await self._reply(responder, page(403, "WebSockets are not allowed for this application.",
                                               "websocket_disabled"), rec)
+            return
+        if request.websocket and not origin_is_own(request.header(b"origin"), host):
+            self.counters["web_websocket_origin_refused"] += 1
+            rec.code, rec.reason = "websocket_origin", "WebSocket opened by a page of another site"
+            await self._reply(responder, page(403, "This WebSocket was opened by a page of another site; only the "
+                                                   "application's own pages may open it.", "websocket_origin"), rec)
             return
         rec.action = "allow"
         rec.code = rec.code or verdict.code or "allowed"
@@ -476,6 +485,13 @@ class Proxy:
             out = [(n, v) for n, v in headers if n in _WS_RESPONSE]
             status = 200
         else:
+            # A 101 that is no WebSocket handshake for this key (a backend echoing a status it was
+            # given, say) would turn the connection into a raw tunnel to the backend, past the
+            # edge's per-request checks and header stripping: only a real handshake is spliced.
+            key = request.header(b"sec-websocket-key").strip()
+            if not key or get(headers, b"sec-websocket-accept").strip() != accept_for(key):
+                conn.close()
+                raise BackendError("the application's WebSocket handshake answer is not valid")
             out = [(b"upgrade", b"websocket"), (b"connection", b"upgrade")]
             out.extend((n, v) for n, v in headers if n in _WS_RESPONSE or n == b"sec-websocket-accept")
             status = 101

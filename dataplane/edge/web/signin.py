@@ -491,7 +491,7 @@ class SsoPages:
             self.counters[f"web_oidc_state_refused_{exc.reason}"] += 1
             return page(400, "The sign-in with the external provider was started in another browser or has expired.",
                         "bad_state", link="/.ferryman/sign_in", link_text="Sign in again")
-        if not hmac.compare_digest(params.get("state", ""), saved.state):
+        if not hmac.compare_digest(params.get("state", "").encode(), saved.state.encode()):
             self.counters["web_oidc_state_refused_mismatch"] += 1
             return page(400, "The external provider's answer does not belong to this sign-in (state).", "bad_state",
                         link="/.ferryman/sign_in", link_text="Sign in again")
@@ -543,7 +543,8 @@ class SsoPages:
         site = request.header(b"sec-fetch-site")
         expected = f"https://{request.host}".encode()
         cookie = cookies.get(CSRF_COOKIE, "")
-        ok = bool(cookie) and hmac.compare_digest(form.get("csrf", ""), cookie)
+        # as bytes: compare_digest raises on non-ASCII text, which a hostile form may send
+        ok = bool(cookie) and hmac.compare_digest(form.get("csrf", "").encode(), cookie.encode())
         if origin and origin != b"null" and origin != expected:
             ok = False
         if site and site not in (b"same-origin", b"none"):

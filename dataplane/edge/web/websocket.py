@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
+from .exchange import normalize_host
 from .model import ByteStream, Principal, RequestFacts, WebApp
 
 log = logging.getLogger("ferryman.edge.web")
@@ -39,6 +40,23 @@ READ_SIZE = 65536
 
 def new_key() -> bytes:
     return base64.b64encode(os.urandom(16))
+
+
+def origin_is_own(origin: bytes, host: str) -> bool:
+    """Whether a WebSocket handshake's ``Origin`` is the app's own (``https://`` + its normalised
+    ``host``), or absent (not a browser: it must still hold the app's session cookie).
+
+    A cookie is not a defence against cross-site WebSocket hijacking: WebSockets are not
+    subject to CORS, and with ``SameSite=Lax`` (the default) a page on any *sibling* host of
+    the same site (another published app, a passthrough app) sends the app's cookie with its
+    handshake; with ``SameSite=None`` any site does. Browsers always send ``Origin`` on a
+    WebSocket handshake, so an ``Origin`` naming another host (or ``null``) is refused."""
+    if not origin:
+        return True
+    text = origin.strip().lower()
+    if not text.startswith(b"https://"):
+        return False
+    return normalize_host(text[len(b"https://"):]) == host
 
 
 def accept_for(key: bytes) -> bytes:
