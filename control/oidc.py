@@ -491,6 +491,8 @@ class PendingLogin:
     binding: str | None = None  # SHA-256 of the browser cookie's secret, once begun
     handoff: str | None = None  # SHA-256 of the handoff secret, once authenticated
     status: str = "pending"  # pending -> begun -> working (callback) -> authenticated | failed
+    return_to: str = ""  # a web login: the edge front door's callback URL (instead of the agent's loopback)
+    return_state: str = ""  # a web login: the front door's own state, sent back with the browser
     identity: Any = None  # who signed in (control.api.oidc), once authenticated
     error: OidcError | None = None  # once failed
     created: float = field(default_factory=time.monotonic)
@@ -527,7 +529,7 @@ class PendingLogins:
         self._states.pop(login.state, None)
 
     def add(self, device: dict[str, str], poll_challenge: str = "", redirect_port: int = 0,
-            now: float | None = None) -> PendingLogin:
+            now: float | None = None, return_to: str = "", return_state: str = "") -> PendingLogin:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._prune(now)
@@ -538,7 +540,7 @@ class PendingLogins:
                                  nonce=secrets.token_urlsafe(32), verifier=new_code_verifier(), device=device,
                                  expires=now + self.lifetime, created=now, poll_challenge=poll_challenge,
                                  redirect_port=redirect_port, begin_id=secrets.token_urlsafe(32),
-                                 tag=secrets.token_hex(4))
+                                 tag=secrets.token_hex(4), return_to=return_to, return_state=return_state)
             self._logins[login.login_id] = login
             self._begins[login.begin_id] = login.login_id
             self._states[login.state] = login.login_id
@@ -584,7 +586,9 @@ class PendingLogins:
                                 f"{self.lifetime / 60:.0f} minutes on the control plane that started them; start "
                                 f"again with `ferryman client login --oidc`")
             login = self._logins[login_id]
-            if login.binding is None or not _same(cookie, login.binding):
+            # a web login is bound to its browser by the front door's sealed state cookie (checked there
+            # before the edge may collect it); an agent's login by the cookie ``begin`` set here
+            if not login.return_to and (login.binding is None or not _same(cookie, login.binding)):
                 raise OidcError(403, "oidc_other_browser",
                                 "this sign-in was started in another browser (or this browser does not keep "
                                 "cookies): finish it in the browser that opened the sign-in link, or start again")
@@ -665,6 +669,13 @@ class Oidc:
         """A new pending sign-in (module doc, step 1)."""
         self.provider.metadata()  # the provider must answer before a sign-in is recorded
         return self.logins.add(device, poll_challenge, redirect_port)
+
+    def start_web(self, return_to: str, state: str) -> PendingLogin:
+        """A sign-in for an edge's HTTPS front door: the browser goes straight to the provider, comes back
+        here, then to ``return_to`` with ``state``, the login id and the handoff; the edge collects it
+        with ``state`` as the poll verifier (``control.api.oidc``, ``/v1/node/web-oidc``)."""
+        self.provider.metadata()
+        return self.logins.add({}, code_challenge(state), 0, return_to=return_to, return_state=state)
 
     def authorization_url(self, login: PendingLogin) -> str:
         """Where the browser signs in at the provider."""

@@ -83,9 +83,11 @@ def _http_status(url: str, context: ssl.SSLContext | None = None) -> int:
 class Fabric:
     def __init__(self, workdir: str, forwards: list[tuple], env: dict[str, str] | None = None,
                  connectors: int = 1, *, managed: bool = False, apps: list[dict] | None = None,
-                 webapps: list[dict] | None = None) -> None:
+                 webapps: list[dict] | None = None, control_port: int = 0) -> None:
         """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each; ``apps``: more
-        applications (``{"name": ..., "segments": [...]}``, for SOCKS5 or HTTP CONNECT) besides the forwards'."""
+        applications (``{"name": ..., "segments": [...]}``, for SOCKS5 or HTTP CONNECT) besides the forwards';
+        ``control_port``: managed, the control plane's port (0: a free one), when its URL must be known
+        beforehand (an OIDC redirect URI)."""
         self.workdir = os.path.abspath(workdir)
         self._taken: set[int] = set()  # ports handed out here (none is bound until its node starts)
         self.forwards = [(f[0], f[1] or self._free_port(f[4] if len(f) > 4 else "tcp"), f[2], f[3],
@@ -98,6 +100,7 @@ class Fabric:
         self.password = secrets.token_urlsafe(18)
         self.edge_port = 0
         self.edge_host = "127.0.0.1"  # the address the edge listens on and the other nodes dial
+        self.control_port = control_port
         self.control_host = "127.0.0.1"  # managed: the address the control plane listens on (and is dialed at)
         self.control_url = ""  # managed: https://HOST:PORT of the control plane
         self.ca_pem = b""  # managed: its CA (PEM), which its HTTPS certificate chains to
@@ -243,7 +246,7 @@ class Fabric:
             shutil.rmtree(os.path.join(self.workdir, stale), ignore_errors=True)
         control_dir = os.path.join(self.workdir, "control")
         os.makedirs(control_dir, mode=0o700)
-        port = self._free_port()
+        port = self.control_port or self._free_port()
         self.control_url = f"https://{self.control_host}:{port}"
         self.control_tls = None
         control_env = {"FERRYMAN_DATA_DIR": control_dir}

@@ -47,7 +47,7 @@ from control.store import (
 )
 from control.store.db import MIGRATIONS_DIR
 from control.store.audit import list_audit
-from control.store.models import Application, AuditRecord, Base, ConnectorGroup, utcnow
+from control.store.models import Application, AuditRecord, Base, ConnectorGroup, TrafficLog, utcnow
 from dataplane.contract.apps import MAX_SEGMENTS
 
 pytestmark = pytest.mark.timeout(60)
@@ -794,3 +794,33 @@ def test_concurrent_overlapping_applications_one_wins(store: Store) -> None:
                                                                            segments=[seg("10.0.0.0/24", "443")]))
     assert results == ["conflict", "conflict", "conflict", "ok"]
     assert version(store) == 1
+
+
+def test_traffic_records_are_stored_as_sent(store: Store) -> None:
+    """A batch goes in through the driver's executemany with the columns' own conversions:
+    what comes back is what was sent (times UTC, over-long text cut, missing end kept empty),
+    on both databases, including records of two shapes in one batch."""
+    from control.store import traffic
+
+    t0 = 1_765_000_000.123456
+    web = {"connection_id": "c1", "transaction_id": "t1", "start": t0, "end": t0 + 0.5, "duration_ms": 500,
+           "user_id": "u1", "upn": "alice@corp.example", "source_ip": "192.0.2.7", "destination_fqdn": "wiki.example",
+           "destination_port": 443, "transport": "tcp", "application": "wiki", "application_kind": "web",
+           "action": "allow", "edge": "spoofed", "bytes_sent": 10, "bytes_received": 1100, "http_method": "GET",
+           "http_host": "wiki.example", "http_path": "/" + "p" * 5000, "http_status": 200, "user_agent": "curl"}
+    flow = {"connection_id": "c2", "transaction_id": "t2", "start": t0 + 1, "destination_fqdn": "db.internal",
+            "destination_port": 5432, "transport": "tcp", "action": "deny", "reason_code": "not_assigned"}
+    with store.begin() as session:
+        assert traffic.insert_records(session, "edge-1", [web, flow, dict(web, connection_id="c3")]) == 3
+    with store.begin() as session:
+        rows = traffic.records_after(session, traffic.TrafficFilter(), 0)
+        by_id = {r.connection_id: r for r in rows}
+        assert sorted(by_id) == ["c1", "c2", "c3"]
+        w, f = by_id["c1"], by_id["c2"]
+        assert w.edge == f.edge == "edge-1"
+        assert w.start == datetime.fromtimestamp(t0, UTC) and w.end == datetime.fromtimestamp(t0 + 0.5, UTC)
+        assert w.start.tzinfo is not None and f.end is None
+        assert w.http_status == 200 and w.bytes_received == 1100 and w.upn == "alice@corp.example"
+        limit = TrafficLog.__table__.c.http_path.type.length
+        assert w.http_path == ("/" + "p" * 5000)[:limit]
+        assert f.reason_code == "not_assigned" and f.http_status == 0 and f.device_id == ""  # column defaults

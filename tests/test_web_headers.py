@@ -149,3 +149,34 @@ def test_settings_and_hosts() -> None:
     assert normalize_host("[::1]:443") == "[::1]"
     for bad in ("", "a b", "x:99999", "x:abc", "évil.com", "a/b"):
         assert normalize_host(bad) == "", bad
+
+
+def test_front_door_and_control_plane_share_the_field_rules() -> None:
+    """One home: the front door refuses exactly what the control plane's checks refuse, with their words."""
+    from dataplane.contract.webapps import WebAppFieldError, check_header_sso, external_endpoint, internal_endpoint
+
+    s = WebSettings()
+    ok = dict(name="wiki", external_url="https://wiki.example.com", internal_url="http://wiki.internal:8080")
+    cases = [("external_url", v, external_endpoint) for v in (
+        "https://Wiki.Example.com.:443/a/", "https://wiki.example.com:0", "https://-bad-.example.com",
+        "https://wiki.example.com/x?q=1", "https://u@wiki.example.com", "https://[::1]:8443", "https:///x")]
+    cases += [("internal_url", v, internal_endpoint) for v in (
+        "http://10.0.0.1:99999", "https://wiki.internal/app/", "http://a_b.internal", "HTTP://W.INTERNAL:81")]
+    cases += [("header_sso", v, check_header_sso) for v in ({"upn": "Authorization"}, {"upn": "X-User"},
+                                                              {"a": "X-U", "b": "x-u"})]
+    for field, value, check in cases:
+        try:
+            check(value)
+            expected = None
+        except WebAppFieldError as exc:
+            expected = str(exc)
+        try:
+            build_routes([WebApp(**{**ok, field: value})], s, "")
+            got = None
+        except WebAppError as exc:
+            got = str(exc)
+        assert (got is None) == (expected is None), (field, value, got, expected)
+        assert got is None or got == f"web app 'wiki': {expected}"
+    route = build_routes([WebApp(**{**ok, "external_url": "https://Wiki.Example.com.:8443/a/"})], s, "")
+    assert list(route) == ["wiki.example.com:8443"]
+    assert route["wiki.example.com:8443"].external_url == "https://wiki.example.com:8443/a"

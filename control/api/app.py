@@ -41,7 +41,7 @@ from .errors import EXCEPTION_HANDLERS
 from .guards import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_OIDC_STARTS_PER_MINUTE, DEFAULT_REFRESH_GRACE, Api, provide_api
 from .identity import identity_router
 from .nodes import NODE_ROUTES
-from .oidc import oidc_router
+from .oidc import oidc_router, web_oidc_router
 from .policies import policy_router
 from .register import register
 from .schemas import Health, Readiness
@@ -159,8 +159,8 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     )
     app = Litestar(
         route_handlers=[admin_router(), policy_router(), identity_router(), auth_router(), oidc_router(),
-                        client_router(), traffic_router(), webapp_router(), register, health, ready, ca_certificate,
-                        console_router(),
+                        web_oidc_router(), client_router(), traffic_router(), webapp_router(), register, health,
+                        ready, ca_certificate, console_router(),
                         *NODE_ROUTES],
         on_startup=[start_following],
         on_shutdown=[stop_following],

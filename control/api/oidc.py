@@ -26,6 +26,19 @@ for the whole round trip and how it is bound to the agent and the browser).
   expired or collected login id, or a wrong poll verifier, is 404 ``oidc_login_unknown``; a
   handoff of another sign-in ends this one (403 ``oidc_handoff_invalid``).
 
+For an edge's HTTPS front door (browser sign-in to web apps; the edge calls these node
+routes with its node token, ``guards.require_node``, edges only):
+
+- ``POST /v1/node/web-oidc/start`` ``{return_to, state}``: ``return_to`` is the front
+  door's ``https://<sign-in host>/.ferryman/oidc/callback``, ``state`` the front door's own
+  (it is also the poll verifier); answers ``{login_id, authorization_url, expires_in}``.
+  The browser goes straight to the provider (no ``begin``: the front door binds the sign-in
+  to the browser with its sealed state cookie), comes back to the callback above, and is
+  sent to ``return_to?state&login&handoff``.
+- ``POST /v1/node/web-oidc/finish`` ``{login_id, state, handoff}``: once, what a password
+  sign-in without a device answers (``SignInResponse``), or the callback's refusal; a
+  sign-in the browser has not finished is 409 ``oidc_pending``.
+
 Nothing here logs an authorization code, a state, a begin id, a handoff or a verifier; the
 callback's query string is kept out of uvicorn's access log (``control.server``).
 With ``FERRYMAN_OIDC_ISSUER`` empty every route answers 404 ``oidc_not_configured``.
@@ -39,6 +52,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
+from urllib.parse import urlencode, urlsplit
+
 import msgspec
 from litestar import MediaType, Request, Response, Router, get, post
 from litestar.openapi import ResponseSpec
@@ -51,7 +66,7 @@ from control.store.models import User
 
 from .auth import throttled
 from .errors import STORE_STATUS
-from .guards import Api
+from .guards import Api, NodeCaller, require_node
 from .identity_schemas import DeviceIn, SignInResponse
 from .schemas import ErrorBody, _Request
 from .signin import certify_device, signed_in
@@ -69,6 +84,7 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",  # the callback URL carries the authorization code
     "X-Content-Type-Options": "nosniff",
 }
+_State = Annotated[str, msgspec.Meta(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
 _Secret = Annotated[str, msgspec.Meta(min_length=43, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
@@ -241,7 +257,11 @@ def callback(api: Api, request: Request) -> Response[str]:
     else:
         handoff = oidc.logins.authenticated(login, identity)
         log.info("OIDC sign-in authenticated", extra={"upn": identity.upn})
-        location = f"http://127.0.0.1:{login.redirect_port}{LOOPBACK_PATH}?handoff={handoff}"
+        if login.return_to:  # a web login: back to the edge's front door, which checks its state cookie
+            location = f"{login.return_to}?" + urlencode({"state": login.return_state, "login": login.login_id,
+                                                           "handoff": handoff})
+        else:
+            location = f"http://127.0.0.1:{login.redirect_port}{LOOPBACK_PATH}?handoff={handoff}"
         return Response("", status_code=303, media_type=MediaType.HTML,
                         headers={**_PAGE_HEADERS, **clear, "Location": location})
     oidc.logins.failed(login, error)
@@ -286,6 +306,81 @@ def poll(api: Api, data: OidcPollRequest) -> Response[SignInResponse]:
         raise login.error
     return Response(OidcPending(status="pending", expires_in=oidc.logins.remaining(login)),  # type: ignore[arg-type]
                     status_code=202, media_type="application/json")
+
+
+# ---------------------------------------------------------------------------- web (edge front door)
+
+WEB_CALLBACK_PATH = "/.ferryman/oidc/callback"
+
+
+class WebOidcStart(_Request):
+    return_to: Annotated[str, msgspec.Meta(min_length=1, max_length=300)]
+    state: _State  # the front door's (random; 24+ characters)
+
+
+class WebOidcStarted(msgspec.Struct):
+    login_id: str
+    authorization_url: str
+    expires_in: int
+
+
+class WebOidcFinish(_Request):
+    login_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    state: _State
+    handoff: _Secret
+
+
+def _edge(request: Request) -> NodeCaller:
+    node: NodeCaller = request.state.node
+    if node.role != "edge":
+        raise OidcError(403, "forbidden", "only an edge signs browsers in for web apps")
+    return node
+
+
+@post("/start", sync_to_thread=True, status_code=200)
+def web_start(api: Api, request: Request, data: WebOidcStart) -> WebOidcStarted:
+    """A browser's sign-in at an edge's front door (module doc)."""
+    _edge(request)
+    oidc = _oidc(api)
+    try:
+        parts = urlsplit(data.return_to)
+        parts.port  # noqa: B018 - a bad port raises
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme != "https" or not parts.hostname or parts.path != WEB_CALLBACK_PATH \
+            or parts.query or parts.fragment or parts.username:
+        raise OidcError(400, "validation", f"return_to must be https://<sign-in host>{WEB_CALLBACK_PATH}, "
+                                           f"not {data.return_to!r}")
+    login = oidc.start_web(data.return_to, data.state)
+    return WebOidcStarted(login_id=login.login_id, authorization_url=oidc.authorization_url(login),
+                          expires_in=oidc.logins.remaining(login))
+
+
+@post("/finish", sync_to_thread=True, status_code=200)
+def web_finish(api: Api, request: Request, data: WebOidcFinish) -> SignInResponse:
+    """The front door collects the sign-in its browser finished: a session without a device."""
+    _edge(request)
+    oidc = _oidc(api)
+    login = oidc.logins.poll(data.login_id, data.state, data.handoff)
+    if login.status == "failed" and login.error is not None:
+        raise login.error
+    if login.status != "collected" or not login.return_to:
+        raise OidcError(409, "oidc_pending", "the browser has not finished this sign-in at the OIDC provider")
+    identity: Identity = login.identity
+    with api.store.begin() as session:
+        user = users.get_user(session, identity.user_id)
+        if user.disabled:
+            raise StoreError("account_disabled", users.ACCOUNT_DISABLED)
+        answer = signed_in(api, session, user, identity.amr, None, None, auth_time=identity.auth_time)
+    log.info("OIDC sign-in at a web front door", extra={"upn": answer.user.upn, "session": answer.session_id})
+    return answer
+
+
+def web_oidc_router() -> Router:
+    """The edges' ``/v1/node/web-oidc`` routes (node token; edges only)."""
+    return Router(path="/v1/node/web-oidc", route_handlers=[web_start, web_finish], guards=[require_node],
+                  exception_handlers={OidcError: _error}, security=[{"nodeToken": []}],  # type: ignore[dict-item]
+                  tags=["nodes"])
 
 
 def oidc_router() -> Router:

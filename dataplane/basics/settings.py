@@ -130,6 +130,7 @@ class EdgeSettings(NodeSettings, kw_only=True):
     edge_https_key: str = ""
     web_auth_host: str = ""
     web_cookie_keys: str = ""
+    web_oidc_label: str = ""
     web_assertion_key: str = ""
     web_max_header_block: int = 16384
     web_max_headers: int = 100
@@ -267,6 +268,7 @@ VARIABLES: dict[str, str] = {
     "edge_https_cert": "Edge: certificate chain (PEM) the HTTPS front door presents for the sign-in host and every web app's external host.",
     "edge_https_key": "Edge: private key (PEM) of FERRYMAN_EDGE_HTTPS_CERT.",
     "web_auth_host": "Edge: external HOST[:PORT] of the sign-in site every web app redirects to (single sign-on across web apps); required with FERRYMAN_EDGE_HTTPS_LISTEN.",
+    "web_oidc_label": "Edge: the text of the sign-in page's button for the control plane's external OIDC provider (e.g. `Sign in with Contoso`); empty means no such button. The control plane must have FERRYMAN_OIDC_ISSUER set.",
     "web_cookie_keys": "Edge: keys that seal web session cookies, `kid:base64url-32-bytes[,kid:key...]` (the first seals, all open; every edge needs the same); empty means a random key per process (one edge only: cookies stop working when it restarts).",
     "web_assertion_key": "Edge: EC P-256 private key (PEM file) signing `X-Ferryman-Jwt-Assertion` (published at `https://<auth host>/.ferryman/jwks`); empty means a random key per process.",
     "web_max_header_block": "Edge: largest request head (request line + headers) of a web request, bytes; larger ones get 431.",
@@ -278,7 +280,7 @@ VARIABLES: dict[str, str] = {
     "web_backend_connect_timeout": "Edge: seconds to reach a web app's backend through a connector (flow and TLS) before 502/503/504.",
     "web_app_rate": "Edge: web requests per second per web app (token bucket); beyond, 429 with `Retry-After`.",
     "web_edge_rate": "Edge: web requests per second for this edge, all web apps together; beyond, 429 with `Retry-After`.",
-    "web_sign_in_rate": "Edge: sign-in attempts per minute per source address at the sign-in site; beyond, 429.",
+    "web_sign_in_rate": "Edge: sign-in attempts (password posts and OIDC starts) per minute per source address at the sign-in site; beyond, 429.",
     "web_header_timeout": "Edge: seconds a browser has for the TLS handshake and each request head; then 408.",
     "web_idle_timeout": "Edge: seconds a keep-alive web connection may idle (and a request body may stall: 408).",
     "web_websocket_idle_timeout": "Edge: seconds a WebSocket may carry nothing either way before it is closed.",

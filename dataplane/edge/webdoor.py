@@ -14,7 +14,12 @@ it asks for, all backed by what the edge already has:
   client's flow (``webflow.WebFlow`` is the byte stream);
 - ``SignIn``: password + TOTP sign-in, refresh and sign-out through the control plane's
   ``/v1/auth`` routes (the access token that comes back is verified with the snapshot's
-  token keys before it is believed).
+  token keys before it is believed);
+- ``OidcSignIn`` (with ``FERRYMAN_WEB_OIDC_LABEL``): sign-in through the control plane's
+  external OIDC provider, by the edge's node routes ``/v1/node/web-oidc/start`` and
+  ``/finish`` (``control.api.oidc``): the control plane does PKCE, nonce and the ID-token
+  checks; the front door's sealed state cookie binds the round trip to the browser that
+  started it, and its state is the verifier the edge collects the sign-in with.
 
 Each HTTP transaction becomes a traffic-log record (``FlowRecord`` with ``application_kind``
 ``web`` and the HTTP fields). Keys: ``FERRYMAN_WEB_COOKIE_KEYS`` seal session cookies
@@ -40,6 +45,7 @@ from ..contract.flowrecord import FlowRecord
 from ..contract.snapshot import ConfigSnapshot, SnapWebApp
 from ..contract.webapps import external_endpoint, internal_endpoint
 from ..controllink import http as httpclient
+from ..controllink.link import ControlError
 from ..wire.connection import FlowError
 from ..wire.frames import Open
 from . import web
@@ -123,7 +129,8 @@ class EdgeWeb:
         try:
             self.door = web.FrontDoor(web_settings(s), authorizer=_Authorizer(edge), dialer=_Dialer(self),
                                       sign_in=_ControlSignIn(edge), cookie_keys=keys, signer=signer,
-                                      certificate=certificate, on_record=self._record)
+                                      certificate=certificate, on_record=self._record,
+                                      oidc=_ControlOidc(edge, s.web_oidc_label) if s.web_oidc_label else None)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise ValueError(f"the HTTPS front door cannot start: {exc}") from None
         self.address: tuple[str, int] | None = None
@@ -297,3 +304,43 @@ class _ControlSignIn:
             return
         fresh = await self._post("/v1/auth/refresh", {"refresh_token": refresh_token})
         await self._post("/v1/auth/sign-out", {}, token=str(fresh.get("access_token", "")))
+
+
+class _ControlOidc:
+    """Browser sign-in through the control plane's OIDC provider (module doc)."""
+
+    def __init__(self, edge: Edge, label: str) -> None:
+        self.edge = edge
+        self.label = label
+        self.finisher = _ControlSignIn(edge)
+
+    async def _call(self, target: str, body: Mapping[str, object]) -> dict:
+        link = self.edge.link
+        assert link is not None
+        try:
+            _status, payload = await link.client.call("POST", target, dict(body), timeout=SIGN_IN_TIMEOUT)
+        except ControlError as exc:
+            log.warning("OIDC sign-in through the control plane: %s", exc)
+            if exc.status in (401, 403, 409):
+                raise web.SignInError("oidc_refused", f"The sign-in was refused: {exc}", 403) from None
+            raise web.SignInError("oidc_unavailable", "Sign-in with the external provider is unavailable right "
+                                                      "now; try again shortly.", 503) from None
+        try:
+            answer = json.loads(payload)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise web.SignInError("oidc_unavailable", "The control plane's answer was not understood.", 503)
+        return answer
+
+    async def begin(self, callback_url: str, state: str) -> str:
+        answer = await self._call("/v1/node/web-oidc/start", {"return_to": callback_url, "state": state})
+        return str(answer.get("authorization_url", ""))
+
+    async def finish(self, params: Mapping[str, str], callback_url: str, source: str) -> web.SignInResult:
+        login, handoff, state = params.get("login", ""), params.get("handoff", ""), params.get("state", "")
+        if not login or not handoff:
+            raise web.SignInError("oidc_incomplete", "The answer from the sign-in is incomplete; sign in again.", 400)
+        answer = await self._call("/v1/node/web-oidc/finish", {"login_id": login, "state": state,
+                                                               "handoff": handoff})
+        return self.finisher._result(answer)

@@ -1,6 +1,7 @@
 """The edge's HTTPS front door: an authenticating reverse proxy for published web apps.
 
-Self-contained: it imports nothing else from ``dataplane``; the edge plugs it in through
+Self-contained: from the rest of ``dataplane`` it imports only ``contract.webapps`` (the one
+home of the web-app field rules, pure, shared with the control plane); the edge plugs it in through
 the interfaces in ``model`` (``Authorizer``, ``BackendDialer``, ``SignIn``, ``OidcSignIn``,
 ``WebApp``, ``Principal``, ``TransactionRecord``). Layout:
 

@@ -1,13 +1,14 @@
 """The front door's table of published web apps: one ``Route`` per external host.
 
-``build_routes(apps, ...)`` checks every ``WebApp`` and prepares what each request needs:
-the normalised external host (``host`` or ``host:port``; the key requests are matched on),
-internal scheme/host/port and ``Host`` header, the ``UrlMap`` for translation, the backend
-TLS context, the server TLS context of a custom-domain certificate, the rate-limit bucket
-and the header-SSO names. Errors (``WebAppError``) name the app and the field: a URL
-that is not ``https://`` outside / ``http(s)://`` inside, a query or fragment in a URL,
-two apps on one external host, the sign-in host used by an app, a certificate that does
-not load with its key.
+``build_routes(apps, ...)`` checks every ``WebApp`` (its URLs and header SSO by the rules of
+``dataplane.contract.webapps``, the one home of those checks, shared with the control plane)
+and prepares what each request needs: the normalised external host (``host`` or
+``host:port``; the key requests are matched on), internal scheme/host/port and ``Host``
+header, the ``UrlMap`` for translation, the backend TLS context, the server TLS context of a
+custom-domain certificate, the rate-limit bucket and the header-SSO names. Errors
+(``WebAppError``) name the app and the field: any field the contract refuses, two apps on
+one external host, the sign-in host used by an app, a certificate that does not load with
+its key.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import os
 import ssl
 import tempfile
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
+from ...contract.webapps import (
+    DEFAULT_PORTS, Endpoint, WebAppFieldError, check_header_sso, external_endpoint, internal_endpoint,
+)
 from .backend import client_context
-from .exchange import normalize_host
-from .headers import is_token
 from .limits import TokenBucket
 from .model import WebApp, WebAppError
-from .translate import DEFAULT_PORTS, UrlMap
+from .translate import UrlMap
 
 
 class Route:
@@ -53,20 +54,14 @@ class Route:
         self.passthrough = app.preauth == "passthrough"
 
 
-def _check_url(app: str, field: str, value: str, schemes: tuple[str, ...]):
+def _fields(app: WebApp) -> tuple[Endpoint, Endpoint]:
+    """The app's URLs and header SSO, checked by the one set of rules the control plane also uses."""
     try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError as exc:
-        raise WebAppError(f"web app {app!r}: {field} {value!r} is not a URL ({exc})") from None
-    if parts.scheme.lower() not in schemes:
-        raise WebAppError(f"web app {app!r}: {field} must start with {' or '.join(s + '://' for s in schemes)}, "
-                          f"not {value!r}")
-    if not parts.hostname:
-        raise WebAppError(f"web app {app!r}: {field} {value!r} has no host")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise WebAppError(f"web app {app!r}: {field} {value!r} must not have a query, fragment or user info")
-    return parts, port
+        ext, internal = external_endpoint(app.external_url), internal_endpoint(app.internal_url)
+        check_header_sso(app.header_sso)
+    except WebAppFieldError as exc:
+        raise WebAppError(f"web app {app.name!r}: {exc}") from None
+    return ext, internal
 
 
 def server_context(cert_pem: str, key_pem: str, alpn: Iterable[str] = ("h2", "http/1.1")) -> ssl.SSLContext:
@@ -87,18 +82,10 @@ def server_context(cert_pem: str, key_pem: str, alpn: Iterable[str] = ("h2", "ht
 def build_route(app: WebApp, settings, auth_host: str) -> Route:
     if not app.name:
         raise WebAppError("a web app needs a name")
-    ext, ext_port = _check_url(app.name, "external_url", app.external_url, ("https",))
-    internal, int_port = _check_url(app.name, "internal_url", app.internal_url, ("http", "https"))
-    host = normalize_host(f"{ext.hostname}:{ext_port or 443}")
-    if not host:
-        raise WebAppError(f"web app {app.name!r}: external_url host {ext.hostname!r} is not a valid host name")
+    ext, internal = _fields(app)
+    host = ext.authority
     if auth_host and host == auth_host:
         raise WebAppError(f"web app {app.name!r}: external host {host} is the sign-in host; choose another")
-    for claim, header in app.header_sso.items():
-        if not is_token(header.encode("ascii", "replace")) or header.lower().startswith(("x-forwarded-", ":")) \
-                or header.lower() in ("host", "cookie", "content-length", "transfer-encoding", "connection"):
-            raise WebAppError(f"web app {app.name!r}: header_sso maps {claim!r} to {header!r}, which is not a "
-                              "usable request header name")
     internal_tls = internal.scheme.lower() == "https"
     backend_tls = None
     if internal_tls:
@@ -114,14 +101,11 @@ def build_route(app: WebApp, settings, auth_host: str) -> Route:
             server_tls = server_context(app.certificate, app.certificate_key)
         except (ssl.SSLError, ValueError, OSError) as exc:
             raise WebAppError(f"web app {app.name!r}: the certificate and key cannot be used ({exc})") from None
-    ext_prefix = ext.path if ext.path not in ("", "/") else ""
-    external_url = f"https://{host}{ext_prefix.rstrip('/')}"
-    int_host = internal.hostname or ""
-    return Route(app, host=host, hostname=(ext.hostname or "").lower(), external_url=external_url,
-                 urlmap=UrlMap(app.internal_url, f"https://{host}{ext.path}"), internal_tls=internal_tls,
-                 internal_host=int_host, internal_port=int_port or DEFAULT_PORTS[internal.scheme.lower()],
-                 backend_tls=backend_tls, server_tls=server_tls, timeout=settings.timeout_for(app.backend_timeout),
-                 rate=settings.app_rate)
+    external_url = f"https://{host}{ext.prefix}"
+    return Route(app, host=host, hostname=ext.host, external_url=external_url,
+                 urlmap=UrlMap(app.internal_url, external_url + "/"), internal_tls=internal_tls,
+                 internal_host=internal.host, internal_port=internal.port, backend_tls=backend_tls,
+                 server_tls=server_tls, timeout=settings.timeout_for(app.backend_timeout), rate=settings.app_rate)
 
 
 def build_routes(apps: Iterable[WebApp], settings, auth_host: str) -> dict[str, Route]:

@@ -471,6 +471,11 @@ class SsoPages:
         bad = self._check_target(host, nonce)
         if bad is not None:
             return bad
+        wait = self.sign_in_buckets.take(request.source_ip)  # each start holds a pending sign-in upstream
+        if wait > 0:
+            self.counters["web_sign_in_rate_limited"] += 1
+            return page(429, "Too many sign-in attempts from your address; wait a little and try again.",
+                        "rate_limited", extra=[(b"retry-after", retry_after(wait))])
         state = new_nonce()
         sealed = self.sealer.seal(self.auth_host, OidcState(state=state, host=host, nonce=nonce,
                                                             exp=int(now + self.settings.sign_in_lifetime)))
@@ -478,7 +483,7 @@ class SsoPages:
             url = await self.oidc.begin(f"https://{self.auth_host}/.ferryman/oidc/callback", state)
         except SignInError as exc:
             return page(exc.status if exc.status >= 400 else 503, exc.message, exc.code)
-        if not url.startswith("https://"):
+        if not url.startswith(("https://", "http://127.0.0.1:", "http://[::1]:", "http://localhost:")):  # an https provider, or one on loopback
             return page(503, "The external sign-in provider is not configured correctly.", "oidc_unavailable")
         return redirect(url, [(b"set-cookie", cookie_header(OIDC_COOKIE, sealed,
                                                             max_age=int(self.settings.sign_in_lifetime)))])

@@ -40,7 +40,8 @@ import zlib
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-DEFAULT_PORTS = {"http": 80, "https": 443}
+from ...contract.webapps import DEFAULT_PORTS
+
 INFLATE_STEP = 65536
 
 # --------------------------------------------------------------------------- one URL
