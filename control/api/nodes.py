@@ -61,7 +61,8 @@ def _heartbeat(api: Api, node: NodeCaller, data: HeartbeatIn, external: str) -> 
         internal = ",".join(a.strip() for a in data.addresses)
         nodes.record_heartbeat(session, node.role, node.node_id, version=data.version.strip(),
                                external_addr=external, internal_addr=internal[:255], tunnels=data.tunnels,
-                               active_flows=data.active_flows, config_version=data.config_version)
+                               active_flows=data.active_flows, config_version=data.config_version,
+                               records_dropped=data.records_dropped)
         return HeartbeatOut(node_id=node.node_id, status="active", heartbeat_interval=api.heartbeat_interval,
                             config_version=config_version.config_version(session))
 

@@ -10,7 +10,8 @@ An edge or a connector registered with ``ferryman ROLE register`` runs a ``Contr
   answers the waiting request at once).
 - **heartbeats**: ``POST /v1/node/heartbeat`` every ``FERRYMAN_HEARTBEAT_INTERVAL``
   seconds with what ``report()`` returns (version, addresses, tunnels, active flows) and
-  the configuration version held.
+  the configuration version held; an edge adds how many traffic records its queue dropped
+  since the last heartbeat the control plane took (``records_dropped``).
 - **traffic logs** (edges): the records queued by the node are sent in batches to
   ``POST /v1/node/traffic`` (every second, or at once while a full batch is waiting).
 - **renewal**: once less than ``FERRYMAN_RENEW_AT`` of the certificate's lifetime is
@@ -69,6 +70,7 @@ RETRY_MIN = 0.5
 RETRY_MAX = 10.0  # seconds between attempts while the control plane is down
 REFUSED_RETRY = 60.0  # seconds between attempts while the control plane refuses this node
 RENEW_CHECK = 600.0  # seconds between checks whether the certificate is due for renewal
+MAX_DROPPED_REPORT = 2**31 - 1  # traffic records dropped reported in one heartbeat (the rest in the next)
 TRAFFIC_INTERVAL = 1.0  # seconds between traffic-log batches while the queue has less than a batch
 
 
@@ -313,10 +315,14 @@ class ControlLink:
     async def _heartbeats(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.settings.heartbeat_interval
+        reported = 0  # the queue's drop count the control plane has taken
         while True:
             figures = self.report()
             body = {"version": VERSION[:64], "addresses": figures.addresses[:16], "tunnels": figures.tunnels,
                     "active_flows": figures.active_flows, "config_version": self.version}
+            dropped = self.traffic.dropped if self.traffic is not None else 0
+            if self.traffic is not None:  # since the last heartbeat that got through (sent again until one does)
+                body["records_dropped"] = min(dropped - reported, MAX_DROPPED_REPORT)
             try:
                 await self.client.call("POST", "/v1/node/heartbeat", body)
             except ControlError as exc:
@@ -324,6 +330,7 @@ class ControlLink:
             else:
                 self._succeeded("heartbeat")
                 self.last_heartbeat = loop.time()
+                reported = min(dropped, reported + MAX_DROPPED_REPORT)
             await asyncio.sleep(interval)
 
     # ------------------------------------------------------------------ traffic logs
