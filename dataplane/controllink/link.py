@@ -182,6 +182,7 @@ class ControlLink:
         self.snapshot: ConfigSnapshot | None = None
         self.last_heartbeat: float | None = None  # loop time of the last accepted heartbeat
         self._down: set[str] = set()  # which loops currently see the control plane unreachable
+        self._outages = 0  # outages begun so far: a call started before the current one began proves nothing
         self._unusable = -1  # the newest version this node could not apply (not asked for again)
 
     @property
@@ -250,14 +251,17 @@ class ControlLink:
         first = not self._down
         self._down.add(what)
         if first:
+            self._outages += 1
             log.warning("control plane unreachable; running on configuration version %s", self.version,
                         extra={"reason": str(exc), "during": what})
         return 0.0
 
-    def _succeeded(self, what: str) -> None:
+    def _succeeded(self, what: str, outages: int) -> None:
         """Log the end of an outage once, at the first call that goes through again (whichever loop
-        makes it: the others may still be waiting out their backoff)."""
-        if self._down:
+        makes it: the others may still be waiting out their backoff). ``outages``: the count when
+        the call started; a call already under way when the outage began (answered while the
+        control plane was shutting down) does not end it."""
+        if self._down and outages == self._outages:
             self._down.clear()
             log.info("control plane reachable again", extra={"during": what, "version": self.version})
 
@@ -268,13 +272,14 @@ class ControlLink:
         while True:
             after = max(-1 if self.snapshot is None else self.snapshot.version, self._unusable)
             target = f"/v1/node/config?after={after}&wait={wait:g}"
+            outages = self._outages
             try:
                 status, payload = await self.client.call("GET", target, None, wait + REQUEST_TIMEOUT)
             except ControlError as exc:
                 slow = self._failed("configuration", exc)
                 await asyncio.sleep(slow or backoff.next())
                 continue
-            self._succeeded("configuration")
+            self._succeeded("configuration", outages)
             backoff.reset()
             if status == 204:
                 continue
@@ -323,12 +328,13 @@ class ControlLink:
             dropped = self.traffic.dropped if self.traffic is not None else 0
             if self.traffic is not None:  # since the last heartbeat that got through (sent again until one does)
                 body["records_dropped"] = min(dropped - reported, MAX_DROPPED_REPORT)
+            outages = self._outages
             try:
                 await self.client.call("POST", "/v1/node/heartbeat", body)
             except ControlError as exc:
                 self._failed("heartbeat", exc)
             else:
-                self._succeeded("heartbeat")
+                self._succeeded("heartbeat", outages)
                 self.last_heartbeat = loop.time()
                 reported = min(dropped, reported + MAX_DROPPED_REPORT)
             await asyncio.sleep(interval)
@@ -344,6 +350,7 @@ class ControlLink:
             if not batch:
                 await asyncio.sleep(TRAFFIC_INTERVAL)
                 continue
+            outages = self._outages
             try:
                 await self.client.call("POST", "/v1/node/traffic", {"records": batch})
             except ControlError as exc:
@@ -351,7 +358,7 @@ class ControlLink:
                 slow = self._failed("traffic logs", exc)
                 await asyncio.sleep(slow or backoff.next())
                 continue
-            self._succeeded("traffic logs")
+            self._succeeded("traffic logs", outages)
             backoff.reset()
             queue.shipped += len(batch)
             if len(batch) < MAX_BATCH:
