@@ -6,7 +6,8 @@ node's ``/ready`` answers 200 (for the client that means its tunnel is up and ev
 forward's destination answered a probe). Two ways to configure the nodes:
 
 - **managed** (``ferryman up``): a control plane process (``ferryman control``, SQLite in
-  the work directory) is started first; the fabric creates a user and the forwards'
+  the work directory) is started first; the fabric creates a user (also the web console's
+  admin: ``console_url``, TOTP set up at the first console sign-in) and the forwards'
   applications (``Fabric.applications``) assigned to that user through the admin API, registers the edge and the
   connectors with one-time tokens (``ferryman edge|connector register``), and signs the
   user in on the client (``ferryman client login``: device certificate and tokens), as an
@@ -295,6 +296,8 @@ class Fabric:
             self.admin_key = fh.read().strip()
         self.admin("POST", "/v1/users", {"upn": self.user, "display_name": "Ferryman demo user",
                                           "password": self.password})
+        # The demo user is also the web console's admin: TOTP is set up at the first console sign-in.
+        self.admin("PATCH", f"/v1/users/{self.user}", {"console_role": "admin"})
         for name, segments in self.applications():
             self.admin("POST", "/v1/applications", {"name": name, "segments": segments})
             self.admin("POST", f"/v1/applications/{name}/assignments", {"user": self.user})
@@ -319,6 +322,11 @@ class Fabric:
     def edge_address(self, name: str) -> str:
         """HOST:PORT of edge ``name`` (its ports are chosen by ``start``)."""
         return f"{self.edge_host}:{self.edge_ports[name]}"
+
+    @property
+    def console_url(self) -> str:
+        """Managed: the control plane's web console (sign in as ``user`` with ``password``)."""
+        return f"{self.control_url}/console"
 
     def web_url(self, host: str, path: str = "/") -> str:
         """``https://HOST.ferryman.localhost:<web port>PATH`` (``host`` without the domain)."""
@@ -617,6 +625,12 @@ def up(workdir: str, forward_specs: list[str], duration: float | None = None) ->
         print(f"admin: FERRYMAN_DATA_DIR={control_dir} ferryman admin --control {fabric.control_url} apps list "
               f"(changes reach edge and connector within 2 s)", file=sys.stderr)
         print(f"client-1 is signed in as {fabric.user}, assigned to every forward's application", file=sys.stderr)
+        print(f"console: open {fabric.console_url} and sign in as {fabric.user} with password {fabric.password} "
+              f"(a console admin); the first sign-in shows a TOTP secret to add to an authenticator app, then asks "
+              f"for a code from it", file=sys.stderr)
+        print(f"  the console's certificate is from the control plane's own CA: "
+              f"{os.path.join(control_dir, 'ca', 'ca.pem')} (browsers: import it as an authority; curl: --cacert)",
+              file=sys.stderr)
         for lh, lp, h, p, proto in fabric.forwards:
             print(f"forward {lh}:{lp}/{proto} -> client -> edge -> connector -> {h}:{p}", file=sys.stderr)
         print(f"web app: open {fabric.web_url('hello')} in a browser (no client agent needed) and sign in as "

@@ -251,6 +251,27 @@ def test_half_open_handshakes_are_capped_per_source_and_in_all(edge) -> None:
 
 
 # ---------------------------------------------------------------------------- log floods
+def test_a_handshake_counts_until_the_hello_not_only_until_tls_is_done(edge) -> None:
+    """A peer that completes TLS and never sends its HELLO still holds its handshake slot (the
+    edge's HELLO timeout ends it); a tunnel that said HELLO holds none."""
+    e = edge(FERRYMAN_HANDSHAKE_TIMEOUT="30")
+
+    async def body() -> None:
+        ctx = pki.client_context(str(e.pki / "client-1.pem"), str(e.pki / "client-1.key"), str(e.pki / "ca.pem"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", e.port, ssl=ctx, server_hostname="127.0.0.1")
+        await e.wait_metric("ferryman_edge_handshakes", 1)
+        tunnel, _ = await dial(e, "client-2")
+        await e.wait_metric("ferryman_edge_clients", 1)
+        assert e.metric("ferryman_edge_handshakes") == 1  # TLS done, no HELLO: still in its handshake
+        writer.close()
+        await e.wait_metric("ferryman_edge_handshakes", 0)
+        tunnel.close("shutdown", "done")
+        del reader
+
+    asyncio.run(body())
+    assert not e.log_lines("Traceback"), e.log.read_text()[-3000:]
+
+
 def test_a_flood_of_refused_opens_is_logged_with_a_count_of_what_was_suppressed(edge) -> None:
     e = edge(FERRYMAN_LOG_LIMIT="5", FERRYMAN_LOG_LIMIT_INTERVAL="2")
 

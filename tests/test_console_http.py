@@ -16,7 +16,7 @@ import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -589,3 +589,70 @@ def test_a_connector_moves_to_another_group_by_api_and_console(control: Control,
     assert page.status == 404 and "nowhere" in page.text
     moves = [r for r in audit(control, "console:ada@corp.example") if r["action"] == "connector.move"]
     assert moves and moves[0]["before"]["group"] == "dc-north" and moves[0]["after"]["group"] == "default"
+
+
+# ---------------------------------------------------------------------------- alerts
+
+
+def _heartbeat(control: Control, signer: Any, body: dict[str, Any]) -> tuple[int, Any]:
+    data = json.dumps(body).encode()
+    status, answer, _ = control.request(
+        "POST", "/v1/node/heartbeat", body,
+        authorization=f"Bearer {signer.token('POST', '/v1/node/heartbeat', data)}")
+    return status, answer
+
+
+def _alerts(browser: Browser) -> str:
+    page = browser.get("/console")
+    assert page.status == 200, page.text[:300]
+    found = re.search(r'<ul class="alerts">(.*?)</ul>', page.text, re.S)
+    return found.group(1) if found else ""
+
+
+def test_an_edge_that_dropped_traffic_records_is_an_alert(control: Control, as_admin: Browser,
+                                                          tmp_path: Path) -> None:
+    from control.store import open_store
+    from control.store.db import database_url
+    from control.store.models import Edge
+    from dataplane.controllink.signer import NodeSigner
+    name = "edge-drops"
+    edge = control.register_node(tmp_path / "edge", "edge", name, ["127.0.0.1:1"])
+    connector = control.register_node(tmp_path / "connector", "connector", "conn-drops")
+    signer = NodeSigner(edge.cert, edge.key)
+    assert _heartbeat(control, signer, {"tunnels": 1, "records_dropped": 0})[0] == 200
+    assert f"{name} dropped" not in _alerts(as_admin)
+
+    # Each heartbeat says what was dropped since the previous one: the control plane sums them.
+    for count in (7, 5, 0):
+        status, answer = _heartbeat(control, signer, {"tunnels": 1, "records_dropped": count})
+        assert status == 200, answer
+    alerts = _alerts(as_admin)
+    assert f"edge {name} dropped traffic records: 12 in all" in alerts, alerts
+    shown = control.admin("GET", f"/v1/edges/{edge.record.node_id}")[1]
+    assert shown["records_dropped"] == 12 and shown["records_dropped_at"] is not None
+    edges = as_admin.get("/console/edges").text
+    assert re.search(rf"{name}.*?<span class=\"warn\">12</span>", edges, re.S)
+
+    # Bad reports are refused with the reason, and change nothing.
+    status, answer = _heartbeat(control, signer, {"records_dropped": -1})
+    assert status == 400 and "records_dropped" in answer["error"], answer
+    status, answer = _heartbeat(control, NodeSigner(connector.cert, connector.key), {"records_dropped": 2})
+    assert status == 422 and "only an edge keeps traffic records" in answer["error"], answer
+    assert control.admin("GET", f"/v1/edges/{edge.record.node_id}")[1]["records_dropped"] == 12
+
+    # An alert for a day: a drop reported more than 24 h ago is no longer one.
+    store = open_store(database_url(str(control.data_dir)))
+    try:
+        with store.begin() as session:
+            row = session.get(Edge, edge.record.node_id)
+            row.records_dropped_at = row.records_dropped_at - timedelta(hours=25)
+    finally:
+        store.close()
+    assert f"{name} dropped" not in _alerts(as_admin)
+
+
+def test_the_overview_partial_is_only_for_its_own_refresh(as_admin: Browser) -> None:
+    refresh = as_admin.get("/console", headers={"HX-Request": "true", "HX-Target": "overview"})
+    assert refresh.status == 200 and "<nav" not in refresh.text and 'class="cards"' in refresh.text
+    boosted = as_admin.get("/console", headers={"HX-Request": "true", "HX-Boosted": "true"})
+    assert boosted.status == 200 and "<nav" in boosted.text and "<h1>Overview</h1>" in boosted.text

@@ -43,7 +43,9 @@ from cryptography.x509.oid import NameOID
 
 from control.store import applications, certificates, database_url, nodes, open_store
 from dataplane.basics import pki, settings, statefile
+from dataplane.contract.flowrecord import FlowRecord
 from dataplane.controllink.link import CACHE_FILE, ControlLink, Report
+from dataplane.controllink.traffic import TrafficQueue
 from dataplane.controllink.registration import Registration, read_registration
 from dataplane.contract.snapshot import ConfigSnapshot
 from dataplane.controllink.snapshot_cache import SnapshotCache
@@ -127,7 +129,7 @@ class LinkRunner:
     """A ``ControlLink`` whose ``run`` goes on in a thread of its own, with what it handed over."""
 
     def __init__(self, identity: Registration, overrides: dict[str, Any] | None = None,
-                 report: Report | None = None) -> None:
+                 report: Report | None = None, traffic: TrafficQueue | None = None) -> None:
         # config_wait is short so that stopping (which waits for the pending long-poll) is quick.
         self.settings = settings.load(settings.ConnectorSettings,
                                       {"heartbeat_interval": 0.2, "config_wait": 1.0, **(overrides or {})}, environ={})
@@ -135,7 +137,7 @@ class LinkRunner:
         self.renewed = 0
         figures = report or Report(tunnels=0, active_flows=0)
         self.link = ControlLink(self.settings, identity, self.snapshots.append, lambda: figures,
-                                self._on_renewed)
+                                self._on_renewed, traffic=traffic)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -247,6 +249,29 @@ def test_link_follows_configuration_and_sends_heartbeats(control: Control, tmp_p
         assert (connector["internal_addr"], connector["external_addr"]) == ("10.9.8.7", "127.0.0.1")
         assert runner.link.last_heartbeat is not None
     assert runner.renewed == 0  # a fresh certificate is not due
+
+
+def test_an_edge_reports_the_traffic_records_its_queue_dropped_once(control: Control, tmp_path: Path) -> None:
+    identity = control.api.register_node(tmp_path / "edge", "edge", f"edge-{secrets.token_hex(3)}",
+                                         [f"127.0.0.1:{free_port()}"])
+    queue = TrafficQueue(limit=2)
+    now = time.time()
+    for n in range(5):  # the control plane was away: 3 of 5 records dropped, the 2 newest kept
+        queue.put(FlowRecord(connection_id=f"c{n}", transaction_id="t", start=now, end=now, action="allow"))
+    assert queue.dropped == 3
+
+    def edge() -> dict[str, Any]:
+        return control.admin("GET", f"/v1/edges/{identity.record.node_id}")[1]
+
+    assert (edge()["records_dropped"], edge()["records_dropped_at"]) == (0, None)
+    with LinkRunner(identity, traffic=queue) as runner:
+        wait_for(lambda: edge()["records_dropped"], 3, "the dropped records in a heartbeat", interval=0.1)
+        wait_for(lambda: queue.shipped == 2, 3, "the kept records shipped")
+        beat = runner.link.last_heartbeat
+        wait_for(lambda: runner.link.last_heartbeat != beat, 2, "one more heartbeat")
+        time.sleep(0.5)  # heartbeats every 0.2 s: each reports only what was dropped since the last
+        shown = edge()
+        assert shown["records_dropped"] == 3 and shown["records_dropped_at"] is not None, shown
 
 
 # ---------------------------------------------------------------------------- outages

@@ -427,6 +427,29 @@ def test_ferryman_up_with_duration(tmp_path):
     assert not [p for p in pids if _alive(p)]
 
 
+def _console_sign_in_starts(stderr_chunks: list[str]) -> None:
+    """The console ``ferryman up`` prints: its URL, the demo user and password, the CA to trust;
+    signing in there with them (over HTTPS verified against that CA) starts TOTP enrolment."""
+    import ssl
+    import urllib.parse
+    import urllib.request
+    deadline = time.monotonic() + 5
+    while True:  # stderr is read by another thread: the lines written before "ready" may lag
+        text = "".join(stderr_chunks)
+        found = re.search(r"console: open (https://[\d.:]+)/console and sign in as (\S+) with password (\S+) ", text)
+        ca = re.search(r"control plane's own CA: (\S+) ", text)
+        if (found and ca) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert found and ca, text
+    origin, upn, password = found.groups()
+    body = urllib.parse.urlencode({"upn": upn, "password": password}).encode()
+    request = urllib.request.Request(origin + "/console/sign-in", data=body, headers={"Origin": origin})
+    with urllib.request.urlopen(request, timeout=10, context=ssl.create_default_context(cafile=ca.group(1))) as r:
+        page = r.read().decode()
+    assert r.status == 200 and "Set up your second factor" in page and upn in page, page[:600]
+
+
 @pytest.mark.timeout(45)
 def test_ferryman_up_stops_cleanly_on_sigint(tmp_path):
     proc = subprocess.Popen(_up_cmd(tmp_path / "up"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -447,6 +470,7 @@ def test_ferryman_up_stops_cleanly_on_sigint(tmp_path):
     out_reader.start()
     try:
         assert ready.wait(30), f"no 'ready' line; stdout {out_lines}, stderr {''.join(stderr_chunks)}"
+        _console_sign_in_starts(stderr_chunks)
         # Let it push some traffic first.
         deadline = time.monotonic() + 10
         while not any(l.startswith("traffic:") for l in out_lines) and time.monotonic() < deadline:

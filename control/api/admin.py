@@ -110,7 +110,8 @@ def _edge_out(e: Edge, api: Api, now: datetime, revoked: set[str]) -> EdgeOut:
                    last_seen=e.last_seen, version=e.version, created_at=e.created_at, cert_serial=e.cert_serial,
                    cert_not_after=e.cert_not_after, revoked=e.cert_serial in revoked, external_addr=e.external_addr,
                    internal_addr=e.internal_addr, tunnels=e.tunnels, active_flows=e.active_flows,
-                   config_version=e.config_version)
+                   config_version=e.config_version, records_dropped=e.records_dropped or 0,
+                   records_dropped_at=e.records_dropped_at)
 
 
 def _dns_suffix_out(d: DnsSuffix) -> DnsSuffixOut:

@@ -66,7 +66,8 @@ def _heartbeat(api: Api, node: NodeCaller, data: HeartbeatIn, external: str) -> 
         internal = ",".join(a.strip() for a in data.addresses)
         row = nodes.record_heartbeat(session, node.role, node.node_id, version=data.version.strip(),
                                      external_addr=external, internal_addr=internal[:255], tunnels=data.tunnels,
-                                     active_flows=data.active_flows, config_version=data.config_version)
+                                     active_flows=data.active_flows, config_version=data.config_version,
+                                     records_dropped=data.records_dropped)
         changed = False
         if data.connectors is not None and isinstance(row, Edge):
             changed = presence.record(session, row, data.connectors)

@@ -172,6 +172,8 @@ class EdgeOut(msgspec.Struct):
     tunnels: int
     active_flows: int
     config_version: int | None
+    records_dropped: int = 0  # traffic records its queue dropped, summed over its heartbeats
+    records_dropped_at: datetime | None = None  # the latest heartbeat reporting some
 
 
 # ---------------------------------------------------------------------------- DNS suffixes
@@ -354,13 +356,15 @@ class RegisterResponse(msgspec.Struct):
 
 class HeartbeatIn(_Request):
     """What a node reports: its software version, its own addresses, tunnels, active flows,
-    and the configuration version it runs (None while it has none)."""
+    the configuration version it runs (None while it has none) and, from an edge, how many
+    traffic records its queue dropped since its previous heartbeat that got through."""
 
     version: Annotated[str, msgspec.Meta(max_length=64)] = ""
     addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=255)]], msgspec.Meta(max_length=16)] = []
     tunnels: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
     active_flows: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
     config_version: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
+    records_dropped: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0  # edges: since their last heartbeat
     # An edge: the connectors it holds usable tunnels to (``dataplane.contract.presence``); None: not reported.
     connectors: Annotated[list[PresenceConnector], msgspec.Meta(max_length=MAX_PRESENCE_CONNECTORS)] | None = None
 

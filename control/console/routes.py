@@ -237,7 +237,10 @@ def overview(request: Request[Any, Any, Any]) -> Response[str]:
     api = _api(request)
     with api.store.read() as session:
         context = views.overview(session, api.heartbeat_interval, utcnow())
-    template = "overview_body.html" if request.headers.get("hx-request") else "overview.html"
+    # Only the page's own refresh (its #overview target) gets the partial: a boosted link to the
+    # overview (HX-Request too, targeting the body) needs the whole page.
+    refresh = request.headers.get("hx-request") == "true" and request.headers.get("hx-target") == "overview"
+    template = "overview_body.html" if refresh else "overview.html"
     return render(request, template, viewer, **context)
 
 

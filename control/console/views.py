@@ -37,6 +37,7 @@ from .charts import human, ranked_bars, time_bars
 
 CERT_WARNING = timedelta(days=30)
 HOURS = 24
+DROPPED_WINDOW = timedelta(hours=HOURS)  # an edge that dropped traffic records within it is an alert
 TRAFFIC_PAGE = 100
 AUDIT_PAGE = 200
 # Every field of a traffic record, in the order the detail view shows them; the list's default columns.
@@ -68,7 +69,8 @@ def node_rows(session: Session, heartbeat: float, now: datetime) -> tuple[list[d
                 "tunnels": n.tunnels, "active_flows": n.active_flows, "config_version": n.config_version,
                 "cert_not_after": n.cert_not_after, "cert_days": _cert_days(n.cert_not_after, now),
                 "revoked": n.cert_serial in revoked, "group": getattr(getattr(n, "group", None), "name", ""),
-                "address": getattr(n, "address", "")}
+                "address": getattr(n, "address", ""), "records_dropped": getattr(n, "records_dropped", 0) or 0,
+                "records_dropped_at": getattr(n, "records_dropped_at", None)}
 
     return ([row(c, "connector") for c in nodes.list_connectors(session)],
             [row(e, "edge") for e in nodes.list_edges(session)])
@@ -118,6 +120,11 @@ def overview(session: Session, heartbeat: float, now: datetime) -> dict[str, Any
                                    f"{n['last_seen'] or 'never'})"))
         if n["cert_days"] is not None and n["cert_not_after"] - now < CERT_WARNING:
             alerts.append(("warn", f"{n['role']} {n['name']}'s certificate expires in {n['cert_days']} days"))
+        dropped_at = n["records_dropped_at"]
+        if dropped_at is not None and now - dropped_at < DROPPED_WINDOW:
+            alerts.append(("warn", f"{n['role']} {n['name']} dropped traffic records: {n['records_dropped']} in all, "
+                                   f"the latest reported {dropped_at:%Y-%m-%d %H:%M:%S} UTC (its queue, "
+                                   f"FERRYMAN_TRAFFIC_QUEUE, filled while the control plane was unreachable)"))
     for d in session.scalars(select(Device).where(Device.revoked_at.is_(None), Device.cert_not_after.is_not(None),
                                                   Device.cert_not_after < now + CERT_WARNING)).all():
         alerts.append(("warn", f"device {d.name or d.id}'s certificate expires on {d.cert_not_after:%Y-%m-%d}"))

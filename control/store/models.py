@@ -247,6 +247,10 @@ class Edge(Base):
     tunnels: Mapped[int] = mapped_column(Integer, default=0)
     active_flows: Mapped[int] = mapped_column(Integer, default=0)
     config_version: Mapped[int | None] = mapped_column(Integer)
+    # Traffic records its queue dropped (control plane unreachable too long), summed over heartbeats,
+    # and when the latest heartbeat reporting some came in (the overview's alert).
+    records_dropped: Mapped[int] = mapped_column(BigInteger, default=0)
+    records_dropped_at: Mapped[datetime | None]
     # The connectors it holds tunnels to, as of its latest heartbeat (``store.presence``; JSON).
     presence: Mapped[str] = mapped_column(Text, default="")
 

@@ -156,14 +156,17 @@ def refuse_live_duplicate(session: Session, role: str, name: str) -> None:
 @change
 def record_heartbeat(session: Session, role: str, node_id: str, *, version: str, external_addr: str = "",
                      internal_addr: str = "", tunnels: int = 0, active_flows: int = 0,
-                     config_version: int | None = None, now: datetime | None = None) -> Connector | Edge:
+                     config_version: int | None = None, records_dropped: int = 0,
+                     now: datetime | None = None) -> Connector | Edge:
     """A node's heartbeat: what it reports, and ``last_seen`` (not audited, not configuration).
 
     ``external_addr`` is where the control plane saw the request come from, ``internal_addr``
-    the node's own addresses (comma-separated), ``config_version`` the snapshot it runs.
+    the node's own addresses (comma-separated), ``config_version`` the snapshot it runs,
+    ``records_dropped`` (edges) the traffic records its queue dropped since its previous
+    heartbeat: added to the edge's total, and the time noted (``records_dropped_at``).
     """
     node = get_node(session, role, node_id)
-    for what, count in (("tunnels", tunnels), ("active_flows", active_flows)):
+    for what, count in (("tunnels", tunnels), ("active_flows", active_flows), ("records_dropped", records_dropped)):
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _HEARTBEAT_COUNT_MAX:
             raise StoreError("invalid", f"heartbeat {what} must be an integer from 0 to {_HEARTBEAT_COUNT_MAX}")
     if config_version is not None and (isinstance(config_version, bool) or not isinstance(config_version, int)
@@ -175,7 +178,12 @@ def record_heartbeat(session: Session, role: str, node_id: str, *, version: str,
             raise StoreError("invalid", f"heartbeat {what} is longer than {limit} characters")
     node.version, node.external_addr, node.internal_addr = version, external_addr, internal_addr
     node.tunnels, node.active_flows, node.config_version = tunnels, active_flows, config_version
+    if records_dropped and not isinstance(node, Edge):
+        raise StoreError("invalid", "only an edge keeps traffic records: a connector cannot report dropping them")
     node.last_seen = aware_now(now)
+    if records_dropped:
+        node.records_dropped = (node.records_dropped or 0) + records_dropped
+        node.records_dropped_at = node.last_seen
     session.flush()
     return node
 

@@ -10,7 +10,8 @@ An edge or a connector registered with ``ferryman ROLE register`` runs a ``Contr
   answers the waiting request at once).
 - **heartbeats**: ``POST /v1/node/heartbeat`` every ``FERRYMAN_HEARTBEAT_INTERVAL``
   seconds with what ``report()`` returns (version, addresses, tunnels, active flows) and
-  the configuration version held.
+  the configuration version held; an edge adds how many traffic records its queue dropped
+  since the last heartbeat the control plane took (``records_dropped``).
 - **traffic logs** (edges): the records queued by the node are sent in batches to
   ``POST /v1/node/traffic`` (every second, or at once while a full batch is waiting).
 - **renewal**: once less than ``FERRYMAN_RENEW_AT`` of the certificate's lifetime is
@@ -71,6 +72,7 @@ RETRY_MIN = 0.5
 RETRY_MAX = 10.0  # seconds between attempts while the control plane is down
 REFUSED_RETRY = 60.0  # seconds between attempts while the control plane refuses this node
 RENEW_CHECK = 600.0  # seconds between checks whether the certificate is due for renewal
+MAX_DROPPED_REPORT = 2**31 - 1  # traffic records dropped reported in one heartbeat (the rest in the next)
 TRAFFIC_INTERVAL = 1.0  # seconds between traffic-log batches while the queue has less than a batch
 
 
@@ -187,6 +189,7 @@ class ControlLink:
         self.snapshot: ConfigSnapshot | None = None
         self.last_heartbeat: float | None = None  # loop time of the last accepted heartbeat
         self._down: set[str] = set()  # which loops currently see the control plane unreachable
+        self._outages = 0  # outages begun so far: a call started before the current one began proves nothing
         self._unusable = -1  # the newest version this node could not apply (not asked for again)
 
     @property
@@ -257,14 +260,17 @@ class ControlLink:
         first = not self._down
         self._down.add(what)
         if first:
+            self._outages += 1
             log.warning("control plane unreachable; running on configuration version %s", self.version,
                         extra={"reason": str(exc), "during": what})
         return 0.0
 
-    def _succeeded(self, what: str) -> None:
+    def _succeeded(self, what: str, outages: int) -> None:
         """Log the end of an outage once, at the first call that goes through again (whichever loop
-        makes it: the others may still be waiting out their backoff)."""
-        if self._down:
+        makes it: the others may still be waiting out their backoff). ``outages``: the count when
+        the call started; a call already under way when the outage began (answered while the
+        control plane was shutting down) does not end it."""
+        if self._down and outages == self._outages:
             self._down.clear()
             log.info("control plane reachable again", extra={"during": what, "version": self.version})
 
@@ -275,13 +281,14 @@ class ControlLink:
         while True:
             after = max(-1 if self.snapshot is None else self.snapshot.version, self._unusable)
             target = f"/v1/node/config?after={after}&wait={wait:g}"
+            outages = self._outages
             try:
                 status, payload = await self.client.call("GET", target, None, wait + REQUEST_TIMEOUT)
             except ControlError as exc:
                 slow = self._failed("configuration", exc)
                 await asyncio.sleep(slow or backoff.next())
                 continue
-            self._succeeded("configuration")
+            self._succeeded("configuration", outages)
             backoff.reset()
             if status == 204:
                 continue
@@ -329,6 +336,7 @@ class ControlLink:
         loop = asyncio.get_running_loop()
         interval = self.settings.heartbeat_interval
         spacing = getattr(self.settings, "presence_interval", interval)
+        reported = 0  # the queue's drop count the control plane has taken
         while True:
             self._report_soon.clear()
             figures = self.report()
@@ -337,13 +345,18 @@ class ControlLink:
                                     "config_version": self.version}
             if figures.connectors is not None:
                 body["connectors"] = figures.connectors[:presence_map.MAX_CONNECTORS]
+            dropped = self.traffic.dropped if self.traffic is not None else 0
+            if self.traffic is not None:  # since the last heartbeat that got through (sent again until one does)
+                body["records_dropped"] = min(dropped - reported, MAX_DROPPED_REPORT)
+            outages = self._outages
             try:
                 await self.client.call("POST", "/v1/node/heartbeat", body)
             except ControlError as exc:
                 self._failed("heartbeat", exc)
             else:
-                self._succeeded("heartbeat")
+                self._succeeded("heartbeat", outages)
                 self.last_heartbeat = loop.time()
+                reported = min(dropped, reported + MAX_DROPPED_REPORT)
             sent = loop.time()
             try:
                 await asyncio.wait_for(self._report_soon.wait(), interval)
@@ -359,6 +372,7 @@ class ControlLink:
         wait = self.settings.config_wait
         while True:
             tag = self.presence.tag if self.presence is not None else ""
+            outages = self._outages
             try:
                 status, payload = await self.client.call("GET", f"/v1/node/presence?after={tag}&wait={wait:g}", None,
                                                          wait + REQUEST_TIMEOUT)
@@ -366,7 +380,7 @@ class ControlLink:
                 slow = self._failed("presence", exc)
                 await asyncio.sleep(slow or backoff.next())
                 continue
-            self._succeeded("presence")
+            self._succeeded("presence", outages)
             backoff.reset()
             if status == 204:
                 continue
@@ -390,6 +404,7 @@ class ControlLink:
             if not batch:
                 await asyncio.sleep(TRAFFIC_INTERVAL)
                 continue
+            outages = self._outages
             try:
                 await self.client.call("POST", "/v1/node/traffic", {"records": batch})
             except ControlError as exc:
@@ -397,7 +412,7 @@ class ControlLink:
                 slow = self._failed("traffic logs", exc)
                 await asyncio.sleep(slow or backoff.next())
                 continue
-            self._succeeded("traffic logs")
+            self._succeeded("traffic logs", outages)
             backoff.reset()
             queue.shipped += len(batch)
             if len(batch) < MAX_BATCH:

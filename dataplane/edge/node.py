@@ -455,14 +455,21 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         ``key``, its source) until its tunnel is up or closed."""
         s = self.settings
         counted = True
-        try:
-            _transport, tunnel = await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: Tunnel(self, self._wire, dialer=False, accept_roles=("client", "connector", "edge"),
+        made: list[Tunnel] = []
+
+        def factory() -> Tunnel:
+            # The tunnel is kept from here: with uvloop, connect_accepted_socket returns its TLS
+            # protocol wrapper, not the application protocol.
+            made.append(Tunnel(self, self._wire, dialer=False, accept_roles=("client", "connector", "edge"),
                                keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
-                               write_buffer_high=s.write_buffer_high, label="in"),
-                sock, ssl=ctx, ssl_handshake_timeout=s.handshake_timeout,
-            )
-            tunnel.up_waiter.add_done_callback(lambda _done: self._handshaking.give(key))  # HELLO, or closed
+                               write_buffer_high=s.write_buffer_high, label="in"))
+            return made[-1]
+
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                factory, sock, ssl=ctx, ssl_handshake_timeout=s.handshake_timeout)
+            (tunnel,) = made
+            tunnel.up_waiter.add_done_callback(lambda done: self._handshake_over(done, key))  # HELLO, or closed
             counted = False
         except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError
             self.stats.count(self.stats.tunnels_closed, "tls_handshake_failed")
@@ -471,6 +478,13 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         finally:
             if counted:
                 self._handshaking.give(key)
+
+    def _handshake_over(self, up: asyncio.Future[None], key: str) -> None:
+        """A tunnel's HELLO arrived or it closed first: its handshake slot is free again (the
+        close is logged and counted by the tunnel; the future's exception is taken here)."""
+        if not up.cancelled():
+            up.exception()
+        self._handshaking.give(key)
 
     # ------------------------------------------------------------------ tunnels
     def refuse_tunnel(self, tunnel: EdgeTunnel) -> tuple[str, str] | None:

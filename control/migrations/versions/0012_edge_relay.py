@@ -1,15 +1,15 @@
 """Edge to edge relay: the connectors each edge holds tunnels to (``edges.presence``, JSON, from
 its heartbeats) and the peer edge that carried a relayed flow (``traffic_logs.relay_edge``).
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
-down_revision = "0010"
+revision = "0012"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
