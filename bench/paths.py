@@ -2,6 +2,8 @@
 
 - ``direct``: the backend itself (no proxy);
 - ``ferryman``: app → client agent → edge → connector → backend (``dataplane.fabric``);
+- ``ferryman-relay``: the same with a control plane and two edges, the connector on the second
+  only: app → client agent → edge-1 → edge-2 → connector → backend (the relay hop);
 - ``ssh``: the OpenSSH bastion chain operators use today: a private sshd, a "connector"
   ``ssh -R`` publishing the backend on the bastion and a "client" ``ssh -L`` reaching it;
 - ``stunnel``: a client-mode stunnel wrapping the flow in TLS to a server-mode stunnel;
@@ -295,18 +297,23 @@ class FerrymanPath(Path):
         return SOFTWARE
 
     def _start(self) -> None:
-        from dataplane.fabric import Fabric
-
         forwards: list[tuple] = [("127.0.0.1", 0, "127.0.0.1", self.backend_port)]
         if self.udp_backend_port:
             forwards.append(("127.0.0.1", 0, "127.0.0.1", self.udp_backend_port, "udp"))
-        self.fabric = Fabric(os.path.join(self.workdir, "fabric"), forwards,
-                             env={"FERRYMAN_TRANSPORT": self.transport, "FERRYMAN_QUIC_ENGINE": self.quic_engine})
+        self.fabric = self._fabric(forwards)
         self.fabric.start(timeout=START_TIMEOUT)
         self._address = ("127.0.0.1", self.fabric.forward_ports[0])
         if self.udp_backend_port:
             self._udp_address = ("127.0.0.1", self.fabric.forward_ports[1])
         self._wait_round_trip()
+
+    def _fabric(self, forwards: list[tuple]) -> Fabric:
+        from dataplane.fabric import Fabric
+
+        return Fabric(os.path.join(self.workdir, "fabric"), forwards, env=self._env())
+
+    def _env(self) -> dict[str, str]:
+        return {"FERRYMAN_TRANSPORT": self.transport, "FERRYMAN_QUIC_ENGINE": self.quic_engine}
 
     def udp_counters(self) -> dict[str, dict]:
         from prometheus_client.parser import text_string_to_metric_families
@@ -546,5 +553,19 @@ class FerrymanAioquicPath(FerrymanQuicPath):
     quic_engine = "aioquic"
 
 
+class FerrymanRelayPath(FerrymanPath):
+    """The relay path: app → client agent → edge-1 → edge-2 → connector → backend, with a control
+    plane (edges relay by its presence map); the connector holds tunnels to edge-2 only."""
+
+    name = "ferryman-relay"
+
+    def _fabric(self, forwards: list[tuple]) -> Fabric:
+        from dataplane.fabric import Fabric
+
+        return Fabric(os.path.join(self.workdir, "fabric"), forwards, env=self._env(),
+                      managed=True, edges=2, connector_edges={"connector-1": ["edge-2"]})
+
+
 PATHS: dict[str, type[Path]] = {cls.name: cls for cls in (DirectPath, FerrymanPath, FerrymanQuicPath,
-                                                           FerrymanAioquicPath, SshPath, StunnelPath, HaproxyPath)}
+                                                           FerrymanAioquicPath, FerrymanRelayPath, SshPath,
+                                                           StunnelPath, HaproxyPath)}

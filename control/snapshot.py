@@ -385,6 +385,11 @@ class SnapshotHub:
         finally:
             self._waiting -= 1
 
+    @property
+    def closed(self) -> bool:
+        """Shutting down: long-polls answer at once."""
+        return self._closed
+
     def close(self) -> None:
         """Release every waiter (they get None) and answer later calls at once (shutdown)."""
         self._closed = True

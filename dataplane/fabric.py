@@ -83,11 +83,23 @@ def _http_status(url: str, context: ssl.SSLContext | None = None) -> int:
 class Fabric:
     def __init__(self, workdir: str, forwards: list[tuple], env: dict[str, str] | None = None,
                  connectors: int = 1, *, managed: bool = False, apps: list[dict] | None = None,
-                 webapps: list[dict] | None = None, control_port: int = 0) -> None:
+                 webapps: list[dict] | None = None, control_port: int = 0, edges: int = 1,
+                 connector_edges: dict[str, list[str]] | None = None, client_edges: list[str] | None = None,
+                 more_clients: dict[str, list[str]] | None = None) -> None:
         """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each; ``apps``: more
         applications (``{"name": ..., "segments": [...]}``, for SOCKS5 or HTTP CONNECT) besides the forwards';
         ``control_port``: managed, the control plane's port (0: a free one), when its URL must be known
-        beforehand (an OIDC redirect URI)."""
+        beforehand (an OIDC redirect URI).
+
+        ``edges``: how many edges (``edge-1`` ...; more than one only ``managed``: they relay flows
+        to each other through the control plane's presence map); ``connector_edges``: the edges a
+        connector dials (by name; default every edge of the control plane's list); ``client_edges``:
+        the edges the client agent dials (default ``edge-1``); ``more_clients``: further client agents
+        (``managed`` only; name -> the edges it dials), signed in as the same user, each with the
+        same forwards on listening ports of its own (``client_ports``)."""
+        if edges > 1 and not managed:
+            raise ValueError("several edges need a control plane (managed=True): they relay flows through its "
+                             "presence map")
         self.workdir = os.path.abspath(workdir)
         self._taken: set[int] = set()  # ports handed out here (none is bound until its node starts)
         self.forwards = [(f[0], f[1] or self._free_port(f[4] if len(f) > 4 else "tcp"), f[2], f[3],
@@ -98,7 +110,17 @@ class Fabric:
         self.extra_apps = list(apps or [])
         self.user = "demo@ferryman.local"  # managed: the user the client agent signs in as
         self.password = secrets.token_urlsafe(18)
-        self.edge_port = 0
+        self.edge_port = 0  # edge-1's (the others: edge_ports)
+        self.edge_names = [f"edge-{i + 1}" for i in range(edges)]
+        self.edge_ports: dict[str, int] = {}
+        self.connector_edges = dict(connector_edges or {})
+        self.client_edges = list(client_edges or ["edge-1"])
+        if more_clients and not managed:
+            raise ValueError("further client agents need a control plane (managed=True)")
+        self.more_clients = dict(more_clients or {})
+        self.client_names = ["client-1", *self.more_clients]
+        self.client_ports: dict[str, list[int]] = {  # listening port of each forward, per client agent
+            name: [self._free_port(f[4]) for f in self.forwards] for name in self.more_clients}
         self.edge_host = "127.0.0.1"  # the address the edge listens on and the other nodes dial
         self.control_port = control_port
         self.control_host = "127.0.0.1"  # managed: the address the control plane listens on (and is dialed at)
@@ -209,19 +231,27 @@ class Fabric:
         os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
         self.edge_port = self.edge_port or self._free_port("both")  # a test may pick it before start()
         self._taken.add(self.edge_port)
+        self.edge_ports = {"edge-1": self.edge_port, **{name: self.edge_ports.get(name) or self._free_port("both")
+                                                        for name in self.edge_names[1:]}}
         edge_addr = f"{self.edge_host}:{self.edge_port}"
         fwd_args = [a for lh, lp, h, p, proto in self.forwards
                     for a in ("--forward", f"{lh}:{lp}={h}:{p}" + ("/udp" if proto == "udp" else ""))]
         try:
             if self.managed:
                 client_env = self._start_managed(edge_addr, timeout)
-                edge_args, edge_env = ["--listen", edge_addr], self._node_env("edge-1")
-                if self.webapps:
-                    edge_args += ["--https", f"127.0.0.1:{self.web_port}"]
-                    edge_env.update(self._web_env())
-                self._spawn("edge-1", "edge", edge_args, edge_env)
+                for name in self.edge_names:
+                    edge_args, edge_env = ["--listen", self.edge_address(name)], self._node_env(name)
+                    if self.webapps and name == "edge-1":
+                        edge_args += ["--https", f"127.0.0.1:{self.web_port}"]
+                        edge_env.update(self._web_env())
+                    self._spawn(name, "edge", edge_args, edge_env)
+                if len(self.edge_names) > 1:  # every edge up first: nodes that dial several start on their first
+                    for name in self.edge_names:
+                        self._wait_for(name, timeout)
                 for name in self.connector_names:
-                    self._spawn(name, "connector", [], self._node_env(name))
+                    pinned = self.connector_edges.get(name)
+                    self._spawn(name, "connector", ["--edges", ",".join(map(self.edge_address, pinned))]
+                                if pinned else [], self._node_env(name))
             else:
                 certs = self._certificates()
                 apps = self._apps_file()
@@ -229,7 +259,13 @@ class Fabric:
                 self._spawn("edge-1", "edge", ["--listen", edge_addr, "--apps", apps], self._pki_env(certs, "edge-1"))
                 for name in self.connector_names:
                     self._spawn(name, "connector", ["--edges", edge_addr, "--apps", apps], self._pki_env(certs, name))
-            self._spawn("client-1", "client", ["--edges", edge_addr, *fwd_args], client_env)
+            client_edges = ",".join(map(self.edge_address, self.client_edges)) if self.managed else edge_addr
+            self._spawn("client-1", "client", ["--edges", client_edges, *fwd_args], client_env)
+            for name, edges in self.more_clients.items():
+                args = [a for (lh, _, h, p, proto), lp in zip(self.forwards, self.client_ports[name])
+                        for a in ("--forward", f"{lh}:{lp}={h}:{p}" + ("/udp" if proto == "udp" else ""))]
+                self._spawn(name, "client", ["--edges", ",".join(map(self.edge_address, edges)), *args],
+                            self._node_env(name))
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
@@ -275,11 +311,17 @@ class Fabric:
                     app = {**app, "external_url": f"{scheme}://{host}:{self.web_port}{slash}{path}"}
                 self.admin("POST", "/v1/webapps", app)
                 self.admin("POST", f"/v1/webapps/{app['name']}/assignments", {"user": self.user})
-        self._register("edge-1", "edge", ["--address", edge_addr])
+        for name in self.edge_names:
+            self._register(name, "edge", ["--address", self.edge_address(name)])
         for name in self.connector_names:
             self._register(name, "connector", [])
-        self._login("client-1")
+        for name in self.client_names:
+            self._login(name)
         return self._node_env("client-1")
+
+    def edge_address(self, name: str) -> str:
+        """HOST:PORT of edge ``name`` (its ports are chosen by ``start``)."""
+        return f"{self.edge_host}:{self.edge_ports[name]}"
 
     @property
     def console_url(self) -> str:
@@ -301,7 +343,7 @@ class Fabric:
         version (their ``ferryman_config_version`` metric); returns that version."""
         version = int(self.admin("GET", "/v1/config-version")["version"])  # type: ignore[index]
         deadline = time.monotonic() + timeout
-        for name in ["edge-1", *self.connector_names]:
+        for name in [*self.edge_names, *self.connector_names]:
             while _metric(self.metrics[name], "ferryman_config_version") < version:
                 if time.monotonic() > deadline:
                     raise FabricError(f"{name} did not reach configuration version {version} within {timeout:g}s:\n"
@@ -399,7 +441,7 @@ class Fabric:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:
-        order = ["client-1", *self.connector_names, "edge-1", "control"]
+        order = [*self.client_names, *self.connector_names, *self.edge_names, "control"]
         for name in order:
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:

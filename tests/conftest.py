@@ -7,7 +7,8 @@
   client port forward per entry of ``forwards`` (a ``Backend``, a port on 127.0.0.1, a
   ``(host, port)`` or a full ``(listen_host, listen_port, host, port)``). Every fabric is
   stopped at teardown, and a failing test's report carries every node's log tail.
-  ``managed=True`` runs a control plane too and registers edge and connectors through it.
+  ``managed=True`` runs a control plane too and registers edge and connectors through it;
+  ``edges``, ``connector_edges`` and ``client_edges`` lay out several edges (``Fabric``).
 - ``xfer``: blocking and asyncio helpers that move real bytes through a forward
   (sha256-checked uploads, seeded downloads, echo round trips), Prometheus scraping and
   /proc RSS reading.
@@ -104,7 +105,7 @@ def fabric(request: pytest.FixtureRequest, tmp_path, pki_cache: str, transport: 
 
     def make(forwards: list[object], env: dict[str, str] | None = None, connectors: int = 1,
              timeout: float = 20.0, managed: bool = False, apps: list[dict] | None = None,
-             webapps: list[dict] | None = None) -> Fabric:
+             webapps: list[dict] | None = None, **layout: object) -> Fabric:
         assert connectors <= MAX_CONNECTORS
         workdir = tmp_path / f"fabric-{len(fabrics) + 1}"
         workdir.mkdir()
@@ -113,7 +114,7 @@ def fabric(request: pytest.FixtureRequest, tmp_path, pki_cache: str, transport: 
         # A short drain grace keeps teardown quick when a test leaves flows open.
         full_env = {"FERRYMAN_DRAIN_GRACE": "1", "FERRYMAN_TRANSPORT": transport, **(env or {})}
         fab = Fabric(str(workdir), [_forward(f) for f in forwards], env=full_env, connectors=connectors,
-                     managed=managed, apps=apps, webapps=webapps)
+                     managed=managed, apps=apps, webapps=webapps, **layout)  # type: ignore[arg-type]
         fabrics.append(fab)
         fab.start(timeout=timeout)
         return fab

@@ -144,16 +144,21 @@ CONTROL_CASES = [
     ),
     (
         Open(host="db", port=5432),
-        # fixarray(10) "db" uint16 5432 "tcp" "" "" "" "" "" "" bin8(0)
-        "9a" "a26462" "cd1538" "a3746370" "a0" "a0" "a0" "a0" "a0" "a0" "c400",
+        # fixarray(12) "db" uint16 5432 "tcp" "" "" "" "" "" "" bin8(0) "" bin8(0)
+        "9c" "a26462" "cd1538" "a3746370" "a0" "a0" "a0" "a0" "a0" "a0" "c400" "a0" "c400",
     ),
     (
         Open(host="10.0.0.1", port=53, protocol="udp", source="1.2.3.4:5", app="dns"),
-        "9a" "a831302e302e302e31" "35" "a3756470" "a9312e322e332e343a35" "a3646e73" "a0" "a0" "a0" "a0" "c400",
+        "9c" "a831302e302e302e31" "35" "a3756470" "a9312e322e332e343a35" "a3646e73" "a0" "a0" "a0" "a0" "c400"
+        "a0" "c400",
     ),
     (
         Open(host="h", port=1, user="u@x", device="d", connection="c", process="p", grant=b"\x01\x02"),
-        "9a" "a168" "01" "a3746370" "a0" "a0" "a3754078" "a164" "a163" "a170" "c4020102",
+        "9c" "a168" "01" "a3746370" "a0" "a0" "a3754078" "a164" "a163" "a170" "c4020102" "a0" "c400",
+    ),
+    (
+        Open(host="h", port=1, grant=b"\x01", relay_to="k", signer=b"\x30"),  # relayed between edges
+        "9c" "a168" "01" "a3746370" "a0" "a0" "a0" "a0" "a0" "a0" "c40101" "a16b" "c40130",
     ),
     (OpenOk(), "92" "a0" "a0"),
     (OpenOk(bound="1.2.3.4:80"), "92" "aa312e322e332e343a3830" "a0"),
@@ -291,8 +296,8 @@ GOLDEN_A1 = H(
     "9a" "a465646765" "a6656467652d31" "cd8000" "ce00020000" "cc80" "a26575" "91a5646772616d" "a0" "a0" "c400"
 )
 # dialer -> acceptor: OPEN flow 1 app.corp:443 app=wiki
-GOLDEN_D2 = H("02" "00" "00000001" "0000001d" "9a" "a86170702e636f7270" "cd01bb" "a3746370" "a0" "a477696b69"
-              "a0" "a0" "a0" "a0" "c400")
+GOLDEN_D2 = H("02" "00" "00000001" "00000020" "9c" "a86170702e636f7270" "cd01bb" "a3746370" "a0" "a477696b69"
+              "a0" "a0" "a0" "a0" "c400" "a0" "c400")
 # acceptor -> dialer: OPEN_OK flow 1 bound=10.1.2.3:443
 GOLDEN_A2 = H("03" "00" "00000001" "0000000f" "92" "ac31302e312e322e333a343433" "a0")
 # dialer -> acceptor: DATA flow 1 "GET /", FIN flow 1

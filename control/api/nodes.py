@@ -11,6 +11,8 @@
 - ``POST /v1/node/renew``: a CSR for a fresh key; returns a new certificate for the same
   node (same role, name and, for an edge, the same host names) and the CA bundle.
 - ``POST /v1/node/traffic``: a batch of an edge's traffic log records.
+- ``GET /v1/node/presence?after=TAG&wait=S`` (edges): which edge holds tunnels to which
+  connectors (``presence.py``).
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from litestar import Request, Response, get, post
-from litestar.exceptions import PermissionDeniedException
+from litestar.exceptions import PermissionDeniedException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
-from control.store import certificates, config_version, nodes, traffic
+from control.store import certificates, config_version, nodes, presence, traffic
+from control.store.models import Edge
 from dataplane.basics import pki
 
 from .guards import Api, NodeCaller, require_node
 from .longpoll import Wait, config_response, wait_snapshot
+from .presence import node_presence, presence_waiters
 from .schemas import HeartbeatIn, HeartbeatOut, RenewIn, RenewOut, TrafficIn, TrafficOut
 
 # ---------------------------------------------------------------------------- configuration
@@ -56,24 +60,36 @@ async def node_config(
 # ---------------------------------------------------------------------------- heartbeat
 
 
-def _heartbeat(api: Api, node: NodeCaller, data: HeartbeatIn, external: str) -> HeartbeatOut:
+def _heartbeat(api: Api, node: NodeCaller, data: HeartbeatIn, external: str) -> tuple[HeartbeatOut, bool]:
+    """The answer, and whether the edge's presence (the connectors it holds) changed."""
     with api.store.begin() as session:
         internal = ",".join(a.strip() for a in data.addresses)
-        nodes.record_heartbeat(session, node.role, node.node_id, version=data.version.strip(),
-                               external_addr=external, internal_addr=internal[:255], tunnels=data.tunnels,
-                               active_flows=data.active_flows, config_version=data.config_version,
-                               records_dropped=data.records_dropped)
+        row = nodes.record_heartbeat(session, node.role, node.node_id, version=data.version.strip(),
+                                     external_addr=external, internal_addr=internal[:255], tunnels=data.tunnels,
+                                     active_flows=data.active_flows, config_version=data.config_version,
+                                     records_dropped=data.records_dropped)
+        changed = False
+        if data.connectors is not None and isinstance(row, Edge):
+            changed = presence.record(session, row, data.connectors)
         return HeartbeatOut(node_id=node.node_id, status="active", heartbeat_interval=api.heartbeat_interval,
-                            config_version=config_version.config_version(session))
+                            config_version=config_version.config_version(session)), changed
 
 
 @post("/v1/node/heartbeat", guards=[require_node], security=[{"nodeToken": []}], tags=["nodes"], status_code=200)
 async def node_heartbeat(request: Request, data: HeartbeatIn) -> HeartbeatOut:
-    """A node's report; the node counts as active until it misses three in a row."""
+    """A node's report; the node counts as active until it misses three in a row. An edge also
+    reports the connectors it holds tunnels to (its presence, ``GET /v1/node/presence``)."""
     api: Api = request.app.state.api
+    node: NodeCaller = request.state.node
+    if data.connectors is not None and node.role != "edge":
+        raise ValidationException(f"only edges report the connectors they hold tunnels to; {node.role} "
+                                  f"{node.name!r} may not")
     client = request.client
     external = client.host if client is not None else ""
-    return await anyio.to_thread.run_sync(_heartbeat, api, request.state.node, data, external)
+    answer, changed = await anyio.to_thread.run_sync(_heartbeat, api, node, data, external)
+    if changed:
+        presence_waiters(request.app).wake()
+    return answer
 
 
 # ---------------------------------------------------------------------------- certificate renewal
@@ -132,4 +148,4 @@ async def node_traffic(request: Request, data: TrafficIn) -> TrafficOut:
     return TrafficOut(stored=stored)
 
 
-NODE_ROUTES = [node_config, node_heartbeat, node_renew, node_traffic]
+NODE_ROUTES = [node_config, node_heartbeat, node_renew, node_traffic, node_presence]

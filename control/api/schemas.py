@@ -16,6 +16,8 @@ import msgspec
 
 from control.store.models import Application, Segment
 from dataplane.contract.flowrecord import MAX_BATCH, FlowRecord
+from dataplane.contract.presence import MAX_CONNECTORS as MAX_PRESENCE_CONNECTORS
+from dataplane.contract.presence import PresenceConnector
 
 Role = Literal["connector", "edge"]
 MAX_TOKEN_TTL = 365 * 86400  # seconds
@@ -363,6 +365,8 @@ class HeartbeatIn(_Request):
     active_flows: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
     config_version: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
     records_dropped: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0  # edges: since their last heartbeat
+    # An edge: the connectors it holds usable tunnels to (``dataplane.contract.presence``); None: not reported.
+    connectors: Annotated[list[PresenceConnector], msgspec.Meta(max_length=MAX_PRESENCE_CONNECTORS)] | None = None
 
 
 class HeartbeatOut(msgspec.Struct):

@@ -69,6 +69,7 @@ class TrafficRecordOut(msgspec.Struct):
     connector_name: str
     connector_address: str
     edge: str
+    relay_edge: str
     bytes_sent: int
     bytes_received: int
     close_reason: str

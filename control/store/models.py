@@ -251,6 +251,8 @@ class Edge(Base):
     # and when the latest heartbeat reporting some came in (the overview's alert).
     records_dropped: Mapped[int] = mapped_column(BigInteger, default=0)
     records_dropped_at: Mapped[datetime | None]
+    # The connectors it holds tunnels to, as of its latest heartbeat (``store.presence``; JSON).
+    presence: Mapped[str] = mapped_column(Text, default="")
 
     def status(self, now: datetime, heartbeat_interval: float) -> str:
         return node_status(self.last_seen, now, heartbeat_interval)
@@ -627,6 +629,7 @@ class TrafficLog(Base):
     connector_name: Mapped[str] = mapped_column(String(200), default="")
     connector_address: Mapped[str] = mapped_column(String(64), default="")
     edge: Mapped[str] = mapped_column(String(200), default="")
+    relay_edge: Mapped[str] = mapped_column(String(200), default="")  # the peer edge that carried it to the connector
     bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
     close_reason: Mapped[str] = mapped_column(String(1024), default="")

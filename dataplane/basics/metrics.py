@@ -36,7 +36,7 @@ class Stats:
                  "flows_active", "flows_opened", "flows_closed", "bytes_rx", "bytes_tx",
                  "open_failures", "protocol_errors", "rtt", "extra", "datagrams_rx", "datagrams_tx",
                  "datagrams_dropped", "transports", "transport_fallbacks",
-                 "dial_refused", "handler_errors", "read_pauses", "log_limit")
+                 "dial_refused", "handler_errors", "read_pauses", "log_limit", "relayed")
 
     def __init__(self, role: str, node: str, log_limit: LogLimiter | None = None) -> None:
         self.role = role
@@ -59,6 +59,7 @@ class Stats:
         self.transports: dict[str, int] = {}         # gauge: tunnels up by transport (quic, tcp)
         self.transport_fallbacks: dict[str, int] = {}  # to transport -> count (auto: QUIC failed)
         self.dial_refused: dict[str, int] = {}       # connector: rule -> resolved addresses not dialed
+        self.relayed: dict[str, int] = {}            # edge: direction (out / in) -> flows relayed between edges
         # log lines about refusals, rate-limited per peer or source (its ``suppressed`` is a counter here)
         self.log_limit = log_limit or LogLimiter()
         self.handler_errors: dict[str, int] = {}     # wire event -> unexpected exceptions handling it
@@ -138,6 +139,9 @@ class StatsCollector(Collector):
         yield counter("ferryman_tunnel_read_pauses_total", "Times a tunnel stopped reading its peer because the "
                       "peer did not read what was sent to it (write buffer above FERRYMAN_WRITE_BUFFER_HIGH)",
                       s.read_pauses)
+        yield by("ferryman_relayed_flows_total", "Flows relayed between edges, by direction (out: decided here and "
+                 "carried by a peer edge to its connector; in: carried here for the peer edge that decided it)",
+                 "direction", s.relayed)
         yield by("ferryman_dial_refused_total", "Addresses a connector resolved but did not dial, by rule", "rule",
                  s.dial_refused)
         rtt = GaugeMetricFamily("ferryman_tunnel_rtt_seconds", "Last measured tunnel round-trip time",

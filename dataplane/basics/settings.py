@@ -124,6 +124,7 @@ class EdgeSettings(NodeSettings, kw_only=True):
     config_wait: float = 25.0
     renew_at: float = 0.3333
     heartbeat_interval: float = 30.0
+    presence_interval: float = 1.0
     # the HTTPS front door for published web apps (off while edge_https_listen is empty)
     edge_https_listen: str = ""
     edge_https_cert: str = ""
@@ -172,6 +173,7 @@ class ConnectorSettings(DialerSettings, kw_only=True):
     """The connector's settings."""
 
     connector_tunnels: int = 2
+    connector_edges: int = 4
     connector_group: str = "default"
     dns_server: str = ""
     grant_cache: int = 262144
@@ -287,7 +289,8 @@ VARIABLES: dict[str, str] = {
     "web_max_connections": "Edge: most browser connections at once on the HTTPS front door; more are closed at once.",
     "apps_file": "Edge without a control plane: application file (JSON or TOML) mapping segments to connector groups, and optionally connectors to their groups (a registered edge refuses it). Connector: the applications whose IP/CIDR/range segments may name loopback, link-local, metadata or its own addresses (when it does not follow a control plane, or to override its applications).",
     "edges": "Connector/client: comma-separated HOST:PORT list of edges to dial.",
-    "connector_tunnels": "Connector: outbound tunnels kept open (spread over the edges).",
+    "connector_edges": "Connector: most edges it holds tunnels to, chosen from the control plane's edge list (or FERRYMAN_EDGES) by rendezvous hashing of its name, so connectors spread over the edges and move only when edges come or go; flows landing on other edges are relayed to these.",
+    "connector_tunnels": "Connector: outbound tunnels kept open, spread over the edges it chose (at least one per edge: FERRYMAN_CONNECTOR_EDGES).",
     "connector_group": "Connector: connector group it names in its HELLO (a registered connector: the one it was registered into). An edge with a control plane, or whose application file lists connectors, serves it under the group recorded there and refuses it when this names another.",
     "drain_grace": "Connector: seconds to let flows finish after GOAWAY on SIGTERM.",
     "dial_timeout": "Connector: seconds to wait for a backend TCP connect.",
@@ -332,6 +335,7 @@ VARIABLES: dict[str, str] = {
     "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point): above it a tunnel takes no more data from flows, and an edge stops reading a TLS/TCP tunnel's peer until the peer has read enough of what was sent to it (`ferryman_tunnel_read_pauses_total`).",
     "udp_backlog": "Bytes waiting to be written to a TLS/TCP tunnel above which a datagram is dropped (`tunnel_busy`) rather than queued behind them, at every hop: bounds how long a datagram waits (32 KiB is about 9 ms of 64-byte datagrams at 50,000/s).",
     "max_tunnels_per_client": "Edge: most tunnels one client identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
+    "presence_interval": "Edge: fewest seconds between two reports to the control plane of the connectors it holds tunnels to (a change is reported this soon, not at the next heartbeat); the presence map edges relay flows by (`GET /v1/node/presence`) is kept apart from the configuration version.",
     "max_tunnels_per_connector": "Edge: most tunnels one connector identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",
     "max_handshakes": "Edge: most tunnel handshakes (TCP accepted, TLS and HELLO not done yet; each bounded by FERRYMAN_HANDSHAKE_TIMEOUT) in progress at once; a connection beyond is closed at once. QUIC handshakes (Initial taken, HELLO not done yet) are counted apart with the same cap; a new QUIC client beyond is dropped.",
     "max_handshakes_per_source": "Edge: most tunnel handshakes in progress from one source address (IPv6: /64); a connection beyond is closed at once. The same applies to QUIC handshakes, counted apart.",
@@ -346,6 +350,7 @@ VARIABLES: dict[str, str] = {
 
 _LIMITS: dict[str, tuple[float, float]] = {
     "connector_tunnels": (1, 64),
+    "connector_edges": (1, 64),
     "max_frame": (1024, 16 * 1024 * 1024),
     "flow_window": (16384, 1 << 30),
     "max_flows": (1, 1 << 20),
@@ -365,6 +370,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "cert_lifetime_days": (1, 3650),
     "traffic_retention_days": (1, 3650),
     "heartbeat_interval": (0.1, 3600),
+    "presence_interval": (0.05, 3600),
     "access_token_minutes": (1, 1440),
     "oidc_starts_per_minute": (1, 100_000),
     "sign_in_window": (1, 86400),

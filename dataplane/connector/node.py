@@ -1,8 +1,10 @@
 """Connector: keeps outbound tunnels to edges and dials private backends for each OPEN.
 
 The connector never listens for tunnels. It holds ``FERRYMAN_CONNECTOR_TUNNELS`` TLS
-tunnels spread over the configured edges, each kept up by its own reconnect loop
-(exponential backoff with jitter). Every OPEN from an edge becomes a TCP connection
+tunnels (at least one per chosen edge) spread over at most ``FERRYMAN_CONNECTOR_EDGES`` of the
+edges it knows (``placement``: chosen by rendezvous hashing; a tunnel moves when its edge is no
+longer chosen, draining first), each kept up by its own reconnect loop (exponential backoff
+with jitter; the other edges are its fallbacks while its own is down). Every OPEN from an edge becomes a TCP connection
 from this host to the backend (so the backend sees the connector's address), answered
 with OPEN_OK or OPEN_FAIL carrying a specific reason (any error while dialing, foreseen or
 not, is answered with OPEN_FAIL: an OPEN never stays pending here). Before dialing it resolves the
@@ -22,6 +24,7 @@ and the applications' segments from it (``FERRYMAN_APPS_FILE``, when set, gives 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 from collections.abc import Callable
@@ -52,6 +55,8 @@ from ..transport.udpflow import UdpFlow, set_udp_buffers
 from ..wire import events as ev
 from ..wire.frames import Open
 from .dial import DialError, Target, checked, connect_tcp, connect_udp, resolve
+from . import placement
+from .relayed import DecidingEdges
 
 log = logging.getLogger("ferryman.connector")
 
@@ -78,6 +83,14 @@ class Connector(EndpointNode[EdgeKey]):
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
         self.tunnels: set[ConnectorTunnel] = set()
+        # Tunnel slots (``placement``): the edges chosen, each slot's dial order, its task, whether it
+        # stopped (fewer slots now), the event that makes its session check where its tunnel is.
+        self.chosen: list[tuple[str, int]] = []
+        self.slot_edges: list[list[tuple[str, int]]] = []
+        self._slots: list[asyncio.Task[None]] = []
+        self._stopped: list[bool] = []
+        self._moved: list[asyncio.Event] = []
+        self._moving: set[asyncio.Task[None]] = set()  # tunnels draining after a move
         self.udp_flows: set[UdpFlow] = set()
         self.udp_sockets: dict[UdpFlow, asyncio.DatagramTransport] = {}  # each UDP flow's backend socket
         self.draining = False
@@ -86,6 +99,7 @@ class Connector(EndpointNode[EdgeKey]):
         self._wire = credentials.wire_config(group=settings.connector_group, grant_key_size=GRANT_KEY_SIZE)
         self.revoked: frozenset[int] = frozenset()
         self.grants = GrantVerifier(credentials.name, limit=settings.grant_cache)
+        self.deciding = DecidingEdges(settings.tls_ca)  # who signed the grants of relayed flows
         # What may be dialed: the group's lists and the applications' explicit segments, from the
         # control plane's snapshots and/or FERRYMAN_APPS_FILE (without either: no special address).
         self.static_apps = Applications.load(settings.apps_file).apps if settings.apps_file else None
@@ -109,17 +123,16 @@ class Connector(EndpointNode[EdgeKey]):
         if self.settings.metrics_addr:
             metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready,
                                                  limits=HttpLimits.from_settings(self.settings))
-        slots = [asyncio.create_task(keep_tunnel(self, self.settings, self._wire, lambda: self._ssl, self.edges,
-                                                 self._session, lambda: not self.draining, first=i, label=f"t{i}->"))
-                 for i in range(self.settings.connector_tunnels)]
+        self._place()
         log.info("connector started", extra={"group": self.settings.connector_group,
-                                             "edges": self.settings.edges,
-                                             "tunnels": self.settings.connector_tunnels})
+                                             "edges": ",".join(f"{h}:{p}" for h, p in self.chosen),
+                                             "tunnels": len(self._slots)})
         await stop.wait()
         await self.drain()
-        for task in slots:
+        for task in self._slots:
             task.cancel()
-        await asyncio.gather(*slots, *([following] if following else []), return_exceptions=True)
+        await asyncio.gather(*self._slots, *self._moving, *([following] if following else []),
+                             return_exceptions=True)
         if metrics is not None:
             metrics.close()
 
@@ -146,7 +159,9 @@ class Connector(EndpointNode[EdgeKey]):
                     log.error("%s; edge ignored", exc)
             if edges and edges != self.edges:
                 log.info("edges updated by the control plane", extra={"edges": ",".join(snapshot.edges)})
-                self.edges[:] = edges  # the reconnect loops read the list at every dial
+                self.edges[:] = edges
+                if self._slots:  # running: tunnels move to the edges chosen now
+                    self._place()
 
     def refuse_peer(self, peer: PeerCertificate) -> str | None:
         if peer.serial in self.revoked:
@@ -165,10 +180,78 @@ class Connector(EndpointNode[EdgeKey]):
     def _renewed(self) -> None:
         """New tunnels present the renewed certificate; running ones keep theirs until they end."""
         self._ssl = self.credentials.client_context()
+        self.deciding.reload(self.settings.tls_ca)
 
-    @staticmethod
-    async def _session(tunnel: ConnectorTunnel) -> None:
-        await tunnel.done_waiter
+    # ------------------------------------------------------------------ which edges
+    def _place(self) -> None:
+        """Choose the edges (at most FERRYMAN_CONNECTOR_EDGES of ``self.edges``, ``placement``) and
+        give each tunnel slot its edge; a slot whose edge changed moves: its tunnel drains (GOAWAY,
+        flows finish within FERRYMAN_DRAIN_GRACE) while the slot dials its new edge."""
+        s = self.settings
+        chosen = placement.choose(self.name, self.edges, s.connector_edges)
+        orders = placement.plan(chosen, self.edges, placement.slots(chosen, s.connector_tunnels))
+        if chosen != self.chosen and self.chosen:
+            log.info("edges chosen", extra={"edges": ",".join(f"{h}:{p}" for h, p in chosen),
+                                            "previous": ",".join(f"{h}:{p}" for h, p in self.chosen)})
+        self.chosen = chosen
+        for i, order in enumerate(orders):
+            if i < len(self.slot_edges):
+                self.slot_edges[i][:] = order  # keep_tunnel reads the list at every dial
+                if self._stopped[i]:
+                    self._stopped[i] = False
+                    self._start_slot(i)
+            else:
+                self.slot_edges.append(list(order))
+                self._stopped.append(False)
+                self._moved.append(asyncio.Event())
+                self._start_slot(i)
+            self._moved[i].set()  # the session checks whether its tunnel is on the slot's edge still
+        for i in range(len(orders), len(self.slot_edges)):  # fewer slots now: these stop
+            self._stopped[i] = True
+            self._moved[i].set()
+
+    def _start_slot(self, i: int) -> None:
+        task = asyncio.create_task(keep_tunnel(
+            self, self.settings, self._wire, lambda: self._ssl, self.slot_edges[i], lambda t: self._session(i, t),
+            lambda: not self.draining and not self._stopped[i], label=f"t{i}->", back_to_first=True))
+        if i < len(self._slots):
+            self._slots[i] = task
+        else:
+            self._slots.append(task)
+
+    async def _session(self, i: int, tunnel: ConnectorTunnel) -> None:
+        """Slot ``i``'s tunnel, until it ends, or until the slot moves to another edge (or stops):
+        then it drains in the background while the slot dials again."""
+        while not tunnel.done_waiter.done():
+            moved = self._moved[i]
+            moved.clear()
+            waiter = asyncio.ensure_future(moved.wait())
+            try:
+                await asyncio.wait([tunnel.done_waiter, waiter], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if tunnel.done_waiter.done() or self.draining:
+                break
+            if self._stopped[i] or tunnel.dialed != self.slot_edges[i][0]:
+                where = "no edge" if self._stopped[i] else "{}:{}".format(*self.slot_edges[i][0])
+                log.info("tunnel moves", extra={"tunnel": tunnel.label, "edge": tunnel.peer_name, "to": where})
+                self._retire(tunnel)
+                return
+
+    def _retire(self, tunnel: ConnectorTunnel) -> None:
+        """GOAWAY now (the edge sends no new flows), close once the flows ended or FERRYMAN_DRAIN_GRACE passed."""
+        tunnel.goaway("moved", f"connector {self.name} moves this tunnel to another edge")
+
+        async def close_when_idle() -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.settings.drain_grace
+            while tunnel.routes and not tunnel.closed and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            tunnel.close("moved", "tunnel moved to another edge")
+
+        task = asyncio.create_task(close_when_idle())
+        self._moving.add(task)
+        task.add_done_callback(self._moving.discard)
 
     def ready(self) -> bool:
         """A tunnel up and, when following a control plane, a configuration (the dial lists) in hand."""
@@ -230,9 +313,14 @@ class Connector(EndpointNode[EdgeKey]):
                          f"{request.protocol!r} flows are not supported by connector {self.name}")
             return
         try:
-            claims = self.grants.verify(request.grant, tunnel.state, tunnel.peer_name, host=request.host,
-                                        port=request.port, protocol=request.protocol, now=time.time(),
-                                        key=tunnel.conn.grant_key)
+            if request.signer:  # relayed by this tunnel's edge for the edge that decided it (and signed the grant)
+                deciding, edge_key = self.deciding.key_of(request.signer, self.revoked,
+                                                          datetime.datetime.now(datetime.UTC))
+                mac_key = b""  # never this tunnel's grant key: the relaying edge holds it, and decided nothing
+            else:
+                deciding, edge_key, mac_key = tunnel.peer_name, tunnel.state, tunnel.conn.grant_key
+            claims = self.grants.verify(request.grant, edge_key, deciding, host=request.host,
+                                        port=request.port, protocol=request.protocol, now=time.time(), key=mac_key)
         except GrantError as exc:
             self.stats.count(self.stats.protocol_errors, exc.code)
             self.stats.log_limit.log(log, logging.WARNING, tunnel.peer_name, "OPEN refused: no valid grant", {

@@ -61,6 +61,7 @@ class FlowRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     connector_name: _Text = ""
     connector_address: _Text = ""
     edge: _Text = ""
+    relay_edge: _Text = ""  # the peer edge that carried a relayed flow to its connector ("": not relayed)
     bytes_sent: _Count = 0
     bytes_received: _Count = 0
     close_reason: _Text = ""

@@ -49,6 +49,8 @@ from ..basics.pki import new_key_and_csr, write_node_files
 from ..basics.settings import ConnectorSettings, EdgeSettings
 from ..basics.version import VERSION
 from ..contract.flowrecord import MAX_BATCH
+from ..contract import presence as presence_map
+from ..contract.presence import Presence, PresenceConnector
 from ..contract.snapshot import ConfigSnapshot, SnapshotError, decode
 from ..transport.supervisor import Backoff
 from ..transport.tunnel import Tunnel
@@ -87,11 +89,12 @@ class ControlError(Exception):
 
 
 class Report(msgspec.Struct):
-    """What a node says in its heartbeat."""
+    """What a node says in its heartbeat (an edge: also the connectors it holds tunnels to)."""
 
     tunnels: int
     active_flows: int
     addresses: list[str] = []
+    connectors: list[PresenceConnector] | None = None
 
 
 class _Renewed(msgspec.Struct):
@@ -164,7 +167,8 @@ class ControlLink:
 
     def __init__(self, settings: EdgeSettings | ConnectorSettings, registration: Registration,
                  on_snapshot: Callable[[ConfigSnapshot], None], report: Callable[[], Report],
-                 on_renewed: Callable[[], None] | None = None, *, traffic: TrafficQueue | None = None) -> None:
+                 on_renewed: Callable[[], None] | None = None, *, traffic: TrafficQueue | None = None,
+                 on_presence: Callable[[Presence], None] | None = None) -> None:
         self.settings = settings
         self.registration = registration
         self.base = control_base(settings.control_url or registration.record.control)
@@ -179,6 +183,9 @@ class ControlLink:
         self.report = report
         self.on_renewed = on_renewed
         self.traffic = traffic
+        self.on_presence = on_presence
+        self.presence: Presence | None = None
+        self._report_soon = asyncio.Event()  # the node's presence changed: heartbeat early (rate-limited)
         self.snapshot: ConfigSnapshot | None = None
         self.last_heartbeat: float | None = None  # loop time of the last accepted heartbeat
         self._down: set[str] = set()  # which loops currently see the control plane unreachable
@@ -209,6 +216,8 @@ class ControlLink:
         loops = [self._follow, self._heartbeats, self._renewals]
         if self.traffic is not None:
             loops.append(self._ship_traffic)
+        if self.on_presence is not None:
+            loops.append(self._follow_presence)
         tasks = [asyncio.create_task(self._guarded(loop)) for loop in loops]
         stopping = asyncio.create_task(stop.wait())
         try:
@@ -317,14 +326,25 @@ class ControlLink:
                                                  "revoked": len(snapshot.revoked_serials)})
 
     # ------------------------------------------------------------------ heartbeats
+    def presence_changed(self) -> None:
+        """The node's presence (the connectors it holds) changed: report it with an early heartbeat,
+        at most one per FERRYMAN_PRESENCE_INTERVAL seconds (a flapping tunnel costs one request per
+        interval, and never a configuration version)."""
+        self._report_soon.set()
+
     async def _heartbeats(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.settings.heartbeat_interval
+        spacing = getattr(self.settings, "presence_interval", interval)
         reported = 0  # the queue's drop count the control plane has taken
         while True:
+            self._report_soon.clear()
             figures = self.report()
-            body = {"version": VERSION[:64], "addresses": figures.addresses[:16], "tunnels": figures.tunnels,
-                    "active_flows": figures.active_flows, "config_version": self.version}
+            body: dict[str, Any] = {"version": VERSION[:64], "addresses": figures.addresses[:16],
+                                    "tunnels": figures.tunnels, "active_flows": figures.active_flows,
+                                    "config_version": self.version}
+            if figures.connectors is not None:
+                body["connectors"] = figures.connectors[:presence_map.MAX_CONNECTORS]
             dropped = self.traffic.dropped if self.traffic is not None else 0
             if self.traffic is not None:  # since the last heartbeat that got through (sent again until one does)
                 body["records_dropped"] = min(dropped - reported, MAX_DROPPED_REPORT)
@@ -337,7 +357,41 @@ class ControlLink:
                 self._succeeded("heartbeat", outages)
                 self.last_heartbeat = loop.time()
                 reported = min(dropped, reported + MAX_DROPPED_REPORT)
-            await asyncio.sleep(interval)
+            sent = loop.time()
+            try:
+                await asyncio.wait_for(self._report_soon.wait(), interval)
+            except asyncio.TimeoutError:
+                continue
+            await asyncio.sleep(max(0.0, sent + min(spacing, interval) - loop.time()))
+
+    # ------------------------------------------------------------------ presence (edges)
+    async def _follow_presence(self) -> None:
+        """Follow the presence map (which edge holds which connectors) with its own long-poll."""
+        assert self.on_presence is not None
+        backoff = Backoff(RETRY_MIN, RETRY_MAX)
+        wait = self.settings.config_wait
+        while True:
+            tag = self.presence.tag if self.presence is not None else ""
+            outages = self._outages
+            try:
+                status, payload = await self.client.call("GET", f"/v1/node/presence?after={tag}&wait={wait:g}", None,
+                                                         wait + REQUEST_TIMEOUT)
+            except ControlError as exc:
+                slow = self._failed("presence", exc)
+                await asyncio.sleep(slow or backoff.next())
+                continue
+            self._succeeded("presence", outages)
+            backoff.reset()
+            if status == 204:
+                continue
+            try:
+                current = presence_map.decode(payload)
+            except ValueError as exc:
+                log.error("%s", exc)
+                await asyncio.sleep(RETRY_MAX)
+                continue
+            self.presence = current
+            self.on_presence(current)
 
     # ------------------------------------------------------------------ traffic logs
     async def _ship_traffic(self) -> None:

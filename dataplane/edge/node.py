@@ -55,6 +55,7 @@ import time
 from collections.abc import Iterable
 
 import msgspec
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -72,6 +73,7 @@ from ..basics.metrics import Stats, start_metrics_server
 from ..basics.pki import PeerCertificate
 from ..basics.settings import EdgeSettings
 from ..contract.apps import DEFAULT_GROUP
+from ..contract.presence import Presence, PresenceEdge
 from ..contract.snapshot import ConfigSnapshot, revoked_set
 from ..controllink.link import ControlLink, Report, cut_revoked
 from ..controllink.registration import Registration
@@ -83,6 +85,7 @@ from ..wire import events as ev
 from ..wire.connection import FlowError
 from ..wire.frames import Open
 from .records import Records, segment_text
+from .relay import Relay, RelayError, RelayPeer, local_presence
 from .splice import ClientAccess, EdgeTunnel, Splice
 from .web import WebAppError
 from .webdoor import EdgeWeb
@@ -96,6 +99,7 @@ APPS_FILE_ON_REGISTERED_EDGE = (
     "application file would bypass them. Load the file there (`ferryman admin apply FILE`) and unset "
     "FERRYMAN_APPS_FILE, or run the edge without a control plane (FERRYMAN_TLS_CA, FERRYMAN_TLS_CERT and "
     "FERRYMAN_TLS_KEY from `ferryman pki init`)")
+MAX_RELAY_TRIES = 3  # peer edges tried in turn for one relayed flow when their relay tunnels must be dialed
 MAX_PROCESS = 128  # characters of the client-reported initiating process kept (traffic log, connector)
 
 
@@ -133,13 +137,14 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self.revoked: frozenset[int] = frozenset()
         self.tokens: TokenVerifier | None = None
         self._grant_key = _load_key(settings.tls_key)
+        self._cert_der = _load_certificate_der(settings.tls_cert)  # sent with relayed grants
         self.stats = Stats("edge", credentials.name, LogLimiter(settings.log_limit, settings.log_limit_interval))
         self.link: ControlLink | None = None
         self.traffic: TrafficQueue | None = None
         if registered is not None:
             self.traffic = TrafficQueue(settings.traffic_queue)
             self.link = ControlLink(settings, registered, self._configure, self._report, self._renewed,
-                                    traffic=self.traffic)
+                                    traffic=self.traffic, on_presence=self._presence)
         self.records = Records(self.name, self.traffic)
         # The HTTPS front door for published web apps (FERRYMAN_EDGE_HTTPS_LISTEN), or None.
         self.web: EdgeWeb | None = EdgeWeb(self) if settings.edge_https_listen else None
@@ -156,6 +161,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self.connector_groups = ConnectorGroups.from_names(apps.connectors, f"the application file "
                                                                                f"{settings.apps_file or '(given)'}")
         self.clients: set[EdgeTunnel] = set()
+        self.relays_in: set[EdgeTunnel] = set()  # relay tunnels peer edges dialed to this one
         # OPENs awaiting the connector's answer, per (connector tunnel, user or device): at most ``_share`` each.
         self.waiting: dict[tuple[EdgeTunnel, str], int] = {}
         self._share = max(1, int(settings.pending_opens_share * settings.max_pending_opens))
@@ -168,6 +174,13 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self._handshaking = Counts(per_key=settings.max_handshakes_per_source, total=settings.max_handshakes)
         self._identities = Counts()
         self._wire = credentials.wire_config()
+        # Flows relayed to and from peer edges (only for an edge that follows a control plane).
+        self._client_ssl = credentials.client_context()
+        self.relay: Relay | None = None
+        self._relaying: set[asyncio.Task[None]] = set()  # relayed OPENs waiting for their relay tunnel
+        self._held: list = []  # the connectors reported to the control plane last (presence)
+        if self.link is not None:
+            self.relay = Relay(self.name, settings, self, lambda: self._wire, lambda: self._client_ssl)
         self.stats.extra = {
             "ferryman_edge_clients": ("Client tunnels connected", lambda: float(len(self.clients))),
             "ferryman_edge_connector_tunnels": (
@@ -181,6 +194,14 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             "ferryman_traffic_records_dropped_total": (
                 "Traffic log records dropped because the queue was full (control plane unreachable)",
                 lambda: float(self.traffic.dropped if self.traffic is not None else 0)),
+            "ferryman_edge_presence_edges": (
+                "Edges in the presence map from the control plane (this one included; 0: none received)",
+                lambda: float(len(self.relay.presence.edges) if self.relay is not None
+                              and self.relay.presence is not None else 0)),
+            "ferryman_edge_relay_tunnels": (
+                "Edge to edge relay tunnels up (dialed by this edge, and accepted from peer edges)",
+                lambda: float(sum(1 for t in self.relays_in if t.up)
+                              + (len(self.relay.out) if self.relay is not None else 0))),
             "ferryman_config_version": (
                 "Configuration version in use (-1: none yet; 0 without a control plane)",
                 lambda: float(-1 if self.link is not None and self.link.version is None
@@ -228,9 +249,13 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self.quic.close()
         if self.web is not None:
             await self.web.close()
-        for tunnel in [*self.clients, *self.connectors]:
+        for tunnel in [*self.clients, *self.connectors, *self.relays_in]:
             tunnel.goaway("shutdown", f"edge {self.name} is shutting down")
             tunnel.close("shutdown", "edge stopped")
+        for task in self._relaying:
+            task.cancel()
+        if self.relay is not None:
+            self.relay.close()
         if metrics is not None:
             metrics.close()
 
@@ -244,7 +269,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         of the snapshot cannot be used), then the access tables for the next OPENs, and the live
         flows decided again."""
         self.revoked = revoked_set(snapshot)
-        cut_revoked([*self.clients, *self.connectors], self.revoked, f"edge {self.name}")
+        cut_revoked([*self.clients, *self.connectors, *self.relays_in,
+                     *(self.relay.out.values() if self.relay is not None else ())], self.revoked, f"edge {self.name}")
         if not self.static_apps:
             apps = app_table(snapshot)  # SnapshotError: the link keeps the previous configuration
             access = AccessIndex(snapshot)
@@ -359,14 +385,28 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
     def _report(self) -> Report:
         tunnels = len(self.clients) + len(self.connectors)
         bound = self.listener.getsockname() if self.listener is not None else None
+        self._held = local_presence(self.connectors)
         return Report(tunnels=tunnels, active_flows=self.stats.flows_active,
-                      addresses=[f"{bound[0]}:{bound[1]}"] if bound else [])
+                      addresses=[f"{bound[0]}:{bound[1]}"] if bound else [], connectors=self._held)
+
+    def _presence(self, presence: Presence) -> None:
+        """A new presence map from the control plane: where flows are relayed to."""
+        if self.relay is not None:
+            self.relay.update(presence)
+
+    def _connectors_changed(self) -> None:
+        """A connector tunnel came, went, was filed again or drains: report it if what this edge
+        holds changed (rate-limited by the link: FERRYMAN_PRESENCE_INTERVAL)."""
+        if self.link is not None and local_presence(self.connectors) != self._held:
+            self.link.presence_changed()
 
     def _renewed(self) -> None:
         """New tunnels are accepted with the renewed certificate (and grants signed with its key);
         running ones keep theirs."""
         self._server_ctx = self.credentials.server_context()
         self._grant_key = _load_key(self.settings.tls_key)
+        self._cert_der = _load_certificate_der(self.settings.tls_cert)
+        self._client_ssl = self.credentials.client_context()
         if self.quic is not None:
             s = self.settings
             self.quic.credentials = load_credentials(s.tls_cert, s.tls_key, s.tls_ca)
@@ -420,7 +460,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         def factory() -> Tunnel:
             # The tunnel is kept from here: with uvloop, connect_accepted_socket returns its TLS
             # protocol wrapper, not the application protocol.
-            made.append(Tunnel(self, self._wire, dialer=False, accept_roles=("client", "connector"),
+            made.append(Tunnel(self, self._wire, dialer=False, accept_roles=("client", "connector", "edge"),
                                keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
                                write_buffer_high=s.write_buffer_high, label="in"))
             return made[-1]
@@ -453,7 +493,14 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         hello = tunnel.hello
         assert hello is not None
         s = self.settings
-        cap = s.max_tunnels_per_connector if hello.role == "connector" else s.max_tunnels_per_client
+        if hello.role == "edge" and not tunnel.conn.dialer:  # a peer edge relaying the flows it decides
+            refusal = (self.relay.refuse_peer_edge(hello.node) if self.relay is not None else
+                       f"edge {self.name} follows no control plane: it accepts no relayed flows")
+            if refusal is not None:
+                self.stats.count(self.stats.tunnels_closed, "relay_refused")
+                log.warning("relay tunnel refused", extra={"peer": hello.node, "reason": refusal})
+                return "relay_refused", refusal
+        cap = s.max_tunnels_per_client if hello.role == "client" else s.max_tunnels_per_connector
         if self._identities.take((hello.role, hello.node), per_key=cap) is None:
             return None
         self.stats.count(self.stats.tunnels_closed, "too_many_tunnels")
@@ -472,6 +519,11 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self.connectors[tunnel] = None
             if not self._file_connector(tunnel, first=True):
                 return
+            self._connectors_changed()
+        elif hello.role == "edge":
+            if not tunnel.conn.dialer:
+                self.relays_in.add(tunnel)
+                tunnel.state = RelayPeer(hello.node)  # type: ignore[assignment]
         else:
             self.clients.add(tunnel)
             access = tunnel.state = ClientAccess(hello.token)
@@ -506,6 +558,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if decision.group is None and (first or filed is not None):
             log.warning("connector serves no group", extra={"tunnel": tunnel.label, "code": decision.code,
                                                             "reason": decision.reason})
+        if not first:
+            self._connectors_changed()
         return True
 
     def _file_connectors(self) -> None:
@@ -523,12 +577,22 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self.stats.count(self.stats.tunnels_closed, tunnel.close_code)
         self.stats.count(self.stats.transports, tunnel.transport_name, -1)
         self.stats.rtt.pop(tunnel.label, None)
-        connector = hello.role == "connector"
-        if connector:
+        # The side of each flow this tunnel is: towards the connector (a connector tunnel, or a relay
+        # tunnel this edge dialed), or towards the client (a client, or a peer edge relaying to here).
+        connector = hello.role == "connector" or (hello.role == "edge" and tunnel.conn.dialer)
+        if hello.role == "connector":
             filed = self.connectors.pop(tunnel, None)
             if filed is not None and tunnel in self.groups.get(filed, ()):
                 self.groups[filed].remove(tunnel)
             code, reason = "connector_lost", f"connector {hello.node} lost: {tunnel.close_reason}"
+            self._connectors_changed()
+        elif hello.role == "edge":
+            if tunnel.conn.dialer:
+                if self.relay is not None:
+                    self.relay.forget(tunnel)
+            else:
+                self.relays_in.discard(tunnel)
+            code, reason = "relay_lost", f"relay tunnel to edge {hello.node} lost: {tunnel.close_reason}"
         else:
             self.clients.discard(tunnel)
             code, reason = "client_lost", f"client {hello.node} lost: {tunnel.close_reason}"
@@ -561,7 +625,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         """Per-flow credit bounds what each flow queues here; nothing else to do."""
 
     def goaway_received(self, tunnel: EdgeTunnel, event: ev.GoAwayReceived) -> None:
-        """A draining connector is skipped by pick_connector (Tunnel.draining)."""
+        """A draining connector is skipped by pick_connector (Tunnel.draining), and no longer
+        reported as held here."""
+        if tunnel in self.connectors:
+            self._connectors_changed()
 
     def pick_connector(self, group: str) -> EdgeTunnel | None:
         """Least-loaded healthy connector of the group, then its least-loaded tunnel."""
@@ -581,6 +648,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if not tunnel.has_flow(fid):
             return  # OPEN and RST arrived in the same read: already cancelled
         access = tunnel.state
+        if isinstance(access, RelayPeer):  # a flow a peer edge decided, to a connector held here
+            self._relayed_open(tunnel, access, fid, request)
+            return
         if access is None:  # only client tunnels have one
             self._refuse(tunnel, fid, "not_allowed", "connectors cannot open flows")
             return
@@ -597,50 +667,145 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         group = match.app.connector_group if match is not None else DEFAULT_GROUP
         connector = self.pick_connector(group)
         if connector is None:
+            relays = self.relay.candidates(group) if self.relay is not None else []
+            if relays:  # peer edges hold connectors of the group: relay the flow to one of them
+                self._relay_open(tunnel, fid, request, verdict, relays)
+                return
             wanted = (f"application '{match.app.name}'" if match is not None
                       else f"private DNS name {request.host}")
             self._refuse(tunnel, fid, "no_connector", f"no connector of group '{group}' is connected for {wanted}",
                          request, verdict)
             return
+        self._open(tunnel, fid, request, verdict, connector, connector.peer_name)
+
+    def _relay_open(self, tunnel: EdgeTunnel, fid: int, request: Open, verdict: Verdict,
+                    relays: list[tuple[PresenceEdge, str]]) -> None:
+        """Open the flow on the relay tunnel to the first of ``relays`` (peer edge, its connector) that
+        has one up, or can be dialed now (at most ``MAX_RELAY_TRIES`` of them)."""
+        assert self.relay is not None
+        peer, connector = relays[0]
+        out = self.relay.tunnel(peer.name)
+        if out is not None:
+            self._open(tunnel, fid, request, verdict, out, connector)
+            return
+
+        async def dial_then_open() -> None:
+            assert self.relay is not None
+            failure: RelayError | None = None
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.settings.open_timeout
+            for peer, connector in relays[:MAX_RELAY_TRIES]:
+                try:
+                    out = await asyncio.wait_for(self.relay.connect(peer), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    failure = RelayError("open_timeout", f"no relay tunnel to edge {peer.name} within "
+                                                         f"{self.settings.open_timeout:g}s")
+                    break
+                except RelayError as exc:
+                    log.warning("relay tunnel failed", extra={"peer": peer.name, "code": exc.code, "reason": str(exc)})
+                    failure = exc
+                    continue
+                if tunnel.has_flow(fid) and fid not in tunnel.routes and not tunnel.closed:
+                    self._open(tunnel, fid, request, verdict, out, connector)
+                return
+            if failure is not None and tunnel.has_flow(fid) and fid not in tunnel.routes:
+                self._refuse(tunnel, fid, failure.code, str(failure), request, verdict)
+
+        task = asyncio.get_running_loop().create_task(dial_then_open())
+        self._relaying.add(task)
+        task.add_done_callback(self._relaying.discard)
+
+    def _open(self, tunnel: EdgeTunnel, fid: int, request: Open, verdict: Verdict, out: EdgeTunnel,
+              connector_name: str) -> None:
+        """Sign the grant for ``connector_name`` and open the flow on ``out``: a tunnel of that
+        connector, or a relay tunnel to the peer edge that holds it."""
+        relayed = out not in self.connectors
+        match = verdict.match
         connection = os.urandom(8).hex()
         principal = verdict.principal
         user = principal.upn if principal is not None else ""
         device = principal.device_id if principal is not None else tunnel.peer_name
         who = user or f"device {tunnel.peer_name}"
-        waiting = self.waiting.get((connector, who), 0)
+        waiting = self.waiting.get((out, who), 0)
         if waiting >= self._share:
             self._refuse(tunnel, fid, "too_many_pending",
-                         f"{waiting} flows of {who} already wait for connector {connector.peer_name} to answer "
-                         f"(at most FERRYMAN_PENDING_OPENS_SHARE of FERRYMAN_MAX_PENDING_OPENS: {self._share})",
-                         request, verdict)
+                         f"{waiting} flows of {who} already wait for {'edge' if relayed else 'connector'} "
+                         f"{out.peer_name} to answer (at most FERRYMAN_PENDING_OPENS_SHARE of "
+                         f"FERRYMAN_MAX_PENDING_OPENS: {self._share})", request, verdict)
             return
         app = match.app.name if match is not None else ""
-        # MAC'd under the grant key the connector sent on this tunnel; signed when it sent none.
-        key = connector.hello.grant_key if connector.hello is not None else b""
+        now = time.time()
+        # MAC'd under the grant key the connector sent on its tunnel; signed when it sent none, and always
+        # for a relayed flow (this edge shares no key with a connector behind a peer edge, and the peer
+        # must not be able to make the grant: the connector verifies the signature with this edge's
+        # certificate, carried in the OPEN).
+        key = out.hello.grant_key if not relayed and out.hello is not None else b""
         if len(key) >= GRANT_KEY_SIZE:
-            grant = mac_grant(key, edge=self.name, connector=connector.peer_name, host=request.host,
+            grant = mac_grant(key, edge=self.name, connector=connector_name, host=request.host,
                               port=request.port, protocol=request.protocol, connection=connection, user=user,
                               device=device, now=now, app=app)
         else:
-            grant = sign_grant(self._grant_key, edge=self.name, connector=connector.peer_name, host=request.host,
+            grant = sign_grant(self._grant_key, edge=self.name, connector=connector_name, host=request.host,
                                port=request.port, protocol=request.protocol, connection=connection, user=user,
                                device=device, now=now, app=app)
         try:
-            kfid = connector.open_flow(Open(
+            kfid = out.open_flow(Open(
                 host=request.host, port=request.port, protocol=request.protocol,
                 source=request.source or tunnel.peer_addr, app=app, user=user,
                 device=device, connection=connection, process=request.process, grant=grant,
+                relay_to=connector_name if relayed else "", signer=self._cert_der if relayed else b"",
             ))
         except FlowError as exc:
-            self._refuse(tunnel, fid, exc.code, f"connector {connector.peer_name}: {exc.message}")
+            self._refuse(tunnel, fid, exc.code, f"{'edge' if relayed else 'connector'} {out.peer_name}: {exc.message}")
             return
-        splice = Splice(tunnel, fid, connector, kfid, f"{request.host}:{request.port}", app, connection, verdict, now,
+        splice = Splice(tunnel, fid, out, kfid, f"{request.host}:{request.port}", app, connection, verdict, now,
                         request, segment_text(match.segment) if match is not None else "")
-        tunnel.routes[fid] = splice
-        connector.routes[kfid] = splice
-        splice.waiting = (connector, who)
+        if relayed:
+            splice.relay_to = connector_name
+            self.stats.count(self.stats.relayed, "out")
+        self._track(splice, who, waiting)
+
+    def _track(self, splice: Splice, who: str, waiting: int) -> None:
+        """Route both halves of ``splice`` and start the wait for the connector's answer."""
+        splice.client.routes[splice.cfid] = splice
+        splice.connector.routes[splice.kfid] = splice
+        splice.waiting = (splice.connector, who)
         self.waiting[splice.waiting] = waiting + 1
         splice.timer = asyncio.get_running_loop().call_later(self.settings.open_timeout, self._open_expired, splice)
+
+    def _relayed_open(self, tunnel: EdgeTunnel, peer: RelayPeer, fid: int, request: Open) -> None:
+        """An OPEN relayed by peer edge ``peer``, which decided it: hand it unchanged to a tunnel of the
+        connector it names. The grant and the deciding edge's certificate travel with it; the
+        connector checks them (this edge decides nothing and signs nothing for it)."""
+        name = request.relay_to
+        if not name or not request.grant or not request.signer:
+            self._refuse(tunnel, fid, "relay_invalid", f"a relayed OPEN from edge {peer.edge} must name its connector "
+                                                       f"and carry the grant and the deciding edge's certificate")
+            return
+        candidates = [t for t in self.connectors
+                      if t.peer_name == name and t.up and not t.closed and not t.draining and self.connectors[t]]
+        if not candidates:
+            self._refuse(tunnel, fid, "relay_no_connector", f"edge {self.name} holds no usable tunnel to connector "
+                                                            f"{name} (relayed from edge {peer.edge})")
+            return
+        connector = min(candidates, key=lambda t: t.load)
+        who = f"edge {peer.edge}"
+        waiting = self.waiting.get((connector, who), 0)
+        if waiting >= self._share:
+            self._refuse(tunnel, fid, "too_many_pending",
+                         f"{waiting} flows relayed from edge {peer.edge} already wait for connector {name} to answer "
+                         f"(at most FERRYMAN_PENDING_OPENS_SHARE of FERRYMAN_MAX_PENDING_OPENS: {self._share})")
+            return
+        try:
+            kfid = connector.open_flow(msgspec.structs.replace(request, relay_to=""))
+        except FlowError as exc:
+            self._refuse(tunnel, fid, exc.code, f"connector {name}: {exc.message}")
+            return
+        splice = Splice(tunnel, fid, connector, kfid, f"{request.host}:{request.port}", request.app,
+                        request.connection, Verdict(allowed=True), time.time(), request, "")
+        splice.relayed_for = peer.edge
+        self.stats.count(self.stats.relayed, "in")
+        self._track(splice, who, waiting)
 
     def _answered(self, splice: Splice) -> None:
         """The connector answered ``splice``'s OPEN (or the flow ended): it no longer waits."""
@@ -702,7 +867,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self._answered(splice)
         client = splice.client
         if client.has_flow(splice.cfid):
-            client.accept(splice.cfid)  # the connector's own address (``bound``) is not the client's business
+            # The connector's own address (``bound``) is not the client's business; the edge that decided a
+            # relayed flow records the backend's address (``remote``).
+            client.accept(splice.cfid, remote=event.remote if splice.relayed_for else "")
             self.stats.flows_active += 1
             self.stats.flows_opened += 1
         else:  # the client gave up while the connector was dialing
@@ -889,6 +1056,15 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         else:
             splice.received += size
         stats.datagrams_tx += 1
+
+
+def _load_certificate_der(path: str) -> bytes:
+    """The edge's certificate (DER), sent with the grants of relayed flows."""
+    try:
+        with open(path, "rb") as fh:
+            return x509.load_pem_x509_certificate(fh.read()).public_bytes(serialization.Encoding.DER)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load the edge certificate {path}: {exc}") from None
 
 
 def _load_key(path: str) -> ec.EllipticCurvePrivateKey:

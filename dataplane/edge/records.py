@@ -4,7 +4,9 @@ OPEN (an attempt), put in the queue its control link ships to the control plane.
 A record names the client (transaction = its tunnel, source address, user, device and its
 OS, initiating process), the destination (address or FQDN, port, transport), what admission
 said (application and its kind, segment, policy and rule, ``allow`` / ``deny`` / ``report``),
-the connector that carried it, the bytes each way, duration and why it closed. An edge
+the connector that carried it (and the peer edge that relayed it there, ``relay_edge``), the
+bytes each way, duration and why it closed. A relayed flow is recorded once, by the edge that
+decided it. An edge
 without a control plane keeps no records.
 """
 
@@ -71,7 +73,7 @@ class Records:
 
     def finished(self, splice: Splice, code: str, text: str) -> None:
         """A spliced flow ended (``code`` ``fin`` when it closed cleanly) or was refused by its connector."""
-        if self.queue is None:
+        if self.queue is None or splice.relayed_for:  # a relayed flow is recorded by the edge that decided it
             return
         end = time.time()
         verdict = splice.verdict
@@ -83,6 +85,9 @@ class Records:
         record.connector_id = (self.connector_id(connector.peer_certificate)
                                if connector.peer_certificate is not None else "")
         record.connector_address = split_address(connector.peer_addr)[0]
+        if splice.relay_to:  # carried by a peer edge: the connector is behind it
+            record.relay_edge = connector.peer_name
+            record.connector_name, record.connector_id, record.connector_address = splice.relay_to, "", ""
         if splice.remote:
             record.destination_ip = split_address(splice.remote)[0]
             record.network = network_of(record.destination_ip) or record.network

@@ -23,11 +23,13 @@ class ClientAccess:
 
 
 class Splice:
-    """A client flow joined to a connector flow. ``up`` is client→connector."""
+    """A client flow joined to a connector flow. ``up`` is client→connector. Either half may be
+    a relay tunnel between edges (see ``relay_to`` and ``relayed_for``)."""
 
     __slots__ = ("client", "cfid", "connector", "kfid", "up_pending", "down_pending",
                  "up_fin", "down_fin", "accepted", "closed_sides", "dest", "app", "connection", "principal",
-                 "verdict", "start", "request", "segment", "sent", "received", "remote", "waiting", "timer")
+                 "verdict", "start", "request", "segment", "sent", "received", "remote", "waiting", "timer",
+                 "relay_to", "relayed_for")
 
     def __init__(self, client: EdgeTunnel, cfid: int, connector: EdgeTunnel, kfid: int, dest: str, app: str,
                  connection: str, verdict: Verdict, start: float, request: Open, segment: str) -> None:
@@ -54,6 +56,11 @@ class Splice:
         self.remote = ""  # the backend address the connector reached
         self.waiting: tuple[EdgeTunnel, str] | None = None  # (connector tunnel, who) while its OPEN awaits an answer
         self.timer: asyncio.TimerHandle | None = None  # fails the flow when the connector does not answer in time
+        # Relayed between edges (``relay.py``): decided here, ``connector`` is the relay tunnel to the peer
+        # edge and ``relay_to`` the connector behind it; or carried here for ``relayed_for``, the edge that
+        # decided it (``client`` is then that edge's relay tunnel).
+        self.relay_to = ""
+        self.relayed_for = ""
 
 
 EdgeTunnel = TunnelBase[Splice, ClientAccess]  # a client tunnel's state is its ClientAccess; a connector's None

@@ -74,6 +74,7 @@ async def keep_tunnel(
     *,
     first: int = 0,
     label: str = "",
+    back_to_first: bool = False,
 ) -> None:
     """Keep one tunnel to an edge up while ``running()``: dial (moving to the next edge
     after a failure), wait for the HELLO exchange, run ``session(tunnel)`` until it
@@ -88,7 +89,9 @@ async def keep_tunnel(
     ``ssl_ctx`` and ``wire`` may be functions returning what to use for the next dial (a
     node whose certificate is renewed hands out the new context, a client its current
     access token in the HELLO); ``edges`` is read at every dial,
-    so a node may replace its contents (new edges from the control plane)."""
+    so a node may replace its contents (new edges from the control plane). With
+    ``back_to_first`` a tunnel that ended is dialed again from ``edges[first]`` (the slot's own
+    edge; the others are fallbacks while it is down) rather than the next edge."""
     loop = asyncio.get_running_loop()
     proxy = egress_proxy(settings)  # HTTP CONNECT proxy for TLS/TCP dials (None: direct)
     choice = TransportChoice(settings.transport)
@@ -127,11 +130,14 @@ async def keep_tunnel(
                                                    "retry_in_s": round(delay, 2)})
         else:
             backoff.reset()
+            tunnel.dialed = (host, port)
             await _run_sessions(node, settings, choice, tunnel, session, running, lambda: _dial_quic(
                 node, settings, wire() if callable(wire) else wire, host, port, name))
             if not running():
                 return
             delay = backoff.next()
+            if back_to_first:
+                attempt = -1
         attempt += 1
         node.stats.reconnects += 1
         await asyncio.sleep(delay)
@@ -177,6 +183,7 @@ async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: T
             choice.quic_failed_at = None
             log.info("QUIC reachable again: new flows use the QUIC tunnel, the TLS/TCP one drains",
                      extra={"tunnel": upgraded.label})
+            upgraded.dialed = tunnel.dialed
             _retire(tunnel, settings.drain_grace)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -110,6 +110,7 @@ class TunnelBase(Generic[F, S]):
     and ``_keepalive_expired(silent)``, and names its transport in ``transport_name``."""
 
     transport_name = ""  # "tcp" or "quic": what the tunnel runs over (for logs, status and metrics)
+    dialed: tuple[str, int] | None = None  # the edge (host, port) ``supervisor.keep_tunnel`` dialed for it
 
     handler: TunnelHandler[F, S]
     conn: TunnelConnection | QuicTunnelConnection

@@ -57,6 +57,7 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Positive = Annotated[int, msgspec.Meta(ge=1, le=MAX_WINDOW)]
 Token = Annotated[str, msgspec.Meta(max_length=8192)]
 Grant = Annotated[bytes, msgspec.Meta(max_length=2048)]
+Certificate = Annotated[bytes, msgspec.Meta(max_length=4096)]  # DER
 GrantKey = Annotated[bytes, msgspec.Meta(max_length=64)]
 
 
@@ -83,6 +84,11 @@ class Open(msgspec.Struct, array_like=True, gc=False, frozen=True):
     From an edge to a connector it also says for whom (``user`` UPN, ``device`` id, the
     ``connection`` id of the traffic log, the client's initiating ``process``) and carries
     the ``grant`` the edge signed for exactly this flow (``dataplane.access.grants``).
+
+    A flow relayed through a peer edge (``dataplane.edge.relay``) also names the connector
+    the deciding edge chose (``relay_to``: the peer hands the flow to a tunnel of exactly that
+    connector) and carries the deciding edge's certificate (``signer``, DER): the connector
+    checks it against its CA and verifies the grant with its key.
     """
 
     host: Short
@@ -95,6 +101,8 @@ class Open(msgspec.Struct, array_like=True, gc=False, frozen=True):
     connection: Short = ""
     process: Short = ""
     grant: Grant = b""
+    relay_to: Short = ""
+    signer: Certificate = b""
 
 
 class OpenOk(msgspec.Struct, array_like=True, gc=False, frozen=True):

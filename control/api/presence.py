@@ -1,0 +1,81 @@
+"""``GET /v1/node/presence?after=TAG&wait=S``: the presence map edges relay flows by.
+
+Edges report the connectors they hold tunnels to in their heartbeats (``store.presence``);
+an edge follows the map with this long-poll, apart from the configuration: the answer comes
+as soon as the map's ``tag`` differs from ``after`` (a heartbeat that changes an edge's
+report wakes the waiting requests of this process at once; a change recorded by another
+control-plane process on the same database, or an edge going inactive, is seen within
+``RECHECK`` seconds), or 204 after ``wait`` seconds without a change (or once the control plane
+shuts down). Only edges may ask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+from litestar import Request, Response, get
+from litestar.exceptions import PermissionDeniedException
+from litestar.openapi.datastructures import ResponseSpec
+
+from control.store import presence
+from control.store.models import utcnow
+from dataplane.contract.presence import Presence
+
+from .guards import Api, NodeCaller, require_node
+from .longpoll import MAX_WAIT, Wait
+
+RECHECK = 1.0  # seconds between reads of the store while a request waits
+
+
+class PresenceWaiters:
+    """Wakes the presence long-polls of this process when a heartbeat changed the map."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+
+    def wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+
+def presence_waiters(app: Any) -> PresenceWaiters:
+    waiters = getattr(app.state, "presence_waiters", None)
+    if waiters is None:
+        waiters = app.state.presence_waiters = PresenceWaiters()
+    return waiters
+
+
+def _read(api: Api) -> Presence:
+    with api.store.read() as session:
+        return presence.presence_map(session, utcnow(), api.heartbeat_interval)
+
+
+@get("/v1/node/presence", guards=[require_node], security=[{"nodeToken": []}], tags=["nodes"],
+     responses={204: ResponseSpec(None, description="the map did not change within `wait` seconds")},
+     media_type="application/json")
+async def node_presence(request: Request, after: str = "", wait: Wait = 0.0) -> Response[bytes]:
+    """The presence map once its tag differs from ``after``; 204 after ``wait`` seconds without a change."""
+    node: NodeCaller = request.state.node
+    if node.role != "edge":
+        raise PermissionDeniedException(f"only edges follow the presence map; {node.role} {node.name!r} may not")
+    api: Api = request.app.state.api
+    waiters = presence_waiters(request.app)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(wait, MAX_WAIT)
+    while True:
+        current = await anyio.to_thread.run_sync(_read, api)
+        if current.tag != after:
+            return Response(msgspec.json.encode(current), status_code=200, media_type="application/json")
+        left = deadline - loop.time()
+        if left <= 0 or api.hub.closed:  # shutting down: answer now (within RECHECK at worst)
+            return Response(b"", status_code=204, media_type="application/json")
+        await waiters.wait(min(RECHECK, left))

@@ -1,0 +1,202 @@
+"""Edge to edge relay: a flow decided here, carried by a peer edge to a connector only it holds.
+
+A client may land on any edge; the connector its application needs may hold tunnels to other
+edges only. Every edge reports the connectors it holds usable tunnels to in its heartbeats,
+and follows the control plane's presence map (``contract.presence``: each active edge, the
+address peers dial it at, its connectors). When an edge has no local tunnel to a healthy
+connector of the application's group, it still decides the flow itself (admission, the
+connector, the grant), picks a peer edge that holds that connector and opens the flow on an
+edge⇄edge tunnel to it: the same wire protocol and framing as every tunnel, mutual TLS with
+both edges' certificates from the control plane's CA, many flows per tunnel.
+
+The OPEN on that tunnel names the chosen connector (``relay_to``) and carries the grant this
+edge signed for it together with this edge's certificate (``signer``): the peer hands the
+flow to a tunnel of exactly that connector, unchanged, and the connector checks the grant
+against the deciding edge's certificate (``connector.relayed``). The relaying peer cannot
+change the destination, the user or the connector of a flow, and cannot make a grant in this
+edge's name; it can only refuse or drop the flow.
+
+``Relay`` holds the presence map, the outgoing relay tunnels (dialed when a first flow needs
+one, kept while the peer is in the map) and who may relay through this edge: only edges
+registered with the same control plane (an edge certificate of this CA, not revoked, whose
+name is in the presence map). An edge without a control plane neither relays nor accepts
+relayed flows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from ..basics.hostport import parse_hostport
+from ..basics.settings import EdgeSettings
+from ..contract.presence import Presence, PresenceConnector, PresenceEdge
+from ..transport.proxy import dial_tls
+from ..transport.tunnel import Tunnel, TunnelBase, TunnelHandler, ssl_handshake_error
+from ..wire.connection import WireConfig
+
+log = logging.getLogger("ferryman.edge.relay")
+
+AnyTunnel = TunnelBase[Any, Any]
+FAILED_FOR = 10.0  # seconds a peer edge whose relay tunnel could not be dialed is tried last
+
+
+class RelayError(Exception):
+    """A peer edge cannot carry a flow now; ``code`` is the OPEN_FAIL code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RelayPeer:
+    """The state of an incoming relay tunnel: the peer edge that decided the flows it carries."""
+
+    __slots__ = ("edge",)
+
+    def __init__(self, edge: str) -> None:
+        self.edge = edge
+
+
+class Relay:
+    """One edge's view of its peers (see the module doc)."""
+
+    def __init__(self, name: str, settings: EdgeSettings, handler: TunnelHandler[Any, Any],
+                 wire: Callable[[], WireConfig], ssl_ctx: Callable[[], ssl.SSLContext]) -> None:
+        self.name = name
+        self.settings = settings
+        self.handler = handler
+        self._wire = wire
+        self._ssl = ssl_ctx
+        self.presence: Presence | None = None
+        self.peers: dict[str, PresenceEdge] = {}  # every other edge in the map, by certificate name
+        self.out: dict[str, AnyTunnel] = {}  # peer edge -> the relay tunnel this edge dialed to it
+        self._dialing: dict[str, asyncio.Task[AnyTunnel]] = {}
+        self._failed: dict[str, float] = {}  # peer -> loop time until which its failed dial ranks it last
+        self._closing: set[asyncio.Task[None]] = set()  # relay tunnels to peers gone from the map, until idle
+
+    # ------------------------------------------------------------------ the presence map
+    def update(self, presence: Presence) -> None:
+        """A new presence map: peers that left it lose their relay tunnel (GOAWAY: running flows go on)."""
+        self.presence = presence
+        self.peers = {e.name: e for e in presence.edges if e.name != self.name}
+        self._failed = {name: until for name, until in self._failed.items() if name in self.peers}
+        for name, tunnel in list(self.out.items()):
+            if name not in self.peers:  # no new flows go there; the tunnel closes once its flows ended
+                del self.out[name]
+                self._close_when_idle(tunnel, f"edge {name} left the presence map")
+        log.info("presence map updated", extra={"edges": len(presence.edges), "tag": presence.tag,
+                                                "relay_connectors": sum(len(e.connectors) for e in self.peers.values())})
+
+    def candidates(self, group: str) -> list[tuple[PresenceEdge, str]]:
+        """Peer edges holding a connector of ``group``, each with that connector, best first: a relay
+        tunnel up (no dial; the least loaded first), then peers to dial, and last those whose dial
+        failed less than ``FAILED_FOR`` seconds ago; ties broken at random (spreads the load)."""
+        candidates = [(peer, c.name) for peer in self.peers.values() for c in peer.connectors if c.group == group]
+        random.shuffle(candidates)
+        now = asyncio.get_running_loop().time()
+
+        def rank(item: tuple[PresenceEdge, str]) -> tuple[int, int]:
+            tunnel = self.tunnel(item[0].name)
+            if tunnel is not None:
+                return 0, tunnel.load
+            return (2 if self._failed.get(item[0].name, 0.0) > now else 1), 0
+
+        return sorted(candidates, key=rank)
+
+    def tunnel(self, peer: str) -> AnyTunnel | None:
+        """The relay tunnel to ``peer`` if it is up and takes new flows."""
+        tunnel = self.out.get(peer)
+        if tunnel is None or not tunnel.up or tunnel.closed or tunnel.draining:
+            return None
+        return tunnel
+
+    async def connect(self, peer: PresenceEdge) -> AnyTunnel:
+        """The relay tunnel to ``peer``, dialed now if there is none (one dial per peer at a time)."""
+        tunnel = self.tunnel(peer.name)
+        if tunnel is not None:
+            return tunnel
+        task = self._dialing.get(peer.name)
+        if task is None:
+            task = asyncio.ensure_future(self._dial(peer))
+            self._dialing[peer.name] = task
+            task.add_done_callback(lambda _t: self._dialing.pop(peer.name, None))
+        try:
+            return await asyncio.shield(task)
+        except RelayError:
+            self._failed[peer.name] = asyncio.get_running_loop().time() + FAILED_FOR
+            raise
+
+    async def _dial(self, peer: PresenceEdge) -> AnyTunnel:
+        s = self.settings
+        try:
+            host, port = parse_hostport(peer.address, f"address of edge {peer.name}")
+        except ValueError as exc:
+            raise RelayError("relay_unreachable", str(exc)) from None
+        label = f"relay->{peer.name}@{host}:{port}"
+        try:
+            _, tunnel = await dial_tls(
+                lambda: Tunnel(self.handler, self._wire(), dialer=True, accept_roles=("edge",),
+                               keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
+                               write_buffer_high=s.write_buffer_high, label=label),
+                host, port, self._ssl(), handshake_timeout=s.handshake_timeout)
+            self.out[peer.name] = tunnel  # before HELLO: tunnel_up knows it as an outgoing relay tunnel
+            await asyncio.wait_for(tunnel.up_waiter, s.handshake_timeout)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            if self.out.get(peer.name) is not None and not self.out[peer.name].up:
+                self.out.pop(peer.name, None)
+            raise RelayError("relay_unreachable", f"edge {peer.name} at {peer.address} cannot be reached to relay "
+                                                  f"the flow: {ssl_handshake_error(exc)}") from None
+        if tunnel.closed or not tunnel.up:
+            self.out.pop(peer.name, None)
+            raise RelayError("relay_refused", f"edge {peer.name} refused the relay tunnel: {tunnel.close_reason}")
+        if tunnel.hello is None or tunnel.hello.node != peer.name:
+            tunnel.close("relay_refused", "not the edge the presence map names at this address")
+            self.out.pop(peer.name, None)
+            raise RelayError("relay_refused", f"the edge at {peer.address} is not {peer.name}")
+        self._failed.pop(peer.name, None)
+        return tunnel
+
+    def _close_when_idle(self, tunnel: AnyTunnel, reason: str) -> None:
+        async def close() -> None:
+            while tunnel.routes and not tunnel.closed:
+                await asyncio.sleep(1.0)
+            tunnel.close("peer_gone", reason)
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def forget(self, tunnel: AnyTunnel) -> None:
+        """An outgoing relay tunnel ended."""
+        for name, t in list(self.out.items()):
+            if t is tunnel:
+                del self.out[name]
+
+    # ------------------------------------------------------------------ who may relay through this edge
+    def refuse_peer_edge(self, peer: str) -> str | None:
+        """Why an incoming relay tunnel from edge ``peer`` is refused (None: accepted)."""
+        if self.presence is None:
+            return (f"edge {self.name} has no presence map from the control plane yet: it accepts relayed flows "
+                    f"only from edges registered with it")
+        if peer == self.name or peer not in self.peers:
+            return f"edge {peer!r} is not an active edge registered with the control plane"
+        return None
+
+    def close(self) -> None:
+        for task in [*self._dialing.values(), *self._closing]:
+            task.cancel()
+        for tunnel in list(self.out.values()):
+            tunnel.goaway("shutdown", f"edge {self.name} is shutting down")
+            tunnel.close("shutdown", "edge stopped")
+
+
+def local_presence(connectors: dict[AnyTunnel, str | None]) -> list[PresenceConnector]:
+    """The connectors with at least one usable tunnel here (up, not draining), by name and group."""
+    held = {(t.peer_name, group) for t, group in connectors.items()
+            if group is not None and t.up and not t.closed and not t.draining}
+    return [PresenceConnector(name=name, group=group) for name, group in sorted(held)]
