@@ -275,7 +275,8 @@ class BackendConnection:
         self._reset_parser()
         self.head_only = method == "HEAD"
         lines = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
-        lines.extend(n + b": " + v + b"\r\n" for n, v in headers)
+        for n, v in headers:
+            lines += (n, b": ", v, b"\r\n")
         lines.append(b"\r\n")
         self.stream.write(b"".join(lines))
 

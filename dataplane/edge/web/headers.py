@@ -182,9 +182,15 @@ def sso_headers(mapping: Mapping[str, str], claims: Mapping[str, object]) -> Hea
     return out
 
 
+_RESPONSE_OUT = HOP_BY_HOP | RESPONSE_DROP
+
+
 def backend_response_headers(headers: Headers) -> Headers:
+    """A new list of the backend's response headers without hop-by-hop ones and ``Alt-Svc``."""
     drop = connection_tokens(headers)
-    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in drop and n not in RESPONSE_DROP]
+    if drop:
+        return [(n, v) for n, v in headers if n not in _RESPONSE_OUT and n not in drop]
+    return [(n, v) for n, v in headers if n not in _RESPONSE_OUT]
 
 
 def get(headers: Headers, name: bytes, default: bytes = b"") -> bytes:
