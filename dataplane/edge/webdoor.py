@@ -172,14 +172,16 @@ class EdgeWeb:
         records = self.edge.records
         if records.queue is None:
             return
-        source_ip = rec.source
+        source_ip, _, port = rec.source.rpartition(":")  # "ip:port" (IPv6 unbracketed), or an address alone
+        if not port.isdigit():
+            source_ip, port = rec.source, "0"
         start = rec.time - rec.duration if rec.time >= rec.duration else rec.time
         record = FlowRecord(
             connection_id=os.urandom(8).hex(), transaction_id=rec.session_id[:64], start=start, end=rec.time,
             duration_ms=min(int(rec.duration * 1000), 2**31 - 1), user_id=rec.user_id, upn=rec.upn,
-            device_id=rec.device_id, source_ip=source_ip, destination_fqdn=rec.host.rsplit(":", 1)[0],
-            destination_port=self.ports.get(rec.app, 443), transport="tcp",
-            network="IPv6" if ":" in source_ip else "IPv4" if source_ip else "",
+            device_id=rec.device_id, source_ip=source_ip, source_port=int(port),
+            destination_fqdn=rec.host.rsplit(":", 1)[0], destination_port=self.ports.get(rec.app, 443),
+            transport="tcp", network="IPv6" if ":" in source_ip else "IPv4" if source_ip else "",
             application=rec.app, application_kind="web" if rec.app else "", policy=rec.policy,
             action=rec.action, reason_code=rec.code, connector_name=rec.connector, edge=self.edge.name,
             bytes_sent=rec.bytes_in, bytes_received=rec.bytes_out, close_reason=rec.reason[:1024],
