@@ -58,6 +58,10 @@ def test_pool_bounds() -> None:
     d.reusable = False
     pool.release(d)
     assert d.stream.closed and len(pool) == 0
+    e = _conn(("wiki", "s4"))
+    pool.release(e, now=200)
+    e.stream.closed = True  # its tunnel flow ended while idle (the connector went away)
+    assert pool.acquire(("wiki", "s4"), now=201) is None and e.closed and len(pool) == 0
     e, f = _conn(("wiki", "s4")), _conn(("docs", "s4"))
     pool.release(e)
     pool.release(f)

@@ -379,6 +379,14 @@ class BackendConnection:
         return self.complete and self.keep_alive and not self.head_only and self.upgrade_tail is None \
             and not self.chunks
 
+    def usable(self) -> bool:
+        """Not closed here, and its stream (under TLS: the stream below) not known to be over —
+        a tunnel flow is when its connector went away or reset it."""
+        if self.closed:
+            return False
+        stream = getattr(self.stream, "raw", self.stream)
+        return not getattr(stream, "closed", False)
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -419,7 +427,7 @@ class Pool:
             self._order.pop(id(conn), None)
             if not idle:
                 del self._idle[key]
-            if now - conn.idle_since < self.idle_timeout and not conn.closed:
+            if now - conn.idle_since < self.idle_timeout and conn.usable():
                 self.reused += 1
                 return conn
             conn.close()
