@@ -343,6 +343,7 @@ class H1Connection(asyncio.Protocol):
         self.queue: collections.deque[H1Exchange] = collections.deque()
         self.parsing: H1Exchange | None = None
         self.runner: asyncio.Task[None] | None = None
+        self.idle: asyncio.Future[None] | None = None  # what the runner waits on between requests
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
         self.deadline_head = False
@@ -557,10 +558,29 @@ class H1Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ exchanges
     def _run(self) -> None:
-        if self.runner is None or self.runner.done():
+        """Have the connection's one runner task serve the queue (it waits between requests
+        instead of ending, so a keep-alive request costs no task of its own)."""
+        idle = self.idle
+        if idle is not None:
+            self.idle = None
+            if not idle.done():
+                idle.set_result(None)
+        elif self.runner is None or self.runner.done():
             self.runner = self.loop.create_task(self._serve())
 
     async def _serve(self) -> None:
+        while True:
+            await self._serve_queue()
+            if self.closed or self.upgraded is not None or self.stop_input:
+                return
+            if not self.queue:
+                self.idle = self.loop.create_future()
+                try:
+                    await self.idle
+                finally:
+                    self.idle = None
+
+    async def _serve_queue(self) -> None:
         while self.queue and not self.closed:
             ex = self.queue[0]
             if ex.refusal is not None:
