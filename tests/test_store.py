@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
+
+from databases import postgres_database
 
 from control.store import (
     Store,
@@ -52,7 +52,6 @@ from dataplane.contract.apps import MAX_SEGMENTS
 
 pytestmark = pytest.mark.timeout(60)
 
-POSTGRES_VARIABLE = "TEST_POSTGRES_URL"
 TABLES = {"alembic_version", "connector_groups", "applications", "segments", "connectors", "edges", "dns_suffixes",
           "admin_keys", "audit_records", "registration_tokens", "revocations", "config_version",
           "issued_certificates", "users", "recovery_codes", "user_groups", "group_members", "devices", "sessions",
@@ -81,41 +80,18 @@ def revisions_after(revision: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------- databases
 
 
-@contextmanager
-def _postgres_database() -> Iterator[str]:
-    """A new, empty PostgreSQL database on the ``TEST_POSTGRES_URL`` server; dropped afterwards."""
-    server = os.environ.get(POSTGRES_VARIABLE, "").strip()
-    if not server:
-        reason = (f"PostgreSQL store tests need {POSTGRES_VARIABLE}=postgresql+psycopg://USER:PASSWORD@HOST:PORT/"
-                  f"postgres (a role allowed to create databases; .ci/run sets it up)")
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and {POSTGRES_VARIABLE} is not set: {reason}")
-        pytest.skip(reason)
-    server_url = sa.make_url(server).set(drivername="postgresql+psycopg")
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    name = f"ferryman_test_{secrets.token_hex(6)}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        yield server_url.set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'data' / 'control.db'}"
     else:
-        with _postgres_database() as database:
+        with postgres_database() as database:
             yield database
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    with _postgres_database() as database:
+    with postgres_database() as database:
         yield database
 
 
