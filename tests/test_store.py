@@ -186,23 +186,31 @@ def test_upgrading_from_0001_records_the_certificates_of_existing_nodes(store: S
             assert nodes.get_edge(session, edge.id).tunnels == 0
 
 
-def test_upgrading_to_0006_seals_totp_secrets_and_rehashes_recovery_codes(url: str) -> None:
-    """A database of 0005 with a TOTP user (plain secret, SHA-256 recovery codes), a device, a
-    session and a group membership: 0006 seals the secret, wraps each unused code's SHA-256
-    in argon2id (the codes keep working), keeps no hash of used codes, and keeps every row
-    that refers to the user (on SQLite the users table must not be rebuilt: dropping it
-    would cascade to them)."""
-    from control.store import devices, sessions, totp, user_groups, users
-    from control.store.secretbox import SecretBox
+def user_with_references(url: str, box: Any) -> tuple[Any, Any, Any, Any]:
+    """A user (alice@corp.example) with a device, a session and a group membership, stored at ``url``
+    sealed with ``box``: (user id, device id, session id, group id)."""
+    from control.store import devices, sessions, user_groups, users
 
-    box = SecretBox.generate()
     with open_store(url, box) as store, store.begin() as session:
         user = users.create_user(session, ACTOR, "alice@corp.example", password="correct horse battery")
         device = devices.register_device(session, ACTOR, user.id, name="laptop", os="Linux", os_version="6")
         row, _token = sessions.create_session(session, user.id, device_id=device.id)
         group = user_groups.create_user_group(session, ACTOR, "ops")
         user_groups.add_group_member(session, ACTOR, group.id, user.id)
-        user_id, device_id, session_id = user.id, device.id, row.id
+        return user.id, device.id, row.id, group.id
+
+
+def test_upgrading_to_0006_seals_totp_secrets_and_rehashes_recovery_codes(url: str) -> None:
+    """A database of 0005 with a TOTP user (plain secret, SHA-256 recovery codes), a device, a
+    session and a group membership: 0006 seals the secret, wraps each unused code's SHA-256
+    in argon2id (the codes keep working), keeps no hash of used codes, and keeps every row
+    that refers to the user (on SQLite the users table must not be rebuilt: dropping it
+    would cascade to them)."""
+    from control.store import devices, sessions, totp, users
+    from control.store.secretbox import SecretBox
+
+    box = SecretBox.generate()
+    user_id, device_id, session_id, _group_id = user_with_references(url, box)
     with open_store(url, box) as store:
         with store.engine.begin() as conn:
             config = Config()
