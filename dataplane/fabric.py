@@ -85,7 +85,8 @@ class Fabric:
                  connectors: int = 1, *, managed: bool = False, apps: list[dict] | None = None,
                  webapps: list[dict] | None = None, control_port: int = 0, edges: int = 1,
                  connector_edges: dict[str, list[str]] | None = None, client_edges: list[str] | None = None,
-                 more_clients: dict[str, list[str]] | None = None, workers: int = 1) -> None:
+                 more_clients: dict[str, list[str]] | None = None, workers: int = 1,
+                 prefix: dict[str, list[str]] | None = None) -> None:
         """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each; ``apps``: more
         applications (``{"name": ..., "segments": [...]}``, for SOCKS5 or HTTP CONNECT) besides the forwards';
         ``control_port``: managed, the control plane's port (0: a free one), when its URL must be known
@@ -98,7 +99,8 @@ class Fabric:
         (``managed`` only; name -> the edges it dials), signed in as the same user, each with the
         same forwards on listening ports of its own (``client_ports``); ``workers``: worker processes per
         edge (FERRYMAN_EDGE_WORKERS; 1 unless told otherwise, so that every edge is one process whose
-        tunnels and metrics a test can count; ``env`` may set the variable instead)."""
+        tunnels and metrics a test can count; ``env`` may set the variable instead); ``prefix``: a
+        command prefix per node (e.g. ``["taskset", "-c", "1"]``), also used by ``restart``."""
         if edges > 1 and not managed:
             raise ValueError("several edges need a control plane (managed=True): they relay flows through its "
                              "presence map")
@@ -135,7 +137,7 @@ class Fabric:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.metrics: dict[str, str] = {}
         self.logs: dict[str, str] = {}
-        self.prefix: dict[str, list[str]] = {}  # command prefix per node, e.g. ["ip", "netns", "exec", NS]
+        self.prefix: dict[str, list[str]] = dict(prefix or {})  # command prefix per node, e.g. ["ip", "netns", "exec", NS]
         self._specs: dict[str, tuple[str, list[str], dict[str, str]]] = {}
         self.webapps = list(webapps or [])
         if self.webapps and not managed:

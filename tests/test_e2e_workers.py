@@ -1,0 +1,180 @@
+"""Edge workers, with real processes on loopback: a control plane, one edge running 2 workers
+under its supervisor, a connector and two client agents.
+
+The edge steers new TCP connections by CPU (FERRYMAN_EDGE_WORKER_STEERING=cpu: the receiving
+CPU modulo the workers) and every node but the edge is pinned to one CPU with ``taskset``, so
+which worker holds which tunnel is known: on loopback a connection is received on the CPU that
+sent it. client-1 (CPU 1) lands on worker 1, client-2 (CPU 0) on worker 0.
+
+- the connector's tunnels on worker 0: client-1's flows, accepted by worker 1, are relayed
+  to worker 0 over the workers' Unix sockets; then the connector moves to worker 1 and
+  client-2's flows, accepted by worker 0, are relayed to worker 1 (bytes sha256-checked both
+  ways, the hop counted in the edge's one metrics endpoint);
+- the control plane sees one edge holding the connector, whichever worker holds it;
+- SIGKILL worker 0 while both clients stream through echo flows: only client-2's flow (worker
+  0's) ends; client-1's (worker 1's) carries on to a clean, checked end; worker 0 is started
+  again (counted), takes client-2 back, and relays its new flows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import socket
+import time
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+CPU0, CPU1 = ["taskset", "-c", "0"], ["taskset", "-c", "1"]
+
+
+def _workers(supervisor: int) -> dict[int, int]:
+    """Worker index -> pid, for the supervisor's children."""
+    out = {}
+    with open(f"/proc/{supervisor}/task/{supervisor}/children") as fh:
+        children = [int(p) for p in fh.read().split()]
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if b"--worker-of" in args:
+            spec = args[args.index(b"--worker-of") + 1]
+            out[int(spec.split(b'"index":')[1].split(b",")[0])] = pid
+    return out
+
+
+def _exchange(sock: socket.socket, data: bytes, into: bytearray | None = None) -> None:
+    sock.sendall(data)
+    received = b""
+    while len(received) < len(data):
+        chunk = sock.recv(len(data) - len(received))
+        assert chunk, "flow ended"
+        received += chunk
+    assert received == data
+    if into is not None:
+        into.extend(received)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin nodes to")
+def test_two_workers_relay_to_each_other_and_a_dead_worker_loses_only_its_flows(fabric, backend, xfer) -> None:
+    sha, source, echo = backend("sha"), backend("source"), backend("echo")
+    fab = fabric([sha, source, echo], managed=True, workers=2, more_clients={"client-2": ["edge-1"]},
+                 env={"FERRYMAN_EDGE_WORKER_STEERING": "cpu", "FERRYMAN_TRANSPORT": "tcp",
+                      "FERRYMAN_EDGE_WORKER_RESTART_MAX": "1"},
+                 prefix={"connector-1": CPU0, "client-1": CPU1, "client-2": CPU0}, timeout=40)
+    edge = fab.metrics["edge-1"]
+    c1 = fab.forward_ports
+    c2 = fab.client_ports["client-2"]
+
+    def per_worker(name: str, worker: int) -> float:
+        return xfer.metric(xfer.scrape(edge), name, worker=str(worker))
+
+    xfer.wait_for(lambda: per_worker("ferryman_edge_worker_connector_tunnels", 0) == 2
+                  and per_worker("ferryman_edge_worker_clients", 0) == 1
+                  and per_worker("ferryman_edge_worker_clients", 1) == 1, 10,
+                  "the connector and client-2 on worker 0, client-1 on worker 1")
+    assert per_worker("ferryman_edge_worker_connector_tunnels", 1) == 0
+
+    # Worker 1 -> worker 0: client-1's flows reach the connector only worker 0 holds.
+    out_before = xfer.metric(xfer.scrape(edge), "ferryman_relayed_flows_total", direction="out")
+    upload = os.urandom(2 << 20)
+    assert xfer.upload_sha(c1[0], upload) == xfer.sha256_hex(upload)
+    seed = b"workers".ljust(32, b".")
+    down = xfer.download(c1[1], 2 << 20, seed)
+    assert xfer.sha256_hex(down) == xfer.sha256_hex(_source_bytes(2 << 20, seed))
+    samples = xfer.scrape(edge)
+    assert xfer.metric(samples, "ferryman_relayed_flows_total", direction="out") >= out_before + 2
+    assert xfer.metric(samples, "ferryman_relayed_flows_total", direction="in") >= out_before + 2
+    assert xfer.metric(samples, "ferryman_edge_workers") == 2
+    # merged over the workers: 2 client tunnels, 2 connector tunnels, a relay tunnel between them (both ends)
+    assert xfer.metric(samples, "ferryman_edge_clients") == 2
+    assert xfer.metric(samples, "ferryman_edge_connector_tunnels") == 2
+    assert xfer.metric(samples, "ferryman_edge_relay_tunnels") == 2
+
+    # The control plane sees one edge holding the connector (what its heartbeats reported).
+    def presence() -> list:
+        with contextlib.closing(sqlite3.connect(os.path.join(fab.workdir, "control", "control.db"))) as db:
+            rows = db.execute("SELECT name, presence FROM edges").fetchall()
+        return [(name, [c["name"] for c in json.loads(text or "[]")]) for name, text in rows]
+
+    xfer.wait_for(lambda: presence() == [("edge-1", ["connector-1"])], 10, "the presence map to name edge-1")
+
+    # The connector moves to worker 1; worker 0 -> worker 1: client-2's flows.
+    fab.kill("connector-1")
+    xfer.wait_for(lambda: xfer.metric(xfer.scrape(edge), "ferryman_edge_connector_tunnels") == 0, 10,
+                  "the connector's tunnels gone")
+    fab.prefix["connector-1"] = CPU1
+    fab.restart("connector-1")
+    xfer.wait_for(lambda: per_worker("ferryman_edge_worker_connector_tunnels", 1) == 2, 10,
+                  "the connector on worker 1")
+    out_before = xfer.metric(xfer.scrape(edge), "ferryman_relayed_flows_total", direction="out")
+    xfer.wait_for(lambda: _uploads(c2[0], xfer), 10, "a flow of client-2 relayed to worker 1")
+    upload = os.urandom(2 << 20)
+    assert xfer.upload_sha(c2[0], upload) == xfer.sha256_hex(upload)
+    down = xfer.download(c2[1], 2 << 20, seed)
+    assert xfer.sha256_hex(down) == xfer.sha256_hex(_source_bytes(2 << 20, seed))
+    assert xfer.metric(xfer.scrape(edge), "ferryman_relayed_flows_total", direction="out") >= out_before + 2
+    xfer.wait_for(lambda: presence() == [("edge-1", ["connector-1"])], 10, "the presence map to name edge-1")
+
+    # SIGKILL worker 0 mid-transfer: only its flow (client-2's, relayed to worker 1) is lost.
+    on_1 = xfer.connect(c1[2], timeout=10)  # worker 1, local connector
+    on_0 = xfer.connect(c2[2], timeout=10)  # worker 0, relayed to worker 1
+    sent_1, got_1 = bytearray(), bytearray()
+    for _ in range(4):
+        chunk = os.urandom(65536)
+        sent_1.extend(chunk)
+        _exchange(on_1, chunk, got_1)
+        _exchange(on_0, os.urandom(65536))
+    workers = _workers(fab.pids["edge-1"])
+    assert sorted(workers) == [0, 1]
+    os.kill(workers[0], signal.SIGKILL)
+
+    on_0.settimeout(10)
+    try:
+        ended = on_0.recv(1) == b""
+    except ConnectionResetError:
+        ended = True
+    assert ended, "the flow of the killed worker did not end"
+    on_0.close()
+    for _ in range(4):  # worker 1's flow is untouched
+        chunk = os.urandom(65536)
+        sent_1.extend(chunk)
+        _exchange(on_1, chunk, got_1)
+    on_1.shutdown(socket.SHUT_WR)
+    assert xfer.recv_all(on_1) == b""
+    on_1.close()
+    assert xfer.sha256_hex(bytes(got_1)) == xfer.sha256_hex(bytes(sent_1))
+
+    # Worker 0 comes back (a new process), counted; client-2 returns to it and is relayed again.
+    xfer.wait_for(lambda: per_worker("ferryman_edge_worker_restarts_total", 0) == 1
+                  and per_worker("ferryman_edge_worker_up", 0) == 1, 15, "worker 0 started again")
+    assert _workers(fab.pids["edge-1"])[0] != workers[0]
+    assert _workers(fab.pids["edge-1"])[1] == workers[1]
+    assert per_worker("ferryman_edge_worker_restarts_total", 1) == 0
+    xfer.wait_for(lambda: per_worker("ferryman_edge_worker_clients", 0) == 1, 15, "client-2 back on worker 0")
+    xfer.wait_for(lambda: _uploads(c2[0], xfer), 10, "a new flow of client-2 through the new worker 0")
+    assert "worker died; its flows are lost; restarting it" in fab.log_tail("edge-1", 200)
+    # The counters of the dead worker stay in the edge's totals.
+    assert xfer.metric(xfer.scrape(edge), "ferryman_relayed_flows_total", direction="out") >= out_before + 3
+
+
+def _uploads(port: int, xfer) -> bool:
+    data = os.urandom(65536)
+    try:
+        return xfer.upload_sha(port, data, timeout=5) == xfer.sha256_hex(data)
+    except OSError:
+        time.sleep(0.1)
+        return False
+
+
+def _source_bytes(n: int, seed: bytes) -> bytes:
+    from backends import source_bytes
+
+    return source_bytes(n, seed)
