@@ -70,14 +70,35 @@ STEADY = 60.0  # seconds of work after which a worker's death restarts the backo
 SAME_IN_EVERY_WORKER = frozenset({"ferryman_build_info", "ferryman_config_version", "ferryman_edge_presence_edges"})
 
 
-def worker_count(setting: int) -> int:
-    """FERRYMAN_EDGE_WORKERS: 0 means one per core this process may run on."""
+def worker_count(setting: int, cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """FERRYMAN_EDGE_WORKERS: 0 means one per core this process may run on, and no more than its
+    cgroup's CPU quota allows (a container limited to 4 CPUs on a 64-core host runs 4)."""
     if setting > 0:
         return setting
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        with open(cgroup_cpu_max) as fh:
+            quota = cpu_quota(fh.read())
+    except OSError:
+        quota = None
+    return max(1, min(cores, quota) if quota is not None else cores)
+
+
+def cpu_quota(text: str) -> int | None:
+    """The CPUs a cgroup v2 ``cpu.max`` ("QUOTA PERIOD", or "max PERIOD") allows, rounded up; None: no limit."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, -(-quota // period))
 
 
 # ---------------------------------------------------------------------------- channel messages
@@ -396,6 +417,7 @@ class Supervisor:
         self.stats = Stats("edge", name, LogLimiter(settings.log_limit, settings.log_limit_interval))
         self.retired = ""  # the counters of workers that died, as an exposition
         self._stopping = False
+        self._stopped = asyncio.Event()  # set with _stopping: ends the wait before a restart
         self._scrapes = 0
         self.directory = ""
         self.port = 0
@@ -403,7 +425,11 @@ class Supervisor:
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        tcp, udp, self.port = open_sockets(s, len(self.workers))
+        try:
+            tcp, udp, self.port = open_sockets(s, len(self.workers))
+        except OSError as exc:
+            log.error("edge cannot start: %s", exc.strerror or exc)
+            raise SystemExit(2) from None
         self.directory = tempfile.mkdtemp(prefix="ferryman-edge-")  # 0700: only this user reaches the workers
         metrics = None
         try:
@@ -417,6 +443,7 @@ class Supervisor:
                        for w in self.workers]
             await stop.wait()
             self._stopping = True
+            self._stopped.set()
             log.info("edge supervisor stopping: SIGTERM to every worker", extra={"grace": s.drain_grace})
             for w in self.workers:
                 if w.proc is not None and w.proc.returncode is None:
@@ -458,7 +485,7 @@ class Supervisor:
                 ours.close()
                 theirs.close()
                 log.error("worker cannot be started", extra={"worker": w.index, "reason": str(exc)})
-                await asyncio.sleep(w.backoff.died(0.0))
+                await self._pause(w.backoff.died(0.0))
                 continue
             finally:
                 theirs.close()
@@ -480,7 +507,12 @@ class Supervisor:
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             log.warning("worker died; its flows are lost; restarting it", extra={
                 "worker": w.index, "pid": w.proc.pid, "how": how, "restarts": w.restarts, "delay": delay})
-            await asyncio.sleep(delay)
+            await self._pause(delay)
+
+    async def _pause(self, delay: float) -> None:
+        """Wait ``delay`` seconds, or less if the edge stops meanwhile."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), delay)
 
     def _retire(self, w: _Worker) -> None:
         """Worker ``w`` exited: the siblings forget it; its counters stay in the edge's totals."""
