@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import struct
+import tempfile
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -207,3 +209,32 @@ def test_only_a_process_of_the_edges_own_user_may_use_a_worker_socket() -> None:
     finally:
         tcp.close()
     assert same_user(None) == "a worker tunnel must be a Unix socket"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
+def test_a_worker_socket_refuses_a_process_of_another_user() -> None:
+    directory = tempfile.mkdtemp()  # reachable by the other user (pytest's own directories are not)
+    os.chmod(directory, 0o777)
+    path = os.path.join(directory, "worker-0.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o777)
+    server.listen(1)
+    server.settimeout(10)
+    pid = os.fork()
+    if pid == 0:  # the child: another user dials the socket
+        try:
+            os.setuid(65534)
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect(path)
+            client.recv(1)
+        finally:
+            os._exit(0)
+    try:
+        conn, _ = server.accept()
+        assert same_user(conn) == f"the peer of a worker tunnel runs as uid 65534, not as this edge's uid 0"
+        conn.close()
+    finally:
+        os.waitpid(pid, 0)
+        server.close()
+        shutil.rmtree(directory)
