@@ -93,10 +93,11 @@ def test_two_workers_relay_to_each_other_and_a_dead_worker_loses_only_its_flows(
     assert xfer.metric(samples, "ferryman_relayed_flows_total", direction="out") >= out_before + 2
     assert xfer.metric(samples, "ferryman_relayed_flows_total", direction="in") >= out_before + 2
     assert xfer.metric(samples, "ferryman_edge_workers") == 2
-    # merged over the workers: 2 client tunnels, 2 connector tunnels, a relay tunnel between them (both ends)
+    # merged over the workers: 2 client tunnels, 2 connector tunnels, and a relay tunnel each worker
+    # dialed to the other (counted at both ends)
     assert xfer.metric(samples, "ferryman_edge_clients") == 2
     assert xfer.metric(samples, "ferryman_edge_connector_tunnels") == 2
-    assert xfer.metric(samples, "ferryman_edge_relay_tunnels") == 2
+    assert xfer.metric(samples, "ferryman_edge_relay_tunnels") == 4
 
     # The control plane sees one edge holding the connector (what its heartbeats reported).
     def presence() -> list:
@@ -163,6 +164,53 @@ def test_two_workers_relay_to_each_other_and_a_dead_worker_loses_only_its_flows(
     assert "worker died; its flows are lost; restarting it" in fab.log_tail("edge-1", 200)
     # The counters of the dead worker stay in the edge's totals.
     assert xfer.metric(xfer.scrape(edge), "ferryman_relayed_flows_total", direction="out") >= out_before + 3
+
+    # SIGTERM: the supervisor stops its workers and exits cleanly.
+    running = _workers(fab.pids["edge-1"])
+    fab.kill("edge-1", signal.SIGTERM)
+    assert fab.procs["edge-1"].returncode == 0
+    tail = fab.log_tail("edge-1", 40)
+    assert "worker stopped" in tail and "edge supervisor stopped" in tail
+    assert not any(_alive(pid) for pid in running.values())
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin nodes to")
+def test_a_flow_relayed_by_a_peer_edge_goes_on_to_the_worker_holding_its_connector(fabric, backend, xfer) -> None:
+    """Two edges of 2 workers each; the connector (CPU 0) holds tunnels to edge-2's worker 0 only;
+    the client (CPU 1) reaches edge-1's worker 1, which relays to edge-2; edge-1 runs on CPU 1, so
+    its relay tunnel lands on edge-2's worker 1, which passes the flow on to worker 0."""
+    sha = backend("sha")
+    fab = fabric([sha], managed=True, edges=2, workers=2, connector_edges={"connector-1": ["edge-2"]},
+                 env={"FERRYMAN_EDGE_WORKER_STEERING": "cpu", "FERRYMAN_TRANSPORT": "tcp"},
+                 prefix={"connector-1": CPU0, "client-1": CPU1, "edge-1": CPU1}, timeout=40)
+    edge1, edge2 = fab.metrics["edge-1"], fab.metrics["edge-2"]
+    xfer.wait_for(lambda: xfer.metric(xfer.scrape(edge2), "ferryman_edge_worker_connector_tunnels", worker="0") == 2
+                  and xfer.metric(xfer.scrape(edge1), "ferryman_edge_worker_clients", worker="1") == 1, 10,
+                  "the connector on edge-2's worker 0, the client on edge-1's worker 1")
+
+    def relayed() -> tuple[float, float]:
+        return (xfer.metric(xfer.scrape(edge1), "ferryman_relayed_flows_total", direction="out"),
+                xfer.metric(xfer.scrape(edge2), "ferryman_relayed_flows_total", direction="in"))
+
+    xfer.wait_for(lambda: _uploads(fab.forward_ports[0], xfer), 10, "a flow relayed from edge-1 to edge-2")
+    out_before, in_before = relayed()
+    upload = os.urandom(1 << 20)
+    assert xfer.upload_sha(fab.forward_ports[0], upload) == xfer.sha256_hex(upload)
+    out_after, in_after = relayed()
+    # edge-1 relayed each flow out once; edge-2 took each in twice: from edge-1 (its worker 1), then
+    # from its worker 1 (its worker 0, holding the connector)
+    assert out_after - out_before >= 1
+    assert in_after - in_before == 2 * (out_after - out_before)
+    assert xfer.metric(xfer.scrape(edge2), "ferryman_edge_worker_connector_tunnels", worker="1") == 0
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (an exited process not yet reaped by init does not)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in fh)
+    except FileNotFoundError:
+        return False
 
 
 def _uploads(port: int, xfer) -> bool:

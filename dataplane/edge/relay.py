@@ -69,6 +69,7 @@ class LocalTunnel(Tunnel):
     itself (``identity``: this edge's certificate), provided it runs as the same user."""
 
     sibling = True
+    dialed_path = ""  # the socket a dialed one reached
 
     def __init__(self, identity: PeerCertificate, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -90,6 +91,15 @@ class LocalTunnel(Tunnel):
         self._timer = self.loop.call_later(self.handshake_timeout, self._handshake_expired)
         self.conn.initiate()
         self._flush()
+
+
+def _dial_done(task: asyncio.Future[Any]) -> None:
+    """A tunnel to a sibling worker dialed ahead of need: its failure is logged (flows then dial again)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.info("relay tunnel to a worker of this edge not up", extra={"reason": str(exc)})
 
 
 def same_user(sock: Any) -> str | None:
@@ -155,14 +165,21 @@ class Relay:
                                                 "relay_connectors": sum(len(e.connectors) for e in self.peers.values())})
 
     def set_siblings(self, siblings: list[PresenceEdge]) -> None:
-        """The other workers of this edge now: those gone lose their relay tunnel once it is idle."""
+        """The other workers of this edge now: those gone lose their relay tunnel once it is idle; a
+        tunnel to each of the others is dialed now (flows relayed to this edge by peer edges are
+        passed on to the worker holding their connector only over a tunnel that is up)."""
         self.siblings = {s.name: s for s in siblings}
         self._failed = {name: until for name, until in self._failed.items()
                         if name in self.peers or name in self.siblings}
         for name, tunnel in list(self.out.items()):
-            if is_sibling(tunnel) and name not in self.siblings:
+            if is_sibling(tunnel) and (name not in self.siblings or self.siblings[name].address != tunnel.dialed_path):
                 del self.out[name]
                 self._close_when_idle(tunnel, f"{name} of this edge stopped")
+        if self.identity is None:
+            return
+        for name, sibling in self.siblings.items():
+            if self.tunnel(name) is None and name not in self._dialing:
+                asyncio.ensure_future(self.connect(sibling)).add_done_callback(_dial_done)
 
     def sibling_holding(self, connector: str) -> AnyTunnel | None:
         """A relay tunnel up to a sibling worker that holds a tunnel to ``connector`` (the least loaded)."""
@@ -256,6 +273,7 @@ class Relay:
                                     keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
                                     write_buffer_high=s.write_buffer_high, label=f"relay->{peer.name}"),
                 peer.address), s.handshake_timeout)
+            tunnel.dialed_path = peer.address
             self.out[peer.name] = tunnel
             await asyncio.wait_for(tunnel.up_waiter, s.handshake_timeout)
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:

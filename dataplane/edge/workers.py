@@ -418,6 +418,7 @@ class Supervisor:
         self.retired = ""  # the counters of workers that died, as an exposition
         self._stopping = False
         self._stopped = asyncio.Event()  # set with _stopping: ends the wait before a restart
+        self._figures_changed = False
         self._scrapes = 0
         self.directory = ""
         self.port = 0
@@ -441,7 +442,9 @@ class Supervisor:
                 "transports": "tcp,quic" if udp else "tcp"})
             keepers = [asyncio.create_task(self._keep(w, tcp[w.index], udp[w.index] if udp else None))
                        for w in self.workers]
+            rounds = asyncio.create_task(self._rounds())
             await stop.wait()
+            rounds.cancel()
             self._stopping = True
             self._stopped.set()
             log.info("edge supervisor stopping: SIGTERM to every worker", extra={"grace": s.drain_grace})
@@ -480,7 +483,8 @@ class Supervisor:
             try:
                 w.proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "dataplane", *self.argv, "--worker-of",
-                    msgspec.json.encode(spec).decode(), pass_fds=fds, stdin=subprocess.DEVNULL)
+                    msgspec.json.encode(spec).decode(), pass_fds=fds, stdin=subprocess.DEVNULL,
+                    start_new_session=True)  # a terminal's Ctrl-C reaches the supervisor, which tells them
             except OSError as exc:
                 ours.close()
                 theirs.close()
@@ -514,6 +518,14 @@ class Supervisor:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stopped.wait(), delay)
 
+    async def _rounds(self) -> None:
+        """Every STATE_INTERVAL: the workers' changed tunnel and flow counts to the others."""
+        while True:
+            await asyncio.sleep(STATE_INTERVAL)
+            if self._figures_changed:
+                self._figures_changed = False
+                self._broadcast()
+
     def _retire(self, w: _Worker) -> None:
         """Worker ``w`` exited: the siblings forget it; its counters stay in the edge's totals."""
         w.state = None
@@ -542,7 +554,9 @@ class Supervisor:
                 before = w.state
                 w.state = message
                 if before is None or before.connectors != message.connectors:
-                    self._broadcast()
+                    self._broadcast()  # at once: siblings relay by it
+                elif (before.tunnels, before.flows) != (message.tunnels, message.flows):
+                    self._figures_changed = True  # with the next round (heartbeats report the sums)
             elif isinstance(message, Scraped):
                 future = w.waiting.pop(message.id, None)
                 if future is not None and not future.done():
