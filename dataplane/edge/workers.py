@@ -55,6 +55,7 @@ from ..basics.metrics import Stats, merge_exposition, start_metrics_server
 from ..basics.settings import EdgeSettings
 from ..contract.presence import PresenceConnector, PresenceEdge
 from ..transport.udpio import udp_socket
+from .relay import LocalTunnel
 
 if TYPE_CHECKING:
     from .node import Edge
@@ -265,7 +266,12 @@ class WorkerSpec(msgspec.Struct):
             raise ValueError(f"--worker-of: {exc} (it is given by the edge's supervisor only)") from None
 
     def socket_path(self, index: int | None = None) -> str:
-        return os.path.join(self.directory, f"worker-{self.index if index is None else index}.sock")
+        return socket_path(self.directory, self.index if index is None else index)
+
+
+def socket_path(directory: str, index: int) -> str:
+    """The Unix socket worker ``index`` takes its siblings' relay tunnels on."""
+    return os.path.join(directory, f"worker-{index}.sock")
 
 
 def sibling_name(index: int) -> str:
@@ -318,8 +324,6 @@ class WorkerLink:
     async def run(self, edge: Edge, stop: asyncio.Event) -> None:
         """Serve the siblings' Unix socket and the channel until ``stop`` (set when the channel
         ends: the supervisor is gone)."""
-        from .relay import LocalTunnel
-
         self._edge = edge
         s = edge.settings
         identity = edge.relay.identity if edge.relay is not None else None
@@ -380,13 +384,15 @@ class WorkerLink:
         if edge is None:
             return
         state = edge.worker_state()
-        if force or self._sent is None or state.connectors != self._sent.connectors:
+        if (force or self._sent is None or state.connectors != self._sent.connectors) and self._send(state):
             self._sent = state
-            self._send(state)
 
-    def _send(self, message: Any) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(frame(message))
+    def _send(self, message: Any) -> bool:
+        """Whether ``message`` went to the supervisor (not before the channel is open, nor after it closed)."""
+        if self._writer is None or self._writer.is_closing():
+            return False
+        self._writer.write(frame(message))
+        return True
 
 
 # ---------------------------------------------------------------------------- supervisor
@@ -569,7 +575,7 @@ class Supervisor:
 
     def _broadcast(self) -> None:
         """Every running worker learns the others: their Unix sockets and what they hold."""
-        running = [Sibling(index=w.index, socket=os.path.join(self.directory, f"worker-{w.index}.sock"),
+        running = [Sibling(index=w.index, socket=socket_path(self.directory, w.index),
                            connectors=w.state.connectors, tunnels=w.state.tunnels, flows=w.state.flows)
                    for w in self.workers if w.state is not None]
         for w in self.workers:
