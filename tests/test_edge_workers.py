@@ -83,6 +83,13 @@ def test_restart_backoff_doubles_for_quick_deaths_and_starts_over_after_steady_w
     assert RestartBackoff(0.0).died(0.0) == RESTART_MIN  # never below the first wait
 
 
+def test_how_a_worker_ended_is_said_plainly() -> None:
+    assert workers.exit_text(0) == "exit code 0"
+    assert workers.exit_text(2) == "exit code 2"
+    assert workers.exit_text(-9) == "signal SIGKILL"
+    assert workers.exit_text(-40) == "signal 40"
+
+
 def test_cpu_steering_program_returns_the_cpu_modulo_the_workers() -> None:
     (load_cpu, mod, ret) = cpu_steering_program(3)
     assert load_cpu == (0x20, 0, 0, (-0x1000 + 36) & 0xFFFFFFFF)  # A = SKF_AD_CPU

@@ -437,7 +437,14 @@ class Supervisor:
         except OSError as exc:
             log.error("edge cannot start: %s", exc.strerror or exc)
             raise SystemExit(2) from None
-        self.directory = tempfile.mkdtemp(prefix="ferryman-edge-")  # 0700: only this user reaches the workers
+        try:
+            self.directory = tempfile.mkdtemp(prefix="ferryman-edge-")  # 0700: only this user reaches the workers
+        except OSError as exc:
+            for sock in [*tcp, *udp]:
+                sock.close()
+            log.error("edge cannot start: no private directory for its workers' sockets in %s (TMPDIR): %s",
+                      tempfile.gettempdir(), exc.strerror or exc)
+            raise SystemExit(2) from None
         metrics = None
         try:
             if s.metrics_addr:
@@ -458,7 +465,7 @@ class Supervisor:
                 if w.proc is not None and w.proc.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         w.proc.send_signal(signal.SIGTERM)
-            done, pending = await asyncio.wait(keepers, timeout=s.drain_grace + 1.0)
+            _, pending = await asyncio.wait(keepers, timeout=s.drain_grace + 1.0)
             for w in self.workers:
                 if w.proc is not None and w.proc.returncode is None:
                     log.warning("worker did not stop within FERRYMAN_DRAIN_GRACE: killed", extra={"worker": w.index})
@@ -514,9 +521,8 @@ class Supervisor:
                 return
             delay = w.backoff.died(loop.time() - w.started)
             w.restarts += 1
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             log.warning("worker died; its flows are lost; restarting it", extra={
-                "worker": w.index, "pid": w.proc.pid, "how": how, "restarts": w.restarts, "delay": delay})
+                "worker": w.index, "pid": w.proc.pid, "how": exit_text(code), "restarts": w.restarts, "delay": delay})
             await self._pause(delay)
 
     async def _pause(self, delay: float) -> None:
@@ -640,6 +646,16 @@ class Supervisor:
             lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
             lines += [f'{name}{{{labels},worker="{w.index}"}} {float(value(w))}' for w in self.workers]
         return "\n".join(lines) + "\n"
+
+
+def exit_text(code: int) -> str:
+    """How a process ended, from its return code (negative: the signal that killed it)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
 
 
 def counters_only(text: str) -> str:
