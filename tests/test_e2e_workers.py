@@ -228,3 +228,26 @@ def _source_bytes(n: int, seed: bytes) -> bytes:
     from backends import source_bytes
 
     return source_bytes(n, seed)
+
+
+def test_quic_tunnels_on_an_edge_of_two_workers_without_a_control_plane(fabric, backend, xfer) -> None:
+    """QUIC tunnels reach the workers through the supervisor's UDP sockets (hashed by the kernel),
+    and workers of an edge with only an application file relay to each other too."""
+    sha = backend("sha")
+    fab = fabric([sha], workers=2, env={"FERRYMAN_TRANSPORT": "quic", "FERRYMAN_CONNECTOR_TUNNELS": "1"})
+    edge = fab.metrics["edge-1"]
+
+    def placed() -> tuple[int, int] | None:
+        samples = xfer.scrape(edge)
+        client = [w for w in (0, 1) if xfer.metric(samples, "ferryman_edge_worker_clients", worker=str(w)) == 1]
+        connector = [w for w in (0, 1)
+                     if xfer.metric(samples, "ferryman_edge_worker_connector_tunnels", worker=str(w)) == 1]
+        return (client[0], connector[0]) if len(client) == 1 and len(connector) == 1 else None
+
+    client, connector = xfer.wait_for(placed, 10, "the client's and the connector's tunnel on a worker each")
+    assert xfer.metric(xfer.scrape(edge), "ferryman_tunnels_by_transport", transport="quic") >= 2
+    before = xfer.metric(xfer.scrape(edge), "ferryman_relayed_flows_total", direction="out")
+    upload = os.urandom(1 << 20)
+    assert xfer.upload_sha(fab.forward_ports[0], upload) == xfer.sha256_hex(upload)
+    relayed = xfer.metric(xfer.scrape(edge), "ferryman_relayed_flows_total", direction="out") - before
+    assert relayed == (1 if client != connector else 0)
