@@ -184,11 +184,7 @@ _AcceptedKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPub
 
 
 def _check_is_ca(cert: x509.Certificate, where: str) -> None:
-    try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if not is_ca:
+    if not pki.is_ca_certificate(cert):
         raise CaError(f"{where} is not a CA certificate (basicConstraints CA:TRUE missing)")
 
 

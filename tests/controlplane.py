@@ -50,6 +50,7 @@ import pytest
 
 from dataplane.basics.controltls import ca_pin, load_ca_pem, verifying_context
 from dataplane.controllink.registration import Registration, register
+from dataplane.controllink.signer import NodeSigner
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_EDGE = "edge.example.test:8443"
@@ -67,6 +68,7 @@ def free_port() -> int:
 def environment(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}  # SQLite, defaults
     env["FERRYMAN_DATA_DIR"] = str(data_dir)
+    env["FERRYMAN_EDGE_WORKERS"] = "1"  # an edge is one process: tests count its tunnels and caps per process
     env.update(extra)
     return env
 
@@ -183,6 +185,11 @@ class Control:
 
     def admin(self, method: str, path: str, body: Any = None) -> Reply:
         return self.request(method, path, body, authorization=f"Bearer {self.key}")
+
+    def node(self, signer: NodeSigner, method: str, target: str, body: Any = None, **kw: Any) -> Reply:
+        """A node request with a fresh token made for exactly this method, target and body."""
+        data = b"" if body is None else json.dumps(body).encode()
+        return self.request(method, target, body, authorization=f"Bearer {signer.token(method, target, data)}", **kw)
 
     def version(self) -> int:
         status, body, _ = self.admin("GET", "/v1/config-version")

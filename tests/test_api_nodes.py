@@ -47,7 +47,7 @@ from dataplane.controllink.signer import NodeSigner
 from dataplane.controllink.registration import Registration
 
 import controlplane
-from controlplane import PUBLIC_EDGE, Reply
+from controlplane import PUBLIC_EDGE, Control, Reply
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,15 +57,6 @@ RENEW = "/v1/node/renew"
 
 
 # ---------------------------------------------------------------------------- control plane process
-
-
-class Control(controlplane.Control):
-    """The shared control plane handle, plus requests signed as a node."""
-
-    def node(self, signer: NodeSigner, method: str, target: str, body: Any = None, **kw: Any) -> Reply:
-        """A node request with a fresh token made for exactly this method, target and body."""
-        data = b"" if body is None else json.dumps(body).encode()
-        return self.request(method, target, body, authorization=f"Bearer {signer.token(method, target, data)}", **kw)
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,18 @@ violation reported: htmx runs without inline script or style).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from browser import chromium, skip_module_without_chromium
 from controlplane import Control
 from test_console_http import PASSWORD, Person, enrol, next_code
 
 pytestmark = [pytest.mark.timeout(90)]
 
-CHROMIUM = "/usr/bin/chromium"
-
-playwright_api = pytest.importorskip("playwright.sync_api")
-if not os.path.exists(CHROMIUM):  # pragma: no cover - the CI image installs Debian's chromium
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+skip_module_without_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +32,8 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Control]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def _store_records(control: Control, flows: list[tuple[str, str, str]]) -> None:

@@ -19,24 +19,19 @@ from collections.abc import Iterator
 import pyotp
 import pytest
 
+from browser import chromium, skip_module_without_chromium
+
 pytestmark = [pytest.mark.timeout(60)]
 
-CHROMIUM = "/usr/bin/chromium"
 FAST = {"FERRYMAN_HEARTBEAT_INTERVAL": "0.5", "FERRYMAN_RECONNECT_MAX": "1"}
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-if not os.path.exists(CHROMIUM):  # pragma: no cover - the CI image installs Debian's chromium
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+skip_module_without_chromium()
 
 
 @pytest.fixture
 def browser() -> Iterator[object]:
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def _until(page: object, url: str, selector: str, text: str, seconds: float, what: str) -> None:

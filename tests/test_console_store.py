@@ -13,14 +13,15 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-from control.store import StoreError, devices, open_store, sessions, user_groups, users
+from control.store import StoreError, devices, open_store, sessions, users
 from control.store import console as console_store
 from control.store.audit import list_audit
 from control.store.db import MIGRATIONS_DIR
 from control.store.models import ConsoleSession
 from control.store.secretbox import SecretBox
 from control.store.values import hash_secret
-from test_store import REVISIONS, revisions_after, url  # noqa: F401 - the url fixture (SQLite, PostgreSQL)
+from test_store import REVISIONS, revisions_after, user_with_references
+from test_store import url  # noqa: F401 - the url fixture (SQLite, PostgreSQL)
 
 pytestmark = pytest.mark.timeout(60)
 ACTOR = "admin-key:tests"
@@ -30,13 +31,7 @@ IDLE = timedelta(minutes=30)
 def test_upgrading_to_the_console_migration_keeps_users_and_what_refers_to_them(url: str) -> None:  # noqa: F811
     before_console = REVISIONS[REVISIONS.index("0009") - 1]
     box = SecretBox.generate()
-    with open_store(url, box) as store, store.begin() as session:
-        user = users.create_user(session, ACTOR, "alice@corp.example", password="correct horse battery")
-        device = devices.register_device(session, ACTOR, user.id, name="laptop", os="Linux", os_version="6")
-        row, _token = sessions.create_session(session, user.id, device_id=device.id)
-        group = user_groups.create_user_group(session, ACTOR, "ops")
-        user_groups.add_group_member(session, ACTOR, group.id, user.id)
-        user_id, device_id, session_id = user.id, device.id, row.id
+    user_id, device_id, session_id, group_id = user_with_references(url, box)
     with open_store(url, box) as store, store.engine.begin() as conn:
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -51,7 +46,7 @@ def test_upgrading_to_the_console_migration_keeps_users_and_what_refers_to_them(
             assert user.console_role is None and user.upn == "alice@corp.example"
             assert devices.get_device(session, device_id).user_id == user_id
             assert sessions.get_session(session, session_id).user_id == user_id
-            assert users.user_group_ids(session, user_id) == [group.id]
+            assert users.user_group_ids(session, user_id) == [group_id]
             assert console_store.console_admins(session) == 0
 
 

@@ -148,6 +148,8 @@ def test_an_allowed_flow_and_its_traffic_record(backend, fabric, xfer):
     assert first["device_os_version"] == platform.release()[:64] and first["client_version"] == SOFTWARE
     assert first["display_name"] == fab.admin("GET", f"/v1/users/{fab.user}")["display_name"]
     assert first["source_ip"] == "127.0.0.1" and 0 < first["source_port"] < 65536
+    # the SOCKS5 app's own address on the device, as the client agent reported it
+    assert first["local_source_ip"] == "127.0.0.1" and 0 < first["local_source_port"] < 65536
     assert (first["destination_ip"], first["destination_port"], first["destination_fqdn"]) == (
         "127.0.0.1", echo.port, "")
     assert (first["transport"], first["network"]) == ("tcp", "IPv4")

@@ -36,7 +36,7 @@ import pytest
 
 from dataplane.fabric import Fabric
 
-from conftest import metric, scrape
+from conftest import metric, scrape, wait_metric
 
 DURATION = 30.0  # seconds of traffic (the promise is about sustained abrupt ends, not one)
 PARALLEL = 64  # flows running at every moment
@@ -207,8 +207,9 @@ def test_abrupt_flow_ends_never_take_down_a_tunnel(tmp_path: Path, backend_port:
                          "FERRYMAN_FLOW_WINDOW": str(FLOW_WINDOW)})
     with fabric:
         edge = fabric.metrics["edge-1"]
-        tunnels_before = metric(scrape(edge), "ferryman_tunnels")
-        assert tunnels_before == 3  # the client's tunnel and the connector's two
+        # the client's tunnel and the connector's two (the second may come up after /ready)
+        tunnels_before = metric(wait_metric(edge, "ferryman_tunnels", 3, timeout=15.0), "ferryman_tunnels")
+        assert tunnels_before == 3
         outcomes = asyncio.run(traffic(fabric.forward_ports[0], DURATION))
         print(f"outcomes after {DURATION:g}s with {PARALLEL} parallel flows: {dict(outcomes)}")
         failures = {k: v for k, v in outcomes.items() if k not in {"ok", *MODES}}

@@ -26,6 +26,7 @@ from urllib.parse import quote, urlencode
 import pytest
 
 from dataplane.fabric import WEB_DOMAIN, Fabric
+from tests.browser import WEB_ARGS, chromium
 from tests.web_support import Backend, Reply, WsClient, cookie_line, free_port, parse_curl
 
 pytestmark = pytest.mark.timeout(120)
@@ -187,61 +188,50 @@ def test_a_removed_assignment_or_a_blocking_policy_stops_the_next_request_and_cu
     assert sum(1 for method, path, _ in backend.seen if path == "/hello") == 2  # the denials never reached it
 
 
-CHROMIUM = "/usr/bin/chromium"
-
-
 def test_chromium_signs_in_uses_two_apps_and_a_websocket_signs_out_and_a_denied_user_is_told(
         fabric, backend, tmp_path) -> None:
-    from playwright.sync_api import sync_playwright
-
     docs = Backend("docs", internal_host="127.0.0.1")
     try:
         fab = fabric([], managed=True, webapps=[
             _wiki(backend), {"name": "docs", "external_url": f"https://docs.{WEB_DOMAIN}",
                              "internal_url": docs.internal_url}])
         fab.admin("POST", "/v1/users", {"upn": "bob@ferryman.local", "password": "bob-password-long-1"})
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--host-resolver-rules=MAP * 127.0.0.1"])
-            try:
-                context = browser.new_context(ignore_https_errors=True)
-                context.set_default_timeout(20000)
-                page = context.new_page()
-                page.goto(fab.web_url("wiki", "/hello"))
-                assert page.url.startswith(fab.web_url("login", "/.ferryman/sign_in"))
-                page.fill("#upn", fab.user)
-                page.fill("#password", fab.password)
-                page.click("#submit")
-                page.wait_for_url(fab.web_url("wiki", "/hello"))
-                assert page.locator("body").inner_text().strip() == "hello from backend wiki"
-                echoed = page.evaluate("""url => new Promise((resolve, reject) => {
-                    const ws = new WebSocket(url);
-                    ws.onopen = () => ws.send("hello through edge and connector");
-                    ws.onmessage = e => { resolve(e.data); ws.close(); };
-                    ws.onerror = () => reject(new Error("websocket failed"));
-                })""", f"wss://wiki.{WEB_DOMAIN}:{fab.web_port}/ws")
-                assert echoed == "hello through edge and connector"
-                page.goto(fab.web_url("docs", "/hello"))  # single sign-on: no form this time
-                assert page.url == fab.web_url("docs", "/hello")
-                assert page.locator("body").inner_text().strip() == "hello from backend docs"
-                page.goto(fab.web_url("docs", "/.ferryman/"))
-                page.click("#sign-out")
-                page.wait_for_url(lambda url: "/.ferryman/sign_in" in url)
-                page.goto(fab.web_url("wiki", "/hello"))
-                assert "/.ferryman/sign_in" in page.url and page.locator("#password").is_visible()
+        with chromium(*WEB_ARGS) as browser:
+            context = browser.new_context(ignore_https_errors=True)
+            context.set_default_timeout(20000)
+            page = context.new_page()
+            page.goto(fab.web_url("wiki", "/hello"))
+            assert page.url.startswith(fab.web_url("login", "/.ferryman/sign_in"))
+            page.fill("#upn", fab.user)
+            page.fill("#password", fab.password)
+            page.click("#submit")
+            page.wait_for_url(fab.web_url("wiki", "/hello"))
+            assert page.locator("body").inner_text().strip() == "hello from backend wiki"
+            echoed = page.evaluate("""url => new Promise((resolve, reject) => {
+                const ws = new WebSocket(url);
+                ws.onopen = () => ws.send("hello through edge and connector");
+                ws.onmessage = e => { resolve(e.data); ws.close(); };
+                ws.onerror = () => reject(new Error("websocket failed"));
+            })""", f"wss://wiki.{WEB_DOMAIN}:{fab.web_port}/ws")
+            assert echoed == "hello through edge and connector"
+            page.goto(fab.web_url("docs", "/hello"))  # single sign-on: no form this time
+            assert page.url == fab.web_url("docs", "/hello")
+            assert page.locator("body").inner_text().strip() == "hello from backend docs"
+            page.goto(fab.web_url("docs", "/.ferryman/"))
+            page.click("#sign-out")
+            page.wait_for_url(lambda url: "/.ferryman/sign_in" in url)
+            page.goto(fab.web_url("wiki", "/hello"))
+            assert "/.ferryman/sign_in" in page.url and page.locator("#password").is_visible()
 
-                other = browser.new_context(ignore_https_errors=True).new_page()
-                other.goto(fab.web_url("wiki", "/hello"))
-                other.fill("#upn", "bob@ferryman.local")
-                other.fill("#password", "bob-password-long-1")
-                other.click("#submit")
-                other.wait_for_url(fab.web_url("wiki", "/hello"))
-                text = other.locator("body").inner_text()
-                assert "bob@ferryman.local is not assigned to application 'wiki'" in text
-                assert "hello from backend" not in text
-            finally:
-                browser.close()
+            other = browser.new_context(ignore_https_errors=True).new_page()
+            other.goto(fab.web_url("wiki", "/hello"))
+            other.fill("#upn", "bob@ferryman.local")
+            other.fill("#password", "bob-password-long-1")
+            other.click("#submit")
+            other.wait_for_url(fab.web_url("wiki", "/hello"))
+            text = other.locator("body").inner_text()
+            assert "bob@ferryman.local is not assigned to application 'wiki'" in text
+            assert "hello from backend" not in text
         sessions = fab.admin("GET", f"/v1/users/{quote(fab.user)}/sessions")
         browser_sessions = [s for s in sessions if s["device_id"] is None]  # type: ignore[union-attr]
         assert len(browser_sessions) == 1 and browser_sessions[0]["status"] == "revoked", sessions

@@ -35,6 +35,7 @@ import pytest
 import sqlalchemy as sa
 
 import controlplane
+from databases import postgres_database
 from controlplane import PUBLIC_EDGE, Control
 from dataplane.basics.settings import EdgeSettings
 from dataplane.contract.snapshot import ConfigSnapshot
@@ -50,23 +51,8 @@ SIGN_IN_LIMIT = 3
 @pytest.fixture(scope="module")
 def database() -> Iterator[str]:
     """A new PostgreSQL database on the ``TEST_POSTGRES_URL`` server; dropped afterwards."""
-    server = os.environ.get("TEST_POSTGRES_URL", "").strip()
-    if not server:
-        reason = "the control-plane HA tests need TEST_POSTGRES_URL (a role allowed to create databases)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    server_url = sa.make_url(server).set(drivername="postgresql+psycopg")
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    name = f"ferryman_ha_{secrets.token_hex(6)}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        yield server_url.set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+    with postgres_database("ferryman_ha", "the control-plane HA tests") as url:
+        yield url
 
 
 def _secrets_key(path: Path) -> Path:

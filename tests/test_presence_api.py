@@ -20,18 +20,12 @@ import pytest
 from dataplane.controllink.signer import NodeSigner
 
 import controlplane
-from controlplane import PUBLIC_EDGE, Reply
+from controlplane import PUBLIC_EDGE, Control, Reply
 
 pytestmark = pytest.mark.timeout(60)
 
 HEARTBEAT = "/v1/node/heartbeat"
 PRESENCE = "/v1/node/presence"
-
-
-class Control(controlplane.Control):
-    def node(self, signer: NodeSigner, method: str, target: str, body: Any = None, **kw: Any) -> Reply:
-        data = b"" if body is None else json.dumps(body).encode()
-        return self.request(method, target, body, authorization=f"Bearer {signer.token(method, target, data)}", **kw)
 
 
 @pytest.fixture(scope="module")

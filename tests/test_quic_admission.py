@@ -20,13 +20,11 @@ import pytest
 
 from dataplane.basics import pki
 from dataplane.basics.settings import ConnectorSettings as Settings
-from dataplane.transport import quic as quic_transport
 from dataplane.transport.quic import (
     HandshakeLimits,
     QuicServer,
     RetryTokens,
     dial_quic,
-    load_credentials,
     quic_configuration,
     serve_quic,
 )
@@ -36,7 +34,7 @@ from dataplane.wire.frames import Open
 from dataplane.wire.quic import ALPN
 from dataplane.wire.quic_engine import QuicEngine, select_engine
 
-from test_quic_transport import Dialer, Echo, dial, run
+from test_quic_transport import Dialer, Echo, creds, dial, run, use_engine
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -45,18 +43,12 @@ SETTINGS = Settings(keepalive_interval=10.0, handshake_timeout=5.0, quic_timeout
 
 @pytest.fixture(params=["qh3", "aioquic"])
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> QuicEngine:
-    chosen = select_engine(request.param)
-    monkeypatch.setattr(quic_transport, "quic_engine_of", lambda settings: chosen)
-    return chosen
+    return use_engine(request.param, monkeypatch)
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pki.NodeFiles]:
     return pki.init_pki(str(tmp_path_factory.mktemp("pki")), connectors=("connector-1",), clients=())
-
-
-def creds(files: pki.NodeFiles) -> quic_transport.QuicCredentials:
-    return load_credentials(files.cert, files.key, files.ca)
 
 
 async def edge(certs: dict[str, pki.NodeFiles], handler: Any, limits: HandshakeLimits) -> QuicServer:

@@ -45,7 +45,12 @@ SETTINGS = Settings(keepalive_interval=10.0, handshake_timeout=5.0, quic_timeout
 @pytest.fixture(autouse=True, params=["qh3", "aioquic"])
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> QuicEngine:
     """Every test runs on both QUIC engines (the edge and the dialer use the one given here)."""
-    chosen = select_engine(request.param)
+    return use_engine(request.param, monkeypatch)
+
+
+def use_engine(name: str, monkeypatch: pytest.MonkeyPatch) -> QuicEngine:
+    """The QUIC engine ``name``, which the edge and the dialer use from now on (undone by ``monkeypatch``)."""
+    chosen = select_engine(name)
     monkeypatch.setattr(quic_transport, "quic_engine_of", lambda settings: chosen)
     return chosen
 

@@ -7,9 +7,7 @@ upwards) and sign-in attempts (limits, waits, known sources, in-flight records).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -17,18 +15,9 @@ from control.store import StoreError, open_store
 from control.store import control_keys, guard_state
 from control.store.models import utcnow
 from control.store.secretbox import SecretBox
-from test_store import _postgres_database
+from test_store import url  # noqa: F401 - the url fixture (SQLite, PostgreSQL)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'control.db'}"
-    else:
-        with _postgres_database() as database:
-            yield database
 
 
 def test_a_shared_key_is_stored_once_and_sealed(url: str) -> None:

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
+
+from databases import postgres_database
 
 from control.store import (
     Store,
@@ -52,7 +52,6 @@ from dataplane.contract.apps import MAX_SEGMENTS
 
 pytestmark = pytest.mark.timeout(60)
 
-POSTGRES_VARIABLE = "TEST_POSTGRES_URL"
 TABLES = {"alembic_version", "connector_groups", "applications", "segments", "connectors", "edges", "dns_suffixes",
           "admin_keys", "audit_records", "registration_tokens", "revocations", "config_version",
           "issued_certificates", "users", "recovery_codes", "user_groups", "group_members", "devices", "sessions",
@@ -81,41 +80,18 @@ def revisions_after(revision: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------- databases
 
 
-@contextmanager
-def _postgres_database() -> Iterator[str]:
-    """A new, empty PostgreSQL database on the ``TEST_POSTGRES_URL`` server; dropped afterwards."""
-    server = os.environ.get(POSTGRES_VARIABLE, "").strip()
-    if not server:
-        reason = (f"PostgreSQL store tests need {POSTGRES_VARIABLE}=postgresql+psycopg://USER:PASSWORD@HOST:PORT/"
-                  f"postgres (a role allowed to create databases; .ci/run sets it up)")
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and {POSTGRES_VARIABLE} is not set: {reason}")
-        pytest.skip(reason)
-    server_url = sa.make_url(server).set(drivername="postgresql+psycopg")
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    name = f"ferryman_test_{secrets.token_hex(6)}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        yield server_url.set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'data' / 'control.db'}"
     else:
-        with _postgres_database() as database:
+        with postgres_database() as database:
             yield database
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    with _postgres_database() as database:
+    with postgres_database() as database:
         yield database
 
 
@@ -210,23 +186,31 @@ def test_upgrading_from_0001_records_the_certificates_of_existing_nodes(store: S
             assert nodes.get_edge(session, edge.id).tunnels == 0
 
 
-def test_upgrading_to_0006_seals_totp_secrets_and_rehashes_recovery_codes(url: str) -> None:
-    """A database of 0005 with a TOTP user (plain secret, SHA-256 recovery codes), a device, a
-    session and a group membership: 0006 seals the secret, wraps each unused code's SHA-256
-    in argon2id (the codes keep working), keeps no hash of used codes, and keeps every row
-    that refers to the user (on SQLite the users table must not be rebuilt: dropping it
-    would cascade to them)."""
-    from control.store import devices, sessions, totp, user_groups, users
-    from control.store.secretbox import SecretBox
+def user_with_references(url: str, box: Any) -> tuple[Any, Any, Any, Any]:
+    """A user (alice@corp.example) with a device, a session and a group membership, stored at ``url``
+    sealed with ``box``: (user id, device id, session id, group id)."""
+    from control.store import devices, sessions, user_groups, users
 
-    box = SecretBox.generate()
     with open_store(url, box) as store, store.begin() as session:
         user = users.create_user(session, ACTOR, "alice@corp.example", password="correct horse battery")
         device = devices.register_device(session, ACTOR, user.id, name="laptop", os="Linux", os_version="6")
         row, _token = sessions.create_session(session, user.id, device_id=device.id)
         group = user_groups.create_user_group(session, ACTOR, "ops")
         user_groups.add_group_member(session, ACTOR, group.id, user.id)
-        user_id, device_id, session_id = user.id, device.id, row.id
+        return user.id, device.id, row.id, group.id
+
+
+def test_upgrading_to_0006_seals_totp_secrets_and_rehashes_recovery_codes(url: str) -> None:
+    """A database of 0005 with a TOTP user (plain secret, SHA-256 recovery codes), a device, a
+    session and a group membership: 0006 seals the secret, wraps each unused code's SHA-256
+    in argon2id (the codes keep working), keeps no hash of used codes, and keeps every row
+    that refers to the user (on SQLite the users table must not be rebuilt: dropping it
+    would cascade to them)."""
+    from control.store import devices, sessions, totp, users
+    from control.store.secretbox import SecretBox
+
+    box = SecretBox.generate()
+    user_id, device_id, session_id, _group_id = user_with_references(url, box)
     with open_store(url, box) as store:
         with store.engine.begin() as conn:
             config = Config()

@@ -82,6 +82,8 @@ class TrafficRecordOut(msgspec.Struct):
     display_name: str
     device_os_version: str
     client_version: str
+    local_source_ip: str
+    local_source_port: int
 
 
 _FIELDS = [f.name for f in msgspec.structs.fields(TrafficRecordOut)]

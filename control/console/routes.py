@@ -96,6 +96,14 @@ def _api(request: Request[Any, Any, Any]) -> Any:
     return request.app.state.api
 
 
+def _page(request: Request[Any, Any, Any], template: str, viewer: Viewer, build: Callable[[Any], dict[str, Any]],
+          **extra: Any) -> Response[str]:
+    """``template`` for ``viewer``, filled with ``extra`` and what ``build(session)`` reads from the store."""
+    with _api(request).store.read() as session:
+        context = build(session)
+    return render(request, template, viewer, **extra, **context)
+
+
 def _one(form: dict[str, Any], key: str, default: str = "") -> str:
     value = form.get(key, default)
     if isinstance(value, list):
@@ -249,19 +257,14 @@ def overview(request: Request[Any, Any, Any]) -> Response[str]:
 
 def _apps_again(request: Request[Any, Any, Any]) -> Callable[[Viewer, Any, StoreError], Response[str]]:
     def again(viewer: Viewer, form: dict[str, Any], exc: StoreError) -> Response[str]:
-        with _api(request).store.read() as session:
-            context = views.applications_page(session)
-        return render(request, "applications.html", viewer, status=STATUS.get(exc.code, 400), error=str(exc),
-                      form=form, **context)
+        return _page(request, "applications.html", viewer, views.applications_page,
+                     status=STATUS.get(exc.code, 400), error=str(exc), form=form)
     return again
 
 
 @get("/applications", sync_to_thread=True)
 def applications_list(request: Request[Any, Any, Any]) -> Response[str]:
-    viewer = viewer_of(request)
-    with _api(request).store.read() as session:
-        context = views.applications_page(session)
-    return render(request, "applications.html", viewer, form={}, **context)
+    return _page(request, "applications.html", viewer_of(request), views.applications_page, form={})
 
 
 def _segments(text: str, default_protocol: str = "tcp") -> list[dict[str, Any]]:
@@ -304,19 +307,17 @@ def _app_url(app: Application) -> str:
 
 def _app_again(request: Request[Any, Any, Any], app_id: int) -> Callable[[Viewer, Any, StoreError], Response[str]]:
     def again(viewer: Viewer, form: dict[str, Any], exc: StoreError) -> Response[str]:
-        with _api(request).store.read() as session:
-            context = views.application_page(session, _name_in(session, app_id))
-        return render(request, "application.html", viewer, status=STATUS.get(exc.code, 400), error=str(exc),
-                      form=form, **context)
+        return _page(request, "application.html", viewer,
+                     lambda session: views.application_page(session, _name_in(session, app_id)),
+                     status=STATUS.get(exc.code, 400), error=str(exc), form=form)
     return again
 
 
 @get("/applications/{app_id:int}", sync_to_thread=True)
 def application_detail(request: Request[Any, Any, Any], app_id: int) -> Response[str]:
-    viewer = viewer_of(request)
-    with _api(request).store.read() as session:
-        context = views.application_page(session, _name_in(session, app_id))
-    return render(request, "application.html", viewer, form={}, **context)
+    return _page(request, "application.html", viewer_of(request),
+                 lambda session: views.application_page(session, _name_in(session, app_id)),
+                 form={})
 
 
 @post("/applications/{app_id:int}/edit", sync_to_thread=True)
@@ -493,27 +494,21 @@ def edges_list(request: Request[Any, Any, Any]) -> Response[str]:
 
 def _users_again(request: Request[Any, Any, Any]) -> Callable[[Viewer, Any, StoreError], Response[str]]:
     def again(viewer: Viewer, form: dict[str, Any], exc: StoreError) -> Response[str]:
-        with _api(request).store.read() as session:
-            context = views.users_page(session)
-        return render(request, "users.html", viewer, status=STATUS.get(exc.code, 400), error=str(exc), form=form,
-                      **context)
+        return _page(request, "users.html", viewer, views.users_page,
+                     status=STATUS.get(exc.code, 400), error=str(exc), form=form)
     return again
 
 
 def _user_again(request: Request[Any, Any, Any], ref: str) -> Callable[[Viewer, Any, StoreError], Response[str]]:
     def again(viewer: Viewer, form: dict[str, Any], exc: StoreError) -> Response[str]:
-        with _api(request).store.read() as session:
-            context = views.user_page(session, ref, utcnow())
-        return render(request, "user.html", viewer, status=STATUS.get(exc.code, 400), error=str(exc), **context)
+        return _page(request, "user.html", viewer, lambda session: views.user_page(session, ref, utcnow()),
+                     status=STATUS.get(exc.code, 400), error=str(exc))
     return again
 
 
 @get("/users", sync_to_thread=True)
 def users_list(request: Request[Any, Any, Any]) -> Response[str]:
-    viewer = viewer_of(request)
-    with _api(request).store.read() as session:
-        context = views.users_page(session)
-    return render(request, "users.html", viewer, form={}, **context)
+    return _page(request, "users.html", viewer_of(request), views.users_page, form={})
 
 
 @post("/users", sync_to_thread=True)
@@ -528,10 +523,7 @@ def user_create(request: Request[Any, Any, Any], data: Form) -> Response[Any]:
 
 @get("/users/{ref:str}", sync_to_thread=True)
 def user_detail(request: Request[Any, Any, Any], ref: str) -> Response[str]:
-    viewer = viewer_of(request)
-    with _api(request).store.read() as session:
-        context = views.user_page(session, ref, utcnow())
-    return render(request, "user.html", viewer, **context)
+    return _page(request, "user.html", viewer_of(request), lambda session: views.user_page(session, ref, utcnow()))
 
 
 @post("/users/{ref:str}/console-role", sync_to_thread=True)
@@ -574,18 +566,14 @@ def device_revoke(request: Request[Any, Any, Any], device_id: str, data: Form) -
         return _one(data, "next") if _one(data, "next") in ("/console/devices",) else f"/console/users/{device.user_id}"
 
     def again(viewer: Viewer, form: dict[str, Any], exc: StoreError) -> Response[str]:
-        with _api(request).store.read() as session:
-            context = views.devices_page(session)
-        return render(request, "devices.html", viewer, status=STATUS.get(exc.code, 400), error=str(exc), **context)
+        return _page(request, "devices.html", viewer, views.devices_page,
+                     status=STATUS.get(exc.code, 400), error=str(exc))
     return _changed(request, data, work, again)
 
 
 @get("/devices", sync_to_thread=True)
 def devices_list(request: Request[Any, Any, Any]) -> Response[str]:
-    viewer = viewer_of(request)
-    with _api(request).store.read() as session:
-        context = views.devices_page(session)
-    return render(request, "devices.html", viewer, **context)
+    return _page(request, "devices.html", viewer_of(request), views.devices_page)
 
 
 @post("/user-groups", sync_to_thread=True)
@@ -612,10 +600,7 @@ def user_group_member(request: Request[Any, Any, Any], ref: str, data: Form) -> 
 
 @get("/policies", sync_to_thread=True)
 def policies_list(request: Request[Any, Any, Any]) -> Response[str]:
-    viewer = viewer_of(request)
-    with _api(request).store.read() as session:
-        context = views.policies_page(session)
-    return render(request, "policies.html", viewer, **context)
+    return _page(request, "policies.html", viewer_of(request), views.policies_page)
 
 
 # ---------------------------------------------------------------------------- traffic logs, discovery
@@ -732,10 +717,7 @@ def _csv_cell(value: Any) -> Any:
 
 @get("/discovery", sync_to_thread=True)
 def discovery_list(request: Request[Any, Any, Any]) -> Response[str]:
-    viewer = viewer_of(request)
-    with _api(request).store.read() as session:
-        context = views.discovery_page(session)
-    return render(request, "discovery.html", viewer, **context)
+    return _page(request, "discovery.html", viewer_of(request), views.discovery_page)
 
 
 @post("/discovery/promote", sync_to_thread=True)
@@ -749,9 +731,8 @@ def discovery_promote(request: Request[Any, Any, Any], data: Form) -> Response[A
         return _app_url(app)
 
     def again(viewer: Viewer, form: dict[str, Any], exc: StoreError) -> Response[str]:
-        with _api(request).store.read() as session:
-            context = views.discovery_page(session)
-        return render(request, "discovery.html", viewer, status=STATUS.get(exc.code, 400), error=str(exc), **context)
+        return _page(request, "discovery.html", viewer, views.discovery_page,
+                     status=STATUS.get(exc.code, 400), error=str(exc))
     return _changed(request, data, work, again)
 
 
@@ -760,18 +741,14 @@ def discovery_promote(request: Request[Any, Any, Any], data: Form) -> Response[A
 
 def _settings_again(request: Request[Any, Any, Any]) -> Callable[[Viewer, Any, StoreError], Response[str]]:
     def again(viewer: Viewer, form: dict[str, Any], exc: StoreError) -> Response[str]:
-        with _api(request).store.read() as session:
-            context = views.settings_page(session)
-        return render(request, "settings.html", viewer, status=STATUS.get(exc.code, 400), error=str(exc), **context)
+        return _page(request, "settings.html", viewer, views.settings_page,
+                     status=STATUS.get(exc.code, 400), error=str(exc))
     return again
 
 
 @get("/settings", sync_to_thread=True)
 def settings_view(request: Request[Any, Any, Any]) -> Response[str]:
-    viewer = viewer_of(request)
-    with _api(request).store.read() as session:
-        context = views.settings_page(session)
-    return render(request, "settings.html", viewer, **context)
+    return _page(request, "settings.html", viewer_of(request), views.settings_page)
 
 
 @post("/dns-suffixes", sync_to_thread=True)
@@ -795,10 +772,9 @@ def profile_set(request: Request[Any, Any, Any], data: Form) -> Response[Any]:
 
 @get("/audit", sync_to_thread=True)
 def audit_list(request: Request[Any, Any, Any], actor: str = "", object_type: str = "") -> Response[str]:
-    viewer = viewer_of(request)
-    with _api(request).store.read() as session:
-        context = views.audit_page(session, actor.strip()[:200], object_type.strip()[:64])
-    return render(request, "audit.html", viewer, actor=actor, object_type=object_type, **context)
+    return _page(request, "audit.html", viewer_of(request),
+                 lambda session: views.audit_page(session, actor.strip()[:200], object_type.strip()[:64]),
+                 actor=actor, object_type=object_type)
 
 
 # ---------------------------------------------------------------------------- test access
@@ -806,10 +782,7 @@ def audit_list(request: Request[Any, Any, Any], actor: str = "", object_type: st
 
 @get("/test-access", sync_to_thread=True)
 def test_access_page(request: Request[Any, Any, Any]) -> Response[str]:
-    viewer = viewer_of(request)
-    with _api(request).store.read() as session:
-        context = views.test_access_page(session)
-    return render(request, "test_access.html", viewer, form={}, **context)
+    return _page(request, "test_access.html", viewer_of(request), views.test_access_page, form={})
 
 
 @post("/test-access", sync_to_thread=True)
@@ -831,9 +804,8 @@ def test_access(request: Request[Any, Any, Any], data: Form) -> Response[str]:
         error, status = str(exc), STATUS.get(exc.code, 400)
     if request.headers.get("hx-request"):
         return render(request, "test_access_result.html", viewer, status=status, error=error, trial=trial)
-    with _api(request).store.read() as session:
-        context = views.test_access_page(session)
-    return render(request, "test_access.html", viewer, status=status, error=error, trial=trial, form=data, **context)
+    return _page(request, "test_access.html", viewer, views.test_access_page,
+                 status=status, error=error, trial=trial, form=data)
 
 
 HANDLERS = [

@@ -43,14 +43,15 @@ AUDIT_PAGE = 200
 # Every field of a traffic record, in the order the detail view shows them; the list's default columns.
 TRAFFIC_FIELDS = ("id", "connection_id", "transaction_id", "start", "end", "duration_ms", "action", "reason_code",
                   "close_reason", "user_id", "upn", "display_name", "device_id", "device_os", "device_os_version",
-                  "client_version", "process", "source_ip", "source_port",
+                  "client_version", "process", "source_ip", "source_port", "local_source_ip", "local_source_port",
                   "destination_fqdn", "destination_ip", "destination_port", "transport", "network", "application",
                   "application_kind", "segment", "policy", "rule", "connector_id", "connector_name",
-                  "connector_address", "edge", "bytes_sent", "bytes_received")
+                  "connector_address", "edge", "relay_edge", "bytes_sent", "bytes_received", "http_method",
+                  "http_host", "http_path", "http_status", "http_protocol", "user_agent")
 TRAFFIC_COLUMNS = ("start", "upn", "device_id", "destination", "application", "action", "reason_code",
                    "connector_name", "bytes_sent", "bytes_received")
 TRAFFIC_CHOICES = ("start", "end", "duration_ms", "upn", "display_name", "user_id", "device_id", "device_os",
-                   "device_os_version", "client_version", "process", "source",
+                   "device_os_version", "client_version", "process", "source", "local_source",
                    "destination", "transport", "application", "segment", "policy", "rule", "action", "reason_code",
                    "connector_name", "connector_id", "edge", "bytes_sent", "bytes_received", "close_reason")
 

@@ -645,3 +645,6 @@ class TrafficLog(Base):
     display_name: Mapped[str] = mapped_column(String(200), default="")
     device_os_version: Mapped[str] = mapped_column(String(64), default="")
     client_version: Mapped[str] = mapped_column(String(64), default="")
+    # Added by migration 0013: the app's address on the user's device, as the client agent said.
+    local_source_ip: Mapped[str] = mapped_column(String(64), default="")
+    local_source_port: Mapped[int] = mapped_column(Integer, default=0)

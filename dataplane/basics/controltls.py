@@ -43,6 +43,8 @@ import urllib.parse
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from .pki import is_ca_certificate
+
 PIN_PREFIX = "sha256:"
 CA_PATH = "/v1/ca"  # the control plane's CA certificate (PEM), no credential
 MAX_CA_BYTES = 64 * 1024
@@ -103,11 +105,7 @@ def load_ca_pem(pem: bytes, source: str) -> x509.Certificate:
     except ValueError:
         raise ControlTlsError(f"{source}: not a PEM certificate") from None
     cert = certs[0]
-    try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if not is_ca:
+    if not is_ca_certificate(cert):
         raise ControlTlsError(f"{source}: not a CA certificate (basicConstraints CA:TRUE missing)")
     return cert
 

@@ -382,6 +382,14 @@ def _check_node_files(cert_path: str, key_path: str, ca_path: str) -> None:
         raise PkiError(f"certificate {cert_path} expired at {cert.not_valid_after_utc.isoformat()}")
 
 
+def is_ca_certificate(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` says it is a CA (basicConstraints CA:TRUE; absent means no)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
 def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)

@@ -43,8 +43,12 @@ class FlowRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     device_os_version: _Text = ""
     client_version: _Text = ""  # the client agent's software, as its HELLO says
     process: _Text = ""  # as the client agent reported it (unverified); the edge bounds and sanitises it
-    source_ip: _Text = ""
+    source_ip: _Text = ""  # the client's public address, as the edge saw its tunnel
     source_port: _Port = 0
+    # The address the app used on the user's device, as the client agent reported it in the OPEN
+    # (unverified, like ``process``); only an IP address and port are kept.
+    local_source_ip: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    local_source_port: _Port = 0
     destination_ip: _Text = ""
     destination_port: _Port = 0
     destination_fqdn: _Text = ""

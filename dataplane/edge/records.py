@@ -101,11 +101,13 @@ class Records:
     def _record(self, client: TunnelBase[Any, Any], request: Open, connection: str, start: float,
                 principal: Principal | None, app: str, segment: str, verdict: Verdict | None) -> FlowRecord:
         source_ip, source_port = split_address(client.peer_addr)
+        local_ip, local_port = local_source(request.source)
         fqdn = "" if is_ip(request.host) else request.host
         certificate = client.peer_certificate
         record = FlowRecord(
             connection_id=connection, transaction_id=client.id, start=start, process=request.process,
-            source_ip=source_ip, source_port=source_port, destination_ip=request.host if not fqdn else "",
+            source_ip=source_ip, source_port=source_port, local_source_ip=local_ip, local_source_port=local_port,
+            destination_ip=request.host if not fqdn else "",
             destination_port=request.port, destination_fqdn=fqdn,
             transport="udp" if request.protocol == "dns" else request.protocol,
             network=network_of(request.host, source_ip), application=app,
@@ -121,3 +123,13 @@ class Records:
             if verdict.action == "report":
                 record.action = "report"
         return record
+
+
+def local_source(claimed: str) -> tuple[str, int]:
+    """The app's local address from an OPEN's ``source`` (``"10.1.2.3:50122"``, ``"[fe80::1]:5353"``),
+    as the client agent claims it; ``("", 0)`` for anything that is not an IP address and port
+    (a DNS query's ``dns:NAME``, a readiness probe, or garbage from a hostile client)."""
+    ip, port = split_address(claimed)
+    if not is_ip(ip) or not 0 < port < 65536:
+        return "", 0
+    return ip, port

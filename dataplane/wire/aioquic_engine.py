@@ -38,7 +38,7 @@ from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from .quic_engine import Header
+from .quic_engine import Header, event_kinds
 
 
 class _Quic(QuicConnection):
@@ -224,24 +224,14 @@ class _Quic(QuicConnection):
             stream.max_stream_data_local_sent = stream.max_stream_data_local
 
 
-class _Events:
-    """aioquic's event classes, under the names ``quic_engine.EventKinds`` gives them."""
-
-    StreamDataReceived = qev.StreamDataReceived
-    DatagramFrameReceived = qev.DatagramFrameReceived
-    HandshakeCompleted = qev.HandshakeCompleted
-    ConnectionTerminated = qev.ConnectionTerminated
-    ConnectionIdIssued = qev.ConnectionIdIssued
-    ConnectionIdRetired = qev.ConnectionIdRetired
-    StreamReset = qev.StreamReset
-    StopSendingReceived = qev.StopSendingReceived
+_EVENTS = event_kinds("aioquic", qev)
 
 
 class AioquicEngine:
     """``quic_engine.QuicEngine`` on aioquic."""
 
     name = "aioquic"
-    events = _Events
+    events = _EVENTS
 
     def configuration(self, *, client: bool, packet_size: int, cid_length: int, idle_timeout: float,
                       server_name: str | None, certificate: Any, chain: list[Any], private_key: Any,

@@ -53,7 +53,7 @@ from qh3.quic.packet import (
 from qh3.quic.tls_bridge import QuicTlsBridge
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from .quic_engine import EngineFailure, Header
+from .quic_engine import EngineFailure, Header, event_kinds
 
 CRYPTO_FRAME = 0x06  # the frame type named in a TLS alert's CONNECTION_CLOSE
 # What a server's CertificateRequest offers (and accepts in the client's CertificateVerify).
@@ -398,17 +398,7 @@ class _Qh3(QuicConnection):
         self.close(QuicErrorCode.CRYPTO_ERROR + alert, CRYPTO_FRAME, reason)
 
 
-class _Events:
-    """qh3's event classes, under the names ``quic_engine.EventKinds`` gives them."""
-
-    StreamDataReceived = qev.StreamDataReceived
-    DatagramFrameReceived = qev.DatagramFrameReceived
-    HandshakeCompleted = qev.HandshakeCompleted
-    ConnectionTerminated = qev.ConnectionTerminated
-    ConnectionIdIssued = qev.ConnectionIdIssued
-    ConnectionIdRetired = qev.ConnectionIdRetired
-    StreamReset = qev.StreamReset
-    StopSendingReceived = qev.StopSendingReceived
+_EVENTS = event_kinds("qh3", qev)
 
 
 def _der_certificate(certificate: Any) -> QhCertificate:
@@ -419,7 +409,7 @@ class Qh3Engine:
     """``quic_engine.QuicEngine`` on qh3."""
 
     name = "qh3"
-    events = _Events
+    events = _EVENTS
 
     def configuration(self, *, client: bool, packet_size: int, cid_length: int, idle_timeout: float,
                       server_name: str | None, certificate: Any, chain: list[Any], private_key: Any,

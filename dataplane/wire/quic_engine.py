@@ -65,6 +65,15 @@ class EventKinds(Protocol):
     StopSendingReceived: type  # .stream_id
 
 
+def event_kinds(library: str, events_module: Any) -> EventKinds:
+    """The ``EventKinds`` of an engine whose library names its event classes as aioquic does
+    (``events_module``: the library's events module, e.g. ``aioquic.quic.events``)."""
+    return type(f"{library}Events", (), {
+        "__doc__": f"{library}'s event classes, under the names ``quic_engine.EventKinds`` gives them.",
+        **{name: getattr(events_module, name) for name in EventKinds.__annotations__},
+    })
+
+
 class EngineConnection(Protocol):
     """One QUIC connection, sans-I/O: datagrams in and out, timers, streams, DATAGRAM frames."""
 

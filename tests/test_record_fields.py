@@ -1,0 +1,42 @@
+"""Fields of a traffic record that an edge derives from what a client claims: only well-formed
+values are kept, anything else becomes empty rather than reaching the traffic log."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataplane.contract.flowrecord import FlowRecord
+from dataplane.edge.records import local_source
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("claimed, expected", [
+    ("10.1.2.3:50122", ("10.1.2.3", 50122)),
+    ("[fe80::1]:5353", ("fe80::1", 5353)),
+    ("127.0.0.1:1", ("127.0.0.1", 1)),
+    ("", ("", 0)),
+    ("probe", ("", 0)),
+    ("dns:wiki.corp.example", ("", 0)),
+    ("wiki.corp.example:443", ("", 0)),   # a name is not an address
+    ("10.1.2.3:0", ("", 0)),
+    ("10.1.2.3:65536", ("", 0)),
+    ("10.1.2.3:-5", ("", 0)),
+    ("10.1.2.3:", ("", 0)),
+    ("<script>:80", ("", 0)),
+])
+def test_the_apps_local_address_is_kept_only_when_it_is_an_address(claimed: str, expected: tuple[str, int]) -> None:
+    assert local_source(claimed) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_whatever_a_client_claims_makes_a_record_the_control_plane_accepts(claimed: str) -> None:
+    ip, port = local_source(claimed)
+    record = FlowRecord(connection_id="c1", transaction_id="t1", start=1.0, local_source_ip=ip, local_source_port=port)
+    again = msgspec.json.decode(msgspec.json.encode(record), type=FlowRecord)  # validates the bounds
+    assert (again.local_source_ip, again.local_source_port) == (ip, port)
+    assert (ip == "") == (port == 0)
