@@ -235,7 +235,7 @@ class QuicTunnel(TunnelBase[F, S]):
         self.handshake_waiter: asyncio.Future[None] = self.loop.create_future()  # QUIC + certificate checks
         # (up_waiter: ... and the HELLO exchange)
         self._dispatch: dict[type, Callable[[Any, Any], None]] = {
-            **self._events(),
+            **self._guarded_events(),
             HandshakeCompleted: self._on_handshake,
             TunnelTerminated: self._on_terminated,
             ConnectionIdIssued: self._on_cid,
