@@ -4,6 +4,10 @@
 - ``ferryman``: app → client agent → edge → connector → backend (``dataplane.fabric``);
 - ``ferryman-relay``: the same with a control plane and two edges, the connector on the second
   only: app → client agent → edge-1 → edge-2 → connector → backend (the relay hop);
+- ``ferryman-workers1``, ``ferryman-workers2``: the ``ferryman`` path with the edge run by a
+  supervisor and 1 or 2 worker processes (FERRYMAN_EDGE_WORKERS), the connector holding 4
+  tunnels (spread over the workers by the kernel: a flow whose connector tunnel landed on the
+  other worker is relayed to it over the workers' Unix sockets);
 - ``ssh``: the OpenSSH bastion chain operators use today: a private sshd, a "connector"
   ``ssh -R`` publishing the backend on the bastion and a "client" ``ssh -L`` reaching it;
 - ``stunnel``: a client-mode stunnel wrapping the flow in TLS to a server-mode stunnel;
@@ -566,6 +570,23 @@ class FerrymanRelayPath(FerrymanPath):
                       managed=True, edges=2, connector_edges={"connector-1": ["edge-2"]})
 
 
+class FerrymanWorkersPath(FerrymanPath):
+    """The ``ferryman`` path with an edge of ``workers`` worker processes under its supervisor."""
+
+    name = "ferryman-workers1"
+    workers = 1
+
+    def _env(self) -> dict[str, str]:
+        # --workers 1 with a supervisor: FERRYMAN_EDGE_WORKERS=1 runs the edge in one process, so the
+        # one-worker path is the supervisor-less edge (what a worker is, less the relay between them).
+        return {**super()._env(), "FERRYMAN_EDGE_WORKERS": str(self.workers), "FERRYMAN_CONNECTOR_TUNNELS": "4"}
+
+
+class FerrymanWorkers2Path(FerrymanWorkersPath):
+    name = "ferryman-workers2"
+    workers = 2
+
+
 PATHS: dict[str, type[Path]] = {cls.name: cls for cls in (DirectPath, FerrymanPath, FerrymanQuicPath,
-                                                           FerrymanAioquicPath, FerrymanRelayPath, SshPath,
-                                                           StunnelPath, HaproxyPath)}
+                                                           FerrymanAioquicPath, FerrymanRelayPath, FerrymanWorkersPath,
+                                                           FerrymanWorkers2Path, SshPath, StunnelPath, HaproxyPath)}

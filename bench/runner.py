@@ -164,6 +164,20 @@ def _node_drops(before: dict[str, dict], after: dict[str, dict]) -> dict[str, di
     return out
 
 
+def _cpu_by_process(path: Path) -> dict[str, float]:
+    return {name: cpu_seconds(tree) for name, tree in path.processes().items()}
+
+
+def _cpu_cost(path: Path, before: dict[str, float], detail: dict, operations: int) -> str:
+    """Record each process's CPU seconds over the workload in ``detail`` (``cpu_s_by_process``), and
+    say the CPU microseconds per operation of each (what one core's worth of it can carry)."""
+    if not before or not operations:
+        return ""
+    spent = {name: cpu_seconds(tree) - before.get(name, 0.0) for name, tree in path.processes().items()}
+    detail["cpu_s_by_process"] = spent
+    return "; CPU µs/op " + ", ".join(f"{name} {1e6 * s / operations:.0f}" for name, s in sorted(spent.items()))
+
+
 def where_lost(drops: dict) -> str:
     """One line: who counted which drops (the nodes by reason, the kernel by socket owner)."""
     parts = [f"{node} {reason} {n:,}" for node, counts in drops.get("nodes", {}).items()
@@ -310,20 +324,24 @@ class Bench:
 
     def _rr64(self, path: Path, result: RoundResult, before: dict) -> str:
         p = self.params
+        cpu = _cpu_by_process(path)
         detail = self.runner.run(workloads.rr_concurrent(path.address, p.rr64_flows, p.duration))
+        cost = _cpu_cost(path, cpu, detail, detail["round_trips"])
         self._checked("rr64", result, before, detail, mode=ECHO, flows=p.rr64_flows,
                       bytes_in=64 * detail["round_trips"])
         result.metrics["rr64_req_s"] = detail["req_per_s"]
-        return f"{detail['req_per_s']:,.0f} req/s"
+        return f"{detail['req_per_s']:,.0f} req/s{cost}"
 
     def _connect(self, path: Path, result: RoundResult, before: dict) -> str:
         p = self.params
+        cpu = _cpu_by_process(path)
         detail = self.runner.run(workloads.connect_rate(path.address, p.connect_concurrency, p.duration))
+        cost = _cpu_cost(path, cpu, detail, detail["completed"])
         self._checked("connect", result, before, detail, mode=ECHO, flows=detail["completed"],
                       bytes_in=64 * detail["completed"])
         result.metrics["connect_flows_s"] = detail["flows_per_s"]
         errors = f", {detail['errors']} errors (first: {detail['first_error']})" if detail["errors"] else ", 0 errors"
-        return f"{detail['flows_per_s']:,.0f} flows/s{errors}"
+        return f"{detail['flows_per_s']:,.0f} flows/s{errors}{cost}"
 
     def _idle(self, path: Path, result: RoundResult, before: dict) -> str:
         n = self.params.idle_flows

@@ -85,7 +85,8 @@ class Fabric:
                  connectors: int = 1, *, managed: bool = False, apps: list[dict] | None = None,
                  webapps: list[dict] | None = None, control_port: int = 0, edges: int = 1,
                  connector_edges: dict[str, list[str]] | None = None, client_edges: list[str] | None = None,
-                 more_clients: dict[str, list[str]] | None = None) -> None:
+                 more_clients: dict[str, list[str]] | None = None, workers: int = 1,
+                 prefix: dict[str, list[str]] | None = None) -> None:
         """``forwards``: (listen host, listen port or 0, host, port[, "tcp" | "udp"]) each; ``apps``: more
         applications (``{"name": ..., "segments": [...]}``, for SOCKS5 or HTTP CONNECT) besides the forwards';
         ``control_port``: managed, the control plane's port (0: a free one), when its URL must be known
@@ -96,7 +97,10 @@ class Fabric:
         connector dials (by name; default every edge of the control plane's list); ``client_edges``:
         the edges the client agent dials (default ``edge-1``); ``more_clients``: further client agents
         (``managed`` only; name -> the edges it dials), signed in as the same user, each with the
-        same forwards on listening ports of its own (``client_ports``)."""
+        same forwards on listening ports of its own (``client_ports``); ``workers``: worker processes per
+        edge (FERRYMAN_EDGE_WORKERS; 1 unless told otherwise, so that every edge is one process whose
+        tunnels and metrics a test can count; ``env`` may set the variable instead); ``prefix``: a
+        command prefix per node (e.g. ``["taskset", "-c", "1"]``), also used by ``restart``."""
         if edges > 1 and not managed:
             raise ValueError("several edges need a control plane (managed=True): they relay flows through its "
                              "presence map")
@@ -105,6 +109,7 @@ class Fabric:
         self.forwards = [(f[0], f[1] or self._free_port(f[4] if len(f) > 4 else "tcp"), f[2], f[3],
                           f[4] if len(f) > 4 else "tcp") for f in forwards]
         self.env = dict(env or {})
+        self.env.setdefault("FERRYMAN_EDGE_WORKERS", str(workers))
         self.connector_names = [f"connector-{i + 1}" for i in range(connectors)]
         self.managed = managed
         self.extra_apps = list(apps or [])
@@ -132,7 +137,7 @@ class Fabric:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.metrics: dict[str, str] = {}
         self.logs: dict[str, str] = {}
-        self.prefix: dict[str, list[str]] = {}  # command prefix per node, e.g. ["ip", "netns", "exec", NS]
+        self.prefix: dict[str, list[str]] = dict(prefix or {})  # command prefix per node, e.g. ["ip", "netns", "exec", NS]
         self._specs: dict[str, tuple[str, list[str], dict[str, str]]] = {}
         self.webapps = list(webapps or [])
         if self.webapps and not managed:

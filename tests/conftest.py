@@ -42,6 +42,9 @@ from dataplane.fabric import Fabric  # noqa: E402
 from backends import Backend, source_request, start_backend  # noqa: E402
 
 MAX_CONNECTORS = 3
+# Edges the tests start are one process each (the fabric pins it too): tests count an edge's tunnels,
+# caps and log lines per process. tests/test_e2e_workers.py asks for workers explicitly.
+os.environ["FERRYMAN_EDGE_WORKERS"] = "1"
 _FABRICS = pytest.StashKey[list]()
 
 

@@ -68,6 +68,7 @@ def free_port() -> int:
 def environment(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRYMAN_")}  # SQLite, defaults
     env["FERRYMAN_DATA_DIR"] = str(data_dir)
+    env["FERRYMAN_EDGE_WORKERS"] = "1"  # an edge is one process: tests count its tunnels and caps per process
     env.update(extra)
     return env
 

@@ -241,3 +241,72 @@ def test_handler_error_logs_are_bounded_and_counted(caplog: pytest.LogCaptureFix
         tunnel.close("shutdown", "test over")
 
     asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- flushing at the end of a read
+
+
+class Written:
+    """What a tunnel writes, in place of its socket: the bytes, and how many writes carried them."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.writes = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.data += data
+        self.writes += 1
+
+    def writelines(self, chunks: list[bytes | memoryview]) -> None:
+        for chunk in chunks:
+            self.data += chunk
+        self.writes += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class Splicer(Node):
+    """Forwards each flow's DATA to a flow of another tunnel, as an edge's splice does."""
+
+    def __init__(self) -> None:
+        super().__init__(set())
+        self.to: dict[int, tuple[Tunnel, int]] = {}
+
+    def data_received(self, tunnel, event: ev.DataReceived) -> None:  # type: ignore[no-untyped-def]
+        out, ofid = self.to[event.flow_id]
+        sent = out.send_data(ofid, event.data)
+        tunnel.acknowledge(event.flow_id, sent)
+
+
+@pytest.mark.timeout(10)
+def test_frames_a_read_hands_to_another_tunnel_are_written_when_that_read_ends() -> None:
+    async def run() -> None:
+        node = Splicer()
+        inbound, client = make_tunnel(node)
+        outbound, connector = make_tunnel(node)
+        cfid = client.open_flow(REQ)
+        kfid = connector.open_flow(REQ)
+        exchange(inbound, client)
+        exchange(outbound, connector)
+        node.to[cfid] = (outbound, kfid)
+        written = Written()
+        outbound.transport = written  # type: ignore[assignment]
+        client.send_data(cfid, b"one")
+        client.send_data(cfid, b"two")
+        inbound.data_received(client.data_to_send())
+        # written once, before the loop ran again (no call_soon pass in between)
+        assert written.writes == 1
+        assert [(type(e), e.flow_id, bytes(e.data)) for e in connector.receive_data(bytes(written.data))] == [
+            (ev.DataReceived, kfid, b"one"), (ev.DataReceived, kfid, b"two")]
+        assert node.flush_batch is None and not outbound._flush_scheduled
+        # outside a read, a send still waits for the end of the loop iteration
+        outbound.send_data(kfid, b"three")
+        assert written.writes == 1
+        await asyncio.sleep(0)
+        assert written.writes == 2
+        outbound.transport = None
+        inbound.close("shutdown", "test over")
+        outbound.close("shutdown", "test over")
+
+    asyncio.run(run())

@@ -7,23 +7,30 @@
   ``/health`` (``FERRYMAN_METRICS_ADDR``), one request per connection, held to
   ``caps.HttpLimits`` (connections in all and waiting per source; the whole request head
   within ``idle_timeout`` and the request timeout, whichever is shorter).
+- ``merge_exposition``: the samples of several processes of one node (an edge's workers)
+  as one exposition: equal series summed (or the largest kept, for gauges that every
+  process reports alike).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .caps import ConnectionGate, HttpLimits, LogLimiter
 from .hostport import parse_hostport
 from .version import VERSION
 
-__all__ = ["Stats", "StatsCollector", "make_registry", "start_metrics_server", "MAX_REQUEST_HEAD", "IDLE_TIMEOUT"]
+__all__ = ["Stats", "StatsCollector", "make_registry", "start_metrics_server", "MAX_REQUEST_HEAD", "IDLE_TIMEOUT",
+           "merge_exposition", "exposition"]
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +173,42 @@ def make_registry(stats: Stats) -> CollectorRegistry:
 
 
 # ---------------------------------------------------------------------------- HTTP
+def exposition(stats: Stats) -> str:
+    """``stats`` in the Prometheus text format."""
+    return generate_latest(make_registry(stats)).decode()
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def merge_exposition(texts: Iterable[str], keep_max: frozenset[str] = frozenset()) -> bytes:
+    """Prometheus text expositions of several processes as one: the samples of each series (name
+    and labels) summed over the processes, or for the families named in ``keep_max`` the largest
+    kept (a value every process reports alike, such as a configuration version). Families keep
+    the order of their first appearance; ``ValueError`` if a text cannot be parsed."""
+    families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            doc, kind, samples = families.setdefault(family.name, (family.documentation, family.type, {}))
+            largest = family.name in keep_max
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                old = samples.get(key)
+                samples[key] = sample.value if old is None else (max(old, sample.value) if largest
+                                                                  else old + sample.value)
+    lines: list[str] = []
+    for name, (doc, kind, samples) in families.items():
+        shown = f"{name}_total" if kind == "counter" and any(k[0].endswith("_total") for k in samples) else name
+        lines.append(f"# HELP {shown} {doc.replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + 'n')}")
+        lines.append(f"# TYPE {shown} {kind}")
+        for (sample, labels), value in samples.items():
+            text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            lines.append(f"{sample}{{{text}}} {floatToGoString(value)}" if text else
+                         f"{sample} {floatToGoString(value)}")
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
 MAX_REQUEST_HEAD = 8192  # bytes of request line + headers
 IDLE_TIMEOUT = 5.0       # seconds a client has for its whole request head (and for reading the answer)
 
@@ -173,10 +216,17 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
-async def start_metrics_server(addr: str, stats: Stats, ready: Callable[[], bool], *,
+Ready = Callable[[], "bool | Awaitable[bool]"]
+
+
+async def start_metrics_server(addr: str, stats: Stats, ready: Ready, *,
                                idle_timeout: float = IDLE_TIMEOUT,
-                               limits: HttpLimits | None = None) -> asyncio.base_events.Server:
+                               limits: HttpLimits | None = None,
+                               render: Callable[[], Awaitable[bytes]] | None = None) -> asyncio.base_events.Server:
     """Serve ``/metrics``, ``/ready`` and ``/health`` on ``addr`` (HOST:PORT, port 0 allowed).
+
+    ``/metrics`` answers what ``render()`` gives (default: ``stats`` in the text format);
+    ``ready()`` may be a coroutine function.
 
     ``limits``: connections in all and per source waiting for their request (beyond either, 503
     and close, logged at most ``stats.log_limit`` lines per source); the request head must be
@@ -209,7 +259,7 @@ async def start_metrics_server(addr: str, stats: Stats, ready: Callable[[], bool
 
         try:
             status, ctype, body, head_only = await _serve_one(reader, registry, ready, head_timeout, max_head,
-                                                              head_done)
+                                                              head_done, render)
             head_done()
             if status:
                 extra = "Allow: GET, HEAD\r\n" if status == 405 else ""
@@ -254,9 +304,9 @@ def _head_end(buf: bytes) -> int:
     return min(found) if found else -1
 
 
-async def _serve_one(reader: asyncio.StreamReader, registry: CollectorRegistry, ready: Callable[[], bool],
-                     head_timeout: float, max_head: int,
-                     head_done: Callable[[], None]) -> tuple[int, str, bytes, bool]:
+async def _serve_one(reader: asyncio.StreamReader, registry: CollectorRegistry, ready: Ready,
+                     head_timeout: float, max_head: int, head_done: Callable[[], None],
+                     render: Callable[[], Awaitable[bytes]] | None = None) -> tuple[int, str, bytes, bool]:
     """Read one request head (all of it within ``head_timeout`` seconds) and decide the answer;
     status 0 means close without answering."""
     text = "text/plain; charset=utf-8"
@@ -285,9 +335,10 @@ async def _serve_one(reader: asyncio.StreamReader, registry: CollectorRegistry, 
         return 405, text, b"method not allowed\n", False
     head_only = method == "HEAD"
     if target == b"/metrics":
-        return 200, CONTENT_TYPE_LATEST, generate_latest(registry), head_only
+        return 200, CONTENT_TYPE_LATEST, (await render() if render is not None else generate_latest(registry)), head_only
     if target == b"/ready":
-        ok = ready()
+        answer = ready()
+        ok = bool(await answer) if inspect.isawaitable(answer) else bool(answer)
         return (200 if ok else 503), text, (b"ready\n" if ok else b"not ready\n"), head_only
     if target == b"/health":
         return 200, text, b"ok\n", head_only

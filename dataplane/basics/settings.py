@@ -110,6 +110,11 @@ class EdgeSettings(NodeSettings, kw_only=True):
 
     edge_listen: str = "0.0.0.0:8443"
     apps_file: str = ""
+    # worker processes sharing the edge's ports (``edge.workers``)
+    edge_workers: int = 0
+    edge_worker_steering: str = "hash"
+    edge_worker_restart_max: float = 30.0
+    drain_grace: float = 30.0
     edge_quic: str = "on"
     quic_retry_threshold: int = 64
     traffic_queue: int = 100000
@@ -267,6 +272,9 @@ VARIABLES: dict[str, str] = {
     "tls_cert": "This node's certificate (PEM).",
     "tls_key": "This node's private key (PEM, mode 0600).",
     "edge_listen": "Edge: HOST:PORT on which client and connector tunnels are accepted.",
+    "edge_workers": "Edge: worker processes sharing the FERRYMAN_EDGE_LISTEN ports (TCP and UDP, SO_REUSEPORT) under one supervisor that restarts them and serves the edge's one metrics endpoint (`--workers`); 0 means one per core; 1 runs the edge in a single process, without a supervisor. `ferryman up` and the tests' fabric pin 1 unless told otherwise.",
+    "edge_worker_steering": "Edge with workers: which worker takes a new TCP connection: `hash` (the kernel's hash of the addresses and ports) or `cpu` (the worker numbered CPU modulo FERRYMAN_EDGE_WORKERS, for the CPU that received the connection: keeps a connection on the core its NIC queue interrupts; only with a multi-queue NIC or RPS). QUIC datagrams always go by hash.",
+    "edge_worker_restart_max": "Edge with workers: longest wait in seconds before a dead worker is started again (the wait doubles from 0.25 s with each death that follows a short life, and starts over after a minute of work).",
     "edge_https_listen": "Edge: HOST:PORT of the HTTPS front door serving published web apps to browsers (`--https`); empty turns it off.",
     "edge_https_cert": "Edge: certificate chain (PEM) the HTTPS front door presents for the sign-in host and every web app's external host.",
     "edge_https_key": "Edge: private key (PEM) of FERRYMAN_EDGE_HTTPS_CERT.",
@@ -294,7 +302,7 @@ VARIABLES: dict[str, str] = {
     "connector_edges": "Connector: most edges it holds tunnels to, chosen from the control plane's edge list (or FERRYMAN_EDGES) by rendezvous hashing of its name, so connectors spread over the edges and move only when edges come or go; flows landing on other edges are relayed to these.",
     "connector_tunnels": "Connector: outbound tunnels kept open, spread over the edges it chose (at least one per edge: FERRYMAN_CONNECTOR_EDGES).",
     "connector_group": "Connector: connector group it names in its HELLO (a registered connector: the one it was registered into). An edge with a control plane, or whose application file lists connectors, serves it under the group recorded there and refuses it when this names another.",
-    "drain_grace": "Connector: seconds to let flows finish after GOAWAY on SIGTERM.",
+    "drain_grace": "Connector: seconds to let flows finish after GOAWAY on SIGTERM. Edge with workers: seconds the supervisor waits for its workers to stop after passing SIGTERM on, then kills them.",
     "dial_timeout": "Connector: seconds to wait for a backend TCP connect.",
     "resolve_timeout": "Connector: seconds to resolve a flow's destination name (system resolver); then the OPEN fails with `dns_timeout`.",
     "dial_addresses": "Connector: most addresses of a resolved name that are checked and tried, in the resolver's order (the rest are ignored).",
@@ -362,6 +370,8 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "write_buffer_high": (4096, 1 << 30),
     "udp_backlog": (1024, 1 << 30),
     "drain_grace": (0, 86400),
+    "edge_workers": (0, 1024),
+    "edge_worker_restart_max": (0.25, 3600),
     "dial_timeout": (0.01, 600),
     "resolve_timeout": (0.01, 600),
     "dial_addresses": (1, 64),
@@ -459,6 +469,8 @@ def _coerce(field: str, raw: Any, kind: type) -> Any:
         raise SettingsError(f"{name}={raw!r}: must be auto, qh3 or aioquic")
     if field in ("edge_quic", "process_lookup", "transparent", "quic_offload") and value not in ("on", "off"):
         raise SettingsError(f"{name}={raw!r}: must be on or off")
+    if field == "edge_worker_steering" and value not in ("hash", "cpu"):
+        raise SettingsError(f"{name}={raw!r}: must be hash or cpu")
     if field == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"{name}={raw!r}: must be debug, info, warning or error")
     return value

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     config = sub.add_parser("config", help="settings")
     config.add_argument("what", choices=["vars"], help="`vars`: print every FERRYMAN_* variable")
     args = parser.parse_args(argv)
+    args.argv = list(argv)  # an edge's supervisor starts its workers with the same command line
     if args.cmd == "up":
         workdir = args.workdir or os.path.join(settings.load(settings.CommonSettings).data_dir, "fabric")
         return fabric.up(workdir, args.forward, args.duration)

@@ -21,6 +21,8 @@ import os
 import sys
 from typing import Any
 
+import msgspec
+
 from ..access.apptable import AppTable
 from ..basics import pki
 from ..basics.controltls import insecure_warning
@@ -82,6 +84,9 @@ def add_node_commands(sub: Any) -> None:
     edge.add_argument("--apps", dest="apps_file", help="application file (FERRYMAN_APPS_FILE)")
     edge.add_argument("--https", dest="edge_https_listen", metavar="HOST:PORT",
                       help="HTTPS front door for published web apps (FERRYMAN_EDGE_HTTPS_LISTEN)")
+    edge.add_argument("--workers", dest="edge_workers", type=int, metavar="N",
+                      help="worker processes sharing the edge's ports; 0: one per core (FERRYMAN_EDGE_WORKERS)")
+    edge.add_argument("--worker-of", dest="worker_of", help=argparse.SUPPRESS)  # given by the edge's supervisor
     edge.set_defaults(node="edge")
     _register_command(edge, "edge")
 
@@ -159,7 +164,7 @@ def add_node_commands(sub: Any) -> None:
 
 _NODE_SETTINGS: dict[str, type[NodeSettings]] = {"edge": EdgeSettings, "connector": ConnectorSettings,
                                                  "client": ClientSettings}
-_SETTING_FLAGS = ("tls_ca", "tls_cert", "tls_key", "metrics_addr", "edge_listen", "edge_https_listen", "apps_file", "edges",
+_SETTING_FLAGS = ("tls_ca", "tls_cert", "tls_key", "metrics_addr", "edge_listen", "edge_https_listen", "apps_file", "edges", "edge_workers",
                   "connector_group", "connector_tunnels", "socks_listen", "http_listen", "dns_listen", "transport",
                   "transparent")
 
@@ -185,7 +190,9 @@ def run_command(args: argparse.Namespace) -> int:
         elif args.node == "client":
             settings, keeper = _use_signed_in_session(settings, overrides)
         credentials = NodeCredentials(settings, args.node)
-        setup_logging(settings.log_level, settings.log_format, args.node, credentials.name)
+        worker_of = getattr(args, "worker_of", None) if args.node == "edge" else None
+        setup_logging(settings.log_level, settings.log_format, args.node,
+                      credentials.name + (f"/worker-{_worker_index(worker_of)}" if worker_of else ""))
         if registered is not None:
             _log_registered(registered, settings)
         if keeper is not None:
@@ -196,12 +203,37 @@ def run_command(args: argparse.Namespace) -> int:
                 log.warning(insecure_warning(f"calls to the control plane at {keeper.session.control} use"))
         if args.node in ("connector", "client"):
             announce_egress(settings)  # a malformed proxy URL stops the node here; logs the proxy in use
-        node = _build(args, settings, credentials, registered, keeper, follow_edges=not _explicit("edges", overrides))
+        worker = None
+        if args.node == "edge" and getattr(args, "worker_of", None):
+            from ..edge.workers import WorkerLink, WorkerSpec
+
+            worker = WorkerLink(WorkerSpec.parse(args.worker_of))
+            # The supervisor serves the edge's metrics; worker 0 alone serves the HTTPS front door.
+            settings = msgspec.structs.replace(settings, metrics_addr="", edge_https_listen=(
+                settings.edge_https_listen if worker.index == 0 else ""))
+            credentials = NodeCredentials(settings, args.node)
+        node = _build(args, settings, credentials, registered, keeper, follow_edges=not _explicit("edges", overrides),
+                      worker=worker)
+        if args.node == "edge" and worker is None:
+            from ..edge.workers import Supervisor, worker_argv, worker_count
+
+            workers = worker_count(settings.edge_workers)
+            if workers > 1:  # checked as an edge above; the workers run it
+                node = Supervisor(settings, credentials.name, worker_argv(args.argv), workers)
     except (SettingsError, AppsError, pki.PkiError, register.RegisterError, ValueError) as exc:
         print(f"ferryman {args.node}: {exc}", file=sys.stderr)
         return 2
     run_node(node.run)
     return 0
+
+
+def _worker_index(worker_of: str) -> str:
+    from ..edge.workers import WorkerSpec
+
+    try:
+        return str(WorkerSpec.parse(worker_of).index)
+    except ValueError:
+        return "?"
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -249,7 +281,7 @@ def _log_registered(found: Registration, settings: Any) -> None:
 
 
 def _build(args: argparse.Namespace, settings: Any, credentials: NodeCredentials,
-           registered: Registration | None, keeper: Any, *, follow_edges: bool) -> Any:
+           registered: Registration | None, keeper: Any, *, follow_edges: bool, worker: Any = None) -> Any:
     # The node modules are imported by the command that runs them only: every other command
     # (control, admin, login, status, ...) starts without loading the data path.
     if args.node == "edge":
@@ -258,12 +290,12 @@ def _build(args: argparse.Namespace, settings: Any, credentials: NodeCredentials
         if settings.apps_file:
             if registered is not None:
                 raise SettingsError(APPS_FILE_ON_REGISTERED_EDGE)
-            return Edge(settings, credentials, AppTable.load(settings.apps_file), registered)
+            return Edge(settings, credentials, AppTable.load(settings.apps_file), registered, worker)
         if registered is None:
             raise SettingsError("the edge needs its applications: register it with the control plane "
                                 "(`ferryman edge register --control URL --token T --address HOST:PORT`), or set "
                                 "FERRYMAN_APPS_FILE (or --apps) to an application file")
-        return Edge(settings, credentials, None, registered)
+        return Edge(settings, credentials, None, registered, worker)
     if args.node == "connector":
         from ..connector.node import Connector
 

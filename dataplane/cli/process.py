@@ -1,10 +1,11 @@
-"""Process bootstrap of a node: file-descriptor limit, malloc tuning, uvloop, SIGINT/SIGTERM."""
+"""Process bootstrap of a node: file-descriptor limit, malloc and garbage-collector tuning, uvloop, SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import resource
 import signal
 from collections.abc import Awaitable, Callable
@@ -39,10 +40,30 @@ def tune_malloc() -> None:
     mallopt(m_trim_threshold, 128 * 1024 * 1024)
 
 
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector off the forwarding path.
+
+    Every frame allocates a few short-lived container objects (events, memoryviews, header
+    tuples), so with the default threshold the collector runs every few hundred frames, and
+    each older-generation pass walks every object the node ever made (its modules, settings,
+    policy): that cost ~5 % of a relay's CPU and showed as the round-trip tail. What exists
+    at start-up lives as long as the process and is frozen out of collection; the youngest
+    generation is collected ten times less often (its objects are freed by reference counting
+    in any case; only cycles wait for it).
+    """
+    gc.freeze()
+    _threshold0, threshold1, threshold2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, threshold1, threshold2)
+
+
+GC_THRESHOLD = 7000  # allocations of container objects between two young-generation collections
+
+
 def run_node(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``main(stop)`` on uvloop; SIGINT/SIGTERM set ``stop``."""
     raise_nofile_limit()
     tune_malloc()
+    tune_gc()
 
     async def runner() -> None:
         stop = asyncio.Event()

@@ -168,8 +168,9 @@ class ControlLink:
     def __init__(self, settings: EdgeSettings | ConnectorSettings, registration: Registration,
                  on_snapshot: Callable[[ConfigSnapshot], None], report: Callable[[], Report],
                  on_renewed: Callable[[], None] | None = None, *, traffic: TrafficQueue | None = None,
-                 on_presence: Callable[[Presence], None] | None = None) -> None:
+                 on_presence: Callable[[Presence], None] | None = None, renews: bool = True) -> None:
         self.settings = settings
+        self.renews = renews  # False: another process of this node renews the certificate (an edge worker)
         self.registration = registration
         self.base = control_base(settings.control_url or registration.record.control)
         self.signer = NodeSigner(registration.cert, registration.key)
@@ -213,7 +214,7 @@ class ControlLink:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow configuration, send heartbeats and renew the certificate until ``stop`` is set."""
-        loops = [self._follow, self._heartbeats, self._renewals]
+        loops = [self._follow, self._heartbeats, *([self._renewals] if self.renews else [])]
         if self.traffic is not None:
             loops.append(self._ship_traffic)
         if self.on_presence is not None:

@@ -69,8 +69,8 @@ from ..access.policy import AccessIndex, Principal
 from ..access.tokens import TokenError, TokenVerifier
 from ..basics.hostport import parse_hostport
 from ..basics.caps import Counts, HttpLimits, LogLimiter, source_key
-from ..basics.metrics import Stats, start_metrics_server
-from ..basics.pki import PeerCertificate
+from ..basics.metrics import Stats, exposition, start_metrics_server
+from ..basics.pki import PeerCertificate, read_node_certificate
 from ..basics.settings import EdgeSettings
 from ..contract.apps import DEFAULT_GROUP
 from ..contract.presence import Presence, PresenceEdge
@@ -82,14 +82,15 @@ from ..transport.credentials import NodeCredentials
 from ..transport.quic import HandshakeLimits, QuicServer, load_credentials, serve_quic
 from ..transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from ..wire import events as ev
-from ..wire.connection import FlowError
+from ..wire.connection import FlowError, WireConfig
 from ..wire.frames import Open
 from .records import Records, segment_text
-from .relay import Relay, RelayError, RelayPeer, local_presence
+from .relay import Relay, RelayError, RelayPeer, is_sibling, local_presence
 from .splice import ClientAccess, EdgeTunnel, Splice
 from .web import WebAppError
 from .webdoor import EdgeWeb
 from .webflow import WebFlow
+from .workers import State, WorkerLink
 
 log = logging.getLogger("ferryman.edge")
 
@@ -119,12 +120,13 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
     revocations and, without ``apps``, applications follow the control plane)."""
 
     def __init__(self, settings: EdgeSettings, credentials: NodeCredentials, apps: AppTable | None,
-                 registered: Registration | None = None) -> None:
+                 registered: Registration | None = None, worker: WorkerLink | None = None) -> None:
         if apps is None and registered is None:
             raise ValueError("an edge needs an application file or a control plane registration")
         if apps is not None and registered is not None:
             raise ValueError(APPS_FILE_ON_REGISTERED_EDGE)
         self.settings = settings
+        self.worker = worker  # one of several workers of this edge (``workers``), or None
         self._udp_backlog = settings.udp_backlog  # a datagram is dropped rather than queued behind more
         self.credentials = credentials
         self.name = credentials.name
@@ -144,7 +146,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if registered is not None:
             self.traffic = TrafficQueue(settings.traffic_queue)
             self.link = ControlLink(settings, registered, self._configure, self._report, self._renewed,
-                                    traffic=self.traffic, on_presence=self._presence)
+                                    traffic=self.traffic, on_presence=self._presence,
+                                    renews=worker is None or worker.index == 0)
         self.records = Records(self.name, self.traffic)
         # The HTTPS front door for published web apps (FERRYMAN_EDGE_HTTPS_LISTEN), or None.
         self.web: EdgeWeb | None = EdgeWeb(self) if settings.edge_https_listen else None
@@ -179,8 +182,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self.relay: Relay | None = None
         self._relaying: set[asyncio.Task[None]] = set()  # relayed OPENs waiting for their relay tunnel
         self._held: list = []  # the connectors reported to the control plane last (presence)
-        if self.link is not None:
+        if self.link is not None or worker is not None:
             self.relay = Relay(self.name, settings, self, lambda: self._wire, lambda: self._client_ssl)
+            if worker is not None:  # its siblings know it by this edge's certificate
+                self.relay.identity = read_node_certificate(settings.tls_cert)
         self.stats.extra = {
             "ferryman_edge_clients": ("Client tunnels connected", lambda: float(len(self.clients))),
             "ferryman_edge_connector_tunnels": (
@@ -213,9 +218,12 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         loop = asyncio.get_running_loop()
         host, port = parse_hostport(self.settings.edge_listen, "FERRYMAN_EDGE_LISTEN", allow_zero=True)
         s = self.settings
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        self.listener = socket.create_server((host, port), family=family, backlog=1024)
-        self.listener.setblocking(False)
+        if self.worker is not None:  # the supervisor's socket, shared with the other workers
+            self.listener = self.worker.listener()
+        else:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+            self.listener = socket.create_server((host, port), family=family, backlog=1024)
+            self.listener.setblocking(False)
         if self.link is not None:
             self.link.load_cached()
         accepting = loop.create_task(self._accept(self.listener))
@@ -224,7 +232,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if s.edge_quic == "on":  # QUIC tunnels on the same port number, over UDP
             self.quic = await serve_quic(self, self._wire, host, bound[1], s,
                                          load_credentials(s.tls_cert, s.tls_key, s.tls_ca),
-                                         limits=HandshakeLimits.of(s))
+                                         limits=HandshakeLimits.of(s),
+                                         sock=self.worker.quic_socket() if self.worker is not None else None)
+        working = loop.create_task(self.worker.run(self, stop)) if self.worker is not None else None
         if self.web is not None:
             web_host, web_port = await self.web.start()
             log.info("HTTPS front door listening", extra={"addr": f"{web_host}:{web_port}",
@@ -243,7 +253,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         await stop.wait()
         log.info("edge stopping")
         accepting.cancel()
-        await asyncio.gather(accepting, *([following] if following else []), return_exceptions=True)
+        if working is not None:
+            working.cancel()
+        await asyncio.gather(accepting, *([following] if following else []), *([working] if working else []),
+                             return_exceptions=True)
         self.listener.close()
         if self.quic is not None:
             self.quic.close()
@@ -258,6 +271,25 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self.relay.close()
         if metrics is not None:
             metrics.close()
+
+    def wire(self) -> WireConfig:
+        return self._wire
+
+    def metrics_text(self) -> str:
+        """This edge's metrics in the Prometheus text format (a worker's, for its supervisor)."""
+        return exposition(self.stats)
+
+    def worker_state(self) -> State:
+        """What a worker tells its supervisor (and, through it, its siblings)."""
+        return State(connectors=local_presence(self.connectors), clients=len(self.clients),
+                     connector_tunnels=len(self.connectors), tunnels=len(self.clients) + len(self.connectors),
+                     flows=self.stats.flows_active, ready=self.ready())
+
+    def reload_credentials(self) -> None:
+        """Another worker of this edge renewed the certificate: sign and accept with the new files."""
+        if self.link is not None:
+            self.link.signer.reload()
+        self._renewed()
 
     def ready(self) -> bool:
         """Accepting tunnels, with a configuration (an application file, or a snapshot)."""
@@ -384,10 +416,16 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
 
     def _report(self) -> Report:
         tunnels = len(self.clients) + len(self.connectors)
+        flows = self.stats.flows_active
         bound = self.listener.getsockname() if self.listener is not None else None
         self._held = local_presence(self.connectors)
-        return Report(tunnels=tunnels, active_flows=self.stats.flows_active,
-                      addresses=[f"{bound[0]}:{bound[1]}"] if bound else [], connectors=self._held)
+        held = self._held
+        if self.worker is not None:  # the control plane sees one edge: every worker's connectors and figures
+            held = self.worker.connectors(self._held)
+            more_tunnels, more_flows = self.worker.totals()
+            tunnels, flows = tunnels + more_tunnels, flows + more_flows
+        return Report(tunnels=tunnels, active_flows=flows,
+                      addresses=[f"{bound[0]}:{bound[1]}"] if bound else [], connectors=held)
 
     def _presence(self, presence: Presence) -> None:
         """A new presence map from the control plane: where flows are relayed to."""
@@ -397,6 +435,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
     def _connectors_changed(self) -> None:
         """A connector tunnel came, went, was filed again or drains: report it if what this edge
         holds changed (rate-limited by the link: FERRYMAN_PRESENCE_INTERVAL)."""
+        if self.worker is not None:
+            self.worker.state_changed()
         if self.link is not None and local_presence(self.connectors) != self._held:
             self.link.presence_changed()
 
@@ -410,6 +450,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if self.quic is not None:
             s = self.settings
             self.quic.credentials = load_credentials(s.tls_cert, s.tls_key, s.tls_ca)
+        if self.worker is not None:
+            self.relay.identity = read_node_certificate(self.settings.tls_cert)  # type: ignore[union-attr]
+            self.worker.renewed()
 
     async def _accept(self, listener: socket.socket) -> None:
         """Accept TCP connections; each one's TLS handshake runs in its own task.
@@ -493,7 +536,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         hello = tunnel.hello
         assert hello is not None
         s = self.settings
-        if hello.role == "edge" and not tunnel.conn.dialer:  # a peer edge relaying the flows it decides
+        if hello.role == "edge" and not tunnel.conn.dialer and not is_sibling(tunnel):  # a peer edge relaying
             refusal = (self.relay.refuse_peer_edge(hello.node) if self.relay is not None else
                        f"edge {self.name} follows no control plane: it accepts no relayed flows")
             if refusal is not None:
@@ -784,6 +827,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             return
         candidates = [t for t in self.connectors
                       if t.peer_name == name and t.up and not t.closed and not t.draining and self.connectors[t]]
+        sibling = (self.relay.sibling_holding(name) if not candidates and self.relay is not None
+                   and not is_sibling(tunnel) else None)
+        if sibling is not None:  # another worker of this edge holds the connector: on to it, unchanged
+            candidates = [sibling]
         if not candidates:
             self._refuse(tunnel, fid, "relay_no_connector", f"edge {self.name} holds no usable tunnel to connector "
                                                             f"{name} (relayed from edge {peer.edge})")
@@ -797,7 +844,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                          f"(at most FERRYMAN_PENDING_OPENS_SHARE of FERRYMAN_MAX_PENDING_OPENS: {self._share})")
             return
         try:
-            kfid = connector.open_flow(msgspec.structs.replace(request, relay_to=""))
+            kfid = connector.open_flow(request if sibling is not None else msgspec.structs.replace(request, relay_to=""))
         except FlowError as exc:
             self._refuse(tunnel, fid, exc.code, f"connector {name}: {exc.message}")
             return

@@ -21,18 +21,29 @@ one, kept while the peer is in the map) and who may relay through this edge: onl
 registered with the same control plane (an edge certificate of this CA, not revoked, whose
 name is in the presence map). An edge without a control plane neither relays nor accepts
 relayed flows.
+
+The workers of one edge (``edge.workers``) are peers of each other too, its *siblings*: they
+share the edge's certificate and ports, and a flow decided by one worker for a connector whose
+tunnel landed on another is relayed to it the same way, over a Unix socket instead of mutual
+TLS (``LocalTunnel``: same wire protocol, many flows per tunnel; only a process of the edge's
+own user may connect, checked with ``SO_PEERCRED``). The grant is signed and carried as for a
+peer edge, and the connector checks it. Siblings are tried before peer edges.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 import ssl
+import struct
 from collections.abc import Callable
 from typing import Any
 
 from ..basics.hostport import parse_hostport
+from ..basics.pki import PeerCertificate
 from ..basics.settings import EdgeSettings
 from ..contract.presence import Presence, PresenceConnector, PresenceEdge
 from ..transport.proxy import dial_tls
@@ -51,6 +62,64 @@ class RelayError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class LocalTunnel(Tunnel):
+    """A tunnel between two workers of one edge over a Unix socket: no TLS; the peer is the edge
+    itself (``identity``: this edge's certificate), provided it runs as the same user."""
+
+    sibling = True
+    dialed_path = ""  # the socket a dialed one reached
+
+    def __init__(self, identity: PeerCertificate, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._identity = identity
+
+    def peer_certificate_der(self) -> bytes | None:
+        return None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.peer_addr = "worker"
+        transport.set_write_buffer_limits(high=self.write_buffer_high, low=self.write_buffer_high // 4)
+        refusal = same_user(transport.get_extra_info("socket"))
+        if refusal is not None:
+            self.close("role_refused", refusal, error=True)
+            return
+        self.peer_certificate = self._identity
+        self._last_rx = self.loop.time()
+        self._timer = self.loop.call_later(self.handshake_timeout, self._handshake_expired)
+        self.conn.initiate()
+        self._flush()
+
+
+def _dial_done(task: asyncio.Future[Any]) -> None:
+    """A tunnel to a sibling worker dialed ahead of need: its failure is logged (flows then dial again)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.info("relay tunnel to a worker of this edge not up", extra={"reason": str(exc)})
+
+
+def same_user(sock: Any) -> str | None:
+    """Why the process at the other end of Unix socket ``sock`` may not be a worker of this edge
+    (None: it runs as this process's user)."""
+    if sock is None or getattr(sock, "family", None) != socket.AF_UNIX:
+        return "a worker tunnel must be a Unix socket"
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+    except OSError as exc:
+        return f"the peer of a worker tunnel cannot be identified: {exc.strerror}"
+    if uid != os.getuid():
+        return f"the peer of a worker tunnel runs as uid {uid}, not as this edge's uid {os.getuid()}"
+    return None
+
+
+def is_sibling(tunnel: Any) -> bool:
+    """Whether ``tunnel`` connects two workers of this edge."""
+    return getattr(tunnel, "sibling", False)
 
 
 class RelayPeer:
@@ -78,6 +147,9 @@ class Relay:
         self._dialing: dict[str, asyncio.Task[AnyTunnel]] = {}
         self._failed: dict[str, float] = {}  # peer -> loop time until which its failed dial ranks it last
         self._closing: set[asyncio.Task[None]] = set()  # relay tunnels to peers gone from the map, until idle
+        # The other workers of this edge (name ``worker-N``, address: its Unix socket), and who this edge is to them.
+        self.siblings: dict[str, PresenceEdge] = {}
+        self.identity: PeerCertificate | None = None
 
     # ------------------------------------------------------------------ the presence map
     def update(self, presence: Presence) -> None:
@@ -86,25 +158,51 @@ class Relay:
         self.peers = {e.name: e for e in presence.edges if e.name != self.name}
         self._failed = {name: until for name, until in self._failed.items() if name in self.peers}
         for name, tunnel in list(self.out.items()):
-            if name not in self.peers:  # no new flows go there; the tunnel closes once its flows ended
+            if name not in self.peers and name not in self.siblings:  # no new flows go there; closed once idle
                 del self.out[name]
                 self._close_when_idle(tunnel, f"edge {name} left the presence map")
         log.info("presence map updated", extra={"edges": len(presence.edges), "tag": presence.tag,
                                                 "relay_connectors": sum(len(e.connectors) for e in self.peers.values())})
 
+    def set_siblings(self, siblings: list[PresenceEdge]) -> None:
+        """The other workers of this edge now: those gone lose their relay tunnel once it is idle; a
+        tunnel to each of the others is dialed now (flows relayed to this edge by peer edges are
+        passed on to the worker holding their connector only over a tunnel that is up)."""
+        self.siblings = {s.name: s for s in siblings}
+        self._failed = {name: until for name, until in self._failed.items()
+                        if name in self.peers or name in self.siblings}
+        for name, tunnel in list(self.out.items()):
+            if is_sibling(tunnel) and (name not in self.siblings or self.siblings[name].address != tunnel.dialed_path):
+                del self.out[name]
+                self._close_when_idle(tunnel, f"{name} of this edge stopped")
+        if self.identity is None:
+            return
+        for name, sibling in self.siblings.items():
+            if self.tunnel(name) is None and name not in self._dialing:
+                asyncio.ensure_future(self.connect(sibling)).add_done_callback(_dial_done)
+
+    def sibling_holding(self, connector: str) -> AnyTunnel | None:
+        """A relay tunnel up to a sibling worker that holds a tunnel to ``connector`` (the least loaded)."""
+        tunnels = [t for name, sibling in self.siblings.items() if any(c.name == connector for c in sibling.connectors)
+                   if (t := self.tunnel(name)) is not None]
+        return min(tunnels, key=lambda t: t.load) if tunnels else None
+
     def candidates(self, group: str) -> list[tuple[PresenceEdge, str]]:
-        """Peer edges holding a connector of ``group``, each with that connector, best first: a relay
-        tunnel up (no dial; the least loaded first), then peers to dial, and last those whose dial
-        failed less than ``FAILED_FOR`` seconds ago; ties broken at random (spreads the load)."""
-        candidates = [(peer, c.name) for peer in self.peers.values() for c in peer.connectors if c.group == group]
+        """Sibling workers, then peer edges, holding a connector of ``group``, each with that connector,
+        best first: a relay tunnel up (no dial; the least loaded first), then those to dial, and last
+        those whose dial failed less than ``FAILED_FOR`` seconds ago; ties broken at random (spreads
+        the load)."""
+        candidates = [(peer, c.name) for peers in (self.siblings, self.peers) for peer in peers.values()
+                      for c in peer.connectors if c.group == group]
         random.shuffle(candidates)
         now = asyncio.get_running_loop().time()
 
         def rank(item: tuple[PresenceEdge, str]) -> tuple[int, int]:
+            sibling = 0 if item[0].name in self.siblings else 3
             tunnel = self.tunnel(item[0].name)
             if tunnel is not None:
-                return 0, tunnel.load
-            return (2 if self._failed.get(item[0].name, 0.0) > now else 1), 0
+                return sibling, tunnel.load
+            return sibling + (2 if self._failed.get(item[0].name, 0.0) > now else 1), 0
 
         return sorted(candidates, key=rank)
 
@@ -132,6 +230,8 @@ class Relay:
             raise
 
     async def _dial(self, peer: PresenceEdge) -> AnyTunnel:
+        if peer.name in self.siblings:
+            return await self._dial_sibling(peer)
         s = self.settings
         try:
             host, port = parse_hostport(peer.address, f"address of edge {peer.name}")
@@ -158,6 +258,33 @@ class Relay:
             tunnel.close("relay_refused", "not the edge the presence map names at this address")
             self.out.pop(peer.name, None)
             raise RelayError("relay_refused", f"the edge at {peer.address} is not {peer.name}")
+        self._failed.pop(peer.name, None)
+        return tunnel
+
+    async def _dial_sibling(self, peer: PresenceEdge) -> AnyTunnel:
+        """The relay tunnel to a sibling worker, over its Unix socket."""
+        s = self.settings
+        identity = self.identity
+        assert identity is not None
+        loop = asyncio.get_running_loop()
+        try:
+            _, tunnel = await asyncio.wait_for(loop.create_unix_connection(
+                lambda: LocalTunnel(identity, self.handler, self._wire(), dialer=True, accept_roles=("edge",),
+                                    keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
+                                    write_buffer_high=s.write_buffer_high, label=f"relay->{peer.name}"),
+                peer.address), s.handshake_timeout)
+            tunnel.dialed_path = peer.address
+            self.out[peer.name] = tunnel
+            await asyncio.wait_for(tunnel.up_waiter, s.handshake_timeout)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            if self.out.get(peer.name) is not None and not self.out[peer.name].up:
+                self.out.pop(peer.name, None)
+            raise RelayError("relay_unreachable", f"{peer.name} of this edge cannot be reached at {peer.address} "
+                                                  f"to relay the flow: {exc}") from None
+        if tunnel.closed or not tunnel.up:
+            self.out.pop(peer.name, None)
+            raise RelayError("relay_refused", f"{peer.name} of this edge refused the relay tunnel: "
+                                              f"{tunnel.close_reason}")
         self._failed.pop(peer.name, None)
         return tunnel
 

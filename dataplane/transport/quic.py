@@ -235,7 +235,7 @@ class QuicTunnel(TunnelBase[F, S]):
         self.handshake_waiter: asyncio.Future[None] = self.loop.create_future()  # QUIC + certificate checks
         # (up_waiter: ... and the HELLO exchange)
         self._dispatch: dict[type, Callable[[Any, Any], None]] = {
-            **self._events(),
+            **self._guarded_events(),
             HandshakeCompleted: self._on_handshake,
             TunnelTerminated: self._on_terminated,
             ConnectionIdIssued: self._on_cid,
@@ -797,13 +797,18 @@ async def serve_quic(
     label: str = "in",
     reuse_port: bool = False,
     limits: HandshakeLimits | None = None,
+    sock: socket.socket | None = None,
 ) -> QuicServer:
-    """Serve QUIC tunnels on UDP ``host:port`` (port 0: any; read ``server.sockname``)."""
+    """Serve QUIC tunnels on UDP ``host:port`` (port 0: any; read ``server.sockname``), or on the
+    bound UDP socket ``sock`` (an edge worker's, made by its supervisor)."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
-    family, _type, _proto, _name, addr = infos[0]
     server = QuicServer(handler, wire, settings, credentials, accept_roles=accept_roles, label=label, limits=limits)
     offload = settings.quic_offload == "on"
-    UdpEndpoint(loop, udp_socket(family, bind=addr, reuse_port=reuse_port, buffer=settings.quic_socket_buffer),
-                server, gso=offload, gro=offload)
+    if sock is None:
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+        family, _type, _proto, _name, addr = infos[0]
+        sock = udp_socket(family, bind=addr, reuse_port=reuse_port, buffer=settings.quic_socket_buffer)
+    else:
+        sock.setblocking(False)
+    UdpEndpoint(loop, sock, server, gso=offload, gro=offload)
     return server

@@ -58,6 +58,9 @@ class TunnelHandler(Generic[F, S]):
     """What a node implements to receive a tunnel's life cycle and flow events."""
 
     stats: Stats
+    # While one of this node's TLS/TCP tunnels dispatches a read: the other tunnels that were given
+    # frames to send meanwhile, flushed at the end of that read (None: no read under way).
+    flush_batch: list[TunnelBase[F, S]] | None = None
 
     def tunnel_up(self, tunnel: TunnelBase[F, S]) -> None: ...
 
@@ -173,8 +176,9 @@ class TunnelBase(Generic[F, S]):
         conn.on_window = self.flush_soon
 
     def _events(self) -> dict[type, Callable[[Any, Any], None]]:
-        """Wire event type -> who handles it (the node, or this tunnel itself), each guarded by
-        ``_guarded``: whatever a handler raises stays with the event's flow."""
+        """Wire event type -> who handles it (the node, or this tunnel itself). Whatever a handler
+        raises must stay with the event's flow (``_handler_failed``): call them through
+        ``_guarded_events``, or inside the same try."""
         handler = self.handler
         table: dict[type, Callable[[Any, Any], None]] = {
             ev.DataReceived: handler.data_received,
@@ -192,7 +196,11 @@ class TunnelBase(Generic[F, S]):
             ev.HelloReceived: self._on_hello,
             ev.AuthReceived: handler.auth_received,
         }
-        return {kind: self._guarded(fn) for kind, fn in table.items()}
+        return table
+
+    def _guarded_events(self) -> dict[type, Callable[[Any, Any], None]]:
+        """``_events``, each handler wrapped by ``_guarded``."""
+        return {kind: self._guarded(fn) for kind, fn in self._events().items()}
 
     def _guarded(self, fn: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
         """``fn`` such that an exception it raises is handled by ``_handler_failed`` (the tunnel goes on)."""
@@ -270,8 +278,7 @@ class TunnelBase(Generic[F, S]):
         flow is gone: its own end event follows)."""
         taken = self.conn.send_data(flow_id, data)
         if taken and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            self._schedule_flush()
         return taken
 
     def send_fin(self, flow_id: int) -> bool:
@@ -286,8 +293,7 @@ class TunnelBase(Generic[F, S]):
         if not self.conn.send_datagram(flow_id, data):
             return False
         if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            self._schedule_flush()
         return True
 
     def send_auth(self, token: str) -> None:
@@ -307,9 +313,17 @@ class TunnelBase(Generic[F, S]):
         return self.writable
 
     def flush_soon(self) -> None:
-        """Send what the connection queued at the end of this loop iteration."""
+        """Send what the connection queued at the end of this loop iteration (or, while a tunnel
+        of this node dispatches a read, at the end of that read)."""
         if not self._flush_scheduled:
-            self._flush_scheduled = True
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        self._flush_scheduled = True
+        batch = self.handler.flush_batch
+        if batch is not None:  # a read of another tunnel is being dispatched: it flushes this one when done
+            batch.append(self)
+        else:
             self.loop.call_soon(self._flush)
 
     # ------------------------------------------------------------------ properties
@@ -437,7 +451,7 @@ class Tunnel(TunnelBase[F, S], asyncio.Protocol):
         # The accepting side stops reading a peer that does not read (see the module docstring).
         self.pauses_reading = not dialer
         self.reading_paused = False
-        self._dispatch = self._events()
+        self._dispatch = self._events()  # called inside data_received's own guard
 
     # ------------------------------------------------------------------ properties
     @property
@@ -492,13 +506,26 @@ class Tunnel(TunnelBase[F, S], asyncio.Protocol):
         dispatch = self._dispatch
         scheduled = self._flush_scheduled
         self._flush_scheduled = True  # what the node queues here while answering goes out at the end of this read
+        # ... and so does what it queues on its other tunnels (an edge splicing this read's DATA):
+        # one write each at the end of the read, not one more pass of the loop first.
+        handler = self.handler
+        outer = handler.flush_batch
+        batch: list[TunnelBase[Any, Any]] = [] if outer is None else outer
+        handler.flush_batch = batch
         try:
             for event in events:
-                dispatch[type(event)](self, event)
+                try:
+                    dispatch[type(event)](self, event)
+                except Exception as exc:
+                    self._handler_failed(event, exc)
                 if self.closed:
                     return
         finally:
             self._flush_scheduled = scheduled
+            if outer is None:
+                handler.flush_batch = None
+                for tunnel in batch:
+                    tunnel._flush()
         if self.conn.has_output:
             self._flush()
 
