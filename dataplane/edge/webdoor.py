@@ -29,7 +29,6 @@ Each HTTP transaction becomes a traffic-log record (``FlowRecord`` with ``applic
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -57,7 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ferryman.edge.web")
 
-GC_THRESHOLD = (50000, 50, 1000)  # the edge process's collector thresholds once its front door is on (``start``)
 ADMIT_CACHE_ENTRIES = 100_000  # allowing decisions remembered (FERRYMAN_WEB_ADMIT_CACHE), then forgotten at once
 SIGN_IN_TIMEOUT = 15.0  # seconds for one call to the control plane's /v1/auth routes
 SESSION_BOUND = 30 * 86400  # the longest a sign-in session lives (the control plane ends it earlier)
@@ -155,12 +153,6 @@ class EdgeWeb:
 
     async def start(self) -> tuple[str, int]:
         host, port = self.listen
-        # Every web request allocates a few hundred short-lived containers; at CPython's default
-        # gen-0 threshold (700) the collector ran every few requests and took about a fifth of
-        # the edge's CPU under load. What exists now (modules, configuration) is frozen out of
-        # collections, and the young generation is collected every GC_THRESHOLD[0] allocations.
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLD)
         addresses = await self.door.start(host, port)
         self.address = addresses[0]
         return self.address
