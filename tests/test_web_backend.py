@@ -58,6 +58,10 @@ def test_pool_bounds() -> None:
     d.reusable = False
     pool.release(d)
     assert d.stream.closed and len(pool) == 0
+    e = _conn(("wiki", "s4"))
+    pool.release(e, now=200)
+    e.stream.closed = True  # its tunnel flow ended while idle (the connector went away)
+    assert pool.acquire(("wiki", "s4"), now=201) is None and e.closed and len(pool) == 0
     e, f = _conn(("wiki", "s4")), _conn(("docs", "s4"))
     pool.release(e)
     pool.release(f)
@@ -149,3 +153,68 @@ def test_response_timeout() -> None:
 
     with pytest.raises(BackendTimeout, match="within 0.3 seconds"):
         run(silent())
+
+
+async def _scripted(script):
+    """A backend that answers each request head with the next (delay, bytes) of ``script``."""
+    async def serve(reader, writer):
+        for delay, raw in script:
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(delay)
+            writer.write(raw)
+            await writer.drain()
+        await asyncio.sleep(5)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    return server, BackendConnection(StreamPair(reader, writer), ("app", "s1"), 1024)
+
+
+async def _get(conn: BackendConnection, timeout: float) -> tuple[int, bytes]:
+    conn.write_head("GET", "/", [(b"host", b"b")])
+    head = await conn.read_head(timeout)
+    body = b""
+    while (data := await conn.read_body(timeout)) is not None:
+        body += data
+    return head.status, body
+
+
+def test_keep_alive_responses_and_moving_deadlines() -> None:
+    """One connection, one parser, several responses; each read has its own deadline whether
+    it is earlier (the timer moves) or later (an early timer re-arms) than the last one."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+
+    async def main() -> None:
+        server, conn = await _scripted([(0, ok + b"a1"), (0.4, b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nb2"),
+                                        (0, ok + b"c3"), (2, ok + b"late")])
+        loop = asyncio.get_running_loop()
+        try:
+            assert await _get(conn, 0.2) == (200, b"a1") and conn.finished_cleanly()
+            parser = conn.parser
+            assert await _get(conn, 1.5) == (201, b"b2")  # answered after the first deadline passed
+            assert await _get(conn, 30) == (200, b"c3") and conn.parser is parser
+            started = loop.time()
+            with pytest.raises(BackendTimeout, match="within 0.3 seconds"):
+                await _get(conn, 0.3)  # the armed timer (30 s) fires too late: it is moved
+            assert 0.25 < loop.time() - started < 1.5
+        finally:
+            conn.close()
+            server.close()
+
+    run(main())
+
+
+def test_response_out_of_step_is_not_reused() -> None:
+    """Bytes after a complete response (a second, unasked-for response) leave the connection
+    out of step: it is not reused, so they can never answer a later request."""
+    async def main() -> None:
+        server, conn = await _scripted([(0, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nA"
+                                            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nB")])
+        try:
+            assert await _get(conn, 5) == (200, b"A")
+            assert not conn.finished_cleanly()
+        finally:
+            conn.close()
+            server.close()
+
+    run(main())

@@ -353,6 +353,20 @@ def test_backend_pool_is_per_session(door: Door, tmp_path: Path) -> None:
     assert door.loop.call(door.door.pool.drop, None, sid_a) == 1
 
 
+def test_pooled_connection_closed_by_the_backend_is_not_used_again(door: Door, tmp_path: Path) -> None:
+    """A connection the backend closed while it sat in the pool fails on its next request before
+    any answer: the request (a GET) goes to a new connection instead, once; the closed one is gone."""
+    jar = signed_in(door, tmp_path, ALICE, "docs.test", "a")
+    first = curl(door, door.url("docs.test", "/conn-then-close"), jar=jar)
+    assert first.status == 200 and len(door.door.pool) == 1  # pooled: the backend said keep-alive
+    retries, opened = door.door.counters["web_backend_retry"], door.door.pool.opened
+    second = curl(door, door.url("docs.test", "/conn"), jar=jar)
+    assert second.status == 200 and second.body.isdigit()
+    assert door.door.counters["web_backend_retry"] == retries + 1 and door.door.pool.opened == opened + 1
+    third = curl(door, door.url("docs.test", "/conn"), jar=jar)
+    assert third.body == second.body and door.door.pool.opened == opened + 1  # the new one is pooled and reused
+
+
 def test_backend_tls_verification(tmp_path: Path) -> None:
     d = start_door(tmp_path)
     try:

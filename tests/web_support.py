@@ -244,6 +244,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, json.dumps({k.lower(): v for k, v in self.headers.items()}).encode(), "application/json")
         elif path == "/conn":
             self._send(200, str(id(self.connection)).encode())
+        elif path == "/conn-then-close":  # answers as keep-alive, then closes (as a backend's idle timeout would)
+            self._send(200, str(id(self.connection)).encode())
+            self.wfile.flush()
+            self.close_connection = True
         elif path == "/big":
             n = int(q.get("n", "1048576"))
             block = hashlib.sha256(b"seed").digest() * 2048

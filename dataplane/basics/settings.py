@@ -152,6 +152,7 @@ class EdgeSettings(NodeSettings, kw_only=True):
     web_idle_timeout: float = 60.0
     web_websocket_idle_timeout: float = 300.0
     web_max_connections: int = 10000
+    web_admit_cache: float = 1.0
 
 
 class DialerSettings(NodeSettings, kw_only=True):
@@ -295,6 +296,7 @@ VARIABLES: dict[str, str] = {
     "web_idle_timeout": "Edge: seconds a keep-alive web connection may idle (and a request body may stall: 408).",
     "web_websocket_idle_timeout": "Edge: seconds a WebSocket may carry nothing either way before it is closed.",
     "web_max_connections": "Edge: most browser connections at once on the HTTPS front door; more are closed at once.",
+    "web_admit_cache": "Edge: seconds an allowing decision of a web request is reused for the same session, web app, source address and configuration version (at most 100,000 remembered; a new configuration, e.g. an assignment removed or the session revoked, applies to the very next request); 0 decides every request anew.",
     "apps_file": "Edge without a control plane: application file (JSON or TOML) mapping segments to connector groups, and optionally connectors to their groups (a registered edge refuses it). Connector: the applications whose IP/CIDR/range segments may name loopback, link-local, metadata or its own addresses (when it does not follow a control plane, or to override its applications).",
     "edges": "Connector/client: comma-separated HOST:PORT list of edges to dial.",
     "connector_edges": "Connector: most edges it holds tunnels to, chosen from the control plane's edge list (or FERRYMAN_EDGES) by rendezvous hashing of its name, so connectors spread over the edges and move only when edges come or go; flows landing on other edges are relayed to these.",
@@ -410,6 +412,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "web_idle_timeout": (0.1, 86400),
     "web_websocket_idle_timeout": (0.1, 86400),
     "web_max_connections": (1, 1_000_000),
+    "web_admit_cache": (0, 60),
     "quic_timeout": (0.1, 600),
     "quic_probe_interval": (1, 86400),
     "quic_packet_size": (1200, 1452),

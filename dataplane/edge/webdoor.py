@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ferryman.edge.web")
 
+ADMIT_CACHE_ENTRIES = 100_000  # allowing decisions remembered (FERRYMAN_WEB_ADMIT_CACHE), then forgotten at once
 SIGN_IN_TIMEOUT = 15.0  # seconds for one call to the control plane's /v1/auth routes
 SESSION_BOUND = 30 * 86400  # the longest a sign-in session lives (the control plane ends it earlier)
 
@@ -163,14 +164,16 @@ class EdgeWeb:
         records = self.edge.records
         if records.queue is None:
             return
-        source_ip = rec.source
+        source_ip, _, port = rec.source.rpartition(":")  # "ip:port" (IPv6 unbracketed), or an address alone
+        if not port.isdigit():
+            source_ip, port = rec.source, "0"
         start = rec.time - rec.duration if rec.time >= rec.duration else rec.time
         record = FlowRecord(
             connection_id=os.urandom(8).hex(), transaction_id=rec.session_id[:64], start=start, end=rec.time,
             duration_ms=min(int(rec.duration * 1000), 2**31 - 1), user_id=rec.user_id, upn=rec.upn,
-            device_id=rec.device_id, source_ip=source_ip, destination_fqdn=rec.host.rsplit(":", 1)[0],
-            destination_port=self.ports.get(rec.app, 443), transport="tcp",
-            network="IPv6" if ":" in source_ip else "IPv4" if source_ip else "",
+            device_id=rec.device_id, source_ip=source_ip, source_port=int(port),
+            destination_fqdn=rec.host.rsplit(":", 1)[0], destination_port=self.ports.get(rec.app, 443),
+            transport="tcp", network="IPv6" if ":" in source_ip else "IPv4" if source_ip else "",
             application=rec.app, application_kind="web" if rec.app else "", policy=rec.policy,
             action=rec.action, reason_code=rec.code, connector_name=rec.connector, edge=self.edge.name,
             bytes_sent=rec.bytes_in, bytes_received=rec.bytes_out, close_reason=rec.reason[:1024],
@@ -180,24 +183,57 @@ class EdgeWeb:
 
 
 class _Authorizer:
+    """Every web request through ``admit()`` with the edge's current tables.
+
+    With ``FERRYMAN_WEB_ADMIT_CACHE`` > 0 an allowing decision is reused for that many seconds
+    (never past the session's own end) for the same principal (session, user, sign-in),
+    web app, host and source address — and only while the edge's tables are the ones it was
+    made with: a new configuration (assignment removed, user disabled, session revoked,
+    policy changed) replaces the tables, which empties the table, so the very next request
+    is decided anew. A denial is never reused. At most ``ADMIT_CACHE_ENTRIES`` are kept."""
+
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
+        self.ttl = edge.settings.web_admit_cache
+        self._tables: object = None
+        self._allowed: dict[tuple, tuple[float, web.Verdict]] = {}
 
     def authorize(self, app: web.WebApp, principal: web.Principal, facts: web.RequestFacts) -> web.Verdict:
         edge = self.edge
         tables = edge.tables
         if tables.unconfigured:  # no configuration yet: nothing is admitted
             return web.Verdict(allowed=False, code="no_config", reason=tables.unconfigured)
+        now = time.time()
+        ttl = self.ttl
+        key: tuple | None = None
+        if ttl > 0:
+            if tables is not self._tables:
+                self._allowed.clear()
+                self._tables = tables
+            key = (principal, app.name, facts.host, facts.source)
+            hit = self._allowed.get(key)
+            if hit is not None:
+                if now < hit[0]:
+                    return hit[1]
+                del self._allowed[key]
         who = AccessPrincipal(user_id=principal.user_id, upn=principal.upn, session_id=principal.session_id,
                               device_id=principal.device_id, amr=tuple(principal.amr), auth_time=principal.auth_time,
                               expires=principal.expires)
         verdict = admit(AccessRequest(host=facts.host, port=0, protocol="tcp", source=facts.source, kind="web",
-                                      application=app.name), who, tables, time.time())
+                                      application=app.name), who, tables, now)
         if not verdict.allowed:
             return web.Verdict(allowed=False, code=verdict.code, reason=verdict.reason, policy=verdict.policy)
         user = tables.access.users.get(principal.user_id) if tables.access is not None else None
-        return web.Verdict(allowed=True, policy=verdict.policy, groups=tuple(user.groups) if user else (),
-                           claims={"email": principal.upn})
+        allowed = web.Verdict(allowed=True, policy=verdict.policy, groups=tuple(user.groups) if user else (),
+                              claims={"email": principal.upn})
+        if key is not None:
+            until = now + ttl
+            if principal.expires:
+                until = min(until, principal.expires)
+            if len(self._allowed) >= ADMIT_CACHE_ENTRIES:
+                self._allowed.clear()
+            self._allowed[key] = (until, allowed)
+        return allowed
 
 
 class _Dialer:

@@ -121,10 +121,20 @@ class WebFlow:
                 await self._reader
             finally:
                 self._reader = None
-        chunk = self._chunks.popleft()
+        chunks = self._chunks
+        chunk = chunks.popleft()
         if len(chunk) > max_bytes:
-            self._chunks.appendleft(chunk[max_bytes:])
+            chunks.appendleft(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
+        elif chunks and len(chunk) + len(chunks[0]) <= max_bytes:
+            # several pieces arrived together: one read takes as many whole ones as fit
+            parts = [chunk]
+            size = len(chunk)
+            while chunks and size + len(chunks[0]) <= max_bytes:
+                piece = chunks.popleft()
+                parts.append(piece)
+                size += len(piece)
+            chunk = b"".join(parts)
         if not self.closed and self.connector.has_flow(self.kfid):
             self.connector.acknowledge(self.kfid, len(chunk))
         return chunk

@@ -6,9 +6,11 @@
   turns verification off.
 - ``BackendConnection`` writes one request head (``write_head``), streams a body
   (``Content-Length`` or chunked) and reads the response with httptools' response parser
-  (``read_head`` / ``read_body``), skipping ``1xx`` interim responses. Limits: a response
-  head above ``max_header_block`` bytes is a 502; a read that waits longer than the app's
-  backend timeout is a 504 (``BackendTimeout``).
+  (``read_head`` / ``read_body``), skipping ``1xx`` interim responses; one parser serves a
+  keep-alive connection's responses one after another, and bytes past a response (the
+  backend out of step) make the connection not reusable. Limits: a response head above
+  ``max_header_block`` bytes is a 502; a read that waits longer than the app's backend
+  timeout is a 504 (``BackendTimeout``; one lazily moved timer per connection, not one per read).
 - ``Pool`` keeps idle connections for reuse. Key: (app, sign-in session) — a connection
   opened for one user's session never carries another session's request, concurrently or
   later. Reason: backends bind state to connections (NTLM/Negotiate authenticate the TCP
@@ -203,10 +205,19 @@ class BackendConnection:
         self.idle_since = 0.0
         self.reusable = False
         self.closed = False
+        self.parser: httptools.HttpResponseParser | None = None
+        self._deadline = 0.0  # of the read under way (``_read``)
+        self._timer: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task | None = None
+        self._expired = False
         self._reset_parser()
 
     def _reset_parser(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        # llhttp parses one response after another on a keep-alive connection: a parser is made
+        # anew only for the first response and after one that was not read to a clean end
+        # (``finished_cleanly``: a connection that ended any other way is not reused anyway).
+        if self.parser is None or not self.finished_cleanly():
+            self.parser = httptools.HttpResponseParser(self)
         self.head: ResponseHead | None = None
         self.interim = False
         self.headers: Headers = []
@@ -221,6 +232,8 @@ class BackendConnection:
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        if self.complete:  # bytes after the response: out of step, they are not read (``_feed``)
+            raise _OutOfStep()
         self.headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -262,7 +275,8 @@ class BackendConnection:
         self._reset_parser()
         self.head_only = method == "HEAD"
         lines = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
-        lines.extend(n + b": " + v + b"\r\n" for n, v in headers)
+        for n, v in headers:
+            lines += (n, b": ", v, b"\r\n")
         lines.append(b"\r\n")
         self.stream.write(b"".join(lines))
 
@@ -278,6 +292,9 @@ class BackendConnection:
             if isinstance(cause, _HeadDone):
                 self.complete = True
                 return
+            if isinstance(cause, _OutOfStep):
+                self.keep_alive = False  # never reused: what follows could answer a later request
+                return
             if isinstance(cause, BackendError):
                 raise cause from None
             raise BackendError("the backend's response could not be read") from None
@@ -285,11 +302,42 @@ class BackendConnection:
             raise BackendError(f"the backend sent a malformed HTTP response ({exc})") from None
 
     async def _read(self, timeout: float) -> bytes:
+        """The next bytes of the backend (``b""`` at its end) within ``timeout`` seconds.
+
+        One timer per connection, moved only when it would fire too late (a timer that fires
+        early re-arms itself): a read costs no timer of its own. On expiry the waiting task is
+        cancelled and the cancellation becomes ``BackendTimeout``, as ``asyncio.timeout`` does."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._expire)
+        task = asyncio.current_task()
+        self._reader = task
         try:
-            async with asyncio.timeout(timeout):
-                return await self.stream.read(READ_SIZE)
-        except TimeoutError:
-            raise BackendTimeout(f"the application did not answer within {timeout:g} seconds") from None
+            return await self.stream.read(READ_SIZE)
+        except asyncio.CancelledError:
+            if self._expired and task is not None and task.uncancel() == 0:
+                raise BackendTimeout(f"the application did not answer within {timeout:g} seconds") from None
+            raise
+        finally:
+            self._reader = None
+            self._expired = False
+
+    def _expire(self) -> None:
+        self._timer = None
+        reader = self._reader
+        if reader is None or self.closed:
+            return  # idle (in the pool or between reads): the next read arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._expire)
+            return
+        self._expired = True
+        reader.cancel()
 
     async def read_head(self, timeout: float) -> ResponseHead:
         """The response head (``1xx`` skipped); its size is bounded by ``max_head`` (read by read)."""
@@ -331,14 +379,29 @@ class BackendConnection:
         return self.complete and self.keep_alive and not self.head_only and self.upgrade_tail is None \
             and not self.chunks
 
+    def usable(self) -> bool:
+        """Not closed here, and its stream (under TLS: the stream below) not known to be over —
+        a tunnel flow is when its connector went away or reset it."""
+        if self.closed:
+            return False
+        stream = getattr(self.stream, "raw", self.stream)
+        return not getattr(stream, "closed", False)
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self.stream.close()
 
 
 class _HeadDone(Exception):
     """A response to HEAD has no body whatever its headers say."""
+
+
+class _OutOfStep(Exception):
+    """The backend sent more than the response to the request (another response, say)."""
 
 
 class Pool:
@@ -364,7 +427,7 @@ class Pool:
             self._order.pop(id(conn), None)
             if not idle:
                 del self._idle[key]
-            if now - conn.idle_since < self.idle_timeout and not conn.closed:
+            if now - conn.idle_since < self.idle_timeout and conn.usable():
                 self.reused += 1
                 return conn
             conn.close()
@@ -376,8 +439,10 @@ class Pool:
             conn.close()
             return
         conn.idle_since = time.monotonic() if now is None else now
-        idle = self._idle.setdefault(conn.key, collections.deque())
-        if len(idle) >= self.per_key:
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = collections.deque()
+        elif len(idle) >= self.per_key:
             old = idle.popleft()
             self._order.pop(id(old), None)
             old.close()

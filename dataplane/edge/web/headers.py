@@ -55,7 +55,10 @@ def connection_tokens(headers: Headers) -> set[bytes]:
     out: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
-            out.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            for t in value.split(b","):
+                t = t.strip()
+                if t:
+                    out.add(t.lower())
     return out
 
 
@@ -88,6 +91,36 @@ def _underscore_alias(name: bytes, drop: set[bytes]) -> bool:
             or any(canon == n.replace(b"_", b"-") for n in drop))
 
 
+# What the static rules do with a request header name (``_request_rule``): kept, removed, the
+# Cookie (own cookies cut out), Upgrade (kept only for a WebSocket), Accept-Encoding (narrowed
+# when the body is translated). Remembered per name in a bounded table: names repeat.
+_KEEP, _DROP, _COOKIE, _UPGRADE, _ENCODING = range(5)
+_RULES: dict[bytes, int] = {}
+_RULES_MAX = 4096
+
+
+def _request_rule(name: bytes) -> int:
+    rule = _RULES.get(name)
+    if rule is None:
+        if b"_" in name and _underscore_alias(name, set()):
+            rule = _DROP
+        elif name == b"upgrade":
+            rule = _UPGRADE
+        elif name in HOP_BY_HOP or name in CLIENT_ADDRESS or name == b"host" or name == b"expect" \
+                or name.startswith((b"x-ferryman-", b"x-forwarded-", b":")):
+            rule = _DROP  # expect: the edge answers 100-continue itself
+        elif name == b"cookie":
+            rule = _COOKIE
+        elif name == b"accept-encoding":
+            rule = _ENCODING
+        else:
+            rule = _KEEP
+        if len(_RULES) >= _RULES_MAX:
+            _RULES.clear()
+        _RULES[name] = rule
+    return rule
+
+
 def backend_request_headers(headers: Headers, *, sso_names: Iterable[bytes], keep_upgrade: bool = False,
                             translate_encoding: bool = False) -> Headers:
     """The client's headers a backend may see (hop-by-hop, identity and own cookies removed).
@@ -95,30 +128,32 @@ def backend_request_headers(headers: Headers, *, sso_names: Iterable[bytes], kee
     ``Host`` is removed too (the caller sets the internal one). With ``translate_encoding``
     (body translation on) ``Accept-Encoding`` is narrowed to ``gzip`` (or removed).
     """
-    drop = set(connection_tokens(headers))
+    drop = connection_tokens(headers)
     drop.update(n.lower() for n in sso_names)
-    drop.update([n.replace(b"_", b"-") for n in drop if b"_" in n])  # an SSO name spelt with '_' has a '-' alias
+    if drop:
+        drop.update([n.replace(b"_", b"-") for n in drop if b"_" in n])  # an SSO name spelt with '_' has a '-' alias
     out: Headers = []
     cookies: list[bytes] = []
+    rules = _RULES
     for name, value in headers:
-        if b"_" in name and _underscore_alias(name, drop):
-            continue
-        if name in HOP_BY_HOP or name in drop or name in CLIENT_ADDRESS or name == b"host":
-            if keep_upgrade and name == b"upgrade":
+        rule = rules.get(name)
+        if rule is None:
+            rule = _request_rule(name)
+        if rule == _UPGRADE:
+            if keep_upgrade:
                 out.append((name, value))
             continue
-        if name.startswith((b"x-ferryman-", b"x-forwarded-")) or name.startswith(b":"):
+        if drop and (name in drop or b"_" in name and _underscore_alias(name, drop)):
             continue
-        if name == b"cookie":
+        if rule == _KEEP:
+            out.append((name, value))
+        elif rule == _COOKIE:
             cookies.append(value)
-            continue
-        if name == b"expect":
-            continue  # the edge answers 100-continue itself
-        if translate_encoding and name == b"accept-encoding":
-            if b"gzip" in value.lower():
+        elif rule == _ENCODING:
+            if not translate_encoding:
+                out.append((name, value))
+            elif b"gzip" in value.lower():
                 out.append((name, b"gzip"))
-            continue
-        out.append((name, value))
     if cookies:
         joined = strip_own_cookies(cookies)
         if joined is not None:
@@ -147,9 +182,15 @@ def sso_headers(mapping: Mapping[str, str], claims: Mapping[str, object]) -> Hea
     return out
 
 
+_RESPONSE_OUT = HOP_BY_HOP | RESPONSE_DROP
+
+
 def backend_response_headers(headers: Headers) -> Headers:
+    """A new list of the backend's response headers without hop-by-hop ones and ``Alt-Svc``."""
     drop = connection_tokens(headers)
-    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in drop and n not in RESPONSE_DROP]
+    if drop:
+        return [(n, v) for n, v in headers if n not in _RESPONSE_OUT and n not in drop]
+    return [(n, v) for n, v in headers if n not in _RESPONSE_OUT]
 
 
 def get(headers: Headers, name: bytes, default: bytes = b"") -> bytes:

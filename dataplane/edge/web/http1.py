@@ -64,6 +64,10 @@ log = logging.getLogger("ferryman.edge.web")
 Handler = Callable[[Request, Any], Awaitable[None]]
 
 
+# Response header names the connection sets itself (framing), and Content-Length, which it reads.
+_OWN_FRAMING = frozenset({b"transfer-encoding", b"keep-alive", b"connection", b"content-length"})
+
+
 class _Refuse(Exception):
     def __init__(self, status: int, reason: str, code: str) -> None:
         super().__init__(reason)
@@ -167,19 +171,22 @@ class H1Responder:
         ex = self.exchange
         self.status = status
         self.no_body = ex.method == "HEAD" or status in (204, 304) or 100 <= status < 200
-        has_length = any(n == b"content-length" for n, _ in headers)
         if ex.refusal is not None or ex.body is not None and not ex.body.complete:
             ex.keep_alive = False  # a body not (yet) read to its end: close after this response
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
+        has_length = False
+        for name, value in headers:
+            if name in _OWN_FRAMING:
+                if name == b"content-length":
+                    has_length = True
+                elif name != b"connection" or status != 101:
+                    continue
+            lines += (name, b": ", value, b"\r\n")
         if not self.no_body and not has_length:
             if ex.version == "HTTP/1.1":
                 self.chunked = True
             else:
                 ex.keep_alive = False  # close-delimited for an HTTP/1.0 client
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
-        for name, value in headers:
-            if name in (b"transfer-encoding", b"keep-alive") or name == b"connection" and status != 101:
-                continue
-            lines.append(name + b": " + value + b"\r\n")
         if self.chunked:
             lines.append(b"transfer-encoding: chunked\r\n")
         if status != 101:
@@ -336,6 +343,7 @@ class H1Connection(asyncio.Protocol):
         self.queue: collections.deque[H1Exchange] = collections.deque()
         self.parsing: H1Exchange | None = None
         self.runner: asyncio.Task[None] | None = None
+        self.idle: asyncio.Future[None] | None = None  # what the runner waits on between requests
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
         self.deadline_head = False
@@ -550,10 +558,29 @@ class H1Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ exchanges
     def _run(self) -> None:
-        if self.runner is None or self.runner.done():
+        """Have the connection's one runner task serve the queue (it waits between requests
+        instead of ending, so a keep-alive request costs no task of its own)."""
+        idle = self.idle
+        if idle is not None:
+            self.idle = None
+            if not idle.done():
+                idle.set_result(None)
+        elif self.runner is None or self.runner.done():
             self.runner = self.loop.create_task(self._serve())
 
     async def _serve(self) -> None:
+        while True:
+            await self._serve_queue()
+            if self.closed or self.upgraded is not None or self.stop_input:
+                return
+            if not self.queue:
+                self.idle = self.loop.create_future()
+                try:
+                    await self.idle
+                finally:
+                    self.idle = None
+
+    async def _serve_queue(self) -> None:
         while self.queue and not self.closed:
             ex = self.queue[0]
             if ex.refusal is not None:

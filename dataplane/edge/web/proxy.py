@@ -440,8 +440,10 @@ class Proxy:
             raise BackendError("the application switched protocols without being asked to")
         headers = backend_response_headers(rhead.headers)
         if app.translate_headers:
-            headers = [(n, translate_header(route.urlmap, n, v)) if n in TRANSLATED_HEADERS else (n, v)
-                       for n, v in headers]
+            urlmap = route.urlmap
+            for i, (n, v) in enumerate(headers):
+                if n in TRANSLATED_HEADERS:
+                    headers[i] = (n, translate_header(urlmap, n, v))
         translator: BodyTranslator | None = None
         if app.translate_body and request.method != "HEAD" and status not in (204, 304):
             kind = body_kind(get(headers, b"content-type"))

@@ -248,6 +248,6 @@ class FrontDoor:
         try:
             self.on_record(TransactionRecord(time=time.time(), app="", host="", method="", path="", status=status,
                                              bytes_in=0, bytes_out=0, user_agent="", duration=0.0, action="deny",
-                                             code=code, reason=code.replace("_", " "), source=source_ip))
+                                             code=code, reason=code.replace("_", " "), source=f"{source_ip}:0"))
         except Exception:  # noqa: BLE001
             log.exception("the web transaction record hook failed")
