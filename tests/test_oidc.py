@@ -731,7 +731,7 @@ def _read_url(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> str:
 
 def _client(control: Control, tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "dataplane", "client", "login", "--control", control.url,
-                             "--ca-hash", control.ca_hash, "--oidc", *args], cwd=ROOT, env=environment(tmp_path / "data"), stdout=subprocess.PIPE,
+                             "--ca-hash", control.ca_hash, "--oidc", *args], cwd=ROOT, env=environment(tmp_path / "data", PYTHONFAULTHANDLER="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
 
 
@@ -769,7 +769,12 @@ def test_cli_login_with_oidc_stops_cleanly_on_ctrl_c(control: Control, tmp_path:
     try:
         _read_url(proc)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=15)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack on stderr
+            _, err = proc.communicate(timeout=10)
+            pytest.fail(f"the client did not stop within 15 s of SIGINT; its threads:\n{err.decode(errors='replace')}")
     finally:
         if proc.poll() is None:
             proc.kill()

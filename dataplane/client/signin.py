@@ -260,7 +260,11 @@ class Loopback:
 
         self._server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
         self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="oidc-loopback", daemon=True)
+        def serve() -> None:
+            httpclient.block_stop_signals()  # Ctrl-C goes to the main thread, which is waiting on the sign-in
+            self._server.serve_forever()
+
+        self._thread = threading.Thread(target=serve, name="oidc-loopback", daemon=True)
         self._thread.start()
 
     @property

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import signal
 import threading
 import urllib.parse
 from typing import Any
@@ -57,6 +58,7 @@ class _NotConnected(HttpError):
 
 
 CONNECT_TIMEOUT = 5.0  # seconds to connect to one control-plane URL when others remain to try
+JOIN_STEP = 0.1  # seconds a command-line call waits on its request thread between looks at signals
 _preferred: dict[str, int] = {}  # a comma-separated base -> the index of the URL that answered last
 
 
@@ -208,6 +210,7 @@ def request_blocking(base: str, method: str, target: str, **options: Any) -> Htt
     outcome: list[HttpResponse | BaseException] = []
 
     def run() -> None:
+        block_stop_signals()
         try:
             outcome.append(asyncio.run(request(base, method, target, **options)))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
@@ -215,8 +218,19 @@ def request_blocking(base: str, method: str, target: str, **options: Any) -> Htt
 
     worker = threading.Thread(target=run, name="ferryman-http", daemon=True)
     worker.start()
-    worker.join()
+    # Joined in short steps: a signal the kernel hands to another thread (before that thread
+    # blocked it) only sets a flag, and an untimed join would not look at it until the request
+    # ended (a long poll: half a minute).
+    while worker.is_alive():
+        worker.join(JOIN_STEP)
     answer = outcome[0]
     if isinstance(answer, BaseException):
         raise answer
     return answer
+
+
+def block_stop_signals() -> None:
+    """Keep SIGINT and SIGTERM away from the calling (worker) thread, so the kernel delivers them
+    to the main thread, where Python raises KeyboardInterrupt or runs the handler at once."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
