@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataplane.basics import pki  # noqa: E402
 from dataplane.fabric import Fabric  # noqa: E402
 
-from backends import Backend, source_request, start_backend  # noqa: E402
+from backends import Backend, source_bytes, source_request, start_backend  # noqa: E402
 
 MAX_CONNECTORS = 3
 # Edges the tests start are one process each (the fabric pins it too): tests count an edge's tunnels,
@@ -151,6 +151,17 @@ def upload_sha(port: int, data: bytes, timeout: float = 30.0) -> str:
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)
         return recv_all(s).decode("ascii", errors="replace")
+
+
+def upload_intact(port: int, size: int = 65536) -> bool:
+    """Whether ``size`` random bytes sent through the forward to a ``sha`` backend arrived intact;
+    False (after a short pause) when the flow could not be made, for ``wait_for``."""
+    data = os.urandom(size)
+    try:
+        return upload_sha(port, data, timeout=5) == sha256_hex(data)
+    except OSError:
+        time.sleep(0.1)
+        return False
 
 
 def download(port: int, n: int, seed: bytes, timeout: float = 30.0) -> bytes:
@@ -279,7 +290,8 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
 @pytest.fixture
 def xfer() -> types.SimpleNamespace:
     return types.SimpleNamespace(
-        sha256_hex=sha256_hex, connect=connect, recv_all=recv_all, upload_sha=upload_sha, download=download,
+        sha256_hex=sha256_hex, connect=connect, recv_all=recv_all, upload_sha=upload_sha, upload_intact=upload_intact,
+        download=download, source_bytes=source_bytes,
         echo=echo, aupload_sha=aupload_sha, adownload=adownload, run_async=run_async, scrape=scrape,
         metric=metric, wait_metric=wait_metric, rss_bytes=rss_bytes, wait_for=wait_for, socks_connect=socks_connect,
     )

@@ -88,7 +88,7 @@ def test_two_workers_relay_to_each_other_and_a_dead_worker_loses_only_its_flows(
     assert xfer.upload_sha(c1[0], upload) == xfer.sha256_hex(upload)
     seed = b"workers".ljust(32, b".")
     down = xfer.download(c1[1], 2 << 20, seed)
-    assert xfer.sha256_hex(down) == xfer.sha256_hex(_source_bytes(2 << 20, seed))
+    assert xfer.sha256_hex(down) == xfer.sha256_hex(xfer.source_bytes(2 << 20, seed))
     samples = xfer.scrape(edge)
     assert xfer.metric(samples, "ferryman_relayed_flows_total", direction="out") >= out_before + 2
     assert xfer.metric(samples, "ferryman_relayed_flows_total", direction="in") >= out_before + 2
@@ -116,11 +116,11 @@ def test_two_workers_relay_to_each_other_and_a_dead_worker_loses_only_its_flows(
     xfer.wait_for(lambda: per_worker("ferryman_edge_worker_connector_tunnels", 1) == 2, 10,
                   "the connector on worker 1")
     out_before = xfer.metric(xfer.scrape(edge), "ferryman_relayed_flows_total", direction="out")
-    xfer.wait_for(lambda: _uploads(c2[0], xfer), 10, "a flow of client-2 relayed to worker 1")
+    xfer.wait_for(lambda: xfer.upload_intact(c2[0]), 10, "a flow of client-2 relayed to worker 1")
     upload = os.urandom(2 << 20)
     assert xfer.upload_sha(c2[0], upload) == xfer.sha256_hex(upload)
     down = xfer.download(c2[1], 2 << 20, seed)
-    assert xfer.sha256_hex(down) == xfer.sha256_hex(_source_bytes(2 << 20, seed))
+    assert xfer.sha256_hex(down) == xfer.sha256_hex(xfer.source_bytes(2 << 20, seed))
     assert xfer.metric(xfer.scrape(edge), "ferryman_relayed_flows_total", direction="out") >= out_before + 2
     xfer.wait_for(lambda: presence() == [("edge-1", ["connector-1"])], 10, "the presence map to name edge-1")
 
@@ -162,7 +162,7 @@ def test_two_workers_relay_to_each_other_and_a_dead_worker_loses_only_its_flows(
     assert _workers(fab.pids["edge-1"])[1] == workers[1]
     assert per_worker("ferryman_edge_worker_restarts_total", 1) == 0
     xfer.wait_for(lambda: per_worker("ferryman_edge_worker_clients", 0) == 1, 15, "client-2 back on worker 0")
-    xfer.wait_for(lambda: _uploads(c2[0], xfer), 10, "a new flow of client-2 through the new worker 0")
+    xfer.wait_for(lambda: xfer.upload_intact(c2[0]), 10, "a new flow of client-2 through the new worker 0")
     assert "worker died; its flows are lost; restarting it" in fab.log_tail("edge-1", 200)
     # The counters of the dead worker stay in the edge's totals: they never go back.
     assert xfer.metric(xfer.scrape(edge), "ferryman_bytes_total", direction="rx") >= carried
@@ -194,7 +194,7 @@ def test_a_flow_relayed_by_a_peer_edge_goes_on_to_the_worker_holding_its_connect
         return (xfer.metric(xfer.scrape(edge1), "ferryman_relayed_flows_total", direction="out"),
                 xfer.metric(xfer.scrape(edge2), "ferryman_relayed_flows_total", direction="in"))
 
-    xfer.wait_for(lambda: _uploads(fab.forward_ports[0], xfer), 10, "a flow relayed from edge-1 to edge-2")
+    xfer.wait_for(lambda: xfer.upload_intact(fab.forward_ports[0]), 10, "a flow relayed from edge-1 to edge-2")
     out_before, in_before = relayed()
     upload = os.urandom(1 << 20)
     assert xfer.upload_sha(fab.forward_ports[0], upload) == xfer.sha256_hex(upload)
@@ -213,21 +213,6 @@ def _alive(pid: int) -> bool:
             return not any(line.startswith("State:") and "Z" in line.split()[1] for line in fh)
     except FileNotFoundError:
         return False
-
-
-def _uploads(port: int, xfer) -> bool:
-    data = os.urandom(65536)
-    try:
-        return xfer.upload_sha(port, data, timeout=5) == xfer.sha256_hex(data)
-    except OSError:
-        time.sleep(0.1)
-        return False
-
-
-def _source_bytes(n: int, seed: bytes) -> bytes:
-    from backends import source_bytes
-
-    return source_bytes(n, seed)
 
 
 def test_quic_tunnels_on_an_edge_of_two_workers_without_a_control_plane(fabric, backend, xfer) -> None:
