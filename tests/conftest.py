@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import struct
 import sys
@@ -46,6 +47,11 @@ MAX_CONNECTORS = 3
 # caps and log lines per process. tests/test_e2e_workers.py asks for workers explicitly.
 os.environ["FERRYMAN_EDGE_WORKERS"] = "1"
 _FABRICS = pytest.StashKey[list]()
+# A test run started in the background (`cmd &` in a script) ignores SIGINT, and an ignored signal
+# stays ignored across exec: the programs the tests start would never see the Ctrl-C some tests
+# send them. A handler (unlike "ignore") is reset to the default in every child.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ---------------------------------------------------------------------------- reporting
