@@ -251,15 +251,20 @@ def test_control_plane_arguments_exist() -> None:
 
 
 def test_sigterm_drain_fits_in_the_grace_period() -> None:
+    drained: set[str] = set()
     for _, doc in _workloads():
         spec = doc["spec"]["template"]["spec"]
         for container in spec["containers"]:
-            if container["name"] != "connector":
+            kind = {"connector": settings_mod.ConnectorSettings, "edge": settings_mod.EdgeSettings}.get(container["name"])
+            if kind is None:
                 continue
-            drain = settings_mod.load(settings_mod.ConnectorSettings, environ={
+            drained.add(container["name"])
+            drain = settings_mod.load(kind, environ={
                 k: v for k, v in _env(container).items() if k.startswith("FERRYMAN_")}).drain_grace
             pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-            assert spec["terminationGracePeriodSeconds"] >= pause + drain + 5
+            # (an edge's supervisor waits its workers' drain and one second more before killing them)
+            assert spec["terminationGracePeriodSeconds"] >= pause + drain + 5, container["name"]
+    assert drained == {"connector", "edge"}
 
 
 def test_containers_are_non_root_read_only_and_bounded() -> None:

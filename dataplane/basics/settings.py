@@ -302,7 +302,7 @@ VARIABLES: dict[str, str] = {
     "connector_edges": "Connector: most edges it holds tunnels to, chosen from the control plane's edge list (or FERRYMAN_EDGES) by rendezvous hashing of its name, so connectors spread over the edges and move only when edges come or go; flows landing on other edges are relayed to these.",
     "connector_tunnels": "Connector: outbound tunnels kept open, spread over the edges it chose (at least one per edge: FERRYMAN_CONNECTOR_EDGES).",
     "connector_group": "Connector: connector group it names in its HELLO (a registered connector: the one it was registered into). An edge with a control plane, or whose application file lists connectors, serves it under the group recorded there and refuses it when this names another.",
-    "drain_grace": "Connector: seconds to let flows finish after GOAWAY on SIGTERM. Edge with workers: seconds the supervisor waits for its workers to stop after passing SIGTERM on, then kills them.",
+    "drain_grace": "Connector and edge: seconds running flows (an edge: and web requests) may take to finish after SIGTERM; meanwhile the node sends GOAWAY `draining` and takes no new flows (an edge: no new tunnels, `/ready` 503), then what still runs is cut. Edge with workers: the supervisor kills workers still running one second later. Client agent: seconds a tunnel replaced by another (its edge drains, or QUIC came back) may keep its flows.",
     "dial_timeout": "Connector: seconds to wait for a backend TCP connect.",
     "resolve_timeout": "Connector: seconds to resolve a flow's destination name (system resolver); then the OPEN fails with `dns_timeout`.",
     "dial_addresses": "Connector: most addresses of a resolved name that are checked and tried, in the resolver's order (the rest are ignored).",

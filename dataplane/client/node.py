@@ -83,6 +83,9 @@ class Client(EndpointNode[None]):
         self.udp_listeners: list[asyncio.DatagramTransport] = []
         self.probe_ok: dict[Forward, str] = {}  # forward -> "" when usable, else the reason
         self._probes: dict[tuple[ClientTunnel, int], Forward] = {}  # (tunnel, flow id) of each readiness probe
+        # Flows that met a draining tunnel, waiting for its replacement (at most FERRYMAN_MAX_PENDING_OPENS
+        # of them, each at most FERRYMAN_OPEN_TIMEOUT): opened again when the next tunnel is up.
+        self._parked: list[ClientFlow | UdpFlow] = []
         self._ssl = credentials.client_context()
         self._wire = credentials.wire_config()
         self.keeper = keeper
@@ -155,7 +158,7 @@ class Client(EndpointNode[None]):
             metrics = await start_metrics_server(self.settings.metrics_addr, self.stats, self.ready,
                                                  limits=HttpLimits.from_settings(self.settings))
         keeper = asyncio.create_task(keep_tunnel(self, self.settings, self._wire_config, self._ssl, self.edges,
-                                                 self._session, lambda: not stop.is_set()))
+                                                 self._session, lambda: not stop.is_set(), replace_draining=True))
         tokens = asyncio.create_task(self.keeper.run(stop)) if self.keeper is not None else None
         background = [asyncio.create_task(status.keep_written(self.directory, self.status, self.stats, stop))]
         if self.follower is not None:
@@ -287,6 +290,10 @@ class Client(EndpointNode[None]):
         self.stats.tunnels_opened += 1
         log.info("tunnel up", extra={"edge": tunnel.peer_name, "addr": tunnel.label,
                                      "transport": tunnel.transport_name})
+        parked, self._parked = self._parked, []
+        for flow in parked:
+            if not flow.done:
+                self.open(flow)
 
     def tunnel_down(self, tunnel: ClientTunnel) -> None:
         if tunnel.up:
@@ -312,7 +319,8 @@ class Client(EndpointNode[None]):
         """Per-flow credit bounds what each flow queues; nothing else to do."""
 
     def goaway_received(self, tunnel: ClientTunnel, event: ev.GoAwayReceived) -> None:
-        """New flows fail with "draining" until the tunnel is replaced after it closes."""
+        """The edge drains this tunnel: the tunnel's slot (``keep_tunnel``) dials a replacement, and
+        flows opened meanwhile wait for it (``_park``)."""
 
     def flow_requested(self, tunnel: ClientTunnel, event: ev.FlowRequested) -> None:
         if not tunnel.has_flow(event.flow_id):
@@ -333,14 +341,21 @@ class Client(EndpointNode[None]):
             flow.opened("", "")
 
     def flow_rejected(self, tunnel: ClientTunnel, event: ev.FlowRejected) -> None:
-        self.stats.count(self.stats.open_failures, event.code)
         fwd = self._probes.pop((tunnel, event.flow_id), None)
         if fwd is not None:
+            if event.code == "draining":  # probed again on the replacement tunnel
+                return
+            self.stats.count(self.stats.open_failures, event.code)
             if self.probe_ok.get(fwd) != event.reason:
                 log.warning("forward not usable", extra={"forward": str(fwd), "code": event.code, "reason": event.reason})
             self.probe_ok[fwd] = event.reason or event.code
             return
         flow = tunnel.routes.pop(event.flow_id, None)
+        if flow is not None and event.code == "draining" and not flow.done:
+            flow.tunnel = None  # the OPEN crossed the edge's GOAWAY: nothing reached the app, so open it again
+            if self._park(flow):
+                return
+        self.stats.count(self.stats.open_failures, event.code)
         if flow is not None:
             flow.done = True
             log.warning("flow refused", extra={"dest": "%s:%s" % flow.dest, "source": flow.peer,
@@ -354,6 +369,8 @@ class Client(EndpointNode[None]):
 
     # ------------------------------------------------------------------ opening flows (the FlowOpener)
     def _probe_forwards(self, tunnel: ClientTunnel) -> None:
+        if tunnel.draining:  # probed on the replacement
+            return
         for fwd in self.forwards:
             if self.probe_ok.get(fwd) == "" or fwd in self._probes.values():
                 continue
@@ -389,6 +406,8 @@ class Client(EndpointNode[None]):
             flow.done = True
             flow.opened("edge_unreachable", reason)
             return
+        if tunnel.draining and self._park(flow):
+            return
         try:
             fid = tunnel.open_flow(Open(host=host, port=port, protocol=flow.protocol, source=flow.peer,
                                         process=process or ""))
@@ -399,7 +418,25 @@ class Client(EndpointNode[None]):
             flow.opened(exc.code, exc.message)
             return
         flow.bind(tunnel, fid)
-        flow.timer = asyncio.get_running_loop().call_later(self.settings.open_timeout, self._open_expired, flow)
+        if flow.timer is None:  # (a flow opened again after waiting for a tunnel keeps its first deadline)
+            flow.timer = asyncio.get_running_loop().call_later(self.settings.open_timeout, self._open_expired, flow)
+
+    def _park(self, flow: ClientFlow | UdpFlow) -> bool:
+        """Keep a flow whose tunnel drains until the replacement tunnel is up (``tunnel_up`` opens it
+        there; the open timeout still runs). False when the current tunnel is a usable replacement
+        already (the flow is opened on it now) or FERRYMAN_MAX_PENDING_OPENS flows wait."""
+        current = self.tunnel
+        if current is not None and current.up and not current.closed and not current.draining:
+            self.open(flow)
+            return True
+        if len(self._parked) >= self.settings.max_pending_opens:
+            self._parked = [f for f in self._parked if not f.done]
+            if len(self._parked) >= self.settings.max_pending_opens:
+                return False
+        self._parked.append(flow)
+        if flow.timer is None:
+            flow.timer = asyncio.get_running_loop().call_later(self.settings.open_timeout, self._open_expired, flow)
+        return True
 
     def route(self, host: str, port: int, protocol: str = "tcp") -> Route:
         """Where a connection captured by SOCKS5 or HTTP CONNECT to host:port goes: ``"tunnel"``

@@ -36,6 +36,11 @@ already up with one are ended (GOAWAY ``certificate_revoked``, their flows reset
 as the snapshot revoking it arrives. Every flow and every refused OPEN becomes a traffic-log
 record (``records.py``).
 
+SIGTERM drains the edge (``_drain``): ``/ready`` turns 503, the TCP port closes, HELLOs that
+still arrive (QUIC) are refused with ``draining``, every tunnel gets GOAWAY ``draining`` (a
+client agent dials another edge for its next flows), and the edge waits for its running flows
+and web requests to end, at most FERRYMAN_DRAIN_GRACE seconds, before it shuts down.
+
 Caps (``basics.caps``): at most FERRYMAN_MAX_HANDSHAKES connections in their TLS handshake
 and HELLO at once, FERRYMAN_MAX_HANDSHAKES_PER_SOURCE of them from one source address (one
 more is closed at once); at most FERRYMAN_MAX_TUNNELS_PER_CLIENT / _PER_CONNECTOR tunnels
@@ -171,6 +176,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self.listener: socket.socket | None = None
         self.quic: QuicServer | None = None  # the QUIC listener, with FERRYMAN_EDGE_QUIC=on
         self._accepting = False
+        self.draining = False  # SIGTERM: no new tunnels or flows, running flows finish (``_drain``)
+        self._bound: tuple[str, int] | None = None  # the tunnel port's address (heartbeats report it)
         self._handshakes: set[asyncio.Task[None]] = set()
         # Caps per source and per identity: handshakes in progress (accepted, HELLO not done) per
         # source address and in all; tunnels up per certificate identity (role, name).
@@ -228,7 +235,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self.link.load_cached()
         accepting = loop.create_task(self._accept(self.listener))
         following = loop.create_task(self.link.run(stop)) if self.link is not None else None
-        bound = self.listener.getsockname()
+        bound = self._bound = self.listener.getsockname()[:2]
         if s.edge_quic == "on":  # QUIC tunnels on the same port number, over UDP
             self.quic = await serve_quic(self, self._wire, host, bound[1], s,
                                          load_credentials(s.tls_cert, s.tls_key, s.tls_ca),
@@ -251,8 +258,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                         "serves, so any certificate of this CA may serve any group (list them under "
                         "[[connectors]] to decide it here)")
         await stop.wait()
-        log.info("edge stopping")
         accepting.cancel()
+        await self._drain()
+        log.info("edge stopping")
         if working is not None:
             working.cancel()
         await asyncio.gather(accepting, *([following] if following else []), *([working] if working else []),
@@ -271,6 +279,31 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self.relay.close()
         if metrics is not None:
             metrics.close()
+
+    async def _drain(self) -> None:
+        """SIGTERM: take no new tunnels (the TCP port closes, QUIC and late HELLOs are refused with
+        ``draining``), no new flows (GOAWAY ``draining`` to every client, connector and relaying
+        peer edge: a client dials another edge for its next flows) and no new web connections,
+        and report not ready; then wait until the running flows and web requests have ended, at
+        most FERRYMAN_DRAIN_GRACE seconds. What is still running then is cut by the shutdown."""
+        loop = asyncio.get_running_loop()
+        self.draining = True
+        if self.listener is not None:
+            self.listener.close()
+        if self.web is not None:
+            self.web.stop_listening()
+        for tunnel in [*self.clients, *self.connectors, *self.relays_in]:
+            tunnel.goaway("draining", f"edge {self.name} is shutting down: new flows go to another edge")
+        grace = self.settings.drain_grace
+        log.info("edge draining", extra={"flows": self.stats.flows_active, "grace_s": grace,
+                                         "web_requests": self.web.in_flight() if self.web is not None else 0})
+        deadline = loop.time() + grace
+        while loop.time() < deadline and (self.stats.flows_active > 0 or
+                                          (self.web is not None and self.web.in_flight() > 0)):
+            await asyncio.sleep(0.05)
+        if self.stats.flows_active:
+            log.warning("drain grace over: cutting the flows still running",
+                        extra={"flows": self.stats.flows_active, "grace_s": grace})
 
     def wire(self) -> WireConfig:
         return self._wire
@@ -293,7 +326,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
 
     def ready(self) -> bool:
         """Accepting tunnels, with a configuration (an application file, or a snapshot)."""
-        return self._accepting and (self.static_apps or self.link is None or self.link.version is not None)
+        return self._accepting and not self.draining and (self.static_apps or self.link is None or self.link.version is not None)
 
     # ------------------------------------------------------------------ control plane
     def _configure(self, snapshot: ConfigSnapshot) -> None:
@@ -417,7 +450,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
     def _report(self) -> Report:
         tunnels = len(self.clients) + len(self.connectors)
         flows = self.stats.flows_active
-        bound = self.listener.getsockname() if self.listener is not None else None
+        bound = self._bound
         self._held = local_presence(self.connectors)
         held = self._held
         if self.worker is not None:  # the control plane sees one edge: every worker's connectors and figures
@@ -532,10 +565,14 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
     # ------------------------------------------------------------------ tunnels
     def refuse_tunnel(self, tunnel: EdgeTunnel) -> tuple[str, str] | None:
         """At most FERRYMAN_MAX_TUNNELS_PER_CLIENT / _PER_CONNECTOR tunnels per certificate
-        identity (role and name): one more is refused at its HELLO. Counted until tunnel_down."""
+        identity (role and name): one more is refused at its HELLO. Counted until tunnel_down.
+        A draining edge refuses every new tunnel."""
         hello = tunnel.hello
         assert hello is not None
         s = self.settings
+        if self.draining:
+            self.stats.count(self.stats.tunnels_closed, "draining")
+            return "draining", f"edge {self.name} is shutting down: dial another edge"
         if hello.role == "edge" and not tunnel.conn.dialer and not is_sibling(tunnel):  # a peer edge relaying
             refusal = (self.relay.refuse_peer_edge(hello.node) if self.relay is not None else
                        f"edge {self.name} follows no control plane: it accepts no relayed flows")

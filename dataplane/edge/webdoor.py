@@ -157,6 +157,13 @@ class EdgeWeb:
         self.address = addresses[0]
         return self.address
 
+    def stop_listening(self) -> None:
+        self.door.stop_listening()
+
+    def in_flight(self) -> int:
+        """Web requests being answered now."""
+        return self.door.in_flight
+
     async def close(self) -> None:
         await self.door.close()
 

@@ -4,7 +4,8 @@
 configured, or QUIC, as ``TransportChoice`` says for FERRYMAN_TRANSPORT), wait for the HELLO
 exchange, run the node's session until the tunnel ends, back off with jitter (``Backoff``)
 and dial again; on an ``auto`` fallback to TLS/TCP it probes QUIC and moves over when it
-answers, retiring the TLS/TCP tunnel once its flows are done.
+answers, and a client agent's slot replaces a tunnel its edge drains (GOAWAY ``draining``):
+the old tunnel retires, closing once its flows are done.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ async def keep_tunnel(
     first: int = 0,
     label: str = "",
     back_to_first: bool = False,
+    replace_draining: bool = False,
 ) -> None:
     """Keep one tunnel to an edge up while ``running()``: dial (moving to the next edge
     after a failure), wait for the HELLO exchange, run ``session(tunnel)`` until it
@@ -86,6 +88,11 @@ async def keep_tunnel(
     TCP tunnel drains: GOAWAY, then it closes when its flows have ended (at most
     FERRYMAN_DRAIN_GRACE later).
 
+    With ``replace_draining`` (a client agent) a GOAWAY ``draining`` from the edge (it is
+    shutting down) has the slot dial a replacement at once, trying the other edges first and
+    the same address last (behind a load balancer it reaches another edge): new flows use
+    the replacement while the old tunnel's flows finish on it.
+
     ``ssl_ctx`` and ``wire`` may be functions returning what to use for the next dial (a
     node whose certificate is renewed hands out the new context, a client its current
     access token in the HELLO); ``edges`` is read at every dial,
@@ -96,9 +103,9 @@ async def keep_tunnel(
     proxy = egress_proxy(settings)  # HTTP CONNECT proxy for TLS/TCP dials (None: direct)
     choice = TransportChoice(settings.transport)
     backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
-    attempt = 0
-    while running():
-        host, port = edges[(first + attempt) % len(edges)]
+
+    async def dial(host: str, port: int) -> tuple[AnyTunnel | None, str]:
+        """A tunnel to host:port whose HELLO exchange is done, on the transport ``choice`` says."""
         config = wire() if callable(wire) else wire
         name = f"{label}{host}:{port}"
         tunnel: AnyTunnel | None = None
@@ -122,6 +129,26 @@ async def keep_tunnel(
                 await tunnel.up_waiter
             except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
                 tunnel, reason = None, ssl_handshake_error(exc)
+        if tunnel is not None:
+            tunnel.dialed = (host, port)
+        return tunnel, reason
+
+    async def replacement(draining: AnyTunnel) -> AnyTunnel | None:
+        """A tunnel to another edge (or a new one behind the same address) for one that drains."""
+        at = edges.index(draining.dialed) if draining.dialed in edges else -1
+        order = [edges[(at + 1 + i) % len(edges)] for i in range(len(edges))]  # the draining address last
+        for host, port in order:
+            tunnel, reason = await dial(host, port)
+            if tunnel is not None:
+                return tunnel
+            log.warning("edge unreachable while replacing a draining tunnel",
+                        extra={"edge": f"{host}:{port}", "reason": reason})
+        return None
+
+    attempt = 0
+    while running():
+        host, port = edges[(first + attempt) % len(edges)]
+        tunnel, reason = await dial(host, port)
         if tunnel is None:
             if choice.mode == "auto":
                 choice.quic_failed_at = None  # neither answered (the edge is down): QUIC first again next time
@@ -130,14 +157,17 @@ async def keep_tunnel(
                                                    "retry_in_s": round(delay, 2)})
         else:
             backoff.reset()
-            tunnel.dialed = (host, port)
-            await _run_sessions(node, settings, choice, tunnel, session, running, lambda: _dial_quic(
-                node, settings, wire() if callable(wire) else wire, host, port, name))
+            last = await _run_sessions(node, settings, choice, tunnel, session, running,
+                                       lambda: _dial_quic(node, settings, wire() if callable(wire) else wire,
+                                                          host, port, f"{label}{host}:{port}"),
+                                       replacement if replace_draining else None)
             if not running():
                 return
             delay = backoff.next()
             if back_to_first:
                 attempt = -1
+            elif last.dialed in edges and last.dialed != (host, port):  # replaced: go on from where it ended
+                attempt = (edges.index(last.dialed) - first) % len(edges)
         attempt += 1
         node.stats.reconnects += 1
         await asyncio.sleep(delay)
@@ -162,49 +192,76 @@ async def _dial_quic(node: TunnelHandler, settings: DialerSettings, config: Wire
 
 async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: TransportChoice, tunnel: AnyTunnel,
                         session: Callable[[Any], Awaitable[None]], running: Callable[[], bool],
-                        redial_quic: Callable[[], Awaitable[tuple[AnyTunnel | None, str]]]) -> None:
-    """Run ``session(tunnel)`` until the tunnel ends; on an ``auto`` TCP fallback, probe QUIC
-    meanwhile and move to a QUIC tunnel as soon as one comes up."""
+                        redial_quic: Callable[[], Awaitable[tuple[AnyTunnel | None, str]]],
+                        replacement: Callable[[AnyTunnel], Awaitable[AnyTunnel | None]] | None) -> AnyTunnel:
+    """Run ``session(tunnel)`` until the tunnel ends, moving the session to a new tunnel (the old
+    one retires: it closes once its flows ended) when an ``auto`` TCP fallback finds QUIC
+    reachable again, or, with ``replacement``, when the edge drains the tunnel. Returns the
+    tunnel the session ended on."""
     loop = asyncio.get_running_loop()
     stats = node.stats
     kind = tunnel.transport_name
     stats.count(stats.transports, kind)
     task = asyncio.ensure_future(session(tunnel))
     try:
-        while choice.mode == "auto" and tunnel.transport_name == "tcp" and running():
-            done, _ = await asyncio.wait({task}, timeout=settings.quic_probe_interval)
-            if done:
+        while running():
+            probing = choice.mode == "auto" and tunnel.transport_name == "tcp"
+            watch: set[asyncio.Future[Any]] = {task}
+            if replacement is not None and not tunnel.goaway_waiter.done():
+                watch.add(tunnel.goaway_waiter)
+            if not probing and len(watch) == 1:
                 break
-            upgraded, reason = await redial_quic()
-            if upgraded is None:
-                choice.quic_failed_at = loop.time()
-                log.info("QUIC still unreachable; staying on TLS/TCP", extra={"reason": reason})
+            done, _ = await asyncio.wait(watch, timeout=settings.quic_probe_interval if probing else None,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                break
+            new: AnyTunnel | None = None
+            if replacement is not None and tunnel.goaway_waiter.done():
+                if tunnel.goaway_waiter.result() != "draining":
+                    continue  # e.g. the tunnel is being refused or revoked: it closes, and the slot dials again
+                log.info("edge draining: dialing a replacement tunnel for new flows", extra={"tunnel": tunnel.label})
+                new = await replacement(tunnel)
+                if new is None:
+                    log.warning("no edge took a replacement tunnel: new flows wait for the draining one to close",
+                                extra={"tunnel": tunnel.label})
+                    continue
+                log.info("new flows use the replacement tunnel; the draining one closes when its flows end",
+                         extra={"old": tunnel.label, "new": new.label})
+                _retire(tunnel, settings.drain_grace, "edge_draining", "replaced: its edge is shutting down")
+            elif probing:
+                new, reason = await redial_quic()
+                if new is None:
+                    choice.quic_failed_at = loop.time()
+                    log.info("QUIC still unreachable; staying on TLS/TCP", extra={"reason": reason})
+                    continue
+                choice.quic_failed_at = None
+                log.info("QUIC reachable again: new flows use the QUIC tunnel, the TLS/TCP one drains",
+                         extra={"tunnel": new.label})
+                new.dialed = tunnel.dialed
+                _retire(tunnel, settings.drain_grace, "transport_upgrade", "replaced by a QUIC tunnel")
+            if new is None:
                 continue
-            choice.quic_failed_at = None
-            log.info("QUIC reachable again: new flows use the QUIC tunnel, the TLS/TCP one drains",
-                     extra={"tunnel": upgraded.label})
-            upgraded.dialed = tunnel.dialed
-            _retire(tunnel, settings.drain_grace)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             stats.count(stats.transports, kind, -1)
-            tunnel, kind = upgraded, "quic"
+            tunnel, kind = new, new.transport_name
             stats.count(stats.transports, kind)
             task = asyncio.ensure_future(session(tunnel))
         await task
     finally:
         task.cancel()
         stats.count(stats.transports, kind, -1)
+    return tunnel
 
 
-def _retire(tunnel: AnyTunnel, grace: float) -> None:
+def _retire(tunnel: AnyTunnel, grace: float, code: str, reason: str) -> None:
     """Drain a tunnel that another one replaces: GOAWAY now, close once its flows ended (or after ``grace``)."""
-    tunnel.goaway("transport_upgrade", "moving to a QUIC tunnel")
+    tunnel.goaway(code, reason)
 
     async def close_when_idle() -> None:
         deadline = asyncio.get_running_loop().time() + grace
         while tunnel.routes and not tunnel.closed and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
-        tunnel.close("transport_upgrade", "replaced by a QUIC tunnel")
+        tunnel.close(code, reason)
 
     asyncio.ensure_future(close_when_idle())

@@ -132,6 +132,7 @@ class TunnelBase(Generic[F, S]):
     writable: bool
     up_waiter: asyncio.Future[None]
     done_waiter: asyncio.Future[None]
+    goaway_waiter: asyncio.Future[str]  # the code of the peer's GOAWAY, once one arrived
     _timer: asyncio.TimerHandle | None
     _last_rx: float
     _last_ping: float
@@ -172,6 +173,7 @@ class TunnelBase(Generic[F, S]):
         self._handler_errors = 0
         self.up_waiter = self.loop.create_future()
         self.done_waiter = self.loop.create_future()
+        self.goaway_waiter = self.loop.create_future()
         self.acknowledge = conn.acknowledge
         conn.on_window = self.flush_soon
 
@@ -380,6 +382,8 @@ class TunnelBase(Generic[F, S]):
     def _on_goaway(self, tunnel: Any, event: ev.GoAwayReceived) -> None:
         log.info("peer draining", extra={"tunnel": self.label, "peer": self.peer_name,
                                          "code": event.code, "reason": event.reason})
+        if not self.goaway_waiter.done():
+            self.goaway_waiter.set_result(event.code)
         self.handler.goaway_received(self, event)
 
     def _keepalive(self) -> None:
@@ -406,7 +410,8 @@ class TunnelBase(Generic[F, S]):
         self.closed = True
         self.close_code = code
         self.close_reason = reason
-        level = logging.WARNING if error or code not in ("peer_closed", "shutdown", "goaway") else logging.INFO
+        level = logging.WARNING if error or code not in ("peer_closed", "shutdown", "goaway", "edge_draining",
+                                                               "transport_upgrade") else logging.INFO
         extra = {"tunnel": self.label, "peer": self.peer_name, "peer_addr": self.peer_addr, "code": code,
                  "reason": reason}
         if self.up:

@@ -111,6 +111,7 @@ class FrontDoor:
         self.servers: list[asyncio.base_events.Server] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.closing = False
+        self.in_flight = 0  # requests being answered (a WebSocket counts until it ends)
 
     # ------------------------------------------------------------------ configuration
     def set_apps(self, apps: Iterable[WebApp]) -> None:
@@ -217,6 +218,11 @@ class FrontDoor:
             if len(self.sockets):
                 self.recheck()
 
+    def stop_listening(self) -> None:
+        """Accept no new connections; those open go on (the edge drains)."""
+        for server in self.servers:
+            server.close()
+
     async def close(self) -> None:
         self.closing = True
         for server in self.servers:
@@ -236,7 +242,11 @@ class FrontDoor:
 
     # ------------------------------------------------------------------ from the connections
     async def handle(self, request, responder) -> None:
-        await self.proxy.handle(request, responder)
+        self.in_flight += 1
+        try:
+            await self.proxy.handle(request, responder)
+        finally:
+            self.in_flight -= 1
 
     def connection_closed(self, conn: asyncio.Protocol) -> None:
         self.connections.discard(conn)
