@@ -78,7 +78,8 @@ def test_sigterm_drains_an_edge_without_losing_a_flow(fabric, backend, xfer) -> 
         data = os.urandom(4096)
         assert xfer.echo(port, data, timeout=10) == data
     assert time.monotonic() - signalled < 10
-    assert xfer.metric(xfer.scrape(edge2), "ferryman_flows_opened_total") >= opened_on_2 + 11
+    # (the early flow may have reached edge-1 before its GOAWAY went out: it was then served there)
+    assert xfer.metric(xfer.scrape(edge2), "ferryman_flows_opened_total") >= opened_on_2 + 10
     refused = xfer.metric(xfer.scrape(client), "ferryman_open_failures_total") - refused_before
     assert refused == 0, f"client-1 had {refused} flows refused during the drain"
 

@@ -306,7 +306,7 @@ VARIABLES: dict[str, str] = {
     "dial_timeout": "Connector: seconds to wait for a backend TCP connect.",
     "resolve_timeout": "Connector: seconds to resolve a flow's destination name (system resolver); then the OPEN fails with `dns_timeout`.",
     "dial_addresses": "Connector: most addresses of a resolved name that are checked and tried, in the resolver's order (the rest are ignored).",
-    "reconnect_min": "Connector/client: first reconnect delay in seconds (doubles, with jitter).",
+    "reconnect_min": "Connector/client: first reconnect delay in seconds (doubles, with jitter). A client agent also dials at most one replacement for a draining tunnel per this many seconds.",
     "reconnect_max": "Connector/client: ceiling of the reconnect delay in seconds.",
     "open_timeout": "Client: seconds to wait for the edge's OPEN_OK before failing a flow. Edge: seconds a flow waits for the connector's answer; then the client gets OPEN_FAIL `open_timeout` and the connector an RST (every OPEN is answered).",
     "pending_opens_share": "Edge: share of FERRYMAN_MAX_PENDING_OPENS that one user (or, without sign-in, one device) may have waiting for answers on one connector tunnel; further OPENs of theirs are refused (`too_many_pending`) so others keep opening flows.",

@@ -203,7 +203,8 @@ async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: T
     kind = tunnel.transport_name
     stats.count(stats.transports, kind)
     task = asyncio.ensure_future(session(tunnel))
-    try:
+    replaced_at = -settings.reconnect_min  # at most one replacement per FERRYMAN_RECONNECT_MIN (an edge that
+    try:                                   # drains every tunnel at once is not dialed in a tight loop)
         while running():
             probing = choice.mode == "auto" and tunnel.transport_name == "tcp"
             watch: set[asyncio.Future[Any]] = {task}
@@ -220,7 +221,11 @@ async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: T
                 if tunnel.goaway_waiter.result() != "draining":
                     continue  # e.g. the tunnel is being refused or revoked: it closes, and the slot dials again
                 log.info("edge draining: dialing a replacement tunnel for new flows", extra={"tunnel": tunnel.label})
+                pause = replaced_at + settings.reconnect_min - loop.time()
+                if pause > 0:
+                    await asyncio.sleep(pause)
                 new = await replacement(tunnel)
+                replaced_at = loop.time()
                 if new is None:
                     log.warning("no edge took a replacement tunnel: new flows wait for the draining one to close",
                                 extra={"tunnel": tunnel.label})
