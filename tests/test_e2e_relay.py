@@ -169,3 +169,32 @@ def test_a_connector_spreads_its_tunnels_and_moves_when_an_edge_goes(fabric, bac
     assert "edges chosen" in fab.log_tail("connector-1", 40)
     data = os.urandom(65536)
     assert xfer.echo(fab.forward_ports[0], data) == data
+
+
+def test_a_web_apps_requests_are_relayed_to_the_edge_holding_its_connector(fabric, xfer) -> None:
+    """The front door on edge-1, the web app's only connector on edge-2: a signed-in browser's
+    requests reach the backend through the edge-1 → edge-2 relay, and a body comes back whole."""
+    from tests.test_e2e_webapps import curl, sign_in
+    from tests.web_support import Backend
+
+    from dataplane.fabric import WEB_DOMAIN
+
+    wiki = Backend("wiki", internal_host="127.0.0.1")
+    try:
+        fab = fabric([], managed=True, edges=2, connector_edges={"connector-1": ["edge-2"]}, timeout=30,
+                     webapps=[{"name": "wiki", "external_url": f"https://wiki.{WEB_DOMAIN}",
+                               "internal_url": wiki.internal_url}])
+        edge1, edge2 = fab.metrics["edge-1"], fab.metrics["edge-2"]
+        assert xfer.metric(xfer.scrape(edge1), "ferryman_edge_connector_tunnels") == 0
+        xfer.wait_metric(edge1, "ferryman_edge_relay_connectors", 1, timeout=10)  # edge-1 knows where it is
+        before = xfer.metric(xfer.scrape(edge1), "ferryman_relayed_flows_total", direction="out")
+        jar = os.path.join(fab.workdir, "jar")
+        page = sign_in(fab, jar, fab.web_url("wiki", "/hello"))
+        assert (page.status, page.body) == (200, b"hello from backend wiki")
+        for http2 in (False, True):
+            big = curl(fab, fab.web_url("wiki", "/big?n=1048576"), jar=jar, http2=http2)
+            assert big.status == 200 and len(big.body) == 1048576
+        assert xfer.metric(xfer.scrape(edge1), "ferryman_relayed_flows_total", direction="out") > before
+        assert xfer.metric(xfer.scrape(edge2), "ferryman_relayed_flows_total", direction="in") >= 1
+    finally:
+        wiki.stop()

@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from types import SimpleNamespace
 from urllib.parse import quote, urlencode
 
@@ -33,8 +34,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def curl(fab: Fabric, url: str, *args: str, jar: str | None = None, http2: bool = False,
-         data: bytes | None = None, cacert: str = "") -> Reply:
-    cmd = ["curl", "-sS", "--max-time", "20", "--cacert", cacert or fab.web_ca, "-D", "-", "-o", "-",
+         data: bytes | None = None, cacert: str = "", prefix: Sequence[str] = ()) -> Reply:
+    """``prefix``: a command curl runs under (e.g. ``taskset -c 1``)."""
+    cmd = [*prefix, "curl", "-sS", "--max-time", "20", "--cacert", cacert or fab.web_ca, "-D", "-", "-o", "-",
            "--http2" if http2 else "--http1.1", "--resolve", f"wiki.corp.example:{fab.web_port}:127.0.0.1"]
     for host in ("wiki", "open", "login"):
         cmd += ["--resolve", f"{host}.{WEB_DOMAIN}:{fab.web_port}:127.0.0.1"]
@@ -47,20 +49,20 @@ def curl(fab: Fabric, url: str, *args: str, jar: str | None = None, http2: bool 
     return parse_curl(proc.stdout)
 
 
-def sign_in(fab: Fabric, jar: str, url: str, http2: bool = False) -> Reply:
+def sign_in(fab: Fabric, jar: str, url: str, http2: bool = False, prefix: Sequence[str] = ()) -> Reply:
     """The browser's dance: app → 302 to the sign-in host → form → POST → back to the app."""
-    first = curl(fab, url, jar=jar, http2=http2)
+    first = curl(fab, url, jar=jar, http2=http2, prefix=prefix)
     assert first.status == 302, first
     location = first.header("location")
     assert location.startswith(f"https://login.{WEB_DOMAIN}:{fab.web_port}/"), location
-    form = curl(fab, location, jar=jar, http2=http2)
+    form = curl(fab, location, jar=jar, http2=http2, prefix=prefix)
     assert form.status == 200, form
     fields = {name: re.search(rb'name="%s" value="([^"]+)"' % name.encode(), form.body).group(1).decode()
               for name in ("csrf", "nonce", "host")}
     body = urlencode({**fields, "upn": fab.user, "password": fab.password, "otp": ""}).encode()
     return curl(fab, fab.web_url("login", "/.ferryman/sign_in"), "-L", "-H",
                 "Content-Type: application/x-www-form-urlencoded", "-H",
-                f"Origin: https://login.{WEB_DOMAIN}:{fab.web_port}", jar=jar, data=body, http2=http2)
+                f"Origin: https://login.{WEB_DOMAIN}:{fab.web_port}", jar=jar, data=body, http2=http2, prefix=prefix)
 
 
 def big(n: int) -> bytes:

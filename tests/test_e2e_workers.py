@@ -28,6 +28,8 @@ import time
 
 import pytest
 
+from dataplane.fabric import WEB_DOMAIN
+
 pytestmark = pytest.mark.timeout(120)
 
 CPU0, CPU1 = ["taskset", "-c", "0"], ["taskset", "-c", "1"]
@@ -236,3 +238,49 @@ def test_quic_tunnels_on_an_edge_of_two_workers_without_a_control_plane(fabric, 
     assert xfer.upload_sha(fab.forward_ports[0], upload) == xfer.sha256_hex(upload)
     relayed = xfer.metric(xfer.scrape(edge), "ferryman_relayed_flows_total", direction="out") - before
     assert relayed == (1 if client != connector else 0)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin curl to")
+def test_every_worker_serves_the_front_door_and_opens_the_others_sessions(fabric, xfer) -> None:
+    """Both workers listen on the HTTPS port (steered by CPU; the connector pinned to CPU 1 holds
+    its tunnels on worker 1, curl is pinned per request). A browser signs in through worker 0,
+    whose backend flows are relayed to worker 1; then, with worker 0 stopped (SIGSTOP), worker 1
+    serves the same cookie jar's next request (the cookie keys are the edge's, not one
+    process's) and signs the backend's identity assertion with the key worker 0 publishes."""
+    from tests.test_e2e_webapps import curl, sign_in
+    from tests.web_support import Backend
+
+    wiki = Backend("wiki", internal_host="127.0.0.1")
+    try:
+        fab = fabric([], managed=True, workers=2, prefix={"connector-1": CPU1, "client-1": CPU0},
+                     env={"FERRYMAN_EDGE_WORKER_STEERING": "cpu", "FERRYMAN_TRANSPORT": "tcp"}, timeout=40,
+                     webapps=[{"name": "wiki", "external_url": f"https://wiki.{WEB_DOMAIN}",
+                               "internal_url": wiki.internal_url}])
+        edge = fab.metrics["edge-1"]
+        xfer.wait_for(lambda: xfer.metric(xfer.scrape(edge), "ferryman_edge_worker_connector_tunnels", worker="1") == 2
+                      and xfer.metric(xfer.scrape(edge), "ferryman_edge_worker_connector_tunnels", worker="0") == 0,
+                      15, "the connector's tunnels on worker 1")
+        relayed = xfer.metric(xfer.scrape(edge), "ferryman_relayed_flows_total", direction="out")
+        jar = os.path.join(fab.workdir, "jar")
+        page = sign_in(fab, jar, fab.web_url("wiki", "/hello"), prefix=CPU0)
+        assert (page.status, page.body) == (200, b"hello from backend wiki")
+        assert xfer.metric(xfer.scrape(edge), "ferryman_relayed_flows_total", direction="out") > relayed
+        jwks = curl(fab, fab.web_url("login", "/.ferryman/jwks.json"), prefix=CPU0)
+        assert jwks.status == 200
+
+        workers = _workers(fab.procs["edge-1"].pid)
+        os.kill(workers[0], signal.SIGSTOP)
+        try:
+            again = curl(fab, fab.web_url("wiki", "/hello"), jar=jar, prefix=CPU1)
+            assert (again.status, again.body) == (200, b"hello from backend wiki"), again
+            seen = json.loads(curl(fab, fab.web_url("wiki", "/headers"), jar=jar, prefix=CPU1).body)
+            assert curl(fab, fab.web_url("login", "/.ferryman/jwks.json"), prefix=CPU1).body == jwks.body
+        finally:
+            os.kill(workers[0], signal.SIGCONT)
+        from joserfc import jwt
+        from joserfc.jwk import ECKey
+
+        key = ECKey.import_key(json.loads(jwks.body)["keys"][0])
+        assert jwt.decode(seen["x-ferryman-jwt-assertion"], key).claims["upn"] == fab.user
+    finally:
+        wiki.stop()

@@ -208,9 +208,8 @@ def run_command(args: argparse.Namespace) -> int:
             from ..edge.workers import WorkerLink, WorkerSpec
 
             worker = WorkerLink(WorkerSpec.parse(args.worker_of))
-            # The supervisor serves the edge's metrics; worker 0 alone serves the HTTPS front door.
-            settings = msgspec.structs.replace(settings, metrics_addr="", edge_https_listen=(
-                settings.edge_https_listen if worker.index == 0 else ""))
+            # The supervisor serves the edge's metrics; every worker serves the front door on its socket.
+            settings = msgspec.structs.replace(settings, metrics_addr="")
             credentials = NodeCredentials(settings, args.node)
         node = _build(args, settings, credentials, registered, keeper, follow_edges=not _explicit("edges", overrides),
                       worker=worker)

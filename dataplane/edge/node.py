@@ -210,6 +210,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                 "Edges in the presence map from the control plane (this one included; 0: none received)",
                 lambda: float(len(self.relay.presence.edges) if self.relay is not None
                               and self.relay.presence is not None else 0)),
+            "ferryman_edge_relay_connectors": (
+                "Connectors peer edges hold tunnels to, as the presence map says (where flows can be relayed)",
+                lambda: float(sum(len(e.connectors) for e in self.relay.peers.values()) if self.relay is not None else 0)),
             "ferryman_edge_relay_tunnels": (
                 "Edge to edge relay tunnels up (dialed by this edge, and accepted from peer edges)",
                 lambda: float(sum(1 for t in self.relays_in if t.up)
@@ -243,7 +246,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                                          sock=self.worker.quic_socket() if self.worker is not None else None)
         working = loop.create_task(self.worker.run(self, stop)) if self.worker is not None else None
         if self.web is not None:
-            web_host, web_port = await self.web.start()
+            web_host, web_port = await self.web.start(self.worker.https_socket() if self.worker is not None else None)
             log.info("HTTPS front door listening", extra={"addr": f"{web_host}:{web_port}",
                                                           "auth_host": s.web_auth_host})
         metrics = None
@@ -770,30 +773,40 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             return
 
         async def dial_then_open() -> None:
-            assert self.relay is not None
-            failure: RelayError | None = None
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.settings.open_timeout
-            for peer, connector in relays[:MAX_RELAY_TRIES]:
-                try:
-                    out = await asyncio.wait_for(self.relay.connect(peer), max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
-                    failure = RelayError("open_timeout", f"no relay tunnel to edge {peer.name} within "
-                                                         f"{self.settings.open_timeout:g}s")
-                    break
-                except RelayError as exc:
-                    log.warning("relay tunnel failed", extra={"peer": peer.name, "code": exc.code, "reason": str(exc)})
-                    failure = exc
-                    continue
-                if tunnel.has_flow(fid) and fid not in tunnel.routes and not tunnel.closed:
-                    self._open(tunnel, fid, request, verdict, out, connector)
+            try:
+                out, connector = await self.relay_route(relays)
+            except RelayError as exc:
+                if tunnel.has_flow(fid) and fid not in tunnel.routes:
+                    self._refuse(tunnel, fid, exc.code, str(exc), request, verdict)
                 return
-            if failure is not None and tunnel.has_flow(fid) and fid not in tunnel.routes:
-                self._refuse(tunnel, fid, failure.code, str(failure), request, verdict)
+            if tunnel.has_flow(fid) and fid not in tunnel.routes and not tunnel.closed:
+                self._open(tunnel, fid, request, verdict, out, connector)
 
         task = asyncio.get_running_loop().create_task(dial_then_open())
         self._relaying.add(task)
         task.add_done_callback(self._relaying.discard)
+
+    async def relay_route(self, relays: list[tuple[PresenceEdge, str]]) -> tuple[EdgeTunnel, str]:
+        """(relay tunnel, connector) for the first of ``relays`` (a sibling worker or peer edge, and
+        the connector of the group it holds) whose relay tunnel is up or can be dialed within
+        FERRYMAN_OPEN_TIMEOUT, trying at most ``MAX_RELAY_TRIES``; ``RelayError`` when none can.
+        Client flows (``_relay_open``) and the front door's backend flows both route this way."""
+        assert self.relay is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.open_timeout
+        failure = RelayError("relay_unavailable", "no peer edge holding a connector of the group was found")
+        for peer, connector in relays[:MAX_RELAY_TRIES]:
+            try:
+                out = await asyncio.wait_for(self.relay.connect(peer), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise RelayError("open_timeout", f"no relay tunnel to edge {peer.name} within "
+                                                 f"{self.settings.open_timeout:g}s") from None
+            except RelayError as exc:
+                log.warning("relay tunnel failed", extra={"peer": peer.name, "code": exc.code, "reason": str(exc)})
+                failure = exc
+                continue
+            return out, connector
+        raise failure
 
     def _open(self, tunnel: EdgeTunnel, fid: int, request: Open, verdict: Verdict, out: EdgeTunnel,
               connector_name: str) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -49,10 +50,12 @@ from ..controllink.link import ControlError
 from ..wire.connection import FlowError
 from ..wire.frames import Open
 from . import web
+from .relay import RelayError
 from .webflow import FlowRefused, WebFlow
 
 if TYPE_CHECKING:
     from .node import Edge
+    from .splice import EdgeTunnel
 
 log = logging.getLogger("ferryman.edge.web")
 
@@ -151,9 +154,10 @@ class EdgeWeb:
             self.door.cut_session(sid, "session revoked")
         self.door.recheck()
 
-    async def start(self) -> tuple[str, int]:
+    async def start(self, sock: socket.socket | None = None) -> tuple[str, int]:
+        """Listen on FERRYMAN_EDGE_HTTPS_LISTEN, or on ``sock`` (a worker's, from its supervisor)."""
         host, port = self.listen
-        addresses = await self.door.start(host, port)
+        addresses = await self.door.start(host, port, sock=sock)
         self.address = addresses[0]
         return self.address
 
@@ -247,34 +251,54 @@ class _Dialer:
     def __init__(self, web_door: EdgeWeb) -> None:
         self.web = web_door
 
+    async def _route(self, group: str) -> tuple[EdgeTunnel, str]:
+        """(tunnel, connector name) for a backend flow: a tunnel of a connector of ``group`` on this
+        edge, else a relay tunnel to the sibling worker or peer edge holding one (as for a client's flow)."""
+        edge = self.web.edge
+        connector = edge.pick_connector(group)
+        if connector is not None:
+            return connector, connector.peer_name
+        relays = edge.relay.candidates(group) if edge.relay is not None else []
+        if relays:
+            try:
+                return await edge.relay_route(relays)
+            except RelayError as exc:
+                log.warning("web backend flow: relay failed", extra={"group": group, "code": exc.code,
+                                                                     "reason": str(exc)})
+        raise web.DialError("no_connector", f"No connector of group '{group}' is connected for this "
+                                            "application.", 503)
+
     async def open(self, app: web.WebApp, principal: web.Principal | None) -> WebFlow:
         edge = self.web.edge
         group = self.web.groups.get(app.name)
         backend = self.web.backends.get(app.name)
         if group is None or backend is None:
             raise web.DialError("no_application", "The application is no longer published.", 502)
-        connector = edge.pick_connector(group)
-        if connector is None:
-            raise web.DialError("no_connector", f"No connector of group '{group}' is connected for this "
-                                                "application.", 503)
+        out, connector = await self._route(group)
+        relayed = out not in edge.connectors
         host, port = backend
         connection = os.urandom(8).hex()
         user = principal.upn if principal is not None else ""
-        grant = sign_grant(edge._grant_key, edge=edge.name, connector=connector.peer_name, host=host, port=port,
+        # Always signed (never MAC'd under the tunnel's key): the grant may travel through a relay.
+        grant = sign_grant(edge._grant_key, edge=edge.name, connector=connector, host=host, port=port,
                            protocol="tcp", connection=connection, user=user, device="", now=time.time(),
                            app=app.name)
         try:
-            kfid = connector.open_flow(Open(host=host, port=port, protocol="tcp", app=app.name, user=user,
-                                            connection=connection, process="browser", grant=grant))
+            kfid = out.open_flow(Open(host=host, port=port, protocol="tcp", app=app.name, user=user,
+                                      connection=connection, process="browser", grant=grant,
+                                      relay_to=connector if relayed else "",
+                                      signer=edge._cert_der if relayed else b""))
         except FlowError as exc:
             raise web.DialError("unreachable", f"The connector could not take the request ({exc.code}).",
                                 502) from None
-        flow = WebFlow(connector, kfid, app.name, connection)
-        connector.routes[kfid] = flow  # type: ignore[assignment]  # the edge dispatches WebFlow events itself
+        if relayed:
+            edge.stats.count(edge.stats.relayed, "out")
+        flow = WebFlow(out, kfid, app.name, connection)
+        out.routes[kfid] = flow  # type: ignore[assignment]  # the edge dispatches WebFlow events itself
         try:
             await flow.opened
         except FlowRefused as exc:
-            log.info("web backend refused at connector", extra={"app": app.name, "connector": connector.peer_name,
+            log.info("web backend refused at connector", extra={"app": app.name, "connector": connector,
                                                                "code": exc.code, "reason": exc.reason})
             status = 504 if exc.code in ("timeout", "dial_timeout") else 502
             raise web.DialError(exc.code, "The application could not be reached.", status) from None

@@ -19,7 +19,9 @@ its state (connectors held, tunnels, flows, ready) over a channel (a socket pair
 ``msgspec`` JSON), and the supervisor sends every worker its siblings whenever that changes.
 The control plane sees one edge: each worker's heartbeat reports the connectors of all the
 workers and their tunnels and flows added up, so the presence map names this edge for all of
-them; only worker 0 renews the certificate, and the others reload it when told.
+them; only worker 0 renews the certificate, and the others reload it when told. Every worker
+serves the HTTPS front door on its own socket of that port's SO_REUSEPORT group, with the
+front door's keys shared (``web_keys``).
 
 The supervisor serves the edge's one metrics endpoint (FERRYMAN_METRICS_ADDR): ``/metrics``
 scrapes every worker over its channel and adds the samples up (``basics.metrics.
@@ -27,8 +29,9 @@ merge_exposition``; the counters a dead worker had reached are kept, so they nev
 with per-worker gauges and the restarts; ``/ready`` while at least one worker is ready;
 ``/health`` while the supervisor runs. A worker that exits is started again after a backoff
 (0.25 s doubling up to FERRYMAN_EDGE_WORKER_RESTART_MAX, reset after a minute of work),
-counted and logged; only its flows are lost. SIGTERM is passed on to every worker; those not
-gone after FERRYMAN_DRAIN_GRACE are killed; then the supervisor exits.
+counted and logged; only its flows are lost. SIGTERM is passed on to every worker, which drains
+(``Edge._drain``); those not gone one second after FERRYMAN_DRAIN_GRACE are killed; then the
+supervisor exits.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ import struct
 import subprocess
 import sys
 import tempfile
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import msgspec
 
+from ..basics import statefile
 from ..basics.caps import HttpLimits, LogLimiter
 from ..basics.hostport import parse_hostport
 from ..basics.metrics import Stats, merge_exposition, start_metrics_server
@@ -214,24 +218,50 @@ def attach_cpu_steering(sock: socket.socket, workers: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)  # the kernel copies the program
 
 
-def open_sockets(settings: EdgeSettings, workers: int) -> tuple[list[socket.socket], list[socket.socket], int]:
-    """One TCP listener and (with QUIC) one UDP socket per worker, all on the edge's port with
-    SO_REUSEPORT, in worker order; and the port (FERRYMAN_EDGE_LISTEN may say 0)."""
-    host, port = parse_hostport(settings.edge_listen, "FERRYMAN_EDGE_LISTEN", allow_zero=True)
+class Sockets(NamedTuple):
+    """The edge's sockets, one of each kind per worker, in worker order."""
+
+    tcp: list[socket.socket]  # tunnels over TLS/TCP
+    udp: list[socket.socket]  # tunnels over QUIC (empty without QUIC)
+    https: list[socket.socket]  # the HTTPS front door (empty without FERRYMAN_EDGE_HTTPS_LISTEN)
+    port: int  # the tunnel port (FERRYMAN_EDGE_LISTEN may say 0)
+
+    def all(self) -> list[socket.socket]:
+        return [*self.tcp, *self.udp, *self.https]
+
+
+def _listeners(setting: str, value: str, workers: int, steering: str) -> list[socket.socket]:
+    """``workers`` TCP listeners on the address ``value`` of ``setting``, in one SO_REUSEPORT group."""
+    host, port = parse_hostport(value, setting, allow_zero=True)
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    tcp: list[socket.socket] = []
-    udp: list[socket.socket] = []
+    listeners: list[socket.socket] = []
     try:
         for _ in range(workers):
             try:
                 sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=True)
             except OSError as exc:
-                raise OSError(exc.errno, f"FERRYMAN_EDGE_LISTEN={settings.edge_listen!r}: cannot listen: "
-                                         f"{exc.strerror}") from None
-            tcp.append(sock)
+                raise OSError(exc.errno, f"{setting}={value!r}: cannot listen: {exc.strerror}") from None
+            listeners.append(sock)
             port = sock.getsockname()[1]
-        if settings.edge_worker_steering == "cpu":
-            attach_cpu_steering(tcp[0], workers)
+        if steering == "cpu":
+            attach_cpu_steering(listeners[0], workers)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+def open_sockets(settings: EdgeSettings, workers: int) -> Sockets:
+    """One TCP listener, (with QUIC) one UDP socket and (with the front door) one HTTPS listener
+    per worker, each kind on its port with SO_REUSEPORT, in worker order."""
+    host, port = parse_hostport(settings.edge_listen, "FERRYMAN_EDGE_LISTEN", allow_zero=True)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    tcp = _listeners("FERRYMAN_EDGE_LISTEN", settings.edge_listen, workers, settings.edge_worker_steering)
+    port = tcp[0].getsockname()[1]
+    udp: list[socket.socket] = []
+    https: list[socket.socket] = []
+    try:
         if settings.edge_quic == "on":
             addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)[0][4]
             for _ in range(workers):
@@ -240,11 +270,37 @@ def open_sockets(settings: EdgeSettings, workers: int) -> tuple[list[socket.sock
                 except OSError as exc:
                     raise OSError(exc.errno, f"FERRYMAN_EDGE_LISTEN={settings.edge_listen!r}: cannot bind UDP "
                                              f"port {port} for QUIC: {exc.strerror}") from None
+        if settings.edge_https_listen:
+            https = _listeners("FERRYMAN_EDGE_HTTPS_LISTEN", settings.edge_https_listen, workers,
+                               settings.edge_worker_steering)
     except BaseException:
         for sock in [*tcp, *udp]:
             sock.close()
         raise
-    return tcp, udp, port
+    return Sockets(tcp, udp, https, port)
+
+
+def web_keys(settings: EdgeSettings, directory: str) -> dict[str, str]:
+    """The front door's keys every worker must share, for an edge that leaves them to chance: a
+    cookie sealed by one worker is opened by another, and backends see one assertion key. Made
+    once per supervisor (random, as a single edge process makes them) and handed to the workers
+    in their environment (cookie keys) and a 0600 file in the workers' private directory (the
+    assertion key); keys the operator set are passed on as they are."""
+    env: dict[str, str] = {}
+    if not settings.edge_https_listen:
+        return env
+    from .web.assertion import AssertionSigner
+    from .web.session import KeyRing
+
+    if not settings.web_cookie_keys:
+        env["FERRYMAN_WEB_COOKIE_KEYS"] = KeyRing.generate_text()
+        log.warning("FERRYMAN_WEB_COOKIE_KEYS is not set: web sessions are sealed with a random key of this edge "
+                    "(shared by its workers; sessions end when the edge restarts, and no other edge can open them)")
+    if not settings.web_assertion_key:
+        path = os.path.join(directory, "web-assertion-key.pem")
+        statefile.write_private(path, AssertionSigner.generate().private_pem())
+        env["FERRYMAN_WEB_ASSERTION_KEY"] = path
+    return env
 
 
 # ---------------------------------------------------------------------------- worker side
@@ -257,6 +313,7 @@ class WorkerSpec(msgspec.Struct):
     tcp: int
     udp: int  # -1: no QUIC
     directory: str  # where the workers' Unix sockets are
+    https: int = -1  # the front door's listener; -1: none
 
     @staticmethod
     def parse(text: str) -> WorkerSpec:
@@ -299,6 +356,13 @@ class WorkerLink:
 
     def quic_socket(self) -> socket.socket | None:
         return socket.socket(fileno=self.spec.udp) if self.spec.udp >= 0 else None
+
+    def https_socket(self) -> socket.socket | None:
+        if self.spec.https < 0:
+            return None
+        sock = socket.socket(fileno=self.spec.https)
+        sock.setblocking(False)
+        return sock
 
     # ------------------------------------------------------------------ what the edge reports
     def connectors(self, own: list[PresenceConnector]) -> list[PresenceConnector]:
@@ -428,33 +492,35 @@ class Supervisor:
         self._scrapes = 0
         self.directory = ""
         self.port = 0
+        self.worker_env: dict[str, str] = {}  # what every worker gets on top of the supervisor's environment
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         try:
-            tcp, udp, self.port = open_sockets(s, len(self.workers))
+            sockets = open_sockets(s, len(self.workers))
+            self.port = sockets.port
         except OSError as exc:
             log.error("edge cannot start: %s", exc.strerror or exc)
             raise SystemExit(2) from None
         try:
             self.directory = tempfile.mkdtemp(prefix="ferryman-edge-")  # 0700: only this user reaches the workers
         except OSError as exc:
-            for sock in [*tcp, *udp]:
+            for sock in sockets.all():
                 sock.close()
             log.error("edge cannot start: no private directory for its workers' sockets in %s (TMPDIR): %s",
                       tempfile.gettempdir(), exc.strerror or exc)
             raise SystemExit(2) from None
         metrics = None
         try:
+            self.worker_env = web_keys(s, self.directory)
             if s.metrics_addr:
                 metrics = await start_metrics_server(s.metrics_addr, self.stats, self.ready,
                                                      limits=HttpLimits.from_settings(s), render=self.render)
             log.info("edge supervisor starting workers", extra={
                 "workers": len(self.workers), "port": self.port, "steering": s.edge_worker_steering,
-                "transports": "tcp,quic" if udp else "tcp"})
-            keepers = [asyncio.create_task(self._keep(w, tcp[w.index], udp[w.index] if udp else None))
-                       for w in self.workers]
+                "transports": "tcp,quic" if sockets.udp else "tcp", "https": s.edge_https_listen or None})
+            keepers = [asyncio.create_task(self._keep(w, sockets, w.index)) for w in self.workers]
             rounds = asyncio.create_task(self._rounds())
             await stop.wait()
             rounds.cancel()
@@ -479,24 +545,29 @@ class Supervisor:
         finally:
             if metrics is not None:
                 metrics.close()
-            for sock in [*tcp, *udp]:
+            for sock in sockets.all():
                 sock.close()
             shutil.rmtree(self.directory, ignore_errors=True)
         log.info("edge supervisor stopped")
 
-    async def _keep(self, w: _Worker, tcp: socket.socket, udp: socket.socket | None) -> None:
-        """Run worker ``w``, and start it again whenever it exits (until the edge stops)."""
+    async def _keep(self, w: _Worker, sockets: Sockets, index: int) -> None:
+        """Run worker ``w`` on its sockets (``index`` of each kind), and start it again whenever it
+        exits (until the edge stops)."""
         loop = asyncio.get_running_loop()
+        tcp = sockets.tcp[index]
+        udp = sockets.udp[index] if sockets.udp else None
+        https = sockets.https[index] if sockets.https else None
         while not self._stopping:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             spec = WorkerSpec(index=w.index, workers=len(self.workers), channel=theirs.fileno(),
                               tcp=tcp.fileno(), udp=udp.fileno() if udp is not None else -1,
-                              directory=self.directory)
-            fds = [theirs.fileno(), tcp.fileno(), *([udp.fileno()] if udp is not None else [])]
+                              directory=self.directory, https=https.fileno() if https is not None else -1)
+            fds = [theirs.fileno(), *(sock.fileno() for sock in (tcp, udp, https) if sock is not None)]
             try:
                 w.proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "dataplane", *self.argv, "--worker-of",
                     msgspec.json.encode(spec).decode(), pass_fds=fds, stdin=subprocess.DEVNULL,
+                    env={**os.environ, **self.worker_env},
                     start_new_session=True)  # a terminal's Ctrl-C reaches the supervisor, which tells them
             except OSError as exc:
                 ours.close()

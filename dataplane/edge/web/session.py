@@ -95,6 +95,11 @@ class KeyRing:
     def generate(cls, kid: str = "k1") -> KeyRing:
         return cls({kid: AESGCM.generate_key(256)}, kid)
 
+    @staticmethod
+    def generate_text(kid: str = "k1") -> str:
+        """A new random key ring written as ``from_text`` reads it (what FERRYMAN_WEB_COOKIE_KEYS holds)."""
+        return f"{kid}:{b64e(AESGCM.generate_key(256))}"
+
     @classmethod
     def from_text(cls, text: str) -> KeyRing:
         """``kid:base64url-key[,kid:key...]``; the first is current (how a setting carries the keys)."""
