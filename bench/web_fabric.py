@@ -12,7 +12,8 @@
   raised out of the way, everything else is as shipped;
 - nginx as a one-hop TLS reverse proxy to the same backend (the reference);
 
-and runs ``wrk`` (64 keep-alive connections, HTTP/1.1 over TLS) against edge → connector →
+once with an edge of 1 worker process and nginx with 1 worker, then with 2 of each (the edge's
+workers share the front door's port, ``edge.workers``), and runs ``wrk`` (64 keep-alive connections, HTTP/1.1 over TLS) against edge → connector →
 backend, nginx and the backend directly, for each size, in one run. It prints req/s,
 p50/p99 and the CPU time each process spent per request (from /proc: edge, connector,
 control plane, nginx). Numbers measured on this machine are in the README.
@@ -112,8 +113,9 @@ def sign_in(fabric, jar: str) -> str:
     return cookie
 
 
-def run(seconds: int = 8, connections: int = 64) -> list[dict]:
-    """One run of every path and size; rows of {size, path, rps, p50, p99, cpu_us}."""
+def run(seconds: int = 8, connections: int = 64, workers: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """One run of every path and size, for an edge of each number of ``workers`` (and nginx with as
+    many worker processes); rows of {size, path, workers, rps, p50, p99, cpu_us}."""
     from dataplane.fabric import Fabric, web_certificate
 
     for tool in ("nginx", "wrk", "curl"):
@@ -124,41 +126,48 @@ def run(seconds: int = 8, connections: int = 64) -> list[dict]:
     (work / "www").mkdir()
     for size, n in (("1k", 1024), ("64k", 65536)):
         (work / "www" / size).write_bytes(os.urandom(n))
-    backend, proxy = free_port(), free_port()
+    backend = free_port()
     _, cert, key = web_certificate(str(work / "nginx-pki"), ["localhost"])
     (work / "backend.conf").write_text(NGINX_BACKEND.format(dir=work, port=backend))
-    (work / "proxy.conf").write_text(NGINX_PROXY.format(dir=work, port=proxy, backend=backend, cert=cert, key=key,
-                                                        workers=1))
-    procs = [subprocess.Popen(["nginx", "-c", str(work / "backend.conf"), "-e", str(work / "backend.err")]),
-             subprocess.Popen(["nginx", "-c", str(work / "proxy.conf"), "-e", str(work / "proxy.err")])]
-    fabric = Fabric(str(work / "fabric"), [], managed=True,
-                    env={"FERRYMAN_WEB_APP_RATE": "1000000000", "FERRYMAN_WEB_EDGE_RATE": "1000000000",
-                         "FERRYMAN_LOG_LEVEL": "warning"},
-                    webapps=[{"name": "bench", "external_url": "https://bench.ferryman.localhost",
-                              "internal_url": f"http://127.0.0.1:{backend}"}])
+    procs = [subprocess.Popen(["nginx", "-c", str(work / "backend.conf"), "-e", str(work / "backend.err")])]
     rows: list[dict] = []
     try:
-        fabric.start(timeout=60)
-        cookie = sign_in(fabric, str(work / "jar"))
-        host = f"bench.ferryman.localhost:{fabric.web_port}"
-        pids = {name: fabric.procs[name].pid for name in ("edge-1", "connector-1", "control")}
-        pids["nginx"] = procs[1].pid
-        for size in SIZES:
-            paths = {
-                "direct (HTTP)": (f"http://127.0.0.1:{backend}/{size}", "", ""),
-                "nginx TLS proxy": (f"https://127.0.0.1:{proxy}/{size}", "", ""),
-                "edge -> connector": (f"https://127.0.0.1:{fabric.web_port}/{size}", cookie, host),
-            }
-            for path, (url, with_cookie, resolve) in paths.items():
-                before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-                result = wrk(url, seconds, connections, cookie=with_cookie, resolve=resolve)
-                spent = {name: _cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-                requests = max(result["rps"] * seconds, 1.0)
-                result["cpu_us"] = {name: spent[name] / requests * 1e6 for name in spent if spent[name] > 0}
-                rows.append({"size": size, "path": path, **result})
-                time.sleep(0.5)
+        for count in workers:
+            proxy = free_port()
+            conf = work / f"proxy-{count}.conf"
+            conf.write_text(NGINX_PROXY.format(dir=work, port=proxy, backend=backend, cert=cert, key=key,
+                                               workers=count).replace("proxy.pid", f"proxy-{count}.pid"))
+            nginx = subprocess.Popen(["nginx", "-c", str(conf), "-e", str(work / f"proxy-{count}.err")])
+            procs.append(nginx)
+            fabric = Fabric(str(work / f"fabric-{count}"), [], managed=True, workers=count,
+                            env={"FERRYMAN_WEB_APP_RATE": "1000000000", "FERRYMAN_WEB_EDGE_RATE": "1000000000",
+                                 "FERRYMAN_LOG_LEVEL": "warning"},
+                            webapps=[{"name": "bench", "external_url": "https://bench.ferryman.localhost",
+                                      "internal_url": f"http://127.0.0.1:{backend}"}])
+            try:
+                fabric.start(timeout=60)
+                cookie = sign_in(fabric, str(work / f"jar-{count}"))
+                host = f"bench.ferryman.localhost:{fabric.web_port}"
+                pids = {name: fabric.procs[name].pid for name in ("edge-1", "connector-1", "control")}
+                pids["nginx"] = nginx.pid
+                for size in SIZES:
+                    paths = {
+                        "nginx TLS proxy": (f"https://127.0.0.1:{proxy}/{size}", "", ""),
+                        "edge -> connector": (f"https://127.0.0.1:{fabric.web_port}/{size}", cookie, host),
+                    }
+                    if count == workers[0]:
+                        paths = {"direct (HTTP)": (f"http://127.0.0.1:{backend}/{size}", "", ""), **paths}
+                    for path, (url, with_cookie, resolve) in paths.items():
+                        before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+                        result = wrk(url, seconds, connections, cookie=with_cookie, resolve=resolve)
+                        spent = {name: _cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+                        requests = max(result["rps"] * seconds, 1.0)
+                        result["cpu_us"] = {name: spent[name] / requests * 1e6 for name in spent if spent[name] > 0}
+                        rows.append({"size": size, "path": path, "workers": count, **result})
+                        time.sleep(0.5)
+            finally:
+                fabric.stop()
     finally:
-        fabric.stop()
         for p in procs:
             p.terminate()
         for p in procs:
@@ -171,12 +180,15 @@ def run(seconds: int = 8, connections: int = 64) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    nginx = {r["size"]: r["rps"] for r in rows if r["path"] == "nginx TLS proxy"}
-    lines = [f"{'size':<5} {'path':<20} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs nginx':>9}  CPU µs/request"]
+    """Each path's figures; Ferryman's and nginx's against nginx with as many worker processes."""
+    nginx = {(r["size"], r["workers"]): r["rps"] for r in rows if r["path"] == "nginx TLS proxy"}
+    lines = [f"{'size':<5} {'path':<20} {'workers':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs nginx':>9}  "
+             f"CPU µs/request"]
     for r in rows:
         cpu = ", ".join(f"{name} {us:.0f}" for name, us in sorted(r["cpu_us"].items()))
-        lines.append(f"{r['size']:<5} {r['path']:<20} {r['rps']:>9.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
-                     f"{r['rps'] / nginx[r['size']]:>8.2f}x  {cpu}")
+        ratio = f"{r['rps'] / nginx[r['size'], r['workers']]:>8.2f}x" if r["path"] != "direct (HTTP)" else f"{'':>9}"
+        lines.append(f"{r['size']:<5} {r['path']:<20} {r['workers']:>7} {r['rps']:>9.0f} {r['p50']:>8.2f} "
+                     f"{r['p99']:>8.2f} {ratio}  {cpu}")
     return "\n".join(lines)
 
 

@@ -78,8 +78,10 @@ def test_a_baseline_that_is_no_results_file_is_refused_before_anything_runs(tmp_
 def test_bulk_through_the_fabric_reports_cpu_per_process_and_compares(tmp_path) -> None:
     baseline = tmp_path / "base.json"
     baseline.write_text(json.dumps(doc({"ferryman": {"bulk_up_mbps": 1.0, "cpu_s_per_gib.edge-1": 1000.0}})))
-    result = run_bench(["--quick", "--paths", "ferryman", "--workloads", "bulk-up,bulk-down", "--compare",
-                        str(baseline), "--json", "out.json"], cwd=str(tmp_path), timeout=50)
+    # 32 MiB rather than --quick's 8: CPU time is counted in 10 ms clock ticks, and a process that
+    # spent a few milliseconds on 8 MiB can be counted 0 ticks on a busy machine.
+    result = run_bench(["--quick", "--bulk-mib", "32", "--paths", "ferryman", "--workloads", "bulk-up,bulk-down",
+                        "--compare", str(baseline), "--json", "out.json"], cwd=str(tmp_path), timeout=50)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     median = out["paths"]["ferryman"]["median"]
