@@ -196,5 +196,16 @@ def test_a_web_apps_requests_are_relayed_to_the_edge_holding_its_connector(fabri
             assert big.status == 200 and len(big.body) == 1048576
         assert xfer.metric(xfer.scrape(edge1), "ferryman_relayed_flows_total", direction="out") > before
         assert xfer.metric(xfer.scrape(edge2), "ferryman_relayed_flows_total", direction="in") >= 1
+
+        def big_records() -> list[dict]:
+            rows = fab.admin("GET", "/v1/traffic?limit=100")
+            assert isinstance(rows, list)
+            return [r for r in rows if r.get("http_path") == "/big" and r["application_kind"] == "web"]
+
+        records = xfer.wait_for(lambda: len(big_records()) == 2 and big_records(), 10,
+                                "the traffic records of the two relayed web transactions")
+        for record in records:  # recorded by the deciding edge, naming the connector and the relay
+            assert (record["edge"], record["relay_edge"], record["connector_name"]) == ("edge-1", "edge-2",
+                                                                                         "connector-1"), record
     finally:
         wiki.stop()

@@ -186,7 +186,7 @@ class EdgeWeb:
             destination_fqdn=rec.host.rsplit(":", 1)[0], destination_port=self.ports.get(rec.app, 443),
             transport="tcp", network="IPv6" if ":" in source_ip else "IPv4" if source_ip else "",
             application=rec.app, application_kind="web" if rec.app else "", policy=rec.policy,
-            action=rec.action, reason_code=rec.code, connector_name=rec.connector, edge=self.edge.name,
+            action=rec.action, reason_code=rec.code, connector_name=rec.connector, relay_edge=rec.relay_edge, edge=self.edge.name,
             bytes_sent=rec.bytes_in, bytes_received=rec.bytes_out, close_reason=rec.reason[:1024],
             http_method=rec.method, http_host=rec.host, http_path=rec.path[:1024], http_status=rec.status,
             user_agent=rec.user_agent[:1024], http_protocol=rec.protocol[:16])
@@ -293,7 +293,7 @@ class _Dialer:
                                 502) from None
         if relayed:
             edge.stats.count(edge.stats.relayed, "out")
-        flow = WebFlow(out, kfid, app.name, connection)
+        flow = WebFlow(out, kfid, app.name, connection, relay_to=connector if relayed else "")
         out.routes[kfid] = flow  # type: ignore[assignment]  # the edge dispatches WebFlow events itself
         try:
             await flow.opened

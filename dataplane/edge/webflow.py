@@ -23,14 +23,18 @@ HIGH_WATER = 262144  # bytes written and not yet taken by the flow before drain(
 
 
 class WebFlow:
-    __slots__ = ("connector", "kfid", "peer", "app", "connection", "opened", "remote", "_chunks", "_eof",
+    __slots__ = ("connector", "kfid", "peer", "relay_edge", "app", "connection", "opened", "remote", "_chunks", "_eof",
                  "_reset", "_reader", "_pending", "_pending_bytes", "_fin_pending", "_drainer", "closed",
                  "sent", "received")
 
-    def __init__(self, connector: TunnelBase[Any, Any], kfid: int, app: str, connection: str) -> None:
+    def __init__(self, connector: TunnelBase[Any, Any], kfid: int, app: str, connection: str,
+                 relay_to: str = "") -> None:
+        """``connector``: the tunnel carrying the flow, a connector's or, with ``relay_to`` (the
+        connector's name), a relay tunnel to the sibling worker or peer edge that holds it."""
         self.connector = connector
         self.kfid = kfid
-        self.peer = connector.peer_name
+        self.peer = relay_to or connector.peer_name  # the connector's name
+        self.relay_edge = connector.peer_name if relay_to else ""
         self.app = app
         self.connection = connection
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -97,6 +97,7 @@ class TlsStream:
     def __init__(self, raw: ByteStream, context: ssl.SSLContext, server_hostname: str) -> None:
         self.raw = raw
         self.peer = getattr(raw, "peer", "")
+        self.relay_edge = getattr(raw, "relay_edge", "")
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=False, server_hostname=server_hostname)
@@ -200,6 +201,7 @@ class BackendConnection:
         self.stream = stream
         self.key = key
         self.peer = getattr(stream, "peer", "")
+        self.relay_edge = getattr(stream, "relay_edge", "")
         self.max_head = max_head
         self.requests = 0
         self.idle_since = 0.0

@@ -229,3 +229,4 @@ class TransactionRecord(msgspec.Struct, kw_only=True):
     protocol: str = ""
     websocket: bool = False
     connector: str = ""
+    relay_edge: str = ""  # the sibling worker or peer edge that carried the backend flow to its connector

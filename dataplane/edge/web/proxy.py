@@ -67,7 +67,7 @@ _WS_RESPONSE = (b"sec-websocket-protocol", b"sec-websocket-extensions")
 
 
 class _Record:
-    __slots__ = ("app", "action", "code", "reason", "policy", "principal", "connector", "websocket", "bytes_in",
+    __slots__ = ("app", "action", "code", "reason", "policy", "principal", "connector", "relay_edge", "websocket", "bytes_in",
                  "bytes_out", "status")
 
     def __init__(self) -> None:
@@ -78,6 +78,7 @@ class _Record:
         self.policy = ""
         self.principal: Principal | None = None
         self.connector = ""
+        self.relay_edge = ""
         self.websocket = False
         self.bytes_in = -1
         self.bytes_out = -1
@@ -91,6 +92,7 @@ class _Prefixed:
         self.stream = stream
         self.prefix = prefix
         self.peer = getattr(stream, "peer", "")
+        self.relay_edge = getattr(stream, "relay_edge", "")
 
     async def read(self, max_bytes: int) -> bytes:
         if self.prefix:
@@ -142,7 +144,8 @@ class Proxy:
                 action=rec.action, code=rec.code, reason=rec.reason, policy=rec.policy,
                 user_id=p.user_id if p else "", upn=p.upn if p else "", session_id=p.session_id if p else "",
                 device_id=p.device_id if p else "", source=f"{request.source_ip}:{request.source_port}",
-                protocol=request.version, websocket=rec.websocket, connector=rec.connector))
+                protocol=request.version, websocket=rec.websocket, connector=rec.connector,
+                relay_edge=rec.relay_edge))
         except Exception:  # noqa: BLE001 - a failing log hook must not fail the request
             log.exception("the web transaction record hook failed")
 
@@ -356,7 +359,7 @@ class Proxy:
                         rec.code, rec.reason = exc.code, exc.message
                         await self._reply(responder, page(exc.status, exc.message, exc.code), rec, rec.action)
                         return
-                rec.connector = conn.peer
+                rec.connector, rec.relay_edge = conn.peer, conn.relay_edge
                 conn.write_head(method, target, head_headers)
                 if has_body:
                     upload = asyncio.ensure_future(self._upload(conn, request, chunked))
