@@ -3,11 +3,13 @@ connector holding tunnels to both, client-1 on edge-1 (then edge-2).
 
 SIGTERM to edge-1 while an echo flow of client-1 runs through it:
 - edge-1 reports not ready at once and takes no new tunnel (its TCP port closes; a HELLO that
-  still reaches it is refused with ``draining``);
+  still reaches it is refused with ``draining``), and its next heartbeat offers no connector,
+  so peer edges stop relaying to it;
 - client-1 dials a replacement tunnel to edge-2 and its new flows, even one opened right after
   the signal, go through edge-2 without a single refusal;
 - the running flow goes on through edge-1 to a clean end, sha256-checked, and edge-1 exits as
-  soon as it has ended (exit 0), long before FERRYMAN_DRAIN_GRACE.
+  soon as it has ended (exit 0), long before FERRYMAN_DRAIN_GRACE, having sent that flow's
+  traffic record to the control plane.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def test_sigterm_drains_an_edge_without_losing_a_flow(fabric, backend, xfer) -> 
     edge1, edge2, client = fab.metrics["edge-1"], fab.metrics["edge-2"], fab.metrics["client-1"]
     xfer.wait_metric(edge1, "ferryman_edge_connector_tunnels", 1, timeout=15)  # the connector holds both edges
     xfer.wait_metric(edge2, "ferryman_edge_connector_tunnels", 1, timeout=15)
+    xfer.wait_metric(edge2, "ferryman_edge_relay_connectors", 1, timeout=15)  # edge-2 may relay to edge-1
     port = fab.forward_ports[0]
     running = xfer.connect(port, timeout=10)
     sent, got = bytearray(), bytearray()
@@ -73,6 +76,8 @@ def test_sigterm_drains_an_edge_without_losing_a_flow(fabric, backend, xfer) -> 
     early = xfer.echo(port, b"opened right after the signal", timeout=10)  # waits for the replacement, never refused
     assert early == b"opened right after the signal"
     xfer.wait_for(lambda: _ready(edge1) == 503, 5, "edge-1 to report not ready while it drains")
+    xfer.wait_for(lambda: xfer.metric(xfer.scrape(edge2), "ferryman_edge_relay_connectors") == 0, 10,
+                  "the presence map to stop offering edge-1's connector to edge-2")
 
     for _ in range(10):  # new flows: through edge-2, every one of them
         data = os.urandom(4096)
@@ -100,6 +105,14 @@ def test_sigterm_drains_an_edge_without_losing_a_flow(fabric, backend, xfer) -> 
     assert time.monotonic() - ended < 5, "edge-1 did not exit once its last flow ended"
     log = fab.log_tail("edge-1", 60)
     assert "edge draining" in log and "drain grace over" not in log
+
+    def record_of_the_running_flow() -> list[dict]:  # sent by edge-1 before it exited
+        rows = fab.admin("GET", "/v1/traffic?limit=200")
+        assert isinstance(rows, list)
+        return [r for r in rows if r["edge"] == "edge-1" and r["bytes_sent"] == len(sent)]
+
+    (record,) = xfer.wait_for(record_of_the_running_flow, 5, "the running flow's traffic record")
+    assert record["bytes_received"] == len(sent) and record["action"] == "allow"
 
     xfer.wait_for(lambda: xfer.metric(xfer.scrape(client), "ferryman_tunnels") == 1, 10,
                   "client-1 to hold only its tunnel to edge-2")

@@ -69,7 +69,7 @@ def test_two_workers_relay_to_each_other_and_a_dead_worker_loses_only_its_flows(
     sha, source, echo = backend("sha"), backend("source"), backend("echo")
     fab = fabric([sha, source, echo], managed=True, workers=2, more_clients={"client-2": ["edge-1"]},
                  env={"FERRYMAN_EDGE_WORKER_STEERING": "cpu", "FERRYMAN_TRANSPORT": "tcp",
-                      "FERRYMAN_EDGE_WORKER_RESTART_MAX": "1"},
+                      "FERRYMAN_EDGE_WORKER_RESTART_MAX": "1", "FERRYMAN_DRAIN_GRACE": "20"},
                  prefix={"connector-1": CPU0, "client-1": CPU1, "client-2": CPU0}, timeout=40)
     edge = fab.metrics["edge-1"]
     c1 = fab.forward_ports
@@ -169,10 +169,21 @@ def test_two_workers_relay_to_each_other_and_a_dead_worker_loses_only_its_flows(
     # The counters of the dead worker stay in the edge's totals: they never go back.
     assert xfer.metric(xfer.scrape(edge), "ferryman_bytes_total", direction="rx") >= carried
 
-    # SIGTERM: the supervisor stops its workers and exits cleanly.
+    # SIGTERM: the workers drain (an echo flow keeps them at it): the port is shut, not left
+    # accepting into a queue nobody reads, and no worker spins; once the flow ends, the
+    # supervisor stops its workers and exits cleanly.
     running = _workers(fab.pids["edge-1"])
-    fab.kill("edge-1", signal.SIGTERM)
-    assert fab.procs["edge-1"].returncode == 0
+    flow = xfer.connect(c1[2], timeout=10)
+    _exchange(flow, os.urandom(4096))
+    fab.procs["edge-1"].send_signal(signal.SIGTERM)
+    xfer.wait_for(lambda: _refused(fab.edge_ports["edge-1"]), 5, "the edge's tunnel port to refuse connections")
+    spent = {w: _cpu_seconds(pid) for w, pid in running.items() if _alive(pid)}
+    time.sleep(1.0)
+    for w in spent:
+        assert _cpu_seconds(running[w]) - spent[w] < 0.3, f"worker {w} busy while draining an idle flow"
+    _exchange(flow, os.urandom(4096))  # still carried
+    flow.close()
+    assert fab.procs["edge-1"].wait(timeout=10) == 0
     tail = fab.log_tail("edge-1", 40)
     assert "worker stopped" in tail and "edge supervisor stopped" in tail
     assert not any(_alive(pid) for pid in running.values())
@@ -206,6 +217,23 @@ def test_a_flow_relayed_by_a_peer_edge_goes_on_to_the_worker_holding_its_connect
     assert out_after - out_before >= 1
     assert in_after - in_before == 2 * (out_after - out_before)
     assert xfer.metric(xfer.scrape(edge2), "ferryman_edge_worker_connector_tunnels", worker="1") == 0
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    time.sleep(0.05)
+    return False
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _alive(pid: int) -> bool:

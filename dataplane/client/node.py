@@ -86,6 +86,9 @@ class Client(EndpointNode[None]):
         # Flows that met a draining tunnel, waiting for its replacement (at most FERRYMAN_MAX_PENDING_OPENS
         # of them, each at most FERRYMAN_OPEN_TIMEOUT): opened again when the next tunnel is up.
         self._parked: list[ClientFlow | UdpFlow] = []
+        # Loop time until which a tunnel that ended after its edge's GOAWAY ``draining`` is being
+        # replaced: flows opened meanwhile wait for the replacement instead of failing.
+        self._replacing_until = 0.0
         self._ssl = credentials.client_context()
         self._wire = credentials.wire_config()
         self.keeper = keeper
@@ -290,6 +293,7 @@ class Client(EndpointNode[None]):
         self.stats.tunnels_opened += 1
         log.info("tunnel up", extra={"edge": tunnel.peer_name, "addr": tunnel.label,
                                      "transport": tunnel.transport_name})
+        self._replacing_until = 0.0
         parked, self._parked = self._parked, []
         for flow in parked:
             if not flow.done:
@@ -305,6 +309,8 @@ class Client(EndpointNode[None]):
         if self.tunnel is tunnel or self.tunnel is None:
             # (not when a QUIC tunnel already replaced this one: what it found out stands)
             self.tunnel = None
+            if tunnel.goaway_waiter.done() and tunnel.goaway_waiter.result() == "draining":
+                self._replacing_until = asyncio.get_running_loop().time() + self.settings.open_timeout
             self.probe_ok.clear()
         reason = f"tunnel to edge {tunnel.peer_name} lost: {tunnel.close_reason}"
         for flow in list(tunnel.routes.values()):
@@ -351,7 +357,7 @@ class Client(EndpointNode[None]):
             self.probe_ok[fwd] = event.reason or event.code
             return
         flow = tunnel.routes.pop(event.flow_id, None)
-        if flow is not None and event.code == "draining" and not flow.done:
+        if flow is not None and event.code == "draining" and tunnel.draining and not flow.done:
             flow.tunnel = None  # the OPEN crossed the edge's GOAWAY: nothing reached the app, so open it again
             if self._park(flow):
                 return
@@ -398,6 +404,8 @@ class Client(EndpointNode[None]):
         assert flow.dest is not None
         host, port = flow.dest
         tunnel = self.tunnel
+        if (tunnel is None or not tunnel.up or tunnel.closed) and self._replacing() and self._park(flow):
+            return
         if tunnel is None or not tunnel.up or tunnel.closed:
             self.stats.count(self.stats.open_failures, "edge_unreachable")
             reason = self._unreachable()
@@ -470,8 +478,12 @@ class Client(EndpointNode[None]):
         return "closed" if profile.fail_mode == "closed" else "open"
 
     def _tunnel_up(self) -> bool:
+        """A tunnel is up, or one whose edge drained is being replaced (flows wait for it)."""
         tunnel = self.tunnel
-        return tunnel is not None and tunnel.up and not tunnel.closed
+        return (tunnel is not None and tunnel.up and not tunnel.closed) or self._replacing()
+
+    def _replacing(self) -> bool:
+        return asyncio.get_running_loop().time() < self._replacing_until
 
     def _new_profile(self, profile: Profile) -> None:
         self.profile = profile

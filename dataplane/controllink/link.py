@@ -74,6 +74,7 @@ REFUSED_RETRY = 60.0  # seconds between attempts while the control plane refuses
 RENEW_CHECK = 600.0  # seconds between checks whether the certificate is due for renewal
 MAX_DROPPED_REPORT = 2**31 - 1  # traffic records dropped reported in one heartbeat (the rest in the next)
 TRAFFIC_INTERVAL = 1.0  # seconds between traffic-log batches while the queue has less than a batch
+LAST_TRAFFIC_TIMEOUT = 3.0  # seconds a stopping node spends sending the traffic records still queued
 
 
 class ControlError(Exception):
@@ -213,7 +214,9 @@ class ControlLink:
         return cached
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Follow configuration, send heartbeats and renew the certificate until ``stop`` is set."""
+        """Follow configuration, send heartbeats and renew the certificate until ``stop`` is set;
+        then send the traffic records still queued (for at most ``LAST_TRAFFIC_TIMEOUT`` seconds:
+        the records of the flows that ended last are not lost to a restart)."""
         loops = [self._follow, self._heartbeats, *([self._renewals] if self.renews else [])]
         if self.traffic is not None:
             loops.append(self._ship_traffic)
@@ -227,6 +230,22 @@ class ControlLink:
             for task in [stopping, *tasks]:
                 task.cancel()
             await asyncio.gather(stopping, *tasks, return_exceptions=True)
+        await self._last_traffic()
+
+    async def _last_traffic(self) -> None:
+        queue = self.traffic
+        if queue is None or not len(queue):
+            return
+        batch: list[Any] = []
+        try:
+            async with asyncio.timeout(LAST_TRAFFIC_TIMEOUT):
+                while batch := queue.take(MAX_BATCH):
+                    await self.client.call("POST", "/v1/node/traffic", {"records": batch}, LAST_TRAFFIC_TIMEOUT)
+                    queue.shipped += len(batch)
+                    batch = []
+        except (ControlError, TimeoutError) as exc:
+            log.warning("traffic records not sent before stopping: %s", exc or "no answer in time",
+                        extra={"records": len(batch) + len(queue)})
 
     @staticmethod
     async def _guarded(loop: Callable[[], Awaitable[None]]) -> None:
@@ -360,8 +379,10 @@ class ControlLink:
                 reported = min(dropped, reported + MAX_DROPPED_REPORT)
             sent = loop.time()
             try:
-                await asyncio.wait_for(self._report_soon.wait(), interval)
-            except asyncio.TimeoutError:
+                # (not wait_for: on Python 3.11 it swallows a cancellation that arrives as the event is set)
+                async with asyncio.timeout(interval):
+                    await self._report_soon.wait()
+            except TimeoutError:
                 continue
             await asyncio.sleep(max(0.0, sent + min(spacing, interval) - loop.time()))
 

@@ -37,9 +37,10 @@ as the snapshot revoking it arrives. Every flow and every refused OPEN becomes a
 record (``records.py``).
 
 SIGTERM drains the edge (``_drain``): ``/ready`` turns 503, the TCP port closes, HELLOs that
-still arrive (QUIC) are refused with ``draining``, every tunnel gets GOAWAY ``draining`` (a
-client agent dials another edge for its next flows), and the edge waits for its running flows
-and web requests to end, at most FERRYMAN_DRAIN_GRACE seconds, before it shuts down.
+still arrive (QUIC) are refused with ``draining``, client and relay tunnels get GOAWAY
+``draining`` (a client agent dials another edge for its next flows), heartbeats offer no
+connectors, and the edge waits for its running flows and web requests to end, at most
+FERRYMAN_DRAIN_GRACE seconds, before it shuts down.
 
 Caps (``basics.caps``): at most FERRYMAN_MAX_HANDSHAKES connections in their TLS handshake
 and HELLO at once, FERRYMAN_MAX_HANDSHAKES_PER_SOURCE of them from one source address (one
@@ -52,6 +53,7 @@ Lines about refused handshakes, tunnels and OPENs are rate-limited per source or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -237,7 +239,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if self.link is not None:
             self.link.load_cached()
         accepting = loop.create_task(self._accept(self.listener))
-        following = loop.create_task(self.link.run(stop)) if self.link is not None else None
+        # The control link runs until the drain is over: a drain still takes revocations and new
+        # configurations, reports (no connectors: peers stop relaying here) and ships traffic records.
+        unlinked = asyncio.Event()
+        following = loop.create_task(self.link.run(unlinked)) if self.link is not None else None
         bound = self._bound = self.listener.getsockname()[:2]
         if s.edge_quic == "on":  # QUIC tunnels on the same port number, over UDP
             self.quic = await serve_quic(self, self._wire, host, bound[1], s,
@@ -262,7 +267,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                         "[[connectors]] to decide it here)")
         await stop.wait()
         accepting.cancel()
+        await asyncio.gather(accepting, return_exceptions=True)  # its wait on the listener is gone first
         await self._drain()
+        unlinked.set()
         log.info("edge stopping")
         if working is not None:
             working.cancel()
@@ -284,27 +291,42 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             metrics.close()
 
     async def _drain(self) -> None:
-        """SIGTERM: take no new tunnels (the TCP port closes, QUIC and late HELLOs are refused with
-        ``draining``), no new flows (GOAWAY ``draining`` to every client, connector and relaying
-        peer edge: a client dials another edge for its next flows) and no new web connections,
-        and report not ready; then wait until the running flows and web requests have ended, at
-        most FERRYMAN_DRAIN_GRACE seconds. What is still running then is cut by the shutdown."""
+        """SIGTERM: take no new tunnels (the TCP port is shut down, QUIC and late HELLOs are refused
+        with ``draining``), no new flows (GOAWAY ``draining`` to every client and relaying peer
+        edge: a client dials another edge for its next flows; heartbeats report no connectors, so
+        the presence map stops sending peers' flows here) and no new web connections (HTTP/1.1
+        answers say ``connection: close``), and report not ready; then wait until the running
+        flows, the OPENs still waiting for a connector and the web requests have ended, at most
+        FERRYMAN_DRAIN_GRACE seconds. What is still running then is cut by the shutdown.
+        Connector tunnels get no GOAWAY: web requests on open connections still reach them."""
         loop = asyncio.get_running_loop()
         self.draining = True
         if self.listener is not None:
+            # shutdown, not only close: an edge worker's listener is shared with its supervisor,
+            # and only shutdown takes the socket out of the port (and out of the loop's epoll)
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RDWR)
             self.listener.close()
         if self.web is not None:
             self.web.stop_listening()
-        for tunnel in [*self.clients, *self.connectors, *self.relays_in]:
+        for tunnel in [*self.clients, *self.relays_in]:
             tunnel.goaway("draining", f"edge {self.name} is shutting down: new flows go to another edge")
+        if self.worker is not None:
+            self.worker.state_changed()
+        if self.link is not None:
+            self.link.presence_changed()  # no connectors from now on (``_report``)
         grace = self.settings.drain_grace
+
+        def busy() -> int:
+            return (self.stats.flows_active + sum(self.waiting.values()) + len(self._relaying)
+                    + (self.web.in_flight() if self.web is not None else 0))
+
         log.info("edge draining", extra={"flows": self.stats.flows_active, "grace_s": grace,
                                          "web_requests": self.web.in_flight() if self.web is not None else 0})
         deadline = loop.time() + grace
-        while loop.time() < deadline and (self.stats.flows_active > 0 or
-                                          (self.web is not None and self.web.in_flight() > 0)):
+        while loop.time() < deadline and busy():
             await asyncio.sleep(0.05)
-        if self.stats.flows_active:
+        if busy():
             log.warning("drain grace over: cutting the flows still running",
                         extra={"flows": self.stats.flows_active, "grace_s": grace})
 
@@ -317,7 +339,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
 
     def worker_state(self) -> State:
         """What a worker tells its supervisor (and, through it, its siblings)."""
-        return State(connectors=local_presence(self.connectors), clients=len(self.clients),
+        return State(connectors=local_presence(self.connectors) if not self.draining else [], clients=len(self.clients),
                      connector_tunnels=len(self.connectors), tunnels=len(self.clients) + len(self.connectors),
                      flows=self.stats.flows_active, ready=self.ready())
 
@@ -454,7 +476,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         tunnels = len(self.clients) + len(self.connectors)
         flows = self.stats.flows_active
         bound = self._bound
-        self._held = local_presence(self.connectors)
+        self._held = local_presence(self.connectors) if not self.draining else []
         held = self._held
         if self.worker is not None:  # the control plane sees one edge: every worker's connectors and figures
             held = self.worker.connectors(self._held)

@@ -203,8 +203,12 @@ async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: T
     kind = tunnel.transport_name
     stats.count(stats.transports, kind)
     task = asyncio.ensure_future(session(tunnel))
-    replaced_at = -settings.reconnect_min  # at most one replacement per FERRYMAN_RECONNECT_MIN (an edge that
-    try:                                   # drains every tunnel at once is not dialed in a tight loop)
+    # Replacement dials back off like reconnects (FERRYMAN_RECONNECT_MIN doubling up to _MAX; reset
+    # once a tunnel served a minute), so an edge that drains every tunnel it takes is not dialed in
+    # a tight loop; a replacement that found no edge is dialed again while the old tunnel lasts.
+    backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
+    since = loop.time()
+    try:
         while running():
             probing = choice.mode == "auto" and tunnel.transport_name == "tcp"
             watch: set[asyncio.Future[Any]] = {task}
@@ -221,15 +225,23 @@ async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: T
                 if tunnel.goaway_waiter.result() != "draining":
                     continue  # e.g. the tunnel is being refused or revoked: it closes, and the slot dials again
                 log.info("edge draining: dialing a replacement tunnel for new flows", extra={"tunnel": tunnel.label})
-                pause = replaced_at + settings.reconnect_min - loop.time()
-                if pause > 0:
-                    await asyncio.sleep(pause)
-                new = await replacement(tunnel)
-                replaced_at = loop.time()
+                if loop.time() - since > 60.0:
+                    backoff.reset()
+                elif backoff.attempt:  # the tunnel being replaced was itself a recent replacement
+                    await asyncio.wait({task}, timeout=backoff.next())
+                while not task.done() and running():
+                    new = await replacement(tunnel)
+                    if new is not None:
+                        break
+                    delay = backoff.next()
+                    log.warning("no edge took a replacement tunnel: new flows wait for one (or for the "
+                                "draining tunnel to close)", extra={"tunnel": tunnel.label, "retry_in_s": round(delay, 2)})
+                    await asyncio.wait({task}, timeout=delay)
                 if new is None:
-                    log.warning("no edge took a replacement tunnel: new flows wait for the draining one to close",
-                                extra={"tunnel": tunnel.label})
                     continue
+                if not backoff.attempt:
+                    backoff.next()  # the next replacement soon after this one waits
+                since = loop.time()
                 log.info("new flows use the replacement tunnel; the draining one closes when its flows end",
                          extra={"old": tunnel.label, "new": new.label})
                 _retire(tunnel, settings.drain_grace, "edge_draining", "replaced: its edge is shutting down")

@@ -475,7 +475,7 @@ class H1Connection(asyncio.Protocol):
         ex = H1Exchange()
         ex.method = method = parser.get_method().decode("ascii", "replace")
         ex.version = "HTTP/" + parser.get_http_version()
-        ex.keep_alive = parser.should_keep_alive() and ex.version == "HTTP/1.1"
+        ex.keep_alive = parser.should_keep_alive() and ex.version == "HTTP/1.1" and not self.server.draining
         headers = self.headers
         target = self.url.decode("latin-1")
         hosts: list[bytes] = []

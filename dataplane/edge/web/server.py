@@ -23,6 +23,7 @@ Prometheus); ``jwks()`` is the assertion keys' JWKS document.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -111,6 +112,7 @@ class FrontDoor:
         self.servers: list[asyncio.base_events.Server] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.closing = False
+        self.draining = False  # stop_listening: HTTP/1.1 connections close after their answer
         self.in_flight = 0  # requests being answered (a WebSocket counts until it ends)
 
     # ------------------------------------------------------------------ configuration
@@ -219,8 +221,14 @@ class FrontDoor:
                 self.recheck()
 
     def stop_listening(self) -> None:
-        """Accept no new connections; those open go on (the edge drains)."""
+        """Accept no new connections; those open go on, HTTP/1.1 ones closed after their next
+        answer (the edge drains). The listening sockets are shut down, not only closed: an edge
+        worker's is shared with its supervisor, and a closed copy would leave the port open."""
+        self.draining = True
         for server in self.servers:
+            for sock in server.sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
             server.close()
 
     async def close(self) -> None:
