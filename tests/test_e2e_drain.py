@@ -23,6 +23,9 @@ import urllib.request
 
 import pytest
 
+from dataplane.fabric import Fabric, free_port
+from netns import private_network
+
 pytestmark = pytest.mark.timeout(120)
 
 GRACE = 30  # far longer than the test waits: edge-1 must exit because its flows ended, not because time ran out
@@ -55,12 +58,51 @@ def test_sigterm_drains_an_edge_without_losing_a_flow(fabric, backend, xfer) -> 
     echo = backend("echo")
     fab = fabric([echo], managed=True, edges=2, client_edges=["edge-1", "edge-2"], timeout=30,
                  env={"FERRYMAN_DRAIN_GRACE": str(GRACE)})
+    _drain(fab, xfer, "127.0.0.1")
+
+
+@pytest.mark.netns
+def test_a_client_in_its_own_network_moves_off_a_draining_edge(backend, xfer, tmp_path) -> None:
+    """The same over TLS/TCP, with the client agent in a network namespace of its own, joined to
+    the edges' host by a veth pair only: its apps connect to it there, and it reaches the control
+    plane and both edges across the pair."""
+    transport = "tcp"
+    echo = backend("echo")
+    with private_network() as (ns, ours, theirs):
+        fab = Fabric(str(tmp_path / "fabric"), [(theirs, free_port(), "127.0.0.1", echo.port)], managed=True,
+                     edges=2, client_edges=["edge-1", "edge-2"],
+                     env={"FERRYMAN_DRAIN_GRACE": str(GRACE), "FERRYMAN_TRANSPORT": transport})
+        fab.edge_host = fab.control_host = ours
+        fab.prefix["client-1"] = ["ip", "netns", "exec", ns]
+        fab.metrics["client-1"] = f"{theirs}:{free_port()}"
+        try:
+            fab.start(timeout=40)
+            _drain(fab, xfer, theirs)
+        except BaseException:
+            for name in fab.logs:
+                print(f"--- {name}\n{fab.log_tail(name, 30)}")
+            raise
+        finally:
+            fab.stop()
+
+
+def _drain(fab: Fabric, xfer, host: str) -> None:
+    """The scenario of the module doc; the client's forward listens on ``host``."""
+    def connect(port: int, timeout: float) -> socket.socket:
+        return socket.create_connection((host, port), timeout=timeout)
+
+    def echoes(port: int, data: bytes, timeout: float) -> bytes:
+        with connect(port, timeout) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            return xfer.recv_all(sock)
+
     edge1, edge2, client = fab.metrics["edge-1"], fab.metrics["edge-2"], fab.metrics["client-1"]
     xfer.wait_metric(edge1, "ferryman_edge_connector_tunnels", 1, timeout=15)  # the connector holds both edges
     xfer.wait_metric(edge2, "ferryman_edge_connector_tunnels", 1, timeout=15)
     xfer.wait_metric(edge2, "ferryman_edge_relay_connectors", 1, timeout=15)  # edge-2 may relay to edge-1
     port = fab.forward_ports[0]
-    running = xfer.connect(port, timeout=10)
+    running = connect(port, timeout=10)
     sent, got = bytearray(), bytearray()
     for _ in range(4):
         chunk = os.urandom(65536)
@@ -73,7 +115,7 @@ def test_sigterm_drains_an_edge_without_losing_a_flow(fabric, backend, xfer) -> 
     proc = fab.procs["edge-1"]
     proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
-    early = xfer.echo(port, b"opened right after the signal", timeout=10)  # waits for the replacement, never refused
+    early = echoes(port, b"opened right after the signal", timeout=10)  # waits for the replacement, never refused
     assert early == b"opened right after the signal"
     xfer.wait_for(lambda: _ready(edge1) == 503, 5, "edge-1 to report not ready while it drains")
     xfer.wait_for(lambda: xfer.metric(xfer.scrape(edge2), "ferryman_edge_relay_connectors") == 0, 10,
@@ -81,7 +123,7 @@ def test_sigterm_drains_an_edge_without_losing_a_flow(fabric, backend, xfer) -> 
 
     for _ in range(10):  # new flows: through edge-2, every one of them
         data = os.urandom(4096)
-        assert xfer.echo(port, data, timeout=10) == data
+        assert echoes(port, data, timeout=10) == data
     assert time.monotonic() - signalled < 10
     # (the early flow may have reached edge-1 before its GOAWAY went out: it was then served there)
     assert xfer.metric(xfer.scrape(edge2), "ferryman_flows_opened_total") >= opened_on_2 + 10
@@ -94,7 +136,7 @@ def test_sigterm_drains_an_edge_without_losing_a_flow(fabric, backend, xfer) -> 
         _exchange(running, chunk, got)
     assert proc.poll() is None, "edge-1 exited while one of its flows was still running"
     with pytest.raises(OSError):  # the tunnel port is closed to new tunnels
-        socket.create_connection(("127.0.0.1", fab.edge_ports["edge-1"]), timeout=2).close()
+        socket.create_connection((fab.edge_host, fab.edge_ports["edge-1"]), timeout=2).close()
 
     running.shutdown(socket.SHUT_WR)
     assert xfer.recv_all(running) == b""
@@ -117,4 +159,4 @@ def test_sigterm_drains_an_edge_without_losing_a_flow(fabric, backend, xfer) -> 
     xfer.wait_for(lambda: xfer.metric(xfer.scrape(client), "ferryman_tunnels") == 1, 10,
                   "client-1 to hold only its tunnel to edge-2")
     data = os.urandom(4096)
-    assert xfer.echo(port, data, timeout=10) == data
+    assert echoes(port, data, timeout=10) == data
