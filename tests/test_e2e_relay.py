@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from dataplane.fabric import Fabric, free_port
+from netns import private_network
+
 pytestmark = pytest.mark.timeout(90)
 
 
@@ -69,55 +72,7 @@ def test_an_edge_killed_mid_transfer_loses_only_its_flows(fabric, backend, xfer)
     echo = backend("echo")
     fab = fabric([echo], managed=True, edges=2, connector_edges={"connector-1": ["edge-2"]},
                  client_edges=["edge-1", "edge-2"], more_clients={"client-2": ["edge-2"]}, timeout=30)
-    on_a = xfer.connect(fab.forward_ports[0], timeout=10)
-    on_b = xfer.connect(fab.client_ports["client-2"][0], timeout=10)
-    sent_b = bytearray()
-    got_b = bytearray()
-
-    def exchange(sock, data: bytes, into: bytearray | None = None) -> None:
-        sock.sendall(data)
-        received = b""
-        while len(received) < len(data):
-            chunk = sock.recv(len(data) - len(received))
-            assert chunk, "flow ended"
-            received += chunk
-        assert received == data
-        if into is not None:
-            into.extend(received)
-
-    for _ in range(4):  # both flows are carrying bytes
-        exchange(on_a, os.urandom(65536))
-        chunk = os.urandom(65536)
-        sent_b.extend(chunk)
-        exchange(on_b, chunk, got_b)
-
-    fab.kill("edge-1")
-    killed = time.monotonic()
-
-    on_a.settimeout(5)
-    try:  # client-1's flow through edge-1 ends promptly
-        ended = on_a.recv(1) == b""
-    except ConnectionResetError:
-        ended = True
-    assert ended
-    on_a.close()
-    xfer.wait_for(lambda: "lost" in fab.log_tail("client-1", 40) and "edge-1" in fab.log_tail("client-1", 40), 5,
-                  "client-1 to log its lost tunnel to edge-1")
-
-    for _ in range(4):  # client-2's flow through edge-2 is untouched
-        chunk = os.urandom(65536)
-        sent_b.extend(chunk)
-        exchange(on_b, chunk, got_b)
-    on_b.shutdown(socket.SHUT_WR)
-    assert xfer.recv_all(on_b) == b""
-    on_b.close()
-    assert xfer.sha256_hex(bytes(got_b)) == xfer.sha256_hex(bytes(sent_b))
-
-    xfer.wait_for(lambda: _echoes(fab.forward_ports[0], xfer), 5, "a new flow of client-1 (through edge-2)")
-    assert time.monotonic() - killed < 5
-    status = xfer.scrape(fab.metrics["client-1"])
-    assert xfer.metric(status, "ferryman_tunnels") == 1
-
+    _edge_killed(fab, xfer, "127.0.0.1")
     # Relay tunnels are accepted only from registered edges that are active: one registered but
     # never started (no heartbeat, not in the presence map) is refused at its HELLO.
     fab._register("edge-3", "edge", ["--address", "127.0.0.1:9"])
@@ -143,10 +98,13 @@ async def _relay_hello(port: int, identity: Path):  # noqa: ANN202
         peer.close()
 
 
-def _echoes(port: int, xfer) -> bool:
+def _echoes(host: str, port: int, xfer) -> bool:
     data = os.urandom(4096)
     try:
-        return xfer.echo(port, data, timeout=2) == data
+        with socket.create_connection((host, port), timeout=2) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            return xfer.recv_all(sock) == data
     except OSError:
         time.sleep(0.1)
         return False
@@ -209,3 +167,82 @@ def test_a_web_apps_requests_are_relayed_to_the_edge_holding_its_connector(fabri
                                                                                          "connector-1"), record
     finally:
         wiki.stop()
+
+
+@pytest.mark.netns
+def test_clients_in_their_own_network_fail_over_when_an_edge_is_killed(backend, xfer, tmp_path) -> None:
+    """The same with both client agents in a network namespace of their own, joined to the
+    edges' host by a veth pair only (their apps connect to them there; they reach the control
+    plane and the edges across the pair): relayed flows, the kill, the failover."""
+    echo = backend("echo")
+    with private_network() as (ns, ours, theirs):
+        fab = Fabric(str(tmp_path / "fabric"), [(theirs, free_port(), "127.0.0.1", echo.port)], managed=True,
+                     edges=2, connector_edges={"connector-1": ["edge-2"]}, client_edges=["edge-1", "edge-2"],
+                     more_clients={"client-2": ["edge-2"]}, env={"FERRYMAN_DRAIN_GRACE": "1"})
+        fab.edge_host = fab.control_host = ours
+        for name in ("client-1", "client-2"):
+            fab.prefix[name] = ["ip", "netns", "exec", ns]
+            fab.metrics[name] = f"{theirs}:{free_port()}"
+        try:
+            fab.start(timeout=40)
+            _edge_killed(fab, xfer, theirs)
+        except BaseException:
+            for name in fab.logs:
+                print(f"--- {name}\n{fab.log_tail(name, 30)}")
+            raise
+        finally:
+            fab.stop()
+
+
+def _edge_killed(fab: Fabric, xfer, host: str) -> None:
+    """The kill scenario of ``test_an_edge_killed_mid_transfer_loses_only_its_flows``; the client
+    agents' forwards listen on ``host``."""
+    on_a = socket.create_connection((host, fab.forward_ports[0]), timeout=10)
+    on_b = socket.create_connection((host, fab.client_ports["client-2"][0]), timeout=10)
+    sent_b = bytearray()
+    got_b = bytearray()
+
+    def exchange(sock, data: bytes, into: bytearray | None = None) -> None:
+        sock.sendall(data)
+        received = b""
+        while len(received) < len(data):
+            chunk = sock.recv(len(data) - len(received))
+            assert chunk, "flow ended"
+            received += chunk
+        assert received == data
+        if into is not None:
+            into.extend(received)
+
+    for _ in range(4):  # both flows are carrying bytes
+        exchange(on_a, os.urandom(65536))
+        chunk = os.urandom(65536)
+        sent_b.extend(chunk)
+        exchange(on_b, chunk, got_b)
+
+    fab.kill("edge-1")
+    killed = time.monotonic()
+
+    on_a.settimeout(5)
+    try:  # client-1's flow through edge-1 ends promptly
+        ended = on_a.recv(1) == b""
+    except ConnectionResetError:
+        ended = True
+    assert ended
+    on_a.close()
+    xfer.wait_for(lambda: "lost" in fab.log_tail("client-1", 40) and "edge-1" in fab.log_tail("client-1", 40), 5,
+                  "client-1 to log its lost tunnel to edge-1")
+
+    for _ in range(4):  # client-2's flow through edge-2 is untouched
+        chunk = os.urandom(65536)
+        sent_b.extend(chunk)
+        exchange(on_b, chunk, got_b)
+    on_b.shutdown(socket.SHUT_WR)
+    assert xfer.recv_all(on_b) == b""
+    on_b.close()
+    assert xfer.sha256_hex(bytes(got_b)) == xfer.sha256_hex(bytes(sent_b))
+
+    xfer.wait_for(lambda: _echoes(host, fab.forward_ports[0], xfer), 5, "a new flow of client-1 (through edge-2)")
+    assert time.monotonic() - killed < 5
+    status = xfer.scrape(fab.metrics["client-1"])
+    assert xfer.metric(status, "ferryman_tunnels") == 1
+
