@@ -50,6 +50,7 @@ http1.log = _Log(http1.log)  # type: ignore[assignment]
 
 class _Server:
     settings = SETTINGS
+    draining = False  # (the front door's: HTTP/1.1 keeps connections alive)
 
     def __init__(self) -> None:
         self.counters: collections.Counter[str] = collections.Counter()
