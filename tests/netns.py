@@ -59,6 +59,26 @@ def private_network() -> Iterator[tuple[str, str, str]]:
         subprocess.run(["ip", "link", "del", outside], capture_output=True, timeout=20)
 
 
+@contextlib.contextmanager
+def clients_across(fab, ns: str, ours: str, theirs: str, clients: tuple[str, ...] = ("client-1",)) -> Iterator[None]:
+    """Start the managed fabric ``fab`` with its control plane and edges on ``ours`` and the client
+    agents ``clients`` in ``ns`` (their metrics on ``theirs``), so they reach the rest across the
+    veth pair only; print every node's log tail if the body fails; stop the fabric."""
+    fab.edge_host = fab.control_host = ours
+    for name in clients:
+        fab.prefix[name] = ["ip", "netns", "exec", ns]
+        fab.metrics[name] = f"{theirs}:{random.randint(20000, 60000)}"
+    try:
+        fab.start(timeout=40)
+        yield
+    except BaseException:
+        for name in fab.logs:
+            print(f"--- {name}\n{fab.log_tail(name, 30)}")
+        raise
+    finally:
+        fab.stop()
+
+
 def start_backend_in(ns: str, mode: str, timeout: float = 15.0) -> Backend:
     """``tests/backends.py MODE`` inside namespace ``ns`` (on its own 127.0.0.1)."""
     proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, os.path.join(ROOT, "tests", "backends.py"),

@@ -24,7 +24,7 @@ import urllib.request
 import pytest
 
 from dataplane.fabric import Fabric, free_port
-from netns import private_network
+from netns import clients_across, private_network
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,18 +72,8 @@ def test_a_client_in_its_own_network_moves_off_a_draining_edge(backend, xfer, tm
         fab = Fabric(str(tmp_path / "fabric"), [(theirs, free_port(), "127.0.0.1", echo.port)], managed=True,
                      edges=2, client_edges=["edge-1", "edge-2"],
                      env={"FERRYMAN_DRAIN_GRACE": str(GRACE), "FERRYMAN_TRANSPORT": transport})
-        fab.edge_host = fab.control_host = ours
-        fab.prefix["client-1"] = ["ip", "netns", "exec", ns]
-        fab.metrics["client-1"] = f"{theirs}:{free_port()}"
-        try:
-            fab.start(timeout=40)
+        with clients_across(fab, ns, ours, theirs):
             _drain(fab, xfer, theirs)
-        except BaseException:
-            for name in fab.logs:
-                print(f"--- {name}\n{fab.log_tail(name, 30)}")
-            raise
-        finally:
-            fab.stop()
 
 
 def _drain(fab: Fabric, xfer, host: str) -> None:

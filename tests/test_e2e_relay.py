@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from dataplane.fabric import Fabric, free_port
-from netns import private_network
+from netns import clients_across, private_network
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -179,19 +179,8 @@ def test_clients_in_their_own_network_fail_over_when_an_edge_is_killed(backend, 
         fab = Fabric(str(tmp_path / "fabric"), [(theirs, free_port(), "127.0.0.1", echo.port)], managed=True,
                      edges=2, connector_edges={"connector-1": ["edge-2"]}, client_edges=["edge-1", "edge-2"],
                      more_clients={"client-2": ["edge-2"]}, env={"FERRYMAN_DRAIN_GRACE": "1"})
-        fab.edge_host = fab.control_host = ours
-        for name in ("client-1", "client-2"):
-            fab.prefix[name] = ["ip", "netns", "exec", ns]
-            fab.metrics[name] = f"{theirs}:{free_port()}"
-        try:
-            fab.start(timeout=40)
+        with clients_across(fab, ns, ours, theirs, ("client-1", "client-2")):
             _edge_killed(fab, xfer, theirs)
-        except BaseException:
-            for name in fab.logs:
-                print(f"--- {name}\n{fab.log_tail(name, 30)}")
-            raise
-        finally:
-            fab.stop()
 
 
 def _edge_killed(fab: Fabric, xfer, host: str) -> None:
