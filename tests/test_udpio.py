@@ -143,3 +143,38 @@ def test_quic_tunnel_without_offload(certs: Any) -> None:
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from dataplane.basics import pki
     return pki.init_pki(str(tmp_path_factory.mktemp("pki")), connectors=("connector-1",), clients=())
+
+
+def test_send_all_to_the_connected_peer_and_drops_counted_when_the_kernel_is_full() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rx = Collect()
+        receiver = UdpEndpoint(loop, udp_socket(socket.AF_INET, bind=("127.0.0.1", 0), buffer=1 << 22), rx, gro=False)
+        sender = UdpEndpoint(loop, udp_socket(socket.AF_INET, connect=receiver.get_extra_info("sockname")),
+                             Collect(), gro=False)
+        datagrams = batch(40, 64, 64) + batch(70, 1200, 30)
+        sender.send_all(datagrams)  # to the connected peer: addr None
+        await settle(lambda: len(rx.got) == len(datagrams))
+        assert rx.got == datagrams and sender.send_drops == 0
+
+        # A datagram socket whose peer does not read: the kernel refuses (EAGAIN) and each
+        # refused datagram is counted, also through the endpoint's callback.
+        near, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        dropped: list[int] = []
+        full = UdpEndpoint(loop, near, Collect(), on_send_drop=dropped.append)
+        full.send_all([b"y" * 512] * 2000)
+        queued = 0
+        far.setblocking(False)
+        try:
+            while True:
+                far.recv(1024)
+                queued += 1
+        except BlockingIOError:
+            pass
+        assert full.send_drops > 0 and sum(dropped) == full.send_drops
+        assert queued + full.send_drops == 2000
+        for end in (sender, receiver, full):
+            end.close()
+        far.close()
+
+    run(main())

@@ -15,6 +15,7 @@ import msgspec
 
 from ..basics.hostport import parse_hostport
 from ..transport.udpflow import UdpFlow
+from ..transport.udpio import UdpEndpoint
 from .opener import ClientFlow, FlowOpener
 
 
@@ -64,7 +65,7 @@ class UdpForward(asyncio.DatagramProtocol):
     def __init__(self, client: FlowOpener, forward: Forward) -> None:
         self.client = client
         self.forward = forward
-        self.transport: asyncio.DatagramTransport | None = None
+        self.transport: UdpEndpoint | None = None
         self.flows: dict[tuple, UdpFlow] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -82,7 +83,8 @@ class UdpForward(asyncio.DatagramProtocol):
             assert transport is not None
             flow = UdpFlow(client, lambda d, a=addr: transport.sendto(d, a), self._closed,
                            idle=settings.udp_idle_timeout, queue=settings.udp_queue,
-                           dest=(self.forward.host, self.forward.port), peer=f"{addr[0]}:{addr[1]}")
+                           dest=(self.forward.host, self.forward.port), peer=f"{addr[0]}:{addr[1]}",
+                           send_batch=lambda parts, a=addr: transport.send_all(parts, a))
             flow.on_opened = self._opened
             self.flows[addr] = flow
             flow.from_local(data)  # queued until OPEN_OK

@@ -42,7 +42,8 @@ from ..transport.socketflow import LocalFlow
 from ..transport.proxy import egress_proxy
 from ..transport.supervisor import keep_tunnel
 from ..transport.tunnel import TunnelBase
-from ..transport.udpflow import UdpFlow, set_udp_buffers
+from ..transport.udpflow import UdpFlow
+from ..transport.udpio import udp_listener
 from ..wire import events as ev
 from ..wire.connection import FlowError, WireConfig
 from ..wire.frames import Open
@@ -80,7 +81,7 @@ class Client(EndpointNode[None]):
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
         self.tunnel: ClientTunnel | None = None
         self.listeners: list[asyncio.AbstractServer] = []
-        self.udp_listeners: list[asyncio.DatagramTransport] = []
+        self.udp_listeners: list[Any] = []  # UDP forwards' endpoints and the DNS resolver's transport
         self.probe_ok: dict[Forward, str] = {}  # forward -> "" when usable, else the reason
         self._probes: dict[tuple[ClientTunnel, int], Forward] = {}  # (tunnel, flow id) of each readiness probe
         # Flows that met a draining tunnel, waiting for its replacement (at most FERRYMAN_MAX_PENDING_OPENS
@@ -114,9 +115,10 @@ class Client(EndpointNode[None]):
         loop = asyncio.get_running_loop()
         for fwd in self.forwards:
             if fwd.protocol == "udp":
-                udp, _ = await loop.create_datagram_endpoint(lambda f=fwd: UdpForward(self, f),
-                                                             local_addr=(fwd.listen_host, fwd.listen_port))
-                set_udp_buffers(udp, self.settings.udp_buffer)
+                stats = self.stats
+                udp = await udp_listener(
+                    fwd.listen_host, fwd.listen_port, UdpForward(self, fwd), buffer=self.settings.udp_buffer,
+                    on_send_drop=lambda n: stats.count(stats.datagrams_dropped, "local_busy", n))
                 self.udp_listeners.append(udp)
                 port = udp.get_extra_info("sockname")[1]
             else:

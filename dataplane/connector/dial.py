@@ -35,6 +35,7 @@ from ..access.destinations import (
     Refusal,
     plain,
 )
+from ..transport.udpio import UdpEndpoint, udp_socket
 
 SockAddr = tuple[Any, ...]
 Target = tuple[int, SockAddr]  # (address family, socket address)
@@ -197,18 +198,18 @@ async def connect_tcp(targets: list[Target], factory: Callable[[], asyncio.Proto
     raise DialError("dial_error", f"{where}: {exc.strerror or exc}")
 
 
-async def connect_udp(target: Target, factory: Callable[[], asyncio.DatagramProtocol]) -> asyncio.DatagramTransport:
-    """A UDP socket connected to ``target`` (so only its answers come back)."""
+def connect_udp(target: Target, protocol: asyncio.DatagramProtocol, *, buffer: int,
+                on_send_drop: Callable[[int], None]) -> UdpEndpoint:
+    """A UDP socket connected to ``target`` (so only its answers come back), served on the loop
+    for ``protocol`` with ``buffer``-byte kernel buffers asked for (FERRYMAN_UDP_BUFFER); runs of
+    datagrams leave in one system call (``UdpEndpoint.send_all``)."""
     family, sockaddr = target
-    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sock.setblocking(False)
-        sock.connect(sockaddr)
-        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(factory, sock=sock)
+        sock = udp_socket(family, connect=sockaddr, buffer=buffer)
     except OSError as exc:
-        sock.close()
         raise DialError("dial_error", f"{sockaddr[0]}:{sockaddr[1]}: {exc.strerror or exc}") from None
+    try:
+        return UdpEndpoint(asyncio.get_running_loop(), sock, protocol, gro=False, on_send_drop=on_send_drop)
     except BaseException:
         sock.close()
         raise
-    return transport

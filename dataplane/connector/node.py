@@ -51,7 +51,8 @@ from ..transport.endpoint import EndpointNode
 from ..transport.socketflow import LocalFlow, SocketFlow
 from ..transport.supervisor import keep_tunnel
 from ..transport.tunnel import TunnelBase
-from ..transport.udpflow import UdpFlow, set_udp_buffers
+from ..transport.udpflow import UdpFlow
+from ..transport.udpio import UdpEndpoint
 from ..wire import events as ev
 from ..wire.frames import Open
 from .dial import DialError, Target, checked, connect_tcp, connect_udp, resolve
@@ -92,7 +93,7 @@ class Connector(EndpointNode[EdgeKey]):
         self._moved: list[asyncio.Event] = []
         self._moving: set[asyncio.Task[None]] = set()  # tunnels draining after a move
         self.udp_flows: set[UdpFlow] = set()
-        self.udp_sockets: dict[UdpFlow, asyncio.DatagramTransport] = {}  # each UDP flow's backend socket
+        self.udp_sockets: dict[UdpFlow, UdpEndpoint] = {}  # each UDP flow's backend socket
         self.draining = False
         self._ssl = credentials.client_context()
         # Every tunnel sends the edge a fresh grant key in HELLO: the edge MACs each flow's grant with it.
@@ -370,7 +371,10 @@ class Connector(EndpointNode[EdgeKey]):
         try:
             targets = await self._targets(request, app, host, port)
             if udp:
-                transport: asyncio.BaseTransport = await connect_udp(targets[0], lambda: _BackendSocket(flow))
+                stats = self.stats
+                transport: asyncio.BaseTransport | UdpEndpoint = connect_udp(
+                    targets[0], _BackendSocket(flow), buffer=self.settings.udp_buffer,
+                    on_send_drop=lambda n: stats.count(stats.datagrams_dropped, "local_busy", n))
             else:
                 transport = await connect_tcp(targets, lambda: flow, timeout=self.settings.dial_timeout,
                                               shown=f"{host}:{port}")
@@ -387,13 +391,16 @@ class Connector(EndpointNode[EdgeKey]):
                 if udp:
                     transport.close()
                 else:
-                    transport.abort()  # type: ignore[attr-defined]
+                    transport.abort()  # type: ignore[union-attr]
                 return
             if udp:
-                self.udp_sockets[flow] = transport  # type: ignore[index,assignment]
-                set_udp_buffers(transport, self.settings.udp_buffer)  # type: ignore[arg-type]
-                flow.send = (transport.sendto if request.protocol == "udp"  # type: ignore[union-attr,attr-defined]
-                             else _queries_for(request.host, transport.sendto, self.stats))  # type: ignore[attr-defined]
+                assert isinstance(transport, UdpEndpoint)
+                self.udp_sockets[flow] = transport  # type: ignore[index]
+                if request.protocol == "udp":
+                    flow.send = transport.sendto
+                    flow.send_batch = transport.send_all
+                else:  # each DNS query is checked on its own
+                    flow.send = _queries_for(request.host, transport.sendto, self.stats)
             local = transport.get_extra_info("sockname")
             remote = transport.get_extra_info("peername")
             tunnel.accept(flow.flow_id, bound=f"{local[0]}:{local[1]}",

@@ -7,8 +7,12 @@ address at the client, the backend's connected socket at the connector), and
 ``from_local`` takes one the other way. Nothing is queued without bound and nothing is
 dropped silently: while the flow opens at most ``FERRYMAN_UDP_QUEUE`` datagrams wait,
 and a datagram that cannot be carried (queue full, tunnel write buffer full or holding
-``FERRYMAN_UDP_BACKLOG`` bytes already, larger than the tunnel allows) is counted in
-``ferryman_datagrams_dropped_total`` by reason: a datagram late is worth less than one lost.
+``FERRYMAN_UDP_BACKLOG`` bytes already, larger than the tunnel allows, the local socket's
+buffer full) is counted in ``ferryman_datagrams_dropped_total`` by reason: a datagram late is
+worth less than one lost. A flow given ``send_batch`` collects the datagrams that one pass of
+the event loop brings from the tunnel (at most ``MAX_OUTBOX``) and hands them to the local
+socket together at the start of the next pass, so a busy flow costs one system call per run of
+datagrams (``udpio.UdpEndpoint.send_all``, GSO) instead of one each.
 A flow with no datagram either way for ``FERRYMAN_UDP_IDLE_TIMEOUT`` seconds ends with
 RST ``idle_timeout``, which the edge passes on to the other side.
 """
@@ -18,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -28,20 +31,27 @@ from .tunnel import TunnelBase
 
 log = logging.getLogger("ferryman.udp")
 
+MAX_OUTBOX = 1024  # datagrams a flow collects for one batch before it sends them at once
+
 
 class UdpFlow(LocalFlow):
     """``send(data)``: deliver a datagram locally; ``on_close(flow)``: the flow ended (release
     the socket or the address). ``dest``/``on_opened`` are the client's (what to open, who
     waits for the answer)."""
 
-    __slots__ = ("node", "send", "on_close", "tunnel", "flow_id", "active", "done", "queue", "last",
-                 "timer", "idle", "dest", "peer", "on_opened", "protocol", "too_large_logged", "released")
+    __slots__ = ("node", "send", "send_batch", "outbox", "loop", "on_close", "tunnel", "flow_id", "active",
+                 "done", "queue", "last", "timer", "idle", "dest", "peer", "on_opened", "protocol",
+                 "too_large_logged", "released")
 
     def __init__(self, node: FlowNode, send: Callable[[bytes | memoryview], None],
                  on_close: Callable[[UdpFlow], None], *, idle: float, queue: int,
-                 dest: tuple[str, int] | None = None, peer: str = "") -> None:
+                 dest: tuple[str, int] | None = None, peer: str = "",
+                 send_batch: Callable[[list[bytes]], None] | None = None) -> None:
         self.node = node
         self.send = send
+        self.send_batch = send_batch  # several datagrams at once, in order (None: ``send`` each)
+        self.outbox: list[bytes] = []
+        self.loop = asyncio.get_running_loop()
         self.on_close = on_close
         self.tunnel: TunnelBase[Any, Any] | None = None
         self.flow_id = 0
@@ -49,7 +59,7 @@ class UdpFlow(LocalFlow):
         self.done = False
         self.queue: collections.deque[bytes] = collections.deque(maxlen=queue)
         self.idle = idle
-        self.last = asyncio.get_running_loop().time()
+        self.last = self.loop.time()
         self.timer: asyncio.TimerHandle | None = None
         self.dest = dest
         self.peer = peer
@@ -100,7 +110,7 @@ class UdpFlow(LocalFlow):
                 return
             self.queue.append(data)
             return
-        self.last = asyncio.get_running_loop().time()
+        self.last = self.loop.time()
         tunnel = self.tunnel
         if tunnel is None or tunnel.closed:
             stats.count(stats.datagrams_dropped, "tunnel_lost")
@@ -126,25 +136,50 @@ class UdpFlow(LocalFlow):
         """A datagram from the tunnel, for the local socket."""
         if self.done:
             return
-        self.last = asyncio.get_running_loop().time()
+        self.last = self.loop.time()
         stats = self.node.stats
         stats.datagrams_rx += 1
         stats.bytes_rx += len(data)
+        if self.send_batch is not None:
+            outbox = self.outbox
+            outbox.append(bytes(data))  # the tunnel's read buffer is reused: keep a copy until sent
+            if len(outbox) == 1:
+                self.loop.call_soon(self.deliver)
+            elif len(outbox) >= MAX_OUTBOX:
+                self.deliver()
+            return
         try:
             self.send(data)
         except Exception as exc:  # e.g. the local socket went away under us: never into the tunnel's callback
             stats.count(stats.datagrams_dropped, "local_error")
             log.info("datagram not delivered", extra={"flow": self.flow_id, "peer": self.peer, "reason": str(exc)})
 
+    def deliver(self) -> None:
+        """Hand the collected datagrams to the local socket (scheduled by the first of a batch)."""
+        parts = self.outbox
+        if not parts or self.send_batch is None:
+            return
+        self.outbox = []
+        if self.done:  # ended while they waited: never sent, counted
+            stats = self.node.stats
+            stats.count(stats.datagrams_dropped, "flow_closed", len(parts))
+            return
+        try:
+            self.send_batch(parts)
+        except Exception as exc:  # as in on_datagram: the flow's own trouble, counted and logged
+            stats = self.node.stats
+            stats.count(stats.datagrams_dropped, "local_error", len(parts))
+            log.info("datagrams not delivered", extra={"flow": self.flow_id, "peer": self.peer, "reason": str(exc)})
+
     # ------------------------------------------------------------------ ending
     def _arm(self, delay: float) -> None:
-        self.timer = asyncio.get_running_loop().call_later(delay, self._idle_check)
+        self.timer = self.loop.call_later(delay, self._idle_check)
 
     def _idle_check(self) -> None:
         self.timer = None
         if self.done:
             return
-        quiet = asyncio.get_running_loop().time() - self.last
+        quiet = self.loop.time() - self.last
         if quiet >= self.idle:
             self.close("idle_timeout", f"no datagram for {self.idle:g}s")
         else:
@@ -167,6 +202,8 @@ class UdpFlow(LocalFlow):
     def _finish(self, reason: str) -> None:
         if self.released:
             return
+        if self.outbox:
+            self.deliver()  # what came before the end still goes out
         self.released = self.done = True
         if self.timer is not None:
             self.timer.cancel()
@@ -180,16 +217,3 @@ class UdpFlow(LocalFlow):
             stats.count(stats.flows_closed, reason)
         self.on_close(self)
 
-
-def set_udp_buffers(transport: asyncio.BaseTransport, size: int) -> None:
-    """Ask for ``size``-byte receive and send buffers on a UDP socket (FERRYMAN_UDP_BUFFER), so a
-    burst or a short stall of this process does not overflow the kernel's small default (the
-    kernel caps the request at net.core.rmem_max / wmem_max)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, size)
-        except OSError as exc:
-            log.warning("cannot set a UDP socket buffer", extra={"size": size, "reason": exc.strerror})

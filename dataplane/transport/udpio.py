@@ -16,8 +16,13 @@ QUIC adapter makes (``sendto``, ``close``, ``is_closing``, ``get_extra_info``) p
   datagram. Either way a readable socket is read
   until empty (up to ``READ_BUDGET`` reads) in one loop callback.
 
+The same endpoint serves the UDP sockets that face apps and backends (the client agent's UDP
+forwards, the connector's per-flow backend sockets): the datagrams one tunnel read brings for a
+flow leave in ``send_all`` runs, one system call per run instead of one per datagram.
+
 A send the kernel cannot take now (``EAGAIN``: the socket buffer is full) is dropped and
-counted (``send_drops``); QUIC's loss recovery resends what mattered. ICMP errors (a refused
+counted (``send_drops``, and ``on_send_drop(n)`` when given); QUIC's loss recovery resends what
+mattered, and an app's UDP has no more promise than the network's. ICMP errors (a refused
 port on a connected socket) reach the protocol's ``error_received``.
 """
 
@@ -28,6 +33,7 @@ import errno
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("ferryman.quic")
@@ -49,7 +55,7 @@ class UdpEndpoint:
     """One non-blocking UDP socket served by the loop for ``protocol`` (an ``asyncio.DatagramProtocol``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: Any, *,
-                 gso: bool = True, gro: bool = True) -> None:
+                 gso: bool = True, gro: bool = True, on_send_drop: Callable[[int], None] | None = None) -> None:
         self._loop = loop
         self._sock = sock
         self._protocol = protocol
@@ -62,6 +68,7 @@ class UdpEndpoint:
         self.gso = gso and _probe(sock, UDP_SEGMENT, 0)
         self.gro = gro and _probe(sock, UDP_GRO, 1)
         self.send_drops = 0
+        self._on_send_drop = on_send_drop
         self.coalesced_reads = 0  # reads that returned several datagrams (GRO)
         # a protocol that takes a coalesced buffer whole: segments_received(buffer, segment_size, addr)
         self._segments = getattr(protocol, "segments_received", None)
@@ -105,13 +112,18 @@ class UdpEndpoint:
             else:
                 self._sock.sendto(data, addr)
         except BlockingIOError:
-            self.send_drops += 1
+            self._dropped(1)
         except OSError as exc:
             self._protocol.error_received(exc)
 
+    def _dropped(self, n: int) -> None:
+        self.send_drops += n
+        if self._on_send_drop is not None:
+            self._on_send_drop(n)
+
     # ------------------------------------------------------------------ batches
     def send_batch(self, datagrams: list[tuple[bytes, Any]]) -> None:
-        """Send ``(data, addr)`` datagrams in order, runs of one size and address in one GSO send."""
+        """Send ``(data, addr)`` datagrams in order: each run to one address goes to ``send_all``."""
         if self._closing or not datagrams:
             return
         if not self.gso or len(datagrams) == 1:
@@ -119,21 +131,37 @@ class UdpEndpoint:
                 self.sendto(data, addr)
             return
         i, n = 0, len(datagrams)
+        while i < n and not self._closing:
+            addr = datagrams[i][1]
+            j = i + 1
+            while j < n and datagrams[j][1] == addr:
+                j += 1
+            self.send_all([d for d, _a in datagrams[i:j]], addr)
+            i = j
+
+    def send_all(self, parts: list[bytes], addr: Any = None) -> None:
+        """Send datagrams to one address (``None``: the connected peer) in order, each run of one
+        size (a shorter datagram ends a run) in one GSO ``sendmsg``."""
+        if self._closing or not parts:
+            return
+        if not self.gso or len(parts) == 1:
+            for data in parts:
+                self.sendto(data, addr)
+            return
+        i, n = 0, len(parts)
         while i < n:
-            data, addr = datagrams[i]
-            size = len(data)
+            size = len(parts[i])
             j = i + 1
             total = size
-            while (j < n and j - i < MAX_SEGMENTS and datagrams[j][1] == addr and len(datagrams[j][0]) <= size
-                   and total + len(datagrams[j][0]) <= MAX_GSO_BYTES):
-                total += len(datagrams[j][0])
+            while j < n and j - i < MAX_SEGMENTS and len(parts[j]) <= size and total + len(parts[j]) <= MAX_GSO_BYTES:
+                total += len(parts[j])
                 j += 1
-                if len(datagrams[j - 1][0]) < size:
+                if len(parts[j - 1]) < size:
                     break  # a shorter datagram ends a run
             if j - i == 1:
-                self.sendto(data, addr)
+                self.sendto(parts[i], addr)
             else:
-                self._send_segments([d for d, _a in datagrams[i:j]], size, addr)
+                self._send_segments(parts[i:j], size, addr)
             if self._closing:
                 return
             i = j
@@ -141,12 +169,12 @@ class UdpEndpoint:
     def _send_segments(self, parts: list[bytes], size: int, addr: Any) -> None:
         control = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
         try:
-            if self._connected:
+            if self._connected or addr is None:
                 self._sock.sendmsg(parts, control)
             else:
                 self._sock.sendmsg(parts, control, 0, addr)
         except BlockingIOError:
-            self.send_drops += len(parts)
+            self._dropped(len(parts))
         except OSError as exc:
             if exc.errno in _GSO_REFUSED:
                 self.gso = False
@@ -203,6 +231,23 @@ def _probe(sock: socket.socket, option: int, value: int) -> bool:
         return True
     except OSError:
         return False
+
+
+async def udp_listener(host: str, port: int, protocol: Any, *, buffer: int,
+                       on_send_drop: Callable[[int], None] | None = None) -> UdpEndpoint:
+    """A UDP socket bound to ``host:port`` (the first address ``host`` resolves to), served on the
+    loop for ``protocol``: an app-facing listener such as a UDP port forward."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"{host!r} resolves to no address")
+    family, _type, _proto, _name, sockaddr = infos[0]
+    sock = udp_socket(family, bind=sockaddr, buffer=buffer)
+    try:
+        return UdpEndpoint(loop, sock, protocol, gro=False, on_send_drop=on_send_drop)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def udp_socket(family: int, *, bind: Any = None, connect: Any = None, reuse_port: bool = False,
