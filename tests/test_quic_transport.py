@@ -14,6 +14,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 import uvloop
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -270,6 +271,34 @@ def test_udp_flow_datagrams_both_ways(certs: dict[str, pki.NodeFiles]) -> None:
         got = {(await dialer.next(ev.DatagramReceived)).data for _ in range(20)}
         assert got == {(b"query-%d" % i)[::-1] for i in range(20)}
         tunnel.conn.reset_flow(fid, "udp_idle", "idle")
+        tunnel.close("shutdown", "test done")
+        server.close()
+
+    run(main())
+
+
+def test_a_burst_past_the_pending_datagram_bound_goes_out_instead_of_being_refused(
+        certs: dict[str, pki.NodeFiles]) -> None:
+    """Four times FERRYMAN_QUIC_MAX_PENDING_DATAGRAMS sent in one go, as an edge passes on what
+    one receive callback brought: the tunnel sends what waits when the bound is reached, so
+    none is refused and every one arrives (the loopback congestion window has room)."""
+    async def main() -> None:
+        bounded = msgspec.structs.replace(SETTINGS, quic_max_pending_datagrams=64)
+        echo, dialer = Echo(), Dialer()
+        server = await edge(certs, echo)
+        tunnel = await dial(server, certs["client-1"], dialer, settings=bounded)
+        await tunnel.up_waiter
+        assert tunnel.conn.max_pending_datagrams == 64
+        fid = tunnel.conn.open_flow(Open(host="dns.corp", port=53, protocol="udp"))
+        tunnel.flush_soon()
+        await dialer.next(ev.FlowAccepted)
+        sent = [b"burst-%04d" % i for i in range(256)]
+        for data in sent:
+            assert tunnel.send_datagram(fid, data)  # FlowError datagram_queue_full if refused
+            assert tunnel.conn.quic.pending_datagrams() <= 64
+        got = {(await dialer.next(ev.DatagramReceived)).data for _ in range(len(sent))}
+        assert got == {data[::-1] for data in sent}
+        assert dialer.stats.datagrams_dropped == {}
         tunnel.close("shutdown", "test done")
         server.close()
 

@@ -328,7 +328,7 @@ VARIABLES: dict[str, str] = {
     "quic_engine": "QUIC implementation: `qh3` (native packet core, fast), `aioquic` (pure Python), or `auto` (qh3 when installed, else aioquic, logged).",
     "quic_offload": "`on`: QUIC sockets send with UDP segmentation offload (GSO) and receive coalesced (GRO) where the kernel has them, else one datagram per system call; `off`: always one per call.",
     "quic_socket_buffer": "Receive and send buffer in bytes asked for on each QUIC UDP socket, so bursts are not dropped by the kernel (capped at net.core.rmem_max/wmem_max).",
-    "quic_max_pending_datagrams": "UDP datagrams a QUIC tunnel queues for sending before refusing more (`datagram_queue_full`).",
+    "quic_max_pending_datagrams": "UDP datagrams a QUIC tunnel queues for sending; at the bound it sends them at once and refuses more (`datagram_queue_full`) only while the congestion window holds them back.",
     "quic_retry_threshold": "Edge: with more QUIC handshakes than this in progress, new clients must first prove their address (QUIC Retry).",
     "https_proxy": "Connector/client: HTTP CONNECT proxy URL for TLS/TCP tunnels (`http://[user:password@]host:port`); empty means the `HTTPS_PROXY`/`https_proxy` variable.",
     "no_proxy": "Connector/client: comma-separated hosts, domains (`.corp.example`) or CIDRs dialed without the proxy; empty means the `NO_PROXY`/`no_proxy` variable.",

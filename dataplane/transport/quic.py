@@ -242,6 +242,19 @@ class QuicTunnel(TunnelBase[F, S]):
             ConnectionIdRetired: self._on_cid,
         }
 
+    # ------------------------------------------------------------------ sending datagrams
+    def send_datagram(self, flow_id: int, data: bytes | memoryview) -> bool:
+        """As ``TunnelBase.send_datagram``. When ``FERRYMAN_QUIC_MAX_PENDING_DATAGRAMS`` already
+        wait, they are sent now (as far as the congestion window lets them go) before this one
+        is refused: one receive callback at an edge can bring the datagrams of many coalesced
+        reads (a connector packs a dozen small ones into each packet), more than the bound, and
+        those are a burst to pass on at once, not a queue. What the congestion window holds
+        back stays bounded and beyond it datagrams are refused (``datagram_queue_full``)."""
+        conn = self.conn
+        if conn.quic.pending_datagrams() >= conn.max_pending_datagrams:
+            self._flush()
+        return super().send_datagram(flow_id, data)
+
     # ------------------------------------------------------------------ properties
     @property
     def sockname(self) -> tuple | None:
