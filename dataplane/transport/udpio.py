@@ -61,8 +61,10 @@ class UdpEndpoint:
         self._protocol = protocol
         self._closing = False
         self._connected = False
+        self._peer: Any = None
         try:
-            self._connected = sock.getpeername() is not None
+            self._peer = sock.getpeername()
+            self._connected = True
         except OSError:
             pass
         self.gso = gso and _probe(sock, UDP_SEGMENT, 0)
@@ -194,6 +196,8 @@ class UdpEndpoint:
             try:
                 if self.gro:
                     data, ancdata, _flags, addr = sock.recvmsg(READ_SIZE, _CMSG_SPACE)
+                elif self._connected:  # only the peer's datagrams arrive: no address to decode each time
+                    data, addr, ancdata = sock.recv(READ_SIZE), self._peer, None
                 else:
                     data, addr = sock.recvfrom(READ_SIZE)
                     ancdata = None
