@@ -72,29 +72,39 @@ class Connector(TunnelHandler):
         self.flow.set_result(flow)
 
 
-def test_a_datagram_is_dropped_rather_than_queued_behind_the_backlog(pki_cache: str) -> None:
+async def udp_flow_over_tunnels(pki_cache: str, connector: Connector, *, connector_buffer_high: int
+                                ) -> tuple[Edge, Tunnel, Tunnel, asyncio.AbstractServer, int, UdpFlow]:
+    """An edge and ``connector`` joined by a real TLS tunnel over loopback, and one UDP flow the
+    edge opened on it: (edge, edge's tunnel, connector's tunnel, server, flow id, connector's flow)."""
     files = {name: tuple(os.path.join(pki_cache, f"{name}.{ext}") for ext in ("pem", "key"))
              for name in ("edge-1", "connector-1")}
     ca = os.path.join(pki_cache, "ca.pem")
+    loop = asyncio.get_running_loop()
+    edge = Edge()
+    server = await loop.create_server(
+        lambda: Tunnel(edge, WireConfig(role="edge", node="edge-1"), dialer=False, accept_roles=("connector",),
+                       keepalive=30, handshake_timeout=10, write_buffer_high=1 << 20),
+        "127.0.0.1", 0, ssl=pki.server_context(*files["edge-1"], ca))
+    port = server.sockets[0].getsockname()[1]
+    await loop.create_connection(
+        lambda: Tunnel(connector, WireConfig(role="connector", node="connector-1"), dialer=True,
+                       accept_roles=("edge",), keepalive=30, handshake_timeout=10,
+                       write_buffer_high=connector_buffer_high),
+        "127.0.0.1", port, ssl=pki.client_context(*files["connector-1"], ca), server_hostname="127.0.0.1")
+    etunnel, ctunnel = await asyncio.wait_for(edge.up, 10), await asyncio.wait_for(connector.up, 10)
+    fid = etunnel.open_flow(Open(host="10.0.0.1", port=53, protocol="udp"))
+    etunnel.flush_soon()
+    flow = await asyncio.wait_for(connector.flow, 10)
+    await asyncio.wait_for(edge.accepted, 10)
+    return edge, etunnel, ctunnel, server, fid, flow
 
+
+def test_a_datagram_is_dropped_rather_than_queued_behind_the_backlog(pki_cache: str) -> None:
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        edge, connector = Edge(), Connector()
-        server = await loop.create_server(
-            lambda: Tunnel(edge, WireConfig(role="edge", node="edge-1"), dialer=False, accept_roles=("connector",),
-                           keepalive=30, handshake_timeout=10, write_buffer_high=1 << 20),
-            "127.0.0.1", 0, ssl=pki.server_context(*files["edge-1"], ca))
-        port = server.sockets[0].getsockname()[1]
-        await loop.create_connection(
-            lambda: Tunnel(connector, WireConfig(role="connector", node="connector-1"), dialer=True,
-                           accept_roles=("edge",), keepalive=30, handshake_timeout=10,
-                           write_buffer_high=1 << 30),  # stays writable: only the backlog can refuse
-            "127.0.0.1", port, ssl=pki.client_context(*files["connector-1"], ca), server_hostname="127.0.0.1")
-        etunnel, ctunnel = await asyncio.wait_for(edge.up, 10), await asyncio.wait_for(connector.up, 10)
-        etunnel.open_flow(Open(host="10.0.0.1", port=53, protocol="udp"))
-        etunnel.flush_soon()
-        flow = await asyncio.wait_for(connector.flow, 10)
-        await asyncio.wait_for(edge.accepted, 10)
+        connector = Connector()
+        # the connector's tunnel stays writable (high-water mark far above): only the backlog can refuse
+        edge, etunnel, ctunnel, server, _fid, flow = await udp_flow_over_tunnels(
+            pki_cache, connector, connector_buffer_high=1 << 30)
 
         flow.from_local(b"first")
         await _until(lambda: edge.datagrams == [b"first"])

@@ -1,6 +1,6 @@
 """Datagrams that one tunnel read brings for a UDP flow leave the node together.
 
-Two real tunnel ends over loopback TLS (from ``test_udp_backlog``). The connector's UDP flow
+Two real tunnel ends over loopback TLS (``test_udp_backlog.udp_flow_over_tunnels``). The connector's UDP flow
 sends into a real connected UDP socket (``udpio.UdpEndpoint``, GSO where the kernel has it) to
 a receiving socket: a burst of datagrams from the edge reaches the receiver whole and in
 order in far fewer sends than datagrams, datagrams followed by the flow's end still go out,
@@ -15,15 +15,11 @@ import socket
 
 import pytest
 
-from dataplane.basics import pki
 from dataplane.transport.endpoint import EndpointNode
-from dataplane.transport.tunnel import Tunnel
 from dataplane.transport.udpflow import UdpFlow
 from dataplane.transport.udpio import UdpEndpoint, udp_socket
-from dataplane.wire.connection import WireConfig
-from dataplane.wire.frames import Open
 
-from test_udp_backlog import Connector, Edge, _until
+from test_udp_backlog import Connector, _until, udp_flow_over_tunnels
 from test_udpio import Collect
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,25 +27,6 @@ pytestmark = pytest.mark.timeout(60)
 
 class Node(Connector, EndpointNode):
     """The backlog test's connector end, with the node's routing of DATAGRAM and RST to the flow."""
-
-
-async def _tunnels(pki_cache: str) -> tuple[Edge, Node, Tunnel, Tunnel, asyncio.AbstractServer]:
-    files = {name: tuple(os.path.join(pki_cache, f"{name}.{ext}") for ext in ("pem", "key"))
-             for name in ("edge-1", "connector-1")}
-    ca = os.path.join(pki_cache, "ca.pem")
-    loop = asyncio.get_running_loop()
-    edge, connector = Edge(), Node()
-    server = await loop.create_server(
-        lambda: Tunnel(edge, WireConfig(role="edge", node="edge-1"), dialer=False, accept_roles=("connector",),
-                       keepalive=30, handshake_timeout=10, write_buffer_high=1 << 20),
-        "127.0.0.1", 0, ssl=pki.server_context(*files["edge-1"], ca))
-    port = server.sockets[0].getsockname()[1]
-    await loop.create_connection(
-        lambda: Tunnel(connector, WireConfig(role="connector", node="connector-1"), dialer=True,
-                       accept_roles=("edge",), keepalive=30, handshake_timeout=10, write_buffer_high=1 << 20),
-        "127.0.0.1", port, ssl=pki.client_context(*files["connector-1"], ca), server_hostname="127.0.0.1")
-    etunnel, ctunnel = await asyncio.wait_for(edge.up, 10), await asyncio.wait_for(connector.up, 10)
-    return edge, connector, etunnel, ctunnel, server
 
 
 def _backend(flow: UdpFlow, batches: list[int]) -> tuple[UdpEndpoint, UdpEndpoint, Collect]:
@@ -71,10 +48,9 @@ def _backend(flow: UdpFlow, batches: list[int]) -> tuple[UdpEndpoint, UdpEndpoin
 
 def test_a_burst_from_the_tunnel_leaves_in_batches_whole_and_in_order(pki_cache: str) -> None:
     async def scenario() -> None:
-        edge, connector, etunnel, ctunnel, server = await _tunnels(pki_cache)
-        fid = etunnel.open_flow(Open(host="10.0.0.1", port=5000, protocol="udp"))
-        etunnel.flush_soon()
-        flow = await asyncio.wait_for(connector.flow, 10)
+        connector = Node()
+        edge, etunnel, ctunnel, server, fid, flow = await udp_flow_over_tunnels(
+            pki_cache, connector, connector_buffer_high=1 << 20)
         batches: list[int] = []
         sender, receiver, rx = _backend(flow, batches)
 
@@ -106,10 +82,9 @@ def test_a_burst_from_the_tunnel_leaves_in_batches_whole_and_in_order(pki_cache:
 
 def test_a_failing_local_socket_costs_its_batch_counted(pki_cache: str) -> None:
     async def scenario() -> None:
-        edge, connector, etunnel, ctunnel, server = await _tunnels(pki_cache)
-        fid = etunnel.open_flow(Open(host="10.0.0.1", port=5000, protocol="udp"))
-        etunnel.flush_soon()
-        flow = await asyncio.wait_for(connector.flow, 10)
+        connector = Node()
+        edge, etunnel, ctunnel, server, fid, flow = await udp_flow_over_tunnels(
+            pki_cache, connector, connector_buffer_high=1 << 20)
         failures: list[int] = []
 
         def broken(parts: list[bytes]) -> None:
