@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from typing import Any
 
 import msgspec
@@ -176,5 +177,84 @@ def test_send_all_to_the_connected_peer_and_drops_counted_when_the_kernel_is_ful
         for end in (sender, receiver, full):
             end.close()
         far.close()
+
+    run(main())
+
+
+def test_empty_datagrams_are_never_folded_into_a_run() -> None:
+    """The kernel cuts a GSO run by bytes: an empty datagram in one would vanish, so each is sent alone."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rx = Collect()
+        receiver = UdpEndpoint(loop, udp_socket(socket.AF_INET, bind=("127.0.0.1", 0), buffer=1 << 22), rx, gro=False)
+        sender = UdpEndpoint(loop, udp_socket(socket.AF_INET, bind=("127.0.0.1", 0)), Collect(), gro=False)
+        if not sender.gso:
+            pytest.skip("this kernel has no UDP GSO")
+        addr = receiver.get_extra_info("sockname")
+        datagrams = [b"", b"", b"", b"x" * 100, b"x" * 100, b"", b"y" * 100, b"", b"z" * 10, b"z" * 10]
+        sender.send_all(datagrams, addr)
+        await settle(lambda: len(rx.got) == len(datagrams))
+        assert rx.got == datagrams and sender.send_drops == 0
+        sender.close()
+        receiver.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("gso", [True, False])
+def test_an_error_reported_on_a_run_costs_at_most_one_datagram(gso: bool) -> None:
+    """A port-unreachable from an earlier datagram is reported on the next send of a connected
+    socket: the run it was reported on goes out all the same, one by one."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()  # nothing listens there now
+        errors = Collect()
+        sender = UdpEndpoint(loop, udp_socket(socket.AF_INET, connect=("127.0.0.1", port)), errors, gro=False, gso=gso)
+        if gso and not sender.gso:
+            pytest.skip("this kernel has no UDP GSO")
+        sender.sendto(b"lost")
+        time.sleep(0.05)  # the ICMP error arrives and waits on the socket: the loop (its reader) does not run
+        backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        backend.bind(("127.0.0.1", port))
+        backend.settimeout(0.5)
+        run_ = [b"r" * 100] * 10
+        sender.send_all(run_)
+        got = []
+        try:
+            while len(got) < len(run_):
+                got.append(backend.recv(2048))
+        except socket.timeout:
+            pass
+        assert len(errors.errors) == 1  # the one error, reported by the send that met it
+        assert len(got) >= len(run_) - 1 and set(got) == {b"r" * 100}
+        sender.close()
+        backend.close()
+
+    run(main())
+
+
+def test_a_listener_binds_the_first_address_of_its_host_that_binds(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def two_addresses(host: str, port: int, **kw: Any) -> list[tuple]:
+            # 192.0.2.1 (TEST-NET-1) is no address of this host: binding it fails
+            return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("192.0.2.1", port)),
+                    (socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("127.0.0.1", port))]
+
+        monkeypatch.setattr(loop, "getaddrinfo", two_addresses)
+        listener = await udpio.udp_listener("forward.test", 0, Collect(), buffer=1 << 20)
+        assert listener.get_extra_info("sockname")[0] == "127.0.0.1"
+        listener.close()
+
+        async def unbindable(host: str, port: int, **kw: Any) -> list[tuple]:
+            return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("192.0.2.1", port))]
+
+        monkeypatch.setattr(loop, "getaddrinfo", unbindable)
+        with pytest.raises(OSError):
+            await udpio.udp_listener("forward.test", 0, Collect(), buffer=1 << 20)
 
     run(main())

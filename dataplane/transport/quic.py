@@ -229,6 +229,7 @@ class QuicTunnel(TunnelBase[F, S]):
         self._server_name = server_name
         self._cid_listener = cid_listener
         self._peer_der: bytes | None = None
+        self._window_full = False  # an early datagram send left FERRYMAN_QUIC_MAX_PENDING_DATAGRAMS waiting
         self._timer = self.loop.call_later(handshake_timeout, self._handshake_expired)
         self._quic_timer: asyncio.TimerHandle | None = None
         self._quic_at: float | None = None
@@ -251,8 +252,11 @@ class QuicTunnel(TunnelBase[F, S]):
         those are a burst to pass on at once, not a queue. What the congestion window holds
         back stays bounded and beyond it datagrams are refused (``datagram_queue_full``)."""
         conn = self.conn
-        if conn.quic.pending_datagrams() >= conn.max_pending_datagrams:
+        if conn.quic.pending_datagrams() >= conn.max_pending_datagrams and not self._window_full:
             self._flush()
+            # still full: the window holds them; no more early sends (each a full engine pass)
+            # until the peer's next packets (ACKs) or a timer may have opened it
+            self._window_full = conn.quic.pending_datagrams() >= conn.max_pending_datagrams
         return super().send_datagram(flow_id, data)
 
     # ------------------------------------------------------------------ properties
@@ -320,6 +324,7 @@ class QuicTunnel(TunnelBase[F, S]):
             self.close("connection_lost", f"UDP socket lost: {exc}" if exc else "UDP socket closed", abort=True)
 
     def _process(self, events: list[ev.Event]) -> None:
+        self._window_full = False  # (see send_datagram)
         dispatch = self._dispatch
         for event in events:
             dispatch[type(event)](self, event)

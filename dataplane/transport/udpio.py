@@ -155,7 +155,9 @@ class UdpEndpoint:
             size = len(parts[i])
             j = i + 1
             total = size
-            while j < n and j - i < MAX_SEGMENTS and len(parts[j]) <= size and total + len(parts[j]) <= MAX_GSO_BYTES:
+            # (an empty datagram is never in a run: the kernel cuts a run by bytes, so it would vanish)
+            while (size and j < n and j - i < MAX_SEGMENTS and 0 < len(parts[j]) <= size
+                   and total + len(parts[j]) <= MAX_GSO_BYTES):
                 total += len(parts[j])
                 j += 1
                 if len(parts[j - 1]) < size:
@@ -185,7 +187,14 @@ class UdpEndpoint:
                 for part in parts:
                     self.sendto(part, addr)
             else:
+                # e.g. an ICMP error an earlier datagram caused, reported on this send: it is
+                # consumed now, so the run goes out one by one (each failure reported) rather
+                # than the whole run being lost for one report
                 self._protocol.error_received(exc)
+                for part in parts:
+                    if self._closing:
+                        return
+                    self.sendto(part, addr)
 
     # ------------------------------------------------------------------ receiving
     def _readable(self) -> None:
@@ -245,8 +254,16 @@ async def udp_listener(host: str, port: int, protocol: Any, *, buffer: int,
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     if not infos:
         raise OSError(f"{host!r} resolves to no address")
-    family, _type, _proto, _name, sockaddr = infos[0]
-    sock = udp_socket(family, bind=sockaddr, buffer=buffer)
+    failure: OSError | None = None
+    for family, _type, _proto, _name, sockaddr in infos:  # the first address that binds
+        try:
+            sock = udp_socket(family, bind=sockaddr, buffer=buffer)
+            break
+        except OSError as exc:
+            failure = exc
+    else:
+        assert failure is not None
+        raise failure
     try:
         return UdpEndpoint(loop, sock, protocol, gro=False, on_send_drop=on_send_drop)
     except BaseException:
