@@ -1,8 +1,9 @@
-"""A UDP socket for QUIC tunnels on the event loop, with segmentation offload where the kernel has it.
+"""A UDP socket on the event loop, with segmentation offload where the kernel has it.
 
-``UdpEndpoint`` takes the place of an asyncio datagram transport for QUIC: the same calls the
-QUIC adapter makes (``sendto``, ``close``, ``is_closing``, ``get_extra_info``) plus
-``send_batch``, which hands the kernel many datagrams at once:
+``UdpEndpoint`` takes the place of an asyncio datagram transport (for QUIC tunnels, UDP port
+forwards and the connector's backend sockets): the calls they make (``sendto``, ``close``,
+``is_closing``, ``get_extra_info``) plus ``send_batch`` and ``send_all``, which hand the
+kernel many datagrams at once:
 
 - **GSO** (``UDP_SEGMENT``, Linux 4.18+): consecutive datagrams of one size to one address
   leave in one ``sendmsg`` that the kernel (or the NIC) cuts into packets; a shorter last
