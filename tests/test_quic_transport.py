@@ -305,6 +305,50 @@ def test_a_burst_past_the_pending_datagram_bound_goes_out_instead_of_being_refus
     run(main())
 
 
+def test_an_idle_tunnel_waits_for_its_ack_timer_instead_of_polling_the_engine(
+        certs: dict[str, pki.NodeFiles]) -> None:
+    """After each small message an engine holds its ACK for about a millisecond. The tunnel
+    sleeps on a loop timer until then: it does not poll the engine every loop iteration (a
+    busy loop that held a CPU for that millisecond after every message, and on a machine
+    with few cores delayed the very processes the answer waited for)."""
+    async def main() -> None:
+        echo, dialer = Echo(), Dialer()
+        server = await edge(certs, echo)
+        tunnel = await dial(server, certs["connector-1"], dialer)
+        await tunnel.up_waiter
+        while not echo.up:
+            await asyncio.sleep(0.01)
+        fid = tunnel.conn.open_flow(Open(host="db.corp", port=5432))
+        tunnel.flush_soon()
+        await dialer.next(ev.FlowAccepted)
+        await asyncio.sleep(0.05)  # the handshake's timers settle
+        polls = [0]
+        for side in (tunnel, echo.up[0]):
+            engine_timer = side.conn.handle_timer
+
+            def counted(now: float, engine_timer: Any = engine_timer) -> list[ev.Event]:
+                polls[0] += 1
+                return engine_timer(now)
+
+            side.conn.handle_timer = counted  # type: ignore[method-assign]
+        rounds = 20
+        for i in range(rounds):
+            message = b"%064d" % i
+            tunnel.conn.send_data(fid, message)
+            tunnel.flush_soon()
+            while bytes(dialer.data.get(fid, b""))[-64:] != message:
+                await asyncio.sleep(0.0005)
+            await asyncio.sleep(0.003)  # past each side's ACK delay
+        assert len(dialer.data[fid]) == 64 * rounds
+        # each side's ACK timer once per message and a loss-detection timer now and then;
+        # polling until a deadline 1 ms away is hundreds of calls per message
+        assert polls[0] <= 6 * rounds, polls[0]
+        tunnel.close("shutdown", "test done")
+        server.close()
+
+    run(main())
+
+
 def test_goaway_reaches_the_edge_and_keepalive_measures_rtt(certs: dict[str, pki.NodeFiles]) -> None:
     async def main() -> None:
         fast = Settings(keepalive_interval=0.2, handshake_timeout=5.0, quic_timeout=3.0)

@@ -71,9 +71,12 @@ SMALLEST_INITIAL = 1200  # a client's Initial datagram is padded to at least thi
 # iteration, so a pacing deadline microseconds away would be re-armed in a busy loop
 # until the millisecond ticks over.
 _clock = time.monotonic
-# uvloop's timers fire on whole milliseconds: a deadline closer than this (the engine's pacer
-# releasing the next packets microseconds from now) is served on the next loop iteration
-# instead, or a paced tunnel would send one burst per millisecond.
+# uvloop's timers fire on whole milliseconds. A deadline closer than this while data waits to
+# be sent (the engine's pacer releasing the next packets microseconds from now) is served on
+# the next loop iteration instead, or a paced tunnel would send one burst per millisecond. With
+# nothing waiting the deadline is an ACK or loss timer (an engine delays its ACKs by 1 ms): it
+# is served by a timer of at least the grain, never by polling the engine every iteration
+# until it is due (a busy loop that held a CPU for a millisecond after every message).
 _TIMER_GRAIN = 0.001
 
 
@@ -383,10 +386,11 @@ class QuicTunnel(TunnelBase[F, S]):
         self._quic_at = at
         if at is not None and not self.closed:
             delay = at - _clock()
-            if delay < _TIMER_GRAIN:  # a pacing deadline within the loop's timer grain: next iteration
+            if delay <= 0 or (delay < _TIMER_GRAIN and self.conn.backlog):
+                # due, or a pacing deadline within the loop's timer grain: the next iteration
                 self._quic_timer = self.loop.call_soon(self._on_quic_timer)  # type: ignore[assignment]
             else:
-                self._quic_timer = self.loop.call_later(delay, self._on_quic_timer)
+                self._quic_timer = self.loop.call_later(max(delay, _TIMER_GRAIN), self._on_quic_timer)
 
     def _on_quic_timer(self) -> None:
         self._quic_timer = None
