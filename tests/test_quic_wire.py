@@ -498,6 +498,32 @@ def test_send_backlog_is_reported_until_sent(certs: dict[str, pki.NodeFiles]) ->
     assert pair.client.backlog == 0
 
 
+def test_an_engine_failing_while_sending_ends_the_tunnel_with_its_reason(certs: dict[str, pki.NodeFiles]) -> None:
+    """The native core raising while it builds packets (qh3 reports its own failures so) is a
+    protocol error naming the engine, not an exception out of the send path."""
+    if ENGINE.name != "qh3":
+        pytest.skip("qh3's native core")
+    pair = Pair(certs).up()
+    fid = pair.open()
+
+    class Failing:
+        def __init__(self, core: Any) -> None:
+            self._core = core
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._core, name)
+
+        def poll_transmit(self, now: float) -> Any:
+            raise RuntimeError("packet number space exhausted")
+
+    pair.client.quic._core = Failing(pair.client.quic._core)
+    pair.client.send_data(fid, b"x" * 100)
+    with pytest.raises(ProtocolError) as info:
+        pair.client.datagrams_to_send(pair.now)
+    assert info.value.code == "quic_error" and "packet number space exhausted" in info.value.message
+    assert pair.client.dead is info.value
+
+
 # ---------------------------------------------------------------------------- limits and bad peers
 
 
