@@ -84,6 +84,29 @@ def test_batches_arrive_whole_and_in_order(gso: bool, gro: bool) -> None:
     run(main())
 
 
+@pytest.mark.parametrize("gso,refused", [(True, False), (True, True), (False, False)])
+def test_a_train_goes_back_as_the_datagrams_it_holds(gso: bool, refused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``send_train``: a GRO buffer (here 150 datagrams of 400 bytes and a last one of 17, more
+    than one GSO send holds) leaves as those datagrams, whether the kernel segments it, refuses
+    to (then one by one), or has no GSO."""
+    async def main() -> None:
+        sender, receiver, rx = await pair(gso=gso, gro=False)
+        if gso and not sender.gso:
+            pytest.skip("this kernel has no UDP GSO")
+        if refused:
+            monkeypatch.setattr(udpio, "UDP_SEGMENT", 9999)  # a control message the kernel rejects
+        datagrams = batch(151, 400, 17)
+        sender.send_train(b"".join(datagrams), 400, receiver.get_extra_info("sockname"))
+        await settle(lambda: len(rx.got) == len(datagrams))
+        assert rx.got == datagrams
+        assert sender.gso is (gso and not refused)
+        assert sender.send_drops == 0 and rx.errors == []
+        sender.close()
+        receiver.close()
+
+    run(main())
+
+
 def test_a_kernel_refusing_segmentation_falls_back_to_single_sends(monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         sender, receiver, rx = await pair(gso=True, gro=True)

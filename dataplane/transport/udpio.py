@@ -34,7 +34,7 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("ferryman.quic")
@@ -106,7 +106,7 @@ class UdpEndpoint:
     def abort(self) -> None:
         self.close()
 
-    def sendto(self, data: bytes, addr: Any = None) -> None:
+    def sendto(self, data: bytes | memoryview, addr: Any = None) -> None:
         if self._closing:
             return
         try:
@@ -171,7 +171,30 @@ class UdpEndpoint:
                 return
             i = j
 
-    def _send_segments(self, parts: list[bytes], size: int, addr: Any) -> None:
+    def send_train(self, buffer: bytes | memoryview, segment: int, addr: Any = None) -> None:
+        """Send ``buffer`` as the datagrams of ``segment`` bytes it holds (the last one may be
+        shorter), as a GRO read delivered them: in GSO ``sendmsg`` calls of at most
+        ``MAX_SEGMENTS`` datagrams and ``MAX_GSO_BYTES``, or one by one without GSO."""
+        if self._closing or segment <= 0:
+            return
+        view = memoryview(buffer)
+        if not self.gso or len(view) <= segment:
+            for start in range(0, len(view), segment):
+                self.sendto(bytes(view[start:start + segment]), addr)
+                if self._closing:
+                    return
+            return
+        step = segment * max(1, min(MAX_SEGMENTS, MAX_GSO_BYTES // segment))
+        for start in range(0, len(view), step):
+            chunk = view[start:start + step]
+            if len(chunk) <= segment:
+                self.sendto(bytes(chunk), addr)
+            else:
+                self._send_segments([chunk], segment, addr)
+            if self._closing:
+                return
+
+    def _send_segments(self, parts: list[bytes | memoryview], size: int, addr: Any) -> None:
         control = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
         try:
             if self._connected or addr is None:
@@ -185,14 +208,14 @@ class UdpEndpoint:
                 self.gso = False
                 log.info("UDP segmentation offload refused by the kernel; sending datagrams one by one",
                          extra={"reason": exc.strerror})
-                for part in parts:
+                for part in _datagrams(parts, size):
                     self.sendto(part, addr)
             else:
                 # e.g. an ICMP error an earlier datagram caused, reported on this send: it is
                 # consumed now, so the run goes out one by one (each failure reported) rather
                 # than the whole run being lost for one report
                 self._protocol.error_received(exc)
-                for part in parts:
+                for part in _datagrams(parts, size):
                     if self._closing:
                         return
                     self.sendto(part, addr)
@@ -233,6 +256,17 @@ class UdpEndpoint:
                         return
             else:
                 protocol.datagram_received(data, addr)
+
+
+def _datagrams(parts: list[bytes | memoryview], size: int) -> Iterator[bytes | memoryview]:
+    """The datagrams a GSO send of ``parts`` cut at ``size`` bytes would make: each part (a
+    ``send_train`` chunk holds several) cut at ``size``."""
+    for part in parts:
+        if len(part) <= size:
+            yield part
+        else:
+            for start in range(0, len(part), size):
+                yield part[start:start + size]
 
 
 def _probe(sock: socket.socket, option: int, value: int) -> bool:
