@@ -67,7 +67,7 @@ class Counters:
         return snap
 
 
-class UdpEcho(asyncio.DatagramProtocol):
+class UdpEcho:
     """UDP echo: every datagram back to its sender, counted (senders by address)."""
 
     def __init__(self) -> None:

@@ -74,10 +74,10 @@ _clock = time.monotonic
 # uvloop's timers fire on whole milliseconds. A deadline closer than this while data waits to
 # be sent (the engine's pacer releasing the next packets microseconds from now, or an ACK
 # that keeps a transfer's ACK clock going) is served on the next loop iteration instead, or a
-# paced tunnel would send one burst per millisecond. With
-# nothing waiting the deadline is an ACK or loss timer (an engine delays its ACKs by 1 ms): it
-# is served by a timer of at least the grain, never by polling the engine every iteration
-# until it is due (a busy loop that held a CPU for a millisecond after every message).
+# paced tunnel would send one burst per millisecond. With nothing waiting the deadline is an
+# ACK or loss timer (an engine delays its ACKs by 1 ms): it is served by a timer of at least
+# the grain, never by polling the engine every iteration until it is due (a busy loop that
+# held a CPU for a millisecond after every message).
 _TIMER_GRAIN = 0.001
 
 

@@ -2,8 +2,8 @@
 
 ``UdpEndpoint`` takes the place of an asyncio datagram transport (for QUIC tunnels, UDP port
 forwards and the connector's backend sockets): the calls they make (``sendto``, ``close``,
-``is_closing``, ``get_extra_info``) plus ``send_batch`` and ``send_all``, which hand the
-kernel many datagrams at once:
+``is_closing``, ``get_extra_info``) plus ``send_batch``, ``send_all`` and ``send_train`` (a
+GRO buffer sent back as the datagrams it holds), which hand the kernel many datagrams at once:
 
 - **GSO** (``UDP_SEGMENT``, Linux 4.18+): consecutive datagrams of one size to one address
   leave in one ``sendmsg`` that the kernel (or the NIC) cuts into packets; a shorter last
@@ -34,7 +34,7 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 log = logging.getLogger("ferryman.quic")
@@ -178,23 +178,17 @@ class UdpEndpoint:
         if self._closing or segment <= 0:
             return
         view = memoryview(buffer)
-        if not self.gso or len(view) <= segment:
-            for start in range(0, len(view), segment):
-                self.sendto(bytes(view[start:start + segment]), addr)
-                if self._closing:
-                    return
-            return
-        step = segment * max(1, min(MAX_SEGMENTS, MAX_GSO_BYTES // segment))
+        step = segment * max(1, min(MAX_SEGMENTS, MAX_GSO_BYTES // segment)) if self.gso else segment
         for start in range(0, len(view), step):
             chunk = view[start:start + step]
             if len(chunk) <= segment:
-                self.sendto(bytes(chunk), addr)
+                self.sendto(chunk, addr)
             else:
                 self._send_segments([chunk], segment, addr)
             if self._closing:
                 return
 
-    def _send_segments(self, parts: list[bytes | memoryview], size: int, addr: Any) -> None:
+    def _send_segments(self, parts: Sequence[bytes | memoryview], size: int, addr: Any) -> None:
         control = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
         try:
             if self._connected or addr is None:
@@ -258,7 +252,7 @@ class UdpEndpoint:
                 protocol.datagram_received(data, addr)
 
 
-def _datagrams(parts: list[bytes | memoryview], size: int) -> Iterator[bytes | memoryview]:
+def _datagrams(parts: Sequence[bytes | memoryview], size: int) -> Iterator[bytes | memoryview]:
     """The datagrams a GSO send of ``parts`` cut at ``size`` bytes would make: each part (a
     ``send_train`` chunk holds several) cut at ``size``."""
     for part in parts:

@@ -371,11 +371,11 @@ class _Qh3(QuicConnection):
         queue = self._datagrams
         if queue and self._handshake_complete and self._close_event is None:
             size = self._max_packet
+            send = core.send_datagram
             while True:
                 room = (core.congestion_window - core.bytes_in_flight) // size
                 if room <= 0 or not queue:
                     break
-                send = core.send_datagram
                 for _ in range(min(room, len(queue))):
                     send(queue.popleft())
                 self._poll(core, now, out)
