@@ -27,6 +27,7 @@ import urllib.request
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode, urlsplit
 
+import msgspec
 import pyotp
 
 from control.store import (
@@ -48,6 +49,7 @@ from control.store import (
 from control.store import console as console_store
 from control.store.db import database_url
 from control.store.secretbox import SecretBox
+from dataplane.contract.flowrecord import FlowRecord
 
 ACTOR = "admin-key:seed"
 PASSWORD = "correct horse battery"
@@ -161,11 +163,11 @@ def seed(data_dir: str, *, records: int = 10_000, users_count: int = 300, apps_c
                 "bytes_received": 0 if deny else int(rng.lognormvariate(11, 2.5)), "close_reason": ""})
             if len(batch) == 2000:
                 with store.begin() as session:
-                    traffic.insert_records(session, "edge-1", batch)
+                    traffic.insert_records(session, "edge-1", msgspec.convert(batch, list[FlowRecord]))
                 batch = []
         if batch:
             with store.begin() as session:
-                traffic.insert_records(session, "edge-1", batch)
+                traffic.insert_records(session, "edge-1", msgspec.convert(batch, list[FlowRecord]))
     return secret
 
 

@@ -40,14 +40,15 @@ def _store_records(control: Control, flows: list[tuple[str, str, str]]) -> None:
     """Traffic records as an edge sends them, written into the control plane's store."""
     from control.store import open_store, traffic
     from control.store.db import database_url
+    from dataplane.contract.flowrecord import FlowRecord
     store = open_store(database_url(str(control.data_dir)))
     now = time.time()
     try:
         with store.begin() as session:
             traffic.insert_records(session, "edge-1", [
-                {"connection_id": connection, "transaction_id": "t", "start": now - 5, "end": now, "upn": upn,
-                 "user_id": upn, "action": action, "destination_ip": "10.80.1.9", "destination_port": 8443,
-                 "application": "payroll", "connector_name": "c-1", "bytes_sent": 10, "bytes_received": 20}
+                FlowRecord(connection_id=connection, transaction_id="t", start=now - 5, end=now, upn=upn,
+                           user_id=upn, action=action, destination_ip="10.80.1.9", destination_port=8443,
+                           application="payroll", connector_name="c-1", bytes_sent=10, bytes_received=20)
                 for connection, upn, action in flows])
     finally:
         store.close()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+import msgspec
 import pyotp
 import pytest
 
@@ -527,6 +528,7 @@ def test_test_access_decides_like_an_edge(control: Control, as_admin: Browser) -
 def test_traffic_logs_filter_detail_and_export(control: Control, as_admin: Browser) -> None:
     from control.store import open_store, traffic
     from control.store.db import database_url
+    from dataplane.contract.flowrecord import FlowRecord
     status, tia, _ = control.call("PATCH", "/v1/users/tia@corp.example", {"display_name": "Tia <Tester>"})
     assert status == 200
     store = open_store(database_url(str(control.data_dir)))
@@ -540,12 +542,13 @@ def test_traffic_logs_filter_detail_and_export(control: Control, as_admin: Brows
             "client_version": ""}
     try:
         with store.begin() as session:
-            traffic.insert_records(session, "edge-a", [
+            traffic.insert_records(session, "edge-a", msgspec.convert([
                 {**base, "connection_id": "flow-allow", "start": now - 60, "end": now - 50, "upn": "tia@corp.example",
                  "user_id": tia["id"], "device_os_version": "6.12", "client_version": "ferryman/0.1.0",
                  "action": "allow", "reason_code": ""},
                 {**base, "connection_id": "flow-deny", "start": now - 30, "end": None, "upn": "=cmd@corp.example",
-                 "action": "deny", "reason_code": "not_assigned", "bytes_sent": 0, "bytes_received": 0}])
+                 "action": "deny", "reason_code": "not_assigned", "bytes_sent": 0, "bytes_received": 0}],
+                list[FlowRecord]))
     finally:
         store.close()
     page = as_admin.get("/console/traffic?user=tia@corp.example")

@@ -79,7 +79,7 @@ class Cli:
         from control.store import database_url, open_store, traffic
 
         with open_store(database_url(str(self.control.data_dir), env={})) as store, store.begin() as session:
-            assert traffic.insert_records(session, edge, [msgspec.structs.asdict(r) for r in records]) == len(records)
+            assert traffic.insert_records(session, edge, records) == len(records)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -49,6 +50,7 @@ from control.store.db import MIGRATIONS_DIR
 from control.store.audit import list_audit
 from control.store.models import Application, AuditRecord, Base, ConnectorGroup, TrafficLog, utcnow
 from dataplane.contract.apps import MAX_SEGMENTS
+from dataplane.contract.flowrecord import FlowRecord
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -782,8 +784,9 @@ def test_concurrent_overlapping_applications_one_wins(store: Store) -> None:
 
 def test_traffic_records_are_stored_as_sent(store: Store) -> None:
     """A batch goes in through the driver's executemany with the columns' own conversions:
-    what comes back is what was sent (times UTC, over-long text cut, missing end kept empty),
-    on both databases, including records of two shapes in one batch."""
+    what comes back is what was sent (times UTC, over-long text cut, missing end kept empty,
+    the sending edge's name instead of the record's), on both databases, and the stored times
+    order and filter exactly as the store's own queries bind them (to the microsecond)."""
     from control.store import traffic
 
     t0 = 1_765_000_000.123456
@@ -791,11 +794,12 @@ def test_traffic_records_are_stored_as_sent(store: Store) -> None:
            "user_id": "u1", "upn": "alice@corp.example", "source_ip": "192.0.2.7", "destination_fqdn": "wiki.example",
            "destination_port": 443, "transport": "tcp", "application": "wiki", "application_kind": "web",
            "action": "allow", "edge": "spoofed", "bytes_sent": 10, "bytes_received": 1100, "http_method": "GET",
-           "http_host": "wiki.example", "http_path": "/" + "p" * 5000, "http_status": 200, "user_agent": "curl"}
+           "http_host": "wiki.example", "http_path": "/wiki/Main", "http_status": 200, "user_agent": "curl/" + "8" * 1000}
     flow = {"connection_id": "c2", "transaction_id": "t2", "start": t0 + 1, "destination_fqdn": "db.internal",
             "destination_port": 5432, "transport": "tcp", "action": "deny", "reason_code": "not_assigned"}
     with store.begin() as session:
-        assert traffic.insert_records(session, "edge-1", [web, flow, dict(web, connection_id="c3")]) == 3
+        batch = msgspec.convert([web, flow, dict(web, connection_id="c3")], list[FlowRecord])
+        assert traffic.insert_records(session, "edge-1", batch) == 3
     with store.begin() as session:
         rows = traffic.records_after(session, traffic.TrafficFilter(), 0)
         by_id = {r.connection_id: r for r in rows}
@@ -805,6 +809,10 @@ def test_traffic_records_are_stored_as_sent(store: Store) -> None:
         assert w.start == datetime.fromtimestamp(t0, UTC) and w.end == datetime.fromtimestamp(t0 + 0.5, UTC)
         assert w.start.tzinfo is not None and f.end is None
         assert w.http_status == 200 and w.bytes_received == 1100 and w.upn == "alice@corp.example"
-        limit = TrafficLog.__table__.c.http_path.type.length
-        assert w.http_path == ("/" + "p" * 5000)[:limit]
+        limit = TrafficLog.__table__.c.user_agent.type.length
+        assert limit < 1000 and w.user_agent == ("curl/" + "8" * 1000)[:limit] and w.http_path == "/wiki/Main"
         assert f.reason_code == "not_assigned" and f.http_status == 0 and f.device_id == ""  # column defaults
+        later = traffic.records_after(session, traffic.TrafficFilter(since=datetime.fromtimestamp(t0 + 0.000001, UTC)), 0)
+        assert [r.connection_id for r in later] == ["c2"]
+        first = traffic.records_after(session, traffic.TrafficFilter(until=datetime.fromtimestamp(t0 + 0.000001, UTC)), 0)
+        assert sorted(r.connection_id for r in first) == ["c1", "c3"]

@@ -135,7 +135,7 @@ async def node_renew(request: Request, data: RenewIn) -> RenewOut:
 
 def _store_traffic(api: Api, node: NodeCaller, data: TrafficIn) -> int:
     with api.store.begin() as session:
-        return traffic.insert_records(session, node.name, (msgspec.structs.asdict(r) for r in data.records))
+        return traffic.insert_records(session, node.name, data.records)
 
 
 @post("/v1/node/traffic", guards=[require_node], security=[{"nodeToken": []}], tags=["nodes"], status_code=200)
