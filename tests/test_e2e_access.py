@@ -162,7 +162,7 @@ def test_an_allowed_flow_and_its_traffic_record(backend, fabric, xfer):
     assert first["connector_id"] == connector["id"]  # the id the API lists: logs filter by it
     assert [r["id"] for r in fab.admin("GET", f"/v1/traffic?connector={connector['id']}&limit=1000")
             if r["id"] == first["id"]] == [first["id"]]
-    assert len(first["connection_id"]) == 16 and first["connection_id"] != second["connection_id"]
+    assert len(first["connection_id"]) == 24 and first["connection_id"] != second["connection_id"]
     assert first["transaction_id"] == second["transaction_id"]  # same client tunnel
     start = first["start"]
     assert start <= first["end"] and first["duration_ms"] >= 0

@@ -1,14 +1,18 @@
 """Fields of a traffic record that an edge derives from what a client claims: only well-formed
-values are kept, anything else becomes empty rather than reaching the traffic log."""
+values are kept, anything else becomes empty rather than reaching the traffic log; and the
+connection ids an edge makes for its records and grants."""
 
 from __future__ import annotations
+
+import re
+import time
 
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane.contract.flowrecord import FlowRecord
+from dataplane.contract.flowrecord import FlowRecord, new_connection_id
 from dataplane.edge.records import local_source
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,3 +44,20 @@ def test_whatever_a_client_claims_makes_a_record_the_control_plane_accepts(claim
     again = msgspec.json.decode(msgspec.json.encode(record), type=FlowRecord)  # validates the bounds
     assert (again.local_source_ip, again.local_source_port) == (ip, port)
     assert (ip == "") == (port == 0)
+
+
+def test_connection_ids_are_unique_and_come_in_time_order() -> None:
+    """Unique (a connector refuses a grant whose connection id it has already honoured), valid
+    in a record, and ordered by the millisecond they were made in: the store's index on them
+    then grows at its end."""
+    ids = [new_connection_id() for _ in range(50_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{24}", i) for i in ids)
+    record = FlowRecord(connection_id=ids[0], transaction_id="t", start=1.0)
+    assert msgspec.json.decode(msgspec.json.encode(record), type=FlowRecord) == record  # validates the bounds
+    before = new_connection_id()
+    time.sleep(0.003)
+    after = [new_connection_id() for _ in range(100)]
+    assert all(before < later for later in after)
+    now_ms = time.time_ns() // 1_000_000
+    assert 0 <= now_ms - int(after[-1][:12], 16) < 1000

@@ -55,7 +55,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
 import time
@@ -80,6 +79,7 @@ from ..basics.metrics import Stats, exposition, start_metrics_server
 from ..basics.pki import PeerCertificate, read_node_certificate
 from ..basics.settings import EdgeSettings
 from ..contract.apps import DEFAULT_GROUP
+from ..contract.flowrecord import new_connection_id
 from ..contract.presence import Presence, PresenceEdge
 from ..contract.snapshot import ConfigSnapshot, revoked_set
 from ..controllink.link import ControlLink, Report, cut_revoked
@@ -836,7 +836,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         connector, or a relay tunnel to the peer edge that holds it."""
         relayed = out not in self.connectors
         match = verdict.match
-        connection = os.urandom(8).hex()
+        connection = new_connection_id()
         principal = verdict.principal
         user = principal.upn if principal is not None else ""
         device = principal.device_id if principal is not None else tunnel.peer_name

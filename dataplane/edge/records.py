@@ -12,7 +12,6 @@ without a control plane keeps no records.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from ..access.admission import Verdict
 from ..basics.pki import PeerCertificate
 from ..access.policy import Principal
 from ..contract.apps import Segment
-from ..contract.flowrecord import FlowRecord, is_ip, network_of, split_address
+from ..contract.flowrecord import FlowRecord, is_ip, network_of, new_connection_id, split_address
 from ..contract.snapshot import ConfigSnapshot
 from ..controllink.traffic import TrafficQueue
 from ..transport.tunnel import TunnelBase
@@ -63,7 +62,7 @@ class Records:
         if self.queue is None:
             return
         match = verdict.match if verdict is not None else None
-        record = self._record(client, request, os.urandom(8).hex(), time.time(), principal,
+        record = self._record(client, request, new_connection_id(), time.time(), principal,
                               match.app.name if match else "", segment_text(match.segment) if match else "", verdict)
         record.action, record.reason_code, record.close_reason = "deny", code, reason
         if verdict is not None and verdict.decision is not None and verdict.allowed:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import time
 from collections.abc import Mapping
@@ -42,7 +41,7 @@ from ..access.grants import sign as sign_grant
 from ..access.policy import Principal as AccessPrincipal
 from ..access.tokens import TokenError
 from ..basics.hostport import parse_hostport
-from ..contract.flowrecord import FlowRecord
+from ..contract.flowrecord import FlowRecord, new_connection_id
 from ..contract.snapshot import ConfigSnapshot, SnapWebApp
 from ..contract.webapps import external_endpoint, internal_endpoint
 from ..controllink import http as httpclient
@@ -180,7 +179,7 @@ class EdgeWeb:
             source_ip, port = rec.source, "0"
         start = rec.time - rec.duration if rec.time >= rec.duration else rec.time
         record = FlowRecord(
-            connection_id=os.urandom(8).hex(), transaction_id=rec.session_id[:64], start=start, end=rec.time,
+            connection_id=new_connection_id(), transaction_id=rec.session_id[:64], start=start, end=rec.time,
             duration_ms=min(int(rec.duration * 1000), 2**31 - 1), user_id=rec.user_id, upn=rec.upn,
             device_id=rec.device_id, source_ip=source_ip, source_port=int(port),
             destination_fqdn=rec.host.rsplit(":", 1)[0], destination_port=self.ports.get(rec.app, 443),
@@ -277,7 +276,7 @@ class _Dialer:
         out, connector = await self._route(group)
         relayed = out not in edge.connectors
         host, port = backend
-        connection = os.urandom(8).hex()
+        connection = new_connection_id()
         user = principal.upn if principal is not None else ""
         # Always signed (never MAC'd under the tunnel's key): the grant may travel through a relay.
         grant = sign_grant(edge._grant_key, edge=edge.name, connector=connector, host=host, port=port,
