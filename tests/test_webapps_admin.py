@@ -67,6 +67,8 @@ def test_create_read_update_delete_with_audit_and_version(control: Control) -> N
     ({"internal_url": "http://10.1.2.3:8080/?q=1"}, 422, "must not have a query"),
     ({"external_url": "https://bad_host!.example"}, 422, "is not a valid host name"),
     ({"header_sso": {"upn": "Host"}}, 422, "a header the front door sets"),
+    ({"header_sso": {"upn": "X-User\n"}}, 422, "which is not a header name"),  # "$" alone lets a final newline by
+    ({"external_url": "https://wiki.corp.example\n"}, 422, "must not contain spaces or control characters"),
     ({"backend_ca": "not a certificate"}, 422, "backend_ca holds no"),
     ({"connector_group": "nowhere"}, 404, "nowhere"),
     ({"preauth": "maybe"}, 400, "preauth"),

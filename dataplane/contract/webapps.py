@@ -33,8 +33,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 RESERVED_HEADERS = frozenset({"host", "cookie", "content-length", "transfer-encoding", "connection", "upgrade",
                               "te", "trailer", "keep-alive", "proxy-authorization", "authorization",
                               "x-ferryman-jwt-assertion", "forwarded"})
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$")
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}")  # used with fullmatch: "$" would let a final newline through
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
 class WebAppFieldError(ValueError):
@@ -62,7 +62,7 @@ def _host(field: str, value: str, host: str | None) -> str:
         return str(ipaddress.ip_address(host))
     except ValueError:
         pass
-    if len(host) > 253 or not all(_LABEL.match(label) for label in host.split(".")):
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.split(".")):
         raise WebAppFieldError(f"{field} {value!r}: {host!r} is not a valid host name")
     return host
 
@@ -72,6 +72,8 @@ def _endpoint(field: str, value: object, schemes: tuple[str, ...]) -> Endpoint:
         raise WebAppFieldError(f"{field} must be a URL ({' or '.join(s + '://...' for s in schemes)})")
     if len(value) > MAX_URL:
         raise WebAppFieldError(f"{field} is longer than {MAX_URL} characters")
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7f for c in value):  # urlsplit would quietly drop some
+        raise WebAppFieldError(f"{field} {value!r} must not contain spaces or control characters")
     try:
         parts = urlsplit(value)
         port = parts.port
@@ -110,9 +112,9 @@ def check_header_sso(mapping: object) -> dict[str, str]:
     out: dict[str, str] = {}
     seen: set[str] = set()
     for claim, header in mapping.items():
-        if not isinstance(claim, str) or not _TOKEN.match(claim):
+        if not isinstance(claim, str) or not _TOKEN.fullmatch(claim):
             raise WebAppFieldError(f"header_sso: claim name {claim!r} is not a plain name")
-        if not isinstance(header, str) or not _TOKEN.match(header):
+        if not isinstance(header, str) or not _TOKEN.fullmatch(header):
             raise WebAppFieldError(f"header_sso: {claim!r} maps to {header!r}, which is not a header name")
         low = header.lower()
         if low in RESERVED_HEADERS or low.startswith("x-forwarded-"):

@@ -55,7 +55,7 @@ CSRF_COOKIE = "__Host-ferryman-csrf"
 OIDC_COOKIE = "__Host-ferryman-oidc"
 MAX_COOKIE = 4000  # bytes of name=value; browsers keep at least 4096 per cookie
 MAX_TOKEN = 8000  # characters of a sealed token accepted anywhere (URL parameters too)
-_KID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+_KID = re.compile(r"[A-Za-z0-9_-]{1,16}")
 
 
 class SealError(ValueError):
@@ -84,7 +84,7 @@ class KeyRing:
             raise ValueError(f"the current cookie key {current!r} is not among the keys")
         self._aead: dict[str, AESGCM] = {}
         for kid, key in keys.items():
-            if not _KID.match(kid):
+            if not _KID.fullmatch(kid):
                 raise ValueError(f"cookie key id {kid!r} must be 1-16 letters, digits, '-' or '_'")
             if len(key) != 32:
                 raise ValueError(f"cookie key {kid!r} must be 32 bytes (AES-256), not {len(key)}")

@@ -66,8 +66,8 @@ MAX_STATE_COOKIES = 4
 REFRESH_MARGIN = 30  # seconds before an access token's end that the sign-in host refreshes it
 OPENED_COOKIES = 10000  # app-host cookies remembered once opened (see SsoPages.app_session)
 REFRESH_MEMORY = 60.0  # seconds a refresh's result answers a concurrent request with the same old token
-_NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-_CSRF = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
+_NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+_CSRF = re.compile(r"[A-Za-z0-9_-]{22,64}")
 
 
 class Reply:
@@ -292,7 +292,7 @@ class SsoPages:
         route = self.routes().get(host)
         if route is None or route.passthrough:
             return page(400, "This sign-in is for an application this site does not serve.", "unknown_app")
-        if not _NONCE.match(nonce):
+        if not _NONCE.fullmatch(nonce):
             return page(400, "This sign-in request is malformed (nonce).", "bad_request")
         return None
 
@@ -538,7 +538,7 @@ class SsoPages:
     @staticmethod
     def _csrf(cookies: dict[str, str]) -> tuple[str, bytes | None]:
         value = cookies.get(CSRF_COOKIE, "")
-        if _CSRF.match(value):
+        if _CSRF.fullmatch(value):
             return value, None
         value = secrets.token_urlsafe(24)
         return value, cookie_header(CSRF_COOKIE, value, same_site="Strict")
