@@ -13,6 +13,13 @@
 - A CSRF token with non-ASCII characters is refused (403), not a server error (500).
 - ``X_Remote_User``, ``X_Forwarded_For`` and other ``_`` spellings of the headers the edge
   strips or sets never reach the backend (CGI/WSGI-style servers read them as the real ones).
+- A client cannot leave its body unframed towards the backend (``Connection: content-length``
+  dropped the edge's only framing: the body reached the backend as a request of its own, with
+  any header the client wrote); the edge frames every body itself, and an HTTP/2 request that
+  ends without the body its ``content-length`` promised does not leave the backend waiting.
+- A ``#`` in the request target (a backend may cut it off, then normalise ``..``) is refused.
+- A backend cannot set the edge's own cookies (``__Host-ferryman*``, any case) on its host.
+- A prefixed app's sign-in completes: the edge's pages live at the host's root.
 """
 
 from __future__ import annotations
@@ -90,6 +97,68 @@ def test_encoded_dot_segments_cannot_leave_the_app_prefix(door: Door) -> None:
     assert door.backends["docs"].server.seen == []
     assert h1(door, "docs.test", "/app/hello") == (200, b"hello from backend docs")
     assert h1(door, "docs.test", "/app/a..b/..x/hello")[0] == 404  # dots inside a name are no segment: served
+
+
+def test_a_fragment_in_the_target_is_refused(door: Door) -> None:
+    for target in ("/app/..#/secret", "/app/x/..#", "/app/%2e%2e#", "/app/hello#x"):
+        status, body = h1(door, "docs.test", target)
+        assert status == 400 and b"bad_target" in body, (target, status, body[:200])
+    c = H2Client(door, "docs.test")
+    try:
+        status, _, body, _ = c.response(c.request("GET", "/app/..#/secret"))
+        assert status == 400 and b"bad_target" in body
+    finally:
+        c.close()
+    assert door.backends["docs"].server.seen == []
+
+
+def test_a_client_cannot_unframe_its_body_towards_the_backend(door: Door) -> None:
+    smuggled = (f"GET /admin-smuggled HTTP/1.1\r\nHost: open.internal\r\nX-Remote-User: admin\r\n"
+                f"X-Forwarded-For: 1.2.3.4\r\n\r\n").encode()
+    sock = tls_socket(door, "open.test", ["http/1.1"])
+    try:
+        sock.sendall(f"POST /hello HTTP/1.1\r\nHost: open.test:{door.port}\r\n"
+                     f"Connection: keep-alive, content-length\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode()
+                     + smuggled)
+        status, headers, _ = read_response(sock)
+    finally:
+        sock.close()
+    assert status == 200 and headers.get("x-length") == str(len(smuggled))  # the backend read it as the body
+    time.sleep(0.5)  # a second request, had there been one, would have reached the backend by now
+    seen = door.backends["open"].server.seen
+    assert [(m, p) for m, p, _ in seen] == [("POST", "/hello")]
+    assert seen[0][2].get("content-length") == str(len(smuggled))
+    # HTTP/2: a POST whose HEADERS end the stream while promising a body of 5 bytes.
+    c = H2Client(door, "open.test")
+    try:
+        started = time.monotonic()
+        status, headers2, _, _ = c.response(c.request("POST", "/hello", [(b"content-length", b"5")]), timeout=20)
+        assert status == 200 and headers2.get(b"x-length") == b"0" and time.monotonic() - started < 10
+    finally:
+        c.close()
+    assert seen[-1][0] == "POST" and seen[-1][2].get("content-length") == "0"
+
+
+def test_a_backend_cannot_set_the_edges_own_cookies(door: Door) -> None:
+    for http2 in (False, True):
+        reply = curl(door, door.url("open.test", "/own-cookie"), http2=http2)
+        assert reply.status == 200
+        cookies = reply.headers.get("set-cookie", [])
+        assert cookies == ["app=1; Path=/"], cookies
+
+
+def test_a_prefixed_app_completes_sign_in_at_the_hosts_root(tmp_path: Path) -> None:
+    d = start_door(tmp_path)
+    try:
+        backend = Backend("docs", "docs.internal", prefix="/app/")
+        d.backends["docs"] = backend
+        d.set_apps([d.app("docs", "docs.test", backend, ext_path="/app/")])
+        final = sign_in_with_curl(d, str(tmp_path / "jar"), "docs.test", path="/app/hello")
+        assert final.status == 200 and final.body == b"hello from backend docs", final
+        assert curl(d, d.url("docs.test", "/robots.txt")).body.startswith(b"User-agent: *\nDisallow: /")
+        assert curl(d, d.url("docs.test", "/elsewhere")).status == 404  # outside the prefix, not the edge's
+    finally:
+        stop_door(d)
 
 
 class OriginWs(WsClient):

@@ -294,6 +294,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, b"User-agent: *\nAllow: /\n")
         elif path == "/ws":
             self._websocket()
+        elif path == "/own-cookie":  # a hostile backend planting the edge's own cookies next to its own
+            self._send(200, b"cookies", extra=[("Set-Cookie", "__Host-ferryman=planted; Path=/; Secure"),
+                                               ("Set-Cookie", "__HOST-Ferryman-csrf=planted; Path=/; Secure"),
+                                               ("Set-Cookie", " __Host-ferryman-s-abc=planted; Path=/; Secure"),
+                                               ("Set-Cookie", "app=1; Path=/")])
         elif path == "/hop":
             self._send(200, b"hop", extra=[("Connection", "X-Secret, keep-alive"), ("X-Secret", "internal"),
                                            ("Alt-Svc", 'h3=":443"'), ("Keep-Alive", "timeout=5")])

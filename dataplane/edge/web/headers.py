@@ -45,6 +45,7 @@ MAX_SSO_VALUE = 4096
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 OWN_COOKIE_PREFIX = "__Host-ferryman"
+_OWN_COOKIE = OWN_COOKIE_PREFIX.lower().encode()
 
 
 def is_token(name: bytes) -> bool:
@@ -106,9 +107,9 @@ def _request_rule(name: bytes) -> int:
             rule = _DROP
         elif name == b"upgrade":
             rule = _UPGRADE
-        elif name in HOP_BY_HOP or name in CLIENT_ADDRESS or name == b"host" or name == b"expect" \
+        elif name in HOP_BY_HOP or name in CLIENT_ADDRESS or name in (b"host", b"expect", b"content-length") \
                 or name.startswith((b"x-ferryman-", b"x-forwarded-", b":")):
-            rule = _DROP  # expect: the edge answers 100-continue itself
+            rule = _DROP  # expect: the edge answers 100-continue itself; content-length: it frames the body
         elif name == b"cookie":
             rule = _COOKIE
         elif name == b"accept-encoding":
@@ -125,8 +126,9 @@ def backend_request_headers(headers: Headers, *, sso_names: Iterable[bytes], kee
                             translate_encoding: bool = False) -> Headers:
     """The client's headers a backend may see (hop-by-hop, identity and own cookies removed).
 
-    ``Host`` is removed too (the caller sets the internal one). With ``translate_encoding``
-    (body translation on) ``Accept-Encoding`` is narrowed to ``gzip`` (or removed).
+    ``Host`` and ``Content-Length`` are removed too (the caller sets the internal host and frames
+    the body). With ``translate_encoding`` (body translation on) ``Accept-Encoding`` is narrowed
+    to ``gzip`` (or removed).
     """
     drop = connection_tokens(headers)
     drop.update(n.lower() for n in sso_names)
@@ -186,11 +188,18 @@ _RESPONSE_OUT = HOP_BY_HOP | RESPONSE_DROP
 
 
 def backend_response_headers(headers: Headers) -> Headers:
-    """A new list of the backend's response headers without hop-by-hop ones and ``Alt-Svc``."""
+    """A new list of the backend's response headers without hop-by-hop ones, ``Alt-Svc`` and
+    any ``Set-Cookie`` of a cookie the edge keeps for itself (``is_own_set_cookie``)."""
     drop = connection_tokens(headers)
-    if drop:
-        return [(n, v) for n, v in headers if n not in _RESPONSE_OUT and n not in drop]
-    return [(n, v) for n, v in headers if n not in _RESPONSE_OUT]
+    return [(n, v) for n, v in headers
+            if n not in _RESPONSE_OUT and n not in drop and not (n == b"set-cookie" and is_own_set_cookie(v))]
+
+
+def is_own_set_cookie(value: bytes) -> bool:
+    """Whether a ``Set-Cookie`` value sets one of the edge's own cookies (``__Host-ferryman``,
+    ``__Host-ferryman-*``, any case): a backend must not replace a visitor's session on its host
+    with another one, nor plant the edge's sign-in or CSRF cookies."""
+    return value.split(b"=", 1)[0].strip().lower().startswith(_OWN_COOKIE)
 
 
 def get(headers: Headers, name: bytes, default: bytes = b"") -> bytes:

@@ -197,11 +197,17 @@ class Proxy:
                                                    "shortly.", "rate_limited",
                                               extra=[(b"retry-after", retry_after(wait))]), rec)
             return
+        if "#" in request.target:  # an origin-form target has no fragment; a backend may cut it, then normalise
+            await self._reply(responder, page(400, "The address has a '#' fragment, which browsers never send.",
+                                              "bad_target"), rec)
+            return
         if _DOT_SEGMENT.search(request.path):
             await self._reply(responder, page(400, "The address has '.' or '..' path segments.", "bad_path"), rec)
             return
-        target = route.urlmap.path_to_internal(request.target)
-        if target is None:
+        own = not route.passthrough and (request.path == "/.ferryman" or request.path.startswith("/.ferryman/")
+                                         or request.path == "/robots.txt")
+        target = None if own else route.urlmap.path_to_internal(request.target)
+        if target is None and not own:
             if request.target + "/" == route.urlmap.ext_prefix or request.path + "/" == route.urlmap.ext_prefix:
                 q = "?" + request.query if request.query else ""
                 await self._reply(responder, redirect(route.urlmap.ext_prefix + q, code="prefix"), rec, "allow")
@@ -213,16 +219,19 @@ class Proxy:
             rec.code = "passthrough"
             await self._forward(route, request, responder, rec, target, None, None)
             return
+        # The edge's own pages of an app host (sign-in callback, who am I, sign-out, JWKS, robots.txt)
+        # live at the host's root, whatever path prefix the app is published under.
         if request.path == "/robots.txt":
             await self._reply(responder, Reply(200, [(b"content-type", b"text/plain; charset=utf-8"),
                                                      (b"content-length", str(len(ROBOTS)).encode())], ROBOTS,
                                                "robots", "robots.txt"), rec, "allow")
             return
         cookies = parse_cookies(request.header_list(b"cookie"))
-        if request.path == "/.ferryman" or request.path.startswith("/.ferryman/"):
+        if own:
             reply = await door.sso.app_path(route, request, cookies)
             await self._reply(responder, reply, rec, "allow" if reply.status < 400 else "deny")
             return
+        assert target is not None
         if app.cors_preflight_bypass and request.method == "OPTIONS" and request.header(b"origin") \
                 and request.header(b"access-control-request-method"):
             rec.action, rec.code, rec.reason = "allow", "cors_preflight", "CORS preflight without sign-in"
@@ -298,10 +307,15 @@ class Proxy:
                                 (b"sec-websocket-key", ws_key or b"")])
                 if not any(n == b"sec-websocket-version" for n, _ in headers):
                     headers.append((b"sec-websocket-version", b"13"))
-        elif request.content_length is None and request.has_body:
+        # The edge frames the body itself: the client's Content-Length never reaches the backend
+        # (a client could name it in Connection to have it dropped, leaving the body unframed: the
+        # backend would read it as a request of its own), nor one that no body follows (HTTP/2).
+        elif request.has_body and request.content_length is not None:
+            headers.append((b"content-length", str(request.content_length).encode()))
+        elif request.has_body:
             headers.append((b"transfer-encoding", b"chunked"))
             chunked = True
-        elif request.content_length is None and request.method in ("POST", "PUT", "PATCH"):
+        elif request.method in ("POST", "PUT", "PATCH"):
             headers.append((b"content-length", b"0"))
         return headers, chunked
 
