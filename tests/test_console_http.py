@@ -267,6 +267,9 @@ def test_sign_out_ends_the_session(control: Control, admin: Person) -> None:
     stolen = browser.cookie
     page = browser.post("/console/sign-out", {})
     assert page.status == 303 and page.location == "/console/sign-in"
+    # The browser drops what it kept of the console's pages (htmx keeps no page history either).
+    assert page.headers.get("clear-site-data") == '"cache", "storage"'
+    assert browser.post("/console/sign-out", {"csrf": "wrong"}, csrf=False).status == 303  # not signed in any more
     replay = Browser(control.url, cookie=stolen, tls=control.tls)
     page = replay.get("/console/applications")
     assert page.status == 303 and "sign-in" in page.location
@@ -282,6 +285,21 @@ def test_taking_the_role_away_ends_console_sessions(control: Control) -> None:
     assert page.status == 303 and page.location == "/console/sign-in?why=ended"
     assert "session ended" in Browser(control.url, tls=control.tls).get(page.location).text
     assert "injected" not in Browser(control.url, tls=control.tls).get("/console/sign-in?why=injected").text
+
+
+def test_a_new_password_or_a_totp_reset_ends_console_sessions(control: Control) -> None:
+    """Whoever signed in with credentials that were then changed (perhaps stolen) is signed out."""
+    person = enrol(control, "pia@corp.example", "reader")
+    for change in ("password", "totp"):
+        browser = signed_in(control, person)
+        assert browser.get("/console/users").status == 200
+        if change == "password":
+            status, out, _ = control.call("PATCH", f"/v1/users/{person.id}", {"password": PASSWORD})
+        else:
+            status, out, _ = control.call("POST", f"/v1/users/{person.id}/totp/reset", {})
+        assert status == 200, out
+        page = browser.get("/console/users")
+        assert page.status == 303 and page.location == "/console/sign-in?why=ended", change
 
 
 def test_a_forged_or_missing_cookie_is_not_a_session(control: Control) -> None:
@@ -315,6 +333,11 @@ def test_static_files_are_vendored(as_admin: Browser) -> None:
     page = as_admin.get("/console/static/htmx-2.0.4.min.js")
     assert page.status == 200 and "htmx" in page.text[:200]
     assert as_admin.get("/console/static/console.css").status == 200
+    # No page of another origin's scripts on the console's origin (the API's Swagger UI loaded one from a CDN).
+    assert as_admin.get("/schema/swagger").status == 404
+    assert as_admin.get("/schema/openapi.json").status == 200
+    # htmx keeps no copy of visited pages (a registration token, recovery codes) in localStorage.
+    assert '"historyCacheSize": 0' in as_admin.get("/console").text
 
 
 def test_bad_page_input_is_a_clear_error(as_admin: Browser) -> None:
@@ -547,6 +570,7 @@ def test_traffic_logs_filter_detail_and_export(control: Control, as_admin: Brows
                  "user_id": tia["id"], "device_os_version": "6.12", "client_version": "ferryman/0.1.0",
                  "action": "allow", "reason_code": ""},
                 {**base, "connection_id": "flow-deny", "start": now - 30, "end": None, "upn": "=cmd@corp.example",
+                 "process": "x;=cmd|' /C calc'!A0",
                  "action": "deny", "reason_code": "not_assigned", "bytes_sent": 0, "bytes_received": 0}],
                 list[FlowRecord]))
     finally:
@@ -567,6 +591,7 @@ def test_traffic_logs_filter_detail_and_export(control: Control, as_admin: Brows
     page = as_admin.get("/console/traffic/export?fmt=csv&hours=1")
     assert page.status == 200 and page.text.splitlines()[0].startswith("id,connection_id")
     assert "'=cmd@corp.example" in page.text  # no spreadsheet formula
+    assert "x;'=cmd|" in page.text and "x;=cmd" not in page.text  # nor one after a ';' (a ';'-separated locale)
     overview = as_admin.get("/console")
     assert "not_assigned" in overview.text and "ssh" in overview.text
 

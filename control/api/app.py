@@ -8,8 +8,8 @@ tokens; ``oidc.py``: through an OIDC provider), the client agents' profile under
 the node routes under ``/v1/node`` (``nodes.py``, node certificate token), the web console
 under ``/console`` (``control.console``: its own sign-in and session cookie), ``GET /health``, ``GET /ready``
 and ``GET /v1/ca`` (the CA certificate, for clients to check against their pin; no credential), and the
-OpenAPI document at ``/schema/openapi.json`` (Swagger UI at
-``/schema/swagger``). Credentials are checked by ``guards.py``; errors are JSON
+OpenAPI document at ``/schema/openapi.json`` (no Swagger UI page: it would run a script from a
+CDN on the console's origin). Credentials are checked by ``guards.py``; errors are JSON
 (``errors.py``).
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from litestar import Litestar, Response, get
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from control.ca import DEFAULT_LIFETIME_DAYS, CertificateAuthority
@@ -155,7 +155,7 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
             "accessToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT",
                                           description="a user's access token (Ed25519 JWT from /v1/auth/sign-in)"),
         }),
-        render_plugins=[JsonRenderPlugin(), SwaggerRenderPlugin()],
+        render_plugins=[JsonRenderPlugin()],
     )
     app = Litestar(
         route_handlers=[admin_router(), policy_router(), identity_router(), auth_router(), oidc_router(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,6 +62,7 @@ from .security import (
     check_origin,
     is_tls,
     require_change,
+    require_form,
     viewer_of,
 )
 from .testaccess import try_access
@@ -225,13 +227,12 @@ def sign_in(request: Request[Any, Any, Any], data: Form) -> Response[Any]:
 
 @post("/sign-out", sync_to_thread=True)
 def sign_out(request: Request[Any, Any, Any], data: Form) -> Response[Any]:
-    check_origin(request)
-    viewer = viewer_of(request)
-    if _one(data, CSRF_FIELD) != viewer.csrf:
-        raise Refused("refused: the form's CSRF token is missing or wrong; reload the page and try again")
+    viewer = require_form(request, data)
     with _api(request).store.begin() as session:
         console_store.end_console_session(session, viewer.session_id, viewer.upn)
-    response: Response[Any] = Redirect("/console/sign-in", status_code=303, headers=SECURITY_HEADERS)
+    # The browser forgets what it kept of the console's pages (a registration token, recovery codes).
+    response: Response[Any] = Redirect("/console/sign-in", status_code=303,
+                                       headers={**SECURITY_HEADERS, "Clear-Site-Data": '"cache", "storage"'})
     response.delete_cookie(COOKIE, path=COOKIE_PATH)
     return response
 
@@ -708,10 +709,16 @@ def traffic_export(request: Request[Any, Any, Any], fmt: str = "jsonl") -> Strea
         **SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="traffic.{fmt}"'})
 
 
+_FORMULA = re.compile(r"(^|[,;\t])(\s*)([=+\-@\t\r])")
+
+
 def _csv_cell(value: Any) -> Any:
-    """A cell a spreadsheet will not run as a formula (OWASP CSV injection)."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
+    """A cell a spreadsheet will not run as a formula (OWASP CSV injection): a ``'`` before a
+    formula character at its start and after any ``,``, ``;`` or tab in it, since a spreadsheet
+    whose list separator is ``;`` splits the cell there (the JSON Lines export keeps values
+    exact)."""
+    if isinstance(value, str):
+        return _FORMULA.sub(r"\1\2'\3", value)
     return "" if value is None else value
 
 
@@ -788,10 +795,7 @@ def test_access_page(request: Request[Any, Any, Any]) -> Response[str]:
 @post("/test-access", sync_to_thread=True)
 def test_access(request: Request[Any, Any, Any], data: Form) -> Response[str]:
     """The edge's decision (readers may ask: nothing changes; Origin, session and CSRF still checked)."""
-    check_origin(request)
-    viewer = viewer_of(request)
-    if _one(data, CSRF_FIELD) != viewer.csrf:
-        raise Refused("refused: the form's CSRF token is missing or wrong; reload the page and try again")
+    viewer = require_form(request, data)
     error, trial, status = "", None, 200
     try:
         port_text = _one(data, "port")

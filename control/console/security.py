@@ -142,13 +142,20 @@ def viewer_of(request: Request[Any, Any, Any]) -> Viewer:
     return viewer
 
 
-def require_change(request: Request[Any, Any, Any], form: dict[str, Any]) -> Viewer:
-    """The admin making a change: Origin, session, CSRF token and role checked (see the module doc)."""
+def require_form(request: Request[Any, Any, Any], form: dict[str, Any]) -> Viewer:
+    """Whoever is signed in, sending a form of the console: Origin, session and CSRF token checked
+    (the token compared in constant time)."""
     check_origin(request)
     viewer = viewer_of(request)
     sent = form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER) or ""
     if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), viewer.csrf.encode()):
         raise Refused("refused: the form's CSRF token is missing or wrong; reload the page and try again")
+    return viewer
+
+
+def require_change(request: Request[Any, Any, Any], form: dict[str, Any]) -> Viewer:
+    """The admin making a change: Origin, session, CSRF token and role checked (see the module doc)."""
+    viewer = require_form(request, form)
     if not viewer.is_admin:
         raise Refused(f"refused: {viewer.upn} has the console role {viewer.role!r}, which may not change anything")
     return viewer

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from .audit import change, record_change
 from .errors import StoreError
 from .models import CONSOLE_ROLES, ConsoleSession, User, utcnow
-from .users import get_user
+from .users import end_console_sessions, get_user
 from .values import hash_secret
 
 TOUCH_RESOLUTION = timedelta(seconds=60)
@@ -54,8 +54,7 @@ def set_console_role(session: Session, actor: str, ref: str, role: object) -> Us
         return user
     user.console_role = wanted
     user.updated_at = utcnow()
-    session.execute(update(ConsoleSession).where(ConsoleSession.user_id == user.id,
-                                                 ConsoleSession.revoked_at.is_(None)).values(revoked_at=utcnow()))
+    end_console_sessions(session, user.id)
     session.flush()
     record_change(session, actor, "user.console_role", "user", user.id, {"upn": user.upn, "console_role": before},
                   {"upn": user.upn, "console_role": wanted}, config=False)

@@ -33,7 +33,7 @@ from .audit import change, record_change
 from .errors import StoreError
 from .models import RecoveryCode, User, utcnow
 from .secretbox import SecretBox
-from .users import PASSWORD_HASHER, get_user, user_state, verify_hash
+from .users import PASSWORD_HASHER, end_console_sessions, get_user, user_state, verify_hash
 from .values import aware_now, hash_secret
 
 TOTP_ISSUER = "Ferryman"
@@ -253,6 +253,7 @@ def reset_totp(session: Session, actor: str, ref: str) -> User:
     user.totp_secret, user.totp_enabled = None, False
     user.updated_at = utcnow()
     session.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user.id))
+    end_console_sessions(session, user.id)
     session.flush()
     record_change(session, actor, "user.totp_reset", "user", user.id, before, user_state(user), config=False)
     return user

@@ -31,14 +31,14 @@ from typing import Any
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from .audit import change, record_change
 from .certificates import is_revoked, revoke_certificate
 from .config_version import lock_config
 from .errors import StoreError
-from .models import USER_RISK_LEVELS, Device, GroupMember, User, utcnow
+from .models import USER_RISK_LEVELS, ConsoleSession, Device, GroupMember, User, utcnow
 from .values import names_by_id, refuse_taken, valid_name, valid_text
 
 MIN_PASSWORD_LENGTH = 8
@@ -206,6 +206,14 @@ def set_risk_level(session: Session, actor: str, ref: str, risk_level: str) -> U
     return update_user(session, actor, ref, risk_level=risk_level)
 
 
+def end_console_sessions(session: Session, user_id: str) -> None:
+    """End every live console session of the user: their role changed, or the credentials a
+    session was signed in with (password, TOTP) were changed or reset, perhaps because someone
+    else knew them."""
+    session.execute(update(ConsoleSession).where(ConsoleSession.user_id == user_id,
+                                                 ConsoleSession.revoked_at.is_(None)).values(revoked_at=utcnow()))
+
+
 @change
 def set_password(session: Session, actor: str, ref: str, password: str | None) -> User:
     """Set (argon2id) or, with None, remove the user's password. Not configuration; audited without the hash."""
@@ -214,6 +222,7 @@ def set_password(session: Session, actor: str, ref: str, password: str | None) -
     had = user.password_hash is not None
     user.password_hash = password_hash
     user.updated_at = utcnow()
+    end_console_sessions(session, user.id)
     session.flush()
     record_change(session, actor, "user.set_password" if password is not None else "user.remove_password", "user",
                   user.id, {"upn": user.upn, "has_password": had},
