@@ -925,3 +925,18 @@ def test_chunks_to_send_keep_large_payloads_uncopied_and_the_byte_stream_unchang
     d.send_data(fid, b"ef")
     assert [bytes(e.data) for e in a.receive_data(b"".join(d.chunks_to_send()))
             if isinstance(e, ev.DataReceived)] == [b"ef"]
+
+
+def test_empty_data_frames_are_dropped_and_cost_their_receiver_nothing() -> None:
+    """A peer may send zero-length DATA without end (it needs no credit): no event reaches the
+    node for it, whole or split across reads, while its state is still checked."""
+    d, a = pair()
+    fid = open_flow(d, a)
+    empty = encode_header(FrameType.DATA, fid, 0)
+    assert a.receive_data(empty * 10_000) == []
+    for byte in range(len(empty)):  # one frame split at every byte
+        assert a.receive_data(empty[:byte]) == [] and a.receive_data(empty[byte:]) == []
+    assert data_events(a.receive_data(empty + encode_header(FrameType.DATA, fid, 3) + b"abc")) == [(fid, b"abc")]
+    d.send_fin(fid)
+    pump(d, a)
+    expect_protocol_error(a, empty, "stream_state")  # DATA after FIN, empty or not

@@ -93,7 +93,7 @@ from ..wire.connection import FlowError, WireConfig
 from ..wire.frames import Open
 from .records import Records, segment_text
 from .relay import Relay, RelayError, RelayPeer, is_sibling, local_presence
-from .splice import ClientAccess, EdgeTunnel, Splice
+from .splice import ClientAccess, EdgeTunnel, Splice, kept
 from .web import WebAppError
 from .webdoor import EdgeWeb
 from .webflow import WebFlow
@@ -161,6 +161,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self._server_ctx = credentials.server_context()
         self.groups: dict[str, list[EdgeTunnel]] = {}  # connector group -> the tunnels that serve it
         self.connectors: dict[EdgeTunnel, str | None] = {}  # every connector tunnel -> the group it is filed under
+        self._stalled: set[EdgeTunnel] = set()  # tunnels that flows hold data for until they are writable again
         # Who serves which group: the control plane's record (from each snapshot) or the application file's.
         if apps is None:
             self.connector_groups = ConnectorGroups(by_serial={}, source="a configuration from the control plane "
@@ -674,6 +675,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                 self._file_connector(tunnel)
 
     def tunnel_down(self, tunnel: EdgeTunnel) -> None:
+        self._stalled.discard(tunnel)
         hello = tunnel.hello
         if hello is None or not tunnel.up:
             return
@@ -727,7 +729,14 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         tunnel.routes.clear()
 
     def tunnel_writable(self, tunnel: EdgeTunnel, writable: bool) -> None:
-        """Per-flow credit bounds what each flow queues here; nothing else to do."""
+        """A tunnel that takes data again gets what its flows held while it did not (per-flow
+        credit bounds what each flow holds here meanwhile)."""
+        if not writable or tunnel not in self._stalled:
+            return
+        self._stalled.discard(tunnel)
+        for splice in list(tunnel.routes.values()):
+            if type(splice) is Splice and not tunnel.closed:
+                self._send_held(splice, tunnel)
 
     def goaway_received(self, tunnel: EdgeTunnel, event: ev.GoAwayReceived) -> None:
         """A draining connector is skipped by pick_connector (Tunnel.draining), and no longer
@@ -1033,14 +1042,18 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             out, ofid, pending = splice.client, splice.cfid, splice.down_pending
             self.stats.bytes_tx += size
             splice.received += size
-        if pending:
-            pending.append(data)
+        if pending or not out.writable:
+            # Held, not acknowledged: the sender's credit bounds it. A tunnel that does not take
+            # more (its peer does not read) gets nothing until it does (``tunnel_writable``).
+            pending.append(kept(data))
+            if not out.writable:
+                self._stalled.add(out)
             return
         sent = out.send_data(ofid, data)  # 0 when the other side just ended: its end event follows
         if sent:
             tunnel.acknowledge(event.flow_id, sent)
         if sent < size:
-            pending.append(data[sent:])
+            pending.append(kept(data[sent:]))
 
     def credit_available(self, tunnel: EdgeTunnel, event: ev.CreditAvailable) -> None:
         splice = tunnel.routes.get(event.flow_id)
@@ -1049,23 +1062,32 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if type(splice) is WebFlow:
             splice.credit()
             return
+        self._send_held(splice, tunnel)
+
+    def _send_held(self, splice: Splice, tunnel: EdgeTunnel) -> None:
+        """Send what ``splice`` holds for ``tunnel`` as far as the flow's credit and the tunnel's
+        writability allow, acknowledging it to its sender; then a FIN that waited behind it."""
         if tunnel is splice.connector:
-            source, sfid, pending, fin = splice.client, splice.cfid, splice.up_pending, splice.up_fin
+            fid, source, sfid, pending, fin = splice.kfid, splice.client, splice.cfid, splice.up_pending, splice.up_fin
         else:
-            source, sfid, pending, fin = splice.connector, splice.kfid, splice.down_pending, splice.down_fin
+            fid, source, sfid, pending = splice.cfid, splice.connector, splice.kfid, splice.down_pending
+            fin = splice.down_fin
         if not pending:
             return
         while pending:
+            if not tunnel.writable:
+                self._stalled.add(tunnel)
+                return
             chunk = pending[0]
-            sent = tunnel.send_data(event.flow_id, chunk)
+            sent = tunnel.send_data(fid, chunk)
             if sent:
                 source.acknowledge(sfid, sent)
             if sent < len(chunk):
                 pending[0] = chunk[sent:]
-                break
-            pending.pop(0)
-        if not pending and fin:
-            self._forward_fin(splice, to=tunnel, fid=event.flow_id)
+                return
+            pending.popleft()
+        if fin:
+            self._forward_fin(splice, to=tunnel, fid=fid)
 
     def flow_ended(self, tunnel: EdgeTunnel, event: ev.FlowEnded) -> None:
         splice = tunnel.routes.get(event.flow_id)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 from ..access.admission import Unauthenticated, Verdict
 from ..access.policy import Principal
@@ -22,6 +23,17 @@ class ClientAccess:
         self.principal: Principal | Unauthenticated = Unauthenticated()
 
 
+def kept(data: bytes | memoryview) -> bytes | memoryview:
+    """``data`` to hold while it waits: a copy when it is a small part of a larger read buffer,
+    so that what waits holds at most four times its own size (a peer sending many tiny DATA
+    frames, each in a read of its own, must not keep that many whole buffers alive)."""
+    if type(data) is memoryview:
+        base = data.obj
+        if isinstance(base, (bytes, bytearray)) and data.nbytes * 4 < len(base):
+            return bytes(data)
+    return data
+
+
 class Splice:
     """A client flow joined to a connector flow. ``up`` is client→connector. Either half may be
     a relay tunnel between edges (see ``relay_to`` and ``relayed_for``)."""
@@ -37,8 +49,10 @@ class Splice:
         self.cfid = cfid
         self.connector = connector
         self.kfid = kfid
-        self.up_pending: list[memoryview] = []
-        self.down_pending: list[memoryview] = []
+        # Bytes waiting for the other side's credit or for its tunnel to take more, not yet
+        # acknowledged to their sender (so its credit bounds them); see ``kept``.
+        self.up_pending: deque[bytes | memoryview] = deque()
+        self.down_pending: deque[bytes | memoryview] = deque()
         self.up_fin = False  # FIN from the client waits behind up_pending
         self.down_fin = False
         self.accepted = False

@@ -347,7 +347,9 @@ class FlowCore:
 
     # ------------------------------------------------------------------ input
     def _data_start(self, flow_id: int, length: int) -> bool:
-        """Check a DATA header against the flow's state and credit; False for a late frame."""
+        """Check a DATA header against the flow's state and credit; False for a late frame and for
+        an empty one (it carries nothing, costs no credit, and must not cost its receiver anything
+        either: a peer could send them without end)."""
         flow = self.flows.get(flow_id)
         if flow is None:
             self._late_frame(flow_id, "DATA")
@@ -364,7 +366,7 @@ class FlowCore:
                 f"flow {flow_id}: peer sent {length} bytes with only {flow.recv_credit} bytes of credit",
             )
         flow.recv_credit -= length
-        return True
+        return length > 0
 
     def _frame(self, ftype: int, flow_id: int, payload: memoryview, events: list[ev.Event]) -> None:
         """A frame other than DATA (QUIC: one its stream may carry; OPEN only on a byte stream)."""

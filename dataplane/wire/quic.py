@@ -201,7 +201,7 @@ class _Stream(FrameReader):
     def _data_start(self, flow_id: int, length: int) -> bool:
         if flow_id != self.flow_id:
             self._wrong_flow("DATA", flow_id)
-        return self.conn._data_start(flow_id, length) and length > 0
+        return self.conn._data_start(flow_id, length)
 
     def _frame(self, ftype: int, flow_id: int, payload: memoryview, events: list[ev.Event]) -> None:
         self.conn._stream_frame(self, ftype, flow_id, payload, events)
