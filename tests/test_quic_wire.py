@@ -18,7 +18,7 @@ from dataplane.transport.quic import load_credentials
 from dataplane.wire.quic_engine import EngineUnavailable, QuicEngine, select_engine
 from dataplane.wire import events as ev
 from dataplane.wire.connection import FlowError, ProtocolError, WireConfig
-from dataplane.wire.frames import FrameType, Open, encode_header, encode_preamble, encode_window
+from dataplane.wire.frames import FrameType, Open, encode_control, encode_header, encode_preamble, encode_window
 from dataplane.wire.quic import (
     DATAGRAM_OVERHEAD,
     MAX_PENDING_DATAGRAMS,
@@ -722,3 +722,20 @@ def test_a_close_reaches_a_tunnel_that_is_not_reading(certs: dict[str, pki.NodeF
     pair.pump()
     end = terminated(pair.take(pair.server))
     assert (end.code, end.reason) == ("shutdown", "dialer stops")
+
+
+def test_streams_without_their_open_are_bounded(certs: dict[str, pki.NodeFiles]) -> None:
+    """A peer opening streams that each hold an unfinished OPEN (the edge buffers up to a frame
+    per stream, and none of them is a flow yet) is refused past ``max_pending_opens`` of them,
+    and a stream ending before its OPEN is a protocol error too."""
+    pair = Pair(certs, server_wire=WireConfig(role="edge", node="edge-1", max_pending_opens=8)).up()
+    partial = encode_control(0, Open(host="h", port=1))[:-1]  # one byte short
+    for n in range(9):
+        pair.client.quic.send(stream_of(1 + 2 * n), partial, False)
+    pair.pump()
+    assert pair.server.dead is not None and pair.server.dead.code == "too_many_pending", pair.server.dead
+    other = Pair(certs).up()
+    other.client.quic.send(stream_of(1), b"", True)
+    other.pump()
+    assert other.server.dead is not None and other.server.dead.code == "stream_state"
+    assert "ended before its OPEN" in other.server.dead.message

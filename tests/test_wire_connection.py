@@ -940,3 +940,12 @@ def test_empty_data_frames_are_dropped_and_cost_their_receiver_nothing() -> None
     d.send_fin(fid)
     pump(d, a)
     expect_protocol_error(a, empty, "stream_state")  # DATA after FIN, empty or not
+
+
+def test_repeated_goaways_are_news_once() -> None:
+    """A peer sends one GOAWAY; a flood of them is one event (each used to be another event
+    and another log line at the node)."""
+    d, a = pair()
+    frame = encode_control(0, GoAway(code="draining", reason="shutting down"))
+    assert a.receive_data(frame * 1000) == [ev.GoAwayReceived("draining", "shutting down")]
+    assert a.receive_data(frame) == [] and a.goaway_received

@@ -448,13 +448,14 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         except TokenError as exc:
             access.principal = Unauthenticated(str(exc))
             if token:
-                log.warning("access token refused", extra={"client": tunnel.peer_name, "reason": str(exc)})
+                self.stats.log_limit.log(log, logging.WARNING, tunnel.peer_name, "access token refused",
+                                         {"client": tunnel.peer_name, "reason": str(exc)})
 
     def auth_received(self, tunnel: EdgeTunnel, event: ev.AuthReceived) -> None:
         access = tunnel.state
         hello = tunnel.hello
-        if hello is None or hello.role != "client" or access is None:
-            return
+        if hello is None or hello.role != "client" or access is None or event.token == access.token:
+            return  # (the token it already presented: nothing to check again, no flow to recheck)
         previous = access.principal
         self._authenticate(tunnel, access, event.token)
         principal = access.principal

@@ -437,8 +437,9 @@ class FlowCore:
             events.append(ev.PongReceived(_unpack_ping(payload, 0)[0]))
         elif ftype == _GOAWAY:
             body = DECODERS[_GOAWAY].decode(payload)
-            self.goaway_received = True
-            events.append(ev.GoAwayReceived(body.code, body.reason))
+            if not self.goaway_received:  # one is news; more (a peer sends at most one) are dropped
+                self.goaway_received = True
+                events.append(ev.GoAwayReceived(body.code, body.reason))
         elif ftype == _DATAGRAM:
             flow = self.flows.get(flow_id)
             if flow is None:

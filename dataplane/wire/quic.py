@@ -261,6 +261,7 @@ class QuicTunnelConnection(FlowCore):
         self._control_open = dialer
         self._control_early: list[bytes | memoryview] = []
         self._early_bytes = 0
+        self._unopened = 0  # streams of the peer whose OPEN has not been read yet (each may buffer a frame)
 
     # ------------------------------------------------------------------ I/O
     def connect(self, addr: Address, now: float) -> None:
@@ -545,6 +546,10 @@ class QuicTunnelConnection(FlowCore):
         flow_id = flow_of(sid)
         if flow_id % 2 != self._peer_parity:
             raise ProtocolError("bad_flow_id", f"QUIC stream {sid} was not opened by the peer")
+        if self._unopened >= self.config.max_pending_opens:
+            raise ProtocolError("too_many_pending", f"over {self.config.max_pending_opens} QUIC streams of the peer "
+                                                    "without their OPEN")
+        self._unopened += 1
         st = self._streams[sid] = _Stream(self, sid, flow_id)
         return st
 
@@ -553,6 +558,8 @@ class QuicTunnelConnection(FlowCore):
             raise ProtocolError("bad_frame", f"QUIC stream {st.id} ended inside a frame")
         if st.id == CONTROL_STREAM:
             raise ProtocolError("stream_state", "peer ended the control stream")
+        if not st.opened:
+            raise ProtocolError("stream_state", f"QUIC stream {st.id} ended before its OPEN")
         if st.flow_id in self.flows:
             raise ProtocolError("stream_state", f"flow {st.flow_id}: stream ended without FIN, RST or OPEN_FAIL")
         st.peer_ended = True
@@ -578,6 +585,7 @@ class QuicTunnelConnection(FlowCore):
                 raise ProtocolError("stream_state", f"{FrameType(ftype).name} before OPEN on the stream of "
                                                     f"flow {flow_id}")
             st.opened = True
+            self._unopened -= 1
             self._remote_open(flow_id, DECODERS[_OPEN].decode(payload), events)
             return
         if ftype == _OPEN:
