@@ -730,14 +730,20 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         tunnel.routes.clear()
 
     def tunnel_writable(self, tunnel: EdgeTunnel, writable: bool) -> None:
-        """A tunnel that takes data again gets what its flows held while it did not (per-flow
-        credit bounds what each flow holds here meanwhile)."""
+        """A tunnel that takes data again: the bytes its flows were given meanwhile are credited
+        back to their senders (``_acknowledge``), who send more."""
         if not writable or tunnel not in self._stalled:
             return
         self._stalled.discard(tunnel)
         for splice in list(tunnel.routes.values()):
-            if type(splice) is Splice and not tunnel.closed:
-                self._send_held(splice, tunnel)
+            if type(splice) is not Splice:
+                continue
+            if tunnel is splice.connector and splice.up_owed:
+                splice.client.acknowledge(splice.cfid, splice.up_owed)
+                splice.up_owed = 0
+            elif tunnel is splice.client and splice.down_owed:
+                splice.connector.acknowledge(splice.kfid, splice.down_owed)
+                splice.down_owed = 0
 
     def goaway_received(self, tunnel: EdgeTunnel, event: ev.GoAwayReceived) -> None:
         """A draining connector is skipped by pick_connector (Tunnel.draining), and no longer
@@ -1043,18 +1049,29 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             out, ofid, pending = splice.client, splice.cfid, splice.down_pending
             self.stats.bytes_tx += size
             splice.received += size
-        if pending or not out.writable:
-            # Held, not acknowledged: the sender's credit bounds it. A tunnel that does not take
-            # more (its peer does not read) gets nothing until it does (``tunnel_writable``).
+        if pending:
             pending.append(kept(data))
-            if not out.writable:
-                self._stalled.add(out)
             return
         sent = out.send_data(ofid, data)  # 0 when the other side just ended: its end event follows
         if sent:
-            tunnel.acknowledge(event.flow_id, sent)
+            self._acknowledge(splice, out, sent)
         if sent < size:
             pending.append(kept(data[sent:]))
+
+    def _acknowledge(self, splice: Splice, out: EdgeTunnel, sent: int) -> None:
+        """Credit back to the sender the bytes ``out`` was given, once ``out`` takes data: a
+        tunnel whose peer does not read is given no more than the sender's credit."""
+        if out.writable:
+            if out is splice.connector:
+                splice.client.acknowledge(splice.cfid, sent)
+            else:
+                splice.connector.acknowledge(splice.kfid, sent)
+            return
+        if out is splice.connector:
+            splice.up_owed += sent
+        else:
+            splice.down_owed += sent
+        self._stalled.add(out)
 
     def credit_available(self, tunnel: EdgeTunnel, event: ev.CreditAvailable) -> None:
         splice = tunnel.routes.get(event.flow_id)
@@ -1066,23 +1083,19 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self._send_held(splice, tunnel)
 
     def _send_held(self, splice: Splice, tunnel: EdgeTunnel) -> None:
-        """Send what ``splice`` holds for ``tunnel`` as far as the flow's credit and the tunnel's
-        writability allow, acknowledging it to its sender; then a FIN that waited behind it."""
+        """Send what ``splice`` holds for ``tunnel`` as far as the flow's credit allows, then a FIN
+        that waited behind it."""
         if tunnel is splice.connector:
-            fid, source, sfid, pending, fin = splice.kfid, splice.client, splice.cfid, splice.up_pending, splice.up_fin
+            fid, pending, fin = splice.kfid, splice.up_pending, splice.up_fin
         else:
-            fid, source, sfid, pending = splice.cfid, splice.connector, splice.kfid, splice.down_pending
-            fin = splice.down_fin
+            fid, pending, fin = splice.cfid, splice.down_pending, splice.down_fin
         if not pending:
             return
         while pending:
-            if not tunnel.writable:
-                self._stalled.add(tunnel)
-                return
             chunk = pending[0]
             sent = tunnel.send_data(fid, chunk)
             if sent:
-                source.acknowledge(sfid, sent)
+                self._acknowledge(splice, tunnel, sent)
             if sent < len(chunk):
                 pending[0] = chunk[sent:]
                 return

@@ -38,7 +38,7 @@ class Splice:
     """A client flow joined to a connector flow. ``up`` is client→connector. Either half may be
     a relay tunnel between edges (see ``relay_to`` and ``relayed_for``)."""
 
-    __slots__ = ("client", "cfid", "connector", "kfid", "up_pending", "down_pending",
+    __slots__ = ("client", "cfid", "connector", "kfid", "up_pending", "down_pending", "up_owed", "down_owed",
                  "up_fin", "down_fin", "accepted", "closed_sides", "dest", "app", "connection", "principal",
                  "verdict", "start", "request", "segment", "sent", "received", "remote", "waiting", "timer",
                  "relay_to", "relayed_for")
@@ -49,10 +49,15 @@ class Splice:
         self.cfid = cfid
         self.connector = connector
         self.kfid = kfid
-        # Bytes waiting for the other side's credit or for its tunnel to take more, not yet
-        # acknowledged to their sender (so its credit bounds them); see ``kept``.
+        # Bytes waiting for the other side's credit, not yet acknowledged to their sender (so its
+        # credit bounds them); see ``kept``.
         self.up_pending: deque[bytes | memoryview] = deque()
         self.down_pending: deque[bytes | memoryview] = deque()
+        # Bytes passed on to a tunnel that was not taking more (its peer does not read) and not yet
+        # acknowledged to their sender: they are, once that tunnel is writable again. So the
+        # sender's credit bounds what such a tunnel is given, and the pipe stays full meanwhile.
+        self.up_owed = 0
+        self.down_owed = 0
         self.up_fin = False  # FIN from the client waits behind up_pending
         self.down_fin = False
         self.accepted = False
