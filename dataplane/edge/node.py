@@ -161,7 +161,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self._server_ctx = credentials.server_context()
         self.groups: dict[str, list[EdgeTunnel]] = {}  # connector group -> the tunnels that serve it
         self.connectors: dict[EdgeTunnel, str | None] = {}  # every connector tunnel -> the group it is filed under
-        self._stalled: set[EdgeTunnel] = set()  # tunnels that flows hold data for until they are writable again
+        self._stalled: set[EdgeTunnel] = set()  # not writable, with bytes passed to them not yet credited back
         # Who serves which group: the control plane's record (from each snapshot) or the application file's.
         if apps is None:
             self.connector_groups = ConnectorGroups(by_serial={}, source="a configuration from the control plane "
@@ -1080,17 +1080,11 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if type(splice) is WebFlow:
             splice.credit()
             return
-        self._send_held(splice, tunnel)
-
-    def _send_held(self, splice: Splice, tunnel: EdgeTunnel) -> None:
-        """Send what ``splice`` holds for ``tunnel`` as far as the flow's credit allows, then a FIN
-        that waited behind it."""
-        if tunnel is splice.connector:
-            fid, pending, fin = splice.kfid, splice.up_pending, splice.up_fin
-        else:
-            fid, pending, fin = splice.cfid, splice.down_pending, splice.down_fin
+        pending, fin = (splice.up_pending, splice.up_fin) if tunnel is splice.connector else \
+            (splice.down_pending, splice.down_fin)
         if not pending:
             return
+        fid = event.flow_id
         while pending:
             chunk = pending[0]
             sent = tunnel.send_data(fid, chunk)

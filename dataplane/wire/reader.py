@@ -113,9 +113,8 @@ class FrameReader:
                 else:
                     whole = bytes(buf)
                     ftype, _flags, flow_id, _length = _unpack_header(whole, 0)
-                    if ftype == _DATA:  # an empty DATA frame
-                        if self._data_start(flow_id, 0):
-                            events.append(_DataReceived(flow_id, memoryview(whole)[HEADER_SIZE:]))
+                    if ftype == _DATA:  # an empty DATA frame: its flow's state is checked, nothing else
+                        self._data_start(flow_id, 0)
                     else:
                         self._frame(ftype, flow_id, memoryview(whole)[HEADER_SIZE:], events)
                 buf.clear()
