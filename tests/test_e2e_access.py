@@ -224,7 +224,7 @@ def test_each_condition_denies_with_its_reason_and_report_only_allows(backend, f
 
     mark = _mark(fab)
     _policy(fab, "would-block", "block", state="report_only")
-    time.sleep(2.0)  # the change reaches the edge within 2 s; report-only must still allow
+    fab.wait_configured()  # the edge runs the policy; report-only must still allow
     assert _attempt(xfer, socks, port) == 0
     record = _newest_after(fab, xfer, mark, "a report record", action="report")
     assert (record["policy"], record["rule"], record["reason_code"]) == ("would-block", "block", "")
@@ -360,7 +360,7 @@ def test_discovery_over_quick_access_and_promotion(backend, fabric, xfer):
     fab.admin("POST", "/v1/applications/discovered-echo/assignments", {"user": fab.user})
     mark = _mark(fab)
     _profile_has(fab, xfer, "discovered-echo")
-    time.sleep(0.5)  # the edge takes the same configuration version as the client's profile
+    fab.wait_configured()  # the edge runs the configuration with the assignment too
     assert _attempt(xfer, socks, other.port) == 0
     record = _newest_after(fab, xfer, mark, "a flow through the new per-app app", action="allow")
     assert (record["application"], record["application_kind"]) == ("discovered-echo", "per_app")

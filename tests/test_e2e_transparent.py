@@ -122,10 +122,13 @@ def _fabric(tmp_path, ns: str, ours: str, theirs: str, ready_port: int, env: dic
 
 
 def _lab(fab: Fabric, port: int) -> None:
-    """Application ``lab``: 127.0.0.0/8 port ``port``, assigned to the signed-in user."""
+    """Application ``lab``: 127.0.0.0/8 port ``port``, assigned to the signed-in user; returns once
+    the edge runs the configuration with the assignment (the client's capture rules can arrive
+    with the application's first version, before the assignment reaches the edge)."""
     fab.admin("POST", "/v1/applications", {"name": "lab", "segments": [
         {"destination": "127.0.0.0/8", "ports": str(port), "protocol": "tcp"}]})
     fab.admin("POST", "/v1/applications/lab/assignments", {"user": fab.user})
+    fab.wait_configured()
 
 
 def _print_logs(fab: Fabric) -> None:
@@ -157,6 +160,7 @@ def test_transparent_capture_of_private_addresses_and_private_names(backend, tmp
                 {"destination": "127.0.0.1", "ports": str(named.port), "protocol": "tcp"}]})
             fab.admin("POST", "/v1/applications/corp/assignments", {"user": fab.user})
             fab.admin("POST", "/v1/dns-suffixes", {"suffix": "corp.example"})
+            fab.wait_configured()
             # The profile reaches the agent, and its rules the namespace's nftables.
             wait_for(lambda: "127.0.0.0/8" in _ruleset(ns), 20.0, "the lab segment's redirect rule", interval=0.3)
             wait_for(lambda: _suffixes(fab) == ["corp.example"], 20.0, "the profile's DNS suffix", interval=0.3)
