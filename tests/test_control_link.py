@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -43,7 +44,7 @@ from cryptography.x509.oid import NameOID
 
 from control.store import applications, certificates, database_url, nodes, open_store
 from dataplane.basics import pki, settings, statefile
-from dataplane.contract.flowrecord import FlowRecord
+from dataplane.contract.flowrecord import MAX_BATCH, MAX_BATCH_BYTES, FlowRecord
 from dataplane.controllink.link import CACHE_FILE, ControlLink, Report
 from dataplane.controllink.traffic import TrafficQueue
 from dataplane.controllink.registration import Registration, read_registration
@@ -272,6 +273,42 @@ def test_an_edge_reports_the_traffic_records_its_queue_dropped_once(control: Con
         time.sleep(0.5)  # heartbeats every 0.2 s: each reports only what was dropped since the last
         shown = edge()
         assert shown["records_dropped"] == 3 and shown["records_dropped_at"] is not None, shown
+
+
+def test_a_batch_too_large_for_one_request_is_shipped_in_parts(control: Control, tmp_path: Path) -> None:
+    """Web transactions carry a client's path and user agent (up to 1 KiB each, as the client
+    chose them): a full batch of such records is larger than one request to the control plane
+    may be. The link sends it in parts; sent whole, it was refused, put back, and sent again
+    for ever while the queue dropped every newer record."""
+    identity = control.api.register_node(tmp_path / "edge", "edge", f"edge-{secrets.token_hex(3)}",
+                                         [f"127.0.0.1:{free_port()}"])
+    app = f"big-{secrets.token_hex(3)}"
+    queue = TrafficQueue(limit=100_000)
+    now = time.time()
+    quoted = '"\\' * 512  # each character doubles in JSON
+    for n in range(MAX_BATCH):
+        queue.put(FlowRecord(connection_id=f"c{n}", transaction_id="t", start=now, end=now, action="allow",
+                             application=app, application_kind="web", http_path="/" + "p" * 1023,
+                             user_agent=quoted, close_reason=quoted, http_host="h" * 1024))
+    assert len(msgspec.json.encode({"records": queue.take(MAX_BATCH)})) > MAX_BATCH_BYTES
+    for n in range(MAX_BATCH):
+        queue.put(FlowRecord(connection_id=f"c{n}", transaction_id="t", start=now, end=now, action="allow",
+                             application=app, application_kind="web", http_path="/" + "p" * 1023,
+                             user_agent=quoted, close_reason=quoted, http_host="h" * 1024))
+
+    def stored() -> int:
+        count, before = 0, ""
+        while True:
+            status, rows = control.admin("GET", f"/v1/traffic?app={app}&limit=1000{before}")
+            assert status == 200, rows
+            count += len(rows)
+            if len(rows) < 1000:
+                return count
+            before = f"&before={min(r['id'] for r in rows)}"
+
+    with LinkRunner(identity, traffic=queue):
+        wait_for(lambda: queue.shipped == MAX_BATCH, 30, "the batch shipped", interval=0.1)
+    assert stored() == MAX_BATCH and queue.dropped == 0
 
 
 # ---------------------------------------------------------------------------- outages

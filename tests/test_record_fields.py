@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataplane.contract.flowrecord import FlowRecord, new_connection_id
+from dataplane.controllink.traffic import TrafficQueue
 from dataplane.edge.records import local_source
 
 pytestmark = pytest.mark.timeout(60)
@@ -61,3 +62,28 @@ def test_connection_ids_are_unique_and_come_in_time_order() -> None:
     assert all(before < later for later in after)
     now_ms = time.time_ns() // 1_000_000
     assert 0 <= now_ms - int(after[-1][:12], 16) < 1000
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=1024), min_size=1, max_size=60),
+       st.integers(min_value=300, max_value=8_000))
+def test_a_batch_is_taken_in_parts_that_fit_a_request(sizes: list[int], max_bytes: int) -> None:
+    """``take_batch`` ships records in order, each exactly once, every body within ``max_bytes``
+    and holding the records it names; only a record too large on its own is dropped (counted)."""
+    queue = TrafficQueue(limit=1000)
+    records = [FlowRecord(connection_id=f"c{n}", transaction_id="t", start=1.0, user_agent="a" * size)
+               for n, size in enumerate(sizes)]
+    for record in records:
+        queue.put(record)
+    alone = {r.connection_id: len(msgspec.json.encode({"records": [r]})) for r in records}
+    shipped: list[str] = []
+    while True:
+        batch, body = queue.take_batch(limit=7, max_bytes=max_bytes)
+        if not batch:
+            break
+        assert 1 <= len(batch) <= 7 and len(body) <= max_bytes
+        decoded = msgspec.json.decode(body, type=dict[str, list[FlowRecord]])
+        assert decoded == {"records": batch}
+        shipped += [r.connection_id for r in batch]
+    kept = [r.connection_id for r in records if alone[r.connection_id] <= max_bytes]
+    assert shipped == kept and queue.dropped == len(records) - len(kept) and len(queue) == 0

@@ -31,6 +31,7 @@ from litestar.params import Parameter
 from control.store import certificates, config_version, nodes, presence, traffic
 from control.store.models import Edge
 from dataplane.basics import pki
+from dataplane.contract.flowrecord import MAX_BATCH_BYTES
 
 from .guards import Api, NodeCaller, require_node
 from .longpoll import Wait, config_response, wait_snapshot
@@ -138,9 +139,11 @@ def _store_traffic(api: Api, node: NodeCaller, data: TrafficIn) -> int:
         return traffic.insert_records(session, node.name, data.records)
 
 
-@post("/v1/node/traffic", guards=[require_node], security=[{"nodeToken": []}], tags=["nodes"], status_code=200)
+@post("/v1/node/traffic", guards=[require_node], security=[{"nodeToken": []}], tags=["nodes"], status_code=200,
+      request_max_body_size=MAX_BATCH_BYTES)
 async def node_traffic(request: Request, data: TrafficIn) -> TrafficOut:
-    """A batch of an edge's traffic log records (at most 500)."""
+    """A batch of an edge's traffic log records (at most ``MAX_BATCH`` of them and
+    ``MAX_BATCH_BYTES`` of JSON; other requests may carry at most 1 MiB)."""
     node: NodeCaller = request.state.node
     if node.role != "edge":
         raise PermissionDeniedException(f"only edges send traffic logs; {node.role} {node.name!r} may not")

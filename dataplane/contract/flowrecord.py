@@ -3,7 +3,8 @@
 ``FlowRecord`` has one field per column of the control plane's ``traffic_logs`` table.
 An edge fills one in when a flow ends (``action`` ``allow``, or ``report`` when a
 report-only policy would have denied it) and when it refuses an OPEN (``deny``); its control
-link ships them in batches of at most ``MAX_BATCH`` to ``POST /v1/node/traffic``
+link ships them in batches of at most ``MAX_BATCH`` records and ``MAX_BATCH_BYTES`` of JSON to
+``POST /v1/node/traffic``
 (``controllink.traffic.TrafficQueue``). No I/O here.
 """
 
@@ -16,7 +17,10 @@ from typing import Annotated, Literal
 
 import msgspec
 
-MAX_BATCH = 500  # records per request to the control plane
+MAX_BATCH = 2000  # records per request to the control plane
+# The largest JSON body of such a request. A record is at most ~200 KB (its text fields are
+# bounded), but a batch of large ones would pass this: the control link sends it in parts.
+MAX_BATCH_BYTES = 4 << 20
 
 
 _Text = Annotated[str, msgspec.Meta(max_length=1024)]

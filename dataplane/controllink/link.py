@@ -48,7 +48,6 @@ from ..basics import pki
 from ..basics.pki import new_key_and_csr, write_node_files
 from ..basics.settings import ConnectorSettings, EdgeSettings
 from ..basics.version import VERSION
-from ..contract.flowrecord import MAX_BATCH
 from ..contract import presence as presence_map
 from ..contract.presence import Presence, PresenceConnector
 from ..contract.snapshot import ConfigSnapshot, SnapshotError, decode
@@ -130,9 +129,10 @@ class ControlClient:
         self.tls = tls
 
     async def call(self, method: str, target: str, body: Any = None,
-                   timeout: float = REQUEST_TIMEOUT) -> tuple[int, bytes]:
-        """(status, body) of a 2xx answer; ``ControlError`` for network failures and 4xx/5xx answers."""
-        data = None if body is None else msgspec.json.encode(body)
+                   timeout: float = REQUEST_TIMEOUT, *, encoded: bytes | None = None) -> tuple[int, bytes]:
+        """(status, body) of a 2xx answer; ``ControlError`` for network failures and 4xx/5xx answers.
+        ``body`` is sent as JSON, or ``encoded`` as it is."""
+        data = encoded if encoded is not None else None if body is None else msgspec.json.encode(body)
         headers = {"Authorization": f"Bearer {self.signer.token(method, target, data or b'')}",
                    "Accept": "application/json"}
         if data is not None:
@@ -239,8 +239,11 @@ class ControlLink:
         batch: list[Any] = []
         try:
             async with asyncio.timeout(LAST_TRAFFIC_TIMEOUT):
-                while batch := queue.take(MAX_BATCH):
-                    await self.client.call("POST", "/v1/node/traffic", {"records": batch}, LAST_TRAFFIC_TIMEOUT)
+                while True:
+                    batch, body = queue.take_batch()
+                    if not batch:
+                        break
+                    await self.client.call("POST", "/v1/node/traffic", timeout=LAST_TRAFFIC_TIMEOUT, encoded=body)
                     queue.shipped += len(batch)
                     batch = []
         except (ControlError, TimeoutError) as exc:
@@ -422,13 +425,14 @@ class ControlLink:
         assert queue is not None
         backoff = Backoff(RETRY_MIN, RETRY_MAX)
         while True:
-            batch = queue.take(MAX_BATCH)
+            batch, body = queue.take_batch()
             if not batch:
                 await asyncio.sleep(TRAFFIC_INTERVAL)
                 continue
+            more = len(queue) > 0  # a full batch, or one cut to fit a request: the next goes at once
             outages = self._outages
             try:
-                await self.client.call("POST", "/v1/node/traffic", {"records": batch})
+                await self.client.call("POST", "/v1/node/traffic", encoded=body)
             except ControlError as exc:
                 queue.give_back(batch)
                 slow = self._failed("traffic logs", exc)
@@ -437,7 +441,7 @@ class ControlLink:
             self._succeeded("traffic logs", outages)
             backoff.reset()
             queue.shipped += len(batch)
-            if len(batch) < MAX_BATCH:
+            if not more:
                 await asyncio.sleep(TRAFFIC_INTERVAL)
 
     # ------------------------------------------------------------------ renewal
