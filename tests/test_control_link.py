@@ -286,15 +286,12 @@ def test_a_batch_too_large_for_one_request_is_shipped_in_parts(control: Control,
     queue = TrafficQueue(limit=100_000)
     now = time.time()
     quoted = '"\\' * 512  # each character doubles in JSON
-    for n in range(MAX_BATCH):
-        queue.put(FlowRecord(connection_id=f"c{n}", transaction_id="t", start=now, end=now, action="allow",
-                             application=app, application_kind="web", http_path="/" + "p" * 1023,
-                             user_agent=quoted, close_reason=quoted, http_host="h" * 1024))
-    assert len(msgspec.json.encode({"records": queue.take(MAX_BATCH)})) > MAX_BATCH_BYTES
-    for n in range(MAX_BATCH):
-        queue.put(FlowRecord(connection_id=f"c{n}", transaction_id="t", start=now, end=now, action="allow",
-                             application=app, application_kind="web", http_path="/" + "p" * 1023,
-                             user_agent=quoted, close_reason=quoted, http_host="h" * 1024))
+    records = [FlowRecord(connection_id=f"c{n}", transaction_id="t", start=now, end=now, action="allow",
+                          application=app, application_kind="web", http_path="/" + "p" * 1023,
+                          user_agent=quoted, close_reason=quoted, http_host="h" * 1024) for n in range(MAX_BATCH)]
+    assert len(msgspec.json.encode({"records": records})) > MAX_BATCH_BYTES
+    for record in records:
+        queue.put(record)
 
     def stored() -> int:
         count, before = 0, ""

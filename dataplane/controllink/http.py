@@ -59,6 +59,7 @@ class _NotConnected(HttpError):
 
 CONNECT_TIMEOUT = 5.0  # seconds to connect to one control-plane URL when others remain to try
 JOIN_STEP = 0.1  # seconds a command-line call waits on its request thread between looks at signals
+WRITE_PIECE = 256 * 1024  # bytes of a request body written before the event loop may run other work
 _preferred: dict[str, int] = {}  # a comma-separated base -> the index of the URL that answered last
 
 
@@ -166,11 +167,15 @@ async def _request_one(base: str, method: str, target: str, *, headers: dict[str
                     refuse_node_certificate(writer.get_extra_info("peercert"), f"{host}:{port}")
                 except ControlTlsError as exc:  # nothing was sent: another control-plane node may be tried
                     raise _NotConnected(str(exc)) from None
-            out = conn.send(h11.Request(method=method, target=prefix + target or "/", headers=fields))
-            if body:
-                out += conn.send(h11.Data(data=body))
-            out += conn.send(h11.EndOfMessage())
-            writer.write(out)
+            writer.write(conn.send(h11.Request(method=method, target=prefix + target or "/", headers=fields)))
+            if body:  # a large body in pieces, letting the event loop run between them (TLS encrypts each)
+                view = memoryview(body)
+                for at in range(0, len(body), WRITE_PIECE):
+                    if at:
+                        await writer.drain()
+                        await asyncio.sleep(0)
+                    writer.write(conn.send(h11.Data(data=view[at:at + WRITE_PIECE])))
+            writer.write(conn.send(h11.EndOfMessage()))
             status, answer_headers, chunks, size = 0, {}, [], 0
             while True:
                 event = conn.next_event()

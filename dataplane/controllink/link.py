@@ -72,6 +72,7 @@ RETRY_MAX = 10.0  # seconds between attempts while the control plane is down
 REFUSED_RETRY = 60.0  # seconds between attempts while the control plane refuses this node
 RENEW_CHECK = 600.0  # seconds between checks whether the certificate is due for renewal
 MAX_DROPPED_REPORT = 2**31 - 1  # traffic records dropped reported in one heartbeat (the rest in the next)
+LARGE_BODY = 64 * 1024  # a request body hashed for its token in a worker thread (SHA-256 lets go of the GIL)
 TRAFFIC_INTERVAL = 1.0  # seconds between traffic-log batches while the queue has less than a batch
 LAST_TRAFFIC_TIMEOUT = 3.0  # seconds a stopping node spends sending the traffic records still queued
 
@@ -133,8 +134,11 @@ class ControlClient:
         """(status, body) of a 2xx answer; ``ControlError`` for network failures and 4xx/5xx answers.
         ``body`` is sent as JSON, or ``encoded`` as it is."""
         data = encoded if encoded is not None else None if body is None else msgspec.json.encode(body)
-        headers = {"Authorization": f"Bearer {self.signer.token(method, target, data or b'')}",
-                   "Accept": "application/json"}
+        if data is not None and len(data) > LARGE_BODY:  # hashing megabytes would hold up the event loop
+            token = await asyncio.to_thread(self.signer.token, method, target, data)
+        else:
+            token = self.signer.token(method, target, data or b"")
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = "application/json"
         try:
