@@ -332,6 +332,33 @@ def test_withdrawing_access_cuts_a_live_flow_within_five_seconds(backend, fabric
     assert record["action"] == "allow" and record["bytes_sent"] == 5 and record["bytes_received"] == 5
 
 
+def test_a_signed_in_client_leaves_an_edge_whose_certificate_is_revoked_and_does_not_return(backend, fabric, xfer):
+    """The client learns revocations with its profile: the tunnel to an edge revoked since it came
+    up is cut at once, and the edge is refused at the handshake afterwards (the revoked edge itself
+    goes on holding the tunnel: only its peers can end it)."""
+    echo = backend("echo")
+    env, socks = _socks_env()
+    fab = fabric([echo], env=env, managed=True)
+    assert _attempt(xfer, socks, echo.port) == 0
+    client = fab.metrics["client-1"]
+    assert xfer.metric(xfer.scrape(client), "ferryman_tunnels") == 1
+    revoked = fab.admin("POST", "/v1/revocations", {"node_type": "edge", "node_id": fab.node_id("edge-1"),
+                                                     "reason": "test: edge key stolen"})
+    serial = revoked[0]["serial"]
+    xfer.wait_for(lambda: xfer.metric(xfer.scrape(client), "ferryman_tunnels") == 0, 5.0,
+                  "the client's tunnel to the revoked edge to be cut")
+    assert xfer.metric(xfer.scrape(client), "ferryman_tunnels_closed_total", reason="certificate_revoked") == 1
+    refused = f"certificate {int(serial, 16):x} is revoked"
+    xfer.wait_for(lambda: refused in _log(fab, "client-1"), 10.0, "a redial of the revoked edge to be refused")
+    assert xfer.metric(xfer.scrape(client), "ferryman_tunnels") == 0
+    assert _attempt(xfer, socks, echo.port) != 0  # fail closed: no edge, no private flow
+
+
+def _log(fab, name: str) -> str:
+    with open(fab.logs[name], encoding="utf-8", errors="replace") as fh:
+        return fh.read()
+
+
 def test_discovery_over_quick_access_and_promotion(backend, fabric, xfer):
     echo, other = backend("echo"), backend("echo")
     env, socks = _socks_env()

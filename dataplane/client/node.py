@@ -34,8 +34,10 @@ import msgspec
 from ..basics.hostport import parse_hostport
 from ..basics.caps import HttpLimits, LogLimiter
 from ..basics.metrics import Stats, start_metrics_server
+from ..basics.pki import PeerCertificate
 from ..basics.settings import ClientSettings
 from ..controllink.http import bases as control_bases
+from ..controllink.link import cut_revoked
 from ..transport.credentials import NodeCredentials
 from ..transport.endpoint import EndpointNode
 from ..transport.socketflow import LocalFlow
@@ -489,8 +491,18 @@ class Client(EndpointNode[None]):
 
     def _new_profile(self, profile: Profile) -> None:
         self.profile = profile
+        if self.tunnel is not None:  # an edge revoked since its tunnel came up is left at once
+            cut_revoked([self.tunnel], profile.revoked, f"client {self.name}")
         if self.transparent is not None:
             self.transparent.profile_changed(profile)
+
+    def refuse_peer(self, peer: PeerCertificate) -> str | None:
+        """An edge whose certificate the profile lists as revoked is refused at the handshake
+        (an agent without a profile, on a certificate only, has no revocation list)."""
+        profile = self.profile
+        if profile is not None and peer.serial in profile.revoked:
+            return f"edge {peer.name!r}: certificate {peer.serial:x} is revoked"
+        return None
 
     def _unreachable(self) -> str:
         """Why a flow cannot be opened while no tunnel is up."""

@@ -43,6 +43,7 @@ class Profile:
         self.data = data
         self.table: AppTable = profile_table(data)  # SnapshotError: not usable by this agent
         self.suffixes = tuple(s.lower().strip(".") for s in data.dns_suffixes)
+        self.revoked = frozenset(int(serial, 16) for serial in data.revoked_serials)
 
     @property
     def version(self) -> int:

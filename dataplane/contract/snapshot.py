@@ -249,8 +249,10 @@ def decode(data: bytes | bytearray | memoryview | str) -> ConfigSnapshot:
 class ClientProfile(msgspec.Struct):
     """What a signed-in client agent is told (``GET /v1/client/profile``): the private
     applications' segments (which destinations to tunnel), the private DNS suffixes, the
-    fail mode and the edges. Assignments stay out of it: the edge decides each flow, and
-    a user who is not assigned gets the edge's reason rather than a silent direct dial."""
+    fail mode, the edges and the revoked certificate serials (an agent refuses an edge whose
+    certificate was revoked, as nodes do; a revocation list is public by nature). Assignments
+    stay out of it: the edge decides each flow, and a user who is not assigned gets the edge's
+    reason rather than a silent direct dial."""
 
     version: Annotated[int, msgspec.Meta(ge=0)]
     issued_at: str
@@ -258,6 +260,7 @@ class ClientProfile(msgspec.Struct):
     dns_suffixes: list[str] = []
     fail_mode: Literal["closed", "open"] = "closed"
     edges: list[str] = []
+    revoked_serials: list[_Serial] = []
 
 
 def client_profile(snapshot: ConfigSnapshot) -> ClientProfile:
@@ -267,6 +270,7 @@ def client_profile(snapshot: ConfigSnapshot) -> ClientProfile:
         applications=[SnapApp(name=a.name, kind=a.kind, connector_group=a.connector_group, segments=a.segments)
                       for a in snapshot.applications if a.segments],
         dns_suffixes=list(snapshot.dns_suffixes), fail_mode=snapshot.fail_mode, edges=list(snapshot.edges),
+        revoked_serials=list(snapshot.revoked_serials),
     )
 
 
