@@ -365,6 +365,46 @@ def test_http_connect_direct_with_early_data_and_refusal():
     uvloop.run(main())
 
 
+def test_local_front_ends_close_a_handshake_that_does_not_complete_in_time():
+    """A local process that opens a SOCKS5 or HTTP CONNECT connection and never finishes its
+    handshake is closed after FERRYMAN_HANDSHAKE_TIMEOUT; a connection that finished it stays."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        client = stub_client(handshake_timeout=0.3)
+        echo = await loop.create_server(_Echo, "127.0.0.1", 0)
+        echo_port = echo.sockets[0].getsockname()[1]
+        socks_front = await loop.create_server(lambda: socks.Socks5(client), "127.0.0.1", 0)
+        http_front = await loop.create_server(lambda: httpconnect.HttpConnect(client), "127.0.0.1", 0)
+        socks_port = socks_front.sockets[0].getsockname()[1]
+        http_port = http_front.sockets[0].getsockname()[1]
+
+        silent = await asyncio.open_connection("127.0.0.1", socks_port)
+        greeted = await asyncio.open_connection("127.0.0.1", socks_port)
+        greeted[1].write(b"\x05\x01\x00")  # a greeting, then no request
+        half_head = await asyncio.open_connection("127.0.0.1", http_port)
+        half_head[1].write(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n")
+        done = await asyncio.open_connection("127.0.0.1", socks_port)
+        done[1].write(b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", echo_port))
+        answer = await _read_exactly(done[0], 2 + 10)  # method choice, then the reply (IPv4 BND address)
+        assert answer[:4] == b"\x05\x00\x05\x00", answer
+
+        started = loop.time()
+        assert await asyncio.wait_for(silent[0].read(), 5) == b""
+        assert await asyncio.wait_for(greeted[0].read(), 5) == b"\x05\x00"  # the method choice, then EOF
+        answer = await asyncio.wait_for(half_head[0].read(), 5)
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+        assert 0.2 < loop.time() - started < 3.0
+        await asyncio.sleep(0.4)  # well past the timeout: the relayed connection is still served
+        done[1].write(b"still here")
+        assert await _read_exactly(done[0], 10) == b"still here"
+        for _, writer in (silent, greeted, half_head, done):
+            writer.close()
+        for server in (echo, socks_front, http_front):
+            server.close()
+
+    uvloop.run(main())
+
+
 def test_socks_udp_associate_direct():
     async def main():
         loop = asyncio.get_running_loop()

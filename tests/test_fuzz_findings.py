@@ -57,10 +57,17 @@ def test_socks_udp_datagram_naming_no_host_name_is_dropped_and_counted(name: byt
 
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_socks_connect_to_no_host_name_gets_address_type_error(name: bytes) -> None:
-    proto = socks.Socks5(client=None)  # type: ignore[arg-type]  # refused before any flow
-    transport = _Transport()
-    proto.connection_made(transport)  # type: ignore[arg-type]
-    proto.data_received(b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes([len(name)]) + name + b"\x01\xbb")
+    async def main() -> _Transport:
+        # refused before any flow: the client is asked only for its handshake timeout
+        client = types.SimpleNamespace(settings=types.SimpleNamespace(handshake_timeout=10.0))
+        proto = socks.Socks5(client=client)  # type: ignore[arg-type]
+        transport = _Transport()
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        proto.data_received(b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes([len(name)]) + name + b"\x01\xbb")
+        proto.connection_lost(None)
+        return transport
+
+    transport = asyncio.run(main())
     assert bytes(transport.written[:4]) == b"\x05\x00\x05\x08"  # method chosen, then "address type not supported"
     assert transport.closed
 

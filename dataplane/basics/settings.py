@@ -341,7 +341,7 @@ VARIABLES: dict[str, str] = {
     "max_flows": "Most concurrent flows per tunnel; further OPENs are refused.",
     "max_pending_opens": "Most OPENs awaiting an answer per tunnel; further OPENs are refused.",
     "keepalive_interval": "Seconds between PINGs; a tunnel silent for 3 intervals is dead.",
-    "handshake_timeout": "Seconds allowed for the TLS handshake plus HELLO exchange.",
+    "handshake_timeout": "Seconds allowed for the TLS handshake plus HELLO exchange; on the client agent also for a SOCKS5 or HTTP CONNECT front end's handshake (greeting and request, or the request head): a local connection that has not finished it by then is closed (HTTP CONNECT answers 408).",
     "write_buffer_high": "Transport write-buffer high-water mark in bytes (back-pressure point): above it a tunnel takes no more data from flows, and an edge stops reading a TLS/TCP tunnel's peer until the peer has read enough of what was sent to it (`ferryman_tunnel_read_pauses_total`).",
     "udp_backlog": "Bytes waiting to be written to a TLS/TCP tunnel above which a datagram is dropped (`tunnel_busy`) rather than queued behind them, at every hop: bounds how long a datagram waits (32 KiB is about 9 ms of 64-byte datagrams at 50,000/s).",
     "max_tunnels_per_client": "Edge: most tunnels one client identity (its certificate's name) may hold at once; one more is refused at HELLO (GOAWAY `too_many_tunnels`).",

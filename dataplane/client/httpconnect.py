@@ -48,8 +48,8 @@ UNAVAILABLE = frozenset({"edge_unreachable", "no_connector", "tunnel_lost", "con
                          "no_config", "too_many_flows", "too_many_pending", "shutdown"})
 TIMEOUT = frozenset({"open_timeout", "dial_timeout", "dns_timeout"})
 
-REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
-           502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 408: "Request Timeout",
+           431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 def status_for(code: str) -> int:
@@ -106,11 +106,27 @@ class HttpConnect(asyncio.Protocol):
         self.buf = bytearray()
         self.peer = ""
         self.done = False
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        # A request head that never completes would hold a file descriptor for ever.
+        self.timer = asyncio.get_running_loop().call_later(self.client.settings.handshake_timeout, self._expired)
+
+    def _expired(self) -> None:
+        self.timer = None
+        if not self.done:
+            self._refuse(408, f"no complete request within {self.client.settings.handshake_timeout:g} seconds")
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
 
     def data_received(self, data: bytes) -> None:
         if self.done:
@@ -126,6 +142,7 @@ class HttpConnect(asyncio.Protocol):
             return
         head, early = bytes(self.buf[:match.end()]), bytes(self.buf[match.end():])
         self.done = True
+        self._stop_timer()
         self.buf.clear()
         self._request(head, early)
 

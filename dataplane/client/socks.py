@@ -128,17 +128,35 @@ class Socks5(asyncio.Protocol):
         self.greeted = False
         self.peer = ""
         self.association: UdpAssociation | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        # A connection that never finishes its handshake would hold a file descriptor for ever;
+        # enough of them and the agent could not dial its edge or write its state.
+        self.timer = asyncio.get_running_loop().call_later(self.client.settings.handshake_timeout, self._expired)
+
+    def _expired(self) -> None:
+        self.timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("socks handshake not completed in time: closed",
+                     extra={"source": self.peer, "seconds": self.client.settings.handshake_timeout})
+            self.transport.close()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def data_received(self, data: bytes) -> None:
         if self.association is not None:
             return  # nothing more is expected on a UDP ASSOCIATE control connection: ignored
         self.buf += data
-        if not self._parse() and len(self.buf) > MAX_HANDSHAKE:
+        if self._parse():
+            self._stop_timer()
+        elif len(self.buf) > MAX_HANDSHAKE:
             self._fail(REP_FAILURE, "SOCKS handshake too long")
 
     def _parse(self) -> bool:
@@ -238,6 +256,7 @@ class Socks5(asyncio.Protocol):
         return None  # close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
         if self.association is not None:
             self.association.close("control connection closed")
 
