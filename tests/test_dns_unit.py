@@ -4,7 +4,7 @@ the DNS server settings, and the connector's rule that a ``dns`` flow only asks 
 from __future__ import annotations
 
 import pytest
-from dnslib import OPCODE, QTYPE, RCODE, RR, SOA, A, DNSRecord
+from dnslib import OPCODE, QTYPE, RCODE, RR, SOA, A, DNSLabel, DNSQuestion, DNSRecord
 
 from dataplane.client.dns import DnsCache, cache_ttl, from_cache, key_of, servfail
 from dataplane.connector.node import _queries_for
@@ -91,6 +91,12 @@ def test_connector_passes_only_queries_for_the_granted_name() -> None:
     good = DNSRecord.question("RDP.corp.example.", "AAAA").pack()
     send(good)
     send(DNSRecord.question("files.corp.example").pack())  # another name: not with this grant
+    # Labels, not text: "rdp.corp" + "example" is written rdp.corp.example, but it is another name
+    # (rdp\.corp.example) to the DNS server. Case still does not count (RDP above).
+    dotted = DNSRecord(q=DNSQuestion(DNSLabel([b"rdp.corp", b"example"])))
+    assert str(dotted.q.qname).rstrip(".") == "rdp.corp.example"
+    send(dotted.pack())
+    send(DNSRecord(q=DNSQuestion(DNSLabel([b"rdp", b"corp.example"]))).pack())
     send(b"\x00\x01garbage")
     answer = _reply("rdp.corp.example").pack()  # an answer, not a query
     send(answer)
@@ -109,4 +115,4 @@ def test_connector_passes_only_queries_for_the_granted_name() -> None:
         DNSRecord.parse(crafted)
     send(crafted)
     assert sent == [good]
-    assert stats.datagrams_dropped == {"dns_name_mismatch": 2, "dns_not_a_query": 2, "dns_malformed": 2}
+    assert stats.datagrams_dropped == {"dns_name_mismatch": 4, "dns_not_a_query": 2, "dns_malformed": 2}

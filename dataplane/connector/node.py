@@ -7,7 +7,9 @@ longer chosen, draining first), each kept up by its own reconnect loop (exponent
 with jitter; the other edges are its fallbacks while its own is down). Every OPEN from an edge becomes a TCP connection
 from this host to the backend (so the backend sees the connector's address), answered
 with OPEN_OK or OPEN_FAIL carrying a specific reason (any error while dialing, foreseen or
-not, is answered with OPEN_FAIL: an OPEN never stays pending here). Before dialing it resolves the
+not, is answered with OPEN_FAIL: an OPEN never stays pending here). An OPEN the edge resets
+before the answer cancels its dial (resolution or connection, its socket closed), and each
+tunnel runs at most ``FERRYMAN_MAX_PENDING_OPENS`` dials at once. Before dialing it resolves the
 destination once and checks every address (``dial``: loopback, link-local, metadata and this
 host's own addresses only when a segment names them, the group's allow and deny lists), and
 connects only to addresses that passed. On SIGTERM it sends GOAWAY on
@@ -27,7 +29,8 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,7 +39,7 @@ from dnslib import OPCODE, DNSRecord
 from ..access.apptable import app_table
 from ..access.destinations import DialPolicy, Refusal
 from ..access.grants import KEY_SIZE as GRANT_KEY_SIZE
-from ..access.grants import GrantError, GrantVerifier
+from ..access.grants import GrantClaims, GrantError, GrantVerifier
 from ..basics.hostport import dns_server, parse_hostport
 from ..basics.caps import HttpLimits, LogLimiter
 from ..basics.metrics import Stats, start_metrics_server
@@ -94,6 +97,9 @@ class Connector(EndpointNode[EdgeKey]):
         self._moving: set[asyncio.Task[None]] = set()  # tunnels draining after a move
         self.udp_flows: set[UdpFlow] = set()
         self.udp_sockets: dict[UdpFlow, UdpEndpoint] = {}  # each UDP flow's backend socket
+        # Each tunnel's dials in flight. A dial leaves only once it has ended (its socket closed): the
+        # edge's RST frees an OPEN's pending slot at once, so that count alone would not bound them.
+        self.dialing: dict[ConnectorTunnel, set[asyncio.Task[None]]] = {}
         self.draining = False
         self._ssl = credentials.client_context()
         # Every tunnel sends the edge a fresh grant key in HELLO: the edge MACs each flow's grant with it.
@@ -329,6 +335,11 @@ class Connector(EndpointNode[EdgeKey]):
                 "reason": str(exc)})
             self._refuse(tunnel, event.flow_id, exc.code, f"connector {self.name}: {exc}")
             return
+        if len(self.dialing.get(tunnel, ())) >= self.settings.max_pending_opens:
+            self._refuse(tunnel, event.flow_id, "too_many_dials",
+                         f"connector {self.name} runs its maximum of {self.settings.max_pending_opens} dials "
+                         "for this tunnel (FERRYMAN_MAX_PENDING_OPENS)")
+            return
         if request.protocol in ("udp", "dns"):
             if len(self.udp_flows) >= self.settings.max_udp_flows:
                 self._refuse(tunnel, event.flow_id, "too_many_udp_flows",
@@ -345,11 +356,11 @@ class Connector(EndpointNode[EdgeKey]):
                           queue=self.settings.udp_queue, peer=f"{target[0]}:{target[1]}")
             udp.bind(tunnel, event.flow_id)
             self.udp_flows.add(udp)
-            asyncio.get_running_loop().create_task(self._dial(tunnel, udp, request, claims.app, target))
+            self._start_dial(tunnel, udp, self._dial(tunnel, udp, request, claims, target))
             return
         flow = SocketFlow(self)
         flow.bind(tunnel, event.flow_id)
-        asyncio.get_running_loop().create_task(self._dial(tunnel, flow, request, claims.app))
+        self._start_dial(tunnel, flow, self._dial(tunnel, flow, request, claims))
 
     def _refuse(self, tunnel: ConnectorTunnel, flow_id: int, code: str, reason: str) -> None:
         tunnel.reject(flow_id, code, reason)
@@ -357,7 +368,23 @@ class Connector(EndpointNode[EdgeKey]):
         self.stats.log_limit.log(log, logging.INFO, tunnel.peer_name, "open refused", {
             "edge": tunnel.peer_name, "flow": flow_id, "code": code, "reason": reason})
 
-    async def _dial(self, tunnel: ConnectorTunnel, flow: SocketFlow | UdpFlow, request: Open, app: str,
+    def _start_dial(self, tunnel: ConnectorTunnel, flow: SocketFlow | UdpFlow,
+                    dial: Coroutine[Any, Any, None]) -> None:
+        """Run ``dial`` as ``flow``'s dial task, counted among the tunnel's dials until it has ended.
+        The flow cancels it if it ends first (the edge resets the OPEN, the tunnel is lost)."""
+        task = asyncio.get_running_loop().create_task(dial)
+        flow.dialing = task
+        dials = self.dialing.setdefault(tunnel, set())
+        dials.add(task)
+
+        def ended(_: asyncio.Task[None]) -> None:
+            dials.discard(task)
+            if not dials:
+                del self.dialing[tunnel]
+
+        task.add_done_callback(ended)
+
+    async def _dial(self, tunnel: ConnectorTunnel, flow: SocketFlow | UdpFlow, request: Open, claims: GrantClaims,
                     address: tuple[str, int] | None = None) -> None:
         """Open the backend side of a flow, then answer OPEN_OK (or OPEN_FAIL with the reason).
 
@@ -369,7 +396,7 @@ class Connector(EndpointNode[EdgeKey]):
         host, port = address or (request.host, request.port)
         udp = isinstance(flow, UdpFlow)
         try:
-            targets = await self._targets(request, app, host, port)
+            targets = await self._targets(request, claims, host, port)
             if udp:
                 stats = self.stats
                 transport: asyncio.BaseTransport | UdpEndpoint = connect_udp(
@@ -387,6 +414,7 @@ class Connector(EndpointNode[EdgeKey]):
                              "reason": f"{type(exc).__name__}: {exc}"})
             code, reason = "dial_error", f"cannot dial {host}:{port}: unexpected {type(exc).__name__}"
         else:
+            flow.dialing = None  # dialed: from now on the flow's end closes the socket, nothing to cancel
             if flow.done or tunnel.closed:
                 if udp:
                     transport.close()
@@ -416,10 +444,11 @@ class Connector(EndpointNode[EdgeKey]):
         self._refuse(tunnel, flow.flow_id, code, f"connector {self.name}: {reason}"
                      if code == "destination_forbidden" else reason)
 
-    async def _targets(self, request: Open, app: str, host: str, port: int) -> list[Target]:
+    async def _targets(self, request: Open, claims: GrantClaims, host: str, port: int) -> list[Target]:
         """The addresses this flow may connect to: ``host`` resolved once (bounded in time and count),
-        each address checked by the dial policy; ``DialError`` when none is left."""
+        each address checked by the dial policy for the grant's application; ``DialError`` when none is left."""
         s = self.settings
+        app = claims.app
         targets, dropped = await resolve(host, port, "udp" if request.protocol != "tcp" else "tcp",
                                          timeout=s.resolve_timeout, limit=s.dial_addresses)
         if dropped:
@@ -433,10 +462,12 @@ class Connector(EndpointNode[EdgeKey]):
         def refused(target: Target, refusal: Refusal) -> None:
             refusals.append(refusal)
             self.stats.count(self.stats.dial_refused, refusal.rule)
-            who = request.device or request.user  # lines per device: one client's flood hides no other's
+            # Who, from the grant: the OPEN's own user, device and connection fields are unsigned (a relaying
+            # edge could change them). Lines per device: one client's flood hides no other's.
+            who = claims.device or claims.user
             self.stats.log_limit.log(log, logging.WARNING, who, "destination address refused", {
                 "dest": f"{host}:{port}", "address": target[1][0], "app": app, "rule": refusal.rule,
-                "reason": refusal.reason, "user": request.user, "connection": request.connection})
+                "reason": refusal.reason, "user": claims.user, "connection": claims.connection})
 
         allowed = checked(targets, self.policy, app=app, port=port, protocol=request.protocol, refused=refused)
         if allowed:
@@ -467,8 +498,12 @@ class Connector(EndpointNode[EdgeKey]):
 def _queries_for(name: str, send: Callable[[bytes | memoryview], None], stats: Stats
                  ) -> Callable[[bytes | memoryview], None]:
     """``send`` for a private DNS flow: only queries for the granted ``name`` reach the DNS server
-    (a client cannot use a grant for one name to ask for others, or to send anything else)."""
-    wanted = name.lower().rstrip(".")
+    (a client cannot use a grant for one name to ask for others, or to send anything else).
+
+    Names are compared label by label, ASCII case-insensitively as DNS does: a label holding a
+    "." (``["rdp.corp", "example"]``) reads as the granted name but is another name to the DNS
+    server, and never equals one of the granted name's labels."""
+    wanted = tuple(label.lower() for label in name.rstrip(".").encode().split(b"."))
 
     def send_query(data: bytes | memoryview) -> None:
         try:
@@ -480,7 +515,7 @@ def _queries_for(name: str, send: Callable[[bytes | memoryview], None], stats: S
         if header.qr or header.opcode != OPCODE.QUERY or header.a or header.auth:
             stats.count(stats.datagrams_dropped, "dns_not_a_query")  # e.g. UPDATE or NOTIFY: never passed on
             return
-        if len(query.questions) != 1 or str(query.q.qname).lower().rstrip(".") != wanted:
+        if len(query.questions) != 1 or tuple(label.lower() for label in query.q.qname.label) != wanted:
             stats.count(stats.datagrams_dropped, "dns_name_mismatch")
             return
         send(data)

@@ -79,7 +79,7 @@ class LocalFlow:
 class SocketFlow(asyncio.Protocol, LocalFlow):
     __slots__ = (
         "node", "tunnel", "flow_id", "transport", "active", "pending", "fin_pending",
-        "sent_fin", "got_fin", "write_paused", "unacked", "done", "on_connect", "peer",
+        "sent_fin", "got_fin", "write_paused", "unacked", "done", "on_connect", "peer", "dialing",
     )
 
     def __init__(self, node: FlowNode, on_connect: Callable[[Self], None] | None = None) -> None:
@@ -97,6 +97,9 @@ class SocketFlow(asyncio.Protocol, LocalFlow):
         self.done = False
         self.on_connect = on_connect
         self.peer = ""
+        # The connector's task opening the backend socket: a flow that ends first cancels it, so a
+        # reset OPEN stops resolving and connecting at once (its socket closed).
+        self.dialing: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ binding
     def bind(self, tunnel: TunnelBase[Any, Any], flow_id: int) -> None:
@@ -243,6 +246,8 @@ class SocketFlow(asyncio.Protocol, LocalFlow):
         if self.done:
             return
         self.done = True
+        if self.dialing is not None:
+            self.dialing.cancel()
         if self.tunnel is not None:
             self.tunnel.routes.pop(self.flow_id, None)
         stats = self.node.stats

@@ -41,7 +41,7 @@ class UdpFlow(LocalFlow):
 
     __slots__ = ("node", "send", "send_batch", "outbox", "loop", "on_close", "tunnel", "flow_id", "active",
                  "done", "queue", "last", "timer", "idle", "dest", "peer", "on_opened", "protocol",
-                 "too_large_logged", "released")
+                 "too_large_logged", "released", "dialing")
 
     def __init__(self, node: FlowNode, send: Callable[[bytes | memoryview], None],
                  on_close: Callable[[UdpFlow], None], *, idle: float, queue: int,
@@ -67,6 +67,8 @@ class UdpFlow(LocalFlow):
         self.protocol = "udp"
         self.too_large_logged = False
         self.released = False  # _finish ran (``done`` may be set earlier by the node)
+        # The connector's task opening the backend socket (resolution first): cancelled if the flow ends first.
+        self.dialing: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ binding
     def bind(self, tunnel: TunnelBase[Any, Any], flow_id: int) -> None:
@@ -205,6 +207,8 @@ class UdpFlow(LocalFlow):
         if self.outbox:
             self.deliver()  # what came before the end still goes out
         self.released = self.done = True
+        if self.dialing is not None:
+            self.dialing.cancel()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -1,0 +1,244 @@
+"""A connector's dials: an OPEN the edge resets before the answer stops its dial (resolution or
+connection, its socket closed), at most ``FERRYMAN_MAX_PENDING_OPENS`` dials run per tunnel however
+fast OPENs come and go, and a refused address is logged under who the grant names.
+
+A real ``Connector`` handles a real connector-side ``Tunnel`` fed with what an edge's
+``TunnelConnection`` sends (grants MAC'd with the tunnel's grant key); only the tunnel's socket is
+absent. A destination that never answers is a loopback listener whose accept queue is full: the
+kernel drops further SYNs, so a connection to it stays in SYN_SENT (what ``/proc/net/tcp`` shows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from dataplane.access import grants
+from dataplane.access.destinations import DialPolicy
+from dataplane.basics import pki
+from dataplane.basics.pki import PeerCertificate
+from dataplane.basics.settings import ConnectorSettings
+from dataplane.connector import node as connector_node
+from dataplane.connector.node import Connector
+from dataplane.contract.apps import Applications
+from dataplane.transport.credentials import NodeCredentials
+from dataplane.transport.tunnel import Tunnel
+from dataplane.wire import events as ev
+from dataplane.wire.connection import TunnelConnection, WireConfig
+from dataplane.wire.frames import Open
+
+pytestmark = pytest.mark.timeout(60)
+
+_connections = itertools.count()
+
+
+def make_connector(pki_dir: str, **settings: object) -> Connector:
+    key, cert = pki.node_paths(pki_dir, "connector-1")
+    s = ConnectorSettings(tls_ca=os.path.join(pki_dir, pki.CA_CERT), tls_cert=cert, tls_key=key,
+                          edges="127.0.0.1:1", **settings)  # type: ignore[arg-type]
+    return Connector(s, NodeCredentials(s, "connector"))
+
+
+def tunnel_to_edge(node: Connector) -> tuple[Tunnel, TunnelConnection]:
+    """The connector's tunnel, up, and the edge's end of it."""
+    tunnel: Tunnel = Tunnel(node, node._wire, dialer=True, accept_roles=("edge",), keepalive=30.0,
+                            handshake_timeout=30.0, write_buffer_high=1 << 20, label="t0")
+    tunnel.peer_certificate = PeerCertificate(role="edge", name="edge-1", serial=1, not_after=0.0, fingerprint="")
+    tunnel.conn.initiate()
+    edge = TunnelConnection(WireConfig(role="edge", node="edge-1"), dialer=False)
+    edge.initiate()
+    tunnel.data_received(edge.data_to_send())
+    edge.receive_data(written(tunnel))
+    assert tunnel.up
+    return tunnel, edge
+
+
+def written(tunnel: Tunnel) -> bytes:
+    """What the connector's tunnel queued for the edge (no socket here: the test carries it)."""
+    assert isinstance(tunnel.conn, TunnelConnection)
+    return tunnel.conn.data_to_send()
+
+
+def open_flow(tunnel: Tunnel, edge: TunnelConnection, host: str, port: int, protocol: str = "tcp", *,
+              connection: str = "", unsigned: dict[str, str] | None = None) -> int:
+    """Queue an OPEN with a valid grant for alice@corp's device dev-1, application ``stall`` (``unsigned``:
+    the OPEN's own user, device or connection fields, when they say something else)."""
+    connection = connection or f"c{next(_connections)}"
+    grant = grants.mac(tunnel.conn.grant_key, edge="edge-1", connector="connector-1", host=host, port=port,
+                       protocol=protocol, connection=connection, user="alice@corp", device="dev-1",
+                       now=time.time(), app="stall")
+    said = {"user": "alice@corp", "device": "dev-1", "connection": connection, **(unsigned or {})}
+    return edge.open_flow(Open(host=host, port=port, protocol=protocol, grant=grant, user=said["user"],
+                               device=said["device"], connection=said["connection"]))
+
+
+def deliver(tunnel: Tunnel, edge: TunnelConnection) -> list[ev.Event]:
+    """What the edge queued, read by the connector in one read; the connector's answers so far."""
+    tunnel.data_received(edge.data_to_send())
+    return edge.receive_data(written(tunnel))
+
+
+def refusals(events: list[ev.Event]) -> list[str]:
+    return [e.code for e in events if isinstance(e, ev.FlowRejected)]
+
+
+def dials() -> set[asyncio.Task[object]]:
+    """The tasks running besides the test's own: the connector's dials."""
+    return asyncio.all_tasks() - {asyncio.current_task()}
+
+
+@contextmanager
+def never_answering() -> Iterator[int]:
+    """A loopback port whose listener never accepts and whose accept queue is full: SYNs to it are
+    dropped, so a connection attempt waits for its timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):  # fills the queue
+            yield port
+
+
+def syn_sent(port: int) -> int:
+    """Connections to 127.0.0.1:``port`` still waiting for an answer to their SYN."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.read().splitlines()[1:]]
+    return sum(1 for row in rows if row[3] == "02" and int(row[2].split(":")[1], 16) == port)
+
+
+def allowing(port: int) -> DialPolicy:
+    """Application ``stall``: 127.0.0.1:``port`` (loopback needs a segment of its own)."""
+    return DialPolicy("default", apps=Applications.from_obj({"apps": [{"name": "stall", "segments": [
+        {"destination": "127.0.0.1", "ports": str(port), "protocol": "tcp"}]}]}).apps)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def test_an_open_the_edge_resets_stops_its_connection_attempt(pki_cache: str) -> None:
+    async def run() -> None:
+        node = make_connector(pki_cache)
+        with never_answering() as port:
+            node.policy = allowing(port)
+            tunnel, edge = tunnel_to_edge(node)
+            fid = open_flow(tunnel, edge, "127.0.0.1", port)
+            assert deliver(tunnel, edge) == []
+            assert await until(lambda: syn_sent(port) == 1), "the connector never dialed"
+            (dial,) = dials()
+            edge.reset_flow(fid, "cancelled", "the client gave up")  # e.g. the edge's open timeout
+            deliver(tunnel, edge)
+            # The socket is closed at once, not after FERRYMAN_DIAL_TIMEOUT (10 s).
+            assert await until(lambda: syn_sent(port) == 0), "the reset OPEN's connection attempt goes on"
+            assert dial.cancelled() and node.dialing == {}
+            assert tunnel.routes == {} and tunnel.conn.pending_opens == 0
+            tunnel.close("shutdown", "test over")
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_an_open_the_edge_resets_stops_its_name_resolution(pki_cache: str, protocol: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    abandoned: list[str] = []
+
+    async def stalled(host: str, port: int, protocol: str, *, timeout: float, limit: int) -> None:
+        asked.append(host)
+        try:
+            await asyncio.Event().wait()  # a name server that never answers
+        finally:
+            abandoned.append(host)
+
+    monkeypatch.setattr(connector_node, "resolve", stalled)
+
+    async def run() -> None:
+        node = make_connector(pki_cache)
+        tunnel, edge = tunnel_to_edge(node)
+        fid = open_flow(tunnel, edge, "slow.corp.example", 5000, protocol)
+        deliver(tunnel, edge)
+        assert await until(lambda: asked == ["slow.corp.example"])
+        edge.reset_flow(fid, "cancelled", "the client gave up")
+        deliver(tunnel, edge)
+        assert await until(lambda: abandoned == ["slow.corp.example"]), "the reset OPEN's resolution goes on"
+        assert await until(lambda: node.dialing == {})
+        assert node.udp_flows == set() and tunnel.routes == {}
+        tunnel.close("shutdown", "test over")
+
+    asyncio.run(run())
+
+
+def test_open_then_reset_at_any_rate_keeps_the_dials_in_flight_bounded(pki_cache: str) -> None:
+    """An edge (or a client through it) resetting each OPEN and sending new ones in the same read frees
+    every pending slot at once: the connector still runs no more than FERRYMAN_MAX_PENDING_OPENS dials
+    (the rest are answered ``too_many_dials``) and never holds more sockets than that."""
+    async def run() -> None:
+        node = make_connector(pki_cache, max_pending_opens=4)
+        with never_answering() as port:
+            node.policy = allowing(port)
+            tunnel, edge = tunnel_to_edge(node)
+            dialing: list[int] = []
+            peak = refused = 0
+            for _ in range(50):  # 200 OPENs, each reset (if it was dialed) by the next read
+                for fid in dialing:
+                    edge.reset_flow(fid, "cancelled", "the client gave up")
+                fids = [open_flow(tunnel, edge, "127.0.0.1", port) for _ in range(4)]
+                events = deliver(tunnel, edge)
+                assert set(refusals(events)) <= {"too_many_dials"}
+                rejected = {e.flow_id for e in events if isinstance(e, ev.FlowRejected)}
+                refused += len(rejected)
+                dialing = [fid for fid in fids if fid not in rejected]
+                peak = max(peak, len(dials()))  # the reset OPENs' dials end only once the loop runs them
+                for _ in range(5):  # the loop runs: new dials connect, cancelled ones close their sockets
+                    await asyncio.sleep(0)
+                    peak = max(peak, syn_sent(port), len(dials()))
+            assert peak == 4, f"{peak} dials in flight at once (FERRYMAN_MAX_PENDING_OPENS=4)"
+            assert refused > 0  # the bound did refuse: the RSTs had freed every pending slot
+            for fid in dialing:
+                edge.reset_flow(fid, "cancelled", "the client gave up")
+            deliver(tunnel, edge)
+            assert await until(lambda: syn_sent(port) == 0 and node.dialing == {})
+            # With the dials gone, OPENs are dialed again.
+            open_flow(tunnel, edge, "127.0.0.1", port)
+            assert refusals(deliver(tunnel, edge)) == []
+            assert await until(lambda: syn_sent(port) == 1)
+            tunnel.close("shutdown", "test over")
+            assert await until(lambda: syn_sent(port) == 0 and node.dialing == {})
+
+    asyncio.run(run())
+
+
+def test_a_refused_address_is_logged_and_limited_by_the_grants_user_and_device(
+        pki_cache: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The OPEN's user, device and connection fields are not signed (a relaying edge passes them on and
+    could change them): the log line names who the grant names, and its rate limit counts per device of
+    the grant, so a new device string per OPEN buys no new lines."""
+    async def run() -> None:
+        node = make_connector(pki_cache, log_limit=2)
+        tunnel, edge = tunnel_to_edge(node)
+        for i in range(5):
+            open_flow(tunnel, edge, "127.0.0.1", 22, connection=f"granted-{i}",
+                      unsigned={"user": "mallory@corp", "device": f"forged-{i}", "connection": f"forged-{i}"})
+        assert refusals(deliver(tunnel, edge)) == [] and await until(lambda: not dials())
+        assert refusals(edge.receive_data(written(tunnel))) == ["destination_forbidden"] * 5
+        tunnel.close("shutdown", "test over")
+
+    with caplog.at_level(logging.WARNING, logger="ferryman.connector"):
+        asyncio.run(run())
+    lines = [vars(r) for r in caplog.records if r.getMessage().startswith("destination address refused")]
+    # FERRYMAN_LOG_LIMIT (2) lines for the grant's device, whatever device each OPEN named
+    assert [(line["user"], line["connection"], line["address"], line["rule"]) for line in lines] == [
+        ("alice@corp", "granted-0", "127.0.0.1", "loopback"), ("alice@corp", "granted-1", "127.0.0.1", "loopback")]
