@@ -10,6 +10,7 @@ IPv4-mapped and NAT64 addresses, and the precise refusals of a bad list.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import subprocess
 
 import pytest
@@ -23,6 +24,7 @@ from dataplane.access.destinations import (
     ROUTE_UNICAST,
     DialPolicy,
 )
+from dataplane.connector import dial
 from dataplane.connector.dial import route_kind
 from dataplane.contract.apps import Applications
 from dataplane.contract.dialrules import MAX_NETWORKS, networks, parse_networks
@@ -40,8 +42,12 @@ def apps(*segments: tuple[str, str, str], name: str = "app") -> list:
 
 
 def rule(policy: DialPolicy, address: str, *, app: str = "app", port: int = 443, protocol: str = "tcp",
-         route: str = ROUTE_UNICAST, route_error: str = "") -> str | None:
-    refusal = policy.check(ip(address), app=app, port=port, protocol=protocol, route=route, route_error=route_error)
+         route: str = ROUTE_UNICAST, route_error: str = "", routes: dict[str, str] | None = None) -> str | None:
+    """The rule refusing ``address``; the kernel routes it ``route`` (or not known: ``route_error``), and the
+    addresses in ``routes`` as it says."""
+    known = {ip(a): (r, "") for a, r in (routes or {}).items()}
+    refusal = policy.check(ip(address), app=app, port=port, protocol=protocol,
+                           routes={ip(address): (route, route_error), **known})
     return None if refusal is None else refusal.rule
 
 
@@ -59,8 +65,10 @@ def rule(policy: DialPolicy, address: str, *, app: str = "app", port: int = 443,
     ("255.255.255.255", "broadcast"),
     ("::ffff:127.0.0.1", "loopback"), ("::ffff:169.254.169.254", "link_local"),  # IPv4-mapped
     ("64:ff9b::7f00:1", "loopback"), ("64:ff9b::a9fe:a9fe", "link_local"),  # NAT64-embedded IPv4
+    ("64:ff9b:1::7f00:1", "loopback"), ("64:ff9b:1:ab:cd::a9fe:a9fe", "link_local"),  # the local-use prefix
+    ("64:ff9b:1::a9fe:a9fe", "link_local"), ("64:ff9b:1::ffff:ffff", "broadcast"),
     ("10.1.2.3", None), ("192.0.2.10", None), ("2001:db8::1", None), ("fec0::1", None), ("fd00:ec2::253", None),
-    ("64:ff9b::a01:203", None),
+    ("64:ff9b::a01:203", None), ("64:ff9b:1::a01:203", None), ("64:ff9b:2::7f00:1", None),
 ])
 def test_builtin_blocks_refuse_without_a_segment(address: str, expected: str | None) -> None:
     assert rule(DialPolicy(), address) == expected
@@ -118,6 +126,45 @@ def test_this_hosts_addresses_are_named_only_by_a_segment_of_exactly_that_addres
     assert rule(wide, "10.1.2.3", route_error="netlink route lookup failed: Permission denied") == "route_unknown"
 
 
+@pytest.mark.parametrize("nat64", ["64:ff9b::a00:5", "64:ff9b:1::a00:5", "64:ff9b:1:fe::a00:5"])
+def test_a_nat64_address_of_this_hosts_ipv4_address_is_judged_by_the_route_of_that_address(nat64: str) -> None:
+    """A NAT64 gateway connects to the IPv4 address the address carries: this host's own address
+    (or a broadcast one) through the gateway is this host's own address."""
+    wide = DialPolicy(apps=apps(("10.0.0.0/8", "443", "tcp"), ("64:ff9b::/32", "443", "tcp")))
+    assert rule(wide, nat64) is None
+    assert rule(wide, nat64, routes={"10.0.0.5": ROUTE_LOCAL}) == "connector_address"
+    assert rule(wide, nat64, routes={"10.0.0.5": ROUTE_BROADCAST}) == "broadcast"
+    assert rule(wide, nat64, route=ROUTE_LOCAL) == "connector_address"  # the IPv6 address itself
+    exact = DialPolicy(apps=apps(("10.0.0.5", "443", "tcp")))
+    assert rule(exact, nat64, routes={"10.0.0.5": ROUTE_LOCAL}) is None  # named by a segment of exactly it
+    refusal = wide.check(ip(nat64), app="app", port=443, protocol="tcp",
+                         routes={ip("10.0.0.5"): (ROUTE_LOCAL, "")})
+    assert refusal == ("connector_address", f"{nat64} (IPv4 10.0.0.5) is an address of this connector's host; "
+                                            f"connectors dial it only when a segment of application 'app' names "
+                                            f"exactly 10.0.0.5")
+    unknown = wide.check(ip(nat64), app="app", port=443, protocol="tcp",
+                         routes={ip("10.0.0.5"): (ROUTE_UNICAST, "no netlink")})
+    assert unknown == ("route_unknown", f"cannot tell whether {nat64} (IPv4 10.0.0.5) is an address of this host "
+                                        f"(no netlink); refused")
+
+
+def test_the_route_of_a_nat64_addresses_ipv4_address_is_asked_of_the_kernel(monkeypatch) -> None:
+    asked = []
+
+    def route(address):
+        asked.append(str(address))
+        return (ROUTE_LOCAL, "") if str(address) == "10.0.0.5" else (ROUTE_UNICAST, "")
+    monkeypatch.setattr(dial, "route_kind", route)
+    targets: list[dial.Target] = [(socket.AF_INET6, ("64:ff9b::a00:5", 443, 0, 0)),
+                                  (socket.AF_INET6, ("64:ff9b::a00:6", 443, 0, 0)), (socket.AF_INET, ("10.0.0.7", 443))]
+    refused = []
+    allowed = dial.checked(targets, DialPolicy(), app="app", port=443, protocol="tcp",
+                           refused=lambda target, refusal: refused.append((target[1][0], refusal.rule)))
+    assert [t[1][0] for t in allowed] == ["64:ff9b::a00:6", "10.0.0.7"]
+    assert refused == [("64:ff9b::a00:5", "connector_address")]
+    assert asked == ["64:ff9b::a00:5", "10.0.0.5", "64:ff9b::a00:6", "10.0.0.6", "10.0.0.7"]
+
+
 def test_refusal_reasons_name_the_address_the_rule_and_the_application() -> None:
     policy = DialPolicy("lab", deny=networks(["10.0.0.0/8"]), apps=apps(("10.0.0.0/8", "443", "tcp")))
     refusal = policy.check(ip("::ffff:127.0.0.1"), app="app", port=443, protocol="tcp")
@@ -130,7 +177,8 @@ def test_refusal_reasons_name_the_address_the_rule_and_the_application() -> None
     refusal = policy.check(ip("64:ff9b::a01:203"), app="app", port=443, protocol="tcp")
     assert refusal == ("group_deny", "64:ff9b::a01:203 (IPv4 10.1.2.3) is in 10.0.0.0/8, which connector group "
                                      "'lab' denies (denied_addresses)")
-    own = policy.check(ip("192.0.2.7"), app="app", port=443, protocol="tcp", route=ROUTE_LOCAL)
+    own = policy.check(ip("192.0.2.7"), app="app", port=443, protocol="tcp",
+                       routes={ip("192.0.2.7"): (ROUTE_LOCAL, "")})
     assert own == ("connector_address", "192.0.2.7 is an address of this connector's host; connectors dial it only "
                                         "when a segment of application 'app' names exactly 192.0.2.7")
 
@@ -151,6 +199,21 @@ def test_deny_wins_over_allow_and_over_an_explicit_segment() -> None:
     assert rule(policy, "2001:db8::1") == "group_allow"  # an IPv4-only allow list lets no IPv6 through
     assert rule(policy, "::ffff:10.0.5.1") == "group_deny"
     assert rule(policy, "64:ff9b::a00:401") is None  # NAT64 of 10.0.4.1: inside the allow list
+    assert rule(policy, "64:ff9b:1::a00:501") == "group_deny"  # the local-use prefix: denied like the other
+    # Its last 32 bits are not surely the IPv4 address reached (another prefix length puts it
+    # elsewhere): they refuse, but do not let an address into an allow list.
+    assert rule(policy, "64:ff9b:1::a00:401") == "group_allow"
+    assert rule(DialPolicy(allow=networks(["64:ff9b:1::/48"])), "64:ff9b:1::a00:401") is None
+
+
+def test_the_local_use_nat64_prefix_is_judged_by_the_ipv4_address_it_carries() -> None:
+    """RFC 8215's 64:ff9b:1::/48 like 64:ff9b::/96: 10.1.2.3 through it is denied with 10.0.0.0/8."""
+    policy = DialPolicy("lab", deny=networks(["10.0.0.0/8"]))
+    assert policy.check(ip("64:ff9b:1::a01:203"), app="app", port=443, protocol="tcp") == (
+        "group_deny", "64:ff9b:1::a01:203 (IPv4 10.1.2.3) is in 10.0.0.0/8, which connector group 'lab' denies "
+                      "(denied_addresses)")
+    assert rule(policy, "64:ff9b:1::7f00:1") == "loopback"
+    assert rule(policy, "64:ff9b:1::c000:20a") is None  # 192.0.2.10
 
 
 def test_an_allow_list_does_not_lift_a_builtin_block() -> None:

@@ -29,8 +29,9 @@ def grant(key: ec.EllipticCurvePrivateKey = EDGE_KEY, now: float = NOW, **change
     return grants.sign(key, now=now, **fields)  # type: ignore[arg-type]
 
 
-def verify(data: bytes, now: float = NOW, verifier: GrantVerifier | None = None, **flow: object) -> GrantClaims:
-    return (verifier or GrantVerifier("conn-1")).verify(data, EDGE_KEY.public_key(), "edge-1", now=now,
+def verify(data: bytes, now: float = NOW, verifier: GrantVerifier | None = None, edge: str = "edge-1",
+           **flow: object) -> GrantClaims:
+    return (verifier or GrantVerifier("conn-1")).verify(data, EDGE_KEY.public_key(), edge, now=now,
                                                         **{**FLOW, **flow})  # type: ignore[arg-type]
 
 
@@ -85,7 +86,36 @@ def test_expired_future_and_overlong_grants_are_refused() -> None:
     claims = GrantClaims(1, "edge-1", "conn-1", "10.20.0.5", 3389, "tcp", "c", "u", "d", int(NOW), int(NOW) + 3600)
     encoded = msgspec.msgpack.encode(claims)
     long_lived = msgspec.msgpack.encode((encoded, EDGE_KEY.sign(encoded, ec.ECDSA(grants.hashes.SHA256()))))
-    assert refused(long_lived, "grant_invalid") == "the grant claims to live 3600s (at most 300s)"
+    assert refused(long_lived, "grant_invalid") == "the grant claims to live 3600s (at most 35s)"
+
+
+def signed_claims(claims: GrantClaims) -> bytes:
+    encoded = msgspec.msgpack.encode(claims)
+    return msgspec.msgpack.encode((encoded, EDGE_KEY.sign(encoded, ec.ECDSA(grants.hashes.SHA256()))))
+
+
+def test_a_grant_may_live_no_longer_than_edges_issue_them_plus_the_clock_skew() -> None:
+    """Every grant honoured is remembered until it expires: a longer-lived one would only hold
+    its place in the replay memory longer (300 s was accepted, ten times what edges issue)."""
+    issued = int(NOW)
+    claims = GrantClaims(1, "edge-1", "conn-1", "10.20.0.5", 3389, "tcp", "c", "u", "d", issued,
+                         issued + grants.GRANT_LIFETIME + grants.CLOCK_SKEW)
+    assert verify(signed_claims(claims))
+    longer = msgspec.structs.replace(claims, expires=claims.expires + 1)
+    assert refused(signed_claims(longer), "grant_invalid") == "the grant claims to live 36s (at most 35s)"
+    assert refused(signed_claims(msgspec.structs.replace(claims, expires=issued + 300)), "grant_invalid") == \
+        "the grant claims to live 300s (at most 35s)"
+
+
+def test_oversize_claims_are_invalid() -> None:
+    """Claims no edge makes: a connection id beyond 64 characters, a name beyond 255."""
+    assert verify(grant(connection="c" * 64)).connection == "c" * 64
+    assert verify(grant(user="u" * 255)).user == "u" * 255
+    for field, value in (("connection", "c" * 65), ("connection", "c" * 1000), ("user", "u" * 256),
+                         ("device", "d" * 256), ("app", "a" * 256), ("edge", "e" * 256)):
+        edge = value if field == "edge" else "edge-1"
+        data = grant(**{field: value})  # type: ignore[arg-type]
+        assert refused(data, "grant_invalid", edge=edge) == f"the grant from edge {edge} cannot be decoded", field
 
 
 def test_a_grant_is_honoured_once() -> None:
@@ -102,25 +132,47 @@ def test_a_full_replay_memory_refuses_new_grants_and_never_forgets_an_unexpired_
     verifier = GrantVerifier("conn-1", limit=10)
     first = grant(connection="c0")
     for i in range(10):
-        verify(grant(connection=f"c{i}"), verifier=verifier)
+        edge = f"edge-{i % 2 + 1}"
+        verify(grant(connection=f"c{i}", edge=edge), verifier=verifier, edge=edge)
     assert verifier.remembered == 10
     # Full of unexpired grants: a new flow is refused rather than an unexpired grant forgotten...
-    assert refused(grant(connection="c10"), "grant_cache_full", verifier=verifier) == (
+    assert refused(grant(connection="c10", edge="edge-3"), "grant_cache_full", verifier=verifier, edge="edge-3") == (
         "this connector remembers 10 unexpired grants, the most it may (FERRYMAN_GRANT_CACHE): it opens no more "
         "flows until some expire")
     # ...so the oldest grant still cannot be replayed, however many flows came after it.
     assert refused(first, "grant_replayed", verifier=verifier, now=NOW + 20) == \
         "the grant for connection c0 was already used"
-    # Once expired (with the clock skew allowed) they are forgotten, and new grants are taken again.
+    # Once expired (with the clock skew allowed) they are forgotten, every edge's, and new grants are taken again.
     late = NOW + grants.GRANT_LIFETIME + grants.CLOCK_SKEW + 1
-    verify(grant(connection="late", now=late), now=late, verifier=verifier)
+    verify(grant(connection="late", edge="edge-3", now=late), now=late, verifier=verifier, edge="edge-3")
     assert verifier.remembered == 1
 
 
+def test_one_edge_cannot_fill_the_replay_memory_for_the_others() -> None:
+    """An edge (compromised, or driven by its clients' OPENs) holds at most half the memory."""
+    verifier = GrantVerifier("conn-1", limit=100)
+    for i in range(50):
+        verify(grant(connection=f"c{i}"), verifier=verifier)
+    assert refused(grant(connection="c50"), "grant_cache_full", verifier=verifier) == (
+        "this connector remembers 50 unexpired grants from edge edge-1, the most one edge may (half of "
+        "FERRYMAN_GRANT_CACHE): it opens no more flows from that edge until some expire")
+    assert verify(grant(connection="c50", edge="edge-2"), verifier=verifier, edge="edge-2")
+    assert verifier.remembered == 51
+
+
+def test_the_replay_memory_keeps_each_edges_connection_ids_apart() -> None:
+    """Edge names and connection ids are not run together ("a/b" + "c" was "a" + "b/c")."""
+    verifier = GrantVerifier("conn-1")
+    for edge, connection in (("a/b", "c"), ("a", "b/c"), ("edge-1", "c0ffee"), ("edge-2", "c0ffee")):
+        assert verify(grant(edge=edge, connection=connection), verifier=verifier, edge=edge)
+    assert refused(grant(edge="a", connection="b/c"), "grant_replayed", verifier=verifier, edge="a")
+    assert verifier.remembered == 4
+
+
 def test_grants_expiring_out_of_order_are_found_when_the_memory_is_full() -> None:
-    """Grants from edges with different clocks do not expire in the order they came in."""
-    verifier = GrantVerifier("conn-1", limit=3)
-    verify(grant(connection="later-edge", now=NOW + 4), verifier=verifier)  # an edge 4 s ahead
+    """An edge whose clock is set back makes grants that expire before those it made earlier."""
+    verifier = GrantVerifier("conn-1", limit=6)  # 3 for one edge
+    verify(grant(connection="later-edge", now=NOW + 4), verifier=verifier)  # the edge 4 s ahead, then set back
     verify(grant(connection="a"), verifier=verifier)
     verify(grant(connection="b"), verifier=verifier)
     at = NOW + grants.GRANT_LIFETIME + grants.CLOCK_SKEW + 1  # "a" and "b" expired, the first one not yet
@@ -196,7 +248,7 @@ def test_a_maced_grant_is_checked_like_a_signed_one() -> None:
                          int(NOW) + 3600)
     encoded = msgspec.msgpack.encode(claims)
     long_lived = msgspec.msgpack.encode((encoded, hmac.digest(TUNNEL_KEY, grants.MAC_LABEL + encoded, "sha256")))
-    assert mac_refused(long_lived, "grant_invalid") == "the grant claims to live 3600s (at most 300s)"
+    assert mac_refused(long_lived, "grant_invalid") == "the grant claims to live 3600s (at most 35s)"
     version_3 = msgspec.msgpack.encode(msgspec.structs.replace(claims, version=3, expires=int(NOW) + 30))
     assert mac_refused(msgspec.msgpack.encode((version_3, b"x")), "grant_invalid") == \
         "grant version 3 is not supported"

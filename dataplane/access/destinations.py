@@ -26,9 +26,12 @@ how it routes each address). In order, for an address ``A`` of a flow of applica
 
 IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``) are judged as the IPv4 address they carry
 (a dual-stack socket reaches it); an address of the well-known NAT64 prefix ``64:ff9b::/96``
-is judged both as itself and as the IPv4 address it embeds (deny and the blocks refuse if
-either is inside; allow lets it pass if either is inside). An IPv6 scope (``%eth0``) is
-ignored for the check.
+or of the local-use one ``64:ff9b:1::/48`` is judged both as itself and as the IPv4 address
+in its last 32 bits, which a NAT64 gateway connects to (deny, the blocks and the kernel's
+route refuse if either is refused, so the connector's own IPv4 address is
+``connector_address`` through the gateway too; allow lets it pass if either is inside, for
+the local-use prefix only if the address itself is: see ``_NAT64_LOCAL``). An IPv6 scope
+(``%eth0``) is ignored for the check.
 
 A refusal is a ``Refusal``: ``rule`` (a metric label) and ``reason`` (for the OPEN_FAIL and
 the log, naming the address and the rule).
@@ -37,7 +40,8 @@ the log, naming the address and the rule).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import NamedTuple
 
 from ..contract.apps import App, Segment, address_bounds
@@ -78,9 +82,16 @@ ROUTE_LOCAL = "local"  # delivered to this host (its own address, or a local rou
 ROUTE_BROADCAST = "broadcast"  # a directed broadcast address of a local network
 ROUTE_MULTICAST = "multicast"
 ROUTE_UNICAST = "unicast"
+_UNICAST: Mapping[Address, tuple[str, str]] = MappingProxyType({})  # no route known: every address unicast
 
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+# NAT64 (RFC 6052): the well-known prefix is only ever a /96, so its addresses carry the IPv4
+# address they reach in their last 32 bits. Gateways of the local-use prefix (RFC 8215) use a
+# prefix inside it, mostly a /96 as well; but one of /48 to /64 puts the IPv4 address in
+# other bits, so there the last 32 bits are only what the address may reach: refused when
+# that is refused, never taken into an allow list (a made-up address must not pass as one).
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 _LOOPBACK = (ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv6Network("::1/128"))
 
 
@@ -99,8 +110,10 @@ def plain(address: Address) -> Address:
     return address
 
 
-def _candidates(address: Address) -> tuple[Address, ...]:
-    if isinstance(address, ipaddress.IPv6Address) and address in _NAT64:
+def candidates(address: Address) -> tuple[Address, ...]:
+    """The addresses a connection to ``address`` (``plain``) may reach, each judged: itself and,
+    for a NAT64 address, the IPv4 address in its last 32 bits."""
+    if isinstance(address, ipaddress.IPv6Address) and (address in _NAT64 or address in _NAT64_LOCAL):
         return address, ipaddress.IPv4Address(address.packed[-4:])
     return (address,)
 
@@ -148,41 +161,45 @@ class DialPolicy:
                 return cls(group, networks(g.allowed_addresses), networks(g.denied_addresses), apps)
         return cls(group, (), (), apps)
 
-    def check(self, address: Address, *, app: str, port: int, protocol: str, route: str = ROUTE_UNICAST,
-              route_error: str = "") -> Refusal | None:
+    def check(self, address: Address, *, app: str, port: int, protocol: str,
+              routes: Mapping[Address, tuple[str, str]] = _UNICAST) -> Refusal | None:
         """None if a connection to ``address`` for this flow is allowed, else the ``Refusal``.
 
-        ``route``: how the kernel routes ``address`` (``ROUTE_*``); ``route_error``: why that
-        could not be found out (the address is then refused: it might be this host's own)."""
+        ``routes``: how the kernel routes each of ``candidates(address)``: (``ROUTE_*``, why
+        that could not be found out, "" when it could; an address whose route is unknown is
+        refused: it might be this host's own). An address it does not name is ``ROUTE_UNICAST``."""
         addr = plain(address)
-        candidates = _candidates(addr)
+        reached = candidates(addr)
         group = f"connector group '{self.group}'" if self.group else "this connector's group"
-        for candidate in candidates:
+        for candidate in reached:
             for net in self.deny:
                 if candidate.version == net.version and candidate in net:
                     return Refusal("group_deny", f"{_shown(address, candidate)} is in {net}, which {group} denies "
                                                  f"(denied_addresses)")
-        if self.allow and not any(c.version == net.version and c in net for c in candidates for net in self.allow):
+        allowing = reached if addr not in _NAT64_LOCAL else (addr,)
+        if self.allow and not any(c.version == net.version and c in net for c in allowing for net in self.allow):
             shown = ", ".join(str(n) for n in self.allow[:4]) + (", ..." if len(self.allow) > 4 else "")
             return Refusal("group_allow", f"{addr} is outside the networks {group} allows "
                                           f"(allowed_addresses: {shown})")
         explicit = self._explicit.get(app, ())
-        for candidate in candidates:
+        for candidate in reached:
             for rule, net, what in BUILTIN:
                 if candidate.version == net.version and candidate in net and not _named(
                         explicit, candidate, int(net.network_address), int(net.broadcast_address), port, protocol):
                     return Refusal(rule, _blocked(address, candidate, what, app))
-        if route_error:
-            return Refusal("route_unknown", f"cannot tell whether {addr} is an address of this host ({route_error}); "
-                                            f"refused")
-        if route in (ROUTE_LOCAL, ROUTE_BROADCAST, ROUTE_MULTICAST) and not any(addr in n for n in _LOOPBACK
-                                                                               if n.version == addr.version):
-            value = int(addr)
-            if not _named(explicit, addr, value, value, port, protocol):
-                rule, what = {ROUTE_LOCAL: ("connector_address", "an address of this connector's host"),
-                              ROUTE_BROADCAST: ("broadcast", "a broadcast address of this connector's network"),
-                              ROUTE_MULTICAST: ("multicast", "a multicast address")}[route]
-                return Refusal(rule, _blocked(address, addr, what, app, exact=True))
+        for candidate in reached:
+            route, error = routes.get(candidate, (ROUTE_UNICAST, ""))
+            if error:
+                return Refusal("route_unknown", f"cannot tell whether {_shown(address, candidate)} is an address of "
+                                                f"this host ({error}); refused")
+            if route in (ROUTE_LOCAL, ROUTE_BROADCAST, ROUTE_MULTICAST) and not any(
+                    candidate in n for n in _LOOPBACK if n.version == candidate.version):
+                value = int(candidate)
+                if not _named(explicit, candidate, value, value, port, protocol):
+                    rule, what = {ROUTE_LOCAL: ("connector_address", "an address of this connector's host"),
+                                  ROUTE_BROADCAST: ("broadcast", "a broadcast address of this connector's network"),
+                                  ROUTE_MULTICAST: ("multicast", "a multicast address")}[route]
+                    return Refusal(rule, _blocked(address, candidate, what, app, exact=True))
         return None
 
 

@@ -21,9 +21,11 @@ A grant is authenticated in one of two ways, named by its claims' ``version``:
 
 Either way a grant cannot be moved to another
 destination, replayed after it expires, or used twice (the connector remembers the
-connection ids it has honoured until their grants expire, and never forgets one sooner: when
-that memory is full, a new grant is refused, ``grant_cache_full``, rather than an unexpired
-one forgotten).
+connection ids it has honoured, by deciding edge, until their grants expire, and never
+forgets one sooner: when that memory, or the deciding edge's half of it, is full, a new grant
+is refused, ``grant_cache_full``, rather than an unexpired one forgotten). A grant claiming
+to live longer than edges issue them (``GRANT_LIFETIME``, plus ``CLOCK_SKEW``) is refused:
+it would only hold its place in that memory longer.
 
 Encoding: msgpack array ``[claims, tag]`` where ``claims`` is the msgpack encoding of
 ``GrantClaims`` (array-like) and ``tag`` the DER ECDSA signature over those bytes (version 1)
@@ -33,8 +35,10 @@ Pure: no I/O, the caller passes the clock.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections import OrderedDict
+from typing import Annotated
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -42,8 +46,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 GRANT_LIFETIME = 30  # seconds from signing to expiry
-MAX_LIFETIME = 300  # a grant claiming to live longer is refused
 CLOCK_SKEW = 5  # seconds of clock difference between edge and connector tolerated
+# A grant claiming to live longer is refused: every grant honoured is remembered until it
+# expires, so a longer one only takes a place in the connector's replay memory for longer.
+MAX_LIFETIME = GRANT_LIFETIME + CLOCK_SKEW
 _ALGORITHM = ec.ECDSA(hashes.SHA256())
 KEY_SIZE = 32  # bytes of a tunnel's grant key (a connector sends one in its HELLO)
 MAC_LABEL = b"ferryman flow grant 2\x00"  # what the MAC covers before the claims: keys serve grants only
@@ -58,19 +64,26 @@ class GrantError(ValueError):
         self.code = code
 
 
+# Claims longer than these are not an edge's (``grant_invalid``): names and the destination as
+# long as the OPEN fields they repeat may be (the wire's ``Short``); a connection id is 24 hex
+# digits (``contract.flowrecord.new_connection_id``), 64 leave room for another form.
+_Name = Annotated[str, msgspec.Meta(max_length=255)]
+_ConnectionId = Annotated[str, msgspec.Meta(max_length=64)]
+
+
 class GrantClaims(msgspec.Struct, array_like=True, frozen=True, gc=False):
     version: int
-    edge: str
-    connector: str
-    host: str
+    edge: _Name
+    connector: _Name
+    host: _Name
     port: int
-    protocol: str
-    connection: str
-    user: str
-    device: str
+    protocol: _Name
+    connection: _ConnectionId
+    user: _Name
+    device: _Name
     issued: int
     expires: int
-    app: str = ""  # the application the edge matched ("" for a private DNS flow)
+    app: _Name = ""  # the application the edge matched ("" for a private DNS flow)
 
 
 _claims_encoder = msgspec.msgpack.Encoder()
@@ -102,17 +115,24 @@ def mac(key: bytes, *, edge: str, connector: str, host: str, port: int, protocol
 class GrantVerifier:
     """A connector's check of the grants it receives (one per connector process).
 
-    ``seen`` holds the connection ids of grants honoured and not yet expired, at most
-    ``limit``: a grant is forgotten only once it has expired (with the clock skew allowed), and
-    a valid grant that finds the memory full of unexpired ones is refused (``grant_cache_full``:
-    the connector is opening more flows than it can remember grants for; the edge may try
-    another connector).
+    ``_seen`` holds, per deciding edge, a digest of the connection id of each grant honoured
+    and not yet expired, at most ``limit`` in all and ``share`` (half of ``limit``) for any one
+    edge: a grant is forgotten only once it has expired (with the clock skew allowed), and a
+    valid grant that finds the memory, or its edge's share of it, full of unexpired ones is
+    refused (``grant_cache_full``: the connector is opening more flows than it can remember
+    grants for; the edge may try another connector). The share keeps one edge (compromised,
+    or driven by its clients' OPENs) from locking every other edge out: whatever it does, half
+    the memory stays for the others. Half, not a fair share of the edges seen: that would
+    shrink only once the first edge's grants had expired, too late. The price: with a single
+    edge, half of ``limit`` goes unused.
     """
 
     def __init__(self, connector: str, limit: int = 262_144) -> None:
         self.connector = connector
         self.limit = limit
-        self._seen: OrderedDict[str, int] = OrderedDict()
+        self.share = (limit + 1) // 2
+        # Per edge, in the order they came: mostly the order they expire in (one edge, one clock).
+        self._seen: dict[str, OrderedDict[bytes, int]] = {}
         self._swept = float("-inf")  # when the whole memory was last searched for expired grants
 
     def verify(self, grant: bytes, edge_key: ec.EllipticCurvePublicKey | None, edge: str, *, host: str, port: int,
@@ -158,36 +178,49 @@ class GrantVerifier:
         if now < claims.issued - CLOCK_SKEW:
             raise GrantError("grant_invalid", f"the grant is issued {claims.issued - now:.0f}s in the future "
                                               f"(check the clocks of edge and connector)")
-        seen = self._seen
-        self._forget(now)
-        key = f"{claims.edge}/{claims.connection}"
+        seen = self._seen.get(claims.edge) or OrderedDict()
+        _forget(seen, now)
+        # The edge is the table, so no edge name and id run together; the key is a fixed-size
+        # digest of the id, so the memory's size depends on ``limit`` alone, whatever the ids.
+        key = hashlib.blake2b(claims.connection.encode(), digest_size=16).digest()
         if key in seen:
             raise GrantError("grant_replayed", f"the grant for connection {claims.connection} was already used")
-        if len(seen) >= self.limit:
-            if now - self._swept >= 1.0:  # grants from edges whose clocks differ expire out of order
+        if len(seen) >= self.share or self.remembered >= self.limit:
+            if now - self._swept >= 1.0:  # other edges' grants, and those out of order, are forgotten here
                 self._swept = now
-                self._forget(now, everywhere=True)
-            if len(seen) >= self.limit:
-                raise GrantError("grant_cache_full", f"this connector remembers {len(seen)} unexpired grants, the "
-                                                     f"most it may (FERRYMAN_GRANT_CACHE): it opens no more flows "
+                self._forget_everywhere(now)
+            if len(seen) >= self.share:
+                raise GrantError("grant_cache_full", f"this connector remembers {len(seen)} unexpired grants from "
+                                                     f"edge {edge}, the most one edge may (half of "
+                                                     f"FERRYMAN_GRANT_CACHE): it opens no more flows from that edge "
                                                      f"until some expire")
+            if self.remembered >= self.limit:
+                raise GrantError("grant_cache_full", f"this connector remembers {self.remembered} unexpired grants, "
+                                                     f"the most it may (FERRYMAN_GRANT_CACHE): it opens no more "
+                                                     f"flows until some expire")
         seen[key] = claims.expires
+        self._seen[claims.edge] = seen  # (again) if new, or swept away while empty
         return claims
 
     @property
     def remembered(self) -> int:
         """How many grants are remembered now (honoured, not yet forgotten)."""
-        return len(self._seen)
+        return sum(len(seen) for seen in self._seen.values())
 
-    def _forget(self, now: float, everywhere: bool = False) -> None:
-        """Forget expired grants: from the oldest on until an unexpired one, or (``everywhere``) all of them."""
-        seen = self._seen
-        if everywhere:
+    def _forget_everywhere(self, now: float) -> None:
+        """Forget every expired grant of every edge (wherever it is in the order: an edge's clock
+        may have been set back), and the edges left with none."""
+        for edge, seen in list(self._seen.items()):
             for key in [key for key, expires in seen.items() if expires + CLOCK_SKEW < now]:
                 del seen[key]
+            if not seen:
+                del self._seen[edge]
+
+
+def _forget(seen: OrderedDict[bytes, int], now: float) -> None:
+    """Forget one edge's expired grants: from the oldest on until an unexpired one."""
+    while seen:
+        key, expires = next(iter(seen.items()))
+        if expires + CLOCK_SKEW >= now:
             return
-        while seen:
-            key, expires = next(iter(seen.items()))
-            if expires + CLOCK_SKEW >= now:
-                return
-            del seen[key]
+        del seen[key]

@@ -314,7 +314,7 @@ VARIABLES: dict[str, str] = {
     "http_listen": "Client: HOST:PORT for the HTTP CONNECT proxy listener (localhost only); empty disables it.",
     "dns_listen": "Client: HOST:PORT of the local DNS resolver (UDP and TCP; localhost only): names under the private DNS suffixes are resolved by a connector through the tunnel, others by the system resolver. Empty disables it.",
     "dns_server": "Connector: HOST[:PORT] of the DNS server that resolves private names for clients; empty means the first `nameserver` of /etc/resolv.conf.",
-    "grant_cache": "Connector: most flow grants remembered until they expire (replay protection, about 30 s each); a flow beyond it is refused (`grant_cache_full`), an unexpired grant is never forgotten.",
+    "grant_cache": "Connector: most flow grants remembered until they expire (replay protection, about 30 s each; 42 to 50 MiB when full), at most half of them from any one edge; a flow beyond it, or beyond its edge's half, is refused (`grant_cache_full`), an unexpired grant is never forgotten.",
     "dns_upstream": "Client: HOST[:PORT] of the DNS server its resolver asks for names that are not private; empty means the first `nameserver` of /etc/resolv.conf (other than the resolver itself).",
     "dns_cache": "Client: most DNS answers kept in the resolver's cache (each for its TTL).",
     "process_lookup_wait": "Client: seconds an OPEN waits at most for the process lookup (then it goes without the process name).",

@@ -33,6 +33,7 @@ from ..access.destinations import (
     Address,
     DialPolicy,
     Refusal,
+    candidates,
     plain,
 )
 from ..transport.udpio import UdpEndpoint, udp_socket
@@ -152,8 +153,9 @@ def checked(targets: list[Target], policy: DialPolicy, *, app: str, port: int, p
     allowed = []
     for target in targets:
         address = plain(ipaddress.ip_address(target[1][0]))
-        route, error = route_kind(address)
-        refusal = policy.check(address, app=app, port=port, protocol=protocol, route=route, route_error=error)
+        # A NAT64 address reaches the IPv4 address it carries through the gateway: this host's own, maybe.
+        routes = {candidate: route_kind(candidate) for candidate in candidates(address)}
+        refusal = policy.check(address, app=app, port=port, protocol=protocol, routes=routes)
         if refusal is None:
             allowed.append(target)
         else:
