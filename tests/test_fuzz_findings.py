@@ -93,6 +93,11 @@ FOUND_ANSWER = bytes.fromhex(
     "8616d706c6500001c763604636f7270076578616d706c6500001c0001c00c001c00010000001e001020010db80000000000"
     "00000000000005")
 LONG_LABEL_QUERY = bytes.fromhex("abcd01000001000000000000") + b"\x50" + b"a" * 80 + b"\x00\x00\x01\x00\x01"
+# FOUND_ANSWER's question is not FOUND_QUERY's, so the resolver now ignores it as no answer to the query
+# (tests/test_client_dns_guard.py); the same trouble in an answer that does answer it: an owner name with
+# a label byte of 0x50.
+UNWRITABLE_ANSWER = (FOUND_QUERY[:2] + bytes.fromhex("85800001000100000000") + FOUND_QUERY[12:33]
+                     + b"\x50" + b"a" * 80 + bytes.fromhex("00001c00010000001e0010") + bytes(15) + b"\x05")
 
 
 class _Upstream(asyncio.DatagramProtocol):
@@ -122,7 +127,7 @@ async def _resolver_with_upstream(answer: bytes):
 
 def test_dns_answer_dnslib_cannot_write_again_gets_servfail_and_is_never_cached(caplog) -> None:
     async def main() -> list[bytes | None]:
-        resolver, _stats, upstream, transport = await _resolver_with_upstream(FOUND_ANSWER)
+        resolver, _stats, upstream, transport = await _resolver_with_upstream(UNWRITABLE_ANSWER)
         try:
             answers = [await resolver.answer(FOUND_QUERY) for _ in range(3)]
         finally:

@@ -22,6 +22,7 @@ import types
 import pytest
 from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSRecord
 
+from dataplane.basics.metrics import Stats
 from dataplane.client import transparent as tp
 from dataplane.client.profile import Profile
 from dataplane.contract.snapshot import ClientProfile, SnapApp, SnapSegment
@@ -163,7 +164,8 @@ def test_private_answers_go_into_the_sets_and_are_remembered_by_name(monkeypatch
         return ""
 
     monkeypatch.setattr(tp, "_nft", fake_nft)
-    client = types.SimpleNamespace(profile=_profile(suffixes=("corp.example",)), resolver=None)
+    client = types.SimpleNamespace(profile=_profile(suffixes=("corp.example",)), resolver=None,
+                                   stats=Stats("client", "test"))
     capture = tp.Transparent(client)  # type: ignore[arg-type]
     capture.installed, capture.port4, capture.port6 = True, 40001, 40002
 

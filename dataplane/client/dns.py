@@ -5,9 +5,13 @@ connector, through the tunnel: each query is a short ``dns`` flow (OPEN protocol
 host = the name) that the edge allows only for private names and the connector answers
 from its own DNS server, accepting only queries for the granted name. Every other name goes
 to the system resolver (``FERRYMAN_DNS_UPSTREAM``, else the first ``nameserver`` of
-/etc/resolv.conf that is not this resolver). Answers are cached for their TTL (negative
-answers for their SOA minimum, at most ``NEGATIVE_TTL_MAX``), at most ``FERRYMAN_DNS_CACHE``
-of them (least recently used go first), and served with the remaining TTL.
+/etc/resolv.conf that is not this resolver). A response is taken only when its id and its
+question (name, type, class) are the query's; any other datagram is counted
+(``dns_answer_mismatch``) and ignored, and the answer is waited for until ``QUERY_TIMEOUT``.
+Queries to the system resolver go out under an id of the resolver's own. Record TTLs above
+``TTL_MAX`` are lowered to it. Answers are cached for their TTL (negative answers for their
+SOA minimum, at most ``NEGATIVE_TTL_MAX``), at most ``FERRYMAN_DNS_CACHE`` of them (least
+recently used go first), and served with the remaining TTL.
 
 When no edge is reachable, a private name gets SERVFAIL and a log line (fail closed), or
 goes to the system resolver (fail open), as the profile says. A query that cannot be
@@ -15,7 +19,8 @@ parsed, or not written again (every answer repeats its question), is dropped and
 (``ferryman_datagrams_dropped_total{reason="dns_malformed"}``): there is no question to answer.
 An answer that cannot be parsed and written again (the cache serves its records again) is
 logged and the app gets SERVFAIL. With transparent capture on (``transparent.py``) the
-addresses of a private name's answer are put in the capture set before the app gets it.
+addresses of a private name's answer are put in the capture set before the app gets it (or
+caches it); when that fails and the profile fails closed, the app gets SERVFAIL.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import secrets
 import struct
 import time
 from collections.abc import Awaitable, Callable
 
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import QTYPE, RCODE, DNSBuffer, DNSHeader, DNSQuestion, DNSRecord
 
 from ..basics.hostport import RESOLV_CONF, dns_server
+from ..basics.metrics import Stats
 from ..transport.udpflow import UdpFlow
 from .opener import FlowOpener
 
@@ -37,6 +44,10 @@ log = logging.getLogger("ferryman.dns")
 
 QUERY_TIMEOUT = 5.0  # seconds for one answer, through the tunnel or from the upstream server
 NEGATIVE_TTL_MAX = 300
+# A record's TTL is served (and cached) as this at most, as unbound's cache-max-ttl: transparent
+# capture holds an answer's addresses no longer (plus its margin), and nft refuses set timeouts
+# of 10**8 s and more, so an app must not go on using an address past that.
+TTL_MAX = 86400
 TUNNEL_PAYLOAD = 1232  # EDNS payload size for queries through the tunnel (the DNS flag day's value)
 TCP_PIPELINE = 64  # DNS-over-TCP queries of one connection waiting for their answers; reading pauses beyond
 MAX_PENDING = 1024  # queries being resolved at once; more are answered SERVFAIL (counted)
@@ -116,6 +127,31 @@ def from_cache(query: DNSRecord, entry: Answer, now: float) -> bytes:
     return reply.pack()
 
 
+def answers(data: bytes, ident: int, question: DNSQuestion) -> bool:
+    """``data`` is a response with id ``ident`` to ``question`` alone (same name, label by label
+    and case aside, type and class). Only its header and question are read: an answer whose
+    records are unusable is still the answer (SERVFAIL for the app), not a datagram to wait past."""
+    try:
+        buffer = DNSBuffer(data)
+        header = DNSHeader.parse(buffer)
+        if not header.qr or header.id != ident or header.q != 1:
+            return False
+        asked = DNSQuestion.parse(buffer)
+    except Exception:  # dnslib raises DNSError, and UnicodeDecodeError and others on crafted input
+        return False
+    return asked.qname == question.qname and (asked.qtype, asked.qclass) == (question.qtype, question.qclass)
+
+
+def clamp_ttls(reply: DNSRecord) -> bool:
+    """Lower the TTLs above ``TTL_MAX`` to it (not OPT's: that field holds EDNS flags); whether any was."""
+    clamped = False
+    for rr in (*reply.rr, *reply.auth, *reply.ar):
+        if rr.ttl > TTL_MAX and rr.rtype != QTYPE.OPT:
+            rr.ttl = TTL_MAX
+            clamped = True
+    return clamped
+
+
 def tunnel_query(query: DNSRecord) -> bytes:
     """``query`` as it goes through the tunnel: an EDNS UDP payload size above ``TUNNEL_PAYLOAD``
     is lowered to it, so the DNS server truncates (TC) what a tunnel datagram could not carry
@@ -142,8 +178,9 @@ class Resolver:
         self.pending = 0
         self._upstream: tuple[str, int] | None = None
         self._upstream_error = ""
-        # transparent capture (``transparent.py``): awaited with each fresh answer, before the app gets it
-        self.on_answer: Callable[[str, DNSRecord], Awaitable[None]] | None = None
+        # transparent capture (``transparent.py``): awaited with each fresh answer, before the app gets
+        # it; False: its addresses are not captured and the profile fails closed (the app gets SERVFAIL)
+        self.on_answer: Callable[[str, DNSRecord], Awaitable[bool]] | None = None
 
     # ------------------------------------------------------------------ upstream
     def upstream(self) -> tuple[str, int] | None:
@@ -205,10 +242,13 @@ class Resolver:
         except Exception:
             log.warning("unusable DNS answer", extra={"qname": key[0]})
             return servfail(query)
+        if clamp_ttls(reply):
+            answer = reply.pack()
+        # captured before it is cached: an answer from the cache is served without capturing again
+        if self.on_answer is not None and not await self.on_answer(key[0].rstrip("."), reply):
+            return servfail(query)
         if cacheable:  # not an answer from the system resolver for a private name (fail open): once the
             self.cache.put(key, reply, time.monotonic())  # tunnel is back, the private name is asked again
-        if self.on_answer is not None:
-            await self.on_answer(key[0].rstrip("."), reply)
         return answer
 
     async def _answer(self, query: DNSRecord, name: str) -> tuple[bytes | None, bool]:
@@ -223,17 +263,22 @@ class Resolver:
         upstream = self.upstream()
         if upstream is None:
             return None, False
-        return await _ask(upstream, query.pack()), route == "public"
+        return await _ask(upstream, query, self.client.stats), route == "public"
 
     async def _through_tunnel(self, query: DNSRecord, name: str) -> bytes | None:
         """One ``dns`` flow: OPEN for ``name``, the query as a datagram, the answer back, RST."""
         client = self.client
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bytes] = loop.create_future()
+        stats = client.stats
 
         def answered(data: bytes | memoryview) -> None:
-            if not done.done():
+            if done.done():
+                return
+            if answers(bytes(data), query.header.id, query.q):
                 done.set_result(bytes(data))
+            else:
+                stats.count(stats.datagrams_dropped, "dns_answer_mismatch")
 
         def opened(_flow: UdpFlow, code: str, reason: str) -> None:
             if code and not done.done():
@@ -260,31 +305,47 @@ class Resolver:
 
 
 class _OneShot(asyncio.DatagramProtocol):
-    def __init__(self, done: asyncio.Future[bytes]) -> None:
+    """Takes the first datagram that answers ``ident`` / ``question``; others are counted and ignored."""
+
+    def __init__(self, done: asyncio.Future[bytes], ident: int, question: DNSQuestion, stats: Stats) -> None:
         self.done = done
+        self.ident = ident
+        self.question = question
+        self.stats = stats
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        if not self.done.done():
+        if self.done.done():
+            return
+        if answers(data, self.ident, self.question):
             self.done.set_result(data)
+        else:
+            self.stats.count(self.stats.datagrams_dropped, "dns_answer_mismatch")
 
     def error_received(self, exc: Exception) -> None:
         if not self.done.done():
             self.done.set_exception(exc)
 
 
-async def _ask(server: tuple[str, int], query: bytes) -> bytes | None:
-    """Send ``query`` to ``server`` over UDP and wait for its answer (None on timeout or error)."""
+async def _ask(server: tuple[str, int], query: DNSRecord, stats: Stats) -> bytes | None:
+    """Send ``query`` to ``server`` over UDP and wait for its answer (None on timeout or error).
+    It goes out under a random id of our own, as the app's may be guessable (RFC 5452: an
+    off-path spoofer must then guess id and port); the answer gets the app's id back."""
+    ident = secrets.randbelow(1 << 16)
+    packed = bytearray(query.pack())
+    struct.pack_into("!H", packed, 0, ident)
     loop = asyncio.get_running_loop()
     done: asyncio.Future[bytes] = loop.create_future()
     try:
-        transport, _ = await loop.create_datagram_endpoint(lambda: _OneShot(done), remote_addr=server)
+        transport, _ = await loop.create_datagram_endpoint(lambda: _OneShot(done, ident, query.q, stats),
+                                                           remote_addr=server)
     except OSError as exc:
         log.warning("DNS server unreachable", extra={"server": f"{server[0]}:{server[1]}", "reason": str(exc)})
         return None
     try:
-        transport.sendto(query)
+        transport.sendto(bytes(packed))
         async with asyncio.timeout(QUERY_TIMEOUT):
-            return await done
+            answer = await done
+        return struct.pack("!H", query.header.id) + answer[2:]
     except (TimeoutError, OSError) as exc:
         log.warning("no answer from the DNS server", extra={"server": f"{server[0]}:{server[1]}",
                                                             "reason": str(exc) or "timed out"})

@@ -6,7 +6,9 @@ removes it when it stops: signed-in user and device, the tunnel (edge, transport
 RTT, since when), active flows, the forwarding profile (version, fail mode, last sync with
 the control plane and why the last one failed) and each forward's readiness. The command
 reads that file; a file whose agent process is gone, or that has not been rewritten for
-a while, is reported as such rather than shown as current.
+a while, is reported as such rather than shown as current. Names and reasons in it come from
+edges and the control plane (an OPEN_FAIL reason, an edge's name): ``render`` escapes what a
+terminal would act on (escape sequences, CR/LF, other control and format characters).
 """
 
 from __future__ import annotations
@@ -77,8 +79,17 @@ def read(directory: str, now: float | None = None) -> tuple[dict[str, Any] | Non
     return data, ""
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would not just print (ESC, CR, LF, other control
+    and format characters such as bidi overrides) escaped as Python writes them (``\\x1b``, ``\\r``,
+    ``\\u202e``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def render(data: dict[str, Any]) -> str:
-    """The status as a few lines for a terminal."""
+    """The status as a few lines for a terminal, each made printable (``printable``)."""
     t, p = data["tunnel"], data["profile"]
     when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["last_sync"])) if p.get("last_sync")
             else "never")
@@ -96,4 +107,4 @@ def render(data: dict[str, Any]) -> str:
     ]
     for fwd in data["forwards"]:
         lines.append(f"forward   {fwd['forward']}  " + ("ready" if fwd["ready"] else f"not ready: {fwd['reason']}"))
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)

@@ -17,12 +17,22 @@ need a userspace TCP/IP stack, which the agent does not have. Only TCP is captur
   redirects TCP to the forwarding profile's IP / CIDR / IP-range segments (their ports) to
   the listener, and two sets with timeouts (``dns4`` ``ipv4_addr``, ``dns6``
   ``ipv6_addr``) holding the addresses the private DNS resolver answered for private
-  names (TTL + ``DNS_MARGIN`` seconds; any TCP port). Such a connection is opened to the
-  NAME the app asked for, not to the address, so the edge matches it against FQDN
-  segments (unless only an address segment covers it: a name never matches those). A
-  new profile replaces the chain's rules in one nft transaction (the sets and their
-  addresses stay); the table is removed at exit (SIGTERM, SIGINT, or an interpreter
-  exit), and tables of agents that died without removing theirs are removed at start.
+  names (TTL, at most ``dns.TTL_MAX``, + ``DNS_MARGIN`` seconds; any TCP port). Such a
+  connection is opened to the NAME the app asked for, not to the address, so the edge
+  matches it against FQDN segments (unless only an address segment covers it: a name never
+  matches those). A new profile replaces the chain's rules in one nft transaction (the
+  sets and their addresses stay); the table is removed at exit (SIGTERM, SIGINT, or an
+  interpreter exit), and tables of agents that died without removing theirs are removed
+  at start.
+- **Only what the private name answered.** Whoever answers a private name (the connector's
+  DNS server, an edge, the system resolver under fail open) decides what is captured, so
+  an answer is taken narrowly (``capture_entries``): only A/AAAA records of the name asked
+  or of its CNAME chain, never a loopback, unspecified, link-local, multicast or broadcast
+  address (local traffic would go into the tunnel); the others are counted
+  (``ferryman_datagrams_dropped_total{reason="dns_capture_<why>"}``) and logged at a limited
+  rate. When the addresses cannot be put in the sets (nft fails or is slow), an app given
+  the answer would reach them outside the tunnel: it gets SERVFAIL if the profile fails
+  closed, else the answer (either way counted: ``dns_capture_failed``).
 - **Never the agent's own traffic.** The chain only matches private destinations (the
   profile's address segments and privately answered addresses), and returns first for:
   the edges' addresses (the tunnel), the control plane and the egress proxy (names
@@ -62,11 +72,12 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import QTYPE, RCODE, DNSLabel, DNSRecord
 
 from ..basics.hostport import parse_hostport
 from ..contract.apps import address_bounds
 from .direct import DirectRelay
+from .dns import TTL_MAX
 from .opener import ClientFlow, FlowOpener
 from .profile import Profile
 
@@ -77,6 +88,7 @@ IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h (level SOL_IPV6)
 SO_MARK = getattr(socket, "SO_MARK", 36)
 MARK = 0x46524D31  # "FRM1": the agent's own direct dials of captured connections
 DNS_MARGIN = 30  # seconds an answered address stays captured beyond its TTL
+BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 MAX_NAMES = 65536  # answered addresses remembered (address -> name)
 NFT_TIMEOUT = 10.0
 DNS_HOOK_TIMEOUT = 2.0  # a DNS answer waits this long at most for its addresses to be in the set
@@ -207,6 +219,60 @@ def elements(table: str, entries: Iterable[tuple[str, int]]) -> str:
         lines += [f"add element {target} {{ {ip} timeout {seconds}s }}", f"delete element {target} {{ {ip} }}",
                   f"add element {target} {{ {ip} timeout {seconds}s }}"]
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def never_captured(address: str) -> str:
+    """Why ``address`` from a DNS answer is never captured ("" when it may be): these addresses
+    are this device's or its link's, never a private app's. An IPv4-mapped address is judged
+    as its IPv4 address."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_link_local:
+        return "link_local"
+    if ip.is_multicast:
+        return "multicast"
+    if ip == BROADCAST:
+        return "broadcast"
+    return ""
+
+
+def _labels(name: DNSLabel) -> tuple[bytes, ...]:
+    return tuple(label.lower() for label in name.label)
+
+
+def capture_entries(reply: DNSRecord, ipv6: bool) -> tuple[dict[str, int], list[tuple[str, str, str]]]:
+    """What a private name's answer (its question checked by the resolver) puts in the capture
+    sets: {address: seconds} from its A records (and AAAA with ``ipv6``) owned by the name asked
+    or a name its CNAME chain leads to, each for its TTL (at most ``TTL_MAX``) + ``DNS_MARGIN``;
+    and the records left out, as (owner, address, why): "other_name" (a DNS server may add
+    records for any name, and only the name asked is private) or why ``never_captured``."""
+    cnames: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
+    for rr in reply.rr:
+        if rr.rtype == QTYPE.CNAME:
+            cnames.setdefault(_labels(rr.rname), _labels(rr.rdata.label))
+    at = _labels(reply.q.qname)
+    chain = {at}
+    while at in cnames and cnames[at] not in chain:  # a CNAME loop ends the chain
+        at = cnames[at]
+        chain.add(at)
+    entries: dict[str, int] = {}
+    dropped: list[tuple[str, str, str]] = []
+    for rr in reply.rr:
+        if not (rr.rtype == QTYPE.A or (rr.rtype == QTYPE.AAAA and ipv6)):
+            continue
+        address = str(ipaddress.ip_address(str(rr.rdata)))
+        why = "other_name" if _labels(rr.rname) not in chain else never_captured(address)
+        if why:
+            dropped.append((str(rr.rname).rstrip("."), address, why))
+            continue
+        seconds = min(rr.ttl, TTL_MAX) + DNS_MARGIN
+        entries[address] = max(seconds, entries.get(address, 0))
+    return entries, dropped
 
 
 def stale_tables(listing: str, alive=lambda pid: os.path.exists(f"/proc/{pid}")) -> list[str]:
@@ -414,22 +480,24 @@ class Transparent:
         return sorted(found)
 
     # ------------------------------------------------------------------ private DNS
-    async def dns_answered(self, name: str, reply: DNSRecord) -> None:
+    async def dns_answered(self, name: str, reply: DNSRecord) -> bool:
         """A resolver answer for ``name``: if private, its addresses are captured (opened by name)
-        before the app gets the answer."""
+        before the app gets the answer. False when they could not be and the profile fails
+        closed: the app must not get the answer, it would reach them outside the tunnel."""
         profile = self.client.profile
         if self.closed or not self.installed or profile is None or reply.header.rcode != RCODE.NOERROR \
                 or not profile.private_name(name):
-            return
-        entries: dict[str, int] = {}
-        now = time.monotonic()
-        for rr in reply.rr:
-            if rr.rtype == QTYPE.A or (rr.rtype == QTYPE.AAAA and self.port6):
-                address = str(ipaddress.ip_address(str(rr.rdata)))
-                seconds = max(int(rr.ttl), 0) + DNS_MARGIN
-                entries[address] = max(seconds, entries.get(address, 0))
+            return True
+        stats = self.client.stats
+        entries, dropped = capture_entries(reply, bool(self.port6))
+        for owner, address, why in dropped:
+            stats.count(stats.datagrams_dropped, f"dns_capture_{why}")
+            stats.log_limit.log(log, logging.WARNING, ("dns_capture", why),
+                                "transparent capture: address in a private name's answer not captured",
+                                {"qname": name, "owner": owner, "address": address, "reason": why})
         if not entries:
-            return
+            return True
+        now = time.monotonic()
         for address, seconds in entries.items():
             self.names.pop(address, None)
             self.names[address] = (name, now + seconds)
@@ -439,8 +507,14 @@ class Transparent:
                 async with self._lock:
                     await _nft(elements(self.table, entries.items()))
         except (NftError, TimeoutError) as exc:
-            log.error("transparent capture: private name's addresses not captured",
-                      extra={"qname": name, "addresses": ", ".join(entries), "reason": str(exc) or "timed out"})
+            closed = profile.fail_mode == "closed"
+            stats.count(stats.datagrams_dropped, "dns_capture_failed")
+            stats.log_limit.log(log, logging.ERROR, "dns_capture_failed",
+                                "transparent capture: private name's addresses not captured, "
+                                + ("answered SERVFAIL (fail closed)" if closed else "answer passed on (fail open)"),
+                                {"qname": name, "addresses": ", ".join(entries), "reason": str(exc) or "timed out"})
+            return not closed
+        return True
 
     def _prune(self, now: float) -> None:
         if len(self.names) <= MAX_NAMES:
