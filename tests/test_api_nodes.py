@@ -413,6 +413,29 @@ def test_revoked_node_is_forbidden(control: Control, connector) -> None:
              403, message)
 
 
+def test_tokens_of_no_registered_node_or_a_revoked_one_are_not_remembered(control: Control, tmp_path: Path,
+                                                                          connector) -> None:
+    """Token ids are remembered (replay protection, a bounded memory shared by every node) only
+    for a registered node that is not revoked: a refused caller sending the same token again
+    is refused for what it is again, not as a replay, so no such caller can fill that memory."""
+    ca_cert, ca_key = pki.load_ca(str(control.data_dir / "ca"))
+    cert, key, crafted = _craft(tmp_path / "stray", ca_cert, ca_key, name="stray-2")
+    target = f"{CONFIG}?after=-1"
+    stray = f"Bearer {NodeSigner(cert, key).token('GET', target)}"
+    for _ in range(2):
+        _refused(control.request("GET", target, authorization=stray), 403,
+                 f"certificate {crafted.serial_number:x} was not issued to a registered node")
+
+    identity, signer = connector
+    status, _, _ = control.admin("POST", "/v1/revocations", {"node_type": "connector",
+                                                            "node_id": identity.record.node_id, "reason": "test"})
+    assert status == 201
+    revoked = f"Bearer {signer.token('GET', target)}"
+    for _ in range(2):
+        _refused(control.request("GET", target, authorization=revoked), 403,
+                 f"certificate {identity.record.serial} of connector {identity.record.name!r} is revoked")
+
+
 # ---------------------------------------------------------------------------- heartbeat
 
 

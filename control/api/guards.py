@@ -13,7 +13,8 @@ realm each) and is checked by one guard:
   (``dataplane.contract.nodeauth``): certificate issued by this control plane's CA, within its
   validity, not revoked, recorded for a registered node; signature by that certificate's
   key; issued within ``CLOCK_SKEW`` and not expired; bound to this method, path and body;
-  ``jti`` not seen before (``ReplayCache``). Each refusal is a 401 or 403 with its own
+  ``jti`` not seen before (``ReplayCache``; only a registered, unrevoked node's token ids are
+  remembered, and only its request body is read). Each refusal is a 401 or 403 with its own
   message, so an operator reading a node's log knows what to fix. The caller is
   ``request.state.node`` (``NodeCaller``).
 - ``require_user`` (``/v1/auth`` routes for a signed-in user, ``/v1/client``): a user's
@@ -407,20 +408,12 @@ async def require_node(connection: ASGIConnection, _handler: BaseRouteHandler) -
         raise NODE.refuse(f"the token has expired or lives longer than {TOKEN_LIFETIME}s")
     if claims.get("htm") != connection.scope.get("method") or claims.get("htu") != _target(connection):
         raise NODE.refuse("the token was made for another request (method or path differ)")
-    body = await connection.body() if isinstance(connection, Request) else b""
-    if claims.get("bsh") != body_hash(body):
-        raise NODE.refuse("the token was made for another request body")
     if claims.get("sub") != f"{identity.role}:{identity.name}":
         raise NODE.refuse("the token's subject does not name its certificate")
-    if isinstance(api.replay, SharedGuards):
-        fresh = await anyio.to_thread.run_sync(api.replay.first_use, jti, exp + CLOCK_SKEW, wall)
-    else:
-        fresh = api.replay.first_use(jti, exp + CLOCK_SKEW, wall)
-    if fresh is None:
-        raise HTTPException(status_code=503, detail="too many node requests in the last minutes; retry shortly",
-                            headers={"Retry-After": "5"})
-    if not fresh:
-        raise NODE.refuse("the token was already used (replayed request)")
+    # Only the certificate of a registered node that is not revoked goes further: the body is read
+    # (up to 4 MiB) and the token's id is remembered only for such a caller, so a client's device
+    # certificate, or a revoked node's, can neither fill the replay memory nor make the control plane
+    # buffer bodies.
     revoked, node = await anyio.to_thread.run_sync(_lookup, api, cert.serial_number)
     if revoked:
         raise PermissionDeniedException(f"node credential refused: certificate {cert.serial_number:x} of "
@@ -432,5 +425,17 @@ async def require_node(connection: ASGIConnection, _handler: BaseRouteHandler) -
     if role != identity.role:
         raise PermissionDeniedException(f"node credential refused: the certificate says {identity.role}, "
                                         f"the node it was issued to is a {role}")
+    body = await connection.body() if isinstance(connection, Request) else b""
+    if claims.get("bsh") != body_hash(body):
+        raise NODE.refuse("the token was made for another request body")
+    if isinstance(api.replay, SharedGuards):
+        fresh = await anyio.to_thread.run_sync(api.replay.first_use, jti, exp + CLOCK_SKEW, wall)
+    else:
+        fresh = api.replay.first_use(jti, exp + CLOCK_SKEW, wall)
+    if fresh is None:
+        raise HTTPException(status_code=503, detail="too many node requests in the last minutes; retry shortly",
+                            headers={"Retry-After": "5"})
+    if not fresh:
+        raise NODE.refuse("the token was already used (replayed request)")
     connection.state.node = NodeCaller(role=role, node_id=node.id, name=node.name, serial=cert.serial_number,
                                        certificate=cert)
