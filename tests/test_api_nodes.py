@@ -469,6 +469,11 @@ def test_heartbeat_shows_in_the_admin_api(control: Control, connector) -> None:
     ({"addresses": "10.0.0.1"}, "addresses", "Expected `array`"),
     ({"config_version": "seven"}, "config_version", "Expected `int | null`"),
     ({"addresses": ["x" * 256]}, "addresses", "Expected `str` of length <= 255"),
+    # Control characters: shown to operators as they are (an OSC 52 sequence writes the clipboard
+    # of whoever lists the nodes), and PostgreSQL text cannot hold NUL.
+    ({"version": "\x1b]52;c;aGVsbG8=\x07"}, "version", "Expected `str` matching regex"),
+    ({"addresses": ["10.0.0.1\x00"]}, "addresses", "Expected `str` matching regex"),
+    ({"connectors": [{"name": "c\x00", "group": "default"}]}, None, "Expected `str` matching regex"),
 ])
 def test_invalid_heartbeat_is_refused(control: Control, connector, body: dict[str, Any], key: str | None,
                                       message: str) -> None:

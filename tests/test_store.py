@@ -816,3 +816,26 @@ def test_traffic_records_are_stored_as_sent(store: Store) -> None:
         assert [r.connection_id for r in later] == ["c2"]
         first = traffic.records_after(session, traffic.TrafficFilter(until=datetime.fromtimestamp(t0 + 0.000001, UTC)), 0)
         assert sorted(r.connection_id for r in first) == ["c1", "c3"]
+
+
+def test_traffic_records_with_nul_characters_are_stored_with_the_rest_of_their_batch(store: Store) -> None:
+    """A client chooses text that reaches a record (its HELLO's software, an OPEN's host, a web
+    request's user agent), and PostgreSQL text cannot hold NUL: such a record failed its whole
+    batch, which the edge then sent again for ever. NUL is stored as U+FFFD, on both databases,
+    and the batch's other records go in unchanged."""
+    from control.store import traffic
+
+    t0 = 1_765_000_000.0
+    poisoned = {"connection_id": "n1", "transaction_id": "t1", "start": t0, "client_version": "ferryman\x00evil",
+                "destination_fqdn": "\x00db.internal", "user_agent": "a\x00" * 3, "action": "deny"}
+    clean = {"connection_id": "n2", "transaction_id": "t2", "start": t0 + 1, "destination_fqdn": "db.internal",
+             "client_version": "ferryman 1.0"}
+    with store.begin() as session:
+        batch = msgspec.convert([clean, poisoned], list[FlowRecord])
+        assert traffic.insert_records(session, "edge-\x00", batch) == 2
+    with store.begin() as session:
+        by_id = {r.connection_id: r for r in traffic.records_after(session, traffic.TrafficFilter(), 0)}
+    assert (by_id["n1"].client_version, by_id["n1"].destination_fqdn, by_id["n1"].user_agent) == (
+        "ferryman\ufffdevil", "\ufffddb.internal", "a\ufffd" * 3)
+    assert by_id["n1"].edge == by_id["n2"].edge == "edge-\ufffd"
+    assert (by_id["n2"].client_version, by_id["n2"].destination_fqdn) == ("ferryman 1.0", "db.internal")

@@ -22,6 +22,7 @@ from dataplane.contract.presence import PresenceConnector
 Role = Literal["connector", "edge"]
 MAX_TOKEN_TTL = 365 * 86400  # seconds
 NodeStatus = Literal["active", "inactive"]
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # no control characters
 
 
 class _Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -359,8 +360,10 @@ class HeartbeatIn(_Request):
     the configuration version it runs (None while it has none) and, from an edge, how many
     traffic records its queue dropped since its previous heartbeat that got through."""
 
-    version: Annotated[str, msgspec.Meta(max_length=64)] = ""
-    addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=255)]], msgspec.Meta(max_length=16)] = []
+    # No control characters (shown to operators as they are; PostgreSQL text cannot hold NUL).
+    version: Annotated[str, msgspec.Meta(max_length=64, pattern=_PRINTABLE)] = ""
+    addresses: Annotated[list[Annotated[str, msgspec.Meta(max_length=255, pattern=_PRINTABLE)]],
+                         msgspec.Meta(max_length=16)] = []
     tunnels: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
     active_flows: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
     config_version: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None

@@ -3,7 +3,9 @@ out, and summarised for application discovery.
 
 Records arrive from edges (``POST /v1/node/traffic``, ``dataplane.contract.flowrecord.FlowRecord``)
 and are inserted as they are, except ``edge``, which is always the name of the edge that
-sent them. They are not configuration and not audited.
+sent them, and NUL characters, stored as U+FFFD (PostgreSQL text cannot hold NUL, and the
+client agent's HELLO or OPEN put text a client chose into a record). They are not
+configuration and not audited.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ _INSERT = insert(TrafficLog.__table__)  # type: ignore[arg-type]
 _RECORD = cast(msgspec.inspect.StructType, msgspec.inspect.type_info(FlowRecord))
 _FIELDS = tuple(field.name for field in _RECORD.fields)
 _TIMES = ("start", "end")
+_TEXT = (*(field.name for field in _RECORD.fields if isinstance(field.type, msgspec.inspect.StrType)),
+         "edge", "display_name")
 
 
 def _too_long() -> tuple[tuple[str, int], ...]:
@@ -50,6 +54,8 @@ class _Plan(msgspec.Struct, frozen=True):
     # Positions, in ``astuple(record) + (edge, display_name)``, of each bind's value.
     order: tuple[int, ...]
     cut: tuple[tuple[int, int], ...]  # (bind position, column size) of text that may be too long
+    texts: Callable[[list[Any]], tuple[str, ...]]  # every text value of a row (its NUL check)
+    text_at: tuple[int, ...]  # their bind positions
     times: tuple[tuple[int, Callable[[float], Any]], ...]  # (bind position, Unix seconds → bind value)
 
 
@@ -90,6 +96,8 @@ def _plan(dialect: Any) -> _Plan:
         plan = _Plan(sql=str(compiled), names=names, positional=bool(compiled.positional),
                      order=tuple(source[name] for name in names),
                      cut=tuple((at[name], size) for name, size in _CUT),
+                     texts=itemgetter(*(at[name] for name in _TEXT if name in at)),
+                     text_at=tuple(at[name] for name in _TEXT if name in at),
                      times=tuple((at[name], _time_binder(processors.get(name))) for name in _TIMES))  # type: ignore[arg-type]
         _PLANS[dialect.name] = plan
     return plan
@@ -117,7 +125,7 @@ def insert_records(session: Session, edge: str, records: Iterable[FlowRecord]) -
     plan = _plan(connection.dialect)
     pick = itemgetter(*plan.order)
     astuple = msgspec.structs.astuple
-    cut, times, names = plan.cut, plan.times, plan.names
+    cut, times, names, texts, text_at = plan.cut, plan.times, plan.names, plan.texts, plan.text_at
     params: list[Any] = []
     for record in records:
         values = list(pick(astuple(record) + (edge, display.get(record.user_id, ""))))
@@ -128,6 +136,9 @@ def insert_records(session: Session, edge: str, records: Iterable[FlowRecord]) -
         for i, size in cut:
             if len(values[i]) > size:
                 values[i] = values[i][:size]
+        if "\x00" in "".join(texts(values)):  # rare: one check for the row, not one per field
+            for i in text_at:
+                values[i] = values[i].replace("\x00", "\ufffd")
         params.append(tuple(values) if plan.positional else dict(zip(names, values)))
     connection.exec_driver_sql(plan.sql, params)
     return len(records)

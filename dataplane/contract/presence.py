@@ -19,7 +19,8 @@ import msgspec
 MAX_CONNECTORS = 4096  # connectors one edge may report
 MAX_EDGES = 4096  # edges in one presence map
 
-_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+# No control characters: names are shown to operators, and PostgreSQL text cannot hold NUL.
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class PresenceConnector(msgspec.Struct, frozen=True):
