@@ -191,6 +191,28 @@ def test_config_long_poll_is_answered_within_two_seconds_of_a_change(control: Co
     assert app["segments"] == [{"destination": "10.77.0.0/16", "ports": "443", "protocol": "tcp"}]
 
 
+def test_a_long_poll_waiting_when_its_node_is_revoked_gets_403_not_the_snapshot(control: Control, edge) -> None:
+    """The revocation is itself a new configuration version, and it wakes the node's waiting
+    long-poll: that poll must not hand the revoked edge the snapshot (users, policies, keys)."""
+    identity, signer = edge
+    version = _published_version(control, signer)
+    answer: dict[str, Any] = {}
+
+    def poll() -> None:
+        answer["reply"] = control.node(signer, "GET", f"{CONFIG}?after={version}&wait=20", timeout=30)
+
+    waiter = threading.Thread(target=poll, daemon=True)
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive(), answer  # nothing newer yet: the request waits
+    status, _, _ = control.admin("POST", "/v1/revocations", {"node_type": "edge", "node_id": identity.record.node_id,
+                                                            "reason": "test"})
+    assert status == 201
+    waiter.join(10)
+    assert not waiter.is_alive()
+    _refused(answer["reply"], 403, f"certificate {identity.record.serial} of edge {identity.record.name!r} is revoked")
+
+
 def test_a_connector_is_sent_only_what_it_needs_and_an_edge_everything(control: Control, connector, edge) -> None:
     """Least knowledge: users, devices, policies, locations, sessions, assignments and token keys
     go to edges only; a connector learns its own record and group, that group's applications'

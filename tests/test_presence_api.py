@@ -96,6 +96,27 @@ def test_edges_report_connectors_and_follow_the_map(control: Control, tmp_path: 
     assert _entry(presence, name_b) is None and _entry(presence, name_a) is not None
 
 
+def test_a_presence_long_poll_waiting_when_its_edge_is_revoked_gets_403(control: Control, tmp_path: Path) -> None:
+    """Revoking an edge changes the map (it leaves it), which wakes that edge's own waiting
+    long-poll: the poll must refuse it, not hand it the new map."""
+    edge_id, name, _, edge = _edge(control, tmp_path / "edge")
+    _beat(control, edge, [])
+    status, presence, _ = control.node(edge, "GET", PRESENCE)
+    assert status == 200 and _entry(presence, name) is not None
+    answers: list[Reply] = []
+    waiting = threading.Thread(target=lambda: answers.append(
+        control.node(edge, "GET", f"{PRESENCE}?after={presence['tag']}&wait=20")), daemon=True)
+    waiting.start()
+    time.sleep(0.3)
+    assert waiting.is_alive()
+    status, body, _ = control.admin("POST", "/v1/revocations", {"node_type": "edge", "node_id": edge_id})
+    assert status in (200, 201), body
+    waiting.join(10)
+    assert answers, "the long-poll did not end"
+    status, body, _ = answers[0]
+    assert status == 403 and "is revoked" in json.dumps(body), body
+
+
 def test_only_edges_report_connectors_and_read_the_map(control: Control, tmp_path: Path) -> None:
     identity = control.register_node(tmp_path / "connector", "connector")
     connector = NodeSigner(identity.cert, identity.key)

@@ -362,6 +362,29 @@ def _lookup(api: Api, serial: int) -> tuple[bool, Connector | Edge | None]:
         return certificates.is_revoked(session, serial), certificates.node_for_certificate(session, serial)
 
 
+async def _registered_node(api: Api, serial: int, role: str, name: str) -> Connector | Edge:
+    """The registered node certificate ``serial`` was issued to, which must not be revoked and
+    must have the ``role`` the certificate says; else 403 saying which."""
+    revoked, node = await anyio.to_thread.run_sync(_lookup, api, serial)
+    if revoked:
+        raise PermissionDeniedException(f"node credential refused: certificate {serial:x} of {role} {name!r} is revoked")
+    if node is None:
+        raise PermissionDeniedException(f"node credential refused: certificate {serial:x} was not "
+                                        f"issued to a registered node (register it with a token)")
+    registered = "connector" if isinstance(node, Connector) else "edge"
+    if registered != role:
+        raise PermissionDeniedException(f"node credential refused: the certificate says {role}, "
+                                        f"the node it was issued to is a {registered}")
+    return node
+
+
+async def recheck_node(api: Api, node: NodeCaller) -> None:
+    """After a long-poll's wait, before its answer: the node's certificate may have been revoked
+    while it waited (the revocation is itself a change, which is what wakes the poll), and a
+    revoked node must not get the snapshot or map that revocation produced (403)."""
+    await _registered_node(api, node.serial, node.role, node.name)
+
+
 def _target(connection: ASGIConnection) -> str:
     path = connection.scope.get("raw_path") or connection.scope["path"].encode()
     query = connection.scope.get("query_string") or b""
@@ -414,17 +437,7 @@ async def require_node(connection: ASGIConnection, _handler: BaseRouteHandler) -
     # (up to 4 MiB) and the token's id is remembered only for such a caller, so a client's device
     # certificate, or a revoked node's, can neither fill the replay memory nor make the control plane
     # buffer bodies.
-    revoked, node = await anyio.to_thread.run_sync(_lookup, api, cert.serial_number)
-    if revoked:
-        raise PermissionDeniedException(f"node credential refused: certificate {cert.serial_number:x} of "
-                                        f"{identity.role} {identity.name!r} is revoked")
-    if node is None:
-        raise PermissionDeniedException(f"node credential refused: certificate {cert.serial_number:x} was not "
-                                        f"issued to a registered node (register it with a token)")
-    role = "connector" if isinstance(node, Connector) else "edge"
-    if role != identity.role:
-        raise PermissionDeniedException(f"node credential refused: the certificate says {identity.role}, "
-                                        f"the node it was issued to is a {role}")
+    node = await _registered_node(api, cert.serial_number, identity.role, identity.name)
     body = await connection.body() if isinstance(connection, Request) else b""
     if claims.get("bsh") != body_hash(body):
         raise NODE.refuse("the token was made for another request body")
@@ -437,5 +450,5 @@ async def require_node(connection: ASGIConnection, _handler: BaseRouteHandler) -
                             headers={"Retry-After": "5"})
     if not fresh:
         raise NODE.refuse("the token was already used (replayed request)")
-    connection.state.node = NodeCaller(role=role, node_id=node.id, name=node.name, serial=cert.serial_number,
+    connection.state.node = NodeCaller(role=identity.role, node_id=node.id, name=node.name, serial=cert.serial_number,
                                        certificate=cert)

@@ -33,7 +33,7 @@ from control.store.models import Edge
 from dataplane.basics import pki
 from dataplane.contract.flowrecord import MAX_BATCH_BYTES
 
-from .guards import Api, NodeCaller, require_node
+from .guards import Api, NodeCaller, recheck_node, require_node
 from .longpoll import Wait, config_response, wait_snapshot
 from .presence import node_presence, presence_waiters
 from .schemas import HeartbeatIn, HeartbeatOut, RenewIn, RenewOut, TrafficIn, TrafficOut
@@ -55,6 +55,8 @@ async def node_config(
     api: Api = request.app.state.api
     node: NodeCaller = request.state.node
     snapshot = await wait_snapshot(api, after, wait, f"node {node.name}")
+    if wait > 0:
+        await recheck_node(api, node)
     return config_response(snapshot, lambda s: api.hub.body_for(s, node.role, node.node_id))
 
 

@@ -24,7 +24,7 @@ from control.store import presence
 from control.store.models import utcnow
 from dataplane.contract.presence import Presence
 
-from .guards import Api, NodeCaller, require_node
+from .guards import Api, NodeCaller, recheck_node, require_node
 from .longpoll import MAX_WAIT, Wait
 
 RECHECK = 1.0  # seconds between reads of the store while a request waits
@@ -74,6 +74,8 @@ async def node_presence(request: Request, after: str = "", wait: Wait = 0.0) -> 
     while True:
         current = await anyio.to_thread.run_sync(_read, api)
         if current.tag != after:
+            if wait > 0:
+                await recheck_node(api, node)
             return Response(msgspec.json.encode(current), status_code=200, media_type="application/json")
         left = deadline - loop.time()
         if left <= 0 or api.hub.closed:  # shutting down: answer now (within RECHECK at worst)
