@@ -10,6 +10,11 @@
 - a request head must be complete within ``request_timeout`` seconds of the connection (or of
   the request's first byte, on a kept-alive connection), else the connection is closed (408
   when part of a head came): a slowloris holds nothing for long;
+- its body must then be complete within ``request_timeout`` seconds plus one second per
+  ``BODY_RATE`` bytes of it (a body without a length: as for ``MAX_BODY``), else the
+  connection is closed (408 unless an answer has begun); until the body is complete the
+  connection still counts as waiting for its source, so one source dribbling bodies holds at
+  most ``max_waiting_per_source`` connections, and none for long;
 - a request head (request line and headers) larger than ``max_head`` bytes is answered 431
   and the connection closed, before the parser buffers it;
 - ``keepalive_timeout`` is uvicorn's own idle timeout between requests (``timeout_keep_alive``).
@@ -34,6 +39,8 @@ log = logging.getLogger("ferryman.control.http")
 _HEAD_END = b"\r\n\r\n"
 LINGER = 1.0  # seconds a refused connection is kept half-closed, its input dropped, before it is closed
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+BODY_RATE = 64 * 1024  # bytes per second a request body must come at, at least, beyond request_timeout
+MAX_BODY = 4 << 20  # the largest body the control plane takes (POST /v1/node/traffic): a body of unknown length
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -53,6 +60,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0         # bytes of the current head received so far
         self._tail = b""             # its last 3 bytes (a head end may straddle two reads)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
         self._refused = False        # answered with an error, closing
 
     # ------------------------------------------------------------------ connection
@@ -76,6 +84,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _release(self) -> None:
         self._cancel_head_timer()
+        self._cancel_body_timer()
         if self._admitted:
             self._admitted = False
             self.gate.close(self._key, self._waiting)
@@ -114,10 +123,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._tail = b""
         self._cancel_head_timer()
+        # Still waiting (for its body) until on_message_complete, which comes at once without one.
+        self._body_timer = self.loop.call_later(self._body_time(), self._body_timeout)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._cancel_body_timer()
         if self._waiting:
             self._waiting = False
             self.gate.head_done(self._key)
-        super().on_headers_complete()
+        super().on_message_complete()
 
     # ------------------------------------------------------------------ limits
     def _arm_head_timer(self) -> None:
@@ -138,6 +153,34 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         else:
             self._refuse(0, "request head timed out", reason)
 
+    def _body_time(self) -> float:
+        """Seconds the request's body may take from the end of its head (``BODY_RATE``)."""
+        length = MAX_BODY
+        for name, value in self.headers:
+            if name == b"content-length":
+                try:
+                    length = min(int(value), MAX_BODY)
+                except ValueError:
+                    pass  # the parser refuses it
+                break
+        return self.limits.request_timeout + length / BODY_RATE
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        reason = f"request body not complete within {self._body_time():g}s of its head"
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self._refuse(0, "request body timed out", reason)  # an answer has begun: no second one
+        else:
+            self._refuse(408, "request body timed out", reason)
+
     def _too_large(self) -> None:
         self._refuse(431, "request head too large", f"request head larger than {self.limits.max_head} bytes")
 
@@ -145,6 +188,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         """Answer ``status`` (none when 0) with ``reason`` and close; logged at most ``log_limit``
         lines per source."""
         self._cancel_head_timer()
+        self._cancel_body_timer()
         self.log_limit.log(log, logging.WARNING, self._key, what, {"peer_addr": self._key, "reason": reason})
         self._refused = True
         if status:

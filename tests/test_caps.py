@@ -373,6 +373,46 @@ def test_a_slowloris_is_closed_after_the_request_timeout_while_requests_keep_wor
     assert "request head timed out" in control.log.read_text()
 
 
+def test_dribbled_request_bodies_count_per_source_and_are_closed_after_their_deadline(control: Control) -> None:
+    """A complete head, then a body that never completes: the connection still counts as
+    waiting for its source (a fifth from it is refused while another source is served), and it
+    is closed with 408 once its body is late: 3 s (the request timeout) plus 1000 B at 64 KiB/s.
+    Registration is unauthenticated and reads the whole body, so without this one address could
+    hold every connection of the control plane and lock every node out."""
+    head = (b"POST /v1/register HTTP/1.1\r\nHost: control\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n")
+    dribbling = [_connect(control, "127.0.0.50") for _ in range(4)]
+    try:
+        for sock in dribbling:
+            sock.sendall(head + b'{"token": "')
+        started = time.monotonic()
+        deadline = started + 5
+        while True:  # the heads are parsed as they come: the fifth is refused once all four are counted
+            fifth = _connect(control, "127.0.0.50")
+            answer = _answer(fifth)
+            fifth.close()
+            if answer.startswith(b"HTTP/1.1 503 ") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b"127.0.0.50 has 4 connections waiting for a request already" in answer
+        assert _get(control, source="127.0.0.51").startswith(b"HTTP/1.1 200 ")  # another source is served
+        for sock in dribbling:
+            sock.sendall(b"a")  # a byte now and then does not extend the deadline
+            sock.settimeout(8)
+        answers = [_answer(sock) for sock in dribbling]
+        elapsed = time.monotonic() - started
+    finally:
+        for sock in dribbling:
+            sock.close()
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"request body not complete within 3.01526s of its head" in answer, answer
+    assert 2.5 <= elapsed < 7, elapsed
+    assert "request body timed out" in control.log.read_text()
+    assert _get(control, source="127.0.0.50").startswith(b"HTTP/1.1 200 ")  # the source is served again
+
+
 def test_a_request_head_over_the_limit_is_answered_431(control: Control) -> None:
     big = _get(control, source="127.0.0.30", extra=b"X-Big: " + b"a" * (100 * 1024) + b"\r\n")
     assert big.startswith(b"HTTP/1.1 431 "), big[:200]
