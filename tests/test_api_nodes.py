@@ -548,6 +548,29 @@ def test_connector_renewal_keeps_both_certificates_until_revoked(control: Contro
                  f"connector {name!r} is revoked")
 
 
+def test_a_node_renewing_over_and_over_is_refused_after_its_certificates_for_the_day(control: Control,
+                                                                                   connector, tmp_path: Path) -> None:
+    """A stolen connector key renewing in a loop made every renewal a configuration change for
+    every node and grew the serials each snapshot lists: a node gets at most
+    FERRYMAN_NODE_CERTIFICATES_PER_DAY (4) certificates in 24 hours, its registration included."""
+    identity, signer = connector
+    name = identity.record.name
+    for i in range(3):
+        key_pem, csr_pem = new_key_and_csr(name)
+        status, renewed, _ = control.node(signer, "POST", RENEW, {"csr_pem": csr_pem.decode()})
+        assert status == 201, renewed
+        signer = _save_renewed(tmp_path / f"renewed-{i}", name, key_pem, renewed["certificate_pem"])
+    version = _config_version(control)
+    status, body, headers = control.node(signer, "POST", RENEW, {"csr_pem": new_key_and_csr(name)[1].decode()})
+    assert status == 429, body
+    assert f"connector {name!r} was issued 4 certificates in the last 24 hours" in body["error"], body
+    assert headers["Retry-After"] == "3600"
+    assert _config_version(control) == version  # nothing changed for the other nodes
+    _, shown, _ = control.admin("GET", f"/v1/connectors/{identity.record.node_id}")
+    assert shown["cert_serial"] == format(signer.serial, "x")  # the last certificate stays the current one
+    assert control.node(signer, "POST", HEARTBEAT, {"tunnels": 1})[0] == 200
+
+
 def test_edge_renewal_keeps_its_host_names(control: Control, tmp_path: Path) -> None:
     identity = _register(control, tmp_path / "edge", "edge", "edge-r",
                          addresses=["edge-r.example.test:8443", "192.0.2.44:8443"])

@@ -38,7 +38,14 @@ from .admin import admin_router
 from .auth import auth_router
 from .client import client_router
 from .errors import EXCEPTION_HANDLERS
-from .guards import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_OIDC_STARTS_PER_MINUTE, DEFAULT_REFRESH_GRACE, Api, provide_api
+from .guards import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_NODE_CERTIFICATES_PER_DAY,
+    DEFAULT_OIDC_STARTS_PER_MINUTE,
+    DEFAULT_REFRESH_GRACE,
+    Api,
+    provide_api,
+)
 from .identity import identity_router
 from .nodes import NODE_ROUTES
 from .oidc import oidc_router, web_oidc_router
@@ -87,7 +94,8 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
                traffic_retention_days: int = 30, oidc: OidcConfig | None = None,
                sign_in_limits: SignInLimits | None = None, refresh_grace: float = DEFAULT_REFRESH_GRACE,
                oidc_starts_per_minute: int = DEFAULT_OIDC_STARTS_PER_MINUTE,
-               console: ConsoleConfig | None = None) -> Litestar:
+               console: ConsoleConfig | None = None,
+               node_certificates_per_day: int = DEFAULT_NODE_CERTIFICATES_PER_DAY) -> Litestar:
     """The API over ``store`` and ``ca``; ``edges_public`` are the edge HOST:PORT addresses handed
     to registering nodes (before those of registered edges); ``heartbeat_interval`` (seconds)
     decides when a node counts as inactive; ``cert_lifetime_days`` is the lifetime of the
@@ -102,12 +110,13 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     ``refresh_grace`` and ``oidc_starts_per_minute`` are the sign-in limits
     (``FERRYMAN_SIGN_IN_*``, ``FERRYMAN_REFRESH_GRACE``, ``FERRYMAN_OIDC_STARTS_PER_MINUTE``).
     ``console`` holds the web console's session limits (``FERRYMAN_CONSOLE_*``; the console
-    is under ``/console``: ``control.console``). ``store`` must have been opened with the
+    is under ``/console``: ``control.console``). ``node_certificates_per_day`` bounds a node's
+    renewals (``FERRYMAN_NODE_CERTIFICATES_PER_DAY``). ``store`` must have been opened with the
     secrets key (``store.box``).
     """
     api = Api(store, ca, edges_public, heartbeat_interval, cert_lifetime_days, token_signer=token_signer,
               oidc=None if oidc is None else Oidc(oidc), sign_in_limits=sign_in_limits, refresh_grace=refresh_grace,
-              oidc_starts_per_minute=oidc_starts_per_minute)
+              oidc_starts_per_minute=oidc_starts_per_minute, node_certificates_per_day=node_certificates_per_day)
     following: list[asyncio.Task[None]] = []
     listeners: list[notify.ChangeListener] = []
 

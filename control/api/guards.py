@@ -76,6 +76,7 @@ from .throttle import SharedSignInLimiter, SignInLimiter, SignInLimits, SourceRa
 DEFAULT_HEARTBEAT_INTERVAL = 30.0  # seconds between node heartbeats, for active/inactive status
 DEFAULT_REFRESH_GRACE = 30.0  # seconds a refresh token just rotated may be retried (FERRYMAN_REFRESH_GRACE)
 DEFAULT_OIDC_STARTS_PER_MINUTE = 20  # per source address (FERRYMAN_OIDC_STARTS_PER_MINUTE)
+DEFAULT_NODE_CERTIFICATES_PER_DAY = 4  # per node, its registration included (FERRYMAN_NODE_CERTIFICATES_PER_DAY)
 MAX_TRACKED_TOTP_USERS = 100_000
 _MAX_NODE_TOKEN = 16384  # characters; a token with a P-256 certificate is about 1.5 KiB
 # joserfc's default header limit (512 bytes) is below a header carrying a certificate (x5c).
@@ -189,7 +190,8 @@ class Api:
                  heartbeat_interval: float, cert_lifetime_days: int = DEFAULT_LIFETIME_DAYS, *,
                  token_signer: TokenSigner, oidc: Oidc | None = None, sign_in_limits: SignInLimits | None = None,
                  refresh_grace: float = DEFAULT_REFRESH_GRACE,
-                 oidc_starts_per_minute: int = DEFAULT_OIDC_STARTS_PER_MINUTE) -> None:
+                 oidc_starts_per_minute: int = DEFAULT_OIDC_STARTS_PER_MINUTE,
+                 node_certificates_per_day: int = DEFAULT_NODE_CERTIFICATES_PER_DAY) -> None:
         if store.box is None:
             raise ValueError("the store must be opened with the secrets key (open_store(url, SecretBox.open(...)))")
         self.store = store
@@ -197,6 +199,7 @@ class Api:
         self.edges_public = list(edges_public)
         self.heartbeat_interval = heartbeat_interval
         self.cert_lifetime_days = cert_lifetime_days
+        self.node_certificates_per_day = node_certificates_per_day  # a node's renewals are refused beyond
         self.hub = SnapshotHub()
         # One process: in memory. PostgreSQL (several nodes may share it): in the database.
         shared = SharedGuards(store) if notify.listens(store) else None

@@ -9,7 +9,8 @@
   flows, the configuration version it runs); the admin API shows it active while they
   keep coming.
 - ``POST /v1/node/renew``: a CSR for a fresh key; returns a new certificate for the same
-  node (same role, name and, for an edge, the same host names) and the CA bundle.
+  node (same role, name and, for an edge, the same host names) and the CA bundle; at most
+  ``FERRYMAN_NODE_CERTIFICATES_PER_DAY`` certificates per node in 24 hours (429 beyond).
 - ``POST /v1/node/traffic``: a batch of an edge's traffic log records.
 - ``GET /v1/node/presence?after=TAG&wait=S`` (edges): which edge holds tunnels to which
   connectors (``presence.py``).
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import anyio.to_thread
@@ -24,7 +26,7 @@ import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from litestar import Request, Response, get, post
-from litestar.exceptions import PermissionDeniedException, ValidationException
+from litestar.exceptions import HTTPException, PermissionDeniedException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
@@ -119,6 +121,15 @@ def _renew(api: Api, node: NodeCaller, data: RenewIn) -> RenewOut:
         if row.cert_serial != serial:
             raise PermissionDeniedException(f"certificate {serial} was already renewed (the current one is "
                                             f"{row.cert_serial}): renew with the current certificate")
+        # A node renews once in most of its certificate's lifetime. A stolen key renewing in a loop
+        # would make each renewal a configuration change for every node (a connector's) and grow
+        # the serials every snapshot lists.
+        day_ago = datetime.now(UTC) - timedelta(days=1)
+        issued_today = certificates.certificates_issued_since(session, node.node_id, day_ago)
+        if issued_today >= api.node_certificates_per_day:
+            raise HTTPException(status_code=429, headers={"Retry-After": "3600"},
+                                detail=f"{node.role} {node.name!r} was issued {issued_today} certificates in the "
+                                       f"last 24 hours, the most a node may be (FERRYMAN_NODE_CERTIFICATES_PER_DAY)")
         issued = api.ca.sign_csr(data.csr_pem.encode(), role=node.role, name=pki.certificate_identity(
             node.certificate, node.certificate.public_bytes(serialization.Encoding.DER), "the certificate").name,
             hosts=hosts or None, lifetime_days=api.cert_lifetime_days)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from .audit import change, record_change, row_state
@@ -50,6 +50,12 @@ def node_for_certificate(session: Session, serial: int) -> Connector | Edge | No
     if row is None:
         return None
     return session.get(Connector if row.role == "connector" else Edge, row.node_id)
+
+
+def certificates_issued_since(session: Session, node_id: str, since: datetime) -> int:
+    """How many certificates node ``node_id`` was issued at ``since`` or later (registration and renewals)."""
+    return session.scalar(select(func.count()).select_from(IssuedCertificate).where(
+        IssuedCertificate.node_id == node_id, IssuedCertificate.issued_at >= since)) or 0
 
 
 def node_certificates(session: Session, node_id: str) -> list[IssuedCertificate]:
