@@ -15,9 +15,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import struct
+import subprocess
 import time
 import types
 
@@ -217,7 +219,7 @@ def stub_client(**settings: object) -> types.SimpleNamespace:
     return types.SimpleNamespace(
         settings=msgspec.structs.replace(Settings(), **settings), stats=Stats("client", "test"),
         socket_buffer=64 * 1024, route=lambda host, port, protocol="tcp": "direct", open=opened.append,
-        opened=opened)
+        opened=opened, local_users=process.LocalUsers(str(settings.get("local_users", ""))))
 
 
 class _Echo(asyncio.Protocol):
@@ -403,6 +405,78 @@ def test_local_front_ends_close_a_handshake_that_does_not_complete_in_time():
             server.close()
 
     uvloop.run(main())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as another user (needs root)")
+def test_another_local_user_cannot_use_the_agents_listeners():
+    """The listeners carry the signed-in user's identity: a process of another local account
+    (uid 65534, run by this test) is refused by SOCKS5 (closed), HTTP CONNECT (403), a TCP
+    forward (closed, no flow opened) and a UDP forward (no flow), while this process's own
+    connections are served; FERRYMAN_LOCAL_USERS naming that account lets it in."""
+    from dataplane.client.forwards import Forward, UdpForward, forward_flow
+
+    def as_nobody(*command: str) -> subprocess.CompletedProcess:
+        """``command`` run by uid 65534: curl, a real client nobody here wrote (bash for UDP)."""
+        return subprocess.run(command, user=65534, group=65534, extra_groups=[], capture_output=True, text=True,
+                              timeout=15)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        client = stub_client()
+        forward = Forward("127.0.0.1", 0, "10.9.9.9", 22)
+        servers = [await loop.create_server(factory, "127.0.0.1", 0) for factory in (
+            lambda: socks.Socks5(client), lambda: httpconnect.HttpConnect(client), lambda: forward_flow(client, forward))]
+        socks_port, http_port, forward_port = (srv.sockets[0].getsockname()[1] for srv in servers)
+        udp, _ = await loop.create_datagram_endpoint(lambda: UdpForward(client, forward), local_addr=("127.0.0.1", 0))
+        udp_port = udp.get_extra_info("sockname")[1]
+
+        run = functools.partial(loop.run_in_executor, None)
+        target = "http://127.0.0.1:9/"  # (nothing is dialed for the other account)
+        done = await run(lambda: as_nobody("curl", "-sS", "--max-time", "5", "--socks5", f"127.0.0.1:{socks_port}",
+                                           target))
+        assert "Connection reset by peer" in done.stderr, done.stderr  # before any SOCKS answer
+        done = await run(lambda: as_nobody("curl", "-sS", "--max-time", "5", "-p", "-x", f"http://127.0.0.1:{http_port}",
+                                           "-o", "/dev/null", "-w", "%{http_connect}", target))
+        assert done.stdout == "403", (done.stdout, done.stderr)
+        done = await run(lambda: as_nobody("curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{forward_port}/"))
+        assert "Connection reset by peer" in done.stderr or "Empty reply" in done.stderr, done.stderr
+        done = await run(lambda: as_nobody("bash", "-c", f"echo ping > /dev/udp/127.0.0.1/{udp_port}"))
+        assert done.returncode == 0, done.stderr
+        await asyncio.sleep(0.2)
+        assert client.opened == []  # nothing was opened for the other account
+        assert client.stats.open_failures == {"local_user_refused": 4}
+        assert client.stats.datagrams_dropped == {"local_user_refused": 1}
+
+        # This process (the agent's own user) is served by the same listeners.
+        reader, writer = await asyncio.open_connection("127.0.0.1", socks_port)
+        writer.write(b"\x05\x01\x00")
+        assert await _read_exactly(reader, 2) == b"\x05\x00"
+        writer.close()
+        _, fwd_writer = await asyncio.open_connection("127.0.0.1", forward_port)
+        deadline = loop.time() + 5
+        while not client.opened and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        assert len(client.opened) == 1 and client.opened[0].dest == ("10.9.9.9", 22)
+        fwd_writer.close()
+
+        # Named in FERRYMAN_LOCAL_USERS (by name here): let in.
+        client.local_users = process.LocalUsers("nobody")
+        done = await run(lambda: as_nobody("curl", "-sS", "--max-time", "5", "-p", "-x", f"http://127.0.0.1:{http_port}",
+                                           "-o", "/dev/null", "-w", "%{http_connect}", target))
+        assert done.stdout == "502", (done.stdout, done.stderr)  # served: port 9 refuses the direct dial
+        for server in servers:
+            server.close()
+        udp.close()
+
+    uvloop.run(main())
+
+
+def test_local_users_are_parsed_from_names_and_uids():
+    users = process.LocalUsers("nobody, 1234", own_uid=1000)
+    assert users.uids == {0, 1000, 1234, 65534} and not users.everyone
+    assert process.LocalUsers("*").everyone
+    with pytest.raises(ValueError, match="FERRYMAN_LOCAL_USERS: no local user 'no-such-user-here'"):
+        process.LocalUsers("no-such-user-here")
 
 
 def test_socks_udp_associate_direct():

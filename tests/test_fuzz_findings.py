@@ -15,6 +15,7 @@ from dnslib import RCODE, DNSRecord
 
 from dataplane.basics.metrics import Stats
 from dataplane.client import dns, socks
+from dataplane.client.process import LocalUsers
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -58,8 +59,9 @@ def test_socks_udp_datagram_naming_no_host_name_is_dropped_and_counted(name: byt
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_socks_connect_to_no_host_name_gets_address_type_error(name: bytes) -> None:
     async def main() -> _Transport:
-        # refused before any flow: the client is asked only for its handshake timeout
-        client = types.SimpleNamespace(settings=types.SimpleNamespace(handshake_timeout=10.0))
+        # refused before any flow: the client is asked only for its handshake timeout and local users
+        client = types.SimpleNamespace(settings=types.SimpleNamespace(handshake_timeout=10.0),
+                                       local_users=LocalUsers("*"))
         proto = socks.Socks5(client=client)  # type: ignore[arg-type]
         transport = _Transport()
         proto.connection_made(transport)  # type: ignore[arg-type]

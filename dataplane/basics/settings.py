@@ -206,6 +206,7 @@ class ClientSettings(DialerSettings, kw_only=True):
     dns_cache: int = 10000
     process_lookup: str = "on"
     process_lookup_wait: float = 0.004
+    local_users: str = ""
     transparent: str = "off"
 
 
@@ -321,6 +322,7 @@ VARIABLES: dict[str, str] = {
     "dns_cache": "Client: most DNS answers kept in the resolver's cache (each for its TTL).",
     "process_lookup_wait": "Client: seconds an OPEN waits at most for the process lookup (then it goes without the process name).",
     "transparent": "Client: `on` captures TCP to the forwarding profile's private addresses (and the addresses the private DNS resolver answered) transparently with nftables redirect rules on Linux (root); `off` captures only what forwards, SOCKS5 and HTTP CONNECT are given.",
+    "local_users": "Client: local accounts (user names or uids, comma-separated) that may use the agent's SOCKS5, HTTP CONNECT and forward listeners besides the agent's own user and root; `*` lets every account in. Linux: another account's connection is closed (HTTP CONNECT answers 403), counted as `local_user_refused` in `ferryman_open_failures_total`. Transparent capture and the DNS resolver serve every account.",
     "process_lookup": "Client: `on` finds the process (name, pid) behind each captured connection on Linux and sends it for the traffic log; `off` skips it.",
     "transport": "Connector/client: tunnel transport to the edges: `tcp` (TLS 1.3 over TCP), `quic`, or `auto` (QUIC, falling back to TLS/TCP when UDP is blocked and trying QUIC again later).",
     "edge_quic": "Edge: `on` also serves QUIC tunnels on UDP at the FERRYMAN_EDGE_LISTEN port; `off` serves TLS/TCP only.",

@@ -7,14 +7,38 @@ edge answers), one it routes ``"direct"`` a ``DirectRelay`` dialed from this dev
 way ``on_result(code, reason)`` is called once the outcome is known, with the same codes
 (``""``: connected), so the front end answers the app in its own protocol; after a failure
 the connection is closed. Bytes the app sent right after its request (``early``) go first.
+
+``local_user_refusal`` is the front ends' first step: why the account behind a connection may
+not use the agent (``FERRYMAN_LOCAL_USERS``, ``process.LocalUsers``), counted and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from .direct import DirectRelay, Result
 from .opener import ClientFlow, FlowOpener
+
+log = logging.getLogger("ferryman.capture")
+
+
+def local_user_refusal(opener: FlowOpener, transport: asyncio.BaseTransport, protocol: str = "tcp",
+                       peer: tuple[str, int] | None = None) -> str:
+    """Why the local account behind ``transport``'s connection (or, for UDP, the sender at
+    ``peer``) may not use the agent: "" when it may. A refusal is counted
+    (``local_user_refused`` in ``ferryman_open_failures_total``) and logged at a limited rate."""
+    if peer is None:
+        peer = transport.get_extra_info("peername")
+    ours = transport.get_extra_info("sockname")
+    why = opener.local_users.refusal(protocol, peer[:2] if peer else None,
+                                     ours[:2] if ours and protocol == "tcp" else None)
+    if why:
+        stats = opener.stats
+        stats.count(stats.open_failures, "local_user_refused")
+        stats.log_limit.log(log, logging.WARNING, ("local_user", why), "local connection refused",
+                            {"source": f"{peer[0]}:{peer[1]}" if peer else "?", "reason": why})
+    return why
 
 
 def connect(opener: FlowOpener, transport: asyncio.Transport, dest: tuple[str, int], early: bytes,

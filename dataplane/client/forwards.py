@@ -16,6 +16,7 @@ import msgspec
 from ..basics.hostport import parse_hostport
 from ..transport.udpflow import UdpFlow
 from ..transport.udpio import UdpEndpoint
+from .capture import local_user_refusal
 from .opener import ClientFlow, FlowOpener
 
 
@@ -55,7 +56,13 @@ def forward_flow(opener: FlowOpener, forward: Forward) -> ClientFlow:
         if code:
             flow.abort(code, reason)
 
-    return ClientFlow(opener, (forward.host, forward.port), opened, on_connect=opener.open)
+    def connected(flow: ClientFlow) -> None:
+        if flow.transport is not None and local_user_refusal(opener, flow.transport):
+            flow.transport.abort()  # another local account: nothing is opened
+            return
+        opener.open(flow)
+
+    return ClientFlow(opener, (forward.host, forward.port), opened, on_connect=connected)
 
 
 class UdpForward(asyncio.DatagramProtocol):
@@ -81,6 +88,9 @@ class UdpForward(asyncio.DatagramProtocol):
                 return
             transport = self.transport
             assert transport is not None
+            if local_user_refusal(client, transport, "udp", addr):  # another local account's socket
+                client.stats.count(client.stats.datagrams_dropped, "local_user_refused")
+                return
             flow = UdpFlow(client, lambda d, a=addr: transport.sendto(d, a), self._closed,
                            idle=settings.udp_idle_timeout, queue=settings.udp_queue,
                            dest=(self.forward.host, self.forward.port), peer=f"{addr[0]}:{addr[1]}",

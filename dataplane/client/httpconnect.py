@@ -29,7 +29,7 @@ import re
 import h11
 
 from ..basics.hostport import is_host_name
-from .capture import connect
+from .capture import connect, local_user_refusal
 from .opener import FlowOpener
 
 log = logging.getLogger("ferryman.httpconnect")
@@ -112,6 +112,12 @@ class HttpConnect(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        why = local_user_refusal(self.client, transport)
+        if why:  # another local account (logged there, at a limited rate)
+            self.done = True
+            self.transport.write(response(403, why))
+            self.transport.close()
+            return
         # A request head that never completes would hold a file descriptor for ever.
         self.timer = asyncio.get_running_loop().call_later(self.client.settings.handshake_timeout, self._expired)
 

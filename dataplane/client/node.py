@@ -54,7 +54,7 @@ from .dns import Resolver
 from .forwards import Forward, UdpForward, forward_flow
 from .httpconnect import HttpConnect
 from .opener import ClientFlow, NameRoute, Route
-from .process import ProcessFinder, parse_addr
+from .process import LocalUsers, ProcessFinder, parse_addr
 from .profile import Profile, ProfileFollower
 from .signin import TokenKeeper, default_directory
 from .socks import Socks5
@@ -107,6 +107,8 @@ class Client(EndpointNode[None]):
         self.transparent: Transparent | None = None  # with FERRYMAN_TRANSPARENT=on
         if settings.transparent == "on":
             check_usable()  # ValueError: not Linux, not root, no nft
+        # Who on this device may use the listeners (the signed-in user's identity): ValueError for an unknown name.
+        self.local_users = LocalUsers(settings.local_users)
         self.stats.extra = {
             "ferryman_client_forwards_ready": (
                 "Forwards whose destination answered a probe", lambda: float(sum(1 for v in self.probe_ok.values() if not v))),
@@ -190,6 +192,7 @@ class Client(EndpointNode[None]):
             udp.close()
         if self.processes is not None:
             self.processes.close()
+        self.local_users.close()
         keeper.cancel()
         if tokens is not None:
             tokens.cancel()

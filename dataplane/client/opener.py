@@ -18,6 +18,7 @@ from ..basics.metrics import Stats
 from ..basics.settings import ClientSettings
 from ..transport.socketflow import FlowNode, SocketFlow
 from ..transport.udpflow import UdpFlow
+from .process import LocalUsers
 from .profile import Profile
 
 Route = Literal["tunnel", "direct"]
@@ -37,6 +38,7 @@ class FlowOpener(Protocol):
     stats: Stats
     socket_buffer: int
     profile: Profile | None  # the forwarding profile (None: everything captured is private)
+    local_users: LocalUsers  # who on this device may use the listeners
 
     def route(self, host: str, port: int, protocol: str = "tcp") -> Route:
         """Where a captured connection to host:port goes: through the tunnel, or direct."""

@@ -38,6 +38,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -183,6 +184,73 @@ class SocketTable:
             elif f[1] == any_local and fallback is None:
                 fallback = (int(f[9]), int(f[7]))
         return fallback
+
+
+class LocalUsers:
+    """Which local accounts may use the agent's SOCKS5, HTTP CONNECT and forward listeners
+    (``FERRYMAN_LOCAL_USERS``): the agent's own user and root always, and those ``spec``
+    names (user names or uids, comma-separated); ``*`` lets every account in.
+
+    A connection's account is the owner of the app's socket (``SocketTable``, the step 1
+    above: a ``sock_diag`` query answered on the event loop, so each check costs about 10 µs).
+    A connection from an address of this host whose socket is not found is refused; one from
+    another host (a listener bound beyond loopback) has no local account and is let in. Off
+    Linux, and for ``*``, nothing is checked.
+    """
+
+    def __init__(self, spec: str, *, own_uid: int | None = None) -> None:
+        self.everyone = spec.strip() == "*" or not sys.platform.startswith("linux")
+        self.uids = {0, os.getuid() if own_uid is None else own_uid}
+        for item in (part.strip() for part in spec.split(",")):
+            if not item or item == "*":
+                continue
+            if item.isdigit():
+                self.uids.add(int(item))
+                continue
+            import pwd  # (POSIX only)
+
+            try:
+                self.uids.add(pwd.getpwnam(item).pw_uid)
+            except KeyError:
+                raise ValueError(f"FERRYMAN_LOCAL_USERS: no local user {item!r}") from None
+        self._table: SocketTable | None = None
+
+    def refusal(self, protocol: str, app: Addr | None, ours: Addr | None) -> str:
+        """Why the connection (or UDP sender) at ``app`` that reached our ``ours`` may not use the
+        agent ("" when it may)."""
+        if self.everyone or app is None:
+            return ""
+        if self._table is None:
+            self._table = SocketTable()
+        found = self._table.find(protocol, app, ours)
+        if found is None:
+            if _local_address(app[0]):
+                return f"the local socket at {app[0]}:{app[1]} and its owner were not found"
+            return ""
+        uid = found[1]
+        if uid in self.uids:
+            return ""
+        return f"local user {uid} may not use this agent (FERRYMAN_LOCAL_USERS)"
+
+    def close(self) -> None:
+        if self._table is not None:
+            self._table.close()
+            self._table = None
+
+
+def _local_address(ip: str) -> bool:
+    """``ip`` is loopback or an address of this host (it can bind it)."""
+    address = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return True
+    try:
+        with socket.socket(_family(str(address)), socket.SOCK_DGRAM) as probe:
+            probe.bind((str(address), 0))
+    except OSError:
+        return False
+    return True
 
 
 class OwnerIndex:

@@ -30,7 +30,7 @@ import struct
 
 from ..basics.hostport import is_host_name
 from ..transport.udpflow import UdpFlow
-from .capture import connect
+from .capture import connect, local_user_refusal
 from .direct import DirectUdp
 from .opener import FlowOpener
 
@@ -134,6 +134,9 @@ class Socks5(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if local_user_refusal(self.client, transport):
+            transport.abort()  # another local account: nothing is answered
+            return
         # A connection that never finishes its handshake would hold a file descriptor for ever;
         # enough of them and the agent could not dial its edge or write its state.
         self.timer = asyncio.get_running_loop().call_later(self.client.settings.handshake_timeout, self._expired)
