@@ -566,3 +566,52 @@ def test_direct_udp_refused_destination_drops_its_queue():
         assert client.stats.datagrams_dropped.get("flow_refused") == 2
 
     uvloop.run(main())
+
+
+def test_an_idle_dns_over_tcp_connection_is_closed(monkeypatch):
+    """A DNS-over-TCP connection holds a file descriptor: one that sends no complete query for
+    TCP_IDLE seconds while none is being answered is closed (a silent one, one trickling a
+    query, and one idle after its answer); answering first is not cut short."""
+    from dnslib import QTYPE, RR, A, DNSRecord
+
+    from dataplane.client import dns
+
+    monkeypatch.setattr(dns, "TCP_IDLE", 0.4)
+
+    class Upstream(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.t = transport
+
+        def datagram_received(self, data, addr):
+            reply = DNSRecord.parse(data).reply()
+            reply.add_answer(RR(str(reply.q.qname), QTYPE.A, rdata=A("192.0.2.1"), ttl=60))
+            self.t.sendto(reply.pack(), addr)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        upstream, _ = await loop.create_datagram_endpoint(Upstream, local_addr=("127.0.0.1", 0))
+        client = stub_client(dns_upstream=f"127.0.0.1:{upstream.get_extra_info('sockname')[1]}")
+        client.route_name = lambda name: "public"
+        resolver = dns.Resolver(client, ("127.0.0.1", 53))
+        server = await loop.create_server(lambda: dns.DnsTcp(resolver), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+
+        silent = await asyncio.open_connection("127.0.0.1", port)
+        trickling = await asyncio.open_connection("127.0.0.1", port)
+        query = DNSRecord.question("www.example.org", "A").pack()
+        trickling[1].write(struct.pack("!H", len(query)) + query[:5])
+        answered = await asyncio.open_connection("127.0.0.1", port)
+        answered[1].write(struct.pack("!H", len(query)) + query)
+        (size,) = struct.unpack("!H", await _read_exactly(answered[0], 2))
+        reply = DNSRecord.parse(await _read_exactly(answered[0], size))
+        assert [str(rr.rdata) for rr in reply.rr] == ["192.0.2.1"]
+        started = loop.time()
+        for reader, _ in (silent, trickling, answered):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert loop.time() - started < 3
+        for _, writer in (silent, trickling, answered):
+            writer.close()
+        server.close()
+        upstream.close()
+
+    uvloop.run(main())

@@ -50,6 +50,9 @@ NEGATIVE_TTL_MAX = 300
 TTL_MAX = 86400
 TUNNEL_PAYLOAD = 1232  # EDNS payload size for queries through the tunnel (the DNS flag day's value)
 TCP_PIPELINE = 64  # DNS-over-TCP queries of one connection waiting for their answers; reading pauses beyond
+# Seconds a DNS-over-TCP connection may go without a complete query while none is being answered
+# (RFC 7766 §6.2.3: servers close idle connections; 10 s as unbound's tcp-idle-timeout default).
+TCP_IDLE = 10.0
 MAX_PENDING = 1024  # queries being resolved at once; more are answered SERVFAIL (counted)
 
 
@@ -391,7 +394,8 @@ class DnsUdp(asyncio.DatagramProtocol):
 
 
 class DnsTcp(asyncio.Protocol):
-    """DNS over TCP (RFC 1035 §4.2.2: each message after a 2-byte length), answers in order."""
+    """DNS over TCP (RFC 1035 §4.2.2: each message after a 2-byte length), answers in order; a
+    connection without a complete query for ``TCP_IDLE`` seconds, none being answered, is closed."""
 
     def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
@@ -426,7 +430,13 @@ class DnsTcp(asyncio.Protocol):
 
     async def _work(self) -> None:
         while True:
-            message = await self.queue.get()
+            if self.queue.empty():
+                try:
+                    message = await asyncio.wait_for(self.queue.get(), TCP_IDLE)
+                except TimeoutError:
+                    break  # idle (or trickling a message): closed, so idle connections hold no descriptor
+            else:
+                message = self.queue.get_nowait()
             if message is None:
                 break
             transport = self.transport
