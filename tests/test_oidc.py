@@ -839,3 +839,34 @@ def test_pending_logins_are_bounded_and_expire() -> None:
         logins.claim(first.state, "cookie", now=10.5)
     with pytest.raises(OidcError, match="unknown, expired or was already opened"):
         logins.begin(first.begin_id, now=10.5)
+
+
+def test_the_loopback_listener_is_not_held_up_by_an_idle_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's loopback listener during an OIDC sign-in: a connection that sends nothing (a
+    browser's spare preconnect, another local process) neither holds up the browser's request
+    nor stays open longer than LOOPBACK_IDLE."""
+    import socket
+
+    from dataplane.client import signin
+
+    monkeypatch.setattr(signin, "LOOPBACK_IDLE", 0.5)
+    loopback = signin.Loopback()
+    loopback.begin_url = "https://control.example/v1/auth/oidc/begin"
+    try:
+        idle = socket.create_connection(("127.0.0.1", loopback.port), timeout=5)
+        started = time.monotonic()
+        request = urllib.request.Request(loopback.url)
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                return None
+
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.build_opener(NoRedirect).open(request, timeout=5)
+        assert answer.value.code == 302 and answer.value.headers["Location"] == loopback.begin_url
+        assert time.monotonic() - started < 0.4  # answered while the idle connection is open
+        assert idle.recv(1) == b""  # then the idle one is closed
+        assert time.monotonic() - started < 3
+        idle.close()
+    finally:
+        loopback.close()

@@ -204,6 +204,7 @@ def login(control: str, upn: str, password: str, *, directory: str, totp: str = 
 
 LOOPBACK_PATH = "/ferryman/oidc"  # where the control plane sends the browser back with the handoff
 BROWSER_WAIT = 60.0  # seconds the browser's last request waits for the agent to collect the tokens
+LOOPBACK_IDLE = 10.0  # seconds a connection to the listener may take to send its request (then closed)
 _HANDOFF_RE = re.compile(r"[A-Za-z0-9_-]{43,128}")
 
 
@@ -219,6 +220,10 @@ class Loopback:
         loopback = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            # A connection that sends nothing (a browser's spare preconnect, another local process) is
+            # closed after this; each connection has its own thread, so none holds up the browser's request.
+            timeout = LOOPBACK_IDLE
+
             def log_message(self, *_args: Any) -> None:  # the request line carries the handoff: never logged
                 pass
 
@@ -258,7 +263,8 @@ class Loopback:
                     status, title, message = 504, "sign-in unfinished", "The agent did not finish the sign-in in time."
                 self._send(status, title, message)
 
-        self._server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
         self.port: int = self._server.server_address[1]
         def serve() -> None:
             httpclient.block_stop_signals()  # Ctrl-C goes to the main thread, which is waiting on the sign-in
