@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from dataplane.access.destinations import DialPolicy
 from dataplane.basics import pki
 from dataplane.basics.pki import PeerCertificate
 from dataplane.basics.settings import ConnectorSettings
-from dataplane.connector import node as connector_node
+from dataplane.connector import dial
 from dataplane.connector.node import Connector
 from dataplane.contract.apps import Applications
 from dataplane.transport.credentials import NodeCredentials
@@ -156,17 +157,16 @@ def test_an_open_the_edge_resets_stops_its_name_resolution(pki_cache: str, proto
     asked: list[str] = []
     abandoned: list[str] = []
 
-    async def stalled(host: str, port: int, protocol: str, *, timeout: float, limit: int) -> None:
+    async def stalled(host: str, port: int, protocol: str, *, timeout: float, limit: int, key: str = "") -> None:
         asked.append(host)
         try:
             await asyncio.Event().wait()  # a name server that never answers
         finally:
             abandoned.append(host)
 
-    monkeypatch.setattr(connector_node, "resolve", stalled)
-
     async def run() -> None:
         node = make_connector(pki_cache)
+        monkeypatch.setattr(node.resolver, "resolve", stalled)
         tunnel, edge = tunnel_to_edge(node)
         fid = open_flow(tunnel, edge, "slow.corp.example", 5000, protocol)
         deliver(tunnel, edge)
@@ -242,3 +242,46 @@ def test_a_refused_address_is_logged_and_limited_by_the_grants_user_and_device(
     # FERRYMAN_LOG_LIMIT (2) lines for the grant's device, whatever device each OPEN named
     assert [(line["user"], line["connection"], line["address"], line["rule"]) for line in lines] == [
         ("alice@corp", "granted-0", "127.0.0.1", "loopback"), ("alice@corp", "granted-1", "127.0.0.1", "loopback")]
+
+
+def test_stalled_lookups_of_one_device_leave_the_resolver_to_the_others() -> None:
+    """A lookup the system resolver never answers holds its thread (it cannot be interrupted).
+    One device may hold a quarter of the resolver's threads: beyond, and when none is free, a
+    lookup fails at once (too_many_lookups) instead of queueing behind the stalled ones, so other
+    devices' names (here localhost, from /etc/hosts) still resolve; freed threads are taken again."""
+    release = threading.Event()
+
+    def system_resolver(host: str, port: int, type: int = 0) -> list:  # noqa: A002 - getaddrinfo's name
+        if host.startswith("stall"):
+            release.wait(30)  # a name server that never answers
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return socket.getaddrinfo(host, port, type=type)
+
+    async def run() -> None:
+        resolver = dial.Resolver(8, lookup=system_resolver)
+        assert resolver.share == 2
+
+        async def ask(host: str, key: str, timeout: float = 0.3) -> str:
+            try:
+                targets, _ = await resolver.resolve(host, 80, "tcp", timeout=timeout, limit=8, key=key)
+            except dial.DialError as exc:
+                return exc.code
+            return "ok" if targets else "none"
+
+        assert await asyncio.gather(ask("stall-1.corp.example", "dev-a"), ask("stall-2.corp.example", "dev-a")) == [
+            "dns_timeout", "dns_timeout"]
+        assert await ask("stall-3.corp.example", "dev-a") == "too_many_lookups"  # its two threads are still held
+        started = time.monotonic()
+        assert await ask("localhost", "dev-b", timeout=5) == "ok"  # another device is not held up
+        assert time.monotonic() - started < 1
+        for device in ("dev-c", "dev-d", "dev-e"):
+            assert await asyncio.gather(ask("stall-x.corp.example", device, 0.05),
+                                        ask("stall-y.corp.example", device, 0.05)) == ["dns_timeout"] * 2
+        assert resolver.running == 8
+        assert await ask("localhost", "dev-f") == "too_many_lookups"  # every thread is stalled: refused at once
+        release.set()
+        assert await until(lambda: resolver.running == 0 and resolver.per_key == {})
+        assert await ask("localhost", "dev-a", timeout=5) == "ok"
+        resolver.close()
+
+    asyncio.run(run())

@@ -186,6 +186,7 @@ class ConnectorSettings(DialerSettings, kw_only=True):
     grant_cache: int = 262144
     # what a flow's destination name resolves to, and which of its addresses are dialed
     resolve_timeout: float = 5.0
+    resolve_threads: int = 32
     dial_addresses: int = 8
     apps_file: str = ""
     # following the control plane (a registered connector)
@@ -308,6 +309,7 @@ VARIABLES: dict[str, str] = {
     "drain_grace": "Connector and edge: seconds running flows (an edge: and web requests) may take to finish after SIGTERM; meanwhile the node sends GOAWAY `draining` and takes no new flows (an edge: no new tunnels, `/ready` 503), then what still runs is cut. Edge with workers: the supervisor kills workers still running one second later. Client agent: seconds a tunnel replaced by another (its edge drains, or QUIC came back) may keep its flows.",
     "dial_timeout": "Connector: seconds to wait for a backend TCP connect.",
     "resolve_timeout": "Connector: seconds to resolve a flow's destination name (system resolver); then the OPEN fails with `dns_timeout`.",
+    "resolve_threads": "Connector: threads resolving flows' destination names (the system resolver), so most lookups at once; a lookup that stalls holds its thread until the system resolver gives up. One device or user may hold a quarter of them; a lookup beyond, or finding none free, fails at once (`too_many_lookups`).",
     "dial_addresses": "Connector: most addresses of a resolved name that are checked and tried, in the resolver's order (the rest are ignored).",
     "reconnect_min": "Connector/client: first reconnect delay in seconds (doubles, with jitter). A client agent also dials at most one replacement for a draining tunnel per this many seconds.",
     "reconnect_max": "Connector/client: ceiling of the reconnect delay in seconds.",
@@ -378,6 +380,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "edge_worker_restart_max": (0.25, 3600),
     "dial_timeout": (0.01, 600),
     "resolve_timeout": (0.01, 600),
+    "resolve_threads": (1, 1024),
     "dial_addresses": (1, 64),
     "open_timeout": (0.01, 600),
     "pending_opens_share": (0.001, 1),

@@ -45,7 +45,8 @@ DENIED = frozenset({
 })
 BAD_GATEWAY = frozenset({"dial_refused", "dial_error", "dns_error"})
 UNAVAILABLE = frozenset({"edge_unreachable", "no_connector", "tunnel_lost", "connector_lost", "draining",
-                         "no_config", "too_many_flows", "too_many_pending", "too_many_dials", "shutdown"})
+                         "no_config", "too_many_flows", "too_many_pending", "too_many_dials", "too_many_lookups",
+                         "shutdown"})
 TIMEOUT = frozenset({"open_timeout", "dial_timeout", "dns_timeout"})
 
 REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 408: "Request Timeout",

@@ -1,8 +1,14 @@
 """How the connector reaches a flow's destination: resolve once, check every address, connect only to those.
 
-``resolve`` turns the granted host into at most ``FERRYMAN_DIAL_ADDRESSES`` socket addresses,
-in the system resolver's order, within ``FERRYMAN_RESOLVE_TIMEOUT`` seconds (an address
-literal is used as it is, without asking anyone). ``checked`` asks the kernel how it routes
+``Resolver.resolve`` turns the granted host into at most ``FERRYMAN_DIAL_ADDRESSES`` socket
+addresses, in the system resolver's order, within ``FERRYMAN_RESOLVE_TIMEOUT`` seconds (an
+address literal is used as it is, without asking anyone). Names are looked up on the
+resolver's own ``FERRYMAN_RESOLVE_THREADS`` threads, not the event loop's small shared pool
+(libuv's four threads, which also resolve edges and the control plane): a lookup that stalls
+(a name server that never answers) cannot be interrupted and holds its thread until the
+system resolver gives up, so one device or user may hold at most a quarter of the threads
+and a lookup finding none free is refused (``too_many_lookups``) rather than queued behind
+the stalled ones. ``checked`` asks the kernel how it routes
 each address (``route_kind``: one netlink RTM_GETROUTE request, so that every address of
 this host counts, whichever interface holds it and whenever it was added) and passes each
 to ``access.destinations.DialPolicy.check``; only the addresses that pass are ever handed to
@@ -11,7 +17,7 @@ resolves the name a second time, so a DNS answer that changes between the check 
 connection (DNS rebinding) cannot bring in an address that was not checked.
 
 Every refusal is a ``DialError`` with the OPEN_FAIL code (``dns_error``, ``dns_timeout``,
-``destination_forbidden``, ``dial_refused``, ``dial_timeout``, ``dial_error``) and a reason.
+``too_many_lookups``, ``destination_forbidden``, ``dial_refused``, ``dial_timeout``, ``dial_error``) and a reason.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..access.destinations import (
@@ -54,43 +61,85 @@ class DialError(Exception):
 # ---------------------------------------------------------------------------- resolving
 
 
-async def resolve(host: str, port: int, protocol: str, *, timeout: float, limit: int) -> tuple[list[Target], int]:
-    """(the first ``limit`` distinct addresses of ``host``, how many more the resolver gave)."""
-    kind = socket.SOCK_DGRAM if protocol != "tcp" else socket.SOCK_STREAM
-    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ipaddress.ip_address(literal)
-    except ValueError:
-        pass
-    else:  # an address literal: no resolver involved (an IPv6 scope name becomes its index)
+class Resolver:
+    """A connector's resolution of flow destinations (module doc): ``threads`` lookups at once
+    at most, ``threads // 4`` (at least one) for any one key (a device or user); a lookup is
+    counted until its thread is done with it, not until its flow stops waiting."""
+
+    def __init__(self, threads: int, lookup: Callable[..., list[Any]] = socket.getaddrinfo) -> None:
+        self.threads = threads
+        self.share = max(1, threads // 4)
+        self.lookup = lookup
+        self.running = 0
+        self.per_key: dict[str, int] = {}
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="resolve")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def resolve(self, host: str, port: int, protocol: str, *, timeout: float, limit: int,
+                      key: str = "") -> tuple[list[Target], int]:
+        """(the first ``limit`` distinct addresses of ``host``, how many more the resolver gave)."""
+        kind = socket.SOCK_DGRAM if protocol != "tcp" else socket.SOCK_STREAM
+        literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         try:
-            family, _type, _proto, _name, sockaddr = socket.getaddrinfo(literal, port, type=kind,
-                                                                        flags=socket.AI_NUMERICHOST)[0]
-        except (socket.gaierror, UnicodeError) as exc:
-            raise DialError("dns_error", f"cannot use address {host}: {exc}") from None
-        return [(family, sockaddr)], 0
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(host, port, type=kind)
-    except TimeoutError:
-        raise DialError("dns_timeout", f"cannot resolve {host} within {timeout:g}s") from None
-    except socket.gaierror as exc:
-        raise DialError("dns_error", f"cannot resolve {host}: {exc.strerror}") from None
-    except UnicodeError as exc:  # the IDNA codec refuses the name (an empty or too long label, ...)
-        raise DialError("dns_error", f"cannot resolve {host!r}: not a valid host name ({exc})") from None
-    except OSError as exc:
-        raise DialError("dns_error", f"cannot resolve {host}: {exc.strerror or exc}") from None
-    seen: set[str] = set()
-    targets: list[Target] = []
-    for family, _type, _proto, _name, sockaddr in infos:
-        if family not in (socket.AF_INET, socket.AF_INET6) or sockaddr[0] in seen:
-            continue
-        seen.add(sockaddr[0])
-        targets.append((family, sockaddr))
-    if not targets:
-        raise DialError("dns_error", f"cannot resolve {host}: no IPv4 or IPv6 address")
-    return targets[:limit], max(0, len(targets) - limit)
+            ipaddress.ip_address(literal)
+        except ValueError:
+            pass
+        else:  # an address literal: no resolver involved (an IPv6 scope name becomes its index)
+            try:
+                family, _type, _proto, _name, sockaddr = socket.getaddrinfo(literal, port, type=kind,
+                                                                            flags=socket.AI_NUMERICHOST)[0]
+            except (socket.gaierror, UnicodeError) as exc:
+                raise DialError("dns_error", f"cannot use address {host}: {exc}") from None
+            return [(family, sockaddr)], 0
+        held = self.per_key.get(key, 0)
+        if held >= self.share:
+            raise DialError("too_many_lookups", f"cannot resolve {host}: {held} lookups for {key or 'this client'} "
+                                                f"are still running, the most one device may have "
+                                                f"(a quarter of FERRYMAN_RESOLVE_THREADS)")
+        if self.running >= self.threads:
+            raise DialError("too_many_lookups", f"cannot resolve {host}: all {self.threads} resolver threads are "
+                                                f"busy (FERRYMAN_RESOLVE_THREADS)")
+        self.running += 1
+        self.per_key[key] = held + 1
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._lookup, host, port, kind)
+        future.add_done_callback(lambda done: self._done(key, done))
+        try:
+            async with asyncio.timeout(timeout):
+                infos = await asyncio.shield(future)
+        except TimeoutError:
+            raise DialError("dns_timeout", f"cannot resolve {host} within {timeout:g}s") from None
+        except socket.gaierror as exc:
+            raise DialError("dns_error", f"cannot resolve {host}: {exc.strerror}") from None
+        except UnicodeError as exc:  # the IDNA codec refuses the name (an empty or too long label, ...)
+            raise DialError("dns_error", f"cannot resolve {host!r}: not a valid host name ({exc})") from None
+        except OSError as exc:
+            raise DialError("dns_error", f"cannot resolve {host}: {exc.strerror or exc}") from None
+        seen: set[str] = set()
+        targets: list[Target] = []
+        for family, _type, _proto, _name, sockaddr in infos:
+            if family not in (socket.AF_INET, socket.AF_INET6) or sockaddr[0] in seen:
+                continue
+            seen.add(sockaddr[0])
+            targets.append((family, sockaddr))
+        if not targets:
+            raise DialError("dns_error", f"cannot resolve {host}: no IPv4 or IPv6 address")
+        return targets[:limit], max(0, len(targets) - limit)
+
+    def _lookup(self, host: str, port: int, kind: int) -> list[Any]:
+        return self.lookup(host, port, type=kind)
+
+    def _done(self, key: str, future: asyncio.Future[list[Any]]) -> None:
+        """A lookup's thread is free again (its answer, error or cancellation is in)."""
+        if not future.cancelled():
+            future.exception()  # retrieved: a lookup that ended after its flow stopped waiting is not an error
+        self.running -= 1
+        left = self.per_key[key] - 1
+        if left:
+            self.per_key[key] = left
+        else:
+            del self.per_key[key]
 
 
 # ---------------------------------------------------------------------------- the kernel's view of an address

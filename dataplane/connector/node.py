@@ -58,7 +58,7 @@ from ..transport.udpflow import UdpFlow
 from ..transport.udpio import UdpEndpoint
 from ..wire import events as ev
 from ..wire.frames import Open
-from .dial import DialError, Target, checked, connect_tcp, connect_udp, resolve
+from .dial import DialError, Resolver, Target, checked, connect_tcp, connect_udp
 from . import placement
 from .relayed import DecidingEdges
 
@@ -100,6 +100,7 @@ class Connector(EndpointNode[EdgeKey]):
         # Each tunnel's dials in flight. A dial leaves only once it has ended (its socket closed): the
         # edge's RST frees an OPEN's pending slot at once, so that count alone would not bound them.
         self.dialing: dict[ConnectorTunnel, set[asyncio.Task[None]]] = {}
+        self.resolver = Resolver(settings.resolve_threads)  # flow destinations' names (``dial``)
         self.draining = False
         self._ssl = credentials.client_context()
         # Every tunnel sends the edge a fresh grant key in HELLO: the edge MACs each flow's grant with it.
@@ -142,6 +143,7 @@ class Connector(EndpointNode[EdgeKey]):
                              return_exceptions=True)
         if metrics is not None:
             metrics.close()
+        self.resolver.close()
 
     # ------------------------------------------------------------------ control plane
     def _configure(self, snapshot: ConfigSnapshot) -> None:
@@ -449,8 +451,9 @@ class Connector(EndpointNode[EdgeKey]):
         each address checked by the dial policy for the grant's application; ``DialError`` when none is left."""
         s = self.settings
         app = claims.app
-        targets, dropped = await resolve(host, port, "udp" if request.protocol != "tcp" else "tcp",
-                                         timeout=s.resolve_timeout, limit=s.dial_addresses)
+        targets, dropped = await self.resolver.resolve(host, port, "udp" if request.protocol != "tcp" else "tcp",
+                                                       timeout=s.resolve_timeout, limit=s.dial_addresses,
+                                                       key=claims.device or claims.user)
         if dropped:
             self.stats.count(self.stats.dial_refused, "too_many_addresses", dropped)
             log.info("resolved addresses ignored", extra={"dest": f"{host}:{port}", "used": len(targets),
