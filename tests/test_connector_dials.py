@@ -28,6 +28,7 @@ from dataplane.basics import pki
 from dataplane.basics.pki import PeerCertificate
 from dataplane.basics.settings import ConnectorSettings
 from dataplane.connector import dial
+from dataplane.connector import node as connector_node
 from dataplane.connector.node import Connector
 from dataplane.contract.apps import Applications
 from dataplane.transport.credentials import NodeCredentials
@@ -69,14 +70,14 @@ def written(tunnel: Tunnel) -> bytes:
 
 
 def open_flow(tunnel: Tunnel, edge: TunnelConnection, host: str, port: int, protocol: str = "tcp", *,
-              connection: str = "", unsigned: dict[str, str] | None = None) -> int:
-    """Queue an OPEN with a valid grant for alice@corp's device dev-1, application ``stall`` (``unsigned``:
-    the OPEN's own user, device or connection fields, when they say something else)."""
+              connection: str = "", unsigned: dict[str, str] | None = None, device: str = "dev-1") -> int:
+    """Queue an OPEN with a valid grant for alice@corp's device ``device``, application ``stall``
+    (``unsigned``: the OPEN's own user, device or connection fields, when they say something else)."""
     connection = connection or f"c{next(_connections)}"
     grant = grants.mac(tunnel.conn.grant_key, edge="edge-1", connector="connector-1", host=host, port=port,
-                       protocol=protocol, connection=connection, user="alice@corp", device="dev-1",
+                       protocol=protocol, connection=connection, user="alice@corp", device=device,
                        now=time.time(), app="stall")
-    said = {"user": "alice@corp", "device": "dev-1", "connection": connection, **(unsigned or {})}
+    said = {"user": "alice@corp", "device": device, "connection": connection, **(unsigned or {})}
     return edge.open_flow(Open(host=host, port=port, protocol=protocol, grant=grant, user=said["user"],
                                device=said["device"], connection=said["connection"]))
 
@@ -283,5 +284,36 @@ def test_stalled_lookups_of_one_device_leave_the_resolver_to_the_others() -> Non
         assert await until(lambda: resolver.running == 0 and resolver.per_key == {})
         assert await ask("localhost", "dev-a", timeout=5) == "ok"
         resolver.close()
+
+    asyncio.run(run())
+
+
+def test_one_device_holds_at_most_a_quarter_of_the_udp_and_dns_flows(pki_cache: str) -> None:
+    """Private DNS and UDP flows share FERRYMAN_MAX_UDP_FLOWS at a connector: one device that
+    opens them and leaves them idle gets a quarter (here 2 of 8), the others still get theirs;
+    a private DNS flow ends after 10 s idle at most, not FERRYMAN_UDP_IDLE_TIMEOUT."""
+    async def run() -> None:
+        node = make_connector(pki_cache, max_udp_flows=8, dns_server="127.0.0.1:5353")
+        tunnel, edge = tunnel_to_edge(node)
+        for _ in range(3):
+            open_flow(tunnel, edge, "rdp.corp.example", 53, "dns", device="dev-a")
+        open_flow(tunnel, edge, "rdp.corp.example", 53, "dns", device="dev-b")
+        answers: list[ev.Event] = deliver(tunnel, edge)
+
+        def answered() -> bool:
+            answers.extend(edge.receive_data(written(tunnel)))
+            return sum(isinstance(e, (ev.FlowAccepted, ev.FlowRejected)) for e in answers) == 4
+
+        assert await until(answered), answers
+        rejected = [e for e in answers if isinstance(e, ev.FlowRejected)]
+        assert [e.code for e in rejected] == ["too_many_udp_flows"]
+        assert "dev-a, the most one device may have" in rejected[0].reason
+        assert sum(isinstance(e, ev.FlowAccepted) for e in answers) == 3
+        assert node.udp_per_owner == {"dev-a": 2, "dev-b": 1}
+        assert {flow.idle for flow in node.udp_flows} == {connector_node.DNS_FLOW_IDLE}
+        for flow in list(node.udp_flows):
+            flow.close("test", "over")
+        assert node.udp_per_owner == {} and node.udp_owner == {}
+        tunnel.close("shutdown", "test over")
 
     asyncio.run(run())

@@ -339,7 +339,7 @@ VARIABLES: dict[str, str] = {
     "https_proxy": "Connector/client: HTTP CONNECT proxy URL for TLS/TCP tunnels (`http://[user:password@]host:port`); empty means the `HTTPS_PROXY`/`https_proxy` variable.",
     "no_proxy": "Connector/client: comma-separated hosts, domains (`.corp.example`) or CIDRs dialed without the proxy; empty means the `NO_PROXY`/`no_proxy` variable.",
     "udp_idle_timeout": "Seconds without a datagram either way after which a UDP flow ends.",
-    "max_udp_flows": "Client/connector: most UDP flows at once (per UDP forward at the client, in all at the connector).",
+    "max_udp_flows": "Client/connector: most UDP flows at once (per UDP forward at the client; at the connector UDP and private DNS flows in all, a quarter of them at most for one device).",
     "udp_queue": "Datagrams held per UDP flow while it opens or its tunnel is busy; beyond that they are dropped and counted.",
     "udp_buffer": "Client/connector: receive and send buffer in bytes asked for on each UDP socket (the kernel caps it at net.core.rmem_max/wmem_max).",
     "max_frame": "Largest frame payload accepted or sent, bytes.",

@@ -64,6 +64,8 @@ from .relayed import DecidingEdges
 
 log = logging.getLogger("ferryman.connector")
 
+DNS_FLOW_IDLE = 10.0  # seconds a private DNS flow (one query, its answer) may stay idle at most
+
 
 # The edge's certificate key: what a signed grant (from an edge that does not use this tunnel's
 # grant key) must verify with.
@@ -96,6 +98,10 @@ class Connector(EndpointNode[EdgeKey]):
         self._moved: list[asyncio.Event] = []
         self._moving: set[asyncio.Task[None]] = set()  # tunnels draining after a move
         self.udp_flows: set[UdpFlow] = set()
+        # Whose each UDP / private DNS flow is (the grant's device, else user) and how many each has:
+        # one device may hold a quarter of FERRYMAN_MAX_UDP_FLOWS.
+        self.udp_owner: dict[UdpFlow, str] = {}
+        self.udp_per_owner: dict[str, int] = {}
         self.udp_sockets: dict[UdpFlow, UdpEndpoint] = {}  # each UDP flow's backend socket
         # Each tunnel's dials in flight. A dial leaves only once it has ended (its socket closed): the
         # edge's RST frees an OPEN's pending slot at once, so that count alone would not bound them.
@@ -343,9 +349,17 @@ class Connector(EndpointNode[EdgeKey]):
                          "for this tunnel (FERRYMAN_MAX_PENDING_OPENS)")
             return
         if request.protocol in ("udp", "dns"):
-            if len(self.udp_flows) >= self.settings.max_udp_flows:
+            limit = self.settings.max_udp_flows
+            if len(self.udp_flows) >= limit:
                 self._refuse(tunnel, event.flow_id, "too_many_udp_flows",
-                             f"connector {self.name} carries its maximum of {self.settings.max_udp_flows} UDP flows")
+                             f"connector {self.name} carries its maximum of {limit} UDP flows")
+                return
+            owner = claims.device or claims.user
+            held = self.udp_per_owner.get(owner, 0)
+            if held >= max(1, limit // 4):
+                self._refuse(tunnel, event.flow_id, "too_many_udp_flows",
+                             f"connector {self.name} carries {held} UDP and DNS flows of {owner}, the most one "
+                             f"device may have (a quarter of FERRYMAN_MAX_UDP_FLOWS)")
                 return
             target = (request.host, request.port)
             if request.protocol == "dns":  # a private name, resolved by this connector's DNS server
@@ -354,10 +368,15 @@ class Connector(EndpointNode[EdgeKey]):
                 except ValueError as exc:
                     self._refuse(tunnel, event.flow_id, "dns_error", f"connector {self.name}: {exc}")
                     return
-            udp = UdpFlow(self, _unset_send, self._udp_closed, idle=self.settings.udp_idle_timeout,
+            # A private DNS flow carries one query and its answer: it is not kept idle like a UDP conversation.
+            idle = self.settings.udp_idle_timeout if request.protocol == "udp" else min(
+                self.settings.udp_idle_timeout, DNS_FLOW_IDLE)
+            udp = UdpFlow(self, _unset_send, self._udp_closed, idle=idle,
                           queue=self.settings.udp_queue, peer=f"{target[0]}:{target[1]}")
             udp.bind(tunnel, event.flow_id)
             self.udp_flows.add(udp)
+            self.udp_owner[udp] = owner
+            self.udp_per_owner[owner] = held + 1
             self._start_dial(tunnel, udp, self._dial(tunnel, udp, request, claims, target))
             return
         flow = SocketFlow(self)
@@ -439,7 +458,7 @@ class Connector(EndpointNode[EdgeKey]):
             return
         tunnel.routes.pop(flow.flow_id, None)
         if udp:
-            self.udp_flows.discard(flow)  # type: ignore[arg-type]
+            self._udp_forget(flow)  # type: ignore[arg-type]
         if flow.done or tunnel.closed:
             return
         flow.done = True
@@ -482,8 +501,18 @@ class Connector(EndpointNode[EdgeKey]):
             reason = f"{host} resolves to {targets[0][1][0]}: {reason}"
         raise DialError("destination_forbidden", reason)
 
-    def _udp_closed(self, flow: UdpFlow) -> None:
+    def _udp_forget(self, flow: UdpFlow) -> None:
         self.udp_flows.discard(flow)
+        owner = self.udp_owner.pop(flow, None)
+        if owner is not None:
+            left = self.udp_per_owner[owner] - 1
+            if left:
+                self.udp_per_owner[owner] = left
+            else:
+                del self.udp_per_owner[owner]
+
+    def _udp_closed(self, flow: UdpFlow) -> None:
+        self._udp_forget(flow)
         sock = self.udp_sockets.pop(flow, None)  # the backend socket, once dialed
         if sock is not None:
             sock.close()
