@@ -11,6 +11,7 @@ kernel drops further SYNs, so a connection to it stays in SYN_SENT (what ``/proc
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import os
@@ -317,3 +318,24 @@ def test_one_device_holds_at_most_a_quarter_of_the_udp_and_dns_flows(pki_cache: 
         tunnel.close("shutdown", "test over")
 
     asyncio.run(run())
+
+
+def test_the_dial_lists_are_the_recorded_groups_whatever_the_local_setting(pki_cache: str,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The control plane assigns groups: a connector run with another FERRYMAN_CONNECTOR_GROUP
+    (here none) than its record still applies its recorded group's dial lists, which used to be
+    skipped (no lists at all) while the edges sent it that group's flows."""
+    from dataplane.contract.snapshot import ConfigSnapshot, SnapConnector, SnapGroup
+
+    node = make_connector(pki_cache, connector_group="")
+    snapshot = ConfigSnapshot(version=3, issued_at="2026-12-06T00:00:00Z",
+                              groups=[SnapGroup(name="lab", denied_addresses=["10.0.0.0/8"])],
+                              connectors=[SnapConnector(id="c-1", name="connector-1", group="lab")])
+    with caplog.at_level(logging.WARNING, logger="ferryman.connector"):
+        node._configure(snapshot)
+        node._configure(snapshot)
+    assert node.policy.group == "lab" and [str(n) for n in node.policy.deny] == ["10.0.0.0/8"]
+    refusal = node.policy.check(ipaddress.ip_address("10.1.2.3"), app="", port=22, protocol="tcp")
+    assert refusal is not None and refusal.rule == "group_deny"
+    warned = [r for r in caplog.records if "records this connector in another group" in r.getMessage()]
+    assert len(warned) == 1  # once, not at every configuration

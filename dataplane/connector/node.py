@@ -118,6 +118,7 @@ class Connector(EndpointNode[EdgeKey]):
         # control plane's snapshots and/or FERRYMAN_APPS_FILE (without either: no special address).
         self.static_apps = Applications.load(settings.apps_file).apps if settings.apps_file else None
         self.policy = DialPolicy(settings.connector_group, apps=self.static_apps or ())
+        self._group_warned = ""  # the recorded group last warned about (it differs from the setting)
         self.follow_edges = follow_edges
         self.link: ControlLink | None = None
         if registered is not None:
@@ -155,11 +156,20 @@ class Connector(EndpointNode[EdgeKey]):
     def _configure(self, snapshot: ConfigSnapshot) -> None:
         self.revoked = revoked_set(snapshot)
         cut_revoked(self.tunnels, self.revoked, f"connector {self.name}")
+        # The group is the control plane's record of this connector (its own entry in the snapshot),
+        # never the local setting: with another group there, the recorded group's dial lists would
+        # not apply while the edges still send it that group's flows.
+        group = snapshot.connectors[0].group if snapshot.connectors else self.settings.connector_group
+        if group != self.settings.connector_group and group != self._group_warned:
+            self._group_warned = group
+            log.warning("the control plane records this connector in another group than FERRYMAN_CONNECTOR_GROUP "
+                        "says: its dial lists are the recorded group's",
+                        extra={"group": group, "setting": self.settings.connector_group})
         try:
             apps = self.static_apps if self.static_apps is not None else app_table(snapshot).apps
-            policy = DialPolicy.from_config(self.settings.connector_group, snapshot.groups, apps)
+            policy = DialPolicy.from_config(group, snapshot.groups, apps)
         except ValueError as exc:  # SnapshotError included: the link keeps the previous configuration
-            raise SnapshotError(f"connector group {self.settings.connector_group!r}: {exc}") from None
+            raise SnapshotError(f"connector group {group!r}: {exc}") from None
         if (policy.allow, policy.deny) != (self.policy.allow, self.policy.deny):
             log.info("dial lists updated", extra={"group": policy.group,
                                                   "allowed_addresses": ",".join(map(str, policy.allow)),
