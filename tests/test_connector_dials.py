@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
+import json
 import logging
 import os
 import socket
@@ -339,3 +340,75 @@ def test_the_dial_lists_are_the_recorded_groups_whatever_the_local_setting(pki_c
     assert refusal is not None and refusal.rule == "group_deny"
     warned = [r for r in caplog.records if "records this connector in another group" in r.getMessage()]
     assert len(warned) == 1  # once, not at every configuration
+
+
+def test_a_grant_outside_the_groups_applications_is_refused(pki_cache: str, tmp_path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The edge decides a flow, but only within what this connector's group serves: a grant (from
+    any edge, valid) naming an application the group does not serve, or a destination outside its
+    application's segments, is refused destination_forbidden, while the application's own
+    destination is dialed. An application the connector learns from a configuration arriving
+    while the flow waits (it reached the edge first) is served."""
+    monkeypatch.setattr(connector_node, "CONFIG_CATCH_UP", 0.3)
+    with socket.socket() as backend:
+        backend.bind(("127.0.0.1", 0))
+        backend.listen(8)
+        port = backend.getsockname()[1]
+        apps = tmp_path / "apps.json"
+        apps.write_text(json.dumps({"apps": [
+            {"name": "stall", "segments": [{"destination": "127.0.0.1", "ports": str(port)}]},
+            {"name": "other", "connector_group": "lab", "segments": [{"destination": "127.0.0.2", "ports": "1-65535"}]},
+        ]}))
+
+        async def run() -> None:
+            node = make_connector(pki_cache, apps_file=str(apps))
+            assert sorted(node.served or ()) == ["stall"]  # its group's applications only
+            tunnel, edge = tunnel_to_edge(node)
+            answers: list[ev.Event] = []
+
+            def answered(count: int) -> Callable[[], bool]:
+                def check() -> bool:
+                    answers.extend(edge.receive_data(written(tunnel)))
+                    return sum(isinstance(e, (ev.FlowAccepted, ev.FlowRejected)) for e in answers) >= count
+                return check
+
+            inside = open_flow(tunnel, edge, "127.0.0.1", port)
+            other_port = open_flow(tunnel, edge, "127.0.0.1", port + 1 if port < 65535 else port - 1)
+            deliver(tunnel, edge)
+            assert await until(answered(2), 3)
+            by_flow = {e.flow_id: e for e in answers}
+            assert isinstance(by_flow[inside], ev.FlowAccepted)
+            refused = by_flow[other_port]
+            assert isinstance(refused, ev.FlowRejected) and refused.code == "destination_forbidden"
+            assert "is outside the segments of application 'stall'" in refused.reason
+            assert node.stats.dial_refused == {"not_served": 1}
+
+            # A grant naming another group's application (valid, from an edge that knows it).
+            grant = grants.mac(tunnel.conn.grant_key, edge="edge-1", connector="connector-1", host="127.0.0.2",
+                               port=80, protocol="tcp", connection="c-other", user="alice@corp", device="dev-1",
+                               now=time.time(), app="other")
+            foreign = edge.open_flow(Open(host="127.0.0.2", port=80, protocol="tcp", grant=grant, user="alice@corp",
+                                          device="dev-1", connection="c-other"))
+            deliver(tunnel, edge)
+            assert await until(answered(3), 3)
+            refused = next(e for e in answers if e.flow_id == foreign)
+            assert isinstance(refused, ev.FlowRejected) and refused.code == "destination_forbidden"
+            assert "application 'other' is not one this connector's group serves" in refused.reason
+
+            # An application that reaches this connector while the flow waits for it.
+            grant = grants.mac(tunnel.conn.grant_key, edge="edge-1", connector="connector-1", host="127.0.0.1",
+                               port=port, protocol="tcp", connection="c-new", user="alice@corp", device="dev-1",
+                               now=time.time(), app="new-app")
+            late = edge.open_flow(Open(host="127.0.0.1", port=port, protocol="tcp", grant=grant, user="alice@corp",
+                                       device="dev-1", connection="c-new"))
+            deliver(tunnel, edge)
+            await asyncio.sleep(0.05)
+            learned = Applications.from_obj({"apps": [
+                {"name": "new-app", "segments": [{"destination": "127.0.0.1", "ports": str(port)}]}]}).apps
+            node.policy = DialPolicy("default", apps=learned)  # as a configuration sets both
+            node._serve(learned, "default")
+            assert await until(answered(4), 3)
+            assert isinstance(next(e for e in answers if e.flow_id == late), ev.FlowAccepted)
+            tunnel.close("shutdown", "test over")
+
+        asyncio.run(run())

@@ -36,7 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from dnslib import OPCODE, DNSRecord
 
-from ..access.apptable import app_table
+from ..access.apptable import AppTable, app_table
 from ..access.destinations import DialPolicy, Refusal
 from ..access.grants import KEY_SIZE as GRANT_KEY_SIZE
 from ..access.grants import GrantClaims, GrantError, GrantVerifier
@@ -45,7 +45,7 @@ from ..basics.caps import HttpLimits, LogLimiter
 from ..basics.metrics import Stats, start_metrics_server
 from ..basics.pki import PeerCertificate
 from ..basics.settings import ConnectorSettings
-from ..contract.apps import Applications, AppsError
+from ..contract.apps import App, Applications, AppsError
 from ..contract.snapshot import ConfigSnapshot, SnapshotError, revoked_set
 from ..controllink.registration import Registration
 from ..controllink.link import ControlLink, Report, cut_revoked
@@ -65,6 +65,9 @@ from .relayed import DecidingEdges
 log = logging.getLogger("ferryman.connector")
 
 DNS_FLOW_IDLE = 10.0  # seconds a private DNS flow (one query, its answer) may stay idle at most
+# Seconds a grant for an application this connector does not know yet waits for the next
+# configuration (a new application reaches the edges and the connectors within about two seconds).
+CONFIG_CATCH_UP = 3.0
 
 
 # The edge's certificate key: what a signed grant (from an edge that does not use this tunnel's
@@ -119,6 +122,13 @@ class Connector(EndpointNode[EdgeKey]):
         self.static_apps = Applications.load(settings.apps_file).apps if settings.apps_file else None
         self.policy = DialPolicy(settings.connector_group, apps=self.static_apps or ())
         self._group_warned = ""  # the recorded group last warned about (it differs from the setting)
+        # The applications this connector's group serves, each as a table of its own segments: a
+        # grant's destination must lie in its application's segments (``_check_served``). None: no
+        # configuration names any (no control plane, no application file): nothing to check against.
+        self.served: dict[str, AppTable] | None = None
+        self._reconfigured: asyncio.Future[None] | None = None  # set by the next configuration
+        if self.static_apps is not None:
+            self._serve(self.static_apps, settings.connector_group)
         self.follow_edges = follow_edges
         self.link: ControlLink | None = None
         if registered is not None:
@@ -175,6 +185,7 @@ class Connector(EndpointNode[EdgeKey]):
                                                   "allowed_addresses": ",".join(map(str, policy.allow)),
                                                   "denied_addresses": ",".join(map(str, policy.deny))})
         self.policy = policy
+        self._serve(apps, group)
         if self.follow_edges and snapshot.edges:
             edges = []
             for edge in snapshot.edges:
@@ -187,6 +198,51 @@ class Connector(EndpointNode[EdgeKey]):
                 self.edges[:] = edges
                 if self._slots:  # running: tunnels move to the edges chosen now
                     self._place()
+
+    def _serve(self, apps: list[App], group: str) -> None:
+        """Serve ``apps`` of ``group`` from now on (and wake the dials waiting for a configuration)."""
+        mine = [app for app in apps if app.connector_group == group]
+        self.served = {app.name: AppTable([app]) for app in mine}
+        waiting, self._reconfigured = self._reconfigured, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    def _outside(self, request: Open, claims: GrantClaims) -> str:
+        """Why the grant's destination is not one of this connector's group's applications ("" when
+        it is): the edge decided the flow, but only within what the control plane says this group serves."""
+        served = self.served
+        if served is None or request.protocol == "dns":
+            # A private DNS query goes only to this connector's DNS server, for the granted name
+            # alone; a name no application covers is answered by the default group's connectors.
+            return ""
+        table = served.get(claims.app)
+        if table is None:
+            return f"application {claims.app!r} is not one this connector's group serves"
+        if table.match(request.host, request.port, request.protocol) is None:
+            return (f"{request.host}:{request.port}/{request.protocol} is outside the segments of application "
+                    f"{claims.app!r}")
+        return ""
+
+    async def _check_served(self, request: Open, claims: GrantClaims) -> None:
+        """``DialError`` ``destination_forbidden`` when the grant names what this connector's group does
+        not serve (``_outside``). An application the edge knows may not have reached this connector
+        yet: before refusing, the next configuration is waited for, ``CONFIG_CATCH_UP`` seconds at most."""
+        why = self._outside(request, claims)
+        if not why:
+            return
+        if self._reconfigured is None or self._reconfigured.done():
+            self._reconfigured = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reconfigured), CONFIG_CATCH_UP)
+        except TimeoutError:
+            pass
+        why = self._outside(request, claims)
+        if why:
+            self.stats.count(self.stats.dial_refused, "not_served")
+            self.stats.log_limit.log(log, logging.WARNING, claims.edge, "grant outside this connector's applications", {
+                "edge": claims.edge, "dest": f"{request.host}:{request.port}", "app": claims.app,
+                "user": claims.user, "connection": claims.connection, "reason": why})
+            raise DialError("destination_forbidden", f"connector {self.name}: {why}")
 
     def refuse_peer(self, peer: PeerCertificate) -> str | None:
         if peer.serial in self.revoked:
@@ -427,6 +483,7 @@ class Connector(EndpointNode[EdgeKey]):
         host, port = address or (request.host, request.port)
         udp = isinstance(flow, UdpFlow)
         try:
+            await self._check_served(request, claims)
             targets = await self._targets(request, claims, host, port)
             if udp:
                 stats = self.stats
