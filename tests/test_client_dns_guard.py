@@ -84,17 +84,22 @@ def test_private_answers_never_capture_local_special_or_unrelated_addresses() ->
     assert set(v4_only) == {"10.7.0.1", "10.7.0.2"}
 
 
-def test_only_the_names_own_ordinary_addresses_go_into_the_sets(monkeypatch) -> None:
+def _recording_capture(agent: _Agent, monkeypatch, ipv6: bool = False) -> tuple[tp.Transparent, list[str]]:
+    """Transparent capture as installed, its nft scripts recorded instead of run (no root needed)."""
     scripts: list[str] = []
 
-    async def fake_nft(script: str, *args: str) -> str:
+    async def recording_nft(script: str, *args: str) -> str:
         scripts.append(script)
         return ""
 
-    monkeypatch.setattr(tp, "_nft", fake_nft)
-    agent = _Agent()
+    monkeypatch.setattr(tp, "_nft", recording_nft)
     capture = tp.Transparent(agent)  # type: ignore[arg-type]
-    capture.installed, capture.port4, capture.port6 = True, 40001, 40002
+    capture.installed, capture.port4, capture.port6 = True, 40001, 40002 if ipv6 else 0
+    return capture, scripts
+
+
+def test_only_the_names_own_ordinary_addresses_go_into_the_sets(monkeypatch) -> None:
+    capture, scripts = _recording_capture(_Agent(), monkeypatch, ipv6=True)
     reply = _answer([_a(NAME, "127.0.0.1"), _a(NAME, "0.0.0.0"), _a(NAME, "169.254.1.1"), _a(NAME, "::1"),
                      _a("other.example", "203.0.113.9"), _a(NAME, "10.7.0.1", ttl=2**31 - 1)])
     assert asyncio.run(capture.dns_answered(NAME, reply))
@@ -249,17 +254,9 @@ def test_an_answer_whose_addresses_cannot_be_captured_is_passed_on_when_failing_
 
 
 def test_left_out_records_are_counted_and_logged_at_a_limited_rate(monkeypatch, caplog) -> None:
-    scripts: list[str] = []
-
-    async def fake_nft(script: str, *args: str) -> str:
-        scripts.append(script)
-        return ""
-
-    monkeypatch.setattr(tp, "_nft", fake_nft)
     agent = _Agent()
     agent.stats.log_limit.limit = 3
-    capture = tp.Transparent(agent)  # type: ignore[arg-type]
-    capture.installed, capture.port4 = True, 40001
+    capture, scripts = _recording_capture(agent, monkeypatch)
     local = _answer([_a(NAME, "127.0.0.1"), _a("other.example", "203.0.113.9")])
 
     async def main() -> list[bool]:
