@@ -12,6 +12,7 @@ control`` in a subprocess, SQLite in its data directory):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -105,3 +106,44 @@ def test_totp_secrets_and_recovery_codes_are_not_on_disk_in_the_clear(tmp_path: 
     assert "the TOTP secrets in this database cannot be read: the sealed value does not open with secrets key" \
         in done.stderr
     assert "Every control-plane node of one database needs the same secrets.key" in done.stderr
+
+
+def _locks_held(pid: int, path: Path) -> int:
+    """POSIX locks process ``pid`` holds on ``path`` (``/proc/locks``)."""
+    inode = path.stat().st_ino
+    held = 0
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "POSIX" and int(fields[4]) == pid and int(fields[5].rsplit(":", 1)[1]) == inode:
+            held += 1
+    return held
+
+
+def test_a_new_connection_keeps_sqlites_locks_on_the_shared_memory_file(tmp_path: Path) -> None:
+    """The -wal/-shm modes are checked at every new connection. Opening and closing the files
+    for that released every POSIX lock this process held on them, SQLite's 'in use' lock on
+    -shm included: another process opening the database (a backup, the sqlite3 shell, a test)
+    then reset the wal-index under the control plane's memory map, which died of SIGBUS."""
+    import sqlite3
+
+    from sqlalchemy import text
+
+    from control.store import open_store
+
+    database = tmp_path / "control.db"
+    store = open_store(f"sqlite:///{database}")
+    try:
+        shm = Path(f"{database}-shm")
+        with store.engine.connect() as first:
+            first.execute(text("SELECT 1")).all()
+            assert _locks_held(os.getpid(), shm) >= 1  # SQLite marks the database in use
+            with store.engine.connect() as second:  # a new pooled connection: its modes are checked
+                second.execute(text("SELECT 1")).all()
+                assert _locks_held(os.getpid(), shm) >= 1, "a new connection released SQLite's locks"
+                size = shm.stat().st_size
+                with contextlib.closing(sqlite3.connect(database)) as other:  # another reader, then gone
+                    other.execute("SELECT count(*) FROM sqlite_master").fetchall()
+                assert shm.stat().st_size == size
+                first.execute(text("SELECT 1")).all()  # the memory map is still good
+    finally:
+        store.engine.dispose()

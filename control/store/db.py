@@ -92,6 +92,22 @@ def _private(path: str) -> None:
         os.close(fd)
 
 
+def _private_in_use(path: str) -> None:
+    """Make ``path`` mode 0600 if it exists, without opening it: SQLite may hold it open in this
+    process, and closing any descriptor of a file releases every POSIX lock the process holds on
+    it. Opening ``-shm`` here released SQLite's lock that tells other processes the database is
+    in use; the next one to open it (a backup, the sqlite3 shell) then reset the wal-index under
+    the control plane's memory map of it, which died of SIGBUS."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise StoreError("invalid", f"the database file {path} is a symbolic link")
+    if stat.S_IMODE(info.st_mode) != 0o600:
+        os.chmod(path, 0o600)
+
+
 def private_database_files(database: str) -> None:
     """Create the SQLite file ``database`` with mode 0600 if it does not exist, and set it and
     its side files (``-wal``, ``-shm``, ``-journal``) that exist to 0600."""
@@ -121,9 +137,9 @@ def _create_engine(url: URL) -> Engine:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
-        if database is not None:  # WAL mode is on: its files exist now
+        if database is not None:  # WAL mode is on: its files exist now (held open by SQLite: not opened here)
             for suffix in SQLITE_SIDE_FILES[:2]:
-                _private(database + suffix)
+                _private_in_use(database + suffix)
 
     @event.listens_for(engine, "begin")
     def begin(connection: Connection) -> None:
