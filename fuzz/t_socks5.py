@@ -15,16 +15,26 @@ request), fed to ``Socks5`` in reads of fuzzed sizes, and a UDP relay datagram's
 
 from __future__ import annotations
 
+import asyncio
+import types
+
 from dataplane.client import socks
+from dataplane.client.process import LocalUsers
 
 from . import Finding, Reader, RecordingTransport
+
+
+# What the front end asks of the agent before the handshake: who may use it (everyone here) and
+# the handshake's time limit, whose timer needs the running loop the front end lives on.
+_CLIENT = types.SimpleNamespace(local_users=LocalUsers("*"), settings=types.SimpleNamespace(handshake_timeout=10.0))
+_LOOP = asyncio.new_event_loop()
 
 
 class _Socks5(socks.Socks5):
     """The real handshake; what it hands on (to the agent's flow opener) is recorded instead."""
 
     def __init__(self) -> None:
-        super().__init__(client=None)  # type: ignore[arg-type]  # used only past the handshake
+        super().__init__(client=_CLIENT)  # type: ignore[arg-type]  # used only past the handshake
         self.outcome: tuple | None = None
 
     def _connect(self, host: str, port: int, rest: bytes) -> None:
@@ -55,6 +65,10 @@ def _check_address(host: str, port: int) -> None:
 
 
 def one_input(data: bytes) -> None:
+    _LOOP.run_until_complete(_one_input(data))
+
+
+async def _one_input(data: bytes) -> None:
     r = Reader(data)
     mode = r.byte()
     if mode & 1:  # a UDP relay datagram's header
@@ -71,11 +85,14 @@ def one_input(data: bytes) -> None:
     proto = _Socks5()
     transport = RecordingTransport()
     proto.connection_made(transport)  # type: ignore[arg-type]
-    for chunk in Reader(splits).chunks(stream):
-        if transport.closed or (proto.outcome is not None and proto.outcome[0] == "connect"):
-            break  # closed, or the connection now belongs to its flow
-        proto.data_received(chunk)
-        if not transport.closed and proto.outcome is None and len(proto.buf) > socks.MAX_HANDSHAKE:
-            raise Finding(f"{len(proto.buf)} handshake bytes buffered")
-    if proto.outcome is not None and transport.closed:
-        raise Finding(f"request handed on ({proto.outcome[0]}) and the connection closed")
+    try:
+        for chunk in Reader(splits).chunks(stream):
+            if transport.closed or (proto.outcome is not None and proto.outcome[0] == "connect"):
+                break  # closed, or the connection now belongs to its flow
+            proto.data_received(chunk)
+            if not transport.closed and proto.outcome is None and len(proto.buf) > socks.MAX_HANDSHAKE:
+                raise Finding(f"{len(proto.buf)} handshake bytes buffered")
+        if proto.outcome is not None and transport.closed:
+            raise Finding(f"request handed on ({proto.outcome[0]}) and the connection closed")
+    finally:
+        proto._stop_timer()  # its handshake timer: the loop runs no further than this input
