@@ -127,3 +127,36 @@ def test_only_edges_report_connectors_and_read_the_map(control: Control, tmp_pat
     _, _, _, edge = _edge(control, tmp_path / "edge")
     status, body, _ = control.node(edge, "POST", HEARTBEAT, {"connectors": [{"name": "", "group": "g"}]})
     assert status == 400, body
+
+
+def test_waiting_requests_share_their_reads_of_the_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every waiting presence long-poll re-read and decoded the whole map each second, so one edge
+    opening many of them made that the control plane's whole work: the requests of a process now
+    share one read, reused for half a RECHECK unless a heartbeat changed the map."""
+    import asyncio
+
+    from control.api import presence as presence_api
+    from dataplane.contract.presence import Presence
+
+    reads: list[float] = []
+
+    def counting_read(api: object) -> Presence:
+        reads.append(time.monotonic())
+        time.sleep(0.05)  # a read of a large map takes a while: requests arriving meanwhile share it
+        return Presence(tag=f"t{len(reads)}", edges=[])
+
+    monkeypatch.setattr(presence_api, "_read", counting_read)
+
+    async def main() -> None:
+        waiters = presence_api.PresenceWaiters()
+        maps = await asyncio.gather(*(waiters.current(object()) for _ in range(200)))  # type: ignore[arg-type]
+        assert len(reads) == 1 and {m.tag for m in maps} == {"t1"}
+        assert (await waiters.current(object())).tag == "t1"  # type: ignore[arg-type]  # reused
+        assert len(reads) == 1
+        waiters.wake()  # a heartbeat changed the map: read again at once
+        assert (await waiters.current(object())).tag == "t2"  # type: ignore[arg-type]
+        await asyncio.sleep(presence_api.RECHECK / 2 + 0.05)  # stale: read again
+        assert (await waiters.current(object())).tag == "t3"  # type: ignore[arg-type]
+        assert len(reads) == 3
+
+    asyncio.run(main())

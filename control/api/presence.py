@@ -6,7 +6,9 @@ as soon as the map's ``tag`` differs from ``after`` (a heartbeat that changes an
 report wakes the waiting requests of this process at once; a change recorded by another
 control-plane process on the same database, or an edge going inactive, is seen within
 ``RECHECK`` seconds), or 204 after ``wait`` seconds without a change (or once the control plane
-shuts down). Only edges may ask.
+shuts down). Only edges may ask. The waiting requests of a process share their reads of the map
+(``PresenceWaiters.current``: one read at a time, reused for half of ``RECHECK`` unless a
+heartbeat changed the map), so the store is read a few times a second however many wait.
 """
 
 from __future__ import annotations
@@ -31,14 +33,45 @@ RECHECK = 1.0  # seconds between reads of the store while a request waits
 
 
 class PresenceWaiters:
-    """Wakes the presence long-polls of this process when a heartbeat changed the map."""
+    """The presence long-polls of this process: woken when a heartbeat changed the map, and
+    sharing their reads of it (``current``)."""
 
     def __init__(self) -> None:
         self._changed = asyncio.Event()
+        self._map: Presence | None = None
+        self._read_at = 0.0
+        self._reading: asyncio.Task[Presence] | None = None
 
     def wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        self._map = None  # read again: a read under way may have begun before the change
+        self._reading = None
+
+    async def current(self, api: Api) -> Presence:
+        """The map as the store has it: read once for every request asking meanwhile, and reused
+        for ``RECHECK / 2`` seconds (not after a ``wake``). Each waiting request used to read and
+        decode the whole map every second: one edge opening many long-polls made that the control
+        plane's whole work."""
+        loop = asyncio.get_running_loop()
+        if self._map is not None and loop.time() - self._read_at < RECHECK / 2:
+            return self._map
+        reading = self._reading
+        if reading is None or reading.done():
+            reading = self._reading = loop.create_task(self._read(api))
+        return await asyncio.shield(reading)
+
+    async def _read(self, api: Api) -> Presence:
+        started = asyncio.get_running_loop().time()
+        try:
+            found = await anyio.to_thread.run_sync(_read, api)
+        except BaseException:
+            if self._reading is asyncio.current_task():
+                self._reading = None
+            raise
+        if self._reading is asyncio.current_task():  # (not invalidated by a wake meanwhile)
+            self._map, self._read_at, self._reading = found, started, None
+        return found
 
     async def wait(self, timeout: float) -> None:
         try:
@@ -72,7 +105,7 @@ async def node_presence(request: Request, after: str = "", wait: Wait = 0.0) -> 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(wait, MAX_WAIT)
     while True:
-        current = await anyio.to_thread.run_sync(_read, api)
+        current = await waiters.current(api)
         if current.tag != after:
             if wait > 0:
                 await recheck_node(api, node)
