@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,14 +150,17 @@ def test_waiting_requests_share_their_reads_of_the_map(monkeypatch: pytest.Monke
 
     async def main() -> None:
         waiters = presence_api.PresenceWaiters()
-        maps = await asyncio.gather(*(waiters.current(object()) for _ in range(200)))  # type: ignore[arg-type]
+        api = types.SimpleNamespace(hub=types.SimpleNamespace(current=types.SimpleNamespace(version=7)))
+        maps = await asyncio.gather(*(waiters.current(api) for _ in range(200)))  # type: ignore[arg-type]
         assert len(reads) == 1 and {m.tag for m in maps} == {"t1"}
-        assert (await waiters.current(object())).tag == "t1"  # type: ignore[arg-type]  # reused
+        assert (await waiters.current(api)).tag == "t1"  # type: ignore[arg-type]  # reused
         assert len(reads) == 1
         waiters.wake()  # a heartbeat changed the map: read again at once
-        assert (await waiters.current(object())).tag == "t2"  # type: ignore[arg-type]
+        assert (await waiters.current(api)).tag == "t2"  # type: ignore[arg-type]
+        api.hub.current.version = 8  # a configuration change (a revocation): read again at once
+        assert (await waiters.current(api)).tag == "t3"  # type: ignore[arg-type]
         await asyncio.sleep(presence_api.RECHECK / 2 + 0.05)  # stale: read again
-        assert (await waiters.current(object())).tag == "t3"  # type: ignore[arg-type]
-        assert len(reads) == 3
+        assert (await waiters.current(api)).tag == "t4"  # type: ignore[arg-type]
+        assert len(reads) == 4
 
     asyncio.run(main())

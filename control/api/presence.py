@@ -6,9 +6,10 @@ as soon as the map's ``tag`` differs from ``after`` (a heartbeat that changes an
 report wakes the waiting requests of this process at once; a change recorded by another
 control-plane process on the same database, or an edge going inactive, is seen within
 ``RECHECK`` seconds), or 204 after ``wait`` seconds without a change (or once the control plane
-shuts down). Only edges may ask. The waiting requests of a process share their reads of the map
-(``PresenceWaiters.current``: one read at a time, reused for half of ``RECHECK`` unless a
-heartbeat changed the map), so the store is read a few times a second however many wait.
+shuts down). Only edges may ask. A request reads the map itself first; while waiting, the
+requests of a process share their reads (``PresenceWaiters.current``: one read at a time,
+reused for half of ``RECHECK`` unless a heartbeat or a configuration change came since), so
+the store is read a few times a second however many wait.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class PresenceWaiters:
         self._changed = asyncio.Event()
         self._map: Presence | None = None
         self._read_at = 0.0
+        self._version: int | None = None  # the configuration version when it was read (revocations)
         self._reading: asyncio.Task[Presence] | None = None
 
     def wake(self) -> None:
@@ -50,11 +52,12 @@ class PresenceWaiters:
 
     async def current(self, api: Api) -> Presence:
         """The map as the store has it: read once for every request asking meanwhile, and reused
-        for ``RECHECK / 2`` seconds (not after a ``wake``). Each waiting request used to read and
-        decode the whole map every second: one edge opening many long-polls made that the control
-        plane's whole work."""
+        for ``RECHECK / 2`` seconds (not after a ``wake`` or a new configuration version). Each
+        waiting request used to read and decode the whole map every second: one edge opening
+        many long-polls made that the control plane's whole work."""
         loop = asyncio.get_running_loop()
-        if self._map is not None and loop.time() - self._read_at < RECHECK / 2:
+        if (self._map is not None and loop.time() - self._read_at < RECHECK / 2
+                and self._version == _version(api)):
             return self._map
         reading = self._reading
         if reading is None or reading.done():
@@ -62,7 +65,7 @@ class PresenceWaiters:
         return await asyncio.shield(reading)
 
     async def _read(self, api: Api) -> Presence:
-        started = asyncio.get_running_loop().time()
+        started, version = asyncio.get_running_loop().time(), _version(api)
         try:
             found = await anyio.to_thread.run_sync(_read, api)
         except BaseException:
@@ -70,7 +73,7 @@ class PresenceWaiters:
                 self._reading = None
             raise
         if self._reading is asyncio.current_task():  # (not invalidated by a wake meanwhile)
-            self._map, self._read_at, self._reading = found, started, None
+            self._map, self._read_at, self._version, self._reading = found, started, version, None
         return found
 
     async def wait(self, timeout: float) -> None:
@@ -78,6 +81,12 @@ class PresenceWaiters:
             await asyncio.wait_for(self._changed.wait(), timeout)
         except asyncio.TimeoutError:
             pass
+
+
+def _version(api: Api) -> int | None:
+    """The configuration version the process serves (a revocation changes it)."""
+    current = api.hub.current
+    return current.version if current is not None else None
 
 
 def presence_waiters(app: Any) -> PresenceWaiters:
@@ -104,8 +113,10 @@ async def node_presence(request: Request, after: str = "", wait: Wait = 0.0) -> 
     waiters = presence_waiters(request.app)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(wait, MAX_WAIT)
+    fresh = True  # the first read is the request's own: what it is answered at once is never stale
     while True:
-        current = await waiters.current(api)
+        current = await anyio.to_thread.run_sync(_read, api) if fresh else await waiters.current(api)
+        fresh = False
         if current.tag != after:
             if wait > 0:
                 await recheck_node(api, node)
