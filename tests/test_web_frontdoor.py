@@ -546,3 +546,17 @@ def test_cookie_key_rotation(door: Door, tmp_path: Path) -> None:
     door.loop.call(door.door.set_cookie_keys, KeyRing.from_text(new))
     r = curl(door, door.url("wiki.test", "/hello"), jar=jar)
     assert r.status == 302 and door.door.counters["web_cookie_refused_unknown_key"] >= 1
+
+
+def test_draining_shuts_the_listening_port(tmp_path: Path) -> None:
+    """An edge draining stops taking web connections: the listening socket is shut down (not only
+    closed: a worker's is shared with its supervisor). On uvloop the server's sockets refuse
+    shutdown(), which raised out of the drain and ended the edge with a traceback."""
+    d = start_door(tmp_path)
+    try:
+        socket.create_connection(("127.0.0.1", d.port), timeout=5).close()  # listening
+        d.loop.call(d.door.stop_listening)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", d.port), timeout=5).close()
+    finally:
+        stop_door(d)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import time
@@ -227,8 +228,11 @@ class FrontDoor:
         self.draining = True
         for server in self.servers:
             for sock in server.sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                # The server's sockets are the loop's stand-ins, which refuse shutdown() (uvloop
+                # raises TypeError); a duplicate descriptor is the same socket, and shutting it down
+                # shuts the listening socket down.
+                with contextlib.suppress(OSError), socket.socket(fileno=os.dup(sock.fileno())) as same:
+                    same.shutdown(socket.SHUT_RDWR)
             server.close()
 
     async def close(self) -> None:
