@@ -434,12 +434,13 @@ def test_another_local_user_cannot_use_the_agents_listeners():
         target = "http://127.0.0.1:9/"  # (nothing is dialed for the other account)
         done = await run(lambda: as_nobody("curl", "-sS", "--max-time", "5", "--socks5", f"127.0.0.1:{socks_port}",
                                            target))
-        assert "Connection reset by peer" in done.stderr, done.stderr  # before any SOCKS answer
+        # closed before any SOCKS answer (curl says reset or closed, as the timing goes)
+        assert "Connection reset by peer" in done.stderr or "connection to proxy closed" in done.stderr, done.stderr
         done = await run(lambda: as_nobody("curl", "-sS", "--max-time", "5", "-p", "-x", f"http://127.0.0.1:{http_port}",
                                            "-o", "/dev/null", "-w", "%{http_connect}", target))
         assert done.stdout == "403", (done.stdout, done.stderr)
         done = await run(lambda: as_nobody("curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{forward_port}/"))
-        assert "Connection reset by peer" in done.stderr or "Empty reply" in done.stderr, done.stderr
+        assert any(said in done.stderr for said in ("Connection reset by peer", "Empty reply", "closed")), done.stderr
         done = await run(lambda: as_nobody("bash", "-c", f"echo ping > /dev/udp/127.0.0.1/{udp_port}"))
         assert done.returncode == 0, done.stderr
         await asyncio.sleep(0.2)
