@@ -210,6 +210,10 @@ def test_status_for_each_refusal():
     head, body = raw.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"\r\nX-Ferryman-Reason: mfa_required" in head
     assert body == b"MFA required for app 'x'\n" and f"Content-Length: {len(body)}".encode() in head
+    # An edge's code is any text: a CR/LF in it must not start a header or a body of its choosing.
+    raw = httpconnect.response(502, "refused", {"X-Ferryman-Reason": "x\r\nSet-Cookie: a=b\r\n\r\n<html>"})
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.endswith(b"\r\nX-Ferryman-Reason: x??Set-Cookie: a=b????<html>") and body == b"refused\n"
 
 
 # ---------------------------------------------------------------------------- direct routing

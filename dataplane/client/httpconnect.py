@@ -66,13 +66,18 @@ def status_for(code: str) -> int:
     return 502
 
 
+_NOT_IN_A_HEADER = re.compile(r"[^\x20-\x7e]")  # what an edge's code must not bring into a header line
+
+
 def response(status: int, body: str = "", headers: dict[str, str] | None = None) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection (error answers)."""
+    """A complete HTTP/1.1 response that closes the connection (error answers). Header values
+    come from an edge's OPEN_FAIL (its code): anything but printable ASCII in them (a CR or LF
+    would start a header or a body of the edge's choosing) becomes ``?``."""
     payload = (body + "\n").encode("utf-8", "replace") if body else b""
     lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}", "Connection: close",
              "Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(payload)}"]
     for name, value in (headers or {}).items():
-        lines.append(f"{name}: {value}")
+        lines.append(f"{name}: {_NOT_IN_A_HEADER.sub('?', value)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + payload
 
 
