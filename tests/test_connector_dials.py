@@ -412,3 +412,4 @@ def test_a_grant_outside_the_groups_applications_is_refused(pki_cache: str, tmp_
             tunnel.close("shutdown", "test over")
 
         asyncio.run(run())
+

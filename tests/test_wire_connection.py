@@ -754,6 +754,21 @@ def test_ping_pong() -> None:
     assert pump(d, a) == [ev.PongReceived(-0.25)]
 
 
+def test_pings_are_not_answered_while_the_peer_does_not_read() -> None:
+    """A side that always reads (a client agent) but whose peer reads nothing back would pile up a
+    PONG for every PING: while the transport says the peer does not read, PINGs go unanswered,
+    and the first one after it reads again is answered."""
+    d, a = pair()
+    d.answer_pings = False  # what the transport sets when its write buffer is above the mark
+    for value in range(1000):
+        a.ping(float(value))
+    assert pump(a, d) == [] and d.data_to_send() == b""
+    d.answer_pings = True
+    a.ping(7.5)
+    assert pump(a, d) == []
+    assert d.data_to_send() == encode_ping(FrameType.PONG, 7.5)
+
+
 def test_pong_echoes_raw_bytes() -> None:
     d, a = pair()
     value = b"\x7f\xf8\x00\x00\x00\x00\xde\xad"  # a NaN with a payload

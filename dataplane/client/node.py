@@ -338,6 +338,12 @@ class Client(EndpointNode[None]):
     def flow_requested(self, tunnel: ClientTunnel, event: ev.FlowRequested) -> None:
         if not tunnel.has_flow(event.flow_id):
             return
+        if not tunnel.writable:
+            # An edge opening flows toward a client (it never should) while not reading the answers
+            # would make them pile up here: this agent always reads its edge.
+            tunnel.close("peer_not_reading", "the edge opens flows toward this client agent and does not read "
+                                             "the refusals", error=True)
+            return
         tunnel.reject(event.flow_id, "not_allowed", "client agents do not accept flows")
 
     def flow_accepted(self, tunnel: ClientTunnel, event: ev.FlowAccepted) -> None:

@@ -548,6 +548,7 @@ class Tunnel(TunnelBase[F, S], asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable = False
+        self.conn.answer_pings = False  # a side that keeps reading (a dialer) would pile PONGs up
         if self.pauses_reading and not self.reading_paused and self.transport is not None \
                 and not self.transport.is_closing():
             self.reading_paused = True
@@ -559,6 +560,7 @@ class Tunnel(TunnelBase[F, S], asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writable = True
+        self.conn.answer_pings = True
         if self.reading_paused:
             self.reading_paused = False
             if self.transport is not None and not self.transport.is_closing():

@@ -148,6 +148,10 @@ class FlowCore:
         self.flows: dict[int, Flow] = {}
         self.goaway_sent = False
         self.goaway_received = False
+        # False while the peer does not read what this side sends (the transport says so): a
+        # PING is then not answered, since a PONG would only pile up behind the rest; the first
+        # PING after the peer reads again is.
+        self.answer_pings = True
         self.late_frames = 0
         self.pending_opens = 0
         self._dead: ProtocolError | None = None
@@ -432,7 +436,8 @@ class FlowCore:
                 self._forget(flow_id)
                 events.append(ev.FlowRejected(flow_id, body.code, body.reason))
         elif ftype == _PING:
-            self._send_control(encode_header(_PONG, 0, 8) + bytes(payload))
+            if self.answer_pings:
+                self._send_control(encode_header(_PONG, 0, 8) + bytes(payload))
         elif ftype == _PONG:
             events.append(ev.PongReceived(_unpack_ping(payload, 0)[0]))
         elif ftype == _GOAWAY:
