@@ -27,7 +27,6 @@ import pytest
 from dataplane.access import grants
 from dataplane.access.destinations import DialPolicy
 from dataplane.basics import pki
-from dataplane.basics.pki import PeerCertificate
 from dataplane.basics.settings import ConnectorSettings
 from dataplane.connector import dial
 from dataplane.connector import node as connector_node
@@ -36,8 +35,10 @@ from dataplane.contract.apps import Applications
 from dataplane.transport.credentials import NodeCredentials
 from dataplane.transport.tunnel import Tunnel
 from dataplane.wire import events as ev
-from dataplane.wire.connection import TunnelConnection, WireConfig
+from dataplane.wire.connection import TunnelConnection
 from dataplane.wire.frames import Open
+
+from edge_peer import tunnel_to_edge, written
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,26 +50,6 @@ def make_connector(pki_dir: str, **settings: object) -> Connector:
     s = ConnectorSettings(tls_ca=os.path.join(pki_dir, pki.CA_CERT), tls_cert=cert, tls_key=key,
                           edges="127.0.0.1:1", **settings)  # type: ignore[arg-type]
     return Connector(s, NodeCredentials(s, "connector"))
-
-
-def tunnel_to_edge(node: Connector) -> tuple[Tunnel, TunnelConnection]:
-    """The connector's tunnel, up, and the edge's end of it."""
-    tunnel: Tunnel = Tunnel(node, node._wire, dialer=True, accept_roles=("edge",), keepalive=30.0,
-                            handshake_timeout=30.0, write_buffer_high=1 << 20, label="t0")
-    tunnel.peer_certificate = PeerCertificate(role="edge", name="edge-1", serial=1, not_after=0.0, fingerprint="")
-    tunnel.conn.initiate()
-    edge = TunnelConnection(WireConfig(role="edge", node="edge-1"), dialer=False)
-    edge.initiate()
-    tunnel.data_received(edge.data_to_send())
-    edge.receive_data(written(tunnel))
-    assert tunnel.up
-    return tunnel, edge
-
-
-def written(tunnel: Tunnel) -> bytes:
-    """What the connector's tunnel queued for the edge (no socket here: the test carries it)."""
-    assert isinstance(tunnel.conn, TunnelConnection)
-    return tunnel.conn.data_to_send()
 
 
 def open_flow(tunnel: Tunnel, edge: TunnelConnection, host: str, port: int, protocol: str = "tcp", *,

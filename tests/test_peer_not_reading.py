@@ -17,38 +17,24 @@ import os
 import pytest
 
 from dataplane.basics import pki
-from dataplane.basics.pki import PeerCertificate
 from dataplane.basics.settings import ClientSettings
 from dataplane.client.node import Client
 from dataplane.transport.credentials import NodeCredentials
 from dataplane.transport.tunnel import Tunnel
 from dataplane.wire import events as ev
-from dataplane.wire.connection import TunnelConnection, WireConfig
+from dataplane.wire.connection import TunnelConnection
 from dataplane.wire.frames import FrameType, Open, encode_ping
+
+from edge_peer import tunnel_to_edge, written
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def client_tunnel(pki_dir: str) -> tuple[Tunnel, TunnelConnection]:
-    """A signed-in-less client agent's tunnel, up, and the edge's end of it."""
+    """A client agent's tunnel (signed in with its device certificate only), up, and the edge's end of it."""
     key, cert = pki.node_paths(pki_dir, "client-1")
     s = ClientSettings(tls_ca=os.path.join(pki_dir, pki.CA_CERT), tls_cert=cert, tls_key=key, edges="127.0.0.1:1")
-    client = Client(s, NodeCredentials(s, "client"), [])
-    tunnel: Tunnel = Tunnel(client, client._wire, dialer=True, accept_roles=("edge",), keepalive=30.0,
-                            handshake_timeout=30.0, write_buffer_high=1 << 20, label="c0")
-    tunnel.peer_certificate = PeerCertificate(role="edge", name="edge-1", serial=1, not_after=0.0, fingerprint="")
-    tunnel.conn.initiate()
-    edge = TunnelConnection(WireConfig(role="edge", node="edge-1"), dialer=False)
-    edge.initiate()
-    tunnel.data_received(edge.data_to_send())
-    edge.receive_data(queued(tunnel))
-    assert tunnel.up
-    return tunnel, edge
-
-
-def queued(tunnel: Tunnel) -> bytes:
-    assert isinstance(tunnel.conn, TunnelConnection)
-    return tunnel.conn.data_to_send()
+    return tunnel_to_edge(Client(s, NodeCredentials(s, "client"), []), "c0")
 
 
 def test_pings_go_unanswered_while_the_edge_does_not_read(pki_cache: str) -> None:
@@ -56,10 +42,10 @@ def test_pings_go_unanswered_while_the_edge_does_not_read(pki_cache: str) -> Non
         tunnel, _edge = client_tunnel(pki_cache)
         tunnel.pause_writing()  # what the transport calls above the mark
         tunnel.data_received(b"".join(encode_ping(FrameType.PING, float(i)) for i in range(500)))
-        assert queued(tunnel) == b""
+        assert written(tunnel) == b""
         tunnel.resume_writing()
         tunnel.data_received(encode_ping(FrameType.PING, 3.0))
-        assert queued(tunnel) == encode_ping(FrameType.PONG, 3.0)
+        assert written(tunnel) == encode_ping(FrameType.PONG, 3.0)
         tunnel.close("shutdown", "test over")
 
     asyncio.run(run())
@@ -70,7 +56,7 @@ def test_an_edge_opening_flows_toward_the_client_without_reading_loses_the_tunne
         tunnel, edge = client_tunnel(pki_cache)
         edge.open_flow(Open(host="10.0.0.1", port=22))
         tunnel.data_received(edge.data_to_send())
-        answers = edge.receive_data(queued(tunnel))
+        answers = edge.receive_data(written(tunnel))
         assert [e.code for e in answers if isinstance(e, ev.FlowRejected)] == ["not_allowed"]  # read: refused
         assert not tunnel.closed
         tunnel.pause_writing()
