@@ -11,7 +11,11 @@
 - ``ssh``: the OpenSSH bastion chain operators use today: a private sshd, a "connector"
   ``ssh -R`` publishing the backend on the bastion and a "client" ``ssh -L`` reaching it;
 - ``stunnel``: a client-mode stunnel wrapping the flow in TLS to a server-mode stunnel;
-- ``haproxy``: the same shape with two haproxy processes (``mode tcp``, TLS between them).
+- ``haproxy``: the same shape with two haproxy processes (``mode tcp``, TLS between them);
+- ``relay-floor``: three plain haproxy relays in a row (``mode tcp``, no TLS, one thread
+  each): the process shape of the fabric and of the ssh chain (three processes between app
+  and backend) with none of their work, so its round trip is what three hand-offs between
+  processes cost on this machine, a floor under any three-process path.
 
 Each path starts its own processes (configuration, keys and logs in a temporary
 directory), reports the address the app connects to and the pids of its proxy processes
@@ -542,6 +546,49 @@ class HaproxyPath(Path):
         self._wait_round_trip()
 
 
+class RelayFloorPath(Path):
+    """Three haproxy processes relaying plain TCP one to the next (``relay-1`` → ``relay-2`` →
+    ``relay-3`` → backend): no encryption, no framing, no decisions. Not a peer to compare
+    features with but the floor of the three-process shape: every byte and every round trip
+    through the fabric or the ssh chain crosses the same three processes and four loopback
+    connections, so neither can go below this path's round trip on the same machine."""
+
+    name = "relay-floor"
+    udp_unsupported = "haproxy (mode tcp) proxies TCP connections only"
+
+    def available(self) -> str | None:
+        return None if _which("haproxy") else "haproxy not installed (apt-get install haproxy)"
+
+    def version(self) -> str:
+        return _version_line([_which("haproxy"), "-v"], "HAProxy")
+
+    def max_flows(self, nofile: int) -> int | None:
+        return (nofile - HAPROXY_RESERVED_FDS) // 2
+
+    def _start(self) -> None:
+        ports = [free_port() for _ in range(3)] + [self.backend_port]
+        maxconn = self.max_flows(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        for i in (3, 2, 1):  # from the backend side, so each relay's next hop listens before it
+            config = self._file(f"relay-{i}.cfg", "\n".join([
+                "global",
+                f"    maxconn {maxconn}",
+                "    nbthread 1",
+                "defaults",
+                "    mode tcp",
+                "    timeout connect 10s",
+                "    timeout client 1h",
+                "    timeout server 1h",
+                "listen relay",
+                f"    bind 127.0.0.1:{ports[i - 1]}",
+                f"    server next 127.0.0.1:{ports[i]}",
+                "",
+            ]))
+            self._spawn(f"relay-{i}", [_which("haproxy"), "-db", "-f", config])
+            self._wait_listening(ports[i - 1])
+        self._address = ("127.0.0.1", ports[0])
+        self._wait_round_trip()
+
+
 class FerrymanQuicPath(FerrymanPath):
     """The same fabric with its tunnels on QUIC (the default engine, qh3 when installed): one stream
     per TCP flow, UDP as QUIC datagrams."""
@@ -589,4 +636,5 @@ class FerrymanWorkers2Path(FerrymanWorkersPath):
 
 PATHS: dict[str, type[Path]] = {cls.name: cls for cls in (DirectPath, FerrymanPath, FerrymanQuicPath,
                                                            FerrymanAioquicPath, FerrymanRelayPath, FerrymanWorkersPath,
-                                                           FerrymanWorkers2Path, SshPath, StunnelPath, HaproxyPath)}
+                                                           FerrymanWorkers2Path, SshPath, StunnelPath, HaproxyPath,
+                                                           RelayFloorPath)}

@@ -39,6 +39,7 @@ UDP_TARGET_RATE = 50_000
 # The workloads behind each metric, to show a workload's error in the metric's cell.
 WORKLOADS_OF = {key: tuple(w for w, keys in METRICS_OF.items() if key in keys) for key, _, _ in METRICS}
 SUBJECT, REFERENCE = "ferryman", "ssh"
+FLOOR = "relay-floor"  # three plain relays: what the three-process shape costs with no work in it
 # label, metric, comparison, threshold, ratio to REFERENCE (else Ferryman's own value)
 # (label, metric, op, threshold, relative): relative True compares Ferryman with REFERENCE,
 # a path name compares Ferryman with that path (its ratio in ``ratios``), False is absolute.
@@ -186,9 +187,22 @@ def table(runs: dict[str, PathRun], meds: dict[str, dict[str, float]], rats: dic
         notes.append("udp: answers/s = verified echo answers (checksum, flow, sequence) to datagrams sent in the "
                      "window / window; loss = sent - answered; round trip from the send timestamp in each datagram; "
                      "drops: node counters (ferryman_datagrams_dropped_total) and kernel per-socket drops")
+    notes += floor_notes(meds)
     verdicts = "; ".join(f"{c['target']} {c['result']}" + _shown(c) for c in checks)
     lines += ["", *notes, "", f"targets ({SUBJECT} vs {REFERENCE} unless one names another path; informational): {verdicts}"]
     return "\n".join(lines)
+
+
+def floor_notes(meds: dict[str, dict[str, float]]) -> list[str]:
+    """What the ``relay-floor`` path (three plain relays, no work) says about the round-trip target:
+    its p50 against the ssh chain's, next to the target's own bound."""
+    floor, chain = meds.get(FLOOR, {}).get("rr1_p50_us"), meds.get(REFERENCE, {}).get("rr1_p50_us")
+    if not floor or not chain:
+        return []
+    bound = next(t[3] for t in TARGETS if t[1] == "rr1_p50_us")
+    return [f"rr1 floor: three plain relays (no TLS, no framing) answer in {floor:.0f} µs = {floor / chain:.2f}x "
+            f"the {REFERENCE} chain's {chain:.0f} µs; the target {bound}x is {chain * bound:.0f} µs, "
+            f"{chain * bound - floor:+.0f} µs from that floor for a three-process path's own work"]
 
 
 def machine() -> dict:

@@ -96,3 +96,26 @@ def test_bulk_through_the_fabric_reports_cpu_per_process_and_compares(tmp_path) 
     assert rows[("ferryman", "bulk_up_mbps")]["verdict"] == "better"  # faster than 1 MB/s
     assert rows[("ferryman", "cpu_s_per_gib.edge-1")]["verdict"] == "better"  # less than 1000 s/GiB
     assert "compared with " in result.stdout
+
+
+def test_floor_note_puts_the_round_trip_target_against_three_plain_relays() -> None:
+    meds = {"ferryman": {"rr1_p50_us": 320.0}, "ssh": {"rr1_p50_us": 250.0}, "relay-floor": {"rr1_p50_us": 180.0}}
+    (note,) = report.floor_notes(meds)
+    assert "180 µs = 0.72x the ssh chain's 250 µs" in note
+    assert "the target 0.7x is 175 µs, -5 µs from that floor" in note
+    assert report.floor_notes({"ferryman": {"rr1_p50_us": 320.0}, "ssh": {"rr1_p50_us": 250.0}}) == []
+
+
+def test_relay_floor_path_carries_verified_bytes(tmp_path) -> None:
+    from bench.paths import RelayFloorPath
+
+    if RelayFloorPath(0).available() is not None:
+        pytest.skip("haproxy is not installed")
+    result = run_bench(["--quick", "--paths", "direct,relay-floor", "--workloads", "bulk-up,bulk-down,rr1",
+                        "--bulk-mib", "64", "--json", "out.json"], cwd=str(tmp_path), timeout=50)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads((tmp_path / "out.json").read_text())
+    floor = doc["paths"]["relay-floor"]
+    assert floor["status"] == "ok", floor
+    assert floor["median"]["bulk_up_mbps"] > 0 and floor["median"]["rr1_p50_us"] > 0
+    assert set(floor["median"]) >= {"cpu_s_per_gib.relay-1", "cpu_s_per_gib.relay-2", "cpu_s_per_gib.relay-3"}
