@@ -174,6 +174,7 @@ class DialerSettings(NodeSettings, kw_only=True):
     max_udp_flows: int = 4096
     udp_queue: int = 256
     udp_buffer: int = 4194304
+    flow_buffer_budget: int = 536870912
 
 
 class ConnectorSettings(DialerSettings, kw_only=True):
@@ -344,6 +345,7 @@ VARIABLES: dict[str, str] = {
     "udp_buffer": "Client/connector: receive and send buffer in bytes asked for on each UDP socket (the kernel caps it at net.core.rmem_max/wmem_max).",
     "max_frame": "Largest frame payload accepted or sent, bytes.",
     "flow_window": "Initial per-flow credit window, bytes (per direction).",
+    "flow_buffer_budget": "Connector/client: most bytes all flows together may hold for local sockets that have not taken them yet (backends at the connector, apps at the client; one flow holds at most 256 KiB plus FERRYMAN_FLOW_WINDOW). Past it the flows whose sockets have held bytes the longest are reset (`buffer_budget`), so a peer cannot park a window in each of thousands of flows toward sockets that read nothing.",
     "max_flows": "Most concurrent flows per tunnel; further OPENs are refused.",
     "max_pending_opens": "Most OPENs awaiting an answer per tunnel; further OPENs are refused.",
     "keepalive_interval": "Seconds between PINGs; a tunnel silent for 3 intervals is dead.",
@@ -369,6 +371,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "connector_edges": (1, 64),
     "max_frame": (1024, 16 * 1024 * 1024),
     "flow_window": (16384, 1 << 30),
+    "flow_buffer_budget": (1 << 20, 1 << 40),
     "max_flows": (1, 1 << 20),
     "max_pending_opens": (1, 1 << 20),
     "keepalive_interval": (0.05, 3600),

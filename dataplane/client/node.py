@@ -40,7 +40,7 @@ from ..controllink.http import bases as control_bases
 from ..controllink.link import cut_revoked
 from ..transport.credentials import NodeCredentials
 from ..transport.endpoint import EndpointNode
-from ..transport.socketflow import LocalFlow
+from ..transport.socketflow import BufferBudget, LocalFlow
 from ..transport.proxy import egress_proxy
 from ..transport.supervisor import keep_tunnel
 from ..transport.tunnel import TunnelBase
@@ -78,6 +78,7 @@ class Client(EndpointNode[None]):
         self.name = credentials.name
         self.forwards = forwards
         self.stats = Stats("client", credentials.name, LogLimiter(settings.log_limit, settings.log_limit_interval))
+        self.buffer_budget = BufferBudget(settings.flow_buffer_budget, self.stats)
         self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
@@ -112,6 +113,7 @@ class Client(EndpointNode[None]):
         self.stats.extra = {
             "ferryman_client_forwards_ready": (
                 "Forwards whose destination answered a probe", lambda: float(sum(1 for v in self.probe_ok.values() if not v))),
+            "ferryman_flow_buffer_bytes": self.buffer_budget.gauge(),
         }
 
     # ------------------------------------------------------------------ lifecycle

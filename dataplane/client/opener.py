@@ -16,7 +16,7 @@ from typing import Literal, Protocol, Self
 
 from ..basics.metrics import Stats
 from ..basics.settings import ClientSettings
-from ..transport.socketflow import FlowNode, SocketFlow
+from ..transport.socketflow import BufferBudget, FlowNode, SocketFlow
 from ..transport.udpflow import UdpFlow
 from .process import LocalUsers
 from .profile import Profile
@@ -37,6 +37,7 @@ class FlowOpener(Protocol):
     settings: ClientSettings
     stats: Stats
     socket_buffer: int
+    buffer_budget: BufferBudget  # FERRYMAN_FLOW_BUFFER_BUDGET
     profile: Profile | None  # the forwarding profile (None: everything captured is private)
     local_users: LocalUsers  # who on this device may use the listeners
 

@@ -51,7 +51,7 @@ from ..controllink.registration import Registration
 from ..controllink.link import ControlLink, Report, cut_revoked
 from ..transport.credentials import NodeCredentials
 from ..transport.endpoint import EndpointNode
-from ..transport.socketflow import LocalFlow, SocketFlow
+from ..transport.socketflow import BufferBudget, LocalFlow, SocketFlow
 from ..transport.supervisor import keep_tunnel
 from ..transport.tunnel import TunnelBase
 from ..transport.udpflow import UdpFlow
@@ -88,6 +88,7 @@ class Connector(EndpointNode[EdgeKey]):
         self.credentials = credentials
         self.name = credentials.name
         self.stats = Stats("connector", credentials.name, LogLimiter(settings.log_limit, settings.log_limit_interval))
+        self.buffer_budget = BufferBudget(settings.flow_buffer_budget, self.stats)
         self.edges = [parse_hostport(e.strip(), "FERRYMAN_EDGES") for e in settings.edges.split(",") if e.strip()]
         if not self.edges:
             raise ValueError("FERRYMAN_EDGES is empty: give at least one edge HOST:PORT")
@@ -137,6 +138,7 @@ class Connector(EndpointNode[EdgeKey]):
             "ferryman_config_version": (
                 "Configuration version in use (-1: none yet; 0 without a control plane)",
                 lambda: float(0 if self.link is None else -1 if self.link.version is None else self.link.version)),
+            "ferryman_flow_buffer_bytes": self.buffer_budget.gauge(),
         }
 
     # ------------------------------------------------------------------ lifecycle

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from ..basics.metrics import Stats
 from ..wire import events as ev
-from .socketflow import LocalFlow
+from .socketflow import BufferBudget, LocalFlow
 from .tunnel import TunnelBase, TunnelHandler
 
 S = TypeVar("S")
@@ -21,6 +21,7 @@ class EndpointNode(TunnelHandler[LocalFlow, S]):
     stats: Stats
     socket_buffer: int = 262144
     udp_backlog: int = 32768  # FERRYMAN_UDP_BACKLOG (the node sets it from its settings)
+    buffer_budget: BufferBudget  # FERRYMAN_FLOW_BUFFER_BUDGET (the node makes it from its settings)
 
     def data_received(self, tunnel: TunnelBase[LocalFlow, S], event: ev.DataReceived) -> None:
         flow = tunnel.routes.get(event.flow_id)

@@ -8,6 +8,12 @@ the socket's write buffer is below its high-water mark, so a reader that stops h
 most one window of its own data and never slows the other flows of the tunnel.
 Half-close maps to FIN both ways; a reset maps to RST and to a TCP reset of the socket.
 
+One flow holds at most its socket's high-water mark plus one window; a node's flows together
+hold at most ``BufferBudget`` (FERRYMAN_FLOW_BUFFER_BUDGET): a peer that opens many flows
+toward local sockets that read nothing (a backend that accepts and waits) would otherwise
+park a window in each of thousands of flows. Past the budget the flows that have held bytes
+the longest are reset (``buffer_budget``), so a socket that drains keeps its flow.
+
 ``FlowNode`` is what such a flow needs of the node it belongs to (its ``Stats`` and the
 socket buffer size); ``endpoint.EndpointNode`` routes a tunnel's events to the flows.
 """
@@ -21,6 +27,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol, Self
 
+from ..basics.caps import LogLimiter
 from ..basics.metrics import Stats
 from ..wire.connection import FlowError
 from .tunnel import TunnelBase
@@ -42,11 +49,80 @@ def reset_transport(transport: asyncio.Transport | None) -> None:
     transport.abort()
 
 
+class BufferBudget:
+    """Bytes that the tunnel's flows have written to local sockets and the sockets have not taken
+    yet (their transports' write buffers), for one node, at most ``limit`` in all.
+
+    A flow's share is observed when the tunnel hands it data (``held``) and when its socket
+    drains to the low-water mark; a buffer that drained in between only makes the total look
+    larger, so before shedding the total is recounted from the transports. Past the limit the
+    flows holding bytes the longest (``_holding`` is in the order they began to hold, and a
+    flow whose buffer empties leaves it) are reset with ``buffer_budget`` until the rest fits:
+    a socket that reads nothing holds from its first bytes on, one that drains leaves the
+    queue every time it catches up."""
+
+    __slots__ = ("limit", "total", "_holding", "shed_flows", "_log_limit")
+
+    def __init__(self, limit: int, stats: Stats | None = None) -> None:
+        self.limit = limit
+        self._log_limit = stats.log_limit if stats is not None else LogLimiter()
+        self.total = 0
+        self._holding: dict[SocketFlow, int] = {}  # flow -> bytes its transport held when last seen
+        self.shed_flows = 0
+
+    def gauge(self) -> tuple[str, Callable[[], float]]:
+        """The node's ``ferryman_flow_buffer_bytes`` gauge (``Stats.extra``)."""
+        return ("Bytes the flows hold for local sockets that have not taken them yet, as last seen "
+                "(at most FERRYMAN_FLOW_BUFFER_BUDGET)", lambda: self.total)
+
+    def held(self, flow: SocketFlow, size: int) -> None:
+        """``flow``'s transport holds ``size`` bytes now; shed flows if that passes the limit."""
+        holding = self._holding
+        before = holding.get(flow, 0)
+        if size:
+            holding[flow] = size
+        elif before:
+            del holding[flow]
+        self.total += size - before
+        if self.total > self.limit:
+            self._shed()
+
+    def forget(self, flow: SocketFlow) -> None:
+        self.total -= self._holding.pop(flow, 0)
+
+    def _shed(self) -> None:
+        total = 0
+        for flow in list(self._holding):
+            transport = flow.transport
+            size = transport.get_write_buffer_size() if transport is not None and not transport.is_closing() else 0
+            if size:
+                self._holding[flow] = size
+                total += size
+            else:
+                del self._holding[flow]
+        self.total = total
+        shed = 0
+        while self.total > self.limit and self._holding:
+            flow = next(iter(self._holding))
+            self.forget(flow)
+            flow.abort("buffer_budget", f"the node holds more than {self.limit} bytes for local sockets that are "
+                                        "not reading; this flow's socket has held bytes the longest")
+            shed += 1
+        if not shed:
+            return
+        self.shed_flows += shed
+        self._log_limit.log(log, logging.WARNING, "buffer_budget",
+                            f"flow buffer budget of {self.limit} bytes passed: reset {shed} flow(s) whose local "
+                            "sockets stopped reading", {"code": "buffer_budget", "flows": shed})
+
+
 class FlowNode(Protocol):
-    """The node a local flow belongs to: its counters and the local sockets' write buffer."""
+    """The node a local flow belongs to: its counters, the local sockets' write buffer and the
+    budget of bytes all its flows may hold for local sockets."""
 
     stats: Stats
     socket_buffer: int
+    buffer_budget: BufferBudget
     udp_backlog: int  # FERRYMAN_UDP_BACKLOG: a datagram is dropped rather than queued behind more
 
 
@@ -164,7 +240,10 @@ class SocketFlow(asyncio.Protocol, LocalFlow):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.unacked and self.tunnel is not None:
+        transport = self.transport
+        if transport is not None:
+            self.node.buffer_budget.held(self, transport.get_write_buffer_size())
+        if self.unacked and self.tunnel is not None and not self.done:
             self.tunnel.acknowledge(self.flow_id, self.unacked)
             self.unacked = 0
 
@@ -185,6 +264,9 @@ class SocketFlow(asyncio.Protocol, LocalFlow):
         if transport is None or transport.is_closing():
             return
         transport.write(data)
+        self.node.buffer_budget.held(self, transport.get_write_buffer_size())
+        if self.done:  # shed by the budget
+            return
         if self.write_paused:
             self.unacked += n
         else:
@@ -246,6 +328,7 @@ class SocketFlow(asyncio.Protocol, LocalFlow):
         if self.done:
             return
         self.done = True
+        self.node.buffer_budget.forget(self)
         if self.dialing is not None:
             self.dialing.cancel()
         if self.tunnel is not None:
