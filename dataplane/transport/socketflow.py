@@ -53,13 +53,13 @@ class BufferBudget:
     """Bytes that the tunnel's flows have written to local sockets and the sockets have not taken
     yet (their transports' write buffers), for one node, at most ``limit`` in all.
 
-    A flow's share is observed when the tunnel hands it data (``held``) and when its socket
-    drains to the low-water mark; a buffer that drained in between only makes the total look
-    larger, so before shedding the total is recounted from the transports. Past the limit the
-    flows holding bytes the longest (``_holding`` is in the order they began to hold, and a
-    flow whose buffer empties leaves it) are reset with ``buffer_budget`` until the rest fits:
-    a socket that reads nothing holds from its first bytes on, one that drains leaves the
-    queue every time it catches up."""
+    A flow's share is observed when the tunnel hands it data and when its socket drains to the
+    low-water mark (``SocketFlow._observe``); a buffer that drained in between only makes the
+    total look larger, so before shedding the total is recounted from the transports. Past the
+    limit the flows whose sockets have gone the longest without taking a byte are reset with
+    ``buffer_budget`` until the rest fits: ``_holding`` is in that order, a flow moving to its
+    end whenever its socket is seen to have taken bytes, so a socket that reads nothing stays at
+    the front and one that drains, however slowly, keeps moving back."""
 
     __slots__ = ("limit", "total", "_holding", "shed_flows", "_log_limit")
 
@@ -67,7 +67,7 @@ class BufferBudget:
         self.limit = limit
         self._log_limit = stats.log_limit if stats is not None else LogLimiter()
         self.total = 0
-        self._holding: dict[SocketFlow, int] = {}  # flow -> bytes its transport held when last seen
+        self._holding: dict[SocketFlow, int] = {}  # flow -> bytes it holds, as last seen
         self.shed_flows = 0
 
     def gauge(self) -> tuple[str, Callable[[], float]]:
@@ -75,15 +75,14 @@ class BufferBudget:
         return ("Bytes the flows hold for local sockets that have not taken them yet, as last seen "
                 "(at most FERRYMAN_FLOW_BUFFER_BUDGET)", lambda: self.total)
 
-    def held(self, flow: SocketFlow, size: int) -> None:
-        """``flow``'s transport holds ``size`` bytes now; shed flows if that passes the limit."""
+    def observe(self, flow: SocketFlow, held: int, drained: bool) -> None:
+        """``flow`` holds ``held`` bytes now; ``drained``: its socket took bytes since it was last
+        seen. Sheds flows if the total passes the limit."""
         holding = self._holding
-        before = holding.get(flow, 0)
-        if size:
-            holding[flow] = size
-        elif before:
-            del holding[flow]
-        self.total += size - before
+        before = holding.pop(flow, 0) if drained or not held else holding.get(flow, 0)
+        if held:
+            holding[flow] = held  # a flow that drained goes to the back; one that did not keeps its place
+        self.total += held - before
         if self.total > self.limit:
             self._shed()
 
@@ -91,23 +90,32 @@ class BufferBudget:
         self.total -= self._holding.pop(flow, 0)
 
     def _shed(self) -> None:
-        total = 0
-        for flow in list(self._holding):
+        holding = self._holding
+        for flow in list(holding):
             transport = flow.transport
-            size = transport.get_write_buffer_size() if transport is not None and not transport.is_closing() else 0
-            if size:
-                self._holding[flow] = size
-                total += size
+            size = transport.get_write_buffer_size() if transport is not None else 0
+            drained = size < flow.buffered
+            flow.buffered = size
+            if not size:
+                flow.pinned = 0
+                del holding[flow]
+            elif drained:
+                del holding[flow]
+                holding[flow] = size + flow.pinned
             else:
-                del self._holding[flow]
-        self.total = total
+                holding[flow] = size + flow.pinned
+        self.total = sum(holding.values())
         shed = 0
-        while self.total > self.limit and self._holding:
-            flow = next(iter(self._holding))
+        while self.total > self.limit and holding:
+            flow = next(iter(holding))
             self.forget(flow)
-            flow.abort("buffer_budget", f"the node holds more than {self.limit} bytes for local sockets that are "
-                                        "not reading; this flow's socket has held bytes the longest")
             shed += 1
+            try:
+                flow.abort("buffer_budget", f"the node holds more than {self.limit} bytes for local sockets that "
+                                            "are not reading; this flow's socket has gone the longest without "
+                                            "taking a byte")
+            except Exception:  # noqa: BLE001 - one flow's failure must not stop the shedding or its caller
+                log.exception("resetting a flow over the buffer budget failed")
         if not shed:
             return
         self.shed_flows += shed
@@ -156,6 +164,7 @@ class SocketFlow(asyncio.Protocol, LocalFlow):
     __slots__ = (
         "node", "tunnel", "flow_id", "transport", "active", "pending", "fin_pending",
         "sent_fin", "got_fin", "write_paused", "unacked", "done", "on_connect", "peer", "dialing",
+        "buffered", "pinned",
     )
 
     def __init__(self, node: FlowNode, on_connect: Callable[[Self], None] | None = None) -> None:
@@ -176,6 +185,11 @@ class SocketFlow(asyncio.Protocol, LocalFlow):
         # The connector's task opening the backend socket: a flow that ends first cancels it, so a
         # reset OPEN stops resolving and connecting at once (its socket closed).
         self.dialing: asyncio.Task[None] | None = None
+        # The transport's write buffer as last seen, and the size of a tunnel read buffer that a
+        # view left in it keeps alive (the event loop holds views, not copies): the flow's share
+        # of the node's ``BufferBudget`` is their sum.
+        self.buffered = 0
+        self.pinned = 0
 
     # ------------------------------------------------------------------ binding
     def bind(self, tunnel: TunnelBase[Any, Any], flow_id: int) -> None:
@@ -241,13 +255,15 @@ class SocketFlow(asyncio.Protocol, LocalFlow):
     def resume_writing(self) -> None:
         self.write_paused = False
         transport = self.transport
-        if transport is not None:
-            self.node.buffer_budget.held(self, transport.get_write_buffer_size())
+        if transport is None or self.done:
+            return
+        self._observe(transport.get_write_buffer_size(), 0)
         if self.unacked and self.tunnel is not None and not self.done:
             self.tunnel.acknowledge(self.flow_id, self.unacked)
             self.unacked = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.node.buffer_budget.forget(self)  # also a flow that ended with bytes still to write
         if self.done:
             return
         tunnel = self.tunnel
@@ -263,10 +279,17 @@ class SocketFlow(asyncio.Protocol, LocalFlow):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.write(data)
-        self.node.buffer_budget.held(self, transport.get_write_buffer_size())
-        if self.done:  # shed by the budget
-            return
+        before = transport.get_write_buffer_size()
+        # Behind bytes already waiting, the frame waits too: give the loop a copy, so that it keeps
+        # no view into (and so alive) the tunnel's whole read buffer.
+        transport.write(bytes(data) if before else data)
+        after = transport.get_write_buffer_size()
+        if after and not before:  # the socket took part of the view: the rest keeps its buffer alive
+            self.pinned = len(data.obj) if isinstance(data.obj, (bytes, bytearray)) else n
+        if after or self.buffered:
+            self._observe(after, n)
+            if self.done:  # shed by the budget
+                return
         if self.write_paused:
             self.unacked += n
         else:
@@ -296,8 +319,12 @@ class SocketFlow(asyncio.Protocol, LocalFlow):
     def on_closed(self) -> None:
         """FIN went both ways: the flow is finished cleanly."""
         self._finish("fin")
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+            size = transport.get_write_buffer_size()
+            if size:  # still counted until the socket takes it (connection_lost) or the budget resets it
+                self._observe(size, 0)
 
     def on_reset(self, code: str, reason: str) -> None:
         log.info("flow reset", extra={"flow": self.flow_id, "peer": self.peer, "code": code, "reason": reason})
@@ -305,6 +332,14 @@ class SocketFlow(asyncio.Protocol, LocalFlow):
         self._reset_socket()
 
     # ------------------------------------------------------------------ helpers
+    def _observe(self, size: int, written: int) -> None:
+        """The transport holds ``size`` bytes after ``written`` more were handed to it: tell the budget."""
+        drained = self.buffered + written > size
+        self.buffered = size
+        if not size:
+            self.pinned = 0
+        self.node.buffer_budget.observe(self, size + self.pinned if size else 0, drained)
+
     def abort(self, code: str = "reset", reason: str = "aborted") -> None:
         """Reset both the flow and the socket (local decision)."""
         if self.tunnel is not None and self.tunnel.has_flow(self.flow_id):
