@@ -191,6 +191,7 @@ def serve(settings: Settings, *, edges_public: Sequence[str] = ()) -> None:
                          sign_in_limits=SignInLimits.from_settings(settings), refresh_grace=settings.refresh_grace,
                          oidc_starts_per_minute=settings.oidc_starts_per_minute,
                          node_certificates_per_day=settings.node_certificates_per_day,
+                         superseded_cert_grace=settings.superseded_cert_grace,
                          console=ConsoleConfig(idle=timedelta(minutes=settings.console_idle_minutes),
                                                lifetime=timedelta(hours=settings.console_session_hours)))
         with store.read() as session:

@@ -10,12 +10,13 @@ import os
 import stat
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from control.store.audit import list_audit
 from control.snapshot import SnapshotHub, TooManyWaiters, build_from_store, build_snapshot, follow_store, refresh
 from control.store import (
     Store,
@@ -258,6 +259,59 @@ def test_connectors_are_listed_with_their_group_and_usable_certificates(store: S
     assert after.version == before.version + 1
     assert [(c.id, c.serials) for c in after.connectors] == [(lab_id, ["a1", "1a2"]), (other_id, ["b1"])]
     assert decode(encode(after)).connectors == after.connectors
+
+
+def test_a_certificate_superseded_longer_than_the_grace_is_revoked_by_the_control_plane(store: Store) -> None:
+    soon = datetime(2099, 1, 1, tzinfo=UTC)
+    start = datetime.now(UTC)
+    with store.begin() as session:
+        lab_id = nodes.add_connector(session, ACTOR, "lab-1", cert_serial=0xA1, cert_not_after=soon).id
+        edge_id = nodes.add_edge(session, ACTOR, "edge-1", "edge-1.example:8443", cert_serial=0xE1,
+                                 cert_not_after=datetime(2001, 1, 1, tzinfo=UTC)).id
+        nodes.renew_certificate(session, nodes.get_connector(session, lab_id), 0xA2, soon, start + timedelta(minutes=1))
+        nodes.renew_certificate(session, nodes.get_edge(session, edge_id), 0xE2, soon, start + timedelta(minutes=1))
+        nodes.renew_certificate(session, nodes.get_connector(session, lab_id), 0xA3, soon, start + timedelta(days=2))
+    assert [c.serials for c in snapshot_of(store).connectors] == [["a1", "a2", "a3"]]
+    day = timedelta(days=1)
+    with store.begin() as session:
+        # a1 was replaced two days ago, a2 an hour ago; e1 expired long before it was replaced.
+        assert certificates.retire_superseded(session, day, start + timedelta(days=2, hours=1)) == ["a1"]
+    before = snapshot_of(store).version
+    with store.begin() as session:
+        assert certificates.retire_superseded(session, day, start + timedelta(days=2, hours=1)) == []  # once
+    assert snapshot_of(store).version == before
+    snap = snapshot_of(store)
+    assert [c.serials for c in snap.connectors] == [["a2", "a3"]]
+    assert is_revoked(snap, 0xA1) and not is_revoked(snap, 0xA2) and not is_revoked(snap, 0xE1)
+    with store.read() as session:
+        (record,) = [r for r in list_audit(session, object_type="certificate") if r.object_id == "a1"]
+        (revocation,) = [r for r in certificates.list_revocations(session) if r.serial == "a1"]
+    assert record.actor == "control-plane" and record.action == "certificate.revoke"
+    assert revocation.reason.startswith("superseded by the renewal at ")
+    with store.begin() as session:
+        assert certificates.retire_superseded(session, day, start + timedelta(days=3, hours=1)) == ["a2"]
+    assert [c.serials for c in snapshot_of(store).connectors] == [["a3"]]  # the current one stays
+
+
+def test_the_control_planes_retirement_task_revokes_what_the_grace_let_pass(store: Store) -> None:
+    from control.api.nodes import certificate_retirement
+
+    soon, now = datetime(2099, 1, 1, tzinfo=UTC), datetime.now(UTC)
+    with store.begin() as session:
+        node = nodes.add_connector(session, ACTOR, "lab-1")
+        certificates.record_certificate(session, "connector", node.id, 0xA1, soon, now - timedelta(hours=3))
+        nodes.renew_certificate(session, node, 0xA2, soon, now - timedelta(hours=2))
+        nodes.renew_certificate(session, node, 0xA3, soon, now - timedelta(minutes=30))
+
+    async def sweep_a_while() -> None:
+        task = asyncio.create_task(certificate_retirement(store, grace=3600.0, interval=0.05))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(sweep_a_while())
+    with store.read() as session:
+        assert certificates.revoked_serials(session) == {"a1"}  # a2 was replaced only 30 minutes ago
 
 
 def test_is_revoked(store: Store) -> None:

@@ -623,6 +623,25 @@ def test_certificate_revocations(store: Store) -> None:
     assert (record.action, record.object_type, record.object_id) == ("certificate.revoke", "certificate", f"{serial:x}")
 
 
+def test_superseded_certificates_are_revoked_after_the_grace(store: Store) -> None:
+    """On both databases: the certificates a renewal replaced before the grace are revoked once, in
+    one configuration change; the current one and those replaced since stay."""
+    soon, start = datetime(2099, 1, 1, tzinfo=UTC), datetime.now(UTC)
+    with store.begin() as session:
+        node = nodes.add_connector(session, ACTOR, "c1", cert_serial=0xC1, cert_not_after=soon)
+        nodes.renew_certificate(session, node, 0xC2, soon, start + timedelta(minutes=1))
+        nodes.renew_certificate(session, node, 0xC3, soon, start + timedelta(hours=30))
+    expected = version(store) + 1
+    with store.begin() as session:
+        assert certificates.retire_superseded(session, timedelta(days=1), start + timedelta(hours=30)) == ["c1"]
+        assert certificates.retire_superseded(session, timedelta(days=1), start + timedelta(hours=30)) == []
+    assert version(store) == expected
+    with store.read() as session:
+        assert certificates.revoked_serials(session) == {"c1"}
+        assert [(c.serial, t) for c, t in certificates.superseded_since(session, start + timedelta(hours=30))] == \
+            [("c2", start + timedelta(hours=30))]
+
+
 def test_configuration_changes_bump_the_version(store: Store) -> None:
     steps: list[tuple[Callable[[Any], object], int]] = [
         (lambda s: connector_groups.create_group(s, ACTOR, "branch"), 1),

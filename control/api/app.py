@@ -47,7 +47,7 @@ from .guards import (
     provide_api,
 )
 from .identity import identity_router
-from .nodes import NODE_ROUTES
+from .nodes import DEFAULT_SUPERSEDED_CERT_GRACE, NODE_ROUTES, certificate_retirement
 from .oidc import oidc_router, web_oidc_router
 from .policies import policy_router
 from .register import register
@@ -95,7 +95,8 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
                sign_in_limits: SignInLimits | None = None, refresh_grace: float = DEFAULT_REFRESH_GRACE,
                oidc_starts_per_minute: int = DEFAULT_OIDC_STARTS_PER_MINUTE,
                console: ConsoleConfig | None = None,
-               node_certificates_per_day: int = DEFAULT_NODE_CERTIFICATES_PER_DAY) -> Litestar:
+               node_certificates_per_day: int = DEFAULT_NODE_CERTIFICATES_PER_DAY,
+               superseded_cert_grace: float = DEFAULT_SUPERSEDED_CERT_GRACE) -> Litestar:
     """The API over ``store`` and ``ca``; ``edges_public`` are the edge HOST:PORT addresses handed
     to registering nodes (before those of registered edges); ``heartbeat_interval`` (seconds)
     decides when a node counts as inactive; ``cert_lifetime_days`` is the lifetime of the
@@ -111,8 +112,9 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     (``FERRYMAN_SIGN_IN_*``, ``FERRYMAN_REFRESH_GRACE``, ``FERRYMAN_OIDC_STARTS_PER_MINUTE``).
     ``console`` holds the web console's session limits (``FERRYMAN_CONSOLE_*``; the console
     is under ``/console``: ``control.console``). ``node_certificates_per_day`` bounds a node's
-    renewals (``FERRYMAN_NODE_CERTIFICATES_PER_DAY``). ``store`` must have been opened with the
-    secrets key (``store.box``).
+    renewals (``FERRYMAN_NODE_CERTIFICATES_PER_DAY``); a node certificate superseded by a renewal
+    more than ``superseded_cert_grace`` seconds ago is revoked (``FERRYMAN_SUPERSEDED_CERT_GRACE``,
+    checked while the app runs). ``store`` must have been opened with the secrets key (``store.box``).
     """
     api = Api(store, ca, edges_public, heartbeat_interval, cert_lifetime_days, token_signer=token_signer,
               oidc=None if oidc is None else Oidc(oidc), sign_in_limits=sign_in_limits, refresh_grace=refresh_grace,
@@ -143,6 +145,7 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
                          token_issuer=token_signer.issuer, token_lifetime=token_signer.lifetime,
                          interval=interval, changed=changed)))
         following.append(loop.create_task(traffic_retention(store, traffic_retention_days)))
+        following.append(loop.create_task(certificate_retirement(store, superseded_cert_grace)))
 
     async def stop_following() -> None:
         api.hub.close()

@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
@@ -31,6 +33,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from control.store import certificates, config_version, nodes, presence, traffic
+from control.store import Store
 from control.store.models import Edge
 from dataplane.basics import pki
 from dataplane.contract.flowrecord import MAX_BATCH_BYTES
@@ -39,6 +42,9 @@ from .guards import Api, NodeCaller, recheck_node, require_node
 from .longpoll import Wait, config_response, wait_snapshot
 from .presence import node_presence, presence_waiters
 from .schemas import HeartbeatIn, HeartbeatOut, RenewIn, RenewOut, TrafficIn, TrafficOut
+
+log = logging.getLogger("ferryman.control.nodes")
+DEFAULT_SUPERSEDED_CERT_GRACE = 86400.0  # seconds a renewed node's old certificate stays good (FERRYMAN_SUPERSEDED_CERT_GRACE)
 
 # ---------------------------------------------------------------------------- configuration
 
@@ -136,6 +142,30 @@ def _renew(api: Api, node: NodeCaller, data: RenewIn) -> RenewOut:
         nodes.renew_certificate(session, row, issued.serial, issued.not_after)
     return RenewOut(certificate_pem=issued.cert_pem.decode(), ca_pem=api.ca.bundle().decode(),
                     serial=format(issued.serial, "x"), not_after=issued.not_after)
+
+
+async def certificate_retirement(store: Store, grace: float, interval: float | None = None) -> None:
+    """Revoke node certificates superseded by a renewal more than ``grace`` seconds ago
+    (``certificates.retire_superseded``), now and then every ``interval`` seconds (a quarter of
+    the grace, at most ten minutes) until cancelled. With several control-plane nodes on one
+    database each may sweep: a certificate is revoked once (the configuration lock orders them)."""
+    every = interval if interval is not None else min(grace / 4, 600.0)
+
+    def sweep() -> list[str]:
+        with store.begin() as session:
+            return certificates.retire_superseded(session, timedelta(seconds=grace))
+
+    while True:
+        try:
+            retired = await anyio.to_thread.run_sync(sweep)
+            if retired:
+                log.info("superseded node certificates revoked: %s (renewed more than %g s ago)",
+                         ", ".join(retired), grace)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the database may be briefly unavailable; try again later
+            log.warning("retiring superseded node certificates failed: %s", exc)
+        await asyncio.sleep(every)
 
 
 @post("/v1/node/renew", guards=[require_node], security=[{"nodeToken": []}], tags=["nodes"], status_code=201)

@@ -7,7 +7,7 @@ configuration: edges refuse the certificate once they hold the next version.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -75,6 +75,39 @@ def node_owners(session: Session, serials: Sequence[str]) -> dict[str, tuple[str
     for e in session.scalars(select(Edge).where(Edge.id.in_(issued.values()))):
         owners.update({serial: ("edge", e.id, e.name) for serial, node in issued.items() if node == e.id})
     return owners
+
+
+def superseded_since(session: Session, as_of: datetime) -> list[tuple[IssuedCertificate, datetime]]:
+    """Node certificates that a later one of the same node replaced, with when it did (the later
+    one's issue time), not revoked and not expired at ``as_of``, oldest replacement first."""
+    revoked = revoked_serials(session)
+    rows = session.scalars(select(IssuedCertificate).order_by(IssuedCertificate.node_id, IssuedCertificate.issued_at,
+                                                              IssuedCertificate.serial)).all()
+    out: list[tuple[IssuedCertificate, datetime]] = []
+    for older, newer in zip(rows, rows[1:]):
+        if older.node_id == newer.node_id and older.serial not in revoked and _aware(older.not_after) > as_of:
+            out.append((older, _aware(newer.issued_at)))
+    return sorted(out, key=lambda pair: pair[1])
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def retire_superseded(session: Session, grace: timedelta, now: datetime | None = None) -> list[str]:
+    """Revoke every node certificate replaced by a renewal more than ``grace`` ago (its node has
+    had that long to move its tunnels to the new one); the serials revoked. A renewal would
+    otherwise leave the old key good for the rest of its lifetime: a key copied before the
+    renewal (a backup, a disk) would outlive the rotation meant to retire it."""
+    now = aware_now(now)
+    retired = []
+    for cert, replaced_at in superseded_since(session, now):
+        if replaced_at > now - grace:
+            break
+        revoke_certificate(session, "control-plane", int(cert.serial, 16),
+                           f"superseded by the renewal at {replaced_at.isoformat(timespec='seconds')}")
+        retired.append(cert.serial)
+    return retired
 
 
 # ---------------------------------------------------------------------------- revocations

@@ -193,8 +193,9 @@ def renew_certificate(session: Session, node: Connector | Edge, serial: int, not
                       now: datetime | None = None) -> None:
     """``node`` got a new certificate: record it and make it the node's current one (audited).
 
-    Its older certificates stay valid until they expire (its tunnels made with them keep
-    running); revoking the node revokes them all. A connector's renewal is a configuration
+    Its older certificates stay valid for the grace the control plane gives (its tunnels made
+    with them keep running meanwhile), then ``certificates.retire_superseded`` revokes them;
+    revoking the node revokes them all. A connector's renewal is a configuration
     change: edges recognise a connector by its certificates' serials (``snapshot_connectors``)
     and must learn the new one before the connector's next tunnel presents it.
     """

@@ -47,6 +47,7 @@ class ControlSettings(CommonSettings, kw_only=True):
     secrets_key_file: str = ""
     cert_lifetime_days: int = 180
     node_certificates_per_day: int = 4
+    superseded_cert_grace: float = 86400.0
     traffic_retention_days: int = 30
     heartbeat_interval: float = 30.0
     access_token_minutes: int = 60
@@ -249,6 +250,7 @@ VARIABLES: dict[str, str] = {
     "database_url": "Control plane: SQLAlchemy database URL (e.g. `postgresql://user:pw@host/db`); empty means an SQLite file `control.db` in FERRYMAN_DATA_DIR.",
     "secrets_key_file": "Control plane: file holding the secrets key (32 bytes, base64) that seals stored secrets and the keys control-plane nodes share (CA, token signing); every node on one database needs the same file. Empty: `secrets.key` in FERRYMAN_DATA_DIR, created on first start.",
     "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal), and of its own HTTPS certificate (issued again at a start once less than a third is left).",
+    "superseded_cert_grace": "Control plane: seconds a node certificate stays good after a renewal replaced it; then it is revoked (as `ferryman admin certs revoke` would, audited as the control plane's), so a key copied before the renewal does not outlive it. Connectors move their tunnels to the renewed certificate at once (draining the old ones, a few seconds apart); tunnels still on the old certificate when it is revoked are cut.",
     "node_certificates_per_day": "Control plane: most certificates one edge or connector may be issued in any 24 hours, its registration included; a renewal beyond is refused (429). A connector's renewal is a configuration change for every node.",
     "traffic_retention_days": "Control plane: traffic log records older than this many days are deleted (checked hourly).",
     "heartbeat_interval": "Seconds between node heartbeats to the control plane; a node missing 3 in a row is shown inactive (set the same on nodes and control plane).",
@@ -391,6 +393,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "reconnect_max": (0.01, 86400),
     "cert_lifetime_days": (1, 3650),
     "node_certificates_per_day": (2, 1000),
+    "superseded_cert_grace": (60.0, 180 * 86400.0),
     "traffic_retention_days": (1, 3650),
     "heartbeat_interval": (0.1, 3600),
     "presence_interval": (0.05, 3600),

@@ -68,6 +68,8 @@ DNS_FLOW_IDLE = 10.0  # seconds a private DNS flow (one query, its answer) may s
 # Seconds a grant for an application this connector does not know yet waits for the next
 # configuration (a new application reaches the edges and the connectors within about two seconds).
 CONFIG_CATCH_UP = 3.0
+# Seconds between the moves of two tunnel slots to a renewed certificate.
+RENEWAL_STAGGER = 5.0
 
 
 # The edge's certificate key: what a signed grant (from an edge that does not use this tunnel's
@@ -101,6 +103,9 @@ class Connector(EndpointNode[EdgeKey]):
         self._stopped: list[bool] = []
         self._moved: list[asyncio.Event] = []
         self._moving: set[asyncio.Task[None]] = set()  # tunnels draining after a move
+        # Bumped at each certificate renewal: a tunnel dialed under an older one moves to the new
+        # certificate (drains while its slot dials again) before the control plane revokes the old.
+        self._certificate = 0
         self.udp_flows: set[UdpFlow] = set()
         # Whose each UDP / private DNS flow is (the grant's device, else user) and how many each has:
         # one device may hold a quarter of FERRYMAN_MAX_UDP_FLOWS.
@@ -261,9 +266,16 @@ class Connector(EndpointNode[EdgeKey]):
                       addresses=sorted(addresses))
 
     def _renewed(self) -> None:
-        """New tunnels present the renewed certificate; running ones keep theirs until they end."""
+        """New tunnels present the renewed certificate, and the running ones move to it: slot by
+        slot, RENEWAL_STAGGER seconds apart (the others carry new flows meanwhile), each drains
+        while its slot dials again. The control plane revokes the old certificate
+        FERRYMAN_SUPERSEDED_CERT_GRACE after the renewal; a tunnel still on it then is cut."""
         self._ssl = self.credentials.client_context()
         self.deciding.reload(self.settings.tls_ca)
+        self._certificate += 1
+        loop = asyncio.get_running_loop()
+        for i, moved in enumerate(self._moved):
+            loop.call_later(i * RENEWAL_STAGGER, moved.set)
 
     # ------------------------------------------------------------------ which edges
     def _place(self) -> None:
@@ -303,8 +315,10 @@ class Connector(EndpointNode[EdgeKey]):
             self._slots.append(task)
 
     async def _session(self, i: int, tunnel: ConnectorTunnel) -> None:
-        """Slot ``i``'s tunnel, until it ends, or until the slot moves to another edge (or stops):
-        then it drains in the background while the slot dials again."""
+        """Slot ``i``'s tunnel, until it ends, or until the slot moves to another edge (or stops) or
+        the certificate it was dialed with is renewed: then it drains in the background while the
+        slot dials again."""
+        certificate = self._certificate
         while not tunnel.done_waiter.done():
             moved = self._moved[i]
             moved.clear()
@@ -320,17 +334,22 @@ class Connector(EndpointNode[EdgeKey]):
                 log.info("tunnel moves", extra={"tunnel": tunnel.label, "edge": tunnel.peer_name, "to": where})
                 self._retire(tunnel)
                 return
+            if self._certificate != certificate:
+                log.info("tunnel moves to the renewed certificate", extra={"tunnel": tunnel.label,
+                                                                            "edge": tunnel.peer_name})
+                self._retire(tunnel, "moves this tunnel to its renewed certificate")
+                return
 
-    def _retire(self, tunnel: ConnectorTunnel) -> None:
+    def _retire(self, tunnel: ConnectorTunnel, why: str = "moves this tunnel to another edge") -> None:
         """GOAWAY now (the edge sends no new flows), close once the flows ended or FERRYMAN_DRAIN_GRACE passed."""
-        tunnel.goaway("moved", f"connector {self.name} moves this tunnel to another edge")
+        tunnel.goaway("moved", f"connector {self.name} {why}")
 
         async def close_when_idle() -> None:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.settings.drain_grace
             while tunnel.routes and not tunnel.closed and loop.time() < deadline:
                 await asyncio.sleep(0.1)
-            tunnel.close("moved", "tunnel moved to another edge")
+            tunnel.close("moved", f"connector {self.name} {why}")
 
         task = asyncio.create_task(close_when_idle())
         self._moving.add(task)
