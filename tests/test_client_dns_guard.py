@@ -36,7 +36,7 @@ from dataplane.basics.metrics import Stats
 from dataplane.client import dns, status
 from dataplane.client import transparent as tp
 from dataplane.client.profile import Profile
-from dataplane.contract.snapshot import ClientProfile
+from dataplane.contract.snapshot import ClientProfile, SnapApp, SnapSegment
 from dataplane.transport.udpflow import UdpFlow
 
 pytestmark = pytest.mark.timeout(60)
@@ -184,15 +184,19 @@ class _Agent:
 
     def __init__(self, fail_mode: str = "closed", upstream: str = "127.0.0.1:9") -> None:
         self.stats = Stats("client", "test")
-        self.profile = Profile(ClientProfile(version=1, issued_at="2026-12-01T00:00:00Z",
-                                             dns_suffixes=["corp.example"], fail_mode=fail_mode))
+        self.profile: Profile | None = Profile(ClientProfile(
+            version=1, issued_at="2026-12-01T00:00:00Z", dns_suffixes=["corp.example"], fail_mode=fail_mode,
+            applications=[SnapApp(name="lab", kind="per_app", connector_group="default", segments=[
+                SnapSegment(destination="10.20.0.0/16", ports="22", protocol="tcp"),
+                SnapSegment(destination="fd00:20::/64", ports="53", protocol="udp")])]))
         self.settings = types.SimpleNamespace(dns_cache=16, dns_upstream=upstream)
+        self.dns_rebind_allow: tuple[str, ...] = ()
         self.udp_backlog = 64
         self.tunnel_answers: list[DNSRecord | bytes] = []
         self.opened = 0
 
     def route_name(self, name: str) -> str:
-        return "tunnel" if self.profile.private_name(name) else "public"
+        return "tunnel" if self.profile is not None and self.profile.private_name(name) else "public"
 
     def open(self, flow: UdpFlow, process: str | None = None, local: tuple[str, int] | None = None) -> None:
         self.opened += 1
@@ -433,3 +437,90 @@ def test_status_output_escapes_what_a_terminal_would_act_on() -> None:
     assert "last sync failed: refused\\r\\nuser      mallory" in shown
     assert shown.endswith("not ready: open_failed: \\x1b[2J\\u202egnp.exe")
     assert status.printable("wiki.corp.example é") == "wiki.corp.example é"
+
+
+# ---------------------------------------------------------------------------- DNS rebinding
+class _Answering(asyncio.DatagramProtocol):
+    """A system resolver on loopback answering every query with ``records(name)`` (A and AAAA)."""
+
+    def __init__(self, records: dict[str, list[RR]]) -> None:
+        self.records = records
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        query = DNSRecord.parse(data)
+        reply = query.reply()
+        for rr in self.records.get(str(query.q.qname).rstrip("."), []):
+            reply.add_answer(rr)
+        self.transport.sendto(reply.pack(), addr)  # type: ignore[attr-defined]
+
+
+def _aaaa(owner: str, address: str) -> RR:
+    return RR(owner, QTYPE.AAAA, rdata=AAAA(address), ttl=60)
+
+
+def _resolve_all(agent: _Agent, records: dict[str, list[RR]], names: list[tuple[str, str]]) -> list[DNSRecord]:
+    async def main() -> list[DNSRecord]:
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _Answering(records), local_addr=("127.0.0.1", 0))
+        agent.settings.dns_upstream = f"127.0.0.1:{transport.get_extra_info('sockname')[1]}"
+        resolver = dns.Resolver(agent, ("127.0.0.1", 53))  # type: ignore[arg-type]
+        try:
+            out = []
+            for name, qtype in names:
+                for _ in range(2):  # the second answer comes from the cache: withheld there too
+                    answer = await resolver.answer(DNSRecord.question(name, qtype).pack())
+                    assert answer is not None
+                    out.append(DNSRecord.parse(answer))
+            return out
+        finally:
+            transport.close()
+
+    return asyncio.run(main())
+
+
+REBINDING = {
+    "evil.example": [_a("evil.example", "10.20.1.5"), _a("evil.example", "198.51.100.9")],
+    "only-private.example": [_a("only-private.example", "10.20.7.7")],
+    "v6.example": [_aaaa("v6.example", "fd00:20::5"), _aaaa("v6.example", "2001:db8::5")],
+    "mapped.example": [_aaaa("mapped.example", "::ffff:a14:105")],  # ::ffff:10.20.1.5
+    "elsewhere.example": [_a("elsewhere.example", "10.21.0.1")],  # private range, but no app's
+    "split.lab.example": [_a("split.lab.example", "10.20.3.3")],
+}
+
+
+def test_public_names_never_resolve_into_private_segments(caplog) -> None:
+    agent = _Agent()
+    agent.dns_rebind_allow = dns.rebind_allow("lab.example")
+    caplog.set_level(logging.WARNING, logger="ferryman.dns")
+    replies = _resolve_all(agent, REBINDING, [("evil.example", "A"), ("only-private.example", "A"),
+                                              ("v6.example", "AAAA"), ("mapped.example", "AAAA"),
+                                              ("elsewhere.example", "A"), ("split.lab.example", "A")])
+    got = [[str(rr.rdata) for rr in reply.rr] for reply in replies[::2]]
+    assert got == [["198.51.100.9"], [], ["2001:db8::5"], [], ["10.21.0.1"], ["10.20.3.3"]]
+    assert all(reply.header.rcode == RCODE.NOERROR for reply in replies)  # no data, not an error
+    assert [[str(rr.rdata) for rr in reply.rr] for reply in replies[1::2]] == got  # cached as withheld
+    # Asked once each, the second answer from the cache; an answer left with no record (no SOA,
+    # so no negative TTL) is not cached: those two names were asked twice, and withheld twice.
+    assert agent.stats.dial_refused == {"dns_rebinding": 6}
+    assert sum("DNS rebinding" in r.getMessage() for r in caplog.records) == 6
+
+
+def test_without_a_profile_or_for_a_private_name_nothing_is_withheld() -> None:
+    agent = _Agent()
+    agent.profile = None  # an agent on a certificate: no segment is known
+    replies = _resolve_all(agent, REBINDING, [("only-private.example", "A")])
+    assert [str(rr.rdata) for rr in replies[0].rr] == ["10.20.7.7"]
+    agent = _Agent()  # a private name's answer comes through the tunnel, from the connector's DNS
+    agent.tunnel_answers = [_private_answer(_a(NAME, "10.20.1.5"))]
+    replies = _resolve_all(agent, {}, [(NAME, "A")])
+    assert [str(rr.rdata) for rr in replies[0].rr] == ["10.20.1.5"] and not agent.stats.dial_refused
+
+
+def test_the_allow_list_takes_dns_names_only() -> None:
+    assert dns.rebind_allow(" Lab.Example., corp.example ,") == ("lab.example", "corp.example")
+    for bad in ("lab example", "-x.example", "a..b", "x" * 64 + ".example"):
+        with pytest.raises(ValueError, match="FERRYMAN_DNS_REBIND_ALLOW"):
+            dns.rebind_allow(bad)

@@ -72,6 +72,11 @@ class _AddressIndex:
             tiers = groupby(cover, key=lambda item: item[0])
             self.tiers.append(tuple(tuple(candidate for _, _, candidate in tier) for _, tier in tiers))
 
+    def covers(self, address: int) -> bool:
+        """Some segment covers ``address`` (on whatever ports)."""
+        k = bisect.bisect_right(self.bounds, address) - 1
+        return k >= 0 and bool(self.tiers[k])
+
     def match(self, address: int, port: int) -> Match | None:
         k = bisect.bisect_right(self.bounds, address) - 1
         if k < 0:
@@ -174,6 +179,15 @@ class AppTable(Applications):
                 version, value = address
                 return (index.v4 if version == 4 else index.v6).match(value, port)
         return index.match_name(name.rstrip("."), port)
+
+    def covers_address(self, address: str) -> bool:
+        """An ip, cidr or range segment of any protocol and port covers the IP address ``address``
+        (an IPv4-mapped IPv6 address counts as its IPv4 address); False for anything else."""
+        parsed = _parse_address(address)
+        if parsed is None:
+            return False
+        version, value = parsed
+        return any((index.v4 if version == 4 else index.v6).covers(value) for index in self._index.values())
 
     def covering_name(self, name: str) -> Match | None:
         """The most specific hostname or wildcard segment covering the DNS name ``name`` on any

@@ -207,6 +207,7 @@ class ClientSettings(DialerSettings, kw_only=True):
     dns_listen: str = ""
     dns_upstream: str = ""
     dns_cache: int = 10000
+    dns_rebind_allow: str = ""
     process_lookup: str = "on"
     process_lookup_wait: float = 0.004
     local_users: str = ""
@@ -324,6 +325,7 @@ VARIABLES: dict[str, str] = {
     "dns_server": "Connector: HOST[:PORT] of the DNS server that resolves private names for clients; empty means the first `nameserver` of /etc/resolv.conf.",
     "grant_cache": "Connector: most flow grants remembered until they expire (replay protection, about 30 s each; 42 to 50 MiB when full), at most half of them from any one edge; a flow beyond it, or beyond its edge's half, is refused (`grant_cache_full`), an unexpired grant is never forgotten.",
     "dns_upstream": "Client: HOST[:PORT] of the DNS server its resolver asks for names that are not private; empty means the first `nameserver` of /etc/resolv.conf (other than the resolver itself).",
+    "dns_rebind_allow": "Client agent: DNS suffixes (comma-separated) whose answers from the system resolver may point into private applications' address segments. Any other public name's A/AAAA records in those segments are withheld (DNS rebinding: a web page's own name pointed at a private address would make the browser reach the private app through the tunnel with the page's origin) and counted (`ferryman_dial_refused_total{rule=\"dns_rebinding\"}`).",
     "dns_cache": "Client: most DNS answers kept in the resolver's cache (each for its TTL).",
     "process_lookup_wait": "Client: seconds an OPEN waits at most for the process lookup (then it goes without the process name).",
     "transparent": "Client: `on` captures TCP to the forwarding profile's private addresses (and the addresses the private DNS resolver answered) transparently with nftables redirect rules on Linux (root); `off` captures only what forwards, SOCKS5 and HTTP CONNECT are given.",

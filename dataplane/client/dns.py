@@ -13,6 +13,14 @@ Queries to the system resolver go out under an id of the resolver's own. Record 
 SOA minimum, at most ``NEGATIVE_TTL_MAX``), at most ``FERRYMAN_DNS_CACHE`` of them (least
 recently used go first), and served with the remaining TTL.
 
+An answer of the system resolver (a name that is not private) never points into a private
+application's address segments: such A/AAAA records are withheld, as unbound's
+``private-address`` does, unless the name is under a suffix of ``FERRYMAN_DNS_REBIND_ALLOW``.
+Otherwise a web page could point its own name at a private address (DNS rebinding) and have
+the browser reach that private application through the tunnel, reading its answers as the
+page's own. With no forwarding profile (an agent on a certificate) no segment is known and
+nothing is withheld.
+
 When no edge is reachable, a private name gets SERVFAIL and a log line (fail closed), or
 goes to the system resolver (fail open), as the profile says. A query that cannot be
 parsed, or not written again (every answer repeats its question), is dropped and counted
@@ -28,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import secrets
 import struct
 import time
@@ -54,6 +63,37 @@ TCP_PIPELINE = 64  # DNS-over-TCP queries of one connection waiting for their an
 # (RFC 7766 §6.2.3: servers close idle connections; 10 s as unbound's tcp-idle-timeout default).
 TCP_IDLE = 10.0
 MAX_PENDING = 1024  # queries being resolved at once; more are answered SERVFAIL (counted)
+_DNS_NAME = re.compile(r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*")
+
+
+def rebind_allow(setting: str) -> tuple[str, ...]:
+    """The suffixes of FERRYMAN_DNS_REBIND_ALLOW (comma-separated DNS names; ValueError naming a bad one)."""
+    out = []
+    for item in setting.split(","):
+        name = item.strip().lower().strip(".")
+        if not item.strip():
+            continue
+        if not _DNS_NAME.fullmatch(name):
+            raise ValueError(f"FERRYMAN_DNS_REBIND_ALLOW: {item.strip()!r} is not a DNS name")
+        out.append(name)
+    return tuple(out)
+
+
+def withhold_private(reply: DNSRecord, private: Callable[[str], bool]) -> list[str]:
+    """Remove the A and AAAA records of ``reply`` (answer and additional sections) whose address
+    ``private`` says is a private application's; the addresses removed."""
+    withheld: list[str] = []
+    for section in ("rr", "ar"):
+        records = getattr(reply, section)
+        kept = []
+        for rr in records:
+            if rr.rtype in (QTYPE.A, QTYPE.AAAA) and private(str(rr.rdata)):
+                withheld.append(str(rr.rdata))
+            else:
+                kept.append(rr)
+        if len(kept) != len(records):
+            setattr(reply, section, kept)
+    return withheld
 
 
 class Answer:
@@ -233,8 +273,9 @@ class Resolver:
             stats.count(stats.datagrams_dropped, "dns_busy")
             return servfail(query)
         self.pending += 1
+        name = key[0].rstrip(".")
         try:
-            answer, cacheable = await self._answer(query, key[0].rstrip("."))
+            answer, route = await self._answer(query, name)
         finally:
             self.pending -= 1
         if answer is None:
@@ -245,28 +286,47 @@ class Resolver:
         except Exception:
             log.warning("unusable DNS answer", extra={"qname": key[0]})
             return servfail(query)
-        if clamp_ttls(reply):
+        changed = clamp_ttls(reply)
+        if route == "public" and self._rebinding(name, reply):
+            changed = True
+        if changed:
             answer = reply.pack()
         # captured before it is cached: an answer from the cache is served without capturing again
         if self.on_answer is not None and not await self.on_answer(key[0].rstrip("."), reply):
             return servfail(query)
-        if cacheable:  # not an answer from the system resolver for a private name (fail open): once the
-            self.cache.put(key, reply, time.monotonic())  # tunnel is back, the private name is asked again
+        if route != "open":  # not an answer from the system resolver for a private name (fail open): once
+            self.cache.put(key, reply, time.monotonic())  # the tunnel is back, the private name is asked again
         return answer
 
-    async def _answer(self, query: DNSRecord, name: str) -> tuple[bytes | None, bool]:
-        """(the answer or None, whether it may be cached: not for a private name answered by the
-        system resolver, as under fail open)."""
+    def _rebinding(self, name: str, reply: DNSRecord) -> bool:
+        """Withhold the records of a public name's answer that point into private segments (module
+        doc); True when some were."""
+        profile = self.client.profile
+        if profile is None or any(name == s or name.endswith("." + s) for s in self.client.dns_rebind_allow):
+            return False
+        withheld = withhold_private(reply, profile.private_address)
+        if not withheld:
+            return False
+        stats = self.client.stats
+        stats.count(stats.dial_refused, "dns_rebinding", len(withheld))
+        stats.log_limit.log(log, logging.WARNING, ("dns_rebinding", name),
+                            "public name pointing at private addresses: those records withheld (DNS rebinding)",
+                            {"qname": name, "addresses": ",".join(withheld[:8])})
+        return True
+
+    async def _answer(self, query: DNSRecord, name: str) -> tuple[bytes | None, str]:
+        """(the answer or None, the name's route: ``tunnel``, ``closed``, ``open`` (a private name
+        the system resolver answered: not cached) or ``public``)."""
         route = self.client.route_name(name)
         if route == "tunnel":
-            return await self._through_tunnel(query, name), True
+            return await self._through_tunnel(query, name), route
         if route == "closed":
             log.warning("private name not resolved: no tunnel to an edge is up (fail closed)", extra={"qname": name})
-            return None, False
+            return None, route
         upstream = self.upstream()
         if upstream is None:
-            return None, False
-        return await _ask(upstream, query, self.client.stats), route == "public"
+            return None, route
+        return await _ask(upstream, query, self.client.stats), route
 
     async def _through_tunnel(self, query: DNSRecord, name: str) -> bytes | None:
         """One ``dns`` flow: OPEN for ``name``, the query as a datagram, the answer back, RST."""

@@ -110,6 +110,7 @@ class Client(EndpointNode[None]):
             check_usable()  # ValueError: not Linux, not root, no nft
         # Who on this device may use the listeners (the signed-in user's identity): ValueError for an unknown name.
         self.local_users = LocalUsers(settings.local_users)
+        self.dns_rebind_allow = dns.rebind_allow(settings.dns_rebind_allow)  # ValueError: not a DNS name
         self.stats.extra = {
             "ferryman_client_forwards_ready": (
                 "Forwards whose destination answered a probe", lambda: float(sum(1 for v in self.probe_ok.values() if not v))),

@@ -40,6 +40,7 @@ class FlowOpener(Protocol):
     buffer_budget: BufferBudget  # FERRYMAN_FLOW_BUFFER_BUDGET
     profile: Profile | None  # the forwarding profile (None: everything captured is private)
     local_users: LocalUsers  # who on this device may use the listeners
+    dns_rebind_allow: tuple[str, ...]  # FERRYMAN_DNS_REBIND_ALLOW: public names that may point into segments
 
     def route(self, host: str, port: int, protocol: str = "tcp") -> Route:
         """Where a captured connection to host:port goes: through the tunnel, or direct."""

@@ -58,6 +58,10 @@ class Profile:
         name = host.lower().rstrip(".")
         return any(name == s or name.endswith("." + s) for s in self.suffixes)
 
+    def private_address(self, address: str) -> bool:
+        """``address`` (an IP address) lies in a private application's segment, on some port."""
+        return self.table.covers_address(address)
+
     def covers(self, host: str, port: int, protocol: str) -> bool:
         """host:port/protocol goes through the tunnel: a segment covers it, or the name is private."""
         return self.table.match(host, port, protocol) is not None or self.private_name(host)
