@@ -22,10 +22,12 @@ Covered:
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import json
 import re
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -483,6 +485,12 @@ def test_heartbeat_shows_in_the_admin_api(control: Control, connector) -> None:
     assert shown["external_addr"] == "127.0.0.1"
     _, listed, _ = control.admin("GET", "/v1/connectors")
     assert [c["status"] for c in listed if c["id"] == node_id] == ["active"]
+    # The heartbeat is what proves the node holds this certificate: its first use is noted (the
+    # certificates it replaces are retired only once the new one has been used for the grace).
+    with contextlib.closing(sqlite3.connect(f"file:{control.data_dir / 'control.db'}?mode=ro", uri=True)) as db:
+        (first_used,) = db.execute("SELECT first_used_at FROM issued_certificates WHERE serial = ?",
+                                   (identity.record.serial,)).fetchone()
+    assert first_used is not None
 
 
 @pytest.mark.parametrize(("body", "key", "message"), [

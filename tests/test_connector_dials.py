@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from dataplane.access import grants
 from dataplane.access.destinations import DialPolicy
@@ -394,3 +396,40 @@ def test_a_grant_outside_the_groups_applications_is_refused(pki_cache: str, tmp_
 
         asyncio.run(run())
 
+
+
+def test_a_grant_signed_with_the_edges_renewed_key_is_taken_with_its_certificate(pki_cache: str,
+                                                                                  tmp_path) -> None:
+    """A web flow's grant is signed with the edge's current key and carries its certificate: after
+    the edge renewed, a connector tunnel set up before (which knows the old key) still takes it,
+    while the same grant without the certificate is refused as forged."""
+    renewed = str(tmp_path / "pki")
+    shutil.copytree(pki_cache, renewed)
+    pki.issue_node(renewed, "edge", "edge-1", force=True)  # same CA and name, a new key
+    key_path, cert_path = pki.node_paths(renewed, "edge-1")
+    with open(key_path, "rb") as fh:
+        new_key = serialization.load_pem_private_key(fh.read(), None)
+    new_der = pki.read_certificates(cert_path)[0].public_bytes(serialization.Encoding.DER)
+
+    async def run() -> None:
+        node = make_connector(pki_cache)
+        with never_answering() as port:
+            node.policy = allowing(port)
+            tunnel, edge = tunnel_to_edge(node)
+            tunnel.state = pki.read_certificates(pki.node_paths(pki_cache, "edge-1")[1])[0].public_key()
+
+            def web_open(signer: bytes) -> None:
+                grant = grants.sign(new_key, edge="edge-1", connector="connector-1", host="127.0.0.1", port=port,
+                                    protocol="tcp", connection=f"c{next(_connections)}", user="alice@corp",
+                                    device="", now=time.time(), app="stall")
+                edge.open_flow(Open(host="127.0.0.1", port=port, protocol="tcp", grant=grant, user="alice@corp",
+                                    connection="web", signer=signer))
+
+            web_open(b"")
+            assert refusals(deliver(tunnel, edge)) == ["grant_forged"]
+            web_open(new_der)
+            assert refusals(deliver(tunnel, edge)) == []
+            assert await until(lambda: syn_sent(port) == 1), "the connector did not dial the granted flow"
+            tunnel.close("shutdown", "test over")
+
+    asyncio.run(run())

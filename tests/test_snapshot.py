@@ -270,27 +270,18 @@ def test_a_certificate_superseded_longer_than_the_grace_is_revoked_by_the_contro
                                  cert_not_after=datetime(2001, 1, 1, tzinfo=UTC)).id
         nodes.renew_certificate(session, nodes.get_connector(session, lab_id), 0xA2, soon, start + timedelta(minutes=1))
         nodes.renew_certificate(session, nodes.get_edge(session, edge_id), 0xE2, soon, start + timedelta(minutes=1))
-        nodes.renew_certificate(session, nodes.get_connector(session, lab_id), 0xA3, soon, start + timedelta(days=2))
-    assert [c.serials for c in snapshot_of(store).connectors] == [["a1", "a2", "a3"]]
-    day = timedelta(days=1)
+        certificates.mark_used(session, 0xA2, start + timedelta(minutes=2))
+        certificates.mark_used(session, 0xE2, start + timedelta(minutes=2))
+    assert [c.serials for c in snapshot_of(store).connectors] == [["a1", "a2"]]
     with store.begin() as session:
-        # a1 was replaced two days ago, a2 an hour ago; e1 expired long before it was replaced.
-        assert certificates.retire_superseded(session, day, start + timedelta(days=2, hours=1)) == ["a1"]
-    before = snapshot_of(store).version
-    with store.begin() as session:
-        assert certificates.retire_superseded(session, day, start + timedelta(days=2, hours=1)) == []  # once
-    assert snapshot_of(store).version == before
+        # a2 in use for a day and an hour; e1 expired long before it was replaced (nothing to revoke).
+        assert certificates.retire_superseded(session, timedelta(days=1), start + timedelta(days=1, hours=1)) == ["a1"]
     snap = snapshot_of(store)
-    assert [c.serials for c in snap.connectors] == [["a2", "a3"]]
+    assert [c.serials for c in snap.connectors] == [["a2"]]  # the current one stays
     assert is_revoked(snap, 0xA1) and not is_revoked(snap, 0xA2) and not is_revoked(snap, 0xE1)
     with store.read() as session:
         (record,) = [r for r in list_audit(session, object_type="certificate") if r.object_id == "a1"]
-        (revocation,) = [r for r in certificates.list_revocations(session) if r.serial == "a1"]
     assert record.actor == "control-plane" and record.action == "certificate.revoke"
-    assert revocation.reason.startswith("superseded by the renewal at ")
-    with store.begin() as session:
-        assert certificates.retire_superseded(session, day, start + timedelta(days=3, hours=1)) == ["a2"]
-    assert [c.serials for c in snapshot_of(store).connectors] == [["a3"]]  # the current one stays
 
 
 def test_the_control_planes_retirement_task_revokes_what_the_grace_let_pass(store: Store) -> None:
@@ -301,7 +292,10 @@ def test_the_control_planes_retirement_task_revokes_what_the_grace_let_pass(stor
         node = nodes.add_connector(session, ACTOR, "lab-1")
         certificates.record_certificate(session, "connector", node.id, 0xA1, soon, now - timedelta(hours=3))
         nodes.renew_certificate(session, node, 0xA2, soon, now - timedelta(hours=2))
-        nodes.renew_certificate(session, node, 0xA3, soon, now - timedelta(minutes=30))
+        other = nodes.add_connector(session, ACTOR, "lab-2", cert_serial=0xB1, cert_not_after=soon)
+        nodes.renew_certificate(session, other, 0xB2, soon, now - timedelta(hours=2))
+        certificates.mark_used(session, 0xA2, now - timedelta(hours=2))
+        certificates.mark_used(session, 0xB2, now - timedelta(minutes=30))
 
     async def sweep_a_while() -> None:
         task = asyncio.create_task(certificate_retirement(store, grace=3600.0, interval=0.05))
@@ -311,7 +305,7 @@ def test_the_control_planes_retirement_task_revokes_what_the_grace_let_pass(stor
 
     asyncio.run(sweep_a_while())
     with store.read() as session:
-        assert certificates.revoked_serials(session) == {"a1"}  # a2 was replaced only 30 minutes ago
+        assert certificates.revoked_serials(session) == {"a1"}  # lab-2 has used b2 for 30 minutes only
 
 
 def test_is_revoked(store: Store) -> None:

@@ -623,23 +623,36 @@ def test_certificate_revocations(store: Store) -> None:
     assert (record.action, record.object_type, record.object_id) == ("certificate.revoke", "certificate", f"{serial:x}")
 
 
-def test_superseded_certificates_are_revoked_after_the_grace(store: Store) -> None:
-    """On both databases: the certificates a renewal replaced before the grace are revoked once, in
-    one configuration change; the current one and those replaced since stay."""
-    soon, start = datetime(2099, 1, 1, tzinfo=UTC), datetime.now(UTC)
+def test_superseded_certificates_are_revoked_once_the_new_one_was_used_for_the_grace(store: Store) -> None:
+    """On both databases: the certificates a renewal replaced are revoked once the node has used
+    its current one (heartbeats) for the grace, never before, never the current one, whatever
+    the order of issue times (control-plane processes sign with their own clocks)."""
+    soon, start, day = datetime(2099, 1, 1, tzinfo=UTC), datetime.now(UTC), timedelta(days=1)
     with store.begin() as session:
         node = nodes.add_connector(session, ACTOR, "c1", cert_serial=0xC1, cert_not_after=soon)
+        node_id = node.id
         nodes.renew_certificate(session, node, 0xC2, soon, start + timedelta(minutes=1))
-        nodes.renew_certificate(session, node, 0xC3, soon, start + timedelta(hours=30))
-    expected = version(store) + 1
+        nodes.renew_certificate(session, node, 0xC3, soon, start + timedelta(minutes=2))
+        # a renewal whose answer was lost: the node goes on with c3's predecessor, never uses c3
+        assert certificates.retire_superseded(session, day, start + timedelta(days=30)) == []
+        certificates.mark_used(session, 0xC3, start + timedelta(hours=1))
+        certificates.mark_used(session, 0xC3, start + timedelta(hours=5))  # the first use counts
+        assert certificates.retire_superseded(session, day, start + timedelta(hours=24)) == []
+    before = version(store)
     with store.begin() as session:
-        assert certificates.retire_superseded(session, timedelta(days=1), start + timedelta(hours=30)) == ["c1"]
-        assert certificates.retire_superseded(session, timedelta(days=1), start + timedelta(hours=30)) == []
-    assert version(store) == expected
+        assert certificates.retire_superseded(session, day, start + timedelta(hours=26)) == ["c1", "c2"]
+        assert certificates.retire_superseded(session, day, start + timedelta(hours=26)) == []
+    assert version(store) > before
+    with store.begin() as session:
+        # The next renewal is signed by a process whose clock is a day behind: still the current one.
+        nodes.renew_certificate(session, nodes.get_connector(session, node_id), 0xC4, soon, start - day)
+        certificates.mark_used(session, 0xC4, start + timedelta(hours=27))
+        assert [(old.serial, now.serial) for old, now in certificates.superseded(session, start)] == [("c3", "c4")]
+        assert certificates.retire_superseded(session, day, start + timedelta(hours=52)) == ["c3"]
     with store.read() as session:
-        assert certificates.revoked_serials(session) == {"c1"}
-        assert [(c.serial, t) for c, t in certificates.superseded_since(session, start + timedelta(hours=30))] == \
-            [("c2", start + timedelta(hours=30))]
+        assert certificates.revoked_serials(session) == {"c1", "c2", "c3"}
+        revocation = [r for r in certificates.list_revocations(session) if r.serial == "c3"][0]
+        assert revocation.reason.startswith("superseded: its node has used certificate c4 since ")
 
 
 def test_configuration_changes_bump_the_version(store: Store) -> None:

@@ -79,6 +79,7 @@ def _heartbeat(api: Api, node: NodeCaller, data: HeartbeatIn, external: str) -> 
                                      external_addr=external, internal_addr=internal[:255], tunnels=data.tunnels,
                                      active_flows=data.active_flows, config_version=data.config_version,
                                      records_dropped=data.records_dropped)
+        certificates.mark_used(session, node.serial)  # the proof a renewed node holds its new certificate
         changed = False
         if data.connectors is not None and isinstance(row, Edge):
             changed = presence.record(session, row, data.connectors)

@@ -77,17 +77,34 @@ def node_owners(session: Session, serials: Sequence[str]) -> dict[str, tuple[str
     return owners
 
 
-def superseded_since(session: Session, as_of: datetime) -> list[tuple[IssuedCertificate, datetime]]:
-    """Node certificates that a later one of the same node replaced, with when it did (the later
-    one's issue time), not revoked and not expired at ``as_of``, oldest replacement first."""
+def mark_used(session: Session, serial: int, now: datetime | None = None) -> None:
+    """Node certificate ``serial`` was just used to authenticate (a heartbeat): note the first time."""
+    row = session.get(IssuedCertificate, serial_text(serial))
+    if row is not None and row.first_used_at is None:
+        row.first_used_at = aware_now(now)
+        session.flush()
+
+
+def superseded(session: Session, as_of: datetime) -> list[tuple[IssuedCertificate, IssuedCertificate]]:
+    """``(old, current)`` for every node certificate that is not its node's current one (the node
+    row's ``cert_serial``), neither revoked nor expired at ``as_of``, with the node's current
+    certificate. Which certificate is current is the node row's word, never the order of issue
+    times (several control-plane processes sign with their own clocks)."""
     revoked = revoked_serials(session)
-    rows = session.scalars(select(IssuedCertificate).order_by(IssuedCertificate.node_id, IssuedCertificate.issued_at,
-                                                              IssuedCertificate.serial)).all()
-    out: list[tuple[IssuedCertificate, datetime]] = []
-    for older, newer in zip(rows, rows[1:]):
-        if older.node_id == newer.node_id and older.serial not in revoked and _aware(older.not_after) > as_of:
-            out.append((older, _aware(newer.issued_at)))
-    return sorted(out, key=lambda pair: pair[1])
+    current: dict[str, str] = {}
+    for table in (Connector, Edge):
+        current.update((node_id, serial) for node_id, serial in session.execute(
+            select(table.id, table.cert_serial).where(table.cert_serial.is_not(None))).tuples())
+    rows = {row.serial: row for row in session.scalars(
+        select(IssuedCertificate).where(IssuedCertificate.node_id.in_(current)))}
+    out = []
+    for row in rows.values():
+        now_serial = current[row.node_id]
+        if row.serial == now_serial or row.serial in revoked or _aware(row.not_after) <= as_of:
+            continue
+        if now_serial in rows:
+            out.append((row, rows[now_serial]))
+    return sorted(out, key=lambda pair: (pair[0].node_id, pair[0].serial))
 
 
 def _aware(at: datetime) -> datetime:
@@ -95,18 +112,22 @@ def _aware(at: datetime) -> datetime:
 
 
 def retire_superseded(session: Session, grace: timedelta, now: datetime | None = None) -> list[str]:
-    """Revoke every node certificate replaced by a renewal more than ``grace`` ago (its node has
-    had that long to move its tunnels to the new one); the serials revoked. A renewal would
-    otherwise leave the old key good for the rest of its lifetime: a key copied before the
-    renewal (a backup, a disk) would outlive the rotation meant to retire it."""
+    """Revoke every node certificate a renewal replaced, once the node has used its current one
+    for ``grace`` (its first heartbeat on it was that long ago: its tunnels have had that long to
+    move). The serials revoked. A renewal would otherwise leave the old key good for the rest of
+    its lifetime: a key copied before the renewal (a backup, a disk) would outlive the rotation
+    meant to retire it. A node whose renewal answer was lost, and which so goes on with its old
+    certificate, never used the new one: nothing of it is revoked."""
     now = aware_now(now)
+    lock_config(session)  # one sweep at a time, with every other control-plane process
     retired = []
-    for cert, replaced_at in superseded_since(session, now):
-        if replaced_at > now - grace:
-            break
-        revoke_certificate(session, "control-plane", int(cert.serial, 16),
-                           f"superseded by the renewal at {replaced_at.isoformat(timespec='seconds')}")
-        retired.append(cert.serial)
+    for old, current in superseded(session, now):
+        if current.first_used_at is None or _aware(current.first_used_at) > now - grace:
+            continue
+        revoke_certificate(session, "control-plane", int(old.serial, 16),
+                           f"superseded: its node has used certificate {current.serial} since "
+                           f"{_aware(current.first_used_at).isoformat(timespec='seconds')}")
+        retired.append(old.serial)
     return retired
 
 

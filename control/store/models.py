@@ -343,6 +343,9 @@ class IssuedCertificate(Base):
     node_id: Mapped[str] = mapped_column(String(36), index=True)
     issued_at: Mapped[datetime] = mapped_column(default=utcnow)
     not_after: Mapped[datetime]
+    # When the node first authenticated with it (its first heartbeat on it): the proof that a
+    # renewed node holds its new certificate, before the ones it replaced are retired.
+    first_used_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Revocation(Base):

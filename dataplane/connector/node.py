@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -106,6 +107,7 @@ class Connector(EndpointNode[EdgeKey]):
         # Bumped at each certificate renewal: a tunnel dialed under an older one moves to the new
         # certificate (drains while its slot dials again) before the control plane revokes the old.
         self._certificate = 0
+        self._dialed_with: dict[int, int] = {}  # slot -> the generation its latest TLS dial presented
         self.udp_flows: set[UdpFlow] = set()
         # Whose each UDP / private DNS flow is (the grant's device, else user) and how many each has:
         # one device may hold a quarter of FERRYMAN_MAX_UDP_FLOWS.
@@ -307,19 +309,31 @@ class Connector(EndpointNode[EdgeKey]):
 
     def _start_slot(self, i: int) -> None:
         task = asyncio.create_task(keep_tunnel(
-            self, self.settings, self._wire, lambda: self._ssl, self.slot_edges[i], lambda t: self._session(i, t),
+            self, self.settings, self._wire, lambda: self._dial_context(i), self.slot_edges[i],
+            lambda t: self._session(i, t),
             lambda: not self.draining and not self._stopped[i], label=f"t{i}->", back_to_first=True))
         if i < len(self._slots):
             self._slots[i] = task
         else:
             self._slots.append(task)
 
+    def _dial_context(self, i: int) -> ssl.SSLContext:
+        """The TLS context slot ``i`` dials with now, noting which certificate generation it presents."""
+        self._dialed_with[i] = self._certificate
+        return self._ssl
+
     async def _session(self, i: int, tunnel: ConnectorTunnel) -> None:
         """Slot ``i``'s tunnel, until it ends, or until the slot moves to another edge (or stops) or
         the certificate it was dialed with is renewed: then it drains in the background while the
         slot dials again."""
-        certificate = self._certificate
+        # The certificate the tunnel was dialed with: a renewal during its handshake moves it too.
+        certificate = self._dialed_with.get(i, self._certificate)
         while not tunnel.done_waiter.done():
+            if self._certificate != certificate and not self.draining:
+                log.info("tunnel moves to the renewed certificate", extra={"tunnel": tunnel.label,
+                                                                            "edge": tunnel.peer_name})
+                self._retire(tunnel, "moves this tunnel to its renewed certificate")
+                return
             moved = self._moved[i]
             moved.clear()
             waiter = asyncio.ensure_future(moved.wait())
@@ -333,11 +347,6 @@ class Connector(EndpointNode[EdgeKey]):
                 where = "no edge" if self._stopped[i] else "{}:{}".format(*self.slot_edges[i][0])
                 log.info("tunnel moves", extra={"tunnel": tunnel.label, "edge": tunnel.peer_name, "to": where})
                 self._retire(tunnel)
-                return
-            if self._certificate != certificate:
-                log.info("tunnel moves to the renewed certificate", extra={"tunnel": tunnel.label,
-                                                                            "edge": tunnel.peer_name})
-                self._retire(tunnel, "moves this tunnel to its renewed certificate")
                 return
 
     def _retire(self, tunnel: ConnectorTunnel, why: str = "moves this tunnel to another edge") -> None:
@@ -415,7 +424,8 @@ class Connector(EndpointNode[EdgeKey]):
                          f"{request.protocol!r} flows are not supported by connector {self.name}")
             return
         try:
-            if request.signer:  # relayed by this tunnel's edge for the edge that decided it (and signed the grant)
+            if request.signer:  # a signed grant with its signer: relayed for another edge, or a web flow
+                # of this tunnel's edge (whose key may be newer than the tunnel, after a renewal)
                 deciding, edge_key = self.deciding.key_of(request.signer, self.revoked,
                                                           datetime.datetime.now(datetime.UTC))
                 mac_key = b""  # never this tunnel's grant key: the relaying edge holds it, and decided nothing

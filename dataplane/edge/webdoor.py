@@ -279,6 +279,8 @@ class _Dialer:
         connection = new_connection_id()
         user = principal.upn if principal is not None else ""
         # Always signed (never MAC'd under the tunnel's key): the grant may travel through a relay.
+        # The certificate that verifies it goes along even on a direct tunnel: after a renewal the
+        # edge signs with its new key, while a connector tunnel set up before it knows the old one.
         grant = sign_grant(edge._grant_key, edge=edge.name, connector=connector, host=host, port=port,
                            protocol="tcp", connection=connection, user=user, device="", now=time.time(),
                            app=app.name)
@@ -286,7 +288,7 @@ class _Dialer:
             kfid = out.open_flow(Open(host=host, port=port, protocol="tcp", app=app.name, user=user,
                                       connection=connection, process="browser", grant=grant,
                                       relay_to=connector if relayed else "",
-                                      signer=edge._cert_der if relayed else b""))
+                                      signer=edge._cert_der))
         except FlowError as exc:
             raise web.DialError("unreachable", f"The connector could not take the request ({exc.code}).",
                                 502) from None
