@@ -70,7 +70,7 @@ from dataplane.contract.snapshot import (
 
 from .store import Store
 from .store.applications import list_applications
-from .store.certificates import list_revocations
+from .store.certificates import listed_revocations
 from .store.config_version import config_version
 from .store.connector_groups import allowed_addresses, denied_addresses, list_groups
 from .store.devices import snapshot_devices
@@ -217,7 +217,7 @@ def build_snapshot(session: Session, *, edges: Iterable[str], token_keys: TokenK
         applications=applications,
         groups=groups,
         dns_suffixes=sorted(row.suffix for row in list_dns_suffixes(session)),
-        revoked_serials=sorted((row.serial for row in list_revocations(session)), key=lambda s: int(s, 16)),
+        revoked_serials=listed_revocations(session, changed_at),
         edges=edge_addresses(session, edges),
         connectors=[SnapConnector(id=cid, name=name, group=group, serials=serials)
                     for cid, name, group, serials in snapshot_connectors(session, changed_at)],

@@ -308,6 +308,16 @@ def test_the_control_planes_retirement_task_revokes_what_the_grace_let_pass(stor
         assert certificates.revoked_serials(session) == {"a1"}  # lab-2 has used b2 for 30 minutes only
 
 
+def test_revocations_of_expired_node_certificates_are_no_longer_listed(store: Store) -> None:
+    with store.begin() as session:
+        old = nodes.add_connector(session, ACTOR, "old-1", cert_serial=0xD1, cert_not_after=datetime(2001, 1, 1, tzinfo=UTC))
+        live = nodes.add_connector(session, ACTOR, "live-1", cert_serial=0xD2, cert_not_after=datetime(2099, 1, 1, tzinfo=UTC))
+        nodes.revoke_node(session, ACTOR, "connector", old.id)
+        nodes.revoke_node(session, ACTOR, "connector", live.id)
+        certificates.revoke_certificate(session, ACTOR, 0xBEEF)  # no node's: a device's, say
+    assert snapshot_of(store).revoked_serials == ["d2", "beef"]  # expired d1: TLS refuses it anyway
+
+
 def test_is_revoked(store: Store) -> None:
     populate(store)
     snap = decode(encode(snapshot_of(store)))

@@ -93,8 +93,9 @@ def superseded(session: Session, as_of: datetime) -> list[tuple[IssuedCertificat
     revoked = revoked_serials(session)
     current: dict[str, str] = {}
     for table in (Connector, Edge):
-        current.update((node_id, serial) for node_id, serial in session.execute(
-            select(table.id, table.cert_serial).where(table.cert_serial.is_not(None))).tuples())
+        for node_id, serial in session.execute(select(table.id, table.cert_serial)):
+            if serial is not None:
+                current[node_id] = serial
     rows = {row.serial: row for row in session.scalars(
         select(IssuedCertificate).where(IssuedCertificate.node_id.in_(current)))}
     out = []
@@ -141,6 +142,15 @@ def list_revocations(session: Session) -> list[Revocation]:
 def revoked_serials(session: Session) -> set[str]:
     """The (hex) serial of every revoked certificate."""
     return set(session.scalars(select(Revocation.serial)))
+
+
+def listed_revocations(session: Session, as_of: datetime) -> list[str]:
+    """The revoked serials nodes must be told of at ``as_of``, sorted by value: every revocation
+    but those of node certificates expired by then (TLS refuses an expired certificate anyway,
+    and each renewal retires one: the list would grow with every renewal for ever). A serial of
+    no node certificate recorded here (a client's device certificate) is always listed."""
+    expired = set(session.scalars(select(IssuedCertificate.serial).where(IssuedCertificate.not_after <= as_of)))
+    return sorted((s for s in session.scalars(select(Revocation.serial)) if s not in expired), key=lambda s: int(s, 16))
 
 
 def is_revoked(session: Session, serial: int) -> bool:
