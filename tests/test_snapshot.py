@@ -308,14 +308,22 @@ def test_the_control_planes_retirement_task_revokes_what_the_grace_let_pass(stor
         assert certificates.revoked_serials(session) == {"a1"}  # lab-2 has used b2 for 30 minutes only
 
 
-def test_revocations_of_expired_node_certificates_are_no_longer_listed(store: Store) -> None:
+def test_revocations_of_node_certificates_long_expired_are_no_longer_listed(store: Store) -> None:
+    soon, start = datetime(2099, 1, 1, tzinfo=UTC), datetime.now(UTC)
     with store.begin() as session:
-        old = nodes.add_connector(session, ACTOR, "old-1", cert_serial=0xD1, cert_not_after=datetime(2001, 1, 1, tzinfo=UTC))
-        live = nodes.add_connector(session, ACTOR, "live-1", cert_serial=0xD2, cert_not_after=datetime(2099, 1, 1, tzinfo=UTC))
-        nodes.revoke_node(session, ACTOR, "connector", old.id)
-        nodes.revoke_node(session, ACTOR, "connector", live.id)
+        node = nodes.add_connector(session, ACTOR, "lab-1", cert_serial=0xD1, cert_not_after=start + timedelta(days=1))
+        nodes.renew_certificate(session, node, 0xD2, soon, start)
+        certificates.mark_used(session, 0xD2, start)
+        assert certificates.retire_superseded(session, timedelta(hours=1), start + timedelta(hours=2)) == ["d1"]
+        late = nodes.add_connector(session, ACTOR, "late-1", cert_serial=0xE1,
+                                   cert_not_after=datetime(2001, 1, 1, tzinfo=UTC))
+        nodes.revoke_node(session, ACTOR, "connector", late.id)  # revoked long after it expired
         certificates.revoke_certificate(session, ACTOR, 0xBEEF)  # no node's: a device's, say
-    assert snapshot_of(store).revoked_serials == ["d2", "beef"]  # expired d1: TLS refuses it anyway
+    with store.read() as session:
+        listed = certificates.listed_revocations
+        assert listed(session, start + timedelta(days=2)) == ["d1", "e1", "beef"]  # expired a day ago: still
+        assert listed(session, start + timedelta(days=9)) == ["e1", "beef"]  # revoked while valid, long expired
+    assert snapshot_of(store).revoked_serials == ["d1", "e1", "beef"]
 
 
 def test_is_revoked(store: Store) -> None:

@@ -144,13 +144,22 @@ def revoked_serials(session: Session) -> set[str]:
     return set(session.scalars(select(Revocation.serial)))
 
 
+LISTED_AFTER_EXPIRY = timedelta(days=7)  # how long a revoked node certificate stays listed once it expired
+
+
 def listed_revocations(session: Session, as_of: datetime) -> list[str]:
     """The revoked serials nodes must be told of at ``as_of``, sorted by value: every revocation
-    but those of node certificates expired by then (TLS refuses an expired certificate anyway,
-    and each renewal retires one: the list would grow with every renewal for ever). A serial of
-    no node certificate recorded here (a client's device certificate) is always listed."""
-    expired = set(session.scalars(select(IssuedCertificate.serial).where(IssuedCertificate.not_after <= as_of)))
-    return sorted((s for s in session.scalars(select(Revocation.serial)) if s not in expired), key=lambda s: int(s, 16))
+    but those of node certificates revoked while still valid and expired ``LISTED_AFTER_EXPIRY``
+    before ``as_of``. Every node following the control plane was told of such a revocation
+    while the certificate could still be used (and cut its tunnels then); after it expired TLS
+    refuses it; and with renewals retiring certificates the list would otherwise grow with every
+    renewal for ever. A certificate revoked only after it expired stays listed (a tunnel made
+    before it expired may still be up), and so does a serial of no node certificate recorded
+    here (a device's)."""
+    gone = set(session.scalars(
+        select(Revocation.serial).join(IssuedCertificate, IssuedCertificate.serial == Revocation.serial)
+        .where(IssuedCertificate.not_after <= as_of - LISTED_AFTER_EXPIRY, Revocation.at < IssuedCertificate.not_after)))
+    return sorted((s for s in session.scalars(select(Revocation.serial)) if s not in gone), key=lambda s: int(s, 16))
 
 
 def is_revoked(session: Session, serial: int) -> bool:
