@@ -8,7 +8,8 @@ the answer back), then resolves it again (now from its cache, when cacheable); t
 goes through what the tunnel path does to it (``tunnel_query``) and through the connector's check
 (``dataplane.connector.node._queries_for``). Contract: nothing raises — a message that cannot be
 parsed is dropped and counted, a query gets an answer or SERVFAIL — and whatever a query or answer
-that was parsed turns into can be written out again.
+that was parsed turns into can be written out again, and an answer of the system resolver never
+reaches the app with an address in a private segment.
 """
 
 from __future__ import annotations
@@ -21,24 +22,37 @@ from dnslib import DNSRecord
 
 from dataplane.basics.metrics import Stats
 from dataplane.client import dns
+from dataplane.client.profile import Profile
+from dataplane.contract.snapshot import ClientProfile, SnapApp, SnapSegment
 from dataplane.connector.node import _queries_for
 
 from . import Finding, Reader
+
+
+# A forwarding profile with private segments of both IP versions, so that the answers of the
+# system resolver go through the rebinding check (``Resolver._rebinding``).
+_PROFILE = Profile(ClientProfile(version=1, issued_at="fuzz", dns_suffixes=["corp.example"], applications=[
+    SnapApp(name="lab", kind="per_app", connector_group="default", segments=[
+        SnapSegment(destination="10.0.0.0/8", ports="1-65535", protocol="tcp"),
+        SnapSegment(destination="fd00::/8", ports="1-65535", protocol="udp")])]))
 
 
 class _Client:
     def __init__(self) -> None:
         self.stats = Stats("client", "fuzz")
         self.settings = types.SimpleNamespace(dns_cache=16, dns_upstream="")
+        self.profile = _PROFILE
+        self.dns_rebind_allow = ("allowed.example",)
 
 
 class _Resolver(dns.Resolver):
-    """The real resolver; the route (tunnel or system resolver) answers with the fuzzed answer."""
+    """The real resolver; the route (tunnel or system resolver: chosen by the query's name, as the
+    agent does) answers with the fuzzed answer."""
 
     answer_bytes: bytes | None = None
 
-    async def _answer(self, query: DNSRecord, name: str) -> tuple[bytes | None, bool]:
-        return self.answer_bytes, True
+    async def _answer(self, query: DNSRecord, name: str) -> tuple[bytes | None, str]:
+        return self.answer_bytes, "tunnel" if _PROFILE.private_name(name) else "public"
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -83,6 +97,13 @@ def one_input(data: bytes) -> None:
         second = _run(resolver.resolve(query))  # from the cache when the answer was cacheable
         if not isinstance(second, (bytes, bytearray)):
             raise Finding("the repeated query got no answer")
+        name = str(parsed.q.qname).rstrip(".")  # type: ignore[union-attr]
+        if not _PROFILE.private_name(name) and not (name == "allowed.example" or name.endswith(".allowed.example")):
+            for served in (first, second):
+                reply = _parse(bytes(served))
+                for rr in (*reply.rr, *reply.auth, *reply.ar) if reply is not None else ():
+                    if rr.rtype in (1, 28) and _PROFILE.private_address(str(rr.rdata)):
+                        raise Finding(f"a public name's answer reached the app with private address {rr.rdata}")
         dns.tunnel_query(DNSRecord.parse(query))
         dns.servfail(DNSRecord.parse(query))
         name = str(parsed.q.qname).rstrip(".") or "."  # type: ignore[union-attr]

@@ -26,9 +26,10 @@ import struct
 import subprocess
 import time
 import types
+from collections.abc import Awaitable, Callable
 
 import pytest
-from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, A, DNSError, DNSLabel, DNSRecord
+from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RD, RR, A, DNSError, DNSLabel, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -461,12 +462,15 @@ def _aaaa(owner: str, address: str) -> RR:
     return RR(owner, QTYPE.AAAA, rdata=AAAA(address), ttl=60)
 
 
-def _resolve_all(agent: _Agent, records: dict[str, list[RR]], names: list[tuple[str, str]]) -> list[DNSRecord]:
+def _resolve_all(agent: _Agent, records: dict[str, list[RR]], names: list[tuple[str, str]],
+                 setup: Callable[[dns.Resolver], Awaitable[None]] | None = None) -> list[DNSRecord]:
     async def main() -> list[DNSRecord]:
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: _Answering(records), local_addr=("127.0.0.1", 0))
         agent.settings.dns_upstream = f"127.0.0.1:{transport.get_extra_info('sockname')[1]}"
         resolver = dns.Resolver(agent, ("127.0.0.1", 53))  # type: ignore[arg-type]
+        if setup is not None:
+            await setup(resolver)
         try:
             out = []
             for name, qtype in names:
@@ -488,6 +492,11 @@ REBINDING = {
     "mapped.example": [_aaaa("mapped.example", "::ffff:a14:105")],  # ::ffff:10.20.1.5
     "elsewhere.example": [_a("elsewhere.example", "10.21.0.1")],  # private range, but no app's
     "split.lab.example": [_a("split.lab.example", "10.20.3.3")],
+    "captured.example": [_a("captured.example", "10.7.0.1")],  # a private name's address, by transparent capture
+    "cname.example": [RR("cname.example", QTYPE.CNAME, rdata=CNAME("wiki.corp.example"), ttl=60),
+                      _a("wiki.corp.example", "10.99.0.1")],  # into a private suffix
+    "hints.example": [RR("hints.example", QTYPE.HTTPS, rdata=RD(b"\x00\x01\x00\x00\x04\x00\x04\x0a\x14\x01\x05"),
+                         ttl=60)],  # priority 1, target ".", ipv4hint 10.20.1.5
 }
 
 
@@ -506,6 +515,62 @@ def test_public_names_never_resolve_into_private_segments(caplog) -> None:
     # so no negative TTL) is not cached: those two names were asked twice, and withheld twice.
     assert agent.stats.dial_refused == {"dns_rebinding": 6}
     assert sum("DNS rebinding" in r.getMessage() for r in caplog.records) == 6
+
+
+def test_addresses_capture_holds_for_private_names_private_owners_and_address_hints_are_withheld() -> None:
+    agent = _Agent()
+
+    async def with_capture(resolver: dns.Resolver) -> None:
+        resolver.captured_name = lambda address: "wiki.corp.example" if address == "10.7.0.1" else None
+
+    replies = _resolve_all(agent, REBINDING, [("captured.example", "A"), ("cname.example", "A"),
+                                              ("hints.example", "HTTPS")], setup=with_capture)
+    assert [[(QTYPE.get(rr.rtype), str(rr.rdata)) for rr in reply.rr] for reply in replies[::2]] == [
+        [], [("CNAME", "wiki.corp.example.")], []]
+    # An answer with no record left is not cached (asked twice); the CNAME's answer is (asked once).
+    assert agent.stats.dial_refused == {"dns_rebinding": 5}
+
+
+def _hiding(query: DNSRecord) -> bytes:
+    """An answer whose first record (A 198.51.100.9) says its data is longer than its four bytes:
+    a parser that skips by that length sees only it; one that reads four bytes goes on and finds
+    a TXT where a strict parser never looks. Then A 10.20.1.5, which the strict parser does see."""
+    def name(text: str) -> bytes:
+        return b"".join(bytes([len(label)]) + label for label in text.encode().split(b".")) + b"\0"
+
+    def record(owner: str, rtype: int, rdata: bytes) -> bytes:
+        return name(owner) + struct.pack("!HHIH", rtype, 1, 60, len(rdata)) + rdata
+
+    asked = str(query.q.qname).rstrip(".")
+    hidden = record("x.example", QTYPE.TXT, b"\x03abc")
+    first = record(asked, QTYPE.A, bytes([198, 51, 100, 9]) + hidden)
+    second = record(asked, QTYPE.A, bytes([10, 20, 1, 5]))
+    question = query.pack()[12:]
+    return struct.pack("!HHHHHH", query.header.id, 0x8180, 1, 2, 0, 0) + question + first + second
+
+
+def test_the_app_gets_the_answer_as_checked_not_the_servers_bytes() -> None:
+    agent = _Agent()
+
+    async def main() -> bytes | None:
+        class Hiding(asyncio.DatagramProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport
+
+            def datagram_received(self, data: bytes, addr: tuple) -> None:
+                self.transport.sendto(_hiding(DNSRecord.parse(data)), addr)  # type: ignore[attr-defined]
+
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(Hiding, local_addr=("127.0.0.1", 0))
+        agent.settings.dns_upstream = f"127.0.0.1:{transport.get_extra_info('sockname')[1]}"
+        try:
+            return await dns.Resolver(agent, ("127.0.0.1", 53)).answer(  # type: ignore[arg-type]
+                DNSRecord.question("hide.example", "A").pack())
+        finally:
+            transport.close()
+
+    served = asyncio.run(main())
+    assert served is not None and bytes([10, 20, 1, 5]) not in served  # the record the parser did not see
+    assert served == DNSRecord.parse(served).pack()  # nothing in it but what was parsed
 
 
 def test_without_a_profile_or_for_a_private_name_nothing_is_withheld() -> None:

@@ -25,8 +25,9 @@ from dataplane.transport.credentials import NodeCredentials
 pytestmark = pytest.mark.timeout(90)
 
 
+@pytest.mark.parametrize("transport", ["tcp", "quic"])
 def test_a_renewed_connector_moves_its_tunnels_to_the_new_certificate_one_slot_at_a_time(
-        tmp_path: Path, backend, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, backend, monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
     monkeypatch.setattr(connector_node, "RENEWAL_STAGGER", 2.0)
     fabric = Fabric(str(tmp_path / "fabric"), [("127.0.0.1", 0, "127.0.0.1", backend("echo").port)],
                     env={"FERRYMAN_TRANSPORT": "tcp"})
@@ -34,7 +35,7 @@ def test_a_renewed_connector_moves_its_tunnels_to_the_new_certificate_one_slot_a
         certs = os.path.join(fabric.workdir, "pki")
         key, cert = pki.node_paths(certs, "connector-1")
         settings = ConnectorSettings(tls_ca=os.path.join(certs, pki.CA_CERT), tls_cert=cert, tls_key=key,
-                                     edges=f"127.0.0.1:{fabric.edge_port}", connector_tunnels=2, transport="tcp",
+                                     edges=f"127.0.0.1:{fabric.edge_port}", connector_tunnels=2, transport=transport,
                                      apps_file=os.path.join(fabric.workdir, "apps.json"), drain_grace=5.0)
 
         async def run() -> None:
@@ -63,6 +64,10 @@ def test_a_renewed_connector_moves_its_tunnels_to_the_new_certificate_one_slot_a
                     fewest = min(fewest, len(up()))
                     await asyncio.sleep(0.01)
                 assert not set(up()) & set(before)  # both replaced
+                assert {t.transport_name for t in up()} == {transport}
+                after = set(up())
+                await asyncio.sleep(2 * connector_node.RENEWAL_STAGGER)  # replaced once, not again and again
+                assert set(up()) == after
                 assert all(old.closed for old in before)
                 first, second = sorted(moved_at.values())
                 assert first < 1.8 and second >= 1.8, moved_at  # one slot now, the other a stagger later

@@ -14,12 +14,18 @@ SOA minimum, at most ``NEGATIVE_TTL_MAX``), at most ``FERRYMAN_DNS_CACHE`` of th
 recently used go first), and served with the remaining TTL.
 
 An answer of the system resolver (a name that is not private) never points into a private
-application's address segments: such A/AAAA records are withheld, as unbound's
-``private-address`` does, unless the name is under a suffix of ``FERRYMAN_DNS_REBIND_ALLOW``.
-Otherwise a web page could point its own name at a private address (DNS rebinding) and have
-the browser reach that private application through the tunnel, reading its answers as the
-page's own. With no forwarding profile (an agent on a certificate) no segment is known and
-nothing is withheld.
+application: A/AAAA records (answer, authority and additional sections) whose address lies in
+a private application's segment, or that transparent capture holds for a private name, or that
+a private name owns (a CNAME into a private suffix), are withheld, as unbound's
+``private-address`` does, unless the name is under a suffix of ``FERRYMAN_DNS_REBIND_ALLOW``;
+so are HTTPS/SVCB records, whose address hints the resolver does not read. Otherwise a web page
+could point its own name at a private address (DNS rebinding) and have the browser reach that
+private application through the tunnel, reading its answers as the page's own. What the app
+gets is always the answer as parsed and written again, never the server's bytes: a record
+hidden from the parser (a record length that says more than its data) cannot reach the app.
+With no forwarding profile (an agent on a certificate) no segment is known and nothing is
+withheld; a public name answered before the private name it rebinds to is captured is not
+known as private yet.
 
 When no edge is reachable, a private name gets SERVFAIL and a log line (fail closed), or
 goes to the system resolver (fail open), as the profile says. A query that cannot be
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import re
 import secrets
@@ -79,15 +86,23 @@ def rebind_allow(setting: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def withhold_private(reply: DNSRecord, private: Callable[[str], bool]) -> list[str]:
-    """Remove the A and AAAA records of ``reply`` (answer and additional sections) whose address
-    ``private`` says is a private application's; the addresses removed."""
+_HINTED = (64, 65)  # SVCB, HTTPS: may carry ipv4hint / ipv6hint addresses
+
+
+def withhold_private(reply: DNSRecord, private: Callable[[str], bool], private_owner: Callable[[str], bool]) -> list[str]:
+    """Remove from ``reply`` (answer, authority and additional sections) the A and AAAA records
+    whose address ``private`` says is a private application's or whose owner name
+    ``private_owner`` says is private, and the SVCB/HTTPS records (their address hints are not
+    read here); what was removed (addresses, or ``TYPE owner``)."""
     withheld: list[str] = []
-    for section in ("rr", "ar"):
+    for section in ("rr", "auth", "ar"):
         records = getattr(reply, section)
         kept = []
         for rr in records:
-            if rr.rtype in (QTYPE.A, QTYPE.AAAA) and private(str(rr.rdata)):
+            if rr.rtype in _HINTED:
+                withheld.append(f"{QTYPE.get(rr.rtype)} {str(rr.rname).rstrip('.')}")
+            elif rr.rtype in (QTYPE.A, QTYPE.AAAA) and (private(str(ipaddress.ip_address(str(rr.rdata))))
+                                                        or private_owner(str(rr.rname).rstrip("."))):
                 withheld.append(str(rr.rdata))
             else:
                 kept.append(rr)
@@ -118,6 +133,9 @@ class DnsCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
     def get(self, key: tuple[str, int, int], now: float) -> Answer | None:
         entry = self._entries.get(key)
@@ -224,6 +242,9 @@ class Resolver:
         # transparent capture (``transparent.py``): awaited with each fresh answer, before the app gets
         # it; False: its addresses are not captured and the profile fails closed (the app gets SERVFAIL)
         self.on_answer: Callable[[str, DNSRecord], Awaitable[bool]] | None = None
+        # transparent capture: the private name an address was last answered for (``Transparent.name_for``):
+        # a public name answered with such an address would be opened as that private name
+        self.captured_name: Callable[[str], str | None] | None = None
 
     # ------------------------------------------------------------------ upstream
     def upstream(self) -> tuple[str, int] | None:
@@ -286,11 +307,11 @@ class Resolver:
         except Exception:
             log.warning("unusable DNS answer", extra={"qname": key[0]})
             return servfail(query)
-        changed = clamp_ttls(reply)
-        if route == "public" and self._rebinding(name, reply):
-            changed = True
-        if changed:
-            answer = reply.pack()
+        clamp_ttls(reply)
+        if route == "public":
+            self._rebinding(name, reply)
+        # Served as parsed and checked: the server's own bytes may hold records the parser skipped.
+        answer = reply.pack()
         # captured before it is cached: an answer from the cache is served without capturing again
         if self.on_answer is not None and not await self.on_answer(key[0].rstrip("."), reply):
             return servfail(query)
@@ -304,7 +325,12 @@ class Resolver:
         profile = self.client.profile
         if profile is None or any(name == s or name.endswith("." + s) for s in self.client.dns_rebind_allow):
             return False
-        withheld = withhold_private(reply, profile.private_address)
+        captured = self.captured_name
+
+        def private(address: str) -> bool:
+            return profile.private_address(address) or (captured is not None and captured(address) is not None)
+
+        withheld = withhold_private(reply, private, profile.private_name)
         if not withheld:
             return False
         stats = self.client.stats

@@ -181,11 +181,13 @@ class Client(EndpointNode[None]):
             await capture.start()  # after the cached profile and every listener
             if self.resolver is not None:  # a private name's addresses are captured before the app gets them
                 self.resolver.on_answer = capture.dns_answered
+                self.resolver.captured_name = capture.name_for
         await stop.wait()
         if self.transparent is not None:  # rules first: nothing is redirected to a closed listener
             await self.transparent.close()
             if self.resolver is not None:
                 self.resolver.on_answer = None
+                self.resolver.captured_name = None
         for task in background:  # a profile long-poll in flight is abandoned; the status file removed
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -503,6 +505,8 @@ class Client(EndpointNode[None]):
 
     def _new_profile(self, profile: Profile) -> None:
         self.profile = profile
+        if self.resolver is not None:  # answers kept under the old profile were checked against its segments
+            self.resolver.cache.clear()
         if self.tunnel is not None:  # an edge revoked since its tunnel came up is left at once
             cut_revoked([self.tunnel], profile.revoked, f"client {self.name}")
         if self.transparent is not None:

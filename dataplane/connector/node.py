@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -58,6 +57,7 @@ from ..transport.tunnel import TunnelBase
 from ..transport.udpflow import UdpFlow
 from ..transport.udpio import UdpEndpoint
 from ..wire import events as ev
+from ..wire.connection import WireConfig
 from ..wire.frames import Open
 from .dial import DialError, Resolver, Target, checked, connect_tcp, connect_udp
 from . import placement
@@ -107,7 +107,7 @@ class Connector(EndpointNode[EdgeKey]):
         # Bumped at each certificate renewal: a tunnel dialed under an older one moves to the new
         # certificate (drains while its slot dials again) before the control plane revokes the old.
         self._certificate = 0
-        self._dialed_with: dict[int, int] = {}  # slot -> the generation its latest TLS dial presented
+        self._dialed_with: dict[int, int] = {}  # slot -> the generation its latest dial presented
         self.udp_flows: set[UdpFlow] = set()
         # Whose each UDP / private DNS flow is (the grant's device, else user) and how many each has:
         # one device may hold a quarter of FERRYMAN_MAX_UDP_FLOWS.
@@ -309,7 +309,7 @@ class Connector(EndpointNode[EdgeKey]):
 
     def _start_slot(self, i: int) -> None:
         task = asyncio.create_task(keep_tunnel(
-            self, self.settings, self._wire, lambda: self._dial_context(i), self.slot_edges[i],
+            self, self.settings, lambda: self._dial_wire(i), lambda: self._ssl, self.slot_edges[i],
             lambda t: self._session(i, t),
             lambda: not self.draining and not self._stopped[i], label=f"t{i}->", back_to_first=True))
         if i < len(self._slots):
@@ -317,17 +317,18 @@ class Connector(EndpointNode[EdgeKey]):
         else:
             self._slots.append(task)
 
-    def _dial_context(self, i: int) -> ssl.SSLContext:
-        """The TLS context slot ``i`` dials with now, noting which certificate generation it presents."""
+    def _dial_wire(self, i: int) -> WireConfig:
+        """What slot ``i`` dials with now (every dial, TLS/TCP and QUIC, asks), noting which
+        certificate generation the dial presents."""
         self._dialed_with[i] = self._certificate
-        return self._ssl
+        return self._wire
 
     async def _session(self, i: int, tunnel: ConnectorTunnel) -> None:
         """Slot ``i``'s tunnel, until it ends, or until the slot moves to another edge (or stops) or
         the certificate it was dialed with is renewed: then it drains in the background while the
         slot dials again."""
         # The certificate the tunnel was dialed with: a renewal during its handshake moves it too.
-        certificate = self._dialed_with.get(i, self._certificate)
+        certificate = self._dialed_with.pop(i, self._certificate)
         while not tunnel.done_waiter.done():
             if self._certificate != certificate and not self.draining:
                 log.info("tunnel moves to the renewed certificate", extra={"tunnel": tunnel.label,

@@ -871,11 +871,12 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         # must not be able to make the grant: the connector verifies the signature with this edge's
         # certificate, carried in the OPEN).
         key = out.hello.grant_key if not relayed and out.hello is not None else b""
-        if len(key) >= GRANT_KEY_SIZE:
+        signed = len(key) < GRANT_KEY_SIZE
+        if not signed:
             grant = mac_grant(key, edge=self.name, connector=connector_name, host=request.host,
                               port=request.port, protocol=request.protocol, connection=connection, user=user,
                               device=device, now=now, app=app)
-        else:
+        else:  # with the certificate that verifies it: after a renewal, a tunnel older than it knows the old key
             grant = sign_grant(self._grant_key, edge=self.name, connector=connector_name, host=request.host,
                                port=request.port, protocol=request.protocol, connection=connection, user=user,
                                device=device, now=now, app=app)
@@ -884,7 +885,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                 host=request.host, port=request.port, protocol=request.protocol,
                 source=request.source or tunnel.peer_addr, app=app, user=user,
                 device=device, connection=connection, process=request.process, grant=grant,
-                relay_to=connector_name if relayed else "", signer=self._cert_der if relayed else b"",
+                relay_to=connector_name if relayed else "", signer=self._cert_der if signed else b"",
             ))
         except FlowError as exc:
             self._refuse(tunnel, fid, exc.code, f"{'edge' if relayed else 'connector'} {out.peer_name}: {exc.message}")
