@@ -223,7 +223,8 @@ def stub_client(**settings: object) -> types.SimpleNamespace:
     return types.SimpleNamespace(
         settings=msgspec.structs.replace(Settings(), **settings), stats=Stats("client", "test"),
         socket_buffer=64 * 1024, route=lambda host, port, protocol="tcp": "direct", open=opened.append,
-        opened=opened, local_users=process.LocalUsers(str(settings.get("local_users", ""))))
+        opened=opened, local_users=process.LocalUsers(str(settings.get("local_users", ""))), profile=None,
+        dns_rebind_allow=())
 
 
 class _Echo(asyncio.Protocol):

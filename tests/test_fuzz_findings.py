@@ -123,7 +123,8 @@ async def _resolver_with_upstream(answer: bytes):
     transport, _ = await loop.create_datagram_endpoint(lambda: upstream, local_addr=("127.0.0.1", 0))
     port = transport.get_extra_info("sockname")[1]
     client = types.SimpleNamespace(stats=Stats("client", "test"), route_name=lambda name: "public",
-                                   settings=types.SimpleNamespace(dns_cache=16, dns_upstream=f"127.0.0.1:{port}"))
+                                   settings=types.SimpleNamespace(dns_cache=16, dns_upstream=f"127.0.0.1:{port}"),
+                                   profile=None, dns_rebind_allow=())
     return dns.Resolver(client, ("127.0.0.1", 53)), client.stats, upstream, transport
 
 
