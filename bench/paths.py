@@ -546,7 +546,7 @@ class HaproxyPath(Path):
         self._wait_round_trip()
 
 
-class RelayFloorPath(Path):
+class RelayFloorPath(HaproxyPath):
     """Three haproxy processes relaying plain TCP one to the next (``relay-1`` → ``relay-2`` →
     ``relay-3`` → backend): no encryption, no framing, no decisions. Not a peer to compare
     features with but the floor of the three-process shape: every byte and every round trip
@@ -554,16 +554,6 @@ class RelayFloorPath(Path):
     connections, so neither can go below this path's round trip on the same machine."""
 
     name = "relay-floor"
-    udp_unsupported = "haproxy (mode tcp) proxies TCP connections only"
-
-    def available(self) -> str | None:
-        return None if _which("haproxy") else "haproxy not installed (apt-get install haproxy)"
-
-    def version(self) -> str:
-        return _version_line([_which("haproxy"), "-v"], "HAProxy")
-
-    def max_flows(self, nofile: int) -> int | None:
-        return (nofile - HAPROXY_RESERVED_FDS) // 2
 
     def _start(self) -> None:
         ports = [free_port() for _ in range(3)] + [self.backend_port]
