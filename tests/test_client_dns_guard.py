@@ -495,8 +495,14 @@ REBINDING = {
     "captured.example": [_a("captured.example", "10.7.0.1")],  # a private name's address, by transparent capture
     "cname.example": [RR("cname.example", QTYPE.CNAME, rdata=CNAME("wiki.corp.example"), ttl=60),
                       _a("wiki.corp.example", "10.99.0.1")],  # into a private suffix
-    "hints.example": [RR("hints.example", QTYPE.HTTPS, rdata=RD(b"\x00\x01\x00\x00\x04\x00\x04\x0a\x14\x01\x05"),
-                         ttl=60)],  # priority 1, target ".", ipv4hint 10.20.1.5
+    # HTTPS / SVCB: priority 1, target ".", then an ipv4hint (key 4) or ipv6hint (key 6)
+    "hints.example": [RR("hints.example", QTYPE.HTTPS, ttl=60, rdata=RD(b"\x00\x01\x00\x00\x04\x00\x04\x0a\x14\x01\x05"))],
+    "public-hints.example": [RR("public-hints.example", QTYPE.HTTPS, ttl=60,
+                                rdata=RD(b"\x00\x01\x00\x00\x04\x00\x04\xc6\x33\x64\x09"))],  # 198.51.100.9
+    "svcb.example": [RR("svcb.example", QTYPE.SVCB, ttl=60, rdata=RD(
+        b"\x00\x01\x00\x00\x06\x00\x10" + ipaddress.ip_address("fd00:20::7").packed))],
+    "bad-hints.example": [RR("bad-hints.example", QTYPE.HTTPS, ttl=60,
+                             rdata=RD(b"\x00\x01\x00\x00\x04\x00\x03\x0a\x14\x01"))],  # a hint of 3 bytes
 }
 
 
@@ -524,11 +530,14 @@ def test_addresses_capture_holds_for_private_names_private_owners_and_address_hi
         resolver.captured_name = lambda address: "wiki.corp.example" if address == "10.7.0.1" else None
 
     replies = _resolve_all(agent, REBINDING, [("captured.example", "A"), ("cname.example", "A"),
-                                              ("hints.example", "HTTPS")], setup=with_capture)
-    assert [[(QTYPE.get(rr.rtype), str(rr.rdata)) for rr in reply.rr] for reply in replies[::2]] == [
-        [], [("CNAME", "wiki.corp.example.")], []]
+                                              ("hints.example", "HTTPS"), ("public-hints.example", "HTTPS"),
+                                              ("svcb.example", "SVCB"), ("bad-hints.example", "HTTPS")],
+                           setup=with_capture)
+    assert [[QTYPE.get(rr.rtype) for rr in reply.rr] for reply in replies[::2]] == [
+        [], ["CNAME"], [], ["HTTPS"], [], []]
+    assert "ipv4hint=198.51.100.9" in str(replies[6].rr[0].rdata)  # a public hint is served as it was
     # An answer with no record left is not cached (asked twice); the CNAME's answer is (asked once).
-    assert agent.stats.dial_refused == {"dns_rebinding": 5}
+    assert agent.stats.dial_refused == {"dns_rebinding": 9}
 
 
 def _hiding(query: DNSRecord) -> bytes:

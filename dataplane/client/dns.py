@@ -18,7 +18,8 @@ application: A/AAAA records (answer, authority and additional sections) whose ad
 a private application's segment, or that transparent capture holds for a private name, or that
 a private name owns (a CNAME into a private suffix), are withheld, as unbound's
 ``private-address`` does, unless the name is under a suffix of ``FERRYMAN_DNS_REBIND_ALLOW``;
-so are HTTPS/SVCB records, whose address hints the resolver does not read. Otherwise a web page
+so are HTTPS/SVCB records whose address hints (``ipv4hint``, ``ipv6hint``) are such addresses,
+or that cannot be read. Otherwise a web page
 could point its own name at a private address (DNS rebinding) and have the browser reach that
 private application through the tunnel, reading its answers as the page's own. What the app
 gets is always the answer as parsed and written again, never the server's bytes: a record
@@ -49,7 +50,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 
-from dnslib import QTYPE, RCODE, DNSBuffer, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import QTYPE, RCODE, RR, DNSBuffer, DNSHeader, DNSQuestion, DNSRecord
 
 from ..basics.hostport import RESOLV_CONF, dns_server
 from ..basics.metrics import Stats
@@ -86,26 +87,64 @@ def rebind_allow(setting: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-_HINTED = (64, 65)  # SVCB, HTTPS: may carry ipv4hint / ipv6hint addresses
+_HINTED = (64, 65)  # SVCB, HTTPS (RFC 9460): may carry ipv4hint (key 4) / ipv6hint (key 6) addresses
+_HINT_SIZE = {4: 4, 6: 16}
+
+
+def hint_addresses(rr: RR) -> list[str] | None:
+    """The ipv4hint and ipv6hint addresses of an SVCB or HTTPS record; None when its data cannot
+    be read as RFC 9460 says (such a record is not passed on)."""
+    params = getattr(rr.rdata, "params", None)  # dnslib reads HTTPS; SVCB comes as raw data
+    if params is None:
+        data = bytes(getattr(rr.rdata, "data", b""))
+        at = 2
+        try:
+            while data[at]:  # the target name: uncompressed labels
+                at += 1 + data[at]
+        except IndexError:
+            return None
+        at += 1
+        params = []
+        while at < len(data):
+            if at + 4 > len(data):
+                return None
+            key, size = struct.unpack_from("!HH", data, at)
+            params.append((key, data[at + 4:at + 4 + size]))
+            at += 4 + size
+        if at != len(data):
+            return None
+    found = []
+    for key, value in params:
+        width = _HINT_SIZE.get(key)
+        if width is None:
+            continue
+        if not value or len(value) % width:
+            return None
+        found += [str(ipaddress.ip_address(bytes(value[i:i + width]))) for i in range(0, len(value), width)]
+    return found
 
 
 def withhold_private(reply: DNSRecord, private: Callable[[str], bool], private_owner: Callable[[str], bool]) -> list[str]:
-    """Remove from ``reply`` (answer, authority and additional sections) the A and AAAA records
-    whose address ``private`` says is a private application's or whose owner name
-    ``private_owner`` says is private, and the SVCB/HTTPS records (their address hints are not
-    read here); what was removed (addresses, or ``TYPE owner``)."""
+    """Remove from ``reply`` (answer, authority and additional sections) the A and AAAA records,
+    and the SVCB/HTTPS records with address hints, that point at an address ``private`` says is
+    a private application's (an SVCB/HTTPS record that cannot be read too), and those whose owner
+    name ``private_owner`` says is private; what was removed (addresses, or ``TYPE owner``)."""
     withheld: list[str] = []
     for section in ("rr", "auth", "ar"):
         records = getattr(reply, section)
         kept = []
         for rr in records:
+            owner = str(rr.rname).rstrip(".")
             if rr.rtype in _HINTED:
-                withheld.append(f"{QTYPE.get(rr.rtype)} {str(rr.rname).rstrip('.')}")
+                hints = hint_addresses(rr)
+                if hints is None or private_owner(owner) or any(private(a) for a in hints):
+                    withheld.append(f"{QTYPE.get(rr.rtype)} {owner}")
+                    continue
             elif rr.rtype in (QTYPE.A, QTYPE.AAAA) and (private(str(ipaddress.ip_address(str(rr.rdata))))
-                                                        or private_owner(str(rr.rname).rstrip("."))):
+                                                        or private_owner(owner)):
                 withheld.append(str(rr.rdata))
-            else:
-                kept.append(rr)
+                continue
+            kept.append(rr)
         if len(kept) != len(records):
             setattr(reply, section, kept)
     return withheld
