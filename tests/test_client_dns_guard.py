@@ -503,6 +503,12 @@ REBINDING = {
         b"\x00\x01\x00\x00\x06\x00\x10" + ipaddress.ip_address("fd00:20::7").packed))],
     "bad-hints.example": [RR("bad-hints.example", QTYPE.HTTPS, ttl=60,
                              rdata=RD(b"\x00\x01\x00\x00\x04\x00\x03\x0a\x14\x01"))],  # a hint of 3 bytes
+    # target "\xc0\x0c...": dnslib reads a 192-byte label, a lenient parser a compression pointer
+    # and then, as parameters, the bytes dnslib took for the label: ipv4hint 10.20.1.5
+    "pointer.example": [RR("pointer.example", QTYPE.SVCB, ttl=60, rdata=RD(
+        b"\x00\x01\xc0" + (b"\x0c\x00\x04\x00\x04\x0a\x14\x01\x05\xfd\xe8\x00\xb4" + bytes(179)) + b"\x00"))],
+    "alias.example": [RR("alias.example", QTYPE.HTTPS, ttl=60,
+                         rdata=RD(b"\x00\x00\x04wiki\x04corp\x07example\x00"))],  # alias mode to a private name
 }
 
 
@@ -531,13 +537,14 @@ def test_addresses_capture_holds_for_private_names_private_owners_and_address_hi
 
     replies = _resolve_all(agent, REBINDING, [("captured.example", "A"), ("cname.example", "A"),
                                               ("hints.example", "HTTPS"), ("public-hints.example", "HTTPS"),
-                                              ("svcb.example", "SVCB"), ("bad-hints.example", "HTTPS")],
+                                              ("svcb.example", "SVCB"), ("bad-hints.example", "HTTPS"),
+                                              ("pointer.example", "SVCB"), ("alias.example", "HTTPS")],
                            setup=with_capture)
     assert [[QTYPE.get(rr.rtype) for rr in reply.rr] for reply in replies[::2]] == [
-        [], ["CNAME"], [], ["HTTPS"], [], []]
+        [], ["CNAME"], [], ["HTTPS"], [], [], [], []]
     assert "ipv4hint=198.51.100.9" in str(replies[6].rr[0].rdata)  # a public hint is served as it was
     # An answer with no record left is not cached (asked twice); the CNAME's answer is (asked once).
-    assert agent.stats.dial_refused == {"dns_rebinding": 9}
+    assert agent.stats.dial_refused == {"dns_rebinding": 13}
 
 
 def _hiding(query: DNSRecord) -> bytes:

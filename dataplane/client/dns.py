@@ -95,11 +95,18 @@ def hint_addresses(rr: RR) -> list[str] | None:
     """The ipv4hint and ipv6hint addresses of an SVCB or HTTPS record; None when its data cannot
     be read as RFC 9460 says (such a record is not passed on)."""
     params = getattr(rr.rdata, "params", None)  # dnslib reads HTTPS; SVCB comes as raw data
-    if params is None:
+    if params is not None:
+        # A label longer than 63 bytes is a compression pointer (0xC0..) to a lenient parser, which
+        # then reads what dnslib took for the label's bytes as parameters: hints hidden from us.
+        if any(len(label) > 63 for label in getattr(rr.rdata, "target", ())):
+            return None
+    else:
         data = bytes(getattr(rr.rdata, "data", b""))
         at = 2
         try:
-            while data[at]:  # the target name: uncompressed labels
+            while data[at]:  # the target name: uncompressed labels (RFC 9460), none longer than 63
+                if data[at] > 63:
+                    return None
                 at += 1 + data[at]
         except IndexError:
             return None
@@ -124,11 +131,25 @@ def hint_addresses(rr: RR) -> list[str] | None:
     return found
 
 
+def _svc_target(rr: RR) -> str:
+    """The target name of an SVCB/HTTPS record ("" when it cannot be read: the hints decide)."""
+    target = getattr(rr.rdata, "target", None)
+    if target is not None:
+        return ".".join(bytes(label).decode("ascii", "replace") for label in target)
+    data = bytes(getattr(rr.rdata, "data", b""))
+    labels, at = [], 2
+    while at < len(data) and data[at] and data[at] <= 63:
+        labels.append(data[at + 1:at + 1 + data[at]].decode("ascii", "replace"))
+        at += 1 + data[at]
+    return ".".join(labels)
+
+
 def withhold_private(reply: DNSRecord, private: Callable[[str], bool], private_owner: Callable[[str], bool]) -> list[str]:
     """Remove from ``reply`` (answer, authority and additional sections) the A and AAAA records,
     and the SVCB/HTTPS records with address hints, that point at an address ``private`` says is
     a private application's (an SVCB/HTTPS record that cannot be read too), and those whose owner
-    name ``private_owner`` says is private; what was removed (addresses, or ``TYPE owner``)."""
+    name, or SVCB/HTTPS target, ``private_owner`` says is private; what was removed (addresses,
+    or ``TYPE owner``)."""
     withheld: list[str] = []
     for section in ("rr", "auth", "ar"):
         records = getattr(reply, section)
@@ -137,7 +158,8 @@ def withhold_private(reply: DNSRecord, private: Callable[[str], bool], private_o
             owner = str(rr.rname).rstrip(".")
             if rr.rtype in _HINTED:
                 hints = hint_addresses(rr)
-                if hints is None or private_owner(owner) or any(private(a) for a in hints):
+                if hints is None or private_owner(owner) or private_owner(_svc_target(rr)) \
+                        or any(private(a) for a in hints):
                     withheld.append(f"{QTYPE.get(rr.rtype)} {owner}")
                     continue
             elif rr.rtype in (QTYPE.A, QTYPE.AAAA) and (private(str(ipaddress.ip_address(str(rr.rdata))))
@@ -189,8 +211,9 @@ class DnsCache:
 
     def put(self, key: tuple[str, int, int], reply: DNSRecord, now: float) -> None:
         ttl = cache_ttl(reply)
-        if ttl <= 0 or self.limit <= 0:
-            return
+        if ttl <= 0 or self.limit <= 0 or reply.header.tc:  # a truncated answer is not the whole answer:
+            return  # served again from here it would lose its TC bit, and the app would not ask over TCP
+
         self._entries[key] = Answer(reply, ttl, now)
         self._entries.move_to_end(key)
         while len(self._entries) > self.limit:
