@@ -7,10 +7,12 @@ the tunnel (what they ask of it: acknowledge, reset); the local ends read at cho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import uvloop
@@ -78,6 +80,19 @@ async def open_flow(node: Node, tunnel: RecordingTunnel, flow_id: int, server: s
     return flow, conn
 
 
+@contextlib.contextmanager
+def local_sockets(limit: int) -> Iterator[tuple[Node, RecordingTunnel, threading.Event, socket.socket]]:
+    """A node with a budget of ``limit``, the tunnel stand-in, the readers' stop event and the
+    listener the flows' local ends are accepted from; the readers stop and the listener closes after."""
+    node, tunnel, stop = Node(limit), RecordingTunnel(), threading.Event()
+    server = listener()
+    try:
+        yield node, tunnel, stop, server
+    finally:
+        stop.set()
+        server.close()
+
+
 def listener() -> socket.socket:
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -88,9 +103,7 @@ def listener() -> socket.socket:
 
 def test_sockets_that_take_nothing_are_reset_before_one_that_drains_slowly() -> None:
     async def run() -> None:
-        node, tunnel, stop = Node(8 << 20), RecordingTunnel(), threading.Event()
-        server = listener()
-        try:
+        with local_sockets(8 << 20) as (node, tunnel, stop, server):
             # A bulk flow whose reader is slower than its tunnel: it holds bytes all the time.
             slow, _ = await open_flow(node, tunnel, 1, server, 32768, stop)
             for _ in range(40):
@@ -109,18 +122,13 @@ def test_sockets_that_take_nothing_are_reset_before_one_that_drains_slowly() -> 
             assert [i for i, _ in tunnel.resets] == sorted(i for i, _ in tunnel.resets)  # oldest stalled first
             assert node.buffer_budget.total <= 8 << 20
             assert node.stats.flows_closed.get("buffer_budget") == len(tunnel.resets)
-        finally:
-            stop.set()
-            server.close()
 
     uvloop.run(run())
 
 
 def test_a_view_left_in_the_buffer_counts_the_read_buffer_it_keeps_alive() -> None:
     async def run() -> None:
-        node, tunnel, stop = Node(1 << 30), RecordingTunnel(), threading.Event()
-        server = listener()
-        try:
+        with local_sockets(1 << 30) as (node, tunnel, stop, server):
             flow, _ = await open_flow(node, tunnel, 1, server, 0, stop)
             chunk = os.urandom(4 << 20)  # one tunnel read
             flow.on_data(memoryview(chunk)[:1 << 20])  # the socket takes part of it, the rest waits
@@ -128,18 +136,13 @@ def test_a_view_left_in_the_buffer_counts_the_read_buffer_it_keeps_alive() -> No
             assert node.buffer_budget.total >= len(chunk)  # the whole read stays alive, so it counts
             flow.on_data(memoryview(chunk)[1 << 20:(1 << 20) + 10])  # behind it: a copy, 10 bytes more
             assert node.buffer_budget.total >= len(chunk)
-        finally:
-            stop.set()
-            server.close()
 
     uvloop.run(run())
 
 
 def test_a_flow_closed_with_bytes_unwritten_counts_until_its_socket_takes_them() -> None:
     async def run() -> None:
-        node, tunnel, stop = Node(1 << 30), RecordingTunnel(), threading.Event()
-        server = listener()
-        try:
+        with local_sockets(1 << 30) as (node, tunnel, stop, server):
             flow, conn = await open_flow(node, tunnel, 1, server, 0, stop)
             for _ in range(6):
                 flow.on_data(memoryview(os.urandom(65536)))
@@ -153,8 +156,5 @@ def test_a_flow_closed_with_bytes_unwritten_counts_until_its_socket_takes_them()
             while node.buffer_budget.total and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             assert node.buffer_budget.total == 0 and not node.buffer_budget._holding
-        finally:
-            stop.set()
-            server.close()
 
     uvloop.run(run())

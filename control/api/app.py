@@ -112,9 +112,9 @@ def create_app(store: Store, ca: CertificateAuthority, *, edges_public: Sequence
     (``FERRYMAN_SIGN_IN_*``, ``FERRYMAN_REFRESH_GRACE``, ``FERRYMAN_OIDC_STARTS_PER_MINUTE``).
     ``console`` holds the web console's session limits (``FERRYMAN_CONSOLE_*``; the console
     is under ``/console``: ``control.console``). ``node_certificates_per_day`` bounds a node's
-    renewals (``FERRYMAN_NODE_CERTIFICATES_PER_DAY``); a node certificate superseded by a renewal
-    more than ``superseded_cert_grace`` seconds ago is revoked (``FERRYMAN_SUPERSEDED_CERT_GRACE``,
-    checked while the app runs). ``store`` must have been opened with the secrets key (``store.box``).
+    renewals (``FERRYMAN_NODE_CERTIFICATES_PER_DAY``); a node certificate a renewal replaced is
+    revoked once its node has used the renewed one for ``superseded_cert_grace`` seconds
+    (``FERRYMAN_SUPERSEDED_CERT_GRACE``, checked while the app runs). ``store`` must have been opened with the secrets key (``store.box``).
     """
     api = Api(store, ca, edges_public, heartbeat_interval, cert_lifetime_days, token_signer=token_signer,
               oidc=None if oidc is None else Oidc(oidc), sign_in_limits=sign_in_limits, refresh_grace=refresh_grace,

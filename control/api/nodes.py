@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -41,6 +40,7 @@ from dataplane.contract.flowrecord import MAX_BATCH_BYTES
 from .guards import Api, NodeCaller, recheck_node, require_node
 from .longpoll import Wait, config_response, wait_snapshot
 from .presence import node_presence, presence_waiters
+from .sweeps import sweep_every
 from .schemas import HeartbeatIn, HeartbeatOut, RenewIn, RenewOut, TrafficIn, TrafficOut
 
 log = logging.getLogger("ferryman.control.nodes")
@@ -146,27 +146,21 @@ def _renew(api: Api, node: NodeCaller, data: RenewIn) -> RenewOut:
 
 
 async def certificate_retirement(store: Store, grace: float, interval: float | None = None) -> None:
-    """Revoke node certificates superseded by a renewal more than ``grace`` seconds ago
-    (``certificates.retire_superseded``), now and then every ``interval`` seconds (a quarter of
-    the grace, at most ten minutes) until cancelled. With several control-plane nodes on one
-    database each may sweep: a certificate is revoked once (the configuration lock orders them)."""
-    every = interval if interval is not None else min(grace / 4, 600.0)
+    """Revoke the node certificates a renewal replaced once their nodes have used the renewed
+    ones for ``grace`` seconds (``certificates.retire_superseded``), now and then every
+    ``interval`` seconds (a quarter of the grace, at most ten minutes) until cancelled. With
+    several control-plane processes on one database each may sweep: the configuration lock
+    orders them, and a certificate is revoked once."""
 
-    def sweep() -> list[str]:
+    def sweep() -> None:
         with store.begin() as session:
-            return certificates.retire_superseded(session, timedelta(seconds=grace))
+            retired = certificates.retire_superseded(session, timedelta(seconds=grace))
+        if retired:
+            log.info("superseded node certificates revoked: %s (their nodes have used the renewed ones for %g s)",
+                     ", ".join(retired), grace)
 
-    while True:
-        try:
-            retired = await anyio.to_thread.run_sync(sweep)
-            if retired:
-                log.info("superseded node certificates revoked: %s (renewed more than %g s ago)",
-                         ", ".join(retired), grace)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the database may be briefly unavailable; try again later
-            log.warning("retiring superseded node certificates failed: %s", exc)
-        await asyncio.sleep(every)
+    await sweep_every(interval if interval is not None else min(grace / 4, 600.0), sweep,
+                      "retiring superseded node certificates")
 
 
 @post("/v1/node/renew", guards=[require_node], security=[{"nodeToken": []}], tags=["nodes"], status_code=201)

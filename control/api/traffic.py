@@ -15,7 +15,6 @@ the control plane runs.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -30,6 +29,7 @@ from litestar.response import Stream
 from control.store import Store, applications, traffic
 from control.store.models import TrafficLog, utcnow
 
+from .sweeps import sweep_every
 from .guards import Api, admin_routes
 from .schemas import ApplicationOut, application_out
 
@@ -178,17 +178,10 @@ def traffic_router() -> Router:
 async def traffic_retention(store: Store, days: int, interval: float = RETENTION_CHECK) -> None:
     """Delete records older than ``days`` days, now and then every ``interval`` seconds (until cancelled)."""
 
-    def sweep() -> int:
+    def sweep() -> None:
         with store.begin() as session:
-            return traffic.delete_older_than(session, utcnow() - timedelta(days=days))
+            removed = traffic.delete_older_than(session, utcnow() - timedelta(days=days))
+        if removed:
+            log.info("traffic log retention: %d records older than %d days removed", removed, days)
 
-    while True:
-        try:
-            removed = await anyio.to_thread.run_sync(sweep)
-            if removed:
-                log.info("traffic log retention: %d records older than %d days removed", removed, days)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the database may be briefly unavailable; try again later
-            log.warning("traffic log retention failed: %s", exc)
-        await asyncio.sleep(interval)
+    await sweep_every(interval, sweep, "traffic log retention")

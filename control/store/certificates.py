@@ -7,7 +7,7 @@ configuration: edges refuse the certificate once they hold the next version.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -101,15 +101,11 @@ def superseded(session: Session, as_of: datetime) -> list[tuple[IssuedCertificat
     out = []
     for row in rows.values():
         now_serial = current[row.node_id]
-        if row.serial == now_serial or row.serial in revoked or _aware(row.not_after) <= as_of:
+        if row.serial == now_serial or row.serial in revoked or row.not_after <= as_of:
             continue
         if now_serial in rows:
             out.append((row, rows[now_serial]))
     return sorted(out, key=lambda pair: (pair[0].node_id, pair[0].serial))
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def retire_superseded(session: Session, grace: timedelta, now: datetime | None = None) -> list[str]:
@@ -123,11 +119,11 @@ def retire_superseded(session: Session, grace: timedelta, now: datetime | None =
     lock_config(session)  # one sweep at a time, with every other control-plane process
     retired = []
     for old, current in superseded(session, now):
-        if current.first_used_at is None or _aware(current.first_used_at) > now - grace:
+        if current.first_used_at is None or current.first_used_at > now - grace:
             continue
         revoke_certificate(session, "control-plane", int(old.serial, 16),
                            f"superseded: its node has used certificate {current.serial} since "
-                           f"{_aware(current.first_used_at).isoformat(timespec='seconds')}")
+                           f"{current.first_used_at.isoformat(timespec='seconds')}")
         retired.append(old.serial)
     return retired
 

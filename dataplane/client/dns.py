@@ -91,27 +91,25 @@ _HINTED = (64, 65)  # SVCB, HTTPS (RFC 9460): may carry ipv4hint (key 4) / ipv6h
 _HINT_SIZE = {4: 4, 6: 16}
 
 
-def hint_addresses(rr: RR) -> list[str] | None:
-    """The ipv4hint and ipv6hint addresses of an SVCB or HTTPS record; None when its data cannot
-    be read as RFC 9460 says (such a record is not passed on)."""
-    params = getattr(rr.rdata, "params", None)  # dnslib reads HTTPS; SVCB comes as raw data
-    if params is not None:
-        # A label longer than 63 bytes is a compression pointer (0xC0..) to a lenient parser, which
-        # then reads what dnslib took for the label's bytes as parameters: hints hidden from us.
-        if any(len(label) > 63 for label in getattr(rr.rdata, "target", ())):
-            return None
+def svc_record(rr: RR) -> tuple[str, list[tuple[int, bytes]]] | None:
+    """(target name, parameters) of an SVCB or HTTPS record; None when its data cannot be read
+    as RFC 9460 says (such a record is not passed on). A target label longer than 63 bytes is a
+    compression pointer (0xC0..) to a lenient parser, which then reads what dnslib took for the
+    label's bytes as parameters: hints hidden from this one."""
+    rdata = rr.rdata
+    if hasattr(rdata, "params"):  # dnslib reads HTTPS; SVCB comes as raw data
+        labels = [bytes(label) for label in rdata.target]
+        params = [(key, bytes(value)) for key, value in rdata.params]
     else:
-        data = bytes(getattr(rr.rdata, "data", b""))
-        at = 2
+        data = bytes(getattr(rdata, "data", b""))
+        labels, params, at = [], [], 2
         try:
-            while data[at]:  # the target name: uncompressed labels (RFC 9460), none longer than 63
-                if data[at] > 63:
-                    return None
+            while data[at]:  # the target name: uncompressed labels
+                labels.append(data[at + 1:at + 1 + data[at]])
                 at += 1 + data[at]
         except IndexError:
             return None
         at += 1
-        params = []
         while at < len(data):
             if at + 4 > len(data):
                 return None
@@ -120,6 +118,14 @@ def hint_addresses(rr: RR) -> list[str] | None:
             at += 4 + size
         if at != len(data):
             return None
+    if any(len(label) > 63 for label in labels):
+        return None
+    return ".".join(label.decode("ascii", "replace") for label in labels), params
+
+
+def hint_addresses(params: list[tuple[int, bytes]]) -> list[str] | None:
+    """The ipv4hint and ipv6hint addresses among an SVCB/HTTPS record's parameters; None when one
+    is not a whole number of addresses."""
     found = []
     for key, value in params:
         width = _HINT_SIZE.get(key)
@@ -127,21 +133,8 @@ def hint_addresses(rr: RR) -> list[str] | None:
             continue
         if not value or len(value) % width:
             return None
-        found += [str(ipaddress.ip_address(bytes(value[i:i + width]))) for i in range(0, len(value), width)]
+        found += [str(ipaddress.ip_address(value[i:i + width])) for i in range(0, len(value), width)]
     return found
-
-
-def _svc_target(rr: RR) -> str:
-    """The target name of an SVCB/HTTPS record ("" when it cannot be read: the hints decide)."""
-    target = getattr(rr.rdata, "target", None)
-    if target is not None:
-        return ".".join(bytes(label).decode("ascii", "replace") for label in target)
-    data = bytes(getattr(rr.rdata, "data", b""))
-    labels, at = [], 2
-    while at < len(data) and data[at] and data[at] <= 63:
-        labels.append(data[at + 1:at + 1 + data[at]].decode("ascii", "replace"))
-        at += 1 + data[at]
-    return ".".join(labels)
 
 
 def withhold_private(reply: DNSRecord, private: Callable[[str], bool], private_owner: Callable[[str], bool]) -> list[str]:
@@ -157,8 +150,9 @@ def withhold_private(reply: DNSRecord, private: Callable[[str], bool], private_o
         for rr in records:
             owner = str(rr.rname).rstrip(".")
             if rr.rtype in _HINTED:
-                hints = hint_addresses(rr)
-                if hints is None or private_owner(owner) or private_owner(_svc_target(rr)) \
+                record = svc_record(rr)
+                hints = None if record is None else hint_addresses(record[1])
+                if record is None or hints is None or private_owner(owner) or private_owner(record[0]) \
                         or any(private(a) for a in hints):
                     withheld.append(f"{QTYPE.get(rr.rtype)} {owner}")
                     continue
@@ -381,12 +375,12 @@ class Resolver:
             self.cache.put(key, reply, time.monotonic())  # the tunnel is back, the private name is asked again
         return answer
 
-    def _rebinding(self, name: str, reply: DNSRecord) -> bool:
-        """Withhold the records of a public name's answer that point into private segments (module
-        doc); True when some were."""
+    def _rebinding(self, name: str, reply: DNSRecord) -> None:
+        """Withhold the records of a public name's answer that point into private applications
+        (module doc), counted and logged."""
         profile = self.client.profile
         if profile is None or any(name == s or name.endswith("." + s) for s in self.client.dns_rebind_allow):
-            return False
+            return
         captured = self.captured_name
 
         def private(address: str) -> bool:
@@ -394,13 +388,12 @@ class Resolver:
 
         withheld = withhold_private(reply, private, profile.private_name)
         if not withheld:
-            return False
+            return
         stats = self.client.stats
         stats.count(stats.dial_refused, "dns_rebinding", len(withheld))
         stats.log_limit.log(log, logging.WARNING, ("dns_rebinding", name),
                             "public name pointing at private addresses: those records withheld (DNS rebinding)",
                             {"qname": name, "addresses": ",".join(withheld[:8])})
-        return True
 
     async def _answer(self, query: DNSRecord, name: str) -> tuple[bytes | None, str]:
         """(the answer or None, the name's route: ``tunnel``, ``closed``, ``open`` (a private name

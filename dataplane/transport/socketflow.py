@@ -78,32 +78,26 @@ class BufferBudget:
     def observe(self, flow: SocketFlow, held: int, drained: bool) -> None:
         """``flow`` holds ``held`` bytes now; ``drained``: its socket took bytes since it was last
         seen. Sheds flows if the total passes the limit."""
+        self.total += held - self._place(flow, held, drained)
+        if self.total > self.limit:
+            self._shed()
+
+    def _place(self, flow: SocketFlow, held: int, drained: bool) -> int:
+        """Note ``flow``'s ``held`` bytes in the shedding order; what it held before."""
         holding = self._holding
         before = holding.pop(flow, 0) if drained or not held else holding.get(flow, 0)
         if held:
             holding[flow] = held  # a flow that drained goes to the back; one that did not keeps its place
-        self.total += held - before
-        if self.total > self.limit:
-            self._shed()
+        return before
 
     def forget(self, flow: SocketFlow) -> None:
         self.total -= self._holding.pop(flow, 0)
 
     def _shed(self) -> None:
         holding = self._holding
-        for flow in list(holding):
+        for flow in list(holding):  # recounted: buffers drained since they were last seen
             transport = flow.transport
-            size = transport.get_write_buffer_size() if transport is not None else 0
-            drained = size < flow.buffered
-            flow.buffered = size
-            if not size:
-                flow.pinned = 0
-                del holding[flow]
-            elif drained:
-                del holding[flow]
-                holding[flow] = size + flow.pinned
-            else:
-                holding[flow] = size + flow.pinned
+            self._place(flow, *flow.seen(transport.get_write_buffer_size() if transport is not None else 0, 0))
         self.total = sum(holding.values())
         shed = 0
         while self.total > self.limit and holding:
@@ -332,13 +326,18 @@ class SocketFlow(asyncio.Protocol, LocalFlow):
         self._reset_socket()
 
     # ------------------------------------------------------------------ helpers
-    def _observe(self, size: int, written: int) -> None:
-        """The transport holds ``size`` bytes after ``written`` more were handed to it: tell the budget."""
+    def seen(self, size: int, written: int) -> tuple[int, bool]:
+        """The transport holds ``size`` bytes after ``written`` more were handed to it since it was
+        last seen: the flow's share of the budget now, and whether the socket took bytes meanwhile."""
         drained = self.buffered + written > size
         self.buffered = size
         if not size:
             self.pinned = 0
-        self.node.buffer_budget.observe(self, size + self.pinned if size else 0, drained)
+        return (size + self.pinned if size else 0), drained
+
+    def _observe(self, size: int, written: int) -> None:
+        """Tell the budget what the transport holds now (``seen``)."""
+        self.node.buffer_budget.observe(self, *self.seen(size, written))
 
     def abort(self, code: str = "reset", reason: str = "aborted") -> None:
         """Reset both the flow and the socket (local decision)."""
