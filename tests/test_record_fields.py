@@ -4,6 +4,7 @@ connection ids an edge makes for its records and grants."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -62,6 +63,26 @@ def test_connection_ids_are_unique_and_come_in_time_order() -> None:
     assert all(before < later for later in after)
     now_ms = time.time_ns() // 1_000_000
     assert 0 <= now_ms - int(after[-1][:12], 16) < 1000
+
+
+def test_a_forked_process_does_not_repeat_its_parents_connection_ids() -> None:
+    """Ids draw their random part from a pool read ahead from the kernel; an edge's worker
+    processes are forked, and a child handing out its parent's next ids would collide with them."""
+    new_connection_id()  # the pool is filled and part used
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, "".join(new_connection_id()[12:] for _ in range(200)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as fh:
+        child = fh.read()
+    os.waitpid(pid, 0)
+    theirs = {child[i:i + 12] for i in range(0, len(child), 12)}
+    mine = {new_connection_id()[12:] for _ in range(200)}
+    assert len(theirs) == 200 and not theirs & mine
 
 
 @settings(max_examples=200, deadline=None)

@@ -25,7 +25,7 @@ HIGH_WATER = 262144  # bytes written and not yet taken by the flow before drain(
 class WebFlow:
     __slots__ = ("connector", "kfid", "peer", "relay_edge", "app", "connection", "opened", "remote", "_chunks", "_eof",
                  "_reset", "_reader", "_pending", "_pending_bytes", "_fin_pending", "_drainer", "closed",
-                 "sent", "received")
+                 "sent", "received", "_loop")
 
     def __init__(self, connector: TunnelBase[Any, Any], kfid: int, app: str, connection: str,
                  relay_to: str = "") -> None:
@@ -37,7 +37,9 @@ class WebFlow:
         self.relay_edge = connector.peer_name if relay_to else ""
         self.app = app
         self.connection = connection
-        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # kept: asyncio.get_running_loop() costs a getpid() system call per call on Python 3.11
+        self._loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = self._loop.create_future()
         self.remote = ""
         self._chunks: deque[bytes] = deque()
         self._eof = False
@@ -120,7 +122,7 @@ class WebFlow:
         while not self._chunks:
             if self._eof:
                 return b""
-            self._reader = asyncio.get_running_loop().create_future()
+            self._reader = self._loop.create_future()
             try:
                 await self._reader
             finally:
@@ -162,7 +164,7 @@ class WebFlow:
 
     async def drain(self) -> None:
         while self._pending_bytes > HIGH_WATER and not self.closed:
-            self._drainer = asyncio.get_running_loop().create_future()
+            self._drainer = self._loop.create_future()
             try:
                 await self._drainer
             finally:

@@ -212,6 +212,9 @@ class BackendConnection:
         self._timer: asyncio.TimerHandle | None = None
         self._reader: asyncio.Task | None = None
         self._expired = False
+        # taken at the first read, then kept: asyncio.get_running_loop() and current_task()
+        # without a loop cost a getpid() system call each on Python 3.11
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reset_parser()
 
     def _reset_parser(self) -> None:
@@ -309,7 +312,9 @@ class BackendConnection:
         One timer per connection, moved only when it would fire too late (a timer that fires
         early re-arms itself): a read costs no timer of its own. On expiry the waiting task is
         cancelled and the cancellation becomes ``BackendTimeout``, as ``asyncio.timeout`` does."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self._deadline = deadline
         timer = self._timer
@@ -317,7 +322,7 @@ class BackendConnection:
             if timer is not None:
                 timer.cancel()
             self._timer = loop.call_at(deadline, self._expire)
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)
         self._reader = task
         try:
             return await self.stream.read(READ_SIZE)
@@ -334,7 +339,8 @@ class BackendConnection:
         reader = self._reader
         if reader is None or self.closed:
             return  # idle (in the pool or between reads): the next read arms it again
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # set by the read that armed the timer
         if loop.time() < self._deadline:
             self._timer = loop.call_at(self._deadline, self._expire)
             return
