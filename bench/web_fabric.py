@@ -11,12 +11,16 @@
   the per-app and per-edge request rates (``FERRYMAN_WEB_APP_RATE``/``_EDGE_RATE``) are
   raised out of the way, everything else is as shipped;
 - nginx as a one-hop TLS reverse proxy to the same backend (the reference);
+- ``bench.web_floor``: the path's shape (TLS to the client, one TLS tunnel with framing, a
+  connector process, the backend) in a few Python callbacks with none of the edge's work
+  (no sign-in, authorization, records, limits or flow control): how much of the fabric's
+  cost per request the shape itself takes on uvloop (run with the 1-worker edge only);
 
 once with an edge of 1 worker process and nginx with 1 worker, then with 2 of each (the edge's
 workers share the front door's port, ``edge.workers``), and runs ``wrk`` (64 keep-alive connections, HTTP/1.1 over TLS) against edge → connector →
 backend, nginx and the backend directly, for each size, in one run. It prints req/s,
 p50/p99 and the CPU time each process spent per request (from /proc: edge, connector,
-control plane, nginx). Numbers measured on this machine are in the README.
+control plane, nginx, the floor's two processes). Numbers measured on this machine are in the README.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -127,11 +132,12 @@ def run(seconds: int = 8, connections: int = 64, workers: tuple[int, ...] = (1, 
     for size, n in (("1k", 1024), ("64k", 65536)):
         (work / "www" / size).write_bytes(os.urandom(n))
     backend = free_port()
-    _, cert, key = web_certificate(str(work / "nginx-pki"), ["localhost"])
+    ca, cert, key = web_certificate(str(work / "nginx-pki"), ["localhost"])
     (work / "backend.conf").write_text(NGINX_BACKEND.format(dir=work, port=backend))
     procs = [subprocess.Popen(["nginx", "-c", str(work / "backend.conf"), "-e", str(work / "backend.err")])]
     rows: list[dict] = []
     try:
+        floor_port, floor = _start_floor(ca, cert, key, backend, procs)
         for count in workers:
             proxy = free_port()
             conf = work / f"proxy-{count}.conf"
@@ -150,13 +156,16 @@ def run(seconds: int = 8, connections: int = 64, workers: tuple[int, ...] = (1, 
                 host = f"bench.ferryman.localhost:{fabric.web_port}"
                 pids = {name: fabric.procs[name].pid for name in ("edge-1", "connector-1", "control")}
                 pids["nginx"] = nginx.pid
+                if count == workers[0]:
+                    pids.update(floor)
                 for size in SIZES:
                     paths = {
                         "nginx TLS proxy": (f"https://127.0.0.1:{proxy}/{size}", "", ""),
                         "edge -> connector": (f"https://127.0.0.1:{fabric.web_port}/{size}", cookie, host),
                     }
                     if count == workers[0]:
-                        paths = {"direct (HTTP)": (f"http://127.0.0.1:{backend}/{size}", "", ""), **paths}
+                        paths = {"direct (HTTP)": (f"http://127.0.0.1:{backend}/{size}", "", ""), **paths,
+                                 "python floor": (f"https://127.0.0.1:{floor_port}/{size}", "", "")}
                     for path, (url, with_cookie, resolve) in paths.items():
                         before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
                         result = wrk(url, seconds, connections, cookie=with_cookie, resolve=resolve)
@@ -177,6 +186,35 @@ def run(seconds: int = 8, connections: int = 64, workers: tuple[int, ...] = (1, 
                 p.kill()
         shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def _start_floor(ca: str, cert: str, key: str, backend: int, procs: list[subprocess.Popen]) -> tuple[int, dict[str, int]]:
+    """``bench.web_floor``'s connector and edge in front of ``backend``: the port to send requests
+    to and the processes' pids by name (the CPU columns)."""
+    tunnel, port = free_port(), free_port()
+    tls = ["--cert", cert, "--key", key]
+    connector = subprocess.Popen([sys.executable, "-m", "bench.web_floor", "connector", *tls, "--listen", str(tunnel),
+                                  "--backend", str(backend)])
+    procs.append(connector)
+    _wait_listening(tunnel, connector)
+    edge = subprocess.Popen([sys.executable, "-m", "bench.web_floor", "edge", "--ca", ca, *tls, "--listen", str(port),
+                             "--tunnel", str(tunnel)])
+    procs.append(edge)
+    _wait_listening(port, edge)
+    return port, {"floor edge": edge.pid, "floor connector": connector.pid}
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bench.web_floor exited with status {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"bench.web_floor did not listen on port {port} within {timeout:g} s")
 
 
 def table(rows: list[dict]) -> str:
