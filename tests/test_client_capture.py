@@ -27,7 +27,7 @@ import msgspec
 import pytest
 import uvloop
 
-from dataplane.client import httpconnect, process, socks
+from dataplane.client import capture, httpconnect, process, socks
 from dataplane.client.direct import DirectUdp
 from dataplane.basics.metrics import Stats
 from dataplane.basics.settings import ClientSettings as Settings
@@ -483,6 +483,38 @@ def test_local_users_are_parsed_from_names_and_uids():
     assert process.LocalUsers("*").everyone
     with pytest.raises(ValueError, match="FERRYMAN_LOCAL_USERS: no local user 'no-such-user-here'"):
         process.LocalUsers("no-such-user-here")
+
+
+def test_a_connection_closed_by_its_application_before_the_check_is_refused_quietly():
+    """An application that connects and closes at once leaves an orphaned socket (inode 0: no
+    owner, and older kernels report root for it). It is refused, but as closed early, counted
+    apart and not logged as a refusal; a live socket of another account is still refused."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        app = socket.create_connection(listener.getsockname())
+        served, _ = listener.accept()  # never closed until the end: the app's side stays in FIN_WAIT2
+        app_end, ours = app.getsockname(), served.getsockname()
+        users = process.LocalUsers("", own_uid=os.getuid())
+        assert users.refusal("tcp", app_end, ours) == ""  # our own live socket: let in
+        app.close()
+        table = process.SocketTable()
+        try:
+            assert table.find("tcp", app_end, ours) == (0, -1)
+        finally:
+            table.close()
+        why = users.refusal("tcp", app_end, ours)
+        assert why.startswith(process.CLOSED_EARLY) and f"127.0.0.1:{app_end[1]}" in why
+
+        class _Transport:
+            def get_extra_info(self, name):
+                return {"peername": app_end, "sockname": ours}[name]
+
+        client = stub_client()
+        assert capture.local_user_refusal(client, _Transport()).startswith(process.CLOSED_EARLY)
+        assert client.stats.open_failures == {"local_closed_early": 1}
+        served.close()
+    finally:
+        listener.close()
 
 
 def test_socks_udp_associate_direct():

@@ -18,6 +18,7 @@ import asyncio
 import logging
 
 from .direct import DirectRelay, Result
+from .process import CLOSED_EARLY
 from .opener import ClientFlow, FlowOpener
 
 log = logging.getLogger("ferryman.capture")
@@ -35,9 +36,14 @@ def local_user_refusal(opener: FlowOpener, transport: asyncio.BaseTransport, pro
                                      ours[:2] if ours and protocol == "tcp" else None)
     if why:
         stats = opener.stats
+        source = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if why.startswith(CLOSED_EARLY):  # the application gave up on it already: nobody is refused
+            stats.count(stats.open_failures, "local_closed_early")
+            log.debug("local connection closed before its owner could be checked", extra={"source": source})
+            return why
         stats.count(stats.open_failures, "local_user_refused")
         stats.log_limit.log(log, logging.WARNING, ("local_user", why), "local connection refused",
-                            {"source": f"{peer[0]}:{peer[1]}" if peer else "?", "reason": why})
+                            {"source": source, "reason": why})
     return why
 
 

@@ -91,7 +91,8 @@ class SocketTable:
 
     def find(self, protocol: str, app: Addr, ours: Addr | None) -> tuple[int, int] | None:
         """``(inode, uid)`` of the app's socket: local address ``app``, remote ``ours`` (for UDP
-        ``ours`` may be None: any socket bound to ``app``)."""
+        ``ours`` may be None: any socket bound to ``app``); ``(0, -1)`` for a socket its application
+        has already closed (no owner any more), None for none."""
         app = _split(app)
         ours = _split(ours) if ours is not None else None
         if self._netlink_ok:
@@ -150,7 +151,9 @@ class SocketTable:
                 return None
             if protocol == "udp" and sport != app[1]:
                 return None
-            return (inode, uid) if inode else None
+            # inode 0: the socket is orphaned (its application has closed it; the kernel finishes the
+            # connection alone), and its uid no longer says whose it was (root on older kernels)
+            return (inode, uid) if inode else (0, -1)
 
     # ---------------------------------------------------------------- /proc/net fallback
     @staticmethod
@@ -178,12 +181,22 @@ class SocketTable:
                 continue
             if protocol == "tcp":
                 if f[1] == local and f[2] == remote and f[3] != "0A":
-                    return int(f[9]), int(f[7])
+                    return _owned(int(f[9]), int(f[7]))
             elif f[1] == local and (remote is None or f[2] in (remote, "0" * (len(remote) - 5) + ":0000")):
-                return int(f[9]), int(f[7])
+                return _owned(int(f[9]), int(f[7]))
             elif f[1] == any_local and fallback is None:
-                fallback = (int(f[9]), int(f[7]))
+                fallback = _owned(int(f[9]), int(f[7]))
         return fallback
+
+
+def _owned(inode: int, uid: int) -> tuple[int, int]:
+    """A socket table row's ``(inode, uid)``; an orphaned socket's (inode 0) uid says nothing."""
+    return (inode, uid) if inode else (0, -1)
+
+
+# The start of LocalUsers.refusal's answer for a connection whose application closed it before
+# its owner was looked up: refused (no owner to check), but nothing an operator must look at.
+CLOSED_EARLY = "closed by its application before its owner could be checked"
 
 
 class LocalUsers:
@@ -227,6 +240,8 @@ class LocalUsers:
             if _local_address(app[0]):
                 return f"the local socket at {app[0]}:{app[1]} and its owner were not found"
             return ""
+        if not found[0]:
+            return f"{CLOSED_EARLY} (the local socket at {app[0]}:{app[1]})"
         uid = found[1]
         if uid in self.uids:
             return ""
