@@ -36,16 +36,19 @@ import uvloop
 _FRAME = struct.Struct("!II")  # stream id, payload length
 
 
-def _frames(buffer: bytes, deliver) -> bytes:
-    """Hand every whole frame of ``buffer`` to ``deliver(stream, payload)``; the rest, kept."""
+def _frames(buffer: bytearray, deliver) -> None:
+    """Hand every whole frame at the start of ``buffer`` to ``deliver(stream, payload)`` and cut
+    them off (bytes arrive in TLS records of 16 KiB: a frame is copied once, when it is whole)."""
     at, end = 0, len(buffer)
-    while end - at >= 8:
-        stream, size = _FRAME.unpack_from(buffer, at)
-        if end - at - 8 < size:
-            break
-        deliver(stream, buffer[at + 8:at + 8 + size])
-        at += 8 + size
-    return buffer[at:]
+    with memoryview(buffer) as view:
+        while end - at >= 8:
+            stream, size = _FRAME.unpack_from(view, at)
+            if end - at - 8 < size:
+                break
+            deliver(stream, bytes(view[at + 8:at + 8 + size]))
+            at += 8 + size
+    if at:
+        del buffer[:at]
 
 
 # ---------------------------------------------------------------- connector
@@ -74,14 +77,15 @@ class _Backend(asyncio.Protocol):
 class _ConnectorTunnel(asyncio.Protocol):
     def __init__(self, backend_port: int) -> None:
         self.backend_port = backend_port
-        self.buffer = b""
+        self.buffer = bytearray()
         self.streams: dict[int, _Backend] = {}
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.buffer = _frames(self.buffer + data, self._frame)
+        self.buffer += data
+        _frames(self.buffer, self._frame)
 
     def _frame(self, stream: int, payload: bytes) -> None:
         backend = self.streams.get(stream)
@@ -144,7 +148,7 @@ class _Client(asyncio.Protocol):
 
 class _EdgeTunnel(asyncio.Protocol):
     def __init__(self) -> None:
-        self.buffer = b""
+        self.buffer = bytearray()
         self.clients: dict[int, _Client] = {}
         self.last = 0
         self.out: list[bytes] = []
@@ -167,7 +171,8 @@ class _EdgeTunnel(asyncio.Protocol):
         self.out = []
 
     def data_received(self, data: bytes) -> None:
-        self.buffer = _frames(self.buffer + data, self._frame)
+        self.buffer += data
+        _frames(self.buffer, self._frame)
 
     def _frame(self, stream: int, payload: bytes) -> None:
         client = self.clients.get(stream)
