@@ -23,6 +23,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -848,6 +850,20 @@ def test_traffic_records_are_stored_as_sent(store: Store) -> None:
         assert [r.connection_id for r in later] == ["c2"]
         first = traffic.records_after(session, traffic.TrafficFilter(until=datetime.fromtimestamp(t0 + 0.000001, UTC)), 0)
         assert sorted(r.connection_id for r in first) == ["c1", "c3"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(st.floats(min_value=0, max_value=32503679999.999, allow_nan=False),
+                 st.integers(min_value=1_700_000_000_000_000, max_value=1_900_000_000_000_000).map(lambda us: us / 1e6),
+                 st.integers(min_value=1_700_000_000_000_000, max_value=1_900_000_000_000_000)
+                 .map(lambda us: us / 1e6 + 5e-7)))
+def test_a_stored_time_is_written_as_sqlites_text_form_of_its_datetime(value: float) -> None:
+    """Record times go to SQLite as text made without a datetime; it must be exactly the text of
+    the datetime the column type would bind (microseconds rounded half to even, carried into the
+    next second), or the store's time filters would miss records by a microsecond."""
+    from control.store import traffic
+
+    assert traffic._time_text(value) == datetime.fromtimestamp(value, UTC).isoformat(" ", "microseconds")[:26]
 
 
 def test_traffic_records_with_nul_characters_are_stored_with_the_rest_of_their_batch(store: Store) -> None:

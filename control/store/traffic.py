@@ -10,6 +10,8 @@ configuration and not audited.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -62,21 +64,44 @@ class _Plan(msgspec.Struct, frozen=True):
 _PLANS: dict[str, _Plan] = {}
 
 
+_SECONDS_TEXT: dict[int, str] = {}  # "YYYY-MM-DD HH:MM:SS" of recent whole seconds (a batch spans a few)
+_SECONDS_TEXT_MAX = 4096
+
+
+def _time_text(value: float) -> str:
+    """SQLite's text form of a UTC time (``datetime.fromtimestamp(value, UTC).isoformat(" ",
+    "microseconds")`` without its offset) at 0.6 µs instead of 1.5: the microseconds rounded as
+    ``datetime`` rounds them (half to even), the seconds' text kept for the next records."""
+    fraction, whole = math.modf(value)
+    micro = round(fraction * 1e6)
+    seconds = int(whole)
+    if micro >= 1_000_000:
+        micro -= 1_000_000
+        seconds += 1
+    elif micro < 0:
+        micro += 1_000_000
+        seconds -= 1
+    prefix = _SECONDS_TEXT.get(seconds)
+    if prefix is None:
+        if len(_SECONDS_TEXT) >= _SECONDS_TEXT_MAX:
+            _SECONDS_TEXT.clear()
+        prefix = _SECONDS_TEXT[seconds] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+    return f"{prefix}.{micro:06d}"
+
+
 def _time_binder(processor: Callable[[Any], Any] | None) -> Callable[[float], Any]:
     """Unix seconds → the value the driver gets for a time column (its type's own conversion of
     the UTC datetime). Where that conversion is SQLite's text form, the text is made directly
-    (``isoformat``, a third of the cost), after checking that both agree."""
+    (``_time_text``, a sixth of the cost), after checking that both agree."""
     if processor is None:
         return lambda value: datetime.fromtimestamp(value, UTC)
 
     def typed(value: float) -> Any:
         return processor(datetime.fromtimestamp(value, UTC))
 
-    def text(value: float) -> str:
-        return datetime.fromtimestamp(value, UTC).isoformat(" ", "microseconds")[:26]  # without "+00:00"
-
-    samples = (0.0, 1_765_000_000.0, 1_765_000_000.5, 1_765_000_000.000001, 32503679999.999999)
-    return text if all(typed(v) == text(v) for v in samples) else typed
+    samples = (0.0, 1_765_000_000.0, 1_765_000_000.5, 1_765_000_000.000001, 1_765_000_000.0000005,
+               1_765_000_000.9999996, 32503679999.999999)
+    return _time_text if all(typed(v) == _time_text(v) for v in samples) else typed
 
 
 def _plan(dialect: Any) -> _Plan:
