@@ -39,6 +39,19 @@ def _conn(key: tuple[str, str]) -> BackendConnection:
     return c
 
 
+def test_a_pooled_connection_on_a_draining_tunnel_is_not_used_again() -> None:
+    """A tunnel that takes no new flows (its connector moves it, or this edge asks its connector
+    to move it after a renewal) closes once its flows ended: an idle backend connection on it is
+    closed instead of reused, so it does not hold the tunnel open until the drain grace."""
+    pool = Pool(per_key=4, total=8, idle_timeout=60)
+    kept, moving = _conn(("wiki", "s1")), _conn(("wiki", "s1"))
+    pool.release(kept, now=0)
+    pool.release(moving, now=1)
+    moving.stream.draining = True  # type: ignore[attr-defined]
+    assert pool.acquire(("wiki", "s1"), now=2) is kept  # the draining one, most recent, was skipped
+    assert moving.stream.closed and len(pool) == 0
+
+
 def test_pool_bounds() -> None:
     pool = Pool(per_key=2, total=3, idle_timeout=10)
     a1, a2, a3 = (_conn(("wiki", "s1")) for _ in range(3))

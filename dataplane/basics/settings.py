@@ -130,6 +130,7 @@ class EdgeSettings(NodeSettings, kw_only=True):
     control_url: str = ""
     config_wait: float = 25.0
     renew_at: float = 0.3333
+    renewal_spread: float = 600.0
     heartbeat_interval: float = 30.0
     presence_interval: float = 1.0
     # the HTTPS front door for published web apps (off while edge_https_listen is empty)
@@ -251,7 +252,7 @@ VARIABLES: dict[str, str] = {
     "database_url": "Control plane: SQLAlchemy database URL (e.g. `postgresql://user:pw@host/db`); empty means an SQLite file `control.db` in FERRYMAN_DATA_DIR.",
     "secrets_key_file": "Control plane: file holding the secrets key (32 bytes, base64) that seals stored secrets and the keys control-plane nodes share (CA, token signing); every node on one database needs the same file. Empty: `secrets.key` in FERRYMAN_DATA_DIR, created on first start.",
     "cert_lifetime_days": "Control plane: lifetime in days of the node certificates it signs (registration and renewal), and of its own HTTPS certificate (issued again at a start once less than a third is left).",
-    "superseded_cert_grace": "Control plane: seconds a node certificate stays good once a renewal replaced it and the node has used the new one (its first heartbeat on it); then it is revoked (as `ferryman admin certs revoke` would, audited as `control-plane`), so a key copied before the renewal does not outlive it. A node that never uses its new certificate (its renewal answer was lost) keeps the old one. Connectors move their tunnels to the renewed certificate at once (draining the old ones, slot by slot); tunnels still on the old certificate when it is revoked are cut.",
+    "superseded_cert_grace": "Control plane: seconds a node certificate stays good once a renewal replaced it and the node has used the new one (its first heartbeat on it); then it is revoked (as `ferryman admin certs revoke` would, audited as `control-plane`), so a key copied before the renewal does not outlive it. A node that never uses its new certificate (its renewal answer was lost) keeps the old one. Connectors move their tunnels to the renewed certificate at once (draining the old ones, slot by slot), and a renewed edge has its dialers move within FERRYMAN_RENEWAL_SPREAD; tunnels still on the old certificate when it is revoked are cut.",
     "node_certificates_per_day": "Control plane: most certificates one edge or connector may be issued in any 24 hours, its registration included; a renewal beyond is refused (429). A connector's renewal is a configuration change for every node.",
     "traffic_retention_days": "Control plane: traffic log records older than this many days are deleted (checked hourly).",
     "heartbeat_interval": "Seconds between node heartbeats to the control plane; a node missing 3 in a row is shown inactive (set the same on nodes and control plane).",
@@ -275,6 +276,7 @@ VARIABLES: dict[str, str] = {
     "control_url": "Edge/connector: control plane URL to follow, or several comma-separated (control-plane nodes sharing one database: tried in turn, the one that answered kept); empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
+    "renewal_spread": "Edge: seconds over which a renewed edge asks the client agents, connectors and peer edges whose tunnels present its old certificate to dial again (GOAWAY `renewed`, one tunnel after another, a connector's tunnels far apart; each old tunnel closes once its flows ended, at most FERRYMAN_DRAIN_GRACE later). Keep it well below the control plane's FERRYMAN_SUPERSEDED_CERT_GRACE, which revokes the old certificate and cuts what still uses it. 0: all at once.",
     "traffic_queue": "Edge: traffic log records held while the control plane is unreachable (the oldest are dropped and counted beyond).",
     "tls_ca": "CA bundle (PEM) that peer certificates must chain to.",
     "tls_cert": "This node's certificate (PEM).",
@@ -413,6 +415,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "control_insecure_http": (0, 1),
     "config_wait": (0.1, 300),
     "renew_at": (0.01, 0.99),
+    "renewal_spread": (0, 86400),
     "traffic_queue": (1, 10_000_000),
     "web_max_header_block": (1024, 1 << 20),
     "web_max_headers": (1, 10_000),

@@ -42,7 +42,7 @@ from ..transport.credentials import NodeCredentials
 from ..transport.endpoint import EndpointNode
 from ..transport.socketflow import BufferBudget, LocalFlow
 from ..transport.proxy import egress_proxy
-from ..transport.supervisor import keep_tunnel
+from ..transport.supervisor import MOVE_CODES, keep_tunnel
 from ..transport.tunnel import TunnelBase
 from ..transport.udpflow import UdpFlow
 from ..transport.udpio import udp_listener
@@ -321,7 +321,7 @@ class Client(EndpointNode[None]):
         if self.tunnel is tunnel or self.tunnel is None:
             # (not when a QUIC tunnel already replaced this one: what it found out stands)
             self.tunnel = None
-            if tunnel.goaway_waiter.done() and tunnel.goaway_waiter.result() == "draining":
+            if tunnel.goaway_waiter.done() and tunnel.goaway_waiter.result() in MOVE_CODES:
                 self._replacing_until = asyncio.get_running_loop().time() + self.settings.open_timeout
             self.probe_ok.clear()
         reason = f"tunnel to edge {tunnel.peer_name} lost: {tunnel.close_reason}"
@@ -337,8 +337,9 @@ class Client(EndpointNode[None]):
         """Per-flow credit bounds what each flow queues; nothing else to do."""
 
     def goaway_received(self, tunnel: ClientTunnel, event: ev.GoAwayReceived) -> None:
-        """The edge drains this tunnel: the tunnel's slot (``keep_tunnel``) dials a replacement, and
-        flows opened meanwhile wait for it (``_park``)."""
+        """The edge drains this tunnel (or, ``renewed``, asks it to move to its renewed certificate):
+        the tunnel's slot (``keep_tunnel``) dials a replacement, and flows opened meanwhile wait
+        for it (``_park``)."""
 
     def flow_requested(self, tunnel: ClientTunnel, event: ev.FlowRequested) -> None:
         if not tunnel.has_flow(event.flow_id):

@@ -108,6 +108,7 @@ class Connector(EndpointNode[EdgeKey]):
         # certificate (drains while its slot dials again) before the control plane revokes the old.
         self._certificate = 0
         self._dialed_with: dict[int, int] = {}  # slot -> the generation its latest dial presented
+        self._slot_of: dict[ConnectorTunnel, int] = {}  # each slot's running tunnel -> the slot
         self.udp_flows: set[UdpFlow] = set()
         # Whose each UDP / private DNS flow is (the grant's device, else user) and how many each has:
         # one device may hold a quarter of FERRYMAN_MAX_UDP_FLOWS.
@@ -329,11 +330,23 @@ class Connector(EndpointNode[EdgeKey]):
         slot dials again."""
         # The certificate the tunnel was dialed with: a renewal during its handshake moves it too.
         certificate = self._dialed_with.pop(i, self._certificate)
+        self._slot_of[tunnel] = i
+        try:
+            await self._serve_slot(i, tunnel, certificate)
+        finally:
+            self._slot_of.pop(tunnel, None)
+
+    async def _serve_slot(self, i: int, tunnel: ConnectorTunnel, certificate: int) -> None:
         while not tunnel.done_waiter.done():
             if self._certificate != certificate and not self.draining:
                 log.info("tunnel moves to the renewed certificate", extra={"tunnel": tunnel.label,
                                                                             "edge": tunnel.peer_name})
                 self._retire(tunnel, "moves this tunnel to its renewed certificate")
+                return
+            if tunnel.goaway_waiter.done() and tunnel.goaway_waiter.result() == "renewed" and not self.draining:
+                log.info("tunnel moves to the edge's renewed certificate", extra={"tunnel": tunnel.label,
+                                                                                   "edge": tunnel.peer_name})
+                self._retire(tunnel, "dials the edge again: it renewed its certificate")
                 return
             moved = self._moved[i]
             moved.clear()
@@ -411,7 +424,13 @@ class Connector(EndpointNode[EdgeKey]):
         self.reset_all(tunnel, "tunnel_lost", f"tunnel to edge {tunnel.peer_name} lost: {tunnel.close_reason}")
 
     def goaway_received(self, tunnel: ConnectorTunnel, event: ev.GoAwayReceived) -> None:
-        """The edge drains this tunnel: existing flows continue, the edge sends no new ones."""
+        """The edge drains this tunnel: existing flows continue, the edge sends no new ones. When it
+        asks the tunnel to move to its renewed certificate (``renewed``), the slot dials it again
+        at once (``_session``), so the connector stays reachable there."""
+        if event.code == "renewed":
+            slot = self._slot_of.get(tunnel)
+            if slot is not None:
+                self._moved[slot].set()
 
     def flow_requested(self, tunnel: ConnectorTunnel, event: ev.FlowRequested) -> None:
         if not tunnel.has_flow(event.flow_id):

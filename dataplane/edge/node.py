@@ -55,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import ssl
 import time
@@ -86,7 +87,7 @@ from ..controllink.link import ControlLink, Report, cut_revoked
 from ..controllink.registration import Registration
 from ..controllink.traffic import TrafficQueue
 from ..transport.credentials import NodeCredentials
-from ..transport.quic import HandshakeLimits, QuicServer, load_credentials, serve_quic
+from ..transport.quic import HandshakeLimits, QuicServer, QuicTunnel, load_credentials, serve_quic
 from ..transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
 from ..wire import events as ev
 from ..wire.connection import FlowError, WireConfig
@@ -108,6 +109,26 @@ APPS_FILE_ON_REGISTERED_EDGE = (
     "FERRYMAN_APPS_FILE, or run the edge without a control plane (FERRYMAN_TLS_CA, FERRYMAN_TLS_CERT and "
     "FERRYMAN_TLS_KEY from `ferryman pki init`)")
 MAX_RELAY_TRIES = 3  # peer edges tried in turn for one relayed flow when their relay tunnels must be dialed
+
+
+def renewal_schedule(tunnels: Iterable[EdgeTunnel], spread: float,
+                     rng: random.Random | None = None) -> list[tuple[float, EdgeTunnel]]:
+    """When (seconds from now) a renewed edge asks each of its dialers' tunnels to move: the
+    ``n`` tunnels of one peer (by certificate name) ``spread / n`` apart from a random start, so
+    the peers' handshakes come spread over ``spread`` seconds and a connector's tunnels never
+    move together (it always keeps the others)."""
+    pick = rng or random
+    by_peer: dict[str, list[EdgeTunnel]] = {}
+    for tunnel in tunnels:
+        by_peer.setdefault(tunnel.peer_name, []).append(tunnel)
+    schedule: list[tuple[float, EdgeTunnel]] = []
+    for own in by_peer.values():
+        step = spread / len(own)
+        start = pick.uniform(0, step)
+        schedule.extend((start + i * step, tunnel) for i, tunnel in enumerate(own))
+    return sorted(schedule, key=lambda item: item[0])
+
+
 MAX_PROCESS = 128  # characters of the client-reported initiating process kept (traffic log, connector)
 
 
@@ -117,8 +138,6 @@ def client_reported(text: str) -> str:
     if len(text) <= MAX_PROCESS and text.isprintable():
         return text
     return "".join(c if c.isprintable() else "?" for c in text[:MAX_PROCESS])
-
-
 
 
 class Edge(TunnelHandler[Splice, ClientAccess]):
@@ -192,6 +211,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self.relay: Relay | None = None
         self._relaying: set[asyncio.Task[None]] = set()  # relayed OPENs waiting for their relay tunnel
         self._held: list = []  # the connectors reported to the control plane last (presence)
+        # After a renewal: tunnels asked to move to the new certificate and closing once idle
+        # (``_move_dialers``), and the timers that will ask the others.
+        self._moving: set[asyncio.Task[None]] = set()
+        self._move_timers: list[asyncio.TimerHandle] = []
         if self.link is not None or worker is not None:
             self.relay = Relay(self.name, settings, self, lambda: self._wire, lambda: self._client_ssl)
             if worker is not None:  # its siblings know it by this edge's certificate
@@ -281,10 +304,12 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self.quic.close()
         if self.web is not None:
             await self.web.close()
+        for timer in self._move_timers:
+            timer.cancel()
         for tunnel in [*self.clients, *self.connectors, *self.relays_in]:
             tunnel.goaway("shutdown", f"edge {self.name} is shutting down")
             tunnel.close("shutdown", "edge stopped")
-        for task in self._relaying:
+        for task in [*self._relaying, *self._moving]:
             task.cancel()
         if self.relay is not None:
             self.relay.close()
@@ -502,7 +527,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
 
     def _renewed(self) -> None:
         """New tunnels are accepted with the renewed certificate (and grants signed with its key);
-        running ones keep theirs."""
+        the running ones are asked to move to it (``_move_dialers``)."""
         self._server_ctx = self.credentials.server_context()
         self._grant_key = _load_key(self.settings.tls_key)
         self._cert_der = _load_certificate_der(self.settings.tls_cert)
@@ -513,6 +538,57 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         if self.worker is not None:
             self.relay.identity = read_node_certificate(self.settings.tls_cert)  # type: ignore[union-attr]
             self.worker.renewed()
+        self._move_dialers()
+
+    def _move_dialers(self) -> None:
+        """The control plane revokes the old certificate FERRYMAN_SUPERSEDED_CERT_GRACE after the
+        renewal, and every dialer then cuts a tunnel still presenting it, with its flows. So the
+        client agents, connectors and peer edges whose tunnels were handshaken with it are asked
+        to dial again now (GOAWAY ``renewed``: they take no new flows there and open a new
+        tunnel, which gets the new certificate), one after another over FERRYMAN_RENEWAL_SPREAD
+        seconds so they do not all handshake at once (``renewal_schedule``: a connector's tunnels
+        far apart, so it always has one); each old tunnel closes once its flows have ended, at
+        most FERRYMAN_DRAIN_GRACE later. A tunnel whose handshake began before the renewal and
+        ended after it is asked when it comes up (at a random moment of the spread). Sibling
+        workers' tunnels (Unix sockets) present no certificate."""
+        loop = asyncio.get_running_loop()
+        for timer in self._move_timers:
+            timer.cancel()
+        spread = self.settings.renewal_spread
+        schedule = renewal_schedule((t for t in (*self.clients, *self.connectors, *self.relays_in)
+                                     if t.up and not t.closed and not t.draining and self._on_old_certificate(t)),
+                                    spread)
+        self._move_timers = [loop.call_later(delay, self._ask_to_move, tunnel) for delay, tunnel in schedule]
+        if schedule:
+            log.info("certificate renewed: asking the tunnels dialed to this edge to move to it",
+                     extra={"tunnels": len(schedule), "spread_s": spread})
+
+    def _on_old_certificate(self, tunnel: EdgeTunnel) -> bool:
+        """Whether the tunnel was handshaken with a certificate this edge has renewed since (the
+        TLS context or QUIC credentials it was accepted with are not the current ones)."""
+        if isinstance(tunnel, QuicTunnel):
+            return self.quic is not None and tunnel.credentials is not self.quic.credentials
+        accepted_with = getattr(tunnel, "server_context", None)  # None: a tunnel this edge dialed, or a sibling's
+        return accepted_with is not None and accepted_with is not self._server_ctx
+
+    def _ask_to_move(self, tunnel: EdgeTunnel) -> None:
+        """GOAWAY ``renewed`` now; close the tunnel once its flows ended (FERRYMAN_DRAIN_GRACE at most)."""
+        if tunnel.closed or tunnel.draining or self.draining:
+            return
+        reason = f"edge {self.name} renewed its certificate: dial again"
+        tunnel.goaway("renewed", reason)  # its close is counted as ``renewed`` (ferryman_tunnels_closed_total)
+        if tunnel in self.connectors:
+            self._connectors_changed()  # it takes no new flows: not reported as held here any more
+
+        async def close_when_idle() -> None:
+            deadline = asyncio.get_running_loop().time() + self.settings.drain_grace
+            while tunnel.routes and not tunnel.closed and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.1)
+            tunnel.close("renewed", reason)
+
+        task = asyncio.get_running_loop().create_task(close_when_idle())
+        self._moving.add(task)
+        task.add_done_callback(self._moving.discard)
 
     async def _accept(self, listener: socket.socket) -> None:
         """Accept TCP connections; each one's TLS handshake runs in its own task.
@@ -566,6 +642,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             made.append(Tunnel(self, self._wire, dialer=False, accept_roles=("client", "connector", "edge"),
                                keepalive=s.keepalive_interval, handshake_timeout=s.handshake_timeout,
                                write_buffer_high=s.write_buffer_high, label="in"))
+            made[-1].server_context = ctx  # which certificate it presents (``_on_old_certificate``)
             return made[-1]
 
         try:
@@ -640,6 +717,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
                 user = access.principal.upn
         log.info("tunnel up", extra={"tunnel": tunnel.label, "group": self.connectors.get(tunnel), "user": user,
                                      "transport": tunnel.transport_name})
+        if self._on_old_certificate(tunnel):  # its handshake began before a renewal
+            self._move_timers.append(asyncio.get_running_loop().call_later(
+                random.uniform(0, self.settings.renewal_spread), self._ask_to_move, tunnel))
 
     def _file_connector(self, tunnel: EdgeTunnel, first: bool = False) -> bool:
         """File a connector tunnel under the group the configuration records for its certificate

@@ -117,6 +117,12 @@ class WebFlow:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    @property
+    def draining(self) -> bool:
+        """The tunnel carrying the flow takes no new flows (its connector or this edge moves or
+        drains it): a pooled backend connection on it is not used again, so the tunnel empties."""
+        return self.connector.draining
+
     # ------------------------------------------------------------------ ByteStream (the front door)
     async def read(self, max_bytes: int) -> bytes:
         while not self._chunks:

@@ -4,8 +4,9 @@
 configured, or QUIC, as ``TransportChoice`` says for FERRYMAN_TRANSPORT), wait for the HELLO
 exchange, run the node's session until the tunnel ends, back off with jitter (``Backoff``)
 and dial again; on an ``auto`` fallback to TLS/TCP it probes QUIC and moves over when it
-answers, and a client agent's slot replaces a tunnel its edge drains (GOAWAY ``draining``):
-the old tunnel retires, closing once its flows are done.
+answers, and a client agent's slot replaces a tunnel its edge drains (GOAWAY ``draining``) or
+asks to move to its renewed certificate (``renewed``): the old tunnel retires, closing once
+its flows are done.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from .quic import dial_quic, load_credentials
 from .tunnel import Tunnel, TunnelBase, TunnelHandler, ssl_handshake_error
 
 AnyTunnel = TunnelBase[Any, Any]
+# GOAWAY codes of an edge that make a client agent's slot dial a replacement at once: the edge shuts
+# down (``draining``), or renewed its certificate (``renewed``) and asks for a tunnel presenting it.
+MOVE_CODES = ("draining", "renewed")
 
 log = logging.getLogger("ferryman.dial")
 
@@ -91,7 +95,8 @@ async def keep_tunnel(
     With ``replace_draining`` (a client agent) a GOAWAY ``draining`` from the edge (it is
     shutting down) has the slot dial a replacement at once, trying the other edges first and
     the same address last (behind a load balancer it reaches another edge): new flows use
-    the replacement while the old tunnel's flows finish on it.
+    the replacement while the old tunnel's flows finish on it. A GOAWAY ``renewed`` (the edge
+    renewed its certificate) does the same with the same address first.
 
     ``ssl_ctx`` and ``wire`` may be functions returning what to use for the next dial (a
     node whose certificate is renewed hands out the new context, a client its current
@@ -133,10 +138,13 @@ async def keep_tunnel(
             tunnel.dialed = (host, port)
         return tunnel, reason
 
-    async def replacement(draining: AnyTunnel) -> AnyTunnel | None:
-        """A tunnel to another edge (or a new one behind the same address) for one that drains."""
+    async def replacement(draining: AnyTunnel, same_first: bool) -> AnyTunnel | None:
+        """A tunnel for one that drains: to another edge (or a new one behind the same address) when
+        its edge shuts down; to the same address first when its edge renewed its certificate."""
         at = edges.index(draining.dialed) if draining.dialed in edges else -1
         order = [edges[(at + 1 + i) % len(edges)] for i in range(len(edges))]  # the draining address last
+        if same_first and draining.dialed in edges:
+            order = [order[-1], *order[:-1]]
         for host, port in order:
             tunnel, reason = await dial(host, port)
             if tunnel is not None:
@@ -193,11 +201,12 @@ async def _dial_quic(node: TunnelHandler, settings: DialerSettings, config: Wire
 async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: TransportChoice, tunnel: AnyTunnel,
                         session: Callable[[Any], Awaitable[None]], running: Callable[[], bool],
                         redial_quic: Callable[[], Awaitable[tuple[AnyTunnel | None, str]]],
-                        replacement: Callable[[AnyTunnel], Awaitable[AnyTunnel | None]] | None) -> AnyTunnel:
+                        replacement: Callable[[AnyTunnel, bool], Awaitable[AnyTunnel | None]] | None) -> AnyTunnel:
     """Run ``session(tunnel)`` until the tunnel ends, moving the session to a new tunnel (the old
     one retires: it closes once its flows ended) when an ``auto`` TCP fallback finds QUIC
-    reachable again, or, with ``replacement``, when the edge drains the tunnel. Returns the
-    tunnel the session ended on."""
+    reachable again, or, with ``replacement``, when the edge drains the tunnel (GOAWAY
+    ``draining``: it shuts down) or asks it to move (``renewed``: its certificate was renewed,
+    and the tunnel still presents the old one). Returns the tunnel the session ended on."""
     loop = asyncio.get_running_loop()
     stats = node.stats
     kind = tunnel.transport_name
@@ -222,15 +231,18 @@ async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: T
                 break
             new: AnyTunnel | None = None
             if replacement is not None and tunnel.goaway_waiter.done():
-                if tunnel.goaway_waiter.result() != "draining":
+                why = tunnel.goaway_waiter.result()
+                if why not in MOVE_CODES:
                     continue  # e.g. the tunnel is being refused or revoked: it closes, and the slot dials again
-                log.info("edge draining: dialing a replacement tunnel for new flows", extra={"tunnel": tunnel.label})
+                renewed = why == "renewed"
+                log.info("edge renewed its certificate: dialing a new tunnel to it for new flows" if renewed else
+                         "edge draining: dialing a replacement tunnel for new flows", extra={"tunnel": tunnel.label})
                 if loop.time() - since > 60.0:
                     backoff.reset()
                 elif backoff.attempt:  # the tunnel being replaced was itself a recent replacement
                     await asyncio.wait({task}, timeout=backoff.next())
                 while not task.done() and running():
-                    new = await replacement(tunnel)
+                    new = await replacement(tunnel, renewed)
                     if new is not None:
                         break
                     delay = backoff.next()
@@ -244,7 +256,9 @@ async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: T
                 since = loop.time()
                 log.info("new flows use the replacement tunnel; the draining one closes when its flows end",
                          extra={"old": tunnel.label, "new": new.label})
-                _retire(tunnel, settings.drain_grace, "edge_draining", "replaced: its edge is shutting down")
+                _retire(tunnel, settings.drain_grace, "edge_renewed" if renewed else "edge_draining",
+                        "replaced: its edge renewed its certificate" if renewed else
+                        "replaced: its edge is shutting down")
             elif probing:
                 new, reason = await redial_quic()
                 if new is None:

@@ -103,6 +103,12 @@ class TunnelHandler(Generic[F, S]):
         return None
 
 
+# Close codes of tunnels that end as planned (logged at info, not as a warning): the peer or this node
+# closed it, a drain, a transport upgrade, a move to another edge or to a renewed certificate.
+PLANNED_CLOSES = frozenset({"peer_closed", "shutdown", "goaway", "edge_draining", "transport_upgrade", "moved",
+                            "renewed", "edge_renewed"})
+
+
 class TunnelBase(Generic[F, S]):
     """What the TLS/TCP ``Tunnel`` and the QUIC ``transport.quic.QuicTunnel`` share: the node's
     flow API (each call flushes itself), the node-facing properties, the dispatch of wire
@@ -114,6 +120,7 @@ class TunnelBase(Generic[F, S]):
 
     transport_name = ""  # "tcp" or "quic": what the tunnel runs over (for logs, status and metrics)
     dialed: tuple[str, int] | None = None  # the edge (host, port) ``supervisor.keep_tunnel`` dialed for it
+    server_context: Any = None  # the TLS context an accepting node handshook it with (its certificate then)
 
     handler: TunnelHandler[F, S]
     conn: TunnelConnection | QuicTunnelConnection
@@ -410,8 +417,7 @@ class TunnelBase(Generic[F, S]):
         self.closed = True
         self.close_code = code
         self.close_reason = reason
-        level = logging.WARNING if error or code not in ("peer_closed", "shutdown", "goaway", "edge_draining",
-                                                               "transport_upgrade") else logging.INFO
+        level = logging.WARNING if error or code not in PLANNED_CLOSES else logging.INFO
         extra = {"tunnel": self.label, "peer": self.peer_name, "peer_addr": self.peer_addr, "code": code,
                  "reason": reason}
         if self.up:

@@ -389,11 +389,12 @@ class BackendConnection:
 
     def usable(self) -> bool:
         """Not closed here, and its stream (under TLS: the stream below) not known to be over —
-        a tunnel flow is when its connector went away or reset it."""
+        a tunnel flow is when its connector went away or reset it — nor on its way out (a tunnel
+        flow whose tunnel drains: it closes once its flows have ended)."""
         if self.closed:
             return False
         stream = getattr(self.stream, "raw", self.stream)
-        return not getattr(stream, "closed", False)
+        return not getattr(stream, "closed", False) and not getattr(stream, "draining", False)
 
     def close(self) -> None:
         if not self.closed:
