@@ -8,8 +8,8 @@ process dials the edge and forwards a port to an echo backend. After the renewal
 ``FERRYMAN_RENEWAL_SPREAD``: every tunnel gets GOAWAY ``renewed`` and is replaced by one that
 presents the new certificate, the connector's two tunnels far apart (it never stands without
 one), a connection open through the client agent before the renewal keeps echoing on its old
-tunnel until it ends, new connections go through meanwhile, and each old tunnel closes once
-its flows have ended.
+tunnel until it ends (however much longer than FERRYMAN_DRAIN_GRACE), new connections go
+through meanwhile, and each old tunnel closes once its flows have ended.
 """
 
 from __future__ import annotations
@@ -32,11 +32,15 @@ from dataplane.basics.settings import ConnectorSettings, EdgeSettings
 from dataplane.connector.node import Connector
 from dataplane.edge.node import Edge, renewal_schedule
 from dataplane.fabric import free_port
+from dataplane.basics.metrics import Stats
 from dataplane.transport.credentials import NodeCredentials
+from dataplane.transport.tunnel import Tunnel, TunnelHandler
+from dataplane.wire.connection import WireConfig
 
 pytestmark = pytest.mark.timeout(120)
 
-SPREAD = 3.0
+SPREAD = 8.0  # the connector's two tunnels move 4 s apart: time for a loaded machine to redial
+DRAIN_GRACE = 2.0  # what a drain leaves running flows; a move to a renewed certificate does not cut them
 
 
 class _Tunnel:
@@ -66,6 +70,17 @@ def test_a_renewed_edge_spreads_each_peers_tunnels_evenly(seed: int) -> None:
     assert renewal_schedule([], 600.0) == []
 
 
+def test_the_workers_of_an_edge_ask_a_connectors_tunnels_apart() -> None:
+    """Each worker schedules the tunnels it holds; a connector with one tunnel on each of two
+    workers has them asked half the spread apart (the same start from its name in both)."""
+    on_first = renewal_schedule([_Tunnel("connector-1", 1), _Tunnel("client-1", 1)], 600.0, worker=0, workers=2)
+    on_second = renewal_schedule([_Tunnel("connector-1", 2)], 600.0, worker=1, workers=2)
+    (first,) = [d for d, t in on_first if t.peer_name == "connector-1"]
+    (second,) = [d for d, _ in on_second]
+    assert abs(abs(second - first) - 300.0) < 1e-6, (first, second)
+    assert renewal_schedule([_Tunnel("connector-1", 1)], 600.0, worker=0, workers=2)[0][0] == first  # no chance
+
+
 def _echo(sock: socket.socket, data: bytes) -> bytes:
     sock.sendall(data)
     got = b""
@@ -90,11 +105,11 @@ def test_a_renewed_edge_moves_its_dialers_to_the_new_certificate(tmp_path: Path,
     edge_key, edge_cert = pki.node_paths(certs, "edge-1")
     edge_settings = EdgeSettings(tls_ca=ca, tls_cert=edge_cert, tls_key=edge_key, edge_listen=f"127.0.0.1:{edge_port}",
                                  apps_file=str(apps), edge_quic="on" if transport == "quic" else "off",
-                                 renewal_spread=SPREAD, drain_grace=60.0)
+                                 renewal_spread=SPREAD, drain_grace=DRAIN_GRACE)
     connector_key, connector_cert = pki.node_paths(certs, "connector-1")
     connector_settings = ConnectorSettings(tls_ca=ca, tls_cert=connector_cert, tls_key=connector_key,
                                            edges=f"127.0.0.1:{edge_port}", connector_tunnels=2, transport=transport,
-                                           apps_file=str(apps), drain_grace=60.0)
+                                           apps_file=str(apps), drain_grace=DRAIN_GRACE)
     client_key, client_cert = pki.node_paths(certs, "client-1")
     log_path = tmp_path / "client.log"
 
@@ -110,7 +125,8 @@ def test_a_renewed_edge_moves_its_dialers_to_the_new_certificate(tmp_path: Path,
                 [sys.executable, "-m", "dataplane", "client", "--edges", f"127.0.0.1:{edge_port}",
                  "--forward", f"127.0.0.1:{forward}=127.0.0.1:{echo}"],
                 env={**os.environ, "FERRYMAN_TLS_CA": ca, "FERRYMAN_TLS_CERT": client_cert,
-                     "FERRYMAN_TLS_KEY": client_key, "FERRYMAN_TRANSPORT": transport, "FERRYMAN_DRAIN_GRACE": "60"},
+                     "FERRYMAN_TLS_KEY": client_key, "FERRYMAN_TRANSPORT": transport,
+                     "FERRYMAN_DRAIN_GRACE": str(DRAIN_GRACE)},
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
         def connector_tunnels() -> list:
@@ -175,7 +191,9 @@ def test_a_renewed_edge_moves_its_dialers_to_the_new_certificate(tmp_path: Path,
             assert second - first >= SPREAD / 2 - 0.5, moved_at  # half the spread apart, not together
 
             # The connection opened before the renewal still echoes on its old tunnel, which stays
-            # (draining) while it runs; a new connection goes through the new tunnels meanwhile.
+            # (draining) while it runs, longer than a drain would let it; a new connection goes
+            # through the new tunnels meanwhile.
+            await asyncio.sleep(DRAIN_GRACE + 1.5)
             assert not old_client.closed
             assert await loop.run_in_executor(None, _echo, held, b"after the renewal") == b"after the renewal"
             fresh = await connect()
@@ -202,3 +220,58 @@ def test_a_renewed_edge_moves_its_dialers_to_the_new_certificate(tmp_path: Path,
     text = log_path.read_text(errors="replace")
     assert "renewed its certificate" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+class _GoawayEdge(TunnelHandler):
+    """An edge that answers every connector tunnel with GOAWAY ``renewed`` and never renews."""
+
+    def __init__(self) -> None:
+        self.stats = Stats("edge", "edge-1")
+        self.tunnels: list[Tunnel] = []
+
+    def tunnel_up(self, tunnel: Tunnel) -> None:
+        self.tunnels.append(tunnel)
+        tunnel.goaway("renewed", "edge-1 renewed its certificate: dial again")
+
+    def tunnel_down(self, tunnel: Tunnel) -> None:
+        pass
+
+
+def test_an_edge_asking_again_and_again_does_not_make_a_connector_dial_in_a_loop(tmp_path: Path) -> None:
+    """A connector's slot follows GOAWAY ``renewed`` once per edge certificate it moved away from:
+    an edge that asks again on a tunnel presenting the same certificate (it did not renew, or it
+    lies) gets no new dial, where following it would have the slot redial twice a second."""
+    certs = str(tmp_path / "pki")
+    pki.init_pki(certs, edge_hosts=["127.0.0.1", "localhost"], edges=["edge-1"], connectors=["connector-1"],
+                 clients=["client-1"])
+    edge_port = free_port()
+    apps = tmp_path / "apps.json"
+    apps.write_text(json.dumps({"apps": [{"name": "echo", "segments": [
+        {"destination": "127.0.0.1", "ports": "9", "protocol": "tcp"}]}]}))
+    ca = os.path.join(certs, pki.CA_CERT)
+    key, cert = pki.node_paths(certs, "connector-1")
+    settings = ConnectorSettings(tls_ca=ca, tls_cert=cert, tls_key=key, edges=f"127.0.0.1:{edge_port}",
+                                 connector_tunnels=2, transport="tcp", apps_file=str(apps), reconnect_min=0.1,
+                                 drain_grace=1.0)
+
+    async def run() -> None:
+        edge = _GoawayEdge()
+        edge_key, edge_cert = pki.node_paths(certs, "edge-1")
+        ctx = pki.server_context(edge_cert, edge_key, ca)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: Tunnel(edge, WireConfig(role="edge", node="edge-1"), dialer=False, accept_roles=("connector",),
+                           keepalive=10, handshake_timeout=10, write_buffer_high=1 << 20), "127.0.0.1", edge_port,
+            ssl=ctx)
+        connector = Connector(settings, NodeCredentials(settings, "connector"))
+        stop = asyncio.Event()
+        task = asyncio.create_task(connector.run(stop))
+        try:
+            await asyncio.sleep(4.0)
+            # Two slots: each dialed once, followed the first GOAWAY once, then stayed.
+            assert len(edge.tunnels) == 4, [t.label for t in edge.tunnels]
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            server.close()
+
+    asyncio.run(run())

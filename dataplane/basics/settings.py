@@ -276,7 +276,7 @@ VARIABLES: dict[str, str] = {
     "control_url": "Edge/connector: control plane URL to follow, or several comma-separated (control-plane nodes sharing one database: tried in turn, the one that answered kept); empty means the one recorded at registration.",
     "config_wait": "Edge/connector: seconds one configuration long-poll waits for a change before asking again.",
     "renew_at": "Edge/connector: renew the certificate once less than this share of its lifetime is left.",
-    "renewal_spread": "Edge: seconds over which a renewed edge asks the client agents, connectors and peer edges whose tunnels present its old certificate to dial again (GOAWAY `renewed`, one tunnel after another, a connector's tunnels far apart; each old tunnel closes once its flows ended, at most FERRYMAN_DRAIN_GRACE later). Keep it well below the control plane's FERRYMAN_SUPERSEDED_CERT_GRACE, which revokes the old certificate and cuts what still uses it. 0: all at once.",
+    "renewal_spread": "Edge: seconds over which a renewed edge asks the client agents, connectors and peer edges whose tunnels present its old certificate to dial again (GOAWAY `renewed`, one tunnel after another, a connector's tunnels far apart; each old tunnel closes once its flows ended, however long they run). Keep it well below the control plane's FERRYMAN_SUPERSEDED_CERT_GRACE, which revokes the old certificate and cuts what still uses it. 0: all at once.",
     "traffic_queue": "Edge: traffic log records held while the control plane is unreachable (the oldest are dropped and counted beyond).",
     "tls_ca": "CA bundle (PEM) that peer certificates must chain to.",
     "tls_cert": "This node's certificate (PEM).",

@@ -109,6 +109,9 @@ class Connector(EndpointNode[EdgeKey]):
         self._certificate = 0
         self._dialed_with: dict[int, int] = {}  # slot -> the generation its latest dial presented
         self._slot_of: dict[ConnectorTunnel, int] = {}  # each slot's running tunnel -> the slot
+        # (slot, edge, certificate serial) a slot moved away from when its edge renewed (``_move_for_edge``)
+        self._moved_for: set[tuple[int, str, int]] = set()
+        self._refused_moves: set[tuple[int, str, int]] = set()
         self.udp_flows: set[UdpFlow] = set()
         # Whose each UDP / private DNS flow is (the grant's device, else user) and how many each has:
         # one device may hold a quarter of FERRYMAN_MAX_UDP_FLOWS.
@@ -341,12 +344,13 @@ class Connector(EndpointNode[EdgeKey]):
             if self._certificate != certificate and not self.draining:
                 log.info("tunnel moves to the renewed certificate", extra={"tunnel": tunnel.label,
                                                                             "edge": tunnel.peer_name})
-                self._retire(tunnel, "moves this tunnel to its renewed certificate")
+                self._retire(tunnel, "moves this tunnel to its renewed certificate", certificate=True)
                 return
-            if tunnel.goaway_waiter.done() and tunnel.goaway_waiter.result() == "renewed" and not self.draining:
+            if tunnel.goaway_waiter.done() and tunnel.goaway_waiter.result() == "renewed" and not self.draining \
+                    and self._move_for_edge(i, tunnel):
                 log.info("tunnel moves to the edge's renewed certificate", extra={"tunnel": tunnel.label,
                                                                                    "edge": tunnel.peer_name})
-                self._retire(tunnel, "dials the edge again: it renewed its certificate")
+                self._retire(tunnel, "dials the edge again: it renewed its certificate", certificate=True)
                 return
             moved = self._moved[i]
             moved.clear()
@@ -363,15 +367,37 @@ class Connector(EndpointNode[EdgeKey]):
                 self._retire(tunnel)
                 return
 
-    def _retire(self, tunnel: ConnectorTunnel, why: str = "moves this tunnel to another edge") -> None:
-        """GOAWAY now (the edge sends no new flows), close once the flows ended or FERRYMAN_DRAIN_GRACE passed."""
+    def _move_for_edge(self, i: int, tunnel: ConnectorTunnel) -> bool:
+        """Whether slot ``i`` follows the edge's GOAWAY ``renewed`` on ``tunnel``: once per edge
+        certificate (serial) a slot moved away from. An edge asking again on a tunnel presenting
+        a certificate the slot already left (it did not renew, or lies) would otherwise have the
+        slot dial it in a loop; the tunnel stays, taking no new flows, until the edge closes it."""
+        peer = tunnel.peer_certificate
+        key = (i, tunnel.peer_name, peer.serial if peer is not None else 0)
+        if key in self._moved_for:
+            if key not in self._refused_moves:
+                self._refused_moves.add(key)
+                log.warning("edge asks again to move a tunnel presenting a certificate this slot already moved "
+                            "away from: not followed", extra={"tunnel": tunnel.label, "edge": tunnel.peer_name})
+            return False
+        if len(self._moved_for) >= 1024:
+            self._moved_for.clear()
+            self._refused_moves.clear()
+        self._moved_for.add(key)
+        return True
+
+    def _retire(self, tunnel: ConnectorTunnel, why: str = "moves this tunnel to another edge",
+                certificate: bool = False) -> None:
+        """GOAWAY now (the edge sends no new flows), close once the flows ended or FERRYMAN_DRAIN_GRACE
+        passed — for a move to a renewed certificate (``certificate``), once they ended however
+        long they run: the revocation of the old certificate, a day later, cuts what still runs."""
         tunnel.goaway("moved", f"connector {self.name} {why}")
 
         async def close_when_idle() -> None:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.settings.drain_grace
-            while tunnel.routes and not tunnel.closed and loop.time() < deadline:
-                await asyncio.sleep(0.1)
+            deadline = None if certificate else loop.time() + self.settings.drain_grace
+            while tunnel.routes and not tunnel.closed and (deadline is None or loop.time() < deadline):
+                await asyncio.sleep(1.0 if deadline is None else 0.1)
             tunnel.close("moved", f"connector {self.name} {why}")
 
         task = asyncio.create_task(close_when_idle())

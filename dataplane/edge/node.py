@@ -59,6 +59,7 @@ import random
 import socket
 import ssl
 import time
+import zlib
 from collections.abc import Iterable
 
 import msgspec
@@ -111,20 +112,27 @@ APPS_FILE_ON_REGISTERED_EDGE = (
 MAX_RELAY_TRIES = 3  # peer edges tried in turn for one relayed flow when their relay tunnels must be dialed
 
 
-def renewal_schedule(tunnels: Iterable[EdgeTunnel], spread: float,
-                     rng: random.Random | None = None) -> list[tuple[float, EdgeTunnel]]:
+def renewal_schedule(tunnels: Iterable[EdgeTunnel], spread: float, rng: random.Random | None = None, *,
+                     worker: int = 0, workers: int = 1) -> list[tuple[float, EdgeTunnel]]:
     """When (seconds from now) a renewed edge asks each of its dialers' tunnels to move: the
     ``n`` tunnels of one peer (by certificate name) ``spread / n`` apart from a random start, so
     the peers' handshakes come spread over ``spread`` seconds and a connector's tunnels never
-    move together (it always keeps the others)."""
+    move together (it always keeps the others). Each worker of an edge of several schedules the
+    tunnels it holds: there a peer's start is the same in every worker (from its name), shifted
+    by the worker's share of the step, so a connector with one tunnel on each worker has them
+    asked ``1 / workers`` of the spread apart (more than one tunnel on one worker may meet one
+    on another)."""
     pick = rng or random
     by_peer: dict[str, list[EdgeTunnel]] = {}
     for tunnel in tunnels:
         by_peer.setdefault(tunnel.peer_name, []).append(tunnel)
     schedule: list[tuple[float, EdgeTunnel]] = []
-    for own in by_peer.values():
+    for peer, own in by_peer.items():
         step = spread / len(own)
-        start = pick.uniform(0, step)
+        if workers > 1:
+            start = (zlib.crc32(peer.encode()) / 2**32 + worker / workers) % 1.0 * step
+        else:
+            start = pick.uniform(0, step)
         schedule.extend((start + i * step, tunnel) for i, tunnel in enumerate(own))
     return sorted(schedule, key=lambda item: item[0])
 
@@ -212,9 +220,10 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         self._relaying: set[asyncio.Task[None]] = set()  # relayed OPENs waiting for their relay tunnel
         self._held: list = []  # the connectors reported to the control plane last (presence)
         # After a renewal: tunnels asked to move to the new certificate and closing once idle
-        # (``_move_dialers``), and the timers that will ask the others.
+        # (``_move_dialers``), and the timers that will ask the others (dropped when they fire or
+        # their tunnel goes).
         self._moving: set[asyncio.Task[None]] = set()
-        self._move_timers: list[asyncio.TimerHandle] = []
+        self._move_timers: dict[EdgeTunnel, asyncio.TimerHandle] = {}
         if self.link is not None or worker is not None:
             self.relay = Relay(self.name, settings, self, lambda: self._wire, lambda: self._client_ssl)
             if worker is not None:  # its siblings know it by this edge's certificate
@@ -304,8 +313,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self.quic.close()
         if self.web is not None:
             await self.web.close()
-        for timer in self._move_timers:
+        for timer in self._move_timers.values():
             timer.cancel()
+        self._move_timers.clear()
         for tunnel in [*self.clients, *self.connectors, *self.relays_in]:
             tunnel.goaway("shutdown", f"edge {self.name} is shutting down")
             tunnel.close("shutdown", "edge stopped")
@@ -547,18 +557,23 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         to dial again now (GOAWAY ``renewed``: they take no new flows there and open a new
         tunnel, which gets the new certificate), one after another over FERRYMAN_RENEWAL_SPREAD
         seconds so they do not all handshake at once (``renewal_schedule``: a connector's tunnels
-        far apart, so it always has one); each old tunnel closes once its flows have ended, at
-        most FERRYMAN_DRAIN_GRACE later. A tunnel whose handshake began before the renewal and
-        ended after it is asked when it comes up (at a random moment of the spread). Sibling
-        workers' tunnels (Unix sockets) present no certificate."""
-        loop = asyncio.get_running_loop()
-        for timer in self._move_timers:
+        far apart, so it always has one); each old tunnel closes once its flows have ended (a
+        long one, an ssh session, keeps it until the revocation cuts it, as before: no earlier).
+        A tunnel whose handshake began before the renewal and ended after it is asked when it
+        comes up (at a random moment of the spread). Sibling workers' tunnels (Unix sockets)
+        present no certificate. The relay tunnels this edge dialed to peer edges present its old
+        client certificate; they are not moved (a relayed flow dials a new one when a peer cuts
+        one at the revocation)."""
+        for timer in self._move_timers.values():
             timer.cancel()
+        self._move_timers.clear()
         spread = self.settings.renewal_spread
         schedule = renewal_schedule((t for t in (*self.clients, *self.connectors, *self.relays_in)
                                      if t.up and not t.closed and not t.draining and self._on_old_certificate(t)),
-                                    spread)
-        self._move_timers = [loop.call_later(delay, self._ask_to_move, tunnel) for delay, tunnel in schedule]
+                                    spread, worker=self.worker.index if self.worker is not None else 0,
+                                    workers=self.worker.spec.workers if self.worker is not None else 1)
+        for delay, tunnel in schedule:
+            self._schedule_move(tunnel, delay)
         if schedule:
             log.info("certificate renewed: asking the tunnels dialed to this edge to move to it",
                      extra={"tunnels": len(schedule), "spread_s": spread})
@@ -571,8 +586,12 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         accepted_with = getattr(tunnel, "server_context", None)  # None: a tunnel this edge dialed, or a sibling's
         return accepted_with is not None and accepted_with is not self._server_ctx
 
+    def _schedule_move(self, tunnel: EdgeTunnel, delay: float) -> None:
+        self._move_timers[tunnel] = asyncio.get_running_loop().call_later(delay, self._ask_to_move, tunnel)
+
     def _ask_to_move(self, tunnel: EdgeTunnel) -> None:
-        """GOAWAY ``renewed`` now; close the tunnel once its flows ended (FERRYMAN_DRAIN_GRACE at most)."""
+        """GOAWAY ``renewed`` now; close the tunnel once its flows ended."""
+        self._move_timers.pop(tunnel, None)
         if tunnel.closed or tunnel.draining or self.draining:
             return
         reason = f"edge {self.name} renewed its certificate: dial again"
@@ -581,9 +600,8 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
             self._connectors_changed()  # it takes no new flows: not reported as held here any more
 
         async def close_when_idle() -> None:
-            deadline = asyncio.get_running_loop().time() + self.settings.drain_grace
-            while tunnel.routes and not tunnel.closed and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.1)
+            while tunnel.routes and not tunnel.closed:
+                await asyncio.sleep(1.0)
             tunnel.close("renewed", reason)
 
         task = asyncio.get_running_loop().create_task(close_when_idle())
@@ -718,8 +736,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         log.info("tunnel up", extra={"tunnel": tunnel.label, "group": self.connectors.get(tunnel), "user": user,
                                      "transport": tunnel.transport_name})
         if self._on_old_certificate(tunnel):  # its handshake began before a renewal
-            self._move_timers.append(asyncio.get_running_loop().call_later(
-                random.uniform(0, self.settings.renewal_spread), self._ask_to_move, tunnel))
+            self._schedule_move(tunnel, random.uniform(0, self.settings.renewal_spread))
 
     def _file_connector(self, tunnel: EdgeTunnel, first: bool = False) -> bool:
         """File a connector tunnel under the group the configuration records for its certificate
@@ -757,6 +774,9 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
 
     def tunnel_down(self, tunnel: EdgeTunnel) -> None:
         self._stalled.discard(tunnel)
+        timer = self._move_timers.pop(tunnel, None)
+        if timer is not None:
+            timer.cancel()
         hello = tunnel.hello
         if hello is None or not tunnel.up:
             return

@@ -256,7 +256,9 @@ async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: T
                 since = loop.time()
                 log.info("new flows use the replacement tunnel; the draining one closes when its flows end",
                          extra={"old": tunnel.label, "new": new.label})
-                _retire(tunnel, settings.drain_grace, "edge_renewed" if renewed else "edge_draining",
+                # A tunnel replaced because its edge renewed keeps its flows until they end (the edge
+                # stays; the revocation of its old certificate, a day later, cuts what still runs).
+                _retire(tunnel, None if renewed else settings.drain_grace, "edge_renewed" if renewed else "edge_draining",
                         "replaced: its edge renewed its certificate" if renewed else
                         "replaced: its edge is shutting down")
             elif probing:
@@ -285,14 +287,16 @@ async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: T
     return tunnel
 
 
-def _retire(tunnel: AnyTunnel, grace: float, code: str, reason: str) -> None:
-    """Drain a tunnel that another one replaces: GOAWAY now, close once its flows ended (or after ``grace``)."""
+def _retire(tunnel: AnyTunnel, grace: float | None, code: str, reason: str) -> None:
+    """Drain a tunnel that another one replaces: GOAWAY now, close once its flows ended (or after
+    ``grace`` seconds; None: however long they run)."""
     tunnel.goaway(code, reason)
 
     async def close_when_idle() -> None:
-        deadline = asyncio.get_running_loop().time() + grace
-        while tunnel.routes and not tunnel.closed and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.1)
+        loop = asyncio.get_running_loop()
+        deadline = None if grace is None else loop.time() + grace
+        while tunnel.routes and not tunnel.closed and (deadline is None or loop.time() < deadline):
+            await asyncio.sleep(0.1 if deadline is not None else 1.0)
         tunnel.close(code, reason)
 
     asyncio.ensure_future(close_when_idle())
