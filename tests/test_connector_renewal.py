@@ -80,3 +80,48 @@ def test_a_renewed_connector_moves_its_tunnels_to_the_new_certificate_one_slot_a
         with open(fabric.logs["edge-1"], errors="replace") as fh:
             log = fh.read()
         assert log.count("moves this tunnel to its renewed certificate") >= 2, log[-3000:]
+
+
+def test_a_connector_of_one_slot_dials_its_successor_tunnel_at_once(tmp_path: Path, backend) -> None:
+    """A move is no reconnect: the slot whose tunnel drains (a renewal here) dials its successor
+    without the reconnect backoff, which would leave a connector of one tunnel slot unreachable
+    for FERRYMAN_RECONNECT_MIN (here 10 s) — and a tunnel that ended still backs off."""
+    fabric = Fabric(str(tmp_path / "fabric"), [("127.0.0.1", 0, "127.0.0.1", backend("echo").port)],
+                    env={"FERRYMAN_TRANSPORT": "tcp"})
+    with fabric:
+        certs = os.path.join(fabric.workdir, "pki")
+        key, cert = pki.node_paths(certs, "connector-1")
+        settings = ConnectorSettings(tls_ca=os.path.join(certs, pki.CA_CERT), tls_cert=cert, tls_key=key,
+                                     edges=f"127.0.0.1:{fabric.edge_port}", connector_tunnels=1, transport="tcp",
+                                     apps_file=os.path.join(fabric.workdir, "apps.json"), reconnect_min=10.0,
+                                     reconnect_max=10.0)
+
+        async def run() -> None:
+            connector = Connector(settings, NodeCredentials(settings, "connector"))
+            stop = asyncio.Event()
+            task = asyncio.create_task(connector.run(stop))
+
+            def up() -> list:
+                return [t for t in connector.tunnels if t.up and not t.closed and not t.draining]
+
+            try:
+                deadline = time.monotonic() + 20
+                while not up():
+                    assert time.monotonic() < deadline, "the connector's tunnel did not come up"
+                    await asyncio.sleep(0.05)
+                (old,) = up()
+                connector._renewed()
+                start = time.monotonic()
+                while not up() or up() == [old]:
+                    assert time.monotonic() - start < 4.0, "the successor waited for the reconnect backoff"
+                    await asyncio.sleep(0.01)
+                assert old.draining or old.closed
+                (new,) = up()
+                new.close("test", "an ended tunnel")  # not a move: the slot backs off before dialing again
+                await asyncio.sleep(3.0)
+                assert not up(), "a tunnel that ended was dialed again without the backoff"
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 30)
+
+        asyncio.run(run())

@@ -327,31 +327,31 @@ class Connector(EndpointNode[EdgeKey]):
         self._dialed_with[i] = self._certificate
         return self._wire
 
-    async def _session(self, i: int, tunnel: ConnectorTunnel) -> None:
+    async def _session(self, i: int, tunnel: ConnectorTunnel) -> bool:
         """Slot ``i``'s tunnel, until it ends, or until the slot moves to another edge (or stops) or
         the certificate it was dialed with is renewed: then it drains in the background while the
-        slot dials again."""
+        slot dials again at once (True: ``keep_tunnel`` skips its backoff)."""
         # The certificate the tunnel was dialed with: a renewal during its handshake moves it too.
         certificate = self._dialed_with.pop(i, self._certificate)
         self._slot_of[tunnel] = i
         try:
-            await self._serve_slot(i, tunnel, certificate)
+            return await self._serve_slot(i, tunnel, certificate)
         finally:
             self._slot_of.pop(tunnel, None)
 
-    async def _serve_slot(self, i: int, tunnel: ConnectorTunnel, certificate: int) -> None:
+    async def _serve_slot(self, i: int, tunnel: ConnectorTunnel, certificate: int) -> bool:
         while not tunnel.done_waiter.done():
             if self._certificate != certificate and not self.draining:
                 log.info("tunnel moves to the renewed certificate", extra={"tunnel": tunnel.label,
                                                                             "edge": tunnel.peer_name})
                 self._retire(tunnel, "moves this tunnel to its renewed certificate", certificate=True)
-                return
+                return True
             if tunnel.goaway_waiter.done() and tunnel.goaway_waiter.result() == "renewed" and not self.draining \
                     and self._move_for_edge(i, tunnel):
                 log.info("tunnel moves to the edge's renewed certificate", extra={"tunnel": tunnel.label,
                                                                                    "edge": tunnel.peer_name})
                 self._retire(tunnel, "dials the edge again: it renewed its certificate", certificate=True)
-                return
+                return True
             moved = self._moved[i]
             moved.clear()
             waiter = asyncio.ensure_future(moved.wait())
@@ -365,7 +365,8 @@ class Connector(EndpointNode[EdgeKey]):
                 where = "no edge" if self._stopped[i] else "{}:{}".format(*self.slot_edges[i][0])
                 log.info("tunnel moves", extra={"tunnel": tunnel.label, "edge": tunnel.peer_name, "to": where})
                 self._retire(tunnel)
-                return
+                return True
+        return False
 
     def _move_for_edge(self, i: int, tunnel: ConnectorTunnel) -> bool:
         """Whether slot ``i`` follows the edge's GOAWAY ``renewed`` on ``tunnel``: once per edge

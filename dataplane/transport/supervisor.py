@@ -74,7 +74,7 @@ async def keep_tunnel(
     wire: WireConfig | Callable[[], WireConfig],
     ssl_ctx: ssl.SSLContext | Callable[[], ssl.SSLContext],
     edges: list[tuple[str, int]],
-    session: Callable[[AnyTunnel], Awaitable[None]],
+    session: Callable[[AnyTunnel], Awaitable[bool | None]],
     running: Callable[[], bool],
     *,
     first: int = 0,
@@ -165,13 +165,17 @@ async def keep_tunnel(
                                                    "retry_in_s": round(delay, 2)})
         else:
             backoff.reset()
-            last = await _run_sessions(node, settings, choice, tunnel, session, running,
+            last, moved = await _run_sessions(node, settings, choice, tunnel, session, running,
                                        lambda: _dial_quic(node, settings, wire() if callable(wire) else wire,
                                                           host, port, f"{label}{host}:{port}"),
                                        replacement if replace_draining else None)
             if not running():
                 return
-            delay = backoff.next()
+            # A session that handed its tunnel over to drain (a connector moving it to a renewed
+            # certificate or to another edge: ``session`` returned True) wants its successor now:
+            # a backoff would leave a connector of one slot without a tunnel for that long. A
+            # tunnel that ended backs off.
+            delay = 0.0 if moved else backoff.next()
             if back_to_first:
                 attempt = -1
             elif last.dialed in edges and last.dialed != (host, port):  # replaced: go on from where it ended
@@ -199,14 +203,16 @@ async def _dial_quic(node: TunnelHandler, settings: DialerSettings, config: Wire
 
 
 async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: TransportChoice, tunnel: AnyTunnel,
-                        session: Callable[[Any], Awaitable[None]], running: Callable[[], bool],
+                        session: Callable[[Any], Awaitable[bool | None]], running: Callable[[], bool],
                         redial_quic: Callable[[], Awaitable[tuple[AnyTunnel | None, str]]],
-                        replacement: Callable[[AnyTunnel, bool], Awaitable[AnyTunnel | None]] | None) -> AnyTunnel:
+                        replacement: Callable[[AnyTunnel, bool], Awaitable[AnyTunnel | None]] | None
+                        ) -> tuple[AnyTunnel, bool]:
     """Run ``session(tunnel)`` until the tunnel ends, moving the session to a new tunnel (the old
     one retires: it closes once its flows ended) when an ``auto`` TCP fallback finds QUIC
     reachable again, or, with ``replacement``, when the edge drains the tunnel (GOAWAY
     ``draining``: it shuts down) or asks it to move (``renewed``: its certificate was renewed,
-    and the tunnel still presents the old one). Returns the tunnel the session ended on."""
+    and the tunnel still presents the old one). Returns the tunnel the session ended on, and
+    whether the session handed it over to drain (``session`` returned True: dial again now)."""
     loop = asyncio.get_running_loop()
     stats = node.stats
     kind = tunnel.transport_name
@@ -280,11 +286,11 @@ async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: T
             tunnel, kind = new, new.transport_name
             stats.count(stats.transports, kind)
             task = asyncio.ensure_future(session(tunnel))
-        await task
+        moved = bool(await task)
     finally:
         task.cancel()
         stats.count(stats.transports, kind, -1)
-    return tunnel
+    return tunnel, moved
 
 
 def _retire(tunnel: AnyTunnel, grace: float | None, code: str, reason: str) -> None:
