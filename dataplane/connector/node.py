@@ -53,7 +53,7 @@ from ..transport.credentials import NodeCredentials
 from ..transport.endpoint import EndpointNode
 from ..transport.socketflow import BufferBudget, LocalFlow, SocketFlow
 from ..transport.supervisor import keep_tunnel
-from ..transport.tunnel import TunnelBase
+from ..transport.tunnel import TunnelBase, close_when_idle
 from ..transport.udpflow import UdpFlow
 from ..transport.udpio import UdpEndpoint
 from ..wire import events as ev
@@ -393,17 +393,8 @@ class Connector(EndpointNode[EdgeKey]):
         passed — for a move to a renewed certificate (``certificate``), once they ended however
         long they run: the revocation of the old certificate, a day later, cuts what still runs."""
         tunnel.goaway("moved", f"connector {self.name} {why}")
-
-        async def close_when_idle() -> None:
-            loop = asyncio.get_running_loop()
-            deadline = None if certificate else loop.time() + self.settings.drain_grace
-            while tunnel.routes and not tunnel.closed and (deadline is None or loop.time() < deadline):
-                await asyncio.sleep(1.0 if deadline is None else 0.1)
-            tunnel.close("moved", f"connector {self.name} {why}")
-
-        task = asyncio.create_task(close_when_idle())
-        self._moving.add(task)
-        task.add_done_callback(self._moving.discard)
+        close_when_idle(tunnel, "moved", f"connector {self.name} {why}",
+                        None if certificate else self.settings.drain_grace, keep=self._moving)
 
     def ready(self) -> bool:
         """A tunnel up and, when following a control plane, a configuration (the dial lists) in hand."""

@@ -89,7 +89,7 @@ from ..controllink.registration import Registration
 from ..controllink.traffic import TrafficQueue
 from ..transport.credentials import NodeCredentials
 from ..transport.quic import HandshakeLimits, QuicServer, QuicTunnel, load_credentials, serve_quic
-from ..transport.tunnel import Tunnel, TunnelHandler, ssl_handshake_error
+from ..transport.tunnel import Tunnel, TunnelHandler, close_when_idle, ssl_handshake_error
 from ..wire import events as ev
 from ..wire.connection import FlowError, WireConfig
 from ..wire.frames import Open
@@ -598,15 +598,7 @@ class Edge(TunnelHandler[Splice, ClientAccess]):
         tunnel.goaway("renewed", reason)  # its close is counted as ``renewed`` (ferryman_tunnels_closed_total)
         if tunnel in self.connectors:
             self._connectors_changed()  # it takes no new flows: not reported as held here any more
-
-        async def close_when_idle() -> None:
-            while tunnel.routes and not tunnel.closed:
-                await asyncio.sleep(1.0)
-            tunnel.close("renewed", reason)
-
-        task = asyncio.get_running_loop().create_task(close_when_idle())
-        self._moving.add(task)
-        task.add_done_callback(self._moving.discard)
+        close_when_idle(tunnel, "renewed", reason, keep=self._moving)
 
     async def _accept(self, listener: socket.socket) -> None:
         """Accept TCP connections; each one's TLS handshake runs in its own task.

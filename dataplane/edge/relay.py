@@ -47,7 +47,7 @@ from ..basics.pki import PeerCertificate
 from ..basics.settings import EdgeSettings
 from ..contract.presence import Presence, PresenceConnector, PresenceEdge
 from ..transport.proxy import dial_tls
-from ..transport.tunnel import Tunnel, TunnelBase, TunnelHandler, ssl_handshake_error
+from ..transport.tunnel import Tunnel, TunnelBase, TunnelHandler, close_when_idle, ssl_handshake_error
 from ..wire.connection import WireConfig
 
 log = logging.getLogger("ferryman.edge.relay")
@@ -289,14 +289,7 @@ class Relay:
         return tunnel
 
     def _close_when_idle(self, tunnel: AnyTunnel, reason: str) -> None:
-        async def close() -> None:
-            while tunnel.routes and not tunnel.closed:
-                await asyncio.sleep(1.0)
-            tunnel.close("peer_gone", reason)
-
-        task = asyncio.get_running_loop().create_task(close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        close_when_idle(tunnel, "peer_gone", reason, keep=self._closing)
 
     def forget(self, tunnel: AnyTunnel) -> None:
         """An outgoing relay tunnel ended."""

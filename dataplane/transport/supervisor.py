@@ -23,7 +23,7 @@ from ..basics.settings import DialerSettings
 from ..wire.connection import WireConfig
 from .proxy import dial_tls, egress_proxy
 from .quic import dial_quic, load_credentials
-from .tunnel import Tunnel, TunnelBase, TunnelHandler, ssl_handshake_error
+from .tunnel import Tunnel, TunnelBase, TunnelHandler, close_when_idle, ssl_handshake_error
 
 AnyTunnel = TunnelBase[Any, Any]
 # GOAWAY codes of an edge that make a client agent's slot dial a replacement at once: the edge shuts
@@ -293,16 +293,11 @@ async def _run_sessions(node: TunnelHandler, settings: DialerSettings, choice: T
     return tunnel, moved
 
 
+_retiring: set[asyncio.Task[None]] = set()  # retired tunnels waiting for their flows to end
+
+
 def _retire(tunnel: AnyTunnel, grace: float | None, code: str, reason: str) -> None:
     """Drain a tunnel that another one replaces: GOAWAY now, close once its flows ended (or after
     ``grace`` seconds; None: however long they run)."""
     tunnel.goaway(code, reason)
-
-    async def close_when_idle() -> None:
-        loop = asyncio.get_running_loop()
-        deadline = None if grace is None else loop.time() + grace
-        while tunnel.routes and not tunnel.closed and (deadline is None or loop.time() < deadline):
-            await asyncio.sleep(0.1 if deadline is not None else 1.0)
-        tunnel.close(code, reason)
-
-    asyncio.ensure_future(close_when_idle())
+    close_when_idle(tunnel, code, reason, grace, keep=_retiring)

@@ -631,6 +631,25 @@ class Tunnel(TunnelBase[F, S], asyncio.Protocol):
         self.close("keepalive_timeout", f"no frame from peer for {silent:.1f}s", abort=True)
 
 
+def close_when_idle(tunnel: TunnelBase[Any, Any], code: str, reason: str, grace: float | None = None,
+                    keep: set[asyncio.Task[None]] | None = None) -> asyncio.Task[None]:
+    """Close a draining ``tunnel`` (``code``, ``reason``) once it carries no flow, or after ``grace``
+    seconds (None: however long its flows run). ``keep``: a set that holds the task while it runs."""
+
+    async def close() -> None:
+        loop = asyncio.get_running_loop()
+        deadline = None if grace is None else loop.time() + grace
+        while tunnel.routes and not tunnel.closed and (deadline is None or loop.time() < deadline):
+            await asyncio.sleep(1.0 if deadline is None else 0.1)
+        tunnel.close(code, reason)
+
+    task = asyncio.get_running_loop().create_task(close())
+    if keep is not None:
+        keep.add(task)
+        task.add_done_callback(keep.discard)
+    return task
+
+
 def ssl_handshake_error(exc: BaseException) -> str:
     """A short, specific description of a failed TLS/TCP dial for logs and status."""
     if isinstance(exc, ssl.SSLCertVerificationError):
