@@ -25,18 +25,28 @@ from dataplane.transport.credentials import NodeCredentials
 pytestmark = pytest.mark.timeout(90)
 
 
+def _fabric(tmp_path: Path, backend) -> Fabric:
+    """A real edge process (and an echo backend) for a connector run in this process."""
+    return Fabric(str(tmp_path / "fabric"), [("127.0.0.1", 0, "127.0.0.1", backend("echo").port)],
+                  env={"FERRYMAN_TRANSPORT": "tcp"})
+
+
+def _settings(fabric: Fabric, **more: object) -> ConnectorSettings:
+    """connector-1's settings against ``fabric``'s edge, with its certificate and application file."""
+    certs = os.path.join(fabric.workdir, "pki")
+    key, cert = pki.node_paths(certs, "connector-1")
+    return ConnectorSettings(tls_ca=os.path.join(certs, pki.CA_CERT), tls_cert=cert, tls_key=key,
+                             edges=f"127.0.0.1:{fabric.edge_port}",
+                             apps_file=os.path.join(fabric.workdir, "apps.json"), **more)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("transport", ["tcp", "quic"])
 def test_a_renewed_connector_moves_its_tunnels_to_the_new_certificate_one_slot_at_a_time(
         tmp_path: Path, backend, monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
     monkeypatch.setattr(connector_node, "RENEWAL_STAGGER", 2.0)
-    fabric = Fabric(str(tmp_path / "fabric"), [("127.0.0.1", 0, "127.0.0.1", backend("echo").port)],
-                    env={"FERRYMAN_TRANSPORT": "tcp"})
+    fabric = _fabric(tmp_path, backend)
     with fabric:
-        certs = os.path.join(fabric.workdir, "pki")
-        key, cert = pki.node_paths(certs, "connector-1")
-        settings = ConnectorSettings(tls_ca=os.path.join(certs, pki.CA_CERT), tls_cert=cert, tls_key=key,
-                                     edges=f"127.0.0.1:{fabric.edge_port}", connector_tunnels=2, transport=transport,
-                                     apps_file=os.path.join(fabric.workdir, "apps.json"), drain_grace=5.0)
+        settings = _settings(fabric, connector_tunnels=2, transport=transport, drain_grace=5.0)
 
         async def run() -> None:
             connector = Connector(settings, NodeCredentials(settings, "connector"))
@@ -86,15 +96,9 @@ def test_a_connector_of_one_slot_dials_its_successor_tunnel_at_once(tmp_path: Pa
     """A move is no reconnect: the slot whose tunnel drains (a renewal here) dials its successor
     without the reconnect backoff, which would leave a connector of one tunnel slot unreachable
     for FERRYMAN_RECONNECT_MIN (here 10 s) — and a tunnel that ended still backs off."""
-    fabric = Fabric(str(tmp_path / "fabric"), [("127.0.0.1", 0, "127.0.0.1", backend("echo").port)],
-                    env={"FERRYMAN_TRANSPORT": "tcp"})
+    fabric = _fabric(tmp_path, backend)
     with fabric:
-        certs = os.path.join(fabric.workdir, "pki")
-        key, cert = pki.node_paths(certs, "connector-1")
-        settings = ConnectorSettings(tls_ca=os.path.join(certs, pki.CA_CERT), tls_cert=cert, tls_key=key,
-                                     edges=f"127.0.0.1:{fabric.edge_port}", connector_tunnels=1, transport="tcp",
-                                     apps_file=os.path.join(fabric.workdir, "apps.json"), reconnect_min=10.0,
-                                     reconnect_max=10.0)
+        settings = _settings(fabric, connector_tunnels=1, transport="tcp", reconnect_min=10.0, reconnect_max=10.0)
 
         async def run() -> None:
             connector = Connector(settings, NodeCredentials(settings, "connector"))

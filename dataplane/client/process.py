@@ -151,9 +151,7 @@ class SocketTable:
                 return None
             if protocol == "udp" and sport != app[1]:
                 return None
-            # inode 0: the socket is orphaned (its application has closed it; the kernel finishes the
-            # connection alone), and its uid no longer says whose it was (root on older kernels)
-            return (inode, uid) if inode else (0, -1)
+            return _owned(inode, uid)
 
     # ---------------------------------------------------------------- /proc/net fallback
     @staticmethod
@@ -190,7 +188,9 @@ class SocketTable:
 
 
 def _owned(inode: int, uid: int) -> tuple[int, int]:
-    """A socket table row's ``(inode, uid)``; an orphaned socket's (inode 0) uid says nothing."""
+    """A socket's ``(inode, uid)``; ``(0, -1)`` for an orphaned one (inode 0: its application has
+    closed it, the kernel finishes the connection alone), whose uid no longer says whose it was
+    (root on older kernels)."""
     return (inode, uid) if inode else (0, -1)
 
 
