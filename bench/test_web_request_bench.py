@@ -35,17 +35,32 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 04 Dec 2026 
 
 
 class _Backend:
+    """Answers each request head at once, to ``read`` or, attached, to its sink (as a tunnel flow
+    does: a pooled connection's request is then served in callbacks, ``proxy.Direct``)."""
+
     peer = "mem"
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.sink = None
 
     async def read(self, n: int) -> bytes:
         return await self.queue.get()
 
+    def attach(self, sink) -> None:
+        self.sink = sink
+        while sink is not None and not self.queue.empty():
+            sink.flow_data(self.queue.get_nowait())
+
+    def release(self) -> None:
+        pass
+
     def write(self, data: bytes) -> None:
         if data.endswith(b"\r\n\r\n"):
-            self.queue.put_nowait(RESPONSE)
+            if self.sink is not None:
+                self.sink.flow_data(RESPONSE)
+            else:
+                self.queue.put_nowait(RESPONSE)
 
     async def drain(self) -> None:
         pass

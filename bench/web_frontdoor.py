@@ -93,7 +93,7 @@ async def serve(port: int, backend: int, cert: str, key: str, cookie_keys: str) 
     from dataplane.edge.web import (
         AssertionSigner, FrontDoor, KeyRing, Principal, SignInError, Verdict, WebApp, WebSettings,
     )
-    from dataplane.edge.web.backend import StreamPair
+    from dataplane.edge.web.backend import open_socket_stream
     from dataplane.edge.web.session import COOKIE, AppSession, Sealer
 
     class Allow:
@@ -102,8 +102,7 @@ async def serve(port: int, backend: int, cert: str, key: str, cookie_keys: str) 
 
     class Dial:
         async def open(self, app, principal):
-            reader, writer = await asyncio.open_connection("127.0.0.1", backend)
-            return StreamPair(reader, writer, "bench")
+            return await open_socket_stream("127.0.0.1", backend, "bench")
 
     class NoSignIn:
         async def sign_in(self, *a):

@@ -15,7 +15,7 @@ import asyncio
 import pytest
 
 from dataplane.edge.web.backend import (
-    BackendClosedEarly, BackendConnection, BackendError, BackendTimeout, Pool, StreamPair,
+    BackendClosedEarly, BackendConnection, BackendError, BackendTimeout, Pool, open_socket_stream,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -106,8 +106,8 @@ async def _exchange(raw: bytes, method: str = "GET", chunk: int = 0) -> tuple:
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    conn = BackendConnection(StreamPair(reader, writer), ("app", ""), 1024)
+    stream = await open_socket_stream("127.0.0.1", port)
+    conn = BackendConnection(stream, ("app", ""), 1024)
     try:
         conn.write_head(method, "/x", [(b"host", b"b")])
         head = await conn.read_head(5)
@@ -155,8 +155,8 @@ def test_response_timeout() -> None:
             await asyncio.sleep(5)
 
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-        conn = BackendConnection(StreamPair(reader, writer), ("app", ""), 1024)
+        stream = await open_socket_stream("127.0.0.1", server.sockets[0].getsockname()[1])
+        conn = BackendConnection(stream, ("app", ""), 1024)
         conn.write_head("GET", "/", [(b"host", b"b")])
         try:
             await conn.read_head(0.3)
@@ -179,8 +179,8 @@ async def _scripted(script):
         await asyncio.sleep(5)
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-    return server, BackendConnection(StreamPair(reader, writer), ("app", "s1"), 1024)
+    stream = await open_socket_stream("127.0.0.1", server.sockets[0].getsockname()[1])
+    return server, BackendConnection(stream, ("app", "s1"), 1024)
 
 
 async def _get(conn: BackendConnection, timeout: float) -> tuple[int, bytes]:

@@ -60,7 +60,7 @@ from dataplane.edge.web import (
     AssertionSigner, DialError, FrontDoor, KeyRing, Principal, RequestFacts, SignInError, SignInResult,
     TransactionRecord, Verdict, WebApp, WebSettings,
 )
-from dataplane.edge.web.backend import StreamPair
+from dataplane.edge.web.backend import SocketStream, open_socket_stream
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 HOSTS = ["auth.test", "wiki.test", "docs.test", "open.test", "other.test", "long.test", "ws.test", "tls.test"]
@@ -220,6 +220,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         self.server.seen.append((self.command, self.path, dict(self.headers)))
+        if getattr(self, "drop_next", False):  # armed by /conn-then-drop: this request gets no answer
+            self.close_connection = True
+            return
         path = urlsplit(self.path).path
         if path.endswith("/early"):  # answers without reading the body
             self._send(403, b"backend refuses uploads here", extra=[("Connection", "close")])
@@ -232,6 +235,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: C901 - one route table
         srv = self.server
         srv.seen.append((self.command, self.path, dict(self.headers)))
+        if getattr(self, "drop_next", False):  # armed by /conn-then-drop: this request gets no answer
+            self.close_connection = True
+            return
         url = urlsplit(self.path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         path = url.path
@@ -248,6 +254,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, str(id(self.connection)).encode())
             self.wfile.flush()
             self.close_connection = True
+        elif path == "/conn-then-drop":  # answers as keep-alive, then closes at the next request, unanswered
+            self._send(200, str(id(self.connection)).encode())
+            self.drop_next = True
         elif path == "/big":
             n = int(q.get("n", "1048576"))
             block = hashlib.sha256(b"seed").digest() * 2048
@@ -396,18 +405,18 @@ class TcpDialer:
         self.opened = 0
         self.principals: list[Principal | None] = []
 
-    async def open(self, app: WebApp, principal: Principal | None) -> StreamPair:
+    async def open(self, app: WebApp, principal: Principal | None) -> SocketStream:
         if app.name in self.no_connector:
             raise DialError("no_connector", "No connector of this application's group is available.", 503)
         url = urlsplit(app.internal_url)
         port = url.port or (443 if url.scheme == "https" else 80)
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            stream = await open_socket_stream("127.0.0.1", port, peer="connector-test")
         except OSError:
             raise DialError("unreachable", "The application could not be reached.", 502) from None
         self.opened += 1
         self.principals.append(principal)
-        return StreamPair(reader, writer, peer="connector-test")
+        return stream
 
 
 @dataclass

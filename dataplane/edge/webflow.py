@@ -25,7 +25,7 @@ HIGH_WATER = 262144  # bytes written and not yet taken by the flow before drain(
 class WebFlow:
     __slots__ = ("connector", "kfid", "peer", "relay_edge", "app", "connection", "opened", "remote", "_chunks", "_eof",
                  "_reset", "_reader", "_pending", "_pending_bytes", "_fin_pending", "_drainer", "closed",
-                 "sent", "received", "_loop")
+                 "sent", "received", "_loop", "_sink", "_held")
 
     def __init__(self, connector: TunnelBase[Any, Any], kfid: int, app: str, connection: str,
                  relay_to: str = "") -> None:
@@ -52,6 +52,8 @@ class WebFlow:
         self.closed = False
         self.sent = 0  # bytes towards the backend
         self.received = 0
+        self._sink: Any = None  # ``attach``: data handed on as it arrives
+        self._held = 0  # bytes the sink took but asked to hold the credit of (``release``)
 
     # ------------------------------------------------------------------ tunnel events (from the edge)
     def accepted(self, remote: str) -> None:
@@ -63,13 +65,22 @@ class WebFlow:
         self._gone(code, reason)
 
     def data(self, data: bytes | memoryview) -> None:
-        self._chunks.append(bytes(data))
         self.received += len(data)
+        sink = self._sink
+        if sink is not None:
+            if sink.flow_data(bytes(data)):
+                self._acknowledge(len(data))
+            else:
+                self._held += len(data)
+            return
+        self._chunks.append(bytes(data))
         self._wake_reader()
 
     def ended(self) -> None:
         self._eof = True
         self._wake_reader()
+        if self._sink is not None:
+            self._sink.flow_ended()
 
     def credit(self) -> None:
         tunnel, fid = self.connector, self.kfid
@@ -106,6 +117,8 @@ class WebFlow:
             self.opened.exception()  # retrieved here: nobody may be waiting any more
         self._wake_reader()
         self._wake_drainer()
+        if self._sink is not None:
+            self._sink.flow_ended()
 
     def _wake_reader(self) -> None:
         waiter = self._reader
@@ -147,9 +160,37 @@ class WebFlow:
                 parts.append(piece)
                 size += len(piece)
             chunk = b"".join(parts)
-        if not self.closed and self.connector.has_flow(self.kfid):
-            self.connector.acknowledge(self.kfid, len(chunk))
+        self._acknowledge(len(chunk))
         return chunk
+
+    def _acknowledge(self, size: int) -> None:
+        if not self.closed and self.connector.has_flow(self.kfid):
+            self.connector.acknowledge(self.kfid, size)
+
+    def attach(self, sink: Any) -> None:
+        """Hand the flow's bytes to ``sink`` as they arrive instead of ``read`` (``None``: back to
+        ``read``): ``sink.flow_data(data)`` returns False to hold the credit of what it took until
+        ``release`` (the connector stops once the window is spent), ``sink.flow_ended()`` when
+        the flow ends. What arrived before is handed over first."""
+        self._sink = sink
+        if sink is None:
+            self.release()
+            return
+        chunks = self._chunks
+        while chunks and self._sink is sink:
+            data = chunks.popleft()
+            if sink.flow_data(data):
+                self._acknowledge(len(data))
+            else:
+                self._held += len(data)
+        if self._eof and not chunks and self._sink is sink:
+            sink.flow_ended()
+
+    def release(self) -> None:
+        """The sink takes bytes again: the credit it held goes back to the connector."""
+        held, self._held = self._held, 0
+        if held:
+            self._acknowledge(held)
 
     def write(self, data: bytes) -> None:
         if self.closed or not data:

@@ -29,6 +29,7 @@ import asyncio
 import collections
 import ssl
 import time
+from typing import Protocol
 
 import httptools
 
@@ -56,39 +57,169 @@ class BackendClosedEarly(BackendError):
     code = "backend_closed"
 
 
-class StreamPair:
-    """A ``ByteStream`` over asyncio's ``StreamReader``/``StreamWriter`` (a plain TCP connection)."""
+class SocketStream(asyncio.Protocol):
+    """A ``ByteStream`` over a TCP connection (a backend reached without a tunnel), read by
+    ``read`` or, after ``attach``, handed to a sink as it arrives. Bytes not yet read are bounded:
+    past ``READ_SIZE * 4`` (or while a sink holds them back) the socket is not read."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str = "") -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, peer: str = "") -> None:
         self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.eof = False
+        self.closed = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.write_paused = False
+        self.drainer: asyncio.Future[None] | None = None
+        self.sink: FlowSink | None = None
+        self.read_paused = False
 
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            if not sink.flow_data(data):
+                self._pause_reading(True)
+            return
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size > READ_SIZE * 4:
+            self._pause_reading(True)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._ended()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = self.closed = True
+        self._ended()
+        self.write_paused = False
+        if self.drainer is not None and not self.drainer.done():
+            self.drainer.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.drainer is not None and not self.drainer.done():
+            self.drainer.set_result(None)
+
+    def _ended(self) -> None:
+        if self.sink is not None:
+            self.sink.flow_ended()
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _pause_reading(self, on: bool) -> None:
+        if on != self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = on
+            if on:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    # ByteStream
     async def read(self, max_bytes: int) -> bytes:
-        try:
-            return await self.reader.read(max_bytes)
-        except (ConnectionError, OSError):
-            return b""
+        while not self.chunks:
+            if self.eof:
+                return b""
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        data = self.chunks.popleft()
+        if len(data) > max_bytes:
+            self.chunks.appendleft(data[max_bytes:])
+            data = data[:max_bytes]
+        self.size -= len(data)
+        if self.size <= READ_SIZE:
+            self._pause_reading(False)
+        return data
+
+    def attach(self, sink: FlowSink | None) -> None:
+        """Hand what arrives to ``sink`` (``None``: back to ``read``), first what is buffered."""
+        self.sink = sink
+        if sink is None:
+            self._pause_reading(self.size > READ_SIZE * 4)
+            return
+        while self.chunks and self.sink is sink:
+            data = self.chunks.popleft()
+            self.size -= len(data)
+            if not sink.flow_data(data):
+                self._pause_reading(True)
+                return
+        if self.eof and self.sink is sink:
+            sink.flow_ended()
+        elif not self.chunks:
+            self._pause_reading(False)
+
+    def release(self) -> None:
+        """The sink takes bytes again after it held them back."""
+        self._pause_reading(False)
 
     def write(self, data: bytes) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(data)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     async def drain(self) -> None:
-        try:
-            await self.writer.drain()
-        except (ConnectionError, OSError) as exc:
-            raise BackendError(f"the backend connection broke ({exc.__class__.__name__})") from None
+        # a connection that has gone shows at the next read (b"": closed early, or mid-response)
+        while self.write_paused and not self.closed:
+            self.drainer = asyncio.get_running_loop().create_future()
+            try:
+                await self.drainer
+            finally:
+                self.drainer = None
 
     def write_eof(self) -> None:
-        if not self.writer.is_closing() and self.writer.can_write_eof():
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
             try:
-                self.writer.write_eof()
+                transport.write_eof()
             except OSError:
                 pass
 
     def close(self) -> None:
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def open_socket_stream(host: str, port: int, peer: str = "") -> SocketStream:
+    """A ``SocketStream`` to ``host:port``; ``OSError`` when it cannot be reached."""
+    loop = asyncio.get_running_loop()
+    _, stream = await loop.create_connection(lambda: SocketStream(peer), host, port)
+    return stream
+
+
+class ResponseSink(Protocol):
+    """Who reads a ``BackendConnection``'s response in callbacks (``attach``)."""
+
+    def backend_progress(self) -> bool: ...
+
+    def backend_failed(self, exc: BackendError) -> None: ...
+
+    def backend_expired(self, timeout: float) -> None: ...
+
+
+class FlowSink(Protocol):
+    """What a stream's ``attach`` hands its bytes to (``BackendConnection`` in callback mode)."""
+
+    def flow_data(self, data: bytes) -> bool:
+        """One piece; False: hold the rest back (tunnel credit, socket reads) until ``release``."""
+
+    def flow_ended(self) -> None:
+        """The stream ended: closed, reset or cut."""
 
 
 class TlsStream:
@@ -212,6 +343,8 @@ class BackendConnection:
         self._timer: asyncio.TimerHandle | None = None
         self._reader: asyncio.Task | None = None
         self._expired = False
+        self._timeout = 0.0
+        self._sink: ResponseSink | None = None  # callback mode (``attach``)
         # taken at the first read, then kept: asyncio.get_running_loop() and current_task()
         # without a loop cost a getpid() system call each on Python 3.11
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -306,15 +439,14 @@ class BackendConnection:
         except httptools.HttpParserError as exc:
             raise BackendError(f"the backend sent a malformed HTTP response ({exc})") from None
 
-    async def _read(self, timeout: float) -> bytes:
-        """The next bytes of the backend (``b""`` at its end) within ``timeout`` seconds.
-
-        One timer per connection, moved only when it would fire too late (a timer that fires
-        early re-arms itself): a read costs no timer of its own. On expiry the waiting task is
-        cancelled and the cancellation becomes ``BackendTimeout``, as ``asyncio.timeout`` does."""
+    def _arm(self, timeout: float) -> None:
+        """Set the deadline of what the connection waits for. One timer per connection, moved only
+        when it would fire too late (a timer that fires early re-arms itself): a read costs no
+        timer of its own."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
         deadline = loop.time() + timeout
         self._deadline = deadline
         timer = self._timer
@@ -322,7 +454,13 @@ class BackendConnection:
             if timer is not None:
                 timer.cancel()
             self._timer = loop.call_at(deadline, self._expire)
-        task = asyncio.current_task(loop)
+
+    async def _read(self, timeout: float) -> bytes:
+        """The next bytes of the backend (``b""`` at its end) within ``timeout`` seconds. On expiry
+        the waiting task is cancelled and the cancellation becomes ``BackendTimeout``, as
+        ``asyncio.timeout`` does."""
+        self._arm(timeout)
+        task = asyncio.current_task(self._loop)
         self._reader = task
         try:
             return await self.stream.read(READ_SIZE)
@@ -336,16 +474,83 @@ class BackendConnection:
 
     def _expire(self) -> None:
         self._timer = None
-        reader = self._reader
-        if reader is None or self.closed:
+        if self.closed or (self._reader is None and self._sink is None):
             return  # idle (in the pool or between reads): the next read arms it again
         loop = self._loop
         assert loop is not None  # set by the read that armed the timer
         if loop.time() < self._deadline:
             self._timer = loop.call_at(self._deadline, self._expire)
             return
-        self._expired = True
-        reader.cancel()
+        if self._reader is not None:
+            self._expired = True
+            self._reader.cancel()
+        elif self._sink is not None:
+            self._sink.backend_expired(self._timeout)
+
+    # ------------------------------------------------------------------ callback mode
+    def can_attach(self) -> bool:
+        return hasattr(self.stream, "attach")
+
+    def attach(self, sink: ResponseSink, timeout: float) -> None:
+        """Read the response in callbacks instead of ``read_head``/``read_body``: after every
+        piece of it ``sink.backend_progress()`` looks at ``head``, ``chunks`` and ``complete``
+        (and returns False while it cannot pass bytes on: the stream then holds the backend back
+        until ``release``); ``sink.backend_failed(exc)`` when the response breaks, and
+        ``sink.backend_expired(timeout)`` when nothing arrived within ``timeout`` seconds
+        (``extend`` moves that deadline)."""
+        self._sink = sink
+        self._arm(timeout)
+        self.stream.attach(self)  # type: ignore[attr-defined]  # checked by can_attach
+
+    def detach(self) -> None:
+        if self._sink is not None:
+            self._sink = None
+            if not self.closed:
+                self.stream.attach(None)  # type: ignore[attr-defined]
+
+    def extend(self, timeout: float) -> None:
+        self._arm(timeout)
+
+    def release(self) -> None:
+        self.stream.release()  # type: ignore[attr-defined]
+
+    def flow_data(self, data: bytes) -> bool:
+        sink = self._sink
+        if sink is None or self.closed:
+            return True
+        self._deadline = self._loop.time() + self._timeout  # type: ignore[union-attr]
+        try:
+            if self.head is None:
+                self.got_bytes = True
+                self._feed(data)
+                if self.head is None:
+                    self.head_size += len(data)
+                    if self.head_size > self.max_head:
+                        raise BackendError(f"the backend's response headers are larger than {self.max_head} bytes")
+            else:
+                self._feed(data)
+        except BackendError as exc:
+            sink.backend_failed(exc)
+            return True
+        return sink.backend_progress()
+
+    def flow_ended(self) -> None:
+        sink = self._sink
+        if sink is None or self.closed or self.complete:
+            return
+        head = self.head
+        if head is None:
+            if not self.got_bytes:
+                sink.backend_failed(BackendClosedEarly("the application closed the connection without answering"))
+            else:
+                sink.backend_failed(BackendError("the application closed the connection in the middle of its "
+                                                 "response headers"))
+        elif head.content_length is None and not head.chunked:
+            self.complete = True  # close-delimited body
+            self.reusable = False
+            sink.backend_progress()
+        else:
+            sink.backend_failed(BackendError("the application closed the connection in the middle of its response"))
 
     async def read_head(self, timeout: float) -> ResponseHead:
         """The response head (``1xx`` skipped); its size is bounded by ``max_head`` (read by read)."""
@@ -399,6 +604,7 @@ class BackendConnection:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self._sink = None
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None

@@ -70,7 +70,7 @@ class Request:
     target (path and query) as the client sent it."""
 
     __slots__ = ("method", "target", "path", "query", "host", "headers", "version", "source_ip", "source_port",
-                 "websocket", "extended_connect", "content_length", "has_body", "body", "tls_context", "start")
+                 "websocket", "extended_connect", "content_length", "has_body", "body", "tls_context", "start", "plan")
 
     def __init__(self, *, method: str, target: str, host: str, headers: Headers, version: str, source_ip: str,
                  source_port: int, body: Body, content_length: int | None, has_body: bool,
@@ -93,6 +93,7 @@ class Request:
         self.extended_connect = extended_connect
         self.tls_context = tls_context
         self.start = start
+        self.plan: tuple | None = None  # the edge's decision, when taken before the request's handler ran
 
     def header(self, name: bytes, default: bytes = b"") -> bytes:
         for n, v in self.headers:

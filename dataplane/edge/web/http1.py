@@ -194,15 +194,16 @@ class H1Responder:
         lines.append(b"\r\n")
         return b"".join(lines)
 
-    async def start(self, status: int, headers: Headers, *, end: bool = False) -> None:
+    # The writes themselves are synchronous (``begin``/``push``/``finish``/``reply``: what the
+    # front door's callback-driven path uses); the coroutines add the wait for the client to take
+    # the bytes (``H1Connection.drain``).
+    def begin(self, status: int, headers: Headers) -> None:
         if self.started:
             raise RuntimeError("response already started")
         self.started = True
         self.pending = self._head(status, headers)
-        if end:
-            await self.end()
 
-    async def send(self, data: bytes) -> None:
+    def push(self, data: bytes) -> None:
         if self.finished or self.conn.closed:
             raise ClientGone()
         if self.no_body or not data:
@@ -217,9 +218,8 @@ class H1Responder:
             data = self.pending + data
             self.pending = b""
         self.conn.write(data)
-        await self.conn.drain()
 
-    async def end(self, trailers: Headers | None = None) -> None:
+    def finish(self, trailers: Headers | None = None) -> None:
         if self.finished:
             return
         if self.conn.closed:
@@ -231,14 +231,46 @@ class H1Responder:
         self.finished = True
         if out:
             self.conn.write(out)
-        await self.conn.drain()
 
-    async def respond(self, status: int, headers: Headers, body: bytes = b"") -> None:
-        await self.start(status, headers)
+    def reply(self, status: int, headers: Headers, body: bytes = b"") -> None:
+        self.begin(status, headers)
         if body and not self.no_body:
             self.bytes_sent += len(body)
             self.pending += (b"%x\r\n" % len(body) + body + b"\r\n") if self.chunked else body
-        await self.end()
+        self.finish()
+
+    async def start(self, status: int, headers: Headers, *, end: bool = False) -> None:
+        self.begin(status, headers)
+        if end:
+            await self.end()
+
+    async def send(self, data: bytes) -> None:
+        self.push(data)
+        if data and not self.no_body:
+            await self.conn.drain()
+
+    async def end(self, trailers: Headers | None = None) -> None:
+        if self.finished:
+            return
+        self.finish(trailers)
+        await self.conn.drain()
+
+    async def respond(self, status: int, headers: Headers, body: bytes = b"") -> None:
+        self.reply(status, headers, body)
+        await self.conn.drain()
+
+    @property
+    def held(self) -> bool:
+        """The client does not take bytes now (its socket's write buffer is above its limit)."""
+        return self.conn.write_paused
+
+    def settle(self) -> None:
+        """A request served in callbacks (``proxy.Direct``) has ended: on to the next one."""
+        self.conn.direct_done(self.exchange)
+
+    def hand_back(self) -> None:
+        """A request begun in callbacks goes to the connection's runner (``request.plan``)."""
+        self.conn.direct_fallback(self.exchange)
 
     async def upgrade(self, status: int, headers: Headers) -> H1Upgraded:
         if self.exchange.upgrade is None:
@@ -315,7 +347,7 @@ class H1Upgraded:
 
 
 class H1Exchange:
-    __slots__ = ("request", "responder", "body", "method", "version", "keep_alive", "refusal", "upgrade")
+    __slots__ = ("request", "responder", "body", "method", "version", "keep_alive", "refusal", "upgrade", "direct")
 
     def __init__(self) -> None:
         self.request: Request | None = None
@@ -326,6 +358,7 @@ class H1Exchange:
         self.keep_alive = True
         self.refusal: _Refuse | None = None
         self.upgrade: H1Upgraded | None = None
+        self.direct: Any = None  # proxy.Direct while the request is served in callbacks
 
 
 class H1Connection(asyncio.Protocol):
@@ -336,6 +369,7 @@ class H1Connection(asyncio.Protocol):
         self.settings = server.settings
         self.counters = server.counters
         self.handler: Handler = server.handle
+        self.begin: Callable[[Request, H1Responder], Any] | None = getattr(server, "begin", None)
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -374,6 +408,9 @@ class H1Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        direct = self.queue[0].direct if self.queue else None
+        if direct is not None:
+            direct.client_gone()
         self._disarm()
         if self.timer is not None:
             self.timer.cancel()
@@ -396,6 +433,10 @@ class H1Connection(asyncio.Protocol):
         self.write_paused = False
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
+        if self.queue:
+            direct = self.queue[0].direct
+            if direct is not None:
+                direct.client_resumed()
 
     def data_received(self, data: bytes) -> None:
         if self.upgraded is not None:
@@ -536,6 +577,14 @@ class H1Connection(asyncio.Protocol):
         self.queue.append(ex)
         if len(self.queue) >= self.settings.pipeline_depth:
             self.pause(True, "pipeline")
+        if not has_body and ex.upgrade is None and len(self.queue) == 1 and not self.write_paused \
+                and self.begin is not None:
+            # nothing ahead of it and the client takes its bytes: served in callbacks if it can be
+            direct = self.begin(ex.request, ex.responder)
+            if direct is not None:
+                if not direct.over:  # (it may have ended, or gone to the runner, while beginning)
+                    ex.direct = direct
+                return
         self._run()
 
     def on_body(self, body: bytes) -> None:
@@ -555,6 +604,8 @@ class H1Connection(asyncio.Protocol):
         self.in_head = False
         if ex is not None and ex.body is not None:
             ex.body.end()
+        if not self.queue and not self.closed:
+            self._arm(self.settings.idle_timeout)  # answered already (in callbacks): idle from now
 
     # ------------------------------------------------------------------ exchanges
     def _run(self) -> None:
@@ -573,7 +624,7 @@ class H1Connection(asyncio.Protocol):
             await self._serve_queue()
             if self.closed or self.upgraded is not None or self.stop_input:
                 return
-            if not self.queue:
+            if not self.queue or self.queue[0].direct is not None:
                 self.idle = self.loop.create_future()
                 try:
                     await self.idle
@@ -583,6 +634,8 @@ class H1Connection(asyncio.Protocol):
     async def _serve_queue(self) -> None:
         while self.queue and not self.closed:
             ex = self.queue[0]
+            if ex.direct is not None:
+                return  # served in callbacks; its end runs the queue on (``direct_done``)
             if ex.refusal is not None:
                 r = ex.refusal
                 body = error_page(r.status, r.reason, r.code)
@@ -615,19 +668,42 @@ class H1Connection(asyncio.Protocol):
                 return
             if resp.upgraded:
                 return  # the splice has ended; the connection goes with it
-            if not resp.finished:
-                self.abort()
+            if not self._finished(ex):
                 return
-            self.queue.popleft()
-            if ex.body is not None and not ex.body.complete:
-                ex.keep_alive = False  # the body was not read: the stream cannot be re-synchronised
-            if not ex.keep_alive:
-                self.close()
-                return
-            if len(self.queue) < self.settings.pipeline_depth:
-                self.pause(False, "pipeline")
         if not self.closed and self.parsing is None and not self.in_head:
             self._arm(self.settings.idle_timeout)
+
+    def _finished(self, ex: H1Exchange) -> bool:
+        """An exchange's handler is done: True when the connection goes on to the next request."""
+        assert ex.responder is not None
+        if not ex.responder.finished:
+            self.abort()
+            return False
+        self.queue.popleft()
+        if ex.body is not None and not ex.body.complete:
+            ex.keep_alive = False  # the body was not read: the stream cannot be re-synchronised
+        if not ex.keep_alive:
+            self.close()
+            return False
+        if len(self.queue) < self.settings.pipeline_depth:
+            self.pause(False, "pipeline")
+        return True
+
+    def direct_done(self, ex: H1Exchange) -> None:
+        ex.direct = None
+        if self.closed or not self.queue or self.queue[0] is not ex:
+            return
+        if not self._finished(ex):
+            return
+        if self.queue:
+            self._run()
+        elif self.parsing is None and not self.in_head:
+            self._arm(self.settings.idle_timeout)
+
+    def direct_fallback(self, ex: H1Exchange) -> None:
+        ex.direct = None
+        if not self.closed:
+            self._run()
 
     def send_continue(self) -> None:
         if not self.closed:

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .backend import BackendClosedEarly, BackendConnection, BackendError, TlsStream
+from .backend import BackendClosedEarly, BackendConnection, BackendError, BackendTimeout, TlsStream
 from .exchange import BodyTooLarge, ClientGone, ClientTimeout, Headers, Request, Responder
 from .headers import backend_request_headers, backend_response_headers, forwarded_headers, get, sso_headers
 from .limits import retry_after
@@ -54,6 +54,7 @@ from .translate import TRANSLATED_HEADERS, BodyError, BodyTranslator, body_kind,
 from .websocket import LiveSocket, accept_for, new_key, origin_is_own, splice
 
 if TYPE_CHECKING:
+    from .http1 import H1Responder
     from .server import FrontDoor
 
 log = logging.getLogger("ferryman.edge.web")
@@ -83,6 +84,30 @@ class _Record:
         self.bytes_in = -1
         self.bytes_out = -1
         self.status = 0
+
+
+class Forward:
+    """A request the edge lets through to its app's backend (``Proxy.decide``)."""
+
+    __slots__ = ("route", "target", "principal", "verdict", "facts")
+
+    def __init__(self, route: Route, target: str, principal: Principal | None, verdict: Verdict | None,
+                 facts: RequestFacts | None) -> None:
+        self.route = route
+        self.target = target  # the internal request target
+        self.principal = principal  # None: passthrough app or CORS preflight bypass (no user)
+        self.verdict = verdict
+        self.facts = facts
+
+
+class Pages:
+    """A request for the edge's own pages: the sign-in site (``route`` None) or an app host's."""
+
+    __slots__ = ("route", "cookies")
+
+    def __init__(self, route: Route | None, cookies: dict[str, str]) -> None:
+        self.route = route
+        self.cookies = cookies
 
 
 class _Prefixed:
@@ -121,12 +146,46 @@ class Proxy:
 
     # ------------------------------------------------------------------ entry
     async def handle(self, request: Request, responder: Responder) -> None:
-        rec = _Record()
-        t0 = time.monotonic()
+        plan = request.plan
+        if plan is None:
+            rec = _Record()
+            t0 = time.monotonic()
+            decision = None
+        else:  # decided by ``begin``, which could not serve it in callbacks
+            decision, rec, t0 = plan
+            request.plan = None
         try:
-            await self._handle(request, responder, rec)
+            await self._handle(request, responder, rec, decision)
         finally:
             self._emit(request, responder, rec, time.monotonic() - t0)
+
+    def begin(self, request: Request, responder: H1Responder) -> Direct | None:
+        """Decide a bodiless HTTP/1.1 request and, when it goes to a backend that has an idle
+        pooled connection on a tunnel flow, serve it in callbacks (``Direct``). Otherwise the
+        decision goes with the request (``request.plan``) to ``handle``, which makes it happen."""
+        rec = _Record()
+        t0 = time.monotonic()
+        decision = self.decide(request, rec)
+        if decision.__class__ is Forward:
+            d: Forward = decision  # type: ignore[assignment]
+            route = d.route
+            if not route.internal_tls:
+                key = (route.app.name, d.principal.session_id if d.principal is not None else "")
+                pool = self.door.pool
+                conn = pool.acquire(key)
+                if conn is not None:
+                    if conn.can_attach():
+                        self.counters["web_direct"] += 1
+                        direct = Direct(self, request, responder, rec, t0, d, conn)
+                        try:
+                            direct.start()
+                        except BaseException:
+                            conn.close()
+                            raise
+                        return direct
+                    pool.release(conn)
+        request.plan = (decision, rec, t0)
+        return None
 
     def _emit(self, request: Request, responder: Responder, rec: _Record, duration: float) -> None:
         hook: Callable[[TransactionRecord], None] | None = self.door.on_record
@@ -159,89 +218,90 @@ class Proxy:
         await responder.respond(reply.status, reply.headers, reply.body)
 
     # ------------------------------------------------------------------ decisions
-    async def _handle(self, request: Request, responder: Responder, rec: _Record) -> None:
+    async def _handle(self, request: Request, responder: Responder, rec: _Record,
+                      decision: Reply | Forward | Pages | None) -> None:
+        if decision is None:
+            decision = self.decide(request, rec)
+        if isinstance(decision, Forward):
+            d = decision
+            await self._forward(d.route, request, responder, rec, d.target, d.principal, d.verdict, d.facts)
+        elif isinstance(decision, Pages):
+            if decision.route is None:
+                reply = await self.door.sso.auth_path(request, decision.cookies)
+            else:
+                reply = await self.door.sso.app_path(decision.route, request, decision.cookies)
+            await self._reply(responder, reply, rec, "allow" if reply.status < 400 else "deny")
+        else:
+            await self._reply(responder, decision, rec, rec.action)
+
+    def decide(self, request: Request, rec: _Record) -> Reply | Forward | Pages:
+        """Everything the edge decides about a request before its backend (steps 1-6 of the
+        module docstring), with nothing to wait for: a ``Reply`` to send (``rec.action`` says
+        whether it allows), the edge's own ``Pages`` to serve, or the ``Forward`` to make."""
         door = self.door
+        rec.action = "deny"
         wait = door.edge_bucket.take()
         if wait > 0:
             self.counters["web_rate_limited_edge"] += 1
-            await self._reply(responder, page(429, "This site is receiving too many requests; try again shortly.",
-                                              "rate_limited", extra=[(b"retry-after", retry_after(wait))]), rec)
-            return
+            return page(429, "This site is receiving too many requests; try again shortly.", "rate_limited",
+                        extra=[(b"retry-after", retry_after(wait))])
         host = request.host
         if host == self.settings.auth_host:
             rec.app = ""
             if request.method not in ("GET", "HEAD", "POST") or request.websocket:
-                await self._reply(responder, page(405, "The sign-in site only answers GET and POST.",
-                                                  "method_not_allowed"), rec)
-                return
-            cookies = parse_cookies(request.header_list(b"cookie"))
-            reply = await door.sso.auth_path(request, cookies)
-            await self._reply(responder, reply, rec, "allow" if reply.status < 400 else "deny")
-            return
+                return page(405, "The sign-in site only answers GET and POST.", "method_not_allowed")
+            return Pages(None, parse_cookies(request.header_list(b"cookie")))
         route = door.routes.get(host)
         if route is None:
             self.counters["web_unknown_host"] += 1
-            await self._reply(responder, page(404, "No application is published at this address.", "unknown_host"), rec)
-            return
+            return page(404, "No application is published at this address.", "unknown_host")
         app = route.app
         rec.app = app.name
         if request.tls_context is not None and request.tls_context is not door.tls_context_for(route):
             self.counters["web_misdirected"] += 1
-            await self._reply(responder, page(421, "This connection was made for another site; the browser should "
-                                                   "connect again.", "misdirected"), rec)
-            return
+            return page(421, "This connection was made for another site; the browser should connect again.",
+                        "misdirected")
         wait = route.bucket.take()
         if wait > 0:
             self.counters["web_rate_limited_app"] += 1
-            await self._reply(responder, page(429, "This application is receiving too many requests; try again "
-                                                   "shortly.", "rate_limited",
-                                              extra=[(b"retry-after", retry_after(wait))]), rec)
-            return
+            return page(429, "This application is receiving too many requests; try again shortly.", "rate_limited",
+                        extra=[(b"retry-after", retry_after(wait))])
         if "#" in request.target:  # an origin-form target has no fragment; a backend may cut it, then normalise
-            await self._reply(responder, page(400, "The address has a '#' fragment, which browsers never send.",
-                                              "bad_target"), rec)
-            return
+            return page(400, "The address has a '#' fragment, which browsers never send.", "bad_target")
         if _DOT_SEGMENT.search(request.path):
-            await self._reply(responder, page(400, "The address has '.' or '..' path segments.", "bad_path"), rec)
-            return
+            return page(400, "The address has '.' or '..' path segments.", "bad_path")
         own = not route.passthrough and (request.path == "/.ferryman" or request.path.startswith("/.ferryman/")
                                          or request.path == "/robots.txt")
         target = None if own else route.urlmap.path_to_internal(request.target)
         if target is None and not own:
             if request.target + "/" == route.urlmap.ext_prefix or request.path + "/" == route.urlmap.ext_prefix:
                 q = "?" + request.query if request.query else ""
-                await self._reply(responder, redirect(route.urlmap.ext_prefix + q, code="prefix"), rec, "allow")
-                return
-            await self._reply(responder, page(404, "This address is outside the application.", "outside_prefix"), rec)
-            return
+                rec.action = "allow"
+                return redirect(route.urlmap.ext_prefix + q, code="prefix")
+            return page(404, "This address is outside the application.", "outside_prefix")
         if route.passthrough:
+            assert target is not None
             rec.action = "allow"
             rec.code = "passthrough"
-            await self._forward(route, request, responder, rec, target, None, None)
-            return
+            return Forward(route, target, None, None, None)
         # The edge's own pages of an app host (sign-in callback, who am I, sign-out, JWKS, robots.txt)
         # live at the host's root, whatever path prefix the app is published under.
         if request.path == "/robots.txt":
-            await self._reply(responder, Reply(200, [(b"content-type", b"text/plain; charset=utf-8"),
-                                                     (b"content-length", str(len(ROBOTS)).encode())], ROBOTS,
-                                               "robots", "robots.txt"), rec, "allow")
-            return
+            rec.action = "allow"
+            return Reply(200, [(b"content-type", b"text/plain; charset=utf-8"),
+                               (b"content-length", str(len(ROBOTS)).encode())], ROBOTS, "robots", "robots.txt")
         cookies = parse_cookies(request.header_list(b"cookie"))
         if own:
-            reply = await door.sso.app_path(route, request, cookies)
-            await self._reply(responder, reply, rec, "allow" if reply.status < 400 else "deny")
-            return
+            return Pages(route, cookies)
         assert target is not None
         if app.cors_preflight_bypass and request.method == "OPTIONS" and request.header(b"origin") \
                 and request.header(b"access-control-request-method"):
             rec.action, rec.code, rec.reason = "allow", "cors_preflight", "CORS preflight without sign-in"
-            await self._forward(route, request, responder, rec, target, None, None)
-            return
+            return Forward(route, target, None, None, None)
         now = time.time()
         session = door.sso.app_session(route, cookies, now)
         if session is None:
-            await self._reply(responder, door.sso.start_sign_in(route, request, cookies), rec)
-            return
+            return door.sso.start_sign_in(route, request, cookies)
         principal = session.principal
         rec.principal = principal
         facts = RequestFacts(method=request.method, host=host, path=request.path, source=request.source_ip,
@@ -257,24 +317,20 @@ class Proxy:
         if not verdict.allowed:
             self.counters["web_denied"] += 1
             rec.code, rec.reason = verdict.code or "denied", verdict.reason or "access denied"
-            await self._reply(responder, page(403, verdict.reason or "You do not have access to this application.",
-                                              verdict.code or "denied"), rec)
-            return
+            return page(403, verdict.reason or "You do not have access to this application.",
+                        verdict.code or "denied")
         if request.websocket and not app.websocket:
             rec.code, rec.reason = "websocket_disabled", "WebSockets are not allowed for this application"
-            await self._reply(responder, page(403, "WebSockets are not allowed for this application.",
-                                              "websocket_disabled"), rec)
-            return
+            return page(403, "WebSockets are not allowed for this application.", "websocket_disabled")
         if request.websocket and not origin_is_own(request.header(b"origin"), host):
             self.counters["web_websocket_origin_refused"] += 1
             rec.code, rec.reason = "websocket_origin", "WebSocket opened by a page of another site"
-            await self._reply(responder, page(403, "This WebSocket was opened by a page of another site; only the "
-                                                   "application's own pages may open it.", "websocket_origin"), rec)
-            return
+            return page(403, "This WebSocket was opened by a page of another site; only the application's own "
+                             "pages may open it.", "websocket_origin")
         rec.action = "allow"
         rec.code = rec.code or verdict.code or "allowed"
         rec.reason = rec.reason or verdict.reason
-        await self._forward(route, request, responder, rec, target, principal, verdict, facts)
+        return Forward(route, target, principal, verdict, facts)
 
     # ------------------------------------------------------------------ backend
     def _backend_head(self, route: Route, request: Request, principal: Principal | None,
@@ -449,8 +505,9 @@ class Proxy:
             stream.write(b"0\r\n\r\n")
             await stream.drain()
 
-    async def _relay(self, route: Route, request: Request, responder: Responder, rec: _Record,
-                     conn: BackendConnection, rhead) -> None:
+    def _response_head(self, route: Route, request: Request, rhead) -> tuple[Headers, BodyTranslator | None]:
+        """The response head for the client (hop-by-hop headers gone, URLs translated) and the
+        body's translator when the app translates bodies of this kind."""
         app = route.app
         status = rhead.status
         if status == 101:
@@ -472,6 +529,12 @@ class Proxy:
                     headers = [(n, v) for n, v in headers if n != b"content-length"]
                 else:
                     self.counters["web_translate_skipped_encoding"] += 1
+        return headers, translator
+
+    async def _relay(self, route: Route, request: Request, responder: Responder, rec: _Record,
+                     conn: BackendConnection, rhead) -> None:
+        status = rhead.status
+        headers, translator = self._response_head(route, request, rhead)
         rec.status = status
         await responder.start(status, headers)
         timeout = route.timeout
@@ -531,3 +594,153 @@ class Proxy:
         if why not in ("closed",):
             rec.reason = f"websocket ended: {why}"
             self.counters[f"web_websocket_{why.split(':')[0].replace(' ', '_')}"] += 1
+
+
+class Direct:
+    """A bodiless HTTP/1.1 request on an idle pooled backend connection over a stream that hands
+    its bytes over as they arrive (a tunnel flow, a socket), served in those callbacks and the
+    client connection's: no task, no coroutine, no future of its own. What it sends and records
+    is what ``_forward`` and ``_relay`` do for such a request (same head, same translation,
+    same pages for a failing backend, same record); it is the common request's path because it
+    costs the edge much less per request (README, "A request in callbacks").
+
+    Back-pressure: while the client's socket does not take bytes (``H1Responder.held``) the
+    stream holds the backend back (tunnel credit or socket reads), for at most
+    ``idle_timeout`` seconds (``web_client_write_timeout``)."""
+
+    __slots__ = ("proxy", "request", "responder", "rec", "t0", "forward", "conn", "translator", "held", "over")
+
+    def __init__(self, proxy: Proxy, request: Request, responder: H1Responder, rec: _Record, t0: float,
+                 forward: Forward, conn: BackendConnection) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.responder = responder
+        self.rec = rec
+        self.t0 = t0
+        self.forward = forward
+        self.conn = conn
+        self.translator: BodyTranslator | None = None
+        self.held = False
+        self.over = False
+
+    def start(self) -> None:
+        d, conn, rec = self.forward, self.conn, self.rec
+        headers, _ = self.proxy._backend_head(d.route, self.request, d.principal, d.verdict, None)
+        rec.connector, rec.relay_edge = conn.peer, conn.relay_edge
+        conn.write_head(self.request.method, d.target, headers)
+        conn.attach(self, d.route.timeout)
+
+    # ------------------------------------------------------------------ the backend (ResponseSink)
+    def backend_progress(self) -> bool:
+        if self.over:
+            return True
+        conn, responder = self.conn, self.responder
+        try:
+            if not responder.started:
+                head = conn.head
+                if head is None:
+                    return True
+                headers, self.translator = self.proxy._response_head(self.forward.route, self.request, head)
+                self.rec.status = head.status
+                responder.begin(head.status, headers)
+            chunks = conn.chunks
+            if chunks:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                translator = self.translator
+                if translator is None:
+                    responder.push(data)
+                else:
+                    for piece in translator.feed(data):
+                        responder.push(piece)
+            if conn.complete:
+                if self.translator is not None:
+                    for piece in self.translator.finish():
+                        responder.push(piece)
+                responder.finish(backend_response_headers(conn.trailers) if conn.trailers else None)
+                conn.reusable = conn.finished_cleanly()
+                self._end()
+                return True
+        except ClientGone:
+            self.client_gone()
+            return True
+        except BodyError as exc:
+            self.backend_failed(BackendError(str(exc)))
+            return True
+        except BackendError as exc:
+            self.backend_failed(exc)
+            return True
+        except Exception:  # noqa: BLE001 - one request's failure stays in that request (and its flow)
+            log.exception("web request failed: %s %s", self.request.method, self.request.path)
+            self.backend_failed(BackendError("internal_error"), internal=True)
+            return True
+        if responder.held:
+            self.held = True
+            conn.extend(self.proxy.settings.idle_timeout)
+            return False
+        return True
+
+    def backend_failed(self, exc: BackendError, internal: bool = False) -> None:
+        if self.over:
+            return
+        proxy, conn, rec, responder = self.proxy, self.conn, self.rec, self.responder
+        conn.close()
+        if isinstance(exc, BackendClosedEarly) and not responder.started and self.request.method in _SAFE_RETRY:
+            # the pooled connection had been closed by the backend while idle: the request goes
+            # on the ordinary path, which opens a new connection for it
+            proxy.counters["web_backend_retry"] += 1
+            self.over = True
+            self.request.plan = (self.forward, rec, self.t0)
+            proxy.door.in_flight -= 1
+            responder.hand_back()
+            return
+        if internal:
+            status, text, code = 500, "The edge could not handle this request.", "internal_error"
+        else:
+            proxy.counters[f"web_{exc.code}"] += 1
+            log.info("app %s: %s", self.forward.route.app.name, exc)
+            status, code = exc.status, exc.code
+            text = str(exc) if exc.status == 504 else "The application broke off its answer."
+        rec.code, rec.reason = code, text
+        if responder.started:
+            rec.status = rec.status or status
+            responder.abort()
+        else:
+            reply = page(status, text, code)
+            rec.status = reply.status
+            try:
+                responder.reply(reply.status, reply.headers, reply.body)
+            except ClientGone:
+                responder.abort()
+        self._end()
+
+    def backend_expired(self, timeout: float) -> None:
+        if self.held:  # the client stopped taking its response
+            self.proxy.counters["web_client_write_timeout"] += 1
+            self.client_gone()
+        else:
+            self.backend_failed(BackendTimeout(f"the application did not answer within {timeout:g} seconds"))
+
+    # ------------------------------------------------------------------ the client (H1Connection)
+    def client_resumed(self) -> None:
+        if self.held and not self.over:
+            self.held = False
+            self.conn.extend(self.forward.route.timeout)
+            self.conn.release()
+
+    def client_gone(self) -> None:
+        if self.over:
+            return
+        self.conn.close()  # the response was not read to its end
+        self.responder.abort()
+        self._end()
+
+    def _end(self) -> None:
+        self.over = True
+        conn = self.conn
+        conn.detach()
+        proxy = self.proxy
+        proxy.door.pool.release(conn)  # closes it unless it ended cleanly
+        proxy.door.in_flight -= 1
+        proxy._emit(self.request, self.responder, self.rec, time.monotonic() - self.t0)
+        self.responder.settle()

@@ -253,6 +253,20 @@ class FrontDoor:
         self.servers = []
 
     # ------------------------------------------------------------------ from the connections
+    def begin(self, request, responder):
+        """A bodiless HTTP/1.1 request, before any handler runs: ``proxy.Direct`` when it is served
+        in callbacks (it counts itself out of ``in_flight`` when it ends), else None: ``handle``."""
+        self.in_flight += 1
+        try:
+            direct = self.proxy.begin(request, responder)
+        except Exception:  # noqa: BLE001 - the ordinary path decides again and answers it
+            log.exception("web request failed: %s %s", request.method, request.path)
+            request.plan = None
+            direct = None
+        if direct is None:
+            self.in_flight -= 1
+        return direct
+
     async def handle(self, request, responder) -> None:
         self.in_flight += 1
         try:
