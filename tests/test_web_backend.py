@@ -15,7 +15,7 @@ import asyncio
 import pytest
 
 from dataplane.edge.web.backend import (
-    BackendClosedEarly, BackendConnection, BackendError, BackendTimeout, Pool, open_socket_stream,
+    BackendClosedEarly, BackendConnection, BackendError, BackendTimeout, Pool, SocketStream, open_socket_stream,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -231,3 +231,51 @@ def test_response_out_of_step_is_not_reused() -> None:
             server.close()
 
     run(main())
+
+
+class _Sink:
+    """Takes pieces of a ``SocketStream``; holds back (returns False) while ``full``."""
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+        self.full = False
+        self.ended = 0
+
+    def flow_data(self, data: bytes) -> bool:
+        self.got.append(data)
+        return not self.full
+
+    def flow_ended(self) -> None:
+        self.ended += 1
+
+
+class _Socket:
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+def test_socket_stream_hands_buffered_pieces_over_in_order() -> None:
+    """Pieces read before ``attach`` go to the sink first; a sink that holds back stops the
+    socket and gets the rest, in order, at ``release``; then the end."""
+    stream = SocketStream("backend")
+    sock = _Socket()
+    stream.connection_made(sock)  # type: ignore[arg-type]
+    for piece in (b"a", b"b", b"c"):
+        stream.data_received(piece)
+    stream.eof_received()
+    sink = _Sink()
+    sink.full = True
+    stream.attach(sink)
+    assert sink.got == [b"a"] and sock.paused and sink.ended == 0
+    sink.full = False
+    stream.release()
+    assert sink.got == [b"a", b"b", b"c"] and not sock.paused and sink.ended == 1
+    stream.attach(None)
+    stream.data_received(b"d")  # detached: buffered for read() again
+    assert sink.got == [b"a", b"b", b"c"] and asyncio.run(stream.read(10)) == b"d"

@@ -119,6 +119,7 @@ def answer_now(stream: MemStream, head: bytes) -> None:
 class Transport:
     def __init__(self) -> None:
         self.out = bytearray()
+        self.writes = 0
         self.aborted = False
         self.closed = False
 
@@ -130,6 +131,7 @@ class Transport:
 
     def write(self, data: bytes) -> None:
         self.out += data
+        self.writes += 1
 
     def pause_reading(self):
         pass
@@ -202,7 +204,7 @@ def harness(tmp_path):
 
     async def make() -> FrontDoor:
         door = FrontDoor(WebSettings(auth_host="auth.test", app_rate=1e9, edge_rate=1e9, idle_timeout=0.5,
-                                     backend_timeout=0.4),
+                                     backend_timeout=0.4, header_timeout=0.3),
                          authorizer=Allow(), dialer=dialer, sign_in=NoSignIn(), cookie_keys=keys,
                          signer=AssertionSigner.generate(), certificate=(pki.door_cert, pki.door_key))
         door.set_apps([WebApp(name="app", external_url="https://app.test", internal_url="http://app.internal:80")])
@@ -267,23 +269,38 @@ def test_pipelined_requests_behind_a_callback_request_keep_their_order(harness: 
     harness.loop.run_until_complete(run())
 
 
-def test_pooled_connection_that_ended_goes_to_the_ordinary_path(harness: Harness) -> None:
-    """The connector ended the pooled flow while it was idle: at attach the request sees a stream
-    that closed without answering and goes to the runner, which opens a new connection."""
+def test_pooled_connection_the_backend_ended_is_not_used(harness: Harness) -> None:
     async def run() -> None:
         conn, transport = harness.client()
         await harness.warm(conn, transport)
         old = harness.dialer.streams[0]
-        old.answer = lambda s, head: None  # ended: nothing answers any more
-        old.end()
+        old.end()  # the connector ended the idle flow (the backend closed its connection)
         conn.data_received(harness.request("/after"))
         await harness.until(lambda: transport.out.endswith(b"hello"), "the answer")
+        assert old.closed and len(harness.dialer.streams) == 2 and harness.door.counters["web_backend_retry"] == 0
+
+    harness.loop.run_until_complete(run())
+
+
+def test_pooled_connection_closed_unanswered_goes_to_the_ordinary_path_once(harness: Harness) -> None:
+    """The backend closes the pooled connection at the request, before any answer (its idle
+    timeout crossing the request): already while the request begins (the stream has ended at
+    attach), the request goes to the runner, which sends it once more on a new connection."""
+    async def run() -> None:
+        conn, transport = harness.client()
+        await harness.warm(conn, transport)
+        old = harness.dialer.streams[0]
+        old.answer = lambda s, head: s.end()
+        harness.dialer.answers.append(lambda s, head: s.end())  # the new connection closes too: no third try
+        conn.data_received(harness.request("/after"))
+        await harness.until(lambda: b"502" in transport.out[:20], "the 502 page")
         assert old.closed and len(harness.dialer.streams) == 2 and harness.door.counters["web_backend_retry"] == 1
-        assert harness.records[-1].status == 200 and harness.door.in_flight == 0
+        assert harness.records[-1].status == 502 and harness.records[-1].code == "backend_closed"
+        assert harness.door.in_flight == 0 and not transport.closed  # the client connection goes on
         transport.out.clear()
-        conn.data_received(harness.request("/again"))  # the new connection is pooled and served in callbacks
-        await harness.until(lambda: transport.out.endswith(b"hello"), "the next answer")
-        assert len(harness.dialer.streams) == 2
+        conn.data_received(harness.request("/fresh"))  # nothing pooled: a new connection, which answers
+        await harness.until(lambda: transport.out.endswith(b"hello"), "the answer")
+        assert len(harness.dialer.streams) == 3 and harness.records[-1].status == 200
 
     harness.loop.run_until_complete(run())
 
@@ -371,10 +388,112 @@ def test_client_gone_mid_response_closes_the_backend_connection(harness: Harness
         stream = harness.dialer.streams[0]
         stream.answer = lambda s, head: s.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome")
         conn.data_received(harness.request("/left"))
+        await harness.until(lambda: transport.out.endswith(b"some"), "the first piece")
         conn.connection_lost(None)
         assert stream.closed and len(harness.door.pool) == 0 and harness.door.in_flight == 0
         assert harness.records[-1].status == 200 and harness.records[-1].bytes_out == 4
         stream.feed(b"more")  # late bytes of a flow whose request is over: dropped
         assert harness.records[-1].path == "/left" and len(harness.records) == 2
+
+    harness.loop.run_until_complete(run())
+
+
+def test_pieces_of_one_read_go_to_the_client_in_one_write(harness: Harness) -> None:
+    async def run() -> None:
+        conn, transport = harness.client()
+        await harness.warm(conn, transport)
+        stream = harness.dialer.streams[0]
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n"
+
+        def burst(s: MemStream) -> None:  # a hostile or bursty connector: many tiny frames in one read
+            for _ in range(1000):
+                s.feed(b"x")
+
+        stream.answer = lambda s, h: (s.feed(head), asyncio.get_running_loop().call_soon(burst, s))
+        writes = transport.writes
+        conn.data_received(harness.request("/burst"))
+        await harness.until(lambda: transport.out.endswith(b"x" * 1000), "the first half")
+        assert transport.writes - writes == 1
+        burst(stream)  # the second half ends the response: head of nothing, body and end in one write
+        assert transport.writes - writes == 2 and transport.out.endswith(b"x" * 2000)
+        assert harness.records[-1].bytes_out == 2000 and len(harness.door.pool) == 1
+
+    harness.loop.run_until_complete(run())
+
+
+def test_complete_response_waits_for_the_client_to_take_it(harness: Harness) -> None:
+    async def run() -> None:
+        conn, transport = harness.client()
+        await harness.warm(conn, transport)
+        stream = harness.dialer.streams[0]
+        stream.answer = lambda s, head: None
+        conn.data_received(harness.request("/one") + harness.request("/two"))
+        conn.pause_writing()
+        stream.feed(OK)  # the whole response, into a socket buffer that is full
+        assert len(harness.door.pool) == 1 and harness.door.in_flight == 1  # the backend's part is over
+        await asyncio.sleep(0.05)
+        assert len(conn.queue) == 2 and len(stream.heads) == 2  # /two waits, as after the coroutine path's end
+        stream.answer = answer_now
+        conn.resume_writing()
+        await harness.until(lambda: len(harness.records) == 3, "the second answer")
+        assert [r.path for r in harness.records[-2:]] == ["/one", "/two"] and harness.door.in_flight == 0
+        transport.out.clear()
+        stream.answer = lambda s, head: None
+        conn.data_received(harness.request("/three"))
+        conn.pause_writing()
+        stream.feed(OK)
+        await harness.until(lambda: transport.aborted, "the stalled client to be cut")  # idle_timeout 0.5 s
+        assert harness.door.counters["web_client_write_timeout"] == 1 and harness.records[-1].path == "/three"
+        assert harness.door.in_flight == 0
+
+    harness.loop.run_until_complete(run())
+
+
+def test_partial_next_head_behind_an_answer_is_header_timed(harness: Harness) -> None:
+    """A request and the start of the next in one read: once the first is answered, the rest of
+    the second head must come within header_timeout (on either path), or the connection goes."""
+    async def run() -> None:
+        for warm in (True, False):
+            conn, transport = harness.client()
+            if warm:
+                await harness.warm(conn, transport)  # pooled: the first request is served in callbacks
+            else:
+                harness.door.pool.close()
+            conn.data_received(harness.request("/first") + b"GET /second HTTP/1.1\r\nHo")
+            await harness.until(lambda: transport.out.endswith(b"hello"), "the first answer")
+            conn.data_received(b"st: app")  # trickling
+            await harness.until(lambda: transport.closed or transport.aborted, "the connection to go")
+            assert b"408" in transport.out.split(b"hello", 1)[1][:20]
+        assert harness.door.counters["web_header_timeout"] == 2
+
+    harness.loop.run_until_complete(run())
+
+
+def test_no_request_is_served_after_an_answer_closed_the_connection(harness: Harness) -> None:
+    async def run() -> None:
+        conn, transport = harness.client()
+        await harness.warm(conn, transport)
+        stream = harness.dialer.streams[0]
+        harness.door.draining = True  # answers close their connections
+        conn.data_received(harness.request("/one") + harness.request("/two"))
+        assert transport.closed and transport.out.endswith(b"hello") and transport.out.count(b"HTTP/1.1 ") == 1
+        await asyncio.sleep(0.05)
+        assert len(stream.heads) == 2 and b"/two" not in stream.heads[-1]  # the warm-up's and /one's
+        assert [r.path for r in harness.records] == ["/warm", "/one"]
+
+    harness.loop.run_until_complete(run())
+
+
+def test_request_whose_client_closes_while_the_backend_fails_is_recorded(harness: Harness) -> None:
+    async def run() -> None:
+        conn, transport = harness.client()
+        await harness.warm(conn, transport)
+        stream = harness.dialer.streams[0]
+        stream.answer = lambda s, head: None
+        conn.data_received(harness.request("/closing"))
+        conn.close()  # the edge closes the client connection; connection_lost has not come yet
+        stream.end()  # no answer: not retried for a client that is gone
+        assert harness.records[-1].path == "/closing" and harness.door.counters["web_backend_retry"] == 0
+        assert harness.door.in_flight == 0 and len(harness.dialer.streams) == 1
 
     harness.loop.run_until_complete(run())

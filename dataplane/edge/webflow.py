@@ -131,6 +131,11 @@ class WebFlow:
             waiter.set_result(None)
 
     @property
+    def eof(self) -> bool:
+        """The connector ended the flow (or it is over): nothing more will arrive."""
+        return self._eof
+
+    @property
     def draining(self) -> bool:
         """The tunnel carrying the flow takes no new flows (its connector or this edge moves or
         drains it): a pooled backend connection on it is not used again, so the tunnel empties."""

@@ -20,7 +20,7 @@
   request at a time (it is out of the pool while used). Bounds: ``pool_idle_per_key`` per
   key, ``pool_idle_total`` overall (oldest idle closed first), ``pool_idle_timeout``
   seconds idle. A request without a body that fails on a reused connection before any
-  response byte (the backend closed it while idle) is retried once on a new connection.
+  response byte (the backend closed it while idle) is retried once, on a new connection.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class SocketStream(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._ended()
-        return False
+        return True  # the backend may still be reading (a request body): the socket closes with ``close``
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = self.closed = True
@@ -153,21 +153,26 @@ class SocketStream(asyncio.Protocol):
         self.sink = sink
         if sink is None:
             self._pause_reading(self.size > READ_SIZE * 4)
-            return
+        else:
+            self._deliver(sink)
+
+    def release(self) -> None:
+        """The sink takes bytes again after it held them back."""
+        if self.sink is not None:
+            self._deliver(self.sink)
+
+    def _deliver(self, sink: FlowSink) -> None:
         while self.chunks and self.sink is sink:
             data = self.chunks.popleft()
             self.size -= len(data)
             if not sink.flow_data(data):
                 self._pause_reading(True)
                 return
-        if self.eof and self.sink is sink:
-            sink.flow_ended()
-        elif not self.chunks:
-            self._pause_reading(False)
-
-    def release(self) -> None:
-        """The sink takes bytes again after it held them back."""
+        if self.sink is not sink:
+            return
         self._pause_reading(False)
+        if self.eof:
+            sink.flow_ended()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -488,6 +493,12 @@ class BackendConnection:
             self._sink.backend_expired(self._timeout)
 
     # ------------------------------------------------------------------ callback mode
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the connection was first read or attached on."""
+        assert self._loop is not None
+        return self._loop
+
     def can_attach(self) -> bool:
         return hasattr(self.stream, "attach")
 
@@ -594,12 +605,14 @@ class BackendConnection:
 
     def usable(self) -> bool:
         """Not closed here, and its stream (under TLS: the stream below) not known to be over —
-        a tunnel flow is when its connector went away or reset it — nor on its way out (a tunnel
-        flow whose tunnel drains: it closes once its flows have ended)."""
+        a tunnel flow is when its connector went away, reset or ended it, a socket when the
+        backend closed it — nor on its way out (a tunnel flow whose tunnel drains: it closes
+        once its flows have ended)."""
         if self.closed:
             return False
         stream = getattr(self.stream, "raw", self.stream)
-        return not getattr(stream, "closed", False) and not getattr(stream, "draining", False)
+        return not getattr(stream, "closed", False) and not getattr(stream, "eof", False) \
+            and not getattr(stream, "draining", False)
 
     def close(self) -> None:
         if not self.closed:

@@ -219,13 +219,17 @@ class H1Responder:
             self.pending = b""
         self.conn.write(data)
 
-    def finish(self, trailers: Headers | None = None) -> None:
+    def finish(self, trailers: Headers | None = None, data: bytes = b"") -> None:
+        """End the response, with its last piece ``data`` (head, piece and end in one write)."""
         if self.finished:
             return
         if self.conn.closed:
             raise ClientGone()
         out = self.pending
         self.pending = b""
+        if data and not self.no_body:
+            self.bytes_sent += len(data)
+            out += (b"%x\r\n" % len(data) + data + b"\r\n") if self.chunked else data
         if self.chunked:
             out += b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers or ()) + b"\r\n"
         self.finished = True
@@ -234,10 +238,7 @@ class H1Responder:
 
     def reply(self, status: int, headers: Headers, body: bytes = b"") -> None:
         self.begin(status, headers)
-        if body and not self.no_body:
-            self.bytes_sent += len(body)
-            self.pending += (b"%x\r\n" % len(body) + body + b"\r\n") if self.chunked else body
-        self.finish()
+        self.finish(None, body)
 
     async def start(self, status: int, headers: Headers, *, end: bool = False) -> None:
         self.begin(status, headers)
@@ -268,9 +269,18 @@ class H1Responder:
         """A request served in callbacks (``proxy.Direct``) has ended: on to the next one."""
         self.conn.direct_done(self.exchange)
 
+    @property
+    def gone(self) -> bool:
+        """The client connection is closed or closing: nothing more reaches it."""
+        return self.conn.closed
+
     def hand_back(self) -> None:
         """A request begun in callbacks goes to the connection's runner (``request.plan``)."""
         self.conn.direct_fallback(self.exchange)
+
+    def close_after(self) -> None:
+        """The connection closes once this response is out (it is not kept alive)."""
+        self.exchange.keep_alive = False
 
     async def upgrade(self, status: int, headers: Headers) -> H1Upgraded:
         if self.exchange.upgrade is None:
@@ -485,6 +495,9 @@ class H1Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ httptools callbacks
     def on_message_begin(self) -> None:
+        if not self.queue and not self.deadline_head:
+            # a head begun in the read that ended the last one (answered already, in callbacks)
+            self._arm(self.settings.header_timeout, head=True)
         self.in_head = True
         self.head_bytes = 0
         self.url = b""
@@ -510,6 +523,8 @@ class H1Connection(asyncio.Protocol):
                           "too_many_headers")
 
     def on_headers_complete(self) -> None:
+        if self.closed or self.stop_input:
+            raise _Stop()  # closed by an answer given in this read (in callbacks): nothing more is served
         self.in_head = False
         self._disarm()
         parser = self.parser
@@ -604,8 +619,8 @@ class H1Connection(asyncio.Protocol):
         self.in_head = False
         if ex is not None and ex.body is not None:
             ex.body.end()
-        if not self.queue and not self.closed:
-            self._arm(self.settings.idle_timeout)  # answered already (in callbacks): idle from now
+        if not self.queue:
+            self._arm_between()  # answered already (in callbacks): idle from now
 
     # ------------------------------------------------------------------ exchanges
     def _run(self) -> None:
@@ -670,7 +685,16 @@ class H1Connection(asyncio.Protocol):
                 return  # the splice has ended; the connection goes with it
             if not self._finished(ex):
                 return
-        if not self.closed and self.parsing is None and not self.in_head:
+        self._arm_between()
+
+    def _arm_between(self) -> None:
+        """No request is being answered: the connection idles, or the next head (begun in the same
+        read as the last request, then trickling) must arrive within ``header_timeout``."""
+        if self.closed or self.parsing is not None:
+            return
+        if self.in_head:
+            self._arm(self.settings.header_timeout, head=True)
+        else:
             self._arm(self.settings.idle_timeout)
 
     def _finished(self, ex: H1Exchange) -> bool:
@@ -697,8 +721,8 @@ class H1Connection(asyncio.Protocol):
             return
         if self.queue:
             self._run()
-        elif self.parsing is None and not self.in_head:
-            self._arm(self.settings.idle_timeout)
+        else:
+            self._arm_between()
 
     def direct_fallback(self, ex: H1Exchange) -> None:
         ex.direct = None
@@ -775,6 +799,7 @@ class H1Connection(asyncio.Protocol):
 
     def _disarm(self) -> None:
         self.deadline = 0.0
+        self.deadline_head = False
 
     def _timeout(self) -> None:
         self.timer = None

@@ -89,10 +89,11 @@ class _Record:
 class Forward:
     """A request the edge lets through to its app's backend (``Proxy.decide``)."""
 
-    __slots__ = ("route", "target", "principal", "verdict", "facts")
+    __slots__ = ("route", "target", "principal", "verdict", "facts", "retried")
 
     def __init__(self, route: Route, target: str, principal: Principal | None, verdict: Verdict | None,
                  facts: RequestFacts | None) -> None:
+        self.retried = False  # sent once already, on a pooled connection that closed without answering
         self.route = route
         self.target = target  # the internal request target
         self.principal = principal  # None: passthrough app or CORS preflight bypass (no user)
@@ -161,11 +162,13 @@ class Proxy:
 
     def begin(self, request: Request, responder: H1Responder) -> Direct | None:
         """Decide a bodiless HTTP/1.1 request and, when it goes to a backend that has an idle
-        pooled connection on a tunnel flow, serve it in callbacks (``Direct``). Otherwise the
-        decision goes with the request (``request.plan``) to ``handle``, which makes it happen."""
+        pooled connection on a stream that hands its bytes over (``attach``), serve it in
+        callbacks (``Direct``). Otherwise the decision goes with the request (``request.plan``)
+        to ``handle``, which makes it happen."""
         rec = _Record()
         t0 = time.monotonic()
         decision = self.decide(request, rec)
+        request.plan = (decision, rec, t0)
         if decision.__class__ is Forward:
             d: Forward = decision  # type: ignore[assignment]
             route = d.route
@@ -174,17 +177,19 @@ class Proxy:
                 pool = self.door.pool
                 conn = pool.acquire(key)
                 if conn is not None:
-                    if conn.can_attach():
-                        self.counters["web_direct"] += 1
-                        direct = Direct(self, request, responder, rec, t0, d, conn)
-                        try:
-                            direct.start()
-                        except BaseException:
-                            conn.close()
-                            raise
-                        return direct
-                    pool.release(conn)
-        request.plan = (decision, rec, t0)
+                    if not conn.can_attach():
+                        pool.release(conn)
+                        return None
+                    self.counters["web_direct"] += 1
+                    request.plan = None
+                    direct = Direct(self, request, responder, rec, t0, d, conn)
+                    try:
+                        direct.start()
+                    except BaseException:
+                        conn.close()
+                        request.plan = (decision, rec, t0)
+                        raise
+                    return direct
         return None
 
     def _emit(self, request: Request, responder: Responder, rec: _Record, duration: float) -> None:
@@ -224,7 +229,8 @@ class Proxy:
             decision = self.decide(request, rec)
         if isinstance(decision, Forward):
             d = decision
-            await self._forward(d.route, request, responder, rec, d.target, d.principal, d.verdict, d.facts)
+            await self._forward(d.route, request, responder, rec, d.target, d.principal, d.verdict, d.facts,
+                                d.retried)
         elif isinstance(decision, Pages):
             if decision.route is None:
                 reply = await self.door.sso.auth_path(request, decision.cookies)
@@ -406,7 +412,8 @@ class Proxy:
         return BackendConnection(stream, key, self.settings.max_header_block)
 
     async def _forward(self, route: Route, request: Request, responder: Responder, rec: _Record, target: str,
-                       principal: Principal | None, verdict: Verdict | None, facts: RequestFacts | None = None) -> None:
+                       principal: Principal | None, verdict: Verdict | None, facts: RequestFacts | None = None,
+                       retried: bool = False) -> None:
         door = self.door
         app = route.app
         key = (app.name, principal.session_id if principal is not None else "")
@@ -418,8 +425,8 @@ class Proxy:
         upload: asyncio.Task[None] | None = None
         released = False
         try:
-            for attempt in (0, 1):
-                conn = door.pool.acquire(key)
+            for attempt in ((1,) if retried else (0, 1)):  # the retry (attempt 1): on a new connection
+                conn = door.pool.acquire(key) if attempt == 0 else None
                 reused = conn is not None
                 if conn is None:
                     try:
@@ -602,13 +609,18 @@ class Direct:
     client connection's: no task, no coroutine, no future of its own. What it sends and records
     is what ``_forward`` and ``_relay`` do for such a request (same head, same translation,
     same pages for a failing backend, same record); it is the common request's path because it
-    costs the edge much less per request (README, "A request in callbacks").
+    costs the edge less per request (README, "A request in callbacks").
 
-    Back-pressure: while the client's socket does not take bytes (``H1Responder.held``) the
-    stream holds the backend back (tunnel credit or socket reads), for at most
-    ``idle_timeout`` seconds (``web_client_write_timeout``)."""
+    Writes to the client: the pieces that arrive in one turn of the loop (one read of the
+    tunnel) go out in one write; a response that ends in that turn goes out with its head in
+    one write. Back-pressure: while the client's socket does not take bytes
+    (``H1Responder.held``) the stream holds the backend back (tunnel credit or socket reads);
+    a response that has all arrived waits for the client to take it before the connection
+    goes on, as the coroutine path's ``end`` does; either wait is at most ``idle_timeout``
+    seconds (then the client is cut, ``web_client_write_timeout``)."""
 
-    __slots__ = ("proxy", "request", "responder", "rec", "t0", "forward", "conn", "translator", "held", "over")
+    __slots__ = ("proxy", "request", "responder", "rec", "t0", "forward", "conn", "translator", "held", "over",
+                 "out", "flushing", "released", "timer")
 
     def __init__(self, proxy: Proxy, request: Request, responder: H1Responder, rec: _Record, t0: float,
                  forward: Forward, conn: BackendConnection) -> None:
@@ -620,8 +632,12 @@ class Direct:
         self.forward = forward
         self.conn = conn
         self.translator: BodyTranslator | None = None
-        self.held = False
-        self.over = False
+        self.held = False  # the stream holds the backend back for the client
+        self.over = False  # answered (or handed back): nothing more happens to it
+        self.out: list[bytes] = []  # body bytes of this turn of the loop, not yet written
+        self.flushing = False
+        self.released = False  # the backend connection is back in the pool (or closed)
+        self.timer: asyncio.TimerHandle | None = None  # the client's wait for a complete response
 
     def start(self) -> None:
         d, conn, rec = self.forward, self.conn, self.rec
@@ -632,7 +648,7 @@ class Direct:
 
     # ------------------------------------------------------------------ the backend (ResponseSink)
     def backend_progress(self) -> bool:
-        if self.over:
+        if self.over or self.released:
             return True
         conn, responder = self.conn, self.responder
         try:
@@ -644,23 +660,33 @@ class Direct:
                 self.rec.status = head.status
                 responder.begin(head.status, headers)
             chunks = conn.chunks
+            translator = self.translator
             if chunks:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 chunks.clear()
-                translator = self.translator
-                if translator is None:
-                    responder.push(data)
-                else:
-                    for piece in translator.feed(data):
-                        responder.push(piece)
+                if translator is not None:
+                    data = b"".join(translator.feed(data))
+                if data:
+                    self.out.append(data)
             if conn.complete:
-                if self.translator is not None:
-                    for piece in self.translator.finish():
-                        responder.push(piece)
-                responder.finish(backend_response_headers(conn.trailers) if conn.trailers else None)
+                if translator is not None:
+                    tail = b"".join(translator.finish())
+                    if tail:
+                        self.out.append(tail)
+                out = self.out
+                data = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+                responder.finish(backend_response_headers(conn.trailers) if conn.trailers else None, data)
                 conn.reusable = conn.finished_cleanly()
-                self._end()
+                self._release()
+                if responder.held:  # wait for the client to take it, as ``end`` does
+                    self.timer = conn.loop.call_later(self.proxy.settings.idle_timeout, self._client_stalled)
+                else:
+                    self._end()
                 return True
+            if self.out and not self.flushing:
+                self.flushing = True
+                conn.loop.call_soon(self._flush)
         except ClientGone:
             self.client_gone()
             return True
@@ -680,16 +706,30 @@ class Direct:
             return False
         return True
 
-    def backend_failed(self, exc: BackendError, internal: bool = False) -> None:
-        if self.over:
+    def _flush(self) -> None:
+        self.flushing = False
+        if self.over or self.released or not self.out:
             return
-        proxy, conn, rec, responder = self.proxy, self.conn, self.rec, self.responder
-        conn.close()
-        if isinstance(exc, BackendClosedEarly) and not responder.started and self.request.method in _SAFE_RETRY:
-            # the pooled connection had been closed by the backend while idle: the request goes
-            # on the ordinary path, which opens a new connection for it
+        out = self.out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        try:
+            self.responder.push(data)
+        except ClientGone:
+            self.client_gone()
+
+    def backend_failed(self, exc: BackendError, internal: bool = False) -> None:
+        if self.over or self.released:
+            return
+        proxy, rec, responder = self.proxy, self.rec, self.responder
+        self.conn.close()
+        if isinstance(exc, BackendClosedEarly) and not responder.started and not responder.gone \
+                and self.request.method in _SAFE_RETRY:
+            # the pooled connection had been closed by the backend while idle: the request goes to
+            # the ordinary path, which sends it once more, on a new connection or another pooled one
             proxy.counters["web_backend_retry"] += 1
-            self.over = True
+            self.over = self.released = True
+            self.forward.retried = True
             self.request.plan = (self.forward, rec, self.t0)
             proxy.door.in_flight -= 1
             responder.hand_back()
@@ -704,43 +744,69 @@ class Direct:
         rec.code, rec.reason = code, text
         if responder.started:
             rec.status = rec.status or status
+            self._flush()  # what the client was sent is counted, then it is cut
             responder.abort()
         else:
             reply = page(status, text, code)
             rec.status = reply.status
+            if internal:
+                responder.close_after()
             try:
                 responder.reply(reply.status, reply.headers, reply.body)
             except ClientGone:
                 responder.abort()
+        self._release()
         self._end()
 
     def backend_expired(self, timeout: float) -> None:
         if self.held:  # the client stopped taking its response
-            self.proxy.counters["web_client_write_timeout"] += 1
-            self.client_gone()
+            self._client_stalled()
         else:
             self.backend_failed(BackendTimeout(f"the application did not answer within {timeout:g} seconds"))
 
     # ------------------------------------------------------------------ the client (H1Connection)
     def client_resumed(self) -> None:
-        if self.held and not self.over:
+        if self.over:
+            return
+        if self.released:  # the whole response had arrived: the client has taken it now
+            self._end()
+        elif self.held:
             self.held = False
             self.conn.extend(self.forward.route.timeout)
             self.conn.release()
 
+    def _client_stalled(self) -> None:
+        if self.over:
+            return
+        self.proxy.counters["web_client_write_timeout"] += 1
+        self.client_gone()
+
     def client_gone(self) -> None:
         if self.over:
             return
-        self.conn.close()  # the response was not read to its end
+        if not self.released:
+            self.conn.close()  # the response was not read to its end
+            self._release()
         self.responder.abort()
         self._end()
 
+    def _release(self) -> None:
+        """The backend's part is over: its connection back to the pool when it ended cleanly."""
+        if not self.released:
+            self.released = True
+            conn = self.conn
+            conn.detach()
+            self.proxy.door.pool.release(conn)  # closes it unless it ended cleanly
+
     def _end(self) -> None:
+        """The request is over: recorded, and the client connection goes on to the next one."""
         self.over = True
-        conn = self.conn
-        conn.detach()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         proxy = self.proxy
-        proxy.door.pool.release(conn)  # closes it unless it ended cleanly
         proxy.door.in_flight -= 1
-        proxy._emit(self.request, self.responder, self.rec, time.monotonic() - self.t0)
-        self.responder.settle()
+        try:
+            proxy._emit(self.request, self.responder, self.rec, time.monotonic() - self.t0)
+        finally:
+            self.responder.settle()

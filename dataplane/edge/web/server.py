@@ -259,9 +259,8 @@ class FrontDoor:
         self.in_flight += 1
         try:
             direct = self.proxy.begin(request, responder)
-        except Exception:  # noqa: BLE001 - the ordinary path decides again and answers it
+        except Exception:  # noqa: BLE001 - the ordinary path answers it (with its decision, when taken)
             log.exception("web request failed: %s %s", request.method, request.path)
-            request.plan = None
             direct = None
         if direct is None:
             self.in_flight -= 1
