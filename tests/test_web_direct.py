@@ -319,17 +319,24 @@ def test_a_post_is_not_retried(harness: Harness) -> None:
 
 
 def test_client_that_stops_reading_holds_the_backend_back_then_is_cut(harness: Harness) -> None:
+    """A piece's credit goes back once it is written to the client; while the client's socket
+    is full it is held (the connector stops at the window), for at most idle_timeout."""
     async def run() -> None:
         conn, transport = harness.client()
         await harness.warm(conn, transport)
         stream = harness.dialer.streams[0]
         stream.answer = lambda s, head: s.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nab")
         conn.data_received(harness.request("/slow"))
+        assert stream.held == 1 and stream.released == 0
+        await harness.until(lambda: transport.out.endswith(b"ab"), "the first piece")
+        assert stream.released == 1
         conn.pause_writing()  # the client's socket buffer is full
         stream.feed(b"cd")
-        assert stream.held == 1  # the credit of what could not go on is held
+        await harness.until(lambda: transport.out.endswith(b"cd"), "the second piece")
+        await asyncio.sleep(0.02)
+        assert stream.held == 2 and stream.released == 1  # written, but its credit is held
         conn.resume_writing()
-        assert stream.released == 1
+        assert stream.released == 2
         conn.pause_writing()
         stream.feed(b"e")
         await harness.until(lambda: transport.aborted, "the client to be cut")  # idle_timeout 0.5 s

@@ -684,9 +684,11 @@ class Direct:
                 else:
                     self._end()
                 return True
-            if self.out and not self.flushing:
-                self.flushing = True
-                conn.loop.call_soon(self._flush)
+            if self.out:
+                if not self.flushing:
+                    self.flushing = True
+                    conn.loop.call_soon(self._flush)
+                return False  # its credit goes back once it is written (``_flush``)
         except ClientGone:
             self.client_gone()
             return True
@@ -717,6 +719,12 @@ class Direct:
             self.responder.push(data)
         except ClientGone:
             self.client_gone()
+            return
+        if self.responder.held:
+            self.held = True
+            self.conn.extend(self.proxy.settings.idle_timeout)
+        else:
+            self.conn.release()
 
     def backend_failed(self, exc: BackendError, internal: bool = False) -> None:
         if self.over or self.released:
