@@ -1,6 +1,10 @@
 """What happens to each request at the front door, from host lookup to the last byte.
 
-``Proxy.handle(request, responder)`` is called by ``http1``/``http2`` for every request:
+``Proxy.decide`` is where a request is admitted or refused (steps 1-6 below, nothing awaited).
+``Proxy.handle(request, responder)`` is called by ``http1``/``http2`` and makes the decision
+happen in a coroutine; ``Proxy.begin`` is called first by ``http1`` for a bodiless request
+and serves it in callbacks (``Direct``: steps 7, 8 and 10 for a pooled backend connection),
+or leaves its decision to ``handle`` (``request.plan``). The steps:
 
 1. edge-wide rate limit (``edge_rate``, 429 + ``Retry-After``);
 2. the sign-in host → ``signin.SsoPages.auth_path``;
