@@ -531,15 +531,7 @@ class BackendConnection:
             return True
         self._deadline = self._loop.time() + self._timeout  # type: ignore[union-attr]
         try:
-            if self.head is None:
-                self.got_bytes = True
-                self._feed(data)
-                if self.head is None:
-                    self.head_size += len(data)
-                    if self.head_size > self.max_head:
-                        raise BackendError(f"the backend's response headers are larger than {self.max_head} bytes")
-            else:
-                self._feed(data)
+            self._take(data)
         except BackendError as exc:
             sink.backend_failed(exc)
             return True
@@ -549,34 +541,46 @@ class BackendConnection:
         sink = self._sink
         if sink is None or self.closed or self.complete:
             return
+        failure = self._ended()
+        if failure is None:
+            sink.backend_progress()
+        else:
+            sink.backend_failed(failure)
+
+    # ------------------------------------------------------------------ reading (both modes)
+    def _take(self, data: bytes) -> None:
+        """Parse the next bytes of the response; the head's size is bounded read by read."""
+        if self.head is not None:
+            self._feed(data)
+            return
+        self.got_bytes = True
+        self._feed(data)
+        if self.head is None:
+            self.head_size += len(data)
+            if self.head_size > self.max_head:
+                raise BackendError(f"the backend's response headers are larger than {self.max_head} bytes")
+
+    def _ended(self) -> BackendError | None:
+        """The backend's stream ended before the response did: what that means (None: the end of
+        a close-delimited body, which ends the response and the connection)."""
         head = self.head
         if head is None:
             if not self.got_bytes:
-                sink.backend_failed(BackendClosedEarly("the application closed the connection without answering"))
-            else:
-                sink.backend_failed(BackendError("the application closed the connection in the middle of its "
-                                                 "response headers"))
-        elif head.content_length is None and not head.chunked:
-            self.complete = True  # close-delimited body
+                return BackendClosedEarly("the application closed the connection without answering")
+            return BackendError("the application closed the connection in the middle of its response headers")
+        if head.content_length is None and not head.chunked:
+            self.complete = True
             self.reusable = False
-            sink.backend_progress()
-        else:
-            sink.backend_failed(BackendError("the application closed the connection in the middle of its response"))
+            return None
+        return BackendError("the application closed the connection in the middle of its response")
 
     async def read_head(self, timeout: float) -> ResponseHead:
         """The response head (``1xx`` skipped); its size is bounded by ``max_head`` (read by read)."""
         while self.head is None:
             data = await self._read(timeout)
             if not data:
-                if not self.got_bytes:
-                    raise BackendClosedEarly("the application closed the connection without answering")
-                raise BackendError("the application closed the connection in the middle of its response headers")
-            self.got_bytes = True
-            self._feed(data)
-            if self.head is None:
-                self.head_size += len(data)
-                if self.head_size > self.max_head:
-                    raise BackendError(f"the backend's response headers are larger than {self.max_head} bytes")
+                raise self._ended() or BackendError("the application closed the connection")
+            self._take(data)
         return self.head
 
     async def read_body(self, timeout: float) -> bytes | None:
@@ -590,13 +594,11 @@ class BackendConnection:
                 return None
             data = await self._read(timeout)
             if not data:
-                head = self.head
-                if head is not None and head.content_length is None and not head.chunked:
-                    self.complete = True  # close-delimited body
-                    self.reusable = False
+                failure = self._ended()
+                if failure is None:
                     return None
-                raise BackendError("the application closed the connection in the middle of its response")
-            self._feed(data)
+                raise failure
+            self._take(data)
 
     def finished_cleanly(self) -> bool:
         """The response ended on a message boundary and the backend keeps the connection open."""
