@@ -185,6 +185,12 @@ class Harness:
             await asyncio.sleep(0.01)
         raise AssertionError(f"timed out waiting for {what}")
 
+    async def pooled(self) -> tuple[H1Connection, Transport, MemStream]:
+        """A client connection whose session has one idle pooled backend connection (its stream)."""
+        conn, transport = self.client()
+        await self.warm(conn, transport)
+        return conn, transport, self.dialer.streams[-1]
+
     async def warm(self, conn: H1Connection, transport: Transport) -> None:
         """One request on the ordinary path, which opens the pooled backend connection."""
         before = len(self.records)
@@ -222,9 +228,7 @@ def harness(tmp_path):
 
 def test_pooled_request_is_served_in_callbacks(harness: Harness) -> None:
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        stream = harness.dialer.streams[0]
+        conn, transport, stream = await harness.pooled()
         stream.answer = lambda s, head: asyncio.get_running_loop().call_soon(s.feed, OK)
         direct = harness.door.counters["web_direct"]
         conn.data_received(harness.request("/second?q=1"))
@@ -251,10 +255,9 @@ def test_pooled_request_is_served_in_callbacks(harness: Harness) -> None:
 
 def test_pipelined_requests_behind_a_callback_request_keep_their_order(harness: Harness) -> None:
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
+        conn, transport, stream = await harness.pooled()
         pending: list[MemStream] = []
-        harness.dialer.streams[0].answer = lambda s, head: pending.append(s)
+        stream.answer = lambda s, head: pending.append(s)
         conn.data_received(harness.request("/a") + harness.request("/b") + harness.request("/c"))
         await asyncio.sleep(0.05)
         assert transport.out == b"" and len(conn.queue) == 3 and conn.queue[0].direct is not None
@@ -271,9 +274,7 @@ def test_pipelined_requests_behind_a_callback_request_keep_their_order(harness: 
 
 def test_pooled_connection_the_backend_ended_is_not_used(harness: Harness) -> None:
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        old = harness.dialer.streams[0]
+        conn, transport, old = await harness.pooled()
         old.end()  # the connector ended the idle flow (the backend closed its connection)
         conn.data_received(harness.request("/after"))
         await harness.until(lambda: transport.out.endswith(b"hello"), "the answer")
@@ -287,9 +288,7 @@ def test_pooled_connection_closed_unanswered_goes_to_the_ordinary_path_once(harn
     timeout crossing the request): already while the request begins (the stream has ended at
     attach), the request goes to the runner, which sends it once more on a new connection."""
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        old = harness.dialer.streams[0]
+        conn, transport, old = await harness.pooled()
         old.answer = lambda s, head: s.end()
         harness.dialer.answers.append(lambda s, head: s.end())  # the new connection closes too: no third try
         conn.data_received(harness.request("/after"))
@@ -307,9 +306,8 @@ def test_pooled_connection_closed_unanswered_goes_to_the_ordinary_path_once(harn
 
 def test_a_post_is_not_retried(harness: Harness) -> None:
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        harness.dialer.streams[0].answer = lambda s, head: s.end()
+        conn, transport, stream = await harness.pooled()
+        stream.answer = lambda s, head: s.end()
         conn.data_received(harness.request("/form", "POST"))
         await harness.until(lambda: b"502" in transport.out[:20], "the 502 page")
         assert harness.records[-1].status == 502 and harness.records[-1].code == "backend_closed"
@@ -322,9 +320,7 @@ def test_client_that_stops_reading_holds_the_backend_back_then_is_cut(harness: H
     """A piece's credit goes back once it is written to the client; while the client's socket
     is full it is held (the connector stops at the window), for at most idle_timeout."""
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        stream = harness.dialer.streams[0]
+        conn, transport, stream = await harness.pooled()
         stream.answer = lambda s, head: s.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nab")
         conn.data_received(harness.request("/slow"))
         assert stream.held == 1 and stream.released == 0
@@ -348,9 +344,8 @@ def test_client_that_stops_reading_holds_the_backend_back_then_is_cut(harness: H
 
 def test_backend_that_does_not_answer_in_time_gets_504(harness: Harness) -> None:
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        harness.dialer.streams[0].answer = lambda s, head: None
+        conn, transport, stream = await harness.pooled()
+        stream.answer = lambda s, head: None
         conn.data_received(harness.request("/stuck"))
         await harness.until(lambda: b"504" in transport.out[:20], "the 504 page")  # backend_timeout 0.4 s
         assert b"did not answer within 0.4 seconds" in transport.out
@@ -363,9 +358,7 @@ def test_backend_that_does_not_answer_in_time_gets_504(harness: Harness) -> None
 
 def test_backend_breaking_off_mid_response_cuts_the_client(harness: Harness) -> None:
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        stream = harness.dialer.streams[0]
+        conn, transport, stream = await harness.pooled()
         stream.answer = lambda s, head: s.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
         conn.data_received(harness.request("/broken"))
         stream.end()
@@ -378,9 +371,8 @@ def test_backend_breaking_off_mid_response_cuts_the_client(harness: Harness) -> 
 
 def test_malformed_backend_response_is_a_502_page(harness: Harness) -> None:
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        harness.dialer.streams[0].answer = lambda s, head: s.feed(b"HTTP/1.1 2x0 NOPE\r\n\r\n")
+        conn, transport, stream = await harness.pooled()
+        stream.answer = lambda s, head: s.feed(b"HTTP/1.1 2x0 NOPE\r\n\r\n")
         conn.data_received(harness.request("/garbled"))
         assert transport.out.startswith(b"HTTP/1.1 502 ") and harness.records[-1].status == 502
         assert harness.door.in_flight == 0 and len(harness.door.pool) == 0
@@ -390,9 +382,7 @@ def test_malformed_backend_response_is_a_502_page(harness: Harness) -> None:
 
 def test_client_gone_mid_response_closes_the_backend_connection(harness: Harness) -> None:
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        stream = harness.dialer.streams[0]
+        conn, transport, stream = await harness.pooled()
         stream.answer = lambda s, head: s.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome")
         conn.data_received(harness.request("/left"))
         await harness.until(lambda: transport.out.endswith(b"some"), "the first piece")
@@ -407,9 +397,7 @@ def test_client_gone_mid_response_closes_the_backend_connection(harness: Harness
 
 def test_pieces_of_one_read_go_to_the_client_in_one_write(harness: Harness) -> None:
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        stream = harness.dialer.streams[0]
+        conn, transport, stream = await harness.pooled()
         head = b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n"
 
         def burst(s: MemStream) -> None:  # a hostile or bursty connector: many tiny frames in one read
@@ -430,9 +418,7 @@ def test_pieces_of_one_read_go_to_the_client_in_one_write(harness: Harness) -> N
 
 def test_complete_response_waits_for_the_client_to_take_it(harness: Harness) -> None:
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        stream = harness.dialer.streams[0]
+        conn, transport, stream = await harness.pooled()
         stream.answer = lambda s, head: None
         conn.data_received(harness.request("/one") + harness.request("/two"))
         conn.pause_writing()
@@ -478,9 +464,7 @@ def test_partial_next_head_behind_an_answer_is_header_timed(harness: Harness) ->
 
 def test_no_request_is_served_after_an_answer_closed_the_connection(harness: Harness) -> None:
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        stream = harness.dialer.streams[0]
+        conn, transport, stream = await harness.pooled()
         harness.door.draining = True  # answers close their connections
         conn.data_received(harness.request("/one") + harness.request("/two"))
         assert transport.closed and transport.out.endswith(b"hello") and transport.out.count(b"HTTP/1.1 ") == 1
@@ -493,9 +477,7 @@ def test_no_request_is_served_after_an_answer_closed_the_connection(harness: Har
 
 def test_request_whose_client_closes_while_the_backend_fails_is_recorded(harness: Harness) -> None:
     async def run() -> None:
-        conn, transport = harness.client()
-        await harness.warm(conn, transport)
-        stream = harness.dialer.streams[0]
+        conn, transport, stream = await harness.pooled()
         stream.answer = lambda s, head: None
         conn.data_received(harness.request("/closing"))
         conn.close()  # the edge closes the client connection; connection_lost has not come yet
