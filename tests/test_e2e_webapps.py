@@ -28,6 +28,7 @@ import pytest
 
 from dataplane.fabric import WEB_DOMAIN, Fabric
 from tests.browser import WEB_ARGS, chromium
+from conftest import metric, scrape
 from tests.web_support import Backend, Reply, WsClient, cookie_line, free_port, parse_curl
 
 pytestmark = pytest.mark.timeout(120)
@@ -152,6 +153,12 @@ def test_sign_in_then_pages_over_http1_and_http2_and_the_traffic_log(fabric, bac
     bigs = [r for r in records if r["http_path"] == "/big"]
     assert sorted(r["http_protocol"] for r in bigs) == ["HTTP/1.1", "HTTP/2"], bigs
     assert all(r["bytes_received"] == 1048576 for r in bigs)
+    # the front door's events on the edge's /metrics: the 404 and the 503 above, and the
+    # HTTP/1.1 /big, which found the session's pooled backend connection: served in callbacks
+    samples = scrape(fab.metrics["edge-1"])
+    assert metric(samples, "ferryman_web_events_total", event="web_unknown_host") == 1
+    assert metric(samples, "ferryman_web_events_total", event="web_dial_no_connector") == 1
+    assert metric(samples, "ferryman_web_events_total", event="web_direct") >= 1
 
 
 def test_a_removed_assignment_or_a_blocking_policy_stops_the_next_request_and_cuts_websockets(fabric, backend, tmp_path) -> None:

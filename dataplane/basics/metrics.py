@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -43,7 +43,7 @@ class Stats:
                  "flows_active", "flows_opened", "flows_closed", "bytes_rx", "bytes_tx",
                  "open_failures", "protocol_errors", "rtt", "extra", "datagrams_rx", "datagrams_tx",
                  "datagrams_dropped", "transports", "transport_fallbacks",
-                 "dial_refused", "handler_errors", "read_pauses", "log_limit", "relayed")
+                 "dial_refused", "handler_errors", "read_pauses", "log_limit", "relayed", "extra_counters")
 
     def __init__(self, role: str, node: str, log_limit: LogLimiter | None = None) -> None:
         self.role = role
@@ -73,6 +73,8 @@ class Stats:
         self.read_pauses = 0                         # tunnels not read while their peer did not read
         # metric name -> (help, fn): node-specific gauges read at scrape time
         self.extra: dict[str, tuple[str, Callable[[], float]]] = {}
+        # metric name -> (help, label, fn): node-specific counters by one label, read at scrape time
+        self.extra_counters: dict[str, tuple[str, str, Callable[[], Mapping[str, int]]]] = {}
 
     def count(self, table: dict[str, int], key: str, n: int = 1) -> None:
         """Add ``n`` to ``table[key]`` (a by-reason counter of this Stats)."""
@@ -163,6 +165,13 @@ class StatsCollector(Collector):
                 log.exception("metric callback failed", extra={"metric": name})
                 continue
             yield gauge(name, doc, value)
+        for name, (doc, label, table_fn) in list(s.extra_counters.items()):
+            try:
+                table = dict(table_fn())
+            except Exception:  # one broken counter must not break the whole scrape
+                log.exception("metric callback failed", extra={"metric": name})
+                continue
+            yield by(name, doc, label, table)
 
 
 def make_registry(stats: Stats) -> CollectorRegistry:

@@ -137,6 +137,11 @@ class EdgeWeb:
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise ValueError(f"the HTTPS front door cannot start: {exc}") from None
         self.address: tuple[str, int] | None = None
+        edge.stats.extra_counters["ferryman_web_events_total"] = (
+            "HTTPS front door events, by event: refusals (web_unknown_host, web_denied, web_rate_limited_app, "
+            "web_header_too_large, ...), backend failures (web_backend_timeout, web_dial_no_connector, ...), "
+            "clients cut (web_client_write_timeout), pooled connections retried (web_backend_retry), requests "
+            "served in callbacks (web_direct)", "event", lambda: self.door.counters)
 
     def configure(self, snapshot: ConfigSnapshot) -> None:
         """Publish the snapshot's web apps (``web.WebAppError``: the previous ones stay)."""
