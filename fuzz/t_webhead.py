@@ -2,10 +2,14 @@
 
 The bytes a browser (or anyone reaching the edge's web port) sends, in reads of fuzzed sizes, into
 ``H1Connection`` on a running event loop; a minimal handler reads each request's body and answers
-200. Contract: ``data_received`` raises nothing; a malformed or over-limit request gets its
-4xx page and the connection closes — never the catch-all for an unexpected exception inside the
-parser callbacks ("request handling failed") or a failed request (500); the head bytes kept
-stay within the settings' limits.
+200. Bodiless requests are offered to the server's ``begin`` first, as the front door does: by
+the request target's length, one in three goes to the coroutine path, one is answered at once
+inside the parser's callback and one a turn of the loop later (the front door's callback path,
+``proxy.Direct``, as the connection sees it). Contract: ``data_received`` raises nothing; every
+answer is for the oldest request still waiting (pipelining order) and nothing is written after
+the connection closed; a malformed or over-limit request gets its 4xx page and the connection
+closes — never the catch-all for an unexpected exception inside the parser callbacks ("request
+handling failed") or a failed request (500); the head bytes kept stay within the settings' limits.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 from typing import Any
 
 from dataplane.edge.web import http1
-from dataplane.edge.web.exchange import BodyTooLarge
+from dataplane.edge.web.exchange import BodyTooLarge, ClientGone
 from dataplane.edge.web.pages import html_headers
 from dataplane.edge.web.settings import WebSettings
 
@@ -57,7 +61,19 @@ class _Server:
         self.answered = 0
         self.refusals: list[int] = []
 
+    def begin(self, request: Any, responder: Any) -> _Direct | None:
+        kind = len(request.target) % 3
+        if kind == 0:
+            return None  # the coroutine path (``handle``)
+        direct = _Direct(self, responder)
+        if kind == 1:
+            direct.answer()  # inside the parser's callback
+        else:
+            _loop.call_soon(direct.answer)
+        return direct
+
     async def handle(self, request: Any, responder: Any) -> None:
+        _in_order(responder)
         try:
             while await request.body.read():
                 pass
@@ -75,6 +91,43 @@ class _Server:
 
     def connection_closed(self, conn: Any) -> None:
         pass
+
+
+def _in_order(responder: Any) -> None:
+    conn = responder.conn
+    if not conn.queue or conn.queue[0] is not responder.exchange:
+        raise Finding("a request answered before one parsed ahead of it")
+
+
+class _Direct:
+    """A request served in callbacks, as ``H1Connection`` sees ``proxy.Direct``."""
+
+    def __init__(self, server: _Server, responder: Any) -> None:
+        self.server = server
+        self.responder = responder
+        self.over = False
+
+    def answer(self) -> None:
+        if self.over:
+            return
+        self.over = True
+        responder = self.responder
+        _in_order(responder)
+        try:
+            responder.reply(200, html_headers(b"ok"), b"ok")
+        except ClientGone:
+            responder.abort()
+        self.server.answered += 1
+        responder.settle()
+
+    def client_resumed(self) -> None:
+        pass
+
+    def client_gone(self) -> None:
+        if not self.over:
+            self.over = True
+            self.responder.abort()
+            self.responder.settle()
 
 
 async def _session(chunks: list[bytes]) -> None:
