@@ -11,10 +11,14 @@ backend addresses, no stack traces).
 
 from __future__ import annotations
 
+import html
+import logging
 import os
 from typing import Any
 
 import jinja2
+
+log = logging.getLogger("ferryman.edge.web")
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -64,8 +68,20 @@ def html_headers(body: bytes, extra: Headers | None = None) -> Headers:
 
 def error_page(status: int, reason: str, code: str = "", *, title: str = "", link: str = "",
                link_text: str = "") -> bytes:
-    return render("error.html", status=status, title=title or TITLES.get(status, "Error"), reason=reason, code=code,
-                  link=link, link_text=link_text or "Continue")
+    """The page of a refusal or failure. It is also the answer of last resort (a request whose
+    handling failed gets a 500 page), so it never fails itself: should its template not render
+    (a broken install), a plain page says the same."""
+    title = title or TITLES.get(status, "Error")
+    try:
+        return render("error.html", status=status, title=title, reason=reason, code=code, link=link,
+                      link_text=link_text or "Continue")
+    except Exception:  # noqa: BLE001 - see above; logged, and the client still gets its answer
+        log.exception("the front door's error page template could not be rendered")
+        body = f"<!doctype html><title>{html.escape(title)}</title><h1>{html.escape(title)}</h1>" \
+               f"<p>{html.escape(reason)}</p><p>{html.escape(code)}</p>"
+        if link:
+            body += f'<p><a href="{html.escape(link)}">{html.escape(link_text or "Continue")}</a></p>'
+        return body.encode("utf-8")
 
 
 ROBOTS = b"User-agent: *\nDisallow: /\n"
